@@ -1,0 +1,169 @@
+"""Capturing the residual stream (output of decoder block L) of Hugging Face decoder-only models.
+
+Layer L is TransformerLens' ``blocks.L.hook_resid_post``: the output of ``layers[L]``, which for the last
+layer is *before* the final norm (unlike ``hidden_states[-1]``). Works through DDP / DeepSpeed / FSDP /
+PEFT wrappers. When parameters are not sharded the forward is stopped right after block L.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import STSInputError
+
+
+class _CaptureDone(Exception):
+    """Raised from the hook to end a truncated forward (never under ZeRO-3 / FSDP)."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DeepSpeed / FSDP1 / torch.compile wrappers and PEFT's wrapper, down to the HF model."""
+    seen = 0
+    while seen < 10:
+        seen += 1
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine", "DataParallel",
+                                     "FullyShardedDataParallel") and hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif hasattr(model, "_fsdp_wrapped_module"):
+            model = model._fsdp_wrapped_module
+        else:
+            break
+    return model
+
+
+def text_config(model: nn.Module):
+    config = unwrap_model(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = text_config(model)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise STSInputError(f"Cannot read the hidden size from {type(config).__name__}.")
+
+
+def num_layers(model: nn.Module) -> int:
+    config = text_config(model)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return len(decoder_layers(model))
+
+
+def max_positions(model: nn.Module) -> int | None:
+    config = text_config(model)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks (``model.layers``, ``language_model.layers``, ``transformer.h``)."""
+    base = unwrap_model(model)
+    candidates = []
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    for holder in (decoder, getattr(base, "model", None), getattr(base, "transformer", None), base,
+                   getattr(getattr(base, "model", None), "language_model", None)):
+        if holder is None:
+            continue
+        holder = unwrap_model(holder)
+        for name in ("layers", "h", "blocks"):
+            layers = getattr(holder, name, None)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                candidates.append(layers)
+    if candidates:
+        return candidates[0]
+    config = text_config(model)
+    expected = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for module in base.modules():  # last resort: the ModuleList as long as the layer count
+        if isinstance(module, nn.ModuleList) and expected and len(module) == expected:
+            return module
+    raise STSInputError(
+        f"Cannot find the decoder layers of {type(base).__name__}; expected `model.layers` or `transformer.h`."
+    )
+
+
+def parameters_are_sharded(model: nn.Module) -> bool:
+    """True under DeepSpeed ZeRO-3 or FSDP, where every rank must run the full forward in lockstep."""
+    for module in model.modules():
+        if type(module).__name__.startswith(("FullyShardedDataParallel", "FSDP")):
+            return True
+    for parameter in model.parameters():
+        if hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor":
+            return True
+    return False
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        parameters = inspect.signature(unwrap_model(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+
+
+class ResidualCapture:
+    """Run forwards and return the residual stream after block ``layer``.
+
+    Args:
+        model: any Hugging Face decoder-only model, possibly wrapped.
+        layer: decoder block index, 0-based.
+        truncate: stop after block ``layer`` (skipped automatically when parameters are sharded).
+    """
+
+    def __init__(self, model: nn.Module, layer: int, *, truncate: bool = True):
+        self.model = model
+        n = num_layers(model)
+        if not 0 <= layer < n:
+            raise STSInputError(
+                f"Layer {layer} does not exist: {type(unwrap_model(model)).__name__} has {n} decoder layers "
+                f"(0..{n - 1}); pick a layer in that range or an SAE trained for this model."
+            )
+        self.layer = layer
+        self.block = decoder_layers(model)[layer]
+        self.truncate = truncate and not parameters_are_sharded(model)
+        self._logits_to_keep = _accepts(model, "logits_to_keep")
+        self._captured: torch.Tensor | None = None
+        self.forward_calls = 0
+
+    def _hook(self, module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        self._captured = hidden
+        if self.truncate:
+            raise _CaptureDone
+
+    @contextmanager
+    def _hooked(self):
+        handle = self.block.register_forward_hook(self._hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Residual stream ``[batch, seq, hidden]`` for one batch."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if self._logits_to_keep and not self.truncate:
+            kwargs["logits_to_keep"] = 1  # the LM head is not needed; only its last position is computed
+        self._captured = None
+        self.forward_calls += 1
+        with self._hooked():
+            try:
+                self.model(**kwargs)
+            except _CaptureDone:
+                pass
+        if self._captured is None:
+            raise RuntimeError(f"The hook on decoder layer {self.layer} did not fire during the forward.")
+        captured, self._captured = self._captured, None
+        return captured

@@ -1,0 +1,126 @@
+"""Every knob of a forecast in one JSON-serializable dataclass, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import STSConfigError
+
+SCORE_VARIANTS = ("sts_icl", "sts_act", "sts_sq", "raw_icl", "raw_act", "raw_sq")
+
+
+@dataclass
+class STSConfig:
+    """Settings of an STS forecast (defaults follow the paper, see ``method.md``).
+
+    Args:
+        layer: decoder block whose output (``resid_post``) the SAE reads. ``None``: taken from the
+            SAE's hook name.
+        n_shifted: N, the number of most-shifted latents that define the transfer set D_N.
+        shift_tokens: query-token budget for estimating the shift from the training data.
+        domain_tokens: token budget per target domain.
+        n_demonstrations: in-context demonstrations drawn from the training data per query.
+        n_domain_demonstrations: demonstrations drawn from the target domain itself for STS_icl.
+        compute_icl: compute STS_icl (one extra forward with context per domain text).
+        max_query_tokens: a query (or domain text) longer than this is cut to its first tokens.
+        max_demonstration_tokens: one demonstration longer than this is cut to its first tokens.
+        max_length: longest sequence fed to the model; ``None``: the model's maximum (capped at 4096).
+            Longer contexts lose demonstration tokens from the left, never query tokens.
+        batch_size: sequences per forward pass.
+        exclude_special_tokens: drop BOS / EOS / chat-template special tokens from the statistics.
+        chat_fallback: for chat data and a tokenizer without a chat template, join turns as
+            ``role: content`` lines instead of raising an error.
+        truncate_forward: stop the forward after the hooked layer when parameters are not sharded.
+        seed: seed of every sampling step (queries, demonstrations, domain texts).
+        ranking: the score variant tables are ranked by.
+        sae_dtype: dtype the SAE is cast to ("float32", "bfloat16", "float16"); ``None`` keeps it.
+        device: device for the model inputs and the SAE; ``None``: the model's device.
+    """
+
+    layer: int | None = None
+    n_shifted: int = 100
+    shift_tokens: int = 20_000
+    domain_tokens: int = 10_000
+    n_demonstrations: int = 2
+    n_domain_demonstrations: int = 5
+    compute_icl: bool = True
+    max_query_tokens: int = 256
+    max_demonstration_tokens: int = 384
+    max_length: int | None = None
+    batch_size: int = 8
+    exclude_special_tokens: bool = True
+    chat_fallback: bool = False
+    truncate_forward: bool = True
+    seed: int = 0
+    ranking: str = "sts_icl"
+    sae_dtype: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str, minimum: int = 1) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise STSConfigError(
+                    f"STSConfig.{name} must be an integer >= {minimum}, got {value!r}; "
+                    f"set {name}={max(minimum, 1)} or more."
+                )
+
+        if self.layer is not None:
+            positive("layer", 0)
+        for name in ("n_shifted", "shift_tokens", "domain_tokens", "n_demonstrations",
+                     "max_query_tokens", "max_demonstration_tokens", "batch_size"):
+            positive(name)
+        positive("n_domain_demonstrations", 0)
+        if self.compute_icl and self.n_domain_demonstrations == 0:
+            raise STSConfigError(
+                "STSConfig.n_domain_demonstrations is 0 but compute_icl=True: STS_icl needs "
+                "demonstrations from each domain; set n_domain_demonstrations>=1 or compute_icl=False."
+            )
+        if self.max_length is not None:
+            positive("max_length", 8)
+            if self.max_length <= self.max_query_tokens:
+                raise STSConfigError(
+                    f"STSConfig.max_length={self.max_length} leaves no room for demonstrations before a "
+                    f"query of up to max_query_tokens={self.max_query_tokens} tokens; raise max_length "
+                    "or lower max_query_tokens."
+                )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise STSConfigError(f"STSConfig.seed must be an integer, got {self.seed!r}.")
+        if self.ranking not in SCORE_VARIANTS:
+            raise STSConfigError(
+                f"STSConfig.ranking={self.ranking!r} is not a score variant; use one of {SCORE_VARIANTS}."
+            )
+        if self.ranking in ("sts_icl", "raw_icl") and not self.compute_icl:
+            raise STSConfigError(
+                f"STSConfig.ranking={self.ranking!r} needs compute_icl=True; set compute_icl=True or "
+                "ranking='sts_act'."
+            )
+        if self.sae_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise STSConfigError(
+                f"STSConfig.sae_dtype={self.sae_dtype!r}: use None, 'float32', 'bfloat16' or 'float16'."
+            )
+        for name in ("compute_icl", "exclude_special_tokens", "chat_fallback", "truncate_forward"):
+            if not isinstance(getattr(self, name), bool):
+                raise STSConfigError(f"STSConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "STSConfig":
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise STSConfigError(
+                f"Unknown STSConfig field(s) {unknown}; valid fields are {sorted(known)}."
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "STSConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,376 @@
+"""Training sets and target domains: loading, sampling within token budgets, and prompt building.
+
+Every input shape becomes a sequence of :class:`Example` (a prompt and an optional answer). Prompts with
+in-context demonstrations are built so that the query's tokens are *identical* with and without the
+demonstrations: the two conditions are compared position by position at those tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import STSInputError
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example or domain text.
+
+    ``prompt`` is a string or chat messages (ending with a user turn); ``answer`` the assistant's reply
+    (``None`` for plain text, where the whole text serves both as query and as demonstration, and for
+    prompt-only data such as GRPO prompts, which cannot serve as demonstrations).
+    """
+
+    prompt: str | Messages
+    answer: str | None = None
+    plain_text: bool = False
+
+    @property
+    def is_chat(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+    @property
+    def can_demonstrate(self) -> bool:
+        return self.plain_text or self.answer is not None
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multimodal content blocks: keep the text parts
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def _split_conversation(messages: Messages) -> Example:
+    """The last assistant turn is the answer; everything before it is the prompt."""
+    last_assistant = max(
+        (i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None
+    )
+    if last_assistant is None:
+        return Example(prompt=list(messages), answer=None)
+    prompt = list(messages[:last_assistant])
+    if not prompt:
+        return Example(prompt=[{"role": "user", "content": ""}], answer=_content_text(messages[last_assistant]["content"]))
+    return Example(prompt=prompt, answer=_content_text(messages[last_assistant]["content"]))
+
+
+def _answer_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if _is_messages(value):
+        return "".join(_content_text(m["content"]) for m in value if m["role"] == "assistant") or "".join(
+            _content_text(m["content"]) for m in value
+        )
+    raise STSInputError(f"Cannot read an answer from {type(value).__name__}; expected a string or chat messages.")
+
+
+RECORD_FIELDS = "'text', 'messages', 'prompt'/'completion', or 'prompt'/'chosen'/'rejected'"
+
+
+def example_from_record(record: Any, where: str = "") -> Example:
+    """Turn one item (string, chat conversation or TRL-style record) into an :class:`Example`."""
+    if isinstance(record, str):
+        return Example(prompt=record, plain_text=True)
+    if _is_messages(record):
+        return _split_conversation(record)
+    if isinstance(record, dict):
+        if "messages" in record and _is_messages(record["messages"]):
+            return _split_conversation(record["messages"])
+        if "text" in record and isinstance(record["text"], str):
+            return Example(prompt=record["text"], plain_text=True)
+        if "prompt" in record:
+            prompt = record["prompt"]
+            answer_field = next((k for k in ("completion", "chosen", "response", "answer") if k in record), None)
+            answer = _answer_text(record[answer_field]) if answer_field and record[answer_field] is not None else None
+            if isinstance(prompt, str):
+                return Example(prompt=prompt, answer=answer)
+            if _is_messages(prompt):
+                return Example(prompt=list(prompt), answer=answer)
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise STSInputError(
+        f"Cannot read example{where}: got {keys}. Each item must be a string, a chat conversation "
+        f"(list of {{'role', 'content'}}), or a record with {RECORD_FIELDS}."
+    )
+
+
+class Corpus(Sequence):
+    """A named, lazily converted sequence of examples (a training set or a target domain)."""
+
+    def __init__(self, name: str, items: Sequence[Any]):
+        self.name = name
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> Example:  # type: ignore[override]
+        return example_from_record(self._items[index], where=f" {index} of {self.name!r}")
+
+    def __repr__(self) -> str:
+        return f"Corpus({self.name!r}, {len(self)} examples)"
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise STSInputError(f"{path}:{line_number} is not valid JSON ({err.msg}); fix or remove that line.") from err
+    return records
+
+
+def load_corpus(data: Any, name: str | None = None) -> Corpus:
+    """Accept a list of strings / conversations / records, a ``datasets.Dataset``, a JSON(L) path, a
+    text file path, a built-in domain name (see :mod:`sts_callback.corpora`), or a :class:`Corpus`."""
+    if isinstance(data, Corpus):
+        return data
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if path.suffix in (".jsonl", ".json") or path.exists():
+            if not path.exists():
+                raise STSInputError(f"Data file {path} does not exist; check the path.")
+            if path.suffix == ".jsonl":
+                items: Sequence[Any] = _read_jsonl(path)
+            elif path.suffix == ".json":
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+                items = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("texts"))
+                if not isinstance(items, list):
+                    raise STSInputError(f"{path} must hold a JSON list (or an object with a 'data' list).")
+            else:  # plain text: one text per blank-line separated block
+                items = [block.strip() for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
+            return Corpus(name or path.stem, items)
+        from .corpora import available_domains, load_domain
+
+        if str(data) in available_domains():
+            return Corpus(name or str(data), load_domain(str(data)))
+        raise STSInputError(
+            f"{data!r} is neither an existing file nor a registered domain. Pass a .jsonl/.json/.txt path, "
+            f"a list of texts, a datasets.Dataset, or one of the registered domains: {sorted(available_domains())}."
+        )
+    if _is_dataset(data):
+        columns = set(data.column_names)
+        if not columns & {"text", "messages", "prompt"}:
+            raise STSInputError(
+                f"Dataset {name or ''} has columns {sorted(columns)} but none of 'text', 'messages' or 'prompt'; "
+                "rename the text column, e.g. dataset.rename_column('body', 'text')."
+            )
+        return Corpus(name or "dataset", data)
+    if isinstance(data, dict):
+        raise STSInputError(
+            "A dict is not a dataset here: pass a list of texts / records, a datasets.Dataset, or a path "
+            "(for several target domains, pass a dict of name -> data to `targets`)."
+        )
+    if isinstance(data, Sequence):
+        return Corpus(name or "data", list(data))
+    raise STSInputError(
+        f"Cannot use {type(data).__name__} as data; pass a list of texts, chat conversations or records, "
+        "a datasets.Dataset, or a JSONL path."
+    )
+
+
+def _is_dataset(data: Any) -> bool:
+    return type(data).__name__ in ("Dataset", "IterableDataset") and hasattr(data, "column_names")
+
+
+def load_domains(targets: Any) -> dict[str, Corpus]:
+    """``targets``: a dict name -> data, or a list of domain names / paths."""
+    if isinstance(targets, dict):
+        domains = {str(k): load_corpus(v, name=str(k)) for k, v in targets.items()}
+    elif isinstance(targets, (list, tuple)):
+        domains = {}
+        for item in targets:
+            corpus = load_corpus(item)
+            if corpus.name in domains:
+                raise STSInputError(f"Two target domains are named {corpus.name!r}; pass a dict of name -> data.")
+            domains[corpus.name] = corpus
+    else:
+        raise STSInputError("targets must be a dict of name -> data or a list of domain names / paths.")
+    if not domains:
+        raise STSInputError("No target domains given; pass at least one in `targets`.")
+    return domains
+
+
+# ----------------------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class TokenPair:
+    """Token ids of one query without (``base``) and with (``context``) demonstrations.
+
+    The query's tokens are the last ``n_query`` ids of both; ``counted`` marks which of them enter the
+    statistics (special tokens excluded).
+    """
+
+    base: list[int]
+    context: list[int]
+    n_query: int
+    counted: list[bool]
+
+
+class PromptBuilder:
+    """Builds position-matched token sequences from examples with a given tokenizer."""
+
+    def __init__(self, tokenizer, *, max_query_tokens: int, max_demonstration_tokens: int, max_length: int,
+                 exclude_special_tokens: bool = True, chat_fallback: bool = False):
+        self.tokenizer = tokenizer
+        self.max_query_tokens = max_query_tokens
+        self.max_demonstration_tokens = max_demonstration_tokens
+        self.max_length = max_length
+        self.chat_fallback = chat_fallback
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.special_ids = set(tokenizer.all_special_ids) if exclude_special_tokens else set()
+        self.prefix = self._special_prefix()
+        self.separator = self._encode("\n\n")
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _special_prefix(self) -> list[int]:
+        """The ids the tokenizer puts before any text (usually BOS)."""
+        with_special = list(self.tokenizer("x", add_special_tokens=True)["input_ids"])
+        plain = self._encode("x")
+        for start in range(len(with_special) - len(plain) + 1):
+            if with_special[start:start + len(plain)] == plain:
+                return with_special[:start]
+        return []
+
+    def _cut_text(self, text: str, max_tokens: int) -> str:
+        ids = self._encode(text)
+        if len(ids) <= max_tokens:
+            return text
+        return self.tokenizer.decode(ids[:max_tokens])
+
+    # -- chat rendering
+    def check_chat(self, corpus_name: str) -> None:
+        if not self.has_chat_template and not self.chat_fallback:
+            raise STSInputError(
+                f"{corpus_name!r} holds chat conversations but the tokenizer has no chat template. Give a "
+                "tokenizer with a chat template (tokenizer.chat_template = ...), or set "
+                "STSConfig(chat_fallback=True) to join turns as plain 'role: content' text."
+            )
+
+    def _render_chat(self, messages: Messages) -> str:
+        if self.has_chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return "".join(f"{m['role']}: {_content_text(m['content'])}\n" for m in messages)
+
+    def _demo_messages(self, example: Example) -> Messages:
+        prompt = example.prompt if example.is_chat else [{"role": "user", "content": example.prompt}]
+        prompt = [
+            {"role": m["role"], "content": self._cut_text(_content_text(m["content"]), self.max_demonstration_tokens)}
+            for m in prompt
+        ]
+        answer = self._cut_text(example.answer or "", self.max_demonstration_tokens)
+        return prompt + [{"role": "assistant", "content": answer}]
+
+    def _query_messages(self, example: Example) -> Messages:
+        prompt = example.prompt if example.is_chat else [{"role": "user", "content": example.prompt}]
+        last = prompt[-1]
+        cut = {"role": last["role"], "content": self._cut_text(_content_text(last["content"]), self.max_query_tokens)}
+        return [dict(m) for m in prompt[:-1]] + [cut]
+
+    def _demo_text(self, example: Example) -> str:
+        if example.plain_text:
+            return self._cut_text(example.prompt, self.max_demonstration_tokens)
+        prompt = example.prompt if isinstance(example.prompt, str) else self._render_chat(example.prompt)
+        return self._cut_text(prompt, self.max_demonstration_tokens) + "\n" + self._cut_text(
+            example.answer or "", self.max_demonstration_tokens
+        )
+
+    def uses_chat(self, query: Example, demonstrations: Sequence[Example]) -> bool:
+        return query.is_chat or any(d.is_chat for d in demonstrations)
+
+    # -- sequences
+    def single(self, example: Example) -> tuple[list[int], list[bool]]:
+        """Token ids of one text alone (a domain text or a query) and the mask of counted positions."""
+        pair = self.pair(example, [])
+        return pair.base, [False] * (len(pair.base) - pair.n_query) + pair.counted
+
+    def pair(self, query: Example, demonstrations: Sequence[Example]) -> TokenPair:
+        if self.uses_chat(query, demonstrations):
+            head_base, head_context, query_ids = self._chat_parts(query, demonstrations)
+        else:
+            query_text = query.prompt if isinstance(query.prompt, str) else self._render_chat(query.prompt)
+            query_ids = self._encode(query_text)[: self.max_query_tokens]
+            head_base = list(self.prefix)
+            head_context = list(self.prefix)
+            for demo in demonstrations:
+                head_context += self._encode(self._demo_text(demo)) + self.separator
+        room = self.max_length - len(query_ids)
+        if len(head_context) > room:  # drop demonstration tokens from the left, keep BOS
+            keep_prefix = self.prefix if head_context[: len(self.prefix)] == self.prefix else []
+            body = head_context[len(keep_prefix):]
+            head_context = keep_prefix + body[len(body) - max(room - len(keep_prefix), 0):]
+        counted = [token not in self.special_ids for token in query_ids]
+        return TokenPair(base=head_base + query_ids, context=head_context + query_ids,
+                         n_query=len(query_ids), counted=counted)
+
+    def _chat_parts(self, query: Example, demonstrations: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:
+        query_messages = self._query_messages(query)
+        demo_messages: Messages = []
+        for demo in demonstrations:
+            demo_messages += self._demo_messages(demo)
+        alone = self._render_chat(query_messages)
+        full = self._render_chat(demo_messages + query_messages)
+        # The query turn is the longest common suffix of both renderings.
+        shared = 0
+        limit = min(len(alone), len(full))
+        while shared < limit and alone[-1 - shared] == full[-1 - shared]:
+            shared += 1
+        suffix = alone[len(alone) - shared:]
+        # Start the suffix at a line/turn boundary so tokenization of the query is stable.
+        query_ids = self._encode(suffix)
+        if len(query_ids) > self.max_query_tokens + 16:
+            query_ids = query_ids[: self.max_query_tokens + 16]
+        head_base = self._encode(alone[: len(alone) - shared])
+        head_context = self._encode(full[: len(full) - shared])
+        if not self.has_chat_template:
+            head_base = list(self.prefix) + head_base
+            head_context = list(self.prefix) + head_context
+        return head_base, head_context, query_ids
+
+
+def token_count(builder: PromptBuilder, example: Example) -> int:
+    _, counted = builder.single(example)
+    return sum(counted)
+
+
+def sample_within_budget(corpus: Corpus, builder: PromptBuilder, budget: int, rng: random.Random,
+                         *, require_demonstrable: bool = False) -> tuple[list[int], int]:
+    """Indices of examples drawn in a seeded random order until ``budget`` counted tokens are reached."""
+    order = list(range(len(corpus)))
+    rng.shuffle(order)
+    chosen: list[int] = []
+    total = 0
+    for index in order:
+        if total >= budget:
+            break
+        example = corpus[index]
+        if require_demonstrable and not example.can_demonstrate:
+            continue
+        n = token_count(builder, example)
+        if n == 0:
+            continue
+        chosen.append(index)
+        total += n
+    return chosen, total

@@ -1,0 +1,17 @@
+"""Errors raised on bad input. Each message names the problem and the fix."""
+
+
+class STSError(Exception):
+    """Base class of the library's errors."""
+
+
+class STSConfigError(STSError, ValueError):
+    """A setting has a value that cannot work."""
+
+
+class STSInputError(STSError, ValueError):
+    """Data, model or SAE given to the library cannot be used as given."""
+
+
+class STSNumericalError(STSError, FloatingPointError):
+    """NaN or inf appeared in activations."""

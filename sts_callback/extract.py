@@ -1,0 +1,175 @@
+"""The inner loop: batches of token ids -> residual stream -> SAE latents -> streaming statistics.
+
+Only the counted positions of each batch are encoded by the SAE; no [tokens x d_sae] matrix outlives a
+batch. The residual stream itself is summarised too (the raw-activation baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capture import ResidualCapture
+from .data import TokenPair
+from .errors import STSNumericalError
+from .sae import SAEHandle
+from .stats import ActivationStats, ShiftStats
+
+# SAE encodes run on at most this many tokens at once, bounding the per-batch latent matrix.
+ENCODE_CHUNK_TOKENS = 2048
+
+
+@dataclass
+class ConditionStats:
+    """Statistics of one set of texts: activations (latents and residual) without context."""
+
+    latents: ActivationStats
+    residual: ActivationStats
+
+
+@dataclass
+class PairedStats:
+    """Activations without context plus the position-matched shift caused by the context."""
+
+    latents: ActivationStats
+    residual: ActivationStats
+    latent_shift: ShiftStats
+    residual_shift: ShiftStats
+
+    def merge(self, other: "PairedStats") -> "PairedStats":
+        for name in ("latents", "residual", "latent_shift", "residual_shift"):
+            getattr(self, name).merge(getattr(other, name))
+        return self
+
+    def all_reduce(self, group=None) -> "PairedStats":
+        for name in ("latents", "residual", "latent_shift", "residual_shift"):
+            getattr(self, name).all_reduce(group)
+        return self
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by similar length (longest first) so that padding is small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class Extractor:
+    """Runs a model up to a layer and streams SAE statistics.
+
+    Args:
+        model: the (possibly wrapped) Hugging Face model; put in eval mode by the caller.
+        sae: the loaded SAE.
+        layer: decoder block read.
+        batch_size: sequences per forward.
+        truncate: stop the forward after ``layer`` when safe.
+        pad_token_id: id used for right padding (never counted).
+        on_batch: optional callback called after each batch (progress bars).
+    """
+
+    def __init__(self, model: nn.Module, sae: SAEHandle, layer: int, *, batch_size: int = 8,
+                 truncate: bool = True, pad_token_id: int = 0, on_batch: Callable[[int], None] | None = None):
+        self.model = model
+        self.sae = sae
+        self.capture = ResidualCapture(model, layer, truncate=truncate)
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+        self.on_batch = on_batch
+        self.device = _input_device(model)
+        self.batches_run = 0
+
+    def _new_condition(self) -> tuple[ActivationStats, ActivationStats]:
+        return ActivationStats(self.sae.d_sae, self.device), ActivationStats(self.sae.d_in, self.device)
+
+    def _forward(self, sequences: Sequence[list[int]]) -> torch.Tensor:
+        longest = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        return self.capture(ids.to(self.device), mask.to(self.device))
+
+    @staticmethod
+    def _rows(resid: torch.Tensor, lengths: Sequence[int], n_query: Sequence[int],
+              counted: Sequence[Sequence[bool]]) -> torch.Tensor:
+        """Residual rows at the counted query positions, in a fixed (sequence, position) order."""
+        batch_index, position_index = [], []
+        for row, (length, n, flags) in enumerate(zip(lengths, n_query, counted)):
+            start = length - n
+            for offset, keep in enumerate(flags):
+                if keep:
+                    batch_index.append(row)
+                    position_index.append(start + offset)
+        b = torch.tensor(batch_index, dtype=torch.long, device=resid.device)
+        p = torch.tensor(position_index, dtype=torch.long, device=resid.device)
+        return resid[b, p].float()
+
+    def _check_finite(self, rows: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(rows).all():
+            bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()[:5].tolist()
+            raise STSNumericalError(
+                f"NaN or inf in the residual stream at layer {self.capture.layer} in batch {self.batches_run} "
+                f"of {what} (rows {bad}); check the model's dtype (fp16 overflows are common) and the input texts."
+            )
+
+    def _encode(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] <= ENCODE_CHUNK_TOKENS:
+            return self.sae.encode(rows).to(rows.device)
+        return torch.cat([self.sae.encode(chunk).to(rows.device) for chunk in rows.split(ENCODE_CHUNK_TOKENS)])
+
+    @torch.no_grad()
+    def activations(self, sequences: Sequence[tuple[list[int], list[bool]]], what: str = "texts",
+                    n_query: Sequence[int] | None = None) -> ConditionStats:
+        """Statistics of texts alone. ``sequences``: (ids, counted flags for the last len(flags) ids)."""
+        latents, residual = self._new_condition()
+        lengths = [len(ids) for ids, _ in sequences]
+        for batch in _batches(lengths, self.batch_size):
+            resid = self._forward([sequences[i][0] for i in batch])
+            rows = self._rows(resid, [lengths[i] for i in batch], [len(sequences[i][1]) for i in batch],
+                              [sequences[i][1] for i in batch])
+            del resid
+            self._check_finite(rows, what)
+            residual.update(rows)
+            latents.update(self._encode(rows))
+            self._after_batch(len(batch))
+        return ConditionStats(latents, residual)
+
+    @torch.no_grad()
+    def paired(self, pairs: Sequence[TokenPair], what: str = "queries") -> PairedStats:
+        """Statistics without context plus the shift caused by the context, at the same query tokens."""
+        latents, residual = self._new_condition()
+        latent_shift = ShiftStats(self.sae.d_sae, self.device)
+        residual_shift = ShiftStats(self.sae.d_in, self.device)
+        context_lengths = [len(p.context) for p in pairs]
+        for batch in _batches(context_lengths, self.batch_size):
+            chosen = [pairs[i] for i in batch]
+            n_query = [p.n_query for p in chosen]
+            counted = [p.counted for p in chosen]
+            resid = self._forward([p.base for p in chosen])
+            base_rows = self._rows(resid, [len(p.base) for p in chosen], n_query, counted)
+            resid = self._forward([p.context for p in chosen])
+            context_rows = self._rows(resid, [len(p.context) for p in chosen], n_query, counted)
+            del resid
+            self._check_finite(base_rows, what)
+            self._check_finite(context_rows, what + " (with demonstrations)")
+            residual.update(base_rows)
+            residual_shift.update(base_rows, context_rows)
+            base_latents = self._encode(base_rows)
+            latents.update(base_latents)
+            latent_shift.update(base_latents, self._encode(context_rows))
+            self._after_batch(len(batch))
+        return PairedStats(latents, residual, latent_shift, residual_shift)
+
+    def _after_batch(self, n: int) -> None:
+        self.batches_run += 1
+        if self.on_batch is not None:
+            self.on_batch(n)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")

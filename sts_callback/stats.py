@@ -1,0 +1,128 @@
+"""Streaming per-latent sums: everything STS needs, in O(width) memory, mergeable and reducible.
+
+Like torchmetrics' ``Metric``: the state is declared once (every entry reduces by summation), ``update``
+takes one batch of rows (tokens x width), ``merge`` adds another instance, ``all_reduce`` sums across
+processes. Sums are float64 so that millions of tokens add up without drift.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .errors import STSInputError
+
+
+class _SummedState:
+    """Base class: named float64 tensors of shape [width] plus a token count, all reduced by sum."""
+
+    state_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, width: int, device: torch.device | str | None = None):
+        self.width = int(width)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        for name in self.state_names:
+            setattr(self, name, torch.zeros(self.width, dtype=torch.float64, device=device))
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count, **{name: getattr(self, name) for name in self.state_names}}
+
+    def _check_rows(self, rows: torch.Tensor) -> None:
+        if rows.dim() != 2 or rows.shape[1] != self.width:
+            raise STSInputError(f"Expected rows of shape [tokens, {self.width}], got {tuple(rows.shape)}.")
+
+    def merge(self, other: "_SummedState") -> "_SummedState":
+        if type(other) is not type(self) or other.width != self.width:
+            raise STSInputError(f"Cannot merge {type(other).__name__}({other.width}) into {type(self).__name__}({self.width}).")
+        for name, tensor in self._tensors().items():
+            tensor += other._tensors()[name].to(tensor.device)
+        return self
+
+    def all_reduce(self, group=None) -> "_SummedState":
+        """Sum the state across the processes of ``torch.distributed`` (no-op when not initialised)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            flat = torch.cat([t.reshape(-1) for t in self._tensors().values()])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            offset = 0
+            for tensor in self._tensors().values():
+                n = tensor.numel()
+                tensor.copy_(flat[offset: offset + n].reshape(tensor.shape))
+                offset += n
+        return self
+
+    def to(self, device) -> "_SummedState":
+        for name, tensor in self._tensors().items():
+            setattr(self, name, tensor.to(device))
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().cpu().clone() for name, tensor in self._tensors().items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]):
+        width = next(t for n, t in state.items() if n != "count").numel()
+        instance = cls(width)
+        for name, tensor in instance._tensors().items():
+            if name not in state:
+                raise STSInputError(f"Saved {cls.__name__} lacks {name!r}; it was written by another version.")
+            tensor.copy_(state[name].to(torch.float64).reshape(tensor.shape))
+        return instance
+
+    @property
+    def tokens(self) -> int:
+        return int(self.count.item())
+
+
+class ActivationStats(_SummedState):
+    """Sums of h and h^2 per latent over the counted tokens of one condition."""
+
+    state_names = ("sum", "sum_sq")
+
+    def update(self, rows: torch.Tensor) -> None:
+        self._check_rows(rows)
+        if rows.shape[0] == 0:
+            return
+        device = self.sum.device
+        self.count += rows.shape[0]
+        self.sum += rows.sum(dim=0, dtype=torch.float64).to(device)
+        self.sum_sq += rows.square().sum(dim=0, dtype=torch.float64).to(device)
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count.clamp(min=1)
+
+    def mean_sq(self) -> torch.Tensor:
+        return self.sum_sq / self.count.clamp(min=1)
+
+
+class ShiftStats(_SummedState):
+    """Sums over position-matched tokens of (with-context - without-context) per latent.
+
+    ``sum_sq_diff`` gives the paper's shift (mean squared difference); ``sum_diff`` its signed direction.
+    """
+
+    state_names = ("sum_diff", "sum_sq_diff")
+
+    def update(self, base_rows: torch.Tensor, context_rows: torch.Tensor) -> None:
+        self._check_rows(base_rows)
+        if base_rows.shape != context_rows.shape:
+            raise STSInputError(
+                f"Paired rows differ in shape: {tuple(base_rows.shape)} vs {tuple(context_rows.shape)}; "
+                "the two conditions must be compared at the same tokens."
+            )
+        if base_rows.shape[0] == 0:
+            return
+        device = self.sum_diff.device
+        diff = context_rows - base_rows
+        self.count += diff.shape[0]
+        self.sum_diff += diff.sum(dim=0, dtype=torch.float64).to(device)
+        self.sum_sq_diff += diff.square().sum(dim=0, dtype=torch.float64).to(device)
+
+    def mean_shift(self) -> torch.Tensor:
+        """Per-latent E[(h_ctx - h_base)^2]: the paper's shift_j."""
+        return self.sum_sq_diff / self.count.clamp(min=1)
+
+    def mean_diff(self) -> torch.Tensor:
+        return self.sum_diff / self.count.clamp(min=1)

@@ -1,0 +1,107 @@
+"""Tiny models, tokenizers and SAEs built in memory (no downloads) for the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WORDS = (
+    "the a of and to in is was for on with as by at from law court judge contract statute appeal "
+    "code function return class import def loop variable error python compile "
+    "cell protein gene enzyme dna molecule reaction acid chemistry energy "
+    "goal match team player score season coach league win ball "
+    "cook bake flour sugar oven recipe salt butter egg pan "
+    "what why how who when answer question solve number add sum two three four five"
+).split()
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+)
+
+DOMAIN_WORDS = {
+    "law": "law court judge contract statute appeal".split(),
+    "code": "code function return class import def loop variable error python compile".split(),
+    "chem": "cell protein gene enzyme dna molecule reaction acid chemistry energy".split(),
+    "sport": "goal match team player score season coach league win ball".split(),
+    "food": "cook bake flour sugar oven recipe salt butter egg pan".split(),
+}
+
+
+def make_tokenizer(chat_template: bool = True):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS + [str(i) for i in range(10)] + ["?", ".", ","])}
+    vocab["\n"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers import processors
+
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"],
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_model(arch: str = "llama", vocab_size: int = 128, hidden: int = 32, layers: int = 3, seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    elif arch == "gemma2":
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=8))
+    elif arch == "gemma3":
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**common, head_dim=8))
+    elif arch == "gemma3_multimodal":
+        text = tf.Gemma3TextConfig(**common, head_dim=8)
+        vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14)
+        config = tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                 image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2,
+                                 eoi_token_index=vocab_size - 3)
+        model = tf.Gemma3ForConditionalGeneration(config)
+    elif arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4,
+                                                 n_positions=512, bos_token_id=1, eos_token_id=2))
+    else:
+        raise ValueError(arch)
+    model.eval()
+    return model
+
+
+class TinySAE(nn.Module):
+    """A ReLU SAE with random weights: encode(x) = relu((x - b_dec) W_enc + b_enc)."""
+
+    def __init__(self, d_in: int, d_sae: int, hook_name: str | None = None, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.W_enc = nn.Parameter(torch.randn(d_in, d_sae, generator=generator) / d_in ** 0.5)
+        self.b_enc = nn.Parameter(torch.randn(d_sae, generator=generator) * 0.1)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(self.W_enc.detach().T.clone())
+        self.d_in, self.d_sae = d_in, d_sae
+        self.hook_name = hook_name
+        self.encode_calls = 0
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.encode_calls += 1
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+
+def domain_texts(domain: str, n: int = 20, length: int = 12, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(f"{domain}:{seed}")
+    words = DOMAIN_WORDS[domain] + ["the", "a", "of", "and", "is"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(length // 2, length))) + " ." for _ in range(n)]
