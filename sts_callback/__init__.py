@@ -1,0 +1,21 @@
+"""sts-callback: forecast which capabilities post-training will move (SAE-based Transferability Score)."""
+
+from .config import STSConfig
+from .errors import STSConfigError, STSError, STSInputError, STSNumericalError
+from .forecast import DomainForecast, Forecast, forecast
+from .sae import SAEHandle, load_sae
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DomainForecast",
+    "Forecast",
+    "SAEHandle",
+    "STSConfig",
+    "STSConfigError",
+    "STSError",
+    "STSInputError",
+    "STSNumericalError",
+    "forecast",
+    "load_sae",
+]

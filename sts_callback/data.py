@@ -330,20 +330,16 @@ class PromptBuilder:
         demo_messages: Messages = []
         for demo in demonstrations:
             demo_messages += self._demo_messages(demo)
-        alone = self._render_chat(query_messages)
-        full = self._render_chat(demo_messages + query_messages)
-        # The query turn is the longest common suffix of both renderings.
+        alone = self._encode(self._render_chat(query_messages))
+        full = self._encode(self._render_chat(demo_messages + query_messages))
+        # The query turn is the longest common *token* suffix of both renderings: identical ids by construction.
         shared = 0
-        limit = min(len(alone), len(full))
-        while shared < limit and alone[-1 - shared] == full[-1 - shared]:
+        while shared < min(len(alone), len(full)) and alone[-1 - shared] == full[-1 - shared]:
             shared += 1
-        suffix = alone[len(alone) - shared:]
-        # Start the suffix at a line/turn boundary so tokenization of the query is stable.
-        query_ids = self._encode(suffix)
-        if len(query_ids) > self.max_query_tokens + 16:
-            query_ids = query_ids[: self.max_query_tokens + 16]
-        head_base = self._encode(alone[: len(alone) - shared])
-        head_context = self._encode(full[: len(full) - shared])
+        query_ids = alone[len(alone) - shared:]
+        head_base = alone[: len(alone) - shared]
+        head_context = full[: len(full) - shared]
+        query_ids = query_ids[: self.max_query_tokens + 16]  # room for the turn's template tokens
         if not self.has_chat_template:
             head_base = list(self.prefix) + head_base
             head_context = list(self.prefix) + head_context

@@ -105,7 +105,8 @@ class Extractor:
                     position_index.append(start + offset)
         b = torch.tensor(batch_index, dtype=torch.long, device=resid.device)
         p = torch.tensor(position_index, dtype=torch.long, device=resid.device)
-        return resid[b, p].float()
+        rows = resid[b, p]
+        return rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
 
     def _check_finite(self, rows: torch.Tensor, what: str) -> None:
         if not torch.isfinite(rows).all():
@@ -117,8 +118,11 @@ class Extractor:
 
     def _encode(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.shape[0] <= ENCODE_CHUNK_TOKENS:
-            return self.sae.encode(rows).to(rows.device)
-        return torch.cat([self.sae.encode(chunk).to(rows.device) for chunk in rows.split(ENCODE_CHUNK_TOKENS)])
+            latents = self.sae.encode(rows)
+        else:
+            latents = torch.cat([self.sae.encode(chunk) for chunk in rows.split(ENCODE_CHUNK_TOKENS)])
+        latents = latents.to(rows.device)
+        return latents.float() if latents.dtype in (torch.float16, torch.bfloat16) else latents
 
     @torch.no_grad()
     def activations(self, sequences: Sequence[tuple[list[int], list[bool]]], what: str = "texts",

@@ -252,6 +252,48 @@ def domain_sequences(corpus: Corpus, builder: PromptBuilder, budget: int, rng: r
     return indices, tokens
 
 
+@dataclass
+class DomainInput:
+    """The sampled texts of one target domain: pairs (with domain demonstrations) or single sequences."""
+
+    pairs: list[TokenPair] | None
+    singles: list[tuple[list[int], list[bool]]] | None
+    texts: int
+    tokens: int
+
+
+@dataclass
+class Plan:
+    """Every token sequence a forecast will run, sampled deterministically from the seed."""
+
+    shift_pairs: list[TokenPair]
+    shift_tokens: int
+    domains: dict[str, DomainInput]
+
+
+def plan_inputs(builder: PromptBuilder, config: STSConfig, train: Corpus, domains: dict[str, Corpus],
+                demonstrations: Corpus | None = None) -> Plan:
+    """Sample the queries, demonstrations and domain texts of a forecast (no model call)."""
+    rng = random.Random(config.seed)
+    shift_pairs, shift_tokens = build_shift_pairs(train, builder, config, rng, config.shift_tokens,
+                                                  config.n_demonstrations, demonstrations)
+    inputs: dict[str, DomainInput] = {}
+    for name, corpus in domains.items():
+        domain_rng = random.Random(f"{config.seed}:{name}")  # independent of the other domains
+        indices, tokens = domain_sequences(corpus, builder, config.domain_tokens, domain_rng)
+        if config.compute_icl:
+            pairs = []
+            for i in indices:
+                others = [j for j in range(len(corpus)) if j != i]
+                chosen = domain_rng.sample(others, min(config.n_domain_demonstrations, len(others)))
+                pairs.append(builder.pair(corpus[i], [corpus[j] for j in chosen]))
+            inputs[name] = DomainInput(pairs=pairs, singles=None, texts=len(indices), tokens=tokens)
+        else:
+            inputs[name] = DomainInput(pairs=None, singles=[builder.single(corpus[i]) for i in indices],
+                                       texts=len(indices), tokens=tokens)
+    return Plan(shift_pairs=shift_pairs, shift_tokens=shift_tokens, domains=inputs)
+
+
 def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
              config: STSConfig | dict | None = None, *, demonstrations: Any = None,
              progress: bool = False) -> Forecast:
@@ -275,29 +317,15 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     demo_corpus = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
     builder = setup.builder
 
-    rng = random.Random(config.seed)
-    shift_pairs, shift_tokens = build_shift_pairs(train, builder, config, rng, config.shift_tokens,
-                                                  config.n_demonstrations, demo_corpus)
-    domain_inputs: dict[str, Any] = {}
-    for name, corpus in domains.items():
-        domain_rng = random.Random(f"{config.seed}:{name}")
-        indices, tokens = domain_sequences(corpus, builder, config.domain_tokens, domain_rng)
-        if config.compute_icl:
-            pairs = []
-            for i in indices:
-                others = [j for j in range(len(corpus)) if j != i]
-                chosen = domain_rng.sample(others, min(config.n_domain_demonstrations, len(others)))
-                pairs.append(builder.pair(corpus[i], [corpus[j] for j in chosen]))
-            domain_inputs[name] = ("paired", pairs, len(indices), tokens)
-        else:
-            domain_inputs[name] = ("single", [builder.single(corpus[i]) for i in indices], len(indices), tokens)
+    plan = plan_inputs(builder, config, train, domains, demo_corpus)
+    shift_pairs, shift_tokens, domain_inputs = plan.shift_pairs, plan.shift_tokens, plan.domains
     prepare_seconds = time.perf_counter() - start
 
     forward_tokens = sum(len(p.base) + len(p.context) for p in shift_pairs)
-    for kind, items, _, _ in domain_inputs.values():
-        forward_tokens += sum(len(p.base) + len(p.context) for p in items) if kind == "paired" else sum(
-            len(ids) for ids, _ in items)
-    total_sequences = len(shift_pairs) + sum(len(items) for _, items, _, _ in domain_inputs.values())
+    for d in domain_inputs.values():
+        forward_tokens += (sum(len(p.base) + len(p.context) for p in d.pairs) if d.pairs is not None
+                           else sum(len(ids) for ids, _ in d.singles))
+    total_sequences = len(shift_pairs) + sum(len(d.pairs or d.singles) for d in domain_inputs.values())
     bar = _progress_bar(total_sequences, progress)
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     timings = {"prepare": prepare_seconds}
@@ -309,12 +337,12 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
             shift_stats: PairedStats = extractor.paired(shift_pairs, what=f"{train.name!r}")
             timings["shift"] = time.perf_counter() - t0
             domain_stats = {}
-            for name, (kind, items, _, _) in domain_inputs.items():
+            for name, d in domain_inputs.items():
                 t0 = time.perf_counter()
                 if bar is not None:
                     bar.set_description(f"domain {name}")
-                domain_stats[name] = (extractor.paired(items, what=f"domain {name!r}") if kind == "paired"
-                                      else extractor.activations(items, what=f"domain {name!r}"))
+                domain_stats[name] = (extractor.paired(d.pairs, what=f"domain {name!r}") if d.pairs is not None
+                                      else extractor.activations(d.singles, what=f"domain {name!r}"))
                 timings[f"domain/{name}"] = time.perf_counter() - t0
     finally:
         if bar is not None:
@@ -324,9 +352,9 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     raw_dims, raw_values = score.shifted_latents(shift_stats.residual_shift, min(config.n_shifted, setup.sae.d_in))
     results = {}
     for name, stats in domain_stats.items():
-        _, _, n_texts, tokens = domain_inputs[name]
         paired = isinstance(stats, PairedStats)
-        results[name] = DomainForecast(name=name, texts=n_texts, tokens=tokens, scores={
+        results[name] = DomainForecast(name=name, texts=domain_inputs[name].texts,
+                                       tokens=domain_inputs[name].tokens, scores={
             "sts_icl": score.sts_icl(stats.latent_shift, latents) if paired else None,
             "sts_act": score.sts_act(stats.latents, latents),
             "sts_sq": score.sts_sq(stats.latents, latents),

@@ -57,8 +57,7 @@ class SAEHandle:
         param = next(iter(self.module.parameters()), None) if isinstance(self.module, nn.Module) else None
         if param is not None:
             x = x.to(device=param.device, dtype=param.dtype)
-        latents = self.module.encode(x)
-        return latents.float()
+        return self.module.encode(x)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "SAEHandle":
         if isinstance(self.module, nn.Module):

@@ -1,0 +1,392 @@
+"""Training a TopK sparse autoencoder on a model's residual stream, for models without a public SAE.
+
+Residual activations after decoder block ``layer`` are collected once into a float32 buffer, a held-out
+slice is kept aside, and sae-lens' ``TopKTrainingSAE`` is trained with its ``SAETrainer`` on shuffled
+batches of the rest. The result is a sae-lens inference SAE that encodes raw residuals (the activation
+scaling used during training is folded into its weights), loadable with :func:`sts_callback.sae.load_sae`.
+sae-lens is imported only inside :func:`train_sae` (it is slow to import).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import ResidualCapture, max_positions, num_layers, unwrap_model
+from .errors import STSConfigError, STSInputError
+
+REPORT_FILENAME = "training_report.json"
+# Sequences per model forward while collecting activations.
+FORWARD_BATCH_SEQUENCES = 8
+# Rows per SAE encode during evaluation, bounding the [rows x d_sae] latent matrix.
+EVAL_CHUNK_ROWS = 4096
+
+
+@dataclass
+class CollectedActivations:
+    """Residual activations of the counted tokens, in collection order (texts shuffled by the seed)."""
+
+    acts: torch.Tensor  # [tokens, d_in] float32
+    sequences: int  # texts that contributed at least one token
+    texts_seen: int
+    truncated: bool  # stopped early because the buffer was full
+
+
+@dataclass
+class TrainedSAE:
+    """A trained SAE with its held-out evaluation (FVU, mean L0, dead-latent fraction) and settings."""
+
+    sae: Any
+    path: str | None
+    layer: int
+    d_in: int
+    d_sae: int
+    k: int
+    fvu: float
+    mean_l0: float
+    dead_fraction: float
+    training_tokens: int
+    unique_tokens: int
+    seconds: float
+    held_out_tokens: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (everything but the SAE object)."""
+        out = {name: getattr(self, name) for name in (
+            "path", "layer", "d_in", "d_sae", "k", "fvu", "mean_l0", "dead_fraction", "training_tokens",
+            "unique_tokens", "held_out_tokens", "seconds")}
+        out.update(self.details)
+        return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _as_text_list(texts: Any) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    if texts is None or not isinstance(texts, Iterable):
+        raise STSInputError("`texts` must be a list of strings: pass the documents to train the SAE on.")
+    out = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise STSInputError(f"`texts` must contain strings, got {type(text).__name__}; decode or extract the "
+                                "text field of your dataset first.")
+        if text.strip():
+            out.append(text)
+    if not out:
+        raise STSInputError("No texts to train the SAE on: pass a non-empty list of non-empty strings.")
+    return out
+
+
+@torch.no_grad()
+def collect_activations(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, *,
+                        max_tokens: int, max_length: int = 256, exclude_special_tokens: bool = True,
+                        seed: int = 0, progress: bool = False) -> CollectedActivations:
+    """Residual stream after block ``layer`` at every counted token of ``texts``, up to ``max_tokens`` rows.
+
+    Texts are shuffled with ``seed``, each truncated to ``max_length`` tokens and right-padded within a
+    batch; padding (and, with ``exclude_special_tokens``, the tokenizer's special tokens) is not counted.
+    The model runs in eval mode under ``no_grad``; its training mode is restored afterwards.
+    """
+    texts = _as_text_list(texts)
+    capture = ResidualCapture(model, layer, truncate=True)
+    limit = max_positions(model)
+    if limit:
+        max_length = min(max_length, limit)
+    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", None) or [])), dtype=torch.long)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else int(pad_id)
+    device = _model_device(model)
+
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    chunks: list[torch.Tensor] = []
+    rows = sequences = texts_seen = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_tokens, unit="tok", desc="Collecting activations")
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), FORWARD_BATCH_SEQUENCES):
+            if rows >= max_tokens:
+                break
+            batch_texts = [texts[i] for i in order[start:start + FORWARD_BATCH_SEQUENCES]]
+            texts_seen += len(batch_texts)
+            ids = tokenizer(batch_texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+            ids = [seq[:max_length] for seq in ids if len(seq) > 0]
+            if not ids:
+                continue
+            width = max(len(seq) for seq in ids)
+            input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for row, seq in enumerate(ids):
+                input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                attention_mask[row, :len(seq)] = 1
+            counted = attention_mask.bool()
+            if exclude_special_tokens and special.numel():
+                counted &= ~torch.isin(input_ids, special)
+            if not counted.any():
+                continue
+            hidden = capture(input_ids.to(device), attention_mask.to(device))
+            acts = hidden[counted.to(hidden.device)].float().cpu()
+            if not torch.isfinite(acts).all():
+                raise STSInputError(f"The residual stream at layer {layer} contains NaN/inf; check the model's "
+                                    "dtype (use float32 or bfloat16, not float16) and weights.")
+            sequences += int(counted.any(dim=1).sum())
+            acts = acts[:max_tokens - rows]
+            chunks.append(acts)
+            rows += acts.shape[0]
+            if bar is not None:
+                bar.update(acts.shape[0])
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    if rows == 0:
+        what = "non-special, non-padding" if exclude_special_tokens else "non-padding"
+        raise STSInputError(f"The texts give no {what} tokens to train on: pass longer texts"
+                            + (" or set exclude_special_tokens=False." if exclude_special_tokens else "."))
+    return CollectedActivations(acts=torch.cat(chunks), sequences=sequences, texts_seen=texts_seen,
+                                truncated=rows >= max_tokens and texts_seen < len(texts))
+
+
+def _batch_stream(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches; each epoch is a fresh permutation, batches may span two epochs."""
+    generator = torch.Generator().manual_seed(seed)
+    pending = torch.empty(0, dtype=torch.long)
+    while True:
+        while pending.numel() < batch_size:
+            pending = torch.cat([pending, torch.randperm(acts.shape[0], generator=generator)])
+        index, pending = pending[:batch_size], pending[batch_size:]
+        yield acts[index.to(acts.device)]
+
+
+@torch.no_grad()
+def evaluate_sae(sae: Any, acts: torch.Tensor) -> dict[str, float]:
+    """FVU, mean L0 and dead-latent fraction of ``sae`` (``encode``/``decode``) on raw activations ``acts``.
+
+    FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2; a latent is dead if it never fires on ``acts``.
+    """
+    param = next(iter(sae.parameters()))
+    acts = acts.float()
+    mean = acts.mean(dim=0)
+    error = total = l0 = 0.0
+    fired = None
+    for start in range(0, acts.shape[0], EVAL_CHUNK_ROWS):
+        x = acts[start:start + EVAL_CHUNK_ROWS].to(device=param.device, dtype=param.dtype)
+        latents = sae.encode(x)
+        x_hat = sae.decode(latents).float()
+        active = latents != 0
+        error += float((x.float() - x_hat).pow(2).sum())
+        total += float((x.float() - mean.to(x.device)).pow(2).sum())
+        l0 += float(active.sum())
+        fired = active.any(dim=0) if fired is None else fired | active.any(dim=0)
+    rows = acts.shape[0]
+    return {"fvu": error / total if total > 0 else float("nan"), "mean_l0": l0 / rows,
+            "dead_fraction": float((~fired).float().mean())}
+
+
+def _model_name(model: nn.Module) -> str:
+    base = unwrap_model(model)
+    name = getattr(getattr(base, "config", None), "_name_or_path", None)
+    return str(name) if name else type(base).__name__
+
+
+def _prepends_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    try:
+        return bos is not None and list(tokenizer("a")["input_ids"][:1]) == [bos]
+    except Exception:
+        return False
+
+
+def _validate(layer: int, n_layers: int, d_sae: int, k: int, training_tokens: int, max_length: int,
+              batch_size_tokens: int, held_out_fraction: float, lr: float | None) -> None:
+    if not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise STSInputError(f"Layer {layer} does not exist: the model has {n_layers} decoder layers; pass a layer "
+                            f"in 0..{n_layers - 1}.")
+    if d_sae < 1:
+        raise STSConfigError(f"d_sae={d_sae} must be positive; use e.g. d_sae=4096.")
+    if not 1 <= k < d_sae:
+        raise STSConfigError(f"k={k} must satisfy 1 <= k < d_sae={d_sae}; use e.g. k=32 (or raise d_sae).")
+    if training_tokens < 1:
+        raise STSConfigError(f"training_tokens={training_tokens} must be positive; use e.g. 200_000.")
+    if max_length < 1:
+        raise STSConfigError(f"max_length={max_length} must be positive; use e.g. 256.")
+    if batch_size_tokens < 1:
+        raise STSConfigError(f"batch_size_tokens={batch_size_tokens} must be positive; use e.g. 1024.")
+    if not 0.0 <= held_out_fraction < 1.0:
+        raise STSConfigError(f"held_out_fraction={held_out_fraction} must be in [0, 1); use e.g. 0.1.")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise STSConfigError(f"lr={lr} must be a positive number; leave lr=None for the default.")
+
+
+def default_lr(d_sae: int, steps: int) -> float:
+    """Adam learning rate for a TopK SAE on unit-RMS inputs: 2e-4 * sqrt(16384 / d_sae) (the EleutherAI
+    heuristic), raised for short runs, which have too few steps to converge at that rate."""
+    lr = 2e-4 * math.sqrt(2 ** 14 / d_sae)
+    if steps < 2000:
+        lr *= min(4.0, math.sqrt(2000 / max(steps, 1)))
+    return lr
+
+
+def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, *, d_sae: int = 4096,
+              k: int = 32, training_tokens: int = 200_000, max_length: int = 256, batch_size_tokens: int = 1024,
+              lr: float | None = None, seed: int = 0, device: torch.device | str | None = None,
+              output_dir: str | Path | None = None, exclude_special_tokens: bool = True, progress: bool = False,
+              held_out_fraction: float = 0.1) -> TrainedSAE:
+    """Train a TopK SAE (sae-lens) on the residual stream after decoder block ``layer``.
+
+    Collects up to ``training_tokens`` activations from ``texts`` (stopping the model early once the
+    buffer is full), holds out ``held_out_fraction`` of them (the last texts in shuffled order), and
+    trains for ``training_tokens`` samples in batches of ``batch_size_tokens``; if the texts give fewer
+    tokens, training makes several passes over them (``unique_tokens`` says how many there were).
+    Inputs are scaled to mean norm sqrt(d_in) during training and the scale is folded into the weights,
+    so the returned SAE (and the one saved in ``output_dir``, with ``training_report.json``) reads raw
+    residuals. Metrics are measured on the held-out activations (on the training ones if
+    ``held_out_fraction`` is 0).
+    """
+    _validate(layer, num_layers(model), d_sae, k, training_tokens, max_length, batch_size_tokens,
+              held_out_fraction, lr)
+    texts = _as_text_list(texts)
+    started = time.perf_counter()
+    collected = collect_activations(model, tokenizer, texts, layer, max_tokens=training_tokens,
+                                    max_length=max_length, exclude_special_tokens=exclude_special_tokens,
+                                    seed=seed, progress=progress)
+    acts = collected.acts
+    total_rows, d_in = acts.shape
+    held_out_rows = 0
+    if held_out_fraction > 0:
+        if total_rows < 2:
+            raise STSInputError(f"Only {total_rows} token(s) were collected, too few to hold some out: pass more "
+                                "or longer texts, or set held_out_fraction=0.")
+        held_out_rows = min(total_rows - 1, max(1, round(held_out_fraction * total_rows)))
+    train_acts = acts[:total_rows - held_out_rows]
+    eval_acts = acts[total_rows - held_out_rows:] if held_out_rows else train_acts
+    collect_seconds = time.perf_counter() - started
+
+    from sae_lens import SAE
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    device = str(torch.device(device) if device is not None else _model_device(model))
+    batch_size = min(batch_size_tokens, training_tokens)
+    steps = max(1, training_tokens // batch_size)
+    lr = lr if lr is not None else default_lr(d_sae, steps)
+    warm_up_steps = min(100, steps // 20)
+    decay_steps = steps // 5
+    # sae-lens counts a latent dead after this many steps without firing, and then trains it with the
+    # TopK auxiliary loss; its default (1000 steps) would never trigger in a short run.
+    dead_window = max(10, min(1000, steps // 10))
+    hook_name = f"blocks.{layer}.hook_resid_post"
+    model_name = _model_name(model)
+
+    train_acts = train_acts.to(device)
+    mean_norm = float(train_acts.norm(dim=-1).mean())
+    if not mean_norm > 0:
+        raise STSInputError(f"The residual stream at layer {layer} is all zeros on these texts; check the model.")
+    # As sae-lens' "expected_average_only_in": inputs scaled to mean norm sqrt(d_in), which keeps the
+    # learning rate meaningful whatever the residual norm; computed exactly on the buffer.
+    scale = math.sqrt(d_in) / mean_norm
+
+    metadata = SAEMetadata(
+        model_name=model_name, model_class_name=type(unwrap_model(model)).__name__, hook_name=hook_name,
+        hf_hook_name=f"model.layers.{layer}", hook_head_index=None, context_size=max_length,
+        prepend_bos=_prepends_bos(tokenizer),
+        exclude_special_tokens=exclude_special_tokens, dataset_path=None, trained_with="sts_callback.train_sae",
+        training_tokens=training_tokens, unique_training_tokens=int(train_acts.shape[0]),
+    )
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=device, dtype="float32",
+                                    normalize_activations="expected_average_only_in", metadata=metadata)
+        training_sae = TopKTrainingSAE(cfg)
+        with torch.no_grad():
+            # Starting b_dec at the mean centres the inputs from step 0; residual means are large.
+            training_sae.b_dec.data.copy_(train_acts.mean(dim=0) * scale)
+        trainer_cfg = SAETrainerConfig(
+            total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
+            lr_scheduler_name="constant", lr_warm_up_steps=warm_up_steps, lr_decay_steps=decay_steps,
+            device=device, dead_feature_window=dead_window, feature_sampling_window=steps + 1,
+            logger=LoggingConfig(log_to_wandb=False), n_batches_for_norm_estimate=1,
+        )
+        trainer = SAETrainer(cfg=trainer_cfg, sae=training_sae,
+                             data_provider=_batch_stream(train_acts, batch_size, seed))
+        trainer.activation_scaler.scaling_factor = scale
+        train_started = time.perf_counter()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, unit="step", desc="Training SAE")
+        # SAETrainer.fit() would do the same through its public step() seam, but always draws a
+        # progress bar; this loop keeps it silent unless progress=True.
+        for _ in range(steps):
+            trainer.maybe_reset_sparsity()
+            output = trainer.step(next(trainer.data_provider))
+            trainer.n_training_steps += 1
+            if bar is not None:
+                bar.update(1)
+                if trainer.n_training_steps % 20 == 0:
+                    bar.set_postfix(mse=f"{float(output.losses['mse_loss']):.4g}")
+        if bar is not None:
+            bar.close()
+        train_seconds = time.perf_counter() - train_started
+        if not torch.isfinite(training_sae.W_enc).all():
+            raise STSConfigError(f"SAE training diverged (NaN weights) with lr={lr:g}; pass a smaller lr.")
+        trainer.set_final_sae_metadata()
+        training_sae.fold_activation_norm_scaling_factor(scale)
+        trainer.activation_scaler.scaling_factor = None
+    del train_acts
+
+    # The inference SAE is produced by sae-lens' own save/load round trip, so the returned object is
+    # exactly what load_sae(output_dir) gives.
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(output_dir) if output_dir is not None else Path(tmp)
+        training_sae.save_inference_model(folder)
+        sae = SAE.load_from_disk(str(folder), device=device)
+    sae.eval()
+    metrics = evaluate_sae(sae, eval_acts.to(device))
+    seconds = time.perf_counter() - started
+    result = TrainedSAE(
+        sae=sae, path=str(Path(output_dir).resolve()) if output_dir is not None else None, layer=layer, d_in=d_in,
+        d_sae=d_sae, k=k, fvu=metrics["fvu"], mean_l0=metrics["mean_l0"], dead_fraction=metrics["dead_fraction"],
+        training_tokens=steps * batch_size, unique_tokens=int(total_rows - held_out_rows), seconds=seconds,
+        held_out_tokens=held_out_rows,
+        details={
+            "hook_name": hook_name, "hf_hook_name": f"model.layers.{layer}", "model_name": model_name,
+            "architecture": "topk", "evaluated_on": "held_out" if held_out_rows else "train",
+            "lr": lr, "batch_size_tokens": batch_size, "steps": steps, "lr_warm_up_steps": warm_up_steps,
+            "lr_decay_steps": decay_steps, "dead_feature_window": dead_window, "max_length": max_length,
+            "exclude_special_tokens": exclude_special_tokens, "held_out_fraction": held_out_fraction,
+            "seed": seed, "device": device, "input_scale": scale, "mean_input_norm": mean_norm,
+            "sequences": collected.sequences, "texts": len(texts), "texts_used": collected.texts_seen,
+            "passes": steps * batch_size / max(1, total_rows - held_out_rows),
+            "collect_seconds": collect_seconds, "train_seconds": train_seconds,
+            "train_tokens_per_second": steps * batch_size / train_seconds if train_seconds > 0 else None,
+            "training_dead_latents": int(trainer.dead_neurons.sum()),
+        },
+    )
+    if output_dir is not None:
+        with open(Path(output_dir) / REPORT_FILENAME, "w") as handle:
+            json.dump(result.to_dict(), handle, indent=2)
+    return result

@@ -1,0 +1,104 @@
+"""Residual-stream capture across architectures, wrappers and the last layer."""
+
+import pytest
+import torch
+from tiny import make_model
+
+from sts_callback.capture import ResidualCapture, decoder_layers, hidden_size, num_layers, parameters_are_sharded
+
+ARCHS = ["llama", "qwen2", "gemma2", "gemma3", "gemma3_multimodal", "gpt2"]
+
+
+def batch(vocab=100, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, vocab, (3, 10), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return ids, mask
+
+
+def final_norm(model):
+    base = model.get_decoder()
+    return getattr(base, "norm", None) or getattr(base, "ln_f")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_is_output_of_block(arch):
+    model = make_model(arch)
+    ids, mask = batch()
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    n = num_layers(model)
+    assert n == 3 and hidden_size(model) == 32
+    for layer in range(n - 1):
+        captured = ResidualCapture(model, layer)(ids, mask)
+        torch.testing.assert_close(captured, hidden[layer + 1])
+    # last layer: before the final norm, unlike hidden_states[-1]
+    last = ResidualCapture(model, n - 1)(ids, mask)
+    assert not torch.allclose(last, hidden[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(final_norm(model)(last), hidden[-1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_multimodal", "gpt2"])
+def test_truncated_equals_full_forward(arch):
+    model = make_model(arch)
+    ids, mask = batch()
+    for layer in range(3):
+        truncated = ResidualCapture(model, layer, truncate=True)
+        full = ResidualCapture(model, layer, truncate=False)
+        torch.testing.assert_close(truncated(ids, mask), full(ids, mask))
+
+
+def test_truncated_forward_never_reaches_the_head():
+    model = make_model("llama")
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append("head"))
+    model.model.layers[2].register_forward_hook(lambda *a: calls.append("layer2"))
+    ResidualCapture(model, 1)(*batch())
+    assert calls == []
+    ResidualCapture(model, 1, truncate=False)(*batch())
+    assert calls == ["layer2", "head"]
+
+
+def test_hook_accepts_tuple_outputs():
+    model = make_model("llama")
+    layer = model.model.layers[1]
+    original = layer.forward
+    layer.forward = lambda *a, **k: (original(*a, **k), None)  # older transformers returned tuples
+    ids, mask = batch()
+    captured = ResidualCapture(model, 1)(ids, mask)
+    layer.forward = original
+    torch.testing.assert_close(captured, ResidualCapture(model, 1)(ids, mask))
+
+
+def test_peft_disabled_adapters_equal_base_model():
+    from peft import LoraConfig, get_peft_model
+
+    base = make_model("llama")
+    ids, mask = batch()
+    reference = ResidualCapture(base, 1)(ids, mask).clone()
+    peft_model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False))
+    capture = ResidualCapture(peft_model, 1)
+    assert capture.block is peft_model.get_base_model().model.layers[1]
+    adapted = capture(ids, mask)
+    assert not torch.allclose(adapted, reference)
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(capture(ids, mask), reference)
+    torch.testing.assert_close(capture(ids, mask), adapted)
+
+
+def test_layers_found_through_wrappers():
+    model = make_model("gemma3_multimodal")
+    assert decoder_layers(model) is model.model.language_model.layers
+    gpt2 = make_model("gpt2")
+    assert decoder_layers(gpt2) is gpt2.transformer.h
+    assert not parameters_are_sharded(gpt2)
+
+
+def test_layer_out_of_range_is_reported():
+    from sts_callback.errors import STSInputError
+
+    with pytest.raises(STSInputError, match="Layer 3 does not exist.*0..2"):
+        ResidualCapture(make_model("llama"), 3)

@@ -1,0 +1,253 @@
+"""The forecast against a direct dense computation, position matching, masking, determinism."""
+
+import json
+
+import pytest
+import torch
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+
+from sts_callback import STSConfig, forecast
+from sts_callback.data import load_corpus, load_domains
+from sts_callback.forecast import Forecast, Setup, plan_inputs
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("llama").double()
+
+
+def small_config(**overrides):
+    values = dict(n_shifted=12, shift_tokens=300, domain_tokens=150, batch_size=4, n_domain_demonstrations=3)
+    values.update(overrides)
+    return STSConfig(**values)
+
+
+def targets():
+    return {d: domain_texts(d, n=15) for d in ("code", "chem", "food")}
+
+
+def dense_latents(model, sae, ids):
+    """Reference: full forward of one unpadded sequence, hidden_states[L+1], all latents kept densely."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        resid = out.hidden_states[LAYER + 1][0]
+        return resid, sae.encode(resid)
+
+
+def test_scores_equal_dense_computation(model, tokenizer):
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
+    config = small_config()
+    train = domain_texts("law", n=40)
+    result = forecast(model, tokenizer, sae, train, targets(), config)
+
+    setup = Setup.create(model, tokenizer, sae, config)
+    plan = plan_inputs(setup.builder, config, load_corpus(train, "train"), load_domains(targets()))
+
+    def matched(pair):
+        """Latents and residuals at the counted query tokens, without and with context."""
+        keep = torch.tensor(pair.counted)
+        rb, hb = dense_latents(model, sae, pair.base)
+        rc, hc = dense_latents(model, sae, pair.context)
+        n = pair.n_query
+        return hb[-n:][keep], hc[-n:][keep], rb[-n:][keep], rc[-n:][keep]
+
+    rows = [matched(p) for p in plan.shift_pairs]
+    hb = torch.cat([r[0] for r in rows]); hc = torch.cat([r[1] for r in rows])
+    rb = torch.cat([r[2] for r in rows]); rc = torch.cat([r[3] for r in rows])
+    shift = ((hc - hb) ** 2).mean(0)
+    top = torch.sort(shift, descending=True, stable=True).indices[: config.n_shifted]
+    assert result.shifted_latents == top.tolist()
+    torch.testing.assert_close(torch.tensor(result.shift_values, dtype=torch.float64), shift[top], rtol=1e-6, atol=0)
+    raw_top = torch.sort(((rc - rb) ** 2).mean(0), descending=True, stable=True).indices[: config.n_shifted]
+    assert result.shift_tokens == hb.shape[0]
+
+    for name, domain in plan.domains.items():
+        drows = [matched(p) for p in domain.pairs]
+        dhb = torch.cat([r[0] for r in drows]); dhc = torch.cat([r[1] for r in drows])
+        drb = torch.cat([r[2] for r in drows]); drc = torch.cat([r[3] for r in drows])
+        expected = {
+            "sts_act": dhb[:, top].sum(1).mean(),
+            "sts_icl": ((dhc[:, top] - dhb[:, top]) ** 2).sum(1).mean(),
+            "sts_sq": (dhb[:, top] ** 2).mean(1).mean(),
+            "raw_act": drb[:, raw_top].sum(1).mean(),
+            "raw_icl": ((drc[:, raw_top] - drb[:, raw_top]) ** 2).sum(1).mean(),
+            "raw_sq": (drb[:, raw_top] ** 2).mean(1).mean(),
+        }
+        for variant, value in expected.items():
+            assert result.domains[name].scores[variant] == pytest.approx(float(value), rel=1e-6), (name, variant)
+        assert result.domains[name].tokens == dhb.shape[0]
+
+
+def test_position_matching_compares_only_query_tokens(tokenizer):
+    """A model whose residual at a position depends only on that position's token: any shift is zero.
+
+    The reference code's row-by-row comparison of misaligned tokens would report large shifts here.
+    """
+    model = make_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
+    result = forecast(model, tokenizer, sae, domain_texts("law", 30), targets(), small_config())
+    assert max(result.shift_values) < 1e-10
+    assert all(d.scores["sts_icl"] < 1e-10 for d in result.domains.values())
+
+
+def test_changing_demonstrations_changes_only_the_context(model, tokenizer):
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
+    train = load_corpus(domain_texts("law", 40), "train")
+    setup = Setup.create(model, tokenizer, sae, small_config())
+    plans = [plan_inputs(setup.builder, small_config(), train, load_domains(targets()), demonstrations=demos)
+             for demos in (None, load_corpus(domain_texts("food", 10), "demos"))]
+    for a, b in zip(plans[0].shift_pairs, plans[1].shift_pairs):
+        assert a.base == b.base and a.n_query == b.n_query and a.counted == b.counted
+        assert a.context[-a.n_query:] == b.context[-b.n_query:] == a.base[-a.n_query:]
+        assert a.context[: -a.n_query] != b.context[: -b.n_query]
+    results = [forecast(model, tokenizer, sae, train, targets(), small_config(), demonstrations=d)
+               for d in (None, domain_texts("food", 10))]
+    assert results[0].shift_tokens == results[1].shift_tokens
+    assert results[0].shift_values != results[1].shift_values
+    # scores that do not involve demonstrations of the training data are unchanged for the same latents
+    assert results[0].domains["code"].tokens == results[1].domains["code"].tokens
+
+
+def test_padding_and_batching_do_not_change_statistics(model, tokenizer):
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
+    runs = [forecast(model, tokenizer, sae, domain_texts("law", 40), targets(), small_config(batch_size=b))
+            for b in (1, 3, 16)]
+    for other in runs[1:]:
+        assert other.shifted_latents == runs[0].shifted_latents
+        for name in runs[0].domains:
+            for variant, value in runs[0].domains[name].scores.items():
+                assert other.domains[name].scores[variant] == pytest.approx(value, rel=1e-9)
+
+
+def test_special_tokens_and_padding_never_counted(model, tokenizer):
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
+    texts = ["law court <eos> judge .", "<eos> <eos> contract"]
+    setup = Setup.create(model, tokenizer, sae, small_config(compute_icl=False, ranking="sts_act"))
+    plan = plan_inputs(setup.builder, setup.config, load_corpus(texts), load_domains({"d": texts * 10}))
+    special = set(tokenizer.all_special_ids)
+    for ids, counted in plan.domains["d"].singles:
+        assert ids[0] == tokenizer.bos_token_id and not counted[0]
+        assert all(not c for tok, c in zip(ids, counted) if tok in special)
+    assert plan.domains["d"].tokens == 10 * (4 + 1)  # "law court judge ." and "contract"
+    result = forecast(model, tokenizer, sae, texts, {"d": texts * 10},
+                      small_config(compute_icl=False, ranking="sts_act", batch_size=16))
+    assert result.domains["d"].tokens == 50
+    included = STSConfig(**{**small_config(compute_icl=False, ranking="sts_act").to_dict(),
+                            "exclude_special_tokens": False})
+    assert forecast(model, tokenizer, sae, texts, {"d": texts * 10}, included).domains["d"].tokens == 10 * (5 + 3)
+
+
+def test_same_seed_same_result_and_seed_matters(model, tokenizer):
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
+    train = domain_texts("law", 60)
+    a = forecast(model, tokenizer, sae, train, targets(), small_config(seed=3))
+    b = forecast(model, tokenizer, sae, train, targets(), small_config(seed=3))
+    c = forecast(model, tokenizer, sae, train, targets(), small_config(seed=4))
+    assert a.shifted_latents == b.shifted_latents and a.shift_values == b.shift_values
+    assert {n: d.scores for n, d in a.domains.items()} == {n: d.scores for n, d in b.domains.items()}
+    assert a.shift_values != c.shift_values
+
+
+def test_forecast_json_round_trip_and_table(model, tokenizer, tmp_path):
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
+    result = forecast(model, tokenizer, sae, domain_texts("law", 30), targets(), small_config())
+    path = result.save(tmp_path / "forecast.json")
+    loaded = Forecast.load(path)
+    assert loaded.to_dict() == json.loads(json.dumps(result.to_dict()))
+    assert loaded.ranked() == result.ranked()
+    table = str(loaded)
+    lines = table.splitlines()
+    ranked_names = [name for name, _ in result.ranked()]
+    assert [line.split()[1] for line in lines[3:]] == ranked_names
+    assert "STS_icl" in lines[1] and "STS_act" in lines[1]
+    assert loaded.settings["layer"] == LAYER and loaded.settings["sae"]["d_sae"] == 64
+
+
+def test_input_kinds(model, tokenizer, tmp_path):
+    """Strings, chat conversations, TRL records, a datasets.Dataset and a JSONL path all work."""
+    from datasets import Dataset
+
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
+    texts = domain_texts("law", 30)
+    chats = [[{"role": "user", "content": t}, {"role": "assistant", "content": u}] for t, u in zip(texts, texts[1:])]
+    records = [{"prompt": t, "completion": u} for t, u in zip(texts, texts[1:])]
+    dpo = [{"prompt": t, "chosen": u, "rejected": "no"} for t, u in zip(texts, texts[1:])]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": c}) for c in chats))
+    for train in (texts, chats, records, dpo, Dataset.from_dict({"text": texts}),
+                  Dataset.from_dict({"messages": chats}), str(path)):
+        result = forecast(model, tokenizer, sae, train, {"chem": Dataset.from_dict({"text": domain_texts("chem")})},
+                          small_config())
+        assert result.shift_tokens > 0 and result.domains["chem"].scores["sts_icl"] > 0
+
+
+def test_chat_queries_are_position_matched(model, tokenizer):
+    texts = domain_texts("law", 20)
+    chats = [[{"role": "user", "content": t}, {"role": "assistant", "content": u}] for t, u in zip(texts, texts[1:])]
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
+    setup = Setup.create(model, tokenizer, sae, small_config())
+    plan = plan_inputs(setup.builder, setup.config, load_corpus(chats), load_domains(targets()))
+    user, end = tokenizer.convert_tokens_to_ids(["<|user|>", "<|end|>"])
+    for pair in plan.shift_pairs:
+        query = pair.base[-pair.n_query:]
+        assert pair.context[-pair.n_query:] == query
+        assert query[0] == user and query[-1] == end  # the query is exactly the user turn
+        assert pair.context.count(tokenizer.convert_tokens_to_ids("<|assistant|>")) == 2
+        assert pair.context[0] == tokenizer.bos_token_id and pair.context.count(tokenizer.bos_token_id) == 1
+
+
+def test_long_contexts_lose_demonstration_tokens_from_the_left(model, tokenizer):
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
+    long_texts = domain_texts("law", 20, length=60)
+    config = small_config(max_length=48, max_query_tokens=20)
+    setup = Setup.create(model, tokenizer, sae, config)
+    plan = plan_inputs(setup.builder, config, load_corpus(long_texts), load_domains(targets()))
+    for pair in plan.shift_pairs:
+        assert len(pair.context) <= 48
+        assert pair.context[0] == tokenizer.bos_token_id
+        assert pair.context[-pair.n_query:] == pair.base[-pair.n_query:]
+        assert pair.n_query == min(20, len(pair.base) - 1)
+
+
+def test_sampling_respects_token_budgets(model, tokenizer):
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
+    result = forecast(model, tokenizer, sae, domain_texts("law", 200), {"chem": domain_texts("chem", 200)},
+                      small_config(shift_tokens=100, domain_tokens=60))
+    assert 100 <= result.shift_tokens < 100 + 20
+    assert 60 <= result.domains["chem"].tokens < 60 + 20
+
+
+def test_truncated_forward_skips_later_layers(model, tokenizer):
+    sae = TinySAE(32, 64, hook_name="blocks.0.hook_resid_post").double()
+    calls = []
+    handle = model.model.layers[2].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        truncated = forecast(model, tokenizer, sae, domain_texts("law", 30), targets(), small_config())
+        assert calls == []
+        full = forecast(model, tokenizer, sae, domain_texts("law", 30), targets(), small_config(truncate_forward=False))
+        assert calls
+    finally:
+        handle.remove()
+    assert truncated.shifted_latents == full.shifted_latents
+    for name in truncated.domains:
+        for variant, value in truncated.domains[name].scores.items():
+            assert full.domains[name].scores[variant] == pytest.approx(value, rel=1e-9)
+    assert truncated.settings["truncated_forward"] and not full.settings["truncated_forward"]
+
+
+def test_model_is_returned_to_its_training_mode(tokenizer):
+    model = make_model("llama")
+    model.train()
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
+    forecast(model, tokenizer, sae, domain_texts("law", 30), targets(), small_config())
+    assert model.training

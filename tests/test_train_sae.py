@@ -1,0 +1,136 @@
+"""train_sae: a TopK SAE trained on a tiny llama reconstructs held-out residuals and round-trips through disk."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from sts_callback.errors import STSConfigError, STSInputError  # noqa: E402
+from sts_callback.train_sae import REPORT_FILENAME, collect_activations, evaluate_sae, train_sae  # noqa: E402
+
+from tiny import domain_texts, make_model, make_tokenizer  # noqa: E402
+
+DOMAINS = ("law", "code", "chem", "sport", "food")
+LAYER = 1
+
+
+def _texts(n_per_domain: int = 40) -> list[str]:
+    return [text for domain in DOMAINS for text in domain_texts(domain, n_per_domain)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_model("llama"), make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    model, tokenizer = tiny
+    model.train()  # train_sae must switch to eval for the forwards and restore this afterwards
+    rng_before = torch.get_rng_state()
+    out = tmp_path_factory.mktemp("sae")
+    result = train_sae(model, tokenizer, _texts(), LAYER, d_sae=128, k=8, training_tokens=12_000,
+                       batch_size_tokens=256, seed=0, output_dir=out)
+    state = {"was_training": model.training, "rng_unchanged": torch.equal(rng_before, torch.get_rng_state())}
+    model.eval()
+    return result, out, state
+
+
+def test_trained_sae_reconstructs_held_out_residuals(tiny, trained):
+    model, tokenizer = tiny
+    result, _, state = trained
+    assert (result.layer, result.d_in, result.d_sae, result.k) == (LAYER, 32, 128, 8)
+    # A broken trainer (no learning, wrong scale folding, decoder = mean) gives FVU >= ~1.
+    assert result.fvu < 0.25, result.to_dict()
+    assert 0 < result.mean_l0 <= 8
+    assert 0 <= result.dead_fraction < 0.25
+    assert result.held_out_tokens > 0 and result.unique_tokens > 0
+    # Fewer unique tokens than the budget: training cycles over them.
+    assert result.unique_tokens < result.training_tokens <= 12_000
+    assert result.seconds > 0
+
+    acts = collect_activations(model, tokenizer, _texts(), LAYER, max_tokens=10**6).acts
+    held_out = acts[-result.held_out_tokens:]
+    assert evaluate_sae(result.sae, held_out)["fvu"] == pytest.approx(result.fvu, rel=1e-4)
+
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    untrained = TopKSAE(TopKSAEConfig(d_in=32, d_sae=128, k=8))
+    assert result.fvu < 0.5 * evaluate_sae(untrained, held_out)["fvu"]
+
+    # The SAE reads raw residuals: the training-time input scaling is folded into the weights.
+    assert result.sae.cfg.normalize_activations == "none"
+    assert result.details["input_scale"] != pytest.approx(1.0, rel=0.1)
+    assert state == {"was_training": True, "rng_unchanged": True}
+
+
+def test_saved_folder_reloads_with_same_encodings(tiny, trained):
+    from sae_lens import SAE
+
+    from sts_callback.sae import load_sae
+
+    model, tokenizer = tiny
+    result, out, _ = trained
+    assert result.path == str(out.resolve())
+    handle = load_sae(out)
+    assert (handle.d_in, handle.d_sae, handle.layer) == (32, 128, LAYER)
+    assert handle.hook_name == f"blocks.{LAYER}.hook_resid_post"
+    assert handle.module.cfg.metadata.hf_hook_name == f"model.layers.{LAYER}"
+    assert handle.module.cfg.metadata.model_name
+
+    x = collect_activations(model, tokenizer, _texts(5), LAYER, max_tokens=500).acts
+    expected = result.sae.encode(x)
+    assert torch.allclose(handle.encode(x), expected, atol=1e-6)
+    raw = SAE.load_from_disk(str(out))
+    assert torch.allclose(raw.decode(raw.encode(x)), result.sae.decode(expected), atol=1e-6)
+
+    report = json.loads((out / REPORT_FILENAME).read_text())
+    assert report["fvu"] == pytest.approx(result.fvu)
+    assert report["layer"] == LAYER and report["d_sae"] == 128 and report["k"] == 8
+    assert report["unique_tokens"] == result.unique_tokens
+    assert {"lr", "steps", "train_seconds", "mean_l0", "dead_fraction", "hook_name"} <= set(report)
+
+
+def test_collect_counts_only_real_tokens(tiny):
+    model, tokenizer = tiny
+    texts = _texts(4)
+    words = sum(len(text.split()) for text in texts)
+    assert collect_activations(model, tokenizer, texts, LAYER, max_tokens=10**6).acts.shape == (words, 32)
+    with_bos = collect_activations(model, tokenizer, texts, LAYER, max_tokens=10**6, exclude_special_tokens=False)
+    assert with_bos.acts.shape[0] == words + len(texts)
+    capped = collect_activations(model, tokenizer, texts, LAYER, max_tokens=30, max_length=4)
+    assert capped.acts.shape[0] == 30 and capped.truncated
+
+
+def test_same_seed_same_sae(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(d_sae=64, k=4, training_tokens=1024, batch_size_tokens=128, seed=3)
+    a = train_sae(model, tokenizer, _texts(5), LAYER, **kwargs)
+    b = train_sae(model, tokenizer, _texts(5), LAYER, **kwargs)
+    assert torch.equal(a.sae.W_enc, b.sae.W_enc) and a.fvu == b.fvu
+    assert a.path is None
+
+
+@pytest.mark.parametrize("texts, kwargs, error, words", [
+    ([], {}, STSInputError, "non-empty"),
+    (["   ", ""], {}, STSInputError, "non-empty"),
+    (["<|user|> <|end|>"], {}, STSInputError, "exclude_special_tokens=False"),
+    (None, {"layer": 3}, STSInputError, "0..2"),
+    (None, {"layer": -1}, STSInputError, "0..2"),
+    (None, {"k": 64, "d_sae": 64}, STSConfigError, "k < d_sae"),
+    (None, {"k": 0}, STSConfigError, "k=0"),
+    (None, {"held_out_fraction": 1.0}, STSConfigError, "held_out_fraction"),
+    (None, {"training_tokens": 0}, STSConfigError, "training_tokens"),
+])
+def test_bad_inputs_raise(tiny, texts, kwargs, error, words):
+    model, tokenizer = tiny
+    kwargs = {"layer": LAYER, "d_sae": 64, "k": 4, "training_tokens": 256, **kwargs}
+    layer = kwargs.pop("layer")
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(".", r"\.")):
+        train_sae(model, tokenizer, _texts(2) if texts is None else texts, layer, **kwargs)
