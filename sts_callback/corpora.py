@@ -23,8 +23,6 @@ packages the library depends on; nothing is generated and nothing is downloaded:
 - ``nlp_tutorials``: NLTK's ``nltk/test/*.doctest`` tutorials, English explanation interleaved
   with ``>>>`` sessions.
 - ``chat_templates``: Jinja chat templates of chat models shipped in ``trl/chat_templates``.
-- ``numeric_tables``: numeric data files (CSV, whitespace tables, ARFF, NIST StRD) shipped with
-  scipy, numpy and matplotlib.
 - ``markup``: HTML and XML: IDLE's HTML help page, sympy's MathML XSLT stylesheets and
   matplotlib's web-backend pages.
 
@@ -387,7 +385,8 @@ def _docstring_paragraphs(doc: str) -> list[str]:
     for paragraph in _paragraphs("\n".join(kept)):
         if re.search(r"^\s*(>>>|\.\.\.|\$ )", paragraph, re.MULTILINE):
             continue
-        if sum(map(str.isalpha, paragraph)) >= 0.5 * len(paragraph.strip()):
+        words = "".join(line for line in paragraph.split("\n") if not _UNDERLINE.match(line))
+        if sum(map(str.isalpha, words)) >= 0.3 * len(words.strip()):  # keeps LaTeX, drops tables
             paragraphs.extend(_split_code(paragraph.strip("\n")))
     return paragraphs
 
@@ -494,7 +493,7 @@ def _load_python_code() -> list[str]:
     if not files:
         raise _SourceMissing(f"no Python sources under {root}")
     texts: list[str] = []
-    for path in _spread(files, 300):
+    for path in _spread(files, 180):
         source = _read(path)
         tree = _parse_python(source)
         if tree is None:
@@ -639,11 +638,10 @@ def _load_math() -> list[str]:
         raise _SourceMissing("neither sympy nor scipy is installed")
     files: list[Path] = []
     if scipy_dir is not None:
-        for sub in ("special", "stats"):
-            files += _python_sources(scipy_dir / sub)
+        files += _python_sources(scipy_dir / "special") + _spread(_python_sources(scipy_dir / "stats"), 30)
     if sympy_dir is not None:
         files += _spread(_python_sources(sympy_dir, {"parsing", "testing", "utilities",
-                                                     "interactive", "external", "printing"}), 120)
+                                                     "interactive", "external", "printing"}), 80)
     return _docstring_texts(files, public_only=False, per_file=30)
 
 
@@ -658,11 +656,11 @@ def _load_ml_docs() -> list[str]:
         models = [p for p in _python_sources(transformers_dir / "models")
                   if p.name.startswith(("modeling_", "configuration_", "tokenization_",
                                         "processing_", "image_processing_"))]
-        files += _spread(library, 80) + _spread(models, 40)
+        files += _spread(library, 50) + _spread(models, 25)
     for package in ("trl", "peft", "accelerate"):
         package_dir = _optional_package_dir(package)
         if package_dir is not None:
-            files += _spread(_python_sources(package_dir), 40)
+            files += _spread(_python_sources(package_dir), 25)
     if not files:
         raise _SourceMissing("none of transformers, trl, peft, accelerate is installed")
     return _docstring_texts(files, public_only=True, per_file=15)
@@ -829,41 +827,6 @@ def _load_chat_templates() -> list[str]:
     texts: list[str] = []
     for path in files:
         texts += _pack_code(_read(path), target=700)
-    return texts
-
-
-def _is_text_file(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(4096)
-    except OSError:
-        return False
-    return b"\x00" not in head and sum(32 <= b < 127 or b in b"\t\n\r" for b in head) >= 0.95 * len(head)
-
-
-def _is_data_dir(path: Path) -> bool:
-    return any(part == "data" or part.endswith("_data") or part.startswith("nist") for part in path.parts[-4:-1])
-
-
-@_builtin("numeric_tables", "Numeric data files (CSV, ARFF, NIST StRD tables) shipped with scipy/numpy",
-          "scipy, numpy or matplotlib")
-def _load_numeric_tables() -> list[str]:
-    files: list[Path] = []
-    for package in ("scipy", "numpy", "matplotlib"):
-        root = _optional_package_dir(package)
-        if root is not None:
-            files += [p for p in _files_under(root, (".csv", ".txt", ".dat", ".arff"))
-                      if _is_data_dir(p) and not _LICENSE_NAME.match(p.name)
-                      and not p.name.lower().startswith(("readme", "random")) and _is_text_file(p)]
-    if not files:
-        raise _SourceMissing("no numeric data files in scipy, numpy or matplotlib")
-    texts: list[str] = []
-    for path in files:
-        lines = [line.rstrip() for line in _read(path).split("\n")[:3000] if len(line) <= 400]
-        chunks = _pack(_split_to_limit(lines, "\n", 400), "\n", target=700)
-        # the first chunk keeps a file's header (NIST description, ARFF attributes, CSV columns)
-        chunks = chunks[:1] + [c for c in chunks[1:] if sum(map(str.isdigit, c)) >= 0.3 * len(c)]
-        texts += _per_source(chunks, 12)
     return texts
 
 

@@ -46,7 +46,7 @@ def test_trained_sae_reconstructs_held_out_residuals(tiny, trained):
     result, _, state = trained
     assert (result.layer, result.d_in, result.d_sae, result.k) == (LAYER, 32, 128, 8)
     # A broken trainer (no learning, wrong scale folding, decoder = mean) gives FVU >= ~1.
-    assert result.fvu < 0.25, result.to_dict()
+    assert result.fvu < 0.2, result.to_dict()
     assert 0 < result.mean_l0 <= 8
     assert 0 <= result.dead_fraction < 0.25
     assert result.held_out_tokens > 0 and result.unique_tokens > 0

@@ -1,0 +1,96 @@
+"""SAE loading: sae-lens objects and folders, generic modules, hook-name mapping."""
+
+import pytest
+import torch
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+
+from sts_callback import STSConfig, STSInputError, forecast, load_sae
+from sts_callback.sae import layer_from_hook_name
+
+
+@pytest.mark.parametrize("hook,layer", [
+    ("blocks.12.hook_resid_post", 12),
+    ("blocks.12.hook_resid_pre", 11),
+    ("model.layers.5", 5),
+    ("model.layers.5.output", 5),
+    ("model.language_model.layers.3", 3),
+    ("transformer.h.7", 7),
+    ("blocks.3.hook_mlp_out", None),
+    (None, None),
+])
+def test_hook_names_map_to_decoder_blocks(hook, layer):
+    assert layer_from_hook_name(hook) == layer
+
+
+def test_resid_pre_of_layer_zero_is_rejected():
+    with pytest.raises(STSInputError, match="embeddings"):
+        layer_from_hook_name("blocks.0.hook_resid_pre")
+
+
+def make_sae_lens_sae(d_in=32, d_sae=64, layer=1, k=None):
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    metadata = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post", model_name="tiny",
+                           neuronpedia_id="tiny/1-res")
+    if k is None:
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=metadata))
+    else:
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, metadata=metadata))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    return sae
+
+
+def test_sae_lens_object_folder_and_forecast(tmp_path):
+    sae = make_sae_lens_sae(k=8)
+    handle = load_sae(sae)
+    assert (handle.d_in, handle.d_sae, handle.layer, handle.neuronpedia_id) == (32, 64, 1, "tiny/1-res")
+    sae.save_model(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.layer == 1 and loaded.source["kind"] == "sae_lens_folder"
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(loaded.encode(x), handle.encode(x))
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    config = STSConfig(n_shifted=8, shift_tokens=100, domain_tokens=60)
+    targets = {"chem": domain_texts("chem", 20)}
+    from_object = forecast(model, tokenizer, sae, domain_texts("law", 20), targets, config)
+    from_folder = forecast(model, tokenizer, str(tmp_path / "sae"), domain_texts("law", 20), targets, config)
+    assert from_object.shifted_latents == from_folder.shifted_latents
+    assert from_folder.settings["sae"]["path"].endswith("sae")
+
+
+def test_sae_dtype_cast():
+    handle = load_sae(make_sae_lens_sae(), dtype=torch.bfloat16)
+    assert next(handle.module.parameters()).dtype == torch.bfloat16
+    assert handle.encode(torch.randn(3, 32)).shape == (3, 64)
+
+
+def test_generic_module_sizes():
+    handle = load_sae(TinySAE(32, 80, hook_name="model.layers.2"))
+    assert (handle.d_in, handle.d_sae, handle.layer) == (32, 80, 2)
+
+    class EncodeOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(32, 50)
+            self.d_in = 32
+
+        def encode(self, x):
+            return torch.relu(self.proj(x))
+
+    assert load_sae(EncodeOnly()).d_sae == 50
+
+
+def test_bad_sae_specs(tmp_path):
+    with pytest.raises(STSInputError, match="not a folder"):
+        load_sae("does/not/exist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(STSInputError, match="no cfg.json"):
+        load_sae(tmp_path / "empty")
+    with pytest.raises(STSInputError, match="encode"):
+        load_sae(object())
+    with pytest.raises(STSInputError, match="release"):
+        load_sae({"sae_id": "x"})
