@@ -7,8 +7,8 @@ packages the library depends on; nothing is generated and nothing is downloaded:
   (tests, encodings tables and blocks that are mostly comments or docstrings left out).
 - ``cpp_code``: C/C++ from the headers torch bundles under ``torch/include`` (generated headers
   such as ``ATen/ops`` left out) and CPython's own headers (``sys.base_prefix``'s include dir).
-- ``python_reference``: prose of the Python language reference as shipped in
-  ``pydoc_data/topics.py``, in paragraphs (grammar and code blocks left out).
+- ``python_reference``: the Python language reference as shipped in ``pydoc_data/topics.py``:
+  English prose in paragraphs, with its indented grammar rules and code samples.
 - ``legal``: license texts: ``LICENSE``/``COPYING``/``NOTICE`` files of every installed
   ``*.dist-info``, ``/usr/share/common-licenses`` where present and CPython's ``LICENSE.txt``;
   each distinct paragraph kept once.
@@ -23,19 +23,25 @@ packages the library depends on; nothing is generated and nothing is downloaded:
 - ``nlp_tutorials``: NLTK's ``nltk/test/*.doctest`` tutorials, English explanation interleaved
   with ``>>>`` sessions.
 - ``chat_templates``: Jinja chat templates of chat models shipped in ``trl/chat_templates``.
-- ``markup``: HTML and XML: IDLE's HTML help page, sympy's MathML XSLT stylesheets and
-  matplotlib's web-backend pages.
+- ``markup``: HTML and XML: IDLE's HTML help page (``idlelib/help.html``), sympy's MathML XSLT
+  stylesheets and matplotlib's web-backend pages.
 
 Source files are read as text (``errors="ignore"``); Python sources are parsed with ``ast``, never
 imported. File lists are sorted and subsampled at even strides, so a domain's texts are the same
-on every call with the same installed versions. Texts are 200-2000 characters: prose with
-whitespace collapsed (paragraphs separated by one blank line), code and data with their newlines
-and indentation kept. Results are cached in-process; ``clear_cache()`` empties the cache.
+on every call with the same installed versions. Texts are 200-2000 characters, de-duplicated, at
+most 3000 per domain: prose (reference, legal, READMEs, changelogs) with whitespace collapsed and
+paragraphs separated by one blank line; code, markup and docstrings with their line breaks and
+relative indentation kept, trailing spaces and repeated blank lines removed. Results are cached
+in-process; ``clear_cache()`` empties the cache.
+
+Other domains can be added with ``register_domain(name, loader, description)``.
 """
 
 from __future__ import annotations
 
 import ast
+import email.parser
+import email.policy
 import functools
 import importlib.util
 import inspect
@@ -285,13 +291,19 @@ def _split_prose(paragraph: str, limit: int = TARGET_CHARS) -> list[str]:
     return _split_to_limit(sentences, " ", limit)
 
 
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
 def _split_code(block: str, limit: int = TARGET_CHARS) -> list[str]:
-    """A block too long for one text, cut before unindented lines, else between lines."""
+    """A block too long for one text, cut before its least indented lines, else between lines."""
     if len(block) <= MAX_CHARS:
         return [block]
+    lines = block.split("\n")
+    outer = min(_indent(line) for line in lines if line.strip())
     segments: list[list[str]] = []
-    for line in block.split("\n"):
-        if not segments or line[:1] not in (" ", "\t", ""):
+    for line in lines:
+        if not segments or (line.strip() and _indent(line) == outer):
             segments.append([])
         segments[-1].append(line)
     units = []
@@ -332,8 +344,8 @@ def _pack(pieces: Iterable[str], joiner: str, target: int = TARGET_CHARS) -> lis
 
 
 def _pack_code(text: str, target: int = TARGET_CHARS) -> list[str]:
-    """Code or data cut at blank lines into texts of about ``target`` characters."""
-    blocks = [_tidy_code(b) for b in _paragraphs(text)]
+    """Code or markup cut at blank lines into texts of about ``target`` characters."""
+    blocks = ["\n".join(line.rstrip() for line in b.split("\n")).strip("\n") for b in _paragraphs(text)]
     pieces = [piece for block in blocks if block for piece in _split_code(block, target)]
     return [_tidy_code(t) for t in _pack(pieces, "\n\n", target)]
 
@@ -487,9 +499,9 @@ def _code_blocks(node: ast.AST, lines: list[str]) -> Iterable[str]:
 def _load_python_code() -> list[str]:
     root = _stdlib_dir()
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings",
-            "pydoc_data", "lib2to3", "ensurepip", "config-3.11-x86_64-linux-gnu"}
+            "pydoc_data", "lib2to3", "ensurepip"}
     files = [p for p in _python_sources(root, skip, max_bytes=120_000)
-             if not p.name.startswith("_sysconfigdata")]
+             if not p.name.startswith("_sysconfigdata") and not p.parent.name.startswith("config-")]
     if not files:
         raise _SourceMissing(f"no Python sources under {root}")
     texts: list[str] = []
@@ -630,7 +642,7 @@ def _load_legal() -> list[str]:
 
 
 @_builtin("math", "Mathematical docstrings of sympy, scipy.special and scipy.stats",
-          "sympy and scipy")
+          "sympy or scipy")
 def _load_math() -> list[str]:
     sympy_dir = _optional_package_dir("sympy")
     scipy_dir = _optional_package_dir("scipy")
@@ -692,7 +704,10 @@ def _metadata_parts(text: str) -> tuple[str, str]:
     The changelog runs from a 'Changelog'/'History'/'Release notes' heading that is followed by
     version numbers to the next heading of the same level that is not a version heading.
     """
-    _, _, body = text.partition("\n\n")
+    metadata = email.parser.Parser(policy=email.policy.compat32).parsestr(text)
+    body = metadata.get_payload() if not metadata.is_multipart() else ""
+    if not isinstance(body, str) or not body.strip():
+        body = metadata.get("Description", "") or ""
     lines = body.split("\n")
     for i, line in enumerate(lines):
         level = _heading_level(lines, i)
@@ -712,6 +727,12 @@ def _metadata_parts(text: str) -> tuple[str, str]:
     return body, ""
 
 
+_LICENSE_BOILERPLATE = re.compile(
+    r"^(MIT License|Copyright \(c\))|Permission is hereby granted|PROVIDED \"AS IS\"|"
+    r"Redistribution and use in source and binary forms|Licensed under the Apache License|"
+    r"above copyright notice|GNU (Lesser |Library )?General Public License",
+    re.IGNORECASE | re.MULTILINE,
+)
 _MARKUP_NOISE = ("<img", "[![", ".. image::", ".. |", "<p ", "<p>", "</p>", "<div", "</div",
                  "<a href", "<picture", "<source", "<br", "<h1", "<h2", "<h3", "<table", "<td",
                  "<!--", ".. raw::", ".. toctree", ".. _")
@@ -736,6 +757,8 @@ def _markdown_paragraphs(text: str) -> list[str]:
         if any(line.lstrip().startswith(("|", "+-", ">>>", "$ ", "pip install", "__ ")) for line in lines):
             continue
         joined = "\n".join(lines)
+        if _LICENSE_BOILERPLATE.search(joined):  # license text belongs to the legal domain
+            continue
         if any(noise in joined for noise in _MARKUP_NOISE) or joined.startswith(".. ") \
                 or joined.rstrip().endswith("::"):
             continue
@@ -783,7 +806,8 @@ def _changelog_items(text: str) -> list[str]:
             current.append(line)
         if current:
             items.append(_prose("\n".join(current)))
-    return [piece for item in items if item for piece in _split_prose(item)]
+    return [piece for item in items if item and not _LICENSE_BOILERPLATE.search(item)
+            for piece in _split_prose(item)]
 
 
 @_builtin("changelog", "Release notes: changelogs of installed packages and IDLE's NEWS",
@@ -831,7 +855,7 @@ def _load_chat_templates() -> list[str]:
 
 
 @_builtin("markup", "HTML and XML: IDLE's HTML help, sympy's MathML XSLT, matplotlib web pages",
-          "the standard library's idlelib and sympy")
+          "the standard library's idlelib or sympy")
 def _load_markup() -> list[str]:
     files: list[Path] = []
     help_html = _stdlib_dir() / "idlelib" / "help.html"

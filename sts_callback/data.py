@@ -109,6 +109,15 @@ def example_from_record(record: Any, where: str = "") -> Example:
     )
 
 
+def example_text(example: Example) -> str:
+    """The example as one plain text (prompt, then answer), e.g. for SAE training or loss measurement."""
+    if isinstance(example.prompt, str):
+        prompt = example.prompt
+    else:
+        prompt = "\n".join(_content_text(m["content"]) for m in example.prompt)
+    return prompt + ("\n" + example.answer if example.answer else "")
+
+
 class Corpus(Sequence):
     """A named, lazily converted sequence of examples (a training set or a target domain)."""
 

@@ -315,8 +315,23 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     train = load_corpus(train_data, name="train")
     domains = load_domains(targets)
     demo_corpus = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
-    builder = setup.builder
+    return run_forecast(setup, train, domains, demo_corpus, progress=progress, start=start).forecast
 
+
+@dataclass
+class ForecastRun:
+    """A forecast with the statistics behind it (kept by the callback for re-checks)."""
+
+    forecast: Forecast
+    shift: PairedStats
+    domains: dict[str, Any]
+
+
+def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_corpus: Corpus | None = None,
+                 *, progress: bool = False, start: float | None = None) -> ForecastRun:
+    """The forecast on prepared inputs; returns the statistics too."""
+    start = time.perf_counter() if start is None else start
+    model, config, builder = setup.model, setup.config, setup.builder
     plan = plan_inputs(builder, config, train, domains, demo_corpus)
     shift_pairs, shift_tokens, domain_inputs = plan.shift_pairs, plan.shift_tokens, plan.domains
     prepare_seconds = time.perf_counter() - start
@@ -365,7 +380,7 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     timings["total"] = time.perf_counter() - start
     timings["forward_tokens"] = float(forward_tokens)
     base_model = unwrap_model(model)
-    return Forecast(
+    result = Forecast(
         domains=results,
         shifted_latents=latents.tolist(),
         shift_values=values.tolist(),
@@ -385,6 +400,20 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
             "truncated_forward": extractor.capture.truncate,
         },
     )
+    return ForecastRun(forecast=result, shift=shift_stats, domains=domain_stats)
+
+
+def domain_statistics(setup: Setup, domains: dict[str, Corpus]) -> dict[str, Any]:
+    """Base statistics of each domain without a forecast (when the training data has no demonstrations)."""
+    stats = {}
+    extractor = setup.extractor()
+    with inference_mode(setup.model):
+        for name, corpus in domains.items():
+            rng = random.Random(f"{setup.config.seed}:{name}")
+            indices, _ = domain_sequences(corpus, setup.builder, setup.config.domain_tokens, rng)
+            stats[name] = extractor.activations([setup.builder.single(corpus[i]) for i in indices],
+                                                what=f"domain {name!r}")
+    return stats
 
 
 def _progress_bar(total: int, enabled: bool):

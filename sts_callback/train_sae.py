@@ -39,7 +39,7 @@ class CollectedActivations:
     acts: torch.Tensor  # [tokens, d_in] float32
     sequences: int  # texts that contributed at least one token
     texts_seen: int
-    truncated: bool  # stopped early because the buffer was full
+    truncated: bool  # the buffer filled up (later texts, or the end of the last one, were not used)
 
 
 @dataclass
@@ -124,21 +124,11 @@ def collect_activations(model: nn.Module, tokenizer: Any, texts: Iterable[str], 
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), FORWARD_BATCH_SEQUENCES):
+        for input_ids, attention_mask, consumed in _padded_batches(tokenizer, [texts[i] for i in order],
+                                                                   max_length, pad_id):
             if rows >= max_tokens:
                 break
-            batch_texts = [texts[i] for i in order[start:start + FORWARD_BATCH_SEQUENCES]]
-            texts_seen += len(batch_texts)
-            ids = tokenizer(batch_texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-            ids = [seq[:max_length] for seq in ids if len(seq) > 0]
-            if not ids:
-                continue
-            width = max(len(seq) for seq in ids)
-            input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for row, seq in enumerate(ids):
-                input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                attention_mask[row, :len(seq)] = 1
+            texts_seen += consumed
             counted = attention_mask.bool()
             if exclude_special_tokens and special.numel():
                 counted &= ~torch.isin(input_ids, special)
@@ -164,7 +154,29 @@ def collect_activations(model: nn.Module, tokenizer: Any, texts: Iterable[str], 
         raise STSInputError(f"The texts give no {what} tokens to train on: pass longer texts"
                             + (" or set exclude_special_tokens=False." if exclude_special_tokens else "."))
     return CollectedActivations(acts=torch.cat(chunks), sequences=sequences, texts_seen=texts_seen,
-                                truncated=rows >= max_tokens and texts_seen < len(texts))
+                                truncated=rows >= max_tokens)
+
+
+def _padded_batches(tokenizer: Any, texts: list[str], max_length: int,
+                    pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Right-padded (input_ids, attention_mask, texts consumed) batches, in the order of ``texts`` up to
+    a window of a few batches, within which sequences of similar length are grouped to save padding."""
+    window = FORWARD_BATCH_SEQUENCES * 8
+    for start in range(0, len(texts), window):
+        chunk = texts[start:start + window]
+        ids = tokenizer(chunk, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        ids = sorted((list(seq[:max_length]) for seq in ids if len(seq) > 0), key=len, reverse=True)
+        consumed = len(chunk)
+        for first in range(0, len(ids), FORWARD_BATCH_SEQUENCES):
+            group = ids[first:first + FORWARD_BATCH_SEQUENCES]
+            width = len(group[0])
+            input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, seq in enumerate(group):
+                input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                attention_mask[row, :len(seq)] = 1
+            yield input_ids, attention_mask, consumed
+            consumed = 0
 
 
 def _batch_stream(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

@@ -1,0 +1,103 @@
+"""The end-to-end demo: a real model (Gemma 3 270M, offline), an SAE trained once and cached, real text
+domains, a forecast, and (when training is requested) a short fine-tuning run with the callback."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .models import default_cache_dir
+
+DEMO_LAYER = 12  # 2/3 of Gemma 3 270M's 18 layers
+DEMO_SOURCE = "python_code"
+DEMO_TARGETS = ("python_code", "cpp_code", "ml_docs", "math", "python_reference", "legal", "readme_prose",
+                "changelog", "markup")
+SAE_DOMAINS = ("python_code", "cpp_code", "python_reference", "legal", "math", "ml_docs", "readme_prose",
+               "changelog", "nlp_tutorials", "chat_templates", "markup")
+
+
+def demo_sae_path(d_sae: int, k: int, cache_dir: Path | None = None) -> Path:
+    return (cache_dir or default_cache_dir()) / "sae" / f"gemma-3-270m-L{DEMO_LAYER}-w{d_sae}-k{k}"
+
+
+def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens: int = 120_000,
+                    log=print) -> Path:
+    """Train the demo SAE on a mix of the built-in domains once; later runs reuse the cached folder."""
+    from .corpora import load_domain
+    from .train_sae import train_sae
+
+    path = demo_sae_path(d_sae, k)
+    if (path / "cfg.json").exists():
+        log(f"SAE: cached at {path}")
+        return path
+    texts: list[str] = []
+    per_domain = [load_domain(name) for name in SAE_DOMAINS]
+    for i in range(max(len(d) for d in per_domain)):  # interleave so every domain is represented
+        texts.extend(d[i] for d in per_domain if i < len(d))
+    log(f"SAE: training a TopK SAE (width {d_sae}, k={k}) at layer {DEMO_LAYER} on {tokens} tokens of "
+        f"{len(SAE_DOMAINS)} domains (once; cached in {path})")
+    trained = train_sae(model, tokenizer, texts, DEMO_LAYER, d_sae=d_sae, k=k, training_tokens=tokens,
+                        max_length=128, output_dir=path, progress=True)
+    log(f"SAE: fraction of variance unexplained {trained.fvu:.3f}, dead latents {trained.dead_fraction:.1%}, "
+        f"{trained.seconds:.0f} s")
+    return path
+
+
+def run_demo(output_dir: Path = Path("outputs/demo"), quick: bool = False, train_steps: int | None = None,
+             log=print) -> dict:
+    """Run the demo and return a summary dict (also written to ``output_dir/demo_summary.json``)."""
+    from .config import STSConfig
+    from .corpora import load_domain
+    from .forecast import forecast
+    from .models import load_gemma3_270m
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"quick": quick}
+    t0 = time.perf_counter()
+    log("== sts-callback demo: Gemma 3 270M (offline), real text domains ==")
+    model, tokenizer = load_gemma3_270m()
+    summary["model_seconds"] = round(time.perf_counter() - t0, 1)
+    log(f"model: Gemma 3 270M loaded in {summary['model_seconds']} s")
+
+    t0 = time.perf_counter()
+    sae_path = ensure_demo_sae(model, tokenizer, tokens=60_000 if quick else 120_000, log=log)
+    summary["sae_seconds"] = round(time.perf_counter() - t0, 1)
+    summary["sae"] = str(sae_path)
+
+    # The "training set": half of the Python code domain; its other half is a target (a sanity check:
+    # the domain a model is trained on should be among the most affected).
+    source = load_domain(DEMO_SOURCE)
+    train_texts = source[0::2]
+    targets = {name: (source[1::2] if name == DEMO_SOURCE else load_domain(name)) for name in DEMO_TARGETS}
+    config = STSConfig(
+        n_shifted=100,
+        shift_tokens=2_000 if quick else 6_000,
+        domain_tokens=1_000 if quick else 3_000,
+        n_domain_demonstrations=3,
+        max_query_tokens=128,
+        max_demonstration_tokens=128,
+        batch_size=8,
+    )
+    log(f"forecast: training on {DEMO_SOURCE!r} ({len(train_texts)} texts); {len(targets)} target domains; "
+        f"{config.shift_tokens} shift tokens, {config.domain_tokens} tokens per domain")
+    result = forecast(model, tokenizer, sae_path, train_texts, targets, config, progress=True)
+    log("")
+    log(result.table())
+    path = result.save(output_dir / "forecast.json")
+    summary["forecast_seconds"] = round(result.timings["total"], 1)
+    summary["forecast_tokens_per_second"] = round(result.tokens_per_second, 1)
+    summary["forecast_ranking"] = result.ranked()
+    log(f"\nforecast: {result.timings['total']:.0f} s, {result.tokens_per_second:.0f} tokens/s through layer "
+        f"{DEMO_LAYER} + SAE; written to {path}")
+
+    try:
+        from .training_demo import run_training_demo
+    except ImportError:
+        run_training_demo = None
+    if run_training_demo is not None:
+        summary["training"] = run_training_demo(model, tokenizer, sae_path, train_texts, targets, output_dir,
+                                                quick=quick, steps=train_steps, log=log)
+    (output_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

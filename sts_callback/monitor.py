@@ -1,0 +1,231 @@
+"""Re-checks with the real weights: the actual shift (base vs current), domains re-scored on it, and the
+held-out language-model loss of each domain. Independent of any Trainer; the callback decides when.
+
+The base of a full fine-tune is the residual stream of the probe tokens, captured once at train start and
+kept (a few MB: probe tokens x hidden size), so no second copy of the model is needed. With PEFT the base
+is the same model with its adapters disabled.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import score
+from .capture import unwrap_model
+from .data import Corpus, sample_within_budget
+from .extract import ConditionStats, Extractor, PairedStats, _batches
+from .forecast import Setup, inference_mode
+from .stats import ActivationStats, ShiftStats
+
+Sequence_ = tuple[list[int], list[bool]]
+
+
+def peft_model_of(model: nn.Module) -> nn.Module | None:
+    """The PeftModel inside DDP / DeepSpeed wrappers, if the model has adapters."""
+    current = model
+    for _ in range(5):
+        if hasattr(current, "disable_adapter") and hasattr(current, "get_base_model"):
+            return current
+        current = getattr(current, "module", None)
+        if current is None:
+            return None
+    return None
+
+
+@dataclass
+class DomainBase:
+    """A target domain's statistics under the base model (from the forecast or the train-start pass)."""
+
+    latents: ActivationStats
+    latent_shift: ShiftStats | None = None  # in-context shift with the domain's own demonstrations
+
+
+@dataclass
+class Monitor:
+    """What re-checks need, prepared once at train start.
+
+    Args:
+        setup: model-independent forecast setup (SAE, layer, prompt builder, config).
+        probe: token sequences of the training probe (ids, counted flags).
+        domains: base statistics of each target domain.
+        loss_sets: held-out sequences of each domain for the loss measurement.
+    """
+
+    setup: Setup
+    probe: list[Sequence_]
+    domains: dict[str, DomainBase]
+    loss_sets: dict[str, list[Sequence_]]
+    base_residuals: torch.Tensor | None = None
+    base_losses: dict[str, float] = field(default_factory=dict)
+    loss_batch_size: int = 4
+
+    # -------------------------------------------------------------- building
+    @staticmethod
+    def sample_sequences(corpus: Corpus, setup: Setup, budget: int, seed: str) -> tuple[list[Sequence_], int]:
+        indices, tokens = sample_within_budget(corpus, setup.builder, budget, random.Random(seed))
+        return [setup.builder.single(corpus[i]) for i in indices], tokens
+
+    def _extractor(self, model: nn.Module) -> Extractor:
+        extractor = self.setup.extractor()
+        extractor.model = model
+        extractor.capture.model = model
+        return extractor
+
+    def probe_residuals(self, model: nn.Module) -> torch.Tensor:
+        """Residual rows at the probe's counted tokens, in a fixed order (float32, on CPU)."""
+        extractor = self._extractor(model)
+        rows = []
+        lengths = [len(ids) for ids, _ in self.probe]
+        order = []
+        with inference_mode(model):
+            for batch in _batches(lengths, self.setup.config.batch_size):
+                resid = extractor._forward([self.probe[i][0] for i in batch])
+                part = extractor._rows(resid, [lengths[i] for i in batch], [len(self.probe[i][1]) for i in batch],
+                                       [self.probe[i][1] for i in batch])
+                extractor._check_finite(part, "the training probe")
+                rows.append(part.float().cpu())
+                order.extend(batch)
+        return torch.cat(rows) if rows else torch.zeros(0, self.setup.sae.d_in)
+
+    def capture_base(self, model: nn.Module) -> None:
+        """Full fine-tune: keep the probe's base residuals. With PEFT nothing is kept (adapters are disabled later)."""
+        if peft_model_of(model) is None:
+            self.base_residuals = self.probe_residuals(model)
+
+    def measure_losses(self, model: nn.Module, autocast=None) -> dict[str, float]:
+        """Mean token NLL of each domain's held-out texts (special tokens and padding excluded)."""
+        losses = {}
+        device = next(iter(model.parameters())).device
+        tokenizer = self.setup.builder.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        with inference_mode(model), (autocast or nullcontext()):
+            for name, sequences in self.loss_sets.items():
+                total, count = 0.0, 0
+                lengths = [len(ids) for ids, _ in sequences]
+                for batch in _batches(lengths, self.loss_batch_size):
+                    longest = max(lengths[i] for i in batch)
+                    ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+                    mask = torch.zeros_like(ids)
+                    counted = torch.zeros((len(batch), longest), dtype=torch.bool)
+                    for row, i in enumerate(batch):
+                        seq, flags = sequences[i]
+                        ids[row, : len(seq)] = torch.tensor(seq)
+                        mask[row, : len(seq)] = 1
+                        counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags)
+                    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+                    targets = ids[:, 1:].to(device)
+                    keep = counted[:, 1:].to(device)
+                    nll = torch.nn.functional.cross_entropy(
+                        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+                    ).reshape(targets.shape)
+                    total += float(nll[keep].double().sum())
+                    count += int(keep.sum())
+                    del logits, nll
+                losses[name] = total / max(count, 1)
+        return losses
+
+    # -------------------------------------------------------------- re-check
+    def actual_shift(self, model: nn.Module, autocast=None) -> ShiftStats:
+        """Per-latent E[(h_current - h_base)^2] at the probe tokens."""
+        with autocast or nullcontext():
+            current = self.probe_residuals(model)
+            peft = peft_model_of(model)
+            if peft is not None:
+                with peft.disable_adapter():
+                    base = self.probe_residuals(model)
+            elif self.base_residuals is not None:
+                base = self.base_residuals
+            else:
+                raise RuntimeError("No base residuals: call capture_base(model) at train start.")
+        shift = ShiftStats(self.setup.sae.d_sae)
+        device = self.setup.sae.module.W_enc.device if hasattr(self.setup.sae.module, "W_enc") else "cpu"
+        with torch.no_grad():
+            for b, c in zip(base.split(2048), current.split(2048)):
+                shift.update(self.setup.sae.encode(b.to(device)).float().cpu(),
+                             self.setup.sae.encode(c.to(device)).float().cpu())
+        return shift
+
+    def recheck(self, model: nn.Module, forecast_latents: list[int] | None, autocast=None) -> dict[str, Any]:
+        """The actual shift, the domains re-scored on it, and the held-out losses vs train start."""
+        start = time.perf_counter()
+        config = self.setup.config
+        shift = self.actual_shift(model, autocast)
+        latents, values = score.shifted_latents(shift, config.n_shifted)
+        scores = {}
+        for name, base in self.domains.items():
+            entry = {"sts_act": score.sts_act(base.latents, latents), "sts_sq": score.sts_sq(base.latents, latents)}
+            if base.latent_shift is not None:
+                entry["sts_icl"] = score.sts_icl(base.latent_shift, latents)
+            scores[name] = entry
+        losses = self.measure_losses(model, autocast)
+        loss_delta = {name: (losses[name] - self.base_losses[name]) / self.base_losses[name]
+                      if self.base_losses.get(name) else None for name in losses}
+        record = {
+            "shift_total": float(shift.mean_shift().sum()),
+            "shifted_latents": latents.tolist(),
+            "shift_values": [float(v) for v in values],
+            "overlap_with_forecast": score.overlap(latents, forecast_latents) if forecast_latents else None,
+            "scores": scores,
+            "loss": losses,
+            "loss_delta": loss_delta,
+            "probe_tokens": shift.tokens,
+            "seconds": time.perf_counter() - start,
+        }
+        return record
+
+    # -------------------------------------------------------------- persistence
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.base_residuals is not None:
+            out["probe/base_residuals"] = self.base_residuals.contiguous()
+        for name, base in self.domains.items():
+            for key, value in base.latents.state_dict().items():
+                out[f"domain/{name}/latents/{key}"] = value
+            if base.latent_shift is not None:
+                for key, value in base.latent_shift.state_dict().items():
+                    out[f"domain/{name}/latent_shift/{key}"] = value
+        return out
+
+    def save(self, path: Path) -> Path:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(self.tensors(), str(tmp), metadata={"format": "sts-monitor/1"})
+        tmp.replace(path)
+        return path
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        self.base_residuals = tensors.get("probe/base_residuals")
+        for name in self.domains:
+            latent_state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items()
+                            if k.startswith(f"domain/{name}/latents/")}
+            shift_state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items()
+                           if k.startswith(f"domain/{name}/latent_shift/")}
+            if latent_state:
+                self.domains[name].latents = ActivationStats.from_state_dict(latent_state)
+            if shift_state:
+                self.domains[name].latent_shift = ShiftStats.from_state_dict(shift_state)
+
+
+def domain_bases_from(stats: dict[str, ConditionStats | PairedStats]) -> dict[str, DomainBase]:
+    return {name: DomainBase(latents=s.latents, latent_shift=getattr(s, "latent_shift", None))
+            for name, s in stats.items()}
+
+
+def is_peft(model: nn.Module) -> bool:
+    return peft_model_of(model) is not None
+
+
+__all__ = ["DomainBase", "Monitor", "domain_bases_from", "is_peft", "peft_model_of", "unwrap_model"]
