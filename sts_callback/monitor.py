@@ -101,12 +101,15 @@ class Monitor:
             self.base_residuals = self.probe_residuals(model)
 
     def measure_losses(self, model: nn.Module, autocast=None) -> dict[str, float]:
-        """Mean token NLL of each domain's held-out texts (special tokens and padding excluded)."""
+        """Mean token NLL of each domain's held-out texts (special tokens and padding excluded).
+
+        ``autocast``: a factory of the trainer's autocast context (called once per use).
+        """
         losses = {}
         device = next(iter(model.parameters())).device
         tokenizer = self.setup.builder.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        with inference_mode(model), (autocast or nullcontext()):
+        with inference_mode(model), (autocast() if autocast else nullcontext()):
             for name, sequences in self.loss_sets.items():
                 total, count = 0.0, 0
                 lengths = [len(ids) for ids, _ in sequences]
@@ -135,7 +138,7 @@ class Monitor:
     # -------------------------------------------------------------- re-check
     def actual_shift(self, model: nn.Module, autocast=None) -> ShiftStats:
         """Per-latent E[(h_current - h_base)^2] at the probe tokens."""
-        with autocast or nullcontext():
+        with autocast() if autocast else nullcontext():
             current = self.probe_residuals(model)
             peft = peft_model_of(model)
             if peft is not None:

@@ -1,0 +1,407 @@
+"""``STSCallback``: the forecast at train start, re-checks at checkpoints, warnings and early stop.
+
+Thin glue: the library (forecast, monitor) does the work; the callback decides when, and where results
+go (console table, ``trainer.log`` metrics, ``<output_dir>/sts/``, the checkpoint's state).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import traceback
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .config import STSConfig
+from .data import Corpus, load_corpus, load_domains
+from .errors import STSConfigError, STSInputError
+from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
+from .monitor import DomainBase, Monitor, domain_bases_from
+from .stats import ActivationStats
+from .training_data import corpus_from_training_dataset
+
+logger = logging.getLogger("sts_callback")
+
+FORECAST_FILE = "forecast.json"
+HISTORY_FILE = "history.jsonl"
+MONITOR_FILE = "monitor.safetensors"
+
+
+class STSNegativeTransferWarning(UserWarning):
+    """A protected domain is forecast or measured to be harmed."""
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+class STSCallback(TrainerCallback, ExportableState):
+    """Forecast and monitor the side effects of post-training on other domains.
+
+    Add it to any ``transformers.Trainer`` or TRL trainer: ``callbacks=[STSCallback(sae=..., target_domains=...)]``.
+
+    Args:
+        sae: sae-lens folder, ``{"release": ..., "sae_id": ...}``, ``"release::sae_id"``, or an SAE object.
+        target_domains: dict name -> JSONL path / registered domain name / list of texts, or a list of names.
+        protected: names of target domains that must not be harmed.
+        train_probe: data whose shift is forecast and re-checked; default: the trainer's train dataset.
+        demonstrations: in-context demonstrations when the training data has no answers (GRPO prompts).
+        config: :class:`STSConfig` fields for the forecast (dict or STSConfig).
+        recheck_steps: re-check every this many steps; default: at every checkpoint save.
+        recheck_tokens: probe tokens for the actual shift in a re-check.
+        loss_tokens: held-out tokens per domain for the loss measurement.
+        forecast_top_k: warn when the forecast ranks a protected domain among the ``k`` most affected.
+        tolerance: warn when a protected domain's held-out loss rises by more than this fraction.
+        max_sts: warn when a protected domain's re-checked score exceeds this value (``None``: off).
+        early_stop: stop training after ``patience`` consecutive re-checks with a violation.
+        patience: see ``early_stop``.
+        strict: re-raise exceptions inside re-checks instead of warning and going on.
+        recheck_at_end: re-check at the end of training when the last step was not re-checked.
+        output_subdir: folder under ``args.output_dir`` for forecast, history and monitor state.
+    """
+
+    def __init__(self, sae: Any, target_domains: Any, protected: list[str] | tuple[str, ...] = (),
+                 train_probe: Any = None, demonstrations: Any = None, config: dict | STSConfig | None = None,
+                 recheck_steps: int | None = None, recheck_tokens: int = 2048, loss_tokens: int = 1024,
+                 forecast_top_k: int = 1, tolerance: float = 0.05, max_sts: float | None = None,
+                 early_stop: bool = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
+                 output_subdir: str = "sts", _objects_from: list[str] | None = None):
+        if isinstance(config, STSConfig):
+            config = config.to_dict()
+        self.config = STSConfig.from_dict(config)  # validated now, not at train start
+        values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe,
+                      demonstrations=demonstrations)
+        if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
+            live = STSCallback._live_objects
+            missing = [name for name in _objects_from if name not in live]
+            if missing:
+                raise STSConfigError(
+                    f"Resuming needs {missing} again: they were objects, not paths or names. Construct "
+                    "STSCallback with the same objects before trainer.train(resume_from_checkpoint=...)."
+                )
+            values.update({name: live[name] for name in _objects_from})
+        if values["sae"] is None:
+            raise STSConfigError("STSCallback needs sae=: a sae-lens folder, {'release', 'sae_id'}, or an SAE object.")
+        if not isinstance(values["sae"], (str, Path, dict)) and not hasattr(values["sae"], "encode"):
+            raise STSConfigError(f"sae={type(values['sae']).__name__} has no encode(); pass an SAE or its path.")
+        target = values["target_domains"]
+        if target is None or (hasattr(target, "__len__") and len(target) == 0):
+            raise STSConfigError("STSCallback needs target_domains=: a dict name -> data, or a list of names.")
+        names = list(target) if isinstance(target, (dict, list, tuple)) else None
+        if isinstance(target, (list, tuple)):
+            names = [Path(t).stem if isinstance(t, (str, Path)) else None for t in target]
+        protected = list(protected)
+        if names is not None and None not in names:
+            unknown = [p for p in protected if p not in names]
+            if unknown:
+                raise STSConfigError(f"protected={unknown} are not among the target domains {names}; "
+                                     "protect only domains listed in target_domains.")
+        for name, value, low in (("recheck_tokens", recheck_tokens, 1), ("loss_tokens", loss_tokens, 1),
+                                 ("forecast_top_k", forecast_top_k, 0), ("patience", patience, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise STSConfigError(f"STSCallback {name} must be an integer >= {low}, got {value!r}.")
+        if recheck_steps is not None and (not isinstance(recheck_steps, int) or recheck_steps < 1):
+            raise STSConfigError(f"recheck_steps must be None (at every save) or an integer >= 1, got {recheck_steps!r}.")
+        if not isinstance(tolerance, (int, float)) or tolerance < 0:
+            raise STSConfigError(f"tolerance must be a non-negative fraction (0.05 = 5% loss rise), got {tolerance!r}.")
+
+        self.sae, self.target_domains = values["sae"], values["target_domains"]
+        self.train_probe, self.demonstrations = values["train_probe"], values["demonstrations"]
+        self.protected = protected
+        self.recheck_steps, self.recheck_tokens, self.loss_tokens = recheck_steps, recheck_tokens, loss_tokens
+        self.forecast_top_k, self.tolerance, self.max_sts = forecast_top_k, float(tolerance), max_sts
+        self.early_stop, self.patience, self.strict = early_stop, patience, strict
+        self.recheck_at_end, self.output_subdir = recheck_at_end, output_subdir
+
+        objects = {k: v for k, v in values.items() if v is not None and not _json_ok(v)}
+        if objects:
+            STSCallback._live_objects = {**STSCallback._live_objects, **objects}
+        self._export_args = {
+            **{k: (None if k in objects else v) for k, v in values.items()},
+            "protected": protected, "config": self.config.to_dict(), "recheck_steps": recheck_steps,
+            "recheck_tokens": recheck_tokens, "loss_tokens": loss_tokens, "forecast_top_k": forecast_top_k,
+            "tolerance": self.tolerance, "max_sts": max_sts, "early_stop": early_stop, "patience": patience,
+            "strict": strict, "recheck_at_end": recheck_at_end, "output_subdir": output_subdir,
+            "_objects_from": sorted(objects) or None,
+        }
+        # Restored from the checkpoint's trainer_state.json on resume (see state()).
+        self.history: list[dict[str, Any]] = []
+        self.violations_in_a_row = 0
+        self.warned: list[str] = []
+        self.stop_reason: str | None = None
+        self.base_losses: dict[str, float] = {}
+        # Runtime only.
+        self.forecast: Forecast | None = None
+        self.monitor: Monitor | None = None
+        self.latest_metrics: dict[str, float] = {}
+        self._trainer = None
+        self._ready = False
+
+    _live_objects: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ exported state
+    def state(self) -> dict:
+        return {
+            "args": self._export_args,
+            "attributes": {
+                "history": self.history, "violations_in_a_row": self.violations_in_a_row,
+                "warned": self.warned, "stop_reason": self.stop_reason, "base_losses": self.base_losses,
+            },
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def _out(self, args) -> Path:
+        return Path(args.output_dir) / self.output_subdir
+
+    @staticmethod
+    def _find_trainer(callback: "STSCallback"):
+        """The Trainer running this callback (callbacks are not handed it): found on the call stack."""
+        from transformers import Trainer
+
+        frame = inspect.currentframe()
+        for _ in range(12):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                break
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
+                return candidate
+        return None
+
+    def _autocast(self):
+        """A factory of the trainer's autocast context (a context manager can be entered only once)."""
+        accelerator = getattr(self._trainer, "accelerator", None)
+        return accelerator.autocast if accelerator is not None else nullcontext
+
+    def _log(self, metrics: dict[str, float], control) -> None:
+        """Log through the trainer (W&B / TensorBoard / log_history) without cancelling its own loss log."""
+        self.latest_metrics.update(metrics)
+        if self._trainer is None or not metrics:
+            return
+        from transformers import Trainer
+
+        should_log = control.should_log
+        # The base method: TRL's overrides would flush their running metrics early.
+        Trainer.log(self._trainer, dict(metrics))
+        control.should_log = should_log
+
+    def _warn(self, key: str, message: str, state) -> None:
+        if key in self.warned:
+            return
+        self.warned.append(key)
+        if state.is_world_process_zero:
+            warnings.warn(message, STSNegativeTransferWarning, stacklevel=2)
+            logger.warning(message)
+
+    def _append_history(self, args, state, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if state.is_world_process_zero:
+            path = self._out(args) / HISTORY_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ train start
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
+                       **kwargs):
+        self._trainer = self._find_trainer(self)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer is None:
+            raise STSInputError("STSCallback needs the trainer's processing_class (tokenizer); pass "
+                                "processing_class=tokenizer to the trainer.")
+        self.setup = Setup.create(model, tokenizer, self.sae, self.config)
+        domains = load_domains(self.target_domains)
+        unknown = [p for p in self.protected if p not in domains]
+        if unknown:
+            raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
+        probe = self._probe_corpus(train_dataloader, tokenizer)
+        demos = load_corpus(self.demonstrations, name="demonstrations") if self.demonstrations is not None else None
+        loss_sets = {}
+        for name, corpus in domains.items():
+            sequences, _ = Monitor.sample_sequences(corpus, self.setup, self.loss_tokens,
+                                                    seed=f"{self.config.seed}:heldout:{name}")
+            loss_sets[name] = sequences
+        probe_sequences, _ = Monitor.sample_sequences(probe, self.setup, self.recheck_tokens,
+                                                      seed=f"{self.config.seed}:probe")
+        resumed = state.global_step > 0
+        self.monitor = Monitor(setup=self.setup, probe=probe_sequences, domains={}, loss_sets=loss_sets)
+        if resumed:
+            self._resume(args, state, domains)
+        else:
+            self._start(args, state, control, model, probe, domains, demos)
+        self._ready = True
+
+    def _probe_corpus(self, train_dataloader, tokenizer) -> Corpus:
+        if self.train_probe is not None:
+            return load_corpus(self.train_probe, name="train_probe")
+        dataset = getattr(self._trainer, "train_dataset", None)
+        if dataset is None and train_dataloader is not None:
+            dataset = getattr(train_dataloader, "dataset", None)
+        if dataset is None:
+            raise STSInputError("No training data found for the forecast: pass train_probe= to STSCallback.")
+        return corpus_from_training_dataset(dataset, tokenizer)
+
+    def _start(self, args, state, control, model, probe: Corpus, domains: dict[str, Corpus], demos) -> None:
+        out = self._out(args)
+        has_answers = demos is not None or any(probe[i].can_demonstrate for i in range(min(len(probe), 64)))
+        if has_answers:
+            run = run_forecast(self.setup, probe, domains, demos, progress=False)
+            self.forecast = run.forecast
+            self.monitor.domains = domain_bases_from(run.domains)
+            if state.is_world_process_zero:
+                self.forecast.save(out / FORECAST_FILE)
+                print(self.forecast.table())
+            self._log({f"sts/forecast/{name}": value for name, value in self.forecast.ranked()}, control)
+            ranked = [name for name, _ in self.forecast.ranked()]
+            for name in self.protected:
+                rank = ranked.index(name) + 1
+                if rank <= self.forecast_top_k:
+                    self._warn(f"forecast:{name}", f"STS forecast: protected domain {name!r} ranks {rank} of "
+                               f"{len(ranked)} among the domains most affected by this training "
+                               f"({self.forecast.ranking}={self.forecast.score(name):.4g}).", state)
+        else:
+            if state.is_world_process_zero:
+                print("STS forecast skipped: the training data has no answers to use as in-context demonstrations "
+                      "(prompt-only data); pass demonstrations=[...] to forecast. Re-checks still run.")
+            with inference_mode(model):
+                self.monitor.domains = domain_bases_from(domain_statistics(self.setup, domains))
+        self.monitor.capture_base(model)
+        self.base_losses = self.monitor.measure_losses(model, self._autocast())
+        self.monitor.base_losses = dict(self.base_losses)
+        if state.is_world_process_zero:
+            self.monitor.save(out / MONITOR_FILE)
+            (out / HISTORY_FILE).unlink(missing_ok=True)
+
+    def _resume(self, args, state, domains) -> None:
+        out = self._out(args)
+        if (out / FORECAST_FILE).exists():
+            self.forecast = Forecast.load(out / FORECAST_FILE)
+        checkpoint_state = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.output_subdir / MONITOR_FILE
+        path = checkpoint_state if checkpoint_state.exists() else out / MONITOR_FILE
+        if not path.exists():
+            raise STSInputError(f"Resuming: no STS monitor state at {checkpoint_state} or {out / MONITOR_FILE}; "
+                                "the base statistics are lost (start a new run, or delete the checkpoint's STS state).")
+        self.monitor.domains = {name: DomainBase(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
+        self.monitor.load(path)
+        self.monitor.base_losses = dict(self.base_losses)
+        # Re-checks after the checkpoint are replayed by the resumed run: drop them so none is duplicated.
+        self.history = [r for r in self.history if r.get("step", 0) <= state.global_step]
+        if state.is_world_process_zero:
+            history_path = out / HISTORY_FILE
+            history_path.parent.mkdir(parents=True, exist_ok=True)
+            history_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            print(f"STS: resumed at step {state.global_step}; forecast read back from {out / FORECAST_FILE}.")
+
+    # ------------------------------------------------------------------ during training
+    def _recheck_due(self, args, state, control) -> bool:
+        if self.recheck_steps is not None:
+            return state.global_step % self.recheck_steps == 0
+        return bool(control.should_save)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._ready and self._recheck_due(args, state, control):
+            self.run_recheck(args, state, control, model)
+
+    def run_recheck(self, args, state, control, model) -> dict[str, Any] | None:
+        """One re-check now; failures are warned about and recorded unless ``strict``."""
+        if any(r.get("step") == state.global_step for r in self.history):
+            return None
+        try:
+            result = self.monitor.recheck(model, self.forecast.shifted_latents if self.forecast else None,
+                                          self._autocast())
+        except Exception as err:  # noqa: BLE001 - a monitoring failure must not kill a long run
+            model.train()
+            if self.strict:
+                raise
+            trace = traceback.format_exc()
+            message = f"STS re-check at step {state.global_step} failed and was skipped ({type(err).__name__}: {err})"
+            if state.is_world_process_zero:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                logger.warning("%s\n%s", message, trace)
+            self._append_history(args, state, {"step": state.global_step, "error": f"{type(err).__name__}: {err}",
+                                               "traceback": trace})
+            return None
+        record = {"step": state.global_step, **result}
+        violations = self._violations(result)
+        record["violations"] = violations
+        self.violations_in_a_row = self.violations_in_a_row + 1 if violations else 0
+        if violations:
+            for violation in violations:
+                self._warn(f"step{state.global_step}:{violation}", f"STS re-check at step {state.global_step}: "
+                           f"{violation}", state)
+            if self.early_stop and self.violations_in_a_row >= self.patience:
+                self.stop_reason = (f"early stop at step {state.global_step} after {self.violations_in_a_row} "
+                                    f"consecutive re-check(s) with negative transfer: {'; '.join(violations)}")
+                record["early_stop"] = self.stop_reason
+                control.should_training_stop = True
+                if state.is_world_process_zero:
+                    logger.warning(self.stop_reason)
+                    print(f"STS: {self.stop_reason}")
+        self._append_history(args, state, record)
+        metrics = {}
+        variant = self.config.ranking if self.config.compute_icl else "sts_act"
+        for name, scores in result["scores"].items():
+            value = scores.get(variant, scores["sts_act"])
+            metrics[f"sts/recheck/{name}"] = value
+        for name, delta in result["loss_delta"].items():
+            if delta is not None:
+                metrics[f"sts/loss_delta/{name}"] = delta
+        if result["overlap_with_forecast"] is not None:
+            metrics["sts/recheck/overlap_with_forecast"] = result["overlap_with_forecast"]
+        metrics["sts/recheck/seconds"] = result["seconds"]
+        self._log(metrics, control)
+        return record
+
+    def _violations(self, result: dict[str, Any]) -> list[str]:
+        found = []
+        for name in self.protected:
+            delta = result["loss_delta"].get(name)
+            if delta is not None and delta > self.tolerance:
+                found.append(f"held-out loss of protected domain {name!r} rose by {delta:.1%} "
+                             f"(tolerance {self.tolerance:.1%})")
+            if self.max_sts is not None:
+                scores = result["scores"][name]
+                value = scores.get(self.config.ranking, scores["sts_act"])
+                if value > self.max_sts:
+                    found.append(f"re-checked STS of protected domain {name!r} is {value:.4g} > max_sts={self.max_sts}")
+        return found
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self._ready or not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            self.monitor.save(checkpoint / self.output_subdir / MONITOR_FILE)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Expose the latest measurements as ``eval_sts_*`` for EarlyStoppingCallback / metric_for_best_model."""
+        if metrics is None or not self.history:
+            return
+        last = next((r for r in reversed(self.history) if "error" not in r), None)
+        if last is None:
+            return
+        worst = None
+        for name, delta in last["loss_delta"].items():
+            if delta is None:
+                continue
+            metrics[f"eval_sts_loss_delta_{name}"] = delta
+            if name in self.protected:
+                worst = delta if worst is None else max(worst, delta)
+        if worst is not None:
+            metrics["eval_sts_protected_loss_delta"] = worst
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self._ready:
+            return
+        if self.recheck_at_end and not any(r.get("step") == state.global_step for r in self.history):
+            self.run_recheck(args, state, control, model)

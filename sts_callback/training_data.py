@@ -1,0 +1,63 @@
+"""Reading a trainer's own train dataset back as examples, in the shapes TRL leaves it in.
+
+Raw columns (``text``, ``messages``, ``prompt``/``completion``, ``prompt``/``chosen``/``rejected``) are used
+as they are. Tokenized datasets are decoded: ``input_ids`` (+ ``completion_mask`` / ``assistant_masks`` to
+split prompt from answer), DPO's ``prompt_ids`` / ``chosen_ids``. Decoded text keeps chat-template markers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .data import Corpus, Example, load_corpus
+from .errors import STSInputError
+
+RAW_COLUMNS = {"text", "messages", "prompt"}
+
+
+class DecodedCorpus(Corpus):
+    """Examples decoded lazily from token ids."""
+
+    def __init__(self, name: str, dataset: Sequence[Any], tokenizer, prompt_key: str | None, answer_key: str | None,
+                 mask_key: str | None):
+        super().__init__(name, dataset)
+        self.tokenizer = tokenizer
+        self.prompt_key, self.answer_key, self.mask_key = prompt_key, answer_key, mask_key
+        self._strip = {i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None}
+
+    def _decode(self, ids) -> str:
+        ids = list(ids)
+        while ids and ids[0] in self._strip:  # the prompt builder adds BOS itself
+            ids = ids[1:]
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.decode([i for i in ids if i != pad], skip_special_tokens=False)
+
+    def __getitem__(self, index: int) -> Example:  # type: ignore[override]
+        row = self._items[index]
+        if self.answer_key is not None:
+            return Example(prompt=self._decode(row[self.prompt_key]), answer=self._decode(row[self.answer_key]))
+        ids = list(row["input_ids"])
+        if self.mask_key is not None and self.mask_key in row:
+            mask = list(row[self.mask_key])
+            if any(mask):
+                first = mask.index(1)
+                return Example(prompt=self._decode(ids[:first]), answer=self._decode(ids[first:]))
+        return Example(prompt=self._decode(ids), plain_text=True)
+
+
+def corpus_from_training_dataset(dataset: Any, tokenizer) -> Corpus:
+    columns = set(getattr(dataset, "column_names", None) or (dataset[0].keys() if len(dataset) else []))
+    if columns & RAW_COLUMNS:
+        return load_corpus(dataset, name="train")
+    if {"prompt_ids", "chosen_ids"} <= columns:
+        return DecodedCorpus("train", dataset, tokenizer, "prompt_ids", "chosen_ids", None)
+    if {"prompt_ids", "completion_ids"} <= columns:
+        return DecodedCorpus("train", dataset, tokenizer, "prompt_ids", "completion_ids", None)
+    if "input_ids" in columns:
+        mask_key = next((k for k in ("completion_mask", "assistant_masks") if k in columns), None)
+        return DecodedCorpus("train", dataset, tokenizer, None, None, mask_key)
+    raise STSInputError(
+        f"Cannot read the trainer's train dataset (columns {sorted(columns)}); pass train_probe= to STSCallback "
+        "with texts or records of the training data."
+    )

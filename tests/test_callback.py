@@ -1,0 +1,285 @@
+"""STSCallback on real Trainer runs with tiny models."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+from sts_callback import STSConfigError
+from sts_callback.callback import STSCallback, STSNegativeTransferWarning
+
+DOMAINS = ("law", "food", "chem")
+FAST = dict(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def tokenized(tokenizer, texts):
+    return Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+
+
+def make_callback(**overrides):
+    values = dict(sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"),
+                  target_domains={d: domain_texts(d, 30) for d in DOMAINS}, config=FAST,
+                  recheck_tokens=150, loss_tokens=120)
+    values.update(overrides)
+    return STSCallback(**values)
+
+
+def make_trainer(tmp_path, tokenizer, callback, model=None, texts=None, extra_callbacks=(), eval_texts=None,
+                 **arg_overrides):
+    args = dict(output_dir=str(tmp_path / "run"), max_steps=6, save_steps=2, logging_steps=1, use_cpu=True,
+                report_to=[], per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="steps")
+    args.update(arg_overrides)
+    return Trainer(model=model if model is not None else make_model("llama"), args=TrainingArguments(**args),
+                   train_dataset=tokenized(tokenizer, texts or domain_texts("law", 64)),
+                   eval_dataset=tokenized(tokenizer, eval_texts) if eval_texts else None,
+                   data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+                   callbacks=[callback, *extra_callbacks])
+
+
+class Spy(TrainerCallback):
+    """Records what exists when training steps happen."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.at_first_step = None
+        self.step0 = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.callback.monitor is not None and state.global_step == 0:
+            self.step0.append(self.callback.monitor.recheck(model, None))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.at_first_step is None:
+            self.at_first_step = {
+                "forecast_file": (Path(args.output_dir) / "sts" / "forecast.json").exists(),
+                "logged": [k for entry in state.log_history for k in entry if k.startswith("sts/forecast/")],
+            }
+
+
+def test_trainer_forecast_rechecks_and_own_loss_logging(tmp_path, tokenizer):
+    callback = make_callback()
+    spy = Spy(callback)
+    trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[spy])
+    trainer.train()
+    out = tmp_path / "run"
+    assert spy.at_first_step["forecast_file"]
+    assert sorted(spy.at_first_step["logged"]) == sorted(f"sts/forecast/{d}" for d in DOMAINS)
+    forecast = json.loads((out / "sts" / "forecast.json").read_text())
+    assert set(forecast["domains"]) == set(DOMAINS)
+    history = [json.loads(line) for line in (out / "sts" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [2, 4, 6]
+    for record in history:
+        assert set(record["loss_delta"]) == set(DOMAINS) and record["shift_total"] > 0
+        assert 0 <= record["overlap_with_forecast"] <= 8
+    losses = [e["step"] for e in trainer.state.log_history if "loss" in e]
+    assert losses == [1, 2, 3, 4, 5, 6]  # the trainer's own loss log survives the re-check logs
+    rechecks = [e["step"] for e in trainer.state.log_history if "sts/recheck/law" in e]
+    assert rechecks == [2, 4, 6]
+    assert any(k.startswith("sts/loss_delta/") for e in trainer.state.log_history for k in e)
+    for step in (2, 4, 6):
+        saved = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        stored = saved["stateful_callbacks"]["STSCallback"]
+        assert [r["step"] for r in stored["attributes"]["history"]] == [s for s in (2, 4, 6) if s <= step]
+        assert (out / f"checkpoint-{step}" / "sts" / "monitor.safetensors").exists()
+    # full fine-tune: base vs current is exactly zero at step 0
+    assert spy.step0[0]["shift_total"] == 0.0
+    assert all(abs(d) < 1e-12 for d in spy.step0[0]["loss_delta"].values())
+
+
+def test_peft_base_is_the_model_with_adapters_disabled(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    callback = make_callback()
+    spy = Spy(callback)
+    trainer = make_trainer(tmp_path, tokenizer, callback, model=model, extra_callbacks=[spy], learning_rate=5e-2)
+    trainer.train()
+    assert callback.monitor.base_residuals is None  # nothing stored: adapters are disabled instead
+    assert spy.step0[0]["shift_total"] == 0.0
+    assert callback.history[-1]["shift_total"] > 0
+    # after the re-checks, adapters are active again: the adapted model differs from the base
+    ids = torch.tensor([[1, 20, 21, 22]])
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base)
+
+
+def pretrained_tiny_model(tokenizer, steps=150):
+    """A tiny model trained on all domains, so that fine-tuning on one domain makes it forget the others."""
+    model = make_model("llama", seed=3)
+    texts = [t for d in ("law", "food", "chem", "code", "sport") for t in domain_texts(d, 40, seed=5)]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(steps):
+        index = torch.randint(0, len(texts), (32,))
+        loss = model(input_ids=batch["input_ids"][index], attention_mask=batch["attention_mask"][index],
+                     labels=labels[index]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def test_degradation_of_protected_domain_warns_and_stops(tmp_path, tokenizer):
+    model = pretrained_tiny_model(tokenizer)
+    callback = make_callback(protected=["food"], tolerance=0.02, early_stop=True, patience=2)
+    trainer = make_trainer(tmp_path, tokenizer, callback, model=model, texts=domain_texts("law", 64, seed=8),
+                           learning_rate=3e-2, max_steps=12, save_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    history = callback.history
+    assert history[0]["loss_delta"]["food"] > 0.02  # the injected degradation is real
+    assert any(issubclass(w.category, STSNegativeTransferWarning) and "'food'" in str(w.message) for w in caught)
+    assert trainer.state.global_step == 4  # stopped at the second consecutive violation
+    assert "early stop at step 4" in history[-1]["early_stop"] and "'food'" in history[-1]["early_stop"]
+    assert callback.stop_reason == history[-1]["early_stop"]
+    written = [json.loads(line) for line in (tmp_path / "run" / "sts" / "history.jsonl").read_text().splitlines()]
+    assert written[-1]["early_stop"] == callback.stop_reason
+
+
+def test_measured_metrics_reach_evaluate_for_early_stopping(tmp_path, tokenizer):
+    from transformers import EarlyStoppingCallback
+
+    callback = make_callback(protected=["food"])
+    trainer = make_trainer(tmp_path, tokenizer, callback, eval_strategy="steps", eval_steps=2,
+                           metric_for_best_model="eval_sts_protected_loss_delta", greater_is_better=False,
+                           load_best_model_at_end=True, extra_callbacks=[EarlyStoppingCallback(3)],
+                           eval_texts=domain_texts("law", 8, seed=4))
+    trainer.train()
+    evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert evaluations
+    assert trainer.state.best_metric is not None
+    assert trainer.state.best_metric == pytest.approx(min(r["loss_delta"]["food"] for r in callback.history))
+
+
+def test_resume_continues_history_without_recomputing(tmp_path, tokenizer, monkeypatch):
+    first = make_callback()
+    make_trainer(tmp_path, tokenizer, first, max_steps=4, save_steps=2).train()
+    out = tmp_path / "run" / "sts"
+    forecast_before = (out / "forecast.json").read_text()
+    (tmp_path / "run" / "checkpoint-4").rename(tmp_path / "run" / "gone")  # resume from step 2
+
+    import sts_callback.callback as callback_module
+
+    def no_forecast(*args, **kwargs):
+        raise AssertionError("the forecast was recomputed on resume")
+
+    monkeypatch.setattr(callback_module, "run_forecast", no_forecast)
+    second = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, second, max_steps=6, save_steps=2,
+                           restore_callback_states_from_checkpoint=True)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    restored = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, STSCallback))
+    assert [r["step"] for r in restored.history] == [2, 4, 6]
+    written = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert written == [2, 4, 6]
+    assert (out / "forecast.json").read_text() == forecast_before
+    assert restored.forecast is not None and restored.base_losses == first.base_losses
+    assert restored.sae is second.sae  # objects come back from the user's instance
+
+
+class FailingSAE(TinySAE):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail = False
+
+    def encode(self, x):
+        if self.fail:
+            raise torch.OutOfMemoryError("injected: out of memory on a probe batch")
+        return super().encode(x)
+
+
+class Arm(TrainerCallback):
+    def __init__(self, sae):
+        self.sae = sae
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.sae.fail = state.global_step >= 1
+
+
+def test_failure_inside_recheck_does_not_stop_training(tmp_path, tokenizer):
+    sae = FailingSAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    callback = make_callback(sae=sae)
+    trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[Arm(sae)])
+    with pytest.warns(RuntimeWarning, match="re-check at step 2 failed"):
+        trainer.train()
+    assert trainer.state.global_step == 6
+    assert [r["step"] for r in callback.history] == [2, 4, 6]
+    assert all("OutOfMemoryError" in r["error"] and "Traceback" in r["traceback"] for r in callback.history)
+    losses = [e["step"] for e in trainer.state.log_history if "loss" in e]
+    assert losses == [1, 2, 3, 4, 5, 6]
+
+
+def test_strict_mode_reraises(tmp_path, tokenizer):
+    sae = FailingSAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    callback = make_callback(sae=sae, strict=True)
+    trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[Arm(sae)])
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_model_returns_to_train_mode_after_recheck(tmp_path, tokenizer):
+    class Mode(TrainerCallback):
+        modes = []
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.modes.append(model.training)
+
+    model = make_model("llama")
+    model.train()
+    model.gradient_checkpointing_enable()
+    mode = Mode()
+    make_trainer(tmp_path, tokenizer, make_callback(), model=model, extra_callbacks=[mode],
+                 gradient_checkpointing=True).train()
+    assert all(mode.modes) and model.is_gradient_checkpointing
+
+
+def test_construction_errors():
+    sae = TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    with pytest.raises(STSConfigError, match=r"protected=\['math'\] are not among the target domains"):
+        STSCallback(sae=sae, target_domains={"law": ["x"]}, protected=["math"])
+    with pytest.raises(STSConfigError, match="needs target_domains"):
+        STSCallback(sae=sae, target_domains={})
+    with pytest.raises(STSConfigError, match="n_shifted must be"):
+        STSCallback(sae=sae, target_domains={"law": ["x"]}, config={"n_shifted": 0})
+    with pytest.raises(STSConfigError, match="tolerance"):
+        STSCallback(sae=sae, target_domains={"law": ["x"]}, tolerance=-1)
+    with pytest.raises(STSConfigError, match="recheck_steps"):
+        STSCallback(sae=sae, target_domains={"law": ["x"]}, recheck_steps=0)
+
+
+def test_sae_mismatch_fails_before_the_first_step(tmp_path, tokenizer):
+    from sts_callback import STSInputError
+
+    callback = make_callback(sae=TinySAE(48, 64, hook_name="blocks.1.hook_resid_post"))
+    trainer = make_trainer(tmp_path, tokenizer, callback)
+    with pytest.raises(STSInputError, match="d_in=48 does not match"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_exported_args_are_json_and_rebuild(tmp_path):
+    callback = STSCallback(sae=str(tmp_path / "sae"), target_domains=["legal", "math"], protected=["legal"],
+                           config=FAST, recheck_steps=5)
+    state = callback.state()
+    rebuilt = STSCallback(**json.loads(json.dumps(state["args"])))
+    assert rebuilt.state()["args"] == state["args"]
+    assert state["args"]["_objects_from"] is None
