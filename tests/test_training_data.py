@@ -1,0 +1,49 @@
+"""Reading a trainer's train dataset back as examples, raw or tokenized as TRL leaves it."""
+
+import pytest
+from datasets import Dataset
+from tiny import make_tokenizer
+
+from sts_callback import STSInputError
+from sts_callback.data import example_from_record
+from sts_callback.training_data import corpus_from_training_dataset
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def test_raw_trl_shapes():
+    assert example_from_record({"prompt": "p", "chosen": "good", "rejected": "bad"}).answer == "good"
+    assert example_from_record({"prompt": "p", "completion": "c"}).answer == "c"
+    chat = example_from_record({"prompt": [{"role": "user", "content": "q"}],
+                                "chosen": [{"role": "assistant", "content": "a"}], "rejected": []})
+    assert chat.is_chat and chat.answer == "a"
+    grpo = example_from_record({"prompt": "p"})
+    assert not grpo.can_demonstrate
+    text = example_from_record({"text": "t"})
+    assert text.plain_text and text.can_demonstrate
+
+
+def test_tokenized_dpo_columns_use_chosen(tokenizer):
+    ids = lambda s: tokenizer(s)["input_ids"]  # noqa: E731
+    data = Dataset.from_dict({"prompt_ids": [ids("law court")], "chosen_ids": [ids("judge .")[1:]],
+                              "rejected_ids": [ids("cook")[1:]]})
+    example = corpus_from_training_dataset(data, tokenizer)[0]
+    assert example.prompt == "law court" and example.answer == "judge ."
+
+
+def test_tokenized_sft_with_completion_mask(tokenizer):
+    prompt, completion = tokenizer("law court")["input_ids"], tokenizer("judge .")["input_ids"][1:]
+    data = Dataset.from_dict({"input_ids": [prompt + completion],
+                              "completion_mask": [[0] * len(prompt) + [1] * len(completion)]})
+    example = corpus_from_training_dataset(data, tokenizer)[0]
+    assert (example.prompt, example.answer) == ("law court", "judge .")
+    plain = corpus_from_training_dataset(Dataset.from_dict({"input_ids": [prompt]}), tokenizer)[0]
+    assert plain.plain_text and plain.prompt == "law court"
+
+
+def test_unknown_columns(tokenizer):
+    with pytest.raises(STSInputError, match="train_probe="):
+        corpus_from_training_dataset(Dataset.from_dict({"pixels": [[1, 2]]}), tokenizer)
