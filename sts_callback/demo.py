@@ -92,12 +92,56 @@ def run_demo(output_dir: Path = Path("outputs/demo"), quick: bool = False, train
     log(f"\nforecast: {result.timings['total']:.0f} s, {result.tokens_per_second:.0f} tokens/s through layer "
         f"{DEMO_LAYER} + SAE; written to {path}")
 
-    try:
-        from .training_demo import run_training_demo
-    except ImportError:
-        run_training_demo = None
-    if run_training_demo is not None:
-        summary["training"] = run_training_demo(model, tokenizer, sae_path, train_texts, targets, output_dir,
-                                                quick=quick, steps=train_steps, log=log)
+    if train_steps != 0:
+        summary["training"] = run_training_demo(model, tokenizer, sae_path, train_texts, output_dir,
+                                                steps=train_steps or (4 if quick else 6), log=log)
     (output_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def run_training_demo(model, tokenizer, sae_path: Path, train_texts: list[str], output_dir: Path, *, steps: int,
+                      log=print) -> dict:
+    """A short LoRA SFT run (TRL) with STSCallback: forecast at start, re-checks at the checkpoints."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from .callback import STSCallback
+
+    log(f"\n== training: {steps} LoRA SFT steps on {DEMO_SOURCE!r} with STSCallback (re-check every "
+        f"{max(steps // 2, 1)} steps) ==")
+    sts = STSCallback(
+        sae=str(sae_path),
+        target_domains=["python_code", "math", "legal", "readme_prose"],
+        protected=["legal"],
+        config={"shift_tokens": 1500, "domain_tokens": 600, "n_domain_demonstrations": 2,
+                "max_query_tokens": 96, "max_demonstration_tokens": 96},
+        recheck_tokens=512, loss_tokens=256, tolerance=0.05,
+    )
+    run_dir = output_dir / "sft"
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(output_dir=str(run_dir), max_steps=steps, save_steps=max(steps // 2, 1), logging_steps=1,
+                       per_device_train_batch_size=4, max_length=64, learning_rate=1e-3, use_cpu=True,
+                       report_to=[], save_strategy="steps", disable_tqdm=True),
+        train_dataset=Dataset.from_dict({"text": train_texts}),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+        callbacks=[sts],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    recheck_seconds = sum(r.get("seconds", 0.0) for r in sts.history)
+    for record in sts.history:
+        if "error" in record:
+            log(f"step {record['step']}: re-check failed: {record['error']}")
+            continue
+        deltas = ", ".join(f"{k} {v:+.2%}" for k, v in record["loss_delta"].items())
+        log(f"step {record['step']}: {record['overlap_with_forecast']}/100 shifted latents as forecast; "
+            f"held-out loss change: {deltas}")
+    log(f"training: {seconds:.0f} s in all, of which re-checks {recheck_seconds:.0f} s; history in "
+        f"{run_dir / 'sts' / 'history.jsonl'}")
+    return {"seconds": round(seconds, 1), "recheck_seconds": round(recheck_seconds, 1),
+            "history": [{k: v for k, v in r.items() if k in ("step", "overlap_with_forecast", "loss_delta", "error")}
+                        for r in sts.history]}
