@@ -117,6 +117,15 @@ def test_same_seed_same_sae(tiny):
     assert a.path is None
 
 
+def test_without_held_out_evaluates_on_training_tokens(tiny):
+    model, tokenizer = tiny
+    result = train_sae(model, tokenizer, _texts(3), LAYER, d_sae=64, k=4, training_tokens=600,
+                       batch_size_tokens=100, held_out_fraction=0.0)
+    words = sum(len(text.split()) for text in _texts(3))
+    assert result.held_out_tokens == 0 and result.unique_tokens == words
+    assert result.details["evaluated_on"] == "train" and result.training_tokens == 600
+
+
 @pytest.mark.parametrize("texts, kwargs, error, words", [
     ([], {}, STSInputError, "non-empty"),
     (["   ", ""], {}, STSInputError, "non-empty"),
