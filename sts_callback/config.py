@@ -34,6 +34,8 @@ class STSConfig:
             ``role: content`` lines instead of raising an error.
         truncate_forward: stop the forward after the hooked layer when parameters are not sharded.
         seed: seed of every sampling step (queries, demonstrations, domain texts).
+        top_contexts: top-activating contexts kept per shifted latent and source (0: none), from a
+            bounded reservoir filled during extraction (no second pass).
         ranking: the score variant tables are ranked by.
         sae_dtype: dtype the SAE is cast to ("float32", "bfloat16", "float16"); ``None`` keeps it.
         device: device for the model inputs and the SAE; ``None``: the model's device.
@@ -54,6 +56,7 @@ class STSConfig:
     chat_fallback: bool = False
     truncate_forward: bool = True
     seed: int = 0
+    top_contexts: int = 5
     ranking: str = "sts_icl"
     sae_dtype: str | None = None
     device: str | None = None
@@ -76,6 +79,7 @@ class STSConfig:
                      "max_query_tokens", "max_demonstration_tokens", "batch_size"):
             positive(name)
         positive("n_domain_demonstrations", 0)
+        positive("top_contexts", 0)
         if self.compute_icl and self.n_domain_demonstrations == 0:
             raise STSConfigError(
                 "STSConfig.n_domain_demonstrations is 0 but compute_icl=True: STS_icl needs "

@@ -16,7 +16,7 @@ from .capture import ResidualCapture
 from .data import TokenPair
 from .errors import STSNumericalError
 from .sae import SAEHandle
-from .stats import ActivationStats, ShiftStats
+from .stats import ActivationStats, ShiftStats, TopActivations
 
 # SAE encodes run on at most this many tokens at once, bounding the per-batch latent matrix.
 ENCODE_CHUNK_TOKENS = 2048
@@ -94,8 +94,11 @@ class Extractor:
 
     @staticmethod
     def _rows(resid: torch.Tensor, lengths: Sequence[int], n_query: Sequence[int],
-              counted: Sequence[Sequence[bool]]) -> torch.Tensor:
-        """Residual rows at the counted query positions, in a fixed (sequence, position) order."""
+              counted: Sequence[Sequence[bool]], where: list | None = None) -> torch.Tensor:
+        """Residual rows at the counted query positions, in a fixed (sequence, position) order.
+
+        ``where``, when given, receives (batch row, position) tensors of the rows.
+        """
         batch_index, position_index = [], []
         for row, (length, n, flags) in enumerate(zip(lengths, n_query, counted)):
             start = length - n
@@ -105,6 +108,8 @@ class Extractor:
                     position_index.append(start + offset)
         b = torch.tensor(batch_index, dtype=torch.long, device=resid.device)
         p = torch.tensor(position_index, dtype=torch.long, device=resid.device)
+        if where is not None:
+            where.extend([b.cpu(), p.cpu()])
         rows = resid[b, p]
         return rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
 
@@ -126,24 +131,36 @@ class Extractor:
 
     @torch.no_grad()
     def activations(self, sequences: Sequence[tuple[list[int], list[bool]]], what: str = "texts",
-                    n_query: Sequence[int] | None = None) -> ConditionStats:
-        """Statistics of texts alone. ``sequences``: (ids, counted flags for the last len(flags) ids)."""
+                    reservoir: TopActivations | None = None) -> ConditionStats:
+        """Statistics of texts alone. ``sequences``: (ids, counted flags for the last len(flags) ids).
+
+        ``reservoir`` keeps each latent's top activations as (index into ``sequences``, position).
+        """
         latents, residual = self._new_condition()
         lengths = [len(ids) for ids, _ in sequences]
         for batch in _batches(lengths, self.batch_size):
             resid = self._forward([sequences[i][0] for i in batch])
+            where: list = []
             rows = self._rows(resid, [lengths[i] for i in batch], [len(sequences[i][1]) for i in batch],
-                              [sequences[i][1] for i in batch])
+                              [sequences[i][1] for i in batch], where)
             del resid
             self._check_finite(rows, what)
             residual.update(rows)
-            latents.update(self._encode(rows))
+            encoded = self._encode(rows)
+            latents.update(encoded)
+            if reservoir is not None:
+                reservoir.update(encoded, torch.tensor(batch)[where[0]], where[1])
             self._after_batch(len(batch))
         return ConditionStats(latents, residual)
 
     @torch.no_grad()
-    def paired(self, pairs: Sequence[TokenPair], what: str = "queries") -> PairedStats:
-        """Statistics without context plus the shift caused by the context, at the same query tokens."""
+    def paired(self, pairs: Sequence[TokenPair], what: str = "queries",
+               reservoir: TopActivations | None = None) -> PairedStats:
+        """Statistics without context plus the shift caused by the context, at the same query tokens.
+
+        ``reservoir`` keeps each latent's top activations *without* context as (pair index, position in
+        ``pair.base``).
+        """
         latents, residual = self._new_condition()
         latent_shift = ShiftStats(self.sae.d_sae, self.device)
         residual_shift = ShiftStats(self.sae.d_in, self.device)
@@ -153,7 +170,8 @@ class Extractor:
             n_query = [p.n_query for p in chosen]
             counted = [p.counted for p in chosen]
             resid = self._forward([p.base for p in chosen])
-            base_rows = self._rows(resid, [len(p.base) for p in chosen], n_query, counted)
+            where: list = []
+            base_rows = self._rows(resid, [len(p.base) for p in chosen], n_query, counted, where)
             resid = self._forward([p.context for p in chosen])
             context_rows = self._rows(resid, [len(p.context) for p in chosen], n_query, counted)
             del resid
@@ -163,6 +181,8 @@ class Extractor:
             residual_shift.update(base_rows, context_rows)
             base_latents = self._encode(base_rows)
             latents.update(base_latents)
+            if reservoir is not None:
+                reservoir.update(base_latents, torch.tensor(batch)[where[0]], where[1])
             latent_shift.update(base_latents, self._encode(context_rows))
             self._after_batch(len(batch))
         return PairedStats(latents, residual, latent_shift, residual_shift)

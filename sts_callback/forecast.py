@@ -20,6 +20,7 @@ from .config import SCORE_VARIANTS, STSConfig
 from .data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from .errors import STSConfigError, STSInputError
 from .extract import Extractor, PairedStats
+from .stats import TopActivations
 from .sae import SAEHandle, check_sae_for_model, load_sae
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Forecast:
     ranking: str
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    latent_contexts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def ranked(self, variant: str | None = None) -> list[tuple[str, float]]:
         """(domain, score) from the most to the least affected, by ``variant`` (default: ``ranking``)."""
@@ -98,6 +100,7 @@ class Forecast:
             "shift_queries": self.shift_queries,
             "timings": self.timings,
             "settings": self.settings,
+            "latent_contexts": self.latent_contexts,
         }
 
     @classmethod
@@ -344,32 +347,51 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
     bar = _progress_bar(total_sequences, progress)
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     timings = {"prepare": prepare_seconds}
+    keep = config.top_contexts
+    reservoirs = {source: TopActivations(setup.sae.d_sae, keep) for source in ["train", *domain_inputs]} if keep else {}
     try:
         with inference_mode(model):
             t0 = time.perf_counter()
             if bar is not None:
                 bar.set_description("shift (train data)")
-            shift_stats: PairedStats = extractor.paired(shift_pairs, what=f"{train.name!r}")
+            shift_stats: PairedStats = extractor.paired(shift_pairs, what=f"{train.name!r}",
+                                                        reservoir=reservoirs.get("train"))
             timings["shift"] = time.perf_counter() - t0
             domain_stats = {}
             for name, d in domain_inputs.items():
                 t0 = time.perf_counter()
                 if bar is not None:
                     bar.set_description(f"domain {name}")
-                domain_stats[name] = (extractor.paired(d.pairs, what=f"domain {name!r}") if d.pairs is not None
-                                      else extractor.activations(d.singles, what=f"domain {name!r}"))
+                domain_stats[name] = (
+                    extractor.paired(d.pairs, what=f"domain {name!r}", reservoir=reservoirs.get(name))
+                    if d.pairs is not None
+                    else extractor.activations(d.singles, what=f"domain {name!r}", reservoir=reservoirs.get(name)))
                 timings[f"domain/{name}"] = time.perf_counter() - t0
     finally:
         if bar is not None:
             bar.close()
+    timings["forward_tokens"] = float(forward_tokens)
+    result = assemble_forecast(setup, shift_stats, plan, domain_stats, timings, extractor.capture.truncate)
+    if reservoirs:
+        sources = {"train": [p.base for p in shift_pairs]}
+        for name, d in domain_inputs.items():
+            sources[name] = [p.base for p in d.pairs] if d.pairs is not None else [ids for ids, _ in d.singles]
+        result.latent_contexts = latent_contexts(builder.tokenizer, result.shifted_latents, reservoirs, sources)
+    result.timings["total"] = time.perf_counter() - start
+    return ForecastRun(forecast=result, shift=shift_stats, domains=domain_stats)
 
+
+def assemble_forecast(setup: Setup, shift_stats: PairedStats, plan: Plan, domain_stats: dict[str, Any],
+                      timings: dict[str, float], truncated: bool) -> Forecast:
+    """Score every domain on the shifted latents of ``shift_stats`` (pure; no model call)."""
+    config = setup.config
     latents, values = score.shifted_latents(shift_stats.latent_shift, config.n_shifted)
     raw_dims, raw_values = score.shifted_latents(shift_stats.residual_shift, min(config.n_shifted, setup.sae.d_in))
     results = {}
     for name, stats in domain_stats.items():
         paired = isinstance(stats, PairedStats)
-        results[name] = DomainForecast(name=name, texts=domain_inputs[name].texts,
-                                       tokens=domain_inputs[name].tokens, scores={
+        results[name] = DomainForecast(name=name, texts=plan.domains[name].texts, tokens=plan.domains[name].tokens,
+                                       scores={
             "sts_icl": score.sts_icl(stats.latent_shift, latents) if paired else None,
             "sts_act": score.sts_act(stats.latents, latents),
             "sts_sq": score.sts_sq(stats.latents, latents),
@@ -377,30 +399,49 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
             "raw_act": score.sts_act(stats.residual, raw_dims),
             "raw_sq": score.sts_sq(stats.residual, raw_dims),
         })
-    timings["total"] = time.perf_counter() - start
-    timings["forward_tokens"] = float(forward_tokens)
-    base_model = unwrap_model(model)
-    result = Forecast(
+    base_model = unwrap_model(setup.model)
+    return Forecast(
         domains=results,
         shifted_latents=latents.tolist(),
         shift_values=values.tolist(),
         shift_direction=shift_stats.latent_shift.mean_diff().cpu()[latents].tolist(),
         raw_shifted_dims=raw_dims.tolist(),
         raw_shift_values=raw_values.tolist(),
-        shift_tokens=shift_tokens,
-        shift_queries=len(shift_pairs),
+        shift_tokens=plan.shift_tokens,
+        shift_queries=len(plan.shift_pairs),
         ranking=config.ranking,
-        timings=timings,
+        timings=dict(timings),
         settings={
             "config": config.to_dict(),
             "sae": setup.sae.describe(),
             "layer": setup.layer,
             "model": getattr(base_model.config, "_name_or_path", "") or type(base_model).__name__,
             "model_class": type(base_model).__name__,
-            "truncated_forward": extractor.capture.truncate,
+            "truncated_forward": truncated,
         },
     )
-    return ForecastRun(forecast=result, shift=shift_stats, domains=domain_stats)
+
+
+CONTEXT_TOKENS = 8
+
+
+def latent_contexts(tokenizer, latents: list[int], reservoirs: dict[str, TopActivations],
+                    sources: dict[str, list[list[int]]]) -> dict[str, list[dict[str, Any]]]:
+    """Top-activating contexts of each latent: a few tokens either side, the activating token apart."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for latent in latents:
+        entries = []
+        for source, reservoir in reservoirs.items():
+            for value, sequence, position in reservoir.top(latent):
+                ids = sources[source][sequence]
+                entries.append({
+                    "source": source, "value": value,
+                    "before": tokenizer.decode(ids[max(0, position - CONTEXT_TOKENS): position], skip_special_tokens=True),
+                    "token": tokenizer.decode(ids[position: position + 1], skip_special_tokens=False),
+                    "after": tokenizer.decode(ids[position + 1: position + 1 + CONTEXT_TOKENS], skip_special_tokens=True),
+                })
+        out[str(latent)] = entries
+    return out
 
 
 def domain_statistics(setup: Setup, domains: dict[str, Corpus]) -> dict[str, Any]:

@@ -126,3 +126,44 @@ class ShiftStats(_SummedState):
 
     def mean_diff(self) -> torch.Tensor:
         return self.sum_diff / self.count.clamp(min=1)
+
+
+class TopActivations:
+    """A bounded reservoir: the ``k`` largest activations of every latent with where they occurred.
+
+    ``where`` is (sequence index, token position) in the caller's numbering. Memory is O(width * k),
+    whatever the number of tokens; the report draws each shifted latent's top contexts from it.
+    """
+
+    def __init__(self, width: int, k: int = 5):
+        self.width, self.k = int(width), int(k)
+        self.values = torch.full((self.k, self.width), float("-inf"))
+        self.sequence = torch.full((self.k, self.width), -1, dtype=torch.int64)
+        self.position = torch.full((self.k, self.width), -1, dtype=torch.int64)
+
+    def update(self, rows: torch.Tensor, sequence: torch.Tensor, position: torch.Tensor) -> None:
+        """rows: [tokens, width] activations; sequence / position: [tokens] where each row came from."""
+        if rows.shape[0] == 0:
+            return
+        k = min(self.k, rows.shape[0])
+        top = torch.topk(rows.detach().float().cpu(), k, dim=0)
+        values = torch.cat([self.values, top.values])
+        seqs = torch.cat([self.sequence, sequence.cpu()[top.indices]])
+        poss = torch.cat([self.position, position.cpu()[top.indices]])
+        best = torch.topk(values, self.k, dim=0).indices
+        self.values = values.gather(0, best)
+        self.sequence = seqs.gather(0, best)
+        self.position = poss.gather(0, best)
+
+    def merge(self, other: "TopActivations") -> "TopActivations":
+        values = torch.cat([self.values, other.values])
+        best = torch.topk(values, self.k, dim=0).indices
+        self.values = values.gather(0, best)
+        self.sequence = torch.cat([self.sequence, other.sequence]).gather(0, best)
+        self.position = torch.cat([self.position, other.position]).gather(0, best)
+        return self
+
+    def top(self, latent: int) -> list[tuple[float, int, int]]:
+        """(value, sequence, position) of a latent's largest positive activations, largest first."""
+        return [(float(v), int(s), int(p)) for v, s, p in zip(self.values[:, latent], self.sequence[:, latent],
+                                                             self.position[:, latent]) if s >= 0 and v > 0]

@@ -67,6 +67,13 @@ def test_scores_equal_dense_computation(model, tokenizer):
     torch.testing.assert_close(torch.tensor(result.shift_values, dtype=torch.float64), shift[top], rtol=1e-6, atol=0)
     raw_top = torch.sort(((rc - rb) ** 2).mean(0), descending=True, stable=True).indices[: config.n_shifted]
     assert result.shift_tokens == hb.shape[0]
+    # the bounded reservoir holds each shifted latent's largest activations (no second pass)
+    for latent in result.shifted_latents:
+        train_contexts = [c for c in result.latent_contexts[str(latent)] if c["source"] == "train"]
+        dense_top = torch.topk(hb[:, latent], min(config.top_contexts, hb.shape[0])).values
+        dense_top = dense_top[dense_top > 0]
+        assert [c["value"] for c in train_contexts] == pytest.approx(dense_top.tolist(), rel=1e-6)
+        assert all(c["token"].strip() for c in train_contexts)
 
     for name, domain in plan.domains.items():
         drows = [matched(p) for p in domain.pairs]
