@@ -283,3 +283,17 @@ def test_exported_args_are_json_and_rebuild(tmp_path):
     rebuilt = STSCallback(**json.loads(json.dumps(state["args"])))
     assert rebuilt.state()["args"] == state["args"]
     assert state["args"]["_objects_from"] is None
+
+
+def test_forecast_rank_and_max_sts_rules_warn(tmp_path, tokenizer):
+    probe = make_callback()
+    make_trainer(tmp_path / "probe", tokenizer, probe, max_steps=2, save_steps=2).train()
+    top_domain = probe.forecast.ranked()[0][0]
+    callback = make_callback(protected=[top_domain], forecast_top_k=1, max_sts=0.0, tolerance=10.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "run2", tokenizer, callback, max_steps=2, save_steps=2).train()
+    messages = [str(w.message) for w in caught if issubclass(w.category, STSNegativeTransferWarning)]
+    assert any(f"protected domain {top_domain!r} ranks 1 of 3" in m for m in messages)
+    assert any("re-checked STS of protected domain" in m and "max_sts=0.0" in m for m in messages)
+    assert callback.history[-1]["violations"] and "early_stop" not in callback.history[-1]
