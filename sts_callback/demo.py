@@ -74,8 +74,8 @@ def run_demo(output_dir: Path = Path("outputs/demo"), quick: bool = False, train
     targets = {name: (source[1::2] if name == DEMO_SOURCE else load_domain(name)) for name in DEMO_TARGETS}
     config = STSConfig(
         n_shifted=100,
-        shift_tokens=2_000 if quick else 6_000,
-        domain_tokens=1_000 if quick else 3_000,
+        shift_tokens=2_000 if quick else 4_000,
+        domain_tokens=800 if quick else 1_500,
         n_domain_demonstrations=3,
         max_query_tokens=128,
         max_demonstration_tokens=128,
@@ -95,7 +95,7 @@ def run_demo(output_dir: Path = Path("outputs/demo"), quick: bool = False, train
 
     if train_steps != 0:
         summary["training"] = run_training_demo(model, tokenizer, sae_path, train_texts, output_dir,
-                                                steps=train_steps or (4 if quick else 6), log=log)
+                                                steps=train_steps or (2 if quick else 4), log=log)
     (output_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
