@@ -13,6 +13,7 @@ demo: .venv/.sts-installed
 	.venv/bin/sts demo
 
 test: .venv/.sts-installed
+	bash scripts/install_browser.sh
 	.venv/bin/python -m pytest -p no:cacheprovider --timeout 900
 
 test-fast: .venv/.sts-installed

@@ -30,6 +30,7 @@ logger = logging.getLogger("sts_callback")
 
 FORECAST_FILE = "forecast.json"
 HISTORY_FILE = "history.jsonl"
+SETTINGS_FILE = "settings.json"
 MONITOR_FILE = "monitor.safetensors"
 
 
@@ -281,6 +282,8 @@ class STSCallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             self.monitor.save(out / MONITOR_FILE)
             (out / HISTORY_FILE).unlink(missing_ok=True)
+            (out / SETTINGS_FILE).write_text(json.dumps({"protected": self.protected, "tolerance": self.tolerance,
+                                                         "max_sts": self.max_sts}, indent=2))
 
     def _resume(self, args, state, domains) -> None:
         out = self._out(args)
@@ -348,6 +351,7 @@ class STSCallback(TrainerCallback, ExportableState):
                     logger.warning(self.stop_reason)
                     print(f"STS: {self.stop_reason}")
         self._append_history(args, state, record)
+        self.write_report(args, state)
         metrics = {}
         variant = self.config.ranking if self.config.compute_icl else "sts_act"
         for name, scores in result["scores"].items():
@@ -405,3 +409,20 @@ class STSCallback(TrainerCallback, ExportableState):
             return
         if self.recheck_at_end and not any(r.get("step") == state.global_step for r in self.history):
             self.run_recheck(args, state, control, model)
+        self.write_report(args, state)
+
+    def write_report(self, args, state) -> None:
+        """``report.html`` / ``report.md`` in the STS folder (main process); a failure only warns unless strict."""
+        out = self._out(args)
+        if not state.is_world_process_zero or not ((out / FORECAST_FILE).exists() or (out / HISTORY_FILE).exists()):
+            return
+        try:
+            from .report import write_report
+
+            write_report(out, protected=self.protected)
+        except Exception as err:  # noqa: BLE001 - a report must never kill a training run
+            if self.strict:
+                raise
+            message = f"STS report at step {state.global_step} was not written ({type(err).__name__}: {err})"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            logger.warning(message)

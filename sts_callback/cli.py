@@ -137,6 +137,95 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLE_GATE_CONFIG = """\
+# sts gate config (YAML or JSON): which candidate datasets may enter the training mixture, and with what weight
+model: gemma-3-270m
+sae: ~/.cache/sts_callback/sae/gemma-3-270m-L12-w4096-k32
+candidates:                    # name -> JSONL path or registered domain name (see `sts domains`)
+  code: python_code
+  math: math
+  my_set: data/my_set.jsonl
+targets:                       # every domain scored; must include the protected ones
+  legal: legal
+  code: python_code
+  math: math
+  docs: ml_docs
+protected: [legal]             # domains the mixture must not move too much
+# rules (all given apply; none given: reject when a protected score > tolerance x median of the other candidates)
+# limits: {legal: 0.5}         # absolute limits on the gated score
+# max_rank: 1                  # reject when a protected domain ranks in a candidate's top-k
+tolerance: 1.5
+score: sts_icl                 # gated score variant (default: options.ranking)
+weights: sts                   # sts (paper: share in proportion to STS) or min_impact (linear program)
+# wanted: {code: code}         # candidate -> the target domain it serves (default: inferred)
+floor: 0.1                     # min_impact: smallest share of each served domain
+budget: 220                    # optional: examples to split by the weights
+options:                       # any STSConfig field
+  shift_tokens: 20000
+  domain_tokens: 10000
+output: gate.json
+filtered_dir: filtered/        # optional: write each accepted candidate minus its worst examples as JSONL
+keep_fraction: 0.9             # ... keeping this fraction (or `threshold: <score>`)
+"""
+
+GATE_KEYS = ("score", "limits", "max_rank", "tolerance", "weights", "wanted", "floor", "budget")
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from .config import STSConfig
+    from .gate import MixtureRejected, filter_examples, gate_mixture, write_jsonl
+
+    if args.example:
+        print(EXAMPLE_GATE_CONFIG, end="")
+        return 0
+    if not args.config:
+        raise STSInputError("sts gate needs a CONFIG file (see `sts gate --example`).")
+    config_file = _read_config(args.config)
+    missing = [k for k in ("model", "sae", "candidates", "targets", "protected") if k not in config_file]
+    if missing:
+        raise STSInputError(f"{args.config} lacks {missing}; see `sts gate --example`.")
+    if not isinstance(config_file["candidates"], dict) or not config_file["candidates"]:
+        raise STSInputError(f"{args.config}: `candidates` must be a mapping name -> path or domain name.")
+    options = dict(config_file.get("options") or {})
+    options.update(dict(_parse_override(item) for item in args.set or []))
+    config = STSConfig.from_dict(options)  # validated before the model is loaded
+    keep_fraction, threshold = config_file.get("keep_fraction"), config_file.get("threshold")
+    filtered_dir = args.filtered_dir or config_file.get("filtered_dir")
+    if filtered_dir and keep_fraction is None and threshold is None:
+        keep_fraction = 0.9
+    output = Path(args.output or config_file.get("output") or "gate.json")
+    model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
+    candidates = {str(k): _expand(v) for k, v in config_file["candidates"].items()}
+    try:
+        decision = gate_mixture(model, tokenizer, _expand(config_file["sae"]), candidates,
+                                _expand(config_file["targets"]), config_file["protected"], config=config,
+                                score_examples=not args.no_example_scores or bool(filtered_dir),
+                                progress=not args.no_progress,
+                                **{k: config_file[k] for k in GATE_KEYS if config_file.get(k) is not None})
+    except MixtureRejected as err:
+        print(err.decision.table())
+        err.decision.save(output)
+        print(f"\nwrote {output}")
+        raise
+    print(decision.table())
+    decision.save(output)
+    print(f"\nwrote {output} ({decision.timings['total']:.1f} s)")
+    if filtered_dir:
+        for name in decision.accepted:
+            kept = filter_examples(decision, name, keep_fraction=keep_fraction, threshold=threshold)
+            path = write_jsonl(kept.examples, Path(filtered_dir) / f"{name}.jsonl")
+            print(f"wrote {path} ({len(kept.examples)} of {decision.candidates[name].examples} examples kept)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    html_path, md_path = write_report(Path(args.output_dir), protected=args.protected)
+    print(f"wrote {html_path}\nwrote {md_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sts",
@@ -182,6 +271,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller budgets (a few minutes on 2 CPU cores)")
     p.add_argument("--train-steps", type=int, default=None, help="steps of the short training run")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("gate", help="accept / reject / weight candidate datasets of a mixture before training",
+                       description="Forecast every candidate dataset of CONFIG over the target domains (encoded "
+                                   "once), reject candidates predicted to move the protected domains too much "
+                                   "(absolute limits, a rank rule, or by default more than `tolerance` x the median "
+                                   "of the other candidates), weight the accepted ones (the paper's STS-proportional "
+                                   "rule or min_impact), print the decision table, write the decision JSON and, "
+                                   "with a filtered_dir, each accepted candidate minus its worst examples as JSONL.",
+                       epilog="Start from `sts gate --example`. Exit status 2 when every candidate is rejected.")
+    p.add_argument("config", nargs="?", help="YAML/JSON file with model, sae, candidates, targets, protected, rules")
+    p.add_argument("-o", "--output", help="decision JSON path (default: the config's `output` or gate.json)")
+    p.add_argument("--filtered-dir", help="write the filtered accepted candidates as JSONL here")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an STSConfig option (repeatable)")
+    p.add_argument("--no-example-scores", action="store_true",
+                   help="skip per-example scoring (one pass less per candidate; no filtering)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--example", action="store_true", help="print an example config and exit")
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("report", help="write report.html (plots, shifted latents) and report.md for a run",
+                       description="Read forecast.json / history.jsonl (and gate.json when present) from OUTPUT_DIR "
+                                   "(the trainer's output_dir or its sts/ folder) and write a self-contained "
+                                   "report.html plus a report.md summary for a pull-request comment next to them.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="trainer output_dir or its sts/ folder")
+    p.add_argument("--protected", nargs="+", default=None,
+                   help="protected domains (default: those the callback stored in sts/settings.json)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,697 @@
+"""``write_report()``: one self-contained HTML report (plots embedded) and a Markdown summary of a run.
+
+Reads what the callback (or ``sts forecast``) wrote into an ``sts/`` folder: ``forecast.json``, ``history.jsonl``,
+``settings.json`` (protected domains, tolerance) and, when present, ``gate.json`` and ``validation.json``.
+Every piece of user text (domain names, probe contexts, gate reasons) is HTML-escaped; the page needs no
+network access (no external CSS, JS or fonts; plots are PNG data URIs).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import STSInputError
+
+FORECAST_FILE = "forecast.json"
+HISTORY_FILE = "history.jsonl"
+SETTINGS_FILE = "settings.json"
+GATE_FILE = "gate.json"
+VALIDATION_FILE = "validation.json"
+HTML_FILE = "report.html"
+MD_FILE = "report.md"
+
+NEURONPEDIA = "https://www.neuronpedia.org/{id}/{latent}"
+MAX_LATENTS_WITH_CONTEXTS = 20
+MAX_CONTEXTS_PER_SOURCE = 5
+LABELS = {"sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq",
+          "raw_icl": "raw_icl", "raw_act": "raw_act", "raw_sq": "raw_sq"}
+PROTECTED_COLOR = "#c0392b"
+OTHER_COLOR = "#2c6fbb"
+
+
+def esc(value: Any) -> str:
+    """HTML-escaped text of any value (quotes included: safe inside attributes too)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def md_esc(value: Any) -> str:
+    """Text safe in a GitHub Markdown table cell: no raw HTML, no column breaks, no line breaks."""
+    text = html.escape("" if value is None else str(value), quote=False)
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.1%}"
+
+
+# --------------------------------------------------------------------------- data
+class ReportData:
+    """Everything the report shows, read from an ``sts/`` folder."""
+
+    def __init__(self, sts_dir: Path, protected: list[str] | None = None):
+        self.sts_dir = sts_dir
+        self.forecast: dict[str, Any] | None = _read_json(sts_dir / FORECAST_FILE)
+        self.history: list[dict[str, Any]] = _read_jsonl(sts_dir / HISTORY_FILE)
+        self.run_settings: dict[str, Any] = _read_json(sts_dir / SETTINGS_FILE) or {}
+        self.gate: Any = _read_json(sts_dir / GATE_FILE)
+        self.validation: Any = _read_json(sts_dir / VALIDATION_FILE)
+        if self.forecast is None and not self.history and self.gate is None:
+            raise STSInputError(f"{sts_dir} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}: "
+                                "nothing to report.")
+        if self.forecast is not None and self.forecast.get("format") != "sts-forecast/1":
+            raise STSInputError(f"{sts_dir / FORECAST_FILE} is not an STS forecast "
+                                f"(format={self.forecast.get('format')!r}).")
+        self.protected = list(protected if protected is not None else self.run_settings.get("protected") or [])
+        self.tolerance = self.run_settings.get("tolerance")
+        self.variant, self.ranking = self._ranking()
+
+    def _ranking(self) -> tuple[str | None, list[tuple[str, float]]]:
+        if self.forecast is None:
+            return None, []
+        domains = self.forecast.get("domains", {})
+        preferred = [self.forecast.get("ranking") or "sts_icl", "sts_icl", "sts_act", "sts_sq"]
+        for variant in preferred:
+            pairs = [(name, d.get("scores", {}).get(variant)) for name, d in domains.items()]
+            if pairs and all(isinstance(v, (int, float)) for _, v in pairs):
+                return variant, sorted(pairs, key=lambda item: (-item[1], item[0]))
+        return None, []
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return (self.forecast or {}).get("settings") or {}
+
+    @property
+    def rechecks(self) -> list[dict[str, Any]]:
+        return [r for r in self.history if "error" not in r and "scores" in r]
+
+    def recheck_variant(self) -> str:
+        for record in self.rechecks:
+            scores = next(iter(record["scores"].values()), {})
+            if self.variant in scores:
+                return self.variant  # type: ignore[return-value]
+            return "sts_icl" if "sts_icl" in scores else "sts_act"
+        return self.variant or "sts_act"
+
+    def measured(self) -> tuple[str, dict[str, float]] | None:
+        """Measured effect per domain: a validation file if any, else the last re-check's |loss change|."""
+        validation = self.validation
+        if isinstance(validation, dict):
+            values = validation.get("measured", validation.get("delta", validation))
+            if isinstance(values, dict):
+                clean = {str(k): abs(float(v)) for k, v in values.items() if isinstance(v, (int, float))}
+                if clean:
+                    return "validation |Δ|", clean
+        for record in reversed(self.rechecks):
+            deltas = {k: abs(v) for k, v in (record.get("loss_delta") or {}).items() if isinstance(v, (int, float))}
+            if deltas:
+                return f"|held-out loss change| at step {record['step']}", deltas
+        return None
+
+    def describe_sae(self) -> str:
+        sae = self.settings.get("sae") or {}
+        if sae.get("release"):
+            name = f"{sae['release']} / {sae.get('sae_id', '')}"
+        else:
+            name = sae.get("path") or sae.get("name") or sae.get("kind") or sae.get("type") or "SAE"
+        width = f", {sae['d_sae']} latents" if sae.get("d_sae") else ""
+        hook = f", {sae['hook_name']}" if sae.get("hook_name") else ""
+        return f"{name}{width}{hook}"
+
+
+def _read_json(path: Path) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise STSInputError(f"{path} is not valid JSON: {err}") from err
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash must not hide the rest
+    return records
+
+
+# --------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    try:  # a 128-colour palette: a few KB per plot instead of tens
+        from PIL import Image
+
+        buffer.seek(0)
+        image = Image.open(buffer).convert("RGB").quantize(colors=128)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+    except ImportError:
+        pass
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_forecast(data: ReportData) -> str:
+    plt = _pyplot()
+    names = [name for name, _ in data.ranking][::-1]
+    values = [value for _, value in data.ranking][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.1))
+    colors = [PROTECTED_COLOR if n in data.protected else OTHER_COLOR for n in names]
+    bars = ax.barh(range(len(names)), values, color=colors)
+    for bar, name in zip(bars, names):
+        if name in data.protected:
+            bar.set_hatch("//")
+            bar.set_edgecolor("white")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([f"{n} (protected)" if n in data.protected else n for n in names])
+    ax.set_xlabel(f"{LABELS.get(data.variant or '', data.variant)}  (higher = more affected)")
+    ax.set_title(f"Forecast per target domain, ranked by {LABELS.get(data.variant or '', data.variant)}", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def plot_timeline(data: ReportData) -> str | None:
+    records = data.rechecks
+    if not records:
+        return None
+    plt = _pyplot()
+    variant = data.recheck_variant()
+    names = list(records[-1]["scores"])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.6), sharex=True)
+    cmap = plt.get_cmap("tab10")
+    forecast_domains = (data.forecast or {}).get("domains", {})
+    for i, name in enumerate(names):
+        color = cmap(i % 10)
+        protected = name in data.protected
+        style = dict(color=color, linewidth=2.4 if protected else 1.3, marker="o", markersize=3.5,
+                     label=f"{name} (protected)" if protected else name)
+        steps = [r["step"] for r in records if name in r["scores"]]
+        sts = [r["scores"][name].get(variant, r["scores"][name].get("sts_act")) for r in records if name in r["scores"]]
+        base = (forecast_domains.get(name) or {}).get("scores", {}).get(variant)
+        if base is not None:  # the forecast, at step 0
+            steps, sts = [0, *steps], [base, *sts]
+        top.plot(steps, sts, **style)
+        loss_steps = [r["step"] for r in records if (r.get("loss_delta") or {}).get(name) is not None]
+        deltas = [100 * r["loss_delta"][name] for r in records if (r.get("loss_delta") or {}).get(name) is not None]
+        bottom.plot([0, *loss_steps], [0.0, *deltas], **{**style, "label": None})
+    if data.tolerance is not None and data.protected:
+        bottom.axhline(100 * data.tolerance, color=PROTECTED_COLOR, linestyle=":", linewidth=1,
+                       label=f"tolerance {data.tolerance:.0%}")
+    warned = [r for r in records if r.get("violations")]
+    if warned:
+        ys = [max(100 * v for v in r["loss_delta"].values() if v is not None) for r in warned]
+        bottom.scatter([r["step"] for r in warned], ys, marker="X", s=70, color=PROTECTED_COLOR, zorder=5,
+                       label="warning")
+    for record in data.history:
+        if record.get("early_stop"):
+            for ax in (top, bottom):
+                ax.axvline(record["step"], color="black", linestyle="--", linewidth=1.2)
+            top.annotate("early stop", (record["step"], 1), xycoords=("data", "axes fraction"),
+                         xytext=(-4, -12), textcoords="offset points", ha="right", fontsize=8)
+        elif "error" in record:
+            for ax in (top, bottom):
+                ax.axvline(record["step"], color="grey", linestyle=":", linewidth=1)
+    from matplotlib.ticker import MaxNLocator
+
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top.set_ylabel(f"re-checked {LABELS.get(variant, variant)}")
+    bottom.set_ylabel("held-out loss change (%)")
+    bottom.axhline(0, color="black", linewidth=0.6)
+    bottom.set_xlabel("training step (0 = forecast / start)")
+    top.set_title("Over training: re-checked STS and measured held-out loss change per domain", fontsize=10)
+    for ax in (top, bottom):
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    if bottom.get_legend_handles_labels()[0]:
+        bottom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _png(fig)
+
+
+def correlation(xs: list[float], ys: list[float]) -> tuple[float | None, float | None]:
+    if len(xs) < 3:
+        return None, None
+    from scipy import stats
+
+    if len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None, None
+    return float(stats.pearsonr(xs, ys)[0]), float(stats.spearmanr(xs, ys)[0])
+
+
+def scatter_points(data: ReportData):
+    measured = data.measured()
+    if measured is None or not data.ranking:
+        return None
+    label, values = measured
+    points = [(name, score, values[name]) for name, score in data.ranking if name in values]
+    if len(points) < 2:
+        return None
+    pearson, spearman = correlation([p[1] for p in points], [p[2] for p in points])
+    return label, points, pearson, spearman
+
+
+def plot_scatter(data: ReportData, scatter) -> str:
+    plt = _pyplot()
+    label, points, pearson, spearman = scatter
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, x, y in points:
+        color = PROTECTED_COLOR if name in data.protected else OTHER_COLOR
+        ax.scatter([x], [100 * y], color=color, s=36, zorder=3)
+        ax.annotate(name, (x, 100 * y), xytext=(4, 3), textcoords="offset points", fontsize=8)
+    ax.set_xlabel(f"forecast {LABELS.get(data.variant or '', data.variant)}")
+    ax.set_ylabel(f"measured: {label} (%)" if "loss" in label else f"measured: {label}")
+    r = "n/a" if pearson is None else f"{pearson:.2f}"
+    rho = "n/a" if spearman is None else f"{spearman:.2f}"
+    ax.set_title(f"Forecast vs measured: Pearson r = {r}, Spearman ρ = {rho}", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- HTML
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
+header{background:#1d2b45;color:#fff;padding:18px 28px}
+header h1{margin:0 0 6px;font-size:22px}
+header .meta{display:flex;flex-wrap:wrap;gap:6px 22px;font-size:13px;opacity:.92}
+header .meta b{font-weight:600;color:#9fc3ff}
+main{max-width:1100px;margin:0 auto;padding:12px 24px 40px}
+section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:14px 20px;margin:16px 0}
+h2{font-size:17px;margin:4px 0 10px;color:#1d2b45}
+h3{font-size:14px;margin:14px 0 6px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}
+th,td{border-bottom:1px solid #e3e6eb;padding:4px 10px;text-align:left;vertical-align:top}
+th{background:#f0f2f5;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.protected td:first-child+td{color:#c0392b;font-weight:600}
+.tag{display:inline-block;border-radius:3px;padding:0 5px;font-size:11px;font-weight:600}
+.tag.protected{background:#fbe3e0;color:#c0392b}.tag.ok{background:#e1f3e6;color:#1e7d3a}
+.tag.warn{background:#fff1d6;color:#9a5b00}.tag.err{background:#eee;color:#555}
+.summary{font-size:14px;line-height:1.55}
+.warnings li{color:#9a3412}
+img.plot{max-width:100%;display:block;margin:6px 0}
+.bar{display:inline-block;height:9px;background:#2c6fbb;border-radius:2px;vertical-align:middle;margin-right:6px}
+.latent{border-top:1px solid #e3e6eb;padding:8px 0}
+.latent .head{font-size:13.5px;margin-bottom:4px}
+.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;white-space:pre-wrap;margin:1px 0 1px 12px}
+.ctx mark{background:#ffd84d;padding:0 2px;margin:0 .3em;border-radius:2px;font-weight:700}
+.ctx .val{color:#777;display:inline-block;min-width:62px}
+.src{font-size:12px;color:#555;margin:4px 0 0 4px;font-weight:600}
+.muted{color:#777;font-size:12.5px}
+a{color:#2c6fbb}
+"""
+
+
+def _img(src: str | None, alt: str) -> str:
+    return f'<img class="plot" src="{src}" alt="{esc(alt)}">' if src else ""
+
+
+def _table(headers: list[str], rows: list[list[str]], row_attrs: list[str] | None = None) -> str:
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        attrs = row_attrs[i] if row_attrs else ""
+        cells = "".join(('<td class="num">' + c[1:] if c.startswith("\x00") else "<td>" + c) + "</td>" for c in row)
+        body.append(f"<tr{attrs}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "\x00" + esc(_fmt(value, digits))
+
+
+def _header(data: ReportData) -> str:
+    s = data.settings
+    config = s.get("config") or {}
+    f = data.forecast or {}
+    items = [("model", s.get("model") or "–"), ("SAE", data.describe_sae()), ("layer", s.get("layer", "–")),
+             ("probe tokens", f"{f.get('shift_tokens', '–')} ({f.get('shift_queries', '–')} queries)"),
+             ("domain tokens", config.get("domain_tokens", "–")),
+             ("shifted latents N", len(f.get("shifted_latents", [])) or "–"),
+             ("variant", LABELS.get(data.variant or "", data.variant or "–"))]
+    meta = "".join(f"<span><b>{esc(k)}</b> {esc(v)}</span>" for k, v in items)
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    return (f"<header><h1>STS report: forecast side effects of post-training</h1><div class=\"meta\">{meta}"
+            f"<span><b>written</b> {esc(when)}</span></div></header>")
+
+
+def _summary(data: ReportData, scatter) -> str:
+    lines = []
+    if data.ranking:
+        top = ", ".join(f"<b>{esc(n)}</b>" + (' <span class="tag protected">protected</span>'
+                                               if n in data.protected else "") for n, _ in data.ranking[:3])
+        label = esc(LABELS.get(data.variant, data.variant))
+        lines.append(f"Most affected by this training (forecast, {label}): {top}.")
+    elif data.forecast is None:
+        lines.append("No forecast: the training data had no answers to use as in-context demonstrations; "
+                     "only re-checks are shown.")
+    if data.protected:
+        lines.append("Protected domains: " + ", ".join(esc(p) for p in data.protected)
+                     + (f" (held-out loss tolerance {data.tolerance:.1%})" if data.tolerance is not None else "") + ".")
+    if data.rechecks:
+        last = data.rechecks[-1]
+        lines.append(f"{len(data.rechecks)} re-check(s), last at step {esc(last['step'])}; overlap of the actually "
+                     f"shifted latents with the forecast: {esc(_fmt(last.get('overlap_with_forecast')))} of "
+                     f"{len(last.get('shifted_latents', [])) or '–'}.")
+    if scatter is not None and scatter[2] is not None:
+        lines.append(f"Forecast vs measured ({esc(scatter[0])}): Pearson r = {scatter[2]:.2f}, "
+                     f"Spearman ρ = {scatter[3]:.2f} over {len(scatter[1])} domains.")
+    warnings = [(r["step"], v) for r in data.history for v in r.get("violations") or []]
+    stops = [r for r in data.history if r.get("early_stop")]
+    errors = [r for r in data.history if "error" in r]
+    items = "".join(f"<li>step {esc(step)}: {esc(v)}</li>" for step, v in warnings)
+    items += "".join(f"<li><b>{esc(r['early_stop'])}</b></li>" for r in stops)
+    items += "".join(f"<li>step {esc(r.get('step'))}: re-check failed ({esc(r['error'])})</li>" for r in errors)
+    status = ('<span class="tag warn">warnings</span>' if warnings else '<span class="tag ok">no warnings</span>'
+              ) if data.rechecks else ""
+    body = "".join(f"<div>{line}</div>" for line in lines)
+    warn = f'<ul class="warnings">{items}</ul>' if items else ""
+    return f'<section class="summary"><h2>Summary {status}</h2>{body}{warn}</section>'
+
+
+def _forecast_section(data: ReportData) -> str:
+    if not data.ranking:
+        return ""
+    domains = data.forecast["domains"]
+    variants = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act")
+                if all(isinstance(d.get("scores", {}).get(v), (int, float)) for d in domains.values())]
+    rows, attrs = [], []
+    for rank, (name, _) in enumerate(data.ranking, 1):
+        d = domains[name]
+        protected = name in data.protected
+        rows.append([f"\x00{rank}", esc(name) + (' <span class="tag protected">protected</span>' if protected else ""),
+                     *[_num(d["scores"][v]) for v in variants], _num(d.get("tokens")), _num(d.get("texts"))])
+        css = "ranking protected" if protected else "ranking"
+        attrs.append(f' class="{css}" data-rank="{rank}" data-domain="{esc(name)}"')
+    table = _table(["rank", "domain", *[esc(LABELS[v]) + (" ★" if v == data.variant else "") for v in variants],
+                    "tokens", "texts"], rows, attrs)
+    chart = _img(plot_forecast(data), "forecast bar chart")
+    return (f'<section id="forecast"><h2>Forecast per target domain</h2>{chart}'
+            f'<p class="muted">Ranked by {esc(LABELS.get(data.variant, data.variant))} (★). Higher = larger expected '
+            "change of that domain's performance (magnitude, not sign). Protected domains are red and hatched.</p>"
+            f"{table}</section>")
+
+
+def _timeline_section(data: ReportData) -> str:
+    if not data.history:
+        return ""
+    variant = data.recheck_variant()
+    rows = []
+    for record in data.history:
+        if "error" in record:
+            rows.append([_num(record.get("step")), '<span class="tag err">failed</span>', esc(record["error"]), "", ""])
+            continue
+        deltas = ", ".join(f"{esc(k)} {esc(_pct(v))}" for k, v in (record.get("loss_delta") or {}).items())
+        status = ('<span class="tag warn">warning</span>' if record.get("violations")
+                  else '<span class="tag ok">ok</span>')
+        if record.get("early_stop"):
+            status += ' <span class="tag protected">early stop</span>'
+        notes = "; ".join(esc(v) for v in record.get("violations") or [])
+        rows.append([_num(record.get("step")), status, deltas, _num(record.get("overlap_with_forecast")), notes])
+    table = _table(["step", "status", "held-out loss change", "overlap with forecast", "warnings"], rows)
+    return (f'<section id="timeline"><h2>Over training</h2>{_img(plot_timeline(data), "timeline")}'
+            f'<p class="muted">Top: each domain re-scored ({esc(LABELS.get(variant, variant))}) on the latents the '
+            "training actually shifted (step 0: the forecast). Bottom: relative change of the held-out language-model "
+            "loss vs train start. ✕ = warning, dashed line = early stop, dotted grey = failed re-check.</p>"
+            f"{table}</section>")
+
+
+def _scatter_section(data: ReportData, scatter) -> str:
+    if scatter is None:
+        return ""
+    label, points, pearson, spearman = scatter
+    r = "n/a (needs ≥ 3 domains that differ)" if pearson is None else f"{pearson:.3f}"
+    rho = "n/a" if spearman is None else f"{spearman:.3f}"
+    return (f'<section id="scatter"><h2>Forecast vs measured</h2>{_img(plot_scatter(data, scatter), "scatter")}'
+            f"<p>Measured: {esc(label)}. Pearson r = <b>{esc(r)}</b>, Spearman ρ = <b>{esc(rho)}</b> over "
+            f"{len(points)} domains. STS forecasts the magnitude of the change, not its sign.</p></section>")
+
+
+def _context_html(entry: dict[str, Any]) -> str:
+    def show(text: Any) -> str:
+        return esc(text).replace("\n", "↵")
+
+    return (f'<div class="ctx"><span class="val">{esc(_fmt(entry.get("value"), 3))}</span>{show(entry.get("before"))}'
+            f'<mark>{show(entry.get("token"))}</mark>{show(entry.get("after"))}</div>')
+
+
+def _latents_section(data: ReportData) -> str:
+    f = data.forecast
+    if not f or not f.get("shifted_latents"):
+        return ""
+    latents, values = f["shifted_latents"], f.get("shift_values") or []
+    directions = f.get("shift_direction") or []
+    total = sum(values) or 1.0
+    top_value = max(values) if values else 1.0
+    np_id = (data.settings.get("sae") or {}).get("neuronpedia_id")
+    contexts = f.get("latent_contexts") or {}
+    blocks = []
+    for rank, latent in enumerate(latents, 1):
+        value = values[rank - 1] if rank - 1 < len(values) else None
+        direction = directions[rank - 1] if rank - 1 < len(directions) else None
+        share = value / total if value is not None else None
+        arrow = "" if direction is None else (
+            "↑ more active in context" if direction > 0 else "↓ less active in context")
+        link = (f' <a href="{esc(NEURONPEDIA.format(id=np_id, latent=latent))}" target="_blank" rel="noopener">'
+                "Neuronpedia ↗</a>") if np_id else ""
+        width = int(120 * (value or 0) / top_value) if top_value else 0
+        head = (f'<div class="head"><b>#{rank} latent {esc(latent)}</b>{link} &nbsp; shift {esc(_fmt(value))} '
+                f'&nbsp;<span class="bar" style="width:{width}px"></span>{esc(_fmt(share and 100 * share, 3))}% of the '
+                f'top-{len(latents)} shift &nbsp;<span class="muted">{esc(arrow)}</span></div>')
+        body = ""
+        if rank <= MAX_LATENTS_WITH_CONTEXTS:
+            by_source: dict[str, list[dict[str, Any]]] = {}
+            for entry in contexts.get(str(latent), []):
+                by_source.setdefault(str(entry.get("source")), []).append(entry)
+            for source, entries in by_source.items():
+                title = "training probe" if source == "train" else f"domain {source}"
+                entries = sorted(entries, key=lambda e: -(e.get("value") or 0))[:MAX_CONTEXTS_PER_SOURCE]
+                body += f'<div class="src">{esc(title)}</div>' + "".join(_context_html(e) for e in entries)
+        blocks.append(f'<div class="latent" data-latent="{esc(latent)}">{head}{body}</div>')
+    note = (f"Contexts shown for the first {MAX_LATENTS_WITH_CONTEXTS} latents."
+            if len(latents) > MAX_LATENTS_WITH_CONTEXTS else "")
+    np_note = "" if np_id else " The SAE has no Neuronpedia id, so no Neuronpedia links."
+    return (f'<section id="latents"><h2>The shifted latents</h2><p class="muted">The {len(latents)} SAE latents the '
+            "training data shifts most (in-context estimate), with their top-activating contexts (activation, a few "
+            f"tokens either side, the activating token highlighted) from the training probe and each target domain. "
+            f"{esc(note)}{esc(np_note)}</p>{''.join(blocks)}</section>")
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return '<span class="tag ok">yes</span>' if value else '<span class="tag protected">no</span>'
+    if isinstance(value, (int, float)):
+        return _num(value)
+    if _scalar(value):
+        return esc(value)
+    return esc(json.dumps(value)[:300])
+
+
+def _records_table(records: list[Any], first: tuple[str, ...] = ()) -> str:
+    if not records:
+        return ""
+    if not all(isinstance(r, dict) for r in records):
+        return "<ul>" + "".join(f"<li>{_cell(r)}</li>" for r in records) + "</ul>"
+    keys = [k for k in first if any(k in r for r in records)]
+    keys += [k for r in records for k in r if k not in keys]
+    keys = list(dict.fromkeys(keys))
+    return _table([esc(k) for k in keys], [[_cell(r.get(k)) for k in keys] for r in records])
+
+
+def _gate_section(gate: Any) -> str:
+    if gate is None:
+        return ""
+    if not isinstance(gate, dict):
+        rows = _records_table(gate if isinstance(gate, list) else [gate])
+        return f'<section id="gate"><h2>Gate decision</h2>{rows}</section>'
+    parts = []
+    scalars = {k: v for k, v in gate.items() if _scalar(v)}
+    if scalars:
+        parts.append(_table(["", ""], [[esc(k), _cell(v)] for k, v in scalars.items()]))
+    candidates = gate.get("candidates")
+    if isinstance(candidates, dict):
+        candidates = [{"candidate": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in candidates.items()]
+    if isinstance(candidates, list):
+        parts.append("<h3>Candidates</h3>" + _records_table(
+            candidates, ("name", "candidate", "accepted", "reason", "weight")))
+    weights = gate.get("weights")
+    if isinstance(weights, dict):
+        rows = [[esc(k), _cell(v)] for k, v in weights.items()]
+        parts.append("<h3>Weights</h3>" + _table(["dataset", "weight"], rows))
+    if isinstance(gate.get("allocation"), dict):
+        rows = [[esc(k), _cell(v)] for k, v in gate["allocation"].items()]
+        parts.append("<h3>Allocation</h3>" + _table(["dataset", "examples"], rows))
+    forecasts = gate.get("forecasts")
+    if isinstance(forecasts, dict) and forecasts:  # sts-gate/1: one forecast per candidate
+        variant = gate.get("score") if isinstance(gate.get("score"), str) else None
+        domains = list(dict.fromkeys(d for f in forecasts.values() if isinstance(f, dict)
+                                     for d in (f.get("domains") or {})))
+        rows = []
+        for name, f in forecasts.items():
+            fd = (f.get("domains") or {}) if isinstance(f, dict) else {}
+            v = variant or (f.get("ranking") if isinstance(f, dict) else None)
+            rows.append([esc(name), *[_cell((fd.get(d) or {}).get("scores", {}).get(v)) for d in domains]])
+        title = f"Forecast per candidate ({esc(LABELS.get(variant, variant or 'ranking'))})"
+        parts.append(f"<h3>{title}</h3>" + _table(["candidate", *[esc(d) for d in domains]], rows))
+    worst: list[Any] = []
+    for key in ("worst_examples", "worst", "examples"):
+        if isinstance(gate.get(key), list):
+            worst = gate[key]
+            break
+    example_scores = gate.get("example_scores")
+    if not worst and isinstance(example_scores, dict):
+        worst = [{"candidate": name, **(w if isinstance(w, dict) else {"text": w})}
+                 for name, scores in example_scores.items() if isinstance(scores, dict)
+                 for w in scores.get("worst") or []]
+    if worst:
+        parts.append(f"<h3>Worst-scoring examples</h3>{_records_table(worst, ('candidate', 'text', 'score'))}")
+    skip = {"candidates", "weights", "worst_examples", "worst", "examples", "allocation", "forecasts", "example_scores"}
+    for key in [k for k, v in gate.items() if not _scalar(v) and k not in skip]:
+        value = gate[key]
+        if isinstance(value, list) and all(_scalar(v) for v in value):
+            if value:
+                parts.append(f"<div><b>{esc(key)}</b>: {', '.join(esc(v) for v in value)}</div>")
+            continue
+        rows = value if isinstance(value, list) else [value]
+        parts.append(f"<h3>{esc(key)}</h3>{_records_table(rows)}")
+    return f'<section id="gate"><h2>Gate decision</h2>{"".join(parts)}</section>'
+
+
+def render_html(data: ReportData) -> str:
+    scatter = scatter_points(data)
+    sections = [_summary(data, scatter), _forecast_section(data), _timeline_section(data),
+                _scatter_section(data, scatter), _latents_section(data), _gate_section(data.gate)]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            # No network: nothing may be loaded from elsewhere, and no script may run.
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+            "style-src 'unsafe-inline'\">"
+            f"<title>STS report</title><style>{CSS}</style></head><body>{_header(data)}<main>"
+            f"{''.join(sections)}<p class=\"muted\">Written by sts-callback from {esc(data.sts_dir.name)}/ "
+            "(forecast.json, history.jsonl). STS: Zhang, Wang et al., ICLR 2026, arXiv 2603.02908.</p></main>"
+            "</body></html>\n")
+
+
+# --------------------------------------------------------------------------- Markdown
+def render_markdown(data: ReportData, top: int = 5) -> str:
+    s = data.settings
+    lines = ["### STS report", ""]
+    if data.forecast is not None:
+        lines.append(f"Model `{md_esc(s.get('model', '?'))}`, SAE {md_esc(data.describe_sae())}, layer "
+                     f"{md_esc(s.get('layer', '?'))}, {md_esc(data.forecast.get('shift_tokens'))} probe tokens, "
+                     f"N = {len(data.forecast.get('shifted_latents', []))} shifted latents.")
+        lines.append("")
+    if data.ranking:
+        label = LABELS.get(data.variant, data.variant)
+        lines += [f"**Most affected domains (forecast, {label})**", "",
+                  f"| rank | domain | {label} | protected |", "|---:|---|---:|:---:|"]
+        for rank, (name, value) in enumerate(data.ranking[:top], 1):
+            mark = "⚠️ yes" if name in data.protected else ""
+            lines.append(f"| {rank} | {md_esc(name)} | {value:.4g} | {mark} |")
+        if len(data.ranking) > top:
+            lines.append(f"| … | {len(data.ranking) - top} more | | |")
+        lines.append("")
+    elif data.forecast is None:
+        lines += ["No forecast (no in-context demonstrations); re-checks only.", ""]
+    if data.rechecks:
+        last = data.rechecks[-1]
+        deltas = ", ".join(f"{md_esc(k)} {_pct(v)}" + (" (protected)" if k in data.protected else "")
+                           for k, v in (last.get("loss_delta") or {}).items())
+        lines.append(f"**Re-checks:** {len(data.rechecks)}, last at step {last['step']}: "
+                     f"held-out loss change {deltas}; "
+                     f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
+                     f"{len(last.get('shifted_latents', [])) or '–'} latents.")
+        scatter = scatter_points(data)
+        if scatter is not None and scatter[2] is not None:
+            lines.append(f"Forecast vs measured: Pearson r = {scatter[2]:.2f}, Spearman ρ = {scatter[3]:.2f}.")
+        lines.append("")
+    warnings = [f"step {r['step']}: {md_esc(v)}" for r in data.history for v in r.get("violations") or []]
+    warnings += [f"**{md_esc(r['early_stop'])}**" for r in data.history if r.get("early_stop")]
+    warnings += [f"step {r.get('step')}: re-check failed ({md_esc(r['error'])})" for r in data.history if "error" in r]
+    if warnings:
+        lines += ["**Warnings**", "", *[f"- {w}" for w in warnings], ""]
+    elif data.rechecks:
+        lines += ["No warnings.", ""]
+    if data.forecast and data.forecast.get("shifted_latents"):
+        values = data.forecast.get("shift_values") or []
+        total = sum(values) or 1.0
+        shown = ", ".join(f"{lat} ({100 * v / total:.1f}%)"
+                          for lat, v in zip(data.forecast["shifted_latents"][:5], values))
+        lines += [f"Top shifted latents (share of the shift): {shown}.", ""]
+    if isinstance(data.gate, dict):
+        items = [f"{md_esc(k)}: {md_esc(v)}" for k, v in data.gate.items()
+                 if _scalar(v) and v is not None and k != "format"]
+        candidates = data.gate.get("candidates")
+        if isinstance(candidates, dict):
+            items += [f"{md_esc(n)} {'accepted' if c.get('accepted') else 'rejected'}"
+                      + (f" ({md_esc(c['reason'])})" if c.get("reason") else "")
+                      for n, c in candidates.items() if isinstance(c, dict)]
+        lines += ["**Gate decision:** " + "; ".join(items), ""]
+    lines.append("Full report with plots and the shifted latents' contexts: `report.html`.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- entry point
+def resolve_sts_dir(path: str | Path) -> Path:
+    """The ``sts/`` folder for a trainer ``output_dir`` or the folder itself."""
+    path = Path(path)
+    if (path / "sts").is_dir() and not any((path / f).exists() for f in (FORECAST_FILE, HISTORY_FILE, GATE_FILE)):
+        return path / "sts"
+    if not path.is_dir():
+        raise STSInputError(f"{path} is not a folder; give the trainer's output_dir or its sts/ folder.")
+    return path
+
+
+def write_report(sts_dir: str | Path, protected: list[str] | None = None) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` into ``sts_dir``; returns their paths."""
+    sts_dir = resolve_sts_dir(sts_dir)
+    data = ReportData(sts_dir, protected)
+    html_path, md_path = sts_dir / HTML_FILE, sts_dir / MD_FILE
+    for path, text in ((html_path, render_html(data)), (md_path, render_markdown(data))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return html_path, md_path
+
+
+__all__ = ["write_report", "render_html", "render_markdown", "ReportData"]

@@ -1,0 +1,247 @@
+"""The HTML / Markdown report: built from a tiny Trainer run and checked in headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+from sts_callback.callback import STSCallback
+from sts_callback.cli import main as sts_main
+from sts_callback.forecast import DomainForecast, Forecast
+from sts_callback.report import write_report
+
+SCRIPT = "<script>alert(1)</script>"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+FAST = dict(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2, top_contexts=3)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+# --------------------------------------------------------------------------- helpers (from test_callback.py)
+def tokenized(tokenizer, texts):
+    return Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+
+
+def web_texts(n: int, seed: int = 0) -> list[str]:
+    """A domain whose texts carry a script tag (one token of the tiny tokenizer), to check escaping."""
+    return [f"{text[:-1]} {SCRIPT} code ." for text in domain_texts("code", n, seed=seed)]
+
+
+def md_ranking(md: str) -> list[str]:
+    rows = re.findall(r"^\| (\d+) \| (.+?) \| ", md, flags=re.M)
+    return [html.unescape(name.replace("\\|", "|")) for _, name in rows]
+
+
+def html_ranking(page: str) -> list[str]:
+    pattern = r'<tr class="ranking[^"]*" data-rank="\d+" data-domain="([^"]*)"'
+    return [html.unescape(name) for name in re.findall(pattern, page)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real (tiny) Trainer run with the callback: forecast, two re-checks, a warning and an early stop."""
+    tmp = tmp_path_factory.mktemp("report")
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens([SCRIPT])
+    callback = STSCallback(
+        sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"),
+        target_domains={"law": domain_texts("law", 30), "food": domain_texts("food", 30),
+                        "chem": domain_texts("chem", 30), "web": web_texts(30)},
+        protected=["food"], config=FAST, recheck_tokens=150, loss_tokens=120,
+        max_sts=0.0, early_stop=True, patience=2,  # every re-check violates: warnings and an early stop to show
+    )
+    train = domain_texts("law", 48) + web_texts(16, seed=3)
+    args = TrainingArguments(output_dir=str(tmp / "run"), max_steps=6, save_steps=2, logging_steps=1, use_cpu=True,
+                             report_to=[], per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="steps")
+    trainer = Trainer(model=make_model("llama"), args=args, train_dataset=tokenized(tokenizer, train),
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+                      callbacks=[callback])
+    trainer.train()
+    assert trainer.state.global_step == 4  # early stop at the second violating re-check
+    return tmp / "run"
+
+
+# --------------------------------------------------------------------------- from a Trainer run
+def test_callback_writes_report_and_cli_rewrites_it(run_dir, capsys):
+    sts = run_dir / "sts"
+    assert (sts / "report.html").exists() and (sts / "report.md").exists()
+    assert json.loads((sts / "settings.json").read_text())["protected"] == ["food"]
+    (sts / "report.html").unlink()
+    assert sts_main(["report", str(run_dir)]) == 0  # the trainer output_dir works as well as sts/ itself
+    printed = capsys.readouterr().out
+    assert str(sts / "report.html") in printed and str(sts / "report.md") in printed
+    page = (sts / "report.html").read_text()
+    assert page.count('<img class="plot" src="data:image/png;base64,') == 3  # forecast, timeline, scatter
+    assert "early stop" in page and "protected" in page and "Pearson r" in page
+    assert "<script" not in page and html.escape(SCRIPT) in page
+    assert 'src="http' not in page and "<link" not in page  # self-contained
+    md = (sts / "report.md").read_text()
+    assert SCRIPT not in md and "early stop at step 4" in md
+    forecast = Forecast.load(sts / "forecast.json")
+    assert md_ranking(md) == [name for name, _ in forecast.ranked()][:5] == html_ranking(page)[:5]
+
+
+def _driver(profile: str):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager go looking for drivers
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+
+
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                    reason="headless Chromium not installed (apt-get install chromium chromium-driver; .ci/run does)")
+def test_report_in_headless_chromium(run_dir):
+    pytest.importorskip("selenium", reason="selenium not installed (pip install -e '.[dev]')")
+    from selenium.common.exceptions import NoAlertPresentException
+
+    page_path = (run_dir / "sts" / "report.html").resolve()
+    if not page_path.exists():
+        write_report(run_dir / "sts")
+    profile = tempfile.mkdtemp(prefix="sts-chromium-")
+    driver = _driver(profile)
+    try:
+        driver.get(page_path.as_uri())
+        driver.execute_script("return document.readyState")
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);")
+        assert len(images) == 3
+        for alt, complete, width, height in images:
+            assert complete and width > 0 and height > 0, f"plot {alt!r} not rendered"
+        with pytest.raises(NoAlertPresentException):
+            driver.switch_to.alert.text  # the probe's script tag ran nothing
+        assert driver.execute_script("return document.scripts.length") == 0
+        text = driver.execute_script("return document.body.innerText")
+        assert SCRIPT in text  # shown as text
+        marks = driver.execute_script(
+            "return Array.from(document.querySelectorAll('.ctx mark')).map(m => m.textContent)")
+        assert marks and all(m for m in marks)
+        ranking = driver.execute_script(
+            "return Array.from(document.querySelectorAll('tr.ranking')).map(r => r.dataset.domain)")
+        md = (run_dir / "sts" / "report.md").read_text()
+        assert md_ranking(md) == ranking[:len(md_ranking(md))] and ranking
+        for _ in range(2):  # full page: the second pass after re-layout at the new size
+            height = driver.execute_script("return document.documentElement.scrollHeight")
+            driver.set_window_size(1200, min(int(height) + 120, 12000))
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "report.png"))
+        assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+        assert errors == [], errors
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- fast, no browser, no model
+def synthetic_forecast(names: list[str], contexts_text: str = "plain") -> Forecast:
+    domains = {name: DomainForecast(name=name, texts=10, tokens=100, scores={
+        "sts_icl": 1.0 + i * 0.37 % 1.3, "sts_act": 2.0 - i * 0.1, "sts_sq": 0.1, "raw_icl": 0.0, "raw_act": 0.0,
+        "raw_sq": 0.0}) for i, name in enumerate(names)}
+    context = {"source": "train", "value": 1.5, "before": f"before {contexts_text}", "token": contexts_text,
+               "after": "after"}
+    return Forecast(domains=domains, shifted_latents=[5, 9, 2], shift_values=[3.0, 2.0, 1.0],
+                    shift_direction=[0.5, -0.2, 0.1], raw_shifted_dims=[0], raw_shift_values=[1.0], shift_tokens=200,
+                    shift_queries=10, ranking="sts_icl",
+                    settings={"model": "tiny", "layer": 1, "config": {"domain_tokens": 100},
+                              "sae": {"d_sae": 64, "neuronpedia_id": "gemma-2-2b/12-res-16k"}},
+                    latent_contexts={"5": [context, {**context, "source": names[0]}], "9": [context], "2": []})
+
+
+def test_escaping_forecast_only_and_markdown_matches_html(tmp_path):
+    evil = '<img src=x onerror="alert(2)">'
+    names = ["law", "food", evil, "chem|pipes", "sport", "code", "math"]
+    sts = tmp_path / "sts"
+    synthetic_forecast(names, contexts_text=SCRIPT).save(sts / "forecast.json")  # no history: forecast only
+    html_path, md_path = write_report(tmp_path, protected=["food"])  # output_dir resolves to its sts/
+    page, md = html_path.read_text(), md_path.read_text()
+    assert "<script" not in page and "<img src=x" not in page and "onerror=\"alert" not in page
+    assert html.escape(SCRIPT) in page and html.escape(evil) in page
+    assert page.count("<img ") == 1 and 'id="timeline"' not in page and 'id="scatter"' not in page
+    assert "https://www.neuronpedia.org/gemma-2-2b/12-res-16k/5" in page
+    assert "<img" not in md and "<script" not in md and "chem\\|pipes" in md
+    expected = [name for name, _ in Forecast.load(sts / "forecast.json").ranked()]
+    assert html_ranking(page) == expected
+    assert md_ranking(md) == expected[:5]
+
+
+def test_history_only_gate_and_validation(tmp_path):
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    records = [{"step": 2, "scores": {"a": {"sts_act": 1.0, "sts_sq": 0.1}, "b": {"sts_act": 2.0, "sts_sq": 0.2}},
+                "loss": {}, "loss_delta": {"a": 0.01, "b": 0.2}, "overlap_with_forecast": None,
+                "shifted_latents": [1, 2], "violations": ["held-out loss of protected domain 'b' rose by 20.0%"]},
+               {"step": 4, "error": "OutOfMemoryError: <boom>", "traceback": "..."}]
+    (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"cut')
+    (sts / "settings.json").write_text(json.dumps({"protected": ["b"], "tolerance": 0.05}))
+    (sts / "gate.json").write_text(json.dumps({
+        "decision": "reject <b>",
+        "candidates": [{"name": "set<1>", "accepted": False, "reason": "harms b", "weight": 0.0},
+                       {"name": "set2", "accepted": True, "reason": "ok", "weight": 1.0}],
+        "weights": {"set2": 1.0}, "worst_examples": [{"text": SCRIPT, "score": 9.5}]}))
+    html_path, md_path = write_report(sts)
+    page, md = html_path.read_text(), md_path.read_text()
+    assert page.count("<img ") == 1  # the timeline; no forecast, no scatter without a forecast
+    assert "Gate decision" in page and "set&lt;1&gt;" in page and "Worst-scoring examples" in page
+    assert html.escape(SCRIPT) in page and "<script" not in page and "&lt;boom&gt;" in page
+    assert "rose by 20.0%" in md and "reject &lt;b&gt;" in md
+    # validation measurements + forecast: the scatter with the correlation
+    synthetic_forecast(["a", "b", "c"]).save(sts / "forecast.json")
+    (sts / "validation.json").write_text(json.dumps({"measured": {"a": 0.1, "b": 0.3, "c": 0.2}}))
+    page = write_report(sts)[0].read_text()
+    assert 'id="scatter"' in page and "Pearson r = <b>" in page and page.count("<img ") == 3
+    # the gate's own format (sts-gate/1): per-candidate forecasts and example scores with their worst examples
+    forecast = synthetic_forecast(["a", "b", "c"]).to_dict()
+    (sts / "gate.json").write_text(json.dumps({
+        "format": "sts-gate/1", "score": "sts_icl", "protected": ["b"], "targets": ["a", "b", "c"],
+        "candidates": {"math": {"accepted": True, "reason": "ok", "protected_scores": {"b": 0.1}},
+                       "web<x>": {"accepted": False, "reason": "b ranks 1", "protected_scores": {"b": 0.9}}},
+        "forecasts": {"math": forecast, "web<x>": forecast}, "weights": {"math": 1.0}, "allocation": None,
+        "example_scores": {"web<x>": {"candidate": "web<x>", "tokens": [3], "scores": {"b": [0.9]}, "total": [0.9],
+                                      "worst": [{"index": 0, "score": 0.9, "text": SCRIPT}]}},
+        "rules": {"top_k": 1}, "notes": []}))
+    page = write_report(sts)[0].read_text()
+    gate = page[page.index('id="gate"'):]
+    assert "Forecast per candidate" in gate and "web&lt;x&gt;" in gate and html.escape(SCRIPT) in gate
+    assert "Worst-scoring examples" in gate and "<script" not in page and len(gate) < 20_000
+
+
+def test_report_failure_in_callback_only_warns(tmp_path, monkeypatch):
+    import sts_callback.report as report
+
+    def broken(*args, **kwargs):
+        raise ValueError("injected report failure")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    (tmp_path / "sts").mkdir()
+    (tmp_path / "sts" / "history.jsonl").write_text("")
+    callback = STSCallback(sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), target_domains={"law": ["x"]})
+    args, state = types.SimpleNamespace(output_dir=str(tmp_path)), types.SimpleNamespace(
+        is_world_process_zero=True, global_step=3)
+    with pytest.warns(RuntimeWarning, match="STS report at step 3 was not written.*injected"):
+        callback.write_report(args, state)
+    callback.strict = True
+    with pytest.raises(ValueError, match="injected"):
+        callback.write_report(args, state)
+
+
+def test_nothing_to_report(tmp_path):
+    assert sts_main(["report", str(tmp_path)]) == 2
