@@ -3,6 +3,7 @@
 from .config import STSConfig
 from .errors import STSConfigError, STSError, STSInputError, STSNumericalError
 from .forecast import DomainForecast, Forecast, forecast
+from .gate import GateDecision, filter_examples, gate_mixture
 from .sae import SAEHandle, load_sae
 
 __version__ = "0.1.0"
@@ -16,6 +17,9 @@ __all__ = [
     "STSError",
     "STSInputError",
     "STSNumericalError",
+    "filter_examples",
     "forecast",
+    "gate_mixture",
+    "GateDecision",
     "load_sae",
 ]

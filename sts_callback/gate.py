@@ -1,0 +1,665 @@
+"""Gating data mixtures before training: ``gate_mixture()`` and ``filter_examples()``.
+
+Given candidate training sets, the target domains and the *protected* domains among them, the gate
+
+1. forecasts every candidate over all target domains. The target domains are encoded **once**: one
+   :class:`~sts_callback.forecast.Setup`, one :class:`~sts_callback.extract.Extractor`, one pass over each
+   domain's sampled texts; then per candidate only its shift pass (queries with / without demonstrations)
+   and the pure :func:`~sts_callback.forecast.assemble_forecast`. Each candidate's forecast is the one
+   :func:`~sts_callback.forecast.forecast` would return for it alone (same seed, same samples);
+2. accepts or rejects each candidate against limits on the protected domains, with the reason;
+3. weights the accepted candidates (weights sum to 1);
+4. scores every example of every candidate by its own contribution to the shift on the latents that drive
+   the protected domains' scores, so that the worst examples can be dropped (:func:`filter_examples`).
+
+Decisions made here (see ``method.md`` for the method):
+
+- **Gating score.** Default: the config's ``ranking`` (``sts_icl`` by default, the paper's headline score).
+  ``sts_icl`` has a known answer for a candidate that is a copy of a protected domain's texts: its shifted
+  latents D_N are the latents that the domain's *own* in-context shift moves most, so the domain's STS_icl
+  under that candidate is (up to sampling) the largest any D_N can give. On random tiny models STS_act does
+  not separate such a copy from other candidates (checked empirically; it depends on which latents fire
+  anywhere); on real models either can be chosen with ``score=``.
+- **Limits.** ``limits={"legal": 0.5}`` rejects a candidate whose score of that protected domain exceeds
+  the absolute value (a single float applies to every protected domain). ``max_rank=k`` rejects a
+  candidate when a protected domain ranks among the top ``k`` of the candidate's own forecast. With neither
+  (nor ``tolerance``) the default relative rule applies: reject when a protected domain's score exceeds
+  ``tolerance`` (default :data:`DEFAULT_TOLERANCE` = 1.5) times the median of that domain's score over the
+  *other* candidates (leave-one-out, so that one offender cannot raise its own bar; with a single candidate
+  the relative rule has nothing to compare to and accepts, saying so). Rules given together all apply.
+  When every candidate is rejected :class:`MixtureRejected` (an :class:`STSConfigError`) is raised with
+  every reason and the decision attached, never an empty mixture.
+- **Weights.** ``weights="sts"`` (default) is the paper's balancing rule ("extra data split in
+  proportion to STS"): each accepted candidate *serves* a target domain (``wanted={candidate: domain}``;
+  default: the non-protected target domain its own forecast moves most). A served domain's share of the
+  mixture is proportional to the pressure the *rest* of the mixture puts on it (the mean score of that
+  domain under the other accepted candidates): the domain the other data is predicted to move most gets the
+  most data of its own, as the paper split its 220 extra engineering + law examples. Candidates serving the
+  same domain split its share equally; one accepted candidate gets weight 1; zero pressure everywhere gives
+  equal shares. ``weights="min_impact"`` instead minimises the predicted impact on the protected domains,
+  ``sum_i w_i * impact_i`` with ``impact_i = sum_p score_i(p) / max_k score_k(p)`` (each protected domain
+  normalised over the accepted candidates so that domains are comparable), subject to ``sum w = 1`` and each
+  served domain's share >= ``floor`` (a linear program, ``scipy.optimize.linprog``, HiGHS).
+- **Budget.** ``budget`` (a number of examples, as the paper's 220) is split by the weights into integer
+  counts (largest remainder, ties by name) in :attr:`GateDecision.allocation`.
+- **Per-example scores.** For candidate c, protected domain p and example e (paired with demonstrations
+  sampled from c, as in the shift pass, from a seed per candidate)::
+
+      score_p(e) = mean over e's counted tokens of  sum_{j in D_N(c)} a_p(j) * (h_j(demos + e) - h_j(e))^2
+
+  where ``a_p(j)`` is latent j's share of p's score over all latents (for STS_icl: p's own mean squared
+  in-context shift of j; for STS_act / STS_sq: p's mean activation / mean squared activation of j),
+  normalised to sum 1 over *all* latents so that the scores are comparable across candidates and domains.
+  The token-weighted mean of ``score_p`` over c's examples is the D_N shift weighted by how much p uses each
+  latent. ``score(e)`` (used for filtering by default) is the sum over protected domains. Streaming: only
+  one batch's latents exist at a time; per example only P numbers are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .config import SCORE_VARIANTS, STSConfig
+from .data import Corpus, example_text, load_corpus, load_domains
+from .errors import STSConfigError, STSInputError
+from .extract import Extractor, PairedStats, _batches
+from .forecast import (SCORE_LABELS, Forecast, Plan, Setup, assemble_forecast, build_shift_pairs, inference_mode,
+                       plan_inputs)
+
+DEFAULT_TOLERANCE = 1.5
+WEIGHT_RULES = ("sts", "min_impact")
+WORST_SHOWN = 5
+PREVIEW_CHARS = 160
+
+
+class MixtureRejected(STSConfigError):
+    """Every candidate was rejected; ``decision`` holds the forecasts and the reasons."""
+
+    def __init__(self, message: str, decision: "GateDecision"):
+        super().__init__(message)
+        self.decision = decision
+
+
+@dataclass
+class CandidateDecision:
+    """Accept / reject of one candidate, the reason, and its scores of the protected domains."""
+
+    name: str
+    accepted: bool
+    reason: str
+    serves: str | None
+    protected_scores: dict[str, float]
+    protected_ranks: dict[str, int]
+    examples: int
+
+
+@dataclass
+class ExampleScores:
+    """Per-example scores of one candidate (see the module docstring for the formula).
+
+    ``scores[p][i]`` is example i's score on protected domain p; ``total[i]`` their sum; ``tokens[i]`` its
+    counted query tokens (0: nothing counted, score 0). ``worst`` lists the highest-scoring examples.
+    """
+
+    candidate: str
+    tokens: list[int]
+    scores: dict[str, list[float]]
+    total: list[float]
+    worst: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.total)
+
+    def mean(self, domain: str | None = None) -> float:
+        """Token-weighted mean score (of ``domain``, else of the total)."""
+        values = self.total if domain is None else self.scores[domain]
+        weight = sum(self.tokens)
+        return sum(v * t for v, t in zip(values, self.tokens)) / weight if weight else 0.0
+
+
+@dataclass
+class GateDecision:
+    """The result of :func:`gate_mixture`.
+
+    Attributes:
+        candidates: per-candidate decision (accepted, reason, served domain, protected scores and ranks).
+        forecasts: per-candidate :class:`Forecast` over all target domains.
+        weights: mixture weight of each accepted candidate (sum 1); rejected candidates are absent.
+        allocation: ``budget`` split into example counts by the weights (``None`` without a budget).
+        example_scores: per-candidate :class:`ExampleScores` (empty when ``score_examples=False``).
+        forward_calls: model forwards per stage: ``domains`` (once for all candidates), ``shift/<name>``,
+            ``examples/<name>``.
+    """
+
+    candidates: dict[str, CandidateDecision]
+    forecasts: dict[str, Forecast]
+    weights: dict[str, float]
+    protected: list[str]
+    targets: list[str]
+    score: str
+    rules: dict[str, Any]
+    weight_rule: str
+    allocation: dict[str, int] | None = None
+    example_scores: dict[str, ExampleScores] = field(default_factory=dict)
+    forward_calls: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    _data: dict[str, Corpus] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def accepted(self) -> list[str]:
+        return [n for n, d in self.candidates.items() if d.accepted]
+
+    @property
+    def rejected(self) -> list[str]:
+        return [n for n, d in self.candidates.items() if not d.accepted]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "sts-gate/1",
+            "candidates": {n: asdict(d) for n, d in self.candidates.items()},
+            "forecasts": {n: f.to_dict() for n, f in self.forecasts.items()},
+            "weights": self.weights,
+            "protected": self.protected,
+            "targets": self.targets,
+            "score": self.score,
+            "rules": self.rules,
+            "weight_rule": self.weight_rule,
+            "allocation": self.allocation,
+            "example_scores": {n: asdict(s) for n, s in self.example_scores.items()},
+            "forward_calls": self.forward_calls,
+            "timings": self.timings,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GateDecision":
+        if data.get("format") != "sts-gate/1":
+            raise STSInputError(f"Not an STS gate decision (format={data.get('format')!r}).")
+        fields_ = {k: v for k, v in data.items()
+                   if k not in ("format", "candidates", "forecasts", "example_scores")}
+        return cls(candidates={n: CandidateDecision(**d) for n, d in data["candidates"].items()},
+                   forecasts={n: Forecast.from_dict(f) for n, f in data["forecasts"].items()},
+                   example_scores={n: ExampleScores(**s) for n, s in data.get("example_scores", {}).items()},
+                   **fields_)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GateDecision":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def table(self) -> str:
+        label = SCORE_LABELS[self.score]
+        n_targets = len(self.targets)
+        width = max([len("candidate")] + [len(n) for n in self.candidates])
+        serves_w = max([len("serves")] + [len(d.serves or "-") for d in self.candidates.values()])
+        cells = [f"{label}({p}) rank" for p in self.protected]
+        cell_w = max(len(c) for c in cells)
+        header = (f"{'candidate':<{width}}  {'decision':<8}  {'weight':>6}  {'serves':<{serves_w}}  "
+                  + "  ".join(f"{c:>{cell_w}}" for c in cells)
+                  + ("  worst ex." if self.example_scores else ""))
+        lines = [f"STS mixture gate: {len(self.candidates)} candidates, {n_targets} target domains, protected "
+                 f"{', '.join(self.protected)}; gated on {label}, weights by {self.weight_rule!r}",
+                 header, "-" * len(header)]
+        for name, d in self.candidates.items():
+            weight = f"{self.weights[name]:.3f}" if name in self.weights else "-"
+            row = (f"{name:<{width}}  {'accept' if d.accepted else 'REJECT':<8}  {weight:>6}  "
+                   f"{d.serves or '-':<{serves_w}}  "
+                   + "  ".join(f"{f'{d.protected_scores[p]:.4g} {d.protected_ranks[p]}/{n_targets}':>{cell_w}}"
+                               for p in self.protected))
+            scores = self.example_scores.get(name)
+            if scores is not None and len(scores):
+                row += f"  {max(scores.total):.3g}"
+            lines.append(row)
+        lines.append("")
+        lines.extend(f"{name}: {d.reason}" for name, d in self.candidates.items())
+        if self.allocation is not None:
+            lines.append("")
+            lines.append("allocation of the budget: " + ", ".join(f"{n} {c}" for n, c in self.allocation.items()))
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+class Filtered(NamedTuple):
+    """What :func:`filter_examples` keeps: the original records, their scores, their indices."""
+
+    examples: list[Any]
+    scores: list[float]
+    indices: list[int]
+
+
+# --------------------------------------------------------------------------------------------- the gate
+
+
+def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, Any], targets: Any,
+                 protected: str | list[str], budget: int | None = None, *,
+                 config: STSConfig | dict | None = None, score: str | None = None,
+                 limits: dict[str, float] | float | None = None, max_rank: int | None = None,
+                 tolerance: float | None = None, weights: str = "sts", wanted: dict[str, str] | None = None,
+                 floor: float = 0.1, score_examples: bool = True, progress: bool = False) -> GateDecision:
+    """Forecast, gate and weight candidate training sets before training (see the module docstring).
+
+    Args:
+        model, tokenizer, sae: as for :func:`~sts_callback.forecast.forecast`.
+        candidates: name -> training set (any input kind the forecast accepts: texts, chat conversations,
+            TRL records, a ``datasets.Dataset``, a JSONL path, a registered domain name).
+        targets: the target domains (dict name -> data, or a list of names / paths).
+        protected: the target domain(s) whose predicted change limits the mixture.
+        budget: number of examples to split by the weights (``GateDecision.allocation``); ``None``: none.
+        config: :class:`STSConfig` (or a dict of its fields) shared by all forecasts.
+        score: the score variant gated on (default: ``config.ranking``).
+        limits: absolute score limits per protected domain (or one float for all).
+        max_rank: reject when a protected domain ranks within the top ``max_rank`` domains of a candidate.
+        tolerance: relative rule factor (default :data:`DEFAULT_TOLERANCE` when no other rule is given).
+        weights: ``"sts"`` (the paper's balancing rule) or ``"min_impact"`` (linear program).
+        wanted: candidate -> the target domain it is meant to serve (default: inferred, see module doc).
+        floor: with ``min_impact``, the smallest share of each served domain.
+        score_examples: also score every example of every candidate (one more pass per candidate).
+        progress: show a progress bar.
+
+    Raises:
+        STSInputError: an empty candidate, a protected / wanted domain not among the targets, ...
+        STSConfigError: unusable rules or weights; :class:`MixtureRejected` when every candidate is rejected.
+    """
+    start = time.perf_counter()
+    config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
+    score = score or config.ranking
+    _check_arguments(config, score, weights, floor, budget, max_rank, tolerance)
+    if not isinstance(candidates, dict) or not candidates:
+        raise STSInputError("candidates must be a non-empty dict of name -> training set; give at least one.")
+    corpora = {str(name): load_corpus(data, name=str(name)) for name, data in candidates.items()}
+    for name, corpus in corpora.items():
+        if len(corpus) == 0:
+            raise STSInputError(f"Candidate {name!r} is empty; give it at least one example or drop it.")
+    domains = load_domains(targets)
+    protected = [protected] if isinstance(protected, str) else [str(p) for p in protected]
+    if not protected:
+        raise STSConfigError("No protected domain given; name at least one target domain in `protected`.")
+    missing = [p for p in protected if p not in domains]
+    if missing:
+        raise STSInputError(f"Protected domain(s) {missing} are not among the target domains {sorted(domains)}; "
+                            "add them to `targets` or fix the names.")
+    limit_map = _limit_map(limits, protected, domains)
+    wanted = dict(wanted or {})
+    for name, domain in wanted.items():
+        if name not in corpora:
+            raise STSInputError(f"wanted names {name!r}, which is not a candidate ({sorted(corpora)}).")
+        if domain not in domains:
+            raise STSInputError(f"wanted[{name!r}] = {domain!r} is not a target domain ({sorted(domains)}).")
+    if tolerance is None and limits is None and max_rank is None:
+        tolerance = DEFAULT_TOLERANCE
+
+    setup = Setup.create(model, tokenizer, sae, config)
+    first = next(iter(corpora.values()))
+    # Domain sampling is seeded per domain and independent of the training set: one plan serves all.
+    domain_plan = plan_inputs(setup.builder, config, first, domains).domains
+    plans: dict[str, Plan] = {}
+    for name, corpus in corpora.items():
+        rng = random.Random(config.seed)  # exactly as plan_inputs samples the shift pairs
+        pairs, tokens = build_shift_pairs(corpus, setup.builder, config, rng, config.shift_tokens,
+                                          config.n_demonstrations)
+        plans[name] = Plan(shift_pairs=pairs, shift_tokens=tokens, domains=domain_plan)
+    timings: dict[str, float] = {"prepare": time.perf_counter() - start}
+
+    total = (sum(len(d.pairs or d.singles) for d in domain_plan.values())
+             + sum(len(p.shift_pairs) for p in plans.values())
+             + (sum(len(c) for c in corpora.values()) if score_examples else 0))
+    bar = _progress_bar(total, progress)
+    extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
+    calls: dict[str, int] = {}
+    forecasts: dict[str, Forecast] = {}
+    example_scores: dict[str, ExampleScores] = {}
+    try:
+        with inference_mode(setup.model):
+            t0, before = time.perf_counter(), extractor.capture.forward_calls
+            domain_stats: dict[str, Any] = {}
+            for dname, d in domain_plan.items():
+                if bar is not None:
+                    bar.set_description(f"domain {dname}")
+                domain_stats[dname] = (extractor.paired(d.pairs, what=f"domain {dname!r}") if d.pairs is not None
+                                       else extractor.activations(d.singles, what=f"domain {dname!r}"))
+            timings["domains"] = time.perf_counter() - t0
+            calls["domains"] = extractor.capture.forward_calls - before
+            for name, corpus in corpora.items():
+                t0, before = time.perf_counter(), extractor.capture.forward_calls
+                if bar is not None:
+                    bar.set_description(f"shift {name}")
+                shift: PairedStats = extractor.paired(plans[name].shift_pairs, what=f"candidate {name!r}")
+                calls[f"shift/{name}"] = extractor.capture.forward_calls - before
+                result = assemble_forecast(setup, shift, plans[name], domain_stats,
+                                           {"shift": time.perf_counter() - t0}, extractor.capture.truncate)
+                result.settings["candidate"] = name
+                forecasts[name] = result
+                timings[f"shift/{name}"] = time.perf_counter() - t0
+                if score_examples:
+                    t0, before = time.perf_counter(), extractor.capture.forward_calls
+                    if bar is not None:
+                        bar.set_description(f"examples {name}")
+                    weights_matrix = _latent_weights(domain_stats, protected, score, result.shifted_latents)
+                    example_scores[name] = _score_examples(extractor, setup, corpus, name, result.shifted_latents,
+                                                           weights_matrix, protected)
+                    calls[f"examples/{name}"] = extractor.capture.forward_calls - before
+                    timings[f"examples/{name}"] = time.perf_counter() - t0
+    finally:
+        if bar is not None:
+            bar.close()
+
+    decisions = _decide(forecasts, corpora, protected, score, limit_map, max_rank, tolerance, wanted)
+    rules = {"limits": limit_map, "max_rank": max_rank, "tolerance": tolerance}
+    decision = GateDecision(candidates=decisions, forecasts=forecasts, weights={}, protected=protected,
+                            targets=list(domains), score=score, rules=rules, weight_rule=weights,
+                            example_scores=example_scores, forward_calls=calls, timings=timings, _data=corpora)
+    accepted = decision.accepted
+    if not accepted:
+        decision.timings["total"] = time.perf_counter() - start
+        reasons = "; ".join(f"{n}: {d.reason}" for n, d in decisions.items())
+        raise MixtureRejected(
+            f"Every candidate was rejected, so there is no mixture ({reasons}). Relax the rules (raise `limits` "
+            f"or `tolerance`, lower `max_rank`), protect fewer domains, or add other candidates.", decision)
+    decision.weights = (_sts_weights(decision, accepted) if weights == "sts"
+                        else _min_impact_weights(decision, accepted, floor))
+    if budget is not None:
+        decision.allocation = _allocate(decision.weights, budget)
+        for name, count in decision.allocation.items():
+            if count > len(corpora[name]):
+                decision.notes.append(f"{name} is allocated {count} examples but has {len(corpora[name])}: "
+                                      "some would be repeated.")
+    decision.timings["total"] = time.perf_counter() - start
+    return decision
+
+
+def _check_arguments(config: STSConfig, score: str, weights: str, floor: float, budget: int | None,
+                     max_rank: int | None, tolerance: float | None) -> None:
+    if score not in SCORE_VARIANTS:
+        raise STSConfigError(f"score={score!r} is not a score variant; use one of {SCORE_VARIANTS}.")
+    if score in ("sts_icl", "raw_icl") and not config.compute_icl:
+        raise STSConfigError(f"score={score!r} needs compute_icl=True; set it or gate on score='sts_act'.")
+    if score.startswith("raw_"):
+        raise STSConfigError(f"score={score!r} is a residual baseline without latents; gate on an STS score "
+                             "(sts_icl, sts_act or sts_sq).")
+    if weights not in WEIGHT_RULES:
+        raise STSConfigError(f"weights={weights!r}: use one of {WEIGHT_RULES}.")
+    if not 0 <= floor < 1:
+        raise STSConfigError(f"floor={floor!r} must be in [0, 1); it is the smallest share of each served domain.")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise STSConfigError(f"budget={budget!r} must be a positive number of examples, or None.")
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+        raise STSConfigError(f"max_rank={max_rank!r} must be a positive integer (top-k ranks that reject).")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise STSConfigError(f"tolerance={tolerance!r} must be a positive number (e.g. 1.5).")
+
+
+def _limit_map(limits: Any, protected: list[str], domains: dict[str, Any]) -> dict[str, float]:
+    if limits is None:
+        return {}
+    if isinstance(limits, (int, float)) and not isinstance(limits, bool):
+        return {p: float(limits) for p in protected}
+    if not isinstance(limits, dict):
+        raise STSConfigError(f"limits must be a number or a dict protected domain -> limit, got {limits!r}.")
+    unknown = [k for k in limits if k not in protected]
+    if unknown:
+        raise STSConfigError(f"limits name {unknown}, which are not protected domains ({protected}); "
+                             "add them to `protected` or fix the names.")
+    return {str(k): float(v) for k, v in limits.items()}
+
+
+def _decide(forecasts: dict[str, Forecast], corpora: dict[str, Corpus], protected: list[str], score: str,
+            limits: dict[str, float], max_rank: int | None, tolerance: float | None,
+            wanted: dict[str, str]) -> dict[str, CandidateDecision]:
+    label = SCORE_LABELS[score]
+    decisions = {}
+    for name, result in forecasts.items():
+        ranked = [d for d, _ in result.ranked(score)]
+        values = {p: result.score(p, score) for p in protected}
+        ranks = {p: ranked.index(p) + 1 for p in protected}
+        violations, checks = [], []
+        for p in protected:
+            if p in limits:
+                checks.append(f"{label}({p}) = {values[p]:.4g} vs limit {limits[p]:.4g}")
+                if values[p] > limits[p]:
+                    violations.append(f"{label}({p}) = {values[p]:.4g} > limit {limits[p]:.4g}")
+            if max_rank is not None:
+                checks.append(f"{p} ranks {ranks[p]}/{len(ranked)}")
+                if ranks[p] <= max_rank:
+                    violations.append(f"{p} ranks {ranks[p]} of {len(ranked)} target domains "
+                                      f"(max_rank={max_rank} rejects ranks 1..{max_rank})")
+            if tolerance is not None:
+                others = [forecasts[o].score(p, score) for o in forecasts if o != name]
+                if not others:
+                    checks.append(f"no other candidate to compare {p} with (relative rule not applied; "
+                                  "set limits or max_rank)")
+                    continue
+                bar = tolerance * statistics.median(others)
+                checks.append(f"{label}({p}) = {values[p]:.4g} <= {bar:.4g} ({tolerance:g} x median of the "
+                              f"other candidates)")
+                if values[p] > bar:
+                    violations.append(f"{label}({p}) = {values[p]:.4g} > {bar:.4g} = {tolerance:g} x median of the "
+                                      f"other candidates ({statistics.median(others):.4g})")
+        reason = ("rejected: " + "; ".join(violations)) if violations else ("accepted: " + "; ".join(checks))
+        serves = wanted.get(name) or next((d for d in ranked if d not in protected), ranked[0])
+        decisions[name] = CandidateDecision(name=name, accepted=not violations, reason=reason, serves=serves,
+                                            protected_scores=values, protected_ranks=ranks,
+                                            examples=len(corpora[name]))
+    return decisions
+
+
+def _sts_weights(decision: GateDecision, accepted: list[str]) -> dict[str, float]:
+    """The paper's rule: a served domain's share is proportional to the rest of the mixture's pressure on it."""
+    if len(accepted) == 1:
+        return {accepted[0]: 1.0}
+    served: dict[str, list[str]] = {}
+    for name in accepted:
+        served.setdefault(decision.candidates[name].serves, []).append(name)
+    pressure = {}
+    for domain, members in served.items():
+        others = [o for o in accepted if o not in members] or accepted
+        pressure[domain] = max(0.0, statistics.fmean(decision.forecasts[o].score(domain, decision.score)
+                                                     for o in others))
+    total = sum(pressure.values())
+    shares = ({d: v / total for d, v in pressure.items()} if total > 0
+              else {d: 1.0 / len(served) for d in served})
+    weights = {name: shares[decision.candidates[name].serves] / len(served[decision.candidates[name].serves])
+               for name in accepted}
+    return _normalise(weights)
+
+
+def _min_impact_weights(decision: GateDecision, accepted: list[str], floor: float) -> dict[str, float]:
+    """min sum_i w_i impact_i  s.t.  sum w = 1, w >= 0, each served domain's share >= floor."""
+    from scipy.optimize import linprog
+
+    impact = []
+    for name in accepted:
+        total = 0.0
+        for p in decision.protected:
+            top = max(decision.candidates[o].protected_scores[p] for o in accepted)
+            total += decision.candidates[name].protected_scores[p] / top if top > 0 else 0.0
+        impact.append(total)
+    served = sorted({decision.candidates[n].serves for n in accepted})
+    if floor * len(served) > 1 + 1e-12:
+        raise STSConfigError(f"floor={floor} for {len(served)} served domains ({served}) adds up to more than 1; "
+                             f"lower floor to at most {1 / len(served):.3f}.")
+    a_ub = [[-1.0 if decision.candidates[n].serves == d else 0.0 for n in accepted] for d in served]
+    result = linprog(impact, A_ub=a_ub or None, b_ub=[-floor] * len(served) or None,
+                     A_eq=[[1.0] * len(accepted)], b_eq=[1.0], bounds=[(0, 1)] * len(accepted), method="highs")
+    if not result.success:  # pragma: no cover - the program is always feasible after the check above
+        raise STSConfigError(f"The min_impact weights have no solution ({result.message}); lower floor.")
+    return _normalise({n: max(0.0, float(w)) for n, w in zip(accepted, result.x)})
+
+
+def _normalise(weights: dict[str, float]) -> dict[str, float]:
+    total = sum(weights.values())
+    return {n: w / total for n, w in weights.items()}
+
+
+def _allocate(weights: dict[str, float], budget: int) -> dict[str, int]:
+    """Integer counts summing to ``budget`` (largest remainder, ties by name)."""
+    exact = {n: w * budget for n, w in weights.items()}
+    counts = {n: math.floor(v) for n, v in exact.items()}
+    rest = budget - sum(counts.values())
+    for name in sorted(exact, key=lambda n: (-(exact[n] - counts[n]), n))[:rest]:
+        counts[name] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------ per-example scores
+
+
+def _latent_weights(domain_stats: dict[str, Any], protected: list[str], score: str,
+                    latents: list[int]) -> torch.Tensor:
+    """[N, P]: each shifted latent's share of each protected domain's score (normalised over all latents)."""
+    columns = []
+    for p in protected:
+        stats = domain_stats[p]
+        if score == "sts_icl":
+            per_latent = stats.latent_shift.mean_shift()
+        elif score == "sts_sq":
+            per_latent = stats.latents.mean_sq()
+        else:
+            per_latent = stats.latents.mean()
+        per_latent = per_latent.detach().double().cpu().clamp(min=0)
+        total = per_latent.sum()
+        columns.append(per_latent[latents] / total if total > 0 else per_latent[latents] * 0)
+    return torch.stack(columns, dim=1)
+
+
+def _score_examples(extractor: Extractor, setup: Setup, corpus: Corpus, name: str, latents: list[int],
+                    weights: torch.Tensor, protected: list[str]) -> ExampleScores:
+    """Each example's weighted squared shift on D_N, per protected domain (streaming, one batch at a time)."""
+    builder, config = setup.builder, setup.config
+    rng = random.Random(f"{config.seed}:examples:{name}")
+    pool = [i for i in range(len(corpus)) if corpus[i].can_demonstrate]
+    pairs = []
+    for i in range(len(corpus)):
+        others = [j for j in pool if j != i] or pool
+        chosen = rng.sample(others, min(config.n_demonstrations, len(others)))
+        pairs.append(builder.pair(corpus[i], [corpus[j] for j in chosen]))
+    index = torch.tensor(latents, dtype=torch.long)
+    sums = torch.zeros(len(pairs), len(protected), dtype=torch.float64)
+    counts = torch.zeros(len(pairs), dtype=torch.float64)
+    for batch in _batches([len(p.context) for p in pairs], extractor.batch_size):
+        chosen_pairs = [pairs[i] for i in batch]
+        if not any(any(p.counted) for p in chosen_pairs):
+            extractor._after_batch(len(batch))
+            continue
+        n_query = [p.n_query for p in chosen_pairs]
+        counted = [p.counted for p in chosen_pairs]
+        where: list = []
+        resid = extractor._forward([p.base for p in chosen_pairs])
+        base_rows = extractor._rows(resid, [len(p.base) for p in chosen_pairs], n_query, counted, where)
+        resid = extractor._forward([p.context for p in chosen_pairs])
+        context_rows = extractor._rows(resid, [len(p.context) for p in chosen_pairs], n_query, counted)
+        del resid
+        extractor._check_finite(base_rows, f"candidate {name!r}")
+        extractor._check_finite(context_rows, f"candidate {name!r} (with demonstrations)")
+        base = extractor._encode(base_rows)[:, index.to(base_rows.device)]
+        context = extractor._encode(context_rows)[:, index.to(context_rows.device)]
+        contribution = (context - base).double().square().cpu() @ weights  # [rows, P]
+        rows_example = torch.tensor(batch, dtype=torch.long)[where[0]]
+        sums.index_add_(0, rows_example, contribution)
+        counts.index_add_(0, rows_example, torch.ones(rows_example.numel(), dtype=torch.float64))
+        extractor._after_batch(len(batch))
+    per_domain = sums / counts.clamp(min=1).unsqueeze(1)
+    total = per_domain.sum(dim=1)
+    scores = ExampleScores(candidate=name, tokens=[int(c) for c in counts.tolist()],
+                           scores={p: per_domain[:, k].tolist() for k, p in enumerate(protected)},
+                           total=total.tolist())
+    order = sorted(range(len(pairs)), key=lambda i: (-scores.total[i], i))[:WORST_SHOWN]
+    scores.worst = [{"index": i, "score": scores.total[i],
+                     "text": example_text(corpus[i])[:PREVIEW_CHARS]} for i in order]
+    return scores
+
+
+def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate: str, *,
+                    keep_fraction: float | None = None, threshold: float | None = None,
+                    domain: str | None = None, data: Any = None) -> Filtered:
+    """Drop a candidate's worst examples by their per-example scores.
+
+    Args:
+        decision_or_scores: a :class:`GateDecision` (from :func:`gate_mixture` or :meth:`GateDecision.load`)
+            or one candidate's :class:`ExampleScores`.
+        candidate: the candidate's name.
+        keep_fraction: keep this fraction (rounded up) of the examples with the lowest scores, or
+        threshold: keep the examples whose score is at most this.
+        domain: rank by one protected domain's score instead of the sum over protected domains.
+        data: the candidate's data; needed for a loaded decision or for ``ExampleScores`` (the decision
+            returned by :func:`gate_mixture` remembers it).
+
+    Returns:
+        :class:`Filtered` (examples: the original records in their original order, scores, indices).
+    """
+    if (keep_fraction is None) == (threshold is None):
+        raise STSConfigError("Give exactly one of keep_fraction (e.g. 0.9) or threshold (a score).")
+    if keep_fraction is not None and not 0 < keep_fraction <= 1:
+        raise STSConfigError(f"keep_fraction={keep_fraction!r} must be in (0, 1].")
+    if isinstance(decision_or_scores, GateDecision):
+        if candidate not in decision_or_scores.example_scores:
+            raise STSInputError(f"No per-example scores for {candidate!r}; candidates with scores: "
+                                f"{sorted(decision_or_scores.example_scores)} (run with score_examples=True).")
+        scores = decision_or_scores.example_scores[candidate]
+        corpus = decision_or_scores._data.get(candidate)
+    else:
+        scores, corpus = decision_or_scores, None
+    if data is not None:
+        corpus = load_corpus(data, name=candidate)
+    if corpus is None:
+        raise STSInputError(f"The data of {candidate!r} is not known here; pass data=... (the candidate's data).")
+    if len(corpus) != len(scores):
+        raise STSInputError(f"{candidate!r} has {len(corpus)} examples but {len(scores)} scores; pass the same "
+                            "data that was gated.")
+    if domain is not None and domain not in scores.scores:
+        raise STSInputError(f"{domain!r} is not a protected domain of this decision ({sorted(scores.scores)}).")
+    values = scores.total if domain is None else scores.scores[domain]
+    if threshold is not None:
+        keep = [i for i, v in enumerate(values) if v <= threshold]
+    else:
+        n_keep = math.ceil(keep_fraction * len(values))
+        keep = sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[:n_keep])
+    items = getattr(corpus, "_items", None)
+    records = [items[i] if items is not None else corpus[i] for i in keep]
+    return Filtered(examples=records, scores=[values[i] for i in keep], indices=keep)
+
+
+def write_jsonl(records: list[Any], path: str | Path) -> Path:
+    """Write records so that :func:`~sts_callback.data.load_corpus` reads them back (texts as ``{"text"}``,
+    conversations as ``{"messages"}``, records as they are)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            if isinstance(record, str):
+                record = {"text": record}
+            elif isinstance(record, list):
+                record = {"messages": record}
+            elif not isinstance(record, dict):
+                record = dict(record)
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="seq", desc="STS gate")

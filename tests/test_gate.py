@@ -1,0 +1,271 @@
+"""Mixture gating on tiny models with constructed data whose answer is known."""
+
+import json
+import statistics
+
+import pytest
+import torch
+from tiny import DOMAIN_WORDS, TinySAE, domain_texts, make_model, make_tokenizer
+
+from sts_callback import STSConfig, STSConfigError, STSInputError, forecast
+from sts_callback.cli import main
+from sts_callback.data import load_corpus
+from sts_callback.gate import GateDecision, MixtureRejected, filter_examples, gate_mixture, write_jsonl
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def structured_model(tokenizer, seed=0, strength=4.0):
+    """A tiny Llama whose domains are separable: each domain's words share an embedding direction, and
+    attention is uniform over the context (q, k = 0), so demonstrations pull a query toward their domain."""
+    model = make_model("llama", seed=seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        scale = emb[5:].norm(dim=1).mean() * strength
+        for words in DOMAIN_WORDS.values():
+            direction = torch.randn(emb.shape[1], generator=generator)
+            for word in words:
+                emb[tokenizer.convert_tokens_to_ids(word)] += direction / direction.norm() * scale
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.zero_()
+            layer.self_attn.k_proj.weight.zero_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return structured_model(tokenizer)
+
+
+def make_sae(seed=0):
+    return TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post", seed=seed)
+
+
+def config(**overrides):
+    # candidate and domain demonstrations alike (2), so a copy of a domain reproduces its own shift
+    values = dict(n_shifted=8, shift_tokens=200, domain_tokens=200, batch_size=8, n_demonstrations=2,
+                  n_domain_demonstrations=2, top_contexts=0)
+    values.update(overrides)
+    return STSConfig(**values)
+
+
+def targets():
+    return {d: domain_texts(d, 15) for d in ("law", "code", "chem", "food")}
+
+
+def candidates():
+    return {"law_copy": targets()["law"], "code": domain_texts("code", 20, seed=1),
+            "chem": domain_texts("chem", 20, seed=1), "sport": domain_texts("sport", 20, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def decision(model, tokenizer):
+    return gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", config=config())
+
+
+def test_copy_of_protected_domain_is_rejected_by_the_default_rule(decision):
+    assert decision.rejected == ["law_copy"]
+    assert decision.accepted == ["code", "chem", "sport"]
+    reason = decision.candidates["law_copy"].reason
+    assert reason.startswith("rejected: STS_icl(law) = ") and "1.5 x median of the other candidates" in reason
+    assert f"{decision.candidates['law_copy'].protected_scores['law']:.4g}" in reason
+    assert all(decision.candidates[n].reason.startswith("accepted") for n in decision.accepted)
+    # the copy has the highest score on law and the highest per-example scores on law
+    law = {n: d.protected_scores["law"] for n, d in decision.candidates.items()}
+    assert max(law, key=law.get) == "law_copy"
+    means = {n: s.mean("law") for n, s in decision.example_scores.items()}
+    assert max(means, key=means.get) == "law_copy"
+    assert decision.example_scores["law_copy"].worst[0]["score"] == max(decision.example_scores["law_copy"].total)
+    # weights of the accepted candidates sum to 1; rejected candidates get none
+    assert set(decision.weights) == set(decision.accepted)
+    assert sum(decision.weights.values()) == pytest.approx(1.0)
+    assert all(w > 0 for w in decision.weights.values())
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_copy_is_the_top_offender_on_other_models(tokenizer, seed):
+    model = structured_model(tokenizer, seed=seed)
+    result = gate_mixture(model, tokenizer, make_sae(seed), candidates(), targets(), ["law"], config=config(),
+                          tolerance=1.1)
+    assert result.rejected == ["law_copy"]
+    law = {n: d.protected_scores["law"] for n, d in result.candidates.items()}
+    assert max(law, key=law.get) == "law_copy"
+    means = {n: s.mean("law") for n, s in result.example_scores.items()}
+    assert max(means, key=means.get) == "law_copy"
+
+
+def test_forecasts_equal_single_forecasts_and_domains_are_encoded_once(model, tokenizer):
+    sae = make_sae()
+    rows = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        result = gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", config=config(),
+                              score_examples=False)
+    finally:
+        handle.remove()
+    # forwards: one pass over the domains (paired: 2 per batch), then per candidate its shift pass only
+    n_domain_texts = sum(d.texts for d in result.forecasts["code"].domains.values())
+    assert result.forward_calls["domains"] == 2 * sum(
+        -(-d.texts // 8) for d in result.forecasts["code"].domains.values())
+    assert sum(rows) == 2 * n_domain_texts + 2 * sum(f.shift_queries for f in result.forecasts.values())
+    assert len(rows) == sum(result.forward_calls.values())
+    # a separate forecast per candidate would encode the domains once per candidate
+    for name, data in candidates().items():
+        single = forecast(model, tokenizer, sae, data, targets(), config())
+        assert result.forecasts[name].shifted_latents == single.shifted_latents
+        for domain, d in single.domains.items():
+            assert result.forecasts[name].domains[domain].scores == pytest.approx(d.scores, rel=1e-9)
+
+
+def test_deterministic_and_json_round_trip(model, tokenizer, decision, tmp_path):
+    again = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", config=config())
+
+    def stable(d):
+        data = d.to_dict()
+        data.pop("timings")
+        for f in data["forecasts"].values():
+            f.pop("timings")
+        return data
+
+    assert stable(again) == stable(decision)
+    loaded = GateDecision.load(decision.save(tmp_path / "gate.json"))
+    assert stable(loaded) == json.loads(json.dumps(stable(decision)))
+    table = loaded.table()
+    assert "REJECT" in table and "law_copy: rejected" in table and "STS_icl(law)" in table
+    assert [line.split()[0] for line in table.splitlines()[3:7]] == list(candidates())
+
+
+def test_filter_examples_keeps_the_lowest_scores_and_round_trips(decision, tmp_path):
+    scores = decision.example_scores["code"]
+    kept = filter_examples(decision, "code", keep_fraction=0.5)
+    assert len(kept.examples) == 10 and kept.indices == sorted(kept.indices)
+    assert max(kept.scores) <= min(s for i, s in enumerate(scores.total) if i not in kept.indices)
+    assert kept.examples == [domain_texts("code", 20, seed=1)[i] for i in kept.indices]
+    path = write_jsonl(kept.examples, tmp_path / "filtered" / "code.jsonl")
+    reread = load_corpus(str(path))
+    assert [reread[i].prompt for i in range(len(reread))] == kept.examples
+    # by threshold, by one domain, and from a loaded decision (which needs the data again)
+    threshold = statistics.median(scores.total)
+    assert all(s <= threshold for s in filter_examples(decision, "code", threshold=threshold).scores)
+    assert filter_examples(decision, "code", keep_fraction=0.5, domain="law").indices == kept.indices
+    loaded = GateDecision.load(decision.save(tmp_path / "gate.json"))
+    with pytest.raises(STSInputError, match="data="):
+        filter_examples(loaded, "code", keep_fraction=0.5)
+    assert filter_examples(loaded, "code", keep_fraction=0.5, data=domain_texts("code", 20, seed=1)).indices == kept.indices
+    with pytest.raises(STSConfigError, match="exactly one"):
+        filter_examples(decision, "code")
+    # chat records come back as chat records
+    chats = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+    assert load_corpus(str(write_jsonl(chats, tmp_path / "chat.jsonl")))[0].answer == "a"
+
+
+def test_weight_rules_and_budget(model, tokenizer):
+    wanted = {"code": "code", "chem": "chem", "sport": "food"}
+    sts = gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
+                       targets(), "law", budget=220, config=config(), wanted=wanted, score_examples=False)
+    assert sum(sts.weights.values()) == pytest.approx(1.0)
+    assert sum(sts.allocation.values()) == 220
+    # the paper's rule: a served domain's share is proportional to the other candidates' pressure on it
+    pressure = {n: statistics.fmean(sts.forecasts[o].score(wanted[n]) for o in wanted if o != n) for n in wanted}
+    total = sum(pressure.values())
+    assert sts.weights == pytest.approx({n: p / total for n, p in pressure.items()})
+
+    low = gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
+                       targets(), "law", config=config(), wanted=wanted, weights="min_impact", floor=0.2,
+                       score_examples=False)
+    assert sum(low.weights.values()) == pytest.approx(1.0)
+    assert all(w >= 0.2 - 1e-9 for w in low.weights.values())
+    least = min(low.accepted, key=lambda n: low.candidates[n].protected_scores["law"])
+    assert low.weights[least] == pytest.approx(0.6)
+    with pytest.raises(STSConfigError, match="lower floor"):
+        gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
+                     targets(), "law", config=config(), wanted=wanted, weights="min_impact", floor=0.5,
+                     score_examples=False)
+
+
+def test_absolute_limits_and_rank_rule(model, tokenizer, decision):
+    law = {n: d.protected_scores["law"] for n, d in decision.candidates.items()}
+    bar = statistics.fmean(sorted(law.values())[-2:])  # between the copy and the next candidate
+    result = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", config=config(),
+                          limits={"law": bar}, score_examples=False)
+    assert result.rejected == ["law_copy"]
+    assert f"> limit {bar:.4g}" in result.candidates["law_copy"].reason
+    assert result.rules["tolerance"] is None  # an explicit rule replaces the default relative rule
+    ranked = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", config=config(),
+                          max_rank=1, score_examples=False)
+    for name, d in ranked.candidates.items():
+        assert d.accepted == (d.protected_ranks["law"] > 1), name
+        assert ("law ranks 1 of 4 target domains (max_rank=1" in d.reason) == (not d.accepted)
+    assert not ranked.candidates["law_copy"].accepted
+
+
+def test_bad_inputs(model, tokenizer):
+    sae = make_sae()
+    with pytest.raises(STSInputError, match="'empty' is empty"):
+        gate_mixture(model, tokenizer, sae, {**candidates(), "empty": []}, targets(), "law", config=config())
+    with pytest.raises(STSInputError, match="not among the target domains"):
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), ["law", "sport"], config=config())
+    with pytest.raises(STSInputError, match="non-empty dict"):
+        gate_mixture(model, tokenizer, sae, {}, targets(), "law", config=config())
+    with pytest.raises(STSConfigError, match="weights="):
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", config=config(), weights="equal")
+    with pytest.raises(STSConfigError, match="not protected domains"):
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", config=config(), limits={"code": 1})
+    with pytest.raises(MixtureRejected, match="Every candidate was rejected.*Relax the rules") as err:
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", config=config(), limits=0.0,
+                     score_examples=False)
+    assert isinstance(err.value, STSConfigError) and err.value.decision.weights == {}
+    assert len(err.value.decision.rejected) == 4
+
+
+def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import sts_callback.cli as cli
+
+    forecast_module = sys.modules["sts_callback.forecast"]  # the package exports a function of that name
+
+    real_load_sae = forecast_module.load_sae
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (model, tokenizer))
+    monkeypatch.setattr(forecast_module, "load_sae", lambda spec, **k: real_load_sae(make_sae(), **k))
+    for kind, sets in (("candidate", candidates()), ("target", targets())):
+        for name, texts in sets.items():
+            write_jsonl(texts, tmp_path / f"{kind}_{name}.jsonl")
+    spec = {"model": "tiny", "sae": "tiny", "protected": ["law"], "budget": 100,
+            "candidates": {n: str(tmp_path / f"candidate_{n}.jsonl") for n in candidates()},
+            "targets": {n: str(tmp_path / f"target_{n}.jsonl") for n in targets()},
+            "options": config().to_dict(), "output": str(tmp_path / "out" / "gate.json"),
+            "filtered_dir": str(tmp_path / "filtered"), "keep_fraction": 0.75}
+    (tmp_path / "gate.json").write_text(json.dumps(spec))
+    assert main(["gate", str(tmp_path / "gate.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "law_copy" in out and "REJECT" in out and "allocation of the budget" in out
+    saved = GateDecision.load(tmp_path / "out" / "gate.json")
+    assert saved.rejected == ["law_copy"]
+    for name in saved.accepted:
+        reread = load_corpus(str(tmp_path / "filtered" / f"{name}.jsonl"))
+        assert len(reread) == 15  # ceil(0.75 * 20)
+    assert not (tmp_path / "filtered" / "law_copy.jsonl").exists()
+
+    (tmp_path / "strict.json").write_text(json.dumps({**spec, "limits": {"law": 0.0}}))
+    assert main(["gate", str(tmp_path / "strict.json"), "--no-progress", "--no-example-scores",
+                 "-o", str(tmp_path / "strict_out.json")]) == 2
+    captured = capsys.readouterr()
+    assert "Every candidate was rejected" in captured.err and "REJECT" in captured.out
+    assert GateDecision.load(tmp_path / "strict_out.json").weights == {}
+    assert main(["gate", "--example"]) == 0 and "candidates:" in capsys.readouterr().out
