@@ -785,7 +785,13 @@ def _load_readme_prose() -> list[str]:
     for path in _metadata_files():
         readme, _ = _metadata_parts(_read(path))
         texts += _per_source(_pack(_markdown_paragraphs(readme), "\n\n"), 60)
-    return texts
+    # Some READMEs paste their license: that text belongs to `legal` only (domains must not overlap,
+    # whatever packages happen to be installed).
+    try:
+        legal = set(_cached_texts("legal"))
+    except STSInputError:
+        legal = set()
+    return [t for t in texts if t not in legal]
 
 
 def _changelog_items(text: str) -> list[str]:
