@@ -79,3 +79,16 @@ def test_import_does_not_load_sae_lens():
     code = "import sys, sts_callback, sts_callback.callback; print('sae_lens' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_train_sae_command(workspace, capsys):
+    out_dir = workspace / "trained_sae"
+    assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data",
+                 str(workspace / "train.jsonl"), str(workspace / "chem.jsonl"), "--d-sae", "64", "-k", "4",
+                 "--tokens", "2048", "-o", str(out_dir)]) == 0
+    assert '"fvu"' in capsys.readouterr().out
+    saved = json.loads((out_dir / "training_report.json").read_text())
+    assert saved["layer"] == 1 and saved["d_sae"] == 64 and 0 <= saved["fvu"] < 1
+    from sts_callback import load_sae
+
+    assert load_sae(out_dir).layer == 1
