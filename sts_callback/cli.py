@@ -77,22 +77,28 @@ def _expand(value: Any) -> Any:
     return value
 
 
-def cmd_forecast(args: argparse.Namespace) -> int:
+def _command_config(args: argparse.Namespace, command: str, required: tuple[str, ...]):
+    """(config file contents, validated STSConfig with --set overrides), before any model is loaded."""
     from .config import STSConfig
+
+    if not args.config:
+        raise STSInputError(f"sts {command} needs a CONFIG file (see `sts {command} --example`).")
+    config_file = _read_config(args.config)
+    missing = [k for k in required if k not in config_file]
+    if missing:
+        raise STSInputError(f"{args.config} lacks {missing}; see `sts {command} --example`.")
+    options = dict(config_file.get("options") or {})
+    options.update(dict(_parse_override(item) for item in args.set or []))
+    return config_file, STSConfig.from_dict(options)
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
     from .forecast import forecast
 
     if args.example:
         print(EXAMPLE_CONFIG, end="")
         return 0
-    if not args.config:
-        raise STSInputError("sts forecast needs a CONFIG file (see `sts forecast --example`).")
-    config_file = _read_config(args.config)
-    missing = [k for k in ("model", "sae", "train_data", "targets") if k not in config_file]
-    if missing:
-        raise STSInputError(f"{args.config} lacks {missing}; see `sts forecast --example`.")
-    options = dict(config_file.get("options") or {})
-    options.update(dict(_parse_override(item) for item in args.set or []))
-    config = STSConfig.from_dict(options)  # validated before the model is loaded
+    config_file, config = _command_config(args, "forecast", ("model", "sae", "train_data", "targets"))
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     result = forecast(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
                       _expand(config_file["targets"]), config,
@@ -172,23 +178,14 @@ GATE_KEYS = ("score", "limits", "max_rank", "tolerance", "weights", "wanted", "f
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from .config import STSConfig
     from .gate import MixtureRejected, filter_examples, gate_mixture, write_jsonl
 
     if args.example:
         print(EXAMPLE_GATE_CONFIG, end="")
         return 0
-    if not args.config:
-        raise STSInputError("sts gate needs a CONFIG file (see `sts gate --example`).")
-    config_file = _read_config(args.config)
-    missing = [k for k in ("model", "sae", "candidates", "targets", "protected") if k not in config_file]
-    if missing:
-        raise STSInputError(f"{args.config} lacks {missing}; see `sts gate --example`.")
+    config_file, config = _command_config(args, "gate", ("model", "sae", "candidates", "targets", "protected"))
     if not isinstance(config_file["candidates"], dict) or not config_file["candidates"]:
         raise STSInputError(f"{args.config}: `candidates` must be a mapping name -> path or domain name.")
-    options = dict(config_file.get("options") or {})
-    options.update(dict(_parse_override(item) for item in args.set or []))
-    config = STSConfig.from_dict(options)  # validated before the model is loaded
     keep_fraction, threshold = config_file.get("keep_fraction"), config_file.get("threshold")
     filtered_dir = args.filtered_dir or config_file.get("filtered_dir")
     if filtered_dir and keep_fraction is None and threshold is None:
