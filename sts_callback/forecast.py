@@ -336,7 +336,7 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
     start = time.perf_counter() if start is None else start
     model, config, builder = setup.model, setup.config, setup.builder
     plan = plan_inputs(builder, config, train, domains, demo_corpus)
-    shift_pairs, shift_tokens, domain_inputs = plan.shift_pairs, plan.shift_tokens, plan.domains
+    shift_pairs, domain_inputs = plan.shift_pairs, plan.domains
     prepare_seconds = time.perf_counter() - start
 
     forward_tokens = sum(len(p.base) + len(p.context) for p in shift_pairs)
