@@ -264,6 +264,13 @@ class DomainInput:
     texts: int
     tokens: int
 
+    def statistics(self, extractor: Extractor, name: str, reservoir: TopActivations | None = None):
+        """PairedStats with domain demonstrations, or ConditionStats of the texts alone."""
+        what = f"domain {name!r}"
+        if self.pairs is not None:
+            return extractor.paired(self.pairs, what=what, reservoir=reservoir)
+        return extractor.activations(self.singles, what=what, reservoir=reservoir)
+
 
 @dataclass
 class Plan:
@@ -274,17 +281,17 @@ class Plan:
     domains: dict[str, DomainInput]
 
 
-def plan_inputs(builder: PromptBuilder, config: STSConfig, train: Corpus, domains: dict[str, Corpus],
-                demonstrations: Corpus | None = None) -> Plan:
-    """Sample the queries, demonstrations and domain texts of a forecast (no model call)."""
-    rng = random.Random(config.seed)
-    shift_pairs, shift_tokens = build_shift_pairs(train, builder, config, rng, config.shift_tokens,
-                                                  config.n_demonstrations, demonstrations)
+def plan_domains(builder: PromptBuilder, config: STSConfig, domains: dict[str, Corpus],
+                 icl: bool | None = None) -> dict[str, DomainInput]:
+    """Sample each domain's texts (and, with ``icl``, its own demonstrations); seeded per domain, so the
+    result does not depend on the training set or on the other domains. ``icl`` defaults to
+    ``config.compute_icl``."""
+    icl = config.compute_icl if icl is None else icl
     inputs: dict[str, DomainInput] = {}
     for name, corpus in domains.items():
-        domain_rng = random.Random(f"{config.seed}:{name}")  # independent of the other domains
+        domain_rng = random.Random(f"{config.seed}:{name}")
         indices, tokens = domain_sequences(corpus, builder, config.domain_tokens, domain_rng)
-        if config.compute_icl:
+        if icl:
             pairs = []
             for i in indices:
                 others = [j for j in range(len(corpus)) if j != i]
@@ -294,7 +301,16 @@ def plan_inputs(builder: PromptBuilder, config: STSConfig, train: Corpus, domain
         else:
             inputs[name] = DomainInput(pairs=None, singles=[builder.single(corpus[i]) for i in indices],
                                        texts=len(indices), tokens=tokens)
-    return Plan(shift_pairs=shift_pairs, shift_tokens=shift_tokens, domains=inputs)
+    return inputs
+
+
+def plan_inputs(builder: PromptBuilder, config: STSConfig, train: Corpus, domains: dict[str, Corpus],
+                demonstrations: Corpus | None = None) -> Plan:
+    """Sample the queries, demonstrations and domain texts of a forecast (no model call)."""
+    rng = random.Random(config.seed)
+    shift_pairs, shift_tokens = build_shift_pairs(train, builder, config, rng, config.shift_tokens,
+                                                  config.n_demonstrations, demonstrations)
+    return Plan(shift_pairs=shift_pairs, shift_tokens=shift_tokens, domains=plan_domains(builder, config, domains))
 
 
 def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
@@ -344,7 +360,7 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
         forward_tokens += (sum(len(p.base) + len(p.context) for p in d.pairs) if d.pairs is not None
                            else sum(len(ids) for ids, _ in d.singles))
     total_sequences = len(shift_pairs) + sum(len(d.pairs or d.singles) for d in domain_inputs.values())
-    bar = _progress_bar(total_sequences, progress)
+    bar = progress_bar(total_sequences, progress)
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     timings = {"prepare": prepare_seconds}
     keep = config.top_contexts
@@ -362,10 +378,7 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
                 t0 = time.perf_counter()
                 if bar is not None:
                     bar.set_description(f"domain {name}")
-                domain_stats[name] = (
-                    extractor.paired(d.pairs, what=f"domain {name!r}", reservoir=reservoirs.get(name))
-                    if d.pairs is not None
-                    else extractor.activations(d.singles, what=f"domain {name!r}", reservoir=reservoirs.get(name)))
+                domain_stats[name] = d.statistics(extractor, name, reservoirs.get(name))
                 timings[f"domain/{name}"] = time.perf_counter() - t0
     finally:
         if bar is not None:
@@ -446,20 +459,16 @@ def latent_contexts(tokenizer, latents: list[int], reservoirs: dict[str, TopActi
 
 def domain_statistics(setup: Setup, domains: dict[str, Corpus]) -> dict[str, Any]:
     """Base statistics of each domain without a forecast (when the training data has no demonstrations)."""
-    stats = {}
     extractor = setup.extractor()
+    inputs = plan_domains(setup.builder, setup.config, domains, icl=False)
     with inference_mode(setup.model):
-        for name, corpus in domains.items():
-            rng = random.Random(f"{setup.config.seed}:{name}")
-            indices, _ = domain_sequences(corpus, setup.builder, setup.config.domain_tokens, rng)
-            stats[name] = extractor.activations([setup.builder.single(corpus[i]) for i in indices],
-                                                what=f"domain {name!r}")
-    return stats
+        return {name: d.statistics(extractor, name) for name, d in inputs.items()}
 
 
-def _progress_bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, desc: str = "STS forecast"):
+    """A tqdm bar over sequences, or None when disabled."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="seq", desc="STS forecast")
+    return tqdm(total=total, unit="seq", desc=desc)

@@ -74,7 +74,7 @@ from .data import Corpus, example_text, load_corpus, load_domains
 from .errors import STSConfigError, STSInputError
 from .extract import Extractor, PairedStats, _batches
 from .forecast import (SCORE_LABELS, Forecast, Plan, Setup, assemble_forecast, build_shift_pairs, inference_mode,
-                       plan_inputs)
+                       plan_domains, progress_bar)
 
 DEFAULT_TOLERANCE = 1.5
 WEIGHT_RULES = ("sts", "min_impact")
@@ -311,9 +311,8 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
         tolerance = DEFAULT_TOLERANCE
 
     setup = Setup.create(model, tokenizer, sae, config)
-    first = next(iter(corpora.values()))
     # Domain sampling is seeded per domain and independent of the training set: one plan serves all.
-    domain_plan = plan_inputs(setup.builder, config, first, domains).domains
+    domain_plan = plan_domains(setup.builder, config, domains)
     plans: dict[str, Plan] = {}
     for name, corpus in corpora.items():
         rng = random.Random(config.seed)  # exactly as plan_inputs samples the shift pairs
@@ -325,7 +324,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     total = (sum(len(d.pairs or d.singles) for d in domain_plan.values())
              + sum(len(p.shift_pairs) for p in plans.values())
              + (sum(len(c) for c in corpora.values()) if score_examples else 0))
-    bar = _progress_bar(total, progress)
+    bar = progress_bar(total, progress, desc="STS gate")
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     calls: dict[str, int] = {}
     forecasts: dict[str, Forecast] = {}
@@ -337,8 +336,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
             for dname, d in domain_plan.items():
                 if bar is not None:
                     bar.set_description(f"domain {dname}")
-                domain_stats[dname] = (extractor.paired(d.pairs, what=f"domain {dname!r}") if d.pairs is not None
-                                       else extractor.activations(d.singles, what=f"domain {dname!r}"))
+                domain_stats[dname] = d.statistics(extractor, dname)
             timings["domains"] = time.perf_counter() - t0
             calls["domains"] = extractor.capture.forward_calls - before
             for name, corpus in corpora.items():
@@ -655,11 +653,3 @@ def write_jsonl(records: list[Any], path: str | Path) -> Path:
                 record = dict(record)
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="seq", desc="STS gate")

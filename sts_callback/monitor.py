@@ -84,7 +84,6 @@ class Monitor:
         extractor = self._extractor(model)
         rows = []
         lengths = [len(ids) for ids, _ in self.probe]
-        order = []
         with inference_mode(model):
             for batch in _batches(lengths, self.setup.config.batch_size):
                 resid = extractor._forward([self.probe[i][0] for i in batch])
@@ -92,7 +91,6 @@ class Monitor:
                                        [self.probe[i][1] for i in batch])
                 extractor._check_finite(part, "the training probe")
                 rows.append(part.float().cpu())
-                order.extend(batch)
         return torch.cat(rows) if rows else torch.zeros(0, self.setup.sae.d_in)
 
     def capture_base(self, model: nn.Module) -> None:
