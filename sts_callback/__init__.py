@@ -5,6 +5,7 @@ from .errors import STSConfigError, STSError, STSInputError, STSNumericalError
 from .forecast import DomainForecast, Forecast, forecast
 from .gate import GateDecision, filter_examples, gate_mixture
 from .sae import SAEHandle, load_sae
+from .validate import ValidationResult, multiple_choice_accuracy, validate
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,7 @@ __all__ = [
     "gate_mixture",
     "GateDecision",
     "load_sae",
+    "multiple_choice_accuracy",
+    "validate",
+    "ValidationResult",
 ]

@@ -15,11 +15,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .config import STSConfig
 from .data import Corpus, load_corpus, load_domains
+from .distributed import check_ranks_agree, fingerprint, require_at_least_world, world_size
 from .errors import STSConfigError, STSInputError
 from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
 from .monitor import DomainBase, Monitor, domain_bases_from
@@ -234,6 +236,9 @@ class STSCallback(TrainerCallback, ExportableState):
             loss_sets[name] = sequences
         probe_sequences, _ = Monitor.sample_sequences(probe, self.setup, self.recheck_tokens,
                                                       seed=f"{self.config.seed}:probe")
+        self._check_ranks_agree(domains, loss_sets, probe_sequences)
+        require_at_least_world(len(probe_sequences), "The re-check probe of the training data",
+                               "Give more training texts, raise recheck_tokens, or run on fewer processes.")
         resumed = state.global_step > 0
         self.monitor = Monitor(setup=self.setup, probe=probe_sequences, domains={}, loss_sets=loss_sets)
         if resumed:
@@ -241,6 +246,24 @@ class STSCallback(TrainerCallback, ExportableState):
         else:
             self._start(args, state, control, model, probe, domains, demos)
         self._ready = True
+
+    def _check_ranks_agree(self, domains, loss_sets, probe_sequences) -> None:
+        """Cheap checksum exchange before the first collective: every rank must see the same inputs."""
+        if world_size() == 1:
+            return
+        sae = self.setup.sae
+        weight = getattr(sae.module, "W_enc", None)
+        sae_summary = [sae.d_in, sae.d_sae, sae.hook_name]
+        if isinstance(weight, torch.Tensor):  # a few moments of the encoder, not a hash of every weight
+            flat = weight.detach().float().reshape(-1)
+            sae_summary += [float(flat.double().sum()), float(flat.double().square().sum()),
+                            flat[:: max(1, flat.numel() // 4096)]]
+        check_ranks_agree(
+            {"target domains": fingerprint(sorted(domains), loss_sets), "SAE": fingerprint(sae_summary),
+             "training probe": fingerprint(probe_sequences), "STS config": fingerprint({k: v for k, v in self.config.to_dict().items() if k != "device"})},
+            {"target domains": f"{sorted(domains)} ({fingerprint(sorted(domains), loss_sets)})",
+             "SAE": f"{sae.hook_name} d_sae={sae.d_sae} ({fingerprint(sae_summary)})"},
+        )
 
     def _probe_corpus(self, train_dataloader, tokenizer) -> Corpus:
         if self.train_probe is not None:

@@ -1,4 +1,5 @@
-"""The ``sts`` command: forecasts from a config file, SAE training, the built-in domains, the demo."""
+"""The ``sts`` command: forecasts from a config file, validation by real fine-tuning, SAE training, the
+built-in domains, the demo."""
 
 from __future__ import annotations
 
@@ -215,6 +216,89 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLE_VALIDATE_CONFIG = """\
+# sts validate config (YAML or JSON): forecast, then fine-tune for real and check the forecast
+model: gemma-3-270m
+sae: ~/.cache/sts_callback/sae/gemma-3-270m-L12-w4096-k32
+train_data: my_sft_set.jsonl   # what you will post-train on (texts, messages or prompt/completion records)
+targets:                       # at least 3 domains: name -> JSONL path or registered domain name
+  legal: legal
+  code: python_code
+  math: math
+  docs: ml_docs
+validation:                    # every key optional; defaults shown
+  method: lora                 # lora or full
+  steps: 32                    # optimizer steps per seed
+  # learning_rate: 0.0002      # default 2e-4 (lora) / 1e-5 (full); write 2.0e-4, not 2e-4 (YAML)
+  batch_size: 8
+  max_length: 256
+  lora_rank: 8
+  seeds: [0]                   # paper protocol: [0, 1, 2]
+  loss_tokens: 4096            # held-out tokens per domain for the NLL before/after
+# multiple_choice:             # optional: accuracy before/after per domain; JSONL of {question, choices, answer}
+#   legal: evals/legal_mc.jsonl
+options:                       # any STSConfig field (the forecast)
+  shift_tokens: 20000
+  domain_tokens: 10000
+output_dir: validation         # writes validation/sts/validation.json, validation.png, report.html
+"""
+
+VALIDATE_KEYS = ("method", "steps", "learning_rate", "batch_size", "max_length", "lora_rank", "lora_alpha",
+                 "lora_target_modules", "seeds", "loss_tokens", "recheck_tokens", "completion_only_loss",
+                 "n_resamples", "training_args")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    if args.example:
+        print(EXAMPLE_VALIDATE_CONFIG, end="")
+        return 0
+    config_file, config = _command_config(args, "validate", ("model", "sae", "train_data", "targets"))
+    options = dict(config_file.get("validation") or {})
+    unknown = sorted(set(options) - set(VALIDATE_KEYS))
+    if unknown:
+        raise STSInputError(f"{args.config}: unknown `validation` key(s) {unknown}; valid keys are "
+                            f"{list(VALIDATE_KEYS)}.")
+    for key in ("method", "steps", "seeds", "learning_rate"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if isinstance(options.get("learning_rate"), str):  # YAML reads 2e-4 as a string
+        try:
+            options["learning_rate"] = float(options["learning_rate"])
+        except ValueError as err:
+            raise STSInputError(f"validation.learning_rate={options['learning_rate']!r} is not a number.") from err
+    from .validate import _check_arguments, multiple_choice_accuracy, validate
+
+    _check_arguments(options.get("method", "lora"), options.get("seeds", [config.seed]), options.get("steps", 32),
+                     options.get("learning_rate"), options.get("batch_size", 8), options.get("max_length", 256),
+                     options.get("lora_rank", 8), options.get("loss_tokens", 4096), options.get("recheck_tokens", 2048),
+                     None, options.get("n_resamples", 2000), True)  # bad settings fail before the model loads
+    targets = config_file["targets"]
+    if isinstance(targets, (dict, list)) and len(targets) < 3:
+        raise STSInputError(f"{args.config}: `targets` has {len(targets)} domain(s); validation correlates across "
+                            "domains and needs at least 3.")
+    metric = None
+    if config_file.get("multiple_choice"):
+        choices = config_file["multiple_choice"]
+        if not isinstance(choices, dict):
+            raise STSInputError(f"{args.config}: `multiple_choice` must map domain -> JSONL of "
+                                "{question, choices, answer}.")
+        if isinstance(targets, dict) and set(map(str, targets)) - set(map(str, choices)):
+            raise STSInputError(f"{args.config}: `multiple_choice` lacks items for "
+                                f"{sorted(set(map(str, targets)) - set(map(str, choices)))}; give a JSONL for "
+                                "every target domain, or drop `multiple_choice`.")
+        metric = multiple_choice_accuracy({str(k): _expand(v) for k, v in choices.items()})
+    output_dir = Path(args.output_dir or config_file.get("output_dir") or "sts-validation")
+    model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
+    result = validate(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
+                      _expand(config_file["targets"]), config, metric=metric,
+                      demonstrations=_expand(config_file.get("demonstrations")), output_dir=output_dir,
+                      progress=not args.no_progress, **options)
+    print(result.table())
+    print(f"\nwrote {result.files['json']}" + (f" and {result.files['plot']}" if "plot" in result.files else "")
+          + f" ({result.timings['total']:.1f} s)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -286,6 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--example", action="store_true", help="print an example config and exit")
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("validate", help="check a forecast on your setup: fine-tune for real, measure, correlate",
+                       description="Compute the forecast described by CONFIG, fine-tune a copy of the model on the "
+                                   "training data (LoRA or full, a few dozen steps, one run per seed) with the STS "
+                                   "callback, measure every target domain's held-out NLL (and multiple-choice "
+                                   "accuracy when given) before and after, and report Pearson / Spearman (p-values, "
+                                   "bootstrap 95% intervals) between each score variant and the measured change, "
+                                   "plus the overlap of forecast and actually-shifted latents. Writes "
+                                   "OUTPUT_DIR/sts/validation.json, validation.png and report.html.",
+                       epilog="Start from `sts validate --example`. Needs at least 3 target domains.")
+    p.add_argument("config", nargs="?", help="YAML/JSON file with model, sae, train_data, targets, validation, options")
+    p.add_argument("-o", "--output-dir", help="output folder (default: the config's `output_dir` or sts-validation)")
+    p.add_argument("--method", choices=("lora", "full"), default=None, help="training method (default lora)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per seed (default 32)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds, e.g. --seeds 0 1 2 (default 0)")
+    p.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=None,
+                   help="learning rate (default 2e-4 for lora, 1e-5 for full)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an STSConfig option (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--example", action="store_true", help="print an example config and exit")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("report", help="write report.html (plots, shifted latents) and report.md for a run",
                        description="Read forecast.json / history.jsonl (and gate.json when present) from OUTPUT_DIR "

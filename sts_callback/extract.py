@@ -7,13 +7,14 @@ batch. The residual stream itself is summarised too (the raw-activation baseline
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .capture import ResidualCapture
 from .data import TokenPair
+from .distributed import Shard, raise_if_any_rank_failed, shard, world_size
 from .errors import STSNumericalError
 from .sae import SAEHandle
 from .stats import ActivationStats, ShiftStats, TopActivations
@@ -44,9 +45,9 @@ class PairedStats:
             getattr(self, name).merge(getattr(other, name))
         return self
 
-    def all_reduce(self, group=None) -> "PairedStats":
+    def all_reduce(self) -> "PairedStats":
         for name in ("latents", "residual", "latent_shift", "residual_shift"):
-            getattr(self, name).all_reduce(group)
+            getattr(self, name).all_reduce()
         return self
 
 
@@ -67,10 +68,13 @@ class Extractor:
         truncate: stop the forward after ``layer`` when safe.
         pad_token_id: id used for right padding (never counted).
         on_batch: optional callback called after each batch (progress bars).
+        split: under ``torch.distributed``, each rank runs a padded 1/world share of the sequences and the
+            statistics are summed across ranks (every rank must then call the same methods).
     """
 
     def __init__(self, model: nn.Module, sae: SAEHandle, layer: int, *, batch_size: int = 8,
-                 truncate: bool = True, pad_token_id: int = 0, on_batch: Callable[[int], None] | None = None):
+                 truncate: bool = True, pad_token_id: int = 0, on_batch: Callable[[int], None] | None = None,
+                 split: bool = True):
         self.model = model
         self.sae = sae
         self.capture = ResidualCapture(model, layer, truncate=truncate)
@@ -78,7 +82,15 @@ class Extractor:
         self.pad_token_id = pad_token_id
         self.on_batch = on_batch
         self.device = _input_device(model)
+        self.split = split
+        self.failure: Exception | None = None
         self.batches_run = 0
+
+    def share(self, lengths: Sequence[int]) -> Shard:
+        """The sequences this process runs (all of them when not split or not distributed)."""
+        if self.split:
+            return shard(len(lengths), lengths)
+        return Shard(tuple(range(len(lengths))), (True,) * len(lengths))
 
     def _new_condition(self) -> tuple[ActivationStats, ActivationStats]:
         return ActivationStats(self.sae.d_sae, self.device), ActivationStats(self.sae.d_in, self.device)
@@ -114,12 +126,24 @@ class Extractor:
         return rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
 
     def _check_finite(self, rows: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(rows).all():
+        """Raise on NaN / inf; when split across ranks, remember it and raise on every rank at the end of the
+        pass (see :meth:`finish`) so that no rank is left waiting in a collective."""
+        if not torch.isfinite(rows).all() and self.failure is None:
             bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()[:5].tolist()
-            raise STSNumericalError(
+            self.failure = STSNumericalError(
                 f"NaN or inf in the residual stream at layer {self.capture.layer} in batch {self.batches_run} "
                 f"of {what} (rows {bad}); check the model's dtype (fp16 overflows are common) and the input texts."
             )
+            if not (self.split and world_size() > 1):
+                self.finish()
+
+    def finish(self) -> None:
+        """End of a pass: raise a recorded failure (collectively when split)."""
+        failure, self.failure = self.failure, None
+        if self.split:
+            raise_if_any_rank_failed(failure)
+        elif failure is not None:
+            raise failure
 
     def _encode(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.shape[0] <= ENCODE_CHUNK_TOKENS:
@@ -137,20 +161,29 @@ class Extractor:
         ``reservoir`` keeps each latent's top activations as (index into ``sequences``, position).
         """
         latents, residual = self._new_condition()
-        lengths = [len(ids) for ids, _ in sequences]
+        part = self.share([len(ids) for ids, _ in sequences])
+        local = [sequences[i] if keep else (sequences[i][0], [False] * len(sequences[i][1]))
+                 for i, keep in zip(part.indices, part.counted)]
+        lengths = [len(ids) for ids, _ in local]
         for batch in _batches(lengths, self.batch_size):
-            resid = self._forward([sequences[i][0] for i in batch])
+            resid = self._forward([local[i][0] for i in batch])
             where: list = []
-            rows = self._rows(resid, [lengths[i] for i in batch], [len(sequences[i][1]) for i in batch],
-                              [sequences[i][1] for i in batch], where)
+            rows = self._rows(resid, [lengths[i] for i in batch], [len(local[i][1]) for i in batch],
+                              [local[i][1] for i in batch], where)
             del resid
             self._check_finite(rows, what)
             residual.update(rows)
             encoded = self._encode(rows)
             latents.update(encoded)
             if reservoir is not None:
-                reservoir.update(encoded, torch.tensor(batch)[where[0]], where[1])
+                reservoir.update(encoded, torch.tensor([part.indices[i] for i in batch])[where[0]], where[1])
             self._after_batch(len(batch))
+        self.finish()
+        if self.split:
+            latents.all_reduce()
+            residual.all_reduce()
+            if reservoir is not None:
+                reservoir.merge_across_ranks()
         return ConditionStats(latents, residual)
 
     @torch.no_grad()
@@ -164,9 +197,11 @@ class Extractor:
         latents, residual = self._new_condition()
         latent_shift = ShiftStats(self.sae.d_sae, self.device)
         residual_shift = ShiftStats(self.sae.d_in, self.device)
-        context_lengths = [len(p.context) for p in pairs]
-        for batch in _batches(context_lengths, self.batch_size):
-            chosen = [pairs[i] for i in batch]
+        part = self.share([len(p.context) for p in pairs])
+        local = [pairs[i] if keep else replace(pairs[i], counted=[False] * len(pairs[i].counted))
+                 for i, keep in zip(part.indices, part.counted)]
+        for batch in _batches([len(p.context) for p in local], self.batch_size):
+            chosen = [local[i] for i in batch]
             n_query = [p.n_query for p in chosen]
             counted = [p.counted for p in chosen]
             resid = self._forward([p.base for p in chosen])
@@ -182,10 +217,16 @@ class Extractor:
             base_latents = self._encode(base_rows)
             latents.update(base_latents)
             if reservoir is not None:
-                reservoir.update(base_latents, torch.tensor(batch)[where[0]], where[1])
+                reservoir.update(base_latents, torch.tensor([part.indices[i] for i in batch])[where[0]], where[1])
             latent_shift.update(base_latents, self._encode(context_rows))
             self._after_batch(len(batch))
-        return PairedStats(latents, residual, latent_shift, residual_shift)
+        self.finish()
+        stats = PairedStats(latents, residual, latent_shift, residual_shift)
+        if self.split:
+            stats.all_reduce()
+            if reservoir is not None:
+                reservoir.merge_across_ranks()
+        return stats
 
     def _after_batch(self, n: int) -> None:
         self.batches_run += 1

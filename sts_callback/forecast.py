@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from . import score
 from .capture import hidden_size, max_positions, num_layers, unwrap_model
 from .config import SCORE_VARIANTS, STSConfig
 from .data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
+from .distributed import is_main_process, require_at_least_world, world_size
 from .errors import STSConfigError, STSInputError
 from .extract import Extractor, PairedStats
 from .stats import TopActivations
@@ -353,6 +355,8 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
     model, config, builder = setup.model, setup.config, setup.builder
     plan = plan_inputs(builder, config, train, domains, demo_corpus)
     shift_pairs, domain_inputs = plan.shift_pairs, plan.domains
+    require_at_least_world(len(shift_pairs), f"The training data's forecast sample ({train.name!r})",
+                           "Give more training texts, raise STSConfig.shift_tokens, or run on fewer processes.")
     prepare_seconds = time.perf_counter() - start
 
     forward_tokens = sum(len(p.base) + len(p.context) for p in shift_pairs)
@@ -466,9 +470,9 @@ def domain_statistics(setup: Setup, domains: dict[str, Corpus]) -> dict[str, Any
 
 
 def progress_bar(total: int, enabled: bool, desc: str = "STS forecast"):
-    """A tqdm bar over sequences, or None when disabled."""
-    if not enabled:
+    """A tqdm bar over the main process's share of the sequences, or None (disabled, or another rank)."""
+    if not enabled or not is_main_process():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="seq", desc=desc)
+    return tqdm(total=math.ceil(total / world_size()), unit="seq", desc=desc)

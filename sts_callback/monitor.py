@@ -21,6 +21,7 @@ from torch import nn
 from . import score
 from .capture import unwrap_model
 from .data import Corpus, sample_within_budget
+from .distributed import gather_objects, shard, sum_across_ranks
 from .extract import ConditionStats, Extractor, PairedStats, _batches
 from .forecast import Setup, inference_mode
 from .stats import ActivationStats, ShiftStats
@@ -79,22 +80,44 @@ class Monitor:
         extractor.capture.model = model
         return extractor
 
-    def probe_residuals(self, model: nn.Module) -> torch.Tensor:
-        """Residual rows at the probe's counted tokens, in a fixed order (float32, on CPU)."""
+    def probe_rows(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """Residual rows at the counted tokens of this process's probe sequences: global index -> [rows, d]
+        (float32, CPU). Every rank runs the same number of forwards."""
         extractor = self._extractor(model)
-        rows = []
-        lengths = [len(ids) for ids, _ in self.probe]
+        part = extractor.share([len(ids) for ids, _ in self.probe])
+        local = [self.probe[i] for i in part.indices]
+        lengths = [len(ids) for ids, _ in local]
+        out: dict[int, torch.Tensor] = {}
         with inference_mode(model):
             for batch in _batches(lengths, self.setup.config.batch_size):
-                resid = extractor._forward([self.probe[i][0] for i in batch])
-                part = extractor._rows(resid, [lengths[i] for i in batch], [len(self.probe[i][1]) for i in batch],
-                                       [self.probe[i][1] for i in batch])
-                extractor._check_finite(part, "the training probe")
-                rows.append(part.float().cpu())
-        return torch.cat(rows) if rows else torch.zeros(0, self.setup.sae.d_in)
+                resid = extractor._forward([local[i][0] for i in batch])
+                where: list = []
+                rows = extractor._rows(resid, [lengths[i] for i in batch], [len(local[i][1]) for i in batch],
+                                       [local[i][1] for i in batch], where)
+                extractor._check_finite(rows, "the training probe")
+                rows = rows.float().cpu()
+                for row_in_batch, i in enumerate(batch):
+                    if part.counted[i]:
+                        out[part.indices[i]] = rows[where[0] == row_in_batch]
+        extractor.finish()
+        return out
+
+    def _probe_offsets(self) -> list[int]:
+        offsets = [0]
+        for _, flags in self.probe:
+            offsets.append(offsets[-1] + sum(flags))
+        return offsets
+
+    def probe_residuals(self, model: nn.Module) -> torch.Tensor:
+        """Residual rows at all the probe's counted tokens in probe order (gathered from every rank)."""
+        rows: dict[int, torch.Tensor] = {}
+        for part in gather_objects(self.probe_rows(model)):
+            rows.update(part)
+        return torch.cat([rows[i] for i in range(len(self.probe))]) if self.probe else torch.zeros(0, self.setup.sae.d_in)
 
     def capture_base(self, model: nn.Module) -> None:
-        """Full fine-tune: keep the probe's base residuals. With PEFT nothing is kept (adapters are disabled later)."""
+        """Full fine-tune: keep the probe's base residuals (all of them, on every rank, so that any rank
+        layout can resume from the saved file). With PEFT nothing is kept (adapters are disabled later)."""
         if peft_model_of(model) is None:
             self.base_residuals = self.probe_residuals(model)
 
@@ -103,12 +126,15 @@ class Monitor:
 
         ``autocast``: a factory of the trainer's autocast context (called once per use).
         """
-        losses = {}
         device = next(iter(model.parameters())).device
         tokenizer = self.setup.builder.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        sums = torch.zeros(len(self.loss_sets), 2, dtype=torch.float64)  # (NLL sum, token count) per domain
         with inference_mode(model), (autocast() if autocast else nullcontext()):
-            for name, sequences in self.loss_sets.items():
+            for domain_index, everyone in enumerate(self.loss_sets.values()):
+                part = shard(len(everyone), [len(ids) for ids, _ in everyone])
+                sequences = [everyone[i] if keep else (everyone[i][0], [False] * len(everyone[i][1]))
+                             for i, keep in zip(part.indices, part.counted)]
                 total, count = 0.0, 0
                 lengths = [len(ids) for ids, _ in sequences]
                 for batch in _batches(lengths, self.loss_batch_size):
@@ -130,29 +156,35 @@ class Monitor:
                     total += float(nll[keep].double().sum())
                     count += int(keep.sum())
                     del logits, nll
-                losses[name] = total / max(count, 1)
-        return losses
+                sums[domain_index] = torch.tensor([total, count], dtype=torch.float64)
+        sum_across_ranks(sums)
+        return {name: float(sums[i, 0] / sums[i, 1].clamp(min=1)) for i, name in enumerate(self.loss_sets)}
 
     # -------------------------------------------------------------- re-check
     def actual_shift(self, model: nn.Module, autocast=None) -> ShiftStats:
-        """Per-latent E[(h_current - h_base)^2] at the probe tokens."""
+        """Per-latent E[(h_current - h_base)^2] at the probe tokens (each rank its share, summed)."""
         with autocast() if autocast else nullcontext():
-            current = self.probe_residuals(model)
+            current = self.probe_rows(model)
             peft = peft_model_of(model)
             if peft is not None:
                 with peft.disable_adapter():
-                    base = self.probe_residuals(model)
+                    base = self.probe_rows(model)
             elif self.base_residuals is not None:
-                base = self.base_residuals
+                offsets = self._probe_offsets()
+                base = {i: self.base_residuals[offsets[i]: offsets[i + 1]] for i in current}
             else:
                 raise RuntimeError("No base residuals: call capture_base(model) at train start.")
         shift = ShiftStats(self.setup.sae.d_sae)
-        device = self.setup.sae.module.W_enc.device if hasattr(self.setup.sae.module, "W_enc") else "cpu"
-        with torch.no_grad():
-            for b, c in zip(base.split(2048), current.split(2048)):
-                shift.update(self.setup.sae.encode(b.to(device)).float().cpu(),
-                             self.setup.sae.encode(c.to(device)).float().cpu())
-        return shift
+        order = sorted(current)
+        if order:
+            device = self.setup.sae.module.W_enc.device if hasattr(self.setup.sae.module, "W_enc") else "cpu"
+            base_rows = torch.cat([base[i] for i in order])
+            current_rows = torch.cat([current[i] for i in order])
+            with torch.no_grad():
+                for b, c in zip(base_rows.split(2048), current_rows.split(2048)):
+                    shift.update(self.setup.sae.encode(b.to(device)).float().cpu(),
+                                 self.setup.sae.encode(c.to(device)).float().cpu())
+        return shift.all_reduce()
 
     def recheck(self, model: nn.Module, forecast_latents: list[int] | None, autocast=None) -> dict[str, Any]:
         """The actual shift, the domains re-scored on it, and the held-out losses vs train start."""

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from .distributed import gather_objects, sum_across_ranks, world_size
 from .errors import STSInputError
 
 
@@ -39,13 +40,10 @@ class _SummedState:
             tensor += other._tensors()[name].to(tensor.device)
         return self
 
-    def all_reduce(self, group=None) -> "_SummedState":
+    def all_reduce(self) -> "_SummedState":
         """Sum the state across the processes of ``torch.distributed`` (no-op when not initialised)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            flat = torch.cat([t.reshape(-1) for t in self._tensors().values()])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        if world_size() > 1:
+            flat = sum_across_ranks(torch.cat([t.reshape(-1) for t in self._tensors().values()]))
             offset = 0
             for tensor in self._tensors().values():
                 n = tensor.numel()
@@ -161,6 +159,19 @@ class TopActivations:
         self.values = values.gather(0, best)
         self.sequence = torch.cat([self.sequence, other.sequence]).gather(0, best)
         self.position = torch.cat([self.position, other.position]).gather(0, best)
+        return self
+
+    def merge_across_ranks(self) -> "TopActivations":
+        """Every rank ends with the top ``k`` over all ranks (sequence indices must be global)."""
+        if world_size() > 1:
+            for rank_index, (values, sequence, position) in enumerate(
+                    gather_objects((self.values, self.sequence, self.position))):
+                other = TopActivations(self.width, self.k)
+                other.values, other.sequence, other.position = values, sequence, position
+                if rank_index == 0:
+                    self.values, self.sequence, self.position = values, sequence, position
+                else:
+                    self.merge(other)
         return self
 
     def top(self, latent: int) -> list[tuple[float, int, int]]:

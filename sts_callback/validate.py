@@ -1,0 +1,850 @@
+"""``validate()``: check a forecast on your own setup by fine-tuning for real (method.md, step 3).
+
+For each seed: a copy of the model is fine-tuned on the training set (LoRA or full) with a real
+``transformers.Trainer`` and an :class:`~sts_callback.callback.STSCallback` attached. The callback computes the
+forecast at train start (with that seed's sampling), measures every target domain's held-out mean token NLL
+before the first step, and re-checks at the end with the actual shift (actually-shifted latents, their overlap
+with the forecast's, held-out NLL after training). An optional user metric is evaluated before and after too.
+Across the target domains, each score variant is then correlated (Pearson, Spearman, p-values, paired
+bootstrap 95% intervals) with the magnitude and with the sign of the measured change; several seeds give
+mean and std of every correlation, as in the paper's protocol.
+
+Writes ``<output_dir>/sts/validation.json`` (read by ``sts report``), ``validation.png`` (score vs measured
+change, one panel per variant), the first seed's ``forecast.json`` and ``history.jsonl`` and ``report.html`` /
+``report.md`` next to it; each seed's run keeps its own callback folder under ``<output_dir>/seed-<seed>/sts/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import inspect
+import json
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import STSConfig
+from .data import Corpus, Example, load_corpus, load_domains
+from .errors import STSConfigError, STSInputError
+
+FORMAT = "sts-validation/1"
+VALIDATION_FILE = "validation.json"
+PLOT_FILE = "validation.png"
+METHODS = ("lora", "full")
+VARIANTS = ("sts_icl", "sts_act", "sts_sq", "raw_act")
+LABELS = {"sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq", "raw_act": "raw_act"}
+KINDS = ("abs", "signed")
+STATISTICS = ("pearson", "spearman")
+DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
+MIN_DOMAINS = 3
+
+Metric = Callable[[nn.Module, Any, str], float]
+
+
+# --------------------------------------------------------------------------- correlations
+def _pearson_along(x, y):
+    """Pearson r along the last axis (NaN where either side is constant); vectorized for the bootstrap."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    xm = x - x.mean(axis=-1, keepdims=True)
+    ym = y - y.mean(axis=-1, keepdims=True)
+    constant = (np.ptp(x, axis=-1) == 0) | (np.ptp(y, axis=-1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (xm * ym).sum(axis=-1) / np.sqrt((xm ** 2).sum(axis=-1) * (ym ** 2).sum(axis=-1))
+    return np.where(constant, np.nan, np.clip(r, -1.0, 1.0))
+
+
+def _spearman_along(x, y):
+    from scipy.stats import rankdata
+
+    return _pearson_along(rankdata(x, axis=-1), rankdata(y, axis=-1))
+
+
+def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearson", *, n_resamples: int = 2000,
+                seed: int = 0, confidence_level: float = 0.95) -> dict[str, Any]:
+    """``{"r", "p", "ci": [low, high], "n"}`` of Pearson or Spearman between ``x`` and ``y``.
+
+    ``p`` from ``scipy.stats.pearsonr`` / ``spearmanr``; ``ci`` a paired percentile bootstrap
+    (``scipy.stats.bootstrap``, seeded). Resamples that are constant on one side have no correlation and are
+    left out of the interval. A constant ``x`` or ``y`` gives ``r = p = ci = None`` (JSON null), never an error.
+    """
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    out: dict[str, Any] = {"r": None, "p": None, "ci": None, "n": int(len(x))}
+    if len(x) < 3 or not (np.isfinite(x).all() and np.isfinite(y).all()) or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = stats.pearsonr(x, y) if statistic == "pearson" else stats.spearmanr(x, y)
+        r, p = float(result[0]), float(result[1])
+        out["r"] = r if math.isfinite(r) else None
+        out["p"] = p if math.isfinite(p) else None
+        if n_resamples > 0:
+            function = _pearson_along if statistic == "pearson" else _spearman_along
+            rng = np.random.default_rng(seed)
+            key = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+            boot = stats.bootstrap((x, y), lambda a, b, axis=-1: function(a, b), paired=True, vectorized=True,
+                                   n_resamples=n_resamples, method="percentile",
+                                   confidence_level=confidence_level, **{key: rng})
+            dist = np.asarray(boot.bootstrap_distribution, dtype=np.float64)
+            dist = dist[np.isfinite(dist)]
+            if dist.size:
+                alpha = (1 - confidence_level) / 2
+                low, high = np.quantile(dist, [alpha, 1 - alpha])
+                out["ci"] = [float(low), float(high)]
+    return out
+
+
+def _mean_std(values: list[float | None]) -> dict[str, Any]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    mean = sum(finite) / len(finite) if finite else None
+    std = None
+    if len(finite) >= 2:
+        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))  # type: ignore[operator]
+    return {"mean": mean, "std": std, "n": len(finite), "values": list(values)}
+
+
+# --------------------------------------------------------------------------- a ready-made metric
+def multiple_choice_accuracy(items: Sequence[dict[str, Any]] | dict[str, Sequence[dict[str, Any]]], *,
+                             prompt_format: str = "{question}\nAnswer:", choice_format: str = " {choice}",
+                             normalize: bool = True) -> Metric:
+    """A metric ``metric(model, tokenizer, domain) -> accuracy`` for :func:`validate`.
+
+    ``items``: dicts ``{"question": str, "choices": [str, ...], "answer": index of the right choice}``, either one
+    list used for every domain or a dict ``domain -> list``. Each choice is scored by the log-likelihood of its
+    continuation ``choice_format`` after ``prompt_format`` (mean per token when ``normalize``, else the sum);
+    an item counts as right when the right choice scores highest (ties: the first highest). A path to a JSONL
+    file is accepted in place of a list.
+    """
+    per_domain = isinstance(items, dict)
+    table = {str(k): _mc_items(v, str(k)) for k, v in items.items()} if per_domain else None
+    shared = None if per_domain else _mc_items(items, "items")
+
+    def metric(model: nn.Module, tokenizer, domain: str) -> float:
+        if table is not None and domain not in table:
+            raise STSInputError(f"multiple_choice_accuracy has no items for domain {domain!r} (it has "
+                                f"{sorted(table)}); give items for every target domain.")
+        chosen = table[domain] if table is not None else shared
+        right = sum(int(_argmax(choice_scores(model, tokenizer, item, prompt_format=prompt_format,
+                                              choice_format=choice_format, normalize=normalize)) == item["answer"])
+                    for item in chosen)
+        return right / len(chosen)
+
+    metric.__name__ = "multiple_choice_accuracy"
+    return metric
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def _mc_items(items: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(items, (str, Path)):
+        path = Path(items)
+        if not path.exists():
+            raise STSInputError(f"Multiple-choice file {path} does not exist; check the path.")
+        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not isinstance(items, Sequence) or len(items) == 0:
+        raise STSInputError(f"multiple_choice_accuracy: {where} needs a non-empty list of "
+                            "{'question', 'choices', 'answer'} items.")
+    checked = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not {"question", "choices", "answer"} <= set(item):
+            raise STSInputError(f"multiple_choice_accuracy: item {i} of {where} must be a dict with 'question', "
+                                "'choices' (list of strings) and 'answer' (index of the right choice).")
+        choices, answer = item["choices"], item["answer"]
+        if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+            raise STSInputError(f"multiple_choice_accuracy: item {i} of {where} needs at least two choices.")
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise STSInputError(f"multiple_choice_accuracy: item {i} of {where} has answer={answer!r}; use the "
+                                f"index (0..{len(choices) - 1}) of the right choice.")
+        checked.append({"question": str(item["question"]), "choices": [str(c) for c in choices], "answer": answer})
+    return checked
+
+
+def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_format: str = "{question}\nAnswer:",
+                  choice_format: str = " {choice}", normalize: bool = True) -> list[float]:
+    """Log-likelihood of each choice's continuation after the question (mean per token when ``normalize``)."""
+    device = next(iter(model.parameters())).device
+    prompt = list(tokenizer(prompt_format.format(question=item["question"]), add_special_tokens=True)["input_ids"])
+    continuations = [list(tokenizer(choice_format.format(choice=c), add_special_tokens=False)["input_ids"])
+                     for c in item["choices"]]
+    if any(not c for c in continuations):
+        raise STSInputError(f"A choice of {item['question'][:60]!r} has no tokens; give non-empty choices.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    longest = max(len(prompt) + len(c) for c in continuations)
+    ids = torch.full((len(continuations), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, c in enumerate(continuations):
+        ids[row, : len(prompt) + len(c)] = torch.tensor(prompt + c)
+        mask[row, : len(prompt) + len(c)] = 1
+    from .forecast import inference_mode
+
+    with inference_mode(model):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
+    scores = []
+    for row, c in enumerate(continuations):
+        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
+        total = float(logprobs[row, positions, torch.tensor(c)].sum())
+        scores.append(total / len(c) if normalize else total)
+    return scores
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class SeedResult:
+    """One seed: its forecast, the measured changes, the actually-shifted latents and the correlations."""
+
+    seed: int
+    scores: dict[str, dict[str, float]]
+    nll_before: dict[str, float]
+    nll_after: dict[str, float]
+    nll_delta_rel: dict[str, float]
+    nll_delta_abs: dict[str, float]
+    overlap: int | None
+    n_shifted: int
+    forecast_latents: list[int]
+    actual_latents: list[int]
+    actual_scores: dict[str, dict[str, float]]
+    correlations: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]]
+    metric_before: dict[str, float] | None = None
+    metric_after: dict[str, float] | None = None
+    metric_delta: dict[str, float] | None = None
+    train_loss: float | None = None
+    seconds: float = 0.0
+    run_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "scores": self.scores, "nll_before": self.nll_before, "nll_after": self.nll_after,
+            "nll_delta_rel": self.nll_delta_rel, "nll_delta_abs": self.nll_delta_abs,
+            "metric_before": self.metric_before, "metric_after": self.metric_after, "metric_delta": self.metric_delta,
+            "overlap": {"count": self.overlap, "n_shifted": self.n_shifted,
+                        "fraction": None if self.overlap is None else self.overlap / max(self.n_shifted, 1)},
+            "forecast_latents": self.forecast_latents, "actual_latents": self.actual_latents,
+            "actual_scores": self.actual_scores, "correlations": self.correlations,
+            "train_loss": self.train_loss, "seconds": self.seconds, "run_dir": self.run_dir,
+        }
+
+
+@dataclass
+class ValidationResult:
+    """What :func:`validate` measured; ``table()`` for the console, ``to_dict()`` for ``validation.json``."""
+
+    domains: list[str]
+    variants: list[str]
+    seeds: list[int]
+    method: str
+    training: dict[str, Any]
+    config: dict[str, Any]
+    per_seed: list[SeedResult]
+    n_resamples: int = 2000
+    output_dir: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- aggregates
+    @property
+    def measures(self) -> list[str]:
+        return ["nll"] + (["metric"] if self.per_seed and self.per_seed[0].metric_delta is not None else [])
+
+    def _mean_over_seeds(self, get) -> dict[str, float]:
+        return {d: sum(get(s)[d] for s in self.per_seed) / len(self.per_seed) for d in self.domains}
+
+    @property
+    def measured(self) -> dict[str, float]:
+        """|relative held-out NLL change| per domain, mean over seeds (what ``sts report`` plots)."""
+        return {d: sum(abs(s.nll_delta_rel[d]) for s in self.per_seed) / len(self.per_seed) for d in self.domains}
+
+    def summary(self) -> dict[str, Any]:
+        """Mean and std over seeds of every correlation: ``[measure][variant][kind][statistic]``."""
+        out: dict[str, Any] = {}
+        for measure in self.measures:
+            out[measure] = {v: {k: {s: _mean_std([seed.correlations[measure][v][k][s]["r"] for seed in self.per_seed])
+                                    for s in STATISTICS} for k in KINDS} for v in self.variants}
+        return out
+
+    def correlation(self, variant: str = "sts_icl", kind: str = "abs", statistic: str = "pearson",
+                    measure: str = "nll") -> float | None:
+        """Mean over seeds of one correlation (``None`` where undefined)."""
+        return self.summary()[measure][variant][kind][statistic]["mean"]
+
+    def overlap_summary(self) -> dict[str, Any]:
+        counts = [s.overlap for s in self.per_seed]
+        summary = _mean_std([float(c) if c is not None else None for c in counts])
+        summary["values"] = counts
+        summary["n_shifted"] = self.per_seed[0].n_shifted if self.per_seed else None
+        return summary
+
+    def to_dict(self) -> dict[str, Any]:
+        seeds = self.per_seed
+        mean: dict[str, Any] = {
+            "scores": {d: {v: sum(s.scores[d][v] for s in seeds) / len(seeds) for v in self.variants}
+                       for d in self.domains},
+            "nll_before": self._mean_over_seeds(lambda s: s.nll_before),
+            "nll_after": self._mean_over_seeds(lambda s: s.nll_after),
+            "nll_delta_rel": self._mean_over_seeds(lambda s: s.nll_delta_rel),
+            "nll_delta_abs": self._mean_over_seeds(lambda s: s.nll_delta_abs),
+        }
+        if "metric" in self.measures:
+            mean["metric_before"] = self._mean_over_seeds(lambda s: s.metric_before)
+            mean["metric_after"] = self._mean_over_seeds(lambda s: s.metric_after)
+            mean["metric_delta"] = self._mean_over_seeds(lambda s: s.metric_delta)
+        out = {
+            "format": FORMAT,
+            "measured": self.measured,
+            "measured_label": "|relative change of held-out mean token NLL|, mean over seeds",
+            "domains": self.domains,
+            "variants": self.variants,
+            "measures": self.measures,
+            "seeds": self.seeds,
+            "method": self.method,
+            "training": self.training,
+            "config": self.config,
+            "correlations": self.summary(),
+            "overlap": self.overlap_summary(),
+            "mean": mean,
+            "per_seed": [s.to_dict() for s in seeds],
+            "bootstrap": {"n_resamples": self.n_resamples, "confidence_level": 0.95, "method": "percentile",
+                          "paired": True},
+            "files": self.files,
+            "timings": self.timings,
+        }
+        if "metric" in self.measures:
+            out["measured_metric"] = {d: sum(abs(s.metric_delta[d]) for s in seeds) / len(seeds)
+                                      for d in self.domains}
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(_json_safe(self.to_dict()), indent=2))
+        tmp.replace(path)
+        return path
+
+    # ---------------------------------------------------------------- text
+    def table(self) -> str:
+        seeds = self.per_seed
+        several = len(seeds) > 1
+        mean = self.to_dict()["mean"]
+        training = self.training
+        what = (f"LoRA (r={training.get('lora_rank')})" if self.method == "lora" else "full") + " fine-tune"
+        lines = [f"STS validation: {what}, {training.get('steps')} steps, lr {training.get('learning_rate'):g}, "
+                 f"batch {training.get('batch_size')}; seeds {self.seeds}; {len(self.domains)} target domains",
+                 "measured: relative change of held-out mean token NLL (+ = worse)"
+                 + (" and the user metric (after - before)" if "metric" in self.measures else "")
+                 + (f"; values are means over {len(seeds)} seeds" if several else "")]
+        width = max([len("domain")] + [len(d) for d in self.domains])
+        columns = [LABELS[v] for v in self.variants] + ["NLL before", "NLL after", "ΔNLL rel"]
+        if "metric" in self.measures:
+            columns += ["metric bef", "metric aft", "Δmetric"]
+        header = f"{'domain':<{width}}  " + "  ".join(f"{c:>10}" for c in columns)
+        lines += ["", header, "-" * len(header)]
+        order = sorted(self.domains, key=lambda d: -self.measured[d])
+        for d in order:
+            cells = [f"{mean['scores'][d][v]:>10.4g}" for v in self.variants]
+            cells += [f"{mean['nll_before'][d]:>10.4f}", f"{mean['nll_after'][d]:>10.4f}",
+                      f"{mean['nll_delta_rel'][d]:>+10.2%}"]
+            if "metric" in self.measures:
+                cells += [f"{mean['metric_before'][d]:>10.4g}", f"{mean['metric_after'][d]:>10.4g}",
+                          f"{mean['metric_delta'][d]:>+10.4g}"]
+            lines.append(f"{d:<{width}}  " + "  ".join(cells))
+        summary = self.summary()
+        for measure in self.measures:
+            name = "relative NLL change" if measure == "nll" else "user metric change"
+            lines += ["", f"correlation across {len(self.domains)} domains with the {name} "
+                      + ("(mean ± std over seeds)" if several else "(r [95% bootstrap CI] p)")]
+            cols = ["|Δ| Pearson", "|Δ| Spearman", "Δ Pearson", "Δ Spearman"]
+            cell_width = 26 if not several else 14
+            head = f"{'variant':<8}  " + "  ".join(f"{c:>{cell_width}}" for c in cols)
+            lines += [head, "-" * len(head)]
+            for v in self.variants:
+                cells = []
+                for kind in KINDS:
+                    for stat in STATISTICS:
+                        if several:
+                            agg = summary[measure][v][kind][stat]
+                            cell = "n/a" if agg["mean"] is None else (
+                                f"{agg['mean']:+.2f}" + ("" if agg["std"] is None else f" ± {agg['std']:.2f}"))
+                        else:
+                            entry = seeds[0].correlations[measure][v][kind][stat]
+                            cell = _format_entry(entry)
+                        cells.append(f"{cell:>{cell_width}}")
+                lines.append(f"{LABELS[v]:<8}  " + "  ".join(cells))
+        overlap = self.overlap_summary()
+        if overlap["mean"] is not None:
+            spread = "" if overlap["std"] is None else f" ± {overlap['std']:.1f}"
+            lines += ["", f"overlap of forecast and actually-shifted latents: {overlap['mean']:.1f}{spread} of "
+                          f"{overlap['n_shifted']}"]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _format_entry(entry: dict[str, Any]) -> str:
+    if entry["r"] is None:
+        return "n/a"
+    ci = "" if entry["ci"] is None else f" [{entry['ci'][0]:+.2f},{entry['ci'][1]:+.2f}]"
+    p = "" if entry["p"] is None else (" p<0.001" if entry["p"] < 0.001 else f" p={entry['p']:.3f}")
+    return f"{entry['r']:+.2f}{ci}{p}"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- training data
+def _training_features(corpus: Corpus, tokenizer, max_length: int, completion_only: bool,
+                       chat_fallback: bool) -> list[dict[str, list[int]]]:
+    """Token ids and labels of every example: plain texts as language modelling, prompt/answer examples with
+    the loss on the answer only (``completion_only``; TRL's default) and EOS appended. Prompt-only examples
+    are skipped."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    features = []
+    for i in range(len(corpus)):
+        example: Example = corpus[i]
+        if example.plain_text:
+            ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])[:max_length]
+            labels = list(ids)
+        elif example.answer is None:
+            continue
+        else:
+            if example.is_chat:
+                if has_template:
+                    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False,
+                                                                add_generation_prompt=True)
+                    full = tokenizer.apply_chat_template(
+                        list(example.prompt) + [{"role": "assistant", "content": example.answer}], tokenize=False)
+                    if full.startswith(prompt_text):
+                        answer_text, extra_eos = full[len(prompt_text):], []
+                    else:  # a template that renders the prompt differently in the full conversation
+                        prompt_text, answer_text, extra_eos = "", full, []
+                    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+                    answer_ids = list(tokenizer(answer_text, add_special_tokens=False)["input_ids"]) + extra_eos
+                else:
+                    if not chat_fallback:
+                        raise STSInputError(
+                            f"{corpus.name!r} holds chat conversations but the tokenizer has no chat template. "
+                            "Give a tokenizer with a chat template, or set STSConfig(chat_fallback=True).")
+                    prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in example.prompt) + "assistant: "
+                    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=True)["input_ids"])
+                    answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
+            else:
+                prompt_ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+                answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
+            ids = (prompt_ids + answer_ids)[:max_length]
+            labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length] if completion_only else list(ids)
+        if len(ids) < 2 or all(label == -100 for label in labels[1:]):
+            continue
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if not features:
+        raise STSInputError(
+            f"No trainable example in {corpus.name!r}: every example is prompt-only, empty, or its prompt fills "
+            "max_length; give texts or prompt/answer records, or raise max_length.")
+    return features
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": torch.full((len(features), longest), self.pad_id, dtype=torch.long),
+                 "attention_mask": torch.zeros((len(features), longest), dtype=torch.long),
+                 "labels": torch.full((len(features), longest), -100, dtype=torch.long)}
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.tensor(f["labels"])
+        return batch
+
+
+# --------------------------------------------------------------------------- checks
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise STSConfigError(f"validate({name}=...) must be an integer >= {low}, got {value!r}; set {name}={low} "
+                             "or more.")
+
+
+def _check_arguments(method: str, seeds: Any, steps: Any, learning_rate: Any, batch_size: Any, max_length: Any,
+                     lora_rank: Any, loss_tokens: Any, recheck_tokens: Any, metric: Any, n_resamples: Any,
+                     copy_model: bool) -> list[int]:
+    if method not in METHODS:
+        raise STSConfigError(f"validate(method={method!r}) is not a training method; use 'lora' (adapters, cheap) "
+                             "or 'full' (every weight).")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if seeds is None or not isinstance(seeds, (list, tuple, range)) or len(seeds) == 0:
+        raise STSConfigError(f"validate(seeds={seeds!r}) needs at least one seed, e.g. seeds=(0,) or seeds=(0, 1, 2).")
+    seeds = list(seeds)
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise STSConfigError(f"validate(seeds=...) must hold integers, got {seed!r}.")
+    if len(set(seeds)) != len(seeds):
+        raise STSConfigError(f"validate(seeds={seeds}) repeats a seed; give distinct seeds.")
+    _check_int("steps", steps, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("max_length", max_length, 2)
+    _check_int("lora_rank", lora_rank, 1)
+    _check_int("loss_tokens", loss_tokens, 1)
+    _check_int("recheck_tokens", recheck_tokens, 1)
+    _check_int("n_resamples", n_resamples, 0)
+    if learning_rate is not None and (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
+                                      or not learning_rate > 0 or not math.isfinite(learning_rate)):
+        raise STSConfigError(f"validate(learning_rate={learning_rate!r}) must be a positive number, e.g. 2e-4 for "
+                             "LoRA or 1e-5 for a full fine-tune (None: that default).")
+    if metric is not None and not callable(metric):
+        raise STSConfigError("validate(metric=...) must be a callable metric(model, tokenizer, domain) -> float, "
+                             "e.g. multiple_choice_accuracy(items).")
+    if not copy_model and method == "full" and len(seeds) > 1:
+        raise STSConfigError("validate(copy_model=False, method='full') trains your model in place, so it cannot "
+                             "start several seeds from the same weights; use one seed, copy_model=True, or LoRA.")
+    return seeds
+
+
+def _trainable_answers(corpus: Corpus) -> bool:
+    return any(corpus[i].can_demonstrate for i in range(min(len(corpus), 64)))
+
+
+# --------------------------------------------------------------------------- the pipeline
+def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
+             config: STSConfig | dict | None = None, *, method: str = "lora",
+             seeds: Sequence[int] | int | None = None,
+             steps: int = 32, learning_rate: float | None = None, batch_size: int = 8, max_length: int = 256,
+             lora_rank: int = 8, lora_alpha: int | None = None, lora_target_modules: Any = None,
+             completion_only_loss: bool = True, loss_tokens: int = 4096, recheck_tokens: int = 2048,
+             metric: Metric | None = None, demonstrations: Any = None, output_dir: str | Path = "sts-validation",
+             device: str | torch.device | None = None, copy_model: bool = True,
+             training_args: dict[str, Any] | None = None, n_resamples: int = 2000, progress: bool = False,
+             plot: bool = True, report: bool = True) -> ValidationResult:
+    """Forecast, then fine-tune for real and check the forecast against the measured changes.
+
+    For each seed, a copy of ``model`` is fine-tuned on ``train_data`` for ``steps`` optimizer steps with a
+    ``transformers.Trainer`` and an ``STSCallback`` (forecast with ``STSConfig.seed = seed``, held-out NLL of
+    every target domain before and after, actual shift at the end); the Trainer's seed is ``seed`` too.
+
+    Args:
+        model, tokenizer, sae, train_data, targets, config, demonstrations: as for :func:`forecast`
+            (``targets``: at least 3 domains, since correlations need them).
+        method: ``"lora"`` (peft adapters; ``lora_rank``, ``lora_alpha`` (default 2 x rank),
+            ``lora_target_modules`` (default: peft's choice for the architecture, else all linear layers))
+            or ``"full"``.
+        seeds: one seed or several (paper: 3); per-seed results plus mean and std of each correlation.
+            Each seed sets ``STSConfig.seed`` (forecast sampling, held-out texts) and the Trainer's seed (LoRA
+            init, data order). Default: ``config.seed`` (0 unless set), i.e. one run.
+        steps, learning_rate, batch_size, max_length: the training budget (``learning_rate`` default 2e-4
+            for LoRA, 1e-5 for full). AdamW (0.9, 0.95), weight decay 0.01, clip 1.0, cosine with 10% warm-up.
+        completion_only_loss: prompt/answer examples are trained on the answer tokens only.
+        loss_tokens: held-out tokens per domain for the NLL measurement; ``recheck_tokens``: probe tokens
+            for the actual shift.
+        metric: optional ``metric(model, tokenizer, domain) -> float`` evaluated before (once, on the
+            untouched weights) and after training (per seed), e.g. :func:`multiple_choice_accuracy`.
+        output_dir: ``<output_dir>/sts/validation.json`` and ``validation.png``; per-seed callback folders in
+            ``<output_dir>/seed-<seed>/``.
+        device: where training runs (default: the model's device).
+        copy_model: fine-tune a ``copy.deepcopy`` of the model (default; your model is never modified). With
+            ``False``: LoRA adapters are added to your model and removed afterwards (weights unchanged); a full
+            fine-tune leaves your model trained (one seed only).
+        training_args: extra ``TrainingArguments`` fields (e.g. ``{"bf16": True}``), applied last.
+        n_resamples: bootstrap resamples per interval (0: no intervals).
+        plot, report: write ``validation.png`` and the ``sts report`` HTML/Markdown next to the JSON.
+    """
+    start = time.perf_counter()
+    base_config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
+    seeds = _check_arguments(method, [base_config.seed] if seeds is None else seeds, steps, learning_rate,
+                             batch_size, max_length, lora_rank, loss_tokens, recheck_tokens, metric, n_resamples,
+                             copy_model)
+    if lora_alpha is not None:
+        _check_int("lora_alpha", lora_alpha, 1)
+    if model is None or not isinstance(model, nn.Module):
+        raise STSInputError(f"validate() needs a Hugging Face model (nn.Module), got {type(model).__name__}.")
+    if tokenizer is None:
+        raise STSInputError("validate() needs the model's tokenizer.")
+    from .monitor import peft_model_of
+
+    if peft_model_of(model) is not None:
+        raise STSInputError("validate() got a model with PEFT adapters; pass the base model "
+                            "(model.get_base_model(), or merge_and_unload()): validate adds its own adapters "
+                            "(method='lora') or trains every weight (method='full').")
+    domains = load_domains(targets)
+    if len(domains) < MIN_DOMAINS:
+        raise STSConfigError(f"validate() correlates scores with measured changes across target domains and needs "
+                             f"at least {MIN_DOMAINS}; got {len(domains)} ({sorted(domains)}). Add target domains.")
+    train = load_corpus(train_data, name="train")
+    if len(train) == 0:
+        raise STSInputError("The training set is empty; give it examples.")
+    demos = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
+    if demos is None and not _trainable_answers(train):
+        raise STSInputError("The training set has no answers (prompt-only data): it can neither be fine-tuned on "
+                            "with SFT nor give in-context demonstrations; give texts or prompt/answer records.")
+    features = _training_features(train, tokenizer, max_length, completion_only_loss, base_config.chat_fallback)
+    if method == "lora":
+        import peft  # noqa: F401  - fail now, not after the forecast, when peft is missing
+    lr = float(learning_rate) if learning_rate is not None else DEFAULT_LR[method]
+    train_device = torch.device(device) if device is not None else next(iter(model.parameters())).device
+    out = Path(output_dir)
+    sts_dir = out / "sts"
+    sts_dir.mkdir(parents=True, exist_ok=True)
+    training = {"method": method, "steps": steps, "learning_rate": lr, "batch_size": batch_size,
+                "max_length": max_length, "lora_rank": lora_rank if method == "lora" else None,
+                "lora_alpha": (lora_alpha or 2 * lora_rank) if method == "lora" else None,
+                "lora_target_modules": None, "completion_only_loss": completion_only_loss,
+                "loss_tokens": loss_tokens, "recheck_tokens": recheck_tokens, "train_examples": len(features),
+                "device": str(train_device), "copied_model": copy_model,
+                "training_args": {k: v for k, v in (training_args or {}).items() if _json_ok(v)}}
+
+    metric_before: dict[str, float] | None = None
+    per_seed: list[SeedResult] = []
+    variants: list[str] | None = None
+    for seed in seeds:
+        seed_start = time.perf_counter()
+        config = base_config.replace(seed=seed)
+        run = _train_one_seed(model, tokenizer, sae, train, features, domains, demos, config, seed=seed, method=method,
+                              steps=steps, lr=lr, batch_size=batch_size, lora_rank=lora_rank,
+                              lora_alpha=lora_alpha or 2 * lora_rank, lora_target_modules=lora_target_modules,
+                              loss_tokens=loss_tokens, recheck_tokens=recheck_tokens, device=train_device,
+                              run_dir=out / f"seed-{seed}", copy_model=copy_model, training_args=training_args,
+                              progress=progress, metric=metric, metric_before=metric_before)
+        if metric is not None and metric_before is None:
+            metric_before = run["metric_before"]
+        training["lora_target_modules"] = run["target_modules"]
+        forecast = run["callback"].forecast
+        if variants is None:
+            variants = [v for v in VARIANTS if all(d.scores.get(v) is not None for d in forecast.domains.values())]
+        per_seed.append(_seed_result(seed, run, variants, metric_before, n_resamples, time.perf_counter() - seed_start,
+                                     out / f"seed-{seed}"))
+        if seed == seeds[0]:  # the report of the validation folder shows the first seed's run
+            forecast.save(sts_dir / "forecast.json")
+            history = out / f"seed-{seed}" / "sts" / "history.jsonl"
+            if history.exists():
+                shutil.copyfile(history, sts_dir / "history.jsonl")
+        del run
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    result = ValidationResult(domains=list(domains), variants=variants or [], seeds=seeds, method=method,
+                              training=training, config=base_config.replace(seed=seeds[0]).to_dict(), per_seed=per_seed,
+                              n_resamples=n_resamples, output_dir=str(out))
+    result.files = {"json": str(sts_dir / VALIDATION_FILE), "forecast": str(sts_dir / "forecast.json"),
+                    "history": str(sts_dir / "history.jsonl"),
+                    "seed_runs": [str(out / f"seed-{s}") for s in seeds]}  # type: ignore[dict-item]
+    if plot:
+        try:
+            result.files["plot"] = str(plot_validation(result, sts_dir / PLOT_FILE))
+        except Exception as err:  # noqa: BLE001 - a plot must not lose the measurements
+            warnings.warn(f"validation plot not written ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
+    result.timings = {"total": time.perf_counter() - start}
+    result.save(sts_dir / VALIDATION_FILE)
+    if report:
+        try:
+            from .report import write_report
+
+            html_path, md_path = write_report(sts_dir)
+            result.files.update({"report_html": str(html_path), "report_md": str(md_path)})
+            result.save(sts_dir / VALIDATION_FILE)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"report not written ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
+    from peft import LoraConfig, get_peft_model
+
+    def build(targets):
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                target_modules=targets, task_type="CAUSAL_LM"))
+
+    if target_modules is not None:
+        return build(target_modules)
+    try:
+        return build(None)
+    except ValueError:  # an architecture peft has no default for
+        return build("all-linear")
+
+
+def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, demos, config: STSConfig, *, seed: int,
+                    method: str, steps: int, lr: float, batch_size: int, lora_rank: int, lora_alpha: int,
+                    lora_target_modules, loss_tokens: int, recheck_tokens: int, device: torch.device, run_dir: Path,
+                    copy_model: bool, training_args, progress: bool, metric, metric_before) -> dict[str, Any]:
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from .callback import STSCallback
+    from .forecast import inference_mode
+
+    set_seed(seed)
+    original_device = next(iter(model.parameters())).device
+    requires_grad = None
+    work = copy.deepcopy(model) if copy_model else model
+    if not copy_model:
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    work.to(device)
+    result: dict[str, Any] = {"target_modules": None, "metric_before": metric_before}
+    try:
+        if metric is not None and metric_before is None:
+            with inference_mode(work):
+                result["metric_before"] = {d: float(metric(work, tokenizer, d)) for d in domains}
+        if method == "lora":
+            work = _wrap_lora(work, lora_rank, lora_alpha, lora_target_modules)
+            targets = work.peft_config["default"].target_modules
+            result["target_modules"] = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+        else:
+            for p in work.parameters():
+                p.requires_grad_(True)
+        callback = STSCallback(sae=sae, target_domains=domains, train_probe=train, demonstrations=demos,
+                               config=config, recheck_tokens=recheck_tokens, loss_tokens=loss_tokens, strict=True,
+                               recheck_at_end=True)
+        if run_dir.exists():
+            shutil.rmtree(run_dir / "sts", ignore_errors=True)
+        args = dict(output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=batch_size,
+                    learning_rate=lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
+                    lr_scheduler_type="cosine", warmup_steps=0.1, seed=seed, data_seed=seed, save_strategy="no",
+                    logging_steps=max(1, steps // 4), report_to="none", use_cpu=device.type == "cpu",
+                    disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"])
+        args.update(training_args or {})
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        trainer = Trainer(model=work, args=TrainingArguments(**args), train_dataset=features,
+                          data_collator=_Collator(pad), processing_class=tokenizer, callbacks=[callback])
+        if not progress:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the result table follows
+        trainer.train()
+        if not callback.history or "error" in callback.history[-1]:
+            raise STSInputError(f"The final re-check of seed {seed} did not run; see the warnings above.")
+        result["callback"] = callback
+        result["train_loss"] = next((e["train_loss"] for e in reversed(trainer.state.log_history)
+                                     if "train_loss" in e), None)
+        if metric is not None:
+            with inference_mode(work):
+                result["metric_after"] = {d: float(metric(work, tokenizer, d)) for d in domains}
+        del trainer
+    finally:
+        if not copy_model:
+            from .monitor import peft_model_of
+
+            if peft_model_of(work) is not None:
+                work.unload()  # the adapters come out, the base weights were never trained
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad.get(name, p.requires_grad))  # type: ignore[union-attr]
+            model.to(original_device)
+        del work
+    return result
+
+
+def _seed_result(seed: int, run: dict[str, Any], variants: list[str], metric_before, n_resamples: int,
+                 seconds: float, run_dir: Path) -> SeedResult:
+    callback = run["callback"]
+    forecast = callback.forecast
+    last = callback.history[-1]
+    names = list(forecast.domains)
+    before = {d: float(callback.base_losses[d]) for d in names}
+    after = {d: float(last["loss"][d]) for d in names}
+    rel = {d: (after[d] - before[d]) / before[d] if before[d] else 0.0 for d in names}
+    absolute = {d: after[d] - before[d] for d in names}
+    scores = {d: {v: float(forecast.domains[d].scores[v]) for v in variants} for d in names}
+    measures = {"nll": rel}
+    metric_after = run.get("metric_after")
+    metric_delta = None
+    if metric_after is not None:
+        metric_delta = {d: metric_after[d] - metric_before[d] for d in names}
+        measures["metric"] = metric_delta
+    correlations: dict[str, Any] = {}
+    for measure, delta in measures.items():
+        correlations[measure] = {}
+        for v in variants:
+            x = [scores[d][v] for d in names]
+            correlations[measure][v] = {
+                kind: {stat: correlation(x, [abs(delta[d]) if kind == "abs" else delta[d] for d in names], stat,
+                                         n_resamples=n_resamples, seed=seed) for stat in STATISTICS}
+                for kind in KINDS}
+    return SeedResult(
+        seed=seed, scores=scores, nll_before=before, nll_after=after, nll_delta_rel=rel, nll_delta_abs=absolute,
+        overlap=last.get("overlap_with_forecast"), n_shifted=len(forecast.shifted_latents),
+        forecast_latents=list(forecast.shifted_latents), actual_latents=list(last.get("shifted_latents", [])),
+        actual_scores=last.get("scores", {}), correlations=correlations,
+        metric_before=dict(metric_before) if metric_before is not None else None, metric_after=metric_after,
+        metric_delta=metric_delta, train_loss=run.get("train_loss"), seconds=seconds, run_dir=str(run_dir))
+
+
+# --------------------------------------------------------------------------- plot
+def plot_validation(result: ValidationResult, path: str | Path) -> Path:
+    """Score vs signed relative NLL change (%), one panel per variant; error bars: std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    variants = result.variants
+    summary = result.summary()["nll"]
+    fig, axes = plt.subplots(1, max(len(variants), 1), figsize=(3.6 * max(len(variants), 1), 3.4), squeeze=False)
+    seeds = result.per_seed
+    for ax, v in zip(axes[0], variants):
+        for d in result.domains:
+            xs = [s.scores[d][v] for s in seeds]
+            ys = [100 * s.nll_delta_rel[d] for s in seeds]
+            x, y = sum(xs) / len(xs), sum(ys) / len(ys)
+            xerr = _std(xs) if len(seeds) > 1 else None
+            yerr = _std(ys) if len(seeds) > 1 else None
+            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color="#2c6fbb", ms=5, capsize=2, zorder=3)
+            ax.annotate(d, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+        ax.axhline(0, color="#999", lw=0.8)
+        r = summary[v]["signed"]["pearson"]["mean"]
+        rho = summary[v]["signed"]["spearman"]["mean"]
+        fmt = lambda value: "n/a" if value is None else f"{value:.2f}"  # noqa: E731
+        ax.set_title(f"{LABELS[v]} vs Δ: Pearson {fmt(r)}, Spearman {fmt(rho)}", fontsize=9)
+        ax.set_xlabel(f"forecast {LABELS[v]}", fontsize=8)
+        ax.set_ylabel("held-out NLL change (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(f"STS validation ({result.method}, seeds {result.seeds}): forecast vs measured change", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+
+
+__all__ = ["SeedResult", "ValidationResult", "choice_scores", "correlation", "multiple_choice_accuracy",
+           "plot_validation", "validate"]

@@ -1,0 +1,102 @@
+"""Run by tests/test_distributed.py: a few training steps with STSCallback, in one process or under
+``torchrun --nproc_per_node 2`` (DDP / DeepSpeed ZeRO-2 / ZeRO-3 on CPU with gloo).
+
+    python tests/distributed_worker.py MODE OUT      MODE: single | ddp | zero2 | zero3 | bad_inputs
+
+Each rank writes ``OUT/rank<r>.json``: the files it wrote under the STS folder (seen by an audit hook)
+and, for ``bad_inputs``, the errors it raised.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer  # noqa: E402
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
+
+from sts_callback.callback import STSCallback  # noqa: E402
+
+MODE, OUT = sys.argv[1], Path(sys.argv[2])
+RANK = int(os.environ.get("RANK", 0))
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+written: list[str] = []
+
+
+def audit(event, args):
+    # Every write under an STS folder by this process: open for writing, rename (atomic saves), unlink.
+    if event == "open" and args[1] and any(c in str(args[1]) for c in "wax+") and "/sts" in str(args[0]):
+        written.append(str(args[0]))
+    elif event == "os.rename" and "/sts" in str(args[1]):
+        written.append(str(args[1]))
+
+
+sys.addaudithook(audit)
+
+DOMAINS = {"law": domain_texts("law", 7), "food": domain_texts("food", 5), "chem": domain_texts("chem", 9),
+           # fewer texts than processes: its shard on rank 1 is only a padded duplicate
+           "sport": [" ".join(["goal match team player score season coach league win ball"] * 2)]}
+PROBE = domain_texts("law", 11, seed=3)  # 11 texts: not divisible by 2
+CONFIG = dict(n_shifted=8, shift_tokens=150, domain_tokens=60, n_domain_demonstrations=2, batch_size=3)
+
+
+def trainer_for(callback, output_dir: Path, deepspeed=None):
+    tokenizer = make_tokenizer()
+    # Identical training examples: the summed gradient of a batch does not depend on which rank holds
+    # which example, so one process with batch 4 and two with batch 2 take the same steps.
+    texts = ["the court judge law contract statute appeal ."] * 32
+    data = Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+    per_device = 4 // WORLD
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=4, save_steps=2, save_strategy="steps", logging_steps=1,
+        per_device_train_batch_size=per_device, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+        use_cpu=True, report_to=[], ddp_backend="gloo" if WORLD > 1 else None, deepspeed=deepspeed, seed=0,
+        save_only_model=True,
+    )
+    return Trainer(model=make_model("llama"), args=args, train_dataset=data,
+                   data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+                   callbacks=[callback])
+
+
+def deepspeed_config(stage: int) -> dict:
+    # No DeepSpeed optimizer: the Trainer's torch optimizer avoids compiling DeepSpeed's CPU Adam.
+    return {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "zero_allow_untested_optimizer": True}
+
+
+def callback(**overrides):
+    values = dict(sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), target_domains=DOMAINS,
+                  train_probe=PROBE, config=CONFIG, recheck_tokens=90, loss_tokens=50, protected=["food"])
+    values.update(overrides)
+    return STSCallback(**values)
+
+
+result: dict = {"rank": RANK, "world": WORLD}
+if MODE == "bad_inputs":
+    errors = {}
+    domains = dict(DOMAINS) if RANK == 0 else {k: v for k, v in DOMAINS.items() if k != "chem"}
+    for case, cb in (("domains_disagree", callback(target_domains=domains, protected=[])),
+                     ("sae_disagree", callback(sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post", seed=RANK))),
+                     ("probe_smaller_than_world", callback(train_probe=PROBE[:1], config={**CONFIG, "shift_tokens": 10}))):
+        try:
+            trainer_for(cb, OUT / case).train()
+            errors[case] = None
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            errors[case] = f"{type(err).__name__}: {err}"
+    result["errors"] = errors
+else:
+    ds = deepspeed_config(int(MODE[-1])) if MODE.startswith("zero") else None
+    cb = callback()
+    trainer_for(cb, OUT / "run", deepspeed=ds).train()
+    result["history"] = cb.history
+    result["forecast"] = cb.forecast.to_dict() if cb.forecast else None
+    result["truncated_forward"] = cb.monitor._extractor(cb.monitor.setup.model).capture.truncate
+result["written"] = sorted(set(written))
+(OUT / f"rank{RANK}.json").write_text(json.dumps(result))
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()

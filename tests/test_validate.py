@@ -1,0 +1,325 @@
+"""validate() and `sts validate`: forecast, real fine-tuning with the callback, correlations, outputs."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+
+from sts_callback import STSConfigError, STSInputError
+from sts_callback.validate import (ValidationResult, _json_safe, _mean_std, choice_scores, correlation,
+                                   multiple_choice_accuracy, validate)
+
+DOMAINS = ("law", "food", "chem", "sport")
+FAST = dict(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2)
+CHEAP = dict(steps=2, batch_size=4, learning_rate=1e-2, loss_tokens=120, recheck_tokens=150, n_resamples=200,
+             max_length=64)
+ALL_VARIANTS = ["sts_icl", "sts_act", "sts_sq", "raw_act"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def targets():
+    return {d: domain_texts(d, 30) for d in DOMAINS}
+
+
+def sae():
+    return TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(model, before):
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def text_nll(model, tokenizer, texts):
+    """An independent metric: mean token NLL of a few fixed texts."""
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        return float(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss)
+
+
+class MetricSpy:
+    def __init__(self, tokenizer):
+        self.calls = []
+        self.tokenizer = tokenizer
+
+    def __call__(self, model, tokenizer, domain):
+        assert tokenizer is self.tokenizer and not model.training
+        self.calls.append(domain)
+        return text_nll(model, tokenizer, domain_texts(domain, 4, seed=9))
+
+
+def test_lora_two_seeds_end_to_end(tmp_path, tokenizer):
+    model = make_model("llama")
+    before = weights(model)
+    spy = MetricSpy(tokenizer)
+    result = validate(model, tokenizer, sae(), domain_texts("law", 64, seed=3), targets(), FAST, method="lora",
+                      seeds=(0, 1), metric=spy, output_dir=tmp_path / "val", **CHEAP)
+    assert isinstance(result, ValidationResult)
+    assert_same_weights(model, before)  # the user's model is untouched
+
+    sts_dir = tmp_path / "val" / "sts"
+    saved = json.loads((sts_dir / "validation.json").read_text())
+    assert saved["format"] == "sts-validation/1" and saved["method"] == "lora" and saved["seeds"] == [0, 1]
+    assert saved["variants"] == ALL_VARIANTS and saved["measures"] == ["nll", "metric"]
+    assert set(saved["domains"]) == set(DOMAINS)
+    assert saved["training"]["steps"] == 2 and saved["training"]["lora_rank"] == 8
+    assert saved["training"]["lora_target_modules"]  # peft's default for llama
+    # measured (what `sts report` plots): |relative NLL change|, mean over seeds
+    for d in DOMAINS:
+        expected = sum(abs(s["nll_delta_rel"][d]) for s in saved["per_seed"]) / 2
+        assert saved["measured"][d] == pytest.approx(expected)
+    assert len(saved["per_seed"]) == 2
+    for seed, record in zip((0, 1), saved["per_seed"]):
+        assert record["seed"] == seed
+        for d in DOMAINS:
+            rel = (record["nll_after"][d] - record["nll_before"][d]) / record["nll_before"][d]
+            assert record["nll_delta_rel"][d] == pytest.approx(rel)
+            assert record["nll_delta_abs"][d] == pytest.approx(record["nll_after"][d] - record["nll_before"][d])
+            assert set(record["scores"][d]) == set(ALL_VARIANTS)
+        assert 0 <= record["overlap"]["count"] <= 8 and record["overlap"]["n_shifted"] == 8
+        assert len(record["forecast_latents"]) == 8 and len(record["actual_latents"]) == 8
+        for measure in ("nll", "metric"):
+            for variant in ALL_VARIANTS:
+                for kind in ("abs", "signed"):
+                    for stat in ("pearson", "spearman"):
+                        entry = record["correlations"][measure][variant][kind][stat]
+                        assert set(entry) == {"r", "p", "ci", "n"} and entry["n"] == 4
+                        if entry["r"] is not None:
+                            assert -1 <= entry["r"] <= 1 and 0 <= entry["p"] <= 1
+                            low, high = entry["ci"]
+                            assert -1 <= low <= high <= 1
+    # the two seeds sampled differently (forecast and held-out texts)
+    assert saved["per_seed"][0]["nll_before"] != saved["per_seed"][1]["nll_before"]
+    for measure in ("nll", "metric"):
+        for variant in ALL_VARIANTS:
+            for kind in ("abs", "signed"):
+                for stat in ("pearson", "spearman"):
+                    agg = saved["correlations"][measure][variant][kind][stat]
+                    rs = [s["correlations"][measure][variant][kind][stat]["r"] for s in saved["per_seed"]]
+                    assert agg["values"] == rs
+                    if None not in rs:
+                        assert agg["mean"] == pytest.approx(sum(rs) / 2) and agg["std"] is not None
+    assert saved["overlap"]["n"] == 2 and saved["overlap"]["n_shifted"] == 8
+
+    # the user metric: before once per domain (untouched weights), after once per domain and seed
+    assert sorted(spy.calls) == sorted(list(DOMAINS) * 3)
+    for d in DOMAINS:
+        untouched = text_nll(model, tokenizer, domain_texts(d, 4, seed=9))
+        for record in saved["per_seed"]:
+            assert record["metric_before"][d] == pytest.approx(untouched)
+            assert record["metric_after"][d] != pytest.approx(untouched)
+            assert record["metric_delta"][d] == pytest.approx(record["metric_after"][d] - untouched)
+
+    assert (sts_dir / "validation.png").stat().st_size > 1000
+    assert (sts_dir / "forecast.json").exists() and (sts_dir / "report.html").exists()
+    assert "validation |Δ|" in (sts_dir / "report.html").read_text()  # the report's scatter uses the validation
+    assert "Forecast vs measured" in (sts_dir / "report.md").read_text()
+    for seed in (0, 1):
+        assert (tmp_path / "val" / f"seed-{seed}" / "sts" / "history.jsonl").exists()
+    table = result.table()
+    assert "STS_icl" in table and "raw_act" in table and "±" in table and "overlap" in table
+    mean_r = saved["correlations"]["nll"]["sts_icl"]["abs"]["pearson"]["mean"]
+    assert result.correlation("sts_icl", "abs", "pearson") == mean_r
+    json.dumps(_json_safe(result.to_dict()))
+
+
+def test_full_fine_tune_single_seed_skips_uncomputed_variants(tmp_path, tokenizer):
+    model = make_model("llama")
+    before = weights(model)
+    config = {**FAST, "compute_icl": False, "ranking": "sts_act"}
+    result = validate(model, tokenizer, sae(), domain_texts("law", 64, seed=3), targets(), config, method="full",
+                      seeds=0, output_dir=tmp_path / "val", **CHEAP)
+    assert_same_weights(model, before)
+    saved = json.loads((tmp_path / "val" / "sts" / "validation.json").read_text())
+    assert saved["variants"] == ["sts_act", "sts_sq", "raw_act"] and saved["measures"] == ["nll"]
+    assert "sts_icl" not in saved["per_seed"][0]["correlations"]["nll"]
+    assert saved["training"]["method"] == "full" and saved["training"]["lora_rank"] is None
+    record = saved["per_seed"][0]
+    assert any(abs(v) > 1e-4 for v in record["nll_delta_rel"].values())  # training really changed the model
+    agg = saved["correlations"]["nll"]["sts_act"]["abs"]["pearson"]
+    assert agg["std"] is None and agg["n"] in (0, 1)  # one seed: no spread
+    assert "metric_before" not in saved["mean"] and record["metric_before"] is None
+    assert "[" in result.table()  # a single seed shows the bootstrap interval
+
+
+def test_lora_in_place_leaves_the_model_as_it_was(tmp_path, tokenizer):
+    model = make_model("llama")
+    model.lm_head.weight.requires_grad_(False)
+    before = weights(model)
+    validate(model, tokenizer, sae(), domain_texts("law", 64, seed=3), targets(), FAST, method="lora",
+             copy_model=False, output_dir=tmp_path / "val", plot=False, report=False, **CHEAP)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in name for name, _ in model.named_modules())
+    assert_same_weights(model, before)
+    assert not model.lm_head.weight.requires_grad and model.model.embed_tokens.weight.requires_grad
+
+
+def test_bad_inputs_fail_before_training(tmp_path, tokenizer, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("sts_callback.validate")  # the package's `validate` is the function
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(module, "_train_one_seed", no_training)
+    model = make_model("llama")
+    train = domain_texts("law", 16)
+
+    def run(**changes):
+        values = dict(model=model, tokenizer=tokenizer, sae=sae(), train_data=train, targets=targets(), config=FAST,
+                      output_dir=tmp_path / "bad")
+        values.update(changes)
+        return validate(**values)
+
+    with pytest.raises(STSConfigError, match="method='sgd'.*use 'lora'.*or 'full'"):
+        run(method="sgd")
+    with pytest.raises(STSConfigError, match="needs at least one seed"):
+        run(seeds=())
+    with pytest.raises(STSConfigError, match="repeats a seed"):
+        run(seeds=(1, 1))
+    with pytest.raises(STSConfigError, match=r"steps=\.\.\.\) must be an integer >= 1"):
+        run(steps=0)
+    with pytest.raises(STSConfigError, match="learning_rate"):
+        run(learning_rate=-1.0)
+    with pytest.raises(STSConfigError, match="at least 3; got 2"):
+        run(targets={"law": domain_texts("law"), "food": domain_texts("food")})
+    with pytest.raises(STSConfigError, match="must be a callable"):
+        run(metric="accuracy")
+    with pytest.raises(STSConfigError, match="copy_model=False"):
+        run(method="full", copy_model=False, seeds=(0, 1))
+    with pytest.raises(STSConfigError, match="n_shifted"):
+        run(config={"n_shifted": 0})
+    with pytest.raises(STSInputError, match="no answers"):
+        run(train_data=[{"prompt": "what is law ?"}] * 4)
+    from peft import LoraConfig, get_peft_model
+
+    with pytest.raises(STSInputError, match="pass the base model"):
+        run(model=get_peft_model(make_model("llama"), LoraConfig(r=2, target_modules=["q_proj"])))
+
+
+def test_correlation_statistics_and_degenerate_inputs():
+    from scipy import stats
+
+    x, y = [0.1, 0.4, 0.2, 0.9, 0.5], [1.0, 2.5, 1.1, 4.0, 3.0]
+    entry = correlation(x, y, "pearson", n_resamples=500, seed=1)
+    assert entry["r"] == pytest.approx(stats.pearsonr(x, y)[0]) and entry["p"] == pytest.approx(stats.pearsonr(x, y)[1])
+    low, high = entry["ci"]
+    assert low <= high <= 1.0
+    assert correlation(x, y, "pearson", n_resamples=500, seed=1) == entry  # seeded
+    rho = correlation(x, y, "spearman", n_resamples=100)
+    assert rho["r"] == pytest.approx(stats.spearmanr(x, y)[0])
+    # constant vectors: no correlation, no crash, null in JSON
+    for degenerate in (correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), correlation([1.0, 2.0, 3.0], [5.0] * 3)):
+        assert degenerate == {"r": None, "p": None, "ci": None, "n": 3}
+    # three points, most resamples degenerate: the interval comes from the defined ones
+    small = correlation([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], n_resamples=300)
+    assert small["r"] == pytest.approx(0.5) and small["ci"] is not None
+    assert _mean_std([None, None]) == {"mean": None, "std": None, "n": 0, "values": [None, None]}
+    assert _mean_std([0.5, None])["mean"] == 0.5 and _mean_std([0.5, None])["std"] is None
+    assert _json_safe({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
+
+
+def independent_choice_score(model, tokenizer, question, choice):
+    """Mean log-probability of the choice's tokens, one unpadded forward per choice."""
+    prompt = tokenizer(f"{question}\nAnswer:")["input_ids"]
+    cont = tokenizer(f" {choice}", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + cont])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    return float(sum(logprobs[len(prompt) - 1 + i, t] for i, t in enumerate(cont)) / len(cont))
+
+
+def test_multiple_choice_accuracy(tokenizer):
+    model = make_model("llama")
+    question, choices = "what is the law", ["court judge appeal", "sugar", "python code function return"]
+    scores = [independent_choice_score(model, tokenizer, question, c) for c in choices]
+    best = max(range(3), key=lambda i: scores[i])
+    assert choice_scores(model, tokenizer, {"question": question, "choices": choices, "answer": 0}) == \
+        pytest.approx(scores, abs=1e-5)  # batched with padding = one by one
+    right = {"question": question, "choices": choices, "answer": best}
+    wrong = {"question": question, "choices": choices, "answer": (best + 1) % 3}
+    metric = multiple_choice_accuracy({"law": [right], "food": [wrong], "chem": [right, wrong]})
+    assert metric(model, tokenizer, "law") == 1.0
+    assert metric(model, tokenizer, "food") == 0.0
+    assert metric(model, tokenizer, "chem") == 0.5
+    with pytest.raises(STSInputError, match="no items for domain 'sport'"):
+        metric(model, tokenizer, "sport")
+    shared = multiple_choice_accuracy([right, right, wrong])
+    assert shared(model, tokenizer, "anything") == pytest.approx(2 / 3)
+    with pytest.raises(STSInputError, match="answer=3"):
+        multiple_choice_accuracy([{"question": "q", "choices": ["a", "b"], "answer": 3}])
+    with pytest.raises(STSInputError, match="at least two choices"):
+        multiple_choice_accuracy([{"question": "q", "choices": ["a"], "answer": 0}])
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_help_and_example(capsys):
+    from sts_callback.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--help"])
+    assert exit_info.value.code == 0
+    assert "--seeds" in capsys.readouterr().out
+    assert main(["validate", "--example"]) == 0
+    example = yaml.safe_load(capsys.readouterr().out)
+    assert {"model", "sae", "train_data", "targets", "validation"} <= set(example)
+    assert len(example["targets"]) >= 3
+
+
+def test_cli_validate_run(tmp_path, tokenizer, capsys):
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from sts_callback.cli import main
+
+    make_model("llama").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    saved_sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64,
+                                              metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    with torch.no_grad():
+        for p in saved_sae.parameters():
+            p.normal_(0, 0.3)
+    saved_sae.save_model(tmp_path / "sae")
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"prompt": t, "completion": t})
+                                                     for t in domain_texts("law", 40, seed=3)))
+    items = [{"question": "what is the law", "choices": ["court judge", "sugar"], "answer": 0}] * 2
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(item) for item in items))
+    config = {"model": str(tmp_path / "model"), "sae": str(tmp_path / "sae"),
+              "train_data": str(tmp_path / "train.jsonl"),
+              "targets": {d: domain_texts(d, 30) for d in ("law", "food", "chem")},
+              "validation": {"steps": 2, "batch_size": 4, "learning_rate": "1e-2", "loss_tokens": 120,
+                             "recheck_tokens": 150, "n_resamples": 100, "max_length": 64},
+              "multiple_choice": {d: str(tmp_path / "mc.jsonl") for d in ("law", "food", "chem")},
+              "options": FAST, "output_dir": str(tmp_path / "out")}
+    path = tmp_path / "validate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["validate", str(path), "--no-progress", "--method", "full", "--set", "seed=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "STS validation: full fine-tune, 2 steps" in printed and "wrote" in printed
+    saved = json.loads((tmp_path / "out" / "sts" / "validation.json").read_text())
+    assert saved["method"] == "full" and saved["training"]["learning_rate"] == 0.01
+    assert saved["config"]["seed"] == 2 and saved["measures"] == ["nll", "metric"]
+    assert all(0 <= v <= 1 for v in saved["per_seed"][0]["metric_before"].values())
+
+    path.write_text(yaml.safe_dump({**config, "validation": {"stepz": 2}}))
+    assert main(["validate", str(path)]) == 2
+    assert "unknown `validation` key(s) ['stepz']" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**config, "targets": {"law": domain_texts("law")}}))
+    assert main(["validate", str(path)]) == 2
+    assert "needs at least 3" in capsys.readouterr().err
+    assert main(["validate", str(path), "--steps", "0"]) == 2
+    assert "steps=...) must be an integer >= 1" in capsys.readouterr().err
