@@ -1,0 +1,81 @@
+"""Two real processes (torchrun, gloo, CPU): DDP, DeepSpeed ZeRO-2 and ZeRO-3 give the numbers of one
+process, only rank 0 writes, uneven probe sets do not hang, and bad inputs fail on every rank."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+TIMEOUT = 300  # a hang fails the test instead of blocking CI
+REL = 1e-5
+
+
+def run(mode: str, out: Path, processes: int) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+                if processes > 1 else [sys.executable])
+    done = subprocess.run([*launcher, str(WORKER), mode, str(out)], cwd=out.parent, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return run("single", tmp_path_factory.mktemp("single") / "out", 1)[0]
+
+
+def close(a: float, b: float, what: str) -> None:
+    assert abs(a - b) <= REL * max(abs(a), abs(b), 1e-12), f"{what}: {a} vs {b}"
+
+
+def assert_same_numbers(reference: dict, other: dict) -> None:
+    for name, domain in reference["forecast"]["domains"].items():
+        for variant, value in domain["scores"].items():
+            if value is not None:
+                close(value, other["forecast"]["domains"][name]["scores"][variant], f"forecast {name} {variant}")
+    assert other["forecast"]["shifted_latents"] == reference["forecast"]["shifted_latents"]
+    assert [r["step"] for r in other["history"]] == [r["step"] for r in reference["history"]] == [2, 4]
+    for mine, theirs in zip(reference["history"], other["history"]):
+        assert theirs["shifted_latents"] == mine["shifted_latents"]
+        assert theirs["probe_tokens"] == mine["probe_tokens"]
+        close(mine["shift_total"], theirs["shift_total"], "shift_total")
+        for name in mine["loss"]:
+            close(mine["loss"][name], theirs["loss"][name], f"loss {name}")
+            # a relative change already: compared on the scale of the loss itself
+            assert abs(mine["loss_delta"][name] - theirs["loss_delta"][name]) <= REL, name
+            for variant, value in mine["scores"][name].items():
+                close(value, theirs["scores"][name][variant], f"re-check {name} {variant}")
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
+def test_two_processes_match_one(tmp_path, single, mode):
+    if mode.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    rank0, rank1 = run(mode, tmp_path / "out", 2)
+    assert_same_numbers(single, rank0)
+    assert without_timing(rank1["history"]) == without_timing(rank0["history"])  # identical on every rank
+    assert rank1["forecast"]["domains"] == rank0["forecast"]["domains"]
+    # ZeRO-3 shards parameters: the forward must not be stopped early there
+    assert rank0["truncated_forward"] is (mode != "zero3")
+    assert rank1["written"] == []
+    names = {Path(p).name for p in rank0["written"]}
+    assert {"forecast.json", "history.jsonl", "monitor.safetensors", "report.html"} <= names
+
+
+def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
+    ranks = run("bad_inputs", tmp_path / "out", 2)
+    for result in ranks:
+        errors = result["errors"]
+        assert "disagree" in errors["domains_disagree"] and "target domains" in errors["domains_disagree"]
+        assert "['chem', 'food', 'law', 'sport']" in errors["domains_disagree"]
+        assert "disagree" in errors["sae_disagree"] and "SAE" in errors["sae_disagree"]
+        assert "has 1 texts but this run has 2 processes" in errors["probe_smaller_than_world"]
