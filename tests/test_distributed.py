@@ -79,3 +79,36 @@ def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
         assert "['chem', 'food', 'law', 'sport']" in errors["domains_disagree"]
         assert "disagree" in errors["sae_disagree"] and "SAE" in errors["sae_disagree"]
         assert "has 1 texts but this run has 2 processes" in errors["probe_smaller_than_world"]
+
+
+def test_fsdp2_sharded_model_is_captured_in_lockstep_mode():
+    """FSDP2 (``fully_shard``) runs on CPU with gloo: the decoder layer is found through it, sharding is
+    detected (no truncated forward) and the residual equals the plain model's."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from tiny import make_model
+    from torch.distributed.fsdp import fully_shard
+
+    from sts_callback.capture import ResidualCapture, parameters_are_sharded
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ids = torch.tensor([[1, 10, 11, 12, 13]])
+        expected = ResidualCapture(make_model("llama"), 1)(ids, torch.ones_like(ids))
+        sharded = make_model("llama")
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        assert parameters_are_sharded(sharded)
+        capture = ResidualCapture(sharded, 1)
+        assert capture.truncate is False
+        with torch.no_grad():
+            got = capture(ids, torch.ones_like(ids))
+        assert torch.allclose(got, expected, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
