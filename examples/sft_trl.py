@@ -36,7 +36,14 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_gemma3_270m()
-    sae_path = ensure_demo_sae(model, tokenizer)  # trained once, then cached
+    training_args = SFTConfig(
+        output_dir=args.output, max_steps=args.steps, save_steps=args.save_steps, logging_steps=1,
+        per_device_train_batch_size=4, max_length=64, learning_rate=1e-5 if args.full else 1e-3,
+        use_cpu=not torch.cuda.is_available(), ddp_backend=None if torch.cuda.is_available() else "gloo",
+        deepspeed=args.deepspeed, report_to=[], save_strategy="steps",
+    )
+    with training_args.main_process_first(desc="demo SAE"):  # rank 0 trains and caches it, the others read it
+        sae_path = ensure_demo_sae(model, tokenizer)
     train = Dataset.from_dict({"text": load_domain("python_code")[0::2]})
 
     sts = STSCallback(
@@ -49,10 +56,7 @@ def main() -> None:
     )
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(output_dir=args.output, max_steps=args.steps, save_steps=args.save_steps, logging_steps=1,
-                       per_device_train_batch_size=4, max_length=64, learning_rate=1e-5 if args.full else 1e-3,
-                       use_cpu=not torch.cuda.is_available(), ddp_backend=None if torch.cuda.is_available() else "gloo",
-                       deepspeed=args.deepspeed, report_to=[], save_strategy="steps"),
+        args=training_args,
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=None if args.full else LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
