@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .config import STSConfig
+from .config import STSConfig, json_serializable
 from .data import Corpus, load_corpus, load_domains
 from .distributed import check_ranks_agree, fingerprint, require_at_least_world, world_size
 from .errors import STSConfigError, STSInputError
@@ -38,14 +38,6 @@ MONITOR_FILE = "monitor.safetensors"
 
 class STSNegativeTransferWarning(UserWarning):
     """A protected domain is forecast or measured to be harmed."""
-
-
-def _json_ok(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 class STSCallback(TrainerCallback, ExportableState):
@@ -126,7 +118,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self.early_stop, self.patience, self.strict = early_stop, patience, strict
         self.recheck_at_end, self.output_subdir = recheck_at_end, output_subdir
 
-        objects = {k: v for k, v in values.items() if v is not None and not _json_ok(v)}
+        objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}
         if objects:
             STSCallback._live_objects = {**STSCallback._live_objects, **objects}
         self._export_args = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,3 +129,12 @@ class STSConfig:
 
     def replace(self, **changes: Any) -> "STSConfig":
         return dataclasses.replace(self, **changes)
+
+
+def json_serializable(value: Any) -> bool:
+    """Whether ``value`` can be written to JSON as is (settings files, exported callback state)."""
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import STSConfig
+from .config import STSConfig, json_serializable
 from .data import Corpus, Example, load_corpus, load_domains
 from .errors import STSConfigError, STSInputError
 
@@ -617,7 +617,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
                 "lora_target_modules": None, "completion_only_loss": completion_only_loss,
                 "loss_tokens": loss_tokens, "recheck_tokens": recheck_tokens, "train_examples": len(features),
                 "device": str(train_device), "copied_model": copy_model,
-                "training_args": {k: v for k, v in (training_args or {}).items() if _json_ok(v)}}
+                "training_args": {k: v for k, v in (training_args or {}).items() if json_serializable(v)}}
 
     metric_before: dict[str, float] | None = None
     per_seed: list[SeedResult] = []
@@ -672,14 +672,6 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"report not written ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
     return result
-
-
-def _json_ok(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
