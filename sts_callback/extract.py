@@ -57,6 +57,12 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def local_sequences(sequences: Sequence[tuple[list[int], list[bool]]], part: Shard) -> list[tuple[list[int], list[bool]]]:
+    """This rank's (ids, counted flags); padded duplicates keep their ids but count no token."""
+    return [sequences[i] if keep else (sequences[i][0], [False] * len(sequences[i][1]))
+            for i, keep in zip(part.indices, part.counted)]
+
+
 class Extractor:
     """Runs a model up to a layer and streams SAE statistics.
 
@@ -162,8 +168,7 @@ class Extractor:
         """
         latents, residual = self._new_condition()
         part = self.share([len(ids) for ids, _ in sequences])
-        local = [sequences[i] if keep else (sequences[i][0], [False] * len(sequences[i][1]))
-                 for i, keep in zip(part.indices, part.counted)]
+        local = local_sequences(sequences, part)
         lengths = [len(ids) for ids, _ in local]
         for batch in _batches(lengths, self.batch_size):
             resid = self._forward([local[i][0] for i in batch])

@@ -22,7 +22,7 @@ from . import score
 from .capture import unwrap_model
 from .data import Corpus, sample_within_budget
 from .distributed import gather_objects, shard, sum_across_ranks
-from .extract import ConditionStats, Extractor, PairedStats, _batches
+from .extract import ConditionStats, Extractor, PairedStats, _batches, local_sequences
 from .forecast import Setup, inference_mode
 from .stats import ActivationStats, ShiftStats
 
@@ -133,8 +133,7 @@ class Monitor:
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for domain_index, everyone in enumerate(self.loss_sets.values()):
                 part = shard(len(everyone), [len(ids) for ids, _ in everyone])
-                sequences = [everyone[i] if keep else (everyone[i][0], [False] * len(everyone[i][1]))
-                             for i, keep in zip(part.indices, part.counted)]
+                sequences = local_sequences(everyone, part)
                 total, count = 0.0, 0
                 lengths = [len(ids) for ids, _ in sequences]
                 for batch in _batches(lengths, self.loss_batch_size):
