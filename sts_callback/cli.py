@@ -235,6 +235,7 @@ validation:                    # every key optional; defaults shown
   lora_rank: 8
   seeds: [0]                   # paper protocol: [0, 1, 2]
   loss_tokens: 4096            # held-out tokens per domain for the NLL before/after
+  # recheck_steps: 8           # also re-check every 8 steps (the trajectory of the NLL changes)
 # multiple_choice:             # optional: accuracy before/after per domain; JSONL of {question, choices, answer}
 #   legal: evals/legal_mc.jsonl
 options:                       # any STSConfig field (the forecast)
@@ -244,7 +245,7 @@ output_dir: validation         # writes validation/sts/validation.json, validati
 """
 
 VALIDATE_KEYS = ("method", "steps", "learning_rate", "batch_size", "max_length", "lora_rank", "lora_alpha",
-                 "lora_target_modules", "seeds", "loss_tokens", "recheck_tokens", "completion_only_loss",
+                 "lora_target_modules", "seeds", "loss_tokens", "recheck_tokens", "recheck_steps", "completion_only_loss",
                  "n_resamples", "training_args")
 
 

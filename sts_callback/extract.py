@@ -19,8 +19,9 @@ from .errors import STSNumericalError
 from .sae import SAEHandle
 from .stats import ActivationStats, ShiftStats, TopActivations
 
-# SAE encodes run on at most this many tokens at once, bounding the per-batch latent matrix.
-ENCODE_CHUNK_TOKENS = 2048
+# Rows are encoded and summed this many at a time: the dense [rows x d_sae] latents (and their float64
+# squares) of a whole batch would dominate the path's memory (benchmarks/perf/extraction.py).
+ENCODE_CHUNK_TOKENS = 512
 
 
 @dataclass
@@ -152,11 +153,7 @@ class Extractor:
             raise failure
 
     def _encode(self, rows: torch.Tensor) -> torch.Tensor:
-        if rows.shape[0] <= ENCODE_CHUNK_TOKENS:
-            latents = self.sae.encode(rows)
-        else:
-            latents = torch.cat([self.sae.encode(chunk) for chunk in rows.split(ENCODE_CHUNK_TOKENS)])
-        latents = latents.to(rows.device)
+        latents = self.sae.encode(rows).to(rows.device)
         return latents.float() if latents.dtype in (torch.float16, torch.bfloat16) else latents
 
     @torch.no_grad()
@@ -178,10 +175,15 @@ class Extractor:
             del resid
             self._check_finite(rows, what)
             residual.update(rows)
-            encoded = self._encode(rows)
-            latents.update(encoded)
             if reservoir is not None:
-                reservoir.update(encoded, torch.tensor([part.indices[i] for i in batch])[where[0]], where[1])
+                sequence = torch.tensor([part.indices[i] for i in batch])[where[0]]
+            for start in range(0, rows.shape[0], ENCODE_CHUNK_TOKENS):
+                chunk = slice(start, start + ENCODE_CHUNK_TOKENS)
+                encoded = self._encode(rows[chunk])
+                latents.update(encoded)
+                if reservoir is not None:
+                    reservoir.update(encoded, sequence[chunk], where[1][chunk])
+                del encoded
             self._after_batch(len(batch))
         self.finish()
         if self.split:
@@ -219,11 +221,16 @@ class Extractor:
             self._check_finite(context_rows, what + " (with demonstrations)")
             residual.update(base_rows)
             residual_shift.update(base_rows, context_rows)
-            base_latents = self._encode(base_rows)
-            latents.update(base_latents)
             if reservoir is not None:
-                reservoir.update(base_latents, torch.tensor([part.indices[i] for i in batch])[where[0]], where[1])
-            latent_shift.update(base_latents, self._encode(context_rows))
+                sequence = torch.tensor([part.indices[i] for i in batch])[where[0]]
+            for start in range(0, base_rows.shape[0], ENCODE_CHUNK_TOKENS):
+                chunk = slice(start, start + ENCODE_CHUNK_TOKENS)
+                base_latents = self._encode(base_rows[chunk])
+                latents.update(base_latents)
+                if reservoir is not None:
+                    reservoir.update(base_latents, sequence[chunk], where[1][chunk])
+                latent_shift.update(base_latents, self._encode(context_rows[chunk]))
+                del base_latents
             self._after_batch(len(batch))
         self.finish()
         stats = PairedStats(latents, residual, latent_shift, residual_shift)

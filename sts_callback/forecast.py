@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import score
+from . import score, signed
 from .capture import hidden_size, max_positions, num_layers, unwrap_model
 from .config import SCORE_VARIANTS, STSConfig
 from .data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
@@ -404,6 +404,10 @@ def assemble_forecast(setup: Setup, shift_stats: PairedStats, plan: Plan, domain
     config = setup.config
     latents, values = score.shifted_latents(shift_stats.latent_shift, config.n_shifted)
     raw_dims, raw_values = score.shifted_latents(shift_stats.residual_shift, min(config.n_shifted, setup.sae.d_in))
+    signed_features = signed.signed_scores(
+        shift_stats.latent_shift, shift_stats.latents,
+        {name: (stats.latents, stats.residual) for name, stats in domain_stats.items()}, latents,
+        setup.sae.decoder_weight())
     results = {}
     for name, stats in domain_stats.items():
         paired = isinstance(stats, PairedStats)
@@ -415,6 +419,7 @@ def assemble_forecast(setup: Setup, shift_stats: PairedStats, plan: Plan, domain
             "raw_icl": score.sts_icl(stats.residual_shift, raw_dims) if paired else None,
             "raw_act": score.sts_act(stats.residual, raw_dims),
             "raw_sq": score.sts_sq(stats.residual, raw_dims),
+            **signed_features[name],
         })
     base_model = unwrap_model(setup.model)
     return Forecast(

@@ -35,13 +35,15 @@ from torch import nn
 from .config import STSConfig, json_serializable
 from .data import Corpus, Example, load_corpus, load_domains
 from .errors import STSConfigError, STSInputError
+from .signed import SIGNED_VARIANTS
 
 FORMAT = "sts-validation/1"
 VALIDATION_FILE = "validation.json"
 PLOT_FILE = "validation.png"
 METHODS = ("lora", "full")
-VARIANTS = ("sts_icl", "sts_act", "sts_sq", "raw_act")
-LABELS = {"sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq", "raw_act": "raw_act"}
+VARIANTS = ("sts_icl", "sts_act", "sts_sq", "raw_act") + SIGNED_VARIANTS
+LABELS = {"sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq", "raw_act": "raw_act",
+          "signed_usage": "signed_use", "forgetting_minus_transfer": "forget-xfer", "decoder_projection": "dec_proj"}
 KINDS = ("abs", "signed")
 STATISTICS = ("pearson", "spearman")
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
@@ -226,6 +228,7 @@ class SeedResult:
     metric_after: dict[str, float] | None = None
     metric_delta: dict[str, float] | None = None
     train_loss: float | None = None
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     run_dir: str = ""
 
@@ -238,7 +241,7 @@ class SeedResult:
                         "fraction": None if self.overlap is None else self.overlap / max(self.n_shifted, 1)},
             "forecast_latents": self.forecast_latents, "actual_latents": self.actual_latents,
             "actual_scores": self.actual_scores, "correlations": self.correlations,
-            "train_loss": self.train_loss, "seconds": self.seconds, "run_dir": self.run_dir,
+            "train_loss": self.train_loss, "trajectory": self.trajectory, "seconds": self.seconds, "run_dir": self.run_dir,
         }
 
 
@@ -539,7 +542,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
              steps: int = 32, learning_rate: float | None = None, batch_size: int = 8, max_length: int = 256,
              lora_rank: int = 8, lora_alpha: int | None = None, lora_target_modules: Any = None,
              completion_only_loss: bool = True, loss_tokens: int = 4096, recheck_tokens: int = 2048,
-             metric: Metric | None = None, demonstrations: Any = None, output_dir: str | Path = "sts-validation",
+             recheck_steps: int | None = None, metric: Metric | None = None, demonstrations: Any = None, output_dir: str | Path = "sts-validation",
              device: str | torch.device | None = None, copy_model: bool = True,
              training_args: dict[str, Any] | None = None, n_resamples: int = 2000, progress: bool = False,
              plot: bool = True, report: bool = True) -> ValidationResult:
@@ -563,6 +566,8 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         completion_only_loss: prompt/answer examples are trained on the answer tokens only.
         loss_tokens: held-out tokens per domain for the NLL measurement; ``recheck_tokens``: probe tokens
             for the actual shift.
+        recheck_steps: also re-check every this many steps during training (default: only at the end); each
+            seed's ``trajectory`` then holds the held-out NLL change and overlap at every re-check.
         metric: optional ``metric(model, tokenizer, domain) -> float`` evaluated before (once, on the
             untouched weights) and after training (per seed), e.g. :func:`multiple_choice_accuracy`.
         output_dir: ``<output_dir>/sts/validation.json`` and ``validation.png``; per-seed callback folders in
@@ -582,6 +587,8 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
                              copy_model)
     if lora_alpha is not None:
         _check_int("lora_alpha", lora_alpha, 1)
+    if recheck_steps is not None:
+        _check_int("recheck_steps", recheck_steps, 1)
     if model is None or not isinstance(model, nn.Module):
         raise STSInputError(f"validate() needs a Hugging Face model (nn.Module), got {type(model).__name__}.")
     if tokenizer is None:
@@ -615,7 +622,8 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
                 "max_length": max_length, "lora_rank": lora_rank if method == "lora" else None,
                 "lora_alpha": (lora_alpha or 2 * lora_rank) if method == "lora" else None,
                 "lora_target_modules": None, "completion_only_loss": completion_only_loss,
-                "loss_tokens": loss_tokens, "recheck_tokens": recheck_tokens, "train_examples": len(features),
+                "loss_tokens": loss_tokens, "recheck_tokens": recheck_tokens, "recheck_steps": recheck_steps,
+                "train_examples": len(features),
                 "device": str(train_device), "copied_model": copy_model,
                 "training_args": {k: v for k, v in (training_args or {}).items() if json_serializable(v)}}
 
@@ -628,7 +636,8 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         run = _train_one_seed(model, tokenizer, sae, train, features, domains, demos, config, seed=seed, method=method,
                               steps=steps, lr=lr, batch_size=batch_size, lora_rank=lora_rank,
                               lora_alpha=lora_alpha or 2 * lora_rank, lora_target_modules=lora_target_modules,
-                              loss_tokens=loss_tokens, recheck_tokens=recheck_tokens, device=train_device,
+                              loss_tokens=loss_tokens, recheck_tokens=recheck_tokens,
+                              recheck_steps=recheck_steps, device=train_device,
                               run_dir=out / f"seed-{seed}", copy_model=copy_model, training_args=training_args,
                               progress=progress, metric=metric, metric_before=metric_before)
         if metric is not None and metric_before is None:
@@ -691,7 +700,8 @@ def _wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
 
 def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, demos, config: STSConfig, *, seed: int,
                     method: str, steps: int, lr: float, batch_size: int, lora_rank: int, lora_alpha: int,
-                    lora_target_modules, loss_tokens: int, recheck_tokens: int, device: torch.device, run_dir: Path,
+                    lora_target_modules, loss_tokens: int, recheck_tokens: int, recheck_steps: int | None,
+                    device: torch.device, run_dir: Path,
                     copy_model: bool, training_args, progress: bool, metric, metric_before) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -719,6 +729,7 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                 p.requires_grad_(True)
         callback = STSCallback(sae=sae, target_domains=domains, train_probe=train, demonstrations=demos,
                                config=config, recheck_tokens=recheck_tokens, loss_tokens=loss_tokens, strict=True,
+                               recheck_steps=recheck_steps,
                                recheck_at_end=True)
         if run_dir.exists():
             shutil.rmtree(run_dir / "sts", ignore_errors=True)
@@ -790,7 +801,10 @@ def _seed_result(seed: int, run: dict[str, Any], variants: list[str], metric_bef
         forecast_latents=list(forecast.shifted_latents), actual_latents=list(last.get("shifted_latents", [])),
         actual_scores=last.get("scores", {}), correlations=correlations,
         metric_before=dict(metric_before) if metric_before is not None else None, metric_after=metric_after,
-        metric_delta=metric_delta, train_loss=run.get("train_loss"), seconds=seconds, run_dir=str(run_dir))
+        metric_delta=metric_delta, train_loss=run.get("train_loss"),
+        trajectory=[{"step": r["step"], "nll_delta_rel": r["loss_delta"], "overlap": r.get("overlap_with_forecast"),
+                     "shifted_latents": r.get("shifted_latents", [])} for r in callback.history if "loss_delta" in r],
+        seconds=seconds, run_dir=str(run_dir))
 
 
 # --------------------------------------------------------------------------- plot
@@ -804,9 +818,13 @@ def plot_validation(result: ValidationResult, path: str | Path) -> Path:
     path = Path(path)
     variants = result.variants
     summary = result.summary()["nll"]
-    fig, axes = plt.subplots(1, max(len(variants), 1), figsize=(3.6 * max(len(variants), 1), 3.4), squeeze=False)
+    columns = min(max(len(variants), 1), 4)
+    rows = max(math.ceil(len(variants) / columns), 1)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(variants):]:
+        ax.set_visible(False)
     seeds = result.per_seed
-    for ax, v in zip(axes[0], variants):
+    for ax, v in zip(axes.flat, variants):
         for d in result.domains:
             xs = [s.scores[d][v] for s in seeds]
             ys = [100 * s.nll_delta_rel[d] for s in seeds]

@@ -15,7 +15,8 @@ DOMAINS = ("law", "food", "chem", "sport")
 FAST = dict(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2)
 CHEAP = dict(steps=2, batch_size=4, learning_rate=1e-2, loss_tokens=120, recheck_tokens=150, n_resamples=200,
              max_length=64)
-ALL_VARIANTS = ["sts_icl", "sts_act", "sts_sq", "raw_act"]
+ALL_VARIANTS = ["sts_icl", "sts_act", "sts_sq", "raw_act", "signed_usage", "forgetting_minus_transfer",
+                "decoder_projection"]
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +141,10 @@ def test_full_fine_tune_single_seed_skips_uncomputed_variants(tmp_path, tokenize
     before = weights(model)
     config = {**FAST, "compute_icl": False, "ranking": "sts_act"}
     result = validate(model, tokenizer, sae(), domain_texts("law", 64, seed=3), targets(), config, method="full",
-                      seeds=0, output_dir=tmp_path / "val", **CHEAP)
+                      seeds=0, output_dir=tmp_path / "val", **{**CHEAP, "steps": 3}, recheck_steps=1)
     assert_same_weights(model, before)
     saved = json.loads((tmp_path / "val" / "sts" / "validation.json").read_text())
-    assert saved["variants"] == ["sts_act", "sts_sq", "raw_act"] and saved["measures"] == ["nll"]
+    assert saved["variants"] == ALL_VARIANTS[1:] and saved["measures"] == ["nll"]
     assert "sts_icl" not in saved["per_seed"][0]["correlations"]["nll"]
     assert saved["training"]["method"] == "full" and saved["training"]["lora_rank"] is None
     record = saved["per_seed"][0]
@@ -152,6 +153,11 @@ def test_full_fine_tune_single_seed_skips_uncomputed_variants(tmp_path, tokenize
     assert agg["std"] is None and agg["n"] in (0, 1)  # one seed: no spread
     assert "metric_before" not in saved["mean"] and record["metric_before"] is None
     assert "[" in result.table()  # a single seed shows the bootstrap interval
+    # recheck_steps=1: the NLL change at every step, the last one equal to the final measurement
+    trajectory = record["trajectory"]
+    assert [t["step"] for t in trajectory] == [1, 2, 3]
+    assert trajectory[-1]["nll_delta_rel"] == pytest.approx(record["nll_delta_rel"])
+    assert trajectory[0]["nll_delta_rel"] != trajectory[-1]["nll_delta_rel"]
 
 
 def test_lora_in_place_leaves_the_model_as_it_was(tmp_path, tokenizer):

@@ -1,0 +1,194 @@
+"""From forecast scores to a predicted change with an interval, and the early forecast (issue 8).
+
+``Calibration`` is a linear map from one or more forecast features (``STS_icl``, ``signed_usage``, ...) to the
+relative change of a domain's held-out NLL at the end of training (+ = worse), with a prediction interval from
+the residuals (ordinary least squares; a small ridge penalty on standardised features when there are several).
+It is fitted on measured runs (``sts validate`` results: :meth:`Calibration.from_validation`), judged by
+leave-one-source-out cross-validation (:func:`leave_one_group_out`), and refitted online by the callback at each
+re-check from the early forecasts of the end-of-training change.
+
+The early forecast (:func:`lr_area_fraction`) extrapolates a change measured at step ``s`` to the end of
+training by the share of the learning-rate schedule's area already spent: a first-order model in which the
+weights move in proportion to the learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import STSConfigError, STSInputError
+
+FORMAT = "sts-calibration/1"
+
+
+@dataclass
+class Prediction:
+    """Predicted relative NLL change and its interval (``level``: e.g. 0.9 for a 90% interval)."""
+
+    mean: float
+    low: float
+    high: float
+    level: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class Calibration:
+    """``change = intercept + sum_k coef_k * (x_k - center_k) / scale_k``, residual std ``sigma``."""
+
+    features: list[str]
+    coef: list[float]
+    intercept: float
+    center: list[float]
+    scale: list[float]
+    sigma: float
+    n: int
+    level: float = 0.9
+    ridge: float = 0.0
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, x: Sequence[Sequence[float]] | Sequence[float], y: Sequence[float], features: Sequence[str], *,
+            level: float = 0.9, ridge: float | None = None, fitted_on: dict[str, Any] | None = None) -> "Calibration":
+        """Fit on rows ``x`` (one value per feature, or a plain list for one feature) and changes ``y``."""
+        features = list(features)
+        X = np.asarray(x, dtype=np.float64).reshape(len(y), -1) if len(y) else np.zeros((0, len(features)))
+        Y = np.asarray(y, dtype=np.float64)
+        if X.shape[1] != len(features):
+            raise STSInputError(f"Calibration.fit got {X.shape[1]} values per row for {len(features)} features.")
+        if not 0 < level < 1:
+            raise STSConfigError(f"level must be in (0, 1), e.g. 0.9 for a 90% interval; got {level!r}.")
+        if len(Y) < len(features) + 2:
+            raise STSInputError(f"Calibration needs at least {len(features) + 2} measured (score, change) pairs for "
+                                f"{len(features)} feature(s); got {len(Y)}. Add target domains, sources or seeds.")
+        if not (np.isfinite(X).all() and np.isfinite(Y).all()):
+            raise STSInputError("Calibration data contains NaN or inf; drop the domains whose score was not computed.")
+        center = X.mean(axis=0)
+        scale = X.std(axis=0)
+        scale[scale == 0] = 1.0
+        Z = (X - center) / scale
+        alpha = (1e-3 if len(features) > 1 else 0.0) if ridge is None else float(ridge)
+        coef = np.linalg.solve(Z.T @ Z + alpha * len(Y) * np.eye(len(features)), Z.T @ (Y - Y.mean()))
+        residuals = Y - Y.mean() - Z @ coef
+        dof = max(len(Y) - len(features) - 1, 1)
+        return cls(features=features, coef=coef.tolist(), intercept=float(Y.mean()), center=center.tolist(),
+                   scale=scale.tolist(), sigma=float(math.sqrt((residuals ** 2).sum() / dof)), n=len(Y), level=level,
+                   ridge=alpha, fitted_on=dict(fitted_on or {}))
+
+    def _z(self, values: Sequence[float]) -> np.ndarray:
+        return (np.asarray(values, dtype=np.float64) - np.asarray(self.center)) / np.asarray(self.scale)
+
+    def predict(self, values: Sequence[float] | dict[str, float] | float) -> Prediction:
+        """Predicted change for one domain's feature values (a dict by feature name, a list, or one number)."""
+        if isinstance(values, dict):
+            missing = [f for f in self.features if values.get(f) is None]
+            if missing:
+                raise STSInputError(f"This calibration needs the feature(s) {missing}; the forecast lacks them.")
+            values = [float(values[f]) for f in self.features]
+        elif isinstance(values, (int, float)):
+            values = [float(values)]
+        z = self._z(values)
+        mean = self.intercept + float(z @ np.asarray(self.coef))
+        from scipy.stats import t
+
+        # Interval: residual spread, widened for the mean's uncertainty and the distance from the fitted centre.
+        width = float(t.ppf(0.5 + self.level / 2, max(self.n - len(self.features) - 1, 1))) * self.sigma * math.sqrt(
+            1 + 1 / self.n + float(z @ z) / self.n)
+        return Prediction(mean=mean, low=mean - width, high=mean + width, level=self.level)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        if data.get("format") != FORMAT:
+            raise STSInputError(f"Not an STS calibration (format={data.get('format')!r}); write one with "
+                                "Calibration.save or `sts calibrate`.")
+        return cls(**{k: v for k, v in data.items() if k != "format"})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_validation(cls, results: Sequence[str | Path | dict[str, Any]] | str | Path | dict[str, Any],
+                        features: Sequence[str] = ("sts_icl",), *, level: float = 0.9) -> "Calibration":
+        """Fit on every (domain, seed) of one or more ``validation.json`` files (or their folders)."""
+        x, y, used = [], [], []
+        for data in _validation_records(results):
+            for seed in data["per_seed"]:
+                for domain, scores in seed["scores"].items():
+                    if any(scores.get(f) is None for f in features):
+                        continue
+                    x.append([float(scores[f]) for f in features])
+                    y.append(float(seed["nll_delta_rel"][domain]))
+            used.append(data.get("output_dir"))
+        return cls.fit(x, y, features, level=level, fitted_on={"validations": used, "pairs": len(y)})
+
+
+def _validation_records(results) -> list[dict[str, Any]]:
+    if isinstance(results, (str, Path, dict)):
+        results = [results]
+    records = []
+    for item in results:
+        if isinstance(item, dict):
+            records.append(item)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            path = next((p for p in (path / "sts" / "validation.json", path / "validation.json") if p.exists()), path)
+        if not path.is_file():
+            raise STSInputError(f"No validation.json at {item}; run `sts validate` first.")
+        records.append(json.loads(path.read_text()))
+    return records
+
+
+def leave_one_group_out(x: Sequence[Sequence[float]], y: Sequence[float], groups: Sequence[Any],
+                        features: Sequence[str], **fit_kwargs) -> list[Prediction]:
+    """Prediction for every row from a calibration fitted on the *other* groups only (e.g. other sources)."""
+    X = np.asarray(x, dtype=np.float64).reshape(len(y), -1)
+    Y = np.asarray(y, dtype=np.float64)
+    labels = list(groups)
+    out: list[Prediction | None] = [None] * len(Y)
+    for group in dict.fromkeys(labels):
+        train = [i for i, g in enumerate(labels) if g != group]
+        model = Calibration.fit(X[train], Y[train], features, **fit_kwargs)
+        for i, g in enumerate(labels):
+            if g == group:
+                out[i] = model.predict(X[i].tolist())
+    return out  # type: ignore[return-value]
+
+
+def lr_area_fraction(step: int, total_steps: int, learning_rates: Sequence[float]) -> float:
+    """Share of the schedule's summed learning rate spent after ``step`` of ``total_steps`` optimizer steps.
+
+    ``learning_rates``: the learning rate of each step 1..total_steps (e.g. from the trainer's scheduler).
+    """
+    if total_steps < 1 or len(learning_rates) < total_steps:
+        raise STSInputError(f"lr_area_fraction needs {total_steps} learning rates, got {len(learning_rates)}.")
+    total = float(sum(learning_rates[:total_steps]))
+    if total <= 0:
+        return 1.0
+    return float(sum(learning_rates[: max(0, min(step, total_steps))])) / total
+
+
+def early_forecast(measured: dict[str, float | None], fraction: float) -> dict[str, float | None]:
+    """End-of-training change extrapolated from the change measured after ``fraction`` of the lr area."""
+    if fraction <= 0:
+        return {name: None for name in measured}
+    return {name: (None if value is None else value / fraction) for name, value in measured.items()}

@@ -1,0 +1,80 @@
+"""Calibration: forecast score -> predicted change with an interval; cross-validation; early forecast."""
+
+import numpy as np
+import pytest
+
+from sts_callback import STSInputError
+from sts_callback.calibration import (Calibration, early_forecast, leave_one_group_out, lr_area_fraction)
+
+
+def noisy_line(n, seed=0, slope=0.5, intercept=0.1, noise=0.05):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 2, n)
+    return x, intercept + slope * x + rng.normal(0, noise, n)
+
+
+def test_fit_recovers_the_line_and_intervals_cover_new_points():
+    x, y = noisy_line(200)
+    calibration = Calibration.fit(x, y, ["sts_icl"], level=0.9)
+    assert calibration.predict(1.0).mean == pytest.approx(0.6, abs=0.02)
+    assert calibration.predict({"sts_icl": 0.0}).mean == pytest.approx(0.1, abs=0.03)
+    x_new, y_new = noisy_line(2000, seed=1)
+    inside = [p.low <= t <= p.high for p, t in zip((calibration.predict(float(v)) for v in x_new), y_new)]
+    assert 0.86 <= np.mean(inside) <= 0.94  # a 90% interval holds about 90% of new measurements
+    far = calibration.predict(10.0)
+    near = calibration.predict(1.0)
+    assert far.high - far.low > near.high - near.low  # wider away from the data
+
+
+def test_several_features_and_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 2))
+    y = 0.3 * X[:, 0] - 0.2 * X[:, 1] + rng.normal(0, 0.01, 60)
+    calibration = Calibration.fit(X, y, ["a", "b"])
+    assert calibration.predict({"a": 1.0, "b": 1.0}).mean == pytest.approx(0.1, abs=0.02)
+    loaded = Calibration.load(calibration.save(tmp_path / "c.json"))
+    assert loaded.predict([1.0, 1.0]) == calibration.predict([1.0, 1.0])
+    with pytest.raises(STSInputError, match="needs the feature"):
+        calibration.predict({"a": 1.0})
+
+
+def test_bad_input_names_the_problem(tmp_path):
+    with pytest.raises(STSInputError, match="at least 3"):
+        Calibration.fit([1.0, 2.0], [0.1, 0.2], ["sts_icl"])
+    with pytest.raises(STSInputError, match="NaN"):
+        Calibration.fit([1.0, 2.0, float("nan"), 3.0], [0.1, 0.2, 0.3, 0.4], ["sts_icl"])
+    with pytest.raises(STSInputError, match="sts validate"):
+        Calibration.from_validation(tmp_path)
+    (tmp_path / "x.json").write_text('{"format": "other"}')
+    with pytest.raises(STSInputError, match="Not an STS calibration"):
+        Calibration.load(tmp_path / "x.json")
+
+
+def test_from_validation_uses_every_domain_and_seed():
+    record = {"output_dir": "v", "per_seed": [
+        {"scores": {d: {"sts_icl": float(i)} for i, d in enumerate("abcd")},
+         "nll_delta_rel": {d: 0.01 * i for i, d in enumerate("abcd")}},
+        {"scores": {d: {"sts_icl": float(i) + 0.5} for i, d in enumerate("abcd")},
+         "nll_delta_rel": {d: 0.01 * i + 0.005 for i, d in enumerate("abcd")}}]}
+    calibration = Calibration.from_validation(record)
+    assert calibration.n == 8 and calibration.fitted_on["pairs"] == 8
+    assert calibration.predict(2.0).mean == pytest.approx(0.02)
+
+
+def test_leave_one_group_out_never_sees_the_held_out_group():
+    x = [0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 3.0]
+    y = [0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 5.0]  # source C behaves differently
+    groups = ["A"] * 4 + ["B"] * 4 + ["C"] * 4
+    predictions = leave_one_group_out([[v] for v in x], y, groups, ["s"])
+    assert [p.mean for p in predictions[8:]] == pytest.approx([0.0, 1.0, 2.0, 3.0])  # fitted on A and B only
+    assert predictions[0].mean != pytest.approx(0.0)  # A's prediction saw C's outlying rows
+
+
+def test_lr_area_fraction_and_early_forecast():
+    assert lr_area_fraction(5, 10, [1.0] * 10) == pytest.approx(0.5)
+    decaying = [1.0 - i / 10 for i in range(10)]
+    assert lr_area_fraction(5, 10, decaying) > 0.5  # most of a decaying schedule's area comes early
+    assert lr_area_fraction(10, 10, decaying) == 1.0
+    assert early_forecast({"law": 0.01, "x": None}, 0.25) == {"law": pytest.approx(0.04), "x": None}
+    with pytest.raises(STSInputError):
+        lr_area_fraction(1, 10, [1.0] * 3)
