@@ -19,12 +19,14 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .config import STSConfig, json_serializable
+from .calibration import Calibration, early_forecast, lr_area_fraction
+from .config import SCORE_VARIANTS, STSConfig, json_serializable
 from .data import Corpus, load_corpus, load_domains
 from .distributed import check_ranks_agree, fingerprint, require_at_least_world, world_size
 from .errors import STSConfigError, STSInputError
 from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
 from .monitor import DomainBase, Monitor, domain_bases_from
+from .signed import SIGNED_VARIANTS
 from .stats import ActivationStats
 from .training_data import corpus_from_training_dataset
 
@@ -63,6 +65,12 @@ class STSCallback(TrainerCallback, ExportableState):
         strict: re-raise exceptions inside re-checks instead of warning and going on.
         recheck_at_end: re-check at the end of training when the last step was not re-checked.
         output_subdir: folder under ``args.output_dir`` for forecast, history and monitor state.
+        calibration: a :class:`~sts_callback.calibration.Calibration` (or its JSON path), e.g. fitted on
+            ``sts validate`` runs: at train start every domain gets a predicted end-of-training change of its
+            held-out NLL with an interval, and a protected domain predicted to rise above ``tolerance`` is warned
+            about. Each re-check records the early forecast (the measured change extrapolated to the end of
+            training by the learning-rate schedule), the start prediction beside it, and a calibration refitted
+            on the early forecasts; only the measured changes count as violations (early stop).
     """
 
     def __init__(self, sae: Any, target_domains: Any, protected: list[str] | tuple[str, ...] = (),
@@ -70,7 +78,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  recheck_steps: int | None = None, recheck_tokens: int = 2048, loss_tokens: int = 1024,
                  forecast_top_k: int = 1, tolerance: float = 0.05, max_sts: float | None = None,
                  early_stop: bool = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
-                 output_subdir: str = "sts", _objects_from: list[str] | None = None):
+                 output_subdir: str = "sts", calibration: Any = None, _objects_from: list[str] | None = None):
         if isinstance(config, STSConfig):
             config = config.to_dict()
         self.config = STSConfig.from_dict(config)  # validated now, not at train start
@@ -117,6 +125,12 @@ class STSCallback(TrainerCallback, ExportableState):
         self.forecast_top_k, self.tolerance, self.max_sts = forecast_top_k, float(tolerance), max_sts
         self.early_stop, self.patience, self.strict = early_stop, patience, strict
         self.recheck_at_end, self.output_subdir = recheck_at_end, output_subdir
+        self.calibration = _load_calibration(calibration)
+        if self.calibration is not None:
+            unknown = [f for f in self.calibration.features if f not in SCORE_VARIANTS + SIGNED_VARIANTS]
+            if unknown:
+                raise STSConfigError(f"The calibration uses {unknown}, which are not forecast scores; use "
+                                     f"{list(SCORE_VARIANTS + SIGNED_VARIANTS)}.")
 
         objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}
         if objects:
@@ -127,6 +141,7 @@ class STSCallback(TrainerCallback, ExportableState):
             "recheck_tokens": recheck_tokens, "loss_tokens": loss_tokens, "forecast_top_k": forecast_top_k,
             "tolerance": self.tolerance, "max_sts": max_sts, "early_stop": early_stop, "patience": patience,
             "strict": strict, "recheck_at_end": recheck_at_end, "output_subdir": output_subdir,
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
             "_objects_from": sorted(objects) or None,
         }
         # Restored from the checkpoint's trainer_state.json on resume (see state()).
@@ -135,7 +150,9 @@ class STSCallback(TrainerCallback, ExportableState):
         self.warned: list[str] = []
         self.stop_reason: str | None = None
         self.base_losses: dict[str, float] = {}
+        self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
         # Runtime only.
+        self.learning_rates: list[float] | None = None
         self.forecast: Forecast | None = None
         self.monitor: Monitor | None = None
         self.latest_metrics: dict[str, float] = {}
@@ -151,6 +168,7 @@ class STSCallback(TrainerCallback, ExportableState):
             "attributes": {
                 "history": self.history, "violations_in_a_row": self.violations_in_a_row,
                 "warned": self.warned, "stop_reason": self.stop_reason, "base_losses": self.base_losses,
+                "predicted": self.predicted,
             },
         }
 
@@ -208,8 +226,9 @@ class STSCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ train start
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
-                       **kwargs):
+                       lr_scheduler=None, **kwargs):
         self._trainer = self._find_trainer(self)
+        self.learning_rates = _schedule(lr_scheduler, state.max_steps)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is None:
             raise STSInputError("STSCallback needs the trainer's processing_class (tokenizer); pass "
@@ -285,6 +304,7 @@ class STSCallback(TrainerCallback, ExportableState):
                     self._warn(f"forecast:{name}", f"STS forecast: protected domain {name!r} ranks {rank} of "
                                f"{len(ranked)} among the domains most affected by this training "
                                f"({self.forecast.ranking}={self.forecast.score(name):.4g}).", state)
+            self._predict(state)
         else:
             if state.is_world_process_zero:
                 print("STS forecast skipped: the training data has no answers to use as in-context demonstrations "
@@ -299,6 +319,58 @@ class STSCallback(TrainerCallback, ExportableState):
             (out / HISTORY_FILE).unlink(missing_ok=True)
             (out / SETTINGS_FILE).write_text(json.dumps({"protected": self.protected, "tolerance": self.tolerance,
                                                          "max_sts": self.max_sts}, indent=2))
+
+    def _predict(self, state) -> None:
+        """The calibrated end-of-training change of every domain; warn for protected domains above tolerance."""
+        if self.calibration is None or self.forecast is None:
+            return
+        for name, domain in self.forecast.domains.items():
+            missing = [f for f in self.calibration.features if domain.scores.get(f) is None]
+            if missing:
+                raise STSConfigError(f"The calibration uses {missing}, which this forecast did not compute for "
+                                     f"{name!r} (compute_icl=False? no SAE decoder?); fit it on other features.")
+            self.predicted[name] = self.calibration.predict(domain.scores).to_dict()
+        if state.is_world_process_zero:
+            print("STS calibrated forecast (held-out NLL change at the end of training, "
+                  f"{self.calibration.level:.0%} interval): " + ", ".join(
+                      f"{n} {p['mean']:+.2%} [{p['low']:+.2%}, {p['high']:+.2%}]" for n, p in self.predicted.items()))
+        for name in self.protected:
+            p = self.predicted[name]
+            if p["mean"] > self.tolerance:
+                self._warn(f"predicted:{name}", f"STS calibrated forecast: protected domain {name!r} is predicted to "
+                           f"get worse by {p['mean']:.1%} ({self.calibration.level:.0%} interval {p['low']:+.1%} to "
+                           f"{p['high']:+.1%}), above the tolerance {self.tolerance:.1%}.", state)
+
+    def _early_forecast(self, state, result: dict[str, Any]) -> dict[str, Any]:
+        """The measured changes extrapolated to the end of training, and the calibration refitted on them."""
+        if not self.learning_rates or state.max_steps <= 0:
+            return {}
+        fraction = lr_area_fraction(state.global_step, state.max_steps, self.learning_rates)
+        early = early_forecast(result["loss_delta"], fraction)
+        out: dict[str, Any] = {"lr_area_fraction": fraction, "early_forecast": early}
+        if self.predicted:
+            out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
+        features = self.calibration.features if self.calibration is not None else [self._variant()]
+        if self.forecast is not None:
+            names = [n for n, v in early.items() if v is not None and n in self.forecast.domains
+                     and all(self.forecast.domains[n].scores.get(f) is not None for f in features)]
+            if len(names) >= len(features) + 2:
+                x = [[self.forecast.domains[n].scores[f] for f in features] for n in names]
+                refit = Calibration.fit(x, [early[n] for n in names], features,
+                                        level=self.calibration.level if self.calibration is not None else 0.9)
+                out["calibration"] = {"features": features, "coef": refit.coef, "intercept": refit.intercept,
+                                      "center": refit.center, "scale": refit.scale, "sigma": refit.sigma, "n": refit.n}
+        for name in self.protected:
+            value = early.get(name)
+            if value is not None and fraction < 1 and value > self.tolerance:
+                self._warn(f"early:{name}", f"STS early forecast at step {state.global_step}: protected domain "
+                           f"{name!r} is on course to get worse by {value:.1%} by the end of training "
+                           f"(measured {result['loss_delta'][name]:+.1%} after {fraction:.0%} of the learning-rate "
+                           f"schedule; tolerance {self.tolerance:.1%}).", state)
+        return out
+
+    def _variant(self) -> str:
+        return self.config.ranking if self.config.compute_icl else "sts_act"
 
     def _resume(self, args, state, domains) -> None:
         out = self._out(args)
@@ -350,6 +422,12 @@ class STSCallback(TrainerCallback, ExportableState):
                                                "traceback": trace})
             return None
         record = {"step": state.global_step, **result}
+        try:
+            record.update(self._early_forecast(state, result))
+        except Exception as err:  # noqa: BLE001 - a projection must not cost the measurement
+            if self.strict:
+                raise
+            record["early_forecast_error"] = f"{type(err).__name__}: {err}"
         violations = self._violations(result)
         record["violations"] = violations
         self.violations_in_a_row = self.violations_in_a_row + 1 if violations else 0
@@ -367,8 +445,9 @@ class STSCallback(TrainerCallback, ExportableState):
                     print(f"STS: {self.stop_reason}")
         self._append_history(args, state, record)
         self.write_report(args, state)
-        metrics = {}
-        variant = self.config.ranking if self.config.compute_icl else "sts_act"
+        metrics = {f"sts/early_forecast/{name}": value for name, value in record.get("early_forecast", {}).items()
+                   if value is not None}
+        variant = self._variant()
         for name, scores in result["scores"].items():
             value = scores.get(variant, scores["sts_act"])
             metrics[f"sts/recheck/{name}"] = value
@@ -441,3 +520,27 @@ class STSCallback(TrainerCallback, ExportableState):
             message = f"STS report at step {state.global_step} was not written ({type(err).__name__}: {err})"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             logger.warning(message)
+
+
+def _load_calibration(calibration: Any) -> Calibration | None:
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration
+    if isinstance(calibration, dict):
+        return Calibration.from_dict(calibration)
+    if isinstance(calibration, (str, Path)):
+        if not Path(calibration).is_file():
+            raise STSConfigError(f"calibration={str(calibration)!r} does not exist; fit one with "
+                                 "Calibration.from_validation(...).save(path).")
+        return Calibration.load(calibration)
+    raise STSConfigError(f"calibration must be a Calibration, its dict or a JSON path; got {type(calibration).__name__}.")
+
+
+def _schedule(lr_scheduler, max_steps: int) -> list[float] | None:
+    """The learning rate of each optimizer step, read from the trainer's scheduler without stepping it."""
+    if lr_scheduler is None or max_steps <= 0:
+        return None
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    base = getattr(lr_scheduler, "base_lrs", None)
+    if not lambdas or not base:
+        return [1.0] * max_steps  # unknown schedule: assume constant
+    return [float(base[0]) * float(lambdas[0](step)) for step in range(max_steps)]

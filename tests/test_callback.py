@@ -297,3 +297,31 @@ def test_forecast_rank_and_max_sts_rules_warn(tmp_path, tokenizer):
     assert any(f"protected domain {top_domain!r} ranks 1 of 3" in m for m in messages)
     assert any("re-checked STS of protected domain" in m and "max_sts=0.0" in m for m in messages)
     assert callback.history[-1]["violations"] and "early_stop" not in callback.history[-1]
+
+
+def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenizer):
+    from sts_callback.calibration import Calibration
+
+    # A calibration predicting +10% for every domain whatever the score: protected 'food' is warned at start.
+    calibration = Calibration.fit([[0.0], [1.0], [2.0], [3.0]], [0.09, 0.11, 0.09, 0.11], ["sts_act"])
+    path = calibration.save(tmp_path / "calibration.json")
+    callback = make_callback(protected=["food"], tolerance=0.05, calibration=str(path), recheck_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_steps=100, lr_scheduler_type="linear").train()
+    messages = [str(w.message) for w in caught if issubclass(w.category, STSNegativeTransferWarning)]
+    assert any("calibrated forecast: protected domain 'food' is predicted to get worse by" in m for m in messages)
+    assert set(callback.predicted) == set(DOMAINS)
+    assert all(p["low"] < p["mean"] < p["high"] for p in callback.predicted.values())
+    history = callback.history
+    assert [r["step"] for r in history] == [2, 4, 6]
+    fractions = [r["lr_area_fraction"] for r in history]
+    assert fractions[0] > 2 / 6 and fractions[-1] == pytest.approx(1.0)  # a linear decay spends its area early
+    for record in history:
+        for name, delta in record["loss_delta"].items():
+            assert record["early_forecast"][name] == pytest.approx(delta / record["lr_area_fraction"])
+        assert record["predicted"] == {n: p["mean"] for n, p in callback.predicted.items()}
+    with pytest.raises(STSConfigError, match="not forecast scores"):
+        make_callback(calibration=Calibration.fit([0, 1, 2], [0, 1, 2], ["accuracy"]))
+    with pytest.raises(STSConfigError, match="does not exist"):
+        make_callback(calibration=str(tmp_path / "missing.json"))
