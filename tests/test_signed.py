@@ -60,3 +60,21 @@ def test_decoder_projection_points_toward_the_domain_the_shift_moves_to():
     assert scores["toward"]["decoder_projection"] == pytest.approx(1.0)
     assert scores["away"]["decoder_projection"] == pytest.approx(-1.0)
     assert decoder_projection(direction, torch.zeros(2), torch.zeros(2)) == 0.0  # no own direction: no sign
+
+
+def test_icl_loss_change_reads_the_loss_with_training_demonstrations_in_context():
+    from tiny import domain_texts, make_model, make_tokenizer
+
+    from sts_callback.icl_loss import icl_loss_change
+
+    tokenizer = make_tokenizer()
+    model = make_model("llama").train()
+    train = domain_texts("law", 20, seed=1)
+    config = {"max_query_tokens": 24, "max_demonstration_tokens": 24, "n_demonstrations": 2}
+    first = icl_loss_change(model, tokenizer, train, {"law": domain_texts("law", 12), "food": domain_texts("food", 12)},
+                            config, tokens=120)
+    assert set(first) == {"law", "food"} and all(abs(v) > 0 for v in first.values())
+    again = icl_loss_change(model, tokenizer, train, {"law": domain_texts("law", 12), "food": domain_texts("food", 12)},
+                            config, tokens=120)
+    assert again == first  # seeded sampling: the same numbers every time
+    assert model.training  # the model's mode is restored

@@ -64,6 +64,10 @@ def main() -> None:
     parser.add_argument("--loss-tokens", type=int, default=2048)
     parser.add_argument("--shift-tokens", type=int, default=4000)
     parser.add_argument("--domain-tokens", type=int, default=1500)
+    parser.add_argument("--recheck-every", type=int, default=6,
+                        help="re-check every this many steps (the early forecast's trajectory); 0: only at the end")
+    parser.add_argument("--icl-tokens", type=int, default=512,
+                        help="query tokens per domain for the in-context NLL baseline (0: skip it)")
     parser.add_argument("--n-resamples", type=int, default=2000)
     parser.add_argument("--work", default="outputs/transfer", help="validate() output folders, one per source")
     parser.add_argument("--out", default="benchmarks/transfer/transfer.json")
@@ -72,6 +76,7 @@ def main() -> None:
     from sts_callback.config import STSConfig
     from sts_callback.corpora import available_domains, load_domain
     from sts_callback.demo import DEMO_LAYER, ensure_demo_sae
+    from sts_callback.icl_loss import icl_loss_change
     from sts_callback.models import load_gemma3_270m
     from sts_callback.validate import validate
 
@@ -90,13 +95,24 @@ def main() -> None:
         train, own = texts[0::2], texts[1::2]
         targets = {name: (own if name == source else load_domain(name)) for name in domains}
         print(f"\n== source {source!r}: {len(train)} training texts, {len(targets)} targets ==", flush=True)
+        icl_start = time.perf_counter()
+        icl = icl_loss_change(model, tokenizer, train, targets, config, tokens=args.icl_tokens) if args.icl_tokens else None
+        icl_seconds = time.perf_counter() - icl_start
         result = validate(model, tokenizer, sae_path, train, targets, config, method=args.method, seeds=args.seeds,
                           steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
                           max_length=args.max_length, loss_tokens=args.loss_tokens, recheck_tokens=2048,
+                          recheck_steps=args.recheck_every or None,
                           output_dir=Path(args.work) / source, n_resamples=args.n_resamples, report=False)
         print(result.table(), flush=True)
         runs.append(summarise(source, result, result.variants, args.n_resamples))
         runs[-1]["training"] = result.training
+        runs[-1]["icl_loss_change"] = icl
+        runs[-1]["icl_seconds"] = icl_seconds
+        runs[-1]["per_seed"] = [{"seed": s.seed, "scores": s.scores, "nll_before": s.nll_before,
+                                 "nll_delta_rel": s.nll_delta_rel, "overlap": s.overlap, "train_loss": s.train_loss,
+                                 "trajectory": [{k: v for k, v in t.items() if k != "shifted_latents"}
+                                                for t in s.trajectory], "seconds": s.seconds}
+                                for s in result.per_seed]
 
     variants = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act") if v in runs[0]["correlations"]]
     pooled = {}
