@@ -360,13 +360,16 @@ class STSCallback(TrainerCallback, ExportableState):
                                         level=self.calibration.level if self.calibration is not None else 0.9)
                 out["calibration"] = {"features": features, "coef": refit.coef, "intercept": refit.intercept,
                                       "center": refit.center, "scale": refit.scale, "sigma": refit.sigma, "n": refit.n}
+        projected = []
         for name in self.protected:
             value = early.get(name)
             if value is not None and fraction < 1 and value > self.tolerance:
-                self._warn(f"early:{name}", f"STS early forecast at step {state.global_step}: protected domain "
-                           f"{name!r} is on course to get worse by {value:.1%} by the end of training "
-                           f"(measured {result['loss_delta'][name]:+.1%} after {fraction:.0%} of the learning-rate "
-                           f"schedule; tolerance {self.tolerance:.1%}).", state)
+                projected.append(f"protected domain {name!r} is on course to get worse by {value:.1%} by the end of "
+                                 f"training (measured {result['loss_delta'][name]:+.1%} after {fraction:.0%} of the "
+                                 f"learning-rate schedule; tolerance {self.tolerance:.1%})")
+                self._warn(f"early:{name}", f"STS early forecast at step {state.global_step}: {projected[-1]}.", state)
+        if projected:
+            out["projected_warnings"] = projected
         return out
 
     def _variant(self) -> str:

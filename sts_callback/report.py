@@ -435,16 +435,26 @@ def _timeline_section(data: ReportData) -> str:
     rows = []
     for record in data.history:
         if "error" in record:
-            rows.append([_num(record.get("step")), '<span class="tag err">failed</span>', esc(record["error"]), "", ""])
+            rows.append([_num(record.get("step")), '<span class="tag err">failed</span>', esc(record["error"]), "", "",
+                         ""])
             continue
         deltas = ", ".join(f"{esc(k)} {esc(_pct(v))}" for k, v in (record.get("loss_delta") or {}).items())
         status = ('<span class="tag warn">warning</span>' if record.get("violations")
                   else '<span class="tag ok">ok</span>')
         if record.get("early_stop"):
             status += ' <span class="tag protected">early stop</span>'
-        notes = "; ".join(esc(v) for v in record.get("violations") or [])
-        rows.append([_num(record.get("step")), status, deltas, _num(record.get("overlap_with_forecast")), notes])
-    table = _table(["step", "status", "held-out loss change", "overlap with forecast", "warnings"], rows)
+        notes = "; ".join(esc(v) for v in (record.get("violations") or []) + (record.get("projected_warnings") or []))
+        projected = ", ".join(f"{esc(k)} {esc(_pct(v))}" for k, v in (record.get("early_forecast") or {}).items()
+                              if v is not None)
+        if record.get("lr_area_fraction") is not None and projected:
+            projected = f"after {record['lr_area_fraction']:.0%} of the lr schedule: {projected}"
+        if record.get("predicted"):
+            projected += ("<br>" if projected else "") + "calibrated at start: " + ", ".join(
+                f"{esc(k)} {esc(_pct(v))}" for k, v in record["predicted"].items())
+        rows.append([_num(record.get("step")), status, deltas, projected, _num(record.get("overlap_with_forecast")),
+                     notes])
+    table = _table(["step", "status", "held-out loss change", "projected at the end of training",
+                    "overlap with forecast", "warnings"], rows)
     return (f'<section id="timeline"><h2>Over training</h2>{_img(plot_timeline(data), "timeline")}'
             f'<p class="muted">Top: each domain re-scored ({esc(LABELS.get(variant, variant))}) on the latents the '
             "training actually shifted (step 0: the forecast). Bottom: relative change of the held-out language-model "
@@ -641,11 +651,16 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"held-out loss change {deltas}; "
                      f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
+        if last.get("early_forecast") and (last.get("lr_area_fraction") or 1) < 1:
+            lines.append(f"Projected at the end of training (measured change / {last['lr_area_fraction']:.0%} of the "
+                         "learning-rate schedule spent): " + ", ".join(
+                             f"{md_esc(k)} {_pct(v)}" for k, v in last["early_forecast"].items() if v is not None) + ".")
         scatter = scatter_points(data)
         if scatter is not None and scatter[2] is not None:
             lines.append(f"Forecast vs measured: Pearson r = {scatter[2]:.2f}, Spearman ρ = {scatter[3]:.2f}.")
         lines.append("")
-    warnings = [f"step {r['step']}: {md_esc(v)}" for r in data.history for v in r.get("violations") or []]
+    warnings = [f"step {r['step']}: {md_esc(v)}" for r in data.history
+                for v in (r.get("violations") or []) + (r.get("projected_warnings") or [])]
     warnings += [f"**{md_esc(r['early_stop'])}**" for r in data.history if r.get("early_stop")]
     warnings += [f"step {r.get('step')}: re-check failed ({md_esc(r['error'])})" for r in data.history if "error" in r]
     if warnings:

@@ -321,6 +321,8 @@ def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenize
         for name, delta in record["loss_delta"].items():
             assert record["early_forecast"][name] == pytest.approx(delta / record["lr_area_fraction"])
         assert record["predicted"] == {n: p["mean"] for n, p in callback.predicted.items()}
+    report = (tmp_path / "run" / "sts" / "report.html").read_text()
+    assert "projected at the end of training" in report and "calibrated at start" in report
     with pytest.raises(STSConfigError, match="not forecast scores"):
         make_callback(calibration=Calibration.fit([0, 1, 2], [0, 1, 2], ["accuracy"]))
     with pytest.raises(STSConfigError, match="does not exist"):
