@@ -1,5 +1,6 @@
 """sts-callback: forecast which capabilities post-training will move (SAE-based Transferability Score)."""
 
+from .calibration import Calibration
 from .config import STSConfig
 from .errors import STSConfigError, STSError, STSInputError, STSNumericalError
 from .forecast import DomainForecast, Forecast, forecast
@@ -9,7 +10,18 @@ from .validate import ValidationResult, multiple_choice_accuracy, validate
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name == "STSCallback":  # imported on first use: it pulls in transformers' Trainer machinery
+        from .callback import STSCallback
+
+        return STSCallback
+    raise AttributeError(f"module 'sts_callback' has no attribute {name!r}")
+
+
 __all__ = [
+    "Calibration",
+    "STSCallback",
     "DomainForecast",
     "Forecast",
     "SAEHandle",

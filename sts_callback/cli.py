@@ -300,6 +300,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import Calibration
+
+    calibration = Calibration.from_validation(args.validations, args.features, level=args.level)
+    path = calibration.save(args.out)
+    print(f"calibration on {calibration.n} measured (domain, seed) pairs, features {calibration.features}: "
+          f"residual std {calibration.sigma:.2%} of the NLL; {calibration.level:.0%} intervals")
+    print(f"wrote {path}; use it with STSCallback(..., calibration={str(path)!r})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -392,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--example", action="store_true", help="print an example config and exit")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("calibrate", help="fit forecast score -> predicted NLL change (with an interval) on validate runs",
+                       description="Fit a Calibration on the (domain, seed) pairs of one or more `sts validate` "
+                                   "outputs; STSCallback(calibration=PATH) then predicts each domain's end-of-"
+                                   "training change at train start and warns for protected domains.")
+    p.add_argument("validations", nargs="+", metavar="VALIDATION",
+                   help="validation.json files or the output_dir of `sts validate` runs")
+    p.add_argument("--features", nargs="+", default=["sts_icl"],
+                   help="forecast scores to calibrate on (default: sts_icl; e.g. sts_icl signed_usage)")
+    p.add_argument("--level", type=float, default=0.9, help="prediction interval level (default 0.9)")
+    p.add_argument("--out", default="calibration.json")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("report", help="write report.html (plots, shifted latents) and report.md for a run",
                        description="Read forecast.json / history.jsonl (and gate.json when present) from OUTPUT_DIR "

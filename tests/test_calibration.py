@@ -78,3 +78,21 @@ def test_lr_area_fraction_and_early_forecast():
     assert early_forecast({"law": 0.01, "x": None}, 0.25) == {"law": pytest.approx(0.04), "x": None}
     with pytest.raises(STSInputError):
         lr_area_fraction(1, 10, [1.0] * 3)
+
+
+def test_cli_calibrate_writes_a_calibration_the_callback_reads(tmp_path, capsys):
+    import json
+
+    from sts_callback.cli import main
+
+    record = {"format": "sts-validation/1", "output_dir": "v", "per_seed": [
+        {"scores": {d: {"sts_icl": float(i), "signed_usage": float(-i)} for i, d in enumerate("abcde")},
+         "nll_delta_rel": {d: 0.01 * i for i, d in enumerate("abcde")}}]}
+    (tmp_path / "validation.json").write_text(json.dumps(record))
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", str(tmp_path / "validation.json"), "--features", "sts_icl", "signed_usage",
+                 "--out", str(out)]) == 0
+    assert "5 measured (domain, seed) pairs" in capsys.readouterr().out
+    assert Calibration.load(out).features == ["sts_icl", "signed_usage"]
+    assert main(["calibrate", str(tmp_path / "missing")]) == 2
+    assert "No validation.json" in capsys.readouterr().err

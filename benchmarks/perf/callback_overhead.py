@@ -26,7 +26,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
-from sts_callback import STSCallback
+from sts_callback.callback import STSCallback
 from sts_callback.corpora import load_domain
 from sts_callback.demo import ensure_demo_sae
 from sts_callback.models import load_gemma3_270m
