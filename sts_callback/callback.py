@@ -22,7 +22,12 @@ from transformers.trainer_callback import ExportableState
 from .calibration import Calibration, early_forecast, lr_area_fraction
 from .config import SCORE_VARIANTS, STSConfig, json_serializable
 from .data import Corpus, load_corpus, load_domains
-from .distributed import check_ranks_agree, fingerprint, require_at_least_world, world_size
+from .distributed import (
+    check_ranks_agree,
+    fingerprint,
+    require_at_least_world,
+    world_size,
+)
 from .errors import STSConfigError, STSInputError
 from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
 from .monitor import DomainBase, Monitor, domain_bases_from

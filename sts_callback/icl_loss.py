@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capture import max_positions
 from .config import STSConfig
 from .data import PromptBuilder, load_corpus, load_domains
 from .forecast import DEFAULT_MAX_LENGTH, build_shift_pairs, inference_mode
-from .capture import max_positions
 
 
 def _nll_sums(model: nn.Module, sequences: list[tuple[list[int], int, list[bool]]], pad: int,

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from sts_callback import STSInputError
-from sts_callback.calibration import (Calibration, early_forecast, leave_one_group_out, lr_area_fraction)
+from sts_callback.calibration import (
+    Calibration,
+    early_forecast,
+    leave_one_group_out,
+    lr_area_fraction,
+)
 
 
 def noisy_line(n, seed=0, slope=0.5, intercept=0.1, noise=0.05):

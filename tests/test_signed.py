@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from sts_callback.signed import decoder_projection, residual_shift_direction, signed_scores, transfer_share
+from sts_callback.signed import (
+    decoder_projection,
+    residual_shift_direction,
+    signed_scores,
+    transfer_share,
+)
 from sts_callback.stats import ActivationStats, ShiftStats
 
 

@@ -1,7 +1,7 @@
 """Transfer benchmark: does the forecast match what fine-tuning really does? (our analogue of the paper's table)
 
     python benchmarks/transfer/run.py [--sources legal chat_templates python_code] [--seeds 0]
-                                      [--steps 24] [--out benchmarks/transfer/transfer.json]
+                                      [--steps 32] [--out benchmarks/transfer/transfer.json]
 
 Model: Gemma 3 270M (offline GGUF package), the project's demo SAE (layer 12 of 18, TopK width 4096, k=32,
 trained on the 11 built-in domains). For each source domain: its even-indexed texts are the training set, its
@@ -57,16 +57,16 @@ def main() -> None:
     parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--loss-tokens", type=int, default=2048)
+    parser.add_argument("--loss-tokens", type=int, default=1024)
     parser.add_argument("--shift-tokens", type=int, default=4000)
     parser.add_argument("--domain-tokens", type=int, default=1500)
-    parser.add_argument("--recheck-every", type=int, default=6,
+    parser.add_argument("--recheck-every", type=int, default=8,
                         help="re-check every this many steps (the early forecast's trajectory); 0: only at the end")
-    parser.add_argument("--icl-tokens", type=int, default=512,
+    parser.add_argument("--icl-tokens", type=int, default=384,
                         help="query tokens per domain for the in-context NLL baseline (0: skip it)")
     parser.add_argument("--n-resamples", type=int, default=2000)
     parser.add_argument("--work", default="outputs/transfer", help="validate() output folders, one per source")

@@ -1,7 +1,9 @@
 """Signed forecasts on the transfer benchmark: every variant and baseline against the measured signed change.
 
-    python benchmarks/transfer/signed.py [--transfer benchmarks/transfer/transfer.json]
+    python benchmarks/transfer/signed.py [--transfer benchmarks/transfer/transfer.json [more.json ...]]
                                          [--out benchmarks/transfer/signed.json]
+
+Several transfer files (e.g. one per seed) are merged source by source.
 
 Reads what ``benchmarks/transfer/run.py`` measured (per source and seed: forecast scores, the in-context NLL
 baseline, held-out NLL change of every target domain, the re-check trajectory) and reports, per source and
@@ -55,6 +57,21 @@ def table_rows(transfer: dict) -> tuple[list[dict], list[float]]:
     return rows
 
 
+def merge(transfers: list[dict]) -> dict:
+    """One transfer record whose runs hold every seed measured for each source."""
+    merged = {"seeds": [], "runs": []}
+    by_source: dict[str, dict] = {}
+    for transfer in transfers:
+        merged["seeds"] += [s for s in transfer.get("seeds", []) if s not in merged["seeds"]]
+        for run in transfer["runs"]:
+            if run["source"] in by_source:
+                by_source[run["source"]]["per_seed"] += run["per_seed"]
+            else:
+                by_source[run["source"]] = {**run, "per_seed": list(run["per_seed"])}
+                merged["runs"].append(by_source[run["source"]])
+    return merged
+
+
 def zscore_within(rows: list[dict], feature: str) -> list[float]:
     out = []
     for row in rows:
@@ -77,10 +94,10 @@ def direction_share(predicted: list[float], measured: list[float], seed: int = 0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--transfer", default="benchmarks/transfer/transfer.json")
+    parser.add_argument("--transfer", nargs="+", default=["benchmarks/transfer/transfer.json"])
     parser.add_argument("--out", default="benchmarks/transfer/signed.json")
     args = parser.parse_args()
-    transfer = json.loads(Path(args.transfer).read_text())
+    transfer = merge([json.loads(Path(path).read_text()) for path in args.transfer])
     rows = table_rows(transfer)
     sources = list(dict.fromkeys(r["source"] for r in rows))
     early = sorted({k for r in rows for k in r if k.startswith("early@")}, key=lambda k: float(k[6:-1]))
