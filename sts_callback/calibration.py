@@ -187,8 +187,37 @@ def lr_area_fraction(step: int, total_steps: int, learning_rates: Sequence[float
     return float(sum(learning_rates[: max(0, min(step, total_steps))])) / total
 
 
-def early_forecast(measured: dict[str, float | None], fraction: float) -> dict[str, float | None]:
-    """End-of-training change extrapolated from the change measured after ``fraction`` of the lr area."""
+def early_forecast(measured: dict[str, float | None], fraction: float, exponent: float = 1.0) -> dict[str, float | None]:
+    """End-of-training change extrapolated from the change measured after ``fraction`` of the lr area.
+
+    ``change(f) = change(1) * f ** exponent``: 1 is the first-order (linear) model; losses that saturate give
+    smaller exponents (see :func:`fitted_exponent`).
+    """
     if fraction <= 0:
         return {name: None for name in measured}
-    return {name: (None if value is None else value / fraction) for name, value in measured.items()}
+    scale = fraction ** exponent
+    return {name: (None if value is None else value / scale) for name, value in measured.items()}
+
+
+def fitted_exponent(points: Sequence[tuple[float, dict[str, float | None]]], *, min_change: float = 0.005,
+                    bounds: tuple[float, float] = (0.2, 1.5)) -> float | None:
+    """The exponent b of ``change(f) = c * f ** b`` from two or more re-checks ``(fraction, {domain: change})``.
+
+    Median over domains whose change is clear (> ``min_change``) and keeps its sign between the first and the
+    last point; ``None`` with fewer than two usable points. Clipped to ``bounds``.
+    """
+    usable = [(f, m) for f, m in points if 0 < f < 1 or f == 1]
+    if len(usable) < 2:
+        return None
+    (f1, first), (f2, last) = usable[0], usable[-1]
+    if f2 <= f1:
+        return None
+    ratios = []
+    for name, a in first.items():
+        b = last.get(name)
+        if a is None or b is None or abs(a) <= min_change or abs(b) <= min_change or math.copysign(1, a) != math.copysign(1, b):
+            continue
+        ratios.append(math.log(abs(b) / abs(a)) / math.log(f2 / f1))
+    if not ratios:
+        return None
+    return float(min(max(float(np.median(ratios)), bounds[0]), bounds[1]))

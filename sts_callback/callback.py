@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .calibration import Calibration, early_forecast, lr_area_fraction
+from .calibration import Calibration, early_forecast, fitted_exponent, lr_area_fraction
 from .config import SCORE_VARIANTS, STSConfig, json_serializable
 from .data import Corpus, load_corpus, load_domains
 from .distributed import (
@@ -351,8 +351,11 @@ class STSCallback(TrainerCallback, ExportableState):
         if not self.learning_rates or state.max_steps <= 0:
             return {}
         fraction = lr_area_fraction(state.global_step, state.max_steps, self.learning_rates)
-        early = early_forecast(result["loss_delta"], fraction)
-        out: dict[str, Any] = {"lr_area_fraction": fraction, "early_forecast": early}
+        # The exponent of change ~ f^b from this run's own earlier re-checks (linear until there are two).
+        points = [(r["lr_area_fraction"], r["loss_delta"]) for r in self.history if r.get("lr_area_fraction")]
+        exponent = fitted_exponent(points + [(fraction, result["loss_delta"])]) or 1.0
+        early = early_forecast(result["loss_delta"], fraction, exponent)
+        out: dict[str, Any] = {"lr_area_fraction": fraction, "early_exponent": exponent, "early_forecast": early}
         if self.predicted:
             out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
         features = self.calibration.features if self.calibration is not None else [self._variant()]

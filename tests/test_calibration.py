@@ -6,6 +6,7 @@ import pytest
 from sts_callback import STSInputError
 from sts_callback.calibration import (
     Calibration,
+    fitted_exponent,
     early_forecast,
     leave_one_group_out,
     lr_area_fraction,
@@ -101,3 +102,13 @@ def test_cli_calibrate_writes_a_calibration_the_callback_reads(tmp_path, capsys)
     assert Calibration.load(out).features == ["sts_icl", "signed_usage"]
     assert main(["calibrate", str(tmp_path / "missing")]) == 2
     assert "No validation.json" in capsys.readouterr().err
+
+
+def test_fitted_exponent_recovers_a_saturating_power_law():
+    points = [(f, {"a": -0.1 * f ** 0.6, "b": 0.03 * f ** 0.6, "tiny": 0.001 * f}) for f in (0.25, 0.5)]
+    assert fitted_exponent(points) == pytest.approx(0.6)  # "tiny" is below the noise floor and ignored
+    assert fitted_exponent(points[:1]) is None  # one re-check: no exponent yet
+    flipped = [(0.25, {"a": -0.02}), (0.5, {"a": 0.03})]
+    assert fitted_exponent(flipped) is None  # a change that flips sign says nothing about the exponent
+    early = early_forecast({"a": points[0][1]["a"]}, 0.25, 0.6)
+    assert early["a"] == pytest.approx(-0.1)  # extrapolated to the end with the fitted exponent

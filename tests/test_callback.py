@@ -317,9 +317,11 @@ def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenize
     assert [r["step"] for r in history] == [2, 4, 6]
     fractions = [r["lr_area_fraction"] for r in history]
     assert fractions[0] > 2 / 6 and fractions[-1] == pytest.approx(1.0)  # a linear decay spends its area early
+    assert history[0]["early_exponent"] == 1.0  # one re-check: the linear model
     for record in history:
+        scale = record["lr_area_fraction"] ** record["early_exponent"]
         for name, delta in record["loss_delta"].items():
-            assert record["early_forecast"][name] == pytest.approx(delta / record["lr_area_fraction"])
+            assert record["early_forecast"][name] == pytest.approx(delta / scale)
         assert record["predicted"] == {n: p["mean"] for n, p in callback.predicted.items()}
     report = (tmp_path / "run" / "sts" / "report.html").read_text()
     assert "projected at the end of training" in report and "calibrated at start" in report

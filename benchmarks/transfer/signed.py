@@ -8,10 +8,11 @@ Several transfer files (e.g. one per seed) are merged source by source.
 Reads what ``benchmarks/transfer/run.py`` measured (per source and seed: forecast scores, the in-context NLL
 baseline, held-out NLL change of every target domain, the re-check trajectory) and reports, per source and
 variant, over all target domains (the source's own held-out text included; values averaged over seeds):
-Pearson and Spearman with the signed change and with its magnitude (bootstrap 95% intervals), and the share of
-domains whose direction is right. A variant's direction comes from a calibration fitted on the *other* sources
+Pearson and Spearman with the signed change and with its magnitude (bootstrap 95% intervals), the share of
+domains whose direction is right, and the mean absolute error of the predicted change. A variant's direction comes from a calibration fitted on the *other* sources
 only (leave-one-source-out), so no number is judged on the runs it was fitted on; the early forecast's direction
-is its own sign. The learned predictor combines the features (z-scored within each forecast) by ridge
+is its own sign. Correlations with the signed change use that out-of-sample prediction; correlations with the
+magnitude use each score as it is (the paper's claim: higher score, larger change). The learned predictor combines the features (z-scored within each forecast) by ridge
 regression, also leave-one-source-out.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sts_callback.calibration import fitted_exponent as fitted_exponent_from_points
 from sts_callback.calibration import leave_one_group_out
 from sts_callback.validate import correlation
 
@@ -50,9 +52,9 @@ def table_rows(transfer: dict) -> tuple[list[dict], list[float]]:
                 row[feature] = _mean([s["scores"][domain].get(feature) for s in seeds])
             row["icl_loss"] = (run.get("icl_loss_change") or {}).get(domain)
             for i, point in enumerate(seeds[0]["trajectory"][:-1]):  # the last re-check is the end itself
-                early = _mean([s["trajectory"][i]["early_forecast"][domain] for s in seeds
-                               if s["trajectory"][i].get("early_forecast")])
-                row[f"early@{point['lr_area_fraction']:.0%}"] = early
+                label = f"{point['lr_area_fraction']:.0%}"
+                row[f"measured@{label}"] = _mean([s["trajectory"][i]["nll_delta_rel"][domain] for s in seeds])
+                row[f"fraction@{label}"] = _mean([s["trajectory"][i]["lr_area_fraction"] for s in seeds])
             rows.append(row)
     return rows
 
@@ -70,6 +72,20 @@ def merge(transfers: list[dict]) -> dict:
                 by_source[run["source"]] = {**run, "per_seed": list(run["per_seed"])}
                 merged["runs"].append(by_source[run["source"]])
     return merged
+
+
+def fitted_exponent_from_run(points) -> float:
+    return fitted_exponent_from_points(points) or 1.0
+
+
+def fitted_exponent(rows: list[dict], label: str, min_change: float = 0.005) -> float:
+    """b in  final = measured_at_f / f^b, from domains whose change is clear and keeps its sign."""
+    ratios = []
+    for r in rows:
+        m, f = r[f"measured@{label}"], r[f"fraction@{label}"]
+        if abs(r["delta"]) > min_change and abs(m) > min_change and np.sign(m) == np.sign(r["delta"]) and 0 < f < 1:
+            ratios.append(np.log(abs(r["delta"]) / abs(m)) / np.log(1 / f))
+    return float(np.median(ratios)) if ratios else 1.0
 
 
 def zscore_within(rows: list[dict], feature: str) -> list[float]:
@@ -100,7 +116,8 @@ def main() -> None:
     transfer = merge([json.loads(Path(path).read_text()) for path in args.transfer])
     rows = table_rows(transfer)
     sources = list(dict.fromkeys(r["source"] for r in rows))
-    early = sorted({k for r in rows for k in r if k.startswith("early@")}, key=lambda k: float(k[6:-1]))
+    early = sorted({k[len("measured@"):] for r in rows for k in r if k.startswith("measured@")},
+                   key=lambda k: float(k[:-1]))
     variants = [f for f in FEATURES if all(r.get(f) is not None for r in rows)]
     measured = [r["delta"] for r in rows]
     groups = [r["source"] for r in rows]
@@ -113,11 +130,24 @@ def main() -> None:
         z = np.column_stack([zscore_within(rows, f) for f in learned])
         predictions["learned"] = [p.mean for p in leave_one_group_out(z.tolist(), measured, groups, learned,
                                                                       ridge=0.1)]
-    for key in early:
-        if all(r.get(key) is not None for r in rows):
-            predictions[key] = [r[key] for r in rows]  # its own scale: no calibration needed
+    exponents: dict[str, dict[str, float]] = {}
+    for i, label in enumerate(early):  # its own scale: no calibration needed
+        predictions[f"early@{label} linear (b=1)"] = [r[f"measured@{label}"] / r[f"fraction@{label}"] for r in rows]
+        if i > 0:  # what the callback does: b from this run's own re-checks so far
+            own = {}
+            for source in sources:
+                mine = [r for r in rows if r["source"] == source]
+                points = [(mine[0][f"fraction@{lab}"], {r["domain"]: r[f"measured@{lab}"] for r in mine})
+                          for lab in early[: i + 1]]
+                own[source] = fitted_exponent_from_run(points)
+            predictions[f"early@{label} b from own re-checks"] = [
+                r[f"measured@{label}"] / r[f"fraction@{label}"] ** own[r["source"]] for r in rows]
+        exponents[label] = {s: fitted_exponent([r for r in rows if r["source"] != s], label) for s in sources}
+        predictions[f"early@{label} b from other sources"] = [
+            r[f"measured@{label}"] / r[f"fraction@{label}"] ** exponents[label][r["source"]] for r in rows]
 
     result: dict = {"date": time.strftime("%Y-%m-%d"), "transfer": args.transfer, "sources": sources,
+                    "early_exponents": exponents,
                     "seeds": transfer.get("seeds"), "variants": {}, "seed_agreement": {}, "own_delta": {}}
     for source in sources:
         seeds = [r["delta_by_seed"] for r in rows if r["source"] == source]
@@ -130,11 +160,13 @@ def main() -> None:
         for source in sources:
             idx = [i for i, r in enumerate(rows) if r["source"] == source]
             x = [predicted[i] for i in idx]  # the out-of-sample prediction: orientation learned elsewhere
+            raw = [rows[i][name] for i in idx] if name in FEATURES else x  # |Δ|: the score itself, as in the paper
             y = [measured[i] for i in idx]
             per_source[source] = {
                 "signed": {s: correlation(x, y, s) for s in ("pearson", "spearman")},
-                "abs": {s: correlation(x, [abs(v) for v in y], s) for s in ("pearson", "spearman")},
-                "direction": direction_share([predicted[i] for i in idx], y),
+                "abs": {s: correlation(raw, [abs(v) for v in y], s) for s in ("pearson", "spearman")},
+                "direction": direction_share(x, y),
+                "mae": float(np.mean([abs(a - b) for a, b in zip(x, y)])),
             }
         result["variants"][name] = per_source
 
@@ -144,8 +176,9 @@ def main() -> None:
     if result["seed_agreement"]:
         print("seed-to-seed Pearson of the measured changes: " + ", ".join(
             f"{s} {v:+.2f}" for s, v in result["seed_agreement"].items() if v is not None))
-    header = f"{'variant':<26}" + "".join(f"{s[:14]:>32}" for s in sources)
-    print("\nper source: Pearson r with signed Δ / Spearman ρ with signed Δ / Pearson with |Δ| / direction right")
+    header = f"{'variant':<40}" + "".join(f"{s[:14]:>38}" for s in sources)
+    print("\nper source: Pearson r with signed Δ / Spearman ρ with signed Δ / Pearson with |Δ| / direction right / "
+          "mean absolute error (NLL %)")
     print(header)
     print("-" * len(header))
     for name, per_source in result["variants"].items():
@@ -154,8 +187,8 @@ def main() -> None:
             c = per_source[source]
             r, rho, ra = (c["signed"]["pearson"]["r"], c["signed"]["spearman"]["r"], c["abs"]["pearson"]["r"])
             fmt = lambda v: " n/a" if v is None else f"{v:+.2f}"  # noqa: E731
-            cells.append(f"{fmt(r)} / {fmt(rho)} / {fmt(ra)} / {c['direction']['share']:.0%}")
-        print(f"{name:<26}" + "".join(f"{c:>32}" for c in cells))
+            cells.append(f"{fmt(r)} / {fmt(rho)} / {fmt(ra)} / {c['direction']['share']:.0%} / {100 * c['mae']:.1f}")
+        print(f"{name[:40]:<40}" + "".join(f"{c:>38}" for c in cells))
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
 
