@@ -148,47 +148,53 @@ def main() -> None:
 
     result: dict = {"date": time.strftime("%Y-%m-%d"), "transfer": args.transfer, "sources": sources,
                     "early_exponents": exponents,
-                    "seeds": transfer.get("seeds"), "variants": {}, "seed_agreement": {}, "own_delta": {}}
+                    "seeds": transfer.get("seeds"), "seed_agreement": {}, "own_delta": {}}
     for source in sources:
         seeds = [r["delta_by_seed"] for r in rows if r["source"] == source]
         if len(seeds[0]) > 1:
             a, b = [s[0] for s in seeds], [s[1] for s in seeds]
             result["seed_agreement"][source] = correlation(a, b, "pearson", n_resamples=0)["r"]
         result["own_delta"][source] = next(r["delta"] for r in rows if r["source"] == source and r["domain"] == source)
-    for name, predicted in predictions.items():
-        per_source = {}
-        for source in sources:
-            idx = [i for i, r in enumerate(rows) if r["source"] == source]
-            x = [predicted[i] for i in idx]  # the out-of-sample prediction: orientation learned elsewhere
-            raw = [rows[i][name] for i in idx] if name in FEATURES else x  # |Δ|: the score itself, as in the paper
-            y = [measured[i] for i in idx]
-            per_source[source] = {
-                "signed": {s: correlation(x, y, s) for s in ("pearson", "spearman")},
-                "abs": {s: correlation(raw, [abs(v) for v in y], s) for s in ("pearson", "spearman")},
-                "direction": direction_share(x, y),
-                "mae": float(np.mean([abs(a - b) for a, b in zip(x, y)])),
-            }
-        result["variants"][name] = per_source
+    for scope in ("all", "others"):  # every target / the source's own domain left out
+        result[f"variants_{scope}"] = {}
+        for name, predicted in predictions.items():
+            per_source = {}
+            for source in sources:
+                idx = [i for i, r in enumerate(rows) if r["source"] == source
+                       and (scope == "all" or r["domain"] != source)]
+                x = [predicted[i] for i in idx]  # the out-of-sample prediction: orientation learned elsewhere
+                raw = [rows[i][name] for i in idx] if name in FEATURES else x  # |Δ|: the score itself (paper)
+                y = [measured[i] for i in idx]
+                per_source[source] = {
+                    "signed": {s: correlation(x, y, s) for s in ("pearson", "spearman")},
+                    "abs": {s: correlation(raw, [abs(v) for v in y], s) for s in ("pearson", "spearman")},
+                    "direction": direction_share(x, y),
+                    "mae": float(np.mean([abs(a - b) for a, b in zip(x, y)])),
+                }
+            result[f"variants_{scope}"][name] = per_source
 
     print(f"signed forecast on the transfer benchmark ({len(sources)} sources x "
           f"{len(rows) // len(sources)} targets x {len(transfer.get('seeds', [0]))} seed(s); changes averaged over seeds)")
     print("own held-out NLL change per source: " + ", ".join(f"{s} {v:+.1%}" for s, v in result["own_delta"].items()))
     if result["seed_agreement"]:
-        print("seed-to-seed Pearson of the measured changes: " + ", ".join(
+        print("seed-to-seed Pearson of the measured changes (all targets): " + ", ".join(
             f"{s} {v:+.2f}" for s, v in result["seed_agreement"].items() if v is not None))
-    header = f"{'variant':<40}" + "".join(f"{s[:14]:>38}" for s in sources)
-    print("\nper source: Pearson r with signed Δ / Spearman ρ with signed Δ / Pearson with |Δ| / direction right / "
-          "mean absolute error (NLL %)")
-    print(header)
-    print("-" * len(header))
-    for name, per_source in result["variants"].items():
-        cells = []
-        for source in sources:
-            c = per_source[source]
-            r, rho, ra = (c["signed"]["pearson"]["r"], c["signed"]["spearman"]["r"], c["abs"]["pearson"]["r"])
-            fmt = lambda v: " n/a" if v is None else f"{v:+.2f}"  # noqa: E731
-            cells.append(f"{fmt(r)} / {fmt(rho)} / {fmt(ra)} / {c['direction']['share']:.0%} / {100 * c['mae']:.1f}")
-        print(f"{name[:40]:<40}" + "".join(f"{c:>38}" for c in cells))
+    fmt = lambda v: " n/a" if v is None else f"{v:+.2f}"  # noqa: E731
+    for scope, title in (("all", "all targets (the source's own held-out text included)"),
+                         ("others", "the other domains only (the source's own left out)")):
+        header = f"{'variant':<40}" + "".join(f"{s[:14]:>38}" for s in sources)
+        print(f"\n{title}: Pearson r with signed Δ / Spearman ρ with signed Δ / Pearson with |Δ| / direction "
+              "right / mean absolute error (NLL %)")
+        print(header)
+        print("-" * len(header))
+        for name, per_source in result[f"variants_{scope}"].items():
+            cells = []
+            for source in sources:
+                c = per_source[source]
+                r, rho, ra = (c["signed"]["pearson"]["r"], c["signed"]["spearman"]["r"], c["abs"]["pearson"]["r"])
+                cells.append(f"{fmt(r)} / {fmt(rho)} / {fmt(ra)} / {c['direction']['share']:.0%} / "
+                             f"{100 * c['mae']:.1f}")
+            print(f"{name[:40]:<40}" + "".join(f"{c:>38}" for c in cells))
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
 
