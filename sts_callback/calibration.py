@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import STSConfigError, STSInputError
+from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
 
@@ -127,7 +128,7 @@ class Calibration:
 
     @classmethod
     def from_validation(cls, results: Sequence[str | Path | dict[str, Any]] | str | Path | dict[str, Any],
-                        features: Sequence[str] = ("sts_icl",), *, level: float = 0.9) -> "Calibration":
+                        features: Sequence[str] = (DEFAULT_SIGNED,), *, level: float = 0.9) -> "Calibration":
         """Fit on every (domain, seed) of one or more ``validation.json`` files (or their folders)."""
         x, y, used = [], [], []
         for data in _validation_records(results):
@@ -138,6 +139,11 @@ class Calibration:
                     x.append([float(scores[f]) for f in features])
                     y.append(float(seed["nll_delta_rel"][domain]))
             used.append(data.get("output_dir"))
+        if not y:
+            available = sorted({k for data in _validation_records(results) for seed in data["per_seed"]
+                                for scores in seed["scores"].values() for k, v in scores.items() if v is not None})
+            raise STSInputError(f"No domain of these validation runs has the feature(s) {list(features)}; "
+                                f"they have {available}. Pass features= from those (or re-run `sts validate`).")
         return cls.fit(x, y, features, level=level, fitted_on={"validations": used, "pairs": len(y)})
 
 

@@ -31,7 +31,7 @@ from .distributed import (
 from .errors import STSConfigError, STSInputError
 from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
 from .monitor import DomainBase, Monitor, domain_bases_from
-from .signed import SIGNED_VARIANTS
+from .signed import DEFAULT_SIGNED, SIGNED_VARIANTS
 from .stats import ActivationStats
 from .training_data import corpus_from_training_dataset
 
@@ -358,7 +358,7 @@ class STSCallback(TrainerCallback, ExportableState):
         out: dict[str, Any] = {"lr_area_fraction": fraction, "early_exponent": exponent, "early_forecast": early}
         if self.predicted:
             out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
-        features = self.calibration.features if self.calibration is not None else [self._variant()]
+        features = self.calibration.features if self.calibration is not None else [DEFAULT_SIGNED]
         if self.forecast is not None:
             names = [n for n, v in early.items() if v is not None and n in self.forecast.domains
                      and all(self.forecast.domains[n].scores.get(f) is not None for f in features)]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .config import DEFAULT_SIGNED
 from .errors import STSError, STSInputError
 
 EXAMPLE_CONFIG = """\
@@ -410,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training change at train start and warns for protected domains.")
     p.add_argument("validations", nargs="+", metavar="VALIDATION",
                    help="validation.json files or the output_dir of `sts validate` runs")
-    p.add_argument("--features", nargs="+", default=["sts_icl"],
-                   help="forecast scores to calibrate on (default: sts_icl; e.g. sts_icl signed_usage)")
+    p.add_argument("--features", nargs="+", default=[DEFAULT_SIGNED],
+                   help=f"forecast scores to calibrate on (default: {DEFAULT_SIGNED}; e.g. sts_icl signed_usage)")
     p.add_argument("--level", type=float, default=0.9, help="prediction interval level (default 0.9)")
     p.add_argument("--out", default="calibration.json")
     p.set_defaults(func=cmd_calibrate)

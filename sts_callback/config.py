@@ -10,6 +10,10 @@ from typing import Any
 from .errors import STSConfigError
 
 SCORE_VARIANTS = ("sts_icl", "sts_act", "sts_sq", "raw_icl", "raw_act", "raw_sq")
+SIGNED_VARIANTS = ("signed_usage", "forgetting_minus_transfer", "decoder_projection")  # signed.py
+# The signed feature calibrations and the callback's online refit use unless told otherwise: chosen on the
+# transfer benchmark (README, "Which way will a domain move?").
+DEFAULT_SIGNED = "forgetting_minus_transfer"
 
 
 @dataclass

@@ -33,6 +33,7 @@ MIN_DOMAIN_TOKENS = 16
 SCORE_LABELS = {
     "sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq",
     "raw_icl": "raw_icl", "raw_act": "raw_act", "raw_sq": "raw_sq",
+    "signed_usage": "signed_use", "forgetting_minus_transfer": "forget-xfer", "decoder_projection": "dec_proj",
 }
 
 
@@ -127,7 +128,7 @@ class Forecast:
 
     def table(self, variant: str | None = None) -> str:
         variant = variant or self.ranking
-        shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act") if all(
+        shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED) if all(
             d.scores.get(v) is not None for d in self.domains.values())]
         width = max([len("domain")] + [len(n) for n in self.domains])
         header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from .config import DEFAULT_SIGNED, SIGNED_VARIANTS  # noqa: F401  - re-exported
 from .stats import ActivationStats, ShiftStats
 
-SIGNED_VARIANTS = ("signed_usage", "forgetting_minus_transfer", "decoder_projection")
+
 
 
 def signed_usage(shift: ShiftStats, domain: ActivationStats, latents: torch.Tensor) -> float:

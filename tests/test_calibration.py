@@ -62,9 +62,11 @@ def test_from_validation_uses_every_domain_and_seed():
          "nll_delta_rel": {d: 0.01 * i for i, d in enumerate("abcd")}},
         {"scores": {d: {"sts_icl": float(i) + 0.5} for i, d in enumerate("abcd")},
          "nll_delta_rel": {d: 0.01 * i + 0.005 for i, d in enumerate("abcd")}}]}
-    calibration = Calibration.from_validation(record)
+    calibration = Calibration.from_validation(record, ["sts_icl"])
     assert calibration.n == 8 and calibration.fitted_on["pairs"] == 8
     assert calibration.predict(2.0).mean == pytest.approx(0.02)
+    with pytest.raises(STSInputError, match="they have \\['sts_icl'\\]"):  # the default feature is missing
+        Calibration.from_validation(record)
 
 
 def test_leave_one_group_out_never_sees_the_held_out_group():
