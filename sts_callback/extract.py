@@ -156,6 +156,19 @@ class Extractor:
         latents = self.sae.encode(rows).to(rows.device)
         return latents.float() if latents.dtype in (torch.float16, torch.bfloat16) else latents
 
+    def _encoded_chunks(self, rows: torch.Tensor, latents: ActivationStats, reservoir: TopActivations | None,
+                        sequence_of_row: list[int], where: list):
+        """Encode ``rows`` ENCODE_CHUNK_TOKENS at a time into ``latents`` (and the reservoir, keyed by global
+        sequence index and position); yields (chunk slice, latents of the chunk) for further use."""
+        sequence = torch.tensor(sequence_of_row)[where[0]] if reservoir is not None else None
+        for start in range(0, rows.shape[0], ENCODE_CHUNK_TOKENS):
+            chunk = slice(start, start + ENCODE_CHUNK_TOKENS)
+            encoded = self._encode(rows[chunk])
+            latents.update(encoded)
+            if reservoir is not None:
+                reservoir.update(encoded, sequence[chunk], where[1][chunk])
+            yield chunk, encoded
+
     @torch.no_grad()
     def activations(self, sequences: Sequence[tuple[list[int], list[bool]]], what: str = "texts",
                     reservoir: TopActivations | None = None) -> ConditionStats:
@@ -175,15 +188,8 @@ class Extractor:
             del resid
             self._check_finite(rows, what)
             residual.update(rows)
-            if reservoir is not None:
-                sequence = torch.tensor([part.indices[i] for i in batch])[where[0]]
-            for start in range(0, rows.shape[0], ENCODE_CHUNK_TOKENS):
-                chunk = slice(start, start + ENCODE_CHUNK_TOKENS)
-                encoded = self._encode(rows[chunk])
-                latents.update(encoded)
-                if reservoir is not None:
-                    reservoir.update(encoded, sequence[chunk], where[1][chunk])
-                del encoded
+            for _ in self._encoded_chunks(rows, latents, reservoir, [part.indices[i] for i in batch], where):
+                pass
             self._after_batch(len(batch))
         self.finish()
         if self.split:
@@ -221,16 +227,9 @@ class Extractor:
             self._check_finite(context_rows, what + " (with demonstrations)")
             residual.update(base_rows)
             residual_shift.update(base_rows, context_rows)
-            if reservoir is not None:
-                sequence = torch.tensor([part.indices[i] for i in batch])[where[0]]
-            for start in range(0, base_rows.shape[0], ENCODE_CHUNK_TOKENS):
-                chunk = slice(start, start + ENCODE_CHUNK_TOKENS)
-                base_latents = self._encode(base_rows[chunk])
-                latents.update(base_latents)
-                if reservoir is not None:
-                    reservoir.update(base_latents, sequence[chunk], where[1][chunk])
+            for chunk, base_latents in self._encoded_chunks(base_rows, latents, reservoir,
+                                                            [part.indices[i] for i in batch], where):
                 latent_shift.update(base_latents, self._encode(context_rows[chunk]))
-                del base_latents
             self._after_batch(len(batch))
         self.finish()
         stats = PairedStats(latents, residual, latent_shift, residual_shift)
