@@ -11,39 +11,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import torch
 from torch import nn
 
 from .capture import max_positions
 from .config import STSConfig
 from .data import PromptBuilder, load_corpus, load_domains
 from .forecast import DEFAULT_MAX_LENGTH, build_shift_pairs, inference_mode
-
-
-def _nll_sums(model: nn.Module, sequences: list[tuple[list[int], int, list[bool]]], pad: int,
-              batch_size: int) -> tuple[float, int]:
-    """(NLL sum, token count) over the counted last ``n_query`` tokens of each sequence."""
-    device = next(iter(model.parameters())).device
-    total, count = 0.0, 0
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
-    for start in range(0, len(order), batch_size):
-        batch = [sequences[i] for i in order[start:start + batch_size]]
-        longest = max(len(ids) for ids, _, _ in batch)
-        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        counted = torch.zeros((len(batch), longest), dtype=torch.bool)
-        for row, (seq, n_query, flags) in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            counted[row, len(seq) - n_query: len(seq)] = torch.tensor(flags)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        keep = counted[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                ids[:, 1:].to(device).reshape(-1), reduction="none")
-        total += float(nll.reshape(keep.shape)[keep].double().sum())
-        count += int(keep.sum())
-        del logits, nll
-    return total, count
+from .monitor import nll_sums
 
 
 def icl_loss_change(model: nn.Module, tokenizer, train_data: Any, targets: Any, config: STSConfig | dict | None = None,
@@ -66,8 +40,9 @@ def icl_loss_change(model: nn.Module, tokenizer, train_data: Any, targets: Any, 
             rng = random.Random(f"{config.seed}:icl-loss:{name}")
             pairs, _ = build_shift_pairs(corpus, builder, config, rng, tokens,
                                          n_demonstrations or config.n_demonstrations, demonstrations=train)
-            alone, n_alone = _nll_sums(model, [(p.base, p.n_query, p.counted) for p in pairs], pad, batch_size)
-            context, n_context = _nll_sums(model, [(p.context, p.n_query, p.counted) for p in pairs], pad, batch_size)
+            # p.counted flags the query, the last n_query tokens of both sequences
+            alone, n_alone = nll_sums(model, [(p.base, p.counted) for p in pairs], pad, batch_size)
+            context, n_context = nll_sums(model, [(p.context, p.counted) for p in pairs], pad, batch_size)
             before = alone / max(n_alone, 1)
             out[name] = (context / max(n_context, 1) - before) / before if before else 0.0
     return out

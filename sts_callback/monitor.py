@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,34 @@ class DomainBase:
 
     latents: ActivationStats
     latent_shift: ShiftStats | None = None  # in-context shift with the domain's own demonstrations
+
+
+def nll_sums(model: nn.Module, sequences: Sequence[Sequence_], pad: int, batch_size: int) -> tuple[float, int]:
+    """(NLL sum, token count) of the counted tokens: ``sequences`` are (ids, counted flags for the last
+    len(flags) ids); full forwards with the LM head, batched by length. Call under no_grad / eval mode."""
+    device = next(iter(model.parameters())).device
+    total, count = 0.0, 0
+    lengths = [len(ids) for ids, _ in sequences]
+    for batch in _batches(lengths, batch_size):
+        longest = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        counted = torch.zeros((len(batch), longest), dtype=torch.bool)
+        for row, i in enumerate(batch):
+            seq, flags = sequences[i]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        targets = ids[:, 1:].to(device)
+        keep = counted[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).reshape(targets.shape)
+        total += float(nll[keep].double().sum())
+        count += int(keep.sum())
+        del logits, nll
+    return total, count
 
 
 @dataclass
@@ -126,35 +155,13 @@ class Monitor:
 
         ``autocast``: a factory of the trainer's autocast context (called once per use).
         """
-        device = next(iter(model.parameters())).device
         tokenizer = self.setup.builder.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         sums = torch.zeros(len(self.loss_sets), 2, dtype=torch.float64)  # (NLL sum, token count) per domain
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for domain_index, everyone in enumerate(self.loss_sets.values()):
                 part = shard(len(everyone), [len(ids) for ids, _ in everyone])
-                sequences = local_sequences(everyone, part)
-                total, count = 0.0, 0
-                lengths = [len(ids) for ids, _ in sequences]
-                for batch in _batches(lengths, self.loss_batch_size):
-                    longest = max(lengths[i] for i in batch)
-                    ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-                    mask = torch.zeros_like(ids)
-                    counted = torch.zeros((len(batch), longest), dtype=torch.bool)
-                    for row, i in enumerate(batch):
-                        seq, flags = sequences[i]
-                        ids[row, : len(seq)] = torch.tensor(seq)
-                        mask[row, : len(seq)] = 1
-                        counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags)
-                    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-                    targets = ids[:, 1:].to(device)
-                    keep = counted[:, 1:].to(device)
-                    nll = torch.nn.functional.cross_entropy(
-                        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-                    ).reshape(targets.shape)
-                    total += float(nll[keep].double().sum())
-                    count += int(keep.sum())
-                    del logits, nll
+                total, count = nll_sums(model, local_sequences(everyone, part), pad, self.loss_batch_size)
                 sums[domain_index] = torch.tensor([total, count], dtype=torch.float64)
         sum_across_ranks(sums)
         return {name: float(sums[i, 0] / sums[i, 1].clamp(min=1)) for i, name in enumerate(self.loss_sets)}
