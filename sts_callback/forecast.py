@@ -193,19 +193,21 @@ class Setup:
                 f"STSConfig.n_shifted={config.n_shifted} is larger than the SAE width {handle.d_sae}; "
                 f"set n_shifted to at most {handle.d_sae}."
             )
-        max_length = config.max_length or min(max_positions(model) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
-        builder = PromptBuilder(
-            tokenizer, max_query_tokens=config.max_query_tokens,
-            max_demonstration_tokens=config.max_demonstration_tokens, max_length=max_length,
-            exclude_special_tokens=config.exclude_special_tokens, chat_fallback=config.chat_fallback,
-        )
-        return cls(model=model, sae=handle, layer=layer, builder=builder, config=config)
+        return cls(model=model, sae=handle, layer=layer, builder=prompt_builder(model, tokenizer, config), config=config)
 
     def extractor(self, on_batch=None) -> Extractor:
         tokenizer = self.builder.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         return Extractor(self.model, self.sae, self.layer, batch_size=self.config.batch_size,
                          truncate=self.config.truncate_forward, pad_token_id=pad, on_batch=on_batch)
+
+
+def prompt_builder(model: nn.Module, tokenizer, config: STSConfig) -> PromptBuilder:
+    """The PromptBuilder of a forecast's settings (sequence lengths capped by the model's context)."""
+    max_length = config.max_length or min(max_positions(model) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    return PromptBuilder(tokenizer, max_query_tokens=config.max_query_tokens,
+                         max_demonstration_tokens=config.max_demonstration_tokens, max_length=max_length,
+                         exclude_special_tokens=config.exclude_special_tokens, chat_fallback=config.chat_fallback)
 
 
 def _check_chat(corpus: Corpus, builder: PromptBuilder, indices: list[int]) -> None:

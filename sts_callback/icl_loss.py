@@ -13,10 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from .capture import max_positions
 from .config import STSConfig
-from .data import PromptBuilder, load_corpus, load_domains
-from .forecast import DEFAULT_MAX_LENGTH, build_shift_pairs, inference_mode
+from .data import load_corpus, load_domains
+from .forecast import build_shift_pairs, inference_mode, prompt_builder
 from .monitor import nll_sums
 
 
@@ -29,10 +28,7 @@ def icl_loss_change(model: nn.Module, tokenizer, train_data: Any, targets: Any, 
     config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
     train = load_corpus(train_data, name="train")
     domains = load_domains(targets)
-    max_length = config.max_length or min(max_positions(model) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
-    builder = PromptBuilder(tokenizer, max_query_tokens=config.max_query_tokens,
-                            max_demonstration_tokens=config.max_demonstration_tokens, max_length=max_length,
-                            exclude_special_tokens=config.exclude_special_tokens, chat_fallback=config.chat_fallback)
+    builder = prompt_builder(model, tokenizer, config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out = {}
     with inference_mode(model):

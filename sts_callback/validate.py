@@ -35,6 +35,7 @@ from torch import nn
 from .config import STSConfig, json_serializable
 from .data import Corpus, Example, load_corpus, load_domains
 from .errors import STSConfigError, STSInputError
+from .forecast import SCORE_LABELS
 from .signed import SIGNED_VARIANTS
 
 FORMAT = "sts-validation/1"
@@ -42,8 +43,7 @@ VALIDATION_FILE = "validation.json"
 PLOT_FILE = "validation.png"
 METHODS = ("lora", "full")
 VARIANTS = ("sts_icl", "sts_act", "sts_sq", "raw_act") + SIGNED_VARIANTS
-LABELS = {"sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq", "raw_act": "raw_act",
-          "signed_usage": "signed_use", "forgetting_minus_transfer": "forget-xfer", "decoder_projection": "dec_proj"}
+LABELS = {v: SCORE_LABELS[v] for v in VARIANTS}
 KINDS = ("abs", "signed")
 STATISTICS = ("pearson", "spearman")
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
