@@ -99,4 +99,5 @@ else:
 result["written"] = sorted(set(written))
 (OUT / f"rank{RANK}.json").write_text(json.dumps(result))
 if torch.distributed.is_initialized():
+    torch.distributed.barrier()  # no rank tears gloo down while the other still uses it (an abort at exit)
     torch.distributed.destroy_process_group()
