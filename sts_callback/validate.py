@@ -231,6 +231,8 @@ class SeedResult:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     run_dir: str = ""
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    forecast_timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -242,6 +244,7 @@ class SeedResult:
             "forecast_latents": self.forecast_latents, "actual_latents": self.actual_latents,
             "actual_scores": self.actual_scores, "correlations": self.correlations,
             "train_loss": self.train_loss, "trajectory": self.trajectory, "seconds": self.seconds, "run_dir": self.run_dir,
+            "log_history": self.log_history, "forecast_timings": self.forecast_timings,
         }
 
 
@@ -752,6 +755,9 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
         result["callback"] = callback
         result["train_loss"] = next((e["train_loss"] for e in reversed(trainer.state.log_history)
                                      if "train_loss" in e), None)
+        # the Trainer's own log (train loss, learning rate per logging step): free evidence for early forecasts
+        result["log_history"] = [{k: v for k, v in e.items() if json_serializable(v) and not k.startswith("sts/")}
+                                 for e in trainer.state.log_history]
         if metric is not None:
             with inference_mode(work):
                 result["metric_after"] = {d: float(metric(work, tokenizer, d)) for d in domains}
@@ -804,8 +810,10 @@ def _seed_result(seed: int, run: dict[str, Any], variants: list[str], metric_bef
         metric_delta=metric_delta, train_loss=run.get("train_loss"),
         trajectory=[{"step": r["step"], "nll_delta_rel": r["loss_delta"], "overlap": r.get("overlap_with_forecast"),
                      "lr_area_fraction": r.get("lr_area_fraction"), "early_forecast": r.get("early_forecast"),
-                     "shifted_latents": r.get("shifted_latents", [])} for r in callback.history if "loss_delta" in r],
-        seconds=seconds, run_dir=str(run_dir))
+                     "shifted_latents": r.get("shifted_latents", []), "seconds": r.get("seconds")}
+                    for r in callback.history if "loss_delta" in r],
+        seconds=seconds, run_dir=str(run_dir), log_history=run.get("log_history", []),
+        forecast_timings=dict(forecast.timings))
 
 
 # --------------------------------------------------------------------------- plot

@@ -1,0 +1,153 @@
+"""The 11-source transfer benchmark, one resumable unit per (recipe, source, seed).
+
+    python benchmarks/transfer/units.py                 # every planned unit not yet on disk, in plan order
+    python benchmarks/transfer/units.py --list          # the plan and which units are done
+    python benchmarks/transfer/units.py --only lora-legal-seed0
+
+Model: Gemma 3 270M (offline GGUF package), the demo SAE (layer 12, TopK width 4096, k=32). A unit fine-tunes
+on the even-indexed texts of one built-in domain (its odd-indexed texts are held out as the source's own
+target; the other 10 domains are the other targets) through ``sts_callback.validate`` and writes
+``units/<recipe>-<source>-seed<seed>.json`` the moment it finishes: the step-0 forecast's scores, the held-out
+NLL of every target before and after, the re-check trajectory every 8 steps (per-domain NLL change, lr-area
+fraction, re-check seconds) and the Trainer's log at every step (train loss, learning rate). The in-context NLL
+baseline is per source, in ``units/icl-<source>.json``. A stopped run loses at most the unit in progress.
+
+Plan: LoRA (r=8, q/v, lr 1e-3) seed 0 for all 11 sources, a full fine-tune (lr 2e-5) seed 0 for 5 sources,
+LoRA seed 1 for 6 sources; 64 steps of batch 4 x 128 tokens each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+UNITS = HERE / "units"
+SOURCES = ("changelog", "chat_templates", "cpp_code", "legal", "markup", "math", "ml_docs", "nlp_tutorials",
+           "python_code", "python_reference", "readme_prose")
+SUBSET = ("legal", "chat_templates", "python_code", "math", "markup", "changelog")  # diverse: prose, chat, code
+RECIPES = {
+    "lora": {"method": "lora", "learning_rate": 1e-3},
+    "full": {"method": "full", "learning_rate": 2e-5},
+}
+COMMON = {"steps": 64, "batch_size": 4, "max_length": 128, "loss_tokens": 1024, "recheck_tokens": 2048,
+          "recheck_steps": 8}
+FORECAST = {"n_shifted": 100, "shift_tokens": 4000, "domain_tokens": 1500, "n_domain_demonstrations": 3,
+            "max_query_tokens": 128, "max_demonstration_tokens": 128, "batch_size": 8}
+ICL_TOKENS = 384
+
+
+def plan() -> list[tuple[str, str, int]]:
+    units = [("lora", s, 0) for s in SOURCES]
+    units += [("full", s, 0) for s in SUBSET[:5]]
+    units += [("lora", s, 1) for s in SUBSET]
+    return units
+
+
+def unit_name(recipe: str, source: str, seed: int) -> str:
+    return f"{recipe}-{source}-seed{seed}"
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def split(source: str, domains: list[str]):
+    from sts_callback.corpora import load_domain
+
+    texts = load_domain(source)
+    train, own = texts[0::2], texts[1::2]
+    return train, {name: (own if name == source else load_domain(name)) for name in domains}
+
+
+def run_icl(model, tokenizer, config, source: str, domains: list[str], out: Path) -> None:
+    from sts_callback.icl_loss import icl_loss_change
+
+    path = out / f"icl-{source}.json"
+    if path.exists():
+        return
+    train, targets = split(source, domains)
+    start = time.perf_counter()
+    change = icl_loss_change(model, tokenizer, train, targets, config, tokens=ICL_TOKENS)
+    write_json(path, {"source": source, "tokens": ICL_TOKENS, "icl_loss_change": change,
+                      "seconds": time.perf_counter() - start})
+
+
+def run_unit(model, tokenizer, sae_path, config, recipe: str, source: str, seed: int, domains: list[str],
+             out: Path, work: Path) -> dict:
+    from sts_callback.validate import validate
+
+    train, targets = split(source, domains)
+    start = time.perf_counter()
+    recipe_args = RECIPES[recipe]
+    result = validate(model, tokenizer, sae_path, train, targets, config, seeds=[seed], method=recipe_args["method"],
+                      learning_rate=recipe_args["learning_rate"], steps=COMMON["steps"],
+                      batch_size=COMMON["batch_size"], max_length=COMMON["max_length"],
+                      loss_tokens=COMMON["loss_tokens"], recheck_tokens=COMMON["recheck_tokens"],
+                      recheck_steps=COMMON["recheck_steps"], training_args={"logging_steps": 1},
+                      output_dir=work / unit_name(recipe, source, seed), n_resamples=0, plot=False, report=False)
+    seed_result = result.per_seed[0].to_dict()
+    for bulky in ("forecast_latents", "actual_latents", "actual_scores", "correlations"):
+        seed_result.pop(bulky, None)
+    for point in seed_result["trajectory"]:
+        point.pop("shifted_latents", None)
+    data = {"format": "sts-transfer-unit/1", "unit": unit_name(recipe, source, seed), "recipe": recipe,
+            "source": source, "seed": seed, "others": [d for d in domains if d != source],
+            "training": result.training, "config": result.config, "variants": result.variants,
+            "result": seed_result, "seconds": time.perf_counter() - start,
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU"}
+    write_json(out / f"{unit_name(recipe, source, seed)}.json", data)
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print the plan and exit")
+    parser.add_argument("--only", nargs="+", help="run only these units (names as --list prints them)")
+    parser.add_argument("--out", type=Path, default=UNITS)
+    parser.add_argument("--work", type=Path, default=Path("outputs/transfer-units"))
+    args = parser.parse_args()
+
+    units = plan()
+    names = [unit_name(*u) for u in units]
+    if args.list:
+        for name in names:
+            print(f"{name:<36} {'done' if (args.out / f'{name}.json').exists() else 'todo'}")
+        return
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            parser.error(f"unknown unit(s) {unknown}; --list prints the plan")
+        units = [u for u in units if unit_name(*u) in args.only]
+    todo = [u for u in units if not (args.out / f"{unit_name(*u)}.json").exists()]
+    print(f"{len(todo)} of {len(units)} units to run", flush=True)
+    if not todo:
+        return
+
+    from sts_callback.config import STSConfig
+    from sts_callback.corpora import available_domains
+    from sts_callback.demo import ensure_demo_sae
+    from sts_callback.models import load_gemma3_270m
+
+    model, tokenizer = load_gemma3_270m()
+    sae_path = ensure_demo_sae(model, tokenizer)
+    domains = sorted(available_domains())
+    config = STSConfig(**FORECAST)
+    for recipe, source, seed in todo:
+        name = unit_name(recipe, source, seed)
+        print(f"== {name} ({time.strftime('%H:%M:%S')}) ==", flush=True)
+        run_icl(model, tokenizer, config, source, domains, args.out)
+        data = run_unit(model, tokenizer, sae_path, config, recipe, source, seed, domains, args.out, args.work)
+        own = data["result"]["nll_delta_rel"][source]
+        print(f"   done in {data['seconds'] / 60:.1f} min; own held-out NLL change {own:+.2%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
