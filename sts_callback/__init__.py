@@ -19,6 +19,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sts_callback' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 __all__ = [
     "Calibration",
     "STSCallback",

@@ -18,7 +18,7 @@ DEFAULT_SIGNED = "forgetting_minus_transfer"
 
 @dataclass
 class STSConfig:
-    """Settings of an STS forecast (defaults follow the paper, see ``method.md``).
+    """Settings of an STS forecast (defaults follow the paper, see the README, "What is computed").
 
     Args:
         layer: decoder block whose output (``resid_post``) the SAE reads. ``None``: taken from the

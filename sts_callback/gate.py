@@ -12,7 +12,7 @@ Given candidate training sets, the target domains and the *protected* domains am
 4. scores every example of every candidate by its own contribution to the shift on the latents that drive
    the protected domains' scores, so that the worst examples can be dropped (:func:`filter_examples`).
 
-Decisions made here (see ``method.md`` for the method):
+Decisions made here (see the README, "What is computed", for the method):
 
 - **Gating score.** Default: the config's ``ranking`` (``sts_icl`` by default, the paper's headline score).
   ``sts_icl`` has a known answer for a candidate that is a copy of a protected domain's texts: its shifted

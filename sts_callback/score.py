@@ -1,4 +1,4 @@
-"""The STS math: pure functions over streaming statistics (method.md, steps 1 and 2)."""
+"""The STS math: pure functions over streaming statistics (README, "What is computed", steps 1 and 2)."""
 
 from __future__ import annotations
 
