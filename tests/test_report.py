@@ -107,6 +107,7 @@ def _driver(profile: str):
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
                     reason="headless Chromium not installed (apt-get install chromium chromium-driver; .ci/run does)")
 def test_report_in_headless_chromium(run_dir):
