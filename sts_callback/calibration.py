@@ -117,10 +117,9 @@ class Calibration:
         return cls(**{k: v for k, v in data.items() if k != "format"})
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        from .atomic import atomic_write_json
+
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":

@@ -7,8 +7,8 @@ go (console table, ``trainer.log`` metrics, ``<output_dir>/sts/``, the checkpoin
 from __future__ import annotations
 
 import inspect
-import json
 import logging
+import math
 import traceback
 import warnings
 from contextlib import nullcontext
@@ -21,7 +21,7 @@ from transformers.trainer_callback import ExportableState
 
 from .calibration import Calibration, early_forecast, fitted_exponent, lr_area_fraction
 from .config import SCORE_VARIANTS, STSConfig, json_serializable
-from .data import Corpus, load_corpus, load_domains
+from .data import Corpus, is_dataset, load_corpus, load_domains
 from .distributed import (
     check_ranks_agree,
     fingerprint,
@@ -31,16 +31,14 @@ from .distributed import (
 from .errors import STSConfigError, STSInputError
 from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
 from .monitor import DomainBase, Monitor, domain_bases_from
+from .run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
 from .signed import DEFAULT_SIGNED, SIGNED_VARIANTS
 from .stats import ActivationStats
 from .training_data import corpus_from_training_dataset
 
 logger = logging.getLogger("sts_callback")
 
-FORECAST_FILE = "forecast.json"
-HISTORY_FILE = "history.jsonl"
-SETTINGS_FILE = "settings.json"
-MONITOR_FILE = "monitor.safetensors"
+EVAL_DATASET = "eval_dataset"  # target_domains= value: the trainer's own eval set(s), by name
 
 
 class STSNegativeTransferWarning(UserWarning):
@@ -105,6 +103,10 @@ class STSCallback(TrainerCallback, ExportableState):
         target = values["target_domains"]
         if target is None or (hasattr(target, "__len__") and len(target) == 0):
             raise STSConfigError("STSCallback needs target_domains=: a dict name -> data, or a list of names.")
+        if isinstance(target, (str, Path)) and str(target) != EVAL_DATASET:
+            raise STSConfigError(f"target_domains={str(target)!r}: give a dict name -> data, a list of domain names "
+                                 f"or paths (e.g. [{str(target)!r}]), or {EVAL_DATASET!r} for the trainer's eval "
+                                 "set(s).")
         names = list(target) if isinstance(target, (dict, list, tuple)) else None
         if isinstance(target, (list, tuple)):
             names = [Path(t).stem if isinstance(t, (str, Path)) else None for t in target]
@@ -160,7 +162,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self.learning_rates: list[float] | None = None
         self.forecast: Forecast | None = None
         self.monitor: Monitor | None = None
-        self.latest_metrics: dict[str, float] = {}
+        self.write_errors: list[dict[str, Any]] = []  # files that could not be written (the data stays here)
         self._trainer = None
         self._ready = False
 
@@ -168,18 +170,35 @@ class STSCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ exported state
     def state(self) -> dict:
-        return {
-            "args": self._export_args,
-            "attributes": {
-                "history": self.history, "violations_in_a_row": self.violations_in_a_row,
-                "warned": self.warned, "stop_reason": self.stop_reason, "base_losses": self.base_losses,
-                "predicted": self.predicted,
-            },
-        }
+        return {"args": self._export_args, "attributes": {"history": self.history, **self._counters()}}
+
+    def _counters(self) -> dict[str, Any]:
+        """What a resume needs besides the history (also written to ``checkpoint-N/sts/callback_state.json``)."""
+        return {"violations_in_a_row": self.violations_in_a_row, "warned": self.warned,
+                "stop_reason": self.stop_reason, "base_losses": self.base_losses, "predicted": self.predicted}
 
     # ------------------------------------------------------------------ helpers
     def _out(self, args) -> Path:
         return Path(args.output_dir) / self.output_subdir
+
+    def _store(self, args) -> RunStore:
+        return RunStore(self._out(args))
+
+    def _write(self, what: str, write, state=None) -> bool:
+        """Run one file write; a failure (full disk, read-only folder) warns and is recorded, unless strict."""
+        try:
+            write()
+            return True
+        except Exception as err:  # noqa: BLE001 - losing a file must not kill a long run
+            if self.strict:
+                raise
+            step = getattr(state, "global_step", None)
+            self.write_errors.append({"step": step, "what": what, "error": f"{type(err).__name__}: {err}"})
+            message = (f"STS could not write {what} ({type(err).__name__}: {err}); training goes on and the data "
+                       "stays in memory (callback.history, callback.write_errors).")
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            logger.warning(message)
+            return False
 
     @staticmethod
     def _find_trainer(callback: "STSCallback"):
@@ -203,7 +222,6 @@ class STSCallback(TrainerCallback, ExportableState):
 
     def _log(self, metrics: dict[str, float], control) -> None:
         """Log through the trainer (W&B / TensorBoard / log_history) without cancelling its own loss log."""
-        self.latest_metrics.update(metrics)
         if self._trainer is None or not metrics:
             return
         from transformers import Trainer
@@ -224,22 +242,65 @@ class STSCallback(TrainerCallback, ExportableState):
     def _append_history(self, args, state, record: dict[str, Any]) -> None:
         self.history.append(record)
         if state.is_world_process_zero:
-            path = self._out(args) / HISTORY_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            store = self._store(args)
+            self._write(f"the re-check of step {record.get('step')} to {store.path(HISTORY_FILE)}",
+                        lambda: store.append_history(record), state)
 
     # ------------------------------------------------------------------ train start
+    def attach(self, trainer) -> "STSCallback":
+        """Bind to ``trainer`` (done at train start from the call stack when not called): the ``eval_sts_*``
+        keys then join every evaluation's metrics before the trainer logs them, so W&B / TensorBoard,
+        ``metric_for_best_model`` and ``EarlyStoppingCallback`` see them in any callback order."""
+        self._trainer = trainer
+        loop = trainer.evaluation_loop
+        if getattr(loop, "_sts_callback", None) is self:
+            return self
+        signature = inspect.signature(loop)
+
+        def evaluation_loop(*args, **kwargs):
+            output = loop(*args, **kwargs)
+            prefix = signature.bind(*args, **kwargs).arguments.get("metric_key_prefix", "eval")
+            output.metrics.update(self.evaluation_metrics(prefix))
+            return output
+
+        evaluation_loop._sts_callback = self  # type: ignore[attr-defined]
+        trainer.evaluation_loop = evaluation_loop
+        return self
+
+    def evaluation_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """``<prefix>_sts_loss_delta_<domain>`` and ``<prefix>_sts_protected_loss_delta`` from a re-check at the
+        current step (run now when none was); NaN where no measurement could be made."""
+        if not self._ready or self._trainer is None:
+            return {}
+        trainer = self._trainer
+        step = trainer.state.global_step
+        if not any(r.get("step") == step and "error" not in r for r in self.history):
+            self.run_recheck(trainer.args, trainer.state, trainer.control, trainer.model)
+        last = next((r for r in reversed(self.history) if "error" not in r), None)
+        deltas = dict(last["loss_delta"]) if last is not None else {}
+        names = list(self.monitor.loss_sets) if self.monitor is not None else list(deltas)
+        values = {name: _finite_or_nan(deltas.get(name)) for name in names}
+        keys = {f"sts_loss_delta_{name}": value for name, value in values.items()}
+        if self.protected:
+            protected = [values.get(name, math.nan) for name in self.protected]
+            keys["sts_protected_loss_delta"] = math.nan if any(math.isnan(v) for v in protected) else max(protected)
+        out = {f"{prefix}_{k}": v for k, v in keys.items()}
+        if prefix != "eval" and prefix.startswith("eval_"):  # one of several eval sets: the plain keys too
+            out.update({f"eval_{k}": v for k, v in keys.items()})
+        return out
+
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        lr_scheduler=None, **kwargs):
-        self._trainer = self._find_trainer(self)
+        trainer = self._trainer or self._find_trainer(self)
+        if trainer is not None:
+            self.attach(trainer)
         self.learning_rates = _schedule(lr_scheduler, state.max_steps)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is None:
             raise STSInputError("STSCallback needs the trainer's processing_class (tokenizer); pass "
                                 "processing_class=tokenizer to the trainer.")
         self.setup = Setup.create(model, tokenizer, self.sae, self.config)
-        domains = load_domains(self.target_domains)
+        domains = self._domains(tokenizer)
         unknown = [p for p in self.protected if p not in domains]
         if unknown:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
@@ -281,6 +342,21 @@ class STSCallback(TrainerCallback, ExportableState):
              "SAE": f"{sae.hook_name} d_sae={sae.d_sae} ({fingerprint(sae_summary)})"},
         )
 
+    def _domains(self, tokenizer) -> dict[str, Corpus]:
+        """The target domains; the trainer's eval set(s) for ``"eval_dataset"``; datasets raw or tokenized."""
+        target = self.target_domains
+        if isinstance(target, (str, Path)) and str(target) == EVAL_DATASET:
+            eval_sets = getattr(self._trainer, "eval_dataset", None)
+            if eval_sets is None:
+                raise STSConfigError(f"target_domains={EVAL_DATASET!r} but the trainer has no eval_dataset; pass "
+                                     "eval_dataset= (a dataset or a dict name -> dataset) to the trainer, or give "
+                                     "target_domains explicitly.")
+            target = dict(eval_sets) if isinstance(eval_sets, dict) else {"eval": eval_sets}
+        if isinstance(target, dict):
+            target = {str(name): corpus_from_training_dataset(value, tokenizer, name=str(name))
+                      if is_dataset(value) else value for name, value in target.items()}
+        return load_domains(target)
+
     def _probe_corpus(self, train_dataloader, tokenizer) -> Corpus:
         if self.train_probe is not None:
             return load_corpus(self.train_probe, name="train_probe")
@@ -292,14 +368,15 @@ class STSCallback(TrainerCallback, ExportableState):
         return corpus_from_training_dataset(dataset, tokenizer)
 
     def _start(self, args, state, control, model, probe: Corpus, domains: dict[str, Corpus], demos) -> None:
-        out = self._out(args)
+        store = self._store(args)
         has_answers = demos is not None or any(probe[i].can_demonstrate for i in range(min(len(probe), 64)))
         if has_answers:
             run = run_forecast(self.setup, probe, domains, demos, progress=False)
             self.forecast = run.forecast
             self.monitor.domains = domain_bases_from(run.domains)
             if state.is_world_process_zero:
-                self.forecast.save(out / FORECAST_FILE)
+                forecast = self.forecast
+                self._write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), state)
                 print(self.forecast.table())
             self._log({f"sts/forecast/{name}": value for name, value in self.forecast.ranked()}, control)
             ranked = [name for name, _ in self.forecast.ranked()]
@@ -320,10 +397,12 @@ class STSCallback(TrainerCallback, ExportableState):
         self.base_losses = self.monitor.measure_losses(model, self._autocast())
         self.monitor.base_losses = dict(self.base_losses)
         if state.is_world_process_zero:
-            self.monitor.save(out / MONITOR_FILE)
-            (out / HISTORY_FILE).unlink(missing_ok=True)
-            (out / SETTINGS_FILE).write_text(json.dumps({"protected": self.protected, "tolerance": self.tolerance,
-                                                         "max_sts": self.max_sts}, indent=2))
+            self._write(f"the monitor state to {store.monitor_path}", lambda: self.monitor.save(store.monitor_path),
+                        state)
+            self._write(f"the old history in {store.root}", store.archive_history, state)
+            self._write(f"the settings to {store.root}", lambda: store.write_settings(
+                {"protected": self.protected, "tolerance": self.tolerance, "max_sts": self.max_sts}), state)
+            self._write(f"the callback state to {store.root}", lambda: store.write_state(self._counters()), state)
 
     def _predict(self, state) -> None:
         """The calibrated end-of-training change of every domain; warn for protected domains above tolerance."""
@@ -384,24 +463,41 @@ class STSCallback(TrainerCallback, ExportableState):
         return self.config.ranking if self.config.compute_icl else "sts_act"
 
     def _resume(self, args, state, domains) -> None:
-        out = self._out(args)
-        if (out / FORECAST_FILE).exists():
-            self.forecast = Forecast.load(out / FORECAST_FILE)
-        checkpoint_state = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.output_subdir / MONITOR_FILE
-        path = checkpoint_state if checkpoint_state.exists() else out / MONITOR_FILE
+        """Pick up where the checkpoint left off, whether or not the Trainer restored this callback's state:
+        what it did not restore is read back from the run folder and the checkpoint."""
+        store = self._store(args)
+        checkpoint = store.checkpoint(args.output_dir, state.global_step, self.output_subdir)
+        if store.forecast_path.exists():
+            self.forecast = Forecast.load(store.forecast_path)
+        path = checkpoint.monitor_path if checkpoint.monitor_path.exists() else store.monitor_path
         if not path.exists():
-            raise STSInputError(f"Resuming: no STS monitor state at {checkpoint_state} or {out / MONITOR_FILE}; "
-                                "the base statistics are lost (start a new run, or delete the checkpoint's STS state).")
+            raise STSInputError(f"Resuming: no STS monitor state at {checkpoint.monitor_path} or "
+                                f"{store.monitor_path}; the base statistics are lost (start a new run, or delete "
+                                "the checkpoint's STS state).")
+        if not self.base_losses:  # restore_callback_states_from_checkpoint=False (the default)
+            saved = checkpoint.read_state() or store.read_state() or {}
+            for key, value in saved.items():
+                if key in self._counters():
+                    setattr(self, key, value)
+        if not self.base_losses:
+            raise STSInputError(f"Resuming: the train-start held-out losses are in neither {checkpoint.root} nor "
+                                f"{store.root} ({checkpoint.path('callback_state.json').name}); loss changes cannot "
+                                "be measured. Start a new run, or resume with "
+                                "TrainingArguments(restore_callback_states_from_checkpoint=True).")
         self.monitor.domains = {name: DomainBase(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
         self.monitor.load(path)
         self.monitor.base_losses = dict(self.base_losses)
-        # Re-checks after the checkpoint are replayed by the resumed run: drop them so none is duplicated.
-        self.history = [r for r in self.history if r.get("step", 0) <= state.global_step]
+        # Re-checks after the checkpoint are redone by the resumed run: they move to the superseded file.
         if state.is_world_process_zero:
-            history_path = out / HISTORY_FILE
-            history_path.parent.mkdir(parents=True, exist_ok=True)
-            history_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            print(f"STS: resumed at step {state.global_step}; forecast read back from {out / FORECAST_FILE}.")
+            kept: list[dict[str, Any]] = []
+            self._write(f"the history in {store.root}",
+                        lambda: kept.extend(store.keep_history_until(state.global_step)), state)
+            if not self.history:
+                self.history = kept
+            print(f"STS: resumed at step {state.global_step}; forecast read back from {store.forecast_path}.")
+        if not self.history:  # other ranks, or the main one when the folder could not be read
+            self.history = [r for r in store.read_history() if r.get("step", 0) <= state.global_step]
+        self.history = [r for r in self.history if r.get("step", 0) <= state.global_step]
 
     # ------------------------------------------------------------------ during training
     def _recheck_due(self, args, state, control) -> bool:
@@ -475,7 +571,11 @@ class STSCallback(TrainerCallback, ExportableState):
         found = []
         for name in self.protected:
             delta = result["loss_delta"].get(name)
-            if delta is not None and delta > self.tolerance:
+            loss = result.get("loss", {}).get(name)
+            if (delta is not None and not math.isfinite(delta)) or (loss is not None and not math.isfinite(loss)):
+                found.append(f"held-out loss of protected domain {name!r} is not finite ({loss}): the model "
+                             "diverged on it (lower the learning rate, check for fp16 overflow)")
+            elif delta is not None and delta > self.tolerance:
                 found.append(f"held-out loss of protected domain {name!r} rose by {delta:.1%} "
                              f"(tolerance {self.tolerance:.1%})")
             if self.max_sts is not None:
@@ -488,26 +588,19 @@ class STSCallback(TrainerCallback, ExportableState):
     def on_save(self, args, state, control, **kwargs):
         if not self._ready or not state.is_world_process_zero:
             return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
-            self.monitor.save(checkpoint / self.output_subdir / MONITOR_FILE)
+        if (Path(args.output_dir) / f"checkpoint-{state.global_step}").is_dir():
+            checkpoint = self._store(args).checkpoint(args.output_dir, state.global_step, self.output_subdir)
+            self._write(f"the monitor state to {checkpoint.root}", lambda: self.monitor.save(checkpoint.monitor_path),
+                        state)
+            self._write(f"the callback state to {checkpoint.root}", lambda: checkpoint.write_state(self._counters()),
+                        state)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        """Expose the latest measurements as ``eval_sts_*`` for EarlyStoppingCallback / metric_for_best_model."""
-        if metrics is None or not self.history:
-            return
-        last = next((r for r in reversed(self.history) if "error" not in r), None)
-        if last is None:
-            return
-        worst = None
-        for name, delta in last["loss_delta"].items():
-            if delta is None:
-                continue
-            metrics[f"eval_sts_loss_delta_{name}"] = delta
-            if name in self.protected:
-                worst = delta if worst is None else max(worst, delta)
-        if worst is not None:
-            metrics["eval_sts_protected_loss_delta"] = worst
+        """Fallback when no trainer could be attached (see :meth:`attach`): add the ``eval_sts_*`` keys here."""
+        if metrics is not None and self._trainer is None and self.history:
+            last = next((r for r in reversed(self.history) if "error" not in r), None)
+            for name, delta in (last or {}).get("loss_delta", {}).items():
+                metrics.setdefault(f"eval_sts_loss_delta_{name}", _finite_or_nan(delta))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self._ready:
@@ -519,7 +612,7 @@ class STSCallback(TrainerCallback, ExportableState):
     def write_report(self, args, state) -> None:
         """``report.html`` / ``report.md`` in the STS folder (main process); a failure only warns unless strict."""
         out = self._out(args)
-        if not state.is_world_process_zero or not ((out / FORECAST_FILE).exists() or (out / HISTORY_FILE).exists()):
+        if not state.is_world_process_zero or not self._store(args).has_results():
             return
         try:
             from .report import write_report
@@ -531,6 +624,10 @@ class STSCallback(TrainerCallback, ExportableState):
             message = f"STS report at step {state.global_step} was not written ({type(err).__name__}: {err})"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             logger.warning(message)
+
+
+def _finite_or_nan(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
 
 
 def _load_calibration(calibration: Any) -> Calibration | None:

@@ -176,7 +176,9 @@ def load_corpus(data: Any, name: str | None = None) -> Corpus:
             f"{data!r} is neither an existing file nor a registered domain. Pass a .jsonl/.json/.txt path, "
             f"a list of texts, a datasets.Dataset, or one of the registered domains: {sorted(available_domains())}."
         )
-    if _is_dataset(data):
+    if is_dataset(data) and not hasattr(data, "__len__"):
+        data = take_streamed(data)
+    if is_dataset(data):
         columns = set(data.column_names)
         if not columns & {"text", "messages", "prompt"}:
             raise STSInputError(
@@ -197,7 +199,18 @@ def load_corpus(data: Any, name: str | None = None) -> Corpus:
     )
 
 
-def _is_dataset(data: Any) -> bool:
+MAX_STREAMED_EXAMPLES = 4096
+
+
+def take_streamed(dataset: Any, limit: int = MAX_STREAMED_EXAMPLES) -> list[Any]:
+    """The first ``limit`` examples of a streaming (``IterableDataset``) source, which has no ``len()``: the
+    forecast and re-checks sample a few thousand tokens, so the head of the stream stands for it."""
+    import itertools
+
+    return list(itertools.islice(iter(dataset), limit))
+
+
+def is_dataset(data: Any) -> bool:
     return type(data).__name__ in ("Dataset", "IterableDataset") and hasattr(data, "column_names")
 
 

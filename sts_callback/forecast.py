@@ -115,12 +115,9 @@ class Forecast:
         return cls(domains=domains, **fields_)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)  # atomic: a crash never leaves half a file
-        return path
+        from .atomic import atomic_write_json
+
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Forecast":

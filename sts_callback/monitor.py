@@ -236,11 +236,10 @@ class Monitor:
     def save(self, path: Path) -> Path:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(self.tensors(), str(tmp), metadata={"format": "sts-monitor/1"})
-        tmp.replace(path)
-        return path
+        from .atomic import atomic_write
+
+        tensors = self.tensors()
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "sts-monitor/1"}))
 
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file

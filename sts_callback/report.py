@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .errors import STSInputError
 
 FORECAST_FILE = "forecast.json"
@@ -703,9 +704,7 @@ def write_report(sts_dir: str | Path, protected: list[str] | None = None) -> tup
     data = ReportData(sts_dir, protected)
     html_path, md_path = sts_dir / HTML_FILE, sts_dir / MD_FILE
     for path, text in ((html_path, render_html(data)), (md_path, render_markdown(data))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, text)
     return html_path, md_path
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .data import Corpus, Example, load_corpus
+from .data import Corpus, Example, load_corpus, take_streamed
 from .errors import STSInputError
 
 RAW_COLUMNS = {"text", "messages", "prompt"}
@@ -46,18 +46,22 @@ class DecodedCorpus(Corpus):
         return Example(prompt=self._decode(ids), plain_text=True)
 
 
-def corpus_from_training_dataset(dataset: Any, tokenizer) -> Corpus:
-    columns = set(getattr(dataset, "column_names", None) or (dataset[0].keys() if len(dataset) else []))
-    if columns & RAW_COLUMNS:
-        return load_corpus(dataset, name="train")
+def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -> Corpus:
+    """A trainer's dataset (raw or tokenized, map-style or streaming) as a corpus named ``name``."""
+    if not hasattr(dataset, "__len__"):  # a streaming IterableDataset: its first examples stand for it
+        dataset = take_streamed(dataset)
+    first = dataset[0] if len(dataset) else {}
+    columns = set(getattr(dataset, "column_names", None) or (first.keys() if isinstance(first, dict) else []))
+    if columns & RAW_COLUMNS or not isinstance(first, dict):
+        return load_corpus(dataset, name=name)
     if {"prompt_ids", "chosen_ids"} <= columns:
-        return DecodedCorpus("train", dataset, tokenizer, "prompt_ids", "chosen_ids", None)
+        return DecodedCorpus(name, dataset, tokenizer, "prompt_ids", "chosen_ids", None)
     if {"prompt_ids", "completion_ids"} <= columns:
-        return DecodedCorpus("train", dataset, tokenizer, "prompt_ids", "completion_ids", None)
+        return DecodedCorpus(name, dataset, tokenizer, "prompt_ids", "completion_ids", None)
     if "input_ids" in columns:
         mask_key = next((k for k in ("completion_mask", "assistant_masks") if k in columns), None)
-        return DecodedCorpus("train", dataset, tokenizer, None, None, mask_key)
-    raise STSInputError(
-        f"Cannot read the trainer's train dataset (columns {sorted(columns)}); pass train_probe= to STSCallback "
-        "with texts or records of the training data."
-    )
+        return DecodedCorpus(name, dataset, tokenizer, None, None, mask_key)
+    what = "train dataset (pass train_probe= to STSCallback" if name == "train" else \
+        f"dataset {name!r} (pass that domain's texts or records"
+    raise STSInputError(f"Cannot read the trainer's {what} with texts or records instead); its columns are "
+                        f"{sorted(columns)}, none of {sorted(RAW_COLUMNS)}, 'input_ids' or 'prompt_ids'.")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_write_json
 from .config import STSConfig, json_serializable
 from .data import Corpus, Example, load_corpus, load_domains
 from .errors import STSConfigError, STSInputError
@@ -337,12 +338,7 @@ class ValidationResult:
         return out
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(_json_safe(self.to_dict()), indent=2))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, _json_safe(self.to_dict()))
 
     # ---------------------------------------------------------------- text
     def table(self) -> str:

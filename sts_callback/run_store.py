@@ -1,0 +1,108 @@
+"""The callback's run folder, ``<output_dir>/sts/``: its file names, formats, atomic writes and read-back.
+
+    forecast.json          the step-0 forecast (``Forecast.save``)
+    history.jsonl          one JSON record per re-check (keyed by ``step``), appended; records a resumed run
+                           redoes move to ``history.superseded.jsonl``, a fresh run's old history to
+                           ``history.<time>.jsonl``: nothing is deleted
+    settings.json          the guard's rules (protected domains, tolerance, max_sts) for ``sts report``
+    monitor.safetensors    base statistics for re-checks (also in each ``checkpoint-N/sts/``)
+    callback_state.json    the callback's counters and base losses (also in each ``checkpoint-N/sts/``), so a
+                           resume works without ``restore_callback_states_from_checkpoint``
+
+Nothing here decides anything; every write is atomic (:mod:`sts_callback.atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .atomic import append_json_line, atomic_write_json, atomic_write_text, read_json_lines
+
+FORECAST_FILE = "forecast.json"
+HISTORY_FILE = "history.jsonl"
+SUPERSEDED_FILE = "history.superseded.jsonl"
+SETTINGS_FILE = "settings.json"
+MONITOR_FILE = "monitor.safetensors"
+STATE_FILE = "callback_state.json"
+STATE_FORMAT = "sts-callback-state/1"
+
+
+class RunStore:
+    """Reads and writes one run's STS folder; ``checkpoint(step)`` is the store inside ``checkpoint-<step>``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def checkpoint(self, output_dir: str | Path, step: int, subdir: str) -> "RunStore":
+        return RunStore(Path(output_dir) / f"checkpoint-{step}" / subdir)
+
+    # ---------------------------------------------------------------- history
+    def read_history(self) -> list[dict[str, Any]]:
+        records, bad = read_json_lines(self.path(HISTORY_FILE))
+        if bad:
+            warnings.warn(f"{self.path(HISTORY_FILE)}: {bad} unreadable line(s) skipped (a cut write?).",
+                          RuntimeWarning, stacklevel=2)
+        return records
+
+    def append_history(self, record: dict[str, Any]) -> None:
+        append_json_line(self.path(HISTORY_FILE), record)
+
+    def keep_history_until(self, step: int) -> list[dict[str, Any]]:
+        """Resume at ``step``: records after it (the resumed run redoes them) move to the superseded file."""
+        records = self.read_history()
+        kept = [r for r in records if r.get("step", 0) <= step]
+        dropped = [r for r in records if r.get("step", 0) > step]
+        for record in dropped:
+            append_json_line(self.path(SUPERSEDED_FILE), {**record, "superseded_at": time.time()})
+        if dropped or not self.path(HISTORY_FILE).exists():
+            atomic_write_text(self.path(HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def archive_history(self) -> Path | None:
+        """A fresh run (step 0) in a folder with an old history: keep the old one under a dated name."""
+        path = self.path(HISTORY_FILE)
+        if not path.exists() or path.stat().st_size == 0:
+            path.unlink(missing_ok=True)
+            return None
+        target = self.path(f"history.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        path.replace(target)
+        return target
+
+    # ---------------------------------------------------------------- small JSON files
+    def write_settings(self, settings: dict[str, Any]) -> Path:
+        return atomic_write_json(self.path(SETTINGS_FILE), settings)
+
+    def write_state(self, state: dict[str, Any]) -> Path:
+        return atomic_write_json(self.path(STATE_FILE), {"format": STATE_FORMAT, **state})
+
+    def read_state(self) -> dict[str, Any] | None:
+        path = self.path(STATE_FILE)
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != STATE_FORMAT:
+            return None
+        return {k: v for k, v in data.items() if k != "format"}
+
+    # ---------------------------------------------------------------- the forecast and monitor state
+    @property
+    def forecast_path(self) -> Path:
+        return self.path(FORECAST_FILE)
+
+    @property
+    def monitor_path(self) -> Path:
+        return self.path(MONITOR_FILE)
+
+    def has_results(self) -> bool:
+        return self.forecast_path.exists() or self.path(HISTORY_FILE).exists()
+
+
+__all__ = ["FORECAST_FILE", "HISTORY_FILE", "MONITOR_FILE", "RunStore", "SETTINGS_FILE", "STATE_FILE",
+           "SUPERSEDED_FILE"]

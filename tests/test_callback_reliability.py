@@ -1,0 +1,255 @@
+"""Defects that broke, blinded or misled a user's run (issue 15): resume, non-finite losses, write failures,
+evaluation keys with EarlyStoppingCallback, streaming and tokenized datasets. Real Trainer, tiny models."""
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, IterableDataset
+from test_callback import DOMAINS, make_callback, make_trainer, pretrained_tiny_model, tokenized
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+from transformers import (DataCollatorForLanguageModeling, EarlyStoppingCallback, Trainer, TrainerCallback,
+                          TrainingArguments)
+
+from sts_callback import STSConfigError
+from sts_callback.atomic import append_json_line, atomic_write, read_json_lines
+from sts_callback.callback import STSCallback, STSNegativeTransferWarning
+from sts_callback.run_store import RunStore
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def history_steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------- 1. resume
+def test_resume_without_restored_callback_state_keeps_history_and_base_losses(tmp_path, tokenizer):
+    run = dict(texts=domain_texts("law", 64, seed=8), learning_rate=3e-2, save_steps=2)
+    first = make_callback()
+    make_trainer(tmp_path, tokenizer, first, model=pretrained_tiny_model(tokenizer), max_steps=4, **run).train()
+    out = tmp_path / "run" / "sts"
+    assert history_steps(out / "history.jsonl") == [2, 4]
+    (tmp_path / "run" / "checkpoint-4").rename(tmp_path / "run" / "gone")  # resume from step 2
+
+    second = make_callback(protected=["food"], tolerance=0.02)  # the rules must still work after the resume
+    trainer = make_trainer(tmp_path, tokenizer, second, max_steps=6, **run)  # the default: no state restored
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert second.base_losses == first.base_losses  # read back, not re-measured at step 2
+    assert [r["step"] for r in second.history] == [2, 4, 6]
+    assert history_steps(out / "history.jsonl") == [2, 4, 6]  # the record of step 2 survived
+    superseded = [json.loads(line) for line in (out / "history.superseded.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in superseded] == [4]  # the first run's step 4 is kept, not deleted
+    for record in second.history[1:]:
+        assert all(v is not None for v in record["loss_delta"].values())
+        assert record["violations"]
+    assert any(issubclass(w.category, STSNegativeTransferWarning) for w in caught)
+
+
+def test_resume_without_any_saved_base_losses_fails_at_train_start(tmp_path, tokenizer):
+    make_trainer(tmp_path, tokenizer, make_callback(), max_steps=2, save_steps=2).train()
+    (tmp_path / "run" / "checkpoint-2" / "sts" / "callback_state.json").unlink()
+    (tmp_path / "run" / "sts" / "callback_state.json").unlink()
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(), max_steps=4, save_steps=2)
+    with pytest.raises(Exception, match="train-start held-out losses"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+
+# ------------------------------------------------------------------------------------------- 2. non-finite
+class PoisonLosses(TrainerCallback):
+    """From step 3 on, the protected domain's held-out loss comes back non-finite (a diverged model)."""
+
+    def __init__(self, callback, value):
+        self.callback, self.value = callback, value
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        monitor = self.callback.monitor
+        if state.global_step >= 3 and not getattr(monitor, "_poisoned", False):
+            measure = monitor.measure_losses
+
+            def poisoned(*a, **k):
+                return {**measure(*a, **k), "food": self.value}
+
+            monitor.measure_losses = poisoned
+            monitor._poisoned = True
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_loss_of_a_protected_domain_is_a_violation(tmp_path, tokenizer, value):
+    callback = make_callback(protected=["food"], tolerance=0.5, early_stop=True)
+    trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[PoisonLosses(callback, value)])
+    with pytest.warns(STSNegativeTransferWarning, match="'food' is not finite"):
+        trainer.train()
+    assert not callback.history[0]["violations"]
+    assert "not finite" in callback.history[1]["violations"][0]
+    assert trainer.state.global_step == 4 and "early stop at step 4" in callback.stop_reason
+
+
+# ------------------------------------------------------------------------------------------- 3. writes
+def test_atomic_write_leaves_no_temporary_file_and_keeps_the_old_one(tmp_path):
+    target = tmp_path / "forecast.json"
+    target.write_text("old")
+
+    def half_then_full_disk(tmp):
+        tmp.write_text("half a fi")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, half_then_full_disk)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forecast.json"]
+
+
+def test_failed_append_is_cut_back_to_whole_lines(tmp_path, monkeypatch):
+    path = tmp_path / "history.jsonl"
+    append_json_line(path, {"step": 1})
+    import os
+
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        append_json_line(path, {"step": 2, "big": "x" * 10000})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    records, bad = read_json_lines(path)
+    assert records == [{"step": 1}] and bad == 0
+
+
+def test_write_failure_during_training_warns_and_training_goes_on(tmp_path, tokenizer, monkeypatch):
+    def full_disk(self, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RunStore, "append_history", full_disk)
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback)
+    with pytest.warns(RuntimeWarning, match="could not write the re-check of step 2"):
+        trainer.train()
+    assert trainer.state.global_step == 6
+    assert [r["step"] for r in callback.history] == [2, 4, 6]  # nothing lost in memory
+    assert [e["step"] for e in callback.write_errors] == [2, 4, 6]
+    assert "No space left" in callback.write_errors[0]["error"]
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_write_failure_in_strict_mode_stops(tmp_path, tokenizer, monkeypatch):
+    def full_disk(self, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RunStore, "append_history", full_disk)
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(strict=True))
+    with pytest.raises(OSError, match="No space"):
+        trainer.train()
+
+
+# ------------------------------------------------------------------------------------------- 6. evaluation
+class LoggedKeys(TrainerCallback):
+    """What trackers (W&B, TensorBoard) receive: the logs handed to on_log."""
+
+    def __init__(self):
+        self.evaluations = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "eval_loss" in logs:
+            self.evaluations.append(dict(logs))
+
+
+@pytest.mark.parametrize("early_stopping_first", [False, True])
+def test_eval_keys_exist_at_every_evaluation_in_any_callback_order(tmp_path, tokenizer, early_stopping_first):
+    model = pretrained_tiny_model(tokenizer)
+    callback = make_callback(protected=["food"])
+    logged = LoggedKeys()
+    stopper = EarlyStoppingCallback(early_stopping_patience=1)
+    args = dict(output_dir=str(tmp_path / "run"), max_steps=12, save_steps=4, eval_steps=3, eval_strategy="steps",
+                logging_steps=1, use_cpu=True, report_to=[], per_device_train_batch_size=4, learning_rate=3e-2,
+                metric_for_best_model="eval_sts_protected_loss_delta", greater_is_better=False,
+                save_strategy="steps")
+    callbacks = [stopper, callback, logged] if early_stopping_first else [callback, stopper, logged]
+    trainer = Trainer(model=model, args=TrainingArguments(**args),
+                      train_dataset=tokenized(tokenizer, domain_texts("law", 64, seed=8)),
+                      eval_dataset=tokenized(tokenizer, domain_texts("law", 8, seed=4)),
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+                      callbacks=callbacks)
+    trainer.train()  # KeyError at the first evaluation before the fix (eval at 3, first re-check at 4)
+    assert logged.evaluations
+    for logs in logged.evaluations:  # the keys reach the trackers
+        assert {f"eval_sts_loss_delta_{d}" for d in DOMAINS} | {"eval_sts_protected_loss_delta"} <= set(logs)
+    # the protected domain gets worse at every evaluation: early stopping must act, in either order
+    assert trainer.state.global_step < 12
+    assert stopper.early_stopping_patience_counter >= 1
+
+
+def test_eval_keys_per_eval_set_when_there_are_several(tmp_path, tokenizer):
+    callback = make_callback(protected=["food"])
+    logged = LoggedKeys()
+    trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[logged], eval_strategy="steps",
+                           eval_steps=3, metric_for_best_model="eval_sts_protected_loss_delta",
+                           greater_is_better=False, eval_texts=domain_texts("law", 4))
+    trainer.eval_dataset = {"a": tokenized(tokenizer, domain_texts("law", 4)),
+                            "b": tokenized(tokenizer, domain_texts("food", 4))}
+    trainer.train()
+    keys = set().union(*[set(e) for e in trainer.state.log_history if "eval_a_loss" in e or "eval_b_loss" in e])
+    assert {"eval_a_sts_protected_loss_delta", "eval_b_sts_protected_loss_delta"} <= keys
+    assert [r["step"] for r in callback.history] == [2, 3, 4, 6]  # one re-check per step, shared by both sets
+
+
+# ------------------------------------------------------------------------------------------- 7. datasets
+def test_streaming_train_dataset_is_forecast(tmp_path, tokenizer):
+    texts = domain_texts("law", 64)
+
+    def rows():
+        for text in texts:
+            yield dict(tokenizer(text))
+
+    stream = IterableDataset.from_generator(rows)
+    callback = make_callback()
+    trainer = Trainer(model=make_model("llama"),
+                      args=TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2,
+                                             use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                                             learning_rate=1e-2),
+                      train_dataset=stream, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      processing_class=tokenizer, callbacks=[callback])
+    trainer.train()
+    assert callback.forecast is not None and set(callback.forecast.domains) == set(DOMAINS)
+    assert [r["step"] for r in callback.history] == [2, 4]
+
+
+def test_trainer_eval_datasets_as_target_domains(tmp_path, tokenizer):
+    callback = make_callback(target_domains="eval_dataset", protected=["food"])
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=2, save_steps=2)
+    trainer.eval_dataset = {d: tokenized(tokenizer, domain_texts(d, 30)) for d in ("food", "chem")}
+    trainer.train()
+    assert set(callback.forecast.domains) == {"food", "chem"}
+    assert set(callback.history[-1]["loss_delta"]) == {"food", "chem"}
+
+
+def test_tokenized_dataset_as_a_target_domain(tmp_path, tokenizer):
+    domains = {"law": domain_texts("law", 30), "food": tokenized(tokenizer, domain_texts("food", 30)),
+               "chem": Dataset.from_dict({"text": domain_texts("chem", 30)})}
+    callback = make_callback(target_domains=domains)
+    make_trainer(tmp_path, tokenizer, callback, max_steps=2, save_steps=2).train()
+    assert set(callback.history[-1]["loss_delta"]) == {"law", "food", "chem"}
+    assert callback.forecast.domains["food"].tokens > 0
+
+
+def test_eval_dataset_target_errors_are_early_and_named(tmp_path, tokenizer):
+    with pytest.raises(STSConfigError, match="'eval_dataset' for the trainer's eval"):
+        STSCallback(sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), target_domains="law.jsonl")
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(target_domains="eval_dataset"), max_steps=2)
+    with pytest.raises(STSConfigError, match="trainer has no eval_dataset"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(target_domains="eval_dataset", protected=["law"]),
+                           max_steps=2, eval_texts=domain_texts("food", 8))
+    with pytest.raises(STSConfigError, match=r"protected=\['law'\] are not among the target domains \['eval'\]"):
+        trainer.train()
+
