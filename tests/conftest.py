@@ -14,5 +14,6 @@ def pytest_terminal_summary(terminalreporter):
     for report in skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         terminalreporter.write_line(f"{report.nodeid}: {reason.removeprefix('Skipped: ')}")
-    terminalreporter.write_line("To run it: install Chromium and ChromeDriver (as root: bash scripts/install_browser.sh, "
-                                "which `make test` runs) and `pip install -e '.[dev]'` for selenium.")
+    terminalreporter.write_line("To run it: install Chromium and ChromeDriver (as root: bash "
+                                "scripts/install_browser.sh, which `make test` runs) and `pip install -e '.[dev]'` "
+                                "for selenium.")
