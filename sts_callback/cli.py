@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .config import DEFAULT_SIGNED
 from .errors import STSError, STSInputError
 
@@ -31,14 +32,37 @@ output: forecast.json
 
 
 def _read_config(path: str) -> dict[str, Any]:
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
-        return json.loads(text)
-    import yaml
+    """The config file as a mapping; every way it cannot be read is an :class:`STSInputError` naming the file."""
+    file = Path(os.path.expanduser(path))
+    if not file.exists():
+        raise STSInputError(f"Config file {path} does not exist; check the path (or write one from the template "
+                            "that `--example` prints).")
+    if not file.is_file():
+        raise STSInputError(f"Config {path} is not a file; pass a YAML or JSON config file.")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise STSInputError(f"Config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+                            "UTF-8.") from err
+    if file.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise STSInputError(f"Config file {path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                                f"{err.colno}); fix it there.") from err
+    else:
+        import yaml
 
-    data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise STSInputError(f"Config file {path} is not valid YAML ({problem}{where}); fix it there.") from err
     if not isinstance(data, dict):
-        raise STSInputError(f"{path} must hold a mapping with keys model, sae, train_data, targets.")
+        raise STSInputError(f"{path} must hold a mapping with keys model, sae, ... (see `--example`), not "
+                            f"{type(data).__name__}.")
     return data
 
 
@@ -62,9 +86,17 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(spec))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec),
-                                                     dtype=getattr(torch, dtype) if dtype else torch.float32)
+        _check_model(spec)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(spec))
+            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec),
+                                                         dtype=getattr(torch, dtype) if dtype else torch.float32)
+        except (OSError, ValueError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise STSInputError(
+                f"Could not load model {spec!r} ({first_line}). Pass a local Hugging Face folder (config.json and "
+                "weights, as save_pretrained writes), a hub name already in the cache (offline: HF_HUB_OFFLINE=1), "
+                "or gemma-3-270m.") from err
     if device:
         model.to(device)
     model.eval()
@@ -80,18 +112,232 @@ def _expand(value: Any) -> Any:
 
 
 def _command_config(args: argparse.Namespace, command: str, required: tuple[str, ...]):
-    """(config file contents, validated STSConfig with --set overrides), before any model is loaded."""
+    """(config file contents, validated STSConfig with --set overrides), before any model is loaded: unknown
+    keys at any level, an unusable model spec and unreadable data files are errors here."""
     from .config import STSConfig
 
     if not args.config:
         raise STSInputError(f"sts {command} needs a CONFIG file (see `sts {command} --example`).")
     config_file = _read_config(args.config)
+    _check_config_keys(args.config, command, config_file)
     missing = [k for k in required if k not in config_file]
     if missing:
         raise STSInputError(f"{args.config} lacks {missing}; see `sts {command} --example`.")
     options = dict(config_file.get("options") or {})
     options.update(dict(_parse_override(item) for item in args.set or []))
-    return config_file, STSConfig.from_dict(options)
+    config = STSConfig.from_dict(options)
+    _check_model(config_file["model"])
+    _check_data_files(_data_specs(config_file))
+    return config_file, config
+
+
+# ---------------------------------------------------------------------------------------- input checks
+CONFIG_KEYS = {
+    "forecast": ("model", "sae", "train_data", "targets", "demonstrations", "options", "output", "device", "dtype"),
+    "gate": ("model", "sae", "candidates", "targets", "protected", "score", "limits", "max_rank", "tolerance",
+             "weights", "wanted", "floor", "budget", "options", "output", "filtered_dir", "keep_fraction",
+             "threshold", "device", "dtype"),
+    "validate": ("model", "sae", "train_data", "targets", "demonstrations", "validation", "multiple_choice",
+                 "options", "output_dir", "device", "dtype"),
+}
+SAE_SPEC_KEYS = ("release", "sae_id", "path")
+GEMMA_NAMES = ("gemma-3-270m", "gemma3-270m")
+
+
+def _unknown_keys(where: str, given: Any, valid: Any, listing: str | None = None) -> None:
+    """Raise naming the keys of mapping ``given`` that are not in ``valid`` (closest valid key suggested)."""
+    import difflib
+
+    if given is None:
+        return
+    if not isinstance(given, dict):
+        raise STSInputError(f"{where} must be a mapping (key: value), not {type(given).__name__}.")
+    valid = [str(v) for v in valid]
+    unknown = [str(k) for k in given if str(k) not in valid]
+    if not unknown:
+        return
+    hints = {k: difflib.get_close_matches(k, valid, n=1, cutoff=0.6) for k in unknown}
+    hint = " ".join(f"Did you mean {m[0]!r} (not {k!r})?" for k, m in hints.items() if m)
+    listed = listing or (f"valid keys are {sorted(valid)}" if valid else "it takes no keys")
+    raise STSInputError(f"{where}: unknown key(s) {sorted(unknown)}. {hint + ' ' if hint else ''}"
+                        f"{listed[0].upper() + listed[1:]}.")
+
+
+def _check_config_keys(path: str, command: str, config_file: dict[str, Any]) -> None:
+    """Unknown keys at any level of a config file are errors (a typo must not run with defaults)."""
+    import dataclasses
+
+    from .config import STSConfig
+
+    _unknown_keys(f"{path}", config_file, CONFIG_KEYS[command], f"`sts {command}` takes {list(CONFIG_KEYS[command])}")
+    if isinstance(config_file.get("sae"), dict):
+        _unknown_keys(f"{path}: sae", config_file["sae"], SAE_SPEC_KEYS,
+                      "an SAE is a folder, 'release::sae_id', {release: ..., sae_id: ...} or {path: ...}")
+    _unknown_keys(f"{path}: options", config_file.get("options"), [f.name for f in dataclasses.fields(STSConfig)],
+                  f"valid STSConfig fields are {sorted(f.name for f in dataclasses.fields(STSConfig))}")
+    targets = config_file.get("targets")
+    target_names = [str(k) for k in targets] if isinstance(targets, dict) else None
+    if command == "validate":
+        validation = config_file.get("validation")
+        _unknown_keys(f"{path}: validation", validation, VALIDATE_KEYS)
+        if isinstance(validation, dict) and validation.get("training_args") is not None:
+            from transformers import TrainingArguments
+
+            fields = [f.name for f in dataclasses.fields(TrainingArguments)]
+            _unknown_keys(f"{path}: validation.training_args", validation["training_args"], fields,
+                          "valid keys are the fields of transformers.TrainingArguments")
+        if target_names is not None:
+            _unknown_keys(f"{path}: multiple_choice", config_file.get("multiple_choice"), target_names,
+                          f"its keys are target domains: {target_names}")
+    if command == "gate":
+        protected = config_file.get("protected")
+        protected = [protected] if isinstance(protected, str) else protected
+        if isinstance(config_file.get("limits"), dict) and isinstance(protected, list):
+            _unknown_keys(f"{path}: limits", config_file["limits"], protected,
+                          f"its keys are protected domains: {[str(p) for p in protected]}")
+        candidates = config_file.get("candidates")
+        if isinstance(config_file.get("wanted"), dict) and isinstance(candidates, dict):
+            _unknown_keys(f"{path}: wanted", config_file["wanted"], list(candidates),
+                          f"its keys are candidates: {[str(c) for c in candidates]}")
+
+
+def _check_model(spec: Any) -> None:
+    """A model that cannot be there fails before anything is loaded (a hub name is left to the loader)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise STSInputError(f"model={spec!r}: give a local Hugging Face folder, a hub name already in the cache, "
+                            "or gemma-3-270m.")
+    if spec in GEMMA_NAMES:
+        return
+    path = Path(os.path.expanduser(spec))
+    if path.exists():
+        if not path.is_dir():
+            raise STSInputError(f"Model {spec} is a file; pass the model's folder (with config.json).")
+        if not (path / "config.json").is_file():
+            raise STSInputError(f"Model folder {spec} has no config.json: not a Hugging Face model folder "
+                                "(model.save_pretrained(folder) and tokenizer.save_pretrained(folder) write one).")
+        return
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+    if looks_like_path:
+        raise STSInputError(f"Model folder {spec} does not exist; check the path (or give a hub name already in "
+                            "the cache, or gemma-3-270m).")
+
+
+def _data_specs(config_file: dict[str, Any]) -> list[Any]:
+    """The config's values that name data: training data, target / candidate domains, demonstrations,
+    multiple-choice sets."""
+    specs: list[Any] = []
+    for key in ("train_data", "demonstrations", "targets", "candidates", "multiple_choice"):
+        value = config_file.get(key)
+        if isinstance(value, dict):
+            specs.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            specs.extend(value)
+        elif value is not None:
+            specs.append(value)
+    return specs
+
+
+def _existing_file(value: Any) -> Path | None:
+    """``value`` as the path of an existing file, else None (inline texts are not paths)."""
+    if not isinstance(value, (str, Path)) or (isinstance(value, str) and (len(value) > 4096 or "\n" in value)):
+        return None
+    try:
+        path = Path(os.path.expanduser(str(value)))
+        return path if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _check_data_files(specs: list[Any]) -> None:
+    """Every data file named is UTF-8 (and a .json parses), before the model loads; the error names the file."""
+    for spec in specs:
+        path = _existing_file(spec)
+        if path is None:
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise STSInputError(f"Data file {path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, "
+                                f"e.g. `iconv -f latin1 -t utf-8 {path} > fixed{path.suffix}`.") from err
+        except OSError as err:
+            raise STSInputError(f"Data file {path} cannot be read ({err.strerror}); check its permissions.") from err
+        if path.suffix == ".json":
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as err:
+                raise STSInputError(f"Data file {path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                                    f"{err.colno}); fix it, or write one JSON record per line as .jsonl.") from err
+
+
+# --------------------------------------------------------------------------------------- output checks
+def _check_writable_folder(folder: Path, label: str) -> None:
+    """``folder`` exists and can be written, or can be created: checked by writing a probe file into it or
+    into its nearest existing parent. ``label`` names what is to be written there."""
+    import tempfile
+
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise STSInputError(f"Cannot write {label}: {existing} is a file, not a folder. Choose another path.")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".sts-write-check-")
+    except OSError as err:
+        raise STSInputError(f"Cannot write {label}: {existing} is not writable ({err.strerror}). Choose a "
+                            "writable path or fix the folder's permissions.") from err
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _check_output_file(path: Path, what: str) -> Path:
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        raise STSInputError(f"{what} {path} is a folder; give a file path, e.g. {path / 'out.json'}.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise STSInputError(f"{what} {path} exists and cannot be written; choose another path or fix its "
+                            "permissions.")
+    _check_writable_folder(path.parent, f"{what[0].lower() + what[1:]} {path}")
+    return path
+
+
+def _check_output_folder(path: Path, what: str) -> Path:
+    path = Path(os.path.expanduser(str(path)))
+    if path.exists() and not path.is_dir():
+        raise STSInputError(f"{what} {path} is an existing file, not a folder; give a folder path (it is "
+                            "created) or move the file away.")
+    _check_writable_folder(path, f"{what[0].lower() + what[1:]} {path}")
+    return path
+
+
+def _check_no_overwrite(outputs: list[tuple[Path, str]], inputs: dict[Path, str],
+                        fix: str = "Choose an output path that is none of the inputs, e.g. in a new folder.") -> None:
+    """No output path is one of the inputs (or another output); ``outputs``: (path, what writes it),
+    ``inputs``: path -> what it is."""
+    seen: dict[Path, str] = {}
+    for path, what in inputs.items():
+        seen.setdefault(path.resolve(), what)
+    for path, what in outputs:
+        key = path.resolve()
+        if key in seen:
+            raise STSInputError(f"{what} would overwrite {path}, which is {seen[key]}. {fix}")
+        seen[key] = f"where {what} writes too"
+
+
+def _named_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict[Path, str]:
+    """Input files of a config, path -> a description ("the input of candidate 'code'")."""
+    inputs: dict[Path, str] = {Path(os.path.expanduser(args.config)): "the config file"}
+    labels = {"train_data": "train_data", "demonstrations": "demonstrations", "targets": "target",
+              "candidates": "candidate", "multiple_choice": "multiple_choice set"}
+    for key, label in labels.items():
+        value = config_file.get(key)
+        items = (value.items() if isinstance(value, dict)
+                 else ((None, v) for v in value) if isinstance(value, (list, tuple)) else [(None, value)])
+        for name, spec in items:
+            path = _existing_file(spec)
+            if path is not None:
+                inputs.setdefault(path, f"the input of {label} {str(name)!r}" if name is not None
+                                  else f"the {label} input")
+    return inputs
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
@@ -101,12 +347,14 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         print(EXAMPLE_CONFIG, end="")
         return 0
     config_file, config = _command_config(args, "forecast", ("model", "sae", "train_data", "targets"))
+    output = _check_output_file(Path(args.output or config_file.get("output") or "forecast.json"),
+                                "The forecast output")
+    _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     result = forecast(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
                       _expand(config_file["targets"]), config,
                       demonstrations=_expand(config_file.get("demonstrations")), progress=not args.no_progress)
     print(result.table())
-    output = Path(args.output or config_file.get("output") or "forecast.json")
     result.save(output)
     print(f"\nwrote {output} ({result.tokens_per_second:.0f} tokens/s, {result.timings['total']:.1f} s)")
     return 0
@@ -116,10 +364,13 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     from .data import example_text, load_corpus
     from .train_sae import train_sae
 
+    _check_model(args.model)
+    _check_data_files(args.data)
+    output = _check_output_folder(Path(args.output), "The SAE output folder")
     model, tokenizer = load_model(args.model, args.device)
     texts = [example_text(corpus[i]) for corpus in map(load_corpus, args.data) for i in range(len(corpus))]
     trained = train_sae(model, tokenizer, texts, args.layer, d_sae=args.d_sae, k=args.k,
-                        training_tokens=args.tokens, output_dir=args.output, progress=True)
+                        training_tokens=args.tokens, output_dir=output, progress=True)
     print(json.dumps(trained.to_dict(), indent=2))
     return 0
 
@@ -141,7 +392,8 @@ def cmd_domains(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(output_dir=Path(args.output), quick=args.quick, train_steps=args.train_steps)
+    run_demo(output_dir=_check_output_folder(Path(args.output), "The demo output folder"), quick=args.quick,
+             train_steps=args.train_steps)
     return 0
 
 
@@ -192,7 +444,16 @@ def cmd_gate(args: argparse.Namespace) -> int:
     filtered_dir = args.filtered_dir or config_file.get("filtered_dir")
     if filtered_dir and keep_fraction is None and threshold is None:
         keep_fraction = 0.9
-    output = Path(args.output or config_file.get("output") or "gate.json")
+    output = _check_output_file(Path(args.output or config_file.get("output") or "gate.json"), "The decision output")
+    outputs = [(output, f"The decision output {output}")]
+    if filtered_dir:
+        filtered_dir = _check_output_folder(Path(filtered_dir), "filtered_dir")
+        for name in config_file["candidates"]:  # which are accepted is known only later: every candidate's file
+            outputs.append((filtered_dir / f"{name}.jsonl", f"filtered_dir {filtered_dir}"))
+    _check_no_overwrite(outputs, _named_inputs(args, config_file),
+                        "Choose output paths that are none of the inputs" + (
+                            " (filtered_dir gets <candidate>.jsonl for each accepted candidate: give it a new "
+                            "folder, e.g. filtered/)." if filtered_dir else ", e.g. in a new folder."))
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     candidates = {str(k): _expand(v) for k, v in config_file["candidates"].items()}
     try:
@@ -255,11 +516,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(EXAMPLE_VALIDATE_CONFIG, end="")
         return 0
     config_file, config = _command_config(args, "validate", ("model", "sae", "train_data", "targets"))
-    options = dict(config_file.get("validation") or {})
-    unknown = sorted(set(options) - set(VALIDATE_KEYS))
-    if unknown:
-        raise STSInputError(f"{args.config}: unknown `validation` key(s) {unknown}; valid keys are "
-                            f"{list(VALIDATE_KEYS)}.")
+    options = dict(config_file.get("validation") or {})  # its keys were checked with the config's
     for key in ("method", "steps", "seeds", "learning_rate"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -289,7 +546,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                 f"{sorted(set(map(str, targets)) - set(map(str, choices)))}; give a JSONL for "
                                 "every target domain, or drop `multiple_choice`.")
         metric = multiple_choice_accuracy({str(k): _expand(v) for k, v in choices.items()})
-    output_dir = Path(args.output_dir or config_file.get("output_dir") or "sts-validation")
+    output_dir = _check_output_folder(Path(args.output_dir or config_file.get("output_dir") or "sts-validation"),
+                                      "The validation output folder")
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     result = validate(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
                       _expand(config_file["targets"]), config, metric=metric,
@@ -304,12 +562,44 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import Calibration
 
+    out = _check_output_file(Path(args.out), "The calibration output")
+    inputs = _validation_inputs(args.validations)
+    _check_no_overwrite([(out, f"The calibration output {out}")], inputs)
     calibration = Calibration.from_validation(args.validations, args.features, level=args.level)
-    path = calibration.save(args.out)
+    path = calibration.save(out)
     print(f"calibration on {calibration.n} measured (domain, seed) pairs, features {calibration.features}: "
           f"residual std {calibration.sigma:.2%} of the NLL; {calibration.level:.0%} intervals")
     print(f"wrote {path}; use it with STSCallback(..., calibration={str(path)!r})")
     return 0
+
+
+KNOWN_FORMATS = {"sts-forecast/1": "a forecast (written by `sts forecast` or the callback)",
+                 "sts-gate/1": "a gate decision (written by `sts gate`)",
+                 "sts-calibration/1": "a calibration (written by `sts calibrate`)"}
+
+
+def _validation_inputs(items: list[str]) -> dict[Path, str]:
+    """Each VALIDATION argument read up front: a file that is not the output of `sts validate` (a forecast,
+    broken JSON) is an error naming it. Returns path -> description for the overwrite check."""
+    inputs: dict[Path, str] = {}
+    for item in items:
+        path = Path(os.path.expanduser(item))
+        if path.is_dir():
+            path = next((p for p in (path / "sts" / "validation.json", path / "validation.json") if p.exists()), path)
+        if not path.is_file():
+            continue  # Calibration.from_validation names what is missing
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise STSInputError(f"{path} is not a JSON file ({err}); pass the validation.json that `sts validate` "
+                                "writes (OUTPUT_DIR/sts/validation.json) or its output folder.") from err
+        if not isinstance(data, dict) or not isinstance(data.get("per_seed"), list):
+            kind = KNOWN_FORMATS.get(data.get("format")) if isinstance(data, dict) else None
+            raise STSInputError(f"{path} is {kind or 'not a validation result (no per_seed)'}, not the output of "
+                                "`sts validate`; pass the validation.json that `sts validate` writes "
+                                "(OUTPUT_DIR/sts/validation.json) or its output folder.")
+        inputs[path] = f"the validation input {path}"
+    return inputs
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -327,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(SAE-based Transferability Score), and check the forecast during training.",
         epilog="Start with `sts demo` (offline, real model) or `sts forecast --example` for a config template.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("forecast", help="rank target domains by how much training on a dataset will move them",

@@ -38,6 +38,7 @@ def write_config(root, **changes):
               "options": {"n_shifted": 8, "shift_tokens": 150, "domain_tokens": 80},
               "output": str(root / "out" / "forecast.json")}
     config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -92,3 +93,181 @@ def test_train_sae_command(workspace, capsys):
     from sts_callback import load_sae
 
     assert load_sae(out_dir).layer == 1
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit code 2
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sts: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Errors must come before the expensive work: loading the model fails the test."""
+    import sts_callback.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(cli, "load_model", refuse)
+
+
+def test_version(capsys):
+    import sts_callback
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sts {sts_callback.__version__}"
+
+
+@pytest.mark.parametrize("changes, named, valid", [
+    ({"option": {"n_shifted": 8}}, "'option'", "options"),                 # top-level typo
+    ({"options": {"n_shiftd": 8}}, "'n_shiftd'", "n_shifted"),              # STSConfig field typo
+    ({"sae": {"release": "r", "sae_idd": "x"}}, "'sae_idd'", "sae_id"),     # nested SAE spec
+])
+def test_unknown_config_keys_are_errors(workspace, capsys, no_model, changes, named, valid):
+    assert main(["forecast", str(write_config(workspace, **changes)), "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert named in err and valid in err
+
+
+def test_unknown_keys_of_validate_and_gate_configs(workspace, tmp_path, capsys, no_model):
+    base = yaml.safe_load(write_config(workspace).read_text())
+    base["targets"] = {"chem": base["targets"]["chem"], "a": ["x y"], "b": ["y z"]}
+    base.pop("output")
+    for section, named, valid in (
+        ({"validation": {"steps": 2, "training_args": {"bf17": True}}}, "'bf17'", "bf16"),
+        ({"validation": {"step": 2}}, "'step'", "steps"),
+        ({"multiple_choice": {"chem": str(workspace / "chem.jsonl"), "a": "a.jsonl", "b": "b.jsonl",
+                              "chemm": "c.jsonl"}}, "'chemm'", "chem"),
+        ({"output": "x.json"}, "'output'", "output_dir"),
+    ):
+        path = tmp_path / "validate.yaml"
+        path.write_text(yaml.safe_dump({**base, **section}))
+        assert main(["validate", str(path), "--no-progress"]) == 2, section
+        err = one_line_error(capsys)
+        assert named in err and valid in err, err
+    gate = {"model": base["model"], "sae": base["sae"], "candidates": {"law": base["train_data"]},
+            "targets": base["targets"], "protected": ["chem"]}
+    for section, named, valid in (({"tolerence": 2.0}, "'tolerence'", "tolerance"),
+                                  ({"limits": {"chemm": 0.5}}, "'chemm'", "chem"),
+                                  ({"wanted": {"laww": "a"}}, "'laww'", "law")):
+        path = tmp_path / "gate.yaml"
+        path.write_text(yaml.safe_dump({**gate, **section}))
+        assert main(["gate", str(path), "--no-progress"]) == 2, section
+        err = one_line_error(capsys)
+        assert named in err and valid in err, err
+
+
+def test_unreadable_configs_are_one_line_errors(workspace, tmp_path, capsys, no_model):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\nsae: x\n")
+    assert main(["forecast", str(tmp_path / "bad.yaml")]) == 2
+    assert "bad.yaml" in one_line_error(capsys)
+    (tmp_path / "bad.json").write_text('{"model": "x",}')
+    assert main(["forecast", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json" in one_line_error(capsys)
+    (tmp_path / "list.json").write_text('["model"]')
+    assert main(["gate", str(tmp_path / "list.json")]) == 2
+    assert "mapping" in one_line_error(capsys)
+    assert main(["forecast", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in one_line_error(capsys)
+    (tmp_path / "latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
+    assert main(["forecast", str(tmp_path / "latin1.yaml")]) == 2
+    assert "latin1.yaml" in one_line_error(capsys)
+
+
+def test_missing_model_folder_and_non_utf8_data(workspace, tmp_path, capsys, no_model):
+    assert main(["forecast", str(write_config(workspace, model=str(tmp_path / "no_model"))), "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert "no_model" in err and "does not exist" in err
+    (tmp_path / "empty_folder").mkdir()
+    assert main(["forecast", str(write_config(workspace, model=str(tmp_path / "empty_folder")))]) == 2
+    assert "config.json" in one_line_error(capsys)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"text": "caf\xe9"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    assert main(["forecast", str(write_config(workspace, train_data=str(latin))), "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert str(latin) in err and "UTF-8" in err
+    assert main(["forecast", str(write_config(workspace, targets={"chem": str(latin), "x": ["a b"]}))]) == 2
+    assert str(latin) in one_line_error(capsys)
+    assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data", str(latin),
+                 "-o", str(tmp_path / "sae_out")]) == 2
+    assert str(latin) in one_line_error(capsys)
+    broken = tmp_path / "broken.json"
+    broken.write_text("[1, 2")
+    assert main(["forecast", str(write_config(workspace, train_data=str(broken)))]) == 2
+    assert str(broken) in one_line_error(capsys)
+
+
+def test_model_hub_name_not_in_cache_is_one_line(workspace, tmp_path, capsys):
+    config = write_config(workspace, model="nobody-here/no-such-model", output=str(tmp_path / "f.json"))
+    assert main(["forecast", str(config), "--no-progress"]) == 2
+    assert "nobody-here/no-such-model" in one_line_error(capsys)
+
+
+def test_output_paths_are_checked_before_the_work(workspace, tmp_path, capsys, no_model):
+    import os
+
+    # train-sae -o FILE: an existing regular file is not a folder; the file is left as it was
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data",
+                 str(workspace / "train.jsonl"), "-o", str(existing)]) == 2
+    err = one_line_error(capsys)
+    assert str(existing) in err and "not a folder" in err
+    assert existing.read_text() == "keep me"
+    # a folder under a regular file cannot be created
+    assert main(["forecast", str(write_config(workspace, output=str(existing / "out" / "forecast.json")))]) == 2
+    assert str(existing) in one_line_error(capsys)
+    # a folder where a file is needed
+    assert main(["forecast", str(write_config(workspace, output=str(tmp_path)))]) == 2
+    assert "folder" in one_line_error(capsys)
+    # a place nobody can write to, root included
+    if os.path.isdir("/proc/self"):
+        assert main(["forecast", str(write_config(workspace, output="/proc/self/sts/forecast.json"))]) == 2
+        assert "/proc/self" in one_line_error(capsys)
+        assert main(["validate", str(write_config(workspace, output=None, output_dir="/proc/self/sts",
+                                                  targets={"a": ["x"], "b": ["y"], "c": ["z"]}))]) == 2
+        assert "/proc/self" in one_line_error(capsys)
+    assert main(["calibrate", str(workspace / "model" / "config.json"), "--out", str(tmp_path)]) == 2
+    one_line_error(capsys)
+    # the forecast is also written over the inputs never
+    assert main(["forecast", str(write_config(workspace, output=str(workspace / "train.jsonl")))]) == 2
+    err = one_line_error(capsys)
+    assert "train.jsonl" in err and "input" in err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes to read-only folders")
+def test_read_only_output_folder(workspace, tmp_path, capsys, no_model):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert main(["forecast", str(write_config(workspace, output=str(folder / "forecast.json")))]) == 2
+        assert str(folder) in one_line_error(capsys)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_calibrate_refuses_a_forecast(workspace, tmp_path, capsys):
+    forecast_path = tmp_path / "forecast.json"
+    assert main(["forecast", str(write_config(workspace, output=str(forecast_path))), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(forecast_path), "--out", str(tmp_path / "calibration.json")]) == 2
+    err = one_line_error(capsys)
+    assert str(forecast_path) in err and "forecast" in err and "sts validate" in err
+    assert not (tmp_path / "calibration.json").exists()
+    (tmp_path / "garbage.json").write_text("{not json")
+    assert main(["calibrate", str(tmp_path / "garbage.json")]) == 2
+    assert "garbage.json" in one_line_error(capsys)
+
+
+def test_calibrate_never_writes_over_a_validation(tmp_path, capsys):
+    validation = tmp_path / "validation.json"
+    validation.write_text(json.dumps({"per_seed": []}))
+    assert main(["calibrate", str(validation), "--out", str(validation)]) == 2
+    assert "would overwrite" in one_line_error(capsys)
+    assert json.loads(validation.read_text()) == {"per_seed": []}

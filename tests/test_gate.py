@@ -269,3 +269,44 @@ def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_pa
     assert "Every candidate was rejected" in captured.err and "REJECT" in captured.out
     assert GateDecision.load(tmp_path / "strict_out.json").weights == {}
     assert main(["gate", "--example"]) == 0 and "candidates:" in capsys.readouterr().out
+
+
+def test_cli_gate_refuses_to_write_over_its_inputs(tmp_path, monkeypatch, capsys):
+    """filtered_dir holding the candidate files (or an output path that is an input) is an error, raised
+    before the model is loaded, and no input is touched."""
+    import sts_callback.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the overwrite was refused")
+
+    monkeypatch.setattr(cli, "load_model", refuse)
+    data = tmp_path / "data"
+    for kind, sets in (("candidate", candidates()), ("target", targets())):
+        for name, texts in sets.items():
+            write_jsonl(texts, data / (f"{name}.jsonl" if kind == "candidate" else f"target_{name}.jsonl"))
+    before = {p: p.read_bytes() for p in data.iterdir()}
+    spec = {"model": "tiny", "sae": "tiny", "protected": ["law"],
+            "candidates": {n: str(data / f"{n}.jsonl") for n in candidates()},
+            "targets": {n: str(data / f"target_{n}.jsonl") for n in targets()},
+            "options": config().to_dict(), "output": str(tmp_path / "out" / "gate.json")}
+
+    def run(extra, *args):
+        path = tmp_path / "gate_config.json"
+        path.write_text(json.dumps({**spec, **extra}))
+        code = main(["gate", str(path), "--no-progress", *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("sts: error: ") and "\n" not in err, err
+        return err
+
+    for args in (([], {"filtered_dir": str(data)}), (["--filtered-dir", str(data)], {})):
+        err = run(args[1], *args[0])
+        assert "filtered_dir" in err and "new folder" in err
+        assert any(f"{data / name}.jsonl, which is the input of candidate {name!r}" in err for name in candidates())
+    err = run({"output": str(data / "target_law.jsonl")})
+    assert str(data / "target_law.jsonl") in err and "input" in err
+    err = run({"output": str(tmp_path / "gate_config.json")})
+    assert "gate_config.json" in err
+    err = run({"filtered_dir": str(tmp_path / "filtered"), "output": str(tmp_path / "filtered" / "chem.jsonl")})
+    assert "chem.jsonl" in err
+    assert {p: p.read_bytes() for p in data.iterdir()} == before
+    assert not (tmp_path / "out").exists()
