@@ -1,4 +1,4 @@
-"""``validate()``: check a forecast on your own setup by fine-tuning for real (README, "Check the forecast on your own setup").
+"""``validate()``: check a forecast on your own setup by fine-tuning for real (README, "Check the forecast").
 
 For each seed: a copy of the model is fine-tuned on the training set (LoRA or full) with a real
 ``transformers.Trainer`` and an :class:`~sts_callback.callback.STSCallback` attached. The callback computes the
