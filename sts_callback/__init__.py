@@ -2,7 +2,7 @@
 
 from .calibration import Calibration
 from .config import STSConfig
-from .errors import STSConfigError, STSError, STSInputError, STSNumericalError
+from .errors import STSConfigError, STSDataWarning, STSError, STSInputError, STSNumericalError
 from .forecast import DomainForecast, Forecast, forecast
 from .gate import GateDecision, filter_examples, gate_mixture
 from .sae import SAEHandle, load_sae
@@ -31,6 +31,7 @@ __all__ = [
     "SAEHandle",
     "STSConfig",
     "STSConfigError",
+    "STSDataWarning",
     "STSError",
     "STSInputError",
     "STSNumericalError",

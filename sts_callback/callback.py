@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -329,12 +328,7 @@ class STSCallback(TrainerCallback, ExportableState):
         if world_size() == 1:
             return
         sae = self.setup.sae
-        weight = getattr(sae.module, "W_enc", None)
-        sae_summary = [sae.d_in, sae.d_sae, sae.hook_name]
-        if isinstance(weight, torch.Tensor):  # a few moments of the encoder, not a hash of every weight
-            flat = weight.detach().float().reshape(-1)
-            sae_summary += [float(flat.double().sum()), float(flat.double().square().sum()),
-                            flat[:: max(1, flat.numel() // 4096)]]
+        sae_summary = sae.checksum_parts()
         check_ranks_agree(
             {"target domains": fingerprint(sorted(domains), loss_sets), "SAE": fingerprint(sae_summary),
              "training probe": fingerprint(probe_sequences), "STS config": fingerprint({k: v for k, v in self.config.to_dict().items() if k != "device"})},
@@ -378,11 +372,13 @@ class STSCallback(TrainerCallback, ExportableState):
                 forecast = self.forecast
                 self._write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), state)
                 print(self.forecast.table())
-            self._log({f"sts/forecast/{name}": value for name, value in self.forecast.ranked()}, control)
+            self._log({f"sts/forecast/{name}": value for name, value in self.forecast.ranked() if value is not None},
+                      control)
             ranked = [name for name, _ in self.forecast.ranked()]
+            scored = {name for name, value in self.forecast.ranked() if value is not None}
             for name in self.protected:
                 rank = ranked.index(name) + 1
-                if rank <= self.forecast_top_k:
+                if name in scored and rank <= self.forecast_top_k:
                     self._warn(f"forecast:{name}", f"STS forecast: protected domain {name!r} ranks {rank} of "
                                f"{len(ranked)} among the domains most affected by this training "
                                f"({self.forecast.ranking}={self.forecast.score(name):.4g}).", state)

@@ -15,3 +15,7 @@ class STSInputError(STSError, ValueError):
 
 class STSNumericalError(STSError, FloatingPointError):
     """NaN or inf appeared in activations."""
+
+
+class STSDataWarning(UserWarning):
+    """A result is still computed, but part of it means less than usual (the message names what and why)."""

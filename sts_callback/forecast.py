@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,8 @@ from . import score, signed
 from .capture import hidden_size, max_positions, num_layers, unwrap_model
 from .config import SCORE_VARIANTS, STSConfig
 from .data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
-from .distributed import is_main_process, require_at_least_world, world_size
-from .errors import STSConfigError, STSInputError
+from .distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
+from .errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from .extract import Extractor, PairedStats
 from .stats import TopActivations
 from .sae import SAEHandle, check_sae_for_model, load_sae
@@ -73,9 +74,10 @@ class Forecast:
         if variant not in SCORE_VARIANTS:
             raise STSConfigError(f"Unknown score variant {variant!r}; use one of {SCORE_VARIANTS}.")
         pairs = [(name, d.scores.get(variant)) for name, d in self.domains.items()]
-        if any(value is None for _, value in pairs):
+        if all(value is None for _, value in pairs):
             raise STSConfigError(f"Variant {variant!r} was not computed in this forecast (compute_icl=False?).")
-        return sorted(pairs, key=lambda item: (-item[1], item[0]))  # type: ignore[operator]
+        # a domain without the variant (STS_icl of a one-text domain) ranks after every scored one
+        return sorted(pairs, key=lambda item: (item[1] is None, -(item[1] or 0.0), item[0]))  # type: ignore[return-value]
 
     def score(self, domain: str, variant: str | None = None) -> float:
         value = self.domains[domain].scores.get(variant or self.ranking)
@@ -125,7 +127,7 @@ class Forecast:
 
     def table(self, variant: str | None = None) -> str:
         variant = variant or self.ranking
-        shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED) if all(
+        shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED) if any(
             d.scores.get(v) is not None for d in self.domains.values())]
         width = max([len("domain")] + [len(n) for n in self.domains])
         header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"
@@ -134,7 +136,8 @@ class Forecast:
                  header, "-" * len(header)]
         for rank, (name, _) in enumerate(self.ranked(variant), 1):
             d = self.domains[name]
-            cells = "  ".join(f"{d.scores[v]:>10.4g}" for v in shown)
+            cells = "  ".join(f"{d.scores.get(v):>10.4g}" if d.scores.get(v) is not None else f"{'n/a':>10}"
+                              for v in shown)
             lines.append(f"{rank:>4}  {name:<{width}}  {cells}  {d.tokens:>7}")
         return "\n".join(lines)
 
@@ -162,9 +165,9 @@ def resolve_layer(config: STSConfig, sae: SAEHandle) -> int:
         )
     layer = config.layer if config.layer is not None else sae.layer
     if layer is None:
-        raise STSConfigError(
-            "The SAE does not say which layer it reads (no hook name); set STSConfig(layer=...)."
-        )
+        named = f"its hook name {sae.hook_name!r} names no decoder layer" if sae.hook_name else "it has no hook name"
+        raise STSConfigError(f"The SAE does not say which layer it reads ({named}); set STSConfig(layer=...) to "
+                             "the decoder layer whose output it was trained on.")
     return layer
 
 
@@ -202,6 +205,11 @@ class Setup:
 def prompt_builder(model: nn.Module, tokenizer, config: STSConfig) -> PromptBuilder:
     """The PromptBuilder of a forecast's settings (sequence lengths capped by the model's context)."""
     max_length = config.max_length or min(max_positions(model) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    if max_length <= config.max_query_tokens:
+        raise STSConfigError(
+            f"The model's context ({max_length} tokens) is no longer than a query (STSConfig.max_query_tokens="
+            f"{config.max_query_tokens}): no in-context demonstration would fit and every shift would be 0. Lower "
+            f"max_query_tokens (e.g. to {max(max_length // 4, 1)}) so that demonstrations fit before the queries.")
     return PromptBuilder(tokenizer, max_query_tokens=config.max_query_tokens,
                          max_demonstration_tokens=config.max_demonstration_tokens, max_length=max_length,
                          exclude_special_tokens=config.exclude_special_tokens, chat_fallback=config.chat_fallback)
@@ -210,6 +218,20 @@ def prompt_builder(model: nn.Module, tokenizer, config: STSConfig) -> PromptBuil
 def _check_chat(corpus: Corpus, builder: PromptBuilder, indices: list[int]) -> None:
     if any(corpus[i].is_chat for i in indices[:32]):
         builder.check_chat(corpus.name)
+
+
+def check_demonstrations_fit(pairs: list[TokenPair], builder: PromptBuilder, config: STSConfig, what: str) -> None:
+    """Fail when the sequence limit leaves no room for demonstrations: every shift would be exactly zero."""
+    empty = sum(len(p.context) == len(p.base) for p in pairs)
+    if not pairs or empty < len(pairs) / 2:
+        return
+    fix = (f"the sequence limit is {builder.max_length} tokens (the model's context, or STSConfig.max_length) and "
+           f"queries take up to max_query_tokens={config.max_query_tokens}; lower STSConfig.max_query_tokens (e.g. "
+           f"to {max(builder.max_length // 4, 1)}) or max_demonstration_tokens, or use a model with a longer context")
+    if empty == len(pairs):
+        raise STSInputError(f"No in-context demonstration fits before any query of {what}: {fix}.")
+    warnings.warn(f"{empty} of {len(pairs)} queries of {what} have no room for demonstrations ({fix}).",
+                  STSDataWarning, stacklevel=3)
 
 
 def build_shift_pairs(corpus: Corpus, builder: PromptBuilder, config: STSConfig, rng: random.Random,
@@ -241,6 +263,7 @@ def build_shift_pairs(corpus: Corpus, builder: PromptBuilder, config: STSConfig,
             candidates = pool
         chosen = rng.sample(candidates, min(n_demonstrations, len(candidates)))
         pairs.append(builder.pair(corpus[query_index], [pool_corpus[i] for i in chosen]))
+    check_demonstrations_fit(pairs, builder, config, repr(corpus.name))
     return pairs, tokens
 
 
@@ -293,7 +316,11 @@ def plan_domains(builder: PromptBuilder, config: STSConfig, domains: dict[str, C
     for name, corpus in domains.items():
         domain_rng = random.Random(f"{config.seed}:{name}")
         indices, tokens = domain_sequences(corpus, builder, config.domain_tokens, domain_rng)
-        if icl:
+        if icl and len(corpus) < 2:
+            warnings.warn(f"Target domain {name!r} has one text: it has no other text to use as its in-context "
+                          "demonstration, so its STS_icl is not computed (n/a; ranked last by STS_icl). Its STS_act "
+                          "and signed scores stand. Add texts to that domain for STS_icl.", STSDataWarning, stacklevel=3)
+        if icl and len(corpus) >= 2:
             pairs = []
             for i in indices:
                 others = [j for j in range(len(corpus)) if j != i]
@@ -313,6 +340,26 @@ def plan_inputs(builder: PromptBuilder, config: STSConfig, train: Corpus, domain
     shift_pairs, shift_tokens = build_shift_pairs(train, builder, config, rng, config.shift_tokens,
                                                   config.n_demonstrations, demonstrations)
     return Plan(shift_pairs=shift_pairs, shift_tokens=shift_tokens, domains=plan_domains(builder, config, domains))
+
+
+def check_plan_agrees(setup: Setup, plan: Plan) -> None:
+    """Under torchrun every rank must forecast the same inputs (their statistics are summed): compare cheap
+    checksums of the sampled token ids, the SAE and the settings before the first collective."""
+    if world_size() == 1:
+        return
+    sae = setup.sae
+    sae_summary = [*sae.checksum_parts(), setup.layer]
+    shift = [(p.base, p.context) for p in plan.shift_pairs]
+    domains = {name: [(p.base, p.context) for p in d.pairs] if d.pairs is not None else d.singles
+               for name, d in plan.domains.items()}
+    settings = {k: v for k, v in setup.config.to_dict().items() if k != "device"}
+    check_ranks_agree(
+        {"training data": fingerprint(shift), "target domains": fingerprint(sorted(domains), domains),
+         "SAE": fingerprint(sae_summary), "STS config": fingerprint(settings)},
+        {"training data": f"{len(shift)} sampled queries ({fingerprint(shift)})",
+         "target domains": f"{sorted(domains)} ({fingerprint(sorted(domains), domains)})",
+         "SAE": f"{sae.hook_name} d_sae={sae.d_sae} ({fingerprint(sae_summary)})"},
+    )
 
 
 def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
@@ -357,6 +404,7 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
     shift_pairs, domain_inputs = plan.shift_pairs, plan.domains
     require_at_least_world(len(shift_pairs), f"The training data's forecast sample ({train.name!r})",
                            "Give more training texts, raise STSConfig.shift_tokens, or run on fewer processes.")
+    check_plan_agrees(setup, plan)
     prepare_seconds = time.perf_counter() - start
 
     forward_tokens = sum(len(p.base) + len(p.context) for p in shift_pairs)
@@ -403,6 +451,19 @@ def assemble_forecast(setup: Setup, shift_stats: PairedStats, plan: Plan, domain
     """Score every domain on the shifted latents of ``shift_stats`` (pure; no model call)."""
     config = setup.config
     latents, values = score.shifted_latents(shift_stats.latent_shift, config.n_shifted)
+    if not torch.isfinite(values).all():
+        raise STSNumericalError("The in-context shift of the SAE latents is not finite (NaN/inf): the SAE or the "
+                                "model produced non-finite values; check the SAE weights and the model's dtype.")
+    moved = int((values > 0).sum())
+    if moved == 0:
+        raise STSNumericalError("The training data's in-context demonstrations moved no SAE latent (every shift is "
+                                "0), so there is nothing to forecast: check that the demonstrations reach the "
+                                "model (STSConfig.max_query_tokens vs the model's context) and that the SAE is "
+                                "for this model and layer.")
+    if moved < len(latents):
+        warnings.warn(f"Only {moved} SAE latents moved in context (n_shifted={config.n_shifted}); the forecast uses "
+                      "those alone. Raise STSConfig.shift_tokens for a fuller picture.", STSDataWarning, stacklevel=3)
+        latents, values = latents[:moved], values[:moved]
     raw_dims, raw_values = score.shifted_latents(shift_stats.residual_shift, min(config.n_shifted, setup.sae.d_in))
     signed_features = signed.signed_scores(
         shift_stats.latent_shift, shift_stats.latents,
@@ -421,6 +482,11 @@ def assemble_forecast(setup: Setup, shift_stats: PairedStats, plan: Plan, domain
             "raw_sq": score.sts_sq(stats.residual, raw_dims),
             **signed_features[name],
         })
+    not_finite = sorted(name for name, d in results.items()
+                        if any(v is not None and not math.isfinite(v) for v in d.scores.values()))
+    if not_finite:
+        raise STSNumericalError(f"Scores of {not_finite} are not finite (NaN/inf): their activations overflowed or "
+                                "the SAE holds non-finite weights; check the SAE and run the model in float32.")
     base_model = unwrap_model(setup.model)
     return Forecast(
         domains=results,

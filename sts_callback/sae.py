@@ -24,6 +24,12 @@ _LAYER_PATTERNS = (
 )
 
 
+# TransformerLens hooks that are inside a block, not its output: never the residual stream STS reads. Any other
+# unrecognised name (a descriptive one such as "gemma-l12-res") is accepted once STSConfig(layer=) says the layer.
+_NOT_RESIDUAL = re.compile(r"hook_(?:resid_mid|mlp_out|attn_out|z|q|k|v|pattern|scores|result|pre|post|normalized|"
+                           r"scale|embed|pos_embed)$|\.(?:attn|mlp|ln\d?|ln_final)\.")
+
+
 def layer_from_hook_name(hook_name: str | None) -> int | None:
     """Decoder block whose output a hook name denotes, or ``None`` if it is not a residual-stream hook."""
     if not hook_name:
@@ -68,6 +74,16 @@ class SAEHandle:
         return {**self.source, "d_in": self.d_in, "d_sae": self.d_sae, "hook_name": self.hook_name,
                 "layer": self.layer, "neuronpedia_id": self.neuronpedia_id}
 
+    def checksum_parts(self) -> list[Any]:
+        """Cheap identity of the SAE for comparing ranks: sizes, hook and a few moments of the encoder."""
+        parts: list[Any] = [self.d_in, self.d_sae, self.hook_name]
+        weight = getattr(self.module, "W_enc", None)
+        if isinstance(weight, torch.Tensor):
+            flat = weight.detach().float().reshape(-1)
+            parts += [float(flat.double().sum()), float(flat.double().square().sum()),
+                      flat[:: max(1, flat.numel() // 4096)]]
+        return parts
+
     def decoder_weight(self) -> torch.Tensor | None:
         """[d_sae, d_in] decoder directions when the SAE exposes them (sae-lens ``W_dec``)."""
         weight = getattr(self.module, "W_dec", None)
@@ -82,11 +98,6 @@ def _sae_lens_handle(sae: Any, source: dict[str, Any]) -> SAEHandle:
     layer = layer_from_hook_name(hook_name)
     if layer is None:
         layer = layer_from_hook_name(hf_hook_name)
-    if layer is None and hook_name and "hook_resid_post" not in hook_name:
-        raise STSInputError(
-            f"The SAE reads hook {hook_name!r}, which is not the residual stream after a decoder block; "
-            "STS needs a resid_post SAE (e.g. 'blocks.12.hook_resid_post' or 'model.layers.12')."
-        )
     return SAEHandle(
         module=sae, d_in=int(cfg.d_in), d_sae=int(cfg.d_sae), hook_name=hook_name or hf_hook_name, layer=layer,
         source=source, neuronpedia_id=getattr(metadata, "neuronpedia_id", None) if metadata is not None else None,
@@ -170,9 +181,25 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
         )
     if device is not None or dtype is not None:
         handle.to(device=device, dtype=dtype)
+    if handle.layer is None and handle.hook_name and _NOT_RESIDUAL.search(handle.hook_name):
+        raise STSInputError(
+            f"The SAE reads hook {handle.hook_name!r}, which is not the residual stream after a decoder block (so "
+            "STSConfig(layer=) cannot make it one); STS needs a resid_post SAE (e.g. 'blocks.12.hook_resid_post' or "
+            "'model.layers.12')."
+        )
     if isinstance(handle.module, nn.Module):
         handle.module.eval()
+        check_finite_weights(handle)
     return handle
+
+
+def check_finite_weights(handle: SAEHandle) -> None:
+    """A NaN or inf in the SAE's weights makes every score NaN: refuse it, naming the tensors."""
+    bad = [name for name, tensor in handle.module.state_dict().items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise STSInputError(f"The SAE's weights {bad} hold NaN or inf (a corrupt file or a diverged training run); "
+                            "every score would be NaN. Reload the SAE, or retrain it (sts train-sae).")
 
 
 def check_sae_for_model(handle: SAEHandle, model_hidden_size: int, model_layers: int, layer: int) -> None:

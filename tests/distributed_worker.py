@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py: a few training steps with STSCallback, in one process or under
 ``torchrun --nproc_per_node 2`` (DDP / DeepSpeed ZeRO-2 / ZeRO-3 on CPU with gloo).
 
-    python tests/distributed_worker.py MODE OUT      MODE: single | ddp | zero2 | zero3 | bad_inputs
+    python tests/distributed_worker.py MODE OUT      MODE: single | ddp | zero2 | zero3 | bad_inputs | forecast_disagree
 
 Each rank writes ``OUT/rank<r>.json``: the files it wrote under the STS folder (seen by an audit hook)
 and, for ``bad_inputs``, the errors it raised.
@@ -77,7 +77,25 @@ def callback(**overrides):
 
 
 result: dict = {"rank": RANK, "world": WORLD}
-if MODE == "bad_inputs":
+if MODE == "forecast_disagree":  # forecast() itself, no trainer: ranks given different data must not be merged
+    from sts_callback import forecast
+
+    torch.distributed.init_process_group("gloo")
+    OUT.mkdir(parents=True, exist_ok=True)
+    tokenizer, model = make_tokenizer(), make_model("llama")
+    sae = TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    errors = {}
+    cases = {"train_disagrees": (domain_texts("law", 20, seed=RANK), DOMAINS),
+             "domains_disagree": (PROBE, {k: v for k, v in DOMAINS.items() if RANK == 0 or k != "chem"}),
+             "agree": (PROBE, DOMAINS)}
+    for case, (train, targets) in cases.items():
+        try:
+            forecast(model, tokenizer, sae, train, targets, CONFIG)
+            errors[case] = None
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            errors[case] = f"{type(err).__name__}: {err}"
+    result["errors"] = errors
+elif MODE == "bad_inputs":
     errors = {}
     domains = dict(DOMAINS) if RANK == 0 else {k: v for k, v in DOMAINS.items() if k != "chem"}
     for case, cb in (("domains_disagree", callback(target_domains=domains, protected=[])),

@@ -81,6 +81,14 @@ def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
         assert "has 1 texts but this run has 2 processes" in errors["probe_smaller_than_world"]
 
 
+def test_forecast_refuses_ranks_with_different_data(tmp_path):
+    for result in run("forecast_disagree", tmp_path / "out", 2):
+        errors = result["errors"]
+        assert "disagree" in errors["train_disagrees"] and "training data" in errors["train_disagrees"]
+        assert "disagree" in errors["domains_disagree"] and "['chem', 'food', 'law', 'sport']" in errors["domains_disagree"]
+        assert errors["agree"] is None
+
+
 def test_fsdp2_sharded_model_is_captured_in_lockstep_mode():
     """FSDP2 (``fully_shard``) runs on CPU with gloo: the decoder layer is found through it, sharding is
     detected (no truncated forward) and the residual equals the plain model's."""

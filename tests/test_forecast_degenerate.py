@@ -1,0 +1,89 @@
+"""Forecasts that would be silently meaningless are refused or flagged (issue 15, defects 5 and 9)."""
+
+import warnings
+
+import pytest
+import torch
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+
+from sts_callback import STSConfig, STSConfigError, STSDataWarning, STSInputError, forecast
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("llama")
+
+
+def config(**overrides):
+    values = dict(n_shifted=12, shift_tokens=300, domain_tokens=150, batch_size=4, n_domain_demonstrations=3)
+    values.update(overrides)
+    return STSConfig(**values)
+
+
+def targets(**extra):
+    return {**{d: domain_texts(d, n=15) for d in ("code", "chem")}, **extra}
+
+
+def sae(hook_name="blocks.1.hook_resid_post"):
+    return TinySAE(32, 64, hook_name=hook_name)
+
+
+def test_context_too_short_for_any_demonstration_is_refused(tokenizer):
+    import transformers as tf
+
+    short = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=14, pad_token_id=0, bos_token_id=1,
+                                               eos_token_id=2))
+    with pytest.raises(STSConfigError, match=r"context \(14 tokens\) is no longer than a query.*Lower max_query_"):
+        forecast(short, tokenizer, sae(), domain_texts("law", 30), targets(), config(max_query_tokens=64))
+    # a context that fits the queries but hardly any demonstration: refused too, every shift would be 0
+    with pytest.raises(STSInputError, match="No in-context demonstration fits before any query"):
+        forecast(short, tokenizer, sae(), [" ".join(domain_texts("law", 4, length=12))] * 30, targets(),
+                 config(max_query_tokens=13))
+
+
+def test_nan_in_the_sae_weights_is_refused_by_name(model, tokenizer):
+    broken = sae()
+    with torch.no_grad():
+        broken.W_enc[3, 5] = float("nan")
+    with pytest.raises(STSInputError, match=r"\['W_enc'\] hold NaN or inf"):
+        forecast(model, tokenizer, broken, domain_texts("law", 30), targets(), config())
+
+
+def test_one_text_domain_is_flagged_not_ranked_last_silently(model, tokenizer):
+    with pytest.warns(STSDataWarning, match="'single' has one text"):
+        result = forecast(model, tokenizer, sae(), domain_texts("law", 30),
+                          targets(single=[" ".join(domain_texts("food", 3))]), config())
+    assert result.domains["single"].scores["sts_icl"] is None
+    assert result.domains["single"].scores["sts_act"] > 0
+    assert result.ranked()[-1] == ("single", None)
+    assert "n/a" in result.table()
+    assert all(result.domains[d].scores["sts_icl"] is not None for d in ("code", "chem"))
+
+
+def test_descriptive_hook_name_needs_the_layer_and_is_accepted_with_it(model, tokenizer):
+    descriptive = sae(hook_name="resid-after-block-one")
+    with pytest.raises(STSConfigError, match=r"'resid-after-block-one' names no decoder layer.*STSConfig\(layer="):
+        forecast(model, tokenizer, descriptive, domain_texts("law", 30), targets(), config())
+    result = forecast(model, tokenizer, descriptive, domain_texts("law", 30), targets(), config(layer=1))
+    reference = forecast(model, tokenizer, sae(), domain_texts("law", 30), targets(), config())
+    assert result.shifted_latents == reference.shifted_latents
+
+
+def test_a_hook_that_is_not_the_residual_stream_is_refused_even_with_a_layer(model, tokenizer):
+    with pytest.raises(STSInputError, match="not the residual stream"):
+        forecast(model, tokenizer, sae(hook_name="blocks.1.hook_mlp_out"), domain_texts("law", 30), targets(),
+                 config(layer=1))
+
+
+def test_healthy_forecast_raises_no_data_warning(model, tokenizer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        result = forecast(model, tokenizer, sae(), domain_texts("law", 30), targets(), config())
+    assert len(result.shifted_latents) == 12
