@@ -33,6 +33,7 @@ from .monitor import DomainBase, Monitor, domain_bases_from
 from .run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
 from .signed import DEFAULT_SIGNED, SIGNED_VARIANTS
 from .stats import ActivationStats
+from . import trackers
 from .training_data import corpus_from_training_dataset
 
 logger = logging.getLogger("sts_callback")
@@ -230,6 +231,19 @@ class STSCallback(TrainerCallback, ExportableState):
         Trainer.log(self._trainer, dict(metrics))
         control.should_log = should_log
 
+    def _export(self, what: str, export, payload) -> None:
+        """Tables for W&B / TensorBoard (main process); a tracker's failure warns and is recorded, never raises."""
+        if self._trainer is None:
+            return
+        try:
+            export(self._trainer, payload)
+        except Exception as err:  # noqa: BLE001 - a tracker must never kill a training run
+            if self.strict:
+                raise
+            self.write_errors.append({"what": f"tracker export of the {what}", "error": f"{type(err).__name__}: {err}"})
+            warnings.warn(f"STS could not export the {what} to the trackers ({type(err).__name__}: {err}).",
+                          RuntimeWarning, stacklevel=2)
+
     def _warn(self, key: str, message: str, state) -> None:
         if key in self.warned:
             return
@@ -365,13 +379,14 @@ class STSCallback(TrainerCallback, ExportableState):
         store = self._store(args)
         has_answers = demos is not None or any(probe[i].can_demonstrate for i in range(min(len(probe), 64)))
         if has_answers:
-            run = run_forecast(self.setup, probe, domains, demos, progress=False)
+            run = run_forecast(self.setup, probe, domains, demos, progress=state.is_world_process_zero)
             self.forecast = run.forecast
             self.monitor.domains = domain_bases_from(run.domains)
             if state.is_world_process_zero:
                 forecast = self.forecast
                 self._write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), state)
                 print(self.forecast.table())
+                self._export("forecast", trackers.export_forecast, self.forecast)
             self._log({f"sts/forecast/{name}": value for name, value in self.forecast.ranked() if value is not None},
                       control)
             ranked = [name for name, _ in self.forecast.ranked()]
@@ -561,6 +576,8 @@ class STSCallback(TrainerCallback, ExportableState):
             metrics["sts/recheck/overlap_with_forecast"] = result["overlap_with_forecast"]
         metrics["sts/recheck/seconds"] = result["seconds"]
         self._log(metrics, control)
+        if state.is_world_process_zero:
+            self._export("re-check", trackers.export_recheck, record)
         return record
 
     def _violations(self, result: dict[str, Any]) -> list[str]:
@@ -603,9 +620,9 @@ class STSCallback(TrainerCallback, ExportableState):
             return
         if self.recheck_at_end and not any(r.get("step") == state.global_step for r in self.history):
             self.run_recheck(args, state, control, model)
-        self.write_report(args, state)
+        self.write_report(args, state, export=True)
 
-    def write_report(self, args, state) -> None:
+    def write_report(self, args, state, export: bool = False) -> None:
         """``report.html`` / ``report.md`` in the STS folder (main process); a failure only warns unless strict."""
         out = self._out(args)
         if not state.is_world_process_zero or not self._store(args).has_results():
@@ -613,7 +630,9 @@ class STSCallback(TrainerCallback, ExportableState):
         try:
             from .report import write_report
 
-            write_report(out, protected=self.protected)
+            html_path, _ = write_report(out, protected=self.protected)
+            if export:  # once, at the end: not an artifact per re-check
+                self._export("report", trackers.export_report, html_path)
         except Exception as err:  # noqa: BLE001 - a report must never kill a training run
             if self.strict:
                 raise
