@@ -29,6 +29,7 @@ from .distributed import (
 )
 from .errors import STSConfigError, STSInputError
 from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
+from .guard import Guard, GuardConfig
 from .monitor import DomainBase, Monitor, domain_bases_from
 from .run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
 from .signed import DEFAULT_SIGNED, SIGNED_VARIANTS
@@ -110,27 +111,24 @@ class STSCallback(TrainerCallback, ExportableState):
         names = list(target) if isinstance(target, (dict, list, tuple)) else None
         if isinstance(target, (list, tuple)):
             names = [Path(t).stem if isinstance(t, (str, Path)) else None for t in target]
-        protected = list(protected)
+        self.guard = Guard(GuardConfig(protected=list(protected), tolerance=tolerance, max_sts=max_sts,
+                                       forecast_top_k=forecast_top_k, early_stop=early_stop, patience=patience))
+        protected = self.guard.config.protected
         if names is not None and None not in names:
             unknown = [p for p in protected if p not in names]
             if unknown:
                 raise STSConfigError(f"protected={unknown} are not among the target domains {names}; "
                                      "protect only domains listed in target_domains.")
-        for name, value, low in (("recheck_tokens", recheck_tokens, 1), ("loss_tokens", loss_tokens, 1),
-                                 ("forecast_top_k", forecast_top_k, 0), ("patience", patience, 1)):
+        for name, value, low in (("recheck_tokens", recheck_tokens, 1), ("loss_tokens", loss_tokens, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise STSConfigError(f"STSCallback {name} must be an integer >= {low}, got {value!r}.")
         if recheck_steps is not None and (not isinstance(recheck_steps, int) or recheck_steps < 1):
             raise STSConfigError(f"recheck_steps must be None (at every save) or an integer >= 1, got {recheck_steps!r}.")
-        if not isinstance(tolerance, (int, float)) or tolerance < 0:
-            raise STSConfigError(f"tolerance must be a non-negative fraction (0.05 = 5% loss rise), got {tolerance!r}.")
 
         self.sae, self.target_domains = values["sae"], values["target_domains"]
         self.train_probe, self.demonstrations = values["train_probe"], values["demonstrations"]
-        self.protected = protected
         self.recheck_steps, self.recheck_tokens, self.loss_tokens = recheck_steps, recheck_tokens, loss_tokens
-        self.forecast_top_k, self.tolerance, self.max_sts = forecast_top_k, float(tolerance), max_sts
-        self.early_stop, self.patience, self.strict = early_stop, patience, strict
+        self.strict = strict
         self.recheck_at_end, self.output_subdir = recheck_at_end, output_subdir
         self.calibration = _load_calibration(calibration)
         if self.calibration is not None:
@@ -146,16 +144,14 @@ class STSCallback(TrainerCallback, ExportableState):
             **{k: (None if k in objects else v) for k, v in values.items()},
             "protected": protected, "config": self.config.to_dict(), "recheck_steps": recheck_steps,
             "recheck_tokens": recheck_tokens, "loss_tokens": loss_tokens, "forecast_top_k": forecast_top_k,
-            "tolerance": self.tolerance, "max_sts": max_sts, "early_stop": early_stop, "patience": patience,
+            "tolerance": self.guard.config.tolerance, "max_sts": max_sts, "early_stop": early_stop,
+            "patience": patience,
             "strict": strict, "recheck_at_end": recheck_at_end, "output_subdir": output_subdir,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
             "_objects_from": sorted(objects) or None,
         }
         # Restored from the checkpoint's trainer_state.json on resume (see state()).
         self.history: list[dict[str, Any]] = []
-        self.violations_in_a_row = 0
-        self.warned: list[str] = []
-        self.stop_reason: str | None = None
         self.base_losses: dict[str, float] = {}
         self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
         # Runtime only.
@@ -167,6 +163,16 @@ class STSCallback(TrainerCallback, ExportableState):
         self._ready = False
 
     _live_objects: dict[str, Any] = {}
+
+    # The guard's rules and counters, under the names the Trainer restores on resume (trainer_state.json).
+    protected = property(lambda self: self.guard.config.protected)
+    tolerance = property(lambda self: self.guard.config.tolerance)
+    max_sts = property(lambda self: self.guard.config.max_sts)
+    violations_in_a_row = property(lambda self: self.guard.violations_in_a_row,
+                                   lambda self, value: setattr(self.guard, "violations_in_a_row", value))
+    warned = property(lambda self: self.guard.warned, lambda self, value: setattr(self.guard, "warned", list(value)))
+    stop_reason = property(lambda self: self.guard.stop_reason,
+                           lambda self, value: setattr(self.guard, "stop_reason", value))
 
     # ------------------------------------------------------------------ exported state
     def state(self) -> dict:
@@ -245,9 +251,8 @@ class STSCallback(TrainerCallback, ExportableState):
                           RuntimeWarning, stacklevel=2)
 
     def _warn(self, key: str, message: str, state) -> None:
-        if key in self.warned:
+        if not self.guard.first_time(key):
             return
-        self.warned.append(key)
         if state.is_world_process_zero:
             warnings.warn(message, STSNegativeTransferWarning, stacklevel=2)
             logger.warning(message)
@@ -389,14 +394,8 @@ class STSCallback(TrainerCallback, ExportableState):
                 self._export("forecast", trackers.export_forecast, self.forecast)
             self._log({f"sts/forecast/{name}": value for name, value in self.forecast.ranked() if value is not None},
                       control)
-            ranked = [name for name, _ in self.forecast.ranked()]
-            scored = {name for name, value in self.forecast.ranked() if value is not None}
-            for name in self.protected:
-                rank = ranked.index(name) + 1
-                if name in scored and rank <= self.forecast_top_k:
-                    self._warn(f"forecast:{name}", f"STS forecast: protected domain {name!r} ranks {rank} of "
-                               f"{len(ranked)} among the domains most affected by this training "
-                               f"({self.forecast.ranking}={self.forecast.score(name):.4g}).", state)
+            for key, message in self.guard.forecast_warnings(self.forecast.ranked(), self.forecast.ranking).items():
+                self._warn(key, message, state)
             self._predict(state)
         else:
             if state.is_world_process_zero:
@@ -429,12 +428,8 @@ class STSCallback(TrainerCallback, ExportableState):
             print("STS calibrated forecast (held-out NLL change at the end of training, "
                   f"{self.calibration.level:.0%} interval): " + ", ".join(
                       f"{n} {p['mean']:+.2%} [{p['low']:+.2%}, {p['high']:+.2%}]" for n, p in self.predicted.items()))
-        for name in self.protected:
-            p = self.predicted[name]
-            if p["mean"] > self.tolerance:
-                self._warn(f"predicted:{name}", f"STS calibrated forecast: protected domain {name!r} is predicted to "
-                           f"get worse by {p['mean']:.1%} ({self.calibration.level:.0%} interval {p['low']:+.1%} to "
-                           f"{p['high']:+.1%}), above the tolerance {self.tolerance:.1%}.", state)
+        for key, message in self.guard.predicted_warnings(self.predicted, self.calibration.level).items():
+            self._warn(key, message, state)
 
     def _early_forecast(self, state, result: dict[str, Any]) -> dict[str, Any]:
         """The measured changes extrapolated to the end of training, and the calibration refitted on them."""
@@ -458,16 +453,11 @@ class STSCallback(TrainerCallback, ExportableState):
                                         level=self.calibration.level if self.calibration is not None else 0.9)
                 out["calibration"] = {"features": features, "coef": refit.coef, "intercept": refit.intercept,
                                       "center": refit.center, "scale": refit.scale, "sigma": refit.sigma, "n": refit.n}
-        projected = []
-        for name in self.protected:
-            value = early.get(name)
-            if value is not None and fraction < 1 and value > self.tolerance:
-                projected.append(f"protected domain {name!r} is on course to get worse by {value:.1%} by the end of "
-                                 f"training (measured {result['loss_delta'][name]:+.1%} after {fraction:.0%} of the "
-                                 f"learning-rate schedule; tolerance {self.tolerance:.1%})")
-                self._warn(f"early:{name}", f"STS early forecast at step {state.global_step}: {projected[-1]}.", state)
+        projected = self.guard.projected(early, result["loss_delta"], fraction)
+        for name, message in projected.items():
+            self._warn(f"early:{name}", f"STS early forecast at step {state.global_step}: {message}.", state)
         if projected:
-            out["projected_warnings"] = projected
+            out["projected_warnings"] = list(projected.values())
         return out
 
     def _variant(self) -> str:
@@ -546,21 +536,17 @@ class STSCallback(TrainerCallback, ExportableState):
             if self.strict:
                 raise
             record["early_forecast_error"] = f"{type(err).__name__}: {err}"
-        violations = self._violations(result)
-        record["violations"] = violations
-        self.violations_in_a_row = self.violations_in_a_row + 1 if violations else 0
-        if violations:
-            for violation in violations:
-                self._warn(f"step{state.global_step}:{violation}", f"STS re-check at step {state.global_step}: "
-                           f"{violation}", state)
-            if self.early_stop and self.violations_in_a_row >= self.patience:
-                self.stop_reason = (f"early stop at step {state.global_step} after {self.violations_in_a_row} "
-                                    f"consecutive re-check(s) with negative transfer: {'; '.join(violations)}")
-                record["early_stop"] = self.stop_reason
-                control.should_training_stop = True
-                if state.is_world_process_zero:
-                    logger.warning(self.stop_reason)
-                    print(f"STS: {self.stop_reason}")
+        decision = self.guard.check(state.global_step, result, self._variant())
+        record["violations"] = decision.violations
+        for violation in decision.violations:
+            self._warn(f"step{state.global_step}:{violation}", f"STS re-check at step {state.global_step}: {violation}",
+                       state)
+        if decision.stop:
+            record["early_stop"] = decision.reason
+            control.should_training_stop = True
+            if state.is_world_process_zero:
+                logger.warning(decision.reason)
+                print(f"STS: {decision.reason}")
         self._append_history(args, state, record)
         self.write_report(args, state)
         metrics = {f"sts/early_forecast/{name}": value for name, value in record.get("early_forecast", {}).items()
@@ -579,24 +565,6 @@ class STSCallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             self._export("re-check", trackers.export_recheck, record)
         return record
-
-    def _violations(self, result: dict[str, Any]) -> list[str]:
-        found = []
-        for name in self.protected:
-            delta = result["loss_delta"].get(name)
-            loss = result.get("loss", {}).get(name)
-            if (delta is not None and not math.isfinite(delta)) or (loss is not None and not math.isfinite(loss)):
-                found.append(f"held-out loss of protected domain {name!r} is not finite ({loss}): the model "
-                             "diverged on it (lower the learning rate, check for fp16 overflow)")
-            elif delta is not None and delta > self.tolerance:
-                found.append(f"held-out loss of protected domain {name!r} rose by {delta:.1%} "
-                             f"(tolerance {self.tolerance:.1%})")
-            if self.max_sts is not None:
-                scores = result["scores"][name]
-                value = scores.get(self.config.ranking, scores["sts_act"])
-                if value > self.max_sts:
-                    found.append(f"re-checked STS of protected domain {name!r} is {value:.4g} > max_sts={self.max_sts}")
-        return found
 
     def on_save(self, args, state, control, **kwargs):
         if not self._ready or not state.is_world_process_zero:

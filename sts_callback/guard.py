@@ -1,0 +1,183 @@
+"""The decisions about protected domains: what counts as a violation, when to warn, when to stop.
+
+Pure: no Trainer, no files, no model. Feed it what the forecast and each re-check measured; it answers with
+messages and a stop decision, and keeps the few counters a resume needs (``state()`` / ``load_state()``),
+in the manner of ``transformers.EarlyStoppingCallback.check_metric_value``. Usable from any training loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import STSConfigError
+
+
+@dataclass
+class GuardConfig:
+    """Rules for the protected target domains.
+
+    Args:
+        protected: names of target domains that must not be harmed.
+        tolerance: a protected domain's held-out NLL may rise by at most this fraction (0.05 = 5%).
+        accuracy_tolerance: a protected multiple-choice domain's accuracy may fall by at most this much
+            (absolute; 0.02 = two points).
+        max_sts: a protected domain's re-checked score may not exceed this (``None``: no such rule).
+        forecast_top_k: warn when the forecast ranks a protected domain among the ``k`` most affected.
+        early_stop: stop training after ``patience`` consecutive re-checks with a violation.
+        patience: see ``early_stop``.
+    """
+
+    protected: list[str] = field(default_factory=list)
+    tolerance: float = 0.05
+    accuracy_tolerance: float = 0.02
+    max_sts: float | None = None
+    forecast_top_k: int = 1
+    early_stop: bool = False
+    patience: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.protected, str) or not all(isinstance(p, str) for p in self.protected):
+            raise STSConfigError(f"protected must be a list of domain names, got {self.protected!r}.")
+        self.protected = list(self.protected)
+        for name in ("tolerance", "accuracy_tolerance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise STSConfigError(f"{name} must be a non-negative number (0.05 = 5%), got {value!r}.")
+            setattr(self, name, float(value))
+        if self.max_sts is not None and (isinstance(self.max_sts, bool) or not isinstance(self.max_sts, (int, float))):
+            raise STSConfigError(f"max_sts must be a number or None, got {self.max_sts!r}.")
+        for name, low in (("forecast_top_k", 0), ("patience", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise STSConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if not isinstance(self.early_stop, bool):
+            raise STSConfigError(f"early_stop must be True or False, got {self.early_stop!r}.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "GuardConfig":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise STSConfigError(f"Unknown guard setting(s) {unknown}; valid: {sorted(known)}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Decision:
+    """What one re-check means for the run."""
+
+    violations: list[str]
+    stop: bool = False
+    reason: str | None = None
+
+
+class Guard:
+    """Applies a :class:`GuardConfig` to forecasts and re-checks, remembering what it already warned about."""
+
+    def __init__(self, config: GuardConfig):
+        self.config = config
+        self.violations_in_a_row = 0
+        self.warned: list[str] = []
+        self.stop_reason: str | None = None
+
+    # ------------------------------------------------------------------ state for resume
+    def state(self) -> dict[str, Any]:
+        return {"violations_in_a_row": self.violations_in_a_row, "warned": list(self.warned),
+                "stop_reason": self.stop_reason}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.violations_in_a_row = int(state.get("violations_in_a_row", 0))
+        self.warned = list(state.get("warned", []))
+        self.stop_reason = state.get("stop_reason")
+
+    def first_time(self, key: str) -> bool:
+        """True the first time ``key`` is seen: each warning is given once per run."""
+        if key in self.warned:
+            return False
+        self.warned.append(key)
+        return True
+
+    # ------------------------------------------------------------------ before training
+    def forecast_warnings(self, ranked: list[tuple[str, float | None]], label: str) -> dict[str, str]:
+        """Protected domains the forecast ranks among the ``forecast_top_k`` most affected: key -> message."""
+        order = [name for name, _ in ranked]
+        out = {}
+        for name in self.config.protected:
+            value = dict(ranked).get(name)
+            rank = order.index(name) + 1 if name in order else None
+            if value is not None and rank is not None and rank <= self.config.forecast_top_k:
+                out[f"forecast:{name}"] = (f"STS forecast: protected domain {name!r} ranks {rank} of {len(order)} "
+                                           f"among the domains most affected by this training ({label}={value:.4g}).")
+        return out
+
+    def predicted_warnings(self, predicted: dict[str, dict[str, float]], level: float) -> dict[str, str]:
+        """Protected domains whose calibrated end-of-training change is above the tolerance."""
+        out = {}
+        for name in self.config.protected:
+            p = predicted.get(name)
+            if p is not None and p["mean"] > self.config.tolerance:
+                out[f"predicted:{name}"] = (
+                    f"STS calibrated forecast: protected domain {name!r} is predicted to get worse by {p['mean']:.1%} "
+                    f"({level:.0%} interval {p['low']:+.1%} to {p['high']:+.1%}), above the tolerance "
+                    f"{self.config.tolerance:.1%}.")
+        return out
+
+    # ------------------------------------------------------------------ during training
+    def projected(self, early: dict[str, float | None], measured: dict[str, float | None],
+                  fraction: float) -> dict[str, str]:
+        """Protected domains on course (by the early forecast) to exceed the tolerance by the end: name -> message."""
+        out = {}
+        for name in self.config.protected:
+            value = early.get(name)
+            if value is not None and fraction < 1 and value > self.config.tolerance:
+                now = measured.get(name)
+                out[name] = (f"protected domain {name!r} is on course to get worse by {value:.1%} by the end of "
+                             f"training (measured {now:+.1%} after {fraction:.0%} of the learning-rate schedule; "
+                             f"tolerance {self.config.tolerance:.1%})" if now is not None else
+                             f"protected domain {name!r} is on course to get worse by {value:.1%} by the end of training")
+        return out
+
+    def violations(self, record: dict[str, Any], variant: str) -> list[str]:
+        """The rules broken by one re-check (``record``: ``loss``, ``loss_delta``, ``scores``, optional
+        ``accuracy_delta``)."""
+        found = []
+        for name in self.config.protected:
+            delta = record.get("loss_delta", {}).get(name)
+            loss = record.get("loss", {}).get(name)
+            if (delta is not None and not math.isfinite(delta)) or (loss is not None and not math.isfinite(loss)):
+                found.append(f"held-out loss of protected domain {name!r} is not finite ({loss}): the model "
+                             "diverged on it (lower the learning rate, check for fp16 overflow)")
+            elif delta is not None and delta > self.config.tolerance:
+                found.append(f"held-out loss of protected domain {name!r} rose by {delta:.1%} "
+                             f"(tolerance {self.config.tolerance:.1%})")
+            drop = record.get("accuracy_delta", {}).get(name)
+            if drop is not None and -drop > self.config.accuracy_tolerance:
+                found.append(f"accuracy of protected domain {name!r} fell by {-drop:.1%} "
+                             f"(tolerance {self.config.accuracy_tolerance:.1%})")
+            if self.config.max_sts is not None and name in record.get("scores", {}):
+                scores = record["scores"][name]
+                value = scores.get(variant, scores.get("sts_act"))
+                if value is not None and value > self.config.max_sts:
+                    found.append(f"re-checked STS of protected domain {name!r} is {value:.4g} > "
+                                 f"max_sts={self.config.max_sts}")
+        return found
+
+    def check(self, step: int, record: dict[str, Any], variant: str) -> Decision:
+        """Count consecutive violations and decide whether to stop (with ``early_stop``)."""
+        found = self.violations(record, variant)
+        self.violations_in_a_row = self.violations_in_a_row + 1 if found else 0
+        decision = Decision(violations=found)
+        if found and self.config.early_stop and self.violations_in_a_row >= self.config.patience:
+            self.stop_reason = (f"early stop at step {step} after {self.violations_in_a_row} consecutive re-check(s) "
+                                f"with negative transfer: {'; '.join(found)}")
+            decision.stop, decision.reason = True, self.stop_reason
+        return decision
+
+
+__all__ = ["Decision", "Guard", "GuardConfig"]

@@ -1,0 +1,67 @@
+"""The Guard on its own: rules, patience, warn-once and state, with no Trainer."""
+
+import math
+
+import pytest
+
+from sts_callback.errors import STSConfigError
+from sts_callback.guard import Guard, GuardConfig
+
+
+def record(food_delta, law_delta=0.0, food_loss=2.0, accuracy=None, food_score=1.0):
+    out = {"loss": {"food": food_loss, "law": 2.0}, "loss_delta": {"food": food_delta, "law": law_delta},
+           "scores": {"food": {"sts_icl": food_score, "sts_act": 0.5}, "law": {"sts_icl": 9.0, "sts_act": 9.0}}}
+    if accuracy is not None:
+        out["accuracy_delta"] = {"food": accuracy}
+    return out
+
+
+def test_rules_apply_to_protected_domains_only():
+    guard = Guard(GuardConfig(protected=["food"], tolerance=0.05, max_sts=2.0, accuracy_tolerance=0.02))
+    assert guard.violations(record(0.04, law_delta=0.9), "sts_icl") == []
+    assert "rose by 6.0%" in guard.violations(record(0.06), "sts_icl")[0]
+    assert "not finite" in guard.violations(record(math.nan), "sts_icl")[0]
+    assert "not finite" in guard.violations(record(0.0, food_loss=math.inf), "sts_icl")[0]
+    assert "accuracy of protected domain 'food' fell by 3.0%" in guard.violations(record(0.0, accuracy=-0.03),
+                                                                                   "sts_icl")[0]
+    assert guard.violations(record(0.0, accuracy=-0.01), "sts_icl") == []
+    assert "max_sts=2.0" in guard.violations(record(0.0, food_score=3.0), "sts_icl")[0]
+
+
+def test_patience_counts_consecutive_violations_and_state_round_trips():
+    guard = Guard(GuardConfig(protected=["food"], early_stop=True, patience=2))
+    assert not guard.check(2, record(0.1), "sts_icl").stop
+    assert not guard.check(4, record(0.0), "sts_icl").stop  # the streak is broken
+    assert not guard.check(6, record(0.1), "sts_icl").stop
+    decision = guard.check(8, record(0.1), "sts_icl")
+    assert decision.stop and decision.reason.startswith("early stop at step 8 after 2 consecutive")
+    restored = Guard(guard.config)
+    restored.load_state(guard.state())
+    assert restored.state() == guard.state()
+
+
+def test_without_early_stop_nothing_stops():
+    guard = Guard(GuardConfig(protected=["food"], patience=1))
+    assert guard.check(2, record(0.5), "sts_icl").violations and not guard.check(4, record(0.5), "sts_icl").stop
+
+
+def test_warnings_are_given_once_and_forecast_rank_rule():
+    guard = Guard(GuardConfig(protected=["food"], forecast_top_k=1))
+    assert guard.first_time("x") and not guard.first_time("x")
+    assert list(guard.forecast_warnings([("food", 3.0), ("law", 1.0)], "sts_icl")) == ["forecast:food"]
+    assert guard.forecast_warnings([("law", 3.0), ("food", 1.0)], "sts_icl") == {}
+    assert guard.forecast_warnings([("law", 3.0), ("food", None)], "sts_icl") == {}  # not scored: no rank claim
+    assert list(guard.projected({"food": 0.2}, {"food": 0.05}, 0.5)) == ["food"]
+    assert guard.projected({"food": 0.2}, {"food": 0.05}, 1.0) == {}
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"tolerance": -0.1}, "tolerance must be a non-negative"),
+    ({"patience": 0}, "patience must be an integer >= 1"),
+    ({"protected": "food"}, "protected must be a list"),
+    ({"early_stop": "yes"}, "early_stop must be True or False"),
+    ({"tolerence": 0.1}, r"Unknown guard setting\(s\) \['tolerence'\]"),
+])
+def test_bad_settings_are_named(values, match):
+    with pytest.raises(STSConfigError, match=match):
+        GuardConfig.from_dict(values)
