@@ -2,24 +2,185 @@
 (W&B, TensorBoard), beside the scalar ``sts/...`` metrics that go through ``trainer.log``.
 
 Each function is a no-op for a tracker the run does not use (``args.report_to``) or whose callback is absent.
+W&B rows are logged with ``train/global_step``, as the Trainer's ``WandbCallback`` logs (its step metric), and
+never with ``step=``: W&B's own step counts log calls and refuses a smaller one. TensorBoard gets Markdown text
+through the ``TensorBoardCallback``'s own writer, so it lands in the run's event file.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from .config import SCORE_VARIANTS
+from .forecast import SCORE_LABELS
+from .signed import SIGNED_VARIANTS
+
+VARIANT_ORDER = SCORE_VARIANTS + SIGNED_VARIANTS
 
 
 def export_forecast(trainer: Any, forecast: Any) -> None:
     """The step-0 forecast as a table (one row per domain)."""
+    wandb_run = _wandb_run(trainer)
+    with _tensorboard(trainer) as writer:
+        if wandb_run is None and writer is None:
+            return
+        variants = _variants(d.scores for d in forecast.domains.values())
+        columns = ["rank", "domain", *variants, "texts", "tokens"]
+        rows = [[rank, name, *(forecast.domains[name].scores.get(v) for v in variants), forecast.domains[name].texts,
+                 forecast.domains[name].tokens] for rank, (name, _) in enumerate(forecast.ranked(), 1)]
+        step = _global_step(trainer)
+        if wandb_run is not None:
+            _log_wandb(wandb_run, "sts/forecast_table", _wandb_table(columns, rows), step)
+        if writer is not None:
+            caption = (f"STS forecast: {len(rows)} target domains, ranked by "
+                       f"{SCORE_LABELS.get(forecast.ranking, forecast.ranking)} (N={len(forecast.shifted_latents)} "
+                       f"shifted latents from {forecast.shift_tokens} query tokens)")
+            writer.add_text("sts/forecast", caption + "\n\n" + _markdown(columns, rows), step)
 
 
 def export_recheck(trainer: Any, record: dict[str, Any]) -> None:
     """One re-check as a table (one row per domain: loss change, scores)."""
+    wandb_run = _wandb_run(trainer)
+    with _tensorboard(trainer) as writer:
+        if wandb_run is None and writer is None:
+            return
+        scores = record.get("scores", {})
+        domains = list(dict.fromkeys([*scores, *record.get("loss", {}), *record.get("loss_delta", {})]))
+        variants = _variants(scores.values())
+        # Every {domain: number} entry (loss, loss_delta, early_forecast, and those later features add) is a column.
+        per_domain = [key for key, value in record.items() if key != "scores" and _is_per_domain(value, domains)]
+        columns = ["step", "domain", *per_domain, *variants]
+        step = record.get("step", _global_step(trainer))
+        rows = [[step, name, *(record[key].get(name) for key in per_domain),
+                 *(scores.get(name, {}).get(v) for v in variants)] for name in domains]
+        if wandb_run is not None:
+            _log_wandb(wandb_run, "sts/recheck_table", _wandb_table(columns, rows), step)
+        if writer is not None:
+            lines = [f"STS re-check at step {step}"]
+            if record.get("overlap_with_forecast") is not None:
+                shifted = len(record.get("shifted_latents", ()))
+                lines[0] += f": {record['overlap_with_forecast']} of the {shifted} most shifted latents were forecast"
+            lines += [f"- violation: {v}" for v in record.get("violations") or ()]
+            if record.get("early_stop"):
+                lines.append(f"- {record['early_stop']}")
+            writer.add_text("sts/recheck", "\n".join(lines) + "\n\n" + _markdown(columns, rows), step)
 
 
 def export_report(trainer: Any, html_path: Path) -> None:
     """``report.html``: a W&B artifact (and ``wandb.Html``), TensorBoard text."""
+    html_path = Path(html_path)
+    wandb_run = _wandb_run(trainer)
+    with _tensorboard(trainer) as writer:
+        step = _global_step(trainer)
+        if wandb_run is not None:
+            import wandb
+
+            artifact = wandb.Artifact(name=f"sts-report-{wandb_run.id}", type="sts-report",
+                                      description="STS forecast and re-checks of this training run")
+            artifact.add_file(str(html_path), name=html_path.name)
+            wandb_run.log_artifact(artifact)
+            # inject=False: the report brings its own styles
+            _log_wandb(wandb_run, "sts/report", wandb.Html(html_path.read_text(encoding="utf-8"), inject=False),
+                       step)
+        if writer is not None:  # TensorBoard cannot show HTML: say where the report is
+            writer.add_text("sts/report", f"STS report: `{html_path}` (open it in a browser; a Markdown summary "
+                            f"beside it: `{html_path.with_suffix('.md').name}`)", step)
+
+
+# ---------------------------------------------------------------------------- trackers
+
+
+def _reports_to(trainer: Any, tracker: str) -> bool:
+    report_to = getattr(getattr(trainer, "args", None), "report_to", None) or []
+    return tracker in ([report_to] if isinstance(report_to, str) else report_to)
+
+
+def _integration(trainer: Any, class_name: str) -> Any:
+    """The trainer's integration callback of that class (or a subclass), found by name: no import of the tracker."""
+    for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", ()):
+        if any(cls.__name__ == class_name for cls in type(callback).__mro__):
+            return callback
+    return None
+
+
+def _wandb_run(trainer: Any) -> Any:
+    """The active W&B run when the trainer reports to W&B through its ``WandbCallback``; else None."""
+    if not _reports_to(trainer, "wandb") or _integration(trainer, "WandbCallback") is None:
+        return None
+    import wandb
+
+    return wandb.run
+
+
+@contextmanager
+def _tensorboard(trainer: Any) -> Iterator[Any]:
+    """The ``TensorBoardCallback``'s own writer, or None. At train end that callback has already closed it (its
+    ``on_train_end`` runs before ours): reopened on the same log directory, as its ``on_log`` does, then closed."""
+    callback = _integration(trainer, "TensorBoardCallback") if _reports_to(trainer, "tensorboard") else None
+    reopen = callback is not None and getattr(callback, "tb_writer", None) is None
+    if reopen and (getattr(callback, "logging_dir", None) is None or getattr(callback, "_SummaryWriter", None) is None):
+        callback = None  # training never started: no log directory to write into
+    if callback is None:
+        yield None
+        return
+    if reopen:
+        callback.tb_writer = callback._SummaryWriter(log_dir=callback.logging_dir)
+    writer = callback.tb_writer
+    try:
+        yield writer
+    finally:
+        writer.flush()
+        if reopen:
+            writer.close()
+            callback.tb_writer = None
+
+
+def _log_wandb(run: Any, key: str, value: Any, step: int) -> None:
+    run.log({key: value, "train/global_step": step})
+
+
+def _wandb_table(columns: list[str], rows: list[list[Any]]) -> Any:
+    import wandb
+
+    return wandb.Table(columns=columns, data=rows)
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+def _global_step(trainer: Any) -> int:
+    return int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
+
+
+def _variants(score_dicts) -> list[str]:
+    """The score variants computed for at least one domain, in the library's order (unknown ones last)."""
+    present: set[str] = set()
+    for scores in score_dicts:
+        present.update(v for v, value in scores.items() if value is not None)
+    return [v for v in VARIANT_ORDER if v in present] + sorted(present - set(VARIANT_ORDER))
+
+
+def _is_per_domain(value: Any, domains: list[str]) -> bool:
+    return (isinstance(value, dict) and bool(value) and set(value) <= set(domains)
+            and all(v is None or isinstance(v, (int, float)) for v in value.values()))
+
+
+def _markdown(columns: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-style table, as TensorBoard's text plugin renders it (numbers right-aligned)."""
+    def cell(value: Any) -> str:
+        if value is None:
+            return "n/a"
+        if isinstance(value, float):
+            return f"{value:.4g}" if math.isfinite(value) else str(value)
+        return str(value).replace("|", "\\|")
+
+    numeric = [any(isinstance(row[i], (int, float)) for row in rows) for i in range(len(columns))]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 __all__ = ["export_forecast", "export_recheck", "export_report"]

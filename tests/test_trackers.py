@@ -1,0 +1,255 @@
+"""Forecast, re-checks and the report reach W&B and TensorBoard (``report_to``) on real Trainer runs."""
+
+import json
+import sys
+import warnings
+from types import SimpleNamespace
+
+import pytest
+from test_callback import DOMAINS, make_callback, make_trainer, tokenizer  # noqa: F401 - tokenizer is a fixture
+from transformers.integrations import TensorBoardCallback, WandbCallback
+
+from sts_callback import trackers
+from sts_callback.config import SCORE_VARIANTS
+from sts_callback.forecast import DomainForecast, Forecast
+from sts_callback.signed import SIGNED_VARIANTS
+
+BLOCKED = ("wandb", "tensorboard", "tensorboardX", "torch.utils.tensorboard")
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline with every folder it writes in tmp_path; what the run logs is recorded on its way in."""
+    wandb = pytest.importorskip("wandb")
+    for name, folder in (("WANDB_DIR", "wandb"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
+                         ("WANDB_CONFIG_DIR", "config"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+        (tmp_path / folder).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / folder))
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off"),
+                        ("WANDB_DISABLE_GIT", "true"), ("WANDB_DISABLE_CODE", "true"), ("WANDB_PROJECT", "sts-test"),
+                        ("WANDB_X_DISABLE_STATS", "true"), ("WANDB_X_DISABLE_MACHINE_INFO", "true")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WANDB_LOG_MODEL", raising=False)
+    run_class = wandb.sdk.wandb_run.Run
+    logged = SimpleNamespace(logs=[], artifacts=[])
+    log, log_artifact = run_class.log, run_class.log_artifact
+
+    def spy_log(self, data, *args, **kwargs):
+        logged.logs.append((dict(data), args, kwargs))
+        return log(self, data, *args, **kwargs)
+
+    def spy_log_artifact(self, artifact, *args, **kwargs):
+        logged.artifacts.append(artifact)
+        return log_artifact(self, artifact, *args, **kwargs)
+
+    monkeypatch.setattr(run_class, "log", spy_log)
+    monkeypatch.setattr(run_class, "log_artifact", spy_log_artifact)
+    yield logged
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()  # the wandb-core service this test started
+
+
+def table_rows(table):
+    return [dict(zip(table.columns, row)) for row in table.data]
+
+
+def test_wandb_gets_forecast_and_recheck_tables_and_the_report(tmp_path, tokenizer, offline_wandb):  # noqa: F811
+    import wandb
+
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, report_to=["wandb"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed export only warns: make it fail the test
+        trainer.train()
+    run_dir = wandb.run.dir
+    wandb.finish()
+    assert callback.write_errors == []
+    # W&B's own step counts log calls: ours follow the WandbCallback's step metric and never pass step=
+    assert all(kwargs.get("step") is None and not args for _, args, kwargs in offline_wandb.logs)
+    trainer_steps = [data["train/global_step"] for data, _, _ in offline_wandb.logs]
+    assert trainer_steps == sorted(trainer_steps)
+
+    forecast_table = [(data["sts/forecast_table"], data["train/global_step"]) for data, _, _ in offline_wandb.logs
+                      if "sts/forecast_table" in data]
+    assert len(forecast_table) == 1 and forecast_table[0][1] == 0
+    table = forecast_table[0][0]
+    assert isinstance(table, wandb.Table)
+    forecast = callback.forecast
+    computed = [v for v in SCORE_VARIANTS + SIGNED_VARIANTS
+                if any(d.scores.get(v) is not None for d in forecast.domains.values())]
+    assert table.columns == ["rank", "domain", *computed, "texts", "tokens"]
+    rows = table_rows(table)
+    assert [(r["rank"], r["domain"]) for r in rows] == [(i, name) for i, (name, _) in enumerate(forecast.ranked(), 1)]
+    for row in rows:
+        domain = forecast.domains[row["domain"]]
+        assert row["tokens"] == domain.tokens and all(row[v] == domain.scores[v] for v in computed)
+
+    rechecks = [(data["sts/recheck_table"], data["train/global_step"]) for data, _, _ in offline_wandb.logs
+                if "sts/recheck_table" in data]
+    assert [step for _, step in rechecks] == [r["step"] for r in callback.history] == [2, 4]
+    for (table, step), record in zip(rechecks, callback.history):
+        per_domain = ["loss", "loss_delta"] + (["early_forecast"] if record.get("early_forecast") else [])
+        variants = [v for v in computed if any(v in scores for scores in record["scores"].values())]
+        assert table.columns == ["step", "domain", *per_domain, *variants] and "sts_act" in variants
+        rows = table_rows(table)
+        assert sorted(r["domain"] for r in rows) == sorted(DOMAINS)
+        for row in rows:
+            name = row["domain"]
+            assert row["step"] == step and all(row[key] == record[key][name] for key in per_domain)
+            assert all(row[v] == record["scores"][name][v] for v in variants)
+
+    html_path = tmp_path / "run" / "sts" / "report.html"
+    [artifact] = [a for a in offline_wandb.artifacts if a.type != "run_table"]  # W&B stores each table as one
+    assert artifact.type == "sts-report"
+    assert set(artifact.manifest.entries) == {"report.html"}
+    assert artifact.manifest.entries["report.html"].size == html_path.stat().st_size
+    [(html, step)] = [(data["sts/report"], data["train/global_step"]) for data, _, _ in offline_wandb.logs
+                      if "sts/report" in data]
+    assert isinstance(html, wandb.Html) and step == 4 and html.html == html_path.read_text()
+
+    # what the offline run wrote: the tables and the page as W&B media files
+    media = {path.name: path for path in (tmp_path / "wandb").rglob("*") if path.is_file()}
+    assert any(name.startswith("forecast_table_") for name in media)
+    forecast_json = json.loads(next(p for n, p in media.items() if n.startswith("forecast_table_")).read_text())
+    assert forecast_json["columns"][:2] == ["rank", "domain"] and len(forecast_json["data"]) == len(DOMAINS)
+    assert sum(name.startswith("recheck_table_") for name in media) == 2
+    assert any(name.startswith("report_") and name.endswith(".html") for name in media)
+    assert run_dir.startswith(str(tmp_path))
+
+
+def event_texts(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import TENSORS, EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir), size_guidance={TENSORS: 0})
+    accumulator.Reload()
+    return {tag.removesuffix("/text_summary"): [(event.step, event.tensor_proto.string_val[0].decode())
+                                                for event in accumulator.Tensors(tag)]
+            for tag in accumulator.Tags()["tensors"] if tag.endswith("/text_summary")}
+
+
+def test_tensorboard_gets_forecast_and_recheck_text_in_the_trainers_event_file(tmp_path, tokenizer,  # noqa: F811
+                                                                               monkeypatch):
+    pytest.importorskip("tensorboard", reason="pip install -e '.[dev]'")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, report_to=["tensorboard"])
+    [tb_callback] = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer.train()
+    assert callback.write_errors == []
+    [logdir] = (tmp_path / "run" / "runs").iterdir()  # the Trainer's own log directory, no second one
+    assert tb_callback.tb_writer is None  # the writer reopened for the report was closed again
+    texts = event_texts(logdir)
+    assert "args" in texts  # the TensorBoardCallback's own text: same event files
+
+    [(step, forecast)] = texts["sts/forecast"]
+    assert step == 0 and forecast.startswith("STS forecast: 3 target domains, ranked by")
+    header, rule, *rows = forecast.split("\n\n", 1)[1].splitlines()
+    assert header.startswith("| rank | domain |") and header.endswith("| texts | tokens |")
+    assert rule.startswith("|---:|---|")
+    ranked = [name for name, _ in callback.forecast.ranked()]
+    assert [row.split(" | ")[:2] for row in rows] == [[f"| {i}", name] for i, name in enumerate(ranked, 1)]
+
+    assert [step for step, _ in texts["sts/recheck"]] == [r["step"] for r in callback.history] == [2, 4]
+    for (step, text), record in zip(texts["sts/recheck"], callback.history):
+        overlap = f"{record['overlap_with_forecast']} of the {len(record['shifted_latents'])} most shifted latents"
+        assert text.startswith(f"STS re-check at step {step}: {overlap} were forecast")
+        table = [line for line in text.splitlines() if line.startswith("|")]
+        assert table[0].startswith("| step | domain | loss | loss_delta |") and len(table) == 2 + len(DOMAINS)
+        for line in table[2:]:
+            cells = line.strip("| ").split(" | ")
+            name = cells[1]
+            assert cells[0] == str(step) and cells[2] == f"{record['loss'][name]:.4g}"
+
+    [(step, pointer)] = texts["sts/report"]
+    assert step == 4 and str(tmp_path / "run" / "sts" / "report.html") in pointer
+
+
+def test_no_tracker_in_report_to_imports_and_creates_nothing(tmp_path, tokenizer, monkeypatch):  # noqa: F811
+    for name in BLOCKED:  # an import of any of them would raise, and the export would warn
+        monkeypatch.setitem(sys.modules, name, None)
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=2, report_to=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer.train()
+    assert callback.write_errors == [] and callback.history
+    assert not (tmp_path / "run" / "runs").exists()  # no TensorBoard writer was made
+    # asked for, but the tracker's callback is gone: still nothing
+    trainer.args.report_to = ["wandb", "tensorboard"]
+    trainer.remove_callback(WandbCallback)
+    trainer.remove_callback(TensorBoardCallback)
+    trackers.export_forecast(trainer, callback.forecast)
+    trackers.export_recheck(trainer, callback.history[-1])
+    trackers.export_report(trainer, tmp_path / "run" / "sts" / "report.html")
+
+
+def one_text_forecast():
+    scores = {"law": {"sts_icl": 0.5, "sts_act": 0.25, "sts_sq": 0.1, "raw_act": 1.0},
+              "chem|bio": {"sts_icl": None, "sts_act": 0.75, "sts_sq": 0.2, "raw_act": 2.0}}
+    return Forecast(domains={name: DomainForecast(name=name, texts=1 if name == "chem|bio" else 9, tokens=40,
+                                                  scores=dict(s)) for name, s in scores.items()},
+                    shifted_latents=[3, 1], shift_values=[0.5, 0.2], shift_direction=[1.0, 1.0],
+                    raw_shifted_dims=[], raw_shift_values=[], shift_tokens=200, shift_queries=4, ranking="sts_icl")
+
+
+class Writer:
+    def __init__(self):
+        self.texts, self.flushed = [], 0
+
+    def add_text(self, tag, text, step):
+        self.texts.append((tag, text, step))
+
+    def flush(self):
+        self.flushed += 1
+
+
+def trainer_with(report_to, *callbacks, step=7):
+    return SimpleNamespace(args=SimpleNamespace(report_to=report_to), state=SimpleNamespace(global_step=step),
+                           callback_handler=SimpleNamespace(callbacks=list(callbacks)))
+
+
+def test_domain_without_a_score_and_a_name_with_a_pipe():
+    pytest.importorskip("tensorboard", reason="pip install -e '.[dev]'")
+    tb_callback = TensorBoardCallback(tb_writer=Writer())
+    trackers.export_forecast(trainer_with(["tensorboard"], tb_callback), one_text_forecast())
+    [(tag, text, step)] = tb_callback.tb_writer.texts
+    assert tag == "sts/forecast" and step == 7 and tb_callback.tb_writer.flushed
+    rows = text.split("\n\n", 1)[1].splitlines()
+    assert rows[0] == "| rank | domain | sts_icl | sts_act | sts_sq | raw_act | texts | tokens |"
+    assert rows[2] == "| 1 | law | 0.5 | 0.25 | 0.1 | 1 | 9 | 40 |"
+    assert rows[3] == "| 2 | chem\\|bio | n/a | 0.75 | 0.2 | 2 | 1 | 40 |"  # unscored ranks last
+
+
+def test_recheck_text_names_violations_and_every_per_domain_entry():
+    pytest.importorskip("tensorboard", reason="pip install -e '.[dev]'")
+    tb_callback = TensorBoardCallback(tb_writer=Writer())
+    record = {"step": 6, "shifted_latents": [1, 2, 3, 4], "overlap_with_forecast": 3,
+              "scores": {"law": {"sts_act": 0.5, "sts_sq": 0.25}, "food": {"sts_act": 0.125, "sts_sq": 0.5}},
+              "loss": {"law": float("nan"), "food": 2.0}, "loss_delta": {"law": None, "food": -0.01},
+              "accuracy": {"law": 0.5, "food": 0.75}, "seconds": 1.5, "fit": {"fvu": 0.1},
+              "violations": ["held-out loss of protected domain 'law' is not finite (nan)"]}
+    trackers.export_recheck(trainer_with(["tensorboard"], tb_callback), record)
+    [(tag, text, step)] = tb_callback.tb_writer.texts
+    assert tag == "sts/recheck" and step == 6
+    lines = text.splitlines()
+    assert lines[0] == "STS re-check at step 6: 3 of the 4 most shifted latents were forecast"
+    assert lines[1] == "- violation: held-out loss of protected domain 'law' is not finite (nan)"
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0] == "| step | domain | loss | loss_delta | accuracy | sts_act | sts_sq |"  # not fit, not seconds
+    assert table[2:] == ["| 6 | law | nan | n/a | 0.5 | 0.5 | 0.25 |", "| 6 | food | 2 | -0.01 | 0.75 | 0.125 | 0.5 |"]
+
+
+def test_wandb_without_a_run_is_a_noop(monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setattr(wandb, "run", None)
+    trainer = trainer_with(["wandb"], WandbCallback())
+    trackers.export_forecast(trainer, one_text_forecast())  # no run: nothing to log to, no error
+    logged = []
+    monkeypatch.setattr(wandb, "run", SimpleNamespace(log=logged.append))
+    trackers.export_forecast(trainer, one_text_forecast())
+    [data] = logged
+    assert data["train/global_step"] == 7
+    assert table_rows(data["sts/forecast_table"])[1]["sts_icl"] is None
