@@ -27,7 +27,7 @@ from .distributed import (
     require_at_least_world,
     world_size,
 )
-from .errors import STSConfigError, STSInputError
+from .errors import STSConfigError, STSDataWarning, STSInputError
 from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
 from .guard import Guard, GuardConfig
 from .monitor import DomainBase, Monitor, domain_bases_from
@@ -153,6 +153,7 @@ class STSCallback(TrainerCallback, ExportableState):
         # Restored from the checkpoint's trainer_state.json on resume (see state()).
         self.history: list[dict[str, Any]] = []
         self.base_losses: dict[str, float] = {}
+        self.base_fit: dict[str, float] | None = None  # the SAE's FVU and L0 on the probe at train start
         self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
         # Runtime only.
         self.learning_rates: list[float] | None = None
@@ -181,7 +182,8 @@ class STSCallback(TrainerCallback, ExportableState):
     def _counters(self) -> dict[str, Any]:
         """What a resume needs besides the history (also written to ``checkpoint-N/sts/callback_state.json``)."""
         return {"violations_in_a_row": self.violations_in_a_row, "warned": self.warned,
-                "stop_reason": self.stop_reason, "base_losses": self.base_losses, "predicted": self.predicted}
+                "stop_reason": self.stop_reason, "base_losses": self.base_losses, "predicted": self.predicted,
+                "base_fit": self.base_fit}
 
     # ------------------------------------------------------------------ helpers
     def _out(self, args) -> Path:
@@ -250,11 +252,11 @@ class STSCallback(TrainerCallback, ExportableState):
             warnings.warn(f"STS could not export the {what} to the trackers ({type(err).__name__}: {err}).",
                           RuntimeWarning, stacklevel=2)
 
-    def _warn(self, key: str, message: str, state) -> None:
+    def _warn(self, key: str, message: str, state, category: type[Warning] | None = None) -> None:
         if not self.guard.first_time(key):
             return
         if state.is_world_process_zero:
-            warnings.warn(message, STSNegativeTransferWarning, stacklevel=2)
+            warnings.warn(message, category or STSNegativeTransferWarning, stacklevel=2)
             logger.warning(message)
 
     def _append_history(self, args, state, record: dict[str, Any]) -> None:
@@ -404,6 +406,12 @@ class STSCallback(TrainerCallback, ExportableState):
             with inference_mode(model):
                 self.monitor.domains = domain_bases_from(domain_statistics(self.setup, domains))
         self.monitor.capture_base(model)
+        self.base_fit = self.monitor.sae_fit(model, self._autocast())
+        if self.base_fit is not None and state.is_world_process_zero:
+            print(f"STS: SAE fit on the training probe: fraction of variance unexplained {self.base_fit['fvu']:.3f}, "
+                  f"mean L0 {self.base_fit['l0']:.1f}")
+        for key, message in self.guard.fit_warnings(None, self.base_fit).items():
+            self._warn(key, message, state, STSDataWarning)
         self.base_losses = self.monitor.measure_losses(model, self._autocast())
         self.monitor.base_losses = dict(self.base_losses)
         if state.is_world_process_zero:
@@ -536,6 +544,8 @@ class STSCallback(TrainerCallback, ExportableState):
             if self.strict:
                 raise
             record["early_forecast_error"] = f"{type(err).__name__}: {err}"
+        for key, message in self.guard.fit_warnings(self.base_fit, result.get("sae_fit")).items():
+            self._warn(key, f"STS re-check at step {state.global_step}: {message}", state, STSDataWarning)
         decision = self.guard.check(state.global_step, result, self._variant())
         record["violations"] = decision.violations
         for violation in decision.violations:
@@ -561,6 +571,8 @@ class STSCallback(TrainerCallback, ExportableState):
         if result["overlap_with_forecast"] is not None:
             metrics["sts/recheck/overlap_with_forecast"] = result["overlap_with_forecast"]
         metrics["sts/recheck/seconds"] = result["seconds"]
+        if result.get("sae_fit"):
+            metrics["sts/sae_fit/fvu"], metrics["sts/sae_fit/l0"] = result["sae_fit"]["fvu"], result["sae_fit"]["l0"]
         self._log(metrics, control)
         if state.is_world_process_zero:
             self._export("re-check", trackers.export_recheck, record)

@@ -27,6 +27,10 @@ class GuardConfig:
         forecast_top_k: warn when the forecast ranks a protected domain among the ``k`` most affected.
         early_stop: stop training after ``patience`` consecutive re-checks with a violation.
         patience: see ``early_stop``.
+        max_fvu: warn when the SAE's fraction of variance unexplained on the training probe is above this at
+            train start (an SAE for another model or layer: the forecast then means little).
+        fvu_rise: warn when a re-check's FVU exceeds the train-start FVU by more than this (the SAE stops
+            fitting as the weights move, and re-checked scores lose their meaning).
     """
 
     protected: list[str] = field(default_factory=list)
@@ -36,12 +40,14 @@ class GuardConfig:
     forecast_top_k: int = 1
     early_stop: bool = False
     patience: int = 1
+    max_fvu: float = 0.6
+    fvu_rise: float = 0.15
 
     def __post_init__(self) -> None:
         if isinstance(self.protected, str) or not all(isinstance(p, str) for p in self.protected):
             raise STSConfigError(f"protected must be a list of domain names, got {self.protected!r}.")
         self.protected = list(self.protected)
-        for name in ("tolerance", "accuracy_tolerance"):
+        for name in ("tolerance", "accuracy_tolerance", "max_fvu", "fvu_rise"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise STSConfigError(f"{name} must be a non-negative number (0.05 = 5%), got {value!r}.")
@@ -127,6 +133,25 @@ class Guard:
                     f"({level:.0%} interval {p['low']:+.1%} to {p['high']:+.1%}), above the tolerance "
                     f"{self.config.tolerance:.1%}.")
         return out
+
+    def fit_warnings(self, start: dict[str, float] | None, now: dict[str, float] | None) -> dict[str, str]:
+        """The SAE does not fit the model (at start: ``now`` with ``start=None``) or stopped fitting since."""
+        if now is None or not math.isfinite(now.get("fvu", math.nan)):
+            return {}
+        if start is None:
+            if now["fvu"] > self.config.max_fvu:
+                return {"fit:start": (
+                    f"The SAE reconstructs this model's residual stream poorly: fraction of variance unexplained "
+                    f"{now['fvu']:.2f} on the training probe (above {self.config.max_fvu:.2f}; mean L0 "
+                    f"{now['l0']:.0f}). An SAE trained for another model or layer makes the forecast meaningless: "
+                    "use an SAE for this model and layer (or train one: sts train-sae).")}
+            return {}
+        if now["fvu"] > start["fvu"] + self.config.fvu_rise:
+            return {"fit:drift": (
+                f"The SAE fits the trained weights less and less: fraction of variance unexplained {now['fvu']:.2f} "
+                f"now vs {start['fvu']:.2f} at train start (mean L0 {now['l0']:.0f} vs {start['l0']:.0f}); "
+                "re-checked STS scores mean less from here, the held-out loss changes still hold.")}
+        return {}
 
     # ------------------------------------------------------------------ during training
     def projected(self, early: dict[str, float | None], measured: dict[str, float | None],

@@ -78,6 +78,35 @@ def nll_sums(model: nn.Module, sequences: Sequence[Sequence_], pad: int, batch_s
     return total, count
 
 
+def fit_sums(sae, rows: torch.Tensor) -> torch.Tensor:
+    """Sums behind the SAE's fit on residual rows [n, d]: (squared reconstruction error, sum of squares,
+    active-latent count, rows, then the d-vector sum of rows), float64, to add across batches and ranks."""
+    d = rows.shape[-1]
+    out = torch.zeros(4 + d, dtype=torch.float64)
+    if rows.shape[0] == 0:
+        return out
+    with torch.no_grad():
+        latents = sae.encode(rows)
+        recon = sae.decode(latents).float().cpu()
+        latents = latents.float().cpu()
+    x = rows.double()
+    out[0] = (x - recon.double()).square().sum()
+    out[1] = x.square().sum()
+    out[2] = (latents > 0).sum()
+    out[3] = rows.shape[0]
+    out[4:] = x.sum(0)
+    return out
+
+
+def fit_from_sums(sums: torch.Tensor) -> dict[str, float] | None:
+    """Fraction of variance unexplained and mean L0 from :func:`fit_sums` totals (``None`` without rows)."""
+    n = float(sums[3])
+    if n == 0:
+        return None
+    total = float(sums[1]) - float(sums[4:].square().sum()) / n  # sum of squares about the mean
+    return {"fvu": float(sums[0]) / total if total > 0 else float("nan"), "l0": float(sums[2]) / n, "tokens": int(n)}
+
+
 @dataclass
 class Monitor:
     """What re-checks need, prepared once at train start.
@@ -167,8 +196,27 @@ class Monitor:
         return {name: float(sums[i, 0] / sums[i, 1].clamp(min=1)) for i, name in enumerate(self.loss_sets)}
 
     # -------------------------------------------------------------- re-check
+    def sae_fit(self, model: nn.Module, autocast=None) -> dict[str, float] | None:
+        """How well the SAE reconstructs the model's residuals on the probe: FVU and mean L0 (``None`` when the
+        SAE cannot decode)."""
+        if not self.setup.sae.can_decode:
+            return None
+        with autocast() if autocast else nullcontext():
+            return self._fit(self.probe_rows(model))
+
+    def _fit(self, rows: dict[int, torch.Tensor]) -> dict[str, float] | None:
+        if not self.setup.sae.can_decode:
+            return None
+        d = self.setup.sae.d_in
+        sums = fit_sums(self.setup.sae, torch.cat(list(rows.values())) if rows else torch.zeros(0, d))
+        return fit_from_sums(sum_across_ranks(sums))
+
     def actual_shift(self, model: nn.Module, autocast=None) -> ShiftStats:
         """Per-latent E[(h_current - h_base)^2] at the probe tokens (each rank its share, summed)."""
+        shift, _ = self._actual_shift_and_fit(model, autocast)
+        return shift
+
+    def _actual_shift_and_fit(self, model: nn.Module, autocast=None):
         with autocast() if autocast else nullcontext():
             current = self.probe_rows(model)
             peft = peft_model_of(model)
@@ -190,13 +238,13 @@ class Monitor:
                 for b, c in zip(base_rows.split(2048), current_rows.split(2048)):
                     shift.update(self.setup.sae.encode(b.to(device)).float().cpu(),
                                  self.setup.sae.encode(c.to(device)).float().cpu())
-        return shift.all_reduce()
+        return shift.all_reduce(), self._fit(current)
 
     def recheck(self, model: nn.Module, forecast_latents: list[int] | None, autocast=None) -> dict[str, Any]:
         """The actual shift, the domains re-scored on it, and the held-out losses vs train start."""
         start = time.perf_counter()
         config = self.setup.config
-        shift = self.actual_shift(model, autocast)
+        shift, fit = self._actual_shift_and_fit(model, autocast)
         latents, values = score.shifted_latents(shift, config.n_shifted)
         scores = {}
         for name, base in self.domains.items():
@@ -216,6 +264,7 @@ class Monitor:
             "loss": losses,
             "loss_delta": loss_delta,
             "probe_tokens": shift.tokens,
+            "sae_fit": fit,
             "seconds": time.perf_counter() - start,
         }
         return record

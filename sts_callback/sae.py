@@ -74,6 +74,13 @@ class SAEHandle:
         return {**self.source, "d_in": self.d_in, "d_sae": self.d_sae, "hook_name": self.hook_name,
                 "layer": self.layer, "neuronpedia_id": self.neuronpedia_id}
 
+    @property
+    def can_decode(self) -> bool:
+        return callable(getattr(self.module, "decode", None))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.module.decode(latents)
+
     def checksum_parts(self) -> list[Any]:
         """Cheap identity of the SAE for comparing ranks: sizes, hook and a few moments of the encoder."""
         parts: list[Any] = [self.d_in, self.d_sae, self.hook_name]

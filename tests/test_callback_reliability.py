@@ -13,7 +13,7 @@ from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from transformers import (DataCollatorForLanguageModeling, EarlyStoppingCallback, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from sts_callback import STSConfigError
+from sts_callback import STSConfigError, STSDataWarning
 from sts_callback.atomic import append_json_line, atomic_write, read_json_lines
 from sts_callback.callback import STSCallback, STSNegativeTransferWarning
 from sts_callback.run_store import RunStore
@@ -253,3 +253,29 @@ def test_eval_dataset_target_errors_are_early_and_named(tmp_path, tokenizer):
     with pytest.raises(STSConfigError, match=r"protected=\['law'\] are not among the target domains \['eval'\]"):
         trainer.train()
 
+
+
+# ------------------------------------------------------------------------------------------- SAE fit
+def test_sae_fit_is_recorded_at_start_and_every_recheck(tmp_path, tokenizer):
+    from tiny import ExactSAE
+
+    callback = make_callback(sae=ExactSAE(32, hook_name="blocks.1.hook_resid_post"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)  # a lossless SAE fits: no fit warning
+        make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_steps=2).train()
+    assert callback.base_fit["fvu"] < 1e-10 and callback.base_fit["tokens"] > 0
+    assert callback.base_fit["l0"] > 0
+    for record in callback.history:
+        assert record["sae_fit"]["fvu"] < 1e-10 and record["sae_fit"]["tokens"] == callback.base_fit["tokens"]
+    logged = [e for e in callback._trainer.state.log_history if "sts/sae_fit/fvu" in e]
+    assert [e["step"] for e in logged] == [2, 4]
+
+
+def test_an_sae_that_does_not_fit_the_model_is_warned_about_at_train_start(tmp_path, tokenizer):
+    from tiny import ExactSAE
+
+    callback = make_callback(sae=ExactSAE(32, hook_name="blocks.1.hook_resid_post", noise=1.0))
+    with pytest.warns(STSDataWarning, match="reconstructs this model's residual stream poorly"):
+        make_trainer(tmp_path, tokenizer, callback, max_steps=2, save_steps=2).train()
+    assert callback.base_fit["fvu"] > 0.6
+    assert "fit:start" in callback.warned

@@ -65,3 +65,12 @@ def test_warnings_are_given_once_and_forecast_rank_rule():
 def test_bad_settings_are_named(values, match):
     with pytest.raises(STSConfigError, match=match):
         GuardConfig.from_dict(values)
+
+
+def test_sae_fit_rules():
+    guard = Guard(GuardConfig(max_fvu=0.5, fvu_rise=0.1))
+    assert list(guard.fit_warnings(None, {"fvu": 0.7, "l0": 30})) == ["fit:start"]
+    assert guard.fit_warnings(None, {"fvu": 0.3, "l0": 30}) == {}
+    assert guard.fit_warnings({"fvu": 0.3, "l0": 30}, {"fvu": 0.35, "l0": 31}) == {}
+    assert list(guard.fit_warnings({"fvu": 0.3, "l0": 30}, {"fvu": 0.45, "l0": 40})) == ["fit:drift"]
+    assert guard.fit_warnings({"fvu": 0.3, "l0": 30}, None) == {}

@@ -105,3 +105,22 @@ def domain_texts(domain: str, n: int = 20, length: int = 12, seed: int = 0) -> l
     rng = random.Random(f"{domain}:{seed}")
     words = DOMAIN_WORDS[domain] + ["the", "a", "of", "and", "is"]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(length // 2, length))) + " ." for _ in range(n)]
+
+
+class ExactSAE(nn.Module):
+    """A lossless 'SAE' (latents = [relu(x), relu(-x)], decode = their difference): fraction of variance
+    unexplained 0 on any input. ``noise`` adds a fixed random error to the decoder (a poor fit)."""
+
+    def __init__(self, d_in: int, hook_name: str | None = None, noise: float = 0.0, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.W_enc = nn.Parameter(torch.cat([torch.eye(d_in), -torch.eye(d_in)], dim=1))
+        self.W_dec = nn.Parameter(self.W_enc.detach().T.clone()
+                                  + noise * torch.randn(2 * d_in, d_in, generator=generator))
+        self.d_in, self.d_sae, self.hook_name = d_in, 2 * d_in, hook_name
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.W_enc)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec
