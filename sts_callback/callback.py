@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import random
 import traceback
 import warnings
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from transformers.trainer_callback import ExportableState
 
 from .calibration import Calibration, early_forecast, fitted_exponent, lr_area_fraction
 from .config import SCORE_VARIANTS, STSConfig, json_serializable
-from .data import Corpus, is_dataset, load_corpus, load_domains
+from .data import Corpus, is_dataset, load_corpus, load_domains, multiple_choice_items
 from .distributed import (
     check_ranks_agree,
     fingerprint,
@@ -75,6 +76,10 @@ class STSCallback(TrainerCallback, ExportableState):
             about. Each re-check records the early forecast (the measured change extrapolated to the end of
             training by the learning-rate schedule), the start prediction beside it, and a calibration refitted
             on the early forecasts; only the measured changes count as violations (early stop).
+        accuracy_tolerance: a multiple-choice target domain (JSONL / records of ``{"question", "choices",
+            "answer"}``) is also scored for accuracy at train start and at every re-check; a protected one that
+            loses more than this (absolute, 0.02 = two points) is a violation.
+        accuracy_items: items sampled per multiple-choice domain for the accuracy (one forward each).
     """
 
     def __init__(self, sae: Any, target_domains: Any, protected: list[str] | tuple[str, ...] = (),
@@ -82,7 +87,8 @@ class STSCallback(TrainerCallback, ExportableState):
                  recheck_steps: int | None = None, recheck_tokens: int = 2048, loss_tokens: int = 1024,
                  forecast_top_k: int = 1, tolerance: float = 0.05, max_sts: float | None = None,
                  early_stop: bool = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
-                 output_subdir: str = "sts", calibration: Any = None, _objects_from: list[str] | None = None):
+                 output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
+                 accuracy_items: int = 100, _objects_from: list[str] | None = None):
         if isinstance(config, STSConfig):
             config = config.to_dict()
         self.config = STSConfig.from_dict(config)  # validated now, not at train start
@@ -112,14 +118,16 @@ class STSCallback(TrainerCallback, ExportableState):
         if isinstance(target, (list, tuple)):
             names = [Path(t).stem if isinstance(t, (str, Path)) else None for t in target]
         self.guard = Guard(GuardConfig(protected=list(protected), tolerance=tolerance, max_sts=max_sts,
-                                       forecast_top_k=forecast_top_k, early_stop=early_stop, patience=patience))
+                                       forecast_top_k=forecast_top_k, early_stop=early_stop, patience=patience,
+                                       accuracy_tolerance=accuracy_tolerance))
         protected = self.guard.config.protected
         if names is not None and None not in names:
             unknown = [p for p in protected if p not in names]
             if unknown:
                 raise STSConfigError(f"protected={unknown} are not among the target domains {names}; "
                                      "protect only domains listed in target_domains.")
-        for name, value, low in (("recheck_tokens", recheck_tokens, 1), ("loss_tokens", loss_tokens, 1)):
+        for name, value, low in (("recheck_tokens", recheck_tokens, 1), ("loss_tokens", loss_tokens, 1),
+                                 ("accuracy_items", accuracy_items, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise STSConfigError(f"STSCallback {name} must be an integer >= {low}, got {value!r}.")
         if recheck_steps is not None and (not isinstance(recheck_steps, int) or recheck_steps < 1):
@@ -128,6 +136,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self.sae, self.target_domains = values["sae"], values["target_domains"]
         self.train_probe, self.demonstrations = values["train_probe"], values["demonstrations"]
         self.recheck_steps, self.recheck_tokens, self.loss_tokens = recheck_steps, recheck_tokens, loss_tokens
+        self.accuracy_items = accuracy_items
         self.strict = strict
         self.recheck_at_end, self.output_subdir = recheck_at_end, output_subdir
         self.calibration = _load_calibration(calibration)
@@ -145,7 +154,7 @@ class STSCallback(TrainerCallback, ExportableState):
             "protected": protected, "config": self.config.to_dict(), "recheck_steps": recheck_steps,
             "recheck_tokens": recheck_tokens, "loss_tokens": loss_tokens, "forecast_top_k": forecast_top_k,
             "tolerance": self.guard.config.tolerance, "max_sts": max_sts, "early_stop": early_stop,
-            "patience": patience,
+            "patience": patience, "accuracy_tolerance": accuracy_tolerance, "accuracy_items": accuracy_items,
             "strict": strict, "recheck_at_end": recheck_at_end, "output_subdir": output_subdir,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
             "_objects_from": sorted(objects) or None,
@@ -154,6 +163,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self.history: list[dict[str, Any]] = []
         self.base_losses: dict[str, float] = {}
         self.base_fit: dict[str, float] | None = None  # the SAE's FVU and L0 on the probe at train start
+        self.base_accuracy: dict[str, float] = {}  # multiple-choice domains at train start
         self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
         # Runtime only.
         self.learning_rates: list[float] | None = None
@@ -183,7 +193,7 @@ class STSCallback(TrainerCallback, ExportableState):
         """What a resume needs besides the history (also written to ``checkpoint-N/sts/callback_state.json``)."""
         return {"violations_in_a_row": self.violations_in_a_row, "warned": self.warned,
                 "stop_reason": self.stop_reason, "base_losses": self.base_losses, "predicted": self.predicted,
-                "base_fit": self.base_fit}
+                "base_fit": self.base_fit, "base_accuracy": self.base_accuracy}
 
     # ------------------------------------------------------------------ helpers
     def _out(self, args) -> Path:
@@ -331,13 +341,20 @@ class STSCallback(TrainerCallback, ExportableState):
             sequences, _ = Monitor.sample_sequences(corpus, self.setup, self.loss_tokens,
                                                     seed=f"{self.config.seed}:heldout:{name}")
             loss_sets[name] = sequences
+        accuracy_sets = {}
+        for name, corpus in domains.items():
+            items = multiple_choice_items(corpus)
+            if items is not None:  # scored on a seeded sample of its items, beside the held-out NLL
+                random.Random(f"{self.config.seed}:accuracy:{name}").shuffle(items)
+                accuracy_sets[name] = items[: self.accuracy_items]
         probe_sequences, _ = Monitor.sample_sequences(probe, self.setup, self.recheck_tokens,
                                                       seed=f"{self.config.seed}:probe")
         self._check_ranks_agree(domains, loss_sets, probe_sequences)
         require_at_least_world(len(probe_sequences), "The re-check probe of the training data",
                                "Give more training texts, raise recheck_tokens, or run on fewer processes.")
         resumed = state.global_step > 0
-        self.monitor = Monitor(setup=self.setup, probe=probe_sequences, domains={}, loss_sets=loss_sets)
+        self.monitor = Monitor(setup=self.setup, probe=probe_sequences, domains={}, loss_sets=loss_sets,
+                               accuracy_sets=accuracy_sets)
         if resumed:
             self._resume(args, state, domains)
         else:
@@ -414,6 +431,8 @@ class STSCallback(TrainerCallback, ExportableState):
             self._warn(key, message, state, STSDataWarning)
         self.base_losses = self.monitor.measure_losses(model, self._autocast())
         self.monitor.base_losses = dict(self.base_losses)
+        self.base_accuracy = self.monitor.measure_accuracy(model, self._autocast())
+        self.monitor.base_accuracy = dict(self.base_accuracy)
         if state.is_world_process_zero:
             self._write(f"the monitor state to {store.monitor_path}", lambda: self.monitor.save(store.monitor_path),
                         state)
@@ -496,6 +515,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self.monitor.domains = {name: DomainBase(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
         self.monitor.load(path)
         self.monitor.base_losses = dict(self.base_losses)
+        self.monitor.base_accuracy = dict(self.base_accuracy)
         # Re-checks after the checkpoint are redone by the resumed run: they move to the superseded file.
         if state.is_world_process_zero:
             kept: list[dict[str, Any]] = []
@@ -568,6 +588,8 @@ class STSCallback(TrainerCallback, ExportableState):
         for name, delta in result["loss_delta"].items():
             if delta is not None:
                 metrics[f"sts/loss_delta/{name}"] = delta
+        for name, value in result.get("accuracy", {}).items():
+            metrics[f"sts/accuracy/{name}"] = value
         if result["overlap_with_forecast"] is not None:
             metrics["sts/recheck/overlap_with_forecast"] = result["overlap_with_forecast"]
         metrics["sts/recheck/seconds"] = result["seconds"]

@@ -80,7 +80,8 @@ def _answer_text(value: Any) -> str:
     raise STSInputError(f"Cannot read an answer from {type(value).__name__}; expected a string or chat messages.")
 
 
-RECORD_FIELDS = "'text', 'messages', 'prompt'/'completion', or 'prompt'/'chosen'/'rejected'"
+RECORD_FIELDS = ("'text', 'messages', 'prompt'/'completion', 'prompt'/'chosen'/'rejected', or "
+                 "'question'/'choices'/'answer' (multiple choice)")
 
 
 def example_from_record(record: Any, where: str = "") -> Example:
@@ -94,6 +95,12 @@ def example_from_record(record: Any, where: str = "") -> Example:
             return _split_conversation(record["messages"])
         if "text" in record and isinstance(record["text"], str):
             return Example(prompt=record["text"], plain_text=True)
+        if set(MC_FIELDS) <= set(record):  # a multiple-choice item: its text is the question and right answer
+            from .multiple_choice import CHOICE_FORMAT, PROMPT_FORMAT
+
+            item = check_multiple_choice(record, where)
+            return Example(prompt=PROMPT_FORMAT.format(question=item["question"]),
+                           answer=CHOICE_FORMAT.format(choice=item["choices"][item["answer"]]))
         if "prompt" in record:
             prompt = record["prompt"]
             answer_field = next((k for k in ("completion", "chosen", "response", "answer") if k in record), None)
@@ -107,6 +114,25 @@ def example_from_record(record: Any, where: str = "") -> Example:
         f"Cannot read example{where}: got {keys}. Each item must be a string, a chat conversation "
         f"(list of {{'role', 'content'}}), or a record with {RECORD_FIELDS}."
     )
+
+
+MC_FIELDS = ("question", "choices", "answer")
+
+
+def check_multiple_choice(record: dict[str, Any], where: str = "") -> dict[str, Any]:
+    from .multiple_choice import check_items
+
+    return check_items([record], f"example{where}")[0]
+
+
+def multiple_choice_items(corpus: "Corpus") -> list[dict[str, Any]] | None:
+    """The items of a multiple-choice domain (every record has question / choices / answer), else ``None``."""
+    items = getattr(corpus, "_items", None)
+    if not items or not all(isinstance(r, dict) and set(MC_FIELDS) <= set(r) for r in items):
+        return None
+    from .multiple_choice import check_items
+
+    return check_items(list(items), repr(corpus.name))
 
 
 def example_text(example: Example) -> str:
@@ -180,7 +206,7 @@ def load_corpus(data: Any, name: str | None = None) -> Corpus:
         data = take_streamed(data)
     if is_dataset(data):
         columns = set(data.column_names)
-        if not columns & {"text", "messages", "prompt"}:
+        if not columns & {"text", "messages", "prompt"} and not set(MC_FIELDS) <= columns:
             raise STSInputError(
                 f"Dataset {name or ''} has columns {sorted(columns)} but none of 'text', 'messages' or 'prompt'; "
                 "rename the text column, e.g. dataset.rename_column('body', 'text')."

@@ -125,6 +125,8 @@ class Monitor:
     base_residuals: torch.Tensor | None = None
     base_losses: dict[str, float] = field(default_factory=dict)
     loss_batch_size: int = 4
+    accuracy_sets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # multiple-choice domains
+    base_accuracy: dict[str, float] = field(default_factory=dict)
 
     # -------------------------------------------------------------- building
     @staticmethod
@@ -195,6 +197,17 @@ class Monitor:
         sum_across_ranks(sums)
         return {name: float(sums[i, 0] / sums[i, 1].clamp(min=1)) for i, name in enumerate(self.loss_sets)}
 
+    def measure_accuracy(self, model: nn.Module, autocast=None) -> dict[str, float]:
+        """Accuracy of each multiple-choice domain's sampled items (every rank its share, counts summed)."""
+        from .multiple_choice import accuracy
+
+        out = {}
+        with inference_mode(model), (autocast() if autocast else nullcontext()):
+            for name, items in self.accuracy_sets.items():
+                right, total = accuracy(model, self.setup.builder.tokenizer, items)
+                out[name] = right / total if total else float("nan")
+        return out
+
     # -------------------------------------------------------------- re-check
     def sae_fit(self, model: nn.Module, autocast=None) -> dict[str, float] | None:
         """How well the SAE reconstructs the model's residuals on the probe: FVU and mean L0 (``None`` when the
@@ -255,6 +268,7 @@ class Monitor:
         losses = self.measure_losses(model, autocast)
         loss_delta = {name: (losses[name] - self.base_losses[name]) / self.base_losses[name]
                       if self.base_losses.get(name) else None for name in losses}
+        accuracy = self.measure_accuracy(model, autocast) if self.accuracy_sets else {}
         record = {
             "shift_total": float(shift.mean_shift().sum()),
             "shifted_latents": latents.tolist(),
@@ -263,6 +277,9 @@ class Monitor:
             "scores": scores,
             "loss": losses,
             "loss_delta": loss_delta,
+            **({"accuracy": accuracy,
+                "accuracy_delta": {name: value - self.base_accuracy[name] if name in self.base_accuracy else None
+                                   for name, value in accuracy.items()}} if accuracy else {}),
             "probe_tokens": shift.tokens,
             "sae_fit": fit,
             "seconds": time.perf_counter() - start,

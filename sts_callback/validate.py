@@ -37,6 +37,7 @@ from .config import STSConfig, json_serializable
 from .data import Corpus, Example, load_corpus, load_domains
 from .errors import STSConfigError, STSInputError
 from .forecast import SCORE_LABELS
+from .multiple_choice import argmax, check_items, choice_scores
 from .signed import SIGNED_VARIANTS
 
 FORMAT = "sts-validation/1"
@@ -134,78 +135,21 @@ def multiple_choice_accuracy(items: Sequence[dict[str, Any]] | dict[str, Sequenc
     file is accepted in place of a list.
     """
     per_domain = isinstance(items, dict)
-    table = {str(k): _mc_items(v, str(k)) for k, v in items.items()} if per_domain else None
-    shared = None if per_domain else _mc_items(items, "items")
+    table = {str(k): check_items(v, str(k)) for k, v in items.items()} if per_domain else None
+    shared = None if per_domain else check_items(items, "items")
 
     def metric(model: nn.Module, tokenizer, domain: str) -> float:
         if table is not None and domain not in table:
             raise STSInputError(f"multiple_choice_accuracy has no items for domain {domain!r} (it has "
                                 f"{sorted(table)}); give items for every target domain.")
         chosen = table[domain] if table is not None else shared
-        right = sum(int(_argmax(choice_scores(model, tokenizer, item, prompt_format=prompt_format,
+        right = sum(int(argmax(choice_scores(model, tokenizer, item, prompt_format=prompt_format,
                                               choice_format=choice_format, normalize=normalize)) == item["answer"])
                     for item in chosen)
         return right / len(chosen)
 
     metric.__name__ = "multiple_choice_accuracy"
     return metric
-
-
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
-def _mc_items(items: Any, where: str) -> list[dict[str, Any]]:
-    if isinstance(items, (str, Path)):
-        path = Path(items)
-        if not path.exists():
-            raise STSInputError(f"Multiple-choice file {path} does not exist; check the path.")
-        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not isinstance(items, Sequence) or len(items) == 0:
-        raise STSInputError(f"multiple_choice_accuracy: {where} needs a non-empty list of "
-                            "{'question', 'choices', 'answer'} items.")
-    checked = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not {"question", "choices", "answer"} <= set(item):
-            raise STSInputError(f"multiple_choice_accuracy: item {i} of {where} must be a dict with 'question', "
-                                "'choices' (list of strings) and 'answer' (index of the right choice).")
-        choices, answer = item["choices"], item["answer"]
-        if not isinstance(choices, (list, tuple)) or len(choices) < 2:
-            raise STSInputError(f"multiple_choice_accuracy: item {i} of {where} needs at least two choices.")
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise STSInputError(f"multiple_choice_accuracy: item {i} of {where} has answer={answer!r}; use the "
-                                f"index (0..{len(choices) - 1}) of the right choice.")
-        checked.append({"question": str(item["question"]), "choices": [str(c) for c in choices], "answer": answer})
-    return checked
-
-
-def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_format: str = "{question}\nAnswer:",
-                  choice_format: str = " {choice}", normalize: bool = True) -> list[float]:
-    """Log-likelihood of each choice's continuation after the question (mean per token when ``normalize``)."""
-    device = next(iter(model.parameters())).device
-    prompt = list(tokenizer(prompt_format.format(question=item["question"]), add_special_tokens=True)["input_ids"])
-    continuations = [list(tokenizer(choice_format.format(choice=c), add_special_tokens=False)["input_ids"])
-                     for c in item["choices"]]
-    if any(not c for c in continuations):
-        raise STSInputError(f"A choice of {item['question'][:60]!r} has no tokens; give non-empty choices.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    longest = max(len(prompt) + len(c) for c in continuations)
-    ids = torch.full((len(continuations), longest), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, c in enumerate(continuations):
-        ids[row, : len(prompt) + len(c)] = torch.tensor(prompt + c)
-        mask[row, : len(prompt) + len(c)] = 1
-    from .forecast import inference_mode
-
-    with inference_mode(model):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
-    scores = []
-    for row, c in enumerate(continuations):
-        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
-        total = float(logprobs[row, positions, torch.tensor(c)].sum())
-        scores.append(total / len(c) if normalize else total)
-    return scores
 
 
 # --------------------------------------------------------------------------- results

@@ -279,3 +279,39 @@ def test_an_sae_that_does_not_fit_the_model_is_warned_about_at_train_start(tmp_p
         make_trainer(tmp_path, tokenizer, callback, max_steps=2, save_steps=2).train()
     assert callback.base_fit["fvu"] > 0.6
     assert "fit:start" in callback.warned
+
+
+# ------------------------------------------------------------------------------------------- accuracy targets
+def test_multiple_choice_domain_is_scored_and_its_drop_is_a_violation(tmp_path, tokenizer):
+    import random
+
+    rng = random.Random(0)
+    words = {d: domain_texts(d, 40, seed=11) for d in ("food", "chem")}
+    items = []  # "which domain does this text come from": the pretrained tiny model knows the vocabularies
+    for i in range(40):
+        domain = ("food", "chem")[i % 2]
+        items.append({"question": words[domain][i], "choices": ["cook bake", "cell protein"],
+                      "answer": 0 if domain == "food" else 1})
+    rng.shuffle(items)
+    path = tmp_path / "quiz.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    callback = make_callback(target_domains={"law": domain_texts("law", 30), "quiz": str(path),
+                                             "chem": domain_texts("chem", 30)},
+                             protected=["quiz"], tolerance=10.0, accuracy_tolerance=0.0, accuracy_items=24)
+    model = pretrained_tiny_model(tokenizer)
+    trainer = make_trainer(tmp_path, tokenizer, callback, model=model, texts=domain_texts("law", 64, seed=8),
+                           learning_rate=3e-2, max_steps=4, save_steps=2)
+    with pytest.warns(STSNegativeTransferWarning, match="accuracy of protected domain 'quiz' fell"):
+        trainer.train()
+    base = callback.base_accuracy["quiz"]
+    assert 0.0 <= base <= 1.0 and set(callback.base_accuracy) == {"quiz"}
+    for record in callback.history:
+        assert set(record["accuracy"]) == {"quiz"}
+        assert record["accuracy_delta"]["quiz"] == pytest.approx(record["accuracy"]["quiz"] - base)
+        dropped = record["accuracy_delta"]["quiz"] < 0
+        assert any("accuracy of protected domain 'quiz' fell" in v for v in record["violations"]) == dropped
+    assert "quiz" in callback.forecast.domains and "quiz" in callback.history[-1]["loss"]
+    logged = [e for e in trainer.state.log_history if "sts/accuracy/quiz" in e]
+    assert [e["step"] for e in logged] == [2, 4]
+    # the pretrained model answers most items; training on law at a high rate costs it accuracy: a violation
+    assert base > 0.7 and callback.history[-1]["accuracy_delta"]["quiz"] < 0

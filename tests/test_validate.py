@@ -323,7 +323,7 @@ def test_cli_validate_run(tmp_path, tokenizer, capsys):
 
     path.write_text(yaml.safe_dump({**config, "validation": {"stepz": 2}}))
     assert main(["validate", str(path)]) == 2
-    assert "unknown `validation` key(s) ['stepz']" in capsys.readouterr().err
+    assert "validation: unknown key(s) ['stepz']" in capsys.readouterr().err
     path.write_text(yaml.safe_dump({**config, "targets": {"law": domain_texts("law")}}))
     assert main(["validate", str(path)]) == 2
     assert "needs at least 3" in capsys.readouterr().err

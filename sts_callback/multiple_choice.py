@@ -1,0 +1,98 @@
+"""Multiple-choice target domains: ``{"question", "choices", "answer"}`` items scored by the log-likelihood of
+each choice after the question; accuracy measured in lockstep across ranks (one forward per item everywhere)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import shard, sum_across_ranks
+from .errors import STSInputError
+
+FIELDS = ("question", "choices", "answer")
+PROMPT_FORMAT = "{question}\nAnswer:"
+CHOICE_FORMAT = " {choice}"
+
+
+def argmax(values: list[float]) -> int:
+    """Index of the highest value; ties go to the first."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def check_items(items: Any, where: str) -> list[dict[str, Any]]:
+    """Validated items from a list or a JSONL path; the error names the item and the fix."""
+    if isinstance(items, (str, Path)):
+        path = Path(items)
+        if not path.exists():
+            raise STSInputError(f"Multiple-choice file {path} does not exist; check the path.")
+        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not isinstance(items, Sequence) or len(items) == 0:
+        raise STSInputError(f"Multiple choice: {where} needs a non-empty list of "
+                            "{'question', 'choices', 'answer'} items.")
+    checked = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not set(FIELDS) <= set(item):
+            raise STSInputError(f"Multiple choice: item {i} of {where} must be a dict with 'question', "
+                                "'choices' (list of strings) and 'answer' (index of the right choice).")
+        choices, answer = item["choices"], item["answer"]
+        if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+            raise STSInputError(f"Multiple choice: item {i} of {where} needs at least two choices.")
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise STSInputError(f"Multiple choice: item {i} of {where} has answer={answer!r}; use the "
+                                f"index (0..{len(choices) - 1}) of the right choice.")
+        checked.append({"question": str(item["question"]), "choices": [str(c) for c in choices], "answer": answer})
+    return checked
+
+
+def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_format: str = PROMPT_FORMAT,
+                  choice_format: str = CHOICE_FORMAT, normalize: bool = True) -> list[float]:
+    """Log-likelihood of each choice's continuation after the question (mean per token when ``normalize``)."""
+    device = next(iter(model.parameters())).device
+    prompt = list(tokenizer(prompt_format.format(question=item["question"]), add_special_tokens=True)["input_ids"])
+    continuations = [list(tokenizer(choice_format.format(choice=c), add_special_tokens=False)["input_ids"])
+                     for c in item["choices"]]
+    if any(not c for c in continuations):
+        raise STSInputError(f"A choice of {item['question'][:60]!r} has no tokens; give non-empty choices.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    longest = max(len(prompt) + len(c) for c in continuations)
+    ids = torch.full((len(continuations), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, c in enumerate(continuations):
+        ids[row, : len(prompt) + len(c)] = torch.tensor(prompt + c)
+        mask[row, : len(prompt) + len(c)] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    finally:
+        model.train(was_training)
+    scores = []
+    for row, c in enumerate(continuations):
+        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=logits.device)
+        # log-softmax only where a choice token is predicted: never [choices x length x vocab] at once
+        logprobs = torch.log_softmax(logits[row, positions].float(), dim=-1)
+        total = float(logprobs[torch.arange(len(c)), torch.tensor(c, device=logits.device)].sum())
+        scores.append(total / len(c) if normalize else total)
+    return scores
+
+
+def accuracy(model: nn.Module, tokenizer, items: Sequence[dict[str, Any]]) -> tuple[float, int]:
+    """(right answers, items) over every rank: each rank scores a padded 1/world share, the counts are summed."""
+    part = shard(len(items), [len(item["question"]) for item in items])
+    counts = torch.zeros(2, dtype=torch.float64)
+    for index, counted in zip(part.indices, part.counted):
+        item = items[index]
+        right = argmax(choice_scores(model, tokenizer, item)) == item["answer"]
+        if counted:
+            counts += torch.tensor([float(right), 1.0], dtype=torch.float64)
+    sum_across_ranks(counts)
+    return float(counts[0]), int(counts[1])
+
+
+__all__ = ["CHOICE_FORMAT", "FIELDS", "PROMPT_FORMAT", "accuracy", "argmax", "check_items", "choice_scores"]
