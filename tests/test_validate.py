@@ -324,7 +324,8 @@ def test_cli_validate_run(tmp_path, tokenizer, capsys):
     path.write_text(yaml.safe_dump({**config, "validation": {"stepz": 2}}))
     assert main(["validate", str(path)]) == 2
     assert "validation: unknown key(s) ['stepz']" in capsys.readouterr().err
-    path.write_text(yaml.safe_dump({**config, "targets": {"law": domain_texts("law")}}))
+    one_domain = {k: v for k, v in config.items() if k != "multiple_choice"}
+    path.write_text(yaml.safe_dump({**one_domain, "targets": {"law": domain_texts("law")}}))
     assert main(["validate", str(path)]) == 2
     assert "needs at least 3" in capsys.readouterr().err
     assert main(["validate", str(path), "--steps", "0"]) == 2
