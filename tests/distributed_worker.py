@@ -2,6 +2,8 @@
 ``torchrun --nproc_per_node 2`` (DDP / DeepSpeed ZeRO-2 / ZeRO-3 on CPU with gloo).
 
     python tests/distributed_worker.py MODE OUT      MODE: single | ddp | zero2 | zero3 | bad_inputs | forecast_disagree
+                                                       | runlevel_single | runlevel_ddp | runlevel_zero2
+                                                       | runlevel_zero3
 
 Each rank writes ``OUT/rank<r>.json``: the files it wrote under the STS folder (seen by an audit hook)
 and, for ``bad_inputs``, the errors it raised.
@@ -76,8 +78,59 @@ def callback(**overrides):
     return STSCallback(**values)
 
 
+def runlevel(backend: str) -> dict:
+    """The run-level term from a Trainer callback at on_train_begin (the Trainer's own optimizer: accelerate's
+    wrapper, DeepSpeed's ZeRO optimizer): lookahead and first-order, and whether the lookahead put back the
+    parameters and the optimizer state."""
+    from transformers import TrainerCallback
+
+    from sts_callback.distributed import fingerprint
+    from sts_callback.runlevel import first_order, lookahead, training_batches
+
+    tokenizer = make_tokenizer()
+    targets = {}
+    for name, texts in DOMAINS.items():
+        ids = [list(tokenizer(t)["input_ids"]) for t in texts]
+        targets[name] = [(i, [True] * (len(i) - 1)) for i in ids]
+    data = Dataset.from_dict({"text": domain_texts("law", 12, seed=5) + domain_texts("code", 4, seed=5)}).map(
+        lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    out: dict = {}
+
+    class RunLevel(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            def state_of():
+                inner = getattr(optimizer, "optimizer", optimizer)
+                inner = getattr(inner, "optimizer", inner)  # DeepSpeed's base optimizer
+                return fingerprint([p for p in model.parameters()], [list(s.items()) for s in inner.state.values()],
+                                   [sorted((k, str(v)) for k, v in g.items() if k != "params")
+                                    for g in inner.param_groups])
+
+            batches = training_batches(data, collator, 4 // WORLD, 4, seed=0)
+            common = dict(steps=2, accumulation=2, max_grad_norm=1.0, batch_size=2)
+            before = state_of()
+            for name, fn in (("lookahead", lookahead), ("first_order", first_order)):
+                try:
+                    out[name] = fn(model, optimizer, batches, targets, **common).to_dict()
+                except Exception as err:  # noqa: BLE001 - recorded for the test
+                    out[name] = f"{type(err).__name__}: {err}"
+            out["restored"] = state_of() == before
+            out["optimizer"] = type(optimizer).__name__
+
+    args = TrainingArguments(
+        output_dir=str(OUT / "run"), max_steps=1, save_strategy="no", per_device_train_batch_size=4 // WORLD,
+        learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=1, optim="adamw_torch", weight_decay=0.01,
+        use_cpu=True, report_to=[], ddp_backend="gloo" if WORLD > 1 else None, seed=0,
+        deepspeed=deepspeed_config(int(backend[-1])) if backend.startswith("zero") else None)
+    Trainer(model=make_model("llama"), args=args, train_dataset=data, data_collator=collator,
+            processing_class=tokenizer, callbacks=[RunLevel()]).train()
+    return out
+
+
 result: dict = {"rank": RANK, "world": WORLD}
-if MODE == "forecast_disagree":  # forecast() itself, no trainer: ranks given different data must not be merged
+if MODE.startswith("runlevel_"):  # runlevel_single | runlevel_ddp | runlevel_zero2 | runlevel_zero3
+    result["runlevel"] = runlevel(MODE.split("_", 1)[1])
+elif MODE == "forecast_disagree":  # forecast() itself, no trainer: ranks given different data must not be merged
     from sts_callback import forecast
 
     torch.distributed.init_process_group("gloo")

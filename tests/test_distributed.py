@@ -120,3 +120,32 @@ def test_fsdp2_sharded_model_is_captured_in_lockstep_mode():
         assert torch.allclose(got, expected, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runlevel_single(tmp_path_factory):
+    return run("runlevel_single", tmp_path_factory.mktemp("runlevel") / "out", 1)[0]["runlevel"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
+def test_runlevel_term_two_processes_match_one(tmp_path, runlevel_single, mode):
+    """Lookahead and first-order estimates from a Trainer callback at on_train_begin (the Trainer's own optimizer)
+    equal one process's within 1e-5; ZeRO-3 refuses the lookahead with a pointer to first_order, which runs."""
+    if mode.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    ranks = [r["runlevel"] for r in run(f"runlevel_{mode}", tmp_path / "out", 2)]
+    for method in ("lookahead", "first_order"):
+        reference = runlevel_single[method]
+        assert isinstance(reference, dict), reference
+        assert max(abs(v) for v in reference["change"].values()) > 1e-3  # the steps move the losses
+        for theirs in ranks:
+            if mode == "zero3" and method == "lookahead":
+                assert theirs[method].startswith("STSConfigError") and "first_order" in theirs[method]
+                continue
+            assert isinstance(theirs[method], dict), theirs[method]
+            assert theirs[method]["train_tokens"] == reference["train_tokens"]
+            for name, value in reference["change"].items():
+                # relative changes already: compared on the scale of the loss itself
+                assert abs(theirs[method]["change"][name] - value) <= REL, f"{method} {name}"
+                close(reference["loss_before"][name], theirs[method]["loss_before"][name], f"{method} loss {name}")
+    assert all(r["restored"] for r in [runlevel_single, *ranks])

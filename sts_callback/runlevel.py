@@ -1,0 +1,691 @@
+"""The run-level term (issue 13, item 2): before training, a signed estimate of how much each target domain's
+held-out mean-token NLL will change, from the run's own optimizer and training data.
+
+Two features, each with its cost in seconds:
+
+- :func:`lookahead`: ``steps`` real optimizer steps (the run's optimizer class and hyper-parameters, the
+  learning rate at the schedule's peak, the run's batches) on the run's trainable parameters (LoRA adapters
+  or every weight), each domain's held-out NLL measured before and after, then parameters, buffers,
+  gradients, optimizer state (step counts included) and the torch / CUDA / ``random`` / numpy RNG states
+  restored bit-exactly (task-affinity lookahead, Fifty et al. 2021).
+- :func:`first_order`: ``dL_d ~ <grad L_d, delta>``, ``delta`` the update the optimizer would make in
+  ``steps`` steps from the training batches' mean gradient held fixed (Adam: ``-lr * g / (|g| + eps)`` per
+  step, as LESS preconditions gradients; SGD: ``-lr * g``; any ``torch.optim`` optimizer is simulated on a
+  copy of each parameter). No parameter of the model changes.
+
+Both return the relative change ``(after - before) / before`` of each domain (:class:`RunLevelEstimate`).
+
+Inputs, shared by a ``transformers`` callback at ``on_train_begin`` (the Trainer creates its optimizer
+before calling it) and by a benchmark that builds its own model and optimizer:
+
+- ``model``: the model being trained (a DDP / DeepSpeed / ``torch.compile`` wrapper is looked through; PEFT
+  models are used as they are, so only their adapters train).
+- ``optimizer``: the run's optimizer (a ``torch.optim`` optimizer, also inside accelerate's wrapper, or a
+  DeepSpeed ZeRO-1/2 optimizer, whose base optimizer class and hyper-parameters are used on a temporary
+  copy), or a factory ``params -> optimizer``.
+- ``batches``: this process's training micro-batches (dicts with ``input_ids``, ``attention_mask``,
+  ``labels``; -100 labels are not trained on), ``accumulation`` of them per optimizer step;
+  :func:`training_batches` draws them from a dataset and a collator the same way on every process count.
+- ``targets``: domain -> held-out sequences ``(ids, counted flags for the last len(flags) ids)``, the same
+  full lists on every process (as ``Monitor.loss_sets``); each process measures its shard.
+
+From a ``TrainerCallback.on_train_begin(args, state, control, model=None, optimizer=None, train_dataloader=None,
+...)`` (``model`` and ``optimizer`` are the Trainer's; never iterate ``train_dataloader`` itself, accelerate
+tracks its iterations)::
+
+    accumulation = args.gradient_accumulation_steps
+    batches = training_batches(train_dataloader.dataset, train_dataloader.collate_fn,
+                               args.per_device_train_batch_size, k * accumulation, seed=args.seed)
+    estimate = lookahead(model, optimizer, batches, monitor.loss_sets, steps=k, accumulation=accumulation,
+                         max_grad_norm=args.max_grad_norm, pad=pad_id, autocast=self._autocast(),
+                         before=self.base_losses)   # or first_order(...), without before=
+
+Under ``torch.distributed`` gradients, token counts and NLL sums are summed over processes, so 1 and N
+processes holding the same global batches give the same numbers. Parameters sharded by DeepSpeed ZeRO-3 or
+FSDP cannot be stepped and put back exactly here: :func:`lookahead` refuses them; :func:`first_order` runs
+under ZeRO-3 (each parameter gathered once for its update; gradients of the trainable parameters are held
+whole on every process), not under FSDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import parameters_are_sharded
+from .distributed import rank, shard, sum_across_ranks, world_size
+from .errors import STSConfigError, STSInputError
+from .extract import _batches, local_sequences
+from .monitor import nll_sums
+
+Sequence_ = tuple[list[int], list[bool]]
+OptimizerLike = Any  # torch.optim.Optimizer, an accelerate / DeepSpeed wrapper, or a factory params -> optimizer
+
+__all__ = ["RunLevelEstimate", "lookahead", "first_order", "training_batches", "measure_losses"]
+
+
+@dataclass
+class RunLevelEstimate:
+    """One run-level feature: per target domain, the relative change of its held-out mean-token NLL.
+
+    Attributes:
+        method: ``"lookahead"`` (measured after real steps) or ``"first_order"`` (predicted, no step taken).
+        change: domain -> ``(after - before) / before`` (lookahead) or ``<grad L_d, delta> / L_d`` (first order).
+        loss_before: domain -> held-out mean-token NLL before.
+        loss_change: domain -> absolute change (``after - before``, or the predicted ``dL_d``).
+        steps: optimizer steps taken (lookahead) or simulated (first order).
+        learning_rates: the learning rate of each parameter group used (the schedule's peak).
+        train_tokens: trained (label) tokens of the batches used, over all processes.
+        seconds: wall time of the whole call.
+        timings: its parts (``before`` / ``steps`` / ``after``; ``train_gradient`` / ``update`` / ``domains``)
+            and ``step_seconds`` (lookahead: one optimizer step on one batch, the training-step cost here).
+    """
+
+    method: str
+    change: dict[str, float]
+    loss_before: dict[str, float]
+    loss_change: dict[str, float]
+    steps: int
+    learning_rates: list[float]
+    train_tokens: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_change(self) -> float:
+        """The run-level term: mean relative change over the domains."""
+        return sum(self.change.values()) / len(self.change) if self.change else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mean_change"] = self.mean_change
+        return out
+
+
+# --------------------------------------------------------------------------- model and optimizer
+def _inner_model(model: nn.Module) -> nn.Module:
+    """Look through DDP / DeepSpeed engines / torch.compile (their forward must not run here); keep PEFT."""
+    current = model
+    for _ in range(10):
+        name = type(current).__name__
+        if name in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine") or (
+                name == "OptimizedModule"):
+            current = getattr(current, "module", None) or getattr(current, "_orig_mod")
+            continue
+        return current
+    return current
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _constructor_kwargs(cls: type, group: Mapping[str, Any]) -> dict[str, Any]:
+    """A parameter group's hyper-parameters that ``cls(...)`` accepts (``params`` and scheduler keys dropped)."""
+    try:
+        accepted = set(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        accepted = set()
+    return {k: v for k, v in group.items() if k != "params" and k in accepted}
+
+
+@dataclass
+class _Optimizer:
+    """What the run's optimizer means here: its class, its groups of this model's trainable parameters with
+    their hyper-parameters, and (for a plain torch optimizer) the object itself, stepped and then restored."""
+
+    cls: type
+    groups: list[tuple[list[nn.Parameter], dict[str, Any]]]
+    own: torch.optim.Optimizer | None  # the run's optimizer, to step in place; None: build a temporary one
+    state: Mapping[Any, dict[str, Any]]
+    zero3: Any = None  # DeepSpeed ZeRO-3's parameter offload (releases what a backward outside the engine left)
+
+    def after_backward(self) -> None:
+        """ZeRO-3: a backward run outside the engine leaves parameters gathered (the embedding's post-backward
+        hook never fires on integer inputs); release them all, as the engine does at the end of a step."""
+        if self.zero3 is not None:
+            self.zero3.partition_all_parameters()
+
+    def build(self, lr: Sequence[float]) -> torch.optim.Optimizer:
+        groups = [{"params": params, **_constructor_kwargs(self.cls, hp), "lr": group_lr}
+                  for (params, hp), group_lr in zip(self.groups, lr)]
+        try:
+            return self.cls(groups)
+        except TypeError as err:
+            raise STSConfigError(f"Cannot build a {self.cls.__name__} from the run's parameter groups ({err}); "
+                                 "pass optimizer= a factory params -> optimizer.") from err
+
+
+def _resolve_optimizer(optimizer: OptimizerLike, model: nn.Module, what: str) -> _Optimizer:
+    trainable = _trainable(model)
+    if not trainable:
+        raise STSInputError(f"{what}: the model has no trainable parameter (requires_grad); nothing would change.")
+    if optimizer is None:
+        raise STSConfigError(f"{what} needs the run's optimizer (or a factory params -> optimizer); got None. In a "
+                             "transformers callback, on_train_begin receives optimizer= (the Trainer creates it "
+                             "before training starts).")
+    if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        built = optimizer(trainable)
+        if not isinstance(built, torch.optim.Optimizer):
+            raise STSConfigError(f"{what}: the optimizer factory returned {type(built).__name__}, not a "
+                                 "torch.optim.Optimizer.")
+        optimizer = built
+    for _ in range(5):  # accelerate's AcceleratedOptimizer / DeepSpeedOptimizerWrapper
+        if type(optimizer).__module__.startswith("accelerate") and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+    wanted = {id(p) for p in trainable}
+    module = type(optimizer).__module__
+    if module.startswith("deepspeed"):
+        base = getattr(optimizer, "optimizer", None)
+        model_groups = next((getattr(optimizer, name) for name in ("bit16_groups", "bf16_groups", "fp16_groups")
+                             if isinstance(getattr(optimizer, name, None), list)), None)
+        if not isinstance(base, torch.optim.Optimizer) or model_groups is None:
+            raise STSConfigError(f"{what}: unsupported DeepSpeed optimizer {type(optimizer).__name__}; pass "
+                                 "optimizer= a factory params -> torch optimizer with the run's hyper-parameters.")
+        groups = [([p for p in params if id(p) in wanted], dict(hp))
+                  for params, hp in zip(model_groups, base.param_groups)]
+        return _Optimizer(type(base), [g for g in groups if g[0]], None, {},
+                          getattr(optimizer, "parameter_offload", None))
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise STSConfigError(f"{what}: {type(optimizer).__name__} is not a torch.optim.Optimizer; pass the run's "
+                             "optimizer or a factory params -> optimizer.")
+    groups = [([p for p in g["params"] if id(p) in wanted], {k: v for k, v in g.items() if k != "params"})
+              for g in optimizer.param_groups]
+    groups = [g for g in groups if g[0]]
+    if not groups:
+        raise STSInputError(f"{what}: none of the model's trainable parameters is in the optimizer; pass the "
+                            "optimizer of this model.")
+    return _Optimizer(type(optimizer), groups, optimizer, optimizer.state)
+
+
+def _is_zero3(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """A parameter's shape; under ZeRO-3 the shape of the whole (partitioned) tensor."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+@contextmanager
+def _gathered(p: nn.Parameter):
+    """The whole parameter for the duration (ZeRO-3: gathered on every process, read-only; a collective)."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            yield p
+    else:
+        yield p
+
+
+def _peak_lrs(resolved: _Optimizer, lr: float | None) -> list[float]:
+    """Each group's learning rate at the schedule's peak: ``lr`` when given, else the scheduler's base rate
+    (``initial_lr``: the peak of warm-up / cosine / linear schedules) or the group's current rate."""
+    out = []
+    for _, hp in resolved.groups:
+        value = lr if lr is not None else hp.get("initial_lr", hp.get("lr"))
+        if value is None:
+            raise STSConfigError("The optimizer's parameter groups hold no learning rate; pass lr=.")
+        out.append(float(value))
+    return out
+
+
+# --------------------------------------------------------------------------- save / restore
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch installs
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _clone_value(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
+@contextmanager
+def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None, parameters: bool = True):
+    """Everything a lookahead touches comes back bit-exactly on exit: trainable parameters, buffers, their
+    ``.grad``, train / eval flags, the optimizer's state, parameter groups and plain attributes, RNG states."""
+    rng = _rng_state()
+    modes = {m: m.training for m in model.modules()}
+    params = [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+              for p in _trainable(model)] if parameters else []
+    buffers = [(b, b.detach().clone()) for b in model.buffers()] if parameters else []
+    opt_state = groups = attrs = None
+    if optimizer is not None:
+        opt_state = {p: {k: _clone_value(v) for k, v in s.items()} for p, s in optimizer.state.items()}
+        groups = [{k: _clone_value(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        attrs = {k: v for k, v in vars(optimizer).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value, grad in params:
+                p.copy_(value)
+                p.grad = grad
+            for b, value in buffers:
+                b.copy_(value)
+        for m, flag in modes.items():
+            m.training = flag
+        if optimizer is not None:
+            optimizer.state.clear()
+            optimizer.state.update(opt_state)
+            for g, saved in zip(optimizer.param_groups, groups):
+                for k in [k for k in g if k != "params" and k not in saved]:
+                    del g[k]
+                g.update(saved)
+            for k in [k for k, v in vars(optimizer).items()
+                      if k not in attrs and isinstance(v, (bool, int, float, str, type(None)))]:
+                delattr(optimizer, k)
+            for k, v in attrs.items():
+                setattr(optimizer, k, v)
+        _set_rng_state(rng)
+
+
+# --------------------------------------------------------------------------- losses
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+def _pad_id(model: nn.Module, pad: int | None) -> int:
+    if pad is not None:
+        return int(pad)
+    config = getattr(model, "config", None)
+    value = getattr(config, "pad_token_id", None) if config is not None else None
+    return int(value) if isinstance(value, int) else 0
+
+
+def _check_targets(targets: Mapping[str, Sequence[Sequence_]]) -> None:
+    if not targets:
+        raise STSInputError("No target domain given: pass targets={name: held-out sequences}.")
+    for name, sequences in targets.items():
+        if len(sequences) == 0:
+            raise STSInputError(f"Target domain {name!r} has no held-out sequence.")
+
+
+def measure_losses(model: nn.Module, targets: Mapping[str, Sequence[Sequence_]], *, pad: int | None = None,
+                   batch_size: int = 4, autocast: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Held-out mean-token NLL of each domain (eval mode, no grad; each process its shard, summed)."""
+    model = _inner_model(model)
+    _check_targets(targets)
+    pad_id = _pad_id(model, pad)
+    sums = torch.zeros(len(targets), 2, dtype=torch.float64)
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), (autocast() if autocast else nullcontext()):
+            for i, everyone in enumerate(targets.values()):
+                part = shard(len(everyone), [len(ids) for ids, _ in everyone])
+                total, count = nll_sums(model, local_sequences(list(everyone), part), pad_id, batch_size)
+                sums[i] = torch.tensor([total, count], dtype=torch.float64)
+    finally:
+        for m, flag in was.items():
+            m.training = flag
+    sum_across_ranks(sums)
+    out = {}
+    for i, name in enumerate(targets):
+        if sums[i, 1] == 0:
+            raise STSInputError(f"Target domain {name!r} has no counted token in its held-out sequences.")
+        out[name] = float(sums[i, 0] / sums[i, 1])
+    return out
+
+
+def _train_nll(model: nn.Module, batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+    """(summed token NLL as a graph, trained token count) of one training micro-batch."""
+    ids = torch.as_tensor(batch["input_ids"]).to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(device)
+    labels = batch.get("labels")
+    labels = ids.masked_fill(mask == 0, -100) if labels is None else torch.as_tensor(labels).to(device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                            targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return nll, int((targets != -100).sum())
+
+
+def _take(batches: Iterable[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
+    """The first ``n`` batches (an iterable shorter than ``n`` is iterated again from its start)."""
+    out: list[Mapping[str, Any]] = []
+    iterator: Iterator = iter(batches)
+    while len(out) < n:
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            if not out or iterator is batches:
+                raise STSInputError(f"{n} training batches are needed and the iterable gave {len(out)}; pass a "
+                                    "list or a re-iterable (a DataLoader) of batches.") from None
+            iterator = iter(batches)
+    return out
+
+
+def _mean_gradient(model: nn.Module, params: list[nn.Parameter], micro_batches: Sequence[Mapping[str, Any]],
+                   autocast, after_backward: Callable[[], None] = lambda: None) -> tuple[list[torch.Tensor], int]:
+    """The token-weighted mean gradient of the training NLL over ``micro_batches`` of every process (train
+    mode, as the run trains). ``torch.autograd.grad``: no ``.grad`` is written and no DDP / DeepSpeed gradient
+    hook fires."""
+    device = _device(model)
+    # summed in float32 at least: a bf16 / fp16 sum over micro-batches and processes would lose the low bits
+    grads = [torch.zeros(_full_shape(p), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+             for p in params]
+    tokens = 0
+    model.train()
+    for batch in micro_batches:
+        with autocast() if autocast else nullcontext():
+            nll, count = _train_nll(model, batch, device)
+        parts = torch.autograd.grad(nll, params, allow_unused=True)
+        after_backward()
+        for total, part in zip(grads, parts):
+            if part is not None:
+                total.add_(part.to(total.dtype))
+        tokens += count
+        del nll, parts
+    for g in grads:
+        sum_across_ranks(g)
+    count = torch.tensor([float(tokens)], dtype=torch.float64)
+    sum_across_ranks(count)
+    total_tokens = int(count.item())
+    if total_tokens == 0:
+        raise STSInputError("The training batches hold no trained token (every label is -100).")
+    for g in grads:
+        g.div_(total_tokens)
+    return grads, total_tokens
+
+
+def _clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> None:
+    """In place, as ``torch.nn.utils.clip_grad_norm_`` (the Trainer's ``max_grad_norm``)."""
+    if not max_grad_norm or max_grad_norm <= 0:
+        return
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+    coefficient = float(max_grad_norm) / (float(norm) + 1e-6)
+    if coefficient < 1.0:
+        for g in grads:
+            g.mul_(coefficient)
+
+
+def _check_common(steps: int, accumulation: int, what: str) -> None:
+    for name, value in (("steps", steps), ("accumulation", accumulation)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise STSConfigError(f"{what}({name}={value!r}) must be a positive integer.")
+
+
+# --------------------------------------------------------------------------- the two features
+def lookahead(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapping[str, Any]],
+              targets: Mapping[str, Sequence[Sequence_]], *, steps: int = 3, accumulation: int = 1,
+              lr: float | None = None, max_grad_norm: float | None = None, pad: int | None = None,
+              batch_size: int = 4, autocast: Callable[[], Any] | None = None,
+              before: Mapping[str, float] | None = None) -> RunLevelEstimate:
+    """Take ``steps`` real optimizer steps, measure each domain's held-out NLL change, put everything back.
+
+    Args:
+        model: the model being trained; only its trainable parameters move.
+        optimizer: the run's optimizer (stepped, then its state restored) or a factory ``params -> optimizer``;
+            a DeepSpeed ZeRO-1/2 optimizer is replaced by a temporary one of its base class and groups.
+        batches: this process's training micro-batches; ``steps * accumulation`` are used.
+        targets: domain -> held-out sequences (ids, counted flags), the same on every process.
+        steps: optimizer steps (issue 13: at most 5% of the run's steps counts as step 0).
+        accumulation: micro-batches per optimizer step (the Trainer's gradient accumulation).
+        lr: the learning rate of every group; default each group's scheduler base rate (the schedule's peak).
+        max_grad_norm: clip each step's gradient as the run does (the Trainer's ``max_grad_norm``).
+        pad, batch_size, autocast: padding id, sequences per held-out forward, the run's autocast factory.
+        before: the held-out losses already measured on these targets (skips that pass).
+
+    Raises:
+        STSConfigError: under DeepSpeed ZeRO-3 / FSDP (sharded parameters cannot be restored exactly).
+    """
+    start = time.perf_counter()
+    _check_common(steps, accumulation, "lookahead")
+    _check_targets(targets)
+    inner = _inner_model(model)
+    resolved = _resolve_optimizer(optimizer, inner, "lookahead")
+    if parameters_are_sharded(inner):
+        raise STSConfigError(
+            "lookahead() cannot run under DeepSpeed ZeRO-3 or FSDP: the parameters and optimizer state are "
+            "sharded across processes, so the steps cannot be undone bit-exactly here. Use "
+            "sts_callback.runlevel.first_order(...) instead (no parameter changes), or run the lookahead under "
+            "DDP / ZeRO-2 / one process.")
+    micro = _take(batches, steps * accumulation)
+    lrs = _peak_lrs(resolved, lr)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    loss_before = dict(before) if before is not None else measure_losses(inner, targets, pad=pad,
+                                                                         batch_size=batch_size, autocast=autocast)
+    if set(loss_before) != set(targets):
+        raise STSInputError(f"before= has domains {sorted(loss_before)}, targets has {sorted(targets)}.")
+    timings["before"] = time.perf_counter() - t
+    tokens = 0
+    with _restored(inner, resolved.own):
+        stepper = resolved.own if resolved.own is not None else resolved.build(lrs)
+        if resolved.own is not None:
+            for group, group_lr in zip(stepper.param_groups, _group_lrs(stepper, resolved, lrs)):
+                group["lr"] = group_lr
+        params = [p for group, _ in resolved.groups for p in group]
+        t = time.perf_counter()
+        for step in range(steps):
+            grads, count = _mean_gradient(inner, params, micro[step * accumulation:(step + 1) * accumulation],
+                                          autocast)
+            tokens += count
+            _clip(grads, max_grad_norm)
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.dtype)
+            stepper.step()
+            for p in params:
+                p.grad = None
+            del grads
+        timings["steps"] = time.perf_counter() - t
+        timings["step_seconds"] = timings["steps"] / steps
+        t = time.perf_counter()
+        after = measure_losses(inner, targets, pad=pad, batch_size=batch_size, autocast=autocast)
+        timings["after"] = time.perf_counter() - t
+        del stepper
+    change = {d: (after[d] - loss_before[d]) / loss_before[d] for d in targets}
+    return RunLevelEstimate("lookahead", change, {d: loss_before[d] for d in targets},
+                            {d: after[d] - loss_before[d] for d in targets}, steps, lrs, tokens,
+                            time.perf_counter() - start, timings)
+
+
+def _group_lrs(optimizer: torch.optim.Optimizer, resolved: _Optimizer, lrs: list[float]) -> list[float]:
+    """The peak rate of each of the optimizer's own groups (groups without trainable parameters keep theirs)."""
+    by_param = {id(p): group_lr for (params, _), group_lr in zip(resolved.groups, lrs) for p in params}
+    out = []
+    for group in optimizer.param_groups:
+        match = next((by_param[id(p)] for p in group["params"] if id(p) in by_param), None)
+        out.append(group["lr"] if match is None else match)
+    return out
+
+
+# torch.optim classes whose update of an element depends on that element alone: a parameter can be simulated
+# in slices (bounded float64 memory for a 170M-entry embedding)
+ELEMENTWISE = {"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop"}
+SLICE = 1 << 22  # elements per slice (32 MiB per float64 tensor)
+
+
+def _update(resolved: _Optimizer, params: list[nn.Parameter], grads: list[torch.Tensor], lrs: list[float],
+            steps: int) -> list[torch.Tensor]:
+    """``delta`` of each parameter after ``steps`` steps of the run's optimizer with the gradient held at
+    ``grads``: the optimizer class itself runs on a float64 copy of one parameter at a time (from the run's
+    optimizer state of that parameter, if any), so Adam, AdamW, SGD, ... are reproduced exactly."""
+    group_of = {id(p): (hp, group_lr) for (group, hp), group_lr in zip(resolved.groups, lrs) for p in group}
+    sliceable = resolved.cls.__module__.startswith("torch.optim") and resolved.cls.__name__ in ELEMENTWISE
+    deltas = []
+    for p, g in zip(params, grads):
+        hp, group_lr = group_of[id(p)]
+        kwargs = {**_constructor_kwargs(resolved.cls, hp), "lr": group_lr}
+        kwargs.pop("fused", None)  # fused kernels want the parameter's own dtype / device
+        state = resolved.state[p] if p in resolved.state else {}
+        delta = torch.empty_like(g)
+        with _gathered(p):
+            value = p.detach()
+            n = value.numel()
+            pieces = [(0, n)] if not sliceable or n <= SLICE else [(i, min(i + SLICE, n)) for i in range(0, n, SLICE)]
+            for lo, hi in pieces:
+                whole = (lo, hi) == (0, n)
+
+                def part(t: torch.Tensor) -> torch.Tensor:
+                    return t.detach().double().clone() if whole else t.detach().reshape(-1)[lo:hi].double().clone()
+
+                start = part(value)  # float64: delta is a small difference of two large numbers
+                shadow = start.clone()
+                try:
+                    opt = resolved.cls([{"params": [shadow], **kwargs}])
+                except TypeError as err:
+                    raise STSConfigError(f"Cannot build a {resolved.cls.__name__} for the first-order update ({err}); "
+                                         "pass optimizer= a factory params -> optimizer.") from err
+                if state:
+                    opt.state[shadow] = {k: part(v) if torch.is_tensor(v) and v.shape == p.shape and
+                                         v.is_floating_point() else _clone_value(v) for k, v in state.items()}
+                grad = part(g)
+                for _ in range(steps):
+                    shadow.grad = grad
+                    opt.step()
+                delta.view(-1)[lo:hi] = (shadow - start).reshape(-1).to(g.dtype)
+                del opt, shadow, start, grad
+        deltas.append(delta)
+    return deltas
+
+
+def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapping[str, Any]],
+                targets: Mapping[str, Sequence[Sequence_]], *, steps: int = 3, accumulation: int = 1,
+                lr: float | None = None, max_grad_norm: float | None = None, pad: int | None = None,
+                batch_size: int = 4, autocast: Callable[[], Any] | None = None) -> RunLevelEstimate:
+    """Predict each domain's relative held-out NLL change after ``steps`` steps: ``<grad L_d, delta> / L_d``.
+
+    ``delta`` is what the run's optimizer does in ``steps`` steps with the mean gradient of all the
+    ``steps * accumulation`` training micro-batches held fixed (clipped to ``max_grad_norm`` like a step).
+    No parameter, optimizer state or RNG state changes (the RNG is restored after the train-mode forwards).
+    Arguments as in :func:`lookahead`.
+    """
+    start = time.perf_counter()
+    _check_common(steps, accumulation, "first_order")
+    _check_targets(targets)
+    inner = _inner_model(model)
+    resolved = _resolve_optimizer(optimizer, inner, "first_order")
+    if parameters_are_sharded(inner) and not _is_zero3(inner):
+        raise STSConfigError(
+            "first_order() does not support FSDP-sharded parameters yet; run the estimate under DDP, DeepSpeed "
+            "ZeRO-2/3 or in one process before the sharded run.")
+    if _is_zero3(inner) and resolved.zero3 is None:
+        raise STSConfigError("first_order() under DeepSpeed ZeRO-3 needs the run's DeepSpeed optimizer (the "
+                             "Trainer's optimizer=), not a factory.")
+    micro = _take(batches, steps * accumulation)
+    lrs = _peak_lrs(resolved, lr)
+    params = [p for group, _ in resolved.groups for p in group]
+    pad_id = _pad_id(inner, pad)
+    timings: dict[str, float] = {}
+    device = _device(inner)
+    with _restored(inner, None, parameters=False):  # RNG (dropout) and modes; parameters are only read
+        t = time.perf_counter()
+        grads, tokens = _mean_gradient(inner, params, micro, autocast, resolved.after_backward)
+        _clip(grads, max_grad_norm)
+        timings["train_gradient"] = time.perf_counter() - t
+        t = time.perf_counter()
+        deltas = _update(resolved, params, grads, lrs, steps)
+        del grads
+        timings["update"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sums = torch.zeros(len(targets), 3, dtype=torch.float64)  # NLL sum, token count, <grad NLL sum, delta>
+        inner.eval()
+        for i, everyone in enumerate(targets.values()):
+            part = shard(len(everyone), [len(ids) for ids, _ in everyone])
+            local = local_sequences(list(everyone), part)
+            for batch in _batches([len(ids) for ids, _ in local], batch_size):
+                with autocast() if autocast else nullcontext():
+                    total, count = _held_out_nll(inner, [local[j] for j in batch], pad_id, device)
+                dot = torch.zeros((), dtype=torch.float64)
+                if total.requires_grad:
+                    parts = torch.autograd.grad(total, params, allow_unused=True)
+                    resolved.after_backward()
+                    for part_, delta in zip(parts, deltas):
+                        if part_ is not None:
+                            dot += (part_.double() * delta.double()).sum().cpu()
+                sums[i] += torch.stack([total.detach().double().cpu(), torch.tensor(float(count), dtype=torch.float64),
+                                        dot])
+                del total
+        timings["domains"] = time.perf_counter() - t
+    sum_across_ranks(sums)
+    change, before, delta_loss = {}, {}, {}
+    for i, name in enumerate(targets):
+        if sums[i, 1] == 0:
+            raise STSInputError(f"Target domain {name!r} has no counted token in its held-out sequences.")
+        before[name] = float(sums[i, 0] / sums[i, 1])
+        delta_loss[name] = float(sums[i, 2] / sums[i, 1])
+        change[name] = float(sums[i, 2] / sums[i, 0])
+    return RunLevelEstimate("first_order", change, before, delta_loss, steps, lrs, tokens,
+                            time.perf_counter() - start, timings)
+
+
+def _held_out_nll(model: nn.Module, sequences: Sequence[Sequence_], pad: int,
+                  device: torch.device) -> tuple[torch.Tensor, int]:
+    """Summed NLL (with its graph) and count of the counted tokens, as ``monitor.nll_sums`` computes them."""
+    longest = max(len(ids) for ids, _ in sequences)
+    ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    counted = torch.zeros((len(sequences), longest), dtype=torch.bool)
+    for row, (seq, flags) in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags, dtype=torch.bool)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    targets = ids[:, 1:].to(device)
+    keep = counted[:, 1:].to(device)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            reduction="none").reshape(targets.shape)
+    return nll[keep].sum(), int(keep.sum())
+
+
+# --------------------------------------------------------------------------- data
+def training_batches(dataset: Sequence[Any], collate_fn: Callable[[list[Any]], Mapping[str, Any]],
+                     batch_size: int, count: int, *, seed: int = 0, rank_: int | None = None,
+                     world: int | None = None) -> list[Mapping[str, Any]]:
+    """This process's ``count`` training micro-batches of ``batch_size`` examples each, drawn without touching
+    any global RNG or the Trainer's dataloader: a seeded order of the examples is cut into global batches of
+    ``batch_size * world_size`` and process ``r`` takes the examples ``r, r + world, ...`` of each, so one
+    process with batch 4 and two with batch 2 train on the same examples.
+
+    From a Trainer: ``training_batches(trainer.train_dataset, trainer.data_collator,
+    args.per_device_train_batch_size, steps * args.gradient_accumulation_steps, seed=args.seed)``.
+    """
+    if len(dataset) == 0:
+        raise STSInputError("The training dataset is empty.")
+    world = world_size() if world is None else world
+    me = rank() if rank_ is None else rank_
+    needed = count * batch_size * world
+    rng = random.Random(f"runlevel:{seed}")
+    order: list[int] = []
+    while len(order) < needed:
+        epoch = list(range(len(dataset)))
+        rng.shuffle(epoch)
+        order += epoch
+    out = []
+    for b in range(count):
+        chunk = order[b * batch_size * world:(b + 1) * batch_size * world]
+        out.append(collate_fn([dataset[i] for i in chunk[me::world]]))
+    return out
