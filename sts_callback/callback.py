@@ -80,6 +80,10 @@ class STSCallback(TrainerCallback, ExportableState):
             "answer"}``) is also scored for accuracy at train start and at every re-check; a protected one that
             loses more than this (absolute, 0.02 = two points) is a violation.
         accuracy_items: items sampled per multiple-choice domain for the accuracy (one forward each).
+        loss_precision: a re-check measures each domain's held-out loss change sequentially (same sequences
+            before and after, in blocks) until the 95% interval is within +-``loss_precision * tolerance``, or a
+            protected domain is surely above ``tolerance``, up to ``loss_tokens``; the interval is in the history
+            (``loss_delta_ci``). ``None``: always all ``loss_tokens``.
     """
 
     def __init__(self, sae: Any, target_domains: Any, protected: list[str] | tuple[str, ...] = (),
@@ -88,7 +92,8 @@ class STSCallback(TrainerCallback, ExportableState):
                  forecast_top_k: int = 1, tolerance: float = 0.05, max_sts: float | None = None,
                  early_stop: bool = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
-                 accuracy_items: int = 100, _objects_from: list[str] | None = None):
+                 accuracy_items: int = 100, loss_precision: float | None = 0.25,
+                 _objects_from: list[str] | None = None):
         if isinstance(config, STSConfig):
             config = config.to_dict()
         self.config = STSConfig.from_dict(config)  # validated now, not at train start
@@ -137,6 +142,11 @@ class STSCallback(TrainerCallback, ExportableState):
         self.train_probe, self.demonstrations = values["train_probe"], values["demonstrations"]
         self.recheck_steps, self.recheck_tokens, self.loss_tokens = recheck_steps, recheck_tokens, loss_tokens
         self.accuracy_items = accuracy_items
+        if loss_precision is not None and (isinstance(loss_precision, bool) or not isinstance(loss_precision, (int, float))
+                                           or not loss_precision > 0):
+            raise STSConfigError(f"loss_precision must be a positive fraction of the tolerance (0.25: the 95% "
+                                 f"interval of a loss change is at most +-tolerance/4) or None, got {loss_precision!r}.")
+        self.loss_precision = loss_precision
         self.strict = strict
         self.recheck_at_end, self.output_subdir = recheck_at_end, output_subdir
         self.calibration = _load_calibration(calibration)
@@ -155,6 +165,7 @@ class STSCallback(TrainerCallback, ExportableState):
             "recheck_tokens": recheck_tokens, "loss_tokens": loss_tokens, "forecast_top_k": forecast_top_k,
             "tolerance": self.guard.config.tolerance, "max_sts": max_sts, "early_stop": early_stop,
             "patience": patience, "accuracy_tolerance": accuracy_tolerance, "accuracy_items": accuracy_items,
+            "loss_precision": loss_precision,
             "strict": strict, "recheck_at_end": recheck_at_end, "output_subdir": output_subdir,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
             "_objects_from": sorted(objects) or None,
@@ -353,8 +364,11 @@ class STSCallback(TrainerCallback, ExportableState):
         require_at_least_world(len(probe_sequences), "The re-check probe of the training data",
                                "Give more training texts, raise recheck_tokens, or run on fewer processes.")
         resumed = state.global_step > 0
+        half_width = self.loss_precision * self.tolerance if self.loss_precision is not None else None
         self.monitor = Monitor(setup=self.setup, probe=probe_sequences, domains={}, loss_sets=loss_sets,
-                               accuracy_sets=accuracy_sets)
+                               accuracy_sets=accuracy_sets, loss_half_width=half_width or None,
+                               loss_tolerances={name: self.tolerance for name in self.protected},
+                               seed=str(self.config.seed))
         if resumed:
             self._resume(args, state, domains)
         else:

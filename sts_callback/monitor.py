@@ -8,6 +8,7 @@ is the same model with its adapters disabled.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -22,9 +23,10 @@ from torch import nn
 from . import score
 from .capture import unwrap_model
 from .data import Corpus, sample_within_budget
-from .distributed import gather_objects, shard, sum_across_ranks
-from .extract import ConditionStats, Extractor, PairedStats, _batches, local_sequences
+from .distributed import gather_objects, sum_across_ranks
+from .extract import ConditionStats, Extractor, PairedStats, _batches
 from .forecast import Setup, inference_mode
+from .heldout import LossChange, all_sequence_nll, sequence_nll, sequential_change
 from .stats import ActivationStats, ShiftStats
 
 Sequence_ = tuple[list[int], list[bool]]
@@ -52,30 +54,9 @@ class DomainBase:
 
 def nll_sums(model: nn.Module, sequences: Sequence[Sequence_], pad: int, batch_size: int) -> tuple[float, int]:
     """(NLL sum, token count) of the counted tokens: ``sequences`` are (ids, counted flags for the last
-    len(flags) ids); full forwards with the LM head, batched by length. Call under no_grad / eval mode."""
-    device = next(iter(model.parameters())).device
-    total, count = 0.0, 0
-    lengths = [len(ids) for ids, _ in sequences]
-    for batch in _batches(lengths, batch_size):
-        longest = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        counted = torch.zeros((len(batch), longest), dtype=torch.bool)
-        for row, i in enumerate(batch):
-            seq, flags = sequences[i]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        targets = ids[:, 1:].to(device)
-        keep = counted[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-        ).reshape(targets.shape)
-        total += float(nll[keep].double().sum())
-        count += int(keep.sum())
-        del logits, nll
-    return total, count
+    len(flags) ids); the LM head runs only at counted positions, in chunks. Call under no_grad / eval mode."""
+    sums = sequence_nll(model, sequences, pad, batch_size).sum(0)
+    return float(sums[0]), int(sums[1])
 
 
 def fit_sums(sae, rows: torch.Tensor) -> torch.Tensor:
@@ -127,6 +108,10 @@ class Monitor:
     loss_batch_size: int = 4
     accuracy_sets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # multiple-choice domains
     base_accuracy: dict[str, float] = field(default_factory=dict)
+    base_sequence_nll: dict[str, torch.Tensor] = field(default_factory=dict)  # [n, 2] per held-out sequence
+    loss_half_width: float | None = None  # stop measuring a domain once its change's 95% CI is this narrow
+    loss_tolerances: dict[str, float] = field(default_factory=dict)  # protected: stop once surely above
+    seed: str = "0"
 
     # -------------------------------------------------------------- building
     @staticmethod
@@ -186,16 +171,30 @@ class Monitor:
 
         ``autocast``: a factory of the trainer's autocast context (called once per use).
         """
-        tokenizer = self.setup.builder.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        sums = torch.zeros(len(self.loss_sets), 2, dtype=torch.float64)  # (NLL sum, token count) per domain
         with inference_mode(model), (autocast() if autocast else nullcontext()):
-            for domain_index, everyone in enumerate(self.loss_sets.values()):
-                part = shard(len(everyone), [len(ids) for ids, _ in everyone])
-                total, count = nll_sums(model, local_sequences(everyone, part), pad, self.loss_batch_size)
-                sums[domain_index] = torch.tensor([total, count], dtype=torch.float64)
-        sum_across_ranks(sums)
-        return {name: float(sums[i, 0] / sums[i, 1].clamp(min=1)) for i, name in enumerate(self.loss_sets)}
+            for name, everyone in self.loss_sets.items():
+                self.base_sequence_nll[name] = all_sequence_nll(model, everyone, self._pad(), self.loss_batch_size)
+        totals = {name: sums.sum(0) for name, sums in self.base_sequence_nll.items()}
+        return {name: float(t[0] / t[1].clamp(min=1)) for name, t in totals.items()}
+
+    def _pad(self) -> int:
+        tokenizer = self.setup.builder.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    def measure_changes(self, model: nn.Module, autocast=None) -> dict[str, LossChange]:
+        """Each domain's relative held-out loss change since :meth:`measure_losses`, measured sequentially on the
+        same sequences (a seeded order) until :attr:`loss_half_width` is reached; all of them when ``None``."""
+        out = {}
+        with inference_mode(model), (autocast() if autocast else nullcontext()):
+            for name, everyone in self.loss_sets.items():
+                order = list(range(len(everyone)))
+                random.Random(f"{self.seed}:loss-order:{name}").shuffle(order)
+                out[name] = sequential_change(
+                    lambda indices, everyone=everyone: all_sequence_nll(model, everyone, self._pad(),
+                                                                        self.loss_batch_size, indices),
+                    self.base_sequence_nll[name], order, [sum(flags) for _, flags in everyone],
+                    half_width=self.loss_half_width, tolerance=self.loss_tolerances.get(name))
+        return out
 
     def measure_accuracy(self, model: nn.Module, autocast=None) -> dict[str, float]:
         """Accuracy of each multiple-choice domain's sampled items (every rank its share, counts summed)."""
@@ -265,9 +264,10 @@ class Monitor:
             if base.latent_shift is not None:
                 entry["sts_icl"] = score.sts_icl(base.latent_shift, latents)
             scores[name] = entry
-        losses = self.measure_losses(model, autocast)
-        loss_delta = {name: (losses[name] - self.base_losses[name]) / self.base_losses[name]
-                      if self.base_losses.get(name) else None for name in losses}
+        changes = self.measure_changes(model, autocast)
+        loss_delta = {name: change.delta if self.base_losses.get(name) else None for name, change in changes.items()}
+        losses = {name: self.base_losses[name] * (1 + change.delta) if name in self.base_losses else math.nan
+                  for name, change in changes.items()}
         accuracy = self.measure_accuracy(model, autocast) if self.accuracy_sets else {}
         record = {
             "shift_total": float(shift.mean_shift().sum()),
@@ -277,6 +277,8 @@ class Monitor:
             "scores": scores,
             "loss": losses,
             "loss_delta": loss_delta,
+            "loss_delta_ci": {name: [c.low, c.high] for name, c in changes.items()},
+            "loss_tokens": {name: c.tokens for name, c in changes.items()},
             **({"accuracy": accuracy,
                 "accuracy_delta": {name: value - self.base_accuracy[name] if name in self.base_accuracy else None
                                    for name, value in accuracy.items()}} if accuracy else {}),
@@ -291,6 +293,8 @@ class Monitor:
         out: dict[str, torch.Tensor] = {}
         if self.base_residuals is not None:
             out["probe/base_residuals"] = self.base_residuals.contiguous()
+        for name, sums in self.base_sequence_nll.items():
+            out[f"heldout/{name}/base_sequence_nll"] = sums.contiguous()
         for name, base in self.domains.items():
             for key, value in base.latents.state_dict().items():
                 out[f"domain/{name}/latents/{key}"] = value
@@ -312,6 +316,7 @@ class Monitor:
 
         tensors = load_file(str(path))
         self.base_residuals = tensors.get("probe/base_residuals")
+        self.base_sequence_nll = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("heldout/")}
         for name in self.domains:
             latent_state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items()
                             if k.startswith(f"domain/{name}/latents/")}

@@ -672,8 +672,8 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                 p.requires_grad_(True)
         callback = STSCallback(sae=sae, target_domains=domains, train_probe=train, demonstrations=demos,
                                config=config, recheck_tokens=recheck_tokens, loss_tokens=loss_tokens, strict=True,
-                               recheck_steps=recheck_steps,
-                               recheck_at_end=True)
+                               recheck_steps=recheck_steps, recheck_at_end=True,
+                               loss_precision=None)  # ground truth: every held-out token, no sequential stop
         if run_dir.exists():
             shutil.rmtree(run_dir / "sts", ignore_errors=True)
         args = dict(output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=batch_size,

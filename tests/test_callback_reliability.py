@@ -72,12 +72,14 @@ class PoisonLosses(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         monitor = self.callback.monitor
         if state.global_step >= 3 and not getattr(monitor, "_poisoned", False):
-            measure = monitor.measure_losses
+            measure = monitor.measure_changes
 
             def poisoned(*a, **k):
-                return {**measure(*a, **k), "food": self.value}
+                changes = measure(*a, **k)
+                changes["food"].delta = self.value
+                return changes
 
-            monitor.measure_losses = poisoned
+            monitor.measure_changes = poisoned
             monitor._poisoned = True
 
 

@@ -1,0 +1,162 @@
+"""Held-out loss at the precision needed: per-sequence NLL through a chunked LM head, and the sequential paired
+estimate of a domain's relative loss change with its 95% interval.
+
+The LM head of a large-vocabulary model dominates a loss pass (Gemma 3: 262k outputs); logits are computed
+only at the counted positions, a chunk of rows at a time, never as one [tokens x vocab] tensor. A change is a
+paired difference on the same sequences before and after; sequences are measured in blocks until the interval
+is narrow enough, so a clear change costs a fraction of the token budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capture import parameters_are_sharded, text_config, unwrap_model
+from .distributed import shard, sum_across_ranks
+
+TokenSequence = tuple[list[int], list[bool]]  # ids, counted flags for the last len(flags) ids
+HEAD_CHUNK = 512  # rows of logits at a time: 512 x 262k floats = 0.5 GB for Gemma 3
+Z95 = 1.959963984540054
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    from .extract import _batches as by_length
+
+    return by_length(lengths, batch_size)
+
+
+def _split_head(model: nn.Module):
+    """(body, head, softcap) when the model can run its LM head apart from its body; ``None`` otherwise (a
+    sharded model, where every rank must call the root module, or an unusual architecture)."""
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    body = getattr(inner, "base_model", None)
+    if head is None or body is None or body is inner or parameters_are_sharded(model):
+        return None
+    softcap = getattr(text_config(model), "final_logit_softcapping", None)
+    return body, head, softcap
+
+
+def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
+                 chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """[n, 2] float64: (NLL sum, token count) of each sequence's counted tokens. Call under no_grad / eval."""
+    device = next(iter(model.parameters())).device
+    out = torch.zeros(len(sequences), 2, dtype=torch.float64)
+    lengths = [len(ids) for ids, _ in sequences]
+    split = _split_head(model)
+    for batch in _batches(lengths, batch_size):
+        longest = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        counted = torch.zeros((len(batch), longest), dtype=torch.bool)
+        for row, i in enumerate(batch):
+            seq, flags = sequences[i]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags)
+        ids, mask = ids.to(device), mask.to(device)
+        keep = counted[:, 1:].to(device)
+        targets = ids[:, 1:][keep]
+        rows = torch.arange(len(batch), device=device)[:, None].expand_as(keep)[keep]
+        if split is not None:
+            body, head, softcap = split
+            hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
+            nll = torch.cat([_head_nll(head, softcap, h, t) for h, t in zip(hidden.split(chunk), targets.split(chunk))]) \
+                if len(targets) else torch.zeros(0, device=device)
+            del hidden
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets, reduction="none")
+            del logits
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, nll.double())
+        counts = keep.sum(1)
+        for row, i in enumerate(batch):
+            out[i, 0] = float(sums[row])
+            out[i, 1] = float(counts[row])
+    return out
+
+
+def _head_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
+                     indices: Sequence[int] | None = None) -> torch.Tensor:
+    """:func:`sequence_nll` of ``indices`` (default: all) with every rank running a padded share; the result,
+    [len(sequences), 2] with zeros where not measured, is summed across ranks, so every rank holds all of it."""
+    indices = list(range(len(sequences))) if indices is None else list(indices)
+    out = torch.zeros(len(sequences), 2, dtype=torch.float64)
+    part = shard(len(indices), [len(sequences[i][0]) for i in indices])
+    local = [sequences[indices[j]] for j in part.indices]
+    measured = sequence_nll(model, local, pad, batch_size) if local else torch.zeros(0, 2, dtype=torch.float64)
+    for row, (j, keep) in enumerate(zip(part.indices, part.counted)):
+        if keep:
+            out[indices[j]] = measured[row]
+    return sum_across_ranks(out)
+
+
+@dataclass
+class LossChange:
+    """A domain's relative loss change on the sequences measured so far, with its 95% interval."""
+
+    delta: float
+    low: float
+    high: float
+    tokens: int
+    sequences: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def paired_change(before: torch.Tensor, after: torch.Tensor) -> LossChange:
+    """Ratio estimate sum(after - before) / sum(before) over sequences ([n, 2] sums and counts on the same
+    tokens), with a delta-method 95% interval over sequences (tokens within a sequence are not independent)."""
+    b, a = before[:, 0], after[:, 0]
+    total = float(b.sum())
+    n = len(b)
+    delta = float((a - b).sum()) / total if total else 0.0
+    if n >= 2 and total:
+        residual = (a - b) - delta * b
+        se = math.sqrt(float(residual.square().sum()) * n / (n - 1)) / total
+    else:
+        se = math.inf
+    return LossChange(delta=delta, low=delta - Z95 * se, high=delta + Z95 * se, tokens=int(before[:, 1].sum()),
+                      sequences=n)
+
+
+def sequential_change(measure: Callable[[list[int]], torch.Tensor], base: torch.Tensor, order: Sequence[int],
+                      lengths: Sequence[int], *, half_width: float | None, block_tokens: int = 256,
+                      tolerance: float | None = None, min_sequences: int = 4) -> LossChange:
+    """Measure ``order``'s sequences block by block (``measure(indices)`` -> [len(base), 2] with the measured
+    rows filled) until the 95% interval's half-width is at most ``half_width``, or the whole interval is above
+    ``tolerance`` (a violation either way), or every sequence is measured. ``half_width=None`` measures all."""
+    after = torch.zeros_like(base)
+    done: list[int] = []
+    position = 0
+    while position < len(order):
+        block, tokens = [], 0
+        while position < len(order) and (tokens < block_tokens or len(done) + len(block) < min_sequences):
+            block.append(order[position])
+            tokens += lengths[order[position]]
+            position += 1
+        after += measure(block)
+        done += block
+        change = paired_change(base[done], after[done])
+        if half_width is None or len(done) < min_sequences:
+            continue
+        if change.half_width <= half_width or (tolerance is not None and change.low > tolerance):
+            return change
+    return paired_change(base[done], after[done])
+
+
+__all__ = ["LossChange", "all_sequence_nll", "paired_change", "sequence_nll", "sequential_change"]

@@ -1,0 +1,121 @@
+"""Held-out loss: the chunked LM head equals the full logits, and the sequential paired estimate stops early
+only with the precision asked for."""
+
+import random
+
+import pytest
+import torch
+from tiny import domain_texts, make_model, make_tokenizer
+
+from sts_callback import heldout
+from sts_callback.heldout import all_sequence_nll, paired_change, sequence_nll, sequential_change
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def sequences(tokenizer, n=12, seed=0):
+    out = []
+    for text in domain_texts("law", n, seed=seed):
+        ids = tokenizer(text)["input_ids"]
+        out.append((ids, [True] * (len(ids) - 1)))  # every token but BOS counted
+    return out
+
+
+def full_logits_nll(model, seqs, pad):
+    """Reference: one sequence at a time, full logits, float64 cross-entropy."""
+    out = []
+    with torch.no_grad():
+        for ids, flags in seqs:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+            counted = torch.tensor(flags)[-len(ids) + 1:] if len(flags) >= len(ids) - 1 else \
+                torch.tensor([False] * (len(ids) - 1 - len(flags)) + flags)
+            out.append([float(nll[counted].sum()), int(counted.sum())])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "peft"])
+def test_chunked_head_equals_full_logits(tokenizer, arch, monkeypatch):
+    if arch == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+    else:
+        model = make_model(arch)
+        if arch == "gemma3":
+            model.config.final_logit_softcapping = 3.0  # small, so that the cap matters
+    model.eval()
+    seqs = sequences(tokenizer)
+    assert heldout._split_head(model) is not None  # the chunked path is the one under test
+    monkeypatch.setattr(heldout, "HEAD_CHUNK", 7)
+    with torch.no_grad():
+        chunked = sequence_nll(model, seqs, 0, batch_size=5, chunk=7)
+    reference = full_logits_nll(model, seqs, 0)
+    assert torch.equal(chunked[:, 1], reference[:, 1])
+    torch.testing.assert_close(chunked[:, 0], reference[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_full_measurement_is_the_relative_change_of_mean_nll():
+    before = torch.tensor([[10.0, 5], [20.0, 8], [6.0, 3]], dtype=torch.float64)
+    after = torch.tensor([[11.0, 5], [19.0, 8], [7.5, 3]], dtype=torch.float64)
+    change = paired_change(before, after)
+    mean_before, mean_after = 36.0 / 16, 37.5 / 16
+    assert change.delta == pytest.approx((mean_after - mean_before) / mean_before)
+    assert change.low < change.delta < change.high and change.tokens == 16
+
+
+def simulated(n=400, shift=0.03, noise=0.05, seed=0):
+    rng = random.Random(seed)
+    counts = [rng.randint(8, 40) for _ in range(n)]
+    before = torch.tensor([[c * 3.0 * rng.uniform(0.8, 1.2), c] for c in counts], dtype=torch.float64)
+    after = before.clone()
+    after[:, 0] = before[:, 0] * torch.tensor([1 + shift + rng.gauss(0, noise) for _ in range(n)], dtype=torch.float64)
+    return before, after, counts
+
+
+def test_sequential_stops_when_precise_enough_and_the_interval_covers_the_full_answer():
+    covered, spent = 0, []
+    for seed in range(40):
+        before, after, counts = simulated(seed=seed)
+        full = paired_change(before, after).delta
+        measured = []
+
+        def measure(indices):
+            measured.extend(indices)
+            out = torch.zeros_like(before)
+            out[indices] = after[indices]
+            return out
+
+        order = list(range(len(counts)))
+        random.Random(seed).shuffle(order)
+        change = sequential_change(measure, before, order, counts, half_width=0.0125)
+        assert change.half_width <= 0.0125 and len(set(measured)) == len(measured) == change.sequences
+        covered += change.low <= full <= change.high
+        spent.append(change.tokens / sum(counts))
+    assert covered >= 36  # >= 90% of 40 (nominal 95%)
+    assert max(spent) < 0.5  # a clear change costs a fraction of the budget
+
+
+def test_sequential_stops_at_once_when_surely_above_tolerance_and_measures_all_without_a_target():
+    before, after, counts = simulated(shift=0.30)
+    order = list(range(len(counts)))
+    fill = lambda idx: torch.zeros_like(before).index_copy_(0, torch.tensor(idx), after[idx])  # noqa: E731
+    quick = sequential_change(fill, before, order, counts, half_width=1e-6, tolerance=0.05)
+    assert quick.low > 0.05 and quick.sequences < len(counts) / 4
+    everything = sequential_change(fill, before, order, counts, half_width=None)
+    assert everything.sequences == len(counts)
+    assert everything.delta == pytest.approx(paired_change(before, after).delta)
+
+
+def test_all_sequence_nll_measures_only_the_indices_asked(tokenizer):
+    model = make_model("llama")
+    seqs = sequences(tokenizer, n=6)
+    with torch.no_grad():
+        some = all_sequence_nll(model, seqs, 0, 4, indices=[1, 4])
+        every = all_sequence_nll(model, seqs, 0, 4)
+    assert torch.equal(some[[0, 2, 3, 5]], torch.zeros(4, 2, dtype=torch.float64))
+    torch.testing.assert_close(some[[1, 4]], every[[1, 4]])
