@@ -44,6 +44,14 @@ def peft_model_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def base_is_frozen(peft: nn.Module) -> bool:
+    """Whether every trainable weight of a PeftModel belongs to an adapter (named ``...<adapter>....``), so the
+    model with adapters disabled never changes during training."""
+    adapters = list(getattr(peft, "peft_config", {}) or ["default"])
+    return all(any(f".{a}." in name for a in adapters)
+               for name, p in peft.named_parameters() if p.requires_grad)
+
+
 @dataclass
 class DomainBase:
     """A target domain's statistics under the base model (from the forecast or the train-start pass)."""
@@ -161,10 +169,16 @@ class Monitor:
         return torch.cat([rows[i] for i in range(len(self.probe))]) if self.probe else torch.zeros(0, self.setup.sae.d_in)
 
     def capture_base(self, model: nn.Module) -> None:
-        """Full fine-tune: keep the probe's base residuals (all of them, on every rank, so that any rank
-        layout can resume from the saved file). With PEFT nothing is kept (adapters are disabled later)."""
-        if peft_model_of(model) is None:
+        """Keep the probe's base residuals (all of them, on every rank, so that any rank layout can resume from
+        the saved file): a full fine-tune's weights move, and with PEFT the adapters-disabled model is constant
+        when only adapter weights train, so each re-check then needs one forward, not two. With PEFT and other
+        trainable weights nothing is kept: re-checks run the model with its adapters disabled."""
+        peft = peft_model_of(model)
+        if peft is None:
             self.base_residuals = self.probe_residuals(model)
+        elif base_is_frozen(peft):
+            with peft.disable_adapter():
+                self.base_residuals = self.probe_residuals(model)
 
     def measure_losses(self, model: nn.Module, autocast=None) -> dict[str, float]:
         """Mean token NLL of each domain's held-out texts (special tokens and padding excluded).
@@ -232,12 +246,12 @@ class Monitor:
         with autocast() if autocast else nullcontext():
             current = self.probe_rows(model)
             peft = peft_model_of(model)
-            if peft is not None:
-                with peft.disable_adapter():
-                    base = self.probe_rows(model)
-            elif self.base_residuals is not None:
+            if self.base_residuals is not None:
                 offsets = self._probe_offsets()
                 base = {i: self.base_residuals[offsets[i]: offsets[i + 1]] for i in current}
+            elif peft is not None:
+                with peft.disable_adapter():
+                    base = self.probe_rows(model)
             else:
                 raise RuntimeError("No base residuals: call capture_base(model) at train start.")
         shift = ShiftStats(self.setup.sae.d_sae)

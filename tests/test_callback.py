@@ -104,7 +104,14 @@ def test_peft_base_is_the_model_with_adapters_disabled(tmp_path, tokenizer):
     spy = Spy(callback)
     trainer = make_trainer(tmp_path, tokenizer, callback, model=model, extra_callbacks=[spy], learning_rate=5e-2)
     trainer.train()
-    assert callback.monitor.base_residuals is None  # nothing stored: adapters are disabled instead
+    # only adapter weights train: the adapters-disabled residuals are kept once, so a re-check runs one forward
+    assert callback.monitor.base_residuals is not None
+    from peft import PeftModel
+
+    with model.disable_adapter():
+        expected = callback.monitor.probe_residuals(model)
+    assert torch.equal(callback.monitor.base_residuals, expected)
+    assert isinstance(model, PeftModel)
     assert spy.step0[0]["shift_total"] == 0.0
     assert callback.history[-1]["shift_total"] > 0
     # after the re-checks, adapters are active again: the adapted model differs from the base
@@ -329,3 +336,17 @@ def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenize
         make_callback(calibration=Calibration.fit([0, 1, 2], [0, 1, 2], ["accuracy"]))
     with pytest.raises(STSConfigError, match="does not exist"):
         make_callback(calibration=str(tmp_path / "missing.json"))
+
+
+def test_peft_with_other_trainable_weights_disables_adapters_at_each_recheck(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from sts_callback.monitor import base_is_frozen
+
+    model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert base_is_frozen(model)
+    model.base_model.model.model.norm.weight.requires_grad_(True)  # a base weight trains too
+    assert not base_is_frozen(model)
+    callback = make_callback()
+    make_trainer(tmp_path, tokenizer, callback, model=model, max_steps=2, save_steps=2, learning_rate=5e-2).train()
+    assert callback.monitor.base_residuals is None and callback.history[-1]["shift_total"] > 0
