@@ -226,3 +226,19 @@ def fitted_exponent(points: Sequence[tuple[float, dict[str, float | None]]], *, 
     if not ratios:
         return None
     return float(min(max(float(np.median(ratios)), bounds[0]), bounds[1]))
+
+
+def load_calibration(calibration: Any) -> Calibration:
+    """A Calibration from itself, its dict or its JSON path; the error names what was given."""
+    if isinstance(calibration, Calibration):
+        return calibration
+    if isinstance(calibration, dict):
+        return Calibration.from_dict(calibration)
+    if isinstance(calibration, (str, Path)):
+        if not Path(calibration).is_file():
+            raise STSConfigError(f"calibration={str(calibration)!r} does not exist; fit one with "
+                                 "Calibration.from_validation(...).save(path).")
+        return Calibration.load(calibration)
+    raise STSConfigError(f"calibration must be a Calibration, its dict or a JSON path; got {type(calibration).__name__}.")
+
+

@@ -19,7 +19,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .calibration import Calibration, early_forecast, fitted_exponent, lr_area_fraction
+from .calibration import Calibration, early_forecast, fitted_exponent, load_calibration, lr_area_fraction
 from .config import SCORE_VARIANTS, STSConfig, json_serializable
 from .data import Corpus, is_dataset, load_corpus, load_domains, multiple_choice_items
 from .distributed import (
@@ -149,7 +149,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self.loss_precision = loss_precision
         self.strict = strict
         self.recheck_at_end, self.output_subdir = recheck_at_end, output_subdir
-        self.calibration = _load_calibration(calibration)
+        self.calibration = load_calibration(calibration) if calibration is not None else None
         if self.calibration is not None:
             unknown = [f for f in self.calibration.features if f not in SCORE_VARIANTS + SIGNED_VARIANTS]
             if unknown:
@@ -420,16 +420,20 @@ class STSCallback(TrainerCallback, ExportableState):
             run = run_forecast(self.setup, probe, domains, demos, progress=state.is_world_process_zero)
             self.forecast = run.forecast
             self.monitor.domains = domain_bases_from(run.domains)
+            self._predict()
             if state.is_world_process_zero:
                 forecast = self.forecast
                 self._write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), state)
-                print(self.forecast.table())
+                print(self.forecast.table())  # the calibrated prediction first when there is one, else the scores
                 self._export("forecast", trackers.export_forecast, self.forecast)
             self._log({f"sts/forecast/{name}": value for name, value in self.forecast.ranked() if value is not None},
                       control)
+            self._log({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()}, control)
             for key, message in self.guard.forecast_warnings(self.forecast.ranked(), self.forecast.ranking).items():
                 self._warn(key, message, state)
-            self._predict(state)
+            if self.calibration is not None:
+                for key, message in self.guard.predicted_warnings(self.predicted, self.calibration.level).items():
+                    self._warn(key, message, state)
         else:
             if state.is_world_process_zero:
                 print("STS forecast skipped: the training data has no answers to use as in-context demonstrations "
@@ -455,8 +459,8 @@ class STSCallback(TrainerCallback, ExportableState):
                 {"protected": self.protected, "tolerance": self.tolerance, "max_sts": self.max_sts}), state)
             self._write(f"the callback state to {store.root}", lambda: store.write_state(self._counters()), state)
 
-    def _predict(self, state) -> None:
-        """The calibrated end-of-training change of every domain; warn for protected domains above tolerance."""
+    def _predict(self) -> None:
+        """The calibrated end-of-training change of every domain (``forecast.predictions``)."""
         if self.calibration is None or self.forecast is None:
             return
         for name, domain in self.forecast.domains.items():
@@ -464,13 +468,9 @@ class STSCallback(TrainerCallback, ExportableState):
             if missing:
                 raise STSConfigError(f"The calibration uses {missing}, which this forecast did not compute for "
                                      f"{name!r} (compute_icl=False? no SAE decoder?); fit it on other features.")
-            self.predicted[name] = self.calibration.predict(domain.scores).to_dict()
-        if state.is_world_process_zero:
-            print("STS calibrated forecast (held-out NLL change at the end of training, "
-                  f"{self.calibration.level:.0%} interval): " + ", ".join(
-                      f"{n} {p['mean']:+.2%} [{p['low']:+.2%}, {p['high']:+.2%}]" for n, p in self.predicted.items()))
-        for key, message in self.guard.predicted_warnings(self.predicted, self.calibration.level).items():
-            self._warn(key, message, state)
+        self.forecast.apply_calibration(self.calibration)
+        self.predicted = {name: {k: p[k] for k in ("mean", "low", "high", "level")}
+                          for name, p in self.forecast.predictions.items()}
 
     def _early_forecast(self, state, result: dict[str, Any]) -> dict[str, Any]:
         """The measured changes extrapolated to the end of training, and the calibration refitted on them."""
@@ -659,19 +659,6 @@ class STSCallback(TrainerCallback, ExportableState):
 
 def _finite_or_nan(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
-
-
-def _load_calibration(calibration: Any) -> Calibration | None:
-    if calibration is None or isinstance(calibration, Calibration):
-        return calibration
-    if isinstance(calibration, dict):
-        return Calibration.from_dict(calibration)
-    if isinstance(calibration, (str, Path)):
-        if not Path(calibration).is_file():
-            raise STSConfigError(f"calibration={str(calibration)!r} does not exist; fit one with "
-                                 "Calibration.from_validation(...).save(path).")
-        return Calibration.load(calibration)
-    raise STSConfigError(f"calibration must be a Calibration, its dict or a JSON path; got {type(calibration).__name__}.")
 
 
 def _schedule(lr_scheduler, max_steps: int) -> list[float] | None:

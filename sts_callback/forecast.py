@@ -67,6 +67,22 @@ class Forecast:
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     latent_contexts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # domain -> {"mean", "low", "high", "level", "label"}: predicted relative change of held-out NLL (calibrated)
+    predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def apply_calibration(self, calibration: Any) -> "Forecast":
+        """Predict each domain's relative held-out NLL change at the end of training, with the calibration's
+        interval and a gain / loss / flat label (loss: the whole interval above 0, gain: below, else flat)."""
+        self.predictions = {}
+        for name, domain in self.domains.items():
+            if any(domain.scores.get(f) is None for f in calibration.features):
+                continue  # a feature this domain lacks (STS_icl of a one-text domain): no prediction
+            p = calibration.predict(domain.scores)
+            label = "loss" if p.low > 0 else "gain" if p.high < 0 else "flat"
+            self.predictions[name] = {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": label}
+        self.settings["calibration"] = {"features": list(calibration.features), "n": calibration.n,
+                                        "fitted_on": calibration.fitted_on}
+        return self
 
     def ranked(self, variant: str | None = None) -> list[tuple[str, float]]:
         """(domain, score) from the most to the least affected, by ``variant`` (default: ``ranking``)."""
@@ -106,6 +122,7 @@ class Forecast:
             "timings": self.timings,
             "settings": self.settings,
             "latent_contexts": self.latent_contexts,
+            "predictions": self.predictions,
         }
 
     @classmethod
@@ -125,7 +142,13 @@ class Forecast:
     def load(cls, path: str | Path) -> "Forecast":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def table(self, variant: str | None = None) -> str:
+    def table(self, variant: str | None = None, view: str | None = None) -> str:
+        """The forecast for a person: the predicted change of each domain's held-out NLL with its interval and
+        a gain / loss / flat label when calibrated (``view="predicted"``, the default then), else (or with
+        ``view="scores"``) the raw scores ranked by ``variant``."""
+        view = view or ("predicted" if self.predictions else "scores")
+        if view == "predicted":
+            return self._predicted_table()
         variant = variant or self.ranking
         shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED) if any(
             d.scores.get(v) is not None for d in self.domains.values())]
@@ -139,6 +162,24 @@ class Forecast:
             cells = "  ".join(f"{d.scores.get(v):>10.4g}" if d.scores.get(v) is not None else f"{'n/a':>10}"
                               for v in shown)
             lines.append(f"{rank:>4}  {name:<{width}}  {cells}  {d.tokens:>7}")
+        return "\n".join(lines)
+
+    def _predicted_table(self) -> str:
+        if not self.predictions:
+            return "No calibrated prediction (fit a calibration on measured runs: sts calibrate)."
+        level = next(iter(self.predictions.values()))["level"]
+        width = max([len("domain")] + [len(n) for n in self.predictions])
+        header = f"{'domain':<{width}}  {'predicted':>10}  {f'{level:.0%} interval':>20}  {'':<5}"
+        lines = [f"STS forecast: predicted change of each domain's held-out loss at the end of training "
+                 f"(+ = worse; calibrated on {self.settings.get('calibration', {}).get('n', '?')} measured changes)",
+                 header, "-" * len(header)]
+        for name, p in sorted(self.predictions.items(), key=lambda item: -item[1]["mean"]):
+            interval = f"[{p['low']:+.1%}, {p['high']:+.1%}]"
+            lines.append(f"{name:<{width}}  {p['mean']:>+10.1%}  {interval:>20}  {p['label']:<5}")
+        missing = [n for n in self.domains if n not in self.predictions]
+        if missing:
+            lines.append(f"no prediction for {missing} (a feature of the calibration was not computed for them)")
+        lines.append("raw scores: forecast.table(view='scores')")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -364,7 +405,7 @@ def check_plan_agrees(setup: Setup, plan: Plan) -> None:
 
 def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
              config: STSConfig | dict | None = None, *, demonstrations: Any = None,
-             progress: bool = False) -> Forecast:
+             progress: bool = False, calibration: Any = None) -> Forecast:
     """Forecast how post-training on ``train_data`` moves each target domain (no training needed).
 
     Args:
@@ -376,14 +417,21 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         config: :class:`STSConfig` (or a dict of its fields).
         demonstrations: examples with answers to use as in-context demonstrations instead of ``train_data``.
         progress: show a progress bar.
+        calibration: a :class:`~sts_callback.calibration.Calibration` (or its JSON path): the result then
+            leads with each domain's predicted held-out NLL change, interval and gain / loss / flat label.
     """
     config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
+    if calibration is not None:
+        from .calibration import load_calibration
+
+        calibration = load_calibration(calibration)
     start = time.perf_counter()
     setup = Setup.create(model, tokenizer, sae, config)
     train = load_corpus(train_data, name="train")
     domains = load_domains(targets)
     demo_corpus = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
-    return run_forecast(setup, train, domains, demo_corpus, progress=progress, start=start).forecast
+    result = run_forecast(setup, train, domains, demo_corpus, progress=progress, start=start).forecast
+    return result.apply_calibration(calibration) if calibration is not None else result
 
 
 @dataclass

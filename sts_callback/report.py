@@ -406,6 +406,27 @@ def _summary(data: ReportData, scatter) -> str:
     return f'<section class="summary"><h2>Summary {status}</h2>{body}{warn}</section>'
 
 
+def _prediction_section(data: ReportData) -> str:
+    """The calibrated forecast leads: each domain's predicted held-out NLL change, interval, gain/loss/flat."""
+    predictions = (data.forecast or {}).get("predictions") or {}
+    if not predictions:
+        return ""
+    level = next(iter(predictions.values())).get("level", 0.9)
+    rows, attrs = [], []
+    for name, p in sorted(predictions.items(), key=lambda item: -item[1]["mean"]):
+        protected = name in data.protected
+        rows.append([esc(name) + (' <span class="tag protected">protected</span>' if protected else ""),
+                     f"\x00{_pct(p['mean'])}", f"\x00[{_pct(p['low'])}, {_pct(p['high'])}]", esc(p["label"])])
+        attrs.append(f' class="prediction {esc(p["label"])}" data-domain="{esc(name)}"')
+    fitted = ((data.forecast or {}).get("settings") or {}).get("calibration") or {}
+    return (f'<section id="prediction"><h2>Predicted change per target domain</h2>'
+            f'<p class="muted">Relative change of each domain\'s held-out language-model loss at the end of training '
+            f"(+ = worse), with a {level:.0%} interval, from a calibration on {esc(_fmt(fitted.get('n')))} measured "
+            "changes; loss / gain: the whole interval above / below zero, flat: it includes zero. The raw scores "
+            "follow below.</p>"
+            + _table(["domain", "predicted", f"{level:.0%} interval", "label"], rows, attrs) + "</section>")
+
+
 def _forecast_section(data: ReportData) -> str:
     if not data.ranking:
         return ""
@@ -610,7 +631,8 @@ def _gate_section(gate: Any) -> str:
 
 def render_html(data: ReportData) -> str:
     scatter = scatter_points(data)
-    sections = [_summary(data, scatter), _forecast_section(data), _timeline_section(data),
+    sections = [_summary(data, scatter), _prediction_section(data), _forecast_section(data),
+                _timeline_section(data),
                 _scatter_section(data, scatter), _latents_section(data), _gate_section(data.gate)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
@@ -632,9 +654,19 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"{md_esc(s.get('layer', '?'))}, {md_esc(data.forecast.get('shift_tokens'))} probe tokens, "
                      f"N = {len(data.forecast.get('shifted_latents', []))} shifted latents.")
         lines.append("")
+    predictions = (data.forecast or {}).get("predictions") or {}
+    if predictions:
+        level = next(iter(predictions.values())).get("level", 0.9)
+        lines += ["**Predicted change of held-out loss at the end of training** (+ = worse)", "",
+                  f"| domain | predicted | {level:.0%} interval | label |", "|---|---:|---:|---|"]
+        for name, p in sorted(predictions.items(), key=lambda item: -item[1]["mean"]):
+            mark = " ⚠️ protected" if name in data.protected else ""
+            lines.append(f"| {md_esc(name)}{mark} | {_pct(p['mean'])} | [{_pct(p['low'])}, {_pct(p['high'])}] | "
+                         f"{p['label']} |")
+        lines.append("")
     if data.ranking:
         label = LABELS.get(data.variant, data.variant)
-        lines += [f"**Most affected domains (forecast, {label})**", "",
+        lines += [f"**Most affected domains (forecast, {label}; raw scores)**", "",
                   f"| rank | domain | {label} | protected |", "|---:|---|---:|:---:|"]
         for rank, (name, value) in enumerate(data.ranking[:top], 1):
             mark = "⚠️ yes" if name in data.protected else ""

@@ -1,0 +1,61 @@
+"""A forecast a person reads: predicted change of held-out loss, interval and label first; raw scores second."""
+
+import pytest
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+
+from sts_callback import Calibration, Forecast, STSConfig, forecast
+from sts_callback.report import write_report
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    tokenizer, model = make_tokenizer(), make_model("llama")
+    sae = TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    targets = {d: domain_texts(d, 15) for d in ("code", "chem", "food")}
+    config = STSConfig(n_shifted=12, shift_tokens=300, domain_tokens=150, batch_size=4, n_domain_demonstrations=3)
+    plain = forecast(model, tokenizer, sae, domain_texts("law", 30), targets, config)
+    acts = [plain.domains[d].scores["sts_act"] for d in targets]
+    # a calibration in which more STS_act means a larger loss rise, with a small residual spread
+    low, high = min(acts), max(acts)
+    xs = [low + (high - low) * i / 9 for i in range(10)]
+    ys = [0.5 * (x - low) / (high - low + 1e-12) - 0.1 + (0.003 if i % 2 else -0.003) for i, x in enumerate(xs)]
+    calibration = Calibration.fit(xs, ys, ["sts_act"], level=0.9)
+    path = tmp_path_factory.mktemp("cal") / "calibration.json"
+    calibration.save(path)
+    result = forecast(model, tokenizer, sae, domain_texts("law", 30), targets, config, calibration=str(path))
+    return plain, result, calibration
+
+
+def test_calibrated_forecast_predicts_each_domain_with_interval_and_label(calibrated):
+    plain, result, calibration = calibrated
+    assert set(result.predictions) == set(result.domains)
+    for name, p in result.predictions.items():
+        expected = calibration.predict(result.domains[name].scores)
+        assert p["mean"] == pytest.approx(expected.mean) and p["low"] < p["mean"] < p["high"]
+        assert p["level"] == 0.9
+        assert p["label"] == ("loss" if p["low"] > 0 else "gain" if p["high"] < 0 else "flat")
+    labels = {p["label"] for p in result.predictions.values()}
+    assert labels & {"loss", "gain"}  # the spread of the calibration separates the extremes
+
+
+def test_table_leads_with_the_prediction_and_keeps_the_scores_apart(calibrated):
+    plain, result, _ = calibrated
+    text = result.table()
+    assert text.startswith("STS forecast: predicted change of each domain's held-out loss")
+    worst = max(result.predictions, key=lambda n: result.predictions[n]["mean"])
+    assert text.splitlines()[3].startswith(worst)  # most harmed first
+    assert "90% interval" in text and "raw scores: forecast.table(view='scores')" in text
+    assert "STS_act" in result.table(view="scores") and "STS_act" not in text
+    assert plain.table().startswith("STS forecast: 3 target domains, ranked by")  # uncalibrated: scores
+
+
+def test_predictions_round_trip_and_lead_the_report(calibrated, tmp_path):
+    _, result, _ = calibrated
+    result.save(tmp_path / "sts" / "forecast.json")
+    assert Forecast.load(tmp_path / "sts" / "forecast.json").predictions == result.predictions
+    html_path, md_path = write_report(tmp_path / "sts")
+    html, md = html_path.read_text(), md_path.read_text()
+    assert html.index('id="prediction"') < html.index('id="forecast"')
+    assert md.index("Predicted change of held-out loss") < md.index("raw scores")
+    for name, p in result.predictions.items():
+        assert f'data-domain="{name}"' in html and p["label"] in md
