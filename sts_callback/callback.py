@@ -33,6 +33,7 @@ from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_fo
 from .guard import Guard, GuardConfig
 from .monitor import DomainBase, Monitor, domain_bases_from
 from .run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
+from .schedule import logged_learning_rates, planned_learning_rates
 from .signed import DEFAULT_SIGNED, SIGNED_VARIANTS
 from .stats import ActivationStats
 from . import trackers
@@ -178,6 +179,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
         # Runtime only.
         self.learning_rates: list[float] | None = None
+        self.schedule_source = "constant"
         self.forecast: Forecast | None = None
         self.monitor: Monitor | None = None
         self.write_errors: list[dict[str, Any]] = []  # files that could not be written (the data stays here)
@@ -335,7 +337,7 @@ class STSCallback(TrainerCallback, ExportableState):
         trainer = self._trainer or self._find_trainer(self)
         if trainer is not None:
             self.attach(trainer)
-        self.learning_rates = _schedule(lr_scheduler, state.max_steps)
+        self.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is None:
             raise STSInputError("STSCallback needs the trainer's processing_class (tokenizer); pass "
@@ -474,6 +476,8 @@ class STSCallback(TrainerCallback, ExportableState):
 
     def _early_forecast(self, state, result: dict[str, Any]) -> dict[str, Any]:
         """The measured changes extrapolated to the end of training, and the calibration refitted on them."""
+        if self.schedule_source == "logged":  # a scheduler of the user's own: the rates logged so far
+            self.learning_rates = logged_learning_rates(state.log_history, state.max_steps)
         if not self.learning_rates or state.max_steps <= 0:
             return {}
         fraction = lr_area_fraction(state.global_step, state.max_steps, self.learning_rates)
@@ -659,14 +663,3 @@ class STSCallback(TrainerCallback, ExportableState):
 
 def _finite_or_nan(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
-
-
-def _schedule(lr_scheduler, max_steps: int) -> list[float] | None:
-    """The learning rate of each optimizer step, read from the trainer's scheduler without stepping it."""
-    if lr_scheduler is None or max_steps <= 0:
-        return None
-    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-    base = getattr(lr_scheduler, "base_lrs", None)
-    if not lambdas or not base:
-        return [1.0] * max_steps  # unknown schedule: assume constant
-    return [float(base[0]) * float(lambdas[0](step)) for step in range(max_steps)]

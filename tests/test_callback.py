@@ -38,8 +38,10 @@ def make_trainer(tmp_path, tokenizer, callback, model=None, texts=None, extra_ca
                  **arg_overrides):
     args = dict(output_dir=str(tmp_path / "run"), max_steps=6, save_steps=2, logging_steps=1, use_cpu=True,
                 report_to=[], per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="steps")
+    optimizers = arg_overrides.pop("optimizers", (None, None))
     args.update(arg_overrides)
     return Trainer(model=model if model is not None else make_model("llama"), args=TrainingArguments(**args),
+                   optimizers=optimizers,
                    train_dataset=tokenized(tokenizer, texts or domain_texts("law", 64)),
                    eval_dataset=tokenized(tokenizer, eval_texts) if eval_texts else None,
                    data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
