@@ -1,0 +1,148 @@
+"""Which early forecast to trust, and from when: the three methods of ``sts_callback.early`` on the transfer
+units' trajectories (``benchmarks/transfer/units/<recipe>-<source>-seed<seed>.json``).
+
+    python benchmarks/transfer/early_compare.py [--units benchmarks/transfer/units] [--out benchmarks/transfer/early_compare.json]
+
+For each unit and each share of training (re-checks at or before that share of the steps), every method
+forecasts each domain's held-out NLL change at the end of training; against the change measured at the end:
+Pearson r over the 10 other domains, the share of them whose direction is right, and the mean absolute error.
+Lead time: for tolerances 1%, 2%, 5%, the steps between a method's first projected violation and the first
+measured one (a domain of the 10 others), and its false alarms (projected, never measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import pearsonr
+
+from sts_callback.early import METHODS, areas, forecast
+
+SHARES = (0.125, 0.25, 0.375, 0.5, 0.75)
+TOLERANCES = (0.01, 0.02, 0.05)
+
+
+def unit_series(unit: dict):
+    result = unit["result"]
+    steps = unit["training"]["steps"]
+    log = result.get("log_history") or []
+    rates = [e["learning_rate"] for e in sorted((e for e in log if "learning_rate" in e and "loss" in e),
+                                                 key=lambda e: e["step"])]
+    s1 = areas(rates) if len(rates) == steps else None
+    trajectory = sorted(result["trajectory"], key=lambda r: r["step"])
+
+    def share_at(step: int) -> float:
+        if s1 is not None:
+            return float(s1[step])
+        return next((r["lr_area_fraction"] for r in trajectory if r["step"] == step), step / steps)
+
+    train_loss = [(share_at(e["step"]), e["loss"]) for e in log if "loss" in e and "step" in e] if s1 is not None else []
+    return steps, trajectory, share_at, train_loss
+
+
+def evaluate(unit: dict) -> dict:
+    steps, trajectory, share_at, train_loss = unit_series(unit)
+    others = unit["others"]
+    final = unit["result"]["nll_delta_rel"]
+    rows = {}
+    for share in SHARES:
+        seen = [r for r in trajectory if r["step"] <= share * steps and r["step"] < steps]
+        if not seen:
+            continue
+        points = {d: [(share_at(r["step"]), r["nll_delta_rel"][d]) for r in seen] for d in others}
+        losses = [p for p in train_loss if p[0] <= share_at(seen[-1]["step"])]
+        for method in METHODS:
+            predicted = forecast(method, points, losses)
+            x = np.array([predicted[d] for d in others])
+            y = np.array([final[d] for d in others])
+            ok = np.isfinite(x)
+            r = float(pearsonr(x[ok], y[ok])[0]) if ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(y) > 0 else None
+            rows.setdefault(str(share), {})[method] = {
+                "pearson": r, "direction": float(np.mean(np.sign(x[ok]) == np.sign(y[ok]))) if ok.any() else None,
+                "mae": float(np.mean(np.abs(x[ok] - y[ok]))) if ok.any() else None, "at_step": seen[-1]["step"]}
+    return {"unit": unit["unit"], "source": unit["source"], "recipe": unit["recipe"], "seed": unit["seed"],
+            "by_share": rows, "lead": lead_times(unit, trajectory, share_at, train_loss, steps)}
+
+
+def lead_times(unit, trajectory, share_at, train_loss, steps) -> dict:
+    out = {}
+    for tolerance in TOLERANCES:
+        for method in METHODS:
+            leads, false_alarms, missed, violations = [], 0, 0, 0
+            for domain in unit["others"]:
+                measured = next((r["step"] for r in trajectory if r["nll_delta_rel"][domain] > tolerance), None)
+                warned = None
+                for i, r in enumerate(trajectory):
+                    if r["step"] >= steps:
+                        break
+                    seen = trajectory[: i + 1]
+                    points = {domain: [(share_at(p["step"]), p["nll_delta_rel"][domain]) for p in seen]}
+                    losses = [p for p in train_loss if p[0] <= share_at(r["step"])]
+                    if forecast(method, points, losses)[domain] > tolerance:
+                        warned = r["step"]
+                        break
+                if measured is not None:
+                    violations += 1
+                    if warned is not None and warned <= measured:
+                        leads.append(measured - warned)
+                    else:
+                        missed += 1
+                elif warned is not None:
+                    false_alarms += 1
+            out[f"{tolerance}/{method}"] = {
+                "violations": violations, "mean_lead_steps": float(np.mean(leads)) if leads else None,
+                "mean_lead_share": float(np.mean(leads)) / steps if leads else None, "missed": missed,
+                "false_alarms": false_alarms, "false_alarm_rate": false_alarms / len(unit["others"])}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--units", type=Path, default=Path(__file__).parent / "units")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "early_compare.json")
+    args = parser.parse_args()
+    units = [json.loads(p.read_text()) for p in sorted(args.units.glob("*-seed*.json"))]
+    units = [u for u in units if u.get("format") == "sts-transfer-unit/1"]
+    if not units:
+        raise SystemExit(f"no finished transfer units in {args.units}; run benchmarks/transfer/units.py first")
+    results = [evaluate(u) for u in units]
+    print(f"early forecast vs the change measured at the end ({len(results)} units; Pearson / direction / MAE "
+          "over the 10 other domains)")
+    print(f"{'unit':<32} {'share':>5}  " + "  ".join(f"{m:>22}" for m in METHODS))
+    for r in results:
+        for share, by_method in r["by_share"].items():
+            cells = []
+            for m in METHODS:
+                c = by_method[m]
+                pearson = "n/a" if c["pearson"] is None else f"{c['pearson']:+.2f}"
+                cells.append(f"{pearson:>6} {c['direction']:>5.0%} {100 * c['mae']:>6.2f}%")
+            print(f"{r['unit']:<32} {float(share):>5.0%}  " + "  ".join(f"{c:>22}" for c in cells))
+    summary = {}
+    for share in SHARES:
+        for m in METHODS:
+            cells = [r["by_share"][str(share)][m] for r in results if str(share) in r["by_share"]]
+            rs = [c["pearson"] for c in cells if c["pearson"] is not None]
+            summary[f"{share}/{m}"] = {
+                "units": len(cells), "mean_pearson": float(np.mean(rs)) if rs else None,
+                "units_meeting_goal": sum(1 for c in cells if (c["pearson"] or -1) >= 0.85 and c["direction"] >= 0.8)}
+    print("\nper share and method: mean Pearson, units with Pearson >= 0.85 and direction >= 80%")
+    for key, s in summary.items():
+        mean = "n/a" if s["mean_pearson"] is None else f"{s['mean_pearson']:+.2f}"
+        print(f"  {key:<22} {mean:>6}  {s['units_meeting_goal']}/{s['units']}")
+    print("\nlead time (steps before the measured violation) and false alarms, summed over units")
+    for key in results[0]["lead"]:
+        leads = [r["lead"][key]["mean_lead_share"] for r in results if r["lead"][key]["mean_lead_share"] is not None]
+        violations = sum(r["lead"][key]["violations"] for r in results)
+        false = sum(r["lead"][key]["false_alarms"] for r in results)
+        lead = "n/a" if not leads else f"{np.mean(leads):.0%} of the run"
+        print(f"  tolerance {key:<22} violations {violations:>3}, mean lead {lead}, false alarms {false}")
+    args.out.write_text(json.dumps({"units": results, "summary": summary}, indent=1, default=lambda v: None
+                                   if isinstance(v, float) and not math.isfinite(v) else v))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Early forecasts: each domain's end-of-training loss change from the re-checks so far (issue 14).
+
+Three ways, compared on the transfer benchmark's trajectories (``benchmarks/transfer/early_compare.py``):
+
+- ``power``: change(f) = c * f ** b, f the share of the learning-rate area spent, b fitted on the run's own
+  re-checks (the callback's rule until now; :func:`sts_callback.calibration.fitted_exponent`);
+- ``lr_law``: the learning-rate-area law of Tissue et al. (2024), L(s) = L0 + A (S1 + S0)^-alpha - C S2, written
+  for a change from step 0 with the exponent alpha and offset S0 shared by the run's domains and the annealing
+  term left out (S2 is ~0 until the schedule decays, so C cannot be seen early);
+- ``loss_to_loss``: each domain's change in proportion to the trainer's own train-loss drop (free: the Trainer
+  logs it every step), the train loss projected to the end by the same law fitted on its many logged points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+METHODS = ("power", "lr_law", "loss_to_loss")
+ALPHAS = np.linspace(0.05, 2.0, 40)
+OFFSETS = np.geomspace(1e-3, 1.0, 25)  # S0 as a share of the whole schedule's area
+
+
+def areas(learning_rates: Sequence[float]) -> np.ndarray:
+    """S1 after each step 0..n as a share of the total area (S1[0] = 0, S1[n] = 1)."""
+    rates = np.asarray(learning_rates, dtype=np.float64)
+    total = rates.sum()
+    return np.concatenate([[0.0], np.cumsum(rates) / (total if total > 0 else 1.0)])
+
+
+def _shape(s1: np.ndarray, alpha: float, offset: float) -> np.ndarray:
+    """g(S1) = S0^-alpha - (S1 + S0)^-alpha, normalised to g(1) = 1: 0 at the start, rising and saturating."""
+    g = offset ** -alpha - (s1 + offset) ** -alpha
+    end = offset ** -alpha - (1 + offset) ** -alpha
+    return g / end
+
+
+def fit_shared_law(points: dict[str, list[tuple[float, float]]]) -> tuple[float, float]:
+    """(alpha, S0) shared by every series of ``points`` (name -> [(S1 share, change)]), each series scaled by
+    its own least-squares amplitude; grid search over (alpha, S0) for the smallest total squared error."""
+    best, best_error = (1.0, 1.0), math.inf
+    series = [(np.array([p[0] for p in s]), np.array([p[1] for p in s])) for s in points.values() if s]
+    for alpha in ALPHAS:
+        for offset in OFFSETS:
+            error = 0.0
+            for x, y in series:
+                g = _shape(x, alpha, offset)
+                denominator = float(g @ g)
+                amplitude = float(g @ y) / denominator if denominator > 0 else 0.0
+                error += float(((y - amplitude * g) ** 2).sum())
+            if error < best_error:
+                best, best_error = (float(alpha), float(offset)), error
+    return best
+
+
+def lr_law(points: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """End-of-training change of each series from its points on the shared law (g(1) = 1: the amplitude)."""
+    alpha, offset = fit_shared_law(points)
+    out = {}
+    for name, series in points.items():
+        x = np.array([p[0] for p in series])
+        y = np.array([p[1] for p in series])
+        g = _shape(x, alpha, offset)
+        out[name] = float(g @ y) / float(g @ g) if len(series) and float(g @ g) > 0 else math.nan
+    return out
+
+
+def power(points: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """change(f) = c f^b: b from the run's own points (the callback's rule), c from the latest point."""
+    from .calibration import early_forecast, fitted_exponent
+
+    fractions = sorted({f for series in points.values() for f, _ in series})
+    by_fraction = [(f, {name: dict(series).get(f) for name, series in points.items()}) for f in fractions]
+    exponent = fitted_exponent(by_fraction) or 1.0
+    last_fraction, last = by_fraction[-1]
+    return {name: (math.nan if v is None else v) for name, v in early_forecast(last, last_fraction, exponent).items()}
+
+
+def loss_to_loss(points: dict[str, list[tuple[float, float]]], train_loss: list[tuple[float, float]]) -> dict[str, float]:
+    """Each series as k * (relative train-loss drop), k by least squares through the origin at its points; the
+    train loss (``[(S1 share, loss)]`` logged every step) projected to the end by the shared law."""
+    if len(train_loss) < 3:
+        return {name: math.nan for name in points}
+    x = np.array([p[0] for p in train_loss])
+    loss = np.array([p[1] for p in train_loss])
+    start = loss[: max(1, len(loss) // 8)].mean()  # the first logged losses stand for the starting loss
+    drop = (loss - start) / start
+    alpha, offset = fit_shared_law({"train": list(zip(x.tolist(), drop.tolist()))})
+    g = _shape(x, alpha, offset)
+    end_drop = float(g @ drop) / float(g @ g) if float(g @ g) > 0 else math.nan
+    out = {}
+    for name, series in points.items():
+        # the train-loss drop at each re-check, from the fitted curve (the per-step loss is noisy)
+        at = np.array([end_drop * float(_shape(np.array([f]), alpha, offset)[0]) for f, _ in series])
+        y = np.array([v for _, v in series])
+        out[name] = float(at @ y) / float(at @ at) * end_drop if float(at @ at) > 0 else math.nan
+    return out
+
+
+def forecast(method: str, points: dict[str, list[tuple[float, float]]],
+             train_loss: list[tuple[float, float]] | None = None) -> dict[str, float]:
+    """End-of-training change per domain by ``method`` (one of :data:`METHODS`)."""
+    if method == "power":
+        return power(points)
+    if method == "lr_law":
+        return lr_law(points)
+    if method == "loss_to_loss":
+        return loss_to_loss(points, train_loss or [])
+    raise ValueError(f"unknown early-forecast method {method!r}; use one of {METHODS}")
+
+
+__all__ = ["METHODS", "areas", "fit_shared_law", "forecast", "loss_to_loss", "lr_law", "power"]

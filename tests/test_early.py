@@ -1,0 +1,45 @@
+"""Early forecasts recover the end-of-training change of a trajectory that follows their model."""
+
+import numpy as np
+import pytest
+
+from sts_callback.early import _shape, areas, fit_shared_law, forecast
+
+
+def cosine(n=64, warmup=6):
+    return [min(1.0, (i + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * i / n)) for i in range(n)]
+
+
+def test_areas_run_from_zero_to_one():
+    s1 = areas(cosine())
+    assert s1[0] == 0 and s1[-1] == pytest.approx(1.0) and np.all(np.diff(s1) >= 0)
+
+
+def test_shared_law_is_recovered_and_extrapolates_from_a_quarter():
+    s1 = areas(cosine())
+    finals = {"a": 0.04, "b": -0.02, "c": 0.01}
+    steps = [8, 16]  # re-checks within the first quarter
+    points = {n: [(float(s1[s]), end * float(_shape(np.array([s1[s]]), 0.6, 0.05)[0])) for s in steps]
+              for n, end in finals.items()}
+    alpha, offset = fit_shared_law(points)
+    predicted = forecast("lr_law", points)
+    for name, end in finals.items():
+        assert predicted[name] == pytest.approx(end, rel=0.05)
+    assert 0.05 <= alpha <= 2.0 and offset > 0
+
+
+def test_loss_to_loss_follows_the_train_loss():
+    s1 = areas(cosine())
+    shape = lambda x: float(_shape(np.array([x]), 0.8, 0.1)[0])  # noqa: E731
+    train = [(float(s1[s]), 3.0 * (1 - 0.2 * shape(s1[s]))) for s in range(1, 17)]  # drops 20% by the end
+    points = {"a": [(float(s1[s]), 0.5 * -0.2 * shape(s1[s])) for s in (8, 16)]}  # half the train drop
+    assert forecast("loss_to_loss", points, train)["a"] == pytest.approx(-0.1, rel=0.1)
+
+
+def test_power_rule_is_the_linear_extrapolation_with_one_point():
+    assert forecast("power", {"a": [(0.5, 0.02)]})["a"] == pytest.approx(0.04)
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="unknown early-forecast method 'magic'"):
+        forecast("magic", {})
