@@ -25,6 +25,7 @@ from .errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalE
 from .extract import Extractor, PairedStats
 from .stats import TopActivations
 from .sae import SAEHandle, check_sae_for_model, load_sae
+from .torch_utils import model_device, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class Setup:
 
     @classmethod
     def create(cls, model: nn.Module, tokenizer, sae: Any, config: STSConfig) -> "Setup":
-        device = torch.device(config.device) if config.device else next(iter(model.parameters())).device
+        device = torch.device(config.device) if config.device else model_device(model)
         dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else None
         handle = load_sae(sae, device=device, dtype=dtype)
         layer = resolve_layer(config, handle)
@@ -238,7 +239,7 @@ class Setup:
 
     def extractor(self, on_batch=None) -> Extractor:
         tokenizer = self.builder.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        pad = pad_token_id(tokenizer)
         return Extractor(self.model, self.sae, self.layer, batch_size=self.config.batch_size,
                          truncate=self.config.truncate_forward, pad_token_id=pad, on_batch=on_batch)
 

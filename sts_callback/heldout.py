@@ -18,6 +18,7 @@ from torch import nn
 
 from .capture import parameters_are_sharded, text_config, unwrap_model
 from .distributed import shard, sum_across_ranks
+from .torch_utils import model_device
 
 TokenSequence = tuple[list[int], list[bool]]  # ids, counted flags for the last len(flags) ids
 HEAD_CHUNK = 512  # rows of logits at a time: 512 x 262k floats = 0.5 GB for Gemma 3
@@ -45,7 +46,7 @@ def _split_head(model: nn.Module):
 def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
                  chunk: int = HEAD_CHUNK) -> torch.Tensor:
     """[n, 2] float64: (NLL sum, token count) of each sequence's counted tokens. Call under no_grad / eval."""
-    device = next(iter(model.parameters())).device
+    device = model_device(model)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
     split = _split_head(model)

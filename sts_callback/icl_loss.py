@@ -17,6 +17,7 @@ from .config import STSConfig
 from .data import load_corpus, load_domains
 from .forecast import build_shift_pairs, inference_mode, prompt_builder
 from .monitor import nll_sums
+from .torch_utils import pad_token_id
 
 
 def icl_loss_change(model: nn.Module, tokenizer, train_data: Any, targets: Any, config: STSConfig | dict | None = None,
@@ -29,7 +30,7 @@ def icl_loss_change(model: nn.Module, tokenizer, train_data: Any, targets: Any, 
     train = load_corpus(train_data, name="train")
     domains = load_domains(targets)
     builder = prompt_builder(model, tokenizer, config)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     out = {}
     with inference_mode(model):
         for name, corpus in domains.items():

@@ -28,6 +28,7 @@ from .extract import ConditionStats, Extractor, PairedStats, _batches
 from .forecast import Setup, inference_mode
 from .heldout import LossChange, all_sequence_nll, sequence_nll, sequential_change
 from .stats import ActivationStats, ShiftStats
+from .torch_utils import pad_token_id
 
 Sequence_ = tuple[list[int], list[bool]]
 
@@ -193,7 +194,7 @@ class Monitor:
 
     def _pad(self) -> int:
         tokenizer = self.setup.builder.tokenizer
-        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        return pad_token_id(tokenizer)
 
     def measure_changes(self, model: nn.Module, autocast=None) -> dict[str, LossChange]:
         """Each domain's relative held-out loss change since :meth:`measure_losses`, measured sequentially on the

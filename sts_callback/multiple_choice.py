@@ -13,6 +13,7 @@ from torch import nn
 
 from .distributed import shard, sum_across_ranks
 from .errors import STSInputError
+from .torch_utils import model_device, pad_token_id
 
 FIELDS = ("question", "choices", "answer")
 PROMPT_FORMAT = "{question}\nAnswer:"
@@ -52,13 +53,13 @@ def check_items(items: Any, where: str) -> list[dict[str, Any]]:
 def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_format: str = PROMPT_FORMAT,
                   choice_format: str = CHOICE_FORMAT, normalize: bool = True) -> list[float]:
     """Log-likelihood of each choice's continuation after the question (mean per token when ``normalize``)."""
-    device = next(iter(model.parameters())).device
+    device = model_device(model)
     prompt = list(tokenizer(prompt_format.format(question=item["question"]), add_special_tokens=True)["input_ids"])
     continuations = [list(tokenizer(choice_format.format(choice=c), add_special_tokens=False)["input_ids"])
                      for c in item["choices"]]
     if any(not c for c in continuations):
         raise STSInputError(f"A choice of {item['question'][:60]!r} has no tokens; give non-empty choices.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     longest = max(len(prompt) + len(c) for c in continuations)
     ids = torch.full((len(continuations), longest), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .capture import ResidualCapture, max_positions, num_layers, unwrap_model
 from .errors import STSConfigError, STSInputError
+from .torch_utils import model_device
 
 REPORT_FILENAME = "training_report.json"
 # Sequences per model forward while collecting activations.
@@ -70,11 +71,6 @@ class TrainedSAE:
         return out
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _as_text_list(texts: Any) -> list[str]:
     if isinstance(texts, str):
         texts = [texts]
@@ -110,7 +106,7 @@ def collect_activations(model: nn.Module, tokenizer: Any, texts: Iterable[str], 
     special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", None) or [])), dtype=torch.long)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else int(pad_id)
-    device = _model_device(model)
+    device = model_device(model)
 
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
@@ -303,7 +299,7 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    device = str(torch.device(device) if device is not None else _model_device(model))
+    device = str(torch.device(device) if device is not None else model_device(model))
     batch_size = min(batch_size_tokens, training_tokens)
     steps = max(1, training_tokens // batch_size)
     lr = lr if lr is not None else default_lr(d_sae, steps)

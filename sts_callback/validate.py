@@ -39,6 +39,7 @@ from .errors import STSConfigError, STSInputError
 from .forecast import SCORE_LABELS
 from .multiple_choice import argmax, check_items, choice_scores
 from .signed import SIGNED_VARIANTS
+from .torch_utils import model_device, pad_token_id
 
 FORMAT = "sts-validation/1"
 VALIDATION_FILE = "validation.json"
@@ -557,7 +558,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     if method == "lora":
         import peft  # noqa: F401  - fail now, not after the forecast, when peft is missing
     lr = float(learning_rate) if learning_rate is not None else DEFAULT_LR[method]
-    train_device = torch.device(device) if device is not None else next(iter(model.parameters())).device
+    train_device = torch.device(device) if device is not None else model_device(model)
     out = Path(output_dir)
     sts_dir = out / "sts"
     sts_dir.mkdir(parents=True, exist_ok=True)
@@ -652,7 +653,7 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
     from .forecast import inference_mode
 
     set_seed(seed)
-    original_device = next(iter(model.parameters())).device
+    original_device = model_device(model)
     requires_grad = None
     work = copy.deepcopy(model) if copy_model else model
     if not copy_model:
@@ -682,7 +683,7 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                     logging_steps=max(1, steps // 4), report_to="none", use_cpu=device.type == "cpu",
                     disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"])
         args.update(training_args or {})
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        pad = pad_token_id(tokenizer)
         trainer = Trainer(model=work, args=TrainingArguments(**args), train_dataset=features,
                           data_collator=_Collator(pad), processing_class=tokenizer, callbacks=[callback])
         if not progress:
