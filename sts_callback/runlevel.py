@@ -66,6 +66,7 @@ from .capture import parameters_are_sharded
 from .distributed import rank, shard, sum_across_ranks, world_size
 from .errors import STSConfigError, STSInputError
 from .extract import _batches, local_sequences
+from .heldout import HEAD_CHUNK, _head_nll, _split_head
 from .monitor import nll_sums
 
 Sequence_ = tuple[list[int], list[bool]]
@@ -358,6 +359,23 @@ def measure_losses(model: nn.Module, targets: Mapping[str, Sequence[Sequence_]],
     return out
 
 
+def _token_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
+               targets: torch.Tensor) -> torch.Tensor:
+    """NLL (with its graph) of ``targets`` (the next tokens, [batch, length - 1]) at the ``keep`` positions: the
+    LM head runs only there, in chunks, where the body and head can be run apart (as ``monitor.nll_sums``)."""
+    split = _split_head(model)
+    if split is not None:
+        body, head, softcap = split
+        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
+        wanted = targets[keep]
+        if not len(wanted):
+            return hidden.sum() * 0.0
+        return torch.cat([_head_nll(head, softcap, h, t) for h, t in zip(hidden.split(HEAD_CHUNK),
+                                                                        wanted.split(HEAD_CHUNK))])
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+
+
 def _train_nll(model: nn.Module, batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
     """(summed token NLL as a graph, trained token count) of one training micro-batch."""
     ids = torch.as_tensor(batch["input_ids"]).to(device)
@@ -365,11 +383,9 @@ def _train_nll(model: nn.Module, batch: Mapping[str, Any], device: torch.device)
     mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(device)
     labels = batch.get("labels")
     labels = ids.masked_fill(mask == 0, -100) if labels is None else torch.as_tensor(labels).to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     targets = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                            targets.reshape(-1), ignore_index=-100, reduction="sum")
-    return nll, int((targets != -100).sum())
+    keep = targets != -100
+    return _token_nll(model, ids, mask, keep, targets.clamp(min=0)).sum(), int(keep.sum())
 
 
 def _take(batches: Iterable[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
@@ -653,12 +669,9 @@ def _held_out_nll(model: nn.Module, sequences: Sequence[Sequence_], pad: int,
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
         counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags, dtype=torch.bool)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-    targets = ids[:, 1:].to(device)
+    ids, mask = ids.to(device), mask.to(device)
     keep = counted[:, 1:].to(device)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                            reduction="none").reshape(targets.shape)
-    return nll[keep].sum(), int(keep.sum())
+    return _token_nll(model, ids, mask, keep, ids[:, 1:]).sum(), int(keep.sum())
 
 
 # --------------------------------------------------------------------------- data

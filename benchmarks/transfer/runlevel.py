@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import os
 import platform
 import sys
@@ -49,6 +50,18 @@ LORA_ALPHA = 16
 
 def unit_name(recipe: str, source: str) -> str:
     return f"runlevel-{recipe}-{source}"
+
+
+def status(path: Path) -> str:
+    """``done``, ``todo``, or ``stale``: written with another held-out budget or K than the plan's now (the
+    loss sets would not be the units' any more); stale units are run again."""
+    if not path.exists():
+        return "todo"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "stale"
+    return "done" if data.get("loss_tokens") == COMMON["loss_tokens"] and data.get("k") == K else "stale"
 
 
 def planned() -> list[tuple[str, str]]:
@@ -157,7 +170,7 @@ def main() -> None:
     names = [unit_name(*u) for u in units]
     if args.list:
         for name in names:
-            print(f"{name:<36} {'done' if (args.out / f'{name}.json').exists() else 'todo'}")
+            print(f"{name:<36} {status(args.out / f'{name}.json')}")
         return
     if args.only:
         wanted = {n if n.startswith("runlevel-") else f"runlevel-{n}" for n in args.only}
@@ -165,7 +178,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown unit(s) {unknown}; --list prints the plan")
         units = [u for u in units if unit_name(*u) in wanted]
-    todo = [u for u in units if not (args.out / f"{unit_name(*u)}.json").exists()]
+    todo = [u for u in units if status(args.out / f"{unit_name(*u)}.json") != "done"]
     print(f"{len(todo)} of {len(units)} units to run", flush=True)
     if not todo:
         return
