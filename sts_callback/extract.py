@@ -6,7 +6,7 @@ batch. The residual stream itself is summarised too (the raw-activation baseline
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -52,7 +52,7 @@ class PairedStats:
         return self
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped by similar length (longest first) so that padding is small."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
@@ -62,6 +62,18 @@ def local_sequences(sequences: Sequence[tuple[list[int], list[bool]]], part: Sha
     """This rank's (ids, counted flags); padded duplicates keep their ids but count no token."""
     return [sequences[i] if keep else (sequences[i][0], [False] * len(sequences[i][1]))
             for i, keep in zip(part.indices, part.counted)]
+
+
+@dataclass
+class RowBatch:
+    """One batch of an extraction pass: ``batch`` indexes the sequences given, ``rows`` are the residual rows at
+    their counted tokens (``where``: the (batch row, position) of each row), ``context_rows`` the same tokens
+    with demonstrations in context (paired passes)."""
+
+    batch: list[int]
+    rows: torch.Tensor
+    where: list
+    context_rows: torch.Tensor | None = None
 
 
 class Extractor:
@@ -152,9 +164,48 @@ class Extractor:
         elif failure is not None:
             raise failure
 
-    def _encode(self, rows: torch.Tensor) -> torch.Tensor:
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """SAE latents of residual rows (float32 when the SAE computes in half precision)."""
         latents = self.sae.encode(rows).to(rows.device)
         return latents.float() if latents.dtype in (torch.float16, torch.bfloat16) else latents
+
+    def iter_rows(self, sequences: Sequence[tuple[list[int], list[bool]]], what: str = "texts",
+                  ) -> Iterator[RowBatch]:
+        """Residual rows at the counted tokens of ``sequences`` ((ids, counted flags for the last len(flags)
+        ids)), one length-sorted batch at a time; non-finite values raise (collectively, see :meth:`finish`)."""
+        lengths = [len(ids) for ids, _ in sequences]
+        for batch in batches_by_length(lengths, self.batch_size):
+            resid = self._forward([sequences[i][0] for i in batch])
+            where: list = []
+            rows = self._rows(resid, [lengths[i] for i in batch], [len(sequences[i][1]) for i in batch],
+                              [sequences[i][1] for i in batch], where)
+            del resid
+            self._check_finite(rows, what)
+            yield RowBatch(batch=batch, rows=rows, where=where)
+            self._after_batch(len(batch))
+
+    def iter_paired_rows(self, pairs: Sequence[TokenPair], what: str = "queries", *,
+                         skip_uncounted: bool = False) -> Iterator[RowBatch]:
+        """Rows of the query tokens without (``rows``) and with (``context_rows``) the demonstrations, at the
+        same positions, one batch at a time. ``skip_uncounted``: no forward for a batch that counts no token
+        (never under torch.distributed, where every rank must run the same forwards)."""
+        for batch in batches_by_length([len(p.context) for p in pairs], self.batch_size):
+            chosen = [pairs[i] for i in batch]
+            if skip_uncounted and not any(any(p.counted) for p in chosen):
+                self._after_batch(len(batch))
+                continue
+            n_query = [p.n_query for p in chosen]
+            counted = [p.counted for p in chosen]
+            resid = self._forward([p.base for p in chosen])
+            where: list = []
+            base_rows = self._rows(resid, [len(p.base) for p in chosen], n_query, counted, where)
+            resid = self._forward([p.context for p in chosen])
+            context_rows = self._rows(resid, [len(p.context) for p in chosen], n_query, counted)
+            del resid
+            self._check_finite(base_rows, what)
+            self._check_finite(context_rows, what + " (with demonstrations)")
+            yield RowBatch(batch=batch, rows=base_rows, where=where, context_rows=context_rows)
+            self._after_batch(len(batch))
 
     def _encoded_chunks(self, rows: torch.Tensor, latents: ActivationStats, reservoir: TopActivations | None,
                         sequence_of_row: list[int], where: list):
@@ -163,7 +214,7 @@ class Extractor:
         sequence = torch.tensor(sequence_of_row)[where[0]] if reservoir is not None else None
         for start in range(0, rows.shape[0], ENCODE_CHUNK_TOKENS):
             chunk = slice(start, start + ENCODE_CHUNK_TOKENS)
-            encoded = self._encode(rows[chunk])
+            encoded = self.encode(rows[chunk])
             latents.update(encoded)
             if reservoir is not None:
                 reservoir.update(encoded, sequence[chunk], where[1][chunk])
@@ -178,19 +229,11 @@ class Extractor:
         """
         latents, residual = self._new_condition()
         part = self.share([len(ids) for ids, _ in sequences])
-        local = local_sequences(sequences, part)
-        lengths = [len(ids) for ids, _ in local]
-        for batch in _batches(lengths, self.batch_size):
-            resid = self._forward([local[i][0] for i in batch])
-            where: list = []
-            rows = self._rows(resid, [lengths[i] for i in batch], [len(local[i][1]) for i in batch],
-                              [local[i][1] for i in batch], where)
-            del resid
-            self._check_finite(rows, what)
-            residual.update(rows)
-            for _ in self._encoded_chunks(rows, latents, reservoir, [part.indices[i] for i in batch], where):
+        for item in self.iter_rows(local_sequences(sequences, part), what):
+            residual.update(item.rows)
+            for _ in self._encoded_chunks(item.rows, latents, reservoir, [part.indices[i] for i in item.batch],
+                                          item.where):
                 pass
-            self._after_batch(len(batch))
         self.finish()
         if self.split:
             latents.all_reduce()
@@ -213,24 +256,12 @@ class Extractor:
         part = self.share([len(p.context) for p in pairs])
         local = [pairs[i] if keep else replace(pairs[i], counted=[False] * len(pairs[i].counted))
                  for i, keep in zip(part.indices, part.counted)]
-        for batch in _batches([len(p.context) for p in local], self.batch_size):
-            chosen = [local[i] for i in batch]
-            n_query = [p.n_query for p in chosen]
-            counted = [p.counted for p in chosen]
-            resid = self._forward([p.base for p in chosen])
-            where: list = []
-            base_rows = self._rows(resid, [len(p.base) for p in chosen], n_query, counted, where)
-            resid = self._forward([p.context for p in chosen])
-            context_rows = self._rows(resid, [len(p.context) for p in chosen], n_query, counted)
-            del resid
-            self._check_finite(base_rows, what)
-            self._check_finite(context_rows, what + " (with demonstrations)")
-            residual.update(base_rows)
-            residual_shift.update(base_rows, context_rows)
-            for chunk, base_latents in self._encoded_chunks(base_rows, latents, reservoir,
-                                                            [part.indices[i] for i in batch], where):
-                latent_shift.update(base_latents, self._encode(context_rows[chunk]))
-            self._after_batch(len(batch))
+        for item in self.iter_paired_rows(local, what):
+            residual.update(item.rows)
+            residual_shift.update(item.rows, item.context_rows)
+            for chunk, base_latents in self._encoded_chunks(item.rows, latents, reservoir,
+                                                            [part.indices[i] for i in item.batch], item.where):
+                latent_shift.update(base_latents, self.encode(item.context_rows[chunk]))
         self.finish()
         stats = PairedStats(latents, residual, latent_shift, residual_shift)
         if self.split:
@@ -249,3 +280,6 @@ def _input_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
+
+
+_batches = batches_by_length  # the name older callers import

@@ -237,10 +237,13 @@ class Setup:
             )
         return cls(model=model, sae=handle, layer=layer, builder=prompt_builder(model, tokenizer, config), config=config)
 
-    def extractor(self, on_batch=None) -> Extractor:
+    def extractor(self, on_batch=None, model: nn.Module | None = None) -> Extractor:
+        """An extractor for this setup's SAE and layer, on ``model`` (default: the setup's; a re-check passes
+        the model being trained)."""
         tokenizer = self.builder.tokenizer
         pad = pad_token_id(tokenizer)
-        return Extractor(self.model, self.sae, self.layer, batch_size=self.config.batch_size,
+        return Extractor(model if model is not None else self.model, self.sae, self.layer,
+                         batch_size=self.config.batch_size,
                          truncate=self.config.truncate_forward, pad_token_id=pad, on_batch=on_batch)
 
 

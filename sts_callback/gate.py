@@ -72,7 +72,7 @@ from torch import nn
 from .config import SCORE_VARIANTS, STSConfig
 from .data import Corpus, example_text, load_corpus, load_domains
 from .errors import STSConfigError, STSInputError
-from .extract import Extractor, PairedStats, _batches
+from .extract import Extractor, PairedStats
 from .forecast import (SCORE_LABELS, Forecast, Plan, Setup, assemble_forecast, build_shift_pairs, inference_mode,
                        plan_domains, progress_bar)
 
@@ -555,28 +555,13 @@ def _score_examples(extractor: Extractor, setup: Setup, corpus: Corpus, name: st
     index = torch.tensor(latents, dtype=torch.long)
     sums = torch.zeros(len(pairs), len(protected), dtype=torch.float64)
     counts = torch.zeros(len(pairs), dtype=torch.float64)
-    for batch in _batches([len(p.context) for p in pairs], extractor.batch_size):
-        chosen_pairs = [pairs[i] for i in batch]
-        if not any(any(p.counted) for p in chosen_pairs):
-            extractor._after_batch(len(batch))
-            continue
-        n_query = [p.n_query for p in chosen_pairs]
-        counted = [p.counted for p in chosen_pairs]
-        where: list = []
-        resid = extractor._forward([p.base for p in chosen_pairs])
-        base_rows = extractor._rows(resid, [len(p.base) for p in chosen_pairs], n_query, counted, where)
-        resid = extractor._forward([p.context for p in chosen_pairs])
-        context_rows = extractor._rows(resid, [len(p.context) for p in chosen_pairs], n_query, counted)
-        del resid
-        extractor._check_finite(base_rows, f"candidate {name!r}")
-        extractor._check_finite(context_rows, f"candidate {name!r} (with demonstrations)")
-        base = extractor._encode(base_rows)[:, index.to(base_rows.device)]
-        context = extractor._encode(context_rows)[:, index.to(context_rows.device)]
+    for item in extractor.iter_paired_rows(pairs, f"candidate {name!r}", skip_uncounted=True):
+        base = extractor.encode(item.rows)[:, index.to(item.rows.device)]
+        context = extractor.encode(item.context_rows)[:, index.to(item.context_rows.device)]
         contribution = (context - base).double().square().cpu() @ weights  # [rows, P]
-        rows_example = torch.tensor(batch, dtype=torch.long)[where[0]]
+        rows_example = torch.tensor(item.batch, dtype=torch.long)[item.where[0]]
         sums.index_add_(0, rows_example, contribution)
         counts.index_add_(0, rows_example, torch.ones(rows_example.numel(), dtype=torch.float64))
-        extractor._after_batch(len(batch))
     per_domain = sums / counts.clamp(min=1).unsqueeze(1)
     total = per_domain.sum(dim=1)
     scores = ExampleScores(candidate=name, tokens=[int(c) for c in counts.tolist()],

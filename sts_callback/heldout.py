@@ -18,17 +18,12 @@ from torch import nn
 
 from .capture import parameters_are_sharded, text_config, unwrap_model
 from .distributed import shard, sum_across_ranks
+from .extract import batches_by_length
 from .torch_utils import model_device
 
 TokenSequence = tuple[list[int], list[bool]]  # ids, counted flags for the last len(flags) ids
 HEAD_CHUNK = 512  # rows of logits at a time: 512 x 262k floats = 0.5 GB for Gemma 3
 Z95 = 1.959963984540054
-
-
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    from .extract import _batches as by_length
-
-    return by_length(lengths, batch_size)
 
 
 def _split_head(model: nn.Module):
@@ -50,7 +45,7 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
     split = _split_head(model)
-    for batch in _batches(lengths, batch_size):
+    for batch in batches_by_length(lengths, batch_size):
         longest = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -24,7 +24,7 @@ from . import score
 from .capture import unwrap_model
 from .data import Corpus, sample_within_budget
 from .distributed import gather_objects, sum_across_ranks
-from .extract import ConditionStats, Extractor, PairedStats, _batches
+from .extract import ConditionStats, Extractor, PairedStats
 from .forecast import Setup, inference_mode
 from .heldout import LossChange, all_sequence_nll, sequence_nll, sequential_change
 from .stats import ActivationStats, ShiftStats
@@ -129,10 +129,7 @@ class Monitor:
         return [setup.builder.single(corpus[i]) for i in indices], tokens
 
     def _extractor(self, model: nn.Module) -> Extractor:
-        extractor = self.setup.extractor()
-        extractor.model = model
-        extractor.capture.model = model
-        return extractor
+        return self.setup.extractor(model=model)
 
     def probe_rows(self, model: nn.Module) -> dict[int, torch.Tensor]:
         """Residual rows at the counted tokens of this process's probe sequences: global index -> [rows, d]
@@ -140,19 +137,13 @@ class Monitor:
         extractor = self._extractor(model)
         part = extractor.share([len(ids) for ids, _ in self.probe])
         local = [self.probe[i] for i in part.indices]
-        lengths = [len(ids) for ids, _ in local]
         out: dict[int, torch.Tensor] = {}
         with inference_mode(model):
-            for batch in _batches(lengths, self.setup.config.batch_size):
-                resid = extractor._forward([local[i][0] for i in batch])
-                where: list = []
-                rows = extractor._rows(resid, [lengths[i] for i in batch], [len(local[i][1]) for i in batch],
-                                       [local[i][1] for i in batch], where)
-                extractor._check_finite(rows, "the training probe")
-                rows = rows.float().cpu()
-                for row_in_batch, i in enumerate(batch):
+            for item in extractor.iter_rows(local, "the training probe"):
+                rows = item.rows.float().cpu()
+                for row_in_batch, i in enumerate(item.batch):
                     if part.counted[i]:
-                        out[part.indices[i]] = rows[where[0] == row_in_batch]
+                        out[part.indices[i]] = rows[item.where[0] == row_in_batch]
         extractor.finish()
         return out
 
