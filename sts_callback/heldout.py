@@ -26,7 +26,7 @@ HEAD_CHUNK = 512  # rows of logits at a time: 512 x 262k floats = 0.5 GB for Gem
 Z95 = 1.959963984540054
 
 
-def _split_head(model: nn.Module):
+def split_head(model: nn.Module):
     """(body, head, softcap) when the model can run its LM head apart from its body; ``None`` otherwise (a
     sharded model, where every rank must call the root module, or an unusual architecture)."""
     inner = unwrap_model(model)
@@ -44,7 +44,7 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
     device = model_device(model)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
-    split = _split_head(model)
+    split = split_head(model)
     for batch in batches_by_length(lengths, batch_size):
         longest = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)
@@ -62,7 +62,7 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
         if split is not None:
             body, head, softcap = split
             hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
-            nll = torch.cat([_head_nll(head, softcap, h, t) for h, t in zip(hidden.split(chunk), targets.split(chunk))]) \
+            nll = torch.cat([head_nll(head, softcap, h, t) for h, t in zip(hidden.split(chunk), targets.split(chunk))]) \
                 if len(targets) else torch.zeros(0, device=device)
             del hidden
         else:
@@ -77,7 +77,7 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
     return out
 
 
-def _head_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -65,8 +65,8 @@ from torch import nn
 from .capture import parameters_are_sharded
 from .distributed import rank, shard, sum_across_ranks, world_size
 from .errors import STSConfigError, STSInputError
-from .extract import _batches, local_sequences
-from .heldout import HEAD_CHUNK, _head_nll, _split_head
+from .extract import batches_by_length, local_sequences
+from .heldout import HEAD_CHUNK, head_nll, split_head
 from .monitor import nll_sums
 
 Sequence_ = tuple[list[int], list[bool]]
@@ -363,14 +363,14 @@ def _token_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: to
                targets: torch.Tensor) -> torch.Tensor:
     """NLL (with its graph) of ``targets`` (the next tokens, [batch, length - 1]) at the ``keep`` positions: the
     LM head runs only there, in chunks, where the body and head can be run apart (as ``monitor.nll_sums``)."""
-    split = _split_head(model)
+    split = split_head(model)
     if split is not None:
         body, head, softcap = split
         hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
         wanted = targets[keep]
         if not len(wanted):
             return hidden.sum() * 0.0
-        return torch.cat([_head_nll(head, softcap, h, t) for h, t in zip(hidden.split(HEAD_CHUNK),
+        return torch.cat([head_nll(head, softcap, h, t) for h, t in zip(hidden.split(HEAD_CHUNK),
                                                                         wanted.split(HEAD_CHUNK))])
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
@@ -632,7 +632,7 @@ def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Ma
         for i, everyone in enumerate(targets.values()):
             part = shard(len(everyone), [len(ids) for ids, _ in everyone])
             local = local_sequences(list(everyone), part)
-            for batch in _batches([len(ids) for ids, _ in local], batch_size):
+            for batch in batches_by_length([len(ids) for ids, _ in local], batch_size):
                 with autocast() if autocast else nullcontext():
                     total, count = _held_out_nll(inner, [local[j] for j in batch], pad_id, device)
                 dot = torch.zeros((), dtype=torch.float64)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import gc
 import inspect
-import json
 import math
 import shutil
 import time
@@ -34,10 +33,11 @@ from torch import nn
 
 from .atomic import atomic_write_json
 from .config import STSConfig, json_serializable
-from .data import Corpus, Example, load_corpus, load_domains
+from .data import Corpus, load_corpus, load_domains
 from .errors import STSConfigError, STSInputError
 from .forecast import SCORE_LABELS
 from .multiple_choice import argmax, check_items, choice_scores
+from .recipe import PadCollator, training_features, wrap_lora
 from .signed import SIGNED_VARIANTS
 from .torch_utils import model_device, pad_token_id
 
@@ -363,75 +363,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------- training data
-def _training_features(corpus: Corpus, tokenizer, max_length: int, completion_only: bool,
-                       chat_fallback: bool) -> list[dict[str, list[int]]]:
-    """Token ids and labels of every example: plain texts as language modelling, prompt/answer examples with
-    the loss on the answer only (``completion_only``; TRL's default) and EOS appended. Prompt-only examples
-    are skipped."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    features = []
-    for i in range(len(corpus)):
-        example: Example = corpus[i]
-        if example.plain_text:
-            ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])[:max_length]
-            labels = list(ids)
-        elif example.answer is None:
-            continue
-        else:
-            if example.is_chat:
-                if has_template:
-                    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False,
-                                                                add_generation_prompt=True)
-                    full = tokenizer.apply_chat_template(
-                        list(example.prompt) + [{"role": "assistant", "content": example.answer}], tokenize=False)
-                    if full.startswith(prompt_text):
-                        answer_text, extra_eos = full[len(prompt_text):], []
-                    else:  # a template that renders the prompt differently in the full conversation
-                        prompt_text, answer_text, extra_eos = "", full, []
-                    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-                    answer_ids = list(tokenizer(answer_text, add_special_tokens=False)["input_ids"]) + extra_eos
-                else:
-                    if not chat_fallback:
-                        raise STSInputError(
-                            f"{corpus.name!r} holds chat conversations but the tokenizer has no chat template. "
-                            "Give a tokenizer with a chat template, or set STSConfig(chat_fallback=True).")
-                    prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in example.prompt) + "assistant: "
-                    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=True)["input_ids"])
-                    answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
-            else:
-                prompt_ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
-                answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
-            ids = (prompt_ids + answer_ids)[:max_length]
-            labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length] if completion_only else list(ids)
-        if len(ids) < 2 or all(label == -100 for label in labels[1:]):
-            continue
-        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    if not features:
-        raise STSInputError(
-            f"No trainable example in {corpus.name!r}: every example is prompt-only, empty, or its prompt fills "
-            "max_length; give texts or prompt/answer records, or raise max_length.")
-    return features
-
-
-class _Collator:
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        batch = {"input_ids": torch.full((len(features), longest), self.pad_id, dtype=torch.long),
-                 "attention_mask": torch.zeros((len(features), longest), dtype=torch.long),
-                 "labels": torch.full((len(features), longest), -100, dtype=torch.long)}
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
-            batch["attention_mask"][row, :n] = 1
-            batch["labels"][row, :n] = torch.tensor(f["labels"])
-        return batch
-
-
 # --------------------------------------------------------------------------- checks
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -554,7 +485,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     if demos is None and not _trainable_answers(train):
         raise STSInputError("The training set has no answers (prompt-only data): it can neither be fine-tuned on "
                             "with SFT nor give in-context demonstrations; give texts or prompt/answer records.")
-    features = _training_features(train, tokenizer, max_length, completion_only_loss, base_config.chat_fallback)
+    features = training_features(train, tokenizer, max_length, completion_only_loss, base_config.chat_fallback)
     if method == "lora":
         import peft  # noqa: F401  - fail now, not after the forecast, when peft is missing
     lr = float(learning_rate) if learning_rate is not None else DEFAULT_LR[method]
@@ -627,21 +558,6 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     return result
 
 
-def _wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
-    from peft import LoraConfig, get_peft_model
-
-    def build(targets):
-        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                                target_modules=targets, task_type="CAUSAL_LM"))
-
-    if target_modules is not None:
-        return build(target_modules)
-    try:
-        return build(None)
-    except ValueError:  # an architecture peft has no default for
-        return build("all-linear")
-
-
 def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, demos, config: STSConfig, *, seed: int,
                     method: str, steps: int, lr: float, batch_size: int, lora_rank: int, lora_alpha: int,
                     lora_target_modules, loss_tokens: int, recheck_tokens: int, recheck_steps: int | None,
@@ -665,7 +581,7 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
             with inference_mode(work):
                 result["metric_before"] = {d: float(metric(work, tokenizer, d)) for d in domains}
         if method == "lora":
-            work = _wrap_lora(work, lora_rank, lora_alpha, lora_target_modules)
+            work = wrap_lora(work, lora_rank, lora_alpha, lora_target_modules)
             targets = work.peft_config["default"].target_modules
             result["target_modules"] = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
         else:
@@ -685,7 +601,7 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
         args.update(training_args or {})
         pad = pad_token_id(tokenizer)
         trainer = Trainer(model=work, args=TrainingArguments(**args), train_dataset=features,
-                          data_collator=_Collator(pad), processing_class=tokenizer, callbacks=[callback])
+                          data_collator=PadCollator(pad), processing_class=tokenizer, callbacks=[callback])
         if not progress:
             from transformers.trainer_callback import PrinterCallback
 

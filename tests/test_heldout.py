@@ -50,7 +50,7 @@ def test_chunked_head_equals_full_logits(tokenizer, arch, monkeypatch):
             model.config.final_logit_softcapping = 3.0  # small, so that the cap matters
     model.eval()
     seqs = sequences(tokenizer)
-    assert heldout._split_head(model) is not None  # the chunked path is the one under test
+    assert heldout.split_head(model) is not None  # the chunked path is the one under test
     monkeypatch.setattr(heldout, "HEAD_CHUNK", 7)
     with torch.no_grad():
         chunked = sequence_nll(model, seqs, 0, batch_size=5, chunk=7)

@@ -93,19 +93,19 @@ def build_run(model, tokenizer, recipe: str, train: list, work: Path):
     from transformers import Trainer, TrainingArguments, set_seed
 
     from sts_callback.data import load_corpus
-    from sts_callback.validate import _Collator, _training_features, _wrap_lora
+    from sts_callback.recipe import PadCollator, training_features, wrap_lora
 
     method, lr = RECIPES[recipe]["method"], RECIPES[recipe]["learning_rate"]
     set_seed(SEED)  # validate(): seeded before the copy, so LoRA's initialisation is the run's
     trained = copy.deepcopy(model)
     if method == "lora":
-        trained = _wrap_lora(trained, LORA_RANK, LORA_ALPHA, None)
+        trained = wrap_lora(trained, LORA_RANK, LORA_ALPHA, None)
     else:
         for p in trained.parameters():
             p.requires_grad_(True)
-    features = _training_features(load_corpus(train, name="train"), tokenizer, COMMON["max_length"], True, False)
+    features = training_features(load_corpus(train, name="train"), tokenizer, COMMON["max_length"], True, False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    collator = _Collator(pad)
+    collator = PadCollator(pad)
     args = TrainingArguments(  # sts_callback.validate._train_one_seed's arguments
         output_dir=str(work), max_steps=COMMON["steps"], per_device_train_batch_size=COMMON["batch_size"],
         learning_rate=lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,

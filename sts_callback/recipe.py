@@ -1,0 +1,98 @@
+"""A fine-tuning recipe's pieces shared by ``validate`` and the run-level term: token ids and labels of the
+training examples (completion-only loss like TRL's default), a padding collator, LoRA adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import Corpus, Example
+from .errors import STSInputError
+
+
+def training_features(corpus: Corpus, tokenizer, max_length: int, completion_only: bool,
+                      chat_fallback: bool) -> list[dict[str, list[int]]]:
+    """Token ids and labels of every example: plain texts as language modelling, prompt/answer examples with
+    the loss on the answer only (``completion_only``; TRL's default) and EOS appended. Prompt-only examples
+    are skipped."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    features = []
+    for i in range(len(corpus)):
+        example: Example = corpus[i]
+        if example.plain_text:
+            ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])[:max_length]
+            labels = list(ids)
+        elif example.answer is None:
+            continue
+        else:
+            if example.is_chat:
+                if has_template:
+                    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False,
+                                                                add_generation_prompt=True)
+                    full = tokenizer.apply_chat_template(
+                        list(example.prompt) + [{"role": "assistant", "content": example.answer}], tokenize=False)
+                    if full.startswith(prompt_text):
+                        answer_text, extra_eos = full[len(prompt_text):], []
+                    else:  # a template that renders the prompt differently in the full conversation
+                        prompt_text, answer_text, extra_eos = "", full, []
+                    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+                    answer_ids = list(tokenizer(answer_text, add_special_tokens=False)["input_ids"]) + extra_eos
+                else:
+                    if not chat_fallback:
+                        raise STSInputError(
+                            f"{corpus.name!r} holds chat conversations but the tokenizer has no chat template. "
+                            "Give a tokenizer with a chat template, or set STSConfig(chat_fallback=True).")
+                    prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in example.prompt) + "assistant: "
+                    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=True)["input_ids"])
+                    answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
+            else:
+                prompt_ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+                answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
+            ids = (prompt_ids + answer_ids)[:max_length]
+            labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length] if completion_only else list(ids)
+        if len(ids) < 2 or all(label == -100 for label in labels[1:]):
+            continue
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if not features:
+        raise STSInputError(
+            f"No trainable example in {corpus.name!r}: every example is prompt-only, empty, or its prompt fills "
+            "max_length; give texts or prompt/answer records, or raise max_length.")
+    return features
+
+
+class PadCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": torch.full((len(features), longest), self.pad_id, dtype=torch.long),
+                 "attention_mask": torch.zeros((len(features), longest), dtype=torch.long),
+                 "labels": torch.full((len(features), longest), -100, dtype=torch.long)}
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.tensor(f["labels"])
+        return batch
+
+
+def wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
+    from peft import LoraConfig, get_peft_model
+
+    def build(targets):
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                target_modules=targets, task_type="CAUSAL_LM"))
+
+    if target_modules is not None:
+        return build(target_modules)
+    try:
+        return build(None)
+    except ValueError:  # an architecture peft has no default for
+        return build("all-linear")
+
+
+__all__ = ["PadCollator", "training_features", "wrap_lora"]
