@@ -525,12 +525,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             options["learning_rate"] = float(options["learning_rate"])
         except ValueError as err:
             raise STSInputError(f"validation.learning_rate={options['learning_rate']!r} is not a number.") from err
-    from .validate import _check_arguments, multiple_choice_accuracy, validate
+    from .validate import ValidationConfig, multiple_choice_accuracy, validate
 
-    _check_arguments(options.get("method", "lora"), options.get("seeds", [config.seed]), options.get("steps", 32),
-                     options.get("learning_rate"), options.get("batch_size", 8), options.get("max_length", 256),
-                     options.get("lora_rank", 8), options.get("loss_tokens", 4096), options.get("recheck_tokens", 2048),
-                     None, options.get("n_resamples", 2000), True)  # bad settings fail before the model loads
+    validation = ValidationConfig.from_dict(options)  # bad settings fail here, before the model loads
     targets = config_file["targets"]
     if isinstance(targets, (dict, list)) and len(targets) < 3:
         raise STSInputError(f"{args.config}: `targets` has {len(targets)} domain(s); validation correlates across "
@@ -551,8 +548,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     result = validate(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
                       _expand(config_file["targets"]), config, metric=metric,
-                      demonstrations=_expand(config_file.get("demonstrations")), output_dir=output_dir,
-                      progress=not args.no_progress, **options)
+                      demonstrations=_expand(config_file.get("demonstrations")), validation=validation,
+                      output_dir=output_dir, progress=not args.no_progress)
     print(result.table())
     print(f"\nwrote {result.files['json']}" + (f" and {result.files['plot']}" if "plot" in result.files else "")
           + f" ({result.timings['total']:.1f} s)")

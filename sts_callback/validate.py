@@ -24,7 +24,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -370,40 +370,78 @@ def _check_int(name: str, value: Any, low: int) -> None:
                              "or more.")
 
 
-def _check_arguments(method: str, seeds: Any, steps: Any, learning_rate: Any, batch_size: Any, max_length: Any,
-                     lora_rank: Any, loss_tokens: Any, recheck_tokens: Any, metric: Any, n_resamples: Any,
-                     copy_model: bool) -> list[int]:
-    if method not in METHODS:
-        raise STSConfigError(f"validate(method={method!r}) is not a training method; use 'lora' (adapters, cheap) "
-                             "or 'full' (every weight).")
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = [seeds]
-    if seeds is None or not isinstance(seeds, (list, tuple, range)) or len(seeds) == 0:
-        raise STSConfigError(f"validate(seeds={seeds!r}) needs at least one seed, e.g. seeds=(0,) or seeds=(0, 1, 2).")
-    seeds = list(seeds)
-    for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise STSConfigError(f"validate(seeds=...) must hold integers, got {seed!r}.")
-    if len(set(seeds)) != len(seeds):
-        raise STSConfigError(f"validate(seeds={seeds}) repeats a seed; give distinct seeds.")
-    _check_int("steps", steps, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("max_length", max_length, 2)
-    _check_int("lora_rank", lora_rank, 1)
-    _check_int("loss_tokens", loss_tokens, 1)
-    _check_int("recheck_tokens", recheck_tokens, 1)
-    _check_int("n_resamples", n_resamples, 0)
-    if learning_rate is not None and (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
-                                      or not learning_rate > 0 or not math.isfinite(learning_rate)):
-        raise STSConfigError(f"validate(learning_rate={learning_rate!r}) must be a positive number, e.g. 2e-4 for "
-                             "LoRA or 1e-5 for a full fine-tune (None: that default).")
-    if metric is not None and not callable(metric):
-        raise STSConfigError("validate(metric=...) must be a callable metric(model, tokenizer, domain) -> float, "
-                             "e.g. multiple_choice_accuracy(items).")
-    if not copy_model and method == "full" and len(seeds) > 1:
-        raise STSConfigError("validate(copy_model=False, method='full') trains your model in place, so it cannot "
-                             "start several seeds from the same weights; use one seed, copy_model=True, or LoRA.")
-    return seeds
+@dataclass
+class ValidationConfig:
+    """How :func:`validate` fine-tunes and measures (every field is also a keyword of :func:`validate` and a
+    key of the ``validation:`` section of an ``sts validate`` config file). Checked when built.
+
+    ``seeds=None``: the forecast config's seed. See :func:`validate` for each field's meaning.
+    """
+
+    method: str = "lora"
+    seeds: Sequence[int] | int | None = None
+    steps: int = 32
+    learning_rate: float | None = None
+    batch_size: int = 8
+    max_length: int = 256
+    lora_rank: int = 8
+    lora_alpha: int | None = None
+    lora_target_modules: Any = None
+    completion_only_loss: bool = True
+    loss_tokens: int = 4096
+    recheck_tokens: int = 2048
+    recheck_steps: int | None = None
+    output_dir: str | Path = "sts-validation"
+    device: Any = None
+    copy_model: bool = True
+    training_args: dict[str, Any] | None = None
+    n_resamples: int = 2000
+    progress: bool = False
+    plot: bool = True
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise STSConfigError(f"validate(method={self.method!r}) is not a training method; use 'lora' (adapters, "
+                                 "cheap) or 'full' (every weight).")
+        if self.seeds is not None:
+            seeds = [self.seeds] if isinstance(self.seeds, int) and not isinstance(self.seeds, bool) else self.seeds
+            if not isinstance(seeds, (list, tuple, range)) or len(seeds) == 0:
+                raise STSConfigError(f"validate(seeds={self.seeds!r}) needs at least one seed, e.g. seeds=(0,) or "
+                                     "seeds=(0, 1, 2).")
+            for seed in seeds:
+                if isinstance(seed, bool) or not isinstance(seed, int):
+                    raise STSConfigError(f"validate(seeds=...) must hold integers, got {seed!r}.")
+            if len(set(seeds)) != len(seeds):
+                raise STSConfigError(f"validate(seeds={list(seeds)}) repeats a seed; give distinct seeds.")
+            self.seeds = list(seeds)
+        for name, low in (("steps", 1), ("batch_size", 1), ("max_length", 2), ("lora_rank", 1), ("loss_tokens", 1),
+                          ("recheck_tokens", 1), ("n_resamples", 0)):
+            _check_int(name, getattr(self, name), low)
+        for name in ("lora_alpha", "recheck_steps"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        lr = self.learning_rate
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
+                               or not math.isfinite(lr)):
+            raise STSConfigError(f"validate(learning_rate={lr!r}) must be a positive number, e.g. 2e-4 for LoRA or "
+                                 "1e-5 for a full fine-tune (None: that default).")
+        if not self.copy_model and self.method == "full" and self.seeds is not None and len(self.seeds) > 1:
+            raise STSConfigError("validate(copy_model=False, method='full') trains your model in place, so it "
+                                 "cannot start several seeds from the same weights; use one seed, copy_model=True, "
+                                 "or LoRA.")
+        if self.training_args is not None and not isinstance(self.training_args, dict):
+            raise STSConfigError(f"validate(training_args=...) must be a dict of TrainingArguments fields, got "
+                                 f"{type(self.training_args).__name__}.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "ValidationConfig":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise STSConfigError(f"Unknown validation setting(s) {unknown}; valid: {sorted(known)}.")
+        return cls(**values)
 
 
 def _trainable_answers(corpus: Corpus) -> bool:
@@ -412,15 +450,8 @@ def _trainable_answers(corpus: Corpus) -> bool:
 
 # --------------------------------------------------------------------------- the pipeline
 def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
-             config: STSConfig | dict | None = None, *, method: str = "lora",
-             seeds: Sequence[int] | int | None = None,
-             steps: int = 32, learning_rate: float | None = None, batch_size: int = 8, max_length: int = 256,
-             lora_rank: int = 8, lora_alpha: int | None = None, lora_target_modules: Any = None,
-             completion_only_loss: bool = True, loss_tokens: int = 4096, recheck_tokens: int = 2048,
-             recheck_steps: int | None = None, metric: Metric | None = None, demonstrations: Any = None, output_dir: str | Path = "sts-validation",
-             device: str | torch.device | None = None, copy_model: bool = True,
-             training_args: dict[str, Any] | None = None, n_resamples: int = 2000, progress: bool = False,
-             plot: bool = True, report: bool = True) -> ValidationResult:
+             config: STSConfig | dict | None = None, validation: ValidationConfig | dict | None = None, *,
+             metric: Metric | None = None, demonstrations: Any = None, **settings: Any) -> ValidationResult:
     """Forecast, then fine-tune for real and check the forecast against the measured changes.
 
     For each seed, a copy of ``model`` is fine-tuned on ``train_data`` for ``steps`` optimizer steps with a
@@ -454,16 +485,25 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         training_args: extra ``TrainingArguments`` fields (e.g. ``{"bf16": True}``), applied last.
         n_resamples: bootstrap resamples per interval (0: no intervals).
         plot, report: write ``validation.png`` and the ``sts report`` HTML/Markdown next to the JSON.
+
+    The settings (method ... report) are the fields of :class:`ValidationConfig`: pass ``validation=`` (a
+    ValidationConfig or its dict) and/or them as keywords (keywords win).
     """
     start = time.perf_counter()
     base_config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
-    seeds = _check_arguments(method, [base_config.seed] if seeds is None else seeds, steps, learning_rate,
-                             batch_size, max_length, lora_rank, loss_tokens, recheck_tokens, metric, n_resamples,
-                             copy_model)
-    if lora_alpha is not None:
-        _check_int("lora_alpha", lora_alpha, 1)
-    if recheck_steps is not None:
-        _check_int("recheck_steps", recheck_steps, 1)
+    if isinstance(validation, ValidationConfig):
+        validation = {f.name: getattr(validation, f.name) for f in fields(ValidationConfig)}
+    v = ValidationConfig.from_dict({**(validation or {}), **settings})
+    if metric is not None and not callable(metric):
+        raise STSConfigError("validate(metric=...) must be a callable metric(model, tokenizer, domain) -> float, "
+                             "e.g. multiple_choice_accuracy(items).")
+    seeds = v.seeds if v.seeds is not None else [base_config.seed]
+    method, steps, learning_rate, batch_size, max_length = v.method, v.steps, v.learning_rate, v.batch_size, v.max_length
+    lora_rank, lora_alpha, lora_target_modules = v.lora_rank, v.lora_alpha, v.lora_target_modules
+    completion_only_loss, loss_tokens, recheck_tokens, recheck_steps = (v.completion_only_loss, v.loss_tokens,
+                                                                        v.recheck_tokens, v.recheck_steps)
+    output_dir, device, copy_model, training_args = v.output_dir, v.device, v.copy_model, v.training_args
+    n_resamples, progress, plot, report = v.n_resamples, v.progress, v.plot, v.report
     if model is None or not isinstance(model, nn.Module):
         raise STSInputError(f"validate() needs a Hugging Face model (nn.Module), got {type(model).__name__}.")
     if tokenizer is None:
@@ -722,5 +762,5 @@ def _std(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
 
 
-__all__ = ["SeedResult", "ValidationResult", "choice_scores", "correlation", "multiple_choice_accuracy",
+__all__ = ["SeedResult", "ValidationConfig", "ValidationResult", "choice_scores", "correlation", "multiple_choice_accuracy",
            "plot_validation", "validate"]
