@@ -1,0 +1,67 @@
+"""Position-matched prompts: a query's tokens are the same ids at the end of the sequence with and without
+demonstrations, only they are counted, and demonstrations are cut from the left."""
+
+import pytest
+from tiny import domain_texts, make_tokenizer
+
+from sts_callback.data import Example, PromptBuilder, example_from_record, load_corpus, multiple_choice_items
+from sts_callback.errors import STSInputError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def builder(tokenizer, **overrides):
+    values = dict(max_query_tokens=12, max_demonstration_tokens=10, max_length=64)
+    values.update(overrides)
+    return PromptBuilder(tokenizer, **values)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_query_tokens_are_the_same_ids_at_the_end_of_both_sequences(tokenizer, chat):
+    b = builder(tokenizer)
+    texts = domain_texts("law", 4)
+    if chat:
+        query = Example(prompt=[{"role": "user", "content": texts[0]}], answer=None)
+        demos = [Example(prompt=[{"role": "user", "content": t}], answer="court") for t in texts[1:]]
+    else:
+        query, demos = Example(prompt=texts[0], plain_text=True), [Example(prompt=t, answer="court") for t in texts[1:]]
+    pair = b.pair(query, demos)
+    assert pair.base[-pair.n_query:] == pair.context[-pair.n_query:]
+    assert len(pair.counted) == pair.n_query and len(pair.context) > len(pair.base)
+    special = set(tokenizer.all_special_ids)
+    query_ids = pair.base[-pair.n_query:]
+    assert pair.counted == [t not in special for t in query_ids]
+
+
+def test_demonstrations_are_cut_from_the_left_and_bos_is_kept(tokenizer):
+    b = builder(tokenizer, max_length=20)
+    demos = [Example(prompt=t, answer="court") for t in domain_texts("food", 6)]
+    pair = b.pair(Example(prompt=domain_texts("law", 1)[0], plain_text=True), demos)
+    assert len(pair.context) <= 20 and pair.context[0] == tokenizer.bos_token_id
+    assert pair.context[-pair.n_query:] == pair.base[-pair.n_query:]
+
+
+def test_single_counts_only_the_text_itself(tokenizer):
+    ids, counted = builder(tokenizer).single(Example(prompt=domain_texts("chem", 1)[0], plain_text=True))
+    assert len(ids) == len(counted) and counted[0] is False and all(counted[1:])  # BOS is not counted
+
+
+def test_multiple_choice_records_become_question_and_right_answer():
+    example = example_from_record({"question": "2+2?", "choices": ["3", "4"], "answer": 1})
+    assert example.prompt == "2+2?\nAnswer:" and example.answer == " 4"
+    corpus = load_corpus([{"question": "q", "choices": ["a", "b"], "answer": 0}], name="quiz")
+    assert multiple_choice_items(corpus) == [{"question": "q", "choices": ["a", "b"], "answer": 0}]
+    assert multiple_choice_items(load_corpus(["plain text"])) is None
+    with pytest.raises(STSInputError, match="answer=5"):
+        example_from_record({"question": "q", "choices": ["a", "b"], "answer": 5})
+
+
+def test_a_streaming_dataset_is_read_from_its_head():
+    from datasets import IterableDataset
+
+    stream = IterableDataset.from_generator(lambda: ({"text": f"text {i}"} for i in range(10)))
+    corpus = load_corpus(stream, name="stream")
+    assert len(corpus) == 10 and corpus[3].prompt == "text 3"

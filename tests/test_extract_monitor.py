@@ -1,0 +1,78 @@
+"""The extraction iterators read the residual stream at the right tokens; a re-check of unchanged weights
+measures no change; the monitor's state round-trips."""
+
+import pytest
+import torch
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+
+from sts_callback.config import STSConfig
+from sts_callback.data import Example, load_corpus
+from sts_callback.forecast import Setup
+from sts_callback.monitor import Monitor
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer, model = make_tokenizer(), make_model("llama")
+    return Setup.create(model, tokenizer, TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post"),
+                        STSConfig(n_shifted=8, batch_size=3))
+
+
+def test_iter_rows_are_the_hidden_states_at_counted_tokens(setup):
+    sequences = [setup.builder.single(Example(prompt=t, plain_text=True)) for t in domain_texts("law", 7)]
+    extractor = setup.extractor()
+    seen = {}
+    with torch.no_grad():
+        for item in extractor.iter_rows(sequences):
+            for row_in_batch, index in enumerate(item.batch):
+                seen[index] = item.rows[item.where[0] == row_in_batch]
+        for index, (ids, counted) in enumerate(sequences):
+            hidden = setup.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+            expected = hidden[-len(counted):][torch.tensor(counted)]
+            torch.testing.assert_close(seen[index], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_iter_paired_rows_compare_the_same_query_tokens(setup):
+    texts = domain_texts("food", 6)
+    demos = [Example(prompt=t, answer="cook") for t in texts[3:]]
+    pairs = [setup.builder.pair(Example(prompt=t, plain_text=True), demos) for t in texts[:3]]
+    with torch.no_grad():
+        items = list(setup.extractor().iter_paired_rows(pairs))
+    assert sum(len(i.batch) for i in items) == 3
+    for item in items:
+        assert item.rows.shape == item.context_rows.shape
+        assert not torch.allclose(item.rows, item.context_rows)  # the demonstrations change the query's residuals
+
+
+def monitor_for(setup):
+    domains = {d: load_corpus(domain_texts(d, 12), name=d) for d in ("law", "chem")}
+    loss_sets = {n: Monitor.sample_sequences(c, setup, 80, seed=f"0:{n}")[0] for n, c in domains.items()}
+    probe, _ = Monitor.sample_sequences(load_corpus(domain_texts("law", 12, seed=2)), setup, 60, seed="probe")
+    from sts_callback.forecast import domain_statistics
+    from sts_callback.monitor import domain_bases_from
+
+    monitor = Monitor(setup=setup, probe=probe, domains=domain_bases_from(domain_statistics(setup, domains)),
+                      loss_sets=loss_sets)
+    monitor.capture_base(setup.model)
+    monitor.base_losses = monitor.measure_losses(setup.model)
+    return monitor
+
+
+def test_recheck_of_unchanged_weights_measures_no_change(setup):
+    record = monitor_for(setup).recheck(setup.model, forecast_latents=[0, 1])
+    assert record["shift_total"] == 0.0
+    assert all(abs(d) < 1e-12 for d in record["loss_delta"].values())
+    assert set(record["loss_delta_ci"]) == {"law", "chem"}
+
+
+def test_monitor_state_round_trips(setup, tmp_path):
+    monitor = monitor_for(setup)
+    path = monitor.save(tmp_path / "monitor.safetensors")
+    again = monitor_for(setup)
+    again.base_residuals, again.base_sequence_nll = None, {}
+    again.load(path)
+    assert torch.equal(again.base_residuals, monitor.base_residuals)
+    for name, sums in monitor.base_sequence_nll.items():
+        assert torch.equal(again.base_sequence_nll[name], sums)
