@@ -14,6 +14,7 @@ demo: .venv/.sts-installed
 
 test: .venv/.sts-installed
 	bash scripts/install_browser.sh
+	.venv/bin/lint-imports  # the layers: a lower layer never imports a higher one (setup.cfg)
 	.venv/bin/python -m pytest -p no:cacheprovider --timeout 900
 
 test-fast: .venv/.sts-installed

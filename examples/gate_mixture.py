@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from sts_callback import STSConfig
-from sts_callback.corpora import load_domain
-from sts_callback.demo import ensure_demo_sae
-from sts_callback.gate import filter_examples, gate_mixture, write_jsonl
-from sts_callback.models import load_gemma3_270m
+from sts_callback.core.corpora import load_domain
+from sts_callback.tools.demo import ensure_demo_sae
+from sts_callback.pipelines.gate import filter_examples, gate_mixture, write_jsonl
+from sts_callback.tools.models import load_gemma3_270m
 
 OUTPUT = Path("outputs/gate_mixture")
 CANDIDATE_TEXTS = 40  # examples per candidate (all of them are scored one by one)

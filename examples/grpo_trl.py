@@ -15,9 +15,9 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
-from sts_callback.callback import STSCallback
-from sts_callback.demo import ensure_demo_sae
-from sts_callback.models import load_gemma3_270m
+from sts_callback.integrations.callback import STSCallback
+from sts_callback.tools.demo import ensure_demo_sae
+from sts_callback.tools.models import load_gemma3_270m
 
 
 def addition_prompts(n: int, seed: int = 0) -> list[dict]:

@@ -20,10 +20,10 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from sts_callback.callback import STSCallback
-from sts_callback.corpora import load_domain
-from sts_callback.demo import ensure_demo_sae
-from sts_callback.models import load_gemma3_270m
+from sts_callback.integrations.callback import STSCallback
+from sts_callback.core.corpora import load_domain
+from sts_callback.tools.demo import ensure_demo_sae
+from sts_callback.tools.models import load_gemma3_270m
 
 
 def main() -> None:

@@ -1,19 +1,20 @@
 """sts-callback: forecast which capabilities post-training will move (SAE-based Transferability Score)."""
 
-from .calibration import Calibration
-from .config import STSConfig
-from .errors import STSConfigError, STSDataWarning, STSError, STSInputError, STSNumericalError
-from .forecast import DomainForecast, Forecast, forecast
-from .gate import GateDecision, filter_examples, gate_mixture
-from .sae import SAEHandle, load_sae
-from .validate import ValidationResult, multiple_choice_accuracy, validate
+from .core.config import STSConfig
+from .core.errors import STSConfigError, STSDataWarning, STSError, STSInputError, STSNumericalError
+from .core.sae import SAEHandle, load_sae
+from .pipelines.forecast import DomainForecast, Forecast, forecast
+from .pipelines.gate import GateDecision, filter_examples, gate_mixture
+from .pipelines.guard import Decision, Guard, GuardConfig
+from .scoring.calibration import Calibration
+from .validation.validate import ValidationConfig, ValidationResult, multiple_choice_accuracy, validate
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     if name == "STSCallback":  # imported on first use: it pulls in transformers' Trainer machinery
-        from .callback import STSCallback
+        from .integrations.callback import STSCallback
 
         return STSCallback
     raise AttributeError(f"module 'sts_callback' has no attribute {name!r}")
@@ -25,6 +26,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Calibration",
+    "Decision",
+    "Guard",
+    "GuardConfig",
     "STSCallback",
     "DomainForecast",
     "Forecast",
@@ -42,5 +46,6 @@ __all__ = [
     "load_sae",
     "multiple_choice_accuracy",
     "validate",
+    "ValidationConfig",
     "ValidationResult",
 ]

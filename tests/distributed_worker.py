@@ -21,7 +21,7 @@ from datasets import Dataset  # noqa: E402
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer  # noqa: E402
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
 
-from sts_callback.callback import STSCallback  # noqa: E402
+from sts_callback.integrations.callback import STSCallback  # noqa: E402
 
 MODE, OUT = sys.argv[1], Path(sys.argv[2])
 RANK = int(os.environ.get("RANK", 0))
@@ -84,8 +84,8 @@ def runlevel(backend: str) -> dict:
     parameters and the optimizer state."""
     from transformers import TrainerCallback
 
-    from sts_callback.distributed import fingerprint
-    from sts_callback.runlevel import first_order, lookahead, training_batches
+    from sts_callback.core.distributed import fingerprint
+    from sts_callback.pipelines.runlevel import first_order, lookahead, training_batches
 
     tokenizer = make_tokenizer()
     targets = {}

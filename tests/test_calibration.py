@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sts_callback import STSInputError
-from sts_callback.calibration import (
+from sts_callback.scoring.calibration import (
     Calibration,
     fitted_exponent,
     early_forecast,
@@ -91,7 +91,7 @@ def test_lr_area_fraction_and_early_forecast():
 def test_cli_calibrate_writes_a_calibration_the_callback_reads(tmp_path, capsys):
     import json
 
-    from sts_callback.cli import main
+    from sts_callback.tools.cli import main
 
     record = {"format": "sts-validation/1", "output_dir": "v", "per_seed": [
         {"scores": {d: {"sts_icl": float(i), "signed_usage": float(-i)} for i, d in enumerate("abcde")},

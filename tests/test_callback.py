@@ -11,7 +11,7 @@ from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from sts_callback import STSConfigError
-from sts_callback.callback import STSCallback, STSNegativeTransferWarning
+from sts_callback.integrations.callback import STSCallback, STSNegativeTransferWarning
 
 DOMAINS = ("law", "food", "chem")
 FAST = dict(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2)
@@ -185,7 +185,7 @@ def test_resume_continues_history_without_recomputing(tmp_path, tokenizer, monke
     forecast_before = (out / "forecast.json").read_text()
     (tmp_path / "run" / "checkpoint-4").rename(tmp_path / "run" / "gone")  # resume from step 2
 
-    import sts_callback.callback as callback_module
+    import sts_callback.integrations.callback as callback_module
 
     def no_forecast(*args, **kwargs):
         raise AssertionError("the forecast was recomputed on resume")
@@ -309,7 +309,7 @@ def test_forecast_rank_and_max_sts_rules_warn(tmp_path, tokenizer):
 
 
 def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenizer):
-    from sts_callback.calibration import Calibration
+    from sts_callback.scoring.calibration import Calibration
 
     # A calibration predicting +10% for every domain whatever the score: protected 'food' is warned at start.
     calibration = Calibration.fit([[0.0], [1.0], [2.0], [3.0]], [0.09, 0.11, 0.09, 0.11], ["sts_act"])
@@ -343,7 +343,7 @@ def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenize
 def test_peft_with_other_trainable_weights_disables_adapters_at_each_recheck(tmp_path, tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from sts_callback.monitor import base_is_frozen
+    from sts_callback.pipelines.monitor import base_is_frozen
 
     model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert base_is_frozen(model)

@@ -14,9 +14,9 @@ from transformers import (DataCollatorForLanguageModeling, EarlyStoppingCallback
                           TrainingArguments)
 
 from sts_callback import STSConfigError, STSDataWarning
-from sts_callback.atomic import append_json_line, atomic_write, read_json_lines
-from sts_callback.callback import STSCallback, STSNegativeTransferWarning
-from sts_callback.run_store import RunStore
+from sts_callback.core.atomic import append_json_line, atomic_write, read_json_lines
+from sts_callback.integrations.callback import STSCallback, STSNegativeTransferWarning
+from sts_callback.core.run_store import RunStore
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import make_model
 
-from sts_callback.capture import ResidualCapture, decoder_layers, hidden_size, num_layers, parameters_are_sharded
+from sts_callback.core.capture import ResidualCapture, decoder_layers, hidden_size, num_layers, parameters_are_sharded
 
 ARCHS = ["llama", "qwen2", "gemma2", "gemma3", "gemma3_multimodal", "gpt2"]
 
@@ -98,7 +98,7 @@ def test_layers_found_through_wrappers():
 
 
 def test_layer_out_of_range_is_reported():
-    from sts_callback.errors import STSInputError
+    from sts_callback.core.errors import STSInputError
 
     with pytest.raises(STSInputError, match="Layer 3 does not exist.*0..2"):
         ResidualCapture(make_model("llama"), 3)

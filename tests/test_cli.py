@@ -9,7 +9,7 @@ import torch
 import yaml
 from tiny import domain_texts, make_model, make_tokenizer
 
-from sts_callback.cli import main
+from sts_callback.tools.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_help_and_example_config(capsys):
     assert main(["forecast", "--example"]) == 0
     example = yaml.safe_load(capsys.readouterr().out)
     assert {"model", "sae", "train_data", "targets", "options"} <= set(example)
-    out = subprocess.run([sys.executable, "-m", "sts_callback.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "sts_callback.tools.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "forecast" in out.stdout and "demo" in out.stdout and "train-sae" in out.stdout
 
 
@@ -77,7 +77,7 @@ def test_domains_listing(capsys):
 
 
 def test_import_does_not_load_sae_lens():
-    code = "import sys, sts_callback, sts_callback.callback; print('sae_lens' in sys.modules)"
+    code = "import sys, sts_callback, sts_callback.integrations.callback; print('sae_lens' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -105,7 +105,7 @@ def one_line_error(capsys) -> str:
 @pytest.fixture
 def no_model(monkeypatch):
     """Errors must come before the expensive work: loading the model fails the test."""
-    import sts_callback.cli as cli
+    import sts_callback.tools.cli as cli
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")

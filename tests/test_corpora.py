@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sts_callback import corpora
-from sts_callback.errors import STSInputError
+from sts_callback.core import corpora
+from sts_callback.core.errors import STSInputError
 
 BUILTIN_DOMAINS = sorted(corpora.available_domains())
 CODE_DOMAINS = ("python_code", "cpp_code", "chat_templates", "markup", "nlp_tutorials")
@@ -218,7 +218,7 @@ def test_loading_imports_no_heavy_package():
     # the package __init__ may import torch itself; what counts is what loading adds
     code = (
         "import sys\n"
-        "from sts_callback import corpora\n"
+        "from sts_callback.core import corpora\n"
         "before = set(sys.modules)\n"
         "for name in ('math', 'ml_docs', 'cpp_code', 'chat_templates', 'nlp_tutorials'):\n"
         "    corpora.load_domain(name, max_texts=5)\n"

@@ -4,8 +4,8 @@ demonstrations, only they are counted, and demonstrations are cut from the left.
 import pytest
 from tiny import domain_texts, make_tokenizer
 
-from sts_callback.data import Example, PromptBuilder, example_from_record, load_corpus, multiple_choice_items
-from sts_callback.errors import STSInputError
+from sts_callback.core.data import Example, PromptBuilder, example_from_record, load_corpus, multiple_choice_items
+from sts_callback.core.errors import STSInputError
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_fsdp2_sharded_model_is_captured_in_lockstep_mode():
     from tiny import make_model
     from torch.distributed.fsdp import fully_shard
 
-    from sts_callback.capture import ResidualCapture, parameters_are_sharded
+    from sts_callback.core.capture import ResidualCapture, parameters_are_sharded
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sts_callback.early import _shape, areas, fit_shared_law, forecast
+from sts_callback.scoring.early import _shape, areas, fit_shared_law, forecast
 
 
 def cosine(n=64, warmup=6):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
-from sts_callback.config import STSConfig
-from sts_callback.data import Example, load_corpus
-from sts_callback.forecast import Setup
-from sts_callback.monitor import Monitor
+from sts_callback.core.config import STSConfig
+from sts_callback.core.data import Example, load_corpus
+from sts_callback.pipelines.forecast import Setup
+from sts_callback.pipelines.monitor import Monitor
 
 LAYER = 1
 
@@ -50,8 +50,8 @@ def monitor_for(setup):
     domains = {d: load_corpus(domain_texts(d, 12), name=d) for d in ("law", "chem")}
     loss_sets = {n: Monitor.sample_sequences(c, setup, 80, seed=f"0:{n}")[0] for n, c in domains.items()}
     probe, _ = Monitor.sample_sequences(load_corpus(domain_texts("law", 12, seed=2)), setup, 60, seed="probe")
-    from sts_callback.forecast import domain_statistics
-    from sts_callback.monitor import domain_bases_from
+    from sts_callback.pipelines.forecast import domain_statistics
+    from sts_callback.pipelines.monitor import domain_bases_from
 
     monitor = Monitor(setup=setup, probe=probe, domains=domain_bases_from(domain_statistics(setup, domains)),
                       loss_sets=loss_sets)

@@ -7,8 +7,8 @@ import torch
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import STSConfig, STSNumericalError, forecast
-from sts_callback.data import load_corpus, load_domains
-from sts_callback.forecast import Forecast, Setup, plan_inputs
+from sts_callback.core.data import load_corpus, load_domains
+from sts_callback.pipelines.forecast import Forecast, Setup, plan_inputs
 
 LAYER = 1
 

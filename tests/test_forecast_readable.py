@@ -4,7 +4,7 @@ import pytest
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import Calibration, Forecast, STSConfig, forecast
-from sts_callback.report import write_report
+from sts_callback.reporting.report import write_report
 
 
 @pytest.fixture(scope="module")

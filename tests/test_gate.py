@@ -8,9 +8,9 @@ import torch
 from tiny import DOMAIN_WORDS, TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import STSConfig, STSConfigError, STSInputError, forecast
-from sts_callback.cli import main
-from sts_callback.data import load_corpus
-from sts_callback.gate import GateDecision, MixtureRejected, filter_examples, gate_mixture, write_jsonl
+from sts_callback.tools.cli import main
+from sts_callback.core.data import load_corpus
+from sts_callback.pipelines.gate import GateDecision, MixtureRejected, filter_examples, gate_mixture, write_jsonl
 
 LAYER = 1
 
@@ -236,9 +236,9 @@ def test_bad_inputs(model, tokenizer):
 def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_path, monkeypatch, capsys):
     import sys
 
-    import sts_callback.cli as cli
+    import sts_callback.tools.cli as cli
 
-    forecast_module = sys.modules["sts_callback.forecast"]  # the package exports a function of that name
+    forecast_module = sys.modules["sts_callback.pipelines.forecast"]  # the package exports a function of that name
 
     real_load_sae = forecast_module.load_sae
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: (model, tokenizer))
@@ -274,7 +274,7 @@ def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_pa
 def test_cli_gate_refuses_to_write_over_its_inputs(tmp_path, monkeypatch, capsys):
     """filtered_dir holding the candidate files (or an output path that is an input) is an error, raised
     before the model is loaded, and no input is touched."""
-    import sts_callback.cli as cli
+    import sts_callback.tools.cli as cli
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the overwrite was refused")

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from sts_callback.errors import STSConfigError
-from sts_callback.guard import Guard, GuardConfig
+from sts_callback.core.errors import STSConfigError
+from sts_callback.pipelines.guard import Guard, GuardConfig
 
 
 def record(food_delta, law_delta=0.0, food_loss=2.0, accuracy=None, food_score=1.0):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tiny import domain_texts, make_model, make_tokenizer
 
-from sts_callback import heldout
-from sts_callback.heldout import all_sequence_nll, paired_change, sequence_nll, sequential_change
+from sts_callback.core import heldout
+from sts_callback.core.heldout import all_sequence_nll, paired_change, sequence_nll, sequential_change
 
 
 @pytest.fixture(scope="module")

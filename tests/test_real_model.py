@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from sts_callback import STSConfig, forecast
-from sts_callback.capture import ResidualCapture
-from sts_callback.corpora import load_domain
+from sts_callback.core.capture import ResidualCapture
+from sts_callback.core.corpora import load_domain
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def gemma():
-    from sts_callback.models import load_gemma3_270m
+    from sts_callback.tools.models import load_gemma3_270m
 
     return load_gemma3_270m()
 

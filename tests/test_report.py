@@ -16,10 +16,10 @@ from datasets import Dataset
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from sts_callback.callback import STSCallback
-from sts_callback.cli import main as sts_main
-from sts_callback.forecast import DomainForecast, Forecast
-from sts_callback.report import write_report
+from sts_callback.integrations.callback import STSCallback
+from sts_callback.tools.cli import main as sts_main
+from sts_callback.pipelines.forecast import DomainForecast, Forecast
+from sts_callback.reporting.report import write_report
 
 SCRIPT = "<script>alert(1)</script>"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -226,7 +226,7 @@ def test_history_only_gate_and_validation(tmp_path):
 
 
 def test_report_failure_in_callback_only_warns(tmp_path, monkeypatch):
-    import sts_callback.report as report
+    import sts_callback.reporting.report as report
 
     def broken(*args, **kwargs):
         raise ValueError("injected report failure")

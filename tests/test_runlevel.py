@@ -9,10 +9,10 @@ import pytest
 import torch
 from tiny import domain_texts, make_model, make_tokenizer
 
-from sts_callback import runlevel
-from sts_callback.errors import STSConfigError, STSInputError
-from sts_callback.monitor import nll_sums
-from sts_callback.runlevel import _Optimizer, _update, first_order, lookahead, measure_losses, training_batches
+from sts_callback.pipelines import runlevel
+from sts_callback.core.errors import STSConfigError, STSInputError
+from sts_callback.pipelines.monitor import nll_sums
+from sts_callback.pipelines.runlevel import _Optimizer, _update, first_order, lookahead, measure_losses, training_batches
 
 DOMAINS = ("law", "code", "chem", "sport", "food")
 

@@ -5,7 +5,7 @@ import torch
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import STSConfig, STSInputError, forecast, load_sae
-from sts_callback.sae import layer_from_hook_name
+from sts_callback.core.sae import layer_from_hook_name
 
 
 @pytest.mark.parametrize("hook,layer", [

@@ -6,7 +6,7 @@ from test_callback import make_callback, make_trainer
 from tiny import make_tokenizer
 from transformers import TrainingArguments
 
-from sts_callback.schedule import logged_learning_rates, planned_learning_rates
+from sts_callback.core.schedule import logged_learning_rates, planned_learning_rates
 
 
 @pytest.mark.parametrize("kind, kwargs", [

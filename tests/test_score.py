@@ -2,8 +2,8 @@
 
 import torch
 
-from sts_callback.score import overlap, shifted_latents, sts_act, sts_icl, sts_sq
-from sts_callback.stats import ActivationStats, ShiftStats
+from sts_callback.scoring.score import overlap, shifted_latents, sts_act, sts_icl, sts_sq
+from sts_callback.core.stats import ActivationStats, ShiftStats
 
 
 def test_scores_equal_their_dense_definitions():

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from sts_callback.signed import (
+from sts_callback.scoring.signed import (
     decoder_projection,
     residual_shift_direction,
     signed_scores,
     transfer_share,
 )
-from sts_callback.stats import ActivationStats, ShiftStats
+from sts_callback.core.stats import ActivationStats, ShiftStats
 
 
 def activations(rows):
@@ -70,7 +70,7 @@ def test_decoder_projection_points_toward_the_domain_the_shift_moves_to():
 def test_icl_loss_change_reads_the_loss_with_training_demonstrations_in_context():
     from tiny import domain_texts, make_model, make_tokenizer
 
-    from sts_callback.icl_loss import icl_loss_change
+    from sts_callback.pipelines.icl_loss import icl_loss_change
 
     tokenizer = make_tokenizer()
     model = make_model("llama").train()

@@ -7,7 +7,7 @@ import textwrap
 
 import torch
 
-from sts_callback.stats import ActivationStats, ShiftStats
+from sts_callback.core.stats import ActivationStats, ShiftStats
 
 
 def test_streaming_equals_one_batch_and_merge():

@@ -9,10 +9,10 @@ import pytest
 from test_callback import DOMAINS, make_callback, make_trainer, tokenizer  # noqa: F401 - tokenizer is a fixture
 from transformers.integrations import TensorBoardCallback, WandbCallback
 
-from sts_callback import trackers
-from sts_callback.config import SCORE_VARIANTS
-from sts_callback.forecast import DomainForecast, Forecast
-from sts_callback.signed import SIGNED_VARIANTS
+from sts_callback.reporting import trackers
+from sts_callback.core.config import SCORE_VARIANTS
+from sts_callback.pipelines.forecast import DomainForecast, Forecast
+from sts_callback.scoring.signed import SIGNED_VARIANTS
 
 BLOCKED = ("wandb", "tensorboard", "tensorboardX", "torch.utils.tensorboard")
 

@@ -10,8 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sts_callback.errors import STSConfigError, STSInputError  # noqa: E402
-from sts_callback.train_sae import REPORT_FILENAME, collect_activations, evaluate_sae, train_sae  # noqa: E402
+from sts_callback.core.errors import STSConfigError, STSInputError  # noqa: E402
+from sts_callback.tools.train_sae import REPORT_FILENAME, collect_activations, evaluate_sae, train_sae  # noqa: E402
 
 from tiny import domain_texts, make_model, make_tokenizer  # noqa: E402
 
@@ -73,7 +73,7 @@ def test_trained_sae_reconstructs_held_out_residuals(tiny, trained):
 def test_saved_folder_reloads_with_same_encodings(tiny, trained):
     from sae_lens import SAE
 
-    from sts_callback.sae import load_sae
+    from sts_callback.core.sae import load_sae
 
     model, tokenizer = tiny
     result, out, _ = trained

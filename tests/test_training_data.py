@@ -5,8 +5,8 @@ from datasets import Dataset
 from tiny import make_tokenizer
 
 from sts_callback import STSInputError
-from sts_callback.data import example_from_record
-from sts_callback.training_data import corpus_from_training_dataset
+from sts_callback.core.data import example_from_record
+from sts_callback.integrations.training_data import corpus_from_training_dataset
 
 
 @pytest.fixture(scope="module")

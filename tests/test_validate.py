@@ -8,7 +8,7 @@ import yaml
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import STSConfigError, STSInputError
-from sts_callback.validate import (ValidationResult, _json_safe, _mean_std, choice_scores, correlation,
+from sts_callback.validation.validate import (ValidationResult, _json_safe, _mean_std, choice_scores, correlation,
                                    multiple_choice_accuracy, validate)
 
 DOMAINS = ("law", "food", "chem", "sport")
@@ -175,7 +175,7 @@ def test_lora_in_place_leaves_the_model_as_it_was(tmp_path, tokenizer):
 def test_bad_inputs_fail_before_training(tmp_path, tokenizer, monkeypatch):
     import importlib
 
-    module = importlib.import_module("sts_callback.validate")  # the package's `validate` is the function
+    module = importlib.import_module("sts_callback.validation.validate")  # the package's `validate` is the function
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
@@ -273,7 +273,7 @@ def test_multiple_choice_accuracy(tokenizer):
 
 # --------------------------------------------------------------------------- CLI
 def test_cli_help_and_example(capsys):
-    from sts_callback.cli import main
+    from sts_callback.tools.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", "--help"])
@@ -289,7 +289,7 @@ def test_cli_validate_run(tmp_path, tokenizer, capsys):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    from sts_callback.cli import main
+    from sts_callback.tools.cli import main
 
     make_model("llama").save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")

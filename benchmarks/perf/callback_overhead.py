@@ -26,10 +26,10 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
-from sts_callback.callback import STSCallback
-from sts_callback.corpora import load_domain
-from sts_callback.demo import ensure_demo_sae
-from sts_callback.models import load_gemma3_270m
+from sts_callback.integrations.callback import STSCallback
+from sts_callback.core.corpora import load_domain
+from sts_callback.tools.demo import ensure_demo_sae
+from sts_callback.tools.models import load_gemma3_270m
 
 with_callback, steps, save_steps, batch, length = sys.argv[1] == "with", *map(int, sys.argv[2:6])
 model, tokenizer = load_gemma3_270m()

@@ -28,13 +28,13 @@ from pathlib import Path
 WORKER = r"""
 import json, resource, sys, time
 import torch
-from sts_callback.capture import ResidualCapture
-from sts_callback.corpora import load_domain
-from sts_callback.demo import DEMO_LAYER, ensure_demo_sae
-from sts_callback.extract import Extractor
-from sts_callback.models import load_gemma3_270m
-from sts_callback.sae import load_sae
-from sts_callback.stats import ActivationStats
+from sts_callback.core.capture import ResidualCapture
+from sts_callback.core.corpora import load_domain
+from sts_callback.tools.demo import DEMO_LAYER, ensure_demo_sae
+from sts_callback.core.extract import Extractor
+from sts_callback.tools.models import load_gemma3_270m
+from sts_callback.core.sae import load_sae
+from sts_callback.core.stats import ActivationStats
 
 method, budget = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)

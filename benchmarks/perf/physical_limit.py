@@ -92,11 +92,11 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sts_callback.corpora import load_domain
-    from sts_callback.demo import DEMO_LAYER, ensure_demo_sae
-    from sts_callback.extract import Extractor
-    from sts_callback.models import load_gemma3_270m
-    from sts_callback.sae import load_sae
+    from sts_callback.core.corpora import load_domain
+    from sts_callback.tools.demo import DEMO_LAYER, ensure_demo_sae
+    from sts_callback.core.extract import Extractor
+    from sts_callback.tools.models import load_gemma3_270m
+    from sts_callback.core.sae import load_sae
 
     torch.manual_seed(0)
     rates = matmul_rate()

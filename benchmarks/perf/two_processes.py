@@ -24,10 +24,10 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from sts_callback.corpora import load_domain
-    from sts_callback.demo import demo_sae_path
-    from sts_callback.forecast import forecast
-    from sts_callback.models import load_gemma3_270m
+    from sts_callback.core.corpora import load_domain
+    from sts_callback.tools.demo import demo_sae_path
+    from sts_callback.pipelines.forecast import forecast
+    from sts_callback.tools.models import load_gemma3_270m
 
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -56,9 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    from sts_callback.corpora import load_domain  # noqa: F401 - fail early when the package is missing
-    from sts_callback.demo import ensure_demo_sae
-    from sts_callback.models import load_gemma3_270m
+    from sts_callback.core.corpora import load_domain  # noqa: F401 - fail early when the package is missing
+    from sts_callback.tools.demo import ensure_demo_sae
+    from sts_callback.tools.models import load_gemma3_270m
 
     ensure_demo_sae(*load_gemma3_270m())  # cached once, outside the timed runs
     cores = os.cpu_count() or 2

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sts_callback.calibration import early_forecast, fitted_exponent
-from sts_callback.validate import correlation
+from sts_callback.scoring.calibration import early_forecast, fitted_exponent
+from sts_callback.validation.validate import correlation
 
 
 def main() -> None:

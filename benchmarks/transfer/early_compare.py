@@ -1,4 +1,4 @@
-"""Which early forecast to trust, and from when: the three methods of ``sts_callback.early`` on the transfer
+"""Which early forecast to trust, and from when: the three methods of ``sts_callback.scoring.early`` on the transfer
 units' trajectories (``benchmarks/transfer/units/<recipe>-<source>-seed<seed>.json``).
 
     python benchmarks/transfer/early_compare.py [--units benchmarks/transfer/units] [--out benchmarks/transfer/early_compare.json]
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr
 
-from sts_callback.early import METHODS, areas, forecast
+from sts_callback.scoring.early import METHODS, areas, forecast
 
 SHARES = (0.125, 0.25, 0.375, 0.5, 0.75)
 TOLERANCES = (0.01, 0.02, 0.05)

@@ -6,7 +6,7 @@
 Model: Gemma 3 270M (offline GGUF package), the project's demo SAE (layer 12 of 18, TopK width 4096, k=32,
 trained on the 11 built-in domains). For each source domain: its even-indexed texts are the training set, its
 odd-indexed texts are held out as the source's own target; the other 10 built-in domains are the other
-targets. Each source goes through ``sts_callback.validate`` (forecast, then a real LoRA SFT with the callback,
+targets. Each source goes through ``sts_callback.validation.validate`` (forecast, then a real LoRA SFT with the callback,
 held-out NLL of every target before and after). The table correlates each score variant with the measured
 change across the 10 *other* domains (the source's own domain is reported apart: it is where training should
 help, and including it would inflate every correlation) and, pooled, across all (source, target) pairs.
@@ -21,7 +21,7 @@ import platform
 import time
 from pathlib import Path
 
-from sts_callback.validate import LABELS, correlation
+from sts_callback.validation.validate import LABELS, correlation
 
 DEFAULT_SOURCES = ("legal", "chat_templates", "python_code")
 
@@ -73,12 +73,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/transfer/transfer.json")
     args = parser.parse_args()
 
-    from sts_callback.config import STSConfig
-    from sts_callback.corpora import available_domains, load_domain
-    from sts_callback.demo import DEMO_LAYER, ensure_demo_sae
-    from sts_callback.icl_loss import icl_loss_change
-    from sts_callback.models import load_gemma3_270m
-    from sts_callback.validate import validate
+    from sts_callback.core.config import STSConfig
+    from sts_callback.core.corpora import available_domains, load_domain
+    from sts_callback.tools.demo import DEMO_LAYER, ensure_demo_sae
+    from sts_callback.pipelines.icl_loss import icl_loss_change
+    from sts_callback.tools.models import load_gemma3_270m
+    from sts_callback.validation.validate import validate
 
     start = time.perf_counter()
     model, tokenizer = load_gemma3_270m()

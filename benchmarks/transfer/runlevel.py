@@ -6,16 +6,16 @@
 
 For each (recipe, source) that ``units.plan()`` trains with seed 0, before any training: the recipe's model
 (Gemma 3 270M with LoRA r=8 on peft's default modules, or every weight trainable), the run's own optimizer
-(built by the Trainer with the arguments ``sts_callback.validate`` trains with: AdamW, betas (0.9, 0.95), weight
+(built by the Trainer with the arguments ``sts_callback.validation.validate`` trains with: AdamW, betas (0.9, 0.95), weight
 decay 0.01 off biases and norms, gradient clipping 1.0, the learning rate of the cosine schedule's peak), K = 3
 training batches of the run's size (4 examples of at most 128 tokens from the source's even-indexed texts), and
 every domain's held-out sequences sampled exactly as the unit's ``STSCallback`` samples its loss sets (same
 corpora, seed and ``loss_tokens`` budget, so the texts whose NLL change the unit measures). Then
 
 - ``lookahead``: 3 real optimizer steps (under 5% of the 64 planned), each domain's relative held-out NLL
-  change measured, parameters / optimizer state / RNG restored (``sts_callback.runlevel.lookahead``);
+  change measured, parameters / optimizer state / RNG restored (``sts_callback.pipelines.runlevel.lookahead``);
 - ``first_order``: ``<grad L_d, delta> / L_d`` with ``delta`` the optimizer's update of 3 steps with the
-  batches' mean gradient held (``sts_callback.runlevel.first_order``); no parameter changes.
+  batches' mean gradient held (``sts_callback.pipelines.runlevel.first_order``); no parameter changes.
 
 ``units/runlevel-<recipe>-<source>.json`` is written the moment a unit finishes: both features per domain,
 their seconds (and parts), the optimizer-step time measured here, and each feature's cost as a share of the
@@ -75,10 +75,10 @@ def planned() -> list[tuple[str, str]]:
 def loss_sets(model, tokenizer, targets: dict[str, list]) -> dict[str, list]:
     """Each domain's held-out sequences as the unit's STSCallback samples them (Monitor.sample_sequences with
     the callback's seed string and COMMON['loss_tokens'])."""
-    from sts_callback.config import STSConfig
-    from sts_callback.data import load_domains
-    from sts_callback.forecast import prompt_builder
-    from sts_callback.monitor import Monitor
+    from sts_callback.core.config import STSConfig
+    from sts_callback.core.data import load_domains
+    from sts_callback.pipelines.forecast import prompt_builder
+    from sts_callback.pipelines.monitor import Monitor
 
     config = STSConfig(**FORECAST).replace(seed=SEED)
     setup = SimpleNamespace(builder=prompt_builder(model, tokenizer, config))
@@ -92,8 +92,8 @@ def build_run(model, tokenizer, recipe: str, train: list, work: Path):
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from sts_callback.data import load_corpus
-    from sts_callback.recipe import PadCollator, training_features, wrap_lora
+    from sts_callback.core.data import load_corpus
+    from sts_callback.pipelines.recipe import PadCollator, training_features, wrap_lora
 
     method, lr = RECIPES[recipe]["method"], RECIPES[recipe]["learning_rate"]
     set_seed(SEED)  # validate(): seeded before the copy, so LoRA's initialisation is the run's
@@ -106,7 +106,7 @@ def build_run(model, tokenizer, recipe: str, train: list, work: Path):
     features = training_features(load_corpus(train, name="train"), tokenizer, COMMON["max_length"], True, False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collator = PadCollator(pad)
-    args = TrainingArguments(  # sts_callback.validate._train_one_seed's arguments
+    args = TrainingArguments(  # sts_callback.validation.validate._train_one_seed's arguments
         output_dir=str(work), max_steps=COMMON["steps"], per_device_train_batch_size=COMMON["batch_size"],
         learning_rate=lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
         lr_scheduler_type="cosine", warmup_steps=0.1, seed=SEED, data_seed=SEED, save_strategy="no",
@@ -119,7 +119,7 @@ def build_run(model, tokenizer, recipe: str, train: list, work: Path):
 
 
 def run_unit(model, tokenizer, recipe: str, source: str, domains: list[str], out: Path) -> dict:
-    from sts_callback.runlevel import first_order, lookahead, training_batches
+    from sts_callback.pipelines.runlevel import first_order, lookahead, training_batches
 
     start = time.perf_counter()
     train, targets = split(source, domains)
@@ -183,8 +183,8 @@ def main() -> None:
     if not todo:
         return
 
-    from sts_callback.corpora import available_domains
-    from sts_callback.models import load_gemma3_270m
+    from sts_callback.core.corpora import available_domains
+    from sts_callback.tools.models import load_gemma3_270m
 
     model, tokenizer = load_gemma3_270m()
     domains = sorted(available_domains())

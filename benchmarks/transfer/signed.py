@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sts_callback.calibration import fitted_exponent as fitted_exponent_from_points
-from sts_callback.calibration import leave_one_group_out
-from sts_callback.validate import correlation
+from sts_callback.scoring.calibration import fitted_exponent as fitted_exponent_from_points
+from sts_callback.scoring.calibration import leave_one_group_out
+from sts_callback.validation.validate import correlation
 
 FEATURES = ("sts_icl", "sts_act", "sts_sq", "raw_act", "signed_usage", "forgetting_minus_transfer",
             "decoder_projection", "icl_loss")

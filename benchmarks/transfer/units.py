@@ -6,7 +6,7 @@
 
 Model: Gemma 3 270M (offline GGUF package), the demo SAE (layer 12, TopK width 4096, k=32). A unit fine-tunes
 on the even-indexed texts of one built-in domain (its odd-indexed texts are held out as the source's own
-target; the other 10 domains are the other targets) through ``sts_callback.validate`` and writes
+target; the other 10 domains are the other targets) through ``sts_callback.validation.validate`` and writes
 ``units/<recipe>-<source>-seed<seed>.json`` the moment it finishes: the step-0 forecast's scores, the held-out
 NLL of every target before and after, the re-check trajectory every 8 steps (per-domain NLL change, lr-area
 fraction, re-check seconds) and the Trainer's log at every step (train loss, learning rate). The in-context NLL
@@ -62,7 +62,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def split(source: str, domains: list[str]):
-    from sts_callback.corpora import load_domain
+    from sts_callback.core.corpora import load_domain
 
     texts = load_domain(source)
     train, own = texts[0::2], texts[1::2]
@@ -70,7 +70,7 @@ def split(source: str, domains: list[str]):
 
 
 def run_icl(model, tokenizer, config, source: str, domains: list[str], out: Path) -> None:
-    from sts_callback.icl_loss import icl_loss_change
+    from sts_callback.pipelines.icl_loss import icl_loss_change
 
     path = out / f"icl-{source}.json"
     if path.exists():
@@ -84,7 +84,7 @@ def run_icl(model, tokenizer, config, source: str, domains: list[str], out: Path
 
 def run_unit(model, tokenizer, sae_path, config, recipe: str, source: str, seed: int, domains: list[str],
              out: Path, work: Path) -> dict:
-    from sts_callback.validate import validate
+    from sts_callback.validation.validate import validate
 
     train, targets = split(source, domains)
     start = time.perf_counter()
@@ -133,10 +133,10 @@ def main() -> None:
     if not todo:
         return
 
-    from sts_callback.config import STSConfig
-    from sts_callback.corpora import available_domains
-    from sts_callback.demo import ensure_demo_sae
-    from sts_callback.models import load_gemma3_270m
+    from sts_callback.core.config import STSConfig
+    from sts_callback.core.corpora import available_domains
+    from sts_callback.tools.demo import ensure_demo_sae
+    from sts_callback.tools.models import load_gemma3_270m
 
     model, tokenizer = load_gemma3_270m()
     sae_path = ensure_demo_sae(model, tokenizer)

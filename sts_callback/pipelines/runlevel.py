@@ -62,11 +62,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import parameters_are_sharded
-from .distributed import rank, shard, sum_across_ranks, world_size
-from .errors import STSConfigError, STSInputError
-from .extract import batches_by_length, local_sequences
-from .heldout import HEAD_CHUNK, head_nll, split_head
+from ..core.capture import parameters_are_sharded
+from ..core.distributed import rank, shard, sum_across_ranks, world_size
+from ..core.errors import STSConfigError, STSInputError
+from ..core.extract import batches_by_length, local_sequences
+from ..core.heldout import HEAD_CHUNK, head_nll, split_head
 from .monitor import nll_sums
 
 Sequence_ = tuple[list[int], list[bool]]
@@ -486,7 +486,7 @@ def lookahead(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapp
         raise STSConfigError(
             "lookahead() cannot run under DeepSpeed ZeRO-3 or FSDP: the parameters and optimizer state are "
             "sharded across processes, so the steps cannot be undone bit-exactly here. Use "
-            "sts_callback.runlevel.first_order(...) instead (no parameter changes), or run the lookahead under "
+            "sts_callback.pipelines.runlevel.first_order(...) instead (no parameter changes), or run the lookahead under "
             "DDP / ZeRO-2 / one process.")
     micro = _take(batches, steps * accumulation)
     lrs = _peak_lrs(resolved, lr)

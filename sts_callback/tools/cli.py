@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import DEFAULT_SIGNED
-from .errors import STSError, STSInputError
+from .. import __version__
+from ..core.config import DEFAULT_SIGNED
+from ..core.errors import STSError, STSInputError
 
 EXAMPLE_CONFIG = """\
 # sts forecast config (YAML or JSON)
@@ -114,7 +114,7 @@ def _expand(value: Any) -> Any:
 def _command_config(args: argparse.Namespace, command: str, required: tuple[str, ...]):
     """(config file contents, validated STSConfig with --set overrides), before any model is loaded: unknown
     keys at any level, an unusable model spec and unreadable data files are errors here."""
-    from .config import STSConfig
+    from ..core.config import STSConfig
 
     if not args.config:
         raise STSInputError(f"sts {command} needs a CONFIG file (see `sts {command} --example`).")
@@ -167,7 +167,7 @@ def _check_config_keys(path: str, command: str, config_file: dict[str, Any]) -> 
     """Unknown keys at any level of a config file are errors (a typo must not run with defaults)."""
     import dataclasses
 
-    from .config import STSConfig
+    from ..core.config import STSConfig
 
     _unknown_keys(f"{path}", config_file, CONFIG_KEYS[command], f"`sts {command}` takes {list(CONFIG_KEYS[command])}")
     if isinstance(config_file.get("sae"), dict):
@@ -341,7 +341,7 @@ def _named_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from .forecast import forecast
+    from ..pipelines.forecast import forecast
 
     if args.example:
         print(EXAMPLE_CONFIG, end="")
@@ -361,7 +361,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
-    from .data import example_text, load_corpus
+    from ..core.data import example_text, load_corpus
     from .train_sae import train_sae
 
     _check_model(args.model)
@@ -376,7 +376,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
 
 
 def cmd_domains(args: argparse.Namespace) -> int:
-    from .corpora import available_domains, load_domain
+    from ..core.corpora import available_domains, load_domain
 
     for name, description in available_domains().items():
         count = ""
@@ -432,7 +432,7 @@ GATE_KEYS = ("score", "limits", "max_rank", "tolerance", "weights", "wanted", "f
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from .gate import MixtureRejected, filter_examples, gate_mixture, write_jsonl
+    from ..pipelines.gate import MixtureRejected, filter_examples, gate_mixture, write_jsonl
 
     if args.example:
         print(EXAMPLE_GATE_CONFIG, end="")
@@ -525,7 +525,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             options["learning_rate"] = float(options["learning_rate"])
         except ValueError as err:
             raise STSInputError(f"validation.learning_rate={options['learning_rate']!r} is not a number.") from err
-    from .validate import ValidationConfig, multiple_choice_accuracy, validate
+    from ..validation.validate import ValidationConfig, multiple_choice_accuracy, validate
 
     validation = ValidationConfig.from_dict(options)  # bad settings fail here, before the model loads
     targets = config_file["targets"]
@@ -557,7 +557,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import Calibration
+    from ..scoring.calibration import Calibration
 
     out = _check_output_file(Path(args.out), "The calibration output")
     inputs = _validation_inputs(args.validations)
@@ -600,7 +600,7 @@ def _validation_inputs(items: list[str]) -> dict[Path, str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from ..reporting.report import write_report
 
     html_path, md_path = write_report(Path(args.output_dir), protected=args.protected)
     print(f"wrote {html_path}\nwrote {md_path}")

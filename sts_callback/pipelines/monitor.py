@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import score
-from .capture import unwrap_model
-from .data import Corpus, sample_within_budget
-from .distributed import gather_objects, sum_across_ranks
-from .extract import ConditionStats, Extractor, PairedStats
+from ..scoring import score
+from ..core.capture import unwrap_model
+from ..core.data import Corpus, sample_within_budget
+from ..core.distributed import gather_objects, sum_across_ranks
+from ..core.extract import ConditionStats, Extractor, PairedStats
 from .forecast import Setup, inference_mode
-from .heldout import LossChange, all_sequence_nll, sequence_nll, sequential_change
-from .stats import ActivationStats, ShiftStats
-from .torch_utils import pad_token_id
+from ..core.heldout import LossChange, all_sequence_nll, sequence_nll, sequential_change
+from ..core.stats import ActivationStats, ShiftStats
+from ..core.torch_utils import pad_token_id
 
 Sequence_ = tuple[list[int], list[bool]]
 
@@ -116,6 +116,7 @@ class Monitor:
     base_losses: dict[str, float] = field(default_factory=dict)
     loss_batch_size: int = 4
     accuracy_sets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # multiple-choice domains
+    lm_eval_targets: dict[str, Any] = field(default_factory=dict)  # lm-evaluation-harness tasks
     base_accuracy: dict[str, float] = field(default_factory=dict)
     base_sequence_nll: dict[str, torch.Tensor] = field(default_factory=dict)  # [n, 2] per held-out sequence
     loss_half_width: float | None = None  # stop measuring a domain once its change's 95% CI is this narrow
@@ -204,13 +205,15 @@ class Monitor:
 
     def measure_accuracy(self, model: nn.Module, autocast=None) -> dict[str, float]:
         """Accuracy of each multiple-choice domain's sampled items (every rank its share, counts summed)."""
-        from .multiple_choice import accuracy
+        from ..core.multiple_choice import accuracy
 
         out = {}
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for name, items in self.accuracy_sets.items():
                 right, total = accuracy(model, self.setup.builder.tokenizer, items)
                 out[name] = right / total if total else float("nan")
+            for name, target in self.lm_eval_targets.items():
+                out[name] = target.evaluate(model, self.setup.builder.tokenizer)
         return out
 
     # -------------------------------------------------------------- re-check
@@ -274,7 +277,7 @@ class Monitor:
         loss_delta = {name: change.delta if self.base_losses.get(name) else None for name, change in changes.items()}
         losses = {name: self.base_losses[name] * (1 + change.delta) if name in self.base_losses else math.nan
                   for name, change in changes.items()}
-        accuracy = self.measure_accuracy(model, autocast) if self.accuracy_sets else {}
+        accuracy = self.measure_accuracy(model, autocast) if self.accuracy_sets or self.lm_eval_targets else {}
         record = {
             "shift_total": float(shift.mean_shift().sum()),
             "shifted_latents": latents.tolist(),
@@ -312,7 +315,7 @@ class Monitor:
     def save(self, path: Path) -> Path:
         from safetensors.torch import save_file
 
-        from .atomic import atomic_write
+        from ..core.atomic import atomic_write
 
         tensors = self.tensors()
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "sts-monitor/1"}))

@@ -96,7 +96,7 @@ def load_domain(name: str, max_texts: int | None = None) -> list[str]:
     if name not in _DOMAINS:
         raise STSInputError(
             f"unknown text domain {name!r}; available domains: {', '.join(sorted(_DOMAINS))}. "
-            "Register your own with sts_callback.corpora.register_domain(name, loader)."
+            "Register your own with sts_callback.core.corpora.register_domain(name, loader)."
         )
     if max_texts is not None and (isinstance(max_texts, bool) or not isinstance(max_texts, int)
                                   or max_texts < 1):

@@ -9,7 +9,7 @@
     callback_state.json    the callback's counters and base losses (also in each ``checkpoint-N/sts/``), so a
                            resume works without ``restore_callback_states_from_checkpoint``
 
-Nothing here decides anything; every write is atomic (:mod:`sts_callback.atomic`).
+Nothing here decides anything; every write is atomic (:mod:`sts_callback.core.atomic`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .stats import ActivationStats, ShiftStats
+from ..core.stats import ActivationStats, ShiftStats
 
 
 def shifted_latents(shift: ShiftStats, n: int) -> tuple[torch.Tensor, torch.Tensor]:

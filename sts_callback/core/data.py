@@ -176,7 +176,7 @@ def _read_jsonl(path: Path) -> list[Any]:
 
 def load_corpus(data: Any, name: str | None = None) -> Corpus:
     """Accept a list of strings / conversations / records, a ``datasets.Dataset``, a JSON(L) path, a
-    text file path, a built-in domain name (see :mod:`sts_callback.corpora`), or a :class:`Corpus`."""
+    text file path, a built-in domain name (see :mod:`sts_callback.core.corpora`), or a :class:`Corpus`."""
     if isinstance(data, Corpus):
         return data
     if isinstance(data, (str, Path)):

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
-from .errors import STSInputError
+from ..core.atomic import atomic_write_text
+from ..core.errors import STSInputError
 
 FORECAST_FILE = "forecast.json"
 HISTORY_FILE = "history.jsonl"

@@ -16,16 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import score, signed
-from .capture import hidden_size, max_positions, num_layers, unwrap_model
-from .config import SCORE_VARIANTS, STSConfig
-from .data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
-from .distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
-from .errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
-from .extract import Extractor, PairedStats
-from .stats import TopActivations
-from .sae import SAEHandle, check_sae_for_model, load_sae
-from .torch_utils import model_device, pad_token_id
+from ..scoring import score
+
+from ..scoring import signed
+from ..core.capture import hidden_size, max_positions, num_layers, unwrap_model
+from ..core.config import SCORE_VARIANTS, STSConfig
+from ..core.data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
+from ..core.distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
+from ..core.extract import Extractor, PairedStats
+from ..core.stats import TopActivations
+from ..core.sae import SAEHandle, check_sae_for_model, load_sae
+from ..core.torch_utils import model_device, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class Forecast:
         return cls(domains=domains, **fields_)
 
     def save(self, path: str | Path) -> Path:
-        from .atomic import atomic_write_json
+        from ..core.atomic import atomic_write_json
 
         return atomic_write_json(path, self.to_dict())
 
@@ -421,12 +423,12 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         config: :class:`STSConfig` (or a dict of its fields).
         demonstrations: examples with answers to use as in-context demonstrations instead of ``train_data``.
         progress: show a progress bar.
-        calibration: a :class:`~sts_callback.calibration.Calibration` (or its JSON path): the result then
+        calibration: a :class:`~sts_callback.scoring.calibration.Calibration` (or its JSON path): the result then
             leads with each domain's predicted held-out NLL change, interval and gain / loss / flat label.
     """
     config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
     if calibration is not None:
-        from .calibration import load_calibration
+        from ..scoring.calibration import load_calibration
 
         calibration = load_calibration(calibration)
     start = time.perf_counter()

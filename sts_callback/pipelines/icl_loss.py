@@ -13,11 +13,11 @@ from typing import Any
 
 from torch import nn
 
-from .config import STSConfig
-from .data import load_corpus, load_domains
+from ..core.config import STSConfig
+from ..core.data import load_corpus, load_domains
 from .forecast import build_shift_pairs, inference_mode, prompt_builder
 from .monitor import nll_sums
-from .torch_utils import pad_token_id
+from ..core.torch_utils import pad_token_id
 
 
 def icl_loss_change(model: nn.Module, tokenizer, train_data: Any, targets: Any, config: STSConfig | dict | None = None,

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import SCORE_VARIANTS
-from .forecast import SCORE_LABELS
-from .signed import SIGNED_VARIANTS
+from ..core.config import SCORE_VARIANTS
+from ..pipelines.forecast import SCORE_LABELS
+from ..scoring.signed import SIGNED_VARIANTS
 
 VARIANT_ORDER = SCORE_VARIANTS + SIGNED_VARIANTS
 

@@ -1,7 +1,7 @@
 """``validate()``: check a forecast on your own setup by fine-tuning for real (README, "Check the forecast").
 
 For each seed: a copy of the model is fine-tuned on the training set (LoRA or full) with a real
-``transformers.Trainer`` and an :class:`~sts_callback.callback.STSCallback` attached. The callback computes the
+``transformers.Trainer`` and an :class:`~sts_callback.integrations.callback.STSCallback` attached. The callback computes the
 forecast at train start (with that seed's sampling), measures every target domain's held-out mean token NLL
 before the first step, and re-checks at the end with the actual shift (actually-shifted latents, their overlap
 with the forecast's, held-out NLL after training). An optional user metric is evaluated before and after too.
@@ -31,15 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_write_json
-from .config import STSConfig, json_serializable
-from .data import Corpus, load_corpus, load_domains
-from .errors import STSConfigError, STSInputError
-from .forecast import SCORE_LABELS
-from .multiple_choice import argmax, check_items, choice_scores
-from .recipe import PadCollator, training_features, wrap_lora
-from .signed import SIGNED_VARIANTS
-from .torch_utils import model_device, pad_token_id
+from ..core.atomic import atomic_write_json
+from ..core.config import STSConfig, json_serializable
+from ..core.data import Corpus, load_corpus, load_domains
+from ..core.errors import STSConfigError, STSInputError
+from ..pipelines.forecast import SCORE_LABELS
+from ..core.multiple_choice import argmax, check_items, choice_scores
+from ..pipelines.recipe import PadCollator, training_features, wrap_lora
+from ..scoring.signed import SIGNED_VARIANTS
+from ..core.torch_utils import model_device, pad_token_id
 
 FORMAT = "sts-validation/1"
 VALIDATION_FILE = "validation.json"
@@ -508,7 +508,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         raise STSInputError(f"validate() needs a Hugging Face model (nn.Module), got {type(model).__name__}.")
     if tokenizer is None:
         raise STSInputError("validate() needs the model's tokenizer.")
-    from .monitor import peft_model_of
+    from ..pipelines.monitor import peft_model_of
 
     if peft_model_of(model) is not None:
         raise STSInputError("validate() got a model with PEFT adapters; pass the base model "
@@ -588,7 +588,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     result.save(sts_dir / VALIDATION_FILE)
     if report:
         try:
-            from .report import write_report
+            from ..reporting.report import write_report
 
             html_path, md_path = write_report(sts_dir)
             result.files.update({"report_html": str(html_path), "report_md": str(md_path)})
@@ -605,8 +605,8 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                     copy_model: bool, training_args, progress: bool, metric, metric_before) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from .callback import STSCallback
-    from .forecast import inference_mode
+    from ..integrations.callback import STSCallback
+    from ..pipelines.forecast import inference_mode
 
     set_seed(seed)
     original_device = model_device(model)
@@ -661,7 +661,7 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
         del trainer
     finally:
         if not copy_model:
-            from .monitor import peft_model_of
+            from ..pipelines.monitor import peft_model_of
 
             if peft_model_of(work) is not None:
                 work.unload()  # the adapters come out, the base weights were never trained

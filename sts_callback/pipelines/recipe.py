@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Corpus, Example
-from .errors import STSInputError
+from ..core.data import Corpus, Example
+from ..core.errors import STSInputError
 
 
 def training_features(corpus: Corpus, tokenizer, max_length: int, completion_only: bool,

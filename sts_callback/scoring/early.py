@@ -3,7 +3,7 @@
 Three ways, compared on the transfer benchmark's trajectories (``benchmarks/transfer/early_compare.py``):
 
 - ``power``: change(f) = c * f ** b, f the share of the learning-rate area spent, b fitted on the run's own
-  re-checks (the callback's rule until now; :func:`sts_callback.calibration.fitted_exponent`);
+  re-checks (the callback's rule until now; :func:`sts_callback.scoring.calibration.fitted_exponent`);
 - ``lr_law``: the learning-rate-area law of Tissue et al. (2024), L(s) = L0 + A (S1 + S0)^-alpha - C S2, written
   for a change from step 0 with the exponent alpha and offset S0 shared by the run's domains and the annealing
   term left out (S2 is ~0 until the schedule decays, so C cannot be seen early);

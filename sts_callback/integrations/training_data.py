@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .data import Corpus, Example, load_corpus, take_streamed
-from .errors import STSInputError
+from ..core.data import Corpus, Example, load_corpus, take_streamed
+from ..core.errors import STSInputError
 
 RAW_COLUMNS = {"text", "messages", "prompt"}
 

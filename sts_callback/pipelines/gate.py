@@ -3,10 +3,10 @@
 Given candidate training sets, the target domains and the *protected* domains among them, the gate
 
 1. forecasts every candidate over all target domains. The target domains are encoded **once**: one
-   :class:`~sts_callback.forecast.Setup`, one :class:`~sts_callback.extract.Extractor`, one pass over each
+   :class:`~sts_callback.pipelines.forecast.Setup`, one :class:`~sts_callback.core.extract.Extractor`, one pass over each
    domain's sampled texts; then per candidate only its shift pass (queries with / without demonstrations)
-   and the pure :func:`~sts_callback.forecast.assemble_forecast`. Each candidate's forecast is the one
-   :func:`~sts_callback.forecast.forecast` would return for it alone (same seed, same samples);
+   and the pure :func:`~sts_callback.pipelines.forecast.assemble_forecast`. Each candidate's forecast is the one
+   :func:`~sts_callback.pipelines.forecast.forecast` would return for it alone (same seed, same samples);
 2. accepts or rejects each candidate against limits on the protected domains, with the reason;
 3. weights the accepted candidates (weights sum to 1);
 4. scores every example of every candidate by its own contribution to the shift on the latents that drive
@@ -69,10 +69,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .config import SCORE_VARIANTS, STSConfig
-from .data import Corpus, example_text, load_corpus, load_domains
-from .errors import STSConfigError, STSInputError
-from .extract import Extractor, PairedStats
+from ..core.config import SCORE_VARIANTS, STSConfig
+from ..core.data import Corpus, example_text, load_corpus, load_domains
+from ..core.errors import STSConfigError, STSInputError
+from ..core.extract import Extractor, PairedStats
 from .forecast import (SCORE_LABELS, Forecast, Plan, Setup, assemble_forecast, build_shift_pairs, inference_mode,
                        plan_domains, progress_bar)
 
@@ -261,7 +261,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     """Forecast, gate and weight candidate training sets before training (see the module docstring).
 
     Args:
-        model, tokenizer, sae: as for :func:`~sts_callback.forecast.forecast`.
+        model, tokenizer, sae: as for :func:`~sts_callback.pipelines.forecast.forecast`.
         candidates: name -> training set (any input kind the forecast accepts: texts, chat conversations,
             TRL records, a ``datasets.Dataset``, a JSONL path, a registered domain name).
         targets: the target domains (dict name -> data, or a list of names / paths).
@@ -624,7 +624,7 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
 
 
 def write_jsonl(records: list[Any], path: str | Path) -> Path:
-    """Write records so that :func:`~sts_callback.data.load_corpus` reads them back (texts as ``{"text"}``,
+    """Write records so that :func:`~sts_callback.core.data.load_corpus` reads them back (texts as ``{"text"}``,
     conversations as ``{"messages"}``, records as they are)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

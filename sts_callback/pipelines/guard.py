@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import STSConfigError
+from ..core.errors import STSConfigError
 
 
 @dataclass

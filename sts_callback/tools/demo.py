@@ -25,7 +25,7 @@ def demo_sae_path(d_sae: int, k: int, cache_dir: Path | None = None) -> Path:
 def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens: int = DEMO_SAE_TOKENS,
                     log=print) -> Path:
     """Train the demo SAE on a mix of the built-in domains once; later runs reuse the cached folder."""
-    from .corpora import load_domain
+    from ..core.corpora import load_domain
     from .train_sae import train_sae
 
     path = demo_sae_path(d_sae, k)
@@ -48,9 +48,9 @@ def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens:
 def run_demo(output_dir: Path = Path("outputs/demo"), quick: bool = False, train_steps: int | None = None,
              log=print) -> dict:
     """Run the demo and return a summary dict (also written to ``output_dir/demo_summary.json``)."""
-    from .config import STSConfig
-    from .corpora import load_domain
-    from .forecast import forecast
+    from ..core.config import STSConfig
+    from ..core.corpora import load_domain
+    from ..pipelines.forecast import forecast
     from .models import load_gemma3_270m
 
     output_dir = Path(output_dir)
@@ -107,7 +107,7 @@ def run_training_demo(model, tokenizer, sae_path: Path, train_texts: list[str], 
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from .callback import STSCallback
+    from ..integrations.callback import STSCallback
 
     log(f"\n== training: {steps} LoRA SFT steps on {DEMO_SOURCE!r} with STSCallback (re-check every "
         f"{max(steps // 2, 1)} steps) ==")

@@ -214,7 +214,7 @@ def check_sae_for_model(handle: SAEHandle, model_hidden_size: int, model_layers:
     if handle.d_in != model_hidden_size:
         raise STSInputError(
             f"SAE d_in={handle.d_in} does not match the model's hidden size {model_hidden_size}: this SAE was "
-            "trained for another model. Use an SAE for this model (or train one with sts_callback.train_sae)."
+            "trained for another model. Use an SAE for this model (or train one with sts_callback.tools.train_sae)."
         )
     if not 0 <= layer < model_layers:
         raise STSInputError(

@@ -3,7 +3,7 @@
 Residual activations after decoder block ``layer`` are collected once into a float32 buffer, a held-out
 slice is kept aside, and sae-lens' ``TopKTrainingSAE`` is trained with its ``SAETrainer`` on shuffled
 batches of the rest. The result is a sae-lens inference SAE that encodes raw residuals (the activation
-scaling used during training is folded into its weights), loadable with :func:`sts_callback.sae.load_sae`.
+scaling used during training is folded into its weights), loadable with :func:`sts_callback.core.sae.load_sae`.
 sae-lens is imported only inside :func:`train_sae` (it is slow to import).
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import ResidualCapture, max_positions, num_layers, unwrap_model
-from .errors import STSConfigError, STSInputError
-from .torch_utils import model_device
+from ..core.capture import ResidualCapture, max_positions, num_layers, unwrap_model
+from ..core.errors import STSConfigError, STSInputError
+from ..core.torch_utils import model_device
 
 REPORT_FILENAME = "training_report.json"
 # Sequences per model forward while collecting activations.
@@ -323,7 +323,7 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
         model_name=model_name, model_class_name=type(unwrap_model(model)).__name__, hook_name=hook_name,
         hf_hook_name=f"model.layers.{layer}", hook_head_index=None, context_size=max_length,
         prepend_bos=_prepends_bos(tokenizer),
-        exclude_special_tokens=exclude_special_tokens, dataset_path=None, trained_with="sts_callback.train_sae",
+        exclude_special_tokens=exclude_special_tokens, dataset_path=None, trained_with="sts_callback.tools.train_sae",
         training_tokens=steps * batch_size, unique_training_tokens=int(train_acts.shape[0]),
     )
     # The weights are drawn on the CPU from a forked generator: the caller's RNG streams (a training

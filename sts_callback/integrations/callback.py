@@ -19,24 +19,25 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .calibration import Calibration, early_forecast, fitted_exponent, load_calibration, lr_area_fraction
-from .config import SCORE_VARIANTS, STSConfig, json_serializable
-from .data import Corpus, is_dataset, load_corpus, load_domains, multiple_choice_items
-from .distributed import (
+from ..scoring.calibration import Calibration, early_forecast, fitted_exponent, load_calibration, lr_area_fraction
+from ..core.config import SCORE_VARIANTS, STSConfig, json_serializable
+from ..core.data import Corpus, is_dataset, load_corpus, load_domains, multiple_choice_items
+from ..core.distributed import (
     check_ranks_agree,
     fingerprint,
     require_at_least_world,
     world_size,
 )
-from .errors import STSConfigError, STSDataWarning, STSInputError
-from .forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
-from .guard import Guard, GuardConfig
-from .monitor import DomainBase, Monitor, domain_bases_from
-from .run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
-from .schedule import logged_learning_rates, planned_learning_rates
-from .signed import DEFAULT_SIGNED, SIGNED_VARIANTS
-from .stats import ActivationStats
-from . import trackers
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
+from ..pipelines.forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
+from ..pipelines.guard import Guard, GuardConfig
+from ..pipelines.monitor import DomainBase, Monitor, domain_bases_from
+from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
+from ..core.schedule import logged_learning_rates, planned_learning_rates
+from ..scoring.signed import DEFAULT_SIGNED, SIGNED_VARIANTS
+from ..core.stats import ActivationStats
+from ..reporting import trackers
 from .training_data import corpus_from_training_dataset
 
 logger = logging.getLogger("sts_callback")
@@ -71,7 +72,7 @@ class STSCallback(TrainerCallback, ExportableState):
         strict: re-raise exceptions inside re-checks instead of warning and going on.
         recheck_at_end: re-check at the end of training when the last step was not re-checked.
         output_subdir: folder under ``args.output_dir`` for forecast, history and monitor state.
-        calibration: a :class:`~sts_callback.calibration.Calibration` (or its JSON path), e.g. fitted on
+        calibration: a :class:`~sts_callback.scoring.calibration.Calibration` (or its JSON path), e.g. fitted on
             ``sts validate`` runs: at train start every domain gets a predicted end-of-training change of its
             held-out NLL with an interval, and a protected domain predicted to rise above ``tolerance`` is warned
             about. Each re-check records the early forecast (the measured change extrapolated to the end of
@@ -120,6 +121,10 @@ class STSCallback(TrainerCallback, ExportableState):
             raise STSConfigError(f"target_domains={str(target)!r}: give a dict name -> data, a list of domain names "
                                  f"or paths (e.g. [{str(target)!r}]), or {EVAL_DATASET!r} for the trainer's eval "
                                  "set(s).")
+        if isinstance(target, dict):  # an lm-eval target's settings are checked now, the harness loads later
+            for name, value in target.items():
+                if is_lm_eval_target(value):
+                    LmEvalTarget.from_spec(value, str(name))
         names = list(target) if isinstance(target, (dict, list, tuple)) else None
         if isinstance(target, (list, tuple)):
             names = [Path(t).stem if isinstance(t, (str, Path)) else None for t in target]
@@ -143,6 +148,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self.train_probe, self.demonstrations = values["train_probe"], values["demonstrations"]
         self.recheck_steps, self.recheck_tokens, self.loss_tokens = recheck_steps, recheck_tokens, loss_tokens
         self.accuracy_items = accuracy_items
+        self.lm_eval_targets: dict[str, LmEvalTarget] = {}
         if loss_precision is not None and (isinstance(loss_precision, bool) or not isinstance(loss_precision, (int, float))
                                            or not loss_precision > 0):
             raise STSConfigError(f"loss_precision must be a positive fraction of the tolerance (0.25: the 95% "
@@ -368,7 +374,7 @@ class STSCallback(TrainerCallback, ExportableState):
         resumed = state.global_step > 0
         half_width = self.loss_precision * self.tolerance if self.loss_precision is not None else None
         self.monitor = Monitor(setup=self.setup, probe=probe_sequences, domains={}, loss_sets=loss_sets,
-                               accuracy_sets=accuracy_sets, loss_half_width=half_width or None,
+                               accuracy_sets=accuracy_sets, lm_eval_targets=self.lm_eval_targets, loss_half_width=half_width or None,
                                loss_tolerances={name: self.tolerance for name in self.protected},
                                seed=str(self.config.seed))
         if resumed:
@@ -400,9 +406,13 @@ class STSCallback(TrainerCallback, ExportableState):
                                      "eval_dataset= (a dataset or a dict name -> dataset) to the trainer, or give "
                                      "target_domains explicitly.")
             target = dict(eval_sets) if isinstance(eval_sets, dict) else {"eval": eval_sets}
+        self.lm_eval_targets = {}
         if isinstance(target, dict):
-            target = {str(name): corpus_from_training_dataset(value, tokenizer, name=str(name))
-                      if is_dataset(value) else value for name, value in target.items()}
+            self.lm_eval_targets = {str(name): LmEvalTarget.from_spec(value, str(name))
+                                    for name, value in target.items() if is_lm_eval_target(value)}
+            target = {str(name): self.lm_eval_targets[str(name)].texts() if str(name) in self.lm_eval_targets
+                      else corpus_from_training_dataset(value, tokenizer, name=str(name)) if is_dataset(value)
+                      else value for name, value in target.items()}
         return load_domains(target)
 
     def _probe_corpus(self, train_dataloader, tokenizer) -> Corpus:
@@ -648,7 +658,7 @@ class STSCallback(TrainerCallback, ExportableState):
         if not state.is_world_process_zero or not self._store(args).has_results():
             return
         try:
-            from .report import write_report
+            from ..reporting.report import write_report
 
             html_path, _ = write_report(out, protected=self.protected)
             if export:  # once, at the end: not an artifact per re-check

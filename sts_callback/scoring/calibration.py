@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import STSConfigError, STSInputError
+from ..core.errors import STSConfigError, STSInputError
 from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
@@ -117,7 +117,7 @@ class Calibration:
         return cls(**{k: v for k, v in data.items() if k != "format"})
 
     def save(self, path: str | Path) -> Path:
-        from .atomic import atomic_write_json
+        from ..core.atomic import atomic_write_json
 
         return atomic_write_json(path, self.to_dict())
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import DEFAULT_SIGNED, SIGNED_VARIANTS  # noqa: F401  - re-exported
-from .stats import ActivationStats, ShiftStats
+from ..core.config import DEFAULT_SIGNED, SIGNED_VARIANTS  # noqa: F401  - re-exported
+from ..core.stats import ActivationStats, ShiftStats
 
 
 

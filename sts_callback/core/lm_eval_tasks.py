@@ -1,0 +1,101 @@
+"""lm-evaluation-harness tasks as target domains: ``{"lm_eval": "<task>", "include_path": "<folder of task
+YAMLs>", "limit": 100, "metric": "acc"}`` in ``target_domains``.
+
+The task's documents (its prompt and the right answer) are the domain's texts for the forecast and the
+held-out loss; the task's own metric, computed by the harness on the model being trained, is the domain's
+accuracy at train start and at every re-check. The harness is an optional dependency
+(``pip install 'sts-callback[lm-eval]'``), imported only when such a target is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .errors import STSConfigError, STSInputError
+
+KEY = "lm_eval"
+FIELDS = (KEY, "include_path", "limit", "metric", "batch_size")
+
+
+def is_lm_eval_target(value: Any) -> bool:
+    return isinstance(value, dict) and KEY in value
+
+
+@dataclass
+class LmEvalTarget:
+    """One lm-evaluation-harness task scored on the model being trained."""
+
+    task: str
+    include_path: str | None = None
+    limit: int | None = 100
+    metric: str = "acc"
+    batch_size: int = 4
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], name: str) -> "LmEvalTarget":
+        unknown = sorted(set(spec) - set(FIELDS))
+        if unknown:
+            raise STSConfigError(f"Target domain {name!r}: unknown lm_eval key(s) {unknown}; valid: {list(FIELDS)}.")
+        if not isinstance(spec[KEY], str) or not spec[KEY]:
+            raise STSConfigError(f"Target domain {name!r}: lm_eval must name a task, got {spec[KEY]!r}.")
+        limit = spec.get("limit", 100)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise STSConfigError(f"Target domain {name!r}: limit must be a positive number of documents or None.")
+        return cls(task=spec[KEY], include_path=spec.get("include_path"), limit=limit,
+                   metric=spec.get("metric", "acc"), batch_size=int(spec.get("batch_size", 4)))
+
+    def _task(self):
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError as err:
+            raise STSInputError("lm-evaluation-harness targets need the lm-eval package: pip install "
+                                "'sts-callback[lm-eval]'.") from err
+        manager = TaskManager(include_path=self.include_path, verbosity="ERROR")
+        if self.task not in manager.all_tasks:
+            raise STSInputError(f"lm-eval task {self.task!r} is not known (include_path={self.include_path!r}); "
+                                "give the folder of its YAML as include_path, or a task lm-eval ships.")
+        return manager, manager.load_task_or_group([self.task])[self.task]
+
+    def texts(self) -> list[dict[str, str]]:
+        """Each document as ``{"prompt", "completion"}``: the task's prompt and its right answer."""
+        _, task = self._task()
+        docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
+        if self.limit is not None:
+            docs = docs[: self.limit]
+        out = []
+        for doc in docs:
+            target = task.doc_to_target(doc)
+            choices = task.doc_to_choice(doc) if task.OUTPUT_TYPE == "multiple_choice" else None
+            answer = choices[target] if choices is not None and isinstance(target, int) else str(target)
+            out.append({"prompt": str(task.doc_to_text(doc)), "completion": " " + str(answer).strip()})
+        if not out:
+            raise STSInputError(f"lm-eval task {self.task!r} has no documents to use as a target domain.")
+        return out
+
+    def evaluate(self, model: nn.Module, tokenizer) -> float:
+        """The task's metric on ``model`` (the first ``limit`` documents), as the harness computes it."""
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        manager, _ = self._task()
+        logging.getLogger("lm-eval").setLevel(logging.ERROR)
+        from .capture import unwrap_model
+
+        inner = unwrap_model(model)  # the transformers model (with a PEFT model's adapters active in it)
+        device = str(next(iter(inner.parameters())).device)
+        lm = HFLM(pretrained=inner, tokenizer=tokenizer, batch_size=self.batch_size, device=device)
+        result = simple_evaluate(model=lm, tasks=[self.task], task_manager=manager, limit=self.limit,
+                                 log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+        metrics = result["results"][self.task]
+        key = next((k for k in metrics if k.split(",")[0] == self.metric), None)
+        if key is None:
+            raise STSConfigError(f"lm-eval task {self.task!r} reports {sorted(metrics)}, not {self.metric!r}; "
+                                 "set metric to one of them.")
+        return float(metrics[key])
+
+
+__all__ = ["LmEvalTarget", "is_lm_eval_target"]

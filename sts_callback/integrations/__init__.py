@@ -1,0 +1,1 @@
+"""The transformers / TRL Trainer callback and reading a trainer's datasets."""

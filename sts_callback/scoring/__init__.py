@@ -1,0 +1,1 @@
+"""Scores from statistics: STS variants, signed features, calibration, early forecasts."""

@@ -1,0 +1,1 @@
+"""The sts command, the demo, the offline model, SAE training."""

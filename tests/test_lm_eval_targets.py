@@ -1,0 +1,70 @@
+"""An lm-evaluation-harness task as a target domain: a local task config and data file, no hub."""
+
+import json
+import warnings
+
+import pytest
+from test_callback import make_callback, make_trainer, pretrained_tiny_model
+from tiny import domain_texts, make_tokenizer
+
+from sts_callback import STSConfigError
+from sts_callback.integrations.callback import STSNegativeTransferWarning
+
+pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'sts-callback[lm-eval]'")
+
+TASK = """task: tiny_quiz
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture
+def task_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    words = {d: domain_texts(d, 20, seed=11) for d in ("food", "chem")}
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    with (folder / "quiz.jsonl").open("w") as handle:
+        for i in range(20):
+            domain = ("food", "chem")[i % 2]
+            handle.write(json.dumps({"question": words[domain][i], "choices": ["cook bake", "cell protein"],
+                                     "answer": 0 if domain == "food" else 1}) + "\n")
+    (folder / "quiz.yaml").write_text(TASK.format(data=folder / "quiz.jsonl"))
+    return folder
+
+
+def test_lm_eval_task_is_forecast_measured_and_guarded(tmp_path, task_folder):
+    tokenizer = make_tokenizer()
+    target = {"lm_eval": "tiny_quiz", "include_path": str(task_folder), "limit": 12}
+    callback = make_callback(target_domains={"law": domain_texts("law", 30), "quiz": target,
+                                             "chem": domain_texts("chem", 30)},
+                             protected=["quiz"], tolerance=10.0, accuracy_tolerance=0.0)
+    trainer = make_trainer(tmp_path, tokenizer, callback, model=pretrained_tiny_model(tokenizer),
+                           texts=domain_texts("law", 64, seed=8), learning_rate=3e-2, max_steps=4, save_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    base = callback.base_accuracy["quiz"]
+    assert 0.0 <= base <= 1.0 and "quiz" in callback.forecast.domains
+    for record in callback.history:
+        assert record["accuracy_delta"]["quiz"] == pytest.approx(record["accuracy"]["quiz"] - base)
+        fell = record["accuracy_delta"]["quiz"] < 0
+        assert any("accuracy of protected domain 'quiz' fell" in v for v in record["violations"]) == fell
+    if any(r["accuracy_delta"]["quiz"] < 0 for r in callback.history):
+        assert any(issubclass(w.category, STSNegativeTransferWarning) for w in caught)
+
+
+def test_bad_lm_eval_settings_fail_at_construction():
+    with pytest.raises(STSConfigError, match=r"unknown lm_eval key\(s\) \['limt'\]"):
+        make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "limt": 5}, "law": domain_texts("law", 9)})
+    with pytest.raises(STSConfigError, match="limit must be a positive"):
+        make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "limit": 0}, "law": domain_texts("law", 9)})
