@@ -10,7 +10,9 @@ target; the other 10 domains are the other targets) through ``sts_callback.valid
 ``units/<recipe>-<source>-seed<seed>.json`` the moment it finishes: the step-0 forecast's scores, the held-out
 NLL of every target before and after, the re-check trajectory every 8 steps (per-domain NLL change, lr-area
 fraction, re-check seconds) and the Trainer's log at every step (train loss, learning rate). The in-context NLL
-baseline is per source, in ``units/icl-<source>.json``. A stopped run loses at most the unit in progress.
+baseline is per source, in ``units/icl-<source>.json``. A stopped run loses at most the unit in progress. The
+domains' texts are frozen in ``units/domains.json.gz`` at the first run (they are read from the installed
+packages' files, which change with the venv); each unit records the texts' fingerprint.
 
 Plan: LoRA (r=8, q/v, lr 1e-3) seed 0 for all 11 sources, a full fine-tune (lr 2e-5) seed 0 for 5 sources,
 LoRA seed 1 for 6 sources; 64 steps of batch 4 x 128 tokens each.
@@ -19,6 +21,8 @@ LoRA seed 1 for 6 sources; 64 steps of batch 4 x 128 tokens each.
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import json
 import os
 import platform
@@ -61,32 +65,54 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def split(source: str, domains: list[str]):
-    from sts_callback.core.corpora import load_domain
-
-    texts = load_domain(source)
-    train, own = texts[0::2], texts[1::2]
-    return train, {name: (own if name == source else load_domain(name)) for name in domains}
+SNAPSHOT = UNITS / "domains.json.gz"
 
 
-def run_icl(model, tokenizer, config, source: str, domains: list[str], out: Path) -> None:
+def domain_texts(out: Path) -> dict[str, list[str]]:
+    """The built-in domains' texts, frozen: the domains are read from the installed packages' files, so a new
+    package in the venv changes them. The first run writes ``domains.json.gz`` beside the units; every later
+    run (any session, any venv) reads the same texts from it."""
+    path = out / SNAPSHOT.name
+    if path.exists():
+        return json.loads(gzip.decompress(path.read_bytes()))
+    from sts_callback.core.corpora import available_domains, load_domain
+
+    texts = {name: list(load_domain(name)) for name in sorted(available_domains())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(gzip.compress(json.dumps(texts).encode("utf-8"), mtime=0))
+    os.replace(tmp, path)
+    return texts
+
+
+def fingerprint(texts: dict[str, list[str]]) -> str:
+    return hashlib.sha256(json.dumps(texts, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def split(source: str, texts: dict[str, list[str]]):
+    train, own = texts[source][0::2], texts[source][1::2]
+    return train, {name: (own if name == source else texts[name]) for name in sorted(texts)}
+
+
+def run_icl(model, tokenizer, config, source: str, texts: dict[str, list[str]], out: Path) -> None:
     from sts_callback.pipelines.icl_loss import icl_loss_change
 
     path = out / f"icl-{source}.json"
     if path.exists():
         return
-    train, targets = split(source, domains)
+    train, targets = split(source, texts)
     start = time.perf_counter()
     change = icl_loss_change(model, tokenizer, train, targets, config, tokens=ICL_TOKENS)
     write_json(path, {"source": source, "tokens": ICL_TOKENS, "icl_loss_change": change,
-                      "seconds": time.perf_counter() - start})
+                      "domains_fingerprint": fingerprint(texts), "seconds": time.perf_counter() - start})
 
 
-def run_unit(model, tokenizer, sae_path, config, recipe: str, source: str, seed: int, domains: list[str],
+def run_unit(model, tokenizer, sae_path, config, recipe: str, source: str, seed: int, texts: dict[str, list[str]],
              out: Path, work: Path) -> dict:
     from sts_callback.validation.validate import validate
 
-    train, targets = split(source, domains)
+    train, targets = split(source, texts)
+    domains = sorted(texts)
     start = time.perf_counter()
     recipe_args = RECIPES[recipe]
     result = validate(model, tokenizer, sae_path, train, targets, config, seeds=[seed], method=recipe_args["method"],
@@ -103,7 +129,7 @@ def run_unit(model, tokenizer, sae_path, config, recipe: str, source: str, seed:
     data = {"format": "sts-transfer-unit/1", "unit": unit_name(recipe, source, seed), "recipe": recipe,
             "source": source, "seed": seed, "others": [d for d in domains if d != source],
             "training": result.training, "config": result.config, "variants": result.variants,
-            "result": seed_result, "seconds": time.perf_counter() - start,
+            "result": seed_result, "domains_fingerprint": fingerprint(texts), "seconds": time.perf_counter() - start,
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU"}
     write_json(out / f"{unit_name(recipe, source, seed)}.json", data)
     return data
@@ -134,19 +160,19 @@ def main() -> None:
         return
 
     from sts_callback.core.config import STSConfig
-    from sts_callback.core.corpora import available_domains
     from sts_callback.tools.demo import ensure_demo_sae
     from sts_callback.tools.models import load_gemma3_270m
 
     model, tokenizer = load_gemma3_270m()
     sae_path = ensure_demo_sae(model, tokenizer)
-    domains = sorted(available_domains())
+    texts = domain_texts(args.out)
+    print(f"domains {fingerprint(texts)}: " + ", ".join(f"{n} {len(t)}" for n, t in texts.items()), flush=True)
     config = STSConfig(**FORECAST)
     for recipe, source, seed in todo:
         name = unit_name(recipe, source, seed)
         print(f"== {name} ({time.strftime('%H:%M:%S')}) ==", flush=True)
-        run_icl(model, tokenizer, config, source, domains, args.out)
-        data = run_unit(model, tokenizer, sae_path, config, recipe, source, seed, domains, args.out, args.work)
+        run_icl(model, tokenizer, config, source, texts, args.out)
+        data = run_unit(model, tokenizer, sae_path, config, recipe, source, seed, texts, args.out, args.work)
         own = data["result"]["nll_delta_rel"][source]
         print(f"   done in {data['seconds'] / 60:.1f} min; own held-out NLL change {own:+.2%}", flush=True)
 

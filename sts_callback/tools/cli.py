@@ -392,8 +392,19 @@ def cmd_domains(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    calibration = None
+    if args.calibration is not None:
+        from .calibration import Calibration
+
+        path = Path(args.calibration)
+        if not path.is_file():
+            raise STSInputError(f"--calibration {args.calibration}: no such file (fit one with `sts calibrate`).")
+        try:
+            calibration = Calibration.load(path)
+        except (ValueError, KeyError, TypeError) as err:
+            raise STSInputError(f"--calibration {args.calibration}: not a calibration file ({err}).") from err
     run_demo(output_dir=_check_output_folder(Path(args.output), "The demo output folder"), quick=args.quick,
-             train_steps=args.train_steps)
+             train_steps=args.train_steps, calibration=calibration)
     return 0
 
 
@@ -648,10 +659,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end-to-end demo on Gemma 3 270M, offline",
                        description="Builds Gemma 3 270M from the offline GGUF package, trains (once, cached) an SAE "
                                    "at layer 12, forecasts the effect of fine-tuning on Python code for real text "
-                                   "domains, then runs a short training with the callback when available.")
+                                   "domains, then runs a short training with the callback when available. The "
+                                   "console gets a short story; progress bars, the trainer's logs and full tables "
+                                   "go to OUTPUT/demo.log.")
     p.add_argument("-o", "--output", default="outputs/demo", help="where to write results (default outputs/demo)")
     p.add_argument("--quick", action="store_true", help="smaller budgets (a few minutes on 2 CPU cores)")
     p.add_argument("--train-steps", type=int, default=None, help="steps of the short training run")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="a calibration JSON (`sts calibrate`): the forecast then says each domain's predicted "
+                        "held-out loss change in %% with an interval")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("gate", help="accept / reject / weight candidate datasets of a mixture before training",

@@ -1,13 +1,31 @@
 """The end-to-end demo: a real model (Gemma 3 270M, offline), an SAE trained once and cached, real text
-domains, a forecast, and (when training is requested) a short fine-tuning run with the callback."""
+domains, a forecast, and (when training is requested) a short fine-tuning run with the callback.
+
+The console gets a short story: what is run, the forecast, what training measured at each re-check, what was
+warned and where the files are. Everything else (progress bars, the trainers' dict logs, the full forecast
+tables, library logging, the warnings in full) goes to ``<output_dir>/demo.log``; see :class:`DemoConsole`.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import math
+import sys
+import threading
 import time
+import traceback
+import warnings
+from collections.abc import Iterable
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .models import default_cache_dir
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 DEMO_LAYER = 12  # 2/3 of Gemma 3 270M's 18 layers
 DEMO_SAE_TOKENS = 60_000  # ~3 min of activation collection on 2 CPU cores; FVU ~0.36
@@ -16,8 +34,335 @@ DEMO_TARGETS = ("python_code", "cpp_code", "ml_docs", "math", "python_reference"
                 "changelog", "markup")
 SAE_DOMAINS = ("python_code", "cpp_code", "python_reference", "legal", "math", "ml_docs", "readme_prose",
                "changelog", "nlp_tutorials", "chat_templates", "markup")
+DEMO_LOG = "demo.log"
 
 
+# ---------------------------------------------------------------------------------------------- console / log
+class _LogStream(io.TextIOBase):
+    """A text stream into the log file. A line redrawn in place with ``\\r`` (a progress bar) is written once,
+    in its last state, plus a snapshot every ``interval`` seconds while it is redrawn: the log keeps every
+    bar's progress without its thousands of redraws."""
+
+    encoding = "utf-8"  # tqdm draws Unicode bars only on streams that declare an encoding
+
+    def __init__(self, file: TextIO, interval: float = 30.0):
+        self._file, self._interval = file, interval
+        self._line, self._redraw, self._since = "", False, None
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            if self._file.closed:
+                return len(text)
+            for i, part in enumerate(text.split("\n")):
+                if i:
+                    self._file.write(self._line + "\n")
+                    self._line, self._redraw, self._since = "", False, None
+                for j, piece in enumerate(part.split("\r")):
+                    if j:
+                        self._carriage_return()
+                    if piece:
+                        self._line = piece if self._redraw else self._line + piece
+                        self._redraw = False
+        return len(text)
+
+    def _carriage_return(self) -> None:
+        if self._line.strip():
+            now = time.monotonic()
+            if self._since is None:
+                self._since = now
+            elif now - self._since >= self._interval:
+                self._file.write(self._line.rstrip() + "\n")
+                self._since = now
+        self._redraw = True
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+
+    def finish(self) -> None:
+        """Write the line in progress, if any."""
+        with self._lock:
+            if self._line.strip() and not self._file.closed:
+                self._file.write(self._line.rstrip() + "\n")
+            self._line, self._redraw, self._since = "", False, None
+
+
+# Libraries that give their root logger a console handler of their own (bound to the stderr of the moment).
+_LIBRARY_LOGGERS = ("transformers", "datasets", "huggingface_hub", "trl", "peft", "accelerate", "sae_lens",
+                    "sts_callback")
+
+
+def _stream_handlers(streams: Iterable[Any], libraries: Iterable[str] = ()) -> list[logging.StreamHandler]:
+    """Every logging handler (any logger) that writes to one of ``streams``, and the plain stream handlers of
+    the ``libraries``' loggers; not files, not handlers that follow ``sys.stderr`` by themselves."""
+    streams = [s for s in streams if s is not None]
+    libraries = set(libraries)
+    loggers = [logging.getLogger()] + [item for item in list(logging.Logger.manager.loggerDict.values())
+                                       if isinstance(item, logging.Logger)]
+    found: list[logging.StreamHandler] = []
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if (not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler)
+                    or isinstance(getattr(type(handler), "stream", None), property) or handler in found):
+                continue  # _StderrHandler (logging.lastResort's kind) writes to the sys.stderr of the moment
+            # a library's own console handler is a plain StreamHandler (a subclass is someone else's: pytest's)
+            if (logger.name in libraries and type(handler) is logging.StreamHandler) or any(
+                    handler.stream is s for s in streams):
+                found.append(handler)
+    return found
+
+
+class DemoConsole:
+    """The demo's two outputs: a short story on the console, everything else in a log file.
+
+    ``with DemoConsole(path) as console:``: inside, whatever is written to ``sys.stdout`` / ``sys.stderr``
+    (progress bars, the Trainer's ``PrinterCallback`` / ``ProgressCallback`` dict logs, TRL's and the
+    callback's prints), logged through ``logging`` (the library loggers' console handlers, ``transformers``
+    included, are pointed at the log file) or warned goes to the log file only; :meth:`say` writes a line of
+    the story to the console (the stdout found on entry) and to the log. Warnings are collected in
+    :attr:`warnings` (and written to the log as they happen). Output written straight to the file
+    descriptors by native code is not redirected.
+    """
+
+    def __init__(self, log_path: str | Path, console: TextIO | None = None, interval: float = 30.0):
+        self.log_path = Path(log_path)
+        self.console = console
+        self.interval = interval
+        self.warnings: list[warnings.WarningMessage] = []
+        self._stream: _LogStream | None = None
+        self._file: TextIO | None = None
+        self._stack: ExitStack | None = None
+
+    # -------------------------------------------------------------- the story
+    def say(self, line: str = "") -> None:
+        console = self.console if self.console is not None else sys.stdout
+        console.write(line + "\n")
+        console.flush()
+        self.note(line)
+
+    def note(self, line: str) -> None:
+        """A line for the log only."""
+        if self._stream is not None:
+            self._stream.write(line + "\n")
+
+    # -------------------------------------------------------------- routing
+    def __enter__(self) -> Self:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.log_path, "w", encoding="utf-8", buffering=1)  # line-buffered: `tail -f` works
+        self._stream = _LogStream(self._file, self.interval)
+        if self.console is None:
+            self.console = sys.stdout
+        self._stderr = sys.stderr
+        consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__, self.console)
+        self._moved = [(handler, handler.stream) for handler in _stream_handlers(consoles, _LIBRARY_LOGGERS)]
+        stack = self._stack = ExitStack()
+        try:
+            stack.enter_context(warnings.catch_warnings())  # restores the filters and showwarning on exit
+            warnings.showwarning = self._warned
+            stack.enter_context(redirect_stdout(self._stream))
+            stack.enter_context(redirect_stderr(self._stream))
+            self._handler = logging.StreamHandler(self._stream)
+            self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().addHandler(self._handler)
+            stack.callback(logging.getLogger().removeHandler, self._handler)
+            for handler, _ in self._moved:
+                handler.setStream(self._stream)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def _warned(self, message, category, filename, lineno, file=None, line=None) -> None:
+        self.warnings.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        if self._stream is not None:
+            self._stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and self._stream is not None:
+            self._stream.write("".join(traceback.format_exception(exc_type, exc, tb)))
+        self._restore()
+        if exc_type is not None:
+            self.say(f"The demo stopped ({exc_type.__name__}); the full log is in {self.log_path}")
+        return False
+
+    def _restore(self) -> None:
+        for handler, stream in self._moved:
+            handler.setStream(stream)
+        # Handlers created inside (a library configured its logging on import) point at the log: send them to
+        # the console, as they would have been without the demo.
+        for handler in _stream_handlers([self._stream]):
+            handler.setStream(self._stderr)
+        if self._stack is not None:
+            self._stack.close()
+        if self._stream is not None:
+            self._stream.finish()
+            self._stream = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# ---------------------------------------------------------------------------------------------- the story
+def percent(value: Any, digits: int = 2) -> str:
+    """A relative change as a signed percentage; ``n/a`` for a missing or non-finite value."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "n/a"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:+.{digits}%}"
+
+
+def signed_in_words(feature: str, value: float | None) -> str:
+    """The default signed feature of a domain, described in words."""
+    from ..scoring.signed import DEFAULT_SIGNED
+
+    if value is None or not math.isfinite(value):
+        return f"{feature}: n/a"
+    if feature == "forgetting_minus_transfer":
+        share = (1.0 - value) / 2.0
+        kind = "transfer" if share >= 0.5 else "generic forgetting"
+        return f"{share:.0%} of the shift on latents it uses (mostly {kind})"
+    if feature == "signed_usage":
+        return f"signed usage {value:+.3g} ({'raises' if value > 0 else 'suppresses'} the latents it uses)"
+    if feature == "decoder_projection":
+        return f"shift {'towards' if value > 0 else 'away from'} its own direction (cosine {value:+.2f})"
+    return f"{feature} {value:+.3g}" + (" (default signed feature)" if feature == DEFAULT_SIGNED else "")
+
+
+def forecast_story(forecast, predicted: dict[str, dict[str, float]] | None = None,
+                   protected: Iterable[str] = (), top: int | None = None) -> list[str]:
+    """The forecast as a short ranked list: the calibrated prediction in % with its interval where there is
+    one (``predicted``: domain -> {mean, low, high, level}, e.g. ``STSCallback.predicted`` or
+    ``Calibration.predict(...).to_dict()``), otherwise the ranking and the default signed feature in words."""
+    from ..pipelines.forecast import SCORE_LABELS
+    from ..scoring.signed import DEFAULT_SIGNED
+
+    predicted = predicted or {}
+    protected = set(protected)
+    ranked = forecast.ranked()
+    label = SCORE_LABELS.get(forecast.ranking, forecast.ranking)
+    width = max(len(name) + (12 if name in protected else 0) for name, _ in ranked)
+    lines = []
+    for rank, (name, score) in enumerate(ranked[:top] if top else ranked, 1):
+        shown = name + (" (protected)" if name in protected else "")
+        score_text = f"{label} {score:.3g}" if score is not None else f"{label} n/a"
+        if name in predicted:
+            p = predicted[name]
+            what = (f"held-out loss {percent(p['mean'], 1)} [{percent(p['low'], 1)}, {percent(p['high'], 1)}]"
+                    f"  ({score_text})")
+        else:
+            what = f"{score_text:<18}  " + signed_in_words(DEFAULT_SIGNED,
+                                                             forecast.domains[name].scores.get(DEFAULT_SIGNED))
+        lines.append(f"  {rank:>2}. {shown:<{width}}  {what}")
+    if top and len(ranked) > top:
+        lines.append(f"      ... {len(ranked) - top} more in the log")
+    if predicted:
+        level = next(iter(predicted.values())).get("level", 0.9)
+        lines.append(f"  (predicted end-of-training change of the held-out loss, {level:.0%} interval)")
+    return lines
+
+
+def _with_interval(value: Any, interval: Any) -> str:
+    """``-1.26±0.31%`` for a change with its (symmetric) 95% interval, ``-1.26%`` without one."""
+    try:
+        half = (float(interval[1]) - float(interval[0])) / 2
+    except (TypeError, ValueError, IndexError):
+        half = math.nan
+    if percent(value) in ("n/a", "nan", "inf", "-inf") or not math.isfinite(half):
+        return percent(value)
+    return f"{value * 100:+.2f}±{half * 100:.2f}%"
+
+
+def recheck_line(record: dict[str, Any], steps: int | None = None, protected: Iterable[str] = (),
+                 n_shifted: int | None = None) -> str:
+    """One re-check from the callback's history: held-out loss change per domain in % (with its 95% interval
+    where recorded), the SAE fit, the overlap with the forecast, violations."""
+    protected = set(protected)
+    at = f"step {record.get('step')}" + (f"/{steps}" if steps else "")
+    if "error" in record:
+        return f"  {at}: the re-check failed: {record['error']}"
+    intervals = record.get("loss_delta_ci") or {}
+    deltas = ", ".join(f"{name}{'*' if name in protected else ''} {_with_interval(value, intervals.get(name))}"
+                       for name, value in (record.get("loss_delta") or {}).items())
+    line = f"  {at}: " + (f"held-out loss {deltas}" if deltas else "no held-out loss")
+    parts = []  # on a second line, under the first
+    accuracy = {k: v for k, v in (record.get("accuracy_delta") or {}).items() if v is not None}
+    if accuracy:
+        parts.append("accuracy " + ", ".join(f"{k} {v * 100:+.1f} pt" for k, v in accuracy.items()))
+    fit = record.get("sae_fit")
+    if fit:
+        parts.append(f"SAE fit: FVU {fit.get('fvu', float('nan')):.3f}, L0 {fit.get('l0', float('nan')):.1f}")
+    if record.get("overlap_with_forecast") is not None:
+        total = n_shifted or len(record.get("shifted_latents") or []) or "?"
+        parts.append(f"{record['overlap_with_forecast']}/{total} shifted latents as forecast")
+    if parts:
+        line += "\n" + " " * (len(at) + 4) + "; ".join(parts)
+    for violation in record.get("violations") or []:
+        line += f"\n      violation: {violation}"
+    if record.get("early_stop"):
+        line += f"\n      early stop: {record['early_stop']}"
+    return line
+
+
+def training_story(history: list[dict[str, Any]], *, steps: int | None = None, protected: Iterable[str] = (),
+                   base_fit: dict[str, float] | None = None, n_shifted: int | None = None) -> list[str]:
+    """What training measured: the SAE fit at start, then each re-check (one or two lines; more for
+    violations)."""
+    lines = []
+    if base_fit:
+        lines.append(f"  at start: SAE fit on the training probe: FVU {base_fit['fvu']:.3f}, L0 {base_fit['l0']:.1f}")
+    if not history:
+        lines.append("  no re-check was recorded")
+    lines.extend(recheck_line(r, steps, protected, n_shifted) for r in history)
+    notes = []
+    if any(r.get("loss_delta_ci") for r in history):
+        notes.append("±: 95% interval")
+    if any(name in set(protected) for r in history for name in (r.get("loss_delta") or {})):
+        notes.append("*: protected domain")
+    if notes:
+        lines.append(f"  ({'; '.join(notes)})")
+    return lines
+
+
+def warning_lines(caught: Iterable[warnings.WarningMessage], limit: int = 160) -> list[str]:
+    """Each distinct warning as one line (category: message, whitespace collapsed, cut at ``limit``)."""
+    seen: dict[str, int] = {}
+    for w in caught:
+        text = f"{w.category.__name__}: {' '.join(str(w.message).split())}"
+        if len(text) > limit:
+            text = text[: limit - 1] + "…"
+        seen[text] = seen.get(text, 0) + 1
+    return [f"  {text}" + (f" (x{count})" if count > 1 else "") for text, count in seen.items()]
+
+
+def _sae_description(sae_path: Path) -> str:
+    try:
+        cfg = json.loads((sae_path / "cfg.json").read_text())
+    except (OSError, ValueError):
+        return f"SAE at layer {DEMO_LAYER}"
+    text = (f"{cfg.get('architecture', '').replace('topk', 'TopK')} SAE on "
+            f"{cfg.get('metadata', {}).get('hook_name', f'layer {DEMO_LAYER}')}, width {cfg.get('d_sae')}"
+            + (f", k={cfg['k']}" if cfg.get("k") else ""))
+    try:
+        report = json.loads((sae_path / "training_report.json").read_text())
+        text += f" (held-out FVU {report['fvu']:.2f} when trained)"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- the demo
 def demo_sae_path(d_sae: int, k: int, cache_dir: Path | None = None) -> Path:
     return (cache_dir or default_cache_dir()) / "sae" / f"gemma-3-270m-L{DEMO_LAYER}-w{d_sae}-k{k}"
 
@@ -45,27 +390,83 @@ def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens:
     return path
 
 
+def _load_calibration(calibration):
+    if calibration is None:
+        return None
+    from ..scoring.calibration import Calibration
+
+    return calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
+
+
 def run_demo(output_dir: Path = Path("outputs/demo"), quick: bool = False, train_steps: int | None = None,
-             log=print) -> dict:
-    """Run the demo and return a summary dict (also written to ``output_dir/demo_summary.json``)."""
+             calibration: Any = None, console: TextIO | None = None) -> dict:
+    """Run the demo and return a summary dict (also written to ``output_dir/demo_summary.json``).
+
+    The story goes to ``console`` (default: stdout), everything else to ``output_dir/demo.log``.
+    ``calibration`` (a :class:`~sts_callback.scoring.calibration.Calibration` or its JSON path, e.g. from
+    ``sts calibrate``) adds predicted held-out loss changes in % with intervals to the forecast."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    calibration = _load_calibration(calibration)
+    started = time.perf_counter()
+    with DemoConsole(output_dir / DEMO_LOG, console) as out:
+        summary = _run(out, output_dir, quick, train_steps, calibration)
+        summary["warnings"] = [line.strip() for line in warning_lines(out.warnings, limit=10_000)]
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        summary["log"] = str(output_dir / DEMO_LOG)
+        (output_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+        out.say("")
+        lines = warning_lines(out.warnings)
+        out.say(f"Warnings: {len(lines)}" + (" (in full in the log)" if lines else ""))
+        for line in lines:
+            out.say(line)
+        out.say("")
+        out.say(f"Files ({summary['seconds']:.0f} s in all):")
+        for line in _files_story(output_dir):
+            out.say(line)
+    return summary
+
+
+def _files_story(output_dir: Path) -> list[str]:
+    entries = [("forecast.json", "the forecast: every score, the shifted latents, settings"),
+               ("sft/sts/report.html", "the callback's report: forecast, re-checks, held-out losses"),
+               ("sft/sts/history.jsonl", "the callback's re-checks, one JSON record each"),
+               ("demo_summary.json", "timings and results of this run"),
+               (DEMO_LOG, "everything else: progress bars, the trainer's logs, full tables, warnings")]
+    shown = [(name, what) for name, what in entries if name == DEMO_LOG or (output_dir / name).exists()]
+    width = max(len(str(output_dir / name)) for name, _ in shown)
+    return [f"  {output_dir / name!s:<{width}}  {what}" for name, what in shown]
+
+
+def _run(out: DemoConsole, output_dir: Path, quick: bool, train_steps: int | None, calibration) -> dict:
     from ..core.config import STSConfig
     from ..core.corpora import load_domain
     from ..pipelines.forecast import forecast
     from .models import load_gemma3_270m
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if train_steps != 0:  # fail now rather than after the forecast when the training stack cannot be imported
+        import datasets  # noqa: F401
+        import peft  # noqa: F401
+        import trl  # noqa: F401
+
+        from ..integrations import callback  # noqa: F401
     summary: dict = {"quick": quick}
+    out.say("sts-callback demo: which text domains will fine-tuning Gemma 3 270M on Python code move?")
+    out.say(f"(offline; progress bars and the trainer's logs go to {out.log_path})")
+    out.say("")
     t0 = time.perf_counter()
-    log("== sts-callback demo: Gemma 3 270M (offline), real text domains ==")
     model, tokenizer = load_gemma3_270m()
     summary["model_seconds"] = round(time.perf_counter() - t0, 1)
-    log(f"model: Gemma 3 270M loaded in {summary['model_seconds']} s")
+    out.say(f"model   Gemma 3 270M (fp32, CPU), loaded in {summary['model_seconds']} s")
 
     t0 = time.perf_counter()
-    sae_path = ensure_demo_sae(model, tokenizer, log=log)
+    if not (demo_sae_path(4096, 32) / "cfg.json").exists():
+        out.say("SAE     none cached yet: training one (a few minutes, once) ...")
+    sae_path = ensure_demo_sae(model, tokenizer, log=out.note)
     summary["sae_seconds"] = round(time.perf_counter() - t0, 1)
     summary["sae"] = str(sae_path)
+    out.say(f"SAE     {_sae_description(sae_path)}")
+    out.say(f"        {sae_path}")
 
     # The "training set": half of the Python code domain; its other half is a target (a sanity check:
     # the domain a model is trained on should be among the most affected).
@@ -81,27 +482,44 @@ def run_demo(output_dir: Path = Path("outputs/demo"), quick: bool = False, train
         max_demonstration_tokens=128,
         batch_size=8,
     )
-    log(f"forecast: training on {DEMO_SOURCE!r} ({len(train_texts)} texts); {len(targets)} target domains; "
-        f"{config.shift_tokens} shift tokens, {config.domain_tokens} tokens per domain")
+    out.say(f"data    training set: {len(train_texts)} texts of {DEMO_SOURCE!r} (every other one of the built-in "
+            "domain)")
+    out.say(f"        {len(targets)} target domains: {', '.join(targets)}")
+    out.say(f"        ({DEMO_SOURCE!r} as a target is its other half: a sanity check, it should move most)")
+    out.say("")
+    out.say(f"Forecast before any training ({config.shift_tokens} shift tokens, {config.domain_tokens} tokens "
+            "per domain) ...")
+    out.note(f"forecast: training on {DEMO_SOURCE!r} ({len(train_texts)} texts); {len(targets)} target domains; "
+             f"{config.shift_tokens} shift tokens, {config.domain_tokens} tokens per domain")
     result = forecast(model, tokenizer, sae_path, train_texts, targets, config, progress=True)
-    log("")
-    log(result.table())
+    out.note(result.table())
     path = result.save(output_dir / "forecast.json")
     summary["forecast_seconds"] = round(result.timings["total"], 1)
     summary["forecast_tokens_per_second"] = round(result.tokens_per_second, 1)
     summary["forecast_ranking"] = result.ranked()
-    log(f"\nforecast: {result.timings['total']:.0f} s, {result.tokens_per_second:.0f} tokens/s through layer "
-        f"{DEMO_LAYER} + SAE; written to {path}")
+    predicted = ({name: calibration.predict(d.scores).to_dict() for name, d in result.domains.items()}
+                 if calibration is not None else {})
+    if predicted:
+        summary["forecast_predicted"] = predicted
+    out.say(f"  {result.timings['total']:.0f} s, {result.tokens_per_second:.0f} tokens/s through layer {DEMO_LAYER} "
+            f"+ SAE. Most affected first:")
+    for line in forecast_story(result, predicted):
+        out.say(line)
+    if not predicted:
+        out.say("  No calibrated prediction in % for this setup (fit one with `sts calibrate` on `sts validate` runs "
+                "and pass --calibration).")
+    out.note(f"forecast: {result.timings['total']:.0f} s, {result.tokens_per_second:.0f} tokens/s through layer "
+             f"{DEMO_LAYER} + SAE; written to {path}")
 
     if train_steps != 0:
         summary["training"] = run_training_demo(model, tokenizer, sae_path, train_texts, output_dir,
-                                                steps=train_steps or (2 if quick else 4), log=log)
-    (output_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+                                                steps=train_steps or (2 if quick else 4), out=out,
+                                                calibration=calibration)
     return summary
 
 
 def run_training_demo(model, tokenizer, sae_path: Path, train_texts: list[str], output_dir: Path, *, steps: int,
-                      log=print) -> dict:
+                      out: DemoConsole | None = None, calibration: Any = None) -> dict:
     """A short LoRA SFT run (TRL) with STSCallback: forecast at start, re-checks at the checkpoints."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -109,20 +527,24 @@ def run_training_demo(model, tokenizer, sae_path: Path, train_texts: list[str], 
 
     from ..integrations.callback import STSCallback
 
-    log(f"\n== training: {steps} LoRA SFT steps on {DEMO_SOURCE!r} with STSCallback (re-check every "
-        f"{max(steps // 2, 1)} steps) ==")
+    say = out.say if out is not None else print
+    every = max(steps // 2, 1)
+    protected = ["legal"]
+    say("")
+    say(f"Training: {steps} LoRA SFT steps (TRL SFTTrainer) on {DEMO_SOURCE!r} with STSCallback: it forecasts "
+        f"at train start and re-checks every {every} steps ...")
     sts = STSCallback(
         sae=str(sae_path),
         target_domains=["python_code", "math", "legal", "readme_prose"],
-        protected=["legal"],
+        protected=protected,
         config={"shift_tokens": 1500, "domain_tokens": 600, "n_domain_demonstrations": 2,
                 "max_query_tokens": 96, "max_demonstration_tokens": 96},
-        recheck_tokens=512, loss_tokens=256, tolerance=0.05,
+        recheck_tokens=512, loss_tokens=256, tolerance=0.05, calibration=_load_calibration(calibration),
     )
     run_dir = output_dir / "sft"
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(output_dir=str(run_dir), max_steps=steps, save_steps=max(steps // 2, 1), logging_steps=1,
+        args=SFTConfig(output_dir=str(run_dir), max_steps=steps, save_steps=every, logging_steps=1,
                        per_device_train_batch_size=4, max_length=64, learning_rate=1e-3, use_cpu=True,
                        report_to=[], save_strategy="steps", disable_tqdm=True),
         train_dataset=Dataset.from_dict({"text": train_texts}),
@@ -134,15 +556,16 @@ def run_training_demo(model, tokenizer, sae_path: Path, train_texts: list[str], 
     trainer.train()
     seconds = time.perf_counter() - start
     recheck_seconds = sum(r.get("seconds", 0.0) for r in sts.history)
-    for record in sts.history:
-        if "error" in record:
-            log(f"step {record['step']}: re-check failed: {record['error']}")
-            continue
-        deltas = ", ".join(f"{k} {v:+.2%}" for k, v in record["loss_delta"].items())
-        log(f"step {record['step']}: {record['overlap_with_forecast']}/100 shifted latents as forecast; "
-            f"held-out loss change: {deltas}")
-    log(f"training: {seconds:.0f} s in all, of which re-checks {recheck_seconds:.0f} s; history in "
-        f"{run_dir / 'sts' / 'history.jsonl'}")
+    if sts.forecast is not None:
+        say(f"  the callback's own forecast at train start ({sts.forecast.shift_tokens} query tokens, "
+            f"{len(sts.forecast.domains)} domains), most affected first:")
+        for line in forecast_story(sts.forecast, sts.predicted, protected):
+            say("  " + line)
+    for line in training_story(sts.history, steps=steps, protected=protected, base_fit=sts.base_fit,
+                               n_shifted=sts.config.n_shifted):
+        say(line)
+    say(f"  {seconds:.0f} s in all, of which re-checks {recheck_seconds:.0f} s")
     return {"seconds": round(seconds, 1), "recheck_seconds": round(recheck_seconds, 1),
-            "history": [{k: v for k, v in r.items() if k in ("step", "overlap_with_forecast", "loss_delta", "error")}
+            "history": [{k: v for k, v in r.items()
+                         if k in ("step", "overlap_with_forecast", "loss_delta", "sae_fit", "violations", "error")}
                         for r in sts.history]}
