@@ -48,8 +48,12 @@ def tiny_run(tmp_path, disable_tqdm: bool):
 
 
 @pytest.mark.parametrize("disable_tqdm", [True, False], ids=["PrinterCallback", "ProgressCallback"])
-def test_quiet_training_run_keeps_bars_and_dict_logs_in_the_log(tmp_path, capfd, disable_tqdm):
+def test_quiet_training_run_keeps_bars_and_dict_logs_in_the_log(tmp_path, capfd, disable_tqdm, request):
     log_path = tmp_path / "demo.log"
+    # transformers' verbosity is global: an earlier test (or library) may have lowered it; this one needs warnings
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    request.addfinalizer(lambda: hf_logging.set_verbosity(previous))
     hf_logger = hf_logging.get_logger("transformers.demo_test")
     hf_handlers = [(h, getattr(h, "stream", None)) for h in logging.getLogger("transformers").handlers]
     with DemoConsole(log_path) as out:

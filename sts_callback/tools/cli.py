@@ -394,7 +394,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     calibration = None
     if args.calibration is not None:
-        from .calibration import Calibration
+        from ..scoring.calibration import Calibration
 
         path = Path(args.calibration)
         if not path.is_file():
