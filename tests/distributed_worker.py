@@ -41,7 +41,10 @@ sys.addaudithook(audit)
 
 DOMAINS = {"law": domain_texts("law", 7), "food": domain_texts("food", 5), "chem": domain_texts("chem", 9),
            # fewer texts than processes: its shard on rank 1 is only a padded duplicate
-           "sport": [" ".join(["goal match team player score season coach league win ball"] * 2)]}
+           "sport": [" ".join(["goal match team player score season coach league win ball"] * 2)],
+           # a multiple-choice domain: 5 items on 2 ranks, so one rank scores a padded duplicate it must not count
+           "quiz": [{"question": t, "choices": ["cook bake", "court judge"], "answer": i % 2}
+                    for i, t in enumerate(domain_texts("food", 5, seed=7))]}
 PROBE = domain_texts("law", 11, seed=3)  # 11 texts: not divisible by 2
 CONFIG = dict(n_shifted=8, shift_tokens=150, domain_tokens=60, n_domain_demonstrations=2, batch_size=3)
 
@@ -90,6 +93,8 @@ def runlevel(backend: str) -> dict:
     tokenizer = make_tokenizer()
     targets = {}
     for name, texts in DOMAINS.items():
+        if not all(isinstance(t, str) for t in texts):
+            continue  # the multiple-choice domain: the run-level terms measure text domains
         ids = [list(tokenizer(t)["input_ids"]) for t in texts]
         targets[name] = [(i, [True] * (len(i) - 1)) for i in ids]
     data = Dataset.from_dict({"text": domain_texts("law", 12, seed=5) + domain_texts("code", 4, seed=5)}).map(

@@ -50,6 +50,7 @@ def assert_same_numbers(reference: dict, other: dict) -> None:
             assert abs(mine["loss_delta"][name] - theirs["loss_delta"][name]) <= REL, name
             for variant, value in mine["scores"][name].items():
                 close(value, theirs["scores"][name][variant], f"re-check {name} {variant}")
+        assert theirs["accuracy"] == mine["accuracy"] and set(mine["accuracy"]) == {"quiz"}  # counts, not estimates
 
 
 def without_timing(history: list[dict]) -> list[dict]:
@@ -76,7 +77,7 @@ def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
     for result in ranks:
         errors = result["errors"]
         assert "disagree" in errors["domains_disagree"] and "target domains" in errors["domains_disagree"]
-        assert "['chem', 'food', 'law', 'sport']" in errors["domains_disagree"]
+        assert "['chem', 'food', 'law', 'quiz', 'sport']" in errors["domains_disagree"]
         assert "disagree" in errors["sae_disagree"] and "SAE" in errors["sae_disagree"]
         assert "has 1 texts but this run has 2 processes" in errors["probe_smaller_than_world"]
 
@@ -85,7 +86,7 @@ def test_forecast_refuses_ranks_with_different_data(tmp_path):
     for result in run("forecast_disagree", tmp_path / "out", 2):
         errors = result["errors"]
         assert "disagree" in errors["train_disagrees"] and "training data" in errors["train_disagrees"]
-        assert "disagree" in errors["domains_disagree"] and "['chem', 'food', 'law', 'sport']" in errors["domains_disagree"]
+        assert "disagree" in errors["domains_disagree"] and "['chem', 'food', 'law', 'quiz', 'sport']" in errors["domains_disagree"]
         assert errors["agree"] is None
 
 
