@@ -95,7 +95,8 @@ def test_trainer_forecast_rechecks_and_own_loss_logging(tmp_path, tokenizer):
         assert (out / f"checkpoint-{step}" / "sts" / "monitor.safetensors").exists()
     # full fine-tune: base vs current is exactly zero at step 0
     assert spy.step0[0]["shift_total"] == 0.0
-    assert all(abs(d) < 1e-12 for d in spy.step0[0]["loss_delta"].values())
+    # the loss is measured in blocks other than train start's batches: equal up to float noise of other padding
+    assert all(abs(d) < 1e-6 for d in spy.step0[0]["loss_delta"].values())
 
 
 def test_peft_base_is_the_model_with_adapters_disabled(tmp_path, tokenizer):

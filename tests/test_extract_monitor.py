@@ -63,7 +63,7 @@ def monitor_for(setup):
 def test_recheck_of_unchanged_weights_measures_no_change(setup):
     record = monitor_for(setup).recheck(setup.model, forecast_latents=[0, 1])
     assert record["shift_total"] == 0.0
-    assert all(abs(d) < 1e-12 for d in record["loss_delta"].values())
+    assert all(abs(d) < 1e-6 for d in record["loss_delta"].values())  # other batches than the base: float noise
     assert set(record["loss_delta_ci"]) == {"law", "chem"}
 
 
