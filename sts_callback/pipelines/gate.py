@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..core.atomic import atomic_write_json, atomic_write_text
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.data import Corpus, example_text, load_corpus, load_domains
 from ..core.errors import STSConfigError, STSInputError
@@ -194,12 +195,7 @@ class GateDecision:
                    **fields_)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "GateDecision":
@@ -626,15 +622,13 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
 def write_jsonl(records: list[Any], path: str | Path) -> Path:
     """Write records so that :func:`~sts_callback.core.data.load_corpus` reads them back (texts as ``{"text"}``,
     conversations as ``{"messages"}``, records as they are)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            if isinstance(record, str):
-                record = {"text": record}
-            elif isinstance(record, list):
-                record = {"messages": record}
-            elif not isinstance(record, dict):
-                record = dict(record)
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
+    lines = []
+    for record in records:
+        if isinstance(record, str):
+            record = {"text": record}
+        elif isinstance(record, list):
+            record = {"messages": record}
+        elif not isinstance(record, dict):
+            record = dict(record)
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return atomic_write_text(path, "".join(lines))

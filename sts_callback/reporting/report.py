@@ -19,10 +19,8 @@ from typing import Any
 
 from ..core.atomic import atomic_write_text
 from ..core.errors import STSInputError
+from ..core.run_store import FORECAST_FILE, HISTORY_FILE, SETTINGS_FILE
 
-FORECAST_FILE = "forecast.json"
-HISTORY_FILE = "history.jsonl"
-SETTINGS_FILE = "settings.json"
 GATE_FILE = "gate.json"
 VALIDATION_FILE = "validation.json"
 HTML_FILE = "report.html"
