@@ -122,17 +122,21 @@ class STSConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "STSConfig":
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise STSConfigError(
-                f"Unknown STSConfig field(s) {unknown}; valid fields are {sorted(known)}."
-            )
-        return cls(**values)
+        return settings_from_dict(cls, values, "STSConfig field(s)", "valid fields are")
 
     def replace(self, **changes: Any) -> "STSConfig":
         return dataclasses.replace(self, **changes)
+
+
+def settings_from_dict(cls: Any, values: dict[str, Any] | None, what: str, valid: str = "valid:") -> Any:
+    """``cls(**values)`` for a settings dataclass, an unknown key named with the valid ones (a config file's typo
+    must not run with defaults)."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise STSConfigError(f"Unknown {what} {unknown}; {valid} {sorted(known)}.")
+    return cls(**values)
 
 
 def json_serializable(value: Any) -> bool:

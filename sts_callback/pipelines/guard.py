@@ -8,9 +8,10 @@ in the manner of ``transformers.EarlyStoppingCallback.check_metric_value``. Usab
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..core.config import settings_from_dict
 from ..core.errors import STSConfigError
 
 
@@ -63,12 +64,7 @@ class GuardConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "GuardConfig":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise STSConfigError(f"Unknown guard setting(s) {unknown}; valid: {sorted(known)}.")
-        return cls(**values)
+        return settings_from_dict(cls, values, "guard setting(s)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

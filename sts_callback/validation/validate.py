@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..core.atomic import atomic_write_json
-from ..core.config import STSConfig, json_serializable
+from ..core.config import STSConfig, json_serializable, settings_from_dict
 from ..core.data import Corpus, load_corpus, load_domains
 from ..core.errors import STSConfigError, STSInputError
 from ..pipelines.forecast import SCORE_LABELS
@@ -436,12 +436,7 @@ class ValidationConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "ValidationConfig":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise STSConfigError(f"Unknown validation setting(s) {unknown}; valid: {sorted(known)}.")
-        return cls(**values)
+        return settings_from_dict(cls, values, "validation setting(s)")
 
 
 def _trainable_answers(corpus: Corpus) -> bool:
