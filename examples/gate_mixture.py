@@ -15,7 +15,7 @@ from pathlib import Path
 from sts_callback import STSConfig
 from sts_callback.core.corpora import load_domain
 from sts_callback.tools.demo import ensure_demo_sae
-from sts_callback.pipelines.gate import filter_examples, gate_mixture, write_jsonl
+from sts_callback.pipelines.gate import GateRules, filter_examples, gate_mixture, write_jsonl
 from sts_callback.tools.models import load_gemma3_270m
 
 OUTPUT = Path("outputs/gate_mixture")
@@ -43,9 +43,8 @@ def main() -> None:
     config = STSConfig(n_shifted=100, shift_tokens=1500, domain_tokens=600, max_query_tokens=96,
                        max_demonstration_tokens=128, n_demonstrations=2, n_domain_demonstrations=2,
                        batch_size=8, top_contexts=0)
-    decision = gate_mixture(model, tokenizer, sae, candidates, targets, protected=["legal"], budget=220,
-                            config=config, wanted={"code": "code", "math": "math", "changelog": "changelog",
-                                                   "legal_extra": "legal"})
+    rules = GateRules(wanted={"code": "code", "math": "math", "changelog": "changelog", "legal_extra": "legal"})
+    decision = gate_mixture(model, tokenizer, sae, candidates, targets, ["legal"], rules, budget=220, config=config)
     print(decision.table())
     print()
     for name in decision.candidates:

@@ -95,6 +95,14 @@ def test_train_sae_command(workspace, capsys):
     assert load_sae(out_dir).layer == 1
 
 
+def test_train_sae_bad_settings_fail_before_the_model_loads(workspace, tmp_path, capsys, no_model):
+    assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data",
+                 str(workspace / "train.jsonl"), "--d-sae", "64", "-k", "64", "-o", str(tmp_path / "sae")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "SAETrainingConfig.k=64" in err and "k < d_sae=64" in err and "\n" not in err
+    assert not (tmp_path / "sae").exists()
+
+
 # --------------------------------------------------------------------------- bad input: one line, exit code 2
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
@@ -153,7 +161,9 @@ def test_unknown_keys_of_validate_and_gate_configs(workspace, tmp_path, capsys, 
             "targets": base["targets"], "protected": ["chem"]}
     for section, named, valid in (({"tolerence": 2.0}, "'tolerence'", "tolerance"),
                                   ({"limits": {"chemm": 0.5}}, "'chemm'", "chem"),
-                                  ({"wanted": {"laww": "a"}}, "'laww'", "law")):
+                                  ({"wanted": {"laww": "a"}}, "'laww'", "law"),
+                                  ({"weights": "equal"}, "GateRules.weights='equal'", "min_impact"),  # a bad rule
+                                  ({"floor": 2}, "GateRules.floor=2", "[0, 1)")):
         path = tmp_path / "gate.yaml"
         path.write_text(yaml.safe_dump({**gate, **section}))
         assert main(["gate", str(path), "--no-progress"]) == 2, section

@@ -10,7 +10,8 @@ from tiny import DOMAIN_WORDS, TinySAE, domain_texts, make_model, make_tokenizer
 from sts_callback import STSConfig, STSConfigError, STSInputError, forecast
 from sts_callback.tools.cli import main
 from sts_callback.core.data import load_corpus
-from sts_callback.pipelines.gate import GateDecision, MixtureRejected, filter_examples, gate_mixture, write_jsonl
+from sts_callback.pipelines.gate import (GateDecision, GateRules, MixtureRejected, filter_examples, gate_mixture,
+                                         write_jsonl)
 
 LAYER = 1
 
@@ -100,8 +101,8 @@ def test_copy_of_protected_domain_is_rejected_by_the_default_rule(decision):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_copy_is_the_top_offender_on_other_models(tokenizer, seed):
     model = structured_model(tokenizer, seed=seed)
-    result = gate_mixture(model, tokenizer, make_sae(seed), candidates(), targets(), ["law"], config=config(),
-                          tolerance=1.1)
+    result = gate_mixture(model, tokenizer, make_sae(seed), candidates(), targets(), ["law"], GateRules(tolerance=1.1),
+                          config=config())
     assert result.rejected == ["law_copy"]
     law = {n: d.protected_scores["law"] for n, d in result.candidates.items()}
     assert max(law, key=law.get) == "law_copy"
@@ -177,7 +178,7 @@ def test_filter_examples_keeps_the_lowest_scores_and_round_trips(decision, tmp_p
 def test_weight_rules_and_budget(model, tokenizer):
     wanted = {"code": "code", "chem": "chem", "sport": "food"}
     sts = gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
-                       targets(), "law", budget=220, config=config(), wanted=wanted, score_examples=False)
+                       targets(), "law", {"wanted": wanted}, budget=220, config=config(), score_examples=False)
     assert sum(sts.weights.values()) == pytest.approx(1.0)
     assert sum(sts.allocation.values()) == 220
     # the paper's rule: a served domain's share is proportional to the other candidates' pressure on it
@@ -186,7 +187,7 @@ def test_weight_rules_and_budget(model, tokenizer):
     assert sts.weights == pytest.approx({n: p / total for n, p in pressure.items()})
 
     low = gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
-                       targets(), "law", config=config(), wanted=wanted, weights="min_impact", floor=0.2,
+                       targets(), "law", GateRules(wanted=wanted, weights="min_impact", floor=0.2), config=config(),
                        score_examples=False)
     assert sum(low.weights.values()) == pytest.approx(1.0)
     assert all(w >= 0.2 - 1e-9 for w in low.weights.values())
@@ -194,20 +195,20 @@ def test_weight_rules_and_budget(model, tokenizer):
     assert low.weights[least] == pytest.approx(0.6)
     with pytest.raises(STSConfigError, match="lower floor"):
         gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
-                     targets(), "law", config=config(), wanted=wanted, weights="min_impact", floor=0.5,
+                     targets(), "law", GateRules(wanted=wanted, weights="min_impact", floor=0.5), config=config(),
                      score_examples=False)
 
 
 def test_absolute_limits_and_rank_rule(model, tokenizer, decision):
     law = {n: d.protected_scores["law"] for n, d in decision.candidates.items()}
     bar = statistics.fmean(sorted(law.values())[-2:])  # between the copy and the next candidate
-    result = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", config=config(),
-                          limits={"law": bar}, score_examples=False)
+    result = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", GateRules(limits={"law": bar}),
+                          config=config(), score_examples=False)
     assert result.rejected == ["law_copy"]
     assert f"> limit {bar:.4g}" in result.candidates["law_copy"].reason
     assert result.rules["tolerance"] is None  # an explicit rule replaces the default relative rule
-    ranked = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", config=config(),
-                          max_rank=1, score_examples=False)
+    ranked = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", GateRules(max_rank=1),
+                          config=config(), score_examples=False)
     for name, d in ranked.candidates.items():
         assert d.accepted == (d.protected_ranks["law"] > 1), name
         assert ("law ranks 1 of 4 target domains (max_rank=1" in d.reason) == (not d.accepted)
@@ -223,14 +224,60 @@ def test_bad_inputs(model, tokenizer):
     with pytest.raises(STSInputError, match="non-empty dict"):
         gate_mixture(model, tokenizer, sae, {}, targets(), "law", config=config())
     with pytest.raises(STSConfigError, match="weights="):
-        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", config=config(), weights="equal")
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", {"weights": "equal"}, config=config())
     with pytest.raises(STSConfigError, match="not protected domains"):
-        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", config=config(), limits={"code": 1})
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", {"limits": {"code": 1}}, config=config())
+    with pytest.raises(STSConfigError, match="budget=220"):  # the budget was the 7th positional argument
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", 220, config=config())
+    with pytest.raises(STSConfigError, match="compute_icl"):
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", GateRules(score="sts_icl"),
+                     config=config(compute_icl=False, ranking="sts_act"))
+    with pytest.raises(STSConfigError, match="residual baseline"):
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", config=config(ranking="raw_act"))
+    with pytest.raises(STSConfigError, match="budget=0"):
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", budget=0, config=config())
     with pytest.raises(MixtureRejected, match="Every candidate was rejected.*Relax the rules") as err:
-        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", config=config(), limits=0.0,
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), "law", GateRules(limits=0.0), config=config(),
                      score_examples=False)
     assert isinstance(err.value, STSConfigError) and err.value.decision.weights == {}
     assert len(err.value.decision.rejected) == 4
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"weights": "equal"}, "GateRules.weights='equal': use one of"),
+    ({"floor": 1.0}, "GateRules.floor=1.0 must be in [0, 1)"),
+    ({"floor": True}, "GateRules.floor=True"),
+    ({"score": "raw_act"}, "residual baseline"),
+    ({"score": "sts_x"}, "not a score variant"),
+    ({"max_rank": 0}, "GateRules.max_rank=0 must be a positive integer"),
+    ({"tolerance": 0}, "GateRules.tolerance=0 must be a positive number"),
+    ({"limits": "high"}, "GateRules.limits='high' must be a number or a dict"),
+    ({"limits": {"law": "high"}}, "GateRules.limits="),
+    ({"wanted": ["code"]}, "GateRules.wanted=['code'] must be a dict"),
+    ({"tolerence": 2.0}, "Unknown gate rule(s) ['tolerence']"),
+])
+def test_gate_rules_are_checked_when_built(values, words):
+    with pytest.raises(STSConfigError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        GateRules.from_dict(values)
+
+
+def test_gate_rules_defaults_and_from_dict():
+    assert GateRules() == GateRules.from_dict(None) == GateRules.from_dict({})
+    assert GateRules().relative_tolerance == 1.5  # no rule given: the relative rule
+    assert GateRules(limits=0.5).relative_tolerance is None  # an explicit rule replaces it
+    assert GateRules(max_rank=1, tolerance=2).relative_tolerance == 2.0
+    rules = GateRules.from_dict({"limits": {"law": 1}, "weights": "min_impact", "floor": 0, "wanted": {"code": "code"}})
+    assert rules.limits == {"law": 1.0} and isinstance(rules.floor, float)
+    assert GateRules.from_dict(rules.to_dict()) == rules
+
+
+def test_cli_gate_rule_keys_are_the_gate_rules_fields():
+    import dataclasses
+
+    from sts_callback.tools.cli import CONFIG_KEYS, GATE_RULE_KEYS
+
+    assert set(GATE_RULE_KEYS) == {f.name for f in dataclasses.fields(GateRules)}
+    assert set(GATE_RULE_KEYS) <= set(CONFIG_KEYS["gate"])
 
 
 def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sts_callback.core.errors import STSConfigError, STSInputError  # noqa: E402
-from sts_callback.tools.train_sae import REPORT_FILENAME, collect_activations, evaluate_sae, train_sae  # noqa: E402
+from sts_callback.tools.train_sae import (REPORT_FILENAME, SAETrainingConfig, collect_activations,  # noqa: E402
+                                          evaluate_sae, train_sae)
 
 from tiny import domain_texts, make_model, make_tokenizer  # noqa: E402
 
@@ -34,8 +36,8 @@ def trained(tiny, tmp_path_factory):
     model.train()  # train_sae must switch to eval for the forwards and restore this afterwards
     rng_before = torch.get_rng_state()
     out = tmp_path_factory.mktemp("sae")
-    result = train_sae(model, tokenizer, _texts(), LAYER, d_sae=128, k=8, training_tokens=12_000,
-                       batch_size_tokens=256, seed=0, output_dir=out)
+    config = SAETrainingConfig(d_sae=128, k=8, training_tokens=12_000, batch_size_tokens=256, seed=0)
+    result = train_sae(model, tokenizer, _texts(), LAYER, config, output_dir=out)
     state = {"was_training": model.training, "rng_unchanged": torch.equal(rng_before, torch.get_rng_state())}
     model.eval()
     return result, out, state
@@ -102,44 +104,70 @@ def test_collect_counts_only_real_tokens(tiny):
     texts = _texts(4)
     words = sum(len(text.split()) for text in texts)
     assert collect_activations(model, tokenizer, texts, LAYER, max_tokens=10**6).acts.shape == (words, 32)
-    with_bos = collect_activations(model, tokenizer, texts, LAYER, max_tokens=10**6, exclude_special_tokens=False)
+    with_bos = collect_activations(model, tokenizer, texts, LAYER, {"exclude_special_tokens": False}, max_tokens=10**6)
     assert with_bos.acts.shape[0] == words + len(texts)
-    capped = collect_activations(model, tokenizer, texts, LAYER, max_tokens=30, max_length=4)
-    assert capped.acts.shape[0] == 30 and capped.truncated
+    capped = collect_activations(model, tokenizer, texts, LAYER, SAETrainingConfig(training_tokens=30, max_length=4))
+    assert capped.acts.shape[0] == 30 and capped.truncated  # max_tokens: the config's training_tokens
 
 
 def test_same_seed_same_sae(tiny):
     model, tokenizer = tiny
-    kwargs = dict(d_sae=64, k=4, training_tokens=1024, batch_size_tokens=128, seed=3)
-    a = train_sae(model, tokenizer, _texts(5), LAYER, **kwargs)
-    b = train_sae(model, tokenizer, _texts(5), LAYER, **kwargs)
+    config = SAETrainingConfig(d_sae=64, k=4, training_tokens=1024, batch_size_tokens=128, seed=3)
+    a = train_sae(model, tokenizer, _texts(5), LAYER, config)
+    b = train_sae(model, tokenizer, _texts(5), LAYER, config.to_dict())  # a dict of its fields works as well
     assert torch.equal(a.sae.W_enc, b.sae.W_enc) and a.fvu == b.fvu
     assert a.path is None
 
 
 def test_without_held_out_evaluates_on_training_tokens(tiny):
     model, tokenizer = tiny
-    result = train_sae(model, tokenizer, _texts(3), LAYER, d_sae=64, k=4, training_tokens=600,
-                       batch_size_tokens=100, held_out_fraction=0.0)
+    result = train_sae(model, tokenizer, _texts(3), LAYER, SAETrainingConfig(d_sae=64, k=4, training_tokens=600,
+                                                                             batch_size_tokens=100,
+                                                                             held_out_fraction=0.0))
     words = sum(len(text.split()) for text in _texts(3))
     assert result.held_out_tokens == 0 and result.unique_tokens == words
     assert result.details["evaluated_on"] == "train" and result.training_tokens == 600
 
 
-@pytest.mark.parametrize("texts, kwargs, error, words", [
-    ([], {}, STSInputError, "non-empty"),
-    (["   ", ""], {}, STSInputError, "non-empty"),
-    (["<|user|> <|end|>"], {}, STSInputError, "exclude_special_tokens=False"),
-    (None, {"layer": 3}, STSInputError, "0..2"),
-    (None, {"layer": -1}, STSInputError, "0..2"),
-    (None, {"k": 64, "d_sae": 64}, STSConfigError, "k < d_sae"),
-    (None, {"k": 0}, STSConfigError, "k=0"),
-    (None, {"held_out_fraction": 1.0}, STSConfigError, "held_out_fraction"),
-    (None, {"training_tokens": 0}, STSConfigError, "training_tokens"),
+@pytest.mark.parametrize("texts, layer, error, words", [
+    ([], LAYER, STSInputError, "non-empty"),
+    (["   ", ""], LAYER, STSInputError, "non-empty"),
+    (["<|user|> <|end|>"], LAYER, STSInputError, "exclude_special_tokens=False"),
+    (None, 3, STSInputError, "0..2"),
+    (None, -1, STSInputError, "0..2"),
 ])
-def test_bad_inputs_raise(tiny, texts, kwargs, error, words):
+def test_bad_inputs_raise(tiny, texts, layer, error, words):
     model, tokenizer = tiny
-    kwargs = {"layer": LAYER, "d_sae": 64, "k": 4, "training_tokens": 256, **kwargs}
-    layer = kwargs.pop("layer")
+    config = SAETrainingConfig(d_sae=64, k=4, training_tokens=256)
     with pytest.raises(error, match=words.replace("(", r"\(").replace(".", r"\.")):
-        train_sae(model, tokenizer, _texts(2) if texts is None else texts, layer, **kwargs)
+        train_sae(model, tokenizer, _texts(2) if texts is None else texts, layer, config)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"k": 64, "d_sae": 64}, "k < d_sae"),
+    ({"k": 0}, "SAETrainingConfig.k=0 must be a positive integer"),
+    ({"d_sae": True}, "SAETrainingConfig.d_sae=True"),
+    ({"held_out_fraction": 1.0}, "held_out_fraction=1.0 must be in [0, 1)"),
+    ({"training_tokens": 0}, "training_tokens=0"),
+    ({"max_length": 0}, "max_length=0"),
+    ({"batch_size_tokens": 2.5}, "batch_size_tokens=2.5"),
+    ({"lr": 0.0}, "lr=0.0 must be a positive number"),
+    ({"lr": float("nan")}, "lr=nan"),
+    ({"seed": "0"}, "seed='0' must be an integer"),
+    ({"exclude_special_tokens": 1}, "exclude_special_tokens=1 must be True or False"),
+    ({"d_sea": 64}, "Unknown SAE training setting(s) ['d_sea']"),
+])
+def test_bad_settings_raise_when_the_config_is_built(values, words):
+    with pytest.raises(STSConfigError, match=re.escape(words)):
+        SAETrainingConfig.from_dict(values)
+
+
+def test_config_round_trips_and_bad_config_type_is_named(tiny):
+    config = SAETrainingConfig(d_sae=64, k=4, lr=1e-3)
+    assert SAETrainingConfig.from_dict(config.to_dict()) == config
+    assert SAETrainingConfig.from_dict(None) == SAETrainingConfig()
+    model, tokenizer = tiny
+    with pytest.raises(STSConfigError, match="SAETrainingConfig"):
+        train_sae(model, tokenizer, _texts(2), LAYER, 64)
+    with pytest.raises(STSConfigError, match="max_tokens=0"):
+        collect_activations(model, tokenizer, _texts(2), LAYER, max_tokens=0)

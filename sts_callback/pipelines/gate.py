@@ -12,14 +12,15 @@ Given candidate training sets, the target domains and the *protected* domains am
 4. scores every example of every candidate by its own contribution to the shift on the latents that drive
    the protected domains' scores, so that the worst examples can be dropped (:func:`filter_examples`).
 
-Decisions made here (see the README, "What is computed", for the method):
+Decisions made here (see the README, "What is computed", for the method); every rule is a field of
+:class:`GateRules`, passed as ``gate_mixture(..., rules=GateRules(...))`` or a dict of its fields:
 
 - **Gating score.** Default: the config's ``ranking`` (``sts_icl`` by default, the paper's headline score).
   ``sts_icl`` has a known answer for a candidate that is a copy of a protected domain's texts: its shifted
   latents D_N are the latents that the domain's *own* in-context shift moves most, so the domain's STS_icl
   under that candidate is (up to sampling) the largest any D_N can give. On random tiny models STS_act does
   not separate such a copy from other candidates (checked empirically; it depends on which latents fire
-  anywhere); on real models either can be chosen with ``score=``.
+  anywhere); on real models either can be chosen with ``GateRules.score``.
 - **Limits.** ``limits={"legal": 0.5}`` rejects a candidate whose score of that protected domain exceeds
   the absolute value (a single float applies to every protected domain). ``max_rank=k`` rejects a
   candidate when a protected domain ranks among the top ``k`` of the candidate's own forecast. With neither
@@ -70,7 +71,7 @@ import torch
 from torch import nn
 
 from ..core.atomic import atomic_write_json, atomic_write_text
-from ..core.config import SCORE_VARIANTS, STSConfig
+from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
 from ..core.data import Corpus, example_text, load_corpus, load_domains
 from ..core.errors import STSConfigError, STSInputError
 from ..core.extract import Extractor, PairedStats
@@ -79,8 +80,90 @@ from .forecast import (SCORE_LABELS, Forecast, Plan, Setup, assemble_forecast, b
 
 DEFAULT_TOLERANCE = 1.5
 WEIGHT_RULES = ("sts", "min_impact")
+GATED_SCORES = tuple(v for v in SCORE_VARIANTS if not v.startswith("raw_"))  # a gate needs latents
 WORST_SHOWN = 5
 PREVIEW_CHARS = 160
+
+
+@dataclass
+class GateRules:
+    """The gate's policy: which score it gates on, what rejects a candidate, how the rest are weighted.
+
+    Checked when built; also the rule keys of an ``sts gate`` config file (``GateRules.from_dict``). See the
+    module docstring for each rule. Rules given together all apply; with none of ``limits``, ``max_rank`` and
+    ``tolerance`` the relative rule with :data:`DEFAULT_TOLERANCE` applies.
+
+    Args:
+        score: the score variant gated on (an STS score; default ``None``: the forecast config's ``ranking``).
+        limits: absolute score limits per protected domain (a dict), or one number for every protected domain.
+        max_rank: reject when a protected domain ranks within the top ``max_rank`` domains of a candidate.
+        tolerance: reject when a protected domain's score exceeds ``tolerance`` x the median of the other
+            candidates' scores of it.
+        weights: ``"sts"`` (the paper's balancing rule) or ``"min_impact"`` (linear program).
+        wanted: candidate -> the target domain it is meant to serve (default: inferred).
+        floor: with ``min_impact``, the smallest share of each served domain.
+    """
+
+    score: str | None = None
+    limits: dict[str, float] | float | None = None
+    max_rank: int | None = None
+    tolerance: float | None = None
+    weights: str = "sts"
+    wanted: dict[str, str] | None = None
+    floor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.score is not None and self.score not in GATED_SCORES:
+            what = ("is a residual baseline without latents" if self.score in SCORE_VARIANTS
+                    else "is not a score variant")
+            raise STSConfigError(f"GateRules.score={self.score!r} {what}; gate on an STS score, one of {GATED_SCORES} "
+                                 "(None: the config's ranking).")
+        if self.weights not in WEIGHT_RULES:
+            raise STSConfigError(f"GateRules.weights={self.weights!r}: use one of {WEIGHT_RULES}.")
+        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 <= self.floor < 1:
+            raise STSConfigError(f"GateRules.floor={self.floor!r} must be in [0, 1); it is the smallest share of "
+                                 "each served domain (e.g. 0.1).")
+        self.floor = float(self.floor)
+        if self.max_rank is not None and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int)
+                                          or self.max_rank < 1):
+            raise STSConfigError(f"GateRules.max_rank={self.max_rank!r} must be a positive integer (top-k ranks that "
+                                 "reject), or None.")
+        if self.tolerance is not None:
+            if not _number(self.tolerance) or not self.tolerance > 0:
+                raise STSConfigError(f"GateRules.tolerance={self.tolerance!r} must be a positive number (e.g. 1.5), "
+                                     "or None.")
+            self.tolerance = float(self.tolerance)
+        if self.limits is not None:
+            if _number(self.limits):
+                self.limits = float(self.limits)
+            elif isinstance(self.limits, dict) and all(_number(v) for v in self.limits.values()):
+                self.limits = {str(k): float(v) for k, v in self.limits.items()}
+            else:
+                raise STSConfigError(f"GateRules.limits={self.limits!r} must be a number or a dict protected domain "
+                                     "-> limit (e.g. {'legal': 0.5}), or None.")
+        if self.wanted is not None:
+            if not isinstance(self.wanted, dict) or not all(isinstance(v, str) for v in self.wanted.values()):
+                raise STSConfigError(f"GateRules.wanted={self.wanted!r} must be a dict candidate -> target domain "
+                                     "(e.g. {'code': 'python_code'}), or None.")
+            self.wanted = {str(k): v for k, v in self.wanted.items()}
+
+    @property
+    def relative_tolerance(self) -> float | None:
+        """The relative rule's factor in force: ``tolerance``, or :data:`DEFAULT_TOLERANCE` when no rule is given."""
+        if self.tolerance is None and self.limits is None and self.max_rank is None:
+            return DEFAULT_TOLERANCE
+        return self.tolerance
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "GateRules":
+        return settings_from_dict(cls, values, "gate rule(s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MixtureRejected(STSConfigError):
@@ -249,11 +332,9 @@ class Filtered(NamedTuple):
 
 
 def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, Any], targets: Any,
-                 protected: str | list[str], budget: int | None = None, *,
-                 config: STSConfig | dict | None = None, score: str | None = None,
-                 limits: dict[str, float] | float | None = None, max_rank: int | None = None,
-                 tolerance: float | None = None, weights: str = "sts", wanted: dict[str, str] | None = None,
-                 floor: float = 0.1, score_examples: bool = True, progress: bool = False) -> GateDecision:
+                 protected: str | list[str], rules: GateRules | dict | None = None, *, budget: int | None = None,
+                 config: STSConfig | dict | None = None, score_examples: bool = True,
+                 progress: bool = False) -> GateDecision:
     """Forecast, gate and weight candidate training sets before training (see the module docstring).
 
     Args:
@@ -262,15 +343,11 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
             TRL records, a ``datasets.Dataset``, a JSONL path, a registered domain name).
         targets: the target domains (dict name -> data, or a list of names / paths).
         protected: the target domain(s) whose predicted change limits the mixture.
+        rules: :class:`GateRules` (or a dict of its fields): the gated score, the rejection rules (``limits``,
+            ``max_rank``, ``tolerance``), the weight rule and its ``floor``, ``wanted``. ``None``: the defaults
+            (the relative rule, the paper's weights).
         budget: number of examples to split by the weights (``GateDecision.allocation``); ``None``: none.
         config: :class:`STSConfig` (or a dict of its fields) shared by all forecasts.
-        score: the score variant gated on (default: ``config.ranking``).
-        limits: absolute score limits per protected domain (or one float for all).
-        max_rank: reject when a protected domain ranks within the top ``max_rank`` domains of a candidate.
-        tolerance: relative rule factor (default :data:`DEFAULT_TOLERANCE` when no other rule is given).
-        weights: ``"sts"`` (the paper's balancing rule) or ``"min_impact"`` (linear program).
-        wanted: candidate -> the target domain it is meant to serve (default: inferred, see module doc).
-        floor: with ``min_impact``, the smallest share of each served domain.
         score_examples: also score every example of every candidate (one more pass per candidate).
         progress: show a progress bar.
 
@@ -280,8 +357,18 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     """
     start = time.perf_counter()
     config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
-    score = score or config.ranking
-    _check_arguments(config, score, weights, floor, budget, max_rank, tolerance)
+    if not isinstance(rules, (GateRules, dict, type(None))):
+        raise STSConfigError(f"rules must be a GateRules, a dict of its fields or None, got {rules!r}; the budget "
+                             "is a keyword: gate_mixture(..., budget=220).")
+    rules = rules if isinstance(rules, GateRules) else GateRules.from_dict(rules)
+    score = rules.score or config.ranking
+    if score not in GATED_SCORES:
+        raise STSConfigError(f"The config's ranking {score!r} is a residual baseline without latents; gate on an "
+                             f"STS score: set GateRules(score=...) to one of {GATED_SCORES}.")
+    if score in ("sts_icl", "raw_icl") and not config.compute_icl:
+        raise STSConfigError(f"score={score!r} needs compute_icl=True; set it or gate on GateRules(score='sts_act').")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise STSConfigError(f"budget={budget!r} must be a positive number of examples, or None.")
     if not isinstance(candidates, dict) or not candidates:
         raise STSInputError("candidates must be a non-empty dict of name -> training set; give at least one.")
     corpora = {str(name): load_corpus(data, name=str(name)) for name, data in candidates.items()}
@@ -296,15 +383,14 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     if missing:
         raise STSInputError(f"Protected domain(s) {missing} are not among the target domains {sorted(domains)}; "
                             "add them to `targets` or fix the names.")
-    limit_map = _limit_map(limits, protected, domains)
-    wanted = dict(wanted or {})
+    limit_map = _limit_map(rules.limits, protected)
+    wanted = dict(rules.wanted or {})
     for name, domain in wanted.items():
         if name not in corpora:
             raise STSInputError(f"wanted names {name!r}, which is not a candidate ({sorted(corpora)}).")
         if domain not in domains:
             raise STSInputError(f"wanted[{name!r}] = {domain!r} is not a target domain ({sorted(domains)}).")
-    if tolerance is None and limits is None and max_rank is None:
-        tolerance = DEFAULT_TOLERANCE
+    tolerance = rules.relative_tolerance
 
     setup = Setup.create(model, tokenizer, sae, config)
     # Domain sampling is seeded per domain and independent of the training set: one plan serves all.
@@ -359,10 +445,11 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
         if bar is not None:
             bar.close()
 
-    decisions = _decide(forecasts, corpora, protected, score, limit_map, max_rank, tolerance, wanted)
-    rules = {"limits": limit_map, "max_rank": max_rank, "tolerance": tolerance}
+    decisions = _decide(forecasts, corpora, protected, score, limit_map, rules.max_rank, tolerance, wanted)
     decision = GateDecision(candidates=decisions, forecasts=forecasts, weights={}, protected=protected,
-                            targets=list(domains), score=score, rules=rules, weight_rule=weights,
+                            targets=list(domains), score=score,
+                            rules={"limits": limit_map, "max_rank": rules.max_rank, "tolerance": tolerance},
+                            weight_rule=rules.weights,
                             example_scores=example_scores, forward_calls=calls, timings=timings, _data=corpora)
     accepted = decision.accepted
     if not accepted:
@@ -371,8 +458,8 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
         raise MixtureRejected(
             f"Every candidate was rejected, so there is no mixture ({reasons}). Relax the rules (raise `limits` "
             f"or `tolerance`, lower `max_rank`), protect fewer domains, or add other candidates.", decision)
-    decision.weights = (_sts_weights(decision, accepted) if weights == "sts"
-                        else _min_impact_weights(decision, accepted, floor))
+    decision.weights = (_sts_weights(decision, accepted) if rules.weights == "sts"
+                        else _min_impact_weights(decision, accepted, rules.floor))
     if budget is not None:
         decision.allocation = _allocate(decision.weights, budget)
         for name, count in decision.allocation.items():
@@ -383,34 +470,11 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     return decision
 
 
-def _check_arguments(config: STSConfig, score: str, weights: str, floor: float, budget: int | None,
-                     max_rank: int | None, tolerance: float | None) -> None:
-    if score not in SCORE_VARIANTS:
-        raise STSConfigError(f"score={score!r} is not a score variant; use one of {SCORE_VARIANTS}.")
-    if score in ("sts_icl", "raw_icl") and not config.compute_icl:
-        raise STSConfigError(f"score={score!r} needs compute_icl=True; set it or gate on score='sts_act'.")
-    if score.startswith("raw_"):
-        raise STSConfigError(f"score={score!r} is a residual baseline without latents; gate on an STS score "
-                             "(sts_icl, sts_act or sts_sq).")
-    if weights not in WEIGHT_RULES:
-        raise STSConfigError(f"weights={weights!r}: use one of {WEIGHT_RULES}.")
-    if not 0 <= floor < 1:
-        raise STSConfigError(f"floor={floor!r} must be in [0, 1); it is the smallest share of each served domain.")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise STSConfigError(f"budget={budget!r} must be a positive number of examples, or None.")
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-        raise STSConfigError(f"max_rank={max_rank!r} must be a positive integer (top-k ranks that reject).")
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
-        raise STSConfigError(f"tolerance={tolerance!r} must be a positive number (e.g. 1.5).")
-
-
-def _limit_map(limits: Any, protected: list[str], domains: dict[str, Any]) -> dict[str, float]:
+def _limit_map(limits: dict[str, float] | float | None, protected: list[str]) -> dict[str, float]:
     if limits is None:
         return {}
-    if isinstance(limits, (int, float)) and not isinstance(limits, bool):
-        return {p: float(limits) for p in protected}
     if not isinstance(limits, dict):
-        raise STSConfigError(f"limits must be a number or a dict protected domain -> limit, got {limits!r}.")
+        return {p: float(limits) for p in protected}
     unknown = [k for k in limits if k not in protected]
     if unknown:
         raise STSConfigError(f"limits name {unknown}, which are not protected domains ({protected}); "

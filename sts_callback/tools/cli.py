@@ -132,11 +132,12 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
 
 
 # ---------------------------------------------------------------------------------------- input checks
+# The top-level keys of a gate config that are GateRules fields (its rules; budget is an input of the call).
+GATE_RULE_KEYS = ("score", "limits", "max_rank", "tolerance", "weights", "wanted", "floor")
 CONFIG_KEYS = {
     "forecast": ("model", "sae", "train_data", "targets", "demonstrations", "options", "output", "device", "dtype"),
-    "gate": ("model", "sae", "candidates", "targets", "protected", "score", "limits", "max_rank", "tolerance",
-             "weights", "wanted", "floor", "budget", "options", "output", "filtered_dir", "keep_fraction",
-             "threshold", "device", "dtype"),
+    "gate": ("model", "sae", "candidates", "targets", "protected", *GATE_RULE_KEYS, "budget", "options", "output",
+             "filtered_dir", "keep_fraction", "threshold", "device", "dtype"),
     "validate": ("model", "sae", "train_data", "targets", "demonstrations", "validation", "multiple_choice",
                  "options", "output_dir", "device", "dtype"),
 }
@@ -362,15 +363,16 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
     from ..core.data import example_text, load_corpus
-    from .train_sae import train_sae
+    from .train_sae import SAETrainingConfig, train_sae
 
+    # bad settings fail here, before the model loads
+    config = SAETrainingConfig.from_dict({"d_sae": args.d_sae, "k": args.k, "training_tokens": args.tokens})
     _check_model(args.model)
     _check_data_files(args.data)
     output = _check_output_folder(Path(args.output), "The SAE output folder")
     model, tokenizer = load_model(args.model, args.device)
     texts = [example_text(corpus[i]) for corpus in map(load_corpus, args.data) for i in range(len(corpus))]
-    trained = train_sae(model, tokenizer, texts, args.layer, d_sae=args.d_sae, k=args.k,
-                        training_tokens=args.tokens, output_dir=output, progress=True)
+    trained = train_sae(model, tokenizer, texts, args.layer, config, output_dir=output, progress=True)
     print(json.dumps(trained.to_dict(), indent=2))
     return 0
 
@@ -422,7 +424,8 @@ targets:                       # every domain scored; must include the protected
   math: math
   docs: ml_docs
 protected: [legal]             # domains the mixture must not move too much
-# rules (all given apply; none given: reject when a protected score > tolerance x median of the other candidates)
+# rules: the fields of sts_callback.pipelines.gate.GateRules (all given apply; none of limits / max_rank /
+# tolerance given: reject when a protected score > 1.5 x the median of the other candidates)
 # limits: {legal: 0.5}         # absolute limits on the gated score
 # max_rank: 1                  # reject when a protected domain ranks in a candidate's top-k
 tolerance: 1.5
@@ -439,11 +442,9 @@ filtered_dir: filtered/        # optional: write each accepted candidate minus i
 keep_fraction: 0.9             # ... keeping this fraction (or `threshold: <score>`)
 """
 
-GATE_KEYS = ("score", "limits", "max_rank", "tolerance", "weights", "wanted", "floor", "budget")
-
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from ..pipelines.gate import MixtureRejected, filter_examples, gate_mixture, write_jsonl
+    from ..pipelines.gate import GateRules, MixtureRejected, filter_examples, gate_mixture, write_jsonl
 
     if args.example:
         print(EXAMPLE_GATE_CONFIG, end="")
@@ -451,6 +452,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     config_file, config = _command_config(args, "gate", ("model", "sae", "candidates", "targets", "protected"))
     if not isinstance(config_file["candidates"], dict) or not config_file["candidates"]:
         raise STSInputError(f"{args.config}: `candidates` must be a mapping name -> path or domain name.")
+    # bad rules fail here, before the model loads
+    rules = GateRules.from_dict({k: config_file[k] for k in GATE_RULE_KEYS if config_file.get(k) is not None})
     keep_fraction, threshold = config_file.get("keep_fraction"), config_file.get("threshold")
     filtered_dir = args.filtered_dir or config_file.get("filtered_dir")
     if filtered_dir and keep_fraction is None and threshold is None:
@@ -469,10 +472,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
     candidates = {str(k): _expand(v) for k, v in config_file["candidates"].items()}
     try:
         decision = gate_mixture(model, tokenizer, _expand(config_file["sae"]), candidates,
-                                _expand(config_file["targets"]), config_file["protected"], config=config,
+                                _expand(config_file["targets"]), config_file["protected"], rules,
+                                budget=config_file.get("budget"), config=config,
                                 score_examples=not args.no_example_scores or bool(filtered_dir),
-                                progress=not args.no_progress,
-                                **{k: config_file[k] for k in GATE_KEYS if config_file.get(k) is not None})
+                                progress=not args.no_progress)
     except MixtureRejected as err:
         print(err.decision.table())
         err.decision.save(output)

@@ -371,7 +371,7 @@ def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens:
                     log=print) -> Path:
     """Train the demo SAE on a mix of the built-in domains once; later runs reuse the cached folder."""
     from ..core.corpora import load_domain
-    from .train_sae import train_sae
+    from .train_sae import SAETrainingConfig, train_sae
 
     path = demo_sae_path(d_sae, k)
     if (path / "cfg.json").exists():
@@ -383,8 +383,9 @@ def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens:
         texts.extend(d[i] for d in per_domain if i < len(d))
     log(f"SAE: training a TopK SAE (width {d_sae}, k={k}) at layer {DEMO_LAYER} on {tokens} tokens of "
         f"{len(SAE_DOMAINS)} domains (once; cached in {path})")
-    trained = train_sae(model, tokenizer, texts, DEMO_LAYER, d_sae=d_sae, k=k, training_tokens=tokens,
-                        max_length=128, output_dir=path, progress=True)
+    trained = train_sae(model, tokenizer, texts, DEMO_LAYER,
+                        SAETrainingConfig(d_sae=d_sae, k=k, training_tokens=tokens, max_length=128), output_dir=path,
+                        progress=True)
     log(f"SAE: fraction of variance unexplained {trained.fvu:.3f}, dead latents {trained.dead_fraction:.1%}, "
         f"{trained.seconds:.0f} s")
     return path

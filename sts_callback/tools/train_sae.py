@@ -15,7 +15,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.capture import ResidualCapture, max_positions, num_layers, unwrap_model
+from ..core.config import settings_from_dict
 from ..core.errors import STSConfigError, STSInputError
 from ..core.torch_utils import model_device
 
@@ -31,6 +32,76 @@ REPORT_FILENAME = "training_report.json"
 FORWARD_BATCH_SEQUENCES = 8
 # Rows per SAE encode during evaluation, bounding the [rows x d_sae] latent matrix.
 EVAL_CHUNK_ROWS = 4096
+
+
+@dataclass
+class SAETrainingConfig:
+    """How :func:`train_sae` trains (and :func:`collect_activations` collects); checked when built.
+
+    Args:
+        d_sae: number of latents.
+        k: active latents per token (TopK), ``1 <= k < d_sae``.
+        training_tokens: activations collected (at most) and samples trained on; fewer collected tokens are
+            cycled over.
+        max_length: a text is cut to its first ``max_length`` tokens (and to the model's context).
+        batch_size_tokens: activations per optimizer step.
+        lr: Adam learning rate; ``None``: :func:`default_lr` for ``d_sae`` and the number of steps.
+        seed: seed of the text order, the SAE's initial weights and the batches.
+        held_out_fraction: fraction of the collected tokens (the last texts) kept aside for the evaluation.
+        exclude_special_tokens: do not train on (or count) the tokenizer's special tokens.
+    """
+
+    d_sae: int = 4096
+    k: int = 32
+    training_tokens: int = 200_000
+    max_length: int = 256
+    batch_size_tokens: int = 1024
+    lr: float | None = None
+    seed: int = 0
+    held_out_fraction: float = 0.1
+    exclude_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        for name, example in (("d_sae", "4096"), ("k", "32"), ("training_tokens", "200_000"), ("max_length", "256"),
+                              ("batch_size_tokens", "1024")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise STSConfigError(f"SAETrainingConfig.{name}={value!r} must be a positive integer; use e.g. "
+                                     f"{name}={example}.")
+        if not self.k < self.d_sae:
+            raise STSConfigError(f"SAETrainingConfig.k={self.k} must satisfy 1 <= k < d_sae={self.d_sae}; use e.g. "
+                                 "k=32 (or raise d_sae).")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise STSConfigError(f"SAETrainingConfig.seed={self.seed!r} must be an integer.")
+        fraction = self.held_out_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+            raise STSConfigError(f"SAETrainingConfig.held_out_fraction={fraction!r} must be in [0, 1); use e.g. "
+                                 "held_out_fraction=0.1.")
+        self.held_out_fraction = float(fraction)
+        lr = self.lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
+                               or not math.isfinite(lr)):
+            raise STSConfigError(f"SAETrainingConfig.lr={lr!r} must be a positive number; leave lr=None for the "
+                                 "default.")
+        if not isinstance(self.exclude_special_tokens, bool):
+            raise STSConfigError(f"SAETrainingConfig.exclude_special_tokens={self.exclude_special_tokens!r} must be "
+                                 "True or False.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "SAETrainingConfig":
+        return settings_from_dict(cls, values, "SAE training setting(s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _training_config(config: SAETrainingConfig | dict | None) -> SAETrainingConfig:
+    if isinstance(config, SAETrainingConfig):
+        return config
+    if config is not None and not isinstance(config, dict):
+        raise STSConfigError(f"config must be an SAETrainingConfig, a dict of its fields or None, got "
+                             f"{type(config).__name__}.")
+    return SAETrainingConfig.from_dict(config)
 
 
 @dataclass
@@ -89,15 +160,23 @@ def _as_text_list(texts: Any) -> list[str]:
 
 
 @torch.no_grad()
-def collect_activations(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, *,
-                        max_tokens: int, max_length: int = 256, exclude_special_tokens: bool = True,
-                        seed: int = 0, progress: bool = False) -> CollectedActivations:
-    """Residual stream after block ``layer`` at every counted token of ``texts``, up to ``max_tokens`` rows.
+def collect_activations(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int,
+                        config: SAETrainingConfig | dict | None = None, *, max_tokens: int | None = None,
+                        progress: bool = False) -> CollectedActivations:
+    """Residual stream after block ``layer`` at every counted token of ``texts``, up to ``max_tokens`` rows
+    (default: the config's ``training_tokens``).
 
-    Texts are shuffled with ``seed``, each truncated to ``max_length`` tokens and right-padded within a
-    batch; padding (and, with ``exclude_special_tokens``, the tokenizer's special tokens) is not counted.
-    The model runs in eval mode under ``no_grad``; its training mode is restored afterwards.
+    Texts are shuffled with the config's ``seed``, each truncated to its ``max_length`` tokens and
+    right-padded within a batch; padding (and, with ``exclude_special_tokens``, the tokenizer's special
+    tokens) is not counted. The model runs in eval mode under ``no_grad``; its training mode is restored
+    afterwards.
     """
+    config = _training_config(config)
+    if max_tokens is None:
+        max_tokens = config.training_tokens
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise STSConfigError(f"max_tokens={max_tokens!r} must be a positive integer (None: training_tokens).")
+    max_length, exclude_special_tokens, seed = config.max_length, config.exclude_special_tokens, config.seed
     texts = _as_text_list(texts)
     capture = ResidualCapture(model, layer, truncate=True)
     limit = max_positions(model)
@@ -225,25 +304,10 @@ def _prepends_bos(tokenizer: Any) -> bool:
         return False
 
 
-def _validate(layer: int, n_layers: int, d_sae: int, k: int, training_tokens: int, max_length: int,
-              batch_size_tokens: int, held_out_fraction: float, lr: float | None) -> None:
-    if not isinstance(layer, int) or not 0 <= layer < n_layers:
+def _check_layer(layer: int, n_layers: int) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
         raise STSInputError(f"Layer {layer} does not exist: the model has {n_layers} decoder layers; pass a layer "
                             f"in 0..{n_layers - 1}.")
-    if d_sae < 1:
-        raise STSConfigError(f"d_sae={d_sae} must be positive; use e.g. d_sae=4096.")
-    if not 1 <= k < d_sae:
-        raise STSConfigError(f"k={k} must satisfy 1 <= k < d_sae={d_sae}; use e.g. k=32 (or raise d_sae).")
-    if training_tokens < 1:
-        raise STSConfigError(f"training_tokens={training_tokens} must be positive; use e.g. 200_000.")
-    if max_length < 1:
-        raise STSConfigError(f"max_length={max_length} must be positive; use e.g. 256.")
-    if batch_size_tokens < 1:
-        raise STSConfigError(f"batch_size_tokens={batch_size_tokens} must be positive; use e.g. 1024.")
-    if not 0.0 <= held_out_fraction < 1.0:
-        raise STSConfigError(f"held_out_fraction={held_out_fraction} must be in [0, 1); use e.g. 0.1.")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise STSConfigError(f"lr={lr} must be a positive number; leave lr=None for the default.")
 
 
 def default_lr(d_sae: int, steps: int) -> float:
@@ -258,11 +322,9 @@ def default_lr(d_sae: int, steps: int) -> float:
     return min(8e-3, max(long_run, 4e-3 * math.sqrt(200 / max(steps, 1))))
 
 
-def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int, *, d_sae: int = 4096,
-              k: int = 32, training_tokens: int = 200_000, max_length: int = 256, batch_size_tokens: int = 1024,
-              lr: float | None = None, seed: int = 0, device: torch.device | str | None = None,
-              output_dir: str | Path | None = None, exclude_special_tokens: bool = True, progress: bool = False,
-              held_out_fraction: float = 0.1) -> TrainedSAE:
+def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int,
+              config: SAETrainingConfig | dict | None = None, *, device: torch.device | str | None = None,
+              output_dir: str | Path | None = None, progress: bool = False) -> TrainedSAE:
     """Train a TopK SAE (sae-lens) on the residual stream after decoder block ``layer``.
 
     Collects up to ``training_tokens`` activations from ``texts`` (stopping the model early once the
@@ -273,14 +335,22 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
     so the returned SAE (and the one saved in ``output_dir``, with ``training_report.json``) reads raw
     residuals. Metrics are measured on the held-out activations (on the training ones if
     ``held_out_fraction`` is 0).
+
+    Args:
+        config: :class:`SAETrainingConfig` (or a dict of its fields): width, k, token budget, learning rate,
+            seed, ...; ``None``: the defaults.
+        device: where the SAE trains; ``None``: the model's device.
+        output_dir: folder to save the SAE (sae-lens format) and ``training_report.json`` to; ``None``: none.
+        progress: show progress bars.
     """
-    _validate(layer, num_layers(model), d_sae, k, training_tokens, max_length, batch_size_tokens,
-              held_out_fraction, lr)
+    config = _training_config(config)
+    _check_layer(layer, num_layers(model))
+    d_sae, k, training_tokens, max_length = config.d_sae, config.k, config.training_tokens, config.max_length
+    batch_size_tokens, lr, seed = config.batch_size_tokens, config.lr, config.seed
+    held_out_fraction, exclude_special_tokens = config.held_out_fraction, config.exclude_special_tokens
     texts = _as_text_list(texts)
     started = time.perf_counter()
-    collected = collect_activations(model, tokenizer, texts, layer, max_tokens=training_tokens,
-                                    max_length=max_length, exclude_special_tokens=exclude_special_tokens,
-                                    seed=seed, progress=progress)
+    collected = collect_activations(model, tokenizer, texts, layer, config, progress=progress)
     acts = collected.acts
     total_rows, d_in = acts.shape
     held_out_rows = 0
