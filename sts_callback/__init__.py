@@ -6,6 +6,7 @@ from .core.sae import SAEHandle, load_sae
 from .pipelines.forecast import DomainForecast, Forecast, forecast
 from .pipelines.gate import GateDecision, filter_examples, gate_mixture
 from .pipelines.guard import Decision, Guard, GuardConfig
+from .pipelines.recheck import Recheck, RecheckConfig
 from .scoring.calibration import Calibration
 from .validation.validate import ValidationConfig, ValidationResult, multiple_choice_accuracy, validate
 
@@ -17,6 +18,10 @@ def __getattr__(name: str):
         from .integrations.callback import STSCallback
 
         return STSCallback
+    if name == "STSSession":  # the callback's loop-agnostic core, for a training loop without a Trainer
+        from .integrations.session import STSSession
+
+        return STSSession
     raise AttributeError(f"module 'sts_callback' has no attribute {name!r}")
 
 
@@ -29,7 +34,10 @@ __all__ = [
     "Decision",
     "Guard",
     "GuardConfig",
+    "Recheck",
+    "RecheckConfig",
     "STSCallback",
+    "STSSession",
     "DomainForecast",
     "Forecast",
     "SAEHandle",

@@ -94,9 +94,9 @@ def test_trainer_forecast_rechecks_and_own_loss_logging(tmp_path, tokenizer):
         assert [r["step"] for r in stored["attributes"]["history"]] == [s for s in (2, 4, 6) if s <= step]
         assert (out / f"checkpoint-{step}" / "sts" / "monitor.safetensors").exists()
     # full fine-tune: base vs current is exactly zero at step 0
-    assert spy.step0[0]["shift_total"] == 0.0
+    assert spy.step0[0].shift_total == 0.0
     # the loss is measured in blocks other than train start's batches: equal up to float noise of other padding
-    assert all(abs(d) < 1e-6 for d in spy.step0[0]["loss_delta"].values())
+    assert all(abs(d) < 1e-6 for d in spy.step0[0].loss_delta.values())
 
 
 def test_peft_base_is_the_model_with_adapters_disabled(tmp_path, tokenizer):
@@ -115,7 +115,7 @@ def test_peft_base_is_the_model_with_adapters_disabled(tmp_path, tokenizer):
         expected = callback.monitor.probe_residuals(model)
     assert torch.equal(callback.monitor.base_residuals, expected)
     assert isinstance(model, PeftModel)
-    assert spy.step0[0]["shift_total"] == 0.0
+    assert spy.step0[0].shift_total == 0.0
     assert callback.history[-1]["shift_total"] > 0
     # after the re-checks, adapters are active again: the adapted model differs from the base
     ids = torch.tensor([[1, 20, 21, 22]])
@@ -186,12 +186,12 @@ def test_resume_continues_history_without_recomputing(tmp_path, tokenizer, monke
     forecast_before = (out / "forecast.json").read_text()
     (tmp_path / "run" / "checkpoint-4").rename(tmp_path / "run" / "gone")  # resume from step 2
 
-    import sts_callback.integrations.callback as callback_module
+    import sts_callback.integrations.session as session_module
 
     def no_forecast(*args, **kwargs):
         raise AssertionError("the forecast was recomputed on resume")
 
-    monkeypatch.setattr(callback_module, "run_forecast", no_forecast)
+    monkeypatch.setattr(session_module, "run_forecast", no_forecast)
     second = make_callback()
     trainer = make_trainer(tmp_path, tokenizer, second, max_steps=6, save_steps=2,
                            restore_callback_states_from_checkpoint=True)

@@ -9,6 +9,7 @@ from sts_callback.core.config import STSConfig
 from sts_callback.core.data import Example, load_corpus
 from sts_callback.pipelines.forecast import Setup
 from sts_callback.pipelines.monitor import Monitor
+from sts_callback.pipelines.recheck import Recheck
 
 LAYER = 1
 
@@ -62,9 +63,10 @@ def monitor_for(setup):
 
 def test_recheck_of_unchanged_weights_measures_no_change(setup):
     record = monitor_for(setup).recheck(setup.model, forecast_latents=[0, 1])
-    assert record["shift_total"] == 0.0
-    assert all(abs(d) < 1e-6 for d in record["loss_delta"].values())  # other batches than the base: float noise
-    assert set(record["loss_delta_ci"]) == {"law", "chem"}
+    assert record.shift_total == 0.0
+    assert all(abs(d) < 1e-6 for d in record.loss_delta.values())  # other batches than the base: float noise
+    assert set(record.loss_delta_ci) == {"law", "chem"}
+    assert Recheck.from_dict({"step": 3, **record.to_dict()}) == record  # a history line reads back
 
 
 def test_monitor_state_round_trips(setup, tmp_path):

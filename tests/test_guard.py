@@ -6,14 +6,16 @@ import pytest
 
 from sts_callback.core.errors import STSConfigError
 from sts_callback.pipelines.guard import Guard, GuardConfig
+from sts_callback.pipelines.recheck import Recheck
 
 
 def record(food_delta, law_delta=0.0, food_loss=2.0, accuracy=None, food_score=1.0):
-    out = {"loss": {"food": food_loss, "law": 2.0}, "loss_delta": {"food": food_delta, "law": law_delta},
-           "scores": {"food": {"sts_icl": food_score, "sts_act": 0.5}, "law": {"sts_icl": 9.0, "sts_act": 9.0}}}
-    if accuracy is not None:
-        out["accuracy_delta"] = {"food": accuracy}
-    return out
+    return Recheck(shift_total=0.0, shifted_latents=[], shift_values=[], overlap_with_forecast=None,
+                   scores={"food": {"sts_icl": food_score, "sts_act": 0.5}, "law": {"sts_icl": 9.0, "sts_act": 9.0}},
+                   loss={"food": food_loss, "law": 2.0}, loss_delta={"food": food_delta, "law": law_delta},
+                   loss_delta_ci={}, loss_tokens={}, probe_tokens=0, sae_fit=None, seconds=0.0,
+                   accuracy={"food": 0.5} if accuracy is not None else {},
+                   accuracy_delta={"food": accuracy} if accuracy is not None else {})
 
 
 def test_rules_apply_to_protected_domains_only():

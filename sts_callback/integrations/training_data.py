@@ -1,4 +1,5 @@
-"""Reading a trainer's own train dataset back as examples, in the shapes TRL leaves it in.
+"""Reading a trainer's own datasets back as examples, in the shapes TRL leaves them in: the training probe, and
+the target domains (``target_domains="eval_dataset"``: the trainer's eval set(s)).
 
 Raw columns (``text``, ``messages``, ``prompt``/``completion``, ``prompt``/``chosen``/``rejected``) are used
 as they are. Tokenized datasets are decoded: ``input_ids`` (+ ``completion_mask`` / ``assistant_masks`` to
@@ -8,10 +9,14 @@ split prompt from answer), DPO's ``prompt_ids`` / ``chosen_ids``. Decoded text k
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from ..core.data import Corpus, Example, load_corpus, take_streamed
-from ..core.errors import STSInputError
+from ..core.data import Corpus, Example, is_dataset, load_corpus, load_domains, take_streamed
+from ..core.errors import STSConfigError, STSInputError
+from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
+
+EVAL_DATASET = "eval_dataset"  # target_domains= value: the trainer's own eval set(s), by name
 
 RAW_COLUMNS = {"text", "messages", "prompt"}
 
@@ -65,3 +70,35 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
         f"dataset {name!r} (pass that domain's texts or records"
     raise STSInputError(f"Cannot read the trainer's {what} with texts or records instead); its columns are "
                         f"{sorted(columns)}, none of {sorted(RAW_COLUMNS)}, 'input_ids' or 'prompt_ids'.")
+
+
+def target_corpora(target: Any, trainer: Any, tokenizer) -> tuple[dict[str, Corpus], dict[str, LmEvalTarget]]:
+    """The target domains and the lm-eval tasks among them; the trainer's eval set(s) for ``"eval_dataset"``;
+    datasets raw or tokenized."""
+    if isinstance(target, (str, Path)) and str(target) == EVAL_DATASET:
+        eval_sets = getattr(trainer, "eval_dataset", None)
+        if eval_sets is None:
+            raise STSConfigError(f"target_domains={EVAL_DATASET!r} but the trainer has no eval_dataset; pass "
+                                 "eval_dataset= (a dataset or a dict name -> dataset) to the trainer, or give "
+                                 "target_domains explicitly.")
+        target = dict(eval_sets) if isinstance(eval_sets, dict) else {"eval": eval_sets}
+    lm_eval_targets: dict[str, LmEvalTarget] = {}
+    if isinstance(target, dict):
+        lm_eval_targets = {str(name): LmEvalTarget.from_spec(value, str(name))
+                           for name, value in target.items() if is_lm_eval_target(value)}
+        target = {str(name): lm_eval_targets[str(name)].texts() if str(name) in lm_eval_targets
+                  else corpus_from_training_dataset(value, tokenizer, name=str(name)) if is_dataset(value)
+                  else value for name, value in target.items()}
+    return load_domains(target), lm_eval_targets
+
+
+def probe_corpus(train_probe: Any, trainer: Any, train_dataloader: Any, tokenizer) -> Corpus:
+    """The training data whose shift is forecast and re-checked: ``train_probe`` or the trainer's train set."""
+    if train_probe is not None:
+        return load_corpus(train_probe, name="train_probe")
+    dataset = getattr(trainer, "train_dataset", None)
+    if dataset is None and train_dataloader is not None:
+        dataset = getattr(train_dataloader, "dataset", None)
+    if dataset is None:
+        raise STSInputError("No training data found for the forecast: pass train_probe= to STSCallback.")
+    return corpus_from_training_dataset(dataset, tokenizer)

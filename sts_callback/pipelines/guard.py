@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core.config import settings_from_dict
 from ..core.errors import STSConfigError
+from .recheck import Recheck
 
 
 @dataclass
@@ -164,34 +165,31 @@ class Guard:
                              f"protected domain {name!r} is on course to get worse by {value:.1%} by the end of training")
         return out
 
-    def violations(self, record: dict[str, Any], variant: str) -> list[str]:
-        """The rules broken by one re-check (``record``: ``loss``, ``loss_delta``, ``scores``, optional
-        ``accuracy_delta``)."""
+    def violations(self, recheck: Recheck, variant: str) -> list[str]:
+        """The rules broken by one re-check."""
         found = []
         for name in self.config.protected:
-            delta = record.get("loss_delta", {}).get(name)
-            loss = record.get("loss", {}).get(name)
+            delta = recheck.loss_delta.get(name)
+            loss = recheck.loss.get(name)
             if (delta is not None and not math.isfinite(delta)) or (loss is not None and not math.isfinite(loss)):
                 found.append(f"held-out loss of protected domain {name!r} is not finite ({loss}): the model "
                              "diverged on it (lower the learning rate, check for fp16 overflow)")
             elif delta is not None and delta > self.config.tolerance:
                 found.append(f"held-out loss of protected domain {name!r} rose by {delta:.1%} "
                              f"(tolerance {self.config.tolerance:.1%})")
-            drop = record.get("accuracy_delta", {}).get(name)
+            drop = recheck.accuracy_delta.get(name)
             if drop is not None and -drop > self.config.accuracy_tolerance:
                 found.append(f"accuracy of protected domain {name!r} fell by {-drop:.1%} "
                              f"(tolerance {self.config.accuracy_tolerance:.1%})")
-            if self.config.max_sts is not None and name in record.get("scores", {}):
-                scores = record["scores"][name]
-                value = scores.get(variant, scores.get("sts_act"))
-                if value is not None and value > self.config.max_sts:
-                    found.append(f"re-checked STS of protected domain {name!r} is {value:.4g} > "
-                                 f"max_sts={self.config.max_sts}")
+            value = recheck.score(name, variant)
+            if self.config.max_sts is not None and value is not None and value > self.config.max_sts:
+                found.append(f"re-checked STS of protected domain {name!r} is {value:.4g} > "
+                             f"max_sts={self.config.max_sts}")
         return found
 
-    def check(self, step: int, record: dict[str, Any], variant: str) -> Decision:
+    def check(self, step: int, recheck: Recheck, variant: str) -> Decision:
         """Count consecutive violations and decide whether to stop (with ``early_stop``)."""
-        found = self.violations(record, variant)
+        found = self.violations(recheck, variant)
         self.violations_in_a_row = self.violations_in_a_row + 1 if found else 0
         decision = Decision(violations=found)
         if found and self.config.early_stop and self.violations_in_a_row >= self.config.patience:

@@ -26,6 +26,7 @@ from ..core.data import Corpus, sample_within_budget
 from ..core.distributed import gather_objects, sum_across_ranks
 from ..core.extract import ConditionStats, Extractor, PairedStats
 from .forecast import Setup, inference_mode
+from .recheck import Recheck
 from ..core.heldout import LossChange, all_sequence_nll, sequence_nll, sequential_change
 from ..core.stats import ActivationStats, ShiftStats
 from ..core.torch_utils import pad_token_id
@@ -261,7 +262,7 @@ class Monitor:
                                  self.setup.sae.encode(c.to(device)).float().cpu())
         return shift.all_reduce(), self._fit(current)
 
-    def recheck(self, model: nn.Module, forecast_latents: list[int] | None, autocast=None) -> dict[str, Any]:
+    def recheck(self, model: nn.Module, forecast_latents: list[int] | None, autocast=None) -> Recheck:
         """The actual shift, the domains re-scored on it, and the held-out losses vs train start."""
         start = time.perf_counter()
         config = self.setup.config
@@ -278,24 +279,23 @@ class Monitor:
         losses = {name: self.base_losses[name] * (1 + change.delta) if name in self.base_losses else math.nan
                   for name, change in changes.items()}
         accuracy = self.measure_accuracy(model, autocast) if self.accuracy_sets or self.lm_eval_targets else {}
-        record = {
-            "shift_total": float(shift.mean_shift().sum()),
-            "shifted_latents": latents.tolist(),
-            "shift_values": [float(v) for v in values],
-            "overlap_with_forecast": score.overlap(latents, forecast_latents) if forecast_latents else None,
-            "scores": scores,
-            "loss": losses,
-            "loss_delta": loss_delta,
-            "loss_delta_ci": {name: [c.low, c.high] for name, c in changes.items()},
-            "loss_tokens": {name: c.tokens for name, c in changes.items()},
-            **({"accuracy": accuracy,
-                "accuracy_delta": {name: value - self.base_accuracy[name] if name in self.base_accuracy else None
-                                   for name, value in accuracy.items()}} if accuracy else {}),
-            "probe_tokens": shift.tokens,
-            "sae_fit": fit,
-            "seconds": time.perf_counter() - start,
-        }
-        return record
+        return Recheck(
+            shift_total=float(shift.mean_shift().sum()),
+            shifted_latents=latents.tolist(),
+            shift_values=[float(v) for v in values],
+            overlap_with_forecast=score.overlap(latents, forecast_latents) if forecast_latents else None,
+            scores=scores,
+            loss=losses,
+            loss_delta=loss_delta,
+            loss_delta_ci={name: [c.low, c.high] for name, c in changes.items()},
+            loss_tokens={name: c.tokens for name, c in changes.items()},
+            accuracy=accuracy,
+            accuracy_delta={name: value - self.base_accuracy[name] if name in self.base_accuracy else None
+                            for name, value in accuracy.items()},
+            probe_tokens=shift.tokens,
+            sae_fit=fit,
+            seconds=time.perf_counter() - start,
+        )
 
     # -------------------------------------------------------------- persistence
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,391 @@
+"""``STSSession``: forecast at train start, then "re-check, then decide", for any training loop.
+
+The Trainer callback (:mod:`.callback`) is glue around it; a Lightning or plain-accelerate loop drives it directly::
+
+    session = STSSession(sae, STSConfig(...), GuardConfig(protected=["legal"]), RecheckConfig(), "out/sts")
+    session.start(model, tokenizer, probe=train_texts, domains=load_domains(targets), max_steps=1000)
+    for step in ...:
+        ...
+        if step % 100 == 0:
+            record, decision = session.recheck(model, step, max_steps=1000)
+            if decision is not None and decision.stop:
+                break
+    session.write_report()
+
+It owns the run's measurements (history, base losses, predictions) and the guard's counters, writes them through
+a :class:`RunStore`, and warns; it never logs to a tracker (the caller does, from the returned record).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import traceback
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from ..core.data import Corpus, multiple_choice_items
+from ..core.distributed import check_ranks_agree, fingerprint, require_at_least_world, world_size
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.config import SCORE_VARIANTS, STSConfig
+from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
+from ..core.schedule import logged_learning_rates
+from ..core.stats import ActivationStats
+from ..pipelines.forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
+from ..pipelines.guard import Decision, Guard, GuardConfig
+from ..pipelines.monitor import DomainBase, Monitor, domain_bases_from
+from ..pipelines.recheck import RecheckConfig
+from ..scoring.calibration import Calibration, early_forecast, fitted_exponent, load_calibration, lr_area_fraction
+from ..scoring.signed import DEFAULT_SIGNED, SIGNED_VARIANTS
+
+logger = logging.getLogger("sts_callback")
+
+
+class STSNegativeTransferWarning(UserWarning):
+    """A protected domain is forecast or measured to be harmed."""
+
+
+COUNTERS = ("violations_in_a_row", "warned", "stop_reason", "base_losses", "predicted", "base_fit", "base_accuracy")
+
+
+class STSSession:
+    """One training run's STS state: its forecast, base measurements, re-check history and guard.
+
+    Args:
+        sae: as for :func:`~sts_callback.pipelines.forecast.forecast`.
+        config: the forecast's settings; guard: the rules for the protected domains; recheck: re-check budgets.
+        out: the run's STS folder (``<output_dir>/sts`` under the Trainer).
+        calibration: a :class:`Calibration` (or its JSON path) turning forecast scores into predicted changes.
+        strict: re-raise failures inside re-checks and file writes instead of warning and going on.
+        is_main: whether this process prints, warns and writes files (rank 0).
+    """
+
+    def __init__(self, sae: Any, config: STSConfig, guard: GuardConfig, recheck: RecheckConfig, out: str | Path,
+                 calibration: Any = None, *, strict: bool = False, is_main: bool = True):
+        self.sae, self.config, self.settings = sae, config, recheck
+        self.guard = Guard(guard)
+        self.store = RunStore(out)
+        self.calibration = load_calibration(calibration) if calibration is not None else None
+        if self.calibration is not None:
+            unknown = [f for f in self.calibration.features if f not in SCORE_VARIANTS + SIGNED_VARIANTS]
+            if unknown:
+                raise STSConfigError(f"The calibration uses {unknown}, which are not forecast scores; use "
+                                     f"{list(SCORE_VARIANTS + SIGNED_VARIANTS)}.")
+        self.strict, self.is_main = strict, is_main
+        self.history: list[dict[str, Any]] = []
+        self.base_losses: dict[str, float] = {}
+        self.base_fit: dict[str, float] | None = None  # the SAE's FVU and L0 on the probe at train start
+        self.base_accuracy: dict[str, float] = {}  # multiple-choice domains at train start
+        self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
+        self.learning_rates: list[float] | None = None  # the planned schedule, for the early forecast
+        self.setup: Setup | None = None
+        self.forecast: Forecast | None = None
+        self.monitor: Monitor | None = None
+        self.write_errors: list[dict[str, Any]] = []  # files that could not be written (the data stays here)
+        self.autocast: Callable[[], Any] = nullcontext
+
+    # ------------------------------------------------------------------ state
+    def counters(self) -> dict[str, Any]:
+        """What a resume needs besides the history (``callback_state.json``)."""
+        return {"base_losses": self.base_losses, "predicted": self.predicted, "base_fit": self.base_fit,
+                "base_accuracy": self.base_accuracy, **self.guard.state()}
+
+    def load_counters(self, saved: dict[str, Any]) -> None:
+        self.guard.load_state(saved)
+        for key in ("base_losses", "predicted", "base_fit", "base_accuracy"):
+            if key in saved:
+                setattr(self, key, saved[key])
+
+    def write(self, what: str, write: Callable[[], Any], step: int | None = None) -> bool:
+        """Run one file write; a failure (full disk, read-only folder) warns and is recorded, unless strict."""
+        try:
+            write()
+            return True
+        except Exception as err:  # noqa: BLE001 - losing a file must not kill a long run
+            if self.strict:
+                raise
+            self.write_errors.append({"step": step, "what": what, "error": f"{type(err).__name__}: {err}"})
+            message = (f"STS could not write {what} ({type(err).__name__}: {err}); training goes on and the data "
+                       "stays in memory (callback.history, callback.write_errors).")
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            logger.warning(message)
+            return False
+
+    def warn(self, key: str, message: str, category: type[Warning] = STSNegativeTransferWarning) -> None:
+        if self.guard.first_time(key) and self.is_main:
+            warnings.warn(message, category, stacklevel=3)
+            logger.warning(message)
+
+    def _append_history(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.is_main:
+            self.write(f"the re-check of step {record.get('step')} to {self.store.path(HISTORY_FILE)}",
+                       lambda: self.store.append_history(record), record.get("step"))
+
+    # ------------------------------------------------------------------ train start
+    def prepare(self, model, tokenizer, probe: Corpus, domains: dict[str, Corpus],
+                lm_eval_targets: dict[str, Any] | None = None) -> None:
+        """Sample the held-out, accuracy and probe sets (seeded) and build the monitor; no model call."""
+        unknown = [p for p in self.guard.config.protected if p not in domains]
+        if unknown:
+            raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
+        self.setup = Setup.create(model, tokenizer, self.sae, self.config)
+        seed, settings = self.config.seed, self.settings
+        loss_sets = {name: Monitor.sample_sequences(corpus, self.setup, settings.loss_tokens,
+                                                    seed=f"{seed}:heldout:{name}")[0]
+                     for name, corpus in domains.items()}
+        accuracy_sets = {}
+        for name, corpus in domains.items():
+            items = multiple_choice_items(corpus)
+            if items is not None:  # scored on a seeded sample of its items, beside the held-out NLL
+                random.Random(f"{seed}:accuracy:{name}").shuffle(items)
+                accuracy_sets[name] = items[: settings.accuracy_items]
+        probe_sequences, _ = Monitor.sample_sequences(probe, self.setup, settings.recheck_tokens, seed=f"{seed}:probe")
+        check_inputs_agree(self.setup, domains, loss_sets, probe_sequences)
+        require_at_least_world(len(probe_sequences), "The re-check probe of the training data",
+                               "Give more training texts, raise recheck_tokens, or run on fewer processes.")
+        tolerance = self.guard.config.tolerance
+        half_width = settings.loss_precision * tolerance if settings.loss_precision is not None else None
+        self.monitor = Monitor(setup=self.setup, probe=probe_sequences, domains={}, loss_sets=loss_sets,
+                               accuracy_sets=accuracy_sets, lm_eval_targets=lm_eval_targets or {},
+                               loss_half_width=half_width or None,
+                               loss_tolerances={name: tolerance for name in self.guard.config.protected},
+                               seed=str(seed))
+
+    def start(self, model, probe: Corpus, domains: dict[str, Corpus], demonstrations: Corpus | None = None,
+              progress: bool = False) -> Forecast | None:
+        """The forecast (when the data or ``demonstrations`` have answers) and the base measurements."""
+        store = self.store
+        has_answers = demonstrations is not None or any(probe[i].can_demonstrate for i in range(min(len(probe), 64)))
+        if has_answers:
+            run = run_forecast(self.setup, probe, domains, demonstrations, progress=progress and self.is_main)
+            self.forecast = run.forecast
+            self.monitor.domains = domain_bases_from(run.domains)
+            self.predicted = calibrated_predictions(self.forecast, self.calibration)
+            if self.is_main:
+                forecast = self.forecast
+                self.write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), 0)
+                print(self.forecast.table())  # the calibrated prediction first when there is one, else the scores
+            for key, message in self.guard.forecast_warnings(self.forecast.ranked(), self.forecast.ranking).items():
+                self.warn(key, message)
+            if self.calibration is not None:
+                for key, message in self.guard.predicted_warnings(self.predicted, self.calibration.level).items():
+                    self.warn(key, message)
+        else:
+            if self.is_main:
+                print("STS forecast skipped: the training data has no answers to use as in-context demonstrations "
+                      "(prompt-only data); pass demonstrations=[...] to forecast. Re-checks still run.")
+            with inference_mode(model):
+                self.monitor.domains = domain_bases_from(domain_statistics(self.setup, domains))
+        self._measure_base(model)
+        return self.forecast
+
+    def _measure_base(self, model) -> None:
+        monitor, store = self.monitor, self.store
+        monitor.capture_base(model)
+        self.base_fit = monitor.sae_fit(model, self.autocast)
+        if self.base_fit is not None and self.is_main:
+            print(f"STS: SAE fit on the training probe: fraction of variance unexplained {self.base_fit['fvu']:.3f}, "
+                  f"mean L0 {self.base_fit['l0']:.1f}")
+        for key, message in self.guard.fit_warnings(None, self.base_fit).items():
+            self.warn(key, message, STSDataWarning)
+        self.base_losses = monitor.base_losses = monitor.measure_losses(model, self.autocast)
+        self.base_accuracy = monitor.base_accuracy = monitor.measure_accuracy(model, self.autocast)
+        if self.is_main:
+            self.write(f"the monitor state to {store.monitor_path}", lambda: monitor.save(store.monitor_path), 0)
+            self.write(f"the old history in {store.root}", store.archive_history, 0)
+            guard = self.guard.config
+            self.write(f"the settings to {store.root}", lambda: store.write_settings(
+                {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts}), 0)
+            self.write(f"the callback state to {store.root}", lambda: store.write_state(self.counters()), 0)
+
+    def resume(self, step: int, checkpoint: RunStore, domains: dict[str, Corpus]) -> None:
+        """Pick up at ``step`` from ``checkpoint`` (the checkpoint's STS folder) and the run folder: what the
+        caller did not restore (history, counters) is read back from them."""
+        store = self.store
+        if store.forecast_path.exists():
+            self.forecast = Forecast.load(store.forecast_path)
+        path = checkpoint.monitor_path if checkpoint.monitor_path.exists() else store.monitor_path
+        if not path.exists():
+            raise STSInputError(f"Resuming: no STS monitor state at {checkpoint.monitor_path} or "
+                                f"{store.monitor_path}; the base statistics are lost (start a new run, or delete "
+                                "the checkpoint's STS state).")
+        if not self.base_losses:  # restore_callback_states_from_checkpoint=False (the default)
+            self.load_counters(checkpoint.read_state() or store.read_state() or {})
+        if not self.base_losses:
+            raise STSInputError(f"Resuming: the train-start held-out losses are in neither {checkpoint.root} nor "
+                                f"{store.root} ({STATE_FILE}); loss changes cannot be measured. Start a new run, "
+                                "or resume with TrainingArguments(restore_callback_states_from_checkpoint=True).")
+        monitor = self.monitor
+        monitor.domains = {name: DomainBase(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
+        monitor.load(path)
+        monitor.base_losses, monitor.base_accuracy = dict(self.base_losses), dict(self.base_accuracy)
+        # Re-checks after the checkpoint are redone by the resumed run: they move to the superseded file.
+        if self.is_main:
+            kept: list[dict[str, Any]] = []
+            self.write(f"the history in {store.root}", lambda: kept.extend(store.keep_history_until(step)), step)
+            if not self.history:
+                self.history = kept
+            print(f"STS: resumed at step {step}; forecast read back from {store.forecast_path}.")
+        if not self.history:  # other ranks, or the main one when the folder could not be read
+            self.history = store.read_history()
+        self.history = [r for r in self.history if r.get("step", 0) <= step]
+
+    # ------------------------------------------------------------------ during training
+    def variant(self) -> str:
+        return self.config.ranking if self.config.compute_icl else "sts_act"
+
+    def has_recheck(self, step: int) -> bool:
+        return any(r.get("step") == step for r in self.history)
+
+    def recheck(self, model, step: int, max_steps: int = 0, log_history: list[dict] | None = None,
+                ) -> tuple[dict[str, Any] | None, Decision | None]:
+        """One re-check at ``step`` of ``max_steps``: the history record and the guard's decision; a failure is
+        warned about and recorded (``(None, None)``) unless ``strict``. ``log_history``: the loop's logged
+        learning rates, for a schedule the session could not plan."""
+        try:
+            result = self.monitor.recheck(model, self.forecast.shifted_latents if self.forecast else None,
+                                          self.autocast)
+        except Exception as err:  # noqa: BLE001 - a monitoring failure must not kill a long run
+            model.train()
+            if self.strict:
+                raise
+            trace = traceback.format_exc()
+            message = f"STS re-check at step {step} failed and was skipped ({type(err).__name__}: {err})"
+            if self.is_main:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                logger.warning("%s\n%s", message, trace)
+            self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
+            return None, None
+        record = {"step": step, **result.to_dict()}
+        try:
+            if log_history is not None:  # a scheduler of the user's own: the rates logged so far
+                self.learning_rates = logged_learning_rates(log_history, max_steps)
+            record.update(self._early_forecast(step, max_steps, result.loss_delta))
+        except Exception as err:  # noqa: BLE001 - a projection must not cost the measurement
+            if self.strict:
+                raise
+            record["early_forecast_error"] = f"{type(err).__name__}: {err}"
+        for key, message in self.guard.fit_warnings(self.base_fit, result.sae_fit).items():
+            self.warn(key, f"STS re-check at step {step}: {message}", STSDataWarning)
+        decision = self.guard.check(step, result, self.variant())
+        record["violations"] = decision.violations
+        for violation in decision.violations:
+            self.warn(f"step{step}:{violation}", f"STS re-check at step {step}: {violation}")
+        if decision.stop:
+            record["early_stop"] = decision.reason
+            if self.is_main:
+                logger.warning(decision.reason)
+                print(f"STS: {decision.reason}")
+        self._append_history(record)
+        self.write_report(step)
+        return record, decision
+
+    def _early_forecast(self, step: int, max_steps: int, measured: dict[str, float | None]) -> dict[str, Any]:
+        """The measured changes extrapolated to the end of training; projected violations warned about."""
+        if not self.learning_rates or max_steps <= 0:
+            return {}
+        fraction = lr_area_fraction(step, max_steps, self.learning_rates)
+        out = early_projection(self.history, measured, fraction, self.forecast, self.calibration)
+        if self.predicted:
+            out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
+        projected = self.guard.projected(out["early_forecast"], measured, fraction)
+        for name, message in projected.items():
+            self.warn(f"early:{name}", f"STS early forecast at step {step}: {message}.")
+        if projected:
+            out["projected_warnings"] = list(projected.values())
+        return out
+
+    def save_checkpoint(self, checkpoint: RunStore, step: int) -> None:
+        """The monitor state and counters into a checkpoint's STS folder (main process)."""
+        self.write(f"the monitor state to {checkpoint.root}", lambda: self.monitor.save(checkpoint.monitor_path), step)
+        self.write(f"the callback state to {checkpoint.root}", lambda: checkpoint.write_state(self.counters()), step)
+
+    def write_report(self, step: int | None = None) -> Path | None:
+        """``report.html`` / ``report.md`` in the STS folder (main process); a failure only warns unless strict."""
+        if not self.is_main or not self.store.has_results():
+            return None
+        try:
+            from ..reporting.report import write_report
+
+            html_path, _ = write_report(self.store.root, protected=self.guard.config.protected)
+            return html_path
+        except Exception as err:  # noqa: BLE001 - a report must never kill a training run
+            if self.strict:
+                raise
+            message = f"STS report at step {step} was not written ({type(err).__name__}: {err})"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            logger.warning(message)
+            return None
+
+
+def check_inputs_agree(setup: Setup, domains: dict[str, Corpus], loss_sets, probe_sequences) -> None:
+    """Cheap checksum exchange before the first collective: every rank must see the same inputs."""
+    if world_size() == 1:
+        return
+    sae = setup.sae
+    sae_summary = sae.checksum_parts()
+    config = {k: v for k, v in setup.config.to_dict().items() if k != "device"}
+    check_ranks_agree(
+        {"target domains": fingerprint(sorted(domains), loss_sets), "SAE": fingerprint(sae_summary),
+         "training probe": fingerprint(probe_sequences), "STS config": fingerprint(config)},
+        {"target domains": f"{sorted(domains)} ({fingerprint(sorted(domains), loss_sets)})",
+         "SAE": f"{sae.hook_name} d_sae={sae.d_sae} ({fingerprint(sae_summary)})"},
+    )
+
+
+def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) -> dict[str, dict[str, float]]:
+    """The calibrated end-of-training change of every domain (also set on ``forecast.predictions``)."""
+    if calibration is None:
+        return {}
+    for name, domain in forecast.domains.items():
+        missing = [f for f in calibration.features if domain.scores.get(f) is None]
+        if missing:
+            raise STSConfigError(f"The calibration uses {missing}, which this forecast did not compute for "
+                                 f"{name!r} (compute_icl=False? no SAE decoder?); fit it on other features.")
+    forecast.apply_calibration(calibration)
+    return {name: {k: p[k] for k in ("mean", "low", "high", "level")} for name, p in forecast.predictions.items()}
+
+
+def early_projection(history: list[dict[str, Any]], measured: dict[str, float | None], fraction: float,
+                     forecast: Forecast | None, calibration: Calibration | None) -> dict[str, Any]:
+    """The measured changes extrapolated from ``fraction`` of the learning-rate area to the end of training, with
+    the exponent of change ~ f^b fitted on this run's earlier re-checks (linear until there are two), and the
+    calibration refitted on the projections (forecast scores -> projected change) when enough domains have both."""
+    points = [(r["lr_area_fraction"], r["loss_delta"]) for r in history if r.get("lr_area_fraction")]
+    exponent = fitted_exponent(points + [(fraction, measured)]) or 1.0
+    early = early_forecast(measured, fraction, exponent)
+    out: dict[str, Any] = {"lr_area_fraction": fraction, "early_exponent": exponent, "early_forecast": early}
+    features = calibration.features if calibration is not None else [DEFAULT_SIGNED]
+    domains = forecast.domains if forecast is not None else {}
+    names = [n for n, v in early.items() if v is not None and n in domains
+             and all(domains[n].scores.get(f) is not None for f in features)]
+    if len(names) >= len(features) + 2:
+        refit = Calibration.fit([[domains[n].scores[f] for f in features] for n in names], [early[n] for n in names],
+                                features, level=calibration.level if calibration is not None else 0.9)
+        out["calibration"] = {"features": features, "coef": refit.coef, "intercept": refit.intercept,
+                              "center": refit.center, "scale": refit.scale, "sigma": refit.sigma, "n": refit.n}
+    return out
+
+
+def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
+    """A re-check's history record as tracker metrics (``sts/...`` keys)."""
+    metrics = {f"sts/early_forecast/{name}": value for name, value in record.get("early_forecast", {}).items()
+               if value is not None}
+    for name, scores in record["scores"].items():
+        metrics[f"sts/recheck/{name}"] = scores.get(variant, scores["sts_act"])
+    metrics.update({f"sts/loss_delta/{name}": delta for name, delta in record["loss_delta"].items() if delta is not None})
+    metrics.update({f"sts/accuracy/{name}": value for name, value in record.get("accuracy", {}).items()})
+    if record["overlap_with_forecast"] is not None:
+        metrics["sts/recheck/overlap_with_forecast"] = record["overlap_with_forecast"]
+    metrics["sts/recheck/seconds"] = record["seconds"]
+    if record.get("sae_fit"):
+        metrics["sts/sae_fit/fvu"], metrics["sts/sae_fit/l0"] = record["sae_fit"]["fvu"], record["sae_fit"]["l0"]
+    return metrics
+
+
+__all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "calibrated_predictions", "check_inputs_agree",
+           "early_projection", "recheck_metrics"]

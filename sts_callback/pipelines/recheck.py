@@ -1,0 +1,109 @@
+"""Re-checks: their settings (``RecheckConfig``) and what one measured (``Recheck``, a typed record).
+
+:meth:`Monitor.recheck <sts_callback.pipelines.monitor.Monitor.recheck>` makes it, :class:`Guard` judges it, the
+callback logs it; :meth:`Recheck.to_dict` is the line ``history.jsonl`` holds (format ``sts-history/1``: the keys
+below, plus the step and what the callback adds: early forecast, violations, early stop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..core.config import settings_from_dict
+from ..core.errors import STSConfigError
+
+
+@dataclass
+class RecheckConfig:
+    """When and how much a re-check measures.
+
+    Args:
+        recheck_steps: re-check every this many optimizer steps; ``None``: at every checkpoint save.
+        recheck_tokens: tokens of the training probe whose actual SAE-latent shift is measured.
+        loss_tokens: held-out tokens per target domain for the loss change (the most a re-check reads).
+        loss_precision: measure each domain's loss change in blocks of the same sequences before and after
+            until its 95% interval is within +-``loss_precision * tolerance`` (or a protected domain is surely
+            above ``tolerance``); ``None``: always all ``loss_tokens``.
+        accuracy_items: items sampled per multiple-choice domain for its accuracy (one forward each).
+        recheck_at_end: re-check at the end of training when the last step was not re-checked.
+    """
+
+    recheck_steps: int | None = None
+    recheck_tokens: int = 2048
+    loss_tokens: int = 1024
+    loss_precision: float | None = 0.25
+    accuracy_items: int = 100
+    recheck_at_end: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("recheck_tokens", "loss_tokens", "accuracy_items"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise STSConfigError(f"{name} must be an integer >= 1, got {value!r}.")
+        steps = self.recheck_steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise STSConfigError(f"recheck_steps must be None (at every save) or an integer >= 1, got {steps!r}.")
+        precision = self.loss_precision
+        if precision is not None and (isinstance(precision, bool) or not isinstance(precision, (int, float))
+                                      or not precision > 0):
+            raise STSConfigError(f"loss_precision must be a positive fraction of the tolerance (0.25: the 95% "
+                                 f"interval of a loss change is at most +-tolerance/4) or None, got {precision!r}.")
+        if not isinstance(self.recheck_at_end, bool):
+            raise STSConfigError(f"recheck_at_end must be True or False, got {self.recheck_at_end!r}.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "RecheckConfig":
+        return settings_from_dict(cls, values, "re-check setting(s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Recheck:
+    """One re-check: the actual shift of the SAE latents on the training probe, the target domains re-scored on
+    it, and each domain's held-out loss against train start.
+
+    ``loss_delta`` is the relative change of a domain's held-out NLL (``None`` without a base loss), with its
+    95% interval in ``loss_delta_ci`` measured on ``loss_tokens`` tokens; ``accuracy`` / ``accuracy_delta`` only
+    for multiple-choice or lm-eval domains; ``sae_fit`` is the SAE's fraction of variance unexplained and L0 on
+    the probe (``None`` without a decoder).
+    """
+
+    shift_total: float
+    shifted_latents: list[int]
+    shift_values: list[float]
+    overlap_with_forecast: float | None
+    scores: dict[str, dict[str, float]]
+    loss: dict[str, float]
+    loss_delta: dict[str, float | None]
+    loss_delta_ci: dict[str, list[float]]
+    loss_tokens: dict[str, int]
+    probe_tokens: int
+    sae_fit: dict[str, float] | None
+    seconds: float
+    accuracy: dict[str, float] = field(default_factory=dict)
+    accuracy_delta: dict[str, float | None] = field(default_factory=dict)
+
+    def score(self, domain: str, variant: str) -> float | None:
+        """The re-checked score of ``domain`` under ``variant`` (``sts_act`` where the variant was not computed)."""
+        scores = self.scores.get(domain)
+        if scores is None:
+            return None
+        return scores.get(variant, scores.get("sts_act"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not self.accuracy:  # the history's lines carry accuracy keys only for domains that have them
+            out.pop("accuracy"), out.pop("accuracy_delta")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recheck":
+        """A history line back as a record (extra keys such as ``step`` or ``violations`` are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+__all__ = ["Recheck", "RecheckConfig"]
