@@ -88,7 +88,7 @@ def runlevel(backend: str) -> dict:
     from transformers import TrainerCallback
 
     from sts_callback.core.distributed import fingerprint
-    from sts_callback.pipelines.runlevel import first_order, lookahead, training_batches
+    from sts_callback.pipelines.runlevel import RunLevelConfig, first_order, lookahead, training_batches
 
     tokenizer = make_tokenizer()
     targets = {}
@@ -112,11 +112,11 @@ def runlevel(backend: str) -> dict:
                                     for g in inner.param_groups])
 
             batches = training_batches(data, collator, 4 // WORLD, 4, seed=0)
-            common = dict(steps=2, accumulation=2, max_grad_norm=1.0, batch_size=2)
+            settings = RunLevelConfig(steps=2, accumulation=2, max_grad_norm=1.0, batch_size=2)
             before = state_of()
             for name, fn in (("lookahead", lookahead), ("first_order", first_order)):
                 try:
-                    out[name] = fn(model, optimizer, batches, targets, **common).to_dict()
+                    out[name] = fn(model, optimizer, batches, targets, settings).to_dict()
                 except Exception as err:  # noqa: BLE001 - recorded for the test
                     out[name] = f"{type(err).__name__}: {err}"
             out["restored"] = state_of() == before

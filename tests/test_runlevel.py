@@ -12,7 +12,8 @@ from tiny import domain_texts, make_model, make_tokenizer
 from sts_callback.pipelines import runlevel
 from sts_callback.core.errors import STSConfigError, STSInputError
 from sts_callback.pipelines.monitor import nll_sums
-from sts_callback.pipelines.runlevel import _Optimizer, _update, first_order, lookahead, measure_losses, training_batches
+from sts_callback.pipelines.runlevel import (RunLevelConfig, _Optimizer, _update, first_order, lookahead,
+                                             measure_losses, training_batches)
 
 DOMAINS = ("law", "code", "chem", "sport", "food")
 
@@ -141,7 +142,7 @@ def test_lookahead_restores_parameters_optimizer_state_and_rng_exactly(kind, bat
     torch.manual_seed(5)
     before = snapshot(model, optimizer)
     assert before["state"] == {}
-    result = lookahead(model, optimizer, batches, targets, steps=2, max_grad_norm=1.0)
+    result = lookahead(model, optimizer, batches, targets, RunLevelConfig(steps=2, max_grad_norm=1.0))
     assert all(v != 0 for v in result.change.values()) and result.steps == 2
     assert set(result.learning_rates) == {1e-2}
     assert_restored(before, model, optimizer)
@@ -151,7 +152,7 @@ def test_lookahead_restores_parameters_optimizer_state_and_rng_exactly(kind, bat
     train_one_step(model, optimizer, batches[0])
     before = snapshot(model, optimizer)
     assert before["state"] and all("step" in s for s in before["state"].values())
-    lookahead(model, optimizer, batches, targets, steps=3, accumulation=2)
+    lookahead(model, optimizer, batches, targets, {"steps": 3, "accumulation": 2})
     after = assert_restored(before, model, optimizer)
     # the RNG state drawn from afterwards is the same: the next random numbers too
     assert torch.equal(torch.rand(4), (torch.set_rng_state(after["torch_rng"]), torch.rand(4))[1])
@@ -169,7 +170,7 @@ def test_lookahead_with_a_factory_leaves_no_optimizer(batches, targets):
         made.append(torch.optim.SGD(params, lr=0.05))
         return made[-1]
 
-    result = lookahead(model, factory, batches, targets, steps=1)
+    result = lookahead(model, factory, batches, targets, RunLevelConfig(steps=1))
     assert len(made) == 1 and result.learning_rates == [0.05]
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
@@ -202,7 +203,7 @@ def independent_lookahead(model, make_optimizer, batches, targets, steps, pad=0)
 def test_lookahead_measures_what_an_independent_copy_measures(kind, batches, targets):
     model = make_model("llama") if kind == "full" else lora_model()
     expected = independent_lookahead(model, adamw, batches, targets, steps=3)
-    got = lookahead(model, adamw(model), batches, targets, steps=3)
+    got = lookahead(model, adamw(model), batches, targets, RunLevelConfig(steps=3))
     for domain in targets:
         assert got.change[domain] == pytest.approx(expected[domain], rel=1e-4, abs=1e-7), domain
     assert max(abs(v) for v in got.change.values()) > 1e-3  # the steps moved the losses
@@ -213,13 +214,14 @@ def test_lookahead_uses_the_schedule_peak_not_the_current_warm_up_rate(batches, 
     optimizer = adamw(model, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 10))  # warm-up: lr 0 now
     assert optimizer.param_groups[0]["lr"] == 0.0
-    got = lookahead(model, optimizer, batches, targets, steps=2)
+    got = lookahead(model, optimizer, batches, targets, RunLevelConfig(steps=2))
     expected = independent_lookahead(model, adamw, batches, targets, steps=2)
     for domain in targets:
         assert got.change[domain] == pytest.approx(expected[domain], rel=1e-4, abs=1e-7), domain
     assert optimizer.param_groups[0]["lr"] == 0.0 and scheduler.last_epoch == 0
     # lr= overrides the peak
-    assert lookahead(model, optimizer, batches, targets, steps=1, lr=1e-3).learning_rates == [1e-3, 1e-3]
+    overridden = lookahead(model, optimizer, batches, targets, RunLevelConfig(steps=1, lr=1e-3))
+    assert overridden.learning_rates == [1e-3, 1e-3]
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -227,8 +229,9 @@ def test_first_order_matches_the_finite_difference_change_under_small_lr_sgd(ste
     model = make_model("llama")
     lr = 2e-3
     same = training_batches(dataset, collate, 8, 1, seed=3) * steps  # one gradient held for every step
-    measured = lookahead(model, torch.optim.SGD(model.parameters(), lr=lr), same, targets, steps=steps)
-    predicted = first_order(model, torch.optim.SGD(model.parameters(), lr=lr), same, targets, steps=steps)
+    settings = RunLevelConfig(steps=steps)
+    measured = lookahead(model, torch.optim.SGD(model.parameters(), lr=lr), same, targets, settings)
+    predicted = first_order(model, torch.optim.SGD(model.parameters(), lr=lr), same, targets, settings)
     big = [d for d in targets if abs(measured.change[d]) > 1e-4]
     assert len(big) >= 4, measured.change
     for domain in big:
@@ -277,7 +280,7 @@ def test_first_order_changes_nothing(kind, batches, targets):
     optimizer = adamw(model)
     train_one_step(model, optimizer, batches[0])
     before = snapshot(model, optimizer)
-    result = first_order(model, optimizer, batches, targets, steps=3, max_grad_norm=1.0)
+    result = first_order(model, optimizer, batches, targets, RunLevelConfig(steps=3, max_grad_norm=1.0))
     assert_restored(before, model, optimizer)
     assert result.method == "first_order" and set(result.change) == set(targets)
     assert all(np.isfinite(v) and v != 0 for v in result.change.values())
@@ -286,8 +289,8 @@ def test_first_order_changes_nothing(kind, batches, targets):
 
 def test_first_order_with_lora_adam_points_the_way_the_lookahead_moves(batches, targets):
     model = lora_model()
-    measured = lookahead(model, adamw(model, lr=1e-3), batches, targets, steps=1)
-    predicted = first_order(model, adamw(model, lr=1e-3), batches[:1], targets, steps=1)
+    measured = lookahead(model, adamw(model, lr=1e-3), batches, targets, RunLevelConfig(steps=1))
+    predicted = first_order(model, adamw(model, lr=1e-3), batches[:1], targets, RunLevelConfig(steps=1))
     for domain in targets:
         assert np.sign(predicted.change[domain]) == np.sign(measured.change[domain]), domain
         assert predicted.change[domain] == pytest.approx(measured.change[domain], rel=0.25), domain
@@ -317,17 +320,17 @@ def test_sharded_parameters_refuse_lookahead_and_point_to_first_order(batches, t
     optimizer = adamw(model)
     next(iter(model.parameters())).ds_id = 0  # what DeepSpeed ZeRO-3 puts on its partitioned parameters
     with pytest.raises(STSConfigError, match="first_order"):
-        lookahead(model, optimizer, batches, targets, steps=1)
+        lookahead(model, optimizer, batches, targets, RunLevelConfig(steps=1))
 
 
 def test_bad_inputs_are_named(batches, targets):
     model = make_model("llama")
     with pytest.raises(STSConfigError, match="optimizer"):
         lookahead(model, None, batches, targets)
-    with pytest.raises(STSConfigError, match="steps"):
-        first_order(model, adamw(model), batches, targets, steps=0)
+    with pytest.raises(STSConfigError, match="RunLevelConfig.steps=0"):
+        first_order(model, adamw(model), batches, targets, {"steps": 0})
     with pytest.raises(STSInputError, match="training batches"):
-        lookahead(model, adamw(model), iter(batches[:1]), targets, steps=2)
+        lookahead(model, adamw(model), iter(batches[:1]), targets, RunLevelConfig(steps=2))
     with pytest.raises(STSInputError, match="no held-out"):
         first_order(model, adamw(model), batches, {"law": []})
     frozen = make_model("llama")
@@ -335,3 +338,27 @@ def test_bad_inputs_are_named(batches, targets):
         p.requires_grad_(False)
     with pytest.raises(STSInputError, match="no trainable"):
         first_order(frozen, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), batches, targets)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"steps": 0}, "RunLevelConfig.steps=0 must be a positive integer"),
+    ({"accumulation": True}, "RunLevelConfig.accumulation=True"),
+    ({"batch_size": 1.5}, "RunLevelConfig.batch_size=1.5"),
+    ({"lr": 0}, "RunLevelConfig.lr=0 must be a positive number, or None"),
+    ({"lr": float("inf")}, "RunLevelConfig.lr=inf"),
+    ({"max_grad_norm": -1.0}, "RunLevelConfig.max_grad_norm=-1.0 must be a non-negative number"),
+    ({"pad": -1}, "RunLevelConfig.pad=-1 must be a token id"),
+    ({"stpes": 2}, "Unknown run-level setting(s) ['stpes']"),
+])
+def test_run_level_settings_are_checked_when_built(values, words):
+    import re
+
+    with pytest.raises(STSConfigError, match=re.escape(words)):
+        RunLevelConfig.from_dict(values)
+
+
+def test_run_level_config_defaults_and_round_trip():
+    assert RunLevelConfig() == RunLevelConfig.from_dict(None)
+    config = RunLevelConfig(steps=2, accumulation=4, lr=1, max_grad_norm=0, pad=np.int64(3), batch_size=2)
+    assert (config.lr, config.max_grad_norm, config.pad) == (1.0, 0.0, 3) and type(config.pad) is int
+    assert RunLevelConfig.from_dict(config.to_dict()) == config

@@ -119,7 +119,7 @@ def build_run(model, tokenizer, recipe: str, train: list, work: Path):
 
 
 def run_unit(model, tokenizer, recipe: str, source: str, domains: list[str], out: Path) -> dict:
-    from sts_callback.pipelines.runlevel import first_order, lookahead, training_batches
+    from sts_callback.pipelines.runlevel import RunLevelConfig, first_order, lookahead, training_batches
 
     start = time.perf_counter()
     train, targets = split(source, domains)
@@ -127,9 +127,9 @@ def run_unit(model, tokenizer, recipe: str, source: str, domains: list[str], out
     with tempfile.TemporaryDirectory() as work:
         trained, optimizer, features, collator, pad, lr = build_run(model, tokenizer, recipe, train, Path(work))
     batches = training_batches(features, collator, COMMON["batch_size"], K, seed=SEED)
-    common = dict(steps=K, lr=lr, max_grad_norm=1.0, pad=pad, batch_size=LOSS_BATCH)
-    ahead = lookahead(trained, optimizer, batches, sequences, **common)
-    first = first_order(trained, optimizer, batches, sequences, **common)
+    settings = RunLevelConfig(steps=K, lr=lr, max_grad_norm=1.0, pad=pad, batch_size=LOSS_BATCH)
+    ahead = lookahead(trained, optimizer, batches, sequences, settings)
+    first = first_order(trained, optimizer, batches, sequences, settings)
     step = ahead.timings["step_seconds"]
     run_seconds = COMMON["steps"] * step
 

@@ -33,11 +33,11 @@ From a ``TrainerCallback.on_train_begin(args, state, control, model=None, optimi
 ...)`` (``model`` and ``optimizer`` are the Trainer's; never iterate ``train_dataloader`` itself, accelerate
 tracks its iterations)::
 
-    accumulation = args.gradient_accumulation_steps
+    settings = RunLevelConfig(steps=k, accumulation=args.gradient_accumulation_steps,
+                              max_grad_norm=args.max_grad_norm, pad=pad_id)
     batches = training_batches(train_dataloader.dataset, train_dataloader.collate_fn,
-                               args.per_device_train_batch_size, k * accumulation, seed=args.seed)
-    estimate = lookahead(model, optimizer, batches, monitor.loss_sets, steps=k, accumulation=accumulation,
-                         max_grad_norm=args.max_grad_norm, pad=pad_id, autocast=self._autocast(),
+                               args.per_device_train_batch_size, k * settings.accumulation, seed=args.seed)
+    estimate = lookahead(model, optimizer, batches, monitor.loss_sets, settings, autocast=self._autocast(),
                          before=self.base_losses)   # or first_order(...), without before=
 
 Under ``torch.distributed`` gradients, token counts and NLL sums are summed over processes, so 1 and N
@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import numbers
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -63,6 +64,7 @@ import torch
 from torch import nn
 
 from ..core.capture import parameters_are_sharded
+from ..core.config import settings_from_dict
 from ..core.distributed import rank, shard, sum_across_ranks, world_size
 from ..core.errors import STSConfigError, STSInputError
 from ..core.extract import batches_by_length, local_sequences
@@ -72,7 +74,58 @@ from .monitor import nll_sums
 Sequence_ = tuple[list[int], list[bool]]
 OptimizerLike = Any  # torch.optim.Optimizer, an accelerate / DeepSpeed wrapper, or a factory params -> optimizer
 
-__all__ = ["RunLevelEstimate", "lookahead", "first_order", "training_batches", "measure_losses"]
+__all__ = ["RunLevelConfig", "RunLevelEstimate", "lookahead", "first_order", "training_batches", "measure_losses"]
+
+
+@dataclass
+class RunLevelConfig:
+    """How :func:`lookahead` and :func:`first_order` step and measure; checked when built.
+
+    Args:
+        steps: optimizer steps taken (lookahead) or simulated (first order); issue 13: at most 5% of the run's
+            steps counts as step 0.
+        accumulation: micro-batches per optimizer step (the Trainer's gradient accumulation).
+        lr: the learning rate of every group; ``None``: each group's scheduler base rate (the schedule's peak).
+        max_grad_norm: clip each step's gradient as the run does (the Trainer's ``max_grad_norm``; ``None`` or
+            0: no clipping).
+        pad: padding id of the held-out batches; ``None``: the model config's ``pad_token_id``, else 0.
+        batch_size: held-out sequences per forward.
+    """
+
+    steps: int = 3
+    accumulation: int = 1
+    lr: float | None = None
+    max_grad_norm: float | None = None
+    pad: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "accumulation", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise STSConfigError(f"RunLevelConfig.{name}={value!r} must be a positive integer; set {name}=1 or "
+                                     "more.")
+        for name, positive, default in (("lr", True, "the schedule's peak"), ("max_grad_norm", False, "no clipping")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or value < 0 or (positive and value == 0)):
+                kind = "positive" if positive else "non-negative"
+                raise STSConfigError(f"RunLevelConfig.{name}={value!r} must be a {kind} number, or None ({default}).")
+            setattr(self, name, float(value))
+        if self.pad is not None:
+            if isinstance(self.pad, bool) or not isinstance(self.pad, numbers.Integral) or self.pad < 0:
+                raise STSConfigError(f"RunLevelConfig.pad={self.pad!r} must be a token id (an integer >= 0), or None "
+                                     "(the model's pad_token_id).")
+            self.pad = int(self.pad)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> RunLevelConfig:
+        return settings_from_dict(cls, values, "run-level setting(s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -237,7 +290,7 @@ def _peak_lrs(resolved: _Optimizer, lr: float | None) -> list[float]:
     for _, hp in resolved.groups:
         value = lr if lr is not None else hp.get("initial_lr", hp.get("lr"))
         if value is None:
-            raise STSConfigError("The optimizer's parameter groups hold no learning rate; pass lr=.")
+            raise STSConfigError("The optimizer's parameter groups hold no learning rate; set RunLevelConfig(lr=...).")
         out.append(float(value))
     return out
 
@@ -447,17 +500,10 @@ def _clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> None:
             g.mul_(coefficient)
 
 
-def _check_common(steps: int, accumulation: int, what: str) -> None:
-    for name, value in (("steps", steps), ("accumulation", accumulation)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise STSConfigError(f"{what}({name}={value!r}) must be a positive integer.")
-
-
 # --------------------------------------------------------------------------- the two features
 def lookahead(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapping[str, Any]],
-              targets: Mapping[str, Sequence[Sequence_]], *, steps: int = 3, accumulation: int = 1,
-              lr: float | None = None, max_grad_norm: float | None = None, pad: int | None = None,
-              batch_size: int = 4, autocast: Callable[[], Any] | None = None,
+              targets: Mapping[str, Sequence[Sequence_]], config: RunLevelConfig | dict | None = None, *,
+              autocast: Callable[[], Any] | None = None,
               before: Mapping[str, float] | None = None) -> RunLevelEstimate:
     """Take ``steps`` real optimizer steps, measure each domain's held-out NLL change, put everything back.
 
@@ -467,18 +513,18 @@ def lookahead(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapp
             a DeepSpeed ZeRO-1/2 optimizer is replaced by a temporary one of its base class and groups.
         batches: this process's training micro-batches; ``steps * accumulation`` are used.
         targets: domain -> held-out sequences (ids, counted flags), the same on every process.
-        steps: optimizer steps (issue 13: at most 5% of the run's steps counts as step 0).
-        accumulation: micro-batches per optimizer step (the Trainer's gradient accumulation).
-        lr: the learning rate of every group; default each group's scheduler base rate (the schedule's peak).
-        max_grad_norm: clip each step's gradient as the run does (the Trainer's ``max_grad_norm``).
-        pad, batch_size, autocast: padding id, sequences per held-out forward, the run's autocast factory.
+        config: :class:`RunLevelConfig` (or a dict of its fields): ``steps``, ``accumulation``, ``lr``,
+            ``max_grad_norm``, ``pad``, ``batch_size``; ``None``: the defaults (3 steps, no accumulation).
+        autocast: the run's autocast factory (``None``: none).
         before: the held-out losses already measured on these targets (skips that pass).
 
     Raises:
         STSConfigError: under DeepSpeed ZeRO-3 / FSDP (sharded parameters cannot be restored exactly).
     """
     start = time.perf_counter()
-    _check_common(steps, accumulation, "lookahead")
+    config = config if isinstance(config, RunLevelConfig) else RunLevelConfig.from_dict(config)
+    steps, accumulation, lr, max_grad_norm = config.steps, config.accumulation, config.lr, config.max_grad_norm
+    pad, batch_size = config.pad, config.batch_size
     _check_targets(targets)
     inner = _inner_model(model)
     resolved = _resolve_optimizer(optimizer, inner, "lookahead")
@@ -589,9 +635,8 @@ def _update(resolved: _Optimizer, params: list[nn.Parameter], grads: list[torch.
 
 
 def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapping[str, Any]],
-                targets: Mapping[str, Sequence[Sequence_]], *, steps: int = 3, accumulation: int = 1,
-                lr: float | None = None, max_grad_norm: float | None = None, pad: int | None = None,
-                batch_size: int = 4, autocast: Callable[[], Any] | None = None) -> RunLevelEstimate:
+                targets: Mapping[str, Sequence[Sequence_]], config: RunLevelConfig | dict | None = None, *,
+                autocast: Callable[[], Any] | None = None) -> RunLevelEstimate:
     """Predict each domain's relative held-out NLL change after ``steps`` steps: ``<grad L_d, delta> / L_d``.
 
     ``delta`` is what the run's optimizer does in ``steps`` steps with the mean gradient of all the
@@ -600,7 +645,9 @@ def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Ma
     Arguments as in :func:`lookahead`.
     """
     start = time.perf_counter()
-    _check_common(steps, accumulation, "first_order")
+    config = config if isinstance(config, RunLevelConfig) else RunLevelConfig.from_dict(config)
+    steps, accumulation, lr, max_grad_norm = config.steps, config.accumulation, config.lr, config.max_grad_norm
+    pad, batch_size = config.pad, config.batch_size
     _check_targets(targets)
     inner = _inner_model(model)
     resolved = _resolve_optimizer(optimizer, inner, "first_order")

@@ -88,20 +88,11 @@ class SAETrainingConfig:
                                  "True or False.")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "SAETrainingConfig":
+    def from_dict(cls, values: dict[str, Any] | None) -> SAETrainingConfig:
         return settings_from_dict(cls, values, "SAE training setting(s)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _training_config(config: SAETrainingConfig | dict | None) -> SAETrainingConfig:
-    if isinstance(config, SAETrainingConfig):
-        return config
-    if config is not None and not isinstance(config, dict):
-        raise STSConfigError(f"config must be an SAETrainingConfig, a dict of its fields or None, got "
-                             f"{type(config).__name__}.")
-    return SAETrainingConfig.from_dict(config)
 
 
 @dataclass
@@ -171,7 +162,7 @@ def collect_activations(model: nn.Module, tokenizer: Any, texts: Iterable[str], 
     tokens) is not counted. The model runs in eval mode under ``no_grad``; its training mode is restored
     afterwards.
     """
-    config = _training_config(config)
+    config = config if isinstance(config, SAETrainingConfig) else SAETrainingConfig.from_dict(config)
     if max_tokens is None:
         max_tokens = config.training_tokens
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -343,7 +334,7 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
         output_dir: folder to save the SAE (sae-lens format) and ``training_report.json`` to; ``None``: none.
         progress: show progress bars.
     """
-    config = _training_config(config)
+    config = config if isinstance(config, SAETrainingConfig) else SAETrainingConfig.from_dict(config)
     _check_layer(layer, num_layers(model))
     d_sae, k, training_tokens, max_length = config.d_sae, config.k, config.training_tokens, config.max_length
     batch_size_tokens, lr, seed = config.batch_size_tokens, config.lr, config.seed
