@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the project with its test and demo extras. Idempotent.
+# Creates .venv and installs the project with its test, demo and report extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -11,5 +11,5 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[dev,demo]"
+.venv/bin/python -m pip install --quiet -e ".[dev,demo,report]"
 touch .venv/.sts-installed

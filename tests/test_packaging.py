@@ -53,3 +53,58 @@ def test_sources_name_no_file_missing_from_the_repo():
                 line = text.count("\n", 0, match.start()) + 1
                 missing.append(f"{source.relative_to(ROOT)}:{line}: {name}")
     assert not missing, "docstrings / comments name files that are not in the repo:\n" + "\n".join(missing)
+
+
+# --------------------------------------------------------------------------- dependencies and optional extras
+IMPORT_NAMES = {"yaml": "pyyaml", "sae_lens": "sae-lens"}  # import name -> distribution name, where they differ
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].strip().lower() for r in requirements}
+
+
+def test_module_level_imports_are_core_dependencies():
+    """A third-party import at the top of a module runs on `import sts_callback...`: it must be a core dependency.
+    What only one layer needs (matplotlib for the report's figures) is an extra, imported where it is used."""
+    import ast
+    import sys
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    core = _requirement_names(pyproject["project"]["dependencies"])
+    outside = []
+    for source in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(source.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top == "__future__":
+                    continue
+                if IMPORT_NAMES.get(top, top).lower() not in core:
+                    outside.append(f"{source.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not outside, "module-level imports of packages that are no core dependency:\n" + "\n".join(outside)
+
+
+def test_matplotlib_is_the_report_extra_and_dev_installs_every_extra():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = {name: _requirement_names(reqs) for name, reqs in pyproject["project"]["optional-dependencies"].items()}
+    assert "matplotlib" not in _requirement_names(pyproject["project"]["dependencies"])
+    assert "matplotlib" in extras["report"] and "matplotlib" in extras["demo"]  # the demo writes a report
+    everything = set().union(*(reqs for name, reqs in extras.items() if name != "dev"))
+    assert everything <= extras["dev"], f"dev lacks {sorted(everything - extras['dev'])}"
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert re.search(r'-e "\.\[dev[^"]*\]"', setup)  # make test / a fresh clone get everything
+
+
+def test_importing_the_package_and_the_callback_loads_no_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, sts_callback, sts_callback.integrations.callback, sts_callback.reporting.report, "
+            "sts_callback.validation.validate; print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr

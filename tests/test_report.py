@@ -225,6 +225,40 @@ def test_history_only_gate_and_validation(tmp_path):
     assert "Worst-scoring examples" in gate and "<script" not in page and len(gate) < 20_000
 
 
+def test_without_matplotlib_the_report_is_written_without_figures_and_says_so_once(tmp_path, monkeypatch):
+    """matplotlib is the optional extra `report`: missing, the pages are still written, with no figure, one line
+    in the page and one warning per process naming the install command (the callback writes after every re-check)."""
+    import sys
+    import warnings
+
+    from sts_callback.reporting import report
+    from sts_callback.validation.validate import plot_validation
+
+    sts = tmp_path / "sts"
+    synthetic_forecast(["a", "b", "c"]).save(sts / "forecast.json")
+    record = {"step": 2, "scores": {d: {"sts_act": 1.0} for d in "abc"}, "loss_delta": {"a": 0.01, "b": 0.2, "c": 0.0},
+              "shifted_latents": [1]}
+    (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
+    (sts / "validation.json").write_text(json.dumps({"measured": {"a": 0.1, "b": 0.3, "c": 0.2}}))
+    assert write_report(sts)[0].read_text().count('<img class="plot"') == 3  # with matplotlib: every figure
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails as if not installed
+    monkeypatch.setattr(report, "_matplotlib_missing", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        html_path, md_path = write_report(sts)
+        write_report(sts)  # a second re-check's report: no second warning
+    said = [w for w in caught if 'pip install "sts-callback[report]"' in str(w.message)]
+    assert len(said) == 1 and issubclass(said[0].category, UserWarning), [str(w.message) for w in caught]
+    page = html_path.read_text()
+    assert '<img class="plot"' not in page and page.count('id="no-figures"') == 1
+    assert 'pip install "sts-callback[report]"' in html.unescape(page)
+    assert 'id="forecast"' in page and 'id="timeline"' in page and "Pearson r = <b>" in page  # the rest is there
+    assert "| 1 | " in md_path.read_text()
+    with pytest.raises(ImportError, match=r'validation\.png needs matplotlib; pip install "sts-callback\[report\]"'):
+        plot_validation(None, tmp_path / "validation.png")
+
+
 def test_report_failure_in_callback_only_warns(tmp_path, monkeypatch):
     import sts_callback.reporting.report as report
 

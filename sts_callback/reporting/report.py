@@ -4,6 +4,10 @@ Reads what the callback (or ``sts forecast``) wrote into an ``sts/`` folder: ``f
 ``settings.json`` (protected domains, tolerance) and, when present, ``gate.json`` and ``validation.json``.
 Every piece of user text (domain names, probe contexts, gate reasons) is HTML-escaped; the page needs no
 network access (no external CSS, JS or fonts; plots are PNG data URIs).
+
+The plots need matplotlib, the optional extra ``report`` (``pip install "sts-callback[report]"``), imported
+only when a plot is drawn. Without it the report is written all the same, without figures, and says so:
+once per process as a warning (the report is written from inside a training run) and once in the page.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import io
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,8 @@ LABELS = {"sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq",
           "raw_icl": "raw_icl", "raw_act": "raw_act", "raw_sq": "raw_sq"}
 PROTECTED_COLOR = "#c0392b"
 OTHER_COLOR = "#2c6fbb"
+REPORT_EXTRA = 'pip install "sts-callback[report]"'
+NO_MATPLOTLIB = f"matplotlib is not installed, so the report has no figures; {REPORT_EXTRA} to get them."
 
 
 def esc(value: Any) -> str:
@@ -159,9 +166,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
+_matplotlib_missing = False  # set when an import of matplotlib failed in this process (it has then been said)
 
+
+def optional_pyplot():
+    """``matplotlib.pyplot`` (the Agg backend unless one is chosen), or ``None`` when matplotlib is not installed
+    (it is the optional extra ``report``); the first ``None`` in a process warns, naming the install command."""
+    global _matplotlib_missing
+    try:
+        import matplotlib
+    except ImportError:
+        if not _matplotlib_missing:
+            _matplotlib_missing = True
+            warnings.warn(NO_MATPLOTLIB, UserWarning, stacklevel=2)
+        return None
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -169,7 +187,8 @@ def _pyplot():
 
 
 def _png(fig) -> str:
-    plt = _pyplot()
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -185,8 +204,11 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def plot_forecast(data: ReportData) -> str:
-    plt = _pyplot()
+def plot_forecast(data: ReportData) -> str | None:
+    """The forecast bar chart as a PNG data URI (``None`` without matplotlib)."""
+    plt = optional_pyplot()
+    if plt is None:
+        return None
     names = [name for name, _ in data.ranking][::-1]
     values = [value for _, value in data.ranking][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.1))
@@ -207,9 +229,9 @@ def plot_forecast(data: ReportData) -> str:
 
 def plot_timeline(data: ReportData) -> str | None:
     records = data.rechecks
-    if not records:
+    plt = optional_pyplot() if records else None
+    if plt is None:
         return None
-    plt = _pyplot()
     variant = data.recheck_variant()
     names = list(records[-1]["scores"])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.6), sharex=True)
@@ -285,8 +307,10 @@ def scatter_points(data: ReportData):
     return label, points, pearson, spearman
 
 
-def plot_scatter(data: ReportData, scatter) -> str:
-    plt = _pyplot()
+def plot_scatter(data: ReportData, scatter) -> str | None:
+    plt = optional_pyplot()
+    if plt is None:
+        return None
     label, points, pearson, spearman = scatter
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, x, y in points:
@@ -637,10 +661,15 @@ def render_html(data: ReportData) -> str:
             # No network: nothing may be loaded from elsewhere, and no script may run.
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
             "style-src 'unsafe-inline'\">"
-            f"<title>STS report</title><style>{CSS}</style></head><body>{_header(data)}<main>"
+            f"<title>STS report</title><style>{CSS}</style></head><body>{_header(data)}<main>{_no_figures_note()}"
             f"{''.join(sections)}<p class=\"muted\">Written by sts-callback from {esc(data.sts_dir.name)}/ "
             "(forecast.json, history.jsonl). STS: Zhang, Wang et al., ICLR 2026, arXiv 2603.02908.</p></main>"
             "</body></html>\n")
+
+
+def _no_figures_note() -> str:
+    """One line at the top of the page when figures were left out (called after the plots were tried)."""
+    return f'<p class="muted" id="no-figures">{esc(NO_MATPLOTLIB)}</p>' if _matplotlib_missing else ""
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -738,4 +767,4 @@ def write_report(sts_dir: str | Path, protected: list[str] | None = None) -> tup
     return html_path, md_path
 
 
-__all__ = ["write_report", "render_html", "render_markdown", "ReportData"]
+__all__ = ["write_report", "render_html", "render_markdown", "ReportData", "optional_pyplot"]

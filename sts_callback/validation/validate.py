@@ -710,11 +710,14 @@ def _seed_result(seed: int, run: dict[str, Any], variants: list[str], metric_bef
 
 # --------------------------------------------------------------------------- plot
 def plot_validation(result: ValidationResult, path: str | Path) -> Path:
-    """Score vs signed relative NLL change (%), one panel per variant; error bars: std over seeds."""
-    import matplotlib
+    """Score vs signed relative NLL change (%), one panel per variant; error bars: std over seeds.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Needs matplotlib, the optional extra ``report``: without it, an ImportError naming the install command."""
+    from ..reporting.report import REPORT_EXTRA, optional_pyplot
+
+    plt = optional_pyplot()
+    if plt is None:
+        raise ImportError(f"validation.png needs matplotlib; {REPORT_EXTRA}")
 
     path = Path(path)
     variants = result.variants
