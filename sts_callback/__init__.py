@@ -4,7 +4,7 @@ from .core.config import STSConfig
 from .core.errors import STSConfigError, STSDataWarning, STSError, STSInputError, STSNumericalError
 from .core.sae import SAEHandle, load_sae
 from .pipelines.forecast import DomainForecast, Forecast, forecast
-from .pipelines.gate import GateDecision, filter_examples, gate_mixture
+from .pipelines.gate import GateDecision, GateRules, filter_examples, gate_mixture
 from .pipelines.guard import Decision, Guard, GuardConfig
 from .pipelines.recheck import Recheck, RecheckConfig
 from .scoring.calibration import Calibration
@@ -51,6 +51,7 @@ __all__ = [
     "forecast",
     "gate_mixture",
     "GateDecision",
+    "GateRules",
     "load_sae",
     "multiple_choice_accuracy",
     "validate",
