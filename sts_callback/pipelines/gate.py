@@ -155,7 +155,7 @@ class GateRules:
         return self.tolerance
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "GateRules":
+    def from_dict(cls, values: dict[str, Any] | None) -> GateRules:
         return settings_from_dict(cls, values, "gate rule(s)")
 
     def to_dict(self) -> dict[str, Any]:
