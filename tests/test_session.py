@@ -1,0 +1,101 @@
+"""STSSession in a plain PyTorch loop (no Trainer): forecast, re-checks, the guard's stop, files, resume."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from tiny import DOMAIN_WORDS, TinySAE, domain_texts, make_model, make_tokenizer
+
+from sts_callback import GuardConfig, RecheckConfig, STSConfig, STSConfigError
+from sts_callback.core.data import load_corpus, load_domains
+from sts_callback.core.run_store import RunStore
+from sts_callback.integrations.session import STSNegativeTransferWarning, STSSession
+
+FAST = STSConfig(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2)
+DOMAINS = ("law", "food", "chem")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def train_steps(model, tokenizer, texts, steps, lr=5e-2):
+    """A hand-written loop: SGD on the texts' LM loss, one text a step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    for i in range(steps):
+        batch = tokenizer(texts[i % len(texts)], return_tensors="pt")
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def session_for(tmp_path, tolerance=0.05, **guard):
+    return STSSession(TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), FAST,
+                      GuardConfig(protected=["food"], tolerance=tolerance, **guard),
+                      RecheckConfig(recheck_tokens=150, loss_tokens=120, loss_precision=None), tmp_path / "sts")
+
+
+def test_session_forecasts_rechecks_and_stops_a_plain_loop(tmp_path, tokenizer):
+    model = make_model("llama")
+    train = [" ".join([DOMAIN_WORDS["law"][0]] * 12) + " ."] * 40  # one word over and over: food gets worse
+    session = session_for(tmp_path, tolerance=0.0, early_stop=True)
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session.prepare(model, tokenizer, load_corpus(train), domains)
+    forecast = session.start(model, load_corpus(train), domains)
+    assert set(forecast.domains) == set(DOMAINS) and (tmp_path / "sts" / "forecast.json").exists()
+    assert set(session.base_losses) == set(DOMAINS)
+
+    stopped_at = None
+    for step in (4, 8):
+        train_steps(model, tokenizer, train, 4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            record, decision = session.recheck(model, step, max_steps=8)
+        assert record["step"] == step and set(record["loss_delta"]) == set(DOMAINS)
+        if decision.stop:
+            stopped_at = step
+            assert any(issubclass(w.category, STSNegativeTransferWarning) for w in caught)
+            break
+    # tolerance 0: any rise of the protected domain's held-out loss is a violation
+    food = session.history[-1]["loss_delta"]["food"]
+    assert (stopped_at is not None) == (food > 0)
+    assert stopped_at is not None, "this run was built to harm food: the stop path must run"
+    assert session.guard.stop_reason.startswith(f"early stop at step {stopped_at}")
+    lines = RunStore(tmp_path / "sts").read_history()
+    assert [r["step"] for r in lines] == [r["step"] for r in session.history]
+    assert session.write_report() is not None and (tmp_path / "sts" / "report.html").exists()
+
+
+def test_session_resumes_from_its_checkpoint_folder(tmp_path, tokenizer):
+    model = make_model("llama")
+    train = load_corpus(domain_texts("law", 40, seed=3))
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    first = session_for(tmp_path)
+    first.prepare(model, tokenizer, train, domains)
+    first.start(model, train, domains)
+    train_steps(model, tokenizer, domain_texts("law", 40, seed=3), 2)
+    first.recheck(model, 2, max_steps=4)
+    checkpoint = RunStore(tmp_path / "checkpoint-2" / "sts")
+    first.save_checkpoint(checkpoint, 2)
+
+    again = session_for(tmp_path)  # a new process: nothing in memory
+    again.prepare(model, tokenizer, train, domains)
+    again.resume(2, checkpoint, domains)
+    assert again.base_losses == first.base_losses and [r["step"] for r in again.history] == [2]
+    record, _ = again.recheck(model, 2, max_steps=4)  # same weights, same held-out tokens: same change
+    for name in DOMAINS:
+        assert record["loss_delta"][name] == pytest.approx(first.history[0]["loss_delta"][name], abs=1e-6)
+
+
+def test_recheck_config_errors_name_the_setting():
+    with pytest.raises(STSConfigError, match="loss_tokens must be an integer >= 1"):
+        RecheckConfig(loss_tokens=0)
+    with pytest.raises(STSConfigError, match="recheck_steps must be None"):
+        RecheckConfig(recheck_steps=0)
+    with pytest.raises(STSConfigError, match=r"Unknown re-check setting\(s\) \['loss_token'\]"):
+        RecheckConfig.from_dict({"loss_token": 5})
+    assert json.loads(json.dumps(RecheckConfig().to_dict())) == RecheckConfig().to_dict()
