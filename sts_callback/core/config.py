@@ -44,6 +44,11 @@ class STSConfig:
         ranking: the score variant tables are ranked by.
         sae_dtype: dtype the SAE is cast to ("float32", "bfloat16", "float16"); ``None`` keeps it.
         device: device for the model inputs and the SAE; ``None``: the model's device.
+        rollout_prompts: RL forecasts (pipelines/rollouts.py): training prompts sampled for rollouts.
+        rollout_generations: completions sampled per prompt, at most (the trainer's ``num_generations``
+            when smaller); at least 2, since the high / low split is relative to the prompt's group.
+        rollout_max_tokens: longest completion sampled, in tokens (the trainer's ``max_completion_length``
+            when smaller).
     """
 
     layer: int | None = None
@@ -65,6 +70,9 @@ class STSConfig:
     ranking: str = "sts_icl"
     sae_dtype: str | None = None
     device: str | None = None
+    rollout_prompts: int = 16
+    rollout_generations: int = 8
+    rollout_max_tokens: int = 256
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,8 +89,10 @@ class STSConfig:
         if self.layer is not None:
             positive("layer", 0)
         for name in ("n_shifted", "shift_tokens", "domain_tokens", "n_demonstrations",
-                     "max_query_tokens", "max_demonstration_tokens", "batch_size"):
+                     "max_query_tokens", "max_demonstration_tokens", "batch_size", "rollout_prompts",
+                     "rollout_max_tokens"):
             positive(name)
+        positive("rollout_generations", 2)
         positive("n_domain_demonstrations", 0)
         positive("top_contexts", 0)
         if self.compute_icl and self.n_domain_demonstrations == 0:

@@ -8,6 +8,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,8 +158,10 @@ class Forecast:
             d.scores.get(v) is not None for d in self.domains.values())]
         width = max([len("domain")] + [len(n) for n in self.domains])
         header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"
+        kind = self.settings.get("shift", "in_context")
+        source = "query tokens" if kind == "in_context" else f"completion tokens, {kind} shift"
         lines = [f"STS forecast: {len(self.domains)} target domains, ranked by {SCORE_LABELS[variant]} "
-                 f"(N={len(self.shifted_latents)} shifted latents from {self.shift_tokens} query tokens)",
+                 f"(N={len(self.shifted_latents)} shifted latents from {self.shift_tokens} {source})",
                  header, "-" * len(header)]
         for rank, (name, _) in enumerate(self.ranked(variant), 1):
             d = self.domains[name]
@@ -394,19 +397,39 @@ def check_plan_agrees(setup: Setup, plan: Plan) -> None:
     checksums of the sampled token ids, the SAE and the settings before the first collective."""
     if world_size() == 1:
         return
+    shift = [(p.base, p.context) for p in plan.shift_pairs]
+    check_inputs_agree(setup, fingerprint(shift), f"{len(shift)} sampled queries ({fingerprint(shift)})", plan.domains)
+
+
+def check_inputs_agree(setup: Setup, shift_checksum: str, shift_what: str, domains: dict[str, DomainInput]) -> None:
+    """:func:`check_plan_agrees` for any training-data side: ``shift_checksum`` fingerprints its sampled inputs,
+    ``shift_what`` describes them in the error."""
+    if world_size() == 1:
+        return
     sae = setup.sae
     sae_summary = [*sae.checksum_parts(), setup.layer]
-    shift = [(p.base, p.context) for p in plan.shift_pairs]
-    domains = {name: [(p.base, p.context) for p in d.pairs] if d.pairs is not None else d.singles
-               for name, d in plan.domains.items()}
+    domain_ids = {name: [(p.base, p.context) for p in d.pairs] if d.pairs is not None else d.singles
+                  for name, d in domains.items()}
     settings = {k: v for k, v in setup.config.to_dict().items() if k != "device"}
     check_ranks_agree(
-        {"training data": fingerprint(shift), "target domains": fingerprint(sorted(domains), domains),
+        {"training data": shift_checksum, "target domains": fingerprint(sorted(domain_ids), domain_ids),
          "SAE": fingerprint(sae_summary), "STS config": fingerprint(settings)},
-        {"training data": f"{len(shift)} sampled queries ({fingerprint(shift)})",
-         "target domains": f"{sorted(domains)} ({fingerprint(sorted(domains), domains)})",
+        {"training data": shift_what,
+         "target domains": f"{sorted(domain_ids)} ({fingerprint(sorted(domain_ids), domain_ids)})",
          "SAE": f"{sae.hook_name} d_sae={sae.d_sae} ({fingerprint(sae_summary)})"},
     )
+
+
+def prepare_forecast(model: nn.Module, tokenizer, sae: Any, config: STSConfig | dict | None,
+                     calibration: Any = None) -> tuple[Setup, Any, float]:
+    """What every public forecast entry does first: the setup, the loaded calibration (or None) and the start time."""
+    config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
+    if calibration is not None:
+        from ..scoring.calibration import load_calibration
+
+        calibration = load_calibration(calibration)
+    start = time.perf_counter()
+    return Setup.create(model, tokenizer, sae, config), calibration, start
 
 
 def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
@@ -426,13 +449,7 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         calibration: a :class:`~sts_callback.scoring.calibration.Calibration` (or its JSON path): the result then
             leads with each domain's predicted held-out NLL change, interval and gain / loss / flat label.
     """
-    config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
-    if calibration is not None:
-        from ..scoring.calibration import load_calibration
-
-        calibration = load_calibration(calibration)
-    start = time.perf_counter()
-    setup = Setup.create(model, tokenizer, sae, config)
+    setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration)
     train = load_corpus(train_data, name="train")
     domains = load_domains(targets)
     demo_corpus = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
@@ -449,23 +466,58 @@ class ForecastRun:
     domains: dict[str, Any]
 
 
+@dataclass
+class ShiftPass:
+    """The training data's side of a forecast: the pass that measures which latents training will shift, and
+    what the forecast records about it. ``run(extractor, reservoir)`` returns :class:`PairedStats` (or a subclass)
+    whose ``latent_shift`` / ``residual_shift`` rank the latents and ``latents`` / ``residual`` are the training
+    data's own activations; the reservoir's sequence indices refer to ``sources``."""
+
+    kind: str  # Forecast.settings["shift"]: "in_context", "chosen_vs_rejected", "reward_weighted"
+    run: Callable[[Extractor, "TopActivations | None"], PairedStats]
+    sequences: int  # sequences the pass forwards (progress bar)
+    forward_tokens: int
+    tokens: int  # counted tokens (Forecast.shift_tokens)
+    units: int  # what the shift averages over: queries, preference pairs, prompts (Forecast.shift_queries)
+    sources: list[list[int]]
+    nothing_moved: str | None = None  # the error when no latent moved (default: the in-context wording)
+    # a latent counts as moved when its shift exceeds this share of the largest mean squared activation of the
+    # training data (0: any positive shift; a contrast of different sequences sets it above float rounding noise)
+    noise_floor: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)  # added to Forecast.settings
+
+
 def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_corpus: Corpus | None = None,
                  *, progress: bool = False, start: float | None = None) -> ForecastRun:
     """The forecast on prepared inputs; returns the statistics too."""
     start = time.perf_counter() if start is None else start
-    model, config, builder = setup.model, setup.config, setup.builder
-    plan = plan_inputs(builder, config, train, domains, demo_corpus)
-    shift_pairs, domain_inputs = plan.shift_pairs, plan.domains
+    plan = plan_inputs(setup.builder, setup.config, train, domains, demo_corpus)
+    shift_pairs = plan.shift_pairs
     require_at_least_world(len(shift_pairs), f"The training data's forecast sample ({train.name!r})",
                            "Give more training texts, raise STSConfig.shift_tokens, or run on fewer processes.")
     check_plan_agrees(setup, plan)
+    shift = ShiftPass(
+        kind="in_context",
+        run=lambda extractor, reservoir: extractor.paired(shift_pairs, what=f"{train.name!r}", reservoir=reservoir),
+        sequences=len(shift_pairs), forward_tokens=sum(len(p.base) + len(p.context) for p in shift_pairs),
+        tokens=plan.shift_tokens, units=len(shift_pairs), sources=[p.base for p in shift_pairs])
+    return forecast_with_shift(setup, shift, plan, progress=progress, start=start)
+
+
+def forecast_with_shift(setup: Setup, shift: ShiftPass, plan: Plan, *, progress: bool = False,
+                        start: float | None = None) -> ForecastRun:
+    """Run ``shift``'s pass and the target domains' of ``plan`` under one progress bar, then score (the inputs'
+    agreement across ranks is the caller's to check first)."""
+    start = time.perf_counter() if start is None else start
+    model, config, builder = setup.model, setup.config, setup.builder
+    domain_inputs = plan.domains
     prepare_seconds = time.perf_counter() - start
 
-    forward_tokens = sum(len(p.base) + len(p.context) for p in shift_pairs)
+    forward_tokens = shift.forward_tokens
     for d in domain_inputs.values():
         forward_tokens += (sum(len(p.base) + len(p.context) for p in d.pairs) if d.pairs is not None
                            else sum(len(ids) for ids, _ in d.singles))
-    total_sequences = len(shift_pairs) + sum(len(d.pairs or d.singles) for d in domain_inputs.values())
+    total_sequences = shift.sequences + sum(len(d.pairs or d.singles) for d in domain_inputs.values())
     bar = progress_bar(total_sequences, progress)
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     timings = {"prepare": prepare_seconds}
@@ -476,8 +528,7 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
             t0 = time.perf_counter()
             if bar is not None:
                 bar.set_description("shift (train data)")
-            shift_stats: PairedStats = extractor.paired(shift_pairs, what=f"{train.name!r}",
-                                                        reservoir=reservoirs.get("train"))
+            shift_stats: PairedStats = shift.run(extractor, reservoirs.get("train"))
             timings["shift"] = time.perf_counter() - t0
             domain_stats = {}
             for name, d in domain_inputs.items():
@@ -490,9 +541,9 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
         if bar is not None:
             bar.close()
     timings["forward_tokens"] = float(forward_tokens)
-    result = assemble_forecast(setup, shift_stats, plan, domain_stats, timings, extractor.capture.truncate)
+    result = assemble_forecast(setup, shift_stats, plan, domain_stats, timings, extractor.capture.truncate, shift=shift)
     if reservoirs:
-        sources = {"train": [p.base for p in shift_pairs]}
+        sources = {"train": shift.sources}
         for name, d in domain_inputs.items():
             sources[name] = [p.base for p in d.pairs] if d.pairs is not None else [ids for ids, _ in d.singles]
         result.latent_contexts = latent_contexts(builder.tokenizer, result.shifted_latents, reservoirs, sources)
@@ -501,21 +552,25 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
 
 
 def assemble_forecast(setup: Setup, shift_stats: PairedStats, plan: Plan, domain_stats: dict[str, Any],
-                      timings: dict[str, float], truncated: bool) -> Forecast:
-    """Score every domain on the shifted latents of ``shift_stats`` (pure; no model call)."""
+                      timings: dict[str, float], truncated: bool, *, shift: ShiftPass | None = None) -> Forecast:
+    """Score every domain on the shifted latents of ``shift_stats`` (pure; no model call). ``shift`` describes a
+    training-data side other than the in-context one of ``plan.shift_pairs``."""
     config = setup.config
     latents, values = score.shifted_latents(shift_stats.latent_shift, config.n_shifted)
     if not torch.isfinite(values).all():
         raise STSNumericalError("The in-context shift of the SAE latents is not finite (NaN/inf): the SAE or the "
                                 "model produced non-finite values; check the SAE weights and the model's dtype.")
-    moved = int((values > 0).sum())
+    floor = shift.noise_floor * float(shift_stats.latents.mean_sq().max()) if shift is not None else 0.0
+    moved = int((values > floor).sum())
     if moved == 0:
-        raise STSNumericalError("The training data's in-context demonstrations moved no SAE latent (every shift is "
-                                "0), so there is nothing to forecast: check that the demonstrations reach the "
-                                "model (STSConfig.max_query_tokens vs the model's context) and that the SAE is "
-                                "for this model and layer.")
+        raise STSNumericalError((shift.nothing_moved if shift is not None and shift.nothing_moved else None) or (
+            "The training data's in-context demonstrations moved no SAE latent (every shift is "
+            "0), so there is nothing to forecast: check that the demonstrations reach the "
+            "model (STSConfig.max_query_tokens vs the model's context) and that the SAE is "
+            "for this model and layer."))
     if moved < len(latents):
-        warnings.warn(f"Only {moved} SAE latents moved in context (n_shifted={config.n_shifted}); the forecast uses "
+        how = "in context" if shift is None or shift.kind == "in_context" else f"({shift.kind} shift)"
+        warnings.warn(f"Only {moved} SAE latents moved {how} (n_shifted={config.n_shifted}); the forecast uses "
                       "those alone. Raise STSConfig.shift_tokens for a fuller picture.", STSDataWarning, stacklevel=3)
         latents, values = latents[:moved], values[:moved]
     raw_dims, raw_values = score.shifted_latents(shift_stats.residual_shift, min(config.n_shifted, setup.sae.d_in))
@@ -549,8 +604,8 @@ def assemble_forecast(setup: Setup, shift_stats: PairedStats, plan: Plan, domain
         shift_direction=shift_stats.latent_shift.mean_diff().cpu()[latents].tolist(),
         raw_shifted_dims=raw_dims.tolist(),
         raw_shift_values=raw_values.tolist(),
-        shift_tokens=plan.shift_tokens,
-        shift_queries=len(plan.shift_pairs),
+        shift_tokens=shift.tokens if shift is not None else plan.shift_tokens,
+        shift_queries=shift.units if shift is not None else len(plan.shift_pairs),
         ranking=config.ranking,
         timings=dict(timings),
         settings={
@@ -560,6 +615,8 @@ def assemble_forecast(setup: Setup, shift_stats: PairedStats, plan: Plan, domain
             "model": getattr(base_model.config, "_name_or_path", "") or type(base_model).__name__,
             "model_class": type(base_model).__name__,
             "truncated_forward": truncated,
+            "shift": shift.kind if shift is not None else "in_context",
+            **(shift.settings if shift is not None else {}),
         },
     )
 
