@@ -43,6 +43,29 @@ def test_state_round_trip():
     assert restored.tokens == 2
 
 
+def test_stats_groups_merge_and_round_trip_by_their_declared_fields():
+    from sts_callback.core.extract import PairedStats
+    from sts_callback.pipelines.monitor import DomainBase
+
+    def paired(seed):
+        rows = torch.rand(20, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        group = PairedStats(ActivationStats(8), ActivationStats(4), ShiftStats(8), ShiftStats(4))
+        group.latents.update(rows)
+        group.residual.update(rows[:, :4])
+        group.latent_shift.update(rows, rows * 2)
+        group.residual_shift.update(rows[:, :4], rows[:, :4] + 1)
+        return group
+
+    merged = paired(0).merge(paired(1))
+    assert merged.latents.tokens == 40 and merged.residual_shift.tokens == 40
+    state = merged.state_dict()
+    assert sorted({k.split("/")[0] for k in state}) == ["latent_shift", "latents", "residual", "residual_shift"]
+    again = PairedStats.from_state_dict(state)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+    base = DomainBase.from_state_dict({k: v for k, v in state.items() if k.startswith("latents/")})
+    assert base.latent_shift is None and torch.equal(base.latents.sum, merged.latents.sum)
+
+
 def test_float32_rows_are_summed_in_float64():
     """2 million float32 additions of 1e-4 drift by ~1e-2 in float32; in float64 they are exact to 1e-9."""
     stats = ActivationStats(1)

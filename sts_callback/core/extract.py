@@ -17,7 +17,7 @@ from .data import TokenPair
 from .distributed import Shard, raise_if_any_rank_failed, shard, world_size
 from .errors import STSNumericalError
 from .sae import SAEHandle
-from .stats import ActivationStats, ShiftStats, TopActivations
+from .stats import ActivationStats, ShiftStats, StatsGroup, TopActivations
 
 # Rows are encoded and summed this many at a time: the dense [rows x d_sae] latents (and their float64
 # squares) of a whole batch would dominate the path's memory (benchmarks/perf/extraction.py).
@@ -25,7 +25,7 @@ ENCODE_CHUNK_TOKENS = 512
 
 
 @dataclass
-class ConditionStats:
+class ConditionStats(StatsGroup):
     """Statistics of one set of texts: activations (latents and residual) without context."""
 
     latents: ActivationStats
@@ -33,23 +33,13 @@ class ConditionStats:
 
 
 @dataclass
-class PairedStats:
+class PairedStats(StatsGroup):
     """Activations without context plus the position-matched shift caused by the context."""
 
     latents: ActivationStats
     residual: ActivationStats
     latent_shift: ShiftStats
     residual_shift: ShiftStats
-
-    def merge(self, other: "PairedStats") -> "PairedStats":
-        for name in ("latents", "residual", "latent_shift", "residual_shift"):
-            getattr(self, name).merge(getattr(other, name))
-        return self
-
-    def all_reduce(self) -> "PairedStats":
-        for name in ("latents", "residual", "latent_shift", "residual_shift"):
-            getattr(self, name).all_reduce()
-        return self
 
 
 def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

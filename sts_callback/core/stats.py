@@ -7,7 +7,8 @@ processes. Sums are float64 so that millions of tokens add up without drift.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import dataclasses
+from typing import Any, ClassVar
 
 import torch
 
@@ -126,6 +127,44 @@ class ShiftStats(_SummedState):
         return self.sum_diff / self.count.clamp(min=1)
 
 
+_KINDS: dict[str, type[_SummedState]] = {}  # filled below: the summed states a group may hold, by class name
+
+
+class StatsGroup:
+    """Mixin for a dataclass whose fields are summed states (or ``None``): merge, cross-rank reduction and a flat
+    ``state_dict`` (``"<field>/<state>"`` keys) derived from the fields, declared once in the dataclass."""
+
+    def _states(self) -> dict[str, _SummedState]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                if isinstance(getattr(self, f.name), _SummedState)}
+
+    def merge(self, other: Any) -> Any:
+        for name, state in self._states().items():
+            state.merge(getattr(other, name))
+        return self
+
+    def all_reduce(self) -> Any:
+        for state in self._states().values():
+            state.all_reduce()
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}/{key}": value for name, state in self._states().items()
+                for key, value in state.state_dict().items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Any:
+        """The group back from :meth:`state_dict`; a field without saved tensors is ``None`` (it must allow it)."""
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            part = {k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == f.name}
+            kind = _KINDS.get(str(f.type).split("|")[0].strip())
+            if part and kind is None:
+                raise STSInputError(f"{cls.__name__}.{f.name} is not a summed state; it cannot be loaded.")
+            values[f.name] = kind.from_state_dict(part) if part else None
+        return cls(**values)
+
+
 class TopActivations:
     """A bounded reservoir: the ``k`` largest activations of every latent with where they occurred.
 
@@ -178,3 +217,6 @@ class TopActivations:
         """(value, sequence, position) of a latent's largest positive activations, largest first."""
         return [(float(v), int(s), int(p)) for v, s, p in zip(self.values[:, latent], self.sequence[:, latent],
                                                              self.position[:, latent]) if s >= 0 and v > 0]
+
+
+_KINDS.update({kind.__name__: kind for kind in (ActivationStats, ShiftStats)})

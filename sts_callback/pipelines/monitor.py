@@ -28,7 +28,7 @@ from ..core.extract import ConditionStats, Extractor, PairedStats
 from .forecast import Setup, inference_mode
 from .recheck import Recheck
 from ..core.heldout import LossChange, all_sequence_nll, sequence_nll, sequential_change
-from ..core.stats import ActivationStats, ShiftStats
+from ..core.stats import ActivationStats, ShiftStats, StatsGroup
 from ..core.torch_utils import pad_token_id
 
 Sequence_ = tuple[list[int], list[bool]]
@@ -55,7 +55,7 @@ def base_is_frozen(peft: nn.Module) -> bool:
 
 
 @dataclass
-class DomainBase:
+class DomainBase(StatsGroup):
     """A target domain's statistics under the base model (from the forecast or the train-start pass)."""
 
     latents: ActivationStats
@@ -305,11 +305,7 @@ class Monitor:
         for name, sums in self.base_sequence_nll.items():
             out[f"heldout/{name}/base_sequence_nll"] = sums.contiguous()
         for name, base in self.domains.items():
-            for key, value in base.latents.state_dict().items():
-                out[f"domain/{name}/latents/{key}"] = value
-            if base.latent_shift is not None:
-                for key, value in base.latent_shift.state_dict().items():
-                    out[f"domain/{name}/latent_shift/{key}"] = value
+            out.update({f"domain/{name}/{key}": value for key, value in base.state_dict().items()})
         return out
 
     def save(self, path: Path) -> Path:
@@ -327,14 +323,10 @@ class Monitor:
         self.base_residuals = tensors.get("probe/base_residuals")
         self.base_sequence_nll = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("heldout/")}
         for name in self.domains:
-            latent_state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items()
-                            if k.startswith(f"domain/{name}/latents/")}
-            shift_state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items()
-                           if k.startswith(f"domain/{name}/latent_shift/")}
-            if latent_state:
-                self.domains[name].latents = ActivationStats.from_state_dict(latent_state)
-            if shift_state:
-                self.domains[name].latent_shift = ShiftStats.from_state_dict(shift_state)
+            prefix = f"domain/{name}/"
+            saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if saved:
+                self.domains[name] = DomainBase.from_state_dict(saved)
 
 
 def domain_bases_from(stats: dict[str, ConditionStats | PairedStats]) -> dict[str, DomainBase]:
