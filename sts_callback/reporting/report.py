@@ -25,6 +25,7 @@ from typing import Any
 from ..core.atomic import atomic_write_text
 from ..core.errors import STSInputError
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, SETTINGS_FILE
+from ..scoring.agreement import correlation
 
 GATE_FILE = "gate.json"
 VALIDATION_FILE = "validation.json"
@@ -285,16 +286,6 @@ def plot_timeline(data: ReportData) -> str | None:
     return _png(fig)
 
 
-def correlation(xs: list[float], ys: list[float]) -> tuple[float | None, float | None]:
-    if len(xs) < 3:
-        return None, None
-    from scipy import stats
-
-    if len(set(xs)) < 2 or len(set(ys)) < 2:
-        return None, None
-    return float(stats.pearsonr(xs, ys)[0]), float(stats.spearmanr(xs, ys)[0])
-
-
 def scatter_points(data: ReportData):
     measured = data.measured()
     if measured is None or not data.ranking:
@@ -303,7 +294,8 @@ def scatter_points(data: ReportData):
     points = [(name, score, values[name]) for name, score in data.ranking if name in values]
     if len(points) < 2:
         return None
-    pearson, spearman = correlation([p[1] for p in points], [p[2] for p in points])
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    pearson, spearman = (correlation(xs, ys, statistic, n_resamples=0)["r"] for statistic in ("pearson", "spearman"))
     return label, points, pearson, spearman
 
 

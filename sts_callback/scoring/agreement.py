@@ -1,0 +1,73 @@
+"""How well a forecast agrees with what was measured: correlations with a bootstrap interval.
+
+Shared by validation, the report and the benchmarks (scipy.stats underneath).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+
+def _pearson_along(x, y):
+    """Pearson r along the last axis (NaN where either side is constant); vectorized for the bootstrap."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    xm = x - x.mean(axis=-1, keepdims=True)
+    ym = y - y.mean(axis=-1, keepdims=True)
+    constant = (np.ptp(x, axis=-1) == 0) | (np.ptp(y, axis=-1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (xm * ym).sum(axis=-1) / np.sqrt((xm ** 2).sum(axis=-1) * (ym ** 2).sum(axis=-1))
+    return np.where(constant, np.nan, np.clip(r, -1.0, 1.0))
+
+
+def _spearman_along(x, y):
+    from scipy.stats import rankdata
+
+    return _pearson_along(rankdata(x, axis=-1), rankdata(y, axis=-1))
+
+
+def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearson", *, n_resamples: int = 2000,
+                seed: int = 0, confidence_level: float = 0.95) -> dict[str, Any]:
+    """``{"r", "p", "ci": [low, high], "n"}`` of Pearson or Spearman between ``x`` and ``y``.
+
+    ``p`` from ``scipy.stats.pearsonr`` / ``spearmanr``; ``ci`` a paired percentile bootstrap
+    (``scipy.stats.bootstrap``, seeded). Resamples that are constant on one side have no correlation and are
+    left out of the interval. A constant ``x`` or ``y`` gives ``r = p = ci = None`` (JSON null), never an error.
+    """
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    out: dict[str, Any] = {"r": None, "p": None, "ci": None, "n": int(len(x))}
+    if len(x) < 3 or not (np.isfinite(x).all() and np.isfinite(y).all()) or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = stats.pearsonr(x, y) if statistic == "pearson" else stats.spearmanr(x, y)
+        r, p = float(result[0]), float(result[1])
+        out["r"] = r if math.isfinite(r) else None
+        out["p"] = p if math.isfinite(p) else None
+        if n_resamples > 0:
+            function = _pearson_along if statistic == "pearson" else _spearman_along
+            rng = np.random.default_rng(seed)
+            key = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+            boot = stats.bootstrap((x, y), lambda a, b, axis=-1: function(a, b), paired=True, vectorized=True,
+                                   n_resamples=n_resamples, method="percentile",
+                                   confidence_level=confidence_level, **{key: rng})
+            dist = np.asarray(boot.bootstrap_distribution, dtype=np.float64)
+            dist = dist[np.isfinite(dist)]
+            if dist.size:
+                alpha = (1 - confidence_level) / 2
+                low, high = np.quantile(dist, [alpha, 1 - alpha])
+                out["ci"] = [float(low), float(high)]
+    return out
+
+
+__all__ = ["correlation"]
