@@ -7,7 +7,7 @@ from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback.core.config import STSConfig
 from sts_callback.core.data import Example, load_corpus
-from sts_callback.pipelines.forecast import Setup
+from sts_callback.pipelines.forecast import ForecastSetup
 from sts_callback.pipelines.monitor import Monitor
 from sts_callback.pipelines.recheck import Recheck
 
@@ -17,7 +17,7 @@ LAYER = 1
 @pytest.fixture(scope="module")
 def setup():
     tokenizer, model = make_tokenizer(), make_model("llama")
-    return Setup.create(model, tokenizer, TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post"),
+    return ForecastSetup.create(model, tokenizer, TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post"),
                         STSConfig(n_shifted=8, batch_size=3))
 
 
@@ -52,9 +52,9 @@ def monitor_for(setup):
     loss_sets = {n: Monitor.sample_sequences(c, setup, 80, seed=f"0:{n}")[0] for n, c in domains.items()}
     probe, _ = Monitor.sample_sequences(load_corpus(domain_texts("law", 12, seed=2)), setup, 60, seed="probe")
     from sts_callback.pipelines.forecast import domain_statistics
-    from sts_callback.pipelines.monitor import domain_bases_from
+    from sts_callback.pipelines.monitor import domain_baselines_from
 
-    monitor = Monitor(setup=setup, probe=probe, domains=domain_bases_from(domain_statistics(setup, domains)),
+    monitor = Monitor(setup=setup, probe=probe, domains=domain_baselines_from(domain_statistics(setup, domains)),
                       loss_sets=loss_sets)
     monitor.capture_base(setup.model)
     monitor.base_losses = monitor.measure_losses(setup.model)

@@ -8,7 +8,7 @@ from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import STSConfig, STSNumericalError, forecast
 from sts_callback.core.data import load_corpus, load_domains
-from sts_callback.pipelines.forecast import Forecast, Setup, plan_inputs
+from sts_callback.pipelines.forecast import Forecast, ForecastSetup, plan_inputs
 
 LAYER = 1
 
@@ -47,7 +47,7 @@ def test_scores_equal_dense_computation(model, tokenizer):
     train = domain_texts("law", n=40)
     result = forecast(model, tokenizer, sae, train, targets(), config)
 
-    setup = Setup.create(model, tokenizer, sae, config)
+    setup = ForecastSetup.create(model, tokenizer, sae, config)
     plan = plan_inputs(setup.builder, config, load_corpus(train, "train"), load_domains(targets()))
 
     def matched(pair):
@@ -110,7 +110,7 @@ def test_position_matching_compares_only_query_tokens(tokenizer):
 def test_changing_demonstrations_changes_only_the_context(model, tokenizer):
     sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
     train = load_corpus(domain_texts("law", 40), "train")
-    setup = Setup.create(model, tokenizer, sae, small_config())
+    setup = ForecastSetup.create(model, tokenizer, sae, small_config())
     plans = [plan_inputs(setup.builder, small_config(), train, load_domains(targets()), demonstrations=demos)
              for demos in (None, load_corpus(domain_texts("food", 10), "demos"))]
     for a, b in zip(plans[0].shift_pairs, plans[1].shift_pairs):
@@ -139,7 +139,7 @@ def test_padding_and_batching_do_not_change_statistics(model, tokenizer):
 def test_special_tokens_and_padding_never_counted(model, tokenizer):
     sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
     texts = ["law court <eos> judge .", "<eos> <eos> contract"]
-    setup = Setup.create(model, tokenizer, sae, small_config(compute_icl=False, ranking="sts_act"))
+    setup = ForecastSetup.create(model, tokenizer, sae, small_config(compute_icl=False, ranking="sts_act"))
     plan = plan_inputs(setup.builder, setup.config, load_corpus(texts), load_domains({"d": texts * 10}))
     special = set(tokenizer.all_special_ids)
     for ids, counted in plan.domains["d"].singles:
@@ -202,7 +202,7 @@ def test_chat_queries_are_position_matched(model, tokenizer):
     texts = domain_texts("law", 20)
     chats = [[{"role": "user", "content": t}, {"role": "assistant", "content": u}] for t, u in zip(texts, texts[1:])]
     sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
-    setup = Setup.create(model, tokenizer, sae, small_config())
+    setup = ForecastSetup.create(model, tokenizer, sae, small_config())
     plan = plan_inputs(setup.builder, setup.config, load_corpus(chats), load_domains(targets()))
     user, end = tokenizer.convert_tokens_to_ids(["<|user|>", "<|end|>"])
     for pair in plan.shift_pairs:
@@ -217,7 +217,7 @@ def test_long_contexts_lose_demonstration_tokens_from_the_left(model, tokenizer)
     sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
     long_texts = domain_texts("law", 20, length=60)
     config = small_config(max_length=48, max_query_tokens=20)
-    setup = Setup.create(model, tokenizer, sae, config)
+    setup = ForecastSetup.create(model, tokenizer, sae, config)
     plan = plan_inputs(setup.builder, config, load_corpus(long_texts), load_domains(targets()))
     for pair in plan.shift_pairs:
         assert len(pair.context) <= 48

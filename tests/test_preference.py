@@ -10,7 +10,7 @@ from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from sts_callback import STSConfig, STSConfigError, STSInputError, STSNumericalError
 from sts_callback.core.data import load_corpus, load_domains
 from sts_callback.core.errors import STSDataWarning
-from sts_callback.pipelines.forecast import Setup, inference_mode, run_forecast
+from sts_callback.pipelines.forecast import ForecastSetup, inference_mode, run_forecast
 from sts_callback.pipelines.preference import (ContrastUnit, contrast_stats, plan_preference, preference_forecast,
                                                run_preference_forecast, tokenize_preference)
 
@@ -64,7 +64,7 @@ def completion_mean(model, sae, tokenizer, prompt, completion):
 
 def test_shift_equals_dense_computation(model, tokenizer, sae):
     data = pairs()
-    setup = Setup.create(model, tokenizer, sae, config())
+    setup = ForecastSetup.create(model, tokenizer, sae, config())
     run = run_preference_forecast(setup, data, load_domains(targets()))
     result = run.forecast
 
@@ -112,7 +112,7 @@ def test_swapping_chosen_and_rejected_flips_the_direction_only(model, tokenizer,
 
 
 def test_identical_chosen_and_rejected_move_nothing(model, tokenizer, sae):
-    setup = Setup.create(model, tokenizer, sae, config())
+    setup = ForecastSetup.create(model, tokenizer, sae, config())
     same = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["chosen"]} for r in pairs()]
     sequences = [tokenize_preference(setup.builder, r, i).chosen for i, r in enumerate(same)]
     with inference_mode(model):
@@ -171,7 +171,7 @@ def test_trl_formats_give_the_same_forecast(model, tokenizer, sae):
     b = preference_forecast(model, tokenizer, sae, implicit, targets(), config())
     assert a.shifted_latents == b.shifted_latents and a.shift_values == pytest.approx(b.shift_values, rel=1e-12)
     # chat: the completion's own tokens, not the template's special ones (excluded) nor the prompt's
-    setup = Setup.create(model, tokenizer, sae, config())
+    setup = ForecastSetup.create(model, tokenizer, sae, config())
     ids, counted = tokenize_preference(setup.builder, explicit[0], 0).chosen
     completion = ids[len(ids) - len(counted):]
     assert tokenizer.decode([t for t, c in zip(completion, counted) if c]) == data[0]["chosen"].strip()
@@ -179,7 +179,7 @@ def test_trl_formats_give_the_same_forecast(model, tokenizer, sae):
 
 def test_budget_seed_and_the_in_context_variant(model, tokenizer, sae):
     data = pairs(20)
-    setup = Setup.create(model, tokenizer, sae, config(shift_tokens=40))
+    setup = ForecastSetup.create(model, tokenizer, sae, config(shift_tokens=40))
     sampled, counts = plan_preference(setup.builder, setup.config, data)
     sizes = [sum(p.chosen[1]) + sum(p.rejected[1]) for p in sampled]
     assert counts["tokens"] == sum(sizes) >= 40 > sum(sizes[:-1]) and len(sampled) < len(data)
@@ -188,7 +188,7 @@ def test_budget_seed_and_the_in_context_variant(model, tokenizer, sae):
     assert [p.index for p in again] == [p.index for p in sampled] != [p.index for p in other]
 
     sft = preference_forecast(model, tokenizer, sae, data, targets(), config(shift_tokens=200), shift="in_context")
-    direct = run_forecast(Setup.create(model, tokenizer, sae, config(shift_tokens=200)), load_corpus(data, "train"),
+    direct = run_forecast(ForecastSetup.create(model, tokenizer, sae, config(shift_tokens=200)), load_corpus(data, "train"),
                           load_domains(targets())).forecast
     assert sft.settings["shift"] == direct.settings["shift"] == "in_context"
     assert sft.shifted_latents == direct.shifted_latents and sft.shift_values == direct.shift_values

@@ -16,7 +16,7 @@ from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from sts_callback import STSConfig, STSConfigError, STSInputError
 from sts_callback.core.data import load_domains
 from sts_callback.core.errors import STSDataWarning
-from sts_callback.pipelines.forecast import Setup
+from sts_callback.pipelines.forecast import ForecastSetup
 from sts_callback.pipelines.rollouts import (RolloutGroup, Rollouts, RolloutSettings, group_advantages,
                                              rollout_forecast, run_rollout_forecast, sample_rollouts)
 
@@ -238,7 +238,7 @@ def test_reward_weighted_shift_equals_dense_computation(model, tokenizer, sae):
                                    rewards=[[s] for s in scores]))
     rollouts = Rollouts(groups=groups, reward_names=["r"], reward_weights=[1.0],
                         settings={"scale_rewards": "group", "multi_objective_aggregation": "sum_then_normalize"})
-    setup = Setup.create(model, tokenizer, sae, config())
+    setup = ForecastSetup.create(model, tokenizer, sae, config())
     result = run_rollout_forecast(setup, rollouts, load_domains(targets())).forecast
 
     diffs = []
@@ -307,7 +307,7 @@ def worker(out: Path) -> None:
     rollouts = sample_rollouts(model, tokenizer, prompts(), first_token, cfg, SETTINGS)
     result = {
         "rollouts": [[g.index, g.completion_ids, g.rewards] for g in rollouts.groups],
-        "reward_weighted": run_rollout_forecast(Setup.create(model, tokenizer, sae, cfg), rollouts,
+        "reward_weighted": run_rollout_forecast(ForecastSetup.create(model, tokenizer, sae, cfg), rollouts,
                                                 load_domains(targets())).forecast.to_dict(),
         "preference": preference_forecast(model, tokenizer, sae, [
             {"prompt": "what is it ?", "chosen": " " + a, "rejected": " " + b}

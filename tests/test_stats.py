@@ -45,7 +45,7 @@ def test_state_round_trip():
 
 def test_stats_groups_merge_and_round_trip_by_their_declared_fields():
     from sts_callback.core.extract import PairedStats
-    from sts_callback.pipelines.monitor import DomainBase
+    from sts_callback.pipelines.monitor import DomainBaseline
 
     def paired(seed):
         rows = torch.rand(20, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -62,7 +62,7 @@ def test_stats_groups_merge_and_round_trip_by_their_declared_fields():
     assert sorted({k.split("/")[0] for k in state}) == ["latent_shift", "latents", "residual", "residual_shift"]
     again = PairedStats.from_state_dict(state)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
-    base = DomainBase.from_state_dict({k: v for k, v in state.items() if k.startswith("latents/")})
+    base = DomainBaseline.from_state_dict({k: v for k, v in state.items() if k.startswith("latents/")})
     assert base.latent_shift is None and torch.equal(base.latents.sum, merged.latents.sum)
 
 

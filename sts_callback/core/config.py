@@ -75,9 +75,6 @@ class STSConfig:
     rollout_max_tokens: int = 256
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
         def positive(name: str, minimum: int = 1) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -41,7 +41,7 @@ class Example:
         return self.plain_text or self.answer is not None
 
 
-def _is_messages(value: Any) -> bool:
+def is_messages(value: Any) -> bool:
     return (
         isinstance(value, list)
         and len(value) > 0
@@ -73,7 +73,7 @@ def _split_conversation(messages: Messages) -> Example:
 def _answer_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    if _is_messages(value):
+    if is_messages(value):
         return "".join(_content_text(m["content"]) for m in value if m["role"] == "assistant") or "".join(
             _content_text(m["content"]) for m in value
         )
@@ -88,10 +88,10 @@ def example_from_record(record: Any, where: str = "") -> Example:
     """Turn one item (string, chat conversation or TRL-style record) into an :class:`Example`."""
     if isinstance(record, str):
         return Example(prompt=record, plain_text=True)
-    if _is_messages(record):
+    if is_messages(record):
         return _split_conversation(record)
     if isinstance(record, dict):
-        if "messages" in record and _is_messages(record["messages"]):
+        if "messages" in record and is_messages(record["messages"]):
             return _split_conversation(record["messages"])
         if "text" in record and isinstance(record["text"], str):
             return Example(prompt=record["text"], plain_text=True)
@@ -107,7 +107,7 @@ def example_from_record(record: Any, where: str = "") -> Example:
             answer = _answer_text(record[answer_field]) if answer_field and record[answer_field] is not None else None
             if isinstance(prompt, str):
                 return Example(prompt=prompt, answer=answer)
-            if _is_messages(prompt):
+            if is_messages(prompt):
                 return Example(prompt=list(prompt), answer=answer)
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise STSInputError(
@@ -260,6 +260,9 @@ def load_domains(targets: Any) -> dict[str, Corpus]:
 
 # ----------------------------------------------------------------------------------------- prompts
 
+
+
+TokenSequence = tuple[list[int], list[bool]]  # token ids, counted flags for the last len(flags) ids
 
 @dataclass
 class TokenPair:

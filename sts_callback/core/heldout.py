@@ -18,10 +18,10 @@ from torch import nn
 
 from .capture import parameters_are_sharded, text_config, unwrap_model
 from .distributed import shard, sum_across_ranks
+from .data import TokenSequence
 from .extract import batches_by_length
 from .torch_utils import model_device
 
-TokenSequence = tuple[list[int], list[bool]]  # ids, counted flags for the last len(flags) ids
 HEAD_CHUNK = 512  # rows of logits at a time: 512 x 262k floats = 0.5 GB for Gemma 3
 Z95 = 1.959963984540054
 

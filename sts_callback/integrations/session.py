@@ -34,9 +34,9 @@ from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
 from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
-from ..pipelines.forecast import Forecast, Setup, domain_statistics, inference_mode, run_forecast
+from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, run_forecast
 from ..pipelines.guard import Decision, Guard, GuardConfig
-from ..pipelines.monitor import DomainBase, Monitor, domain_bases_from
+from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from
 from ..pipelines.recheck import RecheckConfig
 from ..scoring.calibration import Calibration, early_forecast, fitted_exponent, load_calibration, lr_area_fraction
 from ..scoring.signed import DEFAULT_SIGNED, SIGNED_VARIANTS
@@ -81,7 +81,7 @@ class STSSession:
         self.base_accuracy: dict[str, float] = {}  # multiple-choice domains at train start
         self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
         self.learning_rates: list[float] | None = None  # the planned schedule, for the early forecast
-        self.setup: Setup | None = None
+        self.setup: ForecastSetup | None = None
         self.forecast: Forecast | None = None
         self.monitor: Monitor | None = None
         self.write_errors: list[dict[str, Any]] = []  # files that could not be written (the data stays here)
@@ -132,7 +132,7 @@ class STSSession:
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
-        self.setup = Setup.create(model, tokenizer, self.sae, self.config)
+        self.setup = ForecastSetup.create(model, tokenizer, self.sae, self.config)
         seed, settings = self.config.seed, self.settings
         loss_sets = {name: Monitor.sample_sequences(corpus, self.setup, settings.loss_tokens,
                                                     seed=f"{seed}:heldout:{name}")[0]
@@ -163,7 +163,7 @@ class STSSession:
         if has_answers:
             run = run_forecast(self.setup, probe, domains, demonstrations, progress=progress and self.is_main)
             self.forecast = run.forecast
-            self.monitor.domains = domain_bases_from(run.domains)
+            self.monitor.domains = domain_baselines_from(run.domains)
             self.predicted = calibrated_predictions(self.forecast, self.calibration)
             if self.is_main:
                 forecast = self.forecast
@@ -179,7 +179,7 @@ class STSSession:
                 print("STS forecast skipped: the training data has no answers to use as in-context demonstrations "
                       "(prompt-only data); pass demonstrations=[...] to forecast. Re-checks still run.")
             with inference_mode(model):
-                self.monitor.domains = domain_bases_from(domain_statistics(self.setup, domains))
+                self.monitor.domains = domain_baselines_from(domain_statistics(self.setup, domains))
         self._measure_base(model)
         return self.forecast
 
@@ -220,7 +220,7 @@ class STSSession:
                                 f"{store.root} ({STATE_FILE}); loss changes cannot be measured. Start a new run, "
                                 "or resume with TrainingArguments(restore_callback_states_from_checkpoint=True).")
         monitor = self.monitor
-        monitor.domains = {name: DomainBase(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
+        monitor.domains = {name: DomainBaseline(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
         monitor.load(path)
         monitor.base_losses, monitor.base_accuracy = dict(self.base_losses), dict(self.base_accuracy)
         # Re-checks after the checkpoint are redone by the resumed run: they move to the superseded file.
@@ -322,7 +322,7 @@ class STSSession:
             return None
 
 
-def check_inputs_agree(setup: Setup, domains: dict[str, Corpus], loss_sets, probe_sequences) -> None:
+def check_inputs_agree(setup: ForecastSetup, domains: dict[str, Corpus], loss_sets, probe_sequences) -> None:
     """Cheap checksum exchange before the first collective: every rank must see the same inputs."""
     if world_size() == 1:
         return

@@ -219,7 +219,7 @@ def resolve_layer(config: STSConfig, sae: SAEHandle) -> int:
 
 
 @dataclass
-class Setup:
+class ForecastSetup:
     """What every pass of a forecast shares: the prepared model, SAE, layer and prompt builder."""
 
     model: nn.Module
@@ -229,7 +229,7 @@ class Setup:
     config: STSConfig
 
     @classmethod
-    def create(cls, model: nn.Module, tokenizer, sae: Any, config: STSConfig) -> "Setup":
+    def create(cls, model: nn.Module, tokenizer, sae: Any, config: STSConfig) -> "ForecastSetup":
         device = torch.device(config.device) if config.device else model_device(model)
         dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else None
         handle = load_sae(sae, device=device, dtype=dtype)
@@ -392,7 +392,7 @@ def plan_inputs(builder: PromptBuilder, config: STSConfig, train: Corpus, domain
     return Plan(shift_pairs=shift_pairs, shift_tokens=shift_tokens, domains=plan_domains(builder, config, domains))
 
 
-def check_plan_agrees(setup: Setup, plan: Plan) -> None:
+def check_plan_agrees(setup: ForecastSetup, plan: Plan) -> None:
     """Under torchrun every rank must forecast the same inputs (their statistics are summed): compare cheap
     checksums of the sampled token ids, the SAE and the settings before the first collective."""
     if world_size() == 1:
@@ -401,7 +401,7 @@ def check_plan_agrees(setup: Setup, plan: Plan) -> None:
     check_inputs_agree(setup, fingerprint(shift), f"{len(shift)} sampled queries ({fingerprint(shift)})", plan.domains)
 
 
-def check_inputs_agree(setup: Setup, shift_checksum: str, shift_what: str, domains: dict[str, DomainInput]) -> None:
+def check_inputs_agree(setup: ForecastSetup, shift_checksum: str, shift_what: str, domains: dict[str, DomainInput]) -> None:
     """:func:`check_plan_agrees` for any training-data side: ``shift_checksum`` fingerprints its sampled inputs,
     ``shift_what`` describes them in the error."""
     if world_size() == 1:
@@ -421,7 +421,7 @@ def check_inputs_agree(setup: Setup, shift_checksum: str, shift_what: str, domai
 
 
 def prepare_forecast(model: nn.Module, tokenizer, sae: Any, config: STSConfig | dict | None,
-                     calibration: Any = None) -> tuple[Setup, Any, float]:
+                     calibration: Any = None) -> tuple[ForecastSetup, Any, float]:
     """What every public forecast entry does first: the setup, the loaded calibration (or None) and the start time."""
     config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
     if calibration is not None:
@@ -429,7 +429,7 @@ def prepare_forecast(model: nn.Module, tokenizer, sae: Any, config: STSConfig | 
 
         calibration = load_calibration(calibration)
     start = time.perf_counter()
-    return Setup.create(model, tokenizer, sae, config), calibration, start
+    return ForecastSetup.create(model, tokenizer, sae, config), calibration, start
 
 
 def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
@@ -487,7 +487,7 @@ class ShiftPass:
     settings: dict[str, Any] = field(default_factory=dict)  # added to Forecast.settings
 
 
-def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_corpus: Corpus | None = None,
+def run_forecast(setup: ForecastSetup, train: Corpus, domains: dict[str, Corpus], demo_corpus: Corpus | None = None,
                  *, progress: bool = False, start: float | None = None) -> ForecastRun:
     """The forecast on prepared inputs; returns the statistics too."""
     start = time.perf_counter() if start is None else start
@@ -504,7 +504,7 @@ def run_forecast(setup: Setup, train: Corpus, domains: dict[str, Corpus], demo_c
     return forecast_with_shift(setup, shift, plan, progress=progress, start=start)
 
 
-def forecast_with_shift(setup: Setup, shift: ShiftPass, plan: Plan, *, progress: bool = False,
+def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, progress: bool = False,
                         start: float | None = None) -> ForecastRun:
     """Run ``shift``'s pass and the target domains' of ``plan`` under one progress bar, then score (the inputs'
     agreement across ranks is the caller's to check first)."""
@@ -551,7 +551,7 @@ def forecast_with_shift(setup: Setup, shift: ShiftPass, plan: Plan, *, progress:
     return ForecastRun(forecast=result, shift=shift_stats, domains=domain_stats)
 
 
-def assemble_forecast(setup: Setup, shift_stats: PairedStats, plan: Plan, domain_stats: dict[str, Any],
+def assemble_forecast(setup: ForecastSetup, shift_stats: PairedStats, plan: Plan, domain_stats: dict[str, Any],
                       timings: dict[str, float], truncated: bool, *, shift: ShiftPass | None = None) -> Forecast:
     """Score every domain on the shifted latents of ``shift_stats`` (pure; no model call). ``shift`` describes a
     training-data side other than the in-context one of ``plan.shift_pairs``."""
@@ -643,7 +643,7 @@ def latent_contexts(tokenizer, latents: list[int], reservoirs: dict[str, TopActi
     return out
 
 
-def domain_statistics(setup: Setup, domains: dict[str, Corpus]) -> dict[str, Any]:
+def domain_statistics(setup: ForecastSetup, domains: dict[str, Corpus]) -> dict[str, Any]:
     """Base statistics of each domain without a forecast (when the training data has no demonstrations)."""
     extractor = setup.extractor()
     inputs = plan_domains(setup.builder, setup.config, domains, icl=False)

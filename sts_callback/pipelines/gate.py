@@ -75,7 +75,7 @@ from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
 from ..core.data import Corpus, example_text, load_corpus, load_domains
 from ..core.errors import STSConfigError, STSInputError
 from ..core.extract import Extractor, PairedStats
-from .forecast import (SCORE_LABELS, Forecast, Plan, Setup, assemble_forecast, build_shift_pairs, inference_mode,
+from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, assemble_forecast, build_shift_pairs, inference_mode,
                        plan_domains, progress_bar)
 
 DEFAULT_TOLERANCE = 1.5
@@ -392,7 +392,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
             raise STSInputError(f"wanted[{name!r}] = {domain!r} is not a target domain ({sorted(domains)}).")
     tolerance = rules.relative_tolerance
 
-    setup = Setup.create(model, tokenizer, sae, config)
+    setup = ForecastSetup.create(model, tokenizer, sae, config)
     # Domain sampling is seeded per domain and independent of the training set: one plan serves all.
     domain_plan = plan_domains(setup.builder, config, domains)
     plans: dict[str, Plan] = {}
@@ -601,7 +601,7 @@ def _latent_weights(domain_stats: dict[str, Any], protected: list[str], score: s
     return torch.stack(columns, dim=1)
 
 
-def _score_examples(extractor: Extractor, setup: Setup, corpus: Corpus, name: str, latents: list[int],
+def _score_examples(extractor: Extractor, setup: ForecastSetup, corpus: Corpus, name: str, latents: list[int],
                     weights: torch.Tensor, protected: list[str]) -> ExampleScores:
     """Each example's weighted squared shift on D_N, per protected domain (streaming, one batch at a time)."""
     builder, config = setup.builder, setup.config

@@ -22,16 +22,15 @@ from torch import nn
 
 from ..scoring import score
 from ..core.capture import unwrap_model
-from ..core.data import Corpus, sample_within_budget
+from ..core.data import Corpus, TokenSequence, sample_within_budget
 from ..core.distributed import gather_objects, sum_across_ranks
 from ..core.extract import ConditionStats, Extractor, PairedStats
-from .forecast import Setup, inference_mode
+from .forecast import ForecastSetup, inference_mode
 from .recheck import Recheck
 from ..core.heldout import LossChange, all_sequence_nll, sequence_nll, sequential_change
 from ..core.stats import ActivationStats, ShiftStats, StatsGroup
 from ..core.torch_utils import pad_token_id
 
-Sequence_ = tuple[list[int], list[bool]]
 
 
 def peft_model_of(model: nn.Module) -> nn.Module | None:
@@ -55,14 +54,14 @@ def base_is_frozen(peft: nn.Module) -> bool:
 
 
 @dataclass
-class DomainBase(StatsGroup):
+class DomainBaseline(StatsGroup):
     """A target domain's statistics under the base model (from the forecast or the train-start pass)."""
 
     latents: ActivationStats
     latent_shift: ShiftStats | None = None  # in-context shift with the domain's own demonstrations
 
 
-def nll_sums(model: nn.Module, sequences: Sequence[Sequence_], pad: int, batch_size: int) -> tuple[float, int]:
+def nll_sums(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int) -> tuple[float, int]:
     """(NLL sum, token count) of the counted tokens: ``sequences`` are (ids, counted flags for the last
     len(flags) ids); the LM head runs only at counted positions, in chunks. Call under no_grad / eval mode."""
     sums = sequence_nll(model, sequences, pad, batch_size).sum(0)
@@ -109,10 +108,10 @@ class Monitor:
         loss_sets: held-out sequences of each domain for the loss measurement.
     """
 
-    setup: Setup
-    probe: list[Sequence_]
-    domains: dict[str, DomainBase]
-    loss_sets: dict[str, list[Sequence_]]
+    setup: ForecastSetup
+    probe: list[TokenSequence]
+    domains: dict[str, DomainBaseline]
+    loss_sets: dict[str, list[TokenSequence]]
     base_residuals: torch.Tensor | None = None
     base_losses: dict[str, float] = field(default_factory=dict)
     loss_batch_size: int = 4
@@ -126,7 +125,7 @@ class Monitor:
 
     # -------------------------------------------------------------- building
     @staticmethod
-    def sample_sequences(corpus: Corpus, setup: Setup, budget: int, seed: str) -> tuple[list[Sequence_], int]:
+    def sample_sequences(corpus: Corpus, setup: ForecastSetup, budget: int, seed: str) -> tuple[list[TokenSequence], int]:
         indices, tokens = sample_within_budget(corpus, setup.builder, budget, random.Random(seed))
         return [setup.builder.single(corpus[i]) for i in indices], tokens
 
@@ -326,11 +325,11 @@ class Monitor:
             prefix = f"domain/{name}/"
             saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if saved:
-                self.domains[name] = DomainBase.from_state_dict(saved)
+                self.domains[name] = DomainBaseline.from_state_dict(saved)
 
 
-def domain_bases_from(stats: dict[str, ConditionStats | PairedStats]) -> dict[str, DomainBase]:
-    return {name: DomainBase(latents=s.latents, latent_shift=getattr(s, "latent_shift", None))
+def domain_baselines_from(stats: dict[str, ConditionStats | PairedStats]) -> dict[str, DomainBaseline]:
+    return {name: DomainBaseline(latents=s.latents, latent_shift=getattr(s, "latent_shift", None))
             for name, s in stats.items()}
 
 
@@ -338,4 +337,4 @@ def is_peft(model: nn.Module) -> bool:
     return peft_model_of(model) is not None
 
 
-__all__ = ["DomainBase", "Monitor", "domain_bases_from", "is_peft", "peft_model_of", "unwrap_model"]
+__all__ = ["DomainBaseline", "Monitor", "domain_baselines_from", "is_peft", "peft_model_of", "unwrap_model"]

@@ -28,17 +28,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.data import Corpus, PromptBuilder, _is_messages, is_dataset, load_corpus, load_domains, take_streamed
+from ..core.data import (
+    Corpus,
+    PromptBuilder,
+    TokenSequence,
+    is_messages,
+    is_dataset,
+    load_corpus,
+    load_domains,
+    take_streamed,
+)
 from ..core.distributed import fingerprint
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from ..core.stats import ActivationStats, ShiftStats, TopActivations
-from .forecast import (Forecast, ForecastRun, Plan, Setup, ShiftPass, check_inputs_agree, forecast_with_shift,
+from .forecast import (Forecast, ForecastRun, Plan, ForecastSetup, ShiftPass, check_inputs_agree, forecast_with_shift,
                        plan_domains, prepare_forecast, run_forecast)
 
 PREFERENCE_SHIFTS = ("chosen_vs_rejected", "in_context")
 
-TokenSequence = tuple[list[int], list[bool]]  # (token ids, counted flags of the last len(flags) ids)
 
 
 @dataclass
@@ -139,7 +147,7 @@ def contrast_stats(extractor: Extractor, units: Sequence[ContrastUnit], what: st
 NOISE_FLOOR = 1e-12
 
 
-def contrast_forecast(setup: Setup, units: list[ContrastUnit], domains: dict[str, Corpus], *, kind: str,
+def contrast_forecast(setup: ForecastSetup, units: list[ContrastUnit], domains: dict[str, Corpus], *, kind: str,
                       what: str, nothing_moved: str, settings: dict[str, Any] | None = None,
                       progress: bool = False, start: float | None = None) -> ForecastRun:
     """A forecast whose shift is the contrast of ``units`` (sampled and tokenized already, the same on every
@@ -184,7 +192,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _as_messages(value: Any, role: str) -> list[dict[str, Any]]:
-    return list(value) if _is_messages(value) else [{"role": role, "content": value}]
+    return list(value) if is_messages(value) else [{"role": role, "content": value}]
 
 
 def prompt_completion_ids(builder: PromptBuilder, prompt: Any, completion: Any,
@@ -193,7 +201,7 @@ def prompt_completion_ids(builder: PromptBuilder, prompt: Any, completion: Any,
     tokenized together and split where they diverge from the prompt alone (chat messages through the chat
     template, the prompt with the generation prompt)."""
     encode = builder._encode
-    if _is_messages(prompt) or _is_messages(completion):
+    if is_messages(prompt) or is_messages(completion):
         messages = _as_messages(prompt, "user")
         if builder.has_chat_template:
             render = builder.tokenizer.apply_chat_template
@@ -247,16 +255,16 @@ def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: s
     chosen, rejected = record["chosen"], record["rejected"]
     if "prompt" in record and record["prompt"] is not None:
         prompt = record["prompt"]
-    elif _is_messages(chosen) and _is_messages(rejected):
+    elif is_messages(chosen) and is_messages(rejected):
         prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
     else:
         raise STSInputError(f"{where} has no 'prompt' and its chosen / rejected are not chat conversations that "
                             "share their leading turns; add the prompt to every record.")
     for label, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, str) and not _is_messages(value):
+        if not isinstance(value, str) and not is_messages(value):
             raise STSInputError(f"{where}: {label!r} is a {type(value).__name__}; use a string or chat messages "
                                 "(a list of {'role', 'content'}).")
-    if any(_is_messages(v) for v in (prompt, chosen, rejected)):
+    if any(is_messages(v) for v in (prompt, chosen, rejected)):
         builder.check_chat(name)
     sequences = []
     for completion in (chosen, rejected):
@@ -323,7 +331,7 @@ NOTHING_MOVED = ("The chosen and rejected completions of {name!r} differ in no S
                  "and rejected really differ, and that the SAE is for this model and layer.")
 
 
-def run_preference_forecast(setup: Setup, pairs: Any, domains: dict[str, Corpus], *, name: str = "preference data",
+def run_preference_forecast(setup: ForecastSetup, pairs: Any, domains: dict[str, Corpus], *, name: str = "preference data",
                             chat_template_kwargs: dict[str, Any] | None = None, progress: bool = False,
                             start: float | None = None) -> ForecastRun:
     """The chosen-vs-rejected forecast on prepared inputs (``settings["shift"] == "chosen_vs_rejected"``); returns

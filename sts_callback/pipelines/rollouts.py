@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from ..core.config import STSConfig
-from ..core.data import Corpus, PromptBuilder, _is_messages, load_corpus, load_domains
+from ..core.data import Corpus, PromptBuilder, is_messages, load_corpus, load_domains
 from ..core.distributed import gather_objects, is_main_process, raise_if_any_rank_failed, shard, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.torch_utils import model_device
-from .forecast import (Forecast, ForecastRun, Setup, inference_mode, prepare_forecast, prompt_builder,
+from .forecast import (Forecast, ForecastRun, ForecastSetup, inference_mode, prepare_forecast, prompt_builder,
                        run_forecast)
 from .preference import ContrastUnit, completion_sequence, contrast_forecast, raw_records
 
@@ -329,9 +329,9 @@ def prompt_records(prompts: Any, name: str = "prompts") -> list[dict[str, Any]]:
         raise STSInputError(f"No {name} given: the rollout forecast needs training prompts to sample completions for.")
     records = []
     for i, item in enumerate(prompts):
-        if isinstance(item, str) or _is_messages(item):
+        if isinstance(item, str) or is_messages(item):
             records.append({"prompt": item})
-        elif isinstance(item, dict) and (isinstance(item.get("prompt"), str) or _is_messages(item.get("prompt"))):
+        elif isinstance(item, dict) and (isinstance(item.get("prompt"), str) or is_messages(item.get("prompt"))):
             records.append(dict(item))
         else:
             keys = sorted(item) if isinstance(item, dict) else type(item).__name__
@@ -363,7 +363,7 @@ def _prompt_ids(builder: PromptBuilder, prompt: Any, settings: RolloutSettings, 
     """The prompt's ids as GRPOTrainer feeds them to generate: chat prompts through the chat template with the
     generation prompt, text prompts tokenized with the tokenizer's special tokens."""
     tokenizer = builder.tokenizer
-    if _is_messages(prompt):
+    if is_messages(prompt):
         builder.check_chat(name)
         if builder.has_chat_template:
             text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
@@ -467,7 +467,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
                                                  _seed_of(config.seed, index), device)
                 if counted:
                     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-                    completions = ([[{"role": "assistant", "content": t}] for t in texts] if _is_messages(prompt)
+                    completions = ([[{"role": "assistant", "content": t}] for t in texts] if is_messages(prompt)
                                    else texts)
                     columns = {k: v for k, v in record.items() if k not in ("prompt", "completion", "completion_ids")}
                     rewards = score_completions(funcs, [prompt] * generations, completions, completion_ids,
@@ -506,7 +506,7 @@ NOTHING_MOVED = ("The high- and low-reward rollouts differ in no SAE latent (eve
                  "rollout_max_tokens) and that the SAE is for this model and layer.")
 
 
-def run_rollout_forecast(setup: Setup, rollouts: Rollouts, domains: dict[str, Corpus], *, progress: bool = False,
+def run_rollout_forecast(setup: ForecastSetup, rollouts: Rollouts, domains: dict[str, Corpus], *, progress: bool = False,
                          start: float | None = None) -> ForecastRun:
     """The reward-weighted forecast (``settings["shift"] == "reward_weighted"``) from scored rollouts: per prompt,
     the advantage-weighted mean latents of its above-mean completions minus those of its below-mean ones."""

@@ -68,10 +68,10 @@ from ..core.config import settings_from_dict
 from ..core.distributed import rank, shard, sum_across_ranks, world_size
 from ..core.errors import STSConfigError, STSInputError
 from ..core.extract import batches_by_length, local_sequences
+from ..core.data import TokenSequence
 from ..core.heldout import HEAD_CHUNK, head_nll, split_head
 from .monitor import nll_sums
 
-Sequence_ = tuple[list[int], list[bool]]
 OptimizerLike = Any  # torch.optim.Optimizer, an accelerate / DeepSpeed wrapper, or a factory params -> optimizer
 
 __all__ = ["RunLevelConfig", "RunLevelEstimate", "lookahead", "first_order", "training_batches", "measure_losses"]
@@ -377,7 +377,7 @@ def _pad_id(model: nn.Module, pad: int | None) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-def _check_targets(targets: Mapping[str, Sequence[Sequence_]]) -> None:
+def _check_targets(targets: Mapping[str, Sequence[TokenSequence]]) -> None:
     if not targets:
         raise STSInputError("No target domain given: pass targets={name: held-out sequences}.")
     for name, sequences in targets.items():
@@ -385,7 +385,7 @@ def _check_targets(targets: Mapping[str, Sequence[Sequence_]]) -> None:
             raise STSInputError(f"Target domain {name!r} has no held-out sequence.")
 
 
-def measure_losses(model: nn.Module, targets: Mapping[str, Sequence[Sequence_]], *, pad: int | None = None,
+def measure_losses(model: nn.Module, targets: Mapping[str, Sequence[TokenSequence]], *, pad: int | None = None,
                    batch_size: int = 4, autocast: Callable[[], Any] | None = None) -> dict[str, float]:
     """Held-out mean-token NLL of each domain (eval mode, no grad; each process its shard, summed)."""
     model = _inner_model(model)
@@ -502,7 +502,7 @@ def _clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> None:
 
 # --------------------------------------------------------------------------- the two features
 def lookahead(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapping[str, Any]],
-              targets: Mapping[str, Sequence[Sequence_]], config: RunLevelConfig | dict | None = None, *,
+              targets: Mapping[str, Sequence[TokenSequence]], config: RunLevelConfig | dict | None = None, *,
               autocast: Callable[[], Any] | None = None,
               before: Mapping[str, float] | None = None) -> RunLevelEstimate:
     """Take ``steps`` real optimizer steps, measure each domain's held-out NLL change, put everything back.
@@ -635,7 +635,7 @@ def _update(resolved: _Optimizer, params: list[nn.Parameter], grads: list[torch.
 
 
 def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapping[str, Any]],
-                targets: Mapping[str, Sequence[Sequence_]], config: RunLevelConfig | dict | None = None, *,
+                targets: Mapping[str, Sequence[TokenSequence]], config: RunLevelConfig | dict | None = None, *,
                 autocast: Callable[[], Any] | None = None) -> RunLevelEstimate:
     """Predict each domain's relative held-out NLL change after ``steps`` steps: ``<grad L_d, delta> / L_d``.
 
@@ -705,7 +705,7 @@ def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Ma
                             time.perf_counter() - start, timings)
 
 
-def _held_out_nll(model: nn.Module, sequences: Sequence[Sequence_], pad: int,
+def _held_out_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
                   device: torch.device) -> tuple[torch.Tensor, int]:
     """Summed NLL (with its graph) and count of the counted tokens, as ``monitor.nll_sums`` computes them."""
     longest = max(len(ids) for ids, _ in sequences)
