@@ -67,33 +67,94 @@ def test_sft_trainer_with_lora_prompt_completion(tmp_path, tokenizer):
     assert cb.monitor.base_residuals is not None and cb.history[-1]["shift_total"] > 0
 
 
-def test_dpo_trainer_uses_chosen_as_answer(tmp_path, tokenizer):
+def dpo_run(tmp_path, tokenizer, **overrides):
     from trl import DPOConfig, DPOTrainer
 
     texts = domain_texts("law", 40)
     data = Dataset.from_dict({"prompt": texts, "chosen": texts[1:] + texts[:1], "rejected": domain_texts("food", 40)})
-    cb = callback()
-    trainer = DPOTrainer(model=make_model("llama"), ref_model=make_model("llama"), args=DPOConfig(output_dir=str(tmp_path), max_length=64, **COMMON),
+    cb = callback(**overrides)
+    trainer = DPOTrainer(model=make_model("llama"), ref_model=make_model("llama"),
+                         args=DPOConfig(output_dir=str(tmp_path), max_length=64, **COMMON),
                          train_dataset=data, processing_class=tokenizer, callbacks=[cb])
     trainer.train()
     check_run(trainer, cb, tmp_path)
+    return cb
 
 
-def test_grpo_prompts_without_answers_skip_forecast_but_recheck(tmp_path, tokenizer, capsys):
+def test_dpo_trainer_forecasts_chosen_minus_rejected(tmp_path, tokenizer):
+    cb = dpo_run(tmp_path, tokenizer)
+    assert cb.forecast.settings["shift"] == "chosen_vs_rejected" and cb.forecast.settings["preference_pairs"] > 0
+    saved = json.loads((tmp_path / "sts" / "forecast.json").read_text())
+    assert saved["settings"]["shift"] == "chosen_vs_rejected"
+
+
+def test_dpo_trainer_sft_style_shift_on_request(tmp_path, tokenizer):
+    cb = dpo_run(tmp_path, tokenizer, shift="in_context")  # the chosen completions as demonstrations
+    assert cb.forecast.settings["shift"] == "in_context" and cb.forecast.shift_queries > 0
+
+
+def grpo_trainer(tmp_path, tokenizer, cb, reward=None):
     from trl import GRPOConfig, GRPOTrainer
 
-    def reward_length(completions, **kwargs):
-        return [float(len(c)) for c in completions]
+    def reward_law(completions, **kwargs):  # a verifiable reward: how often the completion says a law word
+        return [float(sum(word in c for word in ("court", "statute", "contract"))) for c in completions]
 
     data = Dataset.from_dict({"prompt": domain_texts("law", 16)})
-    cb = callback()
-    args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=6,
-                      **{**COMMON, "per_device_train_batch_size": 2})
-    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=reward_length, args=args, train_dataset=data,
-                          processing_class=tokenizer, callbacks=[cb])
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, max_completion_length=8, temperature=1.5,
+                      **{**COMMON, "per_device_train_batch_size": 4})
+    return GRPOTrainer(model=make_model("llama"), reward_funcs=reward or reward_length, args=args, train_dataset=data,
+                       processing_class=tokenizer, callbacks=[cb])
+
+
+def reward_length(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.parametrize("shift", ["auto", "reward_weighted"])
+def test_grpo_forecasts_from_the_policys_scored_rollouts(tmp_path, tokenizer, shift):
+    cb = callback(shift=shift, config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8})
+    trainer = grpo_trainer(tmp_path, tokenizer, cb)
     trainer.train()
+    check_run(trainer, cb, tmp_path)
+    expected = "reward_filtered" if shift == "auto" else "reward_weighted"
+    settings = cb.forecast.settings
+    assert settings["shift"] == expected
+    rollouts = settings["rollouts"]
+    assert rollouts["reward_funcs"] == ["reward_length"] and rollouts["prompts"] == 4
+    assert rollouts["num_generations"] == 4
+
+
+def test_grpo_in_context_shift_of_prompt_only_data_skips_the_forecast_but_rechecks(tmp_path, tokenizer, capsys):
+    cb = callback(shift="in_context")
+    grpo_trainer(tmp_path, tokenizer, cb).train()
     assert "STS forecast skipped" in capsys.readouterr().out
+    assert not (tmp_path / "sts" / "forecast.json").exists() and [r["step"] for r in cb.history] == [2, 4]
+
+
+def test_grpo_reward_without_signal_skips_the_forecast_and_trains_on(tmp_path, tokenizer):
+    from sts_callback import STSDataWarning
+
+    cb = callback(config={**FAST, "rollout_prompts": 2, "rollout_generations": 2, "rollout_max_tokens": 4})
+    trainer = grpo_trainer(tmp_path, tokenizer, cb, reward=lambda completions, **k: [1.0] * len(completions))
+    with pytest.warns(STSDataWarning, match="STS forecast skipped: The rewards carry no signal"):
+        trainer.train()  # a sparse reward the base policy never earns must not stop the run
     check_run(trainer, cb, tmp_path, forecast=False)
+
+
+def test_shift_that_the_trainer_cannot_serve_is_an_error(tmp_path, tokenizer):
+    from sts_callback import STSConfigError
+
+    with pytest.raises(STSConfigError, match="shift='sideways'"):
+        callback(shift="sideways")
+    cb = callback(shift="reward_weighted")
+    from transformers import Trainer, TrainingArguments
+
+    data = Dataset.from_dict({"text": domain_texts("law", 8)}).map(lambda b: tokenizer(b["text"]), batched=True,
+                                                                  remove_columns=["text"])
+    trainer = Trainer(model=make_model("llama"), args=TrainingArguments(output_dir=str(tmp_path), **COMMON),
+                      train_dataset=data, processing_class=tokenizer, callbacks=[cb])
+    with pytest.raises(STSConfigError, match="needs an RL trainer with reward functions"):
+        trainer.train()
 
 
 def test_grpo_with_explicit_demonstrations_forecasts(tmp_path, tokenizer):

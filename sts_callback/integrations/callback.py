@@ -25,6 +25,7 @@ from ..pipelines.guard import GuardConfig
 from ..pipelines.recheck import RecheckConfig
 from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession, recheck_metrics
+from .trainer_shift import check_shift, forecast_runner, resolve_shift
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
 
 
@@ -39,7 +40,8 @@ class STSCallback(TrainerCallback, ExportableState):
         target_domains: dict name -> JSONL path / registered domain name / list of texts, or a list of names.
         protected: names of target domains that must not be harmed.
         train_probe: data whose shift is forecast and re-checked; default: the trainer's train dataset.
-        demonstrations: in-context demonstrations when the training data has no answers (GRPO prompts).
+        demonstrations: in-context demonstrations (for prompt-only data; an RL trainer then uses these instead of
+            its own rollouts).
         config: :class:`STSConfig` fields for the forecast (dict or STSConfig).
         recheck_steps: re-check every this many steps; default: at every checkpoint save.
         recheck_tokens: probe tokens for the actual shift in a re-check.
@@ -66,6 +68,11 @@ class STSCallback(TrainerCallback, ExportableState):
             before and after, in blocks) until the 95% interval is within +-``loss_precision * tolerance``, or a
             protected domain is surely above ``tolerance``, up to ``loss_tokens``; the interval is in the history
             (``loss_delta_ci``). ``None``: always all ``loss_tokens``.
+        shift: what the training pushes (:mod:`~sts_callback.integrations.trainer_shift`): ``"auto"`` (RL trainer
+            -> the policy's reward-filtered rollouts as demonstrations; preference data -> chosen minus rejected;
+            else the data's answers in context), or one of ``"in_context"``, ``"chosen_vs_rejected"``,
+            ``"reward_filtered"``, ``"reward_weighted"``. Rollouts follow ``STSConfig.rollout_*`` budgets and the
+            trainer's generation settings and reward functions.
     """
 
     def __init__(self, sae: Any, target_domains: Any, protected: list[str] | tuple[str, ...] = (),
@@ -74,7 +81,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  forecast_top_k: int = 1, tolerance: float = 0.05, max_sts: float | None = None,
                  early_stop: bool = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
-                 accuracy_items: int = 100, loss_precision: float | None = 0.25,
+                 accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
                  _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
@@ -97,13 +104,14 @@ class STSCallback(TrainerCallback, ExportableState):
         _check_inputs(values["sae"], values["target_domains"], guard.protected)
         self.target_domains, self.train_probe = values["target_domains"], values["train_probe"]
         self.demonstrations, self.output_subdir = values["demonstrations"], output_subdir
+        self.shift = check_shift(shift)
         self.session = STSSession(values["sae"], config, guard, recheck, output_subdir, calibration, strict=strict)
         objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}
         if objects:
             STSCallback._live_objects = {**STSCallback._live_objects, **objects}
         self._export_args = {
             **{k: (None if k in objects else v) for k, v in values.items()}, **guard.to_dict(), **recheck.to_dict(),
-            "config": config.to_dict(), "strict": strict, "output_subdir": output_subdir,
+            "config": config.to_dict(), "strict": strict, "output_subdir": output_subdir, "shift": shift,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
             "_objects_from": sorted(objects) or None,
         }
@@ -223,7 +231,10 @@ class STSCallback(TrainerCallback, ExportableState):
             session.resume(state.global_step, session.store.checkpoint(args.output_dir, state.global_step,
                                                                        self.output_subdir), domains)
         else:
-            forecast = session.start(model, probe, domains, demos, progress=True)
+            data = self.train_probe if self.train_probe is not None else getattr(trainer, "train_dataset", None)
+            shift = resolve_shift(self.shift, trainer, data, demos is not None)
+            run = forecast_runner(shift, trainer, data, probe, demos, state)
+            forecast = session.start(model, probe, domains, demos, progress=True, forecast_run=run)
             if forecast is not None:
                 self._export("forecast", trackers.export_forecast, forecast)
                 self._log({f"sts/forecast/{name}": value for name, value in forecast.ranked() if value is not None},

@@ -156,17 +156,23 @@ class STSSession:
                                seed=str(seed))
 
     def start(self, model, probe: Corpus, domains: dict[str, Corpus], demonstrations: Corpus | None = None,
-              progress: bool = False) -> Forecast | None:
-        """The forecast (when the data or ``demonstrations`` have answers) and the base measurements."""
-        store = self.store
-        has_answers = demonstrations is not None or any(probe[i].can_demonstrate for i in range(min(len(probe), 64)))
-        if has_answers:
-            run = run_forecast(self.setup, probe, domains, demonstrations, progress=progress and self.is_main)
+              progress: bool = False, forecast_run: Callable[..., Any] | None = None) -> Forecast | None:
+        """The forecast and the base measurements. ``forecast_run(setup, domains, progress) -> ForecastRun``
+        computes the forecast (see :mod:`.trainer_shift`: preference or RL shifts); default: the in-context shift
+        of ``probe`` with ``demonstrations``, skipped when neither has answers."""
+        if forecast_run is None:
+            has_answers = demonstrations is not None or any(probe[i].can_demonstrate
+                                                            for i in range(min(len(probe), 64)))
+            if has_answers:
+                def forecast_run(setup, domains, progress):
+                    return run_forecast(setup, probe, domains, demonstrations, progress=progress)
+        run = forecast_run(self.setup, domains, progress and self.is_main) if forecast_run is not None else None
+        if run is not None:
             self.forecast = run.forecast
             self.monitor.domains = domain_baselines_from(run.domains)
             self.predicted = calibrated_predictions(self.forecast, self.calibration)
             if self.is_main:
-                forecast = self.forecast
+                forecast, store = self.forecast, self.store
                 self.write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), 0)
                 print(self.forecast.table())  # the calibrated prediction first when there is one, else the scores
             for key, message in self.guard.forecast_warnings(self.forecast.ranked(), self.forecast.ranking).items():
@@ -175,7 +181,7 @@ class STSSession:
                 for key, message in self.guard.predicted_warnings(self.predicted, self.calibration.level).items():
                     self.warn(key, message)
         else:
-            if self.is_main:
+            if self.is_main and forecast_run is None:
                 print("STS forecast skipped: the training data has no answers to use as in-context demonstrations "
                       "(prompt-only data); pass demonstrations=[...] to forecast. Re-checks still run.")
             with inference_mode(model):
