@@ -72,6 +72,25 @@ def test_two_processes_match_one(tmp_path, single, mode):
     assert {"forecast.json", "history.jsonl", "monitor.safetensors", "report.html"} <= names
 
 
+@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+def test_preference_and_rl_forecasts_two_processes_match_one(tmp_path, kind):
+    one = run(f"trl_{kind}", tmp_path / "one", 1)[0]["forecast"]
+    rank0, rank1 = (r["forecast"] for r in run(f"trl_{kind}", tmp_path / "two", 2))
+    assert one["settings"]["shift"] == ("chosen_vs_rejected" if kind == "dpo" else "reward_filtered")
+    assert rank0["shifted_latents"] == rank1["shifted_latents"] == one["shifted_latents"]
+    if kind == "grpo":  # the same rollouts, sampled per prompt, whatever the number of processes
+        assert rank0["settings"]["rollouts"] == one["settings"]["rollouts"]
+    for name, domain in one["domains"].items():
+        for variant, value in domain["scores"].items():
+            if value is not None:
+                # The in-context variants difference two float32 forwards whose batches are grouped per rank (other
+                # padding, other BLAS shapes): on some latents that noise is 1e-4 of the score, not 1e-5.
+                rel = 1e-3 if variant.endswith("_icl") else REL
+                mine, theirs = value, rank0["domains"][name]["scores"][variant]
+                assert abs(mine - theirs) <= rel * max(abs(mine), abs(theirs)), f"{kind} {name} {variant}"
+                assert rank1["domains"][name]["scores"][variant] == theirs
+
+
 def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
     ranks = run("bad_inputs", tmp_path / "out", 2)
     for result in ranks:
