@@ -61,7 +61,7 @@ def test_warnings_are_given_once_and_forecast_rank_rule():
     ({"tolerance": -0.1}, "tolerance must be a non-negative"),
     ({"patience": 0}, "patience must be an integer >= 1"),
     ({"protected": "food"}, "protected must be a list"),
-    ({"early_stop": "yes"}, "early_stop must be True or False"),
+    ({"early_stop": "yes"}, "early_stop must be True, False or 'projected'"),
     ({"tolerence": 0.1}, r"Unknown guard setting\(s\) \['tolerence'\]"),
 ])
 def test_bad_settings_are_named(values, match):
@@ -76,3 +76,23 @@ def test_sae_fit_rules():
     assert guard.fit_warnings({"fvu": 0.3, "l0": 30}, {"fvu": 0.35, "l0": 31}) == {}
     assert list(guard.fit_warnings({"fvu": 0.3, "l0": 30}, {"fvu": 0.45, "l0": 40})) == ["fit:drift"]
     assert guard.fit_warnings({"fvu": 0.3, "l0": 30}, None) == {}
+
+
+def test_projected_warnings_need_the_whole_interval_above_the_tolerance():
+    guard = Guard(GuardConfig(protected=["food"], tolerance=0.05))
+    early, measured = {"food": 0.2}, {"food": 0.05}
+    assert guard.projected(early, measured, 0.5, {"food": [0.12, 0.28]})["food"].startswith(
+        "protected domain 'food' is on course to get worse by 20.0% (interval +12.0% to +28.0%)")
+    assert guard.projected(early, measured, 0.5, {"food": [0.04, 0.36]}) == {}  # may still end within tolerance
+    assert guard.projected(early, measured, 0.5, {}) == {}  # no interval, no warning
+
+
+def test_projected_early_stop_stops_on_projections_only_when_asked():
+    projected = ["protected domain 'food' is on course to get worse by 20.0%"]
+    measured_only = Guard(GuardConfig(protected=["food"], early_stop=True))
+    assert not measured_only.check(2, record(0.01), "sts_icl", projected).stop
+    on_projection = Guard(GuardConfig(protected=["food"], early_stop="projected", patience=2))
+    assert not on_projection.check(2, record(0.01), "sts_icl", projected).stop
+    decision = on_projection.check(4, record(0.02), "sts_icl", projected)
+    assert decision.stop and decision.violations == []  # no measured violation yet: the stop comes earlier
+    assert "projected by the early forecast" in decision.reason

@@ -14,6 +14,7 @@ from sts_callback.integrations.session import STSNegativeTransferWarning, STSSes
 
 FAST = STSConfig(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2)
 DOMAINS = ("law", "food", "chem")
+LR = 3e-2
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,37 @@ def test_session_resumes_from_its_checkpoint_folder(tmp_path, tokenizer):
     record, _ = again.recheck(model, 2, max_steps=4)  # same weights, same held-out tokens: same change
     for name in DOMAINS:
         assert record["loss_delta"][name] == pytest.approx(first.history[0]["loss_delta"][name], abs=1e-6)
+
+
+def run_with_projection(tmp_path, tokenizer, tolerance, early_stop):
+    """A harmful plain loop of 16 constant-lr steps, re-checked every 2 steps; returns the session."""
+    model = make_model("llama")
+    train = [" ".join([DOMAIN_WORDS["law"][0]] * 12) + " ."] * 40
+    session = session_for(tmp_path, tolerance=tolerance, early_stop=early_stop)
+    session.learning_rates = [LR] * 16
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session.prepare(model, tokenizer, load_corpus(train), domains)
+    session.start(model, load_corpus(train), domains)
+    for step in range(2, 17, 2):
+        train_steps(model, tokenizer, train, 2, lr=LR)
+        _, decision = session.recheck(model, step, max_steps=16)
+        if decision.stop:
+            break
+    return session
+
+
+def test_projected_early_stop_comes_before_the_measured_violation(tmp_path, tokenizer):
+    free = run_with_projection(tmp_path / "free", tokenizer, tolerance=10.0, early_stop=False)
+    food = [(r["step"], r["loss_delta"]["food"]) for r in free.history]
+    assert food[-1][1] > 0.02, food  # the loop harms food
+    tolerance = food[-1][1] / 2
+    first_violation = next(step for step, change in food if change > tolerance)
+    stopped = run_with_projection(tmp_path / "projected", tokenizer, tolerance=tolerance, early_stop="projected")
+    last = stopped.history[-1]
+    assert "projected by the early forecast" in last["early_stop"], last
+    assert last["step"] < first_violation and last["violations"] == []
+    low, _ = last["early_forecast_ci"]["food"]
+    assert low > tolerance  # the whole interval of the projection is beyond the tolerance
 
 
 def test_recheck_config_errors_name_the_setting():

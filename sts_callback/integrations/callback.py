@@ -49,7 +49,9 @@ class STSCallback(TrainerCallback, ExportableState):
         forecast_top_k: warn when the forecast ranks a protected domain among the ``k`` most affected.
         tolerance: warn when a protected domain's held-out loss rises by more than this fraction.
         max_sts: warn when a protected domain's re-checked score exceeds this value (``None``: off).
-        early_stop: stop training after ``patience`` consecutive re-checks with a violation.
+        early_stop: stop training after ``patience`` consecutive re-checks with a violation; ``"projected"``: also
+            when the early forecast projects a protected domain above ``tolerance`` by the end of training with its
+            whole interval (the measured change's 95% interval, extrapolated), which stops before the violation.
         patience: see ``early_stop``.
         strict: re-raise exceptions inside re-checks instead of warning and going on.
         recheck_at_end: re-check at the end of training when the last step was not re-checked.
@@ -79,7 +81,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  train_probe: Any = None, demonstrations: Any = None, config: dict | STSConfig | None = None,
                  recheck_steps: int | None = None, recheck_tokens: int = 2048, loss_tokens: int = 1024,
                  forecast_top_k: int = 1, tolerance: float = 0.05, max_sts: float | None = None,
-                 early_stop: bool = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
+                 early_stop: bool | str = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
                  accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
                  _objects_from: list[str] | None = None):

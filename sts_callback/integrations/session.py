@@ -270,14 +270,14 @@ class STSSession:
         try:
             if log_history is not None:  # a scheduler of the user's own: the rates logged so far
                 self.learning_rates = logged_learning_rates(log_history, max_steps)
-            record.update(self._early_forecast(step, max_steps, result.loss_delta))
+            record.update(self._early_forecast(step, max_steps, result.loss_delta, result.loss_delta_ci))
         except Exception as err:  # noqa: BLE001 - a projection must not cost the measurement
             if self.strict:
                 raise
             record["early_forecast_error"] = f"{type(err).__name__}: {err}"
         for key, message in self.guard.fit_warnings(self.base_fit, result.sae_fit).items():
             self.warn(key, f"STS re-check at step {step}: {message}", STSDataWarning)
-        decision = self.guard.check(step, result, self.variant())
+        decision = self.guard.check(step, result, self.variant(), record.get("projected_warnings"))
         record["violations"] = decision.violations
         for violation in decision.violations:
             self.warn(f"step{step}:{violation}", f"STS re-check at step {step}: {violation}")
@@ -290,15 +290,17 @@ class STSSession:
         self.write_report(step)
         return record, decision
 
-    def _early_forecast(self, step: int, max_steps: int, measured: dict[str, float | None]) -> dict[str, Any]:
-        """The measured changes extrapolated to the end of training; projected violations warned about."""
+    def _early_forecast(self, step: int, max_steps: int, measured: dict[str, float | None],
+                        intervals: dict[str, list[float]]) -> dict[str, Any]:
+        """The measured changes extrapolated to the end of training with their intervals; projected violations
+        (whole interval above the tolerance) warned about."""
         if not self.learning_rates or max_steps <= 0:
             return {}
         fraction = lr_area_fraction(step, max_steps, self.learning_rates)
-        out = early_projection(self.history, measured, fraction, self.forecast, self.calibration)
+        out = early_projection(self.history, measured, fraction, self.forecast, self.calibration, intervals)
         if self.predicted:
             out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
-        projected = self.guard.projected(out["early_forecast"], measured, fraction)
+        projected = self.guard.projected(out["early_forecast"], measured, fraction, out["early_forecast_ci"])
         for name, message in projected.items():
             self.warn(f"early:{name}", f"STS early forecast at step {step}: {message}.")
         if projected:
@@ -357,14 +359,21 @@ def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) 
 
 
 def early_projection(history: list[dict[str, Any]], measured: dict[str, float | None], fraction: float,
-                     forecast: Forecast | None, calibration: Calibration | None) -> dict[str, Any]:
+                     forecast: Forecast | None, calibration: Calibration | None,
+                     intervals: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """The measured changes extrapolated from ``fraction`` of the learning-rate area to the end of training, with
     the exponent of change ~ f^b fitted on this run's earlier re-checks (linear until there are two), and the
-    calibration refitted on the projections (forecast scores -> projected change) when enough domains have both."""
+    calibration refitted on the projections (forecast scores -> projected change) when enough domains have both.
+    ``intervals``: the measured changes' 95% intervals, extrapolated alike (``early_forecast_ci``: the
+    measurement's uncertainty carried to the end; the exponent's own is not in it)."""
     points = [(r["lr_area_fraction"], r["loss_delta"]) for r in history if r.get("lr_area_fraction")]
     exponent = fitted_exponent(points + [(fraction, measured)]) or 1.0
     early = early_forecast(measured, fraction, exponent)
     out: dict[str, Any] = {"lr_area_fraction": fraction, "early_exponent": exponent, "early_forecast": early}
+    if intervals is not None:
+        low = early_forecast({n: ci[0] for n, ci in intervals.items() if ci}, fraction, exponent)
+        high = early_forecast({n: ci[1] for n, ci in intervals.items() if ci}, fraction, exponent)
+        out["early_forecast_ci"] = {n: [low[n], high[n]] for n in low}
     features = calibration.features if calibration is not None else [DEFAULT_SIGNED]
     domains = forecast.domains if forecast is not None else {}
     names = [n for n, v in early.items() if v is not None and n in domains

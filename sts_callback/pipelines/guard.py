@@ -27,7 +27,9 @@ class GuardConfig:
             (absolute; 0.02 = two points).
         max_sts: a protected domain's re-checked score may not exceed this (``None``: no such rule).
         forecast_top_k: warn when the forecast ranks a protected domain among the ``k`` most affected.
-        early_stop: stop training after ``patience`` consecutive re-checks with a violation.
+        early_stop: stop training after ``patience`` consecutive re-checks with a violation: ``True`` counts
+            measured violations, ``"projected"`` also protected domains projected (the whole interval of the projection) to end above
+            ``tolerance`` (an earlier stop, on the early forecast), ``False`` never stops.
         patience: see ``early_stop``.
         max_fvu: warn when the SAE's fraction of variance unexplained on the training probe is above this at
             train start (an SAE for another model or layer: the forecast then means little).
@@ -40,7 +42,7 @@ class GuardConfig:
     accuracy_tolerance: float = 0.02
     max_sts: float | None = None
     forecast_top_k: int = 1
-    early_stop: bool = False
+    early_stop: bool | str = False
     patience: int = 1
     max_fvu: float = 0.6
     fvu_rise: float = 0.15
@@ -60,8 +62,8 @@ class GuardConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise STSConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
-        if not isinstance(self.early_stop, bool):
-            raise STSConfigError(f"early_stop must be True or False, got {self.early_stop!r}.")
+        if not isinstance(self.early_stop, bool) and self.early_stop != "projected":
+            raise STSConfigError(f"early_stop must be True, False or 'projected', got {self.early_stop!r}.")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "GuardConfig":
@@ -151,18 +153,28 @@ class Guard:
         return {}
 
     # ------------------------------------------------------------------ during training
-    def projected(self, early: dict[str, float | None], measured: dict[str, float | None],
-                  fraction: float) -> dict[str, str]:
-        """Protected domains on course (by the early forecast) to exceed the tolerance by the end: name -> message."""
+    def projected(self, early: dict[str, float | None], measured: dict[str, float | None], fraction: float,
+                  intervals: dict[str, list[float]] | None = None) -> dict[str, str]:
+        """Protected domains on course (by the early forecast) to exceed the tolerance by the end: name -> message.
+
+        With ``intervals`` (the projection's interval per domain), only a domain whose whole interval lies above
+        the tolerance: a projection that may still end within it never warns."""
         out = {}
         for name in self.config.protected:
             value = early.get(name)
-            if value is not None and fraction < 1 and value > self.config.tolerance:
-                now = measured.get(name)
-                out[name] = (f"protected domain {name!r} is on course to get worse by {value:.1%} by the end of "
-                             f"training (measured {now:+.1%} after {fraction:.0%} of the learning-rate schedule; "
-                             f"tolerance {self.config.tolerance:.1%})" if now is not None else
-                             f"protected domain {name!r} is on course to get worse by {value:.1%} by the end of training")
+            interval = (intervals or {}).get(name)
+            if value is None or fraction >= 1 or value <= self.config.tolerance:
+                continue
+            if intervals is not None and (interval is None or interval[0] is None
+                                          or not interval[0] > self.config.tolerance):
+                continue
+            now = measured.get(name)
+            span = f" (interval {interval[0]:+.1%} to {interval[1]:+.1%})" if interval is not None else ""
+            out[name] = (f"protected domain {name!r} is on course to get worse by {value:.1%}{span} by the end of "
+                         f"training (measured {now:+.1%} after {fraction:.0%} of the learning-rate schedule; "
+                         f"tolerance {self.config.tolerance:.1%})" if now is not None else
+                         f"protected domain {name!r} is on course to get worse by {value:.1%}{span} by the end of "
+                         "training")
         return out
 
     def violations(self, recheck: Recheck, variant: str) -> list[str]:
@@ -187,14 +199,17 @@ class Guard:
                              f"max_sts={self.config.max_sts}")
         return found
 
-    def check(self, step: int, recheck: Recheck, variant: str) -> Decision:
-        """Count consecutive violations and decide whether to stop (with ``early_stop``)."""
+    def check(self, step: int, recheck: Recheck, variant: str, projected: list[str] | None = None) -> Decision:
+        """Count consecutive violations and decide whether to stop (with ``early_stop``). ``projected``: this
+        re-check's projected violations (:meth:`projected`), which count only with ``early_stop="projected"``."""
         found = self.violations(recheck, variant)
-        self.violations_in_a_row = self.violations_in_a_row + 1 if found else 0
+        counted = found + list(projected or []) if self.config.early_stop == "projected" else found
+        self.violations_in_a_row = self.violations_in_a_row + 1 if counted else 0
         decision = Decision(violations=found)
-        if found and self.config.early_stop and self.violations_in_a_row >= self.config.patience:
+        if counted and self.config.early_stop and self.violations_in_a_row >= self.config.patience:
+            what = "negative transfer" if found else "negative transfer projected by the early forecast"
             self.stop_reason = (f"early stop at step {step} after {self.violations_in_a_row} consecutive re-check(s) "
-                                f"with negative transfer: {'; '.join(found)}")
+                                f"with {what}: {'; '.join(counted)}")
             decision.stop, decision.reason = True, self.stop_reason
         return decision
 
