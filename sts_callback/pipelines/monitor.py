@@ -266,6 +266,7 @@ class Monitor:
         start = time.perf_counter()
         config = self.setup.config
         shift, fit = self._actual_shift_and_fit(model, autocast)
+        timings = {"probe": time.perf_counter() - start}
         latents, values = score.shifted_latents(shift, config.n_shifted)
         scores = {}
         for name, base in self.domains.items():
@@ -273,11 +274,15 @@ class Monitor:
             if base.latent_shift is not None:
                 entry["sts_icl"] = score.sts_icl(base.latent_shift, latents)
             scores[name] = entry
+        t0 = time.perf_counter()
         changes = self.measure_changes(model, autocast)
+        timings["losses"] = time.perf_counter() - t0
         loss_delta = {name: change.delta if self.base_losses.get(name) else None for name, change in changes.items()}
         losses = {name: self.base_losses[name] * (1 + change.delta) if name in self.base_losses else math.nan
                   for name, change in changes.items()}
+        t0 = time.perf_counter()
         accuracy = self.measure_accuracy(model, autocast) if self.accuracy_sets or self.lm_eval_targets else {}
+        timings["accuracy"] = time.perf_counter() - t0
         return Recheck(
             shift_total=float(shift.mean_shift().sum()),
             shifted_latents=latents.tolist(),
@@ -294,6 +299,7 @@ class Monitor:
             probe_tokens=shift.tokens,
             sae_fit=fit,
             seconds=time.perf_counter() - start,
+            timings=timings,
         )
 
     # -------------------------------------------------------------- persistence

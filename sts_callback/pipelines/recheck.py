@@ -85,6 +85,7 @@ class Recheck:
     seconds: float
     accuracy: dict[str, float] = field(default_factory=dict)
     accuracy_delta: dict[str, float | None] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: probe (shift and SAE fit), losses, accuracy
 
     def score(self, domain: str, variant: str) -> float | None:
         """The re-checked score of ``domain`` under ``variant`` (``sts_act`` where the variant was not computed)."""
