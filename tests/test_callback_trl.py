@@ -122,6 +122,10 @@ def test_grpo_forecasts_from_the_policys_scored_rollouts(tmp_path, tokenizer, sh
     rollouts = settings["rollouts"]
     assert rollouts["reward_funcs"] == ["reward_length"] and rollouts["prompts"] == 4
     assert rollouts["num_generations"] == 4
+    # the re-check probe is what the policy wrote: completions after their prompts, completion tokens counted
+    prompt_texts = set(domain_texts("law", 16))
+    assert cb.monitor.probe and all(sum(flags) < len(ids) for ids, flags in cb.monitor.probe)
+    assert all(tokenizer.decode(ids, skip_special_tokens=True) not in prompt_texts for ids, _ in cb.monitor.probe)
 
 
 def test_grpo_in_context_shift_of_prompt_only_data_skips_the_forecast_but_rechecks(tmp_path, tokenizer, capsys):

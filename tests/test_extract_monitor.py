@@ -73,8 +73,9 @@ def test_monitor_state_round_trips(setup, tmp_path):
     monitor = monitor_for(setup)
     path = monitor.save(tmp_path / "monitor.safetensors")
     again = monitor_for(setup)
-    again.base_residuals, again.base_sequence_nll = None, {}
+    again.base_residuals, again.base_sequence_nll, again.probe = None, {}, []
     again.load(path)
     assert torch.equal(again.base_residuals, monitor.base_residuals)
+    assert again.probe == monitor.probe  # the very sequences the base residuals belong to
     for name, sums in monitor.base_sequence_nll.items():
         assert torch.equal(again.base_sequence_nll[name], sums)

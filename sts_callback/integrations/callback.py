@@ -25,7 +25,7 @@ from ..pipelines.guard import GuardConfig
 from ..pipelines.recheck import RecheckConfig
 from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession, recheck_metrics
-from .trainer_shift import check_shift, forecast_runner, resolve_shift
+from .trainer_shift import RL_SHIFTS, check_shift, forecast_runner, resolve_shift, rollout_probe, trainer_rollouts
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
 
 
@@ -235,7 +235,11 @@ class STSCallback(TrainerCallback, ExportableState):
         else:
             data = self.train_probe if self.train_probe is not None else getattr(trainer, "train_dataset", None)
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
-            run = forecast_runner(shift, trainer, data, probe, demos, state)
+            rollouts = None
+            if shift in RL_SHIFTS:  # sampled once: the forecast's demonstrations and the re-check probe
+                rollouts = trainer_rollouts(trainer, data, session.setup, state, progress=session.is_main)
+                session.monitor.probe = rollout_probe(rollouts, session.setup, session.settings.recheck_tokens)
+            run = forecast_runner(shift, data, probe, demos, rollouts)
             forecast = session.start(model, probe, domains, demos, progress=True, forecast_run=run)
             if forecast is not None:
                 self._export("forecast", trackers.export_forecast, forecast)

@@ -8,20 +8,22 @@
 - ``"reward_weighted"``: RL: the advantage-weighted difference of high- and low-reward rollouts' latents.
 
 ``"auto"`` picks by the trainer: reward functions -> ``reward_filtered`` (unless ``demonstrations=`` are given),
-preference columns -> ``chosen_vs_rejected``, otherwise ``in_context``.
+preference columns -> ``chosen_vs_rejected``, otherwise ``in_context``. Under RL the rollouts also become the
+re-check probe (:func:`rollout_probe`): the shift is measured on what the policy writes.
 """
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..core.data import Corpus, load_corpus
+from ..core.data import Corpus, TokenSequence, load_corpus
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
-from ..pipelines.preference import run_preference_forecast
-from ..pipelines.rollouts import RolloutSettings, run_rollout_forecast, sample_rollouts
+from ..pipelines.preference import completion_sequence, run_preference_forecast
+from ..pipelines.rollouts import RolloutSettings, Rollouts, run_rollout_forecast, sample_rollouts
 
 SHIFTS = ("auto", "in_context", "chosen_vs_rejected", "reward_filtered", "reward_weighted")
 PREFERENCE_COLUMNS = ({"chosen", "rejected"}, {"chosen_ids", "rejected_ids"})
@@ -59,18 +61,43 @@ def resolve_shift(shift: str, trainer: Any, data: Any, has_demonstrations: bool)
     return shift
 
 
-def forecast_runner(shift: str, trainer: Any, data: Any, probe: Corpus, demonstrations: Corpus | None,
-                    state: Any = None) -> Callable[[ForecastSetup, dict[str, Corpus], bool], ForecastRun] | None:
+RL_SHIFTS = ("reward_filtered", "reward_weighted")
+
+
+def trainer_rollouts(trainer: Any, data: Any, setup: ForecastSetup, state: Any = None,
+                     progress: bool = False) -> Rollouts:
+    """The policy's rollouts on a seeded sample of the training prompts, with the trainer's generation settings,
+    reward functions and weights (the same on every rank)."""
+    return sample_rollouts(setup.model, setup.builder.tokenizer, data, trainer.reward_funcs, setup.config,
+                           _rollout_settings(trainer), trainer_state=state, progress=progress, builder=setup.builder)
+
+
+def rollout_probe(rollouts: Rollouts, setup: ForecastSetup, budget: int) -> list[TokenSequence]:
+    """The re-check probe of an RL run: the rollouts' completions after their prompts (what the policy writes,
+    not the bare prompts), a seeded sample of about ``budget`` completion tokens."""
+    sequences = [completion_sequence(setup.builder, g.prompt_ids, ids) for g in rollouts.groups
+                 for ids in g.completion_ids]
+    sequences = [s for s in sequences if any(s[1])]
+    random.Random(f"{setup.config.seed}:rollout-probe").shuffle(sequences)
+    chosen, tokens = [], 0
+    for sequence in sequences:
+        if tokens >= budget:
+            break
+        chosen.append(sequence)
+        tokens += sum(sequence[1])
+    return chosen
+
+
+def forecast_runner(shift: str, data: Any, probe: Corpus, demonstrations: Corpus | None,
+                    rollouts: Rollouts | None = None,
+                    ) -> Callable[[ForecastSetup, dict[str, Corpus], bool], ForecastRun | None] | None:
     """A function ``(setup, domains, progress) -> ForecastRun | None`` computing the forecast of ``shift`` (``None``
     when the rollouts' rewards carry no signal, with a warning); ``None`` itself for the in-context shift of data
-    without answers (nothing to forecast from)."""
+    without answers (nothing to forecast from). The RL shifts need the :func:`trainer_rollouts`."""
     if shift == "chosen_vs_rejected":
         return lambda setup, domains, progress: run_preference_forecast(setup, data, domains, progress=progress)
-    if shift in ("reward_filtered", "reward_weighted"):
+    if shift in RL_SHIFTS:
         def rl_forecast(setup: ForecastSetup, domains: dict[str, Corpus], progress: bool) -> ForecastRun | None:
-            rollouts = sample_rollouts(setup.model, setup.builder.tokenizer, data, trainer.reward_funcs,
-                                       setup.config, _rollout_settings(trainer), trainer_state=state,
-                                       progress=progress, builder=setup.builder)
             try:
                 rollouts.check_signal(f"the {shift} forecast")
             except STSInputError as err:  # a sparse reward the base policy never earns: common, not fatal
@@ -99,4 +126,4 @@ def _rollout_settings(trainer: Any) -> RolloutSettings:
     return settings
 
 
-__all__ = ["SHIFTS", "check_shift", "forecast_runner", "resolve_shift"]
+__all__ = ["RL_SHIFTS", "SHIFTS", "check_shift", "forecast_runner", "resolve_shift", "rollout_probe", "trainer_rollouts"]

@@ -307,6 +307,12 @@ class Monitor:
         out: dict[str, torch.Tensor] = {}
         if self.base_residuals is not None:
             out["probe/base_residuals"] = self.base_residuals.contiguous()
+        # The probe itself, so that a resume re-checks the very sequences whose base residuals are kept (an RL
+        # run's probe is the policy's train-start rollouts, which cannot be sampled again).
+        out["probe/ids"] = torch.tensor([t for ids, _ in self.probe for t in ids], dtype=torch.int64)
+        out["probe/id_counts"] = torch.tensor([len(ids) for ids, _ in self.probe], dtype=torch.int64)
+        out["probe/counted"] = torch.tensor([f for _, flags in self.probe for f in flags], dtype=torch.bool)
+        out["probe/counted_counts"] = torch.tensor([len(flags) for _, flags in self.probe], dtype=torch.int64)
         for name, sums in self.base_sequence_nll.items():
             out[f"heldout/{name}/base_sequence_nll"] = sums.contiguous()
         for name, base in self.domains.items():
@@ -326,6 +332,10 @@ class Monitor:
 
         tensors = load_file(str(path))
         self.base_residuals = tensors.get("probe/base_residuals")
+        if "probe/ids" in tensors:  # written since the probe is saved; older files: the probe sampled again
+            ids = tensors["probe/ids"].split(tensors["probe/id_counts"].tolist())
+            flags = tensors["probe/counted"].split(tensors["probe/counted_counts"].tolist())
+            self.probe = [(i.tolist(), f.tolist()) for i, f in zip(ids, flags)]
         self.base_sequence_nll = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("heldout/")}
         for name in self.domains:
             prefix = f"domain/{name}/"
