@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ from .distributed import Shard, raise_if_any_rank_failed, shard, world_size
 from .errors import STSNumericalError
 from .sae import SAEHandle
 from .stats import ActivationStats, ShiftStats, StatsGroup, TopActivations
+
+StatsGroupT = TypeVar("StatsGroupT", bound=StatsGroup)
 
 # Rows are encoded and summed this many at a time: the dense [rows x d_sae] latents (and their float64
 # squares) of a whole batch would dominate the path's memory (benchmarks/perf/extraction.py).
@@ -146,6 +149,16 @@ class Extractor:
             if not (self.split and world_size() > 1):
                 self.finish()
 
+    def finish_pass(self, stats: StatsGroupT, reservoir: TopActivations | None = None) -> StatsGroupT:
+        """End of a statistics pass: raise a recorded failure, then sum ``stats`` (and merge the reservoir) across
+        the ranks that split the work."""
+        self.finish()
+        if self.split:
+            stats.all_reduce()
+            if reservoir is not None:
+                reservoir.merge_across_ranks()
+        return stats
+
     def finish(self) -> None:
         """End of a pass: raise a recorded failure (collectively when split)."""
         failure, self.failure = self.failure, None
@@ -224,13 +237,7 @@ class Extractor:
             for _ in self._encoded_chunks(item.rows, latents, reservoir, [part.indices[i] for i in item.batch],
                                           item.where):
                 pass
-        self.finish()
-        if self.split:
-            latents.all_reduce()
-            residual.all_reduce()
-            if reservoir is not None:
-                reservoir.merge_across_ranks()
-        return ConditionStats(latents, residual)
+        return self.finish_pass(ConditionStats(latents, residual), reservoir)
 
     @torch.no_grad()
     def paired(self, pairs: Sequence[TokenPair], what: str = "queries",
@@ -252,13 +259,7 @@ class Extractor:
             for chunk, base_latents in self._encoded_chunks(item.rows, latents, reservoir,
                                                             [part.indices[i] for i in item.batch], item.where):
                 latent_shift.update(base_latents, self.encode(item.context_rows[chunk]))
-        self.finish()
-        stats = PairedStats(latents, residual, latent_shift, residual_shift)
-        if self.split:
-            stats.all_reduce()
-            if reservoir is not None:
-                reservoir.merge_across_ranks()
-        return stats
+        return self.finish_pass(PairedStats(latents, residual, latent_shift, residual_shift), reservoir)
 
     def _after_batch(self, n: int) -> None:
         self.batches_run += 1

@@ -132,13 +132,7 @@ def contrast_stats(extractor: Extractor, units: Sequence[ContrastUnit], what: st
         if high_rows:
             latent_shift.update(torch.stack(low_rows), torch.stack(high_rows))
             residual_shift.update(torch.stack(low_res), torch.stack(high_res))
-    extractor.finish()
-    stats = ContrastStats(latents, residual, latent_shift, residual_shift)
-    if extractor.split:
-        stats.all_reduce()
-        if reservoir is not None:
-            reservoir.merge_across_ranks()
-    return stats
+    return extractor.finish_pass(ContrastStats(latents, residual, latent_shift, residual_shift), reservoir)
 
 
 # Different sequences go through different batches and positions, so two sides with equal mean latents differ by
