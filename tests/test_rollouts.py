@@ -104,8 +104,8 @@ def test_reward_functions_get_trls_keyword_arguments_and_weights(model, tokenize
         return [1.0 if "law" in c else 0.0 for c in completions]
 
     state = object()
-    r = sample_rollouts(model, tokenizer, prompts(), [recorder, async_reward], config(), SETTINGS,
-                        reward_weights=[1.0, 0.5], trainer_state=state)
+    r = sample_rollouts(model, tokenizer, prompts(), [recorder, async_reward], config(),
+                        {**SETTINGS, "reward_weights": [1.0, 0.5]}, trainer_state=state)
     assert len(seen) == len(r.groups)
     for call, group in zip(seen, r.groups):
         assert set(call) == {"prompts", "completions", "completion_ids", "answer", "trainer_state", "log_extra",
@@ -207,7 +207,7 @@ def test_bad_inputs_name_the_problem(model, tokenizer):
     with pytest.raises(STSInputError, match="rewards must be numbers"):
         run(reward=lambda completions, **kw: ["high"] * len(completions))
     with pytest.raises(STSConfigError, match="2 reward weights for 1 reward functions"):
-        run(reward_weights=[1.0, 2.0])
+        run(settings={**SETTINGS, "reward_weights": [1.0, 2.0]})
     with pytest.raises(STSConfigError, match="at least 2"):
         run(settings={**SETTINGS, "num_generations": 1})
     with pytest.raises(STSConfigError, match="Unknown rollout setting"):

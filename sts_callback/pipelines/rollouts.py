@@ -394,8 +394,7 @@ def _generate_group(model: nn.Module, prompt_ids: list[int], generations: int, g
 
 
 def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any,
-                    config: STSConfig | dict | None = None, settings: Any = None, *,
-                    reward_weights: Sequence[float] | None = None, trainer_state: Any = None,
+                    config: STSConfig | dict | None = None, settings: Any = None, *, trainer_state: Any = None,
                     progress: bool = False, builder: PromptBuilder | None = None) -> Rollouts:
     """Sample and score rollouts of the model for a seeded sample of training prompts, as GRPO would.
 
@@ -409,8 +408,8 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
             **columns) -> list[float | None]`` (TRL's signature; async functions too). Reward models are refused.
         config: :class:`STSConfig`: ``rollout_prompts`` prompts, ``min(num_generations, rollout_generations)``
             completions each, of at most ``min(max_completion_length, rollout_max_tokens)`` tokens; ``seed``.
-        settings: :class:`RolloutSettings`, a dict of its fields, or the trainer's ``GRPOConfig`` (``trainer.args``).
-        reward_weights: one weight per reward function (default: ``settings.reward_weights``, else 1 each).
+        settings: :class:`RolloutSettings`, a dict of its fields, or the trainer's ``GRPOConfig`` (``trainer.args``);
+            its ``reward_weights``: one weight per reward function (default 1 each).
         trainer_state: passed to the reward functions as ``trainer_state`` (TRL passes the TrainerState).
         progress: a progress bar over this rank's prompts on the main process.
         builder: the forecast's prompt builder (default: one from ``config``), for sequence limits and chat checks.
@@ -421,7 +420,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
     settings = RolloutSettings.from_args(settings) if settings is not None else RolloutSettings()
     funcs = check_reward_funcs(reward_funcs)
-    weights = list(reward_weights) if reward_weights is not None else settings.reward_weights
+    weights = settings.reward_weights
     weights = [float(w) for w in weights] if weights is not None else [1.0] * len(funcs)
     if len(weights) != len(funcs):
         raise STSConfigError(f"{len(weights)} reward weights for {len(funcs)} reward functions; give one weight per "
@@ -517,8 +516,7 @@ def run_rollout_forecast(setup: ForecastSetup, rollouts: Rollouts, domains: dict
 
 
 def rollout_forecast(model: nn.Module, tokenizer, sae: Any, prompts: Any, reward_funcs: Any, targets: Any,
-                     config: STSConfig | dict | None = None, *, settings: Any = None,
-                     reward_weights: Sequence[float] | None = None, shift: str = "reward_weighted",
+                     config: STSConfig | dict | None = None, *, settings: Any = None, shift: str = "reward_weighted",
                      top_fraction: float | None = None, progress: bool = False, calibration: Any = None,
                      ) -> Forecast:
     """Forecast how RL (GRPO) on ``prompts`` with ``reward_funcs`` moves each target domain, from the model's own
@@ -535,8 +533,8 @@ def rollout_forecast(model: nn.Module, tokenizer, sae: Any, prompts: Any, reward
     setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration)
     domains = load_domains(targets)
     records = prompt_records(prompts)
-    rollouts = sample_rollouts(model, tokenizer, records, reward_funcs, setup.config, settings,
-                               reward_weights=reward_weights, progress=progress, builder=setup.builder)
+    rollouts = sample_rollouts(model, tokenizer, records, reward_funcs, setup.config, settings, progress=progress,
+                               builder=setup.builder)
     if shift == "reward_weighted":
         result = run_rollout_forecast(setup, rollouts, domains, progress=progress, start=start).forecast
     else:
