@@ -1,0 +1,208 @@
+"""A forecast that holds before training? Every step-0 feature and a learned forecast, left-one-source-out.
+
+    python benchmarks/transfer/learned.py [--units benchmarks/transfer/units] [--out benchmarks/transfer/learned.json]
+
+Reads the finished units (``units.py``: one fine-tune of Gemma 3 270M per (recipe, source, seed)), their step-0
+forecast scores, the in-context NLL baseline (``icl-<source>.json``) and, where present, the run-level terms
+(``runlevel-<recipe>-<source>.json``, ``runlevel.py``). For every held-out source, each forecast is fitted on the
+OTHER sources' units only (leave-one-source-out) and evaluated on the held-out source's 10 other domains: Pearson r
+with the measured signed change of their held-out NLL, the share with the right direction, and the mean absolute
+error of the predicted change. Forecasts:
+
+- each single feature, calibrated by a line (change ~ a + b * feature) fitted on the other sources;
+- ``learned``: a ridge regression (scikit-learn, standardised inputs, alpha by inner leave-one-source-out) on all
+  step-0 features: the SAE features, the in-context NLL change, the source's own base NLL, the recipe (lr, LoRA vs
+  full) and the run-level terms when every unit has them;
+- across recipes: fitted on the LoRA units, evaluated on the full fine-tunes, and the reverse.
+
+The goal (issue 13): Pearson >= 0.85 and direction >= 80% for at least 9 of the 11 sources. With fewer sources on
+disk the table says how many it had; a source needs units of at least 2 other sources to be evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sts_callback.scoring.agreement import correlation
+
+HERE = Path(__file__).resolve().parent
+SAE_FEATURES = ("sts_icl", "sts_act", "sts_sq", "raw_act", "signed_usage", "forgetting_minus_transfer",
+                "decoder_projection")
+RUNLEVEL = ("lookahead", "first_order")
+GOAL_R, GOAL_DIRECTION, GOAL_SOURCES = 0.85, 0.8, 9
+
+
+def load_units(folder: Path) -> list[dict]:
+    units = []
+    for path in sorted(folder.glob("*-seed*.json")):
+        unit = json.loads(path.read_text())
+        if unit.get("format") != "sts-transfer-unit/1":
+            continue
+        icl = folder / f"icl-{unit['source']}.json"
+        unit["icl"] = json.loads(icl.read_text())["icl_loss_change"] if icl.exists() else None
+        runlevel = folder / f"runlevel-{unit['recipe']}-{unit['source']}.json"
+        unit["runlevel"] = json.loads(runlevel.read_text()) if runlevel.exists() else None
+        units.append(unit)
+    return units
+
+
+def rows(unit: dict, features: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The unit's 10 other domains: their names, feature matrix and measured signed change."""
+    result, names = unit["result"], unit["others"]
+    x = []
+    for name in names:
+        row = []
+        for feature in features:
+            if feature in SAE_FEATURES:
+                value = result["scores"][name].get(feature)
+            elif feature == "icl_loss_change":
+                value = (unit["icl"] or {}).get(name)
+            elif feature == "source_base_nll":
+                value = result["nll_before"][unit["source"]]
+            elif feature == "log_lr":
+                value = math.log10(unit["training"]["learning_rate"])
+            elif feature == "full_fine_tune":
+                value = float(unit["recipe"] == "full")
+            elif feature in RUNLEVEL:
+                value = ((unit["runlevel"] or {}).get(feature) or {}).get("change", {}).get(name)
+            else:
+                raise KeyError(feature)
+            row.append(math.nan if value is None else float(value))
+        x.append(row)
+    y = [float(result["nll_delta_rel"][name]) for name in names]
+    return names, np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+
+def stack(units: list[dict], features: list[str]):
+    xs, ys, groups = [], [], []
+    for unit in units:
+        _, x, y = rows(unit, features)
+        xs.append(x)
+        ys.append(y)
+        groups += [unit["source"]] * len(y)
+    return np.vstack(xs), np.concatenate(ys), np.asarray(groups)
+
+
+def agreement(predicted: np.ndarray, measured: np.ndarray) -> dict:
+    r = correlation(predicted, measured, "pearson", n_resamples=0)["r"]
+    direction = float(np.mean(np.sign(predicted) == np.sign(measured)))
+    return {"r": r, "direction": direction, "mae": float(np.mean(np.abs(predicted - measured)))}
+
+
+def fit_predict(train: list[dict], test: dict, features: list[str], learned: bool) -> np.ndarray | None:
+    from sklearn.linear_model import LinearRegression, RidgeCV
+    from sklearn.model_selection import LeaveOneGroupOut
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y, groups = stack(train, features)
+    keep = np.isfinite(x).all(axis=1)
+    _, x_test, _ = rows(test, features)
+    if keep.sum() < len(features) + 2 or not np.isfinite(x_test).all() or len(set(groups[keep])) < 2:
+        return None
+    if not learned:
+        model = LinearRegression().fit(x[keep], y[keep])
+    else:
+        inner = LeaveOneGroupOut().split(x[keep], y[keep], groups[keep]) if len(set(groups[keep])) >= 3 else None
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13),
+                                                        cv=list(inner) if inner is not None else None))
+        model.fit(x[keep], y[keep])
+    return model.predict(x_test)
+
+
+def evaluate(units: list[dict], features: list[str], learned: bool, train_filter=None, test_filter=None) -> dict:
+    """Per held-out source: the forecast fitted on the other sources' units (of ``train_filter``), evaluated on
+    this source's units (of ``test_filter``), averaged over its units."""
+    out = {}
+    for source in sorted({u["source"] for u in units}):
+        tests = [u for u in units if u["source"] == source and (test_filter is None or test_filter(u))]
+        train = [u for u in units if u["source"] != source and (train_filter is None or train_filter(u))]
+        scores = []
+        for test in tests:
+            predicted = fit_predict(train, test, features, learned)
+            if predicted is not None:
+                scores.append(agreement(predicted, rows(test, features)[2]))
+        if scores:
+            out[source] = {k: (float(np.mean([s[k] for s in scores if s[k] is not None]))
+                               if any(s[k] is not None for s in scores) else None) for k in ("r", "direction", "mae")}
+            out[source]["units"] = len(scores)
+    return out
+
+
+def summary(per_source: dict) -> dict:
+    met = [s for s, v in per_source.items() if (v["r"] or -1) >= GOAL_R and v["direction"] >= GOAL_DIRECTION]
+    rs = [v["r"] for v in per_source.values() if v["r"] is not None]
+    return {"sources": len(per_source), "goal_met": len(met), "goal_met_sources": met,
+            "mean_r": float(np.mean(rs)) if rs else None,
+            "mean_direction": float(np.mean([v["direction"] for v in per_source.values()])) if per_source else None}
+
+
+def costs(units: list[dict], folder: Path) -> dict:
+    """Seconds of each step-0 feature per unit, and as a share of the unit's training run (its train_runtime,
+    which includes the callback's re-checks: the share is a lower bound)."""
+    out = {"sae_forecast": [], "icl_loss_change": [], "runlevel": [], "training": []}
+    for unit in units:
+        result = unit["result"]
+        training = next((e["train_runtime"] for e in result.get("log_history", []) if "train_runtime" in e), None)
+        out["training"].append(training)
+        out["sae_forecast"].append(result["forecast_timings"].get("total"))
+        icl = folder / f"icl-{unit['source']}.json"
+        out["icl_loss_change"].append(json.loads(icl.read_text())["seconds"] if icl.exists() else None)
+        out["runlevel"].append((unit["runlevel"] or {}).get("seconds"))
+    summary = {}
+    for name, values in out.items():
+        pairs = [(v, t) for v, t in zip(values, out["training"]) if v is not None and t]
+        summary[name] = {"seconds": float(np.mean([v for v, _ in pairs])) if pairs else None,
+                         "share_of_training": float(np.mean([v / t for v, t in pairs])) if pairs else None}
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--units", type=Path, default=HERE / "units")
+    parser.add_argument("--out", type=Path, default=HERE / "learned.json")
+    args = parser.parse_args()
+    units = load_units(args.units)
+    if len({u["source"] for u in units}) < 3:
+        raise SystemExit(f"{len(units)} unit(s) of {len({u['source'] for u in units})} source(s) in {args.units}: "
+                         "leave-one-source-out needs at least 3 sources (run units.py longer).")
+    base = ["icl_loss_change", "source_base_nll", "log_lr", "full_fine_tune"]
+    runlevel = [f for f in RUNLEVEL if all(u["runlevel"] and f in u["runlevel"] for u in units)]
+    learned_features = [*SAE_FEATURES, *base, *runlevel]
+    forecasts = {feature: ([feature], False) for feature in [*SAE_FEATURES, "icl_loss_change", *runlevel]}
+    forecasts["learned"] = (learned_features, True)
+    results = {"date": time.strftime("%Y-%m-%d"), "units": [u["unit"] for u in units],
+               "learned_features": learned_features, "forecasts": {}}
+    print(f"{len(units)} units, {len({u['source'] for u in units})} sources; goal: r >= {GOAL_R} and direction >= "
+          f"{GOAL_DIRECTION:.0%} for {GOAL_SOURCES} of 11 sources\n")
+    print(f"{'forecast':<28} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
+    for name, (features, learned) in forecasts.items():
+        per_source = evaluate(units, features, learned)
+        results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
+        s = results["forecasts"][name]["summary"]
+        mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
+        print(f"{name:<28} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
+    recipes = {u["recipe"] for u in units}
+    if {"lora", "full"} <= recipes:
+        for train, test in (("lora", "full"), ("full", "lora")):
+            per_source = evaluate(units, learned_features, True, lambda u, r=train: u["recipe"] == r,
+                                  lambda u, r=test: u["recipe"] == r)
+            results["forecasts"][f"learned {train}->{test}"] = {"per_source": per_source,
+                                                                "summary": summary(per_source)}
+    results["costs"] = costs(units, args.units)
+    print("\ncost per unit (seconds; share of the training run):")
+    for name, cost in results["costs"].items():
+        if cost["seconds"] is not None:
+            print(f"  {name:<18} {cost['seconds']:8.1f} s  {cost['share_of_training']:.1%}")
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
