@@ -79,3 +79,13 @@ def test_monitor_state_round_trips(setup, tmp_path):
     assert again.probe == monitor.probe  # the very sequences the base residuals belong to
     for name, sums in monitor.base_sequence_nll.items():
         assert torch.equal(again.base_sequence_nll[name], sums)
+
+
+def test_held_out_texts_cut_to_their_first_tokens_fill_the_budget_with_more_sequences(setup):
+    corpus = load_corpus(domain_texts("law", 40, length=24), name="law")
+    whole, whole_tokens = Monitor.sample_sequences(corpus, setup, 200, "0:heldout:law")
+    cut, cut_tokens = Monitor.sample_sequences(corpus, setup, 200, "0:heldout:law", tokens_each=8)
+    assert all(sum(flags) <= 8 for _, flags in cut) and len(cut) > len(whole)
+    assert cut_tokens >= 200 and sum(sum(flags) for _, flags in cut) == cut_tokens
+    for (ids, flags), (long_ids, _) in zip(cut, Monitor.sample_sequences(corpus, setup, 10_000, "0:heldout:law")[0]):
+        assert long_ids[: len(ids)] == ids and len(flags) <= len(ids)  # a prefix of the same text, same order

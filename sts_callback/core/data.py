@@ -403,8 +403,9 @@ def token_count(builder: PromptBuilder, example: Example) -> int:
 
 
 def sample_within_budget(corpus: Corpus, builder: PromptBuilder, budget: int, rng: random.Random,
-                         *, require_demonstrable: bool = False) -> tuple[list[int], int]:
-    """Indices of examples drawn in a seeded random order until ``budget`` counted tokens are reached."""
+                         *, require_demonstrable: bool = False, tokens_each: int | None = None) -> tuple[list[int], int]:
+    """Indices of examples drawn in a seeded random order until ``budget`` counted tokens are reached
+    (``tokens_each``: each example counts at most this many, as when it is cut to its first tokens)."""
     order = list(range(len(corpus)))
     rng.shuffle(order)
     chosen: list[int] = []
@@ -419,5 +420,16 @@ def sample_within_budget(corpus: Corpus, builder: PromptBuilder, budget: int, rn
         if n == 0:
             continue
         chosen.append(index)
-        total += n
+        total += n if tokens_each is None else min(n, tokens_each)
     return chosen, total
+
+
+def first_counted(sequence: TokenSequence, tokens: int) -> TokenSequence:
+    """``sequence`` cut right after its first ``tokens`` counted tokens (flags aligned with the ids' end)."""
+    ids, flags = sequence
+    offset, seen = len(ids) - len(flags), 0
+    for position, counted in enumerate(flags):
+        seen += counted
+        if seen == tokens:
+            return ids[: offset + position + 1], flags[: position + 1]
+    return ids, flags

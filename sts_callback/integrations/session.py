@@ -134,8 +134,8 @@ class STSSession:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
         self.setup = ForecastSetup.create(model, tokenizer, self.sae, self.config)
         seed, settings = self.config.seed, self.settings
-        loss_sets = {name: Monitor.sample_sequences(corpus, self.setup, settings.loss_tokens,
-                                                    seed=f"{seed}:heldout:{name}")[0]
+        loss_sets = {name: Monitor.sample_sequences(corpus, self.setup, settings.loss_tokens, f"{seed}:heldout:{name}",
+                                                    settings.loss_sequence_tokens)[0]
                      for name, corpus in domains.items()}
         accuracy_sets = {}
         for name, corpus in domains.items():

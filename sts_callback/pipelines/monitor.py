@@ -22,7 +22,7 @@ from torch import nn
 
 from ..scoring import score
 from ..core.capture import unwrap_model
-from ..core.data import Corpus, TokenSequence, sample_within_budget
+from ..core.data import Corpus, TokenSequence, first_counted, sample_within_budget
 from ..core.distributed import gather_objects, sum_across_ranks
 from ..core.extract import ConditionStats, Extractor, PairedStats
 from .forecast import ForecastSetup, inference_mode
@@ -125,9 +125,16 @@ class Monitor:
 
     # -------------------------------------------------------------- building
     @staticmethod
-    def sample_sequences(corpus: Corpus, setup: ForecastSetup, budget: int, seed: str) -> tuple[list[TokenSequence], int]:
-        indices, tokens = sample_within_budget(corpus, setup.builder, budget, random.Random(seed))
-        return [setup.builder.single(corpus[i]) for i in indices], tokens
+    def sample_sequences(corpus: Corpus, setup: ForecastSetup, budget: int, seed: str,
+                         tokens_each: int | None = None) -> tuple[list[TokenSequence], int]:
+        """A seeded sample of ``corpus`` within ``budget`` counted tokens; ``tokens_each``: each text cut to its
+        first counted tokens (more, shorter sequences: a paired change's interval narrows sooner)."""
+        indices, tokens = sample_within_budget(corpus, setup.builder, budget, random.Random(seed),
+                                               tokens_each=tokens_each)
+        sequences = [setup.builder.single(corpus[i]) for i in indices]
+        if tokens_each is not None:
+            sequences = [first_counted(sequence, tokens_each) for sequence in sequences]
+        return sequences, tokens
 
     def _extractor(self, model: nn.Module) -> Extractor:
         return self.setup.extractor(model=model)

@@ -27,6 +27,9 @@ class RecheckConfig:
             above ``tolerance``); ``None``: always all ``loss_tokens``.
         accuracy_items: items sampled per multiple-choice domain for its accuracy (one forward each).
         recheck_at_end: re-check at the end of training when the last step was not re-checked.
+        loss_sequence_tokens: each held-out text is cut to its first this many counted tokens, so that
+            ``loss_tokens`` holds more, shorter sequences and the sequential measurement can stop after a few
+            of them; ``None``: whole texts (up to ``STSConfig.max_query_tokens``).
     """
 
     recheck_steps: int | None = None
@@ -35,12 +38,16 @@ class RecheckConfig:
     loss_precision: float | None = 0.25
     accuracy_items: int = 100
     recheck_at_end: bool = True
+    loss_sequence_tokens: int | None = 64
 
     def __post_init__(self) -> None:
         for name in ("recheck_tokens", "loss_tokens", "accuracy_items"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise STSConfigError(f"{name} must be an integer >= 1, got {value!r}.")
+        cut = self.loss_sequence_tokens
+        if cut is not None and (not isinstance(cut, int) or isinstance(cut, bool) or cut < 8):
+            raise STSConfigError(f"loss_sequence_tokens must be None (whole texts) or an integer >= 8, got {cut!r}.")
         steps = self.recheck_steps
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise STSConfigError(f"recheck_steps must be None (at every save) or an integer >= 1, got {steps!r}.")
