@@ -94,3 +94,12 @@ def test_bad_sae_specs(tmp_path):
         load_sae(object())
     with pytest.raises(STSInputError, match="release"):
         load_sae({"sae_id": "x"})
+
+
+def test_encoding_ignores_a_trainers_bf16_autocast():
+    sae = load_sae(TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"))
+    rows = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    expected = sae.encode(rows)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # TRL's default bf16=True on CPU
+        inside = sae.encode(rows)
+    assert inside.dtype == torch.float32 and torch.equal(inside, expected)

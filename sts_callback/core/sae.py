@@ -60,10 +60,13 @@ class SAEHandle:
     neuronpedia_id: str | None = None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents at the SAE's own dtype, also inside a trainer's autocast (TRL's bf16 default would otherwise
+        run the encoder in bf16 and blur TopK and the fit)."""
         param = next(iter(self.module.parameters()), None) if isinstance(self.module, nn.Module) else None
         if param is not None:
             x = x.to(device=param.device, dtype=param.dtype)
-        return self.module.encode(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.module.encode(x)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "SAEHandle":
         if isinstance(self.module, nn.Module):
@@ -79,7 +82,8 @@ class SAEHandle:
         return callable(getattr(self.module, "decode", None))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.module.decode(latents)
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            return self.module.decode(latents)
 
     def checksum_parts(self) -> list[Any]:
         """Cheap identity of the SAE for comparing ranks: sizes, hook and a few moments of the encoder."""
