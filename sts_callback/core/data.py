@@ -157,6 +157,10 @@ class Corpus(Sequence):
     def __getitem__(self, index: int) -> Example:  # type: ignore[override]
         return example_from_record(self._items[index], where=f" {index} of {self.name!r}")
 
+    def records(self) -> list[Any]:
+        """The items as given (records keep columns an :class:`Example` drops, e.g. ``rejected``)."""
+        return list(self._items)
+
     def __repr__(self) -> str:
         return f"Corpus({self.name!r}, {len(self)} examples)"
 
@@ -291,22 +295,22 @@ class PromptBuilder:
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.special_ids = set(tokenizer.all_special_ids) if exclude_special_tokens else set()
         self.prefix = self._special_prefix()
-        self.separator = self._encode("\n\n")
+        self.separator = self.encode_text("\n\n")
 
-    def _encode(self, text: str) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _special_prefix(self) -> list[int]:
         """The ids the tokenizer puts before any text (usually BOS)."""
         with_special = list(self.tokenizer("x", add_special_tokens=True)["input_ids"])
-        plain = self._encode("x")
+        plain = self.encode_text("x")
         for start in range(len(with_special) - len(plain) + 1):
             if with_special[start:start + len(plain)] == plain:
                 return with_special[:start]
         return []
 
     def _cut_text(self, text: str, max_tokens: int) -> str:
-        ids = self._encode(text)
+        ids = self.encode_text(text)
         if len(ids) <= max_tokens:
             return text
         return self.tokenizer.decode(ids[:max_tokens])
@@ -320,7 +324,7 @@ class PromptBuilder:
                 "STSConfig(chat_fallback=True) to join turns as plain 'role: content' text."
             )
 
-    def _render_chat(self, messages: Messages) -> str:
+    def render_chat(self, messages: Messages) -> str:
         if self.has_chat_template:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return "".join(f"{m['role']}: {_content_text(m['content'])}\n" for m in messages)
@@ -343,7 +347,7 @@ class PromptBuilder:
     def _demo_text(self, example: Example) -> str:
         if example.plain_text:
             return self._cut_text(example.prompt, self.max_demonstration_tokens)
-        prompt = example.prompt if isinstance(example.prompt, str) else self._render_chat(example.prompt)
+        prompt = example.prompt if isinstance(example.prompt, str) else self.render_chat(example.prompt)
         return self._cut_text(prompt, self.max_demonstration_tokens) + "\n" + self._cut_text(
             example.answer or "", self.max_demonstration_tokens
         )
@@ -361,12 +365,12 @@ class PromptBuilder:
         if self.uses_chat(query, demonstrations):
             head_base, head_context, query_ids = self._chat_parts(query, demonstrations)
         else:
-            query_text = query.prompt if isinstance(query.prompt, str) else self._render_chat(query.prompt)
-            query_ids = self._encode(query_text)[: self.max_query_tokens]
+            query_text = query.prompt if isinstance(query.prompt, str) else self.render_chat(query.prompt)
+            query_ids = self.encode_text(query_text)[: self.max_query_tokens]
             head_base = list(self.prefix)
             head_context = list(self.prefix)
             for demo in demonstrations:
-                head_context += self._encode(self._demo_text(demo)) + self.separator
+                head_context += self.encode_text(self._demo_text(demo)) + self.separator
         room = self.max_length - len(query_ids)
         if len(head_context) > room:  # drop demonstration tokens from the left, keep BOS
             keep_prefix = self.prefix if head_context[: len(self.prefix)] == self.prefix else []
@@ -381,8 +385,8 @@ class PromptBuilder:
         demo_messages: Messages = []
         for demo in demonstrations:
             demo_messages += self._demo_messages(demo)
-        alone = self._encode(self._render_chat(query_messages))
-        full = self._encode(self._render_chat(demo_messages + query_messages))
+        alone = self.encode_text(self.render_chat(query_messages))
+        full = self.encode_text(self.render_chat(demo_messages + query_messages))
         # The query turn is the longest common *token* suffix of both renderings: identical ids by construction.
         shared = 0
         while shared < min(len(alone), len(full)) and alone[-1 - shared] == full[-1 - shared]:

@@ -210,7 +210,7 @@ class Extractor:
             yield RowBatch(batch=batch, rows=base_rows, where=where, context_rows=context_rows)
             self._after_batch(len(batch))
 
-    def _encoded_chunks(self, rows: torch.Tensor, latents: ActivationStats, reservoir: TopActivations | None,
+    def encoded_chunks(self, rows: torch.Tensor, latents: ActivationStats, reservoir: TopActivations | None,
                         sequence_of_row: list[int], where: list):
         """Encode ``rows`` ENCODE_CHUNK_TOKENS at a time into ``latents`` (and the reservoir, keyed by global
         sequence index and position); yields (chunk slice, latents of the chunk) for further use."""
@@ -234,7 +234,7 @@ class Extractor:
         part = self.share([len(ids) for ids, _ in sequences])
         for item in self.iter_rows(local_sequences(sequences, part), what):
             residual.update(item.rows)
-            for _ in self._encoded_chunks(item.rows, latents, reservoir, [part.indices[i] for i in item.batch],
+            for _ in self.encoded_chunks(item.rows, latents, reservoir, [part.indices[i] for i in item.batch],
                                           item.where):
                 pass
         return self.finish_pass(ConditionStats(latents, residual), reservoir)
@@ -256,7 +256,7 @@ class Extractor:
         for item in self.iter_paired_rows(local, what):
             residual.update(item.rows)
             residual_shift.update(item.rows, item.context_rows)
-            for chunk, base_latents in self._encoded_chunks(item.rows, latents, reservoir,
+            for chunk, base_latents in self.encoded_chunks(item.rows, latents, reservoir,
                                                             [part.indices[i] for i in item.batch], item.where):
                 latent_shift.update(base_latents, self.encode(item.context_rows[chunk]))
         return self.finish_pass(PairedStats(latents, residual, latent_shift, residual_shift), reservoir)

@@ -110,7 +110,7 @@ def contrast_stats(extractor: Extractor, units: Sequence[ContrastUnit], what: st
             residual.update(item.rows)
             residual_sums.index_add_(0, row_sequence, item.rows.to(device, torch.float64))
             counts.index_add_(0, row_sequence, torch.ones(len(row_sequence), dtype=torch.float64, device=device))
-            for chunk, encoded in extractor._encoded_chunks(item.rows, latents, reservoir,
+            for chunk, encoded in extractor.encoded_chunks(item.rows, latents, reservoir,
                                                             [owner[i] for i in item.batch], item.where):
                 latent_sums.index_add_(0, row_sequence[chunk], encoded.to(device, torch.float64))
         low_rows, high_rows, low_res, high_res = [], [], [], []
@@ -194,7 +194,7 @@ def prompt_completion_ids(builder: PromptBuilder, prompt: Any, completion: Any,
     """Token ids of a prompt and of its completion as TRL's DPO trainer tokenizes them: prompt + completion
     tokenized together and split where they diverge from the prompt alone (chat messages through the chat
     template, the prompt with the generation prompt)."""
-    encode = builder._encode
+    encode = builder.encode_text
     if is_messages(prompt) or is_messages(completion):
         messages = _as_messages(prompt, "user")
         if builder.has_chat_template:
@@ -203,8 +203,8 @@ def prompt_completion_ids(builder: PromptBuilder, prompt: Any, completion: Any,
             alone = encode(render(messages, tokenize=False, add_generation_prompt=True, **kwargs))
             full = encode(render(messages + _as_messages(completion, "assistant"), tokenize=False, **kwargs))
         else:  # chat_fallback (checked by the caller): "role: content" lines after the BOS prefix
-            alone = builder.prefix + encode(builder._render_chat(messages) + "assistant: ")
-            full = builder.prefix + encode(builder._render_chat(messages + _as_messages(completion, "assistant")))
+            alone = builder.prefix + encode(builder.render_chat(messages) + "assistant: ")
+            full = builder.prefix + encode(builder.render_chat(messages + _as_messages(completion, "assistant")))
     else:
         alone = builder.prefix + encode(str(prompt))
         full = builder.prefix + encode(str(prompt) + str(completion))
@@ -271,9 +271,9 @@ def raw_records(data: Any, what: str = "preference data") -> list[Any]:
     """The items of ``data`` as given (a list, a ``datasets.Dataset`` (streaming: its head), a JSON(L) path or a
     :class:`Corpus`), for inputs whose records hold more than an :class:`Example` keeps."""
     if isinstance(data, Corpus):
-        return list(data._items)
+        return data.records()
     if isinstance(data, (str, Path)):
-        return list(load_corpus(data, name=what)._items)
+        return load_corpus(data, name=what).records()
     if is_dataset(data):
         return take_streamed(data) if not hasattr(data, "__len__") else [data[i] for i in range(len(data))]
     if isinstance(data, Sequence):

@@ -368,8 +368,8 @@ def _prompt_ids(builder: PromptBuilder, prompt: Any, settings: RolloutSettings, 
         if builder.has_chat_template:
             text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
                                                  **(settings.chat_template_kwargs or {}))
-            return builder._encode(text)
-        return builder.prefix + builder._encode(builder._render_chat(prompt) + "assistant: ")
+            return builder.encode_text(text)
+        return builder.prefix + builder.encode_text(builder.render_chat(prompt) + "assistant: ")
     return list(tokenizer(prompt)["input_ids"])
 
 
