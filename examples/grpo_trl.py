@@ -2,8 +2,9 @@
 
     python examples/grpo_trl.py [--steps 4] [--output outputs/grpo_trl]
 
-GRPO prompts have no answers, so the forecast needs explicit demonstrations (here: worked additions); the
-re-checks (actual shift, held-out losses) run either way.
+Here the forecast uses explicit demonstrations (worked additions); without them the callback samples the
+policy's own rollouts, scores them with the reward function and forecasts from the above-mean ones
+(``shift="auto"``). The re-checks (actual shift, held-out losses) run either way.
 """
 
 import argparse
