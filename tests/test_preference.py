@@ -5,7 +5,8 @@ import warnings
 
 import pytest
 import torch
-from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+from test_forecast import model, tokenizer  # noqa: F401 - the same module-scoped fixtures
+from tiny import TinySAE, domain_texts, make_model
 
 from sts_callback import STSConfig, STSConfigError, STSInputError, STSNumericalError
 from sts_callback.core.data import load_corpus, load_domains
@@ -16,16 +17,6 @@ from sts_callback.pipelines.preference import (ContrastUnit, contrast_stats, pla
 
 LAYER = 1
 PROMPTS = ["what is the answer ?", "how do you solve two and three ?", "who is the judge ?", "why is the ball ?"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model("llama").double()
 
 
 @pytest.fixture(scope="module")
