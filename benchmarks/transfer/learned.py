@@ -177,7 +177,8 @@ def main() -> None:
     learned_features = [*SAE_FEATURES, *base, *runlevel]
     forecasts = {feature: ([feature], False) for feature in [*SAE_FEATURES, "icl_loss_change", *runlevel]}
     forecasts["learned"] = (learned_features, True)
-    results = {"date": time.strftime("%Y-%m-%d"), "units": [u["unit"] for u in units],
+    results = {"date": time.strftime("%Y-%m-%d"), "args": {"units": str(args.units), "out": str(args.out)},
+               "units": [u["unit"] for u in units],
                "learned_features": learned_features, "forecasts": {}}
     print(f"{len(units)} units, {len({u['source'] for u in units})} sources; goal: r >= {GOAL_R} and direction >= "
           f"{GOAL_DIRECTION:.0%} for {GOAL_SOURCES} of 11 sources\n")
