@@ -327,11 +327,15 @@ def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenize
     assert [r["step"] for r in history] == [2, 4, 6]
     fractions = [r["lr_area_fraction"] for r in history]
     assert fractions[0] > 2 / 6 and fractions[-1] == pytest.approx(1.0)  # a linear decay spends its area early
-    assert history[0]["early_exponent"] == 1.0  # one re-check: the linear model
+    assert all(r["early_method"] == "trend" for r in history)
+    for name, delta in history[0]["loss_delta"].items():  # one re-check: the line through the origin
+        assert history[0]["early_forecast"][name] == pytest.approx(delta / fractions[0])
+    for name, delta in history[1]["loss_delta"].items():  # two: the line through both, at the end
+        slope = (delta - history[0]["loss_delta"][name]) / (fractions[1] - fractions[0])
+        assert history[1]["early_forecast"][name] == pytest.approx(delta + slope * (1 - fractions[1]))
     for record in history:
-        scale = record["lr_area_fraction"] ** record["early_exponent"]
-        for name, delta in record["loss_delta"].items():
-            assert record["early_forecast"][name] == pytest.approx(delta / scale)
+        for name, (low, high) in record["early_forecast_ci"].items():
+            assert low <= record["early_forecast"][name] <= high
         assert record["predicted"] == {n: p["mean"] for n, p in callback.predicted.items()}
     report = (tmp_path / "run" / "sts" / "report.html").read_text()
     assert "projected at the end of training" in report and "calibrated at start" in report

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from sts_callback.scoring.early import _shape, areas, fit_shared_law, forecast
+from sts_callback.scoring.early import (_shape, areas, fit_shared_law, forecast, trend_interval, trend_projection,
+                                        trend_weights)
 
 
 def cosine(n=64, warmup=6):
@@ -38,6 +39,30 @@ def test_loss_to_loss_follows_the_train_loss():
 
 def test_power_rule_is_the_linear_extrapolation_with_one_point():
     assert forecast("power", {"a": [(0.5, 0.02)]})["a"] == pytest.approx(0.04)
+
+
+def test_trend_projects_a_trajectory_that_turns():
+    # Falls first, then rises linearly in the lr area: the saturating laws see one monotone curve, the trend
+    # rule follows the recent slope.
+    truth = lambda f: -0.02 + 0.1 * (f - 0.125) if f > 0.125 else -0.16 * f  # noqa: E731
+    points = {"a": [(f, truth(f)) for f in (0.125, 0.25, 0.375)]}
+    assert forecast("trend", points)["a"] == pytest.approx(truth(1.0))
+    assert forecast("trend", {"a": [(0.25, 0.01)]})["a"] == pytest.approx(0.04)  # one point: through the origin
+
+
+def test_trend_uses_the_last_three_rechecks_only():
+    weights = trend_weights([0.1, 0.2, 0.4, 0.6])
+    assert weights[0] == 0 and weights.sum() == pytest.approx(1.0)  # a constant trajectory stays constant
+    assert weights @ np.array([9.0, 0.2, 0.4, 0.6]) == pytest.approx(1.0)  # the first point cannot move it
+
+
+def test_trend_interval_carries_the_measurement_error_to_the_end():
+    # Two re-checks at 0.2 and 0.4 with +-0.01 each: the end value is -3 y1 + 4 y2, so its half-width is 5 x 0.01.
+    assert trend_interval([0.2, 0.4], [(0.0, 0.02), (0.02, 0.04)]) == pytest.approx(0.05)
+    history = [{"lr_area_fraction": 0.2, "loss_delta": {"a": 0.01}, "loss_delta_ci": {"a": [0.0, 0.02]}}]
+    early, bounds = trend_projection(history, {"a": 0.03, "b": None}, 0.4, {"a": [0.02, 0.04]})
+    assert early == {"a": pytest.approx(0.09), "b": None}
+    assert bounds["a"] == pytest.approx([0.04, 0.14]) and bounds["b"] == [None, None]
 
 
 def test_unknown_method_is_named():

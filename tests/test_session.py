@@ -128,6 +128,8 @@ def test_recheck_config_errors_name_the_setting():
         RecheckConfig(loss_tokens=0)
     with pytest.raises(STSConfigError, match="recheck_steps must be None"):
         RecheckConfig(recheck_steps=0)
+    with pytest.raises(STSConfigError, match="early_method must be one of"):
+        RecheckConfig(early_method="lr_law")
     with pytest.raises(STSConfigError, match=r"Unknown re-check setting\(s\) \['loss_token'\]"):
         RecheckConfig.from_dict({"loss_token": 5})
     assert json.loads(json.dumps(RecheckConfig().to_dict())) == RecheckConfig().to_dict()

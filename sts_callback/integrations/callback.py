@@ -72,6 +72,8 @@ class STSCallback(TrainerCallback, ExportableState):
             (``loss_delta_ci``). ``None``: always all ``loss_tokens``.
         loss_sequence_tokens: held-out texts are cut to their first this many tokens (more, shorter sequences:
             the sequential measurement stops sooner); ``None``: whole texts.
+        early_method: how each re-check projects the changes to the end of training (``"trend"``: latest change
+            plus the recent slope in the learning-rate area; ``"power"``: change ~ f^b); see ``RecheckConfig``.
         shift: what the training pushes (:mod:`~sts_callback.integrations.trainer_shift`): ``"auto"`` (RL trainer
             -> the policy's reward-filtered rollouts as demonstrations; preference data -> chosen minus rejected;
             else the data's answers in context), or one of ``"in_context"``, ``"chosen_vs_rejected"``,
@@ -86,7 +88,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  early_stop: bool | str = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
                  accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
-                 loss_sequence_tokens: int | None = 64,
+                 loss_sequence_tokens: int | None = 64, early_method: str = "trend",
                  _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
@@ -96,7 +98,8 @@ class STSCallback(TrainerCallback, ExportableState):
                             accuracy_tolerance=accuracy_tolerance)
         recheck = RecheckConfig(recheck_steps=recheck_steps, recheck_tokens=recheck_tokens, loss_tokens=loss_tokens,
                                 loss_precision=loss_precision, accuracy_items=accuracy_items,
-                                recheck_at_end=recheck_at_end, loss_sequence_tokens=loss_sequence_tokens)
+                                recheck_at_end=recheck_at_end, loss_sequence_tokens=loss_sequence_tokens,
+                                early_method=early_method)
         values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe, demonstrations=demonstrations)
         if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
             missing = [name for name in _objects_from if name not in STSCallback._live_objects]

@@ -39,6 +39,7 @@ from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from
 from ..pipelines.recheck import RecheckConfig
 from ..scoring.calibration import Calibration, early_forecast, fitted_exponent, load_calibration, lr_area_fraction
+from ..scoring.early import trend_projection
 from ..scoring.signed import DEFAULT_SIGNED, SIGNED_VARIANTS
 
 logger = logging.getLogger("sts_callback")
@@ -297,7 +298,8 @@ class STSSession:
         if not self.learning_rates or max_steps <= 0:
             return {}
         fraction = lr_area_fraction(step, max_steps, self.learning_rates)
-        out = early_projection(self.history, measured, fraction, self.forecast, self.calibration, intervals)
+        out = early_projection(self.history, measured, fraction, self.forecast, self.calibration, intervals,
+                               self.settings.early_method)
         if self.predicted:
             out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
         projected = self.guard.projected(out["early_forecast"], measured, fraction, out["early_forecast_ci"])
@@ -360,20 +362,28 @@ def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) 
 
 def early_projection(history: list[dict[str, Any]], measured: dict[str, float | None], fraction: float,
                      forecast: Forecast | None, calibration: Calibration | None,
-                     intervals: dict[str, list[float]] | None = None) -> dict[str, Any]:
-    """The measured changes extrapolated from ``fraction`` of the learning-rate area to the end of training, with
-    the exponent of change ~ f^b fitted on this run's earlier re-checks (linear until there are two), and the
-    calibration refitted on the projections (forecast scores -> projected change) when enough domains have both.
-    ``intervals``: the measured changes' 95% intervals, extrapolated alike (``early_forecast_ci``: the
-    measurement's uncertainty carried to the end; the exponent's own is not in it)."""
-    points = [(r["lr_area_fraction"], r["loss_delta"]) for r in history if r.get("lr_area_fraction")]
-    exponent = fitted_exponent(points + [(fraction, measured)]) or 1.0
-    early = early_forecast(measured, fraction, exponent)
-    out: dict[str, Any] = {"lr_area_fraction": fraction, "early_exponent": exponent, "early_forecast": early}
-    if intervals is not None:
-        low = early_forecast({n: ci[0] for n, ci in intervals.items() if ci}, fraction, exponent)
-        high = early_forecast({n: ci[1] for n, ci in intervals.items() if ci}, fraction, exponent)
-        out["early_forecast_ci"] = {n: [low[n], high[n]] for n in low}
+                     intervals: dict[str, list[float]] | None = None, method: str = "trend") -> dict[str, Any]:
+    """The measured changes extrapolated from ``fraction`` of the learning-rate area to the end of training, and
+    the calibration refitted on the projections (forecast scores -> projected change) when enough domains have
+    both. ``method`` ``"trend"``: the latest change plus the recent slope over this run's re-checks
+    (:func:`~sts_callback.scoring.early.trend_weights`); ``"power"``: change ~ f^b, b fitted on the earlier
+    re-checks (linear until there are two). ``intervals``: the measured changes' 95% intervals, carried to the
+    end alike (``early_forecast_ci``: the measurement's uncertainty; the model's own is not in it)."""
+    out: dict[str, Any] = {"lr_area_fraction": fraction, "early_method": method}
+    if method == "power":
+        points = [(r["lr_area_fraction"], r["loss_delta"]) for r in history if r.get("lr_area_fraction")]
+        exponent = fitted_exponent(points + [(fraction, measured)]) or 1.0
+        early = early_forecast(measured, fraction, exponent)
+        out.update(early_exponent=exponent, early_forecast=early)
+        if intervals is not None:
+            low = early_forecast({n: ci[0] for n, ci in intervals.items() if ci}, fraction, exponent)
+            high = early_forecast({n: ci[1] for n, ci in intervals.items() if ci}, fraction, exponent)
+            out["early_forecast_ci"] = {n: [low[n], high[n]] for n in low}
+    else:
+        early, bounds = trend_projection(history, measured, fraction, intervals)
+        out["early_forecast"] = early
+        if intervals is not None:
+            out["early_forecast_ci"] = bounds
     features = calibration.features if calibration is not None else [DEFAULT_SIGNED]
     domains = forecast.domains if forecast is not None else {}
     names = [n for n, v in early.items() if v is not None and n in domains

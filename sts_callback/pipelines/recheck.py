@@ -13,6 +13,8 @@ from typing import Any
 from ..core.config import settings_from_dict
 from ..core.errors import STSConfigError
 
+EARLY_METHODS = ("trend", "power")  # the early forecasts whose intervals carry over (scoring.early)
+
 
 @dataclass
 class RecheckConfig:
@@ -30,6 +32,10 @@ class RecheckConfig:
         loss_sequence_tokens: each held-out text is cut to its first this many counted tokens, so that
             ``loss_tokens`` holds more, shorter sequences and the sequential measurement can stop after a few
             of them; ``None``: whole texts (up to ``STSConfig.max_query_tokens``).
+        early_method: how the measured changes are projected to the end of training: ``"trend"`` (the latest
+            change plus the recent slope in the learning-rate area; the transfer benchmark's best from a quarter
+            of training, ``benchmarks/transfer/early_compare.py``) or ``"power"`` (change ~ f^b, b fitted on the
+            run's re-checks).
     """
 
     recheck_steps: int | None = None
@@ -39,6 +45,7 @@ class RecheckConfig:
     accuracy_items: int = 100
     recheck_at_end: bool = True
     loss_sequence_tokens: int | None = 64
+    early_method: str = "trend"
 
     def __post_init__(self) -> None:
         for name in ("recheck_tokens", "loss_tokens", "accuracy_items"):
@@ -56,6 +63,8 @@ class RecheckConfig:
                                       or not precision > 0):
             raise STSConfigError(f"loss_precision must be a positive fraction of the tolerance (0.25: the 95% "
                                  f"interval of a loss change is at most +-tolerance/4) or None, got {precision!r}.")
+        if self.early_method not in EARLY_METHODS:
+            raise STSConfigError(f"early_method must be one of {EARLY_METHODS}, got {self.early_method!r}.")
         if not isinstance(self.recheck_at_end, bool):
             raise STSConfigError(f"recheck_at_end must be True or False, got {self.recheck_at_end!r}.")
 

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-METHODS = ("power", "lr_law", "loss_to_loss")
+METHODS = ("power", "lr_law", "loss_to_loss", "trend")
+TREND_WINDOW = 3
 ALPHAS = np.linspace(0.05, 2.0, 40)
 OFFSETS = np.geomspace(1e-3, 1.0, 25)  # S0 as a share of the whole schedule's area
 
@@ -99,6 +100,68 @@ def loss_to_loss(points: dict[str, list[tuple[float, float]]], train_loss: list[
     return out
 
 
+def trend_weights(fractions: Sequence[float], window: int = TREND_WINDOW) -> np.ndarray:
+    """Weights w over the re-checks at ``fractions`` (ascending shares of the lr area) with the end-of-training
+    change = w @ changes: the last change plus the least-squares slope of the last ``window`` re-checks times
+    (1 - last fraction); one re-check: change / fraction."""
+    x = np.asarray(fractions, dtype=np.float64)
+    weights = np.zeros(len(x))
+    if len(x) == 0 or x[-1] <= 0:
+        return weights * math.nan
+    recent = x[-window:]
+    if len(recent) == 1 or np.ptp(recent) == 0:
+        weights[-1] = 1.0 / x[-1]
+        return weights
+    centred = recent - recent.mean()
+    weights[-len(recent):] = (1.0 - x[-1]) * centred / float(centred @ centred)
+    weights[-1] += 1.0
+    return weights
+
+
+def trend(points: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """End-of-training change of each series by the recent trend in the lr area (see :func:`trend_weights`)."""
+    out = {}
+    for name, series in points.items():
+        series = sorted(series)
+        weights = trend_weights([f for f, _ in series])
+        out[name] = float(weights @ np.array([v for _, v in series])) if series else math.nan
+    return out
+
+
+def trend_interval(fractions: Sequence[float], intervals: Sequence[tuple[float, float]], z: float = 1.96) -> float:
+    """Half-width of the trend projection's interval from the re-checks' own (symmetric, level ``z``) intervals,
+    their errors taken as independent. The changes are measured on the same held-out tokens each time, so their
+    errors are positively correlated and the slope's true error is smaller: the interval errs wide."""
+    weights = trend_weights(fractions)
+    se = np.array([(high - low) / (2 * z) for low, high in intervals])
+    return float(z * math.sqrt(float((weights ** 2) @ (se ** 2))))
+
+
+def trend_projection(history: list[dict], measured: dict[str, float | None], fraction: float,
+                     intervals: dict[str, list[float]] | None) -> tuple[dict[str, float | None], dict[str, list]]:
+    """Each domain's end-of-training change by the trend rule over the re-checks in ``history`` (the callback's
+    records: ``lr_area_fraction``, ``loss_delta``, ``loss_delta_ci``) and the one ``measured`` now at ``fraction``,
+    and the projection's 95% interval (``[None, None]`` where a point has no interval)."""
+    early: dict[str, float | None] = {}
+    bounds: dict[str, list] = {}
+    for name, value in measured.items():
+        if value is None or fraction <= 0:
+            early[name], bounds[name] = None, [None, None]
+            continue
+        earlier = [r for r in history if r.get("lr_area_fraction") and 0 < r["lr_area_fraction"] < fraction
+                   and r.get("loss_delta", {}).get(name) is not None]
+        fractions = [r["lr_area_fraction"] for r in earlier] + [fraction]
+        changes = [r["loss_delta"][name] for r in earlier] + [value]
+        early[name] = float(trend_weights(fractions) @ np.array(changes))
+        cis = [(r.get("loss_delta_ci") or {}).get(name) for r in earlier] + [(intervals or {}).get(name)]
+        if all(ci and None not in ci for ci in cis):
+            half = trend_interval(fractions, cis)
+            bounds[name] = [early[name] - half, early[name] + half]
+        else:
+            bounds[name] = [None, None]
+    return early, bounds
+
+
 def forecast(method: str, points: dict[str, list[tuple[float, float]]],
              train_loss: list[tuple[float, float]] | None = None) -> dict[str, float]:
     """End-of-training change per domain by ``method`` (one of :data:`METHODS`)."""
@@ -108,7 +171,10 @@ def forecast(method: str, points: dict[str, list[tuple[float, float]]],
         return lr_law(points)
     if method == "loss_to_loss":
         return loss_to_loss(points, train_loss or [])
+    if method == "trend":
+        return trend(points)
     raise ValueError(f"unknown early-forecast method {method!r}; use one of {METHODS}")
 
 
-__all__ = ["METHODS", "areas", "fit_shared_law", "forecast", "loss_to_loss", "lr_law", "power"]
+__all__ = ["METHODS", "areas", "fit_shared_law", "forecast", "loss_to_loss", "lr_law", "power", "trend",
+           "trend_interval", "trend_projection", "trend_weights"]
