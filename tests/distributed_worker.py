@@ -132,14 +132,15 @@ def runlevel(backend: str) -> dict:
     return out
 
 
-def trl_forecast(kind: str) -> dict | None:
-    """The train-start forecast of a TRL DPO or GRPO run (one step) with the callback's automatic shift."""
+def trl_forecast(kind: str) -> tuple[dict | None, list[dict]]:
+    """The train-start forecast of a TRL DPO or GRPO run (one step) with the callback's automatic shift, and the
+    history (GRPO: LoRA, re-checked after its step on the policy's completions of fresh prompts)."""
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 
     tokenizer = make_tokenizer()
     common = dict(output_dir=str(OUT / "run"), max_steps=1, save_strategy="no", logging_steps=1, use_cpu=True,
                   report_to=[], ddp_backend="gloo" if WORLD > 1 else None, seed=0, learning_rate=1e-3)
-    cb = callback(train_probe=None, protected=[], recheck_at_end=False,
+    cb = callback(train_probe=None, protected=[], recheck_at_end=kind == "grpo", recheck_tokens=24,
                   config={**CONFIG, "rollout_prompts": 5, "rollout_generations": 3, "rollout_max_tokens": 6})
     texts = domain_texts("law", 12, seed=5)
     if kind == "dpo":
@@ -152,19 +153,22 @@ def trl_forecast(kind: str) -> dict | None:
         def reward_law(completions, **kwargs):
             return [float(sum(w in c for w in ("court", "judge", "law"))) + len(c) / 100 for c in completions]
 
+        from peft import LoraConfig
+
         trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=reward_law, train_dataset=Dataset.from_dict(
             {"prompt": texts}), args=GRPOConfig(num_generations=2, max_completion_length=6, temperature=1.5,
                                                 per_device_train_batch_size=2, **common),
-                              processing_class=tokenizer, callbacks=[cb])
+                              processing_class=tokenizer, callbacks=[cb],
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trainer.train()
-    return cb.forecast.to_dict() if cb.forecast else None
+    return (cb.forecast.to_dict() if cb.forecast else None), cb.history
 
 
 result: dict = {"rank": RANK, "world": WORLD}
 if MODE.startswith("runlevel_"):  # runlevel_single | runlevel_ddp | runlevel_zero2 | runlevel_zero3
     result["runlevel"] = runlevel(MODE.split("_", 1)[1])
 elif MODE.startswith("trl_"):
-    result["forecast"] = trl_forecast(MODE.split("_", 1)[1])
+    result["forecast"], result["history"] = trl_forecast(MODE.split("_", 1)[1])
 elif MODE == "forecast_disagree":  # forecast() itself, no trainer: ranks given different data must not be merged
     from sts_callback import forecast
 

@@ -6,6 +6,7 @@ import pytest
 from datasets import Dataset
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
+from sts_callback import STSDataWarning
 from sts_callback.integrations.callback import STSCallback
 
 DOMAINS = ("law", "food")
@@ -114,8 +115,10 @@ def reward_length(completions, **kwargs):
 def test_grpo_forecasts_from_the_policys_scored_rollouts(tmp_path, tokenizer, shift):
     cb = callback(shift=shift, config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8})
     trainer = grpo_trainer(tmp_path, tokenizer, cb)
-    trainer.train()
+    with pytest.warns(STSDataWarning, match="full fine-tune without a reference model"):
+        trainer.train()  # beta=0, no PEFT: nothing gives new completions' base residuals
     check_run(trainer, cb, tmp_path)
+    assert all("fresh_probe" not in r for r in cb.history)
     expected = "reward_filtered" if shift == "auto" else "reward_weighted"
     settings = cb.forecast.settings
     assert settings["shift"] == expected
@@ -126,6 +129,42 @@ def test_grpo_forecasts_from_the_policys_scored_rollouts(tmp_path, tokenizer, sh
     prompt_texts = set(domain_texts("law", 16))
     assert cb.monitor.probe and all(sum(flags) < len(ids) for ids, flags in cb.monitor.probe)
     assert all(tokenizer.decode(ids, skip_special_tokens=True) not in prompt_texts for ids, _ in cb.monitor.probe)
+
+
+@pytest.mark.parametrize("base", ["adapters", "ref_model"])
+def test_grpo_rechecks_probe_the_current_policys_completions_of_fresh_prompts(tmp_path, tokenizer, base):
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sts_callback.pipelines.rollouts import draw_prompts
+
+    cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8},
+                  recheck_tokens=24)
+    model, extra = make_model("llama"), {}
+    if base == "adapters":
+        extra["peft_config"] = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    else:  # a full fine-tune with beta > 0: GRPO loads a frozen reference copy from the policy's path
+        model.save_pretrained(tmp_path / "policy")
+        model = str(tmp_path / "policy")
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=4, max_completion_length=8, temperature=1.5,
+                      beta=0.0 if base == "adapters" else 0.1, **{**COMMON, "per_device_train_batch_size": 4})
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_length, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb],
+                          **extra)
+    assert (trainer.ref_model is not None) == (base == "ref_model")
+    trainer.train()
+    check_run(trainer, cb, tmp_path / "run")
+    probes = [r["fresh_probe"] for r in cb.history]
+    forecast_prompts = set(draw_prompts(16, cb.session.config))
+    assert all(p["completions"] > 0 and p["tokens"] > 0 and p["mean_reward"] is not None for p in probes)
+    assert all(not set(p["prompts"]) & forecast_prompts for p in probes)  # fresh: not the forecast's prompts
+    assert probes[0]["prompts"] != probes[1]["prompts"]  # a new draw at each re-check
+    assert all(r["timings"]["fresh_probe"] > 0 and r["shift_total"] > 0 for r in cb.history)
+    assert any("sts/recheck/rollout_reward" in e for e in trainer.state.log_history)
+    # the last re-check's probe is the policy's completions after their prompts, kept for a resume
+    prompts = [tokenizer(domain_texts("law", 16)[i])["input_ids"] for i in probes[-1]["prompts"]]
+    assert all(sum(flags) < len(ids) for ids, flags in cb.monitor.probe)
+    assert all(any(ids[:len(p)] == p or ids[1:len(p) + 1] == p[1:] for p in prompts) for ids, _ in cb.monitor.probe)
 
 
 def test_grpo_in_context_shift_of_prompt_only_data_skips_the_forecast_but_rechecks(tmp_path, tokenizer, capsys):

@@ -74,8 +74,15 @@ def test_two_processes_match_one(tmp_path, single, mode):
 
 @pytest.mark.parametrize("kind", ["dpo", "grpo"])
 def test_preference_and_rl_forecasts_two_processes_match_one(tmp_path, kind):
-    one = run(f"trl_{kind}", tmp_path / "one", 1)[0]["forecast"]
-    rank0, rank1 = (r["forecast"] for r in run(f"trl_{kind}", tmp_path / "two", 2))
+    single = run(f"trl_{kind}", tmp_path / "one", 1)[0]
+    ranks = run(f"trl_{kind}", tmp_path / "two", 2)
+    one, (rank0, rank1) = single["forecast"], (r["forecast"] for r in ranks)
+    if kind == "grpo":  # the re-check after the step: the same fresh prompts, the same probe on both ranks (the
+        # policy itself differs from one process's: the ranks trained on other completions)
+        fresh = [r["history"][-1]["fresh_probe"] for r in (single, *ranks)]
+        assert fresh[0]["prompts"] == fresh[1]["prompts"] == fresh[2]["prompts"]
+        assert fresh[1] == fresh[2] and fresh[1]["tokens"] > 0
+        assert without_timing(ranks[0]["history"]) == without_timing(ranks[1]["history"])
     assert one["settings"]["shift"] == ("chosen_vs_rejected" if kind == "dpo" else "reward_filtered")
     assert rank0["shifted_latents"] == rank1["shifted_latents"] == one["shifted_latents"]
     if kind == "grpo":  # the same rollouts, sampled per prompt, whatever the number of processes

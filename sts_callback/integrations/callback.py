@@ -17,7 +17,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..core.config import STSConfig, json_serializable
 from ..core.data import load_corpus
-from ..core.errors import STSConfigError, STSInputError
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
 from ..core.schedule import planned_learning_rates
@@ -25,7 +25,8 @@ from ..pipelines.guard import GuardConfig
 from ..pipelines.recheck import RecheckConfig
 from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession, recheck_metrics
-from .trainer_shift import RL_SHIFTS, check_shift, forecast_runner, resolve_shift, rollout_probe, trainer_rollouts
+from .trainer_shift import (RL_SHIFTS, check_shift, forecast_runner, fresh_rollout_probe, resolve_shift,
+                            rollout_probe, trainer_rollouts)
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
 
 
@@ -74,6 +75,9 @@ class STSCallback(TrainerCallback, ExportableState):
             the sequential measurement stops sooner); ``None``: whole texts.
         early_method: how each re-check projects the changes to the end of training (``"trend"``: latest change
             plus the recent slope in the learning-rate area; ``"power"``: change ~ f^b); see ``RecheckConfig``.
+        fresh_rollouts: under RL, each re-check's probe is the current policy's completions of fresh prompts
+            (base residuals from the trainer's ``ref_model`` or the adapters-disabled model); ``False``: the
+            train-start rollouts throughout.
         shift: what the training pushes (:mod:`~sts_callback.integrations.trainer_shift`): ``"auto"`` (RL trainer
             -> the policy's reward-filtered rollouts as demonstrations; preference data -> chosen minus rejected;
             else the data's answers in context), or one of ``"in_context"``, ``"chosen_vs_rejected"``,
@@ -88,7 +92,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  early_stop: bool | str = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
                  accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
-                 loss_sequence_tokens: int | None = 64, early_method: str = "trend",
+                 loss_sequence_tokens: int | None = 64, early_method: str = "trend", fresh_rollouts: bool = True,
                  _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
@@ -99,7 +103,7 @@ class STSCallback(TrainerCallback, ExportableState):
         recheck = RecheckConfig(recheck_steps=recheck_steps, recheck_tokens=recheck_tokens, loss_tokens=loss_tokens,
                                 loss_precision=loss_precision, accuracy_items=accuracy_items,
                                 recheck_at_end=recheck_at_end, loss_sequence_tokens=loss_sequence_tokens,
-                                early_method=early_method)
+                                early_method=early_method, fresh_rollouts=fresh_rollouts)
         values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe, demonstrations=demonstrations)
         if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
             missing = [name for name in _objects_from if name not in STSCallback._live_objects]
@@ -235,11 +239,12 @@ class STSCallback(TrainerCallback, ExportableState):
         probe = probe_corpus(self.train_probe, self._trainer, train_dataloader, tokenizer)
         demos = load_corpus(self.demonstrations, name="demonstrations") if self.demonstrations is not None else None
         session.prepare(model, tokenizer, probe, domains, self.lm_eval_targets)
+        data = self.train_probe if self.train_probe is not None else getattr(trainer, "train_dataset", None)
+        self._fresh_probe(trainer, data)
         if state.global_step > 0:
             session.resume(state.global_step, session.store.checkpoint(args.output_dir, state.global_step,
                                                                        self.output_subdir), domains)
         else:
-            data = self.train_probe if self.train_probe is not None else getattr(trainer, "train_dataset", None)
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
             rollouts = None
             if shift in RL_SHIFTS:  # sampled once: the forecast's demonstrations and the re-check probe
@@ -253,6 +258,18 @@ class STSCallback(TrainerCallback, ExportableState):
                           control)
                 self._log({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()}, control)
         self._ready = True
+
+    def _fresh_probe(self, trainer: Any, data: Any) -> None:
+        """Under RL, re-check on the current policy's completions of fresh prompts (RecheckConfig.fresh_rollouts)."""
+        session = self.session
+        if not session.settings.fresh_rollouts or getattr(trainer, "reward_funcs", None) is None:
+            return
+        session.probe_source = fresh_rollout_probe(trainer, data, session.setup, session.settings.recheck_tokens)
+        if session.probe_source is None:
+            session.warn("fresh_probe", "STS: this RL run is a full fine-tune without a reference model (e.g. GRPO "
+                         "with beta=0), so the base residuals of new completions cannot be computed: re-checks use "
+                         "the train-start rollouts as their probe. Train with PEFT, or beta > 0, for fresh "
+                         "completions at each re-check; fresh_rollouts=False silences this.", STSDataWarning)
 
     # ------------------------------------------------------------------ during training
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -87,6 +88,9 @@ class STSSession:
         self.monitor: Monitor | None = None
         self.write_errors: list[dict[str, Any]] = []  # files that could not be written (the data stays here)
         self.autocast: Callable[[], Any] = nullcontext
+        # (model, step) -> (probe sequences, base model or None, what to record): a new probe before each
+        # re-check (an RL run's fresh completions of the current policy); None: the train-start probe throughout
+        self.probe_source: Callable[[Any, int], tuple[list, Any, dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ state
     def counters(self) -> dict[str, Any]:
@@ -254,8 +258,17 @@ class STSSession:
         warned about and recorded (``(None, None)``) unless ``strict``. ``log_history``: the loop's logged
         learning rates, for a schedule the session could not plan."""
         try:
+            began, probe_info = time.perf_counter(), None
+            if self.probe_source is not None:
+                sequences, base_model, probe_info = self.probe_source(model, step)
+                with self.autocast():
+                    self.monitor.refresh_probe(model, sequences, base_model)
+            probe_seconds = time.perf_counter() - began
             result = self.monitor.recheck(model, self.forecast.shifted_latents if self.forecast else None,
                                           self.autocast)
+            if probe_info is not None:
+                result.timings["fresh_probe"] = probe_seconds
+                result.seconds += probe_seconds
         except Exception as err:  # noqa: BLE001 - a monitoring failure must not kill a long run
             model.train()
             if self.strict:
@@ -268,6 +281,8 @@ class STSSession:
             self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
             return None, None
         record = {"step": step, **result.to_dict()}
+        if probe_info is not None:
+            record["fresh_probe"] = probe_info
         try:
             if log_history is not None:  # a scheduler of the user's own: the rates logged so far
                 self.learning_rates = logged_learning_rates(log_history, max_steps)
@@ -407,6 +422,8 @@ def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
     if record["overlap_with_forecast"] is not None:
         metrics["sts/recheck/overlap_with_forecast"] = record["overlap_with_forecast"]
     metrics["sts/recheck/seconds"] = record["seconds"]
+    if record.get("fresh_probe", {}).get("mean_reward") is not None:
+        metrics["sts/recheck/rollout_reward"] = record["fresh_probe"]["mean_reward"]
     if record.get("sae_fit"):
         metrics["sts/sae_fit/fvu"], metrics["sts/sae_fit/l0"] = record["sae_fit"]["fvu"], record["sae_fit"]["l0"]
     return metrics

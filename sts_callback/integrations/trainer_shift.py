@@ -9,21 +9,28 @@
 
 ``"auto"`` picks by the trainer: reward functions -> ``reward_filtered`` (unless ``demonstrations=`` are given),
 preference columns -> ``chosen_vs_rejected``, otherwise ``in_context``. Under RL the rollouts also become the
-re-check probe (:func:`rollout_probe`): the shift is measured on what the policy writes.
+re-check probe (:func:`rollout_probe`): the shift is measured on what the policy writes, and each re-check
+samples the current policy's completions of fresh prompts (:func:`fresh_rollout_probe`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..core.data import Corpus, TokenSequence, load_corpus
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
 from ..pipelines.preference import completion_sequence, run_preference_forecast
-from ..pipelines.rollouts import RolloutSettings, Rollouts, run_rollout_forecast, sample_rollouts
+from ..pipelines.monitor import peft_model_of
+from ..pipelines.rollouts import (RolloutSettings, Rollouts, draw_prompts, prompt_records, run_rollout_forecast,
+                                  sample_rollouts)
 
 SHIFTS = ("auto", "in_context", "chosen_vs_rejected", "reward_filtered", "reward_weighted")
 PREFERENCE_COLUMNS = ({"chosen", "rejected"}, {"chosen_ids", "rejected_ids"})
@@ -88,6 +95,38 @@ def rollout_probe(rollouts: Rollouts, setup: ForecastSetup, budget: int) -> list
     return chosen
 
 
+def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: int,
+                        ) -> Callable[[Any, int], tuple[list[TokenSequence], Any, dict[str, Any]]] | None:
+    """An RL trainer's re-check probe source: at the re-check of step s, the current policy's completions (2 per
+    prompt, the trainer's generation settings) of a seeded draw of fresh prompts (not the forecast's), about
+    ``budget`` completion tokens, with the model that gives their base residuals: the trainer's ``ref_model``,
+    or ``None`` for the adapters-disabled model of a PEFT run. ``None`` itself when there is no base to run (a
+    full fine-tune without a reference model, e.g. GRPO with ``beta=0``) or the trainer is not RL."""
+    if getattr(trainer, "reward_funcs", None) is None:
+        return None
+    reference = getattr(trainer, "ref_model", None)
+    if reference is None and peft_model_of(trainer.model) is None:
+        return None
+    settings = _rollout_settings(trainer)
+    config = setup.config
+    longest = min(settings.max_completion_length or config.rollout_max_tokens, config.rollout_max_tokens)
+    prompts = max(2, math.ceil(budget / (2 * longest)))
+    two_each = dataclasses.replace(config, rollout_generations=2)
+    count = len(prompt_records(data))
+
+    def probe(model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:
+        indices = draw_prompts(count, config, f"recheck:{step}", prompts)
+        rollouts = sample_rollouts(model, setup.builder.tokenizer, data, trainer.reward_funcs, two_each, settings,
+                                   trainer_state=getattr(trainer, "state", None), builder=setup.builder,
+                                   prompt_indices=indices)
+        sequences = rollout_probe(rollouts, setup, budget)
+        rewards = rollouts.rewards[~torch.isnan(rollouts.rewards)]
+        return sequences, reference, {
+            "prompts": indices, "completions": len(sequences), "tokens": sum(sum(flags) for _, flags in sequences),
+            "mean_reward": float(rewards.mean()) if rewards.numel() else None}
+    return probe
+
+
 def forecast_runner(shift: str, data: Any, probe: Corpus, demonstrations: Corpus | None,
                     rollouts: Rollouts | None = None,
                     ) -> Callable[[ForecastSetup, dict[str, Corpus], bool], ForecastRun | None] | None:
@@ -126,4 +165,5 @@ def _rollout_settings(trainer: Any) -> RolloutSettings:
     return settings
 
 
-__all__ = ["RL_SHIFTS", "SHIFTS", "check_shift", "forecast_runner", "resolve_shift", "rollout_probe", "trainer_rollouts"]
+__all__ = ["RL_SHIFTS", "SHIFTS", "check_shift", "forecast_runner", "fresh_rollout_probe", "resolve_shift",
+           "rollout_probe", "trainer_rollouts"]

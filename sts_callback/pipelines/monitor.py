@@ -180,6 +180,21 @@ class Monitor:
             with peft.disable_adapter():
                 self.base_residuals = self.probe_residuals(model)
 
+    def refresh_probe(self, model: nn.Module, sequences: Sequence[TokenSequence],
+                      base_model: nn.Module | None = None) -> None:
+        """Re-check on ``sequences`` from now on (an RL run's fresh completions of the current policy). Their base
+        residuals come from ``base_model`` (a frozen reference copy, such as GRPO's ``ref_model``) or, with PEFT,
+        from the model with its adapters disabled; a full fine-tune without a base model cannot refresh."""
+        if base_model is None and peft_model_of(model) is None:
+            raise ValueError("A fresh probe of a full fine-tune needs its base model (base_model=...): the current "
+                             "weights are not the base.")
+        self.probe = list(sequences)
+        self.base_residuals = None
+        if base_model is not None:
+            self.base_residuals = self.probe_residuals(base_model)
+        else:
+            self.capture_base(model)
+
     def measure_losses(self, model: nn.Module, autocast=None) -> dict[str, float]:
         """Mean token NLL of each domain's held-out texts (special tokens and padding excluded).
 

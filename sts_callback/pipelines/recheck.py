@@ -36,6 +36,10 @@ class RecheckConfig:
             change plus the recent slope in the learning-rate area; the transfer benchmark's best from a quarter
             of training, ``benchmarks/transfer/early_compare.py``) or ``"power"`` (change ~ f^b, b fitted on the
             run's re-checks).
+        fresh_rollouts: under RL, each re-check samples new completions of the current policy for fresh prompts
+            (a few, about ``recheck_tokens`` of completion, 2 per prompt) as its probe, with their base residuals
+            from the trainer's reference model or the adapters-disabled model; ``False``: the train-start
+            rollouts throughout (no generation at re-checks).
     """
 
     recheck_steps: int | None = None
@@ -46,6 +50,7 @@ class RecheckConfig:
     recheck_at_end: bool = True
     loss_sequence_tokens: int | None = 64
     early_method: str = "trend"
+    fresh_rollouts: bool = True
 
     def __post_init__(self) -> None:
         for name in ("recheck_tokens", "loss_tokens", "accuracy_items"):
@@ -65,8 +70,9 @@ class RecheckConfig:
                                  f"interval of a loss change is at most +-tolerance/4) or None, got {precision!r}.")
         if self.early_method not in EARLY_METHODS:
             raise STSConfigError(f"early_method must be one of {EARLY_METHODS}, got {self.early_method!r}.")
-        if not isinstance(self.recheck_at_end, bool):
-            raise STSConfigError(f"recheck_at_end must be True or False, got {self.recheck_at_end!r}.")
+        for name in ("recheck_at_end", "fresh_rollouts"):
+            if not isinstance(getattr(self, name), bool):
+                raise STSConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "RecheckConfig":

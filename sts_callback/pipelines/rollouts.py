@@ -373,6 +373,20 @@ def _prompt_ids(builder: PromptBuilder, prompt: Any, settings: RolloutSettings, 
     return list(tokenizer(prompt)["input_ids"])
 
 
+def draw_prompts(count: int, config: STSConfig, draw: str | None = None, prompts: int | None = None) -> list[int]:
+    """Indices of prompts among ``count``, seeded: the forecast's draw of ``config.rollout_prompts`` (``draw=None``),
+    or a named draw (e.g. ``"recheck:100"``) of ``prompts`` fresh ones, outside the forecast's draw (from all
+    prompts when too few remain)."""
+    if draw is None:
+        return random.Random(f"{config.seed}:rollouts").sample(range(count), min(config.rollout_prompts, count))
+    wanted = min(prompts or config.rollout_prompts, count)
+    forecast = set(draw_prompts(count, config))
+    pool = [i for i in range(count) if i not in forecast]
+    if len(pool) < wanted:
+        pool = list(range(count))
+    return random.Random(f"{config.seed}:rollouts:{draw}").sample(pool, wanted)
+
+
 def _seed_of(seed: int, index: int) -> int:
     return random.Random(f"{seed}:rollout:{index}").getrandbits(63)
 
@@ -395,7 +409,8 @@ def _generate_group(model: nn.Module, prompt_ids: list[int], generations: int, g
 
 def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any,
                     config: STSConfig | dict | None = None, settings: Any = None, *, trainer_state: Any = None,
-                    progress: bool = False, builder: PromptBuilder | None = None) -> Rollouts:
+                    progress: bool = False, builder: PromptBuilder | None = None,
+                    prompt_indices: Sequence[int] | None = None) -> Rollouts:
     """Sample and score rollouts of the model for a seeded sample of training prompts, as GRPO would.
 
     Args:
@@ -413,6 +428,9 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
         trainer_state: passed to the reward functions as ``trainer_state`` (TRL passes the TrainerState).
         progress: a progress bar over this rank's prompts on the main process.
         builder: the forecast's prompt builder (default: one from ``config``), for sequence limits and chat checks.
+        prompt_indices: the prompts to roll out (indices into ``prompts``); default: the forecast's seeded draw
+            of ``rollout_prompts`` (:func:`draw_prompts`). Only that draw warns about prompts whose rewards carry
+            no signal (other draws, such as a re-check's probe, use the completions, not their rewards).
 
     Under ``torch.distributed`` each rank samples and scores a padded share of the prompts; the rollouts are
     gathered, so every rank returns the same :class:`Rollouts`.
@@ -432,8 +450,8 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     if max_new >= builder.max_length:
         raise STSConfigError(f"Completions of up to {max_new} tokens leave no room for a prompt in the sequence limit "
                              f"of {builder.max_length} tokens; lower STSConfig.rollout_max_tokens.")
-    chosen = random.Random(f"{config.seed}:rollouts").sample(range(len(records)), min(config.rollout_prompts,
-                                                                                      len(records)))
+    forecast_draw = prompt_indices is None
+    chosen = draw_prompts(len(records), config) if forecast_draw else [int(i) for i in prompt_indices]
     from transformers import GenerationConfig
 
     gen_model = _generation_model(model)
@@ -491,7 +509,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     rollouts = Rollouts(groups=groups, reward_names=[_reward_name(f) for f in funcs], reward_weights=weights,
                         settings=recorded)
     signal = rollouts.signal()
-    if not bool(signal.all()):
+    if forecast_draw and not bool(signal.all()):
         then = ("the rollout forecasts use the other prompts only" if bool(signal.any()) else
                 "no rollout forecast can be made from them (check the reward functions on Rollouts.groups)")
         warnings.warn(f"{int((~signal).sum())} of {len(groups)} prompts got the same reward for all their scored "
