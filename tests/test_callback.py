@@ -357,3 +357,36 @@ def test_peft_with_other_trainable_weights_disables_adapters_at_each_recheck(tmp
     callback = make_callback()
     make_trainer(tmp_path, tokenizer, callback, model=model, max_steps=2, save_steps=2, learning_rate=5e-2).train()
     assert callback.monitor.base_residuals is None and callback.history[-1]["shift_total"] > 0
+
+
+@pytest.mark.parametrize("method", ["lookahead", "first_order"])
+def test_run_level_term_at_train_start_joins_the_forecast_and_leaves_the_run_unchanged(tmp_path, tokenizer, method):
+    from sts_callback.scoring.calibration import Calibration
+
+    plain = make_trainer(tmp_path / "plain", tokenizer, make_callback(), max_steps=4, save_steps=100)
+    plain.train()
+    calibration = Calibration.fit([[-0.1], [0.0], [0.1], [0.2]], [-0.01, 0.0, 0.01, 0.02], [method])
+    callback = make_callback(run_level=method, calibration=calibration)
+    trainer = make_trainer(tmp_path / "level", tokenizer, callback, max_steps=4, save_steps=100)
+    trainer.train()
+    losses = lambda t: [e["loss"] for e in t.state.log_history if "loss" in e]  # noqa: E731
+    assert losses(trainer) == losses(plain)  # weights, optimizer state and RNG were put back exactly
+    level = callback.session.run_level
+    assert level["method"] == method and level["steps"] == 3 and set(level["change"]) == set(DOMAINS)
+    assert level["change"]["law"] < 0  # a run on law texts: law's held-out loss falls first
+    assert all(callback.forecast.domains[d].scores[method] == level["change"][d] for d in DOMAINS)
+    saved = json.loads((tmp_path / "level" / "run" / "sts" / "forecast.json").read_text())
+    assert saved["settings"]["run_level"]["change"] == level["change"]
+    assert set(callback.predicted) == set(DOMAINS)  # the calibration on the run-level feature applied
+    assert any("sts/run_level/law" in e for e in trainer.state.log_history)
+
+
+def test_run_level_settings_are_checked_at_construction():
+    from sts_callback.scoring.calibration import Calibration
+
+    with pytest.raises(STSConfigError, match="run_level='sideways'"):
+        make_callback(run_level="sideways")
+    with pytest.raises(STSConfigError, match="run_level_steps must be an integer"):
+        make_callback(run_level="lookahead", run_level_steps=0)
+    with pytest.raises(STSConfigError, match="pass run_level='lookahead'"):
+        make_callback(calibration=Calibration.fit([[0.0], [1.0], [2.0]], [0, 1, 2], ["lookahead"]))

@@ -89,6 +89,13 @@ def test_dpo_trainer_forecasts_chosen_minus_rejected(tmp_path, tokenizer):
     assert saved["settings"]["shift"] == "chosen_vs_rejected"
 
 
+def test_run_level_term_refuses_a_preference_trainer_at_train_start(tmp_path, tokenizer):
+    from sts_callback import STSConfigError
+
+    with pytest.raises(STSConfigError, match="preference and RL losses are not supported"):
+        dpo_run(tmp_path, tokenizer, run_level="lookahead")
+
+
 def test_dpo_trainer_sft_style_shift_on_request(tmp_path, tokenizer):
     cb = dpo_run(tmp_path, tokenizer, shift="in_context")  # the chosen completions as demonstrations
     assert cb.forecast.settings["shift"] == "in_context" and cb.forecast.shift_queries > 0

@@ -27,6 +27,7 @@ from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession, recheck_metrics
 from .trainer_shift import (RL_SHIFTS, check_shift, forecast_runner, fresh_rollout_probe, resolve_shift,
                             rollout_probe, trainer_rollouts)
+from .trainer_run_level import RUN_LEVEL_METHODS, check_run_level, run_level_runner
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
 
 
@@ -78,6 +79,12 @@ class STSCallback(TrainerCallback, ExportableState):
         fresh_rollouts: under RL, each re-check's probe is the current policy's completions of fresh prompts
             (base residuals from the trainer's ``ref_model`` or the adapters-disabled model); ``False``: the
             train-start rollouts throughout.
+        run_level: the run-level term at train start (:mod:`~sts_callback.pipelines.runlevel`): ``"lookahead"``
+            (``run_level_steps`` real steps of the trainer's optimizer at the schedule's peak, each domain's
+            held-out NLL change measured, then weights, optimizer state and RNG put back exactly) or
+            ``"first_order"`` (the same change predicted from gradients, nothing stepped); added to the forecast's
+            scores (a calibration may use it) and logged as ``sts/run_level/<domain>``. ``None``: none. Language-
+            model trainers only (Trainer, SFTTrainer).
         shift: what the training pushes (:mod:`~sts_callback.integrations.trainer_shift`): ``"auto"`` (RL trainer
             -> the policy's reward-filtered rollouts as demonstrations; preference data -> chosen minus rejected;
             else the data's answers in context), or one of ``"in_context"``, ``"chosen_vs_rejected"``,
@@ -93,6 +100,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
                  accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
                  loss_sequence_tokens: int | None = 64, early_method: str = "trend", fresh_rollouts: bool = True,
+                 run_level: str | None = None, run_level_steps: int = 3,
                  _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
@@ -117,13 +125,20 @@ class STSCallback(TrainerCallback, ExportableState):
         self.target_domains, self.train_probe = values["target_domains"], values["train_probe"]
         self.demonstrations, self.output_subdir = values["demonstrations"], output_subdir
         self.shift = check_shift(shift)
+        self.run_level, self.run_level_steps = check_run_level(run_level), run_level_steps
+        if isinstance(run_level_steps, bool) or not isinstance(run_level_steps, int) or run_level_steps < 1:
+            raise STSConfigError(f"run_level_steps must be an integer >= 1, got {run_level_steps!r}.")
         self.session = STSSession(values["sae"], config, guard, recheck, output_subdir, calibration, strict=strict)
+        needs = [f for f in (self.calibration.features if self.calibration is not None else ()) if f in RUN_LEVEL_METHODS]
+        if needs and run_level not in needs:
+            raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
         objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}
         if objects:
             STSCallback._live_objects = {**STSCallback._live_objects, **objects}
         self._export_args = {
             **{k: (None if k in objects else v) for k, v in values.items()}, **guard.to_dict(), **recheck.to_dict(),
             "config": config.to_dict(), "strict": strict, "output_subdir": output_subdir, "shift": shift,
+            "run_level": run_level, "run_level_steps": run_level_steps,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
             "_objects_from": sorted(objects) or None,
         }
@@ -251,7 +266,13 @@ class STSCallback(TrainerCallback, ExportableState):
                 rollouts = trainer_rollouts(trainer, data, session.setup, state, progress=session.is_main)
                 session.monitor.probe = rollout_probe(rollouts, session.setup, session.settings.recheck_tokens)
             run = forecast_runner(shift, data, probe, demos, rollouts)
-            forecast = session.start(model, probe, domains, demos, progress=True, forecast_run=run)
+            level = None if self.run_level is None else run_level_runner(
+                self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
+                session.autocast)
+            forecast = session.start(model, probe, domains, demos, progress=True, forecast_run=run, run_level=level)
+            if session.run_level is not None:
+                self._log({f"sts/run_level/{name}": value for name, value in session.run_level["change"].items()},
+                          control)
             if forecast is not None:
                 self._export("forecast", trackers.export_forecast, forecast)
                 self._log({f"sts/forecast/{name}": value for name, value in forecast.ranked() if value is not None},

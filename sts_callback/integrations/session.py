@@ -42,6 +42,7 @@ from ..pipelines.recheck import RecheckConfig
 from ..scoring.calibration import Calibration, early_forecast, fitted_exponent, load_calibration, lr_area_fraction
 from ..scoring.early import trend_projection
 from ..scoring.signed import DEFAULT_SIGNED, SIGNED_VARIANTS
+from .trainer_run_level import RUN_LEVEL_METHODS
 
 logger = logging.getLogger("sts_callback")
 
@@ -72,16 +73,18 @@ class STSSession:
         self.store = RunStore(out)
         self.calibration = load_calibration(calibration) if calibration is not None else None
         if self.calibration is not None:
-            unknown = [f for f in self.calibration.features if f not in SCORE_VARIANTS + SIGNED_VARIANTS]
+            known = SCORE_VARIANTS + SIGNED_VARIANTS + RUN_LEVEL_METHODS
+            unknown = [f for f in self.calibration.features if f not in known]
             if unknown:
                 raise STSConfigError(f"The calibration uses {unknown}, which are not forecast scores; use "
-                                     f"{list(SCORE_VARIANTS + SIGNED_VARIANTS)}.")
+                                     f"{list(known)}.")
         self.strict, self.is_main = strict, is_main
         self.history: list[dict[str, Any]] = []
         self.base_losses: dict[str, float] = {}
         self.base_fit: dict[str, float] | None = None  # the SAE's FVU and L0 on the probe at train start
         self.base_accuracy: dict[str, float] = {}  # multiple-choice domains at train start
         self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
+        self.run_level: dict[str, Any] | None = None  # the run-level term at train start (RunLevelEstimate.to_dict)
         self.learning_rates: list[float] | None = None  # the planned schedule, for the early forecast
         self.setup: ForecastSetup | None = None
         self.forecast: Forecast | None = None
@@ -161,10 +164,13 @@ class STSSession:
                                seed=str(seed))
 
     def start(self, model, probe: Corpus, domains: dict[str, Corpus], demonstrations: Corpus | None = None,
-              progress: bool = False, forecast_run: Callable[..., Any] | None = None) -> Forecast | None:
+              progress: bool = False, forecast_run: Callable[..., Any] | None = None,
+              run_level: Callable[[Any, dict[str, float]], Any] | None = None) -> Forecast | None:
         """The forecast and the base measurements. ``forecast_run(setup, domains, progress) -> ForecastRun``
         computes the forecast (see :mod:`.trainer_shift`: preference or RL shifts); default: the in-context shift
-        of ``probe`` with ``demonstrations``, skipped when neither has answers."""
+        of ``probe`` with ``demonstrations``, skipped when neither has answers. ``run_level(model, base_losses)
+        -> RunLevelEstimate`` (:mod:`.trainer_run_level`): the run-level term, measured after the base losses;
+        its change per domain joins the forecast's scores under its method's name, for a calibration to use."""
         if forecast_run is None:
             has_answers = demonstrations is not None or any(probe[i].can_demonstrate
                                                             for i in range(min(len(probe), 64)))
@@ -175,16 +181,6 @@ class STSSession:
         if run is not None:
             self.forecast = run.forecast
             self.monitor.domains = domain_baselines_from(run.domains)
-            self.predicted = calibrated_predictions(self.forecast, self.calibration)
-            if self.is_main:
-                forecast, store = self.forecast, self.store
-                self.write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), 0)
-                print(self.forecast.table())  # the calibrated prediction first when there is one, else the scores
-            for key, message in self.guard.forecast_warnings(self.forecast.ranked(), self.forecast.ranking).items():
-                self.warn(key, message)
-            if self.calibration is not None:
-                for key, message in self.guard.predicted_warnings(self.predicted, self.calibration.level).items():
-                    self.warn(key, message)
         else:
             if self.is_main and forecast_run is None:
                 print("STS forecast skipped: the training data has no answers to use as in-context demonstrations "
@@ -192,7 +188,48 @@ class STSSession:
             with inference_mode(model):
                 self.monitor.domains = domain_baselines_from(domain_statistics(self.setup, domains))
         self._measure_base(model)
+        if run_level is not None:
+            self._run_level(model, run_level)
+        if self.forecast is not None:
+            self._publish_forecast()
         return self.forecast
+
+    def _run_level(self, model, run_level: Callable[[Any, dict[str, float]], Any]) -> None:
+        """The run-level term into ``self.run_level`` and the forecast's scores; a failure warns unless strict."""
+        try:
+            estimate = run_level(model, self.base_losses)
+        except Exception as err:  # noqa: BLE001 - an extra feature must not stop the run from starting
+            if self.strict:
+                raise
+            message = f"STS run-level term skipped ({type(err).__name__}: {err})"
+            if self.is_main:
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                logger.warning(message)
+            return
+        self.run_level = estimate.to_dict()
+        if self.forecast is not None:
+            for name, domain in self.forecast.domains.items():
+                domain.scores[estimate.method] = estimate.change.get(name)
+            self.forecast.settings["run_level"] = self.run_level
+        if self.is_main:
+            print(f"STS run-level term ({estimate.method}, {estimate.steps} steps at the peak learning rate, "
+                  f"{estimate.seconds:.1f} s): held-out NLL change "
+                  + ", ".join(f"{name} {change:+.2%}" for name, change in estimate.change.items()))
+
+    def _publish_forecast(self) -> None:
+        """Calibrate, save, print and warn about the forecast (main process writes and prints)."""
+        self.predicted = calibrated_predictions(self.forecast, self.calibration)
+        if self.is_main:
+            forecast, store = self.forecast, self.store
+            self.write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), 0)
+            print(self.forecast.table())  # the calibrated prediction first when there is one, else the scores
+        for key, message in self.guard.forecast_warnings(self.forecast.ranked(), self.forecast.ranking).items():
+            self.warn(key, message)
+        if self.calibration is not None:
+            for key, message in self.guard.predicted_warnings(self.predicted, self.calibration.level).items():
+                self.warn(key, message)
+        if self.is_main:  # the predictions are counters: saved again now that they exist
+            self.write(f"the callback state to {self.store.root}", lambda: self.store.write_state(self.counters()), 0)
 
     def _measure_base(self, model) -> None:
         monitor, store = self.monitor, self.store
@@ -370,7 +407,8 @@ def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) 
         missing = [f for f in calibration.features if domain.scores.get(f) is None]
         if missing:
             raise STSConfigError(f"The calibration uses {missing}, which this forecast did not compute for "
-                                 f"{name!r} (compute_icl=False? no SAE decoder?); fit it on other features.")
+                                 f"{name!r} (compute_icl=False? no SAE decoder? a run-level feature without run_level=...?); "
+                                 "fit it on other features.")
     forecast.apply_calibration(calibration)
     return {name: {k: p[k] for k in ("mean", "low", "high", "level")} for name, p in forecast.predictions.items()}
 

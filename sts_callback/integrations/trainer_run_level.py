@@ -1,0 +1,61 @@
+"""The run-level term at train start from a Trainer: how far, and which way, the run's first optimizer steps move
+each target domain's held-out NLL (:mod:`sts_callback.pipelines.runlevel`), with the Trainer's own optimizer,
+learning-rate peak, batch size, gradient accumulation and clipping, on the very loss sets the re-checks measure.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from ..core.capture import parameters_are_sharded
+from ..core.errors import STSConfigError, STSDataWarning
+from ..core.torch_utils import pad_token_id
+from ..pipelines.runlevel import RunLevelConfig, RunLevelEstimate, first_order, lookahead, training_batches
+
+RUN_LEVEL_METHODS = ("lookahead", "first_order")
+
+
+def check_run_level(method: str | None) -> str | None:
+    if method is not None and method not in RUN_LEVEL_METHODS:
+        raise STSConfigError(f"run_level={method!r}: use one of {RUN_LEVEL_METHODS}, or None (no run-level term).")
+    return method
+
+
+def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, list], tokenizer: Any, steps: int,
+                     autocast: Callable[[], Any] | None = None,
+                     ) -> Callable[[Any, dict[str, float]], RunLevelEstimate]:
+    """``(model, base_losses) -> RunLevelEstimate`` for ``trainer``: ``steps`` steps of its optimizer on a seeded
+    draw of its training batches (the same examples on any number of processes). The batches must be language-
+    model batches (``input_ids``, ``labels``): a preference or RL trainer's are refused now, with the fix. Under
+    DeepSpeed ZeRO-3 / FSDP, where sharded weights cannot be put back exactly, a lookahead falls back to the
+    first-order estimate, with a warning."""
+    dataset, collate = getattr(trainer, "train_dataset", None), getattr(trainer, "data_collator", None)
+    if dataset is None or collate is None:
+        raise STSConfigError("run_level needs the trainer's train_dataset and data_collator; pass run_level=None.")
+    config = RunLevelConfig(steps=steps, accumulation=args.gradient_accumulation_steps,
+                            max_grad_norm=args.max_grad_norm or None, pad=pad_token_id(tokenizer))
+    batches = training_batches(dataset, collate, args.per_device_train_batch_size, steps * config.accumulation,
+                               seed=args.seed)
+    missing = {"input_ids", "labels"} - set(batches[0])
+    if missing:
+        raise STSConfigError(f"run_level={method!r} steps the model on language-model batches, but "
+                             f"{type(trainer).__name__}'s batches have no {sorted(missing)} (keys: {sorted(batches[0])}"
+                             "): preference and RL losses are not supported yet. Pass run_level=None.")
+
+    def run(model: Any, base_losses: dict[str, float]) -> RunLevelEstimate:
+        chosen = method
+        if chosen == "lookahead" and parameters_are_sharded(model):
+            warnings.warn("STS run-level term: the weights are sharded (DeepSpeed ZeRO-3 / FSDP) and cannot be "
+                          "stepped and put back exactly; using the first-order estimate instead.", STSDataWarning,
+                          stacklevel=2)
+            chosen = "first_order"
+        if chosen == "lookahead":
+            return lookahead(model, trainer.optimizer, batches, loss_sets, config, autocast=autocast,
+                             before={name: base_losses[name] for name in loss_sets})
+        return first_order(model, trainer.optimizer, batches, loss_sets, config, autocast=autocast)
+    return run
+
+
+__all__ = ["RUN_LEVEL_METHODS", "check_run_level", "run_level_runner"]
