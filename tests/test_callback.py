@@ -378,6 +378,7 @@ def test_run_level_term_at_train_start_joins_the_forecast_and_leaves_the_run_unc
     saved = json.loads((tmp_path / "level" / "run" / "sts" / "forecast.json").read_text())
     assert saved["settings"]["run_level"]["change"] == level["change"]
     assert set(callback.predicted) == set(DOMAINS)  # the calibration on the run-level feature applied
+    assert {"lookahead": "lookahead", "first_order": "1st-order"}[method] in callback.forecast.table(view="scores")
     assert any("sts/run_level/law" in e for e in trainer.state.log_history)
 
 

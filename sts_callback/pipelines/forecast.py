@@ -39,6 +39,7 @@ SCORE_LABELS = {
     "sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq",
     "raw_icl": "raw_icl", "raw_act": "raw_act", "raw_sq": "raw_sq",
     "signed_usage": "signed_use", "forgetting_minus_transfer": "forget-xfer", "decoder_projection": "dec_proj",
+    "lookahead": "lookahead", "first_order": "1st-order",  # the run-level term: a relative NLL change
 }
 
 
@@ -154,7 +155,8 @@ class Forecast:
         if view == "predicted":
             return self._predicted_table()
         variant = variant or self.ranking
-        shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED) if any(
+        shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED, "lookahead",
+                             "first_order") if any(
             d.scores.get(v) is not None for d in self.domains.values())]
         width = max([len("domain")] + [len(n) for n in self.domains])
         header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"
