@@ -34,10 +34,11 @@ def train_steps(model, tokenizer, texts, steps, lr=5e-2):
         optimizer.zero_grad()
 
 
-def session_for(tmp_path, tolerance=0.05, **guard):
+def session_for(tmp_path, tolerance=0.05, recheck=None, **guard):
     return STSSession(TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), FAST,
                       GuardConfig(protected=["food"], tolerance=tolerance, **guard),
-                      RecheckConfig(recheck_tokens=150, loss_tokens=120, loss_precision=None), tmp_path / "sts")
+                      RecheckConfig(recheck_tokens=150, loss_tokens=120, loss_precision=None, **(recheck or {})),
+                      tmp_path / "sts")
 
 
 def test_session_forecasts_rechecks_and_stops_a_plain_loop(tmp_path, tokenizer):
@@ -123,11 +124,37 @@ def test_projected_early_stop_comes_before_the_measured_violation(tmp_path, toke
     assert low > tolerance  # the whole interval of the projection is beyond the tolerance
 
 
+def test_unprotected_domains_take_turns_and_the_protected_one_is_always_measured(tmp_path, tokenizer):
+    model = make_model("llama")
+    train = [" ".join([DOMAIN_WORDS["law"][0]] * 12) + " ."] * 40
+    session = session_for(tmp_path, tolerance=10.0, recheck={"loss_domains": 1})
+    session.learning_rates = [LR] * 8
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session.prepare(model, tokenizer, load_corpus(train), domains)
+    session.start(model, load_corpus(train), domains)
+    full = session_for(tmp_path / "full", tolerance=10.0)  # every domain each time, for the same numbers
+    full.prepare(model, tokenizer, load_corpus(train), domains)
+    full.start(model, load_corpus(train), domains)
+    measured = []
+    for step in (2, 4, 6, 8):
+        train_steps(model, tokenizer, train, 2)
+        record, _ = session.recheck(model, step, max_steps=8)
+        everyone, _ = full.recheck(model, step, max_steps=8)
+        measured.append(sorted(record["loss_delta"]))
+        for name, delta in record["loss_delta"].items():  # a domain in its turn: the very same measurement
+            assert delta == pytest.approx(everyone["loss_delta"][name], abs=1e-7)
+        assert set(record["early_forecast"]) == set(record["loss_delta"])
+    assert measured == [["food", "law"], ["chem", "food"], ["food", "law"], ["chem", "food"]]
+    assert session.history[-1]["loss_delta_ci"].keys() == {"chem", "food"}
+
+
 def test_recheck_config_errors_name_the_setting():
     with pytest.raises(STSConfigError, match="loss_tokens must be an integer >= 1"):
         RecheckConfig(loss_tokens=0)
     with pytest.raises(STSConfigError, match="recheck_steps must be None"):
         RecheckConfig(recheck_steps=0)
+    with pytest.raises(STSConfigError, match="loss_domains must be None"):
+        RecheckConfig(loss_domains=0)
     with pytest.raises(STSConfigError, match="early_method must be one of"):
         RecheckConfig(early_method="lr_law")
     with pytest.raises(STSConfigError, match=r"Unknown re-check setting\(s\) \['loss_token'\]"):

@@ -73,7 +73,10 @@ class STSCallback(TrainerCallback, ExportableState):
             protected domain is surely above ``tolerance``, up to ``loss_tokens``; the interval is in the history
             (``loss_delta_ci``). ``None``: always all ``loss_tokens``.
         loss_sequence_tokens: held-out texts are cut to their first this many tokens (more, shorter sequences:
-            the sequential measurement stops sooner); ``None``: whole texts.
+            the sequential measurement stops sooner, but it measures the texts' openings); ``None`` (default):
+            the texts as the forecast reads them.
+        loss_domains: held-out losses of at most this many unprotected domains per re-check, in turns
+            (protected domains every time); ``None``: all at every re-check.
         early_method: how each re-check projects the changes to the end of training (``"trend"``: latest change
             plus the recent slope in the learning-rate area; ``"power"``: change ~ f^b); see ``RecheckConfig``.
         fresh_rollouts: under RL, each re-check's probe is the current policy's completions of fresh prompts
@@ -99,7 +102,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  early_stop: bool | str = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
                  accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
-                 loss_sequence_tokens: int | None = 64, early_method: str = "trend", fresh_rollouts: bool = True,
+                 loss_sequence_tokens: int | None = None, loss_domains: int | None = None, early_method: str = "trend", fresh_rollouts: bool = True,
                  run_level: str | None = None, run_level_steps: int = 3,
                  _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
@@ -111,6 +114,7 @@ class STSCallback(TrainerCallback, ExportableState):
         recheck = RecheckConfig(recheck_steps=recheck_steps, recheck_tokens=recheck_tokens, loss_tokens=loss_tokens,
                                 loss_precision=loss_precision, accuracy_items=accuracy_items,
                                 recheck_at_end=recheck_at_end, loss_sequence_tokens=loss_sequence_tokens,
+                                loss_domains=loss_domains,
                                 early_method=early_method, fresh_rollouts=fresh_rollouts)
         values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe, demonstrations=demonstrations)
         if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
@@ -393,8 +397,12 @@ def _check_inputs(sae: Any, target: Any, protected: list[str]) -> None:
 
 
 def _last_deltas(history: list[dict[str, Any]]) -> dict[str, Any]:
-    last = next((r for r in reversed(history) if "error" not in r), None)
-    return dict(last["loss_delta"]) if last is not None else {}
+    """Each domain's latest measured change (with ``loss_domains``, a re-check measures only some)."""
+    out: dict[str, Any] = {}
+    for record in history:
+        if "error" not in record:
+            out.update(record["loss_delta"])
+    return out
 
 
 def _finite_or_nan(value: Any) -> float:

@@ -161,7 +161,7 @@ class STSSession:
                                accuracy_sets=accuracy_sets, lm_eval_targets=lm_eval_targets or {},
                                loss_half_width=half_width or None,
                                loss_tolerances={name: tolerance for name in self.guard.config.protected},
-                               seed=str(seed))
+                               seed=str(seed), loss_domains=settings.loss_domains)
 
     def start(self, model, probe: Corpus, domains: dict[str, Corpus], demonstrations: Corpus | None = None,
               progress: bool = False, forecast_run: Callable[..., Any] | None = None,

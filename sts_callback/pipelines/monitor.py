@@ -122,6 +122,8 @@ class Monitor:
     loss_half_width: float | None = None  # stop measuring a domain once its change's 95% CI is this narrow
     loss_tolerances: dict[str, float] = field(default_factory=dict)  # protected: stop once surely above
     seed: str = "0"
+    loss_domains: int | None = None  # unprotected domains measured per re-check, in turns; None: all
+    rechecks: int = 0  # re-checks made by this monitor (the turn of the rotation)
 
     # -------------------------------------------------------------- building
     @staticmethod
@@ -210,12 +212,28 @@ class Monitor:
         tokenizer = self.setup.builder.tokenizer
         return pad_token_id(tokenizer)
 
-    def measure_changes(self, model: nn.Module, autocast=None) -> dict[str, LossChange]:
-        """Each domain's relative held-out loss change since :meth:`measure_losses`, measured sequentially on the
-        same sequences (a seeded order) until :attr:`loss_half_width` is reached; all of them when ``None``."""
+    def domains_in_turn(self) -> list[str]:
+        """The domains whose held-out loss this re-check measures: every protected one (those with a tolerance),
+        and the others in turns, :attr:`loss_domains` at a time (each every ceil(others / loss_domains)
+        re-checks); all of them when ``loss_domains`` is ``None``."""
+        names = list(self.loss_sets)
+        others = [name for name in names if name not in self.loss_tolerances]
+        if self.loss_domains is None or len(others) <= self.loss_domains:
+            return names
+        start = self.rechecks * self.loss_domains
+        turn = {others[(start + i) % len(others)] for i in range(self.loss_domains)}
+        return [name for name in names if name in self.loss_tolerances or name in turn]
+
+    def measure_changes(self, model: nn.Module, autocast=None, names: Sequence[str] | None = None,
+                        ) -> dict[str, LossChange]:
+        """Each domain's (of ``names``; default all) relative held-out loss change since :meth:`measure_losses`,
+        measured sequentially on the same sequences (a seeded order) until :attr:`loss_half_width` is reached;
+        all of them when ``None``."""
         out = {}
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for name, everyone in self.loss_sets.items():
+                if names is not None and name not in names:
+                    continue
                 order = list(range(len(everyone)))
                 random.Random(f"{self.seed}:loss-order:{name}").shuffle(order)
                 out[name] = sequential_change(
@@ -297,7 +315,8 @@ class Monitor:
                 entry["sts_icl"] = score.sts_icl(base.latent_shift, latents)
             scores[name] = entry
         t0 = time.perf_counter()
-        changes = self.measure_changes(model, autocast)
+        changes = self.measure_changes(model, autocast, self.domains_in_turn())
+        self.rechecks += 1
         timings["losses"] = time.perf_counter() - t0
         loss_delta = {name: change.delta if self.base_losses.get(name) else None for name, change in changes.items()}
         losses = {name: self.base_losses[name] * (1 + change.delta) if name in self.base_losses else math.nan
