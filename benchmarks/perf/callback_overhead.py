@@ -68,6 +68,8 @@ class Truth(TrainerCallback):
             return
         with inference_mode(model):
             for name, seqs in self.sets.items():
+                if name not in record["loss_delta_ci"]:  # not in its turn (loss_domains)
+                    continue
                 change = paired_change(self.base[name], all_sequence_nll(model, seqs, tokenizer.pad_token_id, 4))
                 low, high = record["loss_delta_ci"][name]
                 self.points.append({"step": state.global_step, "domain": name, "truth": change.delta,
