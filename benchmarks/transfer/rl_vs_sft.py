@@ -1,0 +1,82 @@
+"""Does the RL / preference forecast order the other domains as well as the SFT forecast does on SFT runs?
+
+    python benchmarks/transfer/rl_vs_sft.py [--out benchmarks/transfer/rl_vs_sft.json]
+
+Issue 17's goal, on what is on disk: the RL runs (``rl/*.json``, ``rl.py``) and the SFT LoRA units
+(``units/lora-*-seed0.json``, ``units.py``), both on Gemma 3 270M with the same 11 frozen domains. For each run
+and forecast variant, the STS_icl score is calibrated by a line (change ~ a + b * score) fitted on the OTHER runs
+of the same family only (leave-one-run-out: SFT units on SFT units; GRPO and DPO runs on the other RL runs with
+the same variant), and scored on the run's 10 other domains: Pearson r with the measured signed change of their
+held-out NLL (the raw r with the sign of the fitted slope), and the share with the right direction. The variants:
+GRPO reward-filtered rollouts (the callback's default), reward-weighted, plain demonstrations; DPO chosen minus
+rejected (the callback's default) and the SFT-style in-context forecast from the chosen completions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sts_callback.scoring.agreement import correlation
+
+HERE = Path(__file__).resolve().parent
+FEATURE = "sts_icl"
+
+
+def points(scores: dict, changes: dict, others: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    names = [n for n in others if scores.get(n, {}).get(FEATURE) is not None and changes.get(n) is not None]
+    return (np.array([scores[n][FEATURE] for n in names], dtype=float),
+            np.array([changes[n] for n in names], dtype=float))
+
+
+def leave_one_out(runs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
+    """Per run: raw Pearson, the slope's sign from the other runs' pooled line, and the calibrated r / direction."""
+    out = {}
+    for name, (x, y) in runs.items():
+        rest = [runs[o] for o in runs if o != name]
+        row = {"pearson_raw": correlation(x, y, n_resamples=0)["r"], "domains": len(x)}
+        if rest:
+            xs, ys = np.concatenate([r[0] for r in rest]), np.concatenate([r[1] for r in rest])
+            slope, intercept = np.polyfit(xs, ys, 1)
+            predicted = intercept + slope * x
+            row.update(pearson=None if row["pearson_raw"] is None else row["pearson_raw"] * float(np.sign(slope)),
+                       direction=float(np.mean(np.sign(predicted) == np.sign(y))),
+                       mae=float(np.mean(np.abs(predicted - y))))
+        out[name] = row
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=HERE / "rl_vs_sft.json")
+    args = parser.parse_args()
+    sft = {}
+    for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
+        unit = json.loads(path.read_text())
+        sft[unit["source"]] = points(unit["result"]["scores"], unit["result"]["nll_delta_rel"], unit["others"])
+    families: dict[str, dict[str, tuple]] = {"sft in_context": sft}
+    for path in sorted((HERE / "rl").glob("*.json")):
+        run = json.loads(path.read_text())
+        for variant, forecast in run["forecasts"].items():
+            if variant == "callback":  # the callback's own forecast equals its default variant's
+                continue
+            families.setdefault(f"{run['kind']} {variant}", {})[run["run"]] = points(
+                forecast["scores"], run["measured"]["loss_delta"], run["others"])
+    result = {family: leave_one_out(runs) for family, runs in families.items()}
+    print(f"{FEATURE}, calibrated leave-one-run-out within each family: Pearson r / right direction over the other "
+          "domains")
+    for family, rows in result.items():
+        cells = [f"{name} {r['pearson']:+.2f} / {r['direction']:.0%}" if r.get("pearson") is not None else
+                 f"{name} raw {r['pearson_raw']:+.2f} (nothing to fit on)" for name, r in rows.items()]
+        rs = [r["pearson"] for r in rows.values() if r.get("pearson") is not None]
+        mean = f"mean r {np.mean(rs):+.2f}" if rs else "no calibrated run"
+        print(f"  {family:<28} {mean}: " + "; ".join(cells))
+    args.out.write_text(json.dumps({"feature": FEATURE, "families": result}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
