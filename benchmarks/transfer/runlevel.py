@@ -118,7 +118,7 @@ def build_run(model, tokenizer, recipe: str, train: list, work: Path):
     return trained, optimizer, features, collator, pad, lr
 
 
-def run_unit(model, tokenizer, recipe: str, source: str, domains: list[str], out: Path) -> dict:
+def run_unit(model, tokenizer, recipe: str, source: str, domains: dict[str, list[str]], out: Path) -> dict:
     from sts_callback.pipelines.runlevel import RunLevelConfig, first_order, lookahead, training_batches
 
     start = time.perf_counter()
@@ -183,11 +183,11 @@ def main() -> None:
     if not todo:
         return
 
-    from sts_callback.core.corpora import available_domains
     from sts_callback.tools.models import load_gemma3_270m
+    from units import domain_texts
 
     model, tokenizer = load_gemma3_270m()
-    domains = sorted(available_domains())
+    domains = domain_texts(args.out)  # the units' frozen texts
     for recipe, source in todo:
         name = unit_name(recipe, source)
         print(f"== {name} ({time.strftime('%H:%M:%S')}) ==", flush=True)

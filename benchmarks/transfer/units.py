@@ -111,6 +111,11 @@ def run_unit(model, tokenizer, sae_path, config, recipe: str, source: str, seed:
              out: Path, work: Path) -> dict:
     from sts_callback.validation.validate import validate
 
+    from sts_callback.pipelines.recheck import RecheckConfig
+
+    if RecheckConfig().loss_sequence_tokens is not None:  # validate() re-checks with the callback's defaults
+        raise SystemExit("The units measure each held-out text as the forecast reads it (up to max_query_tokens); "
+                         "RecheckConfig.loss_sequence_tokens now cuts them, which would change what is measured.")
     train, targets = split(source, texts)
     domains = sorted(texts)
     start = time.perf_counter()
@@ -128,7 +133,8 @@ def run_unit(model, tokenizer, sae_path, config, recipe: str, source: str, seed:
         point.pop("shifted_latents", None)
     data = {"format": "sts-transfer-unit/1", "unit": unit_name(recipe, source, seed), "recipe": recipe,
             "source": source, "seed": seed, "others": [d for d in domains if d != source],
-            "training": result.training, "config": result.config, "variants": result.variants,
+            "training": {**result.training, "held_out_texts": "whole, up to max_query_tokens"},
+            "config": result.config, "variants": result.variants,
             "result": seed_result, "domains_fingerprint": fingerprint(texts), "seconds": time.perf_counter() - start,
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU"}
     write_json(out / f"{unit_name(recipe, source, seed)}.json", data)
