@@ -9,7 +9,9 @@ of the same family only (leave-one-run-out: SFT units on SFT units; GRPO and DPO
 the same variant), and scored on the run's 10 other domains: Pearson r with the measured signed change of their
 held-out NLL (the raw r with the sign of the fitted slope), and the share with the right direction. The variants:
 GRPO reward-filtered rollouts (the callback's default), reward-weighted, plain demonstrations; DPO chosen minus
-rejected (the callback's default) and the SFT-style in-context forecast from the chosen completions.
+rejected (the callback's default) and the SFT-style in-context forecast from the chosen completions. (The RL runs
+measure each held-out text's first 64 tokens, the SFT units whole texts up to 128 tokens: each family is
+consistent within itself, which is what a within-family calibration needs.)
 """
 
 from __future__ import annotations
