@@ -295,17 +295,7 @@ class STSSession:
         warned about and recorded (``(None, None)``) unless ``strict``. ``log_history``: the loop's logged
         learning rates, for a schedule the session could not plan."""
         try:
-            began, probe_info = time.perf_counter(), None
-            if self.probe_source is not None:
-                sequences, base_model, probe_info = self.probe_source(model, step)
-                with self.autocast():
-                    self.monitor.refresh_probe(model, sequences, base_model)
-            probe_seconds = time.perf_counter() - began
-            result = self.monitor.recheck(model, self.forecast.shifted_latents if self.forecast else None,
-                                          self.autocast)
-            if probe_info is not None:
-                result.timings["fresh_probe"] = probe_seconds
-                result.seconds += probe_seconds
+            result, probe_info = self._measure(model, step)
         except Exception as err:  # noqa: BLE001 - a monitoring failure must not kill a long run
             model.train()
             if self.strict:
@@ -342,6 +332,21 @@ class STSSession:
         self._append_history(record)
         self.write_report(step)
         return record, decision
+
+    def _measure(self, model, step: int) -> tuple[Any, dict[str, Any] | None]:
+        """The monitor's re-check, on a fresh probe first when there is a :attr:`probe_source` (its draw returned
+        beside the result, its time in ``timings["fresh_probe"]``)."""
+        began, probe_info = time.perf_counter(), None
+        if self.probe_source is not None:
+            sequences, base_model, probe_info = self.probe_source(model, step)
+            with self.autocast():
+                self.monitor.refresh_probe(model, sequences, base_model)
+        probe_seconds = time.perf_counter() - began
+        result = self.monitor.recheck(model, self.forecast.shifted_latents if self.forecast else None, self.autocast)
+        if probe_info is not None:
+            result.timings["fresh_probe"] = probe_seconds
+            result.seconds += probe_seconds
+        return result, probe_info
 
     def _early_forecast(self, step: int, max_steps: int, measured: dict[str, float | None],
                         intervals: dict[str, list[float]]) -> dict[str, Any]:
