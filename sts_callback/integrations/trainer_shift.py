@@ -112,11 +112,11 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     longest = min(settings.max_completion_length or config.rollout_max_tokens, config.rollout_max_tokens)
     prompts = max(2, math.ceil(budget / (2 * longest)))
     two_each = dataclasses.replace(config, rollout_generations=2)
-    count = len(prompt_records(data))
+    records = prompt_records(data)  # read once: each re-check draws from them, not from the whole dataset again
 
     def probe(model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:
-        indices = draw_prompts(count, config, f"recheck:{step}", prompts)
-        rollouts = sample_rollouts(model, setup.builder.tokenizer, data, trainer.reward_funcs, two_each, settings,
+        indices = draw_prompts(len(records), config, f"recheck:{step}", prompts)
+        rollouts = sample_rollouts(model, setup.builder.tokenizer, records, trainer.reward_funcs, two_each, settings,
                                    trainer_state=getattr(trainer, "state", None), builder=setup.builder,
                                    prompt_indices=indices)
         sequences = rollout_probe(rollouts, setup, budget)
