@@ -187,6 +187,10 @@ elif MODE == "forecast_disagree":  # forecast() itself, no trainer: ranks given 
         except Exception as err:  # noqa: BLE001 - recorded for the test
             errors[case] = f"{type(err).__name__}: {err}"
     result["errors"] = errors
+elif MODE == "budget":  # the ranks' budgets disagree (as their clocks may): rank 0's choice must hold on both
+    cb = callback(overhead_budget=0.001 if RANK == 0 else 0.9)
+    trainer_for(cb, OUT / "run").train()
+    result["history"] = cb.history
 elif MODE == "bad_inputs":
     errors = {}
     domains = dict(DOMAINS) if RANK == 0 else {k: v for k, v in DOMAINS.items() if k != "chem"}

@@ -88,6 +88,11 @@ def test_trainer_forecast_rechecks_and_own_loss_logging(tmp_path, tokenizer):
     rechecks = [e["step"] for e in trainer.state.log_history if "sts/recheck/law" in e]
     assert rechecks == [2, 4, 6]
     assert any(k.startswith("sts/loss_delta/") for e in trainer.state.log_history for k in e)
+    spent = history[-1]["overhead"]  # what the re-checks cost, against the training between them
+    assert spent["budget"] is None and spent["train_seconds"] > 0
+    assert spent["recheck_seconds"] == pytest.approx(sum(r["seconds"] for r in history))
+    assert spent["share"] == pytest.approx(spent["recheck_seconds"] / spent["train_seconds"])
+    assert [e["step"] for e in trainer.state.log_history if "sts/recheck/overhead" in e] == [2, 4, 6]
     for step in (2, 4, 6):
         saved = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
         stored = saved["stateful_callbacks"]["STSCallback"]
@@ -391,3 +396,18 @@ def test_run_level_settings_are_checked_at_construction():
         make_callback(run_level="lookahead", run_level_steps=0)
     with pytest.raises(STSConfigError, match="pass run_level='lookahead'"):
         make_callback(calibration=Calibration.fit([[0.0], [1.0], [2.0]], [0, 1, 2], ["lookahead"]))
+
+
+def test_overhead_budget_keeps_the_protected_domain_and_defers_the_others(tmp_path, tokenizer):
+    # a tiny model trains in milliseconds: 1% of that affords no unprotected domain, never the protected one
+    callback = make_callback(protected=["food"], tolerance=10.0, overhead_budget=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, tokenizer, callback).train()
+    assert [r["step"] for r in callback.history] == [2, 4, 6]
+    for record in callback.history:
+        assert set(record["loss_delta"]) == {"food"}
+        assert sorted(record["overhead"]["skipped"]) == ["chem", "law"] and record["overhead"]["budget"] == 0.01
+    over = [w for w in caught if "above overhead_budget=0.01" in str(w.message)]
+    assert len(over) == 1 and "raise recheck_steps" in str(over[0].message)
+    assert "Re-checks so far took" in (tmp_path / "run" / "sts" / "report.md").read_text()

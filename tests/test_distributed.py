@@ -54,7 +54,9 @@ def assert_same_numbers(reference: dict, other: dict) -> None:
 
 
 def without_timing(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("seconds", "timings")} for r in history]
+    """The records without what each rank times for itself (which domains waited for the budget stays)."""
+    return [{**{k: v for k, v in r.items() if k not in ("seconds", "timings", "loss_seconds", "overhead")},
+             "skipped": r.get("overhead", {}).get("skipped")} for r in history]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
@@ -70,6 +72,14 @@ def test_two_processes_match_one(tmp_path, single, mode):
     assert rank1["written"] == []
     names = {Path(p).name for p in rank0["written"]}
     assert {"forecast.json", "history.jsonl", "monitor.safetensors", "report.html"} <= names
+
+
+def test_overhead_budget_choice_is_rank_zeros_on_every_rank(tmp_path):
+    rank0, rank1 = run("budget", tmp_path / "out", 2)  # rank 1 alone would measure every domain: a hang
+    assert without_timing(rank1["history"]) == without_timing(rank0["history"])
+    for record in rank0["history"]:
+        assert "food" in record["loss_delta"] and record["overhead"]["skipped"]
+        assert not set(record["overhead"]["skipped"]) & set(record["loss_delta"])
 
 
 @pytest.mark.parametrize("kind", ["dpo", "grpo"])

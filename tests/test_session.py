@@ -11,6 +11,7 @@ from sts_callback import GuardConfig, RecheckConfig, STSConfig, STSConfigError
 from sts_callback.core.data import load_corpus, load_domains
 from sts_callback.core.run_store import RunStore
 from sts_callback.integrations.session import STSNegativeTransferWarning, STSSession
+from sts_callback.pipelines.budget import OverheadBudget
 
 FAST = STSConfig(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2)
 DOMAINS = ("law", "food", "chem")
@@ -148,6 +149,44 @@ def test_unprotected_domains_take_turns_and_the_protected_one_is_always_measured
     assert session.history[-1]["loss_delta_ci"].keys() == {"chem", "food"}
 
 
+def test_overhead_budget_measures_the_domains_it_affords_in_turns(tmp_path, tokenizer):
+    model = make_model("llama")
+    train = [" ".join([DOMAIN_WORDS["law"][0]] * 12) + " ."] * 40
+    session = session_for(tmp_path, tolerance=10.0, recheck={"overhead_budget": 0.5})
+    session.learning_rates = [LR] * 8
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session.prepare(model, tokenizer, load_corpus(train), domains)
+    session.start(model, load_corpus(train), domains)
+    measured, skipped = [], []
+    for step, train_seconds, spent in ((2, 3.0, 0.0), (4, 3.0, 0.0), (6, 3.0, 0.0), (8, 0.0, 10.0)):
+        train_steps(model, tokenizer, train, 2)
+        # costs set by hand, so the choice is exact: 1 s a domain, a credit of 1.5 s (half of 3 s) or none
+        budget = session.budget
+        budget.train_seconds, budget.recheck_seconds, budget.fixed_seconds = train_seconds, spent, 0.0
+        budget.domain_seconds = dict.fromkeys(DOMAINS, 1.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            record, _ = session.recheck(model, step, max_steps=8)
+        measured.append(sorted(record["loss_delta"]))
+        skipped.append(record["overhead"]["skipped"])
+    assert measured == [["food", "law"], ["chem", "food"], ["food", "law"], ["food"]]
+    assert skipped == [["chem"], ["law"], ["chem"], ["chem", "law"]]
+    # the last re-check was over its budget with the protected domain alone: the user is told what to change
+    assert any("above overhead_budget=0.5" in str(w.message) for w in caught)
+    assert session.history[-1]["overhead"]["share"] > 0.5
+
+
+def test_overhead_budget_carries_unspent_seconds_and_keeps_the_turn_order():
+    budget = OverheadBudget(share=0.1, domain_seconds={"a": 2.0, "b": 1.0, "c": 1.0}, fixed_seconds=1.0)
+    budget.add_training(30.0)  # 3 s of credit, 1 s of it fixed: a (2 s) fits, b does not
+    assert budget.affordable(["a", "b", "c"]) == ["a"]
+    assert budget.affordable(["b", "a", "c"]) == ["b"]  # a prefix: a costly domain is not passed over
+    budget.add_recheck(1.5, 1.0, {"b": 0.5})
+    budget.add_training(30.0)  # 6 s minus the 1.5 s spent: 4.5 s, 1 s fixed
+    assert budget.affordable(["c", "a", "b"]) == ["c", "a", "b"]
+    assert budget.spent_share == pytest.approx(1.5 / 60) and OverheadBudget().credit() == float("inf")
+
+
 def test_recheck_config_errors_name_the_setting():
     with pytest.raises(STSConfigError, match="loss_tokens must be an integer >= 1"):
         RecheckConfig(loss_tokens=0)
@@ -155,6 +194,8 @@ def test_recheck_config_errors_name_the_setting():
         RecheckConfig(recheck_steps=0)
     with pytest.raises(STSConfigError, match="loss_domains must be None"):
         RecheckConfig(loss_domains=0)
+    with pytest.raises(STSConfigError, match="overhead_budget must be a share of training time"):
+        RecheckConfig(overhead_budget=3)
     with pytest.raises(STSConfigError, match="early_method must be one of"):
         RecheckConfig(early_method="lr_law")
     with pytest.raises(STSConfigError, match=r"Unknown re-check setting\(s\) \['loss_token'\]"):

@@ -108,6 +108,7 @@ class LossChange:
     high: float
     tokens: int
     sequences: int
+    seconds: float = 0.0  # what measuring it took (set by the caller that timed it)
 
     @property
     def half_width(self) -> float:

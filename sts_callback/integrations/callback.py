@@ -24,7 +24,7 @@ from ..core.schedule import planned_learning_rates
 from ..pipelines.guard import GuardConfig
 from ..pipelines.recheck import RecheckConfig
 from ..reporting import trackers
-from .session import COUNTERS, STSNegativeTransferWarning, STSSession, recheck_metrics
+from .session import COUNTERS, STSNegativeTransferWarning, STSSession
 from .trainer_shift import (RL_SHIFTS, check_shift, forecast_runner, fresh_rollout_probe, resolve_shift,
                             rollout_probe, trainer_rollouts)
 from .trainer_run_level import RUN_LEVEL_METHODS, check_run_level, run_level_runner
@@ -77,6 +77,10 @@ class STSCallback(TrainerCallback, ExportableState):
             the texts as the forecast reads them.
         loss_domains: held-out losses of at most this many unprotected domains per re-check, in turns
             (protected domains every time); ``None``: all at every re-check.
+        overhead_budget: hold re-checks to this share of training time (``0.03``: 3%), timed on the run: the
+            probe and the protected domains every time, the other domains' losses in turns as the budget affords;
+            the share spent is in each history record (``overhead``) and logged as ``sts/recheck/overhead``.
+            ``None`` (default): every domain (or ``loss_domains``) at every re-check.
         early_method: how each re-check projects the changes to the end of training (``"trend"``: latest change
             plus the recent slope in the learning-rate area; ``"power"``: change ~ f^b); see ``RecheckConfig``.
         fresh_rollouts: under RL, each re-check's probe is the current policy's completions of fresh prompts
@@ -103,7 +107,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
                  accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
                  loss_sequence_tokens: int | None = None, loss_domains: int | None = None, early_method: str = "trend", fresh_rollouts: bool = True,
-                 run_level: str | None = None, run_level_steps: int = 3,
+                 overhead_budget: float | None = None, run_level: str | None = None, run_level_steps: int = 3,
                  _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
@@ -114,7 +118,7 @@ class STSCallback(TrainerCallback, ExportableState):
         recheck = RecheckConfig(recheck_steps=recheck_steps, recheck_tokens=recheck_tokens, loss_tokens=loss_tokens,
                                 loss_precision=loss_precision, accuracy_items=accuracy_items,
                                 recheck_at_end=recheck_at_end, loss_sequence_tokens=loss_sequence_tokens,
-                                loss_domains=loss_domains,
+                                loss_domains=loss_domains, overhead_budget=overhead_budget,
                                 early_method=early_method, fresh_rollouts=fresh_rollouts)
         values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe, demonstrations=demonstrations)
         if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
@@ -312,7 +316,7 @@ class STSCallback(TrainerCallback, ExportableState):
             return None
         if decision.stop:
             control.should_training_stop = True
-        self._log(recheck_metrics(record, self.session.variant()), control)
+        self._log(trackers.recheck_metrics(record, self.session.variant()), control)
         self._export("re-check", trackers.export_recheck, record)
         return record
 

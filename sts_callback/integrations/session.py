@@ -29,19 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from ..core.data import Corpus, multiple_choice_items
-from ..core.distributed import check_ranks_agree, fingerprint, require_at_least_world, world_size
+from ..core.distributed import check_ranks_agree, fingerprint, gather_objects, require_at_least_world, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
 from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
+from ..pipelines.budget import OverheadBudget
 from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, run_forecast
 from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from
 from ..pipelines.recheck import RecheckConfig
-from ..scoring.calibration import Calibration, early_forecast, fitted_exponent, load_calibration, lr_area_fraction
-from ..scoring.early import trend_projection
-from ..scoring.signed import DEFAULT_SIGNED, SIGNED_VARIANTS
+from ..pipelines.prediction import calibrated_predictions, early_projection
+from ..scoring.calibration import load_calibration, lr_area_fraction
+from ..scoring.signed import SIGNED_VARIANTS
 from .trainer_run_level import RUN_LEVEL_METHODS
 
 logger = logging.getLogger("sts_callback")
@@ -94,6 +95,8 @@ class STSSession:
         # (model, step) -> (probe sequences, base model or None, what to record): a new probe before each
         # re-check (an RL run's fresh completions of the current policy); None: the train-start probe throughout
         self.probe_source: Callable[[Any, int], tuple[list, Any, dict[str, Any]]] | None = None
+        self.budget = OverheadBudget(recheck.overhead_budget)  # seconds training vs re-checking
+        self._clock: float | None = None  # when the last STS work ended (the time since is training)
 
     # ------------------------------------------------------------------ state
     def counters(self) -> dict[str, Any]:
@@ -124,7 +127,7 @@ class STSSession:
 
     def warn(self, key: str, message: str, category: type[Warning] = STSNegativeTransferWarning) -> None:
         if self.guard.first_time(key) and self.is_main:
-            warnings.warn(message, category, stacklevel=3)
+            warnings.warn(message, category, stacklevel=4)
             logger.warning(message)
 
     def _append_history(self, record: dict[str, Any]) -> None:
@@ -192,6 +195,7 @@ class STSSession:
             self._run_level(model, run_level)
         if self.forecast is not None:
             self._publish_forecast()
+        self._clock = time.perf_counter()
         return self.forecast
 
     def _run_level(self, model, run_level: Callable[[Any, dict[str, float]], Any]) -> None:
@@ -233,15 +237,22 @@ class STSSession:
 
     def _measure_base(self, model) -> None:
         monitor, store = self.monitor, self.store
+        began = time.perf_counter()
         monitor.capture_base(model)
         self.base_fit = monitor.sae_fit(model, self.autocast)
+        probe_seconds = time.perf_counter() - began
         if self.base_fit is not None and self.is_main:
             print(f"STS: SAE fit on the training probe: fraction of variance unexplained {self.base_fit['fvu']:.3f}, "
                   f"mean L0 {self.base_fit['l0']:.1f}")
         for key, message in self.guard.fit_warnings(None, self.base_fit).items():
             self.warn(key, message, STSDataWarning)
         self.base_losses = monitor.base_losses = monitor.measure_losses(model, self.autocast)
+        began = time.perf_counter()
         self.base_accuracy = monitor.base_accuracy = monitor.measure_accuracy(model, self.autocast)
+        # the first re-check's costs, until it measures its own: the train-start passes (whole loss sets: high)
+        self.budget.domain_seconds = dict(monitor.base_loss_seconds)
+        self.budget.fixed_seconds = probe_seconds + time.perf_counter() - began + sum(
+            monitor.base_loss_seconds[name] for name in self.guard.config.protected)
         if self.is_main:
             self.write(f"the monitor state to {store.monitor_path}", lambda: monitor.save(store.monitor_path), 0)
             self.write(f"the old history in {store.root}", store.archive_history, 0)
@@ -281,6 +292,10 @@ class STSSession:
         if not self.history:  # other ranks, or the main one when the folder could not be read
             self.history = store.read_history()
         self.history = [r for r in self.history if r.get("step", 0) <= step]
+        spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
+        if spent is not None:  # the share is the run's, across resumes
+            self.budget.train_seconds, self.budget.recheck_seconds = spent["train_seconds"], spent["recheck_seconds"]
+        self._clock = time.perf_counter()
 
     # ------------------------------------------------------------------ during training
     def variant(self) -> str:
@@ -294,8 +309,17 @@ class STSSession:
         """One re-check at ``step`` of ``max_steps``: the history record and the guard's decision; a failure is
         warned about and recorded (``(None, None)``) unless ``strict``. ``log_history``: the loop's logged
         learning rates, for a schedule the session could not plan."""
+        if self._clock is not None:
+            self.budget.add_training(time.perf_counter() - self._clock)
         try:
-            result, probe_info = self._measure(model, step)
+            return self._recheck(model, step, max_steps, log_history)
+        finally:
+            self._clock = time.perf_counter()
+
+    def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None,
+                 ) -> tuple[dict[str, Any] | None, Decision | None]:
+        try:
+            result, probe_info, skipped = self._measure(model, step)
         except Exception as err:  # noqa: BLE001 - a monitoring failure must not kill a long run
             model.train()
             if self.strict:
@@ -303,13 +327,19 @@ class STSSession:
             trace = traceback.format_exc()
             message = f"STS re-check at step {step} failed and was skipped ({type(err).__name__}: {err})"
             if self.is_main:
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
                 logger.warning("%s\n%s", message, trace)
             self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
             return None, None
-        record = {"step": step, **result.to_dict()}
+        record = {"step": step, **result.to_dict(), "overhead": {**self.budget.to_dict(), "skipped": skipped}}
         if probe_info is not None:
             record["fresh_probe"] = probe_info
+        if self.budget.share is not None and (self.budget.spent_share or 0) > self.budget.share and not \
+                any(name not in self.guard.config.protected for name in result.loss_delta):
+            self.warn("overhead", f"STS re-checks have cost {self.budget.spent_share:.1%} of training time, above "
+                      f"overhead_budget={self.budget.share:g}, with only the probe and the protected domains "
+                      f"({self.budget.fixed_seconds:.1f} s a re-check): raise recheck_steps, or lower recheck_tokens "
+                      "or loss_tokens, or loosen loss_precision.", RuntimeWarning)
         try:
             if log_history is not None:  # a scheduler of the user's own: the rates logged so far
                 self.learning_rates = logged_learning_rates(log_history, max_steps)
@@ -333,20 +363,29 @@ class STSSession:
         self.write_report(step)
         return record, decision
 
-    def _measure(self, model, step: int) -> tuple[Any, dict[str, Any] | None]:
+    def _measure(self, model, step: int) -> tuple[Any, dict[str, Any] | None, list[str]]:
         """The monitor's re-check, on a fresh probe first when there is a :attr:`probe_source` (its draw returned
-        beside the result, its time in ``timings["fresh_probe"]``)."""
+        beside the result, its time in ``timings["fresh_probe"]``), measuring as many unprotected domains' losses
+        as the overhead budget affords (the ones it left out returned third)."""
         began, probe_info = time.perf_counter(), None
+        in_turn = self.monitor.in_turn()
+        unprotected = None
+        if self.budget.share is not None:  # rank 0's choice: every rank must measure the same domains
+            unprotected = gather_objects(len(self.budget.affordable(in_turn)))[0]
         if self.probe_source is not None:
             sequences, base_model, probe_info = self.probe_source(model, step)
             with self.autocast():
                 self.monitor.refresh_probe(model, sequences, base_model)
         probe_seconds = time.perf_counter() - began
-        result = self.monitor.recheck(model, self.forecast.shifted_latents if self.forecast else None, self.autocast)
+        result = self.monitor.recheck(model, self.forecast.shifted_latents if self.forecast else None, self.autocast,
+                                      unprotected)
         if probe_info is not None:
             result.timings["fresh_probe"] = probe_seconds
             result.seconds += probe_seconds
-        return result, probe_info
+        optional = {name: seconds for name, seconds in result.loss_seconds.items()
+                    if name not in self.guard.config.protected}
+        self.budget.add_recheck(result.seconds, result.seconds - sum(optional.values()), result.loss_seconds)
+        return result, probe_info, in_turn[unprotected:] if unprotected is not None else []
 
     def _early_forecast(self, step: int, max_steps: int, measured: dict[str, float | None],
                         intervals: dict[str, list[float]]) -> dict[str, Any]:
@@ -404,73 +443,4 @@ def check_inputs_agree(setup: ForecastSetup, domains: dict[str, Corpus], loss_se
     )
 
 
-def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) -> dict[str, dict[str, float]]:
-    """The calibrated end-of-training change of every domain (also set on ``forecast.predictions``)."""
-    if calibration is None:
-        return {}
-    for name, domain in forecast.domains.items():
-        missing = [f for f in calibration.features if domain.scores.get(f) is None]
-        if missing:
-            raise STSConfigError(f"The calibration uses {missing}, which this forecast did not compute for "
-                                 f"{name!r} (compute_icl=False? no SAE decoder? a run-level feature without run_level=...?); "
-                                 "fit it on other features.")
-    forecast.apply_calibration(calibration)
-    return {name: {k: p[k] for k in ("mean", "low", "high", "level")} for name, p in forecast.predictions.items()}
-
-
-def early_projection(history: list[dict[str, Any]], measured: dict[str, float | None], fraction: float,
-                     forecast: Forecast | None, calibration: Calibration | None,
-                     intervals: dict[str, list[float]] | None = None, method: str = "trend") -> dict[str, Any]:
-    """The measured changes extrapolated from ``fraction`` of the learning-rate area to the end of training, and
-    the calibration refitted on the projections (forecast scores -> projected change) when enough domains have
-    both. ``method`` ``"trend"``: the latest change plus the recent slope over this run's re-checks
-    (:func:`~sts_callback.scoring.early.trend_weights`); ``"power"``: change ~ f^b, b fitted on the earlier
-    re-checks (linear until there are two). ``intervals``: the measured changes' 95% intervals, carried to the
-    end alike (``early_forecast_ci``: the measurement's uncertainty; the model's own is not in it)."""
-    out: dict[str, Any] = {"lr_area_fraction": fraction, "early_method": method}
-    if method == "power":
-        points = [(r["lr_area_fraction"], r["loss_delta"]) for r in history if r.get("lr_area_fraction")]
-        exponent = fitted_exponent(points + [(fraction, measured)]) or 1.0
-        early = early_forecast(measured, fraction, exponent)
-        out.update(early_exponent=exponent, early_forecast=early)
-        if intervals is not None:
-            low = early_forecast({n: ci[0] for n, ci in intervals.items() if ci}, fraction, exponent)
-            high = early_forecast({n: ci[1] for n, ci in intervals.items() if ci}, fraction, exponent)
-            out["early_forecast_ci"] = {n: [low[n], high[n]] for n in low}
-    else:
-        early, bounds = trend_projection(history, measured, fraction, intervals)
-        out["early_forecast"] = early
-        if intervals is not None:
-            out["early_forecast_ci"] = bounds
-    features = calibration.features if calibration is not None else [DEFAULT_SIGNED]
-    domains = forecast.domains if forecast is not None else {}
-    names = [n for n, v in early.items() if v is not None and n in domains
-             and all(domains[n].scores.get(f) is not None for f in features)]
-    if len(names) >= len(features) + 2:
-        refit = Calibration.fit([[domains[n].scores[f] for f in features] for n in names], [early[n] for n in names],
-                                features, level=calibration.level if calibration is not None else 0.9)
-        out["calibration"] = {"features": features, "coef": refit.coef, "intercept": refit.intercept,
-                              "center": refit.center, "scale": refit.scale, "sigma": refit.sigma, "n": refit.n}
-    return out
-
-
-def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
-    """A re-check's history record as tracker metrics (``sts/...`` keys)."""
-    metrics = {f"sts/early_forecast/{name}": value for name, value in record.get("early_forecast", {}).items()
-               if value is not None}
-    for name, scores in record["scores"].items():
-        metrics[f"sts/recheck/{name}"] = scores.get(variant, scores["sts_act"])
-    metrics.update({f"sts/loss_delta/{name}": delta for name, delta in record["loss_delta"].items() if delta is not None})
-    metrics.update({f"sts/accuracy/{name}": value for name, value in record.get("accuracy", {}).items()})
-    if record["overlap_with_forecast"] is not None:
-        metrics["sts/recheck/overlap_with_forecast"] = record["overlap_with_forecast"]
-    metrics["sts/recheck/seconds"] = record["seconds"]
-    if record.get("fresh_probe", {}).get("mean_reward") is not None:
-        metrics["sts/recheck/rollout_reward"] = record["fresh_probe"]["mean_reward"]
-    if record.get("sae_fit"):
-        metrics["sts/sae_fit/fvu"], metrics["sts/sae_fit/l0"] = record["sae_fit"]["fvu"], record["sae_fit"]["l0"]
-    return metrics
-
-
-__all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "calibrated_predictions", "check_inputs_agree",
-           "early_projection", "recheck_metrics"]
+__all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree"]

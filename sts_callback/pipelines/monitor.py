@@ -119,11 +119,13 @@ class Monitor:
     lm_eval_targets: dict[str, Any] = field(default_factory=dict)  # lm-evaluation-harness tasks
     base_accuracy: dict[str, float] = field(default_factory=dict)
     base_sequence_nll: dict[str, torch.Tensor] = field(default_factory=dict)  # [n, 2] per held-out sequence
+    base_loss_seconds: dict[str, float] = field(default_factory=dict)  # each domain's whole loss set at train start
     loss_half_width: float | None = None  # stop measuring a domain once its change's 95% CI is this narrow
     loss_tolerances: dict[str, float] = field(default_factory=dict)  # protected: stop once surely above
     seed: str = "0"
     loss_domains: int | None = None  # unprotected domains measured per re-check, in turns; None: all
-    rechecks: int = 0  # re-checks made by this monitor (the turn of the rotation)
+    rechecks: int = 0  # re-checks made by this monitor
+    turn: int = 0  # unprotected domains measured so far (the rotation's position)
 
     # -------------------------------------------------------------- building
     @staticmethod
@@ -204,7 +206,9 @@ class Monitor:
         """
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for name, everyone in self.loss_sets.items():
+                began = time.perf_counter()
                 self.base_sequence_nll[name] = all_sequence_nll(model, everyone, self._pad(), self.loss_batch_size)
+                self.base_loss_seconds[name] = time.perf_counter() - began
         totals = {name: sums.sum(0) for name, sums in self.base_sequence_nll.items()}
         return {name: float(t[0] / t[1].clamp(min=1)) for name, t in totals.items()}
 
@@ -212,17 +216,19 @@ class Monitor:
         tokenizer = self.setup.builder.tokenizer
         return pad_token_id(tokenizer)
 
-    def domains_in_turn(self) -> list[str]:
-        """The domains whose held-out loss this re-check measures: every protected one (those with a tolerance),
-        and the others in turns, :attr:`loss_domains` at a time (each every ceil(others / loss_domains)
-        re-checks); all of them when ``loss_domains`` is ``None``."""
-        names = list(self.loss_sets)
-        others = [name for name in names if name not in self.loss_tolerances]
-        if self.loss_domains is None or len(others) <= self.loss_domains:
-            return names
-        start = self.rechecks * self.loss_domains
-        turn = {others[(start + i) % len(others)] for i in range(self.loss_domains)}
-        return [name for name in names if name in self.loss_tolerances or name in turn]
+    def in_turn(self) -> list[str]:
+        """The unprotected domains (those without a tolerance) from the next in turn onwards, at most
+        :attr:`loss_domains` of them: a re-check measuring the first k moves the turn on by k, so each is measured
+        every ceil(others / k) re-checks."""
+        others = [name for name in self.loss_sets if name not in self.loss_tolerances]
+        count = len(others) if self.loss_domains is None else min(self.loss_domains, len(others))
+        return [others[(self.turn + i) % len(others)] for i in range(count)]
+
+    def domains_in_turn(self, unprotected: int | None = None) -> list[str]:
+        """The domains whose held-out loss the next re-check measures: every protected one and the first
+        ``unprotected`` of :meth:`in_turn` (default: all of them)."""
+        turn = set(self.in_turn()[:unprotected])
+        return [name for name in self.loss_sets if name in self.loss_tolerances or name in turn]
 
     def measure_changes(self, model: nn.Module, autocast=None, names: Sequence[str] | None = None,
                         ) -> dict[str, LossChange]:
@@ -234,6 +240,7 @@ class Monitor:
             for name, everyone in self.loss_sets.items():
                 if names is not None and name not in names:
                     continue
+                began = time.perf_counter()
                 order = list(range(len(everyone)))
                 random.Random(f"{self.seed}:loss-order:{name}").shuffle(order)
                 out[name] = sequential_change(
@@ -241,6 +248,7 @@ class Monitor:
                                                                         self.loss_batch_size, indices),
                     self.base_sequence_nll[name], order, [sum(flags) for _, flags in everyone],
                     half_width=self.loss_half_width, tolerance=self.loss_tolerances.get(name))
+                out[name].seconds = time.perf_counter() - began
         return out
 
     def measure_accuracy(self, model: nn.Module, autocast=None) -> dict[str, float]:
@@ -301,8 +309,10 @@ class Monitor:
                                  self.setup.sae.encode(c.to(device)).float().cpu())
         return shift.all_reduce(), self._fit(current)
 
-    def recheck(self, model: nn.Module, forecast_latents: list[int] | None, autocast=None) -> Recheck:
-        """The actual shift, the domains re-scored on it, and the held-out losses vs train start."""
+    def recheck(self, model: nn.Module, forecast_latents: list[int] | None, autocast=None,
+                unprotected: int | None = None) -> Recheck:
+        """The actual shift, the domains re-scored on it, and the held-out losses vs train start: every
+        protected domain's and the first ``unprotected`` (default: all) of :meth:`in_turn`."""
         start = time.perf_counter()
         config = self.setup.config
         shift, fit = self._actual_shift_and_fit(model, autocast)
@@ -315,8 +325,10 @@ class Monitor:
                 entry["sts_icl"] = score.sts_icl(base.latent_shift, latents)
             scores[name] = entry
         t0 = time.perf_counter()
-        changes = self.measure_changes(model, autocast, self.domains_in_turn())
+        names = self.domains_in_turn(unprotected)
+        changes = self.measure_changes(model, autocast, names)
         self.rechecks += 1
+        self.turn += sum(name not in self.loss_tolerances for name in names)
         timings["losses"] = time.perf_counter() - t0
         loss_delta = {name: change.delta if self.base_losses.get(name) else None for name, change in changes.items()}
         losses = {name: self.base_losses[name] * (1 + change.delta) if name in self.base_losses else math.nan
@@ -334,6 +346,7 @@ class Monitor:
             loss_delta=loss_delta,
             loss_delta_ci={name: [c.low, c.high] for name, c in changes.items()},
             loss_tokens={name: c.tokens for name, c in changes.items()},
+            loss_seconds={name: c.seconds for name, c in changes.items()},
             accuracy=accuracy,
             accuracy_delta={name: value - self.base_accuracy[name] if name in self.base_accuracy else None
                             for name, value in accuracy.items()},

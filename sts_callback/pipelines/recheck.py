@@ -42,6 +42,11 @@ class RecheckConfig:
             change plus the recent slope in the learning-rate area; the transfer benchmark's best from a quarter
             of training, ``benchmarks/transfer/early_compare.py``) or ``"power"`` (change ~ f^b, b fitted on the
             run's re-checks).
+        overhead_budget: hold re-checks to this share of training time (``0.03``: 3%): each re-check measures
+            the probe and the protected domains, and only as many unprotected domains' losses (in turns, the least
+            recently measured first) as the seconds left in the budget afford, timed on the run itself; each
+            history record says what the re-checks have cost so far and which domains waited. ``None``: no limit
+            (the cost is still recorded).
         fresh_rollouts: under RL, each re-check samples new completions of the current policy for fresh prompts
             (a few, about ``recheck_tokens`` of completion, 2 per prompt) as its probe, with their base residuals
             from the trainer's reference model or the adapters-disabled model; ``False``: the train-start
@@ -58,6 +63,7 @@ class RecheckConfig:
     loss_domains: int | None = None
     early_method: str = "trend"
     fresh_rollouts: bool = True
+    overhead_budget: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("recheck_tokens", "loss_tokens", "accuracy_items"):
@@ -79,6 +85,11 @@ class RecheckConfig:
                                       or not precision > 0):
             raise STSConfigError(f"loss_precision must be a positive fraction of the tolerance (0.25: the 95% "
                                  f"interval of a loss change is at most +-tolerance/4) or None, got {precision!r}.")
+        budget = self.overhead_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < 1):
+            raise STSConfigError(f"overhead_budget must be a share of training time between 0 and 1 (0.03: "
+                                 f"re-checks take at most 3%) or None, got {budget!r}.")
         if self.early_method not in EARLY_METHODS:
             raise STSConfigError(f"early_method must be one of {EARLY_METHODS}, got {self.early_method!r}.")
         for name in ("recheck_at_end", "fresh_rollouts"):
@@ -119,6 +130,7 @@ class Recheck:
     accuracy: dict[str, float] = field(default_factory=dict)
     accuracy_delta: dict[str, float | None] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: probe (shift and SAE fit), losses, accuracy
+    loss_seconds: dict[str, float] = field(default_factory=dict)  # seconds of each measured domain's loss
 
     def score(self, domain: str, variant: str) -> float | None:
         """The re-checked score of ``domain`` under ``variant`` (``sts_act`` where the variant was not computed)."""

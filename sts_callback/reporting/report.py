@@ -404,6 +404,8 @@ def _summary(data: ReportData, scatter) -> str:
         lines.append(f"{len(data.rechecks)} re-check(s), last at step {esc(last['step'])}; overlap of the actually "
                      f"shifted latents with the forecast: {esc(_fmt(last.get('overlap_with_forecast')))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'}.")
+        if _overhead(last):
+            lines.append(esc(_overhead(last)))
     if scatter is not None and scatter[2] is not None:
         lines.append(f"Forecast vs measured ({esc(scatter[0])}): Pearson r = {scatter[2]:.2f}, "
                      f"Spearman ρ = {scatter[3]:.2f} over {len(scatter[1])} domains.")
@@ -703,6 +705,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"held-out loss change {deltas}; "
                      f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
+        if _overhead(last):
+            lines.append(_overhead(last))
         if last.get("early_forecast") and (last.get("lr_area_fraction") or 1) < 1:
             lines.append(f"Projected at the end of training (measured change / {last['lr_area_fraction']:.0%} of the "
                          "learning-rate schedule spent): " + ", ".join(
@@ -758,5 +762,16 @@ def write_report(sts_dir: str | Path, protected: list[str] | None = None) -> tup
         atomic_write_text(path, text)
     return html_path, md_path
 
+
+
+def _overhead(record: dict[str, Any]) -> str | None:
+    """What the re-checks have cost, as a sentence (records before the overhead was kept: ``None``)."""
+    spent = record.get("overhead") or {}
+    if spent.get("share") is None:
+        return None
+    budget = f" (budget {spent['budget']:.1%})" if spent.get("budget") is not None else ""
+    waited = f"; waiting their turn: {', '.join(spent['skipped'])}" if spent.get("skipped") else ""
+    return (f"Re-checks so far took {spent['share']:.1%} of training time{budget}: {spent['recheck_seconds']:.0f} s "
+            f"against {spent['train_seconds']:.0f} s{waited}.")
 
 __all__ = ["write_report", "render_html", "render_markdown", "ReportData", "optional_pyplot"]

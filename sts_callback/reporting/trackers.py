@@ -1,5 +1,6 @@
 """Forecast, re-checks and the report as tables in the experiment trackers the Trainer already reports to
-(W&B, TensorBoard), beside the scalar ``sts/...`` metrics that go through ``trainer.log``.
+(W&B, TensorBoard); a re-check also as the scalar ``sts/...`` metrics the callback logs through
+``trainer.log`` (:func:`recheck_metrics`).
 
 Each function is a no-op for a tracker the run does not use (``args.report_to``) or whose callback is absent.
 W&B rows are logged with ``train/global_step``, as the Trainer's ``WandbCallback`` logs (its step metric), and
@@ -93,6 +94,26 @@ def export_report(trainer: Any, html_path: Path) -> None:
 # ---------------------------------------------------------------------------- trackers
 
 
+def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
+    """A re-check's history record as tracker metrics (``sts/...`` keys)."""
+    metrics = {f"sts/early_forecast/{name}": value for name, value in record.get("early_forecast", {}).items()
+               if value is not None}
+    for name, scores in record["scores"].items():
+        metrics[f"sts/recheck/{name}"] = scores.get(variant, scores["sts_act"])
+    metrics.update({f"sts/loss_delta/{name}": delta for name, delta in record["loss_delta"].items() if delta is not None})
+    metrics.update({f"sts/accuracy/{name}": value for name, value in record.get("accuracy", {}).items()})
+    if record["overlap_with_forecast"] is not None:
+        metrics["sts/recheck/overlap_with_forecast"] = record["overlap_with_forecast"]
+    metrics["sts/recheck/seconds"] = record["seconds"]
+    if (record.get("overhead") or {}).get("share") is not None:
+        metrics["sts/recheck/overhead"] = record["overhead"]["share"]
+    if record.get("fresh_probe", {}).get("mean_reward") is not None:
+        metrics["sts/recheck/rollout_reward"] = record["fresh_probe"]["mean_reward"]
+    if record.get("sae_fit"):
+        metrics["sts/sae_fit/fvu"], metrics["sts/sae_fit/l0"] = record["sae_fit"]["fvu"], record["sae_fit"]["l0"]
+    return metrics
+
+
 def _reports_to(trainer: Any, tracker: str) -> bool:
     report_to = getattr(getattr(trainer, "args", None), "report_to", None) or []
     return tracker in ([report_to] if isinstance(report_to, str) else report_to)
@@ -183,4 +204,4 @@ def _markdown(columns: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["export_forecast", "export_recheck", "export_report"]
+__all__ = ["export_forecast", "export_recheck", "export_report", "recheck_metrics"]

@@ -1,0 +1,74 @@
+"""Re-checks held to a share of training time: the run's accounting of seconds spent training and re-checking,
+and which unprotected domains' held-out losses the next re-check can afford.
+
+A re-check always measures the probe's shift and every protected domain; the unprotected domains' losses are
+the part that scales with how many there are, so a budget decides how many of them the next re-check measures
+(the least recently measured first). Credit carries over: a re-check that measured few leaves seconds for the
+next one. Costs are the seconds each part took last time (at the first re-check: the train-start measurement).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class OverheadBudget:
+    """Seconds of training and of re-checks so far, and the share the re-checks may take.
+
+    Args:
+        share: the most re-checks may cost as a fraction of training time (``0.03``: 3%); ``None``: no limit
+            (the accounting is still kept and recorded).
+    """
+
+    share: float | None = None
+    train_seconds: float = 0.0
+    recheck_seconds: float = 0.0
+    domain_seconds: dict[str, float] = field(default_factory=dict)  # each domain's loss, last time measured
+    fixed_seconds: float | None = None  # the probe and the protected domains, last re-check
+
+    def add_training(self, seconds: float) -> None:
+        self.train_seconds += max(seconds, 0.0)
+
+    def add_recheck(self, seconds: float, fixed_seconds: float, domain_seconds: dict[str, float]) -> None:
+        """Account for one re-check: its total, the part it always pays and each measured domain's loss time."""
+        self.recheck_seconds += seconds
+        self.fixed_seconds = fixed_seconds
+        self.domain_seconds.update(domain_seconds)
+
+    @property
+    def spent_share(self) -> float | None:
+        return self.recheck_seconds / self.train_seconds if self.train_seconds > 0 else None
+
+    def credit(self) -> float:
+        """Seconds the next re-check may spend and stay within the share (infinite without a limit)."""
+        if self.share is None:
+            return math.inf
+        return self.share * self.train_seconds - self.recheck_seconds
+
+    def affordable(self, in_turn: Sequence[str]) -> list[str]:
+        """The longest prefix of ``in_turn`` (unprotected domains, least recently measured first) whose loss
+        times fit in the credit left after the fixed part of the next re-check."""
+        left = self.credit() - (self.fixed_seconds or 0.0)
+        chosen: list[str] = []
+        for name in in_turn:
+            cost = self.domain_seconds.get(name, 0.0)
+            if cost > left:
+                break
+            chosen.append(name)
+            left -= cost
+        return chosen
+
+    def over_with_fixed_part(self) -> bool:
+        """Whether the part every re-check pays alone keeps the re-checks above the share."""
+        return self.share is not None and self.fixed_seconds is not None and self.credit() < self.fixed_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget": self.share, "train_seconds": self.train_seconds, "recheck_seconds": self.recheck_seconds,
+                "share": self.spent_share}
+
+
+__all__ = ["OverheadBudget"]

@@ -1,0 +1,66 @@
+"""What the run will do to each domain: the forecast's scores calibrated into predicted end-of-training changes,
+and, during training, the measured changes projected to the end (the early forecast) with their intervals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.errors import STSConfigError
+from ..scoring.calibration import Calibration, early_forecast, fitted_exponent
+from ..scoring.early import trend_projection
+from ..scoring.signed import DEFAULT_SIGNED
+from .forecast import Forecast
+
+
+def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) -> dict[str, dict[str, float]]:
+    """The calibrated end-of-training change of every domain (also set on ``forecast.predictions``)."""
+    if calibration is None:
+        return {}
+    for name, domain in forecast.domains.items():
+        missing = [f for f in calibration.features if domain.scores.get(f) is None]
+        if missing:
+            raise STSConfigError(f"The calibration uses {missing}, which this forecast did not compute for "
+                                 f"{name!r} (compute_icl=False? no SAE decoder? a run-level feature without run_level=...?); "
+                                 "fit it on other features.")
+    forecast.apply_calibration(calibration)
+    return {name: {k: p[k] for k in ("mean", "low", "high", "level")} for name, p in forecast.predictions.items()}
+
+
+def early_projection(history: list[dict[str, Any]], measured: dict[str, float | None], fraction: float,
+                     forecast: Forecast | None, calibration: Calibration | None,
+                     intervals: dict[str, list[float]] | None = None, method: str = "trend") -> dict[str, Any]:
+    """The measured changes extrapolated from ``fraction`` of the learning-rate area to the end of training, and
+    the calibration refitted on the projections (forecast scores -> projected change) when enough domains have
+    both. ``method`` ``"trend"``: the latest change plus the recent slope over this run's re-checks
+    (:func:`~sts_callback.scoring.early.trend_weights`); ``"power"``: change ~ f^b, b fitted on the earlier
+    re-checks (linear until there are two). ``intervals``: the measured changes' 95% intervals, carried to the
+    end alike (``early_forecast_ci``: the measurement's uncertainty; the model's own is not in it)."""
+    out: dict[str, Any] = {"lr_area_fraction": fraction, "early_method": method}
+    if method == "power":
+        points = [(r["lr_area_fraction"], r["loss_delta"]) for r in history if r.get("lr_area_fraction")]
+        exponent = fitted_exponent(points + [(fraction, measured)]) or 1.0
+        early = early_forecast(measured, fraction, exponent)
+        out.update(early_exponent=exponent, early_forecast=early)
+        if intervals is not None:
+            low = early_forecast({n: ci[0] for n, ci in intervals.items() if ci}, fraction, exponent)
+            high = early_forecast({n: ci[1] for n, ci in intervals.items() if ci}, fraction, exponent)
+            out["early_forecast_ci"] = {n: [low[n], high[n]] for n in low}
+    else:
+        early, bounds = trend_projection(history, measured, fraction, intervals)
+        out["early_forecast"] = early
+        if intervals is not None:
+            out["early_forecast_ci"] = bounds
+    features = calibration.features if calibration is not None else [DEFAULT_SIGNED]
+    domains = forecast.domains if forecast is not None else {}
+    names = [n for n, v in early.items() if v is not None and n in domains
+             and all(domains[n].scores.get(f) is not None for f in features)]
+    if len(names) >= len(features) + 2:
+        refit = Calibration.fit([[domains[n].scores[f] for f in features] for n in names], [early[n] for n in names],
+                                features, level=calibration.level if calibration is not None else 0.9)
+        out["calibration"] = {"features": features, "coef": refit.coef, "intercept": refit.intercept,
+                              "center": refit.center, "scale": refit.scale, "sigma": refit.sigma, "n": refit.n}
+    return out
+
+
+__all__ = ["calibrated_predictions", "early_projection"]
