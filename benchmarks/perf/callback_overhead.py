@@ -66,6 +66,12 @@ class Truth(TrainerCallback):
         record = self.sts.history[-1] if self.sts.history else None
         if record is None or record.get("step") != state.global_step or "error" in record:
             return
+        began = time.perf_counter()
+        self.measure(record, state, model)
+        # not training: kept out of the seconds the callback's overhead budget is a share of
+        self.sts.session.budget.train_seconds -= time.perf_counter() - began
+
+    def measure(self, record, state, model):
         with inference_mode(model):
             for name, seqs in self.sets.items():
                 if name not in record["loss_delta_ci"]:  # not in its turn (loss_domains)
@@ -115,6 +121,8 @@ if with_callback:
     result["recheck_steps"] = [r["step"] for r in sts.history]
     result["loss_tokens"] = [r.get("loss_tokens") for r in sts.history]
     result["probe_tokens"] = [r.get("probe_tokens") for r in sts.history]
+    result["measured_domains"] = [sorted(r.get("loss_delta") or {}) for r in sts.history]
+    result["overhead"] = [r.get("overhead") for r in sts.history]
     result["coverage_points"] = truth.points
     result["errors"] = [r["error"] for r in sts.history if "error" in r]
 print(json.dumps(result))
@@ -164,12 +172,20 @@ def main() -> None:
           f"({per_recheck:.1f} s each)")
     print(f"{'    probe shift + SAE fit / held-out losses':<46} {parts['probe']:8.1f} s / {parts['losses']:.1f} s each")
     print(f"{'re-check time / training time, every ' + str(args.every) + ' steps':<46} {share:8.1%}  (goal <= 3%)")
+    spent = (sts.get("overhead") or [None])[-1]
+    if spent and spent.get("share") is not None:  # the callback's own account (wall time between re-checks)
+        print(f"{'  as the callback counted it (overhead_budget ' + str(spent.get('budget')) + ')':<46} "
+              f"{spent['share']:8.1%}")
+    if sts.get("measured_domains"):
+        print(f"{'  held-out losses measured per re-check':<46} "
+              + "; ".join(",".join(names) for names in sts["measured_domains"]))
     if coverage is not None:
         print(f"{'95% intervals covering the ' + str(args.truth_tokens) + '-token change':<46} {coverage:8.1%}  "
               f"({len(points)} re-check x domain points; goal >= 95%)")
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU",
               "args": vars(args), "runs": runs, "step_seconds": step_seconds, "recheck_seconds_each": per_recheck,
               "recheck_parts_each": parts, "recheck_share": share, "coverage": coverage,
+              "callback_share": (spent or {}).get("share"), "measured_domains": sts.get("measured_domains"),
               "errors": sts.get("errors")}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
