@@ -35,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 SAE_FEATURES = ("sts_icl", "sts_act", "sts_sq", "raw_act", "signed_usage", "forgetting_minus_transfer",
                 "decoder_projection")
 RUNLEVEL = ("lookahead", "first_order")
+# Source-level: one value per unit, the same for its 10 other domains (how hard the run moves its own domain).
+SOURCE_LEVEL = {"lookahead_own": "lookahead", "first_order_own": "first_order"}
 GOAL_R, GOAL_DIRECTION, GOAL_SOURCES = 0.85, 0.8, 9
 
 
@@ -71,6 +73,11 @@ def rows(unit: dict, features: list[str]) -> tuple[list[str], np.ndarray, np.nda
                 value = float(unit["recipe"] == "full")
             elif feature in RUNLEVEL:
                 value = ((unit["runlevel"] or {}).get(feature) or {}).get("change", {}).get(name)
+            elif feature in SOURCE_LEVEL:
+                value = ((unit["runlevel"] or {}).get(SOURCE_LEVEL[feature]) or {}).get("change", {}).get(
+                    unit["source"])
+            elif feature == "icl_own":
+                value = (unit["icl"] or {}).get(unit["source"])
             else:
                 raise KeyError(feature)
             row.append(math.nan if value is None else float(value))
@@ -116,7 +123,40 @@ def fit_predict(train: list[dict], test: dict, features: list[str], learned: boo
     return model.predict(x_test)
 
 
-def evaluate(units: list[dict], features: list[str], learned: bool, train_filter=None, test_filter=None) -> dict:
+def fit_two_part(train: list[dict], test: dict, level_features: list[str], pattern_features: list[str],
+                 ) -> np.ndarray | None:
+    """Level + pattern: the mean change over a source's other domains from source-level features (a line over
+    the training sources), and each domain's departure from that mean from per-domain features (a ridge on
+    features and changes centred within each unit), the two added."""
+    from sklearn.linear_model import LinearRegression, RidgeCV
+    from sklearn.model_selection import LeaveOneGroupOut
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    level_x, level_y, xs, ys, groups = [], [], [], [], []
+    for unit in train:
+        _, lx, y = rows(unit, level_features)
+        _, px, _ = rows(unit, pattern_features)
+        if not (np.isfinite(lx).all() and np.isfinite(px).all()):
+            continue
+        level_x.append(lx[0])
+        level_y.append(y.mean())
+        xs.append(px - px.mean(axis=0))
+        ys.append(y - y.mean())
+        groups += [unit["source"]] * len(y)
+    _, lx_test, _ = rows(test, level_features)
+    _, px_test, _ = rows(test, pattern_features)
+    if len(set(groups)) < 3 or not (np.isfinite(lx_test).all() and np.isfinite(px_test).all()):
+        return None
+    level = LinearRegression().fit(np.asarray(level_x), np.asarray(level_y)).predict(lx_test[:1])[0]
+    x, y, groups = np.vstack(xs), np.concatenate(ys), np.asarray(groups)
+    inner = list(LeaveOneGroupOut().split(x, y, groups))
+    pattern = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13), cv=inner)).fit(x, y)
+    return level + pattern.predict(px_test - px_test.mean(axis=0))
+
+
+def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]], learned: bool,
+             train_filter=None, test_filter=None) -> dict:
     """Per held-out source: the forecast fitted on the other sources' units (of ``train_filter``), evaluated on
     this source's units (of ``test_filter``), averaged over its units."""
     out = {}
@@ -125,9 +165,12 @@ def evaluate(units: list[dict], features: list[str], learned: bool, train_filter
         train = [u for u in units if u["source"] != source and (train_filter is None or train_filter(u))]
         scores = []
         for test in tests:
-            predicted = fit_predict(train, test, features, learned)
+            if isinstance(features, tuple):  # (level features, pattern features)
+                predicted = fit_two_part(train, test, *features)
+            else:
+                predicted = fit_predict(train, test, features, learned)
             if predicted is not None:
-                scores.append(agreement(predicted, rows(test, features)[2]))
+                scores.append(agreement(predicted, rows(test, [])[2]))
         if scores:
             out[source] = {k: (float(np.mean([s[k] for s in scores if s[k] is not None]))
                                if any(s[k] is not None for s in scores) else None) for k in ("r", "direction", "mae")}
@@ -177,18 +220,25 @@ def main() -> None:
     learned_features = [*SAE_FEATURES, *base, *runlevel]
     forecasts = {feature: ([feature], False) for feature in [*SAE_FEATURES, "icl_loss_change", *runlevel]}
     forecasts["learned"] = (learned_features, True)
+    if runlevel:  # the level from how far the lookahead moved the source's own domain (chosen on the first 6
+        # sources: the sources after them are its test), the pattern from per-domain features
+        forecasts["level+pattern: lookahead"] = ((["lookahead_own"], ["lookahead"]), False)
+        forecasts["level+pattern: learned"] = ((["lookahead_own"], learned_features), False)
+        # what the callback computes itself (its forecast's SAE scores and run-level term: no in-context NLL)
+        forecasts["level+pattern: callback"] = ((["lookahead_own"], [*SAE_FEATURES, *runlevel]), False)
+    forecasts["level+pattern: no run-level"] = ((["icl_own"], [*SAE_FEATURES, *base]), False)
     results = {"date": time.strftime("%Y-%m-%d"), "args": {"units": str(args.units), "out": str(args.out)},
                "units": [u["unit"] for u in units],
                "learned_features": learned_features, "forecasts": {}}
     print(f"{len(units)} units, {len({u['source'] for u in units})} sources; goal: r >= {GOAL_R} and direction >= "
           f"{GOAL_DIRECTION:.0%} for {GOAL_SOURCES} of 11 sources\n")
-    print(f"{'forecast':<28} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
+    print(f"{'forecast':<34} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
     for name, (features, learned) in forecasts.items():
         per_source = evaluate(units, features, learned)
         results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
         s = results["forecasts"][name]["summary"]
         mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
-        print(f"{name:<28} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
+        print(f"{name:<34} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
     recipes = {u["recipe"] for u in units}
     if {"lora", "full"} <= recipes:
         for train, test in (("lora", "full"), ("full", "lora")):
