@@ -32,6 +32,30 @@ def test_fit_recovers_the_line_and_intervals_cover_new_points():
     assert far.high - far.low > near.high - near.low  # wider away from the data
 
 
+def test_level_and_pattern_are_recovered_and_predicted_together(tmp_path):
+    rng = np.random.default_rng(0)
+    runs = []
+    for own in (-0.4, -0.2, -0.1, -0.05, -0.3):  # each run: level 0.01 - 0.2 * own, pattern 0.5 * centred x
+        x = rng.normal(size=(8, 1))
+        runs.append((x, 0.01 - 0.2 * own + 0.5 * (x[:, 0] - x[:, 0].mean()), [own]))
+    calibration = Calibration.fit_level_pattern(runs, ["lookahead"], ["lookahead_own"])
+    assert calibration.intercept == pytest.approx(0.01, abs=1e-9)
+    assert calibration.source_coef[0] == pytest.approx(-0.2, abs=1e-9)
+    assert calibration.coef[0] / calibration.scale[0] == pytest.approx(0.5, rel=1e-2)  # a ridge: nearly exact
+    domains = {"a": {"lookahead": 1.0}, "b": {"lookahead": -1.0}, "c": {"lookahead": None}}
+    predicted = Calibration.load(calibration.save(tmp_path / "c.json")).predict_all(domains, {"lookahead_own": -0.3})
+    assert set(predicted) == {"a", "b"}  # c lacks the feature; the mean is over a and b
+    assert predicted["a"].mean == pytest.approx(0.07 + 0.5, rel=1e-2)
+    assert predicted["b"].mean == pytest.approx(0.07 - 0.5, rel=1e-2)
+    assert predicted["a"].low < predicted["a"].mean < predicted["a"].high
+    with pytest.raises(STSInputError, match="train with run_level"):
+        calibration.predict_all(domains)
+    with pytest.raises(STSInputError, match="use predict_all"):
+        calibration.predict({"lookahead": 1.0})
+    with pytest.raises(STSInputError, match="at least 3 runs"):
+        Calibration.fit_level_pattern(runs[:2], ["lookahead"], ["lookahead_own"])
+
+
 def test_several_features_and_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 2))

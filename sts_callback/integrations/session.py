@@ -79,6 +79,11 @@ class STSSession:
             if unknown:
                 raise STSConfigError(f"The calibration uses {unknown}, which are not forecast scores; use "
                                      f"{list(known)}.")
+            own = [f"{method}_own" for method in RUN_LEVEL_METHODS]
+            unknown = [f for f in self.calibration.source_features if f not in own]
+            if unknown:
+                raise STSConfigError(f"The calibration takes its level from {unknown}, which the run does not "
+                                     f"measure; use {own}.")
         self.strict, self.is_main = strict, is_main
         self.history: list[dict[str, Any]] = []
         self.base_losses: dict[str, float] = {}
@@ -218,7 +223,8 @@ class STSSession:
         if self.is_main:
             print(f"STS run-level term ({estimate.method}, {estimate.steps} steps at the peak learning rate, "
                   f"{estimate.seconds:.1f} s): held-out NLL change "
-                  + ", ".join(f"{name} {change:+.2%}" for name, change in estimate.change.items()))
+                  + ", ".join(f"{name} {change:+.2%}" for name, change in estimate.change.items())
+                  + (f"; the training data itself {estimate.own_change:+.2%}" if estimate.own_change is not None else ""))
 
     def _publish_forecast(self) -> None:
         """Calibrate, save, print and warn about the forecast (main process writes and prints)."""

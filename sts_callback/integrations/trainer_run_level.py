@@ -12,9 +12,11 @@ from typing import Any
 from ..core.capture import parameters_are_sharded
 from ..core.errors import STSConfigError, STSDataWarning
 from ..core.torch_utils import pad_token_id
-from ..pipelines.runlevel import RunLevelConfig, RunLevelEstimate, first_order, lookahead, training_batches
+from ..pipelines.runlevel import (RunLevelConfig, RunLevelEstimate, first_order, lookahead, measure_losses,
+                                  training_batches)
 
 RUN_LEVEL_METHODS = ("lookahead", "first_order")
+OWN = "<the training data>"  # the loss set of the training data's own texts, beside the target domains
 
 
 def check_run_level(method: str | None) -> str | None:
@@ -24,13 +26,14 @@ def check_run_level(method: str | None) -> str | None:
 
 
 def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, list], tokenizer: Any, steps: int,
-                     autocast: Callable[[], Any] | None = None,
+                     autocast: Callable[[], Any] | None = None, own: list | None = None,
                      ) -> Callable[[Any, dict[str, float]], RunLevelEstimate]:
     """``(model, base_losses) -> RunLevelEstimate`` for ``trainer``: ``steps`` steps of its optimizer on a seeded
     draw of its training batches (the same examples on any number of processes). The batches must be language-
     model batches (``input_ids``, ``labels``): a preference or RL trainer's are refused now, with the fix. Under
     DeepSpeed ZeRO-3 / FSDP, where sharded weights cannot be put back exactly, a lookahead falls back to the
-    first-order estimate, with a warning."""
+    first-order estimate, with a warning. ``own``: sequences of the training data (the re-check probe), whose
+    change becomes the estimate's ``own_change``."""
     dataset, collate = getattr(trainer, "train_dataset", None), getattr(trainer, "data_collator", None)
     if dataset is None or collate is None:
         raise STSConfigError("run_level needs the trainer's train_dataset and data_collator; pass run_level=None.")
@@ -51,10 +54,18 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
                           "stepped and put back exactly; using the first-order estimate instead.", STSDataWarning,
                           stacklevel=2)
             chosen = "first_order"
+        targets = {**loss_sets, OWN: own} if own else loss_sets
         if chosen == "lookahead":
-            return lookahead(model, trainer.optimizer, batches, loss_sets, config, autocast=autocast,
-                             before={name: base_losses[name] for name in loss_sets})
-        return first_order(model, trainer.optimizer, batches, loss_sets, config, autocast=autocast)
+            before = {name: base_losses[name] for name in loss_sets}
+            if own:
+                before.update(measure_losses(model, {OWN: own}, pad=config.pad, autocast=autocast))
+            estimate = lookahead(model, trainer.optimizer, batches, targets, config, autocast=autocast, before=before)
+        else:
+            estimate = first_order(model, trainer.optimizer, batches, targets, config, autocast=autocast)
+        if own:
+            estimate.own_change = estimate.change.pop(OWN)
+            estimate.loss_before.pop(OWN), estimate.loss_change.pop(OWN)
+        return estimate
     return run
 
 

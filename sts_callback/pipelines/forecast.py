@@ -43,6 +43,14 @@ SCORE_LABELS = {
 }
 
 
+def run_level_values(run_level: dict[str, Any] | None) -> dict[str, float | None]:
+    """The run's own values a calibration's level may use: ``lookahead_own`` / ``first_order_own``, the change of
+    the training data's own loss in the run-level term (:attr:`RunLevelEstimate.own_change`)."""
+    if not run_level:
+        return {}
+    return {f"{run_level['method']}_own": run_level.get("own_change")}
+
+
 @dataclass
 class DomainForecast:
     """Scores of one target domain (``None`` where a variant was not computed)."""
@@ -79,10 +87,10 @@ class Forecast:
         """Predict each domain's relative held-out NLL change at the end of training, with the calibration's
         interval and a gain / loss / flat label (loss: the whole interval above 0, gain: below, else flat)."""
         self.predictions = {}
-        for name, domain in self.domains.items():
-            if any(domain.scores.get(f) is None for f in calibration.features):
-                continue  # a feature this domain lacks (STS_icl of a one-text domain): no prediction
-            p = calibration.predict(domain.scores)
+        # a domain without a feature (STS_icl of a one-text domain) gets no prediction
+        predicted = calibration.predict_all({name: d.scores for name, d in self.domains.items()},
+                                            run_level_values(self.settings.get("run_level")))
+        for name, p in predicted.items():
             label = "loss" if p.low > 0 else "gain" if p.high < 0 else "flat"
             self.predictions[name] = {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": label}
         self.settings["calibration"] = {"features": list(calibration.features), "n": calibration.n,

@@ -143,6 +143,8 @@ class RunLevelEstimate:
         seconds: wall time of the whole call.
         timings: its parts (``before`` / ``steps`` / ``after``; ``train_gradient`` / ``update`` / ``domains``)
             and ``step_seconds`` (lookahead: one optimizer step on one batch, the training-step cost here).
+        own_change: the same relative change on texts of the training data itself (``None`` when not measured):
+            how hard the run moves its own domain, which sets the level of a level + pattern calibration.
     """
 
     method: str
@@ -154,6 +156,7 @@ class RunLevelEstimate:
     train_tokens: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    own_change: float | None = None
 
     @property
     def mean_change(self) -> float:

@@ -44,7 +44,14 @@ class Prediction:
 
 @dataclass
 class Calibration:
-    """``change = intercept + sum_k coef_k * (x_k - center_k) / scale_k``, residual std ``sigma``."""
+    """``change = intercept + sum_k coef_k * (x_k - center_k) / scale_k``, residual std ``sigma``.
+
+    A *level + pattern* calibration (:meth:`fit_level_pattern`, ``centered=True``) splits the change in two: the
+    level, the mean change over the domains forecast together, from run-level values of the run itself
+    (``source_features``, e.g. ``lookahead_own``: how far the run-level lookahead moved the training data's own
+    loss): ``intercept + sum_j source_coef_j * s_j``; and the pattern, each domain's departure from that mean,
+    from its features centred over those domains: ``x_k - mean_k`` in place of ``x_k - center_k``.
+    """
 
     features: list[str]
     coef: list[float]
@@ -56,6 +63,9 @@ class Calibration:
     level: float = 0.9
     ridge: float = 0.0
     fitted_on: dict[str, Any] = field(default_factory=dict)
+    centered: bool = False
+    source_features: list[str] = field(default_factory=list)
+    source_coef: list[float] = field(default_factory=list)
 
     @classmethod
     def fit(cls, x: Sequence[Sequence[float]] | Sequence[float], y: Sequence[float], features: Sequence[str], *,
@@ -85,11 +95,82 @@ class Calibration:
                    scale=scale.tolist(), sigma=float(math.sqrt((residuals ** 2).sum() / dof)), n=len(Y), level=level,
                    ridge=alpha, fitted_on=dict(fitted_on or {}))
 
+    @classmethod
+    def fit_level_pattern(cls, runs: Sequence[tuple[Any, Any, Any]], features: Sequence[str],
+                          source_features: Sequence[str], *, level: float = 0.9,
+                          fitted_on: dict[str, Any] | None = None) -> "Calibration":
+        """Fit a level + pattern calibration on measured runs, each ``(x, y, s)``: its domains' feature rows
+        ``x`` ([domains, features]), their measured changes ``y`` and the run's source-level values ``s``. The
+        level is a least-squares line of each run's mean change on ``s``; the pattern a ridge on features and
+        changes centred within each run, its penalty chosen by leave-one-run-out."""
+        features, source_features = list(features), list(source_features)
+        xs, ys, levels, means = [], [], [], []
+        for x, y, s in runs:
+            X, Y = np.asarray(x, dtype=np.float64).reshape(len(y), -1), np.asarray(y, dtype=np.float64)
+            S = np.asarray(s, dtype=np.float64).reshape(-1)
+            if X.shape[1] != len(features) or len(S) != len(source_features):
+                raise STSInputError(f"fit_level_pattern got rows of {X.shape[1]} features and {len(S)} source values "
+                                    f"for {features} and {source_features}.")
+            if not (np.isfinite(X).all() and np.isfinite(Y).all() and np.isfinite(S).all()) or len(Y) < 2:
+                raise STSInputError("Each run needs at least 2 domains and finite features, changes and source values.")
+            xs.append(X - X.mean(axis=0))
+            ys.append(Y - Y.mean())
+            levels.append(S)
+            means.append(Y.mean())
+        if len(runs) < len(source_features) + 2:
+            raise STSInputError(f"A level + pattern calibration needs at least {len(source_features) + 2} runs for "
+                                f"{len(source_features)} source feature(s); got {len(runs)}. Add runs of other sources.")
+        if not 0 < level < 1:
+            raise STSConfigError(f"level must be in (0, 1), e.g. 0.9 for a 90% interval; got {level!r}.")
+        A = np.column_stack([np.ones(len(levels)), np.asarray(levels)])
+        line, *_ = np.linalg.lstsq(A, np.asarray(means), rcond=None)
+        level_residuals = np.asarray(means) - A @ line
+        X, Y = np.vstack(xs), np.concatenate(ys)
+        scale = X.std(axis=0)
+        scale[scale == 0] = 1.0
+        Z = X / scale
+        groups = np.concatenate([[i] * len(y) for i, y in enumerate(ys)])
+        alpha = _ridge_by_leaving_out(Z, Y, groups)
+        coef = np.linalg.solve(Z.T @ Z + alpha * np.eye(len(features)), Z.T @ Y)
+        pattern_residuals = Y - Z @ coef
+        level_var = float((level_residuals ** 2).sum()) / max(len(means) - len(source_features) - 1, 1)
+        pattern_var = float((pattern_residuals ** 2).sum()) / max(len(Y) - len(runs) - len(features), 1)
+        return cls(features=features, coef=coef.tolist(), intercept=float(line[0]), center=[0.0] * len(features),
+                   scale=scale.tolist(), sigma=math.sqrt(level_var + pattern_var), n=len(Y), level=level,
+                   ridge=alpha, fitted_on={**(fitted_on or {}), "runs": len(runs)}, centered=True,
+                   source_features=source_features, source_coef=[float(c) for c in line[1:]])
+
     def _z(self, values: Sequence[float]) -> np.ndarray:
         return (np.asarray(values, dtype=np.float64) - np.asarray(self.center)) / np.asarray(self.scale)
 
+    def predict_all(self, domains: dict[str, dict[str, float | None]], source: dict[str, float | None] | None = None,
+                    ) -> dict[str, Prediction]:
+        """Predicted change of every domain that has the features (``domains``: name -> feature values); a
+        centred calibration centres them over those domains and takes its level from ``source``."""
+        usable = {name: [float(values[f]) for f in self.features] for name, values in domains.items()
+                  if all(values.get(f) is not None for f in self.features)}
+        if not usable:
+            return {}
+        offset = np.zeros(len(self.features))
+        if self.centered:
+            offset = np.asarray(list(usable.values())).mean(axis=0) - np.asarray(self.center)
+        base = self._level(source)
+        return {name: self._predict(np.asarray(values) - offset, base) for name, values in usable.items()}
+
+    def _level(self, source: dict[str, float | None] | None) -> float:
+        if not self.source_features:
+            return self.intercept
+        missing = [f for f in self.source_features if (source or {}).get(f) is None]
+        if missing:
+            raise STSInputError(f"This calibration takes its level from {missing} (run-level values of the run "
+                                "itself); the forecast lacks them: train with run_level=... .")
+        return self.intercept + sum(c * float(source[f]) for c, f in zip(self.source_coef, self.source_features))
+
     def predict(self, values: Sequence[float] | dict[str, float] | float) -> Prediction:
         """Predicted change for one domain's feature values (a dict by feature name, a list, or one number)."""
+        if self.centered or self.source_features:
+            raise STSInputError("A level + pattern calibration predicts the domains of a forecast together: use "
+                                "predict_all(domains, source).")
         if isinstance(values, dict):
             missing = [f for f in self.features if values.get(f) is None]
             if missing:
@@ -97,8 +178,11 @@ class Calibration:
             values = [float(values[f]) for f in self.features]
         elif isinstance(values, (int, float)):
             values = [float(values)]
+        return self._predict(np.asarray(values, dtype=np.float64), self.intercept)
+
+    def _predict(self, values: np.ndarray, base: float) -> Prediction:
         z = self._z(values)
-        mean = self.intercept + float(z @ np.asarray(self.coef))
+        mean = base + float(z @ np.asarray(self.coef))
         from scipy.stats import t
 
         # Interval: residual spread, widened for the mean's uncertainty and the distance from the fitted centre.
@@ -161,6 +245,24 @@ def _validation_records(results) -> list[dict[str, Any]]:
             raise STSInputError(f"No validation.json at {item}; run `sts validate` first.")
         records.append(json.loads(path.read_text()))
     return records
+
+
+def _ridge_by_leaving_out(Z: np.ndarray, Y: np.ndarray, groups: np.ndarray) -> float:
+    """The ridge penalty (on standardised features) with the least squared error predicting each group from the
+    others."""
+    best, best_error = 1.0, math.inf
+    labels = np.unique(groups)
+    if len(labels) < 3:
+        return best
+    for alpha in np.logspace(-3, 3, 13):
+        error = 0.0
+        for label in labels:
+            train, test = groups != label, groups == label
+            coef = np.linalg.solve(Z[train].T @ Z[train] + alpha * np.eye(Z.shape[1]), Z[train].T @ Y[train])
+            error += float(((Y[test] - Z[test] @ coef) ** 2).sum())
+        if error < best_error:
+            best, best_error = float(alpha), error
+    return best
 
 
 def leave_one_group_out(x: Sequence[Sequence[float]], y: Sequence[float], groups: Sequence[Any],

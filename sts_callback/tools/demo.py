@@ -498,8 +498,8 @@ def _run(out: DemoConsole, output_dir: Path, quick: bool, train_steps: int | Non
     summary["forecast_seconds"] = round(result.timings["total"], 1)
     summary["forecast_tokens_per_second"] = round(result.tokens_per_second, 1)
     summary["forecast_ranking"] = result.ranked()
-    predicted = ({name: calibration.predict(d.scores).to_dict() for name, d in result.domains.items()}
-                 if calibration is not None else {})
+    predicted = ({name: p.to_dict() for name, p in calibration.predict_all(
+        {name: d.scores for name, d in result.domains.items()}).items()} if calibration is not None else {})
     if predicted:
         summary["forecast_predicted"] = predicted
     out.say(f"  {result.timings['total']:.0f} s, {result.tokens_per_second:.0f} tokens/s through layer {DEMO_LAYER} "
