@@ -125,17 +125,24 @@ def test_projected_early_stop_comes_before_the_measured_violation(tmp_path, toke
     assert low > tolerance  # the whole interval of the projection is beyond the tolerance
 
 
-def test_unprotected_domains_take_turns_and_the_protected_one_is_always_measured(tmp_path, tokenizer):
-    model = make_model("llama")
-    train = [" ".join([DOMAIN_WORDS["law"][0]] * 12) + " ."] * 40
-    session = session_for(tmp_path, tolerance=10.0, recheck={"loss_domains": 1})
+HARMFUL = [" ".join([DOMAIN_WORDS["law"][0]] * 12) + " ."] * 40  # one word over and over
+
+
+def started(tmp_path, tokenizer, model, recheck=None):
+    """A session (food protected, tolerance 10) started on ``model`` for an 8-step constant-lr run."""
+    session = session_for(tmp_path, tolerance=10.0, recheck=recheck)
     session.learning_rates = [LR] * 8
     domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
-    session.prepare(model, tokenizer, load_corpus(train), domains)
-    session.start(model, load_corpus(train), domains)
-    full = session_for(tmp_path / "full", tolerance=10.0)  # every domain each time, for the same numbers
-    full.prepare(model, tokenizer, load_corpus(train), domains)
-    full.start(model, load_corpus(train), domains)
+    session.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+    session.start(model, load_corpus(HARMFUL), domains)
+    return session
+
+
+def test_unprotected_domains_take_turns_and_the_protected_one_is_always_measured(tmp_path, tokenizer):
+    model = make_model("llama")
+    train = HARMFUL
+    session = started(tmp_path, tokenizer, model, {"loss_domains": 1})
+    full = started(tmp_path / "full", tokenizer, model)  # every domain each time, for the same numbers
     measured = []
     for step in (2, 4, 6, 8):
         train_steps(model, tokenizer, train, 2)
@@ -151,12 +158,8 @@ def test_unprotected_domains_take_turns_and_the_protected_one_is_always_measured
 
 def test_overhead_budget_measures_the_domains_it_affords_in_turns(tmp_path, tokenizer):
     model = make_model("llama")
-    train = [" ".join([DOMAIN_WORDS["law"][0]] * 12) + " ."] * 40
-    session = session_for(tmp_path, tolerance=10.0, recheck={"overhead_budget": 0.5})
-    session.learning_rates = [LR] * 8
-    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
-    session.prepare(model, tokenizer, load_corpus(train), domains)
-    session.start(model, load_corpus(train), domains)
+    train = HARMFUL
+    session = started(tmp_path, tokenizer, model, {"overhead_budget": 0.5})
     measured, skipped = [], []
     for step, train_seconds, spent in ((2, 3.0, 0.0), (4, 3.0, 0.0), (6, 3.0, 0.0), (8, 0.0, 10.0)):
         train_steps(model, tokenizer, train, 2)
