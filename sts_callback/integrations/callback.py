@@ -138,7 +138,7 @@ class STSCallback(TrainerCallback, ExportableState):
             raise STSConfigError(f"run_level_steps must be an integer >= 1, got {run_level_steps!r}.")
         self.session = STSSession(values["sae"], config, guard, recheck, output_subdir, calibration, strict=strict)
         used = [*self.calibration.features, *self.calibration.source_features] if self.calibration is not None else []
-        needs = list(dict.fromkeys(f.removesuffix("_own") for f in used if f.removesuffix("_own") in RUN_LEVEL_METHODS))
+        needs = [m for m in RUN_LEVEL_METHODS if m in used or f"{m}_own" in used]
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
         objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}

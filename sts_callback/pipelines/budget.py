@@ -62,10 +62,6 @@ class OverheadBudget:
             left -= cost
         return chosen
 
-    def over_with_fixed_part(self) -> bool:
-        """Whether the part every re-check pays alone keeps the re-checks above the share."""
-        return self.share is not None and self.fixed_seconds is not None and self.credit() < self.fixed_seconds
-
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.share, "train_seconds": self.train_seconds, "recheck_seconds": self.recheck_seconds,
                 "share": self.spent_share}

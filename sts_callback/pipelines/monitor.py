@@ -124,7 +124,6 @@ class Monitor:
     loss_tolerances: dict[str, float] = field(default_factory=dict)  # protected: stop once surely above
     seed: str = "0"
     loss_domains: int | None = None  # unprotected domains measured per re-check, in turns; None: all
-    rechecks: int = 0  # re-checks made by this monitor
     turn: int = 0  # unprotected domains measured so far (the rotation's position)
 
     # -------------------------------------------------------------- building
@@ -327,7 +326,6 @@ class Monitor:
         t0 = time.perf_counter()
         names = self.domains_in_turn(unprotected)
         changes = self.measure_changes(model, autocast, names)
-        self.rechecks += 1
         self.turn += sum(name not in self.loss_tolerances for name in names)
         timings["losses"] = time.perf_counter() - t0
         loss_delta = {name: change.delta if self.base_losses.get(name) else None for name, change in changes.items()}
