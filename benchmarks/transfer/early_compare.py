@@ -205,7 +205,8 @@ def main() -> None:
                             ("lead_with_intervals", "the callback's rule: when the projection's whole interval is "
                              f"above it (measurement SE {MEASUREMENT_SE:.1%})")):
         print_leads(results, lead_key, title)
-    args.out.write_text(json.dumps({"units": results, "summary": summary}, indent=1, default=lambda v: None
+    args.out.write_text(json.dumps({"args": {"units": str(args.units), "out": str(args.out)}, "units": results,
+                                    "summary": summary}, indent=1, default=lambda v: None
                                    if isinstance(v, float) and not math.isfinite(v) else v))
 
 
