@@ -1,0 +1,189 @@
+"""Do the re-checks' 95% intervals hold? Coverage of the sequential held-out loss change, on real training states.
+
+    python benchmarks/perf/interval_coverage.py [--sources python_code math] [--steps 10 20 30] [--seeds 300]
+
+A re-check measures each domain's held-out NLL change on at most ``loss_tokens`` tokens, block by block, and stops
+once its 95% interval is narrow enough (``loss_precision * tolerance``) or, for a protected domain, surely above the
+tolerance (``sequential_change``). Issue 14 asks that the change measured on 4,096 tokens lie inside that interval
+in >= 95% of re-checks. ``callback_overhead.py`` checks it on a handful of re-checks; this checks it on thousands.
+
+Gemma 3 270M is LoRA fine-tuned (TRL SFTTrainer, r=8 q/v, lr 1e-3, batch 4 x 256, the overhead benchmark's recipe)
+on each ``--sources`` domain; at each ``--steps`` step every built-in domain's per-sequence NLL is computed on a
+seeded 4,096-token sample of its held-out texts (odd-indexed) before training and at that step (cached in
+``--work``: a rerun resumes). Then, for each of ``--seeds`` seeds, a re-check is simulated exactly as the callback
+runs it: a random ``loss_tokens`` subset of the sample in a random order, measured by the library's
+``sequential_change`` from the cached rows. Its interval covers when the whole sample's change lies in it.
+Reported per setting (loss_precision; protected or not): coverage, its binomial 95% interval, tokens read,
+interval half-width. Not timed: the overhead is ``callback_overhead.py``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+TOLERANCE = 0.05  # the callback's default tolerance
+PRECISIONS = (None, 0.25, 0.4)  # all loss_tokens; the default; the overhead benchmark's
+
+
+def held_out_pools(model, tokenizer, tokens: int, domains: list[str] | None) -> dict[str, list]:
+    """Each built-in domain's seeded ``tokens``-token sample of its held-out (odd-indexed) texts, built as the
+    callback builds its loss sets (default STSConfig)."""
+    from sts_callback.core.config import STSConfig
+    from sts_callback.core.corpora import available_domains, load_domain
+    from sts_callback.core.data import load_corpus, sample_within_budget
+    from sts_callback.pipelines.forecast import prompt_builder
+
+    builder = prompt_builder(model, tokenizer, STSConfig())
+    pools = {}
+    for name in domains or available_domains():
+        corpus = load_corpus(load_domain(name)[1::2], name=name)
+        indices, _ = sample_within_budget(corpus, builder, tokens, random.Random(f"0:heldout:{name}"))
+        pools[name] = [builder.single(corpus[i]) for i in indices]
+    return pools
+
+
+def measure_pools(model, pools: dict, pad: int) -> dict[str, torch.Tensor]:
+    from sts_callback.core.heldout import all_sequence_nll
+    from sts_callback.pipelines.forecast import inference_mode
+
+    with inference_mode(model):
+        return {name: all_sequence_nll(model, seqs, pad, 4) for name, seqs in pools.items()}
+
+
+def train_states(source: str, steps: list[int], work: Path, model_loader, pools: dict, log) -> dict[int, dict]:
+    """Per-sequence NLL of every pool at each of ``steps`` of a LoRA run on ``source`` (cached per state)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from sts_callback.core.corpora import load_domain
+
+    paths = {step: work / f"{source}-step{step}.pt" for step in steps}
+    if all(p.exists() for p in paths.values()):
+        return {step: torch.load(p) for step, p in paths.items()}
+    model, tokenizer = model_loader()
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in paths and not paths[state.global_step].exists():
+                began = time.perf_counter()
+                torch.save(measure_pools(model, pools, tokenizer.pad_token_id), paths[state.global_step])
+                log(f"  {source} step {state.global_step}: measured in {time.perf_counter() - began:.0f} s")
+
+    out = str(work / f"run-{source}")
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=out, max_steps=max(steps), save_strategy="no",
+                         per_device_train_batch_size=4, max_length=256, learning_rate=1e-3, use_cpu=True,
+                         report_to=[], disable_tqdm=True, logging_steps=max(steps), seed=0),
+                         train_dataset=Dataset.from_dict({"text": load_domain(source)[0::2]}),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), callbacks=[Snapshot()])
+    trainer.train()
+    return {step: torch.load(p) for step, p in paths.items()}
+
+
+def simulate(base: torch.Tensor, after: torch.Tensor, lengths: list[int], loss_tokens: int, precision: float | None,
+             protected: bool, rng: random.Random) -> dict:
+    """One re-check as the callback runs it, on a random ``loss_tokens`` subset of the sample."""
+    from sts_callback.core.heldout import paired_change, sequential_change
+
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    subset, total = [], 0
+    for i in order:
+        if total >= loss_tokens:
+            break
+        subset.append(i)
+        total += lengths[i]
+
+    def measure(indices):
+        rows = torch.zeros_like(base)
+        rows[indices] = after[indices]
+        return rows
+
+    change = sequential_change(measure, base, subset, lengths,
+                               half_width=None if precision is None else precision * TOLERANCE,
+                               tolerance=TOLERANCE if protected else None)
+    truth = paired_change(base, after).delta
+    return {"covered": change.low <= truth <= change.high, "tokens": change.tokens, "half_width": change.half_width,
+            "above": protected and change.low > TOLERANCE, "truth_above": truth > TOLERANCE}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sources", nargs="+", default=["python_code", "math"])
+    parser.add_argument("--steps", nargs="+", type=int, default=[10, 20, 30])
+    parser.add_argument("--seeds", type=int, default=300)
+    parser.add_argument("--domains", nargs="+", help="target domains (default: every built-in one)")
+    parser.add_argument("--truth-tokens", type=int, default=4096)
+    parser.add_argument("--loss-tokens", type=int, default=1024, help="the callback's loss_tokens")
+    parser.add_argument("--work", type=Path, default=Path("outputs/interval_coverage"))
+    parser.add_argument("--out", type=Path, default=HERE / "interval_coverage.json")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    from scipy.stats import binomtest
+
+    from sts_callback.tools.models import load_gemma3_270m
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    model, tokenizer = load_gemma3_270m()
+    pools = held_out_pools(model, tokenizer, args.truth_tokens, args.domains)
+    lengths = {name: [sum(flags) for _, flags in seqs] for name, seqs in pools.items()}
+    base_path = args.work / "base.pt"
+    if not base_path.exists():
+        torch.save(measure_pools(model, pools, tokenizer.pad_token_id), base_path)
+    base = torch.load(base_path)
+    log(f"pools: {', '.join(f'{n} {sum(v)} tokens / {len(v)} texts' for n, v in lengths.items())}")
+    states = {}
+    for source in args.sources:
+        for step, after in train_states(source, args.steps, args.work, load_gemma3_270m, pools, log).items():
+            states[f"{source}@{step}"] = after
+
+    settings = {}
+    for precision in PRECISIONS:
+        for protected in (False, True):
+            if precision is None and protected:
+                continue  # without a precision every token is read: protection changes nothing
+            key = f"loss_precision={precision}" + (", protected" if protected else "")
+            rng = random.Random(f"coverage:{key}")
+            points = [dict(simulate(base[name], after[name], lengths[name], args.loss_tokens, precision, protected,
+                                    rng), state=state, domain=name)
+                      for state, after in states.items() for name in base for _ in range(args.seeds)]
+            covered = sum(p["covered"] for p in points)
+            ci = binomtest(covered, len(points)).proportion_ci(0.95)
+            by_domain = {name: float(np.mean([p["covered"] for p in points if p["domain"] == name])) for name in base}
+            settings[key] = {"rechecks": len(points), "coverage": covered / len(points),
+                             "coverage_ci": [ci.low, ci.high],
+                             "tokens_median": float(np.median([p["tokens"] for p in points])),
+                             "half_width_median": float(np.median([p["half_width"] for p in points])),
+                             "worst_domain": min(by_domain, key=by_domain.get),
+                             "worst_domain_coverage": min(by_domain.values()), "by_domain": by_domain}
+    truths = {state: {name: float((after[name][:, 0].sum() - base[name][:, 0].sum()) / base[name][:, 0].sum())
+                      for name in base} for state, after in states.items()}
+    print(f"\n{len(states)} training states x {len(base)} domains x {args.seeds} seeds per setting; truth: the change "
+          f"on {args.truth_tokens} tokens; re-check: at most {args.loss_tokens} tokens, tolerance {TOLERANCE:.0%}\n")
+    print(f"{'setting':<34} {'coverage':>8} {'95% CI':>15} {'tokens':>7} {'half-width':>10} {'worst domain':>24}")
+    for key, s in settings.items():
+        worst = f"{s['worst_domain']} {s['worst_domain_coverage']:.0%}"
+        print(f"{key:<34} {s['coverage']:8.1%} {s['coverage_ci'][0]:7.1%}-{s['coverage_ci'][1]:6.1%} "
+              f"{s['tokens_median']:7.0f} {s['half_width_median']:10.4f} {worst:>24}")
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "tolerance": TOLERANCE, "truth_changes": truths, "settings": settings}
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
