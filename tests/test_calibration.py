@@ -56,6 +56,37 @@ def test_level_and_pattern_are_recovered_and_predicted_together(tmp_path):
         Calibration.fit_level_pattern(runs[:2], ["lookahead"], ["lookahead_own"])
 
 
+def test_domain_prior_learns_how_each_domain_usually_departs_from_the_runs_mean(tmp_path):
+    # Each domain moves by its own offset (code +0.04, prose -0.03, math 0) around the run's level, plus noise;
+    # the feature carries no signal. Runs see different subsets of the domains.
+    rng = np.random.default_rng(1)
+    offsets = {"code": 0.04, "prose": -0.03, "math": 0.0, "legal": 0.01}
+    runs = []
+    for i, own in enumerate((-0.4, -0.2, -0.1, -0.05, -0.3, -0.25)):
+        names = [n for j, n in enumerate(offsets) if j != i % 4]
+        x = rng.normal(size=(len(names), 1))
+        y = 0.01 - 0.2 * own + np.asarray([offsets[n] for n in names]) + rng.normal(0, 0.002, len(names))
+        runs.append((x, y, [own], names))
+    plain = Calibration.fit_level_pattern(runs, ["sts_icl"], ["lookahead_own"])
+    prior = Calibration.load(Calibration.fit_level_pattern(runs, ["sts_icl"], ["lookahead_own"], domain_prior=True)
+                             .save(tmp_path / "c.json"))
+    assert prior.features == ["sts_icl", "domain_prior"]
+    assert prior.domain_prior["code"] - prior.domain_prior["prose"] == pytest.approx(0.07, abs=0.01)
+    domains = {"code": {"sts_icl": 0.3}, "prose": {"sts_icl": -0.2}, "math": {"sts_icl": 0.1}}
+    predicted = prior.predict_all(domains, {"lookahead_own": -0.2})
+    assert predicted["code"].mean - predicted["prose"].mean == pytest.approx(0.07, abs=0.01)
+    assert np.mean([p.mean for p in predicted.values()]) == pytest.approx(0.05, abs=0.01)  # the level
+    without = plain.predict_all(domains, {"lookahead_own": -0.2})
+    assert abs(without["code"].mean - without["prose"].mean) < 0.03  # the feature alone cannot tell them apart
+    # A domain no run measured gets the seen domains' mean: it neither shifts the others nor stands out.
+    with_new = prior.predict_all({**domains, "unseen": {"sts_icl": 0.0}}, {"lookahead_own": -0.2})
+    assert with_new["unseen"].mean == pytest.approx(0.05, abs=0.01)
+    assert with_new["code"].mean - with_new["prose"].mean == pytest.approx(
+        predicted["code"].mean - predicted["prose"].mean, abs=1e-9)
+    with pytest.raises(STSInputError, match=r"\(x, y, s, names\)"):
+        Calibration.fit_level_pattern([r[:3] for r in runs], ["sts_icl"], ["lookahead_own"], domain_prior=True)
+
+
 def test_several_features_and_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 2))

@@ -371,9 +371,11 @@ def test_run_level_term_at_train_start_joins_the_forecast_and_leaves_the_run_unc
     plain = make_trainer(tmp_path / "plain", tokenizer, make_callback(), max_steps=4, save_steps=100)
     plain.train()
     # level + pattern: the level from the training data's own change, the pattern from the run-level feature
-    runs = [([[-0.1], [0.0], [0.2]], [0.01 - 0.5 * own, 0.02 - 0.5 * own, 0.05 - 0.5 * own], [own])
+    # and the domain prior (chem usually departs upwards in these runs)
+    runs = [([[-0.1], [0.0], [0.2 + own]], [0.01 - 0.5 * own, 0.02 - 0.5 * own, 0.05 - 0.4 * own], [own], DOMAINS)
             for own in (-0.3, -0.1, 0.0, -0.2)]
-    calibration = Calibration.fit_level_pattern(runs, [method], [f"{method}_own"])
+    calibration = Calibration.fit_level_pattern(runs, [method], [f"{method}_own"], domain_prior=True)
+    assert calibration.features == [method, "domain_prior"] and calibration.domain_prior["chem"] > 0
     callback = make_callback(run_level=method, calibration=calibration)
     trainer = make_trainer(tmp_path / "level", tokenizer, callback, max_steps=4, save_steps=100)
     trainer.train()
@@ -388,9 +390,11 @@ def test_run_level_term_at_train_start_joins_the_forecast_and_leaves_the_run_unc
     own = level["own_change"]
     assert own < 0  # the run's own texts improve first
     mean = sum(level["change"].values()) / len(DOMAINS)
-    for name in DOMAINS:  # the calibration applied: its level from own_change, its pattern from the centred term
+    prior_mean = sum(calibration.domain_prior[d] for d in DOMAINS) / len(DOMAINS)
+    for name in DOMAINS:  # the calibration applied: its level from own_change, its pattern from the centred terms
         expected = (calibration.intercept + calibration.source_coef[0] * own
-                    + calibration.coef[0] * (level["change"][name] - mean) / calibration.scale[0])
+                    + calibration.coef[0] * (level["change"][name] - mean) / calibration.scale[0]
+                    + calibration.coef[1] * (calibration.domain_prior[name] - prior_mean) / calibration.scale[1])
         assert callback.predicted[name]["mean"] == pytest.approx(expected, rel=1e-9)
     assert {"lookahead": "lookahead", "first_order": "1st-order"}[method] in callback.forecast.table(view="scores")
     assert any("sts/run_level/law" in e for e in trainer.state.log_history)

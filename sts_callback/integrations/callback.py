@@ -137,7 +137,7 @@ class STSCallback(TrainerCallback, ExportableState):
         if isinstance(run_level_steps, bool) or not isinstance(run_level_steps, int) or run_level_steps < 1:
             raise STSConfigError(f"run_level_steps must be an integer >= 1, got {run_level_steps!r}.")
         self.session = STSSession(values["sae"], config, guard, recheck, output_subdir, calibration, strict=strict)
-        used = [*self.calibration.features, *self.calibration.source_features] if self.calibration is not None else []
+        used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []
         needs = [m for m in RUN_LEVEL_METHODS if m in used or f"{m}_own" in used]
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")

@@ -75,7 +75,7 @@ class STSSession:
         self.calibration = load_calibration(calibration) if calibration is not None else None
         if self.calibration is not None:
             known = SCORE_VARIANTS + SIGNED_VARIANTS + RUN_LEVEL_METHODS
-            unknown = [f for f in self.calibration.features if f not in known]
+            unknown = [f for f in self.calibration.score_features if f not in known]
             if unknown:
                 raise STSConfigError(f"The calibration uses {unknown}, which are not forecast scores; use "
                                      f"{list(known)}.")

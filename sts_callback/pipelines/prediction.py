@@ -18,7 +18,7 @@ def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) 
     if calibration is None:
         return {}
     for name, domain in forecast.domains.items():
-        missing = [f for f in calibration.features if domain.scores.get(f) is None]
+        missing = [f for f in calibration.score_features if domain.scores.get(f) is None]
         if missing:
             raise STSConfigError(f"The calibration uses {missing}, which this forecast did not compute for "
                                  f"{name!r} (compute_icl=False? no SAE decoder? a run-level feature without run_level=...?); "
@@ -51,7 +51,7 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
         out["early_forecast"] = early
         if intervals is not None:
             out["early_forecast_ci"] = bounds
-    features = calibration.features if calibration is not None else [DEFAULT_SIGNED]
+    features = calibration.score_features if calibration is not None else [DEFAULT_SIGNED]
     domains = forecast.domains if forecast is not None else {}
     names = [n for n, v in early.items() if v is not None and n in domains
              and all(domains[n].scores.get(f) is not None for f in features)]

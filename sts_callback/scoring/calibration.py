@@ -27,6 +27,7 @@ from ..core.errors import STSConfigError, STSInputError
 from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
+PRIOR = "domain_prior"  # the pattern feature of a calibration fitted with domain_prior=True
 
 
 @dataclass
@@ -50,7 +51,10 @@ class Calibration:
     level, the mean change over the domains forecast together, from run-level values of the run itself
     (``source_features``, e.g. ``lookahead_own``: how far the run-level lookahead moved the training data's own
     loss): ``intercept + sum_j source_coef_j * s_j``; and the pattern, each domain's departure from that mean,
-    from its features centred over those domains: ``x_k - mean_k`` in place of ``x_k - center_k``.
+    from its features centred over those domains: ``x_k - mean_k`` in place of ``x_k - center_k``. With
+    ``domain_prior`` (fitted with ``domain_prior=True``) one more pattern feature, ``"domain_prior"``, is each
+    domain's usual departure from its run's mean change over the runs it was fitted on: how the domain usually
+    moves relative to the others (for a domain it has not seen: neutral).
     """
 
     features: list[str]
@@ -66,6 +70,7 @@ class Calibration:
     centered: bool = False
     source_features: list[str] = field(default_factory=list)
     source_coef: list[float] = field(default_factory=list)
+    domain_prior: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def fit(cls, x: Sequence[Sequence[float]] | Sequence[float], y: Sequence[float], features: Sequence[str], *,
@@ -96,16 +101,20 @@ class Calibration:
                    ridge=alpha, fitted_on=dict(fitted_on or {}))
 
     @classmethod
-    def fit_level_pattern(cls, runs: Sequence[tuple[Any, Any, Any]], features: Sequence[str],
-                          source_features: Sequence[str], *, level: float = 0.9,
+    def fit_level_pattern(cls, runs: Sequence[tuple[Any, ...]], features: Sequence[str],
+                          source_features: Sequence[str], *, domain_prior: bool = False, level: float = 0.9,
                           fitted_on: dict[str, Any] | None = None) -> "Calibration":
-        """Fit a level + pattern calibration on measured runs, each ``(x, y, s)``: its domains' feature rows
-        ``x`` ([domains, features]), their measured changes ``y`` and the run's source-level values ``s``. The
-        level is a least-squares line of each run's mean change on ``s``; the pattern a ridge on features and
-        changes centred within each run, its penalty chosen by leave-one-run-out."""
+        """Fit a level + pattern calibration on measured runs, each ``(x, y, s)`` or ``(x, y, s, names)``: its
+        domains' feature rows ``x`` ([domains, features]), their measured changes ``y``, the run's source-level
+        values ``s`` and the domains' names. The level is a least-squares line of each run's mean change on
+        ``s``; the pattern a ridge on features and changes centred within each run, its penalty chosen by
+        leave-one-run-out. ``domain_prior=True`` (needs names) adds each domain's usual departure from its run's
+        mean as a pattern feature (an additive run + domain model over the runs), for each run computed from the
+        *other* runs only (so the fit cannot see a run's own changes in its feature)."""
         features, source_features = list(features), list(source_features)
-        xs, ys, levels, means = [], [], [], []
-        for x, y, s in runs:
+        xs, ys, levels, means, names = [], [], [], [], []
+        for run in runs:
+            x, y, s = run[:3]
             X, Y = np.asarray(x, dtype=np.float64).reshape(len(y), -1), np.asarray(y, dtype=np.float64)
             S = np.asarray(s, dtype=np.float64).reshape(-1)
             if X.shape[1] != len(features) or len(S) != len(source_features):
@@ -113,15 +122,24 @@ class Calibration:
                                     f"for {features} and {source_features}.")
             if not (np.isfinite(X).all() and np.isfinite(Y).all() and np.isfinite(S).all()) or len(Y) < 2:
                 raise STSInputError("Each run needs at least 2 domains and finite features, changes and source values.")
+            if domain_prior and (len(run) < 4 or len(run[3]) != len(Y)):
+                raise STSInputError("domain_prior=True needs each run as (x, y, s, names), one name per domain.")
             xs.append(X - X.mean(axis=0))
             ys.append(Y - Y.mean())
             levels.append(S)
             means.append(Y.mean())
+            names.append([str(n) for n in run[3]] if len(run) > 3 else [])
         if len(runs) < len(source_features) + 2:
             raise STSInputError(f"A level + pattern calibration needs at least {len(source_features) + 2} runs for "
                                 f"{len(source_features)} source feature(s); got {len(runs)}. Add runs of other sources.")
         if not 0 < level < 1:
             raise STSConfigError(f"level must be in (0, 1), e.g. 0.9 for a 90% interval; got {level!r}.")
+        prior: dict[str, float] = {}
+        if domain_prior:
+            prior = _domain_effects(names, ys)
+            xs = [np.column_stack([X, _centred(_domain_effects(names, ys, leave_out=i), names[i])])
+                  for i, X in enumerate(xs)]
+            features = [*features, PRIOR]
         A = np.column_stack([np.ones(len(levels)), np.asarray(levels)])
         line, *_ = np.linalg.lstsq(A, np.asarray(means), rcond=None)
         level_residuals = np.asarray(means) - A @ line
@@ -138,7 +156,12 @@ class Calibration:
         return cls(features=features, coef=coef.tolist(), intercept=float(line[0]), center=[0.0] * len(features),
                    scale=scale.tolist(), sigma=math.sqrt(level_var + pattern_var), n=len(Y), level=level,
                    ridge=alpha, fitted_on={**(fitted_on or {}), "runs": len(runs)}, centered=True,
-                   source_features=source_features, source_coef=[float(c) for c in line[1:]])
+                   source_features=source_features, source_coef=[float(c) for c in line[1:]], domain_prior=prior)
+
+    @property
+    def score_features(self) -> list[str]:
+        """The features a forecast must provide for each domain (the domain prior is the calibration's own)."""
+        return [f for f in self.features if f != PRIOR]
 
     def _z(self, values: Sequence[float]) -> np.ndarray:
         return (np.asarray(values, dtype=np.float64) - np.asarray(self.center)) / np.asarray(self.scale)
@@ -147,6 +170,10 @@ class Calibration:
                     ) -> dict[str, Prediction]:
         """Predicted change of every domain that has the features (``domains``: name -> feature values); a
         centred calibration centres them over those domains and takes its level from ``source``."""
+        if self.domain_prior:
+            seen = [self.domain_prior[n] for n in domains if n in self.domain_prior]
+            unseen = float(np.mean(seen)) if seen else 0.0  # neutral once centred over the domains
+            domains = {name: {**values, PRIOR: self.domain_prior.get(name, unseen)} for name, values in domains.items()}
         usable = {name: [float(values[f]) for f in self.features] for name, values in domains.items()
                   if all(values.get(f) is not None for f in self.features)}
         if not usable:
@@ -245,6 +272,35 @@ def _validation_records(results) -> list[dict[str, Any]]:
             raise STSInputError(f"No validation.json at {item}; run `sts validate` first.")
         records.append(json.loads(path.read_text()))
     return records
+
+
+def _domain_effects(names: list[list[str]], departures: list[np.ndarray], leave_out: int | None = None,
+                    ) -> dict[str, float]:
+    """Each domain's effect in an additive model, change = run effect + domain effect, fitted by least squares
+    over the runs (but ``leave_out``): runs measuring different sets of domains still compare like with like.
+    Centred over the domains."""
+    keep = [i for i in range(len(names)) if i != leave_out]
+    domains = sorted({n for i in keep for n in names[i]})
+    if not domains:
+        return {}
+    column = {n: j for j, n in enumerate(domains)}
+    rows, targets = [], []
+    for r, i in enumerate(keep):
+        for name, value in zip(names[i], departures[i]):
+            row = np.zeros(len(keep) + len(domains))
+            row[r], row[len(keep) + column[name]] = 1.0, 1.0
+            rows.append(row)
+            targets.append(float(value))
+    solution, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(targets), rcond=None)
+    effects = solution[len(keep):]
+    return dict(zip(domains, (effects - effects.mean()).tolist()))
+
+
+def _centred(prior: dict[str, float], names: list[str]) -> np.ndarray:
+    """The prior of each of ``names`` (unseen ones: the mean of the seen), centred over them."""
+    seen = [prior[n] for n in names if n in prior]
+    values = np.asarray([prior.get(n, float(np.mean(seen)) if seen else 0.0) for n in names])
+    return values - values.mean()
 
 
 def _ridge_by_leaving_out(Z: np.ndarray, Y: np.ndarray, groups: np.ndarray) -> float:
