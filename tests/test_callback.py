@@ -350,6 +350,30 @@ def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenize
         make_callback(calibration=str(tmp_path / "missing.json"))
 
 
+def test_early_forecast_blends_the_measured_trend_with_the_step0_prediction(tmp_path, tokenizer):
+    from sts_callback.scoring.calibration import Calibration
+    from sts_callback.pipelines.prediction import best_early_method
+    from sts_callback.scoring.early import blend_coefficients
+
+    calibration = Calibration.fit([[0.0], [1.0], [2.0], [3.0]], [0.09, 0.11, 0.09, 0.11], ["sts_act"])
+    calibration.early_blend = {"trend": [[0.2, 0.01, 0.3, 0.6], [0.6, 0.0, 0.8, 0.2]]}
+    callback = make_callback(calibration=Calibration.load(calibration.save(tmp_path / "c.json")), recheck_steps=2)
+    make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_steps=100, lr_scheduler_type="linear").train()
+    step0 = {n: p["mean"] for n, p in callback.predicted.items()}
+    for record in callback.history[:-1]:
+        c0, w_early, w_step0 = blend_coefficients(calibration.early_blend["trend"], record["lr_area_fraction"])
+        assert record["early_blend"] == pytest.approx({"intercept": c0, "early": w_early, "step0": w_step0})
+        for name, projected in record["early_projection"].items():
+            assert record["early_forecast"][name] == pytest.approx(c0 + w_early * projected + w_step0 * step0[name])
+            low, high = record["early_forecast_ci"][name]
+            assert low <= record["early_forecast"][name] <= high
+    assert callback.history[-1]["early_blend"] == pytest.approx({"intercept": 0.0, "early": 1.0, "step0": 0.0})
+    # early_method=None takes the benchmark's best: the power rule where the calibration has its blend
+    assert {r["early_method"] for r in callback.history} == {"trend"}
+    calibration.early_blend["power"] = calibration.early_blend["trend"]
+    assert best_early_method(calibration) == "power" and best_early_method(None) == "trend"
+
+
 def test_peft_with_other_trainable_weights_disables_adapters_at_each_recheck(tmp_path, tokenizer):
     from peft import LoraConfig, get_peft_model
 

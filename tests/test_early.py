@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sts_callback.scoring.early import (_shape, areas, fit_shared_law, forecast, trend_interval, trend_projection,
-                                        trend_weights)
+from sts_callback.scoring.early import (_shape, areas, blend, blend_coefficients, fit_blend, fit_shared_law, forecast,
+                                        trend_interval, trend_projection, trend_weights)
 
 
 def cosine(n=64, warmup=6):
@@ -68,3 +68,20 @@ def test_trend_interval_carries_the_measurement_error_to_the_end():
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown early-forecast method 'magic'"):
         forecast("magic", {})
+
+
+def test_blend_weights_come_from_the_table_by_share_of_training():
+    rng = np.random.default_rng(0)
+    early, step0 = rng.normal(size=50), rng.normal(size=50)
+    final = 0.01 + 0.4 * early + 0.7 * step0
+    assert fit_blend(list(zip(early, step0, final))) == pytest.approx([0.01, 0.4, 0.7])
+    table = [[0.25, 0.01, 0.4, 0.7], [0.5, 0.0, 0.9, 0.1]]
+    assert blend_coefficients(table, 0.1) == pytest.approx((0.01, 0.4, 0.7))  # before the first row: the first
+    assert blend_coefficients(table, 0.375) == pytest.approx((0.005, 0.65, 0.4))  # halfway between rows
+    assert blend_coefficients(table, 0.75) == pytest.approx((0.0, 0.95, 0.05))  # towards the projection alone
+    assert blend_coefficients(table, 1.0) == pytest.approx((0.0, 1.0, 0.0))
+    assert blend_coefficients([], 0.3) == (0.0, 1.0, 0.0)
+    blended = blend({"a": 0.1, "b": None, "c": 0.2}, {"a": 0.05}, 0.25, table)
+    assert blended == {"a": pytest.approx(0.01 + 0.04 + 0.035), "b": None, "c": 0.2}  # c: no step-0 prediction
+    with pytest.raises(ValueError, match="at least 4"):
+        fit_blend([(0.1, 0.1, 0.1)])

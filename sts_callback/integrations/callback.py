@@ -82,7 +82,9 @@ class STSCallback(TrainerCallback, ExportableState):
             the share spent is in each history record (``overhead``) and logged as ``sts/recheck/overhead``.
             ``None`` (default): every domain (or ``loss_domains``) at every re-check.
         early_method: how each re-check projects the changes to the end of training (``"trend"``: latest change
-            plus the recent slope in the learning-rate area; ``"power"``: change ~ f^b); see ``RecheckConfig``.
+            plus the recent slope in the learning-rate area; ``"power"``: change ~ f^b; ``None``: the benchmark's
+            best, ``"power"`` blended with the step-0 prediction when the calibration has that blend, else
+            ``"trend"``); see ``RecheckConfig``.
         fresh_rollouts: under RL, each re-check's probe is the current policy's completions of fresh prompts
             (base residuals from the trainer's ``ref_model`` or the adapters-disabled model); ``False``: the
             train-start rollouts throughout.
@@ -106,7 +108,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  early_stop: bool | str = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
                  accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
-                 loss_sequence_tokens: int | None = None, loss_domains: int | None = None, early_method: str = "trend", fresh_rollouts: bool = True,
+                 loss_sequence_tokens: int | None = None, loss_domains: int | None = None, early_method: str | None = None, fresh_rollouts: bool = True,
                  overhead_budget: float | None = None, run_level: str | None = None, run_level_steps: int = 3,
                  _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-

@@ -40,7 +40,7 @@ from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inf
 from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from
 from ..pipelines.recheck import RecheckConfig
-from ..pipelines.prediction import calibrated_predictions, early_projection
+from ..pipelines.prediction import best_early_method, calibrated_predictions, early_projection
 from ..scoring.calibration import load_calibration, lr_area_fraction
 from ..scoring.signed import SIGNED_VARIANTS
 from .trainer_run_level import RUN_LEVEL_METHODS
@@ -401,7 +401,7 @@ class STSSession:
             return {}
         fraction = lr_area_fraction(step, max_steps, self.learning_rates)
         out = early_projection(self.history, measured, fraction, self.forecast, self.calibration, intervals,
-                               self.settings.early_method)
+                               self.settings.early_method or best_early_method(self.calibration))
         if self.predicted:
             out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
         projected = self.guard.projected(out["early_forecast"], measured, fraction, out["early_forecast_ci"])

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..core.errors import STSConfigError
 from ..scoring.calibration import Calibration, early_forecast, fitted_exponent
-from ..scoring.early import trend_projection
+from ..scoring.early import blend, blend_coefficients, trend_projection
 from ..scoring.signed import DEFAULT_SIGNED
 from .forecast import Forecast
 
@@ -27,6 +27,13 @@ def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) 
     return {name: {k: p[k] for k in ("mean", "low", "high", "level")} for name, p in forecast.predictions.items()}
 
 
+def best_early_method(calibration: Calibration | None) -> str:
+    """The transfer benchmark's best early forecast for this calibration (``benchmarks/transfer/early_compare.py``):
+    the power rule blended with the step-0 prediction where the calibration carries that blend (every source
+    reliable from a quarter of training), else the trend rule (the best unblended)."""
+    return "power" if calibration is not None and calibration.early_blend.get("power") else "trend"
+
+
 def early_projection(history: list[dict[str, Any]], measured: dict[str, float | None], fraction: float,
                      forecast: Forecast | None, calibration: Calibration | None,
                      intervals: dict[str, list[float]] | None = None, method: str = "trend") -> dict[str, Any]:
@@ -35,7 +42,9 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
     both. ``method`` ``"trend"``: the latest change plus the recent slope over this run's re-checks
     (:func:`~sts_callback.scoring.early.trend_weights`); ``"power"``: change ~ f^b, b fitted on the earlier
     re-checks (linear until there are two). ``intervals``: the measured changes' 95% intervals, carried to the
-    end alike (``early_forecast_ci``: the measurement's uncertainty; the model's own is not in it)."""
+    end alike (``early_forecast_ci``: the measurement's uncertainty; the model's own is not in it). With a
+    calibration that has an ``early_blend`` table for ``method`` and step-0 predictions, ``early_forecast`` is the
+    projection blended with them (the projection alone: ``early_projection``; the weights: ``early_blend``)."""
     out: dict[str, Any] = {"lr_area_fraction": fraction, "early_method": method}
     if method == "power":
         points = [(r["lr_area_fraction"], r["loss_delta"]) for r in history if r.get("lr_area_fraction")]
@@ -51,6 +60,19 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
         out["early_forecast"] = early
         if intervals is not None:
             out["early_forecast_ci"] = bounds
+    table = (calibration.early_blend if calibration is not None else {}).get(method)
+    step0 = {n: p["mean"] for n, p in (forecast.predictions if forecast is not None else {}).items()}
+    if table and step0:
+        # the measurement so far and the step-0 prediction, weighted by how far training is
+        out["early_projection"] = early
+        early = blend(early, step0, fraction, table)
+        out["early_forecast"] = early
+        out["early_blend"] = dict(zip(("intercept", "early", "step0"), blend_coefficients(table, fraction)))
+        if "early_forecast_ci" in out:
+            out["early_forecast_ci"] = {n: ([None, None] if None in ci or early.get(n) is None else
+                                            [early[n] + out["early_blend"]["early"] * (b - out["early_projection"][n])
+                                             for b in ci])
+                                        for n, ci in out["early_forecast_ci"].items()}
     features = calibration.score_features if calibration is not None else [DEFAULT_SIGNED]
     domains = forecast.domains if forecast is not None else {}
     names = [n for n, v in early.items() if v is not None and n in domains
@@ -63,4 +85,4 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
     return out
 
 
-__all__ = ["calibrated_predictions", "early_projection"]
+__all__ = ["best_early_method", "calibrated_predictions", "early_projection"]

@@ -39,9 +39,10 @@ class RecheckConfig:
             turns (protected domains every time): with k others, each is measured every ceil(k / loss_domains)
             re-checks, and the history holds only the domains measured at each step. ``None``: all, always.
         early_method: how the measured changes are projected to the end of training: ``"trend"`` (the latest
-            change plus the recent slope in the learning-rate area; the transfer benchmark's best from a quarter
-            of training, ``benchmarks/transfer/early_compare.py``) or ``"power"`` (change ~ f^b, b fitted on the
-            run's re-checks).
+            change plus the recent slope in the learning-rate area) or ``"power"`` (change ~ f^b, b fitted on the
+            run's re-checks). ``None`` (default): the transfer benchmark's best (``benchmarks/transfer/
+            early_compare.py``): ``"power"`` blended with the step-0 prediction when the calibration carries a
+            blend for it, else ``"trend"``.
         overhead_budget: hold re-checks to this share of training time (``0.03``: 3%): each re-check measures
             the probe and the protected domains, and only as many unprotected domains' losses (in turns, the least
             recently measured first) as the seconds left in the budget afford, timed on the run itself; each
@@ -61,7 +62,7 @@ class RecheckConfig:
     recheck_at_end: bool = True
     loss_sequence_tokens: int | None = None
     loss_domains: int | None = None
-    early_method: str = "trend"
+    early_method: str | None = None
     fresh_rollouts: bool = True
     overhead_budget: float | None = None
 
@@ -90,8 +91,9 @@ class RecheckConfig:
                                    or not 0 < budget < 1):
             raise STSConfigError(f"overhead_budget must be a share of training time between 0 and 1 (0.03: "
                                  f"re-checks take at most 3%) or None, got {budget!r}.")
-        if self.early_method not in EARLY_METHODS:
-            raise STSConfigError(f"early_method must be one of {EARLY_METHODS}, got {self.early_method!r}.")
+        if self.early_method is not None and self.early_method not in EARLY_METHODS:
+            raise STSConfigError(f"early_method must be one of {EARLY_METHODS} or None (the benchmark's best), got "
+                                 f"{self.early_method!r}.")
         for name in ("recheck_at_end", "fresh_rollouts"):
             if not isinstance(getattr(self, name), bool):
                 raise STSConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")

@@ -708,7 +708,10 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
         if _overhead(last):
             lines.append(_overhead(last))
         if last.get("early_forecast") and (last.get("lr_area_fraction") or 1) < 1:
-            lines.append(f"Projected at the end of training (measured change / {last['lr_area_fraction']:.0%} of the "
+            weights = last.get("early_blend")
+            how = (f"{weights['early']:.2f} x the measured trend + {weights['step0']:.2f} x the step-0 prediction"
+                   if weights else "measured change")
+            lines.append(f"Projected at the end of training ({how}, {last['lr_area_fraction']:.0%} of the "
                          "learning-rate schedule spent): " + ", ".join(
                              f"{md_esc(k)} {_pct(v)}" for k, v in last["early_forecast"].items() if v is not None) + ".")
         scatter = scatter_points(data)

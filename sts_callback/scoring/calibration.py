@@ -55,6 +55,10 @@ class Calibration:
     ``domain_prior`` (fitted with ``domain_prior=True``) one more pattern feature, ``"domain_prior"``, is each
     domain's usual departure from its run's mean change over the runs it was fitted on: how the domain usually
     moves relative to the others (for a domain it has not seen: neutral).
+
+    ``early_blend`` (set by whoever fitted it on runs' trajectories, e.g. ``benchmarks/transfer/learned.py``):
+    how much the callback's early projection and this calibration's step-0 prediction each count at each share
+    of training, per early method (:func:`sts_callback.scoring.early.blend`).
     """
 
     features: list[str]
@@ -71,6 +75,8 @@ class Calibration:
     source_features: list[str] = field(default_factory=list)
     source_coef: list[float] = field(default_factory=list)
     domain_prior: dict[str, float] = field(default_factory=dict)
+    # early method -> rows [lr-area fraction, intercept, early weight, step-0 weight] (scoring.early.blend)
+    early_blend: dict[str, list[list[float]]] = field(default_factory=dict)
 
     @classmethod
     def fit(cls, x: Sequence[Sequence[float]] | Sequence[float], y: Sequence[float], features: Sequence[str], *,

@@ -9,6 +9,9 @@ Three ways, compared on the transfer benchmark's trajectories (``benchmarks/tran
   term left out (S2 is ~0 until the schedule decays, so C cannot be seen early);
 - ``loss_to_loss``: each domain's change in proportion to the trainer's own train-loss drop (free: the Trainer
   logs it every step), the train loss projected to the end by the same law fitted on its many logged points.
+
+Any of them can be blended with the step-0 forecast (:func:`blend`): a line fitted on the benchmark's runs per
+share of training, stored with the calibration (``Calibration.early_blend``).
 """
 
 from __future__ import annotations
@@ -162,6 +165,45 @@ def trend_projection(history: list[dict], measured: dict[str, float | None], fra
     return early, bounds
 
 
+def fit_blend(rows: Sequence[tuple[float, float, float]]) -> list[float]:
+    """[intercept, weight of the early projection, weight of the step-0 prediction]: least squares of the
+    end-of-training change on the two, over ``rows`` of (early projection, step-0 prediction, final change)."""
+    data = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+    if len(data) < 4 or not np.isfinite(data).all():
+        raise ValueError(f"fit_blend needs at least 4 finite (early, step0, final) rows; got {len(data)}.")
+    design = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+    coef, *_ = np.linalg.lstsq(design, data[:, 2], rcond=None)
+    return [float(c) for c in coef]
+
+
+def blend_coefficients(table: Sequence[Sequence[float]], fraction: float) -> tuple[float, float, float]:
+    """(intercept, early weight, step-0 weight) at ``fraction`` of the lr area from ``table`` rows [fraction,
+    intercept, early weight, step-0 weight] (ascending fractions): linear between rows, the first row's below
+    it, and towards the early projection alone (0, 1, 0) at the end of training after the last."""
+    rows = sorted([list(map(float, row)) for row in table])
+    if not rows:
+        return 0.0, 1.0, 0.0
+    if rows[-1][0] < 1.0:
+        rows.append([1.0, 0.0, 1.0, 0.0])
+    if fraction <= rows[0][0]:
+        return tuple(rows[0][1:])  # type: ignore[return-value]
+    for low, high in zip(rows, rows[1:]):
+        if fraction <= high[0]:
+            t = (fraction - low[0]) / (high[0] - low[0]) if high[0] > low[0] else 1.0
+            return tuple(a + t * (b - a) for a, b in zip(low[1:], high[1:]))  # type: ignore[return-value]
+    return tuple(rows[-1][1:])  # type: ignore[return-value]
+
+
+def blend(early: dict[str, float | None], step0: dict[str, float], fraction: float,
+          table: Sequence[Sequence[float]]) -> dict[str, float | None]:
+    """The early projection of each domain combined with its step-0 (calibrated) prediction, weighted by how far
+    training is (:func:`blend_coefficients`); a domain without a step-0 prediction keeps its projection. Early,
+    the re-checks have seen little and the step-0 forecast carries the order; late, the measurement does."""
+    intercept, w_early, w_step0 = blend_coefficients(table, fraction)
+    return {name: (value if value is None or step0.get(name) is None
+                   else intercept + w_early * value + w_step0 * step0[name]) for name, value in early.items()}
+
+
 def forecast(method: str, points: dict[str, list[tuple[float, float]]],
              train_loss: list[tuple[float, float]] | None = None) -> dict[str, float]:
     """End-of-training change per domain by ``method`` (one of :data:`METHODS`)."""
@@ -176,5 +218,5 @@ def forecast(method: str, points: dict[str, list[tuple[float, float]]],
     raise ValueError(f"unknown early-forecast method {method!r}; use one of {METHODS}")
 
 
-__all__ = ["METHODS", "areas", "fit_shared_law", "forecast", "loss_to_loss", "lr_law", "power", "trend",
+__all__ = ["METHODS", "areas", "blend", "blend_coefficients", "fit_blend", "fit_shared_law", "forecast", "loss_to_loss", "lr_law", "power", "trend",
            "trend_interval", "trend_projection", "trend_weights"]
