@@ -21,6 +21,7 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
 from ..core.schedule import planned_learning_rates
+from ..pipelines.forecast import own_feature
 from ..pipelines.guard import GuardConfig
 from ..pipelines.recheck import RecheckConfig
 from ..reporting import trackers
@@ -140,7 +141,7 @@ class STSCallback(TrainerCallback, ExportableState):
             raise STSConfigError(f"run_level_steps must be an integer >= 1, got {run_level_steps!r}.")
         self.session = STSSession(values["sae"], config, guard, recheck, output_subdir, calibration, strict=strict)
         used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []
-        needs = [m for m in RUN_LEVEL_METHODS if m in used or f"{m}_own" in used]
+        needs = [m for m in RUN_LEVEL_METHODS if m in used or own_feature(m) in used]
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
         objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}

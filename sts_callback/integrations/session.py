@@ -36,7 +36,7 @@ from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
 from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
 from ..pipelines.budget import OverheadBudget
-from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, run_forecast
+from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, own_feature, run_forecast
 from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from
 from ..pipelines.recheck import RecheckConfig
@@ -79,7 +79,7 @@ class STSSession:
             if unknown:
                 raise STSConfigError(f"The calibration uses {unknown}, which are not forecast scores; use "
                                      f"{list(known)}.")
-            own = [f"{method}_own" for method in RUN_LEVEL_METHODS]
+            own = [own_feature(method) for method in RUN_LEVEL_METHODS]
             unknown = [f for f in self.calibration.source_features if f not in own]
             if unknown:
                 raise STSConfigError(f"The calibration takes its level from {unknown}, which the run does not "

@@ -43,12 +43,17 @@ SCORE_LABELS = {
 }
 
 
+def own_feature(method: str) -> str:
+    """The calibration feature of a run-level method's own change (``lookahead`` -> ``lookahead_own``)."""
+    return f"{method}_own"
+
+
 def run_level_values(run_level: dict[str, Any] | None) -> dict[str, float | None]:
     """The run's own values a calibration's level may use: ``lookahead_own`` / ``first_order_own``, the change of
     the training data's own loss in the run-level term (:attr:`RunLevelEstimate.own_change`)."""
     if not run_level:
         return {}
-    return {f"{run_level['method']}_own": run_level.get("own_change")}
+    return {own_feature(run_level["method"]): run_level.get("own_change")}
 
 
 @dataclass
