@@ -245,20 +245,28 @@ def main() -> None:
                "learned_features": learned_features, "forecasts": {}}
     print(f"{len(units)} units, {len({u['source'] for u in units})} sources; goal: r >= {GOAL_R} and direction >= "
           f"{GOAL_DIRECTION:.0%} for {GOAL_SOURCES} of 11 sources\n")
-    print(f"{'forecast':<40} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
+    print(f"{'forecast':<54} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
     for name, (features, learned) in forecasts.items():
         per_source = evaluate(units, features, learned)
         results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
         s = results["forecasts"][name]["summary"]
         mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
-        print(f"{name:<40} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
+        print(f"{name:<54} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
     recipes = {u["recipe"] for u in units}
     if {"lora", "full"} <= recipes:
         for train, test in (("lora", "full"), ("full", "lora")):
-            per_source = evaluate(units, learned_features, True, lambda u, r=train: u["recipe"] == r,
-                                  lambda u, r=test: u["recipe"] == r)
-            results["forecasts"][f"learned {train}->{test}"] = {"per_source": per_source,
-                                                                "summary": summary(per_source)}
+            fitted = lambda u, r=train: u["recipe"] == r  # noqa: E731
+            scored = lambda u, r=test: u["recipe"] == r  # noqa: E731
+            across = {f"learned {train}->{test}": (learned_features, True)}
+            if runlevel:
+                across[f"level+pattern: callback + domain prior {train}->{test}"] = (
+                    (["lookahead_own"], [*SAE_FEATURES, *runlevel], True), False)
+            for name, (features, is_learned) in across.items():
+                per_source = evaluate(units, features, is_learned, fitted, scored)
+                results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
+                s = results["forecasts"][name]["summary"]
+                mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
+                print(f"{name:<54} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
     if runlevel:
         features = [*SAE_FEATURES, *runlevel]
         runs = level_pattern_runs(units, ["lookahead_own"], features)
