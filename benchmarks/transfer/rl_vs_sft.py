@@ -9,7 +9,9 @@ of the same family only (leave-one-run-out: SFT units on SFT units; GRPO and DPO
 the same variant), and scored on the run's 10 other domains: Pearson r with the measured signed change of their
 held-out NLL (the raw r with the sign of the fitted slope), and the share with the right direction. The variants:
 GRPO reward-filtered rollouts (the callback's default), reward-weighted, plain demonstrations; DPO chosen minus
-rejected (the callback's default) and the SFT-style in-context forecast from the chosen completions. (The RL runs
+rejected (the callback's default) and the SFT-style in-context forecast from the chosen completions. Beside them,
+no forecast at all: the domain prior fitted on the SFT units of the other sources (how each domain usually moves
+relative to the others, ``Calibration.fit_level_pattern(domain_prior=True)``), scored on every run. (The RL runs
 measure each held-out text's first 64 tokens, the SFT units whole texts up to 128 tokens: each family is
 consistent within itself, which is what a within-family calibration needs.)
 """
@@ -51,6 +53,33 @@ def leave_one_out(runs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, d
     return out
 
 
+def domain_prior_rows() -> dict[str, dict]:
+    """Per RL / DPO run (and, for comparison, per SFT unit): Pearson r of the measured changes with the domain
+    prior (``Calibration.fit_level_pattern(domain_prior=True)``'s additive run + domain model) fitted on the SFT
+    units of the OTHER sources: what the team's earlier SFT runs say about how each domain moves relative to the
+    others, with no forecast of this run at all. Centred, so it orders domains but has no level (no direction)."""
+    from sts_callback.scoring.calibration import _domain_effects
+
+    units = {}
+    for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
+        unit = json.loads(path.read_text())
+        changes = np.array([unit["result"]["nll_delta_rel"][d] for d in unit["others"]])
+        units[unit["source"]] = (unit["others"], changes - changes.mean())
+    runs = {f"sft {source}": (source, others, changes) for source, (others, changes) in units.items()}
+    for path in sorted((HERE / "rl").glob("*.json")):
+        run = json.loads(path.read_text())
+        runs[run["run"]] = (run["source"], run["others"],
+                            np.array([run["measured"]["loss_delta"][d] for d in run["others"]]))
+    out = {}
+    for name, (source, others, changes) in runs.items():
+        fitted = [(o, c) for s, (o, c) in units.items() if s != source]
+        prior = _domain_effects([o for o, _ in fitted], [c for _, c in fitted])
+        x = np.array([prior.get(d, 0.0) for d in others])
+        out[name] = {"pearson": correlation(x, changes, n_resamples=0)["r"], "pearson_raw": None,
+                     "direction": None, "domains": len(others)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "rl_vs_sft.json")
@@ -68,11 +97,15 @@ def main() -> None:
             families.setdefault(f"{run['kind']} {variant}", {})[run["run"]] = points(
                 forecast["scores"], run["measured"]["loss_delta"], run["others"])
     result = {family: leave_one_out(runs) for family, runs in families.items()}
+    prior = domain_prior_rows()
+    result["domain prior -> SFT units"] = {n[4:]: r for n, r in prior.items() if n.startswith("sft ")}
+    result["domain prior -> RL / DPO runs"] = {n: r for n, r in prior.items() if not n.startswith("sft ")}
     print(f"{FEATURE}, calibrated leave-one-run-out within each family: Pearson r / right direction over the other "
           "domains")
     for family, rows in result.items():
-        cells = [f"{name} {r['pearson']:+.2f} / {r['direction']:.0%}" if r.get("pearson") is not None else
-                 f"{name} raw {r['pearson_raw']:+.2f} (nothing to fit on)" for name, r in rows.items()]
+        cells = [f"{name} {r['pearson']:+.2f}" + (f" / {r['direction']:.0%}" if r["direction"] is not None else "")
+                 if r.get("pearson") is not None else f"{name} raw {r['pearson_raw']:+.2f} (nothing to fit on)"
+                 for name, r in rows.items()]
         rs = [r["pearson"] for r in rows.values() if r.get("pearson") is not None]
         mean = f"mean r {np.mean(rs):+.2f}" if rs else "no calibrated run"
         print(f"  {family:<28} {mean}: " + "; ".join(cells))
