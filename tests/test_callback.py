@@ -1,6 +1,7 @@
 """STSCallback on real Trainer runs with tiny models."""
 
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -441,10 +442,27 @@ def test_run_level_settings_are_checked_at_construction():
 
 def test_overhead_budget_keeps_the_protected_domain_and_defers_the_others(tmp_path, tokenizer):
     # a tiny model trains in milliseconds: 1% of that affords no unprotected domain, never the protected one
+    class SlowLogging(TrainerCallback):  # work outside the steps (another callback's logging): not training time
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(0.3)
+
+    class StepClock(TrainerCallback):  # first in line: each step alone, from its begin to its end
+        seconds = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            StepClock.seconds += time.perf_counter() - self.began
+
     callback = make_callback(protected=["food"], tolerance=10.0, overhead_budget=0.01)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(tmp_path, tokenizer, callback).train()
+        trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[SlowLogging()])
+        trainer.callback_handler.callbacks.insert(0, StepClock())
+        trainer.train()
+    # the budget's training time is the steps' own (up to the last re-check): not the other callback's 1.8 s
+    assert 0 < callback.history[-1]["overhead"]["train_seconds"] <= StepClock.seconds + 0.05
     assert [r["step"] for r in callback.history] == [2, 4, 6]
     for record in callback.history:
         assert set(record["loss_delta"]) == {"food"}

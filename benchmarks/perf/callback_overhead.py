@@ -66,10 +66,8 @@ class Truth(TrainerCallback):
         record = self.sts.history[-1] if self.sts.history else None
         if record is None or record.get("step") != state.global_step or "error" in record:
             return
-        began = time.perf_counter()
+        # after the step's on_step_end: outside the steps the callback's overhead budget is a share of
         self.measure(record, state, model)
-        # not training: kept out of the seconds the callback's overhead budget is a share of
-        self.sts.session.budget.train_seconds -= time.perf_counter() - began
 
     def measure(self, record, state, model):
         with inference_mode(model):

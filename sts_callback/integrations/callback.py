@@ -305,7 +305,13 @@ class STSCallback(TrainerCallback, ExportableState):
                          "completions at each re-check; fresh_rollouts=False silences this.", STSDataWarning)
 
     # ------------------------------------------------------------------ during training
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._ready:
+            self.session.step_began()
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._ready:
+            self.session.step_ended()
         every = self.session.settings.recheck_steps
         if self._ready and (state.global_step % every == 0 if every is not None else control.should_save):
             self.run_recheck(args, state, control, model)

@@ -102,6 +102,8 @@ class STSSession:
         self.probe_source: Callable[[Any, int], tuple[list, Any, dict[str, Any]]] | None = None
         self.budget = OverheadBudget(recheck.overhead_budget)  # seconds training vs re-checking
         self._clock: float | None = None  # when the last STS work ended (the time since is training)
+        self._step_began: float | None = None  # the Trainer's current step, when it began
+        self._steps_timed = False  # the budget's training time is the steps' own (step_began / step_ended)
 
     # ------------------------------------------------------------------ state
     def counters(self) -> dict[str, Any]:
@@ -310,12 +312,23 @@ class STSSession:
     def has_recheck(self, step: int) -> bool:
         return any(r.get("step") == step for r in self.history)
 
+    def step_began(self) -> None:
+        self._step_began = time.perf_counter()
+
+    def step_ended(self) -> None:
+        """Count the step that began at :meth:`step_began` as training time for the overhead budget. A loop that
+        reports its steps is timed by them (data loading, logging, saving and evaluation are left out: the budget
+        is a share of what the steps themselves take); one that does not, by the wall time between re-checks."""
+        if self._step_began is not None:
+            self.budget.add_training(time.perf_counter() - self._step_began)
+            self._steps_timed, self._step_began = True, None
+
     def recheck(self, model, step: int, max_steps: int = 0, log_history: list[dict] | None = None,
                 ) -> tuple[dict[str, Any] | None, Decision | None]:
         """One re-check at ``step`` of ``max_steps``: the history record and the guard's decision; a failure is
         warned about and recorded (``(None, None)``) unless ``strict``. ``log_history``: the loop's logged
         learning rates, for a schedule the session could not plan."""
-        if self._clock is not None:
+        if self._clock is not None and not self._steps_timed:
             self.budget.add_training(time.perf_counter() - self._clock)
         try:
             return self._recheck(model, step, max_steps, log_history)
