@@ -373,6 +373,13 @@ def test_early_forecast_blends_the_measured_trend_with_the_step0_prediction(tmp_
     assert {r["early_method"] for r in callback.history} == {"trend"}
     calibration.early_blend["power"] = calibration.early_blend["trend"]
     assert best_early_method(calibration) == "power" and best_early_method(None) == "trend"
+    # a blend fitted on LoRA runs is not applied to a full fine-tune (this one): the projection alone
+    calibration.early_blend_recipe = "lora"
+    assert best_early_method(calibration, "full") == "trend" and best_early_method(calibration, "lora") == "power"
+    full = make_callback(calibration=calibration, recheck_steps=2)
+    make_trainer(tmp_path / "full", tokenizer, full, max_steps=6, save_steps=100, lr_scheduler_type="linear").train()
+    assert full.session.recipe == "full"
+    assert all("early_blend" not in r and r["early_method"] == "trend" for r in full.history)
 
 
 def test_peft_with_other_trainable_weights_disables_adapters_at_each_recheck(tmp_path, tokenizer):

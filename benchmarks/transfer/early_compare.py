@@ -14,8 +14,9 @@ predicts each domain's change before training, a domain predicted above the tole
 (``step0+trend``: the callback's rule, the predicted mean; ``step0_interval+trend``: only when the whole 90%
 interval is above), and the trend rule takes over at the re-checks. And the blend (``power+step0``,
 ``trend+step0``; ``sts_callback.scoring.early.blend``): at each re-check the projection and the step-0 prediction
-weighted by a line fitted per share of training on the other sources' units (leave-one-source-out), what the
-callback does with a calibration that carries an ``early_blend`` table.
+weighted by a line fitted per share of training on the other sources' units of the same recipe (leave-one-source-
+out; none for a recipe with a single source), what the callback does with a calibration that carries an
+``early_blend`` table for the run's recipe.
 """
 
 from __future__ import annotations
@@ -233,8 +234,8 @@ def main() -> None:
         raise SystemExit(f"no finished transfer units in {args.units}; run benchmarks/transfer/units.py first")
     step0 = step0_predictions(args.units)
     results = []
-    for unit in units:  # the blend's weights fitted on the other sources' units, like the step-0 forecast
-        others = [u for u in units if u["source"] != unit["source"]]
+    for unit in units:  # the blend's weights fitted on the other sources' units of its recipe
+        others = [u for u in units if u["source"] != unit["source"] and u["recipe"] == unit["recipe"]]
         tables = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
         results.append(evaluate(unit, step0.get(unit["unit"]), tables))
     print(f"early forecast vs the change measured at the end ({len(results)} units; Pearson / direction / MAE "
@@ -271,12 +272,14 @@ def main() -> None:
 
 def print_leads(results: list[dict], lead_key: str, title: str) -> None:
     print(f"\nlead time (steps before the measured violation) and false alarms, summed over units; {title}")
-    for key in results[0][lead_key]:
-        cells = [r[lead_key][key] for r in results]
+    keys = list(dict.fromkeys(k for r in results for k in r[lead_key]))
+    for key in keys:
+        having = [r for r in results if key in r[lead_key]]  # a blend: units whose recipe has one
+        cells = [r[lead_key][key] for r in having]
         leads = [c["mean_lead_share"] for c in cells if c["mean_lead_share"] is not None]
         violations = sum(c["violations"] for c in cells)
         false = sum(c["false_alarms"] for c in cells)
-        quiet = sum(r["domains"] for r in results) - violations
+        quiet = sum(r["domains"] for r in having) - violations
         possible = [c["mean_possible_lead_share"] for c in cells if c["mean_possible_lead_share"] is not None]
         lead = "n/a" if not leads else f"{np.mean(leads):.0%} of the run"
         most = "n/a" if not possible else f"{np.mean(possible):.0%}"

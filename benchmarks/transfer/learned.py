@@ -167,6 +167,8 @@ def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]
     for source in sorted({u["source"] for u in units}):
         tests = [u for u in units if u["source"] == source and (test_filter is None or test_filter(u))]
         train = [u for u in units if u["source"] != source and (train_filter is None or train_filter(u))]
+        if len({u["source"] for u in train}) < 2:  # nothing to learn across sources from
+            continue
         scores = []
         for test in tests:
             if isinstance(features, tuple):  # (level features, pattern features[, domain prior])
@@ -278,7 +280,9 @@ def main() -> None:
         import early_compare  # its step-0 predictions are leave-one-source-out, as a new run's would be
 
         step0 = early_compare.step0_predictions(args.units)
-        calibration.early_blend = {m: early_compare.blend_table(units, step0, m) for m in ("power", "trend")}
+        lora = [u for u in units if u["recipe"] == "lora"]  # a full fine-tune's step-0 forecast is less sure
+        calibration.early_blend = {m: early_compare.blend_table(lora, step0, m) for m in ("power", "trend")}
+        calibration.early_blend_recipe = "lora"
         calibration.save(args.calibration_out)
         results["calibration"] = str(args.calibration_out)
         print(f"wrote {args.calibration_out} (level + pattern on {features} and the domain prior, level from "

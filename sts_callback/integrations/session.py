@@ -38,7 +38,7 @@ from ..core.stats import ActivationStats
 from ..pipelines.budget import OverheadBudget
 from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, own_feature, run_forecast
 from ..pipelines.guard import Decision, Guard, GuardConfig
-from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from
+from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from, is_peft
 from ..pipelines.recheck import RecheckConfig
 from ..pipelines.prediction import best_early_method, calibrated_predictions, early_projection
 from ..scoring.calibration import load_calibration, lr_area_fraction
@@ -104,6 +104,7 @@ class STSSession:
         self._clock: float | None = None  # when the last STS work ended (the time since is training)
         self._step_began: float | None = None  # the Trainer's current step, when it began
         self._steps_timed = False  # the budget's training time is the steps' own (step_began / step_ended)
+        self.recipe: str | None = None  # "lora" (adapters) or "full", known at start: a calibration's scope
 
     # ------------------------------------------------------------------ state
     def counters(self) -> dict[str, Any]:
@@ -181,6 +182,7 @@ class STSSession:
         of ``probe`` with ``demonstrations``, skipped when neither has answers. ``run_level(model, base_losses)
         -> RunLevelEstimate`` (:mod:`.trainer_run_level`): the run-level term, measured after the base losses;
         its change per domain joins the forecast's scores under its method's name, for a calibration to use."""
+        self.recipe = "lora" if is_peft(model) else "full"
         if forecast_run is None:
             has_answers = demonstrations is not None or any(probe[i].can_demonstrate
                                                             for i in range(min(len(probe), 64)))
@@ -413,8 +415,9 @@ class STSSession:
         if not self.learning_rates or max_steps <= 0:
             return {}
         fraction = lr_area_fraction(step, max_steps, self.learning_rates)
-        out = early_projection(self.history, measured, fraction, self.forecast, self.calibration, intervals,
-                               self.settings.early_method or best_early_method(self.calibration))
+        method = self.settings.early_method or best_early_method(self.calibration, self.recipe)
+        out = early_projection(self.history, measured, fraction, self.forecast, self.calibration, intervals, method,
+                               self.recipe)
         if self.predicted:
             out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
         projected = self.guard.projected(out["early_forecast"], measured, fraction, out["early_forecast_ci"])

@@ -27,24 +27,26 @@ def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) 
     return {name: {k: p[k] for k in ("mean", "low", "high", "level")} for name, p in forecast.predictions.items()}
 
 
-def best_early_method(calibration: Calibration | None) -> str:
+def best_early_method(calibration: Calibration | None, recipe: str | None = None) -> str:
     """The transfer benchmark's best early forecast for this calibration (``benchmarks/transfer/early_compare.py``):
-    the power rule blended with the step-0 prediction where the calibration carries that blend (every source
-    reliable from a quarter of training), else the trend rule (the best unblended)."""
-    return "power" if calibration is not None and calibration.early_blend.get("power") else "trend"
+    the power rule blended with the step-0 prediction where the calibration carries that blend for the run's
+    ``recipe`` (``"lora"`` / ``"full"``; every LoRA source reliable from a quarter of training), else the trend
+    rule (the best unblended)."""
+    return "power" if calibration is not None and calibration.blend_table("power", recipe) else "trend"
 
 
 def early_projection(history: list[dict[str, Any]], measured: dict[str, float | None], fraction: float,
                      forecast: Forecast | None, calibration: Calibration | None,
-                     intervals: dict[str, list[float]] | None = None, method: str = "trend") -> dict[str, Any]:
+                     intervals: dict[str, list[float]] | None = None, method: str = "trend",
+                     recipe: str | None = None) -> dict[str, Any]:
     """The measured changes extrapolated from ``fraction`` of the learning-rate area to the end of training, and
     the calibration refitted on the projections (forecast scores -> projected change) when enough domains have
     both. ``method`` ``"trend"``: the latest change plus the recent slope over this run's re-checks
     (:func:`~sts_callback.scoring.early.trend_weights`); ``"power"``: change ~ f^b, b fitted on the earlier
     re-checks (linear until there are two). ``intervals``: the measured changes' 95% intervals, carried to the
     end alike (``early_forecast_ci``: the measurement's uncertainty; the model's own is not in it). With a
-    calibration that has an ``early_blend`` table for ``method`` and step-0 predictions, ``early_forecast`` is the
-    projection blended with them (the projection alone: ``early_projection``; the weights: ``early_blend``)."""
+    calibration that has an ``early_blend`` table for ``method`` (and the run's ``recipe``) and step-0 predictions,
+    ``early_forecast`` is the projection blended with them (the projection alone: ``early_projection``; the weights: ``early_blend``)."""
     out: dict[str, Any] = {"lr_area_fraction": fraction, "early_method": method}
     if method == "power":
         points = [(r["lr_area_fraction"], r["loss_delta"]) for r in history if r.get("lr_area_fraction")]
@@ -60,7 +62,7 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
         out["early_forecast"] = early
         if intervals is not None:
             out["early_forecast_ci"] = bounds
-    table = (calibration.early_blend if calibration is not None else {}).get(method)
+    table = calibration.blend_table(method, recipe) if calibration is not None else []
     step0 = {n: p["mean"] for n, p in (forecast.predictions if forecast is not None else {}).items()}
     if table and step0:
         # the measurement so far and the step-0 prediction, weighted by how far training is

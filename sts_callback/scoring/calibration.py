@@ -58,7 +58,8 @@ class Calibration:
 
     ``early_blend`` (set by whoever fitted it on runs' trajectories, e.g. ``benchmarks/transfer/learned.py``):
     how much the callback's early projection and this calibration's step-0 prediction each count at each share
-    of training, per early method (:func:`sts_callback.scoring.early.blend`).
+    of training, per early method (:func:`sts_callback.scoring.early.blend`); applied only to runs of
+    ``early_blend_recipe`` (``"lora"``: adapters; ``"full"``: full fine-tunes) when set.
     """
 
     features: list[str]
@@ -77,6 +78,7 @@ class Calibration:
     domain_prior: dict[str, float] = field(default_factory=dict)
     # early method -> rows [lr-area fraction, intercept, early weight, step-0 weight] (scoring.early.blend)
     early_blend: dict[str, list[list[float]]] = field(default_factory=dict)
+    early_blend_recipe: str | None = None  # "lora" / "full": the runs it was fitted on; None: any
 
     @classmethod
     def fit(cls, x: Sequence[Sequence[float]] | Sequence[float], y: Sequence[float], features: Sequence[str], *,
@@ -163,6 +165,12 @@ class Calibration:
                    scale=scale.tolist(), sigma=math.sqrt(level_var + pattern_var), n=len(Y), level=level,
                    ridge=alpha, fitted_on={**(fitted_on or {}), "runs": len(runs)}, centered=True,
                    source_features=source_features, source_coef=[float(c) for c in line[1:]], domain_prior=prior)
+
+    def blend_table(self, method: str, recipe: str | None = None) -> list[list[float]]:
+        """The early blend for ``method`` on a run of ``recipe`` (empty: none, or fitted on the other recipe)."""
+        if self.early_blend_recipe is not None and recipe is not None and recipe != self.early_blend_recipe:
+            return []
+        return self.early_blend.get(method, [])
 
     @property
     def score_features(self) -> list[str]:
