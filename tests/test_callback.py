@@ -432,6 +432,47 @@ def test_run_level_term_at_train_start_joins_the_forecast_and_leaves_the_run_unc
     assert any("sts/run_level/law" in e for e in trainer.state.log_history)
 
 
+def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_path, tokenizer, capsys):
+    import shutil
+
+    from sts_callback.core.atomic import read_json_lines
+    from sts_callback.scoring.calibration import Calibration
+    from sts_callback.tools.cli import main
+
+    callback = make_callback(run_level="lookahead", recheck_steps=2)
+    make_trainer(tmp_path / "real", tokenizer, callback, max_steps=4, save_steps=100).train()
+    real = tmp_path / "real" / "run"
+    # three more runs in the same format, their own change and final changes planted: level 0.01 - 0.5 * own,
+    # law usually +2 points above the runs' mean
+    runs = []
+    for i, own in enumerate((-0.3, -0.1, 0.0, -0.2)):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(real, run)
+        forecast = json.loads((run / "sts" / "forecast.json").read_text())
+        forecast["settings"]["run_level"]["own_change"] = own
+        (run / "sts" / "forecast.json").write_text(json.dumps(forecast))
+        history, _ = read_json_lines(run / "sts" / "history.jsonl")
+        history[-1]["loss_delta"] = {"law": 0.01 - 0.5 * own + 0.02 + 0.001 * i, "food": 0.01 - 0.5 * own - 0.01,
+                                     "chem": 0.01 - 0.5 * own - 0.01 - 0.001 * i}
+        (run / "sts" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        runs.append(str(run))
+    out = tmp_path / "calibration.json"
+    assert main(["calibrate", "--runs", *runs, "--features", "lookahead", "--out", str(out)]) == 0
+    assert "level from lookahead_own" in capsys.readouterr().out
+    calibration = Calibration.load(out)
+    assert calibration.source_features == ["lookahead_own"] and calibration.features == ["lookahead", "domain_prior"]
+    assert calibration.source_coef[0] == pytest.approx(-0.5, abs=1e-6)
+    assert calibration.domain_prior["law"] - calibration.domain_prior["food"] == pytest.approx(0.03, abs=0.002)
+    # applied by the callback to a new run: the forecast predicts law above the others
+    applied = make_callback(run_level="lookahead", calibration=str(out))
+    make_trainer(tmp_path / "applied", tokenizer, applied, max_steps=2, save_steps=100).train()
+    assert applied.predicted["law"]["mean"] > max(applied.predicted["food"]["mean"], applied.predicted["chem"]["mean"])
+    (tmp_path / "empty").mkdir()
+    assert main(["calibrate", "--runs", str(real), str(tmp_path / "empty"), "--out", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: no forecast.json" in err and "trained with STSCallback" in err
+
+
 def test_run_level_settings_are_checked_at_construction():
     from sts_callback.scoring.calibration import Calibration
 

@@ -21,8 +21,8 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
 from ..core.schedule import planned_learning_rates
-from ..pipelines.forecast import own_feature
 from ..pipelines.guard import GuardConfig
+from ..scoring.calibration import own_feature
 from ..pipelines.recheck import RecheckConfig
 from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession

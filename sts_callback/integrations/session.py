@@ -36,12 +36,12 @@ from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
 from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
 from ..pipelines.budget import OverheadBudget
-from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, own_feature, run_forecast
+from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, run_forecast
 from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from, is_peft
 from ..pipelines.recheck import RecheckConfig
 from ..pipelines.prediction import best_early_method, calibrated_predictions, early_projection
-from ..scoring.calibration import load_calibration, lr_area_fraction
+from ..scoring.calibration import load_calibration, lr_area_fraction, own_feature
 from ..scoring.signed import SIGNED_VARIANTS
 from .trainer_run_level import RUN_LEVEL_METHODS
 

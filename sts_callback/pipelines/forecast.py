@@ -20,6 +20,7 @@ from torch import nn
 from ..scoring import score
 
 from ..scoring import signed
+from ..scoring.calibration import own_feature
 from ..core.capture import hidden_size, max_positions, num_layers, unwrap_model
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
@@ -41,11 +42,6 @@ SCORE_LABELS = {
     "signed_usage": "signed_use", "forgetting_minus_transfer": "forget-xfer", "decoder_projection": "dec_proj",
     "lookahead": "lookahead", "first_order": "1st-order",  # the run-level term: a relative NLL change
 }
-
-
-def own_feature(method: str) -> str:
-    """The calibration feature of a run-level method's own change (``lookahead`` -> ``lookahead_own``)."""
-    return f"{method}_own"
 
 
 def run_level_values(run_level: dict[str, Any] | None) -> dict[str, float | None]:

@@ -27,6 +27,7 @@ from ..core.errors import STSConfigError, STSInputError
 from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
+FORECAST_FORMAT = "sts-forecast/1"
 PRIOR = "domain_prior"  # the pattern feature of a calibration fitted with domain_prior=True
 
 
@@ -251,6 +252,41 @@ class Calibration:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
+    def from_runs(cls, runs: Sequence[str | Path], features: Sequence[str] | None = None, *,
+                  domain_prior: bool = True, level: float = 0.9) -> "Calibration":
+        """A level + pattern calibration (:meth:`fit_level_pattern`) fitted on training runs with the callback
+        (their output folders): each run's domains' forecast scores (``features``; default: every score all of
+        them have) against the change measured at its last re-check; the level from the run-level term's own
+        change (``lookahead_own`` / ``first_order_own``) when every run has one, else the runs' mean; with each
+        domain's usual departure (``domain_prior``). Leave the training data itself out of the target domains."""
+        records = run_records(runs)
+        methods = {(r["run_level"] or {}).get("method") for r in records}
+        has_level = len(methods) == 1 and None not in methods and all(
+            r["run_level"].get("own_change") is not None for r in records)
+        source_features = [own_feature(methods.pop())] if has_level else []
+        if features is None:
+            common = None
+            for r in records:
+                for name in r["changes"]:
+                    present = {k for k, v in r["scores"].get(name, {}).items() if v is not None}
+                    common = present if common is None else common & present
+            features = sorted(common or ())
+        features = list(features)
+        rows = []
+        for r in records:
+            names = [n for n, change in r["changes"].items() if change is not None
+                     and all(r["scores"].get(n, {}).get(f) is not None for f in features)]
+            if len(names) < 2:
+                raise STSInputError(f"{r['run']}: {len(names)} domain(s) have both a measured change and the "
+                                    f"features {features}; a run needs at least 2.")
+            x = [[float(r["scores"][n][f]) for f in features] for n in names]
+            own = [float(r["run_level"]["own_change"])] if source_features else []
+            rows.append((x, [float(r["changes"][n]) for n in names], own, names))
+        return cls.fit_level_pattern(rows, features, source_features, domain_prior=domain_prior, level=level,
+                                     fitted_on={"training_runs": [r["run"] for r in records],
+                                                "steps": [r["step"] for r in records]})
+
+    @classmethod
     def from_validation(cls, results: Sequence[str | Path | dict[str, Any]] | str | Path | dict[str, Any],
                         features: Sequence[str] = (DEFAULT_SIGNED,), *, level: float = 0.9) -> "Calibration":
         """Fit on every (domain, seed) of one or more ``validation.json`` files (or their folders)."""
@@ -269,6 +305,37 @@ class Calibration:
             raise STSInputError(f"No domain of these validation runs has the feature(s) {list(features)}; "
                                 f"they have {available}. Pass features= from those (or re-run `sts validate`).")
         return cls.fit(x, y, features, level=level, fitted_on={"validations": used, "pairs": len(y)})
+
+
+def own_feature(method: str) -> str:
+    """The calibration feature of a run-level method's own change (``lookahead`` -> ``lookahead_own``)."""
+    return f"{method}_own"
+
+
+def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Per training run with the callback (its output folder, or the STS folder in it): the domains' forecast
+    scores, the run-level term's settings and the held-out loss change measured at its last re-check."""
+    from ..core.run_store import RunStore
+
+    records = []
+    for item in runs:
+        root = Path(item)
+        store = RunStore(root / "sts" if (root / "sts").is_dir() else root)
+        if not store.forecast_path.is_file():
+            raise STSInputError(f"{item}: no forecast.json (looked in {store.root}); pass the output_dir of a run "
+                                "trained with STSCallback, or its STS folder.")
+        forecast = json.loads(store.forecast_path.read_text())
+        if forecast.get("format") != FORECAST_FORMAT:
+            raise STSInputError(f"{store.forecast_path} is not an STS forecast (format={forecast.get('format')!r}).")
+        measured = [r for r in store.read_history() if r.get("loss_delta")]
+        if not measured:
+            raise STSInputError(f"{item}: no re-check measured a held-out loss change (history.jsonl); the run needs "
+                                "re-checks (recheck_steps, or a save at the end) to calibrate on.")
+        last = max(measured, key=lambda r: r["step"])
+        records.append({"run": str(item), "step": last["step"], "changes": last["loss_delta"],
+                        "scores": {name: d.get("scores") or {} for name, d in forecast.get("domains", {}).items()},
+                        "run_level": (forecast.get("settings") or {}).get("run_level")})
+    return records
 
 
 def _validation_records(results) -> list[dict[str, Any]]:

@@ -574,9 +574,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..scoring.calibration import Calibration
 
     out = _check_output_file(Path(args.out), "The calibration output")
+    if args.runs:  # training runs with the callback: a level + pattern calibration with the domain prior
+        inputs = {Path(p): "a training run" for p in args.validations}
+        _check_no_overwrite([(out, f"The calibration output {out}")], inputs)
+        calibration = Calibration.from_runs(args.validations, args.features, level=args.level)
+        path = calibration.save(out)
+        level = (f"level from {calibration.source_features[0]}" if calibration.source_features
+                 else "level: the runs' mean (no run-level term in every run)")
+        print(f"level + pattern calibration on {calibration.fitted_on['runs']} runs ({calibration.n} domain "
+              f"changes), features {calibration.features}, {level}: residual std {calibration.sigma:.2%} of the "
+              f"NLL; {calibration.level:.0%} intervals")
+        print(f"wrote {path}; use it with STSCallback(..., calibration={str(path)!r})")
+        return 0
     inputs = _validation_inputs(args.validations)
     _check_no_overwrite([(out, f"The calibration output {out}")], inputs)
-    calibration = Calibration.from_validation(args.validations, args.features, level=args.level)
+    calibration = Calibration.from_validation(args.validations, args.features or [DEFAULT_SIGNED], level=args.level)
     path = calibration.save(out)
     print(f"calibration on {calibration.n} measured (domain, seed) pairs, features {calibration.features}: "
           f"residual std {calibration.sigma:.2%} of the NLL; {calibration.level:.0%} intervals")
@@ -717,9 +729,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "outputs; STSCallback(calibration=PATH) then predicts each domain's end-of-"
                                    "training change at train start and warns for protected domains.")
     p.add_argument("validations", nargs="+", metavar="VALIDATION",
-                   help="validation.json files or the output_dir of `sts validate` runs")
-    p.add_argument("--features", nargs="+", default=[DEFAULT_SIGNED],
-                   help=f"forecast scores to calibrate on (default: {DEFAULT_SIGNED}; e.g. sts_icl signed_usage)")
+                   help="validation.json files or the output_dir of `sts validate` runs (with --runs: the "
+                        "output_dir of training runs with STSCallback)")
+    p.add_argument("--runs", action="store_true",
+                   help="fit a level + pattern calibration with the domain prior on training runs with the "
+                        "callback (forecast.json and the last re-check of each): the level from the run-level "
+                        "term's own change when every run has one (run_level=...)")
+    p.add_argument("--features", nargs="+", default=None,
+                   help=f"forecast scores to calibrate on (default: {DEFAULT_SIGNED}; with --runs every score all "
+                        "domains have; e.g. sts_icl signed_usage)")
     p.add_argument("--level", type=float, default=0.9, help="prediction interval level (default 0.9)")
     p.add_argument("--out", default="calibration.json")
     p.set_defaults(func=cmd_calibrate)
