@@ -13,14 +13,16 @@ seeded 4,096-token sample of its held-out texts (odd-indexed) before training an
 ``--work``: a rerun resumes). Then, for each of ``--seeds`` seeds, a re-check is simulated exactly as the callback
 runs it: a random ``loss_tokens`` subset of the sample in a random order, measured by the library's
 ``sequential_change`` from the cached rows. Its interval covers when the whole sample's change lies in it.
-Reported per setting (loss_precision; protected or not): coverage, its binomial 95% interval, tokens read,
-interval half-width. Not timed: the overhead is ``callback_overhead.py``'s.
+Reported per setting (loss_precision; protected or not): coverage, its binomial 95% interval, the coverage of the
+same measurements' intervals with the normal quantile 1.96 in place of Student's t (the library's quantile
+before), texts and tokens read, interval half-width. Not timed: the overhead is ``callback_overhead.py``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -95,6 +97,8 @@ def train_states(source: str, steps: list[int], work: Path, model_loader, pools:
 def simulate(base: torch.Tensor, after: torch.Tensor, lengths: list[int], loss_tokens: int, precision: float | None,
              protected: bool, rng: random.Random) -> dict:
     """One re-check as the callback runs it, on a random ``loss_tokens`` subset of the sample."""
+    from scipy.stats import t
+
     from sts_callback.core.heldout import paired_change, sequential_change
 
     order = list(range(len(lengths)))
@@ -115,7 +119,11 @@ def simulate(base: torch.Tensor, after: torch.Tensor, lengths: list[int], loss_t
                                half_width=None if precision is None else precision * TOLERANCE,
                                tolerance=TOLERANCE if protected else None)
     truth = paired_change(base, after).delta
+    # the same measurement's interval with the normal quantile (what the library used before): half-width
+    # scaled from Student's t with n - 1 degrees of freedom to 1.96
+    normal = change.half_width * 1.959964 / t.ppf(0.975, change.sequences - 1) if change.sequences > 1 else math.inf
     return {"covered": change.low <= truth <= change.high, "tokens": change.tokens, "half_width": change.half_width,
+            "covered_normal": abs(truth - change.delta) <= normal, "sequences": change.sequences,
             "above": protected and change.low > TOLERANCE, "truth_above": truth > TOLERANCE}
 
 
@@ -165,6 +173,8 @@ def main() -> None:
             by_domain = {name: float(np.mean([p["covered"] for p in points if p["domain"] == name])) for name in base}
             settings[key] = {"rechecks": len(points), "coverage": covered / len(points),
                              "coverage_ci": [ci.low, ci.high],
+                             "coverage_normal_quantile": float(np.mean([p["covered_normal"] for p in points])),
+                             "sequences_median": float(np.median([p["sequences"] for p in points])),
                              "tokens_median": float(np.median([p["tokens"] for p in points])),
                              "half_width_median": float(np.median([p["half_width"] for p in points])),
                              "worst_domain": min(by_domain, key=by_domain.get),
@@ -173,11 +183,13 @@ def main() -> None:
                       for name in base} for state, after in states.items()}
     print(f"\n{len(states)} training states x {len(base)} domains x {args.seeds} seeds per setting; truth: the change "
           f"on {args.truth_tokens} tokens; re-check: at most {args.loss_tokens} tokens, tolerance {TOLERANCE:.0%}\n")
-    print(f"{'setting':<34} {'coverage':>8} {'95% CI':>15} {'tokens':>7} {'half-width':>10} {'worst domain':>24}")
+    print(f"{'setting':<34} {'coverage':>8} {'95% CI':>15} {'normal q':>8} {'texts':>5} {'tokens':>7} "
+          f"{'half-width':>10} {'worst domain':>24}")
     for key, s in settings.items():
         worst = f"{s['worst_domain']} {s['worst_domain_coverage']:.0%}"
         print(f"{key:<34} {s['coverage']:8.1%} {s['coverage_ci'][0]:7.1%}-{s['coverage_ci'][1]:6.1%} "
-              f"{s['tokens_median']:7.0f} {s['half_width_median']:10.4f} {worst:>24}")
+              f"{s['coverage_normal_quantile']:8.1%} {s['sequences_median']:5.0f} {s['tokens_median']:7.0f} "
+              f"{s['half_width_median']:10.4f} {worst:>24}")
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "tolerance": TOLERANCE, "truth_changes": truths, "settings": settings}
