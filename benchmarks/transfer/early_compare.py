@@ -15,7 +15,7 @@ predicts each domain's change before training, a domain predicted above the tole
 interval is above), and the trend rule takes over at the re-checks. And the blend (``power+step0``,
 ``trend+step0``; ``sts_callback.scoring.early.blend``): at each re-check the projection and the step-0 prediction
 weighted by a line fitted per share of training on the other sources' units of the same recipe (leave-one-source-
-out; none for a recipe with a single source), what the callback does with a calibration that carries an
+out; none for a recipe with fewer than 3 other sources), what the callback does with a calibration that carries an
 ``early_blend`` table for the run's recipe.
 """
 
@@ -58,8 +58,9 @@ def unit_series(unit: dict):
 
 def step0_predictions(folder: Path) -> dict[str, dict[str, tuple[float, float]]]:
     """unit -> domain -> (predicted mean, low of its 90% interval) from the level + pattern calibration with the
-    domain prior (the exported calibration's kind) fitted on the other sources' units (leave-one-source-out); empty
-    until every unit has its run-level terms."""
+    domain prior (the exported calibration's kind) fitted on the other sources' units of the unit's recipe (of both
+    recipes while it has fewer than 3 other sources: leave-one-source-out); empty until every unit has its
+    run-level terms."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -75,6 +76,9 @@ def step0_predictions(folder: Path) -> dict[str, dict[str, tuple[float, float]]]
     out = {}
     for unit in units:
         train = [u for u in units if u["source"] != unit["source"]]
+        same = [u for u in train if u["recipe"] == unit["recipe"]]
+        if len({u["source"] for u in same}) >= 3:  # the unit's own recipe where it has enough sources
+            train = same
         runs = learned.level_pattern_runs(train, level, features)
         if len({u["source"] for u in train}) < 3 or len(runs) < 3:
             continue
@@ -113,7 +117,7 @@ def blend_table(units: list[dict], step0: dict[str, dict[str, tuple[float, float
             fractions.append(fraction)
             rows += [(projected[d], step0[unit["unit"]][d][0], unit["result"]["nll_delta_rel"][d])
                      for d in unit["others"] if math.isfinite(projected[d]) and d in step0[unit["unit"]]]
-        if len(rows) >= 4:
+        if len(fractions) >= 3:  # a line across at least 3 runs' domains
             table.append([float(np.mean(fractions)), *fit_blend(rows)])
     return table
 

