@@ -212,6 +212,14 @@ def costs(units: list[dict], folder: Path) -> dict:
     return summary
 
 
+def record(results: dict, name: str, per_source: dict) -> None:
+    """Keep a forecast's per-source scores and summary in ``results`` and print its table row."""
+    results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
+    s = results["forecasts"][name]["summary"]
+    mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
+    print(f"{name:<54} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=Path, default=HERE / "units")
@@ -251,11 +259,7 @@ def main() -> None:
     print(f"{'forecast':<54} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
     lora = lambda u: u["recipe"] == "lora"  # noqa: E731  (the 11-source benchmark's recipe)
     for name, (features, learned) in forecasts.items():
-        per_source = evaluate(units, features, learned, lora, lora)
-        results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
-        s = results["forecasts"][name]["summary"]
-        mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
-        print(f"{name:<54} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
+        record(results, name, evaluate(units, features, learned, lora, lora))
     recipes = {u["recipe"] for u in units}
     if {"lora", "full"} <= recipes:
         print("\nacross recipes (fitted on one recipe's units of the other sources, scored on the other recipe's):")
@@ -267,11 +271,7 @@ def main() -> None:
                 across[f"level+pattern: callback + domain prior {train}->{test}"] = (
                     (["lookahead_own"], [*SAE_FEATURES, *runlevel], True), False)
             for name, (features, is_learned) in across.items():
-                per_source = evaluate(units, features, is_learned, fitted, scored)
-                results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
-                s = results["forecasts"][name]["summary"]
-                mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
-                print(f"{name:<54} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
+                record(results, name, evaluate(units, features, is_learned, fitted, scored))
     if runlevel:
         features = [*SAE_FEATURES, *runlevel]
         lora_units = [u for u in units if lora(u)]
