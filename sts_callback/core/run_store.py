@@ -23,6 +23,7 @@ from typing import Any
 from .atomic import append_json_line, atomic_write_json, atomic_write_text, read_json_lines
 
 FORECAST_FILE = "forecast.json"
+FORECAST_FORMAT = "sts-forecast/1"  # the "format" field of a forecast.json
 HISTORY_FILE = "history.jsonl"
 SUPERSEDED_FILE = "history.superseded.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -104,5 +105,5 @@ class RunStore:
         return self.forecast_path.exists() or self.path(HISTORY_FILE).exists()
 
 
-__all__ = ["FORECAST_FILE", "HISTORY_FILE", "MONITOR_FILE", "RunStore", "SETTINGS_FILE", "STATE_FILE",
+__all__ = ["FORECAST_FILE", "FORECAST_FORMAT", "HISTORY_FILE", "MONITOR_FILE", "RunStore", "SETTINGS_FILE", "STATE_FILE",
            "SUPERSEDED_FILE"]

@@ -26,6 +26,7 @@ from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
+from ..core.run_store import FORECAST_FORMAT
 from ..core.extract import Extractor, PairedStats
 from ..core.stats import TopActivations
 from ..core.sae import SAEHandle, check_sae_for_model, load_sae
@@ -123,7 +124,7 @@ class Forecast:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "sts-forecast/1",
+            "format": FORECAST_FORMAT,
             "ranking": self.ranking,
             "domains": {name: d.to_dict() for name, d in self.domains.items()},
             "shifted_latents": self.shifted_latents,
@@ -141,7 +142,7 @@ class Forecast:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Forecast":
-        if data.get("format") != "sts-forecast/1":
+        if data.get("format") != FORECAST_FORMAT:
             raise STSInputError(f"Not an STS forecast (format={data.get('format')!r}).")
         domains = {name: DomainForecast(**d) for name, d in data["domains"].items()}
         fields_ = {k: v for k, v in data.items() if k not in ("format", "domains")}

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..core.atomic import atomic_write_text
 from ..core.errors import STSInputError
-from ..core.run_store import FORECAST_FILE, HISTORY_FILE, SETTINGS_FILE
+from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE
 from ..scoring.agreement import correlation
 
 GATE_FILE = "gate.json"
@@ -82,7 +82,7 @@ class ReportData:
         if self.forecast is None and not self.history and self.gate is None:
             raise STSInputError(f"{sts_dir} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}: "
                                 "nothing to report.")
-        if self.forecast is not None and self.forecast.get("format") != "sts-forecast/1":
+        if self.forecast is not None and self.forecast.get("format") != FORECAST_FORMAT:
             raise STSInputError(f"{sts_dir / FORECAST_FILE} is not an STS forecast "
                                 f"(format={self.forecast.get('format')!r}).")
         self.protected = list(protected if protected is not None else self.run_settings.get("protected") or [])

@@ -27,7 +27,6 @@ from ..core.errors import STSConfigError, STSInputError
 from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
-FORECAST_FORMAT = "sts-forecast/1"
 PRIOR = "domain_prior"  # the pattern feature of a calibration fitted with domain_prior=True
 
 
@@ -185,10 +184,9 @@ class Calibration:
                     ) -> dict[str, Prediction]:
         """Predicted change of every domain that has the features (``domains``: name -> feature values); a
         centred calibration centres them over those domains and takes its level from ``source``."""
-        if self.domain_prior:
-            seen = [self.domain_prior[n] for n in domains if n in self.domain_prior]
-            unseen = float(np.mean(seen)) if seen else 0.0  # neutral once centred over the domains
-            domains = {name: {**values, PRIOR: self.domain_prior.get(name, unseen)} for name, values in domains.items()}
+        if self.domain_prior:  # unseen domains neutral once centred over the domains
+            priors = _prior_values(self.domain_prior, list(domains))
+            domains = {name: {**values, PRIOR: p} for (name, values), p in zip(domains.items(), priors)}
         usable = {name: [float(values[f]) for f in self.features] for name, values in domains.items()
                   if all(values.get(f) is not None for f in self.features)}
         if not usable:
@@ -315,7 +313,7 @@ def own_feature(method: str) -> str:
 def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Per training run with the callback (its output folder, or the STS folder in it): the domains' forecast
     scores, the run-level term's settings and the held-out loss change measured at its last re-check."""
-    from ..core.run_store import RunStore
+    from ..core.run_store import FORECAST_FORMAT, RunStore
 
     records = []
     for item in runs:
@@ -377,10 +375,16 @@ def _domain_effects(names: list[list[str]], departures: list[np.ndarray], leave_
     return dict(zip(domains, (effects - effects.mean()).tolist()))
 
 
-def _centred(prior: dict[str, float], names: list[str]) -> np.ndarray:
-    """The prior of each of ``names`` (unseen ones: the mean of the seen), centred over them."""
+def _prior_values(prior: dict[str, float], names: list[str]) -> list[float]:
+    """The prior of each of ``names``; unseen ones get the mean of the seen (0 when none is seen)."""
     seen = [prior[n] for n in names if n in prior]
-    values = np.asarray([prior.get(n, float(np.mean(seen)) if seen else 0.0) for n in names])
+    unseen = float(np.mean(seen)) if seen else 0.0
+    return [prior.get(n, unseen) for n in names]
+
+
+def _centred(prior: dict[str, float], names: list[str]) -> np.ndarray:
+    """The prior of each of ``names`` (:func:`_prior_values`), centred over them."""
+    values = np.asarray(_prior_values(prior, names))
     return values - values.mean()
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from .. import __version__
 from ..core.config import DEFAULT_SIGNED
 from ..core.errors import STSError, STSInputError
+from ..core.run_store import FORECAST_FORMAT
 
 EXAMPLE_CONFIG = """\
 # sts forecast config (YAML or JSON)
@@ -596,7 +597,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-KNOWN_FORMATS = {"sts-forecast/1": "a forecast (written by `sts forecast` or the callback)",
+KNOWN_FORMATS = {FORECAST_FORMAT: "a forecast (written by `sts forecast` or the callback)",
                  "sts-gate/1": "a gate decision (written by `sts gate`)",
                  "sts-calibration/1": "a calibration (written by `sts calibrate`)"}
 
