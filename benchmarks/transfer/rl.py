@@ -23,6 +23,10 @@ a source that is a built-in domain trains on its even-indexed texts and is its o
   words shuffled (seeded).
 - ``dpo-python_code-vs-cpp_code``: the same DPO on python_code: chosen = the real continuation, rejected = 48 tokens
   from a cpp_code text (its texts in a seeded order).
+- second round, so that each family has runs to calibrate on leave-one-run-out: ``dpo-<source>-shuffled`` for
+  markup, math, chat_templates and ml_docs (as ``dpo-legal-shuffled``), and ``grpo-<source>-keywords`` for legal
+  and markup (the frequent-word share alone as the reward). Their held-out texts are measured up to 128 tokens
+  (the callback's default since 2026-12-02), the first four runs' up to 64; each run is compared with itself.
 
 Per run, before training, on the base model (``STSConfig(**units.FORECAST, **ROLLOUT)``): GRPO:
 ``rollout_forecast(shift="reward_weighted")``, ``rollout_forecast(shift="demonstrations")`` (reward-filtered rollouts
@@ -78,10 +82,18 @@ sys.path.insert(0, str(HERE))
 import units  # benchmarks/transfer/units.py: the frozen domains, split(), write_json, FORECAST
 
 RUNS = {
-    "grpo-python_code-keywords": {"kind": "grpo", "source": "python_code", "task": "keywords"},
+    "grpo-python_code-keywords": {"kind": "grpo", "source": "python_code", "task": "keywords",
+                                  "rewards": ("has_def", "frequent_word_share")},
     "grpo-arithmetic": {"kind": "grpo", "source": "arithmetic", "task": "arithmetic"},
     "dpo-legal-shuffled": {"kind": "dpo", "source": "legal", "rejected": "shuffled"},
     "dpo-python_code-vs-cpp_code": {"kind": "dpo", "source": "python_code", "rejected": "cpp_code"},
+    # Second round (2026-12-03): more sources per family, so that a forecast can be calibrated on the family's
+    # other runs (leave-one-run-out) as the SFT forecast is on the other sources' units.
+    **{f"dpo-{source}-shuffled": {"kind": "dpo", "source": source, "rejected": "shuffled"}
+       for source in ("markup", "math", "chat_templates", "ml_docs")},
+    **{f"grpo-{source}-keywords": {"kind": "grpo", "source": source, "task": "keywords",
+                                   "rewards": ("frequent_word_share",)}
+       for source in ("legal", "markup")},
 }
 # LoRA as the units' recipe (r=8, alpha 16, q/v). GRPO: 2 prompts x 4 completions a step (TRL's batch counts
 # completions), temperature 1, no KL term (TRL's default beta=0), constant lr.
@@ -162,9 +174,10 @@ def frequent_words(texts: list[str], n: int) -> list[str]:
     return [w for w, _ in counts.most_common(n)]
 
 
-def keywords_task(tokenizer, train: list[str], s: dict[str, Any]) -> dict[str, Any]:
-    """Prompts: the first ``prompt_tokens`` tokens of python_code training texts; reference answers (for the plain
-    demonstrations baseline): the real next ``reference_tokens`` tokens."""
+def keywords_task(tokenizer, train: list[str], s: dict[str, Any], rewards: tuple[str, ...]) -> dict[str, Any]:
+    """Prompts: the first ``prompt_tokens`` tokens of the source's training texts; reference answers (for the plain
+    demonstrations baseline): the real next ``reference_tokens`` tokens; ``rewards``: names of the reward
+    functions below (``has_def`` only makes sense for code)."""
     top = set(frequent_words(train, s["frequent_words"]))
 
     def has_def(completions, **kwargs):
@@ -186,7 +199,8 @@ def keywords_task(tokenizer, train: list[str], s: dict[str, Any]) -> dict[str, A
             references.append({"prompt": prompt, "completion": answer})
         if len(rows) >= s["prompts"]:
             break
-    return {"rows": rows, "references": references, "reward_funcs": [has_def, frequent_word_share],
+    functions = {"has_def": has_def, "frequent_word_share": frequent_word_share}
+    return {"rows": rows, "references": references, "reward_funcs": [functions[name] for name in rewards],
             "frequent_words": sorted(top)}
 
 
@@ -449,7 +463,8 @@ def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache
         train_texts, targets = units.split(source, texts)
     else:
         train_texts, targets = [], {d: texts[d] for d in sorted(texts)}
-    built = keywords_task(tokenizer, train_texts, s) if task == "keywords" else arithmetic_task(s)
+    built = (keywords_task(tokenizer, train_texts, s, spec["rewards"]) if task == "keywords"
+             else arithmetic_task(s))
     rows, funcs = built["rows"], built["reward_funcs"]
     trainer_args = {"max_steps": s["steps"], "per_device_train_batch_size": s["per_device_train_batch_size"],
                     "num_generations": s["num_generations"], "max_completion_length": s["max_completion_length"],
