@@ -28,6 +28,8 @@ from sts_callback.scoring.agreement import correlation
 
 HERE = Path(__file__).resolve().parent
 FEATURE = "sts_icl"
+SAE_FEATURES = ("sts_icl", "sts_act", "sts_sq", "raw_act", "signed_usage", "forgetting_minus_transfer",
+                "decoder_projection")
 
 
 def points(scores: dict, changes: dict, others: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -80,23 +82,79 @@ def domain_prior_rows() -> dict[str, dict]:
     return out
 
 
+def learned_runs(scores: dict, changes: dict, others: list[str]) -> tuple | None:
+    """A run as ``Calibration.fit_level_pattern`` takes it, (x, y, s, names): its other domains' SAE features, the
+    measured changes, no source-level value, the names; ``None`` if a domain lacks a feature."""
+    names = [n for n in others if changes.get(n) is not None]
+    x = [[scores.get(n, {}).get(f) for f in SAE_FEATURES] for n in names]
+    if not names or any(v is None for row in x for v in row):
+        return None
+    return (np.array(x, dtype=float), np.array([changes[n] for n in names], dtype=float), [], names)
+
+
+def learned_agreement(calibration, run: tuple) -> dict:
+    x, y, _, names = run
+    predicted = calibration.predict_all({n: dict(zip(SAE_FEATURES, row)) for n, row in zip(names, x)})
+    p = np.array([predicted[n].mean for n in names])
+    return {"pearson": correlation(p, y, n_resamples=0)["r"], "pearson_raw": None,
+            "direction": float(np.mean(np.sign(p) == np.sign(y))), "mae": float(np.mean(np.abs(p - y))),
+            "domains": len(y)}
+
+
+def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str, str]) -> dict[str, dict]:
+    """The SFT benchmark's forecast (level + pattern + domain prior on the SAE features, no run-level term: the RL
+    runs have none) per family: each run scored by the calibration fitted on the family's OTHER runs (for the SFT
+    units: the other sources'), and each RL / DPO run also by the one fitted on the SFT units of the other sources
+    (what a team's SFT runs teach about the RL run's features)."""
+    from sts_callback.scoring.calibration import Calibration
+
+    out: dict[str, dict] = {}
+    sft = families["sft in_context"]
+    for family, runs in families.items():
+        rows = {}
+        for name, run in runs.items():
+            rest = [r for o, r in runs.items() if o != name and sources[o] != sources[name]]
+            if len(rest) >= 2:
+                fitted = Calibration.fit_level_pattern(rest, SAE_FEATURES, [], domain_prior=True)
+                rows[name] = learned_agreement(fitted, run)
+        out[f"{family} (level + pattern + prior, family's other runs)"] = rows
+        if family != "sft in_context":
+            rows = {}
+            for name, run in runs.items():
+                rest = [r for o, r in sft.items() if sources[o] != sources[name]]
+                fitted = Calibration.fit_level_pattern(rest, SAE_FEATURES, [], domain_prior=True)
+                rows[name] = learned_agreement(fitted, run)
+            out[f"{family} (level + pattern + prior, fitted on SFT units)"] = rows
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "rl_vs_sft.json")
     args = parser.parse_args()
-    sft = {}
+    sft, sft_learned, sources = {}, {}, {}
     for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
         unit = json.loads(path.read_text())
         sft[unit["source"]] = points(unit["result"]["scores"], unit["result"]["nll_delta_rel"], unit["others"])
+        sft_learned[unit["source"]] = learned_runs(unit["result"]["scores"], unit["result"]["nll_delta_rel"],
+                                                   unit["others"])
+        sources[unit["source"]] = unit["source"]
     families: dict[str, dict[str, tuple]] = {"sft in_context": sft}
+    learned: dict[str, dict[str, tuple]] = {"sft in_context": sft_learned}
     for path in sorted((HERE / "rl").glob("*.json")):
         run = json.loads(path.read_text())
+        sources[run["run"]] = run["source"]
         for variant, forecast in run["forecasts"].items():
-            if variant == "callback":  # the callback's own forecast equals its default variant's
+            if variant == "callback" or "scores" not in forecast:  # the callback's equals its default variant's
                 continue
-            families.setdefault(f"{run['kind']} {variant}", {})[run["run"]] = points(
+            family = f"{run['kind']} {variant}"
+            families.setdefault(family, {})[run["run"]] = points(
+                forecast["scores"], run["measured"]["loss_delta"], run["others"])
+            learned.setdefault(family, {})[run["run"]] = learned_runs(
                 forecast["scores"], run["measured"]["loss_delta"], run["others"])
     result = {family: leave_one_out(runs) for family, runs in families.items()}
+    result.update(level_pattern_rows({f: {n: r for n, r in runs.items() if r is not None}
+                                      for f, runs in learned.items()}, sources))
     prior = domain_prior_rows()
     result["domain prior -> SFT units"] = {n[4:]: r for n, r in prior.items() if n.startswith("sft ")}
     result["domain prior -> RL / DPO runs"] = {n: r for n, r in prior.items() if not n.startswith("sft ")}
@@ -109,6 +167,10 @@ def main() -> None:
         rs = [r["pearson"] for r in rows.values() if r.get("pearson") is not None]
         mean = f"mean r {np.mean(rs):+.2f}" if rs else "no calibrated run"
         print(f"  {family:<28} {mean}: " + "; ".join(cells))
+    met = {family: sum(1 for r in rows.values() if (r.get("pearson") or -1) >= 0.85 and (r.get("direction") or 0) >= 0.8)
+           for family, rows in result.items()}
+    print("runs meeting r >= 0.85 and direction >= 80%: " + ", ".join(f"{f} {m}/{len(result[f])}"
+                                                                      for f, m in met.items() if result[f]))
     args.out.write_text(json.dumps({"feature": FEATURE, "families": result}, indent=1))
     print(f"wrote {args.out}")
 
