@@ -281,3 +281,25 @@ def test_calibrate_never_writes_over_a_validation(tmp_path, capsys):
     assert main(["calibrate", str(validation), "--out", str(validation)]) == 2
     assert "would overwrite" in one_line_error(capsys)
     assert json.loads(validation.read_text()) == {"per_seed": []}
+
+
+def test_forecast_with_a_builtin_calibration_leads_with_predictions(workspace, tmp_path, capsys):
+    output = tmp_path / "forecast.json"
+    assert main(["forecast", str(write_config(workspace, output=str(output))), "--no-progress",
+                 "--calibration", "gemma3-270m-lora", "--not-predicted", "food"]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted change of each domain's held-out loss" in printed and "not predicted: ['food']" in printed
+    saved = json.loads(output.read_text())
+    assert set(saved["predictions"]) == {"chem"} and saved["predictions"]["chem"]["label"] in ("gain", "loss", "flat")
+
+
+def test_forecast_refuses_a_bad_calibration_or_excluded_domain_before_the_model_loads(workspace, tmp_path, capsys):
+    config = str(write_config(workspace, output=str(tmp_path / "f.json")))
+    assert main(["forecast", config, "--calibration", "gemma3-270m-ful"]) == 2
+    err = capsys.readouterr().err
+    assert "no such file and not a built-in calibration" in err and "gemma3-270m-lora" in err
+    assert main(["forecast", config, "--calibration", "gemma3-270m-lora", "--not-predicted", "chm"]) == 2
+    assert "not_predicted ['chm']: not among the targets" in capsys.readouterr().err
+    assert main(["forecast", config, "--not-predicted", "chem"]) == 2
+    assert "only applies with a calibration" in capsys.readouterr().err
+    assert not (tmp_path / "f.json").exists()

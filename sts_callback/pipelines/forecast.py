@@ -8,7 +8,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,18 +85,25 @@ class Forecast:
     # domain -> {"mean", "low", "high", "level", "label"}: predicted relative change of held-out NLL (calibrated)
     predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def apply_calibration(self, calibration: Any) -> "Forecast":
+    def apply_calibration(self, calibration: Any, exclude: Iterable[str] = ()) -> "Forecast":
         """Predict each domain's relative held-out NLL change at the end of training, with the calibration's
-        interval and a gain / loss / flat label (loss: the whole interval above 0, gain: below, else flat)."""
+        interval and a gain / loss / flat label (loss: the whole interval above 0, gain: below, else flat).
+        ``exclude``: domains not to predict, e.g. a held-out part of the training data itself, which a calibration
+        fitted on the *other* domains of its runs does not cover (a centred calibration centres over the rest)."""
         self.predictions = {}
+        excluded = set(exclude)
+        unknown = sorted(excluded - set(self.domains))
+        if unknown:
+            raise STSConfigError(f"exclude={unknown}: not target domains of this forecast ({sorted(self.domains)}).")
         # a domain without a feature (STS_icl of a one-text domain) gets no prediction
-        predicted = calibration.predict_all({name: d.scores for name, d in self.domains.items()},
+        predicted = calibration.predict_all({name: d.scores for name, d in self.domains.items()
+                                             if name not in excluded},
                                             run_level_values(self.settings.get("run_level")))
         for name, p in predicted.items():
             label = "loss" if p.low > 0 else "gain" if p.high < 0 else "flat"
             self.predictions[name] = {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": label}
         self.settings["calibration"] = {"features": list(calibration.features), "n": calibration.n,
-                                        "fitted_on": calibration.fitted_on}
+                                        "fitted_on": calibration.fitted_on, "excluded": sorted(excluded)}
         return self
 
     def ranked(self, variant: str | None = None) -> list[tuple[str, float]]:
@@ -194,7 +201,10 @@ class Forecast:
         for name, p in sorted(self.predictions.items(), key=lambda item: -item[1]["mean"]):
             interval = f"[{p['low']:+.1%}, {p['high']:+.1%}]"
             lines.append(f"{name:<{width}}  {p['mean']:>+10.1%}  {interval:>20}  {p['label']:<5}")
-        missing = [n for n in self.domains if n not in self.predictions]
+        excluded = self.settings.get("calibration", {}).get("excluded", [])
+        if excluded:
+            lines.append(f"not predicted: {excluded} (excluded when the calibration was applied)")
+        missing = [n for n in self.domains if n not in self.predictions and n not in excluded]
         if missing:
             lines.append(f"no prediction for {missing} (a feature of the calibration was not computed for them)")
         lines.append("raw scores: forecast.table(view='scores')")

@@ -28,6 +28,9 @@ from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
 PRIOR = "domain_prior"  # the pattern feature of a calibration fitted with domain_prior=True
+# Calibrations shipped in the package (sts_callback/calibrations/), by name; each file's ``fitted_on`` states its
+# scope (model, SAE, recipe, domains) and its leave-one-source-out numbers.
+BUILTIN = {"gemma3-270m-lora": "gemma3_270m_lora.json"}
 
 
 @dataclass
@@ -471,17 +474,37 @@ def fitted_exponent(points: Sequence[tuple[float, dict[str, float | None]]], *, 
     return float(min(max(float(np.median(ratios)), bounds[0]), bounds[1]))
 
 
+def builtin_calibration(name: str) -> Calibration:
+    """A calibration shipped in the package (:data:`BUILTIN`), e.g. ``"gemma3-270m-lora"``: fitted on
+    ``benchmarks/transfer``'s LoRA runs of Gemma 3 270M with the demo SAE; its ``fitted_on`` says its scope."""
+    from importlib.resources import files
+
+    if name not in BUILTIN:
+        raise STSConfigError(f"No built-in calibration {name!r}; built in: {sorted(BUILTIN)}. Fit one on your own "
+                             "runs with `sts calibrate`.")
+    return Calibration.from_dict(json.loads(files("sts_callback").joinpath("calibrations", BUILTIN[name]).read_text()))
+
+
 def load_calibration(calibration: Any) -> Calibration:
-    """A Calibration from itself, its dict or its JSON path; the error names what was given."""
+    """A Calibration from itself, its dict, its JSON path or a built-in name (:data:`BUILTIN`); the error names
+    what was given."""
     if isinstance(calibration, Calibration):
         return calibration
     if isinstance(calibration, dict):
         return Calibration.from_dict(calibration)
     if isinstance(calibration, (str, Path)):
+        if str(calibration) in BUILTIN and not Path(calibration).is_file():
+            return builtin_calibration(str(calibration))
         if not Path(calibration).is_file():
-            raise STSConfigError(f"calibration={str(calibration)!r} does not exist; fit one with "
-                                 "Calibration.from_validation(...).save(path).")
-        return Calibration.load(calibration)
-    raise STSConfigError(f"calibration must be a Calibration, its dict or a JSON path; got {type(calibration).__name__}.")
+            raise STSConfigError(f"calibration={str(calibration)!r} is neither a file nor a built-in calibration "
+                                 f"({sorted(BUILTIN)}); fit one on your runs with `sts calibrate` (or "
+                                 "Calibration.from_runs(...).save(path)).")
+        try:
+            return Calibration.load(calibration)
+        except (ValueError, KeyError, TypeError) as err:
+            raise STSConfigError(f"calibration={str(calibration)!r} is not a calibration file ({err}); "
+                                 "`sts calibrate` writes one.") from err
+    raise STSConfigError(f"calibration must be a Calibration, its dict, a JSON path or a built-in name "
+                         f"({sorted(BUILTIN)}); got {type(calibration).__name__}.")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.config import DEFAULT_SIGNED
-from ..core.errors import STSError, STSInputError
+from ..core.errors import STSConfigError, STSError, STSInputError
 from ..core.run_store import FORECAST_FORMAT
 
 EXAMPLE_CONFIG = """\
@@ -29,6 +29,8 @@ options:                       # any STSConfig field
   shift_tokens: 20000
   domain_tokens: 10000
 output: forecast.json
+# calibration: my_calibration.json   # `sts calibrate` output or a built-in name (gemma3-270m-lora): predicted % changes
+# not_predicted: [code]              # targets a calibration should not predict (the training data's own held-out part)
 """
 
 
@@ -136,7 +138,8 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
 # The top-level keys of a gate config that are GateRules fields (its rules; budget is an input of the call).
 GATE_RULE_KEYS = ("score", "limits", "max_rank", "tolerance", "weights", "wanted", "floor")
 CONFIG_KEYS = {
-    "forecast": ("model", "sae", "train_data", "targets", "demonstrations", "options", "output", "device", "dtype"),
+    "forecast": ("model", "sae", "train_data", "targets", "demonstrations", "options", "output", "device", "dtype",
+                 "calibration", "not_predicted"),
     "gate": ("model", "sae", "candidates", "targets", "protected", *GATE_RULE_KEYS, "budget", "options", "output",
              "filtered_dir", "keep_fraction", "threshold", "device", "dtype"),
     "validate": ("model", "sae", "train_data", "targets", "demonstrations", "validation", "multiple_choice",
@@ -342,6 +345,21 @@ def _named_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict
     return inputs
 
 
+def _calibration_argument(value: str | None):
+    """``--calibration``: a calibration JSON or a built-in name, loaded now (before any model loads)."""
+    if value is None:
+        return None
+    from ..scoring.calibration import BUILTIN, load_calibration
+
+    if value not in BUILTIN and not Path(value).is_file():
+        raise STSInputError(f"--calibration {value}: no such file and not a built-in calibration ({sorted(BUILTIN)}); "
+                            "fit one on your runs with `sts calibrate`.")
+    try:
+        return load_calibration(value)
+    except STSConfigError as err:
+        raise STSInputError(f"--calibration {value}: {err}") from err
+
+
 def cmd_forecast(args: argparse.Namespace) -> int:
     from ..pipelines.forecast import forecast
 
@@ -352,10 +370,22 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     output = _check_output_file(Path(args.output or config_file.get("output") or "forecast.json"),
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
+    calibration = _calibration_argument(args.calibration or config_file.get("calibration"))
+    not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
+    targets = config_file["targets"]
+    names = ([str(k) for k in targets] if isinstance(targets, dict) else  # a list: names or paths (named by stem)
+             [n for t in targets for n in (str(t), Path(str(t)).stem)] if isinstance(targets, list) else [])
+    unknown = [n for n in not_predicted if n not in names]
+    if unknown:
+        raise STSInputError(f"not_predicted {unknown}: not among the targets {names}; name target domains.")
+    if not_predicted and calibration is None:
+        raise STSInputError("not_predicted only applies with a calibration (--calibration FILE|NAME).")
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     result = forecast(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
                       _expand(config_file["targets"]), config,
                       demonstrations=_expand(config_file.get("demonstrations")), progress=not args.no_progress)
+    if calibration is not None:
+        result.apply_calibration(calibration, exclude=not_predicted)
     print(result.table())
     result.save(output)
     print(f"\nwrote {output} ({result.tokens_per_second:.0f} tokens/s, {result.timings['total']:.1f} s)")
@@ -395,17 +425,7 @@ def cmd_domains(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    calibration = None
-    if args.calibration is not None:
-        from ..scoring.calibration import Calibration
-
-        path = Path(args.calibration)
-        if not path.is_file():
-            raise STSInputError(f"--calibration {args.calibration}: no such file (fit one with `sts calibrate`).")
-        try:
-            calibration = Calibration.load(path)
-        except (ValueError, KeyError, TypeError) as err:
-            raise STSInputError(f"--calibration {args.calibration}: not a calibration file ({err}).") from err
+    calibration = None if args.calibration.lower() == "none" else _calibration_argument(args.calibration)
     run_demo(output_dir=_check_output_folder(Path(args.output), "The demo output folder"), quick=args.quick,
              train_steps=args.train_steps, calibration=calibration)
     return 0
@@ -652,6 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an STSConfig option (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--example", action="store_true", help="print an example config and exit")
+    p.add_argument("--calibration", default=None, metavar="FILE|NAME",
+                   help="a calibration JSON (`sts calibrate`) or a built-in name (gemma3-270m-lora): the table then "
+                        "leads with each domain's predicted held-out loss change, interval and gain / loss / flat "
+                        "(default: the config's `calibration`, else raw scores)")
+    p.add_argument("--not-predicted", nargs="+", metavar="DOMAIN",
+                   help="target domains not to predict, e.g. the training data's own held-out part (default: the "
+                        "config's `not_predicted`)")
     p.set_defaults(func=cmd_forecast)
 
     p = sub.add_parser("train-sae", help="train a TopK SAE (sae-lens format) for a model that has none",
@@ -681,9 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="outputs/demo", help="where to write results (default outputs/demo)")
     p.add_argument("--quick", action="store_true", help="smaller budgets (a few minutes on 2 CPU cores)")
     p.add_argument("--train-steps", type=int, default=None, help="steps of the short training run")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="a calibration JSON (`sts calibrate`): the forecast then says each domain's predicted "
-                        "held-out loss change in %% with an interval")
+    p.add_argument("--calibration", default="gemma3-270m-lora", metavar="FILE|NAME|none",
+                   help="the forecast's calibration: a JSON (`sts calibrate`) or a built-in name (default "
+                        "gemma3-270m-lora, fitted on benchmarks/transfer's LoRA runs of this model); 'none': raw "
+                        "scores only")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("gate", help="accept / reject / weight candidate datasets of a mixture before training",

@@ -35,6 +35,8 @@ DEMO_TARGETS = ("python_code", "cpp_code", "ml_docs", "math", "python_reference"
 SAE_DOMAINS = ("python_code", "cpp_code", "python_reference", "legal", "math", "ml_docs", "readme_prose",
                "changelog", "nlp_tutorials", "chat_templates", "markup")
 DEMO_LOG = "demo.log"
+# The forecast's default calibration: fitted on benchmarks/transfer's 64-step LoRA runs of this model and SAE
+DEMO_CALIBRATION = "gemma3-270m-lora"
 
 
 # ---------------------------------------------------------------------------------------------- console / log
@@ -242,15 +244,18 @@ def signed_in_words(feature: str, value: float | None) -> str:
 
 def forecast_story(forecast, predicted: dict[str, dict[str, float]] | None = None,
                    protected: Iterable[str] = (), top: int | None = None) -> list[str]:
-    """The forecast as a short ranked list: the calibrated prediction in % with its interval where there is
-    one (``predicted``: domain -> {mean, low, high, level}, e.g. ``STSCallback.predicted`` or
-    ``Calibration.predict(...).to_dict()``), otherwise the ranking and the default signed feature in words."""
+    """The forecast as a short ranked list. With a calibrated prediction (``predicted``: domain -> {mean, low,
+    high, level[, label]}, e.g. ``Forecast.predictions`` or ``STSCallback.predicted``): each domain's predicted
+    held-out loss change in %, its interval and a gain / loss / flat label, the most harmed first, the raw score
+    after it; domains without one follow. Otherwise the ranking and the default signed feature in words."""
     from ..pipelines.forecast import SCORE_LABELS
     from ..scoring.signed import DEFAULT_SIGNED
 
     predicted = predicted or {}
     protected = set(protected)
-    ranked = forecast.ranked()
+    scores = dict(forecast.ranked())
+    ranked = ([(n, scores.get(n)) for n in sorted(predicted, key=lambda n: -predicted[n]["mean"])]
+              + [(n, v) for n, v in scores.items() if n not in predicted])
     label = SCORE_LABELS.get(forecast.ranking, forecast.ranking)
     width = max(len(name) + (12 if name in protected else 0) for name, _ in ranked)
     lines = []
@@ -259,8 +264,9 @@ def forecast_story(forecast, predicted: dict[str, dict[str, float]] | None = Non
         score_text = f"{label} {score:.3g}" if score is not None else f"{label} n/a"
         if name in predicted:
             p = predicted[name]
-            what = (f"held-out loss {percent(p['mean'], 1)} [{percent(p['low'], 1)}, {percent(p['high'], 1)}]"
-                    f"  ({score_text})")
+            verdict = p.get("label") or ("loss" if p["low"] > 0 else "gain" if p["high"] < 0 else "flat")
+            what = (f"held-out loss {percent(p['mean'], 1)} [{percent(p['low'], 1)}, {percent(p['high'], 1)}] "
+                    f"{verdict:<4}  ({score_text})")
         else:
             what = f"{score_text:<18}  " + signed_in_words(DEFAULT_SIGNED,
                                                              forecast.domains[name].scores.get(DEFAULT_SIGNED))
@@ -269,7 +275,8 @@ def forecast_story(forecast, predicted: dict[str, dict[str, float]] | None = Non
         lines.append(f"      ... {len(ranked) - top} more in the log")
     if predicted:
         level = next(iter(predicted.values())).get("level", 0.9)
-        lines.append(f"  (predicted end-of-training change of the held-out loss, {level:.0%} interval)")
+        lines.append(f"  (predicted end-of-training change of the held-out loss, + = worse, {level:.0%} interval; "
+                     "loss / gain: the whole interval above / below 0)")
     return lines
 
 
@@ -394,24 +401,28 @@ def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens:
 def _load_calibration(calibration):
     if calibration is None:
         return None
-    from ..scoring.calibration import Calibration
+    from ..scoring.calibration import load_calibration
 
-    return calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
+    return load_calibration(calibration)
 
 
 def run_demo(output_dir: Path = Path("outputs/demo"), quick: bool = False, train_steps: int | None = None,
-             calibration: Any = None, console: TextIO | None = None) -> dict:
+             calibration: Any = DEMO_CALIBRATION, console: TextIO | None = None) -> dict:
     """Run the demo and return a summary dict (also written to ``output_dir/demo_summary.json``).
 
     The story goes to ``console`` (default: stdout), everything else to ``output_dir/demo.log``.
-    ``calibration`` (a :class:`~sts_callback.scoring.calibration.Calibration` or its JSON path, e.g. from
-    ``sts calibrate``) adds predicted held-out loss changes in % with intervals to the forecast."""
+    ``calibration`` (a :class:`~sts_callback.scoring.calibration.Calibration`, its JSON path, e.g. from
+    ``sts calibrate``, or a built-in name; default the built-in ``"gemma3-270m-lora"``; ``None``: raw scores
+    only) turns the forecast into predicted held-out loss changes in % with intervals. The short training run
+    applies a calibration only when one is given: the built-in one predicts the end of a 64-step run, not of
+    the demo's few steps."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    builtin = isinstance(calibration, str) and calibration == DEMO_CALIBRATION
     calibration = _load_calibration(calibration)
     started = time.perf_counter()
     with DemoConsole(output_dir / DEMO_LOG, console) as out:
-        summary = _run(out, output_dir, quick, train_steps, calibration)
+        summary = _run(out, output_dir, quick, train_steps, calibration, builtin)
         summary["warnings"] = [line.strip() for line in warning_lines(out.warnings, limit=10_000)]
         summary["seconds"] = round(time.perf_counter() - started, 1)
         summary["log"] = str(output_dir / DEMO_LOG)
@@ -439,7 +450,8 @@ def _files_story(output_dir: Path) -> list[str]:
     return [f"  {output_dir / name!s:<{width}}  {what}" for name, what in shown]
 
 
-def _run(out: DemoConsole, output_dir: Path, quick: bool, train_steps: int | None, calibration) -> dict:
+def _run(out: DemoConsole, output_dir: Path, quick: bool, train_steps: int | None, calibration,
+         builtin: bool = False) -> dict:
     from ..core.config import STSConfig
     from ..core.corpora import load_domain
     from ..pipelines.forecast import forecast
@@ -493,29 +505,40 @@ def _run(out: DemoConsole, output_dir: Path, quick: bool, train_steps: int | Non
     out.note(f"forecast: training on {DEMO_SOURCE!r} ({len(train_texts)} texts); {len(targets)} target domains; "
              f"{config.shift_tokens} shift tokens, {config.domain_tokens} tokens per domain")
     result = forecast(model, tokenizer, sae_path, train_texts, targets, config, progress=True)
+    if calibration is not None:  # the training data's own held-out half is a sanity check, not a prediction
+        result.apply_calibration(calibration, exclude=[DEMO_SOURCE])
     out.note(result.table())
+    if result.predictions:
+        out.note(result.table(view="scores"))
     path = result.save(output_dir / "forecast.json")
     summary["forecast_seconds"] = round(result.timings["total"], 1)
     summary["forecast_tokens_per_second"] = round(result.tokens_per_second, 1)
     summary["forecast_ranking"] = result.ranked()
-    predicted = ({name: p.to_dict() for name, p in calibration.predict_all(
-        {name: d.scores for name, d in result.domains.items()}).items()} if calibration is not None else {})
+    predicted = result.predictions
     if predicted:
         summary["forecast_predicted"] = predicted
     out.say(f"  {result.timings['total']:.0f} s, {result.tokens_per_second:.0f} tokens/s through layer {DEMO_LAYER} "
-            f"+ SAE. Most affected first:")
+            f"+ SAE. " + ("Predicted change of each domain's held-out loss, most harmed first:" if predicted
+                          else "Most affected first:"))
     for line in forecast_story(result, predicted):
         out.say(line)
-    if not predicted:
-        out.say("  No calibrated prediction in % for this setup (fit one with `sts calibrate` on `sts validate` runs "
-                "and pass --calibration).")
+    if predicted and builtin:
+        fitted = calibration.fitted_on.get("leave_one_source_out", {})
+        out.say(f"  (built-in calibration {DEMO_CALIBRATION!r}: a 64-step LoRA run of this model on one built-in "
+                f"domain, fitted on benchmarks/transfer's {len(calibration.fitted_on.get('units', []))} runs; on a "
+                f"source it was not fitted on it ordered the other domains at mean r "
+                f"{fitted.get('mean_r', float('nan')):+.2f} with the direction right for "
+                f"{fitted.get('mean_direction', float('nan')):.0%}; {DEMO_SOURCE!r} itself is not predicted)")
+    elif not predicted:
+        out.say("  No calibrated prediction in % for this setup (fit one with `sts calibrate` on your runs and pass "
+                "--calibration).")
     out.note(f"forecast: {result.timings['total']:.0f} s, {result.tokens_per_second:.0f} tokens/s through layer "
              f"{DEMO_LAYER} + SAE; written to {path}")
 
     if train_steps != 0:
         summary["training"] = run_training_demo(model, tokenizer, sae_path, train_texts, output_dir,
                                                 steps=train_steps or (2 if quick else 4), out=out,
-                                                calibration=calibration)
+                                                calibration=None if builtin else calibration)
     return summary
 
 
