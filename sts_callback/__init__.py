@@ -7,7 +7,7 @@ from .pipelines.forecast import DomainForecast, Forecast, forecast
 from .pipelines.gate import GateDecision, GateRules, filter_examples, gate_mixture
 from .pipelines.guard import Decision, Guard, GuardConfig
 from .pipelines.recheck import Recheck, RecheckConfig
-from .scoring.calibration import Calibration
+from .scoring.calibration import Calibration, load_calibration
 from .validation.validate import ValidationConfig, ValidationResult, multiple_choice_accuracy, validate
 
 __version__ = "0.1.0"
@@ -52,6 +52,7 @@ __all__ = [
     "gate_mixture",
     "GateDecision",
     "GateRules",
+    "load_calibration",
     "load_sae",
     "multiple_choice_accuracy",
     "validate",

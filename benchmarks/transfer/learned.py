@@ -213,6 +213,20 @@ def costs(units: list[dict], folder: Path) -> dict:
     return summary
 
 
+def seed_agreement(units: list[dict]) -> dict[str, dict]:
+    """Per (recipe, source) with two seeds: the agreement of seed 0's measured changes over the other domains
+    with seed 1's (Pearson r, same direction, mean absolute difference): run-to-run noise bounds every forecast."""
+    out = {}
+    by_run = {(u["recipe"], u["source"], u["seed"]): u for u in units}
+    for (recipe, source, seed), unit in sorted(by_run.items()):
+        other = by_run.get((recipe, source, 1))
+        if seed != 0 or other is None:
+            continue
+        a, b = rows(unit, [])[2], rows(other, [])[2]
+        out[f"{recipe}-{source}"] = agreement(a, b)
+    return out
+
+
 def record(results: dict, name: str, per_source: dict) -> None:
     """Keep a forecast's per-source scores and summary in ``results`` and print its table row."""
     results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
@@ -310,6 +324,13 @@ def main() -> None:
     results["builtin_calibration"] = str(args.builtin_out)
     print(f"wrote {args.builtin_out} (the built-in calibration: level + pattern on the SAE features and the domain "
           "prior, the level the LoRA units' mean)")
+    ceiling = seed_agreement(units)
+    if ceiling:
+        results["seed_agreement"] = ceiling
+        print("\nseed agreement (the same source and recipe, two seeds: one seed's measured changes as the forecast of "
+              "the other's, the most any forecast of that run can expect):")
+        for unit, row in ceiling.items():
+            print(f"  {unit:<28} r {row['r']:+.2f}  direction {row['direction']:.0%}  mae {row['mae']:.2%}")
     results["costs"] = costs(units, args.units)
     print("\ncost per unit (seconds; share of the training run):")
     for name, cost in results["costs"].items():
