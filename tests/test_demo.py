@@ -1,6 +1,7 @@
 """The demo's console story and its console / log routing, on a tiny real Trainer run (the Gemma demo itself
 is too slow for the tests)."""
 
+import io
 import logging
 import re
 import sys
@@ -203,3 +204,25 @@ def test_cli_demo_refuses_a_missing_calibration_before_any_work(tmp_path, capsys
     err = capsys.readouterr().err
     assert "--calibration" in err and "no such file" in err and "gemma3-270m-lora" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_demo_applies_the_builtin_calibration_to_its_forecast_only(tmp_path, monkeypatch):
+    import sts_callback.tools.demo as demo
+    from sts_callback import Calibration
+
+    passed = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: passed.update(kwargs))
+    assert main(["demo", "-o", str(tmp_path / "a")]) == 0
+    assert passed["calibration"] == "gemma3-270m-lora"  # the default, by name
+    assert main(["demo", "-o", str(tmp_path / "b"), "--calibration", "none"]) == 0
+    assert passed["calibration"] is None
+    monkeypatch.undo()
+
+    seen = {}
+    monkeypatch.setattr(demo, "_run", lambda out, output_dir, quick, train_steps, calibration, builtin=False:
+                        seen.update(calibration=calibration, builtin=builtin) or {})
+    demo.run_demo(output_dir=tmp_path / "c", console=io.StringIO())
+    # loaded, and marked built-in: the forecast uses it, the short training run does not (a 64-step recipe's level)
+    assert isinstance(seen["calibration"], Calibration) and seen["builtin"] is True
+    demo.run_demo(output_dir=tmp_path / "d", calibration=None, console=io.StringIO())
+    assert seen["calibration"] is None and seen["builtin"] is False

@@ -425,7 +425,11 @@ def cmd_domains(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    from ..scoring.calibration import BUILTIN
+
     calibration = None if args.calibration.lower() == "none" else _calibration_argument(args.calibration)
+    if args.calibration in BUILTIN:  # by name: the demo then says the built-in calibration's scope
+        calibration = args.calibration
     run_demo(output_dir=_check_output_folder(Path(args.output), "The demo output folder"), quick=args.quick,
              train_steps=args.train_steps, calibration=calibration)
     return 0
