@@ -1,5 +1,7 @@
 """A forecast a person reads: predicted change of held-out loss, interval and label first; raw scores second."""
 
+import warnings
+
 import pytest
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
@@ -81,14 +83,23 @@ def test_builtin_calibration_is_shipped_with_its_scope_and_loads_by_name():
 
 
 def test_excluded_domain_is_not_predicted_and_the_others_centre_without_it(calibrated):
-    from sts_callback.core.errors import STSConfigError
+    from sts_callback.core.errors import STSConfigError, STSDataWarning
     from sts_callback.scoring.calibration import builtin_calibration
 
     plain, _, _ = calibrated
     calibration = builtin_calibration("gemma3-270m-lora")
-    both = Forecast.from_dict(plain.to_dict()).apply_calibration(calibration)
+    with pytest.warns(STSDataWarning, match="fitted on another setup: model_class 'LlamaForCausalLM'"):
+        Forecast.from_dict(plain.to_dict()).apply_calibration(calibration)
+    # the setup it states as its scope (the demo's model and SAE): no warning
+    gemma = plain.to_dict()
+    gemma["settings"] = {**gemma["settings"], "model_class": "Gemma3ForCausalLM",
+                         "sae": {**gemma["settings"]["sae"], "d_in": 640, "d_sae": 4096,
+                                 "hook_name": "blocks.12.hook_resid_post"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        both = Forecast.from_dict(gemma).apply_calibration(calibration)
+        result = Forecast.from_dict(gemma).apply_calibration(calibration, exclude=["code"])
     assert set(both.predictions) == {"code", "chem", "food"}
-    result = Forecast.from_dict(plain.to_dict()).apply_calibration(calibration, exclude=["code"])
     assert set(result.predictions) == {"chem", "food"}
     expected = calibration.predict_all({n: plain.domains[n].scores for n in ("chem", "food")})
     for name in ("chem", "food"):  # centred over chem and food only: code's scores do not move them
@@ -96,4 +107,4 @@ def test_excluded_domain_is_not_predicted_and_the_others_centre_without_it(calib
     assert result.predictions["chem"]["mean"] != pytest.approx(both.predictions["chem"]["mean"])
     assert "not predicted: ['code']" in result.table()
     with pytest.raises(STSConfigError, match="not target domains"):
-        Forecast.from_dict(plain.to_dict()).apply_calibration(calibration, exclude=["cod"])
+        Forecast.from_dict(gemma).apply_calibration(calibration, exclude=["cod"])

