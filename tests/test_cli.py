@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import yaml
 from tiny import domain_texts, make_model, make_tokenizer
 
 from sts_callback.tools.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -302,4 +305,16 @@ def test_forecast_refuses_a_bad_calibration_or_excluded_domain_before_the_model_
     assert "not_predicted ['chm']: not among the targets" in capsys.readouterr().err
     assert main(["forecast", config, "--not-predicted", "chem"]) == 2
     assert "only applies with a calibration" in capsys.readouterr().err
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_forecast_refuses_a_calibration_that_needs_a_training_run(workspace, tmp_path, capsys):
+    from sts_callback import Calibration
+
+    path = ROOT / "benchmarks" / "transfer" / "calibration_gemma3_270m.json"  # level from the lookahead
+    assert Calibration.load(path).run_level_inputs()
+    config = str(write_config(workspace, output=str(tmp_path / "f.json")))
+    assert main(["forecast", config, "--calibration", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "lookahead_own" in err and "run_level" in err and "gemma3-270m-lora" in err
     assert not (tmp_path / "f.json").exists()

@@ -108,3 +108,14 @@ def test_excluded_domain_is_not_predicted_and_the_others_centre_without_it(calib
     assert "not predicted: ['code']" in result.table()
     with pytest.raises(STSConfigError, match="not target domains"):
         Forecast.from_dict(gemma).apply_calibration(calibration, exclude=["cod"])
+
+
+def test_a_calibration_that_needs_a_training_run_is_refused_before_the_forecast_runs():
+    from pathlib import Path
+
+    from sts_callback.core.errors import STSConfigError
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "transfer" / "calibration_gemma3_270m.json"
+    never = object()  # no model at all: the refusal must come first
+    with pytest.raises(STSConfigError, match=r"\['lookahead', 'first_order', 'lookahead_own'\].*gemma3-270m-lora"):
+        forecast(never, None, None, ["text"], {"a": ["text"]}, calibration=str(path))

@@ -14,8 +14,8 @@ from ..core.errors import STSConfigError, STSDataWarning
 from ..core.torch_utils import pad_token_id
 from ..pipelines.runlevel import (RunLevelConfig, RunLevelEstimate, first_order, lookahead, measure_losses,
                                   training_batches)
+from ..scoring.calibration import RUN_LEVEL_METHODS
 
-RUN_LEVEL_METHODS = ("lookahead", "first_order")
 OWN = "<the training data>"  # the loss set of the training data's own texts, beside the target domains
 
 

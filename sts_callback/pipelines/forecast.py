@@ -454,6 +454,17 @@ def check_inputs_agree(setup: ForecastSetup, shift_checksum: str, shift_what: st
     )
 
 
+def check_offline_calibration(calibration: Any) -> Any:
+    """``calibration`` if a forecast made without training can apply it, else an error naming what it lacks."""
+    needs = calibration.run_level_inputs()
+    if needs:
+        raise STSConfigError(f"This calibration needs {needs} from a training run's run-level term, which a forecast "
+                             "made without training does not compute. Apply it in training (STSCallback(run_level="
+                             "..., calibration=...)), or use one fitted on forecast scores alone: the built-in "
+                             "'gemma3-270m-lora', or `sts calibrate` on runs without run_level.")
+    return calibration
+
+
 def prepare_forecast(model: nn.Module, tokenizer, sae: Any, config: STSConfig | dict | None,
                      calibration: Any = None) -> tuple[ForecastSetup, Any, float]:
     """What every public forecast entry does first: the setup, the loaded calibration (or None) and the start time."""
@@ -461,7 +472,7 @@ def prepare_forecast(model: nn.Module, tokenizer, sae: Any, config: STSConfig | 
     if calibration is not None:
         from ..scoring.calibration import load_calibration
 
-        calibration = load_calibration(calibration)
+        calibration = check_offline_calibration(load_calibration(calibration))
     start = time.perf_counter()
     return ForecastSetup.create(model, tokenizer, sae, config), calibration, start
 

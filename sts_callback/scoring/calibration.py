@@ -169,6 +169,12 @@ class Calibration:
                    ridge=alpha, fitted_on={**(fitted_on or {}), "runs": len(runs)}, centered=True,
                    source_features=source_features, source_coef=[float(c) for c in line[1:]], domain_prior=prior)
 
+    def run_level_inputs(self) -> list[str]:
+        """The features and level values this calibration needs from a training run's run-level term
+        (``lookahead``, ``lookahead_own``, ...): a forecast made without training cannot give them."""
+        names = {*RUN_LEVEL_METHODS, *(own_feature(m) for m in RUN_LEVEL_METHODS)}
+        return [f for f in [*self.features, *self.source_features] if f in names]
+
     def blend_table(self, method: str, recipe: str | None = None) -> list[list[float]]:
         """The early blend for ``method`` on a run of ``recipe`` (empty: none, or fitted on the other recipe)."""
         if self.early_blend_recipe is not None and recipe is not None and recipe != self.early_blend_recipe:
@@ -306,6 +312,9 @@ class Calibration:
             raise STSInputError(f"No domain of these validation runs has the feature(s) {list(features)}; "
                                 f"they have {available}. Pass features= from those (or re-run `sts validate`).")
         return cls.fit(x, y, features, level=level, fitted_on={"validations": used, "pairs": len(y)})
+
+
+RUN_LEVEL_METHODS = ("lookahead", "first_order")  # the run-level terms (pipelines.runlevel), a feature each
 
 
 def own_feature(method: str) -> str:

@@ -371,6 +371,13 @@ def cmd_forecast(args: argparse.Namespace) -> int:
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
     calibration = _calibration_argument(args.calibration or config_file.get("calibration"))
+    if calibration is not None:
+        from ..pipelines.forecast import check_offline_calibration
+
+        try:
+            check_offline_calibration(calibration)
+        except STSConfigError as err:
+            raise STSInputError(f"--calibration {args.calibration or config_file.get('calibration')}: {err}") from err
     not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
     targets = config_file["targets"]
     names = ([str(k) for k in targets] if isinstance(targets, dict) else  # a list: names or paths (named by stem)
