@@ -105,7 +105,7 @@ def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str,
     """The SFT benchmark's forecast (level + pattern + domain prior on the SAE features, no run-level term: the RL
     runs have none) per family: each run scored by the calibration fitted on the family's OTHER runs (for the SFT
     units: the other sources'), and each RL / DPO run also by the one fitted on the SFT units of the other sources
-    (what a team's SFT runs teach about the RL run's features)."""
+    (what a team's SFT runs teach about the RL run's features), and by the one fitted on both."""
     from sts_callback.scoring.calibration import Calibration
 
     out: dict[str, dict] = {}
@@ -125,6 +125,13 @@ def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str,
                 fitted = Calibration.fit_level_pattern(rest, SAE_FEATURES, [], domain_prior=True)
                 rows[name] = learned_agreement(fitted, run)
             out[f"{family} (level + pattern + prior, fitted on SFT units)"] = rows
+            rows = {}
+            for name, run in runs.items():
+                rest = ([r for o, r in sft.items() if sources[o] != sources[name]]
+                        + [r for o, r in runs.items() if o != name])
+                fitted = Calibration.fit_level_pattern(rest, SAE_FEATURES, [], domain_prior=True)
+                rows[name] = learned_agreement(fitted, run)
+            out[f"{family} (level + pattern + prior, SFT units + family's other runs)"] = rows
     return out
 
 
@@ -158,19 +165,22 @@ def main() -> None:
     prior = domain_prior_rows()
     result["domain prior -> SFT units"] = {n[4:]: r for n, r in prior.items() if n.startswith("sft ")}
     result["domain prior -> RL / DPO runs"] = {n: r for n, r in prior.items() if not n.startswith("sft ")}
-    print(f"{FEATURE}, calibrated leave-one-run-out within each family: Pearson r / right direction over the other "
-          "domains")
+    print(f"Pearson r / right direction over each run's other domains; {FEATURE} alone calibrated by a line, "
+          "or level + pattern + prior on every SAE feature, fitted leave-one-run-out")
+    print(f"{'forecast':<86} {'runs':>4} {'mean r':>7} {'mean dir':>8} {'goal':>4}")
     for family, rows in result.items():
-        cells = [f"{name} {r['pearson']:+.2f}" + (f" / {r['direction']:.0%}" if r["direction"] is not None else "")
-                 if r.get("pearson") is not None else f"{name} raw {r['pearson_raw']:+.2f} (nothing to fit on)"
-                 for name, r in rows.items()]
-        rs = [r["pearson"] for r in rows.values() if r.get("pearson") is not None]
-        mean = f"mean r {np.mean(rs):+.2f}" if rs else "no calibrated run"
-        print(f"  {family:<28} {mean}: " + "; ".join(cells))
-    met = {family: sum(1 for r in rows.values() if (r.get("pearson") or -1) >= 0.85 and (r.get("direction") or 0) >= 0.8)
-           for family, rows in result.items()}
-    print("runs meeting r >= 0.85 and direction >= 80%: " + ", ".join(f"{f} {m}/{len(result[f])}"
-                                                                      for f, m in met.items() if result[f]))
+        scored = [r for r in rows.values() if r.get("pearson") is not None]
+        dirs = [r["direction"] for r in scored if r.get("direction") is not None]
+        met = sum(1 for r in scored if r["pearson"] >= 0.85 and (r.get("direction") or 0) >= 0.8)
+        mean_r = f"{np.mean([r['pearson'] for r in scored]):+.2f}" if scored else "n/a"
+        mean_dir = f"{np.mean(dirs):.0%}" if dirs else "-"
+        print(f"{family:<86} {len(scored):>4} {mean_r:>7} {mean_dir:>8} {met:>4}")
+    print("\nper run:")
+    for family, rows in result.items():
+        cells = [f"{name} {r['pearson']:+.2f}" + (f" / {r['direction']:.0%}" if r.get("direction") is not None else "")
+                 for name, r in rows.items() if r.get("pearson") is not None]
+        if cells:
+            print(f"  {family}: " + "; ".join(cells))
     args.out.write_text(json.dumps({"feature": FEATURE, "families": result}, indent=1))
     print(f"wrote {args.out}")
 
