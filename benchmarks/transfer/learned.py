@@ -18,7 +18,14 @@ error of the predicted change. Forecasts:
   centred within the run (``Calibration.fit_level_pattern``); ``+ domain prior`` adds each target domain's usual
   departure over the other sources' runs (an additive run + domain model: the same protected domains recur
   from run to run);
+- ``level+pattern: SAE + domain prior, mean level``: what a forecast made without any training has (the SAE
+  scores), the level the training runs' mean;
 - across recipes: fitted on the LoRA units, evaluated on the full fine-tunes, and the reverse.
+
+Writes ``calibration_gemma3_270m.json`` (level + pattern on the callback's features, the level from the
+lookahead, with the early forecasts' blend) and the built-in calibration shipped in the package,
+``sts_callback/calibrations/gemma3_270m_lora.json`` (the SAE + domain prior one, fitted on every LoRA unit), and,
+where a source has two seeds, how well one seed's measured changes forecast the other's (the run-to-run ceiling).
 
 The goal (issue 13): Pearson >= 0.85 and direction >= 80% for at least 9 of the 11 sources. With fewer sources on
 disk the table says how many it had; a source needs units of at least 2 other sources to be evaluated.
