@@ -347,7 +347,7 @@ def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenize
     assert "projected at the end of training" in report and "calibrated at start" in report
     with pytest.raises(STSConfigError, match="not forecast scores"):
         make_callback(calibration=Calibration.fit([0, 1, 2], [0, 1, 2], ["accuracy"]))
-    with pytest.raises(STSConfigError, match="does not exist"):
+    with pytest.raises(STSConfigError, match="neither a file nor a built-in calibration"):
         make_callback(calibration=str(tmp_path / "missing.json"))
 
 
