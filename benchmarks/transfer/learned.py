@@ -273,6 +273,9 @@ def main() -> None:
         forecasts["level+pattern: learned + domain prior"] = ((["lookahead_own"], learned_features, True), False)
         forecasts["level+pattern: callback + domain prior"] = ((["lookahead_own"], [*SAE_FEATURES, *runlevel], True),
                                                                False)
+        # the lookahead only for the level: it need measure only the training data's own loss (cheaper)
+        forecasts["level+pattern: SAE + domain prior, level lookahead_own"] = ((["lookahead_own"], list(SAE_FEATURES),
+                                                                                True), False)
     forecasts["level+pattern: no run-level"] = ((["icl_own"], [*SAE_FEATURES, *base]), False)
     # what an offline forecast computes with no training at all (sts forecast, the demo): the SAE scores, the
     # domain prior, and as the level the training sources' mean (the built-in calibration)
