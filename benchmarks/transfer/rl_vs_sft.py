@@ -11,9 +11,10 @@ held-out NLL (the raw r with the sign of the fitted slope), and the share with t
 GRPO reward-filtered rollouts (the callback's default), reward-weighted, plain demonstrations; DPO chosen minus
 rejected (the callback's default) and the SFT-style in-context forecast from the chosen completions. Beside them,
 no forecast at all: the domain prior fitted on the SFT units of the other sources (how each domain usually moves
-relative to the others, ``Calibration.fit_level_pattern(domain_prior=True)``), scored on every run. (The RL runs
-measure each held-out text's first 64 tokens, the SFT units whole texts up to 128 tokens: each family is
-consistent within itself, which is what a within-family calibration needs.)
+relative to the others, ``Calibration.fit_level_pattern(domain_prior=True)``), scored on every run. And the SFT
+benchmark's forecast for a run without training, level + pattern + domain prior on the SAE features, fitted on
+the family's other runs, on the SFT units of the other sources, and on both (``level_pattern_rows``). (The first
+four RL runs measure each held-out text's first 64 tokens, the second round and the SFT units up to 128 tokens.)
 """
 
 from __future__ import annotations
