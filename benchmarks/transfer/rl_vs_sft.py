@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,10 @@ import numpy as np
 from sts_callback.scoring.agreement import correlation
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from learned import SAE_FEATURES  # noqa: E402  (benchmarks/transfer/learned.py: the SFT benchmark's features)
+
 FEATURE = "sts_icl"
-SAE_FEATURES = ("sts_icl", "sts_act", "sts_sq", "raw_act", "signed_usage", "forgetting_minus_transfer",
-                "decoder_projection")
 
 
 def points(scores: dict, changes: dict, others: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -109,30 +111,26 @@ def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str,
     (what a team's SFT runs teach about the RL run's features), and by the one fitted on both."""
     from sts_callback.scoring.calibration import Calibration
 
+    def scored(runs: dict[str, tuple], training) -> dict[str, dict]:
+        """Each run scored by the calibration fitted on ``training(name)`` (needs at least 2 runs)."""
+        rows = {}
+        for name, run in runs.items():
+            rest = training(name)
+            if len(rest) >= 2:
+                rows[name] = learned_agreement(Calibration.fit_level_pattern(rest, SAE_FEATURES, [], domain_prior=True),
+                                               run)
+        return rows
+
     out: dict[str, dict] = {}
     sft = families["sft in_context"]
     for family, runs in families.items():
-        rows = {}
-        for name, run in runs.items():
-            rest = [r for o, r in runs.items() if o != name and sources[o] != sources[name]]
-            if len(rest) >= 2:
-                fitted = Calibration.fit_level_pattern(rest, SAE_FEATURES, [], domain_prior=True)
-                rows[name] = learned_agreement(fitted, run)
-        out[f"{family} (level + pattern + prior, family's other runs)"] = rows
+        others = lambda name, runs=runs: [r for o, r in runs.items() if o != name and sources[o] != sources[name]]  # noqa: E731
+        units = lambda name: [r for o, r in sft.items() if sources[o] != sources[name]]  # noqa: E731
+        out[f"{family} (level + pattern + prior, family's other runs)"] = scored(runs, others)
         if family != "sft in_context":
-            rows = {}
-            for name, run in runs.items():
-                rest = [r for o, r in sft.items() if sources[o] != sources[name]]
-                fitted = Calibration.fit_level_pattern(rest, SAE_FEATURES, [], domain_prior=True)
-                rows[name] = learned_agreement(fitted, run)
-            out[f"{family} (level + pattern + prior, fitted on SFT units)"] = rows
-            rows = {}
-            for name, run in runs.items():
-                rest = ([r for o, r in sft.items() if sources[o] != sources[name]]
-                        + [r for o, r in runs.items() if o != name])
-                fitted = Calibration.fit_level_pattern(rest, SAE_FEATURES, [], domain_prior=True)
-                rows[name] = learned_agreement(fitted, run)
-            out[f"{family} (level + pattern + prior, SFT units + family's other runs)"] = rows
+            out[f"{family} (level + pattern + prior, fitted on SFT units)"] = scored(runs, units)
+            out[f"{family} (level + pattern + prior, SFT units + family's other runs)"] = scored(
+                runs, lambda name, runs=runs: units(name) + [r for o, r in runs.items() if o != name])
     return out
 
 

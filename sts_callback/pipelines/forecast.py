@@ -101,8 +101,7 @@ class Forecast:
                                              if name not in excluded},
                                             run_level_values(self.settings.get("run_level")))
         for name, p in predicted.items():
-            label = "loss" if p.low > 0 else "gain" if p.high < 0 else "flat"
-            self.predictions[name] = {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": label}
+            self.predictions[name] = {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": p.label}
         self.settings["calibration"] = {"features": list(calibration.features), "n": calibration.n,
                                         "fitted_on": calibration.fitted_on, "excluded": sorted(excluded)}
         return self

@@ -45,6 +45,15 @@ class Prediction:
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    @property
+    def label(self) -> str:
+        return change_label(self.low, self.high)
+
+
+def change_label(low: float, high: float) -> str:
+    """A predicted change's label: ``loss`` when its whole interval is above 0, ``gain`` below, else ``flat``."""
+    return "loss" if low > 0 else "gain" if high < 0 else "flat"
+
 
 @dataclass
 class Calibration:

@@ -370,14 +370,15 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     output = _check_output_file(Path(args.output or config_file.get("output") or "forecast.json"),
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
-    calibration = _calibration_argument(args.calibration or config_file.get("calibration"))
+    calibration_spec = args.calibration or config_file.get("calibration")
+    calibration = _calibration_argument(calibration_spec)
     if calibration is not None:
         from ..pipelines.forecast import check_offline_calibration
 
         try:
             check_offline_calibration(calibration)
         except STSConfigError as err:
-            raise STSInputError(f"--calibration {args.calibration or config_file.get('calibration')}: {err}") from err
+            raise STSInputError(f"--calibration {calibration_spec}: {err}") from err
     not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
     targets = config_file["targets"]
     names = ([str(k) for k in targets] if isinstance(targets, dict) else  # a list: names or paths (named by stem)
@@ -434,9 +435,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ..scoring.calibration import BUILTIN
 
-    calibration = None if args.calibration.lower() == "none" else _calibration_argument(args.calibration)
-    if args.calibration in BUILTIN:  # by name: the demo then says the built-in calibration's scope
+    if args.calibration.lower() == "none":
+        calibration = None
+    elif args.calibration in BUILTIN:  # by name (run_demo loads it): the demo then says its scope
         calibration = args.calibration
+    else:
+        calibration = _calibration_argument(args.calibration)
     run_demo(output_dir=_check_output_folder(Path(args.output), "The demo output folder"), quick=args.quick,
              train_steps=args.train_steps, calibration=calibration)
     return 0

@@ -249,6 +249,7 @@ def forecast_story(forecast, predicted: dict[str, dict[str, float]] | None = Non
     held-out loss change in %, its interval and a gain / loss / flat label, the most harmed first, the raw score
     after it; domains without one follow. Otherwise the ranking and the default signed feature in words."""
     from ..pipelines.forecast import SCORE_LABELS
+    from ..scoring.calibration import change_label
     from ..scoring.signed import DEFAULT_SIGNED
 
     predicted = predicted or {}
@@ -264,7 +265,7 @@ def forecast_story(forecast, predicted: dict[str, dict[str, float]] | None = Non
         score_text = f"{label} {score:.3g}" if score is not None else f"{label} n/a"
         if name in predicted:
             p = predicted[name]
-            verdict = p.get("label") or ("loss" if p["low"] > 0 else "gain" if p["high"] < 0 else "flat")
+            verdict = p.get("label") or change_label(p["low"], p["high"])
             what = (f"held-out loss {percent(p['mean'], 1)} [{percent(p['low'], 1)}, {percent(p['high'], 1)}] "
                     f"{verdict:<4}  ({score_text})")
         else:
