@@ -109,6 +109,17 @@ def test_a_handful_of_sequences_still_gets_a_95_percent_interval():
     assert 0.92 <= covered / 400 <= 0.98
 
 
+def test_standard_error_is_the_spread_of_the_change_over_samples_of_texts():
+    # what the noise ceiling of validate() reads: the standard error of a change measured on a few texts is how
+    # far such measurements scatter around the whole domain's change
+    changes = [paired_change(*simulated(n=8, seed=seed)[:2]) for seed in range(600)]
+    deltas = torch.tensor([c.delta for c in changes])
+    mean_variance = sum(c.standard_error ** 2 for c in changes) / len(changes)
+    assert mean_variance ** 0.5 == pytest.approx(float(deltas.std()), rel=0.15)
+    single = paired_change(*simulated(n=1, seed=0)[:2])
+    assert single.standard_error == float("inf")
+
+
 def test_sequential_stops_at_once_when_surely_above_tolerance_and_measures_all_without_a_target():
     before, after, counts = simulated(shift=0.30)
     order = list(range(len(counts)))

@@ -8,6 +8,7 @@ import yaml
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import STSConfigError, STSInputError
+from sts_callback.scoring.agreement import noise_ceiling
 from sts_callback.validation.validate import (ValidationResult, _json_safe, _mean_std, choice_scores, correlation,
                                    multiple_choice_accuracy, validate)
 
@@ -113,6 +114,16 @@ def test_lora_two_seeds_end_to_end(tmp_path, tokenizer):
                     if None not in rs:
                         assert agg["mean"] == pytest.approx(sum(rs) / 2) and agg["std"] is not None
     assert saved["overlap"]["n"] == 2 and saved["overlap"]["n_shifted"] == 8
+    # how precisely each change was measured, and what that allows any forecast
+    for record in saved["per_seed"]:
+        errors = record["nll_delta_se"]
+        assert set(errors) == set(DOMAINS) and all(e is not None and e > 0 for e in errors.values())
+        assert record["noise_ceiling"] == pytest.approx(
+            noise_ceiling([record["nll_delta_rel"][d] for d in DOMAINS], [errors[d] for d in DOMAINS]))
+    ceilings = [s["noise_ceiling"] for s in saved["per_seed"]]
+    if None not in ceilings:
+        assert saved["noise_ceiling"] == pytest.approx(sum(ceilings) / 2)
+        assert "measurement noise" in result.table()
 
     # the user metric: before once per domain (untouched weights), after once per domain and seed
     assert sorted(spy.calls) == sorted(list(DOMAINS) * 3)
@@ -236,6 +247,28 @@ def test_correlation_statistics_and_degenerate_inputs():
     assert _mean_std([None, None]) == {"mean": None, "std": None, "n": 0, "values": [None, None]}
     assert _mean_std([0.5, None])["mean"] == 0.5 and _mean_std([0.5, None])["std"] is None
     assert _json_safe({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
+
+
+def test_noise_ceiling_is_what_a_perfect_forecast_reaches_against_noisy_measurements():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    true = np.linspace(-0.03, 0.03, 10)  # 10 domains' true changes, spread (sd) 2 points
+    for error in (0.005, 0.01, 0.015):  # measured with a standard error of 0.5, 1 and 1.5 points
+        errors = np.full(10, error)
+        reached, ceilings = [], []
+        for _ in range(2000):
+            measured = true + rng.normal(0, errors)
+            reached.append(np.corrcoef(true, measured)[0, 1])
+            ceilings.append(noise_ceiling(measured, errors))
+        assert np.median(ceilings) == pytest.approx(np.median(reached), abs=0.05)
+    assert noise_ceiling(true, np.zeros(10)) == pytest.approx(1.0)
+    assert noise_ceiling(true, np.full(10, 1.0)) == 0.0  # noise far beyond the spread: nothing to forecast
+    # not sayable: unknown or infinite errors, too few domains, no spread
+    assert noise_ceiling(true, [None] + [0.01] * 9) is None
+    assert noise_ceiling(true, [float("inf")] * 10) is None
+    assert noise_ceiling(true[:2], errors[:2]) is None
+    assert noise_ceiling([0.01] * 5, [0.001] * 5) is None
 
 
 def independent_choice_score(model, tokenizer, question, choice):

@@ -68,6 +68,20 @@ def load_units(folder: Path) -> list[dict]:
     return units
 
 
+def precise_units(units: list[dict], folder: Path) -> list[dict]:
+    """Each unit with a precise re-run (``precise.py``: the same recipe and seed, every domain measured on the
+    same 4,096 held-out tokens) as a copy whose measured changes are the precise ones."""
+    by_name = {u["unit"]: u for u in units}
+    out = []
+    for path in sorted(folder.glob("precise-*-seed*.json")):
+        precise = json.loads(path.read_text())
+        unit = by_name.get(precise["unit"])
+        if unit is not None:
+            out.append({**unit, "result": {**unit["result"], "nll_delta_rel": precise["nll_delta_rel"]},
+                        "precise": precise})
+    return out
+
+
 def rows(unit: dict, features: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The unit's 10 other domains: their names, feature matrix and measured signed change."""
     result, names = unit["result"], unit["others"]
@@ -168,12 +182,14 @@ def fit_two_part(train: list[dict], test: dict, level_features: list[str], patte
 
 
 def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]], learned: bool,
-             train_filter=None, test_filter=None) -> dict:
+             train_filter=None, test_filter=None, scored: list[dict] | None = None) -> dict:
     """Per held-out source: the forecast fitted on the other sources' units (of ``train_filter``), evaluated on
-    this source's units (of ``test_filter``), averaged over its units."""
+    this source's units (of ``test_filter``; or, given ``scored``, on those units: e.g. the precise re-runs),
+    averaged over its units."""
     out = {}
-    for source in sorted({u["source"] for u in units}):
-        tests = [u for u in units if u["source"] == source and (test_filter is None or test_filter(u))]
+    scored = units if scored is None else scored
+    for source in sorted({u["source"] for u in scored}):
+        tests = [u for u in scored if u["source"] == source and (test_filter is None or test_filter(u))]
         train = [u for u in units if u["source"] != source and (train_filter is None or train_filter(u))]
         if len({u["source"] for u in train}) < 2:  # nothing to learn across sources from
             continue
@@ -232,6 +248,48 @@ def seed_agreement(units: list[dict]) -> dict[str, dict]:
         a, b = rows(unit, [])[2], rows(other, [])[2]
         out[f"{recipe}-{source}"] = agreement(a, b)
     return out
+
+
+PRECISE_FORECASTS = ("decoder_projection", "level+pattern: callback + domain prior",
+                     "level+pattern: SAE + domain prior, level lookahead_own",
+                     "level+pattern: SAE + domain prior, mean level")
+
+
+def compare_precise(results: dict, units: list[dict], precise: list[dict], forecasts: dict, lora) -> None:
+    """The same forecasts (fitted on the other sources' 512-token units) scored on the precise re-runs' changes
+    beside the same units' 512-token changes; and the seed agreement with both seeds on the same texts."""
+    names = [p["unit"] for p in precise]
+    originals = [u for u in units if u["unit"] in names]
+    out = {"units": names, "forecasts": {}}
+    widths = {p["unit"]: float(np.mean([c["high"] - c["low"] for d, c in p["precise"]["change"].items()
+                                        if d != p["source"]])) for p in precise}
+    out["interval_width"] = widths
+    print(f"\nthe precise re-runs ({len(names)}: {', '.join(names)}; 4,096 fixed held-out tokens per domain, mean 95% "
+          f"interval width {100 * np.mean(list(widths.values())):.1f} points) scored against the 512-token units:")
+    for name in PRECISE_FORECASTS:
+        if name not in forecasts:
+            continue
+        features, learned = forecasts[name]
+        row = {}
+        for label, scored in (("512 tokens", originals), ("4,096 tokens", precise)):
+            row[label] = evaluate(units, features, learned, lora, lora, scored=scored)
+        out["forecasts"][name] = row
+        text = "  ".join(f"{label}: " + ", ".join(f"{s} {v['r']:+.2f}/{v['direction']:.0%}" for s, v in per.items())
+                         for label, per in row.items())
+        print(f"  {name:<54} {text}")
+    ceiling = seed_agreement(precise)
+    if ceiling:
+        out["seed_agreement"] = ceiling
+        print("  seed agreement, both seeds on the same 4,096 tokens (on the units' 512, drawn per seed: above):")
+        for unit, row in ceiling.items():
+            print(f"    {unit:<28} r {row['r']:+.2f}  direction {row['direction']:.0%}  mae {row['mae']:.2%}")
+    shared = [(p["precise"]["nll_delta_rel_512"], u["result"]["nll_delta_rel"], p["others"])
+              for p in precise for u in originals if u["unit"] == p["unit"]]
+    rerun = [agreement(np.asarray([a[d] for d in o]), np.asarray([b[d] for d in o])) for a, b, o in shared]
+    out["rerun_vs_unit_512"] = dict(zip(names, rerun))
+    print("  the re-run's 512-token changes vs the unit's (the same seed and texts; the training repeats if r ~ 1): "
+          + ", ".join(f"{n} r {a['r']:+.2f}" for n, a in zip(names, rerun)))
+    results["precise"] = out
 
 
 def record(results: dict, name: str, per_source: dict) -> None:
@@ -344,6 +402,9 @@ def main() -> None:
               "the other's, the most any forecast of that run can expect):")
         for unit, row in ceiling.items():
             print(f"  {unit:<28} r {row['r']:+.2f}  direction {row['direction']:.0%}  mae {row['mae']:.2%}")
+    precise = precise_units(units, args.units)
+    if precise:
+        compare_precise(results, units, precise, forecasts, lora)
     results["costs"] = costs(units, args.units)
     print("\ncost per unit (seconds; share of the training run):")
     for name, cost in results["costs"].items():

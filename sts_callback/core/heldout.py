@@ -113,6 +113,16 @@ class LossChange:
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
+    @property
+    def standard_error(self) -> float:
+        """The change's standard error (the interval's half-width over its Student's t quantile); inf with
+        fewer than 2 sequences."""
+        if self.sequences < 2 or not math.isfinite(self.half_width):
+            return math.inf
+        from scipy.stats import t
+
+        return self.half_width / float(t.ppf(0.975, self.sequences - 1))
+
 
 def paired_change(before: torch.Tensor, after: torch.Tensor) -> LossChange:
     """Ratio estimate sum(after - before) / sum(before) over sequences ([n, 2] sums and counts on the same

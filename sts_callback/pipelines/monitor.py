@@ -343,6 +343,8 @@ class Monitor:
             loss=losses,
             loss_delta=loss_delta,
             loss_delta_ci={name: [c.low, c.high] for name, c in changes.items()},
+            loss_delta_se={name: c.standard_error if math.isfinite(c.standard_error) else None
+                           for name, c in changes.items()},
             loss_tokens={name: c.tokens for name, c in changes.items()},
             loss_seconds={name: c.seconds for name, c in changes.items()},
             accuracy=accuracy,

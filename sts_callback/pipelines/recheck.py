@@ -112,7 +112,8 @@ class Recheck:
     it, and each domain's held-out loss against train start.
 
     ``loss_delta`` is the relative change of a domain's held-out NLL (``None`` without a base loss), with its
-    95% interval in ``loss_delta_ci`` measured on ``loss_tokens`` tokens; ``accuracy`` / ``accuracy_delta`` only
+    95% interval in ``loss_delta_ci`` and standard error in ``loss_delta_se`` (``None`` from one sequence) measured
+    on ``loss_tokens`` tokens; ``accuracy`` / ``accuracy_delta`` only
     for multiple-choice or lm-eval domains; ``sae_fit`` is the SAE's fraction of variance unexplained and L0 on
     the probe (``None`` without a decoder).
     """
@@ -133,6 +134,7 @@ class Recheck:
     accuracy_delta: dict[str, float | None] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: probe (shift and SAE fit), losses, accuracy
     loss_seconds: dict[str, float] = field(default_factory=dict)  # seconds of each measured domain's loss
+    loss_delta_se: dict[str, float | None] = field(default_factory=dict)
 
     def score(self, domain: str, variant: str) -> float | None:
         """The re-checked score of ``domain`` under ``variant`` (``sts_act`` where the variant was not computed)."""

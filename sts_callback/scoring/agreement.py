@@ -70,4 +70,24 @@ def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearso
     return out
 
 
-__all__ = ["correlation"]
+def noise_ceiling(measured: Sequence[float], standard_errors: Sequence[float | None]) -> float | None:
+    """The Pearson r that even a perfect forecast of the true changes can expect against ``measured`` changes
+    carrying these standard errors: the square root of the measurements' reliability, 1 - mean(se^2) /
+    var(measured) across domains (the classical attenuation of a correlation by measurement noise; an estimate,
+    a few hundredths low when the noise is as large as the spread). ``None`` when it cannot be said (fewer than
+    3 domains, an unknown or infinite error, or no spread at all)."""
+    import numpy as np
+
+    y = np.asarray(measured, dtype=np.float64)
+    if len(y) < 3 or len(standard_errors) != len(y) or any(e is None for e in standard_errors):
+        return None
+    se = np.asarray(standard_errors, dtype=np.float64)
+    if not (np.isfinite(y).all() and np.isfinite(se).all()):
+        return None
+    spread = float(np.var(y, ddof=1))
+    if spread <= 0:
+        return None
+    return math.sqrt(max(0.0, 1.0 - float(np.mean(se ** 2)) / spread))
+
+
+__all__ = ["correlation", "noise_ceiling"]

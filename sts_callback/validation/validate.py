@@ -37,7 +37,7 @@ from ..core.errors import STSConfigError, STSInputError
 from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..pipelines.recipe import PadCollator, training_features, wrap_lora
-from ..scoring.agreement import correlation
+from ..scoring.agreement import correlation, noise_ceiling
 from ..scoring.signed import SIGNED_VARIANTS
 from ..core.torch_utils import model_device, pad_token_id
 
@@ -120,11 +120,20 @@ class SeedResult:
     run_dir: str = ""
     log_history: list[dict[str, Any]] = field(default_factory=list)
     forecast_timings: dict[str, float] = field(default_factory=dict)
+    nll_delta_se: dict[str, float | None] = field(default_factory=dict)  # each measured change's standard error
+
+    @property
+    def noise_ceiling(self) -> float | None:
+        """The Pearson r with the signed NLL changes that a perfect forecast could expect, given how precisely
+        they were measured (:func:`~sts_callback.scoring.agreement.noise_ceiling`)."""
+        domains = list(self.nll_delta_rel)
+        return noise_ceiling([self.nll_delta_rel[d] for d in domains], [self.nll_delta_se.get(d) for d in domains])
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "seed": self.seed, "scores": self.scores, "nll_before": self.nll_before, "nll_after": self.nll_after,
             "nll_delta_rel": self.nll_delta_rel, "nll_delta_abs": self.nll_delta_abs,
+            "nll_delta_se": self.nll_delta_se, "noise_ceiling": self.noise_ceiling,
             "metric_before": self.metric_before, "metric_after": self.metric_after, "metric_delta": self.metric_delta,
             "overlap": {"count": self.overlap, "n_shifted": self.n_shifted,
                         "fraction": None if self.overlap is None else self.overlap / max(self.n_shifted, 1)},
@@ -210,6 +219,7 @@ class ValidationResult:
             "training": self.training,
             "config": self.config,
             "correlations": self.summary(),
+            "noise_ceiling": self.noise_ceiling,
             "overlap": self.overlap_summary(),
             "mean": mean,
             "per_seed": [s.to_dict() for s in seeds],
@@ -275,6 +285,7 @@ class ValidationResult:
                             cell = _format_entry(entry)
                         cells.append(f"{cell:>{cell_width}}")
                 lines.append(f"{LABELS[v]:<8}  " + "  ".join(cells))
+        lines += self._noise_lines()
         overlap = self.overlap_summary()
         if overlap["mean"] is not None:
             spread = "" if overlap["std"] is None else f" ± {overlap['std']:.1f}"
@@ -284,6 +295,24 @@ class ValidationResult:
 
     def __str__(self) -> str:
         return self.table()
+
+    @property
+    def noise_ceiling(self) -> float | None:
+        """The seeds' mean :attr:`SeedResult.noise_ceiling` (``None`` if a seed's is unknown)."""
+        ceilings = [s.noise_ceiling for s in self.per_seed]
+        return None if not ceilings or None in ceilings else sum(ceilings) / len(ceilings)
+
+    def _noise_lines(self) -> list[str]:
+        ceiling = self.noise_ceiling
+        errors = [e for s in self.per_seed for e in s.nll_delta_se.values() if e is not None]
+        if ceiling is None or not errors:
+            return []
+        line = (f"measurement noise: each domain's measured change has a standard error of {sum(errors) / len(errors):.2%} "
+                f"on average; against changes measured this precisely even a perfect forecast could expect a "
+                f"Pearson r of about {ceiling:.2f} with the signed change")
+        if ceiling < 0.9:
+            line += f" (raise loss_tokens, now {self.training.get('loss_tokens')}, to measure more precisely)"
+        return ["", line]
 
 
 def _format_entry(entry: dict[str, Any]) -> str:
@@ -646,7 +675,7 @@ def _seed_result(seed: int, run: dict[str, Any], variants: list[str], metric_bef
                      "shifted_latents": r.get("shifted_latents", []), "seconds": r.get("seconds")}
                     for r in callback.history if "loss_delta" in r],
         seconds=seconds, run_dir=str(run_dir), log_history=run.get("log_history", []),
-        forecast_timings=dict(forecast.timings))
+        forecast_timings=dict(forecast.timings), nll_delta_se=dict(last.get("loss_delta_se") or {}))
 
 
 # --------------------------------------------------------------------------- plot
