@@ -121,9 +121,10 @@ def test_lora_two_seeds_end_to_end(tmp_path, tokenizer):
         assert record["noise_ceiling"] == pytest.approx(
             noise_ceiling([record["nll_delta_rel"][d] for d in DOMAINS], [errors[d] for d in DOMAINS]))
     ceilings = [s["noise_ceiling"] for s in saved["per_seed"]]
-    if None not in ceilings:
-        assert saved["noise_ceiling"] == pytest.approx(sum(ceilings) / 2)
-        assert "measurement noise" in result.table()
+    assert None not in ceilings and all(0 <= c <= 1 for c in ceilings)
+    assert saved["noise_ceiling"] == pytest.approx(sum(ceilings) / 2)
+    assert "measurement noise" in result.table()
+    assert "even a perfect forecast could expect" in (tmp_path / "val" / "sts" / "report.html").read_text()
 
     # the user metric: before once per domain (untouched weights), after once per domain and seed
     assert sorted(spy.calls) == sorted(list(DOMAINS) * 3)

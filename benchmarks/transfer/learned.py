@@ -255,7 +255,36 @@ PRECISE_FORECASTS = ("decoder_projection", "level+pattern: callback + domain pri
                      "level+pattern: SAE + domain prior, mean level")
 
 
-def compare_precise(results: dict, units: list[dict], precise: list[dict], forecasts: dict, lora) -> None:
+def measurement_noise(unit: dict, base: dict, texts: int = 4, draws: int = 500, seed: int = 0) -> dict:
+    """For a precise re-run: the agreement (Pearson over the other domains) of changes measured on ``texts`` of
+    each domain's held-out texts (the units' 512 tokens) with the changes on all of them, over random draws; and
+    the noise ceiling (``scoring.agreement.noise_ceiling``) with ``texts`` texts and with all."""
+    import torch
+
+    from sts_callback.core.heldout import paired_change
+    from sts_callback.scoring.agreement import noise_ceiling
+
+    others = unit["others"]
+    pairs = {d: (np.asarray(base[d]), np.asarray(unit["precise"]["after"][d])) for d in others}
+    full = np.asarray([unit["precise"]["nll_delta_rel"][d] for d in others])
+    rng = np.random.default_rng(seed)
+    rs, ceilings = [], []
+    for _ in range(draws):
+        changes = []
+        for d in others:
+            before, after = pairs[d]
+            pick = rng.choice(len(before), size=texts, replace=False)
+            changes.append(paired_change(torch.from_numpy(before[pick]), torch.from_numpy(after[pick])))
+        measured = np.asarray([c.delta for c in changes])
+        rs.append(np.corrcoef(measured, full)[0, 1])
+        ceilings.append(noise_ceiling(measured, [c.standard_error for c in changes]))
+    every = [paired_change(torch.from_numpy(pairs[d][0]), torch.from_numpy(pairs[d][1])) for d in others]
+    return {"four_vs_all_r": float(np.mean(rs)), "ceiling_four": float(np.mean([c for c in ceilings if c is not None])),
+            "ceiling_all": noise_ceiling(full, [c.standard_error for c in every]), "texts": texts, "draws": draws}
+
+
+def compare_precise(results: dict, units: list[dict], precise: list[dict], forecasts: dict, lora,
+                    folder: Path) -> None:
     """The same forecasts (fitted on the other sources' 512-token units) scored on the precise re-runs' changes
     beside the same units' 512-token changes; and the seed agreement with both seeds on the same texts."""
     names = [p["unit"] for p in precise]
@@ -277,6 +306,13 @@ def compare_precise(results: dict, units: list[dict], precise: list[dict], forec
         text = "  ".join(f"{label}: " + ", ".join(f"{s} {v['r']:+.2f}/{v['direction']:.0%}" for s, v in per.items())
                          for label, per in row.items())
         print(f"  {name:<54} {text}")
+    base = json.loads((folder / "precise-base.json").read_text())["nll"]
+    out["measurement"] = {p["unit"]: measurement_noise(p, base) for p in precise}
+    print("  how well a measurement on 4 of these texts per domain (the units' 512 tokens) orders the domains as all "
+          "of them do (mean r over 500 draws), and the noise ceiling of each (the r a perfect forecast could expect):")
+    for unit, row in out["measurement"].items():
+        print(f"    {unit:<28} 4 texts vs all: r {row['four_vs_all_r']:+.2f}; noise ceiling 4 texts "
+              f"{row['ceiling_four']:.2f}, all {row['ceiling_all']:.2f}")
     ceiling = seed_agreement(precise)
     if ceiling:
         out["seed_agreement"] = ceiling
@@ -404,7 +440,7 @@ def main() -> None:
             print(f"  {unit:<28} r {row['r']:+.2f}  direction {row['direction']:.0%}  mae {row['mae']:.2%}")
     precise = precise_units(units, args.units)
     if precise:
-        compare_precise(results, units, precise, forecasts, lora)
+        compare_precise(results, units, precise, forecasts, lora, args.units)
     results["costs"] = costs(units, args.units)
     print("\ncost per unit (seconds; share of the training run):")
     for name, cost in results["costs"].items():

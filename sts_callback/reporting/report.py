@@ -409,6 +409,10 @@ def _summary(data: ReportData, scatter) -> str:
     if scatter is not None and scatter[2] is not None:
         lines.append(f"Forecast vs measured ({esc(scatter[0])}): Pearson r = {scatter[2]:.2f}, "
                      f"Spearman ρ = {scatter[3]:.2f} over {len(scatter[1])} domains.")
+        ceiling = data.validation.get("noise_ceiling") if isinstance(data.validation, dict) else None
+        if ceiling is not None:
+            lines.append(f"The measured changes are noisy: against them even a perfect forecast could expect a "
+                         f"Pearson r of about {ceiling:.2f} with the signed change.")
     warnings = [(r["step"], v) for r in data.history for v in r.get("violations") or []]
     stops = [r for r in data.history if r.get("early_stop")]
     errors = [r for r in data.history if "error" in r]
