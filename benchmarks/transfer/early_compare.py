@@ -123,7 +123,7 @@ def blend_table(units: list[dict], step0: dict[str, dict[str, tuple[float, float
 
 
 def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
-             tables: dict[str, list[list[float]]] | None = None) -> dict:
+             tables: dict[str, list[list[float]]] | None = None, se: float = MEASUREMENT_SE) -> dict:
     steps, trajectory, share_at, train_loss = unit_series(unit)
     others = unit["others"]
     final = unit["result"]["nll_delta_rel"]
@@ -147,7 +147,7 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
     return {"unit": unit["unit"], "source": unit["source"], "recipe": unit["recipe"], "seed": unit["seed"],
             "domains": len(others),
             "by_share": rows, "lead": lead_times(unit, trajectory, share_at, train_loss, steps),
-            "lead_with_intervals": lead_times(unit, trajectory, share_at, train_loss, steps, se=MEASUREMENT_SE,
+            "lead_with_intervals": lead_times(unit, trajectory, share_at, train_loss, steps, se=se,
                                               step0=step0, tables=tables)}
 
 
@@ -231,6 +231,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=Path, default=Path(__file__).parent / "units")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "early_compare.json")
+    parser.add_argument("--measurement-se", type=float, default=MEASUREMENT_SE,
+                        help="standard error of each re-check's measured change, for the callback's warning rule "
+                             f"(default {MEASUREMENT_SE}: 512 paired tokens taken as independent; a measurement on 4 "
+                             "texts is less precise: precise.py / learned.py say how much)")
     args = parser.parse_args()
     units = [json.loads(p.read_text()) for p in sorted(args.units.glob("*-seed*.json"))]
     units = [u for u in units if u.get("format") == "sts-transfer-unit/1"]
@@ -241,7 +245,7 @@ def main() -> None:
     for unit in units:  # the blend's weights fitted on the other sources' units of its recipe
         others = [u for u in units if u["source"] != unit["source"] and u["recipe"] == unit["recipe"]]
         tables = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
-        results.append(evaluate(unit, step0.get(unit["unit"]), tables))
+        results.append(evaluate(unit, step0.get(unit["unit"]), tables, se=args.measurement_se))
     print(f"early forecast vs the change measured at the end ({len(results)} units; Pearson / direction / MAE "
           "over the 10 other domains)")
     print(f"{'unit':<32} {'share':>5}  " + "  ".join(f"{m:>22}" for m in METHODS))
@@ -267,9 +271,10 @@ def main() -> None:
         print(f"  {key:<22} {mean:>6}  {s['units_meeting_goal']}/{s['units']}")
     for lead_key, title in (("lead", "a warning when the projection is above the tolerance"),
                             ("lead_with_intervals", "the callback's rule: when the projection's whole interval is "
-                             f"above it (measurement SE {MEASUREMENT_SE:.1%})")):
+                             f"above it (measurement SE {args.measurement_se:.1%})")):
         print_leads(results, lead_key, title)
-    args.out.write_text(json.dumps({"args": {"units": str(args.units), "out": str(args.out)}, "units": results,
+    args.out.write_text(json.dumps({"args": {"units": str(args.units), "out": str(args.out),
+                                             "measurement_se": args.measurement_se}, "units": results,
                                     "summary": summary}, indent=1, default=lambda v: None
                                    if isinstance(v, float) and not math.isfinite(v) else v))
 

@@ -134,6 +134,22 @@ def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str,
     return out
 
 
+def noise_ceiling_range(run: dict) -> tuple[float | None, float | None]:
+    """The noise ceiling (``scoring.agreement.noise_ceiling``: the r a perfect forecast could expect) of a run's
+    measured changes over its other domains, from their 95% intervals. The runs keep no sequence counts, so the
+    standard error is bracketed: the interval over the normal quantile (the most error: the lower bound) and over
+    Student's t with 3 degrees of freedom (4 texts, the fewest 512 tokens hold: the upper bound)."""
+    from scipy.stats import t
+
+    from sts_callback.scoring.agreement import noise_ceiling
+
+    measured, others = run["measured"], run["others"]
+    changes = [measured["loss_delta"][d] for d in others]
+    halves = [(measured["loss_delta_ci"][d][1] - measured["loss_delta_ci"][d][0]) / 2 for d in others]
+    return (noise_ceiling(changes, [h / 1.96 for h in halves]),
+            noise_ceiling(changes, [h / float(t.ppf(0.975, 3)) for h in halves]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "rl_vs_sft.json")
@@ -146,10 +162,12 @@ def main() -> None:
                                                    unit["others"])
         sources[unit["source"]] = unit["source"]
     families: dict[str, dict[str, tuple]] = {"sft in_context": sft}
+    ceilings: dict[str, tuple] = {}
     learned: dict[str, dict[str, tuple]] = {"sft in_context": sft_learned}
     for path in sorted((HERE / "rl").glob("*.json")):
         run = json.loads(path.read_text())
         sources[run["run"]] = run["source"]
+        ceilings[run["run"]] = noise_ceiling_range(run)
         for variant, forecast in run["forecasts"].items():
             if variant == "callback" or "scores" not in forecast:  # the callback's equals its default variant's
                 continue
@@ -180,7 +198,12 @@ def main() -> None:
                  for name, r in rows.items() if r.get("pearson") is not None]
         if cells:
             print(f"  {family}: " + "; ".join(cells))
-    args.out.write_text(json.dumps({"feature": FEATURE, "families": result}, indent=1))
+    print("\nnoise ceiling of each run's measured changes (the r even a perfect forecast could expect; a range, "
+          "since the runs keep no sequence counts): " + "; ".join(
+              f"{name} {low:.2f}-{high:.2f}" for name, (low, high) in ceilings.items()
+              if low is not None and high is not None))
+    args.out.write_text(json.dumps({"feature": FEATURE, "families": result,
+                                    "noise_ceiling": {n: list(c) for n, c in ceilings.items()}}, indent=1))
     print(f"wrote {args.out}")
 
 
