@@ -170,6 +170,9 @@ def test_full_fine_tune_single_seed_skips_uncomputed_variants(tmp_path, tokenize
     assert [t["step"] for t in trajectory] == [1, 2, 3]
     assert trajectory[-1]["nll_delta_rel"] == pytest.approx(record["nll_delta_rel"])
     assert trajectory[0]["nll_delta_rel"] != trajectory[-1]["nll_delta_rel"]
+    for point in trajectory:  # each re-check's change keeps its 95% interval (early-warning studies read it)
+        for domain, (low, high) in point["nll_delta_ci"].items():
+            assert low <= point["nll_delta_rel"][domain] <= high
 
 
 def test_lora_in_place_leaves_the_model_as_it_was(tmp_path, tokenizer):

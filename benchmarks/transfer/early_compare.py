@@ -11,8 +11,9 @@ measured one (a domain of the 10 others), the most any method could give (first 
 violation), and its false alarms (projected, never measured). With every unit's run-level terms on disk, also the
 step-0 forecast first: the level + pattern calibration (``learned.py``) fitted on the other sources' units
 predicts each domain's change before training, a domain predicted above the tolerance is warned about at step 0
-(``step0+trend``: the callback's rule, the predicted mean; ``step0_interval+trend``: only when the whole 90%
-interval is above), and the trend rule takes over at the re-checks. And the blend (``power+step0``,
+(``step0+trend``: the callback's rule, the predicted mean; ``step0_p75+trend``: its 75% one-sided lower bound,
+from the interval as a normal; ``step0_interval+trend``: only when the whole 90% interval is above), and the trend
+rule takes over at the re-checks. And the blend (``power+step0``,
 ``trend+step0``; ``sts_callback.scoring.early.blend``): at each re-check the projection and the step-0 prediction
 weighted by a line fitted per share of training on the other sources' units of the same recipe (leave-one-source-
 out; none for a recipe with fewer than 3 other sources), what the callback does with a calibration that carries an
@@ -176,7 +177,7 @@ def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, s
     ``tables``: method -> its blend with the step-0 prediction (``trend+step0``: the blend from the first
     re-check; ``step0_interval+trend+step0``: a step-0 warning first when the whole interval is above)."""
     out = {}
-    methods = [*METHODS, *(("step0+trend", "step0_interval+trend") if step0 else ()),
+    methods = [*METHODS, *(("step0+trend", "step0_p75+trend", "step0_interval+trend") if step0 else ()),
                *(name for m in (tables or {}) if step0 and tables[m]
                  for name in (f"{m}+step0", f"step0_interval+{m}+step0"))]
     for tolerance in TOLERANCES:
@@ -186,9 +187,13 @@ def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, s
             for domain in unit["others"]:
                 measured = next((r["step"] for r in trajectory if r["nll_delta_rel"][domain] > tolerance), None)
                 warned = None
-                if method.startswith("step0_interval") or method == "step0+trend":
+                if method.startswith("step0_interval") or method in ("step0+trend", "step0_p75+trend"):
                     mean, low = step0.get(domain, (None, None))
-                    if mean is not None and (low if "interval" in method else mean) > tolerance:
+                    # the predicted change surely enough above the tolerance: its mean (50%), its 75% one-sided
+                    # bound (normal, from the 90% interval's low end), or the whole interval (95% one-sided)
+                    bound = {"step0+trend": mean, "step0_p75+trend": None if mean is None else
+                             mean - 0.6745 * (mean - low) / 1.6449}.get(method, low)
+                    if bound is not None and bound > tolerance:
                         warned = 0
                 for i, r in enumerate(trajectory):
                     if warned is not None:

@@ -670,7 +670,8 @@ def _seed_result(seed: int, run: dict[str, Any], variants: list[str], metric_bef
         actual_scores=last.get("scores", {}), correlations=correlations,
         metric_before=dict(metric_before) if metric_before is not None else None, metric_after=metric_after,
         metric_delta=metric_delta, train_loss=run.get("train_loss"),
-        trajectory=[{"step": r["step"], "nll_delta_rel": r["loss_delta"], "overlap": r.get("overlap_with_forecast"),
+        trajectory=[{"step": r["step"], "nll_delta_rel": r["loss_delta"], "nll_delta_ci": r.get("loss_delta_ci"),
+                     "overlap": r.get("overlap_with_forecast"),
                      "lr_area_fraction": r.get("lr_area_fraction"), "early_forecast": r.get("early_forecast"),
                      "shifted_latents": r.get("shifted_latents", []), "seconds": r.get("seconds")}
                     for r in callback.history if "loss_delta" in r],
