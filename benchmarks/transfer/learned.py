@@ -346,8 +346,15 @@ def main() -> None:
     parser.add_argument("--builtin-out", type=Path, default=BUILTIN_OUT,
                         help="the built-in calibration (SAE features and the domain prior: no run-level term), "
                              "fitted on every LoRA unit")
+    parser.add_argument("--precise-truth", action="store_true",
+                        help="fit and score on the precise re-runs' changes (precise.py) wherever a unit has one")
     args = parser.parse_args()
     units = load_units(args.units)
+    if args.precise_truth:
+        replaced = {p["unit"]: p for p in precise_units(units, args.units)}
+        units = [replaced.get(u["unit"], u) for u in units]
+        print(f"measured changes: the precise re-runs' for {len(replaced)} of {len(units)} units, the units' own "
+              "512 tokens for the rest")
     if len({u["source"] for u in units}) < 3:
         raise SystemExit(f"{len(units)} unit(s) of {len({u['source'] for u in units})} source(s) in {args.units}: "
                          "leave-one-source-out needs at least 3 sources (run units.py longer).")
@@ -438,7 +445,7 @@ def main() -> None:
               "the other's, the most any forecast of that run can expect):")
         for unit, row in ceiling.items():
             print(f"  {unit:<28} r {row['r']:+.2f}  direction {row['direction']:.0%}  mae {row['mae']:.2%}")
-    precise = precise_units(units, args.units)
+    precise = precise_units(units, args.units) if not args.precise_truth else []
     if precise:
         compare_precise(results, units, precise, forecasts, lora, args.units)
     results["costs"] = costs(units, args.units)
