@@ -299,11 +299,12 @@ def compare_precise(results: dict, units: list[dict], precise: list[dict], forec
         if name not in forecasts:
             continue
         features, learned = forecasts[name]
-        row = {}
+        row = {}  # per unit: its 512-token changes, then its precise re-run's
         for label, scored in (("512 tokens", originals), ("4,096 tokens", precise)):
-            row[label] = evaluate(units, features, learned, lora, lora, scored=scored)
+            row[label] = {u["unit"]: next(iter(evaluate(units, features, learned, lora, lora, scored=[u]).values()))
+                          for u in scored}
         out["forecasts"][name] = row
-        text = "  ".join(f"{label}: " + ", ".join(f"{s} {v['r']:+.2f}/{v['direction']:.0%}" for s, v in per.items())
+        text = "  ".join(f"{label}: " + ", ".join(f"{u} {v['r']:+.2f}/{v['direction']:.0%}" for u, v in per.items())
                          for label, per in row.items())
         print(f"  {name:<54} {text}")
     base = json.loads((folder / "precise-base.json").read_text())["nll"]
