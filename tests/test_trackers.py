@@ -89,7 +89,8 @@ def test_wandb_gets_forecast_and_recheck_tables_and_the_report(tmp_path, tokeniz
                 if "sts/recheck_table" in data]
     assert [step for _, step in rechecks] == [r["step"] for r in callback.history] == [2, 4]
     for (table, step), record in zip(rechecks, callback.history):
-        per_domain = ["loss", "loss_delta", "loss_tokens", "loss_seconds"] + (["early_forecast"] if record.get("early_forecast") else [])
+        per_domain = ["loss", "loss_delta", "loss_tokens", "loss_seconds", "loss_delta_se"] + (
+            ["early_forecast"] if record.get("early_forecast") else [])
         variants = [v for v in computed if any(v in scores for scores in record["scores"].values())]
         assert table.columns == ["step", "domain", *per_domain, *variants] and "sts_act" in variants
         rows = table_rows(table)
