@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from units import COMMON, FORECAST, RECIPES, UNITS, domain_texts, fingerprint, plan, split, unit_name, write_json  # noqa: E402
+from units import (COMMON, FORECAST, RECIPES, UNITS, fingerprint, load_setup, plan, split, unit_name,  # noqa: E402
+                   write_json)
 
 TOKENS = 4096
 # The step-0 forecast is not what this script measures (the units keep it); the callback needs one.
@@ -136,12 +137,8 @@ def main() -> None:
 
     from sts_callback.core.config import STSConfig
     from sts_callback.pipelines.forecast import prompt_builder
-    from sts_callback.tools.demo import ensure_demo_sae
-    from sts_callback.tools.models import load_gemma3_270m
 
-    model, tokenizer = load_gemma3_270m()
-    sae_path = ensure_demo_sae(model, tokenizer)
-    texts = domain_texts(args.out)
+    model, tokenizer, sae_path, texts = load_setup(args.out)
     sample = precise_sample(texts, prompt_builder(model, tokenizer, STSConfig(**CHEAP_FORECAST)), args.tokens)
     before = base_nll(model, tokenizer, sample, f"{fingerprint(texts)}-{args.tokens}", args.out)
     print("held-out sample: " + ", ".join(f"{n} {len(s)} texts" for n, s in sample.items()), flush=True)

@@ -141,6 +141,15 @@ def run_unit(model, tokenizer, sae_path, config, recipe: str, source: str, seed:
     return data
 
 
+def load_setup(out: Path):
+    """(model, tokenizer, SAE path, frozen domain texts): what every benchmark unit runs on."""
+    from sts_callback.tools.demo import ensure_demo_sae
+    from sts_callback.tools.models import load_gemma3_270m
+
+    model, tokenizer = load_gemma3_270m()
+    return model, tokenizer, ensure_demo_sae(model, tokenizer), domain_texts(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
@@ -166,12 +175,8 @@ def main() -> None:
         return
 
     from sts_callback.core.config import STSConfig
-    from sts_callback.tools.demo import ensure_demo_sae
-    from sts_callback.tools.models import load_gemma3_270m
 
-    model, tokenizer = load_gemma3_270m()
-    sae_path = ensure_demo_sae(model, tokenizer)
-    texts = domain_texts(args.out)
+    model, tokenizer, sae_path, texts = load_setup(args.out)
     print(f"domains {fingerprint(texts)}: " + ", ".join(f"{n} {len(t)}" for n, t in texts.items()), flush=True)
     config = STSConfig(**FORECAST)
     for recipe, source, seed in todo:
