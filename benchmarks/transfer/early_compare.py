@@ -124,11 +124,15 @@ def blend_table(units: list[dict], step0: dict[str, dict[str, tuple[float, float
 
 
 def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
-             tables: dict[str, list[list[float]]] | None = None, se: float = MEASUREMENT_SE) -> dict:
+             tables: dict[str, list[list[float]]] | None = None, se: float = MEASUREMENT_SE,
+             precise: dict[str, float] | None = None) -> dict:
+    """Each method's agreement with the final change per share of training; given ``precise`` (the unit's changes
+    on 4,096 held-out tokens, ``precise.py``), also with those (``by_share_precise``): the projections still come
+    from the 512-token trajectory, only the truth they are scored against is more precise."""
     steps, trajectory, share_at, train_loss = unit_series(unit)
     others = unit["others"]
     final = unit["result"]["nll_delta_rel"]
-    rows = {}
+    rows, rows_precise = {}, {}
     for share in SHARES:
         seen = [r for r in trajectory if r["step"] <= share * steps and r["step"] < steps]
         if not seen:
@@ -140,6 +144,9 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
             x = np.array([predicted[d] for d in others])
             y = np.array([final[d] for d in others])
             rows.setdefault(str(share), {})[method] = agreement(x, y, seen[-1]["step"])
+            if precise is not None:
+                rows_precise.setdefault(str(share), {})[method] = agreement(
+                    x, np.array([precise[d] for d in others]), seen[-1]["step"])
             if step0 and (tables or {}).get(method):  # blended with the step-0 prediction (fitted on other sources)
                 mixed = blend(predicted, {d: m for d, (m, _) in step0.items()}, share_at(seen[-1]["step"]),
                               tables[method])
@@ -147,7 +154,7 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
                                                                 seen[-1]["step"])
     return {"unit": unit["unit"], "source": unit["source"], "recipe": unit["recipe"], "seed": unit["seed"],
             "domains": len(others),
-            "by_share": rows, "lead": lead_times(unit, trajectory, share_at, train_loss, steps),
+            "by_share": rows, **({"by_share_precise": rows_precise} if precise is not None else {}), "lead": lead_times(unit, trajectory, share_at, train_loss, steps),
             "lead_with_intervals": lead_times(unit, trajectory, share_at, train_loss, steps, se=se,
                                               step0=step0, tables=tables)}
 
@@ -250,7 +257,9 @@ def main() -> None:
     for unit in units:  # the blend's weights fitted on the other sources' units of its recipe
         others = [u for u in units if u["source"] != unit["source"] and u["recipe"] == unit["recipe"]]
         tables = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
-        results.append(evaluate(unit, step0.get(unit["unit"]), tables, se=args.measurement_se))
+        precise = args.units / f"precise-{unit['unit']}.json"
+        results.append(evaluate(unit, step0.get(unit["unit"]), tables, se=args.measurement_se,
+                                precise=json.loads(precise.read_text())["nll_delta_rel"] if precise.exists() else None))
     print(f"early forecast vs the change measured at the end ({len(results)} units; Pearson / direction / MAE "
           "over the 10 other domains)")
     print(f"{'unit':<32} {'share':>5}  " + "  ".join(f"{m:>22}" for m in METHODS))
@@ -262,26 +271,47 @@ def main() -> None:
                 pearson = "n/a" if c["pearson"] is None else f"{c['pearson']:+.2f}"
                 cells.append(f"{pearson:>6} {c['direction']:>5.0%} {100 * c['mae']:>6.2f}%")
             print(f"{r['unit']:<32} {float(share):>5.0%}  " + "  ".join(f"{c:>22}" for c in cells))
-    summary = {}
-    for share in SHARES:
-        for m in [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0)]:
-            cells = [r["by_share"][str(share)][m] for r in results if m in r["by_share"].get(str(share), {})]
-            rs = [c["pearson"] for c in cells if c["pearson"] is not None]
-            summary[f"{share}/{m}"] = {
-                "units": len(cells), "mean_pearson": float(np.mean(rs)) if rs else None,
-                "units_meeting_goal": sum(1 for c in cells if (c["pearson"] or -1) >= 0.85 and c["direction"] >= 0.8)}
+    summary = summarise(results, "by_share", [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0)])
     print("\nper share and method: mean Pearson, units with Pearson >= 0.85 and direction >= 80%")
-    for key, s in summary.items():
-        mean = "n/a" if s["mean_pearson"] is None else f"{s['mean_pearson']:+.2f}"
-        print(f"  {key:<22} {mean:>6}  {s['units_meeting_goal']}/{s['units']}")
+    print_summary(summary)
+    precise_summary = summarise(results, "by_share_precise", list(METHODS))
+    if precise_summary:
+        print("\nthe same, scored against the units' precise final change (4,096 held-out tokens, precise.py; units "
+              "with a precise re-run), beside the 512-token final change on the same units")
+        print_summary(precise_summary,
+                      summarise([r for r in results if "by_share_precise" in r], "by_share", list(METHODS)))
     for lead_key, title in (("lead", "a warning when the projection is above the tolerance"),
                             ("lead_with_intervals", "the callback's rule: when the projection's whole interval is "
                              f"above it (measurement SE {args.measurement_se:.1%})")):
         print_leads(results, lead_key, title)
     args.out.write_text(json.dumps({"args": {"units": str(args.units), "out": str(args.out),
                                              "measurement_se": args.measurement_se}, "units": results,
-                                    "summary": summary}, indent=1, default=lambda v: None
+                                    "summary": summary, "summary_precise": precise_summary}, indent=1, default=lambda v: None
                                    if isinstance(v, float) and not math.isfinite(v) else v))
+
+
+def summarise(results: list[dict], key: str, methods: list[str]) -> dict:
+    """Per share and method over the units having ``key``: mean Pearson and the units meeting the goal."""
+    summary = {}
+    for share in SHARES:
+        for m in methods:
+            cells = [r[key][str(share)][m] for r in results if m in r.get(key, {}).get(str(share), {})]
+            if not cells:
+                continue
+            rs = [c["pearson"] for c in cells if c["pearson"] is not None]
+            summary[f"{share}/{m}"] = {
+                "units": len(cells), "mean_pearson": float(np.mean(rs)) if rs else None,
+                "units_meeting_goal": sum(1 for c in cells if (c["pearson"] or -1) >= 0.85 and c["direction"] >= 0.8)}
+    return summary
+
+
+def print_summary(summary: dict, beside: dict | None = None) -> None:
+    def cell(s: dict) -> str:
+        mean = "n/a" if s["mean_pearson"] is None else f"{s['mean_pearson']:+.2f}"
+        return f"{mean:>6}  {s['units_meeting_goal']}/{s['units']}"
+
+    for key, s in summary.items():
+        print(f"  {key:<22} {cell(s)}" + (f"   (512 tokens: {cell(beside[key])})" if beside and key in beside else ""))
 
 
 def print_leads(results: list[dict], lead_key: str, title: str) -> None:
