@@ -280,3 +280,33 @@ def test_report_failure_in_callback_only_warns(tmp_path, monkeypatch):
 
 def test_nothing_to_report(tmp_path):
     assert sts_main(["report", str(tmp_path)]) == 2
+
+
+def test_recheck_changes_carry_their_intervals_and_a_noisy_measurement_is_called_noisy(tmp_path):
+    """A re-check's held-out changes are shown with their 95% intervals; when the standard errors are as large as
+    the spread across domains, both pages say the order of the domains is mostly noise and how to fix it."""
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    (sts / "settings.json").write_text(json.dumps({"protected": ["b"], "tolerance": 0.05}))
+
+    def history(se: float) -> None:
+        record = {"step": 8, "scores": {"a": {"sts_act": 1.0}, "b": {"sts_act": 2.0}, "c": {"sts_act": 0.5}},
+                  "loss": {}, "overlap_with_forecast": None, "shifted_latents": [1],
+                  "loss_delta": {"a": 0.012, "b": -0.004, "c": 0.02},
+                  "loss_delta_ci": {n: [v - 1.96 * se, v + 1.96 * se] for n, v in
+                                    {"a": 0.012, "b": -0.004, "c": 0.02}.items()},
+                  "loss_delta_se": {"a": se, "b": se, "c": se}}
+        (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
+
+    history(se=0.009)  # about the spread of the three changes (sd 0.012): a ceiling near 0.66
+    html_path, md_path = write_report(sts)
+    page, md = html_path.read_text(), md_path.read_text()
+    assert "a +1.2% [-0.6, +3.0]" in page and "b -0.4% [-2.2, +1.4] (protected)" in md
+    for text in (page, md):
+        assert "noise ceiling" in text and "Raise loss_tokens" in text
+    note = re.search(r"order the domains as these measurements do at only about r (\d\.\d\d)", md)
+    assert note and 0.5 < float(note.group(1)) < 0.8
+    history(se=0.001)  # precise: the order is real, nothing to say
+    html_path, md_path = write_report(sts)
+    assert "noise ceiling" not in html_path.read_text() and "noise ceiling" not in md_path.read_text()
+    assert "a +1.2% [+1.0, +1.4]" in md_path.read_text()

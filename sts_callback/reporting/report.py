@@ -25,7 +25,7 @@ from typing import Any
 from ..core.atomic import atomic_write_text
 from ..core.errors import STSInputError
 from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE
-from ..scoring.agreement import correlation
+from ..scoring.agreement import correlation, noise_ceiling
 
 GATE_FILE = "gate.json"
 VALIDATION_FILE = "validation.json"
@@ -66,6 +66,23 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:+.1%}"
+
+
+def _changes(record: dict[str, Any], protected: list[str] | None = None) -> list[str]:
+    """Each domain's held-out loss change of a re-check, with its 95% interval where the re-check measured one."""
+    intervals = record.get("loss_delta_ci") or {}
+    out = []
+    for name, value in (record.get("loss_delta") or {}).items():
+        text = f"{name} {_pct(value)}"
+        ci = intervals.get(name)
+        if value is not None and ci and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci):
+            text += f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+        out.append(text + (" (protected)" if protected and name in protected else ""))
+    return out
+
+
+# Below this, differences between domains at a re-check are mostly measurement noise (the forecast's goal r 0.85).
+CEILING_WARNING = 0.85
 
 
 # --------------------------------------------------------------------------- data
@@ -130,6 +147,28 @@ class ReportData:
             if deltas:
                 return f"|held-out loss change| at step {record['step']}", deltas
         return None
+
+    def recheck_noise_ceiling(self) -> tuple[int, float] | None:
+        """(step, noise ceiling) of the last re-check whose changes carry standard errors: the Pearson r with which
+        even the true changes could order the domains as these noisy measurements do
+        (:func:`~sts_callback.scoring.agreement.noise_ceiling`)."""
+        for record in reversed(self.rechecks):
+            deltas, ses = record.get("loss_delta") or {}, record.get("loss_delta_se") or {}
+            names = [n for n, v in deltas.items() if v is not None]
+            ceiling = noise_ceiling([deltas[n] for n in names], [ses.get(n) for n in names]) if ses else None
+            if ceiling is not None:
+                return record["step"], ceiling
+        return None
+
+    def precision_note(self) -> str | None:
+        """A sentence when the last re-check's changes are too noisy to order the domains (plain text)."""
+        at = self.recheck_noise_ceiling()
+        if at is None or at[1] >= CEILING_WARNING:
+            return None
+        return (f"At step {at[0]} the held-out changes are measured with intervals as wide as their spread across "
+                f"domains: even the true changes would order the domains as these measurements do at only about "
+                f"r {at[1]:.2f} (noise ceiling), so differences between domains inside their intervals are noise. "
+                "Raise loss_tokens (or tighten loss_precision) to measure them more precisely.")
 
     def describe_sae(self) -> str:
         sae = self.settings.get("sae") or {}
@@ -406,6 +445,8 @@ def _summary(data: ReportData, scatter) -> str:
                      f"{len(last.get('shifted_latents', [])) or '–'}.")
         if _overhead(last):
             lines.append(esc(_overhead(last)))
+        if data.precision_note():
+            lines.append(esc(data.precision_note()))
     if scatter is not None and scatter[2] is not None:
         lines.append(f"Forecast vs measured ({esc(scatter[0])}): Pearson r = {scatter[2]:.2f}, "
                      f"Spearman ρ = {scatter[3]:.2f} over {len(scatter[1])} domains.")
@@ -480,7 +521,7 @@ def _timeline_section(data: ReportData) -> str:
             rows.append([_num(record.get("step")), '<span class="tag err">failed</span>', esc(record["error"]), "", "",
                          ""])
             continue
-        deltas = ", ".join(f"{esc(k)} {esc(_pct(v))}" for k, v in (record.get("loss_delta") or {}).items())
+        deltas = ", ".join(esc(change) for change in _changes(record))
         status = ('<span class="tag warn">warning</span>' if record.get("violations")
                   else '<span class="tag ok">ok</span>')
         if record.get("early_stop"):
@@ -495,7 +536,7 @@ def _timeline_section(data: ReportData) -> str:
                 f"{esc(k)} {esc(_pct(v))}" for k, v in record["predicted"].items())
         rows.append([_num(record.get("step")), status, deltas, projected, _num(record.get("overlap_with_forecast")),
                      notes])
-    table = _table(["step", "status", "held-out loss change", "projected at the end of training",
+    table = _table(["step", "status", "held-out loss change [95% interval]", "projected at the end of training",
                     "overlap with forecast", "warnings"], rows)
     return (f'<section id="timeline"><h2>Over training</h2>{_img(plot_timeline(data), "timeline")}'
             f'<p class="muted">Top: each domain re-scored ({esc(LABELS.get(variant, variant))}) on the latents the '
@@ -703,14 +744,15 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
         lines += ["No forecast (no in-context demonstrations); re-checks only.", ""]
     if data.rechecks:
         last = data.rechecks[-1]
-        deltas = ", ".join(f"{md_esc(k)} {_pct(v)}" + (" (protected)" if k in data.protected else "")
-                           for k, v in (last.get("loss_delta") or {}).items())
+        deltas = ", ".join(md_esc(change) for change in _changes(last, data.protected))
         lines.append(f"**Re-checks:** {len(data.rechecks)}, last at step {last['step']}: "
-                     f"held-out loss change {deltas}; "
+                     f"held-out loss change [95% interval] {deltas}; "
                      f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
         if _overhead(last):
             lines.append(_overhead(last))
+        if data.precision_note():
+            lines.append(data.precision_note())
         if last.get("early_forecast") and (last.get("lr_area_fraction") or 1) < 1:
             weights = last.get("early_blend")
             how = (f"{weights['early']:.2f} x the measured trend + {weights['step0']:.2f} x the step-0 prediction"
