@@ -89,6 +89,10 @@ def test_trainer_forecast_rechecks_and_own_loss_logging(tmp_path, tokenizer):
     rechecks = [e["step"] for e in trainer.state.log_history if "sts/recheck/law" in e]
     assert rechecks == [2, 4, 6]
     assert any(k.startswith("sts/loss_delta/") for e in trainer.state.log_history for k in e)
+    logged = next(e for e in trainer.state.log_history if "sts/recheck/law" in e and e["step"] == 6)
+    for d in DOMAINS:  # each change with its standard error, and how well they could order the domains at all
+        assert logged[f"sts/loss_delta_se/{d}"] == pytest.approx(history[-1]["loss_delta_se"][d])
+    assert 0 <= logged["sts/recheck/noise_ceiling"] <= 1
     spent = history[-1]["overhead"]  # what the re-checks cost, against the training between them
     assert spent["budget"] is None and spent["train_seconds"] > 0
     assert spent["recheck_seconds"] == pytest.approx(sum(r["seconds"] for r in history))
