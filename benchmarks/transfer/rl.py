@@ -81,6 +81,9 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "rl"
 sys.path.insert(0, str(HERE))
 import units  # benchmarks/transfer/units.py: the frozen domains, split(), write_json, FORECAST
+from learned import SAE_FEATURES  # noqa: E402
+
+from sts_callback.core.config import SIGNED_VARIANTS  # noqa: E402
 
 RUNS = {
     "grpo-python_code-keywords": {"kind": "grpo", "source": "python_code", "task": "keywords",
@@ -113,9 +116,8 @@ DPO = {"steps": 12, "per_device_train_batch_size": 2, "learning_rate": 5e-4, "be
 # tokens through the 262k-word LM head: ~1 min here, the largest cost after training).
 CALLBACK = {"loss_tokens": 512, "recheck_tokens": 1024, "rechecks": 2}
 ROLLOUT = {"rollout_prompts": 8, "rollout_generations": 4, "rollout_max_tokens": 16}
-FEATURES = ("sts_icl", "sts_act", "sts_sq", "raw_act", "signed_usage", "forgetting_minus_transfer",
-            "decoder_projection")
-SIGNED = ("signed_usage", "forgetting_minus_transfer", "decoder_projection")
+FEATURES = SAE_FEATURES  # the SFT benchmark's step-0 features (learned.py), so the two compare like for like
+SIGNED = SIGNED_VARIANTS
 
 # --smoke: every size shrunk (the whole script in a few minutes with the real model; numbers mean nothing).
 SMOKE = {
