@@ -150,8 +150,11 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
             if step0 and (tables or {}).get(method):  # blended with the step-0 prediction (fitted on other sources)
                 mixed = blend(predicted, {d: m for d, (m, _) in step0.items()}, share_at(seen[-1]["step"]),
                               tables[method])
-                rows[str(share)][f"{method}+step0"] = agreement(np.array([mixed[d] for d in others]), y,
-                                                                seen[-1]["step"])
+                x_mixed = np.array([mixed[d] for d in others])
+                rows[str(share)][f"{method}+step0"] = agreement(x_mixed, y, seen[-1]["step"])
+                if precise is not None:
+                    rows_precise[str(share)][f"{method}+step0"] = agreement(
+                        x_mixed, np.array([precise[d] for d in others]), seen[-1]["step"])
     return {"unit": unit["unit"], "source": unit["source"], "recipe": unit["recipe"], "seed": unit["seed"],
             "domains": len(others),
             "by_share": rows, **({"by_share_precise": rows_precise} if precise is not None else {}), "lead": lead_times(unit, trajectory, share_at, train_loss, steps),
@@ -274,12 +277,13 @@ def main() -> None:
     summary = summarise(results, "by_share", [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0)])
     print("\nper share and method: mean Pearson, units with Pearson >= 0.85 and direction >= 80%")
     print_summary(summary)
-    precise_summary = summarise(results, "by_share_precise", list(METHODS))
+    blends = [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0)]
+    precise_summary = summarise(results, "by_share_precise", blends)
     if precise_summary:
         print("\nthe same, scored against the units' precise final change (4,096 held-out tokens, precise.py; units "
               "with a precise re-run), beside the 512-token final change on the same units")
         print_summary(precise_summary,
-                      summarise([r for r in results if "by_share_precise" in r], "by_share", list(METHODS)))
+                      summarise([r for r in results if "by_share_precise" in r], "by_share", blends))
     for lead_key, title in (("lead", "a warning when the projection is above the tolerance"),
                             ("lead_with_intervals", "the callback's rule: when the projection's whole interval is "
                              f"above it (measurement SE {args.measurement_se:.1%})")):
