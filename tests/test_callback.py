@@ -471,6 +471,19 @@ def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_pa
     applied = make_callback(run_level="lookahead", calibration=str(out))
     make_trainer(tmp_path / "applied", tokenizer, applied, max_steps=2, save_steps=100).train()
     assert applied.predicted["law"]["mean"] > max(applied.predicted["food"]["mean"], applied.predicted["chem"]["mean"])
+    # the domain prior alone (no forecast score in the pattern): the same level, law's usual departure
+    prior_only = tmp_path / "prior_only.json"
+    assert main(["calibrate", "--runs", *runs, "--prior-only", "--out", str(prior_only)]) == 0
+    calibration = Calibration.load(prior_only)
+    assert calibration.features == ["domain_prior"] and calibration.source_coef[0] == pytest.approx(-0.5, abs=1e-6)
+    predicted = calibration.predict_all({d: {} for d in ("law", "food", "chem")}, {"lookahead_own": -0.2})
+    assert predicted["law"].mean - predicted["food"].mean == pytest.approx(0.03, abs=0.003)
+    applied = make_callback(run_level="lookahead", calibration=str(prior_only))
+    make_trainer(tmp_path / "applied_prior", tokenizer, applied, max_steps=2, save_steps=100).train()
+    assert applied.predicted["law"]["mean"] - applied.predicted["food"]["mean"] == pytest.approx(0.03, abs=0.003)
+    assert main(["calibrate", "--runs", *runs, "--prior-only", "--features", "lookahead", "--out",
+                 str(tmp_path / "both.json")]) == 2
+    assert "--prior-only" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["calibrate", "--runs", str(real), str(tmp_path / "empty"), "--out", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err

@@ -610,10 +610,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..scoring.calibration import Calibration
 
     out = _check_output_file(Path(args.out), "The calibration output")
+    if args.prior_only and (not args.runs or args.features):
+        print("error: --prior-only fits the pattern on the domain prior alone, from training runs: use it with "
+              "--runs and without --features.", file=sys.stderr)
+        return 2
     if args.runs:  # training runs with the callback: a level + pattern calibration with the domain prior
         inputs = {Path(p): "a training run" for p in args.validations}
         _check_no_overwrite([(out, f"The calibration output {out}")], inputs)
-        calibration = Calibration.from_runs(args.validations, args.features, level=args.level)
+        calibration = Calibration.from_runs(args.validations, [] if args.prior_only else args.features,
+                                            level=args.level)
         path = calibration.save(out)
         level = (f"level from {calibration.source_features[0]}" if calibration.source_features
                  else "level: the runs' mean (no run-level term in every run)")
@@ -782,6 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", nargs="+", default=None,
                    help=f"forecast scores to calibrate on (default: {DEFAULT_SIGNED}; with --runs every score all "
                         "domains have; e.g. sts_icl signed_usage)")
+    p.add_argument("--prior-only", action="store_true",
+                   help="with --runs: the pattern from the domain prior alone, no forecast score (each domain's "
+                        "usual departure over your runs; on the transfer benchmark the best forecast for domains "
+                        "every run measured; a domain none measured gets the level alone)")
     p.add_argument("--level", type=float, default=0.9, help="prediction interval level (default 0.9)")
     p.add_argument("--out", default="calibration.json")
     p.set_defaults(func=cmd_calibrate)
