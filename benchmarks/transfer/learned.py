@@ -479,7 +479,8 @@ def main() -> None:
               "the other's, the most any forecast of that run can expect):")
         for unit, row in ceiling.items():
             print(f"  {unit:<28} r {row['r']:+.2f}  direction {row['direction']:.0%}  mae {row['mae']:.2%}")
-    precise = precise_units(units, args.units) if not args.precise_truth else []
+    # the LoRA units' (the forecasts compared are fitted on the other sources' LoRA units)
+    precise = [p for p in precise_units(units, args.units) if lora(p)] if not args.precise_truth else []
     if precise:
         compare_precise(results, units, precise, forecasts, lora, args.units)
     results["costs"] = costs(units, args.units)
