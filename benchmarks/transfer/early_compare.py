@@ -131,7 +131,8 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
     from the 512-token trajectory, only the truth they are scored against is more precise."""
     steps, trajectory, share_at, train_loss = unit_series(unit)
     others = unit["others"]
-    final = unit["result"]["nll_delta_rel"]
+    y = np.array([unit["result"]["nll_delta_rel"][d] for d in others])
+    y_precise = None if precise is None else np.array([precise[d] for d in others])
     rows, rows_precise = {}, {}
     for share in SHARES:
         seen = [r for r in trajectory if r["step"] <= share * steps and r["step"] < steps]
@@ -142,22 +143,20 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
         for method in METHODS:
             predicted = forecast(method, points, losses)
             x = np.array([predicted[d] for d in others])
-            y = np.array([final[d] for d in others])
             rows.setdefault(str(share), {})[method] = agreement(x, y, seen[-1]["step"])
-            if precise is not None:
-                rows_precise.setdefault(str(share), {})[method] = agreement(
-                    x, np.array([precise[d] for d in others]), seen[-1]["step"])
+            if y_precise is not None:
+                rows_precise.setdefault(str(share), {})[method] = agreement(x, y_precise, seen[-1]["step"])
             if step0 and (tables or {}).get(method):  # blended with the step-0 prediction (fitted on other sources)
                 mixed = blend(predicted, {d: m for d, (m, _) in step0.items()}, share_at(seen[-1]["step"]),
                               tables[method])
                 x_mixed = np.array([mixed[d] for d in others])
                 rows[str(share)][f"{method}+step0"] = agreement(x_mixed, y, seen[-1]["step"])
-                if precise is not None:
-                    rows_precise[str(share)][f"{method}+step0"] = agreement(
-                        x_mixed, np.array([precise[d] for d in others]), seen[-1]["step"])
+                if y_precise is not None:
+                    rows_precise[str(share)][f"{method}+step0"] = agreement(x_mixed, y_precise, seen[-1]["step"])
     return {"unit": unit["unit"], "source": unit["source"], "recipe": unit["recipe"], "seed": unit["seed"],
             "domains": len(others),
-            "by_share": rows, **({"by_share_precise": rows_precise} if precise is not None else {}), "lead": lead_times(unit, trajectory, share_at, train_loss, steps),
+            "by_share": rows, **({"by_share_precise": rows_precise} if precise is not None else {}),
+            "lead": lead_times(unit, trajectory, share_at, train_loss, steps),
             "lead_with_intervals": lead_times(unit, trajectory, share_at, train_loss, steps, se=se,
                                               step0=step0, tables=tables)}
 
@@ -274,10 +273,10 @@ def main() -> None:
                 pearson = "n/a" if c["pearson"] is None else f"{c['pearson']:+.2f}"
                 cells.append(f"{pearson:>6} {c['direction']:>5.0%} {100 * c['mae']:>6.2f}%")
             print(f"{r['unit']:<32} {float(share):>5.0%}  " + "  ".join(f"{c:>22}" for c in cells))
-    summary = summarise(results, "by_share", [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0)])
+    blends = [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0)]
+    summary = summarise(results, "by_share", blends)
     print("\nper share and method: mean Pearson, units with Pearson >= 0.85 and direction >= 80%")
     print_summary(summary)
-    blends = [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0)]
     precise_summary = summarise(results, "by_share_precise", blends)
     if precise_summary:
         print("\nthe same, scored against the units' precise final change (4,096 held-out tokens, precise.py; units "
@@ -290,8 +289,8 @@ def main() -> None:
         print_leads(results, lead_key, title)
     args.out.write_text(json.dumps({"args": {"units": str(args.units), "out": str(args.out),
                                              "measurement_se": args.measurement_se}, "units": results,
-                                    "summary": summary, "summary_precise": precise_summary}, indent=1, default=lambda v: None
-                                   if isinstance(v, float) and not math.isfinite(v) else v))
+                                    "summary": summary, "summary_precise": precise_summary}, indent=1,
+                                   default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
 
 
 def summarise(results: list[dict], key: str, methods: list[str]) -> dict:

@@ -1,7 +1,7 @@
 """A forecast that holds before training? Every step-0 feature and a learned forecast, left-one-source-out.
 
-    python benchmarks/transfer/learned.py                   # 512-token changes, and the precise re-runs beside them
-    python benchmarks/transfer/learned.py --precise-truth   # fit and score on the precise changes; writes the calibrations
+    python benchmarks/transfer/learned.py                  # 512-token changes, the precise re-runs beside them
+    python benchmarks/transfer/learned.py --precise-truth  # fit and score on the precise changes; the calibrations
 
 Reads the finished units (``units.py``: one fine-tune of Gemma 3 270M per (recipe, source, seed)), their step-0
 forecast scores, the in-context NLL baseline (``icl-<source>.json``) and, where present, the run-level terms

@@ -25,7 +25,7 @@ from typing import Any
 from ..core.atomic import atomic_write_text
 from ..core.errors import STSInputError
 from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE
-from ..scoring.agreement import correlation, noise_ceiling
+from ..scoring.agreement import correlation, noise_ceiling_by_domain
 
 GATE_FILE = "gate.json"
 VALIDATION_FILE = "validation.json"
@@ -153,9 +153,7 @@ class ReportData:
         even the true changes could order the domains as these noisy measurements do
         (:func:`~sts_callback.scoring.agreement.noise_ceiling`)."""
         for record in reversed(self.rechecks):
-            deltas, ses = record.get("loss_delta") or {}, record.get("loss_delta_se") or {}
-            names = [n for n, v in deltas.items() if v is not None]
-            ceiling = noise_ceiling([deltas[n] for n in names], [ses.get(n) for n in names]) if ses else None
+            ceiling = noise_ceiling_by_domain(record.get("loss_delta") or {}, record.get("loss_delta_se") or {})
             if ceiling is not None:
                 return record["step"], ceiling
         return None
@@ -445,8 +443,9 @@ def _summary(data: ReportData, scatter) -> str:
                      f"{len(last.get('shifted_latents', [])) or '–'}.")
         if _overhead(last):
             lines.append(esc(_overhead(last)))
-        if data.precision_note():
-            lines.append(esc(data.precision_note()))
+        note = data.precision_note()
+        if note:
+            lines.append(esc(note))
     if scatter is not None and scatter[2] is not None:
         lines.append(f"Forecast vs measured ({esc(scatter[0])}): Pearson r = {scatter[2]:.2f}, "
                      f"Spearman ρ = {scatter[3]:.2f} over {len(scatter[1])} domains.")
@@ -751,8 +750,9 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
         if _overhead(last):
             lines.append(_overhead(last))
-        if data.precision_note():
-            lines.append(data.precision_note())
+        note = data.precision_note()
+        if note:
+            lines.append(note)
         if last.get("early_forecast") and (last.get("lr_area_fraction") or 1) < 1:
             weights = last.get("early_blend")
             how = (f"{weights['early']:.2f} x the measured trend + {weights['step0']:.2f} x the step-0 prediction"

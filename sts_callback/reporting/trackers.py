@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from ..core.config import SCORE_VARIANTS
 from ..pipelines.forecast import SCORE_LABELS
-from ..scoring.agreement import noise_ceiling
+from ..scoring.agreement import noise_ceiling_by_domain
 from ..scoring.signed import SIGNED_VARIANTS
 
 VARIANT_ORDER = SCORE_VARIANTS + SIGNED_VARIANTS
@@ -104,8 +104,7 @@ def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
     metrics.update({f"sts/loss_delta/{name}": delta for name, delta in record["loss_delta"].items() if delta is not None})
     ses = record.get("loss_delta_se") or {}
     metrics.update({f"sts/loss_delta_se/{name}": se for name, se in ses.items() if se is not None})
-    measured = [n for n, delta in record["loss_delta"].items() if delta is not None]
-    ceiling = noise_ceiling([record["loss_delta"][n] for n in measured], [ses.get(n) for n in measured])
+    ceiling = noise_ceiling_by_domain(record["loss_delta"], ses)
     if ceiling is not None:  # how well these measurements could order the domains at all
         metrics["sts/recheck/noise_ceiling"] = ceiling
     metrics.update({f"sts/accuracy/{name}": value for name, value in record.get("accuracy", {}).items()})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -90,4 +90,12 @@ def noise_ceiling(measured: Sequence[float], standard_errors: Sequence[float | N
     return math.sqrt(max(0.0, 1.0 - float(np.mean(se ** 2)) / spread))
 
 
-__all__ = ["correlation", "noise_ceiling"]
+def noise_ceiling_by_domain(changes: Mapping[str, float | None],
+                            standard_errors: Mapping[str, float | None]) -> float | None:
+    """:func:`noise_ceiling` of per-domain changes and their standard errors (a re-check's ``loss_delta`` and
+    ``loss_delta_se``); a domain with no measured change is left out, one with no standard error makes it unknown."""
+    measured = [name for name, change in changes.items() if change is not None]
+    return noise_ceiling([changes[name] for name in measured], [standard_errors.get(name) for name in measured])
+
+
+__all__ = ["correlation", "noise_ceiling", "noise_ceiling_by_domain"]

@@ -37,7 +37,7 @@ from ..core.errors import STSConfigError, STSInputError
 from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..pipelines.recipe import PadCollator, training_features, wrap_lora
-from ..scoring.agreement import correlation, noise_ceiling
+from ..scoring.agreement import correlation, noise_ceiling_by_domain
 from ..scoring.signed import SIGNED_VARIANTS
 from ..core.torch_utils import model_device, pad_token_id
 
@@ -126,8 +126,7 @@ class SeedResult:
     def noise_ceiling(self) -> float | None:
         """The Pearson r with the signed NLL changes that a perfect forecast could expect, given how precisely
         they were measured (:func:`~sts_callback.scoring.agreement.noise_ceiling`)."""
-        domains = list(self.nll_delta_rel)
-        return noise_ceiling([self.nll_delta_rel[d] for d in domains], [self.nll_delta_se.get(d) for d in domains])
+        return noise_ceiling_by_domain(self.nll_delta_rel, self.nll_delta_se)
 
     def to_dict(self) -> dict[str, Any]:
         return {
