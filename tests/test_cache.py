@@ -1,0 +1,87 @@
+"""The demo's cached model and SAE are built once, even when two processes start on a fresh cache together."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sts_callback.tools.cache import build_once
+
+BUILDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from sts_callback.tools.cache import build_once
+
+    folder, log = Path(sys.argv[1]), Path(sys.argv[2])
+
+    def build(partial):
+        with open(log, "a") as handle:
+            handle.write("built\\n")
+        partial.mkdir(parents=True)
+        (partial / "weights").write_text("half")
+        time.sleep(1.5)  # the other process arrives while this one is still writing
+        (partial / "weights").write_text("whole")
+        (partial / "done").write_text("")
+
+    out = build_once(folder, lambda f: (f / "done").exists(), build)
+    print((out / "weights").read_text())
+""")
+
+
+def _is_built(folder: Path) -> bool:
+    return (folder / "done").exists()
+
+
+def test_two_processes_on_a_fresh_cache_build_once_and_both_read_the_whole_entry(tmp_path):
+    script = tmp_path / "builder.py"
+    script.write_text(BUILDER)
+    log = tmp_path / "builds.log"
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "entry"), str(log)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert outputs == ["whole", "whole"]
+    assert log.read_text().splitlines() == ["built"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["builder.py", "builds.log", "entry", "entry.lock"]
+
+
+def test_an_interrupted_build_leaves_nothing_that_passes_for_finished_and_the_next_call_rebuilds(tmp_path):
+    def crash(partial: Path) -> None:
+        partial.mkdir()
+        (partial / "weights").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_once(tmp_path / "entry", _is_built, crash)
+    assert not (tmp_path / "entry").exists()
+    assert not list(tmp_path.glob("entry.partial-*"))
+
+    def build(partial: Path) -> None:
+        partial.mkdir()
+        (partial / "done").write_text("")
+
+    assert _is_built(build_once(tmp_path / "entry", _is_built, build))
+
+
+def test_an_unfinished_entry_left_by_an_older_version_is_replaced(tmp_path):
+    (tmp_path / "entry").mkdir()
+    (tmp_path / "entry" / "weights").write_text("half")  # no "done": not built
+
+    def build(partial: Path) -> None:
+        partial.mkdir()
+        (partial / "done").write_text("")
+
+    folder = build_once(tmp_path / "entry", _is_built, build)
+    assert _is_built(folder) and not (folder / "weights").exists()
+
+
+def test_a_built_entry_is_returned_without_building(tmp_path):
+    (tmp_path / "entry").mkdir()
+    (tmp_path / "entry" / "done").write_text("")
+
+    def build(partial: Path) -> None:
+        raise AssertionError("must not rebuild a finished entry")
+
+    assert build_once(tmp_path / "entry", _is_built, build) == tmp_path / "entry"
