@@ -2,6 +2,7 @@
 units' trajectories (``benchmarks/transfer/units/<recipe>-<source>-seed<seed>.json``).
 
     python benchmarks/transfer/early_compare.py [--units benchmarks/transfer/units] [--out benchmarks/transfer/early_compare.json]
+    python benchmarks/transfer/early_compare.py --precise-truth [--step0 prior]   # early_compare_precise[_prior].json
 
 For each unit and each share of training (re-checks at or before that share of the steps), every method
 forecasts each domain's held-out NLL change at the end of training; against the change measured at the end:
@@ -17,7 +18,9 @@ rule takes over at the re-checks. And the blend (``power+step0``,
 ``trend+step0``; ``sts_callback.scoring.early.blend``): at each re-check the projection and the step-0 prediction
 weighted by a line fitted per share of training on the other sources' units of the same recipe (leave-one-source-
 out; none for a recipe with fewer than 3 other sources), what the callback does with a calibration that carries an
-``early_blend`` table for the run's recipe.
+``early_blend`` table for the run's recipe. ``step0`` alone is scored beside them. With ``--precise-truth`` the step-0
+forecast and the blends are fitted on (and every method scored against) each unit's precise final change where it
+has one (``precise.py``); ``--step0 prior``: the step-0 pattern from the domain prior alone.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ TOLERANCES = (0.01, 0.02, 0.05)
 # The units' trajectories keep no intervals; each change is a paired difference on 512 held-out tokens, whose
 # relative standard error is about 0.3% (benchmarks/transfer/units.py): the callback's interval rule with it.
 MEASUREMENT_SE = 0.003
+DEFAULT_OUT = Path(__file__).parent / "early_compare.json"
 
 
 def unit_series(unit: dict):
@@ -57,23 +61,34 @@ def unit_series(unit: dict):
     return steps, trajectory, share_at, train_loss
 
 
-def step0_predictions(folder: Path) -> dict[str, dict[str, tuple[float, float]]]:
-    """unit -> domain -> (predicted mean, low of its 90% interval) from the level + pattern calibration with the
-    domain prior (the exported calibration's kind) fitted on the other sources' units of the unit's recipe (of both
-    recipes while it has fewer than 3 other sources: leave-one-source-out); empty until every unit has its
-    run-level terms."""
+def learned_module():
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     import learned
 
+    return learned
+
+
+# The step-0 forecast's pattern features: the callback's (SAE scores and run-level terms) or none (the domain prior
+# alone, ``level+pattern: domain prior only`` in learned.py); either way with the domain prior and the level from
+# the lookahead's own change.
+STEP0_PATTERNS = ("callback", "prior")
+
+
+def step0_predictions(units: list[dict], pattern: str = "callback") -> dict[str, dict[str, tuple[float, float]]]:
+    """unit -> domain -> (predicted mean, low of its 90% interval) from the level + pattern calibration with the
+    domain prior (the exported calibration's kind) fitted on the other sources' units of the unit's recipe (of both
+    recipes while it has fewer than 3 other sources: leave-one-source-out), on ``units`` as loaded by
+    ``learned.load_units`` (their measured changes are what it is fitted on); empty until every unit has its
+    run-level terms."""
     from sts_callback.scoring.calibration import Calibration
 
-    units = learned.load_units(folder)
+    learned = learned_module()
     runlevel = [f for f in learned.RUNLEVEL if units and all(u["runlevel"] and f in u["runlevel"] for u in units)]
     if not runlevel:
         return {}
-    features, level = [*learned.SAE_FEATURES, *runlevel], ["lookahead_own"]
+    features, level = ([*learned.SAE_FEATURES, *runlevel] if pattern == "callback" else []), ["lookahead_own"]
     out = {}
     for unit in units:
         train = [u for u in units if u["source"] != unit["source"]]
@@ -153,6 +168,11 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
                 rows[str(share)][f"{method}+step0"] = agreement(x_mixed, y, seen[-1]["step"])
                 if y_precise is not None:
                     rows_precise[str(share)][f"{method}+step0"] = agreement(x_mixed, y_precise, seen[-1]["step"])
+        if step0:  # the step-0 prediction alone, beside the rules that add the re-checks to it
+            x0 = np.array([step0[d][0] for d in others])
+            rows[str(share)]["step0"] = agreement(x0, y, 0)
+            if y_precise is not None:
+                rows_precise[str(share)]["step0"] = agreement(x0, y_precise, 0)
     return {"unit": unit["unit"], "source": unit["source"], "recipe": unit["recipe"], "seed": unit["seed"],
             "domains": len(others),
             "by_share": rows, **({"by_share_precise": rows_precise} if precise is not None else {}),
@@ -244,24 +264,37 @@ def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=Path, default=Path(__file__).parent / "units")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "early_compare.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--measurement-se", type=float, default=MEASUREMENT_SE,
                         help="standard error of each re-check's measured change, for the callback's warning rule "
                              f"(default {MEASUREMENT_SE}: 512 paired tokens taken as independent; a measurement on 4 "
                              "texts is less precise: precise.py / learned.py say how much)")
+    parser.add_argument("--precise-truth", action="store_true",
+                        help="fit the step-0 forecast and the blends on each unit's precise final change (precise.py, "
+                             "4,096 held-out tokens per domain) where it has one, as learned.py --precise-truth fits "
+                             "the calibrations (default out: early_compare_precise.json)")
+    parser.add_argument("--step0", choices=STEP0_PATTERNS, default="callback",
+                        help="the step-0 forecast's pattern: the callback's features with the domain prior (default), "
+                             "or the domain prior alone; the level from the lookahead either way")
     args = parser.parse_args()
-    units = [json.loads(p.read_text()) for p in sorted(args.units.glob("*-seed*.json"))]
-    units = [u for u in units if u.get("format") == "sts-transfer-unit/1"]
+    learned = learned_module()
+    units = learned.load_units(args.units)
     if not units:
         raise SystemExit(f"no finished transfer units in {args.units}; run benchmarks/transfer/units.py first")
-    step0 = step0_predictions(args.units)
+    precise_changes = {p["unit"]: p["result"]["nll_delta_rel"] for p in learned.precise_units(units, args.units)}
+    if args.precise_truth:
+        units = [{**u, "result": {**u["result"], "nll_delta_rel": precise_changes[u["unit"]]}}
+                 if u["unit"] in precise_changes else u for u in units]
+    if args.out == DEFAULT_OUT:
+        args.out = args.out.with_name("early_compare" + "_precise" * args.precise_truth
+                                      + "_prior" * (args.step0 == "prior") + ".json")
+    step0 = step0_predictions(units, args.step0)
     results = []
     for unit in units:  # the blend's weights fitted on the other sources' units of its recipe
         others = [u for u in units if u["source"] != unit["source"] and u["recipe"] == unit["recipe"]]
         tables = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
-        precise = args.units / f"precise-{unit['unit']}.json"
         results.append(evaluate(unit, step0.get(unit["unit"]), tables, se=args.measurement_se,
-                                precise=json.loads(precise.read_text())["nll_delta_rel"] if precise.exists() else None))
+                                precise=precise_changes.get(unit["unit"])))
     print(f"early forecast vs the change measured at the end ({len(results)} units; Pearson / direction / MAE "
           "over the 10 other domains)")
     print(f"{'unit':<32} {'share':>5}  " + "  ".join(f"{m:>22}" for m in METHODS))
@@ -273,22 +306,25 @@ def main() -> None:
                 pearson = "n/a" if c["pearson"] is None else f"{c['pearson']:+.2f}"
                 cells.append(f"{pearson:>6} {c['direction']:>5.0%} {100 * c['mae']:>6.2f}%")
             print(f"{r['unit']:<32} {float(share):>5.0%}  " + "  ".join(f"{c:>22}" for c in cells))
-    blends = [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0)]
+    blends = [*METHODS, *(f"{m}+step0" for m in ("power", "trend") if step0), *(["step0"] if step0 else [])]
     summary = summarise(results, "by_share", blends)
     print("\nper share and method: mean Pearson, units with Pearson >= 0.85 and direction >= 80%")
     print_summary(summary)
     precise_summary = summarise(results, "by_share_precise", blends)
     if precise_summary:
         print("\nthe same, scored against the units' precise final change (4,096 held-out tokens, precise.py; units "
-              "with a precise re-run), beside the 512-token final change on the same units")
-        print_summary(precise_summary,
+              "with a precise re-run)" + ("" if args.precise_truth else ", beside the 512-token final change on the "
+                                          "same units"))
+        print_summary(precise_summary, None if args.precise_truth else
                       summarise([r for r in results if "by_share_precise" in r], "by_share", blends))
     for lead_key, title in (("lead", "a warning when the projection is above the tolerance"),
                             ("lead_with_intervals", "the callback's rule: when the projection's whole interval is "
                              f"above it (measurement SE {args.measurement_se:.1%})")):
         print_leads(results, lead_key, title)
     args.out.write_text(json.dumps({"args": {"units": str(args.units), "out": str(args.out),
-                                             "measurement_se": args.measurement_se}, "units": results,
+                                             "measurement_se": args.measurement_se,
+                                             "precise_truth": args.precise_truth, "step0": args.step0},
+                                    "units": results,
                                     "summary": summary, "summary_precise": precise_summary}, indent=1,
                                    default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
 

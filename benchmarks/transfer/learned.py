@@ -463,7 +463,7 @@ def main() -> None:
                     "domain_prior: the 11 built-in domains' usual departures (other domains: neutral)"})
         import early_compare  # its step-0 predictions are leave-one-source-out, as a new run's would be
 
-        step0 = early_compare.step0_predictions(args.units)
+        step0 = early_compare.step0_predictions(units)
         calibration.early_blend = {m: early_compare.blend_table(lora_units, step0, m) for m in ("power", "trend")}
         calibration.early_blend_recipe = "lora"
         calibration.save(args.calibration_out)
