@@ -295,6 +295,20 @@ def main() -> None:
         tables = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
         results.append(evaluate(unit, step0.get(unit["unit"]), tables, se=args.measurement_se,
                                 precise=precise_changes.get(unit["unit"])))
+    trajectories = []  # units re-run with more precise re-checks (precise.py --recheck-steps): the same rules on them
+    by_name = {u["unit"]: u for u in units}
+    for path in sorted(args.units.glob("trajectory-*-seed*.json")):
+        run = json.loads(path.read_text())
+        unit = by_name.get(run["unit"])
+        if unit is None:
+            continue
+        rerun = {**unit, "result": {**unit["result"], "trajectory": run["trajectory"], "log_history": run["log_history"],
+                                    "nll_delta_rel": run["nll_delta_rel"]}}
+        others = [u for u in units if u["source"] != unit["source"] and u["recipe"] == unit["recipe"]]
+        tables = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
+        trajectories.append({**evaluate(rerun, step0.get(unit["unit"]), tables, se=args.measurement_se,
+                                        precise=run["nll_delta_rel"]),
+                             "loss_tokens": run["loss_tokens"], "recheck_steps": run["recheck_steps"]})
     print(f"early forecast vs the change measured at the end ({len(results)} units; Pearson / direction / MAE "
           "over the 10 other domains)")
     print(f"{'unit':<32} {'share':>5}  " + "  ".join(f"{m:>22}" for m in METHODS))
@@ -317,6 +331,19 @@ def main() -> None:
                                           "same units"))
         print_summary(precise_summary, None if args.precise_truth else
                       summarise([r for r in results if "by_share_precise" in r], "by_share", blends))
+    if trajectories:
+        names = {t["unit"] for t in trajectories}
+        print(f"\nunits re-run with re-checks on {sorted({t['loss_tokens'] for t in trajectories})} held-out tokens per "
+              f"domain (trajectory-*.json; {len(trajectories)} units), against their precise final change; beside, "
+              "the same units' 512-token trajectories")
+        print_summary(summarise(trajectories, "by_share_precise", blends),
+                      summarise([r for r in results if r["unit"] in names and "by_share_precise" in r],
+                                "by_share_precise", blends))
+        for t in trajectories:
+            row = t["by_share_precise"].get("0.25", {})
+            print(f"  {t['unit']:<30} at 25%: " + "  ".join(
+                f"{m} {row[m]['pearson']:+.2f}/{row[m]['direction']:.0%}" for m in ("power", "trend", "power+step0")
+                if m in row and row[m]["pearson"] is not None))
     for lead_key, title in (("lead", "a warning when the projection is above the tolerance"),
                             ("lead_with_intervals", "the callback's rule: when the projection's whole interval is "
                              f"above it (measurement SE {args.measurement_se:.1%})")):
@@ -325,7 +352,10 @@ def main() -> None:
                                              "measurement_se": args.measurement_se,
                                              "precise_truth": args.precise_truth, "step0": args.step0},
                                     "units": results,
-                                    "summary": summary, "summary_precise": precise_summary}, indent=1,
+                                    "summary": summary, "summary_precise": precise_summary,
+                                    **({"trajectories": trajectories,
+                                        "summary_trajectories": summarise(trajectories, "by_share_precise", blends)}
+                                       if trajectories else {})}, indent=1,
                                    default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
 
 

@@ -15,6 +15,13 @@ The base model's per-text NLL is computed once and kept (``units/precise-base.js
 
 ``learned.py`` then scores the step-0 forecasts (fitted, as before, on the 512-token units) against these
 changes, and the seed agreement with both seeds measured on the same texts.
+
+    python benchmarks/transfer/precise.py --only lora-legal-seed0 --recheck-steps 16 --loss-tokens 2048
+
+re-checks during training too, as the callback would with ``loss_tokens=2048`` (about 16 texts a domain, 4x the
+units' 512), every ``--recheck-steps`` steps, and writes ``units/trajectory-<unit>.json``: the callback's
+trajectory (each re-check's changes and 95% intervals) beside the precise final change, for
+``early_compare.py --trajectories``: is an early forecast from re-checks this precise reliable from 25% of training?
 """
 
 from __future__ import annotations
@@ -64,8 +71,12 @@ def base_nll(model, tokenizer, sample: dict[str, list], key: str, out: Path) -> 
     return nll
 
 
+def output_path(out: Path, name: str, recheck_steps: int | None) -> Path:
+    return out / (f"trajectory-{name}.json" if recheck_steps else f"precise-{name}.json")
+
+
 def run_unit(model, tokenizer, sae_path, recipe: str, source: str, seed: int, texts, sample, before, out: Path,
-             work: Path, tokens: int) -> dict:
+             work: Path, tokens: int, recheck_steps: int | None = None, loss_tokens: int | None = None) -> dict:
     import torch
 
     from sts_callback.core.config import STSConfig
@@ -93,8 +104,11 @@ def run_unit(model, tokenizer, sae_path, recipe: str, source: str, seed: int, te
     result = validate(model, tokenizer, sae_path, train, targets, STSConfig(**CHEAP_FORECAST), seeds=[seed],
                       method=args["method"], learning_rate=args["learning_rate"], steps=COMMON["steps"],
                       batch_size=COMMON["batch_size"], max_length=COMMON["max_length"],
-                      loss_tokens=COMMON["loss_tokens"], recheck_tokens=COMMON["recheck_tokens"], recheck_steps=None,
-                      training_args={"logging_steps": 1}, output_dir=work / f"precise-{unit_name(recipe, source, seed)}",
+                      loss_tokens=loss_tokens or COMMON["loss_tokens"],
+                      # a re-check's probe (the actual shift) is not what a trajectory run measures: the smallest one
+                      recheck_tokens=256 if recheck_steps else COMMON["recheck_tokens"], recheck_steps=recheck_steps,
+                      training_args={"logging_steps": 1},
+                      output_dir=work / output_path(Path(), unit_name(recipe, source, seed), recheck_steps).stem,
                       n_resamples=0, plot=False, report=False, metric=metric)
     run = result.per_seed[0]
     changes = {}
@@ -106,9 +120,14 @@ def run_unit(model, tokenizer, sae_path, recipe: str, source: str, seed: int, te
     data = {"format": "sts-transfer-precise/1", "unit": unit_name(recipe, source, seed), "recipe": recipe,
             "source": source, "seed": seed, "tokens": tokens, "nll_delta_rel": {n: c["delta"] for n, c in changes.items()},
             "change": changes, "nll_delta_rel_512": run.nll_delta_rel, "train_loss": run.train_loss,
+            **({"format": "sts-transfer-trajectory/1", "loss_tokens": loss_tokens, "recheck_steps": recheck_steps,
+                "steps": COMMON["steps"], "trajectory": [{k: r[k] for k in ("step", "nll_delta_rel", "nll_delta_ci",
+                                                                            "lr_area_fraction", "seconds")}
+                                                         for r in run.trajectory],
+                "log_history": run.log_history} if recheck_steps else {}),
             "after": after, "domains_fingerprint": fingerprint(texts),
             "seconds": {"total": time.perf_counter() - start, **seconds}, "date": time.strftime("%Y-%m-%d")}
-    write_json(out / f"precise-{unit_name(recipe, source, seed)}.json", data)
+    write_json(output_path(out, unit_name(recipe, source, seed), recheck_steps), data)
     return data
 
 
@@ -119,18 +138,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=TOKENS, help="held-out tokens per domain (default 4096)")
     parser.add_argument("--out", type=Path, default=UNITS)
     parser.add_argument("--work", type=Path, default=Path("outputs/transfer-units"))
+    parser.add_argument("--recheck-steps", type=int, default=None,
+                        help="also re-check every this many steps, as the callback would (trajectory-<unit>.json)")
+    parser.add_argument("--loss-tokens", type=int, default=None,
+                        help="the re-checks' held-out tokens per domain (default: the units' 512)")
     args = parser.parse_args()
 
     names = [unit_name(*u) for u in plan()]
     if args.list:
         for name in names:
-            print(f"{name:<36} {'done' if (args.out / f'precise-{name}.json').exists() else 'todo'}")
+            print(f"{name:<36} {'done' if output_path(args.out, name, args.recheck_steps).exists() else 'todo'}")
         return
     chosen = args.only or names
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         parser.error(f"unknown unit(s) {unknown}; --list prints them")
-    todo = [u for u in plan() if unit_name(*u) in chosen and not (args.out / f"precise-{unit_name(*u)}.json").exists()]
+    todo = [u for u in plan() if unit_name(*u) in chosen
+            and not output_path(args.out, unit_name(*u), args.recheck_steps).exists()]
     print(f"{len(todo)} unit(s) to re-run", flush=True)
     if not todo:
         return
@@ -146,7 +170,7 @@ def main() -> None:
         name = unit_name(recipe, source, seed)
         print(f"== precise {name} ({time.strftime('%H:%M:%S')}) ==", flush=True)
         data = run_unit(model, tokenizer, sae_path, recipe, source, seed, texts, sample, before, args.out, args.work,
-                        args.tokens)
+                        args.tokens, args.recheck_steps, args.loss_tokens)
         widths = [c["high"] - c["low"] for n, c in data["change"].items() if n != source]
         print(f"   done in {data['seconds']['total'] / 60:.1f} min; mean 95% interval width over the other domains "
               f"{100 * sum(widths) / len(widths):.2f} points", flush=True)
