@@ -85,3 +85,23 @@ def test_a_built_entry_is_returned_without_building(tmp_path):
         raise AssertionError("must not rebuild a finished entry")
 
     assert build_once(tmp_path / "entry", _is_built, build) == tmp_path / "entry"
+
+
+def test_the_demo_sae_is_built_in_a_private_folder_and_its_report_names_the_cached_one(tmp_path, monkeypatch):
+    import json
+
+    from tiny import make_model, make_tokenizer
+
+    from sts_callback.tools import demo
+
+    monkeypatch.setenv("STS_CACHE", str(tmp_path))
+    tokenizer = make_tokenizer()
+    model = make_model(vocab_size=len(tokenizer), layers=demo.DEMO_LAYER + 1, hidden=16)
+    logged = []
+    path = demo.ensure_demo_sae(model, tokenizer, d_sae=32, k=4, tokens=600, log=logged.append)
+    assert path == tmp_path / "sae" / f"gemma-3-270m-L{demo.DEMO_LAYER}-w32-k4"
+    assert (path / "cfg.json").exists()
+    assert json.loads((path / "training_report.json").read_text())["path"] == str(path.resolve())
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]
+    assert demo.ensure_demo_sae(model, tokenizer, d_sae=32, k=4, tokens=600, log=logged.append) == path
+    assert logged[-1] == f"SAE: cached at {path}"

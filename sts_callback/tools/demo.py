@@ -380,7 +380,7 @@ def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens:
                     log=print) -> Path:
     """Train the demo SAE on a mix of the built-in domains once; later runs reuse the cached folder."""
     from ..core.corpora import load_domain
-    from .train_sae import SAETrainingConfig, train_sae
+    from .train_sae import REPORT_FILENAME, SAETrainingConfig, train_sae
 
     path = demo_sae_path(d_sae, k)
     if _sae_is_built(path):
@@ -399,6 +399,8 @@ def ensure_demo_sae(model, tokenizer, *, d_sae: int = 4096, k: int = 32, tokens:
                             output_dir=folder, progress=True)
         log(f"SAE: fraction of variance unexplained {trained.fvu:.3f}, dead latents {trained.dead_fraction:.1%}, "
             f"{trained.seconds:.0f} s")
+        report = folder / REPORT_FILENAME  # written in the private folder: name the one it is renamed to
+        report.write_text(json.dumps({**json.loads(report.read_text()), "path": str(path.resolve())}, indent=2))
 
     return build_once(path, _sae_is_built, build)
 
