@@ -64,7 +64,8 @@ def unit_series(unit: dict):
 def learned_module():
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
     import learned
 
     return learned
@@ -289,11 +290,11 @@ def main() -> None:
         args.out = args.out.with_name("early_compare" + "_precise" * args.precise_truth
                                       + "_prior" * (args.step0 == "prior") + ".json")
     step0 = step0_predictions(units, args.step0)
-    results = []
+    results, tables = [], {}
     for unit in units:  # the blend's weights fitted on the other sources' units of its recipe
         others = [u for u in units if u["source"] != unit["source"] and u["recipe"] == unit["recipe"]]
-        tables = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
-        results.append(evaluate(unit, step0.get(unit["unit"]), tables, se=args.measurement_se,
+        tables[unit["unit"]] = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
+        results.append(evaluate(unit, step0.get(unit["unit"]), tables[unit["unit"]], se=args.measurement_se,
                                 precise=precise_changes.get(unit["unit"])))
     trajectories = []  # units re-run with more precise re-checks (precise.py --recheck-steps): the same rules on them
     by_name = {u["unit"]: u for u in units}
@@ -302,11 +303,9 @@ def main() -> None:
         unit = by_name.get(run["unit"])
         if unit is None:
             continue
-        rerun = {**unit, "result": {**unit["result"], "trajectory": run["trajectory"], "log_history": run["log_history"],
-                                    "nll_delta_rel": run["nll_delta_rel"]}}
-        others = [u for u in units if u["source"] != unit["source"] and u["recipe"] == unit["recipe"]]
-        tables = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
-        trajectories.append({**evaluate(rerun, step0.get(unit["unit"]), tables, se=args.measurement_se,
+        rerun = {**unit, "result": {**unit["result"], "trajectory": run["trajectory"],
+                                    "log_history": run["log_history"], "nll_delta_rel": run["nll_delta_rel"]}}
+        trajectories.append({**evaluate(rerun, step0.get(unit["unit"]), tables[unit["unit"]], se=args.measurement_se,
                                         precise=run["nll_delta_rel"]),
                              "loss_tokens": run["loss_tokens"], "recheck_steps": run["recheck_steps"]})
     print(f"early forecast vs the change measured at the end ({len(results)} units; Pearson / direction / MAE "
