@@ -25,7 +25,8 @@ a source that is a built-in domain trains on its even-indexed texts and is its o
   from a cpp_code text (its texts in a seeded order).
 - second round, so that each family has runs to calibrate on leave-one-run-out: ``dpo-<source>-shuffled`` for
   markup, math, chat_templates and ml_docs (as ``dpo-legal-shuffled``), and ``grpo-<source>-keywords`` for legal
-  and markup (the frequent-word share alone as the reward). Their held-out texts are measured up to 128 tokens
+  and markup (the frequent-word share alone as the reward); third round: ``grpo-<source>-keywords`` for math,
+  chat_templates, ml_docs and cpp_code (as the second round's). Their held-out texts are measured up to 128 tokens
   (the callback's default since 2026-12-02), the first four runs' up to 64; each run is compared with itself.
 
 Per run, before training, on the base model (``STSConfig(**units.FORECAST, **ROLLOUT)``): GRPO:
@@ -98,6 +99,11 @@ RUNS = {
     **{f"grpo-{source}-keywords": {"kind": "grpo", "source": source, "task": "keywords",
                                    "rewards": ("frequent_word_share",)}
        for source in ("legal", "markup")},
+    # Third round (2026-12-03, later): four more GRPO sources, so that the GRPO family has as many runs to
+    # calibrate on leave-one-run-out as the DPO family (plus two).
+    **{f"grpo-{source}-keywords": {"kind": "grpo", "source": source, "task": "keywords",
+                                   "rewards": ("frequent_word_share",)}
+       for source in ("math", "chat_templates", "ml_docs", "cpp_code")},
 }
 # LoRA as the units' recipe (r=8, alpha 16, q/v). GRPO: 2 prompts x 4 completions a step (TRL's batch counts
 # completions), temperature 1, no KL term (TRL's default beta=0), constant lr.
