@@ -3,13 +3,16 @@ units' trajectories (``benchmarks/transfer/units/<recipe>-<source>-seed<seed>.js
 
     python benchmarks/transfer/early_compare.py [--units benchmarks/transfer/units] [--out benchmarks/transfer/early_compare.json]
     python benchmarks/transfer/early_compare.py --precise-truth [--step0 prior]   # early_compare_precise[_prior].json
+    python benchmarks/transfer/early_compare.py --measurement-se 0.01 [...]       # early_compare[...]_se1.json
 
 For each unit and each share of training (re-checks at or before that share of the steps), every method
 forecasts each domain's held-out NLL change at the end of training; against the change measured at the end:
 Pearson r over the 10 other domains, the share of them whose direction is right, and the mean absolute error.
 Lead time: for tolerances 1%, 2%, 5%, the steps between a method's first projected violation and the first
 measured one (a domain of the 10 others), the most any method could give (first re-check to the measured
-violation), and its false alarms (projected, never measured). With every unit's run-level terms on disk, also the
+violation), and its false alarms (projected, never measured); with a precise re-run, also with the violation
+decided by the precise final change (``lead_precise``: a violation the re-checks never measured counts as measured
+at the end; a warning for a domain that did not end above the tolerance is a false alarm). With every unit's run-level terms on disk, also the
 step-0 forecast first: the level + pattern calibration (``learned.py``) fitted on the other sources' units
 predicts each domain's change before training, a domain predicted above the tolerance is warned about at step 0
 (``step0+trend``: the callback's rule, the predicted mean; ``step0_p75+trend``: its 75% one-sided lower bound,
@@ -179,7 +182,9 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
             "by_share": rows, **({"by_share_precise": rows_precise} if precise is not None else {}),
             "lead": lead_times(unit, trajectory, share_at, train_loss, steps),
             "lead_with_intervals": lead_times(unit, trajectory, share_at, train_loss, steps, se=se,
-                                              step0=step0, tables=tables)}
+                                              step0=step0, tables=tables),
+            **({"lead_precise": lead_times(unit, trajectory, share_at, train_loss, steps, se=se, step0=step0,
+                                           tables=tables, final=precise)} if precise is not None else {})}
 
 
 def agreement(x: np.ndarray, y: np.ndarray, at_step: int) -> dict:
@@ -200,9 +205,13 @@ def half_width(method: str, fractions: list[float], se: float) -> float:
     return 0.0
 
 
-def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, step0=None, tables=None) -> dict:
+def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, step0=None, tables=None,
+               final: dict | None = None) -> dict:
     """Per tolerance and method: lead over the measured violation, misses and false alarms. ``se`` > 0: the
-    callback's rule, a warning only when the whole projected interval is above the tolerance. ``step0``: domain
+    callback's rule, a warning only when the whole projected interval is above the tolerance. ``final``: each
+    domain's precise final change (precise.py) decides whether it violated; a violation the re-checks never
+    measured counts as measured at the end of the run, and a warning for a domain that did not end above the
+    tolerance is a false alarm even where a re-check's noise crossed it. ``step0``: domain
     -> (predicted mean, interval low) at train start, for the step-0 forecast followed by the trend rule;
     ``tables``: method -> its blend with the step-0 prediction (``trend+step0``: the blend from the first
     re-check; ``step0_interval+trend+step0``: a step-0 warning first when the whole interval is above)."""
@@ -216,6 +225,8 @@ def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, s
             first_recheck = trajectory[0]["step"]
             for domain in unit["others"]:
                 measured = next((r["step"] for r in trajectory if r["nll_delta_rel"][domain] > tolerance), None)
+                if final is not None:
+                    measured = (measured or steps) if final[domain] > tolerance else None
                 warned = None
                 if method.startswith("step0_interval") or method in ("step0+trend", "step0_p75+trend"):
                     mean, low = step0.get(domain, (None, None))
@@ -288,7 +299,9 @@ def main() -> None:
                  if u["unit"] in precise_changes else u for u in units]
     if args.out == DEFAULT_OUT:
         args.out = args.out.with_name("early_compare" + "_precise" * args.precise_truth
-                                      + "_prior" * (args.step0 == "prior") + ".json")
+                                      + "_prior" * (args.step0 == "prior")
+                                      + ("" if args.measurement_se == MEASUREMENT_SE
+                                         else f"_se{100 * args.measurement_se:g}") + ".json")
     step0 = step0_predictions(units, args.step0)
     results, tables = [], {}
     for unit in units:  # the blend's weights fitted on the other sources' units of its recipe
@@ -343,15 +356,19 @@ def main() -> None:
             print(f"  {t['unit']:<30} at 25%: " + "  ".join(
                 f"{m} {row[m]['pearson']:+.2f}/{row[m]['direction']:.0%}" for m in ("power", "trend", "power+step0")
                 if m in row and row[m]["pearson"] is not None))
+    lead_summary = {}
     for lead_key, title in (("lead", "a warning when the projection is above the tolerance"),
                             ("lead_with_intervals", "the callback's rule: when the projection's whole interval is "
-                             f"above it (measurement SE {args.measurement_se:.1%})")):
-        print_leads(results, lead_key, title)
+                             f"above it (measurement SE {args.measurement_se:.1%})"),
+                            ("lead_precise", "the callback's rule as above, a violation decided by the precise "
+                             "final change (units with a precise re-run)")):
+        lead_summary[lead_key] = print_leads(results, lead_key, title)
     args.out.write_text(json.dumps({"args": {"units": str(args.units), "out": str(args.out),
                                              "measurement_se": args.measurement_se,
                                              "precise_truth": args.precise_truth, "step0": args.step0},
                                     "units": results,
                                     "summary": summary, "summary_precise": precise_summary,
+                                    "summary_leads": lead_summary,
                                     **({"trajectories": trajectories,
                                         "summary_trajectories": summarise(trajectories, "by_share_precise", blends)}
                                        if trajectories else {})}, indent=1,
@@ -382,11 +399,13 @@ def print_summary(summary: dict, beside: dict | None = None) -> None:
         print(f"  {key:<22} {cell(s)}" + (f"   (512 tokens: {cell(beside[key])})" if beside and key in beside else ""))
 
 
-def print_leads(results: list[dict], lead_key: str, title: str) -> None:
+def print_leads(results: list[dict], lead_key: str, title: str) -> dict:
+    """Print, and return, per tolerance and rule: violations, misses, mean lead share, false-alarm rate."""
+    out = {}
     print(f"\nlead time (steps before the measured violation) and false alarms, summed over units; {title}")
-    keys = list(dict.fromkeys(k for r in results for k in r[lead_key]))
+    keys = list(dict.fromkeys(k for r in results for k in r.get(lead_key, {})))
     for key in keys:
-        having = [r for r in results if key in r[lead_key]]  # a blend: units whose recipe has one
+        having = [r for r in results if key in r.get(lead_key, {})]  # a blend: units whose recipe has one
         cells = [r[lead_key][key] for r in having]
         leads = [c["mean_lead_share"] for c in cells if c["mean_lead_share"] is not None]
         violations = sum(c["violations"] for c in cells)
@@ -396,8 +415,18 @@ def print_leads(results: list[dict], lead_key: str, title: str) -> None:
         lead = "n/a" if not leads else f"{np.mean(leads):.0%} of the run"
         most = "n/a" if not possible else f"{np.mean(possible):.0%}"
         missed = sum(c["missed"] for c in cells)
+        # over every violation, a missed one giving no lead (the mean above is over the warned ones only)
+        per_violation = sum((c["mean_lead_share"] or 0.0) * (c["violations"] - c["missed"]) for c in cells)
+        per_violation = per_violation / violations if violations else None
         print(f"  tolerance {key:<36} violations {violations:>3} (missed {missed:>2}), mean lead {lead} (at most "
-              f"{most}), false alarms {false} of {quiet} never violating ({false / max(quiet, 1):.0%})")
+              f"{most}; {'n/a' if per_violation is None else f'{per_violation:.0%}'} counting a miss as 0), "
+              f"false alarms {false} of {quiet} never violating ({false / max(quiet, 1):.0%})")
+        out[key] = {"units": len(having), "violations": violations, "missed": missed,
+                    "mean_lead_share": float(np.mean(leads)) if leads else None,
+                    "mean_lead_share_per_violation": per_violation,
+                    "most_possible_lead_share": float(np.mean(possible)) if possible else None,
+                    "false_alarms": false, "never_violating": quiet, "false_alarm_rate": false / max(quiet, 1)}
+    return out
 
 
 if __name__ == "__main__":
