@@ -57,6 +57,7 @@ keywords ~18 s, arithmetic ~22 s, DPO ~14 s; a held-out measurement of 11 x 512 
 ~5 (the units benchmark and other jobs beside it): ~42 min (training ~16 min, 12 held-out measurements ~14 min,
 forecasts ~12 min); ~30 min with only the units benchmark beside it (load ~2.5). The smoke: 4.3 min at load ~5.
 The second round's 6 runs took 88 min beside the units benchmark on 2026-12-03 (DPO 10-15 min, GRPO 15-17 min).
+The third round's 4 GRPO runs took 94 min beside another benchmark (20-31 min each).
 """
 
 from __future__ import annotations
