@@ -12,9 +12,10 @@ Lead time: for tolerances 1%, 2%, 5%, the steps between a method's first project
 measured one (a domain of the 10 others), the most any method could give (first re-check to the measured
 violation), and its false alarms (projected, never measured); with a precise re-run, also with the violation
 decided by the precise final change (``lead_precise``: a violation the re-checks never measured counts as measured
-at the end; a warning for a domain that did not end above the tolerance is a false alarm). With every unit's run-level terms on disk, also the
-step-0 forecast first: the level + pattern calibration (``learned.py``) fitted on the other sources' units
-predicts each domain's change before training, a domain predicted above the tolerance is warned about at step 0
+at the end; a warning for a domain that did not end above the tolerance is a false alarm). With every unit's
+run-level terms on disk, also the step-0 forecast first: the level + pattern calibration (``learned.py``) fitted
+on the other sources' units predicts each domain's change before training, a domain predicted above the tolerance
+is warned about at step 0
 (``step0+trend``: the callback's rule, the predicted mean; ``step0_p75+trend``: its 75% one-sided lower bound,
 from the interval as a normal; ``step0_interval+trend``: only when the whole 90% interval is above), and the trend
 rule takes over at the re-checks. And the blend (``power+step0``,
