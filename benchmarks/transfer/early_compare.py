@@ -5,26 +5,25 @@ units' trajectories (``benchmarks/transfer/units/<recipe>-<source>-seed<seed>.js
     python benchmarks/transfer/early_compare.py --precise-truth [--step0 prior]   # early_compare_precise[_prior].json
     python benchmarks/transfer/early_compare.py --measurement-se 0.01 [...]       # early_compare[...]_se1.json
 
-For each unit and each share of training (re-checks at or before that share of the steps), every method
-forecasts each domain's held-out NLL change at the end of training; against the change measured at the end:
-Pearson r over the 10 other domains, the share of them whose direction is right, and the mean absolute error.
-Lead time: for tolerances 1%, 2%, 5%, the steps between a method's first projected violation and the first
-measured one (a domain of the 10 others), the most any method could give (first re-check to the measured
-violation), and its false alarms (projected, never measured); with a precise re-run, also with the violation
-decided by the precise final change (``lead_precise``: a violation the re-checks never measured counts as measured
-at the end; a warning for a domain that did not end above the tolerance is a false alarm). With every unit's
-run-level terms on disk, also the step-0 forecast first: the level + pattern calibration (``learned.py``) fitted
-on the other sources' units predicts each domain's change before training, a domain predicted above the tolerance
-is warned about at step 0
-(``step0+trend``: the callback's rule, the predicted mean; ``step0_p75+trend``: its 75% one-sided lower bound,
-from the interval as a normal; ``step0_interval+trend``: only when the whole 90% interval is above), and the trend
-rule takes over at the re-checks. And the blend (``power+step0``,
-``trend+step0``; ``sts_callback.scoring.early.blend``): at each re-check the projection and the step-0 prediction
-weighted by a line fitted per share of training on the other sources' units of the same recipe (leave-one-source-
-out; none for a recipe with fewer than 3 other sources), what the callback does with a calibration that carries an
-``early_blend`` table for the run's recipe. ``step0`` alone is scored beside them. With ``--precise-truth`` the step-0
-forecast and the blends are fitted on (and every method scored against) each unit's precise final change where it
-has one (``precise.py``); ``--step0 prior``: the step-0 pattern from the domain prior alone.
+For each unit and each share of training (re-checks at or before that share of the steps), every method forecasts
+each domain's held-out NLL change at the end of training; against the change measured at the end: Pearson r over the
+10 other domains, the share of them whose direction is right, and the mean absolute error. Lead time: for tolerances
+1%, 2%, 5%, the steps between a method's first projected violation and the first measured one (a domain of the 10
+others), the most any method could give (first re-check to the measured violation), and its false alarms (projected,
+never measured); with a precise re-run, also with the violation decided by the precise final change
+(``lead_precise``: a violation the re-checks never measured counts as measured at the end; a warning for a domain
+that did not end above the tolerance is a false alarm). With every unit's run-level terms on disk, also the step-0
+forecast first: the level + pattern calibration (``learned.py``) fitted on the other sources' units predicts each
+domain's change before training, a domain predicted above the tolerance is warned about at step 0 (``step0+trend``:
+the callback's rule, the predicted mean; ``step0_p75+trend``: its 75% one-sided lower bound, from the interval as a
+normal; ``step0_interval+trend``: only when the whole 90% interval is above), and the trend rule takes over at the
+re-checks. And the blend (``power+step0``, ``trend+step0``; ``sts_callback.scoring.early.blend``): at each re-check
+the projection and the step-0 prediction weighted by a line fitted per share of training on the other sources' units
+of the same recipe (leave-one-source-out; none for a recipe with fewer than 3 other sources), what the callback
+does with a calibration that carries an ``early_blend`` table for the run's recipe. ``step0`` alone is scored beside
+them. With ``--precise-truth`` the step-0 forecast and the blends are fitted on (and every method scored against)
+each unit's precise final change where it has one (``precise.py``); ``--step0 prior``: the step-0 pattern from the
+domain prior alone.
 """
 
 from __future__ import annotations
