@@ -226,7 +226,7 @@ def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, s
             for domain in unit["others"]:
                 measured = next((r["step"] for r in trajectory if r["nll_delta_rel"][domain] > tolerance), None)
                 if final is not None:
-                    measured = (measured or steps) if final[domain] > tolerance else None
+                    measured = (steps if measured is None else measured) if final[domain] > tolerance else None
                 warned = None
                 if method.startswith("step0_interval") or method in ("step0+trend", "step0_p75+trend"):
                     mean, low = step0.get(domain, (None, None))

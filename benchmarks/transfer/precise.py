@@ -21,7 +21,8 @@ changes, and the seed agreement with both seeds measured on the same texts.
 re-checks during training too, as the callback would with ``loss_tokens=2048`` (about 16 texts a domain, 4x the
 units' 512), every ``--recheck-steps`` steps, and writes ``units/trajectory-<unit>.json``: the callback's
 trajectory (each re-check's changes and 95% intervals) beside the precise final change, which
-``early_compare.py`` reads when present: is an early forecast from re-checks this precise reliable from 25% of training?
+``early_compare.py`` reads when present: is an early forecast from re-checks this precise reliable from 25% of
+training?
 """
 
 from __future__ import annotations

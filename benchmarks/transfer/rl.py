@@ -97,14 +97,11 @@ RUNS = {
     # other runs (leave-one-run-out) as the SFT forecast is on the other sources' units.
     **{f"dpo-{source}-shuffled": {"kind": "dpo", "source": source, "rejected": "shuffled"}
        for source in ("markup", "math", "chat_templates", "ml_docs")},
+    # GRPO: legal and markup in the second round; math, chat_templates, ml_docs and cpp_code in the third
+    # (2026-12-03, later), so that the GRPO family has as many runs to calibrate on as the DPO family (plus two).
     **{f"grpo-{source}-keywords": {"kind": "grpo", "source": source, "task": "keywords",
                                    "rewards": ("frequent_word_share",)}
-       for source in ("legal", "markup")},
-    # Third round (2026-12-03, later): four more GRPO sources, so that the GRPO family has as many runs to
-    # calibrate on leave-one-run-out as the DPO family (plus two).
-    **{f"grpo-{source}-keywords": {"kind": "grpo", "source": source, "task": "keywords",
-                                   "rewards": ("frequent_word_share",)}
-       for source in ("math", "chat_templates", "ml_docs", "cpp_code")},
+       for source in ("legal", "markup", "math", "chat_templates", "ml_docs", "cpp_code")},
 }
 # LoRA as the units' recipe (r=8, alpha 16, q/v). GRPO: 2 prompts x 4 completions a step (TRL's batch counts
 # completions), temperature 1, no KL term (TRL's default beta=0), constant lr.
