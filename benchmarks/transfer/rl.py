@@ -28,6 +28,10 @@ a source that is a built-in domain trains on its even-indexed texts and is its o
   and markup (the frequent-word share alone as the reward); third round: ``grpo-<source>-keywords`` for math,
   chat_templates, ml_docs and cpp_code (as the second round's). Their held-out texts are measured up to 128 tokens
   (the callback's default since 2026-12-02), the first four runs' up to 64; each run is compared with itself.
+  Fourth round: ``grpo-<source>-keywords-long`` for legal, cpp_code, math and chat_templates (the runs whose
+  512-token changes were the noisiest): 48 steps instead of 16, and after training every domain also measured on
+  precise.py's fixed 4,096-token sample (``measured_precise`` / ``agreement_precise``; the base NLL is read from
+  ``units/precise-base.json``).
 
 Per run, before training, on the base model (``STSConfig(**units.FORECAST, **ROLLOUT)``): GRPO:
 ``rollout_forecast(shift="reward_weighted")``, ``rollout_forecast(shift="demonstrations")`` (reward-filtered rollouts
@@ -87,6 +91,7 @@ from learned import SAE_FEATURES  # noqa: E402
 
 from sts_callback.core.config import SIGNED_VARIANTS  # noqa: E402
 
+PRECISE_TOKENS = 4096  # precise.py's TOKENS: its cached base NLL (units/precise-base.json) is reused
 RUNS = {
     "grpo-python_code-keywords": {"kind": "grpo", "source": "python_code", "task": "keywords",
                                   "rewards": ("has_def", "frequent_word_share")},
@@ -102,6 +107,12 @@ RUNS = {
     **{f"grpo-{source}-keywords": {"kind": "grpo", "source": source, "task": "keywords",
                                    "rewards": ("frequent_word_share",)}
        for source in ("legal", "markup", "math", "chat_templates", "ml_docs", "cpp_code")},
+    # Fourth round (2026-12-03, evening): the GRPO sources whose measured changes were the noisiest (noise ceilings
+    # 0.0-0.8 over 512 tokens), 3x longer so that the reward can rise and the changes outgrow the noise, and each
+    # also measured on precise.py's fixed 4,096-token sample (``measured_precise``).
+    **{f"grpo-{source}-keywords-long": {"kind": "grpo", "source": source, "task": "keywords", "size": "keywords_long",
+                                        "rewards": ("frequent_word_share",), "precise_tokens": PRECISE_TOKENS}
+       for source in ("legal", "cpp_code", "math", "chat_templates")},
 }
 # LoRA as the units' recipe (r=8, alpha 16, q/v). GRPO: 2 prompts x 4 completions a step (TRL's batch counts
 # completions), temperature 1, no KL term (TRL's default beta=0), constant lr.
@@ -110,6 +121,9 @@ GRPO = {
     "keywords": {"steps": 16, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 16,
                  "learning_rate": 1e-3, "prompt_tokens": 32, "reference_tokens": 48, "prompts": 256,
                  "frequent_words": 50},
+    "keywords_long": {"steps": 48, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 16,
+                      "learning_rate": 1e-3, "prompt_tokens": 32, "reference_tokens": 48, "prompts": 256,
+                      "frequent_words": 50},
     # lr 1e-3 made this reward fall (0.73 -> 0.40 over 20 steps in a trial); 3e-4 raised it (0.71 -> 0.87 in 16)
     "arithmetic": {"steps": 16, "per_device_train_batch_size": 16, "num_generations": 4, "max_completion_length": 4,
                    "learning_rate": 3e-4, "prompts": 256, "low": 2, "high": 12},
@@ -127,6 +141,7 @@ SIGNED = SIGNED_VARIANTS
 SMOKE = {
     "grpo": {"steps": 2, "per_device_train_batch_size": 4, "num_generations": 4, "prompts": 16},
     "grpo_keywords": {"max_completion_length": 6},
+    "precise_tokens": 256,
     "dpo": {"steps": 2, "per_device_train_batch_size": 2, "pairs": 16, "prompt_tokens": 16, "completion_tokens": 16},
     "callback": {"loss_tokens": 48, "recheck_tokens": 64, "rechecks": 2},
     "forecast": {"n_shifted": 20, "shift_tokens": 96, "domain_tokens": 48, "n_domain_demonstrations": 1,
@@ -143,11 +158,13 @@ def sizes(smoke: bool) -> dict[str, Any]:
     if smoke:
         for values in grpo.values():
             values.update(SMOKE["grpo"])
-        grpo["keywords"].update(SMOKE["grpo_keywords"])
+        for task in ("keywords", "keywords_long"):
+            grpo[task].update(SMOKE["grpo_keywords"])
         dpo.update(SMOKE["dpo"])
         callback.update(SMOKE["callback"])
         forecast.update({**SMOKE["forecast"], **SMOKE["rollout"]})
-    return {"grpo": grpo, "dpo": dpo, "callback": callback, "forecast": forecast}
+    return {"grpo": grpo, "dpo": dpo, "callback": callback, "forecast": forecast,
+            "precise_tokens": SMOKE["precise_tokens"] if smoke else None}
 
 
 # ----------------------------------------------------------------------------------------------- tasks (offline)
@@ -334,6 +351,42 @@ def cached_callback_class(cache: DomainCache):
     return CachedDomainsSTSCallback
 
 
+# ----------------------------------------------------------------------------------------------- precise measurement
+
+class PreciseSample:
+    """precise.py's fixed held-out sample (every domain's odd-indexed texts, ``tokens`` per domain, one sample for
+    every run) and the base model's per-text NLL on it, read from ``<cache>/precise-base.json`` (computed and written
+    there if absent): a run measured on it compares with the SFT units' precise re-runs, text for text."""
+
+    def __init__(self, model, tokenizer, texts, tokens: int, cache: Path):
+        from precise import CHEAP_FORECAST, base_nll, precise_sample
+
+        from sts_callback.core.config import STSConfig
+        from sts_callback.pipelines.forecast import prompt_builder
+
+        self.tokens = tokens
+        self.sample = precise_sample(texts, prompt_builder(model, tokenizer, STSConfig(**CHEAP_FORECAST)), tokens)
+        self.before = base_nll(model, tokenizer, self.sample, f"{units.fingerprint(texts)}-{tokens}", cache)
+
+    def measure(self, model, tokenizer) -> dict[str, Any]:
+        """Each domain's relative held-out NLL change of ``model`` (the trained policy) with its 95% interval."""
+        import torch
+
+        from sts_callback.core.heldout import paired_change, sequence_nll
+        from sts_callback.core.torch_utils import pad_token_id
+        from sts_callback.pipelines.forecast import inference_mode
+
+        start = time.perf_counter()
+        changes = {}
+        with inference_mode(model):
+            for name, sequences in self.sample.items():
+                after = sequence_nll(model, sequences, pad_token_id(tokenizer), 8)
+                changes[name] = paired_change(torch.tensor(self.before[name], dtype=torch.float64), after)
+        return {"tokens": self.tokens, "loss_delta": {n: c.delta for n, c in changes.items()},
+                "loss_delta_ci": {n: [c.low, c.high] for n, c in changes.items()},
+                "sequences": {n: c.sequences for n, c in changes.items()}, "seconds": time.perf_counter() - start}
+
+
 # ----------------------------------------------------------------------------------------------- scoring
 
 def forecast_record(forecast, seconds: float) -> dict[str, Any]:
@@ -413,8 +466,9 @@ def log_rows(log_history: list[dict], keys: tuple[str, ...]) -> list[dict[str, A
 
 
 def train(kind: str, model, tokenizer, sae_path, data, targets, config, callback_sizes, trainer_args: dict,
-          reward_funcs, cache: DomainCache, work: Path, seed: int = 0):
-    """Train a LoRA copy of ``model`` with the callback; returns (callback, trainer log, seconds)."""
+          reward_funcs, cache: DomainCache, work: Path, seed: int = 0, precise: PreciseSample | None = None):
+    """Train a LoRA copy of ``model`` with the callback; returns (callback, trainer log, seconds, the trained
+    policy measured on ``precise`` or None)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import set_seed
@@ -454,18 +508,20 @@ def train(kind: str, model, tokenizer, sae_path, data, targets, config, callback
     trainer.train()
     seconds = time.perf_counter() - start
     log = list(trainer.state.log_history)
+    measured_precise = precise.measure(trainer.model, tokenizer) if precise is not None else None
     del trainer, policy
-    return cb, log, seconds
+    return cb, log, seconds, measured_precise
 
 
-def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache: DomainCache, work: Path) -> dict:
+def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache: DomainCache, work: Path,
+             precise: PreciseSample | None = None) -> dict:
     from sts_callback import forecast as sft_forecast
     from sts_callback.core.config import STSConfig
     from sts_callback.pipelines.rollouts import rollout_forecast
 
     t_start = time.perf_counter()
     source, task = spec["source"], spec["task"]
-    s = sz["grpo"][task]
+    s = sz["grpo"][spec.get("size", task)]
     if source in texts:
         train_texts, targets = units.split(source, texts)
     else:
@@ -492,8 +548,9 @@ def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache
             forecasts[variant] = timed_forecast(variant, call)
             seconds[f"forecast/{variant}"] = forecasts[variant]["seconds"]
     print(f"   training {trainer_args['max_steps']} GRPO steps ...", flush=True)
-    cb, log, seconds["train_with_callback"] = train("grpo", model, tokenizer, sae_path, rows, targets, config,
-                                                    sz["callback"], trainer_args, funcs, cache, work / name)
+    cb, log, seconds["train_with_callback"], measured_precise = train(
+        "grpo", model, tokenizer, sae_path, rows, targets, config, sz["callback"], trainer_args, funcs, cache,
+        work / name, precise=precise)
     if cb.forecast is not None:
         forecasts["callback"] = forecast_record(cb.forecast, cb.forecast.timings.get("total", 0.0))
     reward_keys = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy", "loss",
@@ -504,7 +561,7 @@ def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache
              "example_prompt": rows[0]["prompt"], **({"frequent_words": built["frequent_words"]}
                                                      if "frequent_words" in built else {})}
     return finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, trajectory,
-                  {"reward": quarters(rewards)}, seconds, t_start, extra)
+                  {"reward": quarters(rewards)}, seconds, t_start, extra, measured_precise)
 
 
 def timed_forecast(variant: str, call) -> dict[str, Any]:
@@ -525,7 +582,8 @@ def trainer_args_settings(trainer_args: dict) -> dict:
     return {k: trainer_args[k] for k in ("num_generations", "max_completion_length", "temperature", "top_k")}
 
 
-def run_dpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache: DomainCache, work: Path) -> dict:
+def run_dpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache: DomainCache, work: Path,
+            precise: PreciseSample | None = None) -> dict:
     from sts_callback.core.config import STSConfig
     from sts_callback.pipelines.preference import preference_forecast
 
@@ -545,8 +603,9 @@ def run_dpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache:
                 model, tokenizer, sae_path, pairs, targets, config, shift=shift))
             seconds[f"forecast/{variant}"] = forecasts[variant]["seconds"]
     print(f"   training {trainer_args['max_steps']} DPO steps ...", flush=True)
-    cb, log, seconds["train_with_callback"] = train("dpo", model, tokenizer, sae_path, pairs, targets, config,
-                                                    sz["callback"], trainer_args, None, cache, work / name)
+    cb, log, seconds["train_with_callback"], measured_precise = train(
+        "dpo", model, tokenizer, sae_path, pairs, targets, config, sz["callback"], trainer_args, None, cache,
+        work / name, precise=precise)
     if cb.forecast is not None:
         forecasts["callback"] = forecast_record(cb.forecast, cb.forecast.timings.get("total", 0.0))
     trajectory = log_rows(log, ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"))
@@ -554,14 +613,20 @@ def run_dpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache:
     return finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, trajectory,
                   {"margin": quarters([e["rewards/margins"] for e in trajectory if "rewards/margins" in e]),
                    "accuracy": quarters([e["rewards/accuracies"] for e in trajectory if "rewards/accuracies" in e])},
-                  seconds, t_start, extra)
+                  seconds, t_start, extra, measured_precise)
 
 
 def finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, trajectory, rise, seconds, t_start,
-           extra) -> dict:
+           extra, measured_precise=None) -> dict:
     measured = measured_effect(cb)
     others = [d for d in sorted(targets) if d != source]
     agree = {v: agreement(f["scores"], measured["loss_delta"], others) for v, f in forecasts.items() if "scores" in f}
+    precise = {}
+    if measured_precise is not None:
+        seconds["precise_measure"] = measured_precise["seconds"]
+        precise = {"measured_precise": measured_precise, "agreement_precise": {
+            v: agreement(f["scores"], measured_precise["loss_delta"], others) for v, f in forecasts.items()
+            if "scores" in f}}
     checks = {}
     twin = "reward_filtered" if spec["kind"] == "grpo" else "chosen_vs_rejected"
     # the callback's own (shift "auto") forecast vs the same variant made before training: equal in fp32
@@ -580,7 +645,7 @@ def finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, traject
     return {"format": "sts-rl-run/1", "run": name, **spec, "others": others, "training": {
                 "method": "lora", "lora": LORA, **trainer_args},
             "callback": {k: v for k, v in sz["callback"].items()}, "config": dict(sz["forecast"]),
-            "reward_rise": rise, "trajectory": trajectory, "measured": measured, "forecasts": forecasts,
+            "reward_rise": rise, "trajectory": trajectory, "measured": measured, **precise, "forecasts": forecasts,
             "agreement": agree, "checks": checks,
             "sft_unit": sft_unit_comparison(source, measured["loss_delta"], others, units.UNITS),
             "task": extra, "seconds": seconds, "date": time.strftime("%Y-%m-%d"),
@@ -614,6 +679,13 @@ def print_table(results: list[dict]) -> None:
               f"{fmt(max(spread), '+.2%')}; {data['seconds']['total'] / 60:.1f} min"
               + (f"; vs SFT unit measured r {fmt(data['sft_unit']['measured_vs_sft_measured_r'])}"
                  if data.get("sft_unit") else ""))
+        if "measured_precise" in data:
+            p = data["measured_precise"]["loss_delta"]
+            cells = ", ".join(f"{variant} {fmt(agree.get('sts_icl', {}).get('r'))}"
+                              for variant, agree in data["agreement_precise"].items())
+            print(f"{'':<30} precise ({data['measured_precise']['tokens']} tokens): own {fmt(p.get(data['source']), '+.2%')}"
+                  f", others {fmt(min(p[d] for d in data['others']), '+.2%')} .. "
+                  f"{fmt(max(p[d] for d in data['others']), '+.2%')}; r_icl {cells}")
     print("r: Pearson with the signed measured change over the other domains (best feature by |r|; r_icl: sts_icl);"
           " sign fmt: share of those domains where forgetting_minus_transfer > 0 <=> the loss rose.")
 
@@ -661,11 +733,18 @@ def main() -> None:
               f"{torch.get_num_threads()} thread(s)", flush=True)
         sz = sizes(args.smoke)
         cache = DomainCache(enabled=not args.no_domain_cache)
+        precise = None
+        wanted = [RUNS[n]["precise_tokens"] for n in todo if RUNS[n].get("precise_tokens")]
+        if wanted:  # the smoke measures a small sample, cached in its own --out (never the units' cache)
+            precise = PreciseSample(model, tokenizer, texts, sz["precise_tokens"] or max(wanted),
+                                    args.out if args.smoke else units.UNITS)
+            print(f"precise sample: {precise.tokens} tokens per domain", flush=True)
         for name in todo:
             spec = RUNS[name]
             print(f"== {name} ({time.strftime('%H:%M:%S')}) ==", flush=True)
             runner = run_grpo if spec["kind"] == "grpo" else run_dpo
-            data = runner(name, spec, model, tokenizer, sae_path, texts, sz, cache, args.work)
+            data = runner(name, spec, model, tokenizer, sae_path, texts, sz, cache, args.work,
+                          precise if spec.get("precise_tokens") else None)
             data.update({"smoke": args.smoke, "threads": torch.get_num_threads(),
                          "domains_fingerprint": units.fingerprint(texts),
                          "domain_cache": {"enabled": cache.enabled, "hits": cache.hits, "misses": cache.misses}})
