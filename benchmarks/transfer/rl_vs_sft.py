@@ -41,11 +41,12 @@ def points(scores: dict, changes: dict, others: list[str]) -> tuple[np.ndarray, 
             np.array([changes[n] for n in names], dtype=float))
 
 
-def leave_one_out(runs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
-    """Per run: raw Pearson, the slope's sign from the other runs' pooled line, and the calibrated r / direction."""
+def leave_one_out(runs: dict[str, tuple[np.ndarray, np.ndarray]], sources: dict[str, str]) -> dict[str, dict]:
+    """Per run: raw Pearson, the slope's sign from the pooled line of the runs of the other sources, and the
+    calibrated r / direction."""
     out = {}
     for name, (x, y) in runs.items():
-        rest = [runs[o] for o in runs if o != name]
+        rest = [runs[o] for o in runs if sources[o] != sources[name]]
         row = {"pearson_raw": correlation(x, y, n_resamples=0)["r"], "domains": len(x)}
         if rest:
             xs, ys = np.concatenate([r[0] for r in rest]), np.concatenate([r[1] for r in rest])
@@ -58,7 +59,22 @@ def leave_one_out(runs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, d
     return out
 
 
-def domain_prior_rows() -> dict[str, dict]:
+def unit_changes(unit: dict, precise: bool) -> dict[str, float]:
+    """An SFT unit's measured changes: its own 512-token ones, or with ``precise`` its re-run's on precise.py's
+    4,096-token sample where that exists (``units/precise-<unit>.json``)."""
+    path = HERE / "units" / f"precise-{unit['unit']}.json"
+    if precise and path.exists():
+        return json.loads(path.read_text())["nll_delta_rel"]
+    return unit["result"]["nll_delta_rel"]
+
+
+def run_measurement(run: dict, precise: bool) -> dict:
+    """An RL / DPO run's measured changes and 95% intervals: the callback's final re-check, or with ``precise``
+    the run's measurement on precise.py's 4,096-token sample where it has one (``rl.py``'s fourth round)."""
+    return run["measured_precise"] if precise and "measured_precise" in run else run["measured"]
+
+
+def domain_prior_rows(precise: bool = False) -> dict[str, dict]:
     """Per RL / DPO run (and, for comparison, per SFT unit): Pearson r of the measured changes with the domain
     prior (``Calibration.fit_level_pattern(domain_prior=True)``'s additive run + domain model) fitted on the SFT
     units of the OTHER sources: what the team's earlier SFT runs say about how each domain moves relative to the
@@ -68,13 +84,14 @@ def domain_prior_rows() -> dict[str, dict]:
     units = {}
     for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
         unit = json.loads(path.read_text())
-        changes = np.array([unit["result"]["nll_delta_rel"][d] for d in unit["others"]])
+        measured = unit_changes(unit, precise)
+        changes = np.array([measured[d] for d in unit["others"]])
         units[unit["source"]] = (unit["others"], changes - changes.mean())
     runs = {f"sft {source}": (source, others, changes) for source, (others, changes) in units.items()}
     for path in sorted((HERE / "rl").glob("*.json")):
         run = json.loads(path.read_text())
-        runs[run["run"]] = (run["source"], run["others"],
-                            np.array([run["measured"]["loss_delta"][d] for d in run["others"]]))
+        measured = run_measurement(run, precise)["loss_delta"]
+        runs[run["run"]] = (run["source"], run["others"], np.array([measured[d] for d in run["others"]]))
     out = {}
     for name, (source, others, changes) in runs.items():
         fitted = [(o, c) for s, (o, c) in units.items() if s != source]
@@ -130,81 +147,102 @@ def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str,
         if family != "sft in_context":
             out[f"{family} (level + pattern + prior, fitted on SFT units)"] = scored(runs, units)
             out[f"{family} (level + pattern + prior, SFT units + family's other runs)"] = scored(
-                runs, lambda name, runs=runs: units(name) + [r for o, r in runs.items() if o != name])
+                runs, lambda name, runs=runs: units(name) + others(name))
     return out
 
 
-def noise_ceiling_range(run: dict) -> tuple[float | None, float | None]:
+def noise_ceiling_range(measured: dict, others: list[str]) -> tuple[float | None, float | None]:
     """The noise ceiling (``scoring.agreement.noise_ceiling``: the r a perfect forecast could expect) of a run's
-    measured changes over its other domains, from their 95% intervals. The runs keep no sequence counts, so the
-    standard error is bracketed: the interval over the normal quantile (the most error: the lower bound) and over
-    Student's t with 3 degrees of freedom (4 texts, the fewest 512 tokens hold: the upper bound)."""
+    measured changes over its other domains, from their 95% intervals. Where the measurement keeps its sequence
+    counts (the precise one), the standard error is the interval over Student's t with n - 1 degrees of freedom
+    (one value); the callback's re-checks keep none, so it is bracketed: the interval over the normal quantile
+    (the most error: the lower bound) and over t with 3 degrees of freedom (4 texts, the fewest 512 tokens hold:
+    the upper bound)."""
     from scipy.stats import t
 
     from sts_callback.scoring.agreement import noise_ceiling
 
-    measured, others = run["measured"], run["others"]
     changes = [measured["loss_delta"][d] for d in others]
     halves = [(measured["loss_delta_ci"][d][1] - measured["loss_delta_ci"][d][0]) / 2 for d in others]
+    if "sequences" in measured:
+        value = noise_ceiling(changes, [h / float(t.ppf(0.975, measured["sequences"][d] - 1))
+                                        for h, d in zip(halves, others)])
+        return value, value
     return (noise_ceiling(changes, [h / 1.96 for h in halves]),
             noise_ceiling(changes, [h / float(t.ppf(0.975, 3)) for h in halves]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=HERE / "rl_vs_sft.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: rl_vs_sft.json, with --precise-truth rl_vs_sft_precise.json")
+    parser.add_argument("--precise-truth", action="store_true",
+                        help="score against the 4,096-token measurements where a run or unit has one")
     args = parser.parse_args()
+    out = args.out or HERE / ("rl_vs_sft_precise.json" if args.precise_truth else "rl_vs_sft.json")
     sft, sft_learned, sources = {}, {}, {}
     for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
         unit = json.loads(path.read_text())
-        sft[unit["source"]] = points(unit["result"]["scores"], unit["result"]["nll_delta_rel"], unit["others"])
-        sft_learned[unit["source"]] = learned_runs(unit["result"]["scores"], unit["result"]["nll_delta_rel"],
-                                                   unit["others"])
+        changes = unit_changes(unit, args.precise_truth)
+        sft[unit["source"]] = points(unit["result"]["scores"], changes, unit["others"])
+        sft_learned[unit["source"]] = learned_runs(unit["result"]["scores"], changes, unit["others"])
         sources[unit["source"]] = unit["source"]
     families: dict[str, dict[str, tuple]] = {"sft in_context": sft}
     ceilings: dict[str, tuple] = {}
+    precise_runs: list[str] = []
     learned: dict[str, dict[str, tuple]] = {"sft in_context": sft_learned}
     for path in sorted((HERE / "rl").glob("*.json")):
         run = json.loads(path.read_text())
         sources[run["run"]] = run["source"]
-        ceilings[run["run"]] = noise_ceiling_range(run)
+        measured = run_measurement(run, args.precise_truth)
+        if "sequences" in measured:
+            precise_runs.append(run["run"])
+        ceilings[run["run"]] = noise_ceiling_range(measured, run["others"])
         for variant, forecast in run["forecasts"].items():
             if variant == "callback" or "scores" not in forecast:  # the callback's equals its default variant's
                 continue
             family = f"{run['kind']} {variant}"
             families.setdefault(family, {})[run["run"]] = points(
-                forecast["scores"], run["measured"]["loss_delta"], run["others"])
+                forecast["scores"], measured["loss_delta"], run["others"])
             learned.setdefault(family, {})[run["run"]] = learned_runs(
-                forecast["scores"], run["measured"]["loss_delta"], run["others"])
-    result = {family: leave_one_out(runs) for family, runs in families.items()}
+                forecast["scores"], measured["loss_delta"], run["others"])
+    result = {family: leave_one_out(runs, sources) for family, runs in families.items()}
     result.update(level_pattern_rows({f: {n: r for n, r in runs.items() if r is not None}
                                       for f, runs in learned.items()}, sources))
-    prior = domain_prior_rows()
+    prior = domain_prior_rows(args.precise_truth)
     result["domain prior -> SFT units"] = {n[4:]: r for n, r in prior.items() if n.startswith("sft ")}
     result["domain prior -> RL / DPO runs"] = {n: r for n, r in prior.items() if not n.startswith("sft ")}
     print(f"Pearson r / right direction over each run's other domains; {FEATURE} alone calibrated by a line, "
           "or level + pattern + prior on every SAE feature, fitted leave-one-run-out")
-    print(f"{'forecast':<86} {'runs':>4} {'mean r':>7} {'mean dir':>8} {'goal':>4}")
-    for family, rows in result.items():
-        scored = [r for r in rows.values() if r.get("pearson") is not None]
+    def summary(rows: list[dict]) -> str:
+        scored = [r for r in rows if r.get("pearson") is not None]
         dirs = [r["direction"] for r in scored if r.get("direction") is not None]
         met = sum(1 for r in scored if r["pearson"] >= 0.85 and (r.get("direction") or 0) >= 0.8)
         mean_r = f"{np.mean([r['pearson'] for r in scored]):+.2f}" if scored else "n/a"
         mean_dir = f"{np.mean(dirs):.0%}" if dirs else "-"
-        print(f"{family:<86} {len(scored):>4} {mean_r:>7} {mean_dir:>8} {met:>4}")
+        return f"{len(scored):>4} {mean_r:>7} {mean_dir:>8} {met:>4}"
+
+    subset = f" | {'runs measured on 4,096 tokens':>29}" if precise_runs else ""
+    print(f"{'forecast':<86} {'runs':>4} {'mean r':>7} {'mean dir':>8} {'goal':>4}{subset}")
+    for family, rows in result.items():
+        line = f"{family:<86} {summary(list(rows.values()))}"
+        if precise_runs and any(n in rows for n in precise_runs):
+            line += f" | {summary([rows[n] for n in precise_runs if n in rows]):>29}"
+        print(line)
     print("\nper run:")
     for family, rows in result.items():
         cells = [f"{name} {r['pearson']:+.2f}" + (f" / {r['direction']:.0%}" if r.get("direction") is not None else "")
                  for name, r in rows.items() if r.get("pearson") is not None]
         if cells:
             print(f"  {family}: " + "; ".join(cells))
-    print("\nnoise ceiling of each run's measured changes (the r even a perfect forecast could expect; a range, "
-          "since the runs keep no sequence counts): " + "; ".join(
-              f"{name} {low:.2f}-{high:.2f}" for name, (low, high) in ceilings.items()
+    print("\nnoise ceiling of each run's measured changes (the r even a perfect forecast could expect; a range where "
+          "the measurement keeps no sequence counts): " + "; ".join(
+              f"{name} {low:.2f}" + (f"-{high:.2f}" if high != low else "") for name, (low, high) in ceilings.items()
               if low is not None and high is not None))
-    args.out.write_text(json.dumps({"feature": FEATURE, "families": result,
-                                    "noise_ceiling": {n: list(c) for n, c in ceilings.items()}}, indent=1))
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps({"feature": FEATURE, "precise_truth": args.precise_truth,
+                               "runs_measured_precisely": precise_runs, "families": result,
+                               "noise_ceiling": {n: list(c) for n, c in ceilings.items()}}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
