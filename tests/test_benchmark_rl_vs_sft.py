@@ -1,0 +1,49 @@
+"""The RL-vs-SFT comparison (benchmarks/transfer/rl_vs_sft.py): a run is never calibrated on a run of its own
+source, and a measurement that keeps its sequence counts has one noise ceiling, not a range."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer" / "rl_vs_sft.py"
+
+
+@pytest.fixture(scope="module")
+def rl_vs_sft():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its neighbour learned.py
+    try:
+        spec = importlib.util.spec_from_file_location("rl_vs_sft", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_a_run_is_calibrated_without_the_runs_of_its_own_source(rl_vs_sft):
+    x = np.array([-1.0, 1.0, 2.0, 3.0])
+    runs = {"legal-short": (x, -10 * x), "legal-long": (x, x + np.array([0, 0.1, -0.1, 0])),
+            "math": (x, x), "markup": (x, 2 * x)}
+    sources = {"legal-short": "legal", "legal-long": "legal", "math": "math", "markup": "markup"}
+    rows = rl_vs_sft.leave_one_out(runs, sources)
+    # math and markup alone say the change rises with the score; the other legal run (falling steeply) would have
+    # turned the pooled slope negative and the calibrated r to about -1
+    assert rows["legal-long"]["pearson"] > 0.9
+    assert rows["legal-long"]["direction"] == 1.0
+    # a run of another source still sees both legal runs: their pooled slope is negative
+    assert rows["math"]["pearson"] < -0.9
+
+
+def test_precise_measurement_has_one_noise_ceiling(rl_vs_sft):
+    others = ["a", "b", "c", "d"]
+    changes = {"a": 0.01, "b": 0.03, "c": 0.05, "d": 0.07}
+    ci = {d: [v - 0.01, v + 0.01] for d, v in changes.items()}
+    low, high = rl_vs_sft.noise_ceiling_range({"loss_delta": changes, "loss_delta_ci": ci}, others)
+    assert low < high  # no sequence counts: bracketed between the normal and the t(3) quantile
+    precise = rl_vs_sft.noise_ceiling_range(
+        {"loss_delta": changes, "loss_delta_ci": ci, "sequences": {d: 32 for d in others}}, others)
+    assert precise[0] == precise[1]
+    assert low < precise[0] < high  # 31 degrees of freedom: close to the normal quantile, above the t(3) bracket
