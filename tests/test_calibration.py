@@ -87,6 +87,22 @@ def test_domain_prior_learns_how_each_domain_usually_departs_from_the_runs_mean(
         Calibration.fit_level_pattern([r[:3] for r in runs], ["sts_icl"], ["lookahead_own"], domain_prior=True)
 
 
+def test_weighted_domain_prior_follows_the_runs_that_weigh_most():
+    from sts_callback.scoring.calibration import _domain_effects
+
+    # code-like runs hurt prose more than code; prose-like runs the reverse; each run has its own level
+    names = [["code", "prose", "math"]] * 4
+    departures = [np.array([0.0, 0.04, 0.02]) + 0.1 * i for i in range(2)] + \
+                 [np.array([0.04, 0.0, 0.02]) - 0.1 * i for i in range(2)]
+    even = _domain_effects(names, departures)
+    assert even == pytest.approx(_domain_effects(names, departures, weights=[3.0] * 4))  # only ratios matter
+    assert even["code"] == pytest.approx(even["prose"])
+    code_like = _domain_effects(names, departures, weights=[1.0, 1.0, 0.01, 0.01])
+    assert code_like["prose"] - code_like["code"] == pytest.approx(0.04, abs=0.002)
+    dropped = _domain_effects(names, departures, weights=[1.0, 1.0, 1.0, 0.0])
+    assert dropped == pytest.approx(_domain_effects(names, departures, leave_out=3))  # weight 0: as left out
+
+
 def test_several_features_and_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 2))

@@ -375,10 +375,10 @@ def _validation_records(results) -> list[dict[str, Any]]:
 
 
 def _domain_effects(names: list[list[str]], departures: list[np.ndarray], leave_out: int | None = None,
-                    ) -> dict[str, float]:
+                    weights: Sequence[float] | None = None) -> dict[str, float]:
     """Each domain's effect in an additive model, change = run effect + domain effect, fitted by least squares
-    over the runs (but ``leave_out``): runs measuring different sets of domains still compare like with like.
-    Centred over the domains."""
+    over the runs (but ``leave_out``; each run's squared errors times its ``weights`` entry, if given): runs
+    measuring different sets of domains still compare like with like. Centred over the domains."""
     keep = [i for i in range(len(names)) if i != leave_out]
     domains = sorted({n for i in keep for n in names[i]})
     if not domains:
@@ -386,11 +386,12 @@ def _domain_effects(names: list[list[str]], departures: list[np.ndarray], leave_
     column = {n: j for j, n in enumerate(domains)}
     rows, targets = [], []
     for r, i in enumerate(keep):
+        root = 1.0 if weights is None else math.sqrt(weights[i])  # weighted least squares: rows times sqrt(w)
         for name, value in zip(names[i], departures[i]):
             row = np.zeros(len(keep) + len(domains))
-            row[r], row[len(keep) + column[name]] = 1.0, 1.0
+            row[r], row[len(keep) + column[name]] = root, root
             rows.append(row)
-            targets.append(float(value))
+            targets.append(root * float(value))
     solution, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(targets), rcond=None)
     effects = solution[len(keep):]
     return dict(zip(domains, (effects - effects.mean()).tolist()))
