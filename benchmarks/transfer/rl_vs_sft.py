@@ -1,6 +1,8 @@
 """Does the RL / preference forecast order the other domains as well as the SFT forecast does on SFT runs?
 
     python benchmarks/transfer/rl_vs_sft.py [--out benchmarks/transfer/rl_vs_sft.json]
+    python benchmarks/transfer/rl_vs_sft.py --precise-truth      # rl_vs_sft_precise.json
+    python benchmarks/transfer/rl_vs_sft.py --exclude '*-long' --out benchmarks/transfer/rl_vs_sft_short.json
 
 Issue 17's goal, on what is on disk: the RL runs (``rl/*.json``, ``rl.py``) and the SFT LoRA units
 (``units/lora-*-seed0.json``, ``units.py``), both on Gemma 3 270M with the same 11 frozen domains. For each run
@@ -15,6 +17,9 @@ relative to the others, ``Calibration.fit_level_pattern(domain_prior=True)``), s
 benchmark's forecast for a run without training, level + pattern + domain prior on the SAE features, fitted on
 the family's other runs, on the SFT units of the other sources, and on both (``level_pattern_rows``). (The first
 four RL runs measure each held-out text's first 64 tokens, the second round and the SFT units up to 128 tokens.)
+A run is calibrated on runs of other sources only (``rl.py``'s fourth round repeats sources with longer runs).
+``--precise-truth`` scores against the 4,096-token measurements (precise.py's sample) where a run or unit has one;
+``--exclude`` leaves runs out by name.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +80,12 @@ def run_measurement(run: dict, precise: bool) -> dict:
     return run["measured_precise"] if precise and "measured_precise" in run else run["measured"]
 
 
-def domain_prior_rows(precise: bool = False) -> dict[str, dict]:
+def rl_runs(exclude: list[str]) -> list[Path]:
+    """The RL / DPO runs on disk (``rl/*.json``) but those whose names match a pattern of ``exclude``."""
+    return [p for p in sorted((HERE / "rl").glob("*.json")) if not any(fnmatch(p.stem, x) for x in exclude)]
+
+
+def domain_prior_rows(precise: bool = False, exclude: list[str] = ()) -> dict[str, dict]:
     """Per RL / DPO run (and, for comparison, per SFT unit): Pearson r of the measured changes with the domain
     prior (``Calibration.fit_level_pattern(domain_prior=True)``'s additive run + domain model) fitted on the SFT
     units of the OTHER sources: what the team's earlier SFT runs say about how each domain moves relative to the
@@ -88,7 +99,7 @@ def domain_prior_rows(precise: bool = False) -> dict[str, dict]:
         changes = np.array([measured[d] for d in unit["others"]])
         units[unit["source"]] = (unit["others"], changes - changes.mean())
     runs = {f"sft {source}": (source, others, changes) for source, (others, changes) in units.items()}
-    for path in sorted((HERE / "rl").glob("*.json")):
+    for path in rl_runs(list(exclude)):
         run = json.loads(path.read_text())
         measured = run_measurement(run, precise)["loss_delta"]
         runs[run["run"]] = (run["source"], run["others"], np.array([measured[d] for d in run["others"]]))
@@ -178,6 +189,8 @@ def main() -> None:
                         help="default: rl_vs_sft.json, with --precise-truth rl_vs_sft_precise.json")
     parser.add_argument("--precise-truth", action="store_true",
                         help="score against the 4,096-token measurements where a run or unit has one")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
+                        help="leave out the RL / DPO runs whose names match (shell-style, e.g. '*-long')")
     args = parser.parse_args()
     out = args.out or HERE / ("rl_vs_sft_precise.json" if args.precise_truth else "rl_vs_sft.json")
     sft, sft_learned, sources = {}, {}, {}
@@ -191,7 +204,7 @@ def main() -> None:
     ceilings: dict[str, tuple] = {}
     precise_runs: list[str] = []
     learned: dict[str, dict[str, tuple]] = {"sft in_context": sft_learned}
-    for path in sorted((HERE / "rl").glob("*.json")):
+    for path in rl_runs(args.exclude):
         run = json.loads(path.read_text())
         sources[run["run"]] = run["source"]
         measured = run_measurement(run, args.precise_truth)
@@ -209,7 +222,7 @@ def main() -> None:
     result = {family: leave_one_out(runs, sources) for family, runs in families.items()}
     result.update(level_pattern_rows({f: {n: r for n, r in runs.items() if r is not None}
                                       for f, runs in learned.items()}, sources))
-    prior = domain_prior_rows(args.precise_truth)
+    prior = domain_prior_rows(args.precise_truth, args.exclude)
     result["domain prior -> SFT units"] = {n[4:]: r for n, r in prior.items() if n.startswith("sft ")}
     result["domain prior -> RL / DPO runs"] = {n: r for n, r in prior.items() if not n.startswith("sft ")}
     print(f"Pearson r / right direction over each run's other domains; {FEATURE} alone calibrated by a line, "
@@ -239,7 +252,7 @@ def main() -> None:
           "the measurement keeps no sequence counts): " + "; ".join(
               f"{name} {low:.2f}" + (f"-{high:.2f}" if high != low else "") for name, (low, high) in ceilings.items()
               if low is not None and high is not None))
-    out.write_text(json.dumps({"feature": FEATURE, "precise_truth": args.precise_truth,
+    out.write_text(json.dumps({"feature": FEATURE, "precise_truth": args.precise_truth, "excluded": args.exclude,
                                "runs_measured_precisely": precise_runs, "families": result,
                                "noise_ceiling": {n: list(c) for n, c in ceilings.items()}}, indent=1))
     print(f"wrote {out}")
