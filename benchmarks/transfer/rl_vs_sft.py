@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -80,12 +81,12 @@ def run_measurement(run: dict, precise: bool) -> dict:
     return run["measured_precise"] if precise and "measured_precise" in run else run["measured"]
 
 
-def rl_runs(exclude: list[str]) -> list[Path]:
+def rl_runs(exclude: Sequence[str]) -> list[Path]:
     """The RL / DPO runs on disk (``rl/*.json``) but those whose names match a pattern of ``exclude``."""
     return [p for p in sorted((HERE / "rl").glob("*.json")) if not any(fnmatch(p.stem, x) for x in exclude)]
 
 
-def domain_prior_rows(precise: bool = False, exclude: list[str] = ()) -> dict[str, dict]:
+def domain_prior_rows(precise: bool = False, exclude: Sequence[str] = ()) -> dict[str, dict]:
     """Per RL / DPO run (and, for comparison, per SFT unit): Pearson r of the measured changes with the domain
     prior (``Calibration.fit_level_pattern(domain_prior=True)``'s additive run + domain model) fitted on the SFT
     units of the OTHER sources: what the team's earlier SFT runs say about how each domain moves relative to the
@@ -99,7 +100,7 @@ def domain_prior_rows(precise: bool = False, exclude: list[str] = ()) -> dict[st
         changes = np.array([measured[d] for d in unit["others"]])
         units[unit["source"]] = (unit["others"], changes - changes.mean())
     runs = {f"sft {source}": (source, others, changes) for source, (others, changes) in units.items()}
-    for path in rl_runs(list(exclude)):
+    for path in rl_runs(exclude):
         run = json.loads(path.read_text())
         measured = run_measurement(run, precise)["loss_delta"]
         runs[run["run"]] = (run["source"], run["others"], np.array([measured[d] for d in run["others"]]))
