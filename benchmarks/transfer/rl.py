@@ -31,7 +31,7 @@ a source that is a built-in domain trains on its even-indexed texts and is its o
   Fourth round: ``grpo-<source>-keywords-long`` for legal, cpp_code, math and chat_templates (the runs whose
   512-token changes were the noisiest): 48 steps instead of 16, and after training every domain also measured on
   precise.py's fixed 4,096-token sample (``measured_precise`` / ``agreement_precise``; the base NLL is read from
-  ``units/precise-base.json``).
+  ``units/precise-base.json``). Fifth round: the same long runs for markup, ml_docs and python_code.
 
 Per run, before training, on the base model (``STSConfig(**units.FORECAST, **ROLLOUT)``): GRPO:
 ``rollout_forecast(shift="reward_weighted")``, ``rollout_forecast(shift="demonstrations")`` (reward-filtered rollouts
@@ -113,6 +113,11 @@ RUNS = {
     **{f"grpo-{source}-keywords-long": {"kind": "grpo", "source": source, "task": "keywords", "size": "keywords_long",
                                         "rewards": ("frequent_word_share",), "precise_tokens": PRECISE_TOKENS}
        for source in ("legal", "cpp_code", "math", "chat_templates")},
+    # Fifth round (2026-12-04): the same long runs for the other GRPO sources, so that each long run is calibrated
+    # on six others rather than three (the reward-weighted vs reward-filtered lead flipped with the family's runs).
+    **{f"grpo-{source}-keywords-long": {"kind": "grpo", "source": source, "task": "keywords", "size": "keywords_long",
+                                        "rewards": ("frequent_word_share",), "precise_tokens": PRECISE_TOKENS}
+       for source in ("markup", "ml_docs", "python_code")},
 }
 # LoRA as the units' recipe (r=8, alpha 16, q/v). GRPO: 2 prompts x 4 completions a step (TRL's batch counts
 # completions), temperature 1, no KL term (TRL's default beta=0), constant lr.
