@@ -103,6 +103,35 @@ def test_weighted_domain_prior_follows_the_runs_that_weigh_most():
     assert dropped == pytest.approx(_domain_effects(names, departures, leave_out=3))  # weight 0: as left out
 
 
+def test_pattern_over_each_runs_spread_is_not_set_by_one_large_run(tmp_path):
+    # Five runs of small changes share a pattern (code +2% above the run's mean, prose -2%); one run moved every
+    # domain ~30x more, with its own pattern (math up, legal down). Fitted on the changes as measured, the large
+    # run sets the prior; over each run's spread it counts as one run of six, and the predicted departures come
+    # back in the runs' median spread.
+    from scipy.stats import pearsonr
+
+    names = ["code", "prose", "math", "legal"]
+    small = np.array([0.02, -0.02, 0.0, 0.0])
+    rng = np.random.default_rng(0)
+    runs = [(np.zeros((4, 0)), 0.01 + small + rng.normal(0, 0.002, 4), [], names) for _ in range(5)]
+    runs.append((np.zeros((4, 0)), 0.6 + np.array([0.0, 0.0, 0.6, -0.6]), [], names))
+    domains = {n: {} for n in names}
+    absolute = Calibration.fit_level_pattern(runs, [], [], domain_prior=True).predict_all(domains)
+    per_run = Calibration.load(Calibration.fit_level_pattern(runs, [], [], domain_prior=True, pattern_scale="run")
+                               .save(tmp_path / "c.json"))
+    assert per_run.pattern_scale == "run"
+    predicted = per_run.predict_all(domains)
+    assert pearsonr([predicted[n].mean for n in names], small)[0] > 0.9  # the five runs' pattern
+    assert pearsonr([absolute[n].mean for n in names], small)[0] < 0.5  # the large run's
+    assert 0.01 < predicted["code"].mean - predicted["prose"].mean < 0.05  # in the small runs' units, not 30x
+    assert predicted["code"].low < predicted["code"].mean < predicted["code"].high
+    flat = [(np.zeros((4, 0)), np.full(4, 0.01), [], names)] + runs
+    with pytest.raises(STSInputError, match="moved all its domains alike"):
+        Calibration.fit_level_pattern(flat, [], [], domain_prior=True, pattern_scale="run")
+    with pytest.raises(Exception, match="pattern_scale must be one of"):
+        Calibration.fit_level_pattern(runs, [], [], domain_prior=True, pattern_scale="relative")
+
+
 def test_several_features_and_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 2))

@@ -484,6 +484,16 @@ def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_pa
     assert main(["calibrate", "--runs", *runs, "--prior-only", "--features", "lookahead", "--out",
                  str(tmp_path / "both.json")]) == 2
     assert "--prior-only" in capsys.readouterr().err
+    # the pattern over each run's spread (RL runs of very different scale): the same departures here, where the
+    # runs' spreads are alike
+    per_run = tmp_path / "per_run.json"
+    assert main(["calibrate", "--runs", *runs, "--prior-only", "--pattern-scale", "run", "--out", str(per_run)]) == 0
+    calibration = Calibration.load(per_run)
+    assert calibration.pattern_scale == "run"
+    predicted = calibration.predict_all({d: {} for d in ("law", "food", "chem")}, {"lookahead_own": -0.2})
+    assert predicted["law"].mean - predicted["food"].mean == pytest.approx(0.03, abs=0.005)
+    assert main(["calibrate", str(real), "--pattern-scale", "run", "--out", str(tmp_path / "v.json")]) == 2
+    assert "use it with --runs" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["calibrate", "--runs", str(real), str(tmp_path / "empty"), "--out", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err

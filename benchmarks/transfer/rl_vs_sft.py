@@ -40,6 +40,8 @@ sys.path.insert(0, str(HERE))
 from learned import SAE_FEATURES  # noqa: E402  (benchmarks/transfer/learned.py: the SFT benchmark's features)
 
 FEATURE = "sts_icl"
+# Calibration.fit_level_pattern's pattern_scale -> the suffix of its rows
+PATTERN_SCALE_ROWS = {"absolute": "", "run": ", pattern over each run's spread"}
 
 
 def points(scores: dict, changes: dict, others: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -137,29 +139,43 @@ def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str,
     """The SFT benchmark's forecast (level + pattern + domain prior on the SAE features, no run-level term: the RL
     runs have none) per family: each run scored by the calibration fitted on the family's OTHER runs (for the SFT
     units: the other sources'), and each RL / DPO run also by the one fitted on the SFT units of the other sources
-    (what a team's SFT runs teach about the RL run's features), and by the one fitted on both."""
+    (what a team's SFT runs teach about the RL run's features), and by the one fitted on both. Each also with the
+    pattern fitted over each run's spread (``pattern_scale="run"``), and per kind of training the domain prior of
+    the family's other runs alone (no forecast of the run at all: what any variant must beat)."""
     from sts_callback.scoring.calibration import Calibration
 
-    def scored(runs: dict[str, tuple], training) -> dict[str, dict]:
+    def scored(runs: dict[str, tuple], training, features=SAE_FEATURES, pattern_scale="absolute") -> dict[str, dict]:
         """Each run scored by the calibration fitted on ``training(name)`` (needs at least 2 runs)."""
         rows = {}
         for name, run in runs.items():
             rest = training(name)
             if len(rest) >= 2:
-                rows[name] = learned_agreement(Calibration.fit_level_pattern(rest, SAE_FEATURES, [], domain_prior=True),
-                                               run)
+                rows[name] = learned_agreement(Calibration.fit_level_pattern(
+                    rest, features, [], domain_prior=True, pattern_scale=pattern_scale), run)
         return rows
 
     out: dict[str, dict] = {}
     sft = families["sft in_context"]
+    prior_only_done: set[str] = set()
     for family, runs in families.items():
         others = lambda name, runs=runs: [r for o, r in runs.items() if o != name and sources[o] != sources[name]]  # noqa: E731
         units = lambda name: [r for o, r in sft.items() if sources[o] != sources[name]]  # noqa: E731
-        out[f"{family} (level + pattern + prior, family's other runs)"] = scored(runs, others)
-        if family != "sft in_context":
-            out[f"{family} (level + pattern + prior, fitted on SFT units)"] = scored(runs, units)
-            out[f"{family} (level + pattern + prior, SFT units + family's other runs)"] = scored(
-                runs, lambda name, runs=runs: units(name) + others(name))
+        for pattern_scale, suffix in PATTERN_SCALE_ROWS.items():
+            out[f"{family} (level + pattern + prior, family's other runs{suffix})"] = scored(
+                runs, others, pattern_scale=pattern_scale)
+            if family != "sft in_context":
+                out[f"{family} (level + pattern + prior, fitted on SFT units{suffix})"] = scored(
+                    runs, units, pattern_scale=pattern_scale)
+                out[f"{family} (level + pattern + prior, SFT units + family's other runs{suffix})"] = scored(
+                    runs, lambda name, runs=runs: units(name) + others(name), pattern_scale=pattern_scale)
+        kind = family.split()[0]
+        if kind not in prior_only_done:  # the measured changes are the family's whatever the variant
+            prior_only_done.add(kind)
+            bare = {name: (np.zeros((len(run[1]), 0)), *run[1:]) for name, run in runs.items()}
+            bare_others = lambda name, bare=bare: [r for o, r in bare.items() if o != name and sources[o] != sources[name]]  # noqa: E731
+            for pattern_scale, suffix in PATTERN_SCALE_ROWS.items():
+                out[f"{kind} domain prior alone (family's other runs{suffix})"] = scored(
+                    bare, bare_others, features=[], pattern_scale=pattern_scale)
     return out
 
 
@@ -237,9 +253,10 @@ def main() -> None:
         return f"{len(scored):>4} {mean_r:>7} {mean_dir:>8} {met:>4}"
 
     subset = f" | {'runs measured on 4,096 tokens':>29}" if precise_runs else ""
-    print(f"{'forecast':<86} {'runs':>4} {'mean r':>7} {'mean dir':>8} {'goal':>4}{subset}")
+    width = max(len(family) for family in result)
+    print(f"{'forecast':<{width}} {'runs':>4} {'mean r':>7} {'mean dir':>8} {'goal':>4}{subset}")
     for family, rows in result.items():
-        line = f"{family:<86} {summary(list(rows.values()))}"
+        line = f"{family:<{width}} {summary(list(rows.values()))}"
         if precise_runs and any(n in rows for n in precise_runs):
             line += f" | {summary([rows[n] for n in precise_runs if n in rows]):>29}"
         print(line)

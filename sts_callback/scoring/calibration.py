@@ -28,6 +28,7 @@ from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
 PRIOR = "domain_prior"  # the pattern feature of a calibration fitted with domain_prior=True
+PATTERN_SCALES = ("absolute", "run")  # fit_level_pattern: the pattern on the changes as measured / over each run's spread
 # Calibrations shipped in the package (sts_callback/calibrations/), by name; each file's ``fitted_on`` states its
 # scope (model, SAE, recipe, domains) and its leave-one-source-out numbers.
 BUILTIN = {"gemma3-270m-lora": "gemma3_270m_lora.json"}
@@ -66,7 +67,9 @@ class Calibration:
     from its features centred over those domains: ``x_k - mean_k`` in place of ``x_k - center_k``. With
     ``domain_prior`` (fitted with ``domain_prior=True``) one more pattern feature, ``"domain_prior"``, is each
     domain's usual departure from its run's mean change over the runs it was fitted on: how the domain usually
-    moves relative to the others (for a domain it has not seen: neutral).
+    moves relative to the others (for a domain it has not seen: neutral). With ``pattern_scale="run"`` the pattern
+    is fitted on each run's departures over their own spread (so runs that moved the domains by 60% and by 2% count
+    alike) and predicted in the units of ``pattern_spread``, the fitted runs' median spread.
 
     ``early_blend`` (set by whoever fitted it on runs' trajectories, e.g. ``benchmarks/transfer/learned.py``):
     how much the callback's early projection and this calibration's step-0 prediction each count at each share
@@ -91,6 +94,8 @@ class Calibration:
     # early method -> rows [lr-area fraction, intercept, early weight, step-0 weight] (scoring.early.blend)
     early_blend: dict[str, list[list[float]]] = field(default_factory=dict)
     early_blend_recipe: str | None = None  # "lora" / "full": the runs it was fitted on; None: any
+    pattern_scale: str = "absolute"  # "run": the pattern fitted on each run's departures over their spread
+    pattern_spread: float = 1.0  # the pattern's predicted departures are multiplied by this (median run spread)
 
     @classmethod
     def fit(cls, x: Sequence[Sequence[float]] | Sequence[float], y: Sequence[float], features: Sequence[str], *,
@@ -123,15 +128,20 @@ class Calibration:
     @classmethod
     def fit_level_pattern(cls, runs: Sequence[tuple[Any, ...]], features: Sequence[str],
                           source_features: Sequence[str], *, domain_prior: bool = False, level: float = 0.9,
-                          fitted_on: dict[str, Any] | None = None) -> "Calibration":
+                          pattern_scale: str = "absolute", fitted_on: dict[str, Any] | None = None) -> "Calibration":
         """Fit a level + pattern calibration on measured runs, each ``(x, y, s)`` or ``(x, y, s, names)``: its
         domains' feature rows ``x`` ([domains, features]), their measured changes ``y``, the run's source-level
         values ``s`` and the domains' names. The level is a least-squares line of each run's mean change on
         ``s``; the pattern a ridge on features and changes centred within each run, its penalty chosen by
         leave-one-run-out. ``domain_prior=True`` (needs names) adds each domain's usual departure from its run's
         mean as a pattern feature (an additive run + domain model over the runs), for each run computed from the
-        *other* runs only (so the fit cannot see a run's own changes in its feature)."""
+        *other* runs only (so the fit cannot see a run's own changes in its feature). ``pattern_scale="run"``
+        divides each run's departures by their standard deviation before the pattern and the prior are fitted, so
+        that a few runs of large changes do not set the pattern for all (e.g. GRPO runs that moved the domains by
+        +2% and by +60%); the prediction's departures are then in units of the runs' median spread."""
         features, source_features = list(features), list(source_features)
+        if pattern_scale not in PATTERN_SCALES:
+            raise STSConfigError(f"pattern_scale must be one of {PATTERN_SCALES}; got {pattern_scale!r}.")
         xs, ys, levels, means, names = [], [], [], [], []
         for run in runs:
             x, y, s = run[:3]
@@ -154,6 +164,14 @@ class Calibration:
                                 f"{len(source_features)} source feature(s); got {len(runs)}. Add runs of other sources.")
         if not 0 < level < 1:
             raise STSConfigError(f"level must be in (0, 1), e.g. 0.9 for a 90% interval; got {level!r}.")
+        spread = 1.0
+        if pattern_scale == "run":
+            spreads = [float(y.std()) for y in ys]
+            if min(spreads) <= 0:
+                raise STSInputError("pattern_scale='run' needs every run's domains to differ in their change; a run "
+                                    "moved all its domains alike. Drop that run or use pattern_scale='absolute'.")
+            ys = [y / s for y, s in zip(ys, spreads)]
+            spread = float(np.median(spreads))
         prior: dict[str, float] = {}
         if domain_prior:
             prior = _domain_effects(names, ys)
@@ -174,9 +192,10 @@ class Calibration:
         level_var = float((level_residuals ** 2).sum()) / max(len(means) - len(source_features) - 1, 1)
         pattern_var = float((pattern_residuals ** 2).sum()) / max(len(Y) - len(runs) - len(features), 1)
         return cls(features=features, coef=coef.tolist(), intercept=float(line[0]), center=[0.0] * len(features),
-                   scale=scale.tolist(), sigma=math.sqrt(level_var + pattern_var), n=len(Y), level=level,
-                   ridge=alpha, fitted_on={**(fitted_on or {}), "runs": len(runs)}, centered=True,
-                   source_features=source_features, source_coef=[float(c) for c in line[1:]], domain_prior=prior)
+                   scale=scale.tolist(), sigma=math.sqrt(level_var + pattern_var * spread ** 2), n=len(Y),
+                   level=level, ridge=alpha, fitted_on={**(fitted_on or {}), "runs": len(runs)}, centered=True,
+                   source_features=source_features, source_coef=[float(c) for c in line[1:]], domain_prior=prior,
+                   pattern_scale=pattern_scale, pattern_spread=spread)
 
     def run_level_inputs(self) -> list[str]:
         """The features and level values this calibration needs from a training run's run-level term
@@ -240,7 +259,7 @@ class Calibration:
 
     def _predict(self, values: np.ndarray, base: float) -> Prediction:
         z = self._z(values)
-        mean = base + float(z @ np.asarray(self.coef))
+        mean = base + self.pattern_spread * float(z @ np.asarray(self.coef))
         from scipy.stats import t
 
         # Interval: residual spread, widened for the mean's uncertainty and the distance from the fitted centre.
@@ -269,12 +288,14 @@ class Calibration:
 
     @classmethod
     def from_runs(cls, runs: Sequence[str | Path], features: Sequence[str] | None = None, *,
-                  domain_prior: bool = True, level: float = 0.9) -> "Calibration":
+                  domain_prior: bool = True, level: float = 0.9, pattern_scale: str = "absolute") -> "Calibration":
         """A level + pattern calibration (:meth:`fit_level_pattern`) fitted on training runs with the callback
         (their output folders): each run's domains' forecast scores (``features``; default: every score all of
         them have) against the change measured at its last re-check; the level from the run-level term's own
         change (``lookahead_own`` / ``first_order_own``) when every run has one, else the runs' mean; with each
-        domain's usual departure (``domain_prior``). Leave the training data itself out of the target domains."""
+        domain's usual departure (``domain_prior``). Leave the training data itself out of the target domains.
+        ``pattern_scale="run"``: the pattern over each run's spread (:meth:`fit_level_pattern`), for runs whose
+        changes differ in scale by an order of magnitude (RL runs)."""
         records = run_records(runs)
         methods = {(r["run_level"] or {}).get("method") for r in records}
         has_level = len(methods) == 1 and None not in methods and all(
@@ -299,7 +320,7 @@ class Calibration:
             own = [float(r["run_level"]["own_change"])] if source_features else []
             rows.append((x, [float(r["changes"][n]) for n in names], own, names))
         return cls.fit_level_pattern(rows, features, source_features, domain_prior=domain_prior, level=level,
-                                     fitted_on={"training_runs": [r["run"] for r in records],
+                                     pattern_scale=pattern_scale, fitted_on={"training_runs": [r["run"] for r in records],
                                                 "steps": [r["step"] for r in records]})
 
     @classmethod

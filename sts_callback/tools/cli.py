@@ -614,11 +614,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print("error: --prior-only fits the pattern on the domain prior alone, from training runs: use it with "
               "--runs and without --features.", file=sys.stderr)
         return 2
+    if args.pattern_scale != "absolute" and not args.runs:
+        print("error: --pattern-scale applies to the level + pattern calibration of training runs: use it with "
+              "--runs.", file=sys.stderr)
+        return 2
     if args.runs:  # training runs with the callback: a level + pattern calibration with the domain prior
         inputs = {Path(p): "a training run" for p in args.validations}
         _check_no_overwrite([(out, f"The calibration output {out}")], inputs)
         calibration = Calibration.from_runs(args.validations, [] if args.prior_only else args.features,
-                                            level=args.level)
+                                            level=args.level, pattern_scale=args.pattern_scale)
         path = calibration.save(out)
         level = (f"level from {calibration.source_features[0]}" if calibration.source_features
                  else "level: the runs' mean (no run-level term in every run)")
@@ -791,6 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --runs: the pattern from the domain prior alone, no forecast score (each domain's "
                         "usual departure over your runs; on the transfer benchmark the best forecast for domains "
                         "every run measured; a domain none measured gets the level alone)")
+    p.add_argument("--pattern-scale", choices=["absolute", "run"], default="absolute",
+                   help="with --runs: 'run' fits the pattern on each run's departures over their own spread, so "
+                        "that runs with large changes do not set the pattern for all (RL runs whose changes differ "
+                        "in scale; on the RL benchmark it lifted the GRPO and DPO forecasts)")
     p.add_argument("--level", type=float, default=0.9, help="prediction interval level (default 0.9)")
     p.add_argument("--out", default="calibration.json")
     p.set_defaults(func=cmd_calibrate)
