@@ -209,7 +209,7 @@ def chosen_similarity(train: list[dict], profiles: tuple[str, ...] = SIMILARITY_
 
 
 def fit_two_part(train: list[dict], test: dict, level_features: list[str], pattern_features: list[str],
-                 domain_prior: bool | str = False) -> np.ndarray | None:
+                 domain_prior: bool | str = False, pattern_scale: str = "absolute") -> np.ndarray | None:
     """Level + pattern, fitted by the library (``Calibration.fit_level_pattern``, what the callback applies):
     the mean change over a source's other domains from source-level features (a line over the training
     sources), each domain's departure from that mean from per-domain features (a ridge on features and changes
@@ -217,13 +217,14 @@ def fit_two_part(train: list[dict], test: dict, level_features: list[str], patte
     sources' units), the two added. ``domain_prior="similarity"``: that calibration with its prior replaced, for
     the test unit, by the similarity-weighted one (:func:`similarity_prior`, profile and temperature by
     :func:`chosen_similarity`; the fitted coefficient of the prior kept); ``"similarity:<profile>"``: that
-    profile only, the temperature still chosen."""
+    profile only, the temperature still chosen. ``pattern_scale``: as ``Calibration.fit_level_pattern``'s ("run": the
+    pattern over each unit's spread)."""
     runs = level_pattern_runs(train, level_features, pattern_features)
     test_runs = level_pattern_runs([test], level_features, pattern_features)
     if len({u["source"] for u in train}) < 3 or len(runs) < len(level_features) + 2 or not test_runs:
         return None
     calibration = Calibration.fit_level_pattern(runs, pattern_features, level_features,
-                                                domain_prior=bool(domain_prior))
+                                                domain_prior=bool(domain_prior), pattern_scale=pattern_scale)
     if isinstance(domain_prior, str):  # "similarity", or "similarity:<profile>" for that profile only
         if test["icl"] is None or any(u["icl"] is None for u in train):
             return None
@@ -250,7 +251,7 @@ def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]
             continue
         scores = []
         for test in tests:
-            if isinstance(features, tuple):  # (level features, pattern features[, domain prior])
+            if isinstance(features, tuple):  # (level features, pattern features[, domain prior[, pattern scale]])
                 predicted = fit_two_part(train, test, *features)
             else:
                 predicted = fit_predict(train, test, features, learned)
@@ -373,7 +374,7 @@ def compare_precise(results: dict, units: list[dict], precise: list[dict], forec
         out["forecasts"][name] = row
         text = "  ".join(f"{label}: " + ", ".join(f"{u} {v['r']:+.2f}/{v['direction']:.0%}" for u, v in per.items())
                          for label, per in row.items())
-        print(f"  {name:<54} {text}")
+        print(f"  {name:<64} {text}")
     base = json.loads((folder / "precise-base.json").read_text())["nll"]
     out["measurement"] = {p["unit"]: measurement_noise(p, base) for p in precise}
     print("  how well a measurement on 4 of these texts per domain (the units' 512 tokens) orders the domains as all "
@@ -420,7 +421,7 @@ def record(results: dict, name: str, per_source: dict) -> None:
     results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
     s = results["forecasts"][name]["summary"]
     mean_r = f"{s['mean_r']:+.2f}" if s["mean_r"] is not None else "   n/a"
-    print(f"{name:<54} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
+    print(f"{name:<64} {s['sources']:>7} {s['goal_met']:>8} {mean_r:>7} {s['mean_direction'] or 0:>8.0%}")
 
 
 def main() -> None:
@@ -475,6 +476,11 @@ def main() -> None:
         forecasts["level+pattern: learned + domain prior"] = ((["lookahead_own"], learned_features, True), False)
         forecasts["level+pattern: callback + domain prior"] = ((["lookahead_own"], [*SAE_FEATURES, *runlevel], True),
                                                                False)
+        # the pattern over each unit's spread (2026-12-04; it lifted the RL families' forecasts, rl_vs_sft.py)
+        forecasts["level+pattern: domain prior only, over each run's spread"] = (
+            (["lookahead_own"], [], True, "run"), False)
+        forecasts["level+pattern: callback + domain prior, over each run's spread"] = (
+            (["lookahead_own"], [*SAE_FEATURES, *runlevel], True, "run"), False)
         # the lookahead only for the level: it need measure only the training data's own loss (cheaper)
         forecasts["level+pattern: SAE + domain prior, level lookahead_own"] = ((["lookahead_own"], list(SAE_FEATURES),
                                                                                 True), False)
@@ -490,7 +496,7 @@ def main() -> None:
     print(f"{len(units)} units, {len({u['source'] for u in units})} sources; goal: r >= {GOAL_R} and direction >= "
           f"{GOAL_DIRECTION:.0%} for {GOAL_SOURCES} of 11 sources; the LoRA units, fitted on the other sources' "
           "LoRA units\n")
-    print(f"{'forecast':<54} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
+    print(f"{'forecast':<64} {'sources':>7} {'goal met':>8} {'mean r':>7} {'mean dir':>8}")
     lora = lambda u: u["recipe"] == "lora"  # noqa: E731  (the 11-source benchmark's recipe)
     for name, (features, learned) in forecasts.items():
         record(results, name, evaluate(units, features, learned, lora, lora))
