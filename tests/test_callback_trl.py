@@ -68,14 +68,14 @@ def test_sft_trainer_with_lora_prompt_completion(tmp_path, tokenizer):
     assert cb.monitor.base_residuals is not None and cb.history[-1]["shift_total"] > 0
 
 
-def dpo_run(tmp_path, tokenizer, **overrides):
+def dpo_run(tmp_path, tokenizer, training=None, **overrides):
     from trl import DPOConfig, DPOTrainer
 
     texts = domain_texts("law", 40)
     data = Dataset.from_dict({"prompt": texts, "chosen": texts[1:] + texts[:1], "rejected": domain_texts("food", 40)})
     cb = callback(**overrides)
     trainer = DPOTrainer(model=make_model("llama"), ref_model=make_model("llama"),
-                         args=DPOConfig(output_dir=str(tmp_path), max_length=64, **COMMON),
+                         args=DPOConfig(output_dir=str(tmp_path), max_length=64, **{**COMMON, **(training or {})}),
                          train_dataset=data, processing_class=tokenizer, callbacks=[cb])
     trainer.train()
     check_run(trainer, cb, tmp_path)
@@ -99,6 +99,32 @@ def test_run_level_term_refuses_a_preference_trainer_at_train_start(tmp_path, to
 def test_dpo_trainer_sft_style_shift_on_request(tmp_path, tokenizer):
     cb = dpo_run(tmp_path, tokenizer, shift="in_context")  # the chosen completions as demonstrations
     assert cb.forecast.settings["shift"] == "in_context" and cb.forecast.shift_queries > 0
+
+
+def test_sts_calibrate_on_dpo_runs_applies_to_the_next_dpo_run(tmp_path, tokenizer):
+    # A team's DPO runs with the callback, at learning rates that move the domains by different amounts, calibrate
+    # the next DPO run's forecast: the pattern over each run's spread, the level the runs' mean change.
+    import numpy as np
+
+    from sts_callback.scoring.calibration import Calibration
+    from sts_callback.tools.cli import main
+
+    runs = [tmp_path / f"dpo-lr{lr}" for lr in (2e-3, 1e-2, 3e-2)]
+    gaps = []
+    for run, lr in zip(runs, (2e-3, 1e-2, 3e-2)):
+        cb = dpo_run(run, tokenizer, training={"learning_rate": lr})
+        gaps.append(cb.history[-1]["loss_delta"]["law"] - cb.history[-1]["loss_delta"]["food"])
+    out = tmp_path / "dpo-calibration.json"
+    assert main(["calibrate", "--runs", *map(str, runs), "--prior-only", "--pattern-scale", "run",
+                 "--out", str(out)]) == 0
+    calibration = Calibration.load(out)
+    assert calibration.pattern_scale == "run" and calibration.fitted_on["runs"] == 3
+    applied = dpo_run(tmp_path / "applied", tokenizer, calibration=str(out))
+    predicted = {d: applied.predicted[d]["mean"] for d in DOMAINS}
+    assert np.mean(list(predicted.values())) == pytest.approx(calibration.intercept, abs=1e-9)  # the runs' level
+    gap = predicted["law"] - predicted["food"]
+    assert np.sign(gap) == np.sign(np.median(gaps))  # law's usual departure over the runs
+    assert abs(gap) <= max(abs(g) for g in gaps)  # in the runs' units: no larger than the largest run's
 
 
 def grpo_trainer(tmp_path, tokenizer, cb, reward=None):
