@@ -20,6 +20,12 @@ corpora, seed and ``loss_tokens`` budget, so the texts whose NLL change the unit
 ``units/runlevel-<recipe>-<source>.json`` is written the moment a unit finishes: both features per domain,
 their seconds (and parts), the optimizer-step time measured here, and each feature's cost as a share of the
 64-step run (64 x that step time). A stopped run loses at most the unit in progress.
+
+    python benchmarks/transfer/runlevel.py --own-only          # the cheap level: the LoRA units, 1-3 steps
+
+``--own-only``: the lookahead of 1, 2 and 3 steps (``OWN_STEPS``) measuring only the source's own held-out texts
+(what a calibration whose level is ``lookahead_own`` and whose pattern needs no per-domain lookahead uses: the
+callback then measures nothing else), each with its time; ``units/runlevel-own-<recipe>-<source>.json``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ sys.path.insert(0, str(HERE))
 from units import COMMON, FORECAST, RECIPES, UNITS, plan, split, write_json  # noqa: E402
 
 K = 3  # lookahead / first-order steps: 3 of 64 planned steps is 4.7%
+OWN_STEPS = (1, 2, 3)  # --own-only: lookaheads of the own domain alone (3: the full lookahead's, to compare)
 SEED = 0
 LOSS_BATCH = 4  # held-out sequences per forward (Monitor.loss_batch_size)
 LORA_RANK = 8  # validate()'s defaults, which units.py trains with
@@ -52,16 +59,17 @@ def unit_name(recipe: str, source: str) -> str:
     return f"runlevel-{recipe}-{source}"
 
 
-def status(path: Path) -> str:
-    """``done``, ``todo``, or ``stale``: written with another held-out budget or K than the plan's now (the
-    loss sets would not be the units' any more); stale units are run again."""
+def status(path: Path, own_only: bool = False) -> str:
+    """``done``, ``todo``, or ``stale``: written with another held-out budget or K (``--own-only``: other steps)
+    than the plan's now (the loss sets would not be the units' any more); stale units are run again."""
     if not path.exists():
         return "todo"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return "stale"
-    return "done" if data.get("loss_tokens") == COMMON["loss_tokens"] and data.get("k") == K else "stale"
+    fresh = data.get("steps") == list(OWN_STEPS) if own_only else data.get("k") == K
+    return "done" if data.get("loss_tokens") == COMMON["loss_tokens"] and fresh else "stale"
 
 
 def planned() -> list[tuple[str, str]]:
@@ -159,26 +167,73 @@ def run_unit(model, tokenizer, recipe: str, source: str, domains: dict[str, list
     return data
 
 
+def own_unit_name(recipe: str, source: str) -> str:
+    return f"runlevel-own-{recipe}-{source}"
+
+
+def run_own_unit(model, tokenizer, recipe: str, source: str, domains: dict[str, list[str]], out: Path) -> dict:
+    """Lookaheads of ``OWN_STEPS`` steps that measure only the source's own held-out texts (the unit's loss set
+    of that domain), each on its own seeded draw of batches as the callback draws them for that many steps; the
+    costs as shares of the 64-step run, with and without the own domain's base loss (which the callback measures
+    at train start anyway when the training data is one of its target domains)."""
+    from sts_callback.pipelines.runlevel import RunLevelConfig, lookahead, measure_losses, training_batches
+
+    start = time.perf_counter()
+    train, targets = split(source, domains)
+    own = {source: loss_sets(model, tokenizer, {source: targets[source]})[source]}
+    with tempfile.TemporaryDirectory() as work:
+        trained, optimizer, features, collator, pad, lr = build_run(model, tokenizer, recipe, train, Path(work))
+    t = time.perf_counter()
+    before = measure_losses(trained, own, pad=pad, batch_size=LOSS_BATCH)
+    before_seconds = time.perf_counter() - t
+    estimates = {}
+    for steps in OWN_STEPS:
+        batches = training_batches(features, collator, COMMON["batch_size"], steps, seed=SEED)
+        settings = RunLevelConfig(steps=steps, lr=lr, max_grad_norm=1.0, pad=pad, batch_size=LOSS_BATCH)
+        estimate = lookahead(trained, optimizer, batches, own, settings, before=before).to_dict()
+        run_seconds = COMMON["steps"] * estimate["timings"]["step_seconds"]
+        extra = estimate["timings"]["steps"] + estimate["timings"]["after"]
+        estimate["cost"] = {"seconds": extra + before_seconds, "share_of_run": (extra + before_seconds) / run_seconds,
+                            "seconds_without_base_loss": extra, "share_without_base_loss": extra / run_seconds,
+                            "run_seconds_estimate": run_seconds}
+        estimates[f"k{steps}"] = estimate
+    data = {"format": "sts-runlevel-own/1", "unit": own_unit_name(recipe, source), "recipe": recipe,
+            "source": source, "seed": SEED, "steps": list(OWN_STEPS), "loss_tokens": COMMON["loss_tokens"],
+            "learning_rate": lr, "before_seconds": before_seconds, "lookahead": estimates,
+            "seconds": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU"}
+    write_json(out / f"{own_unit_name(recipe, source)}.json", data)
+    del trained, optimizer
+    gc.collect()
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
     parser.add_argument("--only", nargs="+", help="run only these units (names as --list prints them)")
     parser.add_argument("--out", type=Path, default=UNITS)
+    parser.add_argument("--own-only", action="store_true",
+                        help=f"the LoRA units' lookaheads of {OWN_STEPS} steps on the own domain alone")
     args = parser.parse_args()
 
     units = planned()
-    names = [unit_name(*u) for u in units]
+    name_of = unit_name
+    if args.own_only:
+        units, name_of = [u for u in units if u[0] == "lora"], own_unit_name
+    names = [name_of(*u) for u in units]
     if args.list:
         for name in names:
-            print(f"{name:<36} {status(args.out / f'{name}.json')}")
+            print(f"{name:<36} {status(args.out / f'{name}.json', args.own_only)}")
         return
     if args.only:
-        wanted = {n if n.startswith("runlevel-") else f"runlevel-{n}" for n in args.only}
+        prefix = "runlevel-own-" if args.own_only else "runlevel-"
+        wanted = {n if n.startswith(prefix) else f"{prefix}{n}" for n in args.only}
         unknown = sorted(wanted - set(names))
         if unknown:
             parser.error(f"unknown unit(s) {unknown}; --list prints the plan")
-        units = [u for u in units if unit_name(*u) in wanted]
-    todo = [u for u in units if status(args.out / f"{unit_name(*u)}.json") != "done"]
+        units = [u for u in units if name_of(*u) in wanted]
+    todo = [u for u in units if status(args.out / f"{name_of(*u)}.json", args.own_only) != "done"]
     print(f"{len(todo)} of {len(units)} units to run", flush=True)
     if not todo:
         return
@@ -189,8 +244,14 @@ def main() -> None:
     model, tokenizer = load_gemma3_270m()
     domains = domain_texts(args.out)  # the units' frozen texts
     for recipe, source in todo:
-        name = unit_name(recipe, source)
+        name = name_of(recipe, source)
         print(f"== {name} ({time.strftime('%H:%M:%S')}) ==", flush=True)
+        if args.own_only:
+            data = run_own_unit(model, tokenizer, recipe, source, domains, args.out)
+            print("   " + "; ".join(f"{k}: own {e['change'][source]:+.3%}, {e['cost']['share_of_run']:.1%} of the run "
+                                    f"({e['cost']['share_without_base_loss']:.1%} without the base loss)"
+                                    for k, e in data["lookahead"].items()), flush=True)
+            continue
         data = run_unit(model, tokenizer, recipe, source, domains, args.out)
         ahead, first = data["lookahead"], data["first_order"]
         print(f"   done in {data['seconds'] / 60:.1f} min; own domain: lookahead {ahead['change'][source]:+.3%}, "
