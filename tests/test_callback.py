@@ -5,6 +5,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -434,6 +435,29 @@ def test_run_level_term_at_train_start_joins_the_forecast_and_leaves_the_run_unc
         assert callback.predicted[name]["mean"] == pytest.approx(expected, rel=1e-9)
     assert {"lookahead": "lookahead", "first_order": "1st-order"}[method] in callback.forecast.table(view="scores")
     assert any("sts/run_level/law" in e for e in trainer.state.log_history)
+
+
+def test_run_level_measures_only_the_own_change_when_the_calibration_needs_nothing_else(tmp_path, tokenizer):
+    from sts_callback.scoring.calibration import Calibration
+
+    every = make_callback(run_level="lookahead")  # no calibration: each domain's change is logged
+    make_trainer(tmp_path / "every", tokenizer, every, max_steps=2, save_steps=100).train()
+    # level from the training data's own change, pattern from the domain prior alone: no per-domain lookahead
+    runs = [(np.zeros((3, 0)), [0.01 - 0.5 * own, 0.02 - 0.5 * own, 0.05 - 0.4 * own], [own], DOMAINS)
+            for own in (-0.3, -0.1, 0.0, -0.2)]
+    calibration = Calibration.fit_level_pattern(runs, [], ["lookahead_own"], domain_prior=True)
+    own_only = make_callback(run_level="lookahead", calibration=calibration)
+    trainer = make_trainer(tmp_path / "own", tokenizer, own_only, max_steps=2, save_steps=100)
+    trainer.train()
+    level, full = own_only.session.run_level, every.session.run_level
+    assert set(full["change"]) == set(DOMAINS) and level["change"] == {}  # the target domains not measured
+    assert level["own_change"] == pytest.approx(full["own_change"], abs=1e-6)  # the same steps, the same texts
+    assert not any("sts/run_level/law" in e for e in trainer.state.log_history)
+    prior_mean = sum(calibration.domain_prior[d] for d in DOMAINS) / len(DOMAINS)
+    for name in DOMAINS:
+        expected = (calibration.intercept + calibration.source_coef[0] * level["own_change"]
+                    + calibration.coef[0] * (calibration.domain_prior[name] - prior_mean) / calibration.scale[0])
+        assert own_only.predicted[name]["mean"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_path, tokenizer, capsys):

@@ -93,8 +93,10 @@ class STSCallback(TrainerCallback, ExportableState):
             (``run_level_steps`` real steps of the trainer's optimizer at the schedule's peak, each domain's
             held-out NLL change measured, then weights, optimizer state and RNG put back exactly) or
             ``"first_order"`` (the same change predicted from gradients, nothing stepped); added to the forecast's
-            scores (a calibration may use it) and logged as ``sts/run_level/<domain>``. ``None``: none. Language-
-            model trainers only (Trainer, SFTTrainer).
+            scores (a calibration may use it) and logged as ``sts/run_level/<domain>``. With a calibration that
+            uses only the training data's own change (``lookahead_own``), only that is measured: a few steps'
+            worth in place of a pass over every domain. ``None``: none. Language-model trainers only (Trainer,
+            SFTTrainer).
         shift: what the training pushes (:mod:`~sts_callback.integrations.trainer_shift`): ``"auto"`` (RL trainer
             -> the policy's reward-filtered rollouts as demonstrations; preference data -> chosen minus rejected;
             else the data's answers in context), or one of ``"in_context"``, ``"chosen_vs_rejected"``,
@@ -144,6 +146,8 @@ class STSCallback(TrainerCallback, ExportableState):
         needs = [m for m in RUN_LEVEL_METHODS if m in used or own_feature(m) in used]
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
+        # a calibration that takes only the training data's own change from the run-level term: measure that alone
+        self._run_level_domains = self.calibration is None or any(m in used for m in RUN_LEVEL_METHODS)
         objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}
         if objects:
             STSCallback._live_objects = {**STSCallback._live_objects, **objects}
@@ -280,7 +284,7 @@ class STSCallback(TrainerCallback, ExportableState):
             run = forecast_runner(shift, data, probe, demos, rollouts)
             level = None if self.run_level is None else run_level_runner(
                 self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
-                session.autocast, own=session.monitor.probe)
+                session.autocast, own=session.monitor.probe, domains=self._run_level_domains)
             forecast = session.start(model, probe, domains, demos, progress=True, forecast_run=run, run_level=level)
             if session.run_level is not None:
                 self._log({f"sts/run_level/{name}": value for name, value in session.run_level["change"].items()},

@@ -225,10 +225,13 @@ class STSSession:
                 domain.scores[estimate.method] = estimate.change.get(name)
             self.forecast.settings["run_level"] = self.run_level
         if self.is_main:
+            parts = [f"{name} {change:+.2%}" for name, change in estimate.change.items()]
+            if estimate.own_change is not None:
+                parts.append(f"the training data itself {estimate.own_change:+.2%}"
+                             + ("" if estimate.change else " (the target domains not measured: the calibration "
+                                                            "needs only this)"))
             print(f"STS run-level term ({estimate.method}, {estimate.steps} steps at the peak learning rate, "
-                  f"{estimate.seconds:.1f} s): held-out NLL change "
-                  + ", ".join(f"{name} {change:+.2%}" for name, change in estimate.change.items())
-                  + (f"; the training data itself {estimate.own_change:+.2%}" if estimate.own_change is not None else ""))
+                  f"{estimate.seconds:.1f} s): held-out NLL change " + "; ".join(parts))
 
     def _publish_forecast(self) -> None:
         """Calibrate, save, print and warn about the forecast (main process writes and prints)."""

@@ -26,14 +26,16 @@ def check_run_level(method: str | None) -> str | None:
 
 
 def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, list], tokenizer: Any, steps: int,
-                     autocast: Callable[[], Any] | None = None, own: list | None = None,
+                     autocast: Callable[[], Any] | None = None, own: list | None = None, domains: bool = True,
                      ) -> Callable[[Any, dict[str, float]], RunLevelEstimate]:
     """``(model, base_losses) -> RunLevelEstimate`` for ``trainer``: ``steps`` steps of its optimizer on a seeded
     draw of its training batches (the same examples on any number of processes). The batches must be language-
     model batches (``input_ids``, ``labels``): a preference or RL trainer's are refused now, with the fix. Under
     DeepSpeed ZeRO-3 / FSDP, where sharded weights cannot be put back exactly, a lookahead falls back to the
     first-order estimate, with a warning. ``own``: sequences of the training data (the re-check probe), whose
-    change becomes the estimate's ``own_change``."""
+    change becomes the estimate's ``own_change``. ``domains=False`` (with ``own``): measure the training data's
+    own change alone, not each target domain's (a calibration whose level is the own change and whose pattern
+    uses no per-domain run-level feature needs nothing else; most of a lookahead's cost is those measurements)."""
     dataset, collate = getattr(trainer, "train_dataset", None), getattr(trainer, "data_collator", None)
     if dataset is None or collate is None:
         raise STSConfigError("run_level needs the trainer's train_dataset and data_collator; pass run_level=None.")
@@ -54,9 +56,10 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
                           "stepped and put back exactly; using the first-order estimate instead.", STSDataWarning,
                           stacklevel=2)
             chosen = "first_order"
-        targets = {**loss_sets, OWN: own} if own else loss_sets
+        measured = loss_sets if domains or not own else {}
+        targets = {**measured, OWN: own} if own else measured
         if chosen == "lookahead":
-            before = {name: base_losses[name] for name in loss_sets}
+            before = {name: base_losses[name] for name in measured}
             if own:
                 before.update(measure_losses(model, {OWN: own}, pad=config.pad, autocast=autocast))
             estimate = lookahead(model, trainer.optimizer, batches, targets, config, autocast=autocast, before=before)
