@@ -452,6 +452,8 @@ def test_run_level_measures_only_the_own_change_when_the_calibration_needs_nothi
     level, full = own_only.session.run_level, every.session.run_level
     assert set(full["change"]) == set(DOMAINS) and level["change"] == {}  # the target domains not measured
     assert level["own_change"] == pytest.approx(full["own_change"], abs=1e-6)  # the same steps, the same texts
+    probe_tokens = sum(sum(flags) for _, flags in own_only.monitor.probe)
+    assert level["own_tokens"] == full["own_tokens"] and 0 < level["own_tokens"] < probe_tokens  # loss_tokens' worth
     assert not any("sts/run_level/law" in e for e in trainer.state.log_history)
     prior_mean = sum(calibration.domain_prior[d] for d in DOMAINS) / len(DOMAINS)
     for name in DOMAINS:

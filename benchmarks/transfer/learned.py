@@ -54,6 +54,8 @@ SAE_FEATURES = ("sts_icl", "sts_act", "sts_sq", "raw_act", "signed_usage", "forg
 RUNLEVEL = ("lookahead", "first_order")
 # Source-level: one value per unit, the same for its 10 other domains (how hard the run moves its own domain).
 SOURCE_LEVEL = {"lookahead_own": "lookahead", "first_order_own": "first_order"}
+# The same level from the cheap lookahead that measures only the own domain (runlevel.py --own-only), by steps
+OWN_LEVEL = {"lookahead_own_1step": "k1", "lookahead_own_2steps": "k2", "lookahead_own_3steps": "k3"}
 GOAL_R, GOAL_DIRECTION, GOAL_SOURCES = 0.85, 0.8, 9
 BUILTIN_OUT = HERE.parents[1] / "sts_callback" / "calibrations" / "gemma3_270m_lora.json"  # shipped in the package
 
@@ -68,6 +70,8 @@ def load_units(folder: Path) -> list[dict]:
         unit["icl"] = json.loads(icl.read_text())["icl_loss_change"] if icl.exists() else None
         runlevel = folder / f"runlevel-{unit['recipe']}-{unit['source']}.json"
         unit["runlevel"] = json.loads(runlevel.read_text()) if runlevel.exists() else None
+        own = folder / f"runlevel-own-{unit['recipe']}-{unit['source']}.json"
+        unit["runlevel_own"] = json.loads(own.read_text()) if own.exists() else None
         units.append(unit)
     return units
 
@@ -108,6 +112,9 @@ def rows(unit: dict, features: list[str]) -> tuple[list[str], np.ndarray, np.nda
             elif feature in SOURCE_LEVEL:
                 value = ((unit["runlevel"] or {}).get(SOURCE_LEVEL[feature]) or {}).get("change", {}).get(
                     unit["source"])
+            elif feature in OWN_LEVEL:
+                value = (((unit["runlevel_own"] or {}).get("lookahead") or {}).get(OWN_LEVEL[feature]) or {}).get(
+                    "change", {}).get(unit["source"])
             elif feature == "icl_own":
                 value = (unit["icl"] or {}).get(unit["source"])
             else:
@@ -290,6 +297,21 @@ def costs(units: list[dict], folder: Path) -> dict:
         summary[name] = {"seconds": float(np.mean([v for v, _ in pairs])) if pairs else None,
                          "share_of_training": float(np.mean([v / t for v, t in pairs])) if pairs else None}
     return summary
+
+
+def own_lookahead_costs(units: list[dict]) -> dict[str, dict]:
+    """The own-domain lookahead's cost per number of steps (``runlevel.py --own-only``), mean over the LoRA units:
+    its seconds and share of the 64-step run (64 x the optimizer step time measured beside it; with and without
+    measuring the own domain's base loss), and the largest share."""
+    files = [u["runlevel_own"] for u in units if u["runlevel_own"] and u["seed"] == 0]
+    out = {}
+    for k in sorted({k for f in files for k in f["lookahead"]}):
+        costs = [f["lookahead"][k]["cost"] for f in files if k in f["lookahead"]]
+        out[k] = {"units": len(costs), "seconds": float(np.mean([c["seconds"] for c in costs])),
+                  "share_of_run": float(np.mean([c["share_of_run"] for c in costs])),
+                  "max_share_of_run": float(max(c["share_of_run"] for c in costs)),
+                  "share_without_base_loss": float(np.mean([c["share_without_base_loss"] for c in costs]))}
+    return out
 
 
 def seed_agreement(units: list[dict]) -> dict[str, dict]:
@@ -481,6 +503,11 @@ def main() -> None:
             (["lookahead_own"], [], True, "run"), False)
         forecasts["level+pattern: callback + domain prior, over each run's spread"] = (
             (["lookahead_own"], [*SAE_FEATURES, *runlevel], True, "run"), False)
+        # the level from the lookahead of the own domain alone, 1-3 steps (runlevel.py --own-only): what the
+        # callback measures when its calibration needs nothing else from the run-level term
+        for feature in OWN_LEVEL:
+            if all(u["runlevel_own"] for u in units if u["recipe"] == "lora"):
+                forecasts[f"level+pattern: domain prior only, level {feature}"] = (([feature], [], True), False)
         # the lookahead only for the level: it need measure only the training data's own loss (cheaper)
         forecasts["level+pattern: SAE + domain prior, level lookahead_own"] = ((["lookahead_own"], list(SAE_FEATURES),
                                                                                 True), False)
@@ -553,10 +580,15 @@ def main() -> None:
     if precise:
         compare_precise(results, units, precise, forecasts, lora, args.units)
     results["costs"] = costs(units, args.units)
+    results["own_lookahead_costs"] = own_lookahead_costs(units)
     print("\ncost per unit (seconds; share of the training run):")
     for name, cost in results["costs"].items():
         if cost["seconds"] is not None:
             print(f"  {name:<18} {cost['seconds']:8.1f} s  {cost['share_of_training']:.1%}")
+    for k, cost in results["own_lookahead_costs"].items():
+        print(f"  lookahead of the own domain alone, {k}: {cost['seconds']:.1f} s, {cost['share_of_run']:.1%} of a "
+              f"64-step run (most {cost['max_share_of_run']:.1%}; {cost['share_without_base_loss']:.1%} without the "
+              "base loss)")
     args.out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {args.out}")
 

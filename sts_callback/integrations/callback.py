@@ -284,7 +284,8 @@ class STSCallback(TrainerCallback, ExportableState):
             run = forecast_runner(shift, data, probe, demos, rollouts)
             level = None if self.run_level is None else run_level_runner(
                 self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
-                session.autocast, own=session.monitor.probe, domains=self._run_level_domains)
+                session.autocast, own=session.monitor.probe, domains=self._run_level_domains,
+                own_tokens=session.settings.loss_tokens)
             forecast = session.start(model, probe, domains, demos, progress=True, forecast_run=run, run_level=level)
             if session.run_level is not None:
                 self._log({f"sts/run_level/{name}": value for name, value in session.run_level["change"].items()},

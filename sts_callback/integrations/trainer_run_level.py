@@ -27,13 +27,14 @@ def check_run_level(method: str | None) -> str | None:
 
 def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, list], tokenizer: Any, steps: int,
                      autocast: Callable[[], Any] | None = None, own: list | None = None, domains: bool = True,
-                     ) -> Callable[[Any, dict[str, float]], RunLevelEstimate]:
+                     own_tokens: int | None = None) -> Callable[[Any, dict[str, float]], RunLevelEstimate]:
     """``(model, base_losses) -> RunLevelEstimate`` for ``trainer``: ``steps`` steps of its optimizer on a seeded
     draw of its training batches (the same examples on any number of processes). The batches must be language-
     model batches (``input_ids``, ``labels``): a preference or RL trainer's are refused now, with the fix. Under
     DeepSpeed ZeRO-3 / FSDP, where sharded weights cannot be put back exactly, a lookahead falls back to the
     first-order estimate, with a warning. ``own``: sequences of the training data (the re-check probe), whose
-    change becomes the estimate's ``own_change``. ``domains=False`` (with ``own``): measure the training data's
+    change becomes the estimate's ``own_change``, measured on its first ``own_tokens`` counted tokens (``None``:
+    all; the callback passes its ``loss_tokens``, a domain's held-out budget). ``domains=False`` (with ``own``): measure the training data's
     own change alone, not each target domain's (a calibration whose level is the own change and whose pattern
     uses no per-domain run-level feature needs nothing else; most of a lookahead's cost is those measurements)."""
     dataset, collate = getattr(trainer, "train_dataset", None), getattr(trainer, "data_collator", None)
@@ -48,6 +49,8 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
         raise STSConfigError(f"run_level={method!r} steps the model on language-model batches, but "
                              f"{type(trainer).__name__}'s batches have no {sorted(missing)} (keys: {sorted(batches[0])}"
                              "): preference and RL losses are not supported yet. Pass run_level=None.")
+
+    own = _within_tokens(own, own_tokens) if own and own_tokens is not None else own
 
     def run(model: Any, base_losses: dict[str, float]) -> RunLevelEstimate:
         chosen = method
@@ -67,9 +70,22 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
             estimate = first_order(model, trainer.optimizer, batches, targets, config, autocast=autocast)
         if own:
             estimate.own_change = estimate.change.pop(OWN)
+            estimate.own_tokens = sum(sum(flags) for _, flags in own)
             estimate.loss_before.pop(OWN), estimate.loss_change.pop(OWN)
         return estimate
     return run
+
+
+def _within_tokens(sequences: list, budget: int) -> list:
+    """The first sequences of ``sequences`` ((ids, counted flags) pairs) up to ``budget`` counted tokens (at least
+    one sequence): the own change is a paired difference after a few steps, precise on a domain's budget."""
+    out, counted = [], 0
+    for sequence in sequences:
+        if out and counted >= budget:
+            break
+        out.append(sequence)
+        counted += sum(sequence[1])
+    return out
 
 
 __all__ = ["RUN_LEVEL_METHODS", "check_run_level", "run_level_runner"]

@@ -145,6 +145,7 @@ class RunLevelEstimate:
             and ``step_seconds`` (lookahead: one optimizer step on one batch, the training-step cost here).
         own_change: the same relative change on texts of the training data itself (``None`` when not measured):
             how hard the run moves its own domain, which sets the level of a level + pattern calibration.
+        own_tokens: the counted tokens ``own_change`` was measured on.
     """
 
     method: str
@@ -157,6 +158,7 @@ class RunLevelEstimate:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     own_change: float | None = None
+    own_tokens: int | None = None
 
     @property
     def mean_change(self) -> float:
