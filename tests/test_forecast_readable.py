@@ -72,10 +72,14 @@ def test_builtin_calibration_is_shipped_with_its_scope_and_loads_by_name():
     for name, file in BUILTIN.items():
         assert files("sts_callback").joinpath("calibrations", file).is_file()
         calibration = load_calibration(name)
-        assert calibration.centered and calibration.source_features == []  # no run-level term needed
-        assert "domain_prior" in calibration.features and "sts_icl" in calibration.features
+        assert calibration.centered and "domain_prior" in calibration.features
         assert {"model", "sae", "recipe", "units", "leave_one_source_out"} <= set(calibration.fitted_on)
         assert len(calibration.domain_prior) == 11  # the built-in domains it was fitted over
+    plain = load_calibration("gemma3-270m-lora")
+    assert plain.source_features == [] and "sts_icl" in plain.features  # no run-level term needed
+    lookahead = load_calibration("gemma3-270m-lora-lookahead")  # the level from the callback's own-only lookahead
+    assert lookahead.source_features == ["lookahead_own"] and lookahead.features == ["domain_prior"]
+    assert lookahead.fitted_on["scope"]["run_level_steps"] == 2 and lookahead.run_level_inputs() == ["lookahead_own"]
     with pytest.raises(STSConfigError, match="gemma3-270m-lora"):
         builtin_calibration("gemma3-270m-full")
     with pytest.raises(STSConfigError, match="neither a file nor a built-in"):

@@ -58,6 +58,8 @@ SOURCE_LEVEL = {"lookahead_own": "lookahead", "first_order_own": "first_order"}
 OWN_LEVEL = {"lookahead_own_1step": "k1", "lookahead_own_2steps": "k2", "lookahead_own_3steps": "k3"}
 GOAL_R, GOAL_DIRECTION, GOAL_SOURCES = 0.85, 0.8, 9
 BUILTIN_OUT = HERE.parents[1] / "sts_callback" / "calibrations" / "gemma3_270m_lora.json"  # shipped in the package
+# the built-in for the callback with a cheap lookahead: the domain prior, the level from a 2-step own-domain lookahead
+BUILTIN_LOOKAHEAD_STEPS = 2
 
 
 def load_units(folder: Path) -> list[dict]:
@@ -438,6 +440,31 @@ def write_builtin(results: dict, lora_units: list[dict], fitted_on: dict, out: P
           "prior, the level the LoRA units' mean)")
 
 
+def write_builtin_lookahead(results: dict, lora_units: list[dict], fitted_on: dict, out: Path) -> None:
+    """The built-in calibration for the callback with ``run_level="lookahead", run_level_steps=2``
+    (``gemma3-270m-lora-lookahead``): the domain prior alone as the pattern, the level from how far a 2-step
+    lookahead moves the training data's own loss (``runlevel.py --own-only``; the callback then measures nothing
+    else in its lookahead)."""
+    feature = next(f for f, k in OWN_LEVEL.items() if k == f"k{BUILTIN_LOOKAHEAD_STEPS}")
+    name = f"level+pattern: domain prior only, level {feature}"
+    runs = level_pattern_runs(lora_units, [feature], [])
+    calibration = Calibration.fit_level_pattern(runs, [], [feature], domain_prior=True, fitted_on={
+        **fitted_on, "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps of 4 x 128 tokens",
+        "domains": "the other domains of the training data (its own domain is not predicted); domain_prior: the 11 "
+                   "built-in domains' usual departures (other domains: neutral)",
+        "level": f"lookahead_own: the relative change of the training domain's held-out NLL after "
+                 f"{BUILTIN_LOOKAHEAD_STEPS} lookahead steps at the schedule's peak (runlevel.py --own-only)",
+        "leave_one_source_out": results["forecasts"][name]["summary"],
+        "own_lookahead_cost": results.get("own_lookahead_costs", {}).get(f"k{BUILTIN_LOOKAHEAD_STEPS}"),
+        "scope": {"model_class": "Gemma3ForCausalLM", "d_in": 640, "d_sae": 4096,
+                  "hook_name": "blocks.12.hook_resid_post", "run_level_steps": BUILTIN_LOOKAHEAD_STEPS}})
+    calibration.source_features = ["lookahead_own"]  # what the callback's run-level term provides
+    calibration.save(out)
+    results["builtin_lookahead_calibration"] = str(out)
+    print(f"wrote {out} (the built-in calibration for run_level='lookahead', run_level_steps="
+          f"{BUILTIN_LOOKAHEAD_STEPS}: the domain prior, the level from the own-domain lookahead)")
+
+
 def record(results: dict, name: str, per_source: dict) -> None:
     """Keep a forecast's per-source scores and summary in ``results`` and print its table row."""
     results["forecasts"][name] = {"per_source": per_source, "summary": summary(per_source)}
@@ -566,8 +593,12 @@ def main() -> None:
         results["calibration"] = str(args.calibration_out)
         print(f"wrote {args.calibration_out} (level + pattern on {features} and the domain prior, level from "
               "lookahead_own; the early forecasts' blend with it per share of training)")
+    results["own_lookahead_costs"] = own_lookahead_costs(units)
     if args.builtin_out:
         write_builtin(results, lora_units, fitted_on, args.builtin_out)
+        if all(u["runlevel_own"] for u in lora_units):
+            write_builtin_lookahead(results, lora_units, fitted_on,
+                                    args.builtin_out.with_name(args.builtin_out.stem + "_lookahead.json"))
     ceiling = seed_agreement(units)
     if ceiling:
         results["seed_agreement"] = ceiling
@@ -580,7 +611,6 @@ def main() -> None:
     if precise:
         compare_precise(results, units, precise, forecasts, lora, args.units)
     results["costs"] = costs(units, args.units)
-    results["own_lookahead_costs"] = own_lookahead_costs(units)
     print("\ncost per unit (seconds; share of the training run):")
     for name, cost in results["costs"].items():
         if cost["seconds"] is not None:

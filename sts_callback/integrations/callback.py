@@ -146,6 +146,10 @@ class STSCallback(TrainerCallback, ExportableState):
         needs = [m for m in RUN_LEVEL_METHODS if m in used or own_feature(m) in used]
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
+        fitted_steps = ((self.calibration.fitted_on or {}).get("scope") or {}).get("run_level_steps") if needs else None
+        if fitted_steps is not None and fitted_steps != run_level_steps:  # the level's scale is that many steps'
+            raise STSConfigError(f"The calibration's run-level feature was measured after {fitted_steps} lookahead "
+                                 f"step(s); pass run_level_steps={fitted_steps} (got {run_level_steps}).")
         # a calibration that takes only the training data's own change from the run-level term: measure that alone
         self._run_level_domains = self.calibration is None or any(m in used for m in RUN_LEVEL_METHODS)
         objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}

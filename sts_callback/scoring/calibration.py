@@ -31,7 +31,9 @@ PRIOR = "domain_prior"  # the pattern feature of a calibration fitted with domai
 PATTERN_SCALES = ("absolute", "run")  # fit_level_pattern: the pattern on the changes as measured / over each run's spread
 # Calibrations shipped in the package (sts_callback/calibrations/), by name; each file's ``fitted_on`` states its
 # scope (model, SAE, recipe, domains) and its leave-one-source-out numbers.
-BUILTIN = {"gemma3-270m-lora": "gemma3_270m_lora.json"}
+BUILTIN = {"gemma3-270m-lora": "gemma3_270m_lora.json",
+           # for STSCallback(run_level="lookahead", run_level_steps=2): the level from the run's own-domain lookahead
+           "gemma3-270m-lora-lookahead": "gemma3_270m_lora_lookahead.json"}
 
 
 @dataclass
