@@ -80,6 +80,7 @@ def test_builtin_calibration_is_shipped_with_its_scope_and_loads_by_name():
     lookahead = load_calibration("gemma3-270m-lora-lookahead")  # the level from the callback's own-only lookahead
     assert lookahead.source_features == ["lookahead_own"] and lookahead.features == ["domain_prior"]
     assert lookahead.fitted_on["scope"]["run_level_steps"] == 2 and lookahead.run_level_inputs() == ["lookahead_own"]
+    assert lookahead.blend_table("power", "lora") and not lookahead.blend_table("power", "full")  # early forecast
     with pytest.raises(STSConfigError, match="gemma3-270m-lora"):
         builtin_calibration("gemma3-270m-full")
     with pytest.raises(STSConfigError, match="neither a file nor a built-in"):

@@ -80,19 +80,21 @@ def learned_module():
 STEP0_PATTERNS = ("callback", "prior")
 
 
-def step0_predictions(units: list[dict], pattern: str = "callback") -> dict[str, dict[str, tuple[float, float]]]:
+def step0_predictions(units: list[dict], pattern: str = "callback", level_feature: str = "lookahead_own",
+                      ) -> dict[str, dict[str, tuple[float, float]]]:
     """unit -> domain -> (predicted mean, low of its 90% interval) from the level + pattern calibration with the
     domain prior (the exported calibration's kind) fitted on the other sources' units of the unit's recipe (of both
     recipes while it has fewer than 3 other sources: leave-one-source-out), on ``units`` as loaded by
     ``learned.load_units`` (their measured changes are what it is fitted on); empty until every unit has its
-    run-level terms."""
+    run-level terms. ``level_feature``: the level's source feature (``learned.SOURCE_LEVEL`` / ``OWN_LEVEL``, e.g.
+    ``lookahead_own_2steps``, the built-in ``gemma3-270m-lora-lookahead``'s)."""
     from sts_callback.scoring.calibration import Calibration
 
     learned = learned_module()
     runlevel = [f for f in learned.RUNLEVEL if units and all(u["runlevel"] and f in u["runlevel"] for u in units)]
     if not runlevel:
         return {}
-    features, level = ([*learned.SAE_FEATURES, *runlevel] if pattern == "callback" else []), ["lookahead_own"]
+    features, level = ([*learned.SAE_FEATURES, *runlevel] if pattern == "callback" else []), [level_feature]
     out = {}
     for unit in units:
         train = [u for u in units if u["source"] != unit["source"]]

@@ -440,11 +440,15 @@ def write_builtin(results: dict, lora_units: list[dict], fitted_on: dict, out: P
           "prior, the level the LoRA units' mean)")
 
 
-def write_builtin_lookahead(results: dict, lora_units: list[dict], fitted_on: dict, out: Path) -> None:
+def write_builtin_lookahead(results: dict, units: list[dict], lora_units: list[dict], fitted_on: dict,
+                            out: Path) -> None:
     """The built-in calibration for the callback with ``run_level="lookahead", run_level_steps=2``
     (``gemma3-270m-lora-lookahead``): the domain prior alone as the pattern, the level from how far a 2-step
     lookahead moves the training data's own loss (``runlevel.py --own-only``; the callback then measures nothing
-    else in its lookahead)."""
+    else in its lookahead), with the early forecasts' blend with its step-0 prediction per share of training
+    (``early_compare.blend_table``, the step-0 predictions leave-one-source-out on the same level)."""
+    import early_compare
+
     feature = next(f for f, k in OWN_LEVEL.items() if k == f"k{BUILTIN_LOOKAHEAD_STEPS}")
     name = f"level+pattern: domain prior only, level {feature}"
     runs = level_pattern_runs(lora_units, [feature], [])
@@ -459,6 +463,9 @@ def write_builtin_lookahead(results: dict, lora_units: list[dict], fitted_on: di
         "scope": {"model_class": "Gemma3ForCausalLM", "d_in": 640, "d_sae": 4096,
                   "hook_name": "blocks.12.hook_resid_post", "run_level_steps": BUILTIN_LOOKAHEAD_STEPS}})
     calibration.source_features = ["lookahead_own"]  # what the callback's run-level term provides
+    step0 = early_compare.step0_predictions(units, pattern="prior", level_feature=feature)
+    calibration.early_blend = {m: early_compare.blend_table(lora_units, step0, m) for m in ("power", "trend")}
+    calibration.early_blend_recipe = "lora"
     calibration.save(out)
     results["builtin_lookahead_calibration"] = str(out)
     print(f"wrote {out} (the built-in calibration for run_level='lookahead', run_level_steps="
@@ -597,7 +604,7 @@ def main() -> None:
     if args.builtin_out:
         write_builtin(results, lora_units, fitted_on, args.builtin_out)
         if all(u["runlevel_own"] for u in lora_units):
-            write_builtin_lookahead(results, lora_units, fitted_on,
+            write_builtin_lookahead(results, units, lora_units, fitted_on,
                                     args.builtin_out.with_name(args.builtin_out.stem + "_lookahead.json"))
     ceiling = seed_agreement(units)
     if ceiling:
