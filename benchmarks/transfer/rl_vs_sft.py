@@ -172,10 +172,11 @@ def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str,
         if kind not in prior_only_done:  # the measured changes are the family's whatever the variant
             prior_only_done.add(kind)
             bare = {name: (np.zeros((len(run[1]), 0)), *run[1:]) for name, run in runs.items()}
-            bare_others = lambda name, bare=bare: [r for o, r in bare.items() if o != name and sources[o] != sources[name]]  # noqa: E731
             for pattern_scale, suffix in PATTERN_SCALE_ROWS.items():
                 out[f"{kind} domain prior alone (family's other runs{suffix})"] = scored(
-                    bare, bare_others, features=[], pattern_scale=pattern_scale)
+                    bare, lambda name, bare=bare: [r for o, r in bare.items()
+                                                   if o != name and sources[o] != sources[name]],
+                    features=[], pattern_scale=pattern_scale)
     return out
 
 

@@ -34,9 +34,10 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
     DeepSpeed ZeRO-3 / FSDP, where sharded weights cannot be put back exactly, a lookahead falls back to the
     first-order estimate, with a warning. ``own``: sequences of the training data (the re-check probe), whose
     change becomes the estimate's ``own_change``, measured on its first ``own_tokens`` counted tokens (``None``:
-    all; the callback passes its ``loss_tokens``, a domain's held-out budget). ``domains=False`` (with ``own``): measure the training data's
-    own change alone, not each target domain's (a calibration whose level is the own change and whose pattern
-    uses no per-domain run-level feature needs nothing else; most of a lookahead's cost is those measurements)."""
+    all; the callback passes its ``loss_tokens``, a domain's held-out budget). ``domains=False`` (with ``own``):
+    measure the training data's own change alone, not each target domain's (a calibration whose level is the own
+    change and whose pattern uses no per-domain run-level feature needs nothing else; most of a lookahead's cost is
+    those measurements)."""
     dataset, collate = getattr(trainer, "train_dataset", None), getattr(trainer, "data_collator", None)
     if dataset is None or collate is None:
         raise STSConfigError("run_level needs the trainer's train_dataset and data_collator; pass run_level=None.")

@@ -28,7 +28,8 @@ from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
 PRIOR = "domain_prior"  # the pattern feature of a calibration fitted with domain_prior=True
-PATTERN_SCALES = ("absolute", "run")  # fit_level_pattern: the pattern on the changes as measured / over each run's spread
+# fit_level_pattern's pattern_scale: the pattern on the changes as measured / over each run's spread
+PATTERN_SCALES = ("absolute", "run")
 # Calibrations shipped in the package (sts_callback/calibrations/), by name; each file's ``fitted_on`` states its
 # scope (model, SAE, recipe, domains) and its leave-one-source-out numbers.
 BUILTIN = {"gemma3-270m-lora": "gemma3_270m_lora.json",
