@@ -539,10 +539,14 @@ def test_run_level_settings_are_checked_at_construction():
         [([[0.0], [1.0]], [own, 2 * own], [own]) for own in (0.1, 0.2, 0.4)], ["sts_act"], ["first_order_own"])
     with pytest.raises(STSConfigError, match="pass run_level='first_order'"):
         make_callback(calibration=level_from_own)
-    # a level fitted on a 2-step lookahead needs the same number of steps (the change grows with them)
-    with pytest.raises(STSConfigError, match="after 2 lookahead step.*pass run_level_steps=2"):
-        make_callback(run_level="lookahead", calibration="gemma3-270m-lora-lookahead")
+    # a level fitted on a 2-step lookahead needs the same number of steps (the change grows with them): unset, the
+    # callback takes the calibration's; another number is refused
+    with pytest.raises(STSConfigError, match="after 2 lookahead step.*pass run_level_steps=2 or leave it unset"):
+        make_callback(run_level="lookahead", run_level_steps=3, calibration="gemma3-270m-lora-lookahead")
+    adopted = make_callback(run_level="lookahead", calibration="gemma3-270m-lora-lookahead")
+    assert adopted.run_level_steps == 2 and adopted._export_args["run_level_steps"] == 2
     assert make_callback(run_level="lookahead", run_level_steps=2, calibration="gemma3-270m-lora-lookahead")
+    assert make_callback(run_level="lookahead").run_level_steps == 3  # no calibration: the default
 
 
 def test_overhead_budget_keeps_the_protected_domain_and_defers_the_others(tmp_path, tokenizer):

@@ -28,7 +28,7 @@ from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession
 from .trainer_shift import (RL_SHIFTS, check_shift, forecast_runner, fresh_rollout_probe, resolve_shift,
                             rollout_probe, trainer_rollouts)
-from .trainer_run_level import RUN_LEVEL_METHODS, check_run_level, run_level_runner
+from .trainer_run_level import DEFAULT_RUN_LEVEL_STEPS, RUN_LEVEL_METHODS, check_run_level, run_level_runner
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
 
 
@@ -90,7 +90,8 @@ class STSCallback(TrainerCallback, ExportableState):
             (base residuals from the trainer's ``ref_model`` or the adapters-disabled model); ``False``: the
             train-start rollouts throughout.
         run_level: the run-level term at train start (:mod:`~sts_callback.pipelines.runlevel`): ``"lookahead"``
-            (``run_level_steps`` real steps of the trainer's optimizer at the schedule's peak, each domain's
+            (``run_level_steps`` real steps of the trainer's optimizer at the schedule's peak (unset: the
+            calibration's own step count where it was fitted on one, else 3), each domain's
             held-out NLL change measured, then weights, optimizer state and RNG put back exactly) or
             ``"first_order"`` (the same change predicted from gradients, nothing stepped); added to the forecast's
             scores (a calibration may use it) and logged as ``sts/run_level/<domain>``. With a calibration that
@@ -112,7 +113,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
                  accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
                  loss_sequence_tokens: int | None = None, loss_domains: int | None = None, early_method: str | None = None, fresh_rollouts: bool = True,
-                 overhead_budget: float | None = None, run_level: str | None = None, run_level_steps: int = 3,
+                 overhead_budget: float | None = None, run_level: str | None = None, run_level_steps: int | None = None,
                  _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
@@ -138,8 +139,9 @@ class STSCallback(TrainerCallback, ExportableState):
         self.target_domains, self.train_probe = values["target_domains"], values["train_probe"]
         self.demonstrations, self.output_subdir = values["demonstrations"], output_subdir
         self.shift = check_shift(shift)
-        self.run_level, self.run_level_steps = check_run_level(run_level), run_level_steps
-        if isinstance(run_level_steps, bool) or not isinstance(run_level_steps, int) or run_level_steps < 1:
+        self.run_level = check_run_level(run_level)
+        if run_level_steps is not None and (isinstance(run_level_steps, bool) or not isinstance(run_level_steps, int)
+                                            or run_level_steps < 1):
             raise STSConfigError(f"run_level_steps must be an integer >= 1, got {run_level_steps!r}.")
         self.session = STSSession(values["sae"], config, guard, recheck, output_subdir, calibration, strict=strict)
         used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []
@@ -147,9 +149,11 @@ class STSCallback(TrainerCallback, ExportableState):
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
         fitted_steps = ((self.calibration.fitted_on or {}).get("scope") or {}).get("run_level_steps") if needs else None
-        if fitted_steps is not None and fitted_steps != run_level_steps:  # the level's scale is that many steps'
+        if fitted_steps is not None and run_level_steps not in (None, fitted_steps):  # the level's scale: its steps'
             raise STSConfigError(f"The calibration's run-level feature was measured after {fitted_steps} lookahead "
-                                 f"step(s); pass run_level_steps={fitted_steps} (got {run_level_steps}).")
+                                 f"step(s); pass run_level_steps={fitted_steps} or leave it unset "
+                                 f"(got {run_level_steps}).")
+        run_level_steps = self.run_level_steps = run_level_steps or fitted_steps or DEFAULT_RUN_LEVEL_STEPS
         # a calibration that takes only the training data's own change from the run-level term: measure that alone
         self._run_level_domains = self.calibration is None or any(m in used for m in RUN_LEVEL_METHODS)
         objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}

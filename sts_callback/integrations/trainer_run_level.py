@@ -17,6 +17,7 @@ from ..pipelines.runlevel import (RunLevelConfig, RunLevelEstimate, first_order,
 from ..scoring.calibration import RUN_LEVEL_METHODS
 
 OWN = "<the training data>"  # the loss set of the training data's own texts, beside the target domains
+DEFAULT_RUN_LEVEL_STEPS = RunLevelConfig.steps  # when neither the user nor the calibration says how many
 
 
 def check_run_level(method: str | None) -> str | None:
@@ -89,4 +90,4 @@ def _within_tokens(sequences: list, budget: int) -> list:
     return out
 
 
-__all__ = ["RUN_LEVEL_METHODS", "check_run_level", "run_level_runner"]
+__all__ = ["DEFAULT_RUN_LEVEL_STEPS", "RUN_LEVEL_METHODS", "check_run_level", "run_level_runner"]

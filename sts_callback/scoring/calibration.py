@@ -33,7 +33,7 @@ PATTERN_SCALES = ("absolute", "run")
 # Calibrations shipped in the package (sts_callback/calibrations/), by name; each file's ``fitted_on`` states its
 # scope (model, SAE, recipe, domains) and its leave-one-source-out numbers.
 BUILTIN = {"gemma3-270m-lora": "gemma3_270m_lora.json",
-           # for STSCallback(run_level="lookahead", run_level_steps=2): the level from the run's own-domain lookahead
+           # for STSCallback(run_level="lookahead"): the level from the run's 2-step own-domain lookahead
            "gemma3-270m-lora-lookahead": "gemma3_270m_lora_lookahead.json"}
 
 
