@@ -4,6 +4,7 @@
     python tests/distributed_worker.py MODE OUT      MODE: single | ddp | zero2 | zero3 | bad_inputs | forecast_disagree
                                                        | runlevel_single | runlevel_ddp | runlevel_zero2
                                                        | runlevel_zero3 | trl_dpo | trl_grpo
+                                                       | callback_runlevel_single | callback_runlevel_ddp
 
 Each rank writes ``OUT/rank<r>.json``: the files it wrote under the STS folder (seen by an audit hook)
 and, for ``bad_inputs``, the errors it raised.
@@ -164,8 +165,29 @@ def trl_forecast(kind: str) -> tuple[dict | None, list[dict]]:
     return (cb.forecast.to_dict() if cb.forecast else None), cb.history
 
 
+def callback_runlevel() -> dict:
+    """STSCallback's run-level term at train start: a lookahead measuring every target domain (no calibration),
+    and one measuring only the training data's own change (a calibration whose level is ``lookahead_own``)."""
+    import numpy as np
+
+    from sts_callback.scoring.calibration import Calibration
+
+    names = list(DOMAINS)
+    runs = [(np.zeros((len(names), 0)), [0.01 * i - 0.5 * own for i in range(len(names))], [own], names)
+            for own in (-0.3, -0.1, 0.0, -0.2)]
+    own_level = Calibration.fit_level_pattern(runs, [], ["lookahead_own"], domain_prior=True)
+    out = {}
+    for name, overrides in (("every", {}), ("own_only", {"calibration": own_level})):
+        cb = callback(run_level="lookahead", run_level_steps=2, **overrides)
+        trainer_for(cb, OUT / name).train()
+        out[name] = {"run_level": cb.session.run_level, "predicted": cb.predicted}
+    return out
+
+
 result: dict = {"rank": RANK, "world": WORLD}
-if MODE.startswith("runlevel_"):  # runlevel_single | runlevel_ddp | runlevel_zero2 | runlevel_zero3
+if MODE.startswith("callback_runlevel_"):
+    result["callback_runlevel"] = callback_runlevel()
+elif MODE.startswith("runlevel_"):  # runlevel_single | runlevel_ddp | runlevel_zero2 | runlevel_zero3
     result["runlevel"] = runlevel(MODE.split("_", 1)[1])
 elif MODE.startswith("trl_"):
     result["forecast"], result["history"] = trl_forecast(MODE.split("_", 1)[1])

@@ -159,6 +159,29 @@ def test_fsdp2_sharded_model_is_captured_in_lockstep_mode():
         dist.destroy_process_group()
 
 
+def test_callback_run_level_two_processes_match_one(tmp_path):
+    """STSCallback(run_level="lookahead") under DDP: each domain's lookahead change, the training data's own
+    change (also when a calibration needs only that and no domain is measured) and the calibrated forecast equal
+    one process's within 1e-5."""
+    reference = run("callback_runlevel_single", tmp_path / "one", 1)[0]["callback_runlevel"]
+    ranks = [r["callback_runlevel"] for r in run("callback_runlevel_ddp", tmp_path / "two", 2)]
+    every, own_only = reference["every"]["run_level"], reference["own_only"]["run_level"]
+    assert own_only["change"] == {} and set(every["change"]) == {"law", "food", "chem", "sport", "quiz"}
+    assert abs(every["own_change"]) > 1e-3  # the steps move the training data's loss
+    assert own_only["own_change"] == pytest.approx(every["own_change"], abs=1e-6)
+    assert set(reference["own_only"]["predicted"]) == set(every["change"])  # the calibrated forecast, every domain
+    for theirs in ranks:
+        for name in ("every", "own_only"):
+            mine = theirs[name]["run_level"]
+            assert mine["own_tokens"] == reference[name]["run_level"]["own_tokens"]
+            assert abs(mine["own_change"] - reference[name]["run_level"]["own_change"]) <= REL
+            assert set(mine["change"]) == set(reference[name]["run_level"]["change"])
+            for domain, value in reference[name]["run_level"]["change"].items():
+                assert abs(mine["change"][domain] - value) <= REL, f"{name} {domain}"
+        for domain, value in reference["own_only"]["predicted"].items():
+            close(value["mean"], theirs["own_only"]["predicted"][domain]["mean"], f"predicted {domain}")
+
+
 @pytest.fixture(scope="module")
 def runlevel_single(tmp_path_factory):
     return run("runlevel_single", tmp_path_factory.mktemp("runlevel") / "out", 1)[0]["runlevel"]
