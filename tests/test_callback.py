@@ -493,6 +493,10 @@ def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_pa
     assert calibration.source_features == ["lookahead_own"] and calibration.features == ["lookahead", "domain_prior"]
     assert calibration.source_coef[0] == pytest.approx(-0.5, abs=1e-6)
     assert calibration.domain_prior["law"] - calibration.domain_prior["food"] == pytest.approx(0.03, abs=0.002)
+    # the level holds for the runs' lookahead steps (the default 3): recorded, and another number refused
+    assert calibration.fitted_on["scope"] == {"run_level_steps": 3}
+    with pytest.raises(STSConfigError, match="after 3 lookahead step"):
+        make_callback(run_level="lookahead", run_level_steps=2, calibration=str(out))
     # applied by the callback to a new run: the forecast predicts law above the others
     applied = make_callback(run_level="lookahead", calibration=str(out))
     make_trainer(tmp_path / "applied", tokenizer, applied, max_steps=2, save_steps=100).train()
@@ -520,6 +524,14 @@ def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_pa
     assert predicted["law"].mean - predicted["food"].mean == pytest.approx(0.03, abs=0.005)
     assert main(["calibrate", str(real), "--pattern-scale", "run", "--out", str(tmp_path / "v.json")]) == 2
     assert "use it with --runs" in capsys.readouterr().err
+    # runs whose lookaheads took different numbers of steps have no one level
+    other_steps = tmp_path / "other_steps"
+    shutil.copytree(runs[0], other_steps)
+    forecast = json.loads((other_steps / "sts" / "forecast.json").read_text())
+    forecast["settings"]["run_level"]["steps"] = 2
+    (other_steps / "sts" / "forecast.json").write_text(json.dumps(forecast))
+    assert main(["calibrate", "--runs", *runs[1:], str(other_steps), "--out", str(tmp_path / "mixed.json")]) == 2
+    assert "different numbers of steps ([2, 3])" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["calibrate", "--runs", str(real), str(tmp_path / "empty"), "--out", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err

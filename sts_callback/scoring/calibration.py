@@ -298,12 +298,20 @@ class Calibration:
         change (``lookahead_own`` / ``first_order_own``) when every run has one, else the runs' mean; with each
         domain's usual departure (``domain_prior``). Leave the training data itself out of the target domains.
         ``pattern_scale="run"``: the pattern over each run's spread (:meth:`fit_level_pattern`), for runs whose
-        changes differ in scale by an order of magnitude (RL runs)."""
+        changes differ in scale by an order of magnitude (RL runs). A level from the run-level term holds for its
+        number of lookahead steps, recorded as ``fitted_on["scope"]["run_level_steps"]`` (the callback takes it)."""
         records = run_records(runs)
         methods = {(r["run_level"] or {}).get("method") for r in records}
         has_level = len(methods) == 1 and None not in methods and all(
             r["run_level"].get("own_change") is not None for r in records)
         source_features = [own_feature(methods.pop())] if has_level else []
+        scope = {}
+        if has_level:  # the own change grows with the lookahead's steps: the level holds for that many only
+            steps = sorted({r["run_level"].get("steps") for r in records}, key=str)
+            if len(steps) > 1:
+                raise STSInputError(f"The runs' run-level terms took different numbers of steps ({steps}); fit on "
+                                    "runs with the same run_level_steps.")
+            scope = {"scope": {"run_level_steps": steps[0]}} if steps[0] is not None else {}
         if features is None:
             common = None
             for r in records:
@@ -324,7 +332,7 @@ class Calibration:
             rows.append((x, [float(r["changes"][n]) for n in names], own, names))
         return cls.fit_level_pattern(rows, features, source_features, domain_prior=domain_prior, level=level,
                                      pattern_scale=pattern_scale, fitted_on={"training_runs": [r["run"] for r in records],
-                                                "steps": [r["step"] for r in records]})
+                                                "steps": [r["step"] for r in records], **scope})
 
     @classmethod
     def from_validation(cls, results: Sequence[str | Path | dict[str, Any]] | str | Path | dict[str, Any],
