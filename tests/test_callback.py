@@ -12,7 +12,7 @@ from datasets import Dataset
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-from sts_callback import STSConfigError
+from sts_callback import STSConfigError, STSDataWarning
 from sts_callback.integrations.callback import STSCallback, STSNegativeTransferWarning
 
 DOMAINS = ("law", "food", "chem")
@@ -532,6 +532,14 @@ def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_pa
     (other_steps / "sts" / "forecast.json").write_text(json.dumps(forecast))
     assert main(["calibrate", "--runs", *runs[1:], str(other_steps), "--out", str(tmp_path / "mixed.json")]) == 2
     assert "different numbers of steps ([2, 3])" in capsys.readouterr().err
+    # a run without a run-level term among them: the level falls back to the runs' mean, and says so
+    no_level = tmp_path / "no_level"
+    shutil.copytree(runs[0], no_level)
+    forecast["settings"]["run_level"] = None
+    (no_level / "sts" / "forecast.json").write_text(json.dumps(forecast))
+    with pytest.warns(STSDataWarning, match=f"{no_level}: no run-level term.*the runs' mean change"):
+        mixed = Calibration.from_runs([*runs[1:], str(no_level)], features=[])
+    assert mixed.source_features == []
     (tmp_path / "empty").mkdir()
     assert main(["calibrate", "--runs", str(real), str(tmp_path / "empty"), "--out", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import STSConfigError, STSInputError
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
@@ -304,6 +305,14 @@ class Calibration:
         methods = {(r["run_level"] or {}).get("method") for r in records}
         has_level = len(methods) == 1 and None not in methods and all(
             r["run_level"].get("own_change") is not None for r in records)
+        if not has_level and methods != {None}:  # some runs have a level feature, not all alike: say why it is unused
+            kinds = sorted(f"{r['run']}: " + ("no run-level term" if not r["run_level"] else r["run_level"]["method"]
+                                               + ("" if r["run_level"].get("own_change") is not None
+                                                  else " without the training data's own change"))
+                           for r in records)
+            warnings.warn(f"The runs' run-level terms differ ({'; '.join(kinds)}): the level is the runs' mean "
+                          "change, not the run-level term's own change. Give every run the same run_level for a "
+                          "level from it.", STSDataWarning, stacklevel=2)
         source_features = [own_feature(methods.pop())] if has_level else []
         scope = {}
         if has_level:  # the own change grows with the lookahead's steps: the level holds for that many only
