@@ -204,3 +204,47 @@ def test_recheck_config_errors_name_the_setting():
     with pytest.raises(STSConfigError, match=r"Unknown re-check setting\(s\) \['loss_token'\]"):
         RecheckConfig.from_dict({"loss_token": 5})
     assert json.loads(json.dumps(RecheckConfig().to_dict())) == RecheckConfig().to_dict()
+
+
+def test_session_run_level_term_in_a_plain_loop(tmp_path, tokenizer):
+    """A plain loop's run-level term through ``estimate_run_level``: 2 real steps of the loop's own optimizer,
+    each domain's change and the training data's own, then the weights and the optimizer put back exactly; a
+    calibration whose level is ``lookahead_own`` then predicts from it (no domain measured)."""
+    import numpy as np
+    from transformers import DataCollatorForLanguageModeling
+
+    from sts_callback.pipelines.runlevel import RunLevelConfig, estimate_run_level, training_batches
+    from sts_callback.scoring.calibration import Calibration
+
+    model = make_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    texts = domain_texts("law", 24, seed=3)
+    data = [tokenizer(t) for t in texts]
+    batches = training_batches(data, DataCollatorForLanguageModeling(tokenizer, mlm=False), 4, 2, seed=0)
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    runs = [(np.zeros((3, 0)), [0.01 - 0.5 * own, 0.02 - 0.5 * own, 0.05 - 0.4 * own], [own], list(DOMAINS))
+            for own in (-0.3, -0.1, 0.0, -0.2)]
+    own_level = Calibration.fit_level_pattern(runs, [], ["lookahead_own"], domain_prior=True)
+    levels = {}
+    for name, calibration in (("every", None), ("own_only", own_level)):
+        session = STSSession(TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), FAST, GuardConfig(),
+                             RecheckConfig(recheck_tokens=150, loss_tokens=120, loss_precision=None),
+                             tmp_path / name / "sts", calibration=calibration)
+        probe = load_corpus(texts)
+        session.prepare(model, tokenizer, probe, domains)
+        weights = [p.detach().clone() for p in model.parameters()]
+        measured = {} if calibration is not None else session.monitor.loss_sets
+        session.start(model, probe, domains, run_level=lambda m, base: estimate_run_level(
+            m, optimizer, batches, measured, RunLevelConfig(steps=2), own=session.monitor.probe, before=base))
+        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # put back exactly
+        assert not optimizer.state  # the loop's optimizer has taken no step of its own
+        levels[name] = session.run_level
+        if calibration is not None:
+            own = session.run_level["own_change"]
+            prior_mean = np.mean([own_level.domain_prior[d] for d in DOMAINS])
+            expected = (own_level.intercept + own_level.source_coef[0] * own
+                        + own_level.coef[0] * (own_level.domain_prior["law"] - prior_mean) / own_level.scale[0])
+            assert session.predicted["law"]["mean"] == pytest.approx(expected, rel=1e-9)
+    assert set(levels["every"]["change"]) == set(DOMAINS) and levels["own_only"]["change"] == {}
+    assert levels["every"]["own_change"] < -1e-3  # two steps on the training data lower its own loss
+    assert levels["own_only"]["own_change"] == pytest.approx(levels["every"]["own_change"], abs=1e-6)

@@ -5,18 +5,14 @@ learning-rate peak, batch size, gradient accumulation and clipping, on the very 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..core.capture import parameters_are_sharded
-from ..core.errors import STSConfigError, STSDataWarning
+from ..core.errors import STSConfigError
 from ..core.torch_utils import pad_token_id
-from ..pipelines.runlevel import (RunLevelConfig, RunLevelEstimate, first_order, lookahead, measure_losses,
-                                  training_batches)
+from ..pipelines.runlevel import RunLevelConfig, RunLevelEstimate, estimate_run_level, training_batches
 from ..scoring.calibration import RUN_LEVEL_METHODS
 
-OWN = "<the training data>"  # the loss set of the training data's own texts, beside the target domains
 DEFAULT_RUN_LEVEL_STEPS = RunLevelConfig.steps  # when neither the user nor the calibration says how many
 
 
@@ -55,26 +51,9 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
     own = _within_tokens(own, own_tokens) if own and own_tokens is not None else own
 
     def run(model: Any, base_losses: dict[str, float]) -> RunLevelEstimate:
-        chosen = method
-        if chosen == "lookahead" and parameters_are_sharded(model):
-            warnings.warn("STS run-level term: the weights are sharded (DeepSpeed ZeRO-3 / FSDP) and cannot be "
-                          "stepped and put back exactly; using the first-order estimate instead.", STSDataWarning,
-                          stacklevel=2)
-            chosen = "first_order"
         measured = loss_sets if domains or not own else {}
-        targets = {**measured, OWN: own} if own else measured
-        if chosen == "lookahead":
-            before = {name: base_losses[name] for name in measured}
-            if own:
-                before.update(measure_losses(model, {OWN: own}, pad=config.pad, autocast=autocast))
-            estimate = lookahead(model, trainer.optimizer, batches, targets, config, autocast=autocast, before=before)
-        else:
-            estimate = first_order(model, trainer.optimizer, batches, targets, config, autocast=autocast)
-        if own:
-            estimate.own_change = estimate.change.pop(OWN)
-            estimate.own_tokens = sum(sum(flags) for _, flags in own)
-            estimate.loss_before.pop(OWN), estimate.loss_change.pop(OWN)
-        return estimate
+        return estimate_run_level(model, trainer.optimizer, batches, measured, config, method=method, own=own,
+                                  before=base_losses, autocast=autocast)
     return run
 
 

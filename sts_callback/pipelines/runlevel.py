@@ -55,6 +55,7 @@ import math
 import numbers
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -66,7 +67,7 @@ from torch import nn
 from ..core.capture import parameters_are_sharded
 from ..core.config import settings_from_dict
 from ..core.distributed import rank, shard, sum_across_ranks, world_size
-from ..core.errors import STSConfigError, STSInputError
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import batches_by_length, local_sequences
 from ..core.data import TokenSequence
 from ..core.heldout import HEAD_CHUNK, head_nll, split_head
@@ -74,7 +75,9 @@ from .monitor import nll_sums
 
 OptimizerLike = Any  # torch.optim.Optimizer, an accelerate / DeepSpeed wrapper, or a factory params -> optimizer
 
-__all__ = ["RunLevelConfig", "RunLevelEstimate", "lookahead", "first_order", "training_batches", "measure_losses"]
+__all__ = ["RunLevelConfig", "RunLevelEstimate", "lookahead", "first_order", "estimate_run_level", "training_batches",
+           "measure_losses"]
+OWN = "<the training data>"  # the loss set of the training data's own texts, beside the target domains
 
 
 @dataclass
@@ -708,6 +711,45 @@ def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Ma
         change[name] = float(sums[i, 2] / sums[i, 0])
     return RunLevelEstimate("first_order", change, before, delta_loss, steps, lrs, tokens,
                             time.perf_counter() - start, timings)
+
+
+def estimate_run_level(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapping[str, Any]],
+                       targets: Mapping[str, Sequence[TokenSequence]], config: RunLevelConfig | dict | None = None,
+                       *, method: str = "lookahead", own: Sequence[TokenSequence] | None = None,
+                       before: Mapping[str, float] | None = None,
+                       autocast: Callable[[], Any] | None = None) -> RunLevelEstimate:
+    """The run-level term as a training loop wants it (the callback's, or any loop's through
+    ``STSSession.start(..., run_level=lambda model, base: estimate_run_level(model, ..., before=base))``):
+    :func:`lookahead` or :func:`first_order` (``method``) on ``targets``, and with ``own`` (sequences of the
+    training data) the training data's own change as ``own_change``, the level a ``lookahead_own`` calibration
+    reads; ``targets`` may be empty then (only the own change measured: a few steps' worth). A lookahead on
+    sharded weights (ZeRO-3 / FSDP) falls back to first order, with a warning. ``before``: the targets' base
+    losses already measured (a lookahead skips that pass; extra domains are ignored)."""
+    if method not in ("lookahead", "first_order"):
+        raise STSConfigError(f"method={method!r}: use 'lookahead' or 'first_order'.")
+    if not targets and not own:
+        raise STSInputError("Nothing to measure: give target domains, or own= (the training data's sequences).")
+    if method == "lookahead" and parameters_are_sharded(_inner_model(model)):
+        warnings.warn("STS run-level term: the weights are sharded (DeepSpeed ZeRO-3 / FSDP) and cannot be stepped "
+                      "and put back exactly; using the first-order estimate instead.", STSDataWarning, stacklevel=2)
+        method = "first_order"
+    config = config if isinstance(config, RunLevelConfig) else RunLevelConfig.from_dict(config)
+    measured = {**targets, OWN: list(own)} if own else dict(targets)
+    if method == "lookahead":
+        known = None
+        if before is not None:
+            known = {name: before[name] for name in targets}
+            if own:
+                known.update(measure_losses(model, {OWN: measured[OWN]}, pad=config.pad,
+                                            batch_size=config.batch_size, autocast=autocast))
+        estimate = lookahead(model, optimizer, batches, measured, config, autocast=autocast, before=known)
+    else:
+        estimate = first_order(model, optimizer, batches, measured, config, autocast=autocast)
+    if own:
+        estimate.own_change = estimate.change.pop(OWN)
+        estimate.own_tokens = sum(sum(flags) for _, flags in measured[OWN])
+        estimate.loss_before.pop(OWN), estimate.loss_change.pop(OWN)
+    return estimate
 
 
 def _held_out_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
