@@ -362,3 +362,41 @@ def test_run_level_config_defaults_and_round_trip():
     config = RunLevelConfig(steps=2, accumulation=4, lr=1, max_grad_norm=0, pad=np.int64(3), batch_size=2)
     assert (config.lr, config.max_grad_norm, config.pad) == (1.0, 0.0, 3) and type(config.pad) is int
     assert RunLevelConfig.from_dict(config.to_dict()) == config
+
+
+def test_not_trained_on_keeps_only_the_texts_the_steps_do_not_see(tokenizer, dataset, batches):
+    """A probe text the lookahead's batches train on is left out of the own change, also when the probe holds it
+    cut short or without its BOS; texts outside the batches stay."""
+    trained = {tuple(row[m.bool()].tolist()) for b in batches for row, m in zip(b["input_ids"], b["attention_mask"])}
+    in_batches = [item["input_ids"] for item in dataset if tuple(item["input_ids"]) in trained]
+    outside = [item["input_ids"] for item in dataset if tuple(item["input_ids"]) not in trained]
+    assert in_batches and outside
+    probe = ([(ids, [True] * (len(ids) - 1)) for ids in outside]
+             + [(ids[1:], [True] * (len(ids) - 2)) for ids in in_batches]  # no BOS
+             + [(ids[: len(ids) * 2 // 3], [True] * (len(ids) * 2 // 3 - 1)) for ids in in_batches])  # cut
+    kept = runlevel.not_trained_on(probe, batches)
+    assert [ids for ids, _ in kept] == outside
+
+
+def test_the_trainer_run_level_measures_the_own_change_on_texts_the_steps_do_not_train_on(tmp_path, tokenizer):
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from sts_callback.integrations.trainer_run_level import run_level_runner
+
+    texts = domain_texts("law", 40, seed=11)
+    data = Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True,
+                                                  remove_columns=["text"])
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=2, use_cpu=True, report_to=[], seed=0)
+    trainer = Trainer(model=make_model("llama"), args=args, train_dataset=data,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    probe = [(list(tokenizer(t)["input_ids"]), [True] * (len(tokenizer(t)["input_ids"]) - 1)) for t in texts[:20]]
+    run = run_level_runner("lookahead", trainer, args, {}, tokenizer, 2, own=probe, domains=False)
+    estimate = run(trainer.model, {})
+    steps = training_batches(data, trainer.data_collator, 4, 2, seed=0)
+    seen = {tokenizer.decode(row[m.bool()]) for b in steps for row, m in zip(b["input_ids"], b["attention_mask"])}
+    unseen = [seq for seq, text in zip(probe, texts[:20]) if tokenizer.decode(seq[0]) not in seen]
+    assert 0 < len(unseen) < len(probe)  # some of the probe was in the steps' batches
+    assert estimate.own_tokens == sum(sum(flags) for _, flags in unseen)

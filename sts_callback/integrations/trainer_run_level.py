@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..core.distributed import world_size
 from ..core.errors import STSConfigError
 from ..core.torch_utils import pad_token_id
-from ..pipelines.runlevel import RunLevelConfig, RunLevelEstimate, estimate_run_level, training_batches
+from ..pipelines.runlevel import (RunLevelConfig, RunLevelEstimate, estimate_run_level, not_trained_on,
+                                  training_batches)
 from ..scoring.calibration import RUN_LEVEL_METHODS
 
 DEFAULT_RUN_LEVEL_STEPS = RunLevelConfig.steps  # when neither the user nor the calibration says how many
@@ -30,8 +32,9 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
     model batches (``input_ids``, ``labels``): a preference or RL trainer's are refused now, with the fix. Under
     DeepSpeed ZeRO-3 / FSDP, where sharded weights cannot be put back exactly, a lookahead falls back to the
     first-order estimate, with a warning. ``own``: sequences of the training data (the re-check probe), whose
-    change becomes the estimate's ``own_change``, measured on its first ``own_tokens`` counted tokens (``None``:
-    all; the callback passes its ``loss_tokens``, a domain's held-out budget). ``domains=False`` (with ``own``):
+    change becomes the estimate's ``own_change``, measured on those the steps do not train on (all of them when
+    the steps cover every one), their first ``own_tokens`` counted tokens (``None``: all; the callback passes its
+    ``loss_tokens``, a domain's held-out budget). ``domains=False`` (with ``own``):
     measure the training data's own change alone, not each target domain's (a calibration whose level is the own
     change and whose pattern uses no per-domain run-level feature needs nothing else; most of a lookahead's cost is
     those measurements)."""
@@ -48,6 +51,12 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
                              f"{type(trainer).__name__}'s batches have no {sorted(missing)} (keys: {sorted(batches[0])}"
                              "): preference and RL losses are not supported yet. Pass run_level=None.")
 
+    if own:  # the own change on texts the steps do not train on (every process's batches: the same on all)
+        world = world_size()
+        every = training_batches(dataset, collate, args.per_device_train_batch_size * world,
+                                 steps * config.accumulation, seed=args.seed, rank_=0, world=1)
+        held_out = not_trained_on(own, every)
+        own = held_out or own  # a training set the steps cover whole (tiny data): its texts as they are
     own = _within_tokens(own, own_tokens) if own and own_tokens is not None else own
 
     def run(model: Any, base_losses: dict[str, float]) -> RunLevelEstimate:

@@ -76,7 +76,7 @@ from .monitor import nll_sums
 OptimizerLike = Any  # torch.optim.Optimizer, an accelerate / DeepSpeed wrapper, or a factory params -> optimizer
 
 __all__ = ["RunLevelConfig", "RunLevelEstimate", "lookahead", "first_order", "estimate_run_level", "training_batches",
-           "measure_losses"]
+           "measure_losses", "not_trained_on"]
 OWN = "<the training data>"  # the loss set of the training data's own texts, beside the target domains
 
 
@@ -769,6 +769,31 @@ def _held_out_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int
 
 
 # --------------------------------------------------------------------------- data
+def not_trained_on(sequences: Sequence[TokenSequence], batches: Iterable[Mapping[str, Any]],
+                   n: int = 8) -> list[TokenSequence]:
+    """The ``sequences`` that are not among the training examples of ``batches`` (every process's): a sequence
+    counts as trained on when most of its ``n``-token windows occur in some batch row, so texts cut or tokenized
+    with other special tokens still match. The training data's own change after a lookahead is then measured on
+    texts the steps did not see, as held-out texts of the same data (how the benchmark fitted the level)."""
+    seen: set[tuple[int, ...]] = set()
+    rows: list[list[int]] = []
+    for batch in batches:
+        ids = torch.as_tensor(batch["input_ids"])
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+        for row, keep in zip(ids.tolist(), mask.tolist()):
+            rows.append([t for t, k in zip(row, keep) if k])
+            seen.update(tuple(rows[-1][i:i + n]) for i in range(max(len(rows[-1]) - n + 1, 0)))
+
+    def trained(ids: list[int]) -> bool:
+        if len(ids) < n:  # too short for a window: a contiguous part of some row
+            return bool(ids) and any(row[i:i + len(ids)] == ids for row in rows for i in range(len(row)))
+        windows = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        return sum(w in seen for w in windows) > len(windows) / 2
+
+    return [sequence for sequence in sequences if not trained(list(sequence[0]))]
+
+
 def training_batches(dataset: Sequence[Any], collate_fn: Callable[[list[Any]], Mapping[str, Any]],
                      batch_size: int, count: int, *, seed: int = 0, rank_: int | None = None,
                      world: int | None = None) -> list[Mapping[str, Any]]:
