@@ -1,6 +1,10 @@
 """SFTTrainer + LoRA + STSCallback on Gemma 3 270M (offline), small enough for a CPU in minutes.
 
-    python examples/sft_trl.py [--steps 6] [--output outputs/sft_trl] [--full]
+    python examples/sft_trl.py [--steps 6] [--output outputs/sft_trl] [--full] [--lookahead]
+
+--lookahead adds the run-level term (2 real optimizer steps at train start, put back exactly) and the built-in
+calibration `gemma3-270m-lora-lookahead`: a predicted change of each domain's held-out loss before training, from
+how far those steps move the training data's own texts and each domain's usual departure (LoRA runs only).
 
 Distributed, unchanged script (see the README's "Distributed training" section):
     accelerate launch --config_file examples/accelerate_ddp.yaml examples/sft_trl.py
@@ -12,6 +16,7 @@ The only STS-specific lines are the STSCallback construction and `callbacks=[...
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -33,26 +38,37 @@ def main() -> None:
     parser.add_argument("--output", default="outputs/sft_trl")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (examples/ds_zero2.json, ds_zero3.json)")
     parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    parser.add_argument("--lookahead", action="store_true",
+                        help="run-level term + the built-in calibration gemma3-270m-lora-lookahead (LoRA)")
     args = parser.parse_args()
 
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch / deepspeed
     model, tokenizer = load_gemma3_270m()
     training_args = SFTConfig(
         output_dir=args.output, max_steps=args.steps, save_steps=args.save_steps, logging_steps=1,
         per_device_train_batch_size=4, max_length=64, learning_rate=1e-5 if args.full else 1e-3,
-        use_cpu=not torch.cuda.is_available(), ddp_backend=None if torch.cuda.is_available() else "gloo",
+        # gloo only under a launcher on CPU: set for one plain process, accelerate asks for a process group
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if launched and not torch.cuda.is_available() else None,
         deepspeed=args.deepspeed, report_to=[], save_strategy="steps",
     )
     with training_args.main_process_first(desc="demo SAE"):  # rank 0 trains and caches it, the others read it
         sae_path = ensure_demo_sae(model, tokenizer)
     train = Dataset.from_dict({"text": load_domain("python_code")[0::2]})
 
+    if args.lookahead and args.full:
+        parser.error("--lookahead: the built-in calibration is fitted on LoRA runs; drop --full")
+    # with the calibration, the training data's own domain stays out of the targets (as it was fitted)
+    domains = ["math", "legal", "readme_prose", "nlp_tutorials"] if args.lookahead else [
+        "python_code", "math", "legal", "readme_prose"]  # built-in offline domains
+    calibrated = dict(run_level="lookahead", calibration="gemma3-270m-lora-lookahead") if args.lookahead else {}
     sts = STSCallback(
         sae=str(sae_path),
-        target_domains=["python_code", "math", "legal", "readme_prose"],  # built-in offline domains
+        target_domains=domains,
         protected=["legal"],
         config={"shift_tokens": 1500, "domain_tokens": 600, "n_domain_demonstrations": 2,
                 "max_query_tokens": 96, "max_demonstration_tokens": 96},
-        recheck_tokens=512, loss_tokens=256, tolerance=0.05, early_stop=False,
+        recheck_tokens=512, loss_tokens=256, tolerance=0.05, early_stop=False, **calibrated,
     )
     trainer = SFTTrainer(
         model=model,
@@ -67,6 +83,11 @@ def main() -> None:
     if not trainer.is_world_process_zero():
         return
     print(f"\ntraining with STS: {time.perf_counter() - start:.0f} s; results in {args.output}/sts/")
+    if sts.session.run_level is not None:
+        level = sts.session.run_level
+        print(f"run-level term: {level['steps']} lookahead steps moved the training data's own texts "
+              f"{level['own_change']:+.2%} ({level['seconds']:.0f} s); predicted before training: "
+              + ", ".join(f"{name} {p['mean']:+.1%}" for name, p in sts.predicted.items()))
     for record in sts.history:
         deltas = ", ".join(f"{k} {v:+.2%}" for k, v in record.get("loss_delta", {}).items())
         print(f"step {record['step']}: overlap with forecast {record.get('overlap_with_forecast')}/100; "
