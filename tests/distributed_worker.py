@@ -5,6 +5,7 @@
                                                        | runlevel_single | runlevel_ddp | runlevel_zero2
                                                        | runlevel_zero3 | trl_dpo | trl_grpo
                                                        | callback_runlevel_single | callback_runlevel_ddp
+                                                       | callback_runlevel_zero3
 
 Each rank writes ``OUT/rank<r>.json``: the files it wrote under the STS folder (seen by an audit hook)
 and, for ``bad_inputs``, the errors it raised.
@@ -165,9 +166,11 @@ def trl_forecast(kind: str) -> tuple[dict | None, list[dict]]:
     return (cb.forecast.to_dict() if cb.forecast else None), cb.history
 
 
-def callback_runlevel() -> dict:
+def callback_runlevel(backend: str) -> dict:
     """STSCallback's run-level term at train start: a lookahead measuring every target domain (no calibration),
-    and one measuring only the training data's own change (a calibration whose level is ``lookahead_own``)."""
+    one measuring only the training data's own change (a calibration whose level is ``lookahead_own``), and the
+    first-order estimate. Under ZeRO-3 the lookahead falls back to first order, and the calibration that reads a
+    lookahead is refused at train start."""
     import numpy as np
 
     from sts_callback.scoring.calibration import Calibration
@@ -177,16 +180,22 @@ def callback_runlevel() -> dict:
             for own in (-0.3, -0.1, 0.0, -0.2)]
     own_level = Calibration.fit_level_pattern(runs, [], ["lookahead_own"], domain_prior=True)
     out = {}
-    for name, overrides in (("every", {}), ("own_only", {"calibration": own_level})):
-        cb = callback(run_level="lookahead", run_level_steps=2, **overrides)
-        trainer_for(cb, OUT / name).train()
+    ds = deepspeed_config(3) if backend == "zero3" else None
+    for name, overrides in (("every", {}), ("own_only", {"calibration": own_level}),
+                            ("first_order", {"run_level": "first_order"})):
+        cb = callback(**{"run_level": "lookahead", "run_level_steps": 2, **overrides})
+        try:
+            trainer_for(cb, OUT / name, deepspeed=ds).train()
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            out[name] = f"{type(err).__name__}: {err}"
+            continue
         out[name] = {"run_level": cb.session.run_level, "predicted": cb.predicted}
     return out
 
 
 result: dict = {"rank": RANK, "world": WORLD}
 if MODE.startswith("callback_runlevel_"):
-    result["callback_runlevel"] = callback_runlevel()
+    result["callback_runlevel"] = callback_runlevel(MODE.rsplit("_", 1)[1])
 elif MODE.startswith("runlevel_"):  # runlevel_single | runlevel_ddp | runlevel_zero2 | runlevel_zero3
     result["runlevel"] = runlevel(MODE.split("_", 1)[1])
 elif MODE.startswith("trl_"):

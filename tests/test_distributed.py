@@ -159,11 +159,33 @@ def test_fsdp2_sharded_model_is_captured_in_lockstep_mode():
         dist.destroy_process_group()
 
 
-def test_callback_run_level_two_processes_match_one(tmp_path):
+@pytest.fixture(scope="module")
+def callback_runlevel_single(tmp_path_factory):
+    return run("callback_runlevel_single", tmp_path_factory.mktemp("cb_runlevel") / "out", 1)[0]["callback_runlevel"]
+
+
+def test_callback_run_level_under_zero3_falls_back_to_first_order_and_refuses_a_lookahead_calibration(
+        tmp_path, callback_runlevel_single):
+    """ZeRO-3 shards the weights, so the callback's lookahead falls back to the first-order estimate (the same
+    numbers as one process's first order), and a calibration whose level is a lookahead's is refused at train
+    start, naming the fix."""
+    pytest.importorskip("deepspeed")
+    reference = callback_runlevel_single["first_order"]["run_level"]
+    for theirs in [r["callback_runlevel"] for r in run("callback_runlevel_zero3", tmp_path / "out", 2)]:
+        fallback = theirs["every"]["run_level"]
+        assert fallback["method"] == "first_order"
+        assert abs(fallback["own_change"] - reference["own_change"]) <= REL
+        for domain, value in reference["change"].items():
+            assert abs(fallback["change"][domain] - value) <= REL, domain
+        assert theirs["own_only"].startswith("STSConfigError") and "ZeRO-3" in theirs["own_only"]
+        assert "DDP or ZeRO-2" in theirs["own_only"]
+
+
+def test_callback_run_level_two_processes_match_one(tmp_path, callback_runlevel_single):
     """STSCallback(run_level="lookahead") under DDP: each domain's lookahead change, the training data's own
     change (also when a calibration needs only that and no domain is measured) and the calibrated forecast equal
     one process's within 1e-5."""
-    reference = run("callback_runlevel_single", tmp_path / "one", 1)[0]["callback_runlevel"]
+    reference = callback_runlevel_single
     ranks = [r["callback_runlevel"] for r in run("callback_runlevel_ddp", tmp_path / "two", 2)]
     every, own_only = reference["every"]["run_level"], reference["own_only"]["run_level"]
     assert own_only["change"] == {} and set(every["change"]) == {"law", "food", "chem", "sport", "quiz"}
@@ -171,7 +193,7 @@ def test_callback_run_level_two_processes_match_one(tmp_path):
     assert own_only["own_change"] == pytest.approx(every["own_change"], abs=1e-6)
     assert set(reference["own_only"]["predicted"]) == set(every["change"])  # the calibrated forecast, every domain
     for theirs in ranks:
-        for name in ("every", "own_only"):
+        for name in ("every", "own_only", "first_order"):
             mine = theirs[name]["run_level"]
             assert mine["own_tokens"] == reference[name]["run_level"]["own_tokens"]
             assert abs(mine["own_change"] - reference[name]["run_level"]["own_change"]) <= REL

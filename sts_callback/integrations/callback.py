@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..core.capture import parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
 from ..core.data import load_corpus
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
@@ -145,7 +146,7 @@ class STSCallback(TrainerCallback, ExportableState):
             raise STSConfigError(f"run_level_steps must be an integer >= 1, got {run_level_steps!r}.")
         self.session = STSSession(values["sae"], config, guard, recheck, output_subdir, calibration, strict=strict)
         used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []
-        needs = [m for m in RUN_LEVEL_METHODS if m in used or own_feature(m) in used]
+        needs = self._run_level_needed = [m for m in RUN_LEVEL_METHODS if m in used or own_feature(m) in used]
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
         fitted_steps = ((self.calibration.fitted_on or {}).get("scope") or {}).get("run_level_steps") if needs else None
@@ -274,6 +275,11 @@ class STSCallback(TrainerCallback, ExportableState):
         if tokenizer is None:
             raise STSInputError("STSCallback needs the trainer's processing_class (tokenizer); pass "
                                 "processing_class=tokenizer to the trainer.")
+        if "lookahead" in self._run_level_needed and model is not None and parameters_are_sharded(model):
+            raise STSConfigError(  # before any work: the fallback (first order) is not what the calibration reads
+                "The calibration's level comes from a lookahead, which cannot run on weights sharded by DeepSpeed "
+                "ZeRO-3 / FSDP (they cannot be put back exactly). Train under DDP or ZeRO-2 with it, or use a "
+                "calibration fitted on run_level='first_order' runs (sts calibrate --runs).")
         domains, self.lm_eval_targets = target_corpora(self.target_domains, self._trainer, tokenizer)
         probe = probe_corpus(self.train_probe, self._trainer, train_dataloader, tokenizer)
         demos = load_corpus(self.demonstrations, name="demonstrations") if self.demonstrations is not None else None
