@@ -53,8 +53,8 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
 
     if own:  # the own change on texts the steps do not train on (every process's batches: the same on all)
         world = world_size()
-        every = training_batches(dataset, collate, args.per_device_train_batch_size * world,
-                                 steps * config.accumulation, seed=args.seed, rank_=0, world=1)
+        every = batches if world == 1 else training_batches(
+            dataset, collate, args.per_device_train_batch_size * world, len(batches), seed=args.seed, rank_=0, world=1)
         held_out = not_trained_on(own, every)
         own = held_out or own  # a training set the steps cover whole (tiny data): its texts as they are
     own = _within_tokens(own, own_tokens) if own and own_tokens is not None else own

@@ -306,10 +306,7 @@ class Calibration:
         has_level = len(methods) == 1 and None not in methods and all(
             r["run_level"].get("own_change") is not None for r in records)
         if not has_level and methods != {None}:  # some runs have a level feature, not all alike: say why it is unused
-            kinds = sorted(f"{r['run']}: " + ("no run-level term" if not r["run_level"] else r["run_level"]["method"]
-                                               + ("" if r["run_level"].get("own_change") is not None
-                                                  else " without the training data's own change"))
-                           for r in records)
+            kinds = sorted(_run_level_kind(r) for r in records)
             warnings.warn(f"The runs' run-level terms differ ({'; '.join(kinds)}): the level is the runs' mean "
                           "change, not the run-level term's own change. Give every run the same run_level for a "
                           "level from it.", STSDataWarning, stacklevel=2)
@@ -365,6 +362,15 @@ class Calibration:
 
 
 RUN_LEVEL_METHODS = ("lookahead", "first_order")  # the run-level terms (pipelines.runlevel), a feature each
+
+
+def _run_level_kind(record: dict[str, Any]) -> str:
+    """What a calibration run's run-level term is, for a message: its method, or why it gives no level."""
+    level = record["run_level"]
+    if not level:
+        return f"{record['run']}: no run-level term"
+    missing = "" if level.get("own_change") is not None else " without the training data's own change"
+    return f"{record['run']}: {level['method']}{missing}"
 
 
 def own_feature(method: str) -> str:
