@@ -40,7 +40,8 @@ def run_example(tmp_path, monkeypatch):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.load_gemma3_270m = tiny_gemma
-        module.ensure_demo_sae = functools.partial(demo.ensure_demo_sae, d_sae=128, k=4, tokens=600)  # wider than n_shifted (100)
+        # wider than STSConfig.n_shifted (100)
+        module.ensure_demo_sae = functools.partial(demo.ensure_demo_sae, d_sae=128, k=4, tokens=600)
         monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
         module.main()
         return capsys.readouterr().out

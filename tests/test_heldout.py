@@ -139,3 +139,62 @@ def test_all_sequence_nll_measures_only_the_indices_asked(tokenizer):
         every = all_sequence_nll(model, seqs, 0, 4)
     assert torch.equal(some[[0, 2, 3, 5]], torch.zeros(4, 2, dtype=torch.float64))
     torch.testing.assert_close(some[[1, 4]], every[[1, 4]])
+
+
+def test_the_head_in_bfloat16_measures_nearly_the_float32_nll_and_casts_its_weight_once_per_version(tokenizer):
+    from sts_callback.core.heldout import HeadInPrecision
+
+    model = make_model("gemma3", vocab_size=len(tokenizer), hidden=32)
+    seqs = sequences(tokenizer)
+    pad = tokenizer.pad_token_id
+    head = model.get_output_embeddings()
+    precision = HeadInPrecision(torch.bfloat16)
+    casts = []
+    original = torch.Tensor.to
+
+    def counting_to(tensor, *args, **kwargs):
+        if tensor.data_ptr() == head.weight.data_ptr():
+            casts.append(args)
+        return original(tensor, *args, **kwargs)
+
+    with torch.no_grad():
+        exact = sequence_nll(model, seqs, pad, 4)
+        torch.Tensor.to = counting_to
+        try:
+            low = sequence_nll(model, seqs, pad, 4, head_precision=precision)
+            again = sequence_nll(model, seqs, pad, 4, head_precision=precision)
+            assert len(casts) == 1  # three batches, two calls: one cast
+            step = torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1))
+            head.weight.add_(step)  # a full fine-tune's step: the weight changed in place
+            moved = sequence_nll(model, seqs, pad, 4, head_precision=precision)
+            assert len(casts) == 2
+        finally:
+            torch.Tensor.to = original
+        exact_moved = sequence_nll(model, seqs, pad, 4)
+    assert not torch.equal(low, exact)  # the cast happened
+    torch.testing.assert_close(low, exact, rtol=1e-2, atol=0)
+    torch.testing.assert_close(again, low, rtol=0, atol=0)
+    torch.testing.assert_close(moved, exact_moved, rtol=1e-2, atol=0)
+    assert (moved - low)[:, 0].abs().max() > 0.1 * low[:, 0].abs().max()  # the new weight, not the cached copy
+
+
+def test_head_dtype_auto_is_bfloat16_only_for_a_float32_head_with_native_bf16_matmuls(tokenizer, monkeypatch):
+    from sts_callback.core.heldout import resolve_head_dtype
+
+    model = make_model("llama", vocab_size=len(tokenizer))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_head_dtype("auto", model) is torch.bfloat16
+    assert resolve_head_dtype(None, model) is None
+    assert resolve_head_dtype("auto", model.to(torch.bfloat16)) is None  # already bf16: nothing to gain
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_head_dtype("auto", make_model("llama", vocab_size=len(tokenizer))) is None  # slow in bf16 here
+    assert resolve_head_dtype("bfloat16", model) is torch.bfloat16
+
+
+def test_a_bad_loss_head_dtype_is_refused_at_construction():
+    from sts_callback.core.errors import STSConfigError
+    from sts_callback.pipelines.recheck import RecheckConfig
+
+    with pytest.raises(STSConfigError, match="loss_head_dtype must be one of"):
+        RecheckConfig(loss_head_dtype="float16")

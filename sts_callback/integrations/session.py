@@ -39,6 +39,7 @@ from ..pipelines.budget import OverheadBudget
 from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, run_forecast
 from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from, is_peft
+from ..core.heldout import resolve_head_dtype
 from ..pipelines.recheck import RecheckConfig
 from ..pipelines.prediction import best_early_method, calibrated_predictions, early_projection
 from ..scoring.calibration import load_calibration, lr_area_fraction, own_feature
@@ -172,7 +173,8 @@ class STSSession:
                                accuracy_sets=accuracy_sets, lm_eval_targets=lm_eval_targets or {},
                                loss_half_width=half_width or None,
                                loss_tolerances={name: tolerance for name in self.guard.config.protected},
-                               seed=str(seed), loss_domains=settings.loss_domains)
+                               seed=str(seed), loss_domains=settings.loss_domains,
+                               loss_head_dtype=resolve_head_dtype(settings.loss_head_dtype, model))
 
     def start(self, model, probe: Corpus, domains: dict[str, Corpus], demonstrations: Corpus | None = None,
               progress: bool = False, forecast_run: Callable[..., Any] | None = None,

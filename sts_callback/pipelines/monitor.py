@@ -27,7 +27,7 @@ from ..core.distributed import gather_objects, sum_across_ranks
 from ..core.extract import ConditionStats, Extractor, PairedStats
 from .forecast import ForecastSetup, inference_mode
 from .recheck import Recheck
-from ..core.heldout import LossChange, all_sequence_nll, sequence_nll, sequential_change
+from ..core.heldout import HeadInPrecision, LossChange, all_sequence_nll, sequence_nll, sequential_change
 from ..core.stats import ActivationStats, ShiftStats, StatsGroup
 from ..core.torch_utils import pad_token_id
 
@@ -125,6 +125,7 @@ class Monitor:
     seed: str = "0"
     loss_domains: int | None = None  # unprotected domains measured per re-check, in turns; None: all
     turn: int = 0  # unprotected domains measured so far (the rotation's position)
+    loss_head_dtype: torch.dtype | None = None  # the LM head's matmul dtype for held-out losses; None: its own
 
     # -------------------------------------------------------------- building
     @staticmethod
@@ -203,13 +204,19 @@ class Monitor:
 
         ``autocast``: a factory of the trainer's autocast context (called once per use).
         """
+        head = self._head_precision()
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for name, everyone in self.loss_sets.items():
                 began = time.perf_counter()
-                self.base_sequence_nll[name] = all_sequence_nll(model, everyone, self._pad(), self.loss_batch_size)
+                self.base_sequence_nll[name] = all_sequence_nll(model, everyone, self._pad(), self.loss_batch_size,
+                                                                head_precision=head)
                 self.base_loss_seconds[name] = time.perf_counter() - began
         totals = {name: sums.sum(0) for name, sums in self.base_sequence_nll.items()}
         return {name: float(t[0] / t[1].clamp(min=1)) for name, t in totals.items()}
+
+    def _head_precision(self) -> HeadInPrecision | None:
+        """Base and re-check losses run the head alike (a paired change needs both ends measured the same way)."""
+        return None if self.loss_head_dtype is None else HeadInPrecision(self.loss_head_dtype)
 
     def _pad(self) -> int:
         tokenizer = self.setup.builder.tokenizer
@@ -235,6 +242,7 @@ class Monitor:
         measured sequentially on the same sequences (a seeded order) until :attr:`loss_half_width` is reached;
         all of them when ``None``."""
         out = {}
+        head = self._head_precision()  # its cast weight lives for this re-check only
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for name, everyone in self.loss_sets.items():
                 if names is not None and name not in names:
@@ -244,7 +252,7 @@ class Monitor:
                 random.Random(f"{self.seed}:loss-order:{name}").shuffle(order)
                 out[name] = sequential_change(
                     lambda indices, everyone=everyone: all_sequence_nll(model, everyone, self._pad(),
-                                                                        self.loss_batch_size, indices),
+                                                                        self.loss_batch_size, indices, head),
                     self.base_sequence_nll[name], order, [sum(flags) for _, flags in everyone],
                     half_width=self.loss_half_width, tolerance=self.loss_tolerances.get(name))
                 out[name].seconds = time.perf_counter() - began
@@ -379,12 +387,18 @@ class Monitor:
         from ..core.atomic import atomic_write
 
         tensors = self.tensors()
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "sts-monitor/1"}))
+        metadata = {"format": "sts-monitor/1", "loss_head_dtype": str(self.loss_head_dtype).removeprefix("torch.")}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def load(self, path: Path) -> None:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as saved:
+            # the base losses were measured with this head precision: keep measuring so (older files: the head's own)
+            head_dtype = (saved.metadata() or {}).get("loss_head_dtype", "None")
+        self.loss_head_dtype = None if head_dtype == "None" else getattr(torch, head_dtype)
         self.base_residuals = tensors.get("probe/base_residuals")
         if "probe/ids" in tensors:  # written since the probe is saved; older files: the probe sampled again
             ids = tensors["probe/ids"].split(tensors["probe/id_counts"].tolist())

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core.config import settings_from_dict
 from ..core.errors import STSConfigError
+from ..core.heldout import HEAD_DTYPES
 
 EARLY_METHODS = ("trend", "power")  # the early forecasts whose intervals carry over (scoring.early)
 
@@ -52,6 +53,11 @@ class RecheckConfig:
             (a few, about ``recheck_tokens`` of completion, 2 per prompt) as its probe, with their base residuals
             from the trainer's reference model or the adapters-disabled model; ``False``: the train-start
             rollouts throughout (no generation at re-checks).
+        loss_head_dtype: the LM head's matmul precision for the held-out losses (base and re-checks alike; the
+            logits' softmax stays float32): ``"auto"`` (default): bfloat16 when the head is float32 and the device
+            multiplies in bf16 natively (a recent CUDA GPU, a CPU with AVX512-BF16 or AMX), else the head's own;
+            ``"bfloat16"``; ``None``: the head's own dtype. A paired change moves by about 1e-4 of itself
+            (``benchmarks/perf/head_precision.py``); the head is most of a held-out pass on a large vocabulary.
     """
 
     recheck_steps: int | None = None
@@ -65,6 +71,7 @@ class RecheckConfig:
     early_method: str | None = None
     fresh_rollouts: bool = True
     overhead_budget: float | None = None
+    loss_head_dtype: str | None = "auto"
 
     def __post_init__(self) -> None:
         for name in ("recheck_tokens", "loss_tokens", "accuracy_items"):
@@ -94,6 +101,9 @@ class RecheckConfig:
         if self.early_method is not None and self.early_method not in EARLY_METHODS:
             raise STSConfigError(f"early_method must be one of {EARLY_METHODS} or None (the benchmark's best), got "
                                  f"{self.early_method!r}.")
+        if self.loss_head_dtype is not None and self.loss_head_dtype not in HEAD_DTYPES:
+            raise STSConfigError(f"loss_head_dtype must be one of {HEAD_DTYPES} or None (the head's own dtype), got "
+                                 f"{self.loss_head_dtype!r}.")
         for name in ("recheck_at_end", "fresh_rollouts"):
             if not isinstance(getattr(self, name), bool):
                 raise STSConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")

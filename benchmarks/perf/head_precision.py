@@ -1,0 +1,109 @@
+"""The LM head in bfloat16 for held-out losses: how much faster, and how far it moves a measured change.
+
+    python benchmarks/perf/head_precision.py [--source python_code] [--steps 10] [--tokens 1024]
+
+Gemma 3 270M (float32) is LoRA fine-tuned for ``--steps`` steps (TRL SFTTrainer, r=8 q/v, lr 1e-3, batch 4 x 256:
+the overhead benchmark's recipe) on ``--source``. Every built-in domain's held-out sample (``--tokens`` counted
+tokens, seeded, built as the callback builds its loss sets) is measured before and after training, each time
+with the head in float32 and with the head's matmul in bfloat16 (``HeadInPrecision``, what
+``loss_head_dtype="auto"`` picks on a CPU with AVX512-BF16 or AMX; the softmax stays float32). Reported per
+domain: the paired change both ways, their difference, and the float32 change's 95% half-width; and the seconds
+of the passes, in one thread (as the overhead benchmark times re-checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="python_code")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE / "head_precision.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from sts_callback.core.corpora import load_domain
+    from sts_callback.core.heldout import HeadInPrecision, paired_change, sequence_nll
+    from sts_callback.pipelines.forecast import inference_mode
+    from sts_callback.tools.models import load_gemma3_270m
+
+    sys.path.insert(0, str(HERE))
+    from interval_coverage import held_out_pools
+
+    model, tokenizer = load_gemma3_270m()
+    pools = held_out_pools(model, tokenizer, args.tokens, None)
+    pad = tokenizer.pad_token_id
+    seconds = {"float32": 0.0, "bfloat16": 0.0}
+
+    def measure(current) -> dict[str, dict[str, torch.Tensor]]:
+        out: dict[str, dict[str, torch.Tensor]] = {"float32": {}, "bfloat16": {}}
+        head = HeadInPrecision(torch.bfloat16)
+        with inference_mode(current):
+            for label, precision in (("float32", None), ("bfloat16", head)):
+                began = time.perf_counter()
+                for name, seqs in pools.items():
+                    out[label][name] = sequence_nll(current, seqs, pad, 4, head_precision=precision)
+                seconds[label] += time.perf_counter() - began
+        return out
+
+    before = measure(model)
+    print(f"measured before training: float32 {seconds['float32']:.0f} s, bfloat16 head {seconds['bfloat16']:.0f} s",
+          flush=True)
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(Path("outputs") / "head_precision"),
+                                                     max_steps=args.steps, save_strategy="no",
+                                                     per_device_train_batch_size=4, max_length=256, learning_rate=1e-3,
+                                                     use_cpu=True, report_to=[], disable_tqdm=True, seed=0),
+                         train_dataset=Dataset.from_dict({"text": load_domain(args.source)[0::2]}),
+                         processing_class=tokenizer, peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    after = measure(trainer.model)
+    tokens = sum(int(s[:, 1].sum()) for s in before["float32"].values())
+
+    rows = {}
+    print(f"\n{'domain':<18} {'float32':>9} {'bf16 head':>9} {'diff':>9} {'f32 95% +-':>10}")
+    for name in pools:
+        exact = paired_change(before["float32"][name], after["float32"][name])
+        low = paired_change(before["bfloat16"][name], after["bfloat16"][name])
+        rows[name] = {"float32": exact.delta, "bfloat16": low.delta, "difference": low.delta - exact.delta,
+                      "half_width": exact.half_width, "tokens": exact.tokens}
+        print(f"{name:<18} {exact.delta:>+9.4%} {low.delta:>+9.4%} {low.delta - exact.delta:>+9.4%} "
+              f"{exact.half_width:>10.3%}")
+    worst = max(abs(r["difference"]) for r in rows.values())
+    relative = max(abs(r["difference"] / r["float32"]) for r in rows.values() if r["float32"])
+    share = max(abs(r["difference"]) / r["half_width"] for r in rows.values())
+    passes = 2 * tokens  # before and after
+    print(f"\nlargest difference {worst:.4%} (absolute), {relative:.2%} of the change, {share:.3f} of the float32 "
+          f"interval's half-width")
+    print(f"held-out passes, {passes} tokens each way, {args.threads} thread(s): float32 {seconds['float32']:.0f} s "
+          f"({passes / seconds['float32']:.0f} tok/s), bfloat16 head {seconds['bfloat16']:.0f} s "
+          f"({passes / seconds['bfloat16']:.0f} tok/s): {seconds['float32'] / seconds['bfloat16']:.2f}x")
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU",
+              "args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
+              "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "domains": rows,
+              "largest_difference": worst, "largest_relative_difference": relative,
+              "largest_share_of_half_width": share, "tokens_per_pass": tokens, "seconds": seconds,
+              "speedup": seconds["float32"] / seconds["bfloat16"]}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
