@@ -190,6 +190,14 @@ def test_head_dtype_auto_is_bfloat16_only_for_a_float32_head_with_native_bf16_ma
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_head_dtype("auto", make_model("llama", vocab_size=len(tokenizer))) is None  # slow in bf16 here
     assert resolve_head_dtype("bfloat16", model) is torch.bfloat16
+    from sts_callback.core import heldout as module
+    from sts_callback.core.errors import STSDataWarning
+
+    monkeypatch.setattr(module, "parameters_are_sharded", lambda m: True)  # ZeRO-3 / FSDP: the head runs inside
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_head_dtype("auto", model) is None
+    with pytest.warns(STSDataWarning, match="does not apply to a sharded model"):
+        assert resolve_head_dtype("bfloat16", model) is None
 
 
 def test_a_bad_loss_head_dtype_is_refused_at_construction():

@@ -10,6 +10,7 @@ is narrow enough, so a clear change costs a fraction of the token budget.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from .capture import parameters_are_sharded, text_config, unwrap_model
 from .distributed import shard, sum_across_ranks
+from .errors import STSDataWarning
 from .data import TokenSequence
 from .extract import batches_by_length
 from .torch_utils import model_device
@@ -60,15 +62,21 @@ def resolve_head_dtype(setting: str | None, model: nn.Module) -> torch.dtype | N
     bf16 natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), else its own."""
     if setting is None:
         return None
+    if setting not in HEAD_DTYPES:
+        raise ValueError(f"loss_head_dtype must be one of {HEAD_DTYPES} or None, got {setting!r}.")
+    if parameters_are_sharded(model):  # the head runs inside the full forward, in its own dtype
+        if setting == "bfloat16":
+            warnings.warn("loss_head_dtype='bfloat16' does not apply to a sharded model (ZeRO-3 / FSDP): its LM head "
+                          "runs inside the full forward, in the head's own dtype. Held-out losses are measured so.",
+                          STSDataWarning, stacklevel=2)
+        return None
     if setting == "bfloat16":
         return torch.bfloat16
-    if setting != "auto":
-        raise ValueError(f"loss_head_dtype must be one of {HEAD_DTYPES} or None, got {setting!r}.")
     inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    if weight is None or weight.dtype != torch.float32 or parameters_are_sharded(model):
-        return None  # not float32, or a sharded model whose head runs inside its full forward
+    if weight is None or weight.dtype != torch.float32:
+        return None
     if weight.device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     if weight.device.type == "cpu":
