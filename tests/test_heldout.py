@@ -178,6 +178,23 @@ def test_the_head_in_bfloat16_measures_nearly_the_float32_nll_and_casts_its_weig
     assert (moved - low)[:, 0].abs().max() > 0.1 * low[:, 0].abs().max()  # the new weight, not the cached copy
 
 
+def test_the_top_logits_and_the_targets_taken_exactly_cut_the_bfloat16_heads_error(tokenizer):
+    from sts_callback.core.heldout import HeadInPrecision
+
+    model = make_model("llama", vocab_size=len(tokenizer), hidden=32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # logits of tens, as a trained model's: bf16 steps of 0.06
+        seqs = sequences(tokenizer)
+        exact = sequence_nll(model, seqs, tokenizer.pad_token_id, 4)
+        errors = {}
+        for top in (0, 8):
+            precision = HeadInPrecision(torch.bfloat16)
+            precision.exact_top = top
+            errors[top] = (sequence_nll(model, seqs, tokenizer.pad_token_id, 4, head_precision=precision)
+                           - exact)[:, 0].abs().mean()
+    assert errors[8] < errors[0] / 4
+
+
 def test_head_dtype_auto_is_bfloat16_only_for_a_float32_head_with_native_bf16_matmuls(tokenizer, monkeypatch):
     from sts_callback.core.heldout import resolve_head_dtype
 
