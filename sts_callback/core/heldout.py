@@ -57,7 +57,8 @@ class HeadInPrecision:
             self._weight, self._key = weight.detach().to(self.dtype), key
         logits = nn.functional.linear(hidden.to(self.dtype), self._weight).float()
         rows = torch.cat([logits.topk(min(self.exact_top, logits.shape[1]), dim=1).indices, targets[:, None]], 1)
-        exact = torch.einsum("nd,nkd->nk", hidden.to(weight.dtype), weight[rows])
+        with torch.autocast(hidden.device.type, enabled=False):  # exact even under the trainer's autocast
+            exact = torch.einsum("nd,nkd->nk", hidden.to(weight.dtype), weight[rows])
         if head.bias is not None:
             logits += head.bias.to(self.dtype).float()
             exact += head.bias[rows]
