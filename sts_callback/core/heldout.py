@@ -67,23 +67,22 @@ class HeadInPrecision:
 
 def resolve_head_dtype(setting: str | None, model: nn.Module) -> torch.dtype | None:
     """The dtype the held-out loss runs the LM head in: ``None`` (its own), ``"bfloat16"``, or ``"auto"``:
-    bfloat16 where the head is float32, runs apart from the body (not a sharded model) and the device multiplies in
+    bfloat16 where the head is float32, runs apart from the body (:func:`split_head`) and the device multiplies in
     bf16 natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), else its own."""
     if setting is None:
         return None
     if setting not in HEAD_DTYPES:
         raise ValueError(f"loss_head_dtype must be one of {HEAD_DTYPES} or None, got {setting!r}.")
-    if parameters_are_sharded(model):  # the head runs inside the full forward, in its own dtype
+    split = split_head(model)
+    if split is None:  # the head runs inside the full forward, in its own dtype
         if setting == "bfloat16":
-            warnings.warn("loss_head_dtype='bfloat16' does not apply to a sharded model (ZeRO-3 / FSDP): its LM head "
-                          "runs inside the full forward, in the head's own dtype. Held-out losses are measured so.",
-                          STSDataWarning, stacklevel=2)
+            warnings.warn("loss_head_dtype='bfloat16' does not apply to a sharded model (ZeRO-3 / FSDP) or one whose "
+                          "LM head cannot run apart from its body: the head runs inside the full forward, in its own "
+                          "dtype. Held-out losses are measured so.", STSDataWarning, stacklevel=2)
         return None
     if setting == "bfloat16":
         return torch.bfloat16
-    inner = unwrap_model(model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
+    weight = getattr(split[1], "weight", None)
     if weight is None or weight.dtype != torch.float32:
         return None
     if weight.device.type == "cuda":

@@ -31,6 +31,7 @@ from typing import Any
 from ..core.data import Corpus, multiple_choice_items
 from ..core.distributed import check_ranks_agree, fingerprint, gather_objects, require_at_least_world, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.heldout import resolve_head_dtype
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
 from ..core.schedule import logged_learning_rates
@@ -39,7 +40,6 @@ from ..pipelines.budget import OverheadBudget
 from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, run_forecast
 from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from, is_peft
-from ..core.heldout import resolve_head_dtype
 from ..pipelines.recheck import RecheckConfig
 from ..pipelines.prediction import best_early_method, calibrated_predictions, early_projection
 from ..scoring.calibration import load_calibration, lr_area_fraction, own_feature

@@ -392,10 +392,9 @@ class Monitor:
 
     def load(self, path: Path) -> None:
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
         with safe_open(str(path), "pt") as saved:
+            tensors = {key: saved.get_tensor(key) for key in saved.keys()}
             # the base losses were measured with this head precision: keep measuring so (older files: the head's own)
             head_dtype = (saved.metadata() or {}).get("loss_head_dtype", "None")
         self.loss_head_dtype = None if head_dtype == "None" else getattr(torch, head_dtype)
