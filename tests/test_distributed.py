@@ -30,8 +30,8 @@ def single(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_own_head(tmp_path_factory):
-    return run("single_own_head", tmp_path_factory.mktemp("single_own_head") / "out", 1)[0]
+def single_own_dtype(tmp_path_factory):
+    return run("single_own_dtype", tmp_path_factory.mktemp("single_own_dtype") / "out", 1)[0]
 
 
 def close(a: float, b: float, what: str) -> None:
@@ -69,7 +69,7 @@ def test_two_processes_match_one(tmp_path, request, mode):
     if mode.startswith("zero"):
         pytest.importorskip("deepspeed")
     rank0, rank1 = run(mode, tmp_path / "out", 2)
-    assert_same_numbers(request.getfixturevalue("single_own_head" if mode == "zero3" else "single"), rank0)
+    assert_same_numbers(request.getfixturevalue("single_own_dtype" if mode == "zero3" else "single"), rank0)
     assert without_timing(rank1["history"]) == without_timing(rank0["history"])  # identical on every rank
     assert rank1["forecast"]["domains"] == rank0["forecast"]["domains"]
     # ZeRO-3 shards parameters: the forward must not be stopped early there

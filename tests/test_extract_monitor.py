@@ -47,7 +47,7 @@ def test_iter_paired_rows_compare_the_same_query_tokens(setup):
         assert not torch.allclose(item.rows, item.context_rows)  # the demonstrations change the query's residuals
 
 
-def monitor_for(setup, loss_head_dtype=None):
+def monitor_for(setup, loss_head_dtype=None, loss_body_dtype=None):
     domains = {d: load_corpus(domain_texts(d, 12), name=d) for d in ("law", "chem")}
     loss_sets = {n: Monitor.sample_sequences(c, setup, 80, seed=f"0:{n}")[0] for n, c in domains.items()}
     probe, _ = Monitor.sample_sequences(load_corpus(domain_texts("law", 12, seed=2)), setup, 60, seed="probe")
@@ -55,7 +55,7 @@ def monitor_for(setup, loss_head_dtype=None):
     from sts_callback.pipelines.monitor import domain_baselines_from
 
     monitor = Monitor(setup=setup, probe=probe, domains=domain_baselines_from(domain_statistics(setup, domains)),
-                      loss_sets=loss_sets, loss_head_dtype=loss_head_dtype)
+                      loss_sets=loss_sets, loss_head_dtype=loss_head_dtype, loss_body_dtype=loss_body_dtype)
     monitor.capture_base(setup.model)
     monitor.base_losses = monitor.measure_losses(setup.model)
     return monitor
@@ -81,19 +81,19 @@ def test_monitor_state_round_trips(setup, tmp_path):
         assert torch.equal(again.base_sequence_nll[name], sums)
 
 
-def test_a_resumed_monitor_measures_with_the_head_precision_of_its_saved_base_losses(setup, tmp_path):
+def test_a_resumed_monitor_measures_with_the_precision_of_its_saved_base_losses(setup, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    monitor = monitor_for(setup, loss_head_dtype=torch.bfloat16)
+    monitor = monitor_for(setup, loss_head_dtype=torch.bfloat16, loss_body_dtype=torch.bfloat16)
     record = monitor.recheck(setup.model, forecast_latents=[0, 1])
-    assert all(abs(d) < 1e-4 for d in record.loss_delta.values())  # both ends through the bf16 head
+    assert all(abs(d) < 1e-4 for d in record.loss_delta.values())  # both ends through the bf16 body and head
     path = monitor.save(tmp_path / "monitor.safetensors")
-    again = monitor_for(setup)  # this process would measure with the head's own dtype
+    again = monitor_for(setup)  # this process would measure with the model's own dtype
     again.load(path)
-    assert again.loss_head_dtype is torch.bfloat16
+    assert again.loss_head_dtype is torch.bfloat16 and again.loss_body_dtype is torch.bfloat16
     save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={"format": "sts-monitor/1"})
-    again.load(tmp_path / "old.safetensors")  # written before the setting existed: the head's own dtype
-    assert again.loss_head_dtype is None
+    again.load(tmp_path / "old.safetensors")  # written before the settings existed: the model's own dtype
+    assert again.loss_head_dtype is None and again.loss_body_dtype is None
 
 
 def test_held_out_texts_cut_to_their_first_tokens_fill_the_budget_with_more_sequences(setup):

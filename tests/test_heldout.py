@@ -195,31 +195,94 @@ def test_the_top_logits_and_the_targets_taken_exactly_cut_the_bfloat16_heads_err
     assert errors[8] < errors[0] / 4
 
 
-def test_head_dtype_auto_is_bfloat16_only_for_a_float32_head_with_native_bf16_matmuls(tokenizer, monkeypatch):
-    from sts_callback.core.heldout import resolve_head_dtype
+def reference_bf16_nll(head, softcap, hidden, targets, top):
+    """The definition: bf16 logits (float32 accumulation), the top ``top`` and the target's logits exact, float32
+    cross-entropy over the whole vocabulary at once."""
+    weight, bias = head.weight, head.bias
+    logits = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).float()
+    exact = hidden @ weight.T
+    if bias is not None:
+        logits += bias.bfloat16().float()
+        exact += bias
+    if softcap:
+        logits, exact = (torch.tanh(x / softcap) * softcap for x in (logits, exact))
+    rows = torch.cat([logits.topk(top, dim=1).indices, targets[:, None]], 1)
+    logits.scatter_(1, rows, exact.gather(1, rows))
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
+
+@pytest.mark.parametrize("bias, softcap", [(False, None), (True, 30.0)])
+def test_the_bf16_head_in_vocabulary_blocks_equals_its_definition_over_the_whole_vocabulary(bias, softcap):
+    from sts_callback.core.heldout import HeadInPrecision
+
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(24, 1000, bias=bias)
+    with torch.no_grad():
+        head.weight.normal_(0, 1, generator=generator)  # logits of tens: bf16 rounding matters
+    hidden = torch.randn(40, 24, generator=generator)
+    targets = torch.randint(0, 1000, (40,), generator=generator)
+    targets[:5] = (hidden[:5] @ head.weight.T).argmax(1)  # some targets among the top logits, most not
+    precision = HeadInPrecision(torch.bfloat16)
+    precision.exact_top, precision.vocab_block = 8, 96  # 11 blocks, the last one short: the running top-k merges
+    with torch.no_grad():
+        blocked = heldout.head_nll(head, softcap, hidden, targets, precision)
+        expected = reference_bf16_nll(head, softcap, hidden, targets, 8)
+        exact = heldout.head_nll(head, softcap, hidden, targets)
+    torch.testing.assert_close(blocked, expected, rtol=1e-4, atol=1e-4)  # ties among bf16 logits may pick either
+    assert (expected - exact).abs().max() > 1e-3  # bf16 did round: the comparison is not float32 against itself
+
+
+def test_the_body_under_bf16_autocast_measures_a_change_as_float32_does(tokenizer):
+    model = make_model("gemma3", vocab_size=len(tokenizer), hidden=32)
+    seqs = sequences(tokenizer)
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        before = {dtype: sequence_nll(model, seqs, pad, 4, body_dtype=dtype) for dtype in (None, torch.bfloat16)}
+        unchanged = sequence_nll(model, seqs, pad, 4, body_dtype=torch.bfloat16)
+    optimizer = torch.optim.Adam(model.model.layers.parameters(), lr=3e-3)  # a few fine-tuning steps on the body
+    for ids, _ in seqs[:6]:
+        batch = torch.tensor([ids])
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        after = {dtype: sequence_nll(model, seqs, pad, 4, body_dtype=dtype) for dtype in (None, torch.bfloat16)}
+    assert not torch.equal(before[torch.bfloat16], before[None])  # the matmuls did run in bf16
+    torch.testing.assert_close(before[torch.bfloat16], before[None], rtol=2e-2, atol=0)
+    assert paired_change(before[torch.bfloat16], unchanged).delta == 0  # deterministic: no change, none measured
+    exact = paired_change(before[None], after[None])
+    low = paired_change(before[torch.bfloat16], after[torch.bfloat16])
+    assert abs(exact.delta) > 0.01
+    assert abs(low.delta - exact.delta) < 0.1 * abs(exact.delta)
+    assert low.low < exact.delta < low.high
+
+
+@pytest.mark.parametrize("resolve_name", ["resolve_head_dtype", "resolve_body_dtype"])
+def test_loss_dtype_auto_is_bfloat16_only_for_float32_weights_with_native_bf16_matmuls(tokenizer, monkeypatch,
+                                                                                       resolve_name):
+    resolve = getattr(heldout, resolve_name)
     model = make_model("llama", vocab_size=len(tokenizer))
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert resolve_head_dtype("auto", model) is torch.bfloat16
-    assert resolve_head_dtype(None, model) is None
-    assert resolve_head_dtype("auto", model.to(torch.bfloat16)) is None  # already bf16: nothing to gain
+    assert resolve("auto", model) is torch.bfloat16
+    assert resolve(None, model) is None
+    assert resolve("auto", model.to(torch.bfloat16)) is None  # already bf16: nothing to gain
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert resolve_head_dtype("auto", make_model("llama", vocab_size=len(tokenizer))) is None  # slow in bf16 here
-    assert resolve_head_dtype("bfloat16", model) is torch.bfloat16
-    from sts_callback.core import heldout as module
+    assert resolve("auto", make_model("llama", vocab_size=len(tokenizer))) is None  # slow in bf16 here
+    assert resolve("bfloat16", model) is torch.bfloat16
     from sts_callback.core.errors import STSDataWarning
 
-    monkeypatch.setattr(module, "parameters_are_sharded", lambda m: True)  # ZeRO-3 / FSDP: the head runs inside
+    monkeypatch.setattr(heldout, "parameters_are_sharded", lambda m: True)  # ZeRO-3 / FSDP: the head runs inside
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert resolve_head_dtype("auto", model) is None
+    assert resolve("auto", model) is None
     with pytest.warns(STSDataWarning, match="does not apply to a sharded model"):
-        assert resolve_head_dtype("bfloat16", model) is None
+        assert resolve("bfloat16", model) is None
 
 
-def test_a_bad_loss_head_dtype_is_refused_at_construction():
+@pytest.mark.parametrize("name", ["loss_head_dtype", "loss_body_dtype"])
+def test_a_bad_loss_dtype_is_refused_at_construction(name):
     from sts_callback.core.errors import STSConfigError
     from sts_callback.pipelines.recheck import RecheckConfig
 
-    with pytest.raises(STSConfigError, match="loss_head_dtype must be one of"):
-        RecheckConfig(loss_head_dtype="float16")
+    with pytest.raises(STSConfigError, match=f"{name} must be one of"):
+        RecheckConfig(**{name: "float16"})

@@ -1,14 +1,15 @@
-"""The LM head in bfloat16 for held-out losses: how much faster, and how far it moves a measured change.
+"""The LM head and the body in bfloat16 for held-out losses: how much faster, and how far they move a measured change.
 
     python benchmarks/perf/head_precision.py [--source python_code] [--steps 10] [--tokens 1024]
 
 Gemma 3 270M (float32) is LoRA fine-tuned for ``--steps`` steps (TRL SFTTrainer, r=8 q/v, lr 1e-3, batch 4 x 256:
 the overhead benchmark's recipe) on ``--source``. Every built-in domain's held-out sample (``--tokens`` counted
 tokens, seeded, built as the callback builds its loss sets) is measured before and after training, each time
-with the head in float32 and with the head's matmul in bfloat16 (``HeadInPrecision``, what
-``loss_head_dtype="auto"`` picks on a CPU with AVX512-BF16 or AMX; the softmax stays float32). Reported per
-domain: the paired change both ways, their difference, and the float32 change's 95% half-width; and the seconds
-of the passes, in one thread (as the overhead benchmark times re-checks).
+in float32, with the head's matmul in bfloat16 (``HeadInPrecision``, what ``loss_head_dtype="auto"`` picks on a
+CPU with AVX512-BF16 or AMX; the log-sum-exp stays float32), and with the body under bf16 autocast as well (what
+``loss_body_dtype="auto"`` adds). Reported per domain: the paired change each way, its difference from float32,
+and the float32 change's 95% half-width; and the seconds of the passes, in one thread (as the overhead benchmark
+times re-checks).
 """
 
 from __future__ import annotations
@@ -51,22 +52,22 @@ def main() -> None:
     model, tokenizer = load_gemma3_270m()
     pools = held_out_pools(model, tokenizer, args.tokens, None)
     pad = tokenizer.pad_token_id
-    seconds = {"float32": 0.0, "bfloat16": 0.0}
+    variants = {"float32": (False, None), "bf16_head": (True, None), "bf16_head_body": (True, torch.bfloat16)}
+    seconds = dict.fromkeys(variants, 0.0)
 
     def measure(current) -> dict[str, dict[str, torch.Tensor]]:
-        out: dict[str, dict[str, torch.Tensor]] = {"float32": {}, "bfloat16": {}}
-        head = HeadInPrecision(torch.bfloat16)
+        out: dict[str, dict[str, torch.Tensor]] = {label: {} for label in variants}
         with inference_mode(current):
-            for label, precision in (("float32", None), ("bfloat16", head)):
+            for label, (low_head, body_dtype) in variants.items():
+                head = HeadInPrecision(torch.bfloat16) if low_head else None
                 began = time.perf_counter()
                 for name, seqs in pools.items():
-                    out[label][name] = sequence_nll(current, seqs, pad, 4, head_precision=precision)
+                    out[label][name] = sequence_nll(current, seqs, pad, 4, head_precision=head, body_dtype=body_dtype)
                 seconds[label] += time.perf_counter() - began
         return out
 
     before = measure(model)
-    print(f"measured before training: float32 {seconds['float32']:.0f} s, bfloat16 head {seconds['bfloat16']:.0f} s",
-          flush=True)
+    print("measured before training: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), flush=True)
     trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(Path("outputs") / "head_precision"),
                                                      max_steps=args.steps, save_strategy="no",
                                                      per_device_train_batch_size=4, max_length=256, learning_rate=1e-3,
@@ -78,29 +79,39 @@ def main() -> None:
     tokens = sum(int(s[:, 1].sum()) for s in before["float32"].values())
 
     rows = {}
-    print(f"\n{'domain':<18} {'float32':>9} {'bf16 head':>9} {'diff':>9} {'f32 95% +-':>10}")
+    print(f"\n{'domain':<18} {'float32':>9} {'bf16 head':>9} {'diff':>9} {'+ body':>9} {'diff':>9} {'f32 95% +-':>10}")
     for name in pools:
-        exact = paired_change(before["float32"][name], after["float32"][name])
-        low = paired_change(before["bfloat16"][name], after["bfloat16"][name])
-        rows[name] = {"float32": exact.delta, "bfloat16": low.delta, "difference": low.delta - exact.delta,
-                      "half_width": exact.half_width, "tokens": exact.tokens}
-        print(f"{name:<18} {exact.delta:>+9.4%} {low.delta:>+9.4%} {low.delta - exact.delta:>+9.4%} "
-              f"{exact.half_width:>10.3%}")
-    worst = max(abs(r["difference"]) for r in rows.values())
-    relative = max(abs(r["difference"] / r["float32"]) for r in rows.values() if r["float32"])
-    share = max(abs(r["difference"]) / r["half_width"] for r in rows.values())
+        changes = {label: paired_change(before[label][name], after[label][name]) for label in variants}
+        exact = changes["float32"]
+        rows[name] = {label: change.delta for label, change in changes.items()}
+        rows[name].update({f"difference_{label}": change.delta - exact.delta for label, change in changes.items()
+                           if label != "float32"})
+        rows[name].update(half_width=exact.half_width, tokens=exact.tokens)
+        print(f"{name:<18} {exact.delta:>+9.4%} " + " ".join(
+            f"{rows[name][label]:>+9.4%} {rows[name]['difference_' + label]:>+9.4%}" for label in variants
+            if label != "float32") + f" {exact.half_width:>10.3%}")
     passes = 2 * tokens  # before and after
-    print(f"\nlargest difference {worst:.4%} (absolute), {relative:.2%} of the change, {share:.3f} of the float32 "
-          f"interval's half-width")
-    print(f"held-out passes, {passes} tokens each way, {args.threads} thread(s): float32 {seconds['float32']:.0f} s "
-          f"({passes / seconds['float32']:.0f} tok/s), bfloat16 head {seconds['bfloat16']:.0f} s "
-          f"({passes / seconds['bfloat16']:.0f} tok/s): {seconds['float32'] / seconds['bfloat16']:.2f}x")
+    summary = {}
+    for label in variants:
+        if label == "float32":
+            continue
+        differences = [abs(r[f"difference_{label}"]) for r in rows.values()]
+        summary[label] = {
+            "largest_difference": max(differences),
+            "largest_relative_difference": max(abs(r[f"difference_{label}"] / r["float32"]) for r in rows.values()
+                                               if r["float32"]),
+            "largest_share_of_half_width": max(abs(r[f"difference_{label}"]) / r["half_width"] for r in rows.values()),
+            "speedup": seconds["float32"] / seconds[label]}
+        print(f"\n{label}: largest difference {summary[label]['largest_difference']:.4%} (absolute), "
+              f"{summary[label]['largest_relative_difference']:.2%} of the change, "
+              f"{summary[label]['largest_share_of_half_width']:.3f} of the float32 interval's half-width; "
+              f"{seconds[label]:.0f} s ({passes / seconds[label]:.0f} tok/s), {summary[label]['speedup']:.2f}x")
+    print(f"float32: {seconds['float32']:.0f} s ({passes / seconds['float32']:.0f} tok/s); {passes} tokens per "
+          f"variant, {args.threads} thread(s)")
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU",
               "args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
-              "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "domains": rows,
-              "largest_difference": worst, "largest_relative_difference": relative,
-              "largest_share_of_half_width": share, "tokens_per_pass": tokens, "seconds": seconds,
-              "speedup": seconds["float32"] / seconds["bfloat16"]}
+              "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "domains": rows, "variants": summary,
+              "tokens_per_pass": tokens, "seconds": seconds}
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 

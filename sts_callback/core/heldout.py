@@ -29,68 +29,125 @@ HEAD_DTYPES = ("auto", "bfloat16")  # besides None: the head in its own dtype
 
 
 class HeadInPrecision:
-    """The LM head's logits from a matmul in ``dtype``, with each row's ``exact_top`` largest logits and the target's
-    recomputed in the head's own precision (the softmax and loss stay float32). The weight is cast once and reused
-    while it is unchanged (same storage, no in-place update since).
+    """Each row's NLL through the LM head with its matmul in ``dtype``, each row's ``exact_top`` largest logits and its
+    target's recomputed in the head's own precision (the log-sum-exp stays float32). The weight is cast once and
+    reused while it is unchanged (same storage, no in-place update since).
 
     A float32 head on a CPU with bf16 matmul instructions runs 2.8x faster in bfloat16 (Gemma 3's 262k-row head:
     62 vs 173 GFLOP/s, one thread). bf16 logits alone are off by up to ~0.06 at a logit of 20, which moved a
     measured change by up to 0.15 of its interval's half-width; the top logits, which carry the softmax's mass, and
-    the target's, taken exactly, cut the per-token error 25-fold (``benchmarks/perf/head_precision.py``). A head
-    that is not a plain ``nn.Linear`` (an adapter on it) runs as it is."""
+    the target's, taken exactly, cut the per-token error 25-fold (``benchmarks/perf/head_precision.py``). The
+    vocabulary runs in blocks of ``vocab_block`` rows (a running log-sum-exp and top-k): a block's logits stay in
+    cache, where a [rows x vocab] float tensor (0.5 GB for 512 rows of Gemma 3) cost as much in fresh memory as
+    the matmul itself. A head that is not a plain ``nn.Linear`` (an adapter on it) runs as it is."""
 
     exact_top = 32
+    vocab_block = 8192
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
         self._key: tuple | None = None
         self._weight: torch.Tensor | None = None
 
-    def logits(self, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """[rows, vocab] float32 logits of ``hidden``; exact at each row's top ``exact_top`` and at ``targets``."""
+    def nll(self, head: nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[rows] float32 NLL of ``targets`` given ``hidden`` ([rows, hidden])."""
         if type(head) is not nn.Linear or head.weight.dtype == self.dtype:
-            return head(hidden).float()
+            return exact_nll(head(hidden).float(), softcap, targets)
+        weight, bias = head.weight, head.bias
+        low_weight = self._cast(head)
+        low = hidden.to(self.dtype)
+        rows, vocab = len(hidden), weight.shape[0]
+        top = min(self.exact_top, vocab)
+        lse = torch.full((rows,), -math.inf, device=hidden.device)
+        top_values = torch.empty(rows, 0, device=hidden.device)
+        top_indices = torch.empty(rows, 0, dtype=torch.long, device=hidden.device)
+        for start in range(0, vocab, self.vocab_block):
+            block = nn.functional.linear(low, low_weight[start:start + self.vocab_block]).float()
+            if bias is not None:
+                block += bias[start:start + self.vocab_block].to(self.dtype).float()
+            if softcap:
+                block = torch.tanh(block / softcap) * softcap
+            lse = torch.logaddexp(lse, torch.logsumexp(block, 1))
+            if top:  # the running top-k: this block's best beside the best so far
+                values, indices = block.topk(min(top, block.shape[1]), dim=1)
+                values, kept = torch.cat([top_values, values], 1).topk(min(top, top_values.shape[1] + values.shape[1]),
+                                                                      dim=1)
+                top_indices = torch.cat([top_indices, indices + start], 1).gather(1, kept)
+                top_values = values
+        # the target's logit as the block pass had it (bf16 inputs, float32 products), where it is not among the top
+        approx_target = (low.float() * low_weight[targets].float()).sum(1)
+        if bias is not None:
+            approx_target += bias[targets].to(self.dtype).float()
+        if softcap:
+            approx_target = torch.tanh(approx_target / softcap) * softcap
+        with torch.autocast(hidden.device.type, enabled=False):  # exact even under the trainer's autocast
+            indices = torch.cat([top_indices, targets[:, None]], 1)
+            exact = torch.einsum("nd,nkd->nk", hidden.to(weight.dtype), weight[indices]).float()
+            if bias is not None:
+                exact += bias[indices].float()
+            if softcap:
+                exact = torch.tanh(exact / softcap) * softcap
+        # swap the approximate terms of the top logits (and of the target where it is not among them) for exact ones
+        counted = torch.ones_like(indices, dtype=torch.bool)
+        counted[:, -1] = ~(top_indices == targets[:, None]).any(1)
+        approx = torch.cat([top_values, approx_target[:, None]], 1)
+        shift = lse[:, None].double()
+        swap = ((exact.double() - shift).exp() - (approx.double() - shift).exp()).where(counted, 0).sum(1)
+        lse = lse.double() + torch.log1p(swap)
+        return (lse - exact[:, -1].double()).float()
+
+    def _cast(self, head: nn.Linear) -> torch.Tensor:
         weight = head.weight
         key = (weight.data_ptr(), weight._version, weight.device, id(head))
         if key != self._key:
             self._weight = None  # free the old copy before casting the new one
             self._weight, self._key = weight.detach().to(self.dtype), key
-        logits = nn.functional.linear(hidden.to(self.dtype), self._weight).float()
-        rows = torch.cat([logits.topk(min(self.exact_top, logits.shape[1]), dim=1).indices, targets[:, None]], 1)
-        with torch.autocast(hidden.device.type, enabled=False):  # exact even under the trainer's autocast
-            exact = torch.einsum("nd,nkd->nk", hidden.to(weight.dtype), weight[rows])
-        if head.bias is not None:
-            logits += head.bias.to(self.dtype).float()
-            exact += head.bias[rows]
-        return logits.scatter_(1, rows, exact.float())
+        return self._weight
 
 
 def resolve_head_dtype(setting: str | None, model: nn.Module) -> torch.dtype | None:
     """The dtype the held-out loss runs the LM head in: ``None`` (its own), ``"bfloat16"``, or ``"auto"``:
     bfloat16 where the head is float32, runs apart from the body (:func:`split_head`) and the device multiplies in
     bf16 natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), else its own."""
+    return _resolve_loss_dtype("loss_head_dtype", setting, model, lambda split: getattr(split[1], "weight", None))
+
+
+def resolve_body_dtype(setting: str | None, model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype the held-out loss runs the body (embeddings to final norm) in: ``None`` (no autocast),
+    ``"bfloat16"``, or ``"auto"``: bfloat16 where the body's weights are float32, the head runs apart from it and
+    the device multiplies in bf16 natively. The residual stream and the norms stay float32 under autocast; only the
+    matmuls run in bf16."""
+    return _resolve_loss_dtype("loss_body_dtype", setting, model,
+                               lambda split: next((p for p in split[0].parameters() if p.is_floating_point()), None))
+
+
+def _resolve_loss_dtype(name: str, setting: str | None, model: nn.Module, weight_of) -> torch.dtype | None:
     if setting is None:
         return None
     if setting not in HEAD_DTYPES:
-        raise ValueError(f"loss_head_dtype must be one of {HEAD_DTYPES} or None, got {setting!r}.")
+        raise ValueError(f"{name} must be one of {HEAD_DTYPES} or None, got {setting!r}.")
     split = split_head(model)
     if split is None:  # the head runs inside the full forward, in its own dtype
         if setting == "bfloat16":
-            warnings.warn("loss_head_dtype='bfloat16' does not apply to a sharded model (ZeRO-3 / FSDP) or one whose "
-                          "LM head cannot run apart from its body: the head runs inside the full forward, in its own "
-                          "dtype. Held-out losses are measured so.", STSDataWarning, stacklevel=2)
+            warnings.warn(f"{name}='bfloat16' does not apply to a sharded model (ZeRO-3 / FSDP) or one whose LM head "
+                          f"cannot run apart from its body: the model runs its full forward in its own dtype. "
+                          f"Held-out losses are measured so.", STSDataWarning, stacklevel=3)
         return None
     if setting == "bfloat16":
         return torch.bfloat16
-    weight = getattr(split[1], "weight", None)
+    weight = weight_of(split)
     if weight is None or weight.dtype != torch.float32:
         return None
-    if weight.device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
-    if weight.device.type == "cpu":
-        fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if fast else None
-    return None
+    return torch.bfloat16 if native_bf16(weight.device) else None
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (a recent CUDA GPU, a CPU with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 def split_head(model: nn.Module):
@@ -106,9 +163,11 @@ def split_head(model: nn.Module):
 
 
 def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
-                 chunk: int = HEAD_CHUNK, head_precision: HeadInPrecision | None = None) -> torch.Tensor:
+                 chunk: int = HEAD_CHUNK, head_precision: HeadInPrecision | None = None,
+                 body_dtype: torch.dtype | None = None) -> torch.Tensor:
     """[n, 2] float64: (NLL sum, token count) of each sequence's counted tokens. Call under no_grad / eval.
-    ``head_precision``: run the LM head so (where it runs apart from the body)."""
+    ``head_precision``: run the LM head so, and ``body_dtype``: the body under autocast to it (both where the head
+    runs apart from the body)."""
     device = model_device(model)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
@@ -129,7 +188,9 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
         rows = torch.arange(len(batch), device=device)[:, None].expand_as(keep)[keep]
         if split is not None:
             body, head, softcap = split
-            hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
+            with torch.autocast(device.type, dtype=body_dtype or torch.float32, enabled=body_dtype is not None):
+                hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
+            hidden = hidden.float() if body_dtype is not None else hidden
             nll = torch.cat([head_nll(head, softcap, h, t, head_precision)
                              for h, t in zip(hidden.split(chunk), targets.split(chunk))]) \
                 if len(targets) else torch.zeros(0, device=device)
@@ -148,7 +209,12 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
 
 def head_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor,
              precision: HeadInPrecision | None = None) -> torch.Tensor:
-    logits = head(hidden).float() if precision is None else precision.logits(head, hidden, targets)
+    if precision is not None:
+        return precision.nll(head, softcap, hidden, targets)
+    return exact_nll(head(hidden).float(), softcap, targets)
+
+
+def exact_nll(logits: torch.Tensor, softcap: float | None, targets: torch.Tensor) -> torch.Tensor:
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
@@ -156,15 +222,15 @@ def head_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, targe
 
 def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
                      indices: Sequence[int] | None = None, head_precision: HeadInPrecision | None = None,
-                     ) -> torch.Tensor:
+                     body_dtype: torch.dtype | None = None) -> torch.Tensor:
     """:func:`sequence_nll` of ``indices`` (default: all) with every rank running a padded share; the result,
     [len(sequences), 2] with zeros where not measured, is summed across ranks, so every rank holds all of it."""
     indices = list(range(len(sequences))) if indices is None else list(indices)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     part = shard(len(indices), [len(sequences[i][0]) for i in indices])
     local = [sequences[indices[j]] for j in part.indices]
-    measured = sequence_nll(model, local, pad, batch_size, head_precision=head_precision) if local else \
-        torch.zeros(0, 2, dtype=torch.float64)
+    measured = sequence_nll(model, local, pad, batch_size, head_precision=head_precision, body_dtype=body_dtype) \
+        if local else torch.zeros(0, 2, dtype=torch.float64)
     for row, (j, keep) in enumerate(zip(part.indices, part.counted)):
         if keep:
             out[indices[j]] = measured[row]
@@ -243,5 +309,5 @@ def sequential_change(measure: Callable[[list[int]], torch.Tensor], base: torch.
     return paired_change(base[done], after[done])
 
 
-__all__ = ["HEAD_DTYPES", "HeadInPrecision", "LossChange", "all_sequence_nll", "paired_change", "resolve_head_dtype",
-           "sequence_nll", "sequential_change"]
+__all__ = ["HEAD_DTYPES", "HeadInPrecision", "LossChange", "all_sequence_nll", "native_bf16", "paired_change",
+           "resolve_body_dtype", "resolve_head_dtype", "sequence_nll", "sequential_change"]

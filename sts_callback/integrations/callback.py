@@ -93,6 +93,8 @@ class STSCallback(TrainerCallback, ExportableState):
         loss_head_dtype: the LM head's matmul precision for held-out losses (``"auto"``: bfloat16 for a float32
             head on hardware with native bf16 matmuls; ``"bfloat16"``; ``None``: the head's own); see
             ``RecheckConfig``.
+        loss_body_dtype: the body's precision for held-out losses, as autocast (``"auto"``: bfloat16 for a float32
+            body on such hardware; ``"bfloat16"``; ``None``: the body's own); see ``RecheckConfig``.
         run_level: the run-level term at train start (:mod:`~sts_callback.pipelines.runlevel`): ``"lookahead"``
             (``run_level_steps`` real steps of the trainer's optimizer at the schedule's peak (unset: the
             calibration's own step count where it was fitted on one, else 3), each domain's
@@ -118,7 +120,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  accuracy_items: int = 100, loss_precision: float | None = 0.25, shift: str = "auto",
                  loss_sequence_tokens: int | None = None, loss_domains: int | None = None, early_method: str | None = None, fresh_rollouts: bool = True,
                  overhead_budget: float | None = None, run_level: str | None = None, run_level_steps: int | None = None,
-                 loss_head_dtype: str | None = "auto",
+                 loss_head_dtype: str | None = "auto", loss_body_dtype: str | None = "auto",
                  _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
@@ -131,7 +133,7 @@ class STSCallback(TrainerCallback, ExportableState):
                                 recheck_at_end=recheck_at_end, loss_sequence_tokens=loss_sequence_tokens,
                                 loss_domains=loss_domains, overhead_budget=overhead_budget,
                                 early_method=early_method, fresh_rollouts=fresh_rollouts,
-                                loss_head_dtype=loss_head_dtype)
+                                loss_head_dtype=loss_head_dtype, loss_body_dtype=loss_body_dtype)
         values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe, demonstrations=demonstrations)
         if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
             missing = [name for name in _objects_from if name not in STSCallback._live_objects]

@@ -31,7 +31,7 @@ from typing import Any
 from ..core.data import Corpus, multiple_choice_items
 from ..core.distributed import check_ranks_agree, fingerprint, gather_objects, require_at_least_world, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
-from ..core.heldout import resolve_head_dtype
+from ..core.heldout import resolve_body_dtype, resolve_head_dtype
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
 from ..core.schedule import logged_learning_rates
@@ -174,7 +174,8 @@ class STSSession:
                                loss_half_width=half_width or None,
                                loss_tolerances={name: tolerance for name in self.guard.config.protected},
                                seed=str(seed), loss_domains=settings.loss_domains,
-                               loss_head_dtype=resolve_head_dtype(settings.loss_head_dtype, model))
+                               loss_head_dtype=resolve_head_dtype(settings.loss_head_dtype, model),
+                               loss_body_dtype=resolve_body_dtype(settings.loss_body_dtype, model))
 
     def start(self, model, probe: Corpus, domains: dict[str, Corpus], demonstrations: Corpus | None = None,
               progress: bool = False, forecast_run: Callable[..., Any] | None = None,

@@ -126,6 +126,7 @@ class Monitor:
     loss_domains: int | None = None  # unprotected domains measured per re-check, in turns; None: all
     turn: int = 0  # unprotected domains measured so far (the rotation's position)
     loss_head_dtype: torch.dtype | None = None  # the LM head's matmul dtype for held-out losses; None: its own
+    loss_body_dtype: torch.dtype | None = None  # the body's autocast dtype for held-out losses; None: no autocast
 
     # -------------------------------------------------------------- building
     @staticmethod
@@ -209,13 +210,14 @@ class Monitor:
             for name, everyone in self.loss_sets.items():
                 began = time.perf_counter()
                 self.base_sequence_nll[name] = all_sequence_nll(model, everyone, self._pad(), self.loss_batch_size,
-                                                                head_precision=head)
+                                                                head_precision=head, body_dtype=self.loss_body_dtype)
                 self.base_loss_seconds[name] = time.perf_counter() - began
         totals = {name: sums.sum(0) for name, sums in self.base_sequence_nll.items()}
         return {name: float(t[0] / t[1].clamp(min=1)) for name, t in totals.items()}
 
     def _head_precision(self) -> HeadInPrecision | None:
-        """Base and re-check losses run the head alike (a paired change needs both ends measured the same way)."""
+        """Base and re-check losses run head and body alike (a paired change needs both ends measured the same
+        way)."""
         return None if self.loss_head_dtype is None else HeadInPrecision(self.loss_head_dtype)
 
     def _pad(self) -> int:
@@ -252,7 +254,8 @@ class Monitor:
                 random.Random(f"{self.seed}:loss-order:{name}").shuffle(order)
                 out[name] = sequential_change(
                     lambda indices, everyone=everyone: all_sequence_nll(model, everyone, self._pad(),
-                                                                        self.loss_batch_size, indices, head),
+                                                                        self.loss_batch_size, indices, head,
+                                                                        self.loss_body_dtype),
                     self.base_sequence_nll[name], order, [sum(flags) for _, flags in everyone],
                     half_width=self.loss_half_width, tolerance=self.loss_tolerances.get(name))
                 out[name].seconds = time.perf_counter() - began
@@ -387,7 +390,8 @@ class Monitor:
         from ..core.atomic import atomic_write
 
         tensors = self.tensors()
-        metadata = {"format": "sts-monitor/1", "loss_head_dtype": str(self.loss_head_dtype).removeprefix("torch.")}
+        metadata = {"format": "sts-monitor/1", "loss_head_dtype": str(self.loss_head_dtype).removeprefix("torch."),
+                    "loss_body_dtype": str(self.loss_body_dtype).removeprefix("torch.")}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def load(self, path: Path) -> None:
@@ -395,9 +399,11 @@ class Monitor:
 
         with safe_open(str(path), "pt") as saved:
             tensors = {key: saved.get_tensor(key) for key in saved.keys()}
-            # the base losses were measured with this head precision: keep measuring so (older files: the head's own)
-            head_dtype = (saved.metadata() or {}).get("loss_head_dtype", "None")
+            # the base losses were measured in these precisions: keep measuring so (older files: the model's own)
+            metadata = saved.metadata() or {}
+        head_dtype, body_dtype = (metadata.get(key, "None") for key in ("loss_head_dtype", "loss_body_dtype"))
         self.loss_head_dtype = None if head_dtype == "None" else getattr(torch, head_dtype)
+        self.loss_body_dtype = None if body_dtype == "None" else getattr(torch, body_dtype)
         self.base_residuals = tensors.get("probe/base_residuals")
         if "probe/ids" in tensors:  # written since the probe is saved; older files: the probe sampled again
             ids = tensors["probe/ids"].split(tensors["probe/id_counts"].tolist())

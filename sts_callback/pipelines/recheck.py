@@ -60,6 +60,11 @@ class RecheckConfig:
             head's own; ``"bfloat16"``; ``None``: the head's own dtype. On Gemma 3 270M a measured change moved by
             at most 0.005 points, 1.4% of its 95% interval's half-width (``benchmarks/perf/head_precision.py``);
             the head is about half of a held-out pass on a 262k vocabulary.
+        loss_body_dtype: the body's precision for the held-out losses, as autocast (the matmuls in that dtype, the
+            residual stream and norms float32; base and re-checks alike): ``"auto"`` (default): bfloat16 when the
+            body's weights are float32 and the head runs apart from it on a device that multiplies in bf16
+            natively, else none; ``"bfloat16"``; ``None``: the body's own dtype. Gemma 3 270M's body ran 2x faster
+            so on a CPU with AVX512-BF16 (``benchmarks/perf/head_precision.py`` for what it moves).
     """
 
     recheck_steps: int | None = None
@@ -74,6 +79,7 @@ class RecheckConfig:
     fresh_rollouts: bool = True
     overhead_budget: float | None = None
     loss_head_dtype: str | None = "auto"
+    loss_body_dtype: str | None = "auto"
 
     def __post_init__(self) -> None:
         for name in ("recheck_tokens", "loss_tokens", "accuracy_items"):
@@ -103,9 +109,10 @@ class RecheckConfig:
         if self.early_method is not None and self.early_method not in EARLY_METHODS:
             raise STSConfigError(f"early_method must be one of {EARLY_METHODS} or None (the benchmark's best), got "
                                  f"{self.early_method!r}.")
-        if self.loss_head_dtype is not None and self.loss_head_dtype not in HEAD_DTYPES:
-            raise STSConfigError(f"loss_head_dtype must be one of {HEAD_DTYPES} or None (the head's own dtype), got "
-                                 f"{self.loss_head_dtype!r}.")
+        for name, own in (("loss_head_dtype", "the head's own dtype"), ("loss_body_dtype", "the body's own dtype")):
+            value = getattr(self, name)
+            if value is not None and value not in HEAD_DTYPES:
+                raise STSConfigError(f"{name} must be one of {HEAD_DTYPES} or None ({own}), got {value!r}.")
         for name in ("recheck_at_end", "fresh_rollouts"):
             if not isinstance(getattr(self, name), bool):
                 raise STSConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
