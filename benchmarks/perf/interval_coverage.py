@@ -1,6 +1,7 @@
 """Do the re-checks' 95% intervals hold? Coverage of the sequential held-out loss change, on real training states.
 
     python benchmarks/perf/interval_coverage.py [--sources python_code math] [--steps 10 20 30] [--seeds 300]
+        [--measure float32|bf16]
 
 A re-check measures each domain's held-out NLL change on at most ``loss_tokens`` tokens, block by block, and stops
 once its 95% interval is narrow enough (``loss_precision * tolerance``) or, for a protected domain, surely above the
@@ -16,6 +17,8 @@ runs it: a random ``loss_tokens`` subset of the sample in a random order, measur
 Reported per setting (loss_precision; protected or not): coverage, its binomial 95% interval, the coverage of the
 same measurements' intervals with the normal quantile 1.96 in place of Student's t (the library's quantile
 before), texts and tokens read, interval half-width. Not timed: the overhead is ``callback_overhead.py``'s.
+``--measure bf16``: the re-checks read rows measured through the bf16 LM head and body (the defaults on a CPU with
+AVX512-BF16), the truth stays the float32 change: does the bf16 noise stay inside the intervals?
 """
 
 from __future__ import annotations
@@ -54,16 +57,26 @@ def held_out_pools(model, tokenizer, tokens: int, domains: list[str] | None) -> 
     return pools
 
 
-def measure_pools(model, pools: dict, pad: int) -> dict[str, torch.Tensor]:
-    from sts_callback.core.heldout import all_sequence_nll
+def measure_pools(model, pools: dict, pad: int, precision: str = "float32") -> dict[str, torch.Tensor]:
+    """Per-sequence NLL of every pool, in float32 or (``"bf16"``) through the re-checks' bf16 head and body."""
+    from sts_callback.core.heldout import HeadInPrecision, all_sequence_nll
     from sts_callback.pipelines.forecast import inference_mode
 
+    low = precision == "bf16"
+    head, body = (HeadInPrecision(torch.bfloat16), torch.bfloat16) if low else (None, None)
     with inference_mode(model):
-        return {name: all_sequence_nll(model, seqs, pad, 4) for name, seqs in pools.items()}
+        return {name: all_sequence_nll(model, seqs, pad, 4, head_precision=head, body_dtype=body)
+                for name, seqs in pools.items()}
 
 
-def train_states(source: str, steps: list[int], work: Path, model_loader, pools: dict, log) -> dict[int, dict]:
-    """Per-sequence NLL of every pool at each of ``steps`` of a LoRA run on ``source`` (cached per state)."""
+def cache_name(stem: str, precision: str) -> str:
+    return f"{stem}.pt" if precision == "float32" else f"{stem}-{precision}.pt"
+
+
+def train_states(source: str, steps: list[int], work: Path, model_loader, pools: dict, log,
+                 precisions: tuple[str, ...] = ("float32",)) -> dict[str, dict[int, dict]]:
+    """Per-sequence NLL of every pool at each of ``steps`` of a LoRA run on ``source``, in each of ``precisions``
+    (cached per state)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -71,17 +84,25 @@ def train_states(source: str, steps: list[int], work: Path, model_loader, pools:
 
     from sts_callback.core.corpora import load_domain
 
-    paths = {step: work / f"{source}-step{step}.pt" for step in steps}
+    paths = {(step, precision): work / cache_name(f"{source}-step{step}", precision) for step in steps
+             for precision in precisions}
+
+    def load() -> dict[str, dict[int, dict]]:
+        return {precision: {step: torch.load(paths[step, precision]) for step in steps} for precision in precisions}
+
     if all(p.exists() for p in paths.values()):
-        return {step: torch.load(p) for step, p in paths.items()}
+        return load()
     model, tokenizer = model_loader()
 
     class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step in paths and not paths[state.global_step].exists():
-                began = time.perf_counter()
-                torch.save(measure_pools(model, pools, tokenizer.pad_token_id), paths[state.global_step])
-                log(f"  {source} step {state.global_step}: measured in {time.perf_counter() - began:.0f} s")
+            for precision in precisions:
+                path = paths.get((state.global_step, precision))
+                if path is not None and not path.exists():
+                    began = time.perf_counter()
+                    torch.save(measure_pools(model, pools, tokenizer.pad_token_id, precision), path)
+                    log(f"  {source} step {state.global_step} ({precision}): measured in "
+                        f"{time.perf_counter() - began:.0f} s")
 
     out = str(work / f"run-{source}")
     trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=out, max_steps=max(steps), save_strategy="no",
@@ -91,12 +112,13 @@ def train_states(source: str, steps: list[int], work: Path, model_loader, pools:
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), callbacks=[Snapshot()])
     trainer.train()
-    return {step: torch.load(p) for step, p in paths.items()}
+    return load()
 
 
 def simulate(base: torch.Tensor, after: torch.Tensor, lengths: list[int], loss_tokens: int, precision: float | None,
-             protected: bool, rng: random.Random) -> dict:
-    """One re-check as the callback runs it, on a random ``loss_tokens`` subset of the sample."""
+             protected: bool, rng: random.Random, truth: float) -> dict:
+    """One re-check as the callback runs it, on a random ``loss_tokens`` subset of the sample; ``truth``: the whole
+    sample's change measured in float32."""
     from scipy.stats import t
 
     from sts_callback.core.heldout import paired_change, sequential_change
@@ -118,7 +140,6 @@ def simulate(base: torch.Tensor, after: torch.Tensor, lengths: list[int], loss_t
     change = sequential_change(measure, base, subset, lengths,
                                half_width=None if precision is None else precision * TOLERANCE,
                                tolerance=TOLERANCE if protected else None)
-    truth = paired_change(base, after).delta
     # the same measurement's interval with the normal quantile (what the library used before): half-width
     # scaled from Student's t with n - 1 degrees of freedom to 1.96
     normal = change.half_width * 1.959964 / t.ppf(0.975, change.sequences - 1) if change.sequences > 1 else math.inf
@@ -136,8 +157,14 @@ def main() -> None:
     parser.add_argument("--truth-tokens", type=int, default=4096)
     parser.add_argument("--loss-tokens", type=int, default=1024, help="the callback's loss_tokens")
     parser.add_argument("--work", type=Path, default=Path("outputs/interval_coverage"))
-    parser.add_argument("--out", type=Path, default=HERE / "interval_coverage.json")
+    parser.add_argument("--measure", choices=["float32", "bf16"], default="float32",
+                        help="the re-checks' precision (bf16: the LM head's matmul and the body in bf16, what "
+                             "loss_head_dtype / loss_body_dtype='auto' pick on a CPU with AVX512-BF16); the truth is "
+                             "float32 either way")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    args.out = args.out or HERE / ("interval_coverage.json" if args.measure == "float32" else
+                                   f"interval_coverage_{args.measure}.json")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     from scipy.stats import binomtest
 
@@ -148,15 +175,24 @@ def main() -> None:
     model, tokenizer = load_gemma3_270m()
     pools = held_out_pools(model, tokenizer, args.truth_tokens, args.domains)
     lengths = {name: [sum(flags) for _, flags in seqs] for name, seqs in pools.items()}
-    base_path = args.work / "base.pt"
-    if not base_path.exists():
-        torch.save(measure_pools(model, pools, tokenizer.pad_token_id), base_path)
-    base = torch.load(base_path)
+    precisions = tuple(dict.fromkeys(["float32", args.measure]))  # the truth's, and the re-checks'
+    bases = {}
+    for precision in precisions:
+        path = args.work / cache_name("base", precision)
+        if not path.exists():
+            torch.save(measure_pools(model, pools, tokenizer.pad_token_id, precision), path)
+        bases[precision] = torch.load(path)
+    exact_base, base = bases["float32"], bases[args.measure]
     log(f"pools: {', '.join(f'{n} {sum(v)} tokens / {len(v)} texts' for n, v in lengths.items())}")
-    states = {}
+    exact_states, states = {}, {}
     for source in args.sources:
-        for step, after in train_states(source, args.steps, args.work, load_gemma3_270m, pools, log).items():
-            states[f"{source}@{step}"] = after
+        measured = train_states(source, args.steps, args.work, load_gemma3_270m, pools, log, precisions)
+        for step in args.steps:
+            exact_states[f"{source}@{step}"] = measured["float32"][step]
+            states[f"{source}@{step}"] = measured[args.measure][step]
+    truths = {state: {name: float((after[name][:, 0].sum() - exact_base[name][:, 0].sum())
+                                  / exact_base[name][:, 0].sum()) for name in base}
+              for state, after in exact_states.items()}
 
     settings = {}
     for precision in PRECISIONS:
@@ -166,7 +202,7 @@ def main() -> None:
             key = f"loss_precision={precision}" + (", protected" if protected else "")
             rng = random.Random(f"coverage:{key}")
             points = [dict(simulate(base[name], after[name], lengths[name], args.loss_tokens, precision, protected,
-                                    rng), state=state, domain=name)
+                                    rng, truths[state][name]), state=state, domain=name)
                       for state, after in states.items() for name in base for _ in range(args.seeds)]
             covered = sum(p["covered"] for p in points)
             ci = binomtest(covered, len(points)).proportion_ci(0.95)
@@ -179,10 +215,9 @@ def main() -> None:
                              "half_width_median": float(np.median([p["half_width"] for p in points])),
                              "worst_domain": min(by_domain, key=by_domain.get),
                              "worst_domain_coverage": min(by_domain.values()), "by_domain": by_domain}
-    truths = {state: {name: float((after[name][:, 0].sum() - base[name][:, 0].sum()) / base[name][:, 0].sum())
-                      for name in base} for state, after in states.items()}
     print(f"\n{len(states)} training states x {len(base)} domains x {args.seeds} seeds per setting; truth: the change "
-          f"on {args.truth_tokens} tokens; re-check: at most {args.loss_tokens} tokens, tolerance {TOLERANCE:.0%}\n")
+          f"on {args.truth_tokens} tokens in float32; re-check: at most {args.loss_tokens} tokens in {args.measure}, "
+          f"tolerance {TOLERANCE:.0%}\n")
     print(f"{'setting':<34} {'coverage':>8} {'95% CI':>15} {'normal q':>8} {'texts':>5} {'tokens':>7} "
           f"{'half-width':>10} {'worst domain':>24}")
     for key, s in settings.items():
