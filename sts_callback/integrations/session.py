@@ -267,6 +267,8 @@ class STSSession:
         self.base_accuracy = monitor.base_accuracy = monitor.measure_accuracy(model, self.autocast)
         # the first re-check's costs, until it measures its own: the train-start passes (whole loss sets: high)
         self.budget.domain_seconds = dict(monitor.base_loss_seconds)
+        self.budget.set_seconds = dict(monitor.base_loss_seconds)
+        self.budget.set_tokens = {name: int(sums[:, 1].sum()) for name, sums in monitor.base_sequence_nll.items()}
         self.budget.fixed_seconds = probe_seconds + time.perf_counter() - began + sum(
             monitor.base_loss_seconds[name] for name in self.guard.config.protected)
         if self.is_main:
@@ -411,7 +413,8 @@ class STSSession:
             result.seconds += probe_seconds
         optional = {name: seconds for name, seconds in result.loss_seconds.items()
                     if name not in self.guard.config.protected}
-        self.budget.add_recheck(result.seconds, result.seconds - sum(optional.values()), result.loss_seconds)
+        self.budget.add_recheck(result.seconds, result.seconds - sum(optional.values()), result.loss_seconds,
+                                result.loss_tokens)
         return result, probe_info, in_turn[unprotected:] if unprotected is not None else []
 
     def _early_forecast(self, step: int, max_steps: int, measured: dict[str, float | None],

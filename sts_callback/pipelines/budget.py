@@ -4,12 +4,16 @@ and which unprotected domains' held-out losses the next re-check can afford.
 A re-check always measures the probe's shift and every protected domain; the unprotected domains' losses are
 the part that scales with how many there are, so a budget decides how many of them the next re-check measures
 (the least recently measured first). Credit carries over: a re-check that measured few leaves seconds for the
-next one. Costs are the seconds each part took last time (at the first re-check: the train-start measurement).
+next one. Costs are the seconds each part took last time. A domain not yet measured at a re-check is priced from
+its train-start pass over its whole loss set, scaled by the share of their sets the last re-check's domains read
+(a sequential re-check reads a few texts, not the whole set: priced whole, a domain first in turn could wait for
+credit all run, with the others behind it).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,15 +33,28 @@ class OverheadBudget:
     recheck_seconds: float = 0.0
     domain_seconds: dict[str, float] = field(default_factory=dict)  # each domain's loss, last time measured
     fixed_seconds: float | None = None  # the probe and the protected domains, last re-check
+    set_seconds: dict[str, float] = field(default_factory=dict)  # each domain's whole loss set at train start
+    set_tokens: dict[str, int] = field(default_factory=dict)  # the tokens of those sets
+    measured: set[str] = field(default_factory=set)  # domains measured at a re-check (priced by their own cost)
 
     def add_training(self, seconds: float) -> None:
         self.train_seconds += max(seconds, 0.0)
 
-    def add_recheck(self, seconds: float, fixed_seconds: float, domain_seconds: dict[str, float]) -> None:
-        """Account for one re-check: its total, the part it always pays and each measured domain's loss time."""
+    def add_recheck(self, seconds: float, fixed_seconds: float, domain_seconds: dict[str, float],
+                    tokens_read: dict[str, int] | None = None) -> None:
+        """Account for one re-check: its total, the part it always pays, each measured domain's loss time and
+        (``tokens_read``) the tokens it read, which re-price the domains not measured yet."""
         self.recheck_seconds += seconds
         self.fixed_seconds = fixed_seconds
         self.domain_seconds.update(domain_seconds)
+        self.measured.update(domain_seconds)
+        shares = [tokens / self.set_tokens[name] for name, tokens in (tokens_read or {}).items()
+                  if self.set_tokens.get(name)]
+        if shares:
+            read = min(1.0, statistics.median(shares))
+            for name, whole in self.set_seconds.items():
+                if name not in self.measured:
+                    self.domain_seconds[name] = whole * read
 
     @property
     def spent_share(self) -> float | None:
