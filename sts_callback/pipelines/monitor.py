@@ -97,6 +97,9 @@ def fit_from_sums(sums: torch.Tensor) -> dict[str, float] | None:
     return {"fvu": float(sums[0]) / total if total > 0 else float("nan"), "l0": float(sums[2]) / n, "tokens": int(n)}
 
 
+LOSS_DTYPE_FIELDS = ("loss_head_dtype", "loss_body_dtype")  # saved with the base losses they measured
+
+
 @dataclass
 class Monitor:
     """What re-checks need, prepared once at train start.
@@ -390,8 +393,8 @@ class Monitor:
         from ..core.atomic import atomic_write
 
         tensors = self.tensors()
-        metadata = {"format": "sts-monitor/1", "loss_head_dtype": str(self.loss_head_dtype).removeprefix("torch."),
-                    "loss_body_dtype": str(self.loss_body_dtype).removeprefix("torch.")}
+        metadata = {"format": "sts-monitor/1",
+                    **{name: str(getattr(self, name)).removeprefix("torch.") for name in LOSS_DTYPE_FIELDS}}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def load(self, path: Path) -> None:
@@ -401,9 +404,9 @@ class Monitor:
             tensors = {key: saved.get_tensor(key) for key in saved.keys()}
             # the base losses were measured in these precisions: keep measuring so (older files: the model's own)
             metadata = saved.metadata() or {}
-        head_dtype, body_dtype = (metadata.get(key, "None") for key in ("loss_head_dtype", "loss_body_dtype"))
-        self.loss_head_dtype = None if head_dtype == "None" else getattr(torch, head_dtype)
-        self.loss_body_dtype = None if body_dtype == "None" else getattr(torch, body_dtype)
+        for name in LOSS_DTYPE_FIELDS:
+            saved_dtype = metadata.get(name, "None")
+            setattr(self, name, None if saved_dtype == "None" else getattr(torch, saved_dtype))
         self.base_residuals = tensors.get("probe/base_residuals")
         if "probe/ids" in tensors:  # written since the probe is saved; older files: the probe sampled again
             ids = tensors["probe/ids"].split(tensors["probe/id_counts"].tolist())
