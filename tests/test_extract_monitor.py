@@ -47,7 +47,7 @@ def test_iter_paired_rows_compare_the_same_query_tokens(setup):
         assert not torch.allclose(item.rows, item.context_rows)  # the demonstrations change the query's residuals
 
 
-def monitor_for(setup, loss_head_dtype=None, loss_body_dtype=None):
+def monitor_for(setup, loss_head_dtype=None, loss_body_dtype=None, loss_head_samples=None):
     domains = {d: load_corpus(domain_texts(d, 12), name=d) for d in ("law", "chem")}
     loss_sets = {n: Monitor.sample_sequences(c, setup, 80, seed=f"0:{n}")[0] for n, c in domains.items()}
     probe, _ = Monitor.sample_sequences(load_corpus(domain_texts("law", 12, seed=2)), setup, 60, seed="probe")
@@ -55,7 +55,8 @@ def monitor_for(setup, loss_head_dtype=None, loss_body_dtype=None):
     from sts_callback.pipelines.monitor import domain_baselines_from
 
     monitor = Monitor(setup=setup, probe=probe, domains=domain_baselines_from(domain_statistics(setup, domains)),
-                      loss_sets=loss_sets, loss_head_dtype=loss_head_dtype, loss_body_dtype=loss_body_dtype)
+                      loss_sets=loss_sets, loss_head_dtype=loss_head_dtype, loss_body_dtype=loss_body_dtype,
+                      loss_head_samples=loss_head_samples)
     monitor.capture_base(setup.model)
     monitor.base_losses = monitor.measure_losses(setup.model)
     return monitor
@@ -94,6 +95,35 @@ def test_a_resumed_monitor_measures_with_the_precision_of_its_saved_base_losses(
     save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={"format": "sts-monitor/1"})
     again.load(tmp_path / "old.safetensors")  # written before the settings existed: the model's own dtype
     assert again.loss_head_dtype is None and again.loss_body_dtype is None
+
+
+def test_a_resumed_monitor_measures_through_its_saved_head_samples(setup, tmp_path):
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    monitor = monitor_for(setup, loss_head_samples=8)
+    assert set(monitor.head_samples) == {"law", "chem"} and not monitor.head_samples["law"].recording
+    assert all(abs(d) < 1e-6 for d in monitor.recheck(setup.model, forecast_latents=[0, 1]).loss_delta.values())
+    path = monitor.save(tmp_path / "monitor.safetensors")
+    again = monitor_for(setup)  # built without samples: the saved ones are adopted
+    again.load(path)
+    assert again.loss_head_samples == 8 and set(again.head_samples) == {"law", "chem"}
+    changed = copy.deepcopy(setup.model)
+    with torch.no_grad():
+        for parameter in changed.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    saved = {name: c.delta for name, c in monitor.measure_changes(changed).items()}
+    assert {name: c.delta for name, c in again.measure_changes(changed).items()} == saved
+    assert all(abs(delta) > 1e-4 for delta in saved.values())
+    whole = {name: c.delta for name, c in monitor_for(setup).measure_changes(changed).items()}
+    assert saved != whole  # measured through the samples, not the whole head
+    for name in saved:
+        assert abs(saved[name] - whole[name]) < 0.2 * abs(whole[name])
+    old = {k: v for k, v in load_file(str(path)).items() if not k.startswith("head_sample/")}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata={"format": "sts-monitor/1"})
+    again.load(tmp_path / "old.safetensors")  # written before head samples: the whole head
+    assert again.loss_head_samples is None and again.head_samples == {}
 
 
 def test_held_out_texts_cut_to_their_first_tokens_fill_the_budget_with_more_sequences(setup):

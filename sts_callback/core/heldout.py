@@ -18,91 +18,16 @@ import torch
 from torch import nn
 
 from .capture import parameters_are_sharded, text_config, unwrap_model
-from .distributed import shard, sum_across_ranks
+from .distributed import gather_objects, shard, sum_across_ranks
 from .errors import STSDataWarning
 from .data import TokenSequence
 from .extract import batches_by_length
+from .head_sample import HeadSamples
+from .lm_head import HeadInPrecision, exact_nll
 from .torch_utils import model_device
 
 HEAD_CHUNK = 512  # rows of logits at a time: 512 x 262k floats = 0.5 GB for Gemma 3
 HEAD_DTYPES = ("auto", "bfloat16")  # besides None: the head in its own dtype
-
-
-class HeadInPrecision:
-    """Each row's NLL through the LM head with its matmul in ``dtype``, each row's ``exact_top`` largest logits and its
-    target's recomputed in the head's own precision (the log-sum-exp stays float32). The weight is cast once and
-    reused while it is unchanged (same storage, no in-place update since).
-
-    A float32 head on a CPU with bf16 matmul instructions runs 2.8x faster in bfloat16 (Gemma 3's 262k-row head:
-    62 vs 173 GFLOP/s, one thread). bf16 logits alone are off by up to ~0.06 at a logit of 20, which moved a
-    measured change by up to 0.15 of its interval's half-width; the top logits, which carry the softmax's mass, and
-    the target's, taken exactly, cut the per-token error 25-fold (``benchmarks/perf/head_precision.py``). The
-    vocabulary runs in blocks of ``vocab_block`` rows (a running log-sum-exp and top-k): a block's logits stay in
-    cache, where a [rows x vocab] float tensor (0.5 GB for 512 rows of Gemma 3) cost as much in fresh memory as
-    the matmul itself. A head that is not a plain ``nn.Linear`` (an adapter on it) runs as it is."""
-
-    exact_top = 32
-    vocab_block = 8192
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-        self._key: tuple | None = None
-        self._weight: torch.Tensor | None = None
-
-    def nll(self, head: nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """[rows] float32 NLL of ``targets`` given ``hidden`` ([rows, hidden])."""
-        if type(head) is not nn.Linear or head.weight.dtype == self.dtype:
-            return exact_nll(head(hidden).float(), softcap, targets)
-        weight, bias = head.weight, head.bias
-        low_weight = self._cast(head)
-        low = hidden.to(self.dtype)
-        rows, vocab = len(hidden), weight.shape[0]
-        top = min(self.exact_top, vocab)
-        lse = torch.full((rows,), -math.inf, device=hidden.device)
-        top_values = torch.empty(rows, 0, device=hidden.device)
-        top_indices = torch.empty(rows, 0, dtype=torch.long, device=hidden.device)
-        for start in range(0, vocab, self.vocab_block):
-            block = nn.functional.linear(low, low_weight[start:start + self.vocab_block]).float()
-            if bias is not None:
-                block += bias[start:start + self.vocab_block].to(self.dtype).float()
-            if softcap:
-                block = torch.tanh(block / softcap) * softcap
-            lse = torch.logaddexp(lse, torch.logsumexp(block, 1))
-            if top:  # the running top-k: this block's best beside the best so far
-                values, indices = block.topk(min(top, block.shape[1]), dim=1)
-                values, kept = torch.cat([top_values, values], 1).topk(min(top, top_values.shape[1] + values.shape[1]),
-                                                                      dim=1)
-                top_indices = torch.cat([top_indices, indices + start], 1).gather(1, kept)
-                top_values = values
-        # the target's logit as the block pass had it (bf16 inputs, float32 products), where it is not among the top
-        approx_target = (low.float() * low_weight[targets].float()).sum(1)
-        if bias is not None:
-            approx_target += bias[targets].to(self.dtype).float()
-        if softcap:
-            approx_target = torch.tanh(approx_target / softcap) * softcap
-        with torch.autocast(hidden.device.type, enabled=False):  # exact even under the trainer's autocast
-            indices = torch.cat([top_indices, targets[:, None]], 1)
-            exact = torch.einsum("nd,nkd->nk", hidden.to(weight.dtype), weight[indices]).float()
-            if bias is not None:
-                exact += bias[indices].float()
-            if softcap:
-                exact = torch.tanh(exact / softcap) * softcap
-        # swap the approximate terms of the top logits (and of the target where it is not among them) for exact ones
-        counted = torch.ones_like(indices, dtype=torch.bool)
-        counted[:, -1] = ~(top_indices == targets[:, None]).any(1)
-        approx = torch.cat([top_values, approx_target[:, None]], 1)
-        shift = lse[:, None].double()
-        swap = ((exact.double() - shift).exp() - (approx.double() - shift).exp()).where(counted, 0).sum(1)
-        lse = lse.double() + torch.log1p(swap)
-        return (lse - exact[:, -1].double()).float()
-
-    def _cast(self, head: nn.Linear) -> torch.Tensor:
-        weight = head.weight
-        key = (weight.data_ptr(), weight._version, weight.device, id(head))
-        if key != self._key:
-            self._weight = None  # free the old copy before casting the new one
-            self._weight, self._key = weight.detach().to(self.dtype), key
-        return self._weight
 
 
 def resolve_head_dtype(setting: str | None, model: nn.Module) -> torch.dtype | None:
@@ -164,10 +89,12 @@ def split_head(model: nn.Module):
 
 def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
                  chunk: int = HEAD_CHUNK, head_precision: HeadInPrecision | None = None,
-                 body_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 body_dtype: torch.dtype | None = None, head_samples: HeadSamples | None = None,
+                 keys: Sequence[int] | None = None) -> torch.Tensor:
     """[n, 2] float64: (NLL sum, token count) of each sequence's counted tokens. Call under no_grad / eval.
     ``head_precision``: run the LM head so, and ``body_dtype``: the body under autocast to it (both where the head
-    runs apart from the body)."""
+    runs apart from the body). ``head_samples``: record each sequence's head sample (keyed by ``keys``, default
+    the positions in ``sequences``), or measure through the recorded ones (:mod:`.head_sample`)."""
     device = model_device(model)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
@@ -191,9 +118,14 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
             with torch.autocast(device.type, dtype=body_dtype or torch.float32, enabled=body_dtype is not None):
                 hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
             hidden = hidden.float() if body_dtype is not None else hidden
-            nll = torch.cat([head_nll(head, softcap, h, t, head_precision)
-                             for h, t in zip(hidden.split(chunk), targets.split(chunk))]) \
-                if len(targets) else torch.zeros(0, device=device)
+            nll = None
+            if head_samples is not None and len(targets):
+                nll = head_samples.nll([keys[i] if keys is not None else i for i in batch], keep.sum(1).tolist(),
+                                       head_precision, head, softcap, hidden, targets, chunk)
+            if nll is None:
+                nll = torch.cat([head_nll(head, softcap, h, t, head_precision)
+                                 for h, t in zip(hidden.split(chunk), targets.split(chunk))]) \
+                    if len(targets) else torch.zeros(0, device=device)
             del hidden
         else:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -214,23 +146,23 @@ def head_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, targe
     return exact_nll(head(hidden).float(), softcap, targets)
 
 
-def exact_nll(logits: torch.Tensor, softcap: float | None, targets: torch.Tensor) -> torch.Tensor:
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-
-
 def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
                      indices: Sequence[int] | None = None, head_precision: HeadInPrecision | None = None,
-                     body_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     body_dtype: torch.dtype | None = None, head_samples: HeadSamples | None = None) -> torch.Tensor:
     """:func:`sequence_nll` of ``indices`` (default: all) with every rank running a padded share; the result,
-    [len(sequences), 2] with zeros where not measured, is summed across ranks, so every rank holds all of it."""
+    [len(sequences), 2] with zeros where not measured, is summed across ranks, so every rank holds all of it.
+    ``head_samples`` (keyed by the index in ``sequences``) recorded on one rank are gathered to every rank."""
     indices = list(range(len(sequences))) if indices is None else list(indices)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     part = shard(len(indices), [len(sequences[i][0]) for i in indices])
     local = [sequences[indices[j]] for j in part.indices]
-    measured = sequence_nll(model, local, pad, batch_size, head_precision=head_precision, body_dtype=body_dtype) \
-        if local else torch.zeros(0, 2, dtype=torch.float64)
+    keys = [indices[j] for j in part.indices]
+    measured = sequence_nll(model, local, pad, batch_size, head_precision=head_precision, body_dtype=body_dtype,
+                            head_samples=head_samples, keys=keys) if local else torch.zeros(0, 2, dtype=torch.float64)
+    if head_samples is not None and head_samples.recording:
+        mine = {key: head_samples.by_sequence[key] for key in keys if key in head_samples.by_sequence}
+        for recorded in gather_objects(mine):
+            head_samples.by_sequence.update(recorded)
     for row, (j, keep) in enumerate(zip(part.indices, part.counted)):
         if keep:
             out[indices[j]] = measured[row]

@@ -18,6 +18,7 @@ from transformers.trainer_callback import ExportableState
 from ..core.capture import parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
 from ..core.data import load_corpus
+from ..core.head_sample import TAIL_DEFAULT
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
@@ -95,6 +96,9 @@ class STSCallback(TrainerCallback, ExportableState):
             ``RecheckConfig``.
         loss_body_dtype: the body's precision for held-out losses, as autocast (``"auto"``: bfloat16 for a float32
             body on such hardware; ``"bfloat16"``; ``None``: the body's own); see ``RecheckConfig``.
+        loss_head_samples: the re-checks' LM head from a sample of the vocabulary (each held-out token's top 32
+            logits from train start and this many draws from the rest; default 32); ``None``: the whole head at
+            every re-check; see ``RecheckConfig``.
         run_level: the run-level term at train start (:mod:`~sts_callback.pipelines.runlevel`): ``"lookahead"``
             (``run_level_steps`` real steps of the trainer's optimizer at the schedule's peak (unset: the
             calibration's own step count where it was fitted on one, else 3), each domain's
@@ -121,7 +125,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  loss_sequence_tokens: int | None = None, loss_domains: int | None = None, early_method: str | None = None, fresh_rollouts: bool = True,
                  overhead_budget: float | None = None, run_level: str | None = None, run_level_steps: int | None = None,
                  loss_head_dtype: str | None = "auto", loss_body_dtype: str | None = "auto",
-                 _objects_from: list[str] | None = None):
+                 loss_head_samples: int | None = TAIL_DEFAULT, _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
         config = STSConfig.from_dict(config.to_dict() if isinstance(config, STSConfig) else config)
@@ -133,7 +137,8 @@ class STSCallback(TrainerCallback, ExportableState):
                                 recheck_at_end=recheck_at_end, loss_sequence_tokens=loss_sequence_tokens,
                                 loss_domains=loss_domains, overhead_budget=overhead_budget,
                                 early_method=early_method, fresh_rollouts=fresh_rollouts,
-                                loss_head_dtype=loss_head_dtype, loss_body_dtype=loss_body_dtype)
+                                loss_head_dtype=loss_head_dtype, loss_body_dtype=loss_body_dtype,
+                                loss_head_samples=loss_head_samples)
         values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe, demonstrations=demonstrations)
         if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
             missing = [name for name in _objects_from if name not in STSCallback._live_objects]

@@ -175,7 +175,8 @@ class STSSession:
                                loss_tolerances={name: tolerance for name in self.guard.config.protected},
                                seed=str(seed), loss_domains=settings.loss_domains,
                                loss_head_dtype=resolve_head_dtype(settings.loss_head_dtype, model),
-                               loss_body_dtype=resolve_body_dtype(settings.loss_body_dtype, model))
+                               loss_body_dtype=resolve_body_dtype(settings.loss_body_dtype, model),
+                               loss_head_samples=settings.loss_head_samples)
 
     def start(self, model, probe: Corpus, domains: dict[str, Corpus], demonstrations: Corpus | None = None,
               progress: bool = False, forecast_run: Callable[..., Any] | None = None,

@@ -27,6 +27,7 @@ from ..core.distributed import gather_objects, sum_across_ranks
 from ..core.extract import ConditionStats, Extractor, PairedStats
 from .forecast import ForecastSetup, inference_mode
 from .recheck import Recheck
+from ..core.head_sample import HeadSamples
 from ..core.heldout import HeadInPrecision, LossChange, all_sequence_nll, sequence_nll, sequential_change
 from ..core.stats import ActivationStats, ShiftStats, StatsGroup
 from ..core.torch_utils import pad_token_id
@@ -130,6 +131,8 @@ class Monitor:
     turn: int = 0  # unprotected domains measured so far (the rotation's position)
     loss_head_dtype: torch.dtype | None = None  # the LM head's matmul dtype for held-out losses; None: its own
     loss_body_dtype: torch.dtype | None = None  # the body's autocast dtype for held-out losses; None: no autocast
+    loss_head_samples: int | None = None  # tail draws per token of the re-checks' sampled head; None: the whole head
+    head_samples: dict[str, HeadSamples] = field(default_factory=dict)  # recorded by the base pass, per domain
 
     # -------------------------------------------------------------- building
     @staticmethod
@@ -209,11 +212,17 @@ class Monitor:
         ``autocast``: a factory of the trainer's autocast context (called once per use).
         """
         head = self._head_precision()
+        self.head_samples = {}
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for name, everyone in self.loss_sets.items():
                 began = time.perf_counter()
+                if self.loss_head_samples:  # recorded now, read by every re-check
+                    self.head_samples[name] = HeadSamples(self.loss_head_samples, seed=f"{self.seed}:{name}")
                 self.base_sequence_nll[name] = all_sequence_nll(model, everyone, self._pad(), self.loss_batch_size,
-                                                                head_precision=head, body_dtype=self.loss_body_dtype)
+                                                                head_precision=head, body_dtype=self.loss_body_dtype,
+                                                                head_samples=self.head_samples.get(name))
+                if name in self.head_samples:
+                    self.head_samples[name].recording = False
                 self.base_loss_seconds[name] = time.perf_counter() - began
         totals = {name: sums.sum(0) for name, sums in self.base_sequence_nll.items()}
         return {name: float(t[0] / t[1].clamp(min=1)) for name, t in totals.items()}
@@ -256,9 +265,9 @@ class Monitor:
                 order = list(range(len(everyone)))
                 random.Random(f"{self.seed}:loss-order:{name}").shuffle(order)
                 out[name] = sequential_change(
-                    lambda indices, everyone=everyone: all_sequence_nll(model, everyone, self._pad(),
-                                                                        self.loss_batch_size, indices, head,
-                                                                        self.loss_body_dtype),
+                    lambda indices, everyone=everyone, name=name: all_sequence_nll(
+                        model, everyone, self._pad(), self.loss_batch_size, indices, head, self.loss_body_dtype,
+                        self.head_samples.get(name)),
                     self.base_sequence_nll[name], order, [sum(flags) for _, flags in everyone],
                     half_width=self.loss_half_width, tolerance=self.loss_tolerances.get(name))
                 out[name].seconds = time.perf_counter() - began
@@ -383,6 +392,8 @@ class Monitor:
         out["probe/counted_counts"] = torch.tensor([len(flags) for _, flags in self.probe], dtype=torch.int64)
         for name, sums in self.base_sequence_nll.items():
             out[f"heldout/{name}/base_sequence_nll"] = sums.contiguous()
+        for name, samples in self.head_samples.items():
+            out.update({f"head_sample/{name}/{key}": value for key, value in samples.state_dict().items()})
         for name, base in self.domains.items():
             out.update({f"domain/{name}/{key}": value for key, value in base.state_dict().items()})
         return out
@@ -413,6 +424,14 @@ class Monitor:
             flags = tensors["probe/counted"].split(tensors["probe/counted_counts"].tolist())
             self.probe = [(i.tolist(), f.tolist()) for i, f in zip(ids, flags)]
         self.base_sequence_nll = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("heldout/")}
+        # older files, or a run without them: re-checks measure through the whole head
+        self.head_samples = {}
+        for name in self.base_sequence_nll:
+            prefix = f"head_sample/{name}/"
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if state:
+                self.head_samples[name] = HeadSamples.from_state_dict(state, seed=f"{self.seed}:{name}")
+        self.loss_head_samples = next(iter(self.head_samples.values())).tail if self.head_samples else None
         for name in self.domains:
             prefix = f"domain/{name}/"
             saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

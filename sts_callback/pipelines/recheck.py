@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core.config import settings_from_dict
 from ..core.errors import STSConfigError
+from ..core.head_sample import TAIL_DEFAULT
 from ..core.heldout import HEAD_DTYPES
 
 EARLY_METHODS = ("trend", "power")  # the early forecasts whose intervals carry over (scoring.early)
@@ -67,6 +68,13 @@ class RecheckConfig:
             AVX512-BF16) held-out passes ran 2.1x faster than float32 with head and body in bf16 (1.6x with the head
             alone), and a measured change moved by up to 0.08 points, 0.14 of its 95% half-width: per-token noise,
             which the interval, estimated from the same rows, includes (``benchmarks/perf/head_precision.py``).
+        loss_head_samples: the re-checks' LM head from a sample of the vocabulary: the train-start pass keeps each
+            held-out token's top 32 logits and this many draws from the rest (in proportion to their probability),
+            and a re-check computes only those rows of the head and the target's, moving the base log-sum-exp by
+            their change (``sts_callback.core.head_sample``): exact for the top, an unbiased estimate for the rest
+            whose noise is per token and so inside the change's interval. The train-start pass costs about a
+            second head pass more; the head's cost at re-checks all but vanishes. Needs the head to run apart from
+            the body as a plain linear layer (else the whole head, as with ``None``). Default 32.
     """
 
     recheck_steps: int | None = None
@@ -82,12 +90,17 @@ class RecheckConfig:
     overhead_budget: float | None = None
     loss_head_dtype: str | None = "auto"
     loss_body_dtype: str | None = "auto"
+    loss_head_samples: int | None = TAIL_DEFAULT
 
     def __post_init__(self) -> None:
         for name in ("recheck_tokens", "loss_tokens", "accuracy_items"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise STSConfigError(f"{name} must be an integer >= 1, got {value!r}.")
+        tail = self.loss_head_samples
+        if tail is not None and (not isinstance(tail, int) or isinstance(tail, bool) or tail < 1):
+            raise STSConfigError(f"loss_head_samples must be None (the whole LM head at every re-check) or an integer "
+                                 f">= 1 (draws per token from outside its top logits), got {tail!r}.")
         domains = self.loss_domains
         if domains is not None and (not isinstance(domains, int) or isinstance(domains, bool) or domains < 1):
             raise STSConfigError(f"loss_domains must be None (every domain at every re-check) or an integer >= 1, "
