@@ -190,19 +190,18 @@ def test_overhead_budget_carries_unspent_seconds_and_keeps_the_turn_order():
     assert budget.spent_share == pytest.approx(1.5 / 60) and OverheadBudget().credit() == float("inf")
 
 
-def test_overhead_budget_prices_a_domain_not_yet_measured_by_the_share_of_its_set_a_recheck_reads():
+def test_overhead_budget_prices_a_domain_not_yet_measured_by_what_a_recheck_reads_and_pays_per_token():
     whole = {"p": 8.0, "a": 8.0, "b": 4.0}  # train-start passes over whole loss sets
-    budget = OverheadBudget(share=0.1, domain_seconds=dict(whole), set_seconds=whole,
-                            set_tokens={"p": 1000, "a": 1000, "b": 500})
+    budget = OverheadBudget(share=0.1, domain_seconds=dict(whole), set_tokens={"p": 1000, "a": 1000, "b": 500})
     budget.add_training(100.0)  # 10 s of credit; the fixed part unknown yet
     assert budget.affordable(["a", "b"]) == ["a"]  # priced whole: 8 s, then b's 4 s does not fit
-    budget.add_recheck(3.0, 3.0, {"p": 2.0}, {"p": 250})  # the protected domain read a quarter of its set
-    assert budget.domain_seconds == {"p": 2.0, "a": 2.0, "b": 1.0}
+    budget.add_recheck(3.0, 3.0, {"p": 1.0}, {"p": 250})  # a quarter of the set, 4 ms a token
+    assert budget.domain_seconds == {"p": 1.0, "a": 1.0, "b": 0.5}  # not the train-start pass's 8 ms a token
     budget.add_training(100.0)  # 20 - 3 = 17 s, 3 s fixed
     assert budget.affordable(["a", "b"]) == ["a", "b"]
-    budget.add_recheck(5.0, 2.0, {"p": 2.0, "a": 3.0}, {"p": 500, "a": 200})  # median share read: 0.35
+    budget.add_recheck(5.0, 2.0, {"p": 2.0, "a": 3.0}, {"p": 500, "a": 200})  # median share 0.35, 5 s / 700 tokens
     assert budget.domain_seconds["a"] == 3.0  # measured: its own cost
-    assert budget.domain_seconds["b"] == pytest.approx(4.0 * 0.35)
+    assert budget.domain_seconds["b"] == pytest.approx(500 * 0.35 * 5.0 / 700)
 
 
 def test_recheck_config_errors_name_the_setting():

@@ -1,7 +1,7 @@
 """Do the re-checks' 95% intervals hold? Coverage of the sequential held-out loss change, on real training states.
 
     python benchmarks/perf/interval_coverage.py [--sources python_code math] [--steps 10 20 30] [--seeds 300]
-        [--measure float32|bf16]
+        [--measure float32|bf16|sampled]
 
 A re-check measures each domain's held-out NLL change on at most ``loss_tokens`` tokens, block by block, and stops
 once its 95% interval is narrow enough (``loss_precision * tolerance``) or, for a protected domain, surely above the
@@ -19,6 +19,9 @@ same measurements' intervals with the normal quantile 1.96 in place of Student's
 before), texts and tokens read, interval half-width. Not timed: the overhead is ``callback_overhead.py``'s.
 ``--measure bf16``: the re-checks read rows measured through the bf16 LM head and body (the defaults on a CPU with
 AVX512-BF16), the truth stays the float32 change: does the bf16 noise stay inside the intervals?
+``--measure sampled``: as bf16, with the re-checks' LM head sampled (``loss_head_samples``, default 32: the base
+pass records each token's top logits and tail draws, the training states are measured through them): do the
+draws' noise and the bf16 noise together stay inside the intervals?
 """
 
 from __future__ import annotations
@@ -57,16 +60,36 @@ def held_out_pools(model, tokenizer, tokens: int, domains: list[str] | None) -> 
     return pools
 
 
-def measure_pools(model, pools: dict, pad: int, precision: str = "float32") -> dict[str, torch.Tensor]:
-    """Per-sequence NLL of every pool, in float32 or (``"bf16"``) through the re-checks' bf16 head and body."""
+def measure_pools(model, pools: dict, pad: int, precision: str = "float32",
+                  samples: dict | None = None) -> dict[str, torch.Tensor]:
+    """Per-sequence NLL of every pool, in float32 or (``"bf16"``, ``"sampled"``) through the re-checks' bf16 head
+    and body; ``"sampled"`` records into or measures through ``samples`` (per pool, ``HeadSamples``)."""
     from sts_callback.core.heldout import HeadInPrecision, all_sequence_nll
     from sts_callback.pipelines.forecast import inference_mode
 
-    low = precision == "bf16"
+    low = precision in ("bf16", "sampled")
     head, body = (HeadInPrecision(torch.bfloat16), torch.bfloat16) if low else (None, None)
     with inference_mode(model):
-        return {name: all_sequence_nll(model, seqs, pad, 4, head_precision=head, body_dtype=body)
+        return {name: all_sequence_nll(model, seqs, pad, 4, head_precision=head, body_dtype=body,
+                                       head_samples=samples[name] if precision == "sampled" else None)
                 for name, seqs in pools.items()}
+
+
+def head_samples(model, pools: dict, pad: int, work: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Each pool's head samples, recorded by a base pass (cached in ``work`` with the base NLL it measured)."""
+    from sts_callback.core.head_sample import TAIL_DEFAULT, HeadSamples
+
+    path = work / "head_samples.pt"
+    if path.exists():
+        saved = torch.load(path)
+        return {name: HeadSamples.from_state_dict(state, seed=name) for name, state in saved["samples"].items()}, \
+            saved["base"]
+    samples = {name: HeadSamples(TAIL_DEFAULT, seed=name) for name in pools}
+    base = measure_pools(model, pools, pad, "sampled", samples)
+    for one in samples.values():
+        one.recording = False
+    torch.save({"samples": {name: one.state_dict() for name, one in samples.items()}, "base": base}, path)
+    return samples, base
 
 
 def cache_name(stem: str, precision: str) -> str:
@@ -74,7 +97,7 @@ def cache_name(stem: str, precision: str) -> str:
 
 
 def train_states(source: str, steps: list[int], work: Path, model_loader, pools: dict, log,
-                 precisions: tuple[str, ...] = ("float32",)) -> dict[str, dict[int, dict]]:
+                 precisions: tuple[str, ...] = ("float32",), samples: dict | None = None) -> dict[str, dict[int, dict]]:
     """Per-sequence NLL of every pool at each of ``steps`` of a LoRA run on ``source``, in each of ``precisions``
     (cached per state)."""
     from datasets import Dataset
@@ -100,7 +123,7 @@ def train_states(source: str, steps: list[int], work: Path, model_loader, pools:
                 path = paths.get((state.global_step, precision))
                 if path is not None and not path.exists():
                     began = time.perf_counter()
-                    torch.save(measure_pools(model, pools, tokenizer.pad_token_id, precision), path)
+                    torch.save(measure_pools(model, pools, tokenizer.pad_token_id, precision, samples), path)
                     log(f"  {source} step {state.global_step} ({precision}): measured in "
                         f"{time.perf_counter() - began:.0f} s")
 
@@ -157,10 +180,10 @@ def main() -> None:
     parser.add_argument("--truth-tokens", type=int, default=4096)
     parser.add_argument("--loss-tokens", type=int, default=1024, help="the callback's loss_tokens")
     parser.add_argument("--work", type=Path, default=Path("outputs/interval_coverage"))
-    parser.add_argument("--measure", choices=["float32", "bf16"], default="float32",
+    parser.add_argument("--measure", choices=["float32", "bf16", "sampled"], default="float32",
                         help="the re-checks' precision (bf16: the LM head's matmul and the body in bf16, what "
                              "loss_head_dtype / loss_body_dtype='auto' pick on a CPU with AVX512-BF16); the truth is "
-                             "float32 either way")
+                             "float32 either way; sampled: bf16 with the re-checks' sampled LM head)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     args.out = args.out or HERE / ("interval_coverage.json" if args.measure == "float32" else
@@ -176,8 +199,11 @@ def main() -> None:
     pools = held_out_pools(model, tokenizer, args.truth_tokens, args.domains)
     lengths = {name: [sum(flags) for _, flags in seqs] for name, seqs in pools.items()}
     precisions = tuple(dict.fromkeys(["float32", args.measure]))  # the truth's, and the re-checks'
-    bases = {}
+    bases, samples = {}, None
     for precision in precisions:
+        if precision == "sampled":
+            samples, bases[precision] = head_samples(model, pools, tokenizer.pad_token_id, args.work)
+            continue
         path = args.work / cache_name("base", precision)
         if not path.exists():
             torch.save(measure_pools(model, pools, tokenizer.pad_token_id, precision), path)
@@ -186,7 +212,7 @@ def main() -> None:
     log(f"pools: {', '.join(f'{n} {sum(v)} tokens / {len(v)} texts' for n, v in lengths.items())}")
     exact_states, states = {}, {}
     for source in args.sources:
-        measured = train_states(source, args.steps, args.work, load_gemma3_270m, pools, log, precisions)
+        measured = train_states(source, args.steps, args.work, load_gemma3_270m, pools, log, precisions, samples)
         for step in args.steps:
             exact_states[f"{source}@{step}"] = measured["float32"][step]
             states[f"{source}@{step}"] = measured[args.measure][step]

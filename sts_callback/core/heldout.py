@@ -2,9 +2,10 @@
 estimate of a domain's relative loss change with its 95% interval.
 
 The LM head of a large-vocabulary model dominates a loss pass (Gemma 3: 262k outputs); logits are computed
-only at the counted positions, a chunk of rows at a time, never as one [tokens x vocab] tensor. A change is a
-paired difference on the same sequences before and after; sequences are measured in blocks until the interval
-is narrow enough, so a clear change costs a fraction of the token budget.
+only at the counted positions, a chunk of rows at a time, never as one [tokens x vocab] tensor (:mod:`.lm_head`),
+and a re-check can read them from a sample of the vocabulary recorded by the base pass (:mod:`.head_sample`). A
+change is a paired difference on the same sequences before and after; sequences are measured in blocks until the
+interval is narrow enough, so a clear change costs a fraction of the token budget.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 
+GATHER_ELEMENTS = 2**25  # weight rows gathered at once for exact logits: 128 MB in float32
+
+
 class HeadInPrecision:
     """Each row's NLL through the LM head with its matmul in ``dtype``, each row's ``exact_top`` largest logits and its
     target's recomputed in the head's own precision (the log-sum-exp stays float32). The weight is cast once and
@@ -98,15 +101,19 @@ class HeadInPrecision:
 
 def exact_logits(head: nn.Linear, softcap: float | None, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """[rows, k] float32 logits of each row's ``indices`` ([rows, k]) in the head's own precision, exact even under
-    the trainer's autocast."""
+    the trainer's autocast. The gathered weight rows go a slice of rows at a time (at most ``GATHER_ELEMENTS``)."""
     weight, bias = head.weight, head.bias
+    step = max(1, GATHER_ELEMENTS // max(1, indices.shape[1] * weight.shape[1]))
+    parts = []
     with torch.autocast(hidden.device.type, enabled=False):
-        exact = torch.einsum("nd,nkd->nk", hidden.to(weight.dtype), weight[indices]).float()
-        if bias is not None:
-            exact += bias[indices].float()
-        if softcap:
-            exact = torch.tanh(exact / softcap) * softcap
-    return exact
+        for h, i in zip(hidden.split(step), indices.split(step)):
+            exact = torch.einsum("nd,nkd->nk", h.to(weight.dtype), weight[i]).float()
+            if bias is not None:
+                exact += bias[i].float()
+            if softcap:
+                exact = torch.tanh(exact / softcap) * softcap
+            parts.append(exact)
+    return torch.cat(parts) if parts else torch.zeros(indices.shape, device=hidden.device)
 
 
 def swap_exact(lse: torch.Tensor, exact: torch.Tensor, approx: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:

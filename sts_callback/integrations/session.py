@@ -268,7 +268,6 @@ class STSSession:
         self.base_accuracy = monitor.base_accuracy = monitor.measure_accuracy(model, self.autocast)
         # the first re-check's costs, until it measures its own: the train-start passes (whole loss sets: high)
         self.budget.domain_seconds = dict(monitor.base_loss_seconds)
-        self.budget.set_seconds = dict(monitor.base_loss_seconds)
         self.budget.set_tokens = {name: int(sums[:, 1].sum()) for name, sums in monitor.base_sequence_nll.items()}
         self.budget.fixed_seconds = probe_seconds + time.perf_counter() - began + sum(
             monitor.base_loss_seconds[name] for name in self.guard.config.protected)

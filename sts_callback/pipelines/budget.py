@@ -4,10 +4,12 @@ and which unprotected domains' held-out losses the next re-check can afford.
 A re-check always measures the probe's shift and every protected domain; the unprotected domains' losses are
 the part that scales with how many there are, so a budget decides how many of them the next re-check measures
 (the least recently measured first). Credit carries over: a re-check that measured few leaves seconds for the
-next one. Costs are the seconds each part took last time. A domain not yet measured at a re-check is priced from
-its train-start pass over its whole loss set, scaled by the share of their sets the last re-check's domains read
-(a sequential re-check reads a few texts, not the whole set: priced whole, a domain first in turn could wait for
-credit all run, with the others behind it).
+next one. Costs are the seconds each part took last time. A domain not yet measured at a re-check is priced at
+the last re-check's seconds per token read, times the share of their sets its domains read, times its own set's
+tokens (a sequential re-check reads a few texts, not the whole set, and a re-check's pass can cost less per token
+than the train-start pass, which also records the sampled head: priced at that pass over the whole set, a domain
+first in turn could wait for credit all run, with the others behind it). Before any re-check: its train-start
+seconds.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ class OverheadBudget:
     recheck_seconds: float = 0.0
     domain_seconds: dict[str, float] = field(default_factory=dict)  # each domain's loss, last time measured
     fixed_seconds: float | None = None  # the probe and the protected domains, last re-check
-    set_seconds: dict[str, float] = field(default_factory=dict)  # each domain's whole loss set at train start
     set_tokens: dict[str, int] = field(default_factory=dict)  # the tokens of those sets
     measured: set[str] = field(default_factory=set)  # domains measured at a re-check (priced by their own cost)
 
@@ -48,13 +49,14 @@ class OverheadBudget:
         self.fixed_seconds = fixed_seconds
         self.domain_seconds.update(domain_seconds)
         self.measured.update(domain_seconds)
-        shares = [tokens / self.set_tokens[name] for name, tokens in (tokens_read or {}).items()
-                  if self.set_tokens.get(name)]
-        if shares:
-            read = min(1.0, statistics.median(shares))
-            for name, whole in self.set_seconds.items():
+        read = {name: tokens for name, tokens in (tokens_read or {}).items()
+                if self.set_tokens.get(name) and tokens and name in domain_seconds}
+        if read:
+            share = min(1.0, statistics.median(tokens / self.set_tokens[name] for name, tokens in read.items()))
+            per_token = sum(domain_seconds[name] for name in read) / sum(read.values())
+            for name, tokens in self.set_tokens.items():
                 if name not in self.measured:
-                    self.domain_seconds[name] = whole * read
+                    self.domain_seconds[name] = tokens * share * per_token
 
     @property
     def spent_share(self) -> float | None:
