@@ -158,36 +158,32 @@ def _draw_tail(precision: HeadInPrecision, head: nn.Linear, softcap: float | Non
     and their block-pass logits."""
     rows, tail = uniforms.shape
     device = hidden.device
-    lse = lse.double()
-    mass = (1 - (top_values.double() - lse[:, None]).exp().sum(1)).clamp(min=0)
-    targets = uniforms.to(device) * mass[:, None]  # where each draw falls in the tail's cumulative mass
+    mass = (1 - (top_values.double() - lse[:, None].double()).exp().sum(1)).clamp(min=0)
+    targets = (uniforms.to(device) * mass[:, None]).float()  # where each draw falls in the tail's cumulative mass
     ids = torch.full((rows, tail), -1, dtype=torch.long, device=device)
     values = torch.zeros(rows, tail, device=device)
-    last_id = torch.zeros(rows, dtype=torch.long, device=device)  # the last tail token so far (rounding's fallback)
-    last_value = torch.zeros(rows, device=device)
-    before = torch.zeros(rows, dtype=torch.float64, device=device)
+    before = torch.zeros(rows, 1, device=device)
+    lse = lse.float()[:, None]
     for start, block in precision.blocks(head, softcap, hidden):
         width = block.shape[1]
-        probability = torch.cat([(block.double() - lse[:, None]).exp(),
-                                 torch.zeros(rows, 1, dtype=torch.float64, device=device)], 1)
+        probability = (block - lse).exp_()
         inside = (top_indices >= start) & (top_indices < start + width)
-        probability.scatter_(1, (top_indices - start).where(inside, width), 0.0)  # the top is not tail
-        probability = probability[:, :width]
-        cdf = probability.cumsum(1) + before[:, None]
+        if inside.any():  # the top is not tail
+            row, column = inside.nonzero(as_tuple=True)
+            probability[row, top_indices[row, column] - start] = 0
+        cdf = probability.cumsum_(1).add_(before)
         falls = (targets < cdf[:, -1:]) & (ids < 0)
         if falls.any():
-            position = torch.searchsorted(cdf, targets.contiguous(), right=True).clamp(max=width - 1)
+            position = torch.searchsorted(cdf, targets, right=True).clamp_(max=width - 1)
             ids = ids.where(~falls, position + start)
             values = values.where(~falls, block.gather(1, position))
-        positive = probability > 0
-        has = positive.any(1)
-        last = (positive * torch.arange(1, width + 1, device=device)).argmax(1)
-        last_id = last_id.where(~has, last + start)
-        last_value = last_value.where(~has, block.gather(1, last[:, None])[:, 0])
-        before = cdf[:, -1]
-    missing = ids < 0  # a draw past the cumulative sum's rounding: the tail's last token
-    ids = ids.where(~missing, last_id[:, None].expand_as(ids))
-    values = values.where(~missing, last_value[:, None].expand_as(values))
+        before = cdf[:, -1:].clone()
+    # draws past the cumulative sum's rounding (the last few, the draws are in increasing order): the last drawn
+    missing = ids < 0
+    if missing.any():
+        last = ((~missing).sum(1, keepdim=True) - 1).clamp(min=0)
+        fill_ids, fill_values = ids.gather(1, last).clamp(min=0), values.gather(1, last)
+        ids, values = ids.where(~missing, fill_ids), values.where(~missing, fill_values)
     return ids, values
 
 
