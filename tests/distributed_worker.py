@@ -236,9 +236,10 @@ elif MODE == "bad_inputs":
     result["errors"] = errors
 else:  # single | single_own_dtype | ddp | zero2 | zero3
     ds = deepspeed_config(int(MODE[-1])) if MODE.startswith("zero") else None
-    # ZeRO-3's sharded model runs its full forward in its own dtype ("auto" keeps it so, head and body): its
-    # reference is one process measuring so too
-    cb = callback(loss_head_dtype=None, loss_body_dtype=None) if MODE == "single_own_dtype" else callback()
+    # ZeRO-3's sharded model runs its full forward in its own dtype ("auto" keeps it so, head and body) and its
+    # whole head (no head samples): its reference is one process measuring so too
+    cb = callback(loss_head_dtype=None, loss_body_dtype=None, loss_head_samples=None) \
+        if MODE == "single_own_dtype" else callback()
     trainer_for(cb, OUT / "run", deepspeed=ds).train()
     result["history"] = cb.history
     result["forecast"] = cb.forecast.to_dict() if cb.forecast else None
