@@ -154,7 +154,8 @@ def test_head_samples_survive_a_save_and_load():
     for key, rows in ((3, 5), (7, 2)):
         hidden = torch.randn(rows, 8)
         with torch.no_grad():
-            _, samples.by_sequence[key] = head_sample.record(None, head, None, hidden, torch.zeros(rows, dtype=torch.long),
+            targets = torch.zeros(rows, dtype=torch.long)
+            _, samples.by_sequence[key] = head_sample.record(None, head, None, hidden, targets,
                                                              samples.uniforms(key, rows))
     import tempfile
 

@@ -144,7 +144,7 @@ def simulate(base: torch.Tensor, after: torch.Tensor, lengths: list[int], loss_t
     sample's change measured in float32."""
     from scipy.stats import t
 
-    from sts_callback.core.heldout import paired_change, sequential_change
+    from sts_callback.core.heldout import sequential_change
 
     order = list(range(len(lengths)))
     rng.shuffle(order)

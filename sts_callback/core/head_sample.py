@@ -17,7 +17,6 @@ paired change's interval like the texts' own spread. An unchanged model measures
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
