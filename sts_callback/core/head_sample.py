@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lm_head import HeadInPrecision, exact_logits, swap_exact
+from .lm_head import HeadInPrecision, exact_logits, is_plain_linear, swap_exact
 
 TAIL_DEFAULT = 32
 
@@ -89,7 +89,7 @@ class HeadSamples:
         order): recording, the base pass's NLL and each sequence's sample kept; else through the kept samples.
         ``None`` where the samples cannot serve (a head that is not a plain linear layer, a sequence not
         recorded): measure with the whole head."""
-        if not uses_samples(head):
+        if not is_plain_linear(head):
             return None
         if self.recording:
             uniforms = torch.cat([self.uniforms(key, count) for key, count in zip(keys, counts)])
@@ -100,10 +100,10 @@ class HeadSamples:
             return torch.cat([nll for nll, _ in parts])
         if not all(key in self.by_sequence for key in keys):
             return None
+        chunks = hidden.split(chunk)
         whole = HeadSample.cat([self.by_sequence[key] for key in keys])
         return torch.cat([sampled_nll(head, softcap, h, t, s) for h, t, s in
-                          zip(hidden.split(chunk), targets.split(chunk), whole.split([len(h) for h in
-                                                                                        hidden.split(chunk)]))])
+                          zip(chunks, targets.split(chunk), whole.split([len(h) for h in chunks]))])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         keys = sorted(self.by_sequence)
@@ -122,11 +122,6 @@ class HeadSamples:
         for key, part in zip(state["sequences"].tolist(), whole.split(state["rows"].tolist())):
             samples.by_sequence[key] = part
         return samples
-
-
-def uses_samples(head: nn.Module) -> bool:
-    """Whether the head's logits can be computed row by row (a plain ``nn.Linear``; not an adapter on it)."""
-    return type(head) is nn.Linear
 
 
 def record(precision: HeadInPrecision | None, head: nn.Linear, softcap: float | None, hidden: torch.Tensor,
@@ -202,4 +197,4 @@ def sampled_nll(head: nn.Linear, softcap: float | None, hidden: torch.Tensor, ta
     return (lse - current[:, -1].double()).float()
 
 
-__all__ = ["TAIL_DEFAULT", "HeadSample", "HeadSamples", "record", "sampled_nll", "uses_samples"]
+__all__ = ["TAIL_DEFAULT", "HeadSample", "HeadSamples", "record", "sampled_nll"]

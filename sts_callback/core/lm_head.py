@@ -38,7 +38,7 @@ class HeadInPrecision:
 
     def nll(self, head: nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """[rows] float32 NLL of ``targets`` given ``hidden`` ([rows, hidden])."""
-        if type(head) is not nn.Linear or head.weight.dtype == self.dtype:
+        if not is_plain_linear(head) or head.weight.dtype == self.dtype:
             return exact_nll(head(hidden).float(), softcap, targets)
         lse, top_values, top_indices = self.block_pass(head, softcap, hidden)
         indices = torch.cat([top_indices, targets[:, None]], 1)
@@ -99,6 +99,11 @@ class HeadInPrecision:
         return self._weight
 
 
+def is_plain_linear(head: nn.Module) -> bool:
+    """Whether the head's weight rows are its logits' rows (a plain ``nn.Linear``; not an adapter wrapped on it)."""
+    return type(head) is nn.Linear
+
+
 def exact_logits(head: nn.Linear, softcap: float | None, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """[rows, k] float32 logits of each row's ``indices`` ([rows, k]) in the head's own precision, exact even under
     the trainer's autocast. The gathered weight rows go a slice of rows at a time (at most ``GATHER_ELEMENTS``)."""
@@ -129,4 +134,4 @@ def exact_nll(logits: torch.Tensor, softcap: float | None, targets: torch.Tensor
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
-__all__ = ["HeadInPrecision", "exact_logits", "exact_nll", "swap_exact"]
+__all__ = ["HeadInPrecision", "exact_logits", "exact_nll", "is_plain_linear", "swap_exact"]

@@ -424,18 +424,17 @@ class Monitor:
             flags = tensors["probe/counted"].split(tensors["probe/counted_counts"].tolist())
             self.probe = [(i.tolist(), f.tolist()) for i, f in zip(ids, flags)]
         self.base_sequence_nll = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("heldout/")}
+        def under(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
         # older files, or a run without them: re-checks measure through the whole head
         self.head_samples = {}
         for name in self.base_sequence_nll:
-            prefix = f"head_sample/{name}/"
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if state:
+            if state := under(f"head_sample/{name}/"):
                 self.head_samples[name] = HeadSamples.from_state_dict(state, seed=f"{self.seed}:{name}")
         self.loss_head_samples = next(iter(self.head_samples.values())).tail if self.head_samples else None
         for name in self.domains:
-            prefix = f"domain/{name}/"
-            saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if saved:
+            if saved := under(f"domain/{name}/"):
                 self.domains[name] = DomainBaseline.from_state_dict(saved)
 
 
