@@ -287,6 +287,26 @@ def test_construction_errors():
         STSCallback(sae=sae, target_domains={"law": ["x"]}, recheck_steps=0)
 
 
+@pytest.mark.parametrize("schedule, expected", [
+    ([1, 2, 5], [1, 2, 5, 6]),  # listed steps (dense early), then the end of training
+    (0.5, [3, 6]),  # every half of the run, as TrainingArguments' fractional eval_steps
+    ([0.2, 0.5], [2, 3, 6]),  # fractions of the run: ceil(6 x 0.2) = 2, ceil(6 x 0.5) = 3
+])
+def test_recheck_schedule_steps_fractions_and_lists_on_the_trainer(tmp_path, tokenizer, schedule, expected):
+    callback = make_callback(recheck_steps=schedule)
+    make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_steps=100).train()
+    assert [r["step"] for r in callback.history] == expected
+
+
+def test_recheck_schedule_beyond_the_run_is_warned_at_train_start(tmp_path, tokenizer):
+    from sts_callback import STSDataWarning
+
+    callback = make_callback(recheck_steps=[2, 40])
+    with pytest.warns(STSDataWarning, match=r"step\(s\) \[40\] beyond this run's 3 steps"):
+        make_trainer(tmp_path, tokenizer, callback, max_steps=3, save_steps=100).train()
+    assert [r["step"] for r in callback.history] == [2, 3]
+
+
 def test_sae_mismatch_fails_before_the_first_step(tmp_path, tokenizer):
     from sts_callback import STSInputError
 

@@ -207,8 +207,11 @@ def test_overhead_budget_prices_a_domain_not_yet_measured_by_what_a_recheck_read
 def test_recheck_config_errors_name_the_setting():
     with pytest.raises(STSConfigError, match="loss_tokens must be an integer >= 1"):
         RecheckConfig(loss_tokens=0)
-    with pytest.raises(STSConfigError, match="recheck_steps must be None"):
-        RecheckConfig(recheck_steps=0)
+    for bad in (0, -2, 1.5, 1.0001, True, "10", [], [3, 0], [0.5, 1.5], float("nan")):
+        with pytest.raises(STSConfigError, match="recheck_steps must be None"):
+            RecheckConfig(recheck_steps=bad)
+    with pytest.raises(STSConfigError, match="mixes steps and fractions"):
+        RecheckConfig(recheck_steps=[4, 0.5])
     with pytest.raises(STSConfigError, match="loss_domains must be None"):
         RecheckConfig(loss_domains=0)
     with pytest.raises(STSConfigError, match="overhead_budget must be a share of training time"):

@@ -25,7 +25,7 @@ from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS
 from ..core.schedule import planned_learning_rates
 from ..pipelines.guard import GuardConfig
 from ..scoring.calibration import own_feature
-from ..pipelines.recheck import RecheckConfig
+from ..pipelines.recheck import RecheckConfig, RecheckSteps
 from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession
 from .trainer_shift import (RL_SHIFTS, check_shift, forecast_runner, fresh_rollout_probe, resolve_shift,
@@ -48,7 +48,9 @@ class STSCallback(TrainerCallback, ExportableState):
         demonstrations: in-context demonstrations (for prompt-only data; an RL trainer then uses these instead of
             its own rollouts).
         config: :class:`STSConfig` fields for the forecast (dict or STSConfig).
-        recheck_steps: re-check every this many steps; default: at every checkpoint save.
+        recheck_steps: re-check every this many steps (``10``), every this fraction of the run (``0.1``, as
+            ``TrainingArguments.eval_steps``), or at the listed steps or fractions (``[2, 4, 8, 16, 32, 64]``:
+            dense early, where a warning with lead time is decided); default: at every checkpoint save.
         recheck_tokens: probe tokens for the actual shift in a re-check.
         loss_tokens: held-out tokens per domain for the loss measurement.
         forecast_top_k: warn when the forecast ranks a protected domain among the ``k`` most affected.
@@ -117,7 +119,7 @@ class STSCallback(TrainerCallback, ExportableState):
 
     def __init__(self, sae: Any, target_domains: Any, protected: list[str] | tuple[str, ...] = (),
                  train_probe: Any = None, demonstrations: Any = None, config: dict | STSConfig | None = None,
-                 recheck_steps: int | None = None, recheck_tokens: int = 2048, loss_tokens: int = 1024,
+                 recheck_steps: RecheckSteps = None, recheck_tokens: int = 2048, loss_tokens: int = 1024,
                  forecast_top_k: int = 1, tolerance: float = 0.05, max_sts: float | None = None,
                  early_stop: bool | str = False, patience: int = 1, strict: bool = False, recheck_at_end: bool = True,
                  output_subdir: str = "sts", calibration: Any = None, accuracy_tolerance: float = 0.02,
@@ -283,6 +285,11 @@ class STSCallback(TrainerCallback, ExportableState):
         accelerator = getattr(trainer, "accelerator", None)
         session.autocast = accelerator.autocast if accelerator is not None else session.autocast
         session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
+        beyond = session.settings.schedule_beyond(state.max_steps)
+        if beyond:
+            warnings.warn(f"STS: recheck_steps lists step(s) {beyond} beyond this run's {state.max_steps} steps; "
+                          "they will not be re-checked (fractions of the run, e.g. [0.05, 0.1, 0.25], follow its "
+                          "length).", STSDataWarning, stacklevel=2)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is None:
             raise STSInputError("STSCallback needs the trainer's processing_class (tokenizer); pass "
@@ -343,8 +350,8 @@ class STSCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._ready:
             self.session.step_ended()
-        every = self.session.settings.recheck_steps
-        if self._ready and (state.global_step % every == 0 if every is not None else control.should_save):
+        due = self.session.settings.recheck_due(state.global_step, state.max_steps)
+        if self._ready and (control.should_save if due is None else due):
             self.run_recheck(args, state, control, model)
 
     def run_recheck(self, args, state, control, model) -> dict[str, Any] | None:

@@ -7,6 +7,8 @@ below, plus the step and what the callback adds: early forecast, violations, ear
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -16,6 +18,47 @@ from ..core.head_sample import TAIL_DEFAULT
 from ..core.heldout import HEAD_DTYPES
 
 EARLY_METHODS = ("trend", "power")  # the early forecasts whose intervals carry over (scoring.early)
+RecheckSteps = int | float | Sequence[int | float] | None
+
+
+def _schedule_error(value: Any) -> STSConfigError:
+    return STSConfigError(
+        f"recheck_steps must be None (at every checkpoint save), an integer >= 1 (every that many steps), a fraction "
+        f"of the run's steps between 0 and 1 (0.1: every tenth of the run, as TrainingArguments' eval_steps), or a "
+        f"list of steps or of fractions (e.g. [2, 4, 8, 16, 32, 64]: re-checks dense early, where an early warning "
+        f"is decided), got {value!r}.")
+
+
+def _step_or_fraction(value: Any) -> int | float | None:
+    """``value`` as a step (an integer >= 1; a whole float such as 10.0 from a YAML file too) or a fraction of
+    the run (a float strictly between 0 and 1); ``None`` if it is neither."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if value >= 1 and float(value).is_integer():
+        return int(value)
+    return float(value) if isinstance(value, float) and 0 < value < 1 else None
+
+
+def checked_recheck_steps(value: Any) -> RecheckSteps:
+    """``recheck_steps`` validated: a step count or a fraction, or a list of one kind as a sorted tuple."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, bytes)) and isinstance(value, Sequence):
+        schedule = [_step_or_fraction(v) for v in value]
+        if not schedule or None in schedule:
+            raise _schedule_error(value)
+        if len({type(v) for v in schedule}) > 1:
+            raise STSConfigError(f"recheck_steps mixes steps and fractions of the run ({list(value)!r}); give one "
+                                 f"kind, e.g. [2, 4, 8, 16] or [0.05, 0.1, 0.25].")
+        return tuple(sorted(set(schedule)))
+    single = _step_or_fraction(value)
+    if single is None:
+        raise _schedule_error(value)
+    return single
+
+
+def _fraction_step(fraction: float, max_steps: int) -> int:
+    return max(1, math.ceil(max_steps * fraction))  # as the Trainer turns a fractional eval_steps into steps
 
 
 @dataclass
@@ -23,7 +66,10 @@ class RecheckConfig:
     """When and how much a re-check measures.
 
     Args:
-        recheck_steps: re-check every this many optimizer steps; ``None``: at every checkpoint save.
+        recheck_steps: when to re-check: every this many optimizer steps (an integer); every this fraction of the
+            run's steps (a float between 0 and 1, as ``TrainingArguments.eval_steps``); at the steps, or fractions
+            of the run, in a list (a schedule dense early, e.g. ``[2, 4, 8, 16, 32, 64]``: an early warning is
+            decided in the first quarter of a run); ``None``: at every checkpoint save.
         recheck_tokens: tokens of the training probe whose actual SAE-latent shift is measured.
         loss_tokens: held-out tokens per target domain for the loss change (the most a re-check reads).
         loss_precision: measure each domain's loss change in blocks of the same sequences before and after
@@ -77,7 +123,7 @@ class RecheckConfig:
             the body as a plain linear layer (else the whole head, as with ``None``). Default 32.
     """
 
-    recheck_steps: int | None = None
+    recheck_steps: RecheckSteps = None
     recheck_tokens: int = 2048
     loss_tokens: int = 1024
     loss_precision: float | None = 0.25
@@ -108,9 +154,7 @@ class RecheckConfig:
         cut = self.loss_sequence_tokens
         if cut is not None and (not isinstance(cut, int) or isinstance(cut, bool) or cut < 8):
             raise STSConfigError(f"loss_sequence_tokens must be None (whole texts) or an integer >= 8, got {cut!r}.")
-        steps = self.recheck_steps
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-            raise STSConfigError(f"recheck_steps must be None (at every save) or an integer >= 1, got {steps!r}.")
+        self.recheck_steps = checked_recheck_steps(self.recheck_steps)
         precision = self.loss_precision
         if precision is not None and (isinstance(precision, bool) or not isinstance(precision, (int, float))
                                       or not precision > 0):
@@ -131,6 +175,21 @@ class RecheckConfig:
         for name in ("recheck_at_end", "fresh_rollouts"):
             if not isinstance(getattr(self, name), bool):
                 raise STSConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
+    def recheck_due(self, step: int, max_steps: int) -> bool | None:
+        """Whether optimizer step ``step`` of a run of ``max_steps`` has a scheduled re-check; ``None`` when
+        re-checks follow the checkpoint saves."""
+        steps = self.recheck_steps
+        if steps is None:
+            return None
+        if isinstance(steps, tuple):
+            return step in {v if isinstance(v, int) else _fraction_step(v, max_steps) for v in steps}
+        return step % (steps if isinstance(steps, int) else _fraction_step(steps, max_steps)) == 0
+
+    def schedule_beyond(self, max_steps: int) -> list[int]:
+        """The listed re-check steps a run of ``max_steps`` never reaches (to warn about at train start)."""
+        steps = self.recheck_steps
+        return [v for v in steps if isinstance(v, int) and v > max_steps] if isinstance(steps, tuple) else []
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "RecheckConfig":
@@ -190,4 +249,4 @@ class Recheck:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-__all__ = ["Recheck", "RecheckConfig"]
+__all__ = ["Recheck", "RecheckConfig", "RecheckSteps", "checked_recheck_steps"]

@@ -36,6 +36,7 @@ from ..core.data import Corpus, load_corpus, load_domains
 from ..core.errors import STSConfigError, STSInputError
 from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
+from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
 from ..pipelines.recipe import PadCollator, training_features, wrap_lora
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 from ..scoring.signed import SIGNED_VARIANTS
@@ -359,7 +360,7 @@ class ValidationConfig:
     completion_only_loss: bool = True
     loss_tokens: int = 4096
     recheck_tokens: int = 2048
-    recheck_steps: int | None = None
+    recheck_steps: RecheckSteps = None
     output_dir: str | Path = "sts-validation"
     device: Any = None
     copy_model: bool = True
@@ -387,9 +388,9 @@ class ValidationConfig:
         for name, low in (("steps", 1), ("batch_size", 1), ("max_length", 2), ("lora_rank", 1), ("loss_tokens", 1),
                           ("recheck_tokens", 1), ("n_resamples", 0)):
             _check_int(name, getattr(self, name), low)
-        for name in ("lora_alpha", "recheck_steps"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+        if self.lora_alpha is not None:
+            _check_int("lora_alpha", self.lora_alpha, 1)
+        self.recheck_steps = checked_recheck_steps(self.recheck_steps)  # as the callback takes it
         lr = self.learning_rate
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
                                or not math.isfinite(lr)):
@@ -436,8 +437,9 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         completion_only_loss: prompt/answer examples are trained on the answer tokens only.
         loss_tokens: held-out tokens per domain for the NLL measurement; ``recheck_tokens``: probe tokens
             for the actual shift.
-        recheck_steps: also re-check every this many steps during training (default: only at the end); each
-            seed's ``trajectory`` then holds the held-out NLL change and overlap at every re-check.
+        recheck_steps: also re-check during training, as the callback's ``recheck_steps`` (every this many steps,
+            a fraction of the run, or a list of steps; default: only at the end); each seed's ``trajectory`` then
+            holds the held-out NLL change and overlap at every re-check.
         metric: optional ``metric(model, tokenizer, domain) -> float`` evaluated before (once, on the
             untouched weights) and after training (per seed), e.g. :func:`multiple_choice_accuracy`.
         output_dir: ``<output_dir>/sts/validation.json`` and ``validation.png``; per-seed callback folders in
@@ -564,7 +566,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
 
 def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, demos, config: STSConfig, *, seed: int,
                     method: str, steps: int, lr: float, batch_size: int, lora_rank: int, lora_alpha: int,
-                    lora_target_modules, loss_tokens: int, recheck_tokens: int, recheck_steps: int | None,
+                    lora_target_modules, loss_tokens: int, recheck_tokens: int, recheck_steps: RecheckSteps,
                     device: torch.device, run_dir: Path,
                     copy_model: bool, training_args, progress: bool, metric, metric_before) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments, set_seed
