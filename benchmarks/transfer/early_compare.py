@@ -146,7 +146,7 @@ def blend_table(units: list[dict], step0: dict[str, dict[str, tuple[float, float
 
 def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
              tables: dict[str, list[list[float]]] | None = None, se: float = MEASUREMENT_SE,
-             precise: dict[str, float] | None = None) -> dict:
+             precise: dict[str, float] | None = None, precise_intervals: dict[str, dict] | None = None) -> dict:
     """Each method's agreement with the final change per share of training; given ``precise`` (the unit's changes
     on 4,096 held-out tokens, ``precise.py``), also with those (``by_share_precise``): the projections still come
     from the 512-token trajectory, only the truth they are scored against is more precise."""
@@ -154,6 +154,8 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
     others = unit["others"]
     y = np.array([unit["result"]["nll_delta_rel"][d] for d in others])
     y_precise = None if precise is None else np.array([precise[d] for d in others])
+    decided = None if precise_intervals is None else np.array(
+        [precise_intervals[d]["low"] > 0 or precise_intervals[d]["high"] < 0 for d in others])
     rows, rows_precise = {}, {}
     for share in SHARES:
         seen = [r for r in trajectory if r["step"] <= share * steps and r["step"] < steps]
@@ -166,19 +168,21 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
             x = np.array([predicted[d] for d in others])
             rows.setdefault(str(share), {})[method] = agreement(x, y, seen[-1]["step"])
             if y_precise is not None:
-                rows_precise.setdefault(str(share), {})[method] = agreement(x, y_precise, seen[-1]["step"])
+                rows_precise.setdefault(str(share), {})[method] = agreement(x, y_precise, seen[-1]["step"],
+                                                                            decided)
             if step0 and (tables or {}).get(method):  # blended with the step-0 prediction (fitted on other sources)
                 mixed = blend(predicted, {d: m for d, (m, _) in step0.items()}, share_at(seen[-1]["step"]),
                               tables[method])
                 x_mixed = np.array([mixed[d] for d in others])
                 rows[str(share)][f"{method}+step0"] = agreement(x_mixed, y, seen[-1]["step"])
                 if y_precise is not None:
-                    rows_precise[str(share)][f"{method}+step0"] = agreement(x_mixed, y_precise, seen[-1]["step"])
+                    rows_precise[str(share)][f"{method}+step0"] = agreement(x_mixed, y_precise,
+                                                                            seen[-1]["step"], decided)
         if step0:  # the step-0 prediction alone, beside the rules that add the re-checks to it
             x0 = np.array([step0[d][0] for d in others])
             rows[str(share)]["step0"] = agreement(x0, y, 0)
             if y_precise is not None:
-                rows_precise[str(share)]["step0"] = agreement(x0, y_precise, 0)
+                rows_precise[str(share)]["step0"] = agreement(x0, y_precise, 0, decided)
     return {"unit": unit["unit"], "source": unit["source"], "recipe": unit["recipe"], "seed": unit["seed"],
             "domains": len(others),
             "by_share": rows, **({"by_share_precise": rows_precise} if precise is not None else {}),
@@ -189,21 +193,30 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
                                            tables=tables, final=precise)} if precise is not None else {})}
 
 
-def agreement(x: np.ndarray, y: np.ndarray, at_step: int) -> dict:
+def agreement(x: np.ndarray, y: np.ndarray, at_step: int, decided: np.ndarray | None = None) -> dict:
+    """Pearson r, right direction, MAE; given ``decided`` (domains whose precise change's 95% interval excludes
+    zero), also the direction over those alone (``direction_decided``, a diagnostic beside the goal's)."""
     ok = np.isfinite(x)
     r = float(pearsonr(x[ok], y[ok])[0]) if ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(y) > 0 else None
-    return {"pearson": r, "direction": float(np.mean(np.sign(x[ok]) == np.sign(y[ok]))) if ok.any() else None,
-            "mae": float(np.mean(np.abs(x[ok] - y[ok]))) if ok.any() else None, "at_step": at_step}
+    out = {"pearson": r, "direction": float(np.mean(np.sign(x[ok]) == np.sign(y[ok]))) if ok.any() else None,
+           "mae": float(np.mean(np.abs(x[ok] - y[ok]))) if ok.any() else None, "at_step": at_step}
+    if decided is not None:
+        keep = ok & decided
+        out["direction_decided"] = float(np.mean(np.sign(x[keep]) == np.sign(y[keep]))) if keep.any() else None
+    return out
 
 
-def half_width(method: str, fractions: list[float], se: float) -> float:
-    """The projection's 95% half-width from measurements with standard error ``se`` each, as the callback carries
-    them: through the trend rule's weights, or scaled by 1 / f for the power rule (its exponent taken as 1);
-    0 for the laws, whose intervals the callback does not compute."""
+def half_width(method: str, fractions: list[float], se: float,
+               intervals: list[tuple[float, float]] | None = None) -> float:
+    """The projection's 95% half-width from measurements with standard error ``se`` each (or, given, the
+    re-checks' own 95% ``intervals``, as a trajectory re-run keeps them), as the callback carries them: through
+    the trend rule's weights, or scaled by 1 / f for the power rule (its exponent taken as 1); 0 for the laws,
+    whose intervals the callback does not compute."""
+    intervals = intervals or [(-1.96 * se, 1.96 * se)] * len(fractions)
     if method == "trend":
-        return trend_interval(fractions, [(-1.96 * se, 1.96 * se)] * len(fractions))
+        return trend_interval(fractions, intervals)
     if method == "power":
-        return 1.96 * se / fractions[-1]
+        return (intervals[-1][1] - intervals[-1][0]) / 2 / fractions[-1]
     return 0.0
 
 
@@ -247,7 +260,9 @@ def lead_times(unit, trajectory, share_at, train_loss, steps, se: float = 0.0, s
                     points = {domain: [(share_at(p["step"]), p["nll_delta_rel"][domain]) for p in seen]}
                     losses = [p for p in train_loss if p[0] <= share_at(r["step"])]
                     rule = next((m for m in METHODS if m in method), "trend")
-                    margin = half_width(rule, [share_at(p["step"]) for p in seen], se) if se > 0 else 0.0
+                    own = [p.get("nll_delta_ci", {}).get(domain) for p in seen]  # a re-run keeps its intervals
+                    own = [tuple(ci) for ci in own] if all(own) else None
+                    margin = half_width(rule, [share_at(p["step"]) for p in seen], se, own) if se > 0 else 0.0
                     projected = forecast(rule, points, losses)[domain]
                     if method.endswith("+step0") and domain in step0:
                         table = tables[rule]
@@ -295,7 +310,9 @@ def main() -> None:
     units = learned.load_units(args.units)
     if not units:
         raise SystemExit(f"no finished transfer units in {args.units}; run benchmarks/transfer/units.py first")
-    precise_changes = {p["unit"]: p["result"]["nll_delta_rel"] for p in learned.precise_units(units, args.units)}
+    precise_runs = learned.precise_units(units, args.units)
+    precise_changes = {p["unit"]: p["result"]["nll_delta_rel"] for p in precise_runs}
+    precise_intervals = {p["unit"]: p["precise"].get("change") for p in precise_runs}
     if args.precise_truth:
         units = [{**u, "result": {**u["result"], "nll_delta_rel": precise_changes[u["unit"]]}}
                  if u["unit"] in precise_changes else u for u in units]
@@ -310,7 +327,8 @@ def main() -> None:
         others = [u for u in units if u["source"] != unit["source"] and u["recipe"] == unit["recipe"]]
         tables[unit["unit"]] = {m: blend_table(others, step0, m) for m in ("power", "trend")} if step0 else {}
         results.append(evaluate(unit, step0.get(unit["unit"]), tables[unit["unit"]], se=args.measurement_se,
-                                precise=precise_changes.get(unit["unit"])))
+                                precise=precise_changes.get(unit["unit"]),
+                                precise_intervals=precise_intervals.get(unit["unit"])))
     trajectories = []  # units re-run with more precise re-checks (precise.py --recheck-steps): the same rules on them
     by_name = {u["unit"]: u for u in units}
     for path in sorted(args.units.glob("trajectory-*-seed*.json")):
@@ -321,7 +339,7 @@ def main() -> None:
         rerun = {**unit, "result": {**unit["result"], "trajectory": run["trajectory"],
                                     "log_history": run["log_history"], "nll_delta_rel": run["nll_delta_rel"]}}
         trajectories.append({**evaluate(rerun, step0.get(unit["unit"]), tables[unit["unit"]], se=args.measurement_se,
-                                        precise=run["nll_delta_rel"]),
+                                        precise=run["nll_delta_rel"], precise_intervals=run.get("change")),
                              "loss_tokens": run["loss_tokens"], "recheck_steps": run["recheck_steps"]})
     print(f"early forecast vs the change measured at the end ({len(results)} units; Pearson / direction / MAE "
           "over the 10 other domains)")
@@ -345,18 +363,22 @@ def main() -> None:
                                           "same units"))
         print_summary(precise_summary, None if args.precise_truth else
                       summarise([r for r in results if "by_share_precise" in r], "by_share", blends))
-    if trajectories:
-        names = {t["unit"] for t in trajectories}
-        print(f"\nunits re-run with re-checks on {sorted({t['loss_tokens'] for t in trajectories})} held-out tokens per "
-              f"domain (trajectory-*.json; {len(trajectories)} units), against their precise final change; beside, "
-              "the same units' 512-token trajectories")
-        print_summary(summarise(trajectories, "by_share_precise", blends),
+    by_schedule = {}  # the re-runs grouped by how often they re-checked (every 16 steps; every 4: dense early)
+    for t in trajectories:
+        by_schedule.setdefault(str(t["recheck_steps"]), []).append(t)
+    for every, group in sorted(by_schedule.items(), key=lambda kv: -int(kv[0])):
+        names = {t["unit"] for t in group}
+        print(f"\nunits re-run with re-checks every {every} steps on {sorted({t['loss_tokens'] for t in group})} "
+              f"held-out tokens per domain (trajectory-*.json; {len(group)} units), against their precise final "
+              "change; beside, the same units' 512-token trajectories")
+        print_summary(summarise(group, "by_share_precise", blends),
                       summarise([r for r in results if r["unit"] in names and "by_share_precise" in r],
                                 "by_share_precise", blends))
-        for t in trajectories:
+        for t in group:
             row = t["by_share_precise"].get("0.25", {})
             print(f"  {t['unit']:<30} at 25%: " + "  ".join(
-                f"{m} {row[m]['pearson']:+.2f}/{row[m]['direction']:.0%}" for m in ("power", "trend", "power+step0")
+                f"{m} {row[m]['pearson']:+.2f}/{row[m]['direction']:.0%}"
+                for m in ("power", "trend", "power+step0", "trend+step0")
                 if m in row and row[m]["pearson"] is not None))
     lead_summary = {}
     for lead_key, title in (("lead", "a warning when the projection is above the tolerance"),
@@ -365,6 +387,10 @@ def main() -> None:
                             ("lead_precise", "the callback's rule as above, a violation decided by the precise "
                              "final change (units with a precise re-run)")):
         lead_summary[lead_key] = print_leads(results, lead_key, title)
+    trajectory_leads = {every: print_leads(group, "lead_precise", f"re-runs re-checking every {every} steps: the "
+                                           "callback's rule with each re-check's own 95% interval, a violation "
+                                           "decided by the precise final change")
+                        for every, group in sorted(by_schedule.items(), key=lambda kv: -int(kv[0]))}
     args.out.write_text(json.dumps({"args": {"units": str(args.units), "out": str(args.out),
                                              "measurement_se": args.measurement_se,
                                              "precise_truth": args.precise_truth, "step0": args.step0},
@@ -372,7 +398,12 @@ def main() -> None:
                                     "summary": summary, "summary_precise": precise_summary,
                                     "summary_leads": lead_summary,
                                     **({"trajectories": trajectories,
-                                        "summary_trajectories": summarise(trajectories, "by_share_precise", blends)}
+                                        "summary_trajectories": summarise(by_schedule.get("16", []),
+                                                                          "by_share_precise", blends),
+                                        "summary_trajectory_leads": trajectory_leads,
+                                        "summary_trajectories_by_recheck_steps": {
+                                            every: summarise(group, "by_share_precise", blends)
+                                            for every, group in by_schedule.items()}}
                                        if trajectories else {})}, indent=1,
                                    default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
 
@@ -389,13 +420,18 @@ def summarise(results: list[dict], key: str, methods: list[str]) -> dict:
             summary[f"{share}/{m}"] = {
                 "units": len(cells), "mean_pearson": float(np.mean(rs)) if rs else None,
                 "units_meeting_goal": sum(1 for c in cells if (c["pearson"] or -1) >= 0.85 and c["direction"] >= 0.8)}
+            if any("direction_decided" in c for c in cells):  # the diagnostic: direction beyond the noise only
+                summary[f"{share}/{m}"]["units_meeting_goal_direction_decided"] = sum(
+                    1 for c in cells if (c["pearson"] or -1) >= 0.85 and (c.get("direction_decided") or 0) >= 0.8)
     return summary
 
 
 def print_summary(summary: dict, beside: dict | None = None) -> None:
     def cell(s: dict) -> str:
         mean = "n/a" if s["mean_pearson"] is None else f"{s['mean_pearson']:+.2f}"
-        return f"{mean:>6}  {s['units_meeting_goal']}/{s['units']}"
+        decided = s.get("units_meeting_goal_direction_decided")
+        return f"{mean:>6}  {s['units_meeting_goal']}/{s['units']}" + ("" if decided is None else
+                                                                       f" ({decided} over decided domains)")
 
     for key, s in summary.items():
         print(f"  {key:<22} {cell(s)}" + (f"   (512 tokens: {cell(beside[key])})" if beside and key in beside else ""))

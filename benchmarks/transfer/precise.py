@@ -22,7 +22,8 @@ re-checks during training too, as the callback would with ``loss_tokens=2048`` (
 units' 512), every ``--recheck-steps`` steps, and writes ``units/trajectory-<unit>.json``: the callback's
 trajectory (each re-check's changes and 95% intervals) beside the precise final change, which
 ``early_compare.py`` reads when present: is an early forecast from re-checks this precise reliable from 25% of
-training?
+training? With another interval, e.g. ``--recheck-steps 4`` (dense: four re-checks by a quarter of the run),
+``units/trajectory-<unit>-every4.json``.
 """
 
 from __future__ import annotations
@@ -72,8 +73,14 @@ def base_nll(model, tokenizer, sample: dict[str, list], key: str, out: Path) -> 
     return nll
 
 
+TRAJECTORY_STEPS = 16  # the first re-runs' re-check interval: their files carry no suffix
+
+
 def output_path(out: Path, name: str, recheck_steps: int | None) -> Path:
-    return out / (f"trajectory-{name}.json" if recheck_steps else f"precise-{name}.json")
+    if not recheck_steps:
+        return out / f"precise-{name}.json"
+    suffix = "" if recheck_steps == TRAJECTORY_STEPS else f"-every{recheck_steps}"
+    return out / f"trajectory-{name}{suffix}.json"
 
 
 def run_unit(model, tokenizer, sae_path, recipe: str, source: str, seed: int, texts, sample, before, out: Path,

@@ -547,7 +547,7 @@ validation:                    # every key optional; defaults shown
   lora_rank: 8
   seeds: [0]                   # paper protocol: [0, 1, 2]
   loss_tokens: 4096            # held-out tokens per domain for the NLL before/after
-  # recheck_steps: 8           # also re-check every 8 steps (the trajectory of the NLL changes)
+  # recheck_steps: 8           # also re-check every 8 steps (0.1: every tenth of the run; [2, 4, 8, 16]: at those)
 # multiple_choice:             # optional: accuracy before/after per domain; JSONL of {question, choices, answer}
 #   legal: evals/legal_mc.jsonl
 options:                       # any STSConfig field (the forecast)
