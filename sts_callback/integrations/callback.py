@@ -49,8 +49,8 @@ class STSCallback(TrainerCallback, ExportableState):
             its own rollouts).
         config: :class:`STSConfig` fields for the forecast (dict or STSConfig).
         recheck_steps: re-check every this many steps (``10``), every this fraction of the run (``0.1``, as
-            ``TrainingArguments.eval_steps``), or at the listed steps or fractions (``[2, 4, 8, 16, 32, 64]``:
-            dense early, where a warning with lead time is decided); default: at every checkpoint save.
+            ``TrainingArguments.eval_steps``), or at the listed steps or fractions (``[2, 4, 8, 16, 32, 64]``);
+            default: at every checkpoint save.
         recheck_tokens: probe tokens for the actual shift in a re-check.
         loss_tokens: held-out tokens per domain for the loss measurement.
         forecast_top_k: warn when the forecast ranks a protected domain among the ``k`` most affected.

@@ -25,8 +25,7 @@ def _schedule_error(value: Any) -> STSConfigError:
     return STSConfigError(
         f"recheck_steps must be None (at every checkpoint save), an integer >= 1 (every that many steps), a fraction "
         f"of the run's steps between 0 and 1 (0.1: every tenth of the run, as TrainingArguments' eval_steps), or a "
-        f"list of steps or of fractions (e.g. [2, 4, 8, 16, 32, 64]: re-checks dense early, where an early warning "
-        f"is decided), got {value!r}.")
+        f"list of steps or of fractions (e.g. [2, 4, 8, 16, 32, 64] or [0.05, 0.1, 0.25, 0.5]), got {value!r}.")
 
 
 def _step_or_fraction(value: Any) -> int | float | None:
@@ -68,8 +67,8 @@ class RecheckConfig:
     Args:
         recheck_steps: when to re-check: every this many optimizer steps (an integer); every this fraction of the
             run's steps (a float between 0 and 1, as ``TrainingArguments.eval_steps``); at the steps, or fractions
-            of the run, in a list (a schedule dense early, e.g. ``[2, 4, 8, 16, 32, 64]``: an early warning is
-            decided in the first quarter of a run); ``None``: at every checkpoint save.
+            of the run, in a list (e.g. ``[2, 4, 8, 16, 32, 64]``, dense early); ``None``: at every checkpoint
+            save.
         recheck_tokens: tokens of the training probe whose actual SAE-latent shift is measured.
         loss_tokens: held-out tokens per target domain for the loss change (the most a re-check reads).
         loss_precision: measure each domain's loss change in blocks of the same sequences before and after
