@@ -154,8 +154,7 @@ def evaluate(unit: dict, step0: dict[str, tuple[float, float]] | None = None,
     others = unit["others"]
     y = np.array([unit["result"]["nll_delta_rel"][d] for d in others])
     y_precise = None if precise is None else np.array([precise[d] for d in others])
-    decided = None if precise_intervals is None else np.array(
-        [precise_intervals[d]["low"] > 0 or precise_intervals[d]["high"] < 0 for d in others])
+    decided = learned_module().beyond_noise(precise_intervals, others)
     rows, rows_precise = {}, {}
     for share in SHARES:
         seen = [r for r in trajectory if r["step"] <= share * steps and r["step"] < steps]

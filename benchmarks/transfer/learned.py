@@ -151,13 +151,17 @@ def agreement(predicted: np.ndarray, measured: np.ndarray, decided: np.ndarray |
     return out
 
 
-def decided_domains(unit: dict) -> np.ndarray | None:
-    """Which of the unit's other domains have a precise change (``precise.py``) whose 95% interval excludes
-    zero; ``None`` without a precise re-run."""
-    change = (unit.get("precise") or {}).get("change")
+def beyond_noise(change: dict[str, dict] | None, names: list[str]) -> np.ndarray | None:
+    """Which of ``names`` have a measured change (``precise.py``'s ``change``: per domain its 95% interval's
+    ``low`` and ``high``) whose interval excludes zero; ``None`` without intervals."""
     if not change:
         return None
-    return np.array([change[n]["low"] > 0 or change[n]["high"] < 0 for n in unit["others"]])
+    return np.array([change[n]["low"] > 0 or change[n]["high"] < 0 for n in names])
+
+
+def decided_domains(unit: dict) -> np.ndarray | None:
+    """:func:`beyond_noise` over the unit's other domains, from its precise re-run."""
+    return beyond_noise((unit.get("precise") or {}).get("change"), unit["others"])
 
 
 def fit_predict(train: list[dict], test: dict, features: list[str], learned: bool) -> np.ndarray | None:

@@ -56,8 +56,9 @@ def checked_recheck_steps(value: Any) -> RecheckSteps:
     return single
 
 
-def _fraction_step(fraction: float, max_steps: int) -> int:
-    return max(1, math.ceil(max_steps * fraction))  # as the Trainer turns a fractional eval_steps into steps
+def _as_step(value: int | float, max_steps: int) -> int:
+    """A step as given, or a fraction of the run as the Trainer turns a fractional ``eval_steps`` into steps."""
+    return value if isinstance(value, int) else max(1, math.ceil(max_steps * value))
 
 
 @dataclass
@@ -182,8 +183,8 @@ class RecheckConfig:
         if steps is None:
             return None
         if isinstance(steps, tuple):
-            return step in {v if isinstance(v, int) else _fraction_step(v, max_steps) for v in steps}
-        return step % (steps if isinstance(steps, int) else _fraction_step(steps, max_steps)) == 0
+            return any(step == _as_step(v, max_steps) for v in steps)
+        return step % _as_step(steps, max_steps) == 0
 
     def schedule_beyond(self, max_steps: int) -> list[int]:
         """The listed re-check steps a run of ``max_steps`` never reaches (to warn about at train start)."""
