@@ -32,6 +32,8 @@ a source that is a built-in domain trains on its even-indexed texts and is its o
   512-token changes were the noisiest): 48 steps instead of 16, and after training every domain also measured on
   precise.py's fixed 4,096-token sample (``measured_precise`` / ``agreement_precise``; the base NLL is read from
   ``units/precise-base.json``). Fifth round: the same long runs for markup, ml_docs and python_code.
+  Sixth round: ``grpo-<source>-to-<reward_domain>-long``, the long runs' sizes with the reward for ANOTHER
+  domain's 100 most frequent words (python_code prompts -> legal's words, legal prompts -> python_code's).
 
 Per run, before training, on the base model (``STSConfig(**units.FORECAST, **ROLLOUT)``): GRPO:
 ``rollout_forecast(shift="reward_weighted")``, ``rollout_forecast(shift="demonstrations")`` (reward-filtered rollouts
@@ -118,6 +120,14 @@ RUNS = {
     **{f"grpo-{source}-keywords-long": {"kind": "grpo", "source": source, "task": "keywords", "size": "keywords_long",
                                         "rewards": ("frequent_word_share",), "precise_tokens": PRECISE_TOKENS}
        for source in ("markup", "ml_docs", "python_code")},
+    # Sixth round (2026-12-04, late): the reward asks for ANOTHER domain's frequent words (``reward_domain``), so that
+    # the policy moves away from the prompts' own text: the case where plain demonstrations (the prompts' real
+    # continuations) describe the wrong shift and the rollouts should not. Python prompts rewarded for license
+    # prose's words, license prompts for Python's (base reward ~0.16 and ~0.29 in a 32-rollout trial).
+    **{f"grpo-{source}-to-{reward_domain}-long": {
+        "kind": "grpo", "source": source, "task": "keywords", "size": "cross_long", "reward_domain": reward_domain,
+        "rewards": ("frequent_word_share",), "precise_tokens": PRECISE_TOKENS}
+       for source, reward_domain in (("python_code", "legal"), ("legal", "python_code"))},
 }
 # LoRA as the units' recipe (r=8, alpha 16, q/v). GRPO: 2 prompts x 4 completions a step (TRL's batch counts
 # completions), temperature 1, no KL term (TRL's default beta=0), constant lr.
@@ -129,6 +139,10 @@ GRPO = {
     "keywords_long": {"steps": 48, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 16,
                       "learning_rate": 1e-3, "prompt_tokens": 32, "reference_tokens": 48, "prompts": 256,
                       "frequent_words": 50},
+    # another domain's words are rarer in the prompts' continuations: its 100 most frequent, for a reward to rise from
+    "cross_long": {"steps": 48, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 16,
+                   "learning_rate": 1e-3, "prompt_tokens": 32, "reference_tokens": 48, "prompts": 256,
+                   "frequent_words": 100},
     # lr 1e-3 made this reward fall (0.73 -> 0.40 over 20 steps in a trial); 3e-4 raised it (0.71 -> 0.87 in 16)
     "arithmetic": {"steps": 16, "per_device_train_batch_size": 16, "num_generations": 4, "max_completion_length": 4,
                    "learning_rate": 3e-4, "prompts": 256, "low": 2, "high": 12},
@@ -203,11 +217,13 @@ def frequent_words(texts: list[str], n: int) -> list[str]:
     return [w for w, _ in counts.most_common(n)]
 
 
-def keywords_task(tokenizer, train: list[str], s: dict[str, Any], rewards: tuple[str, ...]) -> dict[str, Any]:
+def keywords_task(tokenizer, train: list[str], s: dict[str, Any], rewards: tuple[str, ...],
+                  word_texts: list[str] | None = None) -> dict[str, Any]:
     """Prompts: the first ``prompt_tokens`` tokens of the source's training texts; reference answers (for the plain
     demonstrations baseline): the real next ``reference_tokens`` tokens; ``rewards``: names of the reward
-    functions below (``has_def`` only makes sense for code)."""
-    top = set(frequent_words(train, s["frequent_words"]))
+    functions below (``has_def`` only makes sense for code). The frequent words are ``word_texts``' (default: the
+    training texts')."""
+    top = set(frequent_words(train if word_texts is None else word_texts, s["frequent_words"]))
 
     def has_def(completions, **kwargs):
         return [1.0 if "def " in c else 0.0 for c in completions]
@@ -531,7 +547,8 @@ def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache
         train_texts, targets = units.split(source, texts)
     else:
         train_texts, targets = [], {d: texts[d] for d in sorted(texts)}
-    built = (keywords_task(tokenizer, train_texts, s, spec["rewards"]) if task == "keywords"
+    word_texts = texts[spec["reward_domain"]][0::2] if "reward_domain" in spec else None  # its training half
+    built = (keywords_task(tokenizer, train_texts, s, spec["rewards"], word_texts) if task == "keywords"
              else arithmetic_task(s))
     rows, funcs = built["rows"], built["reward_funcs"]
     trainer_args = {"max_steps": s["steps"], "per_device_train_batch_size": s["per_device_train_batch_size"],
