@@ -608,6 +608,11 @@ def main() -> None:
             if runlevel:
                 across[f"level+pattern: callback + domain prior {train}->{test}"] = (
                     (["lookahead_own"], [*SAE_FEATURES, *runlevel], True), False)
+                # the plain prior, and the in-context profile for similarity that was picked on the LoRA units
+                # (2026-12-04): the full fine-tunes are the runs it was not picked on
+                across[f"level+pattern: domain prior only {train}->{test}"] = ((["lookahead_own"], [], True), False)
+                across[f"level+pattern: prior by in-context similarity {train}->{test}"] = (
+                    (["lookahead_own"], [], "similarity:icl_loss_change"), False)
             for name, (features, is_learned) in across.items():
                 record(results, name, evaluate(units, features, is_learned, fitted, scored))
     lora_units = [u for u in units if lora(u)]
