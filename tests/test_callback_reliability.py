@@ -94,6 +94,21 @@ def test_non_finite_loss_of_a_protected_domain_is_a_violation(tmp_path, tokenize
     assert trainer.state.global_step == 4 and "early stop at step 4" in callback.stop_reason
 
 
+def test_a_model_that_really_diverges_is_a_violation_and_stops(tmp_path, tokenizer):
+    # lr 1e4 without clipping: NaN weights after a few steps. The probe's residuals are NaN before any held-out loss
+    # is measured; the re-check must still measure the losses so that the guard sees the divergence.
+    callback = make_callback(protected=["food"], early_stop=True, patience=1, recheck_steps=2)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=8, save_steps=100, learning_rate=1e4,
+                           max_grad_norm=0.0)
+    with pytest.warns(RuntimeWarning, match="probe could not be read"):
+        trainer.train()
+    diverged = next(r for r in callback.history if r.get("violations"))
+    assert "error" not in diverged and "NaN" in diverged["probe_error"]
+    assert not math.isfinite(diverged["loss_delta"]["food"]) and diverged["scores"] == {}
+    assert "not finite" in diverged["violations"][0] and callback.stop_reason
+    assert trainer.state.global_step == diverged["step"] < 8
+
+
 # ------------------------------------------------------------------------------------------- 3. writes
 def test_atomic_write_leaves_no_temporary_file_and_keeps_the_old_one(tmp_path):
     target = tmp_path / "forecast.json"

@@ -361,6 +361,9 @@ class STSSession:
             self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
             return None, None
         record = {"step": step, **result.to_dict(), "overhead": {**self.budget.to_dict(), "skipped": skipped}}
+        if result.probe_error is not None:
+            self.warn(f"probe{step}", f"STS re-check at step {step}: the probe could not be read "
+                      f"({result.probe_error}); only the held-out losses were measured.", RuntimeWarning)
         if probe_info is not None:
             record["fresh_probe"] = probe_info
         if self.budget.share is not None and (self.budget.spent_share or 0) > self.budget.share and not \

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..scoring import score
 from ..core.capture import unwrap_model
+from ..core.errors import STSNumericalError
 from ..core.data import Corpus, TokenSequence, first_counted, sample_within_budget
 from ..core.distributed import gather_objects, sum_across_ranks
 from ..core.extract import ConditionStats, Extractor, PairedStats
@@ -337,15 +338,21 @@ class Monitor:
         protected domain's and the first ``unprotected`` (default: all) of :meth:`in_turn`."""
         start = time.perf_counter()
         config = self.setup.config
-        shift, fit = self._actual_shift_and_fit(model, autocast)
+        try:
+            shift, fit = self._actual_shift_and_fit(model, autocast)
+            probe_error = None
+        except STSNumericalError as err:  # a diverged model: its held-out losses (not finite) are what the guard needs
+            shift, fit, probe_error = None, None, str(err)
         timings = {"probe": time.perf_counter() - start}
-        latents, values = score.shifted_latents(shift, config.n_shifted)
-        scores = {}
-        for name, base in self.domains.items():
-            entry = {"sts_act": score.sts_act(base.latents, latents), "sts_sq": score.sts_sq(base.latents, latents)}
-            if base.latent_shift is not None:
-                entry["sts_icl"] = score.sts_icl(base.latent_shift, latents)
-            scores[name] = entry
+        scores, latents, values = {}, torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        if shift is not None:
+            latents, values = score.shifted_latents(shift, config.n_shifted)
+            for name, base in self.domains.items():
+                entry = {"sts_act": score.sts_act(base.latents, latents),
+                         "sts_sq": score.sts_sq(base.latents, latents)}
+                if base.latent_shift is not None:
+                    entry["sts_icl"] = score.sts_icl(base.latent_shift, latents)
+                scores[name] = entry
         t0 = time.perf_counter()
         names = self.domains_in_turn(unprotected)
         changes = self.measure_changes(model, autocast, names)
@@ -358,10 +365,11 @@ class Monitor:
         accuracy = self.measure_accuracy(model, autocast) if self.accuracy_sets or self.lm_eval_targets else {}
         timings["accuracy"] = time.perf_counter() - t0
         return Recheck(
-            shift_total=float(shift.mean_shift().sum()),
+            shift_total=float(shift.mean_shift().sum()) if shift is not None else None,
             shifted_latents=latents.tolist(),
             shift_values=[float(v) for v in values],
-            overlap_with_forecast=score.overlap(latents, forecast_latents) if forecast_latents else None,
+            overlap_with_forecast=(score.overlap(latents, forecast_latents) if forecast_latents and shift is not None
+                                   else None),
             scores=scores,
             loss=losses,
             loss_delta=loss_delta,
@@ -373,8 +381,9 @@ class Monitor:
             accuracy=accuracy,
             accuracy_delta={name: value - self.base_accuracy[name] if name in self.base_accuracy else None
                             for name, value in accuracy.items()},
-            probe_tokens=shift.tokens,
+            probe_tokens=shift.tokens if shift is not None else 0,
             sae_fit=fit,
+            probe_error=probe_error,
             seconds=time.perf_counter() - start,
             timings=timings,
         )

@@ -208,10 +208,12 @@ class Recheck:
     95% interval in ``loss_delta_ci`` and standard error in ``loss_delta_se`` (``None`` from one sequence) measured
     on ``loss_tokens`` tokens; ``accuracy`` / ``accuracy_delta`` only
     for multiple-choice or lm-eval domains; ``sae_fit`` is the SAE's fraction of variance unexplained and L0 on
-    the probe (``None`` without a decoder).
+    the probe (``None`` without a decoder). ``probe_error``: why the probe could not be read (NaN / inf residuals:
+    the model diverged); the shift, scores and fit are then empty and the held-out losses still measured, so that
+    the guard sees the divergence.
     """
 
-    shift_total: float
+    shift_total: float | None
     shifted_latents: list[int]
     shift_values: list[float]
     overlap_with_forecast: float | None
@@ -228,6 +230,7 @@ class Recheck:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: probe (shift and SAE fit), losses, accuracy
     loss_seconds: dict[str, float] = field(default_factory=dict)  # seconds of each measured domain's loss
     loss_delta_se: dict[str, float | None] = field(default_factory=dict)
+    probe_error: str | None = None
 
     def score(self, domain: str, variant: str) -> float | None:
         """The re-checked score of ``domain`` under ``variant`` (``sts_act`` where the variant was not computed)."""
@@ -240,6 +243,8 @@ class Recheck:
         out = asdict(self)
         if not self.accuracy:  # the history's lines carry accuracy keys only for domains that have them
             out.pop("accuracy"), out.pop("accuracy_delta")
+        if self.probe_error is None:
+            out.pop("probe_error")
         return out
 
     @classmethod
