@@ -1,7 +1,7 @@
 """sts-callback: forecast which capabilities post-training will move (SAE-based Transferability Score)."""
 
 from .core.config import STSConfig
-from .core.errors import STSConfigError, STSDataWarning, STSError, STSInputError, STSNumericalError
+from .core.errors import STSConfigError, STSDataWarning, STSError, STSInputError, STSNumericalError, STSUsageError
 from .core.sae import SAEHandle, load_sae
 from .pipelines.forecast import DomainForecast, Forecast, forecast
 from .pipelines.gate import GateDecision, GateRules, filter_examples, gate_mixture
@@ -47,6 +47,7 @@ __all__ = [
     "STSError",
     "STSInputError",
     "STSNumericalError",
+    "STSUsageError",
     "filter_examples",
     "forecast",
     "gate_mixture",

@@ -514,7 +514,7 @@ def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_pa
     assert calibration.source_coef[0] == pytest.approx(-0.5, abs=1e-6)
     assert calibration.domain_prior["law"] - calibration.domain_prior["food"] == pytest.approx(0.03, abs=0.002)
     # the level holds for the runs' lookahead steps (the default 3): recorded, and another number refused
-    assert calibration.fitted_on["scope"] == {"run_level_steps": 3}
+    assert calibration.fitted_on["scope"]["run_level_steps"] == 3
     with pytest.raises(STSConfigError, match="after 3 lookahead step"):
         make_callback(run_level="lookahead", run_level_steps=2, calibration=str(out))
     # applied by the callback to a new run: the forecast predicts law above the others

@@ -13,7 +13,7 @@ from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from transformers import (DataCollatorForLanguageModeling, EarlyStoppingCallback, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from sts_callback import STSConfigError, STSDataWarning
+from sts_callback import STSConfigError, STSDataWarning, STSInputError
 from sts_callback.core.atomic import append_json_line, atomic_write, read_json_lines
 from sts_callback.integrations.callback import STSCallback, STSNegativeTransferWarning
 from sts_callback.core.run_store import RunStore
@@ -332,3 +332,118 @@ def test_multiple_choice_domain_is_scored_and_its_drop_is_a_violation(tmp_path, 
     assert [e["step"] for e in logged] == [2, 4]
     # the pretrained model answers most items; training on law at a high rate costs it accuracy: a violation
     assert base > 0.7 and callback.history[-1]["accuracy_delta"]["quiz"] < 0
+
+
+# ------------------------------------------------------------------------------------------- 7. run shapes
+def test_epoch_checkpoints_are_rechecked_and_carry_the_history(tmp_path, tokenizer):
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=-1, num_train_epochs=3, save_strategy="epoch",
+                           texts=domain_texts("law", 8))  # 2 steps an epoch
+    trainer.train()
+    assert [r["step"] for r in callback.history] == [2, 4, 6]
+    for step in (2, 4, 6):  # each checkpoint's trainer_state.json holds the re-checks up to its step
+        state = json.loads((tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        saved = state["stateful_callbacks"]["STSCallback"]["attributes"]["history"]
+        assert [r["step"] for r in saved] == list(range(2, step + 1, 2))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"save_strategy": "no"}, "re-checked only at its end"),
+    ({"recheck_steps": 10}, "not shorter than this run's 6 steps"),
+])
+def test_a_schedule_that_rechecks_only_at_the_end_is_warned_at_train_start(tmp_path, tokenizer, settings, message):
+    callback = make_callback(**{k: v for k, v in settings.items() if k == "recheck_steps"})
+    trainer = make_trainer(tmp_path, tokenizer, callback, **{k: v for k, v in settings.items() if k != "recheck_steps"})
+    with pytest.warns(STSDataWarning, match=message):
+        trainer.train()
+    assert [r["step"] for r in callback.history] == [6]
+
+
+def test_one_callback_reused_for_a_second_run_monitors_it_afresh(tmp_path, tokenizer):
+    callback = make_callback(recheck_steps=2, protected=["food"])
+    make_trainer(tmp_path / "a", tokenizer, callback, max_steps=4).train()
+    first = callback.history
+    make_trainer(tmp_path / "b", tokenizer, callback, max_steps=4).train()
+    assert [r["step"] for r in callback.history] == [2, 4] and callback.history is not first
+    assert history_steps(tmp_path / "b" / "run" / "sts" / "history.jsonl") == [2, 4]
+    assert [r["step"] for r in first] == [2, 4]  # the first run's records are its own
+
+
+def test_restored_callback_takes_the_objects_of_the_instance_it_replaces(tmp_path, tokenizer):
+    make_trainer(tmp_path, tokenizer, make_callback(), max_steps=2, save_steps=2).train()
+    mine = make_callback()
+    other = make_callback(sae=TinySAE(32, 64, hook_name="blocks.2.hook_resid_post"))  # e.g. the next run's
+    trainer = make_trainer(tmp_path, tokenizer, mine, max_steps=4, save_steps=2,
+                           restore_callback_states_from_checkpoint=True)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    restored = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, STSCallback))
+    assert restored is not mine and restored.sae is mine.sae and restored.sae is not other.sae
+    assert [r["step"] for r in mine.history] == [2, 4]  # the instance the user holds sees the resumed run
+
+
+def test_resume_into_another_output_dir_takes_the_checkpoints_run(tmp_path, tokenizer):
+    first = make_callback()
+    make_trainer(tmp_path / "a", tokenizer, first, max_steps=4, save_steps=2).train()
+    second = make_callback()
+    trainer = make_trainer(tmp_path / "b", tokenizer, second, max_steps=4, save_steps=2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "run" / "checkpoint-2"))
+    assert second.base_losses == first.base_losses
+    out = tmp_path / "b" / "run" / "sts"
+    assert history_steps(out / "history.jsonl") == [2, 4] and (out / "forecast.json").exists()
+    assert history_steps(tmp_path / "a" / "run" / "sts" / "history.jsonl") == [2, 4]  # the origin untouched
+
+
+def test_a_failed_recheck_at_an_evaluation_gives_nan_not_an_earlier_value(tmp_path, tokenizer):
+    from test_callback import Arm, FailingSAE
+
+    sae = FailingSAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    callback = make_callback(sae=sae, protected=["food"], recheck_steps=2)
+    logged = LoggedKeys()
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_steps=100, eval_strategy="steps",
+                           eval_steps=3, eval_texts=domain_texts("law", 8), extra_callbacks=[logged])
+
+    class FailFromStep3(Arm):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.sae.fail = state.global_step >= 2  # steps 3 and 4 fail
+
+    trainer.add_callback(FailFromStep3(sae))
+    with pytest.warns(RuntimeWarning, match="failed and was skipped"):
+        trainer.train()
+    assert [("error" in r) for r in callback.history] == [False, True, True]
+    assert len(logged.evaluations) == 2  # at steps 3 and 4 (the last)
+    assert all(math.isnan(e["eval_sts_protected_loss_delta"]) for e in logged.evaluations)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"protected": "food"}, r"protected must be a list of domain names, got 'food' \(one domain: protected=\['food'\]\)"),
+    ({"protected": ["food", "food"]}, r"protected names \['food'\] more than once"),
+    ({"early_stop": True}, "with no protected domain would never stop the run"),
+    ({"strict": "no"}, "strict must be True or False"),
+    ({"output_subdir": None}, "output_subdir must name a folder inside the run's output_dir"),
+    ({"output_subdir": "../elsewhere"}, "output_subdir must name a folder inside the run's output_dir"),
+])
+def test_callback_settings_of_the_wrong_kind_are_refused_at_construction(settings, message):
+    with pytest.raises(STSConfigError, match=message):
+        make_callback(**settings)
+
+
+def test_numpy_numbers_are_numbers_to_the_callback():
+    import numpy as np
+
+    callback = make_callback(recheck_steps=np.arange(2, 9, 2), loss_tokens=np.int64(120), tolerance=np.float32(0.05),
+                             protected=None)
+    assert callback.session.settings.recheck_steps == (2, 4, 6, 8) and callback.protected == []
+    assert make_callback(recheck_steps=np.int64(5)).session.settings.recheck_steps == 5
+    json.dumps(callback.state())  # exported to trainer_state.json: plain numbers only
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"target_domains": {"law": "", "food": domain_texts("food", 30)}}, "An empty path or name for target 'law'"),
+    ({"target_domains": {1: domain_texts("law", 30), "1": domain_texts("food", 30)}}, "two entries named '1'"),
+    ({"train_probe": []}, "train_probe has no texts"),
+])
+def test_unusable_data_is_named_at_train_start(tmp_path, tokenizer, settings, message):
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(**settings), max_steps=2)
+    with pytest.raises(STSInputError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0

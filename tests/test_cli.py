@@ -318,3 +318,84 @@ def test_forecast_refuses_a_calibration_that_needs_a_training_run(workspace, tmp
     err = capsys.readouterr().err
     assert "lookahead_own" in err and "run_level" in err and "gemma3-270m-lora" in err
     assert not (tmp_path / "f.json").exists()
+
+
+# --------------------------------------------------------------------------- repeated keys, named entries
+@pytest.mark.parametrize("text, where", [  # the config's first 3 lines are model, sae, train_data
+    ("targets:\n  chem: {chem}\n  food: {chem}\n  chem: {train}\n",
+     "the key 'chem' at line 7, column 3 (first at line 5, column 3)"),
+    ("targets: {{chem: {chem}, chem: {train}}}\n", "the key 'chem' at line 4, column "),
+    ("options: {{n_shifted: 8}}\ntargets: {{chem: {chem}}}\noptions: {{seed: 2}}\n",
+     "the key 'options' at line 6, column 1 (first at line 4, column 1)"),
+    ("targets: {{chem: {chem}}}\noptions:\n  seed: 1\n  n_shifted: 8\n  seed: 2\n",
+     "the key 'seed' at line 8, column 3 (first at line 6, column 3)"),
+])
+def test_a_repeated_key_in_a_yaml_config_is_an_error(workspace, tmp_path, capsys, no_model, text, where):
+    """YAML keeps the last of two equal keys; the config would run with an input silently dropped."""
+    head = f"model: {workspace / 'model'}\nsae: {workspace / 'sae'}\ntrain_data: {workspace / 'train.jsonl'}\n"
+    path = tmp_path / "dup.yaml"
+    path.write_text(head + text.format(chem=workspace / "chem.jsonl", train=workspace / "train.jsonl"))
+    assert main(["forecast", str(path), "-o", str(tmp_path / "f.json")]) == 2
+    err = one_line_error(capsys)
+    assert f"dup.yaml repeats {where}" in err and "Rename or remove one" in err, err
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_yaml_merge_keys_may_still_be_overridden(workspace, tmp_path, no_model):
+    """Overriding a key merged in with `<<` is what a merge is for, not a repeated key."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(f"model: {workspace / 'model'}\nsae: {workspace / 'sae'}\nprotected: [law]\n"
+                    f"candidates: &c\n  chem: {workspace / 'chem.jsonl'}\n  law: {workspace / 'train.jsonl'}\n"
+                    f"targets:\n  <<: *c\n  chem: {workspace / 'train.jsonl'}\n"
+                    f"output: {tmp_path / 'gate.json'}\n")
+    with pytest.raises(AssertionError, match="the model was loaded"):  # accepted up to the model
+        main(["gate", str(path)])
+
+
+def test_a_repeated_key_in_a_json_config_or_a_set_value_is_an_error(workspace, tmp_path, capsys, no_model):
+    chem, train = json.dumps(str(workspace / "chem.jsonl")), json.dumps(str(workspace / "train.jsonl"))
+    path = tmp_path / "dup.json"
+    path.write_text(f'{{"model": {json.dumps(str(workspace / "model"))}, "sae": {json.dumps(str(workspace / "sae"))},\n'
+                    f' "train_data": {train},\n "targets": {{"chem": {chem},\n   "chem": {train}}}}}')
+    assert main(["forecast", str(path)]) == 2
+    assert "dup.json repeats the key 'chem' at line 4, column 4 (first at line 3" in one_line_error(capsys)
+    assert main(["forecast", str(write_config(workspace)), "--set", "seed={a: 1, a: 2}"]) == 2
+    assert "--set 'seed={a: 1, a: 2}' repeats the key 'a'" in one_line_error(capsys)
+    assert main(["forecast", str(write_config(workspace)), "--set", "seed=[1"]) == 2
+    assert "--set 'seed=[1': the value is not valid YAML" in one_line_error(capsys)
+
+
+def test_target_names_equal_as_text_and_bad_target_values_are_named(workspace, tmp_path, capsys, no_model):
+    config = write_config(workspace, targets={1: str(workspace / "chem.jsonl"), "1": domain_texts("food", 5)})
+    assert main(["forecast", str(config)]) == 2
+    assert "`targets` has two entries named '1' (keys 1 and '1')" in one_line_error(capsys)
+    for value, words in ((5, "Cannot use int 5 as data for target 'chem' in"),
+                         (None, "Cannot use NoneType None as data for target 'chem' in"),
+                         ("no_such.jsonl", "Data file no_such.jsonl for target 'chem' in"),
+                         ("no_such_domain", "'no_such_domain' for target 'chem' in")):
+        assert main(["forecast", str(write_config(workspace, targets={"chem": value, "food": ["a b"]}))]) == 2
+        assert words in one_line_error(capsys)
+    assert main(["forecast", str(write_config(workspace, targets={}))]) == 2
+    assert "`targets` is empty; name at least one target domain" in one_line_error(capsys)
+    (tmp_path / "no_targets.yaml").write_text(f"model: {workspace / 'model'}\nsae: {workspace / 'sae'}\n"
+                                              f"train_data: {workspace / 'train.jsonl'}\ntargets:\n")
+    assert main(["forecast", str(tmp_path / "no_targets.yaml")]) == 2  # `targets:` and no value: none given
+    assert "lacks ['targets'] (or leaves them empty)" in one_line_error(capsys)
+    assert main(["forecast", str(write_config(workspace, targets=["legal", 5]))]) == 2
+    assert "Cannot use int 5 as data for targets[1]" in one_line_error(capsys)
+    assert main(["forecast", str(write_config(workspace, train_data=3))]) == 2
+    assert "Cannot use int 3 as data for `train_data`" in one_line_error(capsys)
+
+
+def test_report_protected_must_name_target_domains(workspace, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["forecast", str(write_config(workspace, output=str(run / "forecast.json"))), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run), "--protected", "food", "nosuch"]) == 2
+    err = one_line_error(capsys)
+    assert "['nosuch'] are not among the target domains" in err and "['chem', 'food']" in err
+    assert main(["report", str(run), "--protected", "food", "food"]) == 2
+    assert "--protected names ['food'] more than once" in one_line_error(capsys)
+    assert not (run / "report.html").exists()
+    assert main(["report", str(run), "--protected", "food"]) == 0
+    assert "Protected domains: food." in (run / "report.html").read_text()

@@ -65,3 +65,52 @@ def test_a_streaming_dataset_is_read_from_its_head():
     stream = IterableDataset.from_generator(lambda: ({"text": f"text {i}"} for i in range(10)))
     corpus = load_corpus(stream, name="stream")
     assert len(corpus) == 10 and corpus[3].prompt == "text 3"
+
+
+# --------------------------------------------------------------------------- inputs named in every error
+def test_two_keys_with_one_name_are_an_error_not_a_silent_merge():
+    from sts_callback.core.data import load_domains
+
+    with pytest.raises(STSInputError, match=r"targets has two entries named '1' \(keys 1 and '1'\).*rename one"):
+        load_domains({1: ["a b"], "1": ["c d"], "x": ["e f"]})
+    assert list(load_domains({1: ["a b"], "x": ["e f"]})) == ["1", "x"]  # a lone int key is still a name
+
+
+@pytest.mark.parametrize("value, words", [
+    (5, "Cannot use int 5 as data for target 'chem'"),
+    (None, "Cannot use NoneType None as data for target 'chem'"),
+    ({"a": 1}, "A dict is not a dataset here (given for target 'chem')"),
+    ("no_such_domain_xyz", "'no_such_domain_xyz' for target 'chem' is neither an existing file"),
+    ("missing.jsonl", "Data file missing.jsonl for target 'chem' does not exist"),
+    ("", "An empty path or name for target 'chem'"),
+])
+def test_a_value_that_cannot_be_data_names_its_target(value, words):
+    from sts_callback.core.data import load_domains
+
+    with pytest.raises(STSInputError) as err:
+        load_domains({"chem": value, "food": ["a b"]})
+    assert words in str(err.value)
+    with pytest.raises(STSInputError, match=r"for targets\[1\]"):
+        load_domains([["a b"], value])
+    with pytest.raises(STSInputError, match="for 'train'"):
+        load_corpus(value, name="train")
+
+
+def test_unreadable_data_files_are_input_errors_naming_file_and_target(tmp_path):
+    from sts_callback.core.data import load_domains
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("[1, 2")
+    with pytest.raises(STSInputError, match=r"broken.json \(target 'chem'\) is not valid JSON .* line 1"):
+        load_domains({"chem": str(broken)})
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(STSInputError, match=r"latin.jsonl \(target 'chem'\) is not UTF-8"):
+        load_domains({"chem": str(latin)})
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("3")
+    with pytest.raises(STSInputError, match=r"scalar.json \(target 'chem'\) must hold a JSON list"):
+        load_domains({"chem": str(scalar)})
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "line\\u2028break"}\n{"text": "b"}\n'.replace("\\u2028", "\u2028"))
+    assert [e.prompt for e in load_corpus(str(texts))] == ["line\u2028break", "b"]  # U+2028 is no line end

@@ -357,3 +357,94 @@ def test_cli_gate_refuses_to_write_over_its_inputs(tmp_path, monkeypatch, capsys
     assert "chem.jsonl" in err
     assert {p: p.read_bytes() for p in data.iterdir()} == before
     assert not (tmp_path / "out").exists()
+
+
+def test_repeated_or_clashing_names_are_refused(model, tokenizer):
+    """A repeated protected domain, or two candidates / rule keys whose names are equal as text, would merge
+    or double silently; each is an error naming the name."""
+    sae = make_sae()
+    with pytest.raises(STSInputError, match=r"\['law'\] are named more than once in `protected`"):
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), ["law", "law"], config=config())
+    with pytest.raises(STSInputError, match=r"candidates has two entries named '1' \(keys 1 and '1'\)"):
+        gate_mixture(model, tokenizer, sae, {1: domain_texts("code", 5), "1": domain_texts("chem", 5)}, targets(),
+                     "law", config=config())
+    with pytest.raises(STSInputError, match="targets has two entries named '1'"):
+        gate_mixture(model, tokenizer, sae, candidates(), {**targets(), 1: ["a b"], "1": ["c d"]}, "law",
+                     config=config())
+    with pytest.raises(STSConfigError, match="GateRules.limits has two entries named '1'"):
+        GateRules(limits={1: 0.5, "1": 0.1})
+    with pytest.raises(STSConfigError, match="GateRules.wanted has two entries named '1'"):
+        GateRules(wanted={1: "code", "1": "chem"})
+    with pytest.raises(STSConfigError, match=r"protected=\{'law': 5\}: name the protected"):
+        gate_mixture(model, tokenizer, sae, candidates(), targets(), {"law": 5}, config=config())
+
+
+def test_a_candidate_that_cannot_be_data_is_named(model, tokenizer):
+    with pytest.raises(STSInputError, match="Cannot use int 5 as data for candidate 'code'"):
+        gate_mixture(model, tokenizer, make_sae(), {"code": 5}, targets(), "law", config=config())
+
+
+def test_filter_settings_are_checked_whatever_their_type(decision):
+    for settings, words in (({"keep_fraction": 0.5, "threshold": 0.1}, "are both given"),
+                            ({}, "Give exactly one of keep_fraction"),
+                            ({"keep_fraction": 0}, r"keep_fraction=0 must be a number in \(0, 1\]"),
+                            ({"keep_fraction": "0.5"}, "keep_fraction='0.5' must be a number"),
+                            ({"keep_fraction": True}, "keep_fraction=True must be a number"),
+                            ({"threshold": "high"}, "threshold='high' must be a finite number")):
+        with pytest.raises(STSConfigError, match=words):
+            filter_examples(decision, "code", **settings)
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"filtered_dir": "F", "keep_fraction": 0}, r"keep_fraction=0 must be a number in (0, 1]"),
+    ({"filtered_dir": "F", "keep_fraction": 0.5, "threshold": 0.1}, "are both given"),
+    ({"keep_fraction": 0.5}, "no filtered_dir is given; add `filtered_dir: filtered/`"),
+    ({"threshold": 0.1}, "`threshold` says what to keep"),
+    ({"candidates": {}}, "`candidates` is empty; name at least one candidate"),
+    ({"candidates": ["code.jsonl"]}, "`candidates` must be a mapping name -> JSONL path or registered domain name, "
+                                     "not list"),
+    ({"protected": ["law", "law"]}, "['law'] are named more than once in `protected`"),
+    ({"protected": ["sport"]}, "['sport'] are not among the target domains"),
+    ({"budget": 0}, "budget=0 must be a positive number"),
+    ({"wanted": {"code": "sport"}}, "wanted['code'] = 'sport' is not a target domain"),
+    ({"options": {**config().to_dict(), "compute_icl": False, "ranking": "sts_act"}, "score": "sts_icl"},
+     "needs compute_icl=True"),
+    ({"candidates": {"code": 5}}, "Cannot use int 5 as data for candidate 'code'"),
+    ({"targets": {"law": "nosuch_domain_xyz"}}, "'nosuch_domain_xyz' for target 'law'"),
+])
+def test_cli_gate_settings_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, words):
+    """Every setting of a gate config is checked before the model loads; nothing is written."""
+    import yaml
+
+    import sts_callback.tools.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad setting was reported")
+
+    monkeypatch.setattr(cli, "load_model", refuse)
+    for kind, sets in (("candidate", candidates()), ("target", targets())):
+        for name, texts in sets.items():
+            write_jsonl(texts, tmp_path / f"{kind}_{name}.jsonl")
+    spec = {"model": "tiny", "sae": "tiny", "protected": ["law"],
+            "candidates": {n: str(tmp_path / f"candidate_{n}.jsonl") for n in candidates()},
+            "targets": {n: str(tmp_path / f"target_{n}.jsonl") for n in targets()},
+            "options": config().to_dict(), "output": str(tmp_path / "out" / "gate.json")}
+    spec.update({k: str(tmp_path / v) if k == "filtered_dir" else v for k, v in extra.items()})
+    (tmp_path / "gate.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["gate", str(tmp_path / "gate.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sts: error: ") and "\n" not in err and words in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "F").exists()
+
+
+def test_cli_gate_refuses_candidate_names_equal_as_text(tmp_path, monkeypatch, capsys):
+    import sts_callback.tools.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    write_jsonl(domain_texts("code", 5), tmp_path / "a.jsonl")
+    write_jsonl(domain_texts("chem", 5), tmp_path / "b.jsonl")
+    (tmp_path / "gate.yaml").write_text(f"model: tiny\nsae: tiny\nprotected: [x]\ntargets: {{x: {tmp_path}/a.jsonl}}\n"
+                                        f"candidates:\n  1: {tmp_path}/a.jsonl\n  '1': {tmp_path}/b.jsonl\n")
+    assert main(["gate", str(tmp_path / "gate.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "`candidates` has two entries named '1' (keys 1 and '1')" in err and "rename one" in err

@@ -310,3 +310,58 @@ def test_recheck_changes_carry_their_intervals_and_a_noisy_measurement_is_called
     html_path, md_path = write_report(sts)
     assert "noise ceiling" not in html_path.read_text() and "noise ceiling" not in md_path.read_text()
     assert "a +1.2% [+1.0, +1.4]" in md_path.read_text()
+
+
+def test_a_gate_only_folder_says_what_it_holds_and_lists_only_its_files(tmp_path):
+    """A folder holding only gate.json: no claim of re-checks or of a missing forecast, the gate's outcome said,
+    and the footer names the files that are there (not forecast.json / history.jsonl)."""
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    forecast = synthetic_forecast(["a", "b", "c"]).to_dict()
+    (sts / "gate.json").write_text(json.dumps({
+        "format": "sts-gate/1", "score": "sts_icl", "protected": ["b"], "targets": ["a", "b", "c"],
+        "candidates": {"math": {"name": "math", "accepted": True, "reason": "ok"},
+                       "web": {"name": "web", "accepted": False, "reason": "b ranks 1"}},
+        "forecasts": {"math": forecast, "web": forecast}, "weights": {"math": 1.0}}))
+    html_path, md_path = write_report(sts)
+    page, md = html_path.read_text(), md_path.read_text()
+    for text in (page, md):
+        assert "re-check" not in text and "No forecast" not in text and "demonstrations" not in text
+        assert "gate decision (gate.json)" in text and "accepted: math; rejected: web" in text
+    assert "from sts/ (gate.json)." in page and "from sts/ (gate.json)." in md
+    assert "<b>model</b> tiny" in page  # the candidates' forecasts name the model
+    # a run folder: the footer lists what that folder holds
+    synthetic_forecast(["a", "b", "c"]).save(sts / "forecast.json")
+    (sts / "gate.json").unlink()
+    assert "from sts/ (forecast.json)." in write_report(sts)[0].read_text()
+
+
+def test_the_validation_correlation_quoted_is_the_one_validation_json_holds(tmp_path):
+    """With several seeds the report used to correlate the first seed's forecast with the seeds' mean |change|, a
+    number validation.json does not hold; it now quotes validation.json's mean r against |Δ| and each seed's."""
+    from fake_validation import fake_validation
+
+    names = ["law", "code", "food", "chem"]
+    seed0 = {d: {"sts_icl": s, "sts_act": 1.0 + s} for d, s in zip(names, (3.0, 2.9, 2.1, 1.6))}
+    seed1 = {d: {"sts_icl": s, "sts_act": 1.0 + s} for d, s in zip(names, (1.7, 2.2, 3.2, 1.4))}
+    changes = [{"law": -0.005, "code": -0.005, "food": -0.003, "chem": -0.008},
+               {"law": -0.007, "code": -0.004, "food": -0.003, "chem": -0.0066}]
+    result = fake_validation([seed0, seed1], changes)
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    result.save(sts / "validation.json")
+    synthetic_forecast(names).save(sts / "forecast.json")
+    saved = json.loads((sts / "validation.json").read_text())["correlations"]["nll"]["sts_icl"]["abs"]
+    per_seed = saved["pearson"]["values"]
+    html_path, md_path = write_report(sts)
+    page, md = html.unescape(html_path.read_text()), md_path.read_text().replace("\\|", "|")
+    for text in (page, md):
+        assert f"Pearson r = {saved['pearson']['mean']:.2f}" in text and f"ρ = {saved['spearman']['mean']:.2f}" in text
+        assert f"Pearson seed 0 {per_seed[0]:+.2f}, seed 1 {per_seed[1]:+.2f}" in text
+        assert "mean over 2 seeds of each seed's r" in text and "|Δ|" in text
+        assert "correlations.nll.sts_icl.abs" in text
+    # one seed: its own r, said to be that seed's, with its p
+    fake_validation([seed0], changes[:1]).save(sts / "validation.json")
+    one = json.loads((sts / "validation.json").read_text())["per_seed"][0]["correlations"]["nll"]["sts_icl"]["abs"]
+    md = write_report(sts)[1].read_text()
+    assert f"Pearson r = {one['pearson']['r']:.2f}" in md and "(seed 0; Pearson p = " in md

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import DOMAIN_WORDS, TinySAE, domain_texts, make_model, make_tokenizer
 
-from sts_callback import GuardConfig, RecheckConfig, STSConfig, STSConfigError
+from sts_callback import GuardConfig, RecheckConfig, STSConfig, STSConfigError, STSDataWarning
 from sts_callback.core.data import load_corpus, load_domains
 from sts_callback.core.run_store import RunStore
 from sts_callback.integrations.session import STSNegativeTransferWarning, STSSession
@@ -89,7 +89,7 @@ def test_session_resumes_from_its_checkpoint_folder(tmp_path, tokenizer):
     again.prepare(model, tokenizer, train, domains)
     again.resume(2, checkpoint, domains)
     assert again.base_losses == first.base_losses and [r["step"] for r in again.history] == [2]
-    record, _ = again.recheck(model, 2, max_steps=4)  # same weights, same held-out tokens: same change
+    record, _ = again.recheck(model, 3, max_steps=4)  # the weights of step 2, same held-out tokens: same change
     for name in DOMAINS:
         assert record["loss_delta"][name] == pytest.approx(first.history[0]["loss_delta"][name], abs=1e-6)
 
@@ -265,3 +265,30 @@ def test_session_run_level_term_in_a_plain_loop(tmp_path, tokenizer):
     assert set(levels["every"]["change"]) == set(DOMAINS) and levels["own_only"]["change"] == {}
     assert levels["every"]["own_change"] < -1e-3  # two steps on the training data lower its own loss
     assert levels["own_only"]["own_change"] == pytest.approx(levels["every"]["own_change"], abs=1e-6)
+
+
+def test_session_methods_out_of_order_are_named_errors(tmp_path, tokenizer):
+    from sts_callback import STSUsageError
+
+    model = make_model("llama")
+    probe = load_corpus(domain_texts("law", 30))
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session = session_for(tmp_path)
+    with pytest.raises(STSUsageError, match=r"start\(\) before prepare\(\)"):
+        session.start(model, probe, domains)
+    with pytest.raises(STSUsageError, match="before the run started"):
+        session.recheck(model, 1, max_steps=4)
+    session.prepare(model, tokenizer, probe, domains)
+    with pytest.raises(STSUsageError, match="before the run started"):
+        session.recheck(model, 1, max_steps=4)
+    session.start(model, probe, domains)
+    session.recheck(model, 2, max_steps=4)
+    for step in (2, 1):
+        with pytest.raises(STSUsageError, match="steps must increase"):
+            session.recheck(model, step, max_steps=4)
+    with pytest.warns(STSDataWarning, match="max_steps=4"):
+        session.recheck(model, 10, max_steps=4)
+    session.start(model, probe, domains)  # a second run: its history starts empty, in memory as on disk
+    assert session.history == [] and not (tmp_path / "sts" / "history.jsonl").exists()
+    session.recheck(model, 1, max_steps=4)
+    assert [r["step"] for r in session.history] == [1]

@@ -11,9 +11,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sts_callback.core.errors import STSConfigError, STSInputError  # noqa: E402
-from sts_callback.tools.train_sae import (REPORT_FILENAME, SAETrainingConfig, collect_activations,  # noqa: E402
-                                          evaluate_sae, train_sae)
+from sts_callback.core.errors import STSConfigError, STSDataWarning, STSInputError  # noqa: E402
+from sts_callback.tools.train_sae import (REPORT_FILENAME, SAETrainingConfig, TrainedSAE,  # noqa: E402
+                                          check_training_inputs, collect_activations, evaluate_sae, train_sae)
 
 from tiny import domain_texts, make_model, make_tokenizer  # noqa: E402
 
@@ -169,3 +169,70 @@ def test_config_round_trips_and_max_tokens_is_checked(tiny):
     model, tokenizer = tiny
     with pytest.raises(STSConfigError, match="max_tokens=0"):
         collect_activations(model, tokenizer, _texts(2), LAYER, max_tokens=0)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Training may not start: sae-lens' trainer fails if it is built."""
+    from sae_lens.training import sae_trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(sae_trainer.SAETrainer, "__init__", refuse)
+
+
+@pytest.mark.parametrize("held_out_fraction, words", [
+    (0.1, "held-out 10% is 1 token(s): too few to measure"),
+    (0.0, "too few to train an SAE and measure"),
+])
+def test_too_few_tokens_to_evaluate_fail_before_training(tiny, no_training, held_out_fraction, words):
+    """One short text (10 tokens) used to train for hundreds of passes and report fvu NaN with exit 0."""
+    model, tokenizer = tiny
+    text = ["goal match team player score"]
+    config = SAETrainingConfig(d_sae=64, k=4, training_tokens=5000, held_out_fraction=held_out_fraction)
+    with pytest.raises(STSInputError, match=re.escape(words)) as raised:
+        train_sae(model, tokenizer, text, LAYER, config)
+    assert "more or longer texts" in str(raised.value)
+
+
+def test_data_far_below_the_budget_warns_and_a_nan_metric_is_written_as_null(tiny, tmp_path, monkeypatch):
+    from sts_callback.tools import train_sae as module
+
+    model, tokenizer = tiny
+    real = module.evaluate_sae
+    monkeypatch.setattr(module, "evaluate_sae", lambda sae, acts: {**real(sae, acts), "fvu": float("nan")})
+    config = SAETrainingConfig(d_sae=64, k=4, training_tokens=4096, batch_size_tokens=512)
+    with pytest.warns(STSDataWarning, match=r"passes \d+ times over them.*lower training_tokens"):
+        result = train_sae(model, tokenizer, _texts(2), LAYER, config, output_dir=tmp_path)
+    assert result.details["passes"] > 10
+
+    def no_nan(name):
+        raise AssertionError(f"{name} in {REPORT_FILENAME}: not strict JSON")
+
+    report = json.loads((tmp_path / REPORT_FILENAME).read_text(), parse_constant=no_nan)
+    assert report["fvu"] is None
+    notes = " ".join(report["notes"])
+    assert "fvu is null" in notes and "passes" in notes
+    assert TrainedSAE(sae=None, path=None, layer=1, d_in=32, d_sae=64, k=4, fvu=float("inf"), mean_l0=1.0,
+                      dead_fraction=0.0, training_tokens=1, unique_tokens=1, seconds=0.0).to_dict()["fvu"] is None
+
+
+def test_inputs_are_checked_from_config_json_and_the_data_before_weights_load(tmp_path):
+    """`sts train-sae` can check the layer and the data with no weights loaded: the folder here has none."""
+    make_model("llama").config.save_pretrained(tmp_path / "model")  # config.json only, 3 layers
+    law = tmp_path / "law.jsonl"
+    law.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["law court judge", "statute appeal"]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for layer in (9, -1, 3):
+        with pytest.raises(STSInputError, match=re.escape("the model has 3 decoder layers; pass a layer in 0..2")):
+            check_training_inputs(tmp_path / "model", layer, [law])
+    with pytest.raises(STSInputError, match=f"No texts to train the SAE on: {re.escape(str(empty))}"):
+        check_training_inputs(tmp_path / "model", 1, [empty])
+    with pytest.warns(STSDataWarning, match=re.escape(f"{empty} hold(s) no text")):
+        assert check_training_inputs(tmp_path / "model", 1, [empty, law]) == ["law court judge", "statute appeal"]
+    # a model it cannot read here (a hub name not in the cache): the layer is left to the loader, the data not
+    assert check_training_inputs("nobody-here/no-such-model", 5, [law]) == ["law court judge", "statute appeal"]
+    with pytest.raises(STSInputError, match="layers are numbered from 0"):
+        check_training_inputs("nobody-here/no-such-model", -1, [law])

@@ -9,8 +9,8 @@ from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import STSConfigError, STSInputError
 from sts_callback.scoring.agreement import noise_ceiling
-from sts_callback.validation.validate import (ValidationResult, _json_safe, _mean_std, choice_scores, correlation,
-                                   multiple_choice_accuracy, validate)
+from sts_callback.validation.validate import (ValidationConfig, ValidationResult, _json_safe, _mean_std, choice_scores,
+                                              correlation, multiple_choice_accuracy, validate)
 
 DOMAINS = ("law", "food", "chem", "sport")
 FAST = dict(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2)
@@ -97,9 +97,10 @@ def test_lora_two_seeds_end_to_end(tmp_path, tokenizer):
                 for kind in ("abs", "signed"):
                     for stat in ("pearson", "spearman"):
                         entry = record["correlations"][measure][variant][kind][stat]
-                        assert set(entry) == {"r", "p", "ci", "n"} and entry["n"] == 4
+                        assert set(entry) == {"r", "p", "p_method", "ci", "n"} and entry["n"] == 4
                         if entry["r"] is not None:
                             assert -1 <= entry["r"] <= 1 and 0 <= entry["p"] <= 1
+                            assert entry["p_method"] == "exact permutation"  # 4 domains: every pairing
                             low, high = entry["ci"]
                             assert -1 <= low <= high <= 1
     # the two seeds sampled differently (forecast and held-out texts)
@@ -137,7 +138,9 @@ def test_lora_two_seeds_end_to_end(tmp_path, tokenizer):
 
     assert (sts_dir / "validation.png").stat().st_size > 1000
     assert (sts_dir / "forecast.json").exists() and (sts_dir / "report.html").exists()
-    assert "validation |Δ|" in (sts_dir / "report.html").read_text()  # the report's scatter uses the validation
+    page = (sts_dir / "report.html").read_text()  # the report quotes the validation's own correlation
+    mean_r = saved["correlations"]["nll"]["sts_icl"]["abs"]["pearson"]["mean"]
+    assert "correlations.nll.sts_icl.abs" in page and f"Pearson r = {mean_r:.2f}" in page
     assert "Forecast vs measured" in (sts_dir / "report.md").read_text()
     for seed in (0, 1):
         assert (tmp_path / "val" / f"seed-{seed}" / "sts" / "history.jsonl").exists()
@@ -236,7 +239,8 @@ def test_correlation_statistics_and_degenerate_inputs():
 
     x, y = [0.1, 0.4, 0.2, 0.9, 0.5], [1.0, 2.5, 1.1, 4.0, 3.0]
     entry = correlation(x, y, "pearson", n_resamples=500, seed=1)
-    assert entry["r"] == pytest.approx(stats.pearsonr(x, y)[0]) and entry["p"] == pytest.approx(stats.pearsonr(x, y)[1])
+    assert entry["r"] == pytest.approx(stats.pearsonr(x, y)[0])
+    assert entry["p_method"] == "exact permutation"  # 5 points: every pairing, not the t-distribution
     low, high = entry["ci"]
     assert low <= high <= 1.0
     assert correlation(x, y, "pearson", n_resamples=500, seed=1) == entry  # seeded
@@ -244,13 +248,86 @@ def test_correlation_statistics_and_degenerate_inputs():
     assert rho["r"] == pytest.approx(stats.spearmanr(x, y)[0])
     # constant vectors: no correlation, no crash, null in JSON
     for degenerate in (correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), correlation([1.0, 2.0, 3.0], [5.0] * 3)):
-        assert degenerate == {"r": None, "p": None, "ci": None, "n": 3}
+        assert degenerate == {"r": None, "p": None, "p_method": None, "ci": None, "n": 3}
     # three points, most resamples degenerate: the interval comes from the defined ones
     small = correlation([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], n_resamples=300)
     assert small["r"] == pytest.approx(0.5) and small["ci"] is not None
     assert _mean_std([None, None]) == {"mean": None, "std": None, "n": 0, "values": [None, None]}
     assert _mean_std([0.5, None])["mean"] == 0.5 and _mean_std([0.5, None])["std"] is None
     assert _json_safe({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
+
+
+def test_p_values_of_few_domains_come_from_every_pairing():
+    """With 3 domains a perfect rank correlation is one of 6 pairings: p = 1/3 (two-sided), not scipy's p = 0."""
+    import math
+
+    from scipy import stats
+
+    for statistic in ("spearman", "pearson"):
+        perfect = correlation([0.1, 0.2, 0.3], [1.0, 2.0, 4.0], statistic, n_resamples=0)
+        assert perfect["p"] == pytest.approx(1 / 3) and perfect["p_method"] == "exact permutation"
+    assert correlation([0.3, 0.2, 0.1], [1.0, 2.0, 4.0], "spearman", n_resamples=0)["p"] == pytest.approx(1 / 3)
+    x, y = [0.1, 0.4, 0.2, 0.9, 0.5, 0.3, 0.8, 0.7], [1.0, 2.5, 1.1, 4.0, 3.0, 0.2, 2.0, 3.5]
+    for statistic, scipy_statistic in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
+        exact = stats.permutation_test((x,), lambda a: scipy_statistic(a, y)[0], permutation_type="pairings",
+                                       n_resamples=math.factorial(len(x)))
+        entry = correlation(x, y, statistic, n_resamples=0)
+        assert entry["p"] == pytest.approx(exact.pvalue) and entry["p_method"] == "exact permutation"
+    many = [0.1, 0.4, 0.2, 0.9, 0.5, 0.3, 0.8, 0.7, 0.6, 0.05]  # beyond a few domains: scipy's own p
+    other = [1.0, 2.5, 1.1, 4.0, 3.0, 0.2, 2.0, 3.5, 2.2, 0.3]
+    entry = correlation(many, other, "pearson", n_resamples=0)
+    assert entry["p"] == pytest.approx(stats.pearsonr(many, other)[1]) and entry["p_method"] == "t-distribution"
+
+
+def _columns_end_at_the_same_place(lines: list[str]) -> None:
+    """Every line's cells (separated by 2+ spaces) after the first end at the header's column ends."""
+    import re
+
+    ends = [[m.end() for m in re.finditer(r"\S+(?: \S+)*", line)][1:] for line in lines]
+    assert all(e == ends[0] for e in ends), "\n".join(lines)
+
+
+def test_console_table_columns_line_up_and_few_domains_never_print_p_below_0001():
+    from fake_validation import fake_validation
+
+    names = ("my domain/ü é", "law", "food")  # in the order of their signed change: rank correlations of ±1
+    scores = {d: {v: 0.001 * (i + 1) * (j + 1) * (-1) ** j for j, v in enumerate(ALL_VARIANTS)}
+              for i, d in enumerate(names)}
+    result = fake_validation([scores], [{"law": -0.0045, "my domain/ü é": -0.0046, "food": 0.0016}],
+                             training_args={"weight_decay": 0.0})
+    table = result.table().splitlines()
+    assert "TrainingArguments also set: weight_decay=0.0" in table[1]  # the recipe change is said with it
+    domain_table = table[table.index(next(line for line in table if line.startswith("domain"))):][:5]
+    del domain_table[1]  # the rule
+    _columns_end_at_the_same_place(domain_table)
+    start = table.index(next(line for line in table if line.startswith("variant")))
+    rows = [table[start]] + table[start + 2:start + 2 + len(ALL_VARIANTS)]
+    assert [row.split("  ")[0].strip() for row in rows[1:]] == [
+        "STS_icl", "STS_act", "STS_sq", "raw_act", "signed_use", "forget-xfer", "dec_proj"]
+    _columns_end_at_the_same_place(rows)
+    assert "p<0.001" not in "\n".join(table) and "p=0.333" in "\n".join(table)  # perfect ranks of 3: p = 1/3
+    assert "p: exact permutation test" in table[start - 1]
+
+
+@pytest.mark.parametrize("training_args, words", [
+    ({"max_steps": 5, "learning_rate": 0.05}, "pass validate(steps=..., learning_rate=...)"),
+    ({"num_train_epochs": 3}, "num_train_epochs would be ignored"),
+    ({"per_device_train_batch_size": 2}, "per_device_train_batch_size -> batch_size"),
+    ({"seed": 3}, "seed -> seeds"),
+    ({"output_dir": "elsewhere"}, "output_dir -> output_dir"),
+    ({"use_cpu": True}, "use_cpu -> device"),
+    ({"label_names": ["x"]}, "validate sets itself"),
+    ({"bf17": True}, "did you mean bf16?"),
+])
+def test_training_args_that_override_validates_own_settings_are_refused_before_any_model_work(training_args, words):
+    """training_args applied last used to override steps / learning_rate while validation.json and the table kept
+    the settings' values; such keys (and unknown ones) now fail when the settings are built, before any model."""
+    with pytest.raises(STSConfigError, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        validate(None, None, None, ["x"], {"a": ["x"], "b": ["y"], "c": ["z"]}, training_args=training_args)
+    with pytest.raises(STSConfigError, match="training_args"):
+        ValidationConfig.from_dict({"training_args": training_args})
+    assert ValidationConfig(training_args={"weight_decay": 0.0, "bf16": False}).training_args == {
+        "weight_decay": 0.0, "bf16": False}  # the recipe's other fields may still be changed
 
 
 def test_noise_ceiling_is_what_a_perfect_forecast_reaches_against_noisy_measurements():

@@ -75,6 +75,8 @@ class STSConfig:
     rollout_max_tokens: int = 256
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
+
         def positive(name: str, minimum: int = 1) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -144,6 +146,20 @@ def settings_from_dict(cls: Any, values: dict[str, Any] | None, what: str, valid
     if unknown:
         raise STSConfigError(f"Unknown {what} {unknown}; {valid} {sorted(known)}.")
     return cls(**values)
+
+
+def plain_numbers(settings: Any) -> None:
+    """A settings dataclass's numpy (or torch) scalars and arrays as Python numbers and lists, in place: a value
+    from ``np.arange`` or a sweep's array is a number to the user, and the checks and JSON need plain ones."""
+    def plain(value: Any) -> Any:
+        return value.tolist() if hasattr(value, "dtype") and hasattr(value, "tolist") else value
+
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, (list, tuple)):
+            setattr(settings, f.name, type(value)(plain(v) for v in value))
+        else:
+            setattr(settings, f.name, plain(value))
 
 
 def json_serializable(value: Any) -> bool:

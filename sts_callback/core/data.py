@@ -165,68 +165,125 @@ class Corpus(Sequence):
         return f"Corpus({self.name!r}, {len(self)} examples)"
 
 
-def _read_jsonl(path: Path) -> list[Any]:
+def _read_jsonl(path: Path, label: str = "") -> list[Any]:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise STSInputError(f"{path}:{line_number} is not valid JSON ({err.msg}); fix or remove that line.") from err
+    for line_number, line in enumerate(_read_text(path, label).split("\n"), 1):  # not splitlines: U+2028 in texts
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise STSInputError(f"{path}:{line_number}{label} is not valid JSON ({err.msg}); fix or remove that "
+                                "line.") from err
     return records
 
 
-def load_corpus(data: Any, name: str | None = None) -> Corpus:
+def _read_text(path: Path, label: str = "") -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise STSInputError(f"Data file {path}{label} is not UTF-8 text (byte {err.start}: {err.reason}); convert "
+                            f"it, e.g. `iconv -f latin1 -t utf-8 {path} > fixed{path.suffix}`.") from err
+    except OSError as err:
+        raise STSInputError(f"Data file {path}{label} cannot be read ({err.strerror}); check its permissions.") from err
+
+
+def named_items(mapping: dict[Any, Any], what: str, error: type[Exception] = STSInputError) -> dict[str, Any]:
+    """``mapping`` with its keys as names (``str(key)``); two keys with one name (``1`` and ``"1"``) would
+    silently merge, so they are an ``error`` naming both. ``what`` names the mapping (e.g. "targets")."""
+    named: dict[str, Any] = {}
+    keys: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = str(key)
+        if name in keys:
+            raise error(f"{what} has two entries named {name!r} (keys {keys[name]!r} and {key!r}); names are "
+                        "compared as text, so one would silently replace the other: rename one.")
+        keys[name], named[name] = key, value
+    return named
+
+
+def _for(label: str | None) -> str:
+    return f" for {label}" if label else ""
+
+
+def check_data_spec(data: Any, what: str | None = None) -> None:
+    """Raise what :func:`load_corpus` would raise for ``data`` that cannot be data, without reading files.
+    ``what`` names the input in the message (e.g. "target 'chem'")."""
+    if isinstance(data, Corpus) or is_dataset(data):
+        return
+    if isinstance(data, (str, Path)):
+        from .corpora import available_domains
+
+        path = Path(data)
+        if not str(data).strip():  # Path("") is the working directory: say what is wrong, not "a folder"
+            raise STSInputError(f"An empty path or name{_for(what)} (an unset variable?); give a .jsonl/.json/.txt "
+                                "file, a list of texts or a registered domain name.")
+        if str(data) in available_domains() and not path.is_file():  # a folder named like a domain is no data
+            return
+        if path.is_dir():
+            raise STSInputError(f"{str(data)!r}{_for(what)} is a folder; give a .jsonl/.json/.txt file, a list of "
+                                "texts or a registered domain name.")
+        if path.exists():
+            return
+        if path.suffix in (".jsonl", ".json"):
+            raise STSInputError(f"Data file {path}{_for(what)} does not exist; check the path.")
+        raise STSInputError(
+            f"{str(data)!r}{_for(what)} is neither an existing file nor a registered domain. Pass a "
+            ".jsonl/.json/.txt path, a list of texts, a datasets.Dataset, or one of the registered domains: "
+            f"{sorted(available_domains())}.")
+    if isinstance(data, dict):
+        raise STSInputError(
+            f"A dict is not a dataset here{f' (given{_for(what)})' if what else ''}: pass a list of texts / "
+            "records, a datasets.Dataset, or a path (for several target domains, pass a dict of name -> data to "
+            "`targets`).")
+    if not isinstance(data, Sequence):
+        raise STSInputError(
+            f"Cannot use {type(data).__name__} {data!r:.60} as data{_for(what)}; pass a list of texts, chat "
+            "conversations or records, a datasets.Dataset, a JSONL path, or a registered domain name.")
+
+
+def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) -> Corpus:
     """Accept a list of strings / conversations / records, a ``datasets.Dataset``, a JSON(L) path, a
-    text file path, a built-in domain name (see :mod:`sts_callback.core.corpora`), or a :class:`Corpus`."""
+    text file path, a built-in domain name (see :mod:`sts_callback.core.corpora`), or a :class:`Corpus`.
+    ``what`` names the input in error messages (default: ``name``), e.g. "target 'chem'"."""
     if isinstance(data, Corpus):
         return data
+    what = what or (repr(name) if name else None)
+    check_data_spec(data, what)
+    label = f" ({what})" if what else ""
     if isinstance(data, (str, Path)):
         path = Path(data)
-        if path.suffix in (".jsonl", ".json") or path.exists():
-            if not path.exists():
-                raise STSInputError(f"Data file {path} does not exist; check the path.")
+        if path.is_file():
             if path.suffix == ".jsonl":
-                items: Sequence[Any] = _read_jsonl(path)
+                items: Sequence[Any] = _read_jsonl(path, label)
             elif path.suffix == ".json":
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-                items = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("texts"))
+                try:
+                    loaded = json.loads(_read_text(path, label))
+                except json.JSONDecodeError as err:
+                    raise STSInputError(f"Data file {path}{label} is not valid JSON ({err.msg} at line {err.lineno}, "
+                                        f"column {err.colno}); fix it, or write one JSON record per line as "
+                                        ".jsonl.") from err
+                items = loaded if isinstance(loaded, list) else (
+                    loaded.get("data", loaded.get("texts")) if isinstance(loaded, dict) else None)
                 if not isinstance(items, list):
-                    raise STSInputError(f"{path} must hold a JSON list (or an object with a 'data' list).")
+                    raise STSInputError(f"{path}{label} must hold a JSON list (or an object with a 'data' list).")
             else:  # plain text: one text per blank-line separated block
-                items = [block.strip() for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
+                items = [block.strip() for block in _read_text(path, label).split("\n\n") if block.strip()]
             return Corpus(name or path.stem, items)
-        from .corpora import available_domains, load_domain
+        from .corpora import load_domain
 
-        if str(data) in available_domains():
-            return Corpus(name or str(data), load_domain(str(data)))
-        raise STSInputError(
-            f"{data!r} is neither an existing file nor a registered domain. Pass a .jsonl/.json/.txt path, "
-            f"a list of texts, a datasets.Dataset, or one of the registered domains: {sorted(available_domains())}."
-        )
+        return Corpus(name or str(data), load_domain(str(data)))
     if is_dataset(data) and not hasattr(data, "__len__"):
         data = take_streamed(data)
     if is_dataset(data):
         columns = set(data.column_names)
         if not columns & {"text", "messages", "prompt"} and not set(MC_FIELDS) <= columns:
             raise STSInputError(
-                f"Dataset {name or ''} has columns {sorted(columns)} but none of 'text', 'messages' or 'prompt'; "
+                f"Dataset{_for(what)} has columns {sorted(columns)} but none of 'text', 'messages' or 'prompt'; "
                 "rename the text column, e.g. dataset.rename_column('body', 'text')."
             )
         return Corpus(name or "dataset", data)
-    if isinstance(data, dict):
-        raise STSInputError(
-            "A dict is not a dataset here: pass a list of texts / records, a datasets.Dataset, or a path "
-            "(for several target domains, pass a dict of name -> data to `targets`)."
-        )
-    if isinstance(data, Sequence):
-        return Corpus(name or "data", list(data))
-    raise STSInputError(
-        f"Cannot use {type(data).__name__} as data; pass a list of texts, chat conversations or records, "
-        "a datasets.Dataset, or a JSONL path."
-    )
+    return Corpus(name or "data", list(data))
 
 
 MAX_STREAMED_EXAMPLES = 4096
@@ -247,11 +304,11 @@ def is_dataset(data: Any) -> bool:
 def load_domains(targets: Any) -> dict[str, Corpus]:
     """``targets``: a dict name -> data, or a list of domain names / paths."""
     if isinstance(targets, dict):
-        domains = {str(k): load_corpus(v, name=str(k)) for k, v in targets.items()}
+        domains = {k: load_corpus(v, name=k, what=f"target {k!r}") for k, v in named_items(targets, "targets").items()}
     elif isinstance(targets, (list, tuple)):
         domains = {}
-        for item in targets:
-            corpus = load_corpus(item)
+        for index, item in enumerate(targets):
+            corpus = load_corpus(item, what=f"targets[{index}]")
             if corpus.name in domains:
                 raise STSInputError(f"Two target domains are named {corpus.name!r}; pass a dict of name -> data.")
             domains[corpus.name] = corpus

@@ -13,6 +13,10 @@ class STSInputError(STSError, ValueError):
     """Data, model or SAE given to the library cannot be used as given."""
 
 
+class STSUsageError(STSError, RuntimeError):
+    """A method was called out of order (e.g. a re-check before the session started)."""
+
+
 class STSNumericalError(STSError, FloatingPointError):
     """NaN or inf appeared in activations."""
 

@@ -66,6 +66,16 @@ class RunStore:
             atomic_write_text(self.path(HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
+    def adopt(self, origin: "RunStore", step: int) -> None:
+        """A run resumed into a new folder from another run's checkpoint: that run's forecast, settings and history
+        up to ``step`` are copied here, so this folder holds the whole run (the origin is left as it was)."""
+        for name in (FORECAST_FILE, SETTINGS_FILE):
+            if origin.path(name).exists() and not self.path(name).exists():
+                atomic_write_text(self.path(name), origin.path(name).read_text(encoding="utf-8"))
+        if not self.path(HISTORY_FILE).exists():
+            kept = [r for r in origin.read_history() if r.get("step", 0) <= step]
+            atomic_write_text(self.path(HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in kept))
+
     def archive_history(self) -> Path | None:
         """A fresh run (step 0) in a folder with an old history: keep the old one under a dated name."""
         path = self.path(HISTORY_FILE)

@@ -131,7 +131,13 @@ class STSCallback(TrainerCallback, ExportableState):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
         config = STSConfig.from_dict(config.to_dict() if isinstance(config, STSConfig) else config)
-        guard = GuardConfig(protected=list(protected), tolerance=tolerance, max_sts=max_sts,
+        if not isinstance(strict, bool):
+            raise STSConfigError(f"strict must be True or False, got {strict!r}.")
+        if not isinstance(output_subdir, (str, Path)) or not str(output_subdir).strip() or \
+                Path(output_subdir).is_absolute() or ".." in Path(output_subdir).parts:
+            raise STSConfigError(f"output_subdir must name a folder inside the run's output_dir (default 'sts'), "
+                                 f"got {output_subdir!r}.")
+        guard = GuardConfig(protected=protected, tolerance=tolerance, max_sts=max_sts,
                             forecast_top_k=forecast_top_k, early_stop=early_stop, patience=patience,
                             accuracy_tolerance=accuracy_tolerance)
         recheck = RecheckConfig(recheck_steps=recheck_steps, recheck_tokens=recheck_tokens, loss_tokens=loss_tokens,
@@ -142,14 +148,16 @@ class STSCallback(TrainerCallback, ExportableState):
                                 loss_head_dtype=loss_head_dtype, loss_body_dtype=loss_body_dtype,
                                 loss_head_samples=loss_head_samples)
         values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe, demonstrations=demonstrations)
+        replaced = _instance_being_restored() if _objects_from else None
         if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
-            missing = [name for name in _objects_from if name not in STSCallback._live_objects]
+            live = replaced._objects if replaced is not None else {}
+            missing = [name for name in _objects_from if name not in live]
             if missing:
                 raise STSConfigError(
                     f"Resuming needs {missing} again: they were objects, not paths or names. Construct "
                     "STSCallback with the same objects before trainer.train(resume_from_checkpoint=...)."
                 )
-            values.update({name: STSCallback._live_objects[name] for name in _objects_from})
+            values.update({name: live[name] for name in _objects_from})
         _check_inputs(values["sae"], values["target_domains"], guard.protected)
         self.target_domains, self.train_probe = values["target_domains"], values["train_probe"]
         self.demonstrations, self.output_subdir = values["demonstrations"], output_subdir
@@ -158,7 +166,8 @@ class STSCallback(TrainerCallback, ExportableState):
         if run_level_steps is not None and (isinstance(run_level_steps, bool) or not isinstance(run_level_steps, int)
                                             or run_level_steps < 1):
             raise STSConfigError(f"run_level_steps must be an integer >= 1, got {run_level_steps!r}.")
-        self.session = STSSession(values["sae"], config, guard, recheck, output_subdir, calibration, strict=strict)
+        self._session_args = (values["sae"], config, guard, recheck, output_subdir, calibration)
+        self.session = STSSession(*self._session_args, strict=strict)
         used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []
         needs = self._run_level_needed = [m for m in RUN_LEVEL_METHODS if m in used or own_feature(m) in used]
         if needs and run_level not in needs:
@@ -171,9 +180,7 @@ class STSCallback(TrainerCallback, ExportableState):
         run_level_steps = self.run_level_steps = run_level_steps or fitted_steps or DEFAULT_RUN_LEVEL_STEPS
         # a calibration that takes only the training data's own change from the run-level term: measure that alone
         self._run_level_domains = self.calibration is None or any(m in used for m in RUN_LEVEL_METHODS)
-        objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}
-        if objects:
-            STSCallback._live_objects = {**STSCallback._live_objects, **objects}
+        objects = self._objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}
         self._export_args = {
             **{k: (None if k in objects else v) for k, v in values.items()}, **guard.to_dict(), **recheck.to_dict(),
             "config": config.to_dict(), "strict": strict, "output_subdir": output_subdir, "shift": shift,
@@ -187,8 +194,8 @@ class STSCallback(TrainerCallback, ExportableState):
         self.schedule_source = "constant"
         self._trainer = None
         self._ready = False
-
-    _live_objects: dict[str, Any] = {}
+        if replaced is not None:  # the instance the user holds shows the resumed run's results too
+            replaced.session = self.session
 
     # The session's state under the callback's names (the Trainer restores the counters on resume).
     sae = property(lambda self: self.session.sae)
@@ -261,9 +268,12 @@ class STSCallback(TrainerCallback, ExportableState):
         if not self._ready or self._trainer is None:
             return {}
         trainer = self._trainer
-        if not any(r.get("step") == trainer.state.global_step and "error" not in r for r in self.history):
+        step = trainer.state.global_step
+        if not any(r.get("step") == step and "error" not in r for r in self.history):
             self.run_recheck(trainer.args, trainer.state, trainer.control, trainer.model)
-        deltas = _last_deltas(self.history)
+        now = next((r for r in reversed(self.history) if r.get("step") == step), None)
+        # a failed re-check measured nothing: an earlier step's values would pass for this step's
+        deltas = _last_deltas(self.history) if now is not None and "error" not in now else {}
         names = list(self.monitor.loss_sets) if self.monitor is not None else list(deltas)
         values = {name: _finite_or_nan(deltas.get(name)) for name in names}
         keys = {f"sts_loss_delta_{name}": value for name, value in values.items()}
@@ -278,18 +288,18 @@ class STSCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ train start
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        lr_scheduler=None, **kwargs):
-        trainer = self._trainer or _find_trainer(self)
+        if self._ready:  # this instance watched a run before (a sweep, a notebook re-run): start clean
+            self.session = STSSession(*self._session_args, strict=self.strict)
+            self._ready, self._trainer = False, None
+        found, resumed_from = _find_trainer(self)
+        trainer = self._trainer or found
         if trainer is not None:
             self.attach(trainer)
         session = self._bind(args, state)
         accelerator = getattr(trainer, "accelerator", None)
         session.autocast = accelerator.autocast if accelerator is not None else session.autocast
         session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
-        beyond = session.settings.schedule_beyond(state.max_steps)
-        if beyond:
-            warnings.warn(f"STS: recheck_steps lists step(s) {beyond} beyond this run's {state.max_steps} steps; "
-                          "they will not be re-checked (fractions of the run, e.g. [0.05, 0.1, 0.25], follow its "
-                          "length).", STSDataWarning, stacklevel=2)
+        _warn_about_the_schedule(session, args, state.max_steps)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is None:
             raise STSInputError("STSCallback needs the trainer's processing_class (tokenizer); pass "
@@ -305,9 +315,10 @@ class STSCallback(TrainerCallback, ExportableState):
         session.prepare(model, tokenizer, probe, domains, self.lm_eval_targets)
         data = self.train_probe if self.train_probe is not None else getattr(trainer, "train_dataset", None)
         self._fresh_probe(trainer, data)
-        if state.global_step > 0:
-            session.resume(state.global_step, session.store.checkpoint(args.output_dir, state.global_step,
-                                                                       self.output_subdir), domains)
+        if state.global_step > 0:  # the checkpoint given to train(), which may be another run's folder
+            checkpoint = (RunStore(Path(resumed_from) / self.output_subdir) if resumed_from is not None else
+                          session.store.checkpoint(args.output_dir, state.global_step, self.output_subdir))
+            session.resume(state.global_step, checkpoint, domains)
         else:
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
             rollouts = None
@@ -352,6 +363,11 @@ class STSCallback(TrainerCallback, ExportableState):
             self.session.step_ended()
         due = self.session.settings.recheck_due(state.global_step, state.max_steps)
         if self._ready and (control.should_save if due is None else due):
+            self.run_recheck(args, state, control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        # save_strategy="epoch": the Trainer decides to save at the epoch's end, after on_step_end
+        if self._ready and control.should_save and self.session.settings.recheck_steps is None:
             self.run_recheck(args, state, control, model)
 
     def run_recheck(self, args, state, control, model) -> dict[str, Any] | None:
@@ -409,17 +425,37 @@ for _name in ("violations_in_a_row", "warned", "stop_reason"):
 assert set(COUNTERS) <= set(dir(STSCallback))
 
 
-def _find_trainer(callback: STSCallback):
-    """The Trainer running ``callback`` (callbacks are not handed it): found on the call stack."""
+def _find_trainer(callback: STSCallback) -> tuple[Any, str | None]:
+    """The Trainer running ``callback`` (callbacks are not handed it) and the checkpoint its ``train()`` resumes
+    from (``None`` for a fresh run): found on the call stack."""
     from transformers import Trainer
 
     frame = inspect.currentframe()
+    trainer = None
     for _ in range(12):
         frame = frame.f_back if frame is not None else None
         if frame is None:
             break
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
+        if isinstance(candidate, Trainer) and (trainer is candidate or callback in candidate.callback_handler.callbacks):
+            trainer = candidate
+            checkpoint = frame.f_locals.get("resume_from_checkpoint")
+            if isinstance(checkpoint, (str, Path)):
+                return trainer, str(checkpoint)
+    return trainer, None
+
+
+def _instance_being_restored() -> STSCallback | None:
+    """The user's instance the Trainer replaces when it restores callback states from a checkpoint (it rebuilds the
+    callback from its exported arguments in ``Trainer._load_callback_state``, where the instance is ``callback``):
+    the objects (SAE, data) that could not be exported are taken back from it, not from another instance."""
+    frame = inspect.currentframe()
+    for _ in range(4):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("callback")
+        if isinstance(candidate, STSCallback):
             return candidate
     return None
 
@@ -446,6 +482,25 @@ def _check_inputs(sae: Any, target: Any, protected: list[str]) -> None:
     if unknown:
         raise STSConfigError(f"protected={unknown} are not among the target domains {names}; "
                              "protect only domains listed in target_domains.")
+
+
+def _warn_about_the_schedule(session: STSSession, args, max_steps: int) -> None:
+    """At train start: re-checks the settings ask for that this run will never make."""
+    steps = session.settings.recheck_steps
+    beyond = session.settings.schedule_beyond(max_steps)
+    if beyond:
+        warnings.warn(f"STS: recheck_steps lists step(s) {beyond} beyond this run's {max_steps} steps; they will "
+                      "not be re-checked (fractions of the run, e.g. [0.05, 0.1, 0.25], follow its length).",
+                      STSDataWarning, stacklevel=3)
+    elif isinstance(steps, int) and steps >= max_steps:
+        warnings.warn(f"STS: recheck_steps={steps} is not shorter than this run's {max_steps} steps: only the end "
+                      "is re-checked; a fraction (e.g. recheck_steps=0.1) follows the run's length.",
+                      STSDataWarning, stacklevel=3)
+    saves = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if steps is None and saves == "no":
+        warnings.warn("STS: save_strategy='no' and recheck_steps unset: the run is re-checked only at its end, "
+                      "so no warning or early stop can come during training; set recheck_steps (e.g. 0.1).",
+                      STSDataWarning, stacklevel=3)
 
 
 def _last_deltas(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..core.data import Corpus, multiple_choice_items
 from ..core.distributed import check_ranks_agree, fingerprint, gather_objects, require_at_least_world, world_size
-from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSUsageError
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
@@ -186,6 +186,9 @@ class STSSession:
         of ``probe`` with ``demonstrations``, skipped when neither has answers. ``run_level(model, base_losses)
         -> RunLevelEstimate`` (:mod:`.trainer_run_level`): the run-level term, measured after the base losses;
         its change per domain joins the forecast's scores under its method's name, for a calibration to use."""
+        if self.monitor is None:
+            raise STSUsageError("STSSession.start() before prepare(): call prepare(model, tokenizer, probe, domains) "
+                                "first.")
         self.recipe = "lora" if is_peft(model) else "full"
         if forecast_run is None:
             has_answers = demonstrations is not None or any(probe[i].can_demonstrate
@@ -254,6 +257,7 @@ class STSSession:
 
     def _measure_base(self, model) -> None:
         monitor, store = self.monitor, self.store
+        self.history, self.guard = [], Guard(self.guard.config)  # a new run: nothing of an earlier start carries over
         began = time.perf_counter()
         monitor.capture_base(model)
         self.base_fit = monitor.sae_fit(model, self.autocast)
@@ -283,6 +287,9 @@ class STSSession:
         """Pick up at ``step`` from ``checkpoint`` (the checkpoint's STS folder) and the run folder: what the
         caller did not restore (history, counters) is read back from them."""
         store = self.store
+        origin = RunStore(checkpoint.root.parent.parent / checkpoint.root.name)  # the run that saved the checkpoint
+        if self.is_main and origin.root.resolve() != store.root.resolve() and not store.has_results():
+            self.write(f"the run folder {store.root} (from {origin.root})", lambda: store.adopt(origin, step), step)
         if store.forecast_path.exists():
             self.forecast = Forecast.load(store.forecast_path)
         path = checkpoint.monitor_path if checkpoint.monitor_path.exists() else store.monitor_path
@@ -338,6 +345,17 @@ class STSSession:
         """One re-check at ``step`` of ``max_steps``: the history record and the guard's decision; a failure is
         warned about and recorded (``(None, None)``) unless ``strict``. ``log_history``: the loop's logged
         learning rates, for a schedule the session could not plan."""
+        if self.monitor is None or not self.base_losses:
+            raise STSUsageError(f"STSSession.recheck(step={step}) before the run started: call prepare(...) and "
+                                "start(...) (or resume(...)) first.")
+        last = max((r.get("step", 0) for r in self.history), default=None)
+        if last is not None and step <= last:
+            raise STSUsageError(f"STSSession.recheck(step={step}) after a re-check at step {last}: steps must "
+                                "increase (pass the training step, e.g. the optimizer steps taken so far).")
+        if max_steps and step > max_steps:
+            self.warn("beyond_max_steps", f"STS re-check at step {step} of a run of max_steps={max_steps}: the "
+                      "learning-rate schedule ends at max_steps, so the early forecast reads the step as its end; "
+                      "pass the run's real length.", STSDataWarning)
         if self._clock is not None and not self._steps_timed:
             self.budget.add_training(time.perf_counter() - self._clock)
         try:

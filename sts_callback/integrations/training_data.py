@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.data import Corpus, Example, is_dataset, load_corpus, load_domains, take_streamed
+from ..core.data import Corpus, Example, is_dataset, load_corpus, load_domains, named_items, take_streamed
 from ..core.errors import STSConfigError, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 
@@ -84,10 +84,11 @@ def target_corpora(target: Any, trainer: Any, tokenizer) -> tuple[dict[str, Corp
         target = dict(eval_sets) if isinstance(eval_sets, dict) else {"eval": eval_sets}
     lm_eval_targets: dict[str, LmEvalTarget] = {}
     if isinstance(target, dict):
-        lm_eval_targets = {str(name): LmEvalTarget.from_spec(value, str(name))
+        target = named_items(target, "target_domains")
+        lm_eval_targets = {name: LmEvalTarget.from_spec(value, name)
                            for name, value in target.items() if is_lm_eval_target(value)}
-        target = {str(name): lm_eval_targets[str(name)].texts() if str(name) in lm_eval_targets
-                  else corpus_from_training_dataset(value, tokenizer, name=str(name)) if is_dataset(value)
+        target = {name: lm_eval_targets[name].texts() if name in lm_eval_targets
+                  else corpus_from_training_dataset(value, tokenizer, name=name) if is_dataset(value)
                   else value for name, value in target.items()}
     return load_domains(target), lm_eval_targets
 
@@ -95,7 +96,11 @@ def target_corpora(target: Any, trainer: Any, tokenizer) -> tuple[dict[str, Corp
 def probe_corpus(train_probe: Any, trainer: Any, train_dataloader: Any, tokenizer) -> Corpus:
     """The training data whose shift is forecast and re-checked: ``train_probe`` or the trainer's train set."""
     if train_probe is not None:
-        return load_corpus(train_probe, name="train_probe")
+        corpus = load_corpus(train_probe, name="train_probe")
+        if len(corpus) == 0:
+            raise STSInputError("train_probe has no texts; give the training data whose effect is forecast (or "
+                                "leave train_probe unset for the trainer's train dataset).")
+        return corpus
     dataset = getattr(trainer, "train_dataset", None)
     if dataset is None and train_dataloader is not None:
         dataset = getattr(train_dataloader, "dataset", None)

@@ -96,10 +96,10 @@ class Forecast:
         unknown = sorted(excluded - set(self.domains))
         if unknown:
             raise STSConfigError(f"exclude={unknown}: not target domains of this forecast ({sorted(self.domains)}).")
+        domains = {name: d.scores for name, d in self.domains.items() if name not in excluded}
+        check_calibration_features(calibration, domains)
         # a domain without a feature (STS_icl of a one-text domain) gets no prediction
-        predicted = calibration.predict_all({name: d.scores for name, d in self.domains.items()
-                                             if name not in excluded},
-                                            run_level_values(self.settings.get("run_level")))
+        predicted = calibration.predict_all(domains, run_level_values(self.settings.get("run_level")))
         for name, p in predicted.items():
             self.predictions[name] = {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": p.label}
         self.settings["calibration"] = {"features": list(calibration.features), "n": calibration.n,
@@ -453,8 +453,32 @@ def check_inputs_agree(setup: ForecastSetup, shift_checksum: str, shift_what: st
     )
 
 
+def check_calibration_features(calibration: Any, domains: dict[str, dict[str, float | None]] | None = None) -> None:
+    """An error naming the calibration's features that are not forecast scores (as :class:`STSSession` checks),
+    or, given the ``domains``' scores, that no domain has: it would predict nothing (a single domain lacking one
+    only goes unpredicted, which the table says)."""
+    from ..scoring.calibration import RUN_LEVEL_METHODS
+
+    known = (*SCORE_VARIANTS, *signed.SIGNED_VARIANTS, *RUN_LEVEL_METHODS)
+    if domains is None:  # before the forecast runs: only the names can be judged
+        unknown = [f for f in calibration.score_features if f not in known]
+        not_computed: list[str] = []
+    else:
+        absent = [f for f in calibration.score_features if domains and all(v.get(f) is None for v in domains.values())]
+        unknown = [f for f in absent if f not in known]
+        not_computed = [f for f in absent if f in known]
+    problems = ([f"{unknown}, which are not forecast scores (those are {list(known)})"] if unknown else []) + (
+        [f"{not_computed}, which this forecast did not compute for any domain (compute_icl=False? no SAE decoder? "
+         "a run-level feature without run_level=...?)"] if not_computed else [])
+    if problems:
+        fix = "compute them in the forecast, or " if not_computed else ""
+        raise STSConfigError(f"The calibration uses {' and '.join(problems)}, so it can predict nothing here; "
+                             f"{fix}fit a calibration on forecast scores (`sts calibrate --features ...`).")
+
+
 def check_offline_calibration(calibration: Any) -> Any:
     """``calibration`` if a forecast made without training can apply it, else an error naming what it lacks."""
+    check_calibration_features(calibration)
     needs = calibration.run_level_inputs()
     if needs:
         raise STSConfigError(f"This calibration needs {needs} from a training run's run-level term, which a forecast "

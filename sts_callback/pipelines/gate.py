@@ -72,7 +72,7 @@ from torch import nn
 
 from ..core.atomic import atomic_write_json, atomic_write_text
 from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
-from ..core.data import Corpus, example_text, load_corpus, load_domains
+from ..core.data import Corpus, example_text, load_corpus, load_domains, named_items
 from ..core.errors import STSConfigError, STSInputError
 from ..core.extract import Extractor, PairedStats
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, assemble_forecast, build_shift_pairs, inference_mode,
@@ -137,7 +137,8 @@ class GateRules:
             if _number(self.limits):
                 self.limits = float(self.limits)
             elif isinstance(self.limits, dict) and all(_number(v) for v in self.limits.values()):
-                self.limits = {str(k): float(v) for k, v in self.limits.items()}
+                self.limits = {k: float(v) for k, v in
+                               named_items(self.limits, "GateRules.limits", STSConfigError).items()}
             else:
                 raise STSConfigError(f"GateRules.limits={self.limits!r} must be a number or a dict protected domain "
                                      "-> limit (e.g. {'legal': 0.5}), or None.")
@@ -145,7 +146,7 @@ class GateRules:
             if not isinstance(self.wanted, dict) or not all(isinstance(v, str) for v in self.wanted.values()):
                 raise STSConfigError(f"GateRules.wanted={self.wanted!r} must be a dict candidate -> target domain "
                                      "(e.g. {'code': 'python_code'}), or None.")
-            self.wanted = {str(k): v for k, v in self.wanted.items()}
+            self.wanted = named_items(self.wanted, "GateRules.wanted", STSConfigError)
 
     @property
     def relative_tolerance(self) -> float | None:
@@ -361,35 +362,17 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
         raise STSConfigError(f"rules must be a GateRules, a dict of its fields or None, got {rules!r}; the budget "
                              "is a keyword: gate_mixture(..., budget=220).")
     rules = rules if isinstance(rules, GateRules) else GateRules.from_dict(rules)
-    score = rules.score or config.ranking
-    if score not in GATED_SCORES:
-        raise STSConfigError(f"The config's ranking {score!r} is a residual baseline without latents; gate on an "
-                             f"STS score: set GateRules(score=...) to one of {GATED_SCORES}.")
-    if score in ("sts_icl", "raw_icl") and not config.compute_icl:
-        raise STSConfigError(f"score={score!r} needs compute_icl=True; set it or gate on GateRules(score='sts_act').")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise STSConfigError(f"budget={budget!r} must be a positive number of examples, or None.")
+    score = gated_score(rules, config)
+    check_budget(budget)
     if not isinstance(candidates, dict) or not candidates:
         raise STSInputError("candidates must be a non-empty dict of name -> training set; give at least one.")
-    corpora = {str(name): load_corpus(data, name=str(name)) for name, data in candidates.items()}
+    corpora = {name: load_corpus(data, name=name, what=f"candidate {name!r}")
+               for name, data in named_items(candidates, "candidates").items()}
     for name, corpus in corpora.items():
         if len(corpus) == 0:
             raise STSInputError(f"Candidate {name!r} is empty; give it at least one example or drop it.")
     domains = load_domains(targets)
-    protected = [protected] if isinstance(protected, str) else [str(p) for p in protected]
-    if not protected:
-        raise STSConfigError("No protected domain given; name at least one target domain in `protected`.")
-    missing = [p for p in protected if p not in domains]
-    if missing:
-        raise STSInputError(f"Protected domain(s) {missing} are not among the target domains {sorted(domains)}; "
-                            "add them to `targets` or fix the names.")
-    limit_map = _limit_map(rules.limits, protected)
-    wanted = dict(rules.wanted or {})
-    for name, domain in wanted.items():
-        if name not in corpora:
-            raise STSInputError(f"wanted names {name!r}, which is not a candidate ({sorted(corpora)}).")
-        if domain not in domains:
-            raise STSInputError(f"wanted[{name!r}] = {domain!r} is not a target domain ({sorted(domains)}).")
+    protected, limit_map, wanted = check_gate_names(list(corpora), list(domains), protected, rules)
     tolerance = rules.relative_tolerance
 
     setup = ForecastSetup.create(model, tokenizer, sae, config)
@@ -468,6 +451,68 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                                       "some would be repeated.")
     decision.timings["total"] = time.perf_counter() - start
     return decision
+
+
+def gated_score(rules: GateRules, config: STSConfig) -> str:
+    """The score variant the gate gates on; unusable with ``config``: an error (before any work)."""
+    score = rules.score or config.ranking
+    if score not in GATED_SCORES:
+        raise STSConfigError(f"The config's ranking {score!r} is a residual baseline without latents; gate on an "
+                             f"STS score: set GateRules(score=...) to one of {GATED_SCORES}.")
+    if score in ("sts_icl", "raw_icl") and not config.compute_icl:
+        raise STSConfigError(f"score={score!r} needs compute_icl=True; set it or gate on GateRules(score='sts_act').")
+    return score
+
+
+def check_budget(budget: Any) -> None:
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise STSConfigError(f"budget={budget!r} must be a positive number of examples, or None.")
+
+
+def check_gate_names(candidates: list[str], targets: list[str], protected: Any,
+                     rules: GateRules) -> tuple[list[str], dict[str, float], dict[str, str]]:
+    """(protected domains, limit per protected domain, wanted) checked against the candidate and target
+    names; needs no data, so ``sts gate`` runs it before the model loads."""
+    if isinstance(protected, (str, int, float)) and not isinstance(protected, bool):
+        protected = [protected]
+    if not isinstance(protected, (list, tuple)):
+        raise STSConfigError(f"protected={protected!r}: name the protected target domain(s), e.g. ['legal'].")
+    protected = [str(p) for p in protected]
+    if not protected:
+        raise STSConfigError("No protected domain given; name at least one target domain in `protected`.")
+    repeated = sorted({p for p in protected if protected.count(p) > 1})
+    if repeated:  # each would get a second column, reason and vote
+        raise STSInputError(f"Protected domain(s) {repeated} are named more than once in `protected` ({protected}); "
+                            "name each once.")
+    missing = [p for p in protected if p not in targets]
+    if missing:
+        raise STSInputError(f"Protected domain(s) {missing} are not among the target domains {sorted(targets)}; "
+                            "add them to `targets` or fix the names.")
+    limit_map = _limit_map(rules.limits, protected)
+    wanted = dict(rules.wanted or {})
+    for name, domain in wanted.items():
+        if name not in candidates:
+            raise STSInputError(f"wanted names {name!r}, which is not a candidate ({sorted(candidates)}).")
+        if domain not in targets:
+            raise STSInputError(f"wanted[{name!r}] = {domain!r} is not a target domain ({sorted(targets)}).")
+    return protected, limit_map, wanted
+
+
+def check_filter(keep_fraction: Any, threshold: Any) -> None:
+    """The settings of :func:`filter_examples`: exactly one of keep_fraction in (0, 1] or a threshold."""
+    if keep_fraction is not None and threshold is not None:
+        raise STSConfigError(f"keep_fraction={keep_fraction!r} and threshold={threshold!r} are both given; give "
+                             "exactly one of them (keep_fraction: the share of examples kept, threshold: the "
+                             "highest score kept).")
+    if keep_fraction is None and threshold is None:
+        raise STSConfigError("Give exactly one of keep_fraction (e.g. 0.9: keep the 90% lowest-scoring examples) or "
+                             "threshold (keep examples scoring at most this).")
+    if keep_fraction is not None and not (_number(keep_fraction) and 0 < keep_fraction <= 1):
+        raise STSConfigError(f"keep_fraction={keep_fraction!r} must be a number in (0, 1], the share of examples "
+                             "kept (e.g. 0.9).")
+    if threshold is not None and not _number(threshold):
+        raise STSConfigError(f"threshold={threshold!r} must be a finite number: examples scoring at most this are "
+                             "kept.")
 
 
 def _limit_map(limits: dict[str, float] | float | None, protected: list[str]) -> dict[str, float]:
@@ -651,10 +696,7 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
     Returns:
         :class:`Filtered` (examples: the original records in their original order, scores, indices).
     """
-    if (keep_fraction is None) == (threshold is None):
-        raise STSConfigError("Give exactly one of keep_fraction (e.g. 0.9) or threshold (a score).")
-    if keep_fraction is not None and not 0 < keep_fraction <= 1:
-        raise STSConfigError(f"keep_fraction={keep_fraction!r} must be in (0, 1].")
+    check_filter(keep_fraction, threshold)
     if isinstance(decision_or_scores, GateDecision):
         if candidate not in decision_or_scores.example_scores:
             raise STSInputError(f"No per-example scores for {candidate!r}; candidates with scores: "
@@ -664,7 +706,7 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
     else:
         scores, corpus = decision_or_scores, None
     if data is not None:
-        corpus = load_corpus(data, name=candidate)
+        corpus = load_corpus(data, name=candidate, what=f"the data of candidate {candidate!r}")
     if corpus is None:
         raise STSInputError(f"The data of {candidate!r} is not known here; pass data=... (the candidate's data).")
     if len(corpus) != len(scores):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
-from ..core.config import settings_from_dict
+from ..core.config import plain_numbers, settings_from_dict
 from ..core.errors import STSConfigError
 from .recheck import Recheck
 
@@ -48,9 +49,17 @@ class GuardConfig:
     fvu_rise: float = 0.15
 
     def __post_init__(self) -> None:
-        if isinstance(self.protected, str) or not all(isinstance(p, str) for p in self.protected):
-            raise STSConfigError(f"protected must be a list of domain names, got {self.protected!r}.")
+        plain_numbers(self)
+        if self.protected is None:  # "nothing protected", as the default
+            self.protected = []
+        if (isinstance(self.protected, str) or not isinstance(self.protected, Iterable)
+                or not all(isinstance(p, str) for p in self.protected)):
+            hint = f" (one domain: protected=[{self.protected!r}])" if isinstance(self.protected, str) else ""
+            raise STSConfigError(f"protected must be a list of domain names, got {self.protected!r}{hint}.")
         self.protected = list(self.protected)
+        repeated = sorted({p for p in self.protected if self.protected.count(p) > 1})
+        if repeated:
+            raise STSConfigError(f"protected names {repeated} more than once; name each protected domain once.")
         for name in ("tolerance", "accuracy_tolerance", "max_fvu", "fvu_rise"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -64,6 +73,9 @@ class GuardConfig:
                 raise STSConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
         if not isinstance(self.early_stop, bool) and self.early_stop != "projected":
             raise STSConfigError(f"early_stop must be True, False or 'projected', got {self.early_stop!r}.")
+        if self.early_stop and not self.protected:  # only a protected domain's violation stops a run
+            raise STSConfigError(f"early_stop={self.early_stop!r} with no protected domain would never stop the run; "
+                                 "name the domains that must not be harmed, e.g. protected=['law'].")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "GuardConfig":

@@ -8,11 +8,11 @@ below, plus the step and what the callback adds: early forecast, violations, ear
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..core.config import settings_from_dict
+from ..core.config import plain_numbers, settings_from_dict
 from ..core.errors import STSConfigError
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.heldout import HEAD_DTYPES
@@ -31,6 +31,8 @@ def _schedule_error(value: Any) -> STSConfigError:
 def _step_or_fraction(value: Any) -> int | float | None:
     """``value`` as a step (an integer >= 1; a whole float such as 10.0 from a YAML file too) or a fraction of
     the run (a float strictly between 0 and 1); ``None`` if it is neither."""
+    if hasattr(value, "dtype") and hasattr(value, "item"):  # a numpy or torch scalar
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     if value >= 1 and float(value).is_integer():
@@ -42,7 +44,7 @@ def checked_recheck_steps(value: Any) -> RecheckSteps:
     """``recheck_steps`` validated: a step count or a fraction, or a list of one kind as a sorted tuple."""
     if value is None:
         return None
-    if not isinstance(value, (str, bytes)) and isinstance(value, Sequence):
+    if not isinstance(value, (str, bytes, Mapping)) and isinstance(value, Iterable):  # a list, a range, an array
         schedule = [_step_or_fraction(v) for v in value]
         if not schedule or None in schedule:
             raise _schedule_error(value)
@@ -139,6 +141,7 @@ class RecheckConfig:
     loss_head_samples: int | None = TAIL_DEFAULT
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         for name in ("recheck_tokens", "loss_tokens", "accuracy_items"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from ..core.capture import parameters_are_sharded
-from ..core.config import settings_from_dict
+from ..core.config import plain_numbers, settings_from_dict
 from ..core.distributed import rank, shard, sum_across_ranks, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import batches_by_length, local_sequences
@@ -103,6 +103,7 @@ class RunLevelConfig:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         for name in ("steps", "accumulation", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -19,6 +19,7 @@ import json
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,34 @@ class ReportData:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return (self.forecast or {}).get("settings") or {}
+        """The forecast's settings (model, SAE, layer); in a gate-only folder those of the candidates' forecasts."""
+        if self.forecast is not None:
+            return self.forecast.get("settings") or {}
+        forecasts = self.gate.get("forecasts") if isinstance(self.gate, dict) else None
+        if isinstance(forecasts, dict):
+            first = next((f for f in forecasts.values() if isinstance(f, dict)), {})
+            return first.get("settings") or {}
+        return {}
+
+    @property
+    def files(self) -> list[str]:
+        """The files of the folder the report was written from (only those that exist)."""
+        names = (FORECAST_FILE, HISTORY_FILE, SETTINGS_FILE, GATE_FILE, VALIDATION_FILE)
+        return [name for name in names if (self.sts_dir / name).is_file()]
+
+    def contents_note(self) -> str | None:
+        """What a folder without a forecast holds, as a sentence (plain text); ``None`` when there is a forecast."""
+        if self.forecast is not None:
+            return None
+        if self.rechecks:
+            return ("No forecast in this folder (forecast.json is written when the training data have answers to use "
+                    "as in-context demonstrations); the re-checks are shown.")
+        if self.history:
+            return (f"No forecast in this folder, and {HISTORY_FILE} holds only failed re-checks (listed below).")
+        outcome = gate_outcome(self.gate)
+        return (f"This folder holds a gate decision ({GATE_FILE}), no training run"
+                + (f": {outcome}" if outcome else "") + ". The candidates' forecasts and the rules are under "
+                "Gate decision below.")
 
     @property
     def rechecks(self) -> list[dict[str, Any]]:
@@ -177,6 +205,25 @@ class ReportData:
         width = f", {sae['d_sae']} latents" if sae.get("d_sae") else ""
         hook = f", {sae['hook_name']}" if sae.get("hook_name") else ""
         return f"{name}{width}{hook}"
+
+
+def gate_outcome(gate: Any) -> str:
+    """The gate's decision in words: its ``decision`` and each candidate accepted or rejected (plain text)."""
+    if not isinstance(gate, dict):
+        return ""
+    parts = [f"decision {gate['decision']}"] if _scalar(gate.get("decision")) and gate.get("decision") else []
+    candidates = gate.get("candidates")
+    if isinstance(candidates, dict):
+        candidates = [{"name": k, **v} for k, v in candidates.items() if isinstance(v, dict)]
+    if isinstance(candidates, list):
+        verdicts: dict[str, list[str]] = {"accepted": [], "rejected": []}
+        for c in candidates:
+            if isinstance(c, dict) and isinstance(c.get("accepted"), bool):
+                verdicts["accepted" if c["accepted"] else "rejected"].append(str(c.get("name", c.get("candidate"))))
+        if any(verdicts.values()):
+            parts.append(f"{sum(map(len, verdicts.values()))} candidate(s), "
+                         + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in verdicts.items()))
+    return "; ".join(parts)
 
 
 def _read_json(path: Path) -> Any:
@@ -323,7 +370,71 @@ def plot_timeline(data: ReportData) -> str | None:
     return _png(fig)
 
 
-def scatter_points(data: ReportData):
+@dataclass
+class Agreement:
+    """Forecast vs measured: the points plotted and the correlation the report quotes, with what it is."""
+
+    label: str  # what was measured, e.g. "|held-out loss change| at step 8"
+    series: list[tuple[str, list[tuple[str, float, float]]]]  # (seed name or "", [(domain, score, measured)])
+    pearson: float | None
+    spearman: float | None
+    how: str = ""  # where the quoted numbers come from, plain text ("" when computed here from the points)
+    variant: str | None = None
+    axis: str = ""  # a short y-axis label ("": the label)
+
+    @property
+    def points(self) -> list[tuple[str, float, float]]:
+        return [point for _, points in self.series for point in points]
+
+    @property
+    def n_domains(self) -> int:
+        return len({name for name, _, _ in self.points})
+
+
+def _validation_agreement(data: ReportData) -> Agreement | None:
+    """The correlation validation.json holds for the ranking variant against |Δ|: one seed's, or the seeds' mean."""
+    v = data.validation
+    correlations = ((v.get("correlations") or {}).get("nll") or {}) if isinstance(v, dict) else {}
+    per_seed = v.get("per_seed") if isinstance(v, dict) else None
+    if not correlations or not isinstance(per_seed, list) or not per_seed:
+        return None
+    variant = next((c for c in (data.variant, "sts_icl", *correlations) if c in correlations), None)
+    entry = (correlations.get(variant) or {}).get("abs") or {}
+    pearson, spearman = entry.get("pearson") or {}, entry.get("spearman") or {}
+    series = []
+    for seed in per_seed:
+        scores, deltas = seed.get("scores") or {}, seed.get("nll_delta_rel") or {}
+        points = [(d, scores[d][variant], abs(deltas[d])) for d in v.get("domains") or scores
+                  if isinstance((scores.get(d) or {}).get(variant), (int, float))
+                  and isinstance(deltas.get(d), (int, float))]
+        series.append((f"seed {seed.get('seed')}", points))
+    where = f"in validation.json: correlations.nll.{variant}.abs"
+    label = "|Δ| (each domain's |relative change of held-out NLL|)"
+    if len(per_seed) == 1:
+        seed = per_seed[0]
+        p = (((seed.get("correlations") or {}).get("nll") or {}).get(variant) or {}).get("abs", {}).get("pearson", {})
+        p_text = ""
+        if isinstance(p.get("p"), (int, float)):
+            p_text = f"; Pearson p = {p['p']:.3g}" + (f" ({p['p_method']})" if p.get("p_method") else "")
+        how = f"seed {seed.get('seed')}{p_text}; {where}"
+        series = [("", series[0][1])]
+    else:
+        def each(values: Any) -> str:
+            return ", ".join(f"{name} {r:+.2f}" if isinstance(r, (int, float)) else f"{name} n/a"
+                             for (name, _), r in zip(series, values or []))
+
+        how = (f"mean over {len(per_seed)} seeds of each seed's r: Pearson {each(pearson.get('values'))}; "
+               f"Spearman {each(spearman.get('values'))}; {where}")
+    return Agreement(label, series, pearson.get("mean"), spearman.get("mean"), how, variant,
+                     "|relative held-out NLL change|")
+
+
+def scatter_points(data: ReportData) -> Agreement | None:
+    """Forecast vs measured: from validation.json's own correlations when it has them, else computed here from
+    forecast.json's scores and the measured |change| (a validation's mean, or the last re-check's)."""
+    agreement = _validation_agreement(data)
+    if agreement is not None:
+        return agreement if agreement.points else None
     measured = data.measured()
     if measured is None or not data.ranking:
         return None
@@ -333,27 +444,48 @@ def scatter_points(data: ReportData):
         return None
     xs, ys = [p[1] for p in points], [p[2] for p in points]
     pearson, spearman = (correlation(xs, ys, statistic, n_resamples=0)["r"] for statistic in ("pearson", "spearman"))
-    return label, points, pearson, spearman
+    return Agreement(label, [("", points)], pearson, spearman, "", data.variant)
 
 
-def plot_scatter(data: ReportData, scatter) -> str | None:
+def plot_scatter(data: ReportData, scatter: Agreement) -> str | None:
     plt = optional_pyplot()
     if plt is None:
         return None
-    label, points, pearson, spearman = scatter
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, x, y in points:
-        color = PROTECTED_COLOR if name in data.protected else OTHER_COLOR
-        ax.scatter([x], [100 * y], color=color, s=36, zorder=3)
-        ax.annotate(name, (x, 100 * y), xytext=(4, 3), textcoords="offset points", fontsize=8)
-    ax.set_xlabel(f"forecast {LABELS.get(data.variant or '', data.variant)}")
-    ax.set_ylabel(f"measured: {label} (%)" if "loss" in label else f"measured: {label}")
-    r = "n/a" if pearson is None else f"{pearson:.2f}"
-    rho = "n/a" if spearman is None else f"{spearman:.2f}"
-    ax.set_title(f"Forecast vs measured: Pearson r = {r}, Spearman ρ = {rho}", fontsize=10)
+    markers = "osD^v<>"
+    several = len(scatter.series) > 1
+    for i, (series, points) in enumerate(scatter.series):
+        for name, x, y in points:
+            color = PROTECTED_COLOR if name in data.protected else OTHER_COLOR
+            if several:  # one colour per seed
+                color = plt.get_cmap("tab10")(i % 10)
+            ax.scatter([x], [100 * y], color=color, s=36, zorder=3, marker=markers[i % len(markers)],
+                       label=series or None)
+            ax.annotate(name, (x, 100 * y), xytext=(4, 3), textcoords="offset points", fontsize=8)
+    if several:
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, frameon=False)
+    variant = scatter.variant or data.variant or ""
+    ax.set_xlabel(f"forecast {LABELS.get(variant, variant)}")
+    ax.set_ylabel(f"measured: {scatter.axis or scatter.label} (%)", fontsize=8)
+    r = "n/a" if scatter.pearson is None else f"{scatter.pearson:.2f}"
+    rho = "n/a" if scatter.spearman is None else f"{scatter.spearman:.2f}"
+    mean = " (mean of the seeds' r)" if several else ""
+    ax.set_title(f"Forecast vs measured |Δ|: Pearson r = {r}, Spearman ρ = {rho}{mean}", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def _agreement_text(scatter: Agreement) -> str:
+    """One sentence (plain text) quoting the correlation and saying what it is."""
+    r = "n/a" if scatter.pearson is None else f"{scatter.pearson:.2f}"
+    rho = "n/a" if scatter.spearman is None else f"{scatter.spearman:.2f}"
+    variant = LABELS.get(scatter.variant or "", scatter.variant or "the forecast")
+    how = f" ({scatter.how})" if scatter.how else ""
+    return (f"Forecast vs measured: Pearson r = {r}, Spearman ρ = {rho} between {variant} and {scatter.label} over "
+            f"{scatter.n_domains} domains{how}.")
 
 
 # --------------------------------------------------------------------------- HTML
@@ -423,7 +555,7 @@ def _header(data: ReportData) -> str:
             f"<span><b>written</b> {esc(when)}</span></div></header>")
 
 
-def _summary(data: ReportData, scatter) -> str:
+def _summary(data: ReportData, scatter: Agreement | None) -> str:
     lines = []
     if data.ranking:
         top = ", ".join(f"<b>{esc(n)}</b>" + (' <span class="tag protected">protected</span>'
@@ -431,8 +563,7 @@ def _summary(data: ReportData, scatter) -> str:
         label = esc(LABELS.get(data.variant, data.variant))
         lines.append(f"Most affected by this training (forecast, {label}): {top}.")
     elif data.forecast is None:
-        lines.append("No forecast: the training data had no answers to use as in-context demonstrations; "
-                     "only re-checks are shown.")
+        lines.append(esc(data.contents_note()))
     if data.protected:
         lines.append("Protected domains: " + ", ".join(esc(p) for p in data.protected)
                      + (f" (held-out loss tolerance {data.tolerance:.1%})" if data.tolerance is not None else "") + ".")
@@ -446,9 +577,8 @@ def _summary(data: ReportData, scatter) -> str:
         note = data.precision_note()
         if note:
             lines.append(esc(note))
-    if scatter is not None and scatter[2] is not None:
-        lines.append(f"Forecast vs measured ({esc(scatter[0])}): Pearson r = {scatter[2]:.2f}, "
-                     f"Spearman ρ = {scatter[3]:.2f} over {len(scatter[1])} domains.")
+    if scatter is not None and scatter.pearson is not None:
+        lines.append(esc(_agreement_text(scatter)))
         ceiling = data.validation.get("noise_ceiling") if isinstance(data.validation, dict) else None
         if ceiling is not None:
             lines.append(f"The measured changes are noisy: against them even a perfect forecast could expect a "
@@ -544,15 +674,17 @@ def _timeline_section(data: ReportData) -> str:
             f"{table}</section>")
 
 
-def _scatter_section(data: ReportData, scatter) -> str:
+def _scatter_section(data: ReportData, scatter: Agreement | None) -> str:
     if scatter is None:
         return ""
-    label, points, pearson, spearman = scatter
-    r = "n/a (needs ≥ 3 domains that differ)" if pearson is None else f"{pearson:.3f}"
-    rho = "n/a" if spearman is None else f"{spearman:.3f}"
+    r = "n/a (needs ≥ 3 domains that differ)" if scatter.pearson is None else f"{scatter.pearson:.3f}"
+    rho = "n/a" if scatter.spearman is None else f"{scatter.spearman:.3f}"
+    how = f" ({scatter.how})" if scatter.how else ""
     return (f'<section id="scatter"><h2>Forecast vs measured</h2>{_img(plot_scatter(data, scatter), "scatter")}'
-            f"<p>Measured: {esc(label)}. Pearson r = <b>{esc(r)}</b>, Spearman ρ = <b>{esc(rho)}</b> over "
-            f"{len(points)} domains. STS forecasts the magnitude of the change, not its sign.</p></section>")
+            f"<p>Measured: {esc(scatter.label)}. Pearson r = <b>{esc(r)}</b>, Spearman ρ = <b>{esc(rho)}</b> with "
+            f"{esc(LABELS.get(scatter.variant or '', scatter.variant or 'the forecast'))} over {scatter.n_domains} "
+            f"domains{esc(how)}. STS forecasts the magnitude of the change, not its sign.</p>"
+            "</section>")
 
 
 def _context_html(entry: dict[str, Any]) -> str:
@@ -701,7 +833,7 @@ def render_html(data: ReportData) -> str:
             "style-src 'unsafe-inline'\">"
             f"<title>STS report</title><style>{CSS}</style></head><body>{_header(data)}<main>{_no_figures_note()}"
             f"{''.join(sections)}<p class=\"muted\">Written by sts-callback from {esc(data.sts_dir.name)}/ "
-            "(forecast.json, history.jsonl). STS: Zhang, Wang et al., ICLR 2026, arXiv 2603.02908.</p></main>"
+            f"({esc(', '.join(data.files))}). STS: Zhang, Wang et al., ICLR 2026, arXiv 2603.02908.</p></main>"
             "</body></html>\n")
 
 
@@ -740,7 +872,7 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
             lines.append(f"| … | {len(data.ranking) - top} more | | |")
         lines.append("")
     elif data.forecast is None:
-        lines += ["No forecast (no in-context demonstrations); re-checks only.", ""]
+        lines += [md_esc(data.contents_note()), ""]
     if data.rechecks:
         last = data.rechecks[-1]
         deltas = ", ".join(md_esc(change) for change in _changes(last, data.protected))
@@ -760,10 +892,10 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
             lines.append(f"Projected at the end of training ({how}, {last['lr_area_fraction']:.0%} of the "
                          "learning-rate schedule spent): " + ", ".join(
                              f"{md_esc(k)} {_pct(v)}" for k, v in last["early_forecast"].items() if v is not None) + ".")
-        scatter = scatter_points(data)
-        if scatter is not None and scatter[2] is not None:
-            lines.append(f"Forecast vs measured: Pearson r = {scatter[2]:.2f}, Spearman ρ = {scatter[3]:.2f}.")
         lines.append("")
+    scatter = scatter_points(data)
+    if scatter is not None and scatter.pearson is not None:
+        lines += [md_esc(_agreement_text(scatter)), ""]
     warnings = [f"step {r['step']}: {md_esc(v)}" for r in data.history
                 for v in (r.get("violations") or []) + (r.get("projected_warnings") or [])]
     warnings += [f"**{md_esc(r['early_stop'])}**" for r in data.history if r.get("early_stop")]
@@ -787,7 +919,9 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                       + (f" ({md_esc(c['reason'])})" if c.get("reason") else "")
                       for n, c in candidates.items() if isinstance(c, dict)]
         lines += ["**Gate decision:** " + "; ".join(items), ""]
-    lines.append("Full report with plots and the shifted latents' contexts: `report.html`.")
+    has_latents = bool((data.forecast or {}).get("shifted_latents"))
+    lines.append("Full report" + (" with plots and the shifted latents' contexts" if has_latents else "")
+                 + f": `report.html`. Written from {md_esc(data.sts_dir.name)}/ ({md_esc(', '.join(data.files))}).")
     return "\n".join(lines) + "\n"
 
 

@@ -32,11 +32,38 @@ def _spearman_along(x, y):
     return _pearson_along(rankdata(x, axis=-1), rankdata(y, axis=-1))
 
 
+# Up to this many points a correlation's p-value comes from every pairing (8! = 40320 of them, ~40 ms): for so
+# few, scipy's t-distribution p leans on normality and is 0 for any perfect rank correlation.
+EXACT_P_MAX_N = 8
+
+
+def _exact_permutation_p(x, y, statistic: str) -> float:
+    """Two-sided p of Pearson (or Spearman: Pearson of the ranks) under every pairing of ``x`` with ``y``."""
+    import numpy as np
+    from scipy import stats
+
+    if statistic != "pearson":
+        x, y = stats.rankdata(x), stats.rankdata(y)
+    yc = y - y.mean()
+    yc = yc / np.sqrt((yc ** 2).sum())
+
+    def pearson(a, axis=-1):
+        a = np.moveaxis(a, axis, -1)
+        ac = a - a.mean(axis=-1, keepdims=True)
+        return (ac @ yc) / np.sqrt((ac ** 2).sum(axis=-1))
+
+    result = stats.permutation_test((x,), pearson, permutation_type="pairings", vectorized=True,
+                                    n_resamples=np.inf, batch=50_000, alternative="two-sided")
+    return float(result.pvalue)
+
+
 def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearson", *, n_resamples: int = 2000,
                 seed: int = 0, confidence_level: float = 0.95) -> dict[str, Any]:
-    """``{"r", "p", "ci": [low, high], "n"}`` of Pearson or Spearman between ``x`` and ``y``.
+    """``{"r", "p", "p_method", "ci": [low, high], "n"}`` of Pearson or Spearman between ``x`` and ``y``.
 
-    ``p`` from ``scipy.stats.pearsonr`` / ``spearmanr``; ``ci`` a paired percentile bootstrap
+    ``p`` (two-sided): up to :data:`EXACT_P_MAX_N` points an exact permutation test over every pairing
+    (``scipy.stats.permutation_test``; with 3 points even a perfect correlation has p = 1/3), beyond that
+    ``scipy.stats.pearsonr`` / ``spearmanr``; ``p_method`` says which. ``ci`` a paired percentile bootstrap
     (``scipy.stats.bootstrap``, seeded). Resamples that are constant on one side have no correlation and are
     left out of the interval. A constant ``x`` or ``y`` gives ``r = p = ci = None`` (JSON null), never an error.
     """
@@ -45,15 +72,19 @@ def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearso
 
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    out: dict[str, Any] = {"r": None, "p": None, "ci": None, "n": int(len(x))}
+    out: dict[str, Any] = {"r": None, "p": None, "p_method": None, "ci": None, "n": int(len(x))}
     if len(x) < 3 or not (np.isfinite(x).all() and np.isfinite(y).all()) or np.ptp(x) == 0 or np.ptp(y) == 0:
         return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = stats.pearsonr(x, y) if statistic == "pearson" else stats.spearmanr(x, y)
         r, p = float(result[0]), float(result[1])
+        method = "t-distribution"
+        if len(x) <= EXACT_P_MAX_N:
+            p, method = _exact_permutation_p(x, y, statistic), "exact permutation"
         out["r"] = r if math.isfinite(r) else None
         out["p"] = p if math.isfinite(p) else None
+        out["p_method"] = method if out["p"] is not None else None
         if n_resamples > 0:
             function = _pearson_along if statistic == "pearson" else _spearman_along
             rng = np.random.default_rng(seed)
@@ -98,4 +129,4 @@ def noise_ceiling_by_domain(changes: Mapping[str, float | None],
     return noise_ceiling([changes[name] for name in measured], [standard_errors.get(name) for name in measured])
 
 
-__all__ = ["correlation", "noise_ceiling", "noise_ceiling_by_domain"]
+__all__ = ["EXACT_P_MAX_N", "correlation", "noise_ceiling", "noise_ceiling_by_domain"]

@@ -18,7 +18,7 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,8 @@ class Calibration:
             raise STSInputError(f"Calibration.fit got {X.shape[1]} values per row for {len(features)} features.")
         if not 0 < level < 1:
             raise STSConfigError(f"level must be in (0, 1), e.g. 0.9 for a 90% interval; got {level!r}.")
+        if ridge is not None and not ridge >= 0:  # from_dict refuses it: never save one
+            raise STSConfigError(f"ridge must be >= 0 (or None for the default); got {ridge!r}.")
         if len(Y) < len(features) + 2:
             raise STSInputError(f"Calibration needs at least {len(features) + 2} measured (score, change) pairs for "
                                 f"{len(features)} feature(s); got {len(Y)}. Add target domains, sources or seeds.")
@@ -231,6 +233,12 @@ class Calibration:
         usable = {name: [float(values[f]) for f in self.features] for name, values in domains.items()
                   if all(values.get(f) is not None for f in self.features)}
         if not usable:
+            if domains:  # an empty result would read as "nothing to predict": say which features are missing
+                absent = [f for f in self.features if all(v.get(f) is None for v in domains.values())]
+                raise STSInputError(f"No domain has every feature this calibration uses ({self.features}"
+                                    + (f"; none has {absent}" if absent else "") + "). Compute them in the forecast "
+                                    "(compute_icl=True for STS_icl; run_level=... for a run-level feature), or fit "
+                                    "a calibration on the features it has (`sts calibrate --features ...`).")
             return {}
         offset = np.zeros(len(self.features))
         if self.centered:
@@ -276,10 +284,15 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        """A calibration from its dict (:meth:`to_dict`); every field is checked here, so that a corrupt or
+        hand-edited file fails when it is loaded, naming the field, not later as NaN or a numpy error."""
+        if not isinstance(data, dict):
+            raise STSInputError(f"Not an STS calibration: {_kind(data)}, not a JSON object of format {FORMAT!r}; "
+                                "write one with Calibration.save or `sts calibrate`.")
         if data.get("format") != FORMAT:
             raise STSInputError(f"Not an STS calibration (format={data.get('format')!r}); write one with "
                                 "Calibration.save or `sts calibrate`.")
-        return cls(**{k: v for k, v in data.items() if k != "format"})
+        return cls(**_checked_fields({k: v for k, v in data.items() if k != "format"}))
 
     def save(self, path: str | Path) -> Path:
         from ..core.atomic import atomic_write_json
@@ -288,7 +301,10 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            return cls.from_dict(_read_json(path))
+        except STSInputError as err:
+            raise STSInputError(f"{path}: {err}") from err
 
     @classmethod
     def from_runs(cls, runs: Sequence[str | Path], features: Sequence[str] | None = None, *,
@@ -311,13 +327,14 @@ class Calibration:
                           "change, not the run-level term's own change. Give every run the same run_level for a "
                           "level from it.", STSDataWarning, stacklevel=2)
         source_features = [own_feature(methods.pop())] if has_level else []
-        scope = {}
+        scope = shared_scope([r["scope"] for r in records])  # warned about when applied to another setup
         if has_level:  # the own change grows with the lookahead's steps: the level holds for that many only
             steps = sorted({r["run_level"].get("steps") for r in records}, key=str)
             if len(steps) > 1:
                 raise STSInputError(f"The runs' run-level terms took different numbers of steps ({steps}); fit on "
                                     "runs with the same run_level_steps.")
-            scope = {"scope": {"run_level_steps": steps[0]}} if steps[0] is not None else {}
+            if steps[0] is not None:
+                scope["run_level_steps"] = steps[0]
         if features is None:
             common = None
             for r in records:
@@ -336,29 +353,36 @@ class Calibration:
             x = [[float(r["scores"][n][f]) for f in features] for n in names]
             own = [float(r["run_level"]["own_change"])] if source_features else []
             rows.append((x, [float(r["changes"][n]) for n in names], own, names))
+        fitted_on = {"training_runs": [r["run"] for r in records], "steps": [r["step"] for r in records],
+                     **({"scope": scope} if scope else {})}
         return cls.fit_level_pattern(rows, features, source_features, domain_prior=domain_prior, level=level,
-                                     pattern_scale=pattern_scale, fitted_on={"training_runs": [r["run"] for r in records],
-                                                "steps": [r["step"] for r in records], **scope})
+                                     pattern_scale=pattern_scale, fitted_on=fitted_on)
 
     @classmethod
     def from_validation(cls, results: Sequence[str | Path | dict[str, Any]] | str | Path | dict[str, Any],
                         features: Sequence[str] = (DEFAULT_SIGNED,), *, level: float = 0.9) -> "Calibration":
-        """Fit on every (domain, seed) of one or more ``validation.json`` files (or their folders)."""
-        x, y, used = [], [], []
-        for data in _validation_records(results):
+        """Fit on every (domain, seed) of one or more ``validation.json`` files (or their folders). ``fitted_on``
+        records the files and the scope they share (model class, SAE width and hook, from the forecast saved
+        with each validation), for :meth:`Forecast.apply_calibration` to warn on another setup."""
+        x, y, used, scopes = [], [], [], []
+        records = _validation_records(results)
+        for data, source in records:
             for seed in data["per_seed"]:
                 for domain, scores in seed["scores"].items():
                     if any(scores.get(f) is None for f in features):
                         continue
                     x.append([float(scores[f]) for f in features])
                     y.append(float(seed["nll_delta_rel"][domain]))
-            used.append(data.get("output_dir"))
+            used.append(source)
+            scopes.append(_validation_scope(data, source))
         if not y:
-            available = sorted({k for data in _validation_records(results) for seed in data["per_seed"]
+            available = sorted({k for data, _ in records for seed in data["per_seed"]
                                 for scores in seed["scores"].values() for k, v in scores.items() if v is not None})
             raise STSInputError(f"No domain of these validation runs has the feature(s) {list(features)}; "
                                 f"they have {available}. Pass features= from those (or re-run `sts validate`).")
-        return cls.fit(x, y, features, level=level, fitted_on={"validations": used, "pairs": len(y)})
+        scope = shared_scope(scopes)
+        return cls.fit(x, y, features, level=level,
+                       fitted_on={"validations": used, "pairs": len(y), **({"scope": scope} if scope else {})})
 
 
 RUN_LEVEL_METHODS = ("lookahead", "first_order")  # the run-level terms (pipelines.runlevel), a feature each
@@ -400,24 +424,65 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         last = max(measured, key=lambda r: r["step"])
         records.append({"run": str(item), "step": last["step"], "changes": last["loss_delta"],
                         "scores": {name: d.get("scores") or {} for name, d in forecast.get("domains", {}).items()},
-                        "run_level": (forecast.get("settings") or {}).get("run_level")})
+                        "run_level": (forecast.get("settings") or {}).get("run_level"),
+                        "scope": forecast_scope(forecast.get("settings"))})
     return records
 
 
-def _validation_records(results) -> list[dict[str, Any]]:
+SCOPE_KEYS = ("model_class", "d_in", "d_sae", "hook_name")  # what Forecast._check_scope compares
+
+
+def forecast_scope(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """The model class and SAE (width, hook) a forecast's ``settings`` record: a calibration's scope."""
+    settings = settings if isinstance(settings, dict) else {}
+    sae = settings.get("sae") if isinstance(settings.get("sae"), dict) else {}
+    here = {"model_class": settings.get("model_class"), **sae}
+    return {k: here[k] for k in SCOPE_KEYS if here.get(k) is not None}
+
+
+def shared_scope(scopes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The scope entries every run that records them agrees on (runs of two models: no model_class)."""
+    shared: dict[str, Any] = {}
+    for key in SCOPE_KEYS:
+        values = [s[key] for s in scopes if s.get(key) is not None]
+        if values and all(v == values[0] for v in values):
+            shared[key] = values[0]
+    return shared
+
+
+def _validation_scope(data: dict[str, Any], source: str | None) -> dict[str, Any]:
+    """The scope of a validation: from the forecast `sts validate` saves beside validation.json (its folder
+    copied elsewhere: the copy's), else the path it records; {} when neither can be read."""
+    candidates = [Path(source).parent / "forecast.json"] if source else []
+    recorded = (data.get("files") or {}).get("forecast") if isinstance(data.get("files"), dict) else None
+    candidates += [Path(recorded)] if recorded else []
+    for path in candidates:
+        try:
+            forecast = json.loads(path.read_text())
+        except (OSError, ValueError):  # a scope is best effort: an unreadable file records none
+            continue
+        if isinstance(forecast, dict):
+            return forecast_scope(forecast.get("settings"))
+    return {}
+
+
+def _validation_records(results) -> list[tuple[dict[str, Any], str | None]]:
+    """Each validation result with where it came from: its file's absolute path; for a dict, the path it
+    records (``files["json"]``, or ``output_dir``), else None."""
     if isinstance(results, (str, Path, dict)):
         results = [results]
     records = []
     for item in results:
         if isinstance(item, dict):
-            records.append(item)
+            files = item.get("files") if isinstance(item.get("files"), dict) else {}
+            records.append((item, files.get("json") or item.get("output_dir")))
             continue
         path = Path(item)
         if path.is_dir():
             path = next((p for p in (path / "sts" / "validation.json", path / "validation.json") if p.exists()), path)
         if not path.is_file():
             raise STSInputError(f"No validation.json at {item}; run `sts validate` first.")
-        records.append(json.loads(path.read_text()))
+        records.append((json.loads(path.read_text()), str(path.resolve())))
     return records
 
 
@@ -540,6 +605,138 @@ def fitted_exponent(points: Sequence[tuple[float, dict[str, float | None]]], *, 
     return float(min(max(float(np.median(ratios)), bounds[0]), bounds[1]))
 
 
+RECIPES = ("lora", "full")  # early_blend_recipe: the runs' recipe (STSSession.recipe)
+_FIX = "Correct that field, or refit the calibration with `sts calibrate` (Calibration.save writes a valid file)."
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, for a message: ``a list``, ``null``, ``the string 'abc'``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    return {list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise STSInputError(f"not a JSON file ({err}); pass the calibration JSON that `sts calibrate` or "
+                            "Calibration.save writes.") from err
+
+
+def _bad(name: str, value: Any, must: str) -> STSInputError:
+    return STSInputError(f"Calibration field {name!r} is {_kind(value)}; it must be {must}. {_FIX}")
+
+
+def _number(name: str, value: Any, must: str = "a finite number", ok=lambda v: True) -> float:
+    # bool is an int to Python, never a meaningful calibration number
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise _bad(name, value, must)
+    return float(value)
+
+
+def _numbers(name: str, value: Any, length: int | None, of: str, ok=lambda v: True,
+             must: str = "finite") -> list[float]:
+    """A list of numbers, one per entry of ``of`` (``length`` of them) when ``length`` is given."""
+    if not isinstance(value, list):
+        raise _bad(name, value, f"a list of {must} numbers, one per entry of {of!r}")
+    if length is not None and len(value) != length:
+        raise STSInputError(f"Calibration field {name!r} has {len(value)} value(s) but {of!r} has {length}; they "
+                            f"must match one to one. {_FIX}")
+    return [_number(f"{name}[{i}]", v, f"a {must} number", ok) for i, v in enumerate(value)]
+
+
+def _names(name: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _bad(name, value, "a list of feature names (strings)")
+    return list(value)
+
+
+def _checked_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a calibration dict (less ``format``), each checked against what prediction needs of it."""
+    from .early import METHODS as EARLY_METHODS
+
+    known = [f.name for f in fields(Calibration)]
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        raise STSInputError(f"Calibration has unknown field(s) {unknown}; its fields are {known}. Remove them, or "
+                            "refit the calibration with `sts calibrate`.")
+    required = [f.name for f in fields(Calibration) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise STSInputError(f"Calibration lacks the field(s) {missing}; refit the calibration with `sts calibrate` "
+                            "(Calibration.save writes every field).")
+    out = dict(data)
+    features = out["features"] = _names("features", data["features"])
+    out["coef"] = _numbers("coef", data["coef"], len(features), "features")
+    out["center"] = _numbers("center", data["center"], len(features), "features")
+    out["scale"] = _numbers("scale", data["scale"], len(features), "features", lambda v: v > 0, "positive")
+    out["intercept"] = _number("intercept", data["intercept"])
+    out["sigma"] = _number("sigma", data["sigma"], "a finite number >= 0 (the residual std)", lambda v: v >= 0)
+    n = data["n"]
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n != int(n) or n < 1:
+        raise _bad("n", n, "a whole number >= 1 (the measured changes it was fitted on)")
+    out["n"] = int(n)
+    if "level" in data:
+        out["level"] = _number("level", data["level"], "a number in (0, 1), e.g. 0.9 for a 90% interval",
+                               lambda v: 0 < v < 1)
+    if "ridge" in data:
+        out["ridge"] = _number("ridge", data["ridge"], "a finite number >= 0", lambda v: v >= 0)
+    fitted_on = data.get("fitted_on", {})
+    if not isinstance(fitted_on, dict):
+        raise _bad("fitted_on", fitted_on, "an object (what it was fitted on)")
+    scope = fitted_on.get("scope")
+    if scope is not None:  # Forecast._check_scope and the callback read it
+        if not isinstance(scope, dict):
+            raise _bad("fitted_on.scope", scope, "an object (model_class, d_in, d_sae, hook_name, ...)")
+        steps = scope.get("run_level_steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise _bad("fitted_on.scope.run_level_steps", steps, "an integer >= 1 (the lookahead's steps)")
+    if not isinstance(data.get("centered", False), bool):
+        raise _bad("centered", data["centered"], "true or false")
+    source = out["source_features"] = _names("source_features", data.get("source_features", []))
+    out["source_coef"] = _numbers("source_coef", data.get("source_coef", []), len(source), "source_features")
+    prior = data.get("domain_prior", {})
+    if not isinstance(prior, dict):
+        raise _bad("domain_prior", prior, "an object: domain name -> its usual departure")
+    out["domain_prior"] = {str(k): _number(f"domain_prior.{k}", v) for k, v in prior.items()}
+    if (PRIOR in features) != bool(prior):  # predict_all fills the "domain_prior" feature from the map
+        raise STSInputError(f"Calibration fields disagree: features {'has' if PRIOR in features else 'lacks'} "
+                            f"{PRIOR!r} but the domain_prior map is {'empty' if not prior else 'given'}; a "
+                            f"calibration fitted with domain_prior=True has both. {_FIX}")
+    blend = data.get("early_blend", {})
+    if not isinstance(blend, dict):
+        raise _bad("early_blend", blend, "an object: early method -> rows")
+    for method, rows in blend.items():
+        if method not in EARLY_METHODS:
+            raise STSInputError(f"Calibration field 'early_blend' has the method {method!r}; the early methods are "
+                                f"{list(EARLY_METHODS)}. {_FIX}")
+        if not isinstance(rows, list):
+            raise _bad(f"early_blend.{method}", rows, "a list of rows")
+        for i, row in enumerate(rows):
+            where = f"early_blend.{method}[{i}]"
+            if not isinstance(row, list) or len(row) != 4:
+                raise _bad(where, row, "a row [lr-area fraction, intercept, early weight, step-0 weight]")
+            _number(f"{where}[0]", row[0], "an lr-area fraction in [0, 1]", lambda v: 0 <= v <= 1)
+            for j, v in enumerate(row[1:], 1):
+                _number(f"{where}[{j}]", v)
+    recipe = data.get("early_blend_recipe")
+    if recipe is not None and recipe not in RECIPES:
+        raise _bad("early_blend_recipe", recipe, f"null (any run) or one of {list(RECIPES)}")
+    if data.get("pattern_scale", "absolute") not in PATTERN_SCALES:
+        raise _bad("pattern_scale", data["pattern_scale"], f"one of {list(PATTERN_SCALES)}")
+    if "pattern_spread" in data:
+        out["pattern_spread"] = _number("pattern_spread", data["pattern_spread"],
+                                        "a positive number (the fitted runs' median spread)", lambda v: v > 0)
+    return out
+
+
 def builtin_calibration(name: str) -> Calibration:
     """A calibration shipped in the package (:data:`BUILTIN`), e.g. ``"gemma3-270m-lora"``: fitted on
     ``benchmarks/transfer``'s LoRA runs of Gemma 3 270M with the demo SAE; its ``fitted_on`` says its scope."""
@@ -566,10 +763,9 @@ def load_calibration(calibration: Any) -> Calibration:
                                  f"({sorted(BUILTIN)}); fit one on your runs with `sts calibrate` (or "
                                  "Calibration.from_runs(...).save(path)).")
         try:
-            return Calibration.load(calibration)
-        except (ValueError, KeyError, TypeError) as err:
-            raise STSConfigError(f"calibration={str(calibration)!r} is not a calibration file ({err}); "
-                                 "`sts calibrate` writes one.") from err
+            return Calibration.from_dict(_read_json(calibration))
+        except STSInputError as err:
+            raise STSConfigError(f"calibration={str(calibration)!r} is not a usable calibration file: {err}") from err
     raise STSConfigError(f"calibration must be a Calibration, its dict, a JSON path or a built-in name "
                          f"({sorted(BUILTIN)}); got {type(calibration).__name__}.")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.config import DEFAULT_SIGNED
+from ..core.data import named_items
 from ..core.errors import STSConfigError, STSError, STSInputError
 from ..core.run_store import FORECAST_FORMAT
 
@@ -34,6 +35,60 @@ output: forecast.json
 """
 
 
+class _RepeatedKey(Exception):
+    """A key given twice in one mapping of a config (YAML and JSON readers keep the last value silently)."""
+
+    def __init__(self, key: Any, at: str = "", first: str = "", keys: list[Any] | None = None):
+        super().__init__(key)
+        self.key, self.at, self.first, self.keys = key, at, first, keys
+
+    def message(self, where: str) -> str:
+        at = (f" at {self.at} (first at {self.first})" if self.at
+              else f" in the object with keys {self.keys}" if self.keys else "")
+        return (f"{where} repeats the key {self.key!r}{at}; the reader would keep only the last value and silently "
+                "drop the other. Rename or remove one.")
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key repeated in one mapping (:class:`_RepeatedKey`)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.checked: set[int] = set()
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode) and id(node) not in self.checked:
+                self.checked.add(id(node))  # merges (<<) rewrite node.value: check its own keys once, first
+                seen: dict[Any, str] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # keys merged in may be overridden: that is what a merge is for
+                    key = self.construct_object(key_node, deep=True)
+                    mark = key_node.start_mark
+                    try:
+                        first = seen.get(key)
+                    except TypeError:
+                        continue  # an unhashable key: the base class reports it
+                    if first is not None:
+                        raise _RepeatedKey(key, f"line {mark.line + 1}, column {mark.column + 1}", first)
+                    seen[key] = f"line {mark.line + 1}, column {mark.column + 1}"
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for json: a key repeated in one object is a :class:`_RepeatedKey`."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _RepeatedKey(key, keys=[k for k, _ in pairs])
+        data[key] = value
+    return data
+
+
 def _read_config(path: str) -> dict[str, Any]:
     """The config file as a mapping; every way it cannot be read is an :class:`STSInputError` naming the file."""
     file = Path(os.path.expanduser(path))
@@ -49,7 +104,15 @@ def _read_config(path: str) -> dict[str, Any]:
                             "UTF-8.") from err
     if file.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        except _RepeatedKey as err:
+            try:  # json gives no position; YAML reads most JSON and does
+                _load_yaml(text)
+            except _RepeatedKey as located:
+                err = located if located.key == err.key else err
+            except Exception:  # noqa: BLE001 - only a better message was sought
+                pass
+            raise STSInputError(err.message(f"Config file {path}")) from err
         except json.JSONDecodeError as err:
             raise STSInputError(f"Config file {path} is not valid JSON ({err.msg} at line {err.lineno}, column "
                                 f"{err.colno}); fix it there.") from err
@@ -57,7 +120,9 @@ def _read_config(path: str) -> dict[str, Any]:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
+        except _RepeatedKey as err:
+            raise STSInputError(err.message(f"Config file {path}")) from err
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -75,7 +140,14 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, value = item.split("=", 1)
     import yaml
 
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), _load_yaml(value)
+    except _RepeatedKey as err:
+        raise STSInputError(err.message(f"--set {item!r}")) from err
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise STSInputError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it or fix it, e.g. "
+                            "--set seed=3.") from err
 
 
 def load_model(spec: str, device: str | None = None, dtype: str | None = None):
@@ -123,13 +195,14 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
         raise STSInputError(f"sts {command} needs a CONFIG file (see `sts {command} --example`).")
     config_file = _read_config(args.config)
     _check_config_keys(args.config, command, config_file)
-    missing = [k for k in required if k not in config_file]
+    missing = [k for k in required if config_file.get(k) is None]  # `targets:` with no value is missing too
     if missing:
-        raise STSInputError(f"{args.config} lacks {missing}; see `sts {command} --example`.")
+        raise STSInputError(f"{args.config} lacks {missing} (or leaves them empty); see `sts {command} --example`.")
     options = dict(config_file.get("options") or {})
     options.update(dict(_parse_override(item) for item in args.set or []))
     config = STSConfig.from_dict(options)
     _check_model(config_file["model"])
+    _check_data_values(args.config, config_file)
     _check_data_files(_data_specs(config_file))
     return config_file, config
 
@@ -240,6 +313,50 @@ def _data_specs(config_file: dict[str, Any]) -> list[Any]:
         elif value is not None:
             specs.append(value)
     return specs
+
+
+def _target_names(targets: Any) -> list[str]:
+    """The names the target domains get (as :func:`~sts_callback.core.data.load_domains` names them)."""
+    if isinstance(targets, dict):
+        return [str(k) for k in targets]
+    names = []
+    for item in targets if isinstance(targets, (list, tuple)) else []:
+        path = _existing_file(_expand(item))
+        names.append(path.stem if path is not None else str(item) if isinstance(item, str) else "data")
+    return names
+
+
+def _check_data_values(path: str, config_file: dict[str, Any]) -> None:
+    """Each value that names data can be data (a file, a registered domain, a list of texts), and no two
+    names of one mapping are equal as text, before the model loads; the error names the entry."""
+    from ..core.data import check_data_spec
+
+    for key in ("targets", "candidates", "multiple_choice"):
+        if isinstance(config_file.get(key), dict):
+            named_items(config_file[key], f"{path}: `{key}`")
+    for key in ("train_data", "demonstrations"):
+        if config_file.get(key) is not None:
+            check_data_spec(_expand(config_file[key]), f"`{key}` in {path}")
+    targets = config_file.get("targets")
+    if targets is not None:
+        if not isinstance(targets, (dict, list)):
+            raise STSInputError(f"{path}: `targets` must be a mapping name -> data (a JSONL path, a registered domain "
+                                f"name or a list of texts) or a list of domain names / paths, not "
+                                f"{type(targets).__name__}.")
+        if not targets:
+            raise STSInputError(f"{path}: `targets` is empty; name at least one target domain.")
+        items = targets.items() if isinstance(targets, dict) else enumerate(targets)
+        for name, value in items:
+            what = f"target {str(name)!r}" if isinstance(targets, dict) else f"targets[{name}]"
+            check_data_spec(_expand(value), f"{what} in {path}")
+        names = _target_names(targets)
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise STSInputError(f"{path}: two target domains are named {repeated[0]!r}; give `targets` as a mapping "
+                                "name -> data.")
+    if isinstance(config_file.get("candidates"), dict):
+        for name, value in config_file["candidates"].items():
+            check_data_spec(_expand(value), f"candidate {str(name)!r} in {path}")
 
 
 def _existing_file(value: Any) -> Path | None:
@@ -401,16 +518,15 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
-    from ..core.data import example_text, load_corpus
-    from .train_sae import SAETrainingConfig, train_sae
+    from .train_sae import SAETrainingConfig, check_training_inputs, train_sae
 
     # bad settings fail here, before the model loads
     config = SAETrainingConfig.from_dict({"d_sae": args.d_sae, "k": args.k, "training_tokens": args.tokens})
     _check_model(args.model)
     _check_data_files(args.data)
+    texts = check_training_inputs(args.model, args.layer, args.data)
     output = _check_output_folder(Path(args.output), "The SAE output folder")
     model, tokenizer = load_model(args.model, args.device)
-    texts = [example_text(corpus[i]) for corpus in map(load_corpus, args.data) for i in range(len(corpus))]
     trained = train_sae(model, tokenizer, texts, args.layer, config, output_dir=output, progress=True)
     print(json.dumps(trained.to_dict(), indent=2))
     return 0
@@ -480,20 +596,36 @@ keep_fraction: 0.9             # ... keeping this fraction (or `threshold: <scor
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from ..pipelines.gate import GateRules, MixtureRejected, filter_examples, gate_mixture, write_jsonl
+    from ..pipelines.gate import (GateRules, MixtureRejected, check_budget, check_filter, check_gate_names,
+                                  filter_examples, gate_mixture, gated_score, write_jsonl)
 
     if args.example:
         print(EXAMPLE_GATE_CONFIG, end="")
         return 0
     config_file, config = _command_config(args, "gate", ("model", "sae", "candidates", "targets", "protected"))
-    if not isinstance(config_file["candidates"], dict) or not config_file["candidates"]:
-        raise STSInputError(f"{args.config}: `candidates` must be a mapping name -> path or domain name.")
-    # bad rules fail here, before the model loads
+    if not isinstance(config_file["candidates"], dict):
+        raise STSInputError(f"{args.config}: `candidates` must be a mapping name -> JSONL path or registered domain "
+                            f"name, not {type(config_file['candidates']).__name__}.")
+    if not config_file["candidates"]:
+        raise STSInputError(f"{args.config}: `candidates` is empty; name at least one candidate dataset "
+                            "(name: JSONL path or registered domain name).")
+    # every setting fails here, before the model loads (gate_mixture runs the same checks)
     rules = GateRules.from_dict({k: config_file[k] for k in GATE_RULE_KEYS if config_file.get(k) is not None})
+    gated_score(rules, config)
+    check_budget(config_file.get("budget"))
+    check_gate_names([str(c) for c in config_file["candidates"]], _target_names(config_file["targets"]),
+                     config_file["protected"], rules)
     keep_fraction, threshold = config_file.get("keep_fraction"), config_file.get("threshold")
     filtered_dir = args.filtered_dir or config_file.get("filtered_dir")
-    if filtered_dir and keep_fraction is None and threshold is None:
-        keep_fraction = 0.9
+    if not filtered_dir and (keep_fraction is not None or threshold is not None):
+        given = "keep_fraction" if keep_fraction is not None else "threshold"
+        raise STSInputError(f"{args.config}: `{given}` says what to keep of each accepted candidate in filtered_dir, "
+                            f"but no filtered_dir is given; add `filtered_dir: filtered/` (or --filtered-dir DIR), "
+                            f"or drop `{given}`.")
+    if filtered_dir:
+        if keep_fraction is None and threshold is None:
+            keep_fraction = 0.9
+        check_filter(keep_fraction, threshold)
     output = _check_output_file(Path(args.output or config_file.get("output") or "gate.json"), "The decision output")
     outputs = [(output, f"The decision output {output}")]
     if filtered_dir:
@@ -505,7 +637,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
                             " (filtered_dir gets <candidate>.jsonl for each accepted candidate: give it a new "
                             "folder, e.g. filtered/)." if filtered_dir else ", e.g. in a new folder."))
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
-    candidates = {str(k): _expand(v) for k, v in config_file["candidates"].items()}
+    candidates = {k: _expand(v) for k, v in named_items(config_file["candidates"], "candidates").items()}
     try:
         decision = gate_mixture(model, tokenizer, _expand(config_file["sae"]), candidates,
                                 _expand(config_file["targets"]), config_file["protected"], rules,
@@ -592,7 +724,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise STSInputError(f"{args.config}: `multiple_choice` lacks items for "
                                 f"{sorted(set(map(str, targets)) - set(map(str, choices)))}; give a JSONL for "
                                 "every target domain, or drop `multiple_choice`.")
-        metric = multiple_choice_accuracy({str(k): _expand(v) for k, v in choices.items()})
+        metric = multiple_choice_accuracy({k: _expand(v) for k, v in
+                                           named_items(choices, f"{args.config}: `multiple_choice`").items()})
     output_dir = _check_output_folder(Path(args.output_dir or config_file.get("output_dir") or "sts-validation"),
                                       "The validation output folder")
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
@@ -670,9 +803,36 @@ def _validation_inputs(items: list[str]) -> dict[Path, str]:
     return inputs
 
 
+def _check_report_protected(output_dir: str, protected: list[str]) -> None:
+    """--protected names target domains of the run, each once (as the callback and the gate require)."""
+    from ..reporting.report import ReportData, resolve_sts_dir
+
+    repeated = sorted({p for p in protected if protected.count(p) > 1})
+    if repeated:
+        raise STSInputError(f"--protected names {repeated} more than once; name each protected domain once.")
+    sts_dir = resolve_sts_dir(Path(output_dir))
+    data = ReportData(sts_dir)
+    names: set[str] = set()
+    if isinstance(data.forecast, dict) and isinstance(data.forecast.get("domains"), dict):
+        names.update(data.forecast["domains"])
+    if isinstance(data.gate, dict) and isinstance(data.gate.get("targets"), list):
+        names.update(map(str, data.gate["targets"]))
+    for record in data.history:
+        for key in ("scores", "loss", "loss_delta"):
+            if isinstance(record.get(key), dict):
+                names.update(record[key])
+    unknown = [p for p in protected if p not in names]
+    if names and unknown:  # no domain recorded anywhere: nothing to check against
+        raise STSInputError(f"Protected domain(s) {unknown} are not among the target domains of {sts_dir} "
+                            f"{sorted(names)}; fix the names in --protected (or drop it: the report then uses the "
+                            "protected domains the run stored).")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from ..reporting.report import write_report
 
+    if args.protected is not None:  # before the report is written
+        _check_report_protected(args.output_dir, args.protected)
     html_path, md_path = write_report(Path(args.output_dir), protected=args.protected)
     print(f"wrote {html_path}\nwrote {md_path}")
     return 0

@@ -24,10 +24,16 @@ from torch import nn
 
 from ..core.capture import ResidualCapture, max_positions, num_layers, unwrap_model
 from ..core.config import settings_from_dict
-from ..core.errors import STSConfigError, STSInputError
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.torch_utils import model_device
 
 REPORT_FILENAME = "training_report.json"
+# Fewest tokens the FVU is measured on: it divides by their variance around their own mean, which fewer rows
+# estimate too poorly (1 row: 0, so NaN).
+MIN_EVAL_TOKENS = 10
+# More passes than this over the collected tokens: the data are far below the token budget, and the SAE fits
+# these tokens rather than the model's residual stream (the held-out FVU then says how far).
+MAX_PASSES = 10
 # Sequences per model forward while collecting activations.
 FORWARD_BATCH_SEQUENCES = 8
 # Rows per SAE encode during evaluation, bounding the [rows x d_sae] latent matrix.
@@ -125,12 +131,27 @@ class TrainedSAE:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (everything but the SAE object)."""
+        """JSON-ready summary (everything but the SAE object): a NaN or infinite number is written as null, with
+        a note in ``notes`` saying why (strict JSON has no NaN)."""
         out = {name: getattr(self, name) for name in (
             "path", "layer", "d_in", "d_sae", "k", "fvu", "mean_l0", "dead_fraction", "training_tokens",
             "unique_tokens", "held_out_tokens", "seconds")}
         out.update(self.details)
+        notes = list(out.get("notes") or [])
+        for key, value in out.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = None
+                notes.append(UNDEFINED.get(key, f"{key} is null: it came out {value} (not a number)."))
+        if notes:
+            out["notes"] = notes
         return out
+
+
+# Why a metric came out NaN, for the report that writes it as null.
+UNDEFINED = {
+    "fvu": "fvu is null: the evaluation activations do not vary (zero variance), so the fraction of variance "
+           "unexplained is undefined; evaluate on more, different texts.",
+}
 
 
 def _as_text_list(texts: Any) -> list[str]:
@@ -301,6 +322,67 @@ def _check_layer(layer: int, n_layers: int) -> None:
                             f"in 0..{n_layers - 1}.")
 
 
+def configured_layers(model: str | Path) -> int | None:
+    """Decoder layers of the model named by ``model`` (a Hugging Face folder, a hub name in the cache, or the
+    built-in gemma-3-270m once built), read from its config.json without loading weights; ``None`` when that
+    cannot be read here (the model loader then says what is wrong)."""
+    from .models import GEMMA3_270M, default_cache_dir
+
+    spec = str(model)
+    if spec in (GEMMA3_270M, "gemma3-270m"):
+        spec = str(default_cache_dir() / GEMMA3_270M)
+        if not (Path(spec) / "config.json").is_file():
+            return None
+    try:
+        from transformers import AutoConfig
+
+        local = Path(spec).expanduser()
+        # a hub name: only what is cached (a check must not wait on the network)
+        config = AutoConfig.from_pretrained(str(local) if local.exists() else spec, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not readable here: the loader reports it
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def check_training_inputs(model: str | Path, layer: int, data: Iterable[Any]) -> list[str]:
+    """What ``sts train-sae`` can check before the model's weights load; returns the texts to train on.
+
+    ``layer`` against the number of decoder layers in the model's config.json (:func:`configured_layers`), and
+    ``data`` (JSONL paths, registered domain names, ...: what :func:`~sts_callback.core.data.load_corpus`
+    reads): an error when none of them holds text, a warning naming each one that holds none.
+    """
+    import warnings
+
+    from ..core.data import example_text, load_corpus
+
+    n_layers = configured_layers(model)
+    if n_layers is not None:
+        _check_layer(layer, n_layers)
+    elif isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise STSInputError(f"Layer {layer!r} does not exist: layers are numbered from 0; pass a layer in "
+                            "0..(decoder layers - 1).")
+    data = [data] if isinstance(data, (str, Path)) else list(data)
+    texts: list[str] = []
+    empty = []
+    for spec in data:
+        corpus = load_corpus(spec)
+        found = [t for t in (example_text(corpus[i]) for i in range(len(corpus))) if t.strip()]
+        if not found:
+            empty.append(str(spec))
+        texts += found
+    if not texts:
+        raise STSInputError(f"No texts to train the SAE on: {', '.join(empty) or 'no data given'} hold(s) none; pass "
+                            "JSONL files of {\"text\": ...} (or prompt/answer) records, or registered domain names.")
+    if empty:
+        warnings.warn(f"{', '.join(empty)} hold(s) no text; the SAE trains on the other data given.", STSDataWarning,
+                      stacklevel=2)
+    return texts
+
+
 def default_lr(d_sae: int, steps: int) -> float:
     """Adam learning rate for a TopK SAE on inputs of mean norm sqrt(d_in).
 
@@ -345,11 +427,11 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
     acts = collected.acts
     total_rows, d_in = acts.shape
     held_out_rows = 0
-    if held_out_fraction > 0:
-        if total_rows < 2:
-            raise STSInputError(f"Only {total_rows} token(s) were collected, too few to hold some out: pass more "
-                                "or longer texts, or set held_out_fraction=0.")
+    if held_out_fraction > 0 and total_rows >= 2:  # fewer: _check_data_amount says so
         held_out_rows = min(total_rows - 1, max(1, round(held_out_fraction * total_rows)))
+    batch_size = min(batch_size_tokens, training_tokens)
+    steps = max(1, training_tokens // batch_size)
+    data_warnings = _check_data_amount(total_rows, held_out_rows, held_out_fraction, steps * batch_size)
     train_acts = acts[:total_rows - held_out_rows]
     eval_acts = acts[total_rows - held_out_rows:] if held_out_rows else train_acts
     collect_seconds = time.perf_counter() - started
@@ -361,8 +443,6 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
     from sae_lens.training.sae_trainer import SAETrainer
 
     device = str(torch.device(device) if device is not None else model_device(model))
-    batch_size = min(batch_size_tokens, training_tokens)
-    steps = max(1, training_tokens // batch_size)
     lr = lr if lr is not None else default_lr(d_sae, steps)
     warm_up_steps = min(100, steps // 20) if steps >= 40 else 0
     decay_steps = steps // 5
@@ -459,9 +539,39 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
             "collect_seconds": collect_seconds, "train_seconds": train_seconds,
             "train_tokens_per_second": steps * batch_size / train_seconds if train_seconds > 0 else None,
             "training_dead_latents": int(trainer.dead_neurons.sum()),
+            **({"notes": data_warnings} if data_warnings else {}),
         },
     )
     if output_dir is not None:
         with open(Path(output_dir) / REPORT_FILENAME, "w") as handle:
-            json.dump(result.to_dict(), handle, indent=2)
+            json.dump(result.to_dict(), handle, indent=2, allow_nan=False)
     return result
+
+
+def _check_data_amount(total_rows: int, held_out_rows: int, held_out_fraction: float,
+                       samples: int) -> list[str]:
+    """Before training: an error when the tokens cannot give the evaluation, a warning (returned too, for the
+    report) when they are far below the token budget."""
+    eval_rows = held_out_rows or total_rows
+    if eval_rows < MIN_EVAL_TOKENS:
+        if held_out_rows:
+            need = math.ceil(MIN_EVAL_TOKENS / held_out_fraction)
+            raise STSInputError(
+                f"The texts gave {total_rows} token(s), so the held-out {held_out_fraction:.0%} is {held_out_rows} "
+                f"token(s): too few to measure the SAE's fraction of variance unexplained on (at least "
+                f"{MIN_EVAL_TOKENS}). Pass more or longer texts (about {need} tokens or more), or set "
+                "held_out_fraction=0 to evaluate on the training tokens.")
+        raise STSInputError(f"The texts gave {total_rows} token(s): too few to train an SAE and measure its fraction "
+                            f"of variance unexplained (at least {MIN_EVAL_TOKENS}); pass more or longer texts.")
+    unique = total_rows - held_out_rows
+    passes = samples / unique
+    if passes <= MAX_PASSES:
+        return []
+    import warnings
+
+    message = (f"The texts gave only {unique} training token(s) for a budget of {samples}: training passes "
+               f"{passes:.0f} times over them, so the SAE fits these tokens rather than the model's residual stream. "
+               f"Pass more texts (about {samples} tokens), or lower training_tokens (--tokens) to "
+               f"{unique * MAX_PASSES} or less.")
+    warnings.warn(message, STSDataWarning, stacklevel=3)
+    return [message]

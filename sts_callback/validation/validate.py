@@ -244,36 +244,31 @@ class ValidationResult:
         training = self.training
         what = (f"LoRA (r={training.get('lora_rank')})" if self.method == "lora" else "full") + " fine-tune"
         lines = [f"STS validation: {what}, {training.get('steps')} steps, lr {training.get('learning_rate'):g}, "
-                 f"batch {training.get('batch_size')}; seeds {self.seeds}; {len(self.domains)} target domains",
-                 "measured: relative change of held-out mean token NLL (+ = worse)"
-                 + (" and the user metric (after - before)" if "metric" in self.measures else "")
-                 + (f"; values are means over {len(seeds)} seeds" if several else "")]
-        width = max([len("domain")] + [len(d) for d in self.domains])
-        columns = [LABELS[v] for v in self.variants] + ["NLL before", "NLL after", "ΔNLL rel"]
+                 f"batch {training.get('batch_size')}; seeds {self.seeds}; {len(self.domains)} target domains"]
+        extra = training.get("training_args") or {}
+        if extra:  # they change the recipe: say so next to it
+            lines.append("TrainingArguments also set: " + ", ".join(f"{k}={v!r}" for k, v in extra.items()))
+        lines.append("measured: relative change of held-out mean token NLL (+ = worse)"
+                     + (" and the user metric (after - before)" if "metric" in self.measures else "")
+                     + (f"; values are means over {len(seeds)} seeds" if several else ""))
+        columns = ["domain"] + [LABELS[v] for v in self.variants] + ["NLL before", "NLL after", "ΔNLL rel"]
         if "metric" in self.measures:
             columns += ["metric bef", "metric aft", "Δmetric"]
-        header = f"{'domain':<{width}}  " + "  ".join(f"{c:>10}" for c in columns)
-        lines += ["", header, "-" * len(header)]
-        order = sorted(self.domains, key=lambda d: -self.measured[d])
-        for d in order:
-            cells = [f"{mean['scores'][d][v]:>10.4g}" for v in self.variants]
-            cells += [f"{mean['nll_before'][d]:>10.4f}", f"{mean['nll_after'][d]:>10.4f}",
-                      f"{mean['nll_delta_rel'][d]:>+10.2%}"]
+        rows = []
+        for d in sorted(self.domains, key=lambda d: -self.measured[d]):
+            cells = [d] + [f"{mean['scores'][d][v]:.4g}" for v in self.variants]
+            cells += [f"{mean['nll_before'][d]:.4f}", f"{mean['nll_after'][d]:.4f}", f"{mean['nll_delta_rel'][d]:+.2%}"]
             if "metric" in self.measures:
-                cells += [f"{mean['metric_before'][d]:>10.4g}", f"{mean['metric_after'][d]:>10.4g}",
-                          f"{mean['metric_delta'][d]:>+10.4g}"]
-            lines.append(f"{d:<{width}}  " + "  ".join(cells))
+                cells += [f"{mean['metric_before'][d]:.4g}", f"{mean['metric_after'][d]:.4g}",
+                          f"{mean['metric_delta'][d]:+.4g}"]
+            rows.append(cells)
+        lines += ["", *_aligned(columns, rows, min_width=10)]
         summary = self.summary()
         for measure in self.measures:
             name = "relative NLL change" if measure == "nll" else "user metric change"
-            lines += ["", f"correlation across {len(self.domains)} domains with the {name} "
-                      + ("(mean ± std over seeds)" if several else "(r [95% bootstrap CI] p)")]
-            cols = ["|Δ| Pearson", "|Δ| Spearman", "Δ Pearson", "Δ Spearman"]
-            cell_width = 26 if not several else 14
-            head = f"{'variant':<8}  " + "  ".join(f"{c:>{cell_width}}" for c in cols)
-            lines += [head, "-" * len(head)]
+            rows, methods = [], set()
             for v in self.variants:
-                cells = []
+                cells = [LABELS[v]]
                 for kind in KINDS:
                     for stat in STATISTICS:
                         if several:
@@ -283,8 +278,15 @@ class ValidationResult:
                         else:
                             entry = seeds[0].correlations[measure][v][kind][stat]
                             cell = _format_entry(entry)
-                        cells.append(f"{cell:>{cell_width}}")
-                lines.append(f"{LABELS[v]:<8}  " + "  ".join(cells))
+                            methods.add(entry.get("p_method"))
+                        cells.append(cell)
+                rows.append(cells)
+            how = "(mean ± std over seeds)"
+            if not several:
+                methods.discard(None)
+                how = "(r [95% bootstrap CI] p" + (f"; p: {methods.pop()} test" if len(methods) == 1 else "") + ")"
+            lines += ["", f"correlation across {len(self.domains)} domains with the {name} {how}"]
+            lines += _aligned(["variant", "|Δ| Pearson", "|Δ| Spearman", "Δ Pearson", "Δ Spearman"], rows)
         lines += self._noise_lines()
         overlap = self.overlap_summary()
         if overlap["mean"] is not None:
@@ -315,6 +317,17 @@ class ValidationResult:
         return ["", line]
 
 
+def _aligned(header: list[str], rows: list[list[str]], min_width: int = 0) -> list[str]:
+    """Header, rule and rows, each column as wide as its widest cell (first column left-aligned, the rest right)."""
+    widths = [max([min_width if i else 0] + [len(row[i]) for row in [header, *rows]]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    head = line(header)
+    return [head, "-" * len(head), *(line(row) for row in rows)]
+
+
 def _format_entry(entry: dict[str, Any]) -> str:
     if entry["r"] is None:
         return "n/a"
@@ -338,6 +351,52 @@ def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise STSConfigError(f"validate({name}=...) must be an integer >= {low}, got {value!r}; set {name}={low} "
                              "or more.")
+
+
+# TrainingArguments fields that validate() sets from its own settings (None: that its data pipeline needs as set):
+# in training_args they would silently replace the values validation.json records.
+OWN_TRAINING_ARGS: dict[str, str | None] = {
+    "max_steps": "steps", "num_train_epochs": "steps", "learning_rate": "learning_rate",
+    "per_device_train_batch_size": "batch_size", "per_gpu_train_batch_size": "batch_size",
+    "auto_find_batch_size": "batch_size", "seed": "seeds", "data_seed": "seeds", "output_dir": "output_dir",
+    "use_cpu": "device", "no_cuda": "device", "disable_tqdm": "progress",
+    "remove_unused_columns": None, "label_names": None,
+}
+
+
+def _check_training_args(training_args: dict[str, Any]) -> None:
+    """Refuse training_args that would override validate()'s own settings or that TrainingArguments lacks."""
+    for key in training_args:
+        if not isinstance(key, str):
+            raise STSConfigError(f"validate(training_args=...) has the key {key!r}; its keys are TrainingArguments "
+                                 "field names (strings), e.g. {'bf16': True}.")
+    needed = [k for k in training_args if k in OWN_TRAINING_ARGS and OWN_TRAINING_ARGS[k] is None]
+    if needed:
+        raise STSConfigError(f"validate(training_args=...) sets {needed}, which validate sets itself (its data "
+                             "collator needs them as set); remove them from training_args.")
+    own = {k: OWN_TRAINING_ARGS[k] for k in training_args if OWN_TRAINING_ARGS.get(k)}
+    if own:
+        pairs = ", ".join(f"{k} -> {setting}" for k, setting in own.items())
+        settings = ", ".join(f"{setting}=..." for setting in dict.fromkeys(own.values()))
+        epochs = ("; num_train_epochs would be ignored: validate trains `steps` optimizer steps"
+                  if "num_train_epochs" in own else "")
+        raise STSConfigError(f"validate(training_args=...) sets {list(own)}, which validate sets from its own "
+                             f"settings ({pairs}{epochs}): they would override the values validation.json records. "
+                             f"Remove them from training_args and pass validate({settings}) instead (in a config "
+                             "file: keys of the validation: section).")
+    if training_args:
+        from transformers import TrainingArguments
+
+        known = {f.name for f in fields(TrainingArguments)}
+        unknown = [k for k in training_args if k not in known]
+        if unknown:
+            import difflib
+
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            hint = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in hints.items() if m)
+            raise STSConfigError(f"validate(training_args=...) has {unknown}, not field(s) of "
+                                 "transformers.TrainingArguments; fix the name(s) or remove them"
+                                 + (f" ({hint})" if hint else "") + ".")
 
 
 @dataclass
@@ -403,6 +462,7 @@ class ValidationConfig:
         if self.training_args is not None and not isinstance(self.training_args, dict):
             raise STSConfigError(f"validate(training_args=...) must be a dict of TrainingArguments fields, got "
                                  f"{type(self.training_args).__name__}.")
+        _check_training_args(self.training_args or {})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "ValidationConfig":
@@ -448,7 +508,10 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         copy_model: fine-tune a ``copy.deepcopy`` of the model (default; your model is never modified). With
             ``False``: LoRA adapters are added to your model and removed afterwards (weights unchanged); a full
             fine-tune leaves your model trained (one seed only).
-        training_args: extra ``TrainingArguments`` fields (e.g. ``{"bf16": True}``), applied last.
+        training_args: extra ``TrainingArguments`` fields (e.g. ``{"bf16": True}``), applied last (recorded
+            in validation.json and shown in the table). Fields validate sets from its own settings
+            (``max_steps``/``num_train_epochs``: ``steps``, ``learning_rate``, ``per_device_train_batch_size``:
+            ``batch_size``, ``seed``/``data_seed``: ``seeds``, ... see ``OWN_TRAINING_ARGS``) are refused.
         n_resamples: bootstrap resamples per interval (0: no intervals).
         plot, report: write ``validation.png`` and the ``sts report`` HTML/Markdown next to the JSON.
 
