@@ -415,7 +415,7 @@ def test_a_failed_recheck_at_an_evaluation_gives_nan_not_an_earlier_value(tmp_pa
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"protected": "food"}, r"protected must be a list of domain names, got 'food' \(one domain: protected=\['food'\]\)"),
+    ({"protected": "food"}, r"got 'food' \(one domain: protected=\['food'\]\)"),
     ({"protected": ["food", "food"]}, r"protected names \['food'\] more than once"),
     ({"early_stop": True}, "with no protected domain would never stop the run"),
     ({"strict": "no"}, "strict must be True or False"),

@@ -437,7 +437,8 @@ def _find_trainer(callback: STSCallback) -> tuple[Any, str | None]:
         if frame is None:
             break
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer) and (trainer is candidate or callback in candidate.callback_handler.callbacks):
+        if isinstance(candidate, Trainer) and (trainer is candidate
+                                               or callback in candidate.callback_handler.callbacks):
             trainer = candidate
             checkpoint = frame.f_locals.get("resume_from_checkpoint")
             if isinstance(checkpoint, (str, Path)):
