@@ -202,6 +202,11 @@ def named_items(mapping: dict[Any, Any], what: str, error: type[Exception] = STS
     return named
 
 
+def repeated_names(names: Sequence[str]) -> list[str]:
+    """The names given more than once in ``names``, sorted (each would get a second column, rule or vote)."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def _for(label: str | None) -> str:
     return f" for {label}" if label else ""
 

@@ -72,7 +72,7 @@ from torch import nn
 
 from ..core.atomic import atomic_write_json, atomic_write_text
 from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
-from ..core.data import Corpus, example_text, load_corpus, load_domains, named_items
+from ..core.data import Corpus, example_text, load_corpus, load_domains, named_items, repeated_names
 from ..core.errors import STSConfigError, STSInputError
 from ..core.extract import Extractor, PairedStats
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, assemble_forecast, build_shift_pairs, inference_mode,
@@ -480,7 +480,7 @@ def check_gate_names(candidates: list[str], targets: list[str], protected: Any,
     protected = [str(p) for p in protected]
     if not protected:
         raise STSConfigError("No protected domain given; name at least one target domain in `protected`.")
-    repeated = sorted({p for p in protected if protected.count(p) > 1})
+    repeated = repeated_names(protected)
     if repeated:  # each would get a second column, reason and vote
         raise STSInputError(f"Protected domain(s) {repeated} are named more than once in `protected` ({protected}); "
                             "name each once.")

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..core.config import plain_numbers, settings_from_dict
+from ..core.data import repeated_names
 from ..core.errors import STSConfigError
 from .recheck import Recheck
 
@@ -57,7 +58,7 @@ class GuardConfig:
             hint = f" (one domain: protected=[{self.protected!r}])" if isinstance(self.protected, str) else ""
             raise STSConfigError(f"protected must be a list of domain names, got {self.protected!r}{hint}.")
         self.protected = list(self.protected)
-        repeated = sorted({p for p in self.protected if self.protected.count(p) > 1})
+        repeated = repeated_names(self.protected)
         if repeated:
             raise STSConfigError(f"protected names {repeated} more than once; name each protected domain once.")
         for name in ("tolerance", "accuracy_tolerance", "max_fvu", "fvu_rise"):

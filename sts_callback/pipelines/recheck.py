@@ -31,8 +31,6 @@ def _schedule_error(value: Any) -> STSConfigError:
 def _step_or_fraction(value: Any) -> int | float | None:
     """``value`` as a step (an integer >= 1; a whole float such as 10.0 from a YAML file too) or a fraction of
     the run (a float strictly between 0 and 1); ``None`` if it is neither."""
-    if hasattr(value, "dtype") and hasattr(value, "item"):  # a numpy or torch scalar
-        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     if value >= 1 and float(value).is_integer():

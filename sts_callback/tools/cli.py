@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.config import DEFAULT_SIGNED
-from ..core.data import named_items
+from ..core.data import named_items, repeated_names
 from ..core.errors import STSConfigError, STSError, STSInputError
 from ..core.run_store import FORECAST_FORMAT
 
@@ -350,7 +350,7 @@ def _check_data_values(path: str, config_file: dict[str, Any]) -> None:
             what = f"target {str(name)!r}" if isinstance(targets, dict) else f"targets[{name}]"
             check_data_spec(_expand(value), f"{what} in {path}")
         names = _target_names(targets)
-        repeated = sorted({n for n in names if names.count(n) > 1})
+        repeated = repeated_names(names)
         if repeated:
             raise STSInputError(f"{path}: two target domains are named {repeated[0]!r}; give `targets` as a mapping "
                                 "name -> data.")
@@ -807,7 +807,7 @@ def _check_report_protected(output_dir: str, protected: list[str]) -> None:
     """--protected names target domains of the run, each once (as the callback and the gate require)."""
     from ..reporting.report import ReportData, resolve_sts_dir
 
-    repeated = sorted({p for p in protected if protected.count(p) > 1})
+    repeated = repeated_names(protected)
     if repeated:
         raise STSInputError(f"--protected names {repeated} more than once; name each protected domain once.")
     sts_dir = resolve_sts_dir(Path(output_dir))

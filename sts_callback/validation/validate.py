@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..core.atomic import atomic_write_json
-from ..core.config import STSConfig, json_serializable, settings_from_dict
+from ..core.config import STSConfig, json_serializable, plain_numbers, settings_from_dict
 from ..core.data import Corpus, load_corpus, load_domains
 from ..core.errors import STSConfigError, STSInputError
 from ..pipelines.forecast import SCORE_LABELS
@@ -430,6 +430,7 @@ class ValidationConfig:
     report: bool = True
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if self.method not in METHODS:
             raise STSConfigError(f"validate(method={self.method!r}) is not a training method; use 'lora' (adapters, "
                                  "cheap) or 'full' (every weight).")
