@@ -114,3 +114,24 @@ def test_unreadable_data_files_are_input_errors_naming_file_and_target(tmp_path)
     texts = tmp_path / "texts.jsonl"
     texts.write_text('{"text": "line\\u2028break"}\n{"text": "b"}\n'.replace("\\u2028", "\u2028"))
     assert [e.prompt for e in load_corpus(str(texts))] == ["line\u2028break", "b"]  # U+2028 is no line end
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": "user", "content": "what is the answer ?"}, {"role": "assistant", "content": "butter pan bake"}]},
+    {"prompt": "what is the answer ?", "completion": " butter pan bake"},
+    {"prompt": [{"role": "user", "content": "what is the answer ?"}],
+     "completion": [{"role": "assistant", "content": "butter pan bake"}]},
+    {"question": "what is the answer ?", "choices": ["butter pan bake", "law court"], "answer": 0},
+])
+def test_a_target_domain_is_measured_on_its_answers_not_its_prompts_alone(tokenizer, record):
+    from sts_callback.core.data import load_domains
+
+    domain = load_domains({"food": [record, record]})["food"]
+    b = builder(tokenizer, max_query_tokens=32)
+    ids, counted = b.single(domain[0])
+    text = tokenizer.decode([t for t, c in zip(ids[len(ids) - len(counted):], counted) if c])
+    assert "what is the answer" in text and "butter pan bake" in text  # the held-out loss and the domain's latents read both
+    pair = b.pair(domain[0], [domain[1]])  # in context: the other text, answer included, as the demonstration
+    assert tokenizer.decode(pair.context).count("butter pan bake") == 2
+    if "choices" in record:
+        assert multiple_choice_items(domain) is not None  # the items stay scorable for accuracy

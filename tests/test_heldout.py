@@ -8,6 +8,8 @@ import torch
 from tiny import domain_texts, make_model, make_tokenizer
 
 from sts_callback.core import heldout
+from sts_callback.core.distributed import shard_batches
+from sts_callback.core.extract import batches_by_length
 from sts_callback.core.heldout import all_sequence_nll, paired_change, sequence_nll, sequential_change
 
 
@@ -139,6 +141,18 @@ def test_all_sequence_nll_measures_only_the_indices_asked(tokenizer):
         every = all_sequence_nll(model, seqs, 0, 4)
     assert torch.equal(some[[0, 2, 3, 5]], torch.zeros(4, 2, dtype=torch.float64))
     torch.testing.assert_close(some[[1, 4]], every[[1, 4]])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_run_the_batches_of_one_process_whole_and_the_same_number_of_them(world):
+    lengths = [5, 9, 2, 7, 7, 3, 11, 4, 6, 8]
+    batches = batches_by_length(lengths, 3)
+    shares = [shard_batches(batches, lengths, rank_=r, world=world) for r in range(world)]
+    counted = [batch for mine, flags in shares for batch, flag in zip(mine, flags) if flag]
+    assert sorted(counted) == sorted(batches)  # each batch of one process, once, with the same sequences in it
+    assert len({len(mine) for mine, _ in shares}) == 1  # as many forwards on every rank (ZeRO-3 needs it)
+    cheapest = min(batches, key=lambda b: len(b) * max(lengths[i] for i in b))
+    assert all(batch == cheapest for mine, flags in shares for batch, flag in zip(mine, flags) if not flag)
 
 
 def test_the_head_in_bfloat16_measures_nearly_the_float32_nll_and_casts_its_weight_once_per_version(tokenizer):

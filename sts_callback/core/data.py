@@ -165,6 +165,35 @@ class Corpus(Sequence):
         return f"Corpus({self.name!r}, {len(self)} examples)"
 
 
+def domain_example(example: Example) -> Example:
+    """A target domain's example as the text whose held-out loss and latents are measured: the prompt with its
+    answer (a chat's reply as its last turn; a completion after its prompt, joined as TRL's SFT joins them; a
+    multiple-choice question with its right answer). The prompt alone would leave out the text the domain is about."""
+    if example.answer is None:
+        return example
+    if example.is_chat:
+        return Example(prompt=[*example.prompt, {"role": "assistant", "content": example.answer}], plain_text=True)
+    return Example(prompt=example.prompt + example.answer, plain_text=True)
+
+
+class DomainCorpus(Corpus):
+    """A target domain: the examples of ``corpus`` (any kind of :class:`Corpus`) read whole, answers included
+    (:func:`domain_example`); its records as given."""
+
+    def __init__(self, corpus: Corpus):
+        super().__init__(corpus.name, getattr(corpus, "_items", []))
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, index: int) -> Example:  # type: ignore[override]
+        return domain_example(self.corpus[index])
+
+    def records(self) -> list[Any]:
+        return self.corpus.records()
+
+
 def _read_jsonl(path: Path, label: str = "") -> list[Any]:
     records = []
     for line_number, line in enumerate(_read_text(path, label).split("\n"), 1):  # not splitlines: U+2028 in texts
@@ -321,7 +350,8 @@ def load_domains(targets: Any) -> dict[str, Corpus]:
         raise STSInputError("targets must be a dict of name -> data or a list of domain names / paths.")
     if not domains:
         raise STSInputError("No target domains given; pass at least one in `targets`.")
-    return domains
+    return {name: corpus if isinstance(corpus, DomainCorpus) else DomainCorpus(corpus)
+            for name, corpus in domains.items()}
 
 
 # ----------------------------------------------------------------------------------------- prompts
@@ -397,6 +427,8 @@ class PromptBuilder:
             {"role": m["role"], "content": self._cut_text(_content_text(m["content"]), self.max_demonstration_tokens)}
             for m in prompt
         ]
+        if example.is_chat and example.plain_text:  # a whole conversation (a target domain's): its turns as they are
+            return prompt
         answer = self._cut_text(example.answer or "", self.max_demonstration_tokens)
         return prompt + [{"role": "assistant", "content": answer}]
 

@@ -71,6 +71,17 @@ def shard(n: int, lengths: Sequence[int] | None = None, *, rank_: int | None = N
     return Shard(tuple(indices + [filler] * padding), tuple([True] * len(indices) + [False] * padding))
 
 
+def shard_batches(batches: Sequence[Sequence[int]], lengths: Sequence[int], *, rank_: int | None = None,
+                  world: int | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Whole ``batches`` (of indices into ``lengths``) for this rank, ``rank, rank + world, ...``, padded to
+    ``ceil(len / world)`` with uncounted copies of the cheapest: every sequence runs in the batch it has in one
+    process, so its numbers are one process's to the bit (padding and batch shape change the last float bits,
+    which a sampled LM head's discrete choices can turn into a visible difference)."""
+    costs = [len(batch) * max(lengths[i] for i in batch) for batch in batches]
+    part = shard(len(batches), costs, rank_=rank_, world=world)
+    return [list(batches[i]) for i in part.indices], list(part.counted)
+
+
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (any device; moved to the collective device and back)."""
     dist = _dist()

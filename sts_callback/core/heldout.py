@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .capture import parameters_are_sharded, text_config, unwrap_model
-from .distributed import gather_objects, shard, sum_across_ranks
+from .distributed import gather_objects, shard_batches, sum_across_ranks
 from .errors import STSDataWarning
 from .data import TokenSequence
 from .extract import batches_by_length
@@ -91,8 +91,9 @@ def split_head(model: nn.Module):
 def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
                  chunk: int = HEAD_CHUNK, head_precision: HeadInPrecision | None = None,
                  body_dtype: torch.dtype | None = None, head_samples: HeadSamples | None = None,
-                 keys: Sequence[int] | None = None) -> torch.Tensor:
+                 keys: Sequence[int] | None = None, batches: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """[n, 2] float64: (NLL sum, token count) of each sequence's counted tokens. Call under no_grad / eval.
+    ``batches``: the sequences run together (default: grouped by length).
     ``head_precision``: run the LM head so, and ``body_dtype``: the body under autocast to it (both where the head
     runs apart from the body). ``head_samples``: record each sequence's head sample (keyed by ``keys``, default
     the positions in ``sequences``), or measure through the recorded ones (:mod:`.head_sample`)."""
@@ -100,7 +101,7 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
     split = split_head(model)
-    for batch in batches_by_length(lengths, batch_size):
+    for batch in batches_by_length(lengths, batch_size) if batches is None else batches:
         longest = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -150,22 +151,31 @@ def head_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, targe
 def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
                      indices: Sequence[int] | None = None, head_precision: HeadInPrecision | None = None,
                      body_dtype: torch.dtype | None = None, head_samples: HeadSamples | None = None) -> torch.Tensor:
-    """:func:`sequence_nll` of ``indices`` (default: all) with every rank running a padded share; the result,
+    """:func:`sequence_nll` of ``indices`` (default: all) with every rank running a padded share of whole batches
+    (:func:`~.distributed.shard_batches`: the numbers of one process on any number of ranks); the result,
     [len(sequences), 2] with zeros where not measured, is summed across ranks, so every rank holds all of it.
     ``head_samples`` (keyed by the index in ``sequences``) recorded on one rank are gathered to every rank."""
     indices = list(range(len(sequences))) if indices is None else list(indices)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
-    part = shard(len(indices), [len(sequences[i][0]) for i in indices])
-    local = [sequences[indices[j]] for j in part.indices]
-    keys = [indices[j] for j in part.indices]
+    lengths = [len(sequences[i][0]) for i in indices]
+    mine, counted = shard_batches(batches_by_length(lengths, batch_size), lengths)
+    positions = [j for batch in mine for j in batch]  # into indices
+    layout, start = [], 0
+    for batch in mine:
+        layout.append(list(range(start, start + len(batch))))
+        start += len(batch)
+    local = [sequences[indices[j]] for j in positions]
+    keys = [indices[j] for j in positions]
     measured = sequence_nll(model, local, pad, batch_size, head_precision=head_precision, body_dtype=body_dtype,
-                            head_samples=head_samples, keys=keys) if local else torch.zeros(0, 2, dtype=torch.float64)
+                            head_samples=head_samples, keys=keys, batches=layout) if local \
+        else torch.zeros(0, 2, dtype=torch.float64)
     if head_samples is not None and head_samples.recording:
-        mine = {key: head_samples.by_sequence[key] for key in keys if key in head_samples.by_sequence}
-        for recorded in gather_objects(mine):
-            head_samples.by_sequence.update(recorded)
-    for row, (j, keep) in enumerate(zip(part.indices, part.counted)):
-        if keep:
+        recorded = {key: head_samples.by_sequence[key] for key in keys if key in head_samples.by_sequence}
+        for theirs in gather_objects(recorded):
+            head_samples.by_sequence.update(theirs)
+    keep = [flag for batch, flag in zip(mine, counted) for _ in batch]
+    for row, (j, flag) in enumerate(zip(positions, keep)):
+        if flag:
             out[indices[j]] = measured[row]
     return sum_across_ranks(out)
 
