@@ -395,7 +395,7 @@ def test_report_protected_must_name_target_domains(workspace, tmp_path, capsys):
     err = one_line_error(capsys)
     assert "['nosuch'] are not among the target domains" in err and "['chem', 'food']" in err
     assert main(["report", str(run), "--protected", "food", "food"]) == 2
-    assert "--protected names ['food'] more than once" in one_line_error(capsys)
+    assert "Protected domains ['food'] are named more than once" in one_line_error(capsys)
     assert not (run / "report.html").exists()
     assert main(["report", str(run), "--protected", "food"]) == 0
     assert "Protected domains: food." in (run / "report.html").read_text()

@@ -16,6 +16,7 @@ from datasets import Dataset
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+from sts_callback.core.errors import STSInputError
 from sts_callback.integrations.callback import STSCallback
 from sts_callback.tools.cli import main as sts_main
 from sts_callback.pipelines.forecast import DomainForecast, Forecast
@@ -182,6 +183,15 @@ def test_escaping_forecast_only_and_markdown_matches_html(tmp_path):
     expected = [name for name, _ in Forecast.load(sts / "forecast.json").ranked()]
     assert html_ranking(page) == expected
     assert md_ranking(md) == expected[:5]
+
+
+def test_protected_domains_given_from_python_are_checked_before_anything_is_written(tmp_path):
+    synthetic_forecast(["law", "food"]).save(tmp_path / "sts" / "forecast.json")
+    with pytest.raises(STSInputError, match=r"\['nosuch'\] are not among the target domains"):
+        write_report(tmp_path, protected=["food", "nosuch"])
+    with pytest.raises(STSInputError, match="named more than once"):
+        write_report(tmp_path, protected=["food", "food"])
+    assert not (tmp_path / "sts" / "report.html").exists()
 
 
 def test_history_only_gate_and_validation(tmp_path):

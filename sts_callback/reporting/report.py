@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import atomic_write_text
+from ..core.data import repeated_names
 from ..core.errors import STSInputError
 from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
@@ -103,9 +104,37 @@ class ReportData:
         if self.forecast is not None and self.forecast.get("format") != FORECAST_FORMAT:
             raise STSInputError(f"{sts_dir / FORECAST_FILE} is not an STS forecast "
                                 f"(format={self.forecast.get('format')!r}).")
+        if protected is not None:
+            self._check_protected(list(protected))
         self.protected = list(protected if protected is not None else self.run_settings.get("protected") or [])
         self.tolerance = self.run_settings.get("tolerance")
         self.variant, self.ranking = self._ranking()
+
+    def target_names(self) -> set[str]:
+        """The target domains anything in the folder names (forecast, gate, re-checks)."""
+        names: set[str] = set()
+        if isinstance(self.forecast, dict) and isinstance(self.forecast.get("domains"), dict):
+            names.update(self.forecast["domains"])
+        if isinstance(self.gate, dict) and isinstance(self.gate.get("targets"), list):
+            names.update(map(str, self.gate["targets"]))
+        for record in self.history:
+            for key in ("scores", "loss", "loss_delta"):
+                if isinstance(record.get(key), dict):
+                    names.update(record[key])
+        return names
+
+    def _check_protected(self, protected: list[str]) -> None:
+        """Protected domains given for the report name target domains of the run, each once (as the callback and
+        the gate require)."""
+        repeated = repeated_names(protected)
+        if repeated:
+            raise STSInputError(f"Protected domains {repeated} are named more than once; name each once.")
+        names = self.target_names()
+        unknown = [p for p in protected if p not in names]
+        if names and unknown:  # no domain recorded anywhere: nothing to check against
+            raise STSInputError(f"Protected domain(s) {unknown} are not among the target domains of {self.sts_dir} "
+                                f"{sorted(names)}; fix the protected names (or give none: the report then uses the "
+                                "protected domains the run stored).")
 
     def _ranking(self) -> tuple[str | None, list[tuple[str, float]]]:
         if self.forecast is None:

@@ -803,36 +803,9 @@ def _validation_inputs(items: list[str]) -> dict[Path, str]:
     return inputs
 
 
-def _check_report_protected(output_dir: str, protected: list[str]) -> None:
-    """--protected names target domains of the run, each once (as the callback and the gate require)."""
-    from ..reporting.report import ReportData, resolve_sts_dir
-
-    repeated = repeated_names(protected)
-    if repeated:
-        raise STSInputError(f"--protected names {repeated} more than once; name each protected domain once.")
-    sts_dir = resolve_sts_dir(Path(output_dir))
-    data = ReportData(sts_dir)
-    names: set[str] = set()
-    if isinstance(data.forecast, dict) and isinstance(data.forecast.get("domains"), dict):
-        names.update(data.forecast["domains"])
-    if isinstance(data.gate, dict) and isinstance(data.gate.get("targets"), list):
-        names.update(map(str, data.gate["targets"]))
-    for record in data.history:
-        for key in ("scores", "loss", "loss_delta"):
-            if isinstance(record.get(key), dict):
-                names.update(record[key])
-    unknown = [p for p in protected if p not in names]
-    if names and unknown:  # no domain recorded anywhere: nothing to check against
-        raise STSInputError(f"Protected domain(s) {unknown} are not among the target domains of {sts_dir} "
-                            f"{sorted(names)}; fix the names in --protected (or drop it: the report then uses the "
-                            "protected domains the run stored).")
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from ..reporting.report import write_report
 
-    if args.protected is not None:  # before the report is written
-        _check_report_protected(args.output_dir, args.protected)
     html_path, md_path = write_report(Path(args.output_dir), protected=args.protected)
     print(f"wrote {html_path}\nwrote {md_path}")
     return 0
