@@ -105,6 +105,17 @@ def gather_objects(value: Any) -> list[Any]:
     return out
 
 
+def from_main_process(value: Any) -> Any:
+    """Collective: rank 0's ``value`` on every rank (``value`` itself without distribution); for what only rank 0
+    read from files that other ranks (another node, a slow shared file system) may not see yet."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of nested lists / dicts / strings / numbers / tensors."""
     digest = hashlib.sha256()

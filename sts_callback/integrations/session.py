@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.data import Corpus, multiple_choice_items
-from ..core.distributed import check_ranks_agree, fingerprint, gather_objects, require_at_least_world, world_size
+from ..core.distributed import (check_ranks_agree, fingerprint, from_main_process, gather_objects, is_main_process,
+                                require_at_least_world, world_size)
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSUsageError
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype
 from ..core.config import SCORE_VARIANTS, STSConfig
@@ -65,11 +66,12 @@ class STSSession:
         out: the run's STS folder (``<output_dir>/sts`` under the Trainer).
         calibration: a :class:`Calibration` (or its JSON path) turning forecast scores into predicted changes.
         strict: re-raise failures inside re-checks and file writes instead of warning and going on.
-        is_main: whether this process prints, warns and writes files (rank 0).
+        is_main: whether this process prints, warns and writes files (default: rank 0 of ``torch.distributed``, or
+            the one process).
     """
 
     def __init__(self, sae: Any, config: STSConfig, guard: GuardConfig, recheck: RecheckConfig, out: str | Path,
-                 calibration: Any = None, *, strict: bool = False, is_main: bool = True):
+                 calibration: Any = None, *, strict: bool = False, is_main: bool | None = None):
         self.sae, self.config, self.settings = sae, config, recheck
         self.guard = Guard(guard)
         self.store = RunStore(out)
@@ -85,7 +87,7 @@ class STSSession:
             if unknown:
                 raise STSConfigError(f"The calibration takes its level from {unknown}, which the run does not "
                                      f"measure; use {own}.")
-        self.strict, self.is_main = strict, is_main
+        self.strict, self.is_main = strict, is_main_process() if is_main is None else is_main
         self.history: list[dict[str, Any]] = []
         self.base_losses: dict[str, float] = {}
         self.base_fit: dict[str, float] | None = None  # the SAE's FVU and L0 on the probe at train start
@@ -290,15 +292,17 @@ class STSSession:
         origin = RunStore(checkpoint.root.parent.parent / checkpoint.root.name)  # the run that saved the checkpoint
         if self.is_main and origin.root.resolve() != store.root.resolve() and not store.has_results():
             self.write(f"the run folder {store.root} (from {origin.root})", lambda: store.adopt(origin, step), step)
-        if store.forecast_path.exists():
+        if is_main_process() and store.forecast_path.exists():
             self.forecast = Forecast.load(store.forecast_path)
+        self.forecast = from_main_process(self.forecast)  # as rank 0 read it, after it adopted the origin's files
         path = checkpoint.monitor_path if checkpoint.monitor_path.exists() else store.monitor_path
         if not path.exists():
             raise STSInputError(f"Resuming: no STS monitor state at {checkpoint.monitor_path} or "
                                 f"{store.monitor_path}; the base statistics are lost (start a new run, or delete "
                                 "the checkpoint's STS state).")
         if not self.base_losses:  # restore_callback_states_from_checkpoint=False (the default)
-            self.load_counters(checkpoint.read_state() or store.read_state() or {})
+            read = (checkpoint.read_state() or store.read_state() or {}) if is_main_process() else None
+            self.load_counters(from_main_process(read) or {})
         if not self.base_losses:
             raise STSInputError(f"Resuming: the train-start held-out losses are in neither {checkpoint.root} nor "
                                 f"{store.root} ({STATE_FILE}); loss changes cannot be measured. Start a new run, "
@@ -314,8 +318,9 @@ class STSSession:
             if not self.history:
                 self.history = kept
             print(f"STS: resumed at step {step}; forecast read back from {store.forecast_path}.")
-        if not self.history:  # other ranks, or the main one when the folder could not be read
-            self.history = store.read_history()
+            if not self.history:  # the folder could not be rewritten: read as it is
+                self.history = store.read_history()
+        self.history = from_main_process(self.history)
         self.history = [r for r in self.history if r.get("step", 0) <= step]
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
         if spent is not None:  # the share is the run's, across resumes
