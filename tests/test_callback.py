@@ -110,6 +110,18 @@ def test_trainer_forecast_rechecks_and_own_loss_logging(tmp_path, tokenizer):
     assert all(abs(d) < 1e-6 for d in spy.step0[0].loss_delta.values())
 
 
+@pytest.mark.parametrize("kind", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_prompt_learning_peft_is_refused_at_train_start_before_any_step(tmp_path, tokenizer, kind):
+    import peft
+
+    config = getattr(peft, kind)(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    model = peft.get_peft_model(make_model("llama"), config)
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(), model=model)
+    with pytest.raises(STSConfigError, match=f"cannot measure a {kind} model.*LoRA"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_peft_base_is_the_model_with_adapters_disabled(tmp_path, tokenizer):
     from peft import LoraConfig, get_peft_model
 

@@ -44,6 +44,29 @@ def test_tokenized_sft_with_completion_mask(tokenizer):
     assert plain.plain_text and plain.prompt == "law court"
 
 
+def test_labels_masking_the_prompt_split_it_as_trl_and_hand_tokenized_sets_leave_it(tokenizer):
+    prompt, completion = tokenizer("law court")["input_ids"], tokenizer("judge .")["input_ids"][1:]
+    data = Dataset.from_dict({"input_ids": [prompt + completion], "labels": [[-100] * len(prompt) + completion]})
+    example = corpus_from_training_dataset(data, tokenizer)[0]
+    assert (example.prompt, example.answer) == ("law court", "judge .")
+    every_token = Dataset.from_dict({"input_ids": [prompt + completion], "labels": [prompt + completion]})
+    plain = corpus_from_training_dataset(every_token, tokenizer)[0]  # causal LM labels: a plain text
+    assert plain.plain_text and plain.prompt == "law court judge ."
+
+
+def test_a_packed_row_is_read_as_its_first_example(tokenizer, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+    from tiny import make_model
+
+    data = Dataset.from_dict({"prompt": ["law court", "food cook"], "completion": [" judge .", " bake ."]})
+    args = SFTConfig(output_dir=str(tmp_path), packing=True, max_length=64, use_cpu=True, report_to=[])
+    trainer = SFTTrainer(model=make_model("llama"), train_dataset=data, processing_class=tokenizer, args=args)
+    assert len(trainer.train_dataset) == 1  # both examples in one row
+    example = corpus_from_training_dataset(trainer.train_dataset, tokenizer)[0]
+    assert example.answer is not None and "court" not in example.answer and "cook" not in example.answer
+    assert {example.prompt, example.answer.split(" <eos>")[0]} in ({"law court", "judge ."}, {"food cook", "bake ."})
+
+
 def test_unknown_columns(tokenizer):
     with pytest.raises(STSInputError, match="train_probe="):
         corpus_from_training_dataset(Dataset.from_dict({"pixels": [[1, 2]]}), tokenizer)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import STSInputError
+from .errors import STSConfigError, STSInputError
 
 
 class _CaptureDone(Exception):
@@ -37,6 +37,28 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             break
     return model
+
+
+def check_no_prompt_learning(model: nn.Module) -> None:
+    """Refuse PEFT's prompt-learning methods (prompt / prefix / P-tuning): their virtual tokens exist only inside
+    the PEFT wrapper's forward, which STS's passes go around (the LM head apart from the body, the decoder block
+    hooked, token positions counted on the text), so every change would read as exactly 0 or at the wrong tokens."""
+    current = model
+    for _ in range(10):
+        configs = getattr(current, "peft_config", None)
+        if isinstance(configs, dict) and hasattr(current, "get_base_model"):
+            adapter = getattr(current, "active_adapter", None)
+            config = configs.get(adapter) if isinstance(adapter, str) else next(iter(configs.values()), None)
+            if getattr(config, "is_prompt_learning", False):
+                raise STSConfigError(
+                    f"STS cannot measure a {type(config).__name__} model: PEFT's prompt-learning methods (prompt, "
+                    "prefix and P-tuning) add virtual tokens inside the wrapper's forward, which STS's passes do not "
+                    "run through, so every change would read as 0. Train with LoRA (peft.LoraConfig), IA3 or a full "
+                    "fine-tune to monitor the run, or leave the callback out of this one.")
+            return
+        current = getattr(current, "module", None) or getattr(current, "_orig_mod", None)
+        if current is None:
+            return
 
 
 def text_config(model: nn.Module):

@@ -2,8 +2,10 @@
 the target domains (``target_domains="eval_dataset"``: the trainer's eval set(s)).
 
 Raw columns (``text``, ``messages``, ``prompt``/``completion``, ``prompt``/``chosen``/``rejected``) are used
-as they are. Tokenized datasets are decoded: ``input_ids`` (+ ``completion_mask`` / ``assistant_masks`` to
-split prompt from answer), DPO's ``prompt_ids`` / ``chosen_ids``. Decoded text keeps chat-template markers.
+as they are. Tokenized datasets are decoded: ``input_ids`` (+ ``completion_mask`` / ``assistant_masks``, or
+``labels`` with -100 over the prompt as current TRL and hand-made sets leave it, to split prompt from answer; a
+packed row is read as its first example), DPO's ``prompt_ids`` / ``chosen_ids``. Decoded text keeps chat-template
+markers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 EVAL_DATASET = "eval_dataset"  # target_domains= value: the trainer's own eval set(s), by name
 
 RAW_COLUMNS = {"text", "messages", "prompt"}
+IGNORE_INDEX = -100  # a label the loss skips (PyTorch's cross_entropy default, what TRL writes over prompts)
 
 
 class DecodedCorpus(Corpus):
@@ -43,10 +46,15 @@ class DecodedCorpus(Corpus):
         if self.answer_key is not None:
             return Example(prompt=self._decode(row[self.prompt_key]), answer=self._decode(row[self.answer_key]))
         ids = list(row["input_ids"])
+        lengths = row.get("seq_lengths") if isinstance(row, dict) else None
+        if lengths and self.mask_key is not None:  # a packed row (TRL's packing): its first example
+            ids = ids[:lengths[0]]
         if self.mask_key is not None and self.mask_key in row:
-            mask = list(row[self.mask_key])
-            if any(mask):
-                first = mask.index(1)
+            mask = [int(label != IGNORE_INDEX) for label in row["labels"]] if self.mask_key == "labels" \
+                else [int(flag) for flag in row[self.mask_key]]
+            mask = mask[:len(ids)]
+            first = mask.index(1) if 1 in mask else 0
+            if first > 0:  # no masked prompt (every token trained, or none): the row is plain text
                 return Example(prompt=self._decode(ids[:first]), answer=self._decode(ids[first:]))
         return Example(prompt=self._decode(ids), plain_text=True)
 
@@ -64,7 +72,7 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
     if {"prompt_ids", "completion_ids"} <= columns:
         return DecodedCorpus(name, dataset, tokenizer, "prompt_ids", "completion_ids", None)
     if "input_ids" in columns:
-        mask_key = next((k for k in ("completion_mask", "assistant_masks") if k in columns), None)
+        mask_key = next((k for k in ("completion_mask", "assistant_masks", "labels") if k in columns), None)
         return DecodedCorpus(name, dataset, tokenizer, None, None, mask_key)
     what = "train dataset (pass train_probe= to STSCallback" if name == "train" else \
         f"dataset {name!r} (pass that domain's texts or records"

@@ -21,7 +21,7 @@ from ..scoring import score
 
 from ..scoring import signed
 from ..scoring.calibration import own_feature
-from ..core.capture import hidden_size, max_positions, num_layers, unwrap_model
+from ..core.capture import check_no_prompt_learning, hidden_size, max_positions, num_layers, unwrap_model
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
@@ -263,6 +263,7 @@ class ForecastSetup:
 
     @classmethod
     def create(cls, model: nn.Module, tokenizer, sae: Any, config: STSConfig) -> "ForecastSetup":
+        check_no_prompt_learning(model)
         device = torch.device(config.device) if config.device else model_device(model)
         dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else None
         handle = load_sae(sae, device=device, dtype=dtype)
