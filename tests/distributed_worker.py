@@ -5,7 +5,8 @@
                                                        | runlevel_single | runlevel_ddp | runlevel_zero2
                                                        | runlevel_zero3 | trl_dpo | trl_grpo
                                                        | callback_runlevel_single | callback_runlevel_ddp
-                                                       | callback_runlevel_zero3
+                                                       | callback_runlevel_zero3 | onerank_failure
+                                                       | onerank_failure_zero3
 
 Each rank writes ``OUT/rank<r>.json``: the files it wrote under the STS folder (seen by an audit hook)
 and, for ``bad_inputs``, the errors it raised.
@@ -51,7 +52,7 @@ PROBE = domain_texts("law", 11, seed=3)  # 11 texts: not divisible by 2
 CONFIG = dict(n_shifted=8, shift_tokens=150, domain_tokens=60, n_domain_demonstrations=2, batch_size=3)
 
 
-def trainer_for(callback, output_dir: Path, deepspeed=None):
+def trainer_for(callback, output_dir: Path, deepspeed=None, model=None, max_steps: int = 4):
     tokenizer = make_tokenizer()
     # Identical training examples: the summed gradient of a batch does not depend on which rank holds
     # which example, so one process with batch 4 and two with batch 2 take the same steps.
@@ -59,12 +60,12 @@ def trainer_for(callback, output_dir: Path, deepspeed=None):
     data = Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
     per_device = 4 // WORLD
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=4, save_steps=2, save_strategy="steps", logging_steps=1,
+        output_dir=str(output_dir), max_steps=max_steps, save_steps=2, save_strategy="steps", logging_steps=1,
         per_device_train_batch_size=per_device, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
         use_cpu=True, report_to=[], ddp_backend="gloo" if WORLD > 1 else None, deepspeed=deepspeed, seed=0,
         save_only_model=True,
     )
-    return Trainer(model=make_model("llama"), args=args, train_dataset=data,
+    return Trainer(model=model if model is not None else make_model("llama"), args=args, train_dataset=data,
                    data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
                    callbacks=[callback])
 
@@ -81,6 +82,92 @@ def callback(**overrides):
                   train_probe=PROBE, config=CONFIG, recheck_tokens=90, loss_tokens=50, protected=["food"])
     values.update(overrides)
     return STSCallback(**values)
+
+
+def onerank_failure(zero3: bool) -> dict:
+    """Rank 1 alone raises inside a re-check's forward (as a CUDA OOM would), once in each collective pass: the
+    probe (re-check 1), the held-out losses (2), the multiple-choice accuracy (3); re-check 4 runs clean. Then a
+    strict run whose rank 1 fails in its first re-check's probe.
+
+    ``zero3``: under ZeRO-3 (every forward a collective) the error comes right after a forward instead (the probe's
+    rows, the loss, the choices' log-probabilities), no strict run; each rank's forwards per pass are counted."""
+    from sts_callback.core.extract import Extractor
+    from sts_callback.pipelines.monitor import Monitor
+
+    state = {"recheck": 0, "in_recheck": False, "pass": None}
+    fail_in = {1: "probe", 2: "losses", 3: "accuracy"}
+    fired: list = []
+
+    def tracked(method, name):
+        def wrapper(self, *args, **kwargs):
+            outer, state["pass"] = state["pass"], name
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                state["pass"] = outer
+        return wrapper
+
+    def counted(method):
+        def wrapper(self, *args, **kwargs):
+            state["recheck"] += 1
+            state["in_recheck"] = True
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                state["in_recheck"] = False
+        return wrapper
+
+    Monitor.recheck = counted(Monitor.recheck)
+    Monitor.probe_rows = tracked(Monitor.probe_rows, "probe")
+    Monitor.measure_changes = tracked(Monitor.measure_changes, "losses")
+    Monitor.measure_accuracy = tracked(Monitor.measure_accuracy, "accuracy")
+
+    def fail_here(name: str) -> None:
+        if RANK == 1 and state["in_recheck"] and fail_in.get(state["recheck"]) == name == state["pass"]:
+            fired.append([state["recheck"], state["pass"]])
+            raise RuntimeError(f"CUDA out of memory (simulated in the {state['pass']} pass)")
+
+    forwards: dict = {}
+
+    def hook(module, inputs):
+        if state["in_recheck"]:
+            key = f"{state['recheck']}:{state['pass']}"
+            forwards[key] = forwards.get(key, 0) + 1
+        if not zero3:
+            fail_here(state["pass"])
+
+    def after(function, name):
+        def wrapper(*args, **kwargs):
+            fail_here(name)
+            return function(*args, **kwargs)
+        return wrapper
+
+    if zero3:  # local work after a forward: the probe's rows, the held-out loss, the choices' log-probabilities
+        Extractor._rows = staticmethod(after(Extractor._rows, "probe"))
+        torch.nn.functional.cross_entropy = after(torch.nn.functional.cross_entropy, "losses")
+        torch.log_softmax = after(torch.log_softmax, "accuracy")
+
+    out: dict = {}
+    model = make_model("llama")
+    model.model.layers[0].register_forward_pre_hook(hook)
+    cb = callback()
+    trainer = trainer_for(cb, OUT / "run", model=model, max_steps=8, deepspeed=deepspeed_config(3) if zero3 else None)
+    trainer.train()
+    out.update(history=cb.history, global_step=trainer.state.global_step, fired=fired, forwards=forwards)
+    if zero3:
+        return out
+
+    state["recheck"], fail_in = 0, {1: "probe"}
+    model = make_model("llama")
+    model.model.layers[0].register_forward_pre_hook(hook)
+    cb = callback(strict=True)
+    try:
+        trainer_for(cb, OUT / "strict", model=model).train()
+        out["strict_error"] = None
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        out["strict_error"] = f"{type(err).__name__}: {err}"
+    out["strict_history"] = cb.history
+    return out
 
 
 def runlevel(backend: str) -> dict:
@@ -196,6 +283,8 @@ def callback_runlevel(backend: str) -> dict:
 result: dict = {"rank": RANK, "world": WORLD}
 if MODE.startswith("callback_runlevel_"):
     result["callback_runlevel"] = callback_runlevel(MODE.rsplit("_", 1)[1])
+elif MODE.startswith("onerank_failure"):  # onerank_failure | onerank_failure_zero3
+    result.update(onerank_failure(MODE.endswith("zero3")))
 elif MODE.startswith("runlevel_"):  # runlevel_single | runlevel_ddp | runlevel_zero2 | runlevel_zero3
     result["runlevel"] = runlevel(MODE.split("_", 1)[1])
 elif MODE.startswith("trl_"):

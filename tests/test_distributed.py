@@ -113,6 +113,38 @@ def test_preference_and_rl_forecasts_two_processes_match_one(tmp_path, kind):
                 assert rank1["domains"][name]["scores"][variant] == theirs
 
 
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_an_exception_on_one_rank_fails_the_recheck_on_every_rank_and_training_goes_on(tmp_path, mode):
+    """Rank 1 alone raises (as a CUDA OOM would) in the probe pass of re-check 1, the held-out loss pass of re-check 2
+    and the multiple-choice pass of re-check 3: inside a forward under DDP, right after one under ZeRO-3 (where a
+    failed rank keeps running its forwards). Both ranks record each failure, naming rank 1 and the original error,
+    and train on together; re-check 4 measures. Under DDP with strict=True both ranks raise it."""
+    if mode == "zero3":
+        pytest.importorskip("deepspeed")
+    rank0, rank1 = run("onerank_failure" + ("_zero3" if mode == "zero3" else ""), tmp_path / "out", 2)  # no abort
+    assert rank0["fired"] == []
+    if mode == "ddp":  # the failed rank skipped the rest of each pass's forwards
+        assert rank1["fired"] == [[1, "probe"], [2, "losses"], [3, "accuracy"], [1, "probe"]]
+    else:  # it ran them all, failing again after each, as many as rank 0 ran
+        assert rank1["fired"].count([1, "probe"]) == rank0["forwards"]["1:probe"] > 1
+        assert rank0["forwards"] == rank1["forwards"]
+    for result in (rank0, rank1):
+        assert result["global_step"] == 8
+        history = result["history"]
+        assert [r["step"] for r in history] == [2, 4, 6, 8]
+        for record, where in zip(history, ("probe", "losses", "accuracy")):
+            assert record["error"] == f"RuntimeError: [rank 1] CUDA out of memory (simulated in the {where} pass)"
+            trace = record["traceback"]
+            if hasattr(BaseException, "add_note"):  # Python 3.11+: rank 1's traceback as a note, in every record
+                assert "Raised on rank 1" in trace and ("in hook" in trace or "in wrapper" in trace)
+        last = history[-1]
+        assert "error" not in last and last["shift_total"] > 0 and last["accuracy"] and "food" in last["loss_delta"]
+        if mode == "ddp":
+            assert result["strict_error"] == "RuntimeError: [rank 1] CUDA out of memory (simulated in the probe pass)"
+            assert result["strict_history"] == []
+    assert without_timing(rank1["history"]) == without_timing(rank0["history"])  # identical on every rank
+
+
 def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
     ranks = run("bad_inputs", tmp_path / "out", 2)
     for result in ranks:

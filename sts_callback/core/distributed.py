@@ -170,14 +170,120 @@ def require_at_least_world(n: int, what: str, fix: str) -> None:
                              f"least one. {fix}")
 
 
-def raise_if_any_rank_failed(error: Exception | None) -> None:
-    """Collective: re-raise the first rank's error on every rank, so that a data-dependent failure (NaN on
-    one rank's shard) ends the pass everywhere instead of leaving the others waiting in a collective."""
+class LocalFailure:
+    """This rank's first exception in the local work of a collective pass (forwards, encoding, loss sums), kept
+    by ``with failure: ...`` around that work.
+
+    Under ``torch.distributed`` the exception is caught and kept, so that the rank still takes part in every
+    collective of the pass (skipping its remaining local work, see :attr:`skip`), and the pass's closing
+    collective (:meth:`raise_everywhere`, or :meth:`sum_across_ranks` folding it into the pass's last sum) raises
+    it on every rank: one rank raising alone would leave the others waiting in the pass's next collective (gloo
+    aborts, NCCL hangs) and their re-check records would differ. Without distribution (``collective=False``) the
+    exception propagates at once, unchanged.
+
+    ``lockstep``: the model's parameters are sharded (ZeRO-3 / FSDP), so every forward is itself a collective and a
+    failed rank keeps running the remaining forwards instead of skipping them. That keeps the ranks together when
+    the exception came from outside a forward's collectives (the loss, the SAE); one raised inside a forward has
+    already left the other ranks waiting in it, which no catching here can undo (README, "Failures").
+    """
+
+    def __init__(self, collective: bool | None = None, *, lockstep: bool = False):
+        self.collective = world_size() > 1 if collective is None else collective
+        self.lockstep = lockstep
+        self.error: Exception | None = None
+        self.trace: str | None = None
+
+    @property
+    def skip(self) -> bool:
+        """Whether this rank skips the rest of its local work (it failed, and need not keep forwards in lockstep)."""
+        return self.error is not None and not self.lockstep
+
+    def __enter__(self) -> "LocalFailure":
+        return self
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if not self.collective or not isinstance(error, Exception):
+            return False
+        if self.error is None:
+            import traceback
+
+            self.trace = "".join(traceback.format_exception(kind, error, trace))
+            # its frames hold the failed batch's tensors (an out-of-memory error's memory): not kept to the end
+            self.error = error.with_traceback(None)
+        return True
+
+    def raise_everywhere(self) -> None:
+        """The pass's closing collective (every rank calls it, failed or not): one all-reduce of a flag, and the
+        errors gathered and raised on every rank (:func:`raise_collectively`) only when some rank failed."""
+        if self.collective:
+            self._close(torch.zeros(0))
+        elif self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def sum_across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """:func:`sum_across_ranks` of ``tensor`` closing the pass: the failure flag rides in the same all-reduce
+        (no extra collective when no rank failed); a failure on any rank is raised on every rank."""
+        if self.collective:
+            return self._close(tensor)
+        self.raise_everywhere()
+        return sum_across_ranks(tensor)
+
+    def _close(self, tensor: torch.Tensor) -> torch.Tensor:
+        error, trace, self.error, self.trace = self.error, self.trace, None, None
+        flag = (torch.ones if error is not None else torch.zeros)(1, dtype=tensor.dtype, device=tensor.device)
+        flat = sum_across_ranks(torch.cat([tensor.detach().reshape(-1), flag]))
+        if float(flat[-1]) > 0:
+            raise_collectively(error, trace)
+        tensor.copy_(flat[:-1].reshape(tensor.shape))
+        return tensor
+
+
+def raise_collectively(error: Exception | None, trace: str | None = None) -> None:
+    """Collective (every rank calls it, failed or not): the first failing rank's error raised on every rank as one
+    same exception, of the original's type with the message ``[rank r] <message>`` (a RuntimeError naming the type
+    where the type cannot be rebuilt from a message) and the failing rank's traceback (``trace``) as a note, so
+    that every rank's session records the same failure and rank 0 logs where it happened. Nothing when no rank
+    failed; without distribution ``error`` itself is raised."""
     if world_size() == 1:
         if error is not None:
             raise error
         return
-    failures = [(r, type(e), str(e)) for r, e in enumerate(gather_objects(error)) if e is not None]
-    if failures:
-        failed_rank, kind, message = failures[0]
-        raise kind(f"[rank {failed_rank}] {message}")
+    summary = None if error is None else _failure_summary(error, trace)
+    failed = [(r, s) for r, s in enumerate(gather_objects(summary)) if s is not None]
+    if not failed:
+        return
+    failed_rank, (kind, name, message, their_trace) = failed[0]
+    others = [str(r) for r, _ in failed[1:]]
+    also = f" (rank {', '.join(others)} failed too)" if others else ""
+    rebuilt = None
+    if kind is not None:
+        try:
+            rebuilt = kind(f"[rank {failed_rank}] {message}{also}")
+        except Exception:  # noqa: BLE001 - a type that takes other arguments: named in a RuntimeError instead
+            rebuilt = None
+    if not isinstance(rebuilt, Exception):
+        rebuilt = RuntimeError(f"[rank {failed_rank}] {name}: {message}{also}")
+    if their_trace and hasattr(rebuilt, "add_note"):  # Python 3.11+
+        rebuilt.add_note(f"Raised on rank {failed_rank}:\n{their_trace.rstrip()}")
+    raise rebuilt
+
+
+def _failure_summary(error: Exception, trace: str | None) -> tuple:
+    """(type where it can be sent to another process else None, type name, message, traceback) of ``error``: plain
+    values, so that gathering them cannot fail on one rank alone (an exception object may not pickle)."""
+    import pickle
+    import traceback
+
+    kind = type(error)
+    try:
+        portable = pickle.loads(pickle.dumps(kind)) is kind
+    except Exception:  # noqa: BLE001 - a class defined in a function, say
+        portable = False
+    try:
+        message = str(error)
+    except Exception:  # noqa: BLE001
+        message = f"<{kind.__name__} without a printable message>"
+    if trace is None and error.__traceback__ is not None:
+        trace = "".join(traceback.format_exception(kind, error, error.__traceback__))
+    return kind if portable else None, kind.__name__, message, trace

@@ -13,9 +13,9 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .capture import ResidualCapture
+from .capture import ResidualCapture, parameters_are_sharded
 from .data import TokenPair
-from .distributed import Shard, raise_if_any_rank_failed, shard, world_size
+from .distributed import LocalFailure, Shard, shard, world_size
 from .errors import STSNumericalError
 from .sae import SAEHandle
 from .stats import ActivationStats, ShiftStats, StatsGroup, TopActivations
@@ -81,7 +81,9 @@ class Extractor:
         pad_token_id: id used for right padding (never counted).
         on_batch: optional callback called after each batch (progress bars).
         split: under ``torch.distributed``, each rank runs a padded 1/world share of the sequences and the
-            statistics are summed across ranks (every rank must then call the same methods).
+            statistics are summed across ranks (every rank must then call the same methods). An exception in a
+            rank's forwards or encoding (NaN / inf, out of memory) is then kept (:attr:`failed`) and raised on every
+            rank at the end of the pass (:meth:`finish`), so that no rank is left waiting in a collective.
     """
 
     def __init__(self, model: nn.Module, sae: SAEHandle, layer: int, *, batch_size: int = 8,
@@ -95,7 +97,9 @@ class Extractor:
         self.on_batch = on_batch
         self.device = _input_device(model)
         self.split = split
-        self.failure: Exception | None = None
+        collective = split and world_size() > 1
+        # sharded parameters: every forward is a collective, so a failed rank keeps running them (LocalFailure)
+        self.failed = LocalFailure(collective, lockstep=collective and parameters_are_sharded(model))
         self.batches_run = 0
 
     def share(self, lengths: Sequence[int]) -> Shard:
@@ -138,16 +142,13 @@ class Extractor:
         return rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
 
     def _check_finite(self, rows: torch.Tensor, what: str) -> None:
-        """Raise on NaN / inf; when split across ranks, remember it and raise on every rank at the end of the
-        pass (see :meth:`finish`) so that no rank is left waiting in a collective."""
-        if not torch.isfinite(rows).all() and self.failure is None:
+        """Raise on NaN / inf (inside ``with self.failed``: kept to the end of the pass when split across ranks)."""
+        if not torch.isfinite(rows).all():
             bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()[:5].tolist()
-            self.failure = STSNumericalError(
+            raise STSNumericalError(
                 f"NaN or inf in the residual stream at layer {self.capture.layer} in batch {self.batches_run} "
                 f"of {what} (rows {bad}); check the model's dtype (fp16 overflows are common) and the input texts."
             )
-            if not (self.split and world_size() > 1):
-                self.finish()
 
     def finish_pass(self, stats: StatsGroupT, reservoir: TopActivations | None = None) -> StatsGroupT:
         """End of a statistics pass: raise a recorded failure, then sum ``stats`` (and merge the reservoir) across
@@ -160,12 +161,9 @@ class Extractor:
         return stats
 
     def finish(self) -> None:
-        """End of a pass: raise a recorded failure (collectively when split)."""
-        failure, self.failure = self.failure, None
-        if self.split:
-            raise_if_any_rank_failed(failure)
-        elif failure is not None:
-            raise failure
+        """End of a pass: a failure kept on any rank raised on every rank (a collective when split across ranks;
+        every rank must call it)."""
+        self.failed.raise_everywhere()
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
         """SAE latents of residual rows (float32 when the SAE computes in half precision)."""
@@ -175,16 +173,22 @@ class Extractor:
     def iter_rows(self, sequences: Sequence[tuple[list[int], list[bool]]], what: str = "texts",
                   ) -> Iterator[RowBatch]:
         """Residual rows at the counted tokens of ``sequences`` ((ids, counted flags for the last len(flags)
-        ids)), one length-sorted batch at a time; non-finite values raise (collectively, see :meth:`finish`)."""
+        ids)), one length-sorted batch at a time; non-finite values raise (collectively, see :meth:`finish`).
+        A consumer that computes on the rows runs that inside ``with self.failed`` too."""
         lengths = [len(ids) for ids, _ in sequences]
         for batch in batches_by_length(lengths, self.batch_size):
-            resid = self._forward([sequences[i][0] for i in batch])
-            where: list = []
-            rows = self._rows(resid, [lengths[i] for i in batch], [len(sequences[i][1]) for i in batch],
-                              [sequences[i][1] for i in batch], where)
-            del resid
-            self._check_finite(rows, what)
-            yield RowBatch(batch=batch, rows=rows, where=where)
+            item = None
+            if not self.failed.skip:
+                with self.failed:
+                    resid = self._forward([sequences[i][0] for i in batch])
+                    where: list = []
+                    rows = self._rows(resid, [lengths[i] for i in batch], [len(sequences[i][1]) for i in batch],
+                                      [sequences[i][1] for i in batch], where)
+                    del resid
+                    self._check_finite(rows, what)
+                    item = RowBatch(batch=batch, rows=rows, where=where)
+            if item is not None:
+                yield item
             self._after_batch(len(batch))
 
     def iter_paired_rows(self, pairs: Sequence[TokenPair], what: str = "queries", *,
@@ -194,20 +198,24 @@ class Extractor:
         (never under torch.distributed, where every rank must run the same forwards)."""
         for batch in batches_by_length([len(p.context) for p in pairs], self.batch_size):
             chosen = [pairs[i] for i in batch]
-            if skip_uncounted and not any(any(p.counted) for p in chosen):
+            if self.failed.skip or (skip_uncounted and not any(any(p.counted) for p in chosen)):
                 self._after_batch(len(batch))
                 continue
-            n_query = [p.n_query for p in chosen]
-            counted = [p.counted for p in chosen]
-            resid = self._forward([p.base for p in chosen])
-            where: list = []
-            base_rows = self._rows(resid, [len(p.base) for p in chosen], n_query, counted, where)
-            resid = self._forward([p.context for p in chosen])
-            context_rows = self._rows(resid, [len(p.context) for p in chosen], n_query, counted)
-            del resid
-            self._check_finite(base_rows, what)
-            self._check_finite(context_rows, what + " (with demonstrations)")
-            yield RowBatch(batch=batch, rows=base_rows, where=where, context_rows=context_rows)
+            item = None
+            with self.failed:
+                n_query = [p.n_query for p in chosen]
+                counted = [p.counted for p in chosen]
+                resid = self._forward([p.base for p in chosen])
+                where: list = []
+                base_rows = self._rows(resid, [len(p.base) for p in chosen], n_query, counted, where)
+                resid = self._forward([p.context for p in chosen])
+                context_rows = self._rows(resid, [len(p.context) for p in chosen], n_query, counted)
+                del resid
+                self._check_finite(base_rows, what)
+                self._check_finite(context_rows, what + " (with demonstrations)")
+                item = RowBatch(batch=batch, rows=base_rows, where=where, context_rows=context_rows)
+            if item is not None:
+                yield item
             self._after_batch(len(batch))
 
     def encoded_chunks(self, rows: torch.Tensor, latents: ActivationStats, reservoir: TopActivations | None,
@@ -233,10 +241,11 @@ class Extractor:
         latents, residual = self._new_condition()
         part = self.share([len(ids) for ids, _ in sequences])
         for item in self.iter_rows(local_sequences(sequences, part), what):
-            residual.update(item.rows)
-            for _ in self.encoded_chunks(item.rows, latents, reservoir, [part.indices[i] for i in item.batch],
-                                          item.where):
-                pass
+            with self.failed:
+                residual.update(item.rows)
+                for _ in self.encoded_chunks(item.rows, latents, reservoir, [part.indices[i] for i in item.batch],
+                                              item.where):
+                    pass
         return self.finish_pass(ConditionStats(latents, residual), reservoir)
 
     @torch.no_grad()
@@ -254,11 +263,12 @@ class Extractor:
         local = [pairs[i] if keep else replace(pairs[i], counted=[False] * len(pairs[i].counted))
                  for i, keep in zip(part.indices, part.counted)]
         for item in self.iter_paired_rows(local, what):
-            residual.update(item.rows)
-            residual_shift.update(item.rows, item.context_rows)
-            for chunk, base_latents in self.encoded_chunks(item.rows, latents, reservoir,
-                                                            [part.indices[i] for i in item.batch], item.where):
-                latent_shift.update(base_latents, self.encode(item.context_rows[chunk]))
+            with self.failed:
+                residual.update(item.rows)
+                residual_shift.update(item.rows, item.context_rows)
+                for chunk, base_latents in self.encoded_chunks(item.rows, latents, reservoir,
+                                                                [part.indices[i] for i in item.batch], item.where):
+                    latent_shift.update(base_latents, self.encode(item.context_rows[chunk]))
         return self.finish_pass(PairedStats(latents, residual, latent_shift, residual_shift), reservoir)
 
     def _after_batch(self, n: int) -> None:

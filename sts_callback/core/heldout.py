@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .capture import parameters_are_sharded, text_config, unwrap_model
-from .distributed import gather_objects, shard_batches, sum_across_ranks
+from .distributed import LocalFailure, gather_objects, shard_batches, world_size
 from .errors import STSDataWarning
 from .data import TokenSequence
 from .extract import batches_by_length
@@ -91,9 +91,11 @@ def split_head(model: nn.Module):
 def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
                  chunk: int = HEAD_CHUNK, head_precision: HeadInPrecision | None = None,
                  body_dtype: torch.dtype | None = None, head_samples: HeadSamples | None = None,
-                 keys: Sequence[int] | None = None, batches: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+                 keys: Sequence[int] | None = None, batches: Sequence[Sequence[int]] | None = None,
+                 failed: LocalFailure | None = None) -> torch.Tensor:
     """[n, 2] float64: (NLL sum, token count) of each sequence's counted tokens. Call under no_grad / eval.
-    ``batches``: the sequences run together (default: grouped by length).
+    ``batches``: the sequences run together (default: grouped by length). ``failed``: keeps an exception of a
+    batch (under distribution; see :class:`~.distributed.LocalFailure`), the rows left unmeasured at zero.
     ``head_precision``: run the LM head so, and ``body_dtype``: the body under autocast to it (both where the head
     runs apart from the body). ``head_samples``: record each sequence's head sample (keyed by ``keys``, default
     the positions in ``sequences``), or measure through the recorded ones (:mod:`.head_sample`)."""
@@ -101,7 +103,8 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
     split = split_head(model)
-    for batch in batches_by_length(lengths, batch_size) if batches is None else batches:
+
+    def measure(batch: Sequence[int]) -> None:
         longest = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -138,6 +141,13 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
         for row, i in enumerate(batch):
             out[i, 0] = float(sums[row])
             out[i, 1] = float(counts[row])
+
+    for batch in batches_by_length(lengths, batch_size) if batches is None else batches:
+        if failed is None:
+            measure(batch)
+        elif not failed.skip:
+            with failed:
+                measure(batch)
     return out
 
 
@@ -154,7 +164,8 @@ def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: 
     """:func:`sequence_nll` of ``indices`` (default: all) with every rank running a padded share of whole batches
     (:func:`~.distributed.shard_batches`: the numbers of one process on any number of ranks); the result,
     [len(sequences), 2] with zeros where not measured, is summed across ranks, so every rank holds all of it.
-    ``head_samples`` (keyed by the index in ``sequences``) recorded on one rank are gathered to every rank."""
+    ``head_samples`` (keyed by the index in ``sequences``) recorded on one rank are gathered to every rank.
+    An exception in one rank's batches is raised on every rank at the closing sum (no rank left waiting in it)."""
     indices = list(range(len(sequences))) if indices is None else list(indices)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(sequences[i][0]) for i in indices]
@@ -166,8 +177,10 @@ def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: 
         start += len(batch)
     local = [sequences[indices[j]] for j in positions]
     keys = [indices[j] for j in positions]
+    # sharded parameters: every forward is a collective, so a failed rank keeps running them (LocalFailure)
+    failed = LocalFailure(lockstep=world_size() > 1 and parameters_are_sharded(model))
     measured = sequence_nll(model, local, pad, batch_size, head_precision=head_precision, body_dtype=body_dtype,
-                            head_samples=head_samples, keys=keys, batches=layout) if local \
+                            head_samples=head_samples, keys=keys, batches=layout, failed=failed) if local \
         else torch.zeros(0, 2, dtype=torch.float64)
     if head_samples is not None and head_samples.recording:
         recorded = {key: head_samples.by_sequence[key] for key in keys if key in head_samples.by_sequence}
@@ -177,7 +190,7 @@ def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: 
     for row, (j, flag) in enumerate(zip(positions, keep)):
         if flag:
             out[indices[j]] = measured[row]
-    return sum_across_ranks(out)
+    return failed.sum_across_ranks(out)
 
 
 @dataclass

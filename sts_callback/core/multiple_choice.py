@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import shard, sum_across_ranks
+from .capture import parameters_are_sharded
+from .distributed import LocalFailure, shard, world_size
 from .errors import STSInputError
 from .torch_utils import model_device, pad_token_id
 
@@ -84,15 +85,21 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
 
 
 def accuracy(model: nn.Module, tokenizer, items: Sequence[dict[str, Any]]) -> tuple[float, int]:
-    """(right answers, items) over every rank: each rank scores a padded 1/world share, the counts are summed."""
+    """(right answers, items) over every rank: each rank scores a padded 1/world share, the counts are summed; an
+    exception on one rank is raised on every rank at that sum (see :class:`~.distributed.LocalFailure`)."""
     part = shard(len(items), [len(item["question"]) for item in items])
     counts = torch.zeros(2, dtype=torch.float64)
+    # sharded parameters: every forward is a collective, so a failed rank keeps running them
+    failed = LocalFailure(lockstep=world_size() > 1 and parameters_are_sharded(model))
     for index, counted in zip(part.indices, part.counted):
-        item = items[index]
-        right = argmax(choice_scores(model, tokenizer, item)) == item["answer"]
-        if counted:
-            counts += torch.tensor([float(right), 1.0], dtype=torch.float64)
-    sum_across_ranks(counts)
+        if failed.skip:
+            break
+        with failed:
+            item = items[index]
+            right = argmax(choice_scores(model, tokenizer, item)) == item["answer"]
+            if counted:
+                counts += torch.tensor([float(right), 1.0], dtype=torch.float64)
+    failed.sum_across_ranks(counts)
     return float(counts[0]), int(counts[1])
 
 

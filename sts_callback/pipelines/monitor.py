@@ -24,7 +24,7 @@ from ..scoring import score
 from ..core.capture import unwrap_model
 from ..core.errors import STSNumericalError
 from ..core.data import Corpus, TokenSequence, first_counted, sample_within_budget
-from ..core.distributed import gather_objects, sum_across_ranks
+from ..core.distributed import LocalFailure, gather_objects
 from ..core.extract import ConditionStats, Extractor, PairedStats
 from .forecast import ForecastSetup, inference_mode
 from .recheck import Recheck
@@ -160,11 +160,12 @@ class Monitor:
         out: dict[int, torch.Tensor] = {}
         with inference_mode(model):
             for item in extractor.iter_rows(local, "the training probe"):
-                rows = item.rows.float().cpu()
-                for row_in_batch, i in enumerate(item.batch):
-                    if part.counted[i]:
-                        out[part.indices[i]] = rows[item.where[0] == row_in_batch]
-        extractor.finish()
+                with extractor.failed:
+                    rows = item.rows.float().cpu()
+                    for row_in_batch, i in enumerate(item.batch):
+                        if part.counted[i]:
+                            out[part.indices[i]] = rows[item.where[0] == row_in_batch]
+        extractor.finish()  # a failure on any rank raised on every rank
         return out
 
     def _probe_offsets(self) -> list[int]:
@@ -283,8 +284,14 @@ class Monitor:
             for name, items in self.accuracy_sets.items():
                 right, total = accuracy(model, self.setup.builder.tokenizer, items)
                 out[name] = right / total if total else float("nan")
-            for name, target in self.lm_eval_targets.items():
-                out[name] = target.evaluate(model, self.setup.builder.tokenizer)
+            if self.lm_eval_targets:
+                # each rank evaluates the tasks whole, alone; a failure on one rank still fails the re-check on
+                # every rank, so that their records (and the guard's decisions) stay the same
+                failed = LocalFailure()
+                for name, target in self.lm_eval_targets.items():
+                    with failed:
+                        out[name] = target.evaluate(model, self.setup.builder.tokenizer)
+                failed.raise_everywhere()
         return out
 
     # -------------------------------------------------------------- re-check
@@ -300,8 +307,11 @@ class Monitor:
         if not self.setup.sae.can_decode:
             return None
         d = self.setup.sae.d_in
-        sums = fit_sums(self.setup.sae, torch.cat(list(rows.values())) if rows else torch.zeros(0, d))
-        return fit_from_sums(sum_across_ranks(sums))
+        failed = LocalFailure()
+        sums = torch.zeros(4 + d, dtype=torch.float64)
+        with failed:
+            sums = fit_sums(self.setup.sae, torch.cat(list(rows.values())) if rows else torch.zeros(0, d))
+        return fit_from_sums(failed.sum_across_ranks(sums))
 
     def actual_shift(self, model: nn.Module, autocast=None) -> ShiftStats:
         """Per-latent E[(h_current - h_base)^2] at the probe tokens (each rank its share, summed)."""
@@ -322,14 +332,17 @@ class Monitor:
                 raise RuntimeError("No base residuals: call capture_base(model) at train start.")
         shift = ShiftStats(self.setup.sae.d_sae)
         order = sorted(current)
+        failed = LocalFailure()  # this rank's encoding, before the sums every rank takes part in
         if order:
-            device = self.setup.sae.module.W_enc.device if hasattr(self.setup.sae.module, "W_enc") else "cpu"
-            base_rows = torch.cat([base[i] for i in order])
-            current_rows = torch.cat([current[i] for i in order])
-            with torch.no_grad():
-                for b, c in zip(base_rows.split(2048), current_rows.split(2048)):
-                    shift.update(self.setup.sae.encode(b.to(device)).float().cpu(),
-                                 self.setup.sae.encode(c.to(device)).float().cpu())
+            with failed:
+                device = self.setup.sae.module.W_enc.device if hasattr(self.setup.sae.module, "W_enc") else "cpu"
+                base_rows = torch.cat([base[i] for i in order])
+                current_rows = torch.cat([current[i] for i in order])
+                with torch.no_grad():
+                    for b, c in zip(base_rows.split(2048), current_rows.split(2048)):
+                        shift.update(self.setup.sae.encode(b.to(device)).float().cpu(),
+                                     self.setup.sae.encode(c.to(device)).float().cpu())
+        failed.raise_everywhere()
         return shift.all_reduce(), self._fit(current)
 
     def recheck(self, model: nn.Module, forecast_latents: list[int] | None, autocast=None,

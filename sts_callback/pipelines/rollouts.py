@@ -34,7 +34,7 @@ from torch import nn
 
 from ..core.config import STSConfig
 from ..core.data import Corpus, PromptBuilder, is_messages, load_corpus, load_domains
-from ..core.distributed import gather_objects, is_main_process, raise_if_any_rank_failed, shard, world_size
+from ..core.distributed import gather_objects, is_main_process, raise_collectively, shard, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.torch_utils import model_device
 from .forecast import (Forecast, ForecastRun, ForecastSetup, inference_mode, prepare_forecast, prompt_builder,
@@ -499,7 +499,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     finally:
         if bar is not None:
             bar.close()
-    raise_if_any_rank_failed(error)
+    raise_collectively(error)
     groups = sorted((g for rank_groups in gather_objects(local) for g in rank_groups), key=lambda g: g.index)
     for g in groups:
         g.index = chosen[g.index]
