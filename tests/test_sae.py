@@ -22,6 +22,19 @@ def test_hook_names_map_to_decoder_blocks(hook, layer):
     assert layer_from_hook_name(hook) == layer
 
 
+@pytest.mark.parametrize("hook", ["model.layers.1.mlp", "model.layers.1.self_attn", "model.layers.1.input_layernorm",
+                                  "model.layers.1.post_attention_layernorm", "model.layers.1.mlp.down_proj",
+                                  "transformer.h.1.attn", "transformer.h.1.ln_2", "blocks.1.hook_mlp_out"])
+def test_an_sae_on_a_block_part_is_refused_so_that_a_layer_cannot_make_it_read_the_residual(hook):
+    with pytest.raises(STSInputError, match="not the residual stream"):
+        load_sae(TinySAE(32, 64, hook_name=hook))
+
+
+@pytest.mark.parametrize("hook", ["model.layers.1", "transformer.h.1", "gemma-l1-res", "layer_1_norm_free"])
+def test_a_residual_or_descriptive_hook_name_is_accepted(hook):
+    assert load_sae(TinySAE(32, 64, hook_name=hook)).hook_name == hook
+
+
 def test_resid_pre_of_layer_zero_is_rejected():
     with pytest.raises(STSInputError, match="embeddings"):
         layer_from_hook_name("blocks.0.hook_resid_pre")

@@ -27,7 +27,10 @@ _LAYER_PATTERNS = (
 # TransformerLens hooks that are inside a block, not its output: never the residual stream STS reads. Any other
 # unrecognised name (a descriptive one such as "gemma-l12-res") is accepted once STSConfig(layer=) says the layer.
 _NOT_RESIDUAL = re.compile(r"hook_(?:resid_mid|mlp_out|attn_out|z|q|k|v|pattern|scores|result|pre|post|normalized|"
-                           r"scale|embed|pos_embed)$|\.(?:attn|mlp|ln\d?|ln_final)\.")
+                           r"scale|embed|pos_embed)$|\.(?:attn|mlp|ln\d?|ln_final)\."
+                           # Hugging Face sub-modules of a block (its attention, MLP, norms), as a name or a prefix
+                           r"|\.(?:self_attn|attn|attention|cross_attn|mlp|feed_forward|ffn|experts|"
+                           r"\w*layernorm|\w*_norm|ln_\d|ln_f)(?:\.|$)")
 
 
 def layer_from_hook_name(hook_name: str | None) -> int | None:
