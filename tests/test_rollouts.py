@@ -226,6 +226,19 @@ def test_settings_from_a_grpo_config():
             settings.reward_weights, settings.scale_rewards) == (4, 0.7, 5, 16, [1.0, 0.5], "none")
 
 
+def test_settings_of_an_online_dpo_trainer_are_its_pair_and_its_max_new_tokens(tmp_path):
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from trl.experimental.online_dpo import OnlineDPOConfig
+
+    from sts_callback.integrations.trainer_shift import _rollout_settings
+
+    args = OnlineDPOConfig(output_dir=str(tmp_path), max_new_tokens=3, temperature=1.5, use_cpu=True, report_to=[])
+    settings = _rollout_settings(SimpleNamespace(args=args))
+    assert (settings.num_generations, settings.max_completion_length, settings.temperature) == (2, 3, 1.5)
+
+
 def test_reward_weighted_shift_equals_dense_computation(model, tokenizer, sae):
     texts = [[" law court judge", " cook bake", " law statute", " egg pan salt"],
              [" code function", " gene dna", " court appeal contract", " two three"]]

@@ -67,6 +67,17 @@ def test_a_packed_row_is_read_as_its_first_example(tokenizer, tmp_path):
     assert {example.prompt, example.answer.split(" <eos>")[0]} in ({"law court", "judge ."}, {"food cook", "bake ."})
 
 
+def test_kto_data_is_read_as_its_desirable_examples_only(tokenizer):
+    data = Dataset.from_dict({"prompt": ["law court", "law court", "food cook"],
+                              "completion": [" judge .", " bake pan", " egg salt"], "label": [True, False, True]})
+    corpus = corpus_from_training_dataset(data, tokenizer)
+    assert [corpus[i].answer for i in range(len(corpus))] == [" judge .", " egg salt"]
+    as_records = corpus_from_training_dataset(list(data), tokenizer)
+    assert len(as_records) == 2
+    with pytest.raises(STSInputError, match="no example labelled desirable"):
+        corpus_from_training_dataset(data.map(lambda r: {"label": False}), tokenizer)
+
+
 def test_unknown_columns(tokenizer):
     with pytest.raises(STSInputError, match="train_probe="):
         corpus_from_training_dataset(Dataset.from_dict({"pixels": [[1, 2]]}), tokenizer)

@@ -159,6 +159,8 @@ def forecast_runner(shift: str, data: Any, probe: Corpus, demonstrations: Corpus
 def _rollout_settings(trainer: Any) -> RolloutSettings:
     """The trainer's generation and reward settings; its reward weights as TRL extended them (a tensor)."""
     settings = RolloutSettings.from_args(trainer.args)
+    if getattr(trainer.args, "num_generations", None) is None:  # online DPO / XPO / Nash-MD: a pair per prompt
+        settings.num_generations = 2
     weights = getattr(trainer, "reward_weights", None)
     if weights is not None:
         settings.reward_weights = [float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights)]

@@ -4,8 +4,8 @@ the target domains (``target_domains="eval_dataset"``: the trainer's eval set(s)
 Raw columns (``text``, ``messages``, ``prompt``/``completion``, ``prompt``/``chosen``/``rejected``) are used
 as they are. Tokenized datasets are decoded: ``input_ids`` (+ ``completion_mask`` / ``assistant_masks``, or
 ``labels`` with -100 over the prompt as current TRL and hand-made sets leave it, to split prompt from answer; a
-packed row is read as its first example), DPO's ``prompt_ids`` / ``chosen_ids``. Decoded text keeps chat-template
-markers.
+packed row is read as its first example), DPO's ``prompt_ids`` / ``chosen_ids``. KTO's unpaired data (a ``label``
+beside the completions) is read as its desirable examples. Decoded text keeps chat-template markers.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
         dataset = take_streamed(dataset)
     first = dataset[0] if len(dataset) else {}
     columns = set(getattr(dataset, "column_names", None) or (first.keys() if isinstance(first, dict) else []))
+    if "label" in columns and columns & {"completion", "completion_ids"}:
+        dataset = _desirable_only(dataset, name)
     if columns & RAW_COLUMNS or not isinstance(first, dict):
         return load_corpus(dataset, name=name)
     if {"prompt_ids", "chosen_ids"} <= columns:
@@ -78,6 +80,18 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
         f"dataset {name!r} (pass that domain's texts or records"
     raise STSInputError(f"Cannot read the trainer's {what} with texts or records instead); its columns are "
                         f"{sorted(columns)}, none of {sorted(RAW_COLUMNS)}, 'input_ids' or 'prompt_ids'.")
+
+
+def _desirable_only(dataset: Any, name: str) -> Any:
+    """KTO's unpaired data (completions with a bool ``label``): only the desirable ones are what training pushes
+    the model toward; an undesirable one read as a demonstration would point the forecast the wrong way."""
+    labels = dataset["label"] if hasattr(dataset, "column_names") else [row["label"] for row in dataset]
+    keep = [i for i, label in enumerate(labels) if bool(label)]
+    if not keep:
+        raise STSInputError(f"The trainer's {name} dataset has a `label` column (KTO) but no example labelled "
+                            "desirable (True): nothing shows what training pushes toward; pass train_probe= with "
+                            "desirable texts.")
+    return dataset.select(keep) if hasattr(dataset, "select") else [dataset[i] for i in keep]
 
 
 def target_corpora(target: Any, trainer: Any, tokenizer) -> tuple[dict[str, Corpus], dict[str, LmEvalTarget]]:

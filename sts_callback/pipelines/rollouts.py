@@ -86,8 +86,8 @@ class RolloutSettings:
 
     @classmethod
     def from_args(cls, args: Any) -> "RolloutSettings":
-        """From a TRL ``GRPOConfig`` (e.g. ``trainer.args``), a dict, or any object with those attribute names;
-        what it lacks keeps the default."""
+        """From a TRL ``GRPOConfig`` (e.g. ``trainer.args``; an ``OnlineDPOConfig``'s ``max_new_tokens`` too), a
+        dict, or any object with those attribute names; what it lacks keeps the default."""
         if isinstance(args, cls):
             return args
         names = [f.name for f in fields(cls)]
@@ -96,7 +96,10 @@ class RolloutSettings:
             if unknown:
                 raise STSConfigError(f"Unknown rollout setting(s) {unknown}; valid: {names}.")
             return cls(**args)
-        return cls(**{name: getattr(args, name) for name in names if getattr(args, name, None) is not None})
+        values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+        if "max_completion_length" not in values and getattr(args, "max_new_tokens", None) is not None:
+            values["max_completion_length"] = args.max_new_tokens  # OnlineDPOConfig's name for it
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
