@@ -47,6 +47,17 @@ def write_config(root, **changes):
     return path
 
 
+def test_forecast_reads_a_parquet_training_set(workspace, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": domain_texts("law", 20)}), path)
+    config = write_config(workspace, train_data=str(path), output=str(tmp_path / "forecast.json"))
+    assert main(["forecast", str(config), "--no-progress"]) == 0
+    assert set(json.loads((tmp_path / "forecast.json").read_text())["domains"]) == {"chem", "food"}
+
+
 def test_forecast_from_yaml_config(workspace, capsys):
     assert main(["forecast", str(write_config(workspace)), "--no-progress", "--set", "seed=3"]) == 0
     printed = capsys.readouterr().out
@@ -263,6 +274,159 @@ def test_read_only_output_folder(workspace, tmp_path, capsys, no_model):
         assert str(folder) in one_line_error(capsys)
     finally:
         folder.chmod(0o755)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="FIFOs are POSIX")
+def test_an_output_that_is_a_device_or_fifo_is_refused_before_the_model_loads(workspace, tmp_path, capsys, no_model):
+    """`-o <device>` once replaced the node with a regular file (as root, -o /dev/null destroyed /dev/null). Only
+    private nodes here: a FIFO and, as root, a copy of the null device."""
+    import os
+    import stat
+
+    fifo = tmp_path / "myfifo"
+    os.mkfifo(fifo)
+    nodes = [(fifo, "FIFO")]
+    try:
+        os.mknod(tmp_path / "mynull", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        nodes.append((tmp_path / "mynull", "character device"))
+    except PermissionError:
+        pass  # mknod needs root
+    (tmp_path / "link").symlink_to(fifo)
+    nodes.append((tmp_path / "link", "FIFO"))
+    for node, kind in nodes:
+        before = os.lstat(node).st_mode
+        assert main(["forecast", str(write_config(workspace)), "-o", str(node), "--no-progress"]) == 2
+        err = one_line_error(capsys)
+        assert str(node) in err and kind in err and "regular file" in err, err
+        assert main(["calibrate", str(workspace / "model" / "config.json"), "--out", str(node)]) == 2
+        assert kind in one_line_error(capsys)
+        assert os.lstat(node).st_mode == before  # the node is still what it was
+    gate = tmp_path / "gate.yaml"
+    gate.write_text(yaml.safe_dump({"model": str(workspace / "model"), "sae": str(workspace / "sae"),
+                                    "candidates": {"law": str(workspace / "train.jsonl")},
+                                    "targets": {"chem": str(workspace / "chem.jsonl"), "food": ["a b"]},
+                                    "protected": ["chem"], "output": str(fifo)}))
+    assert main(["gate", str(gate)]) == 2
+    assert "FIFO" in one_line_error(capsys)
+    # files written into an output folder: the gate's filtered JSONL, validate's sts/ files, the SAE, the report
+    filtered = tmp_path / "filtered"
+    filtered.mkdir()
+    os.mkfifo(filtered / "law.jsonl")
+    assert main(["gate", str(gate), "-o", str(tmp_path / "gate.json"), "--filtered-dir", str(filtered)]) == 2
+    assert "law.jsonl" in (err := one_line_error(capsys)) and "FIFO" in err
+    (tmp_path / "val" / "sts").mkdir(parents=True)
+    os.mkfifo(tmp_path / "val" / "sts" / "validation.png")
+    config = write_config(workspace, output=None, output_dir=str(tmp_path / "val"),
+                          targets={"a": ["x y"], "b": ["y z"], "c": ["z w"]})
+    assert main(["validate", str(config), "--no-progress"]) == 2
+    assert "validation.png" in (err := one_line_error(capsys)) and "FIFO" in err
+    (tmp_path / "sae_out").mkdir()
+    os.mkfifo(tmp_path / "sae_out" / "cfg.json")
+    assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data",
+                 str(workspace / "train.jsonl"), "-o", str(tmp_path / "sae_out")]) == 2
+    assert "cfg.json" in (err := one_line_error(capsys)) and "FIFO" in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "forecast.json").write_text("{}")
+    os.mkfifo(tmp_path / "run" / "report.md")
+    assert main(["report", str(tmp_path / "run")]) == 2
+    assert "report.md" in (err := one_line_error(capsys)) and "FIFO" in err
+    assert not (tmp_path / "run" / "report.html").exists()  # refused before either file is written
+
+
+def test_forecast_output_mode_follows_the_umask_and_a_link_is_written_through(workspace, tmp_path, capsys):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        new = tmp_path / "new.json"
+        assert main(["forecast", str(write_config(workspace)), "-o", str(new), "--no-progress"]) == 0
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640  # mkstemp made every output 0600
+        kept = tmp_path / "kept.json"
+        kept.write_text("{}")
+        kept.chmod(0o664)
+        (tmp_path / "link.json").symlink_to(kept)
+        assert main(["forecast", str(write_config(workspace)), "-o", str(tmp_path / "link.json"),
+                     "--no-progress"]) == 0
+        assert (tmp_path / "link.json").is_symlink() and stat.S_IMODE(kept.stat().st_mode) == 0o664
+        assert json.loads(kept.read_text())["domains"].keys() == {"chem", "food"}
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+
+
+@pytest.fixture
+def stop_at_load(monkeypatch):
+    """The model loader records its arguments and stops the command (exit 2) instead of loading."""
+    import sts_callback.tools.cli as cli
+    from sts_callback.core.errors import STSInputError
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        raise STSInputError("stopped at the model load")
+
+    monkeypatch.setattr(cli, "load_model", record)
+    return calls
+
+
+def test_dtype_and_device_mistakes_are_one_line_errors_before_the_model_loads(workspace, capsys, monkeypatch,
+                                                                               stop_at_load):
+    def run(*extra, **changes):
+        assert main(["forecast", str(write_config(workspace, **changes)), "--no-progress", *extra]) == 2
+        return one_line_error(capsys)
+
+    err = run(dtype="bf16")  # was AttributeError: module 'torch' has no attribute 'bf16'
+    assert "dtype='bf16'" in err and "'bfloat16'" in err and "float32" in err and "auto" in err
+    for bad in ("float8", "int8", 16, "torch.float16"):
+        assert "is not a model dtype" in run(dtype=bad)
+    err = run(device="foo")
+    assert "device='foo'" in err and "not a device" in err and "'cpu'" in err
+    assert "device=0" in run(device=0)  # YAML reads `device: 0` as a number: a name is asked for
+    assert "meta" in run(device="meta")
+    err = run("--set", "device=foo")  # was a RuntimeError from torch when the forecast ran
+    assert "STSConfig.device='foo'" in err and "not a device" in err
+    assert not stop_at_load  # none of them got to the loader
+
+    # CUDA: this torch built without it, no GPU visible, an index past the GPUs; MPS missing
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    assert "built without CUDA" in run(device="cuda")  # was AssertionError: Torch not compiled with CUDA enabled
+    assert "built without CUDA" in run("--set", "device=cuda")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    err = run(device="cuda")
+    assert "device='cuda'" in err and "no CUDA GPU is visible" in err
+    assert "options.device='cuda:0'" in run(options={"n_shifted": 8, "device": "cuda:0"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "only 1 CUDA GPU(s)" in run(device="cuda:3")
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: False)
+    assert "MPS" in run(device="mps")
+    assert not stop_at_load
+
+    # what is accepted reaches the loader as given
+    for dtype in ("float32", "bfloat16", "float16", "auto", "half"):
+        assert run(dtype=dtype, device="cpu") == "sts: error: stopped at the model load"
+    assert run(device="cuda:0") == "sts: error: stopped at the model load"  # one (pretend) GPU visible
+    assert [call[1:] for call in stop_at_load] == [("cpu", d) for d in ("float32", "bfloat16", "float16", "auto",
+                                                                         "half")] + [("cuda:0", None)]
+
+
+def test_train_sae_device_is_checked_before_the_model_loads(workspace, tmp_path, capsys, no_model):
+    assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data",
+                 str(workspace / "train.jsonl"), "--device", "gpu", "-o", str(tmp_path / "sae")]) == 2
+    assert "--device='gpu'" in one_line_error(capsys)
+
+
+def test_model_dtype_names_load_that_dtype(workspace):
+    from sts_callback.tools.cli import load_model
+
+    assert next(load_model(str(workspace / "model"), "cpu", "bfloat16")[0].parameters()).dtype == torch.bfloat16
+    assert next(load_model(str(workspace / "model"), None, "half")[0].parameters()).dtype == torch.float16
+    assert next(load_model(str(workspace / "model"))[0].parameters()).dtype == torch.float32
+    load_model(str(workspace / "model"), None, "auto")  # the checkpoint's own dtype, by transformers
 
 
 def test_calibrate_refuses_a_forecast(workspace, tmp_path, capsys):

@@ -135,3 +135,95 @@ def test_a_target_domain_is_measured_on_its_answers_not_its_prompts_alone(tokeni
     assert tokenizer.decode(pair.context).count("butter pan bake") == 2
     if "choices" in record:
         assert multiple_choice_items(domain) is not None  # the items stay scorable for accuracy
+
+
+# --------------------------------------------------------------------------- data files of every documented kind
+def test_csv_tsv_and_parquet_files_are_read_as_records_not_as_one_text(tmp_path):
+    import pandas as pd
+
+    texts = domain_texts("law", 12)
+    pd.DataFrame({"text": texts, "id": range(12)}).to_csv(tmp_path / "law.csv", index=False)
+    pd.DataFrame({"text": texts}).to_parquet(tmp_path / "law.parquet")
+    (tmp_path / "qa.TSV").write_text("prompt\tcompletion\nwhat is law ?\tcourt\n")
+    for name in ("law.csv", "law.parquet"):
+        corpus = load_corpus(str(tmp_path / name))
+        assert [e.prompt for e in corpus] == texts  # neither the header nor the quotes become training text
+    assert (load_corpus(str(tmp_path / "qa.TSV"))[0].prompt, load_corpus(str(tmp_path / "qa.TSV"))[0].answer) == (
+        "what is law ?", "court")
+    # every CSV cell is text: a number-like text, quotes and a quoted line break stay as written
+    (tmp_path / "odd.csv").write_text('text\n7\n"a ""quoted"" text\non two lines"\n')
+    assert [e.prompt for e in load_corpus(str(tmp_path / "odd.csv"))] == ["7", 'a "quoted" text\non two lines']
+    # chat conversations in a Parquet column
+    chat = [{"role": "user", "content": "what is law ?"}, {"role": "assistant", "content": "court"}]
+    pd.DataFrame({"messages": [chat, chat]}).to_parquet(tmp_path / "chat.parquet")
+    assert load_corpus(str(tmp_path / "chat.parquet"))[0].answer == "court"
+
+
+def test_a_table_without_a_text_column_is_refused_naming_its_columns(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"body": domain_texts("law", 5)}).to_csv(tmp_path / "law.csv", index=False)
+    pd.DataFrame({"body": domain_texts("law", 5)}).to_parquet(tmp_path / "law.parquet")
+    for name in ("law.csv", "law.parquet"):
+        with pytest.raises(STSInputError, match=rf"{name} \('train'\) has columns \['body'\] but none of 'text'.*"
+                                                "rename its text column to 'text'"):
+            load_corpus(str(tmp_path / name), name="train")
+    (tmp_path / "broken.parquet").write_text("text\nnot parquet at all\n")
+    with pytest.raises(STSInputError, match=r"broken.parquet \('train'\) cannot be read as Parquet"):
+        load_corpus(str(tmp_path / "broken.parquet"), name="train")
+
+
+@pytest.mark.parametrize("name", ["law.gz", "law.pkl", "law.xlsx"])
+def test_a_file_of_an_unknown_kind_is_refused_listing_the_kinds_read(tmp_path, name):
+    from sts_callback.core.data import check_data_spec
+
+    (tmp_path / name).write_bytes(b"\x1f\x8b\x08\x00 binary")
+    for check in (lambda: check_data_spec(str(tmp_path / name), "target 'law'"),
+                  lambda: load_corpus(str(tmp_path / name), name="law")):
+        with pytest.raises(STSInputError, match=r"has the suffix '\.\w+', which is no data format read here; give "
+                                                r"\.jsonl or \.json .*\.csv, \.tsv or \.parquet.*plain text"):
+            check()
+
+
+def test_plain_text_is_split_at_blank_lines_and_one_text_per_line_is_flagged(tmp_path):
+    from sts_callback.core.errors import STSDataWarning
+
+    texts = domain_texts("law", 30)
+    (tmp_path / "lines.txt").write_text("\n".join(texts))
+    with pytest.warns(STSDataWarning, match=r"lines.txt \('train'\) has 30 lines and no blank line, so it is read as "
+                                            r"one text.*separated by blank lines.*\.jsonl"):
+        assert len(load_corpus(str(tmp_path / "lines.txt"), name="train")) == 1
+    # blank lines separate texts, a Windows line end or a line of spaces too; no warning then
+    (tmp_path / "blocks.txt").write_bytes("\r\n\r\n".join(texts[:2]).encode() + b"\n   \n" + texts[2].encode())
+    (tmp_path / "notes").write_text("\n\n".join(texts))
+    (tmp_path / "short.md").write_text("\n".join(texts[:3]))  # a few lines: one text, as plain text is meant
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        assert [e.prompt for e in load_corpus(str(tmp_path / "blocks.txt"))] == texts[:3]
+        assert len(load_corpus(str(tmp_path / "notes"))) == 30
+        assert len(load_corpus(str(tmp_path / "short.md"))) == 1
+
+
+@pytest.mark.parametrize("value, shown", [(7, "int 7"), (None, r"null \(None\)"), (["a"], r"list \['a'\]")])
+def test_a_text_that_is_not_a_string_is_named_with_its_type_and_line(tmp_path, value, shown):
+    import json
+
+    with pytest.raises(STSInputError, match=rf"example 1 of 'train': its 'text' is {shown}, but 'text' must be a "
+                                            "string"):
+        load_corpus([{"text": "law court"}, {"text": value}], name="train")[1]
+    path = tmp_path / "nums.jsonl"
+    path.write_text('{"text": "law court"}\n\n' + json.dumps({"text": value}) + "\n")
+    with pytest.raises(STSInputError, match=rf"example 1 of 'train' \(.*nums.jsonl line 3\): its 'text' is {shown}"):
+        load_corpus(str(path), name="train")[1]
+    with pytest.raises(STSInputError, match=r"its 'prompt' is int 3, but 'prompt' must be a string or chat messages"):
+        example_from_record({"prompt": 3, "completion": "x"})
+
+
+@pytest.mark.parametrize("name", ["", "   ", "\t"])
+def test_an_empty_domain_name_is_refused(name):
+    from sts_callback.core.data import load_domains
+
+    with pytest.raises(STSInputError, match=r"targets has an entry with the empty name .*; give it a name"):
+        load_domains({name: domain_texts("law", 5), "food": domain_texts("food", 5)})

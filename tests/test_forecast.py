@@ -140,18 +140,19 @@ def test_special_tokens_and_padding_never_counted(model, tokenizer):
     sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
     texts = ["law court <eos> judge .", "<eos> <eos> contract"]
     setup = ForecastSetup.create(model, tokenizer, sae, small_config(compute_icl=False, ranking="sts_act"))
-    plan = plan_inputs(setup.builder, setup.config, load_corpus(texts), load_domains({"d": texts * 10}))
+    train = texts * 4  # 20 tokens: a training set below 16 is refused
+    plan = plan_inputs(setup.builder, setup.config, load_corpus(train), load_domains({"d": texts * 10}))
     special = set(tokenizer.all_special_ids)
     for ids, counted in plan.domains["d"].singles:
         assert ids[0] == tokenizer.bos_token_id and not counted[0]
         assert all(not c for tok, c in zip(ids, counted) if tok in special)
     assert plan.domains["d"].tokens == 10 * (4 + 1)  # "law court judge ." and "contract"
-    result = forecast(model, tokenizer, sae, texts, {"d": texts * 10},
+    result = forecast(model, tokenizer, sae, train, {"d": texts * 10},
                       small_config(compute_icl=False, ranking="sts_act", batch_size=16))
     assert result.domains["d"].tokens == 50
     included = STSConfig(**{**small_config(compute_icl=False, ranking="sts_act").to_dict(),
                             "exclude_special_tokens": False})
-    assert forecast(model, tokenizer, sae, texts, {"d": texts * 10}, included).domains["d"].tokens == 10 * (5 + 3)
+    assert forecast(model, tokenizer, sae, train, {"d": texts * 10}, included).domains["d"].tokens == 10 * (5 + 3)
 
 
 def test_same_seed_same_result_and_seed_matters(model, tokenizer):

@@ -33,6 +33,16 @@ def sae(hook_name="blocks.1.hook_resid_post"):
     return TinySAE(32, 64, hook_name=hook_name)
 
 
+def test_a_model_without_a_language_model_head_is_refused_before_any_work(tokenizer):
+    import transformers as tf
+
+    reward_model = tf.LlamaForSequenceClassification(tf.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=0))
+    with pytest.raises(STSConfigError, match="needs a causal language model.*LlamaForSequenceClassification"):
+        forecast(reward_model, tokenizer, sae(), domain_texts("law", 30), targets(), config())
+
+
 def test_context_too_short_for_any_demonstration_is_refused(tokenizer):
     import transformers as tf
 
@@ -87,3 +97,22 @@ def test_healthy_forecast_raises_no_data_warning(model, tokenizer):
         warnings.simplefilter("error", STSDataWarning)
         result = forecast(model, tokenizer, sae(), domain_texts("law", 30), targets(), config())
     assert len(result.shifted_latents) == 12
+
+
+@pytest.mark.parametrize("train", [["law"], ["law court judge"], domain_texts("law", 1, length=6)])
+def test_a_training_set_too_small_to_measure_is_refused_by_name(model, tokenizer, train):
+    with pytest.raises(STSInputError, match=r"The training data 'train' has only \d+ tokens \(of 300 asked for\), "
+                                            "fewer than one query of at least 16; add texts to it"):
+        forecast(model, tokenizer, sae(), train, targets(), config())
+
+
+def test_a_one_text_training_set_is_flagged_as_its_own_demonstration(model, tokenizer):
+    with pytest.warns(STSDataWarning, match=r"The training data 'train' has one text .* its own demonstration.*"
+                                            r"demonstrations=\[\.\.\.\]"):
+        result = forecast(model, tokenizer, sae(), [" ".join(domain_texts("law", 4))], targets(), config())
+    assert result.shift_queries == 1 and result.shifted_latents  # kept: the forecast is still made
+    # with demonstrations from elsewhere, the one text is no demonstration of itself: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        forecast(model, tokenizer, sae(), [" ".join(domain_texts("law", 4))], targets(), config(),
+                 demonstrations=domain_texts("law", 10, seed=5))

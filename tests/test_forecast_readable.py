@@ -124,3 +124,27 @@ def test_a_calibration_that_needs_a_training_run_is_refused_before_the_forecast_
     never = object()  # no model at all: the refusal must come first
     with pytest.raises(STSConfigError, match=r"\['lookahead', 'first_order', 'lookahead_own'\].*gemma3-270m-lora"):
         forecast(never, None, None, ["text"], {"a": ["text"]}, calibration=str(path))
+
+
+def test_table_rows_stay_intact_whatever_the_domain_names_hold():
+    from sts_callback.pipelines.forecast import DomainForecast
+
+    names = ["tab\there", "new\nline", "ansi\x1b[31mred", "naïve 法律", "plain"]
+    result = Forecast(domains={n: DomainForecast(n, 10, 100, {"sts_act": 1.0 + i}) for i, n in enumerate(names)},
+                      shifted_latents=[1], shift_values=[1.0], shift_direction=[1.0], raw_shifted_dims=[],
+                      raw_shift_values=[], shift_tokens=100, shift_queries=5, ranking="sts_act")
+    lines = result.table().splitlines()
+    assert len(lines) == 3 + len(names) and "\x1b" not in result.table() and "\t" not in result.table()
+    shown = {line[6:].split("  ")[0].rstrip() for line in lines[3:]}
+    assert shown == {r"tab\there", r"new\nline", r"ansi\x1b[31mred", "naïve 法律", "plain"}
+    # the score column starts at one terminal column in every row (a CJK character takes two)
+    import unicodedata
+
+    def column(line, cell):
+        head = line[: line.index(cell)]
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in head)
+
+    assert len({column(line, f"{i + 1.0:>10.4g}") for line, i in
+                zip(lines[3:], sorted(range(len(names)), reverse=True))}) == 1
+    result.predictions = {n: {"mean": 0.01, "low": -0.01, "high": 0.02, "level": 0.9, "label": "flat"} for n in names}
+    assert "\x1b" not in result.table() and len(result.table().splitlines()) == 3 + len(names) + 1

@@ -4,28 +4,88 @@ A whole file is written to a temporary sibling and moved into place (``os.replac
 Windows); on any failure the temporary file is removed and the old file, if any, is untouched. A JSON-lines
 record is appended and, when the write fails (a full disk), the file is cut back to its previous length, so a
 reader never meets a cut line.
+
+The target must be a regular file or not exist yet: moving a file onto a device, a FIFO or a socket would
+replace that node (as root, ``-o /dev/null`` would destroy /dev/null), so such a target is an
+:class:`~sts_callback.core.errors.STSInputError`. A symbolic link is written through: the file it points at
+gets the new contents and the link stays. A new file gets the usual ``0o666`` less the umask, an overwritten
+file keeps its mode.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import STSInputError
+
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def output_target(path: str | Path, what: str = "") -> tuple[Path, os.stat_result | None]:
+    """(the file a write to ``path`` lands in, its stat or None when it does not exist yet).
+
+    A symbolic link leads to the file it points at. An existing target that is not a regular file (a folder,
+    a device, a FIFO, a socket) or a link that loops is an :class:`STSInputError` naming the path (after
+    ``what``, e.g. "the forecast output") and the fix.
+    """
+    path = Path(path)
+    real = Path(os.path.realpath(path)) if path.is_symlink() else path
+    shown = (f"{what} " if what else "") + (f"{path} (a link to {real})" if real != path else str(path))
+    try:
+        info = os.stat(real)
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a file as a folder: mkdir names it)
+        return real, None
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise STSInputError(f"Cannot write {shown}: it is a symbolic link that loops; point it at a file or give "
+                            "another path.") from err
+    if stat.S_ISDIR(info.st_mode):
+        raise STSInputError(f"Cannot write {shown}: it is a folder; give a file path, e.g. {real / 'out.json'}.")
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a regular file")
+        raise STSInputError(f"Cannot write {shown}: it is {kind}, and writing would replace it with a regular "
+                            "file; give the path of a regular file (a new one, or one to overwrite).")
+    return real, info
+
+
+def _new_sibling(path: Path, mode: int) -> Path:
+    """A new empty file next to ``path`` created with ``mode``, less the umask (and as a folder's default ACL
+    says) as for any new file: mkstemp's fixed 0600 hid every output from the group."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, f"No free temporary name next to {path}")
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result to ``path``; the temporary file never survives a failure."""
+    """Call ``write(tmp_path)`` and move the result to ``path``; the temporary file never survives a failure.
+
+    ``path`` must be a regular file or new (see :func:`output_target`); a link is written through. Returns
+    ``path`` as given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
+    real, existing = output_target(path)
+    # In the target's own folder (os.replace cannot cross file systems). Overwriting, never more open than the old
+    # file while it is written (a 0600 file stays private), plus the owner's read / write that the write needs.
+    tmp = _new_sibling(real, 0o666 if existing is None else existing.st_mode & 0o777 | 0o600)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if existing is not None:  # after the write: a read-only mode must not stop it; no set-id bits, as a
+            os.chmod(tmp, existing.st_mode & 0o777)  # write to the file itself would clear them
+        os.replace(tmp, real)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -42,10 +102,13 @@ def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 2) ->
 
 
 def append_json_line(path: str | Path, record: dict[str, Any]) -> Path:
-    """Append one JSON line; on failure the file is cut back to its length before the call."""
+    """Append one JSON line; on failure the file is cut back to its length before the call.
+
+    ``path`` must be a regular file or new, as for :func:`atomic_write` (opening a FIFO would block)."""
     path = Path(path)
     line = json.dumps(record) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
+    output_target(path)
     with path.open("ab") as handle:
         size = handle.tell()
         try:
@@ -77,4 +140,5 @@ def read_json_lines(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     return records, bad
 
 
-__all__ = ["append_json_line", "atomic_write", "atomic_write_json", "atomic_write_text", "read_json_lines"]
+__all__ = ["append_json_line", "atomic_write", "atomic_write_json", "atomic_write_text", "output_target",
+           "read_json_lines"]

@@ -39,6 +39,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_measurable(model: nn.Module) -> None:
+    """Refuse, before any work, a model whose held-out language-model loss STS cannot measure: one without an LM
+    head (a reward or classification model), or one with PEFT prompt learning (:func:`check_no_prompt_learning`)."""
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        raise STSConfigError(
+            f"STS needs a causal language model (a ...ForCausalLM with an LM head); {type(inner).__name__} has no LM "
+            "head, so no held-out language-model loss or in-context shift can be measured (a reward or "
+            "classification model, as RewardTrainer trains). Leave the callback out of this run, or monitor the "
+            "policy model that the reward model will train.")
+    check_no_prompt_learning(model)
+
+
 def check_no_prompt_learning(model: nn.Module) -> None:
     """Refuse PEFT's prompt-learning methods (prompt / prefix / P-tuning): their virtual tokens exist only inside
     the PEFT wrapper's forward, which STS's passes go around (the LM head apart from the body, the decoder block

@@ -43,7 +43,8 @@ class STSConfig:
             bounded reservoir filled during extraction (no second pass).
         ranking: the score variant tables are ranked by.
         sae_dtype: dtype the SAE is cast to ("float32", "bfloat16", "float16"); ``None`` keeps it.
-        device: device for the model inputs and the SAE; ``None``: the model's device.
+        device: device for the model inputs and the SAE ("cpu", "cuda:1", a ``torch.device``); a name torch
+            cannot read, or a backend this torch is built without, is refused here. ``None``: the model's device.
         rollout_prompts: RL forecasts (pipelines/rollouts.py): training prompts sampled for rollouts.
         rollout_generations: completions sampled per prompt, at most (the trainer's ``num_generations``
             when smaller); at least 2, since the high / low split is relative to the prompt's group.
@@ -125,6 +126,14 @@ class STSConfig:
         for name in ("compute_icl", "exclude_special_tokens", "chat_fallback", "truncate_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise STSConfigError(f"STSConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.device is not None:
+            import torch
+
+            if isinstance(self.device, torch.device):  # kept as its name: the settings are written as JSON
+                self.device = str(self.device)
+            problem = device_problem(self.device)
+            if problem:  # now, not as a raw torch error once the forecast runs
+                raise STSConfigError(f"STSConfig.device={self.device!r}: {problem}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,6 +144,41 @@ class STSConfig:
 
     def replace(self, **changes: Any) -> "STSConfig":
         return dataclasses.replace(self, **changes)
+
+
+def device_problem(value: Any, available: bool = False) -> str | None:
+    """Why ``value`` cannot be the device a model runs on, with the fix, or None when it can.
+
+    Always checked: the name parses (``torch.device``) and this torch is built for it. ``available=True`` also
+    asks the machine (a GPU visible, the index among them); that can initialise CUDA, so only the CLI does it,
+    right before it loads the model."""
+    if not isinstance(value, str):
+        return f"give a device name such as 'cpu', 'cuda', 'cuda:1' or 'mps', not {type(value).__name__}."
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):  # torch's message lists every backend it knows: too long for one line
+        return "not a device name torch reads; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps' (lower case)."
+    if device.type == "meta":
+        return "the meta device holds no weights; use 'cpu' or a GPU."
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            return f"this torch ({torch.__version__}) is built without CUDA; use 'cpu' or install a CUDA build."
+        if available:
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                return "no CUDA GPU is visible here (check CUDA_VISIBLE_DEVICES and the driver); use 'cpu'."
+            if device.index is not None and device.index >= count:
+                return f"only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1}); pick one of them."
+    elif device.type == "mps":
+        if not torch.backends.mps.is_built() or available and not torch.backends.mps.is_available():
+            return "MPS (Apple GPU) is not available here; use 'cpu'."
+    elif available and device.type != "cpu":
+        is_available = getattr(getattr(torch, device.type, None), "is_available", None)
+        if callable(is_available) and not is_available():
+            return f"no {device.type} device is available here; use 'cpu'."
+    return None
 
 
 def settings_from_dict(cls: Any, values: dict[str, Any] | None, what: str, valid: str = "valid:") -> Any:

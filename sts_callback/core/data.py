@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import STSInputError
+from .errors import STSDataWarning, STSInputError
 
 Messages = list[dict[str, Any]]
 
@@ -109,11 +111,27 @@ def example_from_record(record: Any, where: str = "") -> Example:
                 return Example(prompt=prompt, answer=answer)
             if is_messages(prompt):
                 return Example(prompt=list(prompt), answer=answer)
+    if isinstance(record, dict):
+        _check_field_types(record, where)
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise STSInputError(
         f"Cannot read example{where}: got {keys}. Each item must be a string, a chat conversation "
         f"(list of {{'role', 'content'}}), or a record with {RECORD_FIELDS}."
     )
+
+
+def _check_field_types(record: dict[str, Any], where: str) -> None:
+    """A record that has a known field of the wrong type: an error naming that field, not the generic list of
+    fields (which the record, holding the field, seems to satisfy)."""
+    expected = {"text": "a string", "prompt": "a string or chat messages",
+                "messages": "a list of {'role', 'content'} turns"}
+    for key, kind in expected.items():
+        if key in record:
+            value = record[key]
+            shown = "null (None)" if value is None else f"{type(value).__name__} {value!r:.40}"
+            hint = " (write numbers as text, e.g. \"7\"; fill or drop empty ones)" if key != "messages" else ""
+            raise STSInputError(f"Cannot read example{where}: its {key!r} is {shown}, but {key!r} must be "
+                                f"{kind}{hint}.")
 
 
 MC_FIELDS = ("question", "choices", "answer")
@@ -147,15 +165,17 @@ def example_text(example: Example) -> str:
 class Corpus(Sequence):
     """A named, lazily converted sequence of examples (a training set or a target domain)."""
 
-    def __init__(self, name: str, items: Sequence[Any]):
+    def __init__(self, name: str, items: Sequence[Any], places: Sequence[str] | None = None):
         self.name = name
         self._items = items
+        self._places = places  # where each item is in its file (e.g. "law.jsonl line 8"), for errors
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __getitem__(self, index: int) -> Example:  # type: ignore[override]
-        return example_from_record(self._items[index], where=f" {index} of {self.name!r}")
+        place = f" ({self._places[index]})" if self._places is not None else ""
+        return example_from_record(self._items[index], where=f" {index} of {self.name!r}{place}")
 
     def records(self) -> list[Any]:
         """The items as given (records keep columns an :class:`Example` drops, e.g. ``rejected``)."""
@@ -194,8 +214,22 @@ class DomainCorpus(Corpus):
         return self.corpus.records()
 
 
-def _read_jsonl(path: Path, label: str = "") -> list[Any]:
-    records = []
+class Places(Sequence):
+    """Where each item of a file is, e.g. "law.jsonl line 8", made when an error asks (not one string per item)."""
+
+    def __init__(self, where: str, numbers: Sequence[int]):
+        self.where, self.numbers = where, numbers
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        return f"{self.where} {self.numbers[index]}"
+
+
+def _read_jsonl(path: Path, label: str = "") -> tuple[list[Any], Places]:
+    """The records of a JSONL file and the line each came from."""
+    records, lines = [], []
     for line_number, line in enumerate(_read_text(path, label).split("\n"), 1):  # not splitlines: U+2028 in texts
         if not line.strip():
             continue
@@ -204,7 +238,67 @@ def _read_jsonl(path: Path, label: str = "") -> list[Any]:
         except json.JSONDecodeError as err:
             raise STSInputError(f"{path}:{line_number}{label} is not valid JSON ({err.msg}); fix or remove that "
                                 "line.") from err
-    return records
+        lines.append(line_number)
+    return records, Places(f"{path} line", lines)
+
+
+JSON_SUFFIXES = (".jsonl", ".json")
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+# read as plain text, one text per blank-line separated block
+TEXT_SUFFIXES = ("", ".txt", ".text", ".md", ".markdown", ".rst")
+DATA_FILE_KINDS = (".jsonl or .json (records), .csv, .tsv or .parquet (a table with a 'text', 'messages' or "
+                   "'prompt' column), or plain text (.txt, .md or no suffix; texts separated by blank lines)")
+MANY_LINES = 10  # a plain-text file of this many lines and no blank line is likely one text per line
+
+
+def _read_table(path: Path, label: str = "") -> tuple[list[dict[str, Any]], Places]:
+    """The rows of a CSV / TSV / Parquet file as records (with pyarrow, which ``datasets`` depends on), and the
+    row each came from; an error naming the columns when none holds text."""
+    import pyarrow as pa
+
+    suffix = path.suffix.lower()
+    kind = {".csv": "CSV", ".tsv": "TSV", ".parquet": "Parquet"}[suffix]
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:
+            from pyarrow import csv
+
+            parse = csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
+            names = csv.open_csv(path, parse_options=parse).schema.names
+            # every cell as text: a CSV has no types, and inferring them would turn a text such as "7" into a number
+            convert = csv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
+            table = csv.read_csv(path, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as err:
+        raise STSInputError(f"Data file {path}{label} cannot be read as {kind} ({str(err).strip()}); fix it, or "
+                            "write one JSON record per line as .jsonl.") from err
+    except OSError as err:
+        raise STSInputError(f"Data file {path}{label} cannot be read ({err}); check its permissions.") from err
+    check_columns(table.column_names, f"Data file {path}{label}",
+                  "rename its text column to 'text'" + (" in the header row" if suffix != ".parquet" else ""))
+    # row 1 is a CSV's first line after its header
+    return table.to_pylist(), Places(f"{path} row", range(1, table.num_rows + 1))
+
+
+def check_columns(columns: Sequence[str], described: str, fix: str) -> None:
+    """An error when no column of a table holds text in a form :func:`example_from_record` reads."""
+    if not set(columns) & {"text", "messages", "prompt"} and not set(MC_FIELDS) <= set(columns):
+        raise STSInputError(f"{described} has columns {sorted(columns)} but none of 'text', 'messages' or 'prompt' "
+                            f"(or 'question'/'choices'/'answer'); {fix}.")
+
+
+def _read_plain_text(path: Path, label: str = "") -> list[str]:
+    """One text per block of lines between blank lines (a line of spaces, or a Windows line end, is blank too)."""
+    text = _read_text(path, label)
+    items = [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
+    lines = sum(1 for line in text.split("\n") if line.strip())
+    if len(items) == 1 and lines >= MANY_LINES:  # most likely one text per line, silently joined into one
+        warnings.warn(f"Data file {path}{label} has {lines} lines and no blank line, so it is read as one text: in a "
+                      "plain-text file, texts are separated by blank lines. Put a blank line between texts, or write "
+                      "one JSON record per line ({\"text\": ...}) as .jsonl.", STSDataWarning, stacklevel=4)
+    return items
 
 
 def _read_text(path: Path, label: str = "") -> str:
@@ -219,11 +313,15 @@ def _read_text(path: Path, label: str = "") -> str:
 
 def named_items(mapping: dict[Any, Any], what: str, error: type[Exception] = STSInputError) -> dict[str, Any]:
     """``mapping`` with its keys as names (``str(key)``); two keys with one name (``1`` and ``"1"``) would
-    silently merge, so they are an ``error`` naming both. ``what`` names the mapping (e.g. "targets")."""
+    silently merge, so they are an ``error`` naming both, and an empty name (shown as nothing in every table and
+    column) is one too. ``what`` names the mapping (e.g. "targets")."""
     named: dict[str, Any] = {}
     keys: dict[str, Any] = {}
     for key, value in mapping.items():
         name = str(key)
+        if not name.strip():
+            raise error(f"{what} has an entry with the empty name {name!r}; give it a name (e.g. the domain's "
+                        "topic), which the forecast's tables and columns show.")
         if name in keys:
             raise error(f"{what} has two entries named {name!r} (keys {keys[name]!r} and {key!r}); names are "
                         "compared as text, so one would silently replace the other: rename one.")
@@ -250,21 +348,25 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
 
         path = Path(data)
         if not str(data).strip():  # Path("") is the working directory: say what is wrong, not "a folder"
-            raise STSInputError(f"An empty path or name{_for(what)} (an unset variable?); give a .jsonl/.json/.txt "
-                                "file, a list of texts or a registered domain name.")
+            raise STSInputError(f"An empty path or name{_for(what)} (an unset variable?); give a data file "
+                                "(.jsonl/.json/.csv/.parquet/.txt), a list of texts or a registered domain name.")
         if str(data) in available_domains() and not path.is_file():  # a folder named like a domain is no data
             return
         if path.is_dir():
-            raise STSInputError(f"{str(data)!r}{_for(what)} is a folder; give a .jsonl/.json/.txt file, a list of "
-                                "texts or a registered domain name.")
+            raise STSInputError(f"{str(data)!r}{_for(what)} is a folder; give a data file (.jsonl/.json/.csv/"
+                                ".parquet/.txt), a list of texts or a registered domain name.")
+        suffix = path.suffix.lower()
         if path.exists():
+            if suffix not in (*JSON_SUFFIXES, *TABLE_SUFFIXES, *TEXT_SUFFIXES):  # e.g. a .gz, .pkl or .xlsx file
+                raise STSInputError(f"Data file {path}{_for(what)} has the suffix {path.suffix!r}, which is no data "
+                                    f"format read here; give {DATA_FILE_KINDS}.")
             return
-        if path.suffix in (".jsonl", ".json"):
+        if suffix in (*JSON_SUFFIXES, *TABLE_SUFFIXES, *TEXT_SUFFIXES[1:]):
             raise STSInputError(f"Data file {path}{_for(what)} does not exist; check the path.")
         raise STSInputError(
-            f"{str(data)!r}{_for(what)} is neither an existing file nor a registered domain. Pass a "
-            ".jsonl/.json/.txt path, a list of texts, a datasets.Dataset, or one of the registered domains: "
-            f"{sorted(available_domains())}.")
+            f"{str(data)!r}{_for(what)} is neither an existing file nor a registered domain. Pass a data file "
+            "(.jsonl/.json/.csv/.parquet/.txt), a list of texts, a datasets.Dataset, or one of the registered "
+            f"domains: {sorted(available_domains())}.")
     if isinstance(data, dict):
         raise STSInputError(
             f"A dict is not a dataset here{f' (given{_for(what)})' if what else ''}: pass a list of texts / "
@@ -277,8 +379,9 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
 
 
 def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) -> Corpus:
-    """Accept a list of strings / conversations / records, a ``datasets.Dataset``, a JSON(L) path, a
-    text file path, a built-in domain name (see :mod:`sts_callback.core.corpora`), or a :class:`Corpus`.
+    """Accept a list of strings / conversations / records, a ``datasets.Dataset``, a JSON(L), CSV / TSV or
+    Parquet path, a plain-text file path (texts separated by blank lines), a built-in domain name (see
+    :mod:`sts_callback.core.corpora`), or a :class:`Corpus`.
     ``what`` names the input in error messages (default: ``name``), e.g. "target 'chem'"."""
     if isinstance(data, Corpus):
         return data
@@ -288,9 +391,14 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
     if isinstance(data, (str, Path)):
         path = Path(data)
         if path.is_file():
-            if path.suffix == ".jsonl":
-                items: Sequence[Any] = _read_jsonl(path, label)
-            elif path.suffix == ".json":
+            suffix = path.suffix.lower()
+            items: Sequence[Any]
+            places: Places | None = None
+            if suffix == ".jsonl":
+                items, places = _read_jsonl(path, label)
+            elif suffix in TABLE_SUFFIXES:
+                items, places = _read_table(path, label)
+            elif suffix == ".json":
                 try:
                     loaded = json.loads(_read_text(path, label))
                 except json.JSONDecodeError as err:
@@ -301,21 +409,17 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
                     loaded.get("data", loaded.get("texts")) if isinstance(loaded, dict) else None)
                 if not isinstance(items, list):
                     raise STSInputError(f"{path}{label} must hold a JSON list (or an object with a 'data' list).")
-            else:  # plain text: one text per blank-line separated block
-                items = [block.strip() for block in _read_text(path, label).split("\n\n") if block.strip()]
-            return Corpus(name or path.stem, items)
+            else:  # plain text (check_data_spec refused any other suffix)
+                items = _read_plain_text(path, label)
+            return Corpus(name or path.stem, items, places)
         from .corpora import load_domain
 
         return Corpus(name or str(data), load_domain(str(data)))
     if is_dataset(data) and not hasattr(data, "__len__"):
         data = take_streamed(data)
     if is_dataset(data):
-        columns = set(data.column_names)
-        if not columns & {"text", "messages", "prompt"} and not set(MC_FIELDS) <= columns:
-            raise STSInputError(
-                f"Dataset{_for(what)} has columns {sorted(columns)} but none of 'text', 'messages' or 'prompt'; "
-                "rename the text column, e.g. dataset.rename_column('body', 'text')."
-            )
+        check_columns(data.column_names, f"Dataset{_for(what)}",
+                      "rename the text column, e.g. dataset.rename_column('body', 'text')")
         return Corpus(name or "dataset", data)
     return Corpus(name or "data", list(data))
 
@@ -343,6 +447,9 @@ def load_domains(targets: Any) -> dict[str, Corpus]:
         domains = {}
         for index, item in enumerate(targets):
             corpus = load_corpus(item, what=f"targets[{index}]")
+            if not corpus.name.strip():
+                raise STSInputError(f"targets[{index}] has the empty name {corpus.name!r}; pass a dict of name -> "
+                                    "data.")
             if corpus.name in domains:
                 raise STSInputError(f"Two target domains are named {corpus.name!r}; pass a dict of name -> data.")
             domains[corpus.name] = corpus

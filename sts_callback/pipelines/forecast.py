@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from ..scoring import score
 
 from ..scoring import signed
 from ..scoring.calibration import own_feature
-from ..core.capture import check_no_prompt_learning, hidden_size, max_positions, num_layers, unwrap_model
+from ..core.capture import check_measurable, hidden_size, max_positions, num_layers, unwrap_model
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
@@ -186,7 +187,7 @@ class Forecast:
         shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED, "lookahead",
                              "first_order") if any(
             d.scores.get(v) is not None for d in self.domains.values())]
-        width = max([len("domain")] + [len(n) for n in self.domains])
+        width = max([len("domain")] + [display_width(shown_name(n)) for n in self.domains])
         header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"
         kind = self.settings.get("shift", "in_context")
         source = "query tokens" if kind == "in_context" else f"completion tokens, {kind} shift"
@@ -197,21 +198,21 @@ class Forecast:
             d = self.domains[name]
             cells = "  ".join(f"{d.scores.get(v):>10.4g}" if d.scores.get(v) is not None else f"{'n/a':>10}"
                               for v in shown)
-            lines.append(f"{rank:>4}  {name:<{width}}  {cells}  {d.tokens:>7}")
+            lines.append(f"{rank:>4}  {padded(name, width)}  {cells}  {d.tokens:>7}")
         return "\n".join(lines)
 
     def _predicted_table(self) -> str:
         if not self.predictions:
             return "No calibrated prediction (fit a calibration on measured runs: sts calibrate)."
         level = next(iter(self.predictions.values()))["level"]
-        width = max([len("domain")] + [len(n) for n in self.predictions])
+        width = max([len("domain")] + [display_width(shown_name(n)) for n in self.predictions])
         header = f"{'domain':<{width}}  {'predicted':>10}  {f'{level:.0%} interval':>20}  {'':<5}"
         lines = [f"STS forecast: predicted change of each domain's held-out loss at the end of training "
                  f"(+ = worse; calibrated on {self.settings.get('calibration', {}).get('n', '?')} measured changes)",
                  header, "-" * len(header)]
         for name, p in sorted(self.predictions.items(), key=lambda item: -item[1]["mean"]):
             interval = f"[{p['low']:+.1%}, {p['high']:+.1%}]"
-            lines.append(f"{name:<{width}}  {p['mean']:>+10.1%}  {interval:>20}  {p['label']:<5}")
+            lines.append(f"{padded(name, width)}  {p['mean']:>+10.1%}  {interval:>20}  {p['label']:<5}")
         excluded = self.settings.get("calibration", {}).get("excluded", [])
         if excluded:
             lines.append(f"not predicted: {excluded} (excluded when the calibration was applied)")
@@ -223,6 +224,23 @@ class Forecast:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def shown_name(name: str) -> str:
+    """``name`` for a console table: control characters escaped as ``repr`` writes them (no quotes), so a tab or
+    line break cannot break a row and an escape sequence cannot reach the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(name))
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: wide (CJK, emoji) characters two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def padded(name: str, width: int) -> str:
+    """:func:`shown_name` left-aligned to ``width`` terminal columns."""
+    shown = shown_name(name)
+    return shown + " " * max(width - display_width(shown), 0)
 
 
 @contextmanager
@@ -263,7 +281,7 @@ class ForecastSetup:
 
     @classmethod
     def create(cls, model: nn.Module, tokenizer, sae: Any, config: STSConfig) -> "ForecastSetup":
-        check_no_prompt_learning(model)
+        check_measurable(model)
         device = torch.device(config.device) if config.device else model_device(model)
         dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else None
         handle = load_sae(sae, device=device, dtype=dtype)
@@ -320,16 +338,23 @@ def check_demonstrations_fit(pairs: list[TokenPair], builder: PromptBuilder, con
 
 def build_shift_pairs(corpus: Corpus, builder: PromptBuilder, config: STSConfig, rng: random.Random,
                       budget: int, n_demonstrations: int, demonstrations: Corpus | None = None,
-                      ) -> tuple[list[TokenPair], int]:
+                      *, what: str | None = None) -> tuple[list[TokenPair], int]:
     """Queries sampled within ``budget`` tokens, each paired with demonstrations sampled from the data.
 
-    Demonstrations come from ``demonstrations`` when given, else from ``corpus`` (never the query itself).
+    Demonstrations come from ``demonstrations`` when given, else from ``corpus``: never the query itself, unless
+    it is the only example that can demonstrate (a one-text training set), which a warning then says. ``what``
+    names ``corpus`` in errors (default: its name).
     """
+    what = what or repr(corpus.name)
+    subject = what[:1].upper() + what[1:]
     if len(corpus) == 0:
-        raise STSInputError(f"{corpus.name!r} is empty; give it at least one text.")
+        raise STSInputError(f"{subject} is empty; give it at least one text.")
     queries, tokens = sample_within_budget(corpus, builder, budget, rng)
     if not queries:
-        raise STSInputError(f"{corpus.name!r} has no countable tokens (all texts empty or special tokens).")
+        raise STSInputError(f"{subject} has no countable tokens (all texts empty or special tokens).")
+    if tokens < MIN_DOMAIN_TOKENS:  # as for a target domain: too few tokens for a shift that means anything
+        raise STSInputError(f"{subject} has only {tokens} tokens (of {budget} asked for), fewer than one query of at "
+                            f"least {MIN_DOMAIN_TOKENS}; add texts to it.")
     _check_chat(corpus, builder, queries)
     pool_corpus = demonstrations if demonstrations is not None else corpus
     pool = [i for i in range(len(pool_corpus)) if pool_corpus[i].can_demonstrate]
@@ -344,10 +369,16 @@ def build_shift_pairs(corpus: Corpus, builder: PromptBuilder, config: STSConfig,
     for query_index in queries:
         candidates = pool if demonstrations is not None else [i for i in pool if i != query_index]
         if not candidates:
+            # Kept (with a warning) rather than refused: without it a one-text set has no shift at all. The query
+            # then follows its own copy, so the shift partly measures repetition, not the data's content.
+            warnings.warn(f"{subject} has one text that can serve as an in-context demonstration, so it is its own "
+                          "demonstration: the shift then partly measures seeing a text twice, not learning from the "
+                          "data. Add texts to it, or pass demonstrations=[...] with other examples.",
+                          STSDataWarning, stacklevel=3)
             candidates = pool
         chosen = rng.sample(candidates, min(n_demonstrations, len(candidates)))
         pairs.append(builder.pair(corpus[query_index], [pool_corpus[i] for i in chosen]))
-    check_demonstrations_fit(pairs, builder, config, repr(corpus.name))
+    check_demonstrations_fit(pairs, builder, config, what)
     return pairs, tokens
 
 
@@ -422,7 +453,8 @@ def plan_inputs(builder: PromptBuilder, config: STSConfig, train: Corpus, domain
     """Sample the queries, demonstrations and domain texts of a forecast (no model call)."""
     rng = random.Random(config.seed)
     shift_pairs, shift_tokens = build_shift_pairs(train, builder, config, rng, config.shift_tokens,
-                                                  config.n_demonstrations, demonstrations)
+                                                  config.n_demonstrations, demonstrations,
+                                                  what=f"the training data {train.name!r}")
     return Plan(shift_pairs=shift_pairs, shift_tokens=shift_tokens, domains=plan_domains(builder, config, domains))
 
 
@@ -603,7 +635,7 @@ def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, p
             for name, d in domain_inputs.items():
                 t0 = time.perf_counter()
                 if bar is not None:
-                    bar.set_description(f"domain {name}")
+                    bar.set_description(f"domain {shown_name(name)}")
                 domain_stats[name] = d.statistics(extractor, name, reservoirs.get(name))
                 timings[f"domain/{name}"] = time.perf_counter() - t0
     finally:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..core.config import DEFAULT_SIGNED
+from ..core.atomic import output_target
+from ..core.config import DEFAULT_SIGNED, device_problem
 from ..core.data import named_items, repeated_names
 from ..core.errors import STSConfigError, STSError, STSInputError
 from ..core.run_store import FORECAST_FORMAT
@@ -29,7 +30,9 @@ options:                       # any STSConfig field
   n_shifted: 100
   shift_tokens: 20000
   domain_tokens: 10000
-output: forecast.json
+output: forecast.json          # a new or regular file (a device, FIFO or folder there is refused)
+# device: cuda                       # where the model runs (default cpu): cpu, cuda, cuda:1, mps
+# dtype: bfloat16                    # model weights: float32 (default), bfloat16, float16, float64 or auto
 # calibration: my_calibration.json   # `sts calibrate` output or a built-in name (gemma3-270m-lora): predicted % changes
 # not_predicted: [code]              # targets a calibration should not predict (the training data's own held-out part)
 """
@@ -164,8 +167,7 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
         _check_model(spec)
         try:
             tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(spec))
-            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec),
-                                                         dtype=getattr(torch, dtype) if dtype else torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec), dtype=_torch_dtype(dtype))
         except (OSError, ValueError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise STSInputError(
@@ -176,6 +178,41 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+# `dtype:` of a config: "auto" (the checkpoint's own) or a floating torch dtype, by torch's name for it.
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
+DTYPE_ALIASES = {"float": "float32", "half": "float16", "double": "float64"}  # torch's own names, read as before
+DTYPE_HINTS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64", "f32": "float32",
+               "f16": "float16", "bfloat": "bfloat16"}
+
+
+def _torch_dtype(dtype: str | None) -> Any:
+    """The ``dtype`` argument of ``from_pretrained`` for a config's (checked) ``dtype``; float32 by default."""
+    import torch
+
+    if dtype == "auto":
+        return "auto"
+    return getattr(torch, DTYPE_ALIASES.get(dtype, dtype)) if dtype else torch.float32
+
+
+def _check_model_settings(where: str, config_file: dict[str, Any], config: Any) -> None:
+    """The config's ``dtype`` and ``device`` (and options.device) can be used here, before the model loads: a
+    wrong name or a GPU this machine lacks is a one-line error instead of a traceback from torch."""
+    dtype = config_file.get("dtype")
+    if dtype is not None and not (isinstance(dtype, str) and (dtype in MODEL_DTYPES or dtype in DTYPE_ALIASES)):
+        hint = DTYPE_HINTS.get(str(dtype).lower())
+        raise STSInputError(f"{where}: dtype={dtype!r} is not a model dtype; "
+                            f"{f'did you mean {hint!r}? ' if hint else ''}Use one of {list(MODEL_DTYPES)} (auto: the "
+                            "checkpoint's own), or leave it out for float32.")
+    for key, value in (("device", config_file.get("device")), ("options.device", config.device)):
+        _check_device(value, f"{where}: {key}")
+
+
+def _check_device(value: Any, where: str) -> None:
+    problem = device_problem(value, available=True) if value is not None else None
+    if problem:
+        raise STSInputError(f"{where}={value!r}: {problem}")
 
 
 def _expand(value: Any) -> Any:
@@ -202,6 +239,7 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
     options.update(dict(_parse_override(item) for item in args.set or []))
     config = STSConfig.from_dict(options)
     _check_model(config_file["model"])
+    _check_model_settings(args.config, config_file, config)
     _check_data_values(args.config, config_file)
     _check_data_files(_data_specs(config_file))
     return config_file, config
@@ -374,7 +412,7 @@ def _check_data_files(specs: list[Any]) -> None:
     """Every data file named is UTF-8 (and a .json parses), before the model loads; the error names the file."""
     for spec in specs:
         path = _existing_file(spec)
-        if path is None:
+        if path is None or path.suffix.lower() == ".parquet":  # binary: the table reader checks it
             continue
         try:
             text = path.read_bytes().decode("utf-8")
@@ -412,22 +450,30 @@ def _check_writable_folder(folder: Path, label: str) -> None:
 
 
 def _check_output_file(path: Path, what: str) -> Path:
+    """``path`` can take the file: new or a regular file (a link: the file it points at) that can be written, in
+    a folder that can be written. A folder, device, FIFO or socket there is refused: the write would replace it."""
     path = Path(os.path.expanduser(str(path)))
-    if path.is_dir():
-        raise STSInputError(f"{what} {path} is a folder; give a file path, e.g. {path / 'out.json'}.")
-    if path.exists() and not os.access(path, os.W_OK):
+    label = what[0].lower() + what[1:]
+    real, existing = output_target(path, label)
+    if existing is not None and not os.access(real, os.W_OK):
         raise STSInputError(f"{what} {path} exists and cannot be written; choose another path or fix its "
                             "permissions.")
-    _check_writable_folder(path.parent, f"{what[0].lower() + what[1:]} {path}")
+    _check_writable_folder(real.parent, f"{label} {path}")
     return path
 
 
-def _check_output_folder(path: Path, what: str) -> Path:
+def _check_output_folder(path: Path, what: str, files: tuple[str, ...] = ()) -> Path:
+    """``path`` is a folder, or can be created, and can be written; ``files``: the paths in it that will be
+    written, each new or a regular file (see :func:`_check_output_file`)."""
     path = Path(os.path.expanduser(str(path)))
     if path.exists() and not path.is_dir():
         raise STSInputError(f"{what} {path} is an existing file, not a folder; give a folder path (it is "
                             "created) or move the file away.")
     _check_writable_folder(path, f"{what[0].lower() + what[1:]} {path}")
+    for name in files:
+        if not (path / name).parent.is_dir():  # a subfolder such as sts/ that is a file: refused as a folder
+            _check_output_folder((path / name).parent, what)
+        output_target(path / name, f"{what[0].lower() + what[1:]}'s file")
     return path
 
 
@@ -517,6 +563,10 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `sts train-sae` writes into its folder: sae-lens' inference SAE and train_sae's report.
+SAE_FILES = ("cfg.json", "sae_weights.safetensors", "training_report.json")
+
+
 def cmd_train_sae(args: argparse.Namespace) -> int:
     from .train_sae import SAETrainingConfig, check_training_inputs, train_sae
 
@@ -525,7 +575,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     _check_model(args.model)
     _check_data_files(args.data)
     texts = check_training_inputs(args.model, args.layer, args.data)
-    output = _check_output_folder(Path(args.output), "The SAE output folder")
+    _check_device(args.device, "--device")
+    output = _check_output_folder(Path(args.output), "The SAE output folder", SAE_FILES)
     model, tokenizer = load_model(args.model, args.device)
     trained = train_sae(model, tokenizer, texts, args.layer, config, output_dir=output, progress=True)
     print(json.dumps(trained.to_dict(), indent=2))
@@ -631,7 +682,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     if filtered_dir:
         filtered_dir = _check_output_folder(Path(filtered_dir), "filtered_dir")
         for name in config_file["candidates"]:  # which are accepted is known only later: every candidate's file
-            outputs.append((filtered_dir / f"{name}.jsonl", f"filtered_dir {filtered_dir}"))
+            outputs.append((_check_output_file(filtered_dir / f"{name}.jsonl", "The filtered candidate"),
+                            f"filtered_dir {filtered_dir}"))
     _check_no_overwrite(outputs, _named_inputs(args, config_file),
                         "Choose output paths that are none of the inputs" + (
                             " (filtered_dir gets <candidate>.jsonl for each accepted candidate: give it a new "
@@ -693,6 +745,11 @@ VALIDATE_KEYS = ("method", "steps", "learning_rate", "batch_size", "max_length",
                  "n_resamples", "training_args")
 
 
+# What `sts validate` writes into OUTPUT_DIR/sts/ (validate.py, the report); the seed-N/ run folders are its own.
+VALIDATION_FILES = tuple(f"sts/{name}" for name in ("validation.json", "validation.png", "forecast.json",
+                                                     "history.jsonl", "report.html", "report.md"))
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     if args.example:
         print(EXAMPLE_VALIDATE_CONFIG, end="")
@@ -727,7 +784,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         metric = multiple_choice_accuracy({k: _expand(v) for k, v in
                                            named_items(choices, f"{args.config}: `multiple_choice`").items()})
     output_dir = _check_output_folder(Path(args.output_dir or config_file.get("output_dir") or "sts-validation"),
-                                      "The validation output folder")
+                                      "The validation output folder", VALIDATION_FILES)
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     result = validate(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
                       _expand(config_file["targets"]), config, metric=metric,
@@ -804,8 +861,11 @@ def _validation_inputs(items: list[str]) -> dict[Path, str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..reporting.report import write_report
+    from ..reporting.report import HTML_FILE, MD_FILE, resolve_sts_dir, write_report
 
+    sts_dir = resolve_sts_dir(Path(args.output_dir))
+    for name in (HTML_FILE, MD_FILE):  # both refused before either is written
+        _check_output_file(sts_dir / name, "The report")
     html_path, md_path = write_report(Path(args.output_dir), protected=args.protected)
     print(f"wrote {html_path}\nwrote {md_path}")
     return 0
