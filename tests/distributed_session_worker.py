@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tiny import TinySAE, domain_texts, make_model, make_tokenizer  # noqa: E402
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer, record_sts_writes  # noqa: E402
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
 
 from sts_callback import GuardConfig, RecheckConfig, STSConfig, STSSession  # noqa: E402
@@ -33,17 +33,7 @@ DOMAINS = {"law": domain_texts("law", 7), "food": domain_texts("food", 5), "chem
 PROBE = domain_texts("law", 11, seed=3)
 CONFIG = dict(n_shifted=8, shift_tokens=150, domain_tokens=60, n_domain_demonstrations=2, batch_size=3)
 TRAIN_TEXT = "the court judge law contract statute appeal ."
-written: list[str] = []
-
-
-def audit(event, args):
-    if event == "open" and args[1] and any(c in str(args[1]) for c in "wax+") and "/sts" in str(args[0]):
-        written.append(str(args[0]))
-    elif event == "os.rename" and "/sts" in str(args[1]):
-        written.append(str(args[1]))
-
-
-sys.addaudithook(audit)
+written = record_sts_writes()
 
 
 def session_loop() -> dict:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tiny import TinySAE, domain_texts, make_model, make_tokenizer  # noqa: E402
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer, record_sts_writes  # noqa: E402
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
 
 from sts_callback.integrations.callback import STSCallback  # noqa: E402
@@ -29,18 +29,7 @@ from sts_callback.integrations.callback import STSCallback  # noqa: E402
 MODE, OUT = sys.argv[1], Path(sys.argv[2])
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
-written: list[str] = []
-
-
-def audit(event, args):
-    # Every write under an STS folder by this process: open for writing, rename (atomic saves), unlink.
-    if event == "open" and args[1] and any(c in str(args[1]) for c in "wax+") and "/sts" in str(args[0]):
-        written.append(str(args[0]))
-    elif event == "os.rename" and "/sts" in str(args[1]):
-        written.append(str(args[1]))
-
-
-sys.addaudithook(audit)
+written = record_sts_writes()
 
 DOMAINS = {"law": domain_texts("law", 7), "food": domain_texts("food", 5), "chem": domain_texts("chem", 9),
            # fewer texts than processes: its shard on rank 1 is only a padded duplicate

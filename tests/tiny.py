@@ -124,3 +124,20 @@ class ExactSAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.W_dec
+
+
+def record_sts_writes() -> list[str]:
+    """The paths this process writes under an STS folder from now on (open for writing, rename of atomic saves),
+    seen by an audit hook: how the distributed workers show that only rank 0 writes."""
+    import sys
+
+    written: list[str] = []
+
+    def audit(event, args):
+        if event == "open" and args[1] and any(c in str(args[1]) for c in "wax+") and "/sts" in str(args[0]):
+            written.append(str(args[0]))
+        elif event == "os.rename" and "/sts" in str(args[1]):
+            written.append(str(args[1]))
+
+    sys.addaudithook(audit)
+    return written
