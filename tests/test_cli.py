@@ -429,6 +429,18 @@ def test_model_dtype_names_load_that_dtype(workspace):
     load_model(str(workspace / "model"), None, "auto")  # the checkpoint's own dtype, by transformers
 
 
+def test_the_offline_demo_model_takes_the_configs_dtype_too(workspace, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sts_callback.tools import cli, models
+
+    folder = workspace / "model"  # stands in for the dequantised GGUF, which loads in float32
+    monkeypatch.setattr(models, "load_gemma3_270m", lambda: (AutoModelForCausalLM.from_pretrained(folder),
+                                                             AutoTokenizer.from_pretrained(folder)))
+    assert next(cli.load_model("gemma-3-270m", None, "bfloat16")[0].parameters()).dtype == torch.bfloat16
+    assert next(cli.load_model("gemma-3-270m")[0].parameters()).dtype == torch.float32
+
+
 def test_calibrate_refuses_a_forecast(workspace, tmp_path, capsys):
     forecast_path = tmp_path / "forecast.json"
     assert main(["forecast", str(write_config(workspace, output=str(forecast_path))), "--no-progress"]) == 0

@@ -155,12 +155,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 def load_model(spec: str, device: str | None = None, dtype: str | None = None):
     """(model, tokenizer) from ``gemma-3-270m`` (the offline demo model) or a Hugging Face folder / name."""
-    import torch
-
     if spec in ("gemma-3-270m", "gemma3-270m"):
         from .models import load_gemma3_270m
 
         model, tokenizer = load_gemma3_270m()
+        if dtype not in (None, "auto"):  # the GGUF is dequantised to float32; a config's dtype still applies
+            model = model.to(_torch_dtype(dtype))
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
