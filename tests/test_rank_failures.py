@@ -165,3 +165,25 @@ def test_every_failed_rank_is_named(monkeypatch):
     with pytest.raises(ValueError) as raised:
         raise_collectively(None)
     assert str(raised.value) == "[rank 1] bad (rank 2 failed too)"
+
+
+def test_an_error_in_a_preference_contrasts_encoding_on_one_rank_is_raised_at_the_end_of_the_pass(tokenizer,
+                                                                                                  monkeypatch):
+    from sts_callback.pipelines.preference import ContrastUnit, contrast_stats
+
+    as_rank(monkeypatch, 1)
+    setup = ForecastSetup.create(make_model("llama"), tokenizer,
+                                 TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post"),
+                                 STSConfig(n_shifted=8, batch_size=2))
+    sequences = [setup.builder.single(Example(prompt=t, plain_text=True)) for t in domain_texts("law", 6)]
+    calls = []
+
+    def failing(self, *args, **kwargs):  # the SAE on the consumer's side of the pass, not in a forward
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory (simulated in the SAE)")
+
+    monkeypatch.setattr(extract.Extractor, "encoded_chunks", failing)
+    with pytest.raises(RuntimeError) as raised, torch.no_grad():
+        contrast_stats(setup.extractor(), [ContrastUnit([s, s], [1.0, -1.0]) for s in sequences])
+    assert str(raised.value) == "[rank 1] CUDA out of memory (simulated in the SAE)"
+    assert raised.traceback[-1].name == "raise_collectively" and len(calls) == 1

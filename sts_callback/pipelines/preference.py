@@ -106,13 +106,15 @@ def contrast_stats(extractor: Extractor, units: Sequence[ContrastUnit], what: st
         residual_sums = torch.zeros(len(sequences), d_in, dtype=torch.float64, device=device)
         counts = torch.zeros(len(sequences), dtype=torch.float64, device=device)
         for item in extractor.iter_rows(sequences, what):
-            row_sequence = torch.tensor(item.batch, dtype=torch.long)[item.where[0]].to(device)
-            residual.update(item.rows)
-            residual_sums.index_add_(0, row_sequence, item.rows.to(device, torch.float64))
-            counts.index_add_(0, row_sequence, torch.ones(len(row_sequence), dtype=torch.float64, device=device))
-            for chunk, encoded in extractor.encoded_chunks(item.rows, latents, reservoir,
-                                                            [owner[i] for i in item.batch], item.where):
-                latent_sums.index_add_(0, row_sequence[chunk], encoded.to(device, torch.float64))
+            with extractor.failed:  # an error here on one rank is raised on every rank by finish()
+                row_sequence = torch.tensor(item.batch, dtype=torch.long)[item.where[0]].to(device)
+                residual.update(item.rows)
+                residual_sums.index_add_(0, row_sequence, item.rows.to(device, torch.float64))
+                counts.index_add_(0, row_sequence, torch.ones(len(row_sequence), dtype=torch.float64,
+                                                              device=device))
+                for chunk, encoded in extractor.encoded_chunks(item.rows, latents, reservoir,
+                                                                [owner[i] for i in item.batch], item.where):
+                    latent_sums.index_add_(0, row_sequence[chunk], encoded.to(device, torch.float64))
         low_rows, high_rows, low_res, high_res = [], [], [], []
         first = 0
         for _, unit in group:
