@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .capture import parameters_are_sharded
 from .errors import STSConfigError
 
 
@@ -192,6 +193,14 @@ class LocalFailure:
         self.lockstep = lockstep
         self.error: Exception | None = None
         self.trace: str | None = None
+
+    @classmethod
+    def around_forwards(cls, model: torch.nn.Module, collective: bool | None = None) -> "LocalFailure":
+        """For a pass of ``model``'s forwards: in lockstep where its parameters are sharded (ZeRO-3 / FSDP), where
+        every forward is itself a collective."""
+        failure = cls(collective)
+        failure.lockstep = failure.collective and parameters_are_sharded(model)
+        return failure
 
     @property
     def skip(self) -> bool:

@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .capture import ResidualCapture, parameters_are_sharded
+from .capture import ResidualCapture
 from .data import TokenPair
 from .distributed import LocalFailure, Shard, shard, world_size
 from .errors import STSNumericalError
@@ -97,9 +97,7 @@ class Extractor:
         self.on_batch = on_batch
         self.device = _input_device(model)
         self.split = split
-        collective = split and world_size() > 1
-        # sharded parameters: every forward is a collective, so a failed rank keeps running them (LocalFailure)
-        self.failed = LocalFailure(collective, lockstep=collective and parameters_are_sharded(model))
+        self.failed = LocalFailure.around_forwards(model, split and world_size() > 1)
         self.batches_run = 0
 
     def share(self, lengths: Sequence[int]) -> Shard:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .capture import parameters_are_sharded, text_config, unwrap_model
-from .distributed import LocalFailure, gather_objects, shard_batches, world_size
+from .distributed import LocalFailure, gather_objects, shard_batches
 from .errors import STSDataWarning
 from .data import TokenSequence
 from .extract import batches_by_length
@@ -142,10 +142,9 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
             out[i, 0] = float(sums[row])
             out[i, 1] = float(counts[row])
 
+    failed = failed or LocalFailure(collective=False)  # none given: an exception propagates at once
     for batch in batches_by_length(lengths, batch_size) if batches is None else batches:
-        if failed is None:
-            measure(batch)
-        elif not failed.skip:
+        if not failed.skip:
             with failed:
                 measure(batch)
     return out
@@ -177,8 +176,7 @@ def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: 
         start += len(batch)
     local = [sequences[indices[j]] for j in positions]
     keys = [indices[j] for j in positions]
-    # sharded parameters: every forward is a collective, so a failed rank keeps running them (LocalFailure)
-    failed = LocalFailure(lockstep=world_size() > 1 and parameters_are_sharded(model))
+    failed = LocalFailure.around_forwards(model)
     measured = sequence_nll(model, local, pad, batch_size, head_precision=head_precision, body_dtype=body_dtype,
                             head_samples=head_samples, keys=keys, batches=layout, failed=failed) if local \
         else torch.zeros(0, 2, dtype=torch.float64)

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import parameters_are_sharded
-from .distributed import LocalFailure, shard, world_size
+from .distributed import LocalFailure, shard
 from .errors import STSInputError
 from .torch_utils import model_device, pad_token_id
 
@@ -89,8 +88,7 @@ def accuracy(model: nn.Module, tokenizer, items: Sequence[dict[str, Any]]) -> tu
     exception on one rank is raised on every rank at that sum (see :class:`~.distributed.LocalFailure`)."""
     part = shard(len(items), [len(item["question"]) for item in items])
     counts = torch.zeros(2, dtype=torch.float64)
-    # sharded parameters: every forward is a collective, so a failed rank keeps running them
-    failed = LocalFailure(lockstep=world_size() > 1 and parameters_are_sharded(model))
+    failed = LocalFailure.around_forwards(model)
     for index, counted in zip(part.indices, part.counted):
         if failed.skip:
             break
