@@ -588,7 +588,7 @@ def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache
         work / name, precise=precise)
     if cb.forecast is not None:
         forecasts["callback"] = forecast_record(cb.forecast, cb.forecast.timings.get("total", 0.0))
-    reward_keys = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy", "loss",
+    reward_keys = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy", "loss", "kl",
                    *(f"rewards/{f.__name__}/mean" for f in funcs))
     trajectory = log_rows(log, reward_keys)
     rewards = [e["reward"] for e in trajectory if "reward" in e]
