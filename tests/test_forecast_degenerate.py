@@ -43,6 +43,16 @@ def test_a_model_without_a_language_model_head_is_refused_before_any_work(tokeni
         forecast(reward_model, tokenizer, sae(), domain_texts("law", 30), targets(), config())
 
 
+def test_a_gpu_device_on_a_machine_without_one_is_refused_before_any_work(tokenizer, model, monkeypatch):
+    # a CUDA build of torch where no GPU is visible: STSConfig accepts the name (it does not ask the machine), the
+    # forecast asks before it puts the SAE there (was a raw CUDA error from inside load_sae)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(STSConfigError, match="STSConfig.device='cuda'.*no CUDA GPU is visible.*use 'cpu'"):
+        forecast(model, tokenizer, sae(), domain_texts("law", 30), targets(), config(device="cuda"))
+
+
 def test_context_too_short_for_any_demonstration_is_refused(tokenizer):
     import transformers as tf
 

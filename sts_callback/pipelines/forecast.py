@@ -23,7 +23,7 @@ from ..scoring import score
 from ..scoring import signed
 from ..scoring.calibration import own_feature
 from ..core.capture import check_measurable, hidden_size, max_positions, num_layers, unwrap_model
-from ..core.config import SCORE_VARIANTS, STSConfig
+from ..core.config import SCORE_VARIANTS, STSConfig, device_problem
 from ..core.data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
@@ -282,6 +282,10 @@ class ForecastSetup:
     @classmethod
     def create(cls, model: nn.Module, tokenizer, sae: Any, config: STSConfig) -> "ForecastSetup":
         check_measurable(model)
+        if config.device is not None:  # the machine is asked here, not in STSConfig: the SAE is about to go there
+            problem = device_problem(config.device, available=True)
+            if problem:
+                raise STSConfigError(f"STSConfig.device={config.device!r}: {problem}")
         device = torch.device(config.device) if config.device else model_device(model)
         dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else None
         handle = load_sae(sae, device=device, dtype=dtype)
