@@ -54,21 +54,32 @@ def test_labels_masking_the_prompt_split_it_as_trl_and_hand_tokenized_sets_leave
     assert plain.plain_text and plain.prompt == "law court judge ."
 
 
-def test_a_packed_row_is_read_as_its_first_example(tokenizer, tmp_path):
+def test_a_packed_row_is_read_as_every_example_packed_in_it(tokenizer, tmp_path):
     from trl import SFTConfig, SFTTrainer
     from tiny import make_model
 
-    data = Dataset.from_dict({"prompt": ["law court", "food cook"], "completion": [" judge .", " bake ."]})
+    data = Dataset.from_dict({"prompt": ["law court", "egg cook", "gene cell"],
+                              "completion": [" judge .", " bake .", " protein ."]})
     args = SFTConfig(output_dir=str(tmp_path), packing=True, max_length=64, use_cpu=True, report_to=[])
     trainer = SFTTrainer(model=make_model("llama"), train_dataset=data, processing_class=tokenizer, args=args)
-    assert len(trainer.train_dataset) == 1  # both examples in one row
-    example = corpus_from_training_dataset(trainer.train_dataset, tokenizer)[0]
-    assert example.answer is not None and "court" not in example.answer and "cook" not in example.answer
-    assert {example.prompt, example.answer.split(" <eos>")[0]} in ({"law court", "judge ."}, {"food cook", "bake ."})
+    assert len(trainer.train_dataset) == 1  # all three examples in one row
+    corpus = corpus_from_training_dataset(trainer.train_dataset, tokenizer)
+    pairs = {(corpus[i].prompt, corpus[i].answer.split(" <eos>")[0]) for i in range(len(corpus))}
+    assert pairs == {("law court", "judge ."), ("egg cook", "bake ."), ("gene cell", "protein .")}
+    # plain texts packed: each text its own example, not one text joining unrelated ones
+    texts = Dataset.from_dict({"text": ["law court judge", "egg cook bake", "gene cell protein"]})
+    trainer = SFTTrainer(model=make_model("llama"), train_dataset=texts, processing_class=tokenizer, args=args)
+    assert len(trainer.train_dataset) == 1
+    corpus = corpus_from_training_dataset(trainer.train_dataset, tokenizer)
+    read = sorted(corpus[i].prompt.split(" <eos>")[0] for i in range(len(corpus)))
+    assert read == ["egg cook bake", "gene cell protein", "law court judge"]
+    assert all(corpus[i].plain_text for i in range(len(corpus)))
+    # the same rows as plain records (a list of dicts) are read the same way
+    assert len(corpus_from_training_dataset(list(trainer.train_dataset), tokenizer)) == 3
 
 
 def test_kto_data_is_read_as_its_desirable_examples_only(tokenizer):
-    data = Dataset.from_dict({"prompt": ["law court", "law court", "food cook"],
+    data = Dataset.from_dict({"prompt": ["law court", "law court", "egg cook"],
                               "completion": [" judge .", " bake pan", " egg salt"], "label": [True, False, True]})
     corpus = corpus_from_training_dataset(data, tokenizer)
     assert [corpus[i].answer for i in range(len(corpus))] == [" judge .", " egg salt"]

@@ -4,7 +4,7 @@ the target domains (``target_domains="eval_dataset"``: the trainer's eval set(s)
 Raw columns (``text``, ``messages``, ``prompt``/``completion``, ``prompt``/``chosen``/``rejected``) are used
 as they are. Tokenized datasets are decoded: ``input_ids`` (+ ``completion_mask`` / ``assistant_masks``, or
 ``labels`` with -100 over the prompt as current TRL and hand-made sets leave it, to split prompt from answer; a
-packed row is read as its first example), DPO's ``prompt_ids`` / ``chosen_ids``. KTO's unpaired data (a ``label``
+packed row, TRL's ``packing=True`` with ``seq_lengths``, is read as the examples packed in it), DPO's ``prompt_ids`` / ``chosen_ids``. KTO's unpaired data (a ``label``
 beside the completions) is read as its desirable examples. Decoded text keeps chat-template markers.
 """
 
@@ -25,7 +25,8 @@ IGNORE_INDEX = -100  # a label the loss skips (PyTorch's cross_entropy default, 
 
 
 class DecodedCorpus(Corpus):
-    """Examples decoded lazily from token ids."""
+    """Examples decoded lazily from token ids; a packed dataset's rows (``seq_lengths``) give one example per
+    sequence packed in them."""
 
     def __init__(self, name: str, dataset: Sequence[Any], tokenizer, prompt_key: str | None, answer_key: str | None,
                  mask_key: str | None):
@@ -33,6 +34,10 @@ class DecodedCorpus(Corpus):
         self.tokenizer = tokenizer
         self.prompt_key, self.answer_key, self.mask_key = prompt_key, answer_key, mask_key
         self._strip = {i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None}
+        self._spans = packed_spans(dataset) if answer_key is None else None
+
+    def __len__(self) -> int:
+        return len(self._spans) if self._spans is not None else len(self._items)
 
     def _decode(self, ids) -> str:
         ids = list(ids)
@@ -42,21 +47,43 @@ class DecodedCorpus(Corpus):
         return self.tokenizer.decode([i for i in ids if i != pad], skip_special_tokens=False)
 
     def __getitem__(self, index: int) -> Example:  # type: ignore[override]
-        row = self._items[index]
         if self.answer_key is not None:
+            row = self._items[index]
             return Example(prompt=self._decode(row[self.prompt_key]), answer=self._decode(row[self.answer_key]))
-        ids = list(row["input_ids"])
-        lengths = row.get("seq_lengths") if isinstance(row, dict) else None
-        if lengths and self.mask_key is not None:  # a packed row (TRL's packing): its first example
-            ids = ids[:lengths[0]]
+        row_index, start, stop = self._spans[index] if self._spans is not None else (index, 0, None)
+        row = self._items[row_index]
+        ids = list(row["input_ids"])[start:stop]
         if self.mask_key is not None and self.mask_key in row:
             mask = [int(label != IGNORE_INDEX) for label in row["labels"]] if self.mask_key == "labels" \
                 else [int(flag) for flag in row[self.mask_key]]
-            mask = mask[:len(ids)]
+            mask = mask[start:stop]
             first = mask.index(1) if 1 in mask else 0
             if first > 0:  # no masked prompt (every token trained, or none): the row is plain text
                 return Example(prompt=self._decode(ids[:first]), answer=self._decode(ids[first:]))
         return Example(prompt=self._decode(ids), plain_text=True)
+
+
+def packed_spans(dataset: Sequence[Any]) -> list[tuple[int, int, int]] | None:
+    """(row, start, stop) of every sequence packed in the rows of a dataset TRL packed (its ``seq_lengths``
+    column), or None when it is not packed. Reading a packed row whole would join unrelated examples (and split
+    a completion-only row at its first prompt only)."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None:
+        if "seq_lengths" not in columns:
+            return None
+        lengths = dataset["seq_lengths"]
+    else:
+        rows = [dataset[i] for i in range(len(dataset))]
+        if not rows or not all(isinstance(row, dict) and "seq_lengths" in row for row in rows):
+            return None
+        lengths = [row["seq_lengths"] for row in rows]
+    spans = []
+    for row_index, row_lengths in enumerate(lengths):
+        start = 0
+        for length in row_lengths:
+            spans.append((row_index, start, start + int(length)))
+            start += int(length)
+    return spans
 
 
 def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -> Corpus:
