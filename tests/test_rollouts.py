@@ -226,6 +226,15 @@ def test_settings_from_a_grpo_config():
             settings.reward_weights, settings.scale_rewards) == (4, 0.7, 5, 16, [1.0, 0.5], "none")
 
 
+def test_settings_from_an_rloo_config_scale_its_advantages_as_it_does(tmp_path):
+    trl = pytest.importorskip("trl")
+    plain = trl.RLOOConfig(output_dir=str(tmp_path), num_generations=4, use_cpu=True, report_to=[])
+    assert RolloutSettings.from_args(plain).scale_rewards == "none"  # RLOO's default: no std scaling (was "group")
+    normalised = trl.RLOOConfig(output_dir=str(tmp_path), num_generations=4, normalize_advantages=True,
+                                use_cpu=True, report_to=[])
+    assert RolloutSettings.from_args(normalised).scale_rewards == "batch"
+
+
 def test_settings_of_an_online_dpo_trainer_are_its_pair_and_its_max_new_tokens(tmp_path):
     pytest.importorskip("trl")
     from types import SimpleNamespace

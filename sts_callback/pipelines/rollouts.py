@@ -99,6 +99,9 @@ class RolloutSettings:
         values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
         if "max_completion_length" not in values and getattr(args, "max_new_tokens", None) is not None:
             values["max_completion_length"] = args.max_new_tokens  # OnlineDPOConfig's name for it
+        if "scale_rewards" not in values and isinstance(getattr(args, "normalize_advantages", None), bool):
+            # RLOOConfig: leave-one-out advantages, unscaled unless normalised over the generation batch
+            values["scale_rewards"] = "batch" if args.normalize_advantages else "none"
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
