@@ -43,6 +43,25 @@ def test_a_model_without_a_language_model_head_is_refused_before_any_work(tokeni
         forecast(reward_model, tokenizer, sae(), domain_texts("law", 30), targets(), config())
 
 
+@pytest.mark.parametrize("kind", ["t5", "bart", "bert"])
+def test_an_encoder_decoder_or_masked_language_model_is_refused_before_any_work(tokenizer, kind):
+    # T5 was read at its encoder and crashed in the held-out loss; BART at its decoder and BERT at its encoder,
+    # both silently, with a "next-token" loss that means nothing for them
+    import transformers as tf
+
+    sizes = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = {"t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(
+                 d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, decoder_start_token_id=0, **sizes)),
+             "bart": lambda: tf.BartForConditionalGeneration(tf.BartConfig(
+                 d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, **sizes)),
+             "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(
+                 hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **sizes))}[kind]()
+    kind_words = "a masked" if kind == "bert" else "an encoder-decoder"
+    with pytest.raises(STSConfigError, match=f"decoder-only causal language model.*is {kind_words}"):
+        forecast(model, tokenizer, sae("model.layers.1"), domain_texts("law", 30), targets(), config())
+
+
 def test_a_gpu_device_on_a_machine_without_one_is_refused_before_any_work(tokenizer, model, monkeypatch):
     # a CUDA build of torch where no GPU is visible: STSConfig accepts the name (it does not ask the machine), the
     # forecast asks before it puts the SAE there (was a raw CUDA error from inside load_sae)

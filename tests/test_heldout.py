@@ -61,6 +61,26 @@ def test_chunked_head_equals_full_logits(tokenizer, arch, monkeypatch):
     torch.testing.assert_close(chunked[:, 0], reference[:, 0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch, scaling", [("Granite", {"logits_scaling": 8.0}), ("Cohere", {"logit_scale": 0.0625})])
+def test_a_model_that_scales_its_logits_is_measured_with_its_own_loss(tokenizer, arch, scaling):
+    # Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale: the head run apart from
+    # the body skipped that (a held-out NLL 3x or 6x the model's own), so such a model runs its full forward
+    import transformers as tf
+
+    config = getattr(tf, f"{arch}Config")(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **scaling)
+    torch.manual_seed(0)
+    model = getattr(tf, f"{arch}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50)  # logits as large as a trained model's, so scaling matters
+    seqs = sequences(tokenizer, n=6)
+    assert heldout.split_head(model) is None
+    with torch.no_grad():
+        measured = sequence_nll(model, seqs, 0, batch_size=3)
+    torch.testing.assert_close(measured, full_logits_nll(model, seqs, 0), rtol=1e-5, atol=1e-4)
+    assert heldout.split_head(make_model("llama").eval()) is not None  # a plain head still runs apart
+
+
 def test_full_measurement_is_the_relative_change_of_mean_nll():
     before = torch.tensor([[10.0, 5], [20.0, 8], [6.0, 3]], dtype=torch.float64)
     after = torch.tensor([[11.0, 5], [19.0, 8], [7.5, 3]], dtype=torch.float64)

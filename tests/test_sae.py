@@ -24,7 +24,8 @@ def test_hook_names_map_to_decoder_blocks(hook, layer):
 
 @pytest.mark.parametrize("hook", ["model.layers.1.mlp", "model.layers.1.self_attn", "model.layers.1.input_layernorm",
                                   "model.layers.1.post_attention_layernorm", "model.layers.1.mlp.down_proj",
-                                  "transformer.h.1.attn", "transformer.h.1.ln_2", "blocks.1.hook_mlp_out"])
+                                  "transformer.h.1.attn", "transformer.h.1.ln_2", "blocks.1.hook_mlp_out",
+                                  "model.norm", "transformer.ln_f", "model.final_layernorm"])
 def test_an_sae_on_a_block_part_is_refused_so_that_a_layer_cannot_make_it_read_the_residual(hook):
     with pytest.raises(STSInputError, match="not the residual stream"):
         load_sae(TinySAE(32, 64, hook_name=hook))
@@ -76,9 +77,33 @@ def test_sae_lens_object_folder_and_forecast(tmp_path):
 
 
 def test_sae_dtype_cast():
-    handle = load_sae(make_sae_lens_sae(), dtype=torch.bfloat16)
+    given = make_sae_lens_sae()
+    handle = load_sae(given, dtype=torch.bfloat16)
     assert next(handle.module.parameters()).dtype == torch.bfloat16
     assert handle.encode(torch.randn(3, 32)).shape == (3, 64)
+    # the caller's own object keeps its dtype (was cast in place, its cfg.dtype with it)
+    assert next(given.parameters()).dtype == torch.float32 and given.cfg.dtype == "float32"
+    tiny = TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    assert next(load_sae(tiny, dtype=torch.bfloat16).module.parameters()).dtype == torch.bfloat16
+    assert tiny.W_enc.dtype == torch.float32
+    assert load_sae(tiny, dtype=torch.float32).module is tiny  # nothing to cast: no copy
+
+
+def test_a_sae_lens_training_sae_is_used_as_the_inference_sae_it_saves():
+    # BatchTopK's training encode keeps the top k x batch latents of the whole batch, so scores changed with
+    # STSConfig.batch_size (-25% at 2 vs 8); the inference SAE it saves encodes each row alone
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    training = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(
+        d_in=32, d_sae=64, k=8, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    handle = load_sae(training)
+    assert not isinstance(handle.module, sae_lens.TrainingSAE) and handle.layer == 1
+    assert handle.source["kind"] == "sae_lens_training_object"
+    x = torch.randn(20, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(handle.encode(x)[:5], handle.encode(x[:5]))
 
 
 def test_generic_module_sizes():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,28 @@ def check_measurable(model: nn.Module) -> None:
             "head, so no held-out language-model loss or in-context shift can be measured (a reward or "
             "classification model, as RewardTrainer trains). Leave the callback out of this run, or monitor the "
             "policy model that the reward model will train.")
+    config = getattr(inner, "config", None)
+    if getattr(config, "is_encoder_decoder", False) or _is_masked_lm(inner):
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "a masked (bidirectional)"
+        raise STSConfigError(
+            f"STS needs a decoder-only causal language model; {type(inner).__name__} is {kind} language model, "
+            "whose next-token held-out loss and residual stream at the decoder layers are not what STS measures "
+            "(an encoder's or decoder's layers alone would be read silently). Use a ...ForCausalLM model, or leave "
+            "the callback out of this run.")
     check_no_prompt_learning(model)
+
+
+def _is_masked_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a masked-LM class (BERT, RoBERTa, ...: transformers' masked-LM auto mapping) that is
+    not also a causal one."""
+    from transformers.models.auto import modeling_auto
+
+    def names(mapping: dict[str, Any]) -> set[str]:
+        return {name for value in mapping.values() for name in (value if isinstance(value, (list, tuple)) else [value])}
+
+    name = type(model).__name__
+    return name in names(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) \
+        and name not in names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def check_no_prompt_learning(model: nn.Module) -> None:

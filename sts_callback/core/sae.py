@@ -7,7 +7,10 @@ Accepted: a sae-lens ``SAE`` object; ``{"release": ..., "sae_id": ...}`` (or the
 
 from __future__ import annotations
 
+import copy
 import re
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ _NOT_RESIDUAL = re.compile(r"hook_(?:resid_mid|mlp_out|attn_out|z|q|k|v|pattern|
                            r"scale|embed|pos_embed)$|\.(?:attn|mlp|ln\d?|ln_final)\."
                            # Hugging Face sub-modules of a block (its attention, MLP, norms), as a name or a prefix
                            r"|\.(?:self_attn|attn|attention|cross_attn|mlp|feed_forward|ffn|experts|"
-                           r"\w*layernorm|\w*_norm|ln_\d|ln_f)(?:\.|$)")
+                           r"norm|\w*layernorm|\w*_norm|ln_\d|ln_f)(?:\.|$)")
 
 
 def layer_from_hook_name(hook_name: str | None) -> int | None:
@@ -184,10 +187,14 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
             f"SAE {str(spec)!r} is not a folder; pass a sae-lens folder, {{'release': ..., 'sae_id': ...}}, "
             "'release::sae_id', a sae-lens SAE, or a module with encode()."
         )
+    elif _is_sae_lens_training_sae(spec):
+        handle = _sae_lens_handle(_inference_sae(spec, device),
+                                  {"kind": "sae_lens_training_object", "class": type(spec).__name__})
     elif hasattr(spec, "cfg") and hasattr(getattr(spec, "cfg"), "d_sae") and hasattr(spec, "encode"):
-        handle = _sae_lens_handle(spec, {"kind": "sae_lens_object", "class": type(spec).__name__})
+        handle = _sae_lens_handle(_own_copy_if_cast(spec, dtype),
+                                  {"kind": "sae_lens_object", "class": type(spec).__name__})
     elif hasattr(spec, "encode") and callable(spec.encode):
-        handle = _generic_handle(spec)
+        handle = _generic_handle(_own_copy_if_cast(spec, dtype))
     else:
         raise STSInputError(
             f"Cannot use {type(spec).__name__} as an SAE: it needs an encode(x) method, or pass a sae-lens SAE, "
@@ -207,6 +214,28 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
     return handle
 
 
+def _is_sae_lens_training_sae(spec: Any) -> bool:
+    sae_lens = sys.modules.get("sae_lens")  # a sae-lens object means sae-lens is imported already
+    training_sae = getattr(sae_lens, "TrainingSAE", None) if sae_lens is not None else None
+    return training_sae is not None and isinstance(spec, training_sae)
+
+
+def _inference_sae(training_sae: Any, device: torch.device | str | None) -> Any:
+    """A sae-lens ``TrainingSAE`` as the inference SAE it saves: its training encode can depend on the batch
+    (BatchTopK keeps the top k x batch latents of the whole batch), so scores would change with batch_size."""
+    from sae_lens import SAE
+
+    with tempfile.TemporaryDirectory(prefix="sts-sae-") as folder:
+        training_sae.save_inference_model(folder)
+        return SAE.load_from_disk(folder, device=str(device or "cpu"))
+
+
+def _own_copy_if_cast(module: Any, dtype: torch.dtype | None) -> Any:
+    """``module``, or a copy of it when STSConfig(sae_dtype=) casts it: the caller's SAE object keeps its dtype."""
+    param = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
+    return copy.deepcopy(module) if param is not None and dtype is not None and param.dtype != dtype else module
+
+
 def check_finite_weights(handle: SAEHandle) -> None:
     """A NaN or inf in the SAE's weights makes every score NaN: refuse it, naming the tensors."""
     bad = [name for name, tensor in handle.module.state_dict().items()
@@ -224,6 +253,9 @@ def check_sae_for_model(handle: SAEHandle, model_hidden_size: int, model_layers:
             "trained for another model. Use an SAE for this model (or train one with sts_callback.tools.train_sae)."
         )
     if not 0 <= layer < model_layers:
+        hook = f" (the SAE reads {handle.hook_name!r})" if handle.hook_name else ""
         raise STSInputError(
-            f"Layer {layer} does not exist: the model has {model_layers} decoder layers (0..{model_layers - 1})."
+            f"Layer {layer} does not exist: the model has {model_layers} decoder layers (0..{model_layers - 1})"
+            f"{hook}. Use an SAE trained on this model's residual stream (sts train-sae trains one), or set "
+            "STSConfig(layer=) to the layer the SAE was trained on."
         )
