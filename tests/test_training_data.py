@@ -78,6 +78,46 @@ def test_a_packed_row_is_read_as_every_example_packed_in_it(tokenizer, tmp_path)
     assert len(corpus_from_training_dataset(list(trainer.train_dataset), tokenizer)) == 3
 
 
+def test_rows_a_tokenizer_returned_are_read_as_dict_rows_with_one_bos(tokenizer):
+    # a torch Dataset whose __getitem__ returns tokenizer(text) (a BatchEncoding, not a dict) was refused; rows of
+    # tensors kept a second BOS (0-d tensors never equal the BOS id)
+    import torch
+
+    texts = ["law court judge", "egg cook bake"]
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def __len__(self):
+            return len(texts)
+
+        def __getitem__(self, i):
+            return tokenizer(texts[i], **self.kwargs)
+
+    for rows in (Rows(), Rows(return_tensors="pt"), [dict(tokenizer(t, return_tensors="pt")) for t in texts]):
+        corpus = corpus_from_training_dataset(rows, tokenizer)
+        assert [corpus[i].prompt for i in range(len(corpus))] == texts
+
+
+def test_an_sft_set_that_keeps_its_text_is_read_as_trained_cut_at_max_length(tokenizer, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+    from tiny import make_model
+
+    long = " ".join(["law court judge contract"] * 20)  # 80 words: cut at max_length=16 tokens when trained
+    args = SFTConfig(output_dir=str(tmp_path), max_length=16, use_cpu=True, report_to=[])
+    trainer = SFTTrainer(model=make_model("llama"), train_dataset=Dataset.from_dict({"text": [long] * 4}),
+                         processing_class=tokenizer, args=args)
+    assert "text" in trainer.train_dataset.column_names  # TRL keeps the raw text beside the ids
+    example = corpus_from_training_dataset(trainer.train_dataset, tokenizer)[0]
+    assert len(tokenizer(example.prompt)["input_ids"]) <= 16 and long.startswith(example.prompt)
+
+
+def test_rows_that_cannot_be_read_point_to_train_probe(tokenizer):
+    with pytest.raises(STSInputError, match="train_probe="):
+        corpus_from_training_dataset([3, 4, 5], tokenizer)
+
+
 def test_kto_data_is_read_as_its_desirable_examples_only(tokenizer):
     data = Dataset.from_dict({"prompt": ["law court", "law court", "egg cook"],
                               "completion": [" judge .", " bake pan", " egg salt"], "label": [True, False, True]})

@@ -10,7 +10,7 @@ beside the completions) is read as its desirable examples. Decoded text keeps ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class DecodedCorpus(Corpus):
         return len(self._spans) if self._spans is not None else len(self._items)
 
     def _decode(self, ids) -> str:
-        ids = list(ids)
+        ids = token_list(ids)
         while ids and ids[0] in self._strip:  # the prompt builder adds BOS itself
             ids = ids[1:]
         pad = self.tokenizer.pad_token_id
@@ -52,15 +52,25 @@ class DecodedCorpus(Corpus):
             return Example(prompt=self._decode(row[self.prompt_key]), answer=self._decode(row[self.answer_key]))
         row_index, start, stop = self._spans[index] if self._spans is not None else (index, 0, None)
         row = self._items[row_index]
-        ids = list(row["input_ids"])[start:stop]
+        ids = token_list(row["input_ids"])[start:stop]
         if self.mask_key is not None and self.mask_key in row:
-            mask = [int(label != IGNORE_INDEX) for label in row["labels"]] if self.mask_key == "labels" \
-                else [int(flag) for flag in row[self.mask_key]]
+            mask = [int(label != IGNORE_INDEX) for label in token_list(row["labels"])] \
+                if self.mask_key == "labels" else token_list(row[self.mask_key])
             mask = mask[start:stop]
             first = mask.index(1) if 1 in mask else 0
             if first > 0:  # no masked prompt (every token trained, or none): the row is plain text
                 return Example(prompt=self._decode(ids[:first]), answer=self._decode(ids[first:]))
         return Example(prompt=self._decode(ids), plain_text=True)
+
+
+def token_list(value: Any) -> list[int]:
+    """Token ids (or mask flags) of one row as ints, from a list or a tensor (a tokenizer's ``return_tensors="pt"``
+    row of shape [1, n] too): 0-d tensors would compare unequal to the BOS id and keep a second BOS."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    return [int(v) for v in value]
 
 
 def packed_spans(dataset: Sequence[Any]) -> list[tuple[int, int, int]] | None:
@@ -72,11 +82,10 @@ def packed_spans(dataset: Sequence[Any]) -> list[tuple[int, int, int]] | None:
         if "seq_lengths" not in columns:
             return None
         lengths = dataset["seq_lengths"]
-    else:
-        rows = [dataset[i] for i in range(len(dataset))]
-        if not rows or not all(isinstance(row, dict) and "seq_lengths" in row for row in rows):
+    else:  # rows given one by one: packed only when the first is (reading every row would tokenize a lazy set)
+        if not len(dataset) or not isinstance(dataset[0], Mapping) or "seq_lengths" not in dataset[0]:
             return None
-        lengths = [row["seq_lengths"] for row in rows]
+        lengths = [dataset[i]["seq_lengths"] for i in range(len(dataset))]
     spans = []
     for row_index, row_lengths in enumerate(lengths):
         start = 0
@@ -91,11 +100,20 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
     if not hasattr(dataset, "__len__"):  # a streaming IterableDataset: its first examples stand for it
         dataset = take_streamed(dataset)
     first = dataset[0] if len(dataset) else {}
-    columns = set(getattr(dataset, "column_names", None) or (first.keys() if isinstance(first, dict) else []))
+    columns = set(getattr(dataset, "column_names", None) or (first.keys() if isinstance(first, Mapping) else []))
     if "label" in columns and columns & {"completion", "completion_ids"}:
         dataset = _desirable_only(dataset, name)
-    if columns & RAW_COLUMNS or not isinstance(first, dict):
-        return load_corpus(dataset, name=name)
+    if columns & RAW_COLUMNS and not _trained_as_tokenized(columns, first) or not isinstance(first, Mapping):
+        try:
+            corpus = load_corpus(dataset, name=name)
+            if len(corpus):
+                _ = corpus[0]  # read now: a row of another shape fails here, with the hint, not at the first pass
+            return corpus
+        except STSInputError as err:
+            if name != "train":
+                raise
+            raise STSInputError(f"{err} (This is the trainer's train dataset, read for the forecast: pass "
+                                "train_probe= to STSCallback with texts or records of the training data.)") from err
     if {"prompt_ids", "chosen_ids"} <= columns:
         return DecodedCorpus(name, dataset, tokenizer, "prompt_ids", "chosen_ids", None)
     if {"prompt_ids", "completion_ids"} <= columns:
@@ -107,6 +125,15 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
         f"dataset {name!r} (pass that domain's texts or records"
     raise STSInputError(f"Cannot read the trainer's {what} with texts or records instead); its columns are "
                         f"{sorted(columns)}, none of {sorted(RAW_COLUMNS)}, 'input_ids' or 'prompt_ids'.")
+
+
+def _trained_as_tokenized(columns: set[str], first: Any) -> bool:
+    """Whether a set that keeps its raw text beside TRL's ``input_ids`` is read from the ids: what is trained,
+    cut at ``max_length``, not the whole raw text. Chats keep their raw turns (the forecast lays them out with
+    the chat template itself); so do DPO's columns, which have no ``input_ids``."""
+    if "input_ids" not in columns or "messages" in columns:
+        return False
+    return not isinstance(first.get("prompt") if isinstance(first, Mapping) else None, list)
 
 
 def _desirable_only(dataset: Any, name: str) -> Any:
