@@ -375,3 +375,47 @@ def test_the_validation_correlation_quoted_is_the_one_validation_json_holds(tmp_
     one = json.loads((sts / "validation.json").read_text())["per_seed"][0]["correlations"]["nll"]["sts_icl"]["abs"]
     md = write_report(sts)[1].read_text()
     assert f"Pearson r = {one['pearson']['r']:.2f}" in md and "(seed 0; Pearson p = " in md
+
+
+def test_a_history_jsonl_of_another_tool_is_refused_and_stray_lines_are_counted(tmp_path, capsys):
+    """history.jsonl with no re-check record (another tool's log: epoch, loss, step) is refused, naming the file;
+    one with some stray lines is reported without them, saying how many were skipped and why."""
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    foreign = [{"epoch": 1, "loss": 2.3, "step": 100}, {"epoch": 2, "loss": 2.1, "step": 200}]
+    (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in foreign))
+    with pytest.raises(STSInputError, match=r"sts/history\.jsonl was not written by STSCallback: none of its 2 line"):
+        write_report(tmp_path)
+    assert sts_main(["report", str(tmp_path)]) == 2
+    assert "was not written by STSCallback" in capsys.readouterr().err and not (sts / "report.md").exists()
+    # a folder of failed re-checks only: reported as before
+    failed = {"step": 4, "error": "OutOfMemoryError: boom", "traceback": "..."}
+    (sts / "history.jsonl").write_text(json.dumps(failed) + "\n")
+    assert "holds only failed re-checks" in write_report(sts)[1].read_text()
+    # re-checks among stray lines (one not even an object): those are skipped, and said to be
+    recheck = {"step": 2, "scores": {"a": {"sts_act": 1.0}}, "loss_delta": {"a": 0.01}, "shifted_latents": [1]}
+    lines = [json.dumps(r) for r in (recheck, *foreign, failed)] + ["[1, 2]"]
+    (sts / "history.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"3 line\(s\) of .*history\.jsonl skipped: not re-check records"):
+        html_path, md_path = write_report(sts)
+    page, md = html.unescape(html_path.read_text()), md_path.read_text()
+    for text in (page, md):
+        assert "3 line(s) of" in text and "not re-check records of STSCallback" in text
+    assert "**Re-checks:** 1, last at step 2" in md and "step 4: re-check failed (OutOfMemoryError: boom)" in md
+
+
+def test_an_output_dir_whose_results_are_in_an_output_subdir(tmp_path, capsys):
+    """A run whose callback wrote into output_subdir="sts_a" (no sts/): `sts report OUTPUT_DIR` reads sts_a/; with
+    several such subfolders it names them and asks for one."""
+    run = tmp_path / "run"
+    (run / "checkpoint-2" / "sts_a").mkdir(parents=True)  # checkpoints' copies are not candidates
+    synthetic_forecast(["law", "food"]).save(run / "sts_a" / "forecast.json")
+    assert sts_main(["report", str(run)]) == 0
+    assert str(run / "sts_a" / "report.html") in capsys.readouterr().out
+    assert (run / "sts_a" / "report.md").exists() and not (run / "report.md").exists()
+    synthetic_forecast(["law", "food"]).save(run / "sts_b" / "forecast.json")
+    assert sts_main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "its subfolders sts_a/, sts_b/ do" in err and f"sts report {run / 'sts_a'}" in err
+    with pytest.raises(STSInputError, match="sts_a/, sts_b/"):
+        write_report(run)

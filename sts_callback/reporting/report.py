@@ -25,7 +25,7 @@ from typing import Any
 
 from ..core.atomic import atomic_write_text
 from ..core.data import repeated_names
-from ..core.errors import STSInputError
+from ..core.errors import STSDataWarning, STSInputError
 from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 
@@ -94,10 +94,18 @@ class ReportData:
     def __init__(self, sts_dir: Path, protected: list[str] | None = None):
         self.sts_dir = sts_dir
         self.forecast: dict[str, Any] | None = _read_json(sts_dir / FORECAST_FILE)
-        self.history: list[dict[str, Any]] = _read_jsonl(sts_dir / HISTORY_FILE)
+        lines = _read_jsonl(sts_dir / HISTORY_FILE)
+        self.history: list[dict[str, Any]] = [r for r in lines if is_recheck_record(r)]
+        self.skipped = len(lines) - len(self.history)  # lines of another tool's log: not re-checks
+        if self.skipped and not self.history:
+            raise STSInputError(f"{sts_dir / HISTORY_FILE} was not written by STSCallback: none of its {len(lines)} "
+                                f"line(s) is a re-check record ({RECHECK_RECORD}), e.g. {json.dumps(lines[0])[:120]}. "
+                                f"Move it out of {sts_dir}, or give the folder the callback wrote.")
         self.run_settings: dict[str, Any] = _read_json(sts_dir / SETTINGS_FILE) or {}
         self.gate: Any = _read_json(sts_dir / GATE_FILE)
         self.validation: Any = _read_json(sts_dir / VALIDATION_FILE)
+        if self.skipped:
+            warnings.warn(self.skipped_note(), STSDataWarning, stacklevel=3)
         if self.forecast is None and not self.history and self.gate is None:
             raise STSInputError(f"{sts_dir} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}: "
                                 "nothing to report.")
@@ -178,6 +186,13 @@ class ReportData:
                 + (f": {outcome}" if outcome else "") + ". The candidates' forecasts and the rules are under "
                 "Gate decision below.")
 
+    def skipped_note(self) -> str | None:
+        """How many lines of history.jsonl are not re-check records and were left out (plain text)."""
+        if not self.skipped:
+            return None
+        return (f"{self.skipped} line(s) of {self.sts_dir / HISTORY_FILE} skipped: not re-check records of "
+                f"STSCallback ({RECHECK_RECORD}).")
+
     @property
     def rechecks(self) -> list[dict[str, Any]]:
         return [r for r in self.history if "error" not in r and "scores" in r]
@@ -234,6 +249,20 @@ class ReportData:
         width = f", {sae['d_sae']} latents" if sae.get("d_sae") else ""
         hook = f", {sae['hook_name']}" if sae.get("hook_name") else ""
         return f"{name}{width}{hook}"
+
+
+RECHECK_RECORD = "an object with an integer step and scores or an error"
+
+
+def is_recheck_record(record: Any) -> bool:
+    """Whether a history line is one the callback writes: a re-check (``step`` and ``scores``) or a failed one
+    (``step`` and ``error``); another tool's log (epoch, loss, step) is not."""
+    if not isinstance(record, dict):
+        return False
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return False
+    return isinstance(record.get("scores"), dict) or isinstance(record.get("error"), str)
 
 
 def gate_outcome(gate: Any) -> str:
@@ -593,6 +622,8 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
         lines.append(f"Most affected by this training (forecast, {label}): {top}.")
     elif data.forecast is None:
         lines.append(esc(data.contents_note()))
+    if data.skipped_note():
+        lines.append(esc(data.skipped_note()))
     if data.protected:
         lines.append("Protected domains: " + ", ".join(esc(p) for p in data.protected)
                      + (f" (held-out loss tolerance {data.tolerance:.1%})" if data.tolerance is not None else "") + ".")
@@ -902,6 +933,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
         lines.append("")
     elif data.forecast is None:
         lines += [md_esc(data.contents_note()), ""]
+    if data.skipped_note():
+        lines += [md_esc(data.skipped_note()), ""]
     if data.rechecks:
         last = data.rechecks[-1]
         deltas = ", ".join(md_esc(change) for change in _changes(last, data.protected))
@@ -955,13 +988,26 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
+def _holds_results(path: Path) -> bool:
+    return any((path / f).exists() for f in (FORECAST_FILE, HISTORY_FILE, GATE_FILE))
+
+
 def resolve_sts_dir(path: str | Path) -> Path:
-    """The ``sts/`` folder for a trainer ``output_dir`` or the folder itself."""
+    """The ``sts/`` folder for a trainer ``output_dir`` or the folder itself; an ``output_dir`` without ``sts/``
+    whose results are in one other subfolder (the callback's ``output_subdir``): that subfolder."""
     path = Path(path)
-    if (path / "sts").is_dir() and not any((path / f).exists() for f in (FORECAST_FILE, HISTORY_FILE, GATE_FILE)):
+    if (path / "sts").is_dir() and not _holds_results(path):
         return path / "sts"
     if not path.is_dir():
         raise STSInputError(f"{path} is not a folder; give the trainer's output_dir or its sts/ folder.")
+    if not _holds_results(path):
+        found = sorted(p for p in path.iterdir() if p.is_dir() and _holds_results(p))
+        if len(found) == 1:
+            return found[0]
+        if found:  # several callbacks, each with its own output_subdir: which one is for the user to say
+            raise STSInputError(f"{path} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}, but its subfolders "
+                                f"{', '.join(p.name + '/' for p in found)} do (output_subdir of several callbacks); "
+                                f"give one of them, e.g. `sts report {found[0]}`.")
     return path
 
 
