@@ -369,6 +369,33 @@ def test_one_callback_reused_for_a_second_run_monitors_it_afresh(tmp_path, token
     assert [r["step"] for r in first] == [2, 4]  # the first run's records are its own
 
 
+def test_a_new_run_in_an_earlier_runs_folder_does_not_take_its_forecast(tmp_path, tokenizer):
+    make_trainer(tmp_path, tokenizer, make_callback(), max_steps=2, save_steps=2).train()
+    out = tmp_path / "run" / "sts"
+    earlier = json.loads((out / "forecast.json").read_text())
+    # the next run in the same output_dir has prompt-only data: its forecast is skipped; the earlier run's
+    # forecast.json stayed and was reported (and read back on a resume) as this run's
+    callback = make_callback(train_probe=[{"prompt": t} for t in domain_texts("food", 20)])
+    make_trainer(tmp_path, tokenizer, callback, max_steps=2, save_steps=2).train()
+    assert callback.forecast is None and not (out / "forecast.json").exists()
+    archived = list(out.glob("forecast.*.json"))
+    assert len(archived) == 1 and json.loads(archived[0].read_text()) == earlier
+    assert len(list(out.glob("history.2*.jsonl"))) == 1 and history_steps(out / "history.jsonl") == [2]
+
+
+def test_two_callbacks_in_one_folder_are_refused_and_in_their_own_folders_both_run(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(), extra_callbacks=[make_callback()], max_steps=2)
+    with pytest.raises(STSConfigError, match="2 STSCallbacks on this trainer write to the same folder.*output_subdir"):
+        trainer.train()
+    assert not (tmp_path / "run" / "sts").exists()  # refused before any work
+    law = make_callback(protected=["law"])
+    food = make_callback(output_subdir="sts_food", target_domains={"food": domain_texts("food", 30)})
+    make_trainer(tmp_path, tokenizer, law, extra_callbacks=[food], max_steps=2, save_steps=2).train()
+    assert set(law.history[-1]["loss"]) == set(DOMAINS) and set(food.history[-1]["loss"]) == {"food"}
+    assert json.loads((tmp_path / "run" / "sts_food" / "settings.json").read_text())["protected"] == []
+    assert json.loads((tmp_path / "run" / "sts" / "settings.json").read_text())["protected"] == ["law"]
+
+
 def test_restored_callback_takes_the_objects_of_the_instance_it_replaces(tmp_path, tokenizer):
     make_trainer(tmp_path, tokenizer, make_callback(), max_steps=2, save_steps=2).train()
     mine = make_callback()

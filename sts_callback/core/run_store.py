@@ -76,15 +76,24 @@ class RunStore:
             kept = [r for r in origin.read_history() if r.get("step", 0) <= step]
             atomic_write_text(self.path(HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in kept))
 
-    def archive_history(self) -> Path | None:
-        """A fresh run (step 0) in a folder with an old history: keep the old one under a dated name."""
-        path = self.path(HISTORY_FILE)
-        if not path.exists() or path.stat().st_size == 0:
-            path.unlink(missing_ok=True)
-            return None
-        target = self.path(f"history.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-        path.replace(target)
-        return target
+    def archive_previous_run(self) -> list[Path]:
+        """A fresh run (step 0) in a folder an earlier run wrote: its history, superseded re-checks and forecast
+        move to dated names (``history.<time>.jsonl``, ``forecast.<time>.json``), so that neither the report nor
+        a resume of this run reads them as this run's (a run whose forecast is skipped writes no forecast.json)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        for name in (HISTORY_FILE, SUPERSEDED_FILE, FORECAST_FILE):
+            path = self.path(name)
+            if not path.exists():
+                continue
+            if path.stat().st_size == 0:
+                path.unlink(missing_ok=True)
+                continue
+            stem, _, suffix = name.partition(".")
+            target = self.path(f"{stem}.{stamp}.{suffix}")
+            path.replace(target)
+            moved.append(target)
+        return moved
 
     # ---------------------------------------------------------------- small JSON files
     def write_settings(self, settings: dict[str, Any]) -> Path:

@@ -294,6 +294,7 @@ class STSCallback(TrainerCallback, ExportableState):
         found, resumed_from = _find_trainer(self)
         trainer = self._trainer or found
         if trainer is not None:
+            self._check_own_folder(trainer)
             self.attach(trainer)
         session = self._bind(args, state)
         accelerator = getattr(trainer, "accelerator", None)
@@ -340,6 +341,18 @@ class STSCallback(TrainerCallback, ExportableState):
                           control)
                 self._log({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()}, control)
         self._ready = True
+
+    def _check_own_folder(self, trainer: Any) -> None:
+        """Two STSCallbacks writing one folder would interleave their histories and overwrite each other's
+        forecast and monitor state (a resume then reads the other's): refuse before any work."""
+        handler = getattr(trainer, "callback_handler", None)
+        same = [cb for cb in getattr(handler, "callbacks", []) if isinstance(cb, STSCallback) and cb is not self
+                and Path(cb.output_subdir) == Path(self.output_subdir)]
+        if same:
+            raise STSConfigError(
+                f"{len(same) + 1} STSCallbacks on this trainer write to the same folder <output_dir>/"
+                f"{self.output_subdir}; give each its own output_subdir (e.g. STSCallback(..., "
+                "output_subdir='sts_math')), or monitor every domain with one callback.")
 
     def _fresh_probe(self, trainer: Any, data: Any) -> None:
         """Under RL, re-check on the current policy's completions of fresh prompts (RecheckConfig.fresh_rollouts)."""

@@ -3,11 +3,13 @@
 The Trainer callback (:mod:`.callback`) is glue around it; a Lightning or plain-accelerate loop drives it directly::
 
     session = STSSession(sae, STSConfig(...), GuardConfig(protected=["legal"]), RecheckConfig(), "out/sts")
-    session.start(model, tokenizer, probe=train_texts, domains=load_domains(targets), max_steps=1000)
-    for step in ...:
+    probe, domains = load_corpus(train_texts), load_domains(targets)
+    session.prepare(model, tokenizer, probe, domains)  # samples the held-out and probe sets; no model call
+    session.start(model, probe, domains)               # the forecast and the base measurements
+    for step in range(1, max_steps + 1):
         ...
         if step % 100 == 0:
-            record, decision = session.recheck(model, step, max_steps=1000)
+            record, decision = session.recheck(model, step, max_steps=max_steps)
             if decision is not None and decision.stop:
                 break
     session.write_report()
@@ -279,7 +281,7 @@ class STSSession:
             monitor.base_loss_seconds[name] for name in self.guard.config.protected)
         if self.is_main:
             self.write(f"the monitor state to {store.monitor_path}", lambda: monitor.save(store.monitor_path), 0)
-            self.write(f"the old history in {store.root}", store.archive_history, 0)
+            self.write(f"the earlier run's results in {store.root}", store.archive_previous_run, 0)
             guard = self.guard.config
             self.write(f"the settings to {store.root}", lambda: store.write_settings(
                 {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts}), 0)
