@@ -103,11 +103,19 @@ def umask():
     os.umask(old)
 
 
+def safetensors_file(path):
+    import torch
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file({"x": torch.zeros(2)}, str(tmp)))  # as the monitor state is saved
+
+
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_a_new_file_gets_the_umask_mode(tmp_path, umask, mask, expected):
     umask(mask)
     for name, write in (("a.json", lambda p: atomic_write_json(p, [1])), ("b.txt", lambda p: atomic_write_text(p, "")),
-                        ("c.jsonl", lambda p: append_json_line(p, {"x": 1}))):
+                        ("c.jsonl", lambda p: append_json_line(p, {"x": 1})),
+                        ("d.safetensors", safetensors_file)):  # safetensors makes its own file, 0600
         write(tmp_path / name)
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == expected, name
 

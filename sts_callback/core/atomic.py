@@ -81,10 +81,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     # In the target's own folder (os.replace cannot cross file systems). Overwriting, never more open than the old
     # file while it is written (a 0600 file stays private), plus the owner's read / write that the write needs.
     tmp = _new_sibling(real, 0o666 if existing is None else existing.st_mode & 0o777 | 0o600)
+    created = os.stat(tmp).st_mode & 0o777  # as the umask (or the folder's ACL) left it
     try:
         write(tmp)
         if existing is not None:  # after the write: a read-only mode must not stop it; no set-id bits, as a
             os.chmod(tmp, existing.st_mode & 0o777)  # write to the file itself would clear them
+        elif os.stat(tmp).st_mode & 0o777 != created:  # a writer that made its own file (safetensors: 0600)
+            os.chmod(tmp, created)
         os.replace(tmp, real)
     except BaseException:
         tmp.unlink(missing_ok=True)
