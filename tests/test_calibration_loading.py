@@ -236,3 +236,41 @@ def test_a_calibration_fitted_on_training_runs_records_their_scope(tmp_path):
                            "run_level": {"method": "lookahead", "own_change": -0.1}})
     with pytest.warns(STSDataWarning, match="hook_name 'blocks.5.hook_resid_post'"):
         applied.apply_calibration(calibration)
+
+
+def test_the_table_names_the_calibration_and_says_when_it_is_out_of_scope(tmp_path):
+    path = tmp_path / "mine.json"
+    Calibration.from_dict(plain()).save(path)
+    calibration = load_calibration(str(path))
+    assert calibration.source == str(path) and "source" not in calibration.to_dict()  # where from: not saved
+    assert load_calibration("gemma3-270m-lora").source == "built-in gemma3-270m-lora"
+    forecast = forecast_of({"a": {"sts_act": 1.0}, "b": {"sts_act": 2.0}}, sae_settings(LLAMA))
+    forecast.apply_calibration(calibration)
+    assert forecast.settings["calibration"]["source"] == str(path)
+    assert forecast.settings["calibration"]["scope_problems"] == [] and "CAUTION" not in forecast.table()
+    assert f"calibration {path}, fitted on" in forecast.table()
+    other = forecast_of({"a": {"sts_act": 1.0}, "b": {"sts_act": 2.0}}, sae_settings(LLAMA))
+    gemma = Calibration.from_dict({**plain(), "fitted_on": {"scope": {**LLAMA, "model_class": "Gemma3ForCausalLM"}}})
+    with pytest.warns(STSDataWarning, match="another setup"):
+        other.apply_calibration(gemma)
+    problems = other.settings["calibration"]["scope_problems"]
+    assert problems == ["model_class 'LlamaForCausalLM' (calibrated on 'Gemma3ForCausalLM')"]
+    assert "CAUTION: the calibration was fitted on another setup (model_class 'LlamaForCausalLM'" in other.table()
+
+
+def test_a_predicted_change_never_falls_below_minus_100_percent():
+    wide = Calibration.fit([0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 0.9, -0.8, 0.7, -0.6], ["sts_act"])
+    prediction = wide.predict(40.0)  # far from the fitted centre: the interval is wide
+    assert prediction.low == -1.0 and prediction.high > prediction.low >= -1.0 and prediction.mean >= -1.0
+
+
+def test_runs_whose_rechecks_took_turns_calibrate_on_every_domains_latest_change(tmp_path):
+    from sts_callback.scoring.calibration import run_records
+
+    write_run(tmp_path / "run", sae_settings(LLAMA), -0.1, {"law": 0.02, "food": -0.01, "chem": 0.0})
+    history = tmp_path / "run" / "sts" / "history.jsonl"  # loss_domains=1: each re-check measures some domains
+    history.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 2, "loss_delta": {"law": 0.01, "food": -0.02}}, {"step": 4, "loss_delta": {"law": 0.03, "chem": 0.05}},
+        {"step": 6, "loss_delta": {"law": 0.04, "food": None}}]))
+    (record,) = run_records([str(tmp_path / "run")])
+    assert record["changes"] == {"law": 0.04, "food": -0.02, "chem": 0.05} and record["step"] == 6

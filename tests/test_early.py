@@ -85,3 +85,18 @@ def test_blend_weights_come_from_the_table_by_share_of_training():
     assert blended == {"a": pytest.approx(0.01 + 0.04 + 0.035), "b": None, "c": 0.2}  # c: no step-0 prediction
     with pytest.raises(ValueError, match="at least 4"):
         fit_blend([(0.1, 0.1, 0.1)])
+
+
+def test_a_blend_is_no_surer_than_the_step0_prediction_it_leans_on():
+    from sts_callback.pipelines.prediction import blended_interval
+
+    weights = {"intercept": 0.0, "early": 0.3, "step0": 0.7}
+    projection, measured_ci = 0.0, [-0.001, 0.001]  # measured precisely: about no change
+    blended = 0.7 * 0.4
+    wide = {"mean": 0.4, "low": -0.68, "high": 1.47, "level": 0.9}  # the step-0 prediction: -68% to +147%
+    low, high = blended_interval(blended, projection, measured_ci, wide, weights)
+    assert low < 0 < high  # was [0.2807, 0.2813]: a "sure" +28% that stopped a run with no change
+    sure = {"mean": 0.4, "low": 0.399, "high": 0.401, "level": 0.9}
+    low, high = blended_interval(blended, projection, measured_ci, sure, weights)
+    assert high - low == pytest.approx(2 * np.hypot(0.3 * 0.001, 0.7 * 0.001 * 1.96 / 1.6449), rel=1e-3)
+    assert blended_interval(None, projection, measured_ci, wide, weights) == [None, None]

@@ -1,10 +1,11 @@
 """The Guard on its own: rules, patience, warn-once and state, with no Trainer."""
 
 import math
+import warnings
 
 import pytest
 
-from sts_callback.core.errors import STSConfigError
+from sts_callback.core.errors import STSConfigError, STSDataWarning
 from sts_callback.pipelines.guard import Guard, GuardConfig
 from sts_callback.pipelines.recheck import Recheck
 
@@ -96,3 +97,41 @@ def test_projected_early_stop_stops_on_projections_only_when_asked():
     decision = on_projection.check(4, record(0.02), "sts_icl", projected)
     assert decision.stop and decision.violations == []  # no measured violation yet: the stop comes earlier
     assert "projected by the early forecast" in decision.reason
+
+
+def test_a_tolerance_given_as_a_percent_is_warned_about():
+    with pytest.warns(STSDataWarning, match=r"tolerance=2 allows a loss rise of 200%.*pass tolerance=0.02"):
+        GuardConfig(protected=["food"], tolerance=2)
+    with pytest.warns(STSDataWarning, match=r"accuracy_tolerance=2 can never be exceeded.*accuracy_tolerance=0.02"):
+        GuardConfig(protected=["food"], accuracy_tolerance=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GuardConfig(protected=["food"], tolerance=0.02)
+        GuardConfig(protected=["food"], tolerance=math.inf)  # the rule off, on purpose
+
+
+def test_the_last_steps_violation_is_reported_but_is_no_early_stop():
+    guard = Guard(GuardConfig(protected=["food"], early_stop=True))
+    decision = guard.check(6, record(0.5), "sts_icl", finished=True)
+    assert decision.violations and not decision.stop and guard.stop_reason is None
+
+
+def test_a_failed_recheck_breaks_a_run_of_consecutive_violations():
+    guard = Guard(GuardConfig(protected=["food"], early_stop=True, patience=2))
+    assert not guard.check(1, record(0.5), "sts_icl").stop
+    guard.recheck_failed()  # step 2 measured nothing: steps 1 and 3 are not consecutive
+    assert not guard.check(3, record(0.5), "sts_icl").stop
+    assert guard.check(4, record(0.5), "sts_icl").stop and "after 2 consecutive" in guard.stop_reason
+
+
+def test_messages_never_round_a_change_onto_the_tolerance():
+    guard = Guard(GuardConfig(protected=["food"], tolerance=0.05))
+    assert "rose by 5.02% (tolerance 5.0%)" in guard.violations(record(0.0502), "sts_icl")[0]
+
+
+def test_percentages_show_the_sign_and_the_difference_that_matter():
+    from sts_callback.core.formatting import signed_percent
+
+    assert signed_percent(0.0004) == "+0.04%" and signed_percent(-0.0004) == "-0.04%"  # never +0.0% for a nonzero
+    assert signed_percent(0.0502, apart_from=0.05) == "+5.02%" and signed_percent(0.05, apart_from=0.05) == "+5.0%"
+    assert signed_percent(0.123) == "+12.3%" and signed_percent(0.0) == "+0.0%" and signed_percent(None) == "–"

@@ -419,3 +419,151 @@ def test_an_output_dir_whose_results_are_in_an_output_subdir(tmp_path, capsys):
     assert "its subfolders sts_a/, sts_b/ do" in err and f"sts report {run / 'sts_a'}" in err
     with pytest.raises(STSInputError, match="sts_a/, sts_b/"):
         write_report(run)
+
+
+def page_text(page: str) -> str:
+    """The visible text of a report page, one space between words."""
+    page = re.sub(r"<img[^>]*>|<style>.*?</style>", "", page, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))).strip()
+
+
+def summary_status(page: str) -> str:
+    return page_text(re.search(r"<h2>Summary (.*?)</h2>", page).group(1))
+
+
+def timeline_row(page: str, step: int) -> list[str]:
+    timeline = page[page.index('id="timeline"'):]
+    for row in re.findall(r"<tr>(.*?)</tr>", timeline, flags=re.S):
+        cells = [page_text(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)]
+        if cells and cells[0] == str(step):
+            return cells
+    raise AssertionError(f"no timeline row for step {step}")
+
+
+def test_projected_warnings_are_warnings_on_every_page_and_a_stopped_run_is_never_ok(tmp_path):
+    """A re-check whose only warning is projected (measured within the tolerance, on course past it) was 'no
+    warnings' / 'ok' in the HTML while the Markdown listed it, even beside an early stop."""
+    sts = tmp_path / "sts"
+    synthetic_forecast(["food", "chem"]).save(sts / "forecast.json")
+    (sts / "settings.json").write_text(json.dumps({"protected": ["food"], "tolerance": 0.05}))
+    warning = "protected domain 'food' is on course to get worse by 12.0% by the end of training"
+    quiet = {"step": 2, "scores": {"food": {"sts_act": 1.0}, "chem": {"sts_act": 0.5}}, "shifted_latents": [1],
+             "loss_delta": {"food": 0.01, "chem": 0.0}, "violations": []}
+    foreseen = {**quiet, "step": 4, "loss_delta": {"food": 0.04, "chem": 0.01}, "early_forecast": {"food": 0.12},
+                "lr_area_fraction": 0.33, "projected_warnings": [warning]}
+
+    def report(*records):
+        (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        html_path, md_path = write_report(sts)
+        return html_path.read_text(), md_path.read_text()
+
+    page, md = report(quiet, foreseen)
+    assert summary_status(page) == "projected warnings"
+    summary = page[page.index('class="summary"'):]
+    assert f"step 4 projected : {warning}" in page_text(summary[:summary.index("</section>")])
+    assert timeline_row(page, 2)[1] == "ok" and timeline_row(page, 4)[1] == "projected warning"
+    assert timeline_row(page, 4)[-1] == f"projected: {warning}"
+    assert f"- step 4 (projected): {html.escape(warning, quote=False)}" in md
+    stopped = {**foreseen, "early_stop": f"early stop at step 4: {warning}"}
+    page, md = report(quiet, stopped)
+    assert summary_status(page) == "projected warnings early stop"
+    assert timeline_row(page, 4)[1] == "projected warning early stop"
+    # a stop with no warning of either kind recorded: still not "no warnings" / "ok"
+    page, _ = report(quiet, {**quiet, "step": 4, "early_stop": "early stop at step 4"})
+    assert summary_status(page) == "early stop" and timeline_row(page, 4)[1] == "early stop"
+    page, _ = report(quiet, {**quiet, "step": 4})
+    assert summary_status(page) == "no warnings" and timeline_row(page, 4)[1] == "ok"
+
+
+def test_numbers_never_contradict_themselves(tmp_path):
+    """Seconds of a short run's overhead were rounded to 0 beside a share of 423%; a nonzero interval bound printed
+    +0.0 and a change past the tolerance printed as the tolerance."""
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    (sts / "settings.json").write_text(json.dumps({"protected": ["a"], "tolerance": 0.05}))
+    record = {"step": 2, "scores": {"a": {"sts_act": 1.0}, "b": {"sts_act": 2.0}}, "shifted_latents": [1],
+              "loss_delta": {"a": 0.0502, "b": 0.01}, "loss_delta_ci": {"a": [0.0004, 0.1], "b": [-0.0004, 0.02]},
+              "overhead": {"share": 4.2316, "budget": None, "train_seconds": 0.0359, "recheck_seconds": 0.1519,
+                           "skipped": []}}
+    (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
+    html_path, md_path = write_report(sts)
+    page, md = page_text(html_path.read_text()), md_path.read_text()
+    for text in (page, md):
+        assert "Re-checks so far took 423.2% of training time: 0.15 s against 0.036 s." in text
+    assert "a +5.02% [+0.04, +10.0] (protected), b +1.0% [-0.04, +2.0]" in md
+    assert "a +5.02% [+0.04, +10.0], b +1.0% [-0.04, +2.0]" in page
+    record["overhead"] = {"share": 0.0502, "budget": 0.05, "train_seconds": 120.4, "recheck_seconds": 6.04,
+                          "skipped": ["b"]}
+    (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
+    assert ("Re-checks so far took 5.02% of training time (budget 5.0%): 6 s against 120 s; waiting their turn: b."
+            in write_report(sts)[1].read_text())
+
+
+def calibrated_forecast(names: list[str], means: dict[str, float], calibration: dict) -> Forecast:
+    forecast = synthetic_forecast(names)
+    forecast.predictions = {name: {"mean": m, "low": m - 0.02, "high": m + 0.02, "level": 0.9,
+                                   "label": "loss" if m > 0.02 else "flat"} for name, m in means.items()}
+    forecast.settings["calibration"] = calibration
+    return forecast
+
+
+BUILTIN_CALIBRATION = {
+    "source": "built-in gemma3-270m-lora", "features": ["sts_icl"], "n": 170, "excluded": ["d"],
+    "fitted_on": {"model": "Gemma 3 270M", "sae": "the demo SAE", "runs": 17, "units": ["lora-math-seed0"],
+                  "scope": {"model_class": "Gemma3ForCausalLM", "d_sae": 4096}},
+    "scope_problems": ["model_class 'LlamaForCausalLM' (calibrated on 'Gemma3ForCausalLM')",
+                       "d_sae 64 (calibrated on 4096)"]}
+
+
+def test_the_summary_leads_with_the_calibrated_prediction_in_its_order(tmp_path):
+    """With predictions the headline followed the raw scores (d, c, b here) while the calibrated table beside it
+    ordered the domains otherwise; it now follows the prediction, most harmed first, and says so."""
+    sts = tmp_path / "sts"
+    names = ["a", "b", "c", "d"]
+    synthetic_forecast(names).save(sts / "forecast.json")
+    page = write_report(sts)[0].read_text()
+    raw = [name for name, _ in Forecast.load(sts / "forecast.json").ranked()]
+    assert raw[:3] == ["d", "c", "b"]
+    assert "Most affected by this training (forecast, STS_icl): d , c , b ." in page_text(page)  # no predictions
+    means = {"a": 0.05, "b": 0.03, "c": -0.01}
+    calibrated_forecast(names, means, {**BUILTIN_CALIBRATION, "scope_problems": []}).save(sts / "forecast.json")
+    page = write_report(sts)[0].read_text()
+    assert ("Most affected by this training (calibrated prediction of the held-out loss change, most harmed first): "
+            "a +5.0%, b +3.0%, c -1.0%.") in page_text(page)
+    table = re.findall(r'<tr class="prediction [^"]*" data-domain="([^"]*)"', page)
+    assert table == ["a", "b", "c", "d"]  # the table's order; d (not predicted) last
+
+
+def test_the_prediction_names_its_calibration_its_scope_and_the_domains_it_left_out(tmp_path):
+    """The report never said which calibration made the predictions or that it was applied out of its scope, and
+    dropped the domains the calibration excluded without a word."""
+    sts = tmp_path / "sts"
+    names = ["a", "b", "c", "d"]
+    calibrated_forecast(names, {"a": 0.05, "b": 0.03, "c": -0.01}, BUILTIN_CALIBRATION).save(sts / "forecast.json")
+    (sts / "settings.json").write_text(json.dumps({"protected": ["d"]}))
+    html_path, md_path = write_report(sts)
+    page, md = page_text(html_path.read_text()), md_path.read_text()
+    named = ("Calibration: built-in gemma3-270m-lora, fitted on 170 measured changes of 17 training runs "
+             "(model Gemma 3 270M; SAE the demo SAE).")
+    caution = ("Caution: the calibration was fitted on another setup (model_class 'LlamaForCausalLM' (calibrated on "
+               "'Gemma3ForCausalLM'); d_sae 64 (calibrated on 4096)): these predictions do not carry over")
+    assert named in page and caution in page and "these predictions do not carry over" in page[:page.index(named)]
+    assert html.escape(named, quote=False) in md and f"**{html.escape(caution, quote=False)}" in md
+    assert "d protected – – not predicted (excluded when the calibration was applied)" in page
+    assert "| d ⚠️ protected | – | – | not predicted (excluded when the calibration was applied) |" in md
+    # within its scope: named, no caution
+    calibrated_forecast(names, {"a": 0.05, "b": 0.03, "c": -0.01},
+                        {**BUILTIN_CALIBRATION, "scope_problems": []}).save(sts / "forecast.json")
+    html_path, md_path = write_report(sts)
+    for text in (page_text(html_path.read_text()), md_path.read_text()):
+        assert "built-in gemma3-270m-lora" in text and "Caution" not in text and "another setup" not in text
+    # a forecast written before calibrations were named (no source, no scope_problems): what it records is said
+    old = {**{k: v for k, v in BUILTIN_CALIBRATION.items() if k not in ("source", "scope_problems")}, "excluded": []}
+    old["fitted_on"] = {"training_runs": ["run1", "run2"], "steps": [8, 8],
+                        "scope": {"model_class": "LlamaForCausalLM", "d_sae": 64}}
+    calibrated_forecast(names, {"a": 0.05, "b": 0.03, "c": -0.01, "d": 0.0}, old).save(sts / "forecast.json")
+    html_path, md_path = write_report(sts)
+    for text in (page_text(html_path.read_text()), md_path.read_text()):
+        assert ("Calibration: fitted on 170 measured changes of 2 training runs (model_class LlamaForCausalLM; "
+                "d_sae 64).") in text
+        assert "Caution" not in text and "not predicted" not in text

@@ -292,3 +292,15 @@ def test_session_methods_out_of_order_are_named_errors(tmp_path, tokenizer):
     assert session.history == [] and not (tmp_path / "sts" / "history.jsonl").exists()
     session.recheck(model, 1, max_steps=4)
     assert [r["step"] for r in session.history] == [1]
+
+
+def test_one_recheck_is_no_course_a_projection_warns_from_the_second_on(tmp_path):
+    # +4% (below the 5% tolerance) after 1/8 of a constant schedule projects to +32%, its interval far above the
+    # tolerance: a transient rise of one re-check stopped runs that never exceeded it
+    session = session_for(tmp_path, tolerance=0.05, early_stop="projected")
+    session.learning_rates = [1.0] * 16
+    first = session._early_forecast(2, 16, {"food": 0.04}, {"food": [0.035, 0.045]})
+    assert first["early_forecast_ci"]["food"][0] > 0.05 and "projected_warnings" not in first
+    session.history = [{"step": 2, "loss_delta": {"food": 0.04}, "loss_delta_ci": {"food": [0.035, 0.045]}}]
+    second = session._early_forecast(4, 16, {"food": 0.045}, {"food": [0.04, 0.05]})  # still rising: a course
+    assert second["projected_warnings"][0].startswith("protected domain 'food' is on course to get worse")

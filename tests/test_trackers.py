@@ -243,6 +243,36 @@ def test_recheck_text_names_violations_and_every_per_domain_entry():
     assert table[2:] == ["| 6 | law | nan | n/a | 0.5 | 0.5 | 0.25 |", "| 6 | food | 2 | -0.01 | 0.75 | 0.125 | 0.5 |"]
 
 
+def test_recheck_text_names_projected_warnings():
+    """A warning projected by the early forecast (nothing measured past the tolerance yet) reaches TensorBoard as
+    the report lists it."""
+    pytest.importorskip("tensorboard", reason="pip install -e '.[dev]'")
+    tb_callback = TensorBoardCallback(tb_writer=Writer())
+    warning = "protected domain 'food' is on course to get worse by 12.0% by the end of training"
+    record = {"step": 4, "shifted_latents": [1], "overlap_with_forecast": 1, "violations": [],
+              "scores": {"food": {"sts_act": 0.5}}, "loss_delta": {"food": 0.04}, "early_forecast": {"food": 0.12},
+              "projected_warnings": [warning], "early_stop": f"early stop at step 4: {warning}"}
+    trackers.export_recheck(trainer_with(["tensorboard"], tb_callback), record)
+    [(_, text, _)] = tb_callback.tb_writer.texts
+    assert text.splitlines()[1:3] == [f"- projected warning: {warning}", f"- early stop at step 4: {warning}"]
+
+
+def test_forecast_caption_names_the_shift_as_the_forecast_does():
+    """The caption said "query tokens" whatever the shift; a preference run's forecast shifts on completions."""
+    pytest.importorskip("tensorboard", reason="pip install -e '.[dev]'")
+    captions = []
+    for shift in (None, "chosen_vs_rejected"):
+        forecast = one_text_forecast()
+        if shift:
+            forecast.settings["shift"] = shift
+        tb_callback = TensorBoardCallback(tb_writer=Writer())
+        trackers.export_forecast(trainer_with(["tensorboard"], tb_callback), forecast)
+        captions.append(tb_callback.tb_writer.texts[0][1].split("\n\n")[0])
+        assert captions[-1] == forecast.table(view="scores").splitlines()[0]
+    assert captions[0].endswith("from 200 query tokens)")
+    assert captions[1].endswith("from 200 completion tokens, chosen_vs_rejected shift)")
+
+
 def test_wandb_without_a_run_is_a_noop(monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setattr(wandb, "run", None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -80,49 +79,34 @@ def native_bf16(device: torch.device) -> bool:
 def split_head(model: nn.Module):
     """(body, head, softcap) when the model can run its LM head apart from its body; ``None`` otherwise (a
     sharded model, where every rank must call the root module, or an architecture whose logits are more than
-    head(body) and a softcap, see :func:`head_apart_matches`)."""
+    head(body) and a softcap, see :func:`scales_its_logits`)."""
     inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     body = getattr(inner, "base_model", None)
     if head is None or body is None or body is inner or parameters_are_sharded(model):
         return None
-    softcap = getattr(text_config(model), "final_logit_softcapping", None)
-    if not head_apart_matches(inner, body, head, softcap):
+    if scales_its_logits(model):
         return None
+    softcap = getattr(text_config(model), "final_logit_softcapping", None)
     return body, head, softcap
 
 
-_HEAD_APART_MATCHES: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-PROBE_TOKENS = 8
+# Config fields by which a causal-LM class scales its logits beyond head(body) and a softcap (Granite divides by
+# logits_scaling, Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier, ...). Read from the config,
+# not by a probe forward: a pass must not run forwards its ranks do not all run.
+LOGIT_SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier")
 
 
-def head_apart_matches(inner: nn.Module, body: nn.Module, head: nn.Module, softcap: float | None) -> bool:
-    """Whether the head (and softcap) on the body's last hidden state gives the model's own logits, checked once
-    per model on a few tokens. Some causal-LM classes scale their logits besides (Granite's ``logits_scaling``,
-    Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, ...): those are measured through their full
-    forward, not with a loss off by that factor. A model the check cannot run is taken as matching."""
-    known = _HEAD_APART_MATCHES.get(inner)
-    if known is not None:
-        return known
-    weight = getattr(head, "weight", None)
-    if weight is None or weight.dim() != 2 or weight.shape[0] < 2:
-        return True
-    ids = (torch.arange(PROBE_TOKENS, device=weight.device) % weight.shape[0])[None]
-    training = inner.training
-    try:
-        inner.eval()  # dropout would make the two forwards differ
-        with torch.no_grad():
-            full = inner(input_ids=ids, use_cache=False).logits.float()
-            apart = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
-            if softcap:
-                apart = torch.tanh(apart / softcap) * softcap
-        matches = bool((full - apart).abs().max() <= 1e-2 * full.abs().max() + 1e-4)
-    except Exception:  # noqa: BLE001 - e.g. a forward that needs more than input_ids: measured as before
-        matches = True
-    finally:
-        inner.train(training)
-    _HEAD_APART_MATCHES[inner] = matches
-    return matches
+def scales_its_logits(model: nn.Module) -> bool:
+    """Whether ``model`` multiplies or divides its logits by a config factor other than 1 (then the head cannot
+    run apart from the body: its loss would be off by that factor, and the full forward measures it)."""
+    configs = [getattr(unwrap_model(model), "config", None), text_config(model)]
+    for config in configs:
+        for name in LOGIT_SCALE_FIELDS:
+            value = getattr(config, name, None) if config is not None else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+                return True
+    return False
 
 
 def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,

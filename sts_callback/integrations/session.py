@@ -383,6 +383,7 @@ class STSSession:
             if self.is_main:
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
                 logger.warning("%s\n%s", message, trace)
+            self.guard.recheck_failed()
             self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
             return None, None
         record = {"step": step, **result.to_dict(), "overhead": {**self.budget.to_dict(), "skipped": skipped}}
@@ -407,7 +408,8 @@ class STSSession:
             record["early_forecast_error"] = f"{type(err).__name__}: {err}"
         for key, message in self.guard.fit_warnings(self.base_fit, result.sae_fit).items():
             self.warn(key, f"STS re-check at step {step}: {message}", STSDataWarning)
-        decision = self.guard.check(step, result, self.variant(), record.get("projected_warnings"))
+        decision = self.guard.check(step, result, self.variant(), record.get("projected_warnings"),
+                                    finished=bool(max_steps) and step >= max_steps)  # nothing left to stop
         record["violations"] = decision.violations
         for violation in decision.violations:
             self.warn(f"step{step}:{violation}", f"STS re-check at step {step}: {violation}")
@@ -457,7 +459,11 @@ class STSSession:
                                self.recipe)
         if self.predicted:
             out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
-        projected = self.guard.projected(out["early_forecast"], measured, fraction, out["early_forecast_ci"])
+        # one re-check is a point, not a course: its extrapolation (change / share of the schedule) reads an early
+        # transient rise as a trend, so a projection warns (or stops) from the second measured re-check on
+        measured_before = any(r.get("loss_delta") and "error" not in r for r in self.history)
+        projected = self.guard.projected(out["early_forecast"], measured, fraction, out["early_forecast_ci"]) \
+            if measured_before else {}
         for name, message in projected.items():
             self.warn(f"early:{name}", f"STS early forecast at step {step}: {message}.")
         if projected:

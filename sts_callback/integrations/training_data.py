@@ -4,8 +4,9 @@ the target domains (``target_domains="eval_dataset"``: the trainer's eval set(s)
 Raw columns (``text``, ``messages``, ``prompt``/``completion``, ``prompt``/``chosen``/``rejected``) are used
 as they are. Tokenized datasets are decoded: ``input_ids`` (+ ``completion_mask`` / ``assistant_masks``, or
 ``labels`` with -100 over the prompt as current TRL and hand-made sets leave it, to split prompt from answer; a
-packed row, TRL's ``packing=True`` with ``seq_lengths``, is read as the examples packed in it), DPO's ``prompt_ids`` / ``chosen_ids``. KTO's unpaired data (a ``label``
-beside the completions) is read as its desirable examples. Decoded text keeps chat-template markers.
+packed row, TRL's ``packing=True`` with ``seq_lengths``, is read as the examples packed in it), DPO's
+``prompt_ids`` / ``chosen_ids``. KTO's unpaired data (a ``label`` beside the completions) is read as its desirable
+examples. Decoded text keeps chat-template markers.
 """
 
 from __future__ import annotations

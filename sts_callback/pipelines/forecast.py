@@ -26,6 +26,7 @@ from ..core.capture import check_measurable, hidden_size, max_positions, num_lay
 from ..core.config import SCORE_VARIANTS, STSConfig, device_problem
 from ..core.data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
+from ..core.formatting import signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from ..core.run_store import FORECAST_FORMAT
 from ..core.extract import Extractor, PairedStats
@@ -92,7 +93,7 @@ class Forecast:
         ``exclude``: domains not to predict, e.g. a held-out part of the training data itself, which a calibration
         fitted on the *other* domains of its runs does not cover (a centred calibration centres over the rest)."""
         self.predictions = {}
-        self._check_scope(calibration)
+        scope_problems = self._check_scope(calibration)
         excluded = set(exclude)
         unknown = sorted(excluded - set(self.domains))
         if unknown:
@@ -103,13 +104,16 @@ class Forecast:
         predicted = calibration.predict_all(domains, run_level_values(self.settings.get("run_level")))
         for name, p in predicted.items():
             self.predictions[name] = {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": p.label}
-        self.settings["calibration"] = {"features": list(calibration.features), "n": calibration.n,
-                                        "fitted_on": calibration.fitted_on, "excluded": sorted(excluded)}
+        self.settings["calibration"] = {"source": getattr(calibration, "source", None),
+                                        "features": list(calibration.features), "n": calibration.n,
+                                        "fitted_on": calibration.fitted_on, "excluded": sorted(excluded),
+                                        "scope_problems": scope_problems}
         return self
 
-    def _check_scope(self, calibration: Any) -> None:
+    def _check_scope(self, calibration: Any) -> list[str]:
         """Warn when the calibration states a scope (``fitted_on["scope"]``: model class, SAE width and hook)
-        that this forecast's model or SAE is outside: its predictions then mean little."""
+        that this forecast's model or SAE is outside: its predictions then mean little. Returns the differences
+        (recorded with the predictions, so the table and report say so too)."""
         scope = (calibration.fitted_on or {}).get("scope") or {}
         here = {"model_class": self.settings.get("model_class"), **(self.settings.get("sae") or {})}
         differ = [f"{key} {here.get(key)!r} (calibrated on {value!r})" for key, value in scope.items()
@@ -117,6 +121,7 @@ class Forecast:
         if differ:
             warnings.warn(f"This calibration was fitted on another setup: {', '.join(differ)}; its predictions do "
                           "not carry over. Fit one on your own runs (`sts calibrate`).", STSDataWarning, stacklevel=3)
+        return differ
 
     def ranked(self, variant: str | None = None) -> list[tuple[str, float]]:
         """(domain, score) from the most to the least affected, by ``variant`` (default: ``ranking``)."""
@@ -207,13 +212,20 @@ class Forecast:
         level = next(iter(self.predictions.values()))["level"]
         width = max([len("domain")] + [display_width(shown_name(n)) for n in self.predictions])
         header = f"{'domain':<{width}}  {'predicted':>10}  {f'{level:.0%} interval':>20}  {'':<5}"
+        calibration = self.settings.get("calibration", {})
+        source = f"{calibration['source']}, " if calibration.get("source") else ""
         lines = [f"STS forecast: predicted change of each domain's held-out loss at the end of training "
-                 f"(+ = worse; calibrated on {self.settings.get('calibration', {}).get('n', '?')} measured changes)",
-                 header, "-" * len(header)]
+                 f"(+ = worse; calibration {source}fitted on {calibration.get('n', '?')} measured changes)"]
+        if calibration.get("scope_problems"):
+            problems = "; ".join(calibration["scope_problems"])
+            lines.append(f"CAUTION: the calibration was fitted on another setup ({problems}): these predictions do "
+                         "not carry over; fit one on your own runs (sts calibrate).")
+        lines += [header, "-" * len(header)]
         for name, p in sorted(self.predictions.items(), key=lambda item: -item[1]["mean"]):
-            interval = f"[{p['low']:+.1%}, {p['high']:+.1%}]"
-            lines.append(f"{padded(name, width)}  {p['mean']:>+10.1%}  {interval:>20}  {p['label']:<5}")
-        excluded = self.settings.get("calibration", {}).get("excluded", [])
+            # bounds printed so that their sign, which decides the label, shows (never +0.0% for 0.0004)
+            interval = f"[{signed_percent(p['low'])}, {signed_percent(p['high'])}]"
+            lines.append(f"{padded(name, width)}  {signed_percent(p['mean']):>10}  {interval:>20}  {p['label']:<5}")
+        excluded = calibration.get("excluded", [])
         if excluded:
             lines.append(f"not predicted: {excluded} (excluded when the calibration was applied)")
         missing = [n for n in self.domains if n not in self.predictions and n not in excluded]

@@ -8,13 +8,15 @@ in the manner of ``transformers.EarlyStoppingCallback.check_metric_value``. Usab
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from collections.abc import Iterable
 from typing import Any
 
 from ..core.config import plain_numbers, settings_from_dict
 from ..core.data import repeated_names
-from ..core.errors import STSConfigError
+from ..core.formatting import signed_percent as pct
+from ..core.errors import STSConfigError, STSDataWarning
 from .recheck import Recheck
 
 
@@ -65,6 +67,12 @@ class GuardConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise STSConfigError(f"{name} must be a non-negative number (0.05 = 5%), got {value!r}.")
+            if name in ("tolerance", "accuracy_tolerance") and 1 < value < math.inf:
+                # likely a percent: a loss rise of 2 is +200%, and an accuracy never falls by more than 1
+                allows = f"allows a loss rise of {value:.0%}" if name == "tolerance" else "can never be exceeded"
+                warnings.warn(f"{name}={value!r} {allows}: it is a fraction (0.02 = 2%), not a percent. If you meant "
+                              f"{value:g}%, pass {name}={value / 100:g}; to turn the rule off, math.inf.",
+                              STSDataWarning, stacklevel=4)
             setattr(self, name, float(value))
         if self.max_sts is not None and (isinstance(self.max_sts, bool) or not isinstance(self.max_sts, (int, float))):
             raise STSConfigError(f"max_sts must be a number or None, got {self.max_sts!r}.")
@@ -136,14 +144,14 @@ class Guard:
 
     def predicted_warnings(self, predicted: dict[str, dict[str, float]], level: float) -> dict[str, str]:
         """Protected domains whose calibrated end-of-training change is above the tolerance."""
-        out = {}
+        out, tol = {}, self.config.tolerance
         for name in self.config.protected:
             p = predicted.get(name)
             if p is not None and p["mean"] > self.config.tolerance:
                 out[f"predicted:{name}"] = (
-                    f"STS calibrated forecast: protected domain {name!r} is predicted to get worse by {p['mean']:.1%} "
-                    f"({level:.0%} interval {p['low']:+.1%} to {p['high']:+.1%}), above the tolerance "
-                    f"{self.config.tolerance:.1%}.")
+                    f"STS calibrated forecast: protected domain {name!r} is predicted to get worse by "
+                    f"{pct(p['mean'], apart_from=tol).lstrip('+')} ({level:.0%} interval {pct(p['low'])} to "
+                    f"{pct(p['high'])}), above the tolerance {tol:.1%}.")
         return out
 
     def fit_warnings(self, start: dict[str, float] | None, now: dict[str, float] | None) -> dict[str, str]:
@@ -181,13 +189,13 @@ class Guard:
             if intervals is not None and (interval is None or interval[0] is None
                                           or not interval[0] > self.config.tolerance):
                 continue
-            now = measured.get(name)
-            span = f" (interval {interval[0]:+.1%} to {interval[1]:+.1%})" if interval is not None else ""
-            out[name] = (f"protected domain {name!r} is on course to get worse by {value:.1%}{span} by the end of "
-                         f"training (measured {now:+.1%} after {fraction:.0%} of the learning-rate schedule; "
-                         f"tolerance {self.config.tolerance:.1%})" if now is not None else
-                         f"protected domain {name!r} is on course to get worse by {value:.1%}{span} by the end of "
-                         "training")
+            now, tol = measured.get(name), self.config.tolerance
+            span = f" (interval {pct(interval[0], apart_from=tol)} to {pct(interval[1])})" if interval else ""
+            worse = pct(value, apart_from=tol).lstrip("+")
+            course = f"protected domain {name!r} is on course to get worse by {worse}{span}"
+            out[name] = (f"{course} by the end of training (measured {pct(now)} after {fraction:.0%} of the "
+                         f"learning-rate schedule; tolerance {tol:.1%})" if now is not None else
+                         f"{course} by the end of training")
         return out
 
     def violations(self, recheck: Recheck, variant: str) -> list[str]:
@@ -200,11 +208,13 @@ class Guard:
                 found.append(f"held-out loss of protected domain {name!r} is not finite ({loss}): the model "
                              "diverged on it (lower the learning rate, check for fp16 overflow)")
             elif delta is not None and delta > self.config.tolerance:
-                found.append(f"held-out loss of protected domain {name!r} rose by {delta:.1%} "
+                rose = pct(delta, apart_from=self.config.tolerance).lstrip("+")
+                found.append(f"held-out loss of protected domain {name!r} rose by {rose} "
                              f"(tolerance {self.config.tolerance:.1%})")
             drop = recheck.accuracy_delta.get(name)
             if drop is not None and -drop > self.config.accuracy_tolerance:
-                found.append(f"accuracy of protected domain {name!r} fell by {-drop:.1%} "
+                fell = pct(-drop, apart_from=self.config.accuracy_tolerance).lstrip("+")
+                found.append(f"accuracy of protected domain {name!r} fell by {fell} "
                              f"(tolerance {self.config.accuracy_tolerance:.1%})")
             value = recheck.score(name, variant)
             if self.config.max_sts is not None and value is not None and value > self.config.max_sts:
@@ -212,19 +222,27 @@ class Guard:
                              f"max_sts={self.config.max_sts}")
         return found
 
-    def check(self, step: int, recheck: Recheck, variant: str, projected: list[str] | None = None) -> Decision:
+    def check(self, step: int, recheck: Recheck, variant: str, projected: list[str] | None = None,
+              finished: bool = False) -> Decision:
         """Count consecutive violations and decide whether to stop (with ``early_stop``). ``projected``: this
-        re-check's projected violations (:meth:`projected`), which count only with ``early_stop="projected"``."""
+        re-check's projected violations (:meth:`projected`), which count only with ``early_stop="projected"``.
+        ``finished``: the re-check of a run that has ended (its last step): violations are reported, but there is
+        nothing left to stop early."""
         found = self.violations(recheck, variant)
         counted = found + list(projected or []) if self.config.early_stop == "projected" else found
         self.violations_in_a_row = self.violations_in_a_row + 1 if counted else 0
         decision = Decision(violations=found)
-        if counted and self.config.early_stop and self.violations_in_a_row >= self.config.patience:
+        if counted and self.config.early_stop and self.violations_in_a_row >= self.config.patience and not finished:
             what = "negative transfer" if found else "negative transfer projected by the early forecast"
             self.stop_reason = (f"early stop at step {step} after {self.violations_in_a_row} consecutive re-check(s) "
                                 f"with {what}: {'; '.join(counted)}")
             decision.stop, decision.reason = True, self.stop_reason
         return decision
+
+    def recheck_failed(self) -> None:
+        """A re-check that measured nothing breaks a run of consecutive violations: a stop's "N consecutive
+        re-checks" are re-checks that each found one."""
+        self.violations_in_a_row = 0
 
 
 __all__ = ["Decision", "Guard", "GuardConfig"]

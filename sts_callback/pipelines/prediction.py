@@ -4,7 +4,10 @@ and, during training, the measured changes projected to the end (the early forec
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from scipy.stats import norm
 
 from ..core.errors import STSConfigError
 from ..scoring.calibration import Calibration, early_forecast, fitted_exponent
@@ -71,9 +74,9 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
         out["early_forecast"] = early
         out["early_blend"] = dict(zip(("intercept", "early", "step0"), blend_coefficients(table, fraction)))
         if "early_forecast_ci" in out:
-            out["early_forecast_ci"] = {n: ([None, None] if None in ci or early.get(n) is None else
-                                            [early[n] + out["early_blend"]["early"] * (b - out["early_projection"][n])
-                                             for b in ci])
+            weights = out["early_blend"]
+            out["early_forecast_ci"] = {n: blended_interval(early.get(n), out["early_projection"].get(n), ci,
+                                                            forecast.predictions.get(n), weights)
                                         for n, ci in out["early_forecast_ci"].items()}
     features = calibration.score_features if calibration is not None else [DEFAULT_SIGNED]
     domains = forecast.domains if forecast is not None else {}
@@ -87,4 +90,21 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
     return out
 
 
-__all__ = ["best_early_method", "calibrated_predictions", "early_projection"]
+def blended_interval(blended: float | None, projection: float | None, interval: list[float | None],
+                     step0: dict[str, float] | None, weights: dict[str, float]) -> list[float | None]:
+    """The 95% interval of ``blended`` = intercept + w_early * projection + w_step0 * step-0 prediction: each
+    side's spread weighted and added in quadrature. The step-0 prediction's own interval counts: a blend that leans
+    on a prediction of -68% to +147% is not sure of anything, however precise the measurement."""
+    if blended is None or projection is None or None in interval:
+        return [None, None]
+    prior = 0.0
+    if step0 is not None and step0.get("low") is not None and step0.get("high") is not None:
+        # its interval is at the calibration's level (e.g. 90%): the same spread at 95%
+        z = float(norm.ppf(0.5 + step0.get("level", 0.9) / 2))
+        prior = weights["step0"] * (step0["high"] - step0["low"]) / 2 * (1.96 / z)
+    below = math.hypot(weights["early"] * (projection - interval[0]), prior)
+    above = math.hypot(weights["early"] * (interval[1] - projection), prior)
+    return [blended - below, blended + above]
+
+
+__all__ = ["best_early_method", "blended_interval", "calibrated_predictions", "early_projection"]

@@ -26,6 +26,7 @@ from typing import Any
 from ..core.atomic import atomic_write_text
 from ..core.data import repeated_names
 from ..core.errors import STSDataWarning, STSInputError
+from ..core.formatting import signed_percent
 from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 
@@ -66,19 +67,32 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.1%}"
+def _pct(value: float | None, apart_from: float | None = None) -> str:
+    return signed_percent(value, apart_from=apart_from)
 
 
-def _changes(record: dict[str, Any], protected: list[str] | None = None) -> list[str]:
-    """Each domain's held-out loss change of a re-check, with its 95% interval where the re-check measured one."""
+def _share(value: float, apart_from: float | None = None) -> str:
+    """A share (of time, of a budget): never negative, so without the sign; never a nonzero one as 0.0%."""
+    return signed_percent(value, apart_from=apart_from).lstrip("+")
+
+
+def _seconds(value: float) -> str:
+    """Seconds with two significant digits below 10 s: a re-check of 0.15 s against 0.036 s of training must not
+    read "0 s against 0 s" beside the share those numbers give."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def _changes(record: dict[str, Any], protected: list[str] | None = None, tolerance: float | None = None) -> list[str]:
+    """Each domain's held-out loss change of a re-check, with its 95% interval where the re-check measured one
+    (a change past the tolerance never printed as the tolerance itself)."""
     intervals = record.get("loss_delta_ci") or {}
     out = []
     for name, value in (record.get("loss_delta") or {}).items():
-        text = f"{name} {_pct(value)}"
+        text = f"{name} {_pct(value, tolerance)}"
         ci = intervals.get(name)
         if value is not None and ci and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci):
-            text += f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+            low, high = (_pct(v, tolerance).removesuffix("%") for v in ci)  # the sign of a bound shows
+            text += f" [{low}, {high}]"
         out.append(text + (" (protected)" if protected and name in protected else ""))
     return out
 
@@ -250,6 +264,58 @@ class ReportData:
         hook = f", {sae['hook_name']}" if sae.get("hook_name") else ""
         return f"{name}{width}{hook}"
 
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """What the forecast records of the calibration that made its predictions (``{}`` without one)."""
+        calibration = ((self.forecast or {}).get("settings") or {}).get("calibration")
+        return calibration if isinstance(calibration, dict) else {}
+
+    def predicted(self) -> list[tuple[str, dict[str, Any]]]:
+        """The calibrated predictions, most harmed (largest predicted loss increase) first, as every page orders
+        them."""
+        predictions = (self.forecast or {}).get("predictions") or {}
+        return sorted(predictions.items(), key=lambda item: -item[1]["mean"])
+
+    def unpredicted(self) -> list[tuple[str, str]]:
+        """(domain, why) for each forecast domain the calibration made no prediction for (plain text)."""
+        predictions = (self.forecast or {}).get("predictions") or {}
+        if not predictions:
+            return []
+        excluded = [str(name) for name in self.calibration.get("excluded") or []]
+        out = [(name, "not predicted (excluded when the calibration was applied)") for name in excluded]
+        return out + [(name, "no prediction (a feature of the calibration was not computed for it)")
+                      for name in (self.forecast or {}).get("domains") or {}
+                      if name not in predictions and name not in excluded]
+
+    def calibration_note(self) -> str:
+        """Which calibration made the predictions and what it was fitted on, as a sentence (plain text)."""
+        calibration = self.calibration
+        if not calibration:
+            return "The forecast does not record which calibration made these predictions."
+        source = f"{calibration['source']}, " if calibration.get("source") else ""
+        fitted = calibration.get("fitted_on") if isinstance(calibration.get("fitted_on"), dict) else {}
+        runs = fitted.get("runs")
+        if not isinstance(runs, int) and isinstance(fitted.get("training_runs"), list):
+            runs = len(fitted["training_runs"])
+        of = f" of {runs} training runs" if isinstance(runs, int) else ""
+        if isinstance(fitted.get("validations"), list):
+            of += f" of {len(fitted['validations'])} validation file(s)"
+        details = [f"{label} {fitted[key]}" for key, label in (("model", "model"), ("sae", "SAE"), ("recipe", "recipe"))
+                   if isinstance(fitted.get(key), str) and fitted[key]]
+        scope = fitted.get("scope") if isinstance(fitted.get("scope"), dict) else {}
+        if not details and scope:  # a calibration fitted here: its stated scope is what says what it was fitted on
+            details = [f"{key} {value}" for key, value in scope.items() if _scalar(value)]
+        detail = f" ({'; '.join(details)})" if details else ""
+        return f"Calibration: {source}fitted on {calibration.get('n', '?')} measured changes{of}{detail}."
+
+    def scope_caution(self) -> str | None:
+        """A sentence when the forecast's model or SAE is outside the calibration's stated scope (plain text)."""
+        problems = self.calibration.get("scope_problems") or []
+        if not problems:
+            return None
+        return (f"Caution: the calibration was fitted on another setup ({'; '.join(map(str, problems))}): these "
+                "predictions do not carry over; fit one on your own runs (sts calibrate).")
+
 
 RECHECK_RECORD = "an object with an integer step and scores or an error"
 
@@ -397,11 +463,18 @@ def plot_timeline(data: ReportData) -> str | None:
     if data.tolerance is not None and data.protected:
         bottom.axhline(100 * data.tolerance, color=PROTECTED_COLOR, linestyle=":", linewidth=1,
                        label=f"tolerance {data.tolerance:.0%}")
+
+    def worst(record: dict[str, Any]) -> float:
+        return max((100 * v for v in (record.get("loss_delta") or {}).values() if v is not None), default=0.0)
+
     warned = [r for r in records if r.get("violations")]
     if warned:
-        ys = [max(100 * v for v in r["loss_delta"].values() if v is not None) for r in warned]
-        bottom.scatter([r["step"] for r in warned], ys, marker="X", s=70, color=PROTECTED_COLOR, zorder=5,
-                       label="warning")
+        bottom.scatter([r["step"] for r in warned], [worst(r) for r in warned], marker="X", s=70,
+                       color=PROTECTED_COLOR, zorder=5, label="warning")
+    foreseen = [r for r in records if r.get("projected_warnings") and not r.get("violations")]
+    if foreseen:
+        bottom.scatter([r["step"] for r in foreseen], [worst(r) for r in foreseen], marker="X", s=70,
+                       facecolors="none", edgecolors=PROTECTED_COLOR, zorder=5, label="projected warning")
     for record in data.history:
         if record.get("early_stop"):
             for ax in (top, bottom):
@@ -567,6 +640,7 @@ tr.protected td:first-child+td{color:#c0392b;font-weight:600}
 .tag.warn{background:#fff1d6;color:#9a5b00}.tag.err{background:#eee;color:#555}
 .summary{font-size:14px;line-height:1.55}
 .warnings li{color:#9a3412}
+.caution{color:#9a3412;font-weight:600}
 img.plot{max-width:100%;display:block;margin:6px 0}
 .bar{display:inline-block;height:9px;background:#2c6fbb;border-radius:2px;vertical-align:middle;margin-right:6px}
 .latent{border-top:1px solid #e3e6eb;padding:8px 0}
@@ -615,7 +689,17 @@ def _header(data: ReportData) -> str:
 
 def _summary(data: ReportData, scatter: Agreement | None) -> str:
     lines = []
-    if data.ranking:
+    predicted = data.predicted()
+    if predicted:  # the calibrated prediction leads, as in its table below: the raw scores may order otherwise
+        top = ", ".join(f"<b>{esc(n)}</b> {esc(_pct(p['mean']))}" + (' <span class="tag protected">protected</span>'
+                                                                      if n in data.protected else "")
+                        for n, p in predicted[:3])
+        lines.append(f"Most affected by this training (calibrated prediction of the held-out loss change, most harmed "
+                     f"first): {top}.")
+        if data.scope_caution():  # said in full where the predictions are shown
+            lines.append('<span class="caution">Caution: the calibration was fitted on another setup (see Predicted '
+                         "change per target domain below): these predictions do not carry over.</span>")
+    elif data.ranking:
         top = ", ".join(f"<b>{esc(n)}</b>" + (' <span class="tag protected">protected</span>'
                                                if n in data.protected else "") for n, _ in data.ranking[:3])
         label = esc(LABELS.get(data.variant, data.variant))
@@ -644,13 +728,19 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
             lines.append(f"The measured changes are noisy: against them even a perfect forecast could expect a "
                          f"Pearson r of about {ceiling:.2f} with the signed change.")
     warnings = [(r["step"], v) for r in data.history for v in r.get("violations") or []]
+    projected = [(r["step"], v) for r in data.history for v in r.get("projected_warnings") or []]
     stops = [r for r in data.history if r.get("early_stop")]
     errors = [r for r in data.history if "error" in r]
     items = "".join(f"<li>step {esc(step)}: {esc(v)}</li>" for step, v in warnings)
+    items += "".join(f'<li>step {esc(step)} <span class="tag warn">projected</span>: {esc(v)}</li>'
+                     for step, v in projected)
     items += "".join(f"<li><b>{esc(r['early_stop'])}</b></li>" for r in stops)
     items += "".join(f"<li>step {esc(r.get('step'))}: re-check failed ({esc(r['error'])})</li>" for r in errors)
-    status = ('<span class="tag warn">warnings</span>' if warnings else '<span class="tag ok">no warnings</span>'
-              ) if data.rechecks else ""
+    tags = [tag for listed, tag in ((warnings, '<span class="tag warn">warnings</span>'),
+                                    (projected, '<span class="tag warn">projected warnings</span>'),
+                                    (stops, '<span class="tag protected">early stop</span>'),
+                                    (errors, '<span class="tag err">failed re-checks</span>')) if listed]
+    status = " ".join(tags) or ('<span class="tag ok">no warnings</span>' if data.rechecks else "")
     body = "".join(f"<div>{line}</div>" for line in lines)
     warn = f'<ul class="warnings">{items}</ul>' if items else ""
     return f'<section class="summary"><h2>Summary {status}</h2>{body}{warn}</section>'
@@ -658,22 +748,28 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
 
 def _prediction_section(data: ReportData) -> str:
     """The calibrated forecast leads: each domain's predicted held-out NLL change, interval, gain/loss/flat."""
-    predictions = (data.forecast or {}).get("predictions") or {}
-    if not predictions:
+    predicted = data.predicted()
+    if not predicted:
         return ""
-    level = next(iter(predictions.values())).get("level", 0.9)
+    level = predicted[0][1].get("level", 0.9)
     rows, attrs = [], []
-    for name, p in sorted(predictions.items(), key=lambda item: -item[1]["mean"]):
-        protected = name in data.protected
-        rows.append([esc(name) + (' <span class="tag protected">protected</span>' if protected else ""),
-                     f"\x00{_pct(p['mean'])}", f"\x00[{_pct(p['low'])}, {_pct(p['high'])}]", esc(p["label"])])
+
+    def domain(name: str) -> str:
+        return esc(name) + (' <span class="tag protected">protected</span>' if name in data.protected else "")
+
+    for name, p in predicted:
+        rows.append([domain(name), f"\x00{_pct(p['mean'])}", f"\x00[{_pct(p['low'])}, {_pct(p['high'])}]",
+                     esc(p["label"])])
         attrs.append(f' class="prediction {esc(p["label"])}" data-domain="{esc(name)}"')
-    fitted = ((data.forecast or {}).get("settings") or {}).get("calibration") or {}
-    return (f'<section id="prediction"><h2>Predicted change per target domain</h2>'
+    for name, why in data.unpredicted():  # named, not dropped: a missing row would read as "nothing to fear"
+        rows.append([domain(name), "\x00–", "\x00–", esc(why)])
+        attrs.append(f' class="prediction none" data-domain="{esc(name)}"')
+    caution = data.scope_caution()
+    caution = f'<p class="caution"><span class="tag warn">out of scope</span> {esc(caution)}</p>' if caution else ""
+    return (f'<section id="prediction"><h2>Predicted change per target domain</h2>{caution}'
             f'<p class="muted">Relative change of each domain\'s held-out language-model loss at the end of training '
-            f"(+ = worse), with a {level:.0%} interval, from a calibration on {esc(_fmt(fitted.get('n')))} measured "
-            "changes; loss / gain: the whole interval above / below zero, flat: it includes zero. The raw scores "
-            "follow below.</p>"
+            f"(+ = worse), with a {level:.0%} interval; loss / gain: the whole interval above / below zero, flat: it "
+            f"includes zero. {esc(data.calibration_note())} The raw scores follow below.</p>"
             + _table(["domain", "predicted", f"{level:.0%} interval", "label"], rows, attrs) + "</section>")
 
 
@@ -710,14 +806,16 @@ def _timeline_section(data: ReportData) -> str:
             rows.append([_num(record.get("step")), '<span class="tag err">failed</span>', esc(record["error"]), "", "",
                          ""])
             continue
-        deltas = ", ".join(esc(change) for change in _changes(record))
-        status = ('<span class="tag warn">warning</span>' if record.get("violations")
-                  else '<span class="tag ok">ok</span>')
-        if record.get("early_stop"):
-            status += ' <span class="tag protected">early stop</span>'
-        notes = "; ".join(esc(v) for v in (record.get("violations") or []) + (record.get("projected_warnings") or []))
-        projected = ", ".join(f"{esc(k)} {esc(_pct(v))}" for k, v in (record.get("early_forecast") or {}).items()
-                              if v is not None)
+        deltas = ", ".join(esc(change) for change in _changes(record, tolerance=data.tolerance))
+        tags = [tag for key, tag in (("violations", '<span class="tag warn">warning</span>'),
+                                     ("projected_warnings", '<span class="tag warn">projected warning</span>'),
+                                     ("early_stop", '<span class="tag protected">early stop</span>'))
+                if record.get(key)]
+        status = " ".join(tags) or '<span class="tag ok">ok</span>'
+        notes = "; ".join([esc(v) for v in record.get("violations") or []]
+                          + [f"projected: {esc(v)}" for v in record.get("projected_warnings") or []])
+        projected = ", ".join(f"{esc(k)} {esc(_pct(v, data.tolerance))}"
+                              for k, v in (record.get("early_forecast") or {}).items() if v is not None)
         if record.get("lr_area_fraction") is not None and projected:
             projected = f"after {record['lr_area_fraction']:.0%} of the lr schedule: {projected}"
         if record.get("predicted"):
@@ -730,7 +828,8 @@ def _timeline_section(data: ReportData) -> str:
     return (f'<section id="timeline"><h2>Over training</h2>{_img(plot_timeline(data), "timeline")}'
             f'<p class="muted">Top: each domain re-scored ({esc(LABELS.get(variant, variant))}) on the latents the '
             "training actually shifted (step 0: the forecast). Bottom: relative change of the held-out language-model "
-            "loss vs train start. ✕ = warning, dashed line = early stop, dotted grey = failed re-check.</p>"
+            "loss vs train start. ✕ = warning (hollow: projected only), dashed line = early stop, dotted grey = "
+            "failed re-check.</p>"
             f"{table}</section>")
 
 
@@ -911,15 +1010,21 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"{md_esc(s.get('layer', '?'))}, {md_esc(data.forecast.get('shift_tokens'))} probe tokens, "
                      f"N = {len(data.forecast.get('shifted_latents', []))} shifted latents.")
         lines.append("")
-    predictions = (data.forecast or {}).get("predictions") or {}
-    if predictions:
-        level = next(iter(predictions.values())).get("level", 0.9)
+    predicted = data.predicted()
+    if predicted:
+        level = predicted[0][1].get("level", 0.9)
         lines += ["**Predicted change of held-out loss at the end of training** (+ = worse)", "",
-                  f"| domain | predicted | {level:.0%} interval | label |", "|---|---:|---:|---|"]
-        for name, p in sorted(predictions.items(), key=lambda item: -item[1]["mean"]):
+                  md_esc(data.calibration_note()), ""]
+        if data.scope_caution():
+            lines += [f"**{md_esc(data.scope_caution())}**", ""]
+        lines += [f"| domain | predicted | {level:.0%} interval | label |", "|---|---:|---:|---|"]
+        for name, p in predicted:
             mark = " ⚠️ protected" if name in data.protected else ""
             lines.append(f"| {md_esc(name)}{mark} | {_pct(p['mean'])} | [{_pct(p['low'])}, {_pct(p['high'])}] | "
                          f"{p['label']} |")
+        for name, why in data.unpredicted():
+            mark = " ⚠️ protected" if name in data.protected else ""
+            lines.append(f"| {md_esc(name)}{mark} | – | – | {md_esc(why)} |")
         lines.append("")
     if data.ranking:
         label = LABELS.get(data.variant, data.variant)
@@ -937,7 +1042,7 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
         lines += [md_esc(data.skipped_note()), ""]
     if data.rechecks:
         last = data.rechecks[-1]
-        deltas = ", ".join(md_esc(change) for change in _changes(last, data.protected))
+        deltas = ", ".join(md_esc(change) for change in _changes(last, data.protected, data.tolerance))
         lines.append(f"**Re-checks:** {len(data.rechecks)}, last at step {last['step']}: "
                      f"held-out loss change [95% interval] {deltas}; "
                      f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
@@ -953,13 +1058,14 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                    if weights else "measured change")
             lines.append(f"Projected at the end of training ({how}, {last['lr_area_fraction']:.0%} of the "
                          "learning-rate schedule spent): " + ", ".join(
-                             f"{md_esc(k)} {_pct(v)}" for k, v in last["early_forecast"].items() if v is not None) + ".")
+                             f"{md_esc(k)} {_pct(v, data.tolerance)}" for k, v in last["early_forecast"].items()
+                             if v is not None) + ".")
         lines.append("")
     scatter = scatter_points(data)
     if scatter is not None and scatter.pearson is not None:
         lines += [md_esc(_agreement_text(scatter)), ""]
-    warnings = [f"step {r['step']}: {md_esc(v)}" for r in data.history
-                for v in (r.get("violations") or []) + (r.get("projected_warnings") or [])]
+    warnings = [f"step {r['step']}{when}: {md_esc(v)}" for r in data.history
+                for key, when in (("violations", ""), ("projected_warnings", " (projected)")) for v in r.get(key) or []]
     warnings += [f"**{md_esc(r['early_stop'])}**" for r in data.history if r.get("early_stop")]
     warnings += [f"step {r.get('step')}: re-check failed ({md_esc(r['error'])})" for r in data.history if "error" in r]
     if warnings:
@@ -1027,9 +1133,9 @@ def _overhead(record: dict[str, Any]) -> str | None:
     spent = record.get("overhead") or {}
     if spent.get("share") is None:
         return None
-    budget = f" (budget {spent['budget']:.1%})" if spent.get("budget") is not None else ""
+    budget = f" (budget {_share(spent['budget'])})" if spent.get("budget") is not None else ""
     waited = f"; waiting their turn: {', '.join(spent['skipped'])}" if spent.get("skipped") else ""
-    return (f"Re-checks so far took {spent['share']:.1%} of training time{budget}: {spent['recheck_seconds']:.0f} s "
-            f"against {spent['train_seconds']:.0f} s{waited}.")
+    return (f"Re-checks so far took {_share(spent['share'], spent.get('budget'))} of training time{budget}: "
+            f"{_seconds(spent['recheck_seconds'])} s against {_seconds(spent['train_seconds'])} s{waited}.")
 
 __all__ = ["write_report", "render_html", "render_markdown", "ReportData", "optional_pyplot"]

@@ -37,9 +37,11 @@ def export_forecast(trainer: Any, forecast: Any) -> None:
         if wandb_run is not None:
             _log_wandb(wandb_run, "sts/forecast_table", _wandb_table(columns, rows), step)
         if writer is not None:
+            kind = forecast.settings.get("shift", "in_context")  # as the forecast's own table names its shift
+            source = "query tokens" if kind == "in_context" else f"completion tokens, {kind} shift"
             caption = (f"STS forecast: {len(rows)} target domains, ranked by "
                        f"{SCORE_LABELS.get(forecast.ranking, forecast.ranking)} (N={len(forecast.shifted_latents)} "
-                       f"shifted latents from {forecast.shift_tokens} query tokens)")
+                       f"shifted latents from {forecast.shift_tokens} {source})")
             writer.add_text("sts/forecast", caption + "\n\n" + _markdown(columns, rows), step)
 
 
@@ -66,6 +68,7 @@ def export_recheck(trainer: Any, record: dict[str, Any]) -> None:
                 shifted = len(record.get("shifted_latents", ()))
                 lines[0] += f": {record['overlap_with_forecast']} of the {shifted} most shifted latents were forecast"
             lines += [f"- violation: {v}" for v in record.get("violations") or ()]
+            lines += [f"- projected warning: {v}" for v in record.get("projected_warnings") or ()]
             if record.get("early_stop"):
                 lines.append(f"- {record['early_stop']}")
             writer.add_text("sts/recheck", "\n".join(lines) + "\n\n" + _markdown(columns, rows), step)

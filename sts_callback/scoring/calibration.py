@@ -100,6 +100,8 @@ class Calibration:
     early_blend_recipe: str | None = None  # "lora" / "full": the runs it was fitted on; None: any
     pattern_scale: str = "absolute"  # "run": the pattern fitted on each run's departures over their spread
     pattern_spread: float = 1.0  # the pattern's predicted departures are multiplied by this (median run spread)
+    # where it was loaded from ("built-in <name>" or the file's path), for the forecast to say; not saved
+    source: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def fit(cls, x: Sequence[Sequence[float]] | Sequence[float], y: Sequence[float], features: Sequence[str], *,
@@ -277,10 +279,12 @@ class Calibration:
         # Interval: residual spread, widened for the mean's uncertainty and the distance from the fitted centre.
         width = float(t.ppf(0.5 + self.level / 2, max(self.n - len(self.features) - 1, 1))) * self.sigma * math.sqrt(
             1 + 1 / self.n + float(z @ z) / self.n)
-        return Prediction(mean=mean, low=mean - width, high=mean + width, level=self.level)
+        # a held-out NLL cannot fall below 0: a relative change below -100% is not a possible outcome
+        return Prediction(mean=max(mean, -1.0), low=max(mean - width, -1.0), high=max(mean + width, -1.0),
+                          level=self.level)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **asdict(self)}
+        return {"format": FORMAT, **{k: v for k, v in asdict(self).items() if k != "source"}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
@@ -421,8 +425,13 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not measured:
             raise STSInputError(f"{item}: no re-check measured a held-out loss change (history.jsonl); the run needs "
                                 "re-checks (recheck_steps, or a save at the end) to calibrate on.")
+        # each domain's latest measured change: re-checks that rotate the domains (loss_domains=) measure only
+        # some of them each time, so the last re-check alone would leave the others out of the fit
+        changes: dict[str, float] = {}
+        for record in sorted(measured, key=lambda r: r["step"]):
+            changes.update({name: value for name, value in record["loss_delta"].items() if value is not None})
         last = max(measured, key=lambda r: r["step"])
-        records.append({"run": str(item), "step": last["step"], "changes": last["loss_delta"],
+        records.append({"run": str(item), "step": last["step"], "changes": changes,
                         "scores": {name: d.get("scores") or {} for name, d in forecast.get("domains", {}).items()},
                         "run_level": (forecast.get("settings") or {}).get("run_level"),
                         "scope": forecast_scope(forecast.get("settings"))})
@@ -757,13 +766,17 @@ def load_calibration(calibration: Any) -> Calibration:
         return Calibration.from_dict(calibration)
     if isinstance(calibration, (str, Path)):
         if str(calibration) in BUILTIN and not Path(calibration).is_file():
-            return builtin_calibration(str(calibration))
+            loaded = builtin_calibration(str(calibration))
+            loaded.source = f"built-in {calibration}"
+            return loaded
         if not Path(calibration).is_file():
             raise STSConfigError(f"calibration={str(calibration)!r} is neither a file nor a built-in calibration "
                                  f"({sorted(BUILTIN)}); fit one on your runs with `sts calibrate` (or "
                                  "Calibration.from_runs(...).save(path)).")
         try:
-            return Calibration.from_dict(_read_json(calibration))
+            loaded = Calibration.from_dict(_read_json(calibration))
+            loaded.source = str(calibration)
+            return loaded
         except STSInputError as err:
             raise STSConfigError(f"calibration={str(calibration)!r} is not a usable calibration file: {err}") from err
     raise STSConfigError(f"calibration must be a Calibration, its dict, a JSON path or a built-in name "
