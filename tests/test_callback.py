@@ -122,6 +122,18 @@ def test_prompt_learning_peft_is_refused_at_train_start_before_any_step(tmp_path
     assert trainer.state.global_step == 0
 
 
+def test_an_activated_lora_is_refused_at_train_start_before_any_step(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    # its adapters switch on after invocation tokens inside the wrapper's forward: the held-out pass crashed
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                        alora_invocation_tokens=tokenizer("law court")["input_ids"][1:])
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(), model=get_peft_model(make_model("llama"), config))
+    with pytest.raises(STSConfigError, match="cannot measure an activated LoRA"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_peft_base_is_the_model_with_adapters_disabled(tmp_path, tokenizer):
     from peft import LoraConfig, get_peft_model
 
@@ -130,7 +142,8 @@ def test_peft_base_is_the_model_with_adapters_disabled(tmp_path, tokenizer):
     spy = Spy(callback)
     trainer = make_trainer(tmp_path, tokenizer, callback, model=model, extra_callbacks=[spy], learning_rate=5e-2)
     trainer.train()
-    # only adapter weights train: the adapters-disabled residuals are kept once, so a re-check runs one forward
+    # the train-start residuals are kept once, so a re-check runs one forward; a zero-initialised LoRA at train
+    # start is the adapters-disabled model
     assert callback.monitor.base_residuals is not None
     from peft import PeftModel
 
@@ -419,18 +432,25 @@ def test_early_forecast_blends_the_measured_trend_with_the_step0_prediction(tmp_
     assert all("early_blend" not in r and r["early_method"] == "trend" for r in full.history)
 
 
-def test_peft_with_other_trainable_weights_disables_adapters_at_each_recheck(tmp_path, tokenizer):
+def test_with_peft_the_shift_is_measured_from_the_model_at_train_start(tmp_path, tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from sts_callback.pipelines.monitor import base_is_frozen
-
+    # an adapter that starts non-zero (init_lora_weights=False, or a trained one loaded to train on), at lr 0: the
+    # model does not change, so neither does anything measured (the adapters-disabled base read its whole effect)
+    started = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False))
+    callback = make_callback(recheck_steps=2)
+    make_trainer(tmp_path / "still", tokenizer, callback, model=started, max_steps=4, save_steps=100,
+                 learning_rate=0.0).train()
+    assert [r["shift_total"] for r in callback.history] == [0.0, 0.0]
+    assert all(r["shifted_latents"] == [] and r["overlap_with_forecast"] == 0 for r in callback.history)
+    # a base weight trains beside the adapters: its change is part of the shift (was cancelled out)
     model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert base_is_frozen(model)
-    model.base_model.model.model.norm.weight.requires_grad_(True)  # a base weight trains too
-    assert not base_is_frozen(model)
+    model.base_model.model.model.norm.weight.requires_grad_(True)
     callback = make_callback()
-    make_trainer(tmp_path, tokenizer, callback, model=model, max_steps=2, save_steps=2, learning_rate=5e-2).train()
-    assert callback.monitor.base_residuals is None and callback.history[-1]["shift_total"] > 0
+    make_trainer(tmp_path / "norm", tokenizer, callback, model=model, max_steps=2, save_steps=2,
+                 learning_rate=5e-2).train()
+    assert callback.monitor.base_residuals is not None and callback.history[-1]["shift_total"] > 0
 
 
 @pytest.mark.parametrize("method", ["lookahead", "first_order"])

@@ -91,6 +91,12 @@ def check_no_prompt_learning(model: nn.Module) -> None:
                     "prefix and P-tuning) add virtual tokens inside the wrapper's forward, which STS's passes do not "
                     "run through, so every change would read as 0. Train with LoRA (peft.LoraConfig), IA3 or a full "
                     "fine-tune to monitor the run, or leave the callback out of this one.")
+            if getattr(config, "alora_invocation_tokens", None):
+                raise STSConfigError(
+                    "STS cannot measure an activated LoRA (LoraConfig(alora_invocation_tokens=...)): its adapters "
+                    "switch on after the invocation tokens inside the PEFT wrapper's forward, which STS's passes do "
+                    "not run through (its held-out loss would be measured wrongly, or crash). Train a plain LoRA to "
+                    "monitor the run, or leave the callback out of this one.")
             return
         current = getattr(current, "module", None) or getattr(current, "_orig_mod", None)
         if current is None:

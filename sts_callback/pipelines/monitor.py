@@ -47,14 +47,6 @@ def peft_model_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def base_is_frozen(peft: nn.Module) -> bool:
-    """Whether every trainable weight of a PeftModel belongs to an adapter (named ``...<adapter>....``), so the
-    model with adapters disabled never changes during training."""
-    adapters = list(getattr(peft, "peft_config", {}) or ["default"])
-    return all(any(f".{a}." in name for a in adapters)
-               for name, p in peft.named_parameters() if p.requires_grad)
-
-
 @dataclass
 class DomainBaseline(StatsGroup):
     """A target domain's statistics under the base model (from the forecast or the train-start pass)."""
@@ -182,16 +174,12 @@ class Monitor:
         return torch.cat([rows[i] for i in range(len(self.probe))]) if self.probe else torch.zeros(0, self.setup.sae.d_in)
 
     def capture_base(self, model: nn.Module) -> None:
-        """Keep the probe's base residuals (all of them, on every rank, so that any rank layout can resume from
-        the saved file): a full fine-tune's weights move, and with PEFT the adapters-disabled model is constant
-        when only adapter weights train, so each re-check then needs one forward, not two. With PEFT and other
-        trainable weights nothing is kept: re-checks run the model with its adapters disabled."""
-        peft = peft_model_of(model)
-        if peft is None:
-            self.base_residuals = self.probe_residuals(model)
-        elif base_is_frozen(peft):
-            with peft.disable_adapter():
-                self.base_residuals = self.probe_residuals(model)
+        """Keep the probe's residuals under the model as it is at train start (all of them, on every rank, so
+        that any rank layout can resume from the saved file): each re-check then needs one forward, and the shift
+        is this run's. With PEFT too: the adapters-disabled model is not the train-start model when an adapter
+        starts non-zero (``init_lora_weights=False``, a trained adapter loaded to train on) or base weights train
+        beside the adapters, and would read the adapter's whole effect (or none of the base's change)."""
+        self.base_residuals = self.probe_residuals(model)
 
     def refresh_probe(self, model: nn.Module, sequences: Sequence[TokenSequence],
                       base_model: nn.Module | None = None) -> None:
@@ -205,8 +193,9 @@ class Monitor:
         self.base_residuals = None
         if base_model is not None:
             self.base_residuals = self.probe_residuals(base_model)
-        else:
-            self.capture_base(model)
+        else:  # the train-start weights are gone: the adapters-disabled model stands for them
+            with peft_model_of(model).disable_adapter():
+                self.base_residuals = self.probe_residuals(model)
 
     def measure_losses(self, model: nn.Module, autocast=None) -> dict[str, float]:
         """Mean token NLL of each domain's held-out texts (special tokens and padding excluded).
@@ -360,6 +349,8 @@ class Monitor:
         scores, latents, values = {}, torch.zeros(0, dtype=torch.long), torch.zeros(0)
         if shift is not None:
             latents, values = score.shifted_latents(shift, config.n_shifted)
+            moved = values != 0  # a latent that did not move is no shifted latent (NaN stays: it is a finding)
+            latents, values = latents[moved], values[moved]
             for name, base in self.domains.items():
                 entry = {"sts_act": score.sts_act(base.latents, latents),
                          "sts_sq": score.sts_sq(base.latents, latents)}
