@@ -204,6 +204,10 @@ def test_cli_calibrate_writes_a_calibration_the_callback_reads(tmp_path, capsys)
     assert Calibration.load(out).features == ["sts_icl", "signed_usage"]
     assert main(["calibrate", str(tmp_path / "missing")]) == 2
     assert "No validation.json" in capsys.readouterr().err
+    (tmp_path / "run" / "sts").mkdir(parents=True)  # a training run's folder given without --runs
+    (tmp_path / "run" / "sts" / "forecast.json").write_text("{}")
+    assert main(["calibrate", str(tmp_path / "run")]) == 2
+    assert "to fit on training runs, pass them with `sts calibrate --runs" in capsys.readouterr().err
 
 
 def test_fitted_exponent_recovers_a_saturating_power_law():

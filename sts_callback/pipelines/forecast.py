@@ -231,7 +231,7 @@ class Forecast:
         missing = [n for n in self.domains if n not in self.predictions and n not in excluded]
         if missing:
             lines.append(f"no prediction for {missing} (a feature of the calibration was not computed for them)")
-        lines.append("raw scores: forecast.table(view='scores')")
+        lines.append("raw scores: forecast.table(view='scores') in Python; the scores in forecast.json")
         return "\n".join(lines)
 
     def __str__(self) -> str:

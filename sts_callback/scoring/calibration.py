@@ -490,7 +490,11 @@ def _validation_records(results) -> list[tuple[dict[str, Any], str | None]]:
         if path.is_dir():
             path = next((p for p in (path / "sts" / "validation.json", path / "validation.json") if p.exists()), path)
         if not path.is_file():
-            raise STSInputError(f"No validation.json at {item}; run `sts validate` first.")
+            folder = Path(item)
+            run = next((f for f in (folder / "sts" / "forecast.json", folder / "forecast.json") if f.is_file()), None)
+            hint = (f" {folder} holds a training run's forecast ({run.name}): to fit on training runs, pass them with "
+                    "`sts calibrate --runs ...`.") if run is not None else ""
+            raise STSInputError(f"No validation.json at {item}; run `sts validate` first.{hint}")
         records.append((json.loads(path.read_text()), str(path.resolve())))
     return records
 
