@@ -135,3 +135,9 @@ def test_percentages_show_the_sign_and_the_difference_that_matter():
     assert signed_percent(0.0004) == "+0.04%" and signed_percent(-0.0004) == "-0.04%"  # never +0.0% for a nonzero
     assert signed_percent(0.0502, apart_from=0.05) == "+5.02%" and signed_percent(0.05, apart_from=0.05) == "+5.0%"
     assert signed_percent(0.123) == "+12.3%" and signed_percent(0.0) == "+0.0%" and signed_percent(None) == "–"
+
+
+def test_with_a_calibration_the_rank_warning_follows_the_predicted_change():
+    guard = Guard(GuardConfig(protected=["food"], forecast_top_k=1))
+    message = guard.forecast_warnings([("food", 0.031), ("law", 0.012)], "predicted change", predicted=True)
+    assert message["forecast:food"].endswith("most affected by this training (predicted change +3.1%).")

@@ -251,7 +251,12 @@ class STSSession:
             forecast, store = self.forecast, self.store
             self.write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), 0)
             print(self.forecast.table())  # the calibrated prediction first when there is one, else the scores
-        for key, message in self.guard.forecast_warnings(self.forecast.ranked(), self.forecast.ranking).items():
+        if self.predicted:  # the calibrated prediction leads, as in the table and the report
+            ranked = sorted(((n, p["mean"]) for n, p in self.predicted.items()), key=lambda item: -item[1])
+            warned = self.guard.forecast_warnings(ranked, "predicted change", predicted=True)
+        else:
+            warned = self.guard.forecast_warnings(self.forecast.ranked(), self.forecast.ranking)
+        for key, message in warned.items():
             self.warn(key, message)
         if self.calibration is not None:
             for key, message in self.guard.predicted_warnings(self.predicted, self.calibration.level).items():

@@ -130,16 +130,19 @@ class Guard:
         return True
 
     # ------------------------------------------------------------------ before training
-    def forecast_warnings(self, ranked: list[tuple[str, float | None]], label: str) -> dict[str, str]:
-        """Protected domains the forecast ranks among the ``forecast_top_k`` most affected: key -> message."""
+    def forecast_warnings(self, ranked: list[tuple[str, float | None]], label: str,
+                          predicted: bool = False) -> dict[str, str]:
+        """Protected domains the forecast ranks among the ``forecast_top_k`` most affected: key -> message.
+        ``predicted``: ``ranked`` holds calibrated predicted changes (most harmed first), shown as percentages."""
         order = [name for name, _ in ranked]
         out = {}
         for name in self.config.protected:
             value = dict(ranked).get(name)
             rank = order.index(name) + 1 if name in order else None
             if value is not None and rank is not None and rank <= self.config.forecast_top_k:
+                shown = f"{label} {pct(value)}" if predicted else f"{label}={value:.4g}"
                 out[f"forecast:{name}"] = (f"STS forecast: protected domain {name!r} ranks {rank} of {len(order)} "
-                                           f"among the domains most affected by this training ({label}={value:.4g}).")
+                                           f"among the domains most affected by this training ({shown}).")
         return out
 
     def predicted_warnings(self, predicted: dict[str, dict[str, float]], level: float) -> dict[str, str]:
