@@ -274,3 +274,28 @@ def test_runs_whose_rechecks_took_turns_calibrate_on_every_domains_latest_change
         {"step": 6, "loss_delta": {"law": 0.04, "food": None}}]))
     (record,) = run_records([str(tmp_path / "run")])
     assert record["changes"] == {"law": 0.04, "food": -0.02, "chem": 0.05} and record["step"] == 6
+
+
+def test_a_calibration_fitted_with_one_sae_warns_when_applied_with_another_of_the_same_shape(tmp_path):
+    from tiny import TinySAE
+
+    from sts_callback import load_sae
+
+    hook = LLAMA["hook_name"]
+    mine, again, other = (load_sae(TinySAE(32, 64, hook_name=hook, seed=s)).fingerprint() for s in (0, 0, 1))
+    assert mine == again != other  # the weights, not the shape: another seed differs
+    offsets = {"law": 0.02, "food": -0.01, "chem": -0.01}
+    runs = []
+    for i, own in enumerate((-0.3, -0.1, 0.0, -0.2)):
+        settings = sae_settings(LLAMA)
+        settings["sae"]["sae_fingerprint"] = mine
+        write_run(tmp_path / f"run{i}", settings, own, {d: o + 0.001 * i * (j - 1)
+                                                        for j, (d, o) in enumerate(offsets.items())})
+        runs.append(str(tmp_path / f"run{i}"))
+    calibration = Calibration.from_runs(runs, ["sts_act"])
+    assert calibration.fitted_on["scope"]["sae_fingerprint"] == mine
+    settings = {**sae_settings(LLAMA), "run_level": {"method": "lookahead", "own_change": -0.1}}
+    settings["sae"]["sae_fingerprint"] = other
+    applied = forecast_of({d: {"sts_act": 1.0 + i} for i, d in enumerate(offsets)}, settings)
+    with pytest.warns(STSDataWarning, match=f"sae_fingerprint '{other}' \\(calibrated on '{mine}'\\)"):
+        applied.apply_calibration(calibration)

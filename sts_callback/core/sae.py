@@ -8,6 +8,7 @@ Accepted: a sae-lens ``SAE`` object; ``{"release": ..., "sae_id": ...}`` (or the
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import sys
 import tempfile
@@ -81,7 +82,19 @@ class SAEHandle:
 
     def describe(self) -> dict[str, Any]:
         return {**self.source, "d_in": self.d_in, "d_sae": self.d_sae, "hook_name": self.hook_name,
-                "layer": self.layer, "neuronpedia_id": self.neuronpedia_id}
+                "layer": self.layer, "neuronpedia_id": self.neuronpedia_id, "sae_fingerprint": self.fingerprint()}
+
+    def fingerprint(self) -> str | None:
+        """A short hash of the SAE's weights (as float32): two SAEs of the same shape and hook, e.g. trained with
+        other seeds, differ here, so a calibration fitted with one can tell it is applied with another."""
+        if not isinstance(self.module, nn.Module):
+            return None
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.module.state_dict().items()):
+            if torch.is_tensor(tensor) and tensor.is_floating_point():
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @property
     def can_decode(self) -> bool:

@@ -438,7 +438,8 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     return records
 
 
-SCOPE_KEYS = ("model_class", "d_in", "d_sae", "hook_name")  # what Forecast._check_scope compares
+# what Forecast._check_scope compares; the SAE's weights by their hash (a same-shaped SAE of another seed differs)
+SCOPE_KEYS = ("model_class", "d_in", "d_sae", "hook_name", "sae_fingerprint")
 
 
 def forecast_scope(settings: dict[str, Any] | None) -> dict[str, Any]:
