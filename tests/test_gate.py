@@ -215,6 +215,16 @@ def test_absolute_limits_and_rank_rule(model, tokenizer, decision):
     assert not ranked.candidates["law_copy"].accepted
 
 
+def test_a_protected_domain_that_limits_leave_out_keeps_the_default_rule(model, tokenizer):
+    # law and food protected, a limit for food only: law was checked by no rule at all, and its copy got in
+    result = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), ["law", "food"],
+                          GateRules(limits={"food": 1.0}), config=config(), score_examples=False)
+    assert "law_copy" in result.rejected
+    assert "STS_icl(law)" in result.candidates["law_copy"].reason and "1.5 x median" in result.candidates[
+        "law_copy"].reason
+    assert all("STS_icl(food) = " in d.reason for d in result.candidates.values() if d.accepted)
+
+
 def test_bad_inputs(model, tokenizer):
     sae = make_sae()
     with pytest.raises(STSInputError, match="'empty' is empty"):

@@ -214,6 +214,9 @@ def test_bad_inputs_fail_before_training(tmp_path, tokenizer, monkeypatch):
         run(seeds=())
     with pytest.raises(STSConfigError, match="repeats a seed"):
         run(seeds=(1, 1))
+    for seed in (-1, 2 ** 32):  # numpy refused it after the earlier seeds had trained, losing their results
+        with pytest.raises(STSConfigError, match=rf"holds {seed}; a seed must be in 0..2\*\*32 - 1"):
+            run(seeds=(0, seed))
     with pytest.raises(STSConfigError, match=r"steps=\.\.\.\) must be an integer >= 1"):
         run(steps=0)
     with pytest.raises(STSConfigError, match="learning_rate"):
@@ -352,6 +355,17 @@ def test_noise_ceiling_is_what_a_perfect_forecast_reaches_against_noisy_measurem
     assert noise_ceiling([0.01] * 5, [0.001] * 5) is None
 
 
+def test_a_noise_ceiling_below_the_bar_never_prints_as_the_bar():
+    from types import SimpleNamespace
+
+    from sts_callback.validation.validate import ValidationResult
+
+    result = SimpleNamespace(noise_ceiling=0.8955, per_seed=[SimpleNamespace(nll_delta_se={"law": 0.01})],
+                             training={"loss_tokens": 120})
+    line = ValidationResult._noise_lines(result)[1]
+    assert "Pearson r of about 0.89 with" in line and "raise loss_tokens, now 120" in line  # was "about 0.90"
+
+
 def independent_choice_score(model, tokenizer, question, choice):
     """Mean log-probability of the choice's tokens, one unpadded forward per choice."""
     prompt = tokenizer(f"{question}\nAnswer:")["input_ids"]
@@ -381,6 +395,9 @@ def test_multiple_choice_accuracy(tokenizer):
     assert shared(model, tokenizer, "anything") == pytest.approx(2 / 3)
     with pytest.raises(STSInputError, match="answer=3"):
         multiple_choice_accuracy([{"question": "q", "choices": ["a", "b"], "answer": 3}])
+    import numpy as np  # pandas rows (df.to_dict("records")) hold numpy integers: indices all the same
+
+    assert multiple_choice_accuracy([{**right, "answer": np.int64(best)}])(model, tokenizer, "x") == 1.0
     with pytest.raises(STSInputError, match="at least two choices"):
         multiple_choice_accuracy([{"question": "q", "choices": ["a"], "answer": 0}])
 

@@ -4,6 +4,7 @@ each choice after the question; accuracy measured in lockstep across ranks (one 
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ def check_items(items: Any, where: str) -> list[dict[str, Any]]:
         choices, answer = item["choices"], item["answer"]
         if not isinstance(choices, (list, tuple)) or len(choices) < 2:
             raise STSInputError(f"Multiple choice: item {i} of {where} needs at least two choices.")
+        if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
+            answer = int(answer)  # numpy / pandas integers (df.to_dict("records")) are indices too
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise STSInputError(f"Multiple choice: item {i} of {where} has answer={answer!r}; use the "
                                 f"index (0..{len(choices) - 1}) of the right choice.")

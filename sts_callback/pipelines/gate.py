@@ -25,7 +25,8 @@ Decisions made here (see the README, "What is computed", for the method); every 
   the absolute value (a single float applies to every protected domain). ``max_rank=k`` rejects a
   candidate when a protected domain ranks among the top ``k`` of the candidate's own forecast. With neither
   (nor ``tolerance``) the default relative rule applies: reject when a protected domain's score exceeds
-  ``tolerance`` (default :data:`DEFAULT_TOLERANCE` = 1.5) times the median of that domain's score over the
+  ``tolerance`` (default :data:`DEFAULT_TOLERANCE` = 1.5; also for a protected domain that ``limits`` leaves
+  out when neither ``max_rank`` nor ``tolerance`` is given) times the median of that domain's score over the
   *other* candidates (leave-one-out, so that one offender cannot raise its own bar; with a single candidate
   the relative rule has nothing to compare to and accepts, saying so). Rules given together all apply.
   When every candidate is rejected :class:`MixtureRejected` (an :class:`STSConfigError`) is raised with
@@ -547,18 +548,21 @@ def _decide(forecasts: dict[str, Forecast], corpora: dict[str, Corpus], protecte
                 if ranks[p] <= max_rank:
                     violations.append(f"{p} ranks {ranks[p]} of {len(ranked)} target domains "
                                       f"(max_rank={max_rank} rejects ranks 1..{max_rank})")
-            if tolerance is not None:
+            # a protected domain that no rule names (limits for some others only) keeps the default rule
+            p_tolerance = tolerance if tolerance is not None or p in limits or max_rank is not None \
+                else DEFAULT_TOLERANCE
+            if p_tolerance is not None:
                 others = [forecasts[o].score(p, score) for o in forecasts if o != name]
                 if not others:
                     checks.append(f"no other candidate to compare {p} with (relative rule not applied; "
                                   "set limits or max_rank)")
                     continue
-                bar = tolerance * statistics.median(others)
-                checks.append(f"{label}({p}) = {values[p]:.4g} <= {bar:.4g} ({tolerance:g} x median of the "
+                bar = p_tolerance * statistics.median(others)
+                checks.append(f"{label}({p}) = {values[p]:.4g} <= {bar:.4g} ({p_tolerance:g} x median of the "
                               f"other candidates)")
                 if values[p] > bar:
-                    violations.append(f"{label}({p}) = {values[p]:.4g} > {bar:.4g} = {tolerance:g} x median of the "
-                                      f"other candidates ({statistics.median(others):.4g})")
+                    violations.append(f"{label}({p}) = {values[p]:.4g} > {bar:.4g} = {p_tolerance:g} x median of "
+                                      f"the other candidates ({statistics.median(others):.4g})")
         reason = ("rejected: " + "; ".join(violations)) if violations else ("accepted: " + "; ".join(checks))
         serves = wanted.get(name) or next((d for d in ranked if d not in protected), ranked[0])
         decisions[name] = CandidateDecision(name=name, accepted=not violations, reason=reason, serves=serves,

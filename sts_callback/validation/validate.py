@@ -311,7 +311,7 @@ class ValidationResult:
             return []
         line = (f"measurement noise: each domain's measured change has a standard error of {sum(errors) / len(errors):.2%} "
                 f"on average; against changes measured this precisely even a perfect forecast could expect a "
-                f"Pearson r of about {ceiling:.2f} with the signed change")
+                f"Pearson r of about {math.floor(ceiling * 100) / 100:.2f} with the signed change")  # 0.8955: 0.89
         if ceiling < 0.9:
             line += f" (raise loss_tokens, now {self.training.get('loss_tokens')}, to measure more precisely)"
         return ["", line]
@@ -442,6 +442,8 @@ class ValidationConfig:
             for seed in seeds:
                 if isinstance(seed, bool) or not isinstance(seed, int):
                     raise STSConfigError(f"validate(seeds=...) must hold integers, got {seed!r}.")
+                if not 0 <= seed < 2 ** 32:  # numpy's range: a seed outside it failed after the earlier seeds ran
+                    raise STSConfigError(f"validate(seeds=...) holds {seed}; a seed must be in 0..2**32 - 1.")
             if len(set(seeds)) != len(seeds):
                 raise STSConfigError(f"validate(seeds={list(seeds)}) repeats a seed; give distinct seeds.")
             self.seeds = list(seeds)
