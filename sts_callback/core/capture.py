@@ -51,9 +51,9 @@ def check_measurable(model: nn.Module) -> None:
             "head, so no held-out language-model loss or in-context shift can be measured (a reward or "
             "classification model, as RewardTrainer trains). Leave the callback out of this run, or monitor the "
             "policy model that the reward model will train.")
-    config = getattr(inner, "config", None)
-    if getattr(config, "is_encoder_decoder", False) or _is_masked_lm(inner):
-        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "a masked (bidirectional)"
+    encoder_decoder = getattr(getattr(inner, "config", None), "is_encoder_decoder", False)
+    if encoder_decoder or _is_masked_lm(inner):
+        kind = "an encoder-decoder" if encoder_decoder else "a masked (bidirectional)"
         raise STSConfigError(
             f"STS needs a decoder-only causal language model; {type(inner).__name__} is {kind} language model, "
             "whose next-token held-out loss and residual stream at the decoder layers are not what STS measures "

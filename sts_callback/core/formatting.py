@@ -26,4 +26,9 @@ def signed_percent(value: float | None, digits: int = 1, apart_from: float | Non
     return f"{value:+.{places}%}"
 
 
-__all__ = ["signed_percent"]
+def percent(value: float | None, digits: int = 1, apart_from: float | None = None) -> str:
+    """:func:`signed_percent` without the plus sign, for a magnitude ("rose by 5.02%") or a share of time."""
+    return signed_percent(value, digits, apart_from).lstrip("+")
+
+
+__all__ = ["percent", "signed_percent"]

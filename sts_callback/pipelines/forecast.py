@@ -141,6 +141,14 @@ class Forecast:
         return value
 
     @property
+    def shift_source(self) -> str:
+        """What the shift was measured on, in words: "<n> query tokens", or "<n> completion tokens, <kind> shift"
+        for a preference or RL shift."""
+        kind = self.settings.get("shift", "in_context")
+        what = "query tokens" if kind == "in_context" else f"completion tokens, {kind} shift"
+        return f"{self.shift_tokens} {what}"
+
+    @property
     def tokens_per_second(self) -> float:
         total = self.timings.get("total", 0.0)
         tokens = self.timings.get("forward_tokens", 0.0)
@@ -194,10 +202,8 @@ class Forecast:
             d.scores.get(v) is not None for d in self.domains.values())]
         width = max([len("domain")] + [display_width(shown_name(n)) for n in self.domains])
         header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"
-        kind = self.settings.get("shift", "in_context")
-        source = "query tokens" if kind == "in_context" else f"completion tokens, {kind} shift"
         lines = [f"STS forecast: {len(self.domains)} target domains, ranked by {SCORE_LABELS[variant]} "
-                 f"(N={len(self.shifted_latents)} shifted latents from {self.shift_tokens} {source})",
+                 f"(N={len(self.shifted_latents)} shifted latents from {self.shift_source})",
                  header, "-" * len(header)]
         for rank, (name, _) in enumerate(self.ranked(variant), 1):
             d = self.domains[name]

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..core.config import plain_numbers, settings_from_dict
 from ..core.data import repeated_names
-from ..core.formatting import signed_percent as pct
+from ..core.formatting import percent, signed_percent as pct
 from ..core.errors import STSConfigError, STSDataWarning
 from .recheck import Recheck
 
@@ -153,7 +153,7 @@ class Guard:
             if p is not None and p["mean"] > self.config.tolerance:
                 out[f"predicted:{name}"] = (
                     f"STS calibrated forecast: protected domain {name!r} is predicted to get worse by "
-                    f"{pct(p['mean'], apart_from=tol).lstrip('+')} ({level:.0%} interval {pct(p['low'])} to "
+                    f"{percent(p['mean'], apart_from=tol)} ({level:.0%} interval {pct(p['low'])} to "
                     f"{pct(p['high'])}), above the tolerance {tol:.1%}.")
         return out
 
@@ -194,7 +194,7 @@ class Guard:
                 continue
             now, tol = measured.get(name), self.config.tolerance
             span = f" (interval {pct(interval[0], apart_from=tol)} to {pct(interval[1])})" if interval else ""
-            worse = pct(value, apart_from=tol).lstrip("+")
+            worse = percent(value, apart_from=tol)
             course = f"protected domain {name!r} is on course to get worse by {worse}{span}"
             out[name] = (f"{course} by the end of training (measured {pct(now)} after {fraction:.0%} of the "
                          f"learning-rate schedule; tolerance {tol:.1%})" if now is not None else
@@ -211,12 +211,12 @@ class Guard:
                 found.append(f"held-out loss of protected domain {name!r} is not finite ({loss}): the model "
                              "diverged on it (lower the learning rate, check for fp16 overflow)")
             elif delta is not None and delta > self.config.tolerance:
-                rose = pct(delta, apart_from=self.config.tolerance).lstrip("+")
+                rose = percent(delta, apart_from=self.config.tolerance)
                 found.append(f"held-out loss of protected domain {name!r} rose by {rose} "
                              f"(tolerance {self.config.tolerance:.1%})")
             drop = recheck.accuracy_delta.get(name)
             if drop is not None and -drop > self.config.accuracy_tolerance:
-                fell = pct(-drop, apart_from=self.config.accuracy_tolerance).lstrip("+")
+                fell = percent(-drop, apart_from=self.config.accuracy_tolerance)
                 found.append(f"accuracy of protected domain {name!r} fell by {fell} "
                              f"(tolerance {self.config.accuracy_tolerance:.1%})")
             value = recheck.score(name, variant)

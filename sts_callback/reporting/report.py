@@ -26,7 +26,7 @@ from typing import Any
 from ..core.atomic import atomic_write_text
 from ..core.data import repeated_names
 from ..core.errors import STSDataWarning, STSInputError
-from ..core.formatting import signed_percent
+from ..core.formatting import percent, signed_percent
 from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 
@@ -69,11 +69,6 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def _pct(value: float | None, apart_from: float | None = None) -> str:
     return signed_percent(value, apart_from=apart_from)
-
-
-def _share(value: float, apart_from: float | None = None) -> str:
-    """A share (of time, of a budget): never negative, so without the sign; never a nonzero one as 0.0%."""
-    return signed_percent(value, apart_from=apart_from).lstrip("+")
 
 
 def _seconds(value: float) -> str:
@@ -1133,9 +1128,10 @@ def _overhead(record: dict[str, Any]) -> str | None:
     spent = record.get("overhead") or {}
     if spent.get("share") is None:
         return None
-    budget = f" (budget {_share(spent['budget'])})" if spent.get("budget") is not None else ""
+    budget = f" (budget {percent(spent['budget'])})" if spent.get("budget") is not None else ""
     waited = f"; waiting their turn: {', '.join(spent['skipped'])}" if spent.get("skipped") else ""
-    return (f"Re-checks so far took {_share(spent['share'], spent.get('budget'))} of training time{budget}: "
+    share = percent(spent["share"], apart_from=spent.get("budget"))
+    return (f"Re-checks so far took {share} of training time{budget}: "
             f"{_seconds(spent['recheck_seconds'])} s against {_seconds(spent['train_seconds'])} s{waited}.")
 
 __all__ = ["write_report", "render_html", "render_markdown", "ReportData", "optional_pyplot"]

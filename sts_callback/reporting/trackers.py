@@ -37,11 +37,9 @@ def export_forecast(trainer: Any, forecast: Any) -> None:
         if wandb_run is not None:
             _log_wandb(wandb_run, "sts/forecast_table", _wandb_table(columns, rows), step)
         if writer is not None:
-            kind = forecast.settings.get("shift", "in_context")  # as the forecast's own table names its shift
-            source = "query tokens" if kind == "in_context" else f"completion tokens, {kind} shift"
             caption = (f"STS forecast: {len(rows)} target domains, ranked by "
                        f"{SCORE_LABELS.get(forecast.ranking, forecast.ranking)} (N={len(forecast.shifted_latents)} "
-                       f"shifted latents from {forecast.shift_tokens} {source})")
+                       f"shifted latents from {forecast.shift_source})")
             writer.add_text("sts/forecast", caption + "\n\n" + _markdown(columns, rows), step)
 
 
