@@ -3,6 +3,7 @@
     python benchmarks/transfer/rl_vs_sft.py [--out benchmarks/transfer/rl_vs_sft.json]
     python benchmarks/transfer/rl_vs_sft.py --precise-truth      # rl_vs_sft_precise.json
     python benchmarks/transfer/rl_vs_sft.py --exclude '*-long' --out benchmarks/transfer/rl_vs_sft_short.json
+    python benchmarks/transfer/rl_vs_sft.py --precise-truth --only 'grpo-*-kl-long' --out ...
 
 Issue 17's goal, on what is on disk: the RL runs (``rl/*.json``, ``rl.py``) and the SFT LoRA units
 (``units/lora-*-seed0.json``, ``units.py``), both on Gemma 3 270M with the same 11 frozen domains. For each run
@@ -19,7 +20,8 @@ the family's other runs, on the SFT units of the other sources, and on both (``l
 four RL runs measure each held-out text's first 64 tokens, the second round and the SFT units up to 128 tokens.)
 A run is calibrated on runs of other sources only (``rl.py``'s fourth round repeats sources with longer runs).
 ``--precise-truth`` scores against the 4,096-token measurements (precise.py's sample) where a run or unit has one;
-``--exclude`` leaves runs out by name.
+``--exclude`` leaves runs out by name, ``--only`` keeps just the runs it names (``--only 'grpo-*-kl-long'``:
+the KL-held GRPO runs calibrated on each other, not on the collapsed runs).
 """
 
 from __future__ import annotations
@@ -83,12 +85,14 @@ def run_measurement(run: dict, precise: bool) -> dict:
     return run["measured_precise"] if precise and "measured_precise" in run else run["measured"]
 
 
-def rl_runs(exclude: Sequence[str]) -> list[Path]:
-    """The RL / DPO runs on disk (``rl/*.json``) but those whose names match a pattern of ``exclude``."""
-    return [p for p in sorted((HERE / "rl").glob("*.json")) if not any(fnmatch(p.stem, x) for x in exclude)]
+def rl_runs(exclude: Sequence[str], only: Sequence[str] = ()) -> list[Path]:
+    """The RL / DPO runs on disk (``rl/*.json``) but those whose names match a pattern of ``exclude``, and with
+    ``only`` just those whose names match one of its patterns."""
+    return [p for p in sorted((HERE / "rl").glob("*.json")) if not any(fnmatch(p.stem, x) for x in exclude)
+            and (not only or any(fnmatch(p.stem, x) for x in only))]
 
 
-def domain_prior_rows(precise: bool = False, exclude: Sequence[str] = ()) -> dict[str, dict]:
+def domain_prior_rows(precise: bool = False, exclude: Sequence[str] = (), only: Sequence[str] = ()) -> dict[str, dict]:
     """Per RL / DPO run (and, for comparison, per SFT unit): Pearson r of the measured changes with the domain
     prior (``Calibration.fit_level_pattern(domain_prior=True)``'s additive run + domain model) fitted on the SFT
     units of the OTHER sources: what the team's earlier SFT runs say about how each domain moves relative to the
@@ -102,7 +106,7 @@ def domain_prior_rows(precise: bool = False, exclude: Sequence[str] = ()) -> dic
         changes = np.array([measured[d] for d in unit["others"]])
         units[unit["source"]] = (unit["others"], changes - changes.mean())
     runs = {f"sft {source}": (source, others, changes) for source, (others, changes) in units.items()}
-    for path in rl_runs(exclude):
+    for path in rl_runs(exclude, only):
         run = json.loads(path.read_text())
         measured = run_measurement(run, precise)["loss_delta"]
         runs[run["run"]] = (run["source"], run["others"], np.array([measured[d] for d in run["others"]]))
@@ -209,6 +213,9 @@ def main() -> None:
                         help="score against the 4,096-token measurements where a run or unit has one")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
                         help="leave out the RL / DPO runs whose names match (shell-style, e.g. '*-long')")
+    parser.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
+                        help="keep only the RL / DPO runs whose names match (e.g. 'grpo-*-kl-long': the runs held by a "
+                             "KL term, calibrated on each other only)")
     args = parser.parse_args()
     out = args.out or HERE / ("rl_vs_sft_precise.json" if args.precise_truth else "rl_vs_sft.json")
     sft, sft_learned, sources = {}, {}, {}
@@ -222,7 +229,7 @@ def main() -> None:
     ceilings: dict[str, tuple] = {}
     precise_runs: list[str] = []
     learned: dict[str, dict[str, tuple]] = {"sft in_context": sft_learned}
-    for path in rl_runs(args.exclude):
+    for path in rl_runs(args.exclude, args.only):
         run = json.loads(path.read_text())
         sources[run["run"]] = run["source"]
         measured = run_measurement(run, args.precise_truth)
@@ -240,7 +247,7 @@ def main() -> None:
     result = {family: leave_one_out(runs, sources) for family, runs in families.items()}
     result.update(level_pattern_rows({f: {n: r for n, r in runs.items() if r is not None}
                                       for f, runs in learned.items()}, sources))
-    prior = domain_prior_rows(args.precise_truth, args.exclude)
+    prior = domain_prior_rows(args.precise_truth, args.exclude, args.only)
     result["domain prior -> SFT units"] = {n[4:]: r for n, r in prior.items() if n.startswith("sft ")}
     result["domain prior -> RL / DPO runs"] = {n: r for n, r in prior.items() if not n.startswith("sft ")}
     print(f"Pearson r / right direction over each run's other domains; {FEATURE} alone calibrated by a line, "
@@ -272,6 +279,7 @@ def main() -> None:
               f"{name} {low:.2f}" + (f"-{high:.2f}" if high != low else "") for name, (low, high) in ceilings.items()
               if low is not None and high is not None))
     out.write_text(json.dumps({"feature": FEATURE, "precise_truth": args.precise_truth, "excluded": args.exclude,
+                               "only": args.only,
                                "runs_measured_precisely": precise_runs, "families": result,
                                "noise_ceiling": {n: list(c) for n, c in ceilings.items()}}, indent=1))
     print(f"wrote {out}")
