@@ -93,12 +93,12 @@ def test_trainer_forecast_rechecks_and_own_loss_logging(tmp_path, tokenizer):
     logged = next(e for e in trainer.state.log_history if "sts/recheck/law" in e and e["step"] == 6)
     for d in DOMAINS:  # each change with its standard error, and how well they could order the domains at all
         assert logged[f"sts/loss_delta_se/{d}"] == pytest.approx(history[-1]["loss_delta_se"][d])
-    assert 0 <= logged["sts/recheck/noise_ceiling"] <= 1
+    assert 0 <= logged["sts/recheck_stats/noise_ceiling"] <= 1
     spent = history[-1]["overhead"]  # what the re-checks cost, against the training between them
     assert spent["budget"] is None and spent["train_seconds"] > 0
     assert spent["recheck_seconds"] == pytest.approx(sum(r["seconds"] for r in history))
     assert spent["share"] == pytest.approx(spent["recheck_seconds"] / spent["train_seconds"])
-    assert [e["step"] for e in trainer.state.log_history if "sts/recheck/overhead" in e] == [2, 4, 6]
+    assert [e["step"] for e in trainer.state.log_history if "sts/recheck_stats/overhead" in e] == [2, 4, 6]
     for step in (2, 4, 6):
         saved = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
         stored = saved["stateful_callbacks"]["STSCallback"]
@@ -651,3 +651,27 @@ def test_overhead_budget_keeps_the_protected_domain_and_defers_the_others(tmp_pa
     over = [w for w in caught if "above overhead_budget=0.01" in str(w.message)]
     assert len(over) == 1 and "raise recheck_steps" in str(over[0].message)
     assert "Re-checks so far took" in (tmp_path / "run" / "sts" / "report.md").read_text()
+
+
+def test_a_run_stopped_before_max_steps_ends_there_without_a_projection(tmp_path, tokenizer):
+    """Another callback stops training at step 3 of 8: the train-end re-check is the run's end result, so it
+    projects nothing to a step 8 that never comes, and the report says the run ended early."""
+    class StopAtThree(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    callback = make_callback(recheck_steps=2)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=8, extra_callbacks=[StopAtThree()])
+    trainer.train()
+    assert trainer.state.global_step == 3
+    first, last = callback.history
+    assert first["step"] == 2 and "early_forecast" in first and "ended_early" not in first
+    assert last["step"] == 3 and last["ended_early"] == {"max_steps": 8}
+    assert "early_forecast" not in last and not last.get("early_stop")
+    [logged] = [e for e in trainer.state.log_history if e["step"] == 3 and "sts/recheck_stats/seconds" in e]
+    assert not any(key.startswith("sts/early_forecast/") for key in logged)
+    md = (tmp_path / "run" / "sts" / "report.md").read_text()
+    page = (tmp_path / "run" / "sts" / "report.html").read_text()
+    for text in (md, page):
+        assert "Training ended at step 3, before max_steps=8" in text
+    assert "Projected at the end of training" not in md

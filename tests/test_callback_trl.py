@@ -193,7 +193,7 @@ def test_grpo_rechecks_probe_the_current_policys_completions_of_fresh_prompts(tm
     assert all(not set(p["prompts"]) & forecast_prompts for p in probes)  # fresh: not the forecast's prompts
     assert probes[0]["prompts"] != probes[1]["prompts"]  # a new draw at each re-check
     assert all(r["timings"]["fresh_probe"] > 0 and r["shift_total"] > 0 for r in cb.history)
-    assert any("sts/recheck/rollout_reward" in e for e in trainer.state.log_history)
+    assert any("sts/recheck_stats/rollout_reward" in e for e in trainer.state.log_history)
     # the last re-check's probe is the policy's completions after their prompts, kept for a resume
     prompts = [tokenizer(domain_texts("law", 16)[i])["input_ids"] for i in probes[-1]["prompts"]]
     assert all(sum(flags) < len(ids) for ids, flags in cb.monitor.probe)

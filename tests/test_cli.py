@@ -496,6 +496,37 @@ def test_forecast_refuses_a_calibration_that_needs_a_training_run(workspace, tmp
     assert not (tmp_path / "f.json").exists()
 
 
+def test_demo_refuses_a_calibration_that_needs_a_training_run_before_its_forecast(tmp_path, capsys, monkeypatch):
+    """The demo's forecast is made before its training run: a run-level calibration (the built-in lookahead one,
+    or a `sts calibrate --runs` JSON) failed only after the model had loaded and the forecast had run."""
+    import sts_callback.tools.demo as demo
+
+    def refuse(**kwargs):
+        raise AssertionError("the demo started before the bad calibration was reported")
+
+    monkeypatch.setattr(demo, "run_demo", refuse)
+    path = ROOT / "benchmarks" / "transfer" / "calibration_gemma3_270m.json"
+    for value in ("gemma3-270m-lora-lookahead", str(path)):
+        assert main(["demo", "--output", str(tmp_path / "demo"), "--calibration", value]) == 2
+        err = one_line_error(capsys)
+        assert f"--calibration {value}:" in err and "lookahead_own" in err and "gemma3-270m-lora" in err
+
+
+def test_forecast_example_config_names_the_demos_sae_and_a_missing_sae_is_named_before_the_model_loads(
+        workspace, tmp_path, capsys, no_model):
+    """The example's `sae:` named a folder the demo never writes; a missing SAE folder was found only after the
+    model had loaded."""
+    from sts_callback.tools.demo import demo_sae_path
+
+    assert main(["forecast", "--example"]) == 0
+    example = yaml.safe_load(capsys.readouterr().out)
+    assert Path(example["sae"]).expanduser() == demo_sae_path(4096, 32, Path.home() / ".cache" / "sts_callback")
+    missing = tmp_path / "no_sae"
+    assert main(["forecast", str(write_config(workspace, sae=str(missing)))]) == 2
+    err = one_line_error(capsys)
+    assert f"SAE {str(missing)!r} is not a folder" in err
+
+
 # --------------------------------------------------------------------------- repeated keys, named entries
 @pytest.mark.parametrize("text, where", [  # the config's first 3 lines are model, sae, train_data
     ("targets:\n  chem: {chem}\n  food: {chem}\n  chem: {train}\n",

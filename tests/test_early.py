@@ -1,5 +1,7 @@
 """Early forecasts recover the end-of-training change of a trajectory that follows their model."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,16 @@ def test_trend_interval_carries_the_measurement_error_to_the_end():
     early, bounds = trend_projection(history, {"a": 0.03, "b": None}, 0.4, {"a": [0.02, 0.04]})
     assert early == {"a": pytest.approx(0.09), "b": None}
     assert bounds["a"] == pytest.approx([0.04, 0.14]) and bounds["b"] == [None, None]
+
+
+def test_a_domain_measured_on_one_text_has_a_projection_but_no_interval():
+    """One text gives no spread: its interval is NaN, and the projection had a NaN interval (and numpy's bare
+    "invalid value encountered in matmul" warning) instead of none."""
+    history = [{"lr_area_fraction": 0.2, "loss_delta": {"a": 0.01}, "loss_delta_ci": {"a": [float("nan")] * 2}}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        early, bounds = trend_projection(history, {"a": 0.03}, 0.4, {"a": [float("nan")] * 2})
+    assert early == {"a": pytest.approx(0.09)} and bounds["a"] == [None, None]
 
 
 def test_unknown_method_is_named():

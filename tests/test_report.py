@@ -567,3 +567,39 @@ def test_the_prediction_names_its_calibration_its_scope_and_the_domains_it_left_
         assert ("Calibration: fitted on 170 measured changes of 2 training runs (model_class LlamaForCausalLM; "
                 "d_sae 64).") in text
         assert "Caution" not in text and "not predicted" not in text
+
+
+def test_figures_tell_many_domains_apart_and_keep_long_names_short():
+    """A 250-character domain name squeezed the plot area to a strip; past ten domains, tab10's colours repeated
+    with the same marker, so domains 1 and 11 could not be told apart in a legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sts_callback.reporting.report import LABEL_CHARS, series_style, short_label
+
+    long = "a_domain_" + "x" * 230 + "_its_end"
+    label = short_label(long)
+    assert len(label) == LABEL_CHARS and label.startswith("a_domain_") and label.endswith("_its_end")
+    assert short_label("law") == "law"
+    styles = [series_style(plt, i) for i in range(30)]
+    keys = {(s["color"], s["marker"], s["linestyle"]) for s in styles}
+    assert len(keys) == 30
+
+
+def test_the_timeline_charts_the_forecasts_score_when_the_first_domain_lacks_it(tmp_path):
+    """The re-checks' chart took its score from the first domain only: a one-text domain first (no STS_icl) put
+    every domain on STS_act; it is left out of that chart instead."""
+    from sts_callback.reporting.report import ReportData
+
+    sts = tmp_path / "sts"
+    synthetic_forecast(["one", "law"]).save(sts / "forecast.json")
+    record = {"step": 2, "shifted_latents": [1], "loss_delta": {"one": 0.01, "law": 0.02},
+              "scores": {"one": {"sts_act": 0.4}, "law": {"sts_icl": 3e-4, "sts_act": 0.2}}}  # as re-checks record it
+    (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
+    data = ReportData(sts)
+    data.variant = "sts_icl"
+    assert data.recheck_variant() == "sts_icl"
+    html_path, _ = write_report(sts)  # draws the timeline without the one-text domain's STS_act
+    assert html_path.exists()

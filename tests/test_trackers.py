@@ -284,3 +284,44 @@ def test_wandb_without_a_run_is_a_noop(monkeypatch):
     [data] = logged
     assert data["train/global_step"] == 7
     assert table_rows(data["sts/forecast_table"])[1]["sts_icl"] is None
+
+
+def test_a_domain_named_like_a_recheck_number_keeps_its_own_series(tmp_path, tokenizer):  # noqa: F811
+    """The re-check's own numbers (seconds, overhead, ...) live under ``sts/recheck_stats/``: a domain called
+    ``seconds`` keeps its score under ``sts/recheck/seconds``."""
+    from tiny import domain_texts
+
+    callback = make_callback(target_domains={"law": domain_texts("law", 30), "seconds": domain_texts("chem", 30)})
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4)
+    trainer.train()
+    for record in callback.history:
+        [logged] = [e for e in trainer.state.log_history if e["step"] == record["step"] and "sts/recheck/law" in e]
+        assert logged["sts/recheck/seconds"] == record["scores"]["seconds"]["sts_icl"]
+        assert logged["sts/recheck_stats/seconds"] == record["seconds"]
+
+
+def test_a_one_text_domain_is_not_charted_with_another_score():
+    """A one-text domain has no STS_icl: its re-check series is left out, not filled with its STS_act (a scale
+    ~1000x the others' in the same chart)."""
+    record = {"step": 2, "seconds": 1.0, "overlap_with_forecast": None, "loss_delta": {"law": 0.01, "one": 0.02},
+              "scores": {"law": {"sts_icl": 3e-4, "sts_act": 0.2}, "one": {"sts_icl": None, "sts_act": 0.4}}}
+    metrics = trackers.recheck_metrics(record, "sts_icl")
+    assert metrics["sts/recheck/law"] == 3e-4 and "sts/recheck/one" not in metrics
+    assert metrics["sts/loss_delta/one"] == 0.02  # its measured change stands
+    record["scores"]["one"].pop("sts_icl")  # a record that never had the key: the same
+    assert "sts/recheck/one" not in trackers.recheck_metrics(record, "sts_icl")
+
+
+def test_tensorboard_writer_is_closed_after_a_train_end_recheck(tmp_path, tokenizer, monkeypatch):  # noqa: F811
+    """The last re-check runs in ``on_train_end`` (no save at the last step): its log reopens the writer the
+    TensorBoardCallback had closed, and it is closed again, not left open after ``train()``."""
+    pytest.importorskip("tensorboard", reason="pip install -e '.[dev]'")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    callback = make_callback(recheck_steps=2)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=5, save_strategy="no", report_to=["tensorboard"])
+    [tb_callback] = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+    trainer.train()
+    assert [r["step"] for r in callback.history] == [2, 4, 5]
+    assert tb_callback.tb_writer is None
+    [logdir] = (tmp_path / "run" / "runs").iterdir()
+    assert [step for step, _ in event_texts(logdir)["sts/recheck"]] == [2, 4, 5]  # the train-end one written

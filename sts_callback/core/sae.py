@@ -165,6 +165,15 @@ def _generic_handle(module: Any) -> SAEHandle:
                      layer=layer_from_hook_name(hook_name), source={"kind": type(module).__name__})
 
 
+def missing_sae_folder(spec: Any) -> str | None:
+    """The error for an SAE path that names no folder (a string that is neither a folder nor 'release::sae_id'),
+    else None: checkable before any model loads."""
+    if isinstance(spec, (str, Path)) and not Path(spec).is_dir() and not (isinstance(spec, str) and "::" in spec):
+        return (f"SAE {str(spec)!r} is not a folder; pass a sae-lens folder, {{'release': ..., 'sae_id': ...}}, "
+                "'release::sae_id', a sae-lens SAE, or a module with encode().")
+    return None
+
+
 def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEHandle:
     """Load an SAE from any accepted form (see module docstring) and return an :class:`SAEHandle`."""
     if isinstance(spec, SAEHandle):
@@ -196,10 +205,7 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
             ) from err
         handle = _sae_lens_handle(sae, {"kind": "sae_lens_release", "release": spec["release"], "sae_id": spec["sae_id"]})
     elif isinstance(spec, (str, Path)):
-        raise STSInputError(
-            f"SAE {str(spec)!r} is not a folder; pass a sae-lens folder, {{'release': ..., 'sae_id': ...}}, "
-            "'release::sae_id', a sae-lens SAE, or a module with encode()."
-        )
+        raise STSInputError(missing_sae_folder(spec))
     elif _is_sae_lens_training_sae(spec):
         handle = _sae_lens_handle(_inference_sae(spec, device),
                                   {"kind": "sae_lens_training_object", "class": type(spec).__name__})

@@ -84,7 +84,7 @@ class STSCallback(TrainerCallback, ExportableState):
             (protected domains every time); ``None``: all at every re-check.
         overhead_budget: hold re-checks to this share of training time (``0.03``: 3%), timed on the run: the
             probe and the protected domains every time, the other domains' losses in turns as the budget affords;
-            the share spent is in each history record (``overhead``) and logged as ``sts/recheck/overhead``.
+            the share spent is in each history record (``overhead``) and logged as ``sts/recheck_stats/overhead``.
             ``None`` (default): every domain (or ``loss_domains``) at every re-check.
         early_method: how each re-check projects the changes to the end of training (``"trend"``: latest change
             plus the recent slope in the learning-rate area; ``"power"``: change ~ f^b; ``None``: the benchmark's
@@ -383,12 +383,13 @@ class STSCallback(TrainerCallback, ExportableState):
         if self._ready and control.should_save and self.session.settings.recheck_steps is None:
             self.run_recheck(args, state, control, model)
 
-    def run_recheck(self, args, state, control, model) -> dict[str, Any] | None:
-        """One re-check now (none when this step has one); failures are warned about and recorded unless strict."""
+    def run_recheck(self, args, state, control, model, ended: bool = False) -> dict[str, Any] | None:
+        """One re-check now (none when this step has one); failures are warned about and recorded unless strict.
+        ``ended``: at train end (a run stopped before ``max_steps`` ends here, not at ``max_steps``)."""
         if self.session.has_recheck(state.global_step):
             return None
         log_history = state.log_history if self.schedule_source == "logged" else None
-        record, decision = self.session.recheck(model, state.global_step, state.max_steps, log_history)
+        record, decision = self.session.recheck(model, state.global_step, state.max_steps, log_history, ended=ended)
         if record is None:
             return None
         if decision.stop:
@@ -413,9 +414,11 @@ class STSCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self._ready:
             return
-        if self.session.settings.recheck_at_end:
-            self.run_recheck(args, state, control, model)
-        self.write_report(args, state, export=True)
+        # TensorBoardCallback has closed its writer (it runs first); our last logs must not leave it reopened
+        with trackers.tensorboard_kept_closed(self._trainer):
+            if self.session.settings.recheck_at_end:
+                self.run_recheck(args, state, control, model, ended=True)
+            self.write_report(args, state, export=True)
 
     def write_report(self, args, state, export: bool = False) -> None:
         """``report.html`` / ``report.md`` in the STS folder (main process); a failure only warns unless strict."""

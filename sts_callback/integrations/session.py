@@ -353,10 +353,12 @@ class STSSession:
             self._steps_timed, self._step_began = True, None
 
     def recheck(self, model, step: int, max_steps: int = 0, log_history: list[dict] | None = None,
-                ) -> tuple[dict[str, Any] | None, Decision | None]:
+                ended: bool = False) -> tuple[dict[str, Any] | None, Decision | None]:
         """One re-check at ``step`` of ``max_steps``: the history record and the guard's decision; a failure is
         warned about and recorded (``(None, None)``) unless ``strict``. ``log_history``: the loop's logged
-        learning rates, for a schedule the session could not plan."""
+        learning rates, for a schedule the session could not plan. ``ended``: training has ended at ``step``
+        (the last re-check); before ``max_steps`` (another callback or the user stopped it) the record says so
+        (``ended_early``) and projects nothing, the run's end being now."""
         if self.monitor is None or not self.base_losses:
             raise STSUsageError(f"STSSession.recheck(step={step}) before the run started: call prepare(...) and "
                                 "start(...) (or resume(...)) first.")
@@ -371,11 +373,11 @@ class STSSession:
         if self._clock is not None and not self._steps_timed:
             self.budget.add_training(time.perf_counter() - self._clock)
         try:
-            return self._recheck(model, step, max_steps, log_history)
+            return self._recheck(model, step, max_steps, log_history, ended)
         finally:
             self._clock = time.perf_counter()
 
-    def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None,
+    def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None, ended: bool = False,
                  ) -> tuple[dict[str, Any] | None, Decision | None]:
         try:
             result, probe_info, skipped = self._measure(model, step)
@@ -403,10 +405,14 @@ class STSSession:
                       f"overhead_budget={self.budget.share:g}, with only the probe and the protected domains "
                       f"({self.budget.fixed_seconds:.1f} s a re-check): raise recheck_steps, or lower recheck_tokens "
                       "or loss_tokens, or loosen loss_precision.", RuntimeWarning)
+        ended_early = ended and bool(max_steps) and step < max_steps
+        if ended_early:  # the measured change is the run's end result: nothing is left to project
+            record["ended_early"] = {"max_steps": max_steps}
         try:
             if log_history is not None:  # a scheduler of the user's own: the rates logged so far
                 self.learning_rates = logged_learning_rates(log_history, max_steps)
-            record.update(self._early_forecast(step, max_steps, result.loss_delta, result.loss_delta_ci))
+            if not ended_early:
+                record.update(self._early_forecast(step, max_steps, result.loss_delta, result.loss_delta_ci))
         except Exception as err:  # noqa: BLE001 - a projection must not cost the measurement
             if self.strict:
                 raise
@@ -414,7 +420,7 @@ class STSSession:
         for key, message in self.guard.fit_warnings(self.base_fit, result.sae_fit).items():
             self.warn(key, f"STS re-check at step {step}: {message}", STSDataWarning)
         decision = self.guard.check(step, result, self.variant(), record.get("projected_warnings"),
-                                    finished=bool(max_steps) and step >= max_steps)  # nothing left to stop
+                                    finished=ended or (bool(max_steps) and step >= max_steps))  # nothing to stop
         record["violations"] = decision.violations
         for violation in decision.violations:
             self.warn(f"step{step}:{violation}", f"STS re-check at step {step}: {violation}")

@@ -207,12 +207,22 @@ class ReportData:
         return [r for r in self.history if "error" not in r and "scores" in r]
 
     def recheck_variant(self) -> str:
+        """The score the re-checks are charted by: the forecast's, where any domain has it (a one-text domain has
+        no STS_icl: it is left out of the chart, not the variant changed for all)."""
         for record in self.rechecks:
-            scores = next(iter(record["scores"].values()), {})
-            if self.variant in scores:
+            present = {v for scores in record["scores"].values() for v, value in scores.items() if value is not None}
+            if self.variant in present:
                 return self.variant  # type: ignore[return-value]
-            return "sts_icl" if "sts_icl" in scores else "sts_act"
+            return "sts_icl" if "sts_icl" in present else "sts_act"
         return self.variant or "sts_act"
+
+    def ended_note(self) -> str | None:
+        """Says so when training ended before its ``max_steps`` (stopped by another callback or the user)."""
+        last = self.rechecks[-1] if self.rechecks else {}
+        if not last.get("ended_early"):
+            return None
+        return (f"Training ended at step {last['step']}, before max_steps={last['ended_early']['max_steps']}: the "
+                "last re-check's changes are the run's end result, not a point on the way.")
 
     def measured(self) -> tuple[str, dict[str, float]] | None:
         """Measured effect per domain: a validation file if any, else the last re-check's |loss change|."""
@@ -408,6 +418,27 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+LABEL_CHARS = 32  # a longer domain name would squeeze the plot area to a strip; the tables keep the whole name
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = "osD^v<>pPX*h"
+
+
+def short_label(name: str) -> str:
+    """A domain name as a figure's label: at most :data:`LABEL_CHARS` characters, its start and end kept."""
+    if len(name) <= LABEL_CHARS:
+        return name
+    head = (LABEL_CHARS - 1) * 2 // 3
+    return name[:head] + "…" + name[len(name) - (LABEL_CHARS - 1 - head):]
+
+
+def series_style(plt, i: int) -> dict[str, Any]:
+    """The ``i``-th domain's colour, marker and line style: tab10's ten colours, then each again with the next
+    marker and line style, so that domains 1 and 11 are told apart in a legend."""
+    cycle = i // 10
+    return {"color": plt.get_cmap("tab10")(i % 10), "marker": MARKERS[cycle % len(MARKERS)],
+            "linestyle": LINE_STYLES[cycle % len(LINE_STYLES)]}
+
+
 def plot_forecast(data: ReportData) -> str | None:
     """The forecast bar chart as a PNG data URI (``None`` without matplotlib)."""
     plt = optional_pyplot()
@@ -423,7 +454,7 @@ def plot_forecast(data: ReportData) -> str | None:
             bar.set_hatch("//")
             bar.set_edgecolor("white")
     ax.set_yticks(range(len(names)))
-    ax.set_yticklabels([f"{n} (protected)" if n in data.protected else n for n in names])
+    ax.set_yticklabels([short_label(n) + (" (protected)" if n in data.protected else "") for n in names])
     ax.set_xlabel(f"{LABELS.get(data.variant or '', data.variant)}  (higher = more affected)")
     ax.set_title(f"Forecast per target domain, ranked by {LABELS.get(data.variant or '', data.variant)}", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
@@ -439,15 +470,13 @@ def plot_timeline(data: ReportData) -> str | None:
     variant = data.recheck_variant()
     names = list(records[-1]["scores"])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.6), sharex=True)
-    cmap = plt.get_cmap("tab10")
     forecast_domains = (data.forecast or {}).get("domains", {})
     for i, name in enumerate(names):
-        color = cmap(i % 10)
         protected = name in data.protected
-        style = dict(color=color, linewidth=2.4 if protected else 1.3, marker="o", markersize=3.5,
-                     label=f"{name} (protected)" if protected else name)
-        steps = [r["step"] for r in records if name in r["scores"]]
-        sts = [r["scores"][name].get(variant, r["scores"][name].get("sts_act")) for r in records if name in r["scores"]]
+        style = dict(**series_style(plt, i), linewidth=2.4 if protected else 1.3, markersize=3.5,
+                     label=short_label(name) + (" (protected)" if protected else ""))
+        scored = [r for r in records if (r["scores"].get(name) or {}).get(variant) is not None]
+        steps, sts = [r["step"] for r in scored], [r["scores"][name][variant] for r in scored]
         base = (forecast_domains.get(name) or {}).get("scores", {}).get(variant)
         if base is not None:  # the forecast, at step 0
             steps, sts = [0, *steps], [base, *sts]
@@ -587,7 +616,7 @@ def plot_scatter(data: ReportData, scatter: Agreement) -> str | None:
                 color = plt.get_cmap("tab10")(i % 10)
             ax.scatter([x], [100 * y], color=color, s=36, zorder=3, marker=markers[i % len(markers)],
                        label=series or None)
-            ax.annotate(name, (x, 100 * y), xytext=(4, 3), textcoords="offset points", fontsize=8)
+            ax.annotate(short_label(name), (x, 100 * y), xytext=(4, 3), textcoords="offset points", fontsize=8)
     if several:
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
@@ -711,6 +740,8 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
         lines.append(f"{len(data.rechecks)} re-check(s), last at step {esc(last['step'])}; overlap of the actually "
                      f"shifted latents with the forecast: {esc(_fmt(last.get('overlap_with_forecast')))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'}.")
+        if data.ended_note():
+            lines.append(esc(data.ended_note()))
         if _overhead(last):
             lines.append(esc(_overhead(last)))
         note = data.precision_note()
@@ -1042,6 +1073,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"held-out loss change [95% interval] {deltas}; "
                      f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
+        if data.ended_note():
+            lines.append(md_esc(data.ended_note()))
         if _overhead(last):
             lines.append(_overhead(last))
         note = data.precision_note()

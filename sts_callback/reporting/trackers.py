@@ -97,25 +97,27 @@ def export_report(trainer: Any, html_path: Path) -> None:
 
 
 def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
-    """A re-check's history record as tracker metrics (``sts/...`` keys)."""
+    """A re-check's history record as tracker metrics (``sts/...`` keys): per domain ``sts/<quantity>/<domain>``,
+    the re-check's own numbers under ``sts/recheck_stats/`` (a prefix no domain's key can take). A domain without
+    ``variant`` (STS_icl of a one-text domain) is left out, not charted with another score's scale."""
     metrics = {f"sts/early_forecast/{name}": value for name, value in record.get("early_forecast", {}).items()
                if value is not None}
-    for name, scores in record["scores"].items():
-        metrics[f"sts/recheck/{name}"] = scores.get(variant, scores["sts_act"])
+    metrics.update({f"sts/recheck/{name}": scores[variant] for name, scores in record["scores"].items()
+                    if scores.get(variant) is not None})
     metrics.update({f"sts/loss_delta/{name}": delta for name, delta in record["loss_delta"].items() if delta is not None})
     ses = record.get("loss_delta_se") or {}
     metrics.update({f"sts/loss_delta_se/{name}": se for name, se in ses.items() if se is not None})
     ceiling = noise_ceiling_by_domain(record["loss_delta"], ses)
     if ceiling is not None:  # how well these measurements could order the domains at all
-        metrics["sts/recheck/noise_ceiling"] = ceiling
+        metrics["sts/recheck_stats/noise_ceiling"] = ceiling
     metrics.update({f"sts/accuracy/{name}": value for name, value in record.get("accuracy", {}).items()})
     if record["overlap_with_forecast"] is not None:
-        metrics["sts/recheck/overlap_with_forecast"] = record["overlap_with_forecast"]
-    metrics["sts/recheck/seconds"] = record["seconds"]
+        metrics["sts/recheck_stats/overlap_with_forecast"] = record["overlap_with_forecast"]
+    metrics["sts/recheck_stats/seconds"] = record["seconds"]
     if (record.get("overhead") or {}).get("share") is not None:
-        metrics["sts/recheck/overhead"] = record["overhead"]["share"]
+        metrics["sts/recheck_stats/overhead"] = record["overhead"]["share"]
     if record.get("fresh_probe", {}).get("mean_reward") is not None:
-        metrics["sts/recheck/rollout_reward"] = record["fresh_probe"]["mean_reward"]
+        metrics["sts/recheck_stats/rollout_reward"] = record["fresh_probe"]["mean_reward"]
     if record.get("sae_fit"):
         metrics["sts/sae_fit/fvu"], metrics["sts/sae_fit/l0"] = record["sae_fit"]["fvu"], record["sae_fit"]["l0"]
     return metrics
@@ -163,6 +165,21 @@ def _tensorboard(trainer: Any) -> Iterator[Any]:
         writer.flush()
         if reopen:
             writer.close()
+            callback.tb_writer = None
+
+
+@contextmanager
+def tensorboard_kept_closed(trainer: Any) -> Iterator[None]:
+    """Closes the ``TensorBoardCallback``'s writer again after the block if it was closed before: its ``on_log``
+    reopens it for a log that comes after its ``on_train_end`` (the train-end re-check's), which would leave a
+    writer (a file handle and a thread) open after ``train()``."""
+    callback = _integration(trainer, "TensorBoardCallback") if trainer is not None else None
+    closed = callback is not None and getattr(callback, "tb_writer", None) is None
+    try:
+        yield
+    finally:
+        if closed and getattr(callback, "tb_writer", None) is not None:
+            callback.tb_writer.close()
             callback.tb_writer = None
 
 

@@ -157,7 +157,8 @@ def trend_projection(history: list[dict], measured: dict[str, float | None], fra
         changes = [r["loss_delta"][name] for r in earlier] + [value]
         early[name] = float(trend_weights(fractions) @ np.array(changes))
         cis = [(r.get("loss_delta_ci") or {}).get(name) for r in earlier] + [(intervals or {}).get(name)]
-        if all(ci and None not in ci for ci in cis):
+        # a bound None or NaN (one text measured: no spread) gives the projection no interval
+        if all(ci and all(v is not None and math.isfinite(v) for v in ci) for ci in cis):
             half = trend_interval(fractions, cis)
             bounds[name] = [early[name] - half, early[name] + half]
         else:

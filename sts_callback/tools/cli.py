@@ -20,7 +20,7 @@ from ..core.run_store import FORECAST_FORMAT
 EXAMPLE_CONFIG = """\
 # sts forecast config (YAML or JSON)
 model: gemma-3-270m            # a local Hugging Face folder, a hub name already in the cache, or gemma-3-270m
-sae: ~/.cache/sts_callback/sae/gemma-3-270m-L12   # sae-lens folder, or {release: ..., sae_id: ...}
+sae: ~/.cache/sts_callback/sae/gemma-3-270m-L12-w4096-k32   # sae-lens folder, or {release: ..., sae_id: ...}
 train_data: my_sft_set.jsonl   # texts / messages / prompt+completion records, or a registered domain name
 targets:                       # name -> JSONL path or registered domain name (see `sts domains`)
   legal: legal
@@ -239,6 +239,11 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
     options.update(dict(_parse_override(item) for item in args.set or []))
     config = STSConfig.from_dict(options)
     _check_model(config_file["model"])
+    from ..core.sae import missing_sae_folder
+
+    problem = missing_sae_folder(_expand(config_file["sae"]))
+    if problem:
+        raise STSInputError(f"{args.config}: {problem}")
     _check_model_settings(args.config, config_file, config)
     _check_data_values(args.config, config_file)
     _check_data_files(_data_specs(config_file))
@@ -523,6 +528,20 @@ def _calibration_argument(value: str | None):
         raise STSInputError(f"--calibration {value}: {err}") from err
 
 
+def _offline_calibration_argument(value: str | None):
+    """``--calibration`` of a forecast made without training: loaded, and refused now (before any model loads)
+    if it needs what only a training run computes (a run-level term)."""
+    calibration = _calibration_argument(value)
+    if calibration is not None:
+        from ..pipelines.forecast import check_offline_calibration
+
+        try:
+            check_offline_calibration(calibration)
+        except STSConfigError as err:
+            raise STSInputError(f"--calibration {value}: {err}") from err
+    return calibration
+
+
 def cmd_forecast(args: argparse.Namespace) -> int:
     from ..pipelines.forecast import forecast
 
@@ -533,15 +552,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     output = _check_output_file(Path(args.output or config_file.get("output") or "forecast.json"),
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
-    calibration_spec = args.calibration or config_file.get("calibration")
-    calibration = _calibration_argument(calibration_spec)
-    if calibration is not None:
-        from ..pipelines.forecast import check_offline_calibration
-
-        try:
-            check_offline_calibration(calibration)
-        except STSConfigError as err:
-            raise STSInputError(f"--calibration {calibration_spec}: {err}") from err
+    calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"))
     not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
     targets = config_file["targets"]
     names = ([str(k) for k in targets] if isinstance(targets, dict) else  # a list: names or paths (named by stem)
@@ -604,10 +615,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.calibration.lower() == "none":
         calibration = None
-    elif args.calibration in BUILTIN:  # by name (run_demo loads it): the demo then says its scope
-        calibration = args.calibration
-    else:
-        calibration = _calibration_argument(args.calibration)
+    else:  # the demo's forecast is made before its training run: checked as a forecast's, before the model loads
+        calibration = _offline_calibration_argument(args.calibration)
+        if args.calibration in BUILTIN:  # by name: the demo then says its scope
+            calibration = args.calibration
     run_demo(output_dir=_check_output_folder(Path(args.output), "The demo output folder"), quick=args.quick,
              train_steps=args.train_steps, calibration=calibration)
     return 0
