@@ -292,6 +292,117 @@ def test_session_methods_out_of_order_are_named_errors(tmp_path, tokenizer):
     assert session.history == [] and not (tmp_path / "sts" / "history.jsonl").exists()
     session.recheck(model, 1, max_steps=4)
     assert [r["step"] for r in session.history] == [1]
+    # prepare() again (e.g. after accelerator.prepare): the base measurements belong to the old monitor
+    with pytest.warns(RuntimeWarning, match=r"prepare\(\) after start\(\)"):
+        session.prepare(model, tokenizer, probe, domains)
+    with pytest.raises(STSUsageError, match="before the run started"):
+        session.recheck(model, 2, max_steps=4)
+
+    fresh = session_for(tmp_path / "fresh")
+    with pytest.raises(STSUsageError, match=r"resume\(\) before prepare\(\)"):
+        fresh.resume(2, RunStore(tmp_path / "checkpoint-2" / "sts"), domains)
+    fresh.prepare(model, tokenizer, probe, domains)
+    with pytest.raises(STSUsageError, match=r"save_checkpoint\(\) before start\(\)"):
+        fresh.save_checkpoint(RunStore(tmp_path / "fresh" / "checkpoint-1" / "sts"), 1)
+    assert not (tmp_path / "fresh" / "checkpoint-1").exists()  # no half checkpoint
+
+
+def test_steps_from_an_accelerate_loop_are_whole_numbers_in_the_history(tmp_path, tokenizer):
+    """numpy and tensor step counts, and micro-steps / accumulation as a float, are the int they hold: before,
+    an np.int64 step could not be written (no history on disk) and a float one made the report refuse the file."""
+    import numpy as np
+
+    from sts_callback import STSUsageError
+
+    model = make_model("llama")
+    session = started(tmp_path, tokenizer, model)
+    for step in (np.int64(2), torch.tensor(4), 12 / 2):
+        record, _ = session.recheck(model, step, max_steps=np.int64(8))
+        assert type(record["step"]) is int and "early_forecast" in record
+    assert [r["step"] for r in RunStore(tmp_path / "sts").read_history()] == [2, 4, 6]
+    assert session.write_report() is not None
+    with pytest.raises(STSUsageError, match=r"recheck\(step=6.5\): pass a whole number of optimizer steps"):
+        session.recheck(model, 6.5, max_steps=8)
+
+
+def test_learning_rates_as_arrays_tensors_or_a_scheduler(tmp_path, tokenizer):
+    """An array or tensor of rates silently turned the early forecast (and the projected stop) off; a scheduler
+    object or a short list is named at once."""
+    import numpy as np
+
+    from sts_callback import STSUsageError
+
+    model = make_model("llama")
+    session = started(tmp_path, tokenizer, model)
+    for rates in (np.full(8, LR), torch.full((8,), LR)):
+        session.learning_rates = rates
+        assert session.learning_rates == pytest.approx([LR] * 8) and type(session.learning_rates[0]) is float
+    record, _ = session.recheck(model, 2, max_steps=8)
+    assert "early_forecast" in record and "early_forecast_error" not in record
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    with pytest.raises(STSUsageError, match="got LambdaLR; give each optimizer step's learning rate"):
+        session.learning_rates = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    session.learning_rates = [LR] * 7
+    with pytest.warns(RuntimeWarning, match="7 learning rates for max_steps=8"):
+        record, _ = session.recheck(model, 4, max_steps=8)
+    assert "early_forecast" not in record
+
+
+def test_a_projected_stop_without_a_schedule_says_it_cannot_project(tmp_path, tokenizer):
+    model = make_model("llama")
+    session = session_for(tmp_path, early_stop="projected")
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+    session.start(model, load_corpus(HARMFUL), domains)
+    with pytest.warns(RuntimeWarning, match="early_stop='projected' cannot project \\(no learning-rate schedule"):
+        session.recheck(model, 2, max_steps=8)
+
+
+def test_a_resume_keeps_the_rotation_and_finds_the_run_folder_of_a_loops_own_layout(tmp_path, tokenizer):
+    """The loss_domains rotation restarted at every resume (a domain could go unmeasured for ever), and a
+    checkpoint outside the Trainer's <output_dir>/checkpoint-<step>/sts layout lost the forecast and history."""
+    model = make_model("llama")
+    first = started(tmp_path / "run1", tokenizer, model, {"loss_domains": 1})
+    train_steps(model, tokenizer, HARMFUL, 2)
+    first.recheck(model, 2, max_steps=8)
+    checkpoint = RunStore(tmp_path / "run1" / "ckpt" / "step-2" / "sts")  # the loop's own layout
+    first.save_checkpoint(checkpoint, 2)
+
+    again = session_for(tmp_path / "run2", tolerance=10.0, recheck={"loss_domains": 1})  # a new folder, a new process
+    again.learning_rates = [LR] * 8
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    again.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+    again.resume(2, checkpoint, domains)
+    assert again.forecast is not None and [r["step"] for r in again.history] == [2]
+    assert (tmp_path / "run2" / "sts" / "forecast.json").exists()
+    record, _ = again.recheck(model, 4, max_steps=8)
+    assert sorted(first.history[0]["loss_delta"]) == ["food", "law"]
+    assert sorted(record["loss_delta"]) == ["chem", "food"]  # the turn goes on, not back to law
+
+
+def test_a_session_of_another_rank_writes_no_checkpoint_and_a_failed_recheck_keeps_the_models_mode(tmp_path,
+                                                                                               tokenizer):
+    import sts_callback.integrations.session as session_module
+
+    model = make_model("llama")
+    session = started(tmp_path, tokenizer, model)
+    assert session.is_main  # decided when asked: a session built before init_process_group() learns its rank
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(session_module, "is_main_process", lambda: False)
+        assert not session.is_main
+    session.is_main = False
+    session.save_checkpoint(RunStore(tmp_path / "checkpoint-2" / "sts"), 2)
+    assert not (tmp_path / "checkpoint-2").exists()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory in the held-out pass")
+
+    session.monitor.measure_changes = fail
+    session.is_main = True  # the failure is warned about on the main process
+    model.eval()
+    with pytest.warns(RuntimeWarning, match="failed and was skipped"):
+        record, _ = session.recheck(model, 2, max_steps=8)
+    assert record is None and not model.training
 
 
 def test_one_recheck_is_no_course_a_projection_warns_from_the_second_on(tmp_path):

@@ -21,6 +21,7 @@ a :class:`RunStore`, and warns; it never logs to a tracker (the caller does, fro
 from __future__ import annotations
 
 import logging
+import operator
 import random
 import time
 import traceback
@@ -89,14 +90,16 @@ class STSSession:
             if unknown:
                 raise STSConfigError(f"The calibration takes its level from {unknown}, which the run does not "
                                      f"measure; use {own}.")
-        self.strict, self.is_main = strict, is_main_process() if is_main is None else is_main
+        # None: decided at each use, so that a session built before init_process_group() / Accelerator() knows
+        # its rank once the group exists
+        self.strict, self._is_main = strict, is_main
         self.history: list[dict[str, Any]] = []
         self.base_losses: dict[str, float] = {}
         self.base_fit: dict[str, float] | None = None  # the SAE's FVU and L0 on the probe at train start
         self.base_accuracy: dict[str, float] = {}  # multiple-choice domains at train start
         self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
         self.run_level: dict[str, Any] | None = None  # the run-level term at train start (RunLevelEstimate.to_dict)
-        self.learning_rates: list[float] | None = None  # the planned schedule, for the early forecast
+        self.learning_rates = None  # the planned schedule, for the early forecast
         self.setup: ForecastSetup | None = None
         self.forecast: Forecast | None = None
         self.monitor: Monitor | None = None
@@ -110,12 +113,33 @@ class STSSession:
         self._step_began: float | None = None  # the Trainer's current step, when it began
         self._steps_timed = False  # the budget's training time is the steps' own (step_began / step_ended)
         self.recipe: str | None = None  # "lora" (adapters) or "full", known at start: a calibration's scope
+        self._started = False  # start() or resume() since the last prepare(): re-checks have a base to compare with
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process prints, warns and writes files."""
+        return is_main_process() if self._is_main is None else self._is_main
+
+    @is_main.setter
+    def is_main(self, value: bool | None) -> None:
+        self._is_main = value
+
+    @property
+    def learning_rates(self) -> list[float] | None:
+        """Each optimizer step's learning rate (steps 1..max_steps), for the early forecast; ``None``: unknown."""
+        return self._learning_rates
+
+    @learning_rates.setter
+    def learning_rates(self, rates: Any) -> None:
+        self._learning_rates = None if rates is None else schedule_rates(rates)
 
     # ------------------------------------------------------------------ state
     def counters(self) -> dict[str, Any]:
-        """What a resume needs besides the history (``callback_state.json``)."""
+        """What a resume needs besides the history (``callback_state.json``), and the run folder that wrote it (a
+        resume into another folder copies the forecast and history from there)."""
         return {"base_losses": self.base_losses, "predicted": self.predicted, "base_fit": self.base_fit,
-                "base_accuracy": self.base_accuracy, **self.guard.state()}
+                "base_accuracy": self.base_accuracy, "run_folder": str(self.store.root.resolve()),
+                **self.guard.state()}
 
     def load_counters(self, saved: dict[str, Any]) -> None:
         self.guard.load_state(saved)
@@ -133,7 +157,7 @@ class STSSession:
                 raise
             self.write_errors.append({"step": step, "what": what, "error": f"{type(err).__name__}: {err}"})
             message = (f"STS could not write {what} ({type(err).__name__}: {err}); training goes on and the data "
-                       "stays in memory (callback.history, callback.write_errors).")
+                       "stays in memory (the callback's or session's history and write_errors).")
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             logger.warning(message)
             return False
@@ -156,6 +180,11 @@ class STSSession:
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
+        if self._started and self.is_main:
+            warnings.warn("STSSession.prepare() after start(): the run's base measurements belong to the monitor it "
+                          "replaces; call start(...) (a new run) or resume(...) before the next re-check.",
+                          RuntimeWarning, stacklevel=2)
+        self._started = False
         self.setup = ForecastSetup.create(model, tokenizer, self.sae, self.config)
         seed, settings = self.config.seed, self.settings
         loss_sets = {name: Monitor.sample_sequences(corpus, self.setup, settings.loss_tokens, f"{seed}:heldout:{name}",
@@ -215,7 +244,7 @@ class STSSession:
             self._run_level(model, run_level)
         if self.forecast is not None:
             self._publish_forecast()
-        self._clock = time.perf_counter()
+        self._clock, self._started = time.perf_counter(), True
         return self.forecast
 
     def _run_level(self, model, run_level: Callable[[Any, dict[str, float]], Any]) -> None:
@@ -295,8 +324,11 @@ class STSSession:
     def resume(self, step: int, checkpoint: RunStore, domains: dict[str, Corpus]) -> None:
         """Pick up at ``step`` from ``checkpoint`` (the checkpoint's STS folder) and the run folder: what the
         caller did not restore (history, counters) is read back from them."""
+        if self.monitor is None:
+            raise STSUsageError("STSSession.resume() before prepare(): call prepare(model, tokenizer, probe, domains) "
+                                "first, then resume(step, checkpoint, domains).")
         store = self.store
-        origin = RunStore(checkpoint.root.parent.parent / checkpoint.root.name)  # the run that saved the checkpoint
+        origin = RunStore(self._origin(checkpoint))  # the run folder that saved the checkpoint
         if self.is_main and origin.root.resolve() != store.root.resolve() and not store.has_results():
             self.write(f"the run folder {store.root} (from {origin.root})", lambda: store.adopt(origin, step), step)
         if is_main_process() and store.forecast_path.exists():
@@ -324,7 +356,8 @@ class STSSession:
             self.write(f"the history in {store.root}", lambda: kept.extend(store.keep_history_until(step)), step)
             if not self.history:
                 self.history = kept
-            print(f"STS: resumed at step {step}; forecast read back from {store.forecast_path}.")
+            print(f"STS: resumed at step {step}" + (f"; forecast read back from {store.forecast_path}."
+                                                    if self.forecast is not None else "; the run has no forecast."))
             if not self.history:  # the folder could not be rewritten: read as it is
                 self.history = store.read_history()
         self.history = from_main_process(self.history)
@@ -332,7 +365,24 @@ class STSSession:
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
         if spent is not None:  # the share is the run's, across resumes
             self.budget.train_seconds, self.budget.recheck_seconds = spent["train_seconds"], spent["recheck_seconds"]
-        self._clock = time.perf_counter()
+        # the rotation of unprotected domains (loss_domains) goes on where the kept re-checks left it
+        protected = set(self.guard.config.protected)
+        monitor.turn = sum(name not in protected for r in self.history for name in r.get("loss_delta") or {})
+        self._clock, self._started = time.perf_counter(), True
+
+    def _origin(self, checkpoint: RunStore) -> Path:
+        """The run folder that saved ``checkpoint`` (as rank 0 finds it): the Trainer's layout
+        (``<output_dir>/checkpoint-<step>/<subdir>`` of ``<output_dir>/<subdir>``, which holds when the whole folder
+        was moved) where it holds the run's results, else the folder the checkpoint's state records (a loop's own
+        layout)."""
+        guess = checkpoint.root.parent.parent / checkpoint.root.name
+        found = None
+        if is_main_process():
+            saved = (checkpoint.read_state() or {}).get("run_folder")
+            if not RunStore(guess).has_results() and saved and RunStore(Path(saved)).has_results():
+                found = saved
+        found = from_main_process(found)
+        return Path(found) if found else guess
 
     # ------------------------------------------------------------------ during training
     def variant(self) -> str:
@@ -359,9 +409,10 @@ class STSSession:
         learning rates, for a schedule the session could not plan. ``ended``: training has ended at ``step``
         (the last re-check); before ``max_steps`` (another callback or the user stopped it) the record says so
         (``ended_early``) and projects nothing, the run's end being now."""
-        if self.monitor is None or not self.base_losses:
+        if self.monitor is None or not self.base_losses or not self._started:
             raise STSUsageError(f"STSSession.recheck(step={step}) before the run started: call prepare(...) and "
                                 "start(...) (or resume(...)) first.")
+        step, max_steps = whole_steps(step, "step"), whole_steps(max_steps, "max_steps")
         last = max((r.get("step", 0) for r in self.history), default=None)
         if last is not None and step <= last:
             raise STSUsageError(f"STSSession.recheck(step={step}) after a re-check at step {last}: steps must "
@@ -379,10 +430,11 @@ class STSSession:
 
     def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None, ended: bool = False,
                  ) -> tuple[dict[str, Any] | None, Decision | None]:
+        was_training = model.training
         try:
             result, probe_info, skipped = self._measure(model, step)
         except Exception as err:  # noqa: BLE001 - a monitoring failure must not kill a long run
-            model.train()
+            model.train(was_training)
             if self.strict:
                 raise
             trace = traceback.format_exc()
@@ -417,6 +469,8 @@ class STSSession:
             if self.strict:
                 raise
             record["early_forecast_error"] = f"{type(err).__name__}: {err}"
+            self.warn("early_forecast_error", f"STS early forecast at step {step} failed and was skipped "
+                      f"({record['early_forecast_error']}); the measured changes stand.", RuntimeWarning)
         for key, message in self.guard.fit_warnings(self.base_fit, result.sae_fit).items():
             self.warn(key, f"STS re-check at step {step}: {message}", STSDataWarning)
         decision = self.guard.check(step, result, self.variant(), record.get("projected_warnings"),
@@ -463,6 +517,16 @@ class STSSession:
         """The measured changes extrapolated to the end of training with their intervals; projected violations
         (whole interval above the tolerance) warned about."""
         if not self.learning_rates or max_steps <= 0:
+            if self.guard.config.early_stop == "projected":
+                why = "max_steps was not given" if max_steps <= 0 else "no learning-rate schedule is known"
+                self.warn("projected_without_schedule", f"STS: early_stop='projected' cannot project ({why}): "
+                          "the run stops only on measured violations. Pass recheck(..., max_steps=...) and set "
+                          "session.learning_rates (each step's rate) or pass log_history.", RuntimeWarning)
+            return {}
+        if len(self.learning_rates) < max_steps:
+            self.warn("short_schedule", f"STS early forecast skipped: {len(self.learning_rates)} learning rates for "
+                      f"max_steps={max_steps}; set session.learning_rates to one rate per optimizer step.",
+                      RuntimeWarning)
             return {}
         fraction = lr_area_fraction(step, max_steps, self.learning_rates)
         method = self.settings.early_method or best_early_method(self.calibration, self.recipe)
@@ -483,6 +547,11 @@ class STSSession:
 
     def save_checkpoint(self, checkpoint: RunStore, step: int) -> None:
         """The monitor state and counters into a checkpoint's STS folder (main process)."""
+        if not self._started:
+            raise STSUsageError("STSSession.save_checkpoint() before start(): there is no run state to save yet; "
+                                "call prepare(...) and start(...) (or resume(...)) first.")
+        if not self.is_main:
+            return
         self.write(f"the monitor state to {checkpoint.root}", lambda: self.monitor.save(checkpoint.monitor_path), step)
         self.write(f"the callback state to {checkpoint.root}", lambda: checkpoint.write_state(self.counters()), step)
 
@@ -502,6 +571,37 @@ class STSSession:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             logger.warning(message)
             return None
+
+
+def whole_steps(value: Any, name: str) -> int:
+    """A step count as an ``int``: an int-like value (numpy, a 0-d tensor) or a float with no fraction (micro-steps
+    / accumulation); anything else is refused, before it reaches the history file."""
+    if value is None and name == "max_steps":
+        return 0
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor or numpy scalar
+        value = value.item()
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise STSUsageError(f"STSSession.recheck({name}={value!r}): pass a whole number of optimizer steps (e.g. the "
+                        "optimizer steps taken so far: micro-batches // gradient_accumulation_steps).")
+
+
+def schedule_rates(rates: Any) -> list[float]:
+    """``STSSession.learning_rates`` as a list of floats: a list, numpy array or 1-d tensor of each step's rate."""
+    if isinstance(rates, (str, bytes)) or not hasattr(rates, "__iter__") or getattr(rates, "ndim", 1) != 1:
+        raise STSUsageError(f"STSSession.learning_rates: got {type(rates).__name__}; give each optimizer step's "
+                            "learning rate (a list, array or 1-d tensor of max_steps numbers). For a scheduler "
+                            "object, list its rates ahead, or pass recheck(..., log_history=[{'step': s, "
+                            "'learning_rate': lr}, ...]).")
+    try:
+        return [float(rate) for rate in rates]
+    except (TypeError, ValueError) as err:
+        raise STSUsageError(f"STSSession.learning_rates: not numbers ({err}); give each optimizer step's learning "
+                            "rate.") from err
 
 
 def check_inputs_agree(setup: ForecastSetup, domains: dict[str, Corpus], loss_sets, probe_sequences) -> None:
