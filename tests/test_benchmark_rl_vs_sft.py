@@ -47,3 +47,13 @@ def test_precise_measurement_has_one_noise_ceiling(rl_vs_sft):
         {"loss_delta": changes, "loss_delta_ci": ci, "sequences": {d: 32 for d in others}}, others)
     assert precise[0] == precise[1]
     assert low < precise[0] < high  # 31 degrees of freedom: close to the normal quantile, above the t(3) bracket
+
+
+def test_only_keeps_the_runs_it_names_and_exclude_still_applies(rl_vs_sft):
+    everything = [p.stem for p in rl_vs_sft.rl_runs([])]
+    held = [p.stem for p in rl_vs_sft.rl_runs([], ["grpo-*-kl-long"])]
+    assert held and set(held) == {name for name in everything if name.startswith("grpo-") and
+                                  name.endswith("-kl-long")}
+    assert "grpo-python_code-to-legal-long" in everything and "grpo-python_code-to-legal-long" not in held
+    assert [p.stem for p in rl_vs_sft.rl_runs(["grpo-math-*"], ["grpo-*-kl-long"])] == [
+        name for name in held if not name.startswith("grpo-math-")]
