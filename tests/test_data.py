@@ -227,3 +227,23 @@ def test_an_empty_domain_name_is_refused(name):
 
     with pytest.raises(STSInputError, match=r"targets has an entry with the empty name .*; give it a name"):
         load_domains({name: domain_texts("law", 5), "food": domain_texts("food", 5)})
+
+
+def test_all_but_draws_exactly_what_the_list_without_the_excluded_index_gives():
+    """AllBut stands for ``[i for i in items if i != excluded]`` (built per query, quadratic in a large set):
+    random.sample must draw the very same elements from it, for ranges and sparse pools, small and large."""
+    import random
+
+    from sts_callback.core.data import AllBut
+
+    for n in (1, 2, 5, 40, 1000):
+        for items in (range(n), list(range(0, 3 * n, 3))):
+            for excluded in (None, 0, items[len(items) // 2], items[-1], -7, 3 * n + 1):
+                expected = [i for i in items if i != excluded]
+                view = AllBut(items, excluded)
+                assert len(view) == len(expected) and list(view) == expected
+                assert not expected or view[-1] == expected[-1]
+                for k in (1, 2, 8):
+                    if k <= len(expected):
+                        seed = f"{n}:{excluded}:{k}"
+                        assert random.Random(seed).sample(view, k) == random.Random(seed).sample(expected, k)

@@ -7,7 +7,7 @@ import torch
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import STSConfig, STSNumericalError, forecast
-from sts_callback.core.data import load_corpus, load_domains
+from sts_callback.core.data import Corpus, load_corpus, load_domains
 from sts_callback.pipelines.forecast import Forecast, ForecastSetup, plan_inputs
 
 LAYER = 1
@@ -259,3 +259,61 @@ def test_model_is_returned_to_its_training_mode(tokenizer):
     sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
     forecast(model, tokenizer, sae, domain_texts("law", 30), targets(), small_config())
     assert model.training
+
+
+class CountingRows(list):
+    """A training set's rows that count how many are read (a large dataset whose rows are costly to read)."""
+
+    reads = 0
+
+    def __getitem__(self, index):
+        CountingRows.reads += 1
+        return super().__getitem__(index)
+
+
+def reference_plan(builder, config, train, domains):
+    """The forecast's draws as written before 2026-12-05: the demonstration pool listed whole, and per query the
+    list of every other row (quadratic in a large set); the seeded draws must not change."""
+    import random
+
+    from sts_callback.core.data import sample_within_budget
+
+    rng = random.Random(config.seed)
+    queries, _ = sample_within_budget(train, builder, config.shift_tokens, rng)
+    pool = [i for i in range(len(train)) if train[i].can_demonstrate]
+    shift = [builder.pair(train[q], [train[i] for i in rng.sample([i for i in pool if i != q],
+                                                                  min(config.n_demonstrations, len(pool) - 1))])
+             for q in queries]
+    out = {}
+    for name, corpus in domains.items():
+        domain_rng = random.Random(f"{config.seed}:{name}")
+        indices, _ = sample_within_budget(corpus, builder, config.domain_tokens, domain_rng)
+        out[name] = [builder.pair(corpus[i], [corpus[j] for j in domain_rng.sample(
+            [j for j in range(len(corpus)) if j != i], min(config.n_domain_demonstrations, len(corpus) - 1))])
+            for i in indices]
+    return shift, out
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_large_training_set_is_read_only_where_drawn_and_the_draws_are_unchanged(model, tokenizer, mixed):
+    """Train start read every row of the training set to list the demonstration pool, and built a list of every
+    other row for each query: 30-110 s at 1M rows for a few thousand tokens. Rows are now read where drawn; a set
+    with rows that cannot demonstrate (prompt-only) is drawn from again among those that can, as before."""
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
+    config = small_config()
+    setup = ForecastSetup.create(model, tokenizer, sae, config)
+    texts = domain_texts("law", n=40)
+    rows = [{"prompt": t} if mixed and i % 3 == 0 else {"text": t} for i, t in enumerate(texts)]
+    train, domains = load_corpus(rows, "train"), load_domains(targets())
+    plan = plan_inputs(setup.builder, config, train, domains)
+    shift, domain_pairs = reference_plan(setup.builder, config, train, domains)
+    assert [(p.base, p.context) for p in plan.shift_pairs] == [(p.base, p.context) for p in shift]
+    for name, pairs in domain_pairs.items():
+        assert [(p.base, p.context) for p in plan.domains[name].pairs] == [(p.base, p.context) for p in pairs]
+
+    if mixed:
+        return
+    CountingRows.reads = 0
+    large = Corpus("train", CountingRows({"text": texts[i % 40]} for i in range(200_000)))
+    plan_inputs(setup.builder, config, large, domains)
+    assert 0 < CountingRows.reads < 200  # the queries and their demonstrations, not 200,000 rows

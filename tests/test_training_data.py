@@ -132,3 +132,89 @@ def test_kto_data_is_read_as_its_desirable_examples_only(tokenizer):
 def test_unknown_columns(tokenizer):
     with pytest.raises(STSInputError, match="train_probe="):
         corpus_from_training_dataset(Dataset.from_dict({"pixels": [[1, 2]]}), tokenizer)
+
+
+def _every_span(rows):
+    """(row, start, stop) of every packed sequence, listed the straightforward way."""
+    spans = []
+    for row_index, row in enumerate(rows):
+        start = 0
+        for length in row["seq_lengths"]:
+            spans.append((row_index, start, start + int(length)))
+            start += int(length)
+    return spans
+
+
+def test_packed_rows_are_indexed_lazily_as_the_list_of_every_span(tokenizer):
+    from sts_callback.integrations.training_data import packed_spans
+
+    texts = ["law court", " judge .", "egg cook", " bake .", "gene cell", " protein .", "tax rule"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    packs = [[0, 1, 2, 3], [], [4, 5, 6], [1], [6, 0]]  # a row with no sequence too
+    data = Dataset.from_dict({"input_ids": [sum((ids[k] for k in p), []) for p in packs],
+                              "completion_mask": [sum(([k % 2] * len(ids[k]) for k in p), []) for p in packs],
+                              "seq_lengths": [[len(ids[k]) for k in p] for p in packs]})
+    for rows in (data, data.shuffle(seed=3), data.select([4, 0, 2]), list(data)):
+        expected = _every_span(list(rows))
+        spans = packed_spans(rows)
+        assert len(spans) == len(expected) and list(spans) == expected
+        assert spans[-1] == expected[-1] and spans[-len(expected)] == expected[0]
+        with pytest.raises(IndexError):
+            spans[len(expected)]
+        # the examples read are those of the rows unpacked, in the same order
+        unpacked = [{"input_ids": row["input_ids"][start:stop], "completion_mask": row["completion_mask"][start:stop]}
+                    for row, start, stop in ((rows[r], a, b) for r, a, b in expected)]
+        corpus = corpus_from_training_dataset(rows, tokenizer)
+        one_by_one = corpus_from_training_dataset(unpacked, tokenizer)
+        assert len(corpus) == len(one_by_one) and list(corpus) == list(one_by_one)
+    with pytest.raises(TypeError):  # a malformed row fails when read, as before
+        packed_spans(Dataset.from_dict({"input_ids": [[1, 2], [3]], "seq_lengths": [[1, 1], None]}))
+
+
+def test_kto_desirable_rows_are_those_a_row_by_row_read_keeps(tokenizer):
+    prompts = [f"law court {i}" for i in range(12)]
+    for labels in ([True, False, None] * 4, [1, 0, 2, 0, 0, 1] * 2, [0.0, 0.5, float("nan")] * 4, [True] * 12):
+        data = Dataset.from_dict({"prompt": prompts, "completion": [f" judge {i}" for i in range(12)],
+                                  "label": labels})
+        for rows in (data, data.shuffle(seed=5), list(data)):
+            expected = [row["completion"] for row in rows if bool(row["label"])]
+            corpus = corpus_from_training_dataset(rows, tokenizer)
+            assert [corpus[i].answer for i in range(len(corpus))] == expected
+
+
+def _count_row_reads(monkeypatch):
+    """Dataset reads by key: a row read in Python (an int, or a column by name) is counted; a slice read as Arrow
+    (one bulk read) is not."""
+    reads = {"rows": 0, "python_slices": 0, "columns": 0}
+    getitem = Dataset.__getitem__
+
+    def counted(self, key):
+        if isinstance(key, str):
+            reads["columns"] += 1
+        elif isinstance(key, slice):
+            reads["python_slices"] += self.format["type"] != "arrow"
+        else:
+            reads["rows"] += 1
+        return getitem(self, key)
+
+    monkeypatch.setattr(Dataset, "__getitem__", counted)
+    return reads
+
+
+def test_a_large_packed_or_kto_set_is_read_without_touching_every_row(tokenizer, monkeypatch):
+    # every span indexed (or every label read) row by row in Python: 15 s and 230 MB for 400k packed rows
+    from sts_callback.integrations.training_data import packed_spans
+
+    n = 200_000
+    ids = tokenizer("law court judge", add_special_tokens=False)["input_ids"]
+    packed = Dataset.from_dict({"input_ids": [ids * 2] * n, "seq_lengths": [[len(ids)] * 2] * n})
+    kto = Dataset.from_dict({"prompt": ["law court"] * n, "completion": [" judge ."] * n,
+                             "label": [i % 3 == 0 for i in range(n)]})
+    reads = _count_row_reads(monkeypatch)
+    spans = packed_spans(packed)
+    assert len(spans) == 2 * n and spans[2 * n - 1] == (n - 1, len(ids), 2 * len(ids))
+    corpus = corpus_from_training_dataset(packed, tokenizer)
+    assert len(corpus) == 2 * n and corpus[2 * n - 1].prompt == "law court judge"
+    desirable = corpus_from_training_dataset(kto, tokenizer)
+    assert len(desirable) == (n + 2) // 3 and desirable[-1].answer == " judge ."
+    assert reads["columns"] == reads["python_slices"] == 0 and reads["rows"] < 20

@@ -7,6 +7,7 @@ demonstrations: the two conditions are compared position by position at those to
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 import re
@@ -605,6 +606,29 @@ class PromptBuilder:
 def token_count(builder: PromptBuilder, example: Example) -> int:
     _, counted = builder.single(example)
     return sum(counted)
+
+
+class AllBut(Sequence):
+    """``items`` (ascending indices, e.g. a ``range``) without ``excluded``, as a view: ``random.sample`` draws
+    from it exactly what it draws from the list ``[i for i in items if i != excluded]``, without building that
+    list (one per query: quadratic in a large training set)."""
+
+    def __init__(self, items: Sequence[int], excluded: int | None):
+        self.items = items
+        position = bisect.bisect_left(items, excluded) if excluded is not None else len(items)
+        self.position = position if position < len(items) and items[position] == excluded else None
+
+    def __len__(self) -> int:
+        return len(self.items) - (self.position is not None)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.items[index + 1 if self.position is not None and index >= self.position else index]
 
 
 def sample_within_budget(corpus: Corpus, builder: PromptBuilder, budget: int, rng: random.Random,

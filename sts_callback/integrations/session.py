@@ -423,9 +423,11 @@ class STSSession:
                       "pass the run's real length.", STSDataWarning)
         if self._clock is not None and not self._steps_timed:
             self.budget.add_training(time.perf_counter() - self._clock)
+        began, measured_before = time.perf_counter(), self.budget.recheck_seconds
         try:
             return self._recheck(model, step, max_steps, log_history, ended)
-        finally:
+        finally:  # the files, projection and report around the measurement cost the run too
+            self.budget.add_bookkeeping(time.perf_counter() - began - (self.budget.recheck_seconds - measured_before))
             self._clock = time.perf_counter()
 
     def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None, ended: bool = False,

@@ -11,9 +11,12 @@ examples. Decoded text keeps chat-template markers.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..core.data import Corpus, Example, is_dataset, load_corpus, load_domains, named_items, take_streamed
 from ..core.errors import STSConfigError, STSInputError
@@ -51,8 +54,12 @@ class DecodedCorpus(Corpus):
         if self.answer_key is not None:
             row = self._items[index]
             return Example(prompt=self._decode(row[self.prompt_key]), answer=self._decode(row[self.answer_key]))
-        row_index, start, stop = self._spans[index] if self._spans is not None else (index, 0, None)
-        row = self._items[row_index]
+        if self._spans is not None:
+            row_index, place = self._spans.locate(index)
+            row = self._items[row_index]
+            start, stop = span_bounds(row["seq_lengths"], place)  # from the row read anyway: not read twice
+        else:
+            row, start, stop = self._items[index], 0, None
         ids = token_list(row["input_ids"])[start:stop]
         if self.mask_key is not None and self.mask_key in row:
             mask = [int(label != IGNORE_INDEX) for label in token_list(row["labels"])] \
@@ -74,7 +81,42 @@ def token_list(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
-def packed_spans(dataset: Sequence[Any]) -> list[tuple[int, int, int]] | None:
+class PackedSpans(Sequence):
+    """(row, start, stop) of every sequence packed in the rows of a packed dataset, found when asked: only the
+    running count of sequences per row is held, as a list of every span took seconds and hundreds of MB to build
+    on a large set of which the forecast reads a few thousand."""
+
+    def __init__(self, dataset: Sequence[Any], ends: np.ndarray):
+        self._dataset = dataset
+        self._ends = ends  # sequences packed in rows 0..r, for each row r
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """The row that sequence ``index`` is packed in, and its place among that row's sequences."""
+        index = operator.index(index)
+        size = len(self)
+        if index < 0:  # as a list indexes
+            index += size
+        if not 0 <= index < size:
+            raise IndexError("packed sequence index out of range")
+        row = int(np.searchsorted(self._ends, index, side="right"))
+        return row, index - (int(self._ends[row - 1]) if row else 0)
+
+    def __getitem__(self, index: int) -> tuple[int, int, int]:  # type: ignore[override]
+        row, place = self.locate(index)
+        return (row, *span_bounds(self._dataset[row]["seq_lengths"], place))
+
+
+def span_bounds(row_lengths: Any, place: int) -> tuple[int, int]:
+    """(start, stop) in its row's tokens of the sequence at ``place`` among the row's ``seq_lengths``."""
+    lengths = [int(length) for length in row_lengths]
+    start = sum(lengths[:place])
+    return start, start + lengths[place]
+
+
+def packed_spans(dataset: Sequence[Any]) -> PackedSpans | None:
     """(row, start, stop) of every sequence packed in the rows of a dataset TRL packed (its ``seq_lengths``
     column), or None when it is not packed. Reading a packed row whole would join unrelated examples (and split
     a completion-only row at its first prompt only)."""
@@ -82,18 +124,61 @@ def packed_spans(dataset: Sequence[Any]) -> list[tuple[int, int, int]] | None:
     if columns is not None:
         if "seq_lengths" not in columns:
             return None
-        lengths = dataset["seq_lengths"]
+        counts = _list_sizes(dataset, "seq_lengths")
+        if counts is None:  # no Arrow column of int lists: row by row (a malformed row fails here, as ever)
+            counts = [_sequence_count(lengths) for lengths in dataset["seq_lengths"]]
     else:  # rows given one by one: packed only when the first is (reading every row would tokenize a lazy set)
         if not len(dataset) or not isinstance(dataset[0], Mapping) or "seq_lengths" not in dataset[0]:
             return None
-        lengths = [dataset[i]["seq_lengths"] for i in range(len(dataset))]
-    spans = []
-    for row_index, row_lengths in enumerate(lengths):
-        start = 0
-        for length in row_lengths:
-            spans.append((row_index, start, start + int(length)))
-            start += int(length)
-    return spans
+        counts = [_sequence_count(dataset[i]["seq_lengths"]) for i in range(len(dataset))]
+    return PackedSpans(dataset, np.cumsum(counts, dtype=np.int64))
+
+
+def _sequence_count(row_lengths: Any) -> int:
+    return len([int(length) for length in row_lengths])  # int(): a malformed row fails now, not mid-forecast
+
+
+def _arrow_column(dataset: Any, column: str) -> Any:
+    """A ``datasets.Dataset`` column read in bulk as Arrow, in the dataset's row order (a selection or shuffle
+    applied), or None for other data: the column read row by row in Python took ~35 µs a row."""
+    if not is_dataset(dataset) or not hasattr(dataset, "__len__") or not hasattr(dataset, "with_format"):
+        return None
+    return dataset.with_format("arrow", columns=[column])[:].column(column)
+
+
+def _list_sizes(dataset: Any, column: str) -> Any:
+    """How many items each row's list holds, read in bulk; None where that read could differ from the rows'
+    (no Arrow column, a null, a value other than an int)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = _arrow_column(dataset, column)
+    if values is None or values.null_count:
+        return None
+    kind = values.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+        return None
+    if not pa.types.is_integer(kind.value_type) or pc.list_flatten(values).null_count:
+        return None
+    return pc.list_value_length(values).to_numpy()
+
+
+def _truth_mask(dataset: Any, column: str) -> np.ndarray | None:
+    """``bool(value)`` of each row's ``column``, read in bulk; None where that read could differ from the rows'
+    (no Arrow column, values other than bools or numbers)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = _arrow_column(dataset, column)
+    if values is None:
+        return None
+    if pa.types.is_boolean(values.type):
+        truth = values
+    elif pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+        truth = pc.not_equal(values, 0)  # NaN is true, as bool(nan)
+    else:
+        return None
+    return np.asarray(pc.fill_null(truth, False).to_numpy(), dtype=bool)  # a null reads as None: false
 
 
 def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -> Corpus:
@@ -140,13 +225,19 @@ def _trained_as_tokenized(columns: set[str], first: Any) -> bool:
 def _desirable_only(dataset: Any, name: str) -> Any:
     """KTO's unpaired data (completions with a bool ``label``): only the desirable ones are what training pushes
     the model toward; an undesirable one read as a demonstration would point the forecast the wrong way."""
-    labels = dataset["label"] if hasattr(dataset, "column_names") else [row["label"] for row in dataset]
-    keep = [i for i, label in enumerate(labels) if bool(label)]
-    if not keep:
+    mask = _truth_mask(dataset, "label")
+    if mask is not None:
+        keep: Any = np.flatnonzero(mask)
+    else:
+        labels = dataset["label"] if hasattr(dataset, "column_names") else [row["label"] for row in dataset]
+        keep = [i for i, label in enumerate(labels) if bool(label)]
+    if not len(keep):
         raise STSInputError(f"The trainer's {name} dataset has a `label` column (KTO) but no example labelled "
                             "desirable (True): nothing shows what training pushes toward; pass train_probe= with "
                             "desirable texts.")
-    return dataset.select(keep) if hasattr(dataset, "select") else [dataset[i] for i in keep]
+    if hasattr(dataset, "select"):  # a view by indices; every row desirable: the set itself
+        return dataset if len(keep) == len(dataset) else dataset.select(keep)
+    return [dataset[i] for i in keep]
 
 
 def target_corpora(target: Any, trainer: Any, tokenizer) -> tuple[dict[str, Corpus], dict[str, LmEvalTarget]]:

@@ -37,6 +37,7 @@ class OverheadBudget:
     fixed_seconds: float | None = None  # the probe and the protected domains, last re-check
     set_tokens: dict[str, int] = field(default_factory=dict)  # the tokens of those sets
     measured: set[str] = field(default_factory=set)  # domains measured at a re-check (priced by their own cost)
+    bookkeeping_seconds: float = 0.0  # the last re-check's files, projection and report, around its measurement
 
     def add_training(self, seconds: float) -> None:
         self.train_seconds += max(seconds, 0.0)
@@ -58,6 +59,12 @@ class OverheadBudget:
                 if name not in self.measured:
                     self.domain_seconds[name] = tokens * share * per_token
 
+    def add_bookkeeping(self, seconds: float) -> None:
+        """Account for what a re-check spends around its measurement (the history, the report's figures): part
+        of its cost, paid at every re-check."""
+        self.bookkeeping_seconds = max(seconds, 0.0)
+        self.recheck_seconds += self.bookkeeping_seconds
+
     @property
     def spent_share(self) -> float | None:
         return self.recheck_seconds / self.train_seconds if self.train_seconds > 0 else None
@@ -71,7 +78,7 @@ class OverheadBudget:
     def affordable(self, in_turn: Sequence[str]) -> list[str]:
         """The longest prefix of ``in_turn`` (unprotected domains, least recently measured first) whose loss
         times fit in the credit left after the fixed part of the next re-check."""
-        left = self.credit() - (self.fixed_seconds or 0.0)
+        left = self.credit() - (self.fixed_seconds or 0.0) - self.bookkeeping_seconds
         chosen: list[str] = []
         for name in in_turn:
             cost = self.domain_seconds.get(name, 0.0)

@@ -9,7 +9,7 @@ import random
 import time
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from ..scoring import signed
 from ..scoring.calibration import own_feature
 from ..core.capture import check_measurable, hidden_size, max_positions, num_layers, unwrap_model
 from ..core.config import SCORE_VARIANTS, STSConfig, device_problem
-from ..core.data import Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
+from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
 from ..core.formatting import signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
@@ -378,30 +378,55 @@ def build_shift_pairs(corpus: Corpus, builder: PromptBuilder, config: STSConfig,
         raise STSInputError(f"{subject} has only {tokens} tokens (of {budget} asked for), fewer than one query of at "
                             f"least {MIN_DOMAIN_TOKENS}; add texts to it.")
     _check_chat(corpus, builder, queries)
-    pool_corpus = demonstrations if demonstrations is not None else corpus
-    pool = [i for i in range(len(pool_corpus)) if pool_corpus[i].can_demonstrate]
+    if demonstrations is not None:  # given apart: read whole (and checked as chats)
+        pool: Sequence[int] = demonstrable_rows(demonstrations)
+        _check_chat(demonstrations, builder, pool)
+    else:  # every row of the training set, until a drawn one cannot demonstrate: only the drawn rows are read
+        pool = range(len(corpus))
+    start = rng.getstate()
+    pairs = _paired_queries(corpus, demonstrations, queries, pool, builder, rng, n_demonstrations, subject)
+    if pairs is None:  # some rows cannot demonstrate: draw again, as from the start, among those that can
+        rng.setstate(start)
+        pool = demonstrable_rows(corpus)
+        pairs = _paired_queries(corpus, None, queries, pool, builder, rng, n_demonstrations, subject)
+    check_demonstrations_fit(pairs, builder, config, what)
+    return pairs, tokens
+
+
+def demonstrable_rows(corpus: Corpus) -> list[int]:
+    """The indices of the examples of ``corpus`` that can serve as in-context demonstrations (they have answers)."""
+    pool = [i for i in range(len(corpus)) if corpus[i].can_demonstrate]
     if not pool:
         raise STSInputError(
-            f"{pool_corpus.name!r} has no examples with answers to use as demonstrations (prompt-only data such "
+            f"{corpus.name!r} has no examples with answers to use as demonstrations (prompt-only data such "
             "as GRPO prompts); pass demonstrations=[...] with prompt/answer examples."
         )
-    if demonstrations is not None:
-        _check_chat(pool_corpus, builder, pool)
+    return pool
+
+
+def _paired_queries(corpus: Corpus, demonstrations: Corpus | None, queries: list[int], pool: Sequence[int],
+                    builder: PromptBuilder, rng: random.Random, n_demonstrations: int, subject: str,
+                    ) -> list[TokenPair] | None:
+    """Each query paired with demonstrations drawn from ``pool`` (from ``demonstrations``, else from ``corpus``
+    without the query itself); ``None`` when ``pool`` is the whole ``range`` of rows and a drawn row cannot
+    demonstrate (the caller then draws again among the rows that can: the draws are those of that pool)."""
+    pool_corpus = demonstrations if demonstrations is not None else corpus
     pairs = []
     for query_index in queries:
-        candidates = pool if demonstrations is not None else [i for i in pool if i != query_index]
-        if not candidates:
+        candidates = pool if demonstrations is not None else AllBut(pool, query_index)
+        if not len(candidates):
             # Kept (with a warning) rather than refused: without it a one-text set has no shift at all. The query
             # then follows its own copy, so the shift partly measures repetition, not the data's content.
             warnings.warn(f"{subject} has one text that can serve as an in-context demonstration, so it is its own "
                           "demonstration: the shift then partly measures seeing a text twice, not learning from the "
                           "data. Add texts to it, or pass demonstrations=[...] with other examples.",
-                          STSDataWarning, stacklevel=3)
+                          STSDataWarning, stacklevel=4)
             candidates = pool
-        chosen = rng.sample(candidates, min(n_demonstrations, len(candidates)))
-        pairs.append(builder.pair(corpus[query_index], [pool_corpus[i] for i in chosen]))
-    check_demonstrations_fit(pairs, builder, config, what)
-    return pairs, tokens
+        chosen = [pool_corpus[i] for i in rng.sample(candidates, min(n_demonstrations, len(candidates)))]
+        if isinstance(pool, range) and not all(example.can_demonstrate for example in chosen):
+            return None
+        pairs.append(builder.pair(corpus[query_index], chosen))
+    return pairs
 
 
 def domain_sequences(corpus: Corpus, builder: PromptBuilder, budget: int, rng: random.Random):
@@ -460,7 +485,7 @@ def plan_domains(builder: PromptBuilder, config: STSConfig, domains: dict[str, C
         if icl and len(corpus) >= 2:
             pairs = []
             for i in indices:
-                others = [j for j in range(len(corpus)) if j != i]
+                others = AllBut(range(len(corpus)), i)
                 chosen = domain_rng.sample(others, min(config.n_domain_demonstrations, len(others)))
                 pairs.append(builder.pair(corpus[i], [corpus[j] for j in chosen]))
             inputs[name] = DomainInput(pairs=pairs, singles=None, texts=len(indices), tokens=tokens)

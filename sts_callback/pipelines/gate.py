@@ -73,7 +73,7 @@ from torch import nn
 
 from ..core.atomic import atomic_write_json, atomic_write_text
 from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
-from ..core.data import Corpus, example_text, load_corpus, load_domains, named_items, repeated_names
+from ..core.data import AllBut, Corpus, example_text, load_corpus, load_domains, named_items, repeated_names
 from ..core.errors import STSConfigError, STSInputError
 from ..core.extract import Extractor, PairedStats
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, assemble_forecast, build_shift_pairs, inference_mode,
@@ -658,7 +658,8 @@ def _score_examples(extractor: Extractor, setup: ForecastSetup, corpus: Corpus, 
     pool = [i for i in range(len(corpus)) if corpus[i].can_demonstrate]
     pairs = []
     for i in range(len(corpus)):
-        others = [j for j in pool if j != i] or pool
+        others = AllBut(pool, i)
+        others = others if len(others) else pool
         chosen = rng.sample(others, min(config.n_demonstrations, len(others)))
         pairs.append(builder.pair(corpus[i], [corpus[j] for j in chosen]))
     index = torch.tensor(latents, dtype=torch.long)
