@@ -14,6 +14,7 @@ from torch import nn
 
 from .distributed import LocalFailure, shard
 from .errors import STSInputError
+from .heldout import HEAD_CHUNK, head_nll, split_head
 from .torch_utils import model_device, pad_token_id
 
 FIELDS = ("question", "choices", "answer")
@@ -66,24 +67,41 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
     longest = max(len(prompt) + len(c) for c in continuations)
     ids = torch.full((len(continuations), longest), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
+    keep = torch.zeros((len(continuations), longest - 1), dtype=torch.bool)  # positions predicting a choice token
     for row, c in enumerate(continuations):
         ids[row, : len(prompt) + len(c)] = torch.tensor(prompt + c)
         mask[row, : len(prompt) + len(c)] = 1
+        keep[row, len(prompt) - 1: len(prompt) - 1 + len(c)] = True
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            logprobs = answer_logprobs(model, ids.to(device), mask.to(device), keep.to(device))
     finally:
         model.train(was_training)
-    scores = []
-    for row, c in enumerate(continuations):
-        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=logits.device)
-        # log-softmax only where a choice token is predicted: never [choices x length x vocab] at once
-        logprobs = torch.log_softmax(logits[row, positions].float(), dim=-1)
-        total = float(logprobs[torch.arange(len(c)), torch.tensor(c, device=logits.device)].sum())
-        scores.append(total / len(c) if normalize else total)
-    return scores
+    rows = torch.arange(len(continuations), device=keep.device)[:, None].expand_as(keep)[keep]
+    totals = torch.zeros(len(continuations), dtype=torch.float64).index_add_(0, rows, logprobs.double().cpu())
+    return [float(total) / len(c) if normalize else float(total) for total, c in zip(totals, continuations)]
+
+
+def answer_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[keep.sum()] float32 log-probability of each next token where ``keep`` ([batch, length - 1]) is set. One
+    forward of the body; the LM head only at those positions, ``HEAD_CHUNK`` rows at a time, as the held-out loss
+    runs it (:func:`~.heldout.split_head`): never [choices x length x vocab] logits, 2.3 GB for one 575-token
+    question of a 262k-vocabulary model. Runs under the caller's autocast, as the full forward did."""
+    targets = ids[:, 1:][keep]
+    split = split_head(model)
+    if split is None:  # sharded (every rank calls the root module) or scaling its logits: the full forward
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logprobs = torch.log_softmax(logits[:, :-1][keep].float(), dim=-1)
+        del logits
+        return logprobs.gather(1, targets[:, None])[:, 0]
+    body, head, softcap = split
+    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
+    if not len(targets):
+        return torch.zeros(0, device=ids.device)
+    chunks = zip(hidden.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))
+    return -torch.cat([head_nll(head, softcap, h, t) for h, t in chunks])
 
 
 def accuracy(model: nn.Module, tokenizer, items: Sequence[dict[str, Any]]) -> tuple[float, int]:
@@ -104,4 +122,5 @@ def accuracy(model: nn.Module, tokenizer, items: Sequence[dict[str, Any]]) -> tu
     return float(counts[0]), int(counts[1])
 
 
-__all__ = ["CHOICE_FORMAT", "FIELDS", "PROMPT_FORMAT", "accuracy", "argmax", "check_items", "choice_scores"]
+__all__ = ["CHOICE_FORMAT", "FIELDS", "PROMPT_FORMAT", "accuracy", "answer_logprobs", "argmax", "check_items",
+           "choice_scores"]
