@@ -247,3 +247,27 @@ def test_all_but_draws_exactly_what_the_list_without_the_excluded_index_gives():
                     if k <= len(expected):
                         seed = f"{n}:{excluded}:{k}"
                         assert random.Random(seed).sample(view, k) == random.Random(seed).sample(expected, k)
+
+
+def test_a_huge_text_is_tokenized_only_as_far_as_its_first_tokens(tokenizer):
+    """A 5-MB text in a domain was tokenized whole, several times (10 s and 1.3 GB at train start), for the few
+    hundred tokens kept: a prefix of its characters is, widened while it holds too few, with the same ids."""
+    b = builder(tokenizer, max_query_tokens=256, max_demonstration_tokens=384, max_length=1024)
+    words = " ".join(domain_texts("law", 400))
+    for text in (words[:1500], words[:5000], words, "x" + " " * 20_000 + " court law", words.replace(" ", "")):
+        for tokens in (1, 12, 256, 384):
+            assert b.encode_head(text, tokens) == b.encode_text(text)[:tokens]
+    lengths = []
+    encode = b.encode_text
+
+    def counting(text):
+        lengths.append(len(text))
+        return encode(text)
+
+    b.encode_text = counting
+    huge = words * 80
+    query = b.single(Example(prompt=huge, plain_text=True))
+    demo = b._cut_text(huge, 384)
+    assert query[0][-256:] == encode(huge[:50_000])[:256] and len(query[0]) >= 256
+    assert demo == tokenizer.decode(encode(huge[:50_000])[:384])
+    assert len(huge) > 1_000_000 and max(lengths) <= 16_384  # never the whole text

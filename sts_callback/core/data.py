@@ -482,6 +482,11 @@ class TokenPair:
     counted: list[bool]
 
 
+# encode_head: the characters first encoded (at least), and the tokens kept clear of the prefix's cut
+HEAD_CHARS = 4096
+HEAD_MARGIN = 32
+
+
 class PromptBuilder:
     """Builds position-matched token sequences from examples with a given tokenizer."""
 
@@ -509,8 +514,20 @@ class PromptBuilder:
                 return with_special[:start]
         return []
 
+    def encode_head(self, text: str, max_tokens: int) -> list[int]:
+        """The first ``max_tokens`` token ids of ``text``, from a prefix of its characters (widened while it holds
+        too few): a 5-MB text was tokenized whole, several times, for a few hundred tokens. The prefix's tokens
+        are the text's but near the cut, which the ids kept stay :data:`HEAD_MARGIN` tokens away from."""
+        chars = max(HEAD_CHARS, 8 * max_tokens)
+        while chars < len(text):
+            ids = self.encode_text(text[:chars])
+            if len(ids) > max_tokens + HEAD_MARGIN:
+                return ids[:max_tokens]
+            chars *= 4
+        return self.encode_text(text)[:max_tokens]
+
     def _cut_text(self, text: str, max_tokens: int) -> str:
-        ids = self.encode_text(text)
+        ids = self.encode_head(text, max_tokens + 1)
         if len(ids) <= max_tokens:
             return text
         return self.tokenizer.decode(ids[:max_tokens])
@@ -568,7 +585,7 @@ class PromptBuilder:
             head_base, head_context, query_ids = self._chat_parts(query, demonstrations)
         else:
             query_text = query.prompt if isinstance(query.prompt, str) else self.render_chat(query.prompt)
-            query_ids = self.encode_text(query_text)[: self.max_query_tokens]
+            query_ids = self.encode_head(query_text, self.max_query_tokens)
             head_base = list(self.prefix)
             head_context = list(self.prefix)
             for demo in demonstrations:
