@@ -373,7 +373,7 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
             f"A dict is not a dataset here{f' (given{_for(what)})' if what else ''}: pass a list of texts / "
             "records, a datasets.Dataset, or a path (for several target domains, pass a dict of name -> data to "
             "`targets`).")
-    if not isinstance(data, Sequence):
+    if not isinstance(data, Sequence) and not is_map_style_torch_dataset(data):
         raise STSInputError(
             f"Cannot use {type(data).__name__} {data!r:.60} as data{_for(what)}; pass a list of texts, chat "
             "conversations or records, a datasets.Dataset, a JSONL path, or a registered domain name.")
@@ -422,7 +422,14 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
         check_columns(data.column_names, f"Dataset{_for(what)}",
                       "rename the text column, e.g. dataset.rename_column('body', 'text')")
         return Corpus(name or "dataset", data)
+    if is_map_style_torch_dataset(data):  # read by index where sampled: listing it would read (load) every row
+        return Corpus(name or "data", data)
     return Corpus(name or "data", list(data))
+
+
+def is_map_style_torch_dataset(data: Any) -> bool:
+    return hasattr(data, "__len__") and hasattr(data, "__getitem__") and any(
+        cls.__module__.startswith("torch.utils.data") for cls in type(data).__mro__)
 
 
 MAX_STREAMED_EXAMPLES = 4096
