@@ -148,3 +148,22 @@ def test_table_rows_stay_intact_whatever_the_domain_names_hold():
                 zip(lines[3:], sorted(range(len(names)), reverse=True))}) == 1
     result.predictions = {n: {"mean": 0.01, "low": -0.01, "high": 0.02, "level": 0.9, "label": "flat"} for n in names}
     assert "\x1b" not in result.table() and len(result.table().splitlines()) == 3 + len(names) + 1
+
+
+def test_a_lookahead_calibration_is_refused_for_a_forecast_of_another_lookahead_length(calibrated):
+    """STSCallback refused a calibration fitted on 2-step lookaheads for a 1-step run; apply_calibration on the
+    run's forecast.json predicted silently from a level on the wrong scale."""
+    from sts_callback.core.errors import STSConfigError
+    from sts_callback.scoring.calibration import builtin_calibration
+
+    plain, _, _ = calibrated
+    lookahead = builtin_calibration("gemma3-270m-lora-lookahead")  # its level: a 2-step lookahead's own change
+    run = plain.to_dict()
+    run["settings"] = {**run["settings"], "run_level": {"method": "lookahead", "steps": 1, "own_change": -0.02,
+                                                        "change": {}}}
+    with pytest.raises(STSConfigError, match=r"after 2 lookahead step\(s\), this forecast's after 1"):
+        Forecast.from_dict(run).apply_calibration(lookahead)
+    run["settings"]["run_level"]["steps"] = 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny model is outside the calibration's scope: said, not refused
+        assert Forecast.from_dict(run).apply_calibration(lookahead).predictions

@@ -15,7 +15,7 @@ from ..core.atomic import output_target
 from ..core.config import DEFAULT_SIGNED, device_problem
 from ..core.data import named_items, repeated_names
 from ..core.errors import STSConfigError, STSError, STSInputError
-from ..core.run_store import FORECAST_FORMAT
+from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE
 
 EXAMPLE_CONFIG = """\
 # sts forecast config (YAML or JSON)
@@ -497,6 +497,18 @@ def _check_no_overwrite(outputs: list[tuple[Path, str]], inputs: dict[Path, str]
         seen[key] = f"where {what} writes too"
 
 
+def _check_not_in_a_run(out: Path, runs: list[Path]) -> None:
+    """The calibration is not written into a run's STS folder, whose forecast and history it reads (and a later
+    `sts calibrate` reads again)."""
+    for run in runs:
+        for folder in (run, run / "sts"):
+            holds_results = (folder / FORECAST_FILE).exists() or (folder / HISTORY_FILE).exists()
+            if holds_results and folder.resolve() in out.resolve().parents:
+                raise STSInputError(f"The calibration output {out} is in {folder}, the STS folder of the training run "
+                                    f"{run}, whose files the calibration reads; write it outside the runs' folders, "
+                                    "e.g. --out calibration.json.")
+
+
 def _named_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict[Path, str]:
     """Input files of a config, path -> a description ("the input of candidate 'code'")."""
     inputs: dict[Path, str] = {Path(os.path.expanduser(args.config)): "the config file"}
@@ -823,6 +835,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.runs:  # training runs with the callback: a level + pattern calibration with the domain prior
         inputs = {Path(p): "a training run" for p in args.validations}
         _check_no_overwrite([(out, f"The calibration output {out}")], inputs)
+        _check_not_in_a_run(out, [Path(p) for p in args.validations])
         calibration = Calibration.from_runs(args.validations, [] if args.prior_only else args.features,
                                             level=args.level, pattern_scale=args.pattern_scale)
         path = calibration.save(out)
