@@ -100,6 +100,13 @@ class Calibration:
     early_blend_recipe: str | None = None  # "lora" / "full": the runs it was fitted on; None: any
     pattern_scale: str = "absolute"  # "run": the pattern fitted on each run's departures over their spread
     pattern_spread: float = 1.0  # the pattern's predicted departures are multiplied by this (median run spread)
+    # the level's own uncertainty (fit_level_pattern): the runs it was fitted on (0: not recorded, as in older
+    # files: the interval as before), its residual variance, and the source values' mean and inverse centred
+    # cross-product (the leverage of a new run's source values)
+    level_runs: int = 0
+    level_var: float = 0.0
+    source_center: list[float] = field(default_factory=list)
+    source_precision: list[list[float]] = field(default_factory=list)
     # where it was loaded from ("built-in <name>" or the file's path), for the forecast to say; not saved
     source: str | None = field(default=None, repr=False, compare=False)
 
@@ -172,6 +179,14 @@ class Calibration:
                                 f"{len(source_features)} source feature(s); got {len(runs)}. Add runs of other sources.")
         if not 0 < level < 1:
             raise STSConfigError(f"level must be in (0, 1), e.g. 0.9 for a 90% interval; got {level!r}.")
+        # the pattern's residual dof: each run's changes lose one to their centring, each feature one more
+        changes, n_features = sum(len(y) for y in ys), len(features) + bool(domain_prior)
+        if changes - len(runs) < n_features + 1:
+            raise STSInputError(f"A level + pattern calibration with {n_features} pattern feature(s)"
+                                f"{' (with domain_prior)' if domain_prior else ''} needs at least {n_features + 1} "
+                                f"changes beyond one per run; got {changes} changes in {len(runs)} runs. Add runs, or "
+                                "fit on fewer features (`sts calibrate --features ...`, or `--prior-only` for the "
+                                "domain prior alone).")
         spread = 1.0
         if pattern_scale == "run":
             spreads = [float(y.std()) for y in ys]
@@ -198,12 +213,16 @@ class Calibration:
         coef = np.linalg.solve(Z.T @ Z + alpha * np.eye(len(features)), Z.T @ Y)
         pattern_residuals = Y - Z @ coef
         level_var = float((level_residuals ** 2).sum()) / max(len(means) - len(source_features) - 1, 1)
+        centred = np.asarray(levels).reshape(len(levels), -1) - np.asarray(levels).reshape(len(levels), -1).mean(0)
+        precision = np.linalg.pinv(centred.T @ centred) if source_features else np.zeros((0, 0))
         pattern_var = float((pattern_residuals ** 2).sum()) / max(len(Y) - len(runs) - len(features), 1)
         return cls(features=features, coef=coef.tolist(), intercept=float(line[0]), center=[0.0] * len(features),
                    scale=scale.tolist(), sigma=math.sqrt(level_var + pattern_var * spread ** 2), n=len(Y),
                    level=level, ridge=alpha, fitted_on={**(fitted_on or {}), "runs": len(runs)}, centered=True,
                    source_features=source_features, source_coef=[float(c) for c in line[1:]], domain_prior=prior,
-                   pattern_scale=pattern_scale, pattern_spread=spread)
+                   pattern_scale=pattern_scale, pattern_spread=spread, level_runs=len(runs), level_var=level_var,
+                   source_center=np.asarray(levels).reshape(len(levels), -1).mean(0).tolist() if source_features
+                   else [], source_precision=precision.tolist())
 
     def run_level_inputs(self) -> list[str]:
         """The features and level values this calibration needs from a training run's run-level term
@@ -246,7 +265,18 @@ class Calibration:
         if self.centered:
             offset = np.asarray(list(usable.values())).mean(axis=0) - np.asarray(self.center)
         base = self._level(source)
-        return {name: self._predict(np.asarray(values) - offset, base) for name, values in usable.items()}
+        leverage = self._level_leverage(source)
+        return {name: self._predict(np.asarray(values) - offset, base, leverage) for name, values in usable.items()}
+
+    def _level_leverage(self, source: dict[str, float | None] | None) -> float | None:
+        """How far the level's line is from its fitted runs at ``source`` (0 at their mean); None when the
+        calibration does not record its level's runs (older files: the interval as before)."""
+        if not self.level_runs:
+            return None
+        if not self.source_features:
+            return 0.0
+        d = np.asarray([float(source[f]) for f in self.source_features]) - np.asarray(self.source_center)
+        return float(d @ np.asarray(self.source_precision) @ d)
 
     def _level(self, source: dict[str, float | None] | None) -> float:
         if not self.source_features:
@@ -271,14 +301,25 @@ class Calibration:
             values = [float(values)]
         return self._predict(np.asarray(values, dtype=np.float64), self.intercept)
 
-    def _predict(self, values: np.ndarray, base: float) -> Prediction:
+    def _predict(self, values: np.ndarray, base: float, leverage: float | None = None) -> Prediction:
         z = self._z(values)
         mean = base + self.pattern_spread * float(z @ np.asarray(self.coef))
         from scipy.stats import t
 
         # Interval: residual spread, widened for the mean's uncertainty and the distance from the fitted centre.
-        width = float(t.ppf(0.5 + self.level / 2, max(self.n - len(self.features) - 1, 1))) * self.sigma * math.sqrt(
-            1 + 1 / self.n + float(z @ z) / self.n)
+        widen = 1 + 1 / self.n + float(z @ z) / self.n
+        if leverage is None:
+            width = float(t.ppf(0.5 + self.level / 2, max(self.n - len(self.features) - 1, 1))) * self.sigma * \
+                math.sqrt(widen)
+        else:  # the level is known from level_runs runs, not from n changes: its own error and its line's
+            level_var = self.level_var * (1 + 1 / self.level_runs + leverage)
+            pattern_var = max(self.sigma ** 2 - self.level_var, 0.0) * widen
+            dfs = (max(self.level_runs - len(self.source_features) - 1, 1),
+                   max(self.n - self.level_runs - len(self.features), 1))
+            # Welch-Satterthwaite: the t of a sum of two variances estimated with few and many dof
+            total = level_var + pattern_var
+            df = total ** 2 / (level_var ** 2 / dfs[0] + pattern_var ** 2 / dfs[1]) if total > 0 else 1.0
+            width = float(t.ppf(0.5 + self.level / 2, max(df, 1.0))) * math.sqrt(total)
         # a held-out NLL cannot fall below 0: a relative change below -100% is not a possible outcome
         return Prediction(mean=max(mean, -1.0), low=max(mean - width, -1.0), high=max(mean + width, -1.0),
                           level=self.level)
@@ -331,6 +372,7 @@ class Calibration:
                           "change, not the run-level term's own change. Give every run the same run_level for a "
                           "level from it.", STSDataWarning, stacklevel=2)
         source_features = [own_feature(methods.pop())] if has_level else []
+        _warn_mixed_scope(records)
         scope = shared_scope([r["scope"] for r in records])  # warned about when applied to another setup
         if has_level:  # the own change grows with the lookahead's steps: the level holds for that many only
             steps = sorted({r["run_level"].get("steps") for r in records}, key=str)
@@ -409,19 +451,17 @@ def own_feature(method: str) -> str:
 def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Per training run with the callback (its output folder, or the STS folder in it): the domains' forecast
     scores, the run-level term's settings and the held-out loss change measured at its last re-check."""
-    from ..core.run_store import FORECAST_FORMAT, RunStore
+    from ..core.run_store import RunStore
 
+    stores = [RunStore(Path(item) / "sts" if (Path(item) / "sts").is_dir() else Path(item)) for item in runs]
+    _refuse_duplicates(runs, stores)
     records = []
-    for item in runs:
-        root = Path(item)
-        store = RunStore(root / "sts" if (root / "sts").is_dir() else root)
+    for item, store in zip(runs, stores):
         if not store.forecast_path.is_file():
             raise STSInputError(f"{item}: no forecast.json (looked in {store.root}); pass the output_dir of a run "
                                 "trained with STSCallback, or its STS folder.")
-        forecast = json.loads(store.forecast_path.read_text())
-        if forecast.get("format") != FORECAST_FORMAT:
-            raise STSInputError(f"{store.forecast_path} is not an STS forecast (format={forecast.get('format')!r}).")
-        measured = [r for r in store.read_history() if r.get("loss_delta")]
+        forecast = _run_forecast(store.forecast_path)
+        measured = [r for r in _run_history(store) if r.get("loss_delta")]
         if not measured:
             raise STSInputError(f"{item}: no re-check measured a held-out loss change (history.jsonl); the run needs "
                                 "re-checks (recheck_steps, or a save at the end) to calibrate on.")
@@ -431,11 +471,74 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         for record in sorted(measured, key=lambda r: r["step"]):
             changes.update({name: value for name, value in record["loss_delta"].items() if value is not None})
         last = max(measured, key=lambda r: r["step"])
+        _refuse_unfinished(item, last)
         records.append({"run": str(item), "step": last["step"], "changes": changes,
                         "scores": {name: d.get("scores") or {} for name, d in forecast.get("domains", {}).items()},
                         "run_level": (forecast.get("settings") or {}).get("run_level"),
                         "scope": forecast_scope(forecast.get("settings"))})
     return records
+
+
+_RUN_FIX = "Rerun that run to the end, or leave it out of the runs to calibrate on."
+
+
+def _refuse_duplicates(runs: Sequence[str | Path], stores: Sequence[Any]) -> None:
+    """One run passed twice (its folder, its sts/ folder, a trailing slash) would count as two agreeing runs."""
+    seen: dict[Path, list[str]] = {}
+    for item, store in zip(runs, stores):
+        seen.setdefault(Path(store.root).resolve(), []).append(str(item))
+    twice = [f"{', '.join(items)} (all {root})" for root, items in seen.items() if len(items) > 1]
+    if twice:
+        raise STSInputError(f"The same run was passed more than once: {'; '.join(twice)}. Pass each run once: a "
+                            "repeated run would count as several agreeing runs and narrow the intervals.")
+
+
+def _run_forecast(path: Path) -> dict[str, Any]:
+    """A run's forecast.json, refused with the file named when it is cut or not a forecast."""
+    from ..core.run_store import FORECAST_FORMAT
+
+    try:
+        forecast = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise STSInputError(f"{path} is not readable JSON ({err}): the file is cut or corrupt (the run died while "
+                            f"writing it?). {_RUN_FIX}") from err
+    if not isinstance(forecast, dict) or forecast.get("format") != FORECAST_FORMAT:
+        what = f"format={forecast.get('format')!r}" if isinstance(forecast, dict) else _kind(forecast)
+        raise STSInputError(f"{path} is not an STS forecast ({what}); pass the output_dir of a run trained with "
+                            "STSCallback, or its STS folder.")
+    domains = forecast.get("domains", {})
+    if not isinstance(domains, dict) or not all(isinstance(d, dict) for d in domains.values()) or not isinstance(
+            forecast.get("settings") or {}, dict):
+        raise STSInputError(f"{path} is malformed: its 'domains' or 'settings' is not an object as STSCallback "
+                            f"writes it. {_RUN_FIX}")
+    return forecast
+
+
+def _run_history(store: Any) -> list[dict[str, Any]]:
+    """A run's re-check records, refused with the file named when one is not a re-check record."""
+    path = store.path("history.jsonl")
+    try:
+        history = store.read_history()
+    except (OSError, UnicodeDecodeError) as err:
+        raise STSInputError(f"{path} cannot be read ({err}). {_RUN_FIX}") from err
+    for i, record in enumerate(history):
+        ok = isinstance(record, dict) and (not record.get("loss_delta") or (
+            isinstance(record["loss_delta"], dict) and isinstance(record.get("step"), int)))
+        if not ok:
+            raise STSInputError(f"{path}: record {i + 1} is not a re-check record (a JSON object with 'step' and "
+                                f"'loss_delta'); the file is corrupt. {_RUN_FIX}")
+    return history
+
+
+def _refuse_unfinished(item: str | Path, last: dict[str, Any]) -> None:
+    """A run that stopped part-way measured a change short of the end of training: the fit would take it for
+    the end's. ``lr_area_fraction`` is absent in old histories and runs without a known schedule: not refused."""
+    fraction = last.get("lr_area_fraction")
+    if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and fraction < 1 - 1e-6:
+        raise STSInputError(f"{item}: its last re-check (step {last['step']}) is at {fraction:.0%} of the learning-"
+                            "rate schedule: the run stopped before the end (it died or was stopped) or was not re-checked "
+                            "at its end (recheck_at_end=False), and its change is not an end-of-training change. "
+                            f"{_RUN_FIX}")
 
 
 # what Forecast._check_scope compares; the SAE's weights by their hash (a same-shaped SAE of another seed differs)
@@ -448,6 +551,24 @@ def forecast_scope(settings: dict[str, Any] | None) -> dict[str, Any]:
     sae = settings.get("sae") if isinstance(settings.get("sae"), dict) else {}
     here = {"model_class": settings.get("model_class"), **sae}
     return {k: here[k] for k in SCOPE_KEYS if here.get(k) is not None}
+
+
+def _warn_mixed_scope(records: Sequence[dict[str, Any]]) -> None:
+    """Runs of different models or SAEs: pooling them may be deliberate, but the scope then drops the key, so
+    applying the calibration to yet another model or SAE would not be warned about."""
+    mixed = []
+    for key in SCOPE_KEYS:
+        by_value: dict[str, list[str]] = {}
+        for r in records:
+            if r["scope"].get(key) is not None:
+                by_value.setdefault(repr(r["scope"][key]), []).append(r["run"])
+        if len(by_value) > 1:
+            mixed.append(f"{key}: " + "; ".join(f"{v} ({', '.join(runs)})" for v, runs in by_value.items()))
+    if mixed:
+        warnings.warn(f"The runs were trained on different setups ({' | '.join(mixed)}). The calibration pools "
+                      "them and its scope leaves these keys out, so applying it to another model or SAE will not "
+                      "be warned about. Fit on the runs of one setup unless pooling is intended.", STSDataWarning,
+                      stacklevel=3)
 
 
 def shared_scope(scopes: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -745,6 +866,23 @@ def _checked_fields(data: dict[str, Any]) -> dict[str, Any]:
         raise _bad("early_blend_recipe", recipe, f"null (any run) or one of {list(RECIPES)}")
     if data.get("pattern_scale", "absolute") not in PATTERN_SCALES:
         raise _bad("pattern_scale", data["pattern_scale"], f"one of {list(PATTERN_SCALES)}")
+    if "level_runs" in data:
+        runs = data["level_runs"]
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+            raise _bad("level_runs", runs, "a whole number >= 0 (the runs its level was fitted on)")
+    if "level_var" in data:
+        out["level_var"] = _number("level_var", data["level_var"], "a finite number >= 0", lambda v: v >= 0)
+    if data.get("level_runs"):  # the leverage needs one centre and a square matrix per source feature
+        size = len(source)
+        out["source_center"] = _numbers("source_center", data.get("source_center"), size, "source_features")
+        matrix = data.get("source_precision")
+        if not isinstance(matrix, list) or len(matrix) != size:
+            raise _bad("source_precision", matrix, f"a {size} x {size} list of lists (one row per source feature)")
+        out["source_precision"] = [_numbers(f"source_precision[{i}]", row, size, "source_features")
+                                   for i, row in enumerate(matrix)]
+    if data.get("pattern_scale") == "run" and "pattern_spread" not in data:  # the default 1.0 is no run's spread
+        raise STSInputError("Calibration has pattern_scale 'run' but lacks the field 'pattern_spread' (the fitted "
+                            f"runs' median spread, the unit of its predicted departures). {_FIX}")
     if "pattern_spread" in data:
         out["pattern_spread"] = _number("pattern_spread", data["pattern_spread"],
                                         "a positive number (the fitted runs' median spread)", lambda v: v > 0)

@@ -1,0 +1,168 @@
+"""A calibration fitted on training runs refuses runs that would mislead the fit, and says when runs are pooled."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from sts_callback import STSInputError
+from sts_callback.core.errors import STSDataWarning
+from sts_callback.core.run_store import FORECAST_FORMAT
+from sts_callback.scoring.calibration import Calibration, builtin_calibration, run_records
+
+LLAMA = {"model_class": "LlamaForCausalLM", "d_in": 32, "d_sae": 64, "hook_name": "blocks.1.hook_resid_post",
+         "sae_fingerprint": "816bce5b864eff0f"}
+DOMAINS = ("law", "food", "chem", "code")
+
+
+def write_run(folder, i: int = 0, *, scope: dict | None = None, fraction: float | None = 1.0, n_features: int = 1,
+              domains=DOMAINS):
+    """What a run with the callback leaves in OUTPUT_DIR/sts: a forecast and two re-checks, the last at
+    ``fraction`` of the lr schedule (None: not recorded, as in old histories)."""
+    sts = folder / "sts"
+    sts.mkdir(parents=True)
+    scope = dict(LLAMA if scope is None else scope)
+    settings = {"model_class": scope.pop("model_class", None), "sae": scope}
+    rng = np.random.default_rng(i)
+    scores = {d: {"scores": {f"f{k}": float(rng.normal()) for k in range(n_features)}} for d in domains}
+    (sts / "forecast.json").write_text(json.dumps({"format": FORECAST_FORMAT, "domains": scores,
+                                                   "settings": settings}))
+    change = {d: 0.01 * i + 0.02 * j + float(rng.normal(0, 0.003)) for j, d in enumerate(domains)}
+    records = [{"step": 2, "loss_delta": {d: v / 2 for d, v in change.items()}, "lr_area_fraction": 0.5},
+               {"step": 4, "loss_delta": change, "lr_area_fraction": fraction}]
+    if fraction is None:
+        records = [{k: v for k, v in r.items() if k != "lr_area_fraction"} for r in records]
+    (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(folder)
+
+
+def runs_in(tmp_path, count: int = 4, **kwargs) -> list[str]:
+    return [write_run(tmp_path / f"run{i}", i, **kwargs) for i in range(count)]
+
+
+def test_a_run_that_stopped_part_way_is_refused_naming_it_and_its_share_of_the_schedule(tmp_path):
+    runs = runs_in(tmp_path)
+    failed = write_run(tmp_path / "failed", 9, fraction=0.54)
+    with pytest.raises(STSInputError, match=f"{failed}: its last re-check \\(step 4\\) is at 54% of the learning-rate "
+                                            "schedule.*Rerun that run to the end, or leave it out"):
+        Calibration.from_runs([*runs, failed], ["f0"])
+    assert Calibration.from_runs(runs, ["f0"]).fitted_on["runs"] == 4  # finished runs (fraction 1.0) fit
+    # a history without the fraction (an old one, or no known schedule) cannot tell: not refused
+    old = runs_in(tmp_path / "old", fraction=None)
+    assert Calibration.from_runs(old, ["f0"]).fitted_on["runs"] == 4
+
+
+def test_the_same_run_passed_twice_is_refused_naming_the_paths(tmp_path):
+    runs = runs_in(tmp_path)
+    again = [runs[0] + "/sts", runs[0] + "/"]
+    with pytest.raises(STSInputError, match="same run was passed more than once") as err:
+        Calibration.from_runs([*runs, *again], ["f0"])
+    assert all(path in str(err.value) for path in [runs[0], *again]) and runs[1] not in str(err.value)
+    with pytest.raises(STSInputError, match="more than once"):
+        run_records([runs[1], runs[1]])
+
+
+def test_runs_of_different_saes_or_models_are_fitted_with_a_warning_naming_the_key_and_runs(tmp_path):
+    runs = runs_in(tmp_path)
+    other_sae = write_run(tmp_path / "other_sae", 5, scope={**LLAMA, "sae_fingerprint": "ffffffffffffffff"})
+    with pytest.warns(STSDataWarning, match="sae_fingerprint: '816bce5b864eff0f' \\(.*run0.*\\); "
+                                            f"'ffffffffffffffff' \\({other_sae}\\)"):
+        pooled = Calibration.from_runs([*runs, other_sae], ["f0"])
+    assert "sae_fingerprint" not in pooled.fitted_on["scope"]  # pooled deliberately: still fitted
+    gpt2 = write_run(tmp_path / "gpt2", 6, scope={**LLAMA, "model_class": "GPT2LMHeadModel"})
+    with pytest.warns(STSDataWarning, match=f"model_class: .*'GPT2LMHeadModel' \\({gpt2}\\)"):
+        Calibration.from_runs([*runs, gpt2], ["f0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Calibration.from_runs(runs, ["f0"]).fitted_on["scope"] == LLAMA  # one setup: no warning
+
+
+def test_a_fit_on_runs_needs_more_changes_than_runs_and_features(tmp_path):
+    runs = runs_in(tmp_path, count=3, n_features=9)  # 12 changes, 9 left after centring within each run
+    features = [f"f{k}" for k in range(9)]
+    with pytest.raises(STSInputError, match="10 pattern feature\\(s\\) \\(with domain_prior\\) needs at least 11 "
+                                            "changes beyond one per run; got 12 changes in 3 runs.*Add runs.*"
+                                            "--features.*--prior-only"):
+        Calibration.from_runs(runs, features)
+    # at the limit (9 = 8 features + the prior + 1 residual degree of freedom) it fits
+    assert Calibration.from_runs(runs, features[:7]).features == [*features[:7], "domain_prior"]
+    with pytest.raises(STSInputError, match="needs at least"):
+        Calibration.from_runs(runs, features[:8])
+    rows = [(np.arange(6.0).reshape(2, 3) * i, [0.1 * i, 0.2], [float(i)]) for i in range(3)]
+    with pytest.raises(STSInputError, match="needs at least 4 changes beyond one per run; got 6"):  # the fit itself
+        Calibration.fit_level_pattern(rows, ["a", "b", "c"], ["own"])
+    assert Calibration.fit_level_pattern([(x[:, :2], y, s) for x, y, s in rows], ["a", "b"], ["own"]).n == 6
+
+
+def test_a_run_scaled_calibration_without_its_spread_is_refused_at_load(tmp_path):
+    rows = [(np.zeros((3, 0)), np.array([0.0, 0.02, -0.01]) * (1 + i) + 0.01 * i, [], ["law", "food", "chem"])
+            for i in range(4)]
+    fitted = Calibration.fit_level_pattern(rows, [], [], domain_prior=True, pattern_scale="run").to_dict()
+    assert Calibration.from_dict(fitted).pattern_spread == pytest.approx(fitted["pattern_spread"])
+    del fitted["pattern_spread"]
+    with pytest.raises(STSInputError, match="pattern_scale 'run' but lacks the field 'pattern_spread'"):
+        Calibration.from_dict(fitted)
+    fitted["pattern_scale"] = "absolute"  # an absolute pattern has no use for it: the default stands
+    assert Calibration.from_dict(fitted).pattern_spread == 1.0
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("forecast.json", '{"format": "sts-forecast/1", "domains": {"law": {"sco', "is not readable JSON"),
+    ("forecast.json", "[]", "is not an STS forecast \\(a list\\)"),
+    ("forecast.json", '{"format": "sts-forecast/1", "domains": ["law"]}', "is malformed"),
+    ("history.jsonl", '[1, 2]\n', "record 1 is not a re-check record"),
+    ("history.jsonl", '{"step": 4, "loss_delta": [0.1]}\n', "record 1 is not a re-check record"),
+    ("history.jsonl", b'{"step": 4, "loss_delta": {"law": 0.1}}\n\xff\xfe\n', "cannot be read"),
+])
+def test_a_cut_or_malformed_run_file_is_refused_naming_it(tmp_path, name, text, problem):
+    runs = runs_in(tmp_path)
+    path = tmp_path / "run3" / "sts" / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(STSInputError, match=problem) as err:
+        Calibration.from_runs(runs, ["f0"])
+    assert str(path) in str(err.value)
+
+
+def test_intervals_of_a_calibration_on_runs_carry_the_levels_own_uncertainty():
+    # data drawn from the model the fit assumes: run level = 0.01 - 0.3 * own + N(0, 0.01), each domain = level +
+    # its fixed departure + N(0, 0.003); the level was scaled by the 20 changes, not the 4 runs: ~40% coverage
+    rng = np.random.default_rng(0)
+    names, departure = list(DOMAINS) + ["sport"], np.array([0.02, -0.01, 0.0, -0.015, 0.005])
+
+    def run(own):
+        return 0.01 - 0.3 * own + rng.normal(0, 0.01) + departure + rng.normal(0, 0.003, len(names))
+
+    hits = total = 0
+    for _ in range(150):
+        rows = [(np.zeros((5, 0)), run(own), [own], names) for own in rng.uniform(-0.2, -0.1, 4)]
+        calibration = Calibration.fit_level_pattern(rows, [], ["lookahead_own"], domain_prior=True)
+        own = rng.uniform(-0.35, -0.25)  # a new run beyond the fitted runs' range
+        predicted = calibration.predict_all({n: {} for n in names}, {"lookahead_own": own})
+        hits += sum(predicted[n].low <= y <= predicted[n].high for n, y in zip(names, run(own)))
+        total += len(names)
+    assert hits / total > 0.8
+    assert calibration.level_runs == 4 and Calibration.from_dict(calibration.to_dict()) == calibration
+
+
+def test_a_calibration_file_without_the_level_fields_predicts_as_before():
+    from scipy.stats import t
+
+    rows = [(np.arange(4.0).reshape(4, 1) * (1 + i), np.array([0.0, 0.02, -0.01, 0.01]) + 0.02 * i + e, [0.1 * i],
+             list(DOMAINS)) for i, e in enumerate([0.003, -0.004, 0.001, 0.0])]
+    data = Calibration.fit_level_pattern(rows, ["f0"], ["lookahead_own"], domain_prior=True).to_dict()
+    old = {k: v for k, v in data.items() if k not in ("level_runs", "level_var", "source_center", "source_precision")}
+    domains, source = {n: {"f0": float(i)} for i, n in enumerate(DOMAINS)}, {"lookahead_own": 0.9}
+    new, before = (Calibration.from_dict(d).predict_all(domains, source) for d in (data, old))
+    calibration = Calibration.from_dict(old)
+    for name, prediction in before.items():
+        values = np.asarray([domains[name]["f0"] - 1.5, calibration.domain_prior[name] - np.mean(
+            [calibration.domain_prior[n] for n in DOMAINS])])
+        z = (values - np.asarray(calibration.center)) / np.asarray(calibration.scale)
+        width = t.ppf(0.95, calibration.n - 3) * calibration.sigma * np.sqrt(1 + (1 + z @ z) / calibration.n)
+        assert prediction.high - prediction.mean == pytest.approx(width, rel=1e-9)
+        assert new[name].mean == pytest.approx(prediction.mean) and new[name].high - new[name].mean > 1.2 * width
+    assert builtin_calibration("gemma3-270m-lora").level_runs == 0  # shipped files: as before
+    data["source_precision"] = [[1.0, 2.0]]
+    with pytest.raises(STSInputError, match=r"'source_precision\[0\]' has 2 value"):
+        Calibration.from_dict(data)
