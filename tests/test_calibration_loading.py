@@ -205,7 +205,8 @@ def test_a_calibration_fitted_on_validations_records_their_scope_and_warns_on_an
         same.apply_calibration(calibration)
     # validations of two models: the scope is what they share (the SAE), not one model's class
     other = write_validation(tmp_path / "val2", sae_settings({**LLAMA, "model_class": "GPT2"}), shift=0.002)
-    both = Calibration.from_validation([path, other], ["sts_act"])
+    with pytest.warns(STSDataWarning, match=r"different setups \(model_class: 'LlamaForCausalLM' .*'GPT2'"):
+        both = Calibration.from_validation([path, other], ["sts_act"])  # pooled: said, as for training runs
     assert both.fitted_on["scope"] == {k: v for k, v in LLAMA.items() if k != "model_class"}
 
 

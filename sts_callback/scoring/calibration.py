@@ -421,6 +421,7 @@ class Calibration:
                     y.append(float(seed["nll_delta_rel"][domain]))
             used.append(source)
             scopes.append(_validation_scope(data, source))
+        _warn_mixed_scope([{"run": str(source), "scope": scope} for source, scope in zip(used, scopes)])
         if not y:
             available = sorted({k for data, _ in records for seed in data["per_seed"]
                                 for scores in seed["scores"].values() for k, v in scores.items() if v is not None})
