@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from tiny import domain_texts, make_model, make_tokenizer
+from tiny import domain_texts, make_model, make_tokenizer, scaling_model
 
 from sts_callback.core import heldout
 from sts_callback.core.distributed import shard_batches
@@ -65,14 +65,7 @@ def test_chunked_head_equals_full_logits(tokenizer, arch, monkeypatch):
 def test_a_model_that_scales_its_logits_is_measured_with_its_own_loss(tokenizer, arch, scaling):
     # Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale: the head run apart from
     # the body skipped that (a held-out NLL 3x or 6x the model's own), so such a model runs its full forward
-    import transformers as tf
-
-    config = getattr(tf, f"{arch}Config")(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **scaling)
-    torch.manual_seed(0)
-    model = getattr(tf, f"{arch}ForCausalLM")(config).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(50)  # logits as large as a trained model's, so scaling matters
+    model = scaling_model(arch, **scaling)
     seqs = sequences(tokenizer, n=6)
     assert heldout.split_head(model) is None
     with torch.no_grad():

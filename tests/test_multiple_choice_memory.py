@@ -3,7 +3,7 @@ without a [choices x length x vocab] tensor."""
 
 import pytest
 import torch
-from tiny import domain_texts, make_model, make_tokenizer
+from tiny import domain_texts, make_model, make_tokenizer, scaling_model
 
 from sts_callback.core import heldout, multiple_choice
 from sts_callback.core.multiple_choice import CHOICE_FORMAT, PROMPT_FORMAT, choice_scores
@@ -31,18 +31,6 @@ def full_logits_scores(model, tokenizer, item, normalize=True):
             total = float(torch.log_softmax(logits.double(), -1)[torch.arange(len(cont)), torch.tensor(cont)].sum())
             scores.append(total / len(cont) if normalize else total)
     return scores
-
-
-def scaling_model(arch, **scaling):
-    import transformers as tf
-
-    config = getattr(tf, f"{arch}Config")(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **scaling)
-    torch.manual_seed(0)
-    model = getattr(tf, f"{arch}ForCausalLM")(config).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(50)  # logits as large as a trained model's, so scaling matters
-    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "peft", "granite"])

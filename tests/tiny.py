@@ -141,3 +141,17 @@ def record_sts_writes() -> list[str]:
 
     sys.addaudithook(audit)
     return written
+
+
+def scaling_model(arch: str, **scaling):
+    """A tiny model of an architecture that scales its logits (Granite ``logits_scaling``, Cohere ``logit_scale``),
+    its logits as large as a trained model's, so that the scaling matters."""
+    import transformers as tf
+
+    config = getattr(tf, f"{arch}Config")(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **scaling)
+    torch.manual_seed(0)
+    model = getattr(tf, f"{arch}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50)
+    return model

@@ -7,9 +7,9 @@ Each run is a fresh subprocess (same data order, same seed). The callback runs w
 ``--every`` steps. Reported: training time without the callback, the forecast at train start (a one-off), each
 re-check's time and its parts (probe shift and SAE fit, held-out losses, accuracy), re-check time as a share of
 the training time (the measurement, and the callback's whole ``on_step_end`` at a re-check: with the history, the
-projection and the report it writes), and the coverage of each domain's stated 95% interval: after every re-check each domain's change
-is measured again on ``--truth-tokens`` held-out tokens (the same seeded sample, larger; not timed), and the share
-of (re-check, domain) points whose 4,096-token change lies in the re-check's interval is the coverage.
+projection and the report it writes), and the coverage of each domain's stated 95% interval: after every
+re-check each domain's change is measured again on ``--truth-tokens`` held-out tokens (the same seeded sample,
+larger; not timed), and the share of (re-check, domain) points whose 4,096-token change lies in the re-check's interval is the coverage.
 """
 
 from __future__ import annotations

@@ -537,9 +537,9 @@ def _refuse_unfinished(item: str | Path, last: dict[str, Any]) -> None:
     fraction = last.get("lr_area_fraction")
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and fraction < 1 - 1e-6:
         raise STSInputError(f"{item}: its last re-check (step {last['step']}) is at {fraction:.0%} of the learning-"
-                            "rate schedule: the run stopped before the end (it died or was stopped) or was not re-checked "
-                            "at its end (recheck_at_end=False), and its change is not an end-of-training change. "
-                            f"{_RUN_FIX}")
+                            "rate schedule: the run stopped before the end (it died or was stopped) or was not "
+                            "re-checked at its end (recheck_at_end=False), and its change is not an end-of-training "
+                            f"change. {_RUN_FIX}")
 
 
 # what Forecast._check_scope compares; the SAE's weights by their hash (a same-shaped SAE of another seed differs)
