@@ -14,6 +14,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 
 from sts_callback import STSConfigError, STSDataWarning
 from sts_callback.integrations.callback import STSCallback, STSNegativeTransferWarning
+from sts_callback.pipelines.forecast import Forecast
 
 DOMAINS = ("law", "food", "chem")
 FAST = dict(n_shifted=8, shift_tokens=200, domain_tokens=100, n_domain_demonstrations=2)
@@ -681,3 +682,29 @@ def test_a_run_stopped_before_max_steps_ends_there_without_a_projection(tmp_path
     for text in (md, page):
         assert "Training ended at step 3, before max_steps=8" in text
     assert "Projected at the end of training" not in md
+
+
+def test_not_predicted_leaves_a_domain_out_of_the_calibrated_prediction(tmp_path, tokenizer):
+    """`sts forecast --not-predicted` and apply_calibration(exclude=) had no counterpart in the callback: the
+    training data's own domain among the targets was predicted, and a centred calibration centred over it."""
+    from sts_callback.scoring.calibration import builtin_calibration
+
+    with pytest.raises(STSConfigError, match="not_predicted only applies with a calibration"):
+        make_callback(not_predicted=["law"])
+    with pytest.raises(STSConfigError, match="not_predicted must be a list"):
+        make_callback(not_predicted="law", calibration="gemma3-270m-lora")
+    callback = make_callback(not_predicted=["law"], calibration="gemma3-270m-lora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny model is outside the built-in calibration's scope
+        make_trainer(tmp_path, tokenizer, callback, max_steps=2, save_steps=100).train()
+    assert set(callback.predicted) == {"food", "chem"} and "law" not in callback.forecast.predictions
+    expected = Forecast.from_dict(callback.forecast.to_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected.apply_calibration(builtin_calibration("gemma3-270m-lora"), exclude=["law"])
+    assert {n: p["mean"] for n, p in expected.predictions.items()} == {
+        n: p["mean"] for n, p in callback.predicted.items()}
+    assert callback.state()["args"]["not_predicted"] == ["law"]  # restored with the callback on resume
+    wrong = make_callback(not_predicted=["lawn"], calibration="gemma3-270m-lora")
+    with pytest.raises(STSConfigError, match=r"not_predicted=\['lawn'\] are not among the target domains"):
+        make_trainer(tmp_path / "wrong", tokenizer, wrong, max_steps=1).train()

@@ -69,6 +69,9 @@ class STSCallback(TrainerCallback, ExportableState):
             about. Each re-check records the early forecast (the measured change extrapolated to the end of
             training by the learning-rate schedule), the start prediction beside it, and a calibration refitted
             on the early forecasts; only the measured changes count as violations (early stop).
+        not_predicted: target domains the calibration does not predict (their scores and measured changes stand),
+            e.g. a held-out part of the training data itself, which a calibration fitted on the other domains of its
+            runs does not cover (a centred one would centre over it), as ``sts forecast --not-predicted`` does.
         accuracy_tolerance: a multiple-choice target domain (JSONL / records of ``{"question", "choices",
             "answer"}``) is also scored for accuracy at train start and at every re-check; a protected one that
             loses more than this (absolute, 0.02 = two points) is a violation.
@@ -127,7 +130,8 @@ class STSCallback(TrainerCallback, ExportableState):
                  loss_sequence_tokens: int | None = None, loss_domains: int | None = None, early_method: str | None = None, fresh_rollouts: bool = True,
                  overhead_budget: float | None = None, run_level: str | None = None, run_level_steps: int | None = None,
                  loss_head_dtype: str | None = "auto", loss_body_dtype: str | None = "auto",
-                 loss_head_samples: int | None = TAIL_DEFAULT, _objects_from: list[str] | None = None):
+                 loss_head_samples: int | None = TAIL_DEFAULT, not_predicted: list[str] | tuple[str, ...] = (),
+                 _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
         config = STSConfig.from_dict(config.to_dict() if isinstance(config, STSConfig) else config)
@@ -166,8 +170,14 @@ class STSCallback(TrainerCallback, ExportableState):
         if run_level_steps is not None and (isinstance(run_level_steps, bool) or not isinstance(run_level_steps, int)
                                             or run_level_steps < 1):
             raise STSConfigError(f"run_level_steps must be an integer >= 1, got {run_level_steps!r}.")
+        if isinstance(not_predicted, str) or not all(isinstance(name, str) for name in not_predicted):
+            raise STSConfigError(f"not_predicted must be a list of target domain names, got {not_predicted!r}.")
+        if not_predicted and calibration is None:
+            raise STSConfigError("not_predicted only applies with a calibration: pass calibration=... (a JSON of "
+                                 "`sts calibrate` or a built-in name), or leave not_predicted out.")
+        self._not_predicted = list(not_predicted)
         self._session_args = (values["sae"], config, guard, recheck, output_subdir, calibration)
-        self.session = STSSession(*self._session_args, strict=strict)
+        self.session = STSSession(*self._session_args, strict=strict, not_predicted=self._not_predicted)
         used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []
         needs = self._run_level_needed = [m for m in RUN_LEVEL_METHODS if m in used or own_feature(m) in used]
         if needs and run_level not in needs:
@@ -184,7 +194,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self._export_args = {
             **{k: (None if k in objects else v) for k, v in values.items()}, **guard.to_dict(), **recheck.to_dict(),
             "config": config.to_dict(), "strict": strict, "output_subdir": output_subdir, "shift": shift,
-            "run_level": run_level, "run_level_steps": run_level_steps,
+            "run_level": run_level, "run_level_steps": run_level_steps, "not_predicted": self._not_predicted,
             "calibration": self.calibration.to_dict() if self.calibration is not None else None,
             "_objects_from": sorted(objects) or None,
         }
@@ -289,7 +299,7 @@ class STSCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        lr_scheduler=None, **kwargs):
         if self._ready:  # this instance watched a run before (a sweep, a notebook re-run): start clean
-            self.session = STSSession(*self._session_args, strict=self.strict)
+            self.session = STSSession(*self._session_args, strict=self.strict, not_predicted=self._not_predicted)
             self._ready, self._trainer = False, None
         found, resumed_from = _find_trainer(self)
         trainer = self._trainer or found

@@ -26,7 +26,7 @@ import random
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -74,8 +74,12 @@ class STSSession:
     """
 
     def __init__(self, sae: Any, config: STSConfig, guard: GuardConfig, recheck: RecheckConfig, out: str | Path,
-                 calibration: Any = None, *, strict: bool = False, is_main: bool | None = None):
+                 calibration: Any = None, *, strict: bool = False, is_main: bool | None = None,
+                 not_predicted: Sequence[str] = ()):
         self.sae, self.config, self.settings = sae, config, recheck
+        # target domains the calibration does not predict (the training data's own held-out part: a calibration
+        # fitted on the other domains of its runs does not cover it, and a centred one would centre over it)
+        self.not_predicted = list(not_predicted)
         self.guard = Guard(guard)
         self.store = RunStore(out)
         self.calibration = load_calibration(calibration) if calibration is not None else None
@@ -180,6 +184,9 @@ class STSSession:
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
+        unknown = [p for p in self.not_predicted if p not in domains]
+        if unknown:
+            raise STSConfigError(f"not_predicted={unknown} are not among the target domains {sorted(domains)}.")
         if self._started and self.is_main:
             warnings.warn("STSSession.prepare() after start(): the run's base measurements belong to the monitor it "
                           "replaces; call start(...) (a new run) or resume(...) before the next re-check.",
@@ -275,7 +282,7 @@ class STSSession:
 
     def _publish_forecast(self) -> None:
         """Calibrate, save, print and warn about the forecast (main process writes and prints)."""
-        self.predicted = calibrated_predictions(self.forecast, self.calibration)
+        self.predicted = calibrated_predictions(self.forecast, self.calibration, self.not_predicted)
         if self.is_main:
             forecast, store = self.forecast, self.store
             self.write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), 0)

@@ -5,6 +5,7 @@ and, during training, the measured changes projected to the end (the early forec
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from scipy.stats import norm
@@ -16,17 +17,22 @@ from ..scoring.signed import DEFAULT_SIGNED
 from .forecast import Forecast
 
 
-def calibrated_predictions(forecast: Forecast, calibration: Calibration | None) -> dict[str, dict[str, float]]:
-    """The calibrated end-of-training change of every domain (also set on ``forecast.predictions``)."""
+def calibrated_predictions(forecast: Forecast, calibration: Calibration | None, exclude: Iterable[str] = (),
+                           ) -> dict[str, dict[str, float]]:
+    """The calibrated end-of-training change of every domain but those in ``exclude`` (also set on
+    ``forecast.predictions``)."""
     if calibration is None:
         return {}
+    excluded = set(exclude)
     for name, domain in forecast.domains.items():
+        if name in excluded:
+            continue
         missing = [f for f in calibration.score_features if domain.scores.get(f) is None]
         if missing:
             raise STSConfigError(f"The calibration uses {missing}, which this forecast did not compute for "
                                  f"{name!r} (compute_icl=False? no SAE decoder? a run-level feature without run_level=...?); "
                                  "fit it on other features.")
-    forecast.apply_calibration(calibration)
+    forecast.apply_calibration(calibration, exclude=sorted(excluded))
     return {name: {k: p[k] for k in ("mean", "low", "high", "level")} for name, p in forecast.predictions.items()}
 
 
