@@ -300,3 +300,11 @@ def test_a_calibration_fitted_with_one_sae_warns_when_applied_with_another_of_th
     applied = forecast_of({d: {"sts_act": 1.0 + i} for i, d in enumerate(offsets)}, settings)
     with pytest.warns(STSDataWarning, match=f"sae_fingerprint '{other}' \\(calibrated on '{mine}'\\)"):
         applied.apply_calibration(calibration)
+
+
+def test_a_calibration_whose_fields_overflow_is_refused_not_labelled_flat():
+    """A hand-edited coefficient of 1e308 passed the load check and predicted inf with a 'flat' label."""
+    edited = Calibration.from_dict({**plain(), "coef": [1e308]})
+    with pytest.raises(STSConfigError, match="predicts a non-finite change .* refit it"):
+        edited.predict({"sts_act": 1e10})
+    assert math.isfinite(Calibration.from_dict(plain()).predict({"sts_act": 1e10}).mean)

@@ -320,6 +320,10 @@ class Calibration:
             total = level_var + pattern_var
             df = total ** 2 / (level_var ** 2 / dfs[0] + pattern_var ** 2 / dfs[1]) if total > 0 else 1.0
             width = float(t.ppf(0.5 + self.level / 2, max(df, 1.0))) * math.sqrt(total)
+        if not (math.isfinite(mean) and math.isfinite(width)):  # e.g. a hand-edited coefficient of 1e308
+            raise STSConfigError(f"The calibration predicts a non-finite change ({mean} +- {width}) from finite "
+                                 f"features {[float(v) for v in values]}: its fields are out of range; refit it "
+                                 "(`sts calibrate`).")
         # a held-out NLL cannot fall below 0: a relative change below -100% is not a possible outcome
         return Prediction(mean=max(mean, -1.0), low=max(mean - width, -1.0), high=max(mean + width, -1.0),
                           level=self.level)
