@@ -444,3 +444,24 @@ def test_the_budget_keeps_room_for_the_bookkeeping_of_the_next_recheck():
     assert budget.affordable(["a", "b"]) == ["a", "b"]  # 3 s of credit: 0.5 fixed + 2 x 1
     budget.add_bookkeeping(1.2)  # the last report took 1.2 s: spent, and paid again next time
     assert budget.recheck_seconds == pytest.approx(1.2) and budget.affordable(["a", "b"]) == []
+
+
+def test_a_warning_is_not_printed_twice_and_reaches_the_logs_where_they_are_kept(monkeypatch, capsys):
+    """Every warning also went to the 'sts_callback' logger: with no logging set up, Python's last-resort handler
+    printed it a second time under the warning (and an early stop's line twice)."""
+    import logging
+
+    import sts_callback.integrations.session as session_module
+
+    bare = logging.Logger("sts_callback_bare")  # no handler, no parent: a script that never set up logging
+    monkeypatch.setattr(session_module, "logger", bare)
+    bare.warning("seen")  # what the last-resort handler does with it
+    assert "seen" in capsys.readouterr().err
+    session_module.log_warning("STS: a warning")
+    assert capsys.readouterr().err == ""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    bare.addHandler(handler)  # the user keeps logs: they get it
+    session_module.log_warning("STS: %s", "kept")
+    assert [r.getMessage() for r in records] == ["STS: kept"]

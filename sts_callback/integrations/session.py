@@ -53,6 +53,13 @@ from .trainer_run_level import RUN_LEVEL_METHODS
 logger = logging.getLogger("sts_callback")
 
 
+def log_warning(message: str, *args: Any) -> None:
+    """A warning into the user's logs, where they keep any (a handler on this logger or above it). With none,
+    Python's last-resort handler would print it a second time beside the warning or line already shown."""
+    if logger.hasHandlers():
+        logger.warning(message, *args)
+
+
 class STSNegativeTransferWarning(UserWarning):
     """A protected domain is forecast or measured to be harmed."""
 
@@ -163,13 +170,13 @@ class STSSession:
             message = (f"STS could not write {what} ({type(err).__name__}: {err}); training goes on and the data "
                        "stays in memory (the callback's or session's history and write_errors).")
             warnings.warn(message, RuntimeWarning, stacklevel=3)
-            logger.warning(message)
+            log_warning(message)
             return False
 
     def warn(self, key: str, message: str, category: type[Warning] = STSNegativeTransferWarning) -> None:
         if self.guard.first_time(key) and self.is_main:
             warnings.warn(message, category, stacklevel=4)
-            logger.warning(message)
+            log_warning(message)
 
     def _append_history(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -264,7 +271,7 @@ class STSSession:
             message = f"STS run-level term skipped ({type(err).__name__}: {err})"
             if self.is_main:
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
-                logger.warning(message)
+                log_warning(message)
             return
         self.run_level = estimate.to_dict()
         if self.forecast is not None:
@@ -450,7 +457,7 @@ class STSSession:
             message = f"STS re-check at step {step} failed and was skipped ({type(err).__name__}: {err})"
             if self.is_main:
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
-                logger.warning("%s\n%s", message, trace)
+                log_warning("%s\n%s", message, trace)
             self.guard.recheck_failed()
             self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
             return None, None
@@ -490,7 +497,7 @@ class STSSession:
         if decision.stop:
             record["early_stop"] = decision.reason
             if self.is_main:
-                logger.warning(decision.reason)
+                log_warning(decision.reason)
                 print(f"STS: {decision.reason}")
         self._append_history(record)
         self.write_report(step)
@@ -578,7 +585,7 @@ class STSSession:
                 raise
             message = f"STS report at step {step} was not written ({type(err).__name__}: {err})"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-            logger.warning(message)
+            log_warning(message)
             return None
 
 
