@@ -182,7 +182,7 @@ class STSCallback(TrainerCallback, ExportableState):
         needs = self._run_level_needed = [m for m in RUN_LEVEL_METHODS if m in used or own_feature(m) in used]
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
-        fitted_steps = ((self.calibration.fitted_on or {}).get("scope") or {}).get("run_level_steps") if needs else None
+        fitted_steps = self.calibration.fitted_run_level_steps if self.calibration is not None else None
         if fitted_steps is not None and run_level_steps not in (None, fitted_steps):  # the level's scale: its steps'
             raise STSConfigError(f"The calibration's run-level feature was measured after {fitted_steps} lookahead "
                                  f"step(s); pass run_level_steps={fitted_steps} or leave it unset "

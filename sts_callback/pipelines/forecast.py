@@ -101,9 +101,8 @@ class Forecast:
         domains = {name: d.scores for name, d in self.domains.items() if name not in excluded}
         check_calibration_features(calibration, domains)
         run_level = self.settings.get("run_level") or {}
-        fitted_steps = ((calibration.fitted_on or {}).get("scope") or {}).get("run_level_steps")
-        if fitted_steps is not None and calibration.run_level_inputs() and run_level.get("steps") not in (
-                None, fitted_steps):  # the level's scale is its steps': a 1-step change is not a 3-step one
+        fitted_steps = calibration.fitted_run_level_steps
+        if fitted_steps is not None and run_level.get("steps") not in (None, fitted_steps):
             raise STSConfigError(f"The calibration's run-level feature was measured after {fitted_steps} lookahead "
                                  f"step(s), this forecast's after {run_level['steps']}; forecast with "
                                  f"run_level_steps={fitted_steps}, or fit a calibration on runs like this one.")

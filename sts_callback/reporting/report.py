@@ -740,8 +740,8 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
         lines.append(f"{len(data.rechecks)} re-check(s), last at step {esc(last['step'])}; overlap of the actually "
                      f"shifted latents with the forecast: {esc(_fmt(last.get('overlap_with_forecast')))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'}.")
-        if data.ended_note():
-            lines.append(esc(data.ended_note()))
+        if ended := data.ended_note():
+            lines.append(esc(ended))
         if _overhead(last):
             lines.append(esc(_overhead(last)))
         note = data.precision_note()
@@ -1073,8 +1073,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"held-out loss change [95% interval] {deltas}; "
                      f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
-        if data.ended_note():
-            lines.append(md_esc(data.ended_note()))
+        if ended := data.ended_note():
+            lines.append(md_esc(ended))
         if _overhead(last):
             lines.append(_overhead(last))
         note = data.precision_note()

@@ -213,7 +213,8 @@ class Calibration:
         coef = np.linalg.solve(Z.T @ Z + alpha * np.eye(len(features)), Z.T @ Y)
         pattern_residuals = Y - Z @ coef
         level_var = float((level_residuals ** 2).sum()) / max(len(means) - len(source_features) - 1, 1)
-        centred = np.asarray(levels).reshape(len(levels), -1) - np.asarray(levels).reshape(len(levels), -1).mean(0)
+        sources = np.asarray(levels, dtype=float).reshape(len(levels), -1)  # one row of source values per run
+        centred = sources - sources.mean(0)
         precision = np.linalg.pinv(centred.T @ centred) if source_features else np.zeros((0, 0))
         pattern_var = float((pattern_residuals ** 2).sum()) / max(len(Y) - len(runs) - len(features), 1)
         return cls(features=features, coef=coef.tolist(), intercept=float(line[0]), center=[0.0] * len(features),
@@ -221,14 +222,22 @@ class Calibration:
                    level=level, ridge=alpha, fitted_on={**(fitted_on or {}), "runs": len(runs)}, centered=True,
                    source_features=source_features, source_coef=[float(c) for c in line[1:]], domain_prior=prior,
                    pattern_scale=pattern_scale, pattern_spread=spread, level_runs=len(runs), level_var=level_var,
-                   source_center=np.asarray(levels).reshape(len(levels), -1).mean(0).tolist() if source_features
-                   else [], source_precision=precision.tolist())
+                   source_center=sources.mean(0).tolist() if source_features else [],
+                   source_precision=precision.tolist())
 
     def run_level_inputs(self) -> list[str]:
         """The features and level values this calibration needs from a training run's run-level term
         (``lookahead``, ``lookahead_own``, ...): a forecast made without training cannot give them."""
         names = {*RUN_LEVEL_METHODS, *(own_feature(m) for m in RUN_LEVEL_METHODS)}
         return [f for f in [*self.features, *self.source_features] if f in names]
+
+    @property
+    def fitted_run_level_steps(self) -> int | None:
+        """The lookahead steps its run-level feature was measured after, when it uses one: the level's scale (a
+        1-step change is not a 3-step one), which a forecast applying it must match."""
+        if not self.run_level_inputs():
+            return None
+        return ((self.fitted_on or {}).get("scope") or {}).get("run_level_steps")
 
     def blend_table(self, method: str, recipe: str | None = None) -> list[list[float]]:
         """The early blend for ``method`` on a run of ``recipe`` (empty: none, or fitted on the other recipe)."""
@@ -458,7 +467,7 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     scores, the run-level term's settings and the held-out loss change measured at its last re-check."""
     from ..core.run_store import RunStore
 
-    stores = [RunStore(Path(item) / "sts" if (Path(item) / "sts").is_dir() else Path(item)) for item in runs]
+    stores = [RunStore(run_sts_folder(item)) for item in runs]
     _refuse_duplicates(runs, stores)
     records = []
     for item, store in zip(runs, stores):
@@ -482,6 +491,11 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
                         "run_level": (forecast.get("settings") or {}).get("run_level"),
                         "scope": forecast_scope(forecast.get("settings"))})
     return records
+
+
+def run_sts_folder(run: str | Path) -> Path:
+    """The STS folder of a training run given by its output_dir (``<output_dir>/sts``) or by that folder itself."""
+    return Path(run) / "sts" if (Path(run) / "sts").is_dir() else Path(run)
 
 
 _RUN_FIX = "Rerun that run to the end, or leave it out of the runs to calibrate on."

@@ -500,13 +500,15 @@ def _check_no_overwrite(outputs: list[tuple[Path, str]], inputs: dict[Path, str]
 def _check_not_in_a_run(out: Path, runs: list[Path]) -> None:
     """The calibration is not written into a run's STS folder, whose forecast and history it reads (and a later
     `sts calibrate` reads again)."""
+    from ..scoring.calibration import run_sts_folder
+
     for run in runs:
-        for folder in (run, run / "sts"):
-            holds_results = (folder / FORECAST_FILE).exists() or (folder / HISTORY_FILE).exists()
-            if holds_results and folder.resolve() in out.resolve().parents:
-                raise STSInputError(f"The calibration output {out} is in {folder}, the STS folder of the training run "
-                                    f"{run}, whose files the calibration reads; write it outside the runs' folders, "
-                                    "e.g. --out calibration.json.")
+        folder = run_sts_folder(run)
+        holds_results = (folder / FORECAST_FILE).exists() or (folder / HISTORY_FILE).exists()
+        if holds_results and folder.resolve() in out.resolve().parents:
+            raise STSInputError(f"The calibration output {out} is in {folder}, the STS folder of the training run "
+                                f"{run}, whose files the calibration reads; write it outside the runs' folders, "
+                                "e.g. --out calibration.json.")
 
 
 def _named_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict[Path, str]:
