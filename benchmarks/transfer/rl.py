@@ -36,7 +36,8 @@ a source that is a built-in domain trains on its even-indexed texts and is its o
   domain's 100 most frequent words (python_code prompts -> legal's words, legal prompts -> python_code's).
   Seventh round: ``grpo-<source>-to-<reward_domain>-kl-long``, the sixth round's runs with a KL term (beta 0.1) and
   lr 5e-4, so that the policy need not collapse; eighth round: the same for markup -> legal and math -> python_code;
-  ninth round: cpp_code -> legal, ml_docs -> legal and chat_templates -> python_code.
+  ninth round: cpp_code -> legal, ml_docs -> legal and chat_templates -> python_code; tenth round: changelog ->
+  legal, readme_prose -> python_code, nlp_tutorials -> legal, python_reference -> legal.
 
 Per run, before training, on the base model (``STSConfig(**units.FORECAST, **ROLLOUT)``): GRPO:
 ``rollout_forecast(shift="reward_weighted")``, ``rollout_forecast(shift="demonstrations")`` (reward-filtered rollouts
@@ -150,6 +151,14 @@ RUNS = {
         "kind": "grpo", "source": source, "task": "keywords", "size": "cross_kl_long", "reward_domain": reward_domain,
         "rewards": ("frequent_word_share",), "precise_tokens": PRECISE_TOKENS}
        for source, reward_domain in (("cpp_code", "legal"), ("ml_docs", "legal"), ("chat_templates", "python_code"))},
+    # Tenth round (2026-12-05, midday): four KL-held runs on the sources no KL-held run had, made AFTER the
+    # within-run forecast (rl_vs_sft.py's "within-run" rows) was chosen on the first seven, to test it on runs it
+    # was not chosen on.
+    **{f"grpo-{source}-to-{reward_domain}-kl-long": {
+        "kind": "grpo", "source": source, "task": "keywords", "size": "cross_kl_long", "reward_domain": reward_domain,
+        "rewards": ("frequent_word_share",), "precise_tokens": PRECISE_TOKENS}
+       for source, reward_domain in (("changelog", "legal"), ("readme_prose", "python_code"),
+                                     ("nlp_tutorials", "legal"), ("python_reference", "legal"))},
 }
 # LoRA as the units' recipe (r=8, alpha 16, q/v). GRPO: 2 prompts x 4 completions a step (TRL's batch counts
 # completions), temperature 1, no KL term (TRL's default beta=0), constant lr.
