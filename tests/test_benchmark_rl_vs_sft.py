@@ -57,3 +57,23 @@ def test_only_keeps_the_runs_it_names_and_exclude_still_applies(rl_vs_sft):
     assert "grpo-python_code-to-legal-long" in everything and "grpo-python_code-to-legal-long" not in held
     assert [p.stem for p in rl_vs_sft.rl_runs(["grpo-math-*"], ["grpo-*-kl-long"])] == [
         name for name in held if not name.startswith("grpo-math-")]
+
+
+def test_within_run_forecast_reads_each_runs_scores_on_their_own_scale(rl_vs_sft):
+    # Each run's change follows its scores' order, but the scores' scale and offset differ by run, so a line
+    # pooled over runs has the wrong slope; the within-run z-scores do not care.
+    domains = ["a", "b", "c", "d", "e"]
+    order = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    runs = {"math": (order, 0.05 + 0.01 * order), "markup": (100 + 0.1 * order, 0.001 + 0.001 * order),
+            "legal": (50 + 10 * order, 0.02 + 0.005 * order), "cpp": (-3 + order, 0.06 + 0.003 * order)}
+    sources = {name: name for name in runs}
+    pooled = rl_vs_sft.leave_one_out(runs, sources)
+    within = rl_vs_sft.within_run_rows({"grpo reward_filtered": runs}, {name: domains for name in runs}, sources)
+    alone = within["grpo reward_filtered (within-run: sts_icl alone, family's other runs)"]
+    assert max(pooled[name]["pearson"] for name in runs) < 0  # runs with higher scores moved less: slope < 0
+    assert all(alone[name]["pearson"] > 0.99 for name in runs)
+    assert all(alone[name]["direction"] == 1.0 for name in runs)  # every change is a loss, as the others' level
+    blended = within["grpo reward_filtered (within-run: prior + sts_icl, family's other runs)"]
+    assert set(blended["math"]["weights"]) == {"prior", "sts_icl"}
+    assert "sft in_context (within-run: sts_icl alone, family's other runs)" not in rl_vs_sft.within_run_rows(
+        {"sft in_context": runs}, {name: domains for name in runs}, sources)

@@ -21,7 +21,8 @@ four RL runs measure each held-out text's first 64 tokens, the second round and 
 A run is calibrated on runs of other sources only (``rl.py``'s fourth round repeats sources with longer runs).
 ``--precise-truth`` scores against the 4,096-token measurements (precise.py's sample) where a run or unit has one;
 ``--exclude`` leaves runs out by name, ``--only`` keeps just the runs it names (``--only 'grpo-*-kl-long'``:
-the KL-held GRPO runs calibrated on each other, not on the collapsed runs).
+the KL-held GRPO runs calibrated on each other, not on the collapsed runs). The within-run rows
+(``within_run_rows``) read each run's scores as z-scores over its own domains, alone and beside the domain prior.
 """
 
 from __future__ import annotations
@@ -184,6 +185,56 @@ def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str,
     return out
 
 
+def _standardized(values: np.ndarray) -> np.ndarray:
+    """Values as z-scores over the run's domains (all zero where they do not vary)."""
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
+
+
+def within_run_rows(families: dict[str, dict[str, tuple]], names: dict[str, list[str]],
+                    sources: dict[str, str]) -> dict[str, dict]:
+    """The within-run forecast (chosen on the first seven KL-held GRPO runs, before rl.py's tenth round): each
+    run's STS_icl scores as z-scores over its own other domains (a run's scores have their own scale, which a line
+    pooled over runs mixes up), beside the domain prior fitted on the family's other runs (centred changes,
+    ``_domain_effects``), also as z-scores; the two weighted by least squares of the runs' standardized changes,
+    pooled over the family's other runs of other sources (each of those with the prior fitted without it). The
+    level (the mean change of the other runs) and spread (their mean standard deviation) only give it a
+    direction. Rows per RL / DPO family: STS_icl alone, and prior + STS_icl."""
+    from sts_callback.scoring.calibration import _domain_effects
+
+    def prior(run: str, without: set[str], runs: dict[str, tuple]) -> np.ndarray:
+        fitted = [o for o in runs if o not in without and sources[o] != sources[run]]
+        effects = _domain_effects([names[o] for o in fitted], [runs[o][1] - runs[o][1].mean() for o in fitted])
+        return np.array([effects.get(d, 0.0) for d in names[run]])
+
+    out: dict[str, dict] = {}
+    for family, runs in families.items():
+        if family.startswith("sft"):
+            continue
+        alone, blended = {}, {}
+        for name, (x, y) in runs.items():
+            rest = [o for o in runs if o != name and sources[o] != sources[name]]
+            if len(rest) < 2:
+                continue
+            design = np.concatenate([np.c_[_standardized(prior(o, {name, o}, runs)), _standardized(runs[o][0])]
+                                     for o in rest])
+            target = np.concatenate([_standardized(runs[o][1]) for o in rest])
+            level = float(np.mean([runs[o][1].mean() for o in rest]))
+            spread = float(np.mean([runs[o][1].std() for o in rest]))
+            own = np.c_[_standardized(prior(name, {name}, runs)), _standardized(x)]
+            for columns, rows in (([1], alone), ([0, 1], blended)):
+                weights, *_ = np.linalg.lstsq(design[:, columns], target, rcond=None)
+                predicted = level + spread * (own[:, columns] @ weights)
+                rows[name] = {"pearson": correlation(predicted, y, n_resamples=0)["r"], "pearson_raw": None,
+                              "direction": float(np.mean(np.sign(predicted) == np.sign(y))),
+                              "weights": dict(zip(["prior", FEATURE] if len(columns) == 2 else [FEATURE],
+                                                  weights.tolist())),
+                              "domains": len(y)}
+        out[f"{family} (within-run: {FEATURE} alone, family's other runs)"] = alone
+        out[f"{family} (within-run: prior + {FEATURE}, family's other runs)"] = blended
+    return out
+
+
 def noise_ceiling_range(measured: dict, others: list[str]) -> tuple[float | None, float | None]:
     """The noise ceiling (``scoring.agreement.noise_ceiling``: the r a perfect forecast could expect) of a run's
     measured changes over its other domains, from their 95% intervals. Where the measurement keeps its sequence
@@ -228,6 +279,7 @@ def main() -> None:
     families: dict[str, dict[str, tuple]] = {"sft in_context": sft}
     ceilings: dict[str, tuple] = {}
     precise_runs: list[str] = []
+    run_domains: dict[str, list[str]] = {}  # the domains of each RL / DPO run's points, in their order
     learned: dict[str, dict[str, tuple]] = {"sft in_context": sft_learned}
     for path in rl_runs(args.exclude, args.only):
         run = json.loads(path.read_text())
@@ -242,9 +294,12 @@ def main() -> None:
             family = f"{run['kind']} {variant}"
             families.setdefault(family, {})[run["run"]] = points(
                 forecast["scores"], measured["loss_delta"], run["others"])
+            run_domains[run["run"]] = [d for d in run["others"] if forecast["scores"].get(d, {}).get(FEATURE)
+                                       is not None and measured["loss_delta"].get(d) is not None]
             learned.setdefault(family, {})[run["run"]] = learned_runs(
                 forecast["scores"], measured["loss_delta"], run["others"])
     result = {family: leave_one_out(runs, sources) for family, runs in families.items()}
+    result.update(within_run_rows(families, run_domains, sources))
     result.update(level_pattern_rows({f: {n: r for n, r in runs.items() if r is not None}
                                       for f, runs in learned.items()}, sources))
     prior = domain_prior_rows(args.precise_truth, args.exclude, args.only)
