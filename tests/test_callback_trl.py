@@ -246,3 +246,93 @@ def test_grpo_with_explicit_demonstrations_forecasts(tmp_path, tokenizer):
                           args=args, train_dataset=data, processing_class=tokenizer, callbacks=[cb])
     trainer.train()
     check_run(trainer, cb, tmp_path)
+
+
+def test_grpo_with_a_reward_model_and_demonstrations_rechecks_on_fresh_completions(tmp_path, tokenizer):
+    # a reward model cannot score STS's rollouts, so the forecast takes demonstrations=; the re-checks' fresh
+    # completions need no rewards and must not call it
+    import transformers
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    reward_model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    reward_model.save_pretrained(tmp_path / "reward")
+    tokenizer.save_pretrained(tmp_path / "reward")
+    texts = domain_texts("law", 16)
+    cb = callback(demonstrations=[{"prompt": a, "completion": b} for a, b in zip(texts, texts[1:])],
+                  config={**FAST, "rollout_max_tokens": 8}, recheck_tokens=24)
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=4, max_completion_length=8, temperature=1.5,
+                      **COMMON)
+    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=str(tmp_path / "reward"), args=args,
+                          processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": texts}),
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), callbacks=[cb])
+    trainer.train()
+    check_run(trainer, cb, tmp_path / "run")
+    probes = [r["fresh_probe"] for r in cb.history]
+    assert all(p["completions"] > 0 and p["mean_reward"] is None for p in probes)
+
+
+def test_grpo_rollouts_come_from_the_trainers_prompts_when_train_probe_is_plain_text(tmp_path, tokenizer):
+    from trl import GRPOConfig, GRPOTrainer
+
+    def correct(prompts, completions, answer, **kwargs):  # reads the dataset's answer column, as TRL passes it
+        return [float(a in c) + len(c) / 100 for c, a in zip(completions, answer)]
+
+    texts = domain_texts("law", 16)
+    cb = callback(train_probe=domain_texts("law", 12, seed=7),
+                  config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8})
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, max_completion_length=8, temperature=1.5,
+                      **COMMON)
+    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=correct, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": texts, "answer": ["court"] * 16}),
+                          callbacks=[cb])
+    with pytest.warns(STSDataWarning, match="full fine-tune without a reference model"):
+        trainer.train()
+    check_run(trainer, cb, tmp_path)
+    assert cb.forecast.settings["rollouts"]["reward_funcs"] == ["correct"]
+
+
+class Counter:
+    """A TRL environment: GRPO lets the policy call its tools between turns and takes its reward."""
+
+    def reset(self, **kwargs):
+        self.count = 0
+
+    def increment(self, step: int) -> int:
+        """Add to the counter.
+
+        Args:
+            step: how much to add.
+        """
+        self.count += step
+        return self.count
+
+    def get_reward(self):
+        return float(self.count)
+
+
+@pytest.mark.parametrize("shift", ["auto", "reward_filtered"])
+def test_grpo_with_an_environment_skips_the_rollout_forecast_it_cannot_reproduce(tmp_path, shift):
+    import importlib.resources
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sts_callback import STSConfigError
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = (importlib.resources.files("trl") / "chat_templates" / "qwen3.jinja").read_text()
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in domain_texts("law", 16)]})
+    cb = callback(shift=shift)
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, max_completion_length=8, **COMMON)
+    trainer = GRPOTrainer(model=make_model("llama"), args=args, processing_class=tokenizer, train_dataset=data,
+                          environment_factory=Counter, callbacks=[cb])
+    if shift == "reward_filtered":
+        with pytest.raises(STSConfigError, match="generates with tools and environment_factory.*demonstrations="):
+            trainer.train()
+        return
+    with pytest.warns(STSDataWarning, match="rollouts do not reproduce, so no forecast is made"):
+        trainer.train()
+    check_run(trainer, cb, tmp_path, forecast=False)
+    assert all("fresh_probe" not in r for r in cb.history)

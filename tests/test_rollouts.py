@@ -90,6 +90,18 @@ def test_budgets_cap_prompts_generations_and_tokens(model, tokenizer):
                         {**SETTINGS, "num_generations": 2, "max_completion_length": None})
     assert r.num_generations == 2 and all(len(ids) <= 4 for g in r.groups for ids in g.completion_ids)
     assert len(r.groups) == 4
+    # GRPOConfig.generation_kwargs' max_new_tokens wins over max_completion_length (as in TRL), the budget over both
+    eos = {tokenizer.eos_token_id}
+    for kwargs, budget, longest in (({"min_new_tokens": 40, "max_new_tokens": 40}, 4, 4),
+                                    ({"max_new_tokens": 3}, 8, 3)):
+        r = sample_rollouts(model, tokenizer, prompts(10), first_token, config(rollout_max_tokens=budget),
+                            {**SETTINGS, "max_completion_length": 6, "generation_kwargs": kwargs})
+        assert r.summary()["max_completion_length"] == longest
+        lengths = [len(ids) for g in r.groups for ids in g.completion_ids]
+        assert max(lengths) == longest
+        if "min_new_tokens" in kwargs:  # the user's minimum, capped too: every completion runs to the budget
+            assert all(n == longest or ids[-1] in eos for g in r.groups for ids in g.completion_ids
+                       for n in [len(ids)])
 
 
 @pytest.mark.filterwarnings("ignore:.*got the same reward")  # lengths and one word: most groups tie
@@ -177,7 +189,12 @@ def test_none_and_all_equal_rewards(model, tokenizer, sae):
     with pytest.warns(STSDataWarning, match="same reward"):
         r = sample_rollouts(model, tokenizer, prompts(), lambda completions, **kw: [None] * len(completions),
                             config(), SETTINGS)
-    with pytest.raises(STSInputError, match="returned None for all 16"):
+    with pytest.raises(STSInputError, match=r"returned None \(or NaN\) for all 16"):
+        r.demonstrations()
+    with pytest.warns(STSDataWarning, match="same reward"):
+        r = sample_rollouts(model, tokenizer, prompts(), lambda completions, **kw: [math.nan] * len(completions),
+                            config(), SETTINGS)
+    with pytest.raises(STSInputError, match=r"returned None \(or NaN\) for all 16"):
         r.demonstrations()
 
     with pytest.warns(STSDataWarning, match="4 of 4 prompts got the same reward"):
@@ -209,6 +226,12 @@ def test_bad_inputs_name_the_problem(model, tokenizer):
         run(reward=lambda completions, **kw: [1.0])
     with pytest.raises(STSInputError, match="rewards must be numbers"):
         run(reward=lambda completions, **kw: ["high"] * len(completions))
+    def correct(prompts, completions, answer, score_key, **kwargs):  # needs a column the prompts lack
+        return [1.0] * len(completions)
+
+    with pytest.raises(STSInputError, match=r"Reward function 1 \('correct'\) raised TypeError.*score_key.*"
+                                            r"other columns: \['answer'\]"):
+        run(reward=[first_token, correct])
     with pytest.raises(STSConfigError, match="2 reward weights for 1 reward functions"):
         run(settings={**SETTINGS, "reward_weights": [1.0, 2.0]})
     with pytest.raises(STSConfigError, match="at least 2"):
@@ -217,6 +240,16 @@ def test_bad_inputs_name_the_problem(model, tokenizer):
         run(settings={"num_generation": 4})
     with pytest.raises(STSConfigError, match="rollout_generations must be an integer >= 2"):
         config(rollout_generations=1)
+
+
+def test_a_probe_draw_can_sample_without_calling_the_reward_functions(model, tokenizer):
+    def refuses(**kwargs):
+        raise AssertionError("a reward function was called")
+
+    r = sample_rollouts(model, tokenizer, prompts(), refuses, config(), SETTINGS, prompt_indices=[0, 1], score=False)
+    scored = sample_rollouts(model, tokenizer, prompts(), first_token, config(), SETTINGS, prompt_indices=[0, 1])
+    assert [g.completion_ids for g in r.groups] == [g.completion_ids for g in scored.groups]
+    assert torch.isnan(r.rewards).all() and r.reward_names == ["not scored"]
 
 
 def test_settings_from_a_grpo_config():

@@ -29,7 +29,7 @@ from ..pipelines.recheck import RecheckConfig, RecheckSteps
 from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession
 from .trainer_shift import (RL_SHIFTS, check_shift, forecast_runner, fresh_rollout_probe, resolve_shift,
-                            rollout_probe, trainer_rollouts)
+                            rollout_data, rollout_probe, trainer_rollouts, unreproduced_generation)
 from .trainer_run_level import DEFAULT_RUN_LEVEL_STEPS, RUN_LEVEL_METHODS, check_run_level, run_level_runner
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
 
@@ -325,7 +325,9 @@ class STSCallback(TrainerCallback, ExportableState):
         demos = load_corpus(self.demonstrations, name="demonstrations") if self.demonstrations is not None else None
         session.prepare(model, tokenizer, probe, domains, self.lm_eval_targets)
         data = self.train_probe if self.train_probe is not None else getattr(trainer, "train_dataset", None)
-        self._fresh_probe(trainer, data)
+        unreproduced = unreproduced_generation(trainer) if getattr(trainer, "reward_funcs", None) is not None else []
+        if not unreproduced:
+            self._fresh_probe(trainer, rollout_data(self.train_probe, trainer))
         if state.global_step > 0:  # the checkpoint given to train(), which may be another run's folder
             checkpoint = (RunStore(Path(resumed_from) / self.output_subdir) if resumed_from is not None else
                           session.store.checkpoint(args.output_dir, state.global_step, self.output_subdir))
@@ -333,10 +335,15 @@ class STSCallback(TrainerCallback, ExportableState):
         else:
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
             rollouts = None
-            if shift in RL_SHIFTS:  # sampled once: the forecast's demonstrations and the re-check probe
-                rollouts = trainer_rollouts(trainer, data, session.setup, state, progress=session.is_main)
-                session.monitor.probe = rollout_probe(rollouts, session.setup, session.settings.recheck_tokens)
-            run = forecast_runner(shift, data, probe, demos, rollouts)
+            if shift in RL_SHIFTS and unreproduced:
+                self._skip_rollouts(unreproduced)
+                run = lambda setup, domains, progress: None  # noqa: E731 - no forecast, already said why
+            else:
+                if shift in RL_SHIFTS:  # sampled once: the forecast's demonstrations and the re-check probe
+                    rollouts = trainer_rollouts(trainer, rollout_data(self.train_probe, trainer), session.setup,
+                                                state, progress=session.is_main)
+                    session.monitor.probe = rollout_probe(rollouts, session.setup, session.settings.recheck_tokens)
+                run = forecast_runner(shift, data, probe, demos, rollouts)
             level = None if self.run_level is None else run_level_runner(
                 self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
                 session.autocast, own=session.monitor.probe, domains=self._run_level_domains,
@@ -363,6 +370,20 @@ class STSCallback(TrainerCallback, ExportableState):
                 f"{len(same) + 1} STSCallbacks on this trainer write to the same folder <output_dir>/"
                 f"{self.output_subdir}; give each its own output_subdir (e.g. STSCallback(..., "
                 "output_subdir='sts_math')), or monitor every domain with one callback.")
+
+    def _skip_rollouts(self, unreproduced: list[str]) -> None:
+        """An RL trainer that generates through tools, environments or its own rollout function: STS's rollouts
+        would sample something else, so the rollout forecast is skipped (refused if asked for by name)."""
+        what = " and ".join(unreproduced)
+        if self.shift in RL_SHIFTS:
+            raise STSConfigError(
+                f"shift={self.shift!r}: this trainer generates with {what}, which STS's rollouts do not reproduce "
+                "(they sample the prompts alone, with no tool calls or environment turns). Give demonstrations= "
+                "(e.g. good completions from earlier runs) for an in-context forecast, or leave shift='auto'.")
+        self.session.warn("unreproduced_rollouts", f"STS: this trainer generates with {what}, which STS's rollouts "
+                          "do not reproduce, so no forecast is made at train start; re-checks still run, on the "
+                          "training prompts. Give demonstrations= (e.g. good completions from earlier runs) for an "
+                          "in-context forecast.", STSDataWarning)
 
     def _fresh_probe(self, trainer: Any, data: Any) -> None:
         """Under RL, re-check on the current policy's completions of fresh prompts (RecheckConfig.fresh_rollouts)."""

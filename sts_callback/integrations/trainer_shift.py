@@ -23,14 +23,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..core.data import Corpus, TokenSequence, load_corpus
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
 from ..pipelines.preference import completion_sequence, run_preference_forecast
 from ..pipelines.monitor import peft_model_of
-from ..pipelines.rollouts import (RolloutSettings, Rollouts, draw_prompts, prompt_records, run_rollout_forecast,
-                                  sample_rollouts)
+from ..pipelines.rollouts import (RolloutSettings, Rollouts, completion_budget, draw_prompts, prompt_records,
+                                  run_rollout_forecast, sample_rollouts)
 
 SHIFTS = ("auto", "in_context", "chosen_vs_rejected", "reward_filtered", "reward_weighted")
 PREFERENCE_COLUMNS = ({"chosen", "rejected"}, {"chosen_ids", "rejected_ids"})
@@ -71,6 +72,26 @@ def resolve_shift(shift: str, trainer: Any, data: Any, has_demonstrations: bool)
 RL_SHIFTS = ("reward_filtered", "reward_weighted")
 
 
+def _reward_funcs(trainer: Any) -> list[Any]:
+    funcs = trainer.reward_funcs
+    return list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
+
+
+def unreproduced_generation(trainer: Any) -> list[str]:
+    """What an RL trainer generates with beyond sampling its prompts (TRL's ``tools``, ``environment_factory``,
+    ``rollout_func``: tool calls, environment turns, custom rollouts), which STS's rollouts do not reproduce."""
+    return [name for name, attribute in (("tools", "tools"), ("environment_factory", "environment_factories"),
+                                         ("rollout_func", "rollout_func")) if getattr(trainer, attribute, None)]
+
+
+def rollout_data(train_probe: Any, trainer: Any) -> Any:
+    """The prompts an RL run's rollouts are drawn from: ``train_probe`` when it holds prompts (a ``prompt`` column,
+    with the columns the reward functions read), else the trainer's own train dataset."""
+    if train_probe is not None and "prompt" in _columns(train_probe):
+        return train_probe
+    return getattr(trainer, "train_dataset", None)
+
+
 def trainer_rollouts(trainer: Any, data: Any, setup: ForecastSetup, state: Any = None,
                      progress: bool = False) -> Rollouts:
     """The policy's rollouts on a seeded sample of the training prompts, with the trainer's generation settings,
@@ -109,16 +130,18 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
         return None
     settings = _rollout_settings(trainer)
     config = setup.config
-    longest = min(settings.max_completion_length or config.rollout_max_tokens, config.rollout_max_tokens)
+    longest = completion_budget(settings, config)
     prompts = max(2, math.ceil(budget / (2 * longest)))
     two_each = dataclasses.replace(config, rollout_generations=2)
     records = prompt_records(data)  # read once: each re-check draws from them, not from the whole dataset again
+    # the probe needs the completions; their rewards are only a summary, which reward models cannot give here
+    score = not any(isinstance(f, (nn.Module, str)) for f in _reward_funcs(trainer))
 
     def probe(model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:
         indices = draw_prompts(len(records), config, f"recheck:{step}", prompts)
         rollouts = sample_rollouts(model, setup.builder.tokenizer, records, trainer.reward_funcs, two_each, settings,
                                    trainer_state=getattr(trainer, "state", None), builder=setup.builder,
-                                   prompt_indices=indices)
+                                   prompt_indices=indices, score=score)
         sequences = rollout_probe(rollouts, setup, budget)
         rewards = rollouts.rewards[~torch.isnan(rollouts.rewards)]
         return sequences, reference, {
@@ -168,4 +191,4 @@ def _rollout_settings(trainer: Any) -> RolloutSettings:
 
 
 __all__ = ["RL_SHIFTS", "SHIFTS", "check_shift", "forecast_runner", "fresh_rollout_probe", "resolve_shift",
-           "rollout_probe", "trainer_rollouts"]
+           "rollout_data", "rollout_probe", "trainer_rollouts", "unreproduced_generation"]

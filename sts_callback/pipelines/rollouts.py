@@ -139,14 +139,23 @@ def _noop(*args: Any, **kwargs: Any) -> None:
 
 
 def _call_reward(func: Callable, index: int, kwargs: dict[str, Any], n: int) -> list[float | None]:
-    out = func(**kwargs)
-    if inspect.isawaitable(out):  # an async reward function (TRL runs those too)
-        async def wait():
-            return await out
-
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # works inside a running event loop as well
-            out = pool.submit(asyncio.run, wait()).result()
     name = _reward_name(func)
+    try:
+        out = func(**kwargs)
+        if inspect.isawaitable(out):  # an async reward function (TRL runs those too)
+            async def wait():
+                return await out
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # works inside a running event loop as well
+                out = pool.submit(asyncio.run, wait()).result()
+    except Exception as err:  # noqa: BLE001 - named with what STS passed, the user's own error chained
+        columns = sorted(k for k in kwargs if k not in TRL_REWARD_ARGUMENTS)
+        raise STSInputError(
+            f"Reward function {index} ({name!r}) raised {type(err).__name__}: {err}, when STS scored its rollouts "
+            f"with it. STS calls it as GRPOTrainer does: prompts, completions, completion_ids, trainer_state, "
+            f"log_extra, log_metric, and the prompts' other columns: {columns or 'none'}. If it needs a column the "
+            "prompts STS sampled lack, give prompts (or the callback's train_probe) as records with that column, "
+            "e.g. the trainer's train_dataset.") from err
     try:
         values = list(out)
     except TypeError:
@@ -166,6 +175,10 @@ def _call_reward(func: Callable, index: int, kwargs: dict[str, Any], n: int) -> 
             raise STSInputError(f"Reward function {index} ({name!r}) returned {value!r}; rewards must be numbers "
                                 "or None.") from None
     return rewards
+
+
+# what GRPOTrainer passes every reward function besides the dataset's columns
+TRL_REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
 
 def score_completions(reward_funcs: Sequence[Callable], prompts: list[Any], completions: list[Any],
@@ -275,7 +288,8 @@ class Rollouts:
         n = self.rewards.numel()
         if scored.numel() == 0:
             raise STSInputError(
-                f"Every reward function returned None for all {n} sampled completions, so there are no rewards to "
+                f"Every reward function returned None (or NaN) for all {n} sampled completions, so there are no "
+                "rewards to "
                 f"build {use} from. Check the reward functions on the rollouts (Rollouts.groups) and the dataset "
                 "columns they expect.")
         values = sorted({round(float(v), 6) for v in scored})[:5]
@@ -380,6 +394,13 @@ def _prompt_ids(builder: PromptBuilder, prompt: Any, settings: RolloutSettings, 
     return list(tokenizer(prompt)["input_ids"])
 
 
+def completion_budget(settings: RolloutSettings, config: STSConfig) -> int:
+    """The longest completion sampled: the trainer's (its ``generation_kwargs``' ``max_new_tokens`` wins over
+    ``max_completion_length``, as in GRPOTrainer), capped by ``config.rollout_max_tokens``."""
+    wanted = (settings.generation_kwargs or {}).get("max_new_tokens") or settings.max_completion_length
+    return min(wanted or config.rollout_max_tokens, config.rollout_max_tokens)
+
+
 def draw_prompts(count: int, config: STSConfig, draw: str | None = None, prompts: int | None = None) -> list[int]:
     """Indices of prompts among ``count``, seeded: the forecast's draw of ``config.rollout_prompts`` (``draw=None``),
     or a named draw (e.g. ``"recheck:100"``) of ``prompts`` fresh ones, outside the forecast's draw (from all
@@ -417,7 +438,7 @@ def _generate_group(model: nn.Module, prompt_ids: list[int], generations: int, g
 def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any,
                     config: STSConfig | dict | None = None, settings: Any = None, *, trainer_state: Any = None,
                     progress: bool = False, builder: PromptBuilder | None = None,
-                    prompt_indices: Sequence[int] | None = None) -> Rollouts:
+                    prompt_indices: Sequence[int] | None = None, score: bool = True) -> Rollouts:
     """Sample and score rollouts of the model for a seeded sample of training prompts, as GRPO would.
 
     Args:
@@ -438,22 +459,24 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
         prompt_indices: the prompts to roll out (indices into ``prompts``); default: the forecast's seeded draw
             of ``rollout_prompts`` (:func:`draw_prompts`). Only that draw warns about prompts whose rewards carry
             no signal (other draws, such as a re-check's probe, use the completions, not their rewards).
+        score: ``False`` samples without calling the reward functions (every reward None): for a probe that
+            needs the completions only, under reward models this function cannot call.
 
     Under ``torch.distributed`` each rank samples and scores a padded share of the prompts; the rollouts are
     gathered, so every rank returns the same :class:`Rollouts`.
     """
     config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
     settings = RolloutSettings.from_args(settings) if settings is not None else RolloutSettings()
-    funcs = check_reward_funcs(reward_funcs)
+    funcs = check_reward_funcs(reward_funcs) if score else []
     weights = settings.reward_weights
-    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(funcs)
-    if len(weights) != len(funcs):
+    weights = [float(w) for w in weights] if weights is not None and score else [1.0] * max(1, len(funcs))
+    if score and len(weights) != len(funcs):
         raise STSConfigError(f"{len(weights)} reward weights for {len(funcs)} reward functions; give one weight per "
                              "function (GRPOConfig.reward_weights).")
     records = prompt_records(prompts)
     builder = builder if builder is not None else prompt_builder(model, tokenizer, config)
     generations = min(settings.num_generations, config.rollout_generations)
-    max_new = min(settings.max_completion_length or config.rollout_max_tokens, config.rollout_max_tokens)
+    max_new = completion_budget(settings, config)
     if max_new >= builder.max_length:
         raise STSConfigError(f"Completions of up to {max_new} tokens leave no room for a prompt in the sequence limit "
                              f"of {builder.max_length} tokens; lower STSConfig.rollout_max_tokens.")
@@ -468,7 +491,10 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
         "max_new_tokens": max_new, "do_sample": True, "pad_token_id": pad, "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": eos, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
         "min_p": settings.min_p, "repetition_penalty": settings.repetition_penalty, "use_cache": True,
-        "disable_compile": True, **(settings.generation_kwargs or {})})
+        "disable_compile": True, **(settings.generation_kwargs or {}),
+        # the budget holds over the user's generation_kwargs (a longer max_new_tokens / min_new_tokens there)
+        "max_new_tokens": max_new, "min_new_tokens": min((settings.generation_kwargs or {}).get("min_new_tokens") or 0,
+                                                         max_new)})
     device = model_device(gen_model)
     part = shard(len(chosen))
     bar = None
@@ -495,7 +521,8 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
                                    else texts)
                     columns = {k: v for k, v in record.items() if k not in ("prompt", "completion", "completion_ids")}
                     rewards = score_completions(funcs, [prompt] * generations, completions, completion_ids,
-                                                {k: [v] * generations for k, v in columns.items()}, trainer_state)
+                                                {k: [v] * generations for k, v in columns.items()}, trainer_state
+                                                ) if score else [[None]] * generations
                     local.append(RolloutGroup(position, prompt, columns, ids, completions, completion_ids, rewards))
                 if bar is not None:
                     bar.update(1)
@@ -513,7 +540,8 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     recorded = {"seed": config.seed, "num_generations": generations, "max_completion_length": max_new,
                 **{k: v for k, v in settings.to_dict().items()
                    if k not in ("num_generations", "max_completion_length", "reward_weights")}}
-    rollouts = Rollouts(groups=groups, reward_names=[_reward_name(f) for f in funcs], reward_weights=weights,
+    rollouts = Rollouts(groups=groups, reward_names=[_reward_name(f) for f in funcs] if score else ["not scored"],
+                        reward_weights=weights,
                         settings=recorded)
     signal = rollouts.signal()
     if forecast_draw and not bool(signal.all()):
