@@ -80,7 +80,13 @@ class RunStore:
         """A fresh run (step 0) in a folder an earlier run wrote: its history, superseded re-checks and forecast
         move to dated names (``history.<time>.jsonl``, ``forecast.<time>.json``), so that neither the report nor
         a resume of this run reads them as this run's (a run whose forecast is skipped writes no forecast.json)."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = base = time.strftime("%Y%m%d-%H%M%S")
+        # runs that start within one second (quick trials, smoke tests): one stamp, numbered, for all the files
+        stamped = [(name, *name.partition(".")[::2]) for name in (HISTORY_FILE, SUPERSEDED_FILE, FORECAST_FILE)]
+        number = 1
+        while any(self.path(f"{stem}.{stamp}.{suffix}").exists() for _, stem, suffix in stamped):
+            number += 1
+            stamp = f"{base}-{number}"
         moved = []
         for name in (HISTORY_FILE, SUPERSEDED_FILE, FORECAST_FILE):
             path = self.path(name)

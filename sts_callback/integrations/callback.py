@@ -6,9 +6,12 @@ and sends what it returns to the console, ``trainer.log`` metrics (W&B / TensorB
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import re
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +155,7 @@ class STSCallback(TrainerCallback, ExportableState):
                                 loss_head_dtype=loss_head_dtype, loss_body_dtype=loss_body_dtype,
                                 loss_head_samples=loss_head_samples)
         values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe, demonstrations=demonstrations)
-        replaced = _instance_being_restored() if _objects_from else None
+        replaced = _instance_being_restored(output_subdir) if _objects_from else None
         if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
             live = replaced._objects if replaced is not None else {}
             missing = [name for name in _objects_from if name not in live]
@@ -202,10 +205,28 @@ class STSCallback(TrainerCallback, ExportableState):
             self._export_args.pop(unused)
         self.lm_eval_targets: dict[str, LmEvalTarget] = {}
         self.schedule_source = "constant"
-        self._trainer = None
+        self._trainer_ref: weakref.ref | None = None
         self._ready = False
         if replaced is not None:  # the instance the user holds shows the resumed run's results too
             replaced.session = self.session
+
+    @property
+    def _trainer(self) -> Any:
+        """The trainer this callback watches, held weakly: a finished callback the user keeps (for its history)
+        must not keep the trainer's model and optimizer alive."""
+        return self._trainer_ref() if self._trainer_ref is not None else None
+
+    @_trainer.setter
+    def _trainer(self, trainer: Any) -> None:
+        self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
+
+    @property
+    def namespace(self) -> str:
+        """The prefix of the keys this callback logs (``sts/...``, ``eval_sts_...``): ``sts``, or its own
+        ``output_subdir`` (as a key-safe name), so that two STSCallbacks on one trainer log apart."""
+        if Path(self.output_subdir) == Path("sts"):
+            return "sts"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(Path(self.output_subdir).as_posix())).strip("_") or "sts"
 
     # The session's state under the callback's names (the Trainer restores the counters on resume).
     sae = property(lambda self: self.session.sae)
@@ -234,6 +255,10 @@ class STSCallback(TrainerCallback, ExportableState):
         from transformers import Trainer
 
         should_log = control.should_log
+        namespace = self.namespace
+        if namespace != "sts":
+            metrics = {f"{namespace}/{key[4:]}" if key.startswith("sts/") else key: value
+                       for key, value in metrics.items()}
         # The base method: TRL's overrides would flush their running metrics early.
         Trainer.log(self._trainer, dict(metrics))
         control.should_log = should_log
@@ -243,7 +268,7 @@ class STSCallback(TrainerCallback, ExportableState):
         if self._trainer is None or not self.session.is_main:
             return
         try:
-            export(self._trainer, payload)
+            export(self._trainer, payload, namespace=self.namespace)
         except Exception as err:  # noqa: BLE001 - a tracker must never kill a training run
             if self.strict:
                 raise
@@ -258,24 +283,35 @@ class STSCallback(TrainerCallback, ExportableState):
         ``metric_for_best_model`` and ``EarlyStoppingCallback`` see them in any callback order."""
         self._trainer = trainer
         loop = trainer.evaluation_loop
-        if getattr(loop, "_sts_callback", None) is self:
-            return self
+        wrapped = loop
+        while wrapped is not None:  # already wrapped by this callback (maybe under another STSCallback's wrapper)
+            if getattr(wrapped, "_sts_callback", None) is self:
+                return self
+            wrapped = getattr(wrapped, "_sts_wrapped", None)
         signature = inspect.signature(loop)
+        attached_to = weakref.ref(trainer)
 
         def evaluation_loop(*args, **kwargs):
             output = loop(*args, **kwargs)
             prefix = signature.bind(*args, **kwargs).arguments.get("metric_key_prefix", "eval")
-            output.metrics.update(self.evaluation_metrics(prefix))
+            for key, value in self.evaluation_metrics(prefix, attached_to()).items():
+                if key.endswith(f"_sts{PROTECTED_KEY}") and key in output.metrics:
+                    value = _worst(output.metrics[key], value)  # another STSCallback's protected domains too
+                output.metrics[key] = value
             return output
 
         evaluation_loop._sts_callback = self  # type: ignore[attr-defined]
+        evaluation_loop._sts_wrapped = loop  # type: ignore[attr-defined]
         trainer.evaluation_loop = evaluation_loop
         return self
 
-    def evaluation_metrics(self, prefix: str = "eval") -> dict[str, float]:
+    def evaluation_metrics(self, prefix: str = "eval", trainer: Any = None) -> dict[str, float]:
         """``<prefix>_sts_loss_delta_<domain>`` and ``<prefix>_sts_protected_loss_delta`` from a re-check at the
-        current step (run now when none was); NaN where no measurement could be made."""
-        if not self._ready or self._trainer is None:
+        current step (run now when none was); NaN where no measurement could be made. Under another
+        :attr:`namespace` than ``sts`` the keys take it (``eval_<namespace>_loss_delta_<domain>``), and
+        ``<prefix>_sts_protected_loss_delta`` is the worst over the trainer's STSCallbacks. ``trainer``: the one
+        evaluating; none of the keys when this callback has since watched another trainer's run."""
+        if not self._ready or self._trainer is None or (trainer is not None and trainer is not self._trainer):
             return {}
         trainer = self._trainer
         step = trainer.state.global_step
@@ -286,10 +322,12 @@ class STSCallback(TrainerCallback, ExportableState):
         deltas = _last_deltas(self.history) if now is not None and "error" not in now else {}
         names = list(self.monitor.loss_sets) if self.monitor is not None else list(deltas)
         values = {name: _finite_or_nan(deltas.get(name)) for name in names}
-        keys = {f"sts_loss_delta_{name}": value for name, value in values.items()}
+        namespace = self.namespace
+        keys = {f"{namespace}_loss_delta_{name}": value for name, value in values.items()}
         if self.protected:
             protected = [values.get(name, math.nan) for name in self.protected]
-            keys["sts_protected_loss_delta"] = math.nan if any(math.isnan(v) for v in protected) else max(protected)
+            keys[f"{namespace}{PROTECTED_KEY}"] = keys[f"sts{PROTECTED_KEY}"] = (
+                math.nan if any(math.isnan(v) for v in protected) else max(protected))
         out = {f"{prefix}_{k}": v for k, v in keys.items()}
         if prefix != "eval" and prefix.startswith("eval_"):  # one of several eval sets: the plain keys too
             out.update({f"eval_{k}": v for k, v in keys.items()})
@@ -308,7 +346,7 @@ class STSCallback(TrainerCallback, ExportableState):
             self.attach(trainer)
         session = self._bind(args, state)
         accelerator = getattr(trainer, "accelerator", None)
-        session.autocast = accelerator.autocast if accelerator is not None else session.autocast
+        session.autocast = _weak_autocast(accelerator) if accelerator is not None else session.autocast
         session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
         _warn_about_the_schedule(session, args, state.max_steps)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -440,7 +478,7 @@ class STSCallback(TrainerCallback, ExportableState):
         """Fallback when no trainer could be attached (see :meth:`attach`): add the ``eval_sts_*`` keys here."""
         if metrics is not None and self._trainer is None:
             for name, delta in _last_deltas(self.history).items():
-                metrics.setdefault(f"eval_sts_loss_delta_{name}", _finite_or_nan(delta))
+                metrics.setdefault(f"eval_{self.namespace}_loss_delta_{name}", _finite_or_nan(delta))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self._ready:
@@ -450,6 +488,7 @@ class STSCallback(TrainerCallback, ExportableState):
             if self.session.settings.recheck_at_end:
                 self.run_recheck(args, state, control, model, ended=True)
             self.write_report(args, state, export=True)
+        self.session.release_models()  # a kept callback (a sweep's results) must not hold the trainer's models
 
     def write_report(self, args, state, export: bool = False) -> None:
         """``report.html`` / ``report.md`` in the STS folder (main process); a failure only warns unless strict."""
@@ -458,13 +497,32 @@ class STSCallback(TrainerCallback, ExportableState):
             self._export("report", trackers.export_report, html_path)
 
 
+def _weak_autocast(accelerator: Any) -> Any:
+    """The accelerator's autocast, held weakly (the accelerator holds the model and optimizer); a plain context
+    once the accelerator is gone."""
+    method = weakref.WeakMethod(accelerator.autocast)
+
+    def autocast(*args: Any, **kwargs: Any) -> Any:
+        bound = method()
+        return bound(*args, **kwargs) if bound is not None else contextlib.nullcontext()
+    return autocast
+
+
+PROTECTED_KEY = "_protected_loss_delta"  # eval_sts_protected_loss_delta: the worst protected domain's change
+
+
+def _worst(a: float, b: float) -> float:
+    """The worse of two protected-domain changes (NaN when either could not be measured)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
 def _delegate(name: str) -> property:
     return property(lambda self: getattr(self.session, name), lambda self, value: setattr(self.session, name, value))
 
 
 # The run's measurements live in the session; the Trainer sets the counters back by these names on resume.
 for _name in ("history", "base_losses", "base_fit", "base_accuracy", "predicted", "forecast", "monitor", "setup",
-              "learning_rates", "write_errors"):
+              "learning_rates", "write_errors", "run_id"):
     setattr(STSCallback, _name, _delegate(_name))
 for _name in ("violations_in_a_row", "warned", "stop_reason"):
     setattr(STSCallback, _name, property(lambda self, n=_name: getattr(self.session.guard, n),
@@ -493,10 +551,12 @@ def _find_trainer(callback: STSCallback) -> tuple[Any, str | None]:
     return trainer, None
 
 
-def _instance_being_restored() -> STSCallback | None:
+def _instance_being_restored(output_subdir: Any) -> STSCallback | None:
     """The user's instance the Trainer replaces when it restores callback states from a checkpoint (it rebuilds the
     callback from its exported arguments in ``Trainer._load_callback_state``, where the instance is ``callback``):
-    the objects (SAE, data) that could not be exported are taken back from it, not from another instance."""
+    the objects (SAE, data) that could not be exported are taken back from it, not from another instance. The
+    Trainer pairs saved states with instances by position; with several STSCallbacks the one writing the same
+    ``output_subdir`` is taken (listed in another order, they would swap SAEs)."""
     frame = inspect.currentframe()
     for _ in range(4):
         frame = frame.f_back if frame is not None else None
@@ -504,7 +564,9 @@ def _instance_being_restored() -> STSCallback | None:
             return None
         candidate = frame.f_locals.get("callback")
         if isinstance(candidate, STSCallback):
-            return candidate
+            same = [cb for cb in frame.f_locals.get("duplicates") or () if isinstance(cb, STSCallback)
+                    and Path(cb.output_subdir) == Path(output_subdir)]
+            return same[0] if same else candidate
     return None
 
 

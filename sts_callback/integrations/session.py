@@ -25,6 +25,7 @@ import operator
 import random
 import time
 import traceback
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -64,7 +65,8 @@ class STSNegativeTransferWarning(UserWarning):
     """A protected domain is forecast or measured to be harmed."""
 
 
-COUNTERS = ("violations_in_a_row", "warned", "stop_reason", "base_losses", "predicted", "base_fit", "base_accuracy")
+COUNTERS = ("violations_in_a_row", "warned", "stop_reason", "base_losses", "predicted", "base_fit", "base_accuracy",
+            "run_id")
 
 
 class STSSession:
@@ -124,6 +126,7 @@ class STSSession:
         self._step_began: float | None = None  # the Trainer's current step, when it began
         self._steps_timed = False  # the budget's training time is the steps' own (step_began / step_ended)
         self.recipe: str | None = None  # "lora" (adapters) or "full", known at start: a calibration's scope
+        self.run_id: str | None = None  # drawn at start(): which run a checkpoint's state and a folder's files are
         self._started = False  # start() or resume() since the last prepare(): re-checks have a base to compare with
 
     @property
@@ -150,11 +153,11 @@ class STSSession:
         resume into another folder copies the forecast and history from there)."""
         return {"base_losses": self.base_losses, "predicted": self.predicted, "base_fit": self.base_fit,
                 "base_accuracy": self.base_accuracy, "run_folder": str(self.store.root.resolve()),
-                **self.guard.state()}
+                "run_id": self.run_id, **self.guard.state()}
 
     def load_counters(self, saved: dict[str, Any]) -> None:
         self.guard.load_state(saved)
-        for key in ("base_losses", "predicted", "base_fit", "base_accuracy"):
+        for key in ("base_losses", "predicted", "base_fit", "base_accuracy", "run_id"):
             if key in saved:
                 setattr(self, key, saved[key])
 
@@ -172,6 +175,13 @@ class STSSession:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             log_warning(message)
             return False
+
+    def release_models(self) -> None:
+        """Drop the references to the run's models (the setup's, and an RL probe's reference model) once training
+        has ended: results stay, and a later re-check takes the model it is given, on the train-start probe."""
+        if self.setup is not None:
+            self.setup.model = None
+        self.probe_source = None
 
     def warn(self, key: str, message: str, category: type[Warning] = STSNegativeTransferWarning) -> None:
         if self.guard.first_time(key) and self.is_main:
@@ -237,6 +247,10 @@ class STSSession:
             raise STSUsageError("STSSession.start() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first.")
         self.recipe = "lora" if is_peft(model) else "full"
+        # a new run: an earlier start's forecast, predictions and seconds are not this run's
+        self.forecast, self.predicted, self.run_level = None, {}, None
+        self.budget = OverheadBudget(self.budget.share)
+        self.run_id = uuid.uuid4().hex[:12]
         if forecast_run is None:
             has_answers = demonstrations is not None or any(probe[i].can_demonstrate
                                                             for i in range(min(len(probe), 64)))
@@ -360,6 +374,7 @@ class STSSession:
             raise STSInputError(f"Resuming: the train-start held-out losses are in neither {checkpoint.root} nor "
                                 f"{store.root} ({STATE_FILE}); loss changes cannot be measured. Start a new run, "
                                 "or resume with TrainingArguments(restore_callback_states_from_checkpoint=True).")
+        self._check_same_run(checkpoint, step)
         monitor = self.monitor
         monitor.domains = {name: DomainBaseline(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
         monitor.load(path)
@@ -383,6 +398,22 @@ class STSSession:
         protected = set(self.guard.config.protected)
         monitor.turn = sum(name not in protected for r in self.history for name in r.get("loss_delta") or {})
         self._clock, self._started = time.perf_counter(), True
+
+    def _check_same_run(self, checkpoint: RunStore, step: int) -> None:
+        """A checkpoint an earlier run left in the folder (a later run in the same output_dir rewrote fewer
+        checkpoints, and the Trainer resumes from the highest number) must not be read with the later run's
+        forecast and history: refused before anything is rewritten."""
+        folder_run = (self.store.read_state() or {}).get("run_id") if is_main_process() else None
+        folder_run = from_main_process(folder_run)
+        if self.run_id is None or folder_run is None or folder_run == self.run_id:
+            return
+        raise STSInputError(
+            f"Resuming from {checkpoint.root.parent} (step {step}): that checkpoint belongs to another run (STS run "
+            f"{self.run_id}) than the forecast and history in {self.store.root} (STS run {folder_run}); e.g. a later, "
+            "shorter run in the same output_dir left an earlier run's higher-numbered checkpoints, and the Trainer "
+            "resumes from the highest. Resume from the run's own checkpoint "
+            "(train(resume_from_checkpoint='<output_dir>/checkpoint-<step>')), delete the other run's checkpoints, "
+            "or give each run its own output_dir.")
 
     def _origin(self, checkpoint: RunStore) -> Path:
         """The run folder that saved ``checkpoint`` (as rank 0 finds it): the Trainer's layout

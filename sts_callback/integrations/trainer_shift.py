@@ -19,6 +19,7 @@ import dataclasses
 import math
 import random
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -135,12 +136,14 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     two_each = dataclasses.replace(config, rollout_generations=2)
     records = prompt_records(data)  # read once: each re-check draws from them, not from the whole dataset again
     # the probe needs the completions; their rewards are only a summary, which reward models cannot give here
-    score = not any(isinstance(f, (nn.Module, str)) for f in _reward_funcs(trainer))
+    funcs = _reward_funcs(trainer)
+    score = not any(isinstance(f, (nn.Module, str)) for f in funcs)
+    watched = weakref.ref(trainer)  # the probe outlives the run in the session: it must not keep the trainer alive
 
     def probe(model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:
         indices = draw_prompts(len(records), config, f"recheck:{step}", prompts)
-        rollouts = sample_rollouts(model, setup.builder.tokenizer, records, trainer.reward_funcs, two_each, settings,
-                                   trainer_state=getattr(trainer, "state", None), builder=setup.builder,
+        rollouts = sample_rollouts(model, setup.builder.tokenizer, records, funcs, two_each, settings,
+                                   trainer_state=getattr(watched(), "state", None), builder=setup.builder,
                                    prompt_indices=indices, score=score)
         sequences = rollout_probe(rollouts, setup, budget)
         rewards = rollouts.rewards[~torch.isnan(rollouts.rewards)]

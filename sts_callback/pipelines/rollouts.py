@@ -488,7 +488,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     eos = _eos_ids(gen_model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     generation_config = GenerationConfig(**{
-        "max_new_tokens": max_new, "do_sample": True, "pad_token_id": pad, "bos_token_id": tokenizer.bos_token_id,
+        "do_sample": True, "pad_token_id": pad, "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": eos, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
         "min_p": settings.min_p, "repetition_penalty": settings.repetition_penalty, "use_cache": True,
         "disable_compile": True, **(settings.generation_kwargs or {}),

@@ -23,8 +23,8 @@ from ..scoring.signed import SIGNED_VARIANTS
 VARIANT_ORDER = SCORE_VARIANTS + SIGNED_VARIANTS
 
 
-def export_forecast(trainer: Any, forecast: Any) -> None:
-    """The step-0 forecast as a table (one row per domain)."""
+def export_forecast(trainer: Any, forecast: Any, namespace: str = "sts") -> None:
+    """The step-0 forecast as a table (one row per domain), under ``<namespace>/`` (the callback's)."""
     wandb_run = _wandb_run(trainer)
     with _tensorboard(trainer) as writer:
         if wandb_run is None and writer is None:
@@ -35,15 +35,15 @@ def export_forecast(trainer: Any, forecast: Any) -> None:
                  forecast.domains[name].tokens] for rank, (name, _) in enumerate(forecast.ranked(), 1)]
         step = _global_step(trainer)
         if wandb_run is not None:
-            _log_wandb(wandb_run, "sts/forecast_table", _wandb_table(columns, rows), step)
+            _log_wandb(wandb_run, f"{namespace}/forecast_table", _wandb_table(columns, rows), step)
         if writer is not None:
             caption = (f"STS forecast: {len(rows)} target domains, ranked by "
                        f"{SCORE_LABELS.get(forecast.ranking, forecast.ranking)} (N={len(forecast.shifted_latents)} "
                        f"shifted latents from {forecast.shift_source})")
-            writer.add_text("sts/forecast", caption + "\n\n" + _markdown(columns, rows), step)
+            writer.add_text(f"{namespace}/forecast", caption + "\n\n" + _markdown(columns, rows), step)
 
 
-def export_recheck(trainer: Any, record: dict[str, Any]) -> None:
+def export_recheck(trainer: Any, record: dict[str, Any], namespace: str = "sts") -> None:
     """One re-check as a table (one row per domain: loss change, scores)."""
     wandb_run = _wandb_run(trainer)
     with _tensorboard(trainer) as writer:
@@ -59,7 +59,7 @@ def export_recheck(trainer: Any, record: dict[str, Any]) -> None:
         rows = [[step, name, *(record[key].get(name) for key in per_domain),
                  *(scores.get(name, {}).get(v) for v in variants)] for name in domains]
         if wandb_run is not None:
-            _log_wandb(wandb_run, "sts/recheck_table", _wandb_table(columns, rows), step)
+            _log_wandb(wandb_run, f"{namespace}/recheck_table", _wandb_table(columns, rows), step)
         if writer is not None:
             lines = [f"STS re-check at step {step}"]
             if record.get("overlap_with_forecast") is not None:
@@ -69,10 +69,10 @@ def export_recheck(trainer: Any, record: dict[str, Any]) -> None:
             lines += [f"- projected warning: {v}" for v in record.get("projected_warnings") or ()]
             if record.get("early_stop"):
                 lines.append(f"- {record['early_stop']}")
-            writer.add_text("sts/recheck", "\n".join(lines) + "\n\n" + _markdown(columns, rows), step)
+            writer.add_text(f"{namespace}/recheck", "\n".join(lines) + "\n\n" + _markdown(columns, rows), step)
 
 
-def export_report(trainer: Any, html_path: Path) -> None:
+def export_report(trainer: Any, html_path: Path, namespace: str = "sts") -> None:
     """``report.html``: a W&B artifact (and ``wandb.Html``), TensorBoard text."""
     html_path = Path(html_path)
     wandb_run = _wandb_run(trainer)
@@ -81,16 +81,16 @@ def export_report(trainer: Any, html_path: Path) -> None:
         if wandb_run is not None:
             import wandb
 
-            artifact = wandb.Artifact(name=f"sts-report-{wandb_run.id}", type="sts-report",
+            artifact = wandb.Artifact(name=f"{namespace}-report-{wandb_run.id}", type="sts-report",
                                       description="STS forecast and re-checks of this training run")
             artifact.add_file(str(html_path), name=html_path.name)
             wandb_run.log_artifact(artifact)
             # inject=False: the report brings its own styles
-            _log_wandb(wandb_run, "sts/report", wandb.Html(html_path.read_text(encoding="utf-8"), inject=False),
-                       step)
+            _log_wandb(wandb_run, f"{namespace}/report",
+                       wandb.Html(html_path.read_text(encoding="utf-8"), inject=False), step)
         if writer is not None:  # TensorBoard cannot show HTML: say where the report is
-            writer.add_text("sts/report", f"STS report: `{html_path}` (open it in a browser; a Markdown summary "
-                            f"beside it: `{html_path.with_suffix('.md').name}`)", step)
+            writer.add_text(f"{namespace}/report", f"STS report: `{html_path}` (open it in a browser; a Markdown "
+                            f"summary beside it: `{html_path.with_suffix('.md').name}`)", step)
 
 
 # ---------------------------------------------------------------------------- trackers
