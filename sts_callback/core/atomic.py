@@ -114,6 +114,8 @@ def append_json_line(path: str | Path, record: dict[str, Any]) -> Path:
     output_target(path)
     with path.open("ab") as handle:
         size = handle.tell()
+        if size and _last_byte(path) != b"\n":  # a line cut by a crash: this record starts on its own line
+            line = "\n" + line
         try:
             handle.write(line.encode("utf-8"))
             handle.flush()
@@ -127,21 +129,36 @@ def append_json_line(path: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def read_json_lines(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """Every complete JSON line of ``path`` and the number of unreadable lines skipped (0 for a sound file)."""
-    path = Path(path)
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1)
+
+
+def _parsed_lines(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     if not path.exists():
-        return [], 0
-    records, bad = [], 0
+        return [], []
+    records, bad = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            bad += 1
+            bad.append(line)
     return records, bad
 
 
+def read_json_lines(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Every complete JSON line of ``path`` and the number of unreadable lines skipped (0 for a sound file)."""
+    records, bad = _parsed_lines(Path(path))
+    return records, len(bad)
+
+
+def unreadable_lines(path: str | Path) -> list[str]:
+    """The lines of ``path`` that are not JSON (a write cut by a crash), as they are."""
+    return _parsed_lines(Path(path))[1]
+
+
 __all__ = ["append_json_line", "atomic_write", "atomic_write_json", "atomic_write_text", "output_target",
-           "read_json_lines"]
+           "read_json_lines", "unreadable_lines"]

@@ -20,12 +20,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .atomic import append_json_line, atomic_write_json, atomic_write_text, read_json_lines
+from .atomic import append_json_line, atomic_write_json, atomic_write_text, read_json_lines, unreadable_lines
 
 FORECAST_FILE = "forecast.json"
 FORECAST_FORMAT = "sts-forecast/1"  # the "format" field of a forecast.json
 HISTORY_FILE = "history.jsonl"
 SUPERSEDED_FILE = "history.superseded.jsonl"
+CUT_FILE = "history.cut.txt"  # lines a crash cut, moved out of the history on resume
 SETTINGS_FILE = "settings.json"
 MONITOR_FILE = "monitor.safetensors"
 STATE_FILE = "callback_state.json"
@@ -56,13 +57,18 @@ class RunStore:
         append_json_line(self.path(HISTORY_FILE), record)
 
     def keep_history_until(self, step: int) -> list[dict[str, Any]]:
-        """Resume at ``step``: records after it (the resumed run redoes them) move to the superseded file."""
+        """Resume at ``step``: records after it (the resumed run redoes them) move to the superseded file; lines a
+        crash cut (unreadable) move to ``history.cut.txt``, so that the history is whole lines again."""
         records = self.read_history()
         kept = [r for r in records if r.get("step", 0) <= step]
         dropped = [r for r in records if r.get("step", 0) > step]
         for record in dropped:
             append_json_line(self.path(SUPERSEDED_FILE), {**record, "superseded_at": time.time()})
-        if dropped or not self.path(HISTORY_FILE).exists():
+        cut = unreadable_lines(self.path(HISTORY_FILE))
+        if cut:
+            with self.path(CUT_FILE).open("a", encoding="utf-8") as handle:
+                handle.write("".join(line + "\n" for line in cut))
+        if dropped or cut or not self.path(HISTORY_FILE).exists():
             atomic_write_text(self.path(HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
@@ -130,5 +136,5 @@ class RunStore:
         return self.forecast_path.exists() or self.path(HISTORY_FILE).exists()
 
 
-__all__ = ["FORECAST_FILE", "FORECAST_FORMAT", "HISTORY_FILE", "MONITOR_FILE", "RunStore", "SETTINGS_FILE", "STATE_FILE",
-           "SUPERSEDED_FILE"]
+__all__ = ["CUT_FILE", "FORECAST_FILE", "FORECAST_FORMAT", "HISTORY_FILE", "MONITOR_FILE", "RunStore", "SETTINGS_FILE",
+           "STATE_FILE", "SUPERSEDED_FILE"]

@@ -65,6 +65,9 @@ class STSNegativeTransferWarning(UserWarning):
     """A protected domain is forecast or measured to be harmed."""
 
 
+# A re-check rewrites the report (read from the whole history) at most this often unless it has news (a violation,
+# a stop, a projected warning, the run's end): at a re-check every step its cost would grow with the run.
+REPORT_INTERVAL_SECONDS = 60.0
 COUNTERS = ("violations_in_a_row", "warned", "stop_reason", "base_losses", "predicted", "base_fit", "base_accuracy",
             "run_id")
 
@@ -128,6 +131,8 @@ class STSSession:
         self.recipe: str | None = None  # "lora" (adapters) or "full", known at start: a calibration's scope
         self.run_id: str | None = None  # drawn at start(): which run a checkpoint's state and a folder's files are
         self._started = False  # start() or resume() since the last prepare(): re-checks have a base to compare with
+        self._resumed_at: int | None = None  # the step resumed from, until the schedule is read as run (see below)
+        self._report_written_at: float | None = None  # when a re-check last wrote the report
 
     @property
     def is_main(self) -> bool:
@@ -272,7 +277,7 @@ class STSSession:
             self._run_level(model, run_level)
         if self.forecast is not None:
             self._publish_forecast()
-        self._clock, self._started = time.perf_counter(), True
+        self._clock, self._started, self._resumed_at = time.perf_counter(), True, None
         return self.forecast
 
     def _run_level(self, model, run_level: Callable[[Any, dict[str, float]], Any]) -> None:
@@ -397,7 +402,7 @@ class STSSession:
         # the rotation of unprotected domains (loss_domains) goes on where the kept re-checks left it
         protected = set(self.guard.config.protected)
         monitor.turn = sum(name not in protected for r in self.history for name in r.get("loss_delta") or {})
-        self._clock, self._started = time.perf_counter(), True
+        self._clock, self._started, self._resumed_at = time.perf_counter(), True, step
 
     def _check_same_run(self, checkpoint: RunStore, step: int) -> None:
         """A checkpoint an earlier run left in the folder (a later run in the same output_dir rewrote fewer
@@ -531,7 +536,11 @@ class STSSession:
                 log_warning(decision.reason)
                 print(f"STS: {decision.reason}")
         self._append_history(record)
-        self.write_report(step)
+        news = decision.violations or decision.stop or record.get("projected_warnings") or ended or (
+            bool(max_steps) and step >= max_steps)
+        if news or self._report_written_at is None or \
+                time.perf_counter() - self._report_written_at >= REPORT_INTERVAL_SECONDS:
+            self.write_report(step)
         return record, decision
 
     def _measure(self, model, step: int) -> tuple[Any, dict[str, Any] | None, list[str]]:
@@ -575,10 +584,15 @@ class STSSession:
                       f"max_steps={max_steps}; set session.learning_rates to one rate per optimizer step.",
                       RuntimeWarning)
             return {}
+        if self._resumed_at is not None:
+            self.learning_rates = self._rates_as_run(self._resumed_at, max_steps)
+            self._resumed_at = None
         fraction = lr_area_fraction(step, max_steps, self.learning_rates)
         method = self.settings.early_method or best_early_method(self.calibration, self.recipe)
         out = early_projection(self.history, measured, fraction, self.forecast, self.calibration, intervals, method,
                                self.recipe)
+        # the schedule's area so far and the plan it is a share of: what a resume under another plan reads back
+        out["lr_area"], out["max_steps"] = float(sum(self.learning_rates[:step])), max_steps
         if self.predicted:
             out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
         # one re-check is a point, not a course: its extrapolation (change / share of the schedule) reads an early
@@ -591,6 +605,35 @@ class STSSession:
         if projected:
             out["projected_warnings"] = list(projected.values())
         return out
+
+    def _rates_as_run(self, resumed_at: int, max_steps: int) -> list[float]:
+        """Each step's learning rate as this run has had them, after a resume from ``resumed_at``: where the run
+        was planned for another ``max_steps`` before (a resume that lengthens or shortens it), the steps before the
+        resume keep the area they ran (the last kept re-check's ``lr_area``, spread evenly over them) and the rest
+        follow the plan now; the kept re-checks' ``lr_area_fraction`` are read again on it, so that the early
+        forecast does not take the two plans' fractions for one course (records of older versions, without
+        ``lr_area``, are read on the plan now)."""
+        rates = [float(r) for r in self.learning_rates[:max_steps]]
+        kept = [r for r in self.history if r.get("lr_area_fraction") is not None and 0 < r.get("step", 0)
+                <= resumed_at]
+        if not kept or all(r.get("max_steps") == max_steps for r in kept):
+            return rates
+        last = kept[-1]
+        if last.get("lr_area") is not None and 0 < resumed_at <= max_steps:
+            ran = last["lr_area"] + sum(rates[last["step"]:resumed_at])  # after the last re-check: as planned now
+            rates[:resumed_at] = [ran / resumed_at] * resumed_at
+        total = sum(rates)
+        changed = False
+        for record in kept:
+            fraction = (record["lr_area"] / total if record.get("lr_area") is not None and total > 0
+                        else lr_area_fraction(min(record["step"], max_steps), max_steps, rates))
+            changed = changed or abs(fraction - record["lr_area_fraction"]) > 1e-6
+            record["lr_area_fraction"] = fraction
+        if changed and self.is_main:
+            print(f"STS: resumed under another plan (max_steps={max_steps}; the earlier re-checks planned "
+                  f"{last.get('max_steps', 'another')}): the early forecast reads the steps before {resumed_at} "
+                  "as they ran.")
+        return rates
 
     def save_checkpoint(self, checkpoint: RunStore, step: int) -> None:
         """The monitor state and counters into a checkpoint's STS folder (main process)."""
@@ -610,6 +653,7 @@ class STSSession:
             from ..reporting.report import write_report
 
             html_path, _ = write_report(self.store.root, protected=self.guard.config.protected)
+            self._report_written_at = time.perf_counter()
             return html_path
         except Exception as err:  # noqa: BLE001 - a report must never kill a training run
             if self.strict:

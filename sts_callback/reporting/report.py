@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import atomic_write_text
+from ..core.atomic import atomic_write_text, read_json_lines
 from ..core.data import repeated_names
 from ..core.errors import STSDataWarning, STSInputError
 from ..core.formatting import percent, signed_percent
@@ -103,7 +103,7 @@ class ReportData:
     def __init__(self, sts_dir: Path, protected: list[str] | None = None):
         self.sts_dir = sts_dir
         self.forecast: dict[str, Any] | None = _read_json(sts_dir / FORECAST_FILE)
-        lines = _read_jsonl(sts_dir / HISTORY_FILE)
+        lines, self.unreadable = read_json_lines(sts_dir / HISTORY_FILE)  # unreadable: cut by a crash
         self.history: list[dict[str, Any]] = [r for r in lines if is_recheck_record(r)]
         self.skipped = len(lines) - len(self.history)  # lines of another tool's log: not re-checks
         if self.skipped and not self.history:
@@ -113,7 +113,7 @@ class ReportData:
         self.run_settings: dict[str, Any] = _read_json(sts_dir / SETTINGS_FILE) or {}
         self.gate: Any = _read_json(sts_dir / GATE_FILE)
         self.validation: Any = _read_json(sts_dir / VALIDATION_FILE)
-        if self.skipped:
+        if self.skipped or self.unreadable:
             warnings.warn(self.skipped_note(), STSDataWarning, stacklevel=3)
         if self.forecast is None and not self.history and self.gate is None:
             raise STSInputError(f"{sts_dir} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}: "
@@ -197,10 +197,14 @@ class ReportData:
 
     def skipped_note(self) -> str | None:
         """How many lines of history.jsonl are not re-check records and were left out (plain text)."""
-        if not self.skipped:
-            return None
-        return (f"{self.skipped} line(s) of {self.sts_dir / HISTORY_FILE} skipped: not re-check records of "
-                f"STSCallback ({RECHECK_RECORD}).")
+        notes = []
+        if self.skipped:
+            notes.append(f"{self.skipped} line(s) of {self.sts_dir / HISTORY_FILE} skipped: not re-check records of "
+                         f"STSCallback ({RECHECK_RECORD}).")
+        if self.unreadable:
+            notes.append(f"{self.unreadable} unreadable line(s) of {self.sts_dir / HISTORY_FILE} skipped (a write cut "
+                         "by a crash): the re-checks they held are not in this report.")
+        return " ".join(notes) or None
 
     @property
     def rechecks(self) -> list[dict[str, Any]]:
@@ -362,21 +366,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise STSInputError(f"{path} is not valid JSON: {err}") from err
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash must not hide the rest
-    return records
 
 
 # --------------------------------------------------------------------------- plots
