@@ -12,6 +12,7 @@ import math
 import re
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,7 @@ class STSCallback(TrainerCallback, ExportableState):
             self._export_args.pop(unused)
         self.lm_eval_targets: dict[str, LmEvalTarget] = {}
         self.schedule_source = "constant"
-        self._trainer_ref: weakref.ref | None = None
+        self._trainer_ref: Callable[[], Any] | None = None  # a weak reference to the watched trainer
         self._ready = False
         if replaced is not None:  # the instance the user holds shows the resumed run's results too
             replaced.session = self.session
@@ -218,7 +219,10 @@ class STSCallback(TrainerCallback, ExportableState):
 
     @_trainer.setter
     def _trainer(self, trainer: Any) -> None:
-        self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
+        try:
+            self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
+        except TypeError:  # a trainer class with __slots__ and no __weakref__: held as it is
+            self._trainer_ref = lambda: trainer
 
     @property
     def namespace(self) -> str:
@@ -289,7 +293,7 @@ class STSCallback(TrainerCallback, ExportableState):
                 return self
             wrapped = getattr(wrapped, "_sts_wrapped", None)
         signature = inspect.signature(loop)
-        attached_to = weakref.ref(trainer)
+        attached_to = self._trainer_ref
 
         def evaluation_loop(*args, **kwargs):
             output = loop(*args, **kwargs)
