@@ -318,10 +318,12 @@ else:  # single | single_own_dtype | ddp | zero2 | zero3
     # whole head (no head samples): its reference is one process measuring so too
     cb = callback(loss_head_dtype=None, loss_body_dtype=None, loss_head_samples=None) \
         if MODE == "single_own_dtype" else callback()
-    trainer_for(cb, OUT / "run", deepspeed=ds).train()
+    trainer = trainer_for(cb, OUT / "run", deepspeed=ds)
+    trainer.train()
     result["history"] = cb.history
     result["forecast"] = cb.forecast.to_dict() if cb.forecast else None
-    result["truncated_forward"] = cb.monitor._extractor(cb.monitor.setup.model).capture.truncate
+    # the callback lets go of the model at train end: the trained one, as a re-check after it gets it
+    result["truncated_forward"] = cb.monitor._extractor(trainer.model).capture.truncate
 result["written"] = sorted(set(written))
 (OUT / f"rank{RANK}.json").write_text(json.dumps(result))
 if torch.distributed.is_initialized():

@@ -293,3 +293,17 @@ def test_a_torch_dataset_is_read_by_index_where_sampled_not_listed_whole():
     corpus = load_corpus(Rows(), "train")
     assert len(corpus) == 100_000 and Rows.reads == 0
     assert corpus[123].prompt == texts[123 % 50] and Rows.reads == 1
+
+
+def test_a_turn_with_no_content_reads_as_no_text_not_the_word_none():
+    from sts_callback.core.data import _content_text
+
+    assert _content_text(None) == ""  # an assistant's tool-call turn: {"content": None, "tool_calls": [...]}
+    assert _content_text([{"type": "text", "text": "a"}, {"type": "image"}]) == "a"
+
+
+def test_a_lone_surrogate_is_named_with_its_example_before_the_tokenizer_sees_it():
+    corpus = load_corpus(["a clean text", "half an emoji \ud83d here"], name="legal")
+    assert corpus[0].prompt == "a clean text"
+    with pytest.raises(STSInputError, match=r"Example 1 of 'legal'.*'\\ud83d' at character 14.*lone surrogate"):
+        corpus[1]

@@ -103,6 +103,24 @@ def test_more_tail_draws_bring_each_tokens_nll_closer_to_the_whole_heads(tokeniz
     assert errors[256] < 0.1 * errors[2]
 
 
+def test_a_change_that_moves_the_base_mass_away_from_peaked_logits_is_measured_exactly():
+    # logits 0, -1000, -2000, ...: every probability but the first underflows; training then lowers token 0 by 100
+    # and raises token 1 by 100, so nearly all the base's mass leaves (the sum in probability space is -1)
+    vocab = 64
+    head = nn.Linear(1, vocab, bias=False)
+    with torch.no_grad():
+        head.weight[:, 0] = -1000.0 * torch.arange(vocab, dtype=torch.float32)
+    hidden, targets = torch.ones(1, 1), torch.tensor([1])
+    base, sample = head_sample.record(None, head, None, hidden, targets, torch.rand(1, 32))
+    assert base.tolist() == [1000.0]
+    with torch.no_grad():
+        head.weight[0, 0] -= 100.0
+        head.weight[1, 0] += 100.0
+    exact = nn.functional.cross_entropy(head(hidden), targets, reduction="none")
+    assert exact.tolist() == [800.0]
+    assert head_sample.sampled_nll(head, None, hidden, targets, sample).tolist() == pytest.approx([800.0])
+
+
 def test_tail_draws_follow_the_base_probabilities_outside_the_top():
     torch.manual_seed(0)
     head = nn.Linear(16, 90, bias=True)

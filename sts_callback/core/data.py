@@ -57,7 +57,7 @@ def _content_text(content: Any) -> str:
         return content
     if isinstance(content, list):  # multimodal content blocks: keep the text parts
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content)
+    return "" if content is None else str(content)  # None: a tool-call turn with no text
 
 
 def _split_conversation(messages: Messages) -> Example:
@@ -89,6 +89,21 @@ RECORD_FIELDS = ("'text', 'messages', 'prompt'/'completion', 'prompt'/'chosen'/'
 
 def example_from_record(record: Any, where: str = "") -> Example:
     """Turn one item (string, chat conversation or TRL-style record) into an :class:`Example`."""
+    example = _example_from_record(record, where)
+    texts = [example.prompt] if isinstance(example.prompt, str) else [
+        _content_text(m.get("content")) for m in example.prompt]
+    for text in [*texts, example.answer or ""]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # e.g. half of an emoji's surrogate pair; the tokenizer's error names nothing
+            raise STSInputError(
+                f"Example{where} holds {text[err.start:err.end]!r} at character {err.start}, which is not valid "
+                "Unicode text (a lone surrogate: often half of an emoji a scraper split). Clean the data, e.g. "
+                "text.encode('utf-8', 'replace').decode('utf-8').") from None
+    return example
+
+
+def _example_from_record(record: Any, where: str = "") -> Example:
     if isinstance(record, str):
         return Example(prompt=record, plain_text=True)
     if is_messages(record):

@@ -11,7 +11,8 @@ base log-sum-exp by
 
 ``dz`` the logit's change, ``p_k`` its base probability, ``P_tail`` the base mass outside the top. Exact for the
 top; unbiased up to the log's curvature for the tail, whose estimate's noise is per token and so lands in the
-paired change's interval like the texts' own spread. An unchanged model measures no change, exactly.
+paired change's interval like the texts' own spread. An unchanged model measures no change, exactly. Where the
+base's mass nearly all leaves (a sum near -1, its probabilities underflowing), the same sum is read in log space.
 """
 
 from __future__ import annotations
@@ -194,6 +195,15 @@ def sampled_nll(head: nn.Linear, softcap: float | None, hidden: torch.Tensor, ta
     p_tail = (1 - p_top.sum(1)).clamp(min=0)
     moved = (p_top * change[:, :top]).sum(1) + p_tail * (sample.weights.double() * change[:, top:]).sum(1)
     lse = sample.lse + torch.log1p(moved.clamp(min=-1 + 1e-12))
+    collapsed = moved < -1 + 1e-6  # nearly all the base's mass left: its probabilities underflow, so in log space
+    if bool(collapsed.any()):
+        rows = collapsed.nonzero().squeeze(1)
+        weights = sample.weights[rows].double()
+        tail = torch.logsumexp((weights / weights.sum(1, keepdim=True)).log()
+                               + current[rows, top:-1].double() - sample.logits[rows, top:].double(), dim=1)
+        terms = torch.cat([current[rows, :top].double(),
+                           (sample.lse[rows].double() + p_tail[rows].log() + tail)[:, None]], 1)
+        lse[rows] = torch.logsumexp(terms, 1)
     return (lse - current[:, -1].double()).float()
 
 

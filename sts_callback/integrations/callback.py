@@ -207,6 +207,7 @@ class STSCallback(TrainerCallback, ExportableState):
         self.lm_eval_targets: dict[str, LmEvalTarget] = {}
         self.schedule_source = "constant"
         self._trainer_ref: Callable[[], Any] | None = None  # a weak reference to the watched trainer
+        self._run_state: Callable[[], Any] = lambda: None  # the TrainerState of the run being watched (weakly)
         self._ready = False
         if replaced is not None:  # the instance the user holds shows the resumed run's results too
             replaced.session = self.session
@@ -324,6 +325,10 @@ class STSCallback(TrainerCallback, ExportableState):
         now = next((r for r in reversed(self.history) if r.get("step") == step), None)
         # a failed re-check measured nothing: an earlier step's values would pass for this step's
         deltas = _last_deltas(self.history) if now is not None and "error" not in now else {}
+        if not deltas and "_loss_delta" in (getattr(trainer.args, "metric_for_best_model", None) or ""):
+            self.session.warn(f"nan_metric:{step}", f"STS: no held-out loss change at step {step} (its re-check "
+                              f"failed), so {trainer.args.metric_for_best_model} is NaN there, which "
+                              "EarlyStoppingCallback counts as an evaluation without improvement.", RuntimeWarning)
         names = list(self.monitor.loss_sets) if self.monitor is not None else list(deltas)
         values = {name: _finite_or_nan(deltas.get(name)) for name in names}
         namespace = self.namespace
@@ -340,9 +345,14 @@ class STSCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ train start
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
                        lr_scheduler=None, **kwargs):
+        if self._ready and self._run_state() is state:  # listed twice on one trainer: this run has started
+            warnings.warn("STS: this STSCallback is in the trainer's callbacks twice (e.g. add_callback run again in "
+                          "a notebook); it forecasts and re-checks once.", STSDataWarning, stacklevel=2)
+            return
         if self._ready:  # this instance watched a run before (a sweep, a notebook re-run): start clean
             self.session = STSSession(*self._session_args, strict=self.strict, not_predicted=self._not_predicted)
             self._ready, self._trainer = False, None
+        self._run_state = weakref.ref(state)  # each train() has its own TrainerState
         found, resumed_from = _find_trainer(self)
         trainer = self._trainer or found
         if trainer is not None:
@@ -353,6 +363,7 @@ class STSCallback(TrainerCallback, ExportableState):
         session.autocast = _weak_autocast(accelerator) if accelerator is not None else session.autocast
         session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
         _warn_about_the_schedule(session, args, state.max_steps)
+        _check_best_metric(args)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is None:
             raise STSInputError("STSCallback needs the trainer's processing_class (tokenizer); pass "
@@ -471,8 +482,13 @@ class STSCallback(TrainerCallback, ExportableState):
         self._export("re-check", trackers.export_recheck, record)
         return record
 
-    def on_save(self, args, state, control, **kwargs):
-        if not self._ready or not state.is_world_process_zero:
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not self._ready:
+            return
+        if self.session.settings.recheck_steps is None and not self.session.has_recheck(state.global_step):
+            # a checkpoint another callback asked for after this one's on_step_end (on every rank: collective)
+            self.run_recheck(args, state, control, model)
+        if not state.is_world_process_zero:
             return
         if (Path(args.output_dir) / f"checkpoint-{state.global_step}").is_dir():
             checkpoint = self.session.store.checkpoint(args.output_dir, state.global_step, self.output_subdir)
@@ -489,7 +505,13 @@ class STSCallback(TrainerCallback, ExportableState):
             return
         # TensorBoardCallback has closed its writer (it runs first); our last logs must not leave it reopened
         with trackers.tensorboard_kept_closed(self._trainer):
-            if self.session.settings.recheck_at_end:
+            best = _loaded_best_step(args, state)
+            if best is not None and best != state.global_step:  # the weights now are an earlier checkpoint's
+                if self.session.is_main:
+                    print(f"STS: the run ended at step {state.global_step} and the Trainer loaded its best checkpoint "
+                          f"(step {best}, load_best_model_at_end): no re-check at the end, whose weights are not "
+                          f"step {state.global_step}'s; the history's step {best} measured them.")
+            elif self.session.settings.recheck_at_end:
                 self.run_recheck(args, state, control, model, ended=True)
             self.write_report(args, state, export=True)
         self.session.release_models()  # a kept callback (a sweep's results) must not hold the trainer's models
@@ -615,6 +637,28 @@ def _warn_about_the_schedule(session: STSSession, args, max_steps: int) -> None:
         warnings.warn("STS: save_strategy='no' and recheck_steps unset: the run is re-checked only at its end, "
                       "so no warning or early stop can come during training; set recheck_steps (e.g. 0.1).",
                       STSDataWarning, stacklevel=3)
+
+
+def _loaded_best_step(args, state) -> int | None:
+    """The step of the checkpoint the Trainer loaded at the end (``load_best_model_at_end``), else ``None``."""
+    checkpoint = getattr(state, "best_model_checkpoint", None)
+    if not getattr(args, "load_best_model_at_end", False) or not checkpoint:
+        return None
+    match = re.search(r"checkpoint-(\d+)$", str(checkpoint).rstrip("/"))
+    return int(match.group(1)) if match else None
+
+
+def _check_best_metric(args) -> None:
+    """``metric_for_best_model`` an STS change (a loss change: lower is better) with ``greater_is_better`` unset or
+    True: transformers guesses "greater" for a name not ending in "loss", and would keep the most harmed checkpoint
+    and stop when the domain improves. Refused at train start, naming the fix."""
+    metric = getattr(args, "metric_for_best_model", None) or ""
+    name = metric if metric.startswith("eval_") else f"eval_{metric}"
+    if "_loss_delta" in name and name.startswith("eval_") and getattr(args, "greater_is_better", None) is not False:
+        raise STSConfigError(
+            f"metric_for_best_model={metric!r} is a held-out loss change (lower is better), but greater_is_better is "
+            f"{getattr(args, 'greater_is_better', None)!r}, so the best checkpoint would be the most harmed and "
+            "EarlyStoppingCallback would stop as the domain improves: set TrainingArguments(greater_is_better=False).")
 
 
 def _last_deltas(history: list[dict[str, Any]]) -> dict[str, Any]:

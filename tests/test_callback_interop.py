@@ -1,0 +1,93 @@
+"""STSCallback beside the callbacks and Trainer features users combine it with: EarlyStoppingCallback and
+load_best_model_at_end on an STS key, a callback that asks for a checkpoint, the same instance listed twice."""
+
+import json
+import warnings
+
+import pytest
+from test_callback import FailingSAE, make_callback, make_trainer
+from tiny import domain_texts, make_tokenizer
+from transformers import EarlyStoppingCallback, TrainerCallback
+
+from sts_callback import STSConfigError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def history_steps(tmp_path):
+    return [json.loads(line)["step"] for line in (tmp_path / "run" / "sts" / "history.jsonl").open()]
+
+
+def test_an_sts_metric_for_the_best_model_with_greater_is_better_is_refused_at_train_start(tmp_path, tokenizer):
+    # transformers guesses greater_is_better=True for a name not ending in "loss": the most harmed checkpoint
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(protected=["food"]), eval_strategy="steps",
+                           eval_steps=2, eval_texts=domain_texts("law", 8, seed=4),
+                           metric_for_best_model="eval_sts_protected_loss_delta", load_best_model_at_end=True)
+    assert trainer.args.greater_is_better is True
+    with pytest.raises(STSConfigError, match="greater_is_better=False"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_one_instance_listed_twice_forecasts_and_rechecks_once(tmp_path, tokenizer):
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[callback], max_steps=4)
+    with pytest.warns(UserWarning, match="in the trainer's callbacks twice"):
+        trainer.train()
+    forecasts = [e for e in trainer.state.log_history if "sts/forecast/law" in e]
+    assert len(forecasts) == 1 and history_steps(tmp_path) == [2, 4]
+    assert not list((tmp_path / "run" / "sts").glob("forecast.*.json"))  # nothing archived as an earlier run
+
+
+class SaveAt3(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            control.should_save = True
+
+
+def test_a_checkpoint_another_callback_asks_for_later_is_rechecked_too(tmp_path, tokenizer):
+    make_trainer(tmp_path, tokenizer, make_callback(), extra_callbacks=[SaveAt3()], max_steps=6).train()
+    assert (tmp_path / "run" / "checkpoint-3").is_dir() and history_steps(tmp_path) == [2, 3, 4, 6]
+
+
+class StopAt5(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            control.should_training_stop = True
+
+
+def test_the_end_recheck_does_not_label_the_loaded_best_checkpoint_as_the_last_step(tmp_path, tokenizer, capsys):
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[StopAt5()], max_steps=8,
+                           eval_strategy="steps", eval_steps=2, eval_texts=domain_texts("law", 8, seed=4),
+                           metric_for_best_model="eval_loss", load_best_model_at_end=True)
+    trainer.train()
+    best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert trainer.state.global_step == 5 and best != 5
+    assert 5 not in history_steps(tmp_path) and best in history_steps(tmp_path)
+    assert f"loaded its best checkpoint (step {best}" in capsys.readouterr().out
+
+
+class FailAt4(TrainerCallback):
+    def __init__(self, sae):
+        self.sae = sae
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.sae.fail = state.global_step == 3  # the step that ends as step 4
+
+
+def test_a_failed_recheck_at_an_evaluation_says_early_stopping_counts_its_nan(tmp_path, tokenizer):
+    sae = FailingSAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    callback = make_callback(sae=sae, protected=["food"])
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=6, eval_strategy="steps", eval_steps=2,
+                           eval_texts=domain_texts("law", 8, seed=4), extra_callbacks=[FailAt4(sae),
+                                                                                       EarlyStoppingCallback(3)],
+                           metric_for_best_model="eval_sts_protected_loss_delta", greater_is_better=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert any("NaN there" in str(w.message) and "EarlyStoppingCallback" in str(w.message) for w in caught)
+    assert [("error" in r) for r in callback.history] == [False, True, False]
