@@ -307,3 +307,16 @@ def test_a_lone_surrogate_is_named_with_its_example_before_the_tokenizer_sees_it
     assert corpus[0].prompt == "a clean text"
     with pytest.raises(STSInputError, match=r"Example 1 of 'legal'.*'\\ud83d' at character 14.*lone surrogate"):
         corpus[1]
+
+
+def test_a_long_system_prompt_leaves_the_conversations_last_turn_counted(tokenizer):
+    b = builder(tokenizer, max_length=256)
+    system = {"role": "system", "content": " ".join(domain_texts("chem", 20))}  # far longer than a query
+    law, food = domain_texts("law", 1)[0], domain_texts("food", 1)[0]
+    pairs = {name: b.pair(Example(prompt=[system, {"role": "user", "content": text}], answer=None), [])
+             for name, text in (("law", law), ("food", food))}
+    counted = {name: tokenizer.decode(p.base[-p.n_query:]) for name, p in pairs.items()}
+    assert law.split()[0] in counted["law"] and food.split()[0] in counted["food"]
+    assert counted["law"] != counted["food"]  # the measured tokens are each conversation's own, not the shared start
+    for p in pairs.values():
+        assert p.base[-p.n_query:] == p.context[-p.n_query:]

@@ -145,3 +145,42 @@ def test_a_one_text_training_set_is_flagged_as_its_own_demonstration(model, toke
         warnings.simplefilter("error", STSDataWarning)
         forecast(model, tokenizer, sae(), [" ".join(domain_texts("law", 4))], targets(), config(),
                  demonstrations=domain_texts("law", 10, seed=5))
+
+
+def test_blank_texts_are_never_drawn_as_demonstrations(model, tokenizer):
+    # a data set with blank rows (wikitext has them): a blank is skipped as a query, and as a demonstration too
+    from sts_callback.core.data import load_corpus, load_domains
+    from sts_callback.pipelines.forecast import ForecastSetup, plan_inputs
+
+    setup = ForecastSetup.create(model, tokenizer, sae(), config())
+    law, food = domain_texts("law", 30), domain_texts("food", 20)
+    for blanks in (300, 3000):
+        plan = plan_inputs(setup.builder, setup.config, load_corpus(law + ["  \n "] * blanks, "train"),
+                           load_domains({"food": food + [""] * 200}))
+        assert all(p.context != p.base for p in plan.shift_pairs)  # each query follows a demonstration
+        assert all(p.context != p.base for p in plan.domains["food"].pairs)
+
+
+def test_copies_in_a_held_out_set_are_measured_once_and_said_to_be(model, tokenizer):
+    # 30 copies counted as 30 texts would make the loss change's interval look ~5x narrower than one text gives
+    from sts_callback.core.data import load_corpus
+    from sts_callback.pipelines.forecast import ForecastSetup
+    from sts_callback.pipelines.monitor import Monitor
+
+    setup = ForecastSetup.create(model, tokenizer, sae(), config())
+    text, other = " ".join(domain_texts("law", 4)), domain_texts("food", 1)[0]
+    with pytest.warns(STSDataWarning, match=r"'x': 29 of the 31 texts .* exact copies"):
+        sequences, tokens = Monitor.sample_sequences(load_corpus([text] * 30 + [other], name="x"), setup, 10_000,
+                                                     "seed")
+    assert len(sequences) == 2 and tokens == sum(sum(counted) for _, counted in sequences)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # distinct texts: no warning
+        assert len(Monitor.sample_sequences(load_corpus(domain_texts("law", 5), name="y"), setup, 10_000, "s")[0]) == 5
+
+
+def test_a_mostly_dead_sae_is_named_not_answered_with_more_tokens(model, tokenizer):
+    mostly_dead = sae()
+    with torch.no_grad():
+        mostly_dead.b_enc[:60] = -1e6  # 60 of 64 latents can never fire
+    with pytest.warns(STSDataWarning, match=r"Only \d of the SAE's 64 latents fire on the training data at all"):
+        forecast(model, tokenizer, mostly_dead, domain_texts("law", 60), targets(), config())

@@ -41,7 +41,10 @@ class Example:
 
     @property
     def can_demonstrate(self) -> bool:
-        return self.plain_text or self.answer is not None
+        """It has text to show the model as a demonstration: a plain text, or an answer (blank ones have none)."""
+        if self.plain_text:
+            return isinstance(self.prompt, str) and bool(self.prompt.strip())
+        return self.answer is not None and bool(self.answer.strip())
 
 
 def is_messages(value: Any) -> bool:
@@ -635,7 +638,11 @@ class PromptBuilder:
         query_ids = alone[len(alone) - shared:]
         head_base = alone[: len(alone) - shared]
         head_context = full[: len(full) - shared]
-        query_ids = query_ids[: self.max_query_tokens + 16]  # room for the turn's template tokens
+        limit = self.max_query_tokens + 16  # room for the turn's template tokens
+        if len(query_ids) > limit:  # a long conversation (a long system prompt): its last turns are what counts;
+            earlier, query_ids = query_ids[:-limit], query_ids[-limit:]  # as much again before them stays as
+            earlier = earlier[-self.max_query_tokens:]  # uncounted context, in both sequences alike
+            head_base, head_context = head_base + earlier, head_context + earlier
         if not self.has_chat_template:
             head_base = list(self.prefix) + head_base
             head_context = list(self.prefix) + head_context

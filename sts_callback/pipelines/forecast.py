@@ -489,10 +489,15 @@ def plan_domains(builder: PromptBuilder, config: STSConfig, domains: dict[str, C
                           "demonstration, so its STS_icl is not computed (n/a; ranked last by STS_icl). Its STS_act "
                           "and signed scores stand. Add texts to that domain for STS_icl.", STSDataWarning, stacklevel=3)
         if icl and len(corpus) >= 2:
-            pairs = []
+            pairs, usable = [], None
             for i in indices:
                 others = AllBut(range(len(corpus)), i)
                 chosen = domain_rng.sample(others, min(config.n_domain_demonstrations, len(others)))
+                if not all(corpus[j].can_demonstrate for j in chosen):  # a blank text drawn: among those with text
+                    usable = usable if usable is not None else [j for j in range(len(corpus))
+                                                                if corpus[j].can_demonstrate]
+                    candidates = AllBut(usable, i)
+                    chosen = domain_rng.sample(candidates, min(config.n_domain_demonstrations, len(candidates)))
                 pairs.append(builder.pair(corpus[i], [corpus[j] for j in chosen]))
             inputs[name] = DomainInput(pairs=pairs, singles=None, texts=len(indices), tokens=tokens)
         else:
@@ -724,8 +729,13 @@ def assemble_forecast(setup: ForecastSetup, shift_stats: PairedStats, plan: Plan
             "for this model and layer."))
     if moved < len(latents):
         how = "in context" if shift is None or shift.kind == "in_context" else f"({shift.kind} shift)"
+        fired = shift_stats.latents.mean_sq() > 0
+        active = int(fired.sum())
+        why = (f"only {active} of the SAE's {fired.numel()} latents fire on the training data at all, so more "
+               "tokens will not move more: most of this SAE is dead here, or it is not for this model and layer"
+               if active < config.n_shifted else "Raise STSConfig.shift_tokens for a fuller picture")
         warnings.warn(f"Only {moved} SAE latents moved {how} (n_shifted={config.n_shifted}); the forecast uses "
-                      "those alone. Raise STSConfig.shift_tokens for a fuller picture.", STSDataWarning, stacklevel=3)
+                      f"those alone. {why[:1].upper() + why[1:]}.", STSDataWarning, stacklevel=3)
         latents, values = latents[:moved], values[:moved]
     raw_dims, raw_values = score.shifted_latents(shift_stats.residual_shift, min(config.n_shifted, setup.sae.d_in))
     signed_features = signed.signed_scores(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..scoring import score
 from ..core.capture import unwrap_model
-from ..core.errors import STSNumericalError
+from ..core.errors import STSDataWarning, STSNumericalError
 from ..core.data import Corpus, TokenSequence, first_counted, sample_within_budget
 from ..core.distributed import LocalFailure, gather_objects
 from ..core.extract import ConditionStats, Extractor, PairedStats
@@ -138,7 +139,15 @@ class Monitor:
         sequences = [setup.builder.single(corpus[i]) for i in indices]
         if tokens_each is not None:
             sequences = [first_counted(sequence, tokens_each) for sequence in sequences]
-        return sequences, tokens
+        seen: set[tuple[int, ...]] = set()
+        unique = [s for s in sequences if not (tuple(s[0]) in seen or seen.add(tuple(s[0])))]
+        if len(unique) < len(sequences):  # copies would count as independent texts: a falsely narrow interval
+            warnings.warn(f"{corpus.name!r}: {len(sequences) - len(unique)} of the {len(sequences)} texts sampled to "
+                          "measure it are exact copies of others; each is measured once (copies would make its "
+                          "loss change look more precise than it is). De-duplicate the data to measure more texts.",
+                          STSDataWarning, stacklevel=2)
+            tokens = sum(sum(counted) for _, counted in unique)
+        return unique, tokens
 
     def _extractor(self, model: nn.Module) -> Extractor:
         return self.setup.extractor(model=model)
