@@ -144,7 +144,7 @@ def reward_length(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-@pytest.mark.parametrize("shift", ["auto", "reward_weighted"])
+@pytest.mark.parametrize("shift", ["auto", "reward_filtered"])
 def test_grpo_forecasts_from_the_policys_scored_rollouts(tmp_path, tokenizer, shift):
     cb = callback(shift=shift, config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8})
     trainer = grpo_trainer(tmp_path, tokenizer, cb)
@@ -152,7 +152,7 @@ def test_grpo_forecasts_from_the_policys_scored_rollouts(tmp_path, tokenizer, sh
         trainer.train()  # beta=0, no PEFT: nothing gives new completions' base residuals
     check_run(trainer, cb, tmp_path)
     assert all("fresh_probe" not in r for r in cb.history)
-    expected = "reward_filtered" if shift == "auto" else "reward_weighted"
+    expected = "reward_weighted" if shift == "auto" else "reward_filtered"  # auto's choice under RL: weighted
     settings = cb.forecast.settings
     assert settings["shift"] == expected
     rollouts = settings["rollouts"]

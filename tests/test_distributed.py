@@ -98,7 +98,7 @@ def test_preference_and_rl_forecasts_two_processes_match_one(tmp_path, kind):
         assert fresh[0]["prompts"] == fresh[1]["prompts"] == fresh[2]["prompts"]
         assert fresh[1] == fresh[2] and fresh[1]["tokens"] > 0
         assert without_timing(ranks[0]["history"]) == without_timing(ranks[1]["history"])
-    assert one["settings"]["shift"] == ("chosen_vs_rejected" if kind == "dpo" else "reward_filtered")
+    assert one["settings"]["shift"] == ("chosen_vs_rejected" if kind == "dpo" else "reward_weighted")
     assert rank0["shifted_latents"] == rank1["shifted_latents"] == one["shifted_latents"]
     if kind == "grpo":  # the same rollouts, sampled per prompt, whatever the number of processes
         assert rank0["settings"]["rollouts"] == one["settings"]["rollouts"]

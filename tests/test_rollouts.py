@@ -161,14 +161,19 @@ def test_grpo_advantages_and_the_high_reward_demonstrations(model, tokenizer):
     best = r.demonstrations(top_fraction=0.25)
     assert best == [{"prompt": g.prompt, "completion": g.completions[max(range(4), key=lambda j: (
         g.completion_ids[j][0], -j))]} for g in r.groups]
-    # usable as demonstrations= of the in-context forecast: rollout_forecast's default, as the callback's, by the
-    # callback's name ("demonstrations" is its earlier name); a misspelt shift is named before any work
+    # usable as demonstrations= of the in-context forecast, by the callback's name ("demonstrations" is its earlier
+    # name); rollout_forecast's default is the callback's, the reward-weighted shift; a misspelt shift is named
+    # before any work
     with pytest.raises(STSConfigError, match=r"shift='filtered': use one of \('reward_filtered', 'reward_weighted'"):
         rollout_forecast(model, tokenizer, None, prompts(), first_token, targets(), shift="filtered")
-    result = rollout_forecast(model, tokenizer, TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double(),
-                              prompts(), first_token, targets(), config(), settings=SETTINGS)
+    tiny_sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post").double()
+    result = rollout_forecast(model, tokenizer, tiny_sae, prompts(), first_token, targets(), config(),
+                              settings=SETTINGS, shift="reward_filtered")
     assert result.settings["demonstrations"] == "reward_filtered_rollouts"
     assert result.settings["shift"] == "in_context" and result.settings["rollouts"]["prompts"] == 4
+    default = rollout_forecast(model, tokenizer, tiny_sae, prompts(), first_token, targets(), config(),
+                               settings=SETTINGS)
+    assert "demonstrations" not in default.settings and default.settings["rollouts"]["prompts"] == 4
 
 
 def test_none_and_all_equal_rewards(model, tokenizer, sae):

@@ -118,7 +118,7 @@ class STSCallback(TrainerCallback, ExportableState):
             worth in place of a pass over every domain. ``None``: none. Language-model trainers only (Trainer,
             SFTTrainer).
         shift: what the training pushes (:mod:`~sts_callback.integrations.trainer_shift`): ``"auto"`` (RL trainer
-            -> the policy's reward-filtered rollouts as demonstrations; preference data -> chosen minus rejected;
+            -> the reward-weighted shift of the policy's rollouts; preference data -> chosen minus rejected;
             else the data's answers in context), or one of ``"in_context"``, ``"chosen_vs_rejected"``,
             ``"reward_filtered"``, ``"reward_weighted"``. Rollouts follow ``STSConfig.rollout_*`` budgets and the
             trainer's generation settings and reward functions.

@@ -7,10 +7,11 @@
   the above-mean ones as in-context demonstrations before the prompts;
 - ``"reward_weighted"``: RL: the advantage-weighted difference of high- and low-reward rollouts' latents.
 
-``"auto"`` picks by the trainer: reward functions -> ``reward_filtered`` (unless ``demonstrations=`` are given),
-preference columns -> ``chosen_vs_rejected``, otherwise ``in_context``. Under RL the rollouts also become the
-re-check probe (:func:`rollout_probe`): the shift is measured on what the policy writes, and each re-check
-samples the current policy's completions of fresh prompts (:func:`fresh_rollout_probe`).
+``"auto"`` picks by the trainer: reward functions -> ``reward_weighted`` (unless ``demonstrations=`` are given; it
+ordered the other domains best on the KL-held GRPO runs of ``benchmarks/transfer/rl.py``, also on runs made after it
+was preferred), preference columns -> ``chosen_vs_rejected``, otherwise ``in_context``. Under RL the rollouts
+also become the re-check probe (:func:`rollout_probe`): the shift is measured on what the policy writes, and each
+re-check samples the current policy's completions of fresh prompts (:func:`fresh_rollout_probe`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def resolve_shift(shift: str, trainer: Any, data: Any, has_demonstrations: bool)
     preference = any(columns <= _columns(data) for columns in PREFERENCE_COLUMNS)
     if shift == "auto":
         if rl and not has_demonstrations:
-            return "reward_filtered"
+            return "reward_weighted"
         return "chosen_vs_rejected" if preference else "in_context"
     if shift in ("reward_filtered", "reward_weighted") and not rl:
         raise STSConfigError(f"shift={shift!r} needs an RL trainer with reward functions (trainer.reward_funcs, "

@@ -569,16 +569,16 @@ def run_rollout_forecast(setup: ForecastSetup, rollouts: Rollouts, domains: dict
 
 
 def rollout_forecast(model: nn.Module, tokenizer, sae: Any, prompts: Any, reward_funcs: Any, targets: Any,
-                     config: STSConfig | dict | None = None, *, settings: Any = None, shift: str = "reward_filtered",
+                     config: STSConfig | dict | None = None, *, settings: Any = None, shift: str = "reward_weighted",
                      top_fraction: float | None = None, progress: bool = False, calibration: Any = None,
                      ) -> Forecast:
     """Forecast how RL (GRPO) on ``prompts`` with ``reward_funcs`` moves each target domain, from the model's own
     scored rollouts (:func:`sample_rollouts`).
 
-    ``shift="reward_filtered"`` (the callback's default for GRPO; ``"demonstrations"`` is the same): the in-context
+    ``shift="reward_weighted"`` (the callback's default for GRPO): the advantage-weighted high-minus-low difference
+    of the rollouts' latents. ``shift="reward_filtered"`` (``"demonstrations"`` is the same): the in-context
     forecast with the prompts as queries and the above-mean completions as demonstrations
-    (``settings["demonstrations"] == "reward_filtered_rollouts"``). ``shift="reward_weighted"``: the
-    advantage-weighted high-minus-low difference of the rollouts' latents. Either way
+    (``settings["demonstrations"] == "reward_filtered_rollouts"``). Either way
     ``settings["rollouts"]`` summarises the rollouts. Other arguments as :func:`sample_rollouts` and
     :func:`~sts_callback.pipelines.forecast.forecast`.
     """
