@@ -320,3 +320,13 @@ def test_a_long_system_prompt_leaves_the_conversations_last_turn_counted(tokeniz
     assert counted["law"] != counted["food"]  # the measured tokens are each conversation's own, not the shared start
     for p in pairs.values():
         assert p.base[-p.n_query:] == p.context[-p.n_query:]
+    ids, counted = b.single(Example(prompt=[system, {"role": "user", "content": law}], plain_text=True))
+    assert ids[0] == tokenizer.bos_token_id and law.split()[0] in tokenizer.decode(ids[len(ids) - len(counted):])
+
+
+def test_a_conversation_read_as_a_domain_text_can_demonstrate_unless_it_is_blank():
+    chat = [{"role": "user", "content": "a question"}, {"role": "assistant", "content": "an answer"}]
+    assert Example(prompt=chat, plain_text=True).can_demonstrate
+    assert not Example(prompt=[{"role": "user", "content": " "}], plain_text=True).can_demonstrate
+    assert not Example(prompt="  \n ", plain_text=True).can_demonstrate
+    assert not Example(prompt="a question", answer=" ").can_demonstrate

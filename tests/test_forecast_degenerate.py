@@ -159,6 +159,10 @@ def test_blank_texts_are_never_drawn_as_demonstrations(model, tokenizer):
                            load_domains({"food": food + [""] * 200}))
         assert all(p.context != p.base for p in plan.shift_pairs)  # each query follows a demonstration
         assert all(p.context != p.base for p in plan.domains["food"].pairs)
+    # a domain of conversations (each read as one text) still demonstrates
+    chats = [[{"role": "user", "content": a}, {"role": "assistant", "content": b}] for a, b in zip(food, law)]
+    plan = plan_inputs(setup.builder, setup.config, load_corpus(law, "train"), load_domains({"chat": chats}))
+    assert all(p.context != p.base for p in plan.domains["chat"].pairs)
 
 
 def test_copies_in_a_held_out_set_are_measured_once_and_said_to_be(model, tokenizer):

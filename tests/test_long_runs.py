@@ -118,3 +118,38 @@ def test_frequent_rechecks_rewrite_the_report_only_with_news_or_after_a_while(tm
     assert written == [2, 4, 6, 8]
     assert math.isfinite(json.loads((tmp_path / "again" / "sts" / "history.jsonl").read_text().splitlines()[-1])[
         "lr_area_fraction"])
+
+
+def test_a_resume_measures_the_held_out_texts_the_run_started_with(tmp_path, tokenizer, monkeypatch):
+    from sts_callback import STSInputError
+    from sts_callback.pipelines.monitor import Monitor
+
+    rates = [1.0] * 8
+    first, model, texts, domains = plain_run(tmp_path, tokenizer, rates, (2,))
+    checkpoint = RunStore(tmp_path / "checkpoint-2" / "sts")
+    first.save_checkpoint(checkpoint, 2)
+    started_with = {name: list(sequences) for name, sequences in first.monitor.loss_sets.items()}
+    sample = Monitor.sample_sequences
+
+    def sampled_otherwise(*args, **kwargs):  # a later version that samples the held-out texts otherwise
+        sequences, tokens = sample(*args, **kwargs)
+        return sequences[1:], tokens
+
+    monkeypatch.setattr(Monitor, "sample_sequences", staticmethod(sampled_otherwise))
+    again = session_for(tmp_path)
+    again.learning_rates = rates
+    again.prepare(model, tokenizer, load_corpus(texts), domains)
+    again.resume(2, checkpoint, domains)
+    assert again.monitor.loss_sets == started_with  # read back from the checkpoint, not sampled again
+    record, _ = again.recheck(model, 3, max_steps=8)
+    assert all(v is not None for v in record["loss_delta"].values())
+
+    # a checkpoint of an older version keeps no held-out texts: a mismatch is named, not failed at every re-check
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v for k, v in load_file(str(checkpoint.monitor_path)).items() if not k.startswith("heldout_set/")}
+    save_file(tensors, str(checkpoint.monitor_path))
+    older = session_for(tmp_path)
+    older.prepare(model, tokenizer, load_corpus(texts), domains)
+    with pytest.raises(STSInputError, match="held-out texts of .* are not the .* measured at train start"):
+        older.resume(2, checkpoint, domains)

@@ -8,6 +8,7 @@ demonstrations: the two conditions are compared position by position at those to
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import random
 import re
@@ -42,8 +43,10 @@ class Example:
     @property
     def can_demonstrate(self) -> bool:
         """It has text to show the model as a demonstration: a plain text, or an answer (blank ones have none)."""
-        if self.plain_text:
-            return isinstance(self.prompt, str) and bool(self.prompt.strip())
+        if self.plain_text:  # a text, or a whole conversation read as a domain's text
+            turns = [self.prompt] if isinstance(self.prompt, str) else [_content_text(m.get("content"))
+                                                                        for m in self.prompt]
+            return any(turn.strip() for turn in turns)
         return self.answer is not None and bool(self.answer.strip())
 
 
@@ -640,9 +643,11 @@ class PromptBuilder:
         head_context = full[: len(full) - shared]
         limit = self.max_query_tokens + 16  # room for the turn's template tokens
         if len(query_ids) > limit:  # a long conversation (a long system prompt): its last turns are what counts;
-            earlier, query_ids = query_ids[:-limit], query_ids[-limit:]  # as much again before them stays as
-            earlier = earlier[-self.max_query_tokens:]  # uncounted context, in both sequences alike
-            head_base, head_context = head_base + earlier, head_context + earlier
+            special = set(self.tokenizer.all_special_ids)  # the conversation's leading BOS stays first
+            lead = list(itertools.takewhile(lambda token: token in special, query_ids))
+            earlier, query_ids = query_ids[len(lead):-limit], query_ids[-limit:]
+            kept = lead + earlier[-self.max_query_tokens:]  # as much again before them: uncounted context, in both
+            head_base, head_context = head_base + kept, head_context + kept
         if not self.has_chat_template:
             head_base = list(self.prefix) + head_base
             head_context = list(self.prefix) + head_context

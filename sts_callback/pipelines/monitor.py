@@ -23,7 +23,7 @@ from torch import nn
 
 from ..scoring import score
 from ..core.capture import unwrap_model
-from ..core.errors import STSDataWarning, STSNumericalError
+from ..core.errors import STSDataWarning, STSInputError, STSNumericalError
 from ..core.data import Corpus, TokenSequence, first_counted, sample_within_budget
 from ..core.distributed import LocalFailure, gather_objects
 from ..core.extract import ConditionStats, Extractor, PairedStats
@@ -408,12 +408,12 @@ class Monitor:
             out["probe/base_residuals"] = self.base_residuals.contiguous()
         # The probe itself, so that a resume re-checks the very sequences whose base residuals are kept (an RL
         # run's probe is the policy's train-start rollouts, which cannot be sampled again).
-        out["probe/ids"] = torch.tensor([t for ids, _ in self.probe for t in ids], dtype=torch.int64)
-        out["probe/id_counts"] = torch.tensor([len(ids) for ids, _ in self.probe], dtype=torch.int64)
-        out["probe/counted"] = torch.tensor([f for _, flags in self.probe for f in flags], dtype=torch.bool)
-        out["probe/counted_counts"] = torch.tensor([len(flags) for _, flags in self.probe], dtype=torch.int64)
+        out.update(_sequence_tensors("probe/", self.probe))
         for name, sums in self.base_sequence_nll.items():
             out[f"heldout/{name}/base_sequence_nll"] = sums.contiguous()
+            # the held-out texts themselves: a resume measures the very sequences whose base NLL is kept, however
+            # a later version samples them
+            out.update(_sequence_tensors(f"heldout_set/{name}/", self.loss_sets[name]))
         for name, samples in self.head_samples.items():
             out.update({f"head_sample/{name}/{key}": value for key, value in samples.state_dict().items()})
         for name, base in self.domains.items():
@@ -442,10 +442,17 @@ class Monitor:
             setattr(self, name, None if saved_dtype == "None" else getattr(torch, saved_dtype))
         self.base_residuals = tensors.get("probe/base_residuals")
         if "probe/ids" in tensors:  # written since the probe is saved; older files: the probe sampled again
-            ids = tensors["probe/ids"].split(tensors["probe/id_counts"].tolist())
-            flags = tensors["probe/counted"].split(tensors["probe/counted_counts"].tolist())
-            self.probe = [(i.tolist(), f.tolist()) for i, f in zip(ids, flags)]
+            self.probe = _sequences_from(tensors, "probe/")
         self.base_sequence_nll = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("heldout/")}
+        for name, sums in self.base_sequence_nll.items():
+            if f"heldout_set/{name}/ids" in tensors:  # written since the held-out texts are saved
+                self.loss_sets[name] = _sequences_from(tensors, f"heldout_set/{name}/")
+            elif name in self.loss_sets and [int(n) for n in sums[:, 1]] != [sum(f) for _, f in self.loss_sets[name]]:
+                raise STSInputError(
+                    f"Resuming: the held-out texts of {name!r} sampled now ({len(self.loss_sets[name])} sequences) "
+                    f"are not the {sums.shape[0]} measured at train start: the checkpoint was written by an older "
+                    "sts-callback that sampled them otherwise. Resume with the version that started the run, or "
+                    "start a new run.")
         def under(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -458,6 +465,19 @@ class Monitor:
         for name in self.domains:
             if saved := under(f"domain/{name}/"):
                 self.domains[name] = DomainBaseline.from_state_dict(saved)
+
+
+def _sequence_tensors(prefix: str, sequences: list[TokenSequence]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}ids": torch.tensor([t for ids, _ in sequences for t in ids], dtype=torch.int64),
+            f"{prefix}id_counts": torch.tensor([len(ids) for ids, _ in sequences], dtype=torch.int64),
+            f"{prefix}counted": torch.tensor([f for _, flags in sequences for f in flags], dtype=torch.bool),
+            f"{prefix}counted_counts": torch.tensor([len(flags) for _, flags in sequences], dtype=torch.int64)}
+
+
+def _sequences_from(tensors: dict[str, torch.Tensor], prefix: str) -> list[TokenSequence]:
+    ids = tensors[f"{prefix}ids"].split(tensors[f"{prefix}id_counts"].tolist())
+    flags = tensors[f"{prefix}counted"].split(tensors[f"{prefix}counted_counts"].tolist())
+    return [(i.tolist(), f.tolist()) for i, f in zip(ids, flags)]
 
 
 def domain_baselines_from(stats: dict[str, ConditionStats | PairedStats]) -> dict[str, DomainBaseline]:
