@@ -188,3 +188,9 @@ def test_a_mostly_dead_sae_is_named_not_answered_with_more_tokens(model, tokeniz
         mostly_dead.b_enc[:60] = -1e6  # 60 of 64 latents can never fire
     with pytest.warns(STSDataWarning, match=r"Only \d of the SAE's 64 latents fire on the training data at all"):
         forecast(model, tokenizer, mostly_dead, domain_texts("law", 60), targets(), config())
+
+
+def test_a_training_set_of_copies_is_its_own_demonstration_and_said_to_be(model, tokenizer):
+    text = " ".join(domain_texts("law", 4))
+    with pytest.warns(STSDataWarning, match="follow only copies of themselves"):
+        forecast(model, tokenizer, sae(), [text] * 30, targets(), config())

@@ -417,7 +417,7 @@ def _paired_queries(corpus: Corpus, demonstrations: Corpus | None, queries: list
     without the query itself); ``None`` when ``pool`` is the whole ``range`` of rows and a drawn row cannot
     demonstrate (the caller then draws again among the rows that can: the draws are those of that pool)."""
     pool_corpus = demonstrations if demonstrations is not None else corpus
-    pairs = []
+    pairs, copies, candidates = [], 0, pool
     for query_index in queries:
         candidates = pool if demonstrations is not None else AllBut(pool, query_index)
         if not len(candidates):
@@ -431,7 +431,14 @@ def _paired_queries(corpus: Corpus, demonstrations: Corpus | None, queries: list
         chosen = [pool_corpus[i] for i in rng.sample(candidates, min(n_demonstrations, len(candidates)))]
         if isinstance(pool, range) and not all(example.can_demonstrate for example in chosen):
             return None
-        pairs.append(builder.pair(corpus[query_index], chosen))
+        query = corpus[query_index]
+        copies += bool(chosen) and all(example == query for example in chosen)
+        pairs.append(builder.pair(query, chosen))
+    if copies > len(pairs) // 2 and len(candidates) > 1:  # many texts, but copies of one another
+        warnings.warn(f"{subject}: {copies} of its {len(pairs)} sampled queries follow only copies of themselves as "
+                      "in-context demonstrations (the data repeats texts), so the shift partly measures seeing a "
+                      "text twice, not learning from the data. De-duplicate it, or pass demonstrations=[...].",
+                      STSDataWarning, stacklevel=4)
     return pairs
 
 
