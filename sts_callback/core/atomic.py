@@ -135,7 +135,9 @@ def _last_byte(path: Path) -> bytes:
         return handle.read(1)
 
 
-def _parsed_lines(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def parse_json_lines(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every complete JSON line of ``path``, and the lines that are not JSON (a write cut by a crash) as they are."""
+    path = Path(path)
     if not path.exists():
         return [], []
     records, bad = [], []
@@ -151,14 +153,9 @@ def _parsed_lines(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def read_json_lines(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """Every complete JSON line of ``path`` and the number of unreadable lines skipped (0 for a sound file)."""
-    records, bad = _parsed_lines(Path(path))
+    records, bad = parse_json_lines(path)
     return records, len(bad)
 
 
-def unreadable_lines(path: str | Path) -> list[str]:
-    """The lines of ``path`` that are not JSON (a write cut by a crash), as they are."""
-    return _parsed_lines(Path(path))[1]
-
-
 __all__ = ["append_json_line", "atomic_write", "atomic_write_json", "atomic_write_text", "output_target",
-           "read_json_lines", "unreadable_lines"]
+           "parse_json_lines", "read_json_lines"]

@@ -41,12 +41,16 @@ class Example:
         return not isinstance(self.prompt, str)
 
     @property
+    def prompt_texts(self) -> list[str]:
+        """The prompt's text: itself, or each turn's content."""
+        return [self.prompt] if isinstance(self.prompt, str) else [_content_text(m.get("content"))
+                                                                   for m in self.prompt]
+
+    @property
     def can_demonstrate(self) -> bool:
         """It has text to show the model as a demonstration: a plain text, or an answer (blank ones have none)."""
         if self.plain_text:  # a text, or a whole conversation read as a domain's text
-            turns = [self.prompt] if isinstance(self.prompt, str) else [_content_text(m.get("content"))
-                                                                        for m in self.prompt]
-            return any(turn.strip() for turn in turns)
+            return any(turn.strip() for turn in self.prompt_texts)
         return self.answer is not None and bool(self.answer.strip())
 
 
@@ -96,9 +100,7 @@ RECORD_FIELDS = ("'text', 'messages', 'prompt'/'completion', 'prompt'/'chosen'/'
 def example_from_record(record: Any, where: str = "") -> Example:
     """Turn one item (string, chat conversation or TRL-style record) into an :class:`Example`."""
     example = _example_from_record(record, where)
-    texts = [example.prompt] if isinstance(example.prompt, str) else [
-        _content_text(m.get("content")) for m in example.prompt]
-    for text in [*texts, example.answer or ""]:
+    for text in [*example.prompt_texts, example.answer or ""]:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:  # e.g. half of an emoji's surrogate pair; the tokenizer's error names nothing

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .atomic import append_json_line, atomic_write_json, atomic_write_text, read_json_lines, unreadable_lines
+from .atomic import append_json_line, atomic_write_json, atomic_write_text, parse_json_lines
 
 FORECAST_FILE = "forecast.json"
 FORECAST_FORMAT = "sts-forecast/1"  # the "format" field of a forecast.json
@@ -47,11 +47,15 @@ class RunStore:
 
     # ---------------------------------------------------------------- history
     def read_history(self) -> list[dict[str, Any]]:
-        records, bad = read_json_lines(self.path(HISTORY_FILE))
-        if bad:
-            warnings.warn(f"{self.path(HISTORY_FILE)}: {bad} unreadable line(s) skipped (a cut write?).",
-                          RuntimeWarning, stacklevel=2)
-        return records
+        return self._history()[0]
+
+    def _history(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The history's records and its unreadable lines (warned about)."""
+        records, cut = parse_json_lines(self.path(HISTORY_FILE))
+        if cut:
+            warnings.warn(f"{self.path(HISTORY_FILE)}: {len(cut)} unreadable line(s) skipped (a cut write?).",
+                          RuntimeWarning, stacklevel=3)
+        return records, cut
 
     def append_history(self, record: dict[str, Any]) -> None:
         append_json_line(self.path(HISTORY_FILE), record)
@@ -59,12 +63,11 @@ class RunStore:
     def keep_history_until(self, step: int) -> list[dict[str, Any]]:
         """Resume at ``step``: records after it (the resumed run redoes them) move to the superseded file; lines a
         crash cut (unreadable) move to ``history.cut.txt``, so that the history is whole lines again."""
-        records = self.read_history()
+        records, cut = self._history()
         kept = [r for r in records if r.get("step", 0) <= step]
         dropped = [r for r in records if r.get("step", 0) > step]
         for record in dropped:
             append_json_line(self.path(SUPERSEDED_FILE), {**record, "superseded_at": time.time()})
-        cut = unreadable_lines(self.path(HISTORY_FILE))
         if cut:
             with self.path(CUT_FILE).open("a", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in cut))
@@ -86,22 +89,20 @@ class RunStore:
         """A fresh run (step 0) in a folder an earlier run wrote: its history, superseded re-checks and forecast
         move to dated names (``history.<time>.jsonl``, ``forecast.<time>.json``), so that neither the report nor
         a resume of this run reads them as this run's (a run whose forecast is skipped writes no forecast.json)."""
+        names = [name.partition(".")[::2] for name in (HISTORY_FILE, SUPERSEDED_FILE, FORECAST_FILE)]
         stamp = base = time.strftime("%Y%m%d-%H%M%S")
-        # runs that start within one second (quick trials, smoke tests): one stamp, numbered, for all the files
-        stamped = [(name, *name.partition(".")[::2]) for name in (HISTORY_FILE, SUPERSEDED_FILE, FORECAST_FILE)]
-        number = 1
-        while any(self.path(f"{stem}.{stamp}.{suffix}").exists() for _, stem, suffix in stamped):
+        number = 1  # runs that start within one second (quick trials, smoke tests): one numbered stamp for all
+        while any(self.path(f"{stem}.{stamp}.{suffix}").exists() for stem, suffix in names):
             number += 1
             stamp = f"{base}-{number}"
         moved = []
-        for name in (HISTORY_FILE, SUPERSEDED_FILE, FORECAST_FILE):
-            path = self.path(name)
+        for stem, suffix in names:
+            path = self.path(f"{stem}.{suffix}")
             if not path.exists():
                 continue
             if path.stat().st_size == 0:
                 path.unlink(missing_ok=True)
                 continue
-            stem, _, suffix = name.partition(".")
             target = self.path(f"{stem}.{stamp}.{suffix}")
             path.replace(target)
             moved.append(target)

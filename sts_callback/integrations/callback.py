@@ -325,7 +325,7 @@ class STSCallback(TrainerCallback, ExportableState):
         now = next((r for r in reversed(self.history) if r.get("step") == step), None)
         # a failed re-check measured nothing: an earlier step's values would pass for this step's
         deltas = _last_deltas(self.history) if now is not None and "error" not in now else {}
-        if not deltas and "_loss_delta" in (getattr(trainer.args, "metric_for_best_model", None) or ""):
+        if not deltas and _is_loss_change(getattr(trainer.args, "metric_for_best_model", None)):
             self.session.warn(f"nan_metric:{step}", f"STS: no held-out loss change at step {step} (its re-check "
                               f"failed), so {trainer.args.metric_for_best_model} is NaN there, which "
                               "EarlyStoppingCallback counts as an evaluation without improvement.", RuntimeWarning)
@@ -335,8 +335,7 @@ class STSCallback(TrainerCallback, ExportableState):
         keys = {f"{namespace}_loss_delta_{name}": value for name, value in values.items()}
         if self.protected:
             protected = [values.get(name, math.nan) for name in self.protected]
-            keys[f"{namespace}{PROTECTED_KEY}"] = keys[f"sts{PROTECTED_KEY}"] = (
-                math.nan if any(math.isnan(v) for v in protected) else max(protected))
+            keys[f"{namespace}{PROTECTED_KEY}"] = keys[f"sts{PROTECTED_KEY}"] = _worst(*protected)
         out = {f"{prefix}_{k}": v for k, v in keys.items()}
         if prefix != "eval" and prefix.startswith("eval_"):  # one of several eval sets: the plain keys too
             out.update({f"eval_{k}": v for k, v in keys.items()})
@@ -537,9 +536,9 @@ def _weak_autocast(accelerator: Any) -> Any:
 PROTECTED_KEY = "_protected_loss_delta"  # eval_sts_protected_loss_delta: the worst protected domain's change
 
 
-def _worst(a: float, b: float) -> float:
-    """The worse of two protected-domain changes (NaN when either could not be measured)."""
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+def _worst(*changes: float) -> float:
+    """The worst of protected domains' changes (NaN when any could not be measured)."""
+    return math.nan if any(math.isnan(v) for v in changes) else max(changes)
 
 
 def _delegate(name: str) -> property:
@@ -648,13 +647,17 @@ def _loaded_best_step(args, state) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _is_loss_change(metric: str | None) -> bool:
+    """Whether a metric name is one of the ``eval_sts_*`` held-out loss changes (lower is better)."""
+    return "_loss_delta" in (metric or "")
+
+
 def _check_best_metric(args) -> None:
     """``metric_for_best_model`` an STS change (a loss change: lower is better) with ``greater_is_better`` unset or
     True: transformers guesses "greater" for a name not ending in "loss", and would keep the most harmed checkpoint
     and stop when the domain improves. Refused at train start, naming the fix."""
-    metric = getattr(args, "metric_for_best_model", None) or ""
-    name = metric if metric.startswith("eval_") else f"eval_{metric}"
-    if "_loss_delta" in name and name.startswith("eval_") and getattr(args, "greater_is_better", None) is not False:
+    metric = getattr(args, "metric_for_best_model", None)
+    if _is_loss_change(metric) and getattr(args, "greater_is_better", None) is not False:
         raise STSConfigError(
             f"metric_for_best_model={metric!r} is a held-out loss change (lower is better), but greater_is_better is "
             f"{getattr(args, 'greater_is_better', None)!r}, so the best checkpoint would be the most harmed and "

@@ -25,15 +25,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..core.data import Corpus, TokenSequence, load_corpus
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
 from ..pipelines.preference import completion_sequence, run_preference_forecast
 from ..pipelines.monitor import peft_model_of
-from ..pipelines.rollouts import (RolloutSettings, Rollouts, completion_budget, draw_prompts, prompt_records,
-                                  run_rollout_forecast, sample_rollouts)
+from ..pipelines.rollouts import (RolloutSettings, Rollouts, completion_budget, draw_prompts, is_reward_model,
+                                  prompt_records, reward_func_list, run_rollout_forecast, sample_rollouts)
 
 SHIFTS = ("auto", "in_context", "chosen_vs_rejected", "reward_filtered", "reward_weighted")
 PREFERENCE_COLUMNS = ({"chosen", "rejected"}, {"chosen_ids", "rejected_ids"})
@@ -72,11 +71,6 @@ def resolve_shift(shift: str, trainer: Any, data: Any, has_demonstrations: bool)
 
 
 RL_SHIFTS = ("reward_filtered", "reward_weighted")
-
-
-def _reward_funcs(trainer: Any) -> list[Any]:
-    funcs = trainer.reward_funcs
-    return list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
 
 
 def unreproduced_generation(trainer: Any) -> list[str]:
@@ -137,8 +131,8 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     two_each = dataclasses.replace(config, rollout_generations=2)
     records = prompt_records(data)  # read once: each re-check draws from them, not from the whole dataset again
     # the probe needs the completions; their rewards are only a summary, which reward models cannot give here
-    funcs = _reward_funcs(trainer)
-    score = not any(isinstance(f, (nn.Module, str)) for f in funcs)
+    funcs = reward_func_list(trainer.reward_funcs)
+    score = not any(is_reward_model(f) for f in funcs)
     watched = weakref.ref(trainer)  # the probe outlives the run in the session: it must not keep the trainer alive
 
     def probe(model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:

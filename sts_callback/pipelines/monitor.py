@@ -139,8 +139,10 @@ class Monitor:
         sequences = [setup.builder.single(corpus[i]) for i in indices]
         if tokens_each is not None:
             sequences = [first_counted(sequence, tokens_each) for sequence in sequences]
-        seen: set[tuple[int, ...]] = set()
-        unique = [s for s in sequences if not (tuple(s[0]) in seen or seen.add(tuple(s[0])))]
+        first: dict[tuple[int, ...], TokenSequence] = {}
+        for sequence in sequences:
+            first.setdefault(tuple(sequence[0]), sequence)
+        unique = list(first.values())
         if len(unique) < len(sequences):  # copies would count as independent texts: a falsely narrow interval
             warnings.warn(f"{corpus.name!r}: {len(sequences) - len(unique)} of the {len(sequences)} texts sampled to "
                           "measure it are exact copies of others; each is measured once (copies would make its "

@@ -113,15 +113,25 @@ def _reward_name(func: Any) -> str:
     return getattr(func, "__name__", None) or type(func).__name__
 
 
+def reward_func_list(reward_funcs: Any) -> list[Any]:
+    """One reward function or a list of them, as a list (as GRPOTrainer takes them)."""
+    return list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+
+
+def is_reward_model(func: Any) -> bool:
+    """A reward model (a module, or a model id TRL loads) rather than a function STS can call."""
+    return isinstance(func, (nn.Module, str))
+
+
 def check_reward_funcs(reward_funcs: Any) -> list[Callable]:
     """The trainer's reward functions as a list of plain callables; reward models are refused with what to do."""
-    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    funcs = reward_func_list(reward_funcs)
     if not funcs or any(f is None for f in funcs):
         raise STSInputError("No reward function given: pass the trainer's reward functions (GRPOTrainer's "
                             "reward_funcs), each called as reward_func(prompts=..., completions=..., "
                             "completion_ids=..., **dataset_columns) -> list[float | None].")
     for i, func in enumerate(funcs):
-        if isinstance(func, (nn.Module, str)):
+        if is_reward_model(func):
             what = f"the model id {func!r}" if isinstance(func, str) else f"a {type(func).__name__} model"
             raise STSInputError(
                 f"Reward function {i} is {what}: the STS rollout forecast calls plain reward functions only. Wrap the "
@@ -132,6 +142,14 @@ def check_reward_funcs(reward_funcs: Any) -> list[Callable]:
             raise STSInputError(f"Reward function {i} is a {type(func).__name__}, not callable; pass functions "
                                 "reward_func(prompts=..., completions=..., completion_ids=..., **columns).")
     return funcs
+
+
+def _not_scored(completions: list[Any], **kwargs: Any) -> list[None]:
+    """The reward of a draw that needs the completions only: none."""
+    return [None] * len(completions)
+
+
+_not_scored.__name__ = "not scored"
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
@@ -467,10 +485,10 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     """
     config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
     settings = RolloutSettings.from_args(settings) if settings is not None else RolloutSettings()
-    funcs = check_reward_funcs(reward_funcs) if score else []
-    weights = settings.reward_weights
-    weights = [float(w) for w in weights] if weights is not None and score else [1.0] * max(1, len(funcs))
-    if score and len(weights) != len(funcs):
+    funcs = check_reward_funcs(reward_funcs) if score else [_not_scored]
+    weights = settings.reward_weights if score else None
+    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(funcs)
+    if len(weights) != len(funcs):
         raise STSConfigError(f"{len(weights)} reward weights for {len(funcs)} reward functions; give one weight per "
                              "function (GRPOConfig.reward_weights).")
     records = prompt_records(prompts)
@@ -521,8 +539,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
                                    else texts)
                     columns = {k: v for k, v in record.items() if k not in ("prompt", "completion", "completion_ids")}
                     rewards = score_completions(funcs, [prompt] * generations, completions, completion_ids,
-                                                {k: [v] * generations for k, v in columns.items()}, trainer_state
-                                                ) if score else [[None]] * generations
+                                                {k: [v] * generations for k, v in columns.items()}, trainer_state)
                     local.append(RolloutGroup(position, prompt, columns, ids, completions, completion_ids, rewards))
                 if bar is not None:
                     bar.update(1)
@@ -540,8 +557,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     recorded = {"seed": config.seed, "num_generations": generations, "max_completion_length": max_new,
                 **{k: v for k, v in settings.to_dict().items()
                    if k not in ("num_generations", "max_completion_length", "reward_weights")}}
-    rollouts = Rollouts(groups=groups, reward_names=[_reward_name(f) for f in funcs] if score else ["not scored"],
-                        reward_weights=weights,
+    rollouts = Rollouts(groups=groups, reward_names=[_reward_name(f) for f in funcs], reward_weights=weights,
                         settings=recorded)
     signal = rollouts.signal()
     if forecast_draw and not bool(signal.all()):
