@@ -330,3 +330,62 @@ def test_a_conversation_read_as_a_domain_text_can_demonstrate_unless_it_is_blank
     assert not Example(prompt=[{"role": "user", "content": " "}], plain_text=True).can_demonstrate
     assert not Example(prompt="  \n ", plain_text=True).can_demonstrate
     assert not Example(prompt="a question", answer=" ").can_demonstrate
+
+
+STRICT_TEMPLATE = (  # Gemma 3's rule: a system turn only first, then user / assistant alternating
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set rest = messages[1:] %}<|system|>"
+    "{{ messages[0]['content'] }}<|end|>{% else %}{% set rest = messages %}{% endif %}{% for m in rest %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate') }}"
+    "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}")
+
+
+def test_demonstrations_with_system_turns_render_under_a_template_that_allows_one_system_turn_first():
+    """Training renders each conversation alone; the forecast joins several: their system turns must not stop it."""
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = STRICT_TEMPLATE
+    builder = PromptBuilder(tokenizer, max_query_tokens=32, max_demonstration_tokens=32, max_length=256)
+    chat = [{"role": "system", "content": "answer"}, {"role": "user", "content": "law court"},
+            {"role": "assistant", "content": "judge ."}]
+    example = example_from_record(chat)
+    pair = builder.pair(example, [example, example])
+    assert pair.context[-pair.n_query:] == pair.base[-pair.n_query:]
+    rendered = tokenizer.decode(pair.context)
+    assert rendered.count("answer") == 1 and rendered.count("judge") == 2  # one system turn, two answers
+    with_user_last = example_from_record({"text": "x"})  # a domain's conversation ending on a user turn joins too
+    ending_user = Example(prompt=chat[:2], plain_text=True)
+    assert builder.pair(with_user_last, [ending_user, ending_user]).n_query > 0
+
+
+def test_a_template_that_refuses_any_joined_conversation_names_the_fix():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{% if messages|length > 2 %}{{ raise_exception('one exchange only') }}{% endif %}" \
+                              "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    builder = PromptBuilder(tokenizer, max_query_tokens=32, max_demonstration_tokens=32, max_length=256)
+    example = example_from_record([{"role": "user", "content": "law"}, {"role": "assistant", "content": "court"}])
+    with pytest.raises(STSInputError, match="one exchange only.*plain-text demonstrations"):
+        builder.pair(example, [example])
+
+
+def test_a_tool_call_answer_is_demonstrated_with_its_calls():
+    """A turn that only calls a tool (content None) is an answer training trains on, not prompt-only data; the
+    template renders its tool_calls, and without a template they are its JSON text."""
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"q": "court"}}}]}
+    example = example_from_record({"messages": [{"role": "user", "content": "law"}, call]})
+    assert example.can_demonstrate and '"name": "search"' in example.answer
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% for c in "
+                               "m.get('tool_calls') or [] %}{{ c['function']['arguments']['q'] }}{% endfor %}"
+                               "<|end|>{% endfor %}")
+    builder = PromptBuilder(tokenizer, max_query_tokens=32, max_demonstration_tokens=32, max_length=256)
+    query = example_from_record({"messages": [{"role": "user", "content": "judge"},
+                                              {"role": "assistant", "content": "appeal"}]})
+    pair = builder.pair(query, [example])
+    assert "<|assistant|> court <|end|>" in tokenizer.decode(pair.context)
+
+
+def test_a_pandas_dataframe_or_series_is_read_as_records_or_texts():
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.DataFrame({"prompt": ["law", "cook"], "completion": ["court", "bake"]})
+    assert [(e.prompt, e.answer) for e in load_corpus(frame)] == [("law", "court"), ("cook", "bake")]
+    assert [e.prompt for e in load_corpus(pandas.Series(["a b", "c d"]))] == ["a b", "c d"]

@@ -218,3 +218,53 @@ def test_a_large_packed_or_kto_set_is_read_without_touching_every_row(tokenizer,
     desirable = corpus_from_training_dataset(kto, tokenizer)
     assert len(desirable) == (n + 2) // 3 and desirable[-1].answer == " judge ."
     assert reads["columns"] == reads["python_slices"] == 0 and reads["rows"] < 20
+
+
+def test_left_padding_masked_in_the_labels_is_no_prompt(tokenizer):
+    """A tokenizer that pads on the left (Gemma's default), labels -100 over the padding only: plain text, as the
+    same rows padded on the right; a masked prompt after the padding still splits."""
+    ids = tokenizer("law court judge .")["input_ids"]
+    pad = tokenizer.pad_token_id
+    rows = {"input_ids": [[pad] * 3 + ids], "attention_mask": [[0] * 3 + [1] * len(ids)],
+            "labels": [[-100] * 3 + ids]}
+    example = corpus_from_training_dataset(Dataset.from_dict(rows), tokenizer)[0]
+    assert example.plain_text and example.prompt == "law court judge ."
+    only_bos_masked = Dataset.from_dict({"input_ids": [ids], "labels": [[-100] + ids[1:]]})
+    assert corpus_from_training_dataset(only_bos_masked, tokenizer)[0].plain_text
+    prompt_masked = dict(rows, labels=[[-100] * 6 + ids[3:]])
+    example = corpus_from_training_dataset(Dataset.from_dict(prompt_masked), tokenizer)[0]
+    assert (example.prompt, example.answer) == ("law court", "judge .")
+
+
+def test_labels_decide_over_a_mask_trl_kept_but_did_not_apply(tokenizer):
+    """TRL 1 with completion_only_loss=False keeps `completion_mask` and trains every token (labels = ids)."""
+    prompt, completion = tokenizer("law court")["input_ids"], tokenizer("judge .")["input_ids"][1:]
+    ids = prompt + completion
+    data = Dataset.from_dict({"input_ids": [ids], "labels": [ids],
+                              "completion_mask": [[0] * len(prompt) + [1] * len(completion)]})
+    assert corpus_from_training_dataset(data, tokenizer)[0].plain_text
+
+
+def test_a_wrapped_packed_row_gives_its_first_whole_prompt_and_answer(tokenizer):
+    """packing_strategy="wrapped" writes no seq_lengths: the row is prompt, answer, prompt, answer, cut anywhere;
+    a leading answer (the tail of an example the row before cut) is skipped."""
+    def part(text, trained):
+        ids = tokenizer(text)["input_ids"][1:]
+        return ids, [(i if trained else -100) for i in ids]
+
+    parts = [part("judge .", True), part("egg cook", False), part("bake .", True), part("gene", False),
+             part("protein .", True)]
+    ids = [i for p, _ in parts for i in p]
+    labels = [label for _, ls in parts for label in ls]
+    example = corpus_from_training_dataset(Dataset.from_dict({"input_ids": [ids], "labels": [labels]}), tokenizer)[0]
+    assert (example.prompt, example.answer) == ("egg cook", "bake .")
+
+
+def test_a_tokenized_dataset_is_a_train_probe_like_the_trainers_own(tokenizer):
+    from sts_callback.integrations.training_data import probe_corpus
+
+    prompt, completion = tokenizer("law court")["input_ids"], tokenizer("judge .")["input_ids"][1:]
+    data = Dataset.from_dict({"input_ids": [prompt + completion],
+                              "labels": [[-100] * len(prompt) + completion]})
+    example = probe_corpus(data, None, None, tokenizer)[0]
+    assert (example.prompt, example.answer) == ("law court", "judge .")

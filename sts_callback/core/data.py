@@ -14,7 +14,7 @@ import random
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class Example:
     prompt: str | Messages
     answer: str | None = None
     plain_text: bool = False
+    # A chat answer's own turn when it calls tools: the chat template renders its ``tool_calls`` as training does.
+    answer_turn: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_chat(self) -> bool:
@@ -43,8 +45,7 @@ class Example:
     @property
     def prompt_texts(self) -> list[str]:
         """The prompt's text: itself, or each turn's content."""
-        return [self.prompt] if isinstance(self.prompt, str) else [_content_text(m.get("content"))
-                                                                   for m in self.prompt]
+        return [self.prompt] if isinstance(self.prompt, str) else [message_text(m) for m in self.prompt]
 
     @property
     def can_demonstrate(self) -> bool:
@@ -58,7 +59,7 @@ def is_messages(value: Any) -> bool:
     return (
         isinstance(value, list)
         and len(value) > 0
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+        and all(isinstance(m, dict) and "role" in m and ("content" in m or "tool_calls" in m) for m in value)
     )
 
 
@@ -70,6 +71,22 @@ def _content_text(content: Any) -> str:
     return "" if content is None else str(content)  # None: a tool-call turn with no text
 
 
+def tool_calls_text(message: dict[str, Any]) -> str:
+    """A turn's tool calls as JSON lines ``{"name", "arguments"}`` (OpenAI / Hugging Face ``tool_calls``)."""
+    lines = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        lines.append(json.dumps({"name": function.get("name"), "arguments": function.get("arguments")},
+                                ensure_ascii=False, default=str))
+    return "\n".join(lines)
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A turn's text: its content, then its tool calls as JSON (a tool-call turn's content is often None)."""
+    text, calls = _content_text(message.get("content")), tool_calls_text(message)
+    return text + ("\n" if text and calls else "") + calls
+
+
 def _split_conversation(messages: Messages) -> Example:
     """The last assistant turn is the answer; everything before it is the prompt."""
     last_assistant = max(
@@ -77,19 +94,17 @@ def _split_conversation(messages: Messages) -> Example:
     )
     if last_assistant is None:
         return Example(prompt=list(messages), answer=None)
-    prompt = list(messages[:last_assistant])
-    if not prompt:
-        return Example(prompt=[{"role": "user", "content": ""}], answer=_content_text(messages[last_assistant]["content"]))
-    return Example(prompt=prompt, answer=_content_text(messages[last_assistant]["content"]))
+    prompt = list(messages[:last_assistant]) or [{"role": "user", "content": ""}]
+    turn = messages[last_assistant]
+    return Example(prompt=prompt, answer=message_text(turn), answer_turn=turn if turn.get("tool_calls") else None)
 
 
 def _answer_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if is_messages(value):
-        return "".join(_content_text(m["content"]) for m in value if m["role"] == "assistant") or "".join(
-            _content_text(m["content"]) for m in value
-        )
+        return "".join(message_text(m) for m in value if m["role"] == "assistant") or "".join(
+            message_text(m) for m in value)
     raise STSInputError(f"Cannot read an answer from {type(value).__name__}; expected a string or chat messages.")
 
 
@@ -182,7 +197,7 @@ def example_text(example: Example) -> str:
     if isinstance(example.prompt, str):
         prompt = example.prompt
     else:
-        prompt = "\n".join(_content_text(m["content"]) for m in example.prompt)
+        prompt = "\n".join(message_text(m) for m in example.prompt)
     return prompt + ("\n" + example.answer if example.answer else "")
 
 
@@ -365,7 +380,7 @@ def _for(label: str | None) -> str:
 def check_data_spec(data: Any, what: str | None = None) -> None:
     """Raise what :func:`load_corpus` would raise for ``data`` that cannot be data, without reading files.
     ``what`` names the input in the message (e.g. "target 'chem'")."""
-    if isinstance(data, Corpus) or is_dataset(data):
+    if isinstance(data, Corpus) or is_dataset(data) or is_pandas(data):
         return
     if isinstance(data, (str, Path)):
         from .corpora import available_domains
@@ -439,6 +454,8 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
         from .corpora import load_domain
 
         return Corpus(name or str(data), load_domain(str(data)))
+    if is_pandas(data):  # a DataFrame's rows as records (its columns as a Dataset's); a Series' values
+        data = data.to_dict("records") if hasattr(data, "columns") else data.tolist()
     if is_dataset(data) and not hasattr(data, "__len__"):
         data = take_streamed(data)
     if is_dataset(data):
@@ -464,6 +481,11 @@ def take_streamed(dataset: Any, limit: int = MAX_STREAMED_EXAMPLES) -> list[Any]
     import itertools
 
     return list(itertools.islice(iter(dataset), limit))
+
+
+def is_pandas(data: Any) -> bool:
+    """A pandas DataFrame or Series."""
+    return type(data).__module__.startswith("pandas") and hasattr(data, "to_dict")
 
 
 def is_dataset(data: Any) -> bool:
@@ -574,24 +596,47 @@ class PromptBuilder:
     def render_chat(self, messages: Messages) -> str:
         if self.has_chat_template:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return "".join(f"{m['role']}: {_content_text(m['content'])}\n" for m in messages)
+        return "".join(f"{m['role']}: {message_text(m)}\n" for m in messages)
+
+    def _render_in_context(self, demo_messages: Messages, query_messages: Messages) -> str:
+        """The demonstrations and the query as one conversation. A template that allows a system turn only first,
+        or only alternating roles (Gemma's, Llama 2's, Mistral's), refuses the demonstrations' own system turns in
+        the middle: then one system turn (the query's, else the first) leads and turns of one role in a row are
+        joined. Training renders each conversation alone, so it never met such a conversation."""
+        messages = demo_messages + query_messages
+        try:
+            return self.render_chat(messages)
+        except Exception as err:  # noqa: BLE001 - a template's own raise_exception (jinja2 TemplateError) or bug
+            joined = one_conversation(messages, query_messages)
+            try:
+                return self.render_chat(joined)
+            except Exception:  # noqa: BLE001
+                raise STSInputError(
+                    f"The tokenizer's chat template refuses the conversation STS builds from demonstrations and a "
+                    f"query ({type(err).__name__}: {err}). Give a tokenizer whose template renders several "
+                    "user/assistant exchanges in one conversation, or plain-text demonstrations "
+                    "(demonstrations=[...] of strings).") from err
 
     def _demo_messages(self, example: Example) -> Messages:
         prompt = example.prompt if example.is_chat else [{"role": "user", "content": example.prompt}]
-        prompt = [
-            {"role": m["role"], "content": self._cut_text(_content_text(m["content"]), self.max_demonstration_tokens)}
-            for m in prompt
-        ]
+        prompt = [self._cut_turn(m, self.max_demonstration_tokens) for m in prompt]
         if example.is_chat and example.plain_text:  # a whole conversation (a target domain's): its turns as they are
             return prompt
+        if example.answer_turn is not None:  # its tool calls as the template renders them, its text cut
+            return prompt + [self._cut_turn(example.answer_turn, self.max_demonstration_tokens)]
         answer = self._cut_text(example.answer or "", self.max_demonstration_tokens)
         return prompt + [{"role": "assistant", "content": answer}]
 
+    def _cut_turn(self, message: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+        """The turn with its text cut to ``max_tokens``; its other keys (``tool_calls``, ``name``) kept for the
+        template, or, without one, its tool calls' JSON in the text."""
+        if self.has_chat_template:
+            return {**message, "content": self._cut_text(_content_text(message.get("content")), max_tokens)}
+        return {"role": message["role"], "content": self._cut_text(message_text(message), max_tokens)}
+
     def _query_messages(self, example: Example) -> Messages:
         prompt = example.prompt if example.is_chat else [{"role": "user", "content": example.prompt}]
-        last = prompt[-1]
-        cut = {"role": last["role"], "content": self._cut_text(_content_text(last["content"]), self.max_query_tokens)}
-        return [dict(m) for m in prompt[:-1]] + [cut]
+        return [dict(m) for m in prompt[:-1]] + [self._cut_turn(prompt[-1], self.max_query_tokens)]
 
     def _demo_text(self, example: Example) -> str:
         if example.plain_text:
@@ -635,7 +680,7 @@ class PromptBuilder:
         for demo in demonstrations:
             demo_messages += self._demo_messages(demo)
         alone = self.encode_text(self.render_chat(query_messages))
-        full = self.encode_text(self.render_chat(demo_messages + query_messages))
+        full = self.encode_text(self._render_in_context(demo_messages, query_messages))
         # The query turn is the longest common *token* suffix of both renderings: identical ids by construction.
         shared = 0
         while shared < min(len(alone), len(full)) and alone[-1 - shared] == full[-1 - shared]:
@@ -654,6 +699,22 @@ class PromptBuilder:
             head_base = list(self.prefix) + head_base
             head_context = list(self.prefix) + head_context
         return head_base, head_context, query_ids
+
+
+def one_conversation(messages: Messages, query_messages: Messages) -> Messages:
+    """``messages`` with one system turn, first (the query's own, else the first one), and consecutive turns of
+    one role joined: what strict chat templates accept."""
+    systems = [m for m in query_messages if m["role"] == "system"] or [m for m in messages if m["role"] == "system"]
+    out: Messages = systems[:1]
+    for message in messages:
+        if message["role"] == "system":
+            continue
+        if out and out[-1]["role"] == message["role"] and out[-1]["role"] != "system":
+            out[-1] = {**out[-1], "content": _content_text(out[-1].get("content")) + "\n\n"
+                       + _content_text(message.get("content"))}
+        else:
+            out.append(message)
+    return out
 
 
 def token_count(builder: PromptBuilder, example: Example) -> int:

@@ -64,11 +64,41 @@ class DecodedCorpus(Corpus):
         if self.mask_key is not None and self.mask_key in row:
             mask = [int(label != IGNORE_INDEX) for label in token_list(row["labels"])] \
                 if self.mask_key == "labels" else token_list(row[self.mask_key])
-            mask = mask[start:stop]
-            first = mask.index(1) if 1 in mask else 0
-            if first > 0:  # no masked prompt (every token trained, or none): the row is plain text
-                return Example(prompt=self._decode(ids[:first]), answer=self._decode(ids[first:]))
+            attention = token_list(row["attention_mask"])[start:stop] if "attention_mask" in row else None
+            split = prompt_answer_split(ids, mask[start:stop], attention, self._strip)
+            if split is not None:
+                prompt_start, answer_start, answer_stop = split
+                return Example(prompt=self._decode(ids[prompt_start:answer_start]),
+                               answer=self._decode(ids[answer_start:answer_stop]))
         return Example(prompt=self._decode(ids), plain_text=True)
+
+
+def prompt_answer_split(ids: Sequence[int], trained: Sequence[int], attention: Sequence[int] | None,
+                        filler: set[int]) -> tuple[int, int, int] | None:
+    """Where a row's first whole example lies: (prompt start, answer start, answer end), or ``None`` when the row
+    is plain text (every real token trained, or none). Leading padding and BOS (``filler``, or attention 0) is
+    no prompt: a left-padded row whose labels mask only its padding is plain text. A row of several examples
+    (``packing_strategy="wrapped"``: prompt, answer, prompt, answer, ..., cut anywhere) gives its first example
+    whose prompt is in the row; a leading answer is the tail of an example cut by the row before."""
+    lead = 0
+    while lead < len(ids) and (ids[lead] in filler or (attention is not None and not attention[lead])):
+        lead += 1
+    runs, position = [], lead  # the trained runs after the padding: [start, stop)
+    while position < len(trained):
+        if trained[position]:
+            stop = position
+            while stop < len(trained) and trained[stop]:
+                stop += 1
+            runs.append((position, stop))
+            position = stop
+        else:
+            position += 1
+    prompt_start = lead
+    for start, stop in runs:
+        if start > prompt_start:
+            return prompt_start, start, stop
+        prompt_start = stop  # a run at the row's start: the next example's prompt begins after it
+    return None
 
 
 def token_list(value: Any) -> list[int]:
@@ -205,7 +235,9 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
     if {"prompt_ids", "completion_ids"} <= columns:
         return DecodedCorpus(name, dataset, tokenizer, "prompt_ids", "completion_ids", None)
     if "input_ids" in columns:
-        mask_key = next((k for k in ("completion_mask", "assistant_masks", "labels") if k in columns), None)
+        # `labels` is what the loss trains (TRL 1 builds it from the masks it applies, and keeps a
+        # `completion_mask` it ignores when completion_only_loss=False); the masks alone only without labels.
+        mask_key = next((k for k in ("labels", "completion_mask", "assistant_masks") if k in columns), None)
         return DecodedCorpus(name, dataset, tokenizer, None, None, mask_key)
     what = "train dataset (pass train_probe= to STSCallback" if name == "train" else \
         f"dataset {name!r} (pass that domain's texts or records"
@@ -263,8 +295,9 @@ def target_corpora(target: Any, trainer: Any, tokenizer) -> tuple[dict[str, Corp
 
 def probe_corpus(train_probe: Any, trainer: Any, train_dataloader: Any, tokenizer) -> Corpus:
     """The training data whose shift is forecast and re-checked: ``train_probe`` or the trainer's train set."""
-    if train_probe is not None:
-        corpus = load_corpus(train_probe, name="train_probe")
+    if train_probe is not None:  # a dataset as the trainer would take it (tokenized too), or texts / records
+        corpus = corpus_from_training_dataset(train_probe, tokenizer, name="train_probe") if is_dataset(train_probe) \
+            else load_corpus(train_probe, name="train_probe")
         if len(corpus) == 0:
             raise STSInputError("train_probe has no texts; give the training data whose effect is forecast (or "
                                 "leave train_probe unset for the trainer's train dataset).")
