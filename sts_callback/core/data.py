@@ -631,7 +631,8 @@ class PromptBuilder:
         """The turn with its text cut to ``max_tokens``; its other keys (``tool_calls``, ``name``) kept for the
         template, or, without one, its tool calls' JSON in the text."""
         if self.has_chat_template:
-            return {**message, "content": self._cut_text(_content_text(message.get("content")), max_tokens)}
+            kept = {key: value for key, value in message.items() if value is not None}  # Arrow's None for absent
+            return {**kept, "content": self._cut_text(_content_text(message.get("content")), max_tokens)}
         return {"role": message["role"], "content": self._cut_text(message_text(message), max_tokens)}
 
     def _query_messages(self, example: Example) -> Messages:
