@@ -2,6 +2,8 @@
 evaluation keys with EarlyStoppingCallback, streaming and tokenized datasets. Real Trainer, tiny models."""
 
 import json
+import subprocess
+import sys
 import math
 import warnings
 from pathlib import Path
@@ -17,6 +19,8 @@ from sts_callback import STSConfigError, STSDataWarning, STSInputError
 from sts_callback.core.atomic import append_json_line, atomic_write, read_json_lines
 from sts_callback.integrations.callback import STSCallback, STSNegativeTransferWarning
 from sts_callback.core.run_store import RunStore
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +142,27 @@ def test_failed_append_is_cut_back_to_whole_lines(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         append_json_line(path, {"step": 2, "big": "x" * 10000})
     monkeypatch.setattr(os, "fsync", real_fsync)
+    records, bad = read_json_lines(path)
+    assert records == [{"step": 1}] and bad == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a file-size limit (RLIMIT_FSIZE) is POSIX")
+def test_a_disk_that_fills_mid_line_leaves_whole_lines(tmp_path):
+    """A real short write: the file-size limit stops the record part-way (as a full disk does); the buffered
+    file's truncate flushed the rest again, failed, and left the cut line."""
+    path = tmp_path / "history.jsonl"
+    append_json_line(path, {"step": 1})
+    script = (
+        "import resource, signal, sys\n"
+        "from sts_callback.core.atomic import append_json_line\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({path.stat().st_size + 50}, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        f"    append_json_line({str(path)!r}, {{'step': 2, 'big': 'x' * 200}})\n"
+        "except OSError as err:\n"
+        "    sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
     records, bad = read_json_lines(path)
     assert records == [{"step": 1}] and bad == 0
 

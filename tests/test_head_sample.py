@@ -77,6 +77,29 @@ def test_the_sampled_head_measures_a_fine_tunes_change_as_the_whole_head_does(to
     assert abs(whole.delta) > 0.01  # a real change to measure
     assert abs(sampled.delta - whole.delta) < 0.1 * abs(whole.delta)
     assert sampled.low < whole.delta < sampled.high
+    assert samples.fallbacks == 0  # an ordinary fine-tune is read from the sample, not the whole head
+
+
+def test_mass_moved_onto_tokens_the_sample_never_saw_is_measured_with_the_whole_head(tokenizer):
+    """Training that raises tokens the base ranked low and the tail never drew: the sample cannot see where the
+    mass went and read the loss far too low (a harmed domain measured as improved); the spaced check against the
+    whole head catches it and the batch is measured whole."""
+    model = make_model("llama", vocab_size=2048, hidden=32)
+    seqs, pad = sequences(tokenizer, n=16), tokenizer.pad_token_id
+    samples = HeadSamples(tail=8, seed="t")
+    base = measure(model, seqs, pad, samples)
+    samples.recording = False
+    body, head, _ = split_head(model)
+    with torch.no_grad():
+        hidden = torch.cat([body(input_ids=torch.tensor([ids])).last_hidden_state[0] for ids, _ in seqs])
+        direction = hidden.mean(0) / hidden.mean(0).norm() ** 2
+        raised = torch.randperm(2048, generator=torch.Generator().manual_seed(0))[:300] + 0
+        head.weight[raised[raised >= len(tokenizer)]] += 8 * direction  # ~8 nats more for 300 unseen tokens
+    whole = paired_change(base, measure(model, seqs, pad))
+    sampled = paired_change(base, measure(model, seqs, pad, samples))
+    assert whole.delta > 0.1  # the loss rose a lot
+    assert sampled.delta == pytest.approx(whole.delta, abs=1e-4)
+    assert samples.fallbacks > 0
 
 
 def test_more_tail_draws_bring_each_tokens_nll_closer_to_the_whole_heads(tokenizer):

@@ -112,20 +112,26 @@ def append_json_line(path: str | Path, record: dict[str, Any]) -> Path:
     line = json.dumps(record) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     output_target(path)
-    with path.open("ab") as handle:
-        size = handle.tell()
+    # Unbuffered: a buffered file's truncate() flushes its unwritten bytes first, fails again on a full disk, and
+    # leaves the cut line it was to remove.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        size = os.fstat(fd).st_size
         if size and _last_byte(path) != b"\n":  # a line cut by a crash: this record starts on its own line
             line = "\n" + line
         try:
-            handle.write(line.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
+            data = memoryview(line.encode("utf-8"))
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
         except BaseException:
             try:
-                handle.truncate(size)
+                os.ftruncate(fd, size)
             except OSError:
                 pass
             raise
+    finally:
+        os.close(fd)
     return path
 
 

@@ -222,6 +222,7 @@ class LossChange:
     tokens: int
     sequences: int
     seconds: float = 0.0  # what measuring it took (set by the caller that timed it)
+    head_fallbacks: int = 0  # batches the sampled LM head misread, measured with the whole head (set by the caller)
 
     @property
     def half_width(self) -> float:

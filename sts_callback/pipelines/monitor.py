@@ -264,6 +264,8 @@ class Monitor:
                 if names is not None and name not in names:
                     continue
                 began = time.perf_counter()
+                samples = self.head_samples.get(name)
+                fallbacks = samples.fallbacks if samples is not None else 0
                 order = list(range(len(everyone)))
                 random.Random(f"{self.seed}:loss-order:{name}").shuffle(order)
                 out[name] = sequential_change(
@@ -273,6 +275,8 @@ class Monitor:
                     self.base_sequence_nll[name], order, [sum(flags) for _, flags in everyone],
                     half_width=self.loss_half_width, tolerance=self.loss_tolerances.get(name))
                 out[name].seconds = time.perf_counter() - began
+                if samples is not None:  # every rank's count (each measured its share of the batches)
+                    out[name].head_fallbacks = sum(gather_objects(samples.fallbacks - fallbacks))
         return out
 
     def measure_accuracy(self, model: nn.Module, autocast=None) -> dict[str, float]:
@@ -393,6 +397,7 @@ class Monitor:
                            for name, c in changes.items()},
             loss_tokens={name: c.tokens for name, c in changes.items()},
             loss_seconds={name: c.seconds for name, c in changes.items()},
+            loss_head_fallbacks={name: c.head_fallbacks for name, c in changes.items() if c.head_fallbacks},
             accuracy=accuracy,
             accuracy_delta={name: value - self.base_accuracy[name] if name in self.base_accuracy else None
                             for name, value in accuracy.items()},

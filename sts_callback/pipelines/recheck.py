@@ -232,6 +232,8 @@ class Recheck:
     loss_seconds: dict[str, float] = field(default_factory=dict)  # seconds of each measured domain's loss
     loss_delta_se: dict[str, float | None] = field(default_factory=dict)
     probe_error: str | None = None
+    # batches of a domain's held-out loss the sampled LM head misread (checked against the whole head), measured whole
+    loss_head_fallbacks: dict[str, int] = field(default_factory=dict)
 
     def score(self, domain: str, variant: str) -> float | None:
         """The re-checked score of ``domain`` under ``variant`` (``sts_act`` where the variant was not computed)."""
@@ -246,6 +248,8 @@ class Recheck:
             out.pop("accuracy"), out.pop("accuracy_delta")
         if self.probe_error is None:
             out.pop("probe_error")
+        if not self.loss_head_fallbacks:
+            out.pop("loss_head_fallbacks")
         return out
 
     @classmethod
