@@ -5,6 +5,7 @@ import torch
 from tiny import make_model
 
 from sts_callback.core.capture import ResidualCapture, decoder_layers, hidden_size, num_layers, parameters_are_sharded
+from sts_callback.core.errors import STSInputError
 
 ARCHS = ["llama", "qwen2", "gemma2", "gemma3", "gemma3_multimodal", "gpt2"]
 
@@ -102,3 +103,30 @@ def test_layer_out_of_range_is_reported():
 
     with pytest.raises(STSInputError, match="Layer 3 does not exist.*0..2"):
         ResidualCapture(make_model("llama"), 3)
+
+
+def test_gemma3n_altup_blocks_give_their_active_stream_and_other_shapes_are_named():
+    """A Gemma 3n block returns its AltUp streams [streams, batch, seq, hidden]: the active one is the residual (it
+    indexed batch rows by position before, out of range or silently wrong)."""
+    import transformers as tf
+
+    config = tf.Gemma3nTextConfig(
+        vocab_size=128, vocab_size_per_layer_input=128, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        laurel_rank=4, altup_num_inputs=4, num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"],
+        activation_sparsity_pattern=[0.0, 0.0], sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = tf.Gemma3nForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (2, 7))
+    streams = []
+    handle = model.model.layers[0].register_forward_hook(lambda m, a, out: streams.append(out[0] if isinstance(
+        out, tuple) else out))
+    with torch.no_grad():
+        residual = ResidualCapture(model, 0)(ids, torch.ones_like(ids))
+    handle.remove()
+    assert residual.shape == (2, 7, 32)
+    assert torch.equal(residual, streams[0][config.altup_active_idx])
+
+    capture = ResidualCapture(make_model("llama"), 0)
+    with pytest.raises(STSInputError, match=r"shape \(7, 32\).*residual stream"):
+        capture._residual(torch.zeros(7, 32), (2, 7))

@@ -313,3 +313,23 @@ def test_a_bad_loss_dtype_is_refused_at_construction(name):
 
     with pytest.raises(STSConfigError, match=f"{name} must be one of"):
         RecheckConfig(**{name: "float16"})
+
+
+def test_recurrent_gemmas_logit_soft_cap_is_applied_as_the_model_does(tokenizer):
+    """RecurrentGemma names its cap logits_soft_cap: the split head skipped it (NLL 25.8 against the model's 5.6)."""
+    import transformers as tf
+
+    config = tf.RecurrentGemmaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, lru_width=32,
+                                     attention_window_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     logits_soft_cap=3.0, block_types=["recurrent", "attention", "recurrent"])
+    torch.manual_seed(0)
+    model = tf.RecurrentGemmaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # logits far beyond the cap
+    seqs = sequences(tokenizer)[:4]
+    assert heldout.split_head(model) is not None
+    with torch.no_grad():
+        measured = sequence_nll(model, seqs, 0, batch_size=2)
+        own = [float(model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss) for ids, _ in seqs]
+    assert (measured[:, 0] / measured[:, 1]).tolist() == pytest.approx(own, rel=1e-4)

@@ -230,4 +230,17 @@ class ResidualCapture:
         if self._captured is None:
             raise RuntimeError(f"The hook on decoder layer {self.layer} did not fire during the forward.")
         captured, self._captured = self._captured, None
-        return captured
+        return self._residual(captured, tuple(input_ids.shape))
+
+    def _residual(self, captured: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """``[batch, seq, hidden]``: a block of Gemma 3n's AltUp returns its stacked streams ``[streams, batch, seq,
+        hidden]``, of which the active one (``altup_active_idx``) is the stream the block computes on."""
+        if captured.dim() == 3 and tuple(captured.shape[:2]) == shape:
+            return captured
+        active = getattr(text_config(self.model), "altup_active_idx", None)
+        if captured.dim() == 4 and tuple(captured.shape[1:3]) == shape and isinstance(active, int):
+            return captured[active]
+        raise STSInputError(
+            f"Decoder layer {self.layer} of {type(unwrap_model(self.model)).__name__} returns a tensor of shape "
+            f"{tuple(captured.shape)}, not the residual stream [batch, seq, hidden] for inputs of shape {shape}: this "
+            "architecture keeps its residual stream in another form, which STS cannot read.")

@@ -87,8 +87,14 @@ def split_head(model: nn.Module):
         return None
     if scales_its_logits(model):
         return None
-    softcap = getattr(text_config(model), "final_logit_softcapping", None)
+    config = text_config(model)
+    softcap = next((value for name in SOFTCAP_FIELDS if (value := getattr(config, name, None)) is not None), None)
     return body, head, softcap
+
+
+# Config fields of a final logit soft-cap, tanh(logits / cap) * cap (Gemma 2/3: final_logit_softcapping;
+# RecurrentGemma: logits_soft_cap).
+SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap")
 
 
 # Config fields by which a causal-LM class scales its logits beyond head(body) and a softcap (Granite divides by

@@ -86,8 +86,9 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
                                         for n, ci in out["early_forecast_ci"].items()}
     features = calibration.score_features if calibration is not None else [DEFAULT_SIGNED]
     domains = forecast.domains if forecast is not None else {}
-    names = [n for n, v in early.items() if v is not None and n in domains
-             and all(domains[n].scores.get(f) is not None for f in features)]
+    # a domain whose change is not finite (a diverged model: the guard says so) teaches the refit nothing
+    names = [n for n, v in early.items() if v is not None and math.isfinite(v) and n in domains
+             and all(domains[n].scores.get(f) is not None and math.isfinite(domains[n].scores[f]) for f in features)]
     if len(names) >= len(features) + 2:
         refit = Calibration.fit([[domains[n].scores[f] for f in features] for n in names], [early[n] for n in names],
                                 features, level=calibration.level if calibration is not None else 0.9)

@@ -508,9 +508,9 @@ def plot_timeline(data: ReportData) -> str | None:
     for ax in (top, bottom):
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(alpha=0.3)
-    top.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    if bottom.get_legend_handles_labels()[0]:
-        bottom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    for ax in (top, bottom):  # a panel with nothing drawn (every score NaN: a diverged model) has no legend
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _png(fig)
 
 
