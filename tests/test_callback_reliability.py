@@ -502,3 +502,110 @@ def test_unusable_data_is_named_at_train_start(tmp_path, tokenizer, settings, me
     with pytest.raises(STSInputError, match=message):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+# ------------------------------------------------------------------------------- faults (new-user hunt)
+def crash_at_forward(model, number):
+    """The model's ``number``-th training forward raises (a device error mid-run)."""
+    calls = {"n": 0}
+
+    def hook(module, args, kwargs):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == number:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+@pytest.mark.parametrize("lost", ["write failed", "file cut"])
+def test_a_resume_whose_checkpoint_lacks_the_sts_state_keeps_its_early_stop_counters(tmp_path, tokenizer,
+                                                                                      monkeypatch, lost):
+    """The STS state of checkpoint-4 was not written (a full disk, warned) or was cut; the run crashed at step 5.
+    The resume took the run folder's train-start counters: violations in a row restarted at 0 and early stop
+    (patience 3: violations at 2, 4, 6) never fired. The Trainer's trainer_state.json holds them too."""
+    settings = dict(protected=["law"], max_sts=1e-9, patience=3, early_stop=True)
+    real = RunStore.write_state
+
+    def write_state(self, state):
+        if lost == "write failed" and "checkpoint-4" in str(self.root):
+            raise OSError(28, "No space left on device")
+        return real(self, state)
+
+    monkeypatch.setattr(RunStore, "write_state", write_state)
+    model = crash_at_forward(make_model("llama"), 5)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="illegal memory access"):
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, tokenizer, make_callback(**settings), model=model, max_steps=8).train()
+    monkeypatch.setattr(RunStore, "write_state", real)
+    state_file = tmp_path / "run" / "checkpoint-4" / "sts" / "callback_state.json"
+    if lost == "file cut":
+        state_file.write_text(state_file.read_text()[:40])
+    callback = make_callback(**settings)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert trainer.state.global_step == 6 and "early stop at step 6" in callback.stop_reason
+
+
+def test_a_history_write_that_fails_once_is_written_with_the_next_record(tmp_path, tokenizer, monkeypatch):
+    """A disk full for a moment at step 2: that re-check (maybe a violation) was missing from the file, the report
+    and any resume for good. It is written with the next one, and read back in step order."""
+    real, failed = RunStore.append_history, []
+
+    def full_once(self, record):
+        if record.get("step") == 2 and not failed:
+            failed.append(2)
+            raise OSError(28, "No space left on device")
+        return real(self, record)
+
+    monkeypatch.setattr(RunStore, "append_history", full_once)
+    callback = make_callback(recheck_steps=1)
+    with pytest.warns(RuntimeWarning, match="could not write the re-check of step 2"):
+        make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_strategy="no").train()
+    store = RunStore(tmp_path / "run" / "sts")
+    assert failed and [r["step"] for r in store.read_history()] == [r["step"] for r in callback.history] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("raised", ["violation", "failed re-check"])
+def test_a_warning_turned_into_an_error_keeps_the_record_that_raised_it(tmp_path, tokenizer, monkeypatch, raised):
+    """filterwarnings("error", ...) (a user's "stop on harm", or python -W error): the re-check's record was lost
+    because the warning came before it was kept and written."""
+    if raised == "violation":
+        callback, category = make_callback(protected=["law"], max_sts=1e-9, recheck_steps=2), STSNegativeTransferWarning
+    else:
+        callback, category = make_callback(recheck_steps=2), RuntimeWarning
+
+        def out_of_memory(*args, **kwargs):
+            raise MemoryError("out of memory on a probe batch")
+
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_strategy="no")
+    if raised == "failed re-check":
+        original = callback.session.__class__._measure
+        monkeypatch.setattr(callback.session.__class__, "_measure",
+                            lambda self, model, step: out_of_memory() if step == 2 else original(self, model, step))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("error", category=category, message="STS re-check at step 2")
+        with pytest.raises(category, match="STS re-check at step 2"):
+            trainer.train()
+    written = RunStore(tmp_path / "run" / "sts").read_history()
+    assert [r["step"] for r in written] == [2]
+    assert written[0].get("violations") if raised == "violation" else "MemoryError" in written[0]["error"]
+
+
+def test_a_bare_error_in_the_step0_forecast_says_where_it_came_from_and_what_to_lower(tmp_path, tokenizer):
+    sae = TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")
+
+    def out_of_memory(x):
+        raise MemoryError("out of memory in encode")
+
+    sae.encode = out_of_memory
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(sae=sae), max_steps=2)
+    with pytest.raises(MemoryError) as raised:
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert "step-0 forecast" in " ".join(getattr(raised.value, "__notes__", [])) and "shift_tokens=" in \
+        raised.value.__notes__[0]

@@ -47,7 +47,8 @@ class RunStore:
 
     # ---------------------------------------------------------------- history
     def read_history(self) -> list[dict[str, Any]]:
-        return self._history()[0]
+        """The re-check records in step order (a record whose first write failed is written later, after newer ones)."""
+        return sorted(self._history()[0], key=lambda record: record.get("step", 0))
 
     def _history(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The history's records and its unreadable lines (warned about)."""
@@ -64,6 +65,7 @@ class RunStore:
         """Resume at ``step``: records after it (the resumed run redoes them) move to the superseded file; lines a
         crash cut (unreadable) move to ``history.cut.txt``, so that the history is whole lines again."""
         records, cut = self._history()
+        records.sort(key=lambda record: record.get("step", 0))  # a late-written record among later ones
         kept = [r for r in records if r.get("step", 0) <= step]
         dropped = [r for r in records if r.get("step", 0) > step]
         for record in dropped:
@@ -116,11 +118,18 @@ class RunStore:
         return atomic_write_json(self.path(STATE_FILE), {"format": STATE_FORMAT, **state})
 
     def read_state(self) -> dict[str, Any] | None:
+        """The saved counters, or ``None`` when there are none or the file cannot be read (cut by a crash or a
+        full disk: warned, naming the file)."""
         path = self.path(STATE_FILE)
         if not path.exists():
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != STATE_FORMAT:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            warnings.warn(f"{path} is unreadable ({type(err).__name__}: {err}; a write cut by a crash?): read as "
+                          "absent.", RuntimeWarning, stacklevel=2)
+            return None
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
             return None
         return {k: v for k, v in data.items() if k != "format"}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import re
 import warnings
@@ -22,6 +23,7 @@ from transformers.trainer_callback import ExportableState
 from ..core.capture import parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
 from ..core.data import load_corpus
+from ..core.distributed import from_main_process, is_main_process
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
@@ -36,6 +38,23 @@ from .trainer_shift import (RL_SHIFTS, check_shift, forecast_runner, fresh_rollo
                             rollout_data, rollout_probe, trainer_rollouts, unreproduced_generation)
 from .trainer_run_level import DEFAULT_RUN_LEVEL_STEPS, RUN_LEVEL_METHODS, check_run_level, run_level_runner
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
+
+
+def saved_in_trainer_state(checkpoint: Path, output_subdir: str) -> dict[str, Any] | None:
+    """The counters this callback exported into the checkpoint's ``trainer_state.json`` (``stateful_callbacks``):
+    the run's own state where the checkpoint's STS folder lacks it (its write failed, or the process was stopped
+    between the Trainer's save and STS's)."""
+    try:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["stateful_callbacks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for entries in saved.values():
+        for entry in entries if isinstance(entries, list) else [entries]:
+            args, attributes = (entry.get("args") or {}, entry.get("attributes") or {}) \
+                if isinstance(entry, dict) else ({}, {})
+            if args.get("output_subdir") == output_subdir and "base_losses" in attributes:
+                return {key: value for key, value in attributes.items() if key != "history"}
+    return None
 
 
 class STSCallback(TrainerCallback, ExportableState):
@@ -383,6 +402,11 @@ class STSCallback(TrainerCallback, ExportableState):
         if state.global_step > 0:  # the checkpoint given to train(), which may be another run's folder
             checkpoint = (RunStore(Path(resumed_from) / self.output_subdir) if resumed_from is not None else
                           session.store.checkpoint(args.output_dir, state.global_step, self.output_subdir))
+            saved = None
+            if is_main_process() and checkpoint.read_state() is None:  # the STS save was cut after the Trainer's
+                saved = saved_in_trainer_state(checkpoint.root.parent, self.output_subdir)
+            if saved := from_main_process(saved):
+                session.load_counters(saved)
             session.resume(state.global_step, checkpoint, domains)
         else:
             shift = resolve_shift(self.shift, trainer, data, demos is not None)

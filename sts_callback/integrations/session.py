@@ -35,7 +35,7 @@ from typing import Any
 from ..core.data import Corpus, multiple_choice_items
 from ..core.distributed import (check_ranks_agree, fingerprint, from_main_process, gather_objects, is_main_process,
                                 require_at_least_world, world_size)
-from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSUsageError
+from ..core.errors import STSConfigError, STSDataWarning, STSError, STSInputError, STSUsageError
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
@@ -52,6 +52,9 @@ from ..scoring.signed import SIGNED_VARIANTS
 from .trainer_run_level import RUN_LEVEL_METHODS
 
 logger = logging.getLogger("sts_callback")
+
+
+WRITE_ATTEMPTS = 3  # a history record's writes (at its re-check and the next two) before it stays in memory only
 
 
 def log_warning(message: str, *args: Any) -> None:
@@ -133,6 +136,8 @@ class STSSession:
         self._started = False  # start() or resume() since the last prepare(): re-checks have a base to compare with
         self._resumed_at: int | None = None  # the step resumed from, until the schedule is read as run (see below)
         self._report_written_at: float | None = None  # when a re-check last wrote the report
+        self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
+        self._held_warnings: list[tuple[str, type[Warning]]] | None = None  # said once a re-check's record is kept
 
     @property
     def is_main(self) -> bool:
@@ -190,14 +195,33 @@ class STSSession:
 
     def warn(self, key: str, message: str, category: type[Warning] = STSNegativeTransferWarning) -> None:
         if self.guard.first_time(key) and self.is_main:
-            warnings.warn(message, category, stacklevel=4)
-            log_warning(message)
+            self._say(message, category)
+
+    def _say(self, message: str, category: type[Warning], stacklevel: int = 5) -> None:
+        """Warn now, or, during a re-check, once its record is in the history: a warning the user turned into an
+        error (``filterwarnings("error", ...)``, ``python -W error``) must not cost the record that raised it."""
+        if self._held_warnings is not None:
+            self._held_warnings.append((message, category))
+            return
+        warnings.warn(message, category, stacklevel=stacklevel)
+        log_warning(message)
 
     def _append_history(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` and append it to the history file, with the records earlier failed writes left out (a
+        disk full for a while): the file gets every re-check once writes work again (read back in step order). A
+        record that failed :data:`WRITE_ATTEMPTS` times stays in memory only."""
         self.history.append(record)
-        if self.is_main:
-            self.write(f"the re-check of step {record.get('step')} to {self.store.path(HISTORY_FILE)}",
-                       lambda: self.store.append_history(record), record.get("step"))
+        if not self.is_main:
+            return
+        self._unwritten.append([record, 0])
+        for entry in list(self._unwritten):
+            pending = entry[0]
+            if self.write(f"the re-check of step {pending.get('step')} to {self.store.path(HISTORY_FILE)}",
+                          lambda: self.store.append_history(pending), pending.get("step")):
+                self._unwritten.remove(entry)
+            else:
+                entry[1] += 1
+        self._unwritten = [entry for entry in self._unwritten if entry[1] < WRITE_ATTEMPTS]
 
     # ------------------------------------------------------------------ train start
     def prepare(self, model, tokenizer, probe: Corpus, domains: dict[str, Corpus],
@@ -256,13 +280,22 @@ class STSSession:
         self.forecast, self.predicted, self.run_level = None, {}, None
         self.budget = OverheadBudget(self.budget.share)
         self.run_id = uuid.uuid4().hex[:12]
+        self._unwritten = []
         if forecast_run is None:
             has_answers = demonstrations is not None or any(probe[i].can_demonstrate
                                                             for i in range(min(len(probe), 64)))
             if has_answers:
                 def forecast_run(setup, domains, progress):
                     return run_forecast(setup, probe, domains, demonstrations, progress=progress)
-        run = forecast_run(self.setup, domains, progress and self.is_main) if forecast_run is not None else None
+        try:
+            run = forecast_run(self.setup, domains, progress and self.is_main) if forecast_run is not None else None
+        except Exception as err:
+            if not isinstance(err, STSError) and hasattr(err, "add_note"):  # a bare error from deep in a forward
+                err.add_note(f"(Raised in STS's step-0 forecast at train start, before any training step. Out of "
+                             f"memory: lower STSConfig(shift_tokens={self.setup.config.shift_tokens}, domain_tokens="
+                             f"{self.setup.config.domain_tokens}) or batch_size. A shape error: an SAE for another "
+                             "model or layer.)")
+            raise
         if run is not None:
             self.forecast = run.forecast
             self.monitor.domains = domain_baselines_from(run.domains)
@@ -360,20 +393,32 @@ class STSSession:
         if self.monitor is None:
             raise STSUsageError("STSSession.resume() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first, then resume(step, checkpoint, domains).")
-        store = self.store
+        store, self._unwritten = self.store, []
         origin = RunStore(self._origin(checkpoint))  # the run folder that saved the checkpoint
         if self.is_main and origin.root.resolve() != store.root.resolve() and not store.has_results():
             self.write(f"the run folder {store.root} (from {origin.root})", lambda: store.adopt(origin, step), step)
         if is_main_process() and store.forecast_path.exists():
-            self.forecast = Forecast.load(store.forecast_path)
+            try:
+                self.forecast = Forecast.load(store.forecast_path)
+            except Exception as err:  # noqa: BLE001 - a cut file: the run goes on without its forecast, said
+                warnings.warn(f"Resuming: the forecast {store.forecast_path} is unreadable ({type(err).__name__}: "
+                              f"{err}); the run goes on without it (re-checks and the guard need none).",
+                              RuntimeWarning, stacklevel=2)
         self.forecast = from_main_process(self.forecast)  # as rank 0 read it, after it adopted the origin's files
-        path = checkpoint.monitor_path if checkpoint.monitor_path.exists() else store.monitor_path
-        if not path.exists():
+        paths = [p for p in (checkpoint.monitor_path, store.monitor_path) if p.exists()]
+        if not paths:
             raise STSInputError(f"Resuming: no STS monitor state at {checkpoint.monitor_path} or "
                                 f"{store.monitor_path}; the base statistics are lost (start a new run, or delete "
                                 "the checkpoint's STS state).")
         if not self.base_losses:  # restore_callback_states_from_checkpoint=False (the default)
-            read = (checkpoint.read_state() or store.read_state() or {}) if is_main_process() else None
+            read = None
+            if is_main_process():
+                read = checkpoint.read_state()
+                if read is None and (read := store.read_state()) is not None:
+                    warnings.warn(
+                        f"Resuming: {checkpoint.root} holds no readable STS state ({STATE_FILE}; the save was cut, "
+                        f"or it is another kind of checkpoint): the counters of consecutive violations and warnings "
+                        f"restart from {store.root}'s, written at train start.", RuntimeWarning, stacklevel=2)
             self.load_counters(from_main_process(read) or {})
         if not self.base_losses:
             raise STSInputError(f"Resuming: the train-start held-out losses are in neither {checkpoint.root} nor "
@@ -382,7 +427,7 @@ class STSSession:
         self._check_same_run(checkpoint, step)
         monitor = self.monitor
         monitor.domains = {name: DomainBaseline(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
-        monitor.load(path)
+        self._load_monitor(monitor, paths)
         monitor.base_losses, monitor.base_accuracy = dict(self.base_losses), dict(self.base_accuracy)
         # Re-checks after the checkpoint are redone by the resumed run: they move to the superseded file.
         if self.is_main:
@@ -403,6 +448,20 @@ class STSSession:
         protected = set(self.guard.config.protected)
         monitor.turn = sum(name not in protected for r in self.history for name in r.get("loss_delta") or {})
         self._clock, self._started, self._resumed_at = time.perf_counter(), True, step
+
+    @staticmethod
+    def _load_monitor(monitor: Monitor, paths: list[Path]) -> None:
+        """The checkpoint's monitor state, else the run folder's (the same train-start statistics); one cut by a
+        crash is skipped, and none readable is an error naming them."""
+        errors = []
+        for path in paths:
+            try:
+                monitor.load(path)
+                return
+            except Exception as err:  # noqa: BLE001 - safetensors' own error types
+                errors.append(f"{path}: {type(err).__name__}: {err}")
+        raise STSInputError(f"Resuming: the STS monitor state cannot be read ({'; '.join(errors)}); the train-start "
+                            "statistics are lost. Resume from an earlier checkpoint, or start a new run.")
 
     def _check_same_run(self, checkpoint: RunStore, step: int) -> None:
         """A checkpoint an earlier run left in the folder (a later run in the same output_dir rewrote fewer
@@ -474,11 +533,19 @@ class STSSession:
         if self._clock is not None and not self._steps_timed:
             self.budget.add_training(time.perf_counter() - self._clock)
         began, measured_before = time.perf_counter(), self.budget.recheck_seconds
+        self._held_warnings = []
         try:
-            return self._recheck(model, step, max_steps, log_history, ended)
+            outcome = self._recheck(model, step, max_steps, log_history, ended)
+        except BaseException:
+            self._held_warnings = None
+            raise
         finally:  # the files, projection and report around the measurement cost the run too
             self.budget.add_bookkeeping(time.perf_counter() - began - (self.budget.recheck_seconds - measured_before))
             self._clock = time.perf_counter()
+        held, self._held_warnings = self._held_warnings, None
+        for message, category in held:  # the record is written: now the warnings, which may raise
+            self._say(message, category, stacklevel=3)
+        return outcome
 
     def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None, ended: bool = False,
                  ) -> tuple[dict[str, Any] | None, Decision | None]:
@@ -491,11 +558,11 @@ class STSSession:
                 raise
             trace = traceback.format_exc()
             message = f"STS re-check at step {step} failed and was skipped ({type(err).__name__}: {err})"
-            if self.is_main:
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
-                log_warning("%s\n%s", message, trace)
             self.guard.recheck_failed()
             self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
+            if self.is_main:
+                log_warning("STS re-check at step %s failed:\n%s", step, trace)
+                self._say(message, RuntimeWarning)
             return None, None
         record = {"step": step, **result.to_dict(), "overhead": {**self.budget.to_dict(), "skipped": skipped}}
         if result.probe_error is not None:

@@ -104,7 +104,9 @@ class ReportData:
         self.sts_dir = sts_dir
         self.forecast: dict[str, Any] | None = _read_json(sts_dir / FORECAST_FILE)
         lines, self.unreadable = read_json_lines(sts_dir / HISTORY_FILE)  # unreadable: cut by a crash
-        self.history: list[dict[str, Any]] = [r for r in lines if is_recheck_record(r)]
+        # in step order: a record whose first write failed (a disk full for a while) is written after later ones
+        self.history: list[dict[str, Any]] = sorted((r for r in lines if is_recheck_record(r)),
+                                                    key=lambda record: record.get("step", 0))
         self.skipped = len(lines) - len(self.history)  # lines of another tool's log: not re-checks
         if self.skipped and not self.history:
             raise STSInputError(f"{sts_dir / HISTORY_FILE} was not written by STSCallback: none of its {len(lines)} "
