@@ -609,3 +609,24 @@ def test_a_bare_error_in_the_step0_forecast_says_where_it_came_from_and_what_to_
     assert trainer.state.global_step == 0
     assert "step-0 forecast" in " ".join(getattr(raised.value, "__notes__", [])) and "shift_tokens=" in \
         raised.value.__notes__[0]
+
+
+@pytest.mark.parametrize("cut", ["checkpoint state", "checkpoint monitor", "run folder state", "forecast"])
+def test_a_resume_meets_a_cut_sts_file_and_goes_on_or_names_it(tmp_path, tokenizer, cut):
+    """A node crash can leave a file empty or cut: a bare JSONDecodeError / SafetensorError named nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, tokenizer, make_callback(protected=["law"]), max_steps=4).train()
+    run = tmp_path / "run"
+    path = {"checkpoint state": run / "checkpoint-4/sts/callback_state.json",
+            "checkpoint monitor": run / "checkpoint-4/sts/monitor.safetensors",
+            "run folder state": run / "sts/callback_state.json", "forecast": run / "sts/forecast.json"}[cut]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    callback = make_callback(protected=["law"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, tokenizer, callback, max_steps=6).train(resume_from_checkpoint=str(run / "checkpoint-4"))
+    assert [r["step"] for r in callback.history] == [2, 4, 6]
+    if cut != "checkpoint monitor":  # that one has the run folder's copy to fall back on, silently
+        assert any(str(path) in str(w.message) for w in caught)
+    assert (callback.forecast is None) == (cut == "forecast")
