@@ -283,6 +283,7 @@ def test_report_failure_in_callback_only_warns(tmp_path, monkeypatch):
         is_world_process_zero=True, global_step=3)
     with pytest.warns(RuntimeWarning, match="STS report at step 3 was not written.*injected"):
         callback.write_report(args, state)
+    assert callback.write_errors[-1]["step"] == 3 and "injected" in callback.write_errors[-1]["error"]
     callback.strict = True
     with pytest.raises(ValueError, match="injected"):
         callback.write_report(args, state)

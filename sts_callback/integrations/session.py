@@ -726,6 +726,8 @@ class STSSession:
             if self.strict:
                 raise
             message = f"STS report at step {step} was not written ({type(err).__name__}: {err})"
+            self.write_errors.append({"step": step, "what": f"the report in {self.store.root}",
+                                      "error": f"{type(err).__name__}: {err}"})
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             log_warning(message)
             return None
