@@ -33,6 +33,12 @@ STATE_FILE = "callback_state.json"
 STATE_FORMAT = "sts-callback-state/1"
 
 
+def step_of(record: Any) -> int:
+    """A history record's step, for ordering (a line that is not a record keeps its place among step 0's)."""
+    step = record.get("step", 0) if isinstance(record, dict) else 0
+    return step if isinstance(step, (int, float)) else 0
+
+
 class RunStore:
     """Reads and writes one run's STS folder; ``checkpoint(step)`` is the store inside ``checkpoint-<step>``."""
 
@@ -48,7 +54,7 @@ class RunStore:
     # ---------------------------------------------------------------- history
     def read_history(self) -> list[dict[str, Any]]:
         """The re-check records in step order (a record whose first write failed is written later, after newer ones)."""
-        return sorted(self._history()[0], key=lambda record: record.get("step", 0))
+        return sorted(self._history()[0], key=step_of)
 
     def _history(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The history's records and its unreadable lines (warned about)."""
@@ -65,7 +71,7 @@ class RunStore:
         """Resume at ``step``: records after it (the resumed run redoes them) move to the superseded file; lines a
         crash cut (unreadable) move to ``history.cut.txt``, so that the history is whole lines again."""
         records, cut = self._history()
-        records.sort(key=lambda record: record.get("step", 0))  # a late-written record among later ones
+        records.sort(key=step_of)  # a late-written record among later ones
         kept = [r for r in records if r.get("step", 0) <= step]
         dropped = [r for r in records if r.get("step", 0) > step]
         for record in dropped:
