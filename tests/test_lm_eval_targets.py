@@ -68,3 +68,35 @@ def test_bad_lm_eval_settings_fail_at_construction():
         make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "limt": 5}, "law": domain_texts("law", 9)})
     with pytest.raises(STSConfigError, match="limit must be a positive"):
         make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "limit": 0}, "law": domain_texts("law", 9)})
+    with pytest.raises(STSConfigError, match="batch_size must be a positive number or 'auto'"):
+        make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "batch_size": 0}, "law": domain_texts("law", 9)})
+    with pytest.raises(STSConfigError, match="metric must name"):
+        make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "metric": 5}, "law": domain_texts("law", 9)})
+    make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "batch_size": "auto"}, "law": domain_texts("law", 9)})
+
+
+def test_an_lm_eval_reckeck_leaves_the_runs_random_generators_and_indexes_the_tasks_once(task_folder, monkeypatch):
+    """simple_evaluate seeds random, numpy and torch: every re-check replayed the same dropout masks and draws after
+    it. And its TaskManager re-indexed every task lm-eval ships (6 s) at every re-check."""
+    import random
+
+    import numpy as np
+    import torch
+    import lm_eval.tasks
+    from tiny import make_model
+
+    from sts_callback.core.lm_eval_tasks import LmEvalTarget
+
+    managers = []
+    real = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda *a, **k: managers.append(1) or real(*a, **k))
+    target = LmEvalTarget.from_spec({"lm_eval": "tiny_quiz", "include_path": str(task_folder), "limit": 4}, "quiz")
+    tokenizer, model = make_tokenizer(), make_model("llama")
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        target.evaluate(model, tokenizer)
+        draws.append((float(torch.rand(1)), random.random(), float(np.random.rand())))
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    assert draws[0] == draws[1] == (float(torch.rand(1)), random.random(), float(np.random.rand()))
+    assert len(managers) == 1

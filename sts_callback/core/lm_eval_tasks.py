@@ -10,12 +10,13 @@ accuracy at train start and at every re-check. The harness is an optional depend
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from .errors import STSConfigError, STSInputError
+from .torch_utils import rng_kept
 
 KEY = "lm_eval"
 FIELDS = (KEY, "include_path", "limit", "metric", "batch_size")
@@ -33,7 +34,9 @@ class LmEvalTarget:
     include_path: str | None = None
     limit: int | None = 100
     metric: str = "acc"
-    batch_size: int = 4
+    batch_size: int | str = 4  # or "auto", as lm-eval takes it
+    # the harness's task index (indexing its ~15k task files took 6 s), built once and kept for every re-check
+    _loaded: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], name: str) -> "LmEvalTarget":
@@ -45,10 +48,23 @@ class LmEvalTarget:
         limit = spec.get("limit", 100)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise STSConfigError(f"Target domain {name!r}: limit must be a positive number of documents or None.")
-        return cls(task=spec[KEY], include_path=spec.get("include_path"), limit=limit,
-                   metric=spec.get("metric", "acc"), batch_size=int(spec.get("batch_size", 4)))
+        batch_size = spec.get("batch_size", 4)
+        if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise STSConfigError(f"Target domain {name!r}: batch_size must be a positive number or 'auto', got "
+                                 f"{batch_size!r}.")
+        metric = spec.get("metric", "acc")
+        if not isinstance(metric, str) or not metric:
+            raise STSConfigError(f"Target domain {name!r}: metric must name one of the task's metrics (e.g. 'acc', "
+                                 f"'acc_norm'), got {metric!r}.")
+        return cls(task=spec[KEY], include_path=spec.get("include_path"), limit=limit, metric=metric,
+                   batch_size=batch_size)
 
     def _task(self):
+        if self._loaded is None:
+            self._loaded = self._load_task()
+        return self._loaded
+
+    def _load_task(self):
         try:
             from lm_eval.tasks import TaskManager
         except ImportError as err:
@@ -62,7 +78,8 @@ class LmEvalTarget:
 
     def texts(self) -> list[dict[str, str]]:
         """Each document as ``{"prompt", "completion"}``: the task's prompt and its right answer."""
-        _, task = self._task()
+        with rng_kept():  # loading a task draws from Python's random
+            _, task = self._task()
         docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
         if self.limit is not None:
             docs = docs[: self.limit]
@@ -77,7 +94,12 @@ class LmEvalTarget:
         return out
 
     def evaluate(self, model: nn.Module, tokenizer) -> float:
-        """The task's metric on ``model`` (the first ``limit`` documents), as the harness computes it."""
+        """The task's metric on ``model`` (the first ``limit`` documents), as the harness computes it. The harness
+        seeds random, numpy and torch (0, 1234, 1234): the run's generators are put back as they were."""
+        with rng_kept():
+            return self._evaluate(model, tokenizer)
+
+    def _evaluate(self, model: nn.Module, tokenizer) -> float:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,4 +24,40 @@ def pad_token_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
 
 
-__all__ = ["model_device", "pad_token_id"]
+def rng_state() -> dict[str, Any]:
+    """The process's random generators: torch (and CUDA's, once initialised), Python's ``random``, numpy's."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch installs
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def rng_kept() -> Iterator[None]:
+    """The random generators as they were on entry, whatever the block draws or seeds: a measurement must not
+    change the training run's dropout masks or data order."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+__all__ = ["model_device", "pad_token_id", "rng_kept", "rng_state", "set_rng_state"]

@@ -71,6 +71,7 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import batches_by_length, local_sequences
 from ..core.data import TokenSequence
 from ..core.heldout import HEAD_CHUNK, head_nll, split_head
+from ..core.torch_utils import rng_state, set_rng_state
 from .monitor import nll_sums
 
 OptimizerLike = Any  # torch.optim.Optimizer, an accelerate / DeepSpeed wrapper, or a factory params -> optimizer
@@ -305,30 +306,6 @@ def _peak_lrs(resolved: _Optimizer, lr: float | None) -> list[float]:
 
 
 # --------------------------------------------------------------------------- save / restore
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy ships with torch installs
-        pass
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _clone_value(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
 
@@ -337,7 +314,7 @@ def _clone_value(value: Any) -> Any:
 def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None, parameters: bool = True):
     """Everything a lookahead touches comes back bit-exactly on exit: trainable parameters, buffers, their
     ``.grad``, train / eval flags, the optimizer's state, parameter groups and plain attributes, RNG states."""
-    rng = _rng_state()
+    rng = rng_state()
     modes = {m: m.training for m in model.modules()}
     params = [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
               for p in _trainable(model)] if parameters else []
@@ -370,7 +347,7 @@ def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None, paramet
                 delattr(optimizer, k)
             for k, v in attrs.items():
                 setattr(optimizer, k, v)
-        _set_rng_state(rng)
+        set_rng_state(rng)
 
 
 # --------------------------------------------------------------------------- losses
