@@ -141,3 +141,12 @@ def test_with_a_calibration_the_rank_warning_follows_the_predicted_change():
     guard = Guard(GuardConfig(protected=["food"], forecast_top_k=1))
     message = guard.forecast_warnings([("food", 0.031), ("law", 0.012)], "predicted change", predicted=True)
     assert message["forecast:food"].endswith("most affected by this training (predicted change +3.1%).")
+
+
+def test_losing_exactly_the_accuracy_tolerance_is_no_violation_whatever_the_start():
+    """5/100 -> 3/100 is a delta of -0.020000000000000004 in floats: losing exactly 2 of 100 items was a violation
+    (and an early stop) for 69 of 99 starting counts, under "more than accuracy_tolerance"."""
+    guard = Guard(GuardConfig(protected=["food"], accuracy_tolerance=0.02))
+    for right in range(2, 101):
+        assert guard.violations(record(0.0, accuracy=(right - 2) / 100 - right / 100), "sts_icl") == [], right
+        assert guard.violations(record(0.0, accuracy=(right - 2) / 100 - right / 100 - 0.01), "sts_icl")

@@ -86,3 +86,25 @@ def test_under_autocast_the_scores_are_the_full_forwards_under_it(tokenizer):
         reference = torch.tensor(full_logits_scores(model, tokenizer, item), dtype=torch.float32)
     assert not torch.allclose(measured, exact, rtol=1e-5, atol=1e-5)  # autocast took effect
     torch.testing.assert_close(measured, reference, rtol=1e-3, atol=1e-3)
+
+
+def test_an_item_longer_than_the_models_positions_is_scored_on_the_questions_end():
+    """A 40-token question for a model of 32 positions: learned positions failed with an IndexError (a device
+    assert on a GPU); the question is cut from the left as the held-out loss keeps a text's end."""
+    import transformers as tf
+    from tiny import make_tokenizer
+
+    from sts_callback.core.errors import STSInputError
+    from sts_callback.core.multiple_choice import choice_scores
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2,
+                                             n_head=4)).eval()
+    words = "law court judge contract statute appeal code function".split()
+    item = {"question": " ".join(words * 5), "choices": ["cook bake", "cell protein gene"], "answer": 0}
+    scores = choice_scores(model, tokenizer, item)
+    cut = {**item, "question": " ".join((words * 5)[-26:])}  # what fits: BOS, 26 words, "Answer:" (2), 3 tokens
+    assert scores == pytest.approx(choice_scores(model, tokenizer, cut), abs=1e-6)
+    with pytest.raises(STSInputError, match="no room for the question"):
+        choice_scores(model, tokenizer, {**item, "choices": ["cook " * 40, "bake"]})

@@ -268,3 +268,15 @@ def test_a_tokenized_dataset_is_a_train_probe_like_the_trainers_own(tokenizer):
                               "labels": [[-100] * len(prompt) + completion]})
     example = probe_corpus(data, None, None, tokenizer)[0]
     assert (example.prompt, example.answer) == ("law court", "judge .")
+
+
+def test_a_multiple_choice_dataset_is_a_scored_target_domain(tokenizer):
+    """An MMLU-like datasets.Dataset (question / choices / answer) was refused at train start naming its columns,
+    though forecast() took it."""
+    from sts_callback.core.data import multiple_choice_items
+    from sts_callback.integrations.training_data import target_corpora
+
+    items = [{"question": "law court", "choices": ["judge", "cook"], "answer": 0},
+             {"question": "oven flour", "choices": ["gene", "bake"], "answer": 1}]
+    domains, _ = target_corpora({"quiz": Dataset.from_list(items)}, None, tokenizer)
+    assert multiple_choice_items(domains["quiz"]) == items

@@ -3,6 +3,7 @@ each choice after the question; accuracy measured in lockstep across ranks (one 
 
 from __future__ import annotations
 
+import itertools
 import json
 import numbers
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capture import max_positions
 from .distributed import LocalFailure, shard
 from .errors import STSInputError
 from .heldout import HEAD_CHUNK, head_nll, split_head
@@ -63,6 +65,7 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
                      for c in item["choices"]]
     if any(not c for c in continuations):
         raise STSInputError(f"A choice of {item['question'][:60]!r} has no tokens; give non-empty choices.")
+    prompt = fit_context(prompt, max(len(c) for c in continuations), max_positions(model), tokenizer, item)
     pad = pad_token_id(tokenizer)
     longest = max(len(prompt) + len(c) for c in continuations)
     ids = torch.full((len(continuations), longest), pad, dtype=torch.long)
@@ -82,6 +85,21 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
     rows = torch.arange(len(continuations), device=keep.device)[:, None].expand_as(keep)[keep]
     totals = torch.zeros(len(continuations), dtype=torch.float64).index_add_(0, rows, logprobs.double().cpu())
     return [float(total) / len(c) if normalize else float(total) for total, c in zip(totals, continuations)]
+
+
+def fit_context(prompt: list[int], longest_choice: int, limit: int | None, tokenizer, item: dict[str, Any]) -> list[int]:
+    """The prompt cut from the left (its leading BOS kept) so that it and the longest choice fit the model's
+    positions, as the held-out loss keeps a text's end: past them a model with learned positions fails (an index
+    error, a device assert on a GPU) and a rotary one reads beyond what it was trained on."""
+    if limit is None or len(prompt) + longest_choice <= limit:
+        return prompt
+    special = set(tokenizer.all_special_ids)
+    lead = list(itertools.takewhile(lambda token: token in special, prompt))
+    room = limit - longest_choice - len(lead)
+    if room < 1:
+        raise STSInputError(f"A choice of {item['question'][:60]!r} has {longest_choice} tokens, which leave no room "
+                            f"for the question in the model's {limit} positions; shorten the choices.")
+    return lead + prompt[len(lead):][-room:]
 
 
 def answer_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.data import Corpus, Example, is_dataset, load_corpus, load_domains, named_items, take_streamed
+from ..core.data import (MC_FIELDS, Corpus, Example, is_dataset, load_corpus, load_domains, named_items,
+                         take_streamed)
 from ..core.errors import STSConfigError, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 
@@ -217,6 +218,8 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
         dataset = take_streamed(dataset)
     first = dataset[0] if len(dataset) else {}
     columns = set(getattr(dataset, "column_names", None) or (first.keys() if isinstance(first, Mapping) else []))
+    if set(MC_FIELDS) <= columns and "input_ids" not in columns:  # a multiple-choice set (MMLU-like): scored
+        return load_corpus(dataset, name=name)
     if "label" in columns and columns & {"completion", "completion_ids"}:
         dataset = _desirable_only(dataset, name)
     if columns & RAW_COLUMNS and not _trained_as_tokenized(columns, first) or not isinstance(first, Mapping):
