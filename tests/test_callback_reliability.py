@@ -357,9 +357,16 @@ def test_multiple_choice_domain_is_scored_and_its_drop_is_a_violation(tmp_path, 
         assert any("accuracy of protected domain 'quiz' fell" in v for v in record["violations"]) == dropped
     assert "quiz" in callback.forecast.domains and "quiz" in callback.history[-1]["loss"]
     logged = [e for e in trainer.state.log_history if "sts/accuracy/quiz" in e]
-    assert [e["step"] for e in logged] == [2, 4]
+    assert [e["step"] for e in logged] == [0, 2, 4]  # the chart starts from train start
+    assert logged[0]["sts/accuracy/quiz"] == base
+    assert [e["sts/accuracy_delta/quiz"] for e in logged[1:]] == [r["accuracy_delta"]["quiz"] for r in callback.history]
     # the pretrained model answers most items; training on law at a high rate costs it accuracy: a violation
     assert base > 0.7 and callback.history[-1]["accuracy_delta"]["quiz"] < 0
+    sts = tmp_path / "run" / "sts"
+    last = callback.history[-1]
+    shown = f"quiz {last['accuracy']['quiz']:.1%} ({last['accuracy_delta']['quiz'] * 100:+.1f} points)"
+    assert shown in (sts / "report.md").read_text() and shown in (sts / "report.html").read_text()
+    assert json.loads((sts / "settings.json").read_text())["accuracy_tolerance"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------- 7. run shapes

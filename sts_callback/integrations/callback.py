@@ -428,6 +428,8 @@ class STSCallback(TrainerCallback, ExportableState):
             if session.run_level is not None:
                 self._log({f"sts/run_level/{name}": value for name, value in session.run_level["change"].items()},
                           control)
+            if session.base_accuracy:  # each chart of sts/accuracy/<domain> starts from train start
+                self._log({f"sts/accuracy/{name}": value for name, value in session.base_accuracy.items()}, control)
             if forecast is not None:
                 self._export("forecast", trackers.export_forecast, forecast)
                 self._log({f"sts/forecast/{name}": value for name, value in forecast.ranked() if value is not None},

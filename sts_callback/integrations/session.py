@@ -384,7 +384,8 @@ class STSSession:
             self.write(f"the earlier run's results in {store.root}", store.archive_previous_run, 0)
             guard = self.guard.config
             self.write(f"the settings to {store.root}", lambda: store.write_settings(
-                {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts}), 0)
+                {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts,
+                 "accuracy_tolerance": guard.accuracy_tolerance}), 0)
             self.write(f"the callback state to {store.root}", lambda: store.write_state(self.counters()), 0)
 
     def resume(self, step: int, checkpoint: RunStore, domains: dict[str, Corpus]) -> None:

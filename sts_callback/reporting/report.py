@@ -812,6 +812,16 @@ def _forecast_section(data: ReportData) -> str:
             f"{table}</section>")
 
 
+def _accuracy_changes(record: dict[str, Any]) -> str:
+    """A re-check's multiple-choice domains: accuracy and its change from train start in points, e.g.
+    "quiz 47.5% (-27.5 points)"; empty without any."""
+    deltas = record.get("accuracy_delta") or {}
+    return ", ".join(f"{name} {value:.1%}" + (f" ({deltas[name] * 100:+.1f} points)" if deltas.get(name) is not None
+                                               else "")
+                     for name, value in (record.get("accuracy") or {}).items()
+                     if isinstance(value, (int, float)) and math.isfinite(value))
+
+
 def _timeline_section(data: ReportData) -> str:
     if not data.history:
         return ""
@@ -823,6 +833,8 @@ def _timeline_section(data: ReportData) -> str:
                          ""])
             continue
         deltas = ", ".join(esc(change) for change in _changes(record, tolerance=data.tolerance))
+        if accuracy := _accuracy_changes(record):
+            deltas += "<br>accuracy " + esc(accuracy)
         tags = [tag for key, tag in (("violations", '<span class="tag warn">warning</span>'),
                                      ("projected_warnings", '<span class="tag warn">projected warning</span>'),
                                      ("early_stop", '<span class="tag protected">early stop</span>'))
@@ -1063,6 +1075,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"held-out loss change [95% interval] {deltas}; "
                      f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
+        if accuracy := _accuracy_changes(last):
+            lines.append(f"**Accuracy** (share of the items right; change from train start): {md_esc(accuracy)}.")
         if ended := data.ended_note():
             lines.append(md_esc(ended))
         if _overhead(last):

@@ -111,6 +111,8 @@ def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
     if ceiling is not None:  # how well these measurements could order the domains at all
         metrics["sts/recheck_stats/noise_ceiling"] = ceiling
     metrics.update({f"sts/accuracy/{name}": value for name, value in record.get("accuracy", {}).items()})
+    metrics.update({f"sts/accuracy_delta/{name}": value for name, value in record.get("accuracy_delta", {}).items()
+                    if value is not None})
     if record["overlap_with_forecast"] is not None:
         metrics["sts/recheck_stats/overlap_with_forecast"] = record["overlap_with_forecast"]
     metrics["sts/recheck_stats/seconds"] = record["seconds"]
