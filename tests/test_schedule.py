@@ -6,7 +6,7 @@ from test_callback import make_callback, make_trainer
 from tiny import make_tokenizer
 from transformers import TrainingArguments
 
-from sts_callback.core.schedule import logged_learning_rates, planned_learning_rates
+from sts_callback.core.schedule import logged_learning_rates, planned_learning_rates, stepped_ahead
 
 
 @pytest.mark.parametrize("kind, kwargs", [
@@ -44,24 +44,107 @@ def test_a_real_run_logs_the_planned_rates(tmp_path):
     assert callback.learning_rates == pytest.approx(logged)  # the Trainer logs the lr each step ran with
 
 
-def test_a_users_own_scheduler_is_followed_through_the_logged_rates(tmp_path):
+@pytest.mark.parametrize("build", ["step_lr", "hf_cosine_helper"])
+def test_a_users_own_scheduler_is_followed_as_it_runs(tmp_path, build):
+    """A scheduler the user built, of any class: a LambdaLR from transformers' own helper with settings other than
+    TrainingArguments' was taken for the arguments' linear schedule (step 2 read as 42% of the area, not 6%)."""
     from tiny import make_model
+    from transformers import get_cosine_schedule_with_warmup
 
     tokenizer = make_tokenizer()
     model = make_model("llama")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5) if build == "step_lr" else \
+        get_cosine_schedule_with_warmup(optimizer, 4, 8)
     callback = make_callback(recheck_steps=2)
-    trainer = make_trainer(tmp_path, tokenizer, callback, model=model, max_steps=6, save_steps=6,
+    trainer = make_trainer(tmp_path, tokenizer, callback, model=model, max_steps=8, save_steps=8,
                            optimizers=(optimizer, scheduler))
     trainer.train()
-    assert callback.schedule_source == "logged"
+    logged = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    assert callback.schedule_source == "scheduler"
+    assert callback.learning_rates == pytest.approx(logged)
     fractions = [r["lr_area_fraction"] for r in callback.history if "lr_area_fraction" in r]
-    assert fractions and fractions[-1] == pytest.approx(1.0)
-    assert 0 < fractions[0] < fractions[1] < 1
+    assert fractions == pytest.approx([sum(logged[:step]) / sum(logged) for step in (2, 4, 6, 8)])
+
+
+@pytest.mark.parametrize("kind", ["reduce_lr_on_plateau", "greedy"])
+def test_a_scheduler_that_steps_on_metrics_is_followed_through_the_logged_rates(tmp_path, kind):
+    """greedy's step() needs the metrics: stepping it ahead stopped training at train start (TypeError)."""
+    callback = make_callback(recheck_steps=2)
+    tokenizer = make_tokenizer()
+    from tiny import domain_texts
+
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_steps=4, lr_scheduler_type=kind,
+                           eval_strategy="steps", eval_steps=2, eval_texts=domain_texts("law", 8, seed=3))
+    trainer.train()
+    assert callback.schedule_source == "logged" and trainer.state.global_step == 4
+
+
+def test_stepping_a_scheduler_ahead_puts_it_and_its_optimizer_back_exactly():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10)  # moves betas too
+    before = (scheduler.state_dict(), [dict(g) for g in optimizer.param_groups])
+    rates = stepped_ahead(scheduler, 10)
+    assert len(rates) == 10 and max(rates) == pytest.approx(1e-2, rel=1e-3)
+    assert (scheduler.state_dict(), [dict(g) for g in optimizer.param_groups]) == before
+    own = []
+    for _ in range(10):
+        own.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == own
 
 
 def test_logged_rates_hold_until_the_next_logged_step():
     history = [{"step": 1, "learning_rate": 1.0}, {"step": 3, "learning_rate": 0.5}, {"step": 2, "loss": 3.0}]
     assert logged_learning_rates(history, 5) == [1.0, 1.0, 0.5, 0.5, 0.5]
     assert logged_learning_rates([], 3) == []
+
+
+def test_a_run_stopped_right_after_a_recheck_ends_there_with_nothing_projected(tmp_path):
+    """Another callback (EarlyStoppingCallback at an eval that is also a save) stops at step 4 of 12 just after STS
+    re-checked it: the record kept its projection to step 12 and the report never said where the run ended."""
+    import json
+
+    from transformers import TrainerCallback
+
+    class StopAt4(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                control.should_training_stop = True
+
+    callback = make_callback(recheck_steps=2)
+    trainer = make_trainer(tmp_path, make_tokenizer(), callback, max_steps=12, save_steps=12,
+                           lr_scheduler_type="cosine", extra_callbacks=[StopAt4()])
+    trainer.train()
+    last = callback.history[-1]
+    assert last["step"] == 4 and last["ended_early"] == {"max_steps": 12} and "early_forecast" not in last
+    written = [json.loads(line) for line in (tmp_path / "run" / "sts" / "history.jsonl").read_text().splitlines()]
+    assert written[-1] == last
+    assert "Training ended at step 4" in (tmp_path / "run" / "sts" / "report.md").read_text()
+
+
+def test_a_recheck_before_any_learning_is_no_point_of_the_course(tmp_path):
+    """A re-check at lr-area fraction 0 (step 1 of a warm-up from 0) let the next re-check warn and stop from a
+    single-point extrapolation, which the rule "from the second measured re-check on" forbids."""
+    import warnings
+
+    from test_session import DOMAINS, HARMFUL, LR, session_for, train_steps
+    from tiny import domain_texts, make_model
+
+    from sts_callback.core.data import load_corpus, load_domains
+
+    torch.manual_seed(0)
+    tokenizer, model = make_tokenizer(), make_model("llama")
+    session = session_for(tmp_path, tolerance=0.045, early_stop="projected")  # measured +2.3%, projected +7%
+    session.learning_rates = [0.0] + [LR] * 15
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+    session.start(model, load_corpus(HARMFUL), domains)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert session.recheck(model, 1, 16)[0]["lr_area_fraction"] == 0
+        train_steps(model, tokenizer, HARMFUL[1:], 5, lr=LR)
+        record, decision = session.recheck(model, 6, 16)
+    assert record["early_forecast"] and not record.get("projected_warnings") and not decision.stop

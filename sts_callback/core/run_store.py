@@ -67,6 +67,21 @@ class RunStore:
     def append_history(self, record: dict[str, Any]) -> None:
         append_json_line(self.path(HISTORY_FILE), record)
 
+    def replace_history_record(self, record: dict[str, Any]) -> None:
+        """The history with its record of ``record["step"]`` replaced (the whole file rewritten atomically; cut
+        lines move to ``history.cut.txt``)."""
+        records, cut = self._history()
+        for index in reversed(range(len(records))):
+            if step_of(records[index]) == record.get("step"):
+                records[index] = record
+                break
+        else:
+            return
+        if cut:
+            with self.path(CUT_FILE).open("a", encoding="utf-8") as handle:
+                handle.write("".join(line + "\n" for line in cut))
+        atomic_write_text(self.path(HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in records))
+
     def keep_history_until(self, step: int) -> list[dict[str, Any]]:
         """Resume at ``step``: records after it (the resumed run redoes them) move to the superseded file; lines a
         crash cut (unreadable) move to ``history.cut.txt``, so that the history is whole lines again."""

@@ -3,39 +3,82 @@ forecast (how much of the schedule's area a re-check has seen).
 
 Read from ``TrainingArguments`` with transformers' own ``get_scheduler`` (the run's scheduler type, warm-up and
 ``lr_scheduler_kwargs``), stepped on a throw-away optimizer, so every built-in schedule works; a scheduler the
-user built (``Trainer(optimizers=(opt, sched))``) of another class is read from the learning rates the Trainer
-logs, the last one held for the steps not yet taken.
+user built (``Trainer(optimizers=(opt, sched))``, of any class) that does not follow them is stepped ahead itself
+and put back; one that steps on metrics is read from the learning rates the Trainer logs, the last one held for
+the steps not yet taken.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any
 
 import torch
 
 
 def planned_learning_rates(args: Any, max_steps: int, lr_scheduler: Any = None) -> tuple[list[float], str]:
-    """(learning rate of optimizer steps 1..``max_steps``, its source: ``"arguments"`` / ``"constant"``)."""
+    """(learning rate of optimizer steps 1..``max_steps``, its source: ``"arguments"``, ``"scheduler"`` (the run's
+    own scheduler stepped ahead and put back) or ``"logged"`` (follow the rates the Trainer logs)).
+
+    The schedule ``TrainingArguments`` describe, unless the run's scheduler does not follow it (one the user built,
+    of any class: a LambdaLR or transformers' ``get_cosine_schedule_with_warmup`` with other settings): then that
+    scheduler's own rates, read by stepping it ahead and restoring it exactly. A scheduler that steps on metrics
+    (``reduce_lr_on_plateau``, ``greedy``) is followed from the logged rates."""
     from transformers import get_scheduler
 
     if max_steps <= 0:
         return [], "constant"
     base = float(getattr(args, "learning_rate", 1.0) or 1.0)
     name = str(getattr(getattr(args, "lr_scheduler_type", None), "value", getattr(args, "lr_scheduler_type", "")))
-    if name == "reduce_lr_on_plateau":  # depends on future metrics: constant until it reacts
-        return [base] * max_steps, "constant"
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
-                              num_training_steps=max_steps,
-                              scheduler_specific_kwargs=getattr(args, "lr_scheduler_kwargs", None) or {})
-    if lr_scheduler is not None and type(lr_scheduler) is not type(scheduler):
-        return [], "logged"  # a scheduler of the user's own: follow what the Trainer logs
-    rates = []
-    for _ in range(max_steps):
-        rates.append(float(optimizer.param_groups[0]["lr"]))
-        optimizer.step()
-        scheduler.step()
+    running = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps it
+    ahead = stepped_ahead(running, max_steps - getattr(running, "last_epoch", 0)) if running is not None else None
+    if running is not None and ahead is None:
+        return [], "logged"  # it steps on metrics (or cannot be stepped apart from training)
+    try:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
+                                  num_training_steps=max_steps,
+                                  scheduler_specific_kwargs=getattr(args, "lr_scheduler_kwargs", None) or {})
+        rates = stepped_ahead(scheduler, max_steps)
+    except (TypeError, ValueError):  # a type that needs more than these arguments
+        rates = None
+    if rates is None:
+        return ([], "logged") if ahead is None else (ahead, "scheduler")
+    if ahead is not None and not _same(rates[len(rates) - len(ahead):], ahead):
+        if len(ahead) == max_steps:
+            return ahead, "scheduler"
+        return [], "logged"  # resumed under a schedule of its own: the steps already taken are in the log
     return rates, "arguments"
+
+
+def stepped_ahead(scheduler: Any, steps: int) -> list[float] | None:
+    """The learning rate of each of the scheduler's next ``steps`` optimizer steps (its first parameter group's),
+    read by stepping it and then putting it and its optimizer's parameter groups back as they were; ``None`` for
+    a scheduler that steps on metrics (ReduceLROnPlateau, transformers' GreedyLR) or cannot be stepped so."""
+    optimizer = getattr(scheduler, "optimizer", None)
+    if optimizer is None or not hasattr(scheduler, "state_dict") or steps < 0:
+        return None
+    state = copy.deepcopy(scheduler.state_dict())
+    groups = [copy.deepcopy({k: v for k, v in group.items() if k != "params"}) for group in optimizer.param_groups]
+    rates = []
+    try:
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": no optimizer step is taken
+            warnings.simplefilter("ignore")
+            for _ in range(steps):
+                rates.append(float(optimizer.param_groups[0]["lr"]))
+                scheduler.step()
+    except TypeError:  # step(metrics) required
+        return None
+    finally:
+        scheduler.load_state_dict(state)
+        for group, saved in zip(optimizer.param_groups, groups):
+            group.update(saved)
+    return rates
+
+
+def _same(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b))
 
 
 def logged_learning_rates(log_history: list[dict[str, Any]], max_steps: int) -> list[float]:
@@ -53,4 +96,4 @@ def logged_learning_rates(log_history: list[dict[str, Any]], max_steps: int) -> 
     return rates
 
 
-__all__ = ["logged_learning_rates", "planned_learning_rates"]
+__all__ = ["logged_learning_rates", "planned_learning_rates", "stepped_ahead"]

@@ -381,6 +381,10 @@ class STSCallback(TrainerCallback, ExportableState):
         session.autocast = _weak_autocast(accelerator) if accelerator is not None else session.autocast
         session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
         _warn_about_the_schedule(session, args, state.max_steps)
+        if self.schedule_source == "logged" and session.is_main:
+            print(f"STS: this run's scheduler steps on metrics (or could not be read ahead): the early forecast "
+                  f"follows the learning rates the Trainer logs (every logging_steps={args.logging_steps}), each "
+                  "projection holding the last one to the end, and starts once one is logged.")
         _check_best_metric(args)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is None:
@@ -537,7 +541,10 @@ class STSCallback(TrainerCallback, ExportableState):
                           f"(step {best}, load_best_model_at_end): no re-check at the end, whose weights are not "
                           f"step {state.global_step}'s; the history's step {best} measured them.")
             elif self.session.settings.recheck_at_end:
-                self.run_recheck(args, state, control, model, ended=True)
+                if self.session.has_recheck(state.global_step):  # stopped right after a re-check: that is the end
+                    self.session.ended_at(state.global_step, state.max_steps)
+                else:
+                    self.run_recheck(args, state, control, model, ended=True)
             self.write_report(args, state, export=True)
         self.session.release_models()  # a kept callback (a sweep's results) must not hold the trainer's models
 

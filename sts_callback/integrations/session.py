@@ -54,6 +54,8 @@ from .trainer_run_level import RUN_LEVEL_METHODS
 logger = logging.getLogger("sts_callback")
 
 
+# what a re-check projects to the end of training: dropped from its record when training ends at it
+PROJECTION_KEYS = ("early_forecast", "early_forecast_ci", "early_projection", "early_blend", "projected_warnings")
 WRITE_ATTEMPTS = 3  # a history record's writes (at its re-check and the next two) before it stays in memory only
 
 
@@ -501,6 +503,21 @@ class STSSession:
     def has_recheck(self, step: int) -> bool:
         return any(r.get("step") == step for r in self.history)
 
+    def ended_at(self, step: int, max_steps: int) -> None:
+        """Training ended at ``step`` (before ``max_steps``: another callback stopped it) right after a re-check at
+        that step: the re-check's record becomes the run's end, as a re-check at the end would have recorded it
+        (``ended_early``, nothing projected), in memory and in the history file."""
+        record = self.history[-1] if self.history else None
+        if record is None or record.get("step") != step or not max_steps or step >= max_steps or \
+                "error" in record or record.get("ended_early"):
+            return
+        for key in PROJECTION_KEYS:
+            record.pop(key, None)
+        record["ended_early"] = {"max_steps": max_steps}
+        if self.is_main:
+            self.write(f"the end of the run in {self.store.path(HISTORY_FILE)}",
+                       lambda: self.store.replace_history_record(record), step)
+
     def step_began(self) -> None:
         self._step_began = time.perf_counter()
 
@@ -665,7 +682,8 @@ class STSSession:
             out["predicted"] = {name: p["mean"] for name, p in self.predicted.items()}
         # one re-check is a point, not a course: its extrapolation (change / share of the schedule) reads an early
         # transient rise as a trend, so a projection warns (or stops) from the second measured re-check on
-        measured_before = any(r.get("loss_delta") and "error" not in r for r in self.history)
+        measured_before = any(r.get("loss_delta") and "error" not in r and r.get("lr_area_fraction") != 0
+                              for r in self.history)  # a re-check before any learning (lr 0) is no point of the course
         projected = self.guard.projected(out["early_forecast"], measured, fraction, out["early_forecast_ci"]) \
             if measured_before else {}
         for name, message in projected.items():
