@@ -61,6 +61,8 @@ def test_resume_without_any_saved_base_losses_fails_at_train_start(tmp_path, tok
     make_trainer(tmp_path, tokenizer, make_callback(), max_steps=2, save_steps=2).train()
     (tmp_path / "run" / "checkpoint-2" / "sts" / "callback_state.json").unlink()
     (tmp_path / "run" / "sts" / "callback_state.json").unlink()
+    trainer_state = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"  # the Trainer's copy of the counters
+    trainer_state.write_text(json.dumps({**json.loads(trainer_state.read_text()), "stateful_callbacks": {}}))
     trainer = make_trainer(tmp_path, tokenizer, make_callback(), max_steps=4, save_steps=2)
     with pytest.raises(Exception, match="train-start held-out losses"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))

@@ -217,9 +217,17 @@ class STSSession:
             return
         self._unwritten.append([record, 0])
         for entry in list(self._unwritten):
-            pending = entry[0]
-            if self.write(f"the re-check of step {pending.get('step')} to {self.store.path(HISTORY_FILE)}",
-                          lambda: self.store.append_history(pending), pending.get("step")):
+            pending, tries = entry
+            if tries == 0:  # warned about and recorded (write_errors) once, at its first failure
+                written = self.write(f"the re-check of step {pending.get('step')} to {self.store.path(HISTORY_FILE)}",
+                                     lambda: self.store.append_history(pending), pending.get("step"))
+            else:
+                try:
+                    self.store.append_history(pending)
+                    written = True
+                except Exception:  # noqa: BLE001 - still failing: already said
+                    written = False
+            if written:
                 self._unwritten.remove(entry)
             else:
                 entry[1] += 1
@@ -461,7 +469,9 @@ class STSSession:
             try:
                 monitor.load(path)
                 return
-            except Exception as err:  # noqa: BLE001 - safetensors' own error types
+            except STSError:  # readable, and not this run's (named there)
+                raise
+            except Exception as err:  # noqa: BLE001 - a cut file: safetensors' own error types
                 errors.append(f"{path}: {type(err).__name__}: {err}")
         raise STSInputError(f"Resuming: the STS monitor state cannot be read ({'; '.join(errors)}); the train-start "
                             "statistics are lost. Resume from an earlier checkpoint, or start a new run.")
