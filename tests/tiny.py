@@ -129,13 +129,17 @@ class ExactSAE(nn.Module):
 def record_sts_writes() -> list[str]:
     """The paths this process writes under an STS folder from now on (open for writing, rename of atomic saves),
     seen by an audit hook: how the distributed workers show that only rank 0 writes."""
+    import os
     import sys
 
     written: list[str] = []
 
     def audit(event, args):
-        if event == "open" and args[1] and any(c in str(args[1]) for c in "wax+") and "/sts" in str(args[0]):
-            written.append(str(args[0]))
+        if event == "open" and "/sts" in str(args[0]):
+            path, mode, flags = args
+            writing = any(c in str(mode) for c in "wax+") if mode else bool(flags & (os.O_WRONLY | os.O_RDWR))
+            if writing:  # open(path, "w") has a mode; os.open(path, os.O_WRONLY | ...) only flags
+                written.append(str(path))
         elif event == "os.rename" and "/sts" in str(args[1]):
             written.append(str(args[1]))
 
