@@ -639,3 +639,16 @@ def test_a_resume_meets_a_cut_sts_file_and_goes_on_or_names_it(tmp_path, tokeniz
     if cut != "checkpoint monitor":  # that one has the run folder's copy to fall back on, silently
         assert any(str(path) in str(w.message) for w in caught)
     assert (callback.forecast is None) == (cut == "forecast")
+
+
+def test_a_strict_recheck_that_raises_still_says_its_warnings(tmp_path, tokenizer, monkeypatch):
+    """strict=True: the violation found before the history write failed was held, then dropped with the error, and,
+    its key spent, never said."""
+    def full_disk(self, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RunStore, "append_history", full_disk)
+    callback = make_callback(strict=True, protected=["law"], max_sts=1e-9, recheck_steps=2)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_strategy="no")
+    with pytest.warns(STSNegativeTransferWarning, match="STS re-check at step 2"), pytest.raises(OSError):
+        trainer.train()

@@ -389,3 +389,21 @@ def test_a_pandas_dataframe_or_series_is_read_as_records_or_texts():
     frame = pandas.DataFrame({"prompt": ["law", "cook"], "completion": ["court", "bake"]})
     assert [(e.prompt, e.answer) for e in load_corpus(frame)] == [("law", "court"), ("cook", "bake")]
     assert [e.prompt for e in load_corpus(pandas.Series(["a b", "c d"]))] == ["a b", "c d"]
+
+
+def test_a_tool_call_completion_in_trls_prompt_completion_format_is_rendered_by_the_template():
+    from sts_callback.core.data import Corpus
+    from sts_callback.pipelines.recipe import training_features
+
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"q": "court"}}}]}
+    record = {"prompt": [{"role": "user", "content": "law"}], "completion": [call]}
+    example = example_from_record(record)
+    assert example.answer_turn is call and example.can_demonstrate
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% for c in "
+                               "m.get('tool_calls') or [] %}{{ c['function']['arguments']['q'] }}{% endfor %}"
+                               "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    features = training_features(Corpus("train", [record]), tokenizer, 64, completion_only=True, chat_fallback=False)
+    trained = [i for i, label in zip(features[0]["input_ids"], features[0]["labels"]) if label != -100]
+    assert tokenizer.decode(trained).split() == ["court", "<|end|>"]  # the call as the template renders it

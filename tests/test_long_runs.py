@@ -153,3 +153,15 @@ def test_a_resume_measures_the_held_out_texts_the_run_started_with(tmp_path, tok
     older.prepare(model, tokenizer, load_corpus(texts), domains)
     with pytest.raises(STSInputError, match="held-out texts of .* are not the .* measured at train start"):
         older.resume(2, checkpoint, domains)
+
+
+def test_a_history_line_that_is_not_a_record_does_not_crash_a_resume_cut(tmp_path):
+    """keep_history_until compared r.get("step") of every line: a JSON list, or a step written as text, raised a bare
+    AttributeError / TypeError at resume instead of reaching the reader that names the line."""
+    from sts_callback.core.run_store import RunStore
+
+    store = RunStore(tmp_path / "sts")
+    store.root.mkdir(parents=True)
+    store.path("history.jsonl").write_text('{"step": 2}\n[1, 2]\n{"step": "3"}\n{"step": 6}\n')
+    kept = store.keep_history_until(4)
+    assert {"step": 2} in kept and {"step": 6} not in kept

@@ -148,3 +148,21 @@ def test_a_recheck_before_any_learning_is_no_point_of_the_course(tmp_path):
         train_steps(model, tokenizer, HARMFUL[1:], 5, lr=LR)
         record, decision = session.recheck(model, 6, 16)
     assert record["early_forecast"] and not record.get("projected_warnings") and not decision.stop
+
+
+def test_a_run_sts_stopped_itself_keeps_the_projection_that_stopped_it(tmp_path):
+    """The end-of-run step took STS's own early stop for another callback's and erased the projection it cites."""
+    import warnings
+
+    from tiny import DOMAIN_WORDS
+
+    harmful = [" ".join([DOMAIN_WORDS["law"][0]] * 12) + " ."] * 64
+    callback = make_callback(recheck_steps=2, protected=["food"], tolerance=0.5, early_stop="projected")
+    trainer = make_trainer(tmp_path, make_tokenizer(), callback, texts=harmful, max_steps=16, save_steps=16,
+                           learning_rate=3e-2, lr_scheduler_type="constant")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    last = callback.history[-1]
+    assert trainer.state.global_step < 16 and last["early_stop"]
+    assert last.get("projected_warnings") and "early_forecast" in last and "ended_early" not in last

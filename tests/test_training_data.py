@@ -248,12 +248,12 @@ def test_labels_decide_over_a_mask_trl_kept_but_did_not_apply(tokenizer):
 def test_a_wrapped_packed_row_gives_its_first_whole_prompt_and_answer(tokenizer):
     """packing_strategy="wrapped" writes no seq_lengths: the row is prompt, answer, prompt, answer, cut anywhere;
     a leading answer (the tail of an example the row before cut) is skipped."""
-    def part(text, trained):
-        ids = tokenizer(text)["input_ids"][1:]
+    def part(text, trained, bos=False):  # TRL tokenizes each example with its BOS, masked with its prompt
+        ids = tokenizer(text)["input_ids"][0 if bos else 1:]
         return ids, [(i if trained else -100) for i in ids]
 
-    parts = [part("judge .", True), part("egg cook", False), part("bake .", True), part("gene", False),
-             part("protein .", True)]
+    parts = [part("judge .", True), part("egg cook", False, bos=True), part("bake .", True),
+             part("gene", False, bos=True), part("protein .", True)]
     ids = [i for p, _ in parts for i in p]
     labels = [label for _, ls in parts for label in ls]
     example = corpus_from_training_dataset(Dataset.from_dict({"input_ids": [ids], "labels": [labels]}), tokenizer)[0]
@@ -280,3 +280,20 @@ def test_a_multiple_choice_dataset_is_a_scored_target_domain(tokenizer):
              {"question": "oven flour", "choices": ["gene", "bake"], "answer": 1}]
     domains, _ = target_corpora({"quiz": Dataset.from_list(items)}, None, tokenizer)
     assert multiple_choice_items(domains["quiz"]) == items
+
+
+def test_a_tokenized_conversation_keeps_its_later_turns(tokenizer):
+    """assistant_only_loss-style labels over two assistant turns, no BOS between them: one conversation, whose
+    answer goes on to its last turn (read as separate examples, the later turns were dropped)."""
+    def part(text, trained):
+        ids = tokenizer(text)["input_ids"][1:]
+        return ids, [(i if trained else -100) for i in ids]
+
+    parts = [part("law court", False), part("judge .", True), part("cook", False), part("bake oven .", True)]
+    ids = [tokenizer.bos_token_id] + [i for p, _ in parts for i in p]
+    labels = [-100] + [label for _, ls in parts for label in ls]
+    example = corpus_from_training_dataset(Dataset.from_dict({"input_ids": [ids], "labels": [labels]}), tokenizer)[0]
+    assert (example.prompt, example.answer) == ("law court", "judge . cook bake oven .")
+    packed_texts = ids + [tokenizer.bos_token_id] + ids[1:]  # plain texts packed whole: every token trained
+    assert corpus_from_training_dataset(Dataset.from_dict({"input_ids": [packed_texts], "labels": [packed_texts]}),
+                                        tokenizer)[0].plain_text

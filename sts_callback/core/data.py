@@ -99,6 +99,13 @@ def _split_conversation(messages: Messages) -> Example:
     return Example(prompt=prompt, answer=message_text(turn), answer_turn=turn if turn.get("tool_calls") else None)
 
 
+def _tool_call_turn(value: Any) -> dict[str, Any] | None:
+    """A conversational completion's one assistant turn when it calls tools (TRL's prompt / completion and
+    preference formats), for the chat template to render as training does; else ``None``."""
+    turns = [m for m in value if m["role"] == "assistant"] if is_messages(value) else []
+    return turns[0] if len(turns) == 1 and turns[0].get("tool_calls") else None
+
+
 def _answer_text(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -145,11 +152,12 @@ def _example_from_record(record: Any, where: str = "") -> Example:
         if "prompt" in record:
             prompt = record["prompt"]
             answer_field = next((k for k in ("completion", "chosen", "response", "answer") if k in record), None)
-            answer = _answer_text(record[answer_field]) if answer_field and record[answer_field] is not None else None
+            value = record[answer_field] if answer_field else None
+            answer = _answer_text(value) if value is not None else None
             if isinstance(prompt, str):
                 return Example(prompt=prompt, answer=answer)
             if is_messages(prompt):
-                return Example(prompt=list(prompt), answer=answer)
+                return Example(prompt=list(prompt), answer=answer, answer_turn=_tool_call_turn(value))
     if isinstance(record, dict):
         _check_field_types(record, where)
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__

@@ -34,9 +34,17 @@ STATE_FORMAT = "sts-callback-state/1"
 
 
 def step_of(record: Any) -> int:
-    """A history record's step, for ordering (a line that is not a record keeps its place among step 0's)."""
+    """A history record's step (0 for a line that is not a record, or a step that is not a number)."""
     step = record.get("step", 0) if isinstance(record, dict) else 0
-    return step if isinstance(step, (int, float)) else 0
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
+
+
+def in_step_order(records: list[Any]) -> list[Any]:
+    """``records`` in step order (a record whose first write failed is written after later ones); as they are when
+    a line is not a record, so that whoever refuses it names its line."""
+    if all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in records):
+        return sorted(records, key=step_of)
+    return records
 
 
 class RunStore:
@@ -54,7 +62,7 @@ class RunStore:
     # ---------------------------------------------------------------- history
     def read_history(self) -> list[dict[str, Any]]:
         """The re-check records in step order (a record whose first write failed is written later, after newer ones)."""
-        return sorted(self._history()[0], key=step_of)
+        return in_step_order(self._history()[0])
 
     def _history(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The history's records and its unreadable lines (warned about)."""
@@ -86,9 +94,9 @@ class RunStore:
         """Resume at ``step``: records after it (the resumed run redoes them) move to the superseded file; lines a
         crash cut (unreadable) move to ``history.cut.txt``, so that the history is whole lines again."""
         records, cut = self._history()
-        records.sort(key=step_of)  # a late-written record among later ones
-        kept = [r for r in records if r.get("step", 0) <= step]
-        dropped = [r for r in records if r.get("step", 0) > step]
+        records = in_step_order(records)
+        kept = [r for r in records if step_of(r) <= step]
+        dropped = [r for r in records if step_of(r) > step]
         for record in dropped:
             append_json_line(self.path(SUPERSEDED_FILE), {**record, "superseded_at": time.time()})
         if cut:

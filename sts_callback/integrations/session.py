@@ -519,8 +519,8 @@ class STSSession:
         (``ended_early``, nothing projected), in memory and in the history file."""
         record = self.history[-1] if self.history else None
         if record is None or record.get("step") != step or not max_steps or step >= max_steps or \
-                "error" in record or record.get("ended_early"):
-            return
+                "error" in record or record.get("ended_early") or record.get("early_stop"):
+            return  # (STS's own stop keeps the projection that stopped it)
         for key in PROJECTION_KEYS:
             record.pop(key, None)
         record["ended_early"] = {"max_steps": max_steps}
@@ -565,7 +565,12 @@ class STSSession:
         try:
             outcome = self._recheck(model, step, max_steps, log_history, ended)
         except BaseException:
-            self._held_warnings = None
+            held, self._held_warnings = self._held_warnings, None
+            for message, category in held:  # said before the error goes on (each key is warned about once only)
+                try:
+                    self._say(message, category, stacklevel=3)
+                except Exception:  # noqa: BLE001 - a warning turned error: the first error is the one to raise
+                    pass
             raise
         finally:  # the files, projection and report around the measurement cost the run too
             self.budget.add_bookkeeping(time.perf_counter() - began - (self.budget.recheck_seconds - measured_before))

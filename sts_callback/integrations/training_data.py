@@ -66,7 +66,7 @@ class DecodedCorpus(Corpus):
             mask = [int(label != IGNORE_INDEX) for label in token_list(row["labels"])] \
                 if self.mask_key == "labels" else token_list(row[self.mask_key])
             attention = token_list(row["attention_mask"])[start:stop] if "attention_mask" in row else None
-            split = prompt_answer_split(ids, mask[start:stop], attention, self._strip)
+            split = prompt_answer_split(ids, mask[start:stop], attention, self._strip, self.tokenizer.bos_token_id)
             if split is not None:
                 prompt_start, answer_start, answer_stop = split
                 return Example(prompt=self._decode(ids[prompt_start:answer_start]),
@@ -75,31 +75,30 @@ class DecodedCorpus(Corpus):
 
 
 def prompt_answer_split(ids: Sequence[int], trained: Sequence[int], attention: Sequence[int] | None,
-                        filler: set[int]) -> tuple[int, int, int] | None:
+                        filler: set[int], bos: int | None) -> tuple[int, int, int] | None:
     """Where a row's first whole example lies: (prompt start, answer start, answer end), or ``None`` when the row
-    is plain text (every real token trained, or none). Leading padding and BOS (``filler``, or attention 0) is
-    no prompt: a left-padded row whose labels mask only its padding is plain text. A row of several examples
-    (``packing_strategy="wrapped"``: prompt, answer, prompt, answer, ..., cut anywhere) gives its first example
-    whose prompt is in the row; a leading answer is the tail of an example cut by the row before."""
+    is plain text (every real token trained, or none). Leading padding and BOS (``filler``, or attention 0) is no
+    prompt: a left-padded row whose labels mask only its padding is plain text. A row of several examples
+    (``packing_strategy="wrapped"``: each starts with ``bos``, the row cut anywhere) gives its first example whose
+    prompt is in the row, up to the next BOS; a leading answer is the tail of an example the row before cut. A
+    conversation's later turns (masked user turns, trained assistant turns, no BOS between) stay in its answer."""
     lead = 0
     while lead < len(ids) and (ids[lead] in filler or (attention is not None and not attention[lead])):
         lead += 1
-    runs, position = [], lead  # the trained runs after the padding: [start, stop)
-    while position < len(trained):
-        if trained[position]:
-            stop = position
-            while stop < len(trained) and trained[stop]:
-                stop += 1
-            runs.append((position, stop))
-            position = stop
-        else:
-            position += 1
+    starts = [i for i in range(lead + 1, len(ids)) if bos is not None and ids[i] == bos]  # later examples' BOS
+    first = next((i for i in range(lead, len(trained)) if trained[i]), None)
+    if first is None:
+        return None
     prompt_start = lead
-    for start, stop in runs:
-        if start > prompt_start:
-            return prompt_start, start, stop
-        prompt_start = stop  # a run at the row's start: the next example's prompt begins after it
-    return None
+    if first == lead:  # trained from the start: plain text, or (wrapped) the tail of an example, then a whole one
+        prompt_start = next((i for i in starts if i > first), None)
+        if prompt_start is None:
+            return None
+        first = next((i for i in range(prompt_start, len(trained)) if trained[i]), None)
+        if first is None or first == prompt_start:  # texts packed whole (their BOS trained): plain text
+            return None
+    end = next((i for i in starts if i > first), len(ids))
+    return prompt_start, first, end
 
 
 def token_list(value: Any) -> list[int]:

@@ -32,8 +32,9 @@ def training_features(corpus: Corpus, tokenizer, max_length: int, completion_onl
                 if has_template:
                     prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False,
                                                                 add_generation_prompt=True)
-                    full = tokenizer.apply_chat_template(
-                        list(example.prompt) + [{"role": "assistant", "content": example.answer}], tokenize=False)
+                    answer = {"role": "assistant", "content": example.answer} if example.answer_turn is None else \
+                        {**example.answer_turn, "content": example.answer_turn.get("content") or ""}  # its tool calls
+                    full = tokenizer.apply_chat_template(list(example.prompt) + [answer], tokenize=False)
                     if full.startswith(prompt_text):
                         answer_text, extra_eos = full[len(prompt_text):], []
                     else:  # a template that renders the prompt differently in the full conversation

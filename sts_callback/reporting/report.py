@@ -27,7 +27,7 @@ from ..core.atomic import atomic_write_text, read_json_lines
 from ..core.data import repeated_names
 from ..core.errors import STSDataWarning, STSInputError
 from ..core.formatting import percent, signed_percent
-from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE, step_of
+from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE, in_step_order
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 
 GATE_FILE = "gate.json"
@@ -105,7 +105,7 @@ class ReportData:
         self.forecast: dict[str, Any] | None = _read_json(sts_dir / FORECAST_FILE)
         lines, self.unreadable = read_json_lines(sts_dir / HISTORY_FILE)  # unreadable: cut by a crash
         # in step order: a record whose first write failed (a disk full for a while) is written after later ones
-        self.history: list[dict[str, Any]] = sorted((r for r in lines if is_recheck_record(r)), key=step_of)
+        self.history: list[dict[str, Any]] = in_step_order([r for r in lines if is_recheck_record(r)])
         self.skipped = len(lines) - len(self.history)  # lines of another tool's log: not re-checks
         if self.skipped and not self.history:
             raise STSInputError(f"{sts_dir / HISTORY_FILE} was not written by STSCallback: none of its {len(lines)} "
