@@ -166,3 +166,26 @@ def test_a_run_sts_stopped_itself_keeps_the_projection_that_stopped_it(tmp_path)
     last = callback.history[-1]
     assert trainer.state.global_step < 16 and last["early_stop"]
     assert last.get("projected_warnings") and "early_forecast" in last and "ended_early" not in last
+
+
+def test_a_deepspeed_config_scheduler_is_read_ahead_and_its_steps_taken_counted():
+    """A DeepSpeed config's scheduler (WarmupDecayLR) counts its steps in last_batch_iteration, not last_epoch."""
+    import types
+
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    from sts_callback.core.schedule import steps_taken
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight], lr=1e-2)
+    scheduler = WarmupDecayLR(optimizer, total_num_steps=10, warmup_num_steps=3, warmup_max_lr=1e-2)
+    args = types.SimpleNamespace(learning_rate=1e-2, lr_scheduler_type="linear", lr_scheduler_kwargs={},
+                                 get_warmup_steps=lambda steps: 0)
+    rates, source = planned_learning_rates(args, 10, scheduler)
+    own = []
+    for _ in range(10):
+        own.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert source == "scheduler" and rates == own and steps_taken(scheduler) == 10

@@ -32,7 +32,7 @@ def planned_learning_rates(args: Any, max_steps: int, lr_scheduler: Any = None) 
     base = float(getattr(args, "learning_rate", 1.0) or 1.0)
     name = str(getattr(getattr(args, "lr_scheduler_type", None), "value", getattr(args, "lr_scheduler_type", "")))
     running = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps it
-    ahead = stepped_ahead(running, max_steps - getattr(running, "last_epoch", 0)) if running is not None else None
+    ahead = stepped_ahead(running, max_steps - steps_taken(running)) if running is not None else None
     if running is not None and ahead is None:
         return [], "logged"  # it steps on metrics (or cannot be stepped apart from training)
     try:
@@ -75,6 +75,14 @@ def stepped_ahead(scheduler: Any, steps: int) -> list[float] | None:
         for group, saved in zip(optimizer.param_groups, groups):
             group.update(saved)
     return rates
+
+
+def steps_taken(scheduler: Any) -> int:
+    """How many steps ``scheduler`` has taken: torch's ``last_epoch``, DeepSpeed's ``last_batch_iteration`` + 1."""
+    taken = getattr(scheduler, "last_epoch", None)
+    if taken is None and getattr(scheduler, "last_batch_iteration", None) is not None:
+        taken = scheduler.last_batch_iteration + 1
+    return int(taken or 0)
 
 
 def _same(a: list[float], b: list[float]) -> bool:
