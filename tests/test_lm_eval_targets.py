@@ -72,7 +72,8 @@ def test_bad_lm_eval_settings_fail_at_construction():
         make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "batch_size": 0}, "law": domain_texts("law", 9)})
     with pytest.raises(STSConfigError, match="metric must name"):
         make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "metric": 5}, "law": domain_texts("law", 9)})
-    make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "batch_size": "auto"}, "law": domain_texts("law", 9)})
+    make_callback(target_domains={"quiz": {"lm_eval": "tiny_quiz", "batch_size": "auto"},
+                                  "law": domain_texts("law", 9)})
 
 
 def test_an_lm_eval_reckeck_leaves_the_runs_random_generators_and_indexes_the_tasks_once(task_folder, monkeypatch):

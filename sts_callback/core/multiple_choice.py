@@ -87,7 +87,8 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
     return [float(total) / len(c) if normalize else float(total) for total, c in zip(totals, continuations)]
 
 
-def fit_context(prompt: list[int], longest_choice: int, limit: int | None, tokenizer, item: dict[str, Any]) -> list[int]:
+def fit_context(prompt: list[int], longest_choice: int, limit: int | None, tokenizer,
+                item: dict[str, Any]) -> list[int]:
     """The prompt cut from the left (its leading BOS kept) so that it and the longest choice fit the model's
     positions, as the held-out loss keeps a text's end: past them a model with learned positions fails (an index
     error, a device assert on a GPU) and a rotary one reads beyond what it was trained on."""
