@@ -1,6 +1,7 @@
 """STSSession in a plain PyTorch loop (no Trainer): forecast, re-checks, the guard's stop, files, resume."""
 
 import json
+import time
 import warnings
 
 import pytest
@@ -167,7 +168,7 @@ def test_overhead_budget_measures_the_domains_it_affords_in_turns(tmp_path, toke
         budget = session.budget
         budget.train_seconds, budget.recheck_seconds, budget.fixed_seconds = train_seconds, spent, 0.0
         budget.domain_seconds, budget.bookkeeping_seconds = dict.fromkeys(DOMAINS, 1.0), 0.0
-        session._clock = None  # the training steps' own wall time (seconds on a loaded machine) must not add credit
+        session._clock = time.perf_counter()  # the training steps' wall time (a loaded machine) must not add credit
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             record, _ = session.recheck(model, step, max_steps=8)
