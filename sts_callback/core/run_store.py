@@ -85,6 +85,11 @@ class RunStore:
                 break
         else:
             return
+        self._rewrite_history(records, cut)
+
+    def _rewrite_history(self, records: list[Any], cut: list[str]) -> None:
+        """The history file as ``records``, whole lines only (atomically); lines a crash cut move to
+        ``history.cut.txt``."""
         if cut:
             with self.path(CUT_FILE).open("a", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in cut))
@@ -99,11 +104,8 @@ class RunStore:
         dropped = [r for r in records if step_of(r) > step]
         for record in dropped:
             append_json_line(self.path(SUPERSEDED_FILE), {**record, "superseded_at": time.time()})
-        if cut:
-            with self.path(CUT_FILE).open("a", encoding="utf-8") as handle:
-                handle.write("".join(line + "\n" for line in cut))
         if dropped or cut or not self.path(HISTORY_FILE).exists():
-            atomic_write_text(self.path(HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in kept))
+            self._rewrite_history(kept, cut)
         return kept
 
     def adopt(self, origin: "RunStore", step: int) -> None:

@@ -23,7 +23,6 @@ from transformers.trainer_callback import ExportableState
 from ..core.capture import parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
 from ..core.data import load_corpus
-from ..core.distributed import from_main_process, is_main_process
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
@@ -406,12 +405,9 @@ class STSCallback(TrainerCallback, ExportableState):
         if state.global_step > 0:  # the checkpoint given to train(), which may be another run's folder
             checkpoint = (RunStore(Path(resumed_from) / self.output_subdir) if resumed_from is not None else
                           session.store.checkpoint(args.output_dir, state.global_step, self.output_subdir))
-            saved = None
-            if is_main_process() and checkpoint.read_state() is None:  # the STS save was cut after the Trainer's
-                saved = saved_in_trainer_state(checkpoint.root.parent, self.output_subdir)
-            if saved := from_main_process(saved):
-                session.load_counters(saved)
-            session.resume(state.global_step, checkpoint, domains)
+            # the STS save may have been cut after the Trainer's own, which holds the counters too
+            session.resume(state.global_step, checkpoint, domains,
+                           lambda: saved_in_trainer_state(checkpoint.root.parent, self.output_subdir))
         else:
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
             rollouts = None

@@ -173,14 +173,17 @@ class STSSession:
             if key in saved:
                 setattr(self, key, saved[key])
 
-    def write(self, what: str, write: Callable[[], Any], step: int | None = None) -> bool:
-        """Run one file write; a failure (full disk, read-only folder) warns and is recorded, unless strict."""
+    def write(self, what: str, write: Callable[[], Any], step: int | None = None, retry: bool = False) -> bool:
+        """Run one file write; a failure (full disk, read-only folder) warns and is recorded, unless strict.
+        ``retry``: a write that failed before and was said then: a failure again is only returned."""
         try:
             write()
             return True
         except Exception as err:  # noqa: BLE001 - losing a file must not kill a long run
             if self.strict:
                 raise
+            if retry:
+                return False
             self.write_errors.append({"step": step, "what": what, "error": f"{type(err).__name__}: {err}"})
             message = (f"STS could not write {what} ({type(err).__name__}: {err}); training goes on and the data "
                        "stays in memory (the callback's or session's history and write_errors).")
@@ -218,16 +221,9 @@ class STSSession:
         self._unwritten.append([record, 0])
         for entry in list(self._unwritten):
             pending, tries = entry
-            if tries == 0:  # warned about and recorded (write_errors) once, at its first failure
-                written = self.write(f"the re-check of step {pending.get('step')} to {self.store.path(HISTORY_FILE)}",
-                                     lambda: self.store.append_history(pending), pending.get("step"))
-            else:
-                try:
-                    self.store.append_history(pending)
-                    written = True
-                except Exception:  # noqa: BLE001 - still failing: already said
-                    written = False
-            if written:
+            # warned about and recorded (write_errors) once, at its first failure
+            if self.write(f"the re-check of step {pending.get('step')} to {self.store.path(HISTORY_FILE)}",
+                          lambda: self.store.append_history(pending), pending.get("step"), retry=tries > 0):
                 self._unwritten.remove(entry)
             else:
                 entry[1] += 1
@@ -398,9 +394,12 @@ class STSSession:
                  "accuracy_tolerance": guard.accuracy_tolerance}), 0)
             self.write(f"the callback state to {store.root}", lambda: store.write_state(self.counters()), 0)
 
-    def resume(self, step: int, checkpoint: RunStore, domains: dict[str, Corpus]) -> None:
+    def resume(self, step: int, checkpoint: RunStore, domains: dict[str, Corpus],
+               saved_elsewhere: Callable[[], dict[str, Any] | None] | None = None) -> None:
         """Pick up at ``step`` from ``checkpoint`` (the checkpoint's STS folder) and the run folder: what the
-        caller did not restore (history, counters) is read back from them."""
+        caller did not restore (history, counters) is read back from them. ``saved_elsewhere``: the counters as
+        the caller's framework saved them with that checkpoint (the Trainer's ``trainer_state.json``), read when
+        the checkpoint's STS folder has none, before the run folder's train-start ones."""
         if self.monitor is None:
             raise STSUsageError("STSSession.resume() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first, then resume(step, checkpoint, domains).")
@@ -424,7 +423,7 @@ class STSSession:
         if not self.base_losses:  # restore_callback_states_from_checkpoint=False (the default)
             read = None
             if is_main_process():
-                read = checkpoint.read_state()
+                read = checkpoint.read_state() or (saved_elsewhere() if saved_elsewhere is not None else None)
                 if read is None and (read := store.read_state()) is not None:
                     warnings.warn(
                         f"Resuming: {checkpoint.root} holds no readable STS state ({STATE_FILE}; the save was cut, "

@@ -257,7 +257,7 @@ class Monitor:
         """Each domain's (of ``names``; default all) relative held-out loss change since :meth:`measure_losses`,
         measured sequentially on the same sequences (a seeded order) until :attr:`loss_half_width` is reached;
         all of them when ``None``."""
-        out = {}
+        out, local = {}, {}
         head = self._head_precision()  # its cast weight lives for this re-check only
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for name, everyone in self.loss_sets.items():
@@ -275,8 +275,12 @@ class Monitor:
                     self.base_sequence_nll[name], order, [sum(flags) for _, flags in everyone],
                     half_width=self.loss_half_width, tolerance=self.loss_tolerances.get(name))
                 out[name].seconds = time.perf_counter() - began
-                if samples is not None:  # every rank's count (each measured its share of the batches)
-                    out[name].head_fallbacks = sum(gather_objects(samples.fallbacks - fallbacks))
+                if samples is not None:
+                    local[name] = samples.fallbacks - fallbacks
+        if local:  # every rank's count (each measured its share of the batches), in one exchange
+            for counts in gather_objects(local):
+                for name, count in counts.items():
+                    out[name].head_fallbacks += count
         return out
 
     def measure_accuracy(self, model: nn.Module, autocast=None) -> dict[str, float]:
