@@ -1,6 +1,8 @@
 """Position-matched prompts: a query's tokens are the same ids at the end of the sequence with and without
 demonstrations, only they are counted, and demonstrations are cut from the left."""
 
+import json
+
 import pytest
 from tiny import domain_texts, make_tokenizer
 
@@ -407,3 +409,54 @@ def test_a_tool_call_completion_in_trls_prompt_completion_format_is_rendered_by_
     features = training_features(Corpus("train", [record]), tokenizer, 64, completion_only=True, chat_fallback=False)
     trained = [i for i, label in zip(features[0]["input_ids"], features[0]["labels"]) if label != -100]
     assert tokenizer.decode(trained).split() == ["court", "<|end|>"]  # the call as the template renders it
+
+
+TOOLS_TEMPLATE = (  # renders the tool schemas first and a thinking switch, as Qwen's and Llama 3.1's templates do
+    "{% if tools %}<|user|>{% for t in tools %}{{ t['function']['name'] }} {% endfor %}<|end|>{% endif %}"
+    "{% if enable_thinking %}<|user|>why<|end|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _tool(name: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": "", "parameters": {}}}
+
+
+def test_a_records_tools_and_chat_template_kwargs_render_as_trl_renders_them():
+    """TRL's SFT and DPO trainers pass a record's ``tools`` (a list, or its JSON text in a dataset column) and its
+    ``chat_template_kwargs`` to the chat template: the forecast renders the same text, and a conversation joined from
+    several records lists every record's tools."""
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    builder = PromptBuilder(tokenizer, max_query_tokens=32, max_demonstration_tokens=32, max_length=256)
+    chat = [{"role": "user", "content": "law"}, {"role": "assistant", "content": "court"}]
+    query = example_from_record({"messages": chat, "tools": json.dumps([_tool("judge")]),
+                                 "chat_template_kwargs": {"enable_thinking": True}})
+    demo = example_from_record({"messages": chat, "tools": [_tool("statute")]})
+    assert query.template_kwargs == {"enable_thinking": True, "tools": [_tool("judge")]}
+    base = tokenizer.decode(builder.single(query)[0])
+    assert "judge" in base and "why" in base  # the query alone, as training renders it
+    context = tokenizer.decode(builder.pair(query, [demo]).context)
+    assert "judge" in context and "statute" in context and context.count("why") == 1
+    plain = example_from_record({"messages": chat, "tools": []})
+    assert plain.template_kwargs is None and "judge" not in tokenizer.decode(builder.single(plain)[0])
+    with pytest.raises(STSInputError, match="'tools' is text that is not JSON"):
+        example_from_record({"messages": chat, "tools": "[{name: judge"})
+
+
+def test_a_records_tools_reach_the_training_features_and_the_preference_pairs():
+    from sts_callback.core.data import Corpus
+    from sts_callback.pipelines.preference import tokenize_preference
+    from sts_callback.pipelines.recipe import training_features
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    record = {"prompt": [{"role": "user", "content": "law"}],
+              "completion": [{"role": "assistant", "content": "court"}], "tools": [_tool("judge")]}
+    features = training_features(Corpus("train", [record]), tokenizer, 64, completion_only=True, chat_fallback=False)
+    assert "judge" in tokenizer.decode(features[0]["input_ids"])
+    builder = PromptBuilder(tokenizer, max_query_tokens=32, max_demonstration_tokens=32, max_length=256)
+    pair = tokenize_preference(builder, {**{k: record[k] for k in ("prompt", "tools")},
+                                         "chosen": record["completion"],
+                                         "rejected": [{"role": "assistant", "content": "cook"}]}, 0)
+    assert "judge" in tokenizer.decode(pair.chosen[0])

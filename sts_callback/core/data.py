@@ -14,7 +14,7 @@ import random
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class Example:
     plain_text: bool = False
     # A chat answer's own turn when it calls tools: the chat template renders its ``tool_calls`` as training does.
     answer_turn: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    # The record's own chat-template arguments (its ``tools``, its ``chat_template_kwargs``), as TRL renders it.
+    template_kwargs: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_chat(self) -> bool:
@@ -119,9 +121,50 @@ RECORD_FIELDS = ("'text', 'messages', 'prompt'/'completion', 'prompt'/'chosen'/'
                  "'question'/'choices'/'answer' (multiple choice)")
 
 
+def record_template_kwargs(record: Any, where: str = "") -> dict[str, Any]:
+    """A record's own chat-template arguments as TRL's SFT and DPO trainers pass them: its ``tools`` (tool schemas,
+    or their JSON text, as a dataset column often holds them) and its ``chat_template_kwargs``."""
+    if not isinstance(record, dict):
+        return {}
+    kwargs = dict(record.get("chat_template_kwargs") or {})
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise STSInputError(f"Example{where}: its 'tools' is text that is not JSON ({err}). Give a list of tool "
+                                "schemas, or their JSON text.") from None
+    if tools:  # TRL passes None for an empty list: some templates render tool boilerplate for tools=[]
+        kwargs["tools"] = tools
+    return kwargs
+
+
+def joined_template_kwargs(examples: Sequence[Example]) -> dict[str, Any]:
+    """The template arguments of one conversation joined from several examples: the first one's (the query's),
+    and every example's tools, once each (a template lists them all before the turns)."""
+    kwargs: dict[str, Any] = {}
+    tools: list[Any] = []
+    seen: set[str] = set()
+    for example in examples:
+        for key, value in (example.template_kwargs or {}).items():
+            if key != "tools":
+                kwargs.setdefault(key, value)
+        for tool in (example.template_kwargs or {}).get("tools") or []:
+            key = json.dumps(tool, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                tools.append(tool)
+    if tools:
+        kwargs["tools"] = tools
+    return kwargs
+
+
 def example_from_record(record: Any, where: str = "") -> Example:
     """Turn one item (string, chat conversation or TRL-style record) into an :class:`Example`."""
     example = _example_from_record(record, where)
+    template_kwargs = record_template_kwargs(record, where)
+    if template_kwargs and example.is_chat:
+        example = replace(example, template_kwargs=template_kwargs)
     for text in [*example.prompt_texts, example.answer or ""]:
         try:
             text.encode("utf-8")
@@ -239,7 +282,8 @@ def domain_example(example: Example) -> Example:
     if example.answer is None:
         return example
     if example.is_chat:
-        return Example(prompt=[*example.prompt, {"role": "assistant", "content": example.answer}], plain_text=True)
+        return Example(prompt=[*example.prompt, {"role": "assistant", "content": example.answer}], plain_text=True,
+                       template_kwargs=example.template_kwargs)
     return Example(prompt=example.prompt + example.answer, plain_text=True)
 
 
@@ -601,23 +645,24 @@ class PromptBuilder:
                 "STSConfig(chat_fallback=True) to join turns as plain 'role: content' text."
             )
 
-    def render_chat(self, messages: Messages) -> str:
+    def render_chat(self, messages: Messages, template_kwargs: dict[str, Any] | None = None) -> str:
         if self.has_chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **(template_kwargs or {}))
         return "".join(f"{m['role']}: {message_text(m)}\n" for m in messages)
 
-    def _render_in_context(self, demo_messages: Messages, query_messages: Messages) -> str:
+    def _render_in_context(self, demo_messages: Messages, query_messages: Messages,
+                           template_kwargs: dict[str, Any] | None = None) -> str:
         """The demonstrations and the query as one conversation. A template that allows a system turn only first,
         or only alternating roles (Gemma's, Llama 2's, Mistral's), refuses the demonstrations' own system turns in
         the middle: then one system turn (the query's, else the first) leads and turns of one role in a row are
         joined. Training renders each conversation alone, so it never met such a conversation."""
         messages = demo_messages + query_messages
         try:
-            return self.render_chat(messages)
+            return self.render_chat(messages, template_kwargs)
         except Exception as err:  # noqa: BLE001 - a template's own raise_exception (jinja2 TemplateError) or bug
             joined = one_conversation(messages, query_messages)
             try:
-                return self.render_chat(joined)
+                return self.render_chat(joined, template_kwargs)
             except Exception:  # noqa: BLE001
                 raise STSInputError(
                     f"The tokenizer's chat template refuses the conversation STS builds from demonstrations and a "
@@ -650,7 +695,8 @@ class PromptBuilder:
     def _demo_text(self, example: Example) -> str:
         if example.plain_text:
             return self._cut_text(example.prompt, self.max_demonstration_tokens)
-        prompt = example.prompt if isinstance(example.prompt, str) else self.render_chat(example.prompt)
+        prompt = example.prompt if isinstance(example.prompt, str) else self.render_chat(example.prompt,
+                                                                                          example.template_kwargs)
         return self._cut_text(prompt, self.max_demonstration_tokens) + "\n" + self._cut_text(
             example.answer or "", self.max_demonstration_tokens
         )
@@ -668,7 +714,8 @@ class PromptBuilder:
         if self.uses_chat(query, demonstrations):
             head_base, head_context, query_ids = self._chat_parts(query, demonstrations)
         else:
-            query_text = query.prompt if isinstance(query.prompt, str) else self.render_chat(query.prompt)
+            query_text = query.prompt if isinstance(query.prompt, str) else self.render_chat(query.prompt,
+                                                                                             query.template_kwargs)
             query_ids = self.encode_head(query_text, self.max_query_tokens)
             head_base = list(self.prefix)
             head_context = list(self.prefix)
@@ -688,8 +735,9 @@ class PromptBuilder:
         demo_messages: Messages = []
         for demo in demonstrations:
             demo_messages += self._demo_messages(demo)
-        alone = self.encode_text(self.render_chat(query_messages))
-        full = self.encode_text(self._render_in_context(demo_messages, query_messages))
+        alone = self.encode_text(self.render_chat(query_messages, query.template_kwargs))
+        full = self.encode_text(self._render_in_context(demo_messages, query_messages,
+                                                        joined_template_kwargs([query, *demonstrations])))
         # The query turn is the longest common *token* suffix of both renderings: identical ids by construction.
         shared = 0
         while shared < min(len(alone), len(full)) and alone[-1 - shared] == full[-1 - shared]:

@@ -36,6 +36,7 @@ from ..core.data import (
     is_dataset,
     load_corpus,
     load_domains,
+    record_template_kwargs,
     take_streamed,
 )
 from ..core.distributed import fingerprint
@@ -262,9 +263,10 @@ def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: s
                                 "(a list of {'role', 'content'}).")
     if any(is_messages(v) for v in (prompt, chosen, rejected)):
         builder.check_chat(name)
+    kwargs = {**(chat_template_kwargs or {}), **record_template_kwargs(record, f" {where}")}  # as TRL's DPO
     sequences = []
     for completion in (chosen, rejected):
-        prompt_ids, completion_ids = prompt_completion_ids(builder, prompt, completion, chat_template_kwargs)
+        prompt_ids, completion_ids = prompt_completion_ids(builder, prompt, completion, kwargs)
         sequences.append(completion_sequence(builder, prompt_ids, completion_ids))
     return PreferencePair(sequences[0], sequences[1], index)
 

@@ -30,11 +30,12 @@ def training_features(corpus: Corpus, tokenizer, max_length: int, completion_onl
         else:
             if example.is_chat:
                 if has_template:
+                    kwargs = example.template_kwargs or {}  # its tools, as training renders them
                     prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False,
-                                                                add_generation_prompt=True)
+                                                                add_generation_prompt=True, **kwargs)
                     answer = {"role": "assistant", "content": example.answer} if example.answer_turn is None else \
                         {**example.answer_turn, "content": example.answer_turn.get("content") or ""}  # its tool calls
-                    full = tokenizer.apply_chat_template(list(example.prompt) + [answer], tokenize=False)
+                    full = tokenizer.apply_chat_template(list(example.prompt) + [answer], tokenize=False, **kwargs)
                     if full.startswith(prompt_text):
                         answer_text, extra_eos = full[len(prompt_text):], []
                     else:  # a template that renders the prompt differently in the full conversation
