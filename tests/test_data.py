@@ -460,3 +460,16 @@ def test_a_records_tools_reach_the_training_features_and_the_preference_pairs():
                                          "chosen": record["completion"],
                                          "rejected": [{"role": "assistant", "content": "cook"}]}, 0)
     assert "judge" in tokenizer.decode(pair.chosen[0])
+
+
+def test_a_datasetdict_is_refused_with_the_split_to_pick_not_read_as_domains_named_after_its_splits():
+    datasets = pytest.importorskip("datasets")
+    from sts_callback.core.data import load_domains
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["law court"]}),
+                                   "test": datasets.Dataset.from_dict({"text": ["judge appeal"]})})
+    with pytest.raises(STSInputError, match=r"targets is a datasets.DatasetDict.*\{'legal': data\['test'\]\}"):
+        load_domains(splits)
+    with pytest.raises(STSInputError, match=r"not one dataset for target 'legal': pick a split"):
+        load_domains({"legal": splits})
+    assert list(load_domains(dict(splits))) == ["train", "test"]  # said so: the splits are the domains

@@ -406,6 +406,10 @@ def named_items(mapping: dict[Any, Any], what: str, error: type[Exception] = STS
     """``mapping`` with its keys as names (``str(key)``); two keys with one name (``1`` and ``"1"``) would
     silently merge, so they are an ``error`` naming both, and an empty name (shown as nothing in every table and
     column) is one too. ``what`` names the mapping (e.g. "targets")."""
+    if is_dataset_dict(mapping):  # a dict subclass: its splits would silently become domains named "train", "test"
+        raise error(f"{what} is a datasets.DatasetDict (splits {sorted(mapping)}), whose splits would be read as "
+                    "entries named after them. Pass a dict of name -> data, e.g. {'legal': data['test']}, or "
+                    "dict(data) if the splits really are separate entries.")
     named: dict[str, Any] = {}
     keys: dict[str, Any] = {}
     for key, value in mapping.items():
@@ -458,6 +462,10 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
             f"{str(data)!r}{_for(what)} is neither an existing file nor a registered domain. Pass a data file "
             "(.jsonl/.json/.csv/.parquet/.txt), a list of texts, a datasets.Dataset, or one of the registered "
             f"domains: {sorted(available_domains())}.")
+    if is_dataset_dict(data):
+        raise STSInputError(
+            f"A datasets.DatasetDict (splits {sorted(data)}) is not one dataset{_for(what)}: pick a split, e.g. "
+            "data['train'] for training data, data['test'] for a target domain's held-out text.")
     if isinstance(data, dict):
         raise STSInputError(
             f"A dict is not a dataset here{f' (given{_for(what)})' if what else ''}: pass a list of texts / "
@@ -538,6 +546,11 @@ def take_streamed(dataset: Any, limit: int = MAX_STREAMED_EXAMPLES) -> list[Any]
 def is_pandas(data: Any) -> bool:
     """A pandas DataFrame or Series."""
     return type(data).__module__.startswith("pandas") and hasattr(data, "to_dict")
+
+
+def is_dataset_dict(data: Any) -> bool:
+    """A ``datasets.DatasetDict`` / ``IterableDatasetDict``: ``load_dataset``'s splits, a dict of datasets."""
+    return isinstance(data, dict) and type(data).__name__ in ("DatasetDict", "IterableDatasetDict")
 
 
 def is_dataset(data: Any) -> bool:
