@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+import time
 
 import pytest
 
@@ -140,3 +141,29 @@ def test_an_overwritten_file_keeps_its_mode(tmp_path, umask):
     (tmp_path / "link.json").symlink_to(real)
     atomic_write_text(tmp_path / "link.json", "via link")
     assert stat.S_IMODE(os.stat(real).st_mode) == 0o640 and real.read_text() == "via link"
+
+
+def test_a_temporary_left_by_a_process_killed_mid_write_is_removed_by_the_next_write(tmp_path):
+    """SIGTERM or SIGKILL during a write runs no cleanup: its hidden temporary stays until the file is written again
+    (then, once it is older than any write takes); another writer's fresh temporary is left alone."""
+    import subprocess
+    import sys
+
+    from sts_callback.core import atomic
+
+    target = tmp_path / "callback_state.json"
+    killed = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; from sts_callback.core.atomic import atomic_write\n"
+        f"atomic_write({str(target)!r}, lambda tmp: (tmp.write_text('half'), print('writing', flush=True), "
+        "time.sleep(60)))")], stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline().strip() == "writing"
+    killed.kill()
+    killed.wait()
+    left = list(tmp_path.glob(".callback_state.json.*.tmp"))
+    assert len(left) == 1 and not target.exists()
+    fresh = tmp_path / ".callback_state.json.0000beef.tmp"
+    fresh.write_text("another writer's")
+    old = time.time() - atomic.STALE_TEMPORARY_SECONDS - 60
+    os.utime(left[0], (old, old))
+    atomic.atomic_write_json(target, {"step": 1})
+    assert not left[0].exists() and fresh.exists() and json.loads(target.read_text()) == {"step": 1}

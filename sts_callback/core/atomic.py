@@ -15,15 +15,21 @@ file keeps its mode.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import STSInputError
+
+# No write takes this long: an older temporary was left by a process killed mid-write (SIGTERM, SIGKILL, power loss:
+# no cleanup ran), and the next write of the same file removes it.
+STALE_TEMPORARY_SECONDS = 3600.0
 
 _KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
@@ -70,6 +76,17 @@ def _new_sibling(path: Path, mode: int) -> Path:
     raise FileExistsError(errno.EEXIST, f"No free temporary name next to {path}")
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` that a killed process left (see ``STALE_TEMPORARY_SECONDS``)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                tmp.unlink()
+        except OSError:  # gone already, or not ours to remove: it only takes space
+            pass
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path``; the temporary file never survives a failure.
 
@@ -92,6 +109,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _remove_stale_temporaries(real)
     return path
 
 
