@@ -32,6 +32,40 @@ def test_an_sts_metric_for_the_best_model_with_greater_is_better_is_refused_at_t
     assert trainer.state.global_step == 0
 
 
+@pytest.mark.parametrize("metric, callback_args, error", [
+    ("eval_sts_protected_loss_delta", {}, "no domain is protected"),
+    ("sts_loss_delta_sport", {"protected": ["food"]}, "names the domain 'sport', which this STSCallback does not"),
+])
+def test_an_sts_metric_for_the_best_model_that_no_evaluation_will_hold_is_refused_at_train_start(
+        tmp_path, tokenizer, metric, callback_args, error):
+    """transformers would raise its KeyError at the first evaluation, after the forecast and hours of training."""
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(**callback_args), eval_strategy="steps", eval_steps=2,
+                           eval_texts=domain_texts("law", 8, seed=4), metric_for_best_model=metric,
+                           greater_is_better=False, load_best_model_at_end=True)
+    with pytest.raises(STSConfigError, match=error):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_a_reward_models_trainer_is_refused_for_its_model_not_for_its_data(tmp_path, tokenizer):
+    """RewardTrainer's pairs are no training text STS reads, but the model is what rules the run out: saying so
+    first spares the user a fix (train_probe=) that leads only to the real refusal."""
+    import transformers
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    law, food = domain_texts("law", 8), domain_texts("food", 8)
+    trainer = RewardTrainer(model=model, processing_class=tokenizer, callbacks=[make_callback()],
+                            train_dataset=Dataset.from_list([{"chosen": a, "rejected": b} for a, b in zip(law, food)]),
+                            args=RewardConfig(output_dir=str(tmp_path / "run"), max_steps=2, use_cpu=True,
+                                              report_to=[], per_device_train_batch_size=4))
+    with pytest.raises(STSConfigError, match="no LM head.*RewardTrainer"):
+        trainer.train()
+
+
 def test_one_instance_listed_twice_forecasts_and_rechecks_once(tmp_path, tokenizer):
     callback = make_callback()
     trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[callback], max_steps=4)

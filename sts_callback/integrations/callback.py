@@ -20,7 +20,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..core.capture import parameters_are_sharded
+from ..core.capture import check_measurable, parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
 from ..core.data import load_corpus
 from ..core.head_sample import TAIL_DEFAULT
@@ -394,7 +394,10 @@ class STSCallback(TrainerCallback, ExportableState):
                 "The calibration's level comes from a lookahead, which cannot run on weights sharded by DeepSpeed "
                 "ZeRO-3 / FSDP (they cannot be put back exactly). Train under DDP or ZeRO-2 with it, or use a "
                 "calibration fitted on run_level='first_order' runs (sts calibrate --runs).")
+        if model is not None:  # a reward model's refusal first: reading its data would fail with a wrong fix
+            check_measurable(model)
         domains, self.lm_eval_targets = target_corpora(self.target_domains, self._trainer, tokenizer)
+        self._check_best_metric_is_logged(args, list(domains))
         probe = probe_corpus(self.train_probe, self._trainer, train_dataloader, tokenizer)
         demos = load_corpus(self.demonstrations, name="demonstrations") if self.demonstrations is not None else None
         session.prepare(model, tokenizer, probe, domains, self.lm_eval_targets)
@@ -436,6 +439,27 @@ class STSCallback(TrainerCallback, ExportableState):
                           control)
                 self._log({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()}, control)
         self._ready = True
+
+    def _check_best_metric_is_logged(self, args, domains: list[str]) -> None:
+        """``metric_for_best_model`` naming one of this callback's keys that no evaluation will hold (a domain it
+        does not monitor, or the protected change with no protected domain) fails with transformers' KeyError at
+        the first evaluation, hours in: refused at train start."""
+        metric = getattr(args, "metric_for_best_model", None) or ""
+        key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        own = f"_{self.namespace}_loss_delta_"
+        if own in key and key.split(own, 1)[1] not in domains:
+            raise STSConfigError(
+                f"metric_for_best_model={metric!r} names the domain {key.split(own, 1)[1]!r}, which this "
+                f"STSCallback does not monitor (its domains: {domains}); no evaluation will hold it. Name one of "
+                f"them, e.g. 'eval{own}{domains[0]}'.")
+        if key.endswith(f"_sts{PROTECTED_KEY}") or key.endswith(f"_{self.namespace}{PROTECTED_KEY}"):
+            handler = getattr(self._trainer, "callback_handler", None)
+            callbacks = [cb for cb in getattr(handler, "callbacks", [self]) if isinstance(cb, STSCallback)]
+            if not any(cb.protected for cb in callbacks or [self]):
+                raise STSConfigError(
+                    f"metric_for_best_model={metric!r} is the worst protected domain's change, but no domain is "
+                    "protected, so no evaluation will hold it: give STSCallback(protected=[...]), or name one "
+                    "domain's change, e.g. 'eval_sts_loss_delta_<domain>'.")
 
     def _check_own_folder(self, trainer: Any) -> None:
         """Two STSCallbacks writing one folder would interleave their histories and overwrite each other's
