@@ -125,3 +125,44 @@ def test_a_failed_recheck_at_an_evaluation_says_early_stopping_counts_its_nan(tm
         trainer.train()
     assert any("NaN there" in str(w.message) and "EarlyStoppingCallback" in str(w.message) for w in caught)
     assert [("error" in r) for r in callback.history] == [False, True, False]
+
+
+class FinalEvalLoss(TrainerCallback):
+    def __init__(self):
+        self.per_trial = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step == state.max_steps:
+            self.per_trial.append(metrics["eval_loss"])
+
+
+def test_a_hyperparameter_search_keeps_each_trials_results_apart_and_its_objective_its_own(tmp_path, tokenizer):
+    """transformers' default objective sums every evaluation metric but the loss when there are any: the eval_sts_*
+    keys must not become it (they picked the trial with the worse loss). Each trial's forecast, history, report and
+    checkpoint state stay in its own run-<n> folder, as its checkpoints do, so its checkpoint can be resumed."""
+    optuna = pytest.importorskip("optuna")
+    from test_callback import tokenized
+    from tiny import make_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    evals = FinalEvalLoss()
+    trainer = Trainer(model_init=lambda trial=None: make_model("llama"), processing_class=tokenizer,
+                      args=TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2,
+                                             eval_strategy="steps", eval_steps=2, use_cpu=True, report_to=[],
+                                             per_device_train_batch_size=4),
+                      train_dataset=tokenized(tokenizer, domain_texts("law", 32)),
+                      eval_dataset=tokenized(tokenizer, domain_texts("law", 8, seed=1)),
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      callbacks=[make_callback(target_domains={d: domain_texts(d, 30) for d in ("food", "chem")}),
+                                 evals])
+    grid = [1e-3, 5e-2]
+    best = trainer.hyperparameter_search(
+        direction="minimize", backend="optuna", n_trials=2, sampler=optuna.samplers.GridSampler({"learning_rate": grid}),
+        hp_space=lambda trial: {"learning_rate": trial.suggest_categorical("learning_rate", grid)})
+    assert best.objective == pytest.approx(min(evals.per_trial))  # the eval loss, as without the callback
+    run = tmp_path / "run"
+    assert not (run / "sts").exists()
+    for trial in ("run-0", "run-1"):
+        assert len((run / trial / "sts" / "history.jsonl").read_text().splitlines()) == 2
+        assert (run / trial / "sts" / "report.md").is_file() and (run / trial / "checkpoint-2" / "sts").is_dir()

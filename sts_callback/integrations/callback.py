@@ -267,9 +267,20 @@ class STSCallback(TrainerCallback, ExportableState):
 
     def _bind(self, args, state) -> STSSession:
         """The session writes to this run's folder, and prints / warns / writes on the main process only."""
-        self.session.store = RunStore(Path(args.output_dir) / self.output_subdir)
+        self.session.store = RunStore(self._run_dir(args) / self.output_subdir)
         self.session.is_main = state.is_world_process_zero
         return self.session
+
+    def _run_dir(self, args) -> Path:
+        """The folder the Trainer saves this run's checkpoints in: ``output_dir``, or under a hyperparameter search
+        the trial's own (``run-<trial>``), so that trials keep their forecasts, histories and reports apart."""
+        trainer = self._trainer
+        if getattr(trainer, "hp_search_backend", None) is not None and getattr(trainer, "_trial", None) is not None:
+            try:
+                return Path(trainer._get_output_dir(trial=trainer._trial))
+            except Exception:  # noqa: BLE001 - a backend's own lookup (Ray's, W&B's context) failing: output_dir
+                pass
+        return Path(args.output_dir)
 
     def _log(self, metrics: dict[str, float], control) -> None:
         """Log through the trainer (W&B / TensorBoard / log_history) without cancelling its own loss log."""
@@ -376,6 +387,8 @@ class STSCallback(TrainerCallback, ExportableState):
             self._check_own_folder(trainer)
             self.attach(trainer)
         session = self._bind(args, state)
+        if getattr(trainer, "hp_search_backend", None) is not None:
+            self._leave_out_of_the_objective(trainer)
         accelerator = getattr(trainer, "accelerator", None)
         session.autocast = _weak_autocast(accelerator) if accelerator is not None else session.autocast
         session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
@@ -407,7 +420,7 @@ class STSCallback(TrainerCallback, ExportableState):
             self._fresh_probe(trainer, rollout_data(self.train_probe, trainer))
         if state.global_step > 0:  # the checkpoint given to train(), which may be another run's folder
             checkpoint = (RunStore(Path(resumed_from) / self.output_subdir) if resumed_from is not None else
-                          session.store.checkpoint(args.output_dir, state.global_step, self.output_subdir))
+                          session.store.checkpoint(self._run_dir(args), state.global_step, self.output_subdir))
             # the STS save may have been cut after the Trainer's own, which holds the counters too
             session.resume(state.global_step, checkpoint, domains,
                            lambda: saved_in_trainer_state(checkpoint.root.parent, self.output_subdir))
@@ -439,6 +452,27 @@ class STSCallback(TrainerCallback, ExportableState):
                           control)
                 self._log({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()}, control)
         self._ready = True
+
+    def _leave_out_of_the_objective(self, trainer: Any) -> None:
+        """transformers' default hyperparameter-search objective sums every evaluation metric but the loss when
+        there are any: the ``eval_sts_*`` keys would become the objective and pick another trial. Left out of the
+        default one; a ``compute_objective`` the user gave sees them all."""
+        from transformers.trainer_utils import default_compute_objective
+
+        if getattr(trainer, "compute_objective", None) is not default_compute_objective:
+            return
+        handler = getattr(trainer, "callback_handler", None)
+        namespaces = {"sts", *(cb.namespace for cb in getattr(handler, "callbacks", [self])
+                               if isinstance(cb, STSCallback))}
+
+        def objective_without_sts(metrics: dict[str, float]) -> float:
+            return default_compute_objective({key: value for key, value in metrics.items()
+                                              if not _is_sts_metric(key, namespaces)})
+
+        trainer.compute_objective = objective_without_sts
+        if self.session.is_main:
+            print("STS: hyperparameter_search's default objective leaves out the eval_sts_* keys (it would sum them "
+                  "in); pass compute_objective= to use them.")
 
     def _check_best_metric_is_logged(self, args, domains: list[str]) -> None:
         """``metric_for_best_model`` naming one of this callback's keys that no evaluation will hold (a domain it
@@ -539,8 +573,8 @@ class STSCallback(TrainerCallback, ExportableState):
             self.run_recheck(args, state, control, model)
         if not state.is_world_process_zero:
             return
-        if (Path(args.output_dir) / f"checkpoint-{state.global_step}").is_dir():
-            checkpoint = self.session.store.checkpoint(args.output_dir, state.global_step, self.output_subdir)
+        if (self._run_dir(args) / f"checkpoint-{state.global_step}").is_dir():
+            checkpoint = self.session.store.checkpoint(self._run_dir(args), state.global_step, self.output_subdir)
             self.session.save_checkpoint(checkpoint, state.global_step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -698,6 +732,11 @@ def _loaded_best_step(args, state) -> int | None:
         return None
     match = re.search(r"checkpoint-(\d+)$", str(checkpoint).rstrip("/"))
     return int(match.group(1)) if match else None
+
+
+def _is_sts_metric(key: str, namespaces: set[str]) -> bool:
+    """Whether an evaluation metric is one this package's callbacks (under ``namespaces``) add."""
+    return any(f"_{ns}_loss_delta_" in key or key.endswith(f"_{ns}{PROTECTED_KEY}") for ns in namespaces)
 
 
 def _is_loss_change(metric: str | None) -> bool:
