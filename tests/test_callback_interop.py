@@ -105,6 +105,27 @@ def test_the_end_recheck_does_not_label_the_loaded_best_checkpoint_as_the_last_s
     assert f"loaded its best checkpoint (step {best}" in capsys.readouterr().out
 
 
+def test_after_loading_the_best_checkpoint_the_report_and_evaluate_describe_its_weights(tmp_path, tokenizer):
+    """load_best_model_at_end: the run ends with an earlier checkpoint's weights. The report must lead with that
+    step's changes, not the last re-check's, and an evaluate() after training must not pair the loaded weights'
+    eval_loss with the last step's held-out changes."""
+    trainer = make_trainer(tmp_path, tokenizer, make_callback(), learning_rate=5e-2, lr_scheduler_type="constant",
+                           max_steps=8, eval_strategy="steps", eval_steps=2, eval_texts=domain_texts("food", 16),
+                           metric_for_best_model="eval_loss", load_best_model_at_end=True)
+    trainer.train()
+    best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    history = [json.loads(line) for line in (tmp_path / "run" / "sts" / "history.jsonl").open()]
+    assert best < 8 and [r["step"] for r in history] == [2, 4, 6, 8]  # training on law made food worse after best
+    assert history[-1]["loaded_best_step"] == best
+    at_best = next(r for r in history if r["step"] == best)
+    report = (tmp_path / "run" / "sts" / "report.md").read_text()
+    assert f"loaded its best checkpoint (step {best}, load_best_model_at_end): the run ends with step {best}'s" in report
+    metrics = trainer.evaluate()
+    assert {name: metrics[f"eval_sts_loss_delta_{name}"] for name in at_best["loss_delta"]} == \
+        pytest.approx(at_best["loss_delta"])
+    assert at_best["loss_delta"] != pytest.approx(history[-1]["loss_delta"])
+
+
 class FailAt4(TrainerCallback):
     def __init__(self, sae):
         self.sae = sae

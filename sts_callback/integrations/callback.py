@@ -349,11 +349,15 @@ class STSCallback(TrainerCallback, ExportableState):
             return {}
         trainer = self._trainer
         step = trainer.state.global_step
-        if not any(r.get("step") == step and "error" not in r for r in self.history):
+        loaded = self.session.loaded_best_step  # after the run: the best checkpoint's weights, not the last step's
+        if loaded is not None:
+            step = loaded
+        elif not self._measured_at(step):
             self.run_recheck(trainer.args, trainer.state, trainer.control, trainer.model)
         now = next((r for r in reversed(self.history) if r.get("step") == step), None)
         # a failed re-check measured nothing: an earlier step's values would pass for this step's
-        deltas = _last_deltas(self.history) if now is not None and "error" not in now else {}
+        deltas = _last_deltas([r for r in self.history if r.get("step", 0) <= step]) \
+            if now is not None and "error" not in now else {}
         if not deltas and _is_loss_change(getattr(trainer.args, "metric_for_best_model", None)):
             self.session.warn(f"nan_metric:{step}", f"STS: no held-out loss change at step {step} (its re-check "
                               f"failed), so {trainer.args.metric_for_best_model} is NaN there, which "
@@ -369,6 +373,9 @@ class STSCallback(TrainerCallback, ExportableState):
         if prefix != "eval" and prefix.startswith("eval_"):  # one of several eval sets: the plain keys too
             out.update({f"eval_{k}": v for k, v in keys.items()})
         return out
+
+    def _measured_at(self, step: int) -> bool:
+        return any(r.get("step") == step and "error" not in r for r in self.history)
 
     # ------------------------------------------------------------------ train start
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
@@ -590,10 +597,13 @@ class STSCallback(TrainerCallback, ExportableState):
         with trackers.tensorboard_kept_closed(self._trainer):
             best = _loaded_best_step(args, state)
             if best is not None and best != state.global_step:  # the weights now are an earlier checkpoint's
+                self.session.loaded_best(best)
                 if self.session.is_main:
+                    measured = f"the history's step {best} measured them" if self._measured_at(best) else (
+                        f"no re-check measured step {best}'s weights (re-check at every save to have it)")
                     print(f"STS: the run ended at step {state.global_step} and the Trainer loaded its best checkpoint "
                           f"(step {best}, load_best_model_at_end): no re-check at the end, whose weights are not "
-                          f"step {state.global_step}'s; the history's step {best} measured them.")
+                          f"step {state.global_step}'s; {measured}.")
             elif self.session.settings.recheck_at_end:
                 if self.session.has_recheck(state.global_step):  # stopped right after a re-check: that is the end
                     self.session.ended_at(state.global_step, state.max_steps)

@@ -125,6 +125,7 @@ class STSSession:
         self.forecast: Forecast | None = None
         self.monitor: Monitor | None = None
         self.write_errors: list[dict[str, Any]] = []  # files that could not be written (the data stays here)
+        self.loaded_best_step: int | None = None  # the loop ended on an earlier checkpoint's weights (load best)
         self.autocast: Callable[[], Any] = nullcontext
         # (model, step) -> (probe sequences, base model or None, what to record): a new probe before each
         # re-check (an RL run's fresh completions of the current policy); None: the train-start probe throughout
@@ -526,6 +527,19 @@ class STSSession:
         if self.is_main:
             self.write(f"the end of the run in {self.store.path(HISTORY_FILE)}",
                        lambda: self.store.replace_history_record(record), step)
+
+    def loaded_best(self, step: int) -> None:
+        """The loop loaded an earlier checkpoint's weights at its end (step ``step``: the Trainer's
+        ``load_best_model_at_end``): the last record says so (``loaded_best_step``), in memory and in the history
+        file, so that the report and later evaluations describe the weights the run ends with."""
+        self.loaded_best_step = step
+        record = self.history[-1] if self.history else None
+        if record is None or record.get("step") == step:
+            return
+        record["loaded_best_step"] = step
+        if self.is_main:
+            self.write(f"the loaded checkpoint in {self.store.path(HISTORY_FILE)}",
+                       lambda: self.store.replace_history_record(record), record["step"])
 
     def step_began(self) -> None:
         self._step_began = time.perf_counter()

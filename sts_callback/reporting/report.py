@@ -229,8 +229,35 @@ class ReportData:
         return (f"Training ended at step {last['step']}, before max_steps={last['ended_early']['max_steps']}: the "
                 "last re-check's changes are the run's end result, not a point on the way.")
 
+    @property
+    def loaded_best_step(self) -> int | None:
+        """The step of the checkpoint the loop loaded at its end (the Trainer's ``load_best_model_at_end``)."""
+        return self.history[-1].get("loaded_best_step") if self.history else None
+
+    @property
+    def end_rechecks(self) -> list[dict[str, Any]]:
+        """The re-checks of the weights the run ended with and before: all of them, or up to the step of the
+        checkpoint loaded at the end (later ones measured weights the run no longer has)."""
+        loaded = self.loaded_best_step
+        return [r for r in self.rechecks if loaded is None or r["step"] <= loaded]
+
+    def loaded_note(self) -> str | None:
+        """Says which weights the run ended with when the loop loaded an earlier checkpoint at its end."""
+        loaded = self.loaded_best_step
+        if loaded is None:
+            return None
+        record = next((r for r in self.rechecks if r["step"] == loaded), None)
+        if record is None:
+            return (f"At the end the Trainer loaded its best checkpoint (step {loaded}, load_best_model_at_end), "
+                    "which no re-check measured: the changes of later steps are of weights the run no longer has.")
+        return (f"At the end the Trainer loaded its best checkpoint (step {loaded}, load_best_model_at_end): the run "
+                f"ends with step {loaded}'s weights, whose held-out loss change was "
+                f"{', '.join(_changes(record, self.protected, self.tolerance))}; the re-checks after step {loaded} "
+                "measured weights the run no longer has.")
+
     def measured(self) -> tuple[str, dict[str, float]] | None:
-        """Measured effect per domain: a validation file if any, else the last re-check's |loss change|."""
+        """Measured effect per domain: a validation file if any, else the |loss change| of the last re-check of the
+        weights the run ended with."""
         validation = self.validation
         if isinstance(validation, dict):
             values = validation.get("measured", validation.get("delta", validation))
@@ -238,7 +265,7 @@ class ReportData:
                 clean = {str(k): abs(float(v)) for k, v in values.items() if isinstance(v, (int, float))}
                 if clean:
                     return "validation |Δ|", clean
-        for record in reversed(self.rechecks):
+        for record in reversed(self.end_rechecks):
             deltas = {k: abs(v) for k, v in (record.get("loss_delta") or {}).items() if isinstance(v, (int, float))}
             if deltas:
                 return f"|held-out loss change| at step {record['step']}", deltas
@@ -730,8 +757,9 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
         lines.append(f"{len(data.rechecks)} re-check(s), last at step {esc(last['step'])}; overlap of the actually "
                      f"shifted latents with the forecast: {esc(_fmt(last.get('overlap_with_forecast')))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'}.")
-        if ended := data.ended_note():
-            lines.append(esc(ended))
+        for note in (data.ended_note(), data.loaded_note()):
+            if note:
+                lines.append(esc(note))
         if _overhead(last):
             lines.append(esc(_overhead(last)))
         note = data.precision_note()
@@ -1077,8 +1105,9 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
         if accuracy := _accuracy_changes(last):
             lines.append(f"**Accuracy** (share of the items right; change from train start): {md_esc(accuracy)}.")
-        if ended := data.ended_note():
-            lines.append(md_esc(ended))
+        for note in (data.ended_note(), data.loaded_note()):
+            if note:
+                lines.append(md_esc(note))
         if _overhead(last):
             lines.append(_overhead(last))
         note = data.precision_note()
