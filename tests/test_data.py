@@ -473,3 +473,48 @@ def test_a_datasetdict_is_refused_with_the_split_to_pick_not_read_as_domains_nam
     with pytest.raises(STSInputError, match=r"not one dataset for target 'legal': pick a split"):
         load_domains({"legal": splits})
     assert list(load_domains(dict(splits))) == ["train", "test"]  # said so: the splits are the domains
+
+
+# VLM chat templates (LLaVA-1.5, SmolVLM, Idefics3) read typed content parts only: string content renders empty
+TYPED_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{% for part in m['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+STRICT_TYPED_TEMPLATE = (  # one that refuses string content outright
+    "{% for m in messages %}{% if m['content'] is string %}{{ raise_exception('typed content only') }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'][0]['text'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("template", [TYPED_TEMPLATE, STRICT_TYPED_TEMPLATE])
+def test_a_template_that_reads_typed_content_parts_only_renders_every_turns_text(template):
+    from sts_callback.core.data import Corpus
+    from sts_callback.pipelines.preference import prompt_completion_ids
+    from sts_callback.pipelines.recipe import training_features
+    from sts_callback.pipelines.rollouts import RolloutSettings, _prompt_ids
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = template
+    b = PromptBuilder(tokenizer, max_query_tokens=32, max_demonstration_tokens=32, max_length=256)
+    assert b.typed_content
+    typed = [{"role": "user", "content": [{"type": "text", "text": "law court"}]}]
+    for prompt in (typed, [{"role": "user", "content": "law court"}]):  # typed or string content, as datasets hold
+        query = Example(prompt=prompt, answer=None)
+        assert "law court" in tokenizer.decode(b.single(query)[0])
+        demo = Example(prompt=[{"role": "user", "content": "cook"}], answer="bake flour")
+        assert "bake flour" in tokenizer.decode(b.pair(query, [demo]).context)
+    record = {"prompt": [{"role": "user", "content": "law"}], "completion": [{"role": "assistant", "content": "judge"}]}
+    features = training_features(Corpus("train", [record]), tokenizer, 64, completion_only=True, chat_fallback=False)
+    assert "judge" in tokenizer.decode([i for i, label in zip(features[0]["input_ids"], features[0]["labels"])
+                                        if label != -100])
+    prompt_ids, completion_ids = prompt_completion_ids(b, record["prompt"], record["completion"])
+    assert "law" in tokenizer.decode(prompt_ids) and "judge" in tokenizer.decode(completion_ids)
+    assert "law" in tokenizer.decode(_prompt_ids(b, record["prompt"], RolloutSettings(), "prompts"))
+
+
+def test_an_ordinary_template_renders_string_content_as_it_is():
+    for template in (None, TOOLS_TEMPLATE, "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}"
+                     "{% else %}{{ m['content'][0]['text'] }}{% endif %}{% endfor %}"):
+        tokenizer = make_tokenizer()
+        tokenizer.chat_template = template or tokenizer.chat_template
+        assert not PromptBuilder(tokenizer, max_query_tokens=8, max_demonstration_tokens=8, max_length=64).typed_content

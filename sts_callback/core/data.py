@@ -604,6 +604,39 @@ HEAD_CHARS = 4096
 HEAD_MARGIN = 32
 
 
+# A probe turn's text: a template that prints string content renders it; one that reads typed parts only does not.
+_PROBE_TEXT = "sts-probe-text"
+
+
+def typed_content(messages: Messages) -> Messages:
+    """``messages`` with each string content as one typed text part, as VLM chat templates read content (and as
+    TRL passes it to a processor); other contents (typed parts already, a tool call's None) stay as they are."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages]
+
+
+def needs_typed_content(tokenizer) -> bool:
+    """Whether the tokenizer's chat template reads typed content parts only (LLaVA-1.5, SmolVLM, Idefics3: it loops
+    over ``message['content']`` printing parts of type 'text'): a turn with string content renders without its text,
+    or raises, while the same text as a typed part renders. Ordinary templates are left alone."""
+    def rendered(content: Any) -> bool:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template's own raise_exception or a bug on this content's shape
+            return False
+        return isinstance(text, str) and _PROBE_TEXT in text
+
+    if not getattr(tokenizer, "chat_template", None) or rendered(_PROBE_TEXT):
+        return False
+    return rendered([{"type": "text", "text": _PROBE_TEXT}])
+
+
+def apply_template(tokenizer, messages: Messages, typed: bool, **kwargs: Any) -> str:
+    """The chat template's text of ``messages`` (``typed``: string contents as typed parts, see
+    :func:`needs_typed_content`)."""
+    return tokenizer.apply_chat_template(typed_content(messages) if typed else messages, tokenize=False, **kwargs)
+
+
 class PromptBuilder:
     """Builds position-matched token sequences from examples with a given tokenizer."""
 
@@ -615,6 +648,7 @@ class PromptBuilder:
         self.max_length = max_length
         self.chat_fallback = chat_fallback
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.typed_content = needs_typed_content(tokenizer)  # once: every render then passes what the template reads
         self.special_ids = set(tokenizer.all_special_ids) if exclude_special_tokens else set()
         self.prefix = self._special_prefix()
         self.separator = self.encode_text("\n\n")
@@ -658,9 +692,13 @@ class PromptBuilder:
                 "STSConfig(chat_fallback=True) to join turns as plain 'role: content' text."
             )
 
+    def apply_template(self, messages: Messages, **kwargs: Any) -> str:
+        """The chat template's text of ``messages``, string contents as typed parts where the template reads those."""
+        return apply_template(self.tokenizer, messages, self.typed_content, **kwargs)
+
     def render_chat(self, messages: Messages, template_kwargs: dict[str, Any] | None = None) -> str:
         if self.has_chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, **(template_kwargs or {}))
+            return self.apply_template(messages, **(template_kwargs or {}))
         return "".join(f"{m['role']}: {message_text(m)}\n" for m in messages)
 
     def _render_in_context(self, demo_messages: Messages, query_messages: Messages,

@@ -201,10 +201,10 @@ def prompt_completion_ids(builder: PromptBuilder, prompt: Any, completion: Any,
     if is_messages(prompt) or is_messages(completion):
         messages = _as_messages(prompt, "user")
         if builder.has_chat_template:
-            render = builder.tokenizer.apply_chat_template
+            render = builder.apply_template
             kwargs = dict(chat_template_kwargs or {})
-            alone = encode(render(messages, tokenize=False, add_generation_prompt=True, **kwargs))
-            full = encode(render(messages + _as_messages(completion, "assistant"), tokenize=False, **kwargs))
+            alone = encode(render(messages, add_generation_prompt=True, **kwargs))
+            full = encode(render(messages + _as_messages(completion, "assistant"), **kwargs))
         else:  # chat_fallback (checked by the caller): "role: content" lines after the BOS prefix
             alone = builder.prefix + encode(builder.render_chat(messages) + "assistant: ")
             full = builder.prefix + encode(builder.render_chat(messages + _as_messages(completion, "assistant")))

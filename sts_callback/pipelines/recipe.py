@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.data import Corpus, Example
+from ..core.data import Corpus, Example, apply_template, needs_typed_content
 from ..core.errors import STSInputError
 
 
@@ -18,6 +18,7 @@ def training_features(corpus: Corpus, tokenizer, max_length: int, completion_onl
     the loss on the answer only (``completion_only``; TRL's default) and EOS appended. Prompt-only examples
     are skipped."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
+    typed = has_template and needs_typed_content(tokenizer)  # a VLM template that reads typed content parts only
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     features = []
     for i in range(len(corpus)):
@@ -31,11 +32,10 @@ def training_features(corpus: Corpus, tokenizer, max_length: int, completion_onl
             if example.is_chat:
                 if has_template:
                     kwargs = example.template_kwargs or {}  # its tools, as training renders them
-                    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False,
-                                                                add_generation_prompt=True, **kwargs)
+                    prompt_text = apply_template(tokenizer, example.prompt, typed, add_generation_prompt=True, **kwargs)
                     answer = {"role": "assistant", "content": example.answer} if example.answer_turn is None else \
                         {**example.answer_turn, "content": example.answer_turn.get("content") or ""}  # its tool calls
-                    full = tokenizer.apply_chat_template(list(example.prompt) + [answer], tokenize=False, **kwargs)
+                    full = apply_template(tokenizer, list(example.prompt) + [answer], typed, **kwargs)
                     if full.startswith(prompt_text):
                         answer_text, extra_eos = full[len(prompt_text):], []
                     else:  # a template that renders the prompt differently in the full conversation

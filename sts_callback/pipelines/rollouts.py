@@ -405,8 +405,7 @@ def _prompt_ids(builder: PromptBuilder, prompt: Any, settings: RolloutSettings, 
     if is_messages(prompt):
         builder.check_chat(name)
         if builder.has_chat_template:
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                                 **(settings.chat_template_kwargs or {}))
+            text = builder.apply_template(prompt, add_generation_prompt=True, **(settings.chat_template_kwargs or {}))
             return builder.encode_text(text)
         return builder.prefix + builder.encode_text(builder.render_chat(prompt) + "assistant: ")
     return list(tokenizer(prompt)["input_ids"])
