@@ -518,3 +518,17 @@ def test_an_ordinary_template_renders_string_content_as_it_is():
         tokenizer = make_tokenizer()
         tokenizer.chat_template = template or tokenizer.chat_template
         assert not PromptBuilder(tokenizer, max_query_tokens=8, max_demonstration_tokens=8, max_length=64).typed_content
+
+
+def test_a_processor_gives_its_tokenizer_with_the_processors_chat_template_leaving_both_as_they_were():
+    from tiny import CHAT_TEMPLATE, make_processor
+
+    from sts_callback.core.data import text_tokenizer
+
+    tokenizer = make_tokenizer(chat_template=False)
+    assert text_tokenizer(tokenizer) is tokenizer
+    processor = make_processor(tokenizer, CHAT_TEMPLATE)
+    text = text_tokenizer(processor)
+    assert text.chat_template == CHAT_TEMPLATE and tokenizer.chat_template is None and processor.tokenizer is tokenizer
+    assert text("law court")["input_ids"] == tokenizer("law court")["input_ids"]
+    assert text_tokenizer(make_processor(tokenizer, None)) is tokenizer  # no template of its own: the tokenizer's

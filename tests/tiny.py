@@ -71,6 +71,8 @@ def make_model(arch: str = "llama", vocab_size: int = 128, hidden: int = 32, lay
                                  image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2,
                                  eoi_token_index=vocab_size - 3)
         model = tf.Gemma3ForConditionalGeneration(config)
+    elif arch in ("llava", "mllama", "paligemma"):  # vision-language models trained on text (a vision tower unused)
+        model = _vlm(arch, common, vocab_size)
     elif arch == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4,
                                                  n_positions=512, bos_token_id=1, eos_token_id=2))
@@ -159,3 +161,37 @@ def scaling_model(arch: str, **scaling):
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(50)
     return model
+
+
+def _vlm(arch: str, common: dict, vocab_size: int):
+    import transformers as tf
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    if arch == "llava":
+        return tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(**vision).to_dict(), text_config=tf.LlamaConfig(**common).to_dict(),
+            image_token_index=vocab_size - 1))
+    if arch == "mllama":  # text layer 1 is a cross-attention layer, which text-only input skips
+        text = tf.MllamaTextConfig(**{**common, "num_hidden_layers": 4}, cross_attention_layers=[1],
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        vision = dict(vision, num_global_layers=1, vision_output_dim=32, intermediate_layers_indices=[0],
+                      max_num_tiles=1, supported_aspect_ratios=[[1, 1]])
+        return tf.MllamaForConditionalGeneration(tf.MllamaConfig(vision_config=vision, text_config=text.to_dict(),
+                                                                 image_token_index=vocab_size - 1))
+    # PaliGemma: a prefix-LM (text_config.use_bidirectional_attention=True by default)
+    return tf.PaliGemmaForConditionalGeneration(tf.PaliGemmaConfig(
+        vision_config=tf.SiglipVisionConfig(**vision).to_dict(),
+        text_config=tf.GemmaConfig(**common, head_dim=8).to_dict(), image_token_index=vocab_size - 1,
+        projection_dim=32))
+
+
+def make_processor(tokenizer, chat_template: str | None):
+    """A LLaVA processor around ``tokenizer`` holding ``chat_template`` (VLM checkpoints often ship the template on
+    the processor only)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>", "<image>"]})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                          patch_size=14, image_token="<image>")

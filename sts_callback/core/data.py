@@ -8,6 +8,7 @@ demonstrations: the two conditions are compared position by position at those to
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 import json
 import random
@@ -602,6 +603,24 @@ class TokenPair:
 # encode_head: the characters first encoded (at least), and the tokens kept clear of the prefix's cut
 HEAD_CHARS = 4096
 HEAD_MARGIN = 32
+
+
+def text_tokenizer(processing_class: Any) -> Any:
+    """The text tokenizer STS renders and tokenizes with, from what a trainer or a caller holds: a tokenizer as it
+    is; a processor's (a VLM's: LlavaProcessor, ...) tokenizer, with the processor's chat template where the
+    processor has one, since the processor (and TRL through it) renders chats with its own template while many VLM
+    checkpoints leave the tokenizer's empty. The caller's objects are left as they are: a shallow copy of the
+    tokenizer carries the processor's template."""
+    if not hasattr(processing_class, "tokenizer"):  # a tokenizer (or None, which the caller names)
+        return processing_class
+    tokenizer = processing_class.tokenizer  # None: a processor without one, which the caller names
+    if tokenizer is None or tokenizer is processing_class:
+        return tokenizer
+    template = getattr(processing_class, "chat_template", None)
+    if template and template != getattr(tokenizer, "chat_template", None):
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 # A probe turn's text: a template that prints string content renders it; one that reads typed parts only does not.

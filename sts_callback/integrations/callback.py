@@ -22,7 +22,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..core.capture import check_measurable, parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
-from ..core.data import load_corpus
+from ..core.data import load_corpus, text_tokenizer
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
@@ -405,7 +405,7 @@ class STSCallback(TrainerCallback, ExportableState):
                   f"follows the learning rates the Trainer logs (every logging_steps={args.logging_steps}), each "
                   "projection holding the last one to the end, and starts once one is logged.")
         _check_best_metric(args)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        tokenizer = text_tokenizer(processing_class)  # a VLM's processor: its tokenizer, with its chat template
         if tokenizer is None:
             raise STSInputError("STSCallback needs the trainer's processing_class (tokenizer); pass "
                                 "processing_class=tokenizer to the trainer.")
