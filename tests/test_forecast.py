@@ -317,3 +317,21 @@ def test_a_large_training_set_is_read_only_where_drawn_and_the_draws_are_unchang
     large = Corpus("train", CountingRows({"text": texts[i % 40]} for i in range(200_000)))
     plan_inputs(setup.builder, config, large, domains)
     assert 0 < CountingRows.reads < 200  # the queries and their demonstrations, not 200,000 rows
+
+
+def test_a_vlms_processor_is_read_as_its_tokenizer_with_the_processors_chat_template():
+    """forecast(model, processor, ...): what a VLM user holds (and what STSCallback accepts as processing_class)."""
+    from tiny import CHAT_TEMPLATE, make_processor
+
+    from sts_callback import gate_mixture
+
+    processor = make_processor(make_tokenizer(chat_template=False), CHAT_TEMPLATE)  # the template on the processor
+    model, sae = make_model("llava"), TinySAE(32, 64, hook_name="model.language_model.layers.1")
+    texts = domain_texts("law", 30)
+    chats = [[{"role": "user", "content": a}, {"role": "assistant", "content": b}] for a, b in zip(texts, texts[1:])]
+    config = dict(n_shifted=8, shift_tokens=120, domain_tokens=80, n_domain_demonstrations=2)
+    result = forecast(model, processor, sae, chats, {d: domain_texts(d, 20) for d in ("law", "food")}, config)
+    assert set(result.domains) == {"law", "food"} and result.shift_queries > 0
+    decision = gate_mixture(model, processor, sae, {"law": chats}, {"food": domain_texts("food", 20)}, "food",
+                            config=config)
+    assert "law" in decision.candidates

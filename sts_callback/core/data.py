@@ -661,7 +661,7 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, *, max_query_tokens: int, max_demonstration_tokens: int, max_length: int,
                  exclude_special_tokens: bool = True, chat_fallback: bool = False):
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer = text_tokenizer(tokenizer)  # every offline entry's builder: a processor's too
         self.max_query_tokens = max_query_tokens
         self.max_demonstration_tokens = max_demonstration_tokens
         self.max_length = max_length

@@ -605,7 +605,8 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
 
     Args:
         model: Hugging Face decoder-only model (plain or PEFT-wrapped).
-        tokenizer: its tokenizer (chat template used for chat data).
+        tokenizer: its tokenizer (chat template used for chat data), or a VLM's processor (its tokenizer and chat
+            template are used).
         sae: a sae-lens SAE, folder, ``{"release", "sae_id"}``, or a module with ``encode``.
         train_data: texts, chat conversations, TRL-style records, a ``datasets.Dataset`` or a JSONL path.
         targets: dict name -> data, or list of registered domain names / paths.

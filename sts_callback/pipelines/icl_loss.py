@@ -30,7 +30,7 @@ def icl_loss_change(model: nn.Module, tokenizer, train_data: Any, targets: Any, 
     train = load_corpus(train_data, name="train")
     domains = load_domains(targets)
     builder = prompt_builder(model, tokenizer, config)
-    pad = pad_token_id(tokenizer)
+    pad = pad_token_id(builder.tokenizer)  # a processor's tokenizer
     out = {}
     with inference_mode(model):
         for name, corpus in domains.items():

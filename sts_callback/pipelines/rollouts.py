@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.config import STSConfig
-from ..core.data import Corpus, PromptBuilder, is_messages, load_corpus, load_domains
+from ..core.data import Corpus, PromptBuilder, is_messages, load_corpus, load_domains, text_tokenizer
 from ..core.distributed import gather_objects, is_main_process, raise_collectively, shard, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.torch_utils import model_device
@@ -491,6 +491,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
         raise STSConfigError(f"{len(weights)} reward weights for {len(funcs)} reward functions; give one weight per "
                              "function (GRPOConfig.reward_weights).")
     records = prompt_records(prompts)
+    tokenizer = text_tokenizer(tokenizer)  # a VLM's processor: its tokenizer, with its chat template
     builder = builder if builder is not None else prompt_builder(model, tokenizer, config)
     generations = min(settings.num_generations, config.rollout_generations)
     max_new = completion_budget(settings, config)

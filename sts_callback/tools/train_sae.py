@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.capture import ResidualCapture, max_positions, num_layers, unwrap_model
 from ..core.config import settings_from_dict
+from ..core.data import text_tokenizer
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.torch_utils import model_device
 
@@ -190,6 +191,7 @@ def collect_activations(model: nn.Module, tokenizer: Any, texts: Iterable[str], 
         raise STSConfigError(f"max_tokens={max_tokens!r} must be a positive integer (None: training_tokens).")
     max_length, exclude_special_tokens, seed = config.max_length, config.exclude_special_tokens, config.seed
     texts = _as_text_list(texts)
+    tokenizer = text_tokenizer(tokenizer)  # a VLM's processor: its tokenizer (and its special ids)
     capture = ResidualCapture(model, layer, truncate=True)
     limit = max_positions(model)
     if limit:
@@ -417,6 +419,7 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
         progress: show progress bars.
     """
     config = config if isinstance(config, SAETrainingConfig) else SAETrainingConfig.from_dict(config)
+    tokenizer = text_tokenizer(tokenizer)  # a VLM's processor: its tokenizer
     _check_layer(layer, num_layers(model))
     d_sae, k, training_tokens, max_length = config.d_sae, config.k, config.training_tokens, config.max_length
     batch_size_tokens, lr, seed = config.batch_size_tokens, config.lr, config.seed

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..core.atomic import atomic_write_json
 from ..core.config import STSConfig, json_serializable, plain_numbers, settings_from_dict
-from ..core.data import Corpus, load_corpus, load_domains
+from ..core.data import Corpus, load_corpus, load_domains, text_tokenizer
 from ..core.errors import STSConfigError, STSInputError
 from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
@@ -538,6 +538,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     n_resamples, progress, plot, report = v.n_resamples, v.progress, v.plot, v.report
     if model is None or not isinstance(model, nn.Module):
         raise STSInputError(f"validate() needs a Hugging Face model (nn.Module), got {type(model).__name__}.")
+    tokenizer = text_tokenizer(tokenizer)  # a VLM's processor: its tokenizer, with its chat template
     if tokenizer is None:
         raise STSInputError("validate() needs the model's tokenizer.")
     from ..pipelines.monitor import peft_model_of
