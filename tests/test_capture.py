@@ -130,3 +130,27 @@ def test_gemma3n_altup_blocks_give_their_active_stream_and_other_shapes_are_name
     capture = ResidualCapture(make_model("llama"), 0)
     with pytest.raises(STSInputError, match=r"shape \(7, 32\).*residual stream"):
         capture._residual(torch.zeros(7, 32), (2, 7))
+
+
+def test_an_sae_at_a_cross_attention_layer_that_text_skips_is_a_setup_error_naming_the_fix():
+    """Mllama (Llama 3.2 Vision) skips its cross-attention layers on text-only input: the hook would never fire."""
+    from tiny import TinySAE, domain_texts, make_tokenizer
+
+    from sts_callback import STSConfigError, forecast
+
+    model = make_model("mllama")  # text_config.cross_attention_layers=[1]
+    texts = domain_texts("law", 10)
+    with pytest.raises(STSConfigError, match=r"cross_attention_layers=\[1\].*SAE trained at another layer"):
+        forecast(model, make_tokenizer(), TinySAE(32, 64, hook_name="model.language_model.layers.1"), texts,
+                 {"food": domain_texts("food", 10)}, dict(n_shifted=8))
+    with pytest.raises(STSConfigError, match="cross_attention_layers"):
+        ResidualCapture(model, 1)
+    ids, mask = batch()
+    assert ResidualCapture(model, 2)(ids, mask).shape == (3, 10, 32)  # a self-attention layer runs on text
+
+
+def test_a_layer_the_forward_skips_is_named_as_a_skipped_layer():
+    capture = ResidualCapture(make_model("llama"), 1)
+    capture.block = torch.nn.Linear(1, 1)  # a block the forward never runs, as a model skipping the layer
+    with pytest.raises(RuntimeError, match="did not fire.*skip a layer for text-only input"):
+        capture(*batch())

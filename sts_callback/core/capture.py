@@ -124,6 +124,18 @@ def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
+def check_layer_runs_on_text(model: nn.Module, layer: int) -> None:
+    """Refuse a decoder layer that text-only input skips: Mllama's (Llama 3.2 Vision's) cross-attention layers
+    (``text_config.cross_attention_layers``) run only on an image's states, and STS feeds text only."""
+    skipped = getattr(text_config(model), "cross_attention_layers", None) or []
+    if layer in skipped:
+        raise STSConfigError(
+            f"Decoder layer {layer} is one of {type(unwrap_model(model)).__name__}'s cross-attention layers "
+            f"(text_config.cross_attention_layers={list(skipped)}), which the model skips on text-only input, as "
+            "STS's passes are: an SAE there reads nothing. Use an SAE trained at another layer (one not in "
+            "cross_attention_layers).")
+
+
 def max_positions(model: nn.Module) -> int | None:
     config = text_config(model)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -194,6 +206,7 @@ class ResidualCapture:
                 f"Layer {layer} does not exist: {type(unwrap_model(model)).__name__} has {n} decoder layers "
                 f"(0..{n - 1}); pick a layer in that range or an SAE trained for this model."
             )
+        check_layer_runs_on_text(model, layer)
         self.layer = layer
         self.block = decoder_layers(model)[layer]
         self.truncate = truncate and not parameters_are_sharded(model)
@@ -228,7 +241,10 @@ class ResidualCapture:
             except _CaptureDone:
                 pass
         if self._captured is None:
-            raise RuntimeError(f"The hook on decoder layer {self.layer} did not fire during the forward.")
+            raise RuntimeError(
+                f"The hook on decoder layer {self.layer} did not fire during the forward: the model skipped the layer "
+                "(a model may skip a layer for text-only input, as Mllama does its cross-attention layers). Use an SAE "
+                "trained at a layer that the model runs on text.")
         captured, self._captured = self._captured, None
         return self._residual(captured, tuple(input_ids.shape))
 

@@ -22,7 +22,8 @@ from ..scoring import score
 
 from ..scoring import signed
 from ..scoring.calibration import own_feature
-from ..core.capture import check_measurable, hidden_size, max_positions, num_layers, unwrap_model
+from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_size, max_positions, num_layers,
+                            unwrap_model)
 from ..core.config import SCORE_VARIANTS, STSConfig, device_problem
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
@@ -315,6 +316,7 @@ class ForecastSetup:
         handle = load_sae(sae, device=device, dtype=dtype)
         layer = resolve_layer(config, handle)
         check_sae_for_model(handle, hidden_size(model), num_layers(model), layer)
+        check_layer_runs_on_text(model, layer)
         if config.n_shifted > handle.d_sae:
             raise STSConfigError(
                 f"STSConfig.n_shifted={config.n_shifted} is larger than the SAE width {handle.d_sae}; "
