@@ -154,3 +154,29 @@ def test_a_layer_the_forward_skips_is_named_as_a_skipped_layer():
     capture.block = torch.nn.Linear(1, 1)  # a block the forward never runs, as a model skipping the layer
     with pytest.raises(RuntimeError, match="did not fire.*skip a layer for text-only input"):
         capture(*batch())
+
+
+def test_a_model_whose_text_attends_both_ways_is_refused_naming_the_setting():
+    """PaliGemma is a prefix-LM (text_config.use_bidirectional_attention=True): its held-out NLL would read the
+    tokens it predicts, and change with the batch."""
+    from types import SimpleNamespace
+
+    from tiny import TinySAE, domain_texts, make_tokenizer
+
+    from sts_callback import STSConfigError, forecast
+    from sts_callback.core.capture import check_measurable
+
+    with pytest.raises(STSConfigError, match=r"causal next-token loss.*"
+                                             r"config.text_config.use_bidirectional_attention=True"):
+        forecast(make_model("paligemma"), make_tokenizer(), TinySAE(32, 64, hook_name="model.language_model.layers.1"),
+                 domain_texts("law", 10), {"food": domain_texts("food", 10)}, dict(n_shifted=8))
+    gemma = make_model("gemma3")
+    check_measurable(gemma)  # causal
+    gemma.config.use_bidirectional_attention = True  # as EmbeddingGemma
+    with pytest.raises(STSConfigError, match=r"config.use_bidirectional_attention=True"):
+        check_measurable(gemma)
+    from sts_callback.core.capture import _bidirectional_setting
+
+    vision_only = SimpleNamespace(config=SimpleNamespace(use_bidirectional_attention="vision"))  # Gemma 4: images only
+    assert _bidirectional_setting(vision_only) is None
+    check_measurable(make_model("gemma3_multimodal"))

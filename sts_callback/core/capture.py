@@ -42,7 +42,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def check_measurable(model: nn.Module) -> None:
     """Refuse, before any work, a model whose held-out language-model loss STS cannot measure: one without an LM
-    head (a reward or classification model), or one with PEFT prompt learning (:func:`check_no_prompt_learning`)."""
+    head (a reward or classification model), an encoder-decoder or masked LM, one whose text attends both ways
+    (``use_bidirectional_attention``), or one with PEFT prompt learning (:func:`check_no_prompt_learning`)."""
     inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None:
@@ -59,7 +60,27 @@ def check_measurable(model: nn.Module) -> None:
             "whose next-token held-out loss and residual stream at the decoder layers are not what STS measures "
             "(an encoder's or decoder's layers alone would be read silently). Use a ...ForCausalLM model, or leave "
             "the callback out of this run.")
+    setting = _bidirectional_setting(inner)
+    if setting is not None:
+        raise STSConfigError(
+            f"STS measures causal next-token loss; {type(inner).__name__} sets {setting}, so its text tokens attend "
+            "to later ones (a prefix-LM such as PaliGemma, or a bidirectional encoder): a held-out token's loss would "
+            "read the tokens it predicts and change with the batch's padding. Use a causal language model (that "
+            "setting off), or leave the callback out of this run.")
     check_no_prompt_learning(model)
+
+
+def _bidirectional_setting(model: nn.Module) -> str | None:
+    """The model's ``use_bidirectional_attention`` where it makes text attend both ways (``config.`` or
+    ``text_config.``), else ``None``. Gemma 4's ``"vision"`` is bidirectional among image tokens only: text stays
+    causal."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    for where, part in (("config", config), ("config.text_config", text)):
+        value = getattr(part, "use_bidirectional_attention", None)
+        if value and value != "vision":
+            return f"{where}.use_bidirectional_attention={value!r}"
+    return None
 
 
 def _is_masked_lm(model: nn.Module) -> bool:
