@@ -132,6 +132,7 @@ if with_callback:
     result["loss_tokens"] = [r.get("loss_tokens") for r in sts.history]
     result["probe_tokens"] = [r.get("probe_tokens") for r in sts.history]
     result["measured_domains"] = [sorted(r.get("loss_delta") or {}) for r in sts.history]
+    result["loss_head_fallbacks"] = [r.get("loss_head_fallbacks") for r in sts.history]
     result["overhead"] = [r.get("overhead") for r in sts.history]
     result["coverage_points"] = truth.points
     result["errors"] = [r["error"] for r in sts.history if "error" in r]
