@@ -652,3 +652,44 @@ def test_a_strict_recheck_that_raises_still_says_its_warnings(tmp_path, tokenize
     trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_strategy="no")
     with pytest.warns(STSNegativeTransferWarning, match="STS re-check at step 2"), pytest.raises(OSError):
         trainer.train()
+
+
+class PathLikeTracker(TrainerCallback):
+    """A tracker that fails on some of the callback's keys, as DVCLive does on a domain name it reads as a path
+    (its 'eval_' inside 'retrieval_qa' makes a folder of a number it already holds)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if any(key.startswith("sts/") and "retrieval_qa" in key for key in logs or {}):
+            raise AttributeError("'float' object has no attribute 'copy'")
+
+
+def test_a_tracker_that_fails_on_the_callbacks_own_metrics_does_not_kill_the_run(tmp_path, tokenizer):
+    callback = make_callback(target_domains={"retrieval": domain_texts("law", 30),
+                                             "retrieval_qa": domain_texts("food", 30)})
+    trainer = make_trainer(tmp_path, tokenizer, callback, extra_callbacks=[PathLikeTracker()], max_steps=4)
+    with pytest.warns(RuntimeWarning, match="could not log its metrics to a tracker.*AttributeError"):
+        trainer.train()
+    assert trainer.state.global_step == 4 and [r["step"] for r in callback.history] == [2, 4]
+    assert callback.write_errors and all(e["what"] == "tracker log of the sts metrics" for e in callback.write_errors)
+    strict = make_callback(target_domains={"retrieval_qa": domain_texts("food", 30)}, strict=True)
+    with pytest.raises(AttributeError):
+        make_trainer(tmp_path / "strict", tokenizer, strict, extra_callbacks=[PathLikeTracker()], max_steps=2).train()
+
+
+def test_a_callback_removed_from_the_trainer_adds_nothing_to_its_later_runs(tmp_path, tokenizer):
+    """A notebook: train with callback A, remove_callback(A), add_callback(B), train again. A's evaluation keys
+    (its stale protected change) and its re-checks against its own base must not reach B's run."""
+    first = make_callback(protected=["law"])
+    trainer = make_trainer(tmp_path, tokenizer, first, max_steps=4, eval_strategy="steps", eval_steps=2,
+                           eval_texts=domain_texts("law", 8, seed=5))
+    trainer.train()
+    trainer.remove_callback(first)
+    second = make_callback(protected=["law"], tolerance=0.5)
+    trainer.add_callback(second)
+    trainer.args.max_steps = 6
+    trainer.train()
+    assert [r["step"] for r in first.history] == [2, 4]
+    lines = (tmp_path / "run" / "sts" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4, 6]
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e][-3:]
+    assert [e["eval_sts_protected_loss_delta"] for e in evals] == [e["eval_sts_loss_delta_law"] for e in evals]

@@ -293,9 +293,20 @@ class STSCallback(TrainerCallback, ExportableState):
         if namespace != "sts":
             metrics = {f"{namespace}/{key[4:]}" if key.startswith("sts/") else key: value
                        for key, value in metrics.items()}
-        # The base method: TRL's overrides would flush their running metrics early.
-        Trainer.log(self._trainer, dict(metrics))
-        control.should_log = should_log
+        try:  # the base method: TRL's overrides would flush their running metrics early
+            Trainer.log(self._trainer, dict(metrics))
+        except Exception as err:  # noqa: BLE001 - a tracker must never kill a training run (as for _export)
+            if self.strict:
+                raise
+            step = getattr(self._trainer.state, "global_step", None)
+            self.write_errors.append({"step": step, "what": "tracker log of the sts metrics",
+                                      "error": f"{type(err).__name__}: {err}"})
+            self.session.warn(f"tracker_log:{type(err).__name__}", f"STS could not log its metrics to a tracker "
+                              f"({type(err).__name__}: {err}); training goes on and the history and report keep "
+                              "them (domain names a tracker reads as paths, e.g. DVCLive's 'eval_' inside a name, "
+                              "are a known cause: rename the domain).", RuntimeWarning)
+        finally:
+            control.should_log = should_log
 
     def _export(self, what: str, export, payload) -> None:
         """Tables for W&B / TensorBoard (main process); a tracker's failure warns and is recorded, never raises."""
@@ -327,6 +338,8 @@ class STSCallback(TrainerCallback, ExportableState):
 
         def evaluation_loop(*args, **kwargs):
             output = loop(*args, **kwargs)
+            if not self._watches(attached_to()):  # removed from the trainer (remove_callback in a notebook)
+                return output
             prefix = signature.bind(*args, **kwargs).arguments.get("metric_key_prefix", "eval")
             for key, value in self.evaluation_metrics(prefix, attached_to()).items():
                 if key.endswith(f"_sts{PROTECTED_KEY}") and key in output.metrics:
@@ -338,6 +351,12 @@ class STSCallback(TrainerCallback, ExportableState):
         evaluation_loop._sts_wrapped = loop  # type: ignore[attr-defined]
         trainer.evaluation_loop = evaluation_loop
         return self
+
+    def _watches(self, trainer: Any) -> bool:
+        """Whether this callback is still among ``trainer``'s callbacks: one removed (``remove_callback``, then
+        another run) must add no keys and run no re-check in the trainer's later evaluations."""
+        handler = getattr(trainer, "callback_handler", None)
+        return handler is None or any(callback is self for callback in handler.callbacks)
 
     def evaluation_metrics(self, prefix: str = "eval", trainer: Any = None) -> dict[str, float]:
         """``<prefix>_sts_loss_delta_<domain>`` and ``<prefix>_sts_protected_loss_delta`` from a re-check at the
