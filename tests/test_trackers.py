@@ -325,3 +325,15 @@ def test_tensorboard_writer_is_closed_after_a_train_end_recheck(tmp_path, tokeni
     assert tb_callback.tb_writer is None
     [logdir] = (tmp_path / "run" / "runs").iterdir()
     assert [step for step, _ in event_texts(logdir)["sts/recheck"]] == [2, 4, 5]  # the train-end one written
+
+
+def test_domain_names_a_tracker_would_merge_or_nest_are_named_for_that_tracker_only():
+    from sts_callback.reporting.trackers import clashing_names
+
+    names = ["法律", "化学", "c++", "c__", "law", "retrieval", "retrieval_qa"]
+    mlflow = clashing_names(["mlflow"], names)  # transformers' MLflowCallback writes '_' for other characters
+    assert len(mlflow) == 2 and any("'法律'" in m and "'化学'" in m for m in mlflow) and "['c++', 'c__']" in mlflow[1]
+    dvclive = clashing_names("dvclive", names)  # DVCLive splits 'eval_' into a folder: retri/eval/qa
+    assert len(dvclive) == 1 and "['retrieval', 'retrieval_qa']" in dvclive[0]
+    assert len(clashing_names(["all"], names)) == 3
+    assert clashing_names(["wandb", "tensorboard"], names) == [] and clashing_names(["mlflow"], ["law", "math"]) == []

@@ -11,6 +11,7 @@ through the ``TensorBoardCallback``'s own writer, so it lands in the run's event
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +22,33 @@ from ..scoring.agreement import noise_ceiling_by_domain
 from ..scoring.signed import SIGNED_VARIANTS
 
 VARIANT_ORDER = SCORE_VARIANTS + SIGNED_VARIANTS
+
+
+# How trackers rewrite a metric's name (their callbacks in transformers, or their own logging): names that differ
+# only where a tracker rewrites them land in one series there, or (a name made a folder of another's value) fail.
+_TRACKER_NAMES = {
+    "mlflow": lambda name: re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", name),  # transformers' MLflowCallback
+    "dvclive": lambda name: name.replace("eval_", "eval/").replace("train_", "train/"),  # DVCLive's split
+}
+
+
+def clashing_names(report_to: Any, names: list[str]) -> list[str]:
+    """For each tracker in ``report_to`` that rewrites metric names, a sentence per group of domain ``names`` that
+    it would log as one series (or one inside another's path, which DVCLive cannot store)."""
+    trackers = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    out = []
+    for tracker, rewrite in _TRACKER_NAMES.items():
+        if tracker not in trackers and "all" not in trackers:
+            continue
+        written = {name: rewrite(name) for name in names}
+        for name in names:
+            clash = [other for other in names if other != name and (written[other] == written[name] or
+                     written[other].startswith(written[name] + "/"))]
+            if clash and name < min(clash):  # each group said once
+                shown = sorted({written[n] for n in [name, *clash]})
+                out.append(f"{tracker} logs the domains {[name, *clash]} as {shown} (sts/<quantity>/<domain>), so "
+                           "their series merge or fail there")
+    return out
 
 
 def export_forecast(trainer: Any, forecast: Any, namespace: str = "sts") -> None:
