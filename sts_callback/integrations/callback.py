@@ -470,16 +470,17 @@ class STSCallback(TrainerCallback, ExportableState):
                 session.autocast, own=session.monitor.probe, domains=self._run_level_domains,
                 own_tokens=session.settings.loss_tokens)
             forecast = session.start(model, probe, domains, demos, progress=True, forecast_run=run, run_level=level)
+            # one log call: a tracker that counts its own steps by calls (DVCLive) keeps the trainer's steps
+            metrics = {}
             if session.run_level is not None:
-                self._log({f"sts/run_level/{name}": value for name, value in session.run_level["change"].items()},
-                          control)
+                metrics.update({f"sts/run_level/{name}": value for name, value in session.run_level["change"].items()})
             if session.base_accuracy:  # each chart of sts/accuracy/<domain> starts from train start
-                self._log({f"sts/accuracy/{name}": value for name, value in session.base_accuracy.items()}, control)
+                metrics.update({f"sts/accuracy/{name}": value for name, value in session.base_accuracy.items()})
             if forecast is not None:
                 self._export("forecast", trackers.export_forecast, forecast)
-                self._log({f"sts/forecast/{name}": value for name, value in forecast.ranked() if value is not None},
-                          control)
-                self._log({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()}, control)
+                metrics.update({f"sts/forecast/{name}": value for name, value in forecast.ranked() if value is not None})
+                metrics.update({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()})
+            self._log(metrics, control)
         self._ready = True
 
     def _leave_out_of_the_objective(self, trainer: Any) -> None:
