@@ -15,6 +15,9 @@ from sts_callback.core.sae import layer_from_hook_name
     ("model.layers.5.output", 5),
     ("model.language_model.layers.3", 3),
     ("transformer.h.7", 7),
+    ("model.layers.5.input", 4),  # a block's input is the previous block's output
+    ("model.blocks.4.hook_resid_post", 4),  # a model or release prefix
+    ("gpt2-small/blocks.4.hook_resid_pre", 3),
     ("blocks.3.hook_mlp_out", None),
     (None, None),
 ])
@@ -25,7 +28,11 @@ def test_hook_names_map_to_decoder_blocks(hook, layer):
 @pytest.mark.parametrize("hook", ["model.layers.1.mlp", "model.layers.1.self_attn", "model.layers.1.input_layernorm",
                                   "model.layers.1.post_attention_layernorm", "model.layers.1.mlp.down_proj",
                                   "transformer.h.1.attn", "transformer.h.1.ln_2", "blocks.1.hook_mlp_out",
-                                  "model.norm", "transformer.ln_f", "model.final_layernorm"])
+                                  "model.norm", "transformer.ln_f", "model.final_layernorm",
+                                  # inputs of a block's parts (Gemma Scope 2 transcoders read hook_mlp_in) and the
+                                  # embeddings: a layer= would make them read a block's output silently
+                                  "blocks.1.hook_mlp_in", "blocks.1.hook_attn_in", "blocks.1.hook_q_input",
+                                  "model.embed_tokens", "transformer.wte"])
 def test_an_sae_on_a_block_part_is_refused_so_that_a_layer_cannot_make_it_read_the_residual(hook):
     with pytest.raises(STSInputError, match="not the residual stream"):
         load_sae(TinySAE(32, 64, hook_name=hook))
@@ -141,3 +148,56 @@ def test_encoding_ignores_a_trainers_bf16_autocast():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # TRL's default bf16=True on CPU
         inside = sae.encode(rows)
     assert inside.dtype == torch.float32 and torch.equal(inside, expected)
+
+
+def test_a_non_residual_hook_name_is_refused_whatever_the_hugging_face_name_says():
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    metadata = SAEMetadata(hook_name="blocks.1.hook_mlp_in", hf_hook_name="model.layers.1")
+    with pytest.raises(STSInputError, match="hook_mlp_in.*not the residual stream"):
+        load_sae(StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=metadata)))
+
+
+def test_a_transcoder_is_refused_as_no_residual_sae():
+    sae_lens = pytest.importorskip("sae_lens")
+    if not hasattr(sae_lens, "Transcoder"):
+        pytest.skip("this sae-lens has no transcoders")
+    from sae_lens.saes.sae import SAEMetadata
+
+    metadata = SAEMetadata(hook_name="blocks.1.hook_resid_post", hook_name_out="blocks.1.hook_mlp_out")
+    transcoder = sae_lens.Transcoder(sae_lens.TranscoderConfig(d_in=32, d_sae=64, d_out=32, metadata=metadata,
+                                                               apply_b_dec_to_input=False))
+    with pytest.raises(STSInputError, match="is a transcoder"):
+        load_sae(transcoder)
+
+
+def test_an_encode_that_returns_no_dense_latents_is_refused_at_load():
+    """EleutherAI sparsify's Sae.encode returns (top_acts, top_indices, pre_acts): it failed mid-pass with a bare
+    AttributeError."""
+    class SparseOutput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(32, 64)
+            self.d_in = 32
+
+        def encode(self, x):
+            top = torch.relu(self.proj(x)).topk(4)
+            return top.values, top.indices
+
+    with pytest.raises(STSInputError, match="returned a tuple.*dense latents of shape \\[n, d_sae\\]"):
+        load_sae(SparseOutput())
+
+
+def test_the_sae_fit_counts_negative_latents_as_active():
+    from sts_callback.pipelines.monitor import fit_from_sums, fit_sums
+
+    class SignedLatents(torch.nn.Module):  # AbsTopK: the k largest by magnitude, negative ones too
+        def encode(self, x):
+            return torch.stack([x[:, 0], -x[:, 1].abs(), torch.zeros_like(x[:, 0])], dim=1)
+
+        def decode(self, latents):
+            return torch.nn.functional.pad(latents[:, :2], (0, 2))
+
+    rows = torch.tensor([[1.0, 2.0, 0.0, 0.0], [3.0, -1.0, 0.0, 0.0]])
+    assert fit_from_sums(fit_sums(SignedLatents(), rows))["l0"] == 2.0

@@ -21,17 +21,19 @@ from torch import nn
 
 from .errors import STSInputError
 
-_LAYER_PATTERNS = (
-    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 0),
-    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), -1),  # resid_pre of L is resid_post of L-1
+_LAYER_PATTERNS = (  # a model or release prefix before the name ("model.", "gpt2-small/") is allowed
+    (re.compile(r"(?:^|[./])blocks\.(\d+)\.hook_resid_post$"), 0),
+    (re.compile(r"(?:^|[./])blocks\.(\d+)\.hook_resid_pre$"), -1),  # resid_pre of L is resid_post of L-1
     (re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.output)?$"), 0),
+    (re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.input$"), -1),  # a block's input is the previous one's output
 )
 
 
 # TransformerLens hooks that are inside a block, not its output: never the residual stream STS reads. Any other
 # unrecognised name (a descriptive one such as "gemma-l12-res") is accepted once STSConfig(layer=) says the layer.
-_NOT_RESIDUAL = re.compile(r"hook_(?:resid_mid|mlp_out|attn_out|z|q|k|v|pattern|scores|result|pre|post|normalized|"
-                           r"scale|embed|pos_embed)$|\.(?:attn|mlp|ln\d?|ln_final)\."
+_NOT_RESIDUAL = re.compile(r"hook_(?:resid_mid|mlp_out|attn_out|mlp_in|attn_in|[qkv]_input|z|q|k|v|pattern|scores|"
+                           r"result|pre|post|normalized|scale|embed|pos_embed)$|\.(?:attn|mlp|ln\d?|ln_final)\."
+                           r"|(?:^|\.)(?:embed_tokens|embed_in|wte|wpe)$"  # the embeddings, before any block
                            # Hugging Face sub-modules of a block (its attention, MLP, norms), as a name or a prefix
                            r"|\.(?:self_attn|attn|attention|cross_attn|mlp|feed_forward|ffn|experts|"
                            r"norm|\w*layernorm|\w*_norm|ln_\d|ln_f)(?:\.|$)")
@@ -125,6 +127,11 @@ def _sae_lens_handle(sae: Any, source: dict[str, Any]) -> SAEHandle:
     metadata = getattr(cfg, "metadata", None)
     hook_name = getattr(metadata, "hook_name", None) if metadata is not None else None
     hf_hook_name = getattr(metadata, "hf_hook_name", None) if metadata is not None else None
+    if getattr(cfg, "d_out", None) is not None or getattr(metadata, "hook_name_out", None) is not None:
+        raise STSInputError(
+            f"{type(sae).__name__} is a transcoder (it maps {hook_name or 'a hook'} to "
+            f"{getattr(metadata, 'hook_name_out', None) or 'another'}), not a sparse autoencoder of the residual "
+            "stream; STS needs a resid_post SAE (e.g. 'blocks.12.hook_resid_post' or 'model.layers.12').")
     layer = layer_from_hook_name(hook_name)
     if layer is None:
         layer = layer_from_hook_name(hf_hook_name)
@@ -154,12 +161,20 @@ def _generic_handle(module: Any) -> SAEHandle:
             f"Cannot tell the input width of {type(module).__name__}: give it a `d_in` attribute (or `cfg.d_in`, "
             "or a `W_enc` of shape [d_in, d_sae])."
         )
-    if d_sae is None:
-        param = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
-        probe = torch.zeros(1, d_in, device=param.device if param is not None else None,
-                            dtype=param.dtype if param is not None else torch.float32)
-        with torch.no_grad():
-            d_sae = int(module.encode(probe).shape[-1])
+    param = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
+    probe = torch.zeros(1, int(d_in), device=param.device if param is not None else None,
+                        dtype=param.dtype if param is not None else torch.float32)
+    with torch.no_grad():  # at load time: an encode() of another shape would fail mid-pass with a bare error
+        latents = module.encode(probe)
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 2 or latents.shape[0] != 1 or \
+            (d_sae is not None and latents.shape[-1] != d_sae):
+        shown = f"a tensor of shape {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) else \
+            f"a {type(latents).__name__}"
+        raise STSInputError(
+            f"{type(module).__name__}.encode(x) returned {shown} for x of shape [1, {d_in}]; STS needs dense "
+            f"latents of shape [n, d_sae]{f' (d_sae={d_sae})' if d_sae else ''}. Wrap it so that encode returns "
+            "them (e.g. scatter sparse top-k activations and indices into a zero tensor).")
+    d_sae = d_sae or int(latents.shape[-1])
     hook_name = getattr(module, "hook_name", None)
     return SAEHandle(module=module, d_in=int(d_in), d_sae=int(d_sae), hook_name=hook_name,
                      layer=layer_from_hook_name(hook_name), source={"kind": type(module).__name__})
@@ -221,7 +236,7 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
         )
     if device is not None or dtype is not None:
         handle.to(device=device, dtype=dtype)
-    if handle.layer is None and handle.hook_name and _NOT_RESIDUAL.search(handle.hook_name):
+    if handle.hook_name and _NOT_RESIDUAL.search(handle.hook_name):  # whatever another name says (hf_hook_name)
         raise STSInputError(
             f"The SAE reads hook {handle.hook_name!r}, which is not the residual stream after a decoder block (so "
             "STSConfig(layer=) cannot make it one); STS needs a resid_post SAE (e.g. 'blocks.12.hook_resid_post' or "

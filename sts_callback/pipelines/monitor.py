@@ -77,7 +77,7 @@ def fit_sums(sae, rows: torch.Tensor) -> torch.Tensor:
     x = rows.double()
     out[0] = (x - recon.double()).square().sum()
     out[1] = x.square().sum()
-    out[2] = (latents > 0).sum()
+    out[2] = (latents != 0).sum()  # active latents: some SAEs (AbsTopK) have negative ones
     out[3] = rows.shape[0]
     out[4:] = x.sum(0)
     return out
