@@ -607,9 +607,12 @@ def test_a_warning_turned_into_an_error_keeps_the_record_that_raised_it(tmp_path
 
 def test_a_bare_error_in_the_step0_forecast_says_where_it_came_from_and_what_to_lower(tmp_path, tokenizer):
     sae = TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    encode = sae.encode
 
-    def out_of_memory(x):
-        raise MemoryError("out of memory in encode")
+    def out_of_memory(x):  # a batch of the forecast's, not load_sae's one-row check of encode's output
+        if x.shape[0] > 1:
+            raise MemoryError("out of memory in encode")
+        return encode(x)
 
     sae.encode = out_of_memory
     trainer = make_trainer(tmp_path, tokenizer, make_callback(sae=sae), max_steps=2)
