@@ -388,3 +388,24 @@ def worker(out: Path) -> None:
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))
+
+
+def test_completions_the_trainer_masks_for_truncation_carry_no_weight(tokenizer):
+    """GRPOConfig(mask_truncated_completions=True): a completion cut at max_completion_length before an EOS is left
+    out of the loss; the forecast must not be built from it (the group's reward statistics still count it)."""
+    def rollouts(mask: bool, truncated: list[bool]) -> Rollouts:
+        group = RolloutGroup(index=0, prompt="what is law ?", columns={}, prompt_ids=tokenizer("what is law ?")[
+            "input_ids"], completions=["law court", "cook bake", "gene dna", "two three"],
+            completion_ids=[tokenizer(c, add_special_tokens=False)["input_ids"] for c in
+                            ["law court", "cook bake", "gene dna", "two three"]],
+            rewards=[[3.0], [2.0], [1.0], [0.0]], truncated=truncated)
+        return Rollouts(groups=[group], reward_names=["r"], reward_weights=[1.0],
+                        settings={"scale_rewards": "group", "mask_truncated_completions": mask})
+
+    cut = [True, False, False, True]
+    masked = rollouts(True, cut)
+    assert masked.trained_advantages[0].tolist() == [0.0, *masked.advantages[0, 1:3].tolist(), 0.0]
+    assert [r["completion"] for r in masked.demonstrations()] == ["cook bake"]  # not the cut best one
+    assert [r["completion"] for r in rollouts(False, cut).demonstrations()] == ["law court", "cook bake"]
+    with pytest.raises(STSInputError, match="mask_truncated_completions=True"):
+        rollouts(True, [True, True, False, False]).demonstrations()  # what is left is all below the mean

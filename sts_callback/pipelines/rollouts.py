@@ -65,6 +65,7 @@ class RolloutSettings:
     reward_weights: list[float] | None = None
     scale_rewards: str = "group"
     multi_objective_aggregation: str = "sum_then_normalize"
+    mask_truncated_completions: bool = False  # a completion cut at max_completion_length is left out of the loss
 
     def __post_init__(self) -> None:
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)  # as TRL
@@ -266,6 +267,7 @@ class RolloutGroup:
     completions: list[Any]  # as the reward functions saw them: strings, or [{"role": "assistant", ...}]
     completion_ids: list[list[int]]
     rewards: list[list[float | None]]
+    truncated: list[bool] = field(default_factory=list)  # cut at the length limit before an EOS
 
 
 @dataclass
@@ -294,14 +296,34 @@ class Rollouts:
     def num_generations(self) -> int:
         return len(self.groups[0].completions)
 
+    @property
+    def trained_advantages(self) -> torch.Tensor:
+        """The advantages the loss applies: 0 for a completion cut at the trainer's length limit when the trainer
+        masks those (``mask_truncated_completions``); the group's statistics still count it, as in TRL."""
+        if not self.settings.get("mask_truncated_completions"):
+            return self.advantages
+        cut = torch.tensor([[bool(t) for t in g.truncated] if g.truncated else [False] * len(g.completions)
+                            for g in self.groups], dtype=torch.bool)
+        return self.advantages.masked_fill(cut, 0.0)
+
     def signal(self) -> torch.Tensor:
-        """Which prompts' completions differ in reward (a completion above the group's mean and one below)."""
-        return (self.advantages > 0).any(dim=1) & (self.advantages < 0).any(dim=1)
+        """Which prompts' trained completions differ in reward (a completion above the group's mean and one
+        below)."""
+        trained = self.trained_advantages
+        return (trained > 0).any(dim=1) & (trained < 0).any(dim=1)
 
     def check_signal(self, use: str) -> None:
         """Raise when no prompt's rewards separate its completions: nothing to select or weight by."""
         if bool(self.signal().any()):
             return
+        if bool(((self.advantages > 0).any(dim=1) & (self.advantages < 0).any(dim=1)).any()):
+            cut = sum(sum(bool(t) for t in g.truncated) for g in self.groups)
+            raise STSInputError(
+                f"The rewards separate completions, but {cut} of the {self.rewards.numel()} sampled were cut at "
+                "max_completion_length before an EOS, and the trainer leaves those out of its loss "
+                "(mask_truncated_completions=True): no trained completion is above its group's mean and one below, "
+                f"so there is nothing to build {use} from. GRPO itself gets no gradient from them; raise "
+                "max_completion_length.")
         scored = self.rewards[~torch.isnan(self.rewards)]
         n = self.rewards.numel()
         if scored.numel() == 0:
@@ -325,11 +347,12 @@ class Rollouts:
             raise STSConfigError(f"top_fraction={top_fraction!r} must be in (0, 1].")
         self.check_signal("demonstrations")
         records = []
+        trained = self.trained_advantages
         for g, group in enumerate(self.groups):
-            order = sorted(range(len(group.completions)), key=lambda j: (-float(self.advantages[g, j]), j))
+            order = sorted(range(len(group.completions)), key=lambda j: (-float(trained[g, j]), j))
             best = set(order[: math.ceil(top_fraction * len(order))] if top_fraction is not None else order)
             records += [{"prompt": group.prompt, "completion": completion} for j, completion in
-                        enumerate(group.completions) if j in best and float(self.advantages[g, j]) > 0]
+                        enumerate(group.completions) if j in best and float(trained[g, j]) > 0]
         return records
 
     def contrast_units(self, builder: PromptBuilder) -> list[ContrastUnit]:
@@ -337,10 +360,11 @@ class Rollouts:
         by its advantage (the high side and the low side each averaged with their weights)."""
         self.check_signal("a reward-weighted shift")
         units = []
+        trained, signal = self.trained_advantages, self.signal()
         for g, group in enumerate(self.groups):
-            if bool(self.signal()[g]):
+            if bool(signal[g]):
                 units.append(ContrastUnit([completion_sequence(builder, group.prompt_ids, ids)
-                                           for ids in group.completion_ids], self.advantages[g].tolist()))
+                                           for ids in group.completion_ids], trained[g].tolist()))
         return units
 
     def summary(self) -> dict[str, Any]:
@@ -540,7 +564,8 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
                     columns = {k: v for k, v in record.items() if k not in ("prompt", "completion", "completion_ids")}
                     rewards = score_completions(funcs, [prompt] * generations, completions, completion_ids,
                                                 {k: [v] * generations for k, v in columns.items()}, trainer_state)
-                    local.append(RolloutGroup(position, prompt, columns, ids, completions, completion_ids, rewards))
+                    local.append(RolloutGroup(position, prompt, columns, ids, completions, completion_ids, rewards,
+                                              [not c or c[-1] not in eos for c in completion_ids]))
                 if bar is not None:
                     bar.update(1)
     except Exception as err:  # noqa: BLE001 - re-raised on every rank below, so that no rank waits in the gather
@@ -557,6 +582,14 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     recorded = {"seed": config.seed, "num_generations": generations, "max_completion_length": max_new,
                 **{k: v for k, v in settings.to_dict().items()
                    if k not in ("num_generations", "max_completion_length", "reward_weights")}}
+    wanted = (settings.generation_kwargs or {}).get("max_new_tokens") or settings.max_completion_length
+    if settings.mask_truncated_completions and wanted is not None and max_new < wanted:
+        # cut at STS's shorter limit, a completion may end within the trainer's: which ones it masks is unknown
+        recorded["mask_truncated_completions"] = False
+        warnings.warn(f"mask_truncated_completions: STS's rollouts stop at {max_new} tokens (rollout_max_tokens), "
+                      f"before the trainer's {wanted}, so which completions training leaves out is unknown; all are "
+                      "used. Raise STSConfig.rollout_max_tokens to the trainer's length to mirror it.", STSDataWarning,
+                      stacklevel=2)
     rollouts = Rollouts(groups=groups, reward_names=[_reward_name(f) for f in funcs], reward_weights=weights,
                         settings=recorded)
     signal = rollouts.signal()
