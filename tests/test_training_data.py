@@ -6,7 +6,7 @@ from tiny import make_tokenizer
 
 from sts_callback import STSInputError
 from sts_callback.core.data import example_from_record
-from sts_callback.integrations.training_data import corpus_from_training_dataset
+from sts_callback.integrations.training_data import corpus_from_training_dataset, probe_corpus
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +297,40 @@ def test_a_tokenized_conversation_keeps_its_later_turns(tokenizer):
     packed_texts = ids + [tokenizer.bos_token_id] + ids[1:]  # plain texts packed whole: every token trained
     assert corpus_from_training_dataset(Dataset.from_dict({"input_ids": [packed_texts], "labels": [packed_texts]}),
                                         tokenizer)[0].plain_text
+
+
+@pytest.mark.parametrize("max_length, read_raw", [(24, False), (512, True)])
+def test_chats_a_trainer_cut_at_max_length_are_read_as_it_trains_them(tokenizer, tmp_path, max_length, read_raw):
+    """TRL keeps the raw conversations beside the ids it cut at max_length: the forecast reads what is trained
+    (the raw turns lay out better, so they are kept where no row was cut)."""
+    from tiny import domain_texts, make_model
+    from trl import SFTConfig, SFTTrainer
+
+    law, food = domain_texts("law", 8, length=30), domain_texts("food", 8, length=12)
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": a}] for a in law],
+                              "completion": [[{"role": "assistant", "content": b}] for b in food]})
+    trainer = SFTTrainer(model=make_model("llama"), train_dataset=data, processing_class=tokenizer,
+                         args=SFTConfig(output_dir=str(tmp_path), max_length=max_length, use_cpu=True, report_to=[]))
+    corpus = probe_corpus(None, trainer, None, tokenizer)
+    assert all(corpus[i].is_chat == read_raw for i in range(len(corpus)))
+    food_words = set(" ".join(food).split())
+    trained = []
+    for row in trainer.train_dataset:
+        words = tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]).split()
+        trained.append([w for w in words if w in food_words])
+    read = [[w for w in (corpus[i].answer or "").split() if w in food_words] for i in range(len(corpus))]
+    assert [w for words in read for w in words] == [w for words in trained for w in words]
+    assert read_raw or sum(map(len, trained)) < sum(len(t.split()) for t in food)  # the cut is what the test is about
+
+
+def test_a_packed_piece_training_trains_nothing_of_is_no_training_text(tokenizer):
+    """packing_strategy="bfd_split" / "wrapped" split a long prompt into pieces whose labels are all -100: such a
+    piece is no plain text the forecast trains on (nor a demonstration)."""
+    from sts_callback.pipelines.recipe import training_features
+
+    prompt, answer = tokenizer("law court judge")["input_ids"], tokenizer("cook bake")["input_ids"][1:]
+    data = Dataset.from_dict({"input_ids": [prompt, prompt + answer],
+                              "labels": [[-100] * len(prompt), [-100] * len(prompt) + answer]})
+    corpus = corpus_from_training_dataset(data, tokenizer)
+    assert not corpus[0].can_demonstrate and (corpus[1].prompt, corpus[1].answer) == ("law court judge", "cook bake")
+    assert len(training_features(corpus, tokenizer, 64, completion_only=True, chat_fallback=False)) == 1

@@ -65,6 +65,8 @@ class DecodedCorpus(Corpus):
         if self.mask_key is not None and self.mask_key in row:
             mask = [int(label != IGNORE_INDEX) for label in token_list(row["labels"])] \
                 if self.mask_key == "labels" else token_list(row[self.mask_key])
+            if not any(mask[start:stop]):  # a prompt piece packing split off: training trains none of it
+                return Example(prompt="", plain_text=True)  # no text: passed over where texts are drawn
             attention = token_list(row["attention_mask"])[start:stop] if "attention_mask" in row else None
             split = prompt_answer_split(ids, mask[start:stop], attention, self._strip, self.tokenizer.bos_token_id)
             if split is not None:
@@ -211,8 +213,10 @@ def _truth_mask(dataset: Any, column: str) -> np.ndarray | None:
     return np.asarray(pc.fill_null(truth, False).to_numpy(), dtype=bool)  # a null reads as None: false
 
 
-def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -> Corpus:
-    """A trainer's dataset (raw or tokenized, map-style or streaming) as a corpus named ``name``."""
+def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train", max_length: int | None = None,
+                                 ) -> Corpus:
+    """A trainer's dataset (raw or tokenized, map-style or streaming) as a corpus named ``name``; ``max_length``:
+    the trainer's (``SFTConfig.max_length``), at which it cut the rows it tokenized."""
     if not hasattr(dataset, "__len__"):  # a streaming IterableDataset: its first examples stand for it
         dataset = take_streamed(dataset)
     first = dataset[0] if len(dataset) else {}
@@ -221,7 +225,8 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
         return load_corpus(dataset, name=name)
     if "label" in columns and columns & {"completion", "completion_ids"}:
         dataset = _desirable_only(dataset, name)
-    if columns & RAW_COLUMNS and not _trained_as_tokenized(columns, first) or not isinstance(first, Mapping):
+    if columns & RAW_COLUMNS and not _trained_as_tokenized(dataset, columns, first, max_length) \
+            or not isinstance(first, Mapping):
         try:
             corpus = load_corpus(dataset, name=name)
             if len(corpus):
@@ -247,13 +252,24 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train") -
                         f"{sorted(columns)}, none of {sorted(RAW_COLUMNS)}, 'input_ids' or 'prompt_ids'.")
 
 
-def _trained_as_tokenized(columns: set[str], first: Any) -> bool:
+def _trained_as_tokenized(dataset: Any, columns: set[str], first: Any, max_length: int | None) -> bool:
     """Whether a set that keeps its raw text beside TRL's ``input_ids`` is read from the ids: what is trained,
     cut at ``max_length``, not the whole raw text. Chats keep their raw turns (the forecast lays them out with
-    the chat template itself); so do DPO's columns, which have no ``input_ids``."""
-    if "input_ids" not in columns or "messages" in columns:
+    the chat template itself) unless the trainer cut some row at ``max_length``: then the turns it trained are
+    not the raw ones. DPO's columns, which have no ``input_ids``, stay raw."""
+    if "input_ids" not in columns:
         return False
-    return not isinstance(first.get("prompt") if isinstance(first, Mapping) else None, list)
+    chat = "messages" in columns or isinstance(first.get("prompt") if isinstance(first, Mapping) else None, list)
+    return not chat or (max_length is not None and _some_row_reaches(dataset, "input_ids", max_length))
+
+
+def _some_row_reaches(dataset: Any, column: str, length: int, rows: int = 10_000) -> bool:
+    """Whether a row's ``column`` holds ``length`` items or more (a row cut there), over its first ``rows``."""
+    sizes = _list_sizes(dataset.select(range(min(rows, len(dataset)))) if hasattr(dataset, "select") else dataset,
+                        column)
+    if sizes is None:
+        sizes = [len(token_list(dataset[i][column])) for i in range(min(rows, len(dataset)))]
+    return bool(len(sizes)) and int(max(sizes)) >= length
 
 
 def _desirable_only(dataset: Any, name: str) -> Any:
@@ -298,7 +314,8 @@ def target_corpora(target: Any, trainer: Any, tokenizer) -> tuple[dict[str, Corp
 def probe_corpus(train_probe: Any, trainer: Any, train_dataloader: Any, tokenizer) -> Corpus:
     """The training data whose shift is forecast and re-checked: ``train_probe`` or the trainer's train set."""
     if train_probe is not None:  # a dataset as the trainer would take it (tokenized too), or texts / records
-        corpus = corpus_from_training_dataset(train_probe, tokenizer, name="train_probe") if is_dataset(train_probe) \
+        corpus = corpus_from_training_dataset(train_probe, tokenizer, name="train_probe",
+                                              max_length=trained_length(trainer)) if is_dataset(train_probe) \
             else load_corpus(train_probe, name="train_probe")
         if len(corpus) == 0:
             raise STSInputError("train_probe has no texts; give the training data whose effect is forecast (or "
@@ -309,4 +326,10 @@ def probe_corpus(train_probe: Any, trainer: Any, train_dataloader: Any, tokenize
         dataset = getattr(train_dataloader, "dataset", None)
     if dataset is None:
         raise STSInputError("No training data found for the forecast: pass train_probe= to STSCallback.")
-    return corpus_from_training_dataset(dataset, tokenizer)
+    return corpus_from_training_dataset(dataset, tokenizer, max_length=trained_length(trainer))
+
+
+def trained_length(trainer: Any) -> int | None:
+    """The length at which the trainer cuts what it trains (TRL's ``max_length``), if it has one."""
+    value = getattr(getattr(trainer, "args", None), "max_length", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -23,6 +23,8 @@ def training_features(corpus: Corpus, tokenizer, max_length: int, completion_onl
     features = []
     for i in range(len(corpus)):
         example: Example = corpus[i]
+        if example.plain_text and not example.can_demonstrate:  # no text (a row training trains none of)
+            continue
         if example.plain_text:
             ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])[:max_length]
             labels = list(ids)
