@@ -199,3 +199,29 @@ def test_bad_preference_inputs_name_the_problem(model, tokenizer, sae):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean input warns about nothing
         preference_forecast(model, tokenizer, sae, pairs(), targets(), config())
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_pairs_are_read_as_the_dpo_collator_cuts_them(model, tokenizer, sae, mode):
+    """DPOConfig(max_length=..., truncation_mode=...): TRL's collator cuts each prompt + completion sequence; the
+    forecast counts only the completion tokens it trains."""
+    from sts_callback.pipelines.preference import Truncation
+
+    setup = ForecastSetup.create(model, tokenizer, sae, config())
+    prompt = tokenizer("law court judge statute")["input_ids"]
+    chosen = tokenizer("cook bake flour sugar oven", add_special_tokens=False)["input_ids"]
+    rejected = tokenizer("gene dna", add_special_tokens=False)["input_ids"]
+    record = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+    cut = Truncation(max_length=7, mode=mode)
+    pair = tokenize_preference(setup.builder, record, 0, truncation=cut)
+    if mode == "keep_start":  # the completion's end is cut
+        assert pair.chosen[0] == (prompt + chosen)[:7] and sum(pair.chosen[1]) == 7 - len(prompt) == 2
+    else:  # the prompt's start is cut, the completion kept whole
+        assert pair.chosen[0] == (prompt + chosen)[-7:] and sum(pair.chosen[1]) == len(chosen)
+    assert pair.rejected[0] == prompt + rejected  # within max_length: as it is
+    assert tokenize_preference(setup.builder, record, 0).chosen[0] == prompt + chosen  # no truncation given
+    from types import SimpleNamespace
+
+    assert Truncation.from_args(SimpleNamespace(max_length=7, truncation_mode=mode)) == cut
+    with pytest.raises(STSConfigError, match="truncation_mode='middle'"):
+        Truncation.from_args(SimpleNamespace(max_length=7, truncation_mode="middle"))

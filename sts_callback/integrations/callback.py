@@ -29,6 +29,7 @@ from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
 from ..core.schedule import planned_learning_rates
 from ..pipelines.guard import GuardConfig
+from ..pipelines.preference import Truncation
 from ..scoring.calibration import own_feature
 from ..pipelines.recheck import RecheckConfig, RecheckSteps
 from ..reporting import trackers
@@ -464,7 +465,8 @@ class STSCallback(TrainerCallback, ExportableState):
                     rollouts = trainer_rollouts(trainer, rollout_data(self.train_probe, trainer), session.setup,
                                                 state, progress=session.is_main)
                     session.monitor.probe = rollout_probe(rollouts, session.setup, session.settings.recheck_tokens)
-                run = forecast_runner(shift, data, probe, demos, rollouts)
+                cut = Truncation.from_args(getattr(trainer, "args", None)) if shift == "chosen_vs_rejected" else None
+                run = forecast_runner(shift, data, probe, demos, rollouts, cut)
             level = None if self.run_level is None else run_level_runner(
                 self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
                 session.autocast, own=session.monitor.probe, domains=self._run_level_domains,

@@ -29,7 +29,7 @@ import torch
 from ..core.data import Corpus, TokenSequence, load_corpus
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
-from ..pipelines.preference import completion_sequence, run_preference_forecast
+from ..pipelines.preference import Truncation, completion_sequence, run_preference_forecast
 from ..pipelines.monitor import peft_model_of
 from ..pipelines.rollouts import (RolloutSettings, Rollouts, completion_budget, draw_prompts, is_reward_model,
                                   prompt_records, reward_func_list, run_rollout_forecast, sample_rollouts)
@@ -149,13 +149,15 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
 
 
 def forecast_runner(shift: str, data: Any, probe: Corpus, demonstrations: Corpus | None,
-                    rollouts: Rollouts | None = None,
+                    rollouts: Rollouts | None = None, truncation: Truncation | None = None,
                     ) -> Callable[[ForecastSetup, dict[str, Corpus], bool], ForecastRun | None] | None:
     """A function ``(setup, domains, progress) -> ForecastRun | None`` computing the forecast of ``shift`` (``None``
     when the rollouts' rewards carry no signal, with a warning); ``None`` itself for the in-context shift of data
-    without answers (nothing to forecast from). The RL shifts need the :func:`trainer_rollouts`."""
+    without answers (nothing to forecast from). The RL shifts need the :func:`trainer_rollouts`; ``truncation``:
+    how a preference trainer cuts its pairs (:meth:`Truncation.from_args` of its args)."""
     if shift == "chosen_vs_rejected":
-        return lambda setup, domains, progress: run_preference_forecast(setup, data, domains, progress=progress)
+        return lambda setup, domains, progress: run_preference_forecast(setup, data, domains, progress=progress,
+                                                                        truncation=truncation)
     if shift in RL_SHIFTS:
         def rl_forecast(setup: ForecastSetup, domains: dict[str, Corpus], progress: bool) -> ForecastRun | None:
             try:

@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -232,8 +233,35 @@ def _implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """How a preference trainer cuts each prompt + completion sequence before training on it (TRL ``DPOConfig``'s
+    ``max_length`` and ``truncation_mode``: its collator keeps the first, or the last, ``max_length`` tokens)."""
+
+    max_length: int | None = None
+    mode: str = "keep_start"
+
+    @classmethod
+    def from_args(cls, args: Any) -> "Truncation":
+        length = getattr(args, "max_length", None)
+        mode = getattr(args, "truncation_mode", None) or "keep_start"
+        if mode not in ("keep_start", "keep_end"):
+            raise STSConfigError(f"truncation_mode={mode!r}: use 'keep_start' or 'keep_end', as TRL's DPO does.")
+        return cls(length if isinstance(length, int) and not isinstance(length, bool) else None, mode)
+
+    def apply(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
+        """The prompt and completion tokens the trainer keeps of ``prompt + completion``."""
+        if self.max_length is None or len(prompt) + len(completion) <= self.max_length:
+            return prompt, completion
+        if self.mode == "keep_end":
+            cut = len(prompt) + len(completion) - self.max_length
+            return prompt[cut:], completion[max(0, cut - len(prompt)):]
+        return prompt[: self.max_length], completion[: max(0, self.max_length - len(prompt))]
+
+
 def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: str = "preference data",
-                        chat_template_kwargs: dict[str, Any] | None = None) -> PreferencePair:
+                        chat_template_kwargs: dict[str, Any] | None = None,
+                        truncation: Truncation | None = None) -> PreferencePair:
     """A record ``{"prompt", "chosen", "rejected"}`` (strings or chat messages; TRL's implicit-prompt form without
     ``prompt``; or TRL's tokenized ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``, used as they are)."""
     where = f"record {index} of {name!r}"
@@ -241,10 +269,11 @@ def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: s
         raise STSInputError(f"{where} is a {type(record).__name__}; preference data needs records with 'prompt', "
                             "'chosen' and 'rejected' (strings or chat messages) or 'prompt_ids', 'chosen_ids' and "
                             "'rejected_ids'.")
+    cut = truncation or Truncation()
     if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(record):
         prompt_ids = list(record["prompt_ids"])
-        return PreferencePair(completion_sequence(builder, prompt_ids, list(record["chosen_ids"])),
-                              completion_sequence(builder, prompt_ids, list(record["rejected_ids"])), index)
+        return PreferencePair(completion_sequence(builder, *cut.apply(prompt_ids, list(record["chosen_ids"]))),
+                              completion_sequence(builder, *cut.apply(prompt_ids, list(record["rejected_ids"]))), index)
     missing = [k for k in ("chosen", "rejected") if record.get(k) is None]
     if missing:
         raise STSInputError(f"{where} lacks {missing} (it has {sorted(record)}); preference data needs 'prompt', "
@@ -267,7 +296,7 @@ def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: s
     sequences = []
     for completion in (chosen, rejected):
         prompt_ids, completion_ids = prompt_completion_ids(builder, prompt, completion, kwargs)
-        sequences.append(completion_sequence(builder, prompt_ids, completion_ids))
+        sequences.append(completion_sequence(builder, *cut.apply(prompt_ids, completion_ids)))
     return PreferencePair(sequences[0], sequences[1], index)
 
 
@@ -287,7 +316,8 @@ def raw_records(data: Any, what: str = "preference data") -> list[Any]:
 
 
 def plan_preference(builder: PromptBuilder, config, data: Any, name: str = "preference data",
-                    chat_template_kwargs: dict[str, Any] | None = None) -> tuple[list[PreferencePair], dict[str, int]]:
+                    chat_template_kwargs: dict[str, Any] | None = None, truncation: Truncation | None = None,
+                    ) -> tuple[list[PreferencePair], dict[str, int]]:
     """Pairs drawn in a seeded random order until ``config.shift_tokens`` counted completion tokens (chosen and
     rejected together). Pairs whose chosen and rejected tokens are identical are skipped: preference training gets no
     gradient from them. Returns the pairs and counts (``tokens``, ``identical``, ``empty``)."""
@@ -301,7 +331,7 @@ def plan_preference(builder: PromptBuilder, config, data: Any, name: str = "pref
     for index in order:
         if counts["tokens"] >= config.shift_tokens:
             break
-        pair = tokenize_preference(builder, records[index], index, name, chat_template_kwargs)
+        pair = tokenize_preference(builder, records[index], index, name, chat_template_kwargs, truncation)
         if not any(pair.chosen[1]) or not any(pair.rejected[1]):
             counts["empty"] += 1
             continue
@@ -331,11 +361,11 @@ NOTHING_MOVED = ("The chosen and rejected completions of {name!r} differ in no S
 
 def run_preference_forecast(setup: ForecastSetup, pairs: Any, domains: dict[str, Corpus], *, name: str = "preference data",
                             chat_template_kwargs: dict[str, Any] | None = None, progress: bool = False,
-                            start: float | None = None) -> ForecastRun:
+                            start: float | None = None, truncation: Truncation | None = None) -> ForecastRun:
     """The chosen-vs-rejected forecast on prepared inputs (``settings["shift"] == "chosen_vs_rejected"``); returns
     the statistics too (``shift`` is a :class:`ContrastStats`)."""
     start = time.perf_counter() if start is None else start
-    sampled, counts = plan_preference(setup.builder, setup.config, pairs, name, chat_template_kwargs)
+    sampled, counts = plan_preference(setup.builder, setup.config, pairs, name, chat_template_kwargs, truncation)
     units = [ContrastUnit([p.chosen, p.rejected], [1.0, -1.0]) for p in sampled]
     return contrast_forecast(setup, units, domains, kind="chosen_vs_rejected", what=f"preference pairs of {name!r}",
                              nothing_moved=NOTHING_MOVED.format(name=name),
@@ -345,7 +375,8 @@ def run_preference_forecast(setup: ForecastSetup, pairs: Any, domains: dict[str,
 
 def preference_forecast(model: nn.Module, tokenizer, sae: Any, pairs: Any, targets: Any, config: Any = None, *,
                         shift: str = "chosen_vs_rejected", progress: bool = False, calibration: Any = None,
-                        chat_template_kwargs: dict[str, Any] | None = None) -> Forecast:
+                        chat_template_kwargs: dict[str, Any] | None = None, max_length: int | None = None,
+                        truncation_mode: str = "keep_start") -> Forecast:
     """Forecast how preference training (DPO, IPO, ...) on ``pairs`` moves each target domain.
 
     Args:
@@ -355,6 +386,8 @@ def preference_forecast(model: nn.Module, tokenizer, sae: Any, pairs: Any, targe
         shift: ``"chosen_vs_rejected"`` (the direction preference training pushes; STSConfig.shift_tokens counts
             chosen and rejected tokens together) or ``"in_context"`` (the SFT-style forecast: the chosen completions
             as in-context demonstrations before the prompts, as :func:`~sts_callback.pipelines.forecast.forecast`).
+        max_length, truncation_mode: how the trainer cuts each prompt + completion (``DPOConfig``'s): the pairs
+            are read as it trains them.
         Other arguments as :func:`~sts_callback.pipelines.forecast.forecast`.
     """
     if shift not in PREFERENCE_SHIFTS:
@@ -362,8 +395,9 @@ def preference_forecast(model: nn.Module, tokenizer, sae: Any, pairs: Any, targe
     setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration)
     domains = load_domains(targets)
     if shift == "chosen_vs_rejected":
+        truncation = Truncation.from_args(SimpleNamespace(max_length=max_length, truncation_mode=truncation_mode))
         result = run_preference_forecast(setup, pairs, domains, chat_template_kwargs=chat_template_kwargs,
-                                         progress=progress, start=start).forecast
+                                         progress=progress, start=start, truncation=truncation).forecast
     else:
         result = run_forecast(setup, load_corpus(raw_records(pairs), name="train"), domains,
                               progress=progress, start=start).forecast
