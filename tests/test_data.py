@@ -442,6 +442,8 @@ def test_a_records_tools_and_chat_template_kwargs_render_as_trl_renders_them():
     assert plain.template_kwargs is None and "judge" not in tokenizer.decode(builder.single(plain)[0])
     with pytest.raises(STSInputError, match="'tools' is text that is not JSON"):
         example_from_record({"messages": chat, "tools": "[{name: judge"})
+    assert example_from_record({"messages": chat, "tools": " "}).template_kwargs is None  # an empty JSON-text row
+    assert example_from_record({"text": "law court", "tools": "pan, oven"}).plain_text  # not a chat: no template
 
 
 def test_a_records_tools_reach_the_training_features_and_the_preference_pairs():

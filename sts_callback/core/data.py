@@ -129,7 +129,9 @@ def record_template_kwargs(record: Any, where: str = "") -> dict[str, Any]:
         return {}
     kwargs = dict(record.get("chat_template_kwargs") or {})
     tools = record.get("tools")
-    if isinstance(tools, str):
+    if isinstance(tools, str) and not tools.strip():  # a JSON-text column's empty rows: no tools
+        tools = None
+    elif isinstance(tools, str):
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as err:
@@ -163,8 +165,8 @@ def joined_template_kwargs(examples: Sequence[Example]) -> dict[str, Any]:
 def example_from_record(record: Any, where: str = "") -> Example:
     """Turn one item (string, chat conversation or TRL-style record) into an :class:`Example`."""
     example = _example_from_record(record, where)
-    template_kwargs = record_template_kwargs(record, where)
-    if template_kwargs and example.is_chat:
+    template_kwargs = record_template_kwargs(record, where) if example.is_chat else {}  # only a chat is templated
+    if template_kwargs:
         example = replace(example, template_kwargs=template_kwargs)
     for text in [*example.prompt_texts, example.answer or ""]:
         try:
