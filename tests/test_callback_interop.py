@@ -120,6 +120,9 @@ def test_after_loading_the_best_checkpoint_the_report_and_evaluate_describe_its_
     at_best = next(r for r in history if r["step"] == best)
     report = (tmp_path / "run" / "sts" / "report.md").read_text()
     assert f"loaded its best checkpoint (step {best}, load_best_model_at_end): the run ends with step {best}'s" in report
+    headline = next(line for line in report.splitlines() if line.startswith("**Re-checks:**"))
+    assert f"of the weights the run ends with (step {best}, loaded at the end)" in headline
+    assert all(f"{name} {100 * value:+.1f}%" in headline for name, value in at_best["loss_delta"].items())
     metrics = trainer.evaluate()
     assert {name: metrics[f"eval_sts_loss_delta_{name}"] for name in at_best["loss_delta"]} == \
         pytest.approx(at_best["loss_delta"])

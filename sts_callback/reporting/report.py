@@ -250,10 +250,15 @@ class ReportData:
         if record is None:
             return (f"At the end the Trainer loaded its best checkpoint (step {loaded}, load_best_model_at_end), "
                     "which no re-check measured: the changes of later steps are of weights the run no longer has.")
+        later = len(self.rechecks) - len(self.end_rechecks)
         return (f"At the end the Trainer loaded its best checkpoint (step {loaded}, load_best_model_at_end): the run "
-                f"ends with step {loaded}'s weights, whose held-out loss change was "
-                f"{', '.join(_changes(record, self.protected, self.tolerance))}; the re-checks after step {loaded} "
-                "measured weights the run no longer has.")
+                f"ends with step {loaded}'s weights, whose changes these are; the {later} re-check(s) after step "
+                f"{loaded} measured weights the run no longer has.")
+
+    @property
+    def end_record(self) -> dict[str, Any] | None:
+        """The last re-check of the weights the run ended with (the loaded checkpoint's, else the last one)."""
+        return (self.end_rechecks or self.rechecks or [None])[-1]
 
     def measured(self) -> tuple[str, dict[str, float]] | None:
         """Measured effect per domain: a validation file if any, else the |loss change| of the last re-check of the
@@ -753,8 +758,8 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
         lines.append("Protected domains: " + ", ".join(esc(p) for p in data.protected)
                      + (f" (held-out loss tolerance {data.tolerance:.1%})" if data.tolerance is not None else "") + ".")
     if data.rechecks:
-        last = data.rechecks[-1]
-        lines.append(f"{len(data.rechecks)} re-check(s), last at step {esc(last['step'])}; overlap of the actually "
+        last = data.end_record
+        lines.append(f"{len(data.rechecks)} re-check(s), {esc(_which(data, last))}; overlap of the actually "
                      f"shifted latents with the forecast: {esc(_fmt(last.get('overlap_with_forecast')))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'}.")
         for note in (data.ended_note(), data.loaded_note()):
@@ -1058,6 +1063,13 @@ def _no_figures_note() -> str:
 
 
 # --------------------------------------------------------------------------- Markdown
+def _which(data: ReportData, record: dict[str, Any]) -> str:
+    """Which re-check a summary line describes: the last, or that of the checkpoint loaded at the end."""
+    if data.loaded_best_step is not None and record["step"] == data.loaded_best_step:
+        return f"of the weights the run ends with (step {record['step']}, loaded at the end)"
+    return f"last at step {record['step']}"
+
+
 def render_markdown(data: ReportData, top: int = 5) -> str:
     s = data.settings
     lines = ["### STS report", ""]
@@ -1097,9 +1109,9 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
     if data.skipped_note():
         lines += [md_esc(data.skipped_note()), ""]
     if data.rechecks:
-        last = data.rechecks[-1]
+        last = data.end_record
         deltas = ", ".join(md_esc(change) for change in _changes(last, data.protected, data.tolerance))
-        lines.append(f"**Re-checks:** {len(data.rechecks)}, last at step {last['step']}: "
+        lines.append(f"**Re-checks:** {len(data.rechecks)}, {_which(data, last)}: "
                      f"held-out loss change [95% interval] {deltas}; "
                      f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
