@@ -47,6 +47,26 @@ def test_an_sts_metric_for_the_best_model_that_no_evaluation_will_hold_is_refuse
     assert trainer.state.global_step == 0
 
 
+@pytest.mark.parametrize("metric, refused", [
+    ("eval_math_sts_loss_delta_sport", None),  # the second callback's own domain: no substring of another's
+    ("eval_sts_law_protected_loss_delta", "no domain is protected there"),  # only the shared key is worst-of-all
+    ("eval_sts_protected_loss_delta", None),
+])
+def test_the_metric_check_reads_each_callbacks_namespace_exactly(tmp_path, tokenizer, metric, refused):
+    first = make_callback(protected=["food"])
+    second = make_callback(output_subdir="math_sts" if "math" in metric else "sts_law",
+                           target_domains={"sport": domain_texts("sport", 30)})
+    trainer = make_trainer(tmp_path, tokenizer, first, extra_callbacks=[second], max_steps=2, eval_strategy="steps",
+                           eval_steps=2, eval_texts=domain_texts("law", 8, seed=4), metric_for_best_model=metric,
+                           greater_is_better=False, load_best_model_at_end=True)
+    if refused is None:
+        trainer.train()
+        assert metric in trainer.state.log_history[-2]
+    else:
+        with pytest.raises(STSConfigError, match=refused):
+            trainer.train()
+
+
 def test_a_reward_models_trainer_is_refused_for_its_model_not_for_its_data(tmp_path, tokenizer):
     """RewardTrainer's pairs are no training text STS reads, but the model is what rules the run out: saying so
     first spares the user a fix (train_probe=) that leads only to the real refusal."""

@@ -493,18 +493,21 @@ class STSCallback(TrainerCallback, ExportableState):
 
         if getattr(trainer, "compute_objective", None) is not default_compute_objective:
             return
-        handler = getattr(trainer, "callback_handler", None)
-        namespaces = {"sts", *(cb.namespace for cb in getattr(handler, "callbacks", [self])
-                               if isinstance(cb, STSCallback))}
+        callbacks = self._trainer_callbacks()
 
         def objective_without_sts(metrics: dict[str, float]) -> float:
             return default_compute_objective({key: value for key, value in metrics.items()
-                                              if not _is_sts_metric(key, namespaces)})
+                                              if not _sts_key_readings(key, trainer, callbacks)})
 
         trainer.compute_objective = objective_without_sts
         if self.session.is_main:
             print("STS: hyperparameter_search's default objective leaves out the eval_sts_* keys (it would sum them "
-                  "in); pass compute_objective= to use them.")
+                  "in); pass compute_objective= to include them.")
+
+    def _trainer_callbacks(self) -> list["STSCallback"]:
+        """The STSCallbacks on this callback's trainer (itself among them)."""
+        handler = getattr(self._trainer, "callback_handler", None)
+        return [cb for cb in getattr(handler, "callbacks", []) if isinstance(cb, STSCallback)] or [self]
 
     def _check_best_metric_is_logged(self, args, domains: list[str]) -> None:
         """``metric_for_best_model`` naming one of this callback's keys that no evaluation will hold (a domain it
@@ -512,20 +515,19 @@ class STSCallback(TrainerCallback, ExportableState):
         the first evaluation, hours in: refused at train start."""
         metric = getattr(args, "metric_for_best_model", None) or ""
         key = metric if metric.startswith("eval_") else f"eval_{metric}"
-        own = f"_{self.namespace}_loss_delta_"
-        if own in key and key.split(own, 1)[1] not in domains:
+        callbacks = self._trainer_callbacks()
+        readings = _sts_key_readings(key, self._trainer, callbacks)
+        if not readings or any(_may_hold(reading, self, domains, callbacks) for reading in readings):
+            return  # not an STS key, or one some evaluation holds (another callback's: its domains load later)
+        if readings[0][1] == "protected":
             raise STSConfigError(
-                f"metric_for_best_model={metric!r} names the domain {key.split(own, 1)[1]!r}, which this "
-                f"STSCallback does not monitor (its domains: {domains}); no evaluation will hold it. Name one of "
-                f"them, e.g. 'eval{own}{domains[0]}'.")
-        if key.endswith(f"_sts{PROTECTED_KEY}") or key.endswith(f"_{self.namespace}{PROTECTED_KEY}"):
-            handler = getattr(self._trainer, "callback_handler", None)
-            callbacks = [cb for cb in getattr(handler, "callbacks", [self]) if isinstance(cb, STSCallback)]
-            if not any(cb.protected for cb in callbacks or [self]):
-                raise STSConfigError(
-                    f"metric_for_best_model={metric!r} is the worst protected domain's change, but no domain is "
-                    "protected, so no evaluation will hold it: give STSCallback(protected=[...]), or name one "
-                    "domain's change, e.g. 'eval_sts_loss_delta_<domain>'.")
+                f"metric_for_best_model={metric!r} is the worst protected domain's change, but no domain is "
+                "protected there, so no evaluation will hold it: give STSCallback(protected=[...]), or name one "
+                f"domain's change, e.g. 'eval_{self.namespace}_loss_delta_<domain>'.")
+        raise STSConfigError(
+            f"metric_for_best_model={metric!r} names the domain {readings[0][2]!r}, which this STSCallback does "
+            f"not monitor (its domains: {domains}); no evaluation will hold it. Name one of them, e.g. "
+            f"'eval_{self.namespace}_loss_delta_{domains[0]}'.")
 
     def _check_own_folder(self, trainer: Any) -> None:
         """Two STSCallbacks writing one folder would interleave their histories and overwrite each other's
@@ -769,9 +771,36 @@ def _loaded_best_step(args, state) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _is_sts_metric(key: str, namespaces: set[str]) -> bool:
-    """Whether an evaluation metric is one this package's callbacks (under ``namespaces``) add."""
-    return any(f"_{ns}_loss_delta_" in key or key.endswith(f"_{ns}{PROTECTED_KEY}") for ns in namespaces)
+def _sts_key_readings(key: str, trainer: Any, callbacks: list[STSCallback]) -> list[tuple[Any, str, str]]:
+    """What an evaluation metric can be among the keys ``callbacks`` add: ``(callback, "loss", domain)``,
+    ``(callback, "protected", "")``, or ``(None, "protected", "")`` for the shared worst protected change; none for
+    a key of another kind. Read exactly: ``eval`` or ``eval_<eval set>`` (the trainer's eval sets by name), then
+    ``<namespace>_loss_delta_<domain>`` or ``<namespace>_protected_loss_delta``."""
+    eval_sets = getattr(trainer, "eval_dataset", None)
+    prefixes = ["eval", *(f"eval_{name}" for name in (eval_sets if isinstance(eval_sets, dict) else {}))]
+    readings: list[tuple[Any, str, str]] = []
+    for prefix in prefixes:
+        if not key.startswith(prefix + "_"):
+            continue
+        rest = key[len(prefix) + 1:]
+        if rest == f"sts{PROTECTED_KEY}":
+            readings.append((None, "protected", ""))
+        for callback in callbacks:
+            if rest == f"{callback.namespace}{PROTECTED_KEY}" and callback.namespace != "sts":
+                readings.append((callback, "protected", ""))
+            elif rest.startswith(f"{callback.namespace}_loss_delta_"):
+                readings.append((callback, "loss", rest[len(f"{callback.namespace}_loss_delta_"):]))
+    return readings
+
+
+def _may_hold(reading: tuple[Any, str, str], callback: STSCallback, domains: list[str],
+              callbacks: list[STSCallback]) -> bool:
+    """Whether an evaluation may hold the key ``reading`` reads, as ``callback`` (whose ``domains`` are loaded)
+    knows at its train start."""
+    owner, kind, domain = reading
+    if kind == "protected":
+        return any(cb.protected for cb in callbacks) if owner is None else bool(owner.protected)
+    return owner is not callback or domain in domains  # another callback's domains are loaded at its own start
 
 
 def _is_loss_change(metric: str | None) -> bool:
