@@ -331,9 +331,22 @@ def test_domain_names_a_tracker_would_merge_or_nest_are_named_for_that_tracker_o
     from sts_callback.reporting.trackers import clashing_names
 
     names = ["法律", "化学", "c++", "c__", "law", "retrieval", "retrieval_qa"]
-    mlflow = clashing_names(["mlflow"], names)  # transformers' MLflowCallback writes '_' for other characters
+    mlflow = [text for _, text in clashing_names(["mlflow"], names)]  # transformers writes '_' for the others
     assert len(mlflow) == 2 and any("'法律'" in m and "'化学'" in m for m in mlflow) and "['c++', 'c__']" in mlflow[1]
     dvclive = clashing_names("dvclive", names)  # DVCLive splits 'eval_' into a folder: retri/eval/qa
-    assert len(dvclive) == 1 and "['retrieval', 'retrieval_qa']" in dvclive[0]
+    assert len(dvclive) == 1 and dvclive[0][0] == "dvclive" and "['retrieval', 'retrieval_qa']" in dvclive[0][1]
     assert len(clashing_names(["all"], names)) == 3
     assert clashing_names(["wandb", "tensorboard"], names) == [] and clashing_names(["mlflow"], ["law", "math"]) == []
+
+
+def test_domain_names_dvclive_would_fail_on_are_refused_at_train_start(tmp_path, tokenizer):
+    """The Trainer logs the eval_sts_* keys itself: a DVCLive failure there would stop the run, so such names are
+    refused before any work (as MLflow's merged series are warned about)."""
+    from sts_callback import STSConfigError
+
+    callback = make_callback(target_domains={"retrieval": ["law court judge"] * 30,
+                                             "retrieval_qa": ["cook bake egg"] * 30})
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=2)
+    trainer.args.report_to = ["dvclive"]  # after the Trainer built its callbacks: DVCLive is not installed here
+    with pytest.raises(STSConfigError, match="dvclive logs the domains.*stop the run; rename them"):
+        trainer.train()

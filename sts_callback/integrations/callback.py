@@ -438,9 +438,11 @@ class STSCallback(TrainerCallback, ExportableState):
             check_measurable(model)
         domains, self.lm_eval_targets = target_corpora(self.target_domains, self._trainer, tokenizer)
         self._check_best_metric_is_logged(args, list(domains))
-        for clash in trackers.clashing_names(getattr(args, "report_to", None), list(domains)):
-            session.warn(f"tracker_names:{clash}", f"STS: {clash}; rename them to letters, digits and _ - . (the names "
-                         "are the target_domains keys).", STSDataWarning)
+        for tracker, clash in trackers.clashing_names(getattr(args, "report_to", None), list(domains)):
+            fix = "rename them to letters, digits and _ - . (the names are the target_domains keys)"
+            if tracker in trackers.TRACKERS_THAT_FAIL:  # the Trainer's own log of the eval_sts_* keys would fail
+                raise STSConfigError(f"{clash}: its log would fail and stop the run; {fix}.")
+            session.warn(f"tracker_names:{clash}", f"STS: {clash}; {fix}.", STSDataWarning)
         probe = probe_corpus(self.train_probe, self._trainer, train_dataloader, tokenizer)
         demos = load_corpus(self.demonstrations, name="demonstrations") if self.demonstrations is not None else None
         session.prepare(model, tokenizer, probe, domains, self.lm_eval_targets)

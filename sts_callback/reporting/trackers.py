@@ -25,16 +25,18 @@ VARIANT_ORDER = SCORE_VARIANTS + SIGNED_VARIANTS
 
 
 # How trackers rewrite a metric's name (their callbacks in transformers, or their own logging): names that differ
-# only where a tracker rewrites them land in one series there, or (a name made a folder of another's value) fail.
+# only where a tracker rewrites them land in one series there (MLflow), or make a folder of another's value, which
+# fails the tracker's log (DVCLive, on the eval_sts_* keys the Trainer logs itself too).
 _TRACKER_NAMES = {
     "mlflow": lambda name: re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", name),  # transformers' MLflowCallback
     "dvclive": lambda name: name.replace("eval_", "eval/").replace("train_", "train/"),  # DVCLive's split
 }
+TRACKERS_THAT_FAIL = ("dvclive",)
 
 
-def clashing_names(report_to: Any, names: list[str]) -> list[str]:
-    """For each tracker in ``report_to`` that rewrites metric names, a sentence per group of domain ``names`` that
-    it would log as one series (or one inside another's path, which DVCLive cannot store)."""
+def clashing_names(report_to: Any, names: list[str]) -> list[tuple[str, str]]:
+    """``(tracker, sentence)`` for each tracker in ``report_to`` that rewrites metric names and each group of domain
+    ``names`` it would log as one series, or one inside another's path."""
     trackers = [report_to] if isinstance(report_to, str) else list(report_to or [])
     out = []
     for tracker, rewrite in _TRACKER_NAMES.items():
@@ -46,8 +48,8 @@ def clashing_names(report_to: Any, names: list[str]) -> list[str]:
                      written[other].startswith(written[name] + "/"))]
             if clash and name < min(clash):  # each group said once
                 shown = sorted({written[n] for n in [name, *clash]})
-                out.append(f"{tracker} logs the domains {[name, *clash]} as {shown} (sts/<quantity>/<domain>), so "
-                           "their series merge or fail there")
+                out.append((tracker, f"{tracker} logs the domains {[name, *clash]} as {shown} "
+                                     "(sts/<quantity>/<domain>), so their series merge or fail there"))
     return out
 
 
