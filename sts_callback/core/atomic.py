@@ -79,7 +79,7 @@ def _new_sibling(path: Path, mode: int) -> Path:
 def _remove_stale_temporaries(path: Path) -> None:
     """Remove the temporaries of ``path`` that a killed process left (see ``STALE_TEMPORARY_SECONDS``)."""
     now = time.time()
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{'[0-9a-f]' * 8}.tmp"):  # _new_sibling's names only
         try:
             if now - tmp.stat().st_mtime > STALE_TEMPORARY_SECONDS:
                 tmp.unlink()

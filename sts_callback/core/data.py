@@ -652,7 +652,7 @@ def needs_typed_content(tokenizer) -> bool:
     return rendered([{"type": "text", "text": _PROBE_TEXT}])
 
 
-def apply_template(tokenizer, messages: Messages, typed: bool, **kwargs: Any) -> str:
+def chat_template_text(tokenizer, messages: Messages, typed: bool, **kwargs: Any) -> str:
     """The chat template's text of ``messages`` (``typed``: string contents as typed parts, see
     :func:`needs_typed_content`)."""
     return tokenizer.apply_chat_template(typed_content(messages) if typed else messages, tokenize=False, **kwargs)
@@ -715,7 +715,7 @@ class PromptBuilder:
 
     def apply_template(self, messages: Messages, **kwargs: Any) -> str:
         """The chat template's text of ``messages``, string contents as typed parts where the template reads those."""
-        return apply_template(self.tokenizer, messages, self.typed_content, **kwargs)
+        return chat_template_text(self.tokenizer, messages, self.typed_content, **kwargs)
 
     def render_chat(self, messages: Messages, template_kwargs: dict[str, Any] | None = None) -> str:
         if self.has_chat_template:

@@ -161,11 +161,17 @@ def _generic_handle(module: Any) -> SAEHandle:
             f"Cannot tell the input width of {type(module).__name__}: give it a `d_in` attribute (or `cfg.d_in`, "
             "or a `W_enc` of shape [d_in, d_sae])."
         )
-    param = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
-    probe = torch.zeros(1, int(d_in), device=param.device if param is not None else None,
-                        dtype=param.dtype if param is not None else torch.float32)
-    with torch.no_grad():  # at load time: an encode() of another shape would fail mid-pass with a bare error
-        latents = module.encode(probe)
+    # a row on the SAE's own device and dtype (weights held as parameters, buffers or a plain W_enc tensor)
+    held = [*module.parameters(), *module.buffers()] if isinstance(module, nn.Module) else []
+    reference = next((t for t in [*held, weight] if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    probe = torch.zeros(1, int(d_in), device=reference.device if reference is not None else None,
+                        dtype=reference.dtype if reference is not None else torch.float32)
+    try:
+        with torch.no_grad():  # at load time: an encode() of another shape would fail mid-pass with a bare error
+            latents = module.encode(probe)
+    except Exception as err:
+        raise STSInputError(f"{type(module).__name__}.encode(x) failed on one zero row of shape [1, {d_in}] "
+                            f"({type(err).__name__}: {err}); STS calls encode on [n, d_in] residual rows.") from err
     if not isinstance(latents, torch.Tensor) or latents.dim() != 2 or latents.shape[0] != 1 or \
             (d_sae is not None and latents.shape[-1] != d_sae):
         shown = f"a tensor of shape {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) else \

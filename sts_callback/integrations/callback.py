@@ -626,7 +626,7 @@ class STSCallback(TrainerCallback, ExportableState):
         with trackers.tensorboard_kept_closed(self._trainer):
             best = _loaded_best_step(args, state)
             if best is not None and best != state.global_step:  # the weights now are an earlier checkpoint's
-                self.session.loaded_best(best)
+                self.session.note_loaded_best(best)
                 if self.session.is_main:
                     measured = f"the history's step {best} measured them" if self._measured_at(best) else (
                         f"no re-check measured step {best}'s weights (re-check at every save to have it)")

@@ -528,7 +528,7 @@ class STSSession:
             self.write(f"the end of the run in {self.store.path(HISTORY_FILE)}",
                        lambda: self.store.replace_history_record(record), step)
 
-    def loaded_best(self, step: int) -> None:
+    def note_loaded_best(self, step: int) -> None:
         """The loop loaded an earlier checkpoint's weights at its end (step ``step``: the Trainer's
         ``load_best_model_at_end``): the last record says so (``loaded_best_step``), in memory and in the history
         file, so that the report and later evaluations describe the weights the run ends with."""

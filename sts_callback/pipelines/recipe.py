@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.data import Corpus, Example, apply_template, needs_typed_content
+from ..core.data import Corpus, Example, chat_template_text, needs_typed_content
 from ..core.errors import STSInputError
 
 
@@ -34,10 +34,10 @@ def training_features(corpus: Corpus, tokenizer, max_length: int, completion_onl
             if example.is_chat:
                 if has_template:
                     kwargs = example.template_kwargs or {}  # its tools, as training renders them
-                    prompt_text = apply_template(tokenizer, example.prompt, typed, add_generation_prompt=True, **kwargs)
+                    prompt_text = chat_template_text(tokenizer, example.prompt, typed, add_generation_prompt=True, **kwargs)
                     answer = {"role": "assistant", "content": example.answer} if example.answer_turn is None else \
                         {**example.answer_turn, "content": example.answer_turn.get("content") or ""}  # its tool calls
-                    full = apply_template(tokenizer, list(example.prompt) + [answer], typed, **kwargs)
+                    full = chat_template_text(tokenizer, list(example.prompt) + [answer], typed, **kwargs)
                     if full.startswith(prompt_text):
                         answer_text, extra_eos = full[len(prompt_text):], []
                     else:  # a template that renders the prompt differently in the full conversation
