@@ -1,7 +1,8 @@
 """sts-callback: forecast which capabilities post-training will move (SAE-based Transferability Score)."""
 
 from .core.config import STSConfig
-from .core.errors import STSConfigError, STSDataWarning, STSError, STSInputError, STSNumericalError, STSUsageError
+from .core.errors import (STSConfigError, STSDataWarning, STSError, STSInputError, STSNegativeTransferWarning,
+                          STSNumericalError, STSUsageError)
 from .core.sae import SAEHandle, load_sae
 from .pipelines.forecast import DomainForecast, Forecast, forecast
 from .pipelines.gate import GateDecision, GateRules, filter_examples, gate_mixture
@@ -46,6 +47,7 @@ __all__ = [
     "STSDataWarning",
     "STSError",
     "STSInputError",
+    "STSNegativeTransferWarning",
     "STSNumericalError",
     "STSUsageError",
     "filter_examples",

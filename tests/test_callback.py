@@ -710,3 +710,19 @@ def test_not_predicted_leaves_a_domain_out_of_the_calibrated_prediction(tmp_path
     wrong = make_callback(not_predicted=["lawn"], calibration="gemma3-270m-lora")
     with pytest.raises(STSConfigError, match=r"not_predicted=\['lawn'\] are not among the target domains"):
         make_trainer(tmp_path / "wrong", tokenizer, wrong, max_steps=1).train()
+
+
+def test_the_negative_transfer_warning_is_importable_from_the_package_root():
+    """The README tells users to turn it into an error with warnings.filterwarnings(..., category=...)."""
+    import sts_callback
+
+    assert sts_callback.STSNegativeTransferWarning is STSNegativeTransferWarning
+    assert "STSNegativeTransferWarning" in sts_callback.__all__
+
+
+def test_a_calibration_that_needs_two_run_level_terms_is_refused_at_construction(tmp_path):
+    """A callback run computes one run-level term: the other would be missing at train start, after the first ran
+    (the benchmark calibration reads both)."""
+    calibration = Path(__file__).parents[1] / "benchmarks" / "transfer" / "calibration_gemma3_270m.json"
+    with pytest.raises(STSConfigError, match="one run-level term"):
+        make_callback(calibration=str(calibration), run_level="lookahead")

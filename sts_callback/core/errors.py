@@ -21,5 +21,10 @@ class STSNumericalError(STSError, FloatingPointError):
     """NaN or inf appeared in activations."""
 
 
+class STSNegativeTransferWarning(UserWarning):
+    """A protected domain is forecast or measured to be harmed (``warnings.filterwarnings("error", category=...)``
+    turns it into an error)."""
+
+
 class STSDataWarning(UserWarning):
     """A result is still computed, but part of it means less than usual (the message names what and why)."""

@@ -203,6 +203,11 @@ class STSCallback(TrainerCallback, ExportableState):
         self.session = STSSession(*self._session_args, strict=strict, not_predicted=self._not_predicted)
         used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []
         needs = self._run_level_needed = [m for m in RUN_LEVEL_METHODS if m in used or own_feature(m) in used]
+        if len(needs) > 1:  # one run-level term per run: the other would be missing at train start, after the first
+            raise STSConfigError(
+                f"The calibration uses the run-level features of {needs}, but a callback run computes one run-level "
+                "term (run_level=...): use a calibration fitted on one of them (sts calibrate --runs ... "
+                "--features ...), or the built-in 'gemma3-270m-lora-lookahead'.")
         if needs and run_level not in needs:
             raise STSConfigError(f"The calibration uses the run-level feature {needs}; pass run_level={needs[0]!r}.")
         fitted_steps = self.calibration.fitted_run_level_steps if self.calibration is not None else None

@@ -35,7 +35,8 @@ from typing import Any
 from ..core.data import Corpus, multiple_choice_items
 from ..core.distributed import (check_ranks_agree, fingerprint, from_main_process, gather_objects, is_main_process,
                                 require_at_least_world, world_size)
-from ..core.errors import STSConfigError, STSDataWarning, STSError, STSInputError, STSUsageError
+from ..core.errors import (STSConfigError, STSDataWarning, STSError, STSInputError, STSNegativeTransferWarning,
+                           STSUsageError)
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype
 from ..core.config import SCORE_VARIANTS, STSConfig
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
@@ -64,10 +65,6 @@ def log_warning(message: str, *args: Any) -> None:
     Python's last-resort handler would print it a second time beside the warning or line already shown."""
     if logger.hasHandlers():
         logger.warning(message, *args)
-
-
-class STSNegativeTransferWarning(UserWarning):
-    """A protected domain is forecast or measured to be harmed."""
 
 
 # A re-check rewrites the report (read from the whole history) at most this often unless it has news (a violation,
