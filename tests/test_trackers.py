@@ -327,7 +327,7 @@ def test_tensorboard_writer_is_closed_after_a_train_end_recheck(tmp_path, tokeni
     assert [step for step, _ in event_texts(logdir)["sts/recheck"]] == [2, 4, 5]  # the train-end one written
 
 
-def test_domain_names_a_tracker_would_merge_or_nest_are_named_for_that_tracker_only():
+def test_domain_names_a_tracker_would_merge_or_nest_are_named_for_that_tracker_only(monkeypatch):
     from sts_callback.reporting.trackers import clashing_names
 
     names = ["法律", "化学", "c++", "c__", "law", "retrieval", "retrieval_qa"]
@@ -335,7 +335,8 @@ def test_domain_names_a_tracker_would_merge_or_nest_are_named_for_that_tracker_o
     assert len(mlflow) == 2 and any("'法律'" in m and "'化学'" in m for m in mlflow) and "['c++', 'c__']" in mlflow[1]
     dvclive = clashing_names("dvclive", names)  # DVCLive splits 'eval_' into a folder: retri/eval/qa
     assert len(dvclive) == 1 and dvclive[0][0] == "dvclive" and "['retrieval', 'retrieval_qa']" in dvclive[0][1]
-    assert len(clashing_names(["all"], names)) == 3
+    monkeypatch.setattr("transformers.integrations.get_available_reporting_integrations", lambda: ["mlflow"])
+    assert len(clashing_names(["all"], names)) == 2  # "all": the installed trackers only (no DVCLive here)
     assert clashing_names(["wandb", "tensorboard"], names) == [] and clashing_names(["mlflow"], ["law", "math"]) == []
 
 

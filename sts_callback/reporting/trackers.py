@@ -38,9 +38,13 @@ def clashing_names(report_to: Any, names: list[str]) -> list[tuple[str, str]]:
     """``(tracker, sentence)`` for each tracker in ``report_to`` that rewrites metric names and each group of domain
     ``names`` it would log as one series, or one inside another's path."""
     trackers = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "all" in trackers:  # the Trainer reports to the installed ones only
+        from transformers.integrations import get_available_reporting_integrations
+
+        trackers = [*trackers, *get_available_reporting_integrations()]
     out = []
     for tracker, rewrite in _TRACKER_NAMES.items():
-        if tracker not in trackers and "all" not in trackers:
+        if tracker not in trackers:
             continue
         written = {name: rewrite(name) for name in names}
         for name in names:
