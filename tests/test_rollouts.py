@@ -409,3 +409,12 @@ def test_completions_the_trainer_masks_for_truncation_carry_no_weight(tokenizer)
     assert [r["completion"] for r in rollouts(False, cut).demonstrations()] == ["law court", "cook bake"]
     with pytest.raises(STSInputError, match="mask_truncated_completions=True"):
         rollouts(True, [True, True, False, False]).demonstrations()  # what is left is all below the mean
+    # the usual case, cut answers scoring low: the finished ones still train, above the mean
+    low_cut = Rollouts(groups=[RolloutGroup(
+        index=0, prompt="what is law ?", columns={}, prompt_ids=tokenizer("what is law ?")["input_ids"],
+        completions=["law court", "cook bake", "gene dna", "two three"],
+        completion_ids=[tokenizer(c, add_special_tokens=False)["input_ids"] for c in
+                        ["law court", "cook bake", "gene dna", "two three"]],
+        rewards=[[1.0], [1.0], [0.0], [0.0]], truncated=[False, False, True, True])], reward_names=["r"],
+        reward_weights=[1.0], settings={"scale_rewards": "group", "mask_truncated_completions": True})
+    assert [r["completion"] for r in low_cut.demonstrations()] == ["law court", "cook bake"]

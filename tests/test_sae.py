@@ -201,3 +201,19 @@ def test_the_sae_fit_counts_negative_latents_as_active():
 
     rows = torch.tensor([[1.0, 2.0, 0.0, 0.0], [3.0, -1.0, 0.0, 0.0]])
     assert fit_from_sums(fit_sums(SignedLatents(), rows))["l0"] == 2.0
+
+
+def test_an_sae_held_in_buffers_gets_its_rows_in_its_own_dtype():
+    """Weights registered as buffers (no parameters): every pass's float32 rows are cast to them, as at load."""
+    class BufferSAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d_in = 32
+            self.register_buffer("W_enc", torch.randn(32, 64, generator=torch.Generator().manual_seed(0)).bfloat16())
+
+        def encode(self, x):
+            return torch.relu(x @ self.W_enc)
+
+    handle = load_sae(BufferSAE())
+    latents = handle.encode(torch.randn(5, 32))
+    assert handle.d_sae == 64 and latents.shape == (5, 64) and latents.dtype == torch.bfloat16

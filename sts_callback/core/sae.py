@@ -56,6 +56,14 @@ def layer_from_hook_name(hook_name: str | None) -> int | None:
     return None
 
 
+def weights_of(module: Any) -> torch.Tensor | None:
+    """A floating tensor of the SAE's weights, whose device and dtype its input takes: a parameter, else a buffer,
+    else a plain ``W_enc`` tensor (an SAE held as tensors, not parameters)."""
+    held = [*module.parameters(), *module.buffers()] if isinstance(module, nn.Module) else []
+    return next((t for t in [*held, getattr(module, "W_enc", None)]
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+
+
 @dataclass
 class SAEHandle:
     """A loaded SAE with what the library needs to know about it."""
@@ -71,9 +79,9 @@ class SAEHandle:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents at the SAE's own dtype, also inside a trainer's autocast (TRL's bf16 default would otherwise
         run the encoder in bf16 and blur TopK and the fit)."""
-        param = next(iter(self.module.parameters()), None) if isinstance(self.module, nn.Module) else None
-        if param is not None:
-            x = x.to(device=param.device, dtype=param.dtype)
+        reference = weights_of(self.module)
+        if reference is not None:
+            x = x.to(device=reference.device, dtype=reference.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.module.encode(x)
 
@@ -161,9 +169,7 @@ def _generic_handle(module: Any) -> SAEHandle:
             f"Cannot tell the input width of {type(module).__name__}: give it a `d_in` attribute (or `cfg.d_in`, "
             "or a `W_enc` of shape [d_in, d_sae])."
         )
-    # a row on the SAE's own device and dtype (weights held as parameters, buffers or a plain W_enc tensor)
-    held = [*module.parameters(), *module.buffers()] if isinstance(module, nn.Module) else []
-    reference = next((t for t in [*held, weight] if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    reference = weights_of(module)  # a row on the SAE's own device and dtype, as SAEHandle.encode passes rows
     probe = torch.zeros(1, int(d_in), device=reference.device if reference is not None else None,
                         dtype=reference.dtype if reference is not None else torch.float32)
     try:

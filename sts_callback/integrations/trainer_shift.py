@@ -161,7 +161,7 @@ def forecast_runner(shift: str, data: Any, probe: Corpus, demonstrations: Corpus
     if shift in RL_SHIFTS:
         def rl_forecast(setup: ForecastSetup, domains: dict[str, Corpus], progress: bool) -> ForecastRun | None:
             try:
-                rollouts.check_signal(f"the {shift} forecast")
+                rollouts.check_signal(f"the {shift} forecast", one_sided=shift == "reward_filtered")
             except STSInputError as err:  # a sparse reward the base policy never earns: common, not fatal
                 warnings.warn(f"STS forecast skipped: {err} Re-checks still run; demonstrations=[...] would give "
                               "a forecast.", STSDataWarning, stacklevel=2)

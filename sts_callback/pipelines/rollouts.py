@@ -312,17 +312,18 @@ class Rollouts:
         trained = self.trained_advantages
         return (trained > 0).any(dim=1) & (trained < 0).any(dim=1)
 
-    def check_signal(self, use: str) -> None:
-        """Raise when no prompt's rewards separate its completions: nothing to select or weight by."""
-        if bool(self.signal().any()):
+    def check_signal(self, use: str, one_sided: bool = False) -> None:
+        """Raise when no prompt's rewards separate its completions: nothing to select or weight by. ``one_sided``:
+        a trained completion above its group's mean suffices (demonstrations need no low side)."""
+        if bool(self.signal().any()) or (one_sided and bool((self.trained_advantages > 0).any())):
             return
         if bool(((self.advantages > 0).any(dim=1) & (self.advantages < 0).any(dim=1)).any()):
             cut = sum(sum(bool(t) for t in g.truncated) for g in self.groups)
             raise STSInputError(
                 f"The rewards separate completions, but {cut} of the {self.rewards.numel()} sampled were cut at "
                 "max_completion_length before an EOS, and the trainer leaves those out of its loss "
-                "(mask_truncated_completions=True): no trained completion is above its group's mean and one below, "
-                f"so there is nothing to build {use} from. GRPO itself gets no gradient from them; raise "
+                "(mask_truncated_completions=True): no group keeps the trained completions that "
+                f"{use} needs (one above its group's mean{'' if one_sided else ' and one below'}). Raise "
                 "max_completion_length.")
         scored = self.rewards[~torch.isnan(self.rewards)]
         n = self.rewards.numel()
@@ -345,9 +346,9 @@ class Rollouts:
         records for ``demonstrations=``; ``top_fraction`` keeps at most that share of each group (the best ones)."""
         if top_fraction is not None and not 0 < top_fraction <= 1:
             raise STSConfigError(f"top_fraction={top_fraction!r} must be in (0, 1].")
-        self.check_signal("demonstrations")
-        records = []
+        self.check_signal("demonstrations", one_sided=True)  # the cut ones below the mean may be masked
         trained = self.trained_advantages
+        records = []
         for g, group in enumerate(self.groups):
             order = sorted(range(len(group.completions)), key=lambda j: (-float(trained[g, j]), j))
             best = set(order[: math.ceil(top_fraction * len(order))] if top_fraction is not None else order)
