@@ -334,3 +334,23 @@ def test_a_packed_piece_training_trains_nothing_of_is_no_training_text(tokenizer
     corpus = corpus_from_training_dataset(data, tokenizer)
     assert not corpus[0].can_demonstrate and (corpus[1].prompt, corpus[1].answer) == ("law court judge", "cook bake")
     assert len(training_features(corpus, tokenizer, 64, completion_only=True, chat_fallback=False)) == 1
+
+
+def test_a_wrapped_piece_that_trains_an_answers_tail_then_masks_a_prompt_is_read_as_that_tail(tokenizer):
+    tail = tokenizer("cook bake", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = tokenizer("law court judge appeal")["input_ids"]  # the next example's prompt, cut off: masked
+    data = Dataset.from_dict({"input_ids": [tail + prompt], "labels": [tail + [-100] * len(prompt)]})
+    example = corpus_from_training_dataset(data, tokenizer)[0]
+    assert example.plain_text and example.prompt == "cook bake <eos>"
+
+
+def test_kto_rows_the_collator_cuts_at_max_length_are_read_as_cut(tokenizer):
+    """KTO's collator keeps the first max_length tokens of prompt + completion: the desirable completions are read
+    as trained where a row reaches it, raw where none does."""
+    prompt, completion = "law court judge", "cook bake flour sugar oven"
+    row = {"prompt": prompt, "completion": completion, "label": True, "prompt_ids": tokenizer(prompt)["input_ids"],
+           "completion_ids": tokenizer(completion, add_special_tokens=False)["input_ids"]}
+    data = Dataset.from_list([row, {**row, "label": False}])
+    assert corpus_from_training_dataset(data, tokenizer, max_length=6)[0].answer == "cook bake"  # 4 prompt ids
+    whole = corpus_from_training_dataset(data, tokenizer, max_length=64)
+    assert len(whole) == 1 and whole[0].answer == completion

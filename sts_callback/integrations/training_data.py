@@ -34,8 +34,9 @@ class DecodedCorpus(Corpus):
     sequence packed in them."""
 
     def __init__(self, name: str, dataset: Sequence[Any], tokenizer, prompt_key: str | None, answer_key: str | None,
-                 mask_key: str | None):
+                 mask_key: str | None, max_length: int | None = None):
         super().__init__(name, dataset)
+        self.max_length = max_length  # prompt + answer cut there, as a collator that keeps the start cuts them
         self.tokenizer = tokenizer
         self.prompt_key, self.answer_key, self.mask_key = prompt_key, answer_key, mask_key
         self._strip = {i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None}
@@ -54,7 +55,10 @@ class DecodedCorpus(Corpus):
     def __getitem__(self, index: int) -> Example:  # type: ignore[override]
         if self.answer_key is not None:
             row = self._items[index]
-            return Example(prompt=self._decode(row[self.prompt_key]), answer=self._decode(row[self.answer_key]))
+            prompt, answer = token_list(row[self.prompt_key]), token_list(row[self.answer_key])
+            if self.max_length is not None:
+                prompt, answer = prompt[: self.max_length], answer[: max(0, self.max_length - len(prompt))]
+            return Example(prompt=self._decode(prompt), answer=self._decode(answer))
         if self._spans is not None:
             row_index, place = self._spans.locate(index)
             row = self._items[row_index]
@@ -68,11 +72,16 @@ class DecodedCorpus(Corpus):
             if not any(mask[start:stop]):  # a prompt piece packing split off: training trains none of it
                 return Example(prompt="", plain_text=True)  # no text: passed over where texts are drawn
             attention = token_list(row["attention_mask"])[start:stop] if "attention_mask" in row else None
-            split = prompt_answer_split(ids, mask[start:stop], attention, self._strip, self.tokenizer.bos_token_id)
+            trained = mask[start:stop]
+            split = prompt_answer_split(ids, trained, attention, self._strip, self.tokenizer.bos_token_id)
             if split is not None:
                 prompt_start, answer_start, answer_stop = split
                 return Example(prompt=self._decode(ids[prompt_start:answer_start]),
                                answer=self._decode(ids[answer_start:answer_stop]))
+            # plain text: its first trained run only (a wrapped piece: an answer's tail, then a prompt the loss masks)
+            first = next(i for i, flag in enumerate(trained) if flag)
+            end = next((i for i in range(first, len(trained)) if not trained[i]), len(trained))
+            return Example(prompt=self._decode(ids[first:end]), plain_text=True)
         return Example(prompt=self._decode(ids), plain_text=True)
 
 
@@ -225,6 +234,10 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train", m
         return load_corpus(dataset, name=name)
     if "label" in columns and columns & {"completion", "completion_ids"}:
         dataset = _desirable_only(dataset, name)
+        if {"prompt_ids", "completion_ids"} <= columns and max_length is not None and \
+                _some_row_reaches(dataset, ("prompt_ids", "completion_ids"), max_length):
+            # KTO's collator cuts prompt + completion at max_length: read the ids, as trained
+            return DecodedCorpus(name, dataset, tokenizer, "prompt_ids", "completion_ids", None, max_length)
     if columns & RAW_COLUMNS and not _trained_as_tokenized(dataset, columns, first, max_length) \
             or not isinstance(first, Mapping):
         try:
@@ -260,16 +273,19 @@ def _trained_as_tokenized(dataset: Any, columns: set[str], first: Any, max_lengt
     if "input_ids" not in columns:
         return False
     chat = "messages" in columns or isinstance(first.get("prompt") if isinstance(first, Mapping) else None, list)
-    return not chat or (max_length is not None and _some_row_reaches(dataset, "input_ids", max_length))
+    return not chat or (max_length is not None and _some_row_reaches(dataset, ("input_ids",), max_length))
 
 
-def _some_row_reaches(dataset: Any, column: str, length: int, rows: int = 10_000) -> bool:
-    """Whether a row's ``column`` holds ``length`` items or more (a row cut there), over its first ``rows``."""
-    sizes = _list_sizes(dataset.select(range(min(rows, len(dataset)))) if hasattr(dataset, "select") else dataset,
-                        column)
-    if sizes is None:
-        sizes = [len(token_list(dataset[i][column])) for i in range(min(rows, len(dataset)))]
-    return bool(len(sizes)) and int(max(sizes)) >= length
+def _some_row_reaches(dataset: Any, columns: tuple[str, ...], length: int, rows: int = 10_000) -> bool:
+    """Whether a row's ``columns`` together hold ``length`` items or more (a row cut there), over its first
+    ``rows``."""
+    head = dataset.select(range(min(rows, len(dataset)))) if hasattr(dataset, "select") else dataset
+    sizes = [_list_sizes(head, column) for column in columns]
+    if any(size is None for size in sizes):
+        total = [sum(len(token_list(dataset[i][c])) for c in columns) for i in range(min(rows, len(dataset)))]
+    else:
+        total = list(np.sum(sizes, axis=0))
+    return bool(len(total)) and int(max(total)) >= length
 
 
 def _desirable_only(dataset: Any, name: str) -> Any:
