@@ -584,21 +584,24 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
                 **{k: v for k, v in settings.to_dict().items()
                    if k not in ("num_generations", "max_completion_length", "reward_weights")}}
     wanted = (settings.generation_kwargs or {}).get("max_new_tokens") or settings.max_completion_length
-    if settings.mask_truncated_completions and wanted is not None and max_new < wanted:
-        # cut at STS's shorter limit, a completion may end within the trainer's: which ones it masks is unknown
+    if settings.mask_truncated_completions and (wanted is None or max_new < wanted):
+        # cut at STS's limit where the trainer's is longer (or none), a completion may end within the trainer's
         recorded["mask_truncated_completions"] = False
         warnings.warn(f"mask_truncated_completions: STS's rollouts stop at {max_new} tokens (rollout_max_tokens), "
-                      f"before the trainer's {wanted}, so which completions training leaves out is unknown; all are "
-                      "used. Raise STSConfig.rollout_max_tokens to the trainer's length to mirror it.", STSDataWarning,
-                      stacklevel=2)
+                      f"before the trainer's {wanted or 'unlimited'} length, so which completions training leaves out "
+                      "is unknown; all are used. Raise STSConfig.rollout_max_tokens to the trainer's length (and set "
+                      "max_completion_length) to mirror it.", STSDataWarning, stacklevel=2)
     rollouts = Rollouts(groups=groups, reward_names=[_reward_name(f) for f in funcs], reward_weights=weights,
                         settings=recorded)
     signal = rollouts.signal()
     if forecast_draw and not bool(signal.all()):
         then = ("the rollout forecasts use the other prompts only" if bool(signal.any()) else
                 "no rollout forecast can be made from them (check the reward functions on Rollouts.groups)")
+        masked = " (or kept no trained completion on one side: mask_truncated_completions)" \
+            if recorded.get("mask_truncated_completions") else ""
         warnings.warn(f"{int((~signal).sum())} of {len(groups)} prompts got the same reward for all their scored "
-                      f"completions ({generations} sampled each; no signal to separate high from low reward): {then}.",
+                      f"completions{masked} ({generations} sampled each; no signal to separate high from low reward): "
+                      f"{then}.",
                       STSDataWarning, stacklevel=2)
     return rollouts
 
