@@ -12,7 +12,7 @@ from datasets import Dataset
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-from sts_callback import STSConfigError, STSDataWarning
+from sts_callback import STSConfig, STSConfigError, STSDataWarning
 from sts_callback.integrations.callback import STSCallback, STSNegativeTransferWarning
 from sts_callback.pipelines.forecast import Forecast
 
@@ -345,6 +345,7 @@ def test_sae_mismatch_fails_before_the_first_step(tmp_path, tokenizer):
 
 
 def test_exported_args_are_json_and_rebuild(tmp_path):
+    (tmp_path / "sae").mkdir()  # a path is checked at construction (its contents when training starts)
     callback = STSCallback(sae=str(tmp_path / "sae"), target_domains=["legal", "math"], protected=["legal"],
                            config=FAST, recheck_steps=5)
     state = callback.state()
@@ -726,3 +727,24 @@ def test_a_calibration_that_needs_two_run_level_terms_is_refused_at_construction
     calibration = Path(__file__).parents[1] / "benchmarks" / "transfer" / "calibration_gemma3_270m.json"
     with pytest.raises(STSConfigError, match="one run-level term"):
         make_callback(calibration=str(calibration), run_level="lookahead")
+
+
+def test_a_calibration_needing_stsicl_with_compute_icl_off_is_refused_at_construction():
+    with pytest.raises(STSConfigError, match=r"uses \['sts_icl'\], but STSConfig\(compute_icl=False\)"):
+        make_callback(calibration="gemma3-270m-lora", config={**FAST, "compute_icl": False, "ranking": "sts_act"})
+
+
+def test_a_one_text_domain_goes_unpredicted_under_a_calibration_and_the_run_goes_on(tmp_path, tokenizer):
+    """Its STS_icl cannot be computed (no other text to show in context): the calibration predicts the others."""
+    targets = {d: domain_texts(d, 30) for d in DOMAINS[:2]} | {"one": domain_texts(DOMAINS[2], 1, length=40)}
+    callback = make_callback(target_domains=targets, calibration="gemma3-270m-lora")
+    with pytest.warns(STSDataWarning, match="one text"):
+        make_trainer(tmp_path, tokenizer, callback, max_steps=2).train()
+    assert set(callback.predicted) == set(DOMAINS[:2])
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_naming_both():
+    from sts_callback.pipelines.forecast import prompt_builder
+
+    with pytest.raises(STSConfigError, match="max_length=1024 exceeds the model's 512 positions"):
+        prompt_builder(make_model("llama"), make_tokenizer(), STSConfig(max_length=1024))

@@ -506,11 +506,22 @@ def test_numpy_numbers_are_numbers_to_the_callback():
     ({"target_domains": {1: domain_texts("law", 30), "1": domain_texts("food", 30)}}, "two entries named '1'"),
     ({"train_probe": []}, "train_probe has no texts"),
 ])
-def test_unusable_data_is_named_at_train_start(tmp_path, tokenizer, settings, message):
-    trainer = make_trainer(tmp_path, tokenizer, make_callback(**settings), max_steps=2)
+def test_unusable_data_is_named_before_any_step(tmp_path, tokenizer, settings, message):
+    with pytest.raises(STSInputError, match=message):  # at construction where no file must be read to tell
+        make_trainer(tmp_path, tokenizer, make_callback(**settings), max_steps=2).train()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"sae": "/nonexistent/sae"}, "is not a folder"),
+    ({"target_domains": {"law": "evals/law.jsonl"}}, "does not exist; check the path"),
+    ({"target_domains": ["pythn_code"]}, "neither an existing file nor a registered domain"),
+    ({"target_domains": {"law": 5}}, "Cannot use int"),
+    ({"train_probe": "nope.jsonl"}, "does not exist"),
+])
+def test_a_missing_path_or_typo_is_refused_at_construction(settings, message):
+    """Known without reading any file: said before the user builds the model and the Trainer."""
     with pytest.raises(STSInputError, match=message):
-        trainer.train()
-    assert trainer.state.global_step == 0
+        make_callback(**settings)
 
 
 # ------------------------------------------------------------------------------- faults (new-user hunt)

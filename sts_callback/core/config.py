@@ -83,7 +83,7 @@ class STSConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise STSConfigError(
                     f"STSConfig.{name} must be an integer >= {minimum}, got {value!r}; "
-                    f"set {name}={max(minimum, 1)} or more."
+                    f"set {name}={minimum} or more."
                 )
 
         if self.layer is not None:

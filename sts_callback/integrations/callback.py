@@ -22,8 +22,9 @@ from transformers.trainer_callback import ExportableState
 
 from ..core.capture import check_measurable, parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
-from ..core.data import load_corpus, text_tokenizer
+from ..core.data import check_data_spec, load_corpus, named_items, text_tokenizer
 from ..core.head_sample import TAIL_DEFAULT
+from ..core.sae import missing_sae_folder
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
@@ -185,7 +186,8 @@ class STSCallback(TrainerCallback, ExportableState):
                     "STSCallback with the same objects before trainer.train(resume_from_checkpoint=...)."
                 )
             values.update({name: live[name] for name in _objects_from})
-        _check_inputs(values["sae"], values["target_domains"], guard.protected)
+        _check_inputs(values["sae"], values["target_domains"], guard.protected,
+                      {"train_probe": values["train_probe"], "demonstrations": values["demonstrations"]})
         self.target_domains, self.train_probe = values["target_domains"], values["train_probe"]
         self.demonstrations, self.output_subdir = values["demonstrations"], output_subdir
         self.shift = check_shift(shift)
@@ -726,21 +728,33 @@ def _instance_being_restored(output_subdir: Any) -> STSCallback | None:
     return None
 
 
-def _check_inputs(sae: Any, target: Any, protected: list[str]) -> None:
-    """The SAE and target domains as far as they can be checked before training starts."""
+def _check_inputs(sae: Any, target: Any, protected: list[str], data: dict[str, Any]) -> None:
+    """The SAE, target domains and other data (``data``: argument name -> value) as far as they can be checked
+    before training starts, without reading files: a missing path or folder, a typo'd domain name, a value that
+    is no data."""
     if sae is None:
         raise STSConfigError("STSCallback needs sae=: a sae-lens folder, {'release', 'sae_id'}, or an SAE object.")
     if not isinstance(sae, (str, Path, dict)) and not hasattr(sae, "encode"):
         raise STSConfigError(f"sae={type(sae).__name__} has no encode(); pass an SAE or its path.")
+    if missing_sae_folder(sae):
+        raise STSInputError(missing_sae_folder(sae))
+    for argument, value in data.items():
+        if value is not None:
+            check_data_spec(value, argument)
     if target is None or (hasattr(target, "__len__") and len(target) == 0):
         raise STSConfigError("STSCallback needs target_domains=: a dict name -> data, or a list of names.")
     if isinstance(target, (str, Path)) and str(target) != EVAL_DATASET:
         raise STSConfigError(f"target_domains={str(target)!r}: give a dict name -> data, a list of domain names "
                              f"or paths (e.g. [{str(target)!r}]), or {EVAL_DATASET!r} for the trainer's eval set(s).")
     if isinstance(target, dict):  # an lm-eval target's settings are checked now, the harness loads later
-        for name, value in target.items():
+        for name, value in named_items(target, "target_domains").items():
             if is_lm_eval_target(value):
-                LmEvalTarget.from_spec(value, str(name))
+                LmEvalTarget.from_spec(value, name)
+            else:
+                check_data_spec(value, f"target {name!r}")
+    elif isinstance(target, (list, tuple)):
+        for index, value in enumerate(target):
+            check_data_spec(value, f"target_domains[{index}]")
     names = list(target) if isinstance(target, dict) else None
     if isinstance(target, (list, tuple)):
         names = [Path(t).stem if isinstance(t, (str, Path)) else None for t in target]

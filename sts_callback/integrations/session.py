@@ -103,6 +103,11 @@ class STSSession:
             if unknown:
                 raise STSConfigError(f"The calibration uses {unknown}, which are not forecast scores; use "
                                      f"{list(known)}.")
+            icl = [f for f in self.calibration.score_features if f in ("sts_icl", "raw_icl")]
+            if icl and not config.compute_icl:  # known now: the forecast at train start would be wasted
+                raise STSConfigError(f"The calibration uses {icl}, but STSConfig(compute_icl=False) does not compute "
+                                     "it: set compute_icl=True, or fit a calibration without it (`sts calibrate "
+                                     "--features ...`).")
             own = [own_feature(method) for method in RUN_LEVEL_METHODS]
             unknown = [f for f in self.calibration.source_features if f not in own]
             if unknown:
@@ -686,7 +691,9 @@ class STSSession:
             if self.guard.config.early_stop == "projected":
                 why = "max_steps was not given" if max_steps <= 0 else "no learning-rate schedule is known"
                 self.warn("projected_without_schedule", f"STS: early_stop='projected' cannot project ({why}): "
-                          "the run stops only on measured violations. Pass recheck(..., max_steps=...) and set "
+                          "the run stops only on measured violations. With a Trainer whose scheduler steps on "
+                          "metrics, no learning rate was logged before this re-check: lower logging_steps to the "
+                          "re-check interval. In your own loop: pass recheck(..., max_steps=...) and set "
                           "session.learning_rates (each step's rate) or pass log_history.", RuntimeWarning)
             return {}
         if len(self.learning_rates) < max_steps:

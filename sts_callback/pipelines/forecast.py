@@ -336,7 +336,12 @@ class ForecastSetup:
 
 def prompt_builder(model: nn.Module, tokenizer, config: STSConfig) -> PromptBuilder:
     """The PromptBuilder of a forecast's settings (sequence lengths capped by the model's context)."""
-    max_length = config.max_length or min(max_positions(model) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    positions = max_positions(model)
+    if config.max_length is not None and positions is not None and config.max_length > positions:
+        raise STSConfigError(f"STSConfig.max_length={config.max_length} exceeds the model's {positions} positions "
+                             f"(its position embeddings would be indexed past their end): set max_length<={positions}, "
+                             "or leave it None for the model's own.")
+    max_length = config.max_length or min(positions or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
     if max_length <= config.max_query_tokens:
         raise STSConfigError(
             f"The model's context ({max_length} tokens) is no longer than a query (STSConfig.max_query_tokens="

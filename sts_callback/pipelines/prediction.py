@@ -10,7 +10,6 @@ from typing import Any
 
 from scipy.stats import norm
 
-from ..core.errors import STSConfigError
 from ..scoring.calibration import Calibration, early_forecast, fitted_exponent
 from ..scoring.early import blend, blend_coefficients, trend_projection
 from ..scoring.signed import DEFAULT_SIGNED
@@ -23,16 +22,9 @@ def calibrated_predictions(forecast: Forecast, calibration: Calibration | None, 
     ``forecast.predictions``)."""
     if calibration is None:
         return {}
-    excluded = set(exclude)
-    for name, domain in forecast.domains.items():
-        if name in excluded:
-            continue
-        missing = [f for f in calibration.score_features if domain.scores.get(f) is None]
-        if missing:
-            raise STSConfigError(f"The calibration uses {missing}, which this forecast did not compute for "
-                                 f"{name!r} (compute_icl=False? no SAE decoder? a run-level feature without run_level=...?); "
-                                 "fit it on other features.")
-    forecast.apply_calibration(calibration, exclude=sorted(excluded))
+    # a domain without a feature (STS_icl of a one-text domain, said at train start) goes unpredicted; a feature
+    # no domain has is an error there (check_calibration_features)
+    forecast.apply_calibration(calibration, exclude=sorted(set(exclude)))
     return {name: {k: p[k] for k in ("mean", "low", "high", "level")} for name, p in forecast.predictions.items()}
 
 
