@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
-from sts_callback import STSConfig, STSNumericalError, forecast
+from sts_callback import STSConfig, STSConfigError, STSInputError, STSNumericalError, forecast
 from sts_callback.core.data import Corpus, load_corpus, load_domains
 from sts_callback.pipelines.forecast import Forecast, ForecastSetup, plan_inputs
 
@@ -335,3 +335,38 @@ def test_a_vlms_processor_is_read_as_its_tokenizer_with_the_processors_chat_temp
     decision = gate_mixture(model, processor, sae, {"law": chats}, {"food": domain_texts("food", 20)}, "food",
                             config=config)
     assert "law" in decision.candidates
+
+
+def test_offline_entries_refuse_what_the_callback_refuses_before_any_work(tmp_path):
+    """The same inputs, the same answers: a calibration reading STS_icl under compute_icl=False before the forecast
+    runs; a DatasetDict of preference pairs naming the split; plain-text pairs' free-text `tools` column left alone."""
+    import datasets
+
+    from sts_callback.pipelines.preference import preference_forecast, tokenize_preference
+
+    model, tokenizer, sae = make_model("llama"), make_tokenizer(), TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    encoded = []
+    sae.encode = lambda x, encode=sae.encode: encoded.append(len(x)) or encode(x)
+    with pytest.raises(STSConfigError, match=r"compute_icl=False\) does not compute"):
+        forecast(model, tokenizer, sae, domain_texts("law", 10), ["legal"], {"compute_icl": False, "ranking": "sts_act"},
+                 calibration="gemma3-270m-lora")
+    assert not [n for n in encoded if n > 1]  # no forecast pass ran (load_sae checks encode on one row)
+    pairs = [{"prompt": "law", "chosen": "court judge", "rejected": "cook bake", "tools": "hammer, saw"}]
+    with pytest.raises(STSInputError, match=r"DatasetDict.*pick a split"):
+        preference_forecast(model, tokenizer, sae, datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs)}),
+                            ["legal"], {"n_shifted": 8})
+    from sts_callback.pipelines.forecast import ForecastSetup
+
+    setup = ForecastSetup.create(model, tokenizer, sae, STSConfig(n_shifted=8))
+    assert tokenize_preference(setup.builder, pairs[0], 0).chosen[1]  # read: the tools text is no chat template's
+
+
+def test_the_cli_loads_a_vlm_folder_with_its_processor(tmp_path):
+    from tiny import CHAT_TEMPLATE, make_processor
+
+    from sts_callback.tools.cli import load_model
+
+    make_model("llava").save_pretrained(tmp_path / "vlm")
+    make_processor(make_tokenizer(chat_template=False), CHAT_TEMPLATE).save_pretrained(tmp_path / "vlm")
+    model, processor = load_model(str(tmp_path / "vlm"))
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and processor.chat_template == CHAT_TEMPLATE

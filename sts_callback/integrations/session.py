@@ -43,7 +43,8 @@ from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
 from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
 from ..pipelines.budget import OverheadBudget
-from ..pipelines.forecast import Forecast, ForecastSetup, domain_statistics, inference_mode, run_forecast
+from ..pipelines.forecast import (Forecast, ForecastSetup, check_calibration_config, domain_statistics, inference_mode,
+                                  run_forecast)
 from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from, is_peft
 from ..pipelines.recheck import RecheckConfig
@@ -103,11 +104,7 @@ class STSSession:
             if unknown:
                 raise STSConfigError(f"The calibration uses {unknown}, which are not forecast scores; use "
                                      f"{list(known)}.")
-            icl = [f for f in self.calibration.score_features if f in ("sts_icl", "raw_icl")]
-            if icl and not config.compute_icl:  # known now: the forecast at train start would be wasted
-                raise STSConfigError(f"The calibration uses {icl}, but STSConfig(compute_icl=False) does not compute "
-                                     "it: set compute_icl=True, or fit a calibration without it (`sts calibrate "
-                                     "--features ...`).")
+            check_calibration_config(self.calibration, config)  # known now: the train-start forecast would be wasted
             own = [own_feature(method) for method in RUN_LEVEL_METHODS]
             unknown = [f for f in self.calibration.source_features if f not in own]
             if unknown:

@@ -581,6 +581,15 @@ def check_calibration_features(calibration: Any, domains: dict[str, dict[str, fl
                              f"{fix}fit a calibration on forecast scores (`sts calibrate --features ...`).")
 
 
+def check_calibration_config(calibration: Any, config: STSConfig) -> None:
+    """Refuse, before any work, a calibration reading a score ``config`` does not compute (STS_icl under
+    ``compute_icl=False``): the forecast would run whole, then predict nothing."""
+    icl = [f for f in calibration.score_features if f in ("sts_icl", "raw_icl")]
+    if icl and not config.compute_icl:
+        raise STSConfigError(f"The calibration uses {icl}, but STSConfig(compute_icl=False) does not compute it: "
+                             "set compute_icl=True, or fit a calibration without it (`sts calibrate --features ...`).")
+
+
 def check_offline_calibration(calibration: Any) -> Any:
     """``calibration`` if a forecast made without training can apply it, else an error naming what it lacks."""
     check_calibration_features(calibration)
@@ -601,6 +610,7 @@ def prepare_forecast(model: nn.Module, tokenizer, sae: Any, config: STSConfig | 
         from ..scoring.calibration import load_calibration
 
         calibration = check_offline_calibration(load_calibration(calibration))
+        check_calibration_config(calibration, config)
     start = time.perf_counter()
     return ForecastSetup.create(model, tokenizer, sae, config), calibration, start
 

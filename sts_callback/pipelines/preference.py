@@ -32,6 +32,7 @@ from torch import nn
 from ..core.data import (
     Corpus,
     PromptBuilder,
+    check_data_spec,
     TokenSequence,
     is_messages,
     is_dataset,
@@ -292,7 +293,8 @@ def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: s
                                 "(a list of {'role', 'content'}).")
     if any(is_messages(v) for v in (prompt, chosen, rejected)):
         builder.check_chat(name)
-    kwargs = {**(chat_template_kwargs or {}), **record_template_kwargs(record, f" {where}")}  # as TRL's DPO
+    chat = any(is_messages(v) for v in (prompt, chosen, rejected))  # only a chat is templated
+    kwargs = {**(chat_template_kwargs or {}), **(record_template_kwargs(record, f" {where}") if chat else {})}
     sequences = []
     for completion in (chosen, rejected):
         prompt_ids, completion_ids = prompt_completion_ids(builder, prompt, completion, kwargs)
@@ -305,6 +307,7 @@ def raw_records(data: Any, what: str = "preference data") -> list[Any]:
     :class:`Corpus`), for inputs whose records hold more than an :class:`Example` keeps."""
     if isinstance(data, Corpus):
         return data.records()
+    check_data_spec(data, what)  # a DatasetDict, a missing path: named as everywhere else
     if isinstance(data, (str, Path)):
         return load_corpus(data, name=what).records()
     if is_dataset(data):

@@ -167,7 +167,11 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
         _check_model(spec)
         try:
             tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(spec))
-            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec), dtype=_torch_dtype(dtype))
+            try:
+                model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec), dtype=_torch_dtype(dtype))
+            except ValueError:  # a VLM (LLaVA, Gemma 3 4B+, ...): its language model is read, with its processor
+                model = _load_vision_language_model(os.path.expanduser(spec), dtype)
+                tokenizer = _processor_or(spec, tokenizer)
         except (OSError, ValueError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise STSInputError(
@@ -178,6 +182,22 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _load_vision_language_model(folder: str, dtype: str | None):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder, dtype=_torch_dtype(dtype))
+
+
+def _processor_or(spec: str, tokenizer: Any) -> Any:
+    """A VLM folder's processor (its chat template may be the processor's only), else ``tokenizer``."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(os.path.expanduser(spec))
+    except (OSError, ValueError):
+        return tokenizer
 
 
 # `dtype:` of a config: "auto" (the checkpoint's own) or a floating torch dtype, by torch's name for it.
@@ -241,8 +261,8 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
     _check_model(config_file["model"])
     from ..core.sae import missing_sae_folder
 
-    sae = _expand(config_file["sae"])  # a path, as for the model (a bare name is left to the loader)
-    problem = missing_sae_folder(sae) if isinstance(sae, str) and sae.startswith(("/", ".", os.sep)) else None
+    sae = _expand(config_file["sae"])  # a folder, or 'release::sae_id' (which the loader takes)
+    problem = missing_sae_folder(sae) if isinstance(sae, str) else None
     if problem:
         raise STSInputError(f"{args.config}: {problem}")
     _check_model_settings(args.config, config_file, config)
@@ -568,6 +588,13 @@ def cmd_forecast(args: argparse.Namespace) -> int:
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
     calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"))
+    if calibration is not None:  # before the model loads
+        from ..pipelines.forecast import check_calibration_config
+
+        try:
+            check_calibration_config(calibration, config)
+        except STSConfigError as err:
+            raise STSInputError(f"--calibration: {err}") from err
     not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
     targets = config_file["targets"]
     names = ([str(k) for k in targets] if isinstance(targets, dict) else  # a list: names or paths (named by stem)
