@@ -261,8 +261,8 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
     _check_model(config_file["model"])
     from ..core.sae import missing_sae_folder
 
-    sae = _expand(config_file["sae"])  # a folder, or 'release::sae_id' (which the loader takes)
-    problem = missing_sae_folder(sae) if isinstance(sae, str) else None
+    sae = _expand(config_file["sae"])  # a path, as for the model (a bare name is left to the loader)
+    problem = missing_sae_folder(sae) if isinstance(sae, str) and sae.startswith(("/", ".", os.sep)) else None
     if problem:
         raise STSInputError(f"{args.config}: {problem}")
     _check_model_settings(args.config, config_file, config)
