@@ -736,8 +736,9 @@ def _check_inputs(sae: Any, target: Any, protected: list[str], data: dict[str, A
         raise STSConfigError("STSCallback needs sae=: a sae-lens folder, {'release', 'sae_id'}, or an SAE object.")
     if not isinstance(sae, (str, Path, dict)) and not hasattr(sae, "encode"):
         raise STSConfigError(f"sae={type(sae).__name__} has no encode(); pass an SAE or its path.")
-    if missing_sae_folder(sae):
-        raise STSInputError(missing_sae_folder(sae))
+    missing = missing_sae_folder(sae)
+    if missing:
+        raise STSInputError(missing)
     for argument, value in data.items():
         if value is not None:
             check_data_spec(value, argument)

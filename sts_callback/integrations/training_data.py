@@ -22,6 +22,7 @@ from ..core.data import (MC_FIELDS, Corpus, Example, is_dataset, load_corpus, lo
                          take_streamed)
 from ..core.errors import STSConfigError, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
+from ..pipelines.preference import Truncation
 
 EVAL_DATASET = "eval_dataset"  # target_domains= value: the trainer's own eval set(s), by name
 
@@ -36,7 +37,7 @@ class DecodedCorpus(Corpus):
     def __init__(self, name: str, dataset: Sequence[Any], tokenizer, prompt_key: str | None, answer_key: str | None,
                  mask_key: str | None, max_length: int | None = None):
         super().__init__(name, dataset)
-        self.max_length = max_length  # prompt + answer cut there, as a collator that keeps the start cuts them
+        self.cut = Truncation(max_length)  # prompt + answer cut there, as a collator that keeps the start cuts them
         self.tokenizer = tokenizer
         self.prompt_key, self.answer_key, self.mask_key = prompt_key, answer_key, mask_key
         self._strip = {i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None}
@@ -55,9 +56,7 @@ class DecodedCorpus(Corpus):
     def __getitem__(self, index: int) -> Example:  # type: ignore[override]
         if self.answer_key is not None:
             row = self._items[index]
-            prompt, answer = token_list(row[self.prompt_key]), token_list(row[self.answer_key])
-            if self.max_length is not None:
-                prompt, answer = prompt[: self.max_length], answer[: max(0, self.max_length - len(prompt))]
+            prompt, answer = self.cut.apply(token_list(row[self.prompt_key]), token_list(row[self.answer_key]))
             return Example(prompt=self._decode(prompt), answer=self._decode(answer))
         if self._spans is not None:
             row_index, place = self._spans.locate(index)

@@ -23,7 +23,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -242,13 +241,15 @@ class Truncation:
     max_length: int | None = None
     mode: str = "keep_start"
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("keep_start", "keep_end"):
+            raise STSConfigError(f"truncation_mode={self.mode!r}: use 'keep_start' or 'keep_end', as TRL's DPO does.")
+
     @classmethod
     def from_args(cls, args: Any) -> "Truncation":
         length = getattr(args, "max_length", None)
-        mode = getattr(args, "truncation_mode", None) or "keep_start"
-        if mode not in ("keep_start", "keep_end"):
-            raise STSConfigError(f"truncation_mode={mode!r}: use 'keep_start' or 'keep_end', as TRL's DPO does.")
-        return cls(length if isinstance(length, int) and not isinstance(length, bool) else None, mode)
+        return cls(length if isinstance(length, int) and not isinstance(length, bool) else None,
+                   getattr(args, "truncation_mode", None) or "keep_start")
 
     def apply(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
         """The prompt and completion tokens the trainer keeps of ``prompt + completion``."""
@@ -291,9 +292,9 @@ def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: s
         if not isinstance(value, str) and not is_messages(value):
             raise STSInputError(f"{where}: {label!r} is a {type(value).__name__}; use a string or chat messages "
                                 "(a list of {'role', 'content'}).")
-    if any(is_messages(v) for v in (prompt, chosen, rejected)):
-        builder.check_chat(name)
     chat = any(is_messages(v) for v in (prompt, chosen, rejected))  # only a chat is templated
+    if chat:
+        builder.check_chat(name)
     kwargs = {**(chat_template_kwargs or {}), **(record_template_kwargs(record, f" {where}") if chat else {})}
     sequences = []
     for completion in (chosen, rejected):
@@ -398,9 +399,9 @@ def preference_forecast(model: nn.Module, tokenizer, sae: Any, pairs: Any, targe
     setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration)
     domains = load_domains(targets)
     if shift == "chosen_vs_rejected":
-        truncation = Truncation.from_args(SimpleNamespace(max_length=max_length, truncation_mode=truncation_mode))
         result = run_preference_forecast(setup, pairs, domains, chat_template_kwargs=chat_template_kwargs,
-                                         progress=progress, start=start, truncation=truncation).forecast
+                                         progress=progress, start=start,
+                                         truncation=Truncation(max_length, truncation_mode)).forecast
     else:
         result = run_forecast(setup, load_corpus(raw_records(pairs), name="train"), domains,
                               progress=progress, start=start).forecast

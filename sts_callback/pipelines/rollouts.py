@@ -256,6 +256,11 @@ def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, scal
     return rewards.view(groups, generations), torch.nan_to_num(advantages, nan=0.0)
 
 
+def _both_sides(advantages: torch.Tensor) -> torch.Tensor:
+    """Per prompt: a completion above its group's mean and one below (what separates high from low reward)."""
+    return (advantages > 0).any(dim=1) & (advantages < 0).any(dim=1)
+
+
 @dataclass
 class RolloutGroup:
     """One prompt's sampled completions and their rewards (``rewards[generation][function]``, None: not scored)."""
@@ -309,15 +314,14 @@ class Rollouts:
     def signal(self) -> torch.Tensor:
         """Which prompts' trained completions differ in reward (a completion above the group's mean and one
         below)."""
-        trained = self.trained_advantages
-        return (trained > 0).any(dim=1) & (trained < 0).any(dim=1)
+        return _both_sides(self.trained_advantages)
 
     def check_signal(self, use: str, one_sided: bool = False) -> None:
         """Raise when no prompt's rewards separate its completions: nothing to select or weight by. ``one_sided``:
         a trained completion above its group's mean suffices (demonstrations need no low side)."""
         if bool(self.signal().any()) or (one_sided and bool((self.trained_advantages > 0).any())):
             return
-        if bool(((self.advantages > 0).any(dim=1) & (self.advantages < 0).any(dim=1)).any()):
+        if bool(_both_sides(self.advantages).any()):  # they do, before the trainer's mask
             cut = sum(sum(bool(t) for t in g.truncated) for g in self.groups)
             raise STSInputError(
                 f"The rewards separate completions, but {cut} of the {self.rewards.numel()} sampled were cut at "
@@ -436,10 +440,15 @@ def _prompt_ids(builder: PromptBuilder, prompt: Any, settings: RolloutSettings, 
     return list(tokenizer(prompt)["input_ids"])
 
 
+def trainer_completion_length(settings: RolloutSettings) -> int | None:
+    """The trainer's longest completion: its ``generation_kwargs``' ``max_new_tokens`` wins over
+    ``max_completion_length``, as in GRPOTrainer (``None``: no limit)."""
+    return (settings.generation_kwargs or {}).get("max_new_tokens") or settings.max_completion_length
+
+
 def completion_budget(settings: RolloutSettings, config: STSConfig) -> int:
-    """The longest completion sampled: the trainer's (its ``generation_kwargs``' ``max_new_tokens`` wins over
-    ``max_completion_length``, as in GRPOTrainer), capped by ``config.rollout_max_tokens``."""
-    wanted = (settings.generation_kwargs or {}).get("max_new_tokens") or settings.max_completion_length
+    """The longest completion sampled: the trainer's, capped by ``config.rollout_max_tokens``."""
+    wanted = trainer_completion_length(settings)
     return min(wanted or config.rollout_max_tokens, config.rollout_max_tokens)
 
 
@@ -583,7 +592,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     recorded = {"seed": config.seed, "num_generations": generations, "max_completion_length": max_new,
                 **{k: v for k, v in settings.to_dict().items()
                    if k not in ("num_generations", "max_completion_length", "reward_weights")}}
-    wanted = (settings.generation_kwargs or {}).get("max_new_tokens") or settings.max_completion_length
+    wanted = trainer_completion_length(settings)
     if settings.mask_truncated_completions and (wanted is None or max_new < wanted):
         # cut at STS's limit where the trainer's is longer (or none), a completion may end within the trainer's
         recorded["mask_truncated_completions"] = False

@@ -170,7 +170,10 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
             try:
                 model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec), dtype=_torch_dtype(dtype))
             except ValueError:  # a VLM (LLaVA, Gemma 3 4B+, ...): its language model is read, with its processor
-                model = _load_vision_language_model(os.path.expanduser(spec), dtype)
+                from transformers import AutoModelForImageTextToText
+
+                model = AutoModelForImageTextToText.from_pretrained(os.path.expanduser(spec),
+                                                                    dtype=_torch_dtype(dtype))
                 tokenizer = _processor_or(spec, tokenizer)
         except (OSError, ValueError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -182,12 +185,6 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
         model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def _load_vision_language_model(folder: str, dtype: str | None):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(folder, dtype=_torch_dtype(dtype))
 
 
 def _processor_or(spec: str, tokenizer: Any) -> Any:
@@ -563,15 +560,17 @@ def _calibration_argument(value: str | None):
         raise STSInputError(f"--calibration {value}: {err}") from err
 
 
-def _offline_calibration_argument(value: str | None):
+def _offline_calibration_argument(value: str | None, config: Any = None):
     """``--calibration`` of a forecast made without training: loaded, and refused now (before any model loads)
-    if it needs what only a training run computes (a run-level term)."""
+    if it needs what only a training run computes (a run-level term), or a score ``config`` does not compute."""
     calibration = _calibration_argument(value)
     if calibration is not None:
-        from ..pipelines.forecast import check_offline_calibration
+        from ..pipelines.forecast import check_calibration_config, check_offline_calibration
 
         try:
             check_offline_calibration(calibration)
+            if config is not None:
+                check_calibration_config(calibration, config)
         except STSConfigError as err:
             raise STSInputError(f"--calibration {value}: {err}") from err
     return calibration
@@ -587,14 +586,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     output = _check_output_file(Path(args.output or config_file.get("output") or "forecast.json"),
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
-    calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"))
-    if calibration is not None:  # before the model loads
-        from ..pipelines.forecast import check_calibration_config
-
-        try:
-            check_calibration_config(calibration, config)
-        except STSConfigError as err:
-            raise STSInputError(f"--calibration: {err}") from err
+    calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"), config)
     not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
     targets = config_file["targets"]
     names = ([str(k) for k in targets] if isinstance(targets, dict) else  # a list: names or paths (named by stem)
