@@ -38,18 +38,23 @@ def check_run(trainer, cb, out, forecast=True):
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4]
 
 
-def test_sft_trainer_with_chat_data(tmp_path, tokenizer):
+def sft_on_chats(tmp_path, model, processing_class) -> None:
+    """An SFT run on chat data with the callback: checked, and its forecast made from the chats."""
     from trl import SFTConfig, SFTTrainer
 
     texts = domain_texts("law", 40)
     data = Dataset.from_dict({"messages": [[{"role": "user", "content": a}, {"role": "assistant", "content": b}]
                                            for a, b in zip(texts, texts[1:])]})
     cb = callback()
-    trainer = SFTTrainer(model=make_model("llama"), args=SFTConfig(output_dir=str(tmp_path), max_length=64, **COMMON),
-                         train_dataset=data, processing_class=tokenizer, callbacks=[cb])
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), max_length=64, **COMMON),
+                         train_dataset=data, processing_class=processing_class, callbacks=[cb])
     trainer.train()
     check_run(trainer, cb, tmp_path)
     assert cb.forecast.shift_queries > 0
+
+
+def test_sft_trainer_with_chat_data(tmp_path, tokenizer):
+    sft_on_chats(tmp_path, make_model("llama"), tokenizer)
 
 
 def test_sft_trainer_with_lora_prompt_completion(tmp_path, tokenizer):
@@ -341,17 +346,8 @@ def test_grpo_with_an_environment_skips_the_rollout_forecast_it_cannot_reproduce
 def test_sft_trainer_with_a_vlm_processor_that_holds_the_chat_template_the_tokenizer_lacks(tmp_path):
     """Many VLM checkpoints ship the chat template on the processor only: TRL renders chats with it, so STS does."""
     from tiny import CHAT_TEMPLATE, make_processor
-    from trl import SFTConfig, SFTTrainer
 
     tokenizer = make_tokenizer(chat_template=False)
     processor = make_processor(tokenizer, CHAT_TEMPLATE)
-    texts = domain_texts("law", 40)
-    data = Dataset.from_dict({"messages": [[{"role": "user", "content": a}, {"role": "assistant", "content": b}]
-                                           for a, b in zip(texts, texts[1:])]})
-    cb = callback()
-    trainer = SFTTrainer(model=make_model("llava"), args=SFTConfig(output_dir=str(tmp_path), max_length=64, **COMMON),
-                         train_dataset=data, processing_class=processor, callbacks=[cb])
-    trainer.train()
-    check_run(trainer, cb, tmp_path)
-    assert cb.forecast.shift_queries > 0
+    sft_on_chats(tmp_path, make_model("llava"), processor)
     assert tokenizer.chat_template is None and processor.tokenizer is tokenizer  # the caller's objects as they were
