@@ -1,7 +1,13 @@
 """What the package ships: public names, py.typed, LICENSE, and docstrings that name only files in the repo."""
 
 import re
-import tomllib
+import subprocess
+import sys
+
+try:
+    import tomllib  # novermin (the fallback below is 3.10's)
+except ModuleNotFoundError:  # Python 3.10; pytest itself depends on tomli there
+    import tomli as tomllib
 from pathlib import Path
 
 import sts_callback
@@ -108,3 +114,13 @@ def test_importing_the_package_and_the_callback_loads_no_matplotlib():
             "sts_callback.validation.validate; print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_code_needs_no_newer_python_than_declared():
+    # CI runs one Python (3.11); a 3.11-only module or syntax would break every 3.10 user at import.
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    minimum = declared.removeprefix(">=")
+    result = subprocess.run([str(Path(sys.executable).with_name("vermin")), f"-t={minimum}-", "--no-tips", "--eval-annotations",
+                             "--violations", "sts_callback", "benchmarks", "examples", "tests"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
