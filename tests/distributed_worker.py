@@ -3,7 +3,7 @@
 
     python tests/distributed_worker.py MODE OUT      MODE: single | ddp | zero2 | zero3 | bad_inputs | forecast_disagree
                                                        | runlevel_single | runlevel_ddp | runlevel_zero2
-                                                       | runlevel_zero3 | trl_dpo | trl_grpo
+                                                       | runlevel_zero3 | trl_dpo | trl_grpo | trl_distill
                                                        | callback_runlevel_single | callback_runlevel_ddp
                                                        | callback_runlevel_zero3 | onerank_failure
                                                        | onerank_failure_zero3
@@ -211,14 +211,16 @@ def runlevel(backend: str) -> dict:
 
 
 def trl_forecast(kind: str) -> tuple[dict | None, list[dict]]:
-    """The train-start forecast of a TRL DPO or GRPO run (one step) with the callback's automatic shift, and the
-    history (GRPO: LoRA, re-checked after its step on the policy's completions of fresh prompts)."""
-    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
+    """The train-start forecast of a TRL DPO, GRPO or distillation run (one step) with the callback's automatic
+    shift, and the history (GRPO, distillation: LoRA, re-checked after its step on the policy's completions of fresh
+    prompts)."""
+    from peft import LoraConfig
+    from trl import DistillationConfig, DistillationTrainer, DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 
     tokenizer = make_tokenizer()
     common = dict(output_dir=str(OUT / "run"), max_steps=1, save_strategy="no", logging_steps=1, use_cpu=True,
                   report_to=[], ddp_backend="gloo" if WORLD > 1 else None, seed=0, learning_rate=1e-3)
-    cb = callback(train_probe=None, protected=[], recheck_at_end=kind == "grpo", recheck_tokens=24,
+    cb = callback(train_probe=None, protected=[], recheck_at_end=kind != "dpo", recheck_tokens=24,
                   config={**CONFIG, "rollout_prompts": 5, "rollout_generations": 3, "rollout_max_tokens": 6})
     texts = domain_texts("law", 12, seed=5)
     if kind == "dpo":
@@ -227,11 +229,15 @@ def trl_forecast(kind: str) -> tuple[dict | None, list[dict]]:
         trainer = DPOTrainer(model=make_model("llama"), ref_model=make_model("llama"), train_dataset=data,
                              args=DPOConfig(max_length=48, per_device_train_batch_size=2, **common),
                              processing_class=tokenizer, callbacks=[cb])
+    elif kind == "distill":
+        trainer = DistillationTrainer(
+            model=make_model("llama"), teacher_model=make_model("llama", seed=1),
+            train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer, callbacks=[cb],
+            args=DistillationConfig(max_completion_length=6, per_device_train_batch_size=2, **common),
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     else:
         def reward_law(completions, **kwargs):
             return [float(sum(w in c for w in ("court", "judge", "law"))) + len(c) / 100 for c in completions]
-
-        from peft import LoraConfig
 
         trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=reward_law, train_dataset=Dataset.from_dict(
             {"prompt": texts}), args=GRPOConfig(num_generations=2, max_completion_length=6, temperature=1.5,

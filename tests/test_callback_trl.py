@@ -1,4 +1,4 @@
-"""STSCallback on real TRL trainers (SFT, DPO, GRPO) with tiny models."""
+"""STSCallback on real TRL trainers (SFT, DPO, GRPO, distillation) with tiny models."""
 
 import json
 
@@ -236,6 +236,10 @@ def test_shift_that_the_trainer_cannot_serve_is_an_error(tmp_path, tokenizer):
                       train_dataset=data, processing_class=tokenizer, callbacks=[cb])
     with pytest.raises(STSConfigError, match="needs an RL trainer with reward functions"):
         trainer.train()
+    trainer = Trainer(model=make_model("llama"), args=TrainingArguments(output_dir=str(tmp_path), **COMMON),
+                      train_dataset=data, processing_class=tokenizer, callbacks=[callback(shift="teacher_vs_student")])
+    with pytest.raises(STSConfigError, match="needs a distillation trainer with a teacher"):
+        trainer.train()
 
 
 def test_grpo_with_explicit_demonstrations_forecasts(tmp_path, tokenizer):
@@ -351,3 +355,66 @@ def test_sft_trainer_with_a_vlm_processor_that_holds_the_chat_template_the_token
     processor = make_processor(tokenizer, CHAT_TEMPLATE)
     sft_on_chats(tmp_path, make_model("llava"), processor)
     assert tokenizer.chat_template is None and processor.tokenizer is tokenizer  # the caller's objects as they were
+
+
+ROLLOUTS = {**FAST, "rollout_prompts": 4, "rollout_max_tokens": 8}
+
+
+def distillation_trainer(out, tokenizer, cb, **extra):
+    from trl import DistillationConfig, DistillationTrainer
+
+    # bf16=False: the callback's forwards follow the trainer's autocast, the offline forecast's run in float32
+    args = DistillationConfig(output_dir=str(out), max_completion_length=8, temperature=1.5, bf16=False, **COMMON)
+    return DistillationTrainer(model=make_model("llama"), teacher_model=make_model("llama", seed=1), args=args,
+                               train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}),
+                               processing_class=tokenizer, callbacks=[cb], **extra)
+
+
+@pytest.mark.parametrize("shift", ["auto", "teacher_vs_student"])
+def test_distillation_forecasts_from_the_teachers_completions(tmp_path, tokenizer, shift):
+    from sts_callback.pipelines.distillation import distillation_forecast
+
+    cb = callback(shift=shift, config=ROLLOUTS)
+    trainer = distillation_trainer(tmp_path, tokenizer, cb)
+    with pytest.warns(STSDataWarning, match="distillation is a full fine-tune without a reference model"):
+        trainer.train()  # the prompts have no answers: before, the forecast was skipped
+    check_run(trainer, cb, tmp_path)
+    settings = cb.forecast.settings
+    expected = "teacher_completions" if shift == "auto" else shift
+    assert settings["shift"] == expected
+    sampled = settings["distillation"]
+    assert sampled["prompts"] == 4 and sampled["teacher"]["completions"] == sampled["student"]["completions"] == 8
+    assert sampled["temperature"] == 1.5 and sampled["max_completion_length"] == 8  # the trainer's settings
+    # the offline forecast of the same student, teacher and settings gives the callback's numbers
+    offline = distillation_forecast(make_model("llama"), make_model("llama", seed=1), tokenizer, cb.sae,
+                                    domain_texts("law", 16), {d: domain_texts(d, 20) for d in DOMAINS},
+                                    cb.session.config, settings=trainer.args, shift=expected)
+    assert dict(offline.ranked()) == pytest.approx(dict(cb.forecast.ranked()), rel=1e-5)
+    # the re-check probe is what the student writes: completions after the prompts
+    assert cb.monitor.probe and all(0 < sum(flags) < len(ids) for ids, flags in cb.monitor.probe)
+
+
+def test_distillation_with_lora_rechecks_the_students_completions_of_fresh_prompts(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    cb = callback(config=ROLLOUTS, recheck_tokens=24)
+    trainer = distillation_trainer(tmp_path, tokenizer, cb,
+                                   peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    check_run(trainer, cb, tmp_path)
+    probes = [r["fresh_probe"] for r in cb.history]
+    assert all(p["completions"] > 0 and p["tokens"] > 0 and p["mean_reward"] is None for p in probes)
+    assert probes[0]["prompts"] != probes[1]["prompts"]
+
+
+def test_distillation_forecast_needs_a_teacher_that_writes_otherwise(tokenizer):
+    from sts_callback import STSError
+    from sts_callback.pipelines.distillation import distillation_forecast
+
+    student = make_model("llama")
+    args = (tokenizer, TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), domain_texts("law", 16),
+            {d: domain_texts(d, 20) for d in DOMAINS}, ROLLOUTS)
+    with pytest.raises(STSError, match="teacher model other than the student"):
+        distillation_forecast(student, student, *args)
+    with pytest.raises(STSError, match="differ in no SAE latent"):  # the same weights sample the same completions
+        distillation_forecast(student, make_model("llama"), *args, shift="teacher_vs_student")

@@ -87,21 +87,23 @@ def test_overhead_budget_choice_is_rank_zeros_on_every_rank(tmp_path):
         assert not set(record["overhead"]["skipped"]) & set(record["loss_delta"])
 
 
-@pytest.mark.parametrize("kind", ["dpo", "grpo"])
-def test_preference_and_rl_forecasts_two_processes_match_one(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["dpo", "grpo", "distill"])
+def test_preference_rl_and_distillation_forecasts_two_processes_match_one(tmp_path, kind):
     single = run(f"trl_{kind}", tmp_path / "one", 1)[0]
     ranks = run(f"trl_{kind}", tmp_path / "two", 2)
     one, (rank0, rank1) = single["forecast"], (r["forecast"] for r in ranks)
-    if kind == "grpo":  # the re-check after the step: the same fresh prompts, the same probe on both ranks (the
+    if kind != "dpo":  # the re-check after the step: the same fresh prompts, the same probe on both ranks (the
         # policy itself differs from one process's: the ranks trained on other completions)
         fresh = [r["history"][-1]["fresh_probe"] for r in (single, *ranks)]
         assert fresh[0]["prompts"] == fresh[1]["prompts"] == fresh[2]["prompts"]
         assert fresh[1] == fresh[2] and fresh[1]["tokens"] > 0
         assert without_timing(ranks[0]["history"]) == without_timing(ranks[1]["history"])
-    assert one["settings"]["shift"] == ("chosen_vs_rejected" if kind == "dpo" else "reward_weighted")
+    shifts = {"dpo": "chosen_vs_rejected", "grpo": "reward_weighted", "distill": "teacher_completions"}
+    assert one["settings"]["shift"] == shifts[kind]
     assert rank0["shifted_latents"] == rank1["shifted_latents"] == one["shifted_latents"]
-    if kind == "grpo":  # the same rollouts, sampled per prompt, whatever the number of processes
-        assert rank0["settings"]["rollouts"] == one["settings"]["rollouts"]
+    if kind != "dpo":  # the same rollouts, sampled per prompt, whatever the number of processes
+        what = "rollouts" if kind == "grpo" else "distillation"
+        assert rank0["settings"][what] == one["settings"][what]
     for name, domain in one["domains"].items():
         for variant, value in domain["scores"].items():
             if value is not None:

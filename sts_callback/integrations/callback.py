@@ -35,8 +35,9 @@ from ..scoring.calibration import own_feature
 from ..pipelines.recheck import RecheckConfig, RecheckSteps
 from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession
-from .trainer_shift import (RL_SHIFTS, check_shift, forecast_runner, fresh_rollout_probe, resolve_shift,
-                            rollout_data, rollout_probe, trainer_rollouts, unreproduced_generation)
+from .trainer_shift import (DISTILLATION_SHIFTS, RL_SHIFTS, ROLLOUT_SHIFTS, check_shift, forecast_runner,
+                            fresh_rollout_probe, is_online, resolve_shift, rollout_data, rollout_probe,
+                            trainer_distillation_rollouts, trainer_rollouts, unreproduced_generation)
 from .trainer_run_level import DEFAULT_RUN_LEVEL_STEPS, RUN_LEVEL_METHODS, check_run_level, run_level_runner
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
 
@@ -117,9 +118,9 @@ class STSCallback(TrainerCallback, ExportableState):
             plus the recent slope in the learning-rate area; ``"power"``: change ~ f^b; ``None``: the benchmark's
             best, ``"power"`` blended with the step-0 prediction when the calibration has that blend, else
             ``"trend"``); see ``RecheckConfig``.
-        fresh_rollouts: under RL, each re-check's probe is the current policy's completions of fresh prompts
-            (base residuals from the trainer's ``ref_model`` or the adapters-disabled model); ``False``: the
-            train-start rollouts throughout.
+        fresh_rollouts: under RL and distillation, each re-check's probe is the current policy's completions of
+            fresh prompts (base residuals from the trainer's ``ref_model`` or the adapters-disabled model);
+            ``False``: the train-start rollouts throughout.
         loss_head_dtype: the LM head's matmul precision for held-out losses (``"auto"``: bfloat16 for a float32
             head on hardware with native bf16 matmuls; ``"bfloat16"``; ``None``: the head's own); see
             ``RecheckConfig``.
@@ -138,10 +139,11 @@ class STSCallback(TrainerCallback, ExportableState):
             worth in place of a pass over every domain. ``None``: none. Language-model trainers only (Trainer,
             SFTTrainer).
         shift: what the training pushes (:mod:`~sts_callback.integrations.trainer_shift`): ``"auto"`` (RL trainer
-            -> the reward-weighted shift of the policy's rollouts; preference data -> chosen minus rejected;
-            else the data's answers in context), or one of ``"in_context"``, ``"chosen_vs_rejected"``,
-            ``"reward_filtered"``, ``"reward_weighted"``. Rollouts follow ``STSConfig.rollout_*`` budgets and the
-            trainer's generation settings and reward functions.
+            -> the reward-weighted shift of the policy's rollouts; preference data -> chosen minus rejected; a
+            distillation trainer's teacher -> the teacher's completions in context; else the data's answers in
+            context), or one of ``"in_context"``, ``"chosen_vs_rejected"``, ``"reward_filtered"``,
+            ``"reward_weighted"``, ``"teacher_completions"``, ``"teacher_vs_student"``. Rollouts follow
+            ``STSConfig.rollout_*`` budgets and the trainer's generation settings and reward functions.
     """
 
     def __init__(self, sae: Any, target_domains: Any, protected: list[str] | tuple[str, ...] = (),
@@ -454,7 +456,7 @@ class STSCallback(TrainerCallback, ExportableState):
         demos = load_corpus(self.demonstrations, name="demonstrations") if self.demonstrations is not None else None
         session.prepare(model, tokenizer, probe, domains, self.lm_eval_targets)
         data = self.train_probe if self.train_probe is not None else getattr(trainer, "train_dataset", None)
-        unreproduced = unreproduced_generation(trainer) if getattr(trainer, "reward_funcs", None) is not None else []
+        unreproduced = unreproduced_generation(trainer) if is_online(trainer) else []
         if not unreproduced:
             self._fresh_probe(trainer, rollout_data(self.train_probe, trainer))
         if state.global_step > 0:  # the checkpoint given to train(), which may be another run's folder
@@ -465,17 +467,21 @@ class STSCallback(TrainerCallback, ExportableState):
                            lambda: saved_in_trainer_state(checkpoint.root.parent, self.output_subdir))
         else:
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
-            rollouts = None
-            if shift in RL_SHIFTS and unreproduced:
+            rollouts = teacher = None
+            if shift in ROLLOUT_SHIFTS and unreproduced:
                 self._skip_rollouts(unreproduced)
                 run = lambda setup, domains, progress: None  # noqa: E731 - no forecast, already said why
             else:
+                prompts = rollout_data(self.train_probe, trainer)
                 if shift in RL_SHIFTS:  # sampled once: the forecast's demonstrations and the re-check probe
-                    rollouts = trainer_rollouts(trainer, rollout_data(self.train_probe, trainer), session.setup,
-                                                state, progress=session.is_main)
+                    rollouts = trainer_rollouts(trainer, prompts, session.setup, state, progress=session.is_main)
+                elif shift in DISTILLATION_SHIFTS:  # the student's completions are the probe, as under RL
+                    teacher, rollouts = trainer_distillation_rollouts(trainer, prompts, session.setup,
+                                                                      progress=session.is_main)
+                if rollouts is not None:
                     session.monitor.probe = rollout_probe(rollouts, session.setup, session.settings.recheck_tokens)
                 cut = Truncation.from_args(getattr(trainer, "args", None)) if shift == "chosen_vs_rejected" else None
-                run = forecast_runner(shift, data, probe, demos, rollouts, cut)
+                run = forecast_runner(shift, data, probe, demos, rollouts, cut, teacher)
             level = None if self.run_level is None else run_level_runner(
                 self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
                 session.autocast, own=session.monitor.probe, domains=self._run_level_domains,
@@ -551,10 +557,11 @@ class STSCallback(TrainerCallback, ExportableState):
                 "output_subdir='sts_math')), or monitor every domain with one callback.")
 
     def _skip_rollouts(self, unreproduced: list[str]) -> None:
-        """An RL trainer that generates through tools, environments or its own rollout function: STS's rollouts
-        would sample something else, so the rollout forecast is skipped (refused if asked for by name)."""
+        """An RL or distillation trainer that generates through tools, environments or its own rollout function:
+        STS's rollouts would sample something else, so the rollout forecast is skipped (refused if asked for by
+        name)."""
         what = " and ".join(unreproduced)
-        if self.shift in RL_SHIFTS:
+        if self.shift in ROLLOUT_SHIFTS:
             raise STSConfigError(
                 f"shift={self.shift!r}: this trainer generates with {what}, which STS's rollouts do not reproduce "
                 "(they sample the prompts alone, with no tool calls or environment turns). Give demonstrations= "
@@ -565,16 +572,20 @@ class STSCallback(TrainerCallback, ExportableState):
                           "in-context forecast.", STSDataWarning)
 
     def _fresh_probe(self, trainer: Any, data: Any) -> None:
-        """Under RL, re-check on the current policy's completions of fresh prompts (RecheckConfig.fresh_rollouts)."""
+        """Under RL and distillation, re-check on the current policy's completions of fresh prompts
+        (RecheckConfig.fresh_rollouts)."""
         session = self.session
-        if not session.settings.fresh_rollouts or getattr(trainer, "reward_funcs", None) is None:
+        if not session.settings.fresh_rollouts or not is_online(trainer):
             return
         session.probe_source = fresh_rollout_probe(trainer, data, session.setup, session.settings.recheck_tokens)
         if session.probe_source is None:
-            session.warn("fresh_probe", "STS: this RL run is a full fine-tune without a reference model (e.g. GRPO "
-                         "with beta=0), so the base residuals of new completions cannot be computed: re-checks use "
-                         "the train-start rollouts as their probe. Train with PEFT, or beta > 0, for fresh "
-                         "completions at each re-check; fresh_rollouts=False silences this.", STSDataWarning)
+            rl = getattr(trainer, "reward_funcs", None) is not None
+            what, fix = (("RL run", "e.g. GRPO with beta=0"), "Train with PEFT, or beta > 0,") if rl else \
+                (("distillation", "the teacher is not the base"), "Train with PEFT")
+            session.warn("fresh_probe", f"STS: this {what[0]} is a full fine-tune without a reference model "
+                         f"({what[1]}), so the base residuals of new completions cannot be computed: re-checks use "
+                         f"the train-start rollouts as their probe. {fix} for fresh completions at each re-check; "
+                         "fresh_rollouts=False silences this.", STSDataWarning)
 
     # ------------------------------------------------------------------ during training
     def on_step_begin(self, args, state, control, **kwargs):

@@ -5,11 +5,16 @@
 - ``"chosen_vs_rejected"``: preference data (DPO and kin): chosen minus rejected completions of the same prompt;
 - ``"reward_filtered"``: RL (GRPO and kin): the policy's own rollouts, scored by the trainer's reward functions,
   the above-mean ones as in-context demonstrations before the prompts;
-- ``"reward_weighted"``: RL: the advantage-weighted difference of high- and low-reward rollouts' latents.
+- ``"reward_weighted"``: RL: the advantage-weighted difference of high- and low-reward rollouts' latents;
+- ``"teacher_completions"``: distillation (a trainer with a ``teacher_model``): the teacher's sampled completions of
+  the prompts as in-context demonstrations; ``"teacher_vs_student"``: the teacher's completions' latents minus the
+  student's (:mod:`~sts_callback.pipelines.distillation`).
 
 ``"auto"`` picks by the trainer: reward functions -> ``reward_weighted`` (unless ``demonstrations=`` are given; it
 ordered the other domains best on the KL-held GRPO runs of ``benchmarks/transfer/rl.py``, also on runs made after it
-was preferred), preference columns -> ``chosen_vs_rejected``, otherwise ``in_context``. Under RL the rollouts
+was preferred), preference columns -> ``chosen_vs_rejected``, a teacher -> ``teacher_completions`` (unless
+``demonstrations=`` are given: the teacher's distribution is what training matches, even on data with answers),
+otherwise ``in_context``. Under RL and distillation the policy's (student's) rollouts
 also become the re-check probe (:func:`rollout_probe`): the shift is measured on what the policy writes, and each
 re-check samples the current policy's completions of fresh prompts (:func:`fresh_rollout_probe`).
 """
@@ -31,10 +36,12 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
 from ..pipelines.preference import Truncation, completion_sequence, run_preference_forecast
 from ..pipelines.monitor import peft_model_of
+from ..pipelines.distillation import DISTILLATION_SHIFTS, distillation_settings, run_distillation_forecast, \
+    sample_completions
 from ..pipelines.rollouts import (RolloutSettings, Rollouts, completion_budget, draw_prompts, is_reward_model,
                                   prompt_records, reward_func_list, run_rollout_forecast, sample_rollouts)
 
-SHIFTS = ("auto", "in_context", "chosen_vs_rejected", "reward_filtered", "reward_weighted")
+SHIFTS = ("auto", "in_context", "chosen_vs_rejected", "reward_filtered", "reward_weighted", *DISTILLATION_SHIFTS)
 PREFERENCE_COLUMNS = ({"chosen", "rejected"}, {"chosen_ids", "rejected_ids"})
 
 
@@ -60,7 +67,12 @@ def resolve_shift(shift: str, trainer: Any, data: Any, has_demonstrations: bool)
     if shift == "auto":
         if rl and not has_demonstrations:
             return "reward_weighted"
-        return "chosen_vs_rejected" if preference else "in_context"
+        if preference:
+            return "chosen_vs_rejected"
+        return "teacher_completions" if teacher_of(trainer) is not None and not has_demonstrations else "in_context"
+    if shift in DISTILLATION_SHIFTS and teacher_of(trainer) is None:
+        raise STSConfigError(f"shift={shift!r} needs a distillation trainer with a teacher (trainer.teacher_model, "
+                             f"e.g. TRL's DistillationTrainer); this is a {type(trainer).__name__}. Use shift='auto'.")
     if shift in ("reward_filtered", "reward_weighted") and not rl:
         raise STSConfigError(f"shift={shift!r} needs an RL trainer with reward functions (trainer.reward_funcs, "
                              f"e.g. TRL's GRPOTrainer); this is a {type(trainer).__name__}. Use shift='auto'.")
@@ -71,6 +83,17 @@ def resolve_shift(shift: str, trainer: Any, data: Any, has_demonstrations: bool)
 
 
 RL_SHIFTS = ("reward_filtered", "reward_weighted")
+ROLLOUT_SHIFTS = (*RL_SHIFTS, *DISTILLATION_SHIFTS)  # sampled at train start; the policy's rollouts are the probe
+
+
+def teacher_of(trainer: Any) -> Any:
+    """A distillation trainer's teacher (TRL's ``DistillationTrainer``, GKD: ``teacher_model``), else ``None``."""
+    return getattr(trainer, "teacher_model", None)
+
+
+def is_online(trainer: Any) -> bool:
+    """The trainer samples completions from the policy as it trains (RL with reward functions, distillation)."""
+    return getattr(trainer, "reward_funcs", None) is not None or teacher_of(trainer) is not None
 
 
 def unreproduced_generation(trainer: Any) -> list[str]:
@@ -96,6 +119,17 @@ def trainer_rollouts(trainer: Any, data: Any, setup: ForecastSetup, state: Any =
                            _rollout_settings(trainer), trainer_state=state, progress=progress, builder=setup.builder)
 
 
+def trainer_distillation_rollouts(trainer: Any, data: Any, setup: ForecastSetup, progress: bool = False,
+                                  ) -> tuple[Rollouts, Rollouts]:
+    """The teacher's and the student's completions of the forecast's seeded draw of the training prompts, with the
+    trainer's generation settings (the same on every rank)."""
+    settings = distillation_settings(trainer.args)
+    tokenizer = setup.builder.tokenizer
+    models = ((teacher_of(trainer), "teacher"), (setup.model, "student"))
+    return tuple(sample_completions(model, tokenizer, data, setup.config, settings, setup.builder, progress=progress,
+                                    who=who) for model, who in models)
+
+
 def rollout_probe(rollouts: Rollouts, setup: ForecastSetup, budget: int) -> list[TokenSequence]:
     """The re-check probe of an RL run: the rollouts' completions after their prompts (what the policy writes,
     not the bare prompts), a seeded sample of about ``budget`` completion tokens."""
@@ -118,21 +152,23 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     prompt, the trainer's generation settings) of a seeded draw of fresh prompts (not the forecast's), about
     ``budget`` completion tokens, with the model that gives their base residuals: the trainer's ``ref_model``,
     or ``None`` for the adapters-disabled model of a PEFT run. ``None`` itself when there is no base to run (a
-    full fine-tune without a reference model, e.g. GRPO with ``beta=0``) or the trainer is not RL."""
-    if getattr(trainer, "reward_funcs", None) is None:
+    full fine-tune without a reference model, e.g. GRPO with ``beta=0`` or a distillation) or the trainer samples
+    nothing (not RL nor distillation)."""
+    if not is_online(trainer):
         return None
     reference = getattr(trainer, "ref_model", None)
     if reference is None and peft_model_of(trainer.model) is None:
         return None
-    settings = _rollout_settings(trainer)
+    rl = getattr(trainer, "reward_funcs", None) is not None
+    settings = _rollout_settings(trainer) if rl else distillation_settings(trainer.args)
     config = setup.config
     longest = completion_budget(settings, config)
     prompts = max(2, math.ceil(budget / (2 * longest)))
     two_each = dataclasses.replace(config, rollout_generations=2)
     records = prompt_records(data)  # read once: each re-check draws from them, not from the whole dataset again
     # the probe needs the completions; their rewards are only a summary, which reward models cannot give here
-    funcs = reward_func_list(trainer.reward_funcs)
-    score = not any(is_reward_model(f) for f in funcs)
+    funcs = reward_func_list(trainer.reward_funcs) if rl else []
+    score = rl and not any(is_reward_model(f) for f in funcs)
     watched = weakref.ref(trainer)  # the probe outlives the run in the session: it must not keep the trainer alive
 
     def probe(model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:
@@ -150,11 +186,16 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
 
 def forecast_runner(shift: str, data: Any, probe: Corpus, demonstrations: Corpus | None,
                     rollouts: Rollouts | None = None, truncation: Truncation | None = None,
+                    teacher: Rollouts | None = None,
                     ) -> Callable[[ForecastSetup, dict[str, Corpus], bool], ForecastRun | None] | None:
     """A function ``(setup, domains, progress) -> ForecastRun | None`` computing the forecast of ``shift`` (``None``
     when the rollouts' rewards carry no signal, with a warning); ``None`` itself for the in-context shift of data
-    without answers (nothing to forecast from). The RL shifts need the :func:`trainer_rollouts`; ``truncation``:
-    how a preference trainer cuts its pairs (:meth:`Truncation.from_args` of its args)."""
+    without answers (nothing to forecast from). The RL shifts need the :func:`trainer_rollouts`, the distillation
+    shifts the student's ``rollouts`` and the ``teacher``'s (:func:`trainer_distillation_rollouts`);
+    ``truncation``: how a preference trainer cuts its pairs (:meth:`Truncation.from_args` of its args)."""
+    if shift in DISTILLATION_SHIFTS:
+        return lambda setup, domains, progress: run_distillation_forecast(setup, shift, probe, teacher, rollouts,
+                                                                          domains, progress=progress)
     if shift == "chosen_vs_rejected":
         return lambda setup, domains, progress: run_preference_forecast(setup, data, domains, progress=progress,
                                                                         truncation=truncation)
@@ -190,5 +231,6 @@ def _rollout_settings(trainer: Any) -> RolloutSettings:
     return settings
 
 
-__all__ = ["RL_SHIFTS", "SHIFTS", "check_shift", "forecast_runner", "fresh_rollout_probe", "resolve_shift",
-           "rollout_data", "rollout_probe", "trainer_rollouts", "unreproduced_generation"]
+__all__ = ["DISTILLATION_SHIFTS", "ROLLOUT_SHIFTS", "RL_SHIFTS", "SHIFTS", "check_shift", "forecast_runner",
+           "fresh_rollout_probe", "is_online", "resolve_shift", "rollout_data", "rollout_probe", "teacher_of",
+           "trainer_distillation_rollouts", "trainer_rollouts", "unreproduced_generation"]

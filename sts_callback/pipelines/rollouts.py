@@ -489,7 +489,8 @@ def _generate_group(model: nn.Module, prompt_ids: list[int], generations: int, g
 def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any,
                     config: STSConfig | dict | None = None, settings: Any = None, *, trainer_state: Any = None,
                     progress: bool = False, builder: PromptBuilder | None = None,
-                    prompt_indices: Sequence[int] | None = None, score: bool = True) -> Rollouts:
+                    prompt_indices: Sequence[int] | None = None, score: bool = True,
+                    desc: str = "STS rollouts") -> Rollouts:
     """Sample and score rollouts of the model for a seeded sample of training prompts, as GRPO would.
 
     Args:
@@ -511,7 +512,8 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
             of ``rollout_prompts`` (:func:`draw_prompts`). Only that draw warns about prompts whose rewards carry
             no signal (other draws, such as a re-check's probe, use the completions, not their rewards).
         score: ``False`` samples without calling the reward functions (every reward None): for a probe that
-            needs the completions only, under reward models this function cannot call.
+            needs the completions only, under reward models this function cannot call, or a distillation's.
+        desc: the progress bar's label.
 
     Under ``torch.distributed`` each rank samples and scores a padded share of the prompts; the rollouts are
     gathered, so every rank returns the same :class:`Rollouts`.
@@ -553,7 +555,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     if progress and is_main_process():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(part.indices), unit="prompt", desc="STS rollouts")
+        bar = tqdm(total=len(part.indices), unit="prompt", desc=desc)
     local: list[RolloutGroup] = []
     error: Exception | None = None
     try:
@@ -603,7 +605,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     rollouts = Rollouts(groups=groups, reward_names=[_reward_name(f) for f in funcs], reward_weights=weights,
                         settings=recorded)
     signal = rollouts.signal()
-    if forecast_draw and not bool(signal.all()):
+    if forecast_draw and score and not bool(signal.all()):
         then = ("the rollout forecasts use the other prompts only" if bool(signal.any()) else
                 "no rollout forecast can be made from them (check the reward functions on Rollouts.groups)")
         masked = " (or kept no trained completion on one side: mask_truncated_completions)" \
