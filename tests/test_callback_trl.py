@@ -418,3 +418,24 @@ def test_distillation_forecast_needs_a_teacher_that_writes_otherwise(tokenizer):
         distillation_forecast(student, student, *args)
     with pytest.raises(STSError, match="differ in no SAE latent"):  # the same weights sample the same completions
         distillation_forecast(student, make_model("llama"), *args, shift="teacher_vs_student")
+
+
+def test_gkd_on_chats_forecasts_from_the_teachers_answers_to_the_chats_prompts(tmp_path, tokenizer):
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    questions, answers = domain_texts("law", 40), domain_texts("food", 40, seed=3)
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in zip(questions, answers)]
+    cb = callback(config=ROLLOUTS)
+    args = GKDConfig(output_dir=str(tmp_path), max_new_tokens=8, max_length=64, bf16=False, **COMMON)
+    trainer = GKDTrainer(model=make_model("llama"), teacher_model=make_model("llama", seed=1), args=args,
+                         train_dataset=Dataset.from_dict({"messages": chats}), processing_class=tokenizer,
+                         callbacks=[cb])
+    with pytest.warns(STSDataWarning, match="distillation is a full fine-tune"):
+        trainer.train()
+    check_run(trainer, cb, tmp_path)
+    assert cb.forecast.settings["shift"] == "teacher_completions"  # the teacher's answers, not the data's
+    assert cb.forecast.settings["distillation"]["max_completion_length"] == 8  # GKDConfig.max_new_tokens
+    # the student's completions follow the chats' prompts (the user turn), not their answers
+    probe = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in cb.monitor.probe]
+    assert probe and all(any(q in text for q in questions) for text in probe)
+    assert not any(a in text for text in probe for a in answers)

@@ -401,10 +401,15 @@ def prompt_records(prompts: Any, name: str = "prompts") -> list[dict[str, Any]]:
             records.append({"prompt": item})
         elif isinstance(item, dict) and (isinstance(item.get("prompt"), str) or is_messages(item.get("prompt"))):
             records.append(dict(item))
+        elif isinstance(item, dict) and is_messages(item.get("messages")):  # a chat (GKD): its turns before the answer
+            turns = item["messages"]
+            prompt = turns[:-1] if len(turns) > 1 and turns[-1].get("role") == "assistant" else turns
+            records.append({"prompt": prompt, **{k: v for k, v in item.items() if k != "messages"}})
         else:
             keys = sorted(item) if isinstance(item, dict) else type(item).__name__
             raise STSInputError(f"Prompt {i} of {name} is {keys}; each must be a string, chat messages, or a record "
-                                "with 'prompt' (a string or chat messages) as GRPOTrainer's dataset has.")
+                                "with 'prompt' (a string or chat messages) as GRPOTrainer's dataset has, or with "
+                                "'messages' (the turns before the last assistant turn are the prompt).")
     return records
 
 
