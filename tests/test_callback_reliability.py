@@ -198,6 +198,120 @@ def test_write_failure_in_strict_mode_stops(tmp_path, tokenizer, monkeypatch):
         trainer.train()
 
 
+@pytest.mark.parametrize("blocked", ["read_only", "file_in_the_way"])
+def test_a_run_folder_that_cannot_be_written_is_refused_before_the_forecast(tmp_path, tokenizer, monkeypatch,
+                                                                             blocked):
+    import tempfile
+
+    if blocked == "read_only":  # as a read-only mount answers (root passes a chmod)
+        def read_only(*args, **kwargs):
+            raise OSError(30, "Read-only file system")
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    else:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "sts").write_text("not a folder")
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback, save_strategy="no")
+    with pytest.raises(STSInputError, match="Cannot write STS's forecast, history and report.*writable output_dir"):
+        trainer.train()
+    assert callback.forecast is None and trainer.state.global_step == 0  # nothing computed, then lost
+
+
+def sts_warnings(caught, text):
+    return [str(w.message) for w in caught if "STS" in str(w.message) and text in str(w.message)]
+
+
+def test_a_lasting_violation_and_a_failing_recheck_are_warned_about_once(tmp_path, tokenizer, monkeypatch):
+    # re-checking every few steps of a long run must not repeat the same warning (and traceback) hundreds of times
+    from sts_callback.pipelines.monitor import Monitor
+
+    callback = make_callback(protected=["food"], max_sts=1e-12, recheck_steps=1)  # every re-check violates
+    trainer = make_trainer(tmp_path, tokenizer, callback, save_strategy="no")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert all(r["violations"] for r in callback.history) and len(callback.history) == 6
+    assert len(sts_warnings(caught, "re-checked STS of protected domain 'food'")) == 1
+
+    real = Monitor.recheck
+    calls = []
+
+    def fails_after_the_first(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Monitor, "recheck", fails_after_the_first)
+    callback = make_callback(recheck_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "failing", tokenizer, callback, save_strategy="no").train()
+    assert [bool(r.get("error")) for r in callback.history] == [False] + [True] * 5
+    assert all("Traceback" in r["traceback"] for r in callback.history[1:])  # each kept in the history
+    said = sts_warnings(caught, "failed and was skipped")
+    assert len(said) == 1 and "recorded in the history" in said[0]
+
+
+def test_progress_bars_and_info_lines_follow_the_trainers_settings(tmp_path, tokenizer, capsys):
+    import transformers
+
+    make_trainer(tmp_path / "default", tokenizer, make_callback(), save_strategy="no").train()
+    out, err = capsys.readouterr()
+    assert "STS forecast:" in err and "STS forecast:" in out  # the bar, the table
+    verbosity = transformers.logging.get_verbosity()  # log_level sets transformers' own, for the process
+    try:
+        make_trainer(tmp_path / "quiet", tokenizer, make_callback(), save_strategy="no", disable_tqdm=True,
+                     log_level="error").train()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    out, err = capsys.readouterr()
+    assert "STS forecast" not in err and "STS forecast" not in out  # no bar, no table
+
+
+def test_warnings_reach_a_log_file_once_in_order_and_not_twice_on_the_console(tmp_path, tokenizer):
+    import logging
+
+    from sts_callback.integrations import session
+
+    logger = logging.getLogger("sts_callback")  # as the root logger of a script (pytest holds the real root's)
+    console, log_file = logging.StreamHandler(sys.stderr), logging.FileHandler(tmp_path / "run.log")
+    logger.addHandler(console)
+    logger.propagate = False
+    try:
+        assert not session._logs_beyond_the_console()  # basicConfig's handler: the warning is on the console already
+        logger.addHandler(log_file)
+        assert session._logs_beyond_the_console()
+        callback = make_callback(protected=["food"], max_sts=1e-12, early_stop=True, patience=1, recheck_steps=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(tmp_path, tokenizer, callback, save_strategy="no").train()
+    finally:
+        logger.removeHandler(console)
+        logger.removeHandler(log_file)
+        logger.propagate = True
+        log_file.close()
+    lines = (tmp_path / "run.log").read_text().splitlines()
+    violation = next(i for i, line in enumerate(lines) if "re-checked STS of protected domain" in line)
+    stop = next(i for i, line in enumerate(lines) if line.startswith("early stop at step"))
+    assert violation < stop  # the stop after the warning that caused it
+
+
+def test_train_start_warnings_come_from_the_main_process_only(tmp_path):
+    from transformers import TrainingArguments
+
+    from sts_callback.integrations.callback import _warn_about_the_schedule
+
+    args = TrainingArguments(output_dir=str(tmp_path), save_strategy="no", report_to=[])
+    for is_main, expected in ((False, 0), (True, 1)):
+        callback = make_callback()
+        callback.session.is_main = is_main
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _warn_about_the_schedule(callback.session, args, 6)
+        assert len(sts_warnings(caught, "save_strategy='no'")) == expected
+
+
 # ------------------------------------------------------------------------------------------- 6. evaluation
 class LoggedKeys(TrainerCallback):
     """What trackers (W&B, TensorBoard) receive: the logs handed to on_log."""

@@ -150,3 +150,14 @@ def test_losing_exactly_the_accuracy_tolerance_is_no_violation_whatever_the_star
     for right in range(2, 101):
         assert guard.violations(record(0.0, accuracy=(right - 2) / 100 - right / 100), "sts_icl") == [], right
         assert guard.violations(record(0.0, accuracy=(right - 2) / 100 - right / 100 - 0.01), "sts_icl")
+
+
+def test_a_violation_is_new_when_it_starts_and_again_when_it_returns_and_survives_a_resume():
+    guard = Guard(GuardConfig(protected=["food"], tolerance=0.05, max_sts=2.0))
+    news = [guard.check(step, record(delta, food_score=score), "sts_icl").new_violations
+            for step, delta, score in ((1, 0.1, 1.0), (2, 0.2, 1.0), (3, 0.0, 1.0), (4, 0.1, 3.0))]
+    assert [len(n) for n in news] == [1, 0, 0, 2]  # lasting: said once; back after clearing, and a second rule
+    assert "rose by 10.0%" in news[0][0] and "max_sts" in news[3][1]
+    resumed = Guard(guard.config)
+    resumed.load_state(guard.state())
+    assert resumed.check(5, record(0.3, food_score=3.0), "sts_icl").new_violations == []

@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import stat
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,5 +182,22 @@ def read_json_lines(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     return records, len(bad)
 
 
-__all__ = ["append_json_line", "atomic_write", "atomic_write_json", "atomic_write_text", "output_target",
-           "parse_json_lines", "read_json_lines"]
+def check_writable_folder(folder: Path, label: str) -> None:
+    """``folder`` exists and can be written, or can be created: checked by writing a probe file into it or
+    into its nearest existing parent. ``label`` names what is to be written there."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise STSInputError(f"Cannot write {label}: {existing} is a file, not a folder. Choose another path.")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".sts-write-check-")
+    except OSError as err:
+        raise STSInputError(f"Cannot write {label}: {existing} is not writable ({err.strerror}). Choose a "
+                            "writable path or fix the folder's permissions.") from err
+    os.close(handle)
+    os.unlink(probe)
+
+
+__all__ = ["append_json_line", "atomic_write", "atomic_write_json", "atomic_write_text", "check_writable_folder",
+           "output_target", "parse_json_lines", "read_json_lines"]

@@ -20,9 +20,11 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..core.atomic import check_writable_folder
 from ..core.capture import check_measurable, parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
 from ..core.data import check_data_spec, load_corpus, named_items, text_tokenizer
+from ..core.distributed import raise_collectively
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.sae import missing_sae_folder
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
@@ -276,10 +278,25 @@ class STSCallback(TrainerCallback, ExportableState):
         return {"args": self._export_args, "attributes": {"history": self.history, **self.session.counters()}}
 
     def _bind(self, args, state) -> STSSession:
-        """The session writes to this run's folder, and prints / warns / writes on the main process only."""
+        """The session writes to this run's folder, and prints / warns / writes on the main process only; it
+        prints tables and status lines unless the run asks for warnings only (``log_level``)."""
         self.session.store = RunStore(self._run_dir(args) / self.output_subdir)
         self.session.is_main = state.is_world_process_zero
+        self.session.verbose = getattr(args, "log_level", "passive") not in QUIET_LOG_LEVELS
         return self.session
+
+    @staticmethod
+    def _check_writable(session: STSSession) -> None:
+        """A run folder the main process cannot write would lose the forecast, history and report after the
+        forecast's minutes (and a resume's state): refused before any work, on every rank at once."""
+        error = None
+        if session.is_main:
+            try:
+                check_writable_folder(session.store.root, "STS's forecast, history and report")
+            except STSInputError as err:
+                error = STSInputError(f"{err} (the STS folder is <output_dir>/<output_subdir>: give the Trainer a "
+                                      "writable output_dir, or STSCallback another output_subdir.)")
+        raise_collectively(error)
 
     def _run_dir(self, args) -> Path:
         """The folder the Trainer saves this run's checkpoints in: ``output_dir``, or under a hyperparameter search
@@ -423,16 +440,18 @@ class STSCallback(TrainerCallback, ExportableState):
             self._check_own_folder(trainer)
             self.attach(trainer)
         session = self._bind(args, state)
+        self._check_writable(session)
         if getattr(trainer, "hp_search_backend", None) is not None:
             self._leave_out_of_the_objective(trainer)
         accelerator = getattr(trainer, "accelerator", None)
         session.autocast = _weak_autocast(accelerator) if accelerator is not None else session.autocast
         session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
         _warn_about_the_schedule(session, args, state.max_steps)
-        if self.schedule_source == "logged" and session.is_main:
-            print(f"STS: this run's scheduler steps on metrics (or could not be read ahead): the early forecast "
-                  f"follows the learning rates the Trainer logs (every logging_steps={args.logging_steps}), each "
-                  "projection holding the last one to the end, and starts once one is logged.")
+        if self.schedule_source == "logged":
+            session.say(f"STS: this run's scheduler steps on metrics (or could not be read ahead): the early "
+                        f"forecast follows the learning rates the Trainer logs (every logging_steps="
+                        f"{args.logging_steps}), each projection holding the last one to the end, and starts once "
+                        "one is logged.")
         _check_best_metric(args)
         tokenizer = text_tokenizer(processing_class)  # a VLM's processor: its tokenizer, with its chat template
         if tokenizer is None:
@@ -467,6 +486,7 @@ class STSCallback(TrainerCallback, ExportableState):
                            lambda: saved_in_trainer_state(checkpoint.root.parent, self.output_subdir))
         else:
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
+            progress = session.is_main and not getattr(args, "disable_tqdm", False)
             rollouts = teacher = None
             if shift in ROLLOUT_SHIFTS and unreproduced:
                 self._skip_rollouts(unreproduced)
@@ -474,10 +494,10 @@ class STSCallback(TrainerCallback, ExportableState):
             else:
                 prompts = rollout_data(self.train_probe, trainer)
                 if shift in RL_SHIFTS:  # sampled once: the forecast's demonstrations and the re-check probe
-                    rollouts = trainer_rollouts(trainer, prompts, session.setup, state, progress=session.is_main)
+                    rollouts = trainer_rollouts(trainer, prompts, session.setup, state, progress=progress)
                 elif shift in DISTILLATION_SHIFTS:  # the student's completions are the probe, as under RL
                     teacher, rollouts = trainer_distillation_rollouts(trainer, prompts, session.setup,
-                                                                      progress=session.is_main)
+                                                                      progress=progress)
                 if rollouts is not None:
                     session.monitor.probe = rollout_probe(rollouts, session.setup, session.settings.recheck_tokens)
                 cut = Truncation.from_args(getattr(trainer, "args", None)) if shift == "chosen_vs_rejected" else None
@@ -486,7 +506,8 @@ class STSCallback(TrainerCallback, ExportableState):
                 self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
                 session.autocast, own=session.monitor.probe, domains=self._run_level_domains,
                 own_tokens=session.settings.loss_tokens)
-            forecast = session.start(model, probe, domains, demos, progress=True, forecast_run=run, run_level=level)
+            forecast = session.start(model, probe, domains, demos, progress=progress, forecast_run=run,
+                                     run_level=level)
             # one log call: a tracker that counts its own steps by calls (DVCLive) keeps the trainer's steps
             metrics = {}
             if session.run_level is not None:
@@ -515,9 +536,8 @@ class STSCallback(TrainerCallback, ExportableState):
                                               if not _sts_key_readings(key, trainer, callbacks)})
 
         trainer.compute_objective = objective_without_sts
-        if self.session.is_main:
-            print("STS: hyperparameter_search's default objective leaves out the eval_sts_* keys (it would sum them "
-                  "in); pass compute_objective= to include them.")
+        self.session.say("STS: hyperparameter_search's default objective leaves out the eval_sts_* keys (it would sum "
+                         "them in); pass compute_objective= to include them.")
 
     def _trainer_callbacks(self) -> list["STSCallback"]:
         """The STSCallbacks on this callback's trainer (itself among them)."""
@@ -645,12 +665,11 @@ class STSCallback(TrainerCallback, ExportableState):
             best = _loaded_best_step(args, state)
             if best is not None and best != state.global_step:  # the weights now are an earlier checkpoint's
                 self.session.note_loaded_best(best)
-                if self.session.is_main:
-                    measured = f"the history's step {best} measured them" if self._measured_at(best) else (
-                        f"no re-check measured step {best}'s weights (re-check at every save to have it)")
-                    print(f"STS: the run ended at step {state.global_step} and the Trainer loaded its best checkpoint "
-                          f"(step {best}, load_best_model_at_end): no re-check at the end, whose weights are not "
-                          f"step {state.global_step}'s; {measured}.")
+                measured = f"the history's step {best} measured them" if self._measured_at(best) else (
+                    f"no re-check measured step {best}'s weights (re-check at every save to have it)")
+                self.session.say(f"STS: the run ended at step {state.global_step} and the Trainer loaded its best "
+                                 f"checkpoint (step {best}, load_best_model_at_end): no re-check at the end, whose "
+                                 f"weights are not step {state.global_step}'s; {measured}.")
             elif self.session.settings.recheck_at_end:
                 if self.session.has_recheck(state.global_step):  # stopped right after a re-check: that is the end
                     self.session.ended_at(state.global_step, state.max_steps)
@@ -677,6 +696,7 @@ def _weak_autocast(accelerator: Any) -> Any:
     return autocast
 
 
+QUIET_LOG_LEVELS = ("warning", "error", "critical")  # TrainingArguments.log_level asking for no info lines
 PROTECTED_KEY = "_protected_loss_delta"  # eval_sts_protected_loss_delta: the worst protected domain's change
 
 
@@ -780,19 +800,19 @@ def _warn_about_the_schedule(session: STSSession, args, max_steps: int) -> None:
     """At train start: re-checks the settings ask for that this run will never make."""
     steps = session.settings.recheck_steps
     beyond = session.settings.schedule_beyond(max_steps)
-    if beyond:
-        warnings.warn(f"STS: recheck_steps lists step(s) {beyond} beyond this run's {max_steps} steps; they will "
-                      "not be re-checked (fractions of the run, e.g. [0.05, 0.1, 0.25], follow its length).",
-                      STSDataWarning, stacklevel=3)
+    if beyond:  # session.warn: on the main process only
+        session.warn("schedule_beyond", f"STS: recheck_steps lists step(s) {beyond} beyond this run's {max_steps} "
+                     "steps; they will not be re-checked (fractions of the run, e.g. [0.05, 0.1, 0.25], follow its "
+                     "length).", STSDataWarning)
     elif isinstance(steps, int) and steps >= max_steps:
-        warnings.warn(f"STS: recheck_steps={steps} is not shorter than this run's {max_steps} steps: only the end "
-                      "is re-checked; a fraction (e.g. recheck_steps=0.1) follows the run's length.",
-                      STSDataWarning, stacklevel=3)
+        session.warn("schedule_end_only", f"STS: recheck_steps={steps} is not shorter than this run's {max_steps} "
+                     "steps: only the end is re-checked; a fraction (e.g. recheck_steps=0.1) follows the run's "
+                     "length.", STSDataWarning)
     saves = str(getattr(args.save_strategy, "value", args.save_strategy))
     if steps is None and saves == "no":
-        warnings.warn("STS: save_strategy='no' and recheck_steps unset: the run is re-checked only at its end, "
-                      "so no warning or early stop can come during training; set recheck_steps (e.g. 0.1).",
-                      STSDataWarning, stacklevel=3)
+        session.warn("schedule_no_saves", "STS: save_strategy='no' and recheck_steps unset: the run is re-checked "
+                     "only at its end, so no warning or early stop can come during training; set recheck_steps "
+                     "(e.g. 0.1).", STSDataWarning)
 
 
 def _loaded_best_step(args, state) -> int | None:

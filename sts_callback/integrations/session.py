@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import operator
 import random
+import sys
 import time
 import traceback
 import uuid
@@ -62,10 +63,29 @@ WRITE_ATTEMPTS = 3  # a history record's writes (at its re-check and the next tw
 
 
 def log_warning(message: str, *args: Any) -> None:
-    """A warning into the user's logs, where they keep any (a handler on this logger or above it). With none,
-    Python's last-resort handler would print it a second time beside the warning or line already shown."""
-    if logger.hasHandlers():
+    """A warning into the user's logs, where they keep any beyond the console (a file or other handler on this
+    logger or above it). A console handler alone would print it a second time beside the warning already shown,
+    as would Python's last-resort handler with none; ``logging.captureWarnings`` sends the warning there itself."""
+    if _logs_beyond_the_console():
         logger.warning(message, *args)
+
+
+def _logs_beyond_the_console() -> bool:
+    if logging.getLogger("py.warnings").handlers or _captures_warnings():
+        return False
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            console = type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (
+                sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+            if not console:
+                return True
+        current = current.parent if current.propagate else None
+    return False
+
+
+def _captures_warnings() -> bool:
+    return getattr(warnings.showwarning, "__module__", None) == "logging"  # logging.captureWarnings(True)
 
 
 # A re-check rewrites the report (read from the whole history) at most this often unless it has news (a violation,
@@ -113,6 +133,7 @@ class STSSession:
         # None: decided at each use, so that a session built before init_process_group() / Accelerator() knows
         # its rank once the group exists
         self.strict, self._is_main = strict, is_main
+        self.verbose = True  # print tables and status lines (the callback follows TrainingArguments.log_level)
         self.history: list[dict[str, Any]] = []
         self.base_losses: dict[str, float] = {}
         self.base_fit: dict[str, float] | None = None  # the SAE's FVU and L0 on the probe at train start
@@ -140,6 +161,7 @@ class STSSession:
         self._report_written_at: float | None = None  # when a re-check last wrote the report
         self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
         self._held_warnings: list[tuple[str, type[Warning]]] | None = None  # said once a re-check's record is kept
+        self._stop_said: str | None = None  # an early stop's message, said after the re-check's held warnings
 
     @property
     def is_main(self) -> bool:
@@ -197,6 +219,14 @@ class STSSession:
         if self.setup is not None:
             self.setup.model = None
         self.probe_source = None
+
+    def say(self, text: str) -> None:
+        """A line for the person watching the run: on the main process when ``verbose``, above any progress bar
+        (``tqdm.write`` keeps the Trainer's bar whole)."""
+        if self.is_main and self.verbose:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text)
 
     def warn(self, key: str, message: str, category: type[Warning] = STSNegativeTransferWarning) -> None:
         if self.guard.first_time(key) and self.is_main:
@@ -306,9 +336,10 @@ class STSSession:
             self.forecast = run.forecast
             self.monitor.domains = domain_baselines_from(run.domains)
         else:
-            if self.is_main and forecast_run is None:
-                print("STS forecast skipped: the training data has no answers to use as in-context demonstrations "
-                      "(prompt-only data); pass demonstrations=[...] to forecast. Re-checks still run.")
+            if forecast_run is None:
+                self.say("STS forecast skipped: the training data has no answers to use as in-context "
+                         "demonstrations (prompt-only data); pass demonstrations=[...] to forecast. Re-checks still "
+                         "run.")
             with inference_mode(model):
                 self.monitor.domains = domain_baselines_from(domain_statistics(self.setup, domains))
         self._measure_base(model)
@@ -342,8 +373,8 @@ class STSSession:
                 parts.append(f"the training data itself {estimate.own_change:+.2%}"
                              + ("" if estimate.change else " (the target domains not measured: the calibration "
                                                             "needs only this)"))
-            print(f"STS run-level term ({estimate.method}, {estimate.steps} steps at the peak learning rate, "
-                  f"{estimate.seconds:.1f} s): held-out NLL change " + "; ".join(parts))
+            self.say(f"STS run-level term ({estimate.method}, {estimate.steps} steps at the peak learning rate, "
+                     f"{estimate.seconds:.1f} s): held-out NLL change " + "; ".join(parts))
 
     def _publish_forecast(self) -> None:
         """Calibrate, save, print and warn about the forecast (main process writes and prints)."""
@@ -351,7 +382,7 @@ class STSSession:
         if self.is_main:
             forecast, store = self.forecast, self.store
             self.write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), 0)
-            print(self.forecast.table())  # the calibrated prediction first when there is one, else the scores
+            self.say(self.forecast.table())  # the calibrated prediction first when there is one, else the scores
         if self.predicted:  # the calibrated prediction leads, as in the table and the report
             ranked = sorted(((n, p["mean"]) for n, p in self.predicted.items()), key=lambda item: -item[1])
             warned = self.guard.forecast_warnings(ranked, "predicted change", predicted=True)
@@ -372,9 +403,9 @@ class STSSession:
         monitor.capture_base(model)
         self.base_fit = monitor.sae_fit(model, self.autocast)
         probe_seconds = time.perf_counter() - began
-        if self.base_fit is not None and self.is_main:
-            print(f"STS: SAE fit on the training probe: fraction of variance unexplained {self.base_fit['fvu']:.3f}, "
-                  f"mean L0 {self.base_fit['l0']:.1f}")
+        if self.base_fit is not None:
+            self.say(f"STS: SAE fit on the training probe: fraction of variance unexplained "
+                     f"{self.base_fit['fvu']:.3f}, mean L0 {self.base_fit['l0']:.1f}")
         for key, message in self.guard.fit_warnings(None, self.base_fit).items():
             self.warn(key, message, STSDataWarning)
         self.base_losses = monitor.base_losses = monitor.measure_losses(model, self.autocast)
@@ -445,8 +476,8 @@ class STSSession:
             self.write(f"the history in {store.root}", lambda: kept.extend(store.keep_history_until(step)), step)
             if not self.history:
                 self.history = kept
-            print(f"STS: resumed at step {step}" + (f"; forecast read back from {store.forecast_path}."
-                                                    if self.forecast is not None else "; the run has no forecast."))
+            self.say(f"STS: resumed at step {step}" + (f"; forecast read back from {store.forecast_path}."
+                                                       if self.forecast is not None else "; the run has no forecast."))
             if not self.history:  # the folder could not be rewritten: read as it is
                 self.history = store.read_history()
         self.history = from_main_process(self.history)
@@ -573,7 +604,7 @@ class STSSession:
         if self._clock is not None and not self._steps_timed:
             self.budget.add_training(time.perf_counter() - self._clock)
         began, measured_before = time.perf_counter(), self.budget.recheck_seconds
-        self._held_warnings = []
+        self._held_warnings, self._stop_said = [], None
         try:
             outcome = self._recheck(model, step, max_steps, log_history, ended)
         except BaseException:
@@ -583,6 +614,7 @@ class STSSession:
                     self._say(message, category, stacklevel=3)
                 except Exception:  # noqa: BLE001 - a warning turned error: the first error is the one to raise
                     pass
+            self._say_stop()
             raise
         finally:  # the files, projection and report around the measurement cost the run too
             self.budget.add_bookkeeping(time.perf_counter() - began - (self.budget.recheck_seconds - measured_before))
@@ -590,7 +622,14 @@ class STSSession:
         held, self._held_warnings = self._held_warnings, None
         for message, category in held:  # the record is written: now the warnings, which may raise
             self._say(message, category, stacklevel=3)
+        self._say_stop()
         return outcome
+
+    def _say_stop(self) -> None:
+        reason, self._stop_said = self._stop_said, None
+        if reason is not None:
+            log_warning(reason)
+            self.say(f"STS: {reason}")
 
     def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None, ended: bool = False,
                  ) -> tuple[dict[str, Any] | None, Decision | None]:
@@ -602,17 +641,20 @@ class STSSession:
             if self.strict:
                 raise
             trace = traceback.format_exc()
-            message = f"STS re-check at step {step} failed and was skipped ({type(err).__name__}: {err})"
             self.guard.recheck_failed()
             self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
-            if self.is_main:
+            if self.is_main and self.guard.first_time(f"recheck_failed:{type(err).__name__}"):
+                # once per kind of error: a re-check that keeps failing would repeat its traceback at every one
                 log_warning("STS re-check at step %s failed:\n%s", step, trace)
-                self._say(message, RuntimeWarning)
+                self._say(f"STS re-check at step {step} failed and was skipped ({type(err).__name__}: {err}); "
+                          f"later re-checks failing with a {type(err).__name__} are recorded in the history "
+                          "(error, traceback) without a warning.", RuntimeWarning)
             return None, None
         record = {"step": step, **result.to_dict(), "overhead": {**self.budget.to_dict(), "skipped": skipped}}
         if result.probe_error is not None:
-            self.warn(f"probe{step}", f"STS re-check at step {step}: the probe could not be read "
-                      f"({result.probe_error}); only the held-out losses were measured.", RuntimeWarning)
+            self.warn("probe_error", f"STS re-check at step {step}: the probe could not be read "
+                      f"({result.probe_error}); only the held-out losses were measured (later re-checks' probe "
+                      "errors are in the history, not warned about).", RuntimeWarning)
         if probe_info is not None:
             record["fresh_probe"] = probe_info
         if self.budget.share is not None and (self.budget.spent_share or 0) > self.budget.share and not \
@@ -640,13 +682,14 @@ class STSSession:
         decision = self.guard.check(step, result, self.variant(), record.get("projected_warnings"),
                                     finished=ended or (bool(max_steps) and step >= max_steps))  # nothing to stop
         record["violations"] = decision.violations
-        for violation in decision.violations:
-            self.warn(f"step{step}:{violation}", f"STS re-check at step {step}: {violation}")
+        if self.is_main:  # a rule broken at re-check after re-check is warned about when it starts, not each time
+            for violation in decision.new_violations:
+                self._say(f"STS re-check at step {step}: {violation} (while it lasts, later re-checks record it in "
+                          "the history without a warning)", STSNegativeTransferWarning)
         if decision.stop:
             record["early_stop"] = decision.reason
-            if self.is_main:
-                log_warning(decision.reason)
-                print(f"STS: {decision.reason}")
+            if self.is_main:  # after the warnings that led to it (held until the record is written)
+                self._stop_said = decision.reason
         self._append_history(record)
         news = decision.violations or decision.stop or record.get("projected_warnings") or ended or (
             bool(max_steps) and step >= max_steps)
@@ -744,10 +787,10 @@ class STSSession:
                         else lr_area_fraction(min(record["step"], max_steps), max_steps, rates))
             changed = changed or abs(fraction - record["lr_area_fraction"]) > 1e-6
             record["lr_area_fraction"] = fraction
-        if changed and self.is_main:
-            print(f"STS: resumed under another plan (max_steps={max_steps}; the earlier re-checks planned "
-                  f"{last.get('max_steps', 'another')}): the early forecast reads the steps before {resumed_at} "
-                  "as they ran.")
+        if changed:
+            self.say(f"STS: resumed under another plan (max_steps={max_steps}; the earlier re-checks planned "
+                     f"{last.get('max_steps', 'another')}): the early forecast reads the steps before {resumed_at} "
+                     "as they ran.")
         return rates
 
     def save_checkpoint(self, checkpoint: RunStore, step: int) -> None:

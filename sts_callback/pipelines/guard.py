@@ -104,6 +104,7 @@ class Decision:
     violations: list[str]
     stop: bool = False
     reason: str | None = None
+    new_violations: list[str] = field(default_factory=list)  # rules not broken at the re-check before: warn these
 
 
 class Guard:
@@ -113,16 +114,18 @@ class Guard:
         self.config = config
         self.violations_in_a_row = 0
         self.warned: list[str] = []
+        self.violating: list[str] = []  # (rule, domain) keys broken at the last re-check
         self.stop_reason: str | None = None
 
     # ------------------------------------------------------------------ state for resume
     def state(self) -> dict[str, Any]:
         return {"violations_in_a_row": self.violations_in_a_row, "warned": list(self.warned),
-                "stop_reason": self.stop_reason}
+                "violating": list(self.violating), "stop_reason": self.stop_reason}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.violations_in_a_row = int(state.get("violations_in_a_row", 0))
         self.warned = list(state.get("warned", []))
+        self.violating = list(state.get("violating", []))
         self.stop_reason = state.get("stop_reason")
 
     def first_time(self, key: str) -> bool:
@@ -206,28 +209,32 @@ class Guard:
 
     def violations(self, recheck: Recheck, variant: str) -> list[str]:
         """The rules broken by one re-check."""
+        return [message for _, message in self._violations(recheck, variant)]
+
+    def _violations(self, recheck: Recheck, variant: str) -> list[tuple[str, str]]:
+        """The rules broken by one re-check: ``(rule:domain, message)``."""
         found = []
         for name in self.config.protected:
             delta = recheck.loss_delta.get(name)
             loss = recheck.loss.get(name)
             if (delta is not None and not math.isfinite(delta)) or (loss is not None and not math.isfinite(loss)):
-                found.append(f"held-out loss of protected domain {name!r} is not finite ({loss}): the model "
-                             "diverged on it (lower the learning rate, check for fp16 overflow)")
+                found.append((f"loss:{name}", f"held-out loss of protected domain {name!r} is not finite ({loss}): "
+                              "the model diverged on it (lower the learning rate, check for fp16 overflow)"))
             elif delta is not None and delta > self.config.tolerance:
                 rose = percent(delta, apart_from=self.config.tolerance)
-                found.append(f"held-out loss of protected domain {name!r} rose by {rose} "
-                             f"(tolerance {self.config.tolerance:.1%})")
+                found.append((f"loss:{name}", f"held-out loss of protected domain {name!r} rose by {rose} "
+                                              f"(tolerance {self.config.tolerance:.1%})"))
             drop = recheck.accuracy_delta.get(name)
             # a share of items: 5/100 - 3/100 is 0.020000000000000004 in floats, and losing exactly the tolerance
             # is no violation ("more than"), so the comparison allows float rounding
             if drop is not None and -drop > self.config.accuracy_tolerance + ACCURACY_ROUNDING:
                 fell = percent(-drop, apart_from=self.config.accuracy_tolerance)
-                found.append(f"accuracy of protected domain {name!r} fell by {fell} "
-                             f"(tolerance {self.config.accuracy_tolerance:.1%})")
+                found.append((f"accuracy:{name}", f"accuracy of protected domain {name!r} fell by {fell} "
+                                                  f"(tolerance {self.config.accuracy_tolerance:.1%})"))
             value = recheck.score(name, variant)
             if self.config.max_sts is not None and value is not None and value > self.config.max_sts:
-                found.append(f"re-checked STS of protected domain {name!r} is {value:.4g} > "
-                             f"max_sts={self.config.max_sts}")
+                found.append((f"sts:{name}", f"re-checked STS of protected domain {name!r} is {value:.4g} > "
+                                             f"max_sts={self.config.max_sts}"))
         return found
 
     def check(self, step: int, recheck: Recheck, variant: str, projected: list[str] | None = None,
@@ -236,10 +243,13 @@ class Guard:
         re-check's projected violations (:meth:`projected`), which count only with ``early_stop="projected"``.
         ``finished``: the re-check of a run that has ended (its last step): violations are reported, but there is
         nothing left to stop early."""
-        found = self.violations(recheck, variant)
+        keyed = self._violations(recheck, variant)
+        found = [message for _, message in keyed]
         counted = found + list(projected or []) if self.config.early_stop == "projected" else found
         self.violations_in_a_row = self.violations_in_a_row + 1 if counted else 0
-        decision = Decision(violations=found)
+        new = [message for key, message in keyed if key not in self.violating]
+        self.violating = [key for key, _ in keyed]
+        decision = Decision(violations=found, new_violations=new)
         if counted and self.config.early_stop and self.violations_in_a_row >= self.config.patience and not finished:
             what = "negative transfer" if found else "negative transfer projected by the early forecast"
             self.stop_reason = (f"early stop at step {step} after {self.violations_in_a_row} consecutive re-check(s) "

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..core.atomic import output_target
+from ..core.atomic import check_writable_folder, output_target
 from ..core.config import DEFAULT_SIGNED, device_problem
 from ..core.data import named_items, repeated_names
 from ..core.errors import STSConfigError, STSError, STSInputError
@@ -453,25 +453,6 @@ def _check_data_files(specs: list[Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------- output checks
-def _check_writable_folder(folder: Path, label: str) -> None:
-    """``folder`` exists and can be written, or can be created: checked by writing a probe file into it or
-    into its nearest existing parent. ``label`` names what is to be written there."""
-    import tempfile
-
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise STSInputError(f"Cannot write {label}: {existing} is a file, not a folder. Choose another path.")
-    try:
-        handle, probe = tempfile.mkstemp(dir=existing, prefix=".sts-write-check-")
-    except OSError as err:
-        raise STSInputError(f"Cannot write {label}: {existing} is not writable ({err.strerror}). Choose a "
-                            "writable path or fix the folder's permissions.") from err
-    os.close(handle)
-    os.unlink(probe)
-
-
 def _check_output_file(path: Path, what: str) -> Path:
     """``path`` can take the file: new or a regular file (a link: the file it points at) that can be written, in
     a folder that can be written. A folder, device, FIFO or socket there is refused: the write would replace it."""
@@ -481,7 +462,7 @@ def _check_output_file(path: Path, what: str) -> Path:
     if existing is not None and not os.access(real, os.W_OK):
         raise STSInputError(f"{what} {path} exists and cannot be written; choose another path or fix its "
                             "permissions.")
-    _check_writable_folder(real.parent, f"{label} {path}")
+    check_writable_folder(real.parent, f"{label} {path}")
     return path
 
 
@@ -492,7 +473,7 @@ def _check_output_folder(path: Path, what: str, files: tuple[str, ...] = ()) -> 
     if path.exists() and not path.is_dir():
         raise STSInputError(f"{what} {path} is an existing file, not a folder; give a folder path (it is "
                             "created) or move the file away.")
-    _check_writable_folder(path, f"{what[0].lower() + what[1:]} {path}")
+    check_writable_folder(path, f"{what[0].lower() + what[1:]} {path}")
     for name in files:
         if not (path / name).parent.is_dir():  # a subfolder such as sts/ that is a file: refused as a folder
             _check_output_folder((path / name).parent, what)
