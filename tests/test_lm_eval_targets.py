@@ -101,3 +101,37 @@ def test_an_lm_eval_reckeck_leaves_the_runs_random_generators_and_indexes_the_ta
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
     assert draws[0] == draws[1] == (float(torch.rand(1)), random.random(), float(np.random.rand()))
     assert len(managers) == 1
+
+
+def test_an_lm_eval_recheck_leaves_the_users_lm_eval_logger_and_the_console_alone(task_folder, tmp_path, monkeypatch,
+                                                                                   capfd):
+    """simple_evaluate(verbosity="ERROR") left lm-eval's logger at ERROR with its own handler and no propagation (the
+    user's later lm_eval lines were lost), and each re-check printed its progress bars and, outside a git
+    repository, "fatal: not a git repository" (its `git describe` for the results' metadata)."""
+    import logging
+
+    from tiny import make_model
+
+    from sts_callback.core.lm_eval_tasks import LmEvalTarget
+
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    logger = logging.getLogger("lm_eval")
+    saved = logger.level, logger.propagate, list(logger.handlers)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.setLevel(logging.INFO), logger.handlers.clear(), logger.addHandler(handler)
+    logger.propagate = True
+    try:
+        target = LmEvalTarget.from_spec({"lm_eval": "tiny_quiz", "include_path": str(task_folder), "limit": 4}, "quiz")
+        target.texts()
+        capfd.readouterr()
+        assert 0.0 <= target.evaluate(make_model("llama"), make_tokenizer()) <= 1.0
+        assert (logger.level, logger.propagate, logger.handlers) == (logging.INFO, True, [handler])
+        logging.getLogger("lm_eval.evaluator").info("the user's line")
+        assert [r.getMessage() for r in seen][-1:] == ["the user's line"]
+    finally:
+        logger.setLevel(saved[0]), logger.handlers.clear(), [logger.addHandler(h) for h in saved[2]]
+        logger.propagate = saved[1]
+    err = capfd.readouterr().err
+    assert "not a git repository" not in err and "Running loglikelihood requests" not in err and "%|" not in err, err

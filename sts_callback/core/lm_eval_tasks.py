@@ -10,6 +10,8 @@ accuracy at train start and at every re-check. The harness is an optional depend
 from __future__ import annotations
 
 import logging
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,37 @@ FIELDS = (KEY, "include_path", "limit", "metric", "batch_size")
 
 def is_lm_eval_target(value: Any) -> bool:
     return isinstance(value, dict) and KEY in value
+
+
+@contextmanager
+def lm_eval_logging_kept():
+    """lm-eval's own INFO lines stay out of the run's log meanwhile, and its ``lm_eval`` logger is left as the user
+    had it: lm-eval, asked for a verbosity, gives that logger a level, its own handler and no propagation."""
+    logger = logging.getLogger("lm_eval")
+    level, propagate, handlers = logger.level, logger.propagate, list(logger.handlers)
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers[:] = handlers
+
+
+def _quiet(lm_class):
+    """``lm_class`` with its progress bars off: each re-check would print them into the training's console."""
+
+    class Quiet(lm_class):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return Quiet
 
 
 @dataclass
@@ -70,11 +103,13 @@ class LmEvalTarget:
         except ImportError as err:
             raise STSInputError("lm-evaluation-harness targets need the lm-eval package: pip install "
                                 "'sts-callback[lm-eval]'.") from err
-        manager = TaskManager(include_path=self.include_path, verbosity="ERROR")
+        with lm_eval_logging_kept():
+            manager = TaskManager(include_path=self.include_path)
         if self.task not in manager.all_tasks:
             raise STSInputError(f"lm-eval task {self.task!r} is not known (include_path={self.include_path!r}); "
                                 "give the folder of its YAML as include_path, or a task lm-eval ships.")
-        return manager, manager.load_task_or_group([self.task])[self.task]
+        with lm_eval_logging_kept():
+            return manager, manager.load_task_or_group([self.task])[self.task]
 
     def texts(self) -> list[dict[str, str]]:
         """Each document as ``{"prompt", "completion"}``: the task's prompt and its right answer."""
@@ -100,18 +135,36 @@ class LmEvalTarget:
             return self._evaluate(model, tokenizer)
 
     def _evaluate(self, model: nn.Module, tokenizer) -> float:
-        from lm_eval import simple_evaluate
+        # lm-eval's evaluate(), not simple_evaluate(): the latter also runs `git describe` (which prints "fatal: not
+        # a git repository" outside one) and collects torch's environment report, at every re-check
+        import lm_eval.api.task
+        import numpy as np
+        import torch
+        from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
+        from tqdm import tqdm
 
-        manager, _ = self._task()
-        logging.getLogger("lm-eval").setLevel(logging.ERROR)
         from .capture import unwrap_model
 
+        manager, _ = self._task()
         inner = unwrap_model(model)  # the transformers model (with a PEFT model's adapters active in it)
         device = str(next(iter(inner.parameters())).device)
-        lm = HFLM(pretrained=inner, tokenizer=tokenizer, batch_size=self.batch_size, device=device)
-        result = simple_evaluate(model=lm, tasks=[self.task], task_manager=manager, limit=self.limit,
-                                 log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+        with lm_eval_logging_kept():
+            lm = _quiet(HFLM)(pretrained=inner, tokenizer=tokenizer, batch_size=self.batch_size, device=device)
+            task = manager.load_task_or_group([self.task])[self.task]  # afresh: a run keeps its requests in it
+            # what simple_evaluate does with its defaults: no few-shot unless the task asks, its seeds
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=1234)
+            random.seed(0), np.random.seed(1234), torch.manual_seed(1234)
+            # building the requests draws a progress bar that has no switch
+            real_tqdm = lm_eval.api.task.tqdm
+            lm_eval.api.task.tqdm = lambda *a, **k: tqdm(*a, **{**k, "disable": True})
+            try:
+                result = evaluate(lm=lm, task_dict={self.task: task}, limit=self.limit, log_samples=False,
+                                  bootstrap_iters=0)
+            finally:
+                lm_eval.api.task.tqdm = real_tqdm
         metrics = result["results"][self.task]
         key = next((k for k in metrics if k.split(",")[0] == self.metric), None)
         if key is None:
