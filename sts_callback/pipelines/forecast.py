@@ -26,7 +26,8 @@ from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_s
                             unwrap_model)
 from ..core.config import SCORE_VARIANTS, STSConfig, device_problem
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
-from ..core.distributed import check_ranks_agree, fingerprint, is_main_process, require_at_least_world, world_size
+from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
+                                world_size)
 from ..core.formatting import signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from ..core.run_store import FORECAST_FORMAT
@@ -659,7 +660,7 @@ class ShiftPass:
 
     kind: str  # Forecast.settings["shift"]: "in_context", "chosen_vs_rejected", "reward_weighted"
     run: Callable[[Extractor, "TopActivations | None"], PairedStats]
-    sequences: int  # sequences the pass forwards (progress bar)
+    sequences: int  # sequences this process forwards in the pass, its shard padding included (progress bar)
     forward_tokens: int
     tokens: int  # counted tokens (Forecast.shift_tokens)
     units: int  # what the shift averages over: queries, preference pairs, prompts (Forecast.shift_queries)
@@ -683,7 +684,7 @@ def run_forecast(setup: ForecastSetup, train: Corpus, domains: dict[str, Corpus]
     shift = ShiftPass(
         kind="in_context",
         run=lambda extractor, reservoir: extractor.paired(shift_pairs, what=f"{train.name!r}", reservoir=reservoir),
-        sequences=len(shift_pairs), forward_tokens=sum(len(p.base) + len(p.context) for p in shift_pairs),
+        sequences=shard_size(len(shift_pairs)), forward_tokens=sum(len(p.base) + len(p.context) for p in shift_pairs),
         tokens=plan.shift_tokens, units=len(shift_pairs), sources=[p.base for p in shift_pairs])
     return forecast_with_shift(setup, shift, plan, progress=progress, start=start)
 
@@ -701,7 +702,7 @@ def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, p
     for d in domain_inputs.values():
         forward_tokens += (sum(len(p.base) + len(p.context) for p in d.pairs) if d.pairs is not None
                            else sum(len(ids) for ids, _ in d.singles))
-    total_sequences = shift.sequences + sum(len(d.pairs or d.singles) for d in domain_inputs.values())
+    total_sequences = shift.sequences + sum(shard_size(len(d.pairs or d.singles)) for d in domain_inputs.values())
     bar = progress_bar(total_sequences, progress)
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     timings = {"prepare": prepare_seconds}
@@ -840,10 +841,16 @@ def domain_statistics(setup: ForecastSetup, domains: dict[str, Corpus]) -> dict[
         return {name: d.statistics(extractor, name) for name, d in inputs.items()}
 
 
+def shard_size(n: int) -> int:
+    """How many of a pass's ``n`` sequences this process forwards: its shard, padding included (each pass is
+    sharded on its own, so a run's share is the sum of these, not its total over the world size)."""
+    return len(shard(n).indices)
+
+
 def progress_bar(total: int, enabled: bool, desc: str = "STS forecast"):
-    """A tqdm bar over the main process's share of the sequences, or None (disabled, or another rank)."""
+    """A tqdm bar over ``total``, the main process's own count of sequences, or None (disabled, or another rank)."""
     if not enabled or not is_main_process():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=math.ceil(total / world_size()), unit="seq", desc=desc)
+    return tqdm(total=total, unit="seq", desc=desc)

@@ -77,7 +77,7 @@ from ..core.data import AllBut, Corpus, example_text, load_corpus, load_domains,
 from ..core.errors import STSConfigError, STSInputError
 from ..core.extract import Extractor, PairedStats
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, assemble_forecast, build_shift_pairs, inference_mode,
-                       plan_domains, progress_bar)
+                       plan_domains, progress_bar, shard_size)
 
 DEFAULT_TOLERANCE = 1.5
 WEIGHT_RULES = ("sts", "min_impact")
@@ -387,8 +387,9 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
         plans[name] = Plan(shift_pairs=pairs, shift_tokens=tokens, domains=domain_plan)
     timings: dict[str, float] = {"prepare": time.perf_counter() - start}
 
-    total = (sum(len(d.pairs or d.singles) for d in domain_plan.values())
-             + sum(len(p.shift_pairs) for p in plans.values())
+    # the main process's own count: each pass forwards its shard, but every rank scores all the examples
+    total = (sum(shard_size(len(d.pairs or d.singles)) for d in domain_plan.values())
+             + sum(shard_size(len(p.shift_pairs)) for p in plans.values())
              + (sum(len(c) for c in corpora.values()) if score_examples else 0))
     bar = progress_bar(total, progress, desc="STS gate")
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)

@@ -40,7 +40,7 @@ from ..core.data import (
     record_template_kwargs,
     take_streamed,
 )
-from ..core.distributed import fingerprint
+from ..core.distributed import fingerprint, shard
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from ..core.stats import ActivationStats, ShiftStats, TopActivations
@@ -158,7 +158,10 @@ def contrast_forecast(setup: ForecastSetup, units: list[ContrastUnit], domains: 
     tokens = sum(sum(flags) for _, flags in sequences)
     shift = ShiftPass(
         kind=kind, run=lambda extractor, reservoir: contrast_stats(extractor, units, what, reservoir),
-        sequences=len(sequences), forward_tokens=sum(len(ids) for ids, _ in sequences), tokens=tokens,
+        # the pass shards whole units (padded with the cheapest), so this process forwards its units' sequences
+        sequences=sum(len(units[i].sequences) for i in shard(len(units), [sum(len(ids) for ids, _ in u.sequences)
+                                                                          for u in units]).indices),
+        forward_tokens=sum(len(ids) for ids, _ in sequences), tokens=tokens,
         units=len(units), sources=[ids for ids, _ in sequences], nothing_moved=nothing_moved,
         noise_floor=NOISE_FLOOR, settings=dict(settings or {}))
     plan = Plan(shift_pairs=[], shift_tokens=tokens, domains=domain_inputs)
