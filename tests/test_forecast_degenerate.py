@@ -194,3 +194,36 @@ def test_a_training_set_of_copies_is_its_own_demonstration_and_said_to_be(model,
     text = " ".join(domain_texts("law", 4))
     with pytest.warns(STSDataWarning, match="follow only copies of themselves"):
         forecast(model, tokenizer, sae(), [text] * 30, targets(), config())
+
+
+@pytest.mark.parametrize("me", [0, 1])
+def test_train_start_data_warnings_are_said_by_the_main_process_alone(model, tokenizer, monkeypatch, me):
+    """Under torchrun every rank prepares the same samples: each warned, so a warning came once per process."""
+    from test_progress_totals import as_main_of
+
+    from sts_callback.core.data import load_corpus
+    from sts_callback.pipelines.forecast import ForecastSetup
+    from sts_callback.pipelines.monitor import Monitor
+
+    as_main_of(monkeypatch, 2, me)
+    mostly_dead = sae()
+    with torch.no_grad():
+        mostly_dead.b_enc[:60] = -1e6  # 60 of 64 latents can never fire: "Only N SAE latents moved"
+    setup = ForecastSetup.create(model, tokenizer, sae(), config())
+    text, other = " ".join(domain_texts("law", 4)), domain_texts("food", 1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = forecast(model, tokenizer, mostly_dead, domain_texts("law", 60),
+                          targets(single=[" ".join(domain_texts("food", 3))]), config())
+        sequences, tokens = Monitor.sample_sequences(load_corpus([text] * 30 + [other], name="x"), setup, 10_000,
+                                                     "seed")
+    said = [str(w.message) for w in caught if issubclass(w.category, STSDataWarning)]
+    # what is measured is the same on every rank
+    assert len(sequences) == 2 and tokens == sum(sum(counted) for _, counted in sequences)
+    assert result.domains["single"].scores["sts_icl"] is None
+    if me == 1:
+        assert said == []
+    else:
+        assert any("'single' has one text" in m for m in said) and any("SAE latents moved" in m for m in said)
+        [copies] = [m for m in said if "exact copies" in m]
+        assert "its loss change" not in copies and "held-out set's loss change" in copies

@@ -25,13 +25,14 @@ def recording(monkeypatch, module) -> list:
     return bars
 
 
-def as_main_of(monkeypatch, world: int) -> None:
-    """This process as rank 0 of ``world``, the other ranks agreeing and contributing nothing."""
+def as_main_of(monkeypatch, world: int, me: int = 0) -> None:
+    """This process as rank ``me`` (the main one by default) of ``world``, the other ranks agreeing and
+    contributing nothing."""
     original = distributed.world_size
     for name, module in list(sys.modules.items()):
         if name.startswith("sts_callback") and getattr(module, "world_size", None) is original:
             monkeypatch.setattr(module, "world_size", lambda: world)
-    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "rank", lambda: me)
     monkeypatch.setattr(distributed, "sum_across_ranks", lambda tensor: tensor)
     monkeypatch.setattr(distributed, "gather_objects", lambda value: [value] * world)
 
