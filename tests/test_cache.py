@@ -105,3 +105,30 @@ def test_the_demo_sae_is_built_in_a_private_folder_and_its_report_names_the_cach
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]
     assert demo.ensure_demo_sae(model, tokenizer, d_sae=32, k=4, tokens=600, log=logged.append) == path
     assert logged[-1] == f"SAE: cached at {path}"
+
+
+def test_the_cache_folder_is_absolute_and_an_empty_or_tilde_sts_cache_means_what_a_user_meant(tmp_path, monkeypatch):
+    """STS_CACHE= (an unset variable in a .env) made the demo write about 1 GB into the current folder, and a
+    quoted '~/x' created a folder named '~'."""
+    from sts_callback.tools.models import default_cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    home_cache = tmp_path / "home" / ".cache" / "sts_callback"
+    for empty in ("", "  "):
+        monkeypatch.setenv("STS_CACHE", empty)
+        assert default_cache_dir() == home_cache
+    monkeypatch.setenv("STS_CACHE", "~/team")
+    assert default_cache_dir() == tmp_path / "home" / "team"
+    monkeypatch.setenv("STS_CACHE", "rel/cache")  # the folder of the call, kept when a later chdir happens
+    assert default_cache_dir() == tmp_path / "rel" / "cache"
+    monkeypatch.delenv("STS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "sts_callback"
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "explicit"))  # STS_CACHE wins over XDG_CACHE_HOME
+    assert default_cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("STS_CACHE")
+    for ignored in ("", "relative/xdg"):  # the XDG spec: a relative path is invalid and ignored
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert default_cache_dir() == home_cache

@@ -17,8 +17,19 @@ GEMMA3_270M = "gemma-3-270m"
 
 
 def default_cache_dir() -> Path:
-    """``$STS_CACHE`` or ``~/.cache/sts_callback``: where the demo keeps the model, SAE and corpora."""
-    return Path(os.environ.get("STS_CACHE", Path.home() / ".cache" / "sts_callback"))
+    """Where the demo keeps the model, SAE and corpora: ``$STS_CACHE``, else ``$XDG_CACHE_HOME/sts_callback``,
+    else ``~/.cache/sts_callback``; always an absolute path.
+
+    An empty variable counts as unset (``STS_CACHE=`` in a .env file meant the current folder, where the demo
+    wrote about 1 GB), ``~`` is expanded (a quoted ``'~/x'`` made a folder named ``~``), and a relative
+    ``$XDG_CACHE_HOME`` is ignored, as the XDG base directory spec says."""
+    configured = os.environ.get("STS_CACHE", "")
+    if configured.strip():
+        return Path(os.path.expanduser(configured)).absolute()
+    xdg = os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "").strip())
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "sts_callback"
+    return Path.home() / ".cache" / "sts_callback"
 
 
 def gemma3_270m_path(cache_dir: str | Path | None = None) -> Path:
