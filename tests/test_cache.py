@@ -132,3 +132,40 @@ def test_the_cache_folder_is_absolute_and_an_empty_or_tilde_sts_cache_means_what
     for ignored in ("", "relative/xdg"):  # the XDG spec: a relative path is invalid and ignored
         monkeypatch.setenv("XDG_CACHE_HOME", ignored)
         assert default_cache_dir() == home_cache
+
+
+KILLED_BUILDER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from sts_callback.tools.cache import build_once
+
+    def build(partial):
+        partial.mkdir(parents=True)
+        (partial / "weights").write_bytes(b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does: no `finally` runs
+
+    build_once(Path(sys.argv[1]), lambda f: (f / "done").exists(), build)
+""")
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="SIGKILL is POSIX")
+def test_the_partial_folder_of_a_killed_build_is_removed_by_the_next_build(tmp_path):
+    """A build killed by SIGKILL / the OOM killer left its `<entry>.partial-<PID>` folder (1 GB for Gemma) forever."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_BUILDER)
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, str(script), str(cache / "entry")], capture_output=True, timeout=120)
+    assert proc.returncode != 0
+    left = [p.name for p in cache.glob("entry.partial-*")]
+    assert len(left) == 1 and left[0].removeprefix("entry.partial-").isdigit()  # what the killed build left
+    (cache / "entry.partial-notes").mkdir()  # not a builder's name: left alone
+    (cache / "entry2.partial-1").mkdir()  # another entry's: left alone
+
+    def build(partial: Path) -> None:
+        partial.mkdir()
+        (partial / "done").write_text("")
+
+    assert _is_built(build_once(cache / "entry", _is_built, build))
+    assert sorted(p.name for p in cache.iterdir()) == ["entry", "entry.lock", "entry.partial-notes",
+                                                       "entry2.partial-1"]
+

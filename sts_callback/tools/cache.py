@@ -3,11 +3,12 @@
 Two ranks of one ``torchrun`` (or two benchmark runs) used to race on the same cache entry: one read a file the
 other was still writing, and a crash mid-build left a partial entry that later runs took as finished. Here the
 builder holds a file lock, builds into a private ``.partial`` folder and renames it into place, so a reader sees
-either nothing or a finished folder.
+either nothing or a finished folder; the partial folders a killed builder left are removed by the next one.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -27,8 +28,12 @@ def build_once(folder: Path, is_built: Callable[[Path], bool], build: Callable[[
     with FileLock(str(folder.with_name(folder.name + ".lock"))):
         if is_built(folder):
             return folder
+        # A build killed outright (SIGKILL, the OOM killer: no `finally` runs) leaves its partial folder, about
+        # 1 GB for Gemma; every builder holds this lock, so no partial folder of this entry is in use now.
+        for stale in folder.parent.glob(f"{glob.escape(folder.name)}.partial-*"):
+            if stale.name.removeprefix(f"{folder.name}.partial-").isdigit():
+                shutil.rmtree(stale, ignore_errors=True)
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
         try:
             build(partial)
             if folder.exists():  # an unfinished entry from before locking existed (e.g. a crash): replace it
