@@ -169,3 +169,48 @@ def test_the_partial_folder_of_a_killed_build_is_removed_by_the_next_build(tmp_p
     assert sorted(p.name for p in cache.iterdir()) == ["entry", "entry.lock", "entry.partial-notes",
                                                        "entry2.partial-1"]
 
+
+
+@pytest.fixture
+def umask_022():
+    import os
+
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_a_built_entry_gets_the_umasks_modes_so_a_shared_cache_can_be_read_by_others(tmp_path, umask_022):
+    """safetensors writes 0600: a cache shared by a team (STS_CACHE) failed for everyone but its builder."""
+    import os
+    import stat
+
+    def build(partial: Path) -> None:
+        (partial / "sub").mkdir(parents=True, mode=0o700)
+        os.close(os.open(partial / "sub" / "weights", os.O_WRONLY | os.O_CREAT, 0o600))
+        (partial / "done").write_text("")
+
+    folder = build_once(tmp_path / "entry", _is_built, build)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [folder, *folder.rglob("*")]}
+    assert modes == {"entry": 0o755, "entry/sub": 0o755, "entry/sub/weights": 0o644, "entry/done": 0o644}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "entry.lock"]  # no probe left behind
+
+
+def test_a_cached_model_file_this_user_cannot_read_is_named_before_loading(tmp_path, monkeypatch):
+    import os
+
+    from tiny import make_model, make_tokenizer
+
+    from sts_callback.core.errors import STSInputError
+    from sts_callback.tools.models import GEMMA3_270M, load_gemma3_270m
+
+    folder = tmp_path / GEMMA3_270M  # a tiny model stands in for the cached Gemma
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    access = os.access  # denied for the weights: root, running the tests, may read any file
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != weights and access(path, mode, **kw))
+    with pytest.raises(STSInputError, match="lacks read permission") as caught:
+        load_gemma3_270m(tmp_path)
+    assert str(weights) in str(caught.value)

@@ -97,10 +97,20 @@ def test_import_does_not_load_sae_lens():
 
 
 def test_train_sae_command(workspace, capsys):
+    import os
+    import stat
+
     out_dir = workspace / "trained_sae"
-    assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data",
-                 str(workspace / "train.jsonl"), str(workspace / "chem.jsonl"), "--d-sae", "64", "-k", "4",
-                 "--tokens", "2048", "-o", str(out_dir)]) == 0
+    old = os.umask(0o022)
+    try:
+        assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data",
+                     str(workspace / "train.jsonl"), str(workspace / "chem.jsonl"), "--d-sae", "64", "-k", "4",
+                     "--tokens", "2048", "-o", str(out_dir)]) == 0
+    finally:
+        os.umask(old)
+    # safetensors wrote the weights 0600: an SAE in a shared folder could not be read by the others
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out_dir.iterdir()} == {
+        "cfg.json": 0o644, "sae_weights.safetensors": 0o644, "training_report.json": 0o644}
     assert '"fvu"' in capsys.readouterr().out
     saved = json.loads((out_dir / "training_report.json").read_text())
     assert saved["layer"] == 1 and saved["d_sae"] == 64 and 0 <= saved["fvu"] < 1

@@ -1,5 +1,7 @@
 """SAE loading: sae-lens objects and folders, generic modules, hook-name mapping."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
@@ -217,3 +219,17 @@ def test_an_sae_held_in_buffers_gets_its_rows_in_its_own_dtype():
     handle = load_sae(BufferSAE())
     latents = handle.encode(torch.randn(5, 32))
     assert handle.d_sae == 64 and latents.shape == (5, 64) and latents.dtype == torch.bfloat16
+
+
+def test_an_sae_file_this_user_cannot_read_is_named_at_load(tmp_path, monkeypatch):
+    """Another user's 0600 weights in a shared cache failed in safetensors with a FileNotFoundError for a file
+    that was there. (os.access is denied for the weights: root, running the tests, may read any file.)"""
+    import os
+
+    make_sae_lens_sae().save_model(tmp_path / "sae")
+    weights = tmp_path / "sae" / "sae_weights.safetensors"
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != weights and access(path, mode, **kw))
+    with pytest.raises(STSInputError, match="lacks read permission") as caught:
+        load_sae(tmp_path / "sae")
+    assert str(weights) in str(caught.value) and "chmod -R a+rX" in str(caught.value)

@@ -10,6 +10,10 @@ replace that node (as root, ``-o /dev/null`` would destroy /dev/null), so such a
 :class:`~sts_callback.core.errors.STSInputError`. A symbolic link is written through: the file it points at
 gets the new contents and the link stays. A new file gets the usual ``0o666`` less the umask, an overwritten
 file keeps its mode.
+
+Files that other libraries write themselves (``save_pretrained``, sae-lens' ``save_inference_model``: safetensors
+makes them 0600) are given the same mode afterwards by :func:`give_new_file_modes`, so a cache folder shared by a
+team (``STS_CACHE``) can be read by the others.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import secrets
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +118,43 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def new_file_modes(folder: str | Path) -> tuple[int, int]:
+    """(file mode, folder mode) that a new file and a new folder in ``folder`` get: ``0o666`` / ``0o777`` less the
+    umask, or as the folder's default ACL says (read from probes: the umask cannot be read without setting it)."""
+    folder = Path(folder)
+    probe = _new_sibling(folder / ".sts-mode-probe", 0o666)
+    try:
+        file_mode = os.stat(probe).st_mode & 0o777
+    finally:
+        probe.unlink()
+    probe_dir = folder / f".sts-mode-probe.{secrets.token_hex(4)}.tmp"
+    os.mkdir(probe_dir, 0o777)
+    try:
+        return file_mode, os.stat(probe_dir).st_mode & 0o777
+    finally:
+        os.rmdir(probe_dir)
+
+
+def give_new_file_modes(folder: str | Path, names: Iterable[str] | None = None) -> None:
+    """Give the files and folders that another library wrote into ``folder`` (``names`` in it, default: the folder
+    and everything under it) the mode a new file or folder gets there (see :func:`new_file_modes`); links are
+    left alone. safetensors writes 0600, which hid a shared cache's weights from everyone else."""
+    folder = Path(folder)
+    file_mode, folder_mode = new_file_modes(folder)
+    if names is None:
+        paths = [folder, *folder.rglob("*")]
+    else:
+        paths = [folder / name for name in names]
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        mode = folder_mode if stat.S_ISDIR(info.st_mode) else file_mode if stat.S_ISREG(info.st_mode) else None
+        if mode is not None and info.st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -200,4 +241,4 @@ def check_writable_folder(folder: Path, label: str) -> None:
 
 
 __all__ = ["append_json_line", "atomic_write", "atomic_write_json", "atomic_write_text", "check_writable_folder",
-           "output_target", "parse_json_lines", "read_json_lines"]
+           "give_new_file_modes", "new_file_modes", "output_target", "parse_json_lines", "read_json_lines"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import re
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -201,11 +203,33 @@ def missing_sae_folder(spec: Any) -> str | None:
     return None
 
 
+SAE_FOLDER_FILES = ("cfg.json", "sae_weights.safetensors")  # what sae-lens reads from a folder
+SHARED_FOLDER_FIX = ("Ask its owner to run `chmod -R a+rX` on the folder (files written before sts-callback gave them "
+                     "the umask's mode were 0600), or use a copy of your own.")
+
+
+def check_readable(folder: str | Path, what: str, fix: str = SHARED_FOLDER_FIX,
+                   names: tuple[str, ...] | None = None) -> None:
+    """Every file of ``folder`` (``names`` in it, default all) can be read by this user, else an
+    :class:`STSInputError` naming the file: safetensors' own error for a 0600 file of another user (a shared
+    cache) named a missing file instead, after the model had loaded."""
+    folder = Path(folder)
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise STSInputError(f"Cannot read {what} folder {folder}: this user may not list it. {fix}")
+    paths = sorted(folder.iterdir()) if names is None else [folder / name for name in names]
+    for path in paths:
+        if path.is_file() and not os.access(path, os.R_OK):
+            info = path.stat()
+            raise STSInputError(f"Cannot read {path} ({what}): this user lacks read permission (mode "
+                                f"{stat.filemode(info.st_mode)}, owner uid {info.st_uid}). {fix}")
+
+
 def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEHandle:
     """Load an SAE from any accepted form (see module docstring) and return an :class:`SAEHandle`."""
     if isinstance(spec, SAEHandle):
         handle = spec
     elif isinstance(spec, (str, Path)) and Path(spec).is_dir():
+        check_readable(spec, "the SAE", names=SAE_FOLDER_FILES)
         if not (Path(spec) / "cfg.json").exists():
             raise STSInputError(f"{spec} has no cfg.json: it is not a sae-lens SAE folder (expected cfg.json and "
                                 "sae_weights.safetensors, as written by SAE.save_model).")

@@ -16,6 +16,8 @@ from typing import Callable
 
 from filelock import FileLock
 
+from ..core.atomic import give_new_file_modes
+
 
 def build_once(folder: Path, is_built: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
     """Return ``folder``, first calling ``build(partial_folder)`` under a lock if ``is_built(folder)`` is false.
@@ -36,6 +38,7 @@ def build_once(folder: Path, is_built: Callable[[Path], bool], build: Callable[[
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         try:
             build(partial)
+            give_new_file_modes(partial)  # safetensors writes 0600: a shared cache (STS_CACHE) hid it from others
             if folder.exists():  # an unfinished entry from before locking existed (e.g. a crash): replace it
                 shutil.rmtree(folder)
             partial.rename(folder)

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from ..core.errors import STSInputError
+from ..core.sae import check_readable
 from .cache import build_once
 
 GEMMA3_270M = "gemma-3-270m"
@@ -80,6 +81,7 @@ def load_gemma3_270m(cache_dir: str | Path | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = gemma3_270m_path(cache_dir)
+    check_readable(folder, "the cached Gemma 3 270M")  # another user's 0600 files in a shared STS_CACHE
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
