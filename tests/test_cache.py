@@ -214,3 +214,38 @@ def test_a_cached_model_file_this_user_cannot_read_is_named_before_loading(tmp_p
     with pytest.raises(STSInputError, match="lacks read permission") as caught:
         load_gemma3_270m(tmp_path)
     assert str(weights) in str(caught.value)
+
+
+def test_a_damaged_cached_model_names_the_entry_to_delete(tmp_path):
+    """A cached model.safetensors cut short (a full disk) failed with safetensors' traceback."""
+    from tiny import make_model, make_tokenizer
+
+    from sts_callback.core.errors import STSInputError
+    from sts_callback.tools.models import GEMMA3_270M, load_gemma3_270m
+
+    folder = tmp_path / GEMMA3_270M  # a tiny model stands in for the cached Gemma
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(STSInputError, match="the cache entry is damaged") as caught:
+        load_gemma3_270m(tmp_path)
+    assert f"Delete {folder} and the next run rebuilds it" in str(caught.value)
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_and_other_errors_pass(tmp_path):
+    from sts_callback.core.errors import STSInputError
+
+    (tmp_path / "afile").write_text("")
+
+    def build(partial: Path) -> None:
+        partial.mkdir()
+        (partial / "done").write_text("")
+
+    with pytest.raises(STSInputError, match="STS_CACHE"):
+        build_once(tmp_path / "afile" / "sae" / "entry", _is_built, build)
+
+    def read_a_missing_input(partial: Path) -> None:
+        (tmp_path / "no-such-input").read_text()
+
+    with pytest.raises(FileNotFoundError):  # not the cache's fault: the error as it was
+        build_once(tmp_path / "cache" / "entry", _is_built, read_a_missing_input)

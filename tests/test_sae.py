@@ -233,3 +233,21 @@ def test_an_sae_file_this_user_cannot_read_is_named_at_load(tmp_path, monkeypatc
     with pytest.raises(STSInputError, match="lacks read permission") as caught:
         load_sae(tmp_path / "sae")
     assert str(weights) in str(caught.value) and "chmod -R a+rX" in str(caught.value)
+
+
+def test_a_damaged_sae_folder_is_named(tmp_path):
+    """safetensors' 'incomplete metadata' or json's error came with no word on which file or what to do."""
+    make_sae_lens_sae().save_model(tmp_path / "sae")
+    weights = tmp_path / "sae" / "sae_weights.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(STSInputError, match="cannot be read") as caught:
+        load_sae(tmp_path / "sae")
+    assert str(weights) in str(caught.value) and "Save it again" in str(caught.value)
+    weights.write_bytes(whole)
+    (tmp_path / "sae" / "cfg.json").write_text("[1, 2]")
+    with pytest.raises(STSInputError, match="not sae-lens' settings object"):
+        load_sae(tmp_path / "sae")
+    (tmp_path / "sae" / "cfg.json").write_text('{"d_in": 32}')  # parses, but sae-lens lacks its settings
+    with pytest.raises(STSInputError, match="sae-lens cannot load the SAE folder"):
+        load_sae(tmp_path / "sae")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import re
 import stat
@@ -224,19 +225,56 @@ def check_readable(folder: str | Path, what: str, fix: str = SHARED_FOLDER_FIX,
                                 f"{stat.filemode(info.st_mode)}, owner uid {info.st_uid}). {fix}")
 
 
+SAE_REBUILD_HINT = ("Save it again (SAE.save_model, or sts train-sae); the demo's SAE in the cache (STS_CACHE) is "
+                    "rebuilt on the next run when its folder is deleted.")
+
+
+def check_sae_folder(folder: str | Path) -> None:
+    """A sae-lens folder that cannot load is an :class:`STSInputError` naming the file, found cheaply (cfg.json
+    parsed, the weights' header read) so that the CLI reports it before the model loads: a folder cut short by a
+    full disk or a killed copy failed in sae-lens with safetensors' or json's bare error."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    check_readable(folder, "the SAE", names=SAE_FOLDER_FILES)
+    cfg = folder / "cfg.json"
+    if not cfg.exists():
+        raise STSInputError(f"{folder} has no cfg.json: it is not a sae-lens SAE folder (expected cfg.json and "
+                            "sae_weights.safetensors, as written by SAE.save_model).")
+    try:
+        parsed = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise STSInputError(f"The SAE's {cfg} is not valid JSON ({err}): the folder is damaged. "
+                            f"{SAE_REBUILD_HINT}") from err
+    if not isinstance(parsed, dict):
+        raise STSInputError(f"The SAE's {cfg} holds a {type(parsed).__name__}, not sae-lens' settings object. "
+                            f"{SAE_REBUILD_HINT}")
+    weights = folder / "sae_weights.safetensors"
+    if weights.exists():  # sae-lens names a missing one itself
+        try:
+            with safe_open(str(weights), framework="pt"):  # reads and checks the header only
+                pass
+        except (SafetensorError, OSError) as err:
+            raise STSInputError(f"The SAE's weights {weights} cannot be read ({err}): the file is damaged (cut "
+                                f"short?). {SAE_REBUILD_HINT}") from err
+
+
 def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEHandle:
     """Load an SAE from any accepted form (see module docstring) and return an :class:`SAEHandle`."""
     if isinstance(spec, SAEHandle):
         handle = spec
     elif isinstance(spec, (str, Path)) and Path(spec).is_dir():
-        check_readable(spec, "the SAE", names=SAE_FOLDER_FILES)
-        if not (Path(spec) / "cfg.json").exists():
-            raise STSInputError(f"{spec} has no cfg.json: it is not a sae-lens SAE folder (expected cfg.json and "
-                                "sae_weights.safetensors, as written by SAE.save_model).")
+        check_sae_folder(spec)
+        from safetensors import SafetensorError
         from sae_lens import SAE
 
-        handle = _sae_lens_handle(SAE.load_from_disk(str(spec), device=str(device or "cpu")),
-                                  {"kind": "sae_lens_folder", "path": str(Path(spec).resolve())})
+        try:
+            loaded = SAE.load_from_disk(str(spec), device=str(device or "cpu"))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # what the checks above miss
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise STSInputError(f"sae-lens cannot load the SAE folder {spec} ({type(err).__name__}: {first_line}). "
+                                f"{SAE_REBUILD_HINT}") from err
+        handle = _sae_lens_handle(loaded, {"kind": "sae_lens_folder", "path": str(Path(spec).resolve())})
     elif isinstance(spec, dict) or (isinstance(spec, str) and "::" in spec):
         if isinstance(spec, str):
             release, sae_id = spec.split("::", 1)

@@ -8,6 +8,7 @@ either nothing or a finished folder; the partial folders a killed builder left a
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Callable
 from filelock import FileLock
 
 from ..core.atomic import give_new_file_modes
+from ..core.errors import STSInputError
 
 
 def build_once(folder: Path, is_built: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
@@ -26,6 +28,29 @@ def build_once(folder: Path, is_built: Callable[[Path], bool], build: Callable[[
     folder = Path(folder)
     if is_built(folder):
         return folder
+    try:
+        return _build_locked(folder, is_built, build)
+    except OSError as err:
+        if not _writing_the_cache(err, folder):
+            raise
+        raise STSInputError(f"Cannot build {folder} in the cache ({err.strerror or err}"
+                            f"{f': {err.filename}' if err.filename else ''}). Point STS_CACHE at a folder this user "
+                            "can write, with space for the entry (about 1 GB for Gemma 3 270M), or fix this "
+                            "one.") from err
+
+
+def _writing_the_cache(err: OSError, folder: Path) -> bool:
+    """Whether ``err`` comes from writing the cache (a read-only, full or foreign folder, or a file where a folder
+    must be) rather than from the build's own inputs: the file it names is in the cache folder or above it."""
+    if err.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(err.filename, (str, bytes, os.PathLike)):
+        return False
+    name, cache = Path(os.path.abspath(os.fsdecode(err.filename))), Path(os.path.abspath(folder.parent))
+    return name == cache or cache in name.parents or name in cache.parents
+
+
+def _build_locked(folder: Path, is_built: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder.with_name(folder.name + ".lock"))):
         if is_built(folder):

@@ -162,6 +162,7 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
         if dtype not in (None, "auto"):  # the GGUF is dequantised to float32; a config's dtype still applies
             model = model.to(_torch_dtype(dtype))
     else:
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         _check_model(spec)
@@ -175,7 +176,7 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
                 model = AutoModelForImageTextToText.from_pretrained(os.path.expanduser(spec),
                                                                     dtype=_torch_dtype(dtype))
                 tokenizer = _processor_or(spec, tokenizer)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: weights cut short
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise STSInputError(
                 f"Could not load model {spec!r} ({first_line}). Pass a local Hugging Face folder (config.json and "
@@ -256,12 +257,15 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
     options.update(dict(_parse_override(item) for item in args.set or []))
     config = STSConfig.from_dict(options)
     _check_model(config_file["model"])
-    from ..core.sae import missing_sae_folder
+    from ..core.sae import check_sae_folder, missing_sae_folder
 
     sae = _expand(config_file["sae"])  # a path, as for the model (a bare name is left to the loader)
     problem = missing_sae_folder(sae) if isinstance(sae, str) and sae.startswith(("/", ".", os.sep)) else None
     if problem:
         raise STSInputError(f"{args.config}: {problem}")
+    folder = sae.get("path") if isinstance(sae, dict) else sae
+    if isinstance(folder, str) and Path(os.path.expanduser(folder)).is_dir():
+        check_sae_folder(os.path.expanduser(folder))  # a damaged folder: named now, not after the model loads
     _check_model_settings(args.config, config_file, config)
     _check_data_values(args.config, config_file)
     _check_data_files(_data_specs(config_file))

@@ -468,6 +468,7 @@ def _run(out: DemoConsole, output_dir: Path, quick: bool, train_steps: int | Non
          builtin: bool = False) -> dict:
     from ..core.config import STSConfig
     from ..core.corpora import load_domain
+    from ..core.sae import check_sae_folder
     from ..pipelines.forecast import forecast
     from .models import load_gemma3_270m
 
@@ -481,6 +482,8 @@ def _run(out: DemoConsole, output_dir: Path, quick: bool, train_steps: int | Non
     out.say("sts-callback demo: which text domains will fine-tuning Gemma 3 270M on Python code move?")
     out.say(f"(offline; progress bars and the trainer's logs go to {out.log_path})")
     out.say("")
+    if _sae_is_built(demo_sae_path(4096, 32)):  # a damaged cached SAE: named now, not after the model loads
+        check_sae_folder(demo_sae_path(4096, 32))
     t0 = time.perf_counter()
     model, tokenizer = load_gemma3_270m()
     summary["model_seconds"] = round(time.perf_counter() - t0, 1)

@@ -78,11 +78,18 @@ def _is_built(folder: Path) -> bool:
 def load_gemma3_270m(cache_dir: str | Path | None = None):
     """Load (model, tokenizer) for Gemma 3 270M in fp32, offline."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = gemma3_270m_path(cache_dir)
     check_readable(folder, "the cached Gemma 3 270M")  # another user's 0600 files in a shared STS_CACHE
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, SafetensorError) as err:  # a file cut short by a full disk or a killed copy
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise STSInputError(f"The cached Gemma 3 270M in {folder} cannot be loaded ({type(err).__name__}: "
+                            f"{first_line}): the cache entry is damaged. Delete {folder} and the next run rebuilds "
+                            "it.") from err
     model.eval()
     return model, tokenizer
