@@ -670,3 +670,25 @@ def test_a_cut_model_file_or_an_unwritable_cache_is_a_one_line_error(workspace, 
     assert main(["forecast", str(write_config(workspace, model="gemma-3-270m")), "--no-progress"]) == 2
     err = one_line_error(capsys)
     assert f"Cannot build {tmp_path / 'afile' / 'gemma-3-270m'} in the cache" in err and "STS_CACHE" in err
+
+
+def test_a_disk_that_fills_during_the_forecast_is_a_one_line_error_after_the_table(workspace, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """The output check passed, then after the whole forecast the save raised OSError (ENOSPC) with a traceback."""
+    import errno
+
+    from sts_callback.core import atomic
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(atomic, "atomic_write", full_disk)
+    output = tmp_path / "forecast.json"
+    assert main(["forecast", str(write_config(workspace, output=str(output))), "--no-progress"]) == 2
+    printed = capsys.readouterr()
+    assert "STS forecast: 2 target domains" in printed.out  # the work is not lost: the table was printed
+    assert "Traceback" not in printed.err
+    err = printed.err.strip().splitlines()[-1]  # after transformers' progress bar of the model load
+    assert err.startswith("sts: error: "), err
+    assert f"Cannot write the forecast to {output} (No space left on device)" in err and "table above" in err
+    assert not output.exists()

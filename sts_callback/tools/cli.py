@@ -561,6 +561,17 @@ def _offline_calibration_argument(value: str | None, config: Any = None):
     return calibration
 
 
+def _save_after_the_work(save: Any, path: Path, what: str) -> None:
+    """``save(path)``, where an OSError (a disk that filled during the work: the output check passed before it) is
+    the CLI's one-line error naming the path, not a traceback that hides that the table above was printed."""
+    try:
+        save(path)
+    except OSError as err:
+        raise STSInputError(f"Cannot write the {what} to {path} ({err.strerror or err}); only the table above "
+                            f"has it, and {path} was left as it was. Free space there (or choose another output "
+                            "path) and run again.") from err
+
+
 def cmd_forecast(args: argparse.Namespace) -> int:
     from ..pipelines.forecast import forecast
 
@@ -588,7 +599,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     if calibration is not None:
         result.apply_calibration(calibration, exclude=not_predicted)
     print(result.table())
-    result.save(output)
+    _save_after_the_work(result.save, output, "forecast")
     print(f"\nwrote {output} ({result.tokens_per_second:.0f} tokens/s, {result.timings['total']:.1f} s)")
     return 0
 
@@ -728,11 +739,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
                                 progress=not args.no_progress)
     except MixtureRejected as err:
         print(err.decision.table())
-        err.decision.save(output)
+        _save_after_the_work(err.decision.save, output, "gate decision")
         print(f"\nwrote {output}")
         raise
     print(decision.table())
-    decision.save(output)
+    _save_after_the_work(decision.save, output, "gate decision")
     print(f"\nwrote {output} ({decision.timings['total']:.1f} s)")
     if filtered_dir:
         for name in decision.accepted:
