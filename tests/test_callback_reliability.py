@@ -256,7 +256,8 @@ def test_a_lasting_violation_and_a_failing_recheck_are_warned_about_once(tmp_pat
 def test_progress_bars_and_info_lines_follow_the_trainers_settings(tmp_path, tokenizer, capsys):
     import transformers
 
-    make_trainer(tmp_path / "default", tokenizer, make_callback(), save_strategy="no").train()
+    make_trainer(tmp_path / "default", tokenizer, make_callback(), save_strategy="no", disable_tqdm=False,
+                 log_level="passive").train()  # explicit: disable_tqdm's default follows transformers' verbosity
     out, err = capsys.readouterr()
     assert "STS forecast:" in err and "STS forecast:" in out  # the bar, the table
     verbosity = transformers.logging.get_verbosity()  # log_level sets transformers' own, for the process
