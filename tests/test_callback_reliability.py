@@ -640,6 +640,27 @@ def test_a_missing_path_or_typo_is_refused_at_construction(settings, message):
 
 
 # ------------------------------------------------------------------------------- faults (new-user hunt)
+def test_relative_and_home_paths_are_read_from_where_the_callback_was_made(tmp_path, tokenizer, monkeypatch):
+    from sts_callback.core.data import anchored
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in DOMAINS:
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_texts(name, 30)))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(data)
+    first, *others = DOMAINS
+    callback = make_callback(target_domains={first: f"{first}.jsonl",
+                                             **{name: f"~/data/{name}.jsonl" for name in others}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a notebook's %cd, Hydra's run folder, a launcher
+    make_trainer(tmp_path, tokenizer, callback, save_strategy="no").train()
+    assert set(callback.base_losses) == set(DOMAINS)
+    (elsewhere / "legal").mkdir()  # a folder named like a registered domain is not its data
+    assert anchored("legal") == "legal" and anchored("no/such/file.jsonl") == "no/such/file.jsonl"
+
+
 def crash_at_forward(model, number):
     """The model's ``number``-th training forward raises (a device error mid-run)."""
     calls = {"n": 0}

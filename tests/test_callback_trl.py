@@ -439,3 +439,54 @@ def test_gkd_on_chats_forecasts_from_the_teachers_answers_to_the_chats_prompts(t
     probe = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in cb.monitor.probe]
     assert probe and all(any(q in text for q in questions) for text in probe)
     assert not any(a in text for text in probe for a in answers)
+
+
+def test_distillation_samples_two_completions_a_prompt_where_the_trainer_samples_one():
+    from trl.experimental.gold import GOLDConfig
+
+    from sts_callback.pipelines.distillation import distillation_settings
+
+    # GOLD and IW-OPD default to num_generations=1: no group to compare, and no reason to refuse the run
+    assert distillation_settings(GOLDConfig(output_dir="unused", use_cpu=True, num_generations=1)).num_generations == 2
+    assert distillation_settings(GOLDConfig(output_dir="unused", use_cpu=True, num_generations=4)).num_generations == 4
+    assert distillation_settings({"num_generations": 1, "temperature": 0.7}).temperature == 0.7
+
+
+def test_self_distillation_with_privileged_context_skips_the_forecast_it_cannot_reproduce(tmp_path, tokenizer):
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    make_model("llama").save_pretrained(tmp_path / "policy")  # SDFT's teacher: a copy of the base, loaded by path
+    tokenizer.save_pretrained(tmp_path / "policy")
+    data = Dataset.from_dict({"prompt": domain_texts("law", 16), "privileged_context": domain_texts("food", 16)})
+    cb = callback(config=ROLLOUTS)
+    args = SDFTConfig(output_dir=str(tmp_path / "run"), max_completion_length=8, num_generations=2, bf16=False,
+                      **COMMON)
+    trainer = SDFTTrainer(model=str(tmp_path / "policy"), args=args, train_dataset=data, processing_class=tokenizer,
+                          callbacks=[cb])
+    with pytest.warns(STSDataWarning, match="teacher_prompt_template.*no forecast is made"):
+        trainer.train()  # before: the teacher, the base on the plain prompt, wrote what the student writes
+    check_run(trainer, cb, tmp_path / "run", forecast=False)
+
+
+def test_a_preference_loss_with_a_likelihood_term_says_what_the_forecast_leaves_out(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    from trl import DPOConfig
+    from trl.experimental.tpo import TPOConfig, TPOTrainer
+
+    from sts_callback.integrations.trainer_shift import likelihood_term
+
+    texts = domain_texts("law", 16)
+    data = Dataset.from_dict({"prompt": texts, "chosen": texts[1:] + texts[:1], "rejected": domain_texts("food", 16),
+                              "reference": domain_texts("chem", 16)})
+    cb = callback()
+    trainer = TPOTrainer(model=make_model("llama"), args=TPOConfig(output_dir=str(tmp_path), max_length=64, **COMMON),
+                         train_dataset=data, processing_class=tokenizer, callbacks=[cb])
+    with pytest.warns(STSDataWarning, match="reference answers.*covers the preference only"):
+        trainer.train()
+    check_run(trainer, cb, tmp_path)
+    assert cb.forecast.settings["shift"] == "chosen_vs_rejected"
+    assert "reference answers (tpo_alpha=1)" in cb.forecast.settings["left_out"]
+    mpo = SimpleNamespace(args=DPOConfig(output_dir="unused", use_cpu=True, loss_type=["sigmoid", "sft"]))
+    assert "loss_type 'sft'" in likelihood_term(mpo)
+    assert likelihood_term(SimpleNamespace(args=DPOConfig(output_dir="unused", use_cpu=True))) is None

@@ -11,6 +11,7 @@ import bisect
 import copy
 import itertools
 import json
+import os
 import random
 import re
 import warnings
@@ -434,6 +435,20 @@ def repeated_names(names: Sequence[str]) -> list[str]:
 
 def _for(label: str | None) -> str:
     return f" for {label}" if label else ""
+
+
+def anchored(data: Any) -> Any:
+    """A path given as a string or ``Path``, made absolute (``~`` expanded) when it names an existing file or
+    folder: a callback reads it at train start, perhaps after the process changed its working folder (a notebook,
+    Hydra, a launcher). Anything else (a registered domain's name, data, ``'release::sae_id'``) is returned as is."""
+    if not isinstance(data, (str, Path)) or not str(data).strip():
+        return data
+    from .corpora import available_domains
+
+    path = Path(os.path.expanduser(str(data)))
+    if not path.exists() or (str(data) in available_domains() and not path.is_file()):
+        return data
+    return path.absolute() if isinstance(data, Path) else str(path.absolute())
 
 
 def check_data_spec(data: Any, what: str | None = None) -> None:

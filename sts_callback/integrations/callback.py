@@ -23,7 +23,7 @@ from transformers.trainer_callback import ExportableState
 from ..core.atomic import check_writable_folder
 from ..core.capture import check_measurable, parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
-from ..core.data import check_data_spec, load_corpus, named_items, text_tokenizer
+from ..core.data import anchored, check_data_spec, load_corpus, named_items, text_tokenizer
 from ..core.distributed import raise_collectively
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.sae import missing_sae_folder
@@ -38,8 +38,8 @@ from ..pipelines.recheck import RecheckConfig, RecheckSteps
 from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession
 from .trainer_shift import (DISTILLATION_SHIFTS, RL_SHIFTS, ROLLOUT_SHIFTS, check_shift, forecast_runner,
-                            fresh_rollout_probe, is_online, resolve_shift, rollout_data, rollout_probe,
-                            trainer_distillation_rollouts, trainer_rollouts, unreproduced_generation)
+                            fresh_rollout_probe, is_online, likelihood_term, resolve_shift, rollout_data,
+                            rollout_probe, trainer_distillation_rollouts, trainer_rollouts, unreproduced_generation)
 from .trainer_run_level import DEFAULT_RUN_LEVEL_STEPS, RUN_LEVEL_METHODS, check_run_level, run_level_runner
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
 
@@ -190,6 +190,7 @@ class STSCallback(TrainerCallback, ExportableState):
                     "STSCallback with the same objects before trainer.train(resume_from_checkpoint=...)."
                 )
             values.update({name: live[name] for name in _objects_from})
+        values.update(_anchored_paths(values))  # read at train start, maybe after a change of working folder
         _check_inputs(values["sae"], values["target_domains"], guard.protected,
                       {"train_probe": values["train_probe"], "demonstrations": values["demonstrations"]})
         self.target_domains, self.train_probe = values["target_domains"], values["train_probe"]
@@ -500,8 +501,14 @@ class STSCallback(TrainerCallback, ExportableState):
                                                                       progress=progress)
                 if rollouts is not None:
                     session.monitor.probe = rollout_probe(rollouts, session.setup, session.settings.recheck_tokens)
-                cut = Truncation.from_args(getattr(trainer, "args", None)) if shift == "chosen_vs_rejected" else None
-                run = forecast_runner(shift, data, probe, demos, rollouts, cut, teacher)
+                cut, left_out = None, None
+                if shift == "chosen_vs_rejected":
+                    cut, left_out = Truncation.from_args(getattr(trainer, "args", None)), likelihood_term(trainer)
+                if left_out is not None:
+                    session.warn("likelihood_term", f"STS: this trainer's loss adds {left_out} to the preference; "
+                                 "the chosen-minus-rejected forecast covers the preference only (recorded in the "
+                                 "forecast's settings, left_out). Re-checks measure the whole effect.", STSDataWarning)
+                run = forecast_runner(shift, data, probe, demos, rollouts, cut, teacher, left_out)
             level = None if self.run_level is None else run_level_runner(
                 self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
                 session.autocast, own=session.monitor.probe, domains=self._run_level_domains,
@@ -601,7 +608,7 @@ class STSCallback(TrainerCallback, ExportableState):
         if session.probe_source is None:
             rl = getattr(trainer, "reward_funcs", None) is not None
             what, fix = (("RL run", "e.g. GRPO with beta=0"), "Train with PEFT, or beta > 0,") if rl else \
-                (("distillation", "the teacher is not the base"), "Train with PEFT")
+                (("distillation", "the trainer keeps no copy of the student's starting weights"), "Train with PEFT")
             session.warn("fresh_probe", f"STS: this {what[0]} is a full fine-tune without a reference model "
                          f"({what[1]}), so the base residuals of new completions cannot be computed: re-checks use "
                          f"the train-start rollouts as their probe. {fix} for fresh completions at each re-check; "
@@ -757,6 +764,17 @@ def _instance_being_restored(output_subdir: Any) -> STSCallback | None:
                     and Path(cb.output_subdir) == Path(output_subdir)]
             return same[0] if same else candidate
     return None
+
+
+def _anchored_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """The SAE, targets, probe and demonstrations with every path among them absolute (:func:`anchored`)."""
+    target = values["target_domains"]
+    if isinstance(target, dict):
+        target = {name: anchored(value) for name, value in target.items()}
+    elif isinstance(target, (list, tuple)):
+        target = type(target)(anchored(value) for value in target)
+    return {"sae": anchored(values["sae"]), "target_domains": target,
+            **{name: anchored(values[name]) for name in ("train_probe", "demonstrations")}}
 
 
 def _check_inputs(sae: Any, target: Any, protected: list[str], data: dict[str, Any]) -> None:

@@ -97,10 +97,31 @@ def is_online(trainer: Any) -> bool:
 
 
 def unreproduced_generation(trainer: Any) -> list[str]:
-    """What an RL trainer generates with beyond sampling its prompts (TRL's ``tools``, ``environment_factory``,
-    ``rollout_func``: tool calls, environment turns, custom rollouts), which STS's rollouts do not reproduce."""
-    return [name for name, attribute in (("tools", "tools"), ("environment_factory", "environment_factories"),
-                                         ("rollout_func", "rollout_func")) if getattr(trainer, attribute, None)]
+    """What an RL or distillation trainer generates with beyond sampling its prompts (TRL's ``tools``,
+    ``environment_factory``, ``rollout_func``: tool calls, environment turns, custom rollouts; a teacher prompted
+    with more than the student sees, e.g. SDFT's ``teacher_prompt_template`` with privileged context), which STS's
+    rollouts do not reproduce."""
+    found = [name for name, attribute in (("tools", "tools"), ("environment_factory", "environment_factories"),
+                                          ("rollout_func", "rollout_func")) if getattr(trainer, attribute, None)]
+    if teacher_of(trainer) is not None and getattr(getattr(trainer, "args", None), "teacher_prompt_template", None):
+        found.append("a teacher_prompt_template (the teacher sees privileged context the student does not)")
+    return found
+
+
+def likelihood_term(trainer: Any) -> str | None:
+    """A preference trainer's loss term on the likelihood of given answers beside the preference (ORPO's; CPO's
+    ``cpo_alpha``; TPO's ``tpo_alpha`` on the ``reference`` answers; DPO's ``"sft"`` loss type), which the
+    chosen-minus-rejected shift leaves out; ``None`` without one."""
+    args = getattr(trainer, "args", None)
+    if type(trainer).__name__.startswith("ORPO"):
+        return "ORPO's log-likelihood of the chosen answers"
+    for name, answers in (("cpo_alpha", "chosen"), ("tpo_alpha", "reference")):
+        weight = getattr(args, name, None)
+        if isinstance(weight, (int, float)) and weight > 0:
+            return f"the log-likelihood of the {answers} answers ({name}={weight:g})"
+    if "sft" in (getattr(args, "loss_type", None) or []):
+        return "the log-likelihood of the chosen answers (loss_type 'sft')"
+    return None
 
 
 def rollout_data(train_probe: Any, trainer: Any) -> Any:
@@ -186,19 +207,25 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
 
 def forecast_runner(shift: str, data: Any, probe: Corpus, demonstrations: Corpus | None,
                     rollouts: Rollouts | None = None, truncation: Truncation | None = None,
-                    teacher: Rollouts | None = None,
+                    teacher: Rollouts | None = None, left_out: str | None = None,
                     ) -> Callable[[ForecastSetup, dict[str, Corpus], bool], ForecastRun | None] | None:
     """A function ``(setup, domains, progress) -> ForecastRun | None`` computing the forecast of ``shift`` (``None``
     when the rollouts' rewards carry no signal, with a warning); ``None`` itself for the in-context shift of data
     without answers (nothing to forecast from). The RL shifts need the :func:`trainer_rollouts`, the distillation
     shifts the student's ``rollouts`` and the ``teacher``'s (:func:`trainer_distillation_rollouts`);
-    ``truncation``: how a preference trainer cuts its pairs (:meth:`Truncation.from_args` of its args)."""
+    ``truncation``: how a preference trainer cuts its pairs (:meth:`Truncation.from_args` of its args);
+    ``left_out``: a term of the trainer's loss the shift does not cover (:func:`likelihood_term`), recorded in the
+    forecast's settings."""
     if shift in DISTILLATION_SHIFTS:
         return lambda setup, domains, progress: run_distillation_forecast(setup, shift, probe, teacher, rollouts,
                                                                           domains, progress=progress)
     if shift == "chosen_vs_rejected":
-        return lambda setup, domains, progress: run_preference_forecast(setup, data, domains, progress=progress,
-                                                                        truncation=truncation)
+        def preference(setup: ForecastSetup, domains: dict[str, Corpus], progress: bool) -> ForecastRun:
+            run = run_preference_forecast(setup, data, domains, progress=progress, truncation=truncation)
+            if left_out is not None:
+                run.forecast.settings["left_out"] = left_out
+            return run
+        return preference
     if shift in RL_SHIFTS:
         def rl_forecast(setup: ForecastSetup, domains: dict[str, Corpus], progress: bool) -> ForecastRun | None:
             try:
@@ -232,5 +259,5 @@ def _rollout_settings(trainer: Any) -> RolloutSettings:
 
 
 __all__ = ["DISTILLATION_SHIFTS", "ROLLOUT_SHIFTS", "RL_SHIFTS", "SHIFTS", "check_shift", "forecast_runner",
-           "fresh_rollout_probe", "is_online", "resolve_shift", "rollout_data", "rollout_probe", "teacher_of",
-           "trainer_distillation_rollouts", "trainer_rollouts", "unreproduced_generation"]
+           "fresh_rollout_probe", "is_online", "likelihood_term", "resolve_shift", "rollout_data", "rollout_probe",
+           "teacher_of", "trainer_distillation_rollouts", "trainer_rollouts", "unreproduced_generation"]

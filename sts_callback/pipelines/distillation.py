@@ -19,6 +19,7 @@ re-check probe.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
@@ -34,15 +35,16 @@ DISTILLATION_SHIFTS = ("teacher_completions", "teacher_vs_student")
 
 
 def distillation_settings(args: Any) -> RolloutSettings:
-    """The trainer's generation settings (a ``DistillationConfig``, a dict, ...). Distillation samples no group per
-    prompt, so two completions a prompt are drawn unless ``num_generations`` says otherwise."""
+    """The trainer's generation settings (a ``DistillationConfig``, a dict, ...). Distillation compares no
+    completions within a prompt's group, so at least two a prompt are drawn (GOLD's and IW-OPD's default
+    ``num_generations=1`` included), more where ``num_generations`` says so."""
     if args is None:
         return RolloutSettings(num_generations=2)
-    settings = RolloutSettings.from_args(args)
     given = args.get("num_generations") if isinstance(args, dict) else getattr(args, "num_generations", None)
-    if given is None:
-        settings.num_generations = 2
-    return settings
+    generations = max(2, given) if isinstance(given, int) and not isinstance(given, bool) else 2
+    if isinstance(args, dict):
+        return RolloutSettings.from_args({**args, "num_generations": generations})
+    return RolloutSettings.from_args(SimpleNamespace(**{**vars(args), "num_generations": generations}))
 
 
 def sample_completions(model: nn.Module, tokenizer, prompts: Any, config: STSConfig, settings: RolloutSettings,
