@@ -227,3 +227,20 @@ def test_train_start_data_warnings_are_said_by_the_main_process_alone(model, tok
         assert any("'single' has one text" in m for m in said) and any("SAE latents moved" in m for m in said)
         [copies] = [m for m in said if "exact copies" in m]
         assert "its loss change" not in copies and "held-out set's loss change" in copies
+
+
+@pytest.mark.parametrize("me", [0, 1])
+def test_data_and_setup_warnings_that_every_rank_meets_alike_are_said_by_the_main_process(tmp_path, monkeypatch,
+                                                                                           me):
+    from test_progress_totals import as_main_of
+
+    from sts_callback.core.data import MANY_LINES, load_corpus
+
+    as_main_of(monkeypatch, 2, me)
+    lines = tmp_path / "one_text_per_line.txt"
+    lines.write_text("\n".join(domain_texts("law", MANY_LINES)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_corpus(str(lines))  # read as one text: every rank reads the same file
+    said = [str(w.message) for w in caught if issubclass(w.category, STSDataWarning)]
+    assert len(said) == (1 if me == 0 else 0) and (me or "no blank line" in said[0])

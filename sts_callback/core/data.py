@@ -14,12 +14,12 @@ import json
 import os
 import random
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .distributed import warn_on_main
 from .errors import STSDataWarning, STSInputError
 
 Messages = list[dict[str, Any]]
@@ -390,9 +390,9 @@ def _read_plain_text(path: Path, label: str = "") -> list[str]:
     items = [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
     lines = sum(1 for line in text.split("\n") if line.strip())
     if len(items) == 1 and lines >= MANY_LINES:  # most likely one text per line, silently joined into one
-        warnings.warn(f"Data file {path}{label} has {lines} lines and no blank line, so it is read as one text: in a "
-                      "plain-text file, texts are separated by blank lines. Put a blank line between texts, or write "
-                      "one JSON record per line ({\"text\": ...}) as .jsonl.", STSDataWarning, stacklevel=4)
+        warn_on_main(f"Data file {path}{label} has {lines} lines and no blank line, so it is read as one text: in a "
+                     "plain-text file, texts are separated by blank lines. Put a blank line between texts, or write "
+                     "one JSON record per line ({\"text\": ...}) as .jsonl.", STSDataWarning, stacklevel=4)
     return items
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,13 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def warn_on_main(message: str, category: type[Warning], stacklevel: int = 2) -> None:
+    """A warning about what every rank computes alike (the same samples and settings): said once, by the main
+    process, not once per process under torchrun."""
+    if is_main_process():
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
 
 
 def collective_device() -> torch.device:

@@ -11,7 +11,6 @@ interval is narrow enough, so a clear change costs a fraction of the token budge
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .capture import parameters_are_sharded, text_config, unwrap_model
-from .distributed import LocalFailure, gather_objects, shard_batches
+from .distributed import LocalFailure, gather_objects, shard_batches, warn_on_main
 from .errors import STSDataWarning
 from .data import TokenSequence
 from .extract import batches_by_length
@@ -55,9 +54,9 @@ def _resolve_loss_dtype(name: str, setting: str | None, model: nn.Module, weight
     split = split_head(model)
     if split is None:  # the head runs inside the full forward, in its own dtype
         if setting == "bfloat16":
-            warnings.warn(f"{name}='bfloat16' does not apply to a sharded model (ZeRO-3 / FSDP) or one whose LM head "
-                          f"cannot run apart from its body: the model runs its full forward in its own dtype. "
-                          f"Held-out losses are measured so.", STSDataWarning, stacklevel=3)
+            warn_on_main(f"{name}='bfloat16' does not apply to a sharded model (ZeRO-3 / FSDP) or one whose LM head "
+                         f"cannot run apart from its body: the model runs its full forward in its own dtype. "
+                         f"Held-out losses are measured so.", STSDataWarning, stacklevel=3)
         return None
     if setting == "bfloat16":
         return torch.bfloat16

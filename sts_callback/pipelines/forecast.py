@@ -27,7 +27,7 @@ from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_s
 from ..core.config import SCORE_VARIANTS, STSConfig, device_problem
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
-                                world_size)
+                                warn_on_main, world_size)
 from ..core.formatting import signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from ..core.run_store import FORECAST_FORMAT
@@ -127,8 +127,8 @@ class Forecast:
         differ = [f"{key} {here.get(key)!r} (calibrated on {value!r})" for key, value in scope.items()
                   if here.get(key) is not None and here.get(key) != value]
         if differ:
-            warnings.warn(f"This calibration was fitted on another setup: {', '.join(differ)}; its predictions do "
-                          "not carry over. Fit one on your own runs (`sts calibrate`).", STSDataWarning, stacklevel=3)
+            warn_on_main(f"This calibration was fitted on another setup: {', '.join(differ)}; its predictions do "
+                         "not carry over. Fit one on your own runs (`sts calibrate`).", STSDataWarning, stacklevel=3)
         return differ
 
     def ranked(self, variant: str | None = None) -> list[tuple[str, float]]:

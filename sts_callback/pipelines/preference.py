@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,7 +39,7 @@ from ..core.data import (
     record_template_kwargs,
     take_streamed,
 )
-from ..core.distributed import fingerprint, shard
+from ..core.distributed import fingerprint, shard, warn_on_main
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from ..core.stats import ActivationStats, ShiftStats, TopActivations
@@ -355,9 +354,9 @@ def plan_preference(builder: PromptBuilder, config, data: Any, name: str = "pref
             "completion without countable tokens (empty, or special tokens only). Give pairs whose chosen and "
             "rejected completions differ.")
     if counts["identical"]:
-        warnings.warn(f"{counts['identical']} of the sampled pairs of {name!r} have identical chosen and rejected "
-                      "completions; preference training gets no gradient from them, so the forecast leaves them out.",
-                      STSDataWarning, stacklevel=3)
+        warn_on_main(f"{counts['identical']} of the sampled pairs of {name!r} have identical chosen and rejected "
+                     "completions; preference training gets no gradient from them, so the forecast leaves them out.",
+                     STSDataWarning, stacklevel=3)
     return pairs, counts
 
 

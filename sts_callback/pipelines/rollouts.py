@@ -24,7 +24,6 @@ import inspect
 import json
 import math
 import random
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -34,7 +33,7 @@ from torch import nn
 
 from ..core.config import STSConfig
 from ..core.data import Corpus, PromptBuilder, is_messages, load_corpus, load_domains, text_tokenizer
-from ..core.distributed import gather_objects, is_main_process, raise_collectively, shard, world_size
+from ..core.distributed import gather_objects, is_main_process, raise_collectively, shard, warn_on_main, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.torch_utils import model_device
 from .forecast import (Forecast, ForecastRun, ForecastSetup, inference_mode, prepare_forecast, prompt_builder,
@@ -603,10 +602,10 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     if settings.mask_truncated_completions and (wanted is None or max_new < wanted):
         # cut at STS's limit where the trainer's is longer (or none), a completion may end within the trainer's
         recorded["mask_truncated_completions"] = False
-        warnings.warn(f"mask_truncated_completions: STS's rollouts stop at {max_new} tokens (rollout_max_tokens), "
-                      f"before the trainer's {wanted or 'unlimited'} length, so which completions training leaves out "
-                      "is unknown; all are used. Raise STSConfig.rollout_max_tokens to the trainer's length (and set "
-                      "max_completion_length) to mirror it.", STSDataWarning, stacklevel=2)
+        warn_on_main(f"mask_truncated_completions: STS's rollouts stop at {max_new} tokens (rollout_max_tokens), "
+                     f"before the trainer's {wanted or 'unlimited'} length, so which completions training leaves out "
+                     "is unknown; all are used. Raise STSConfig.rollout_max_tokens to the trainer's length (and set "
+                     "max_completion_length) to mirror it.", STSDataWarning, stacklevel=2)
     rollouts = Rollouts(groups=groups, reward_names=[_reward_name(f) for f in funcs], reward_weights=weights,
                         settings=recorded)
     signal = rollouts.signal()
@@ -615,10 +614,10 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
                 "no rollout forecast can be made from them (check the reward functions on Rollouts.groups)")
         masked = " (or kept no trained completion on one side: mask_truncated_completions)" \
             if recorded.get("mask_truncated_completions") else ""
-        warnings.warn(f"{int((~signal).sum())} of {len(groups)} prompts got the same reward for all their scored "
-                      f"completions{masked} ({generations} sampled each; no signal to separate high from low reward): "
-                      f"{then}.",
-                      STSDataWarning, stacklevel=2)
+        warn_on_main(f"{int((~signal).sum())} of {len(groups)} prompts got the same reward for all their scored "
+                     f"completions{masked} ({generations} sampled each; no signal to separate high from low reward): "
+                     f"{then}.",
+                     STSDataWarning, stacklevel=2)
     return rollouts
 
 

@@ -55,7 +55,6 @@ import math
 import numbers
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -66,7 +65,7 @@ from torch import nn
 
 from ..core.capture import parameters_are_sharded
 from ..core.config import plain_numbers, settings_from_dict
-from ..core.distributed import rank, shard, sum_across_ranks, world_size
+from ..core.distributed import rank, shard, sum_across_ranks, warn_on_main, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import batches_by_length, local_sequences
 from ..core.data import TokenSequence
@@ -708,8 +707,8 @@ def estimate_run_level(model: nn.Module, optimizer: OptimizerLike, batches: Iter
     if not targets and not own:
         raise STSInputError("Nothing to measure: give target domains, or own= (the training data's sequences).")
     if method == "lookahead" and parameters_are_sharded(_inner_model(model)):
-        warnings.warn("STS run-level term: the weights are sharded (DeepSpeed ZeRO-3 / FSDP) and cannot be stepped "
-                      "and put back exactly; using the first-order estimate instead.", STSDataWarning, stacklevel=2)
+        warn_on_main("STS run-level term: the weights are sharded (DeepSpeed ZeRO-3 / FSDP) and cannot be stepped "
+                     "and put back exactly; using the first-order estimate instead.", STSDataWarning, stacklevel=2)
         method = "first_order"
     config = config if isinstance(config, RunLevelConfig) else RunLevelConfig.from_dict(config)
     measured = {**targets, OWN: list(own)} if own else dict(targets)
