@@ -38,8 +38,15 @@ a source that is a built-in domain trains on its even-indexed texts and is its o
   lr 5e-4, so that the policy need not collapse; eighth round: the same for markup -> legal and math -> python_code;
   ninth round: cpp_code -> legal, ml_docs -> legal and chat_templates -> python_code; tenth round: changelog ->
   legal, readme_prose -> python_code, nlp_tutorials -> legal, python_reference -> legal.
+- Distillation (2026-12-05, evening): ``distill-<source>-from-<teacher_domain>``: the teacher is the base model after
+  LoRA SFT on another domain's training texts (merged), the student the base model, distilled on-policy (TRL's
+  DistillationTrainer, LoRA) on the source's prompts, so that it learns to continue them as the other domain's
+  specialist would. Forecasts: ``distillation_forecast`` with the teacher's completions as demonstrations
+  (``teacher_completions``) and the teacher's minus the student's completions (``teacher_vs_student``), and the
+  plain-demonstrations baseline (the prompts' real continuations).
 
-Per run, before training, on the base model (``STSConfig(**units.FORECAST, **ROLLOUT)``): GRPO:
+Per run, before training, on the base model (``STSConfig(**units.FORECAST, **ROLLOUT)``): distillation: the two
+teacher variants and the plain demonstrations (above); GRPO:
 ``rollout_forecast(shift="reward_weighted")``, ``rollout_forecast(shift="demonstrations")`` (reward-filtered rollouts
 as demonstrations) and the plain-demonstrations baseline, the SFT ``forecast`` with the reference answers (the right
 sums; the real continuations); DPO: ``preference_forecast(shift="chosen_vs_rejected")`` and ``(shift="in_context")``.
@@ -159,6 +166,10 @@ RUNS = {
         "rewards": ("frequent_word_share",), "precise_tokens": PRECISE_TOKENS}
        for source, reward_domain in (("changelog", "legal"), ("readme_prose", "python_code"),
                                      ("nlp_tutorials", "legal"), ("python_reference", "legal"))},
+    # Distillation (2026-12-05, evening): a specialist teacher of another domain distilled into the base model on
+    # the source's prompts (the cross pairs of the sixth round).
+    **{f"distill-{source}-from-{teacher}": {"kind": "distill", "source": source, "teacher_domain": teacher}
+       for source, teacher in (("legal", "python_code"), ("python_code", "legal"))},
 }
 # LoRA as the units' recipe (r=8, alpha 16, q/v). GRPO: 2 prompts x 4 completions a step (TRL's batch counts
 # completions), temperature 1, no KL term (TRL's default beta=0), constant lr.
@@ -181,6 +192,11 @@ GRPO = {
     "arithmetic": {"steps": 16, "per_device_train_batch_size": 16, "num_generations": 4, "max_completion_length": 4,
                    "learning_rate": 3e-4, "prompts": 256, "low": 2, "high": 12},
 }
+# Distillation: the teacher's SFT (LoRA, merged) on the teacher domain's training texts, then on-policy distillation
+# of the student (LoRA) on the source's prompts with TRL's DistillationTrainer (its default divergence, beta 1).
+DISTILL = {"teacher_steps": 24, "teacher_batch": 4, "teacher_lr": 1e-3, "teacher_tokens": 128, "steps": 24,
+           "per_device_train_batch_size": 8, "max_completion_length": 16, "learning_rate": 1e-3, "temperature": 1.0,
+           "prompt_tokens": 32, "reference_tokens": 48, "prompts": 256}
 DPO = {"steps": 12, "per_device_train_batch_size": 2, "learning_rate": 5e-4, "beta": 0.1, "prompt_tokens": 32,
        "completion_tokens": 48, "pairs": 256}
 # The callback: the units' held-out budget; re-checks at the middle and the end (each measures 11 x 512 held-out
@@ -196,6 +212,8 @@ SMOKE = {
     "grpo_keywords": {"max_completion_length": 6},
     "precise_tokens": 256,
     "dpo": {"steps": 2, "per_device_train_batch_size": 2, "pairs": 16, "prompt_tokens": 16, "completion_tokens": 16},
+    "distill": {"teacher_steps": 2, "teacher_tokens": 32, "steps": 2, "per_device_train_batch_size": 4,
+                "max_completion_length": 6, "prompts": 16},
     "callback": {"loss_tokens": 48, "recheck_tokens": 64, "rechecks": 2},
     "forecast": {"n_shifted": 20, "shift_tokens": 96, "domain_tokens": 48, "n_domain_demonstrations": 1,
                  "max_query_tokens": 32, "max_demonstration_tokens": 32, "batch_size": 8},
@@ -206,9 +224,10 @@ ARITHMETIC_PREFIX = "2 + 3 = 5\n6 + 1 = 7\n4 + 4 = 8\n"
 
 def sizes(smoke: bool) -> dict[str, Any]:
     grpo = {task: dict(values) for task, values in GRPO.items()}
-    dpo, callback = dict(DPO), dict(CALLBACK)
+    dpo, callback, distill = dict(DPO), dict(CALLBACK), dict(DISTILL)
     forecast = {**units.FORECAST, **ROLLOUT}
     if smoke:
+        distill.update(SMOKE["distill"])
         for values in grpo.values():
             values.update(SMOKE["grpo"])
         for task in ("keywords", "keywords_long"):
@@ -216,7 +235,7 @@ def sizes(smoke: bool) -> dict[str, Any]:
         dpo.update(SMOKE["dpo"])
         callback.update(SMOKE["callback"])
         forecast.update({**SMOKE["forecast"], **SMOKE["rollout"]})
-    return {"grpo": grpo, "dpo": dpo, "callback": callback, "forecast": forecast,
+    return {"grpo": grpo, "dpo": dpo, "distill": distill, "callback": callback, "forecast": forecast,
             "precise_tokens": SMOKE["precise_tokens"] if smoke else None}
 
 
@@ -521,7 +540,8 @@ def log_rows(log_history: list[dict], keys: tuple[str, ...]) -> list[dict[str, A
 
 
 def train(kind: str, model, tokenizer, sae_path, data, targets, config, callback_sizes, trainer_args: dict,
-          reward_funcs, cache: DomainCache, work: Path, seed: int = 0, precise: PreciseSample | None = None):
+          reward_funcs, cache: DomainCache, work: Path, seed: int = 0, precise: PreciseSample | None = None,
+          teacher=None):
     """Train a LoRA copy of ``model`` with the callback; returns (callback, trainer log, seconds, the trained
     policy measured on ``precise`` or None)."""
     from datasets import Dataset
@@ -552,6 +572,12 @@ def train(kind: str, model, tokenizer, sae_path, data, targets, config, callback
         args = GRPOConfig(**common, **trainer_args)
         trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[cb], peft_config=peft_config)
+    elif kind == "distill":
+        from trl import DistillationConfig, DistillationTrainer
+
+        args = DistillationConfig(**common, **trainer_args)
+        trainer = DistillationTrainer(model=policy, teacher_model=teacher, args=args, train_dataset=dataset,
+                                      processing_class=tokenizer, callbacks=[cb], peft_config=peft_config)
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -621,6 +647,76 @@ def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache
                   {"reward": quarters(rewards)}, seconds, t_start, extra, measured_precise)
 
 
+def make_teacher(model, tokenizer, texts: list[str], s: dict[str, Any], work: Path, seed: int = 0):
+    """The base model after LoRA SFT on ``texts`` (``teacher_steps`` steps), the adapters merged: a specialist of
+    their domain that shares the student's tokenizer."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+
+    set_seed(seed)
+    data = Dataset.from_dict({"text": texts}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=s["teacher_tokens"]), batched=True,
+        remove_columns=["text"])
+    teacher = get_peft_model(copy.deepcopy(model), LoraConfig(task_type="CAUSAL_LM", **LORA))
+    args = TrainingArguments(output_dir=str(work), max_steps=s["teacher_steps"], learning_rate=s["teacher_lr"],
+                             per_device_train_batch_size=s["teacher_batch"], lr_scheduler_type="constant",
+                             logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=seed,
+                             disable_tqdm=True, bf16=False)
+    trainer = Trainer(model=teacher, args=args, train_dataset=data, processing_class=tokenizer,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    merged = trainer.model.merge_and_unload()
+    merged.eval()
+    return merged, {"steps": s["teacher_steps"], "loss": quarters(losses)}
+
+
+def run_distill(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache: DomainCache, work: Path,
+                precise: PreciseSample | None = None) -> dict:
+    from sts_callback import forecast as sft_forecast
+    from sts_callback.core.config import STSConfig
+    from sts_callback.pipelines.distillation import distillation_forecast
+
+    t_start = time.perf_counter()
+    source, s = spec["source"], sz["distill"]
+    train_texts, targets = units.split(source, texts)
+    print(f"   teacher: {s['teacher_steps']} SFT steps on {spec['teacher_domain']} ...", flush=True)
+    teacher, teacher_info = make_teacher(model, tokenizer, texts[spec["teacher_domain"]][0::2], s,
+                                         work / name / "teacher")
+    built = keywords_task(tokenizer, train_texts, {**s, "frequent_words": 0}, ())
+    rows = built["rows"]
+    trainer_args = {"max_steps": s["steps"], "per_device_train_batch_size": s["per_device_train_batch_size"],
+                    "max_completion_length": s["max_completion_length"], "learning_rate": s["learning_rate"],
+                    "temperature": s["temperature"], "top_k": 0}
+    settings = {k: trainer_args[k] for k in ("max_completion_length", "temperature", "top_k")}
+    config = STSConfig(**sz["forecast"])
+    seconds = {"data_and_teacher": time.perf_counter() - t_start}
+    forecasts = {}
+    with cache.active():
+        for variant, call in (
+                *((shift, lambda shift=shift: distillation_forecast(model, teacher, tokenizer, sae_path, rows, targets,
+                                                                     config, settings=settings, shift=shift))
+                  for shift in ("teacher_completions", "teacher_vs_student")),
+                ("plain_demonstrations", lambda: sft_forecast(model, tokenizer, sae_path, built["references"],
+                                                              targets, config))):
+            forecasts[variant] = timed_forecast(variant, call)
+            seconds[f"forecast/{variant}"] = forecasts[variant]["seconds"]
+    print(f"   training {trainer_args['max_steps']} distillation steps ...", flush=True)
+    cb, log, seconds["train_with_callback"], measured_precise = train(
+        "distill", model, tokenizer, sae_path, rows, targets, config, sz["callback"], trainer_args, None, cache,
+        work / name, precise=precise, teacher=teacher)
+    if cb.forecast is not None:
+        forecasts["callback"] = forecast_record(cb.forecast, cb.forecast.timings.get("total", 0.0))
+    trajectory = log_rows(log, ("loss", "completions/mean_length", "entropy"))
+    losses = [e["loss"] for e in trajectory if "loss" in e]
+    extra = {"teacher": {"domain": spec["teacher_domain"], **teacher_info}, "prompts": len(rows),
+             "example_prompt": rows[0]["prompt"]}
+    del teacher
+    return finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, trajectory,
+                  {"distillation_loss": quarters(losses)}, seconds, t_start, extra, measured_precise)
+
+
 def timed_forecast(variant: str, call) -> dict[str, Any]:
     """One forecast variant, timed; a refusal (e.g. rewards without signal: STSInputError) is recorded, not raised."""
     from sts_callback import STSInputError
@@ -685,7 +781,7 @@ def finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, traject
             v: agreement(f["scores"], measured_precise["loss_delta"], others) for v, f in forecasts.items()
             if "scores" in f}}
     checks = {}
-    twin = "reward_filtered" if spec["kind"] == "grpo" else "chosen_vs_rejected"
+    twin = {"grpo": "reward_filtered", "distill": "teacher_completions"}.get(spec["kind"], "chosen_vs_rejected")
     # the callback's own (shift "auto") forecast vs the same variant made before training: equal in fp32
     if "scores" in forecasts.get("callback", {}) and "scores" in forecasts.get(twin, {}):
         mine, theirs = forecasts[twin]["scores"], forecasts["callback"]["scores"]
@@ -717,10 +813,10 @@ def fmt(value, spec="+.2f") -> str:
 
 def print_table(results: list[dict]) -> None:
     print(f"\n{'run':<30} {'variant':<21} {'best feature':<26} {'r':>6} {'r_icl':>6} {'sign fmt':>8} "
-          f"{'reward: first -> last quarter':>30}")
+          f"{'reward / margin / loss: first -> last quarter':>30}")
     for data in results:
         rise = data["reward_rise"]
-        key = "reward" if "reward" in rise else "margin"
+        key = next(k for k in ("reward", "margin", "distillation_loss") if k in rise)
         q = rise[key]
         reward = f"{key} {fmt(q['first_quarter'])} -> {fmt(q['last_quarter'])}"
         for variant, agree in data["agreement"].items():
@@ -799,7 +895,7 @@ def main() -> None:
         for name in todo:
             spec = RUNS[name]
             print(f"== {name} ({time.strftime('%H:%M:%S')}) ==", flush=True)
-            runner = run_grpo if spec["kind"] == "grpo" else run_dpo
+            runner = {"grpo": run_grpo, "distill": run_distill}.get(spec["kind"], run_dpo)
             data = runner(name, spec, model, tokenizer, sae_path, texts, sz, cache, args.work,
                           precise if spec.get("precise_tokens") else None)
             data.update({"smoke": args.smoke, "threads": torch.get_num_threads(),
