@@ -268,6 +268,14 @@ def test_progress_bars_and_info_lines_follow_the_trainers_settings(tmp_path, tok
         transformers.logging.set_verbosity(verbosity)
     out, err = capsys.readouterr()
     assert "STS forecast" not in err and "STS forecast" not in out  # no bar, no table
+    verbosity = transformers.logging.get_verbosity()
+    try:  # an early stop is said at any log level
+        make_trainer(tmp_path / "stops", tokenizer, make_callback(protected=["food"], max_sts=1e-12, early_stop=True,
+                                                                  patience=2, recheck_steps=1),
+                     save_strategy="no", disable_tqdm=True, log_level="error").train()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    assert "STS: early stop at step 2" in capsys.readouterr().out
 
 
 def test_warnings_reach_a_log_file_once_in_order_and_not_twice_on_the_console(tmp_path, tokenizer):
@@ -659,6 +667,15 @@ def test_relative_and_home_paths_are_read_from_where_the_callback_was_made(tmp_p
     assert set(callback.base_losses) == set(DOMAINS)
     (elsewhere / "legal").mkdir()  # a folder named like a registered domain is not its data
     assert anchored("legal") == "legal" and anchored("no/such/file.jsonl") == "no/such/file.jsonl"
+    (elsewhere / "tasks").mkdir()  # an lm-eval target's task folder too
+    callback = make_callback(target_domains={"quiz": {"lm_eval": "quiz", "include_path": "tasks"}, "law": "legal"})
+    assert callback.target_domains["quiz"]["include_path"] == str(elsewhere / "tasks")
+
+
+def test_a_violation_in_progress_survives_the_trainers_own_restore_of_the_callback_state():
+    callback = make_callback(protected=["food"])
+    callback.violating = ["loss:food"]  # as the Trainer sets the exported attributes back on resume
+    assert callback.session.guard.violating == ["loss:food"] and "violating" in callback.session.counters()
 
 
 def crash_at_forward(model, number):

@@ -490,3 +490,25 @@ def test_a_preference_loss_with_a_likelihood_term_says_what_the_forecast_leaves_
     mpo = SimpleNamespace(args=DPOConfig(output_dir="unused", use_cpu=True, loss_type=["sigmoid", "sft"]))
     assert "loss_type 'sft'" in likelihood_term(mpo)
     assert likelihood_term(SimpleNamespace(args=DPOConfig(output_dir="unused", use_cpu=True))) is None
+    unweighted = DPOConfig(output_dir="unused", use_cpu=True, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0])
+    assert likelihood_term(SimpleNamespace(args=unweighted)) is None  # the sft term weighs nothing
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    class MyTrainer(ORPOTrainer):  # a user's subclass keeps ORPO's loss
+        def __init__(self):
+            self.args = None
+    assert "ORPO" in likelihood_term(MyTrainer())
+
+
+def test_teachers_that_sts_cannot_sample_as_the_trainer_does_are_named():
+    from types import SimpleNamespace
+
+    from sts_callback.integrations.trainer_shift import unreproduced_generation
+
+    student = object()
+    own_tokenizer = SimpleNamespace(model=student, teacher_model=object(), args=SimpleNamespace(use_uld_loss=True))
+    itself = SimpleNamespace(model=student, teacher_model=student, args=SimpleNamespace())
+    assert any("its own tokenizer" in what for what in unreproduced_generation(own_tokenizer))
+    assert any("self-distillation" in what for what in unreproduced_generation(itself))
+    assert unreproduced_generation(SimpleNamespace(model=student, teacher_model=object(), args=None)) == []

@@ -161,3 +161,5 @@ def test_a_violation_is_new_when_it_starts_and_again_when_it_returns_and_survive
     resumed = Guard(guard.config)
     resumed.load_state(guard.state())
     assert resumed.check(5, record(0.3, food_score=3.0), "sts_icl").new_violations == []
+    diverged = resumed.check(6, record(math.nan, food_score=3.0), "sts_icl").new_violations  # worse: news again
+    assert len(diverged) == 1 and "not finite" in diverged[0]

@@ -28,3 +28,8 @@ class STSNegativeTransferWarning(UserWarning):
 
 class STSDataWarning(UserWarning):
     """A result is still computed, but part of it means less than usual (the message names what and why)."""
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line (its type's name when it has no message): for a one-line message that names it."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

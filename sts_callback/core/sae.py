@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import STSInputError
+from .errors import STSInputError, first_line
 
 _LAYER_PATTERNS = (  # a model or release prefix before the name ("model.", "gpt2-small/") is allowed
     (re.compile(r"(?:^|[./])blocks\.(\d+)\.hook_resid_post$"), 0),
@@ -271,9 +271,8 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
         try:
             loaded = SAE.load_from_disk(str(spec), device=str(device or "cpu"))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # what the checks above miss
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise STSInputError(f"sae-lens cannot load the SAE folder {spec} ({type(err).__name__}: {first_line}). "
-                                f"{SAE_REBUILD_HINT}") from err
+            raise STSInputError(f"sae-lens cannot load the SAE folder {spec} ({type(err).__name__}: "
+                                f"{first_line(err)}). {SAE_REBUILD_HINT}") from err
         handle = _sae_lens_handle(loaded, {"kind": "sae_lens_folder", "path": str(Path(spec).resolve())})
     elif isinstance(spec, dict) or (isinstance(spec, str) and "::" in spec):
         if isinstance(spec, str):

@@ -38,7 +38,7 @@ from ..pipelines.recheck import RecheckConfig, RecheckSteps
 from ..reporting import trackers
 from .session import COUNTERS, STSNegativeTransferWarning, STSSession
 from .trainer_shift import (DISTILLATION_SHIFTS, RL_SHIFTS, ROLLOUT_SHIFTS, check_shift, forecast_runner,
-                            fresh_rollout_probe, is_online, likelihood_term, resolve_shift, rollout_data,
+                            fresh_rollout_probe, is_online, is_rl, likelihood_term, resolve_shift, rollout_data,
                             rollout_probe, trainer_distillation_rollouts, trainer_rollouts, unreproduced_generation)
 from .trainer_run_level import DEFAULT_RUN_LEVEL_STEPS, RUN_LEVEL_METHODS, check_run_level, run_level_runner
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
@@ -606,7 +606,7 @@ class STSCallback(TrainerCallback, ExportableState):
             return
         session.probe_source = fresh_rollout_probe(trainer, data, session.setup, session.settings.recheck_tokens)
         if session.probe_source is None:
-            rl = getattr(trainer, "reward_funcs", None) is not None
+            rl = is_rl(trainer)
             what, fix = (("RL run", "e.g. GRPO with beta=0"), "Train with PEFT, or beta > 0,") if rl else \
                 (("distillation", "the trainer keeps no copy of the student's starting weights"), "Train with PEFT")
             session.warn("fresh_probe", f"STS: this {what[0]} is a full fine-tune without a reference model "
@@ -720,7 +720,7 @@ def _delegate(name: str) -> property:
 for _name in ("history", "base_losses", "base_fit", "base_accuracy", "predicted", "forecast", "monitor", "setup",
               "learning_rates", "write_errors", "run_id"):
     setattr(STSCallback, _name, _delegate(_name))
-for _name in ("violations_in_a_row", "warned", "stop_reason"):
+for _name in ("violations_in_a_row", "warned", "violating", "stop_reason"):
     setattr(STSCallback, _name, property(lambda self, n=_name: getattr(self.session.guard, n),
                                          lambda self, value, n=_name: setattr(self.session.guard, n, value)))
 assert set(COUNTERS) <= set(dir(STSCallback))
@@ -770,7 +770,9 @@ def _anchored_paths(values: dict[str, Any]) -> dict[str, Any]:
     """The SAE, targets, probe and demonstrations with every path among them absolute (:func:`anchored`)."""
     target = values["target_domains"]
     if isinstance(target, dict):
-        target = {name: anchored(value) for name, value in target.items()}
+        target = {name: ({**value, "include_path": anchored(value["include_path"])}
+                         if is_lm_eval_target(value) and value.get("include_path") else anchored(value))
+                  for name, value in target.items()}
     elif isinstance(target, (list, tuple)):
         target = type(target)(anchored(value) for value in target)
     return {"sae": anchored(values["sae"]), "target_domains": target,

@@ -91,8 +91,8 @@ def _captures_warnings() -> bool:
 # A re-check rewrites the report (read from the whole history) at most this often unless it has news (a violation,
 # a stop, a projected warning, the run's end): at a re-check every step its cost would grow with the run.
 REPORT_INTERVAL_SECONDS = 60.0
-COUNTERS = ("violations_in_a_row", "warned", "stop_reason", "base_losses", "predicted", "base_fit", "base_accuracy",
-            "run_id")
+COUNTERS = ("violations_in_a_row", "warned", "violating", "stop_reason", "base_losses", "predicted", "base_fit",
+            "base_accuracy", "run_id")
 
 
 class STSSession:
@@ -161,7 +161,7 @@ class STSSession:
         self._report_written_at: float | None = None  # when a re-check last wrote the report
         self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
         self._held_warnings: list[tuple[str, type[Warning]]] | None = None  # said once a re-check's record is kept
-        self._stop_said: str | None = None  # an early stop's message, said after the re-check's held warnings
+        self._pending_stop: str | None = None  # an early stop's message, said after the re-check's held warnings
 
     @property
     def is_main(self) -> bool:
@@ -220,10 +220,10 @@ class STSSession:
             self.setup.model = None
         self.probe_source = None
 
-    def say(self, text: str) -> None:
-        """A line for the person watching the run: on the main process when ``verbose``, above any progress bar
-        (``tqdm.write`` keeps the Trainer's bar whole)."""
-        if self.is_main and self.verbose:
+    def say(self, text: str, always: bool = False) -> None:
+        """A line for the person watching the run: on the main process when ``verbose`` (or ``always``: an early
+        stop is said at any log level), above any progress bar (``tqdm.write`` keeps the Trainer's bar whole)."""
+        if self.is_main and (self.verbose or always):
             from tqdm.auto import tqdm
 
             tqdm.write(text)
@@ -604,7 +604,7 @@ class STSSession:
         if self._clock is not None and not self._steps_timed:
             self.budget.add_training(time.perf_counter() - self._clock)
         began, measured_before = time.perf_counter(), self.budget.recheck_seconds
-        self._held_warnings, self._stop_said = [], None
+        self._held_warnings, self._pending_stop = [], None
         try:
             outcome = self._recheck(model, step, max_steps, log_history, ended)
         except BaseException:
@@ -626,10 +626,10 @@ class STSSession:
         return outcome
 
     def _say_stop(self) -> None:
-        reason, self._stop_said = self._stop_said, None
+        reason, self._pending_stop = self._pending_stop, None
         if reason is not None:
             log_warning(reason)
-            self.say(f"STS: {reason}")
+            self.say(f"STS: {reason}", always=True)
 
     def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None, ended: bool = False,
                  ) -> tuple[dict[str, Any] | None, Decision | None]:
@@ -645,7 +645,8 @@ class STSSession:
             self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
             if self.is_main and self.guard.first_time(f"recheck_failed:{type(err).__name__}"):
                 # once per kind of error: a re-check that keeps failing would repeat its traceback at every one
-                log_warning("STS re-check at step %s failed:\n%s", step, trace)
+                if logger.hasHandlers():  # the traceback is in no warning: every log that has handlers gets it
+                    logger.warning("STS re-check at step %s failed:\n%s", step, trace)
                 self._say(f"STS re-check at step {step} failed and was skipped ({type(err).__name__}: {err}); "
                           f"later re-checks failing with a {type(err).__name__} are recorded in the history "
                           "(error, traceback) without a warning.", RuntimeWarning)
@@ -689,7 +690,7 @@ class STSSession:
         if decision.stop:
             record["early_stop"] = decision.reason
             if self.is_main:  # after the warnings that led to it (held until the record is written)
-                self._stop_said = decision.reason
+                self._pending_stop = decision.reason
         self._append_history(record)
         news = decision.violations or decision.stop or record.get("projected_warnings") or ended or (
             bool(max_steps) and step >= max_steps)

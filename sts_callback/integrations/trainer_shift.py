@@ -62,7 +62,7 @@ def _columns(data: Any) -> set[str]:
 
 def resolve_shift(shift: str, trainer: Any, data: Any, has_demonstrations: bool) -> str:
     """The shift to forecast with; an explicit choice the trainer or data cannot serve is an error now."""
-    rl = getattr(trainer, "reward_funcs", None) is not None
+    rl = is_rl(trainer)
     preference = any(columns <= _columns(data) for columns in PREFERENCE_COLUMNS)
     if shift == "auto":
         if rl and not has_demonstrations:
@@ -91,9 +91,14 @@ def teacher_of(trainer: Any) -> Any:
     return getattr(trainer, "teacher_model", None)
 
 
+def is_rl(trainer: Any) -> bool:
+    """An RL trainer: one with reward functions (TRL's GRPO, RLOO, online DPO, ...)."""
+    return getattr(trainer, "reward_funcs", None) is not None
+
+
 def is_online(trainer: Any) -> bool:
     """The trainer samples completions from the policy as it trains (RL with reward functions, distillation)."""
-    return getattr(trainer, "reward_funcs", None) is not None or teacher_of(trainer) is not None
+    return is_rl(trainer) or teacher_of(trainer) is not None
 
 
 def unreproduced_generation(trainer: Any) -> list[str]:
@@ -103,8 +108,14 @@ def unreproduced_generation(trainer: Any) -> list[str]:
     rollouts do not reproduce."""
     found = [name for name, attribute in (("tools", "tools"), ("environment_factory", "environment_factories"),
                                           ("rollout_func", "rollout_func")) if getattr(trainer, attribute, None)]
-    if teacher_of(trainer) is not None and getattr(getattr(trainer, "args", None), "teacher_prompt_template", None):
-        found.append("a teacher_prompt_template (the teacher sees privileged context the student does not)")
+    teacher, args = teacher_of(trainer), getattr(trainer, "args", None)
+    if teacher is not None:
+        if getattr(args, "teacher_prompt_template", None):
+            found.append("a teacher_prompt_template (the teacher sees privileged context the student does not)")
+        if getattr(args, "use_uld_loss", False) or getattr(args, "teacher_tokenizer_name_or_path", None):
+            found.append("a teacher with its own tokenizer (STS would feed it the student's token ids)")
+        if teacher is getattr(trainer, "model", None):
+            found.append("the student as its own teacher (self-distillation)")
     return found
 
 
@@ -113,13 +124,16 @@ def likelihood_term(trainer: Any) -> str | None:
     ``cpo_alpha``; TPO's ``tpo_alpha`` on the ``reference`` answers; DPO's ``"sft"`` loss type), which the
     chosen-minus-rejected shift leaves out; ``None`` without one."""
     args = getattr(trainer, "args", None)
-    if type(trainer).__name__.startswith("ORPO"):
+    if any(cls.__name__.startswith("ORPO") for cls in type(trainer).__mro__):
         return "ORPO's log-likelihood of the chosen answers"
     for name, answers in (("cpo_alpha", "chosen"), ("tpo_alpha", "reference")):
         weight = getattr(args, name, None)
         if isinstance(weight, (int, float)) and weight > 0:
             return f"the log-likelihood of the {answers} answers ({name}={weight:g})"
-    if "sft" in (getattr(args, "loss_type", None) or []):
+    types = getattr(args, "loss_type", None) or []
+    types = [types] if isinstance(types, str) else list(types)
+    weights = list(getattr(args, "loss_weights", None) or [1.0] * len(types))
+    if any(kind == "sft" and weight for kind, weight in zip(types, weights)):
         return "the log-likelihood of the chosen answers (loss_type 'sft')"
     return None
 
@@ -180,7 +194,7 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     reference = getattr(trainer, "ref_model", None)
     if reference is None and peft_model_of(trainer.model) is None:
         return None
-    rl = getattr(trainer, "reward_funcs", None) is not None
+    rl = is_rl(trainer)
     settings = _rollout_settings(trainer) if rl else distillation_settings(trainer.args)
     config = setup.config
     longest = completion_budget(settings, config)
@@ -259,5 +273,6 @@ def _rollout_settings(trainer: Any) -> RolloutSettings:
 
 
 __all__ = ["DISTILLATION_SHIFTS", "ROLLOUT_SHIFTS", "RL_SHIFTS", "SHIFTS", "check_shift", "forecast_runner",
-           "fresh_rollout_probe", "is_online", "likelihood_term", "resolve_shift", "rollout_data", "rollout_probe",
-           "teacher_of", "trainer_distillation_rollouts", "trainer_rollouts", "unreproduced_generation"]
+           "fresh_rollout_probe", "is_online", "is_rl", "likelihood_term", "resolve_shift", "rollout_data",
+           "rollout_probe", "teacher_of", "trainer_distillation_rollouts", "trainer_rollouts",
+           "unreproduced_generation"]

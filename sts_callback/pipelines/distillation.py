@@ -122,7 +122,8 @@ def distillation_forecast(model: nn.Module, teacher: nn.Module, tokenizer, sae: 
     the trainer's ``DistillationConfig`` (or a dict of :class:`~sts_callback.pipelines.rollouts.RolloutSettings`
     fields): temperature, top-p/k, ``max_completion_length`` (capped by ``STSConfig.rollout_max_tokens``);
     ``STSConfig.rollout_prompts`` prompts are sampled, ``rollout_generations`` completions each at most. The
-    teacher must share the student's tokenizer (as TRL requires). Other arguments as
+    teacher must share the student's tokenizer: it is fed the student's token ids (a teacher with its own, as
+    GOLD's ULD loss allows, is not supported). Other arguments as
     :func:`~sts_callback.pipelines.forecast.forecast`.
     """
     if shift not in DISTILLATION_SHIFTS:

@@ -8,7 +8,6 @@ import math
 import random
 import time
 import unicodedata
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -368,9 +367,8 @@ def check_demonstrations_fit(pairs: list[TokenPair], builder: PromptBuilder, con
            f"to {max(builder.max_length // 4, 1)}) or max_demonstration_tokens, or use a model with a longer context")
     if empty == len(pairs):
         raise STSInputError(f"No in-context demonstration fits before any query of {what}: {fix}.")
-    if is_main_process():
-        warnings.warn(f"{empty} of {len(pairs)} queries of {what} have no room for demonstrations ({fix}).",
-                      STSDataWarning, stacklevel=3)
+    warn_on_main(f"{empty} of {len(pairs)} queries of {what} have no room for demonstrations ({fix}).",
+                 STSDataWarning, stacklevel=3)
 
 
 def build_shift_pairs(corpus: Corpus, builder: PromptBuilder, config: STSConfig, rng: random.Random,
@@ -432,11 +430,10 @@ def _paired_queries(corpus: Corpus, demonstrations: Corpus | None, queries: list
         if not len(candidates):
             # Kept (with a warning) rather than refused: without it a one-text set has no shift at all. The query
             # then follows its own copy, so the shift partly measures repetition, not the data's content.
-            if is_main_process():
-                warnings.warn(f"{subject} has one text that can serve as an in-context demonstration, so it is its "
-                              "own demonstration: the shift then partly measures seeing a text twice, not learning "
-                              "from the data. Add texts to it, or pass demonstrations=[...] with other examples.",
-                              STSDataWarning, stacklevel=4)
+            warn_on_main(f"{subject} has one text that can serve as an in-context demonstration, so it is its "
+                         "own demonstration: the shift then partly measures seeing a text twice, not learning "
+                         "from the data. Add texts to it, or pass demonstrations=[...] with other examples.",
+                         STSDataWarning, stacklevel=4)
             candidates = pool
         chosen = [pool_corpus[i] for i in rng.sample(candidates, min(n_demonstrations, len(candidates)))]
         if isinstance(pool, range) and not all(example.can_demonstrate for example in chosen):
@@ -445,11 +442,10 @@ def _paired_queries(corpus: Corpus, demonstrations: Corpus | None, queries: list
         copies += bool(chosen) and all(example == query for example in chosen)
         pairs.append(builder.pair(query, chosen))
     if copies > len(pairs) // 2 and len(candidates) > 1:  # many texts, but copies of one another
-        if is_main_process():
-            warnings.warn(f"{subject}: {copies} of its {len(pairs)} sampled queries follow only copies of themselves "
-                          "as in-context demonstrations (the data repeats texts), so the shift partly measures seeing "
-                          "a text twice, not learning from the data. De-duplicate it, or pass demonstrations=[...].",
-                          STSDataWarning, stacklevel=4)
+        warn_on_main(f"{subject}: {copies} of its {len(pairs)} sampled queries follow only copies of themselves "
+                     "as in-context demonstrations (the data repeats texts), so the shift partly measures seeing "
+                     "a text twice, not learning from the data. De-duplicate it, or pass demonstrations=[...].",
+                     STSDataWarning, stacklevel=4)
     return pairs
 
 
@@ -503,11 +499,10 @@ def plan_domains(builder: PromptBuilder, config: STSConfig, domains: dict[str, C
         domain_rng = random.Random(f"{config.seed}:{name}")
         indices, tokens = domain_sequences(corpus, builder, config.domain_tokens, domain_rng)
         if icl and len(corpus) < 2:
-            if is_main_process():
-                warnings.warn(f"Target domain {name!r} has one text: it has no other text to use as its in-context "
-                              "demonstration, so its STS_icl is not computed (n/a; ranked last by STS_icl). Its "
-                              "STS_act and signed scores stand. Add texts to that domain for STS_icl.", STSDataWarning,
-                              stacklevel=3)
+            warn_on_main(f"Target domain {name!r} has one text: it has no other text to use as its in-context "
+                         "demonstration, so its STS_icl is not computed (n/a; ranked last by STS_icl). Its "
+                         "STS_act and signed scores stand. Add texts to that domain for STS_icl.", STSDataWarning,
+                         stacklevel=3)
         if icl and len(corpus) >= 2:
             pairs, usable = [], None
             for i in indices:
@@ -765,9 +760,8 @@ def assemble_forecast(setup: ForecastSetup, shift_stats: PairedStats, plan: Plan
         why = (f"only {active} of the SAE's {fired.numel()} latents fire on the training data at all, so more "
                "tokens will not move more: most of this SAE is dead here, or it is not for this model and layer"
                if active < config.n_shifted else "Raise STSConfig.shift_tokens for a fuller picture")
-        if is_main_process():
-            warnings.warn(f"Only {moved} SAE latents moved {how} (n_shifted={config.n_shifted}); the forecast uses "
-                          f"those alone. {why[:1].upper() + why[1:]}.", STSDataWarning, stacklevel=3)
+        warn_on_main(f"Only {moved} SAE latents moved {how} (n_shifted={config.n_shifted}); the forecast uses "
+                     f"those alone. {why[:1].upper() + why[1:]}.", STSDataWarning, stacklevel=3)
         latents, values = latents[:moved], values[:moved]
     raw_dims, raw_values = score.shifted_latents(shift_stats.residual_shift, min(config.n_shifted, setup.sae.d_in))
     signed_features = signed.signed_scores(

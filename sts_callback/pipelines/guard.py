@@ -218,8 +218,8 @@ class Guard:
             delta = recheck.loss_delta.get(name)
             loss = recheck.loss.get(name)
             if (delta is not None and not math.isfinite(delta)) or (loss is not None and not math.isfinite(loss)):
-                found.append((f"loss:{name}", f"held-out loss of protected domain {name!r} is not finite ({loss}): "
-                              "the model diverged on it (lower the learning rate, check for fp16 overflow)"))
+                found.append((f"nonfinite:{name}", f"held-out loss of protected domain {name!r} is not finite "
+                              f"({loss}): the model diverged on it (lower the learning rate, check for fp16 overflow)"))
             elif delta is not None and delta > self.config.tolerance:
                 rose = percent(delta, apart_from=self.config.tolerance)
                 found.append((f"loss:{name}", f"held-out loss of protected domain {name!r} rose by {rose} "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import random
 import time
-import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from ..scoring import score
 from ..core.capture import unwrap_model
 from ..core.errors import STSDataWarning, STSInputError, STSNumericalError
 from ..core.data import Corpus, TokenSequence, first_counted, sample_within_budget
-from ..core.distributed import LocalFailure, gather_objects, is_main_process
+from ..core.distributed import LocalFailure, gather_objects, warn_on_main
 from ..core.extract import ConditionStats, Extractor, PairedStats
 from .forecast import ForecastSetup, inference_mode
 from .recheck import Recheck
@@ -147,12 +146,11 @@ class Monitor:
             tokens = sum(sum(counted) for _, counted in unique)
             # said once, by the main process (every rank keeps the same sample). The wording fits both uses: a
             # target's held-out set (a loss change) and the training probe (the latents' shift, no loss change)
-            if is_main_process():
-                warnings.warn(f"{corpus.name!r}: {len(sequences) - len(unique)} of the {len(sequences)} texts sampled "
-                              "to measure it are exact copies of others; each is measured once (counted as separate "
-                              "texts, copies would weigh their text more in the re-checks' measurements, and make a "
-                              "held-out set's loss change look more precise than it is). De-duplicate the data to "
-                              "measure more texts.", STSDataWarning, stacklevel=2)
+            warn_on_main(f"{corpus.name!r}: {len(sequences) - len(unique)} of the {len(sequences)} texts sampled "
+                         "to measure it are exact copies of others; each is measured once (counted as separate "
+                         "texts, copies would weigh their text more in the re-checks' measurements, and make a "
+                         "held-out set's loss change look more precise than it is). De-duplicate the data to "
+                         "measure more texts.", STSDataWarning, stacklevel=2)
         return unique, tokens
 
     def _extractor(self, model: nn.Module) -> Extractor:

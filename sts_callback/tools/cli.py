@@ -14,7 +14,7 @@ from .. import __version__
 from ..core.atomic import check_writable_folder, output_target
 from ..core.config import DEFAULT_SIGNED, device_problem
 from ..core.data import named_items, repeated_names
-from ..core.errors import STSConfigError, STSError, STSInputError
+from ..core.errors import STSConfigError, STSError, STSInputError, first_line
 from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE
 
 EXAMPLE_CONFIG = """\
@@ -177,9 +177,8 @@ def load_model(spec: str, device: str | None = None, dtype: str | None = None):
                                                                     dtype=_torch_dtype(dtype))
                 tokenizer = _processor_or(spec, tokenizer)
         except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: weights cut short
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise STSInputError(
-                f"Could not load model {spec!r} ({first_line}). Pass a local Hugging Face folder (config.json and "
+                f"Could not load model {spec!r} ({first_line(err)}). Pass a local Hugging Face folder (config.json and "
                 "weights, as save_pretrained writes), a hub name already in the cache (offline: HF_HUB_OFFLINE=1), "
                 "or gemma-3-270m.") from err
     if device:

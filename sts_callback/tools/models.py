@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..core.errors import STSInputError
+from ..core.errors import STSInputError, first_line
 from ..core.sae import check_readable
 from .cache import build_once
 
@@ -87,9 +87,8 @@ def load_gemma3_270m(cache_dir: str | Path | None = None):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError, SafetensorError) as err:  # a file cut short by a full disk or a killed copy
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise STSInputError(f"The cached Gemma 3 270M in {folder} cannot be loaded ({type(err).__name__}: "
-                            f"{first_line}): the cache entry is damaged. Delete {folder} and the next run rebuilds "
-                            "it.") from err
+                            f"{first_line(err)}): the cache entry is damaged (or this transformers cannot read it). "
+                            f"Delete {folder} and the next run rebuilds it.") from err
     model.eval()
     return model, tokenizer

@@ -27,10 +27,10 @@ from ..core.capture import ResidualCapture, max_positions, num_layers, unwrap_mo
 from ..core.config import settings_from_dict
 from ..core.data import text_tokenizer
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.sae import SAE_FOLDER_FILES
 from ..core.torch_utils import model_device
 
 REPORT_FILENAME = "training_report.json"
-SAE_SAVED_FILES = ("cfg.json", "sae_weights.safetensors")  # what sae-lens' save_inference_model writes
 # Fewest tokens the FVU is measured on: it divides by their variance around their own mean, which fewer rows
 # estimate too poorly (1 row: 0, so NaN).
 MIN_EVAL_TOKENS = 10
@@ -524,7 +524,7 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
         folder = Path(output_dir) if output_dir is not None else Path(tmp)
         training_sae.save_inference_model(folder)
         if output_dir is not None:  # safetensors writes 0600: others could not read a shared SAE
-            give_new_file_modes(folder, SAE_SAVED_FILES)
+            give_new_file_modes(folder, SAE_FOLDER_FILES)  # what save_inference_model writes
         sae = SAE.load_from_disk(str(folder), device=device)
     sae.eval()
     metrics = evaluate_sae(sae, eval_acts.to(device))
