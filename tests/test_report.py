@@ -604,3 +604,15 @@ def test_the_timeline_charts_the_forecasts_score_when_the_first_domain_lacks_it(
     assert data.recheck_variant() == "sts_icl"
     html_path, _ = write_report(sts)  # draws the timeline without the one-text domain's STS_act
     assert html_path.exists()
+
+
+def test_the_report_says_what_the_shift_was_measured_on_and_what_it_leaves_out(tmp_path):
+    sts = tmp_path / "sts"
+    forecast = synthetic_forecast(["law", "food"])
+    forecast.settings.update({"shift": "chosen_vs_rejected", "left_out": "the log-likelihood of the reference answers"})
+    forecast.save(sts / "forecast.json")
+    html_path, md_path = write_report(tmp_path)
+    page, md = html_path.read_text(), md_path.read_text()
+    for text in (page, md):  # not "in-context estimate": a preference run's latents come from its pairs
+        assert "chosen minus rejected completions" in text and "left out: the log-likelihood" in text
+    assert "in-context estimate" not in page

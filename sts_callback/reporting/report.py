@@ -718,6 +718,25 @@ def _num(value: Any, digits: int = 4) -> str:
     return "\x00" + esc(_fmt(value, digits))
 
 
+# What each shift measures, as the report says it (Forecast.settings["shift"]).
+SHIFT_LABELS = {
+    "in_context": "the training data's answers in context (in-context estimate)",
+    "chosen_vs_rejected": "chosen minus rejected completions",
+    "reward_weighted": "the policy's rollouts, high minus low reward",
+    "reward_filtered": "the policy's above-mean rollouts in context",
+    "teacher_completions": "the teacher's completions in context",
+    "teacher_vs_student": "the teacher's minus the student's completions",
+}
+
+
+def shift_label(forecast: dict[str, Any]) -> str:
+    """What the forecast's shift was measured on, and any term of the trainer's loss it leaves out."""
+    settings = forecast.get("settings") or {}
+    kind = settings.get("shift", "in_context")
+    label = SHIFT_LABELS.get(kind, kind)
+    return label + (f"; left out: {settings['left_out']}" if settings.get("left_out") else "")
+
+
 def _header(data: ReportData) -> str:
     s = data.settings
     config = s.get("config") or {}
@@ -726,6 +745,7 @@ def _header(data: ReportData) -> str:
              ("probe tokens", f"{f.get('shift_tokens', '–')} ({f.get('shift_queries', '–')} queries)"),
              ("domain tokens", config.get("domain_tokens", "–")),
              ("shifted latents N", len(f.get("shifted_latents", [])) or "–"),
+             ("shift", shift_label(f) if f else "–"),
              ("variant", LABELS.get(data.variant or "", data.variant or "–"))]
     meta = "".join(f"<span><b>{esc(k)}</b> {esc(v)}</span>" for k, v in items)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
@@ -952,7 +972,7 @@ def _latents_section(data: ReportData) -> str:
             if len(latents) > MAX_LATENTS_WITH_CONTEXTS else "")
     np_note = "" if np_id else " The SAE has no Neuronpedia id, so no Neuronpedia links."
     return (f'<section id="latents"><h2>The shifted latents</h2><p class="muted">The {len(latents)} SAE latents the '
-            "training data shifts most (in-context estimate), with their top-activating contexts (activation, a few "
+            f"training shifts most ({esc(shift_label(f))}), with their top-activating contexts (activation, a few "
             f"tokens either side, the activating token highlighted) from the training probe and each target domain. "
             f"{esc(note)}{esc(np_note)}</p>{''.join(blocks)}</section>")
 
@@ -1076,7 +1096,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
     if data.forecast is not None:
         lines.append(f"Model `{md_esc(s.get('model', '?'))}`, SAE {md_esc(data.describe_sae())}, layer "
                      f"{md_esc(s.get('layer', '?'))}, {md_esc(data.forecast.get('shift_tokens'))} probe tokens, "
-                     f"N = {len(data.forecast.get('shifted_latents', []))} shifted latents.")
+                     f"N = {len(data.forecast.get('shifted_latents', []))} shifted latents; shift: "
+                     f"{md_esc(shift_label(data.forecast))}.")
         lines.append("")
     predicted = data.predicted()
     if predicted:
