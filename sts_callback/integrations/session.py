@@ -817,11 +817,13 @@ class STSSession:
         except Exception as err:  # noqa: BLE001 - a report must never kill a training run
             if self.strict:
                 raise
-            message = f"STS report at step {step} was not written ({type(err).__name__}: {err})"
+            message = (f"STS report at step {step} was not written ({type(err).__name__}: {err}); later failures of "
+                       "the report are recorded in write_errors without a warning.")
             self.write_errors.append({"step": step, "what": f"the report in {self.store.root}",
                                       "error": f"{type(err).__name__}: {err}"})
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            log_warning(message)
+            if self.guard.first_time(f"report_failed:{type(err).__name__}"):  # rewritten at each re-check and the end
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                log_warning(message)
             return None
 
 
