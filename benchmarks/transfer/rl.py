@@ -170,6 +170,12 @@ RUNS = {
     # the source's prompts (the cross pairs of the sixth round).
     **{f"distill-{source}-from-{teacher}": {"kind": "distill", "source": source, "teacher_domain": teacher}
        for source, teacher in (("legal", "python_code"), ("python_code", "legal"))},
+    # The same with 48-token completions after 16-token prompts (registered before running: in the first two the
+    # teacher's 16 tokens after 32-token prompts forecast as the plain demonstrations did; with the completions
+    # three times the prompts, the teacher's forecasts should part from the plain demonstrations and order better).
+    **{f"distill-{source}-from-{teacher}-long": {"kind": "distill", "source": source, "teacher_domain": teacher,
+                                                 "size": "long"}
+       for source, teacher in (("legal", "python_code"), ("python_code", "legal"))},
 }
 # LoRA as the units' recipe (r=8, alpha 16, q/v). GRPO: 2 prompts x 4 completions a step (TRL's batch counts
 # completions), temperature 1, no KL term (TRL's default beta=0), constant lr.
@@ -197,6 +203,7 @@ GRPO = {
 DISTILL = {"teacher_steps": 24, "teacher_batch": 4, "teacher_lr": 1e-3, "teacher_tokens": 128, "steps": 24,
            "per_device_train_batch_size": 8, "max_completion_length": 16, "learning_rate": 1e-3, "temperature": 1.0,
            "prompt_tokens": 32, "reference_tokens": 48, "prompts": 256}
+DISTILL_SIZES = {"default": DISTILL, "long": {**DISTILL, "max_completion_length": 48, "prompt_tokens": 16}}
 DPO = {"steps": 12, "per_device_train_batch_size": 2, "learning_rate": 5e-4, "beta": 0.1, "prompt_tokens": 32,
        "completion_tokens": 48, "pairs": 256}
 # The callback: the units' held-out budget; re-checks at the middle and the end (each measures 11 x 512 held-out
@@ -224,10 +231,12 @@ ARITHMETIC_PREFIX = "2 + 3 = 5\n6 + 1 = 7\n4 + 4 = 8\n"
 
 def sizes(smoke: bool) -> dict[str, Any]:
     grpo = {task: dict(values) for task, values in GRPO.items()}
-    dpo, callback, distill = dict(DPO), dict(CALLBACK), dict(DISTILL)
+    dpo, callback = dict(DPO), dict(CALLBACK)
+    distill = {size: dict(values) for size, values in DISTILL_SIZES.items()}
     forecast = {**units.FORECAST, **ROLLOUT}
     if smoke:
-        distill.update(SMOKE["distill"])
+        for values in distill.values():
+            values.update(SMOKE["distill"])
         for values in grpo.values():
             values.update(SMOKE["grpo"])
         for task in ("keywords", "keywords_long"):
@@ -679,7 +688,7 @@ def run_distill(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, ca
     from sts_callback.pipelines.distillation import distillation_forecast
 
     t_start = time.perf_counter()
-    source, s = spec["source"], sz["distill"]
+    source, s = spec["source"], sz["distill"][spec.get("size", "default")]
     train_texts, targets = units.split(source, texts)
     print(f"   teacher: {s['teacher_steps']} SFT steps on {spec['teacher_domain']} ...", flush=True)
     teacher, teacher_info = make_teacher(model, tokenizer, texts[spec["teacher_domain"]][0::2], s,
@@ -690,7 +699,9 @@ def run_distill(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, ca
                     "max_completion_length": s["max_completion_length"], "learning_rate": s["learning_rate"],
                     "temperature": s["temperature"], "top_k": 0}
     settings = {k: trainer_args[k] for k in ("max_completion_length", "temperature", "top_k")}
-    config = STSConfig(**sz["forecast"])
+    # STS samples completions as long as the trainer's (ROLLOUT's 16-token cap would cut the long runs')
+    config = STSConfig(**{**sz["forecast"], "rollout_max_tokens": max(sz["forecast"]["rollout_max_tokens"],
+                                                                       s["max_completion_length"])})
     seconds = {"data_and_teacher": time.perf_counter() - t_start}
     forecasts = {}
     with cache.active():
@@ -718,14 +729,15 @@ def run_distill(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, ca
 
 
 def timed_forecast(variant: str, call) -> dict[str, Any]:
-    """One forecast variant, timed; a refusal (e.g. rewards without signal: STSInputError) is recorded, not raised."""
-    from sts_callback import STSInputError
+    """One forecast variant, timed; a refusal (e.g. rewards without signal: STSInputError; a teacher that writes as
+    the student: STSNumericalError) is recorded, not raised."""
+    from sts_callback import STSInputError, STSNumericalError
 
     print(f"   forecast {variant} ...", flush=True)
     t0 = time.perf_counter()
     try:
         return forecast_record(call(), time.perf_counter() - t0)
-    except STSInputError as err:
+    except (STSInputError, STSNumericalError) as err:
         print(f"   forecast {variant} refused: {err}", flush=True)
         return {"error": f"{type(err).__name__}: {err}", "seconds": time.perf_counter() - t0}
 
