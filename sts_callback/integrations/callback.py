@@ -606,12 +606,12 @@ class STSCallback(TrainerCallback, ExportableState):
             return
         session.probe_source = fresh_rollout_probe(trainer, data, session.setup, session.settings.recheck_tokens)
         if session.probe_source is None:
-            rl = is_rl(trainer)
-            what, fix = (("RL run", "e.g. GRPO with beta=0"), "Train with PEFT, or beta > 0,") if rl else \
-                (("distillation", "the trainer keeps no copy of the student's starting weights"), "Train with PEFT")
-            session.warn("fresh_probe", f"STS: this {what[0]} is a full fine-tune without a reference model "
-                         f"({what[1]}), so the base residuals of new completions cannot be computed: re-checks use "
-                         f"the train-start rollouts as their probe. {fix} for fresh completions at each re-check; "
+            run, why, fix = (("RL run", "e.g. GRPO with beta=0", "Train with PEFT, or beta > 0,") if is_rl(trainer)
+                             else ("distillation", "the trainer keeps no copy of the student's starting weights",
+                                   "Train with PEFT"))
+            session.warn("fresh_probe", f"STS: this {run} is a full fine-tune without a reference model ({why}), so "
+                         "the base residuals of new completions cannot be computed: re-checks use the train-start "
+                         f"rollouts as their probe. {fix} for fresh completions at each re-check; "
                          "fresh_rollouts=False silences this.", STSDataWarning)
 
     # ------------------------------------------------------------------ during training

@@ -36,8 +36,8 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
 from ..pipelines.preference import Truncation, completion_sequence, run_preference_forecast
 from ..pipelines.monitor import peft_model_of
-from ..pipelines.distillation import DISTILLATION_SHIFTS, distillation_settings, run_distillation_forecast, \
-    sample_completions
+from ..pipelines.distillation import (DISTILLATION_SHIFTS, distillation_settings, run_distillation_forecast,
+                                     sample_teacher_and_student)
 from ..pipelines.rollouts import (RolloutSettings, Rollouts, completion_budget, draw_prompts, is_reward_model,
                                   prompt_records, reward_func_list, run_rollout_forecast, sample_rollouts)
 
@@ -158,11 +158,8 @@ def trainer_distillation_rollouts(trainer: Any, data: Any, setup: ForecastSetup,
                                   ) -> tuple[Rollouts, Rollouts]:
     """The teacher's and the student's completions of the forecast's seeded draw of the training prompts, with the
     trainer's generation settings (the same on every rank)."""
-    settings = distillation_settings(trainer.args)
-    tokenizer = setup.builder.tokenizer
-    models = ((teacher_of(trainer), "teacher"), (setup.model, "student"))
-    return tuple(sample_completions(model, tokenizer, data, setup.config, settings, setup.builder, progress=progress,
-                                    who=who) for model, who in models)
+    return sample_teacher_and_student(setup, teacher_of(trainer), data, distillation_settings(trainer.args),
+                                      progress=progress)
 
 
 def rollout_probe(rollouts: Rollouts, setup: ForecastSetup, budget: int) -> list[TokenSequence]:

@@ -47,11 +47,15 @@ def distillation_settings(args: Any) -> RolloutSettings:
     return RolloutSettings.from_args(SimpleNamespace(**{**vars(args), "num_generations": generations}))
 
 
-def sample_completions(model: nn.Module, tokenizer, prompts: Any, config: STSConfig, settings: RolloutSettings,
-                       builder: PromptBuilder, *, progress: bool = False, who: str = "teacher") -> Rollouts:
-    """``model``'s unscored completions of the forecast's seeded draw of ``prompts`` (the same on every rank)."""
-    return sample_rollouts(model, tokenizer, prompts, None, config, settings, progress=progress, builder=builder,
-                           score=False, desc=f"STS {who} completions")
+def sample_teacher_and_student(setup: ForecastSetup, teacher: nn.Module, prompts: Any, settings: RolloutSettings,
+                               *, progress: bool = False) -> tuple[Rollouts, Rollouts]:
+    """The teacher's and the student's (``setup.model``) unscored completions of the forecast's seeded draw of
+    ``prompts``, with the same settings (the same on every rank)."""
+    teacher_rollouts, student_rollouts = (
+        sample_rollouts(model, setup.builder.tokenizer, prompts, None, setup.config, settings, progress=progress,
+                        builder=setup.builder, score=False, desc=f"STS {who} completions")
+        for model, who in ((teacher, "teacher"), (setup.model, "student")))
+    return teacher_rollouts, student_rollouts
 
 
 def teacher_demonstrations(teacher: Rollouts) -> list[dict[str, Any]]:
@@ -133,15 +137,12 @@ def distillation_forecast(model: nn.Module, teacher: nn.Module, tokenizer, sae: 
     setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration)
     domains = load_domains(targets)
     records = prompt_records(prompts)
-    generation = distillation_settings(settings)
-    teacher_rollouts = sample_completions(teacher, setup.builder.tokenizer, records, setup.config, generation,
-                                          setup.builder, progress=progress)
-    student_rollouts = sample_completions(model, setup.builder.tokenizer, records, setup.config, generation,
-                                          setup.builder, progress=progress, who="student")
+    teacher_rollouts, student_rollouts = sample_teacher_and_student(setup, teacher, records,
+                                                                    distillation_settings(settings), progress=progress)
     result = run_distillation_forecast(setup, shift, load_corpus(records, name="train"), teacher_rollouts,
                                        student_rollouts, domains, progress=progress, start=start).forecast
     return result.apply_calibration(calibration) if calibration is not None else result
 
 
 __all__ = ["DISTILLATION_SHIFTS", "distillation_forecast", "distillation_settings", "run_distillation_forecast",
-           "sample_completions", "teacher_contrast_units", "teacher_demonstrations"]
+           "sample_teacher_and_student", "teacher_contrast_units", "teacher_demonstrations"]
