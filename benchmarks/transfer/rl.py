@@ -626,19 +626,15 @@ def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache
                     **({"beta": s["beta"]} if "beta" in s else {})}  # TRL's default beta=0: no KL term
     config = STSConfig(**sz["forecast"])
     seconds = {"data": time.perf_counter() - t_start}
-    forecasts = {}
-    with cache.active():
-        for variant, call in (
-                ("reward_weighted", lambda: rollout_forecast(model, tokenizer, sae_path, rows, funcs, targets, config,
-                                                             settings=trainer_args_settings(trainer_args),
-                                                             shift="reward_weighted")),
-                ("reward_filtered", lambda: rollout_forecast(model, tokenizer, sae_path, rows, funcs, targets, config,
-                                                             settings=trainer_args_settings(trainer_args),
-                                                             shift="demonstrations")),
-                ("plain_demonstrations", lambda: sft_forecast(model, tokenizer, sae_path, built["references"],
-                                                              targets, config))):
-            forecasts[variant] = timed_forecast(variant, call)
-            seconds[f"forecast/{variant}"] = forecasts[variant]["seconds"]
+    forecasts = forecasts_before_training(cache, (
+        ("reward_weighted", lambda: rollout_forecast(model, tokenizer, sae_path, rows, funcs, targets, config,
+                                                     settings=trainer_args_settings(trainer_args),
+                                                     shift="reward_weighted")),
+        ("reward_filtered", lambda: rollout_forecast(model, tokenizer, sae_path, rows, funcs, targets, config,
+                                                     settings=trainer_args_settings(trainer_args),
+                                                     shift="demonstrations")),
+        ("plain_demonstrations", lambda: sft_forecast(model, tokenizer, sae_path, built["references"], targets,
+                                                      config))), seconds)
     print(f"   training {trainer_args['max_steps']} GRPO steps ...", flush=True)
     cb, log, seconds["train_with_callback"], measured_precise = train(
         "grpo", model, tokenizer, sae_path, rows, targets, config, sz["callback"], trainer_args, funcs, cache,
@@ -703,16 +699,12 @@ def run_distill(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, ca
     config = STSConfig(**{**sz["forecast"], "rollout_max_tokens": max(sz["forecast"]["rollout_max_tokens"],
                                                                        s["max_completion_length"])})
     seconds = {"data_and_teacher": time.perf_counter() - t_start}
-    forecasts = {}
-    with cache.active():
-        for variant, call in (
-                *((shift, lambda shift=shift: distillation_forecast(model, teacher, tokenizer, sae_path, rows, targets,
-                                                                     config, settings=settings, shift=shift))
-                  for shift in ("teacher_completions", "teacher_vs_student")),
-                ("plain_demonstrations", lambda: sft_forecast(model, tokenizer, sae_path, built["references"],
-                                                              targets, config))):
-            forecasts[variant] = timed_forecast(variant, call)
-            seconds[f"forecast/{variant}"] = forecasts[variant]["seconds"]
+    forecasts = forecasts_before_training(cache, (
+        *((shift, lambda shift=shift: distillation_forecast(model, teacher, tokenizer, sae_path, rows, targets, config,
+                                                             settings=settings, shift=shift))
+          for shift in ("teacher_completions", "teacher_vs_student")),
+        ("plain_demonstrations", lambda: sft_forecast(model, tokenizer, sae_path, built["references"], targets,
+                                                      config))), seconds)
     print(f"   training {trainer_args['max_steps']} distillation steps ...", flush=True)
     cb, log, seconds["train_with_callback"], measured_precise = train(
         "distill", model, tokenizer, sae_path, rows, targets, config, sz["callback"], trainer_args, None, cache,
@@ -726,6 +718,17 @@ def run_distill(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, ca
     del teacher
     return finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, trajectory,
                   {"distillation_loss": quarters(losses)}, seconds, t_start, extra, measured_precise)
+
+
+def forecasts_before_training(cache: DomainCache, calls, seconds: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Each ``(variant, call)`` forecast of the base model, timed (:func:`timed_forecast`) with the domain cache on;
+    its seconds go into ``seconds`` as ``forecast/<variant>``."""
+    forecasts = {}
+    with cache.active():
+        for variant, call in calls:
+            forecasts[variant] = timed_forecast(variant, call)
+            seconds[f"forecast/{variant}"] = forecasts[variant]["seconds"]
+    return forecasts
 
 
 def timed_forecast(variant: str, call) -> dict[str, Any]:
@@ -761,12 +764,10 @@ def run_dpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache:
                     "max_length": s["prompt_tokens"] + s["completion_tokens"] + 16}
     config = STSConfig(**sz["forecast"])
     seconds = {"data": time.perf_counter() - t_start}
-    forecasts = {}
-    with cache.active():
-        for variant in ("chosen_vs_rejected", "in_context"):
-            forecasts[variant] = timed_forecast(variant, lambda shift=variant: preference_forecast(
-                model, tokenizer, sae_path, pairs, targets, config, shift=shift))
-            seconds[f"forecast/{variant}"] = forecasts[variant]["seconds"]
+    forecasts = forecasts_before_training(cache, (
+        (shift, lambda shift=shift: preference_forecast(model, tokenizer, sae_path, pairs, targets, config,
+                                                        shift=shift))
+        for shift in ("chosen_vs_rejected", "in_context")), seconds)
     print(f"   training {trainer_args['max_steps']} DPO steps ...", flush=True)
     cb, log, seconds["train_with_callback"], measured_precise = train(
         "dpo", model, tokenizer, sae_path, pairs, targets, config, sz["callback"], trainer_args, None, cache,
