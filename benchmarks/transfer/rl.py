@@ -715,7 +715,6 @@ def run_distill(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, ca
     losses = [e["loss"] for e in trajectory if "loss" in e]
     extra = {"teacher": {"domain": spec["teacher_domain"], **teacher_info}, "prompts": len(rows),
              "example_prompt": rows[0]["prompt"]}
-    del teacher
     return finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, trajectory,
                   {"distillation_loss": quarters(losses)}, seconds, t_start, extra, measured_precise)
 
