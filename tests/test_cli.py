@@ -692,3 +692,133 @@ def test_a_disk_that_fills_during_the_forecast_is_a_one_line_error_after_the_tab
     assert err.startswith("sts: error: "), err
     assert f"Cannot write the forecast to {output} (No space left on device)" in err and "table above" in err
     assert not output.exists()
+
+
+# ------------------------------------------------------------- preference, RL and distillation forecasts from a config
+REWARDS = '''
+def length_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def training_kinds(workspace):
+    """Preference pairs, prompts, a reward file and a teacher (other weights, the same tokenizer) beside the
+    workspace's model."""
+    law, food = domain_texts("law", 12), domain_texts("food", 12)
+    (workspace / "pairs.jsonl").write_text("\n".join(
+        json.dumps({"prompt": " ".join(a.split()[:4]), "chosen": " " + " ".join(a.split()[4:]), "rejected": " " + b})
+        for a, b in zip(law, food)))
+    (workspace / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": t[:20]}) for t in law))
+    (workspace / "rewards.py").write_text(REWARDS)
+    make_model("llama", seed=1).save_pretrained(workspace / "teacher")
+    make_tokenizer().save_pretrained(workspace / "teacher")
+    return workspace
+
+
+def offline(config_path, function, *args, **kwargs):
+    """The offline API's forecast of the config's model, SAE and targets (read as the command reads them)."""
+    from sts_callback.core.config import STSConfig
+    from sts_callback.tools.cli import load_model
+
+    config = yaml.safe_load(Path(config_path).read_text())
+    model, tokenizer = load_model(config["model"])
+    return function(model, tokenizer, config["sae"], *args, config["targets"],
+                    STSConfig.from_dict(config["options"]), **kwargs)
+
+
+def test_forecast_of_preference_pairs_is_the_dpo_callbacks_chosen_vs_rejected(training_kinds, tmp_path, capsys):
+    from sts_callback.pipelines.preference import preference_forecast
+
+    out = tmp_path / "forecast.json"
+    config = write_config(training_kinds, train_data=str(training_kinds / "pairs.jsonl"), output=str(out))
+    assert main(["forecast", str(config), "--no-progress"]) == 0
+    assert "shift: chosen minus rejected completions (shift: auto)" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["shift"] == "chosen_vs_rejected"  # before: the chosen answers read as SFT data
+    expected = offline(config, preference_forecast, str(training_kinds / "pairs.jsonl"))
+    scores = {name: d["scores"]["sts_icl"] for name, d in saved["domains"].items()}
+    assert scores == pytest.approx(dict(expected.ranked("sts_icl")), rel=1e-5)
+    # the SFT-style reading of the same pairs when asked for
+    assert main(["forecast", str(config), "--no-progress", "--shift", "in_context"]) == 0
+    assert json.loads(out.read_text())["settings"].get("shift", "in_context") == "in_context"
+
+
+def test_forecast_with_reward_functions_samples_scored_rollouts(training_kinds, tmp_path, capsys):
+    from sts_callback.pipelines.rollouts import rollout_forecast
+    from sts_callback.tools.python_objects import import_object
+
+    out = tmp_path / "forecast.json"
+    settings = {"num_generations": 2, "max_completion_length": 6, "temperature": 1.2}
+    options = {"n_shifted": 8, "shift_tokens": 150, "domain_tokens": 80, "rollout_prompts": 4}
+    config = write_config(training_kinds, train_data=str(training_kinds / "prompts.jsonl"), output=str(out),
+                          reward_funcs=[f"{training_kinds / 'rewards.py'}:length_reward"], settings=settings,
+                          options=options)
+    assert main(["forecast", str(config), "--no-progress"]) == 0
+    assert "shift: the policy's rollouts, high minus low reward" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["shift"] == "reward_weighted"
+    rollouts = saved["settings"]["rollouts"]
+    assert rollouts["prompts"] == 4 and rollouts["temperature"] == 1.2 and rollouts["max_completion_length"] == 6
+    reward = import_object(f"{training_kinds / 'rewards.py'}:length_reward", "reward")
+    expected = offline(config, rollout_forecast, str(training_kinds / "prompts.jsonl"), [reward], settings=settings)
+    scores = {name: d["scores"]["sts_icl"] for name, d in saved["domains"].items()}
+    assert scores == pytest.approx(dict(expected.ranked("sts_icl")), rel=1e-5)
+
+
+@pytest.mark.parametrize("shift", ["teacher_completions", "teacher_vs_student"])
+def test_forecast_with_a_teacher_samples_its_completions(training_kinds, tmp_path, capsys, shift):
+    from sts_callback.pipelines.distillation import distillation_forecast
+    from sts_callback.tools.cli import load_model
+
+    out = tmp_path / "forecast.json"
+    settings = {"max_completion_length": 6}
+    options = {"n_shifted": 8, "shift_tokens": 150, "domain_tokens": 80, "rollout_prompts": 4}
+    config = write_config(training_kinds, train_data=str(training_kinds / "prompts.jsonl"), output=str(out),
+                          teacher=str(training_kinds / "teacher"), settings=settings, options=options,
+                          shift=None if shift == "teacher_completions" else shift)
+    assert main(["forecast", str(config), "--no-progress"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["shift"] == shift and saved["settings"]["distillation"]["prompts"] == 4
+    teacher, _ = load_model(str(training_kinds / "teacher"))
+    expected = offline(config, lambda model, *rest, **kw: distillation_forecast(model, teacher, *rest, **kw),
+                       str(training_kinds / "prompts.jsonl"), settings=settings, shift=shift)
+    scores = {name: d["scores"]["sts_icl"] for name, d in saved["domains"].items()}
+    assert scores == pytest.approx(dict(expected.ranked("sts_icl")), rel=1e-5)
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"reward_funcs": ["no_such_module_xyz:reward"]}, "module 'no_such_module_xyz' cannot be imported"),
+    ({"reward_funcs": ["{root}/rewards.py:lenght_reward"]}, "has no 'lenght_reward'"),
+    ({"reward_funcs": ["{root}/missing.py:reward"]}, "does not exist"),
+    ({"reward_funcs": ["length_reward"]}, "name it as 'package.module:name'"),
+    ({"reward_funcs": ["{root}/rewards.py:REWARDS_MISSING"]}, "has no"),
+    ({"shift": "teacher_vs_student"}, "gives no `teacher:`"),
+    ({"shift": "reward_weighted"}, "gives no `reward_funcs:`"),
+    ({"shift": "chosen_vs_rejected"}, "needs preference data"),
+    ({"shift": "dpo"}, "shift='dpo': use one of"),
+    ({"teacher": "{root}/teacher", "reward_funcs": ["{root}/rewards.py:length_reward"]}, "not both"),
+    ({"teacher": "{root}/no_teacher_here"}, "does not exist"),
+    ({"reward_funcs": ["{root}/rewards.py:length_reward"], "settings": {"num_generation": 4}},
+     "Unknown rollout setting(s) ['num_generation']"),
+    ({"train_data": "{root}/pairs.jsonl", "settings": {"max_lenght": 64}}, "Unknown preference setting(s)"),
+    ({"settings": {"temperature": 1.0}}, "Leave `settings:` out"),
+])
+def test_training_kind_mistakes_are_one_line_errors_before_the_model_loads(training_kinds, capsys, no_model,
+                                                                            changes, named):
+    changes = json.loads(json.dumps(changes).replace("{root}", str(training_kinds)))
+    assert main(["forecast", str(write_config(training_kinds, **changes)), "--no-progress"]) == 2
+    assert named in one_line_error(capsys)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(training_kinds, tmp_path, capsys):
+    make_model("llama", vocab_size=140, seed=2).save_pretrained(tmp_path / "other")
+    other = make_tokenizer()
+    other.add_tokens(["<extra>"])
+    other.save_pretrained(tmp_path / "other")
+    config = write_config(training_kinds, train_data=str(training_kinds / "prompts.jsonl"),
+                          teacher=str(tmp_path / "other"), output=str(tmp_path / "forecast.json"))
+    capsys.readouterr()
+    assert main(["forecast", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars of the loads
+    assert err.startswith("sts: error: The teacher's tokenizer") and "must share the tokenizer" in err

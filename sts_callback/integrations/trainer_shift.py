@@ -1,22 +1,9 @@
-"""Which shift of the SAE latents a trainer's training pushes, read from the trainer: SFT, preference, or RL.
+"""The shift of the SAE latents a trainer's training pushes (the rule and the shifts:
+:mod:`~sts_callback.pipelines.shifts`), read from the trainer: its reward functions, teacher, data and settings.
 
-- ``"in_context"``: the data's answers as in-context demonstrations before its prompts (SFT; the default when the
-  data have answers or ``demonstrations=`` is given);
-- ``"chosen_vs_rejected"``: preference data (DPO and kin): chosen minus rejected completions of the same prompt;
-- ``"reward_filtered"``: RL (GRPO and kin): the policy's own rollouts, scored by the trainer's reward functions,
-  the above-mean ones as in-context demonstrations before the prompts;
-- ``"reward_weighted"``: RL: the advantage-weighted difference of high- and low-reward rollouts' latents;
-- ``"teacher_completions"``: distillation (a trainer with a ``teacher_model``): the teacher's sampled completions of
-  the prompts as in-context demonstrations; ``"teacher_vs_student"``: the teacher's completions' latents minus the
-  student's (:mod:`~sts_callback.pipelines.distillation`).
-
-``"auto"`` picks by the trainer: reward functions -> ``reward_weighted`` (unless ``demonstrations=`` are given; it
-ordered the other domains best on the KL-held GRPO runs of ``benchmarks/transfer/rl.py``, also on runs made after it
-was preferred), preference columns -> ``chosen_vs_rejected``, a teacher -> ``teacher_completions`` (unless
-``demonstrations=`` are given: the teacher's distribution is what training matches, even on data with answers),
-otherwise ``in_context``. Under RL and distillation the policy's (student's) rollouts
-also become the re-check probe (:func:`rollout_probe`): the shift is measured on what the policy writes, and each
-re-check samples the current policy's completions of fresh prompts (:func:`fresh_rollout_probe`).
+Under RL and distillation the policy's (student's) rollouts also become the re-check probe (:func:`rollout_probe`):
+the shift is measured on what the policy writes, and each re-check samples the current policy's completions of fresh
+prompts (:func:`fresh_rollout_probe`).
 """
 
 from __future__ import annotations
@@ -32,7 +19,7 @@ from typing import Any
 import torch
 
 from ..core.data import Corpus, TokenSequence, load_corpus
-from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.errors import STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
 from ..pipelines.preference import Truncation, completion_sequence, run_preference_forecast
 from ..pipelines.monitor import peft_model_of
@@ -40,49 +27,15 @@ from ..pipelines.distillation import (DISTILLATION_SHIFTS, distillation_settings
                                      sample_teacher_and_student)
 from ..pipelines.rollouts import (RolloutSettings, Rollouts, completion_budget, draw_prompts, is_reward_model,
                                   prompt_records, reward_func_list, run_rollout_forecast, sample_rollouts)
-
-SHIFTS = ("auto", "in_context", "chosen_vs_rejected", "reward_filtered", "reward_weighted", *DISTILLATION_SHIFTS)
-PREFERENCE_COLUMNS = ({"chosen", "rejected"}, {"chosen_ids", "rejected_ids"})
-
-
-def check_shift(shift: str) -> str:
-    if shift not in SHIFTS:
-        raise STSConfigError(f"shift={shift!r}: use one of {SHIFTS} ('auto' picks by the trainer).")
-    return shift
-
-
-def _columns(data: Any) -> set[str]:
-    names = getattr(data, "column_names", None)
-    if names is not None:
-        return set(names)
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict):
-        return set(data[0])
-    return set()
+from ..pipelines.shifts import RL_SHIFTS, SHIFTS, check_shift, choose_shift, data_columns
 
 
 def resolve_shift(shift: str, trainer: Any, data: Any, has_demonstrations: bool) -> str:
-    """The shift to forecast with; an explicit choice the trainer or data cannot serve is an error now."""
-    rl = is_rl(trainer)
-    preference = any(columns <= _columns(data) for columns in PREFERENCE_COLUMNS)
-    if shift == "auto":
-        if rl and not has_demonstrations:
-            return "reward_weighted"
-        if preference:
-            return "chosen_vs_rejected"
-        return "teacher_completions" if teacher_of(trainer) is not None and not has_demonstrations else "in_context"
-    if shift in DISTILLATION_SHIFTS and teacher_of(trainer) is None:
-        raise STSConfigError(f"shift={shift!r} needs a distillation trainer with a teacher (trainer.teacher_model, "
-                             f"e.g. TRL's DistillationTrainer); this is a {type(trainer).__name__}. Use shift='auto'.")
-    if shift in ("reward_filtered", "reward_weighted") and not rl:
-        raise STSConfigError(f"shift={shift!r} needs an RL trainer with reward functions (trainer.reward_funcs, "
-                             f"e.g. TRL's GRPOTrainer); this is a {type(trainer).__name__}. Use shift='auto'.")
-    if shift == "chosen_vs_rejected" and not preference:
-        raise STSConfigError(f"shift='chosen_vs_rejected' needs preference data with 'chosen' and 'rejected' "
-                             f"columns; the training data has {sorted(_columns(data))}. Use shift='auto'.")
-    return shift
+    """The shift to forecast with for ``trainer`` (:func:`~sts_callback.pipelines.shifts.choose_shift`)."""
+    return choose_shift(shift, data, rl=is_rl(trainer), teacher=teacher_of(trainer) is not None,
+                        has_demonstrations=has_demonstrations, where=f"this is a {type(trainer).__name__}")
 
 
-RL_SHIFTS = ("reward_filtered", "reward_weighted")
 ROLLOUT_SHIFTS = (*RL_SHIFTS, *DISTILLATION_SHIFTS)  # sampled at train start; the policy's rollouts are the probe
 
 
@@ -141,7 +94,7 @@ def likelihood_term(trainer: Any) -> str | None:
 def rollout_data(train_probe: Any, trainer: Any) -> Any:
     """The prompts an RL run's rollouts are drawn from: ``train_probe`` when it holds prompts (a ``prompt`` column,
     with the columns the reward functions read), else the trainer's own train dataset."""
-    if train_probe is not None and "prompt" in _columns(train_probe):
+    if train_probe is not None and "prompt" in data_columns(train_probe):
         return train_probe
     return getattr(trainer, "train_dataset", None)
 

@@ -35,6 +35,15 @@ output: forecast.json          # a new or regular file (a device, FIFO or folder
 # dtype: bfloat16                    # model weights: float32 (default), bfloat16, float16, float64 or auto
 # calibration: my_calibration.json   # `sts calibrate` output or a built-in name (gemma3-270m-lora): predicted % changes
 # not_predicted: [code]              # targets a calibration should not predict (the training data's own held-out part)
+# What the training is, when it is not SFT (the shift the callback would forecast at the run's start):
+# shift: auto                        # auto (default): prompt/chosen/rejected data -> chosen_vs_rejected (DPO),
+#                                    #   reward_funcs -> reward_weighted (GRPO), teacher -> teacher_completions
+#                                    #   (distillation), else in_context; or name one of those, reward_filtered,
+#                                    #   teacher_vs_student
+# reward_funcs: [my_rewards.py:format_reward]  # GRPO's reward functions: 'package.module:name' or 'file.py:name'
+# teacher: path/to/teacher_model     # distillation: the teacher (it must share the model's tokenizer)
+# settings: {num_generations: 8, max_completion_length: 256, temperature: 1.0}  # the trainer's generation
+#                                    #   settings (GRPO, distillation), or DPO's {max_length, truncation_mode}
 """
 
 
@@ -276,7 +285,7 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
 GATE_RULE_KEYS = ("score", "limits", "max_rank", "tolerance", "weights", "wanted", "floor")
 CONFIG_KEYS = {
     "forecast": ("model", "sae", "train_data", "targets", "demonstrations", "options", "output", "device", "dtype",
-                 "calibration", "not_predicted"),
+                 "calibration", "not_predicted", "shift", "reward_funcs", "teacher", "settings"),
     "gate": ("model", "sae", "candidates", "targets", "protected", *GATE_RULE_KEYS, "budget", "options", "output",
              "filtered_dir", "keep_fraction", "threshold", "device", "dtype"),
     "validate": ("model", "sae", "train_data", "targets", "demonstrations", "validation", "multiple_choice",
@@ -572,7 +581,8 @@ def _save_after_the_work(save: Any, path: Path, what: str) -> None:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from ..pipelines.forecast import forecast
+    from ..pipelines.shifts import training_forecast
+    from ..reporting.report import shift_label
 
     if args.example:
         print(EXAMPLE_CONFIG, end="")
@@ -591,16 +601,85 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         raise STSInputError(f"not_predicted {unknown}: not among the targets {names}; name target domains.")
     if not_predicted and calibration is None:
         raise STSInputError("not_predicted only applies with a calibration (--calibration FILE|NAME).")
+    training = _training_inputs(args, config_file)
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
-    result = forecast(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
-                      _expand(config_file["targets"]), config,
-                      demonstrations=_expand(config_file.get("demonstrations")), progress=not args.no_progress)
+    teacher = _load_teacher(training["teacher"], config_file, tokenizer)
+    result = training_forecast(model, tokenizer, _expand(config_file["sae"]), training["train"],
+                               _expand(config_file["targets"]), config, shift=training["shift"],
+                               demonstrations=_expand(config_file.get("demonstrations")), teacher=teacher,
+                               reward_funcs=training["reward_funcs"], settings=training["settings"],
+                               progress=not args.no_progress)
     if calibration is not None:
         result.apply_calibration(calibration, exclude=not_predicted)
     print(result.table())
+    chosen = "" if training["asked"] != "auto" else " (shift: auto)"
+    print(f"shift: {shift_label(result.to_dict())}{chosen}")
     _save_after_the_work(result.save, output, "forecast")
     print(f"\nwrote {output} ({result.tokens_per_second:.0f} tokens/s, {result.timings['total']:.1f} s)")
     return 0
+
+
+def _training_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict[str, Any]:
+    """What the training is (``shift``, ``reward_funcs``, ``teacher``, ``settings``) and its data, read and checked
+    before any model loads: the reward functions imported, the shift chosen as the callback would choose it, the
+    settings checked against that shift's fields."""
+    from ..core.data import load_corpus
+    from ..pipelines.distillation import DISTILLATION_SHIFTS, distillation_settings
+    from ..pipelines.rollouts import RolloutSettings, check_reward_funcs
+    from ..pipelines.shifts import RL_SHIFTS, check_shift, choose_shift, preference_truncation
+    from .python_objects import import_object
+
+    where = args.config
+    asked = args.shift or config_file.get("shift") or "auto"
+    check_shift(asked)
+    specs = config_file.get("reward_funcs")
+    specs = [specs] if isinstance(specs, str) else specs
+    if specs is not None and not (isinstance(specs, list) and specs):
+        raise STSInputError(f"{where}: reward_funcs must be a list of 'package.module:name' or 'file.py:name' "
+                            f"entries, not {specs!r}.")
+    reward_funcs = check_reward_funcs([import_object(spec, f"{where}: reward function") for spec in specs]) \
+        if specs else None
+    teacher = config_file.get("teacher")
+    if teacher is not None:
+        _check_model(_expand(teacher))
+    if reward_funcs is not None and teacher is not None:
+        raise STSInputError(f"{where}: give reward_funcs (RL) or teacher (distillation), not both.")
+    settings = config_file.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise STSInputError(f"{where}: settings must be a mapping (e.g. {{num_generations: 8, temperature: 1.0}}), "
+                            f"not {type(settings).__name__}.")
+    train = load_corpus(_expand(config_file["train_data"]), name="train")
+    missing = "teacher" if asked in DISTILLATION_SHIFTS else "reward_funcs"
+    shift = choose_shift(asked, train, rl=reward_funcs is not None, teacher=teacher is not None,
+                         has_demonstrations=config_file.get("demonstrations") is not None,
+                         where=f"{where} gives no `{missing}:`")
+    try:
+        if shift in RL_SHIFTS:
+            RolloutSettings.from_args(settings or {})
+        elif shift in DISTILLATION_SHIFTS:
+            distillation_settings(settings)
+        elif shift == "chosen_vs_rejected":
+            preference_truncation(settings)
+        elif settings:
+            raise STSInputError(f"settings apply to the preference, RL and distillation forecasts; this is the "
+                                f"{shift} forecast, which reads none. Leave `settings:` out.")
+    except STSError as err:
+        raise type(err)(f"{where}: {err}") from err
+    return {"asked": asked, "shift": shift, "train": train, "reward_funcs": reward_funcs, "teacher": teacher,
+            "settings": settings}
+
+
+def _load_teacher(spec: Any, config_file: dict[str, Any], tokenizer: Any) -> Any:
+    """The distillation teacher, on the model's device and dtype; it must read the model's token ids."""
+    if spec is None:
+        return None
+    teacher, teacher_tokenizer = load_model(_expand(spec), config_file.get("device"), config_file.get("dtype"))
+    ours, theirs = (getattr(t, "tokenizer", t) for t in (tokenizer, teacher_tokenizer))  # a VLM's processor
+    if ours.get_vocab() != theirs.get_vocab():
+        raise STSInputError(f"The teacher's tokenizer ({spec}: {len(theirs)} tokens) is not the model's "
+                            f"({len(ours)} tokens): STS samples the teacher on the model's token ids, so it must "
+                            "share the tokenizer. Distil from a teacher of the same family (or one retokenised).")
+    return teacher
 
 
 # What `sts train-sae` writes into its folder: sae-lens' inference SAE and train_sae's report.
@@ -937,6 +1016,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--not-predicted", nargs="+", metavar="DOMAIN",
                    help="target domains not to predict, e.g. the training data's own held-out part (default: the "
                         "config's `not_predicted`)")
+    p.add_argument("--shift", default=None, metavar="SHIFT",
+                   help="what the training pushes: auto (preference pairs -> chosen_vs_rejected, reward_funcs -> "
+                        "reward_weighted, a teacher -> teacher_completions, else in_context), or one of those, "
+                        "reward_filtered, teacher_vs_student (default: the config's `shift`, else auto)")
     p.set_defaults(func=cmd_forecast)
 
     p = sub.add_parser("train-sae", help="train a TopK SAE (sae-lens format) for a model that has none",
