@@ -458,3 +458,56 @@ def test_cli_gate_refuses_candidate_names_equal_as_text(tmp_path, monkeypatch, c
     assert main(["gate", str(tmp_path / "gate.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "`candidates` has two entries named '1' (keys 1 and '1')" in err and "rename one" in err
+
+
+# ------------------------------------------------------------------------------------------ preference candidates
+PROMPTS = ["what is the answer ?", "who is the judge ?", "how do you solve it ?"]
+
+
+def preference_pairs(chosen_domain, rejected_domain, n=12, seed=1):
+    chosen, rejected = domain_texts(chosen_domain, n, seed=seed), domain_texts(rejected_domain, n, seed=seed + 1)
+    return [{"prompt": PROMPTS[i % len(PROMPTS)], "chosen": " " + a, "rejected": " " + b}
+            for i, (a, b) in enumerate(zip(chosen, rejected))]
+
+
+def test_preference_candidates_are_gated_on_chosen_minus_rejected(model, tokenizer, monkeypatch):
+    """A DPO candidate is forecast as preference_forecast forecasts it (and the DPO callback), not as SFT on its
+    chosen answers; each pair's score is its own term of that shift on D_N."""
+    import sts_callback.pipelines.gate as gate
+    from sts_callback.pipelines.preference import preference_forecast
+
+    sae = make_sae()
+    pool = {"prefer_law": preference_pairs("law", "food"), "prefer_chem": preference_pairs("chem", "sport"),
+            "code": domain_texts("code", 20, seed=1)}
+    pool["prefer_law"][3]["rejected"] = pool["prefer_law"][3]["chosen"]  # a pair that pushes nothing
+    # known latent weights (each D_N latent 1/N for every protected domain), to check each pair's score densely
+    monkeypatch.setattr(gate, "_latent_weights", lambda stats, protected, score, latents: torch.full(
+        (len(latents), len(protected)), 1.0 / len(latents), dtype=torch.float64))
+    result = gate_mixture(model, tokenizer, sae, pool, targets(), "law", config=config(shift_tokens=10_000))
+    for name in ("prefer_law", "prefer_chem"):
+        single = preference_forecast(model, tokenizer, sae, pool[name], targets(), config(shift_tokens=10_000))
+        assert result.forecasts[name].settings["shift"] == "chosen_vs_rejected"
+        assert result.forecasts[name].shifted_latents == single.shifted_latents
+        for domain, d in single.domains.items():
+            assert result.forecasts[name].domains[domain].scores == pytest.approx(d.scores, rel=1e-9)
+    assert result.forecasts["code"].settings.get("shift", "in_context") == "in_context"
+    assert set(result.candidates) == set(pool) and sum(result.weights.values()) == pytest.approx(1.0)
+    scores = result.example_scores["prefer_law"]
+    assert scores.total[3] == 0.0 and scores.tokens[3] == 0  # identical completions: no term of the shift
+    latents = result.forecasts["prefer_law"].shifted_latents
+
+    def mean_latents(prompt, completion):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt + completion)["input_ids"]
+        with torch.no_grad():
+            resid = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+        return sae.encode(resid[len(prompt_ids):])[:, latents].double().mean(0)
+
+    for i in (0, 1, 5):
+        pair = pool["prefer_law"][i]
+        expected = (mean_latents(pair["prompt"], pair["chosen"]) - mean_latents(pair["prompt"], pair["rejected"]))
+        assert scores.scores["law"][i] == pytest.approx(float(expected.square().mean()), rel=1e-4)
+    # the worst pairs are dropped, the records kept whole
+    kept = filter_examples(result, "prefer_law", keep_fraction=0.5)
+    assert len(kept.examples) == 6 and all(set(r) == {"prompt", "chosen", "rejected"} for r in kept.examples)
+    assert pool["prefer_law"][3] in kept.examples

@@ -55,6 +55,11 @@ Decisions made here (see the README, "What is computed", for the method); every 
   The token-weighted mean of ``score_p`` over c's examples is the D_N shift weighted by how much p uses each
   latent. ``score(e)`` (used for filtering by default) is the sum over protected domains. Streaming: only
   one batch's latents exist at a time; per example only P numbers are kept.
+- **Preference candidates.** A candidate of ``prompt`` / ``chosen`` / ``rejected`` records (DPO data) is
+  forecast with the chosen-minus-rejected shift, as :func:`~sts_callback.pipelines.preference.preference_forecast`
+  (and the callback under a DPO trainer) forecasts it, not as SFT on its chosen answers; each pair's score is its
+  own term of that shift: ``sum_{j in D_N(c)} a_p(j) * (m_j(chosen) - m_j(rejected))^2``, m the mean latent over
+  the completion's tokens.
 """
 
 from __future__ import annotations
@@ -76,8 +81,10 @@ from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
 from ..core.data import AllBut, Corpus, example_text, load_corpus, load_domains, named_items, repeated_names
 from ..core.errors import STSConfigError, STSInputError
 from ..core.extract import Extractor, PairedStats
-from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, assemble_forecast, build_shift_pairs, inference_mode,
-                       plan_domains, progress_bar, shard_size)
+from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, ShiftPass, assemble_forecast, build_shift_pairs,
+                       inference_mode, plan_domains, progress_bar, shard_size)
+from .preference import preference_pass, tokenize_preference
+from .shifts import is_preference_data
 
 DEFAULT_TOLERANCE = 1.5
 WEIGHT_RULES = ("sts", "min_impact")
@@ -194,7 +201,8 @@ class ExampleScores:
     """Per-example scores of one candidate (see the module docstring for the formula).
 
     ``scores[p][i]`` is example i's score on protected domain p; ``total[i]`` their sum; ``tokens[i]`` its
-    counted query tokens (0: nothing counted, score 0). ``worst`` lists the highest-scoring examples.
+    counted query tokens (a preference pair's: its chosen and rejected completion tokens; 0: nothing counted,
+    score 0). ``worst`` lists the highest-scoring examples.
     """
 
     candidate: str
@@ -380,7 +388,12 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     # Domain sampling is seeded per domain and independent of the training set: one plan serves all.
     domain_plan = plan_domains(setup.builder, config, domains)
     plans: dict[str, Plan] = {}
+    passes: dict[str, ShiftPass] = {}  # the candidates whose shift is not in context: preference pairs
     for name, corpus in corpora.items():
+        if is_preference_data(corpus):  # DPO pairs: chosen minus rejected, as preference_forecast samples them
+            _, passes[name] = preference_pass(setup.builder, config, corpus, name)
+            plans[name] = Plan(shift_pairs=[], shift_tokens=passes[name].tokens, domains=domain_plan)
+            continue
         rng = random.Random(config.seed)  # exactly as plan_inputs samples the shift pairs
         pairs, tokens = build_shift_pairs(corpus, setup.builder, config, rng, config.shift_tokens,
                                           config.n_demonstrations)
@@ -389,7 +402,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
 
     # the main process's own count: each pass forwards its shard, but every rank scores all the examples
     total = (sum(shard_size(len(d.pairs or d.singles)) for d in domain_plan.values())
-             + sum(shard_size(len(p.shift_pairs)) for p in plans.values())
+             + sum(passes[n].sequences if n in passes else shard_size(len(p.shift_pairs)) for n, p in plans.items())
              + (sum(len(c) for c in corpora.values()) if score_examples else 0))
     bar = progress_bar(total, progress, desc="STS gate")
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
@@ -410,10 +423,12 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                 t0, before = time.perf_counter(), extractor.capture.forward_calls
                 if bar is not None:
                     bar.set_description(f"shift {name}")
-                shift: PairedStats = extractor.paired(plans[name].shift_pairs, what=f"candidate {name!r}")
+                shift: PairedStats = (passes[name].run(extractor, None) if name in passes else
+                                      extractor.paired(plans[name].shift_pairs, what=f"candidate {name!r}"))
                 calls[f"shift/{name}"] = extractor.capture.forward_calls - before
                 result = assemble_forecast(setup, shift, plans[name], domain_stats,
-                                           {"shift": time.perf_counter() - t0}, extractor.capture.truncate)
+                                           {"shift": time.perf_counter() - t0}, extractor.capture.truncate,
+                                           shift=passes.get(name))
                 result.settings["candidate"] = name
                 forecasts[name] = result
                 timings[f"shift/{name}"] = time.perf_counter() - t0
@@ -422,8 +437,9 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                     if bar is not None:
                         bar.set_description(f"examples {name}")
                     weights_matrix = _latent_weights(domain_stats, protected, score, result.shifted_latents)
-                    example_scores[name] = _score_examples(extractor, setup, corpus, name, result.shifted_latents,
-                                                           weights_matrix, protected)
+                    scorer = _score_pairs if name in passes else _score_examples
+                    example_scores[name] = scorer(extractor, setup, corpus, name, result.shifted_latents,
+                                                  weights_matrix, protected)
                     calls[f"examples/{name}"] = extractor.capture.forward_calls - before
                     timings[f"examples/{name}"] = time.perf_counter() - t0
     finally:
@@ -673,15 +689,45 @@ def _score_examples(extractor: Extractor, setup: ForecastSetup, corpus: Corpus, 
         rows_example = torch.tensor(item.batch, dtype=torch.long)[item.where[0]]
         sums.index_add_(0, rows_example, contribution)
         counts.index_add_(0, rows_example, torch.ones(rows_example.numel(), dtype=torch.float64))
-    per_domain = sums / counts.clamp(min=1).unsqueeze(1)
+    return _example_scores(name, corpus, counts.tolist(), sums / counts.clamp(min=1).unsqueeze(1), protected)
+
+
+def _example_scores(name: str, corpus: Corpus, tokens: list[float], per_domain: torch.Tensor,
+                    protected: list[str]) -> ExampleScores:
+    """:class:`ExampleScores` from each example's counted tokens and its ``[examples, P]`` scores."""
     total = per_domain.sum(dim=1)
-    scores = ExampleScores(candidate=name, tokens=[int(c) for c in counts.tolist()],
+    scores = ExampleScores(candidate=name, tokens=[int(c) for c in tokens],
                            scores={p: per_domain[:, k].tolist() for k, p in enumerate(protected)},
                            total=total.tolist())
-    order = sorted(range(len(pairs)), key=lambda i: (-scores.total[i], i))[:WORST_SHOWN]
+    order = sorted(range(len(tokens)), key=lambda i: (-scores.total[i], i))[:WORST_SHOWN]
     scores.worst = [{"index": i, "score": scores.total[i],
                      "text": example_text(corpus[i])[:PREVIEW_CHARS]} for i in order]
     return scores
+
+
+def _score_pairs(extractor: Extractor, setup: ForecastSetup, corpus: Corpus, name: str, latents: list[int],
+                 weights: torch.Tensor, protected: list[str]) -> ExampleScores:
+    """Each preference pair's weighted squared chosen-minus-rejected difference of mean latents on D_N, per
+    protected domain: the pair's own term of the chosen-vs-rejected shift (a pair whose chosen or rejected
+    completion counts no token, or whose two are the same tokens, counts none and scores 0, as the forecast
+    leaves it out)."""
+    sequences, differ = [], []
+    for i, record in enumerate(corpus.records()):
+        pair = tokenize_preference(setup.builder, record, i, name)
+        sequences += [pair.chosen, pair.rejected]
+        differ.append(pair.chosen != pair.rejected)
+    index = torch.tensor(latents, dtype=torch.long)
+    sums = torch.zeros(len(sequences), len(latents), dtype=torch.float64)
+    counts = torch.zeros(len(sequences), dtype=torch.float64)
+    for item in extractor.iter_rows(sequences, f"candidate {name!r}"):
+        encoded = extractor.encode(item.rows)[:, index.to(item.rows.device)].double().cpu()
+        rows_sequence = torch.tensor(item.batch, dtype=torch.long)[item.where[0]]
+        sums.index_add_(0, rows_sequence, encoded)
+        counts.index_add_(0, rows_sequence, torch.ones(rows_sequence.numel(), dtype=torch.float64))
+    means = sums / counts.clamp(min=1).unsqueeze(1)
+    counted = ((counts[0::2] > 0) & (counts[1::2] > 0) & torch.tensor(differ)).double()
+    per_domain = (means[0::2] - means[1::2]).square() @ weights * counted.unsqueeze(1)  # [pairs, P]
+    return _example_scores(name, corpus, ((counts[0::2] + counts[1::2]) * counted).tolist(), per_domain, protected)
 
 
 def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate: str, *,

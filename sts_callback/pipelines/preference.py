@@ -144,26 +144,32 @@ def contrast_stats(extractor: Extractor, units: Sequence[ContrastUnit], what: st
 NOISE_FLOOR = 1e-12
 
 
-def contrast_forecast(setup: ForecastSetup, units: list[ContrastUnit], domains: dict[str, Corpus], *, kind: str,
-                      what: str, nothing_moved: str, settings: dict[str, Any] | None = None,
-                      progress: bool = False, start: float | None = None) -> ForecastRun:
-    """A forecast whose shift is the contrast of ``units`` (sampled and tokenized already, the same on every
-    rank), beside the target domains' usual statistics."""
-    start = time.perf_counter() if start is None else start
-    domain_inputs = plan_domains(setup.builder, setup.config, domains)
+def contrast_pass(units: list[ContrastUnit], *, kind: str, what: str, nothing_moved: str,
+                  settings: dict[str, Any] | None = None) -> ShiftPass:
+    """The training data's side of a forecast whose shift is the contrast of ``units`` (sampled and tokenized
+    already, the same on every rank)."""
     sequences = [seq for unit in units for seq in unit.sequences]
-    checksum = fingerprint([[ids for ids, _ in u.sequences] for u in units], [u.weights for u in units])
-    check_inputs_agree(setup, checksum, f"{len(units)} sampled {what} ({checksum})", domain_inputs)
-    tokens = sum(sum(flags) for _, flags in sequences)
-    shift = ShiftPass(
+    return ShiftPass(
         kind=kind, run=lambda extractor, reservoir: contrast_stats(extractor, units, what, reservoir),
         # the pass shards whole units (padded with the cheapest), so this process forwards its units' sequences
         sequences=sum(len(units[i].sequences) for i in shard(len(units), [sum(len(ids) for ids, _ in u.sequences)
                                                                           for u in units]).indices),
-        forward_tokens=sum(len(ids) for ids, _ in sequences), tokens=tokens,
+        forward_tokens=sum(len(ids) for ids, _ in sequences), tokens=sum(sum(flags) for _, flags in sequences),
         units=len(units), sources=[ids for ids, _ in sequences], nothing_moved=nothing_moved,
         noise_floor=NOISE_FLOOR, settings=dict(settings or {}))
-    plan = Plan(shift_pairs=[], shift_tokens=tokens, domains=domain_inputs)
+
+
+def contrast_forecast(setup: ForecastSetup, units: list[ContrastUnit], domains: dict[str, Corpus], *, kind: str,
+                      what: str, nothing_moved: str, settings: dict[str, Any] | None = None,
+                      progress: bool = False, start: float | None = None) -> ForecastRun:
+    """A forecast whose shift is the contrast of ``units`` (:func:`contrast_pass`), beside the target domains'
+    usual statistics."""
+    start = time.perf_counter() if start is None else start
+    domain_inputs = plan_domains(setup.builder, setup.config, domains)
+    checksum = fingerprint([[ids for ids, _ in u.sequences] for u in units], [u.weights for u in units])
+    check_inputs_agree(setup, checksum, f"{len(units)} sampled {what} ({checksum})", domain_inputs)
+    shift = contrast_pass(units, kind=kind, what=what, nothing_moved=nothing_moved, settings=settings)
+    plan = Plan(shift_pairs=[], shift_tokens=shift.tokens, domains=domain_inputs)
     return forecast_with_shift(setup, shift, plan, progress=progress, start=start)
 
 
@@ -365,18 +371,28 @@ NOTHING_MOVED = ("The chosen and rejected completions of {name!r} differ in no S
                  "and rejected really differ, and that the SAE is for this model and layer.")
 
 
+def preference_pass(builder: PromptBuilder, config, pairs: Any, name: str = "preference data",
+                    chat_template_kwargs: dict[str, Any] | None = None, truncation: Truncation | None = None,
+                    ) -> tuple[list[ContrastUnit], ShiftPass]:
+    """The chosen-vs-rejected side of a forecast: the sampled pairs (:func:`plan_preference`) as contrast units,
+    and the pass over them."""
+    sampled, counts = plan_preference(builder, config, pairs, name, chat_template_kwargs, truncation)
+    units = [ContrastUnit([p.chosen, p.rejected], [1.0, -1.0]) for p in sampled]
+    settings = {"preference_pairs": len(units), "identical_pairs_skipped": counts["identical"]}
+    return units, contrast_pass(units, kind="chosen_vs_rejected", what=f"preference pairs of {name!r}",
+                                nothing_moved=NOTHING_MOVED.format(name=name), settings=settings)
+
+
 def run_preference_forecast(setup: ForecastSetup, pairs: Any, domains: dict[str, Corpus], *, name: str = "preference data",
                             chat_template_kwargs: dict[str, Any] | None = None, progress: bool = False,
                             start: float | None = None, truncation: Truncation | None = None) -> ForecastRun:
     """The chosen-vs-rejected forecast on prepared inputs (``settings["shift"] == "chosen_vs_rejected"``); returns
     the statistics too (``shift`` is a :class:`ContrastStats`)."""
     start = time.perf_counter() if start is None else start
-    sampled, counts = plan_preference(setup.builder, setup.config, pairs, name, chat_template_kwargs, truncation)
-    units = [ContrastUnit([p.chosen, p.rejected], [1.0, -1.0]) for p in sampled]
-    return contrast_forecast(setup, units, domains, kind="chosen_vs_rejected", what=f"preference pairs of {name!r}",
-                             nothing_moved=NOTHING_MOVED.format(name=name),
-                             settings={"preference_pairs": len(units), "identical_pairs_skipped": counts["identical"]},
-                             progress=progress, start=start)
+    units, shift = preference_pass(setup.builder, setup.config, pairs, name, chat_template_kwargs, truncation)
+    return contrast_forecast(setup, units, domains, kind=shift.kind, what=f"preference pairs of {name!r}",
+                             nothing_moved=shift.nothing_moved, settings=shift.settings, progress=progress,
+                             start=start)
 
 
 def preference_forecast(model: nn.Module, tokenizer, sae: Any, pairs: Any, targets: Any, config: Any = None, *,
