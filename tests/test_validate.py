@@ -461,3 +461,27 @@ def test_cli_validate_run(tmp_path, tokenizer, capsys):
     assert "needs at least 3" in capsys.readouterr().err
     assert main(["validate", str(path), "--steps", "0"]) == 2
     assert "steps=...) must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_preference_pairs_are_validated_with_dpo(tmp_path, tokenizer):
+    """DPO data are trained as a DPO user trains them, so the forecast checked is the callback's chosen - rejected
+    one (before: SFT on the chosen answers, against the in-context forecast)."""
+    law, food = domain_texts("law", 32, seed=3), domain_texts("food", 32, seed=3)
+    pairs = [{"prompt": " ".join(a.split()[:3]), "chosen": " " + " ".join(a.split()[3:]), "rejected": " " + b}
+             for a, b in zip(law, food)]
+    model = make_model("llama")
+    before = weights(model)
+    validate(model, tokenizer, sae(), pairs, targets(), FAST, method="lora", seeds=0, output_dir=tmp_path / "val",
+             plot=False, report=False, training_args={"beta": 0.5}, **CHEAP)
+    assert_same_weights(model, before)
+    saved = json.loads((tmp_path / "val" / "sts" / "validation.json").read_text())
+    assert saved["training"]["trainer"] == "DPOTrainer" and saved["training"]["training_args"] == {"beta": 0.5}
+    forecast = json.loads((tmp_path / "val" / "sts" / "forecast.json").read_text())
+    assert forecast["settings"]["shift"] == "chosen_vs_rejected" and forecast["settings"]["preference_pairs"] > 0
+    record = saved["per_seed"][0]
+    assert any(abs(v) > 1e-5 for v in record["nll_delta_rel"].values())  # DPO really changed the model
+    assert "sts_icl" in record["correlations"]["nll"]
+    # DPOConfig's own fields are for preference data only, said before any model work
+    with pytest.raises(STSConfigError, match=r"sets \['beta'\], fields of TRL's DPOConfig"):
+        validate(model, tokenizer, sae(), law, targets(), FAST, output_dir=tmp_path / "sft",
+                 training_args={"beta": 0.5}, **CHEAP)

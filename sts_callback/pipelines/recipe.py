@@ -84,6 +84,13 @@ class PadCollator:
         return batch
 
 
+def pairs_dataset(corpus: Corpus) -> Any:
+    """Preference pairs as the ``datasets.Dataset`` TRL's DPOTrainer reads (the records as given)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(corpus.records())
+
+
 def wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
     from peft import LoraConfig, get_peft_model
 

@@ -37,7 +37,8 @@ from ..core.errors import STSConfigError, STSInputError
 from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
-from ..pipelines.recipe import PadCollator, training_features, wrap_lora
+from ..pipelines.recipe import PadCollator, pairs_dataset, training_features, wrap_lora
+from ..pipelines.shifts import is_preference_data
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 from ..scoring.signed import SIGNED_VARIANTS
 from ..core.torch_utils import model_device, pad_token_id
@@ -385,18 +386,32 @@ def _check_training_args(training_args: dict[str, Any]) -> None:
                              f"Remove them from training_args and pass validate({settings}) instead (in a config "
                              "file: keys of the validation: section).")
     if training_args:
-        from transformers import TrainingArguments
-
-        known = {f.name for f in fields(TrainingArguments)}
-        unknown = [k for k in training_args if k not in known]
+        unknown = [k for k in training_args if k not in _training_fields()]
+        if unknown and _preference_fields():  # DPOConfig's own fields: for preference data (checked in validate)
+            unknown = [k for k in unknown if k not in _preference_fields()]
         if unknown:
             import difflib
 
-            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            hints = {k: difflib.get_close_matches(k, _training_fields(), n=1) for k in unknown}
             hint = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in hints.items() if m)
             raise STSConfigError(f"validate(training_args=...) has {unknown}, not field(s) of "
                                  "transformers.TrainingArguments; fix the name(s) or remove them"
                                  + (f" ({hint})" if hint else "") + ".")
+
+
+def _training_fields() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in fields(TrainingArguments)}
+
+
+def _preference_fields() -> set[str]:
+    """The fields TRL's ``DPOConfig`` adds to TrainingArguments (empty without TRL)."""
+    try:
+        from trl import DPOConfig
+    except ImportError:
+        return set()
+    return {f.name for f in fields(DPOConfig)} - _training_fields()
 
 
 @dataclass
@@ -485,6 +500,9 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     For each seed, a copy of ``model`` is fine-tuned on ``train_data`` for ``steps`` optimizer steps with a
     ``transformers.Trainer`` and an ``STSCallback`` (forecast with ``STSConfig.seed = seed``, held-out NLL of
     every target domain before and after, actual shift at the end); the Trainer's seed is ``seed`` too.
+    Preference pairs (``prompt`` / ``chosen`` / ``rejected``) are trained with TRL's ``DPOTrainer`` (``DPOConfig``
+    defaults, ``max_length``; its own fields, e.g. ``beta``, in ``training_args``), so the forecast checked is the
+    chosen-minus-rejected one the callback makes under DPO.
 
     Args:
         model, tokenizer, sae, train_data, targets, config, demonstrations: as for :func:`forecast`
@@ -558,7 +576,21 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     if demos is None and not _trainable_answers(train):
         raise STSInputError("The training set has no answers (prompt-only data): it can neither be fine-tuned on "
                             "with SFT nor give in-context demonstrations; give texts or prompt/answer records.")
-    features = training_features(train, tokenizer, max_length, completion_only_loss, base_config.chat_fallback)
+    preference = is_preference_data(train)
+    dpo_only = sorted(set(training_args or {}) - _training_fields())
+    if preference:  # trained as a DPO user trains them: TRL's DPOTrainer (the callback forecasts chosen - rejected)
+        try:
+            import trl  # noqa: F401  - fail now, not after the forecast
+        except ImportError as err:
+            raise STSInputError("The training set holds preference pairs (prompt / chosen / rejected), which validate "
+                                "trains with TRL's DPOTrainer: pip install trl.") from err
+        features = pairs_dataset(train)
+    elif dpo_only:
+        raise STSConfigError(f"validate(training_args=...) sets {dpo_only}, fields of TRL's DPOConfig: they apply to "
+                             "preference data (prompt / chosen / rejected records, trained with DPOTrainer), and "
+                             "this training set is SFT data. Remove them.")
+    else:
+        features = training_features(train, tokenizer, max_length, completion_only_loss, base_config.chat_fallback)
     if method == "lora":
         import peft  # noqa: F401  - fail now, not after the forecast, when peft is missing
     lr = float(learning_rate) if learning_rate is not None else DEFAULT_LR[method]
@@ -566,7 +598,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     out = Path(output_dir)
     sts_dir = out / "sts"
     sts_dir.mkdir(parents=True, exist_ok=True)
-    training = {"method": method, "steps": steps, "learning_rate": lr, "batch_size": batch_size,
+    training = {"trainer": "DPOTrainer" if preference else "Trainer", "method": method, "steps": steps, "learning_rate": lr, "batch_size": batch_size,
                 "max_length": max_length, "lora_rank": lora_rank if method == "lora" else None,
                 "lora_alpha": (lora_alpha or 2 * lora_rank) if method == "lora" else None,
                 "lora_target_modules": None, "completion_only_loss": completion_only_loss,
@@ -584,6 +616,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         run = _train_one_seed(model, tokenizer, sae, train, features, domains, demos, config, seed=seed, method=method,
                               steps=steps, lr=lr, batch_size=batch_size, lora_rank=lora_rank,
                               lora_alpha=lora_alpha or 2 * lora_rank, lora_target_modules=lora_target_modules,
+                              preference=preference, max_length=max_length,
                               loss_tokens=loss_tokens, recheck_tokens=recheck_tokens,
                               recheck_steps=recheck_steps, device=train_device,
                               run_dir=out / f"seed-{seed}", copy_model=copy_model, training_args=training_args,
@@ -634,7 +667,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
 def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, demos, config: STSConfig, *, seed: int,
                     method: str, steps: int, lr: float, batch_size: int, lora_rank: int, lora_alpha: int,
                     lora_target_modules, loss_tokens: int, recheck_tokens: int, recheck_steps: RecheckSteps,
-                    device: torch.device, run_dir: Path,
+                    device: torch.device, run_dir: Path, preference: bool, max_length: int,
                     copy_model: bool, training_args, progress: bool, metric, metric_before) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -671,10 +704,18 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                     lr_scheduler_type="cosine", warmup_steps=0.1, seed=seed, data_seed=seed, save_strategy="no",
                     logging_steps=max(1, steps // 4), report_to="none", use_cpu=device.type == "cpu",
                     disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"])
-        args.update(training_args or {})
-        pad = pad_token_id(tokenizer)
-        trainer = Trainer(model=work, args=TrainingArguments(**args), train_dataset=features,
-                          data_collator=PadCollator(pad), processing_class=tokenizer, callbacks=[callback])
+        if preference:
+            from trl import DPOConfig, DPOTrainer
+
+            del args["remove_unused_columns"], args["label_names"]  # DPOTrainer's own collator and columns
+            args.update(max_length=max_length, **(training_args or {}))
+            trainer = DPOTrainer(model=work, args=DPOConfig(**args), train_dataset=features,
+                                 processing_class=tokenizer, callbacks=[callback])
+        else:
+            args.update(training_args or {})
+            trainer = Trainer(model=work, args=TrainingArguments(**args), train_dataset=features,
+                              data_collator=PadCollator(pad_token_id(tokenizer)), processing_class=tokenizer,
+                              callbacks=[callback])
         if not progress:
             from transformers.trainer_callback import PrinterCallback
 
