@@ -236,3 +236,28 @@ def test_inputs_are_checked_from_config_json_and_the_data_before_weights_load(tm
     assert check_training_inputs("nobody-here/no-such-model", 5, [law]) == ["law court judge", "statute appeal"]
     with pytest.raises(STSInputError, match="layers are numbered from 0"):
         check_training_inputs("nobody-here/no-such-model", -1, [law])
+
+
+def test_an_interrupted_retrain_leaves_the_folders_sae_and_report_together(tiny, tmp_path, monkeypatch):
+    """The SAE files and the report are moved in only once all are written (before: a Ctrl-C in the evaluation
+    left the new SAE beside the old SAE's report)."""
+    from sts_callback.core.sae import load_sae
+    from sts_callback.tools import train_sae as module
+
+    model, tokenizer = tiny
+    small = dict(d_sae=64, training_tokens=2048, batch_size_tokens=256, seed=0)
+    train_sae(model, tokenizer, _texts(10), LAYER, SAETrainingConfig(k=4, **small), output_dir=tmp_path)
+
+    def interrupted(sae, acts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "evaluate_sae", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(model, tokenizer, _texts(10), 0, SAETrainingConfig(k=8, **small), output_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae_weights.safetensors", REPORT_FILENAME]
+    handle, report = load_sae(tmp_path), json.loads((tmp_path / REPORT_FILENAME).read_text())
+    assert (handle.layer, handle.module.cfg.k, report["layer"], report["k"]) == (LAYER, 4, LAYER, 4)
+    monkeypatch.undo()
+    train_sae(model, tokenizer, _texts(10), 0, SAETrainingConfig(k=8, **small), output_dir=tmp_path)
+    handle, report = load_sae(tmp_path), json.loads((tmp_path / REPORT_FILENAME).read_text())
+    assert (handle.layer, handle.module.cfg.k, report["layer"], report["k"]) == (0, 8, 0, 8)

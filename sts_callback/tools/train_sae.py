@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import tempfile
 import time
@@ -519,39 +520,44 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
     del train_acts
 
     # The inference SAE is produced by sae-lens' own save/load round trip, so the returned object is
-    # exactly what load_sae(output_dir) gives.
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(output_dir) if output_dir is not None else Path(tmp)
+    # exactly what load_sae(output_dir) gives. Its files and report are staged beside output_dir and moved in only
+    # once all are written: an interrupted re-train leaves the folder's earlier SAE and report as they were.
+    staging = Path(output_dir) if output_dir is not None else None
+    if staging is not None:
+        staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging, prefix=".sts-train-sae-") as tmp:
+        folder = Path(tmp)
         training_sae.save_inference_model(folder)
-        if output_dir is not None:  # safetensors writes 0600: others could not read a shared SAE
-            give_new_file_modes(folder, SAE_FOLDER_FILES)  # what save_inference_model writes
         sae = SAE.load_from_disk(str(folder), device=device)
-    sae.eval()
-    metrics = evaluate_sae(sae, eval_acts.to(device))
-    seconds = time.perf_counter() - started
-    result = TrainedSAE(
-        sae=sae, path=str(Path(output_dir).resolve()) if output_dir is not None else None, layer=layer, d_in=d_in,
-        d_sae=d_sae, k=k, fvu=metrics["fvu"], mean_l0=metrics["mean_l0"], dead_fraction=metrics["dead_fraction"],
-        training_tokens=steps * batch_size, unique_tokens=int(total_rows - held_out_rows), seconds=seconds,
-        held_out_tokens=held_out_rows,
-        details={
-            "hook_name": hook_name, "hf_hook_name": f"model.layers.{layer}", "model_name": model_name,
-            "architecture": "topk", "evaluated_on": "held_out" if held_out_rows else "train",
-            "lr": lr, "batch_size_tokens": batch_size, "steps": steps, "lr_warm_up_steps": warm_up_steps,
-            "lr_decay_steps": decay_steps, "dead_feature_window": dead_window, "max_length": max_length,
-            "exclude_special_tokens": exclude_special_tokens, "held_out_fraction": held_out_fraction,
-            "seed": seed, "device": device, "input_scale": scale, "mean_input_norm": mean_norm,
-            "sequences": collected.sequences, "texts": len(texts), "texts_used": collected.texts_seen,
-            "passes": steps * batch_size / max(1, total_rows - held_out_rows),
-            "collect_seconds": collect_seconds, "train_seconds": train_seconds,
-            "train_tokens_per_second": steps * batch_size / train_seconds if train_seconds > 0 else None,
-            "training_dead_latents": int(trainer.dead_neurons.sum()),
-            **({"notes": data_warnings} if data_warnings else {}),
-        },
-    )
-    if output_dir is not None:
-        with open(Path(output_dir) / REPORT_FILENAME, "w") as handle:
-            json.dump(result.to_dict(), handle, indent=2, allow_nan=False)
+        sae.eval()
+        metrics = evaluate_sae(sae, eval_acts.to(device))
+        seconds = time.perf_counter() - started
+        result = TrainedSAE(
+            sae=sae, path=str(Path(output_dir).resolve()) if output_dir is not None else None, layer=layer,
+            d_in=d_in, d_sae=d_sae, k=k, fvu=metrics["fvu"], mean_l0=metrics["mean_l0"],
+            dead_fraction=metrics["dead_fraction"], training_tokens=steps * batch_size,
+            unique_tokens=int(total_rows - held_out_rows), seconds=seconds, held_out_tokens=held_out_rows,
+            details={
+                "hook_name": hook_name, "hf_hook_name": f"model.layers.{layer}", "model_name": model_name,
+                "architecture": "topk", "evaluated_on": "held_out" if held_out_rows else "train",
+                "lr": lr, "batch_size_tokens": batch_size, "steps": steps, "lr_warm_up_steps": warm_up_steps,
+                "lr_decay_steps": decay_steps, "dead_feature_window": dead_window, "max_length": max_length,
+                "exclude_special_tokens": exclude_special_tokens, "held_out_fraction": held_out_fraction,
+                "seed": seed, "device": device, "input_scale": scale, "mean_input_norm": mean_norm,
+                "sequences": collected.sequences, "texts": len(texts), "texts_used": collected.texts_seen,
+                "passes": steps * batch_size / max(1, total_rows - held_out_rows),
+                "collect_seconds": collect_seconds, "train_seconds": train_seconds,
+                "train_tokens_per_second": steps * batch_size / train_seconds if train_seconds > 0 else None,
+                "training_dead_latents": int(trainer.dead_neurons.sum()),
+                **({"notes": data_warnings} if data_warnings else {}),
+            },
+        )
+        if staging is not None:
+            (folder / REPORT_FILENAME).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+            give_new_file_modes(folder, (*SAE_FOLDER_FILES, REPORT_FILENAME))  # safetensors writes 0600
+            (staging / REPORT_FILENAME).unlink(missing_ok=True)  # never beside another SAE, even for a moment
+            for name in (*SAE_FOLDER_FILES, REPORT_FILENAME):  # the report last: present only with its SAE
+                os.replace(folder / name, staging / name)
     return result
 
 
