@@ -325,6 +325,9 @@ def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_pa
     captured = capsys.readouterr()
     assert "Every candidate was rejected" in captured.err and "REJECT" in captured.out
     assert GateDecision.load(tmp_path / "strict_out.json").weights == {}
+    # the first run's filtered sets are gone: a file in filtered_dir is always the latest decision's
+    assert not list((tmp_path / "filtered").glob("*.jsonl"))
+    assert captured.out.count("an earlier run's;") == len(saved.accepted)
     assert main(["gate", "--example"]) == 0 and "candidates:" in capsys.readouterr().out
 
 

@@ -819,16 +819,30 @@ def cmd_gate(args: argparse.Namespace) -> int:
         print(err.decision.table())
         _save_after_the_work(err.decision.save, output, "gate decision")
         print(f"\nwrote {output}")
+        if filtered_dir:
+            _remove_earlier_filtered(filtered_dir, config_file["candidates"], accepted=[])
         raise
     print(decision.table())
     _save_after_the_work(decision.save, output, "gate decision")
     print(f"\nwrote {output} ({decision.timings['total']:.1f} s)")
     if filtered_dir:
+        _remove_earlier_filtered(filtered_dir, config_file["candidates"], decision.accepted)
         for name in decision.accepted:
             kept = filter_examples(decision, name, keep_fraction=keep_fraction, threshold=threshold)
             path = write_jsonl(kept.examples, Path(filtered_dir) / f"{name}.jsonl")
             print(f"wrote {path} ({len(kept.examples)} of {decision.candidates[name].examples} examples kept)")
     return 0
+
+
+def _remove_earlier_filtered(folder: Path, candidates: Any, accepted: list[str]) -> None:
+    """An earlier run's ``<candidate>.jsonl`` in filtered_dir goes before this run's are written: a file there must
+    be this decision's (a candidate rejected now would otherwise look accepted, and a stop mid-way would mix runs)."""
+    for name in candidates:
+        path = Path(folder) / f"{name}.jsonl"
+        if path.is_file():
+            path.unlink()
+            if str(name) not in accepted:
+                print(f"removed {path} (an earlier run's; {name} is not accepted now)")
 
 
 EXAMPLE_VALIDATE_CONFIG = """\
