@@ -178,16 +178,40 @@ def test_full_fine_tune_single_seed_skips_uncomputed_variants(tmp_path, tokenize
             assert low <= point["nll_delta_rel"][domain] <= high
 
 
-def test_lora_in_place_leaves_the_model_as_it_was(tmp_path, tokenizer):
-    model = make_model("llama")
+def test_lora_in_place_leaves_the_model_as_it_was(tmp_path, tokenizer, monkeypatch):
+    model = make_model("llama").eval()
+    model.model.layers[0].train()  # a mode of the user's own: kept
     model.lm_head.weight.requires_grad_(False)
-    before = weights(model)
+    before, modes = weights(model), {name: m.training for name, m in model.named_modules()}
+    assert model.config.use_cache
+
+    def as_it_was():
+        assert type(model).__name__ == "LlamaForCausalLM"
+        assert not any("lora" in name for name, _ in model.named_modules())
+        assert_same_weights(model, before)
+        assert not model.lm_head.weight.requires_grad and model.model.embed_tokens.weight.requires_grad
+        assert {name: m.training for name, m in model.named_modules()} == modes  # the Trainer left them training
+        assert model.config.use_cache  # the Trainer turned it off
+
     validate(model, tokenizer, sae(), domain_texts("law", 64, seed=3), targets(), FAST, method="lora",
              copy_model=False, output_dir=tmp_path / "val", plot=False, report=False, **CHEAP)
-    assert type(model).__name__ == "LlamaForCausalLM"
-    assert not any("lora" in name for name, _ in model.named_modules())
-    assert_same_weights(model, before)
-    assert not model.lm_head.weight.requires_grad and model.model.embed_tokens.weight.requires_grad
+    as_it_was()
+    # a Ctrl-C while PEFT wraps the layers (its third) leaves none of its adapters in the model
+    from peft.tuners.lora import LoraModel
+
+    wrap, calls = LoraModel._create_and_replace, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return wrap(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "_create_and_replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        validate(model, tokenizer, sae(), domain_texts("law", 64, seed=3), targets(), FAST, method="lora",
+                 copy_model=False, output_dir=tmp_path / "val2", plot=False, report=False, **CHEAP)
+    as_it_was()
 
 
 def test_bad_inputs_fail_before_training(tmp_path, tokenizer, monkeypatch):

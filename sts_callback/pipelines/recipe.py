@@ -103,7 +103,22 @@ def wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
     try:
         return build(None)
     except ValueError:  # an architecture peft has no default for
+        remove_injected_adapters(model)
         return build("all-linear")
 
 
-__all__ = ["PadCollator", "training_features", "wrap_lora"]
+
+def remove_injected_adapters(model: nn.Module) -> None:
+    """Put back the plain layers PEFT wrapped in ``model`` outside a PEFT model (a ``get_peft_model`` that failed
+    or was interrupted half-way leaves its adapter layers injected; a finished one is unloaded by its model)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+
+
+__all__ = ["PadCollator", "pairs_dataset", "remove_injected_adapters", "training_features", "wrap_lora"]

@@ -37,7 +37,7 @@ from ..core.errors import STSConfigError, STSInputError
 from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
-from ..pipelines.recipe import PadCollator, pairs_dataset, training_features, wrap_lora
+from ..pipelines.recipe import PadCollator, pairs_dataset, remove_injected_adapters, training_features, wrap_lora
 from ..pipelines.shifts import is_preference_data
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 from ..scoring.signed import SIGNED_VARIANTS
@@ -678,8 +678,10 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
     original_device = model_device(model)
     requires_grad = None
     work = copy.deepcopy(model) if copy_model else model
-    if not copy_model:
+    if not copy_model:  # what training changes on the user's model, put back afterwards
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        modes = {name: module.training for name, module in model.named_modules()}
+        use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     work.to(device)
     result: dict[str, Any] = {"target_modules": None, "metric_before": metric_before}
     try:
@@ -739,8 +741,13 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
 
             if peft_model_of(work) is not None:
                 work.unload()  # the adapters come out, the base weights were never trained
+            remove_injected_adapters(model)  # those of a wrap that failed (or was interrupted) half-way
             for name, p in model.named_parameters():
                 p.requires_grad_(requires_grad.get(name, p.requires_grad))  # type: ignore[union-attr]
+            for name, module in model.named_modules():
+                module.train(modes.get(name, module.training))  # the Trainer left every module training
+            if use_cache is not None:
+                model.config.use_cache = use_cache  # the Trainer sets it from its arguments
             model.to(original_device)
         del work
     return result
