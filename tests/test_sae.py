@@ -98,6 +98,19 @@ def test_sae_dtype_cast():
     assert load_sae(tiny, dtype=torch.float32).module is tiny  # nothing to cast: no copy
 
 
+def test_the_callers_sae_stays_on_its_device():
+    """A SAE moved to the model's device is a copy (before: the caller's CPU SAE was moved to the GPU in place).
+    'meta' stands in for a GPU on this CPU-only machine."""
+    from sts_callback.core.sae import _own_copy_if_moved
+
+    for given in (make_sae_lens_sae(), TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")):
+        moved = _own_copy_if_moved(given, "meta", None)
+        assert moved is not given and next(moved.parameters()).device.type == "cpu"  # moved by the handle later
+        assert next(given.parameters()).device.type == "cpu"
+        assert _own_copy_if_moved(given, "cpu", None) is given and _own_copy_if_moved(given, None, None) is given
+        assert load_sae(given, device="cpu").module is given  # already there: no copy
+
+
 def test_a_sae_lens_training_sae_is_used_as_the_inference_sae_it_saves():
     # BatchTopK's training encode keeps the top k x batch latents of the whole batch, so scores changed with
     # STSConfig.batch_size (-25% at 2 vs 8); the inference SAE it saves encodes each row alone

@@ -298,10 +298,10 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
         handle = _sae_lens_handle(_inference_sae(spec, device),
                                   {"kind": "sae_lens_training_object", "class": type(spec).__name__})
     elif hasattr(spec, "cfg") and hasattr(getattr(spec, "cfg"), "d_sae") and hasattr(spec, "encode"):
-        handle = _sae_lens_handle(_own_copy_if_cast(spec, dtype),
+        handle = _sae_lens_handle(_own_copy_if_moved(spec, device, dtype),
                                   {"kind": "sae_lens_object", "class": type(spec).__name__})
     elif hasattr(spec, "encode") and callable(spec.encode):
-        handle = _generic_handle(_own_copy_if_cast(spec, dtype))
+        handle = _generic_handle(_own_copy_if_moved(spec, device, dtype))
     else:
         raise STSInputError(
             f"Cannot use {type(spec).__name__} as an SAE: it needs an encode(x) method, or pass a sae-lens SAE, "
@@ -337,10 +337,17 @@ def _inference_sae(training_sae: Any, device: torch.device | str | None) -> Any:
         return SAE.load_from_disk(folder, device=str(device or "cpu"))
 
 
-def _own_copy_if_cast(module: Any, dtype: torch.dtype | None) -> Any:
-    """``module``, or a copy of it when STSConfig(sae_dtype=) casts it: the caller's SAE object keeps its dtype."""
+def _own_copy_if_moved(module: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
+    """``module``, or a copy of it when STSConfig(sae_dtype=) casts it or it must move to the model's device: the
+    caller's SAE object keeps its dtype and device."""
     param = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
-    return copy.deepcopy(module) if param is not None and dtype is not None and param.dtype != dtype else module
+    if param is None:
+        return module
+    cast = dtype is not None and param.dtype != dtype
+    target = torch.device(device) if device is not None else None
+    moved = target is not None and (param.device.type != target.type
+                                    or target.index is not None and param.device.index != target.index)
+    return copy.deepcopy(module) if cast or moved else module
 
 
 def check_finite_weights(handle: SAEHandle) -> None:
