@@ -50,6 +50,7 @@ whole on every process), not under FSDP.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import numbers
@@ -66,7 +67,7 @@ from torch import nn
 from ..core.capture import parameters_are_sharded
 from ..core.config import plain_numbers, settings_from_dict
 from ..core.distributed import rank, shard, sum_across_ranks, warn_on_main, world_size
-from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSUsageError
 from ..core.extract import batches_by_length, local_sequences
 from ..core.data import TokenSequence
 from ..core.heldout import HEAD_CHUNK, head_nll, split_head
@@ -441,27 +442,58 @@ def _take(batches: Iterable[Mapping[str, Any]], n: int) -> list[Mapping[str, Any
     return out
 
 
+@contextmanager
+def _non_reentrant_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing through ``torch.autograd.grad``: a model's reentrant checkpointing (transformers'
+    ``use_reentrant=True``, TRL's choice under PEFT + ZeRO-3) gives no gradient to the parameters inside its blocks
+    there (only ``.backward()`` reaches them), so its blocks checkpoint non-reentrantly meanwhile, with the same
+    arguments otherwise: the same gradient, the same memory."""
+    from torch.utils.checkpoint import checkpoint
+
+    swapped = []
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(func, "func", None) is checkpoint and func.keywords.get("use_reentrant", True):
+            swapped.append((module, func))
+            module._gradient_checkpointing_func = functools.partial(checkpoint, *func.args,
+                                                                    **{**func.keywords, "use_reentrant": False})
+    try:
+        yield
+    finally:
+        for module, func in swapped:
+            module._gradient_checkpointing_func = func
+
+
 def _mean_gradient(model: nn.Module, params: list[nn.Parameter], micro_batches: Sequence[Mapping[str, Any]],
                    autocast, after_backward: Callable[[], None] = lambda: None) -> tuple[list[torch.Tensor], int]:
     """The token-weighted mean gradient of the training NLL over ``micro_batches`` of every process (train
     mode, as the run trains). ``torch.autograd.grad``: no ``.grad`` is written and no DDP / DeepSpeed gradient
-    hook fires."""
+    hook fires. A gradient that reaches no trainable parameter is an error, never a zero update."""
     device = _device(model)
     # summed in float32 at least: a bf16 / fp16 sum over micro-batches and processes would lose the low bits
     grads = [torch.zeros(_full_shape(p), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
              for p in params]
     tokens = 0
+    reached = torch.zeros(1)
     model.train()
     for batch in micro_batches:
-        with autocast() if autocast else nullcontext():
-            nll, count = _train_nll(model, batch, device)
-        parts = torch.autograd.grad(nll, params, allow_unused=True)
+        with _non_reentrant_checkpointing(model):
+            with autocast() if autocast else nullcontext():
+                nll, count = _train_nll(model, batch, device)
+            parts = torch.autograd.grad(nll, params, allow_unused=True)
         after_backward()
         for total, part in zip(grads, parts):
             if part is not None:
                 total.add_(part.to(total.dtype))
+                reached[0] = 1
         tokens += count
         del nll, parts
+    sum_across_ranks(reached)
+    if not reached.item():
+        raise STSUsageError("The run-level term's training gradient reached none of the trainable parameters (a "
+                            "custom gradient checkpointing that only .backward() goes through, e.g. a reentrant "
+                            "one not made by transformers?), so it would read as no change; run it without that "
+                            "checkpointing, or without run_level.")
     for g in grads:
         sum_across_ranks(g)
     count = torch.tensor([float(tokens)], dtype=torch.float64)
