@@ -244,3 +244,14 @@ def test_data_and_setup_warnings_that_every_rank_meets_alike_are_said_by_the_mai
         load_corpus(str(lines))  # read as one text: every rank reads the same file
     said = [str(w.message) for w in caught if issubclass(w.category, STSDataWarning)]
     assert len(said) == (1 if me == 0 else 0) and (me or "no blank line" in said[0])
+
+
+def test_a_tokenizer_longer_than_the_models_embedding_is_named_with_the_fix(model):
+    """Tokens added to the tokenizer without resize_token_embeddings: torch's bare IndexError before (and the
+    callback's note blamed memory or the SAE)."""
+    grown = make_tokenizer()
+    added = [f"newword{i}" for i in range(40)]
+    grown.add_tokens(added)
+    texts = [f"{t} {added[i % 40]}" for i, t in enumerate(domain_texts("law", 20))]
+    with pytest.raises(STSInputError, match=r"input embedding has 128 rows.*resize_token_embeddings\(len\(tokenizer"):
+        forecast(model, grown, sae(), texts, {"chem": domain_texts("chem", 10)}, config())

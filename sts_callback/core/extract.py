@@ -13,10 +13,10 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .capture import ResidualCapture
+from .capture import ResidualCapture, unwrap_model
 from .data import TokenPair
 from .distributed import LocalFailure, Shard, shard, world_size
-from .errors import STSNumericalError
+from .errors import STSInputError, STSNumericalError
 from .sae import SAEHandle
 from .stats import ActivationStats, ShiftStats, StatsGroup, TopActivations
 
@@ -99,6 +99,8 @@ class Extractor:
         self.split = split
         self.failed = LocalFailure.around_forwards(model, split and world_size() > 1)
         self.batches_run = 0
+        embeddings = getattr(unwrap_model(model), "get_input_embeddings", lambda: None)()
+        self.vocabulary = getattr(embeddings, "num_embeddings", None)  # rows of the input embedding
 
     def share(self, lengths: Sequence[int]) -> Shard:
         """The sequences this process runs (all of them when not split or not distributed)."""
@@ -116,6 +118,12 @@ class Extractor:
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
+        top = int(ids.max())
+        if self.vocabulary is not None and top >= self.vocabulary:  # the embedding's bare IndexError otherwise
+            raise STSInputError(f"The tokenizer gave token id {top}, but the model's input embedding has "
+                                f"{self.vocabulary} rows: tokens were added to the tokenizer and the model was not "
+                                "resized. Call model.resize_token_embeddings(len(tokenizer)) (as training on them "
+                                "needs too), or use the tokenizer the model was made with.")
         return self.capture(ids.to(self.device), mask.to(self.device))
 
     @staticmethod
