@@ -193,7 +193,8 @@ def test_bad_preference_inputs_name_the_problem(model, tokenizer, sae):
     with pytest.raises(STSInputError, match="records with 'prompt', 'chosen' and 'rejected'"):
         preference_forecast(model, tokenizer, sae, ["law court"], targets(), config())
     with pytest.raises(STSInputError, match="no 'prompt'"):
-        preference_forecast(model, tokenizer, sae, [{"chosen": " a", "rejected": " b"}], targets(), config())
+        preference_forecast(model, tokenizer, sae, [{"chosen": " a", "rejected": [{"role": "user", "content": "b"}]}],
+                            targets(), config())
     with pytest.raises(STSConfigError, match="chosen_vs_rejected"):
         preference_forecast(model, tokenizer, sae, pairs(), targets(), config(), shift="rejected")
     with warnings.catch_warnings():
@@ -225,3 +226,22 @@ def test_pairs_are_read_as_the_dpo_collator_cuts_them(model, tokenizer, sae, mod
     assert Truncation.from_args(SimpleNamespace(max_length=7, truncation_mode=mode)) == cut
     with pytest.raises(STSConfigError, match="truncation_mode='middle'"):
         Truncation.from_args(SimpleNamespace(max_length=7, truncation_mode="middle"))
+
+
+def test_implicit_prompt_text_pairs_are_read_as_trl_extracts_their_prompt(model, tokenizer, sae):
+    """TRL's DPOTrainer takes {"chosen": text, "rejected": text} (the shared start is the prompt); STS refused it."""
+    from trl.data_utils import extract_prompt
+
+    from sts_callback.core.data import implicit_prompt
+
+    implicit = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in pairs()]
+    for record in implicit + [{"chosen": "same", "rejected": "same"}, {"chosen": "a b", "rejected": "a c"}]:
+        expected = extract_prompt(record) if record["chosen"] != record["rejected"] else None
+        if expected is not None:
+            assert implicit_prompt(record["chosen"], record["rejected"]) == (
+                expected["prompt"], expected["chosen"], expected["rejected"])
+    explicit = [extract_prompt(record) for record in implicit]
+    got = preference_forecast(model, tokenizer, sae, implicit, targets(), config())
+    want = preference_forecast(model, tokenizer, sae, explicit, targets(), config())
+    assert got.shifted_latents == want.shifted_latents
+    assert dict(got.ranked()) == pytest.approx(dict(want.ranked()), rel=1e-9)

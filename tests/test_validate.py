@@ -509,3 +509,29 @@ def test_preference_pairs_are_validated_with_dpo(tmp_path, tokenizer):
     with pytest.raises(STSConfigError, match=r"sets \['beta'\], fields of TRL's DPOConfig"):
         validate(model, tokenizer, sae(), law, targets(), FAST, output_dir=tmp_path / "sft",
                  training_args={"beta": 0.5}, **CHEAP)
+    with pytest.raises(STSConfigError, match=r"sets \['max_length'\].*validate\(max_length=\.\.\.\)"):
+        validate(model, tokenizer, sae(), pairs, targets(), FAST, output_dir=tmp_path / "len",
+                 training_args={"max_length": 32}, **CHEAP)
+
+
+def test_dpo_validation_of_a_full_fine_tune_and_of_the_users_own_model(tmp_path, tokenizer):
+    """A full fine-tune's reference is the policy as it starts (TRL reloaded it from config._name_or_path: an
+    OSError for a model built in memory, another model's weights for one changed after loading); implicit-prompt
+    chats are pairs too; the user's model keeps its dropout (TRL's disable_dropout set it to 0)."""
+    law, food = domain_texts("law", 32, seed=3), domain_texts("food", 32, seed=3)
+    chats = [{"chosen": [{"role": "user", "content": " ".join(a.split()[:3])}, {"role": "assistant", "content": a}],
+              "rejected": [{"role": "user", "content": " ".join(a.split()[:3])}, {"role": "assistant", "content": b}]}
+             for a, b in zip(law, food)]
+    model = make_model("llama")
+    assert not model.config._name_or_path
+    validate(model, tokenizer, sae(), chats, targets(), FAST, method="full", seeds=0, output_dir=tmp_path / "full",
+             plot=False, report=False, **CHEAP)
+    forecast = json.loads((tmp_path / "full" / "sts" / "forecast.json").read_text())
+    assert forecast["settings"]["shift"] == "chosen_vs_rejected"
+    gpt2 = make_model("gpt2").train()
+    dropouts = {n: m.p for n, m in gpt2.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert dropouts and all(p > 0 for p in dropouts.values())
+    validate(gpt2, tokenizer, sae(), chats, targets(), FAST, method="lora", seeds=0, copy_model=False,
+             output_dir=tmp_path / "own", plot=False, report=False, **CHEAP)
+    assert {n: m.p for n, m in gpt2.named_modules() if isinstance(m, torch.nn.Dropout)} == dropouts
+    assert gpt2.training

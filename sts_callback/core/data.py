@@ -163,6 +163,18 @@ def joined_template_kwargs(examples: Sequence[Example]) -> dict[str, Any]:
     return kwargs
 
 
+def implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) of a preference pair in TRL's implicit-prompt form (``extract_prompt``): the
+    shared leading turns of two conversations, or the shared start of two texts (a space before the first
+    difference goes with the completions)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and 0 < n < len(chosen) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
 def example_from_record(record: Any, where: str = "") -> Example:
     """Turn one item (string, chat conversation or TRL-style record) into an :class:`Example`."""
     example = _example_from_record(record, where)
@@ -196,6 +208,12 @@ def _example_from_record(record: Any, where: str = "") -> Example:
             item = check_multiple_choice(record, where)
             return Example(prompt=PROMPT_FORMAT.format(question=item["question"]),
                            answer=CHOICE_FORMAT.format(choice=item["choices"][item["answer"]]))
+        if "prompt" not in record and "chosen" in record and "rejected" in record:  # TRL's implicit prompt
+            chosen, rejected = record["chosen"], record["rejected"]
+            if (isinstance(chosen, str) and isinstance(rejected, str)) or (is_messages(chosen) and
+                                                                            is_messages(rejected)):
+                prompt, answer, _ = implicit_prompt(chosen, rejected)
+                return _example_from_record({"prompt": prompt, "chosen": answer}, where)
         if "prompt" in record:
             prompt = record["prompt"]
             answer_field = next((k for k in ("completion", "chosen", "response", "answer") if k in record), None)

@@ -32,6 +32,7 @@ from ..core.data import (
     PromptBuilder,
     check_data_spec,
     TokenSequence,
+    implicit_prompt,
     is_messages,
     is_dataset,
     load_corpus,
@@ -233,14 +234,6 @@ class PreferencePair:
     index: int  # in the given data
 
 
-def _implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
-    """TRL's implicit-prompt format: the shared leading turns of two conversations are the prompt."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
 @dataclass(frozen=True)
 class Truncation:
     """How a preference trainer cuts each prompt + completion sequence before training on it (TRL ``DPOConfig``'s
@@ -291,11 +284,11 @@ def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: s
     chosen, rejected = record["chosen"], record["rejected"]
     if "prompt" in record and record["prompt"] is not None:
         prompt = record["prompt"]
-    elif is_messages(chosen) and is_messages(rejected):
-        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    elif (is_messages(chosen) and is_messages(rejected)) or (isinstance(chosen, str) and isinstance(rejected, str)):
+        prompt, chosen, rejected = implicit_prompt(chosen, rejected)  # TRL's implicit-prompt form
     else:
-        raise STSInputError(f"{where} has no 'prompt' and its chosen / rejected are not chat conversations that "
-                            "share their leading turns; add the prompt to every record.")
+        raise STSInputError(f"{where} has no 'prompt', and its chosen / rejected are neither two texts nor two chat "
+                            "conversations (whose shared start would be the prompt); add the prompt to every record.")
     for label, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str) and not is_messages(value):
             raise STSInputError(f"{where}: {label!r} is a {type(value).__name__}; use a string or chat messages "

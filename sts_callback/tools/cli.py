@@ -332,11 +332,12 @@ def _check_config_keys(path: str, command: str, config_file: dict[str, Any]) -> 
         validation = config_file.get("validation")
         _unknown_keys(f"{path}: validation", validation, VALIDATE_KEYS)
         if isinstance(validation, dict) and validation.get("training_args") is not None:
-            from transformers import TrainingArguments
+            from ..validation.validate import dpo_argument_fields, training_argument_fields
 
-            fields = [f.name for f in dataclasses.fields(TrainingArguments)]
+            fields = training_argument_fields() | dpo_argument_fields()
             _unknown_keys(f"{path}: validation.training_args", validation["training_args"], fields,
-                          "valid keys are the fields of transformers.TrainingArguments")
+                          "valid keys are the fields of transformers.TrainingArguments (and of TRL's DPOConfig, "
+                          "for preference pairs)")
         if target_names is not None:
             _unknown_keys(f"{path}: multiple_choice", config_file.get("multiple_choice"), target_names,
                           f"its keys are target domains: {target_names}")

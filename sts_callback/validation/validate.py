@@ -36,6 +36,7 @@ from ..core.data import Corpus, load_corpus, load_domains, text_tokenizer
 from ..core.errors import STSConfigError, STSInputError
 from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
+from ..pipelines.monitor import peft_model_of
 from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
 from ..pipelines.recipe import PadCollator, pairs_dataset, remove_injected_adapters, training_features, wrap_lora
 from ..pipelines.shifts import is_preference_data
@@ -361,7 +362,7 @@ OWN_TRAINING_ARGS: dict[str, str | None] = {
     "per_device_train_batch_size": "batch_size", "per_gpu_train_batch_size": "batch_size",
     "auto_find_batch_size": "batch_size", "seed": "seeds", "data_seed": "seeds", "output_dir": "output_dir",
     "use_cpu": "device", "no_cuda": "device", "disable_tqdm": "progress",
-    "remove_unused_columns": None, "label_names": None,
+    "remove_unused_columns": None, "label_names": None, "max_length": "max_length",  # DPOConfig's, for pairs
 }
 
 
@@ -386,32 +387,32 @@ def _check_training_args(training_args: dict[str, Any]) -> None:
                              f"Remove them from training_args and pass validate({settings}) instead (in a config "
                              "file: keys of the validation: section).")
     if training_args:
-        unknown = [k for k in training_args if k not in _training_fields()]
-        if unknown and _preference_fields():  # DPOConfig's own fields: for preference data (checked in validate)
-            unknown = [k for k in unknown if k not in _preference_fields()]
+        unknown = [k for k in training_args if k not in training_argument_fields()]
+        if unknown and dpo_argument_fields():  # DPOConfig's own fields: for preference data (checked in validate)
+            unknown = [k for k in unknown if k not in dpo_argument_fields()]
         if unknown:
             import difflib
 
-            hints = {k: difflib.get_close_matches(k, _training_fields(), n=1) for k in unknown}
+            hints = {k: difflib.get_close_matches(k, training_argument_fields(), n=1) for k in unknown}
             hint = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in hints.items() if m)
             raise STSConfigError(f"validate(training_args=...) has {unknown}, not field(s) of "
                                  "transformers.TrainingArguments; fix the name(s) or remove them"
                                  + (f" ({hint})" if hint else "") + ".")
 
 
-def _training_fields() -> set[str]:
+def training_argument_fields() -> set[str]:
     from transformers import TrainingArguments
 
     return {f.name for f in fields(TrainingArguments)}
 
 
-def _preference_fields() -> set[str]:
+def dpo_argument_fields() -> set[str]:
     """The fields TRL's ``DPOConfig`` adds to TrainingArguments (empty without TRL)."""
     try:
         from trl import DPOConfig
     except ImportError:
         return set()
-    return {f.name for f in fields(DPOConfig)} - _training_fields()
+    return {f.name for f in fields(DPOConfig)} - training_argument_fields()
 
 
 @dataclass
@@ -559,8 +560,6 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     tokenizer = text_tokenizer(tokenizer)  # a VLM's processor: its tokenizer, with its chat template
     if tokenizer is None:
         raise STSInputError("validate() needs the model's tokenizer.")
-    from ..pipelines.monitor import peft_model_of
-
     if peft_model_of(model) is not None:
         raise STSInputError("validate() got a model with PEFT adapters; pass the base model "
                             "(model.get_base_model(), or merge_and_unload()): validate adds its own adapters "
@@ -573,11 +572,11 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     if len(train) == 0:
         raise STSInputError("The training set is empty; give it examples.")
     demos = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
-    if demos is None and not _trainable_answers(train):
+    preference = is_preference_data(train)
+    if demos is None and not preference and not _trainable_answers(train):
         raise STSInputError("The training set has no answers (prompt-only data): it can neither be fine-tuned on "
                             "with SFT nor give in-context demonstrations; give texts or prompt/answer records.")
-    preference = is_preference_data(train)
-    dpo_only = sorted(set(training_args or {}) - _training_fields())
+    dpo_only = sorted(set(training_args or {}) - training_argument_fields())
     if preference:  # trained as a DPO user trains them: TRL's DPOTrainer (the callback forecasts chosen - rejected)
         try:
             import trl  # noqa: F401  - fail now, not after the forecast
@@ -598,8 +597,8 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     out = Path(output_dir)
     sts_dir = out / "sts"
     sts_dir.mkdir(parents=True, exist_ok=True)
-    training = {"trainer": "DPOTrainer" if preference else "Trainer", "method": method, "steps": steps, "learning_rate": lr, "batch_size": batch_size,
-                "max_length": max_length, "lora_rank": lora_rank if method == "lora" else None,
+    training = {"trainer": "DPOTrainer" if preference else "Trainer", "method": method, "steps": steps,
+                "learning_rate": lr, "batch_size": batch_size, "max_length": max_length, "lora_rank": lora_rank if method == "lora" else None,
                 "lora_alpha": (lora_alpha or 2 * lora_rank) if method == "lora" else None,
                 "lora_target_modules": None, "completion_only_loss": completion_only_loss,
                 "loss_tokens": loss_tokens, "recheck_tokens": recheck_tokens, "recheck_steps": recheck_steps,
@@ -681,6 +680,8 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
     if not copy_model:  # what training changes on the user's model, put back afterwards
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         modes = {name: module.training for name, module in model.named_modules()}
+        dropouts = {name: module.p for name, module in model.named_modules()  # TRL's disable_dropout sets 0
+                    if isinstance(module, nn.modules.dropout._DropoutNd)}
         use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     work.to(device)
     result: dict[str, Any] = {"target_modules": None, "metric_before": metric_before}
@@ -711,7 +712,10 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
 
             del args["remove_unused_columns"], args["label_names"]  # DPOTrainer's own collator and columns
             args.update(max_length=max_length, **(training_args or {}))
-            trainer = DPOTrainer(model=work, args=DPOConfig(**args), train_dataset=features,
+            # the reference is the policy as it starts: TRL would reload it from config._name_or_path for a full
+            # fine-tune (another model's weights, or none for a model built in memory); LoRA's is the base
+            reference = copy.deepcopy(work) if peft_model_of(work) is None else None
+            trainer = DPOTrainer(model=work, ref_model=reference, args=DPOConfig(**args), train_dataset=features,
                                  processing_class=tokenizer, callbacks=[callback])
         else:
             args.update(training_args or {})
@@ -737,8 +741,6 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
         del trainer
     finally:
         if not copy_model:
-            from ..pipelines.monitor import peft_model_of
-
             if peft_model_of(work) is not None:
                 work.unload()  # the adapters come out, the base weights were never trained
             remove_injected_adapters(model)  # those of a wrap that failed (or was interrupted) half-way
@@ -746,6 +748,8 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                 p.requires_grad_(requires_grad.get(name, p.requires_grad))  # type: ignore[union-attr]
             for name, module in model.named_modules():
                 module.train(modes.get(name, module.training))  # the Trainer left every module training
+                if name in dropouts:
+                    module.p = dropouts[name]
             if use_cache is not None:
                 model.config.use_cache = use_cache  # the Trainer sets it from its arguments
             model.to(original_device)
