@@ -510,7 +510,23 @@ def test_preference_candidates_are_gated_on_chosen_minus_rejected(model, tokeniz
         pair = pool["prefer_law"][i]
         expected = (mean_latents(pair["prompt"], pair["chosen"]) - mean_latents(pair["prompt"], pair["rejected"]))
         assert scores.scores["law"][i] == pytest.approx(float(expected.square().mean()), rel=1e-4)
+    worst = scores.worst[0]
+    chosen = pool["prefer_law"][worst["index"]]
+    assert worst["text"].split() == (chosen["prompt"] + chosen["chosen"]).split()  # the pair's text, as trained
     # the worst pairs are dropped, the records kept whole
     kept = filter_examples(result, "prefer_law", keep_fraction=0.5)
     assert len(kept.examples) == 6 and all(set(r) == {"prompt", "chosen", "rejected"} for r in kept.examples)
     assert pool["prefer_law"][3] in kept.examples
+
+
+def test_a_tokenized_preference_candidate_is_gated_and_previewed(model, tokenizer):
+    """TRL's tokenized pairs (prompt_ids / chosen_ids / rejected_ids): the preview of the worst read the records as
+    SFT text and failed after every score was computed."""
+    tokenized = [{"prompt_ids": tokenizer(p["prompt"])["input_ids"],
+                  "chosen_ids": tokenizer(p["chosen"], add_special_tokens=False)["input_ids"],
+                  "rejected_ids": tokenizer(p["rejected"], add_special_tokens=False)["input_ids"]}
+                 for p in preference_pairs("law", "food")]
+    result = gate_mixture(model, tokenizer, make_sae(), {"ids": tokenized, "code": domain_texts("code", 20, seed=1)},
+                          targets(), "law", config=config(shift_tokens=10_000))
+    assert result.forecasts["ids"].settings["shift"] == "chosen_vs_rejected"
+    assert all(w["text"] for w in result.example_scores["ids"].worst)

@@ -76,9 +76,11 @@ def test_the_gate_bar_ends_at_its_total(monkeypatch, world):
 
     as_main_of(monkeypatch, world)
     bars = recording(monkeypatch, gate)
+    chosen, rejected = domain_texts("law", 5, seed=4), domain_texts("food", 5, seed=4)
+    pairs = [{"prompt": "Say something.", "chosen": c, "rejected": r} for c, r in zip(chosen, rejected)]
     with contextlib.suppress(MixtureRejected):
         gate_mixture(make_model("llama"), make_tokenizer(), sae(),
-                     {"a": domain_texts("law", 7, seed=3), "b": domain_texts("code", 5, seed=3)},
+                     {"a": domain_texts("law", 7, seed=3), "b": domain_texts("code", 5, seed=3), "pairs": pairs},
                      {"chem": domain_texts("chem", 5), "food": domain_texts("food", 3)}, "chem",
                      config=STSConfig(n_shifted=8, shift_tokens=10_000, domain_tokens=10_000, batch_size=2,
                                       n_domain_demonstrations=1), progress=True)

@@ -71,6 +71,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -403,7 +404,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     # the main process's own count: each pass forwards its shard, but every rank scores all the examples
     total = (sum(shard_size(len(d.pairs or d.singles)) for d in domain_plan.values())
              + sum(passes[n].sequences if n in passes else shard_size(len(p.shift_pairs)) for n, p in plans.items())
-             + (sum(len(c) for c in corpora.values()) if score_examples else 0))
+             + (sum(len(c) * (2 if n in passes else 1) for n, c in corpora.items()) if score_examples else 0))
     bar = progress_bar(total, progress, desc="STS gate")
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     calls: dict[str, int] = {}
@@ -689,19 +690,21 @@ def _score_examples(extractor: Extractor, setup: ForecastSetup, corpus: Corpus, 
         rows_example = torch.tensor(item.batch, dtype=torch.long)[item.where[0]]
         sums.index_add_(0, rows_example, contribution)
         counts.index_add_(0, rows_example, torch.ones(rows_example.numel(), dtype=torch.float64))
-    return _example_scores(name, corpus, counts.tolist(), sums / counts.clamp(min=1).unsqueeze(1), protected)
+    return _example_scores(name, counts.tolist(), sums / counts.clamp(min=1).unsqueeze(1), protected,
+                           lambda i: example_text(corpus[i]))
 
 
-def _example_scores(name: str, corpus: Corpus, tokens: list[float], per_domain: torch.Tensor,
-                    protected: list[str]) -> ExampleScores:
-    """:class:`ExampleScores` from each example's counted tokens and its ``[examples, P]`` scores."""
+def _example_scores(name: str, tokens: list[float], per_domain: torch.Tensor, protected: list[str],
+                    text: Callable[[int], str]) -> ExampleScores:
+    """:class:`ExampleScores` from each example's counted tokens and its ``[examples, P]`` scores (``text(i)``:
+    example i as the preview of the worst shows it)."""
     total = per_domain.sum(dim=1)
     scores = ExampleScores(candidate=name, tokens=[int(c) for c in tokens],
                            scores={p: per_domain[:, k].tolist() for k, p in enumerate(protected)},
                            total=total.tolist())
     order = sorted(range(len(tokens)), key=lambda i: (-scores.total[i], i))[:WORST_SHOWN]
     scores.worst = [{"index": i, "score": scores.total[i],
-                     "text": example_text(corpus[i])[:PREVIEW_CHARS]} for i in order]
+                     "text": text(i)[:PREVIEW_CHARS]} for i in order]
     return scores
 
 
@@ -727,7 +730,9 @@ def _score_pairs(extractor: Extractor, setup: ForecastSetup, corpus: Corpus, nam
     means = sums / counts.clamp(min=1).unsqueeze(1)
     counted = ((counts[0::2] > 0) & (counts[1::2] > 0) & torch.tensor(differ)).double()
     per_domain = (means[0::2] - means[1::2]).square() @ weights * counted.unsqueeze(1)  # [pairs, P]
-    return _example_scores(name, corpus, ((counts[0::2] + counts[1::2]) * counted).tolist(), per_domain, protected)
+    tokenizer = setup.builder.tokenizer  # a pair's text as the trainer reads it (any of TRL's formats, tokenized too)
+    return _example_scores(name, ((counts[0::2] + counts[1::2]) * counted).tolist(), per_domain, protected,
+                           lambda i: tokenizer.decode(sequences[2 * i][0], skip_special_tokens=True))
 
 
 def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate: str, *,
