@@ -170,7 +170,8 @@ def test_grpo_advantages_and_the_high_reward_demonstrations(model, tokenizer):
     result = rollout_forecast(model, tokenizer, tiny_sae, prompts(), first_token, targets(), config(),
                               settings=SETTINGS, shift="reward_filtered")
     assert result.settings["demonstrations"] == "reward_filtered_rollouts"
-    assert result.settings["shift"] == "in_context" and result.settings["rollouts"]["prompts"] == 4
+    assert result.settings["shift"] == "reward_filtered"  # as the callback records it (it read "in_context")
+    assert result.settings["rollouts"]["prompts"] == 4
     default = rollout_forecast(model, tokenizer, tiny_sae, prompts(), first_token, targets(), config(),
                                settings=SETTINGS)
     assert "demonstrations" not in default.settings and default.settings["rollouts"]["prompts"] == 4

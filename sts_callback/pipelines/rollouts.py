@@ -663,5 +663,6 @@ def rollout_forecast(model: nn.Module, tokenizer, sae: Any, prompts: Any, reward
         demos = load_corpus(rollouts.demonstrations(top_fraction), name="rollout demonstrations")
         result = run_forecast(setup, load_corpus(records, name="train"), domains, demos, progress=progress,
                               start=start).forecast
-        result.settings.update({"demonstrations": "reward_filtered_rollouts", "rollouts": rollouts.summary()})
+        result.settings.update({"shift": "reward_filtered", "demonstrations": "reward_filtered_rollouts",
+                                "rollouts": rollouts.summary()})
     return result.apply_calibration(calibration) if calibration is not None else result
