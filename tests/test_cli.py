@@ -711,6 +711,8 @@ def training_kinds(workspace):
         for a, b in zip(law, food)))
     (workspace / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": t[:20]}) for t in law))
     (workspace / "rewards.py").write_text(REWARDS)
+    (workspace / "pairs_ids.jsonl").write_text("\n".join(
+        json.dumps({"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9, 10]}) for _ in range(4)))
     make_model("llama", seed=1).save_pretrained(workspace / "teacher")
     make_tokenizer().save_pretrained(workspace / "teacher")
     return workspace
@@ -802,7 +804,14 @@ def test_forecast_with_a_teacher_samples_its_completions(training_kinds, tmp_pat
     ({"reward_funcs": ["{root}/rewards.py:length_reward"], "settings": {"num_generation": 4}},
      "Unknown rollout setting(s) ['num_generation']"),
     ({"train_data": "{root}/pairs.jsonl", "settings": {"max_lenght": 64}}, "Unknown preference setting(s)"),
-    ({"settings": {"temperature": 1.0}}, "Leave `settings:` out"),
+    ({"settings": {"temperature": 1.0}}, "reads none. Leave them out"),
+    ({"teacher": "{root}/no_teacher_here"}, "teacher: Model folder"),
+    ({"teacher": "{root}/teacher", "train_data": "{root}/pairs.jsonl"},
+     "A teacher given, but the forecast is the chosen_vs_rejected one"),
+    ({"reward_funcs": ["{root}/rewards.py:length_reward"], "demonstrations": "{root}/chem.jsonl",
+      "train_data": "{root}/prompts.jsonl"}, "Reward functions given, but the forecast is the in_context one"),
+    ({"reward_funcs": ["{root}/rewards.py:length_reward"]}, "Prompt 0 of train_data is ['text']"),
+    ({"train_data": "{root}/pairs_ids.jsonl", "shift": "in_context"}, "Cannot read example 0 of 'train'"),
 ])
 def test_training_kind_mistakes_are_one_line_errors_before_the_model_loads(training_kinds, capsys, no_model,
                                                                             changes, named):
@@ -811,7 +820,8 @@ def test_training_kind_mistakes_are_one_line_errors_before_the_model_loads(train
     assert named in one_line_error(capsys)
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(training_kinds, tmp_path, capsys):
+def test_a_teacher_with_another_tokenizer_is_refused_before_the_models_load(training_kinds, tmp_path, capsys,
+                                                                             no_model):
     make_model("llama", vocab_size=140, seed=2).save_pretrained(tmp_path / "other")
     other = make_tokenizer()
     other.add_tokens(["<extra>"])
@@ -820,5 +830,28 @@ def test_a_teacher_with_another_tokenizer_is_refused(training_kinds, tmp_path, c
                           teacher=str(tmp_path / "other"), output=str(tmp_path / "forecast.json"))
     capsys.readouterr()
     assert main(["forecast", str(config), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars of the loads
-    assert err.startswith("sts: error: The teacher's tokenizer") and "must share the tokenizer" in err
+    assert "The teacher's tokenizer" in one_line_error(capsys)
+
+
+def test_reward_files_in_two_folders_each_import_their_own_neighbour(tmp_path):
+    """Python's module cache gave the second file the first one's `utils` (an ImportError, or the wrong
+    function silently); a module of that name imported before is put back afterwards."""
+    import types
+
+    from sts_callback.tools.python_objects import import_object
+
+    for folder, offset in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "utils.py").write_text(f"OFFSET = {offset}\ndef offset():\n    return OFFSET\n")
+        (tmp_path / folder / "rewards.py").write_text(
+            f"from utils import offset\n\ndef reward_{folder}(completions, **kw):\n"
+            "    return [offset()] * len(completions)\n")
+    before = types.ModuleType("utils")
+    sys.modules["utils"] = before
+    try:
+        first = import_object(f"{tmp_path}/a/rewards.py:reward_a", "reward")
+        second = import_object(f"{tmp_path}/b/rewards.py:reward_b", "reward")
+        assert (first(["x"]), second(["x"])) == ([1.0], [2.0])
+        assert sys.modules["utils"] is before
+    finally:
+        sys.modules.pop("utils", None)

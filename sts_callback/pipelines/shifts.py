@@ -23,10 +23,10 @@ from torch import nn
 
 from ..core.data import Corpus, load_corpus
 from ..core.errors import STSConfigError
-from .distillation import DISTILLATION_SHIFTS, distillation_forecast
+from .distillation import DISTILLATION_SHIFTS, distillation_forecast, distillation_settings
 from .forecast import Forecast, forecast
 from .preference import Truncation, preference_forecast
-from .rollouts import rollout_forecast
+from .rollouts import RolloutSettings, rollout_forecast
 
 RL_SHIFTS = ("reward_filtered", "reward_weighted")
 SHIFTS = ("auto", "in_context", "chosen_vs_rejected", *RL_SHIFTS, *DISTILLATION_SHIFTS)
@@ -91,12 +91,11 @@ def training_forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, ta
     :func:`~sts_callback.pipelines.forecast.forecast`. ``settings``: the generation (and, under RL, reward) settings
     of the rollouts, as :class:`~sts_callback.pipelines.rollouts.RolloutSettings` fields or the trainer's config.
     Other arguments as those functions."""
-    if reward_funcs is not None and teacher is not None:
-        raise STSConfigError("Give reward_funcs (RL) or a teacher (distillation), not both: STS forecasts one kind "
-                             "of training at a time.")
     train = load_corpus(train_data, name="train")  # read once: its columns decide 'auto'
     shift = choose_shift(shift, train, rl=reward_funcs is not None, teacher=teacher is not None,
                          has_demonstrations=demonstrations is not None, where="none was given")
+    check_training_inputs(shift, reward_funcs=reward_funcs is not None, teacher=teacher is not None,
+                          settings=settings)
     common = {"progress": progress, "calibration": calibration}
     if shift in RL_SHIFTS:
         return rollout_forecast(model, tokenizer, sae, train, reward_funcs, targets, config, settings=settings,
@@ -108,10 +107,31 @@ def training_forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, ta
         cut = preference_truncation(settings)
         return preference_forecast(model, tokenizer, sae, train, targets, config, max_length=cut.max_length,
                                    truncation_mode=cut.mode, **common)
-    if isinstance(settings, dict) and settings:
-        raise STSConfigError(f"settings {sorted(settings)} apply to the preference, RL and distillation forecasts; "
-                             f"this is the {shift} forecast, which reads none. Leave settings out.")
     return forecast(model, tokenizer, sae, train, targets, config, demonstrations=demonstrations, **common)
+
+
+def check_training_inputs(shift: str, *, reward_funcs: bool, teacher: bool, settings: Any) -> None:
+    """Before any work: the inputs the chosen ``shift`` reads, and none it would leave unused (reward functions
+    or a teacher the forecast does not sample with: preference data, demonstrations or the shift named decided
+    otherwise); ``settings`` checked against that shift's fields."""
+    if reward_funcs and teacher:
+        raise STSConfigError("Give reward functions (RL) or a teacher (distillation), not both: STS forecasts one "
+                             "kind of training at a time.")
+    for given, what, used_by in ((reward_funcs, "reward functions", RL_SHIFTS),
+                                 (teacher, "a teacher", DISTILLATION_SHIFTS)):
+        if given and shift not in used_by:
+            raise STSConfigError(f"{what[0].upper()}{what[1:]} given, but the forecast is the {shift} one, which does "
+                                 f"not use them (preference data, demonstrations or the shift named chose it): drop "
+                                 f"them, or ask for {' / '.join(used_by)} without demonstrations.")
+    if shift in RL_SHIFTS:
+        RolloutSettings.from_args(settings or {})
+    elif shift in DISTILLATION_SHIFTS:
+        distillation_settings(settings)
+    elif shift == "chosen_vs_rejected":
+        preference_truncation(settings)
+    elif isinstance(settings, dict) and settings:
+        raise STSConfigError(f"settings {sorted(settings)} apply to the preference, RL and distillation forecasts; "
+                             f"this is the {shift} forecast, which reads none. Leave them out.")
 
 
 PREFERENCE_SETTINGS = ("max_length", "truncation_mode")
@@ -129,5 +149,5 @@ def preference_truncation(settings: Any) -> Truncation:
     return Truncation.from_args(settings)
 
 
-__all__ = ["PREFERENCE_COLUMNS", "PREFERENCE_SETTINGS", "RL_SHIFTS", "SHIFTS", "check_shift", "choose_shift",
-           "data_columns", "is_preference_data", "preference_truncation", "training_forecast"]
+__all__ = ["PREFERENCE_COLUMNS", "PREFERENCE_SETTINGS", "RL_SHIFTS", "SHIFTS", "check_shift", "check_training_inputs",
+           "choose_shift", "data_columns", "is_preference_data", "preference_truncation", "training_forecast"]

@@ -623,16 +623,16 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 def _training_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict[str, Any]:
     """What the training is (``shift``, ``reward_funcs``, ``teacher``, ``settings``) and its data, read and checked
     before any model loads: the reward functions imported, the shift chosen as the callback would choose it, the
-    settings checked against that shift's fields."""
+    inputs checked against it (:func:`~sts_callback.pipelines.shifts.check_training_inputs`), the data read as that
+    forecast reads it."""
     from ..core.data import load_corpus
-    from ..pipelines.distillation import DISTILLATION_SHIFTS, distillation_settings
-    from ..pipelines.rollouts import RolloutSettings, check_reward_funcs
-    from ..pipelines.shifts import RL_SHIFTS, check_shift, choose_shift, preference_truncation
+    from ..pipelines.distillation import DISTILLATION_SHIFTS
+    from ..pipelines.rollouts import check_reward_funcs, prompt_records
+    from ..pipelines.shifts import RL_SHIFTS, check_training_inputs, choose_shift
     from .python_objects import import_object
 
     where = args.config
     asked = args.shift or config_file.get("shift") or "auto"
-    check_shift(asked)
     specs = config_file.get("reward_funcs")
     specs = [specs] if isinstance(specs, str) else specs
     if specs is not None and not (isinstance(specs, list) and specs):
@@ -640,46 +640,65 @@ def _training_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> d
                             f"entries, not {specs!r}.")
     reward_funcs = check_reward_funcs([import_object(spec, f"{where}: reward function") for spec in specs]) \
         if specs else None
-    teacher = config_file.get("teacher")
-    if teacher is not None:
-        _check_model(_expand(teacher))
-    if reward_funcs is not None and teacher is not None:
-        raise STSInputError(f"{where}: give reward_funcs (RL) or teacher (distillation), not both.")
+    teacher = _expand(config_file.get("teacher"))
     settings = config_file.get("settings")
     if settings is not None and not isinstance(settings, dict):
         raise STSInputError(f"{where}: settings must be a mapping (e.g. {{num_generations: 8, temperature: 1.0}}), "
                             f"not {type(settings).__name__}.")
-    train = load_corpus(_expand(config_file["train_data"]), name="train")
-    missing = "teacher" if asked in DISTILLATION_SHIFTS else "reward_funcs"
-    shift = choose_shift(asked, train, rl=reward_funcs is not None, teacher=teacher is not None,
-                         has_demonstrations=config_file.get("demonstrations") is not None,
-                         where=f"{where} gives no `{missing}:`")
+    if teacher is not None:
+        try:
+            _check_model(teacher)
+        except STSInputError as err:
+            raise STSInputError(f"{where}: teacher: {err}") from err
     try:
-        if shift in RL_SHIFTS:
-            RolloutSettings.from_args(settings or {})
-        elif shift in DISTILLATION_SHIFTS:
-            distillation_settings(settings)
-        elif shift == "chosen_vs_rejected":
-            preference_truncation(settings)
-        elif settings:
-            raise STSInputError(f"settings apply to the preference, RL and distillation forecasts; this is the "
-                                f"{shift} forecast, which reads none. Leave `settings:` out.")
+        train = load_corpus(_expand(config_file["train_data"]), name="train")
+        missing = "`teacher:`" if asked in DISTILLATION_SHIFTS else "`reward_funcs:`"
+        shift = choose_shift(asked, train, rl=reward_funcs is not None, teacher=teacher is not None,
+                             has_demonstrations=config_file.get("demonstrations") is not None,
+                             where=f"the config gives no {missing}")
+        check_training_inputs(shift, reward_funcs=reward_funcs is not None, teacher=teacher is not None,
+                              settings=settings)
+        if shift in (*RL_SHIFTS, *DISTILLATION_SHIFTS):
+            prompt_records(train, "train_data")  # the prompts the rollouts are sampled for
+        elif shift == "in_context":
+            for i in range(min(len(train), 64)):  # a record this forecast cannot read: said now, not after loading
+                train[i]
     except STSError as err:
         raise type(err)(f"{where}: {err}") from err
+    if teacher is not None:
+        _check_same_tokenizer(config_file["model"], teacher)
     return {"asked": asked, "shift": shift, "train": train, "reward_funcs": reward_funcs, "teacher": teacher,
             "settings": settings}
+
+
+def _check_same_tokenizer(model: str, teacher: str) -> None:
+    """A teacher folder whose tokenizer is not the model folder's is refused before either model loads (the
+    offline Gemma's tokenizer comes with its weights: checked after loading, by :func:`_load_teacher`)."""
+    if model in GEMMA_NAMES or teacher in GEMMA_NAMES:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        ours, theirs = (AutoTokenizer.from_pretrained(os.path.expanduser(spec)) for spec in (model, teacher))
+    except (OSError, ValueError):
+        return  # the model loader names what is wrong with a folder
+    _same_vocabulary(ours, theirs, teacher)
+
+
+def _same_vocabulary(tokenizer: Any, teacher_tokenizer: Any, teacher: str) -> None:
+    ours, theirs = (getattr(t, "tokenizer", t) for t in (tokenizer, teacher_tokenizer))  # a VLM's processor
+    if ours.get_vocab() != theirs.get_vocab():
+        raise STSInputError(f"The teacher's tokenizer ({teacher}: {len(theirs)} tokens) is not the model's "
+                            f"({len(ours)} tokens): STS samples the teacher on the model's token ids, so it must "
+                            "share the tokenizer. Distil from a teacher of the same family (or one retokenised).")
 
 
 def _load_teacher(spec: Any, config_file: dict[str, Any], tokenizer: Any) -> Any:
     """The distillation teacher, on the model's device and dtype; it must read the model's token ids."""
     if spec is None:
         return None
-    teacher, teacher_tokenizer = load_model(_expand(spec), config_file.get("device"), config_file.get("dtype"))
-    ours, theirs = (getattr(t, "tokenizer", t) for t in (tokenizer, teacher_tokenizer))  # a VLM's processor
-    if ours.get_vocab() != theirs.get_vocab():
-        raise STSInputError(f"The teacher's tokenizer ({spec}: {len(theirs)} tokens) is not the model's "
-                            f"({len(ours)} tokens): STS samples the teacher on the model's token ids, so it must "
-                            "share the tokenizer. Distil from a teacher of the same family (or one retokenised).")
+    teacher, teacher_tokenizer = load_model(spec, config_file.get("device"), config_file.get("dtype"))
+    _same_vocabulary(tokenizer, teacher_tokenizer, spec)
     return teacher
 
 

@@ -47,7 +47,13 @@ def _module_from_file(path: Path, what: str, spec: str) -> Any:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
-    sys.path.insert(0, str(path.parent))  # the file's own imports of its neighbours
+    # the file's own imports of its neighbours (`from utils import ...`) find them, not a module of that name
+    # imported before (another reward file's neighbour, an installed package); the names go back afterwards
+    neighbours = {p.stem for p in path.parent.glob("*.py")} | {p.parent.name for p in path.parent.glob("*/__init__.py")}
+    hidden = {n: m for n, m in sys.modules.items() if n.split(".")[0] in neighbours}
+    for n in hidden:
+        del sys.modules[n]
+    sys.path.insert(0, str(path.parent))
     try:
         module_spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001 - the user's file: named, its own error chained
@@ -55,6 +61,9 @@ def _module_from_file(path: Path, what: str, spec: str) -> Any:
             from err
     finally:
         sys.path.remove(str(path.parent))
+        for n in [n for n in sys.modules if n.split(".")[0] in neighbours]:
+            del sys.modules[n]
+        sys.modules.update(hidden)
     sys.modules[name] = module
     return module
 
