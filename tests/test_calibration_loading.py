@@ -191,7 +191,7 @@ def test_a_calibration_fitted_on_validations_records_their_scope_and_warns_on_an
     out = tmp_path / "cal.json"
     assert main(["calibrate", str(tmp_path / "val"), "--features", "sts_act", "--out", str(out)]) == 0
     calibration = load_calibration(str(out))
-    assert calibration.fitted_on["scope"] == LLAMA
+    assert calibration.fitted_on["scope"] == {**LLAMA, "shift": "in_context"}  # SFT forecasts: in context
     assert calibration.fitted_on["validations"] == [str(path.resolve())]  # where it came from, not null
     gpt2 = forecast_of({"a": {"sts_act": 1.0}, "b": {"sts_act": 2.0}}, sae_settings({**LLAMA, "model_class": "GPT2"}))
     with pytest.warns(STSDataWarning, match="fitted on another setup: model_class 'GPT2'.*'LlamaForCausalLM'"):
@@ -207,7 +207,7 @@ def test_a_calibration_fitted_on_validations_records_their_scope_and_warns_on_an
     other = write_validation(tmp_path / "val2", sae_settings({**LLAMA, "model_class": "GPT2"}), shift=0.002)
     with pytest.warns(STSDataWarning, match=r"different setups \(model_class: 'LlamaForCausalLM' .*'GPT2'"):
         both = Calibration.from_validation([path, other], ["sts_act"])  # pooled: said, as for training runs
-    assert both.fitted_on["scope"] == {k: v for k, v in LLAMA.items() if k != "model_class"}
+    assert both.fitted_on["scope"] == {**{k: v for k, v in LLAMA.items() if k != "model_class"}, "shift": "in_context"}
 
 
 def write_run(folder, settings: dict, own: float, offsets: dict[str, float]):
@@ -230,7 +230,7 @@ def test_a_calibration_fitted_on_training_runs_records_their_scope(tmp_path):
                                                                     for j, (d, o) in enumerate(offsets.items())})
         runs.append(str(tmp_path / f"run{i}"))
     calibration = Calibration.from_runs(runs, ["sts_act"])
-    assert calibration.fitted_on["scope"] == {**LLAMA, "run_level_steps": 2}
+    assert calibration.fitted_on["scope"] == {**LLAMA, "run_level_steps": 2, "shift": "in_context"}
     assert calibration.fitted_on["training_runs"] == runs
     applied = forecast_of({d: {"sts_act": 1.0 + i} for i, d in enumerate(offsets)},
                           {**sae_settings({**LLAMA, "hook_name": "blocks.5.hook_resid_post"}),
@@ -257,6 +257,23 @@ def test_the_table_names_the_calibration_and_says_when_it_is_out_of_scope(tmp_pa
     problems = other.settings["calibration"]["scope_problems"]
     assert problems == ["model_class 'LlamaForCausalLM' (calibrated on 'Gemma3ForCausalLM')"]
     assert "CAUTION: the calibration was fitted on another setup (model_class 'LlamaForCausalLM'" in other.table()
+
+
+def test_a_calibration_fitted_on_sft_forecasts_is_out_of_scope_for_a_dpo_forecast():
+    """The built-in calibration was fitted on in-context (SFT) forecasts; applied to a chosen-vs-rejected, RL or
+    distillation forecast it said nothing."""
+    sft = Calibration.from_dict({**plain(), "fitted_on": {"scope": {**LLAMA, "shift": "in_context"}}})
+    same = forecast_of({"a": {"sts_act": 1.0}, "b": {"sts_act": 2.0}}, sae_settings(LLAMA))
+    same.apply_calibration(sft)  # a forecast without a recorded shift is an in-context one
+    assert same.settings["calibration"]["scope_problems"] == []
+    dpo = forecast_of({"a": {"sts_act": 1.0}, "b": {"sts_act": 2.0}}, {**sae_settings(LLAMA),
+                                                                      "shift": "chosen_vs_rejected"})
+    with pytest.warns(STSDataWarning, match="shift 'chosen_vs_rejected' \\(calibrated on 'in_context'\\)"):
+        dpo.apply_calibration(sft)
+    assert load_calibration("gemma3-270m-lora").fitted_on["scope"]["shift"] == "in_context"
+    from sts_callback.scoring.calibration import forecast_scope
+
+    assert forecast_scope(dpo.settings)["shift"] == "chosen_vs_rejected"  # what `sts calibrate` records of runs
 
 
 def test_a_predicted_change_never_falls_below_minus_100_percent():

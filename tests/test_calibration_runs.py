@@ -75,7 +75,7 @@ def test_runs_of_different_saes_or_models_are_fitted_with_a_warning_naming_the_k
         Calibration.from_runs([*runs, gpt2], ["f0"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert Calibration.from_runs(runs, ["f0"]).fitted_on["scope"] == LLAMA  # one setup: no warning
+        assert Calibration.from_runs(runs, ["f0"]).fitted_on["scope"] == {**LLAMA, "shift": "in_context"}
 
 
 def test_a_fit_on_runs_needs_more_changes_than_runs_and_features(tmp_path):

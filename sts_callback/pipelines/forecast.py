@@ -118,11 +118,12 @@ class Forecast:
         return self
 
     def _check_scope(self, calibration: Any) -> list[str]:
-        """Warn when the calibration states a scope (``fitted_on["scope"]``: model class, SAE width and hook)
-        that this forecast's model or SAE is outside: its predictions then mean little. Returns the differences
+        """Warn when the calibration states a scope (``fitted_on["scope"]``: model class, SAE width and hook, the
+        shift) that this forecast's model, SAE or shift is outside: its predictions then mean little. Returns the differences
         (recorded with the predictions, so the table and report say so too)."""
         scope = (calibration.fitted_on or {}).get("scope") or {}
-        here = {"model_class": self.settings.get("model_class"), **(self.settings.get("sae") or {})}
+        here = {"model_class": self.settings.get("model_class"), **(self.settings.get("sae") or {}),
+                "shift": self.settings.get("shift", "in_context")}
         differ = [f"{key} {here.get(key)!r} (calibrated on {value!r})" for key, value in scope.items()
                   if here.get(key) is not None and here.get(key) != value]
         if differ:

@@ -560,15 +560,16 @@ def _refuse_unfinished(item: str | Path, last: dict[str, Any]) -> None:
                             f"change. {_RUN_FIX}")
 
 
-# what Forecast._check_scope compares; the SAE's weights by their hash (a same-shaped SAE of another seed differs)
-SCOPE_KEYS = ("model_class", "d_in", "d_sae", "hook_name", "sae_fingerprint")
+# what Forecast._check_scope compares; the SAE's weights by their hash (a same-shaped SAE of another seed differs);
+# the shift: a calibration fitted on SFT forecasts does not carry over to a DPO, RL or distillation one
+SCOPE_KEYS = ("model_class", "d_in", "d_sae", "hook_name", "sae_fingerprint", "shift")
 
 
 def forecast_scope(settings: dict[str, Any] | None) -> dict[str, Any]:
-    """The model class and SAE (width, hook) a forecast's ``settings`` record: a calibration's scope."""
+    """The model class, SAE (width, hook) and shift a forecast's ``settings`` record: a calibration's scope."""
     settings = settings if isinstance(settings, dict) else {}
     sae = settings.get("sae") if isinstance(settings.get("sae"), dict) else {}
-    here = {"model_class": settings.get("model_class"), **sae}
+    here = {"model_class": settings.get("model_class"), **sae, "shift": settings.get("shift", "in_context")}
     return {k: here[k] for k in SCOPE_KEYS if here.get(k) is not None}
 
 
