@@ -134,3 +134,33 @@ def test_held_out_texts_cut_to_their_first_tokens_fill_the_budget_with_more_sequ
     assert cut_tokens >= 200 and sum(sum(flags) for _, flags in cut) == cut_tokens
     for (ids, flags), (long_ids, _) in zip(cut, Monitor.sample_sequences(corpus, setup, 10_000, "0:heldout:law")[0]):
         assert long_ids[: len(ids)] == ids and len(flags) <= len(ids)  # a prefix of the same text, same order
+
+
+def test_the_probe_fit_encodes_a_wide_sae_in_chunks_of_bounded_size():
+    """The re-check's SAE fit encoded and decoded every probe row at once: [probe tokens x d_sae] latents, 7 GB at
+    train start for an 8k-token probe and a 65k-latent SAE; now a chunk of rows sized by the width at a time."""
+    from sts_callback.core.extract import ENCODE_CHUNK_ELEMENTS, encode_chunk_rows
+    from sts_callback.core.sae import load_sae
+    from sts_callback.pipelines.monitor import fit_sums
+
+    class DecodingSAE(TinySAE):
+        def encode(self, x):
+            self.rows_seen = max(getattr(self, "rows_seen", 0), x.shape[0])
+            return super().encode(x)
+
+        def decode(self, z):
+            return z @ self.W_dec + self.b_dec
+
+    rows = torch.randn(1000, 32, generator=torch.Generator().manual_seed(0))
+    for width in (64, 65536):
+        module = DecodingSAE(32, width, hook_name="blocks.1.hook_resid_post")
+        sums = fit_sums(load_sae(module), rows)
+        assert module.rows_seen == encode_chunk_rows(width) and module.rows_seen * width <= max(ENCODE_CHUNK_ELEMENTS,
+                                                                                                  width)
+        with torch.no_grad():
+            latents = module.encode(rows)
+            recon = module.decode(latents).double()
+        x = rows.double()
+        assert sums[0].item() == pytest.approx(float((x - recon).square().sum()), rel=1e-9)
+        assert sums[2].item() == float((latents != 0).sum()) and sums[3].item() == 1000
+        assert torch.allclose(sums[4:], x.sum(0))

@@ -25,6 +25,13 @@ StatsGroupT = TypeVar("StatsGroupT", bound=StatsGroup)
 # Rows are encoded and summed this many at a time: the dense [rows x d_sae] latents (and their float64
 # squares) of a whole batch would dominate the path's memory (benchmarks/perf/extraction.py).
 ENCODE_CHUNK_TOKENS = 512
+ENCODE_CHUNK_ELEMENTS = 2 ** 23  # rows x d_sae latents encoded at once: 32 MB of float32, whatever the SAE's width
+
+
+def encode_chunk_rows(d_sae: int) -> int:
+    """Residual rows to encode at once: ENCODE_CHUNK_TOKENS, fewer for a wide SAE (a 1M-latent SAE's latents of
+    512 rows would take 2 GB)."""
+    return max(1, min(ENCODE_CHUNK_TOKENS, ENCODE_CHUNK_ELEMENTS // max(1, d_sae)))
 
 
 @dataclass
@@ -226,11 +233,12 @@ class Extractor:
 
     def encoded_chunks(self, rows: torch.Tensor, latents: ActivationStats, reservoir: TopActivations | None,
                         sequence_of_row: list[int], where: list):
-        """Encode ``rows`` ENCODE_CHUNK_TOKENS at a time into ``latents`` (and the reservoir, keyed by global
+        """Encode ``rows`` :func:`encode_chunk_rows` at a time into ``latents`` (and the reservoir, keyed by global
         sequence index and position); yields (chunk slice, latents of the chunk) for further use."""
         sequence = torch.tensor(sequence_of_row)[where[0]] if reservoir is not None else None
-        for start in range(0, rows.shape[0], ENCODE_CHUNK_TOKENS):
-            chunk = slice(start, start + ENCODE_CHUNK_TOKENS)
+        step = encode_chunk_rows(self.sae.d_sae)
+        for start in range(0, rows.shape[0], step):
+            chunk = slice(start, start + step)
             encoded = self.encode(rows[chunk])
             latents.update(encoded)
             if reservoir is not None:

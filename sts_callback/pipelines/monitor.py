@@ -25,7 +25,7 @@ from ..core.capture import unwrap_model
 from ..core.errors import STSDataWarning, STSInputError, STSNumericalError
 from ..core.data import Corpus, TokenSequence, first_counted, sample_within_budget
 from ..core.distributed import LocalFailure, gather_objects, warn_on_main
-from ..core.extract import ConditionStats, Extractor, PairedStats
+from ..core.extract import ConditionStats, Extractor, PairedStats, encode_chunk_rows
 from .forecast import ForecastSetup, inference_mode
 from .recheck import Recheck
 from ..core.head_sample import HeadSamples
@@ -67,18 +67,18 @@ def fit_sums(sae, rows: torch.Tensor) -> torch.Tensor:
     active-latent count, rows, then the d-vector sum of rows), float64, to add across batches and ranks."""
     d = rows.shape[-1]
     out = torch.zeros(4 + d, dtype=torch.float64)
-    if rows.shape[0] == 0:
-        return out
-    with torch.no_grad():
-        latents = sae.encode(rows)
-        recon = sae.decode(latents).float().cpu()
-        latents = latents.float().cpu()
-    x = rows.double()
-    out[0] = (x - recon.double()).square().sum()
-    out[1] = x.square().sum()
-    out[2] = (latents != 0).sum()  # active latents: some SAEs (AbsTopK) have negative ones
-    out[3] = rows.shape[0]
-    out[4:] = x.sum(0)
+    for chunk in rows.split(encode_chunk_rows(sae.d_sae)):  # [rows x d_sae] latents of a chunk at a time
+        with torch.no_grad():
+            latents = sae.encode(chunk)
+            recon = sae.decode(latents).float().cpu()
+            active = (latents != 0).sum().cpu()  # active latents: some SAEs (AbsTopK) have negative ones
+        del latents
+        x = chunk.double().cpu()
+        out[0] += (x - recon.double()).square().sum()
+        out[1] += x.square().sum()
+        out[2] += active
+        out[3] += chunk.shape[0]
+        out[4:] += x.sum(0)
     return out
 
 
@@ -349,7 +349,8 @@ class Monitor:
                 base_rows = torch.cat([base[i] for i in order])
                 current_rows = torch.cat([current[i] for i in order])
                 with torch.no_grad():
-                    for b, c in zip(base_rows.split(2048), current_rows.split(2048)):
+                    step = encode_chunk_rows(self.setup.sae.d_sae)
+                    for b, c in zip(base_rows.split(step), current_rows.split(step)):
                         shift.update(self.setup.sae.encode(b.to(device)).float().cpu(),
                                      self.setup.sae.encode(c.to(device)).float().cpu())
         failed.raise_everywhere()
