@@ -534,3 +534,25 @@ def test_a_processor_gives_its_tokenizer_with_the_processors_chat_template_leavi
     assert text.chat_template == CHAT_TEMPLATE and tokenizer.chat_template is None and processor.tokenizer is tokenizer
     assert text("law court")["input_ids"] == tokenizer("law court")["input_ids"]
     assert text_tokenizer(make_processor(tokenizer, None)) is tokenizer  # no template of its own: the tokenizer's
+
+
+def test_a_target_domains_long_prompt_is_cut_before_its_answer_not_the_answer_off(tokenizer):
+    """A prompt/completion or multiple-choice domain item longer than max_query_tokens kept its first tokens: the
+    prompt's, with none of the answer the domain is about (a chat keeps its last turns)."""
+    from sts_callback.core.data import DomainCorpus
+
+    long_prompt = " ".join(domain_texts("law", 6, length=12))
+    answer = " " + domain_texts("food", 1, length=8)[0]
+    builder = PromptBuilder(tokenizer, max_query_tokens=24, max_demonstration_tokens=16, max_length=256)
+    answer_ids = builder.encode_text(answer)
+    items = [{"prompt": long_prompt, "completion": answer},
+             {"question": long_prompt, "choices": [answer.strip(), "no"], "answer": 0}]
+    for item in items:
+        domain = DomainCorpus(load_corpus([item], name="d"))
+        ids, counted = builder.single(domain[0])
+        kept = [token for token, c in zip(ids, counted) if c]
+        assert len(kept) <= 24 and kept[-len(answer_ids) + 1:] == answer_ids[-len(answer_ids) + 1:]
+        # as a demonstration of its domain too: the answer's end is in the text
+        assert answer.strip().split()[-1] in builder._demo_text(domain[0])
+    plain = load_corpus([long_prompt], name="texts")[0]  # a plain text keeps its start, as before
+    assert builder.single(plain)[0][:len(builder.prefix) + 3] == builder.prefix + builder.encode_text(long_prompt)[:3]

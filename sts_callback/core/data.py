@@ -41,6 +41,9 @@ class Example:
     answer_turn: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     # The record's own chat-template arguments (its ``tools``, its ``chat_template_kwargs``), as TRL renders it.
     template_kwargs: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    # A plain text that ends in what it is about (a target domain's prompt + answer): a cut to max_query_tokens keeps
+    # its end, as a chat's keeps its last turns (its start would keep the prompt and lose the answer)
+    keep_end: bool = field(default=False, compare=False, repr=False)
 
     @property
     def is_chat(self) -> bool:
@@ -306,7 +309,7 @@ def domain_example(example: Example) -> Example:
     if example.is_chat:
         return Example(prompt=[*example.prompt, {"role": "assistant", "content": example.answer}], plain_text=True,
                        template_kwargs=example.template_kwargs)
-    return Example(prompt=example.prompt + example.answer, plain_text=True)
+    return Example(prompt=example.prompt + example.answer, plain_text=True, keep_end=True)
 
 
 class DomainCorpus(Corpus):
@@ -731,11 +734,22 @@ class PromptBuilder:
             chars *= 4
         return self.encode_text(text)[:max_tokens]
 
-    def _cut_text(self, text: str, max_tokens: int) -> str:
-        ids = self.encode_head(text, max_tokens + 1)
+    def encode_tail(self, text: str, max_tokens: int) -> list[int]:
+        """The last ``max_tokens`` token ids of ``text``, from a suffix of its characters (as :meth:`encode_head`
+        reads a prefix)."""
+        chars = max(HEAD_CHARS, 8 * max_tokens)
+        while chars < len(text):
+            ids = self.encode_text(text[-chars:])
+            if len(ids) > max_tokens + HEAD_MARGIN:
+                return ids[-max_tokens:]
+            chars *= 4
+        return self.encode_text(text)[-max_tokens:]
+
+    def _cut_text(self, text: str, max_tokens: int, keep_end: bool = False) -> str:
+        ids = (self.encode_tail if keep_end else self.encode_head)(text, max_tokens + 1)
         if len(ids) <= max_tokens:
             return text
-        return self.tokenizer.decode(ids[:max_tokens])
+        return self.tokenizer.decode(ids[1:] if keep_end else ids[:max_tokens])
 
     # -- chat rendering
     def check_chat(self, corpus_name: str) -> None:
@@ -799,7 +813,7 @@ class PromptBuilder:
 
     def _demo_text(self, example: Example) -> str:
         if example.plain_text:
-            return self._cut_text(example.prompt, self.max_demonstration_tokens)
+            return self._cut_text(example.prompt, self.max_demonstration_tokens, example.keep_end)
         prompt = example.prompt if isinstance(example.prompt, str) else self.render_chat(example.prompt,
                                                                                           example.template_kwargs)
         return self._cut_text(prompt, self.max_demonstration_tokens) + "\n" + self._cut_text(
@@ -821,7 +835,8 @@ class PromptBuilder:
         else:
             query_text = query.prompt if isinstance(query.prompt, str) else self.render_chat(query.prompt,
                                                                                              query.template_kwargs)
-            query_ids = self.encode_head(query_text, self.max_query_tokens)
+            encode = self.encode_tail if query.keep_end else self.encode_head
+            query_ids = encode(query_text, self.max_query_tokens)
             head_base = list(self.prefix)
             head_context = list(self.prefix)
             for demo in demonstrations:
