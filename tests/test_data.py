@@ -556,3 +556,30 @@ def test_a_target_domains_long_prompt_is_cut_before_its_answer_not_the_answer_of
         assert answer.strip().split()[-1] in builder._demo_text(domain[0])
     plain = load_corpus([long_prompt], name="texts")[0]  # a plain text keeps its start, as before
     assert builder.single(plain)[0][:len(builder.prefix) + 3] == builder.prefix + builder.encode_text(long_prompt)[:3]
+
+
+def test_added_tokens_marked_special_are_not_counted():
+    """Chat control tokens a tokenizer marks special=True without naming them as special tokens (as Llama 3's
+    files declare them) were counted as text, in the latents and the held-out loss."""
+    from tiny import CHAT_TEMPLATE, WORDS
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from sts_callback.core.data import special_token_ids
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + WORDS + ["?", "."])},
+                                         unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    backend.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    markers = set(tok.convert_tokens_to_ids(["<|user|>", "<|assistant|>", "<|end|>"]))
+    assert not markers & set(tok.all_special_ids) and markers <= special_token_ids(tok)
+    chat = Example(prompt=[{"role": "user", "content": "law court"}, {"role": "assistant", "content": "judge ."}],
+                   plain_text=True)
+    ids, counted = builder(tok, max_query_tokens=32).single(chat)
+    kept = [token for token, c in zip(ids[len(ids) - len(counted):], counted) if c]
+    assert tok.convert_ids_to_tokens(kept) == ["law", "court", "judge", "."]

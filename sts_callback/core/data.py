@@ -694,6 +694,14 @@ def chat_template_text(tokenizer, messages: Messages, typed: bool, **kwargs: Any
     return tokenizer.apply_chat_template(typed_content(messages) if typed else messages, tokenize=False, **kwargs)
 
 
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's special tokens: those it names (BOS, EOS, pad, ...) and the added tokens it marks special
+    without naming them (chat-template control tokens, as Llama 3's tokenizer declares them)."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return ids | {int(i) for i, token in added.items() if getattr(token, "special", False)}
+
+
 class PromptBuilder:
     """Builds position-matched token sequences from examples with a given tokenizer."""
 
@@ -706,7 +714,7 @@ class PromptBuilder:
         self.chat_fallback = chat_fallback
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.typed_content = needs_typed_content(tokenizer)  # once: every render then passes what the template reads
-        self.special_ids = set(tokenizer.all_special_ids) if exclude_special_tokens else set()
+        self.special_ids = special_token_ids(tokenizer) if exclude_special_tokens else set()
         self.prefix = self._special_prefix()
         self.separator = self.encode_text("\n\n")
 
@@ -867,7 +875,7 @@ class PromptBuilder:
         head_context = full[: len(full) - shared]
         limit = self.max_query_tokens + 16  # room for the turn's template tokens
         if len(query_ids) > limit:  # a long conversation (a long system prompt): its last turns are what counts;
-            special = set(self.tokenizer.all_special_ids)  # the conversation's leading BOS stays first
+            special = special_token_ids(self.tokenizer)  # the conversation's leading BOS stays first
             lead = list(itertools.takewhile(lambda token: token in special, query_ids))
             earlier, query_ids = query_ids[len(lead):-limit], query_ids[-limit:]
             kept = lead + earlier[-self.max_query_tokens:]  # as much again before them: uncounted context, in both

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .capture import max_positions
+from .data import special_token_ids
 from .distributed import LocalFailure, shard
 from .errors import STSInputError
 from .heldout import HEAD_CHUNK, head_nll, split_head
@@ -94,7 +95,7 @@ def fit_context(prompt: list[int], longest_choice: int, limit: int | None, token
     error, a device assert on a GPU) and a rotary one reads beyond what it was trained on."""
     if limit is None or len(prompt) + longest_choice <= limit:
         return prompt
-    special = set(tokenizer.all_special_ids)
+    special = special_token_ids(tokenizer)
     lead = list(itertools.takewhile(lambda token: token in special, prompt))
     room = limit - longest_choice - len(lead)
     if room < 1:

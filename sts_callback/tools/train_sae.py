@@ -26,7 +26,7 @@ from torch import nn
 from ..core.atomic import give_new_file_modes
 from ..core.capture import ResidualCapture, max_positions, num_layers, unwrap_model
 from ..core.config import settings_from_dict
-from ..core.data import text_tokenizer
+from ..core.data import special_token_ids, text_tokenizer
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.sae import SAE_FOLDER_FILES
 from ..core.torch_utils import model_device
@@ -199,7 +199,7 @@ def collect_activations(model: nn.Module, tokenizer: Any, texts: Iterable[str], 
     limit = max_positions(model)
     if limit:
         max_length = min(max_length, limit)
-    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", None) or [])), dtype=torch.long)
+    special = torch.tensor(sorted(special_token_ids(tokenizer)), dtype=torch.long)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else int(pad_id)
     device = model_device(model)
