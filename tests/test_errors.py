@@ -110,7 +110,10 @@ def test_n_larger_than_sae_width(model, tokenizer):
 
 @pytest.mark.parametrize("field,value,message", [
     ("n_shifted", 0, "n_shifted must be an integer >= 1"),
-    ("shift_tokens", -5, "shift_tokens must be an integer >= 1"),
+    ("shift_tokens", -5, "shift_tokens must be an integer >= 16"),
+    # below one short query the forecast failed at train start, blaming the data ("add texts to it")
+    ("shift_tokens", 10, "shift_tokens must be an integer >= 16, got 10; set shift_tokens=16 or more"),
+    ("domain_tokens", 1, "domain_tokens must be an integer >= 16"),
     ("batch_size", 2.5, "batch_size must be an integer"),
     ("ranking", "best", "ranking='best' is not a score variant"),
     ("sae_dtype", "int8", "sae_dtype='int8'"),

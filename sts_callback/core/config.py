@@ -14,6 +14,7 @@ SIGNED_VARIANTS = ("signed_usage", "forgetting_minus_transfer", "decoder_project
 # The signed feature calibrations and the callback's online refit use unless told otherwise: chosen on the
 # transfer benchmark (README, "Which way will a domain move?").
 DEFAULT_SIGNED = "forgetting_minus_transfer"
+MIN_BUDGET_TOKENS = 16  # the fewest tokens of a shift or a domain the forecast reads (one short query)
 
 
 @dataclass
@@ -88,8 +89,9 @@ class STSConfig:
 
         if self.layer is not None:
             positive("layer", 0)
-        for name in ("n_shifted", "shift_tokens", "domain_tokens", "n_demonstrations",
-                     "max_query_tokens", "max_demonstration_tokens", "batch_size", "rollout_prompts",
+        for name in ("shift_tokens", "domain_tokens"):  # below it the forecast would blame the data, at train start
+            positive(name, MIN_BUDGET_TOKENS)
+        for name in ("n_shifted", "n_demonstrations", "max_query_tokens", "max_demonstration_tokens", "batch_size", "rollout_prompts",
                      "rollout_max_tokens"):
             positive(name)
         positive("rollout_generations", 2)

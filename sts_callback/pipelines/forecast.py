@@ -23,7 +23,7 @@ from ..scoring import signed
 from ..scoring.calibration import own_feature
 from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_size, max_positions, num_layers,
                             unwrap_model)
-from ..core.config import SCORE_VARIANTS, STSConfig, device_problem
+from ..core.config import MIN_BUDGET_TOKENS, SCORE_VARIANTS, STSConfig, device_problem
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
                                 warn_on_main, world_size)
@@ -38,7 +38,7 @@ from ..core.torch_utils import model_device, pad_token_id
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 4096
-MIN_DOMAIN_TOKENS = 16
+MIN_DOMAIN_TOKENS = MIN_BUDGET_TOKENS
 
 SCORE_LABELS = {
     "sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq",
