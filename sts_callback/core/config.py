@@ -41,7 +41,10 @@ class STSConfig:
         truncate_forward: stop the forward after the hooked layer when parameters are not sharded.
         seed: seed of every sampling step (queries, demonstrations, domain texts).
         top_contexts: top-activating contexts kept per shifted latent and source (0: none), from a
-            bounded reservoir filled during extraction (no second pass).
+            bounded reservoir filled during extraction (no second pass). Which latents are shifted is known only
+            after the pass, so the reservoir holds this many for *every* latent: about 20 x top_contexts x d_sae
+            bytes per source, and time with it (a 65k-latent SAE: 6.5 MB at 5, 0.65 GB and ~10x the forecast's time
+            at 500).
         ranking: the score variant tables are ranked by.
         sae_dtype: dtype the SAE is cast to ("float32", "bfloat16", "float16"); ``None`` keeps it.
         device: device for the model inputs and the SAE ("cpu", "cuda:1", a ``torch.device``); a name torch
