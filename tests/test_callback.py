@@ -748,3 +748,26 @@ def test_a_max_length_beyond_the_models_positions_is_refused_naming_both():
 
     with pytest.raises(STSConfigError, match="max_length=1024 exceeds the model's 512 positions"):
         prompt_builder(make_model("llama"), make_tokenizer(), STSConfig(max_length=1024))
+
+
+def test_a_held_out_set_of_one_sequence_is_warned_about_and_its_interval_is_null(tmp_path, tokenizer):
+    """loss_tokens too small for two sequences: the change had the interval (-inf, inf), written as bare
+    -Infinity / Infinity (no strict JSON), with no word said."""
+    import json
+    import warnings
+
+    from sts_callback import STSDataWarning
+
+    callback = make_callback(loss_tokens=1, recheck_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, tokenizer, callback, max_steps=3).train()
+    said = [str(w.message) for w in caught if issubclass(w.category, STSDataWarning)]
+    assert any("measured on one sequence (loss_tokens=1)" in m and "Raise loss_tokens" in m for m in said)
+
+    def strict(name):
+        raise AssertionError(f"{name} in history.jsonl: not strict JSON")
+
+    lines = (tmp_path / "run" / "sts" / "history.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=strict) for line in lines]
+    assert records and all(bounds == [None, None] for r in records for bounds in r["loss_delta_ci"].values())

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..core.data import Corpus, multiple_choice_items
 from ..core.distributed import (check_ranks_agree, fingerprint, from_main_process, gather_objects, is_main_process,
-                                require_at_least_world, world_size)
+                                require_at_least_world, warn_on_main, world_size)
 from ..core.errors import (STSConfigError, STSDataWarning, STSError, STSInputError, STSNegativeTransferWarning,
                            STSUsageError)
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype
@@ -279,6 +279,12 @@ class STSSession:
         loss_sets = {name: Monitor.sample_sequences(corpus, self.setup, settings.loss_tokens, f"{seed}:heldout:{name}",
                                                     settings.loss_sequence_tokens)[0]
                      for name, corpus in domains.items()}
+        single = sorted(name for name, sequences in loss_sets.items() if len(sequences) == 1)
+        if single:  # a change of one sequence has no spread: no interval, so no violation can ever be sure
+            warn_on_main(f"The held-out loss of {single} is measured on one sequence (loss_tokens="
+                         f"{settings.loss_tokens}): its change gets no interval, so the guard can never judge it "
+                         "surely past the tolerance. Raise loss_tokens (or give the domain more texts).",
+                         STSDataWarning, stacklevel=3)
         accuracy_sets = {}
         for name, corpus in domains.items():
             items = multiple_choice_items(corpus)

@@ -399,7 +399,8 @@ class Monitor:
             scores=scores,
             loss=losses,
             loss_delta=loss_delta,
-            loss_delta_ci={name: [c.low, c.high] for name, c in changes.items()},
+            loss_delta_ci={name: [v if math.isfinite(v) else None for v in (c.low, c.high)]  # one sequence: no
+                           for name, c in changes.items()},  # interval (-inf, inf is no strict JSON)
             loss_delta_se={name: c.standard_error if math.isfinite(c.standard_error) else None
                            for name, c in changes.items()},
             loss_tokens={name: c.tokens for name, c in changes.items()},
