@@ -117,12 +117,12 @@ def check_training_inputs(shift: str, *, reward_funcs: bool, teacher: bool, sett
     if reward_funcs and teacher:
         raise STSConfigError("Give reward functions (RL) or a teacher (distillation), not both: STS forecasts one "
                              "kind of training at a time.")
-    for given, what, used_by in ((reward_funcs, "reward functions", RL_SHIFTS),
-                                 (teacher, "a teacher", DISTILLATION_SHIFTS)):
+    for given, what, them, used_by in ((reward_funcs, "Reward functions", "them", RL_SHIFTS),
+                                       (teacher, "A teacher", "it", DISTILLATION_SHIFTS)):
         if given and shift not in used_by:
-            raise STSConfigError(f"{what[0].upper()}{what[1:]} given, but the forecast is the {shift} one, which does "
-                                 f"not use them (preference data, demonstrations or the shift named chose it): drop "
-                                 f"them, or ask for {' / '.join(used_by)} without demonstrations.")
+            raise STSConfigError(f"{what} given, but the forecast is the {shift} one, which does not use {them} "
+                                 f"(preference data, demonstrations or the shift named chose it): drop {them}, or "
+                                 f"ask for {' / '.join(used_by)} without demonstrations.")
     if shift in RL_SHIFTS:
         RolloutSettings.from_args(settings or {})
     elif shift in DISTILLATION_SHIFTS:
