@@ -479,6 +479,11 @@ def test_cli_validate_run(tmp_path, tokenizer, capsys):
     path.write_text(yaml.safe_dump({**config, "validation": {"stepz": 2}}))
     assert main(["validate", str(path)]) == 2
     assert "validation: unknown key(s) ['stepz']" in capsys.readouterr().err
+    # DPO / GRPO fields are training_args of a config too; reward functions are imported before the model loads
+    path.write_text(yaml.safe_dump({**config, "validation": {"training_args": {"beta": 0.5, "num_generations": 2}},
+                                    "reward_funcs": [f"{tmp_path}/missing.py:reward"]}))
+    assert main(["validate", str(path)]) == 2
+    assert "reward function" in capsys.readouterr().err.strip().splitlines()[-1]
     one_domain = {k: v for k, v in config.items() if k != "multiple_choice"}
     path.write_text(yaml.safe_dump({**one_domain, "targets": {"law": domain_texts("law")}}))
     assert main(["validate", str(path)]) == 2
@@ -506,7 +511,8 @@ def test_preference_pairs_are_validated_with_dpo(tmp_path, tokenizer):
     assert any(abs(v) > 1e-5 for v in record["nll_delta_rel"].values())  # DPO really changed the model
     assert "sts_icl" in record["correlations"]["nll"]
     # DPOConfig's own fields are for preference data only, said before any model work
-    with pytest.raises(STSConfigError, match=r"sets \['beta'\], fields of TRL's DPOConfig"):
+    with pytest.raises(STSConfigError, match=r"sets \['beta'\], fields of another TRL trainer's config: this "
+                                             r"training is validated with Trainer"):
         validate(model, tokenizer, sae(), law, targets(), FAST, output_dir=tmp_path / "sft",
                  training_args={"beta": 0.5}, **CHEAP)
     with pytest.raises(STSConfigError, match=r"sets \['max_length'\].*validate\(max_length=\.\.\.\)"):
@@ -535,3 +541,34 @@ def test_dpo_validation_of_a_full_fine_tune_and_of_the_users_own_model(tmp_path,
              output_dir=tmp_path / "own", plot=False, report=False, **CHEAP)
     assert {n: m.p for n, m in gpt2.named_modules() if isinstance(m, torch.nn.Dropout)} == dropouts
     assert gpt2.training
+
+
+def test_prompts_with_reward_functions_are_validated_with_grpo(tmp_path, tokenizer):
+    """GRPO users check the rollout forecast on their own setup: the prompts trained with GRPOTrainer and their
+    reward functions (before: prompt-only data were refused as having no answers)."""
+    calls = []
+
+    def law_words(completions, **kwargs):
+        calls.append(len(completions))
+        return [float(sum(w in c for w in ("court", "statute", "contract"))) + len(c) / 100 for c in completions]
+
+    prompts = [{"prompt": " ".join(t.split()[:4])} for t in domain_texts("law", 32, seed=3)]
+    grpo = {"num_generations": 2, "max_completion_length": 6, "temperature": 1.2}
+    config = {**FAST, "rollout_prompts": 4, "rollout_max_tokens": 6}
+    validate(make_model("llama"), tokenizer, sae(), prompts, targets(), config, method="lora", seeds=0,
+             output_dir=tmp_path / "val", plot=False, report=False, reward_funcs=[law_words],
+             training_args=grpo, **{**CHEAP, "batch_size": 4})
+    saved = json.loads((tmp_path / "val" / "sts" / "validation.json").read_text())
+    assert saved["training"]["trainer"] == "GRPOTrainer" and saved["training"]["training_args"] == grpo
+    forecast = json.loads((tmp_path / "val" / "sts" / "forecast.json").read_text())
+    assert forecast["settings"]["shift"] == "reward_weighted" and forecast["settings"]["rollouts"]["prompts"] == 4
+    assert calls  # the rewards scored the forecast's rollouts and the training's
+    record = saved["per_seed"][0]
+    assert any(abs(v) > 1e-6 for v in record["nll_delta_rel"].values())
+    with pytest.raises(STSConfigError, match="beta=0.1 on every weight reloads its reference model"):
+        validate(make_model("llama"), tokenizer, sae(), prompts, targets(), config, method="full", seeds=0,
+                 output_dir=tmp_path / "full", reward_funcs=[law_words], training_args={**grpo, "beta": 0.1},
+                 **CHEAP)
+    with pytest.raises(STSConfigError, match=r"\['num_generations'\], fields of another TRL trainer's config"):
+        validate(make_model("llama"), tokenizer, sae(), domain_texts("law", 32), targets(), config,
+                 output_dir=tmp_path / "sft", training_args={"num_generations": 2}, **CHEAP)

@@ -84,11 +84,11 @@ class PadCollator:
         return batch
 
 
-def pairs_dataset(corpus: Corpus) -> Any:
-    """Preference pairs as the ``datasets.Dataset`` TRL's DPOTrainer reads (the records as given)."""
+def records_dataset(records: list[Any]) -> Any:
+    """Records as the ``datasets.Dataset`` TRL's trainers read (DPO's preference pairs, GRPO's prompts)."""
     from datasets import Dataset
 
-    return Dataset.from_list(corpus.records())
+    return Dataset.from_list(records)
 
 
 def wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
@@ -121,4 +121,4 @@ def remove_injected_adapters(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
 
 
-__all__ = ["PadCollator", "pairs_dataset", "remove_injected_adapters", "training_features", "wrap_lora"]
+__all__ = ["PadCollator", "records_dataset", "remove_injected_adapters", "training_features", "wrap_lora"]

@@ -289,7 +289,7 @@ CONFIG_KEYS = {
     "gate": ("model", "sae", "candidates", "targets", "protected", *GATE_RULE_KEYS, "budget", "options", "output",
              "filtered_dir", "keep_fraction", "threshold", "device", "dtype"),
     "validate": ("model", "sae", "train_data", "targets", "demonstrations", "validation", "multiple_choice",
-                 "options", "output_dir", "device", "dtype"),
+                 "options", "output_dir", "device", "dtype", "reward_funcs"),
 }
 SAE_SPEC_KEYS = ("release", "sae_id", "path")
 GEMMA_NAMES = ("gemma-3-270m", "gemma3-270m")
@@ -332,12 +332,12 @@ def _check_config_keys(path: str, command: str, config_file: dict[str, Any]) -> 
         validation = config_file.get("validation")
         _unknown_keys(f"{path}: validation", validation, VALIDATE_KEYS)
         if isinstance(validation, dict) and validation.get("training_args") is not None:
-            from ..validation.validate import dpo_argument_fields, training_argument_fields
+            from ..validation.validate import training_argument_fields, trl_argument_fields
 
-            fields = training_argument_fields() | dpo_argument_fields()
+            fields = training_argument_fields() | trl_argument_fields()
             _unknown_keys(f"{path}: validation.training_args", validation["training_args"], fields,
-                          "valid keys are the fields of transformers.TrainingArguments (and of TRL's DPOConfig, "
-                          "for preference pairs)")
+                          "valid keys are the fields of transformers.TrainingArguments (and of TRL's DPOConfig "
+                          "for preference pairs, GRPOConfig with reward_funcs)")
         if target_names is not None:
             _unknown_keys(f"{path}: multiple_choice", config_file.get("multiple_choice"), target_names,
                           f"its keys are target domains: {target_names}")
@@ -627,19 +627,12 @@ def _training_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> d
     forecast reads it."""
     from ..core.data import load_corpus
     from ..pipelines.distillation import DISTILLATION_SHIFTS
-    from ..pipelines.rollouts import check_reward_funcs, prompt_records
+    from ..pipelines.rollouts import prompt_records
     from ..pipelines.shifts import RL_SHIFTS, check_training_inputs, choose_shift
-    from .python_objects import import_object
 
     where = args.config
     asked = args.shift or config_file.get("shift") or "auto"
-    specs = config_file.get("reward_funcs")
-    specs = [specs] if isinstance(specs, str) else specs
-    if specs is not None and not (isinstance(specs, list) and specs):
-        raise STSInputError(f"{where}: reward_funcs must be a list of 'package.module:name' or 'file.py:name' "
-                            f"entries, not {specs!r}.")
-    reward_funcs = check_reward_funcs([import_object(spec, f"{where}: reward function") for spec in specs]) \
-        if specs else None
+    reward_funcs = _reward_functions(config_file, where)
     teacher = _expand(config_file.get("teacher"))
     settings = config_file.get("settings")
     if settings is not None and not isinstance(settings, dict):
@@ -669,6 +662,21 @@ def _training_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> d
         _check_same_tokenizer(config_file["model"], teacher)
     return {"asked": asked, "shift": shift, "train": train, "reward_funcs": reward_funcs, "teacher": teacher,
             "settings": settings}
+
+
+def _reward_functions(config_file: dict[str, Any], where: str) -> list[Any] | None:
+    """The config's ``reward_funcs`` imported ('package.module:name' or 'file.py:name'), before any model loads."""
+    from ..pipelines.rollouts import check_reward_funcs
+    from .python_objects import import_object
+
+    specs = config_file.get("reward_funcs")
+    specs = [specs] if isinstance(specs, str) else specs
+    if specs is None:
+        return None
+    if not (isinstance(specs, list) and specs):
+        raise STSInputError(f"{where}: reward_funcs must be a list of 'package.module:name' or 'file.py:name' "
+                            f"entries, not {specs!r}.")
+    return check_reward_funcs([import_object(spec, f"{where}: reward function") for spec in specs])
 
 
 def _check_same_tokenizer(model: str, teacher: str) -> None:
@@ -869,7 +877,9 @@ EXAMPLE_VALIDATE_CONFIG = """\
 # sts validate config (YAML or JSON): forecast, then fine-tune for real and check the forecast
 model: gemma-3-270m
 sae: ~/.cache/sts_callback/sae/gemma-3-270m-L12-w4096-k32
-train_data: my_sft_set.jsonl   # what you will post-train on (texts, messages or prompt/completion records)
+train_data: my_sft_set.jsonl   # what you will post-train on (texts, messages or prompt/completion records; prompt/
+                               #   chosen/rejected pairs are trained with DPOTrainer)
+# reward_funcs: [my_rewards.py:format_reward]  # GRPO: the data's prompts trained with GRPOTrainer and these rewards
 targets:                       # at least 3 domains: name -> JSONL path or registered domain name
   legal: legal
   code: python_code
@@ -938,9 +948,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                            named_items(choices, f"{args.config}: `multiple_choice`").items()})
     output_dir = _check_output_folder(Path(args.output_dir or config_file.get("output_dir") or "sts-validation"),
                                       "The validation output folder", VALIDATION_FILES)
+    reward_funcs = _reward_functions(config_file, args.config)
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     result = validate(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
-                      _expand(config_file["targets"]), config, metric=metric,
+                      _expand(config_file["targets"]), config, metric=metric, reward_funcs=reward_funcs,
                       demonstrations=_expand(config_file.get("demonstrations")), validation=validation,
                       output_dir=output_dir, progress=not args.no_progress)
     print(result.table())

@@ -38,7 +38,8 @@ from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..pipelines.monitor import peft_model_of
 from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
-from ..pipelines.recipe import PadCollator, pairs_dataset, remove_injected_adapters, training_features, wrap_lora
+from ..pipelines.recipe import PadCollator, records_dataset, remove_injected_adapters, training_features, wrap_lora
+from ..pipelines.rollouts import check_reward_funcs, prompt_records
 from ..pipelines.shifts import is_preference_data
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 from ..scoring.signed import SIGNED_VARIANTS
@@ -386,10 +387,8 @@ def _check_training_args(training_args: dict[str, Any]) -> None:
                              f"settings ({pairs}{epochs}): they would override the values validation.json records. "
                              f"Remove them from training_args and pass validate({settings}) instead (in a config "
                              "file: keys of the validation: section).")
-    if training_args:
-        unknown = [k for k in training_args if k not in training_argument_fields()]
-        if unknown and dpo_argument_fields():  # DPOConfig's own fields: for preference data (checked in validate)
-            unknown = [k for k in unknown if k not in dpo_argument_fields()]
+    if training_args:  # TRL's configs' own fields are for DPO / GRPO data: which, validate checks on the data
+        unknown = [k for k in training_args if k not in training_argument_fields() | trl_argument_fields()]
         if unknown:
             import difflib
 
@@ -406,13 +405,19 @@ def training_argument_fields() -> set[str]:
     return {f.name for f in fields(TrainingArguments)}
 
 
-def dpo_argument_fields() -> set[str]:
-    """The fields TRL's ``DPOConfig`` adds to TrainingArguments (empty without TRL)."""
+# The trainer validate trains each kind of data with, and its TRL config.
+TRAINERS = {"sft": ("Trainer", None), "dpo": ("DPOTrainer", "DPOConfig"), "grpo": ("GRPOTrainer", "GRPOConfig")}
+
+
+def trl_argument_fields(kind: str | None = None) -> set[str]:
+    """The fields TRL's config for ``kind`` ("dpo", "grpo"; ``None``: both) adds to TrainingArguments (empty
+    without TRL)."""
     try:
-        from trl import DPOConfig
+        import trl
     except ImportError:
         return set()
-    return {f.name for f in fields(DPOConfig)} - training_argument_fields()
+    names = [TRAINERS[kind][1]] if kind else [config for _, config in TRAINERS.values() if config]
+    return {f.name for name in names if name for f in fields(getattr(trl, name))} - training_argument_fields()
 
 
 @dataclass
@@ -488,6 +493,18 @@ class ValidationConfig:
         return settings_from_dict(cls, values, "validation setting(s)")
 
 
+def _check_grpo_reference(model: nn.Module, method: str, training_args: dict[str, Any]) -> None:
+    """GRPO with ``beta > 0`` on every weight reloads its reference model from ``config._name_or_path`` (TRL takes
+    no reference model): a model that names no checkpoint would fail there, after the forecast."""
+    beta = training_args.get("beta", 0.0)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if method == "full" and beta and not name:
+        raise STSConfigError(f"GRPO with beta={beta} on every weight reloads its reference model from the model's "
+                             "checkpoint, and this model names none (built in memory). Save it and load it with "
+                             "from_pretrained, validate with method='lora' (the adapters off are the reference), or "
+                             "with beta=0.")
+
+
 def _trainable_answers(corpus: Corpus) -> bool:
     return any(corpus[i].can_demonstrate for i in range(min(len(corpus), 64)))
 
@@ -495,7 +512,8 @@ def _trainable_answers(corpus: Corpus) -> bool:
 # --------------------------------------------------------------------------- the pipeline
 def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: Any,
              config: STSConfig | dict | None = None, validation: ValidationConfig | dict | None = None, *,
-             metric: Metric | None = None, demonstrations: Any = None, **settings: Any) -> ValidationResult:
+             metric: Metric | None = None, demonstrations: Any = None, reward_funcs: Any = None,
+             **settings: Any) -> ValidationResult:
     """Forecast, then fine-tune for real and check the forecast against the measured changes.
 
     For each seed, a copy of ``model`` is fine-tuned on ``train_data`` for ``steps`` optimizer steps with a
@@ -503,7 +521,10 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     every target domain before and after, actual shift at the end); the Trainer's seed is ``seed`` too.
     Preference pairs (``prompt`` / ``chosen`` / ``rejected``) are trained with TRL's ``DPOTrainer`` (``DPOConfig``
     defaults, ``max_length``; its own fields, e.g. ``beta``, in ``training_args``), so the forecast checked is the
-    chosen-minus-rejected one the callback makes under DPO.
+    chosen-minus-rejected one the callback makes under DPO. With ``reward_funcs`` (GRPO's reward functions) the
+    training set's prompts are trained with TRL's ``GRPOTrainer`` (``GRPOConfig``'s defaults; ``num_generations``,
+    ``max_completion_length``, ``temperature``, ``beta``, ... in ``training_args``), and the forecast checked is
+    the callback's rollout forecast under GRPO.
 
     Args:
         model, tokenizer, sae, train_data, targets, config, demonstrations: as for :func:`forecast`
@@ -572,22 +593,30 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     if len(train) == 0:
         raise STSInputError("The training set is empty; give it examples.")
     demos = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
-    preference = is_preference_data(train)
-    if demos is None and not preference and not _trainable_answers(train):
+    # trained as its users train it (the callback then forecasts what that trainer pushes): GRPO with reward
+    # functions, DPO on preference pairs, else SFT
+    kind = "grpo" if reward_funcs is not None else "dpo" if is_preference_data(train) else "sft"
+    if demos is None and kind == "sft" and not _trainable_answers(train):
         raise STSInputError("The training set has no answers (prompt-only data): it can neither be fine-tuned on "
-                            "with SFT nor give in-context demonstrations; give texts or prompt/answer records.")
-    dpo_only = sorted(set(training_args or {}) - training_argument_fields())
-    if preference:  # trained as a DPO user trains them: TRL's DPOTrainer (the callback forecasts chosen - rejected)
+                            "with SFT nor give in-context demonstrations; give texts or prompt/answer records (or "
+                            "reward_funcs=, to validate GRPO on its prompts).")
+    foreign = sorted(set(training_args or {}) - training_argument_fields() - trl_argument_fields(kind)
+                     if kind != "sft" else set(training_args or {}) - training_argument_fields())
+    if foreign:
+        raise STSConfigError(f"validate(training_args=...) sets {foreign}, fields of another TRL trainer's config: "
+                             f"this training is validated with {TRAINERS[kind][0]} (GRPOConfig's fields with "
+                             "reward_funcs=, DPOConfig's for prompt / chosen / rejected pairs). Remove them.")
+    if kind != "sft":
         try:
             import trl  # noqa: F401  - fail now, not after the forecast
         except ImportError as err:
-            raise STSInputError("The training set holds preference pairs (prompt / chosen / rejected), which validate "
-                                "trains with TRL's DPOTrainer: pip install trl.") from err
-        features = pairs_dataset(train)
-    elif dpo_only:
-        raise STSConfigError(f"validate(training_args=...) sets {dpo_only}, fields of TRL's DPOConfig: they apply to "
-                             "preference data (prompt / chosen / rejected records, trained with DPOTrainer), and "
-                             "this training set is SFT data. Remove them.")
+            raise STSInputError(f"validate trains this data with TRL's {TRAINERS[kind][0]}: pip install trl.") from err
+    if kind == "grpo":
+        reward_funcs = check_reward_funcs(reward_funcs)
+        features = records_dataset(prompt_records(train, "the training set"))
+        _check_grpo_reference(model, method, training_args or {})
+    elif kind == "dpo":
+        features = records_dataset(train.records())
     else:
         features = training_features(train, tokenizer, max_length, completion_only_loss, base_config.chat_fallback)
     if method == "lora":
@@ -597,7 +626,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     out = Path(output_dir)
     sts_dir = out / "sts"
     sts_dir.mkdir(parents=True, exist_ok=True)
-    training = {"trainer": "DPOTrainer" if preference else "Trainer", "method": method, "steps": steps,
+    training = {"trainer": TRAINERS[kind][0], "method": method, "steps": steps,
                 "learning_rate": lr, "batch_size": batch_size, "max_length": max_length, "lora_rank": lora_rank if method == "lora" else None,
                 "lora_alpha": (lora_alpha or 2 * lora_rank) if method == "lora" else None,
                 "lora_target_modules": None, "completion_only_loss": completion_only_loss,
@@ -615,7 +644,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         run = _train_one_seed(model, tokenizer, sae, train, features, domains, demos, config, seed=seed, method=method,
                               steps=steps, lr=lr, batch_size=batch_size, lora_rank=lora_rank,
                               lora_alpha=lora_alpha or 2 * lora_rank, lora_target_modules=lora_target_modules,
-                              preference=preference, max_length=max_length,
+                              kind=kind, reward_funcs=reward_funcs, max_length=max_length,
                               loss_tokens=loss_tokens, recheck_tokens=recheck_tokens,
                               recheck_steps=recheck_steps, device=train_device,
                               run_dir=out / f"seed-{seed}", copy_model=copy_model, training_args=training_args,
@@ -666,7 +695,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
 def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, demos, config: STSConfig, *, seed: int,
                     method: str, steps: int, lr: float, batch_size: int, lora_rank: int, lora_alpha: int,
                     lora_target_modules, loss_tokens: int, recheck_tokens: int, recheck_steps: RecheckSteps,
-                    device: torch.device, run_dir: Path, preference: bool, max_length: int,
+                    device: torch.device, run_dir: Path, kind: str, reward_funcs: Any, max_length: int,
                     copy_model: bool, training_args, progress: bool, metric, metric_before) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -707,7 +736,14 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                     lr_scheduler_type="cosine", warmup_steps=0.1, seed=seed, data_seed=seed, save_strategy="no",
                     logging_steps=max(1, steps // 4), report_to="none", use_cpu=device.type == "cpu",
                     disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"])
-        if preference:
+        if kind == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+
+            del args["remove_unused_columns"], args["label_names"]  # GRPOTrainer's own columns
+            args.update(training_args or {})
+            trainer = GRPOTrainer(model=work, reward_funcs=reward_funcs, args=GRPOConfig(**args),
+                                  train_dataset=features, processing_class=tokenizer, callbacks=[callback])
+        elif kind == "dpo":
             from trl import DPOConfig, DPOTrainer
 
             del args["remove_unused_columns"], args["label_names"]  # DPOTrainer's own collator and columns
