@@ -855,3 +855,17 @@ def test_reward_files_in_two_folders_each_import_their_own_neighbour(tmp_path):
         assert sys.modules["utils"] is before
     finally:
         sys.modules.pop("utils", None)
+
+
+def test_a_reward_file_with_a_dataclass_and_a_lazy_neighbour_import(tmp_path):
+    """The file ran before its module was registered (a dataclass there failed to import), and a neighbour
+    imported inside the function failed when the rollouts called it."""
+    from sts_callback.tools.python_objects import import_object
+
+    (tmp_path / "scoring_helpers.py").write_text("def bonus():\n    return 0.5\n")
+    (tmp_path / "rewards.py").write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\nclass Weights:\n"
+        "    length: float = 1.0\n\ndef reward(completions, **kw):\n    from scoring_helpers import bonus\n"
+        "    return [Weights().length * len(c) + bonus() for c in completions]\n")
+    reward = import_object(f"{tmp_path}/rewards.py:reward", "reward")
+    assert reward(["ab"]) == [2.5]

@@ -308,6 +308,20 @@ def test_gradient_checkpointing_of_either_kind_gives_the_same_run_level_terms(ki
             assert got == pytest.approx(expected, rel=1e-5, abs=1e-9)
 
 
+def test_reentrant_checkpointing_on_sharded_weights_is_an_error_not_a_zero_term(batches, targets, monkeypatch):
+    """Under ZeRO-3 / FSDP the blocks stay reentrant (a non-reentrant recomputation meets re-partitioned weights,
+    as TRL warns): a gradient that reaches no parameter is named, never read as no change."""
+    from sts_callback import STSUsageError
+    from sts_callback.pipelines import runlevel
+
+    monkeypatch.setattr(runlevel, "parameters_are_sharded", lambda model: True)
+    model = lora_model()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    with pytest.raises(STSUsageError, match="reached none of the trainable parameters.*use_reentrant=True under"):
+        runlevel._mean_gradient(model, [p for p in model.parameters() if p.requires_grad], batches[:1], None)
+
+
 def test_first_order_with_lora_adam_points_the_way_the_lookahead_moves(batches, targets):
     model = lora_model()
     measured = lookahead(model, adamw(model, lr=1e-3), batches, targets, RunLevelConfig(steps=1))

@@ -106,7 +106,10 @@ class Extractor:
         self.split = split
         self.failed = LocalFailure.around_forwards(model, split and world_size() > 1)
         self.batches_run = 0
-        embeddings = getattr(unwrap_model(model), "get_input_embeddings", lambda: None)()
+        try:
+            embeddings = unwrap_model(model).get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # a model that does not say (custom code): no check
+            embeddings = None
         self.vocabulary = getattr(embeddings, "num_embeddings", None)  # rows of the input embedding
 
     def share(self, lengths: Sequence[int]) -> Shard:
@@ -126,12 +129,16 @@ class Extractor:
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
         top = int(ids.max())
-        if self.vocabulary is not None and top >= self.vocabulary:  # the embedding's bare IndexError otherwise
+        beyond = self.vocabulary is not None and top >= self.vocabulary  # the embedding's bare IndexError otherwise
+        if beyond:  # the forward still runs (clamped ids): under ZeRO-3 / FSDP every rank's forward is a collective
+            ids = ids.clamp(max=self.vocabulary - 1)
+        resid = self.capture(ids.to(self.device), mask.to(self.device))
+        if beyond:
             raise STSInputError(f"The tokenizer gave token id {top}, but the model's input embedding has "
                                 f"{self.vocabulary} rows: tokens were added to the tokenizer and the model was not "
                                 "resized. Call model.resize_token_embeddings(len(tokenizer)) (as training on them "
                                 "needs too), or use the tokenizer the model was made with.")
-        return self.capture(ids.to(self.device), mask.to(self.device))
+        return resid
 
     @staticmethod
     def _rows(resid: torch.Tensor, lengths: Sequence[int], n_query: Sequence[int],

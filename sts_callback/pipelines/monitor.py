@@ -67,6 +67,8 @@ def fit_sums(sae, rows: torch.Tensor) -> torch.Tensor:
     active-latent count, rows, then the d-vector sum of rows), float64, to add across batches and ranks."""
     d = rows.shape[-1]
     out = torch.zeros(4 + d, dtype=torch.float64)
+    if rows.shape[0] == 0:  # a rank without probe rows: no encode of an empty batch (a custom SAE may refuse it)
+        return out
     for chunk in rows.split(encode_chunk_rows(getattr(sae, "d_sae", 0))):  # [rows x d_sae] latents of a chunk
         with torch.no_grad():
             latents = sae.encode(chunk)

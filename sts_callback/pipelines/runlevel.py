@@ -445,12 +445,17 @@ def _take(batches: Iterable[Mapping[str, Any]], n: int) -> list[Mapping[str, Any
 @contextmanager
 def _non_reentrant_checkpointing(model: nn.Module) -> Iterator[None]:
     """Gradient checkpointing through ``torch.autograd.grad``: a model's reentrant checkpointing (transformers'
-    ``use_reentrant=True``, TRL's choice under PEFT + ZeRO-3) gives no gradient to the parameters inside its blocks
-    there (only ``.backward()`` reaches them), so its blocks checkpoint non-reentrantly meanwhile, with the same
-    arguments otherwise: the same gradient, the same memory."""
+    ``use_reentrant=True``, common in recipes) gives no gradient to the parameters inside its blocks there (only
+    ``.backward()`` reaches them), so its blocks checkpoint non-reentrantly meanwhile, with the same arguments
+    otherwise: the same gradient, the same memory. Not on sharded weights (ZeRO-3 / FSDP, where TRL keeps it
+    reentrant because a non-reentrant recomputation meets re-partitioned parameters): there the gradient that
+    reaches nothing is an error (:func:`_mean_gradient`)."""
     from torch.utils.checkpoint import checkpoint
 
     swapped = []
+    if parameters_are_sharded(model):  # ZeRO-3 / FSDP: non-reentrant recomputation meets re-partitioned weights
+        yield
+        return
     for module in model.modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
         if getattr(func, "func", None) is checkpoint and func.keywords.get("use_reentrant", True):
@@ -490,10 +495,10 @@ def _mean_gradient(model: nn.Module, params: list[nn.Parameter], micro_batches: 
         del nll, parts
     sum_across_ranks(reached)
     if not reached.item():
-        raise STSUsageError("The run-level term's training gradient reached none of the trainable parameters (a "
-                            "custom gradient checkpointing that only .backward() goes through, e.g. a reentrant "
-                            "one not made by transformers?), so it would read as no change; run it without that "
-                            "checkpointing, or without run_level.")
+        raise STSUsageError("The run-level term's training gradient reached none of the trainable parameters: a "
+                            "gradient checkpointing that only .backward() goes through (use_reentrant=True under "
+                            "DeepSpeed ZeRO-3 / FSDP, or a checkpointing function of the user's own) would read as "
+                            "no change. Run the term without that checkpointing, or without run_level.")
     for g in grads:
         sum_across_ranks(g)
     count = torch.tensor([float(tokens)], dtype=torch.float64)

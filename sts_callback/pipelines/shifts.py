@@ -16,6 +16,7 @@ made before a run answers as the run's own train-start forecast does:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -41,14 +42,15 @@ def check_shift(shift: str) -> str:
 
 def data_columns(data: Any) -> set[str]:
     """The columns of a dataset, a list of records or a :class:`Corpus` of them (its first record's keys)."""
+    if isinstance(data, Corpus):  # its items as given: a wrapped dataset is not listed (it may hold millions)
+        data = getattr(data, "_items", None) or []
     names = getattr(data, "column_names", None)
     if names is not None:
         return set(names)
-    if isinstance(data, Corpus) and len(data):
-        data = data.records()[:1]
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict):
-        return set(data[0])
-    return set()
+    indexable = isinstance(data, Sequence) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")
+                                              and not isinstance(data, (dict, str)))  # a torch map-style dataset
+    first = data[0] if indexable and len(data) else None
+    return set(first) if isinstance(first, dict) else set()
 
 
 def is_preference_data(data: Any) -> bool:

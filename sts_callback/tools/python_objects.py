@@ -54,9 +54,11 @@ def _module_from_file(path: Path, what: str, spec: str) -> Any:
     for n in hidden:
         del sys.modules[n]
     sys.path.insert(0, str(path.parent))
+    sys.modules[name] = module  # registered before it runs, as importlib's recipe does (dataclasses look it up)
     try:
         module_spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001 - the user's file: named, its own error chained
+        del sys.modules[name]
         raise STSInputError(f"{what} {spec!r}: running {path} raised {type(err).__name__}: {first_line(err)}") \
             from err
     finally:
@@ -64,7 +66,8 @@ def _module_from_file(path: Path, what: str, spec: str) -> Any:
         for n in [n for n in sys.modules if n.split(".")[0] in neighbours]:
             del sys.modules[n]
         sys.modules.update(hidden)
-    sys.modules[name] = module
+        if str(path.parent) not in sys.path:  # a neighbour imported inside a function, when the rollouts call it
+            sys.path.append(str(path.parent))
     return module
 
 
