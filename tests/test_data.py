@@ -583,3 +583,25 @@ def test_added_tokens_marked_special_are_not_counted():
     ids, counted = builder(tok, max_query_tokens=32).single(chat)
     kept = [token for token, c in zip(ids[len(ids) - len(counted):], counted) if c]
     assert tok.convert_ids_to_tokens(kept) == ["law", "court", "judge", "."]
+
+
+def test_a_held_out_cut_of_a_long_target_item_keeps_its_answer(tokenizer):
+    """loss_sequence_tokens cut each held-out text to its first counted tokens: a prompt + answer's were the
+    prompt's again, after the cut to max_query_tokens had kept the answer."""
+    from sts_callback.core.config import STSConfig
+    from sts_callback.pipelines.forecast import ForecastSetup
+    from sts_callback.pipelines.monitor import Monitor
+    from tiny import TinySAE, make_model
+
+    from sts_callback.core.data import DomainCorpus
+
+    answer = " " + domain_texts("food", 1, length=8)[0]
+    items = [{"prompt": " ".join(domain_texts("law", 3, length=12, seed=s)), "completion": answer} for s in range(4)]
+    setup = ForecastSetup.create(make_model("llama"), tokenizer, TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"),
+                                 STSConfig(max_query_tokens=40, n_shifted=8))
+    sequences, _ = Monitor.sample_sequences(DomainCorpus(load_corpus(items, name="d")), setup, 1000, "s",
+                                            tokens_each=6)
+    answer_ids = setup.builder.encode_text(answer)
+    for ids, flags in sequences:
+        counted = [token for token, c in zip(ids[len(ids) - len(flags):], flags) if c]
+        assert counted == answer_ids[-6:]

@@ -952,6 +952,18 @@ def sample_within_budget(corpus: Corpus, builder: PromptBuilder, budget: int, rn
     return chosen, total
 
 
+def last_counted(sequence: TokenSequence, tokens: int) -> TokenSequence:
+    """``sequence`` with only its last ``tokens`` counted tokens counted (the earlier ones kept as context): a
+    prompt + answer cut to what it is about, its answer (:attr:`Example.keep_end`)."""
+    ids, flags = sequence
+    kept, seen = list(flags), 0
+    for position in reversed(range(len(kept))):
+        if kept[position]:
+            seen += 1
+            kept[position] = seen <= tokens
+    return ids, kept
+
+
 def first_counted(sequence: TokenSequence, tokens: int) -> TokenSequence:
     """``sequence`` cut right after its first ``tokens`` counted tokens (flags aligned with the ids' end)."""
     ids, flags = sequence

@@ -23,7 +23,7 @@ from torch import nn
 from ..scoring import score
 from ..core.capture import unwrap_model
 from ..core.errors import STSDataWarning, STSInputError, STSNumericalError
-from ..core.data import Corpus, TokenSequence, first_counted, sample_within_budget
+from ..core.data import Corpus, TokenSequence, first_counted, last_counted, sample_within_budget
 from ..core.distributed import LocalFailure, gather_objects, warn_on_main
 from ..core.extract import ConditionStats, Extractor, PairedStats, encode_chunk_rows
 from .forecast import ForecastSetup, inference_mode
@@ -137,9 +137,11 @@ class Monitor:
         first counted tokens (more, shorter sequences: a paired change's interval narrows sooner)."""
         indices, tokens = sample_within_budget(corpus, setup.builder, budget, random.Random(seed),
                                                tokens_each=tokens_each)
-        sequences = [setup.builder.single(corpus[i]) for i in indices]
-        if tokens_each is not None:
-            sequences = [first_counted(sequence, tokens_each) for sequence in sequences]
+        examples = [corpus[i] for i in indices]
+        sequences = [setup.builder.single(example) for example in examples]
+        if tokens_each is not None:  # a prompt + answer keeps its answer's tokens, as its cut to max_query_tokens
+            sequences = [(last_counted if example.keep_end else first_counted)(sequence, tokens_each)
+                         for example, sequence in zip(examples, sequences)]
         first: dict[tuple[int, ...], TokenSequence] = {}
         for sequence in sequences:
             first.setdefault(tuple(sequence[0]), sequence)
