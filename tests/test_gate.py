@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import DOMAIN_WORDS, TinySAE, domain_texts, make_model, make_tokenizer
 
-from sts_callback import STSConfig, STSConfigError, STSInputError, forecast
+from sts_callback import STSConfig, STSConfigError, STSDataWarning, STSInputError, forecast
 from sts_callback.tools.cli import main
 from sts_callback.core.data import load_corpus
 from sts_callback.pipelines.gate import (GateDecision, GateRules, MixtureRejected, filter_examples, gate_mixture,
@@ -486,7 +486,10 @@ def test_preference_candidates_are_gated_on_chosen_minus_rejected(model, tokeniz
     # known latent weights (each D_N latent 1/N for every protected domain), to check each pair's score densely
     monkeypatch.setattr(gate, "_latent_weights", lambda stats, protected, score, latents: torch.full(
         (len(latents), len(protected)), 1.0 / len(latents), dtype=torch.float64))
-    result = gate_mixture(model, tokenizer, sae, pool, targets(), "law", config=config(shift_tokens=10_000))
+    with pytest.warns(STSDataWarning, match=r"\['prefer_chem', 'prefer_law'\] are preference pairs .* different "
+                                            r"scales"):
+        result = gate_mixture(model, tokenizer, sae, pool, targets(), "law", config=config(shift_tokens=10_000))
+    assert any("different scales" in note for note in result.notes)
     for name in ("prefer_law", "prefer_chem"):
         single = preference_forecast(model, tokenizer, sae, pool[name], targets(), config(shift_tokens=10_000))
         assert result.forecasts[name].settings["shift"] == "chosen_vs_rejected"

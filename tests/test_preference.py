@@ -235,13 +235,32 @@ def test_implicit_prompt_text_pairs_are_read_as_trl_extracts_their_prompt(model,
     from sts_callback.core.data import implicit_prompt
 
     implicit = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in pairs()]
-    for record in implicit + [{"chosen": "same", "rejected": "same"}, {"chosen": "a b", "rejected": "a c"}]:
-        expected = extract_prompt(record) if record["chosen"] != record["rejected"] else None
-        if expected is not None:
-            assert implicit_prompt(record["chosen"], record["rejected"]) == (
-                expected["prompt"], expected["chosen"], expected["rejected"])
+    turn = [{"role": "user", "content": "q"}]
+    for record in implicit + [{"chosen": "same", "rejected": "same"}, {"chosen": "a b", "rejected": "a c"},
+                              {"chosen": "a b", "rejected": "a b c"},  # one the start of the other
+                              {"chosen": turn, "rejected": turn + [{"role": "assistant", "content": "x"}]}]:
+        expected = extract_prompt(record)
+        assert implicit_prompt(record["chosen"], record["rejected"]) == (
+            expected["prompt"], expected["chosen"], expected["rejected"])
     explicit = [extract_prompt(record) for record in implicit]
     got = preference_forecast(model, tokenizer, sae, implicit, targets(), config())
     want = preference_forecast(model, tokenizer, sae, explicit, targets(), config())
     assert got.shifted_latents == want.shifted_latents
     assert dict(got.ranked()) == pytest.approx(dict(want.ranked()), rel=1e-9)
+
+
+def test_the_offline_forecast_of_pairs_cuts_them_as_dpo_would(model, tokenizer, sae):
+    """training_forecast / sts forecast read every token of a pair where DPOTrainer (max_length 1024 by default)
+    cuts it; settings name the trainer's own cut."""
+    from trl import DPOConfig
+
+    from sts_callback.pipelines.shifts import training_forecast
+
+    default = DPOConfig.__dataclass_fields__["max_length"].default
+    for settings, length in ((None, default), ({"max_length": 12}, 12)):
+        got = training_forecast(model, tokenizer, sae, pairs(), targets(), config(), settings=settings)
+        want = preference_forecast(model, tokenizer, sae, pairs(), targets(), config(), max_length=length)
+        assert dict(got.ranked()) == pytest.approx(dict(want.ranked()), rel=1e-9)
+    cut = training_forecast(model, tokenizer, sae, pairs(), targets(), config(), settings={"max_length": 12})
+    whole = preference_forecast(model, tokenizer, sae, pairs(), targets(), config())
+    assert cut.shift_tokens < whole.shift_tokens

@@ -170,10 +170,11 @@ def implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     """(prompt, chosen, rejected) of a preference pair in TRL's implicit-prompt form (``extract_prompt``): the
     shared leading turns of two conversations, or the shared start of two texts (a space before the first
     difference goes with the completions)."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    if isinstance(chosen, str) and 0 < n < len(chosen) and chosen[n - 1] == " ":
+    shortest = min(len(chosen), len(rejected))
+    n = next((i for i in range(shortest) if chosen[i] != rejected[i]), None)
+    if n is None:  # one is the start of the other: as TRL, the last shared item goes with the completions
+        n = max(shortest - 1, 0)
+    elif isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ":
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
 

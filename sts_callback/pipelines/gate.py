@@ -80,12 +80,13 @@ from torch import nn
 from ..core.atomic import atomic_write_json, atomic_write_text
 from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
 from ..core.data import AllBut, Corpus, example_text, load_corpus, load_domains, named_items, repeated_names
-from ..core.errors import STSConfigError, STSInputError
+from ..core.distributed import warn_on_main
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, ShiftPass, assemble_forecast, build_shift_pairs,
                        inference_mode, plan_domains, progress_bar, shard_size)
 from .preference import preference_pass, tokenize_preference
-from .shifts import is_preference_data
+from .shifts import is_preference_data, preference_truncation
 
 DEFAULT_TOLERANCE = 1.5
 WEIGHT_RULES = ("sts", "min_impact")
@@ -392,13 +393,21 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     passes: dict[str, ShiftPass] = {}  # the candidates whose shift is not in context: preference pairs
     for name, corpus in corpora.items():
         if is_preference_data(corpus):  # DPO pairs: chosen minus rejected, as preference_forecast samples them
-            _, passes[name] = preference_pass(setup.builder, config, corpus, name)
+            _, passes[name] = preference_pass(setup.builder, config, corpus, name,
+                                              truncation=preference_truncation(None))  # as DPOTrainer cuts them
             plans[name] = Plan(shift_pairs=[], shift_tokens=passes[name].tokens, domains=domain_plan)
             continue
         rng = random.Random(config.seed)  # exactly as plan_inputs samples the shift pairs
         pairs, tokens = build_shift_pairs(corpus, setup.builder, config, rng, config.shift_tokens,
                                           config.n_demonstrations)
         plans[name] = Plan(shift_pairs=pairs, shift_tokens=tokens, domains=domain_plan)
+    mixed = None
+    if passes and len(passes) < len(corpora):  # two shifts on their own scales: compared as one, they mislead
+        mixed = (f"Candidates {sorted(passes)} are preference pairs (their chosen-minus-rejected shift) and "
+                 f"{sorted(set(corpora) - set(passes))} SFT data (the in-context shift): the two scores are on "
+                 "different scales, so the relative rule, max_rank and the weights compare unlike things. Gate "
+                 "each kind in its own call.")
+        warn_on_main(mixed, STSDataWarning, stacklevel=2)
     timings: dict[str, float] = {"prepare": time.perf_counter() - start}
 
     # the main process's own count: each pass forwards its shard, but every rank scores all the examples
@@ -453,6 +462,8 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                             rules={"limits": limit_map, "max_rank": rules.max_rank, "tolerance": tolerance},
                             weight_rule=rules.weights,
                             example_scores=example_scores, forward_calls=calls, timings=timings, _data=corpora)
+    if mixed:
+        decision.notes.append(mixed)
     accepted = decision.accepted
     if not accepted:
         decision.timings["total"] = time.perf_counter() - start

@@ -139,9 +139,20 @@ def check_training_inputs(shift: str, *, reward_funcs: bool, teacher: bool, sett
 PREFERENCE_SETTINGS = ("max_length", "truncation_mode")
 
 
+def dpo_defaults() -> dict[str, Any]:
+    """TRL ``DPOConfig``'s defaults of :data:`PREFERENCE_SETTINGS` ({} without TRL)."""
+    try:
+        from trl import DPOConfig
+    except ImportError:
+        return {}
+    return {name: DPOConfig.__dataclass_fields__[name].default for name in PREFERENCE_SETTINGS}
+
+
 def preference_truncation(settings: Any) -> Truncation:
     """How the preference trainer cuts its pairs, from its config (``DPOConfig``) or a dict of
-    ``PREFERENCE_SETTINGS``."""
+    ``PREFERENCE_SETTINGS`` (those left out: DPOConfig's defaults, as the trainer would cut them)."""
+    if settings is None or isinstance(settings, dict):
+        settings = {**dpo_defaults(), **(settings or {})}
     if isinstance(settings, dict):
         unknown = sorted(set(settings) - set(PREFERENCE_SETTINGS))
         if unknown:
