@@ -258,6 +258,16 @@ def test_an_interrupted_retrain_leaves_the_folders_sae_and_report_together(tiny,
     handle, report = load_sae(tmp_path), json.loads((tmp_path / REPORT_FILENAME).read_text())
     assert (handle.layer, handle.module.cfg.k, report["layer"], report["k"]) == (LAYER, 4, LAYER, 4)
     monkeypatch.undo()
+    # a staging folder a killed run left a day ago goes; a report kept elsewhere through a link is written through
+    stale = tmp_path / ".sts-train-sae-killed"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-reports" / REPORT_FILENAME
+    elsewhere.parent.mkdir()
+    os.replace(tmp_path / REPORT_FILENAME, elsewhere)
+    (tmp_path / REPORT_FILENAME).symlink_to(elsewhere)
     train_sae(model, tokenizer, _texts(10), 0, SAETrainingConfig(k=8, **small), output_dir=tmp_path)
     handle, report = load_sae(tmp_path), json.loads((tmp_path / REPORT_FILENAME).read_text())
     assert (handle.layer, handle.module.cfg.k, report["layer"], report["k"]) == (0, 8, 0, 8)
+    assert not stale.exists() and (tmp_path / REPORT_FILENAME).is_symlink()
+    assert json.loads(elsewhere.read_text())["k"] == 8

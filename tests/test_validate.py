@@ -572,3 +572,21 @@ def test_prompts_with_reward_functions_are_validated_with_grpo(tmp_path, tokeniz
     with pytest.raises(STSConfigError, match=r"\['num_generations'\], fields of another TRL trainer's config"):
         validate(make_model("llama"), tokenizer, sae(), domain_texts("law", 32), targets(), config,
                  output_dir=tmp_path / "sft", training_args={"num_generations": 2}, **CHEAP)
+
+
+def test_records_of_two_formats_and_injected_adapters_are_named(tmp_path, tokenizer):
+    """Preference records mixing text and chat messages gave pyarrow's raw ArrowInvalid; adapters injected into
+    a plain model (inject_adapter_in_model) were stripped by the restore of copy_model=False."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    law, food = domain_texts("law", 8), domain_texts("food", 8)
+    mixed = [{"prompt": "q", "chosen": a, "rejected": b} for a, b in zip(law, food)]
+    mixed[3] = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": law[3]}],
+                "rejected": [{"role": "assistant", "content": food[3]}]}
+    with pytest.raises(STSInputError, match="a column holds values of different types"):
+        validate(make_model("llama"), tokenizer, sae(), mixed, targets(), FAST, output_dir=tmp_path / "mixed",
+                 **CHEAP)
+    injected = inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), make_model("llama"))
+    with pytest.raises(STSInputError, match="got a model with PEFT adapters"):
+        validate(injected, tokenizer, sae(), law, targets(), FAST, copy_model=False, output_dir=tmp_path / "own",
+                 **CHEAP)

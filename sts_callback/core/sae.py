@@ -345,6 +345,8 @@ def _own_copy_if_moved(module: Any, device: torch.device | str | None, dtype: to
         return module
     cast = dtype is not None and param.dtype != dtype
     target = torch.device(device) if device is not None else None
+    if target is not None and target.type == "cuda" and target.index is None and torch.cuda.is_available():
+        target = torch.device("cuda", torch.cuda.current_device())  # "cuda" is the current one, not any
     moved = target is not None and (param.device.type != target.type
                                     or target.index is not None and param.device.index != target.index)
     return copy.deepcopy(module) if cast or moved else module

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..core.data import Corpus, Example, chat_template_text, needs_typed_content
-from ..core.errors import STSInputError
+from ..core.errors import STSInputError, first_line
 
 
 def training_features(corpus: Corpus, tokenizer, max_length: int, completion_only: bool,
@@ -86,9 +86,15 @@ class PadCollator:
 
 def records_dataset(records: list[Any]) -> Any:
     """Records as the ``datasets.Dataset`` TRL's trainers read (DPO's preference pairs, GRPO's prompts)."""
+    import pyarrow
     from datasets import Dataset
 
-    return Dataset.from_list(records)
+    try:
+        return Dataset.from_list(records)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, TypeError) as err:  # one column of two types
+        raise STSInputError(f"The training records cannot be one dataset ({first_line(err)}): a column holds values "
+                            "of different types across records (text in some, chat messages in others?). Give "
+                            "every record the same format.") from err
 
 
 def wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
@@ -108,6 +114,15 @@ def wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
 
 
 
+def has_injected_adapters(model: nn.Module) -> bool:
+    """PEFT adapter layers inside ``model`` (``inject_adapter_in_model``, or a wrap left half-way)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
 def remove_injected_adapters(model: nn.Module) -> None:
     """Put back the plain layers PEFT wrapped in ``model`` outside a PEFT model (a ``get_peft_model`` that failed
     or was interrupted half-way leaves its adapter layers injected; a finished one is unloaded by its model)."""
@@ -121,4 +136,4 @@ def remove_injected_adapters(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
 
 
-__all__ = ["PadCollator", "records_dataset", "remove_injected_adapters", "training_features", "wrap_lora"]
+__all__ = ["PadCollator", "has_injected_adapters", "records_dataset", "remove_injected_adapters", "training_features", "wrap_lora"]

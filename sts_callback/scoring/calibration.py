@@ -586,8 +586,8 @@ def _warn_mixed_scope(records: Sequence[dict[str, Any]]) -> None:
             mixed.append(f"{key}: " + "; ".join(f"{v} ({', '.join(runs)})" for v, runs in by_value.items()))
     if mixed:
         warnings.warn(f"The runs were trained on different setups ({' | '.join(mixed)}). The calibration pools "
-                      "them and its scope leaves these keys out, so applying it to another model or SAE will not "
-                      "be warned about. Fit on the runs of one setup unless pooling is intended.", STSDataWarning,
+                      "them and its scope leaves these keys out, so applying it to another setup (model, SAE, shift) "
+                      "will not be warned about. Fit on the runs of one setup unless pooling is intended.", STSDataWarning,
                       stacklevel=3)
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -525,7 +526,8 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
     staging = Path(output_dir) if output_dir is not None else None
     if staging is not None:
         staging.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=staging, prefix=".sts-train-sae-") as tmp:
+        _remove_stale_staging(staging)
+    with tempfile.TemporaryDirectory(dir=staging, prefix=STAGING_PREFIX) as tmp:
         folder = Path(tmp)
         training_sae.save_inference_model(folder)
         sae = SAE.load_from_disk(str(folder), device=device)
@@ -555,10 +557,24 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
         if staging is not None:
             (folder / REPORT_FILENAME).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
             give_new_file_modes(folder, (*SAE_FOLDER_FILES, REPORT_FILENAME))  # safetensors writes 0600
-            (staging / REPORT_FILENAME).unlink(missing_ok=True)  # never beside another SAE, even for a moment
+            (staging / REPORT_FILENAME).resolve().unlink(missing_ok=True)  # never beside another SAE, for a moment
             for name in (*SAE_FOLDER_FILES, REPORT_FILENAME):  # the report last: present only with its SAE
-                os.replace(folder / name, staging / name)
+                shutil.move(folder / name, (staging / name).resolve())  # a link: written through to its file
     return result
+
+
+STAGING_PREFIX = ".sts-train-sae-"
+STALE_STAGING_SECONDS = 24 * 3600  # no training stages its files that long: a folder this old was left by a kill
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    """Staging folders a killed run left (SIGKILL, the OOM killer: no cleanup ran), possibly gigabytes."""
+    for stale in folder.glob(f"{STAGING_PREFIX}*"):
+        try:
+            if stale.is_dir() and time.time() - stale.stat().st_mtime > STALE_STAGING_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _check_data_amount(total_rows: int, held_out_rows: int, held_out_fraction: float,

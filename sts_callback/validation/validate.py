@@ -38,7 +38,7 @@ from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..pipelines.monitor import peft_model_of
 from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
-from ..pipelines.recipe import PadCollator, records_dataset, remove_injected_adapters, training_features, wrap_lora
+from ..pipelines.recipe import PadCollator, has_injected_adapters, records_dataset, remove_injected_adapters, training_features, wrap_lora
 from ..pipelines.rollouts import check_reward_funcs, prompt_records
 from ..pipelines.shifts import is_preference_data
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
@@ -581,7 +581,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     tokenizer = text_tokenizer(tokenizer)  # a VLM's processor: its tokenizer, with its chat template
     if tokenizer is None:
         raise STSInputError("validate() needs the model's tokenizer.")
-    if peft_model_of(model) is not None:
+    if peft_model_of(model) is not None or has_injected_adapters(model):
         raise STSInputError("validate() got a model with PEFT adapters; pass the base model "
                             "(model.get_base_model(), or merge_and_unload()): validate adds its own adapters "
                             "(method='lora') or trains every weight (method='full').")
