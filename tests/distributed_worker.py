@@ -311,7 +311,8 @@ elif MODE == "bad_inputs":
     domains = dict(DOMAINS) if RANK == 0 else {k: v for k, v in DOMAINS.items() if k != "chem"}
     for case, cb in (("domains_disagree", callback(target_domains=domains, protected=[])),
                      ("sae_disagree", callback(sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post", seed=RANK))),
-                     ("probe_smaller_than_world", callback(train_probe=PROBE[:1], config={**CONFIG, "shift_tokens": 16}))):
+                     ("probe_smaller_than_world",
+                      callback(train_probe=PROBE[:1], config={**CONFIG, "shift_tokens": 16}))):
         try:
             trainer_for(cb, OUT / case).train()
             errors[case] = None

@@ -94,8 +94,8 @@ class STSConfig:
             positive("layer", 0)
         for name in ("shift_tokens", "domain_tokens"):  # below it the forecast would blame the data, at train start
             positive(name, MIN_BUDGET_TOKENS)
-        for name in ("n_shifted", "n_demonstrations", "max_query_tokens", "max_demonstration_tokens", "batch_size", "rollout_prompts",
-                     "rollout_max_tokens"):
+        for name in ("n_shifted", "n_demonstrations", "max_query_tokens", "max_demonstration_tokens", "batch_size",
+                     "rollout_prompts", "rollout_max_tokens"):
             positive(name)
         positive("rollout_generations", 2)
         positive("n_domain_demonstrations", 0)

@@ -119,8 +119,8 @@ class Forecast:
 
     def _check_scope(self, calibration: Any) -> list[str]:
         """Warn when the calibration states a scope (``fitted_on["scope"]``: model class, SAE width and hook, the
-        shift) that this forecast's model, SAE or shift is outside: its predictions then mean little. Returns the differences
-        (recorded with the predictions, so the table and report say so too)."""
+        shift) that this forecast's model, SAE or shift is outside: its predictions then mean little. Returns the
+        differences (recorded with the predictions, so the table and report say so too)."""
         scope = (calibration.fitted_on or {}).get("scope") or {}
         here = {"model_class": self.settings.get("model_class"), **(self.settings.get("sae") or {}),
                 "shift": self.settings.get("shift", "in_context")}

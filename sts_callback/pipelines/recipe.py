@@ -136,4 +136,5 @@ def remove_injected_adapters(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
 
 
-__all__ = ["PadCollator", "has_injected_adapters", "records_dataset", "remove_injected_adapters", "training_features", "wrap_lora"]
+__all__ = ["PadCollator", "has_injected_adapters", "records_dataset", "remove_injected_adapters", "training_features",
+           "wrap_lora"]

@@ -587,8 +587,8 @@ def _warn_mixed_scope(records: Sequence[dict[str, Any]]) -> None:
     if mixed:
         warnings.warn(f"The runs were trained on different setups ({' | '.join(mixed)}). The calibration pools "
                       "them and its scope leaves these keys out, so applying it to another setup (model, SAE, shift) "
-                      "will not be warned about. Fit on the runs of one setup unless pooling is intended.", STSDataWarning,
-                      stacklevel=3)
+                      "will not be warned about. Fit on the runs of one setup unless pooling is intended.",
+                      STSDataWarning, stacklevel=3)
 
 
 def shared_scope(scopes: Sequence[dict[str, Any]]) -> dict[str, Any]:

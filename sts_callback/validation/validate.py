@@ -38,7 +38,8 @@ from ..pipelines.forecast import SCORE_LABELS
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..pipelines.monitor import peft_model_of
 from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
-from ..pipelines.recipe import PadCollator, has_injected_adapters, records_dataset, remove_injected_adapters, training_features, wrap_lora
+from ..pipelines.recipe import (PadCollator, has_injected_adapters, records_dataset, remove_injected_adapters,
+                                training_features, wrap_lora)
 from ..pipelines.rollouts import check_reward_funcs, prompt_records
 from ..pipelines.shifts import is_preference_data
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
@@ -626,8 +627,9 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     out = Path(output_dir)
     sts_dir = out / "sts"
     sts_dir.mkdir(parents=True, exist_ok=True)
-    training = {"trainer": TRAINERS[kind][0], "method": method, "steps": steps,
-                "learning_rate": lr, "batch_size": batch_size, "max_length": max_length, "lora_rank": lora_rank if method == "lora" else None,
+    training = {"trainer": TRAINERS[kind][0], "method": method, "steps": steps, "learning_rate": lr,
+                "batch_size": batch_size, "max_length": max_length,
+                "lora_rank": lora_rank if method == "lora" else None,
                 "lora_alpha": (lora_alpha or 2 * lora_rank) if method == "lora" else None,
                 "lora_target_modules": None, "completion_only_loss": completion_only_loss,
                 "loss_tokens": loss_tokens, "recheck_tokens": recheck_tokens, "recheck_steps": recheck_steps,
