@@ -590,3 +590,28 @@ def test_records_of_two_formats_and_injected_adapters_are_named(tmp_path, tokeni
     with pytest.raises(STSInputError, match="got a model with PEFT adapters"):
         validate(injected, tokenizer, sae(), law, targets(), FAST, copy_model=False, output_dir=tmp_path / "own",
                  **CHEAP)
+
+
+def test_cli_validate_refuses_another_trainers_fields_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """DPOConfig / GRPOConfig fields on SFT data were refused inside validate(), after the model had loaded."""
+    import sts_callback.tools.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    monkeypatch.setattr(cli, "load_model", refuse)
+    StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"))
+                ).save_model(tmp_path / "sae")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    config = {"model": str(tmp_path / "model"), "sae": str(tmp_path / "sae"), "train_data": domain_texts("law", 8),
+              "targets": {d: domain_texts(d, 5) for d in ("law", "food", "chem")},
+              "validation": {"training_args": {"beta": 0.5}}}
+    path = tmp_path / "validate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "validation.training_args" in err and "sets ['beta'], fields of another TRL trainer's config" in err

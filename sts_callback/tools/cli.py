@@ -949,8 +949,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     output_dir = _check_output_folder(Path(args.output_dir or config_file.get("output_dir") or "sts-validation"),
                                       "The validation output folder", VALIDATION_FILES)
     reward_funcs = _reward_functions(config_file, args.config)
+    from ..core.data import load_corpus
+    from ..validation.validate import check_trainer_fields, training_kind
+
+    train = load_corpus(_expand(config_file["train_data"]), name="train")  # its kind decides the trainer: now
+    try:
+        check_trainer_fields(training_kind(train, reward_funcs), validation.training_args or {})
+    except STSError as err:
+        raise type(err)(f"{args.config}: validation.training_args: {err}") from err
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
-    result = validate(model, tokenizer, _expand(config_file["sae"]), _expand(config_file["train_data"]),
+    result = validate(model, tokenizer, _expand(config_file["sae"]), train,
                       _expand(config_file["targets"]), config, metric=metric, reward_funcs=reward_funcs,
                       demonstrations=_expand(config_file.get("demonstrations")), validation=validation,
                       output_dir=output_dir, progress=not args.no_progress)

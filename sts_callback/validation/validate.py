@@ -494,6 +494,21 @@ class ValidationConfig:
         return settings_from_dict(cls, values, "validation setting(s)")
 
 
+def training_kind(train: Any, reward_funcs: Any) -> str:
+    """How validate trains ``train``: "grpo" with reward functions, "dpo" on preference pairs, else "sft"."""
+    return "grpo" if reward_funcs is not None else "dpo" if is_preference_data(train) else "sft"
+
+
+def check_trainer_fields(kind: str, training_args: dict[str, Any]) -> None:
+    """``training_args`` holds no field of a TRL config other than the one ``kind`` trains with."""
+    own = training_argument_fields() | (trl_argument_fields(kind) if kind != "sft" else set())
+    foreign = sorted(set(training_args) - own)
+    if foreign:
+        raise STSConfigError(f"validate(training_args=...) sets {foreign}, fields of another TRL trainer's config: "
+                             f"this training is validated with {TRAINERS[kind][0]} (GRPOConfig's fields with "
+                             "reward_funcs=, DPOConfig's for prompt / chosen / rejected pairs). Remove them.")
+
+
 def _check_grpo_reference(model: nn.Module, method: str, training_args: dict[str, Any]) -> None:
     """GRPO with ``beta > 0`` on every weight reloads its reference model from ``config._name_or_path`` (TRL takes
     no reference model): a model that names no checkpoint would fail there, after the forecast."""
@@ -596,17 +611,12 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     demos = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
     # trained as its users train it (the callback then forecasts what that trainer pushes): GRPO with reward
     # functions, DPO on preference pairs, else SFT
-    kind = "grpo" if reward_funcs is not None else "dpo" if is_preference_data(train) else "sft"
+    kind = training_kind(train, reward_funcs)
     if demos is None and kind == "sft" and not _trainable_answers(train):
         raise STSInputError("The training set has no answers (prompt-only data): it can neither be fine-tuned on "
                             "with SFT nor give in-context demonstrations; give texts or prompt/answer records (or "
                             "reward_funcs=, to validate GRPO on its prompts).")
-    foreign = sorted(set(training_args or {}) - training_argument_fields() - trl_argument_fields(kind)
-                     if kind != "sft" else set(training_args or {}) - training_argument_fields())
-    if foreign:
-        raise STSConfigError(f"validate(training_args=...) sets {foreign}, fields of another TRL trainer's config: "
-                             f"this training is validated with {TRAINERS[kind][0]} (GRPOConfig's fields with "
-                             "reward_funcs=, DPOConfig's for prompt / chosen / rejected pairs). Remove them.")
+    check_trainer_fields(kind, training_args or {})
     if kind != "sft":
         try:
             import trl  # noqa: F401  - fail now, not after the forecast
