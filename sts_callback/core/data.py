@@ -715,7 +715,8 @@ class PromptBuilder:
         self.chat_fallback = chat_fallback
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.typed_content = needs_typed_content(tokenizer)  # once: every render then passes what the template reads
-        self.special_ids = special_token_ids(tokenizer) if exclude_special_tokens else set()
+        self.all_special_ids = special_token_ids(tokenizer)  # read once: a tokenizer lists its added tokens anew
+        self.special_ids = self.all_special_ids if exclude_special_tokens else set()
         self.prefix = self._special_prefix()
         self.separator = self.encode_text("\n\n")
 
@@ -876,8 +877,7 @@ class PromptBuilder:
         head_context = full[: len(full) - shared]
         limit = self.max_query_tokens + 16  # room for the turn's template tokens
         if len(query_ids) > limit:  # a long conversation (a long system prompt): its last turns are what counts;
-            special = special_token_ids(self.tokenizer)  # the conversation's leading BOS stays first
-            lead = list(itertools.takewhile(lambda token: token in special, query_ids))
+            lead = list(itertools.takewhile(lambda token: token in self.all_special_ids, query_ids))  # BOS first
             earlier, query_ids = query_ids[len(lead):-limit], query_ids[-limit:]
             kept = lead + earlier[-self.max_query_tokens:]  # as much again before them: uncounted context, in both
             head_base, head_context = head_base + kept, head_context + kept

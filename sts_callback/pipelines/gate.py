@@ -70,8 +70,8 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -391,10 +391,10 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     domain_plan = plan_domains(setup.builder, config, domains)
     plans: dict[str, Plan] = {}
     passes: dict[str, ShiftPass] = {}  # the candidates whose shift is not in context: preference pairs
+    dpo_cut = preference_truncation(None)  # as DPOTrainer cuts pairs by default
     for name, corpus in corpora.items():
         if is_preference_data(corpus):  # DPO pairs: chosen minus rejected, as preference_forecast samples them
-            _, passes[name] = preference_pass(setup.builder, config, corpus, name,
-                                              truncation=preference_truncation(None))  # as DPOTrainer cuts them
+            _, passes[name] = preference_pass(setup.builder, config, corpus, name, truncation=dpo_cut)
             plans[name] = Plan(shift_pairs=[], shift_tokens=passes[name].tokens, domains=domain_plan)
             continue
         rng = random.Random(config.seed)  # exactly as plan_inputs samples the shift pairs

@@ -165,11 +165,19 @@ def contrast_forecast(setup: ForecastSetup, units: list[ContrastUnit], domains: 
                       progress: bool = False, start: float | None = None) -> ForecastRun:
     """A forecast whose shift is the contrast of ``units`` (:func:`contrast_pass`), beside the target domains'
     usual statistics."""
+    shift = contrast_pass(units, kind=kind, what=what, nothing_moved=nothing_moved, settings=settings)
+    return forecast_of_contrast(setup, units, shift, what, domains, progress=progress, start=start)
+
+
+def forecast_of_contrast(setup: ForecastSetup, units: list[ContrastUnit], shift: ShiftPass, what: str,
+                         domains: dict[str, Corpus], *, progress: bool = False,
+                         start: float | None = None) -> ForecastRun:
+    """The forecast of ``shift``, the pass over ``units`` (:func:`contrast_pass`), once every rank is seen to have
+    sampled the same units."""
     start = time.perf_counter() if start is None else start
     domain_inputs = plan_domains(setup.builder, setup.config, domains)
     checksum = fingerprint([[ids for ids, _ in u.sequences] for u in units], [u.weights for u in units])
     check_inputs_agree(setup, checksum, f"{len(units)} sampled {what} ({checksum})", domain_inputs)
-    shift = contrast_pass(units, kind=kind, what=what, nothing_moved=nothing_moved, settings=settings)
     plan = Plan(shift_pairs=[], shift_tokens=shift.tokens, domains=domain_inputs)
     return forecast_with_shift(setup, shift, plan, progress=progress, start=start)
 
@@ -383,9 +391,8 @@ def run_preference_forecast(setup: ForecastSetup, pairs: Any, domains: dict[str,
     the statistics too (``shift`` is a :class:`ContrastStats`)."""
     start = time.perf_counter() if start is None else start
     units, shift = preference_pass(setup.builder, setup.config, pairs, name, chat_template_kwargs, truncation)
-    return contrast_forecast(setup, units, domains, kind=shift.kind, what=f"preference pairs of {name!r}",
-                             nothing_moved=shift.nothing_moved, settings=shift.settings, progress=progress,
-                             start=start)
+    return forecast_of_contrast(setup, units, shift, f"preference pairs of {name!r}", domains, progress=progress,
+                                start=start)
 
 
 def preference_forecast(model: nn.Module, tokenizer, sae: Any, pairs: Any, targets: Any, config: Any = None, *,

@@ -452,10 +452,10 @@ def _non_reentrant_checkpointing(model: nn.Module) -> Iterator[None]:
     reaches nothing is an error (:func:`_mean_gradient`)."""
     from torch.utils.checkpoint import checkpoint
 
-    swapped = []
-    if parameters_are_sharded(model):  # ZeRO-3 / FSDP: non-reentrant recomputation meets re-partitioned weights
+    if parameters_are_sharded(model):
         yield
         return
+    swapped = []
     for module in model.modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
         if getattr(func, "func", None) is checkpoint and func.keywords.get("use_reentrant", True):
@@ -481,18 +481,18 @@ def _mean_gradient(model: nn.Module, params: list[nn.Parameter], micro_batches: 
     tokens = 0
     reached = torch.zeros(1)
     model.train()
-    for batch in micro_batches:
-        with _non_reentrant_checkpointing(model):
+    with _non_reentrant_checkpointing(model):
+        for batch in micro_batches:
             with autocast() if autocast else nullcontext():
                 nll, count = _train_nll(model, batch, device)
             parts = torch.autograd.grad(nll, params, allow_unused=True)
-        after_backward()
-        for total, part in zip(grads, parts):
-            if part is not None:
-                total.add_(part.to(total.dtype))
-                reached[0] = 1
-        tokens += count
-        del nll, parts
+            after_backward()
+            for total, part in zip(grads, parts):
+                if part is not None:
+                    total.add_(part.to(total.dtype))
+                    reached[0] = 1
+            tokens += count
+            del nll, parts
     sum_across_ranks(reached)
     if not reached.item():
         raise STSUsageError("The run-level term's training gradient reached none of the trainable parameters: a "

@@ -614,7 +614,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         result.apply_calibration(calibration, exclude=not_predicted)
     print(result.table())
     chosen = "" if training["asked"] != "auto" else " (shift: auto)"
-    print(f"shift: {shift_label(result.to_dict())}{chosen}")
+    print(f"shift: {shift_label({'settings': result.settings})}{chosen}")
     _save_after_the_work(result.save, output, "forecast")
     print(f"\nwrote {output} ({result.tokens_per_second:.0f} tokens/s, {result.timings['total']:.1f} s)")
     return 0

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.atomic import give_new_file_modes
+from ..core.atomic import give_new_file_modes, output_target
 from ..core.capture import ResidualCapture, max_positions, num_layers, unwrap_model
 from ..core.config import settings_from_dict
 from ..core.data import special_token_ids, text_tokenizer
@@ -557,9 +557,11 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
         if staging is not None:
             (folder / REPORT_FILENAME).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
             give_new_file_modes(folder, (*SAE_FOLDER_FILES, REPORT_FILENAME))  # safetensors writes 0600
-            (staging / REPORT_FILENAME).resolve().unlink(missing_ok=True)  # never beside another SAE, for a moment
-            for name in (*SAE_FOLDER_FILES, REPORT_FILENAME):  # the report last: present only with its SAE
-                shutil.move(folder / name, (staging / name).resolve())  # a link: written through to its file
+            targets = {name: output_target(staging / name)[0]  # a link: written through to its file
+                       for name in (*SAE_FOLDER_FILES, REPORT_FILENAME)}
+            targets[REPORT_FILENAME].unlink(missing_ok=True)  # never beside another SAE, even for a moment
+            for name, target in targets.items():  # the report last: present only with its SAE
+                shutil.move(folder / name, target)
     return result
 
 

@@ -17,6 +17,7 @@ change, one panel per variant), the first seed's ``forecast.json`` and ``history
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 import shutil
@@ -389,7 +390,8 @@ def _check_training_args(training_args: dict[str, Any]) -> None:
                              f"Remove them from training_args and pass validate({settings}) instead (in a config "
                              "file: keys of the validation: section).")
     if training_args:  # TRL's configs' own fields are for DPO / GRPO data: which, validate checks on the data
-        unknown = [k for k in training_args if k not in training_argument_fields() | trl_argument_fields()]
+        known = training_argument_fields() | trl_argument_fields()
+        unknown = [k for k in training_args if k not in known]
         if unknown:
             import difflib
 
@@ -400,25 +402,27 @@ def _check_training_args(training_args: dict[str, Any]) -> None:
                                  + (f" ({hint})" if hint else "") + ".")
 
 
-def training_argument_fields() -> set[str]:
+@functools.cache
+def training_argument_fields() -> frozenset[str]:
     from transformers import TrainingArguments
 
-    return {f.name for f in fields(TrainingArguments)}
+    return frozenset(f.name for f in fields(TrainingArguments))
 
 
 # The trainer validate trains each kind of data with, and its TRL config.
 TRAINERS = {"sft": ("Trainer", None), "dpo": ("DPOTrainer", "DPOConfig"), "grpo": ("GRPOTrainer", "GRPOConfig")}
 
 
-def trl_argument_fields(kind: str | None = None) -> set[str]:
+@functools.cache
+def trl_argument_fields(kind: str | None = None) -> frozenset[str]:
     """The fields TRL's config for ``kind`` ("dpo", "grpo"; ``None``: both) adds to TrainingArguments (empty
     without TRL)."""
     try:
         import trl
     except ImportError:
-        return set()
+        return frozenset()
     names = [TRAINERS[kind][1]] if kind else [config for _, config in TRAINERS.values() if config]
-    return {f.name for name in names if name for f in fields(getattr(trl, name))} - training_argument_fields()
+    return frozenset(f.name for name in names if name for f in fields(getattr(trl, name))) - training_argument_fields()
 
 
 @dataclass
@@ -501,7 +505,7 @@ def training_kind(train: Any, reward_funcs: Any) -> str:
 
 def check_trainer_fields(kind: str, training_args: dict[str, Any]) -> None:
     """``training_args`` holds no field of a TRL config other than the one ``kind`` trains with."""
-    own = training_argument_fields() | (trl_argument_fields(kind) if kind != "sft" else set())
+    own = training_argument_fields() | (trl_argument_fields(kind) if kind != "sft" else frozenset())
     foreign = sorted(set(training_args) - own)
     if foreign:
         raise STSConfigError(f"validate(training_args=...) sets {foreign}, fields of another TRL trainer's config: "
@@ -748,17 +752,17 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                     lr_scheduler_type="cosine", warmup_steps=0.1, seed=seed, data_seed=seed, save_strategy="no",
                     logging_steps=max(1, steps // 4), report_to="none", use_cpu=device.type == "cpu",
                     disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"])
+        if kind != "sft":
+            del args["remove_unused_columns"], args["label_names"]  # the TRL trainers' own collators and columns
         if kind == "grpo":
             from trl import GRPOConfig, GRPOTrainer
 
-            del args["remove_unused_columns"], args["label_names"]  # GRPOTrainer's own columns
             args.update(training_args or {})
             trainer = GRPOTrainer(model=work, reward_funcs=reward_funcs, args=GRPOConfig(**args),
                                   train_dataset=features, processing_class=tokenizer, callbacks=[callback])
         elif kind == "dpo":
             from trl import DPOConfig, DPOTrainer
 
-            del args["remove_unused_columns"], args["label_names"]  # DPOTrainer's own collator and columns
             args.update(max_length=max_length, **(training_args or {}))
             # the reference is the policy as it starts: TRL would reload it from config._name_or_path for a full
             # fine-tune (another model's weights, or none for a model built in memory); LoRA's is the base
