@@ -15,7 +15,7 @@ domains' texts are frozen in ``units/domains.json.gz`` at the first run (they ar
 packages' files, which change with the venv); each unit records the texts' fingerprint.
 
 Plan: LoRA (r=8, q/v, lr 1e-3) seed 0 for all 11 sources, a full fine-tune (lr 2e-5) seed 0 for 5 sources,
-LoRA seed 1 for 6 sources; 64 steps of batch 4 x 128 tokens each.
+LoRA seed 1 for 6 sources, then for the other 5; 64 steps of batch 4 x 128 tokens each.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def plan() -> list[tuple[str, str, int]]:
     units = [("lora", s, 0) for s in SOURCES]
     units += [("full", s, 0) for s in SUBSET[:5]]
     units += [("lora", s, 1) for s in SUBSET]
+    # added 2026-12-05: a second seed for the other five sources, so every source's runs teach the prior alike
+    units += [("lora", s, 1) for s in SOURCES if s not in SUBSET]
     return units
 
 
