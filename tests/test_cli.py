@@ -857,6 +857,16 @@ def test_reward_files_in_two_folders_each_import_their_own_neighbour(tmp_path):
         sys.modules.pop("utils", None)
 
 
+@pytest.mark.parametrize("spec", [r"C:\rl\rewards.py", "rewards.py:", "rewards.py:my-reward"])
+def test_a_reward_named_without_a_python_name_says_to_add_one(spec):
+    """A Windows path without ':name' read as module 'C' and its path as the name (an import error about 'C')."""
+    from sts_callback.core.errors import STSInputError
+    from sts_callback.tools.python_objects import import_object
+
+    with pytest.raises(STSInputError, match=r"reward .*(not a Python name|name it as).*path/to/file\.py:name"):
+        import_object(spec, "reward")
+
+
 def test_a_reward_file_with_a_dataclass_and_a_lazy_neighbour_import(tmp_path):
     """The file ran before its module was registered (a dataclass there failed to import), and a neighbour
     imported inside the function failed when the rollouts called it."""

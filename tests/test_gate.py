@@ -533,3 +533,21 @@ def test_a_tokenized_preference_candidate_is_gated_and_previewed(model, tokenize
                           targets(), "law", config=config(shift_tokens=10_000))
     assert result.forecasts["ids"].settings["shift"] == "chosen_vs_rejected"
     assert all(w["text"] for w in result.example_scores["ids"].worst)
+
+
+def test_preference_pairs_are_scored_on_the_tokens_the_forecast_reads(model, tokenizer, monkeypatch):
+    """Each pair's score reads the pair as DPOTrainer's cut leaves it, as the candidate's forecast does: a pair
+    whose chosen and rejected differ only beyond the cut pushes nothing (it was scored on the dropped tokens)."""
+    import sts_callback.pipelines.gate as gate
+    from sts_callback.pipelines.preference import Truncation
+
+    pairs = preference_pairs("law", "food")
+    shared = " " + " ".join(domain_texts("chem", 4, seed=3))
+    pairs[2] = {"prompt": PROMPTS[0], "chosen": shared + " judge court", "rejected": shared + " bread soup"}
+    cut = len(tokenizer(PROMPTS[0] + shared)["input_ids"]) - 2  # the cut falls inside the shared start
+    monkeypatch.setattr(gate, "preference_truncation", lambda args: Truncation(cut))
+    result = gate_mixture(model, tokenizer, make_sae(), {"pairs": pairs}, targets(), "law",
+                          config=config(shift_tokens=10_000))
+    scores = result.example_scores["pairs"]
+    assert scores.total[2] == 0.0 and scores.tokens[2] == 0
+    assert sum(t > 0 for t in scores.total) >= len(pairs) // 2  # the others still push

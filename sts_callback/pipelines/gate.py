@@ -85,7 +85,7 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, ShiftPass, assemble_forecast, build_shift_pairs,
                        inference_mode, plan_domains, progress_bar, shard_size)
-from .preference import preference_pass, tokenize_preference
+from .preference import Truncation, preference_pass, tokenize_preference
 from .shifts import is_preference_data, preference_truncation
 
 DEFAULT_TOLERANCE = 1.5
@@ -447,9 +447,12 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                     if bar is not None:
                         bar.set_description(f"examples {name}")
                     weights_matrix = _latent_weights(domain_stats, protected, score, result.shifted_latents)
-                    scorer = _score_pairs if name in passes else _score_examples
-                    example_scores[name] = scorer(extractor, setup, corpus, name, result.shifted_latents,
-                                                  weights_matrix, protected)
+                    if name in passes:
+                        example_scores[name] = _score_pairs(extractor, setup, corpus, name, result.shifted_latents,
+                                                            weights_matrix, protected, dpo_cut)
+                    else:
+                        example_scores[name] = _score_examples(extractor, setup, corpus, name,
+                                                               result.shifted_latents, weights_matrix, protected)
                     calls[f"examples/{name}"] = extractor.capture.forward_calls - before
                     timings[f"examples/{name}"] = time.perf_counter() - t0
     finally:
@@ -720,14 +723,14 @@ def _example_scores(name: str, tokens: list[float], per_domain: torch.Tensor, pr
 
 
 def _score_pairs(extractor: Extractor, setup: ForecastSetup, corpus: Corpus, name: str, latents: list[int],
-                 weights: torch.Tensor, protected: list[str]) -> ExampleScores:
+                 weights: torch.Tensor, protected: list[str], truncation: Truncation) -> ExampleScores:
     """Each preference pair's weighted squared chosen-minus-rejected difference of mean latents on D_N, per
-    protected domain: the pair's own term of the chosen-vs-rejected shift (a pair whose chosen or rejected
-    completion counts no token, or whose two are the same tokens, counts none and scores 0, as the forecast
-    leaves it out)."""
+    protected domain: the pair's own term of the chosen-vs-rejected shift, on the tokens the forecast reads
+    (``truncation``: DPOTrainer's cut). A pair whose chosen or rejected completion counts no token, or whose two
+    are the same tokens, counts none and scores 0, as the forecast leaves it out."""
     sequences, differ = [], []
     for i, record in enumerate(corpus.records()):
-        pair = tokenize_preference(setup.builder, record, i, name)
+        pair = tokenize_preference(setup.builder, record, i, name, truncation=truncation)
         sequences += [pair.chosen, pair.rejected]
         differ.append(pair.chosen != pair.rejected)
     index = torch.tensor(latents, dtype=torch.long)

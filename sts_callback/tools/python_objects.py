@@ -21,6 +21,9 @@ def import_object(spec: Any, what: str) -> Any:
         raise STSInputError(f"{what} {spec!r}: name it as {FORMS}.")
     source, _, name = spec.rpartition(":")
     source, name = source.strip(), name.strip()
+    if not all(part.isidentifier() for part in name.split(".")):  # 'C:\\x\\r.py': the drive's colon, no name
+        raise STSInputError(f"{what} {spec!r}: {name!r} is not a Python name; name the object after the module or "
+                            f"file, as {FORMS} (e.g. '{spec}:reward').")
     if source.endswith(".py") or os.sep in source or "/" in source:
         module = _module_from_file(Path(os.path.expanduser(source)), what, spec)
     else:
