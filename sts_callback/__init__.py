@@ -2,7 +2,7 @@
 
 from .core.config import STSConfig
 from .core.errors import (STSConfigError, STSDataWarning, STSError, STSInputError, STSNegativeTransferWarning,
-                          STSNumericalError, STSUsageError)
+                          STSNumericalError, STSOutOfMemoryError, STSUsageError)
 from .core.sae import SAEHandle, load_sae
 from .pipelines.forecast import DomainForecast, Forecast, forecast
 from .pipelines.gate import GateDecision, GateRules, filter_examples, gate_mixture
@@ -49,6 +49,7 @@ __all__ = [
     "STSInputError",
     "STSNegativeTransferWarning",
     "STSNumericalError",
+    "STSOutOfMemoryError",
     "STSUsageError",
     "filter_examples",
     "forecast",

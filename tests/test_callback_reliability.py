@@ -860,3 +860,68 @@ def test_a_callback_removed_from_the_trainer_adds_nothing_to_its_later_runs(tmp_
     assert [json.loads(line)["step"] for line in lines] == [2, 4, 6]
     evals = [e for e in trainer.state.log_history if "eval_loss" in e][-3:]
     assert [e["eval_sts_protected_loss_delta"] for e in evals] == [e["eval_sts_loss_delta_law"] for e in evals]
+
+
+# ------------------------------------------------------------------------------- auto_find_batch_size
+def out_of_memory_once_at(trainer, step):
+    """The trainer's training step runs out of memory once, at ``step``, as a too-large batch on a GPU would."""
+    train_step, raised = trainer.training_step, []
+
+    def training_step(*args, **kwargs):
+        if not raised and trainer.state.global_step + 1 == step:
+            raised.append(step)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train_step(*args, **kwargs)
+    trainer.training_step = training_step
+
+
+def test_a_batch_size_retry_is_the_same_run(tmp_path, tokenizer, monkeypatch):
+    """auto_find_batch_size runs the loop again from step 0 after an out-of-memory error: it was taken for a new
+    run (forecast again, the first attempt archived as an earlier run, the base losses measured on weights the
+    attempt had trained)."""
+    from sts_callback.integrations.session import STSSession
+
+    starts = []
+    start = STSSession.start
+    monkeypatch.setattr(STSSession, "start", lambda self, *a, **k: starts.append(1) or start(self, *a, **k))
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback, auto_find_batch_size=True)
+    out_of_memory_once_at(trainer, 3)  # after the step-2 re-check and checkpoint
+    base = {}
+
+    class BaseLosses(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            base.setdefault("losses", dict(callback.base_losses))  # at the first attempt's first step
+    trainer.add_callback(BaseLosses())
+    trainer.train()
+    folder = tmp_path / "run" / "sts"
+    assert trainer.state.train_batch_size == 3 and len(starts) == 1
+    assert callback.base_losses == base["losses"]  # measured once, before any training step
+    assert history_steps(folder / "history.jsonl") == [2, 4, 6]
+    assert [r["step"] for r in read_json_lines(folder / "history.superseded.jsonl")[0]] == [2]  # the abandoned one
+    assert not list(folder.glob("history.2*")) and not list(folder.glob("forecast.2*"))  # nothing archived
+
+
+@pytest.mark.parametrize("auto_find_batch_size", [True, False])
+def test_sts_running_out_of_memory_is_not_retried_as_training(tmp_path, tokenizer, auto_find_batch_size):
+    """STS's own out-of-memory error (here in the train-start forecast) made the batch-size finder retry the
+    whole start at ever smaller batches, ending in 'No executable batch size found' with the cause lost."""
+    from sts_callback import STSOutOfMemoryError
+
+    class FailingSAE(TinySAE):
+        def encode(self, x):
+            if x.reshape(-1, x.shape[-1]).shape[0] > 1:  # not the SAE's one-row check at construction
+                raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return super().encode(x)
+
+    callback = make_callback(sae=FailingSAE(32, 64, hook_name="blocks.1.hook_resid_post"))
+    trainer = make_trainer(tmp_path, tokenizer, callback, auto_find_batch_size=auto_find_batch_size,
+                           per_device_train_batch_size=8)
+    expected = STSOutOfMemoryError if auto_find_batch_size else RuntimeError
+    with pytest.raises(expected, match=r"out of memory") as caught:
+        trainer.train()
+    assert trainer._train_batch_size == 8  # tried once
+    if auto_find_batch_size:
+        assert "shift_tokens" in str(caught.value) and not isinstance(caught.value, RuntimeError)
+    else:  # as before: the original error, with the note naming what to lower
+        assert "shift_tokens" in " ".join(getattr(caught.value, "__notes__", []))

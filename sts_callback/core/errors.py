@@ -21,6 +21,11 @@ class STSNumericalError(STSError, FloatingPointError):
     """NaN or inf appeared in activations."""
 
 
+class STSOutOfMemoryError(STSError, MemoryError):
+    """STS's own work (the forecast, a re-check) ran out of memory: its own settings are what to lower. Not a
+    ``RuntimeError``, so that a batch-size finder (``auto_find_batch_size``) does not retry training on it."""
+
+
 class STSNegativeTransferWarning(UserWarning):
     """A protected domain is forecast or measured to be harmed (``warnings.filterwarnings("error", category=...)``
     turns it into an error)."""

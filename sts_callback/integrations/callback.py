@@ -27,7 +27,7 @@ from ..core.data import anchored, check_data_spec, load_corpus, named_items, tex
 from ..core.distributed import raise_collectively
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.sae import missing_sae_folder
-from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSOutOfMemoryError, first_line
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
 from ..core.schedule import planned_learning_rates
@@ -240,6 +240,8 @@ class STSCallback(TrainerCallback, ExportableState):
         self._trainer_ref: Callable[[], Any] | None = None  # a weak reference to the watched trainer
         self._run_state: Callable[[], Any] = lambda: None  # the TrainerState of the run being watched (weakly)
         self._ready = False
+        self._ended = False  # on_train_end has run for the watched run
+        self._attempt_batch_size: int | None = None  # the batch size the watched run started with
         if replaced is not None:  # the instance the user holds shows the resumed run's results too
             replaced.session = self.session
 
@@ -431,10 +433,39 @@ class STSCallback(TrainerCallback, ExportableState):
             warnings.warn("STS: this STSCallback is in the trainer's callbacks twice (e.g. add_callback run again in "
                           "a notebook); it forecasts and re-checks once.", STSDataWarning, stacklevel=2)
             return
+        if self._ready and self._is_batch_size_retry(args, state):
+            self._run_state = weakref.ref(state)
+            self._retry(args, state, lr_scheduler)
+            return
         if self._ready:  # this instance watched a run before (a sweep, a notebook re-run): start clean
             self.session = STSSession(*self._session_args, strict=self.strict, not_predicted=self._not_predicted)
             self._ready, self._trainer = False, None
         self._run_state = weakref.ref(state)  # each train() has its own TrainerState
+        self._ended, self._attempt_batch_size = False, state.train_batch_size
+        with _own_memory_errors(args, "at train start", "STSConfig(shift_tokens=..., domain_tokens=...) or "
+                                "batch_size, or run_level_steps"):
+            self._begin(args, state, control, model, processing_class, train_dataloader, lr_scheduler)
+
+    def _is_batch_size_retry(self, args, state) -> bool:
+        """transformers' ``auto_find_batch_size`` runs the training loop again, from step 0 with a smaller batch,
+        after an out-of-memory error: the same run, not a new one (its ``on_train_end`` never came)."""
+        return (bool(getattr(args, "auto_find_batch_size", False)) and not self._ended and state.global_step == 0
+                and self._attempt_batch_size is not None
+                and state.train_batch_size is not None and state.train_batch_size < self._attempt_batch_size
+                and _find_trainer(self)[0] is self._trainer)
+
+    def _retry(self, args, state, lr_scheduler) -> None:
+        session = self.session
+        self._attempt_batch_size = state.train_batch_size
+        session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
+        moved = session.restart()
+        session.say(f"STS: the Trainer starts the run again at step 0 with batch size {state.train_batch_size} "
+                    "(auto_find_batch_size, after running out of memory): the train-start forecast and held-out "
+                    "losses stand" + (f"; the abandoned attempt's {moved} re-check(s) moved to the superseded "
+                                      "history" if moved else "") + ". transformers keeps the weights that attempt "
+                    "trained, so changes from here include its steps.")
+
+    def _begin(self, args, state, control, model, processing_class, train_dataloader, lr_scheduler) -> None:
         found, resumed_from = _find_trainer(self)
         trainer = self._trainer or found
         if trainer is not None:
@@ -637,7 +668,10 @@ class STSCallback(TrainerCallback, ExportableState):
         if self.session.has_recheck(state.global_step):
             return None
         log_history = state.log_history if self.schedule_source == "logged" else None
-        record, decision = self.session.recheck(model, state.global_step, state.max_steps, log_history, ended=ended)
+        with _own_memory_errors(args, f"in the re-check at step {state.global_step} (strict=True)",
+                                "RecheckConfig's recheck_tokens or loss_tokens, or STSConfig.batch_size"):
+            record, decision = self.session.recheck(model, state.global_step, state.max_steps, log_history,
+                                                    ended=ended)
         if record is None:
             return None
         if decision.stop:
@@ -665,6 +699,7 @@ class STSCallback(TrainerCallback, ExportableState):
                 metrics.setdefault(f"eval_{self.namespace}_loss_delta_{name}", _finite_or_nan(delta))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._ended = True
         if not self._ready:
             return
         # TensorBoardCallback has closed its writer (it runs first); our last logs must not leave it reopened
@@ -690,6 +725,23 @@ class STSCallback(TrainerCallback, ExportableState):
         html_path = self._bind(args, state).write_report(state.global_step)
         if export and html_path is not None:  # once, at the end: not an artifact per re-check
             self._export("report", trackers.export_report, html_path)
+
+
+@contextlib.contextmanager
+def _own_memory_errors(args: Any, where: str, what_to_lower: str) -> Any:
+    """Under ``auto_find_batch_size``, STS's own out-of-memory error leaves as :class:`STSOutOfMemoryError`: as the
+    RuntimeError it is, the batch-size finder would take it for training's and retry the run with ever smaller
+    batches (and STS's work anew each time), ending in 'No executable batch size found' with the cause lost."""
+    try:
+        yield
+    except RuntimeError as err:
+        from accelerate.utils.memory import should_reduce_batch_size
+
+        if not (getattr(args, "auto_find_batch_size", False) and should_reduce_batch_size(err)):
+            raise
+        raise STSOutOfMemoryError(f"STS ran out of memory {where} ({first_line(err)}). auto_find_batch_size lowers "
+                                  f"the training batch size, which does not shrink STS's own work: lower "
+                                  f"{what_to_lower}.") from err
 
 
 def _weak_autocast(accelerator: Any) -> Any:

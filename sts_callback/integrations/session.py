@@ -496,6 +496,22 @@ class STSSession:
         monitor.turn = sum(name not in protected for r in self.history for name in r.get("loss_delta") or {})
         self._clock, self._started, self._resumed_at = time.perf_counter(), True, step
 
+    def restart(self) -> int:
+        """The loop runs this run again from step 0 (transformers' ``auto_find_batch_size`` after running out of
+        memory): the forecast, base measurements and run id stand (measured before any training step); the
+        abandoned attempt's re-checks move to the superseded file and the guard's run of violations starts again.
+        Returns how many re-checks moved."""
+        if not self._started:
+            raise STSUsageError("STSSession.restart() before the run started: call start(...) first.")
+        abandoned = [r for r in self.history if r.get("step", 0) > 0]
+        if self.is_main and abandoned:
+            self.write(f"the history in {self.store.root}", lambda: self.store.keep_history_until(0), 0)
+        self.history = [r for r in self.history if r.get("step", 0) <= 0]
+        self.guard.load_state({"warned": self.guard.warned})
+        self.monitor.turn = 0
+        self._clock, self._resumed_at = time.perf_counter(), None
+        return len(abandoned)
+
     @staticmethod
     def _load_monitor(monitor: Monitor, paths: list[Path]) -> None:
         """The checkpoint's monitor state, else the run folder's (the same train-start statistics); one cut by a
