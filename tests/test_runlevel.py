@@ -435,3 +435,59 @@ def test_the_trainer_run_level_measures_the_own_change_on_texts_the_steps_do_not
     unseen = [seq for seq, text in zip(probe, texts[:20]) if tokenizer.decode(seq[0]) not in seen]
     assert 0 < len(unseen) < len(probe)  # some of the probe was in the steps' batches
     assert estimate.own_tokens == sum(sum(flags) for _, flags in unseen)
+
+
+def sft_trainer(tmp_path, tokenizer, data, **options):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=2,
+                     use_cpu=True, report_to=[], seed=0, **{"max_length": None, **options})
+    trainer = SFTTrainer(model=make_model("llama"), args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    return trainer
+
+
+def test_padding_free_and_packed_batches_are_stepped_as_the_trainer_trains_them(tmp_path, tokenizer, targets):
+    """A padding-free or packed batch holds several examples in one row, kept apart by its position_ids (and
+    sequence boundaries): the run-level term gave the model only input_ids and a mask, so the examples attended
+    to each other (first-order change 20-30% off on a tiny model)."""
+    from datasets import Dataset
+
+    from sts_callback.integrations.trainer_run_level import run_level_runner
+
+    data = Dataset.from_dict({"text": domain_texts("law", 40, seed=5)})
+    changes = {}
+    for layout, options in {"padded": {}, "padding_free": {"padding_free": True}}.items():
+        trainer = sft_trainer(tmp_path / layout, tokenizer, data, **options)
+        run = run_level_runner("first_order", trainer, trainer.args, targets, tokenizer, 2)
+        changes[layout] = run(trainer.model, measure_losses(trainer.model, targets)).change
+    assert changes["padding_free"] == pytest.approx(changes["padded"], rel=1e-4)
+    trainer = sft_trainer(tmp_path / "packed", tokenizer, data, packing=True, max_length=64)
+    batch = training_batches(trainer.train_dataset, trainer.data_collator, 4, 1, seed=0)[0]
+    assert "position_ids" in batch and "attention_mask" not in batch
+    nll, count = runlevel._train_nll(trainer.model, batch, torch.device("cpu"))
+    with torch.no_grad():
+        assert float(nll) / count == pytest.approx(float(trainer.model(**batch).loss), rel=1e-5)
+
+
+def test_a_streamed_train_set_and_a_raw_text_column_are_read_as_the_trainer_loads_them(tmp_path, tokenizer, targets):
+    """A streaming train set (no len()) failed with a bare TypeError at train start; a plain Trainer's dataset that
+    keeps its text column beside the ids failed in the collator (the Trainer drops unused columns first)."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from sts_callback.integrations.trainer_run_level import run_level_runner
+
+    texts = domain_texts("law", 40, seed=11)
+    data = Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True)  # text kept
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=2, use_cpu=True, report_to=[], seed=0)
+    changes = {}
+    for kind, train in {"map": data, "stream": data.to_iterable_dataset()}.items():
+        trainer = Trainer(model=make_model("llama"), args=args, train_dataset=train,
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+        trainer.create_optimizer_and_scheduler(num_training_steps=2)
+        run = run_level_runner("lookahead", trainer, args, targets, tokenizer, 2)
+        changes[kind] = run(trainer.model, measure_losses(trainer.model, targets)).change
+        assert all(np.isfinite(v) and v < 0 for v in changes[kind].values())  # trained on law at lr 1e-2
+    assert changes["map"]["law"] < changes["map"]["sport"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..core.data import take_streamed
 from ..core.distributed import world_size
 from ..core.errors import STSConfigError
 from ..core.torch_utils import pad_token_id
@@ -43,6 +44,10 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
         raise STSConfigError("run_level needs the trainer's train_dataset and data_collator; pass run_level=None.")
     config = RunLevelConfig(steps=steps, accumulation=args.gradient_accumulation_steps,
                             max_grad_norm=args.max_grad_norm or None, pad=pad_token_id(tokenizer))
+    if not hasattr(dataset, "__len__"):  # a stream: its head, as many examples as the steps take
+        dataset = take_streamed(dataset, steps * config.accumulation * args.per_device_train_batch_size
+                                * world_size())
+    dataset, collate = _as_the_trainer_loads(trainer, dataset, collate)
     batches = training_batches(dataset, collate, args.per_device_train_batch_size, steps * config.accumulation,
                                seed=args.seed)
     missing = {"input_ids", "labels"} - set(batches[0])
@@ -64,6 +69,18 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
         return estimate_run_level(model, trainer.optimizer, batches, measured, config, method=method, own=own,
                                   before=base_losses, autocast=autocast)
     return run
+
+
+def _as_the_trainer_loads(trainer: Any, dataset: Any, collate: Any) -> tuple[Any, Any]:
+    """The dataset and collator as the Trainer's own dataloader uses them: columns the model's forward does not
+    take are dropped first (``remove_unused_columns``; a raw text column beside the ids fails the collator)."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset) and hasattr(trainer, "_remove_unused_columns"):
+        return trainer._remove_unused_columns(dataset, description="training"), collate
+    if hasattr(trainer, "_get_collator_with_removed_columns"):
+        return dataset, trainer._get_collator_with_removed_columns(collate, description="training")
+    return dataset, collate
 
 
 def _within_tokens(sequences: list, budget: int) -> list:

@@ -398,33 +398,42 @@ def measure_losses(model: nn.Module, targets: Mapping[str, Sequence[TokenSequenc
     return out
 
 
-def _token_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
+def _token_nll(model: nn.Module, inputs: Mapping[str, Any], keep: torch.Tensor,
                targets: torch.Tensor) -> torch.Tensor:
-    """NLL (with its graph) of ``targets`` (the next tokens, [batch, length - 1]) at the ``keep`` positions: the
-    LM head runs only there, in chunks, where the body and head can be run apart (as ``monitor.nll_sums``)."""
+    """NLL (with its graph) of ``targets`` (the next tokens, [batch, length - 1]) at the ``keep`` positions, the
+    model run on ``inputs`` (its forward's keyword arguments): the LM head runs only there, in chunks, where the
+    body and head can be run apart (as ``monitor.nll_sums``)."""
     split = split_head(model)
     if split is not None:
         body, head, softcap = split
-        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
+        hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
         wanted = targets[keep]
         if not len(wanted):
             return hidden.sum() * 0.0
         return torch.cat([head_nll(head, softcap, h, t) for h, t in zip(hidden.split(HEAD_CHUNK),
                                                                         wanted.split(HEAD_CHUNK))])
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = model(**inputs, use_cache=False).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
 
 
 def _train_nll(model: nn.Module, batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
-    """(summed token NLL as a graph, trained token count) of one training micro-batch."""
-    ids = torch.as_tensor(batch["input_ids"]).to(device)
+    """(summed token NLL as a graph, trained token count) of one training micro-batch, the model given every
+    key of the batch but the labels, as the trainer gives it (a padding-free or packed batch's ``position_ids``
+    and sequence boundaries keep its examples apart)."""
+    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+              for key, value in batch.items() if key not in ("labels", "use_cache")}
+    ids = inputs["input_ids"] = torch.as_tensor(batch["input_ids"]).to(device)
     mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(device)
+    if mask is not None:
+        mask = inputs["attention_mask"] = torch.as_tensor(mask).to(device)
     labels = batch.get("labels")
-    labels = ids.masked_fill(mask == 0, -100) if labels is None else torch.as_tensor(labels).to(device)
+    if labels is not None:
+        labels = torch.as_tensor(labels).to(device)
+    else:
+        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
     targets = labels[:, 1:]
     keep = targets != -100
-    return _token_nll(model, ids, mask, keep, targets.clamp(min=0)).sum(), int(keep.sum())
+    return _token_nll(model, inputs, keep, targets.clamp(min=0)).sum(), int(keep.sum())
 
 
 def _take(batches: Iterable[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
@@ -779,7 +788,7 @@ def _held_out_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int
         counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags, dtype=torch.bool)
     ids, mask = ids.to(device), mask.to(device)
     keep = counted[:, 1:].to(device)
-    return _token_nll(model, ids, mask, keep, ids[:, 1:]).sum(), int(keep.sum())
+    return _token_nll(model, {"input_ids": ids, "attention_mask": mask}, keep, ids[:, 1:]).sum(), int(keep.sum())
 
 
 # --------------------------------------------------------------------------- data
