@@ -73,11 +73,12 @@ def test_sft_trainer_with_lora_prompt_completion(tmp_path, tokenizer):
     assert cb.monitor.base_residuals is not None and cb.history[-1]["shift_total"] > 0
 
 
-def dpo_run(tmp_path, tokenizer, training=None, **overrides):
+def dpo_run(tmp_path, tokenizer, training=None, stream=False, **overrides):
     from trl import DPOConfig, DPOTrainer
 
     texts = domain_texts("law", 40)
     data = Dataset.from_dict({"prompt": texts, "chosen": texts[1:] + texts[:1], "rejected": domain_texts("food", 40)})
+    data = data.to_iterable_dataset() if stream else data
     cb = callback(**overrides)
     trainer = DPOTrainer(model=make_model("llama"), ref_model=make_model("llama"),
                          args=DPOConfig(output_dir=str(tmp_path), max_length=64, **{**COMMON, **(training or {})}),
@@ -92,6 +93,16 @@ def test_dpo_trainer_forecasts_chosen_minus_rejected(tmp_path, tokenizer):
     assert cb.forecast.settings["shift"] == "chosen_vs_rejected" and cb.forecast.settings["preference_pairs"] > 0
     saved = json.loads((tmp_path / "sts" / "forecast.json").read_text())
     assert saved["settings"]["shift"] == "chosen_vs_rejected"
+
+
+def test_dpo_on_a_streamed_train_set_forecasts_chosen_minus_rejected(tmp_path, tokenizer):
+    """TRL's mapped stream lists no column names: its pairs were read as SFT data (the in-context shift, silently),
+    and shift="chosen_vs_rejected" was refused as lacking the columns every record has."""
+    streamed = dpo_run(tmp_path / "stream", tokenizer, stream=True, shift="chosen_vs_rejected")
+    assert dpo_run(tmp_path / "auto", tokenizer, stream=True).forecast.settings["shift"] == "chosen_vs_rejected"
+    mapped = dpo_run(tmp_path / "map", tokenizer)
+    assert streamed.forecast.shifted_latents == mapped.forecast.shifted_latents
+    assert dict(streamed.forecast.ranked()) == pytest.approx(dict(mapped.forecast.ranked()), rel=1e-6)
 
 
 def test_run_level_term_refuses_a_preference_trainer_at_train_start(tmp_path, tokenizer):

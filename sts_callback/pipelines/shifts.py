@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.data import Corpus, load_corpus
+from ..core.data import Corpus, load_corpus, take_streamed
 from ..core.errors import STSConfigError
 from .distillation import DISTILLATION_SHIFTS, distillation_forecast, distillation_settings
 from .forecast import Forecast, forecast
@@ -50,7 +50,18 @@ def data_columns(data: Any) -> set[str]:
     indexable = isinstance(data, Sequence) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")
                                               and not isinstance(data, (dict, str)))  # a torch map-style dataset
     first = data[0] if indexable and len(data) else None
+    if first is None and _is_stream(data):  # a stream TRL has mapped lists no columns: its first record's keys
+        first = next(iter(take_streamed(data, 1)), None)
     return set(first) if isinstance(first, dict) else set()
+
+
+def _is_stream(data: Any) -> bool:
+    """A re-iterable stream (``datasets.IterableDataset``, a torch ``IterableDataset``), not a one-shot iterator
+    (reading its first record would take it from the trainer)."""
+    try:
+        return not isinstance(data, (dict, str, bytes)) and iter(data) is not data
+    except TypeError:
+        return False
 
 
 def is_preference_data(data: Any) -> bool:
