@@ -1,5 +1,7 @@
 """Reading a trainer's train dataset back as examples, raw or tokenized as TRL leaves it."""
 
+import copy
+
 import pytest
 from datasets import Dataset
 from tiny import make_tokenizer
@@ -354,3 +356,36 @@ def test_kto_rows_the_collator_cuts_at_max_length_are_read_as_cut(tokenizer):
     assert corpus_from_training_dataset(data, tokenizer, max_length=6)[0].answer == "cook bake"  # 4 prompt ids
     whole = corpus_from_training_dataset(data, tokenizer, max_length=64)
     assert len(whole) == 1 and whole[0].answer == completion
+
+
+@pytest.mark.parametrize("kind, option", [("messages", "assistant_only_loss"), ("prompt_completion",
+                                                                                 "completion_only_loss")])
+@pytest.mark.parametrize("only_the_answer", [True, False])
+def test_chats_trained_on_every_token_are_read_as_one_trained_text(tokenizer, tmp_path, kind, option,
+                                                                   only_the_answer):
+    """With assistant_only_loss / completion_only_loss off the trainer trains the user turns too: the chats were
+    read as prompt and answer all the same (the forecast as for assistant-only training)."""
+    from tiny import domain_texts, make_model
+    from trl import SFTConfig, SFTTrainer
+
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}"
+        "{{ m['content'] }}<|end|>{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    law, food = domain_texts("law", 8), domain_texts("food", 8, seed=1)
+    users, answers = [[{"role": "user", "content": a}] for a in law], [{"role": "assistant", "content": b}
+                                                                       for b in food]
+    data = Dataset.from_dict({"messages": [u + [a] for u, a in zip(users, answers)]} if kind == "messages" else
+                             {"prompt": users, "completion": [[a] for a in answers]})
+    trainer = SFTTrainer(model=make_model("llama"), train_dataset=data, processing_class=chat_tokenizer,
+                         args=SFTConfig(output_dir=str(tmp_path), max_length=512, use_cpu=True, report_to=[],
+                                        **{option: only_the_answer}))
+    corpus = probe_corpus(None, trainer, None, chat_tokenizer)
+    law_words = set(" ".join(law).split()) - set(" ".join(food).split())
+    for i, row in enumerate(trainer.train_dataset):
+        trained = chat_tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+        read = corpus[i].answer if not corpus[i].plain_text else corpus[i].prompt
+        assert corpus[i].plain_text != only_the_answer
+        assert bool(law_words & set(trained.split())) != only_the_answer  # the user turn trained, or not
+        assert [w for w in read.split() if w in law_words] == [w for w in trained.split() if w in law_words]

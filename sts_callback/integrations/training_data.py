@@ -267,12 +267,20 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train", m
 def _trained_as_tokenized(dataset: Any, columns: set[str], first: Any, max_length: int | None) -> bool:
     """Whether a set that keeps its raw text beside TRL's ``input_ids`` is read from the ids: what is trained,
     cut at ``max_length``, not the whole raw text. Chats keep their raw turns (the forecast lays them out with
-    the chat template itself) unless the trainer cut some row at ``max_length``: then the turns it trained are
-    not the raw ones. DPO's columns, which have no ``input_ids``, stay raw."""
+    the chat template itself) unless the trainer cut some row at ``max_length``, or trains every token of them
+    (``assistant_only_loss`` / ``completion_only_loss`` off: ``labels`` mask nothing): then what it trains is
+    not the raw turns' prompt and answer. DPO's columns, which have no ``input_ids``, stay raw."""
     if "input_ids" not in columns:
         return False
     chat = "messages" in columns or isinstance(first.get("prompt") if isinstance(first, Mapping) else None, list)
-    return not chat or (max_length is not None and _some_row_reaches(dataset, ("input_ids",), max_length))
+    return (not chat or (max_length is not None and _some_row_reaches(dataset, ("input_ids",), max_length))
+            or ("labels" in columns and _labels_mask_nothing(dataset)))
+
+
+def _labels_mask_nothing(dataset: Any, rows: int = 64) -> bool:
+    """Whether the first ``rows`` rows' ``labels`` train every token (no -100 over a prompt)."""
+    head = [dataset[i]["labels"] for i in range(min(rows, len(dataset)))]
+    return bool(head) and all(IGNORE_INDEX not in token_list(labels) for labels in head)
 
 
 def _some_row_reaches(dataset: Any, columns: tuple[str, ...], length: int, rows: int = 10_000) -> bool:
