@@ -9,7 +9,8 @@ from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
 from sts_callback import STSConfigError, STSInputError
 from sts_callback.scoring.agreement import noise_ceiling
-from sts_callback.validation.validate import (ValidationConfig, ValidationResult, _json_safe, _mean_std, choice_scores,
+from sts_callback.core.formatting import json_safe
+from sts_callback.validation.validate import (ValidationConfig, ValidationResult, _mean_std, choice_scores,
                                               correlation, multiple_choice_accuracy, validate)
 
 DOMAINS = ("law", "food", "chem", "sport")
@@ -148,7 +149,8 @@ def test_lora_two_seeds_end_to_end(tmp_path, tokenizer):
     assert "STS_icl" in table and "raw_act" in table and "±" in table and "overlap" in table
     mean_r = saved["correlations"]["nll"]["sts_icl"]["abs"]["pearson"]["mean"]
     assert result.correlation("sts_icl", "abs", "pearson") == mean_r
-    json.dumps(_json_safe(result.to_dict()))
+    loaded = ValidationResult.load(sts_dir)  # a notebook gets the result back from its file
+    assert loaded.table() == table and loaded.correlation("sts_icl", "abs", "pearson") == mean_r
 
 
 def test_full_fine_tune_single_seed_skips_uncomputed_variants(tmp_path, tokenizer):
@@ -281,7 +283,7 @@ def test_correlation_statistics_and_degenerate_inputs():
     assert small["r"] == pytest.approx(0.5) and small["ci"] is not None
     assert _mean_std([None, None]) == {"mean": None, "std": None, "n": 0, "values": [None, None]}
     assert _mean_std([0.5, None])["mean"] == 0.5 and _mean_std([0.5, None])["std"] is None
-    assert _json_safe({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
+    assert json_safe({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
 
 
 def test_p_values_of_few_domains_come_from_every_pairing():
@@ -310,17 +312,20 @@ def _columns_end_at_the_same_place(lines: list[str]) -> None:
     """Every line's cells (separated by 2+ spaces) after the first end at the header's column ends."""
     import re
 
-    ends = [[m.end() for m in re.finditer(r"\S+(?: \S+)*", line)][1:] for line in lines]
+    from sts_callback.pipelines.forecast import display_width  # terminal columns: a CJK character takes two
+
+    ends = [[display_width(line[:m.end()]) for m in re.finditer(r"\S+(?: \S+)*", line)][1:] for line in lines]
     assert all(e == ends[0] for e in ends), "\n".join(lines)
 
 
-def test_console_table_columns_line_up_and_few_domains_never_print_p_below_0001():
+@pytest.mark.parametrize("wide", [False, True])
+def test_console_table_columns_line_up_and_few_domains_never_print_p_below_0001(wide):
     from fake_validation import fake_validation
 
-    names = ("my domain/ü é", "law", "food")  # in the order of their signed change: rank correlations of ±1
+    names = ("法律 domain\t2" if wide else "my domain/ü é", "law", "food")  # in the order of their signed change: rank correlations of ±1
     scores = {d: {v: 0.001 * (i + 1) * (j + 1) * (-1) ** j for j, v in enumerate(ALL_VARIANTS)}
               for i, d in enumerate(names)}
-    result = fake_validation([scores], [{"law": -0.0045, "my domain/ü é": -0.0046, "food": 0.0016}],
+    result = fake_validation([scores], [{"law": -0.0045, names[0]: -0.0046, "food": 0.0016}],
                              training_args={"weight_decay": 0.0})
     table = result.table().splitlines()
     assert "TrainingArguments also set: weight_decay=0.0" in table[1]  # the recipe change is said with it

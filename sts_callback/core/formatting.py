@@ -1,9 +1,10 @@
-"""Relative changes as people read them: a signed percentage that never rounds a nonzero change to ``+0.0%``
-or a change past a threshold to the threshold itself."""
+"""Numbers as people and strict readers take them: a signed percentage that never rounds a nonzero change to
+``+0.0%`` or a change past a threshold to the threshold itself; values made strict JSON."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 MAX_DIGITS = 3  # beyond a thousandth of a percent the difference is noise in every number STS shows
 
@@ -31,4 +32,15 @@ def percent(value: float | None, digits: int = 1, apart_from: float | None = Non
     return signed_percent(value, digits, apart_from).lstrip("+")
 
 
-__all__ = ["percent", "signed_percent"]
+__all__ = ["json_safe", "percent", "signed_percent"]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None: strict JSON (``NaN`` / ``Infinity`` are not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -104,6 +104,7 @@ class STSSession:
         out: the run's STS folder (``<output_dir>/sts`` under the Trainer).
         calibration: a :class:`Calibration` (or its JSON path) turning forecast scores into predicted changes.
         strict: re-raise failures inside re-checks and file writes instead of warning and going on.
+        not_predicted: target domains the calibration does not predict (as :class:`STSCallback`'s).
         is_main: whether this process prints, warns and writes files (default: rank 0 of ``torch.distributed``, or
             the one process).
     """

@@ -10,7 +10,8 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,14 @@ from torch import nn
 from ..scoring import score
 
 from ..scoring import signed
-from ..scoring.calibration import own_feature
+from ..scoring.calibration import load_calibration, own_feature
 from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_size, max_positions, num_layers,
                             unwrap_model)
 from ..core.config import MIN_BUDGET_TOKENS, SCORE_VARIANTS, STSConfig, device_problem
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
                                 warn_on_main, world_size)
-from ..core.formatting import signed_percent
+from ..core.formatting import json_safe, signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from ..core.run_store import FORECAST_FORMAT
 from ..core.extract import Extractor, PairedStats
@@ -69,9 +70,10 @@ class DomainForecast:
         return {"name": self.name, "texts": self.texts, "tokens": self.tokens, "scores": dict(self.scores)}
 
 
-@dataclass
+@dataclass(repr=False)
 class Forecast:
-    """The result of :func:`forecast`: per-domain scores, the shifted latents, and how they were obtained."""
+    """The result of :func:`forecast`: per-domain scores, the shifted latents, and how they were obtained.
+    ``print(forecast)`` (or the last line of a notebook cell) shows the table; ``repr`` a one-line summary."""
 
     domains: dict[str, DomainForecast]
     shifted_latents: list[int]
@@ -92,10 +94,10 @@ class Forecast:
         """Predict each domain's relative held-out NLL change at the end of training, with the calibration's
         interval and a gain / loss / flat label (loss: the whole interval above 0, gain: below, else flat).
         ``exclude``: domains not to predict, e.g. a held-out part of the training data itself, which a calibration
-        fitted on the *other* domains of its runs does not cover (a centred calibration centres over the rest)."""
-        self.predictions = {}
-        scope_problems = self._check_scope(calibration)
-        excluded = set(exclude)
+        fitted on the *other* domains of its runs does not cover (a centred calibration centres over the rest).
+        ``calibration``: a :class:`Calibration`, its JSON path or a built-in name. A failed call changes nothing."""
+        calibration = load_calibration(calibration)
+        excluded = {exclude} if isinstance(exclude, str) else set(exclude)
         unknown = sorted(excluded - set(self.domains))
         if unknown:
             raise STSConfigError(f"exclude={unknown}: not target domains of this forecast ({sorted(self.domains)}).")
@@ -109,8 +111,9 @@ class Forecast:
                                  f"run_level_steps={fitted_steps}, or fit a calibration on runs like this one.")
         # a domain without a feature (STS_icl of a one-text domain) gets no prediction
         predicted = calibration.predict_all(domains, run_level_values(self.settings.get("run_level")))
-        for name, p in predicted.items():
-            self.predictions[name] = {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": p.label}
+        scope_problems = self._check_scope(calibration)
+        self.predictions = {name: {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": p.label}
+                            for name, p in predicted.items()}
         self.settings["calibration"] = {"source": getattr(calibration, "source", None),
                                         "features": list(calibration.features), "n": calibration.n,
                                         "fitted_on": calibration.fitted_on, "excluded": sorted(excluded),
@@ -132,20 +135,33 @@ class Forecast:
         return differ
 
     def ranked(self, variant: str | None = None) -> list[tuple[str, float]]:
-        """(domain, score) from the most to the least affected, by ``variant`` (default: ``ranking``)."""
-        variant = variant or self.ranking
-        if variant not in SCORE_VARIANTS:
-            raise STSConfigError(f"Unknown score variant {variant!r}; use one of {SCORE_VARIANTS}.")
+        """(domain, score) from the most to the least affected, by ``variant`` (default: ``ranking``): a score
+        variant, or a signed feature / run-level change the forecast holds (highest first: most harm)."""
+        variant = self._check_variant(variant)
         pairs = [(name, d.scores.get(variant)) for name, d in self.domains.items()]
-        if all(value is None for _, value in pairs):
-            raise STSConfigError(f"Variant {variant!r} was not computed in this forecast (compute_icl=False?).")
-        # a domain without the variant (STS_icl of a one-text domain) ranks after every scored one
-        return sorted(pairs, key=lambda item: (item[1] is None, -(item[1] or 0.0), item[0]))  # type: ignore[return-value]
+        # a domain without the variant (STS_icl of a one-text domain), or NaN, ranks after every scored one
+        return sorted(pairs, key=lambda item: (not _finite(item[1]), -(item[1] if _finite(item[1]) else 0.0),
+                                               item[0]))  # type: ignore[return-value]
+
+    def _check_variant(self, variant: str | None) -> str:
+        variant = variant or self.ranking
+        if variant not in SCORE_LABELS:
+            raise STSConfigError(f"Unknown score variant {variant!r}; use one of {SCORE_VARIANTS}, or a signed "
+                                 f"feature the forecast holds ({sorted(set(SCORE_LABELS) - set(SCORE_VARIANTS))}).")
+        if all(d.scores.get(variant) is None for d in self.domains.values()):
+            computed = sorted({v for d in self.domains.values() for v, x in d.scores.items() if x is not None})
+            raise STSConfigError(f"Variant {variant!r} was not computed in this forecast (compute_icl=False? a "
+                                 f"run-level term not asked for?); it holds {computed}.")
+        return variant
 
     def score(self, domain: str, variant: str | None = None) -> float:
-        value = self.domains[domain].scores.get(variant or self.ranking)
+        if domain not in self.domains:
+            raise STSConfigError(f"{domain!r} is not a target domain of this forecast ({sorted(self.domains)}).")
+        variant = self._check_variant(variant)
+        value = self.domains[domain].scores.get(variant)
         if value is None:
-            raise STSConfigError(f"Variant {variant or self.ranking!r} was not computed in this forecast.")
+            raise STSConfigError(f"Variant {variant!r} was not computed for {domain!r} (a one-text domain has no "
+                                 "STS_icl).")
         return value
 
     @property
@@ -163,7 +179,8 @@ class Forecast:
         return tokens / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """A copy as plain data (editing it leaves the forecast as it is)."""
+        return copy.deepcopy({
             "format": FORECAST_FORMAT,
             "ranking": self.ranking,
             "domains": {name: d.to_dict() for name, d in self.domains.items()},
@@ -178,20 +195,28 @@ class Forecast:
             "settings": self.settings,
             "latent_contexts": self.latent_contexts,
             "predictions": self.predictions,
-        }
+        })
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Forecast":
-        if data.get("format") != FORECAST_FORMAT:
-            raise STSInputError(f"Not an STS forecast (format={data.get('format')!r}).")
+        if not isinstance(data, dict) or data.get("format") != FORECAST_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else f"a {type(data).__name__}"
+            raise STSInputError(f"Not an STS forecast (format={found!r}; a forecast.json is an object with format "
+                                f"{FORECAST_FORMAT!r}).")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"format"})
+        if unknown:
+            raise STSInputError(f"The forecast has fields this version does not know ({unknown}): written by a newer "
+                                "sts-callback? Upgrade it to read the file.")
         domains = {name: DomainForecast(**d) for name, d in data["domains"].items()}
         fields_ = {k: v for k, v in data.items() if k not in ("format", "domains")}
         return cls(domains=domains, **fields_)
 
     def save(self, path: str | Path) -> Path:
+        """The forecast as JSON at ``path`` (atomically); a non-finite number is written as null (strict JSON)."""
         from ..core.atomic import atomic_write_json
 
-        return atomic_write_json(path, self.to_dict())
+        return atomic_write_json(path, json_safe(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> "Forecast":
@@ -200,11 +225,13 @@ class Forecast:
     def table(self, variant: str | None = None, view: str | None = None) -> str:
         """The forecast for a person: the predicted change of each domain's held-out NLL with its interval and
         a gain / loss / flat label when calibrated (``view="predicted"``, the default then), else (or with
-        ``view="scores"``) the raw scores ranked by ``variant``."""
-        view = view or ("predicted" if self.predictions else "scores")
+        ``view="scores"``, or a ``variant`` named) the raw scores ranked by ``variant``."""
+        if view not in (None, "predicted", "scores"):
+            raise STSConfigError(f"view={view!r}: use 'predicted' (the calibrated changes) or 'scores'.")
+        view = view or ("predicted" if self.predictions and variant is None else "scores")
         if view == "predicted":
             return self._predicted_table()
-        variant = variant or self.ranking
+        variant = self._check_variant(variant)
         shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED, "lookahead",
                              "first_order") if any(
             d.scores.get(v) is not None for d in self.domains.values())]
@@ -250,6 +277,18 @@ class Forecast:
 
     def __str__(self) -> str:
         return self.table()
+
+    def __repr__(self) -> str:
+        what = f"{len(self.predictions)} predicted" if self.predictions else f"ranked by {self.ranking}"
+        return (f"<Forecast: {len(self.domains)} target domains, {what}, N={len(self.shifted_latents)} shifted "
+                f"latents from {self.shift_source}; print() it for the table>")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython / Jupyter: the table
+        printer.text(repr(self) if cycle else self.table())
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def shown_name(name: str) -> str:
@@ -627,7 +666,8 @@ def forecast(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         tokenizer: its tokenizer (chat template used for chat data), or a VLM's processor (its tokenizer and chat
             template are used).
         sae: a sae-lens SAE, folder, ``{"release", "sae_id"}``, or a module with ``encode``.
-        train_data: texts, chat conversations, TRL-style records, a ``datasets.Dataset`` or a JSONL path.
+        train_data: texts, chat conversations, TRL-style records, a ``datasets.Dataset``, a pandas DataFrame,
+            a data file (.jsonl / .json / .csv / .tsv / .parquet / .txt / .md) or a built-in domain's name.
         targets: dict name -> data, or list of registered domain names / paths.
         config: :class:`STSConfig` (or a dict of its fields).
         demonstrations: examples with answers to use as in-context demonstrations instead of ``train_data``.

@@ -64,6 +64,7 @@ Decisions made here (see the README, "What is computed", for the method); every 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -83,8 +84,9 @@ from ..core.data import AllBut, Corpus, example_text, load_corpus, load_domains,
 from ..core.distributed import warn_on_main
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
+from ..core.formatting import json_safe
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, ShiftPass, assemble_forecast, build_shift_pairs,
-                       inference_mode, plan_domains, progress_bar, shard_size)
+                       display_width, inference_mode, padded, plan_domains, progress_bar, shard_size, shown_name)
 from .preference import Truncation, preference_pass, tokenize_preference
 from .shifts import is_preference_data, preference_truncation
 
@@ -184,6 +186,9 @@ class MixtureRejected(STSConfigError):
         super().__init__(message)
         self.decision = decision
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its decision (a process pool sends it back)
+        return type(self), (str(self), self.decision)
+
 
 @dataclass
 class CandidateDecision:
@@ -223,9 +228,9 @@ class ExampleScores:
         return sum(v * t for v, t in zip(values, self.tokens)) / weight if weight else 0.0
 
 
-@dataclass
+@dataclass(repr=False)
 class GateDecision:
-    """The result of :func:`gate_mixture`.
+    """The result of :func:`gate_mixture` (``print()`` it, or end a notebook cell with it, for the table).
 
     Attributes:
         candidates: per-candidate decision (accepted, reason, served domain, protected scores and ranks).
@@ -261,7 +266,8 @@ class GateDecision:
         return [n for n, d in self.candidates.items() if not d.accepted]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """A copy as plain data (editing it leaves the decision as it is)."""
+        return copy.deepcopy({
             "format": "sts-gate/1",
             "candidates": {n: asdict(d) for n, d in self.candidates.items()},
             "forecasts": {n: f.to_dict() for n, f in self.forecasts.items()},
@@ -276,12 +282,14 @@ class GateDecision:
             "forward_calls": self.forward_calls,
             "timings": self.timings,
             "notes": self.notes,
-        }
+        })
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GateDecision":
-        if data.get("format") != "sts-gate/1":
-            raise STSInputError(f"Not an STS gate decision (format={data.get('format')!r}).")
+        if not isinstance(data, dict) or data.get("format") != "sts-gate/1":
+            found = data.get("format") if isinstance(data, dict) else f"a {type(data).__name__}"
+            raise STSInputError(f"Not an STS gate decision (format={found!r}; gate.json is an object with format "
+                                "'sts-gate/1').")
         fields_ = {k: v for k, v in data.items()
                    if k not in ("format", "candidates", "forecasts", "example_scores")}
         return cls(candidates={n: CandidateDecision(**d) for n, d in data["candidates"].items()},
@@ -290,7 +298,7 @@ class GateDecision:
                    **fields_)
 
     def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_dict())
+        return atomic_write_json(path, json_safe(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> "GateDecision":
@@ -299,20 +307,20 @@ class GateDecision:
     def table(self) -> str:
         label = SCORE_LABELS[self.score]
         n_targets = len(self.targets)
-        width = max([len("candidate")] + [len(n) for n in self.candidates])
-        serves_w = max([len("serves")] + [len(d.serves or "-") for d in self.candidates.values()])
-        cells = [f"{label}({p}) rank" for p in self.protected]
-        cell_w = max(len(c) for c in cells)
+        width = max([len("candidate")] + [display_width(shown_name(n)) for n in self.candidates])
+        serves_w = max([len("serves")] + [display_width(shown_name(d.serves or "-")) for d in self.candidates.values()])
+        cells = [f"{label}({shown_name(p)}) rank" for p in self.protected]
+        cell_w = max(display_width(c) for c in cells)
         header = (f"{'candidate':<{width}}  {'decision':<8}  {'weight':>6}  {'serves':<{serves_w}}  "
-                  + "  ".join(f"{c:>{cell_w}}" for c in cells)
+                  + "  ".join(" " * (cell_w - display_width(c)) + c for c in cells)
                   + ("  worst ex." if self.example_scores else ""))
         lines = [f"STS mixture gate: {len(self.candidates)} candidates, {n_targets} target domains, protected "
-                 f"{', '.join(self.protected)}; gated on {label}, weights by {self.weight_rule!r}",
-                 header, "-" * len(header)]
+                 f"{', '.join(map(shown_name, self.protected))}; gated on {label}, weights by {self.weight_rule!r}",
+                 header, "-" * display_width(header)]
         for name, d in self.candidates.items():
             weight = f"{self.weights[name]:.3f}" if name in self.weights else "-"
-            row = (f"{name:<{width}}  {'accept' if d.accepted else 'REJECT':<8}  {weight:>6}  "
-                   f"{d.serves or '-':<{serves_w}}  "
+            row = (f"{padded(name, width)}  {'accept' if d.accepted else 'REJECT':<8}  {weight:>6}  "
+                   f"{padded(d.serves or '-', serves_w)}  "
                    + "  ".join(f"{f'{d.protected_scores[p]:.4g} {d.protected_ranks[p]}/{n_targets}':>{cell_w}}"
                                for p in self.protected))
             scores = self.example_scores.get(name)
@@ -320,7 +328,7 @@ class GateDecision:
                 row += f"  {max(scores.total):.3g}"
             lines.append(row)
         lines.append("")
-        lines.extend(f"{name}: {d.reason}" for name, d in self.candidates.items())
+        lines.extend(f"{shown_name(name)}: {d.reason}" for name, d in self.candidates.items())
         if self.allocation is not None:
             lines.append("")
             lines.append("allocation of the budget: " + ", ".join(f"{n} {c}" for n, c in self.allocation.items()))
@@ -330,6 +338,13 @@ class GateDecision:
 
     def __str__(self) -> str:
         return self.table()
+
+    def __repr__(self) -> str:
+        return (f"<GateDecision: {len(self.candidates)} candidates, accepted {self.accepted}, protected "
+                f"{self.protected}; print() it for the table>")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython / Jupyter: the table
+        printer.text(repr(self) if cycle else self.table())
 
 
 class Filtered(NamedTuple):
@@ -783,6 +798,7 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
     if len(corpus) != len(scores):
         raise STSInputError(f"{candidate!r} has {len(corpus)} examples but {len(scores)} scores; pass the same "
                             "data that was gated.")
+    _check_same_examples(corpus, scores, candidate)
     if domain is not None and domain not in scores.scores:
         raise STSInputError(f"{domain!r} is not a protected domain of this decision ({sorted(scores.scores)}).")
     values = scores.total if domain is None else scores.scores[domain]
@@ -794,6 +810,19 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
     items = getattr(corpus, "_items", None)
     records = [items[i] if items is not None else corpus[i] for i in keep]
     return Filtered(examples=records, scores=[values[i] for i in keep], indices=keep)
+
+
+def _check_same_examples(corpus: Corpus, scores: ExampleScores, candidate: str) -> None:
+    """The previews of the worst examples, kept with the scores, against the data given now: the same number of
+    other or reordered examples would be filtered by another set's scores. (A preference pair's preview is its
+    decoded tokens, which need the tokenizer: not checked.)"""
+    if is_preference_data(corpus):
+        return
+    for worst in scores.worst:
+        i = worst.get("index")
+        if isinstance(i, int) and 0 <= i < len(corpus) and example_text(corpus[i])[:PREVIEW_CHARS] != worst["text"]:
+            raise STSInputError(f"Example {i} of the data given for {candidate!r} is not the one that was gated "
+                                f"(gated: {worst['text'][:60]!r}...); pass the same data, in the same order.")
 
 
 def write_jsonl(records: list[Any], path: str | Path) -> Path:

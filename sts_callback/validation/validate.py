@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import gc
+import json
 import math
 import shutil
 import time
@@ -35,7 +36,8 @@ from ..core.atomic import atomic_write_json
 from ..core.config import STSConfig, json_serializable, plain_numbers, settings_from_dict
 from ..core.data import Corpus, load_corpus, load_domains, text_tokenizer
 from ..core.errors import STSConfigError, STSInputError
-from ..pipelines.forecast import SCORE_LABELS
+from ..core.formatting import json_safe
+from ..pipelines.forecast import SCORE_LABELS, display_width, shown_name
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..pipelines.monitor import peft_model_of
 from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
@@ -148,6 +150,13 @@ class SeedResult:
             "log_history": self.log_history, "forecast_timings": self.forecast_timings,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SeedResult":
+        """The inverse of :meth:`to_dict` (its derived ``noise_ceiling`` and overlap fraction dropped)."""
+        values = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)} and k != "overlap"}
+        overlap = data.get("overlap") or {}
+        return cls(**values, overlap=overlap.get("count"), n_shifted=overlap.get("n_shifted") or 0)
+
 
 @dataclass
 class ValidationResult:
@@ -189,6 +198,11 @@ class ValidationResult:
     def correlation(self, variant: str = "sts_icl", kind: str = "abs", statistic: str = "pearson",
                     measure: str = "nll") -> float | None:
         """Mean over seeds of one correlation (``None`` where undefined)."""
+        for name, value, allowed in (("variant", variant, self.variants), ("kind", kind, KINDS),
+                                     ("statistic", statistic, STATISTICS), ("measure", measure, self.measures)):
+            if value not in allowed:
+                why = " (measure='metric' needs validate(metric=...))" if name == "measure" else ""
+                raise STSConfigError(f"{name}={value!r}: this validation has {list(allowed)}{why}.")
         return self.summary()[measure][variant][kind][statistic]["mean"]
 
     def overlap_summary(self) -> dict[str, Any]:
@@ -239,7 +253,30 @@ class ValidationResult:
         return out
 
     def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, _json_safe(self.to_dict()))
+        return atomic_write_json(path, json_safe(self.to_dict()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ValidationResult":
+        """The result :meth:`to_dict` (``validation.json``) holds, for its ``table()`` and ``correlation()``."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else f"a {type(data).__name__}"
+            raise STSInputError(f"Not an STS validation (format={found!r}; validation.json is an object with "
+                                f"format {FORMAT!r}).")
+        return cls(domains=data["domains"], variants=data["variants"], seeds=data["seeds"], method=data["method"],
+                   training=data["training"], config=data["config"],
+                   per_seed=[SeedResult.from_dict(s) for s in data["per_seed"]],
+                   n_resamples=(data.get("bootstrap") or {}).get("n_resamples", 2000),
+                   files=data.get("files") or {}, timings=data.get("timings") or {})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ValidationResult":
+        """A saved ``validation.json`` (or the folder holding it) back as a result."""
+        path = Path(path)
+        path = path / "validation.json" if path.is_dir() else path
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as err:
+            raise STSInputError(f"Cannot read the validation {path}: {err}") from err
 
     # ---------------------------------------------------------------- text
     def table(self) -> str:
@@ -261,7 +298,7 @@ class ValidationResult:
             columns += ["metric bef", "metric aft", "Δmetric"]
         rows = []
         for d in sorted(self.domains, key=lambda d: -self.measured[d]):
-            cells = [d] + [f"{mean['scores'][d][v]:.4g}" for v in self.variants]
+            cells = [shown_name(d)] + [f"{mean['scores'][d][v]:.4g}" for v in self.variants]
             cells += [f"{mean['nll_before'][d]:.4f}", f"{mean['nll_after'][d]:.4f}", f"{mean['nll_delta_rel'][d]:+.2%}"]
             if "metric" in self.measures:
                 cells += [f"{mean['metric_before'][d]:.4g}", f"{mean['metric_after'][d]:.4g}",
@@ -324,13 +361,15 @@ class ValidationResult:
 
 def _aligned(header: list[str], rows: list[list[str]], min_width: int = 0) -> list[str]:
     """Header, rule and rows, each column as wide as its widest cell (first column left-aligned, the rest right)."""
-    widths = [max([min_width if i else 0] + [len(row[i]) for row in [header, *rows]]) for i in range(len(header))]
+    widths = [max([min_width if i else 0] + [display_width(row[i]) for row in [header, *rows]])
+              for i in range(len(header))]
 
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    def line(cells: list[str]) -> str:  # by terminal columns: a CJK name takes two a character
+        gaps = [" " * max(w - display_width(c), 0) for c, w in zip(cells, widths)]
+        return "  ".join(c + gap if i == 0 else gap + c for i, (c, gap) in enumerate(zip(cells, gaps)))
 
     head = line(header)
-    return [head, "-" * len(head), *(line(row) for row in rows)]
+    return [head, "-" * display_width(head), *(line(row) for row in rows)]
 
 
 def _format_entry(entry: dict[str, Any]) -> str:
@@ -339,16 +378,6 @@ def _format_entry(entry: dict[str, Any]) -> str:
     ci = "" if entry["ci"] is None else f" [{entry['ci'][0]:+.2f},{entry['ci'][1]:+.2f}]"
     p = "" if entry["p"] is None else (" p<0.001" if entry["p"] < 0.001 else f" p={entry['p']:.3f}")
     return f"{entry['r']:+.2f}{ci}{p}"
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------- checks
@@ -577,6 +606,10 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
             ``batch_size``, ``seed``/``data_seed``: ``seeds``, ... see ``OWN_TRAINING_ARGS``) are refused.
         n_resamples: bootstrap resamples per interval (0: no intervals).
         plot, report: write ``validation.png`` and the ``sts report`` HTML/Markdown next to the JSON.
+        progress: show progress bars (forecast, training).
+        reward_funcs: GRPO's reward functions, for prompt-only ``train_data``: validated with TRL's GRPOTrainer
+            (preference pairs are validated with DPOTrainer, other data with an SFT Trainer).
+        validation: a :class:`ValidationConfig` (or its dict) holding the settings above.
 
     The settings (method ... report) are the fields of :class:`ValidationConfig`: pass ``validation=`` (a
     ValidationConfig or its dict) and/or them as keywords (keywords win).
