@@ -255,3 +255,19 @@ def test_a_tokenizer_longer_than_the_models_embedding_is_named_with_the_fix(mode
     texts = [f"{t} {added[30 + i % 10]}" for i, t in enumerate(domain_texts("law", 20))]  # ids 128-137
     with pytest.raises(STSInputError, match=r"input embedding has 128 rows.*resize_token_embeddings\(len\(tokenizer"):
         forecast(model, grown, sae(), texts, {"chem": domain_texts("chem", 10)}, config())
+
+
+def test_a_token_beyond_the_embedding_in_held_out_texts_or_choices_is_named_too(model):
+    """The held-out loss and multiple-choice scoring ran no such check: a bare IndexError at train start (a
+    device assert on a GPU) when the forecast's sample had missed the added token."""
+    from sts_callback.core.heldout import sequence_nll
+    from sts_callback.core.multiple_choice import choice_scores
+
+    grown = make_tokenizer()
+    grown.add_tokens([f"newword{i}" for i in range(40)])
+    ids = list(grown("law court newword39")["input_ids"])
+    assert ids[-1] >= 128
+    with pytest.raises(STSInputError, match=r"input embedding has 128 rows.*resize_token_embeddings"):
+        sequence_nll(model, [(ids, [True] * (len(ids) - 1))], 0, 4)
+    with pytest.raises(STSInputError, match=r"input embedding has 128 rows.*resize_token_embeddings"):
+        choice_scores(model, grown, {"question": "law court ?", "choices": ["newword39", "judge"], "answer": 1})

@@ -389,3 +389,73 @@ def test_chats_trained_on_every_token_are_read_as_one_trained_text(tokenizer, tm
         assert corpus[i].plain_text != only_the_answer
         assert bool(law_words & set(trained.split())) != only_the_answer  # the user turn trained, or not
         assert [w for w in read.split() if w in law_words] == [w for w in trained.split() if w in law_words]
+
+
+def tokenizer_without_bos():
+    """A tokenizer that adds no BOS itself, whose chat template writes it (Gemma's with add_bos_token=False)."""
+    from tokenizers import processors
+
+    plain = make_tokenizer()
+    plain._tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    return plain
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_a_bos_the_chat_template_writes_stays_in_what_is_measured(adds_bos):
+    """TRL's rows of chats begin with the BOS the template wrote; it was stripped ('the prompt builder adds BOS')
+    where the builder adds none: the probe and demonstrations had no BOS the model was trained with (+30-60% NLL
+    on Gemma 3 270M), and a context cut to max_length lost its BOS as well."""
+    from sts_callback.core.data import PromptBuilder
+
+    tokenizer = make_tokenizer() if adds_bos else tokenizer_without_bos()
+    bos = tokenizer.bos_token_id
+    rows = []
+    for question, answer in (("law court ?", "judge ."), ("chem acid ?", "base ."), ("food cook ?", "bake .")):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False)
+        full = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                              {"role": "assistant", "content": answer}], tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        assert full_ids[0] == bos and full_ids.count(bos) == 1  # as trained
+        rows.append({"input_ids": full_ids, "completion_mask": [0] * len(prompt_ids) + [1] * (len(full_ids) -
+                                                                                           len(prompt_ids))})
+    corpus = corpus_from_training_dataset(Dataset.from_list(rows), tokenizer)
+    builder = PromptBuilder(tokenizer, max_query_tokens=64, max_demonstration_tokens=64, max_length=256)
+    alone, _ = builder.single(corpus[0])
+    assert alone[0] == bos and alone.count(bos) == 1
+    cut = PromptBuilder(tokenizer, max_query_tokens=64, max_demonstration_tokens=64, max_length=len(alone) + 4)
+    pair = cut.pair(corpus[0], [corpus[1], corpus[2]])  # the demonstrations cut from the left
+    assert pair.base[0] == pair.context[0] == bos
+
+
+def test_documents_joined_by_eos_keep_it_when_pad_is_eos():
+    """pad_token = eos_token (GPT-2's usual fix-up, Qwen's base tokenizer): every EOS was dropped as padding, the
+    documents of a row glued into one text."""
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id
+    ids = tokenizer("law court .")["input_ids"] + [eos] + tokenizer("cell acid .", add_special_tokens=False)[
+        "input_ids"] + [eos, eos, eos]  # the last two: right padding
+    text = corpus_from_training_dataset(Dataset.from_dict({"input_ids": [ids]}), tokenizer)[0].prompt
+    assert text.split() == ["law", "court", ".", "<eos>", "cell", "acid", ".", "<eos>"]
+
+
+def test_a_tokenizer_that_appends_eos_puts_none_between_prompt_and_answer():
+    """add_eos_token=True (a common SFT fix-up): the multiple-choice question and validate's training prompts were
+    tokenized with it, an EOS before the choice / answer."""
+    from tokenizers import processors
+    from tiny import make_model
+
+    from sts_callback.core.data import load_corpus
+    from sts_callback.core.multiple_choice import choice_scores
+    from sts_callback.pipelines.recipe import training_features
+
+    plain, appending = make_tokenizer(), make_tokenizer()
+    appending._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", 2)])
+    assert appending("law")["input_ids"][-1] == appending.eos_token_id
+    item = {"question": "law court ?", "choices": ["judge", "acid"], "answer": 0}
+    model = make_model("llama")
+    assert choice_scores(model, appending, item) == choice_scores(model, plain, item)
+    corpus = load_corpus([{"prompt": "law court ?", "completion": " judge ."}])
+    assert training_features(corpus, appending, 64, True, False) == training_features(corpus, plain, 64, True, False)

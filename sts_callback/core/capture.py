@@ -21,6 +21,24 @@ class _CaptureDone(Exception):
     """Raised from the hook to end a truncated forward (never under ZeRO-3 / FSDP)."""
 
 
+def input_vocabulary(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (``None`` where the model does not say: custom code)."""
+    try:
+        embeddings = unwrap_model(model).get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def token_beyond_vocabulary(top: int, vocabulary: int) -> STSInputError:
+    """The error for a token id the embedding has no row for (its bare IndexError, or a device assert on a GPU,
+    said nothing of the cause)."""
+    return STSInputError(f"The tokenizer gave token id {top}, but the model's input embedding has {vocabulary} rows: "
+                         "tokens were added to the tokenizer and the model was not resized. Call "
+                         "model.resize_token_embeddings(len(tokenizer)) (as training on them needs too), or use the "
+                         "tokenizer the model was made with.")
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP / DeepSpeed / FSDP1 / torch.compile wrappers and PEFT's wrapper, down to the HF model."""
     seen = 0

@@ -703,6 +703,18 @@ def special_token_ids(tokenizer: Any) -> set[int]:
     return ids | {int(i) for i, token in added.items() if getattr(token, "special", False)}
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (usually BOS; none for Qwen's, or one whose chat template writes
+    the BOS): what a text another text follows starts with. Its special tokens after the text (EOS, where
+    ``add_eos_token`` is set) are not in it."""
+    with_special = list(tokenizer("x", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start:start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
 class PromptBuilder:
     """Builds position-matched token sequences from examples with a given tokenizer."""
 
@@ -717,20 +729,11 @@ class PromptBuilder:
         self.typed_content = needs_typed_content(tokenizer)  # once: every render then passes what the template reads
         self.all_special_ids = special_token_ids(tokenizer)  # read once: a tokenizer lists its added tokens anew
         self.special_ids = self.all_special_ids if exclude_special_tokens else set()
-        self.prefix = self._special_prefix()
+        self.prefix = special_prefix(tokenizer)
         self.separator = self.encode_text("\n\n")
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _special_prefix(self) -> list[int]:
-        """The ids the tokenizer puts before any text (usually BOS)."""
-        with_special = list(self.tokenizer("x", add_special_tokens=True)["input_ids"])
-        plain = self.encode_text("x")
-        for start in range(len(with_special) - len(plain) + 1):
-            if with_special[start:start + len(plain)] == plain:
-                return with_special[:start]
-        return []
 
     def encode_head(self, text: str, max_tokens: int) -> list[int]:
         """The first ``max_tokens`` token ids of ``text``, from a prefix of its characters (widened while it holds
@@ -852,9 +855,13 @@ class PromptBuilder:
             for demo in demonstrations:
                 head_context += self.encode_text(self._demo_text(demo)) + self.separator
         room = self.max_length - len(query_ids)
-        if len(head_context) > room:  # drop demonstration tokens from the left, keep BOS
-            keep_prefix = self.prefix if head_context[: len(self.prefix)] == self.prefix else []
-            body = head_context[len(keep_prefix):]
+        if len(head_context) > room:  # drop demonstration tokens from the left, keep the special start both share
+            base_start = head_base + query_ids  # BOS, added by the tokenizer or written by a chat template
+            lead = 0
+            while (lead < min(len(base_start), len(head_context)) and head_context[lead] == base_start[lead]
+                   and head_context[lead] in self.all_special_ids):
+                lead += 1
+            keep_prefix, body = head_context[:lead], head_context[lead:]
             head_context = keep_prefix + body[len(body) - max(room - len(keep_prefix), 0):]
         counted = [token not in self.special_ids for token in query_ids]
         return TokenPair(base=head_base + query_ids, context=head_context + query_ids,

@@ -13,10 +13,10 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .capture import ResidualCapture, unwrap_model
+from .capture import ResidualCapture, input_vocabulary, token_beyond_vocabulary
 from .data import TokenPair
 from .distributed import LocalFailure, Shard, shard, world_size
-from .errors import STSInputError, STSNumericalError
+from .errors import STSNumericalError
 from .sae import SAEHandle
 from .stats import ActivationStats, ShiftStats, StatsGroup, TopActivations
 
@@ -106,11 +106,7 @@ class Extractor:
         self.split = split
         self.failed = LocalFailure.around_forwards(model, split and world_size() > 1)
         self.batches_run = 0
-        try:
-            embeddings = unwrap_model(model).get_input_embeddings()
-        except (AttributeError, NotImplementedError):  # a model that does not say (custom code): no check
-            embeddings = None
-        self.vocabulary = getattr(embeddings, "num_embeddings", None)  # rows of the input embedding
+        self.vocabulary = input_vocabulary(model)  # rows of the input embedding (None: no check)
 
     def share(self, lengths: Sequence[int]) -> Shard:
         """The sequences this process runs (all of them when not split or not distributed)."""
@@ -134,10 +130,7 @@ class Extractor:
             ids = ids.clamp(max=self.vocabulary - 1)
         resid = self.capture(ids.to(self.device), mask.to(self.device))
         if beyond:
-            raise STSInputError(f"The tokenizer gave token id {top}, but the model's input embedding has "
-                                f"{self.vocabulary} rows: tokens were added to the tokenizer and the model was not "
-                                "resized. Call model.resize_token_embeddings(len(tokenizer)) (as training on them "
-                                "needs too), or use the tokenizer the model was made with.")
+            raise token_beyond_vocabulary(top, self.vocabulary)
         return resid
 
     @staticmethod

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .capture import parameters_are_sharded, text_config, unwrap_model
+from .capture import input_vocabulary, parameters_are_sharded, text_config, token_beyond_vocabulary, unwrap_model
 from .distributed import LocalFailure, gather_objects, shard_batches, warn_on_main
 from .errors import STSDataWarning
 from .data import TokenSequence
@@ -129,6 +129,7 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
     split = split_head(model)
+    vocabulary = input_vocabulary(model)
 
     def measure(batch: Sequence[int]) -> None:
         longest = max(lengths[i] for i in batch)
@@ -140,6 +141,10 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
             counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags)
+        top = int(ids.max())
+        beyond = vocabulary is not None and top >= vocabulary
+        if beyond:  # the forward still runs, clamped (a sharded forward is a collective), then the error
+            ids = ids.clamp(max=vocabulary - 1)
         ids, mask = ids.to(device), mask.to(device)
         keep = counted[:, 1:].to(device)
         targets = ids[:, 1:][keep]
@@ -162,6 +167,8 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets, reduction="none")
             del logits
+        if beyond:
+            raise token_beyond_vocabulary(top, vocabulary)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, nll.double())
         counts = keep.sum(1)
         for row, i in enumerate(batch):

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .capture import max_positions
-from .data import special_token_ids
+from .capture import input_vocabulary, token_beyond_vocabulary
+from .data import special_prefix, special_token_ids
 from .distributed import LocalFailure, shard
 from .errors import STSInputError
 from .heldout import HEAD_CHUNK, head_nll, split_head
@@ -61,7 +62,9 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
                   choice_format: str = CHOICE_FORMAT, normalize: bool = True) -> list[float]:
     """Log-likelihood of each choice's continuation after the question (mean per token when ``normalize``)."""
     device = model_device(model)
-    prompt = list(tokenizer(prompt_format.format(question=item["question"]), add_special_tokens=True)["input_ids"])
+    # the tokenizer's start (BOS) and the question, no EOS a tokenizer with add_eos_token would put before the choice
+    prompt = special_prefix(tokenizer) + list(tokenizer(prompt_format.format(question=item["question"]),
+                                                        add_special_tokens=False)["input_ids"])
     continuations = [list(tokenizer(choice_format.format(choice=c), add_special_tokens=False)["input_ids"])
                      for c in item["choices"]]
     if any(not c for c in continuations):
@@ -76,6 +79,9 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
         ids[row, : len(prompt) + len(c)] = torch.tensor(prompt + c)
         mask[row, : len(prompt) + len(c)] = 1
         keep[row, len(prompt) - 1: len(prompt) - 1 + len(c)] = True
+    vocabulary = input_vocabulary(model)
+    if vocabulary is not None and int(ids.max()) >= vocabulary:  # every rank scores the same items: raised on all
+        raise token_beyond_vocabulary(int(ids.max()), vocabulary)
     was_training = model.training
     model.eval()
     try:

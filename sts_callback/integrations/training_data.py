@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..core.data import (MC_FIELDS, Corpus, Example, is_dataset, load_corpus, load_domains, named_items,
-                         take_streamed)
+                         special_prefix, take_streamed)
 from ..core.errors import STSConfigError, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..pipelines.preference import Truncation
@@ -41,17 +41,27 @@ class DecodedCorpus(Corpus):
         self.tokenizer = tokenizer
         self.prompt_key, self.answer_key, self.mask_key = prompt_key, answer_key, mask_key
         self._strip = {i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None}
+        self._prefix = special_prefix(tokenizer)  # what the prompt builder puts before a text itself
         self._spans = packed_spans(dataset) if answer_key is None else None
 
     def __len__(self) -> int:
         return len(self._spans) if self._spans is not None else len(self._items)
 
     def _decode(self, ids) -> str:
+        """The text of ``ids`` as the prompt builder re-encodes it: without the start it adds itself (a BOS the
+        chat template wrote, which the tokenizer does not add, stays) and without padding."""
         ids = token_list(ids)
-        while ids and ids[0] in self._strip:  # the prompt builder adds BOS itself
-            ids = ids[1:]
         pad = self.tokenizer.pad_token_id
-        return self.tokenizer.decode([i for i in ids if i != pad], skip_special_tokens=False)
+        while ids and ids[0] == pad:  # left padding
+            ids = ids[1:]
+        if self._prefix and ids[:len(self._prefix)] == self._prefix:
+            ids = ids[len(self._prefix):]
+        if pad is not None and pad != self.tokenizer.eos_token_id:
+            ids = [i for i in ids if i != pad]
+        elif pad is not None:  # pad is EOS: one inside the text is real (documents joined); padding trails
+            while len(ids) > 1 and ids[-1] == pad and ids[-2] == pad:
+                ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def __getitem__(self, index: int) -> Example:  # type: ignore[override]
         if self.answer_key is not None:
@@ -75,13 +85,19 @@ class DecodedCorpus(Corpus):
             split = prompt_answer_split(ids, trained, attention, self._strip, self.tokenizer.bos_token_id)
             if split is not None:
                 prompt_start, answer_start, answer_stop = split
-                return Example(prompt=self._decode(ids[prompt_start:answer_start]),
+                return Example(prompt=self._decode(ids[self._with_bos(ids, prompt_start):answer_start]),
                                answer=self._decode(ids[answer_start:answer_stop]))
             # plain text: its first trained run only (a wrapped piece: an answer's tail, then a prompt the loss masks)
             first = next(i for i, flag in enumerate(trained) if flag)
             end = next((i for i in range(first, len(trained)) if not trained[i]), len(trained))
-            return Example(prompt=self._decode(ids[first:end]), plain_text=True)
+            return Example(prompt=self._decode(ids[self._with_bos(ids, first):end]), plain_text=True)
         return Example(prompt=self._decode(ids), plain_text=True)
+
+    def _with_bos(self, ids: list[int], start: int) -> int:
+        """``start``, or the BOS just before it where the prompt builder adds none itself (a chat template wrote
+        it: the model was trained with it)."""
+        bos = self.tokenizer.bos_token_id
+        return start - 1 if start > 0 and ids[start - 1] == bos and bos not in self._prefix else start
 
 
 def prompt_answer_split(ids: Sequence[int], trained: Sequence[int], attention: Sequence[int] | None,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.data import Corpus, Example, chat_template_text, needs_typed_content
+from ..core.data import Corpus, Example, chat_template_text, needs_typed_content, special_prefix
 from ..core.errors import STSInputError, first_line
 
 
@@ -20,6 +20,7 @@ def training_features(corpus: Corpus, tokenizer, max_length: int, completion_onl
     has_template = bool(getattr(tokenizer, "chat_template", None))
     typed = has_template and needs_typed_content(tokenizer)  # a VLM template that reads typed content parts only
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    start = special_prefix(tokenizer)  # a prompt the answer follows: BOS, never the EOS of add_eos_token
     features = []
     for i in range(len(corpus)):
         example: Example = corpus[i]
@@ -50,10 +51,10 @@ def training_features(corpus: Corpus, tokenizer, max_length: int, completion_onl
                             f"{corpus.name!r} holds chat conversations but the tokenizer has no chat template. "
                             "Give a tokenizer with a chat template, or set STSConfig(chat_fallback=True).")
                     prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in example.prompt) + "assistant: "
-                    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=True)["input_ids"])
+                    prompt_ids = start + list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
                     answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
             else:
-                prompt_ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+                prompt_ids = start + list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
                 answer_ids = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + eos
             ids = (prompt_ids + answer_ids)[:max_length]
             labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length] if completion_only else list(ids)
