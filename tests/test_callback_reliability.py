@@ -636,7 +636,8 @@ def test_unusable_data_is_named_before_any_step(tmp_path, tokenizer, settings, m
 
 @pytest.mark.parametrize("settings, message", [
     ({"sae": "/nonexistent/sae"}, "is not a folder"),
-    ({"target_domains": {"law": "evals/law.jsonl"}}, "does not exist; check the path"),
+    ({"target_domains": {"law": "evals/law.jsonl"}},
+     r"does not exist \(a relative path is read from the working folder, .*\); check the path"),
     ({"target_domains": ["pythn_code"]}, "neither an existing file nor a registered domain"),
     ({"target_domains": {"law": 5}}, "Cannot use int"),
     ({"train_probe": "nope.jsonl"}, "does not exist"),
@@ -925,3 +926,42 @@ def test_sts_running_out_of_memory_is_not_retried_as_training(tmp_path, tokenize
         assert "shift_tokens" in str(caught.value) and not isinstance(caught.value, RuntimeError)
     else:  # as before: the original error, with the note naming what to lower
         assert "shift_tokens" in " ".join(getattr(caught.value, "__notes__", []))
+
+
+def run_in_a_spawned_process(callback_bytes, folder):
+    """A launcher's worker (torch.multiprocessing.spawn, Ray): the callback built outside arrives pickled."""
+    import pickle as pickle_
+    import sys as sys_
+
+    sys_.path.insert(0, str(Path(__file__).parent))
+    from test_callback import make_trainer as make_trainer_
+    from tiny import make_tokenizer as make_tokenizer_
+
+    callback = pickle_.loads(callback_bytes)
+    make_trainer_(Path(folder), make_tokenizer_(), callback, max_steps=4).train()
+
+
+@pytest.mark.parametrize("when", ["new", "after_a_run"])
+def test_a_callback_pickles_for_a_launcher_and_runs_there(tmp_path, tokenizer, when):
+    """A new callback held a lambda (pickle, hence torch.multiprocessing.spawn, refused it); one that had run held
+    weak references to the trainer, its state and its accelerator's autocast (cloudpickle refused it too)."""
+    import multiprocessing
+    import pickle
+
+    callback = make_callback(recheck_steps=2)
+    if when == "after_a_run":  # a notebook's smoke test first, then the same object to the launcher
+        make_trainer(tmp_path / "here", tokenizer, callback, max_steps=2).train()
+    process = multiprocessing.get_context("spawn").Process(target=run_in_a_spawned_process,
+                                                           args=(pickle.dumps(callback), str(tmp_path / "there")))
+    process.start()
+    process.join(600)
+    assert process.exitcode == 0
+    assert history_steps(tmp_path / "there" / "run" / "sts" / "history.jsonl") == [2, 4]
+    if when == "after_a_run":
+        assert history_steps(tmp_path / "here" / "run" / "sts" / "history.jsonl") == [2]  # its own files stand
+
+
+def test_an_sae_on_the_meta_device_is_refused_at_construction():
+    """It failed at train start with torch's advice to call to_empty(), which gives uninitialised weights."""
+    with pytest.raises(STSInputError, match="meta device"):
+        make_callback(sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post").to("meta"))

@@ -497,7 +497,8 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
                                     f"format read here; give {DATA_FILE_KINDS}.")
             return
         if suffix in (*JSON_SUFFIXES, *TABLE_SUFFIXES, *TEXT_SUFFIXES[1:]):
-            raise STSInputError(f"Data file {path}{_for(what)} does not exist; check the path.")
+            where = "" if path.is_absolute() else f" (a relative path is read from the working folder, {Path.cwd()})"
+            raise STSInputError(f"Data file {path}{_for(what)} does not exist{where}; check the path.")
         raise STSInputError(
             f"{str(data)!r}{_for(what)} is neither an existing file nor a registered domain. Pass a data file "
             "(.jsonl/.json/.csv/.parquet/.txt), a list of texts, a datasets.Dataset, or one of the registered "

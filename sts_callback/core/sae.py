@@ -259,8 +259,19 @@ def check_sae_folder(folder: str | Path) -> None:
                                 f"short?). {SAE_REBUILD_HINT}") from err
 
 
+def check_not_on_meta(sae: Any) -> None:
+    """An SAE object whose weights are on the meta device (built under ``init_empty_weights`` or
+    ``torch.device("meta")``, never loaded) is refused now: it failed at train start with torch's advice to call
+    ``to_empty()``, which would give it uninitialised weights."""
+    module = getattr(sae, "module", sae)  # an SAEHandle's
+    if isinstance(module, nn.Module) and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        raise STSInputError("The SAE's weights are on the meta device (never loaded: built under init_empty_weights "
+                            "or torch.device('meta')); load its weights before passing it, or pass its folder.")
+
+
 def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEHandle:
     """Load an SAE from any accepted form (see module docstring) and return an :class:`SAEHandle`."""
+    check_not_on_meta(spec)
     if isinstance(spec, SAEHandle):
         handle = spec
     elif isinstance(spec, (str, Path)) and Path(spec).is_dir():

@@ -26,7 +26,7 @@ from ..core.config import STSConfig, json_serializable
 from ..core.data import anchored, check_data_spec, load_corpus, named_items, text_tokenizer
 from ..core.distributed import raise_collectively
 from ..core.head_sample import TAIL_DEFAULT
-from ..core.sae import missing_sae_folder
+from ..core.sae import check_not_on_meta, missing_sae_folder
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSOutOfMemoryError, first_line
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
@@ -238,12 +238,20 @@ class STSCallback(TrainerCallback, ExportableState):
         self.lm_eval_targets: dict[str, LmEvalTarget] = {}
         self.schedule_source = "constant"
         self._trainer_ref: Callable[[], Any] | None = None  # a weak reference to the watched trainer
-        self._run_state: Callable[[], Any] = lambda: None  # the TrainerState of the run being watched (weakly)
+        self._run_state: Callable[[], Any] = _no_run  # the TrainerState of the run being watched (weakly)
         self._ready = False
         self._ended = False  # on_train_end has run for the watched run
         self._attempt_batch_size: int | None = None  # the batch size the watched run started with
         if replaced is not None:  # the instance the user holds shows the resumed run's results too
             replaced.session = self.session
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy for another process (Ray, a spawn launcher, a sweep) or ``copy.deepcopy``: ready for a new run
+        there. The handles of a run watched here (the trainer, its state, its accelerator's autocast, the model) are
+        this process's and are left out; the results so far travel with the session."""
+        state = dict(self.__dict__)
+        state.update(_trainer_ref=None, _run_state=_no_run, _ready=False, _ended=False)
+        return state
 
     @property
     def _trainer(self) -> Any:
@@ -744,6 +752,11 @@ def _own_memory_errors(args: Any, where: str, what_to_lower: str) -> Any:
                                   f"{what_to_lower}.") from err
 
 
+def _no_run() -> None:
+    """``_run_state`` before any run (a function of the module: a lambda could not be pickled)."""
+    return None
+
+
 def _weak_autocast(accelerator: Any) -> Any:
     """The accelerator's autocast, held weakly (the accelerator holds the model and optimizer); a plain context
     once the accelerator is gone."""
@@ -839,6 +852,7 @@ def _check_inputs(sae: Any, target: Any, protected: list[str], data: dict[str, A
         raise STSConfigError("STSCallback needs sae=: a sae-lens folder, {'release', 'sae_id'}, or an SAE object.")
     if not isinstance(sae, (str, Path, dict)) and not hasattr(sae, "encode"):
         raise STSConfigError(f"sae={type(sae).__name__} has no encode(); pass an SAE or its path.")
+    check_not_on_meta(sae)
     missing = missing_sae_folder(sae)
     if missing:
         raise STSInputError(missing)

@@ -20,6 +20,7 @@ a :class:`RunStore`, and warns; it never logs to a tracker (the caller does, fro
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 import random
@@ -163,6 +164,16 @@ class STSSession:
         self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
         self._held_warnings: list[tuple[str, type[Warning]]] | None = None  # said once a re-check's record is kept
         self._pending_stop: str | None = None  # an early stop's message, said after the re-check's held warnings
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For another process or ``copy.deepcopy``: the autocast of this process's accelerator and the run's
+        model stay here (the next run's start sets both)."""
+        state = dict(self.__dict__)
+        state["autocast"] = nullcontext
+        if self.setup is not None and self.setup.model is not None:
+            state["setup"] = copy.copy(self.setup)
+            state["setup"].model = None
+        return state
 
     @property
     def is_main(self) -> bool:
