@@ -6,23 +6,13 @@ import json
 import pickle
 
 import pytest
-from test_forecast import LAYER, small_config, targets
-from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+from test_forecast import LAYER, model, small_config, targets, tokenizer  # noqa: F401 - the fixtures too
+from tiny import TinySAE, domain_texts
 
 from sts_callback import STSConfigError, STSInputError, forecast
 from sts_callback.pipelines.forecast import Forecast
 from sts_callback.pipelines.gate import GateDecision, MixtureRejected, filter_examples, gate_mixture
 from sts_callback.scoring.calibration import Calibration
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model("llama").double()
 
 
 @pytest.fixture(scope="module")

@@ -159,6 +159,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def check_format(data: Any, expected: str, what: str, file: str) -> dict[str, Any]:
+    """``data`` (a JSON file's contents) when it is an object whose ``format`` is ``expected``; otherwise an
+    :class:`STSInputError` naming what was found (a list, another format) instead of a bare AttributeError."""
+    if not isinstance(data, dict) or data.get("format") != expected:
+        found = data.get("format") if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise STSInputError(f"Not {what} (format={found!r}; {file} is an object with format {expected!r}).")
+    return data
+
+
 def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
     text = json.dumps(data, indent=indent)  # serialise first: a bad value never touches the disk
     return atomic_write_text(path, text)

@@ -28,6 +28,7 @@ from ..core.config import MIN_BUDGET_TOKENS, SCORE_VARIANTS, STSConfig, device_p
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
                                 warn_on_main, world_size)
+from ..core.atomic import check_format
 from ..core.formatting import json_safe, signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from ..core.run_store import FORECAST_FORMAT
@@ -199,10 +200,7 @@ class Forecast:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Forecast":
-        if not isinstance(data, dict) or data.get("format") != FORECAST_FORMAT:
-            found = data.get("format") if isinstance(data, dict) else f"a {type(data).__name__}"
-            raise STSInputError(f"Not an STS forecast (format={found!r}; a forecast.json is an object with format "
-                                f"{FORECAST_FORMAT!r}).")
+        check_format(data, FORECAST_FORMAT, "an STS forecast", "a forecast.json")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"format"})
         if unknown:

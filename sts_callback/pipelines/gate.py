@@ -78,7 +78,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..core.atomic import atomic_write_json, atomic_write_text
+from ..core.atomic import atomic_write_json, atomic_write_text, check_format
 from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
 from ..core.data import AllBut, Corpus, example_text, load_corpus, load_domains, named_items, repeated_names
 from ..core.distributed import warn_on_main
@@ -286,10 +286,7 @@ class GateDecision:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GateDecision":
-        if not isinstance(data, dict) or data.get("format") != "sts-gate/1":
-            found = data.get("format") if isinstance(data, dict) else f"a {type(data).__name__}"
-            raise STSInputError(f"Not an STS gate decision (format={found!r}; gate.json is an object with format "
-                                "'sts-gate/1').")
+        check_format(data, "sts-gate/1", "an STS gate decision", "gate.json")
         fields_ = {k: v for k, v in data.items()
                    if k not in ("format", "candidates", "forecasts", "example_scores")}
         return cls(candidates={n: CandidateDecision(**d) for n, d in data["candidates"].items()},

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.atomic import atomic_write_json
+from ..core.atomic import atomic_write_json, check_format
 from ..core.config import STSConfig, json_serializable, plain_numbers, settings_from_dict
 from ..core.data import Corpus, load_corpus, load_domains, text_tokenizer
 from ..core.errors import STSConfigError, STSInputError
@@ -258,10 +258,7 @@ class ValidationResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ValidationResult":
         """The result :meth:`to_dict` (``validation.json``) holds, for its ``table()`` and ``correlation()``."""
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else f"a {type(data).__name__}"
-            raise STSInputError(f"Not an STS validation (format={found!r}; validation.json is an object with "
-                                f"format {FORMAT!r}).")
+        check_format(data, FORMAT, "an STS validation", "validation.json")
         return cls(domains=data["domains"], variants=data["variants"], seeds=data["seeds"], method=data["method"],
                    training=data["training"], config=data["config"],
                    per_seed=[SeedResult.from_dict(s) for s in data["per_seed"]],
