@@ -6,7 +6,7 @@
                                                        | runlevel_zero3 | trl_dpo | trl_grpo | trl_distill
                                                        | callback_runlevel_single | callback_runlevel_ddp
                                                        | callback_runlevel_zero3 | onerank_failure
-                                                       | onerank_failure_zero3
+                                                       | onerank_failure_zero3 | runlevel_onerank_failure
 
 Each rank writes ``OUT/rank<r>.json``: the files it wrote under the STS folder (seen by an audit hook)
 and, for ``bad_inputs``, the errors it raised.
@@ -275,9 +275,44 @@ def callback_runlevel(backend: str) -> dict:
     return out
 
 
+def runlevel_onerank_failure() -> dict:
+    """Rank 1 alone raises (as a CUDA OOM would) once in the run-level term: in its training gradient (a lookahead),
+    then in its held-out pass (first order), then in a strict first-order run. Each run: the term skipped on every
+    rank and training on (the other rank waited in the term's sum for ever before); strict: raised on both."""
+    from sts_callback.pipelines import runlevel
+
+    out, fired = {}, []
+
+    def failing_once(function, where):
+        def wrapper(*args, **kwargs):
+            if RANK == 1 and where not in fired:
+                fired.append(where)
+                raise RuntimeError(f"CUDA out of memory (simulated in the {where})")
+            return function(*args, **kwargs)
+        return wrapper
+
+    runlevel._train_nll = failing_once(runlevel._train_nll, "training gradient")
+    runlevel._held_out_nll = failing_once(runlevel._held_out_nll, "held-out pass")
+    for name, overrides in (("lookahead", {"run_level": "lookahead"}), ("first_order", {"run_level": "first_order"}),
+                            ("strict", {"run_level": "first_order", "strict": True})):
+        if name == "strict" and "held-out pass" in fired:  # rank 1 fails again, now under strict
+            fired.remove("held-out pass")
+        cb = callback(run_level_steps=1, **overrides)
+        trainer = trainer_for(cb, OUT / name, max_steps=2)
+        try:
+            trainer.train()
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        out[name] = {"run_level": cb.session.run_level, "global_step": trainer.state.global_step}
+    return {"runs": out, "fired": fired}
+
+
 result: dict = {"rank": RANK, "world": WORLD}
 if MODE.startswith("callback_runlevel_"):
     result["callback_runlevel"] = callback_runlevel(MODE.rsplit("_", 1)[1])
+elif MODE == "runlevel_onerank_failure":
+    result.update(runlevel_onerank_failure())
 elif MODE.startswith("onerank_failure"):  # onerank_failure | onerank_failure_zero3
     result.update(onerank_failure(MODE.endswith("zero3")))
 elif MODE.startswith("runlevel_"):  # runlevel_single | runlevel_ddp | runlevel_zero2 | runlevel_zero3

@@ -147,6 +147,18 @@ def test_an_exception_on_one_rank_fails_the_recheck_on_every_rank_and_training_g
     assert without_timing(rank1["history"]) == without_timing(rank0["history"])  # identical on every rank
 
 
+def test_an_exception_on_one_rank_in_the_run_level_term_skips_it_on_every_rank(tmp_path):
+    """Rank 1 alone failing inside the run-level term (its training gradient, its held-out pass) left rank 0 waiting
+    in the term's sum for ever: now both skip the term and train on; strict=True raises it on both."""
+    rank0, rank1 = run("runlevel_onerank_failure", tmp_path / "out", 2)
+    assert rank1["fired"] == ["training gradient", "held-out pass"] and rank0["fired"] == []
+    for result in (rank0, rank1):
+        for name in ("lookahead", "first_order"):
+            assert result["runs"][name] == {"run_level": None, "global_step": 2}
+        assert result["runs"]["strict"]["error"] == ("RuntimeError: [rank 1] CUDA out of memory (simulated in the "
+                                                    "held-out pass)")
+
+
 def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
     ranks = run("bad_inputs", tmp_path / "out", 2)
     for result in ranks:

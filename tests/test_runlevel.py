@@ -373,6 +373,10 @@ def test_bad_inputs_are_named(batches, targets):
         p.requires_grad_(False)
     with pytest.raises(STSInputError, match="no trainable"):
         first_order(frozen, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), batches, targets)
+    beyond = {**targets, "added": [([1, 5, 200, 6], [True] * 3)]}  # an id the 128-row embedding lacks
+    for estimate in (lookahead, first_order):  # named on every process before any pass (a bare IndexError, or a
+        with pytest.raises(STSInputError, match="resize_token_embeddings"):  # hang where one rank held it)
+            estimate(model, adamw(model), batches, beyond)
 
 
 @pytest.mark.parametrize("values, words", [

@@ -64,9 +64,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.capture import parameters_are_sharded
+from ..core.capture import input_vocabulary, parameters_are_sharded, token_beyond_vocabulary
 from ..core.config import plain_numbers, settings_from_dict
-from ..core.distributed import rank, shard, sum_across_ranks, warn_on_main, world_size
+from ..core.distributed import LocalFailure, rank, shard, sum_across_ranks, warn_on_main, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSUsageError
 from ..core.extract import batches_by_length, local_sequences
 from ..core.data import TokenSequence
@@ -363,33 +363,42 @@ def _pad_id(model: nn.Module, pad: int | None) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-def _check_targets(targets: Mapping[str, Sequence[TokenSequence]]) -> None:
+def _check_targets(targets: Mapping[str, Sequence[TokenSequence]], model: nn.Module) -> None:
+    """Every process holds every target: a bad one is refused on all of them, before any collective."""
     if not targets:
         raise STSInputError("No target domain given: pass targets={name: held-out sequences}.")
     for name, sequences in targets.items():
         if len(sequences) == 0:
             raise STSInputError(f"Target domain {name!r} has no held-out sequence.")
+    vocabulary = input_vocabulary(model)
+    top = max((max(ids, default=0) for sequences in targets.values() for ids, _ in sequences), default=0)
+    if vocabulary is not None and top >= vocabulary:
+        raise token_beyond_vocabulary(int(top), vocabulary)
 
 
 def measure_losses(model: nn.Module, targets: Mapping[str, Sequence[TokenSequence]], *, pad: int | None = None,
                    batch_size: int = 4, autocast: Callable[[], Any] | None = None) -> dict[str, float]:
-    """Held-out mean-token NLL of each domain (eval mode, no grad; each process its shard, summed)."""
+    """Held-out mean-token NLL of each domain (eval mode, no grad; each process its shard, summed). An error on
+    one process is raised on every one (:class:`LocalFailure`), not left to hang the others in the sum."""
     model = _inner_model(model)
-    _check_targets(targets)
+    _check_targets(targets, model)
     pad_id = _pad_id(model, pad)
     sums = torch.zeros(len(targets), 2, dtype=torch.float64)
     was = {m: m.training for m in model.modules()}
+    failed = LocalFailure.around_forwards(model)
     model.eval()
     try:
         with torch.no_grad(), (autocast() if autocast else nullcontext()):
             for i, everyone in enumerate(targets.values()):
                 part = shard(len(everyone), [len(ids) for ids, _ in everyone])
-                total, count = nll_sums(model, local_sequences(list(everyone), part), pad_id, batch_size)
-                sums[i] = torch.tensor([total, count], dtype=torch.float64)
+                if not failed.skip:
+                    with failed:
+                        total, count = nll_sums(model, local_sequences(list(everyone), part), pad_id, batch_size)
+                        sums[i] = torch.tensor([total, count], dtype=torch.float64)
     finally:
         for m, flag in was.items():
             m.training = flag
-    sum_across_ranks(sums)
+    failed.sum_across_ranks(sums)
     out = {}
     for i, name in enumerate(targets):
         if sums[i, 1] == 0:
@@ -489,20 +498,24 @@ def _mean_gradient(model: nn.Module, params: list[nn.Parameter], micro_batches: 
              for p in params]
     tokens = 0
     reached = torch.zeros(1)
+    failed = LocalFailure.around_forwards(model)  # one process's error raised on every one, none left waiting
     model.train()
     with _non_reentrant_checkpointing(model):
         for batch in micro_batches:
-            with autocast() if autocast else nullcontext():
-                nll, count = _train_nll(model, batch, device)
-            parts = torch.autograd.grad(nll, params, allow_unused=True)
-            after_backward()
-            for total, part in zip(grads, parts):
-                if part is not None:
-                    total.add_(part.to(total.dtype))
-                    reached[0] = 1
-            tokens += count
-            del nll, parts
-    sum_across_ranks(reached)
+            if failed.skip:
+                continue
+            with failed:
+                with autocast() if autocast else nullcontext():
+                    nll, count = _train_nll(model, batch, device)
+                parts = torch.autograd.grad(nll, params, allow_unused=True)
+                after_backward()
+                for total, part in zip(grads, parts):
+                    if part is not None:
+                        total.add_(part.to(total.dtype))
+                        reached[0] = 1
+                tokens += count
+                del nll, parts
+    failed.sum_across_ranks(reached)
     if not reached.item():
         raise STSUsageError("The run-level term's training gradient reached none of the trainable parameters: a "
                             "gradient checkpointing that only .backward() goes through (use_reentrant=True under "
@@ -556,8 +569,8 @@ def lookahead(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapp
     config = config if isinstance(config, RunLevelConfig) else RunLevelConfig.from_dict(config)
     steps, accumulation, lr, max_grad_norm = config.steps, config.accumulation, config.lr, config.max_grad_norm
     pad, batch_size = config.pad, config.batch_size
-    _check_targets(targets)
     inner = _inner_model(model)
+    _check_targets(targets, inner)
     resolved = _resolve_optimizer(optimizer, inner, "lookahead")
     if parameters_are_sharded(inner):
         raise STSConfigError(
@@ -679,8 +692,8 @@ def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Ma
     config = config if isinstance(config, RunLevelConfig) else RunLevelConfig.from_dict(config)
     steps, accumulation, lr, max_grad_norm = config.steps, config.accumulation, config.lr, config.max_grad_norm
     pad, batch_size = config.pad, config.batch_size
-    _check_targets(targets)
     inner = _inner_model(model)
+    _check_targets(targets, inner)
     resolved = _resolve_optimizer(optimizer, inner, "first_order")
     if parameters_are_sharded(inner) and not _is_zero3(inner):
         raise STSConfigError(
@@ -706,25 +719,19 @@ def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Ma
         timings["update"] = time.perf_counter() - t
         t = time.perf_counter()
         sums = torch.zeros(len(targets), 3, dtype=torch.float64)  # NLL sum, token count, <grad NLL sum, delta>
+        failed = LocalFailure.around_forwards(inner)
         inner.eval()
         for i, everyone in enumerate(targets.values()):
             part = shard(len(everyone), [len(ids) for ids, _ in everyone])
             local = local_sequences(list(everyone), part)
             for batch in batches_by_length([len(ids) for ids, _ in local], batch_size):
-                with autocast() if autocast else nullcontext():
-                    total, count = _held_out_nll(inner, [local[j] for j in batch], pad_id, device)
-                dot = torch.zeros((), dtype=torch.float64)
-                if total.requires_grad:
-                    parts = torch.autograd.grad(total, params, allow_unused=True)
-                    resolved.after_backward()
-                    for part_, delta in zip(parts, deltas):
-                        if part_ is not None:
-                            dot += (part_.double() * delta.double()).sum().cpu()
-                sums[i] += torch.stack([total.detach().double().cpu(), torch.tensor(float(count), dtype=torch.float64),
-                                        dot])
-                del total
+                if failed.skip:
+                    continue
+                with failed:
+                    sums[i] += _held_out_term(inner, [local[j] for j in batch], pad_id, device, params, deltas,
+                                              resolved.after_backward, autocast)
         timings["domains"] = time.perf_counter() - t
-    sum_across_ranks(sums)
+    failed.sum_across_ranks(sums)
     change, before, delta_loss = {}, {}, {}
     for i, name in enumerate(targets):
         if sums[i, 1] == 0:
@@ -734,6 +741,22 @@ def first_order(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Ma
         change[name] = float(sums[i, 2] / sums[i, 0])
     return RunLevelEstimate("first_order", change, before, delta_loss, steps, lrs, tokens,
                             time.perf_counter() - start, timings)
+
+
+def _held_out_term(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, device: torch.device,
+                   params: list[nn.Parameter], deltas: list[torch.Tensor], after_backward: Callable[[], None],
+                   autocast: Callable[[], Any] | None) -> torch.Tensor:
+    """(NLL sum, token count, <grad of the NLL sum, the update>) of one batch of held-out sequences."""
+    with autocast() if autocast else nullcontext():
+        total, count = _held_out_nll(model, sequences, pad, device)
+    dot = torch.zeros((), dtype=torch.float64)
+    if total.requires_grad:
+        parts = torch.autograd.grad(total, params, allow_unused=True)
+        after_backward()
+        for part, delta in zip(parts, deltas):
+            if part is not None:
+                dot += (part.double() * delta.double()).sum().cpu()
+    return torch.stack([total.detach().double().cpu(), torch.tensor(float(count), dtype=torch.float64), dot])
 
 
 def estimate_run_level(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapping[str, Any]],
