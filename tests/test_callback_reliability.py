@@ -937,8 +937,12 @@ def run_in_a_spawned_process(callback_bytes, folder):
     from test_callback import make_trainer as make_trainer_
     from tiny import make_tokenizer as make_tokenizer_
 
+    import warnings as warnings_
+
     callback = pickle_.loads(callback_bytes)
-    make_trainer_(Path(folder), make_tokenizer_(), callback, max_steps=4).train()
+    with warnings_.catch_warnings():  # a new run, not the copied finished one resumed
+        warnings_.filterwarnings("error", message=r".*prepare\(\) after start")
+        make_trainer_(Path(folder), make_tokenizer_(), callback, max_steps=4).train()
 
 
 @pytest.mark.parametrize("when", ["new", "after_a_run"])

@@ -90,6 +90,11 @@ def test_round_trips_copies_and_strict_json(result, tmp_path):
     text = path.read_text()
     assert "NaN" not in text and json.loads(text)["domains"]["code"]["scores"]["sts_act"] is None
     assert [name for name, _ in odd.ranked("sts_act")][-1] == "code"  # NaN ranks last, whatever the order
+    odd.domains["code"].scores["sts_act"] = float("inf")
+    assert odd.ranked("sts_act")[0][0] == "code"  # +inf is the most affected
+    (tmp_path / "cut.json").write_text(path.read_text()[:50])
+    with pytest.raises(STSInputError, match="Cannot read the forecast"):
+        Forecast.load(tmp_path / "cut.json")
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(STSInputError, match="Not an STS forecast"):
         Forecast.load(tmp_path / "list.json")
@@ -139,3 +144,11 @@ def test_wide_names_keep_the_gate_table_aligned(model, tokenizer, sae):
     assert all(display_width(row[:row.index("accept" if "accept" in row else "REJECT")]) == decision_column
                for row in rows)
     assert "\t" not in result.table()
+
+
+def test_a_report_of_a_folder_with_a_foreign_json_names_it(tmp_path):
+    from sts_callback.reporting.report import ReportData
+
+    (tmp_path / "forecast.json").write_text("[1, 2]")  # another tool's file where the forecast belongs
+    with pytest.raises(STSInputError, match="Not an STS forecast file"):
+        ReportData(tmp_path)

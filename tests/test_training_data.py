@@ -423,9 +423,11 @@ def test_a_bos_the_chat_template_writes_stays_in_what_is_measured(adds_bos):
     builder = PromptBuilder(tokenizer, max_query_tokens=64, max_demonstration_tokens=64, max_length=256)
     alone, _ = builder.single(corpus[0])
     assert alone[0] == bos and alone.count(bos) == 1
+    whole = builder.pair(corpus[0], [corpus[1], corpus[2]]).context
     cut = PromptBuilder(tokenizer, max_query_tokens=64, max_demonstration_tokens=64, max_length=len(alone) + 4)
     pair = cut.pair(corpus[0], [corpus[1], corpus[2]])  # the demonstrations cut from the left
-    assert pair.base[0] == pair.context[0] == bos
+    assert pair.base[0] == pair.context[0] == bos  # the BOS, then the uncut context's last tokens
+    assert pair.context[1:] == whole[len(whole) - len(pair.context) + 1:]
 
 
 def test_documents_joined_by_eos_keep_it_when_pad_is_eos():
@@ -438,6 +440,10 @@ def test_documents_joined_by_eos_keep_it_when_pad_is_eos():
         "input_ids"] + [eos, eos, eos]  # the last two: right padding
     text = corpus_from_training_dataset(Dataset.from_dict({"input_ids": [ids]}), tokenizer)[0].prompt
     assert text.split() == ["law", "court", ".", "<eos>", "cell", "acid", ".", "<eos>"]
+    padded = tokenizer("law court judge", padding="max_length", max_length=10)  # padding the mask says is padding
+    assert padded["input_ids"][-1] == eos and padded["attention_mask"][-1] == 0
+    text = corpus_from_training_dataset(Dataset.from_dict({k: [v] for k, v in padded.items()}), tokenizer)[0].prompt
+    assert text.split() == ["law", "court", "judge"]
 
 
 def test_a_tokenizer_that_appends_eos_puts_none_between_prompt_and_answer():

@@ -159,6 +159,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON at ``path``; a missing, cut or non-UTF-8 file is an :class:`STSInputError` naming ``what``."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise STSInputError(f"Cannot read {what} {path}: {type(err).__name__}: {err}") from err
+
+
 def check_format(data: Any, expected: str, what: str, file: str) -> dict[str, Any]:
     """``data`` (a JSON file's contents) when it is an object whose ``format`` is ``expected``; otherwise an
     :class:`STSInputError` naming what was found (a list, another format) instead of a bare AttributeError."""

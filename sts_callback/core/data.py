@@ -858,9 +858,10 @@ class PromptBuilder:
         room = self.max_length - len(query_ids)
         if len(head_context) > room:  # drop demonstration tokens from the left, keep the special start both share
             base_start = head_base + query_ids  # BOS, added by the tokenizer or written by a chat template
+            starts = set(self.prefix) | {self.tokenizer.bos_token_id}
             lead = 0
             while (lead < min(len(base_start), len(head_context)) and head_context[lead] == base_start[lead]
-                   and head_context[lead] in self.all_special_ids):
+                   and head_context[lead] in starts):
                 lead += 1
             keep_prefix, body = head_context[:lead], head_context[lead:]
             head_context = keep_prefix + body[len(body) - max(room - len(keep_prefix), 0):]

@@ -79,9 +79,10 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
         ids[row, : len(prompt) + len(c)] = torch.tensor(prompt + c)
         mask[row, : len(prompt) + len(c)] = 1
         keep[row, len(prompt) - 1: len(prompt) - 1 + len(c)] = True
-    vocabulary = input_vocabulary(model)
-    if vocabulary is not None and int(ids.max()) >= vocabulary:  # every rank scores the same items: raised on all
-        raise token_beyond_vocabulary(int(ids.max()), vocabulary)
+    vocabulary, top = input_vocabulary(model), int(ids.max())
+    beyond = vocabulary is not None and top >= vocabulary
+    if beyond:  # the forward still runs, clamped (a sharded forward is a collective), then the error
+        ids = ids.clamp(max=vocabulary - 1)
     was_training = model.training
     model.eval()
     try:
@@ -89,6 +90,8 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
             logprobs = answer_logprobs(model, ids.to(device), mask.to(device), keep.to(device))
     finally:
         model.train(was_training)
+    if beyond:
+        raise token_beyond_vocabulary(top, vocabulary)
     rows = torch.arange(len(continuations), device=keep.device)[:, None].expand_as(keep)[keep]
     totals = torch.zeros(len(continuations), dtype=torch.float64).index_add_(0, rows, logprobs.double().cpu())
     return [float(total) / len(c) if normalize else float(total) for total, c in zip(totals, continuations)]

@@ -250,7 +250,7 @@ class STSCallback(TrainerCallback, ExportableState):
         there. The handles of a run watched here (the trainer, its state, its accelerator's autocast, the model) are
         this process's and are left out; the results so far travel with the session."""
         state = dict(self.__dict__)
-        state.update(_trainer_ref=None, _run_state=_no_run, _ready=False, _ended=False)
+        state.update(_trainer_ref=None, _run_state=_no_run)  # the next run there starts clean, as here
         return state
 
     @property

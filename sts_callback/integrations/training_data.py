@@ -74,6 +74,10 @@ class DecodedCorpus(Corpus):
             start, stop = span_bounds(row["seq_lengths"], place)  # from the row read anyway: not read twice
         else:
             row, start, stop = self._items[index], 0, None
+            if "attention_mask" in row:  # a row tokenized with its padding (padding="max_length"): the text only
+                attended = [i for i, flag in enumerate(token_list(row["attention_mask"])) if flag]
+                if attended:
+                    start, stop = attended[0], attended[-1] + 1
         ids = token_list(row["input_ids"])[start:stop]
         if self.mask_key is not None and self.mask_key in row:
             mask = [int(label != IGNORE_INDEX) for label in token_list(row["labels"])] \

@@ -28,7 +28,7 @@ from ..core.config import MIN_BUDGET_TOKENS, SCORE_VARIANTS, STSConfig, device_p
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
                                 warn_on_main, world_size)
-from ..core.atomic import check_format
+from ..core.atomic import check_format, read_json
 from ..core.formatting import json_safe, signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from ..core.run_store import FORECAST_FORMAT
@@ -141,7 +141,7 @@ class Forecast:
         variant = self._check_variant(variant)
         pairs = [(name, d.scores.get(variant)) for name, d in self.domains.items()]
         # a domain without the variant (STS_icl of a one-text domain), or NaN, ranks after every scored one
-        return sorted(pairs, key=lambda item: (not _finite(item[1]), -(item[1] if _finite(item[1]) else 0.0),
+        return sorted(pairs, key=lambda item: (_missing(item[1]), -(0.0 if _missing(item[1]) else item[1]),
                                                item[0]))  # type: ignore[return-value]
 
     def _check_variant(self, variant: str | None) -> str:
@@ -218,7 +218,7 @@ class Forecast:
 
     @classmethod
     def load(cls, path: str | Path) -> "Forecast":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path, "the forecast"))
 
     def table(self, variant: str | None = None, view: str | None = None) -> str:
         """The forecast for a person: the predicted change of each domain's held-out NLL with its interval and
@@ -285,8 +285,8 @@ class Forecast:
         printer.text(repr(self) if cycle else self.table())
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def shown_name(name: str) -> str:

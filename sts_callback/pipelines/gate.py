@@ -78,7 +78,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..core.atomic import atomic_write_json, atomic_write_text, check_format
+from ..core.atomic import atomic_write_json, atomic_write_text, check_format, read_json
 from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
 from ..core.data import AllBut, Corpus, example_text, load_corpus, load_domains, named_items, repeated_names
 from ..core.distributed import warn_on_main
@@ -299,7 +299,7 @@ class GateDecision:
 
     @classmethod
     def load(cls, path: str | Path) -> "GateDecision":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path, "the gate decision"))
 
     def table(self) -> str:
         label = SCORE_LABELS[self.score]

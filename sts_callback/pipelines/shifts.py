@@ -65,7 +65,8 @@ def _is_stream(data: Any) -> bool:
 
 
 def is_preference_data(data: Any) -> bool:
-    return any(columns <= data_columns(data) for columns in PREFERENCE_COLUMNS)
+    present = data_columns(data)  # once: a stream's first record is read anew each time
+    return any(columns <= present for columns in PREFERENCE_COLUMNS)
 
 
 def choose_shift(shift: str, data: Any, *, rl: bool, teacher: bool, has_demonstrations: bool,

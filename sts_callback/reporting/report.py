@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import atomic_write_text, read_json_lines
+from ..core.atomic import atomic_write_text, check_format, read_json_lines
 from ..core.data import repeated_names
 from ..core.errors import STSDataWarning, STSInputError
 from ..core.formatting import percent, signed_percent
@@ -119,9 +119,11 @@ class ReportData:
         if self.forecast is None and not self.history and self.gate is None:
             raise STSInputError(f"{sts_dir} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}: "
                                 "nothing to report.")
-        if self.forecast is not None and self.forecast.get("format") != FORECAST_FORMAT:
-            raise STSInputError(f"{sts_dir / FORECAST_FILE} is not an STS forecast "
-                                f"(format={self.forecast.get('format')!r}).")
+        for data, expected, name in ((self.forecast, FORECAST_FORMAT, FORECAST_FILE),
+                                     (self.gate, "sts-gate/1", GATE_FILE),
+                                     (self.validation, "sts-validation/1", VALIDATION_FILE)):
+            if data is not None:  # a list or another tool's JSON: named, not a bare AttributeError later
+                check_format(data, expected, f"an STS {name.split('.')[0]} file", str(sts_dir / name))
         if protected is not None:
             self._check_protected(list(protected))
         self.protected = list(protected if protected is not None else self.run_settings.get("protected") or [])

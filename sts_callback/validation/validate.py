@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.atomic import atomic_write_json, check_format
+from ..core.atomic import atomic_write_json, check_format, read_json
 from ..core.config import STSConfig, json_serializable, plain_numbers, settings_from_dict
 from ..core.data import Corpus, load_corpus, load_domains, text_tokenizer
 from ..core.errors import STSConfigError, STSInputError
@@ -269,11 +269,7 @@ class ValidationResult:
     def load(cls, path: str | Path) -> "ValidationResult":
         """A saved ``validation.json`` (or the folder holding it) back as a result."""
         path = Path(path)
-        path = path / "validation.json" if path.is_dir() else path
-        try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as err:
-            raise STSInputError(f"Cannot read the validation {path}: {err}") from err
+        return cls.from_dict(read_json(path / "validation.json" if path.is_dir() else path, "the validation"))
 
     # ---------------------------------------------------------------- text
     def table(self) -> str:
