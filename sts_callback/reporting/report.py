@@ -119,11 +119,11 @@ class ReportData:
         if self.forecast is None and not self.history and self.gate is None:
             raise STSInputError(f"{sts_dir} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}: "
                                 "nothing to report.")
-        for data, expected, name in ((self.forecast, FORECAST_FORMAT, FORECAST_FILE),
-                                     (self.gate, "sts-gate/1", GATE_FILE),
-                                     (self.validation, "sts-validation/1", VALIDATION_FILE)):
-            if data is not None:  # a list or another tool's JSON: named, not a bare AttributeError later
-                check_format(data, expected, f"an STS {name.split('.')[0]} file", str(sts_dir / name))
+        if self.forecast is not None:  # a list or another tool's JSON: named, not a bare AttributeError later
+            check_format(self.forecast, FORECAST_FORMAT, "an STS forecast file", str(sts_dir / FORECAST_FILE))
+        for data, name in ((self.gate, GATE_FILE), (self.validation, VALIDATION_FILE)):
+            if data is not None and not isinstance(data, dict):
+                raise STSInputError(f"{sts_dir / name} holds a {type(data).__name__}, not the object STS writes there.")
         if protected is not None:
             self._check_protected(list(protected))
         self.protected = list(protected if protected is not None else self.run_settings.get("protected") or [])
