@@ -39,6 +39,16 @@ def token_beyond_vocabulary(top: int, vocabulary: int) -> STSInputError:
                          "tokenizer the model was made with.")
 
 
+def clamped_to_vocabulary(ids: torch.Tensor, vocabulary: int | None) -> tuple[torch.Tensor, STSInputError | None]:
+    """``ids`` with any id beyond the embedding's ``vocabulary`` rows clamped, and the error to raise once the
+    forward has run (None when every id has its row): under ZeRO-3 / FSDP each forward is a collective, so the
+    process that found it still runs its forward, then raises (the embedding's bare IndexError otherwise)."""
+    top = int(ids.max())
+    if vocabulary is None or top < vocabulary:
+        return ids, None
+    return ids.clamp(max=vocabulary - 1), token_beyond_vocabulary(top, vocabulary)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP / DeepSpeed / FSDP1 / torch.compile wrappers and PEFT's wrapper, down to the HF model."""
     seen = 0

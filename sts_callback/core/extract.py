@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .capture import ResidualCapture, input_vocabulary, token_beyond_vocabulary
+from .capture import ResidualCapture, clamped_to_vocabulary, input_vocabulary
 from .data import TokenPair
 from .distributed import LocalFailure, Shard, shard, world_size
 from .errors import STSNumericalError
@@ -124,13 +124,10 @@ class Extractor:
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
-        top = int(ids.max())
-        beyond = self.vocabulary is not None and top >= self.vocabulary  # the embedding's bare IndexError otherwise
-        if beyond:  # the forward still runs (clamped ids): under ZeRO-3 / FSDP every rank's forward is a collective
-            ids = ids.clamp(max=self.vocabulary - 1)
+        ids, beyond = clamped_to_vocabulary(ids, self.vocabulary)
         resid = self.capture(ids.to(self.device), mask.to(self.device))
-        if beyond:
-            raise token_beyond_vocabulary(top, self.vocabulary)
+        if beyond is not None:
+            raise beyond
         return resid
 
     @staticmethod

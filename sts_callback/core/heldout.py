@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .capture import input_vocabulary, parameters_are_sharded, text_config, token_beyond_vocabulary, unwrap_model
+from .capture import clamped_to_vocabulary, input_vocabulary, parameters_are_sharded, text_config, unwrap_model
 from .distributed import LocalFailure, gather_objects, shard_batches, warn_on_main
 from .errors import STSDataWarning
 from .data import TokenSequence
@@ -141,10 +141,7 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
             counted[row, len(seq) - len(flags): len(seq)] = torch.tensor(flags)
-        top = int(ids.max())
-        beyond = vocabulary is not None and top >= vocabulary
-        if beyond:  # the forward still runs, clamped (a sharded forward is a collective), then the error
-            ids = ids.clamp(max=vocabulary - 1)
+        ids, beyond = clamped_to_vocabulary(ids, vocabulary)
         ids, mask = ids.to(device), mask.to(device)
         keep = counted[:, 1:].to(device)
         targets = ids[:, 1:][keep]
@@ -167,8 +164,8 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets, reduction="none")
             del logits
-        if beyond:
-            raise token_beyond_vocabulary(top, vocabulary)
+        if beyond is not None:
+            raise beyond
         sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, nll.double())
         counts = keep.sum(1)
         for row, i in enumerate(batch):

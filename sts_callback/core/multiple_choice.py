@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import max_positions
-from .capture import input_vocabulary, token_beyond_vocabulary
+from .capture import clamped_to_vocabulary, input_vocabulary, max_positions
 from .data import special_prefix, special_token_ids
 from .distributed import LocalFailure, shard
 from .errors import STSInputError
@@ -79,10 +78,7 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
         ids[row, : len(prompt) + len(c)] = torch.tensor(prompt + c)
         mask[row, : len(prompt) + len(c)] = 1
         keep[row, len(prompt) - 1: len(prompt) - 1 + len(c)] = True
-    vocabulary, top = input_vocabulary(model), int(ids.max())
-    beyond = vocabulary is not None and top >= vocabulary
-    if beyond:  # the forward still runs, clamped (a sharded forward is a collective), then the error
-        ids = ids.clamp(max=vocabulary - 1)
+    ids, beyond = clamped_to_vocabulary(ids, input_vocabulary(model))
     was_training = model.training
     model.eval()
     try:
@@ -90,8 +86,8 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
             logprobs = answer_logprobs(model, ids.to(device), mask.to(device), keep.to(device))
     finally:
         model.train(was_training)
-    if beyond:
-        raise token_beyond_vocabulary(top, vocabulary)
+    if beyond is not None:
+        raise beyond
     rows = torch.arange(len(continuations), device=keep.device)[:, None].expand_as(keep)[keep]
     totals = torch.zeros(len(continuations), dtype=torch.float64).index_add_(0, rows, logprobs.double().cpu())
     return [float(total) / len(c) if normalize else float(total) for total, c in zip(totals, continuations)]

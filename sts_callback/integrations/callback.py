@@ -441,14 +441,13 @@ class STSCallback(TrainerCallback, ExportableState):
             warnings.warn("STS: this STSCallback is in the trainer's callbacks twice (e.g. add_callback run again in "
                           "a notebook); it forecasts and re-checks once.", STSDataWarning, stacklevel=2)
             return
+        self._run_state = weakref.ref(state)  # each train() has its own TrainerState (a retry too)
         if self._ready and self._is_batch_size_retry(args, state):
-            self._run_state = weakref.ref(state)
             self._retry(args, state, lr_scheduler)
             return
         if self._ready:  # this instance watched a run before (a sweep, a notebook re-run): start clean
             self.session = STSSession(*self._session_args, strict=self.strict, not_predicted=self._not_predicted)
             self._ready, self._trainer = False, None
-        self._run_state = weakref.ref(state)  # each train() has its own TrainerState
         self._ended, self._attempt_batch_size = False, state.train_batch_size
         with _own_memory_errors(args, "at train start", "STSConfig(shift_tokens=..., domain_tokens=...) or "
                                 "batch_size, or run_level_steps"):

@@ -27,7 +27,7 @@ from torch import nn
 from ..core.atomic import give_new_file_modes, output_target
 from ..core.capture import ResidualCapture, max_positions, num_layers, unwrap_model
 from ..core.config import settings_from_dict
-from ..core.data import special_token_ids, text_tokenizer
+from ..core.data import special_prefix, special_token_ids, text_tokenizer
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.sae import SAE_FOLDER_FILES
 from ..core.torch_utils import model_device
@@ -317,7 +317,7 @@ def _model_name(model: nn.Module) -> str:
 def _prepends_bos(tokenizer: Any) -> bool:
     bos = getattr(tokenizer, "bos_token_id", None)
     try:
-        return bos is not None and list(tokenizer("a")["input_ids"][:1]) == [bos]
+        return bos is not None and special_prefix(tokenizer)[:1] == [bos]
     except Exception:
         return False
 
