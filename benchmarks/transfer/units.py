@@ -15,7 +15,7 @@ domains' texts are frozen in ``units/domains.json.gz`` at the first run (they ar
 packages' files, which change with the venv); each unit records the texts' fingerprint.
 
 Plan: LoRA (r=8, q/v, lr 1e-3) seed 0 for all 11 sources, a full fine-tune (lr 2e-5) seed 0 for 5 sources,
-LoRA seed 1 for 6 sources, then for the other 5, then LoRA seed 2 for all 11; 64 steps of batch 4 x 128 tokens each.
+LoRA seed 1 for 6 sources, then for the other 5; 64 steps of batch 4 x 128 tokens each.
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ COMMON = {"steps": 64, "batch_size": 4, "max_length": 128, "loss_tokens": 512, "
 FORECAST = {"n_shifted": 100, "shift_tokens": 4000, "domain_tokens": 1500, "n_domain_demonstrations": 3,
             "max_query_tokens": 128, "max_demonstration_tokens": 128, "batch_size": 8}
 ICL_TOKENS = 384
-SEED2_ORDER = ("cpp_code", "python_code", "legal", "markup", "changelog", "readme_prose", "math", "chat_templates",
-               "nlp_tutorials", "ml_docs", "python_reference")
 
 
 def plan() -> list[tuple[str, str, int]]:
@@ -55,8 +53,6 @@ def plan() -> list[tuple[str, str, int]]:
     units += [("lora", s, 1) for s in SUBSET]
     # added 2026-12-05: a second seed for the other five sources, so every source's runs teach the prior alike
     units += [("lora", s, 1) for s in SOURCES if s not in SUBSET]
-    # added 2026-12-06: a third seed, the sources the domain prior forecasts worst first
-    units += [("lora", s, 2) for s in SEED2_ORDER]
     return units
 
 
