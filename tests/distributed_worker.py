@@ -38,7 +38,8 @@ DOMAINS = {"law": domain_texts("law", 7), "food": domain_texts("food", 5), "chem
            "quiz": [{"question": t, "choices": ["cook bake", "court judge"], "answer": i % 2}
                     for i, t in enumerate(domain_texts("food", 5, seed=7))]}
 PROBE = domain_texts("law", 11, seed=3)  # 11 texts: not divisible by 2
-CONFIG = dict(n_shifted=8, shift_tokens=150, domain_tokens=60, n_domain_demonstrations=2, batch_size=3)
+CONFIG = dict(n_shifted=8, shift_tokens=150, domain_tokens=60, n_domain_demonstrations=2, batch_size=3,
+              icl_loss_tokens=40)  # the in-context NLL change too: every rank its share of the batches
 
 
 def trainer_for(callback, output_dir: Path, deepspeed=None, model=None, max_steps: int = 4):

@@ -9,7 +9,7 @@ import pytest
 from sts_callback import STSInputError
 from sts_callback.core.errors import STSDataWarning
 from sts_callback.core.run_store import FORECAST_FORMAT
-from sts_callback.scoring.calibration import Calibration, builtin_calibration, run_records
+from sts_callback.scoring.calibration import BUILTIN, Calibration, builtin_calibration, run_records
 
 LLAMA = {"model_class": "LlamaForCausalLM", "d_in": 32, "d_sae": 64, "hook_name": "blocks.1.hook_resid_post",
          "sae_fingerprint": "816bce5b864eff0f"}
@@ -162,7 +162,8 @@ def test_a_calibration_file_without_the_level_fields_predicts_as_before():
         width = t.ppf(0.95, calibration.n - 3) * calibration.sigma * np.sqrt(1 + (1 + z @ z) / calibration.n)
         assert prediction.high - prediction.mean == pytest.approx(width, rel=1e-9)
         assert new[name].mean == pytest.approx(prediction.mean) and new[name].high - new[name].mean > 1.2 * width
-    assert builtin_calibration("gemma3-270m-lora").level_runs == 0  # shipped files: as before
+    # the shipped files, refitted since the level's uncertainty was added, carry it: their 22 LoRA runs
+    assert all(builtin_calibration(name).level_runs == 22 for name in BUILTIN)
     data["source_precision"] = [[1.0, 2.0]]
     with pytest.raises(STSInputError, match=r"'source_precision\[0\]' has 2 value"):
         Calibration.from_dict(data)

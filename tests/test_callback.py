@@ -526,7 +526,8 @@ def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_pa
     from sts_callback.scoring.calibration import Calibration
     from sts_callback.tools.cli import main
 
-    callback = make_callback(run_level="lookahead", recheck_steps=2)
+    # the in-context NLL change too (a budget set: computed without a calibration asking for it)
+    callback = make_callback(run_level="lookahead", recheck_steps=2, config={**FAST, "icl_loss_tokens": 48})
     make_trainer(tmp_path / "real", tokenizer, callback, max_steps=4, save_steps=100).train()
     real = tmp_path / "real" / "run"
     # three more runs in the same format, their own change and final changes planted: level 0.01 - 0.5 * own,
@@ -573,6 +574,18 @@ def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_pa
     applied = make_callback(run_level="lookahead", calibration=str(prior_only))
     make_trainer(tmp_path / "applied_prior", tokenizer, applied, max_steps=2, save_steps=100).train()
     assert applied.predicted["law"]["mean"] - applied.predicted["food"]["mean"] == pytest.approx(0.03, abs=0.003)
+    # the in-context NLL change as a pattern feature: fitted from the runs, then computed by the run applying it,
+    # at the budget the runs measured it with
+    in_context = tmp_path / "in_context.json"
+    assert main(["calibrate", "--runs", *runs, "--features", "icl_loss_change", "--out", str(in_context)]) == 0
+    calibration = Calibration.load(in_context)
+    assert calibration.features == ["icl_loss_change", "domain_prior"] and calibration.fitted_on["icl_loss"] == {
+        "tokens": 48}
+    applied = make_callback(run_level="lookahead", calibration=str(in_context))
+    assert applied.config.icl_loss_tokens == 48
+    make_trainer(tmp_path / "applied_icl", tokenizer, applied, max_steps=2, save_steps=100).train()
+    assert all(applied.forecast.domains[d].scores["icl_loss_change"] is not None for d in DOMAINS)
+    assert set(applied.predicted) == set(DOMAINS)
     assert main(["calibrate", "--runs", *runs, "--prior-only", "--features", "lookahead", "--out",
                  str(tmp_path / "both.json")]) == 2
     assert "--prior-only" in capsys.readouterr().err
@@ -629,6 +642,12 @@ def test_run_level_settings_are_checked_at_construction():
     assert adopted.run_level_steps == 2 and adopted._export_args["run_level_steps"] == 2
     assert make_callback(run_level="lookahead", run_level_steps=2, calibration="gemma3-270m-lora-lookahead")
     assert make_callback(run_level="lookahead").run_level_steps == 3  # no calibration: the default
+    # the built-in that reads the in-context NLL change: the forecast computes it with the budget it was fitted on
+    icl = make_callback(run_level="lookahead", calibration="gemma3-270m-lora-lookahead-icl")
+    assert icl.run_level_steps == 1 and icl.config.icl_loss_tokens == 384
+    with pytest.raises(STSConfigError, match="icl_loss_tokens=0"):
+        make_callback(run_level="lookahead", calibration="gemma3-270m-lora-lookahead-icl",
+                      config={**FAST, "icl_loss_tokens": 0})
 
 
 def test_overhead_budget_keeps_the_protected_domain_and_defers_the_others(tmp_path, tokenizer):

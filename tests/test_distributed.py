@@ -69,7 +69,10 @@ def test_two_processes_match_one(tmp_path, request, mode):
     if mode.startswith("zero"):
         pytest.importorskip("deepspeed")
     rank0, rank1 = run(mode, tmp_path / "out", 2)
-    assert_same_numbers(request.getfixturevalue("single_own_dtype" if mode == "zero3" else "single"), rank0)
+    reference = request.getfixturevalue("single_own_dtype" if mode == "zero3" else "single")
+    assert_same_numbers(reference, rank0)
+    # the in-context NLL change (a score of its own passes over the domains) is among the numbers compared
+    assert all(d["scores"]["icl_loss_change"] is not None for d in reference["forecast"]["domains"].values())
     assert without_timing(rank1["history"]) == without_timing(rank0["history"])  # identical on every rank
     assert rank1["forecast"]["domains"] == rank0["forecast"]["domains"]
     # ZeRO-3 shards parameters: the forward must not be stopped early there

@@ -81,6 +81,11 @@ def test_builtin_calibration_is_shipped_with_its_scope_and_loads_by_name():
     assert lookahead.source_features == ["lookahead_own"] and lookahead.features == ["domain_prior"]
     assert lookahead.fitted_on["scope"]["run_level_steps"] == 2 and lookahead.run_level_inputs() == ["lookahead_own"]
     assert lookahead.blend_table("power", "lora") and not lookahead.blend_table("power", "full")  # early forecast
+    # the best step-0 forecast: the same level, the pattern also from a signed SAE score and the in-context NLL change
+    icl = load_calibration("gemma3-270m-lora-lookahead-icl")
+    assert icl.source_features == ["lookahead_own"] and "icl_loss_change" in icl.score_features
+    assert icl.fitted_on["icl_loss"]["tokens"] == 384 and icl.fitted_on["leave_one_source_out"]["goal_met"] >= 9
+    assert icl.fitted_on["scope"]["run_level_steps"] == 1 and icl.blend_table("power", "lora")
     with pytest.raises(STSConfigError, match="gemma3-270m-lora"):
         builtin_calibration("gemma3-270m-full")
     with pytest.raises(STSConfigError, match="neither a file nor a built-in"):

@@ -2,7 +2,7 @@
 units' trajectories (``benchmarks/transfer/units/<recipe>-<source>-seed<seed>.json``).
 
     python benchmarks/transfer/early_compare.py [--units benchmarks/transfer/units] [--out benchmarks/transfer/early_compare.json]
-    python benchmarks/transfer/early_compare.py --precise-truth [--step0 prior]   # early_compare_precise[_prior].json
+    python benchmarks/transfer/early_compare.py --precise-truth [--step0 prior|icl]   # early_compare_precise[_prior].json
     python benchmarks/transfer/early_compare.py --measurement-se 0.01 [...]       # early_compare[...]_se1.json
 
 For each unit and each share of training (re-checks at or before that share of the steps), every method forecasts
@@ -23,7 +23,7 @@ of the same recipe (leave-one-source-out; none for a recipe with fewer than 3 ot
 does with a calibration that carries an ``early_blend`` table for the run's recipe. ``step0`` alone is scored beside
 them. With ``--precise-truth`` the step-0 forecast and the blends are fitted on (and every method scored against)
 each unit's precise final change where it has one (``precise.py``); ``--step0 prior``: the step-0 pattern from the
-domain prior alone.
+domain prior alone; ``--step0 icl``: from the prior, ``signed_usage`` and the in-context NLL change.
 """
 
 from __future__ import annotations
@@ -77,16 +77,19 @@ def learned_module():
 # The step-0 forecast's pattern features: the callback's (SAE scores and run-level terms) or none (the domain prior
 # alone, ``level+pattern: domain prior only`` in learned.py); either way with the domain prior and the level from
 # the lookahead's own change.
-STEP0_PATTERNS = ("callback", "prior")
+# the step-0 forecast's pattern (with the domain prior): the callback's features, the prior alone, or the prior with
+# the signed SAE score and the in-context NLL change (the built-in gemma3-270m-lora-lookahead-icl's, learned.py)
+STEP0_PATTERNS = {"callback": "callback", "prior": "prior", "icl": ["signed_usage", "icl_loss_change"]}
 
 
-def step0_predictions(units: list[dict], pattern: str = "callback", level_feature: str = "lookahead_own",
+def step0_predictions(units: list[dict], pattern: str | list[str] = "callback", level_feature: str = "lookahead_own",
                       ) -> dict[str, dict[str, tuple[float, float]]]:
     """unit -> domain -> (predicted mean, low of its 90% interval) from the level + pattern calibration with the
     domain prior (the exported calibration's kind) fitted on the other sources' units of the unit's recipe (of both
     recipes while it has fewer than 3 other sources: leave-one-source-out), on ``units`` as loaded by
     ``learned.load_units`` (their measured changes are what it is fitted on); empty until every unit has its
-    run-level terms. ``level_feature``: the level's source feature (``learned.SOURCE_LEVEL`` / ``OWN_LEVEL``, e.g.
+    run-level terms. ``pattern``: ``"callback"`` (the SAE features and the run-level terms), ``"prior"`` (the
+    domain prior alone) or a list of pattern features (with the prior). ``level_feature``: the level's source feature (``learned.SOURCE_LEVEL`` / ``OWN_LEVEL``, e.g.
     ``lookahead_own_2steps``, the built-in ``gemma3-270m-lora-lookahead``'s)."""
     from sts_callback.scoring.calibration import Calibration
 
@@ -94,7 +97,9 @@ def step0_predictions(units: list[dict], pattern: str = "callback", level_featur
     runlevel = [f for f in learned.RUNLEVEL if units and all(u["runlevel"] and f in u["runlevel"] for u in units)]
     if not runlevel:
         return {}
-    features, level = ([*learned.SAE_FEATURES, *runlevel] if pattern == "callback" else []), [level_feature]
+    features = {"callback": [*learned.SAE_FEATURES, *runlevel], "prior": []}[pattern] if isinstance(pattern, str) \
+        else list(pattern)
+    level = [level_feature]
     out = {}
     for unit in units:
         train = [u for u in units if u["source"] != unit["source"]]
@@ -303,7 +308,8 @@ def main() -> None:
                              "the calibrations (default out: early_compare_precise.json)")
     parser.add_argument("--step0", choices=STEP0_PATTERNS, default="callback",
                         help="the step-0 forecast's pattern: the callback's features with the domain prior (default), "
-                             "or the domain prior alone; the level from the lookahead either way")
+                             "the domain prior alone, or the prior with signed_usage and the in-context NLL change "
+                             "(icl); the level from the lookahead either way")
     args = parser.parse_args()
     learned = learned_module()
     units = learned.load_units(args.units)
@@ -317,10 +323,10 @@ def main() -> None:
                  if u["unit"] in precise_changes else u for u in units]
     if args.out == DEFAULT_OUT:
         args.out = args.out.with_name("early_compare" + "_precise" * args.precise_truth
-                                      + "_prior" * (args.step0 == "prior")
+                                      + ("" if args.step0 == "callback" else f"_{args.step0}")
                                       + ("" if args.measurement_se == MEASUREMENT_SE
                                          else f"_se{100 * args.measurement_se:g}") + ".json")
-    step0 = step0_predictions(units, args.step0)
+    step0 = step0_predictions(units, STEP0_PATTERNS[args.step0])
     results, tables = [], {}
     for unit in units:  # the blend's weights fitted on the other sources' units of its recipe
         others = [u for u in units if u["source"] != unit["source"] and u["recipe"] == unit["recipe"]]

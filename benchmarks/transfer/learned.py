@@ -60,6 +60,11 @@ GOAL_R, GOAL_DIRECTION, GOAL_SOURCES = 0.85, 0.8, 9
 BUILTIN_OUT = HERE.parents[1] / "sts_callback" / "calibrations" / "gemma3_270m_lora.json"  # shipped in the package
 # the built-in for the callback with a cheap lookahead: the domain prior, the level from a 2-step own-domain lookahead
 BUILTIN_LOOKAHEAD_STEPS = 2
+# ... and the one with the chosen pattern: 1 step (the same 9 sources as 2, at 2.5% of a 64-step run instead of 4.0%)
+BUILTIN_ICL_LOOKAHEAD_STEPS = 1
+# The pattern chosen by the data (2026-12-06): the domain prior and at most this many step-0 features, the features
+# picked by leave-one-source-out among every such set, inside each fold (never seeing the held-out source)
+MAX_CHOSEN_FEATURES = 2
 
 
 def load_units(folder: Path) -> list[dict]:
@@ -267,6 +272,14 @@ def fit_two_part(train: list[dict], test: dict, level_features: list[str], patte
     return np.asarray([predicted[n].mean for n in names])
 
 
+def mean_scores(scores: list[dict]) -> dict:
+    """A source's scores averaged over its units (a key none of them has stays None)."""
+    out = {k: (float(np.mean([s[k] for s in scores if s.get(k) is not None]))
+               if any(s.get(k) is not None for s in scores) else None)
+           for k in ("r", "direction", "mae", "direction_decided")}
+    return {**out, "units": len(scores)}
+
+
 def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]], learned: bool,
              train_filter=None, test_filter=None, scored: list[dict] | None = None) -> dict:
     """Per held-out source: the forecast fitted on the other sources' units (of ``train_filter``), evaluated on
@@ -288,11 +301,40 @@ def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]
             if predicted is not None:
                 scores.append(agreement(predicted, rows(test, [])[2], decided_domains(test)))
         if scores:
-            out[source] = {k: (float(np.mean([s[k] for s in scores if s.get(k) is not None]))
-                               if any(s.get(k) is not None for s in scores) else None)
-                           for k in ("r", "direction", "mae", "direction_decided")}
-            out[source]["units"] = len(scores)
+            out[source] = mean_scores(scores)
     return out
+
+
+def pattern_candidates(features: list[str], most: int = MAX_CHOSEN_FEATURES) -> list[list[str]]:
+    """Every set of at most ``most`` of ``features`` (the empty set too: the domain prior alone)."""
+    from itertools import combinations
+
+    return [list(c) for k in range(most + 1) for c in combinations(features, k)]
+
+
+def chosen_pattern(train: list[dict], candidates: list[list[str]], level: list[str]) -> list[str]:
+    """The pattern features (with the domain prior, the level from ``level``) that do best leave-one-source-out
+    over ``train``'s sources alone: most sources at the goal, then the highest mean r."""
+    def goal_then_r(candidate):
+        s = summary(evaluate(train, (level, candidate, True), False))
+        return s["goal_met"], s["mean_r"] if s["mean_r"] is not None else -1.0
+    return max(candidates, key=goal_then_r)
+
+
+def evaluate_chosen(units: list[dict], candidates: list[list[str]], level: list[str]) -> tuple[dict, dict]:
+    """Leave-one-source-out with the pattern features chosen inside each fold (:func:`chosen_pattern` on the
+    other sources' units, then fitted on them): the per-source scores, and what each fold chose."""
+    out, choices = {}, {}
+    for source in sorted({u["source"] for u in units}):
+        train = [u for u in units if u["source"] != source]
+        choices[source] = chosen_pattern(train, candidates, level)
+        scores = [agreement(predicted, rows(test, [])[2], decided_domains(test))
+                  for test in units if test["source"] == source
+                  for predicted in [fit_two_part(train, test, level, choices[source], True)] if predicted is not None]
+        if scores:
+            out[source] = mean_scores(scores)
+        print(f"  {source}: chose {choices[source] or 'the domain prior alone'}", flush=True)
+    return out, choices
 
 
 def summary(per_source: dict) -> dict:
@@ -468,37 +510,52 @@ def write_builtin(results: dict, lora_units: list[dict], fitted_on: dict, out: P
           "prior, the level the LoRA units' mean)")
 
 
-def write_builtin_lookahead(results: dict, units: list[dict], lora_units: list[dict], fitted_on: dict,
-                            out: Path) -> None:
-    """The built-in calibration for the callback with ``run_level="lookahead", run_level_steps=2``
-    (``gemma3-270m-lora-lookahead``): the domain prior alone as the pattern, the level from how far a 2-step
-    lookahead moves the training data's own loss (``runlevel.py --own-only``; the callback then measures nothing
-    else in its lookahead), with the early forecasts' blend with its step-0 prediction per share of training
-    (``early_compare.blend_table``, the step-0 predictions leave-one-source-out on the same level)."""
-    import early_compare
+def prior_row(pattern: list[str], level: str) -> str:
+    """The name of the level + pattern forecast row with the domain prior, ``pattern`` and the level ``level``."""
+    return f"level+pattern: domain prior {'+ ' + ' + '.join(pattern) if pattern else 'only'}, level {level}"
 
-    feature = next(f for f, k in OWN_LEVEL.items() if k == f"k{BUILTIN_LOOKAHEAD_STEPS}")
-    name = f"level+pattern: domain prior only, level {feature}"
-    runs = level_pattern_runs(lora_units, [feature], [])
-    calibration = Calibration.fit_level_pattern(runs, [], [feature], domain_prior=True, fitted_on={
+
+def write_builtin_lookahead(results: dict, units: list[dict], lora_units: list[dict], fitted_on: dict,
+                            out: Path, pattern: list[str] = (), steps: int = BUILTIN_LOOKAHEAD_STEPS) -> None:
+    """The built-in calibration for the callback with ``run_level="lookahead", run_level_steps=steps``
+    (``gemma3-270m-lora-lookahead``): the domain prior alone as the pattern (or with ``pattern``'s step-0 features:
+    ``gemma3-270m-lora-lookahead-icl``), the level from how far a ``steps``-step lookahead moves the training data's own loss
+    (``runlevel.py --own-only``; the callback then measures nothing else in its lookahead), with the early
+    forecasts' blend with its step-0 prediction per share of training (``early_compare.blend_table``, the step-0
+    predictions leave-one-source-out on the same level and pattern)."""
+    import early_compare
+    from units import FORECAST, ICL_TOKENS
+
+    pattern = list(pattern)
+    feature = next(f for f, k in OWN_LEVEL.items() if k == f"k{steps}")
+    name = prior_row(pattern, feature)
+    runs = level_pattern_runs(lora_units, [feature], pattern)
+    in_context = {"icl_loss": {"tokens": ICL_TOKENS, "n_demonstrations": FORECAST.get("n_demonstrations", 2),
+                               "max_query_tokens": FORECAST["max_query_tokens"],
+                               "max_demonstration_tokens": FORECAST["max_demonstration_tokens"],
+                               "note": "icl_loss_change: each domain's relative NLL change with training texts in "
+                                       "context (STSConfig.icl_loss_tokens; computed when this calibration is used)"}
+                  } if "icl_loss_change" in pattern else {}
+    calibration = Calibration.fit_level_pattern(runs, pattern, [feature], domain_prior=True, fitted_on={
         **fitted_on, "recipe": "LoRA r=8 q/v, lr 1e-3, 64 steps of 4 x 128 tokens",
         "domains": "the other domains of the training data (its own domain is not predicted); domain_prior: the 11 "
                    "built-in domains' usual departures (other domains: neutral)",
         "level": f"lookahead_own: the relative change of the training domain's held-out NLL after "
-                 f"{BUILTIN_LOOKAHEAD_STEPS} lookahead steps at the schedule's peak (runlevel.py --own-only)",
-        "leave_one_source_out": results["forecasts"][name]["summary"],
-        "own_lookahead_cost": results.get("own_lookahead_costs", {}).get(f"k{BUILTIN_LOOKAHEAD_STEPS}"),
+                 f"{steps} lookahead steps at the schedule's peak (runlevel.py --own-only)",
+        "leave_one_source_out": results["forecasts"][name]["summary"], **in_context,
+        "own_lookahead_cost": results.get("own_lookahead_costs", {}).get(f"k{steps}"),
         "scope": {"model_class": "Gemma3ForCausalLM", "d_in": 640, "d_sae": 4096,
-                  "hook_name": "blocks.12.hook_resid_post", "run_level_steps": BUILTIN_LOOKAHEAD_STEPS,
+                  "hook_name": "blocks.12.hook_resid_post", "run_level_steps": steps,
                   "shift": "in_context"}})
     calibration.source_features = ["lookahead_own"]  # what the callback's run-level term provides
-    step0 = early_compare.step0_predictions(units, pattern="prior", level_feature=feature)
+    step0 = early_compare.step0_predictions(units, pattern=pattern or "prior", level_feature=feature)
     calibration.early_blend = {m: early_compare.blend_table(lora_units, step0, m) for m in ("power", "trend")}
     calibration.early_blend_recipe = "lora"
     calibration.save(out)
-    results["builtin_lookahead_calibration"] = str(out)
+    results["builtin_lookahead_icl_calibration" if pattern else "builtin_lookahead_calibration"] = str(out)
     print(f"wrote {out} (the built-in calibration for run_level='lookahead', run_level_steps="
-          f"{BUILTIN_LOOKAHEAD_STEPS}: the domain prior, the level from the own-domain lookahead)")
+          f"{steps}: the domain prior{' + ' + ' + '.join(pattern) if pattern else ''}, the level "
+          "from the own-domain lookahead)")
 
 
 def record(results: dict, name: str, per_source: dict) -> None:
@@ -572,7 +629,7 @@ def main() -> None:
         # callback measures when its calibration needs nothing else from the run-level term
         for feature in OWN_LEVEL:
             if all(u["runlevel_own"] for u in units if u["recipe"] == "lora"):
-                forecasts[f"level+pattern: domain prior only, level {feature}"] = (([feature], [], True), False)
+                forecasts[prior_row([], feature)] = (([feature], [], True), False)
         # the lookahead only for the level: it need measure only the training data's own loss (cheaper)
         forecasts["level+pattern: SAE + domain prior, level lookahead_own"] = ((["lookahead_own"], list(SAE_FEATURES),
                                                                                 True), False)
@@ -593,6 +650,18 @@ def main() -> None:
     lora = lambda u: u["recipe"] == "lora"  # noqa: E731  (the 11-source benchmark's recipe)
     for name, (features, learned) in forecasts.items():
         record(results, name, evaluate(units, features, learned, lora, lora))
+    chosen = []
+    if runlevel:  # the domain prior + the step-0 features the data choose (chosen inside each fold: a fair test)
+        lora_units = [u for u in units if lora(u)]
+        candidates = pattern_candidates([*SAE_FEATURES, "icl_loss_change", *runlevel])
+        print(f"\nthe domain prior + at most {MAX_CHOSEN_FEATURES} step-0 features, chosen among {len(candidates)} "
+              "sets by leave-one-source-out on the other sources' units (inside each fold):")
+        per_source, results["pattern_choices"] = evaluate_chosen(lora_units, candidates, ["lookahead_own"])
+        record(results, "level+pattern: domain prior + features chosen in each fold", per_source)
+        chosen = results["chosen_pattern"] = chosen_pattern(lora_units, candidates, ["lookahead_own"])  # what ships
+        print(f"  chosen on all {len({u['source'] for u in lora_units})} sources (what ships): {chosen}")
+        for level in ("lookahead_own", *(OWN_LEVEL if all(u["runlevel_own"] for u in lora_units) else [])):
+            record(results, prior_row(chosen, level), evaluate(units, ([level], chosen, True), False, lora, lora))
     if "level+pattern: domain prior by source similarity" in forecasts:  # what each held-out source's training chose
         results["similarity_choices"] = {
             source: "{} / temperature {}".format(*chosen_similarity([u for u in units if lora(u) and u["source"] != source]))
@@ -614,6 +683,9 @@ def main() -> None:
                 across[f"level+pattern: domain prior only {train}->{test}"] = ((["lookahead_own"], [], True), False)
                 across[f"level+pattern: prior by in-context similarity {train}->{test}"] = (
                     (["lookahead_own"], [], "similarity:icl_loss_change"), False)
+            if chosen:  # the pattern chosen on the LoRA units, on the runs it was not chosen on
+                across[f"level+pattern: domain prior + {' + '.join(chosen)} {train}->{test}"] = (
+                    (["lookahead_own"], chosen, True), False)
             for name, (features, is_learned) in across.items():
                 record(results, name, evaluate(units, features, is_learned, fitted, scored))
     lora_units = [u for u in units if lora(u)]
@@ -643,6 +715,10 @@ def main() -> None:
         if all(u["runlevel_own"] for u in lora_units):
             write_builtin_lookahead(results, units, lora_units, fitted_on,
                                     args.builtin_out.with_name(args.builtin_out.stem + "_lookahead.json"))
+            if "icl_loss_change" in chosen:  # else the chosen pattern is one the callback's calibrations already have
+                write_builtin_lookahead(results, units, lora_units, fitted_on,
+                                        args.builtin_out.with_name(args.builtin_out.stem + "_lookahead_icl.json"),
+                                        chosen, BUILTIN_ICL_LOOKAHEAD_STEPS)
     ceiling = seed_agreement(units)
     if ceiling:
         results["seed_agreement"] = ceiling

@@ -14,6 +14,10 @@ SIGNED_VARIANTS = ("signed_usage", "forgetting_minus_transfer", "decoder_project
 # The signed feature calibrations and the callback's online refit use unless told otherwise: chosen on the
 # transfer benchmark (README, "Which way will a domain move?").
 DEFAULT_SIGNED = "forgetting_minus_transfer"
+# The in-context NLL change of each target domain with training demonstrations before it (forecast.in_context_loss):
+# a forecast score computed when asked, or when a calibration reads it, with this many query tokens a domain.
+ICL_LOSS_FEATURE = "icl_loss_change"
+DEFAULT_ICL_LOSS_TOKENS = 384
 MIN_BUDGET_TOKENS = 16  # the fewest tokens of a shift or a domain the forecast reads (one short query)
 
 
@@ -49,6 +53,10 @@ class STSConfig:
         sae_dtype: dtype the SAE is cast to ("float32", "bfloat16", "float16"); ``None`` keeps it.
         device: device for the model inputs and the SAE ("cpu", "cuda:1", a ``torch.device``); a name torch
             cannot read, or a backend this torch is built without, is refused here. ``None``: the model's device.
+        icl_loss_tokens: query tokens per target domain for ``icl_loss_change``, each domain's relative NLL change
+            when ``n_demonstrations`` training examples precede its texts (full forwards with the LM head; no
+            SAE). ``None``: computed, with 384 tokens, only when the calibration reads it; ``0``: never (a
+            calibration reading it is refused); a number: always, with that many tokens.
         rollout_prompts: RL forecasts (pipelines/rollouts.py): training prompts sampled for rollouts.
         rollout_generations: completions sampled per prompt, at most (the trainer's ``num_generations``
             when smaller); at least 2, since the high / low split is relative to the prompt's group.
@@ -75,6 +83,7 @@ class STSConfig:
     ranking: str = "sts_icl"
     sae_dtype: str | None = None
     device: str | None = None
+    icl_loss_tokens: int | None = None
     rollout_prompts: int = 16
     rollout_generations: int = 8
     rollout_max_tokens: int = 256
@@ -100,6 +109,12 @@ class STSConfig:
         positive("rollout_generations", 2)
         positive("n_domain_demonstrations", 0)
         positive("top_contexts", 0)
+        if self.icl_loss_tokens is not None:
+            positive("icl_loss_tokens", 0)
+            if 0 < self.icl_loss_tokens < MIN_BUDGET_TOKENS:
+                raise STSConfigError(f"STSConfig.icl_loss_tokens={self.icl_loss_tokens} is below one short query "
+                                     f"({MIN_BUDGET_TOKENS} tokens); set 0 (never), None (when a calibration "
+                                     f"reads it) or {DEFAULT_ICL_LOSS_TOKENS}.")
         if self.compute_icl and self.n_domain_demonstrations == 0:
             raise STSConfigError(
                 "STSConfig.n_domain_demonstrations is 0 but compute_icl=True: STS_icl needs "

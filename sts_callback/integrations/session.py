@@ -40,19 +40,18 @@ from ..core.distributed import (check_ranks_agree, fingerprint, from_main_proces
 from ..core.errors import (STSConfigError, STSDataWarning, STSError, STSInputError, STSNegativeTransferWarning,
                            STSUsageError)
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype
-from ..core.config import SCORE_VARIANTS, STSConfig
+from ..core.config import STSConfig
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
 from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
 from ..pipelines.budget import OverheadBudget
-from ..pipelines.forecast import (Forecast, ForecastSetup, check_calibration_config, domain_statistics, inference_mode,
-                                  run_forecast)
+from ..pipelines.forecast import (Forecast, ForecastSetup, check_calibration_config, check_calibration_features,
+                                  domain_statistics, inference_mode, run_forecast, with_icl_loss)
 from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from, is_peft
 from ..pipelines.recheck import RecheckConfig
 from ..pipelines.prediction import best_early_method, calibrated_predictions, early_projection
 from ..scoring.calibration import load_calibration, lr_area_fraction, own_feature
-from ..scoring.signed import SIGNED_VARIANTS
 from .trainer_run_level import RUN_LEVEL_METHODS
 
 logger = logging.getLogger("sts_callback")
@@ -113,7 +112,7 @@ class STSSession:
     def __init__(self, sae: Any, config: STSConfig, guard: GuardConfig, recheck: RecheckConfig, out: str | Path,
                  calibration: Any = None, *, strict: bool = False, is_main: bool | None = None,
                  not_predicted: Sequence[str] = ()):
-        self.sae, self.config, self.settings = sae, config, recheck
+        self.sae, self.settings = sae, recheck
         # target domains the calibration does not predict (the training data's own held-out part: a calibration
         # fitted on the other domains of its runs does not cover it, and a centred one would centre over it)
         self.not_predicted = list(not_predicted)
@@ -121,17 +120,14 @@ class STSSession:
         self.store = RunStore(out)
         self.calibration = load_calibration(calibration) if calibration is not None else None
         if self.calibration is not None:
-            known = SCORE_VARIANTS + SIGNED_VARIANTS + RUN_LEVEL_METHODS
-            unknown = [f for f in self.calibration.score_features if f not in known]
-            if unknown:
-                raise STSConfigError(f"The calibration uses {unknown}, which are not forecast scores; use "
-                                     f"{list(known)}.")
+            check_calibration_features(self.calibration)
             check_calibration_config(self.calibration, config)  # known now: the train-start forecast would be wasted
             own = [own_feature(method) for method in RUN_LEVEL_METHODS]
             unknown = [f for f in self.calibration.source_features if f not in own]
             if unknown:
                 raise STSConfigError(f"The calibration takes its level from {unknown}, which the run does not "
                                      f"measure; use {own}.")
+        self.config = with_icl_loss(config, self.calibration)
         # None: decided at each use, so that a session built before init_process_group() / Accelerator() knows
         # its rank once the group exists
         self.strict, self._is_main = strict, is_main

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -24,7 +23,8 @@ from ..scoring import signed
 from ..scoring.calibration import load_calibration, own_feature
 from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_size, max_positions, num_layers,
                             unwrap_model)
-from ..core.config import MIN_BUDGET_TOKENS, SCORE_VARIANTS, STSConfig, device_problem
+from ..core.config import (DEFAULT_ICL_LOSS_TOKENS, ICL_LOSS_FEATURE, MIN_BUDGET_TOKENS, SCORE_VARIANTS, STSConfig,
+                           device_problem)
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
                                 warn_on_main, world_size)
@@ -33,6 +33,7 @@ from ..core.formatting import json_safe, signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from ..core.run_store import FORECAST_FORMAT
 from ..core.extract import Extractor, PairedStats
+from ..core.heldout import all_sequence_nll
 from ..core.stats import TopActivations
 from ..core.sae import SAEHandle, check_sae_for_model, load_sae
 from ..core.torch_utils import model_device, pad_token_id
@@ -47,6 +48,7 @@ SCORE_LABELS = {
     "raw_icl": "raw_icl", "raw_act": "raw_act", "raw_sq": "raw_sq",
     "signed_usage": "signed_use", "forgetting_minus_transfer": "forget-xfer", "decoder_projection": "dec_proj",
     "lookahead": "lookahead", "first_order": "1st-order",  # the run-level term: a relative NLL change
+    ICL_LOSS_FEATURE: "icl_loss",  # a relative NLL change with training demonstrations in context
 }
 
 
@@ -230,8 +232,8 @@ class Forecast:
         if view == "predicted":
             return self._predicted_table()
         variant = self._check_variant(variant)
-        shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED, "lookahead",
-                             "first_order") if any(
+        shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED, ICL_LOSS_FEATURE,
+                             "lookahead", "first_order") if any(
             d.scores.get(v) is not None for d in self.domains.values())]
         width = max([len("domain")] + [display_width(shown_name(n)) for n in self.domains])
         header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"
@@ -603,7 +605,7 @@ def check_calibration_features(calibration: Any, domains: dict[str, dict[str, fl
     only goes unpredicted, which the table says)."""
     from ..scoring.calibration import RUN_LEVEL_METHODS
 
-    known = (*SCORE_VARIANTS, *signed.SIGNED_VARIANTS, *RUN_LEVEL_METHODS)
+    known = (*SCORE_VARIANTS, *signed.SIGNED_VARIANTS, ICL_LOSS_FEATURE, *RUN_LEVEL_METHODS)
     if domains is None:  # before the forecast runs: only the names can be judged
         unknown = [f for f in calibration.score_features if f not in known]
         not_computed: list[str] = []
@@ -612,8 +614,8 @@ def check_calibration_features(calibration: Any, domains: dict[str, dict[str, fl
         unknown = [f for f in absent if f not in known]
         not_computed = [f for f in absent if f in known]
     problems = ([f"{unknown}, which are not forecast scores (those are {list(known)})"] if unknown else []) + (
-        [f"{not_computed}, which this forecast did not compute for any domain (compute_icl=False? no SAE decoder? "
-         "a run-level feature without run_level=...?)"] if not_computed else [])
+        [f"{not_computed}, which this forecast did not compute for any domain (compute_icl=False? "
+         "icl_loss_tokens=0? no SAE decoder? a run-level feature without run_level=...?)"] if not_computed else [])
     if problems:
         fix = "compute them in the forecast, or " if not_computed else ""
         raise STSConfigError(f"The calibration uses {' and '.join(problems)}, so it can predict nothing here; "
@@ -627,6 +629,23 @@ def check_calibration_config(calibration: Any, config: STSConfig) -> None:
     if icl and not config.compute_icl:
         raise STSConfigError(f"The calibration uses {icl}, but STSConfig(compute_icl=False) does not compute it: "
                              "set compute_icl=True, or fit a calibration without it (`sts calibrate --features ...`).")
+    if ICL_LOSS_FEATURE in calibration.score_features and config.icl_loss_tokens == 0:
+        raise STSConfigError(f"The calibration uses {ICL_LOSS_FEATURE!r}, but STSConfig(icl_loss_tokens=0) does not "
+                             f"compute it: leave icl_loss_tokens=None (computed when a calibration reads it) or give "
+                             f"it a budget ({DEFAULT_ICL_LOSS_TOKENS}), or fit a calibration without it.")
+
+
+def with_icl_loss(config: STSConfig, calibration: Any) -> STSConfig:
+    """``config`` with ``icl_loss_tokens`` decided: ``None`` becomes, when ``calibration`` reads
+    ``icl_loss_change``, the budget it was fitted with (its ``fitted_on["icl_loss"]["tokens"]``, else the default),
+    otherwise 0 (a forecast records the budget it used)."""
+    if config.icl_loss_tokens is not None:
+        return config
+    if calibration is None or ICL_LOSS_FEATURE not in calibration.score_features:
+        return config.replace(icl_loss_tokens=0)
+    fitted = (calibration.fitted_on or {}).get("icl_loss")
+    tokens = fitted.get("tokens") if isinstance(fitted, dict) else None
+    return config.replace(icl_loss_tokens=tokens if isinstance(tokens, int) and tokens > 0 else DEFAULT_ICL_LOSS_TOKENS)
 
 
 def check_offline_calibration(calibration: Any) -> Any:
@@ -650,6 +669,7 @@ def prepare_forecast(model: nn.Module, tokenizer, sae: Any, config: STSConfig | 
 
         calibration = check_offline_calibration(load_calibration(calibration))
         check_calibration_config(calibration, config)
+    config = with_icl_loss(config, calibration)
     start = time.perf_counter()
     return ForecastSetup.create(model, tokenizer, sae, config), calibration, start
 
@@ -725,7 +745,46 @@ def run_forecast(setup: ForecastSetup, train: Corpus, domains: dict[str, Corpus]
         run=lambda extractor, reservoir: extractor.paired(shift_pairs, what=f"{train.name!r}", reservoir=reservoir),
         sequences=shard_size(len(shift_pairs)), forward_tokens=sum(len(p.base) + len(p.context) for p in shift_pairs),
         tokens=plan.shift_tokens, units=len(shift_pairs), sources=[p.base for p in shift_pairs])
-    return forecast_with_shift(setup, shift, plan, progress=progress, start=start)
+    run = forecast_with_shift(setup, shift, plan, progress=progress, start=start)
+    if setup.config.icl_loss_tokens:
+        t0 = time.perf_counter()
+        changes = in_context_loss(setup.model, setup.builder, setup.config, demo_corpus or train, domains,
+                                  setup.config.icl_loss_tokens)
+        for name, change in changes.items():
+            run.forecast.domains[name].scores[ICL_LOSS_FEATURE] = change
+        run.forecast.timings[ICL_LOSS_FEATURE] = time.perf_counter() - t0
+        run.forecast.timings["total"] = time.perf_counter() - start
+    return run
+
+
+def in_context_loss(model: nn.Module, builder: PromptBuilder, config: STSConfig, demonstrations: Corpus,
+                    domains: dict[str, Corpus], tokens: int) -> dict[str, float | None]:
+    """Each domain's relative NLL change when ``config.n_demonstrations`` texts of ``demonstrations`` precede its
+    texts (``tokens`` query tokens a domain, seeded per domain): the same query tokens with and without the context,
+    full forwards with the LM head. Negative: the training data helps the domain in context. Every process runs
+    its share of the batches and the sums are added, so any number of processes gives one process's numbers.
+    ``None`` for a domain whose queries have no counted token."""
+    pad = pad_token_id(builder.tokenizer)
+    sequences, spans = [], {}
+    for name, corpus in domains.items():
+        rng = random.Random(f"{config.seed}:icl-loss:{name}")
+        pairs, _ = build_shift_pairs(corpus, builder, config, rng, tokens, config.n_demonstrations,
+                                     demonstrations=demonstrations, what=f"target domain {name!r}")
+        start = len(sequences)
+        for pair in pairs:  # counted: the query, the last tokens of both sequences
+            sequences += [(pair.base, pair.counted), (pair.context, pair.counted)]
+        spans[name] = (start, len(sequences))
+    with inference_mode(model):
+        sums = all_sequence_nll(model, sequences, pad, config.batch_size)
+    out: dict[str, float | None] = {}
+    for name, (start, stop) in spans.items():
+        alone, context = sums[start:stop:2].sum(0), sums[start + 1:stop:2].sum(0)
+        if alone[1] == 0 or context[1] == 0 or alone[0] == 0:
+            out[name] = None
+            continue
+        before = float(alone[0] / alone[1])
+        out[name] = (float(context[0] / context[1]) - before) / before
+    return out
 
 
 def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, progress: bool = False,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.config import ICL_LOSS_FEATURE
 from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
@@ -35,7 +36,10 @@ PATTERN_SCALES = ("absolute", "run")
 # scope (model, SAE, recipe, domains) and its leave-one-source-out numbers.
 BUILTIN = {"gemma3-270m-lora": "gemma3_270m_lora.json",
            # for STSCallback(run_level="lookahead"): the level from the run's 2-step own-domain lookahead
-           "gemma3-270m-lora-lookahead": "gemma3_270m_lora_lookahead.json"}
+           "gemma3-270m-lora-lookahead": "gemma3_270m_lora_lookahead.json",
+           # the same level; the pattern also from a signed SAE score and each domain's in-context NLL change (the
+           # forecast then computes it: STSConfig.icl_loss_tokens), the best step-0 forecast of the benchmark
+           "gemma3-270m-lora-lookahead-icl": "gemma3_270m_lora_lookahead_icl.json"}
 
 
 @dataclass
@@ -414,6 +418,9 @@ class Calibration:
             rows.append((x, [float(r["changes"][n]) for n in names], own, names))
         fitted_on = {"training_runs": [r["run"] for r in records], "steps": [r["step"] for r in records],
                      **({"scope": scope} if scope else {})}
+        budgets = {r["icl_loss_tokens"] for r in records}
+        if ICL_LOSS_FEATURE in features and len(budgets) == 1 and isinstance(next(iter(budgets)), int):
+            fitted_on["icl_loss"] = {"tokens": budgets.pop()}  # the budget a forecast applying it then uses
         return cls.fit_level_pattern(rows, features, source_features, domain_prior=domain_prior, level=level,
                                      pattern_scale=pattern_scale, fitted_on=fitted_on)
 
@@ -489,6 +496,8 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         records.append({"run": str(item), "step": last["step"], "changes": changes,
                         "scores": {name: d.get("scores") or {} for name, d in forecast.get("domains", {}).items()},
                         "run_level": (forecast.get("settings") or {}).get("run_level"),
+                        "icl_loss_tokens": ((forecast.get("settings") or {}).get("config") or {}).get(
+                            "icl_loss_tokens"),
                         "scope": forecast_scope(forecast.get("settings"))})
     return records
 
