@@ -580,7 +580,8 @@ def test_sts_calibrate_runs_fits_level_pattern_and_prior_on_training_runs(tmp_pa
     assert main(["calibrate", "--runs", *runs, "--features", "icl_loss_change", "--out", str(in_context)]) == 0
     calibration = Calibration.load(in_context)
     assert calibration.features == ["icl_loss_change", "domain_prior"] and calibration.fitted_on["icl_loss"] == {
-        "tokens": 48}
+        "tokens": 48, "n_demonstrations": FAST.get("n_demonstrations", 2), "max_query_tokens": 256,
+        "max_demonstration_tokens": 384}  # the runs' settings: a run applying it is warned if it measures otherwise
     applied = make_callback(run_level="lookahead", calibration=str(in_context))
     assert applied.config.icl_loss_tokens == 48
     make_trainer(tmp_path / "applied_icl", tokenizer, applied, max_steps=2, save_steps=100).train()

@@ -879,3 +879,23 @@ def test_a_reward_file_with_a_dataclass_and_a_lazy_neighbour_import(tmp_path):
         "    return [Weights().length * len(c) + bonus() for c in completions]\n")
     reward = import_object(f"{tmp_path}/rewards.py:reward", "reward")
     assert reward(["ab"]) == [2.5]
+
+
+def test_forecast_computes_the_in_context_change_its_calibration_reads(workspace, tmp_path, capsys):
+    """A calibration applied after the forecast: what it reads must be computed in it (it was not: the whole
+    forecast ran, then the calibration found no icl_loss_change)."""
+    import numpy as np
+
+    from sts_callback import Calibration
+
+    runs = [(np.array([[0.1 * k, -0.02 * k], [0.3, 0.01 * k]]), [0.01 + 0.02 * k, 0.03 - 0.01 * k], [],
+             ["chem", "food"]) for k in range(5)]
+    path = Calibration.fit_level_pattern(runs, ["signed_usage", "icl_loss_change"], [], domain_prior=True).save(
+        tmp_path / "icl.json")
+    output = tmp_path / "forecast.json"
+    assert main(["forecast", str(write_config(workspace, output=str(output))), "--no-progress",
+                 "--calibration", str(path)]) == 0
+    saved = json.loads(output.read_text())
+    assert saved["settings"]["config"]["icl_loss_tokens"] == 384
+    assert all(saved["domains"][d]["scores"]["icl_loss_change"] is not None for d in ("chem", "food"))
+    assert set(saved["predictions"]) == {"chem", "food"}

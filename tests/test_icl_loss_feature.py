@@ -136,3 +136,33 @@ def test_the_callback_computes_it_at_train_start_for_a_calibration_that_reads_it
     expected = calibration.predict_all(scores, {"lookahead_own": own})
     for d in DOMAINS:
         assert callback.predicted[d]["mean"] == pytest.approx(expected[d].mean, rel=1e-9)
+
+
+def test_settings_other_than_those_it_was_fitted_with_are_warned_about_with_the_fix():
+    from sts_callback.core.errors import STSDataWarning
+    from sts_callback.pipelines.forecast import with_icl_loss
+    from sts_callback.scoring.calibration import builtin_calibration
+
+    builtin = builtin_calibration("gemma3-270m-lora-lookahead-icl")  # measured with 128-token queries and demos
+    with pytest.warns(STSDataWarning, match=r"max_query_tokens=128, max_demonstration_tokens=128.*Pass STSConfig"):
+        assert with_icl_loss(STSConfig(), builtin).icl_loss_tokens == 384
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as fitted: nothing to say
+        fitted = STSConfig(max_query_tokens=128, max_demonstration_tokens=128, n_demonstrations=2)
+        assert with_icl_loss(fitted, builtin).icl_loss_tokens == 384
+        assert with_icl_loss(fitted, None).icl_loss_tokens == 0  # no calibration reads it: not computed
+        assert with_icl_loss(fitted.replace(icl_loss_tokens=64), builtin).icl_loss_tokens == 64  # asked: kept
+
+
+def test_a_preference_forecast_refuses_it_before_any_work(model, tokenizer):
+    """A chosen-vs-rejected shift has no training texts to put in context: refused at once, not after the forecast
+    ran (and not recorded as computed when it was not)."""
+    from sts_callback.pipelines.preference import preference_forecast
+
+    law, food = domain_texts("law", 6), domain_texts("food", 6)
+    pairs = [{"prompt": "what is it ?", "chosen": " " + a, "rejected": " " + b} for a, b in zip(law, food)]
+    for config, calibration in (({**SMALL, "icl_loss_tokens": 96}, None), (SMALL, icl_calibration())):
+        with pytest.raises(STSConfigError, match=r"chosen_vs_rejected forecast has none.*icl_loss_tokens=0"):
+            preference_forecast(model, tokenizer, sae(), pairs, targets(), config, calibration=calibration)

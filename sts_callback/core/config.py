@@ -18,6 +18,7 @@ DEFAULT_SIGNED = "forgetting_minus_transfer"
 # a forecast score computed when asked, or when a calibration reads it, with this many query tokens a domain.
 ICL_LOSS_FEATURE = "icl_loss_change"
 DEFAULT_ICL_LOSS_TOKENS = 384
+ICL_LOSS_SETTINGS = ("n_demonstrations", "max_query_tokens", "max_demonstration_tokens")  # they set its scale
 MIN_BUDGET_TOKENS = 16  # the fewest tokens of a shift or a domain the forecast reads (one short query)
 
 

@@ -23,8 +23,8 @@ from ..scoring import signed
 from ..scoring.calibration import load_calibration, own_feature
 from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_size, max_positions, num_layers,
                             unwrap_model)
-from ..core.config import (DEFAULT_ICL_LOSS_TOKENS, ICL_LOSS_FEATURE, MIN_BUDGET_TOKENS, SCORE_VARIANTS, STSConfig,
-                           device_problem)
+from ..core.config import (DEFAULT_ICL_LOSS_TOKENS, ICL_LOSS_FEATURE, ICL_LOSS_SETTINGS, MIN_BUDGET_TOKENS,
+                           SCORE_VARIANTS, STSConfig, device_problem)
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
                                 warn_on_main, world_size)
@@ -638,13 +638,22 @@ def check_calibration_config(calibration: Any, config: STSConfig) -> None:
 def with_icl_loss(config: STSConfig, calibration: Any) -> STSConfig:
     """``config`` with ``icl_loss_tokens`` decided: ``None`` becomes, when ``calibration`` reads
     ``icl_loss_change``, the budget it was fitted with (its ``fitted_on["icl_loss"]["tokens"]``, else the default),
-    otherwise 0 (a forecast records the budget it used)."""
+    otherwise 0 (a forecast records the budget it used). Settings that set the change's scale (the demonstrations,
+    the lengths) other than those it was fitted with are warned about, with the settings to pass."""
+    if calibration is None or ICL_LOSS_FEATURE not in calibration.score_features:
+        return config if config.icl_loss_tokens is not None else config.replace(icl_loss_tokens=0)
+    fitted = (calibration.fitted_on or {}).get("icl_loss")
+    fitted = fitted if isinstance(fitted, dict) else {}
+    differ = [k for k in ICL_LOSS_SETTINGS if isinstance(fitted.get(k), int) and fitted[k] != getattr(config, k)]
+    if differ:
+        warn_on_main(f"The calibration's {ICL_LOSS_FEATURE} was measured with "
+                     f"{', '.join(f'{k}={fitted[k]}' for k in differ)}, this forecast's with "
+                     f"{', '.join(f'{k}={getattr(config, k)}' for k in differ)}: the change's scale differs, so its "
+                     f"predictions shift. Pass STSConfig({', '.join(f'{k}={fitted[k]}' for k in differ)}) to measure "
+                     "as it was fitted.", STSDataWarning, stacklevel=3)
     if config.icl_loss_tokens is not None:
         return config
-    if calibration is None or ICL_LOSS_FEATURE not in calibration.score_features:
-        return config.replace(icl_loss_tokens=0)
-    fitted = (calibration.fitted_on or {}).get("icl_loss")
-    tokens = fitted.get("tokens") if isinstance(fitted, dict) else None
+    tokens = fitted.get("tokens")
     return config.replace(icl_loss_tokens=tokens if isinstance(tokens, int) and tokens > 0 else DEFAULT_ICL_LOSS_TOKENS)
 
 
@@ -748,22 +757,23 @@ def run_forecast(setup: ForecastSetup, train: Corpus, domains: dict[str, Corpus]
     run = forecast_with_shift(setup, shift, plan, progress=progress, start=start)
     if setup.config.icl_loss_tokens:
         t0 = time.perf_counter()
-        changes = in_context_loss(setup.model, setup.builder, setup.config, demo_corpus or train, domains,
-                                  setup.config.icl_loss_tokens)
+        changes, forward_tokens = in_context_loss(setup.model, setup.builder, setup.config, demo_corpus or train,
+                                                  domains, setup.config.icl_loss_tokens)
         for name, change in changes.items():
             run.forecast.domains[name].scores[ICL_LOSS_FEATURE] = change
         run.forecast.timings[ICL_LOSS_FEATURE] = time.perf_counter() - t0
+        run.forecast.timings["forward_tokens"] += forward_tokens
         run.forecast.timings["total"] = time.perf_counter() - start
     return run
 
 
 def in_context_loss(model: nn.Module, builder: PromptBuilder, config: STSConfig, demonstrations: Corpus,
-                    domains: dict[str, Corpus], tokens: int) -> dict[str, float | None]:
+                    domains: dict[str, Corpus], tokens: int) -> tuple[dict[str, float | None], int]:
     """Each domain's relative NLL change when ``config.n_demonstrations`` texts of ``demonstrations`` precede its
     texts (``tokens`` query tokens a domain, seeded per domain): the same query tokens with and without the context,
     full forwards with the LM head. Negative: the training data helps the domain in context. Every process runs
     its share of the batches and the sums are added, so any number of processes gives one process's numbers.
-    ``None`` for a domain whose queries have no counted token."""
+    ``None`` for a domain whose queries have no counted token. Also the tokens forwarded (every process's)."""
     pad = pad_token_id(builder.tokenizer)
     sequences, spans = [], {}
     for name, corpus in domains.items():
@@ -784,7 +794,7 @@ def in_context_loss(model: nn.Module, builder: PromptBuilder, config: STSConfig,
             continue
         before = float(alone[0] / alone[1])
         out[name] = (float(context[0] / context[1]) - before) / before
-    return out
+    return out, sum(len(ids) for ids, _ in sequences)
 
 
 def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, progress: bool = False,

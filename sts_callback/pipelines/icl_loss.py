@@ -30,5 +30,6 @@ def icl_loss_change(model: nn.Module, tokenizer, train_data: Any, targets: Any, 
     config = config.replace(n_demonstrations=n_demonstrations or config.n_demonstrations,
                             batch_size=batch_size or config.batch_size)
     builder = prompt_builder(model, tokenizer, config)
-    return in_context_loss(model, builder, config, load_corpus(train_data, name="train"), load_domains(targets),
-                           tokens)
+    changes, _ = in_context_loss(model, builder, config, load_corpus(train_data, name="train"),
+                                 load_domains(targets), tokens)
+    return changes

@@ -175,6 +175,11 @@ def forecast_of_contrast(setup: ForecastSetup, units: list[ContrastUnit], shift:
     """The forecast of ``shift``, the pass over ``units`` (:func:`contrast_pass`), once every rank is seen to have
     sampled the same units."""
     start = time.perf_counter() if start is None else start
+    if setup.config.icl_loss_tokens:  # before any work: it reads training texts in context, which this shift has not
+        raise STSConfigError(f"STSConfig.icl_loss_tokens={setup.config.icl_loss_tokens} asks for the in-context NLL "
+                             f"change (icl_loss_change), which reads training texts as demonstrations; the "
+                             f"{shift.kind} forecast has none. Set icl_loss_tokens=0, or use a calibration that does "
+                             "not read icl_loss_change.")
     domain_inputs = plan_domains(setup.builder, setup.config, domains)
     checksum = fingerprint([[ids for ids, _ in u.sequences] for u in units], [u.weights for u in units])
     check_inputs_agree(setup, checksum, f"{len(units)} sampled {what} ({checksum})", domain_inputs)

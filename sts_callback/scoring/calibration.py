@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
-from ..core.config import ICL_LOSS_FEATURE
+from ..core.config import ICL_LOSS_FEATURE, ICL_LOSS_SETTINGS
 from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
@@ -418,9 +418,11 @@ class Calibration:
             rows.append((x, [float(r["changes"][n]) for n in names], own, names))
         fitted_on = {"training_runs": [r["run"] for r in records], "steps": [r["step"] for r in records],
                      **({"scope": scope} if scope else {})}
-        budgets = {r["icl_loss_tokens"] for r in records}
-        if ICL_LOSS_FEATURE in features and len(budgets) == 1 and isinstance(next(iter(budgets)), int):
-            fitted_on["icl_loss"] = {"tokens": budgets.pop()}  # the budget a forecast applying it then uses
+        if ICL_LOSS_FEATURE in features:  # what a forecast applying it measures with (the settings: warned about)
+            measured = {key: {r["icl_loss"][key] for r in records} for key in records[0]["icl_loss"]}
+            fitted_on["icl_loss"] = {("tokens" if key == "icl_loss_tokens" else key): values.pop()
+                                     for key, values in measured.items() if len(values) == 1
+                                     and isinstance(next(iter(values)), int)}
         return cls.fit_level_pattern(rows, features, source_features, domain_prior=domain_prior, level=level,
                                      pattern_scale=pattern_scale, fitted_on=fitted_on)
 
@@ -496,8 +498,8 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         records.append({"run": str(item), "step": last["step"], "changes": changes,
                         "scores": {name: d.get("scores") or {} for name, d in forecast.get("domains", {}).items()},
                         "run_level": (forecast.get("settings") or {}).get("run_level"),
-                        "icl_loss_tokens": ((forecast.get("settings") or {}).get("config") or {}).get(
-                            "icl_loss_tokens"),
+                        "icl_loss": {k: ((forecast.get("settings") or {}).get("config") or {}).get(k)
+                                     for k in ("icl_loss_tokens", *ICL_LOSS_SETTINGS)},
                         "scope": forecast_scope(forecast.get("settings"))})
     return records
 

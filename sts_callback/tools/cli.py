@@ -593,6 +593,10 @@ def cmd_forecast(args: argparse.Namespace) -> int:
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
     calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"), config)
+    if calibration is not None:  # applied after the forecast: what it reads must be computed in it
+        from ..pipelines.forecast import with_icl_loss
+
+        config = with_icl_loss(config, calibration)
     not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
     targets = config_file["targets"]
     names = ([str(k) for k in targets] if isinstance(targets, dict) else  # a list: names or paths (named by stem)

@@ -469,7 +469,7 @@ def _run(out: DemoConsole, output_dir: Path, quick: bool, train_steps: int | Non
     from ..core.config import STSConfig
     from ..core.corpora import load_domain
     from ..core.sae import check_sae_folder
-    from ..pipelines.forecast import forecast
+    from ..pipelines.forecast import forecast, with_icl_loss
     from .models import load_gemma3_270m
 
     if train_steps != 0:  # fail now rather than after the forecast when the training stack cannot be imported
@@ -521,7 +521,9 @@ def _run(out: DemoConsole, output_dir: Path, quick: bool, train_steps: int | Non
             "per domain) ...")
     out.note(f"forecast: training on {DEMO_SOURCE!r} ({len(train_texts)} texts); {len(targets)} target domains; "
              f"{config.shift_tokens} shift tokens, {config.domain_tokens} tokens per domain")
-    result = forecast(model, tokenizer, sae_path, train_texts, targets, config, progress=True)
+    # a calibration reading the in-context NLL change has it computed (applied below, with an exclusion)
+    result = forecast(model, tokenizer, sae_path, train_texts, targets, with_icl_loss(config, calibration),
+                      progress=True)
     if calibration is not None:  # the training data's own held-out half is a sanity check, not a prediction
         result.apply_calibration(calibration, exclude=[DEMO_SOURCE])
     out.note(result.table())
