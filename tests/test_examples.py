@@ -64,7 +64,9 @@ def test_sft_trl_example_runs_in_one_plain_process(run_example, capsys, tmp_path
 
 def test_sft_trl_example_with_the_lookahead_calibration(run_example, capsys, tmp_path):
     out = run_example("sft_trl", ["--steps", "2", "--save-steps", "2", "--lookahead", "--output", "run"], capsys)
-    assert "run-level term: 2 lookahead steps moved the training data's own texts" in out
+    assert "run-level term: 1 lookahead step moved the training data's own texts" in out  # the built-in's 1 step
+    forecast = json.loads(Path("run/sts/forecast.json").read_text())  # the example runs in tmp_path
+    assert all(d["scores"]["icl_loss_change"] is not None for d in forecast["domains"].values())  # what it reads
     predicted = out.split("predicted before training: ")[1].splitlines()[0]
     assert [part.split()[0] for part in predicted.split(", ")] == ["math", "legal", "readme_prose", "nlp_tutorials"]
 
