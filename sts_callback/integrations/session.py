@@ -387,7 +387,8 @@ class STSSession:
                 parts.append(f"the training data itself {estimate.own_change:+.2%}"
                              + ("" if estimate.change else " (the target domains not measured: the calibration "
                                                             "needs only this)"))
-            self.say(f"STS run-level term ({estimate.method}, {estimate.steps} steps at the peak learning rate, "
+            steps = f"{estimate.steps} step{'s' * (estimate.steps != 1)}"
+            self.say(f"STS run-level term ({estimate.method}, {steps} at the peak learning rate, "
                      f"{estimate.seconds:.1f} s): held-out NLL change " + "; ".join(parts))
 
     def _publish_forecast(self) -> None:
