@@ -52,6 +52,21 @@ def test_the_forecast_bar_ends_at_its_total(monkeypatch, world):
 
 
 @pytest.mark.parametrize("world", [1, 2])
+def test_the_in_context_loss_pass_has_its_own_bar(monkeypatch, world):
+    """The in-context NLL change (full forwards, after the SAE passes) counts its sequences on a bar of its own:
+    to its total on one process; on several, a running count of the main process's whole batches."""
+    as_main_of(monkeypatch, world)
+    bars = recording(monkeypatch, forecast_module)
+    forecast(make_model("llama"), make_tokenizer(), sae(), domain_texts("law", 7, seed=3),
+             {"chem": domain_texts("chem", 5), "food": domain_texts("food", 3)},
+             STSConfig(n_shifted=8, shift_tokens=10_000, domain_tokens=10_000, batch_size=2,
+                       n_domain_demonstrations=1, icl_loss_tokens=64), progress=True)
+    _, in_context = bars
+    assert in_context.desc.startswith("STS in-context loss") and in_context.n > 0
+    assert in_context.total == (in_context.n if world == 1 else None)
+
+
+@pytest.mark.parametrize("world", [1, 2])
 def test_the_preference_forecast_bar_ends_at_its_total(monkeypatch, world):
     """The contrast pass shards whole preference pairs (two sequences each), not sequences."""
     from sts_callback.pipelines.preference import preference_forecast

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -118,13 +119,14 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
                  chunk: int = HEAD_CHUNK, head_precision: HeadInPrecision | None = None,
                  body_dtype: torch.dtype | None = None, head_samples: HeadSamples | None = None,
                  keys: Sequence[int] | None = None, batches: Sequence[Sequence[int]] | None = None,
-                 failed: LocalFailure | None = None) -> torch.Tensor:
+                 failed: LocalFailure | None = None, on_batch: Callable[[int], Any] | None = None) -> torch.Tensor:
     """[n, 2] float64: (NLL sum, token count) of each sequence's counted tokens. Call under no_grad / eval.
     ``batches``: the sequences run together (default: grouped by length). ``failed``: keeps an exception of a
     batch (under distribution; see :class:`~.distributed.LocalFailure`), the rows left unmeasured at zero.
     ``head_precision``: run the LM head so, and ``body_dtype``: the body under autocast to it (both where the head
     runs apart from the body). ``head_samples``: record each sequence's head sample (keyed by ``keys``, default
-    the positions in ``sequences``), or measure through the recorded ones (:mod:`.head_sample`)."""
+    the positions in ``sequences``), or measure through the recorded ones (:mod:`.head_sample`). ``on_batch``:
+    called with each batch's number of sequences once it is measured (a progress bar's ``update``)."""
     device = model_device(model)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
@@ -177,6 +179,8 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
         if not failed.skip:
             with failed:
                 measure(batch)
+        if on_batch is not None:
+            on_batch(len(batch))
     return out
 
 
@@ -189,7 +193,8 @@ def head_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, targe
 
 def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,
                      indices: Sequence[int] | None = None, head_precision: HeadInPrecision | None = None,
-                     body_dtype: torch.dtype | None = None, head_samples: HeadSamples | None = None) -> torch.Tensor:
+                     body_dtype: torch.dtype | None = None, head_samples: HeadSamples | None = None,
+                     on_batch: Callable[[int], Any] | None = None) -> torch.Tensor:
     """:func:`sequence_nll` of ``indices`` (default: all) with every rank running a padded share of whole batches
     (:func:`~.distributed.shard_batches`: the numbers of one process on any number of ranks); the result,
     [len(sequences), 2] with zeros where not measured, is summed across ranks, so every rank holds all of it.
@@ -208,7 +213,8 @@ def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: 
     keys = [indices[j] for j in positions]
     failed = LocalFailure.around_forwards(model)
     measured = sequence_nll(model, local, pad, batch_size, head_precision=head_precision, body_dtype=body_dtype,
-                            head_samples=head_samples, keys=keys, batches=layout, failed=failed) if local \
+                            head_samples=head_samples, keys=keys, batches=layout, failed=failed,
+                            on_batch=on_batch) if local \
         else torch.zeros(0, 2, dtype=torch.float64)
     if head_samples is not None and head_samples.recording:
         recorded = {key: head_samples.by_sequence[key] for key in keys if key in head_samples.by_sequence}

@@ -758,7 +758,7 @@ def run_forecast(setup: ForecastSetup, train: Corpus, domains: dict[str, Corpus]
     if setup.config.icl_loss_tokens:
         t0 = time.perf_counter()
         changes, forward_tokens = in_context_loss(setup.model, setup.builder, setup.config, demo_corpus or train,
-                                                  domains, setup.config.icl_loss_tokens)
+                                                  domains, setup.config.icl_loss_tokens, progress=progress)
         for name, change in changes.items():
             run.forecast.domains[name].scores[ICL_LOSS_FEATURE] = change
         run.forecast.timings[ICL_LOSS_FEATURE] = time.perf_counter() - t0
@@ -768,7 +768,8 @@ def run_forecast(setup: ForecastSetup, train: Corpus, domains: dict[str, Corpus]
 
 
 def in_context_loss(model: nn.Module, builder: PromptBuilder, config: STSConfig, demonstrations: Corpus,
-                    domains: dict[str, Corpus], tokens: int) -> tuple[dict[str, float | None], int]:
+                    domains: dict[str, Corpus], tokens: int,
+                    progress: bool = False) -> tuple[dict[str, float | None], int]:
     """Each domain's relative NLL change when ``config.n_demonstrations`` texts of ``demonstrations`` precede its
     texts (``tokens`` query tokens a domain, seeded per domain): the same query tokens with and without the context,
     full forwards with the LM head. Negative: the training data helps the domain in context. Every process runs
@@ -784,8 +785,15 @@ def in_context_loss(model: nn.Module, builder: PromptBuilder, config: STSConfig,
         for pair in pairs:  # counted: the query, the last tokens of both sequences
             sequences += [(pair.base, pair.counted), (pair.context, pair.counted)]
         spans[name] = (start, len(sequences))
-    with inference_mode(model):
-        sums = all_sequence_nll(model, sequences, pad, config.batch_size)
+    # whole batches per process (all_sequence_nll): the count is exact on one process, a running count on several
+    bar = progress_bar(len(sequences) if world_size() == 1 else None, progress, "STS in-context loss")
+    try:
+        with inference_mode(model):
+            sums = all_sequence_nll(model, sequences, pad, config.batch_size,
+                                    on_batch=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     out: dict[str, float | None] = {}
     for name, (start, stop) in spans.items():
         alone, context = sums[start:stop:2].sum(0), sums[start + 1:stop:2].sum(0)
@@ -955,7 +963,7 @@ def shard_size(n: int) -> int:
     return len(shard(n).indices)
 
 
-def progress_bar(total: int, enabled: bool, desc: str = "STS forecast"):
+def progress_bar(total: int | None, enabled: bool, desc: str = "STS forecast"):
     """A tqdm bar over ``total``, the main process's own count of sequences, or None (disabled, or another rank)."""
     if not enabled or not is_main_process():
         return None
