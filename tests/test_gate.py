@@ -193,10 +193,13 @@ def test_weight_rules_and_budget(model, tokenizer):
     assert all(w >= 0.2 - 1e-9 for w in low.weights.values())
     least = min(low.accepted, key=lambda n: low.candidates[n].protected_scores["law"])
     assert low.weights[least] == pytest.approx(0.6)
-    with pytest.raises(STSConfigError, match="lower floor"):
-        gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
-                     targets(), "law", GateRules(wanted=wanted, weights="min_impact", floor=0.5), config=config(),
-                     score_examples=False)
+    # a floor the served domains cannot all get is known only once they are: the decision is kept (it was lost
+    # after every forward pass), with the most the weights can give and a note saying so
+    with pytest.warns(STSDataWarning, match=r"floor=0.5 for 3 served domains.*use floor=0.333.*lower floor"):
+        capped = gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
+                              targets(), "law", GateRules(wanted=wanted, weights="min_impact", floor=0.5),
+                              config=config(), score_examples=False)
+    assert capped.weights == pytest.approx({n: 1 / 3 for n in wanted}) and "floor=0.5" in capped.notes[-1]
 
 
 def test_absolute_limits_and_rank_rule(model, tokenizer, decision):
@@ -207,6 +210,7 @@ def test_absolute_limits_and_rank_rule(model, tokenizer, decision):
     assert result.rejected == ["law_copy"]
     assert f"> limit {bar:.4g}" in result.candidates["law_copy"].reason
     assert result.rules["tolerance"] is None  # an explicit rule replaces the default relative rule
+    assert result.rules["tolerance_by_domain"] == {"law": None}
     ranked = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", GateRules(max_rank=1),
                           config=config(), score_examples=False)
     for name, d in ranked.candidates.items():
@@ -223,6 +227,7 @@ def test_a_protected_domain_that_limits_leave_out_keeps_the_default_rule(model, 
     assert "STS_icl(law)" in result.candidates["law_copy"].reason and "1.5 x median" in result.candidates[
         "law_copy"].reason
     assert all("STS_icl(food) = " in d.reason for d in result.candidates.values() if d.accepted)
+    assert result.rules["tolerance_by_domain"] == {"law": 1.5, "food": None}  # recorded as judged (was: null)
 
 
 def test_bad_inputs(model, tokenizer):
@@ -419,6 +424,7 @@ def test_filter_settings_are_checked_whatever_their_type(decision):
     ({"protected": ["law", "law"]}, "['law'] are named more than once in `protected`"),
     ({"protected": ["sport"]}, "['sport'] are not among the target domains"),
     ({"budget": 0}, "budget=0 must be a positive number"),
+    ({"max_rank": 4}, "max_rank=4 with 4 target domains rejects every candidate"),
     ({"wanted": {"code": "sport"}}, "wanted['code'] = 'sport' is not a target domain"),
     ({"options": {**config().to_dict(), "compute_icl": False, "ranking": "sts_act"}, "score": "sts_icl"},
      "needs compute_icl=True"),
@@ -461,6 +467,19 @@ def test_cli_gate_refuses_candidate_names_equal_as_text(tmp_path, monkeypatch, c
     assert main(["gate", str(tmp_path / "gate.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "`candidates` has two entries named '1' (keys 1 and '1')" in err and "rename one" in err
+
+
+def test_cli_gate_refuses_candidate_names_that_are_no_file_names(tmp_path, monkeypatch, capsys):
+    """filtered_dir gets <candidate>.jsonl: '../escaped' was written outside it."""
+    import sts_callback.tools.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    write_jsonl(domain_texts("code", 5), tmp_path / "a.jsonl")
+    (tmp_path / "gate.yaml").write_text(f"model: tiny\nsae: tiny\nprotected: [x]\ntargets: {{x: {tmp_path}/a.jsonl, "
+                                        f"y: {tmp_path}/a.jsonl}}\nfiltered_dir: {tmp_path}/filtered\n"
+                                        f"candidates:\n  ../escaped: {tmp_path}/a.jsonl\n")
+    assert main(["gate", str(tmp_path / "gate.yaml"), "--no-progress"]) == 2
+    assert "['../escaped'] cannot be file names in filtered_dir" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ preference candidates

@@ -152,3 +152,13 @@ def test_a_report_of_a_folder_with_a_foreign_json_names_it(tmp_path):
     (tmp_path / "forecast.json").write_text("[1, 2]")  # another tool's file where the forecast belongs
     with pytest.raises(STSInputError, match="Not an STS forecast file"):
         ReportData(tmp_path)
+
+
+def test_a_validation_result_shows_a_summary_and_its_table_in_a_notebook():
+    """Its dataclass repr dumped every seed's scores (8 kB for one seed), unlike the forecast and the decision."""
+    from fake_validation import fake_validation
+
+    scores = {d: {"sts_act": float(i), "sts_icl": float(-i)} for i, d in enumerate(("law", "food", "chem"))}
+    result = fake_validation([scores, scores], [{"law": 0.01, "food": 0.03, "chem": -0.02}] * 2)
+    assert repr(result).startswith("<ValidationResult: 3 target domains, 2 seed(s) of lora training")
+    assert len(repr(result)) < 300 and pretty(result) == result.table() == str(result)

@@ -474,7 +474,10 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     decisions = _decide(forecasts, corpora, protected, score, limit_map, rules.max_rank, tolerance, wanted)
     decision = GateDecision(candidates=decisions, forecasts=forecasts, weights={}, protected=protected,
                             targets=list(domains), score=score,
-                            rules={"limits": limit_map, "max_rank": rules.max_rank, "tolerance": tolerance},
+                            rules={"limits": limit_map, "max_rank": rules.max_rank, "tolerance": tolerance,
+                                   # the relative rule's factor each protected domain was judged with (None: none)
+                                   "tolerance_by_domain": {p: _domain_tolerance(p, tolerance, limit_map, rules.max_rank)
+                                                           for p in protected}},
                             weight_rule=rules.weights,
                             example_scores=example_scores, forward_calls=calls, timings=timings, _data=corpora)
     if mixed:
@@ -533,6 +536,10 @@ def check_gate_names(candidates: list[str], targets: list[str], protected: Any,
     if missing:
         raise STSInputError(f"Protected domain(s) {missing} are not among the target domains {sorted(targets)}; "
                             "add them to `targets` or fix the names.")
+    if rules.max_rank is not None and rules.max_rank >= len(targets):  # every domain ranks within 1..len(targets)
+        raise STSConfigError(f"max_rank={rules.max_rank} with {len(targets)} target domains rejects every candidate "
+                             f"(a protected domain always ranks 1..{len(targets)}); use max_rank <= "
+                             f"{len(targets) - 1}, or add target domains.")
     limit_map = _limit_map(rules.limits, protected)
     wanted = dict(rules.wanted or {})
     for name, domain in wanted.items():
@@ -592,9 +599,7 @@ def _decide(forecasts: dict[str, Forecast], corpora: dict[str, Corpus], protecte
                 if ranks[p] <= max_rank:
                     violations.append(f"{p} ranks {ranks[p]} of {len(ranked)} target domains "
                                       f"(max_rank={max_rank} rejects ranks 1..{max_rank})")
-            # a protected domain that no rule names (limits for some others only) keeps the default rule
-            p_tolerance = tolerance if tolerance is not None or p in limits or max_rank is not None \
-                else DEFAULT_TOLERANCE
+            p_tolerance = _domain_tolerance(p, tolerance, limits, max_rank)
             if p_tolerance is not None:
                 others = [forecasts[o].score(p, score) for o in forecasts if o != name]
                 if not others:
@@ -613,6 +618,15 @@ def _decide(forecasts: dict[str, Forecast], corpora: dict[str, Corpus], protecte
                                             protected_scores=values, protected_ranks=ranks,
                                             examples=len(corpora[name]))
     return decisions
+
+
+def _domain_tolerance(domain: str, tolerance: float | None, limits: dict[str, float], max_rank: int | None,
+                      ) -> float | None:
+    """The relative rule's factor for a protected domain: ``tolerance``; for a domain no rule names (limits for
+    some others only, no max_rank), the default rule's."""
+    if tolerance is not None or domain in limits or max_rank is not None:
+        return tolerance
+    return DEFAULT_TOLERANCE
 
 
 def _sts_weights(decision: GateDecision, accepted: list[str]) -> dict[str, float]:
@@ -647,9 +661,12 @@ def _min_impact_weights(decision: GateDecision, accepted: list[str], floor: floa
             total += decision.candidates[name].protected_scores[p] / top if top > 0 else 0.0
         impact.append(total)
     served = sorted({decision.candidates[n].serves for n in accepted})
-    if floor * len(served) > 1 + 1e-12:
-        raise STSConfigError(f"floor={floor} for {len(served)} served domains ({served}) adds up to more than 1; "
-                             f"lower floor to at most {1 / len(served):.3f}.")
+    if floor * len(served) > 1 + 1e-12:  # known only now (which domain each serves): the decision is not lost
+        message = (f"floor={floor} for {len(served)} served domains ({served}) adds up to more than 1: the weights "
+                   f"use floor={1 / len(served):.3f}, the most they can; lower floor to at most that.")
+        warn_on_main(message, STSDataWarning, stacklevel=3)
+        decision.notes.append(message)
+        floor = 1 / len(served)
     a_ub = [[-1.0 if decision.candidates[n].serves == d else 0.0 for n in accepted] for d in served]
     result = linprog(impact, A_ub=a_ub or None, b_ub=[-floor] * len(served) or None,
                      A_eq=[[1.0] * len(accepted)], b_eq=[1.0], bounds=[(0, 1)] * len(accepted), method="highs")

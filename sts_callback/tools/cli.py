@@ -832,6 +832,12 @@ def cmd_gate(args: argparse.Namespace) -> int:
     outputs = [(output, f"The decision output {output}")]
     if filtered_dir:
         filtered_dir = _check_output_folder(Path(filtered_dir), "filtered_dir")
+        # each candidate's name becomes a file name there: one that reaches out of the folder is refused
+        unsafe = [str(n) for n in config_file["candidates"] if Path(str(n)).name != str(n) or str(n) in ("", ".", "..")]
+        if unsafe:
+            raise STSInputError(f"Candidate name(s) {unsafe} cannot be file names in filtered_dir (each accepted "
+                                "candidate is written there as <name>.jsonl); name candidates without '/' or "
+                                "'..', e.g. 'code_v2'.")
         for name in config_file["candidates"]:  # which are accepted is known only later: every candidate's file
             outputs.append((_check_output_file(filtered_dir / f"{name}.jsonl", "The filtered candidate"),
                             f"filtered_dir {filtered_dir}"))

@@ -333,6 +333,13 @@ class ValidationResult:
     def __str__(self) -> str:
         return self.table()
 
+    def __repr__(self) -> str:  # one line: the dataclass's own repr dumps every seed's scores (kilobytes)
+        return (f"<ValidationResult: {len(self.domains)} target domains, {len(self.seeds)} seed(s) of {self.method} "
+                f"training, variants {self.variants}; print() it for the table>")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython / Jupyter: the table
+        printer.text(repr(self) if cycle else self.table())
+
     @property
     def noise_ceiling(self) -> float | None:
         """The seeds' mean :attr:`SeedResult.noise_ceiling` (``None`` if a seed's is unknown)."""
