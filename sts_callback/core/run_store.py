@@ -28,6 +28,7 @@ HISTORY_FILE = "history.jsonl"
 SUPERSEDED_FILE = "history.superseded.jsonl"
 CUT_FILE = "history.cut.txt"  # lines a crash cut, moved out of the history on resume
 SETTINGS_FILE = "settings.json"
+REPORT_HTML_FILE, REPORT_MD_FILE = "report.html", "report.md"  # written by reporting.report
 MONITOR_FILE = "monitor.safetensors"
 STATE_FILE = "callback_state.json"
 STATE_FORMAT = "sts-callback-state/1"
@@ -121,8 +122,10 @@ class RunStore:
     def archive_previous_run(self) -> list[Path]:
         """A fresh run (step 0) in a folder an earlier run wrote: its history, superseded re-checks and forecast
         move to dated names (``history.<time>.jsonl``, ``forecast.<time>.json``), so that neither the report nor
-        a resume of this run reads them as this run's (a run whose forecast is skipped writes no forecast.json)."""
-        names = [name.partition(".")[::2] for name in (HISTORY_FILE, SUPERSEDED_FILE, FORECAST_FILE)]
+        a resume of this run reads them as this run's (a run whose forecast is skipped writes no forecast.json); its
+        report too, which would otherwise stand beside this run's forecast until its first re-check."""
+        names = [name.partition(".")[::2] for name in (HISTORY_FILE, SUPERSEDED_FILE, FORECAST_FILE, REPORT_HTML_FILE,
+                                                       REPORT_MD_FILE)]
         stamp = base = time.strftime("%Y%m%d-%H%M%S")
         number = 1  # runs that start within one second (quick trials, smoke tests): one numbered stamp for all
         while any(self.path(f"{stem}.{stamp}.{suffix}").exists() for stem, suffix in names):

@@ -17,14 +17,18 @@ from typing import Any
 import torch
 
 
-def planned_learning_rates(args: Any, max_steps: int, lr_scheduler: Any = None) -> tuple[list[float], str]:
+def planned_learning_rates(args: Any, max_steps: int, lr_scheduler: Any = None, global_step: int = 0,
+                           log_history: list[dict[str, Any]] | None = None) -> tuple[list[float], str]:
     """(learning rate of optimizer steps 1..``max_steps``, its source: ``"arguments"``, ``"scheduler"`` (the run's
     own scheduler stepped ahead and put back) or ``"logged"`` (follow the rates the Trainer logs)).
 
     The schedule ``TrainingArguments`` describe, unless the run's scheduler does not follow it (one the user built,
     of any class: a LambdaLR or transformers' ``get_cosine_schedule_with_warmup`` with other settings): then that
     scheduler's own rates, read by stepping it ahead and restoring it exactly. A scheduler that steps on metrics
-    (``reduce_lr_on_plateau``, ``greedy``) is followed from the logged rates."""
+    (``reduce_lr_on_plateau``, ``greedy``) is followed from the logged rates. A run resumed at ``global_step``
+    whose scheduler does not go on as the arguments plan (another ``max_steps`` than the checkpoint's, or a
+    scheduler not restored: ``save_only_model``) runs its remaining steps at what its scheduler gives from where it
+    stands; the steps before it are read from ``log_history`` (else the plan)."""
     from transformers import get_scheduler
 
     if max_steps <= 0:
@@ -32,7 +36,9 @@ def planned_learning_rates(args: Any, max_steps: int, lr_scheduler: Any = None) 
     base = float(getattr(args, "learning_rate", 1.0) or 1.0)
     name = str(getattr(getattr(args, "lr_scheduler_type", None), "value", getattr(args, "lr_scheduler_type", "")))
     running = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps it
-    ahead = stepped_ahead(running, max_steps - steps_taken(running)) if running is not None else None
+    resumed = 0 < global_step < max_steps
+    ahead = (stepped_ahead(running, max_steps - (global_step if resumed else steps_taken(running)))
+             if running is not None else None)
     if running is not None and ahead is None:
         return [], "logged"  # it steps on metrics (or cannot be stepped apart from training)
     try:
@@ -43,12 +49,16 @@ def planned_learning_rates(args: Any, max_steps: int, lr_scheduler: Any = None) 
         rates = stepped_ahead(scheduler, max_steps)
     except (TypeError, ValueError):  # a type that needs more than these arguments
         rates = None
+    if ahead is not None and resumed and (rates is None or not _same(rates[global_step:], ahead)):
+        logged = logged_learning_rates(log_history or [], global_step)
+        before = logged or (rates[:global_step] if rates is not None else [ahead[0]] * global_step)
+        return before + ahead, "scheduler"
     if rates is None:
         return ([], "logged") if ahead is None else (ahead, "scheduler")
     if ahead is not None and not _same(rates[len(rates) - len(ahead):], ahead):
         if len(ahead) == max_steps:
             return ahead, "scheduler"
-        return [], "logged"  # resumed under a schedule of its own: the steps already taken are in the log
+        return [], "logged"  # a scheduler part-way through with no step count to place it by: the log
     return rates, "arguments"
 
 

@@ -487,7 +487,8 @@ class STSCallback(TrainerCallback, ExportableState):
             self._leave_out_of_the_objective(trainer)
         accelerator = getattr(trainer, "accelerator", None)
         session.autocast = _weak_autocast(accelerator) if accelerator is not None else session.autocast
-        session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
+        session.learning_rates, self.schedule_source = planned_learning_rates(
+            args, state.max_steps, lr_scheduler, state.global_step, state.log_history)
         _warn_about_the_schedule(session, args, state.max_steps)
         if self.schedule_source == "logged":
             session.say(f"STS: this run's scheduler steps on metrics (or could not be read ahead): the early "

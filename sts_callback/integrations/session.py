@@ -434,11 +434,16 @@ class STSSession:
         if self.is_main:
             self.write(f"the monitor state to {store.monitor_path}", lambda: monitor.save(store.monitor_path), 0)
             self.write(f"the earlier run's results in {store.root}", store.archive_previous_run, 0)
-            guard = self.guard.config
-            self.write(f"the settings to {store.root}", lambda: store.write_settings(
-                {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts,
-                 "accuracy_tolerance": guard.accuracy_tolerance}), 0)
+            self._write_settings(0)
             self.write(f"the callback state to {store.root}", lambda: store.write_state(self.counters()), 0)
+
+    def _write_settings(self, step: int) -> None:
+        """The guard's settings, which ``sts report`` reads back (protected domains, tolerances): at train start, and
+        again on a resume, whose settings the rest of the run is judged by."""
+        guard, store = self.guard.config, self.store
+        self.write(f"the settings to {store.root}", lambda: store.write_settings(
+            {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts,
+             "accuracy_tolerance": guard.accuracy_tolerance}), step)
 
     def resume(self, step: int, checkpoint: RunStore, domains: dict[str, Corpus],
                saved_elsewhere: Callable[[], dict[str, Any] | None] | None = None) -> None:
@@ -485,12 +490,14 @@ class STSSession:
         monitor.domains = {name: DomainBaseline(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
         self._load_monitor(monitor, paths)
         monitor.base_losses, monitor.base_accuracy = dict(self.base_losses), dict(self.base_accuracy)
+        self._leave_out_domains_added_since_the_start(monitor)
         # Re-checks after the checkpoint are redone by the resumed run: they move to the superseded file.
         if self.is_main:
             kept: list[dict[str, Any]] = []
             self.write(f"the history in {store.root}", lambda: kept.extend(store.keep_history_until(step)), step)
             if not self.history:
                 self.history = kept
+            self._write_settings(step)
             self.say(f"STS: resumed at step {step}" + (f"; forecast read back from {store.forecast_path}."
                                                        if self.forecast is not None else "; the run has no forecast."))
             if not self.history:  # the folder could not be rewritten: read as it is
@@ -520,6 +527,27 @@ class STSSession:
         self.monitor.turn = 0
         self._clock, self._resumed_at = time.perf_counter(), None
         return len(abandoned)
+
+    def _leave_out_domains_added_since_the_start(self, monitor: Monitor) -> None:
+        """Target domains given now that the run did not measure at train start have no base to compare with (the
+        weights it started from are gone): every later re-check failed on them, the protected domains' too. A
+        protected one is refused (it cannot be guarded); the others are left out of this run, said once."""
+        added = [n for n in monitor.loss_sets if n not in monitor.base_sequence_nll]
+        added += [n for n in monitor.accuracy_sets if n not in monitor.base_accuracy and n not in added]
+        if not added:
+            return
+        protected = [n for n in added if n in self.guard.config.protected]
+        if protected:
+            raise STSInputError(f"Resuming: protected domain(s) {protected} were not target domains when this run "
+                                "started, so there is no train-start loss to guard them against; resume with the "
+                                "target domains the run started with (add these in a new run).")
+        for name in added:
+            monitor.loss_sets.pop(name, None)
+            monitor.accuracy_sets.pop(name, None)
+            monitor.domains.pop(name, None)
+        self.warn("resume_added_domains", f"STS: resuming, target domain(s) {added} were not measured at train "
+                  "start and have no base to compare with: they are left out of this run (add them in a new run).",
+                  STSDataWarning)
 
     @staticmethod
     def _load_monitor(monitor: Monitor, paths: list[Path]) -> None:

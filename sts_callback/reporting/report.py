@@ -27,13 +27,13 @@ from ..core.atomic import atomic_write_text, check_format, read_json_lines
 from ..core.data import repeated_names
 from ..core.errors import STSDataWarning, STSInputError
 from ..core.formatting import percent, signed_percent
-from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, SETTINGS_FILE, in_step_order
+from ..core.run_store import (FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, REPORT_HTML_FILE, REPORT_MD_FILE,
+                              SETTINGS_FILE, in_step_order)
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 
 GATE_FILE = "gate.json"
 VALIDATION_FILE = "validation.json"
-HTML_FILE = "report.html"
-MD_FILE = "report.md"
+HTML_FILE, MD_FILE = REPORT_HTML_FILE, REPORT_MD_FILE
 
 NEURONPEDIA = "https://www.neuronpedia.org/{id}/{latent}"
 MAX_LATENTS_WITH_CONTEXTS = 20
