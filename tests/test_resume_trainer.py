@@ -101,6 +101,10 @@ def test_a_resume_rewrites_the_guard_settings_the_rest_of_the_run_is_judged_by(t
         resume_from_checkpoint=True)
     settings = json.loads((tmp_path / "sts" / "settings.json").read_text())
     assert settings["tolerance"] == 0.05 and settings["protected"] == ["law", "food"]  # sts report reads these
+    # a calibration first given on resume predicts nothing at train start (made before the first step): said
+    with pytest.warns(STSDataWarning, match="resuming with a calibration but no train-start prediction"):
+        trainer(tmp_path, tokenizer, callback(calibration="gemma3-270m-lora"), max_steps=10).train(
+            resume_from_checkpoint=True)
 
 
 def test_a_new_run_in_a_used_folder_moves_the_old_report_aside(tmp_path, tokenizer):

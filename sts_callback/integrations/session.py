@@ -491,6 +491,11 @@ class STSSession:
         self._load_monitor(monitor, paths)
         monitor.base_losses, monitor.base_accuracy = dict(self.base_losses), dict(self.base_accuracy)
         self._leave_out_domains_added_since_the_start(monitor)
+        if self.calibration is not None and not self.predicted:  # the start's forecast was made without it
+            self.warn("resume_calibration", "STS: resuming with a calibration but no train-start prediction (the "
+                      "run started without this calibration, or its forecast was skipped): that prediction is made "
+                      "before the first step, so this run has none; the re-checks' early forecast reads the "
+                      "calibration. Give it from the start of a new run for a prediction.", STSDataWarning)
         # Re-checks after the checkpoint are redone by the resumed run: they move to the superseded file.
         if self.is_main:
             kept: list[dict[str, Any]] = []
