@@ -167,3 +167,49 @@ def test_a_calibration_file_without_the_level_fields_predicts_as_before():
     data["source_precision"] = [[1.0, 2.0]]
     with pytest.raises(STSInputError, match=r"'source_precision\[0\]' has 2 value"):
         Calibration.from_dict(data)
+
+
+def test_a_run_stopped_early_is_refused_whoever_stopped_it_and_a_loaded_best_checkpoint_is_its_end(tmp_path):
+    """A run another callback stopped (its last record has no schedule share, only ended_early) was fitted as an
+    end-of-training change while one STS's guard stopped was refused; a run that loaded its best checkpoint at the
+    end was fitted on the last step's changes, of weights it no longer had."""
+    runs = runs_in(tmp_path)
+    stopped = write_run(tmp_path / "stopped", 7, fraction=None)
+    history = [json.loads(line) for line in (tmp_path / "stopped" / "sts" / "history.jsonl").read_text().splitlines()]
+    history[-1]["ended_early"] = {"max_steps": 8}
+    (tmp_path / "stopped" / "sts" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    with pytest.raises(STSInputError, match=r"stopped.*ended at step 4, before max_steps=8 \(stopped early\)"):
+        Calibration.from_runs([*runs, stopped], ["f0"])
+    best = write_run(tmp_path / "best", 8)
+    history = [json.loads(line) for line in (tmp_path / "best" / "sts" / "history.jsonl").read_text().splitlines()]
+    history[-1]["loaded_best_step"] = 2
+    (tmp_path / "best" / "sts" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    [record] = run_records([best])
+    assert record["step"] == 2 and record["changes"] == history[0]["loss_delta"]  # the weights it ended with
+    history[-1]["loaded_best_step"] = 3  # a step no re-check measured
+    (tmp_path / "best" / "sts" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    with pytest.raises(STSInputError, match=r"best checkpoint's weights \(step 3.*which no re-check measured"):
+        run_records([best])
+
+
+def test_one_path_or_one_feature_name_is_taken_whole_and_a_validation_given_twice_is_refused(tmp_path):
+    from fake_validation import fake_validation
+
+    runs = runs_in(tmp_path)
+    # one run's path is one run (its letters were taken for as many runs: "passed more than once")
+    with pytest.raises(STSInputError, match="needs at least 2 runs .* got 1"):
+        Calibration.from_runs(runs[0], "f0")
+    names = ("law", "food", "chem", "code")
+    scores = {d: {"sts_act": float(i), "sts_icl": float(-i)} for i, d in enumerate(names)}
+    data = fake_validation([scores], [dict(zip(names, (0.01, 0.03, -0.02, 0.04)))]).to_dict()
+    data["per_seed"][0]["nll_delta_rel"]["chem"] = None  # a domain whose change was not measured
+    path = tmp_path / "val" / "validation.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(data))
+    fitted = Calibration.from_validation(path, "sts_act")  # one name; the unmeasured domain left out, not a crash
+    assert fitted.features == ["sts_act"] and fitted.n == 3
+    with pytest.raises(STSInputError, match="same validation was given more than once"):
+        Calibration.from_validation([path, path.parent], "sts_act")
+    (tmp_path / "forecast.json").write_text(json.dumps({"format": FORECAST_FORMAT, "domains": {}}))
+    with pytest.raises(STSInputError, match="is not a validation result"):
+        Calibration.from_validation(tmp_path / "forecast.json")

@@ -112,6 +112,21 @@ def test_run_level_term_refuses_a_preference_trainer_at_train_start(tmp_path, to
         dpo_run(tmp_path, tokenizer, run_level="lookahead")
 
 
+def test_a_calibration_reading_the_in_context_change_is_refused_for_a_dpo_run_before_its_forecast(tmp_path,
+                                                                                                   tokenizer):
+    import numpy as np
+
+    from sts_callback import STSConfigError
+    from sts_callback.scoring.calibration import Calibration
+
+    runs = [(np.array([[0.1 * k], [0.3], [-0.2]]), [0.01 * k, 0.02, 0.05], [], ["law", "food", "chem"])
+            for k in range(5)]
+    calibration = Calibration.fit_level_pattern(runs, ["icl_loss_change"], [], domain_prior=True)
+    with pytest.raises(STSConfigError, match="a chosen_vs_rejected forecast does not have"):
+        dpo_run(tmp_path, tokenizer, calibration=calibration)
+    assert not (tmp_path / "sts" / "forecast.json").exists()
+
+
 def test_dpo_trainer_sft_style_shift_on_request(tmp_path, tokenizer):
     cb = dpo_run(tmp_path, tokenizer, shift="in_context")  # the chosen completions as demonstrations
     assert cb.forecast.settings["shift"] == "in_context" and cb.forecast.shift_queries > 0

@@ -156,13 +156,20 @@ def test_settings_other_than_those_it_was_fitted_with_are_warned_about_with_the_
         assert with_icl_loss(fitted.replace(icl_loss_tokens=64), builtin).icl_loss_tokens == 64  # asked: kept
 
 
-def test_a_preference_forecast_refuses_it_before_any_work(model, tokenizer):
-    """A chosen-vs-rejected shift has no training texts to put in context: refused at once, not after the forecast
-    ran (and not recorded as computed when it was not)."""
+def test_a_preference_forecast_refuses_a_calibration_reading_it_before_any_work(model, tokenizer, monkeypatch):
+    """A chosen-vs-rejected shift has no training texts to put in context: a calibration reading the change is
+    refused at once (it ran the whole forecast, then blamed icl_loss_tokens=0); a budget asked for is said and
+    skipped, never recorded as computed."""
+    from sts_callback.core.errors import STSDataWarning
+    from sts_callback.pipelines import preference
     from sts_callback.pipelines.preference import preference_forecast
 
     law, food = domain_texts("law", 6), domain_texts("food", 6)
     pairs = [{"prompt": "what is it ?", "chosen": " " + a, "rejected": " " + b} for a, b in zip(law, food)]
-    for config, calibration in (({**SMALL, "icl_loss_tokens": 96}, None), (SMALL, icl_calibration())):
-        with pytest.raises(STSConfigError, match=r"chosen_vs_rejected forecast has none.*icl_loss_tokens=0"):
-            preference_forecast(model, tokenizer, sae(), pairs, targets(), config, calibration=calibration)
+    monkeypatch.setattr(preference, "run_preference_forecast", lambda *a, **k: pytest.fail("the forecast ran"))
+    with pytest.raises(STSConfigError, match=r"reads 'icl_loss_change'.*a chosen_vs_rejected forecast does not"):
+        preference_forecast(model, tokenizer, sae(), pairs, targets(), SMALL, calibration=icl_calibration())
+    monkeypatch.undo()
+    with pytest.warns(STSDataWarning, match=r"icl_loss_tokens=96.*chosen_vs_rejected forecast has not"):
+        result = preference_forecast(model, tokenizer, sae(), pairs, targets(), {**SMALL, "icl_loss_tokens": 96})
+    assert all("icl_loss_change" not in d.scores for d in result.domains.values())

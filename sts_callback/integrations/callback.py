@@ -31,6 +31,7 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSOutO
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
 from ..core.schedule import planned_learning_rates
+from ..pipelines.forecast import check_icl_loss_shift
 from ..pipelines.guard import GuardConfig
 from ..pipelines.preference import Truncation
 from ..scoring.calibration import own_feature
@@ -529,6 +530,7 @@ class STSCallback(TrainerCallback, ExportableState):
                            lambda: saved_in_trainer_state(checkpoint.root.parent, self.output_subdir))
         else:
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
+            check_icl_loss_shift(self.calibration, shift)  # before the rollouts and the forecast
             progress = session.is_main and not getattr(args, "disable_tqdm", False)
             rollouts = teacher = None
             if shift in ROLLOUT_SHIFTS and unreproduced:

@@ -635,6 +635,20 @@ def check_calibration_config(calibration: Any, config: STSConfig) -> None:
                              f"it a budget ({DEFAULT_ICL_LOSS_TOKENS}), or fit a calibration without it.")
 
 
+# shifts whose forecast puts no training texts in context before the domains' texts: no in-context NLL change
+NO_CONTEXT_SHIFTS = ("chosen_vs_rejected", "reward_weighted", "teacher_vs_student")
+
+
+def check_icl_loss_shift(calibration: Any, shift: str) -> None:
+    """Refuse, before any work, a calibration that reads ``icl_loss_change`` for a forecast of ``shift`` that
+    cannot compute it (the forecast would run whole, then predict nothing)."""
+    if calibration is not None and shift in NO_CONTEXT_SHIFTS and ICL_LOSS_FEATURE in calibration.score_features:
+        raise STSConfigError(f"The calibration reads {ICL_LOSS_FEATURE!r}, the domains' NLL change with training "
+                             f"texts in context, which a {shift} forecast does not have (it contrasts two sides); "
+                             "use a calibration fitted on this kind of run without it (`sts calibrate --runs ... "
+                             "--features ...`).")
+
+
 def with_icl_loss(config: STSConfig, calibration: Any) -> STSConfig:
     """``config`` with ``icl_loss_tokens`` decided: ``None`` becomes, when ``calibration`` reads
     ``icl_loss_change``, the budget it was fitted with (its ``fitted_on["icl_loss"]["tokens"]``, else the default),

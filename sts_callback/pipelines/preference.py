@@ -45,7 +45,7 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from ..core.stats import ActivationStats, ShiftStats, TopActivations
 from .forecast import (Forecast, ForecastRun, Plan, ForecastSetup, ShiftPass, check_inputs_agree, forecast_with_shift,
-                       plan_domains, prepare_forecast, run_forecast)
+                       check_icl_loss_shift, plan_domains, prepare_forecast, run_forecast)
 
 PREFERENCE_SHIFTS = ("chosen_vs_rejected", "in_context")
 
@@ -175,11 +175,10 @@ def forecast_of_contrast(setup: ForecastSetup, units: list[ContrastUnit], shift:
     """The forecast of ``shift``, the pass over ``units`` (:func:`contrast_pass`), once every rank is seen to have
     sampled the same units."""
     start = time.perf_counter() if start is None else start
-    if setup.config.icl_loss_tokens:  # before any work: it reads training texts in context, which this shift has not
-        raise STSConfigError(f"STSConfig.icl_loss_tokens={setup.config.icl_loss_tokens} asks for the in-context NLL "
-                             f"change (icl_loss_change), which reads training texts as demonstrations; the "
-                             f"{shift.kind} forecast has none. Set icl_loss_tokens=0, or use a calibration that does "
-                             "not read icl_loss_change.")
+    if setup.config.icl_loss_tokens:  # asked for (a calibration reading it is refused earlier): said, not computed
+        warn_on_main(f"STSConfig.icl_loss_tokens={setup.config.icl_loss_tokens}: the in-context NLL change reads "
+                     f"training texts in context, which a {shift.kind} forecast has not; it is not computed.",
+                     STSDataWarning, stacklevel=3)
     domain_inputs = plan_domains(setup.builder, setup.config, domains)
     checksum = fingerprint([[ids for ids, _ in u.sequences] for u in units], [u.weights for u in units])
     check_inputs_agree(setup, checksum, f"{len(units)} sampled {what} ({checksum})", domain_inputs)
@@ -420,6 +419,7 @@ def preference_forecast(model: nn.Module, tokenizer, sae: Any, pairs: Any, targe
     if shift not in PREFERENCE_SHIFTS:
         raise STSConfigError(f"shift={shift!r}: use one of {PREFERENCE_SHIFTS}.")
     setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration)
+    check_icl_loss_shift(calibration, shift)
     domains = load_domains(targets)
     if shift == "chosen_vs_rejected":
         result = run_preference_forecast(setup, pairs, domains, chat_template_kwargs=chat_template_kwargs,

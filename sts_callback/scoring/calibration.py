@@ -379,7 +379,7 @@ class Calibration:
         ``pattern_scale="run"``: the pattern over each run's spread (:meth:`fit_level_pattern`), for runs whose
         changes differ in scale by an order of magnitude (RL runs). A level from the run-level term holds for its
         number of lookahead steps, recorded as ``fitted_on["scope"]["run_level_steps"]`` (the callback takes it)."""
-        records = run_records(runs)
+        records = run_records([runs] if isinstance(runs, (str, Path)) else runs)
         methods = {(r["run_level"] or {}).get("method") for r in records}
         has_level = len(methods) == 1 and None not in methods and all(
             r["run_level"].get("own_change") is not None for r in records)
@@ -405,7 +405,7 @@ class Calibration:
                     present = {k for k, v in r["scores"].get(name, {}).items() if v is not None}
                     common = present if common is None else common & present
             features = sorted(common or ())
-        features = list(features)
+        features = _feature_names(features)
         rows = []
         for r in records:
             names = [n for n, change in r["changes"].items() if change is not None
@@ -433,14 +433,16 @@ class Calibration:
         records the files and the scope they share (model class, SAE width and hook, from the forecast saved
         with each validation), for :meth:`Forecast.apply_calibration` to warn on another setup."""
         x, y, used, scopes = [], [], [], []
+        features = _feature_names(features)
         records = _validation_records(results)
         for data, source in records:
             for seed in data["per_seed"]:
                 for domain, scores in seed["scores"].items():
-                    if any(scores.get(f) is None for f in features):
+                    change = (seed.get("nll_delta_rel") or {}).get(domain)
+                    if change is None or any(scores.get(f) is None for f in features):  # unmeasured: no pair
                         continue
                     x.append([float(scores[f]) for f in features])
-                    y.append(float(seed["nll_delta_rel"][domain]))
+                    y.append(float(change))
             used.append(source)
             scopes.append(_validation_scope(data, source))
         _warn_mixed_scope([{"run": str(source), "scope": scope} for source, scope in zip(used, scopes)])
@@ -484,17 +486,28 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
             raise STSInputError(f"{item}: no forecast.json (looked in {store.root}); pass the output_dir of a run "
                                 "trained with STSCallback, or its STS folder.")
         forecast = _run_forecast(store.forecast_path)
-        measured = [r for r in _run_history(store) if r.get("loss_delta")]
+        history = _run_history(store)
+        measured = [r for r in history if r.get("loss_delta")]
         if not measured:
             raise STSInputError(f"{item}: no re-check measured a held-out loss change (history.jsonl); the run needs "
                                 "re-checks (recheck_steps, or a save at the end) to calibrate on.")
         # each domain's latest measured change: re-checks that rotate the domains (loss_domains=) measure only
         # some of them each time, so the last re-check alone would leave the others out of the fit
+        # a run that loaded its best checkpoint at the end (load_best_model_at_end) ends with that step's weights
+        loaded = history[-1].get("loaded_best_step") if history else None
+        if loaded is not None:
+            measured = [r for r in measured if r["step"] <= loaded]
+            if not measured or max(r["step"] for r in measured) != loaded:
+                raise STSInputError(f"{item}: the run ended with its best checkpoint's weights (step {loaded}, "
+                                    "load_best_model_at_end), which no re-check measured: the changes it has are of "
+                                    f"weights the run no longer has. Re-check at every save to calibrate on it. "
+                                    f"{_RUN_FIX}")
         changes: dict[str, float] = {}
         for record in sorted(measured, key=lambda r: r["step"]):
             changes.update({name: value for name, value in record["loss_delta"].items() if value is not None})
         last = max(measured, key=lambda r: r["step"])
-        _refuse_unfinished(item, last)
+        if loaded is None:  # the loaded checkpoint is the run's end, wherever it was on the schedule
+            _refuse_unfinished(item, last)
         records.append({"run": str(item), "step": last["step"], "changes": changes,
                         "scores": {name: d.get("scores") or {} for name, d in forecast.get("domains", {}).items()},
                         "run_level": (forecast.get("settings") or {}).get("run_level"),
@@ -563,6 +576,10 @@ def _run_history(store: Any) -> list[dict[str, Any]]:
 def _refuse_unfinished(item: str | Path, last: dict[str, Any]) -> None:
     """A run that stopped part-way measured a change short of the end of training: the fit would take it for
     the end's. ``lr_area_fraction`` is absent in old histories and runs without a known schedule: not refused."""
+    if last.get("ended_early"):  # stopped by STS's guard or another callback alike (a record without a fraction)
+        raise STSInputError(f"{item}: training ended at step {last['step']}, before max_steps="
+                            f"{last['ended_early'].get('max_steps')} (stopped early): its change is not an "
+                            f"end-of-training change. {_RUN_FIX}")
     fraction = last.get("lr_area_fraction")
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and fraction < 1 - 1e-6:
         raise STSInputError(f"{item}: its last re-check (step {last['step']}) is at {fraction:.0%} of the learning-"
@@ -648,8 +665,26 @@ def _validation_records(results) -> list[tuple[dict[str, Any], str | None]]:
             hint = (f" {folder} holds a training run's forecast ({run.name}): to fit on training runs, pass them with "
                     "`sts calibrate --runs ...`.") if run is not None else ""
             raise STSInputError(f"No validation.json at {item}; run `sts validate` first.{hint}")
-        records.append((json.loads(path.read_text()), str(path.resolve())))
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise STSInputError(f"{path} is not readable JSON ({err}); pass the validation.json that `sts validate` "
+                                "wrote.") from err
+        if not isinstance(data, dict) or not isinstance(data.get("per_seed"), list):
+            raise STSInputError(f"{path} is not a validation result (no per_seed list: a forecast or calibration "
+                                "file?); pass the validation.json that `sts validate` / validate() wrote.")
+        records.append((data, str(path.resolve())))
+    sources = [source for _, source in records if source is not None]
+    repeated = sorted({s for s in sources if sources.count(s) > 1})
+    if repeated:  # each copy would count its pairs again and narrow the intervals
+        raise STSInputError(f"The same validation was given more than once ({repeated}); give each once.")
     return records
+
+
+def _feature_names(features: Any) -> list[str]:
+    """Feature names as given: one name (not its letters), or a sequence of them, each once in order."""
+    names = [features] if isinstance(features, str) else list(features)
+    return list(dict.fromkeys(names))
 
 
 def _domain_effects(names: list[list[str]], departures: list[np.ndarray], leave_out: int | None = None,
