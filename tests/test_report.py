@@ -483,6 +483,25 @@ def test_projected_warnings_are_warnings_on_every_page_and_a_stopped_run_is_neve
     assert summary_status(page) == "no warnings" and timeline_row(page, 4)[1] == "ok"
 
 
+def test_a_domain_the_report_protects_and_the_run_did_not_is_judged_against_the_tolerance(tmp_path):
+    """`sts report --protected chem` marked chem protected beside a +133% change and said "No warnings": the
+    warnings were only those the run recorded under its own protected list."""
+    sts = tmp_path / "sts"
+    synthetic_forecast(["food", "chem"]).save(sts / "forecast.json")
+    (sts / "settings.json").write_text(json.dumps({"protected": [], "tolerance": 0.02}))
+    records = [{"step": 2, "scores": {}, "shifted_latents": [1], "loss_delta": {"food": 0.01, "chem": 0.01},
+                "violations": []},
+               {"step": 4, "scores": {}, "shifted_latents": [1], "loss_delta": {"food": 0.01, "chem": 1.335},
+                "violations": []}]
+    (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    html_path, md_path = write_report(sts, protected=["chem"])
+    md, page = md_path.read_text(), html_path.read_text()
+    assert "No warnings" not in md and "step 4: chem: held-out loss +133.5%, above the tolerance 2.0%" in md
+    assert summary_status(page) == "warnings" and "judged by this report" in page_text(page)
+    _, md_path = write_report(sts)  # the run's own (empty) protected list: nothing judged
+    assert "No warnings." in md_path.read_text()
+
+
 def test_numbers_never_contradict_themselves(tmp_path):
     """Seconds of a short run's overhead were rounded to 0 beside a share of 423%; a nonzero interval bound printed
     +0.0 and a change past the tolerance printed as the tolerance."""

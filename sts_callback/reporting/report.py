@@ -231,6 +231,22 @@ class ReportData:
         return (f"Training ended at step {last['step']}, before max_steps={last['ended_early']['max_steps']}: the "
                 "last re-check's changes are the run's end result, not a point on the way.")
 
+    def violations(self) -> list[tuple[int, str]]:
+        """(step, warning) of every re-check: those the run recorded, and, for a domain this report protects that
+        the run did not (``protected=`` / ``--protected``), each measured change above the run's tolerance."""
+        guarded = set(self.run_settings.get("protected") or [])
+        added = [p for p in self.protected if p not in guarded]
+        out = []
+        for record in self.history:
+            out += [(record["step"], v) for v in record.get("violations") or []]
+            for name in added if self.tolerance is not None else []:
+                change = (record.get("loss_delta") or {}).get(name)
+                if isinstance(change, (int, float)) and change > self.tolerance:
+                    out.append((record["step"], f"{name}: held-out loss {change:+.1%}, above the tolerance "
+                                                f"{self.tolerance:.1%} (judged by this report; the run did not "
+                                                "protect it)"))
+        return out
+
     @property
     def loaded_best_step(self) -> int | None:
         """The step of the checkpoint the loop loaded at its end (the Trainer's ``load_best_model_at_end``)."""
@@ -798,7 +814,7 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
         if ceiling is not None:
             lines.append(f"The measured changes are noisy: against them even a perfect forecast could expect a "
                          f"Pearson r of about {ceiling:.2f} with the signed change.")
-    warnings = [(r["step"], v) for r in data.history for v in r.get("violations") or []]
+    warnings = data.violations()
     projected = [(r["step"], v) for r in data.history for v in r.get("projected_warnings") or []]
     stops = [r for r in data.history if r.get("early_stop")]
     errors = [r for r in data.history if "error" in r]
@@ -1160,8 +1176,9 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
     scatter = scatter_points(data)
     if scatter is not None and scatter.pearson is not None:
         lines += [md_esc(_agreement_text(scatter)), ""]
-    warnings = [f"step {r['step']}{when}: {md_esc(v)}" for r in data.history
-                for key, when in (("violations", ""), ("projected_warnings", " (projected)")) for v in r.get(key) or []]
+    warnings = [f"step {step}: {md_esc(v)}" for step, v in data.violations()]
+    warnings += [f"step {r['step']} (projected): {md_esc(v)}" for r in data.history
+                 for v in r.get("projected_warnings") or []]
     warnings += [f"**{md_esc(r['early_stop'])}**" for r in data.history if r.get("early_stop")]
     warnings += [f"step {r.get('step')}: re-check failed ({md_esc(r['error'])})" for r in data.history if "error" in r]
     if warnings:
