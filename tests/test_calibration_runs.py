@@ -211,5 +211,5 @@ def test_one_path_or_one_feature_name_is_taken_whole_and_a_validation_given_twic
     with pytest.raises(STSInputError, match="same validation was given more than once"):
         Calibration.from_validation([path, path.parent], "sts_act")
     (tmp_path / "forecast.json").write_text(json.dumps({"format": FORECAST_FORMAT, "domains": {}}))
-    with pytest.raises(STSInputError, match="is not a validation result"):
+    with pytest.raises(STSInputError, match="forecast.json is a forecast .*not the output of `sts validate`"):
         Calibration.from_validation(tmp_path / "forecast.json")

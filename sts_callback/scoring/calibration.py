@@ -26,6 +26,7 @@ import numpy as np
 
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.config import ICL_LOSS_FEATURE, ICL_LOSS_SETTINGS
+from ..core.run_store import FORECAST_FORMAT
 from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
@@ -656,29 +657,49 @@ def _validation_records(results) -> list[tuple[dict[str, Any], str | None]]:
             files = item.get("files") if isinstance(item.get("files"), dict) else {}
             records.append((item, files.get("json") or item.get("output_dir")))
             continue
-        path = Path(item)
-        if path.is_dir():
-            path = next((p for p in (path / "sts" / "validation.json", path / "validation.json") if p.exists()), path)
+        path = validation_file(item)
         if not path.is_file():
             folder = Path(item)
             run = next((f for f in (folder / "sts" / "forecast.json", folder / "forecast.json") if f.is_file()), None)
             hint = (f" {folder} holds a training run's forecast ({run.name}): to fit on training runs, pass them with "
                     "`sts calibrate --runs ...`.") if run is not None else ""
             raise STSInputError(f"No validation.json at {item}; run `sts validate` first.{hint}")
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise STSInputError(f"{path} is not readable JSON ({err}); pass the validation.json that `sts validate` "
-                                "wrote.") from err
-        if not isinstance(data, dict) or not isinstance(data.get("per_seed"), list):
-            raise STSInputError(f"{path} is not a validation result (no per_seed list: a forecast or calibration "
-                                "file?); pass the validation.json that `sts validate` / validate() wrote.")
+        data = read_validation(path)
         records.append((data, str(path.resolve())))
     sources = [source for _, source in records if source is not None]
     repeated = sorted({s for s in sources if sources.count(s) > 1})
     if repeated:  # each copy would count its pairs again and narrow the intervals
         raise STSInputError(f"The same validation was given more than once ({repeated}); give each once.")
     return records
+
+
+# what a file given as a validation may be instead, by its format
+OTHER_FORMATS = {FORECAST_FORMAT: "a forecast (written by `sts forecast` or the callback)",
+                 "sts-gate/1": "a gate decision (written by `sts gate`)", FORMAT: "a calibration (written by "
+                 "`sts calibrate`)"}
+
+
+def validation_file(item: str | Path) -> Path:
+    """The validation.json an argument names: the file, or the one in its folder (``sts/`` or the folder itself);
+    the path as given when there is none."""
+    path = Path(item).expanduser()
+    if path.is_dir():
+        path = next((p for p in (path / "sts" / "validation.json", path / "validation.json") if p.exists()), path)
+    return path
+
+
+def read_validation(path: Path) -> dict[str, Any]:
+    """A validation.json's contents; a file that is not one (broken JSON, a forecast, ...) is an error naming it."""
+    fix = "pass the validation.json that `sts validate` writes (OUTPUT_DIR/sts/validation.json) or its output folder."
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise STSInputError(f"{path} is not a JSON file ({err}); {fix}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("per_seed"), list):
+        kind = OTHER_FORMATS.get(data.get("format")) if isinstance(data, dict) else None
+        raise STSInputError(f"{path} is {kind or 'not a validation result (no per_seed)'}, not the output of "
+                            f"`sts validate`; {fix}")
+    return data
 
 
 def _feature_names(features: Any) -> list[str]:

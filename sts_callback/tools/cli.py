@@ -1014,31 +1014,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-KNOWN_FORMATS = {FORECAST_FORMAT: "a forecast (written by `sts forecast` or the callback)",
-                 "sts-gate/1": "a gate decision (written by `sts gate`)",
-                 "sts-calibration/1": "a calibration (written by `sts calibrate`)"}
-
-
 def _validation_inputs(items: list[str]) -> dict[Path, str]:
     """Each VALIDATION argument read up front: a file that is not the output of `sts validate` (a forecast,
     broken JSON) is an error naming it. Returns path -> description for the overwrite check."""
+    from ..scoring.calibration import read_validation, validation_file
+
     inputs: dict[Path, str] = {}
     for item in items:
-        path = Path(os.path.expanduser(item))
-        if path.is_dir():
-            path = next((p for p in (path / "sts" / "validation.json", path / "validation.json") if p.exists()), path)
+        path = validation_file(os.path.expanduser(item))
         if not path.is_file():
             continue  # Calibration.from_validation names what is missing
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise STSInputError(f"{path} is not a JSON file ({err}); pass the validation.json that `sts validate` "
-                                "writes (OUTPUT_DIR/sts/validation.json) or its output folder.") from err
-        if not isinstance(data, dict) or not isinstance(data.get("per_seed"), list):
-            kind = KNOWN_FORMATS.get(data.get("format")) if isinstance(data, dict) else None
-            raise STSInputError(f"{path} is {kind or 'not a validation result (no per_seed)'}, not the output of "
-                                "`sts validate`; pass the validation.json that `sts validate` writes "
-                                "(OUTPUT_DIR/sts/validation.json) or its output folder.")
+        read_validation(path)
         inputs[path] = f"the validation input {path}"
     return inputs
 
