@@ -190,6 +190,11 @@ def test_a_run_stopped_early_is_refused_whoever_stopped_it_and_a_loaded_best_che
     (tmp_path / "best" / "sts" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     with pytest.raises(STSInputError, match=r"best checkpoint's weights \(step 3.*which no re-check measured"):
         run_records([best])
+    # stopped early and then loaded its best (EarlyStoppingCallback): still a run stopped part-way
+    history[-1].update(loaded_best_step=2, ended_early={"max_steps": 8})
+    (tmp_path / "best" / "sts" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    with pytest.raises(STSInputError, match="stopped early"):
+        run_records([best])
 
 
 def test_one_path_or_one_feature_name_is_taken_whole_and_a_validation_given_twice_is_refused(tmp_path):

@@ -899,3 +899,21 @@ def test_forecast_computes_the_in_context_change_its_calibration_reads(workspace
     assert saved["settings"]["config"]["icl_loss_tokens"] == 384
     assert all(saved["domains"][d]["scores"]["icl_loss_change"] is not None for d in ("chem", "food"))
     assert set(saved["predictions"]) == {"chem", "food"}
+
+
+def test_forecast_refuses_an_in_context_calibration_for_a_preference_forecast_before_the_model_loads(
+        workspace, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    import sts_callback.tools.cli as cli
+    from sts_callback import Calibration
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    runs = [(np.array([[0.1 * k], [0.3]]), [0.01 + 0.02 * k, 0.03], [], ["chem", "food"]) for k in range(5)]
+    path = Calibration.fit_level_pattern(runs, ["icl_loss_change"], [], domain_prior=True).save(tmp_path / "c.json")
+    texts = domain_texts("law", 12)
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps({"prompt": "q ?", "chosen": a, "rejected": b})
+                                                    for a, b in zip(texts, texts[1:] + texts[:1])))
+    config = write_config(workspace, train_data=str(tmp_path / "pairs.jsonl"), output=str(tmp_path / "f.json"))
+    assert main(["forecast", str(config), "--calibration", str(path)]) == 2
+    assert "a chosen_vs_rejected forecast does not have" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
-from sts_callback import STSConfig, STSConfigError, forecast
+from sts_callback import STSConfig, STSConfigError, STSDataWarning, forecast
 from sts_callback.core.data import load_corpus
 from sts_callback.pipelines.forecast import build_shift_pairs, prompt_builder
 from sts_callback.pipelines.icl_loss import icl_loss_change
@@ -120,16 +120,23 @@ def test_the_callback_computes_it_at_train_start_for_a_calibration_that_reads_it
     # from a signed SAE score, the in-context NLL change and the domain prior
     calibration = Calibration.fit_level_pattern(runs, ["signed_usage", "icl_loss_change"], ["lookahead_own"],
                                                 domain_prior=True)
-    callback = STSCallback(sae=sae(), target_domains={d: domain_texts(d, 30) for d in DOMAINS},
-                           config={k: v for k, v in SMALL.items() if k != "batch_size"}, recheck_tokens=150,
-                           loss_tokens=120, run_level="lookahead", run_level_steps=1, calibration=calibration)
+    calibration.fitted_on["icl_loss"] = {"max_query_tokens": 128}  # measured with longer queries than this run's
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)  # not at construction: before a process group, every rank
+        callback = STSCallback(sae=sae(), target_domains={d: domain_texts(d, 30) for d in DOMAINS},
+                               config={k: v for k, v in SMALL.items() if k != "batch_size"}, recheck_tokens=150,
+                               loss_tokens=120, run_level="lookahead", run_level_steps=1, calibration=calibration)
     assert callback.config.icl_loss_tokens == 384  # decided at construction, from the calibration
     data = Dataset.from_dict({"text": domain_texts("law", 64)}).map(lambda b: tokenizer(b["text"]), batched=True,
                                                                     remove_columns=["text"])
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=100, logging_steps=1,
                              use_cpu=True, report_to=[], per_device_train_batch_size=4, learning_rate=1e-2)
-    Trainer(model=make_model("llama"), args=args, train_dataset=data, processing_class=tokenizer,
-            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[callback]).train()
+    with pytest.warns(STSDataWarning, match=r"measured with max_query_tokens=128, this forecast's with "
+                                            r"max_query_tokens=24.*Pass STSConfig\(max_query_tokens=128\)"):
+        Trainer(model=make_model("llama"), args=args, train_dataset=data, processing_class=tokenizer,
+                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[callback]).train()
     scores = {d: callback.forecast.domains[d].scores for d in DOMAINS}
     assert all(isinstance(scores[d]["icl_loss_change"], float) and scores[d]["icl_loss_change"] != 0 for d in DOMAINS)
     own = callback.session.run_level["own_change"]

@@ -498,6 +498,7 @@ def test_a_domain_the_report_protects_and_the_run_did_not_is_judged_against_the_
     md, page = md_path.read_text(), html_path.read_text()
     assert "No warnings" not in md and "step 4: chem: held-out loss +133.5%, above the tolerance 2.0%" in md
     assert summary_status(page) == "warnings" and "judged by this report" in page_text(page)
+    assert timeline_row(page, 4)[1] == "warning" and timeline_row(page, 2)[1] == "ok"  # the timeline says it too
     _, md_path = write_report(sts)  # the run's own (empty) protected list: nothing judged
     assert "No warnings." in md_path.read_text()
 

@@ -2,7 +2,7 @@
 units' trajectories (``benchmarks/transfer/units/<recipe>-<source>-seed<seed>.json``).
 
     python benchmarks/transfer/early_compare.py [--units benchmarks/transfer/units] [--out benchmarks/transfer/early_compare.json]
-    python benchmarks/transfer/early_compare.py --precise-truth [--step0 prior|icl]   # early_compare_precise[_prior].json
+    python benchmarks/transfer/early_compare.py --precise-truth [--step0 prior|icl]   # early_compare_precise[_<step0>].json
     python benchmarks/transfer/early_compare.py --measurement-se 0.01 [...]       # early_compare[...]_se1.json
 
 For each unit and each share of training (re-checks at or before that share of the steps), every method forecasts
@@ -74,11 +74,10 @@ def learned_module():
     return learned
 
 
-# The step-0 forecast's pattern features: the callback's (SAE scores and run-level terms) or none (the domain prior
-# alone, ``level+pattern: domain prior only`` in learned.py); either way with the domain prior and the level from
-# the lookahead's own change.
-# the step-0 forecast's pattern (with the domain prior): the callback's features, the prior alone, or the prior with
-# the signed SAE score and the in-context NLL change (the built-in gemma3-270m-lora-lookahead-icl's, learned.py)
+# The step-0 forecast's pattern, always with the domain prior and the level from the lookahead's own change: the
+# callback's features (SAE scores and run-level terms), the prior alone (``level+pattern: domain prior only`` in
+# learned.py), or the prior with the signed SAE score and the in-context NLL change (the built-in
+# gemma3-270m-lora-lookahead-icl's pattern)
 STEP0_PATTERNS = {"callback": "callback", "prior": "prior", "icl": ["signed_usage", "icl_loss_change"]}
 
 

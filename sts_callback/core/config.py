@@ -15,7 +15,7 @@ SIGNED_VARIANTS = ("signed_usage", "forgetting_minus_transfer", "decoder_project
 # transfer benchmark (README, "Which way will a domain move?").
 DEFAULT_SIGNED = "forgetting_minus_transfer"
 # The in-context NLL change of each target domain with training demonstrations before it (forecast.in_context_loss):
-# a forecast score computed when asked, or when a calibration reads it, with this many query tokens a domain.
+# a forecast score computed when asked, or when a calibration reads it (with its fitted budget, else this one).
 ICL_LOSS_FEATURE = "icl_loss_change"
 DEFAULT_ICL_LOSS_TOKENS = 384
 ICL_LOSS_SETTINGS = ("n_demonstrations", "max_query_tokens", "max_demonstration_tokens")  # they set its scale
@@ -56,8 +56,9 @@ class STSConfig:
             cannot read, or a backend this torch is built without, is refused here. ``None``: the model's device.
         icl_loss_tokens: query tokens per target domain for ``icl_loss_change``, each domain's relative NLL change
             when ``n_demonstrations`` training examples precede its texts (full forwards with the LM head; no
-            SAE). ``None``: computed, with 384 tokens, only when the calibration reads it; ``0``: never (a
-            calibration reading it is refused); a number: always, with that many tokens.
+            SAE). ``None``: computed only when the calibration reads it, with the budget it was fitted with
+            (384 for the built-in); ``0``: never (a calibration reading it is refused); a number: always, with
+            that many tokens.
         rollout_prompts: RL forecasts (pipelines/rollouts.py): training prompts sampled for rollouts.
         rollout_generations: completions sampled per prompt, at most (the trainer's ``num_generations``
             when smaller); at least 2, since the high / low split is relative to the prompt's group.

@@ -46,7 +46,7 @@ from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
 from ..pipelines.budget import OverheadBudget
 from ..pipelines.forecast import (Forecast, ForecastSetup, check_calibration_config, check_calibration_features,
-                                  domain_statistics, inference_mode, run_forecast, with_icl_loss)
+                                  domain_statistics, icl_loss_mismatch, inference_mode, run_forecast, with_icl_loss)
 from ..pipelines.guard import Decision, Guard, GuardConfig
 from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from, is_peft
 from ..pipelines.recheck import RecheckConfig
@@ -127,7 +127,7 @@ class STSSession:
             if unknown:
                 raise STSConfigError(f"The calibration takes its level from {unknown}, which the run does not "
                                      f"measure; use {own}.")
-        self.config = with_icl_loss(config, self.calibration)
+        self.config = with_icl_loss(config, self.calibration, warn=False)  # said at prepare(), on rank 0 alone
         # None: decided at each use, so that a session built before init_process_group() / Accelerator() knows
         # its rank once the group exists
         self.strict, self._is_main = strict, is_main
@@ -282,6 +282,8 @@ class STSSession:
                           "replaces; call start(...) (a new run) or resume(...) before the next re-check.",
                           RuntimeWarning, stacklevel=2)
         self._started = False
+        if problem := icl_loss_mismatch(self.config, self.calibration):  # the process group is up by now
+            warn_on_main(problem, STSDataWarning, stacklevel=3)
         self.setup = ForecastSetup.create(model, tokenizer, self.sae, self.config)
         seed, settings = self.config.seed, self.settings
         loss_sets = {name: Monitor.sample_sequences(corpus, self.setup, settings.loss_tokens, f"{seed}:heldout:{name}",

@@ -649,26 +649,36 @@ def check_icl_loss_shift(calibration: Any, shift: str) -> None:
                              "--features ...`).")
 
 
-def with_icl_loss(config: STSConfig, calibration: Any) -> STSConfig:
+def with_icl_loss(config: STSConfig, calibration: Any, warn: bool = True) -> STSConfig:
     """``config`` with ``icl_loss_tokens`` decided: ``None`` becomes, when ``calibration`` reads
     ``icl_loss_change``, the budget it was fitted with (its ``fitted_on["icl_loss"]["tokens"]``, else the default),
-    otherwise 0 (a forecast records the budget it used). Settings that set the change's scale (the demonstrations,
-    the lengths) other than those it was fitted with are warned about, with the settings to pass."""
+    otherwise 0 (a forecast records the budget it used). With ``warn``, :func:`icl_loss_mismatch` is warned about
+    (the callback says it at train start instead, once the processes know their ranks)."""
     if calibration is None or ICL_LOSS_FEATURE not in calibration.score_features:
         return config if config.icl_loss_tokens is not None else config.replace(icl_loss_tokens=0)
+    if warn and (problem := icl_loss_mismatch(config, calibration)):
+        warn_on_main(problem, STSDataWarning, stacklevel=3)
+    if config.icl_loss_tokens is not None:
+        return config
+    fitted = (calibration.fitted_on or {}).get("icl_loss")
+    tokens = fitted.get("tokens") if isinstance(fitted, dict) else None
+    return config.replace(icl_loss_tokens=tokens if isinstance(tokens, int) and tokens > 0 else DEFAULT_ICL_LOSS_TOKENS)
+
+
+def icl_loss_mismatch(config: STSConfig, calibration: Any) -> str | None:
+    """What differs between the settings that set the in-context change's scale (the demonstrations, the lengths)
+    and those ``calibration`` was fitted with, as a warning with the settings to pass; None when nothing does."""
+    if calibration is None or ICL_LOSS_FEATURE not in calibration.score_features:
+        return None
     fitted = (calibration.fitted_on or {}).get("icl_loss")
     fitted = fitted if isinstance(fitted, dict) else {}
     differ = [k for k in ICL_LOSS_SETTINGS if isinstance(fitted.get(k), int) and fitted[k] != getattr(config, k)]
-    if differ:
-        warn_on_main(f"The calibration's {ICL_LOSS_FEATURE} was measured with "
-                     f"{', '.join(f'{k}={fitted[k]}' for k in differ)}, this forecast's with "
-                     f"{', '.join(f'{k}={getattr(config, k)}' for k in differ)}: the change's scale differs, so its "
-                     f"predictions shift. Pass STSConfig({', '.join(f'{k}={fitted[k]}' for k in differ)}) to measure "
-                     "as it was fitted.", STSDataWarning, stacklevel=3)
-    if config.icl_loss_tokens is not None:
-        return config
-    tokens = fitted.get("tokens")
-    return config.replace(icl_loss_tokens=tokens if isinstance(tokens, int) and tokens > 0 else DEFAULT_ICL_LOSS_TOKENS)
+    if not differ:
+        return None
+    return (f"The calibration's {ICL_LOSS_FEATURE} was measured with {', '.join(f'{k}={fitted[k]}' for k in differ)}, "
+            f"this forecast's with {', '.join(f'{k}={getattr(config, k)}' for k in differ)}: the change's scale "
+            f"differs, so its predictions shift. Pass STSConfig({', '.join(f'{k}={fitted[k]}' for k in differ)}) to "
+            "measure as it was fitted.")
 
 
 def check_offline_calibration(calibration: Any) -> Any:

@@ -231,21 +231,21 @@ class ReportData:
         return (f"Training ended at step {last['step']}, before max_steps={last['ended_early']['max_steps']}: the "
                 "last re-check's changes are the run's end result, not a point on the way.")
 
-    def violations(self) -> list[tuple[int, str]]:
-        """(step, warning) of every re-check: those the run recorded, and, for a domain this report protects that
-        the run did not (``protected=`` / ``--protected``), each measured change above the run's tolerance."""
+    def violations_of(self, record: dict[str, Any]) -> list[str]:
+        """A re-check's warnings: those the run recorded, and, for a domain this report protects that the run did
+        not (``protected=`` / ``--protected``), a measured change above the run's tolerance."""
+        out = list(record.get("violations") or [])
         guarded = set(self.run_settings.get("protected") or [])
-        added = [p for p in self.protected if p not in guarded]
-        out = []
-        for record in self.history:
-            out += [(record["step"], v) for v in record.get("violations") or []]
-            for name in added if self.tolerance is not None else []:
-                change = (record.get("loss_delta") or {}).get(name)
-                if isinstance(change, (int, float)) and change > self.tolerance:
-                    out.append((record["step"], f"{name}: held-out loss {change:+.1%}, above the tolerance "
-                                                f"{self.tolerance:.1%} (judged by this report; the run did not "
-                                                "protect it)"))
+        for name in [p for p in self.protected if p not in guarded] if self.tolerance is not None else []:
+            change = (record.get("loss_delta") or {}).get(name)
+            if isinstance(change, (int, float)) and change > self.tolerance:
+                out.append(f"{name}: held-out loss {change:+.1%}, above the tolerance {self.tolerance:.1%} (judged "
+                           "by this report; the run did not protect it)")
         return out
+
+    def violations(self) -> list[tuple[int, str]]:
+        """(step, warning) of every re-check (:meth:`violations_of`)."""
+        return [(record["step"], v) for record in self.history for v in self.violations_of(record)]
 
     @property
     def loaded_best_step(self) -> int | None:
@@ -531,11 +531,11 @@ def plot_timeline(data: ReportData) -> str | None:
     def worst(record: dict[str, Any]) -> float:
         return max((100 * v for v in (record.get("loss_delta") or {}).values() if v is not None), default=0.0)
 
-    warned = [r for r in records if r.get("violations")]
+    warned = [r for r in records if data.violations_of(r)]
     if warned:
         bottom.scatter([r["step"] for r in warned], [worst(r) for r in warned], marker="X", s=70,
                        color=PROTECTED_COLOR, zorder=5, label="warning")
-    foreseen = [r for r in records if r.get("projected_warnings") and not r.get("violations")]
+    foreseen = [r for r in records if r.get("projected_warnings") and not data.violations_of(r)]
     if foreseen:
         bottom.scatter([r["step"] for r in foreseen], [worst(r) for r in foreseen], marker="X", s=70,
                        facecolors="none", edgecolors=PROTECTED_COLOR, zorder=5, label="projected warning")
@@ -906,12 +906,14 @@ def _timeline_section(data: ReportData) -> str:
         deltas = ", ".join(esc(change) for change in _changes(record, tolerance=data.tolerance))
         if accuracy := _accuracy_changes(record):
             deltas += "<br>accuracy " + esc(accuracy)
-        tags = [tag for key, tag in (("violations", '<span class="tag warn">warning</span>'),
-                                     ("projected_warnings", '<span class="tag warn">projected warning</span>'),
-                                     ("early_stop", '<span class="tag protected">early stop</span>'))
-                if record.get(key)]
+        violations = data.violations_of(record)
+        tags = [tag for listed, tag in ((violations, '<span class="tag warn">warning</span>'),
+                                        (record.get("projected_warnings"),
+                                         '<span class="tag warn">projected warning</span>'),
+                                        (record.get("early_stop"), '<span class="tag protected">early stop</span>'))
+                if listed]
         status = " ".join(tags) or '<span class="tag ok">ok</span>'
-        notes = "; ".join([esc(v) for v in record.get("violations") or []]
+        notes = "; ".join([esc(v) for v in violations]
                           + [f"projected: {esc(v)}" for v in record.get("projected_warnings") or []])
         projected = ", ".join(f"{esc(k)} {esc(_pct(v, data.tolerance))}"
                               for k, v in (record.get("early_forecast") or {}).items() if v is not None)

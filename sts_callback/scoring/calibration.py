@@ -495,6 +495,8 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         # each domain's latest measured change: re-checks that rotate the domains (loss_domains=) measure only
         # some of them each time, so the last re-check alone would leave the others out of the fit
         # a run that loaded its best checkpoint at the end (load_best_model_at_end) ends with that step's weights
+        # a run stopped part-way is refused whatever it loaded at its end (EarlyStoppingCallback loads the best)
+        _refuse_unfinished(item, max(measured, key=lambda r: r["step"]))
         loaded = history[-1].get("loaded_best_step") if history else None
         if loaded is not None:
             measured = [r for r in measured if r["step"] <= loaded]
@@ -507,8 +509,6 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         for record in sorted(measured, key=lambda r: r["step"]):
             changes.update({name: value for name, value in record["loss_delta"].items() if value is not None})
         last = max(measured, key=lambda r: r["step"])
-        if loaded is None:  # the loaded checkpoint is the run's end, wherever it was on the schedule
-            _refuse_unfinished(item, last)
         records.append({"run": str(item), "step": last["step"], "changes": changes,
                         "scores": {name: d.get("scores") or {} for name, d in forecast.get("domains", {}).items()},
                         "run_level": (forecast.get("settings") or {}).get("run_level"),

@@ -15,7 +15,7 @@ from ..core.atomic import check_writable_folder, output_target
 from ..core.config import DEFAULT_SIGNED, device_problem
 from ..core.data import named_items, repeated_names
 from ..core.errors import STSConfigError, STSError, STSInputError, first_line
-from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE
+from ..core.run_store import FORECAST_FILE, HISTORY_FILE
 
 EXAMPLE_CONFIG = """\
 # sts forecast config (YAML or JSON)
@@ -607,6 +607,13 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     if not_predicted and calibration is None:
         raise STSInputError("not_predicted only applies with a calibration (--calibration FILE|NAME).")
     training = _training_inputs(args, config_file)
+    if calibration is not None:  # a shift that puts no training texts in context: refused before the model loads
+        from ..pipelines.forecast import check_icl_loss_shift
+
+        try:
+            check_icl_loss_shift(calibration, training["shift"])
+        except STSConfigError as err:
+            raise STSInputError(f"--calibration: {err}") from err
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     teacher = _load_teacher(training["teacher"], config_file, tokenizer)
     result = training_forecast(model, tokenizer, _expand(config_file["sae"]), training["train"],
