@@ -280,11 +280,13 @@ def mean_scores(scores: list[dict]) -> dict:
     return {**out, "units": len(scores)}
 
 
-def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]], learned: bool,
-             train_filter=None, test_filter=None, scored: list[dict] | None = None) -> dict:
+def evaluate(units: list[dict], features, learned: bool, train_filter=None, test_filter=None,
+             scored: list[dict] | None = None) -> dict:
     """Per held-out source: the forecast fitted on the other sources' units (of ``train_filter``), evaluated on
     this source's units (of ``test_filter``; or, given ``scored``, on those units: e.g. the precise re-runs),
-    averaged over its units."""
+    averaged over its units. ``features``: a list (one model on them), a level + pattern tuple
+    (:func:`fit_two_part`'s arguments), or a function ``(source, train units) -> that tuple`` choosing it in each
+    fold."""
     out = {}
     scored = units if scored is None else scored
     for source in sorted({u["source"] for u in scored}):
@@ -293,11 +295,12 @@ def evaluate(units: list[dict], features: list[str] | tuple[list[str], list[str]
         if len({u["source"] for u in train}) < 2:  # nothing to learn across sources from
             continue
         scores = []
+        spec = features(source, train) if callable(features) else features
         for test in tests:
-            if isinstance(features, tuple):  # (level features, pattern features[, domain prior[, pattern scale]])
-                predicted = fit_two_part(train, test, *features)
+            if isinstance(spec, tuple):  # (level features, pattern features[, domain prior[, pattern scale]])
+                predicted = fit_two_part(train, test, *spec)
             else:
-                predicted = fit_predict(train, test, features, learned)
+                predicted = fit_predict(train, test, spec, learned)
             if predicted is not None:
                 scores.append(agreement(predicted, rows(test, [])[2], decided_domains(test)))
         if scores:
@@ -324,17 +327,14 @@ def chosen_pattern(train: list[dict], candidates: list[list[str]], level: list[s
 def evaluate_chosen(units: list[dict], candidates: list[list[str]], level: list[str]) -> tuple[dict, dict]:
     """Leave-one-source-out with the pattern features chosen inside each fold (:func:`chosen_pattern` on the
     other sources' units, then fitted on them): the per-source scores, and what each fold chose."""
-    out, choices = {}, {}
-    for source in sorted({u["source"] for u in units}):
-        train = [u for u in units if u["source"] != source]
+    choices = {}
+
+    def choose(source: str, train: list[dict]) -> tuple:
         choices[source] = chosen_pattern(train, candidates, level)
-        scores = [agreement(predicted, rows(test, [])[2], decided_domains(test))
-                  for test in units if test["source"] == source
-                  for predicted in [fit_two_part(train, test, level, choices[source], True)] if predicted is not None]
-        if scores:
-            out[source] = mean_scores(scores)
         print(f"  {source}: chose {choices[source] or 'the domain prior alone'}", flush=True)
-    return out, choices
+        return level, choices[source], True
+
+    return evaluate(units, choose, False), choices
 
 
 def summary(per_source: dict) -> dict:
