@@ -27,7 +27,7 @@ from torch import nn
 from ..core.config import STSConfig
 from ..core.data import Corpus, PromptBuilder, load_corpus, load_domains
 from ..core.errors import STSConfigError, STSInputError
-from .forecast import Forecast, ForecastRun, ForecastSetup, check_icl_loss_shift, prepare_forecast, run_forecast
+from .forecast import Forecast, ForecastRun, ForecastSetup, prepare_forecast, run_forecast
 from .preference import ContrastUnit, completion_sequence, contrast_forecast
 from .rollouts import RolloutSettings, Rollouts, prompt_records, sample_rollouts
 
@@ -134,8 +134,7 @@ def distillation_forecast(model: nn.Module, teacher: nn.Module, tokenizer, sae: 
         raise STSConfigError(f"shift={shift!r}: use one of {DISTILLATION_SHIFTS}.")
     if teacher is None or teacher is model:
         raise STSInputError("distillation_forecast needs a teacher model other than the student.")
-    setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration)
-    check_icl_loss_shift(calibration, shift)
+    setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration, shift)
     domains = load_domains(targets)
     records = prompt_records(prompts)
     teacher_rollouts, student_rollouts = sample_teacher_and_student(setup, teacher, records,

@@ -654,24 +654,21 @@ def with_icl_loss(config: STSConfig, calibration: Any, warn: bool = True) -> STS
     ``icl_loss_change``, the budget it was fitted with (its ``fitted_on["icl_loss"]["tokens"]``, else the default),
     otherwise 0 (a forecast records the budget it used). With ``warn``, :func:`icl_loss_mismatch` is warned about
     (the callback says it at train start instead, once the processes know their ranks)."""
-    if calibration is None or ICL_LOSS_FEATURE not in calibration.score_features:
+    fitted = _icl_loss_fitted(calibration)
+    if fitted is None:
         return config if config.icl_loss_tokens is not None else config.replace(icl_loss_tokens=0)
     if warn and (problem := icl_loss_mismatch(config, calibration)):
         warn_on_main(problem, STSDataWarning, stacklevel=3)
     if config.icl_loss_tokens is not None:
         return config
-    fitted = (calibration.fitted_on or {}).get("icl_loss")
-    tokens = fitted.get("tokens") if isinstance(fitted, dict) else None
+    tokens = fitted.get("tokens")
     return config.replace(icl_loss_tokens=tokens if isinstance(tokens, int) and tokens > 0 else DEFAULT_ICL_LOSS_TOKENS)
 
 
 def icl_loss_mismatch(config: STSConfig, calibration: Any) -> str | None:
     """What differs between the settings that set the in-context change's scale (the demonstrations, the lengths)
     and those ``calibration`` was fitted with, as a warning with the settings to pass; None when nothing does."""
-    if calibration is None or ICL_LOSS_FEATURE not in calibration.score_features:
-        return None
-    fitted = (calibration.fitted_on or {}).get("icl_loss")
-    fitted = fitted if isinstance(fitted, dict) else {}
+    fitted = _icl_loss_fitted(calibration) or {}
     differ = [k for k in ICL_LOSS_SETTINGS if isinstance(fitted.get(k), int) and fitted[k] != getattr(config, k)]
     if not differ:
         return None
@@ -679,6 +676,15 @@ def icl_loss_mismatch(config: STSConfig, calibration: Any) -> str | None:
             f"this forecast's with {', '.join(f'{k}={getattr(config, k)}' for k in differ)}: the change's scale "
             f"differs, so its predictions shift. Pass STSConfig({', '.join(f'{k}={fitted[k]}' for k in differ)}) to "
             "measure as it was fitted.")
+
+
+def _icl_loss_fitted(calibration: Any) -> dict[str, Any] | None:
+    """What ``calibration`` recorded of how its ``icl_loss_change`` was measured (``fitted_on["icl_loss"]``: the
+    budget, the demonstrations, the lengths; empty when it recorded none), or None when it does not read it."""
+    if calibration is None or ICL_LOSS_FEATURE not in calibration.score_features:
+        return None
+    fitted = (calibration.fitted_on or {}).get("icl_loss")
+    return fitted if isinstance(fitted, dict) else {}
 
 
 def check_offline_calibration(calibration: Any) -> Any:
@@ -694,14 +700,16 @@ def check_offline_calibration(calibration: Any) -> Any:
 
 
 def prepare_forecast(model: nn.Module, tokenizer, sae: Any, config: STSConfig | dict | None,
-                     calibration: Any = None) -> tuple[ForecastSetup, Any, float]:
-    """What every public forecast entry does first: the setup, the loaded calibration (or None) and the start time."""
+                     calibration: Any = None, shift: str = "in_context") -> tuple[ForecastSetup, Any, float]:
+    """What every public forecast entry does first: the setup, the loaded calibration (or None, refused when it
+    reads what a forecast of ``shift`` does not compute) and the start time."""
     config = config if isinstance(config, STSConfig) else STSConfig.from_dict(config)
     if calibration is not None:
         from ..scoring.calibration import load_calibration
 
         calibration = check_offline_calibration(load_calibration(calibration))
         check_calibration_config(calibration, config)
+        check_icl_loss_shift(calibration, shift)
     config = with_icl_loss(config, calibration)
     start = time.perf_counter()
     return ForecastSetup.create(model, tokenizer, sae, config), calibration, start

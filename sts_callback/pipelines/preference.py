@@ -45,7 +45,7 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from ..core.stats import ActivationStats, ShiftStats, TopActivations
 from .forecast import (Forecast, ForecastRun, Plan, ForecastSetup, ShiftPass, check_inputs_agree, forecast_with_shift,
-                       check_icl_loss_shift, plan_domains, prepare_forecast, run_forecast)
+                       plan_domains, prepare_forecast, run_forecast)
 
 PREFERENCE_SHIFTS = ("chosen_vs_rejected", "in_context")
 
@@ -418,8 +418,7 @@ def preference_forecast(model: nn.Module, tokenizer, sae: Any, pairs: Any, targe
     """
     if shift not in PREFERENCE_SHIFTS:
         raise STSConfigError(f"shift={shift!r}: use one of {PREFERENCE_SHIFTS}.")
-    setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration)
-    check_icl_loss_shift(calibration, shift)
+    setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration, shift)
     domains = load_domains(targets)
     if shift == "chosen_vs_rejected":
         result = run_preference_forecast(setup, pairs, domains, chat_template_kwargs=chat_template_kwargs,

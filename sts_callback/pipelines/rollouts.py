@@ -36,8 +36,8 @@ from ..core.data import Corpus, PromptBuilder, is_messages, load_corpus, load_do
 from ..core.distributed import gather_objects, is_main_process, raise_collectively, shard, warn_on_main, world_size
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.torch_utils import model_device
-from .forecast import (Forecast, ForecastRun, ForecastSetup, check_icl_loss_shift, inference_mode, prepare_forecast,
-                       prompt_builder, run_forecast)
+from .forecast import (Forecast, ForecastRun, ForecastSetup, inference_mode, prepare_forecast, prompt_builder,
+                       run_forecast)
 from .preference import ContrastUnit, completion_sequence, contrast_forecast, raw_records
 
 # the callback's names; "demonstrations" is this function's earlier name for "reward_filtered"
@@ -652,8 +652,7 @@ def rollout_forecast(model: nn.Module, tokenizer, sae: Any, prompts: Any, reward
     """
     if shift not in ROLLOUT_SHIFTS:
         raise STSConfigError(f"shift={shift!r}: use one of {ROLLOUT_SHIFTS}.")
-    setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration)
-    check_icl_loss_shift(calibration, shift)
+    setup, calibration, start = prepare_forecast(model, tokenizer, sae, config, calibration, shift)
     domains = load_domains(targets)
     records = prompt_records(prompts)
     rollouts = sample_rollouts(model, tokenizer, records, reward_funcs, setup.config, settings, progress=progress,

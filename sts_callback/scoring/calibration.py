@@ -492,11 +492,9 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not measured:
             raise STSInputError(f"{item}: no re-check measured a held-out loss change (history.jsonl); the run needs "
                                 "re-checks (recheck_steps, or a save at the end) to calibrate on.")
-        # each domain's latest measured change: re-checks that rotate the domains (loss_domains=) measure only
-        # some of them each time, so the last re-check alone would leave the others out of the fit
-        # a run that loaded its best checkpoint at the end (load_best_model_at_end) ends with that step's weights
         # a run stopped part-way is refused whatever it loaded at its end (EarlyStoppingCallback loads the best)
         _refuse_unfinished(item, max(measured, key=lambda r: r["step"]))
+        # a run that loaded its best checkpoint at the end (load_best_model_at_end) ends with that step's weights
         loaded = history[-1].get("loaded_best_step") if history else None
         if loaded is not None:
             measured = [r for r in measured if r["step"] <= loaded]
@@ -505,6 +503,8 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
                                     "load_best_model_at_end), which no re-check measured: the changes it has are of "
                                     f"weights the run no longer has. Re-check at every save to calibrate on it. "
                                     f"{_RUN_FIX}")
+        # each domain's latest measured change: re-checks that rotate the domains (loss_domains=) measure only
+        # some of them each time, so the last re-check alone would leave the others out of the fit
         changes: dict[str, float] = {}
         for record in sorted(measured, key=lambda r: r["step"]):
             changes.update({name: value for name, value in record["loss_delta"].items() if value is not None})

@@ -593,10 +593,6 @@ def cmd_forecast(args: argparse.Namespace) -> int:
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
     calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"), config)
-    if calibration is not None:  # applied after the forecast: what it reads must be computed in it
-        from ..pipelines.forecast import with_icl_loss
-
-        config = with_icl_loss(config, calibration)
     not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
     targets = config_file["targets"]
     names = ([str(k) for k in targets] if isinstance(targets, dict) else  # a list: names or paths (named by stem)
@@ -607,13 +603,14 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     if not_predicted and calibration is None:
         raise STSInputError("not_predicted only applies with a calibration (--calibration FILE|NAME).")
     training = _training_inputs(args, config_file)
-    if calibration is not None:  # a shift that puts no training texts in context: refused before the model loads
-        from ..pipelines.forecast import check_icl_loss_shift
+    if calibration is not None:  # applied after the forecast: what it reads is computed in it, if the shift can
+        from ..pipelines.forecast import check_icl_loss_shift, with_icl_loss
 
-        try:
+        try:  # before the model loads
             check_icl_loss_shift(calibration, training["shift"])
         except STSConfigError as err:
             raise STSInputError(f"--calibration: {err}") from err
+        config = with_icl_loss(config, calibration)
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     teacher = _load_teacher(training["teacher"], config_file, tokenizer)
     result = training_forecast(model, tokenizer, _expand(config_file["sae"]), training["train"],
@@ -1028,7 +1025,7 @@ def _validation_inputs(items: list[str]) -> dict[Path, str]:
 
     inputs: dict[Path, str] = {}
     for item in items:
-        path = validation_file(os.path.expanduser(item))
+        path = validation_file(item)
         if not path.is_file():
             continue  # Calibration.from_validation names what is missing
         read_validation(path)
