@@ -23,6 +23,10 @@ A run is calibrated on runs of other sources only (``rl.py``'s fourth round repe
 ``--exclude`` leaves runs out by name, ``--only`` keeps just the runs it names (``--only 'grpo-*-kl-long'``:
 the KL-held GRPO runs calibrated on each other, not on the collapsed runs). The within-run rows
 (``within_run_rows``) read each run's scores as z-scores over its own domains, alone and beside the domain prior.
+``--icl`` adds the in-context NLL change as a score (``icl_loss_change``: ``units/icl-<source>.json`` for the SFT
+units, ``rl_icl/<run>.json`` for the GRPO runs: reward-filtered = the high-reward rollouts in context, reward-weighted
+= high minus low, plain demonstrations = the prompts' real continuations; ``rl_icl.py``), ``--features`` chooses
+the level + pattern rows' features and ``--line-feature`` the one score of the line rows.
 """
 
 from __future__ import annotations
@@ -42,7 +46,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from learned import SAE_FEATURES  # noqa: E402  (benchmarks/transfer/learned.py: the SFT benchmark's features)
 
-FEATURE = "sts_icl"
+FEATURE = "sts_icl"  # the line rows' score (--line-feature)
+FEATURES = list(SAE_FEATURES)  # the level + pattern rows' features (--features)
+ICL = "icl_loss_change"
+# rl_icl.py's demonstrations -> each GRPO variant's in-context change: the variant's own reading of the rollouts
+ICL_OF_VARIANT = {"reward_filtered": lambda c: c["high"], "plain_demonstrations": lambda c: c["plain"],
+                  "reward_weighted": lambda c: {d: c["high"][d] - c["low"][d] for d in c["high"]}}
 # Calibration.fit_level_pattern's pattern_scale -> the suffix of its rows
 PATTERN_SCALE_ROWS = {"absolute": "", "run": ", pattern over each run's spread"}
 
@@ -121,11 +130,33 @@ def domain_prior_rows(precise: bool = False, exclude: Sequence[str] = (), only: 
     return out
 
 
+def with_icl(scores: dict, changes: dict | None) -> dict:
+    """``scores`` with each domain's in-context change ``changes[domain]`` added as ``icl_loss_change``."""
+    if changes is None:
+        return scores
+    return {d: {**values, ICL: changes.get(d)} for d, values in scores.items()}
+
+
+def run_icl(run: dict, variant: str) -> dict | None:
+    """A GRPO run's in-context changes as ``variant`` reads them (``ICL_OF_VARIANT``), from ``rl_icl/<run>.json``;
+    ``None`` where the run has none (not measured, or a DPO / distillation run)."""
+    path = HERE / "rl_icl" / f"{run['run']}.json"
+    if variant not in ICL_OF_VARIANT or not path.exists():
+        return None
+    return ICL_OF_VARIANT[variant](json.loads(path.read_text())["icl_loss_change"])
+
+
+def unit_icl(source: str) -> dict | None:
+    """An SFT unit's in-context change with its training texts in context (``units.py``'s ``icl-<source>.json``)."""
+    path = HERE / "units" / f"icl-{source}.json"
+    return json.loads(path.read_text())["icl_loss_change"] if path.exists() else None
+
+
 def learned_runs(scores: dict, changes: dict, others: list[str]) -> tuple | None:
-    """A run as ``Calibration.fit_level_pattern`` takes it, (x, y, s, names): its other domains' SAE features, the
-    measured changes, no source-level value, the names; ``None`` if a domain lacks a feature."""
+    """A run as ``Calibration.fit_level_pattern`` takes it, (x, y, s, names): its other domains' features
+    (``FEATURES``), the measured changes, no source-level value, the names; ``None`` if a domain lacks a feature."""
     names = [n for n in others if changes.get(n) is not None]
-    x = [[scores.get(n, {}).get(f) for f in SAE_FEATURES] for n in names]
+    x = [[scores.get(n, {}).get(f) for f in FEATURES] for n in names]
     if not names or any(v is None for row in x for v in row):
         return None
     return (np.array(x, dtype=float), np.array([changes[n] for n in names], dtype=float), [], names)
@@ -133,7 +164,7 @@ def learned_runs(scores: dict, changes: dict, others: list[str]) -> tuple | None
 
 def learned_agreement(calibration, run: tuple) -> dict:
     x, y, _, names = run
-    predicted = calibration.predict_all({n: dict(zip(SAE_FEATURES, row)) for n, row in zip(names, x)})
+    predicted = calibration.predict_all({n: dict(zip(FEATURES, row)) for n, row in zip(names, x)})
     p = np.array([predicted[n].mean for n in names])
     return {"pearson": correlation(p, y, n_resamples=0)["r"], "pearson_raw": None,
             "direction": float(np.mean(np.sign(p) == np.sign(y))), "mae": float(np.mean(np.abs(p - y))),
@@ -149,14 +180,15 @@ def level_pattern_rows(families: dict[str, dict[str, tuple]], sources: dict[str,
     the family's other runs alone (no forecast of the run at all: what any variant must beat)."""
     from sts_callback.scoring.calibration import Calibration
 
-    def scored(runs: dict[str, tuple], training, features=SAE_FEATURES, pattern_scale="absolute") -> dict[str, dict]:
+    def scored(runs: dict[str, tuple], training, features=None, pattern_scale="absolute") -> dict[str, dict]:
         """Each run scored by the calibration fitted on ``training(name)`` (needs at least 2 runs)."""
         rows = {}
         for name, run in runs.items():
             rest = training(name)
             if len(rest) >= 2:
                 rows[name] = learned_agreement(Calibration.fit_level_pattern(
-                    rest, features, [], domain_prior=True, pattern_scale=pattern_scale), run)
+                    rest, FEATURES if features is None else features, [], domain_prior=True,
+                    pattern_scale=pattern_scale), run)
         return rows
 
     out: dict[str, dict] = {}
@@ -257,6 +289,7 @@ def noise_ceiling_range(measured: dict, others: list[str]) -> tuple[float | None
 
 
 def main() -> None:
+    global FEATURE, FEATURES  # the rows' functions read them
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="default: rl_vs_sft.json, with --precise-truth rl_vs_sft_precise.json")
@@ -267,14 +300,23 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
                         help="keep only the RL / DPO runs whose names match (e.g. 'grpo-*-kl-long': the runs held by a "
                              "KL term, calibrated on each other only)")
+    parser.add_argument("--icl", action="store_true",
+                        help=f"add the in-context NLL change ({ICL}) to every score (rl_icl.py's, units.py's)")
+    parser.add_argument("--features", nargs="+", default=list(SAE_FEATURES),
+                        help="the level + pattern rows' features (default: the SAE features)")
+    parser.add_argument("--line-feature", default=FEATURE, help=f"the line rows' score (default {FEATURE})")
     args = parser.parse_args()
+    FEATURE, FEATURES = args.line_feature, list(args.features)
+    if ICL in {FEATURE, *FEATURES} and not args.icl:
+        parser.error(f"{ICL} is a score only with --icl")
     out = args.out or HERE / ("rl_vs_sft_precise.json" if args.precise_truth else "rl_vs_sft.json")
     sft, sft_learned, sources = {}, {}, {}
     for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
         unit = json.loads(path.read_text())
         changes = unit_changes(unit, args.precise_truth)
-        sft[unit["source"]] = points(unit["result"]["scores"], changes, unit["others"])
-        sft_learned[unit["source"]] = learned_runs(unit["result"]["scores"], changes, unit["others"])
+        scores = with_icl(unit["result"]["scores"], unit_icl(unit["source"]) if args.icl else None)
+        sft[unit["source"]] = points(scores, changes, unit["others"])
+        sft_learned[unit["source"]] = learned_runs(scores, changes, unit["others"])
         sources[unit["source"]] = unit["source"]
     families: dict[str, dict[str, tuple]] = {"sft in_context": sft}
     ceilings: dict[str, tuple] = {}
@@ -292,12 +334,13 @@ def main() -> None:
             if variant == "callback" or "scores" not in forecast:  # the callback's equals its default variant's
                 continue
             family = f"{run['kind']} {variant}"
-            families.setdefault(family, {})[run["run"]] = points(
-                forecast["scores"], measured["loss_delta"], run["others"])
-            run_domains[run["run"]] = [d for d in run["others"] if forecast["scores"].get(d, {}).get(FEATURE)
+            scores = with_icl(forecast["scores"], run_icl(run, variant) if args.icl else None)
+            if args.icl and ICL in {FEATURE, *FEATURES} and run_icl(run, variant) is None:
+                continue  # a run without the in-context change is no point of these rows
+            families.setdefault(family, {})[run["run"]] = points(scores, measured["loss_delta"], run["others"])
+            run_domains[run["run"]] = [d for d in run["others"] if scores.get(d, {}).get(FEATURE)
                                        is not None and measured["loss_delta"].get(d) is not None]
-            learned.setdefault(family, {})[run["run"]] = learned_runs(
-                forecast["scores"], measured["loss_delta"], run["others"])
+            learned.setdefault(family, {})[run["run"]] = learned_runs(scores, measured["loss_delta"], run["others"])
     result = {family: leave_one_out(runs, sources) for family, runs in families.items()}
     result.update(within_run_rows(families, run_domains, sources))
     result.update(level_pattern_rows({f: {n: r for n, r in runs.items() if r is not None}
@@ -306,7 +349,7 @@ def main() -> None:
     result["domain prior -> SFT units"] = {n[4:]: r for n, r in prior.items() if n.startswith("sft ")}
     result["domain prior -> RL / DPO runs"] = {n: r for n, r in prior.items() if not n.startswith("sft ")}
     print(f"Pearson r / right direction over each run's other domains; {FEATURE} alone calibrated by a line, "
-          "or level + pattern + prior on every SAE feature, fitted leave-one-run-out")
+          f"or level + pattern + prior on {', '.join(FEATURES)}, fitted leave-one-run-out")
     def summary(rows: list[dict]) -> str:
         scored = [r for r in rows if r.get("pearson") is not None]
         dirs = [r["direction"] for r in scored if r.get("direction") is not None]
@@ -333,7 +376,8 @@ def main() -> None:
           "the measurement keeps no sequence counts): " + "; ".join(
               f"{name} {low:.2f}" + (f"-{high:.2f}" if high != low else "") for name, (low, high) in ceilings.items()
               if low is not None and high is not None))
-    out.write_text(json.dumps({"feature": FEATURE, "precise_truth": args.precise_truth, "excluded": args.exclude,
+    out.write_text(json.dumps({"feature": FEATURE, "features": FEATURES, "icl": args.icl,
+                               "precise_truth": args.precise_truth, "excluded": args.exclude,
                                "only": args.only,
                                "runs_measured_precisely": precise_runs, "families": result,
                                "noise_ceiling": {n: list(c) for n, c in ceilings.items()}}, indent=1))
