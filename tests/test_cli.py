@@ -195,6 +195,35 @@ def test_unknown_keys_of_validate_and_gate_configs(workspace, tmp_path, capsys, 
         assert named in err and valid in err, err
 
 
+@pytest.mark.parametrize("key, value", [("output_dir", "elsewhere"), ("use_cpu", True), ("disable_tqdm", True),
+                                        ("seed", 3), ("learning_rate", 0.1)])
+def test_validate_config_own_training_args_error_names_a_place_the_config_takes(workspace, tmp_path, capsys, no_model,
+                                                                                 key, value):
+    """`sts validate` refuses a training_args key validate sets itself; its message once sent output_dir, device
+    and progress to the validation: section, which refuses them. Each place it names must be one the command takes."""
+    from sts_callback.tools.cli import CONFIG_KEYS, VALIDATE_KEYS
+    from sts_callback.validation.validate import CONFIG_FILE_PLACES, OWN_TRAINING_ARGS
+
+    base = yaml.safe_load(write_config(workspace).read_text())
+    base["targets"] = {"chem": base["targets"]["chem"], "a": ["x y"], "b": ["y z"]}
+    base.pop("output")
+    path = tmp_path / "validate.yaml"
+    path.write_text(yaml.safe_dump({**base, "validation": {"training_args": {key: value}}}))
+    assert main(["validate", str(path), "--no-progress"]) == 2
+    err = one_line_error(capsys)
+    setting = OWN_TRAINING_ARGS[key]
+    place = CONFIG_FILE_PLACES.get(setting, f"validation: {setting}:")
+    assert f"{setting}: {place}" in err, err
+    for setting in filter(None, OWN_TRAINING_ARGS.values()):  # every such setting has somewhere to go
+        if setting in CONFIG_FILE_PLACES:
+            assert setting in CONFIG_KEYS["validate"] or setting == "progress", setting
+        else:
+            assert setting in VALIDATE_KEYS, setting
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    assert "--no-progress" in capsys.readouterr().out
+
+
 def test_unreadable_configs_are_one_line_errors(workspace, tmp_path, capsys, no_model):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\nsae: x\n")
     assert main(["forecast", str(tmp_path / "bad.yaml")]) == 2

@@ -354,6 +354,30 @@ def test_a_gate_only_folder_says_what_it_holds_and_lists_only_its_files(tmp_path
     assert "from sts/ (forecast.json)." in write_report(sts)[0].read_text()
 
 
+@pytest.mark.parametrize("subdir", ["sts", "sts_math"])
+def test_a_gate_decision_beside_a_run_folder_reports_both(tmp_path, subdir):
+    """`sts gate` with output: run/gate.json beside a callback's run/sts/: `sts report run` once reported the gate
+    alone ("no training run") into run/; it now reports the run, in its folder, with the folder's gate decision."""
+    run = tmp_path / "run"
+    (run / subdir).mkdir(parents=True)
+    synthetic_forecast(["a", "b", "c"]).save(run / subdir / "forecast.json")
+    (run / "gate.json").write_text(json.dumps({
+        "format": "sts-gate/1", "score": "sts_icl", "protected": ["b"], "targets": ["a", "b", "c"],
+        "candidates": {"math": {"name": "math", "accepted": True, "reason": "ok"}}, "weights": {"math": 1.0}}))
+    assert sts_main(["report", str(run)]) == 0
+    assert not (run / "report.html").exists()
+    page, md = (run / subdir / "report.html").read_text(), (run / subdir / "report.md").read_text()
+    assert "no training run" not in page + md and 'id="gate"' in page and "math accepted (ok)" in md
+    assert f"from {subdir}/ (forecast.json, ../gate.json)." in md
+    # the run's folder itself: its own files only (the gate is the parent's, given only when asked for the parent)
+    assert "Gate decision" not in write_report(run / subdir)[1].read_text()
+    # a folder with only a gate and an empty sts/: the gate decision, as before
+    (run / subdir / "forecast.json").unlink()
+    for name in ("report.html", "report.md"):
+        (run / subdir / name).unlink()
+    assert "gate decision (gate.json)" in write_report(run)[1].read_text()
+
+
 def test_the_validation_correlation_quoted_is_the_one_validation_json_holds(tmp_path):
     """With several seeds the report used to correlate the first seed's forecast with the seeds' mean |change|, a
     number validation.json does not hold; it now quotes validation.json's mean r against |Δ| and each seed's."""

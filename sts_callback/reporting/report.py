@@ -100,7 +100,9 @@ CEILING_WARNING = 0.85
 class ReportData:
     """Everything the report shows, read from an ``sts/`` folder."""
 
-    def __init__(self, sts_dir: Path, protected: list[str] | None = None):
+    def __init__(self, sts_dir: Path, protected: list[str] | None = None, gate_dir: Path | None = None):
+        """``gate_dir``: where to read the gate decision when ``sts_dir`` has none (the folder a report was asked
+        for, when its run is in a subfolder)."""
         self.sts_dir = sts_dir
         self.forecast: dict[str, Any] | None = _read_json(sts_dir / FORECAST_FILE)
         lines, self.unreadable = read_json_lines(sts_dir / HISTORY_FILE)  # unreadable: cut by a crash
@@ -112,7 +114,9 @@ class ReportData:
                                 f"line(s) is a re-check record ({RECHECK_RECORD}), e.g. {json.dumps(lines[0])[:120]}. "
                                 f"Move it out of {sts_dir}, or give the folder the callback wrote.")
         self.run_settings: dict[str, Any] = _read_json(sts_dir / SETTINGS_FILE) or {}
-        self.gate: Any = _read_json(sts_dir / GATE_FILE)
+        self.gate_file = next((folder / GATE_FILE for folder in (sts_dir, gate_dir)
+                               if folder is not None and (folder / GATE_FILE).exists()), sts_dir / GATE_FILE)
+        self.gate: Any = _read_json(self.gate_file)
         self.validation: Any = _read_json(sts_dir / VALIDATION_FILE)
         if self.skipped or self.unreadable:
             warnings.warn(self.skipped_note(), STSDataWarning, stacklevel=3)
@@ -121,9 +125,9 @@ class ReportData:
                                 "nothing to report.")
         if self.forecast is not None:  # a list or another tool's JSON: named, not a bare AttributeError later
             check_format(self.forecast, FORECAST_FORMAT, "an STS forecast file", str(sts_dir / FORECAST_FILE))
-        for data, name in ((self.gate, GATE_FILE), (self.validation, VALIDATION_FILE)):
+        for data, file in ((self.gate, self.gate_file), (self.validation, sts_dir / VALIDATION_FILE)):
             if data is not None and not isinstance(data, dict):
-                raise STSInputError(f"{sts_dir / name} holds a {type(data).__name__}, not the object STS writes there.")
+                raise STSInputError(f"{file} holds a {type(data).__name__}, not the object STS writes there.")
         if protected is not None:
             self._check_protected(list(protected))
         self.protected = list(protected if protected is not None else self.run_settings.get("protected") or [])
@@ -182,7 +186,8 @@ class ReportData:
     def files(self) -> list[str]:
         """The files of the folder the report was written from (only those that exist)."""
         names = (FORECAST_FILE, HISTORY_FILE, SETTINGS_FILE, GATE_FILE, VALIDATION_FILE)
-        return [name for name in names if (self.sts_dir / name).is_file()]
+        beside = [f"../{GATE_FILE}"] if self.gate is not None and self.gate_file.parent != self.sts_dir else []
+        return [name for name in names if (self.sts_dir / name).is_file()] + beside
 
     def contents_note(self) -> str | None:
         """What a folder without a forecast holds, as a sentence (plain text); ``None`` when there is a forecast."""
@@ -1213,29 +1218,38 @@ def _holds_results(path: Path) -> bool:
     return any((path / f).exists() for f in (FORECAST_FILE, HISTORY_FILE, GATE_FILE))
 
 
+def _holds_run(path: Path) -> bool:
+    return any((path / f).exists() for f in (FORECAST_FILE, HISTORY_FILE))
+
+
 def resolve_sts_dir(path: str | Path) -> Path:
     """The ``sts/`` folder for a trainer ``output_dir`` or the folder itself; an ``output_dir`` without ``sts/``
-    whose results are in one other subfolder (the callback's ``output_subdir``): that subfolder."""
+    whose results are in one other subfolder (the callback's ``output_subdir``): that subfolder. A folder that holds
+    only a gate decision (``sts gate``'s ``output``) beside such a subfolder with a run: the subfolder (the report
+    shows the folder's gate decision with the run, :func:`write_report`)."""
     path = Path(path)
-    if (path / "sts").is_dir() and not _holds_results(path):
-        return path / "sts"
     if not path.is_dir():
         raise STSInputError(f"{path} is not a folder; give the trainer's output_dir or its sts/ folder.")
-    if not _holds_results(path):
-        found = sorted(p for p in path.iterdir() if p.is_dir() and _holds_results(p))
-        if len(found) == 1:
-            return found[0]
-        if found:  # several callbacks, each with its own output_subdir: which one is for the user to say
-            raise STSInputError(f"{path} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}, but its subfolders "
-                                f"{', '.join(p.name + '/' for p in found)} do (output_subdir of several callbacks); "
-                                f"give one of them, e.g. `sts report {found[0]}`.")
+    if _holds_run(path):
+        return path
+    gate_only = _holds_results(path)
+    holds = _holds_run if gate_only else _holds_results
+    if (path / "sts").is_dir() and (not gate_only or holds(path / "sts")):
+        return path / "sts"
+    found = sorted(p for p in path.iterdir() if p.is_dir() and holds(p))
+    if len(found) == 1:
+        return found[0]
+    if found and not gate_only:  # several callbacks, each with its own output_subdir: which one is for the user to say
+        raise STSInputError(f"{path} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}, but its subfolders "
+                            f"{', '.join(p.name + '/' for p in found)} do (output_subdir of several callbacks); "
+                            f"give one of them, e.g. `sts report {found[0]}`.")
     return path
 
 
 def write_report(sts_dir: str | Path, protected: list[str] | None = None) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``sts_dir``; returns their paths."""
-    sts_dir = resolve_sts_dir(sts_dir)
-    data = ReportData(sts_dir, protected)
+    given, sts_dir = Path(sts_dir), resolve_sts_dir(sts_dir)
+    data = ReportData(sts_dir, protected, gate_dir=given if given.is_dir() and sts_dir != given else None)
     html_path, md_path = sts_dir / HTML_FILE, sts_dir / MD_FILE
     for path, text in ((html_path, render_html(data)), (md_path, render_markdown(data))):
         atomic_write_text(path, text)

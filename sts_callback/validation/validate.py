@@ -396,6 +396,9 @@ OWN_TRAINING_ARGS: dict[str, str | None] = {
     "use_cpu": "device", "no_cuda": "device", "disable_tqdm": "progress",
     "remove_unused_columns": None, "label_names": None, "max_length": "max_length",  # DPOConfig's, for pairs
 }
+# Where `sts validate` takes the settings its validation: section does not hold (the others are its keys).
+CONFIG_FILE_PLACES = {"output_dir": "the top-level output_dir: or -o", "device": "the top-level device:",
+                      "progress": "--no-progress"}
 
 
 def _check_training_args(training_args: dict[str, Any]) -> None:
@@ -414,10 +417,12 @@ def _check_training_args(training_args: dict[str, Any]) -> None:
         settings = ", ".join(f"{setting}=..." for setting in dict.fromkeys(own.values()))
         epochs = ("; num_train_epochs would be ignored: validate trains `steps` optimizer steps"
                   if "num_train_epochs" in own else "")
+        places = ", ".join(f"{setting}: {CONFIG_FILE_PLACES.get(setting, f'validation: {setting}:')}"
+                           for setting in dict.fromkeys(own.values()))
         raise STSConfigError(f"validate(training_args=...) sets {list(own)}, which validate sets from its own "
                              f"settings ({pairs}{epochs}): they would override the values validation.json records. "
-                             f"Remove them from training_args and pass validate({settings}) instead (in a config "
-                             "file: keys of the validation: section).")
+                             f"Remove them from training_args and pass validate({settings}) instead (with sts "
+                             f"validate: {places}).")
     if training_args:  # TRL's configs' own fields are for DPO / GRPO data: which, validate checks on the data
         known = training_argument_fields() | trl_argument_fields()
         unknown = [k for k in training_args if k not in known]
