@@ -146,6 +146,22 @@ def run_icl(run: dict, variant: str) -> dict | None:
     return ICL_OF_VARIANT[variant](json.loads(path.read_text())["icl_loss_change"])
 
 
+AFFINITY = "reward_affinity"
+
+
+def run_affinity(run: dict) -> dict | None:
+    """A GRPO run's reward affinity per domain (``rl_affinity/<run>.json``, ``rl_affinity.py``), the same for
+    every variant (it reads the reward functions, not the rollouts); ``None`` where the run has none."""
+    path = HERE / "rl_affinity" / f"{run['run']}.json"
+    return json.loads(path.read_text())["reward_affinity"] if path.exists() else None
+
+
+def with_affinity(scores: dict, affinity: dict | None) -> dict:
+    if affinity is None:
+        return scores
+    return {d: {**values, AFFINITY: affinity.get(d)} for d, values in scores.items()}
+
+
 def unit_icl(source: str) -> dict | None:
     """An SFT unit's in-context change with its training texts in context (``units.py``'s ``icl-<source>.json``)."""
     path = HERE / "units" / f"icl-{source}.json"
@@ -302,6 +318,8 @@ def main() -> None:
                              "KL term, calibrated on each other only)")
     parser.add_argument("--icl", action="store_true",
                         help=f"add the in-context NLL change ({ICL}) to every score (rl_icl.py's, units.py's)")
+    parser.add_argument("--affinity", action="store_true",
+                        help=f"add each GRPO run's {AFFINITY} to its scores (rl_affinity.py's)")
     parser.add_argument("--features", nargs="+", default=list(SAE_FEATURES),
                         help="the level + pattern rows' features (default: the SAE features)")
     parser.add_argument("--line-feature", default=FEATURE, help=f"the line rows' score (default {FEATURE})")
@@ -309,6 +327,8 @@ def main() -> None:
     FEATURE, FEATURES = args.line_feature, list(args.features)
     if ICL in {FEATURE, *FEATURES} and not args.icl:
         parser.error(f"{ICL} is a score only with --icl")
+    if AFFINITY in {FEATURE, *FEATURES} and not args.affinity:
+        parser.error(f"{AFFINITY} is a score only with --affinity")
     out = args.out or HERE / ("rl_vs_sft_precise.json" if args.precise_truth else "rl_vs_sft.json")
     sft, sft_learned, sources = {}, {}, {}
     for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
@@ -337,6 +357,9 @@ def main() -> None:
             scores = with_icl(forecast["scores"], run_icl(run, variant) if args.icl else None)
             if args.icl and ICL in {FEATURE, *FEATURES} and run_icl(run, variant) is None:
                 continue  # a run without the in-context change is no point of these rows
+            scores = with_affinity(scores, run_affinity(run) if args.affinity else None)
+            if args.affinity and AFFINITY in {FEATURE, *FEATURES} and run_affinity(run) is None:
+                continue
             families.setdefault(family, {})[run["run"]] = points(scores, measured["loss_delta"], run["others"])
             run_domains[run["run"]] = [d for d in run["others"] if scores.get(d, {}).get(FEATURE)
                                        is not None and measured["loss_delta"].get(d) is not None]
@@ -376,7 +399,7 @@ def main() -> None:
           "the measurement keeps no sequence counts): " + "; ".join(
               f"{name} {low:.2f}" + (f"-{high:.2f}" if high != low else "") for name, (low, high) in ceilings.items()
               if low is not None and high is not None))
-    out.write_text(json.dumps({"feature": FEATURE, "features": FEATURES, "icl": args.icl,
+    out.write_text(json.dumps({"feature": FEATURE, "features": FEATURES, "icl": args.icl, "affinity": args.affinity,
                                "precise_truth": args.precise_truth, "excluded": args.exclude,
                                "only": args.only,
                                "runs_measured_precisely": precise_runs, "families": result,
