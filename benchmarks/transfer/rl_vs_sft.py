@@ -364,7 +364,9 @@ def main() -> None:
             run_domains[run["run"]] = [d for d in run["others"] if scores.get(d, {}).get(FEATURE)
                                        is not None and measured["loss_delta"].get(d) is not None]
             learned.setdefault(family, {})[run["run"]] = learned_runs(scores, measured["loss_delta"], run["others"])
-    result = {family: leave_one_out(runs, sources) for family, runs in families.items()}
+    # a run without the line's score (the SFT units have no reward affinity) is no point of the line rows
+    families = {f: {n: r for n, r in runs.items() if len(r[0])} for f, runs in families.items()}
+    result = {family: leave_one_out(runs, sources) for family, runs in families.items() if runs}
     result.update(within_run_rows(families, run_domains, sources))
     result.update(level_pattern_rows({f: {n: r for n, r in runs.items() if r is not None}
                                       for f, runs in learned.items()}, sources))

@@ -621,46 +621,6 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     return rollouts
 
 
-def reward_affinity(tokenizer, prompts: Any, reward_funcs: Any, domains: dict[str, Corpus], config: STSConfig,
-                    settings: Any = None, *, builder: PromptBuilder) -> dict[str, float | None]:
-    """Each target domain's mean reward when pieces of its own texts are scored as completions of the training
-    prompts, the reward functions combined as GRPO combines them (weighted sum): how much the rewards favour what
-    the domain's text reads like. GRPO moves the policy toward its high-reward completions, so a domain the rewards
-    favour is one training should hurt less. Pieces of the rollouts' length (:func:`completion_budget`), up to
-    ``config.domain_tokens`` tokens of each domain's texts (their first ``max_query_tokens``), each paired with a
-    prompt of the forecast's draw (:func:`draw_prompts`, in turn); no model involved. ``None`` for a domain none of
-    whose pieces every function scored (a function returning None)."""
-    settings = RolloutSettings.from_args(settings) if settings is not None else RolloutSettings()
-    funcs = check_reward_funcs(reward_funcs)
-    weights = [float(w) for w in settings.reward_weights] if settings.reward_weights is not None else [1.0] * len(funcs)
-    records = prompt_records(prompts)
-    chosen = [records[i] for i in draw_prompts(len(records), config)]
-    length = completion_budget(settings, config)
-    out: dict[str, float | None] = {}
-    for name, corpus in domains.items():
-        pieces: list[list[int]] = []
-        for example in corpus:
-            ids, counted = builder.single(example)
-            text_ids = [t for t, c in zip(ids, counted) if c]
-            pieces += [text_ids[i:i + length] for i in range(0, len(text_ids) - length + 1, length)]
-            if len(pieces) * length >= config.domain_tokens:
-                break
-        pieces = pieces[:max(1, config.domain_tokens // length)]
-        if not pieces:
-            out[name] = None
-            continue
-        texts = tokenizer.batch_decode(pieces, skip_special_tokens=True)
-        paired = [chosen[i % len(chosen)] for i in range(len(pieces))]
-        completions = [[{"role": "assistant", "content": t}] if is_messages(r["prompt"]) else t
-                       for t, r in zip(texts, paired)]
-        columns = {k: [r.get(k) for r in paired] for k in {k for r in paired for k in r}
-                   if k not in ("prompt", "completion", "completion_ids")}
-        rewards = score_completions(funcs, [r["prompt"] for r in paired], completions, pieces, columns)
-        totals = [sum(w * v for w, v in zip(weights, row)) for row in rewards if all(v is not None for v in row)]
-        out[name] = sum(totals) / len(totals) if totals else None
-    return out
-
-
 NOTHING_MOVED = ("The high- and low-reward rollouts differ in no SAE latent (every reward-weighted difference is 0), "
                  "so there is no direction to forecast: check that the completions differ (temperature, "
                  "rollout_max_tokens) and that the SAE is for this model and layer.")
