@@ -224,6 +224,26 @@ def test_validate_config_own_training_args_error_names_a_place_the_config_takes(
     assert "--no-progress" in capsys.readouterr().out
 
 
+def test_validate_with_a_list_of_targets_checks_multiple_choice_before_the_model_loads(workspace, tmp_path, capsys,
+                                                                                     no_model):
+    """`targets` given as a list of files: its domains' names are the files' stems; a `multiple_choice` key that is
+    none of them, or one of them without a set, was found only after the model had loaded."""
+    base = yaml.safe_load(write_config(workspace).read_text())
+    base.pop("output")
+    files = []
+    for name in ("law", "food", "chem"):
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("\n".join(json.dumps({"text": t}) for t in domain_texts(name, 5)))
+    mc = str(tmp_path / "mc.jsonl")
+    base["targets"] = [str(f) for f in files]
+    for choices, named in (({"law": mc, "food": mc, "chemm": mc}, "'chemm'"),  # a typo: no such domain
+                           ({"law": mc, "food": mc}, "lacks items for ['chem']")):
+        path = tmp_path / "validate.yaml"
+        path.write_text(yaml.safe_dump({**base, "multiple_choice": choices}))
+        assert main(["validate", str(path), "--no-progress"]) == 2, choices
+        assert named in one_line_error(capsys)
+
+
 def test_unreadable_configs_are_one_line_errors(workspace, tmp_path, capsys, no_model):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\nsae: x\n")
     assert main(["forecast", str(tmp_path / "bad.yaml")]) == 2

@@ -246,6 +246,8 @@ def _expand(value: Any) -> Any:
         return os.path.expanduser(value)
     if isinstance(value, dict):
         return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):  # targets: [~/law.jsonl, ...]
+        return [_expand(v) for v in value]
     return value
 
 
@@ -327,7 +329,7 @@ def _check_config_keys(path: str, command: str, config_file: dict[str, Any]) -> 
     _unknown_keys(f"{path}: options", config_file.get("options"), [f.name for f in dataclasses.fields(STSConfig)],
                   f"valid STSConfig fields are {sorted(f.name for f in dataclasses.fields(STSConfig))}")
     targets = config_file.get("targets")
-    target_names = [str(k) for k in targets] if isinstance(targets, dict) else None
+    target_names = _target_names(targets) if isinstance(targets, (dict, list)) else None
     if command == "validate":
         validation = config_file.get("validation")
         _unknown_keys(f"{path}: validation", validation, VALIDATE_KEYS)
@@ -954,9 +956,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if not isinstance(choices, dict):
             raise STSInputError(f"{args.config}: `multiple_choice` must map domain -> JSONL of "
                                 "{question, choices, answer}.")
-        if isinstance(targets, dict) and set(map(str, targets)) - set(map(str, choices)):
-            raise STSInputError(f"{args.config}: `multiple_choice` lacks items for "
-                                f"{sorted(set(map(str, targets)) - set(map(str, choices)))}; give a JSONL for "
+        lacking = sorted(set(_target_names(targets)) - set(map(str, choices)))
+        if lacking:
+            raise STSInputError(f"{args.config}: `multiple_choice` lacks items for {lacking}; give a JSONL for "
                                 "every target domain, or drop `multiple_choice`.")
         metric = multiple_choice_accuracy({k: _expand(v) for k, v in
                                            named_items(choices, f"{args.config}: `multiple_choice`").items()})
