@@ -78,11 +78,7 @@ def main() -> None:
     texts = units.domain_texts(units.UNITS)
     sz = rl.sizes(False)
     for name in rl_icl.planned():
-        spec = rl.RUNS[name]
-        s = sz["grpo"][spec.get("size", spec["task"])]
-        train_texts, targets = units.split(spec["source"], texts)
-        word_texts = texts[spec["reward_domain"]][0::2] if "reward_domain" in spec else None
-        built = rl.keywords_task(tokenizer, train_texts, s, spec["rewards"], word_texts)
+        spec, s, targets, built = rl_icl.keyword_run(name, tokenizer, texts, sz)
         config = STSConfig(**sz["forecast"])
         start = time.perf_counter()
         affinity = reward_affinity(tokenizer, built["rows"], built["reward_funcs"], load_domains(targets), config,

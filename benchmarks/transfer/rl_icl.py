@@ -44,6 +44,16 @@ def planned() -> list[str]:
     return sorted(names, key=lambda n: (not n.endswith("-kl-long"), not n.endswith("-long"), n))
 
 
+def keyword_run(name: str, tokenizer, texts: dict[str, list[str]], sz: dict[str, Any]):
+    """A keyword-reward GRPO run of ``rl.py`` rebuilt offline as its ``run_grpo`` builds it: (spec, sizes, target
+    domains, the task's prompts / references / reward functions)."""
+    spec = rl.RUNS[name]
+    s = sz["grpo"][spec.get("size", spec["task"])]
+    train_texts, targets = units.split(spec["source"], texts)
+    word_texts = texts[spec["reward_domain"]][0::2] if "reward_domain" in spec else None
+    return spec, s, targets, rl.keywords_task(tokenizer, train_texts, s, spec["rewards"], word_texts)
+
+
 def below_mean(rollouts) -> list[dict[str, Any]]:
     """The completions below their group's mean reward, as ``{"prompt", "completion"}`` records (the low side of
     :meth:`Rollouts.demonstrations`)."""
@@ -58,12 +68,8 @@ def run(name: str, model, tokenizer, texts, sz) -> dict[str, Any]:
     from sts_callback.pipelines.icl_loss import icl_loss_change
     from sts_callback.pipelines.rollouts import prompt_records, sample_rollouts
 
-    spec = rl.RUNS[name]
+    spec, s, targets, built = keyword_run(name, tokenizer, texts, sz)
     stored = json.loads((rl.OUT / f"{name}.json").read_text())
-    s = sz["grpo"][spec.get("size", spec["task"])]
-    train_texts, targets = units.split(spec["source"], texts)
-    word_texts = texts[spec["reward_domain"]][0::2] if "reward_domain" in spec else None
-    built = rl.keywords_task(tokenizer, train_texts, s, spec["rewards"], word_texts)
     trainer_args = {"num_generations": s["num_generations"], "max_completion_length": s["max_completion_length"],
                     "temperature": 1.0, "top_k": 0}
     config = STSConfig(**sz["forecast"])
