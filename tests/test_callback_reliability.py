@@ -510,13 +510,27 @@ def test_epoch_checkpoints_are_rechecked_and_carry_the_history(tmp_path, tokeniz
 @pytest.mark.parametrize("settings, message", [
     ({"save_strategy": "no"}, "re-checked only at its end"),
     ({"recheck_steps": 10}, "not shorter than this run's 6 steps"),
+    ({"save_steps": 500}, "save_steps=500 is not shorter than this run's 6 steps"),  # transformers' default
+    ({"save_steps": 6}, "save_steps=6 is not shorter"),
+    ({"save_strategy": "epoch", "max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 16},
+     "save_strategy='epoch' and this run has 1 epoch"),
 ])
 def test_a_schedule_that_rechecks_only_at_the_end_is_warned_at_train_start(tmp_path, tokenizer, settings, message):
     callback = make_callback(**{k: v for k, v in settings.items() if k == "recheck_steps"})
     trainer = make_trainer(tmp_path, tokenizer, callback, **{k: v for k, v in settings.items() if k != "recheck_steps"})
     with pytest.warns(STSDataWarning, match=message):
         trainer.train()
-    assert [r["step"] for r in callback.history] == [6]
+    assert [r["step"] for r in callback.history] == [trainer.state.max_steps]
+
+
+def test_a_schedule_with_rechecks_before_the_end_is_not_warned_about(tmp_path, tokenizer):
+    callback = make_callback()
+    trainer = make_trainer(tmp_path, tokenizer, callback, save_strategy="epoch", max_steps=-1, num_train_epochs=2,
+                           per_device_train_batch_size=16)  # 64 texts: 4 steps an epoch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        trainer.train()
+    assert [r["step"] for r in callback.history] == [4, 8]
 
 
 def test_one_callback_reused_for_a_second_run_monitors_it_afresh(tmp_path, tokenizer):
@@ -636,6 +650,7 @@ def test_unusable_data_is_named_before_any_step(tmp_path, tokenizer, settings, m
 
 @pytest.mark.parametrize("settings, message", [
     ({"sae": "/nonexistent/sae"}, "is not a folder"),
+    ({"sae": ""}, r"The SAE path is empty \(''"),  # os.environ.get("SAE_DIR", ""): Path("") is the current folder
     ({"target_domains": {"law": "evals/law.jsonl"}},
      r"does not exist \(a relative path is read from the working folder, .*\); check the path"),
     ({"target_domains": ["pythn_code"]}, "neither an existing file nor a registered domain"),
@@ -741,6 +756,52 @@ def test_a_history_write_that_fails_once_is_written_with_the_next_record(tmp_pat
         make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_strategy="no").train()
     store = RunStore(tmp_path / "run" / "sts")
     assert failed and [r["step"] for r in store.read_history()] == [r["step"] for r in callback.history] == [1, 2, 3, 4]
+
+
+def test_the_last_rechecks_record_reaches_the_file_and_the_report_when_its_write_failed(tmp_path, tokenizer,
+                                                                                       monkeypatch):
+    """The folder refused writes during the last re-check only: its record was retried only with a next re-check,
+    which never came, so the history file and the report ended a re-check short."""
+    real, failed = RunStore.append_history, []
+
+    def full_once(self, record):
+        if record.get("step") == 6 and not failed:
+            failed.append(6)
+            raise OSError(28, "No space left on device")
+        return real(self, record)
+
+    monkeypatch.setattr(RunStore, "append_history", full_once)
+    callback = make_callback()
+    with pytest.warns(RuntimeWarning, match="could not write the re-check of step 6"):
+        make_trainer(tmp_path, tokenizer, callback).train()
+    assert failed and history_steps(tmp_path / "run" / "sts" / "history.jsonl") == [2, 4, 6]
+    assert "last at step 6" in (tmp_path / "run" / "sts" / "report.md").read_text()
+
+
+def test_a_record_whose_write_failed_is_in_the_file_when_its_checkpoint_is_saved(tmp_path, tokenizer, monkeypatch):
+    """A failed history write at step 4, the checkpoint saved, the run dead at step 5: a resume rebuilds the
+    history from the file, which lacked step 4 (a violation there was lost, the early-stop count said otherwise)."""
+    real, failed = RunStore.append_history, []
+
+    def full_once(self, record):
+        if record.get("step") == 4 and not failed:
+            failed.append(4)
+            raise OSError(28, "No space left on device")
+        return real(self, record)
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(RunStore, "append_history", full_once)
+    with pytest.warns(RuntimeWarning, match="could not write the re-check of step 4"), \
+            pytest.raises(RuntimeError, match="went away"):
+        make_trainer(tmp_path, tokenizer, make_callback(), extra_callbacks=[Crash()]).train()
+    assert failed and history_steps(tmp_path / "run" / "sts" / "history.jsonl") == [2, 4]
+    resumed = make_callback()
+    make_trainer(tmp_path, tokenizer, resumed).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert [r["step"] for r in resumed.history] == [2, 4, 6]
 
 
 @pytest.mark.parametrize("raised", ["violation", "failed re-check"])

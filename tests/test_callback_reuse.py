@@ -3,6 +3,7 @@ notebook, a sweep): each run's numbers stay its own, and a finished callback kee
 
 import gc
 import json
+import re
 import os
 import subprocess
 import sys
@@ -159,7 +160,8 @@ def test_resuming_from_a_checkpoint_another_run_left_in_the_folder_is_refused(tm
     make_trainer(tmp_path, tokenizer, later, model=make_model("llama", seed=7), max_steps=2, save_steps=2).train()
     history = (tmp_path / "run" / "sts" / "history.jsonl").read_text()
     resumed = make_trainer(tmp_path, tokenizer, make_callback(), max_steps=6, save_steps=2)
-    with pytest.raises(STSInputError, match="checkpoint-4 .*belongs to another run.*own checkpoint"):
+    own_checkpoint = re.escape(repr(str(tmp_path / "run" / "checkpoint-2")))  # the message names it
+    with pytest.raises(STSInputError, match=f"checkpoint-4 .*belongs to another run.*own checkpoint .*{own_checkpoint}"):
         resumed.train(resume_from_checkpoint=True)  # the Trainer picks checkpoint-4: the first run's
     assert (tmp_path / "run" / "sts" / "history.jsonl").read_text() == history  # nothing rewritten
     own = make_trainer(tmp_path, tokenizer, make_callback(), max_steps=4, save_steps=2)

@@ -198,6 +198,9 @@ def _generic_handle(module: Any) -> SAEHandle:
 def missing_sae_folder(spec: Any) -> str | None:
     """The error for an SAE path that names no folder (a string that is neither a folder nor 'release::sae_id'),
     else None: checkable before any model loads."""
+    if isinstance(spec, str) and not spec.strip():  # Path("") is the current folder: said before it is read
+        return (f"The SAE path is empty ({spec!r}: an unset variable?); pass a sae-lens folder, "
+                "{'release': ..., 'sae_id': ...}, 'release::sae_id', a sae-lens SAE, or a module with encode().")
     if isinstance(spec, (str, Path)) and not Path(spec).is_dir() and not (isinstance(spec, str) and "::" in spec):
         return (f"SAE {str(spec)!r} is not a folder; pass a sae-lens folder, {{'release': ..., 'sae_id': ...}}, "
                 "'release::sae_id', a sae-lens SAE, or a module with encode().")

@@ -490,7 +490,7 @@ class STSCallback(TrainerCallback, ExportableState):
         session.autocast = _weak_autocast(accelerator) if accelerator is not None else session.autocast
         session.learning_rates, self.schedule_source = planned_learning_rates(
             args, state.max_steps, lr_scheduler, state.global_step, state.log_history)
-        _warn_about_the_schedule(session, args, state.max_steps)
+        _warn_about_the_schedule(session, args, state)
         if self.schedule_source == "logged":
             session.say(f"STS: this run's scheduler steps on metrics (or could not be read ahead): the early "
                         f"forecast follows the learning rates the Trainer logs (every logging_steps="
@@ -887,8 +887,10 @@ def _check_inputs(sae: Any, target: Any, protected: list[str], data: dict[str, A
                              "protect only domains listed in target_domains.")
 
 
-def _warn_about_the_schedule(session: STSSession, args, max_steps: int) -> None:
-    """At train start: re-checks the settings ask for that this run will never make."""
+def _warn_about_the_schedule(session: STSSession, args, state) -> None:
+    """At train start: re-checks the settings ask for that this run will never make, and a run whose re-checks
+    (following its checkpoints) come only at its end."""
+    max_steps = state.max_steps
     steps = session.settings.recheck_steps
     beyond = session.settings.schedule_beyond(max_steps)
     if beyond:  # session.warn: on the main process only
@@ -904,6 +906,16 @@ def _warn_about_the_schedule(session: STSSession, args, max_steps: int) -> None:
         session.warn("schedule_no_saves", "STS: save_strategy='no' and recheck_steps unset: the run is re-checked "
                      "only at its end, so no warning or early stop can come during training; set recheck_steps "
                      "(e.g. 0.1).", STSDataWarning)
+    # the Trainer has made save_steps absolute (a fraction of the run) and counted the epochs by now
+    save_steps, epochs = getattr(state, "save_steps", None), getattr(state, "num_train_epochs", None)
+    only_at_end = (f"save_steps={save_steps} is not shorter than this run's {max_steps} steps"
+                   if saves == "steps" and isinstance(save_steps, int) and save_steps >= max_steps else
+                   f"save_strategy='epoch' and this run has {epochs} epoch"
+                   if saves == "epoch" and isinstance(epochs, int) and epochs <= 1 else None)
+    if steps is None and only_at_end:
+        session.warn("schedule_saves_at_end", f"STS: {only_at_end} and recheck_steps is unset: the re-checks follow "
+                     "the checkpoints, so the run is re-checked only at its end and no warning or early stop can "
+                     "come during training; set recheck_steps (e.g. 0.1) or save more often.", STSDataWarning)
 
 
 def _loaded_best_step(args, state) -> int | None:

@@ -251,19 +251,25 @@ class STSSession:
 
     def _append_history(self, record: dict[str, Any]) -> None:
         """Keep ``record`` and append it to the history file, with the records earlier failed writes left out (a
-        disk full for a while): the file gets every re-check once writes work again (read back in step order). A
-        record that failed :data:`WRITE_ATTEMPTS` times stays in memory only."""
+        disk full for a while): the file gets every re-check once writes work again (read back in step order)."""
         self.history.append(record)
         if not self.is_main:
             return
         self._unwritten.append([record, 0])
+        self.flush_history()
+
+    def flush_history(self, counted: bool = True) -> None:
+        """Write the history records earlier writes failed for (main process). ``counted``: a failure counts toward
+        :data:`WRITE_ATTEMPTS`, after which a record stays in memory only (at re-checks); at checkpoint saves and
+        reports it does not, so that the last re-check's record and one a checkpoint holds reach the file once the
+        folder takes writes again."""
         for entry in list(self._unwritten):
             pending, tries = entry
             # warned about and recorded (write_errors) once, at its first failure
             if self.write(f"the re-check of step {pending.get('step')} to {self.store.path(HISTORY_FILE)}",
                           lambda: self.store.append_history(pending), pending.get("step"), retry=tries > 0):
                 self._unwritten.remove(entry)
-            else:
+            elif counted:
                 entry[1] += 1
         self._unwritten = [entry for entry in self._unwritten if entry[1] < WRITE_ATTEMPTS]
 
@@ -580,12 +586,14 @@ class STSSession:
         folder_run = from_main_process(folder_run)
         if self.run_id is None or folder_run is None or folder_run == self.run_id:
             return
+        own = from_main_process(_latest_checkpoint_of(checkpoint, folder_run) if is_main_process() else None)
         raise STSInputError(
             f"Resuming from {checkpoint.root.parent} (step {step}): that checkpoint belongs to another run (STS run "
             f"{self.run_id}) than the forecast and history in {self.store.root} (STS run {folder_run}); e.g. a later, "
             "shorter run in the same output_dir left an earlier run's higher-numbered checkpoints, and the Trainer "
             "resumes from the highest. Resume from the run's own checkpoint "
-            "(train(resume_from_checkpoint='<output_dir>/checkpoint-<step>')), delete the other run's checkpoints, "
+            f"(train(resume_from_checkpoint={str(own) if own else '<output_dir>/checkpoint-<step>'!r})"
+            f"{'' if own else ': it has none saved with STS state'}), delete the other run's checkpoints, "
             "or give each run its own output_dir.")
 
     def _origin(self, checkpoint: RunStore) -> Path:
@@ -867,12 +875,16 @@ class STSSession:
                                 "call prepare(...) and start(...) (or resume(...)) first.")
         if not self.is_main:
             return
+        self.flush_history(counted=False)  # a resume from this checkpoint reads the history file up to its step
         self.write(f"the monitor state to {checkpoint.root}", lambda: self.monitor.save(checkpoint.monitor_path), step)
         self.write(f"the callback state to {checkpoint.root}", lambda: checkpoint.write_state(self.counters()), step)
 
     def write_report(self, step: int | None = None) -> Path | None:
         """``report.html`` / ``report.md`` in the STS folder (main process); a failure only warns unless strict."""
-        if not self.is_main or not self.store.has_results():
+        if not self.is_main:
+            return None
+        self.flush_history(counted=False)  # the report reads the folder: the records a failed write left out first
+        if not self.store.has_results():
             return None
         try:
             from ..reporting.report import write_report
@@ -940,3 +952,15 @@ def check_inputs_agree(setup: ForecastSetup, domains: dict[str, Corpus], loss_se
 
 
 __all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree"]
+
+
+def _latest_checkpoint_of(checkpoint: RunStore, run_id: str) -> Path | None:
+    """The highest-numbered ``checkpoint-<step>`` beside ``checkpoint``'s (the Trainer's layout,
+    ``<output_dir>/checkpoint-<step>/<subdir>``) whose STS state is run ``run_id``'s, else ``None``."""
+    output_dir, subdir = checkpoint.root.parent.parent, checkpoint.root.name
+    steps = []
+    for folder in output_dir.glob("checkpoint-*"):
+        step = folder.name.removeprefix("checkpoint-")
+        if step.isdigit() and (RunStore(folder / subdir).read_state() or {}).get("run_id") == run_id:
+            steps.append((int(step), folder))
+    return max(steps)[1] if steps else None
