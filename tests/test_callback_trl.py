@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from datasets import Dataset
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
@@ -229,6 +230,49 @@ def test_grpo_rechecks_probe_the_current_policys_completions_of_fresh_prompts(tm
     prompts = [tokenizer(domain_texts("law", 16)[i])["input_ids"] for i in probes[-1]["prompts"]]
     assert all(sum(flags) < len(ids) for ids, flags in cb.monitor.probe)
     assert all(any(ids[:len(p)] == p or ids[1:len(p) + 1] == p[1:] for p in prompts) for ids, _ in cb.monitor.probe)
+
+
+def test_grpo_rechecks_keep_their_measurement_when_a_group_reading_reward_cannot_score_the_probe(tmp_path,
+                                                                                                  tokenizer):
+    """The probe samples 2 completions a prompt; a reward that reads whole groups of num_generations raised there,
+    and every re-check lost its loss changes for a reward that only feeds the probe's mean_reward."""
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    def rank_in_group(completions, **kwargs):
+        return torch.tensor([float(len(c)) for c in completions]).view(-1, 4).argsort(dim=1).flatten().tolist()
+
+    cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8},
+                  recheck_tokens=24)
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=4, max_completion_length=8, temperature=1.5,
+                      **COMMON)
+    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=rank_in_group, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb],
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.warns(STSDataWarning, match="probe's rewards are left out from now on.*rollout_generations=4"):
+        trainer.train()
+    assert [r["step"] for r in cb.history] == [2, 4]
+    assert all("error" not in r and r["loss_delta"] and r["fresh_probe"]["mean_reward"] is None for r in cb.history)
+
+
+def test_grpo_with_a_reference_synced_to_the_policy_is_no_base_for_the_probe(tmp_path, tokenizer):
+    """sync_ref_model moves GRPO's ref_model toward the policy: the probe measured the shift against it as if it
+    were the train-start weights (shift_total fell as training went on)."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "policy")
+    cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8},
+                  recheck_tokens=24)
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=4, max_completion_length=8, temperature=1.5,
+                      beta=0.1, sync_ref_model=True, ref_model_sync_steps=1, **COMMON)
+    trainer = GRPOTrainer(model=str(tmp_path / "policy"), reward_funcs=reward_length, args=args,
+                          processing_class=tokenizer, callbacks=[cb],
+                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}))
+    with pytest.warns(STSDataWarning, match="without a reference model .sync_ref_model=True moves"):
+        trainer.train()
+    assert [r["step"] for r in cb.history] == [2, 4] and all("fresh_probe" not in r for r in cb.history)
+    assert all(r["loss_delta"] for r in cb.history)
 
 
 def test_grpo_in_context_shift_of_prompt_only_data_skips_the_forecast_but_rechecks(tmp_path, tokenizer, capsys):

@@ -141,6 +141,56 @@ def test_reward_functions_get_trls_keyword_arguments_and_weights(model, tokenize
         r.groups[0].prompt, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
+def test_async_rewards_meet_one_long_lived_event_loop_the_trainers_where_given(model, tokenizer):
+    """An async reward keeping a loop-bound resource (an HTTP client, a semaphore) between calls broke on STS's
+    second call: each ran under a fresh asyncio.run. GRPOTrainer awaits them all on its one async_loop."""
+    import asyncio
+    import threading
+
+    loops = []
+
+    async def judge(completions, **kwargs):
+        loops.append(asyncio.get_running_loop())
+        return [float(len(c)) for c in completions]
+
+    sample_rollouts(model, tokenizer, prompts(), judge, config(rollout_prompts=2), SETTINGS)
+    sample_rollouts(model, tokenizer, prompts(), judge, config(rollout_prompts=2, seed=1), SETTINGS)
+    assert len(loops) == 4 and len(set(map(id, loops))) == 1 and loops[0].is_running()
+    trainers = asyncio.new_event_loop()
+    threading.Thread(target=trainers.run_forever, daemon=True).start()
+    try:
+        sample_rollouts(model, tokenizer, prompts(), judge, config(rollout_prompts=2), SETTINGS, async_loop=trainers)
+        assert loops[-1] is trainers and loops[-2] is trainers
+    finally:
+        trainers.call_soon_threadsafe(trainers.stop)
+
+
+def test_a_reward_reading_whole_groups_is_told_to_raise_rollout_generations(model, tokenizer):
+    def rank_in_group(completions, **kwargs):  # GRPOTrainer always passes whole groups of num_generations
+        return torch.tensor([float(len(c)) for c in completions]).view(-1, 4).argsort(dim=1).flatten().tolist()
+
+    with pytest.raises(STSInputError, match=r"groups of 2 completions .* scores 4 .*rollout_generations=4\)"):
+        sample_rollouts(model, tokenizer, prompts(), rank_in_group, config(rollout_generations=2), SETTINGS)
+    assert sample_rollouts(model, tokenizer, prompts(), rank_in_group, config(), SETTINGS).num_generations == 4
+
+
+def test_a_large_prompt_set_is_read_only_where_drawn(model, tokenizer, monkeypatch):
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"prompt": [f"the court {i}" for i in range(5000)]})
+    read = []
+    real = Dataset.__getitem__
+
+    def counted(self, key):
+        if isinstance(key, int):
+            read.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(Dataset, "__getitem__", counted)
+    r = sample_rollouts(model, tokenizer, data, first_token, config(rollout_prompts=3), SETTINGS)
+    assert len(r.groups) == 3 and len(read) == 3  # the three drawn rows, not 5,000
+
+
 def test_grpo_advantages_and_the_high_reward_demonstrations(model, tokenizer):
     rewards = torch.tensor([[[1.0], [2.0], [3.0], [6.0]], [[0.0], [math.nan], [1.0], [2.0]]], dtype=torch.float64)
     total, advantages = group_advantages(rewards, torch.tensor([1.0]))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..core.data import Corpus, TokenSequence, load_corpus
+from ..core.distributed import warn_on_main
 from ..core.errors import STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
 from ..pipelines.preference import Truncation, completion_sequence, run_preference_forecast
@@ -104,7 +105,8 @@ def trainer_rollouts(trainer: Any, data: Any, setup: ForecastSetup, state: Any =
     """The policy's rollouts on a seeded sample of the training prompts, with the trainer's generation settings,
     reward functions and weights (the same on every rank)."""
     return sample_rollouts(setup.model, setup.builder.tokenizer, data, trainer.reward_funcs, setup.config,
-                           _rollout_settings(trainer), trainer_state=state, progress=progress, builder=setup.builder)
+                           _rollout_settings(trainer), trainer_state=state, progress=progress, builder=setup.builder,
+                           async_loop=getattr(trainer, "async_loop", None))
 
 
 def trainer_distillation_rollouts(trainer: Any, data: Any, setup: ForecastSetup, progress: bool = False,
@@ -138,10 +140,12 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     ``budget`` completion tokens, with the model that gives their base residuals: the trainer's ``ref_model``,
     or ``None`` for the adapters-disabled model of a PEFT run. ``None`` itself when there is no base to run (a
     full fine-tune without a reference model, e.g. GRPO with ``beta=0`` or a distillation) or the trainer samples
-    nothing (not RL nor distillation)."""
+    nothing (not RL nor distillation). A reference synced to the policy (``sync_ref_model``) is none."""
     if not is_online(trainer):
         return None
     reference = getattr(trainer, "ref_model", None)
+    if getattr(trainer.args, "sync_ref_model", False):
+        reference = None  # TRL moves it toward the policy (every ref_model_sync_steps): not the train-start weights
     if reference is None and peft_model_of(trainer.model) is None:
         return None
     rl = is_rl(trainer)
@@ -150,17 +154,31 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     longest = completion_budget(settings, config)
     prompts = max(2, math.ceil(budget / (2 * longest)))
     two_each = dataclasses.replace(config, rollout_generations=2)
-    records = prompt_records(data)  # read once: each re-check draws from them, not from the whole dataset again
+    records = prompt_records(data)  # each row read when a re-check first draws it, then kept
     # the probe needs the completions; their rewards are only a summary, which reward models cannot give here
     funcs = reward_func_list(trainer.reward_funcs) if rl else []
     score = rl and not any(is_reward_model(f) for f in funcs)
     watched = weakref.ref(trainer)  # the probe outlives the run in the session: it must not keep the trainer alive
+    scored = [score]
+
+    def sample(model: Any, indices: list[int]) -> Rollouts:
+        trainer_now = watched()
+        return sample_rollouts(model, setup.builder.tokenizer, records, funcs, two_each, settings,
+                               trainer_state=getattr(trainer_now, "state", None), builder=setup.builder,
+                               prompt_indices=indices, score=scored[0],
+                               async_loop=getattr(trainer_now, "async_loop", None))
 
     def probe(model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:
         indices = draw_prompts(len(records), config, f"recheck:{step}", prompts)
-        rollouts = sample_rollouts(model, setup.builder.tokenizer, records, funcs, two_each, settings,
-                                   trainer_state=getattr(watched(), "state", None), builder=setup.builder,
-                                   prompt_indices=indices, score=score)
+        try:
+            rollouts = sample(model, indices)
+        except STSInputError as err:  # a reward reading whole groups of num_generations, not the probe's 2: the
+            if not scored[0]:        # rewards are only the probe's summary, not worth its measurement
+                raise
+            scored[0] = False
+            warn_on_main(f"STS: the re-check probe's rewards are left out from now on (mean_reward None): {err}",
+                         STSDataWarning, stacklevel=2)
+            rollouts = sample(model, indices)
         sequences = rollout_probe(rollouts, setup, budget)
         rewards = rollouts.rewards[~torch.isnan(rollouts.rewards)]
         return sequences, reference, {

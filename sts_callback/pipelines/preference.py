@@ -316,16 +316,38 @@ def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: s
     return PreferencePair(sequences[0], sequences[1], index)
 
 
-def raw_records(data: Any, what: str = "preference data") -> list[Any]:
-    """The items of ``data`` as given (a list, a ``datasets.Dataset`` (streaming: its head), a JSON(L) path or a
-    :class:`Corpus`), for inputs whose records hold more than an :class:`Example` keeps."""
+class DatasetRows(Sequence):
+    """The rows of a ``datasets.Dataset``, each read when first indexed: a forecast that draws a few hundred rows of
+    a million-row set reads those, not the million."""
+
+    def __init__(self, data: Any):
+        self._data, self._rows = data, {}
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = index + len(self) if index < 0 else index
+        if index not in self._rows:
+            self._rows[index] = self._data[index]
+        return self._rows[index]
+
+
+def raw_records(data: Any, what: str = "preference data") -> Sequence[Any]:
+    """The items of ``data`` as given (a list, a ``datasets.Dataset`` (streaming: its head; else
+    :class:`DatasetRows`, read as drawn), a JSON(L) path or a :class:`Corpus`), for inputs whose records hold more
+    than an :class:`Example` keeps."""
     if isinstance(data, Corpus):
         return data.records()
+    if isinstance(data, DatasetRows):
+        return data
     check_data_spec(data, what)  # a DatasetDict, a missing path: named as everywhere else
     if isinstance(data, (str, Path)):
         return load_corpus(data, name=what).records()
     if is_dataset(data):
-        return take_streamed(data) if not hasattr(data, "__len__") else [data[i] for i in range(len(data))]
+        return take_streamed(data) if not hasattr(data, "__len__") else DatasetRows(data)
     if isinstance(data, Sequence):
         return list(data)
     raise STSInputError(f"Cannot use {type(data).__name__} as {what}; pass a list of records, a datasets.Dataset "

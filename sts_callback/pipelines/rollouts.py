@@ -19,11 +19,11 @@ prompts are split across ranks and the scored rollouts gathered, so that every r
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import json
 import math
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -156,16 +156,31 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _call_reward(func: Callable, index: int, kwargs: dict[str, Any], n: int) -> list[float | None]:
+_reward_loop: asyncio.AbstractEventLoop | None = None
+
+
+def reward_event_loop() -> asyncio.AbstractEventLoop:
+    """STS's one event loop for async reward functions, running in a daemon thread for the process's life (as
+    GRPOTrainer's ``async_loop``): a reward that keeps a loop-bound resource between calls (an HTTP client, a
+    semaphore) meets the same loop at every call, which a fresh ``asyncio.run`` per call broke."""
+    global _reward_loop
+    if _reward_loop is None or _reward_loop.is_closed():
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="STS-reward-loop", daemon=True).start()
+        _reward_loop = loop
+    return _reward_loop
+
+
+def _call_reward(func: Callable, index: int, kwargs: dict[str, Any], n: int,
+                 loop: asyncio.AbstractEventLoop | None = None) -> list[float | None]:
     name = _reward_name(func)
     try:
         out = func(**kwargs)
-        if inspect.isawaitable(out):  # an async reward function (TRL runs those too)
+        if inspect.isawaitable(out):  # an async reward function (TRL runs those too): on one long-lived loop
             async def wait():
                 return await out
 
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # works inside a running event loop as well
-                out = pool.submit(asyncio.run, wait()).result()
+            out = asyncio.run_coroutine_threadsafe(wait(), loop or reward_event_loop()).result()
     except Exception as err:  # noqa: BLE001 - named with what STS passed, the user's own error chained
         columns = sorted(k for k in kwargs if k not in TRL_REWARD_ARGUMENTS)
         raise STSInputError(
@@ -201,13 +216,15 @@ TRL_REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_sta
 
 def score_completions(reward_funcs: Sequence[Callable], prompts: list[Any], completions: list[Any],
                       completion_ids: list[list[int]], columns: dict[str, list[Any]],
-                      trainer_state: Any = None) -> list[list[float | None]]:
+                      trainer_state: Any = None,
+                      async_loop: asyncio.AbstractEventLoop | None = None) -> list[list[float | None]]:
     """``[completion][function]`` rewards, each function called as TRL's GRPOTrainer calls it: ``prompts``,
     ``completions``, ``completion_ids``, the dataset's other columns (one entry per completion), ``trainer_state``,
-    and no-op ``log_extra`` / ``log_metric``."""
+    and no-op ``log_extra`` / ``log_metric``; an async one awaited on ``async_loop`` (the trainer's, where it has
+    one) or :func:`reward_event_loop`."""
     kwargs = {**columns, "trainer_state": trainer_state, "log_extra": _noop, "log_metric": _noop,
               "prompts": prompts, "completions": completions, "completion_ids": completion_ids}
-    per_func = [_call_reward(func, i, kwargs, len(completions)) for i, func in enumerate(reward_funcs)]
+    per_func = [_call_reward(func, i, kwargs, len(completions), async_loop) for i, func in enumerate(reward_funcs)]
     return [list(row) for row in zip(*per_func)]
 
 
@@ -388,28 +405,50 @@ class Rollouts:
         }
 
 
-def prompt_records(prompts: Any, name: str = "prompts") -> list[dict[str, Any]]:
+def prompt_record(item: Any, index: int, name: str = "prompts") -> dict[str, Any]:
+    """One training prompt as a record ``{"prompt": ..., **other columns}``."""
+    if isinstance(item, str) or is_messages(item):
+        return {"prompt": item}
+    if isinstance(item, dict) and (isinstance(item.get("prompt"), str) or is_messages(item.get("prompt"))):
+        return dict(item)
+    if isinstance(item, dict) and is_messages(item.get("messages")):  # a chat (GKD): its turns before the answer
+        turns = item["messages"]
+        prompt = turns[:-1] if len(turns) > 1 and turns[-1].get("role") == "assistant" else turns
+        return {"prompt": prompt, **{k: v for k, v in item.items() if k != "messages"}}
+    keys = sorted(item) if isinstance(item, dict) else type(item).__name__
+    raise STSInputError(f"Prompt {index} of {name} is {keys}; each must be a string, chat messages, or a record "
+                        "with 'prompt' (a string or chat messages) as GRPOTrainer's dataset has, or with "
+                        "'messages' (the turns before the last assistant turn are the prompt).")
+
+
+class PromptRecords(Sequence):
+    """Training prompts as records (:func:`prompt_record`), each converted (and checked) when first indexed: the
+    rollouts read the prompts they draw, not the whole dataset."""
+
+    def __init__(self, items: Sequence[Any], name: str):
+        self._items, self._name, self._records = items, name, {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = index + len(self) if index < 0 else index
+        if index not in self._records:
+            self._records[index] = prompt_record(self._items[index], index, self._name)
+        return self._records[index]
+
+
+def prompt_records(prompts: Any, name: str = "prompts") -> PromptRecords:
     """Training prompts as records ``{"prompt": ..., **other columns}`` (strings, chat messages, TRL prompt
-    records, a ``datasets.Dataset``)."""
+    records, a ``datasets.Dataset``), read as they are drawn (:class:`PromptRecords`); ``list(...)`` reads all."""
+    if isinstance(prompts, PromptRecords):  # a re-check's probe passes the records it drew from before
+        return prompts
     prompts = raw_records(prompts, name)
     if len(prompts) == 0:
         raise STSInputError(f"No {name} given: the rollout forecast needs training prompts to sample completions for.")
-    records = []
-    for i, item in enumerate(prompts):
-        if isinstance(item, str) or is_messages(item):
-            records.append({"prompt": item})
-        elif isinstance(item, dict) and (isinstance(item.get("prompt"), str) or is_messages(item.get("prompt"))):
-            records.append(dict(item))
-        elif isinstance(item, dict) and is_messages(item.get("messages")):  # a chat (GKD): its turns before the answer
-            turns = item["messages"]
-            prompt = turns[:-1] if len(turns) > 1 and turns[-1].get("role") == "assistant" else turns
-            records.append({"prompt": prompt, **{k: v for k, v in item.items() if k != "messages"}})
-        else:
-            keys = sorted(item) if isinstance(item, dict) else type(item).__name__
-            raise STSInputError(f"Prompt {i} of {name} is {keys}; each must be a string, chat messages, or a record "
-                                "with 'prompt' (a string or chat messages) as GRPOTrainer's dataset has, or with "
-                                "'messages' (the turns before the last assistant turn are the prompt).")
-    return records
+    return PromptRecords(prompts, name)
 
 
 def _generation_model(model: nn.Module) -> nn.Module:
@@ -494,7 +533,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
                     config: STSConfig | dict | None = None, settings: Any = None, *, trainer_state: Any = None,
                     progress: bool = False, builder: PromptBuilder | None = None,
                     prompt_indices: Sequence[int] | None = None, score: bool = True,
-                    desc: str = "STS rollouts") -> Rollouts:
+                    desc: str = "STS rollouts", async_loop: asyncio.AbstractEventLoop | None = None) -> Rollouts:
     """Sample and score rollouts of the model for a seeded sample of training prompts, as GRPO would.
 
     Args:
@@ -518,6 +557,9 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
         score: ``False`` samples without calling the reward functions (every reward None): for a probe that
             needs the completions only, under reward models this function cannot call, or a distillation's.
         desc: the progress bar's label.
+        async_loop: the event loop async reward functions are awaited on: the trainer's (GRPOTrainer's
+            ``async_loop``), so that a reward's loop-bound resources serve STS's calls and the trainer's alike;
+            default :func:`reward_event_loop`.
 
     Under ``torch.distributed`` each rank samples and scores a padded share of the prompts; the rollouts are
     gathered, so every rank returns the same :class:`Rollouts`.
@@ -578,8 +620,17 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
                     completions = ([[{"role": "assistant", "content": t}] for t in texts] if is_messages(prompt)
                                    else texts)
                     columns = {k: v for k, v in record.items() if k not in ("prompt", "completion", "completion_ids")}
-                    rewards = score_completions(funcs, [prompt] * generations, completions, completion_ids,
-                                                {k: [v] * generations for k, v in columns.items()}, trainer_state)
+                    try:
+                        rewards = score_completions(funcs, [prompt] * generations, completions, completion_ids,
+                                                    {k: [v] * generations for k, v in columns.items()}, trainer_state,
+                                                    async_loop)
+                    except STSInputError as err:
+                        if generations >= settings.num_generations:
+                            raise
+                        raise STSInputError(
+                            f"{err} Or: STS scored groups of {generations} completions a prompt where the trainer "
+                            f"scores {settings.num_generations} (num_generations); a reward that reads whole groups "
+                            f"needs STSConfig(rollout_generations={settings.num_generations}).") from err.__cause__
                     local.append(RolloutGroup(position, prompt, columns, ids, completions, completion_ids, rewards,
                                               [not c or c[-1] not in eos for c in completion_ids]))
                 if bar is not None:

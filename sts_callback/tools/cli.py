@@ -662,7 +662,9 @@ def _training_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> d
         check_training_inputs(shift, reward_funcs=reward_funcs is not None, teacher=teacher is not None,
                               settings=settings)
         if shift in (*RL_SHIFTS, *DISTILLATION_SHIFTS):
-            prompt_records(train, "train_data")  # the prompts the rollouts are sampled for
+            records = prompt_records(train, "train_data")  # the prompts the rollouts are sampled for
+            for i in range(min(len(records), 64)):  # a record they cannot be: said now, not after loading
+                records[i]
         elif shift == "in_context":
             for i in range(min(len(train), 64)):  # a record this forecast cannot read: said now, not after loading
                 train[i]

@@ -666,7 +666,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
             raise STSInputError(f"validate trains this data with TRL's {TRAINERS[kind][0]}: pip install trl.") from err
     if kind == "grpo":
         reward_funcs = check_reward_funcs(reward_funcs)
-        features = records_dataset(prompt_records(train, "the training set"))
+        features = records_dataset(list(prompt_records(train, "the training set")))
         _check_grpo_reference(model, method, training_args or {})
     elif kind == "dpo":
         features = records_dataset(train.records())
