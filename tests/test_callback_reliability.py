@@ -307,7 +307,7 @@ def test_warnings_reach_a_log_file_once_in_order_and_not_twice_on_the_console(tm
 
 
 def test_train_start_warnings_come_from_the_main_process_only(tmp_path):
-    from transformers import TrainingArguments
+    from transformers import TrainerState, TrainingArguments
 
     from sts_callback.integrations.callback import _warn_about_the_schedule
 
@@ -317,7 +317,7 @@ def test_train_start_warnings_come_from_the_main_process_only(tmp_path):
         callback.session.is_main = is_main
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _warn_about_the_schedule(callback.session, args, 6)
+            _warn_about_the_schedule(callback.session, args, TrainerState(max_steps=6))
         assert len(sts_warnings(caught, "save_strategy='no'")) == expected
 
 
