@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -317,11 +317,12 @@ def tokenize_preference(builder: PromptBuilder, record: Any, index: int, name: s
 
 
 class DatasetRows(Sequence):
-    """The rows of a ``datasets.Dataset``, each read when first indexed: a forecast that draws a few hundred rows of
-    a million-row set reads those, not the million."""
+    """The rows of a ``datasets.Dataset`` (or any sequence), each read when first indexed (``read(data, index)``,
+    default ``data[index]``) and kept: a forecast that draws a few hundred rows of a million-row set reads those,
+    not the million."""
 
-    def __init__(self, data: Any):
-        self._data, self._rows = data, {}
+    def __init__(self, data: Any, read: Callable[[Any, int], Any] | None = None):
+        self._data, self._read, self._rows = data, read, {}
 
     def __len__(self) -> int:
         return len(self._data)
@@ -331,7 +332,7 @@ class DatasetRows(Sequence):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = index + len(self) if index < 0 else index
         if index not in self._rows:
-            self._rows[index] = self._data[index]
+            self._rows[index] = self._data[index] if self._read is None else self._read(self._data, index)
         return self._rows[index]
 
 

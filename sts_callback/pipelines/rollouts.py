@@ -38,7 +38,7 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.torch_utils import model_device
 from .forecast import (Forecast, ForecastRun, ForecastSetup, inference_mode, prepare_forecast, prompt_builder,
                        run_forecast)
-from .preference import ContrastUnit, completion_sequence, contrast_forecast, raw_records
+from .preference import ContrastUnit, DatasetRows, completion_sequence, contrast_forecast, raw_records
 
 # the callback's names; "demonstrations" is this function's earlier name for "reward_filtered"
 ROLLOUT_SHIFTS = ("reward_filtered", "reward_weighted", "demonstrations")
@@ -421,23 +421,12 @@ def prompt_record(item: Any, index: int, name: str = "prompts") -> dict[str, Any
                         "'messages' (the turns before the last assistant turn are the prompt).")
 
 
-class PromptRecords(Sequence):
+class PromptRecords(DatasetRows):
     """Training prompts as records (:func:`prompt_record`), each converted (and checked) when first indexed: the
     rollouts read the prompts they draw, not the whole dataset."""
 
     def __init__(self, items: Sequence[Any], name: str):
-        self._items, self._name, self._records = items, name, {}
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        index = index + len(self) if index < 0 else index
-        if index not in self._records:
-            self._records[index] = prompt_record(self._items[index], index, self._name)
-        return self._records[index]
+        super().__init__(items, lambda data, index: prompt_record(data[index], index, name))
 
 
 def prompt_records(prompts: Any, name: str = "prompts") -> PromptRecords:
