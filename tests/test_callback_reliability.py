@@ -739,18 +739,24 @@ def test_a_resume_whose_checkpoint_lacks_the_sts_state_keeps_its_early_stop_coun
     assert trainer.state.global_step == 6 and "early stop at step 6" in callback.stop_reason
 
 
-def test_a_history_write_that_fails_once_is_written_with_the_next_record(tmp_path, tokenizer, monkeypatch):
-    """A disk full for a moment at step 2: that re-check (maybe a violation) was missing from the file, the report
-    and any resume for good. It is written with the next one, and read back in step order."""
+def disk_full_once_at(monkeypatch, step: int) -> list[int]:
+    """The history write of ``step``'s re-check fails once (a disk full for a moment); returns the failures seen."""
     real, failed = RunStore.append_history, []
 
     def full_once(self, record):
-        if record.get("step") == 2 and not failed:
-            failed.append(2)
+        if record.get("step") == step and not failed:
+            failed.append(step)
             raise OSError(28, "No space left on device")
         return real(self, record)
 
     monkeypatch.setattr(RunStore, "append_history", full_once)
+    return failed
+
+
+def test_a_history_write_that_fails_once_is_written_with_the_next_record(tmp_path, tokenizer, monkeypatch):
+    """A disk full for a moment at step 2: that re-check (maybe a violation) was missing from the file, the report
+    and any resume for good. It is written with the next one, and read back in step order."""
+    failed = disk_full_once_at(monkeypatch, 2)
     callback = make_callback(recheck_steps=1)
     with pytest.warns(RuntimeWarning, match="could not write the re-check of step 2"):
         make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_strategy="no").train()
@@ -762,15 +768,7 @@ def test_the_last_rechecks_record_reaches_the_file_and_the_report_when_its_write
                                                                                        monkeypatch):
     """The folder refused writes during the last re-check only: its record was retried only with a next re-check,
     which never came, so the history file and the report ended a re-check short."""
-    real, failed = RunStore.append_history, []
-
-    def full_once(self, record):
-        if record.get("step") == 6 and not failed:
-            failed.append(6)
-            raise OSError(28, "No space left on device")
-        return real(self, record)
-
-    monkeypatch.setattr(RunStore, "append_history", full_once)
+    failed = disk_full_once_at(monkeypatch, 6)
     callback = make_callback()
     with pytest.warns(RuntimeWarning, match="could not write the re-check of step 6"):
         make_trainer(tmp_path, tokenizer, callback).train()
@@ -781,20 +779,13 @@ def test_the_last_rechecks_record_reaches_the_file_and_the_report_when_its_write
 def test_a_record_whose_write_failed_is_in_the_file_when_its_checkpoint_is_saved(tmp_path, tokenizer, monkeypatch):
     """A failed history write at step 4, the checkpoint saved, the run dead at step 5: a resume rebuilds the
     history from the file, which lacked step 4 (a violation there was lost, the early-stop count said otherwise)."""
-    real, failed = RunStore.append_history, []
-
-    def full_once(self, record):
-        if record.get("step") == 4 and not failed:
-            failed.append(4)
-            raise OSError(28, "No space left on device")
-        return real(self, record)
+    failed = disk_full_once_at(monkeypatch, 4)
 
     class Crash(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 5:
                 raise RuntimeError("the machine went away")
 
-    monkeypatch.setattr(RunStore, "append_history", full_once)
     with pytest.warns(RuntimeWarning, match="could not write the re-check of step 4"), \
             pytest.raises(RuntimeError, match="went away"):
         make_trainer(tmp_path, tokenizer, make_callback(), extra_callbacks=[Crash()]).train()
