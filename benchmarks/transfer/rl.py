@@ -857,6 +857,17 @@ def print_table(results: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 
+def only_these(parser: argparse.ArgumentParser, names: list[str], only: list[str] | None, unknown: str) -> list[str]:
+    """``names`` kept to those ``--only`` lists (all without it); a name not among them is a usage error,
+    ``unknown`` formatted with them."""
+    if not only:
+        return names
+    missing = sorted(set(only) - set(names))
+    if missing:
+        parser.error(unknown.format(missing))
+    return [n for n in names if n in only]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
@@ -873,11 +884,7 @@ def main() -> None:
         for name in names:
             print(f"{name:<36} {'done' if (args.out / f'{name}.json').exists() else 'todo'}")
         return
-    if args.only:
-        unknown = sorted(set(args.only) - set(names))
-        if unknown:
-            parser.error(f"unknown run(s) {unknown}; --list prints the plan")
-        names = [n for n in names if n in args.only]
+    names = only_these(parser, names, args.only, "unknown run(s) {}; --list prints the plan")
     todo = [n for n in names if not (args.out / f"{n}.json").exists()]
     print(f"{len(todo)} of {len(names)} runs to run", flush=True)
     results = [json.loads((args.out / f"{n}.json").read_text()) for n in names if n not in todo]

@@ -106,12 +106,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    names = planned()
-    if args.only:
-        unknown = sorted(set(args.only) - set(names))
-        if unknown:
-            parser.error(f"no finished keyword GRPO run named {unknown}")
-        names = [n for n in names if n in args.only]
+    names = rl.only_these(parser, planned(), args.only, "no finished keyword GRPO run named {}")
     todo = [n for n in names if not (args.out / f"{n}.json").exists()]
     print(f"{len(todo)} of {len(names)} runs to measure", flush=True)
     if not todo:

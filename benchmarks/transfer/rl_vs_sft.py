@@ -130,11 +130,11 @@ def domain_prior_rows(precise: bool = False, exclude: Sequence[str] = (), only: 
     return out
 
 
-def with_icl(scores: dict, changes: dict | None) -> dict:
-    """``scores`` with each domain's in-context change ``changes[domain]`` added as ``icl_loss_change``."""
-    if changes is None:
+def with_score(scores: dict, feature: str, values: dict | None) -> dict:
+    """``scores`` with each domain's ``values[domain]`` added as ``feature`` (``scores`` itself without values)."""
+    if values is None:
         return scores
-    return {d: {**values, ICL: changes.get(d)} for d, values in scores.items()}
+    return {d: {**domain, feature: values.get(d)} for d, domain in scores.items()}
 
 
 def run_icl(run: dict, variant: str) -> dict | None:
@@ -154,12 +154,6 @@ def run_affinity(run: dict) -> dict | None:
     every variant (it reads the reward functions, not the rollouts); ``None`` where the run has none."""
     path = HERE / "rl_affinity" / f"{run['run']}.json"
     return json.loads(path.read_text())["reward_affinity"] if path.exists() else None
-
-
-def with_affinity(scores: dict, affinity: dict | None) -> dict:
-    if affinity is None:
-        return scores
-    return {d: {**values, AFFINITY: affinity.get(d)} for d, values in scores.items()}
 
 
 def unit_icl(source: str) -> dict | None:
@@ -334,7 +328,7 @@ def main() -> None:
     for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
         unit = json.loads(path.read_text())
         changes = unit_changes(unit, args.precise_truth)
-        scores = with_icl(unit["result"]["scores"], unit_icl(unit["source"]) if args.icl else None)
+        scores = with_score(unit["result"]["scores"], ICL, unit_icl(unit["source"]) if args.icl else None)
         sft[unit["source"]] = points(scores, changes, unit["others"])
         sft_learned[unit["source"]] = learned_runs(scores, changes, unit["others"])
         sources[unit["source"]] = unit["source"]
@@ -354,12 +348,13 @@ def main() -> None:
             if variant == "callback" or "scores" not in forecast:  # the callback's equals its default variant's
                 continue
             family = f"{run['kind']} {variant}"
-            scores = with_icl(forecast["scores"], run_icl(run, variant) if args.icl else None)
-            if args.icl and ICL in {FEATURE, *FEATURES} and run_icl(run, variant) is None:
-                continue  # a run without the in-context change is no point of these rows
-            scores = with_affinity(scores, run_affinity(run) if args.affinity else None)
-            if args.affinity and AFFINITY in {FEATURE, *FEATURES} and run_affinity(run) is None:
-                continue
+            added = {ICL: run_icl(run, variant) if args.icl else None,
+                     AFFINITY: run_affinity(run) if args.affinity else None}
+            if any(added[f] is None for f in (ICL, AFFINITY) if f in {FEATURE, *FEATURES}):
+                continue  # a run without a score these rows read is no point of them
+            scores = forecast["scores"]
+            for feature, values in added.items():
+                scores = with_score(scores, feature, values)
             families.setdefault(family, {})[run["run"]] = points(scores, measured["loss_delta"], run["others"])
             run_domains[run["run"]] = [d for d in run["others"] if scores.get(d, {}).get(FEATURE)
                                        is not None and measured["loss_delta"].get(d) is not None]

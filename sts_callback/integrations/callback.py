@@ -650,12 +650,14 @@ class STSCallback(TrainerCallback, ExportableState):
             return
         session.probe_source = fresh_rollout_probe(trainer, data, session.setup, session.settings.recheck_tokens)
         if session.probe_source is None:
-            synced = getattr(trainer.args, "sync_ref_model", False)
-            run, why, fix = (
-                ("RL run", "sync_ref_model=True moves GRPO's ref_model toward the policy" if synced else
-                 "e.g. GRPO with beta=0", "Train with PEFT, or sync_ref_model=False," if synced else
-                 "Train with PEFT, or beta > 0,") if is_rl(trainer)
-                else ("distillation", "the trainer keeps no copy of the student's starting weights", "Train with PEFT"))
+            if not is_rl(trainer):
+                run, why, fix = ("distillation", "the trainer keeps no copy of the student's starting weights",
+                                 "Train with PEFT")
+            elif getattr(trainer.args, "sync_ref_model", False):
+                run, why, fix = ("RL run", "sync_ref_model=True moves GRPO's ref_model toward the policy",
+                                 "Train with PEFT, or sync_ref_model=False,")
+            else:
+                run, why, fix = "RL run", "e.g. GRPO with beta=0", "Train with PEFT, or beta > 0,"
             session.warn("fresh_probe", f"STS: this {run} is a full fine-tune without a reference model ({why}), so "
                          "the base residuals of new completions cannot be computed: re-checks use the train-start "
                          f"rollouts as their probe. {fix} for fresh completions at each re-check; "

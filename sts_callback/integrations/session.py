@@ -951,9 +951,6 @@ def check_inputs_agree(setup: ForecastSetup, domains: dict[str, Corpus], loss_se
     )
 
 
-__all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree"]
-
-
 def _latest_checkpoint_of(checkpoint: RunStore, run_id: str) -> Path | None:
     """The highest-numbered ``checkpoint-<step>`` beside ``checkpoint``'s (the Trainer's layout,
     ``<output_dir>/checkpoint-<step>/<subdir>``) whose STS state is run ``run_id``'s, else ``None``."""
@@ -964,3 +961,7 @@ def _latest_checkpoint_of(checkpoint: RunStore, run_id: str) -> Path | None:
         if step.isdigit() and (RunStore(folder / subdir).read_state() or {}).get("run_id") == run_id:
             steps.append((int(step), folder))
     return max(steps)[1] if steps else None
+
+
+__all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree"]
+

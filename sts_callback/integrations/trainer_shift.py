@@ -159,23 +159,22 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     funcs = reward_func_list(trainer.reward_funcs) if rl else []
     score = rl and not any(is_reward_model(f) for f in funcs)
     watched = weakref.ref(trainer)  # the probe outlives the run in the session: it must not keep the trainer alive
-    scored = [score]
 
     def sample(model: Any, indices: list[int]) -> Rollouts:
         trainer_now = watched()
         return sample_rollouts(model, setup.builder.tokenizer, records, funcs, two_each, settings,
                                trainer_state=getattr(trainer_now, "state", None), builder=setup.builder,
-                               prompt_indices=indices, score=scored[0],
-                               async_loop=getattr(trainer_now, "async_loop", None))
+                               prompt_indices=indices, score=score, async_loop=getattr(trainer_now, "async_loop", None))
 
     def probe(model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:
+        nonlocal score
         indices = draw_prompts(len(records), config, f"recheck:{step}", prompts)
         try:
             rollouts = sample(model, indices)
         except STSInputError as err:  # a reward reading whole groups of num_generations, not the probe's 2: the
-            if not scored[0]:        # rewards are only the probe's summary, not worth its measurement
+            if not score:            # rewards are only the probe's summary, not worth its measurement
                 raise
-            scored[0] = False
+            score = False
             warn_on_main(f"STS: the re-check probe's rewards are left out from now on (mean_reward None): {err}",
                          STSDataWarning, stacklevel=2)
             rollouts = sample(model, indices)

@@ -1249,7 +1249,7 @@ def resolve_sts_dir(path: str | Path) -> Path:
 def write_report(sts_dir: str | Path, protected: list[str] | None = None) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``sts_dir``; returns their paths."""
     given, sts_dir = Path(sts_dir), resolve_sts_dir(sts_dir)
-    data = ReportData(sts_dir, protected, gate_dir=given if given.is_dir() and sts_dir != given else None)
+    data = ReportData(sts_dir, protected, gate_dir=given if sts_dir != given else None)
     html_path, md_path = sts_dir / HTML_FILE, sts_dir / MD_FILE
     for path, text in ((html_path, render_html(data)), (md_path, render_markdown(data))):
         atomic_write_text(path, text)

@@ -661,13 +661,12 @@ def _training_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> d
                              where=f"the config gives no {missing}")
         check_training_inputs(shift, reward_funcs=reward_funcs is not None, teacher=teacher is not None,
                               settings=settings)
-        if shift in (*RL_SHIFTS, *DISTILLATION_SHIFTS):
-            records = prompt_records(train, "train_data")  # the prompts the rollouts are sampled for
-            for i in range(min(len(records), 64)):  # a record they cannot be: said now, not after loading
-                records[i]
-        elif shift == "in_context":
-            for i in range(min(len(train), 64)):  # a record this forecast cannot read: said now, not after loading
-                train[i]
+        # what the forecast reads (the prompts the rollouts are sampled for, or the in-context examples): a record
+        # it cannot read is said now, not after the model loads
+        read = (prompt_records(train, "train_data") if shift in (*RL_SHIFTS, *DISTILLATION_SHIFTS) else
+                train if shift == "in_context" else [])
+        for i in range(min(len(read), 64)):
+            read[i]
     except STSError as err:
         raise type(err)(f"{where}: {err}") from err
     if teacher is not None:
