@@ -321,6 +321,26 @@ def test_train_start_warnings_come_from_the_main_process_only(tmp_path):
         assert len(sts_warnings(caught, "save_strategy='no'")) == expected
 
 
+@pytest.mark.parametrize("evaluations, eval_steps, epochs, warned", [
+    ("steps", 2, 1, False), ("steps", 6, 1, True), ("epoch", None, 3, False), ("epoch", None, 1, True),
+    ("no", None, 3, True)])
+def test_a_run_that_evaluates_during_training_is_not_told_it_is_rechecked_only_at_its_end(
+        tmp_path, evaluations, eval_steps, epochs, warned):
+    """Every evaluation re-checks (the eval_sts_* keys): save_strategy='no' with evaluations every 2 of 6 steps was
+    warned "re-checked only at its end, no warning or early stop can come", then re-checked and stopped at step 4."""
+    from transformers import TrainerState, TrainingArguments
+
+    from sts_callback.integrations.callback import _warn_about_the_schedule
+
+    args = TrainingArguments(output_dir=str(tmp_path), save_strategy="no", eval_strategy=evaluations,
+                             eval_steps=eval_steps, report_to=[])
+    state = TrainerState(max_steps=6, eval_steps=eval_steps, num_train_epochs=epochs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_about_the_schedule(make_callback().session, args, state)
+    assert bool(sts_warnings(caught, "re-checked only at its end")) == warned
+
+
 # ------------------------------------------------------------------------------------------- 6. evaluation
 class LoggedKeys(TrainerCallback):
     """What trackers (W&B, TensorBoard) receive: the logs handed to on_log."""

@@ -112,3 +112,23 @@ def test_a_blend_is_no_surer_than_the_step0_prediction_it_leans_on():
     low, high = blended_interval(blended, projection, measured_ci, sure, weights)
     assert high - low == pytest.approx(2 * np.hypot(0.3 * 0.001, 0.7 * 0.001 * 1.96 / 1.6449), rel=1e-3)
     assert blended_interval(None, projection, measured_ci, wide, weights) == [None, None]
+
+
+def test_a_domain_without_a_step0_prediction_keeps_its_projection_interval():
+    """The blend leaves such a domain's projection as it is (say, the own held-out domain under not_predicted and
+    also protected): its interval must stay the projection's, not shrink by the blend's early weight, or a projected
+    warning (and early_stop="projected") fires on a projection that is not sure of anything."""
+    from types import SimpleNamespace
+
+    from sts_callback.pipelines.prediction import early_projection
+
+    table = [[0.25, 0.0, 0.1, 0.9], [0.5, 0.0, 0.5, 0.5]]
+    calibration = SimpleNamespace(blend_table=lambda method, recipe=None: table, score_features=["x"], level=0.9)
+    forecast = SimpleNamespace(predictions={"a": {"mean": 0.01, "low": 0.0, "high": 0.02, "level": 0.9}},
+                               domains={})
+    measured, intervals = {"a": 0.03, "b": 0.03}, {"a": [0.0, 0.06], "b": [0.0, 0.06]}
+    alone = early_projection([], measured, 0.25, None, None, intervals)
+    blended = early_projection([], measured, 0.25, forecast, calibration, intervals)
+    assert blended["early_forecast"]["b"] == alone["early_forecast"]["b"]
+    assert blended["early_forecast_ci"]["b"] == alone["early_forecast_ci"]["b"]  # was 10% as wide
+    assert blended["early_forecast"]["a"] != alone["early_forecast"]["a"]  # the predicted one is blended

@@ -62,6 +62,7 @@ def test_warnings_are_given_once_and_forecast_rank_rule():
     ({"tolerance": -0.1}, "tolerance must be a non-negative"),
     ({"patience": 0}, "patience must be an integer >= 1"),
     ({"protected": "food"}, "protected must be a list"),
+    ({"protected": {"food": 0.1}}, r"got a mapping .* pass protected=\['food'\] with tolerance="),  # was dropped
     ({"early_stop": "yes"}, "early_stop must be True, False or 'projected'"),
     ({"tolerence": 0.1}, r"Unknown guard setting\(s\) \['tolerence'\]"),
 ])

@@ -102,9 +102,11 @@ def test_logged_rates_hold_until_the_next_logged_step():
     assert logged_learning_rates([], 3) == []
 
 
-def test_a_run_stopped_right_after_a_recheck_ends_there_with_nothing_projected(tmp_path):
+@pytest.mark.parametrize("recheck_at_end", [True, False])
+def test_a_run_stopped_right_after_a_recheck_ends_there_with_nothing_projected(tmp_path, recheck_at_end):
     """Another callback (EarlyStoppingCallback at an eval that is also a save) stops at step 4 of 12 just after STS
-    re-checked it: the record kept its projection to step 12 and the report never said where the run ended."""
+    re-checked it: the record kept its projection to step 12 and the report never said where the run ended (with
+    recheck_at_end=False too, though marking the end measures nothing)."""
     import json
 
     from transformers import TrainerCallback
@@ -114,7 +116,7 @@ def test_a_run_stopped_right_after_a_recheck_ends_there_with_nothing_projected(t
             if state.global_step == 4:
                 control.should_training_stop = True
 
-    callback = make_callback(recheck_steps=2)
+    callback = make_callback(recheck_steps=2, recheck_at_end=recheck_at_end)
     trainer = make_trainer(tmp_path, make_tokenizer(), callback, max_steps=12, save_steps=12,
                            lr_scheduler_type="cosine", extra_callbacks=[StopAt4()])
     trainer.train()
@@ -123,6 +125,36 @@ def test_a_run_stopped_right_after_a_recheck_ends_there_with_nothing_projected(t
     written = [json.loads(line) for line in (tmp_path / "run" / "sts" / "history.jsonl").read_text().splitlines()]
     assert written[-1] == last
     assert "Training ended at step 4" in (tmp_path / "run" / "sts" / "report.md").read_text()
+
+
+def test_a_run_resumed_past_where_another_callback_stopped_it_reads_that_recheck_as_a_point(tmp_path):
+    """A time limit stops (and saves) the run at step 4 right after a re-check, which becomes the run's end
+    (ended_early, no schedule share). Resumed from checkpoint-4 to step 12, that record kept ended_early (the file
+    said the run ended at 4) and no lr_area_fraction, so the early forecast left the measurement out of the course."""
+    import json
+
+    from transformers import TrainerCallback
+
+    class TimeLimitAt4(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                control.should_training_stop = control.should_save = True
+
+    def run(callbacks=(), resume=None):
+        callback = make_callback(recheck_steps=2)
+        trainer = make_trainer(tmp_path, make_tokenizer(), callback, max_steps=12, save_steps=100,
+                               lr_scheduler_type="cosine", extra_callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    assert run([TimeLimitAt4()]).history[-1]["ended_early"] == {"max_steps": 12}
+    callback = run(resume=str(tmp_path / "run" / "checkpoint-4"))
+    written = [json.loads(line) for line in (tmp_path / "run" / "sts" / "history.jsonl").read_text().splitlines()]
+    for history in (callback.history, written):
+        assert [r["step"] for r in history] == [2, 4, 6, 8, 10, 12]
+        assert not any("ended_early" in r for r in history)
+        fractions = [r["lr_area_fraction"] for r in history]
+        assert fractions == sorted(fractions) and 0 < fractions[0] < fractions[1] < fractions[2]
 
 
 def test_a_recheck_before_any_learning_is_no_point_of_the_course(tmp_path):

@@ -214,6 +214,11 @@ def test_recheck_config_errors_name_the_setting():
             RecheckConfig(recheck_steps=bad)
     with pytest.raises(STSConfigError, match="mixes steps and fractions"):
         RecheckConfig(recheck_steps=[4, 0.5])
+    # among fractions, 1.0 is the run's end (was refused as step 1 mixed with fractions)
+    assert RecheckConfig(recheck_steps=[0.25, 0.5, 1.0]).recheck_steps == (0.25, 0.5, 1.0)
+    assert RecheckConfig(recheck_steps=[1, 4]).recheck_steps == (1, 4)
+    with pytest.raises(STSConfigError, match="mixes steps and fractions"):
+        RecheckConfig(recheck_steps=[1, 0.5])  # an integer 1 is a step
     with pytest.raises(STSConfigError, match="loss_domains must be None"):
         RecheckConfig(loss_domains=0)
     with pytest.raises(STSConfigError, match="overhead_budget must be a share of training time"):

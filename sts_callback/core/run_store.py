@@ -105,7 +105,9 @@ class RunStore:
         dropped = [r for r in records if step_of(r) > step]
         for record in dropped:
             append_json_line(self.path(SUPERSEDED_FILE), {**record, "superseded_at": time.time()})
-        if dropped or cut or not self.path(HISTORY_FILE).exists():
+        # a re-check recorded as the run's end (another callback stopped it there) is not its end once resumed
+        carried_on = [r for r in kept if r.pop("ended_early", None) is not None]
+        if dropped or cut or carried_on or not self.path(HISTORY_FILE).exists():
             self._rewrite_history(kept, cut)
         return kept
 

@@ -730,11 +730,10 @@ class STSCallback(TrainerCallback, ExportableState):
                 self.session.say(f"STS: the run ended at step {state.global_step} and the Trainer loaded its best "
                                  f"checkpoint (step {best}, load_best_model_at_end): no re-check at the end, whose "
                                  f"weights are not step {state.global_step}'s; {measured}.")
+            elif self.session.has_recheck(state.global_step):  # stopped right after a re-check: that is the end
+                self.session.ended_at(state.global_step, state.max_steps)  # (measures nothing: recheck_at_end or not)
             elif self.session.settings.recheck_at_end:
-                if self.session.has_recheck(state.global_step):  # stopped right after a re-check: that is the end
-                    self.session.ended_at(state.global_step, state.max_steps)
-                else:
-                    self.run_recheck(args, state, control, model, ended=True)
+                self.run_recheck(args, state, control, model, ended=True)
             self.write_report(args, state, export=True)
         self.session.release_models()  # a kept callback (a sweep's results) must not hold the trainer's models
 
@@ -906,6 +905,8 @@ def _warn_about_the_schedule(session: STSSession, args, state) -> None:
         session.warn("schedule_end_only", f"STS: recheck_steps={steps} is not shorter than this run's {max_steps} "
                      "steps: only the end is re-checked; a fraction (e.g. recheck_steps=0.1) follows the run's "
                      "length.", STSDataWarning)
+    if steps is None and _evaluates_before_the_end(args, state):
+        return  # every evaluation re-checks (evaluation_metrics): the run is re-checked during training
     saves = str(getattr(args.save_strategy, "value", args.save_strategy))
     if steps is None and saves == "no":
         session.warn("schedule_no_saves", "STS: save_strategy='no' and recheck_steps unset: the run is re-checked "
@@ -921,6 +922,15 @@ def _warn_about_the_schedule(session: STSSession, args, state) -> None:
         session.warn("schedule_saves_at_end", f"STS: {only_at_end} and recheck_steps is unset: the re-checks follow "
                      "the checkpoints, so the run is re-checked only at its end and no warning or early stop can "
                      "come during training; set recheck_steps (e.g. 0.1) or save more often.", STSDataWarning)
+
+
+def _evaluates_before_the_end(args, state) -> bool:
+    """Whether the Trainer evaluates before its last step (``eval_strategy`` with ``eval_steps`` shorter than the
+    run, or per epoch over more than one)."""
+    evals = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    eval_steps, epochs = getattr(state, "eval_steps", None), getattr(state, "num_train_epochs", None)
+    return (evals == "steps" and isinstance(eval_steps, int) and 0 < eval_steps < state.max_steps) or \
+        (evals == "epoch" and isinstance(epochs, int) and epochs > 1)
 
 
 def _loaded_best_step(args, state) -> int | None:

@@ -517,6 +517,8 @@ class STSSession:
                 self.history = store.read_history()
         self.history = from_main_process(self.history)
         self.history = [r for r in self.history if r.get("step", 0) <= step]
+        for record in self.history:  # the run goes on past a re-check recorded as its end (keep_history_until)
+            record.pop("ended_early", None)
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
         if spent is not None:  # the share is the run's, across resumes
             self.budget.train_seconds, self.budget.recheck_seconds = spent["train_seconds"], spent["recheck_seconds"]
@@ -818,6 +820,7 @@ class STSSession:
             return {}
         if self._resumed_at is not None:
             self.learning_rates = self._rates_as_run(self._resumed_at, max_steps)
+            self._place_on_the_schedule(self._resumed_at, max_steps)
             self._resumed_at = None
         fraction = lr_area_fraction(step, max_steps, self.learning_rates)
         method = self.settings.early_method or best_early_method(self.calibration, self.recipe)
@@ -867,6 +870,20 @@ class STSSession:
                      f"{last.get('max_steps', 'another')}): the early forecast reads the steps before {resumed_at} "
                      "as they ran.")
         return rates
+
+    def _place_on_the_schedule(self, resumed_at: int, max_steps: int) -> None:
+        """A kept re-check recorded as the run's end (the run stopped there, then was resumed past it) was never
+        placed on the schedule: it gets the share it ran at, so that the early forecast reads it as a point of the
+        course (the trend and power rules skip a record without ``lr_area_fraction``)."""
+        for record in self.history:
+            step = record.get("step", 0)
+            if record.get("lr_area_fraction") is None and record.get("loss_delta") and \
+                    0 < step <= min(resumed_at, max_steps):
+                record["lr_area_fraction"] = lr_area_fraction(step, max_steps, self.learning_rates)
+                record["lr_area"], record["max_steps"] = float(sum(self.learning_rates[:step])), max_steps
+                if self.is_main:
+                    self.write(f"the history in {self.store.path(HISTORY_FILE)}",
+                               lambda record=record: self.store.replace_history_record(record), step)
 
     def save_checkpoint(self, checkpoint: RunStore, step: int) -> None:
         """The monitor state and counters into a checkpoint's STS folder (main process)."""

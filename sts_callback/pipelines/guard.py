@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..core.config import plain_numbers, settings_from_dict
@@ -58,6 +58,11 @@ class GuardConfig:
         plain_numbers(self)
         if self.protected is None:  # "nothing protected", as the default
             self.protected = []
+        if isinstance(self.protected, Mapping):  # its values would be dropped unseen
+            raise STSConfigError(f"protected must be a list of domain names, got a mapping {self.protected!r}: the "
+                                 "re-checks hold every protected domain to one tolerance=; pass "
+                                 f"protected={list(self.protected)!r} with tolerance= (per-domain score limits are "
+                                 "the gate's limits=).")
         if (isinstance(self.protected, str) or not isinstance(self.protected, Iterable)
                 or not all(isinstance(p, str) for p in self.protected)):
             hint = f" (one domain: protected=[{self.protected!r}])" if isinstance(self.protected, str) else ""

@@ -73,8 +73,10 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
         out["early_blend"] = dict(zip(("intercept", "early", "step0"), blend_coefficients(table, fraction)))
         if "early_forecast_ci" in out:
             weights = out["early_blend"]
+            # a domain without a step-0 prediction keeps its projection (blend), so its interval too
             out["early_forecast_ci"] = {n: blended_interval(early.get(n), out["early_projection"].get(n), ci,
                                                             forecast.predictions.get(n), weights)
+                                        if step0.get(n) is not None else ci
                                         for n, ci in out["early_forecast_ci"].items()}
     features = calibration.score_features if calibration is not None else [DEFAULT_SIGNED]
     domains = forecast.domains if forecast is not None else {}

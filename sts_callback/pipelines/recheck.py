@@ -46,6 +46,8 @@ def checked_recheck_steps(value: Any) -> RecheckSteps:
         schedule = [_step_or_fraction(v) for v in value]
         if not schedule or None in schedule:
             raise _schedule_error(value)
+        if any(isinstance(v, float) for v in schedule):  # [0.25, 0.5, 1.0]: 1.0 is the end, not step 1
+            schedule = [1.0 if isinstance(given, float) and given == 1.0 else v for given, v in zip(value, schedule)]
         if len({type(v) for v in schedule}) > 1:
             raise STSConfigError(f"recheck_steps mixes steps and fractions of the run ({list(value)!r}); give one "
                                  f"kind, e.g. [2, 4, 8, 16] or [0.05, 0.1, 0.25].")
