@@ -182,6 +182,7 @@ def run(name: str, model, tokenizer, weights, domains, factors, texts, sz) -> di
         t0 = time.perf_counter()
         rollouts = sample_rollouts(model, tokenizer, prompt_records(built["rows"]), built["reward_funcs"], config,
                                    settings=trainer_args, builder=prompt_builder(model, tokenizer, config))
+        print(f"   {budget}: rollouts {time.perf_counter() - t0:.0f} s", flush=True)
         summary = {k: rollouts.summary().get(k) for k in keys}
         if prompts == sz["forecast"].get("rollout_prompts", 8):
             stored_summary = stored["forecasts"]["reward_filtered"]["settings"].get("rollouts", {})
@@ -189,7 +190,9 @@ def run(name: str, model, tokenizer, weights, domains, factors, texts, sz) -> di
         result["rollouts"][budget] = summary
         changes = {}
         for kind, rows in demonstration_rows(rollouts, built["references"], tokenizer).items():
+            t1 = time.perf_counter()
             grad = weighted_gradient(model, weights, rows, pad)
+            print(f"   {budget} {kind}: {len(rows)} rows, gradient {time.perf_counter() - t1:.0f} s", flush=True)
             changes[kind] = predicted_changes(updates(grad, factors), domains)
         result["first_order_change"][budget] = changes
         result["seconds"][budget] = time.perf_counter() - t0
@@ -225,7 +228,13 @@ def main() -> None:
     texts = units.domain_texts(units.UNITS)
     sz = rl.sizes(False)
     print(f"{len(weights)} adapted weights; each domain's gradient on {DOMAIN_TOKENS} tokens ...", flush=True)
-    domains = domain_gradients(model, tokenizer, weights, texts)
+    cache = args.out / "domains.pt"  # not kept in git: ~60 MB a domain
+    if cache.exists() and torch.load(cache)["fingerprint"] == units.fingerprint(texts):
+        domains = torch.load(cache)["domains"]
+    else:
+        domains = domain_gradients(model, tokenizer, weights, texts)
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save({"fingerprint": units.fingerprint(texts), "domains": domains}, cache)
     factors = lora_factors(weights)
     for name in todo:
         if (args.out / f"{name}.json").exists():  # another process took it

@@ -26,7 +26,9 @@ the KL-held GRPO runs calibrated on each other, not on the collapsed runs). The 
 ``--icl`` adds the in-context NLL change as a score (``icl_loss_change``: ``units/icl-<source>.json`` for the SFT
 units, ``rl_icl/<run>.json`` for the GRPO runs: reward-filtered = the high-reward rollouts in context, reward-weighted
 = high minus low, plain demonstrations = the prompts' real continuations; ``rl_icl.py``), ``--features`` chooses
-the level + pattern rows' features and ``--line-feature`` the one score of the line rows.
+the level + pattern rows' features and ``--line-feature`` the one score of the line rows. ``--gradient UPDATE``
+adds each GRPO run's first-order change (``first_order_change``, ``rl_gradient.py``: each variant's training
+gradient, reward-weighted = the GRPO gradient itself, under ``UPDATE``, on ``--gradient-budget``'s rollouts).
 """
 
 from __future__ import annotations
@@ -154,6 +156,20 @@ def run_affinity(run: dict) -> dict | None:
     every variant (it reads the reward functions, not the rollouts); ``None`` where the run has none."""
     path = HERE / "rl_affinity" / f"{run['run']}.json"
     return json.loads(path.read_text())["reward_affinity"] if path.exists() else None
+
+
+GRADIENT = "first_order_change"
+GRADIENT_OF_VARIANT = {"reward_filtered": "reward_filtered", "reward_weighted": "reward_weighted",
+                       "plain_demonstrations": "plain"}
+
+
+def run_gradient(run: dict, variant: str, update: str, budget: str) -> dict | None:
+    """A GRPO run's first-order change per domain under ``variant``'s gradient and ``update``
+    (``rl_gradient/<run>.json``, ``rl_gradient.py``)."""
+    path = HERE / "rl_gradient" / f"{run['run']}.json"
+    if not path.exists() or variant not in GRADIENT_OF_VARIANT:
+        return None
+    return json.loads(path.read_text())["first_order_change"][budget][GRADIENT_OF_VARIANT[variant]][update]
 
 
 def unit_icl(source: str) -> dict | None:
@@ -314,6 +330,10 @@ def main() -> None:
                         help=f"add the in-context NLL change ({ICL}) to every score (rl_icl.py's, units.py's)")
     parser.add_argument("--affinity", action="store_true",
                         help=f"add each GRPO run's {AFFINITY} to its scores (rl_affinity.py's)")
+    parser.add_argument("--gradient", choices=("adam_lora", "adam_full", "sgd"),
+                        help=f"add each GRPO run's {GRADIENT} under this update to its scores (rl_gradient.py's)")
+    parser.add_argument("--gradient-budget", default="prompts_8", choices=("prompts_8", "prompts_32"),
+                        help="the rollouts the gradient was taken on (rl_gradient.py's budgets)")
     parser.add_argument("--features", nargs="+", default=list(SAE_FEATURES),
                         help="the level + pattern rows' features (default: the SAE features)")
     parser.add_argument("--line-feature", default=FEATURE, help=f"the line rows' score (default {FEATURE})")
@@ -323,6 +343,8 @@ def main() -> None:
         parser.error(f"{ICL} is a score only with --icl")
     if AFFINITY in {FEATURE, *FEATURES} and not args.affinity:
         parser.error(f"{AFFINITY} is a score only with --affinity")
+    if GRADIENT in {FEATURE, *FEATURES} and not args.gradient:
+        parser.error(f"{GRADIENT} is a score only with --gradient")
     out = args.out or HERE / ("rl_vs_sft_precise.json" if args.precise_truth else "rl_vs_sft.json")
     sft, sft_learned, sources = {}, {}, {}
     for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
@@ -349,8 +371,10 @@ def main() -> None:
                 continue
             family = f"{run['kind']} {variant}"
             added = {ICL: run_icl(run, variant) if args.icl else None,
-                     AFFINITY: run_affinity(run) if args.affinity else None}
-            if any(added[f] is None for f in (ICL, AFFINITY) if f in {FEATURE, *FEATURES}):
+                     AFFINITY: run_affinity(run) if args.affinity else None,
+                     GRADIENT: run_gradient(run, variant, args.gradient, args.gradient_budget) if args.gradient
+                     else None}
+            if any(added[f] is None for f in (ICL, AFFINITY, GRADIENT) if f in {FEATURE, *FEATURES}):
                 continue  # a run without a score these rows read is no point of them
             scores = forecast["scores"]
             for feature, values in added.items():
@@ -397,6 +421,7 @@ def main() -> None:
               f"{name} {low:.2f}" + (f"-{high:.2f}" if high != low else "") for name, (low, high) in ceilings.items()
               if low is not None and high is not None))
     out.write_text(json.dumps({"feature": FEATURE, "features": FEATURES, "icl": args.icl, "affinity": args.affinity,
+                               "gradient": args.gradient, "gradient_budget": args.gradient_budget,
                                "precise_truth": args.precise_truth, "excluded": args.exclude,
                                "only": args.only,
                                "runs_measured_precisely": precise_runs, "families": result,
