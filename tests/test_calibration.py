@@ -1,5 +1,7 @@
 """Calibration: forecast score -> predicted change with an interval; cross-validation; early forecast."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -167,6 +169,26 @@ def test_from_validation_uses_every_domain_and_seed():
     assert calibration.predict(2.0).mean == pytest.approx(0.02)
     with pytest.raises(STSInputError, match="they have \\['sts_icl'\\]"):  # the default feature is missing
         Calibration.from_validation(record)
+
+
+@pytest.mark.parametrize("seed, words", [
+    ({"nll_delta_rel": {"a": 0.1}}, r"per_seed\[1\] is not a seed's result"),
+    (3, r"per_seed\[1\] is not a seed's result"),
+    ({"scores": None}, r"per_seed\[1\] is not a seed's result"),
+    ({"scores": {"a": None}}, r"per_seed\[1\].scores\['a'\] must map feature names to numbers"),
+    ({"scores": {"a": {"sts_icl": "1.0"}}}, r"per_seed\[1\].scores\['a'\] must map feature names to numbers"),
+    ({"scores": {"a": {"sts_icl": 1.0}}, "nll_delta_rel": {"a": "0.1"}}, r"per_seed\[1\].nll_delta_rel must map"),
+    ({"scores": {"a": {"sts_icl": 1.0}}, "nll_delta_rel": [0.1]}, r"per_seed\[1\].nll_delta_rel must map"),
+])
+def test_an_edited_or_cut_validation_is_named_field_by_field(tmp_path, seed, words):
+    """A seed entry without scores, or with a change written as text, raised KeyError / TypeError (or was read
+    through float())."""
+    good = {"scores": {d: {"sts_icl": float(i)} for i, d in enumerate("abcd")},
+            "nll_delta_rel": {d: 0.01 * i for i, d in enumerate("abcd")}}
+    path = tmp_path / "validation.json"
+    path.write_text(json.dumps({"format": "sts-validation/1", "per_seed": [good, seed]}))
+    with pytest.raises(STSInputError, match=words):
+        Calibration.from_validation(path, ["sts_icl"])
 
 
 def test_leave_one_group_out_never_sees_the_held_out_group():

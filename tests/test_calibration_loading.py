@@ -325,3 +325,6 @@ def test_a_calibration_whose_fields_overflow_is_refused_not_labelled_flat():
     with pytest.raises(STSConfigError, match="predicts a non-finite change .* refit it"):
         edited.predict({"sts_act": 1e10})
     assert math.isfinite(Calibration.from_dict(plain()).predict({"sts_act": 1e10}).mean)
+    edited = Calibration.from_dict({**level_pattern(), "sigma": 1e200})  # was an OverflowError
+    with pytest.raises(STSConfigError, match="predicts a non-finite change .* refit it"):
+        edited.predict_all({d: {"sts_act": 1.0} for d in ("code", "prose", "math")}, {"lookahead_own": 0.1})

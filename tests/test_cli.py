@@ -618,6 +618,22 @@ def test_yaml_merge_keys_may_still_be_overridden(workspace, tmp_path, no_model):
         main(["gate", str(path)])
 
 
+def test_numbers_in_exponent_form_are_numbers_in_a_yaml_config(workspace, tmp_path, no_model):
+    """PyYAML (YAML 1.1) reads 2e-3 and 5e6 as text: `limits: {law: 5e6}`, written as the gate prints its scores,
+    was refused as "must be a number"."""
+    from sts_callback.tools.cli import _load_yaml
+
+    assert _load_yaml("[2e-3, 5e6, 5.0e6, -1.5E+3, .5e1, 1_000e1, 3, 2.5, 1e, e5, 12:30]") == \
+        [2e-3, 5e6, 5e6, -1.5e3, 5.0, 1000e1, 3, 2.5, "1e", "e5", 750]
+    path = tmp_path / "gate.yaml"
+    path.write_text(f"model: {workspace / 'model'}\nsae: {workspace / 'sae'}\nprotected: [law]\n"
+                    f"candidates:\n  chem: {workspace / 'chem.jsonl'}\n"
+                    f"targets:\n  law: {workspace / 'train.jsonl'}\n  chem: {workspace / 'chem.jsonl'}\n"
+                    f"limits: {{law: 5e6}}\noutput: {tmp_path / 'gate.json'}\n")
+    with pytest.raises(AssertionError, match="the model was loaded"):  # accepted up to the model
+        main(["gate", str(path)])
+
+
 def test_a_repeated_key_in_a_json_config_or_a_set_value_is_an_error(workspace, tmp_path, capsys, no_model):
     chem, train = json.dumps(str(workspace / "chem.jsonl")), json.dumps(str(workspace / "train.jsonl"))
     path = tmp_path / "dup.json"

@@ -258,6 +258,31 @@ def test_bad_inputs(model, tokenizer):
     assert len(err.value.decision.rejected) == 4
 
 
+def test_a_one_text_domain_the_gate_must_score_is_refused_before_any_forward(model, tokenizer, monkeypatch):
+    """A one-text domain has no STS_icl (no other text to demonstrate it): protected, it crashed the example
+    scoring (AttributeError) or failed after every pass; served by the STS weights, it failed at the weights."""
+    sae, one = make_sae(), [" ".join(domain_texts("food", 6))]
+    one_text_law = {**targets(), "law": one}
+    with monkeypatch.context() as patched:
+        patched.setattr(model, "forward", lambda *a, **k: pytest.fail("a forward pass before the refusal"))
+        with pytest.raises(STSInputError, match=r"Protected domain\(s\) \['law'\] have one text.*score='sts_act'"):
+            gate_mixture(model, tokenizer, sae, candidates(), one_text_law, "law", config=config())
+        with pytest.raises(STSInputError, match=r"wanted names domain\(s\) \['food'\], which have one text"):
+            gate_mixture(model, tokenizer, sae, candidates(), {**targets(), "food": one}, "law",
+                         {"wanted": {"chem": "food"}}, config=config())
+        with pytest.raises(STSInputError, match="Every unprotected target domain"):
+            gate_mixture(model, tokenizer, sae, candidates(), {"law": targets()["law"], "food": one}, "law",
+                         config=config())
+    # gated on STS_act, which needs no demonstration, the same protected domain is scored
+    decided = gate_mixture(model, tokenizer, sae, candidates(), one_text_law, "law", GateRules(score="sts_act"),
+                           config=config(), score_examples=False)
+    assert set(decided.candidates) == set(candidates())
+    # a one-text domain among others is never the domain a candidate serves under the STS weights
+    decided = gate_mixture(model, tokenizer, sae, candidates(), {**targets(), "food": one}, "law", config=config(),
+                           score_examples=False)
+    assert "food" not in {d.serves for d in decided.candidates.values()} and sum(decided.weights.values()) > 0.99
+
+
 @pytest.mark.parametrize("values, words", [
     ({"weights": "equal"}, "GateRules.weights='equal': use one of"),
     ({"floor": 1.0}, "GateRules.floor=1.0 must be in [0, 1)"),

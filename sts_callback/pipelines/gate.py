@@ -396,6 +396,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
             raise STSInputError(f"Candidate {name!r} is empty; give it at least one example or drop it.")
     domains = load_domains(targets)
     protected, limit_map, wanted = check_gate_names(list(corpora), list(domains), protected, rules)
+    unscored = check_scorable_domains(domains, protected, wanted, score, rules.weights, len(corpora))
     tolerance = rules.relative_tolerance
 
     setup = ForecastSetup.create(model, tokenizer, sae, config)
@@ -471,7 +472,8 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
         if bar is not None:
             bar.close()
 
-    decisions = _decide(forecasts, corpora, protected, score, limit_map, rules.max_rank, tolerance, wanted)
+    decisions = _decide(forecasts, corpora, protected, score, limit_map, rules.max_rank, tolerance, wanted,
+                        unscored)
     decision = GateDecision(candidates=decisions, forecasts=forecasts, weights={}, protected=protected,
                             targets=list(domains), score=score,
                             rules={"limits": limit_map, "max_rank": rules.max_rank, "tolerance": tolerance,
@@ -510,6 +512,30 @@ def gated_score(rules: GateRules, config: STSConfig) -> str:
     if score in ("sts_icl", "raw_icl") and not config.compute_icl:
         raise STSConfigError(f"score={score!r} needs compute_icl=True; set it or gate on GateRules(score='sts_act').")
     return score
+
+
+def check_scorable_domains(domains: dict[str, Corpus], protected: list[str], wanted: dict[str, str], score: str,
+                           weights: str, candidates: int) -> set[str]:
+    """The target domains ``score`` leaves unscored (one text: no other to demonstrate it in context, so no
+    STS_icl); refused before any work where the gate must score them: protected, wanted, or the only domains a
+    candidate could serve under the STS weights."""
+    if score not in ("sts_icl", "raw_icl"):
+        return set()
+    unscored = {name for name, corpus in domains.items() if len(corpus) < 2}
+    fix = "add texts to them, or gate on GateRules(score='sts_act'), which needs no demonstration"
+    bad = [p for p in protected if p in unscored]
+    if bad:
+        raise STSInputError(f"Protected domain(s) {bad} have one text: {SCORE_LABELS[score]} needs another text of "
+                            f"the domain as its in-context demonstration, so the gate cannot score them; {fix}.")
+    bad = sorted({d for d in wanted.values() if d in unscored})
+    if bad:
+        raise STSInputError(f"wanted names domain(s) {bad}, which have one text and no {SCORE_LABELS[score]}; {fix}.")
+    servable = [d for d in domains if d not in protected and d not in unscored]
+    if not servable and weights == "sts" and len(wanted) < candidates:
+        raise STSInputError(f"Every unprotected target domain ({sorted(set(domains) - set(protected))}) has one "
+                            f"text and no {SCORE_LABELS[score]}, so no candidate has a domain to serve for the STS "
+                            f"weights; {fix}, or name each candidate's domain in wanted.")
+    return unscored
 
 
 def check_budget(budget: Any) -> None:
@@ -581,7 +607,7 @@ def _limit_map(limits: dict[str, float] | float | None, protected: list[str]) ->
 
 def _decide(forecasts: dict[str, Forecast], corpora: dict[str, Corpus], protected: list[str], score: str,
             limits: dict[str, float], max_rank: int | None, tolerance: float | None,
-            wanted: dict[str, str]) -> dict[str, CandidateDecision]:
+            wanted: dict[str, str], unscored: set[str] = frozenset()) -> dict[str, CandidateDecision]:
     label = SCORE_LABELS[score]
     decisions = {}
     for name, result in forecasts.items():
@@ -613,7 +639,8 @@ def _decide(forecasts: dict[str, Forecast], corpora: dict[str, Corpus], protecte
                     violations.append(f"{label}({p}) = {values[p]:.4g} > {bar:.4g} = {p_tolerance:g} x median of "
                                       f"the other candidates ({statistics.median(others):.4g})")
         reason = ("rejected: " + "; ".join(violations)) if violations else ("accepted: " + "; ".join(checks))
-        serves = wanted.get(name) or next((d for d in ranked if d not in protected), ranked[0])
+        serves = wanted.get(name) or next((d for d in ranked if d not in protected and d not in unscored),
+                                          ranked[0])
         decisions[name] = CandidateDecision(name=name, accepted=not violations, reason=reason, serves=serves,
                                             protected_scores=values, protected_ranks=ranks,
                                             examples=len(corpora[name]))

@@ -327,7 +327,8 @@ class Calibration:
                 math.sqrt(widen)
         else:  # the level is known from level_runs runs, not from n changes: its own error and its line's
             level_var = self.level_var * (1 + 1 / self.level_runs + leverage)
-            pattern_var = max(self.sigma ** 2 - self.level_var, 0.0) * widen
+            # sigma * sigma: an edited sigma of 1e200 gives inf (said below), where sigma ** 2 raised OverflowError
+            pattern_var = max(self.sigma * self.sigma - self.level_var, 0.0) * widen
             dfs = (max(self.level_runs - len(self.source_features) - 1, 1),
                    max(self.n - self.level_runs - len(self.features), 1))
             # Welch-Satterthwaite: the t of a sum of two variances estimated with few and many dof
@@ -666,6 +667,8 @@ def _validation_records(results) -> list[tuple[dict[str, Any], str | None]]:
             raise STSInputError(f"No validation.json at {item}; run `sts validate` first.{hint}")
         data = read_validation(path)
         records.append((data, str(path.resolve())))
+    for data, source in records:
+        _check_per_seed(data, source or "a validation result")
     sources = [source for _, source in records if source is not None]
     repeated = sorted({s for s in sources if sources.count(s) > 1})
     if repeated:  # each copy would count its pairs again and narrow the intervals
@@ -700,6 +703,32 @@ def read_validation(path: Path) -> dict[str, Any]:
         raise STSInputError(f"{path} is {kind or 'not a validation result (no per_seed)'}, not the output of "
                             f"`sts validate`; {fix}")
     return data
+
+
+def _check_per_seed(data: dict[str, Any], where: str) -> None:
+    """Each ``per_seed`` entry as ``sts validate`` writes it (``scores``: domain -> feature -> number or null;
+    ``nll_delta_rel``: domain -> number or null): an edited or cut file is named, field by field, not a traceback
+    or a change read from text."""
+    def number_or_null(value: Any) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    seeds = data.get("per_seed")
+    if not isinstance(seeds, list):
+        raise STSInputError(f"{where} has no per_seed list; pass the validation.json that `sts validate` writes.")
+    for i, seed in enumerate(seeds):
+        at = f"{where}: per_seed[{i}]"
+        if not isinstance(seed, dict) or not isinstance(seed.get("scores"), dict):
+            raise STSInputError(f"{at} is not a seed's result (an object with 'scores'); re-run `sts validate` or "
+                                "restore the file.")
+        for domain, scores in seed["scores"].items():
+            if not isinstance(scores, dict) or not all(number_or_null(v) for v in scores.values()):
+                raise STSInputError(f"{at}.scores[{domain!r}] must map feature names to numbers (or null), got "
+                                    f"{scores!r}; re-run `sts validate` or restore the file.")
+        changes = seed.get("nll_delta_rel")
+        if changes is not None and (not isinstance(changes, dict) or
+                                    not all(number_or_null(v) for v in changes.values())):
+            raise STSInputError(f"{at}.nll_delta_rel must map domains to numbers (or null), got {changes!r}; re-run "
+                                "`sts validate` or restore the file.")
 
 
 def _feature_names(features: Any) -> list[str]:

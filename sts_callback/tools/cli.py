@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ class _RepeatedKey(Exception):
                 "drop the other. Rename or remove one.")
 
 
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
 def _load_yaml(text: str) -> Any:
     """``yaml.safe_load`` that refuses a key repeated in one mapping (:class:`_RepeatedKey`)."""
     import yaml
@@ -88,6 +92,8 @@ def _load_yaml(text: str) -> Any:
                     seen[key] = f"line {mark.line + 1}, column {mark.column + 1}"
             return super().construct_mapping(node, deep)
 
+    # YAML 1.1 (PyYAML) reads 2e-4, 5e6 and 5.0e6 as text; a config's numbers are written that way (YAML 1.2 floats)
+    UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
     return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
 
 
@@ -939,11 +945,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for key in ("method", "steps", "seeds", "learning_rate"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    if isinstance(options.get("learning_rate"), str):  # YAML reads 2e-4 as a string
-        try:
-            options["learning_rate"] = float(options["learning_rate"])
-        except ValueError as err:
-            raise STSInputError(f"validation.learning_rate={options['learning_rate']!r} is not a number.") from err
     from ..validation.validate import ValidationConfig, multiple_choice_accuracy, validate
 
     validation = ValidationConfig.from_dict(options)  # bad settings fail here, before the model loads
