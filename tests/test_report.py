@@ -657,6 +657,43 @@ def test_the_timeline_charts_the_forecasts_score_when_the_first_domain_lacks_it(
     assert html_path.exists()
 
 
+def test_rechecks_that_took_turns_or_lost_their_probe_are_reported_whole(tmp_path, monkeypatch):
+    """A last re-check whose probe failed (scores {}) left the timeline with no domain line and its probe_error
+    unsaid; re-checks taking turns (loss_domains) compared the forecast with the last one's two domains only and
+    dropped the others unsaid; report.md's ranking hid protected domains below its top 5."""
+    import matplotlib.axes
+
+    from sts_callback.reporting.report import ReportData, plot_timeline
+
+    names = [f"d{i}" for i in range(8)]
+    sts = tmp_path / "sts"
+    synthetic_forecast(names).save(sts / "forecast.json")
+    protected = "d0"  # ranks last of 8 by the synthetic forecast's STS_icl
+    (sts / "settings.json").write_text(json.dumps({"protected": [protected], "tolerance": 0.05}))
+
+    def record(step, measured, probe_error=None):
+        return {"step": step, "shifted_latents": [1], "loss_delta": {n: 0.01 * step for n in measured},
+                "scores": {} if probe_error else {n: {"sts_icl": 1.0} for n in names},
+                **({"probe_error": probe_error} if probe_error else {})}
+
+    turns = [names[1:4], names[4:7], [names[7], protected]]
+    history = [record(2 * (i + 1), measured) for i, measured in enumerate(turns)]
+    history[-1] = record(6, turns[-1], probe_error="the probe's residuals are not finite")
+    (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    _, md_path = write_report(sts)
+    md = md_path.read_text()
+    assert "The probe could not be read at step(s) 6 (the probe's residuals are not finite)" in md
+    assert "Measured at earlier re-checks (the re-checks took turns): d1 +2.0% at step 2" in md
+    assert "at each domain's latest re-check (steps 2-6) over 8 domains" in md  # every domain compared
+    assert f"| 8 | {protected} |" in md and "| … | 2 more | | |" in md
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: drawn.append(k.get("label")) or real_plot(self, *a, **k))
+    assert plot_timeline(ReportData(sts)) is not None
+    assert {n for n in names} <= {label.removesuffix(" (protected)") for label in drawn if label}
+
+
 def test_the_report_says_what_the_shift_was_measured_on_and_what_it_leaves_out(tmp_path):
     sts = tmp_path / "sts"
     forecast = synthetic_forecast(["law", "food"])

@@ -95,6 +95,32 @@ def test_session_resumes_from_its_checkpoint_folder(tmp_path, tokenizer):
         assert record["loss_delta"][name] == pytest.approx(first.history[0]["loss_delta"][name], abs=1e-6)
 
 
+def test_a_resume_from_the_run_folder_counts_the_violations_it_kept(tmp_path, tokenizer):
+    """A loop that never saved a checkpoint resumes from its run folder, whose counters were written at train
+    start: two violating re-checks in a row read as none, so a patience-3 stop came two re-checks late."""
+    model = make_model("llama")
+    train = [" ".join([DOMAIN_WORDS["law"][0]] * 12) + " ."] * 40  # food gets worse
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    first = session_for(tmp_path, tolerance=0.0, early_stop=True, patience=3)
+    first.prepare(model, tokenizer, load_corpus(train), domains)
+    first.start(model, load_corpus(train), domains)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in (2, 4):
+            train_steps(model, tokenizer, train, 2)
+            first.recheck(model, step, max_steps=12)
+    assert first.guard.violations_in_a_row == 2, [r.get("violations") for r in first.history]
+    again = session_for(tmp_path, tolerance=0.0, early_stop=True, patience=3)
+    again.prepare(model, tokenizer, load_corpus(train), domains)
+    again.resume(4, RunStore(tmp_path / "sts"), domains)
+    assert again.guard.violations_in_a_row == 2
+    train_steps(model, tokenizer, train, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, decision = again.recheck(model, 6, max_steps=12)
+    assert decision.stop  # the third in a row
+
+
 def run_with_projection(tmp_path, tokenizer, tolerance, early_stop):
     """A harmful plain loop of 16 constant-lr steps, re-checked every 2 steps; returns the session."""
     model = make_model("llama")
@@ -295,6 +321,13 @@ def test_session_methods_out_of_order_are_named_errors(tmp_path, tokenizer):
             session.recheck(model, step, max_steps=4)
     with pytest.warns(STSDataWarning, match="max_steps=4"):
         session.recheck(model, 10, max_steps=4)
+    # a loop's re-check at its end, at the step of its last periodic one: that record is the end (was an error)
+    record, decision = session.recheck(model, 10, max_steps=12, ended=True)
+    assert record is session.history[-1] and record["ended_early"] == {"max_steps": 12} and decision is None
+    with pytest.raises(STSUsageError, match="a step is the optimizer steps taken so far"):
+        session.recheck(model, -3, max_steps=-10)
+    with pytest.raises(STSUsageError, match=r"got the target domains \['chem', 'food'\], prepare\(\)"):
+        session.start(model, probe, {n: c for n, c in domains.items() if n in ("chem", "food")})
     session.start(model, probe, domains)  # a second run: its history starts empty, in memory as on disk
     assert session.history == [] and not (tmp_path / "sts" / "history.jsonl").exists()
     session.recheck(model, 1, max_steps=4)
@@ -363,6 +396,56 @@ def test_a_projected_stop_without_a_schedule_says_it_cannot_project(tmp_path, to
     session.start(model, load_corpus(HARMFUL), domains)
     with pytest.warns(RuntimeWarning, match="early_stop='projected' cannot project \\(no learning-rate schedule"):
         session.recheck(model, 2, max_steps=8)
+
+
+def test_a_session_refuses_what_would_break_its_run_when_built_or_resumed(tmp_path, tokenizer):
+    """resume() after start() archived the run's history and forecast and measured the trained weights as the
+    base, silently; a checkpoint path with a typo resumed with reset counters; bad constructor arguments failed
+    later with AttributeError, or wrote the run's files into the current folder (out='')."""
+    from sts_callback import STSConfigError, STSInputError, STSUsageError
+    from sts_callback.core.run_store import RunStore
+
+    model = make_model("llama")
+    probe, domains = load_corpus(domain_texts("law", 30)), load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session = session_for(tmp_path)
+    session.prepare(model, tokenizer, probe, domains)
+    session.start(model, probe, domains)
+    session.recheck(model, 2, max_steps=6)
+    session.save_checkpoint(RunStore(tmp_path / "ckpt-2" / "sts"), 2)
+    with pytest.raises(STSUsageError, match=r"resume\(\) after start\(\)"):
+        session.resume(2, RunStore(tmp_path / "ckpt-2" / "sts"), domains)
+    assert [r["step"] for r in session.history] == [2]
+    again = session_for(tmp_path)
+    again.prepare(model, tokenizer, probe, domains)
+    with pytest.raises(STSInputError, match="ckpt-02 nor .* exists"):
+        again.resume(2, RunStore(tmp_path / "ckpt-02" / "sts"), domains)
+    again.resume(2, RunStore(tmp_path / "ckpt-2" / "sts"), domains)
+    assert [r["step"] for r in again.history] == [2]
+    sae, guard, recheck = TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), GuardConfig(), RecheckConfig()
+    for args, words in (((sae, FAST, {"protected": ["food"]}, recheck, tmp_path), None),
+                        ((sae, FAST, guard, "fast", tmp_path), "recheck= must be a RecheckConfig or a dict"),
+                        ((sae, FAST, guard, recheck, ""), "out='' must name the run's STS folder"),
+                        ((None, FAST, guard, recheck, tmp_path), "STSSession needs sae="),
+                        (("", FAST, guard, recheck, tmp_path), "The SAE path is empty")):
+        if words is None:
+            assert STSSession(*args).guard.config.protected == ["food"]  # a dict of the fields is taken
+            continue
+        with pytest.raises(STSConfigError, match=words):
+            STSSession(*args)
+    with pytest.raises(STSConfigError, match="strict must be True or False"):
+        STSSession(sae, FAST, guard, recheck, tmp_path, strict="yes")
+
+
+def test_learning_rates_without_max_steps_say_why_there_is_no_early_forecast(tmp_path, tokenizer):
+    model = make_model("llama")
+    probe, domains = load_corpus(domain_texts("law", 30)), load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session = session_for(tmp_path)
+    session.prepare(model, tokenizer, probe, domains)
+    session.start(model, probe, domains)
+    session.learning_rates = [1e-3] * 8
+    with pytest.warns(RuntimeWarning, match="got no max_steps"):
+        record, _ = session.recheck(model, 2)
+    assert "early_forecast" not in record
 
 
 def test_a_resume_keeps_the_rotation_and_finds_the_run_folder_of_a_loops_own_layout(tmp_path, tokenizer):

@@ -42,6 +42,7 @@ from ..core.errors import (STSConfigError, STSDataWarning, STSError, STSInputErr
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype
 from ..core.config import STSConfig
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
+from ..core.sae import missing_sae_folder
 from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
 from ..pipelines.budget import OverheadBudget
@@ -112,6 +113,16 @@ class STSSession:
     def __init__(self, sae: Any, config: STSConfig, guard: GuardConfig, recheck: RecheckConfig, out: str | Path,
                  calibration: Any = None, *, strict: bool = False, is_main: bool | None = None,
                  not_predicted: Sequence[str] = ()):
+        config, guard = settings_of(config, STSConfig, "config"), settings_of(guard, GuardConfig, "guard")
+        recheck = settings_of(recheck, RecheckConfig, "recheck")
+        if sae is None or (missing := missing_sae_folder(sae)):
+            raise STSConfigError("STSSession needs sae=: a sae-lens folder, {'release', 'sae_id'}, or an SAE object."
+                                 if sae is None else missing)
+        if not isinstance(out, (str, Path)) or not str(out).strip():  # Path("") is the current folder
+            raise STSConfigError(f"out={out!r} must name the run's STS folder (e.g. '<output_dir>/sts'); an empty "
+                                 "path would write the run's files into the current folder (an unset variable?).")
+        if not isinstance(strict, bool):
+            raise STSConfigError(f"strict must be True or False, got {strict!r}.")
         self.sae, self.settings = sae, recheck
         # target domains the calibration does not predict (the training data's own held-out part: a calibration
         # fitted on the other domains of its runs does not cover it, and a centred one would centre over it)
@@ -155,6 +166,7 @@ class STSSession:
         self.recipe: str | None = None  # "lora" (adapters) or "full", known at start: a calibration's scope
         self.run_id: str | None = None  # drawn at start(): which run a checkpoint's state and a folder's files are
         self._started = False  # start() or resume() since the last prepare(): re-checks have a base to compare with
+        self._prepared_domains: list[str] = []  # the target domains prepare() sampled
         self._resumed_at: int | None = None  # the step resumed from, until the schedule is read as run (see below)
         self._report_written_at: float | None = None  # when a re-check last wrote the report
         self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
@@ -288,6 +300,7 @@ class STSSession:
                           "replaces; call start(...) (a new run) or resume(...) before the next re-check.",
                           RuntimeWarning, stacklevel=2)
         self._started = False
+        self._prepared_domains = list(domains)
         if problem := icl_loss_mismatch(self.config, self.calibration):  # the process group is up by now
             warn_on_main(problem, STSDataWarning, stacklevel=3)
         self.setup = ForecastSetup.create(model, tokenizer, self.sae, self.config)
@@ -333,6 +346,7 @@ class STSSession:
         if self.monitor is None:
             raise STSUsageError("STSSession.start() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first.")
+        self._check_prepared_domains(domains, "start")
         self.recipe = "lora" if is_peft(model) else "full"
         # a new run: an earlier start's forecast, predictions and seconds are not this run's
         self.forecast, self.predicted, self.run_level = None, {}, None
@@ -445,6 +459,13 @@ class STSSession:
             self._write_settings(0)
             self.write(f"the callback state to {store.root}", lambda: store.write_state(self.counters()), 0)
 
+    def _check_prepared_domains(self, domains: dict[str, Corpus], call: str) -> None:
+        """``start`` / ``resume`` measure the domains ``prepare`` sampled: another set would leave a domain with a
+        forecast and no loss, or a loss and no forecast."""
+        if sorted(domains) != sorted(self._prepared_domains):
+            raise STSUsageError(f"STSSession.{call}() got the target domains {sorted(domains)}, prepare() "
+                                f"{sorted(self._prepared_domains)}: pass the same domains to both.")
+
     def _write_settings(self, step: int) -> None:
         """The guard's settings, which ``sts report`` reads back (protected domains, tolerances): at train start, and
         again on a resume, whose settings the rest of the run is judged by."""
@@ -462,6 +483,14 @@ class STSSession:
         if self.monitor is None:
             raise STSUsageError("STSSession.resume() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first, then resume(step, checkpoint, domains).")
+        self._check_prepared_domains(domains, "resume")
+        if self._started:  # start() has measured the trained weights as the base and archived the run's files
+            raise STSUsageError("STSSession.resume() after start() (or a second resume()): call prepare(...) then "
+                                "resume(step, checkpoint, domains) alone; start() begins a new run.")
+        if not checkpoint.root.is_dir() and not checkpoint.root.parent.is_dir():  # (a cut save keeps its parent)
+            raise STSInputError(f"Resuming: neither the checkpoint folder {checkpoint.root.parent} nor "
+                                f"{checkpoint.root} exists (a typo in its step?); pass the STS folder of a checkpoint "
+                                "the run saved.")
         store, self._unwritten = self.store, []
         origin = RunStore(self._origin(checkpoint))  # the run folder that saved the checkpoint
         if self.is_main and origin.root.resolve() != store.root.resolve() and not store.has_results():
@@ -479,16 +508,22 @@ class STSSession:
             raise STSInputError(f"Resuming: no STS monitor state at {checkpoint.monitor_path} or "
                                 f"{store.monitor_path}; the base statistics are lost (start a new run, or delete "
                                 "the checkpoint's STS state).")
+        # the counters are the run folder's, written at train start (resumed from the run folder itself, or the
+        # checkpoint's are unreadable)
+        from_train_start = checkpoint.root.resolve() == store.root.resolve()
         if not self.base_losses:  # restore_callback_states_from_checkpoint=False (the default)
             read = None
             if is_main_process():
                 read = checkpoint.read_state() or (saved_elsewhere() if saved_elsewhere is not None else None)
                 if read is None and (read := store.read_state()) is not None:
+                    from_train_start = True
                     warnings.warn(
                         f"Resuming: {checkpoint.root} holds no readable STS state ({STATE_FILE}; the save was cut, "
-                        f"or it is another kind of checkpoint): the counters of consecutive violations and warnings "
-                        f"restart from {store.root}'s, written at train start.", RuntimeWarning, stacklevel=2)
-            self.load_counters(from_main_process(read) or {})
+                        f"or it is another kind of checkpoint): the warnings given restart from {store.root}'s, "
+                        "written at train start, and the run of consecutive violations is read from the history.",
+                        RuntimeWarning, stacklevel=2)
+            read, from_train_start = from_main_process((read, from_train_start))
+            self.load_counters(read or {})
         if not self.base_losses:
             raise STSInputError(f"Resuming: the train-start held-out losses are in neither {checkpoint.root} nor "
                                 f"{store.root} ({STATE_FILE}); loss changes cannot be measured. Start a new run, "
@@ -519,6 +554,8 @@ class STSSession:
         self.history = [r for r in self.history if r.get("step", 0) <= step]
         for record in self.history:  # the run goes on past a re-check recorded as its end (keep_history_until)
             record.pop("ended_early", None)
+        if from_train_start:  # the early stop's patience counts the kept re-checks, not none
+            self.guard.violations_in_a_row = self.guard.violations_at_the_end_of(self.history)
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
         if spent is not None:  # the share is the run's, across resumes
             self.budget.train_seconds, self.budget.recheck_seconds = spent["train_seconds"], spent["recheck_seconds"]
@@ -669,7 +706,12 @@ class STSSession:
             raise STSUsageError(f"STSSession.recheck(step={step}) before the run started: call prepare(...) and "
                                 "start(...) (or resume(...)) first.")
         step, max_steps = whole_steps(step, "step"), whole_steps(max_steps, "max_steps")
+        if step < 0:
+            raise STSUsageError(f"STSSession.recheck(step={step}): a step is the optimizer steps taken so far, >= 0.")
         last = max((r.get("step", 0) for r in self.history), default=None)
+        if ended and step == last:  # the loop's last periodic re-check was at its end: that record is the end
+            self.ended_at(step, max_steps)
+            return self.history[-1], None
         if last is not None and step <= last:
             raise STSUsageError(f"STSSession.recheck(step={step}) after a re-check at step {last}: steps must "
                                 "increase (pass the training step, e.g. the optimizer steps taken so far).")
@@ -804,6 +846,10 @@ class STSSession:
                         intervals: dict[str, list[float]]) -> dict[str, Any]:
         """The measured changes extrapolated to the end of training with their intervals; projected violations
         (whole interval above the tolerance) warned about."""
+        if self.learning_rates and max_steps <= 0:
+            self.warn("no_max_steps", "STS early forecast skipped: session.learning_rates is set but recheck(...) "
+                      "got no max_steps, so the schedule's share spent is unknown; pass recheck(..., max_steps=...).",
+                      RuntimeWarning)
         if not self.learning_rates or max_steps <= 0:
             if self.guard.config.early_stop == "projected":
                 why = "max_steps was not given" if max_steps <= 0 else "no learning-rate schedule is known"
@@ -920,6 +966,15 @@ class STSSession:
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
                 log_warning(message)
             return None
+
+
+def settings_of(value: Any, kind: type, name: str) -> Any:
+    """``value`` as a ``kind`` (one, or a dict of its fields); anything else refused, naming ``name``."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, dict):
+        return kind.from_dict(value)
+    raise STSConfigError(f"{name}= must be a {kind.__name__} or a dict of its fields, got {value!r}.")
 
 
 def whole_steps(value: Any, name: str) -> int:

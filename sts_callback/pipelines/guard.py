@@ -262,6 +262,19 @@ class Guard:
             decision.stop, decision.reason = True, self.stop_reason
         return decision
 
+    def violations_at_the_end_of(self, history: list[dict[str, Any]]) -> int:
+        """The run of consecutive re-checks that counted toward an early stop at the end of ``history`` (the
+        callback's records), as :meth:`check` counted them: a record with violations (or, with
+        ``early_stop="projected"``, projected ones) extends it; any other re-check, a failed one too, ends it."""
+        run = 0
+        for record in history:
+            if record.get("step", 0) <= 0:
+                continue  # the train-start record is no re-check
+            counted = record.get("violations") or (self.config.early_stop == "projected" and
+                                                    record.get("projected_warnings"))
+            run = run + 1 if counted and "error" not in record else 0
+        return run
+
     def recheck_failed(self) -> None:
         """A re-check that measured nothing breaks a run of consecutive violations: a stop's "N consecutive
         re-checks" are re-checks that each found one."""

@@ -293,11 +293,41 @@ class ReportData:
                 clean = {str(k): abs(float(v)) for k, v in values.items() if isinstance(v, (int, float))}
                 if clean:
                     return "validation |Δ|", clean
-        for record in reversed(self.end_rechecks):
-            deltas = {k: abs(v) for k, v in (record.get("loss_delta") or {}).items() if isinstance(v, (int, float))}
-            if deltas:
-                return f"|held-out loss change| at step {record['step']}", deltas
-        return None
+        latest = self.latest_changes()
+        if not latest:
+            return None
+        steps = sorted({step for step, _ in latest.values()})
+        label = (f"|held-out loss change| at step {steps[0]}" if len(steps) == 1 else
+                 f"|held-out loss change| at each domain's latest re-check (steps {steps[0]}-{steps[-1]})")
+        return label, {name: abs(change) for name, (_, change) in latest.items()}
+
+    def latest_changes(self) -> dict[str, tuple[int, float]]:
+        """Each domain's latest measured change, (step, change), over the re-checks of the weights the run ended
+        with: re-checks that took turns (``loss_domains``) measure some domains at each."""
+        latest: dict[str, tuple[int, float]] = {}
+        for record in self.end_rechecks:
+            for name, value in (record.get("loss_delta") or {}).items():
+                if isinstance(value, (int, float)):
+                    latest[name] = (record["step"], value)
+        return latest
+
+    def earlier_changes_note(self) -> str | None:
+        """The domains the last re-check did not measure (re-checks taking turns), with their latest change."""
+        last = self.end_record or {}
+        earlier = {name: (step, change) for name, (step, change) in self.latest_changes().items()
+                   if name not in (last.get("loss_delta") or {})}
+        if not earlier:
+            return None
+        return ("Measured at earlier re-checks (the re-checks took turns): " + ", ".join(
+            f"{name} {_pct(change, self.tolerance)} at step {step}" for name, (step, change) in earlier.items()) + ".")
+
+    def probe_error_note(self) -> str | None:
+        """The re-checks whose probe could not be read (their held-out losses stand)."""
+        failed = [r for r in self.rechecks if r.get("probe_error")]
+        if not failed:
+            return None
+        return (f"The probe could not be read at step(s) {', '.join(str(r['step']) for r in failed)} "
+                f"({failed[-1]['probe_error']}): those re-checks measured the held-out losses only.")
 
     def recheck_noise_ceiling(self) -> tuple[int, float] | None:
         """(step, noise ceiling) of the last re-check whose changes carry standard errors: the Pearson r with which
@@ -513,7 +543,8 @@ def plot_timeline(data: ReportData) -> str | None:
     if plt is None:
         return None
     variant = data.recheck_variant()
-    names = list(records[-1]["scores"])
+    # every domain any re-check scored or measured (a last re-check whose probe failed scored none)
+    names = list(dict.fromkeys(name for r in records for name in [*r["scores"], *(r.get("loss_delta") or {})]))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.6), sharex=True)
     forecast_domains = (data.forecast or {}).get("domains", {})
     for i, name in enumerate(names):
@@ -805,7 +836,7 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
         lines.append(f"{len(data.rechecks)} re-check(s), {esc(_which(data, last))}; overlap of the actually "
                      f"shifted latents with the forecast: {esc(_fmt(last.get('overlap_with_forecast')))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'}.")
-        for note in (data.ended_note(), data.loaded_note()):
+        for note in (data.ended_note(), data.loaded_note(), data.earlier_changes_note(), data.probe_error_note()):
             if note:
                 lines.append(esc(note))
         if _overhead(last):
@@ -1144,11 +1175,15 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
         label = LABELS.get(data.variant, data.variant)
         lines += [f"**Most affected domains (forecast, {label}; raw scores)**", "",
                   f"| rank | domain | {label} | protected |", "|---:|---|---:|:---:|"]
+        beyond = [(rank, name, value) for rank, (name, value) in enumerate(data.ranking, 1)
+                  if rank > top and name in data.protected]  # protected domains are always listed
         for rank, (name, value) in enumerate(data.ranking[:top], 1):
             mark = "⚠️ yes" if name in data.protected else ""
             lines.append(f"| {rank} | {md_esc(name)} | {value:.4g} | {mark} |")
-        if len(data.ranking) > top:
-            lines.append(f"| … | {len(data.ranking) - top} more | | |")
+        if len(data.ranking) > top + len(beyond):
+            lines.append(f"| … | {len(data.ranking) - top - len(beyond)} more | | |")
+        for rank, name, value in beyond:
+            lines.append(f"| {rank} | {md_esc(name)} | {value:.4g} | ⚠️ yes |")
         lines.append("")
     elif data.forecast is None:
         lines += [md_esc(data.contents_note()), ""]
@@ -1163,7 +1198,7 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
         if accuracy := _accuracy_changes(last):
             lines.append(f"**Accuracy** (share of the items right; change from train start): {md_esc(accuracy)}.")
-        for note in (data.ended_note(), data.loaded_note()):
+        for note in (data.ended_note(), data.loaded_note(), data.earlier_changes_note(), data.probe_error_note()):
             if note:
                 lines.append(md_esc(note))
         if _overhead(last):
