@@ -350,6 +350,8 @@ def test_console_table_columns_line_up_and_few_domains_never_print_p_below_0001(
     ({"use_cpu": True}, "use_cpu -> device"),
     ({"label_names": ["x"]}, "validate sets itself"),
     ({"bf17": True}, "did you mean bf16?"),
+    ({"eval_strategy": "steps"}, "need an eval_dataset"),  # failed in transformers after the model loaded
+    ({"load_best_model_at_end": True}, "need an eval_dataset"),
 ])
 def test_training_args_that_override_validates_own_settings_are_refused_before_any_model_work(training_args, words):
     """training_args applied last used to override steps / learning_rate while validation.json and the table kept
@@ -620,3 +622,80 @@ def test_cli_validate_refuses_another_trainers_fields_before_the_model_loads(tmp
     assert cli.main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "validation.training_args" in err and "sets ['beta'], fields of another TRL trainer's config" in err
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"completion_only_loss": "false"}, "completion_only_loss='false'\\) must be true or false"),  # read as True
+    ({"copy_model": 0}, "copy_model=0\\) must be true or false"),
+    ({"lora_target_modules": 5}, "lora_target_modules=5\\) must be a module name"),  # TypeError in peft
+    ({"lora_target_modules": []}, "lora_target_modules=\\[\\]\\) must be a module name"),
+])
+def test_settings_peft_or_truthiness_would_misread_are_refused_when_built(values, words):
+    with pytest.raises(STSConfigError, match=words):
+        ValidationConfig.from_dict(values)
+
+
+def test_lora_target_modules_that_match_no_module_fail_before_the_forecast(tokenizer):
+    from sts_callback.pipelines.recipe import check_target_modules
+
+    model = make_model("llama")
+    check_target_modules(model, ["q_proj", "v_proj"])
+    check_target_modules(model, "all-linear")
+    with pytest.raises(STSConfigError, match=r"\['nonexistent_proj'\] match no module.*'q_proj'"):
+        check_target_modules(model, ["q_proj", "nonexistent_proj"])
+
+
+def test_a_malformed_multiple_choice_file_is_named_by_line(tmp_path):
+    from sts_callback.core.multiple_choice import check_items
+
+    item = {"question": "2 + 2 =", "choices": ["4", "5"], "answer": 0}
+    jsonl = tmp_path / "mc.jsonl"
+    jsonl.write_text(json.dumps(item) + "\n{not json\n")
+    with pytest.raises(STSInputError, match="mc.jsonl, line 2, is not a JSON item"):  # was a JSONDecodeError
+        check_items(jsonl, "mc")
+    array = tmp_path / "mc.json"  # an indented array: was parsed line by line
+    array.write_text(json.dumps([item, item], indent=2))
+    assert len(check_items(array, "mc")) == 2
+
+
+def test_a_validation_into_an_earlier_ones_folder_replaces_its_results_and_names_stale_seeds(tmp_path):
+    """A rerun stopped part-way left the earlier run's validation.json and report beside the new run's forecast and
+    history, which `sts report` combined; seed folders of earlier seeds stayed unsaid."""
+    from sts_callback import STSDataWarning
+    from sts_callback.validation.validate import _clear_earlier_validation
+
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    for name in ("validation.json", "validation.png", "report.html", "forecast.json", "history.jsonl"):
+        (sts / name).write_text("{}")
+    (tmp_path / "seed-0").mkdir()
+    (tmp_path / "seed-7").mkdir()
+    with pytest.warns(STSDataWarning) as caught:
+        _clear_earlier_validation(tmp_path, sts, [0, 1])
+    assert list(sts.iterdir()) == []
+    messages = " ".join(str(w.message) for w in caught)
+    assert "earlier validation's results" in messages and "['seed-7']" in messages
+    (sts / "forecast.json").write_text("{}")  # a callback run's folder (no validation.json) is left alone
+    _clear_earlier_validation(tmp_path, sts, [0, 7])
+    assert (sts / "forecast.json").exists()
+
+
+def test_cli_validate_refuses_prompt_only_or_empty_training_data_before_the_model_loads(tmp_path, capsys,
+                                                                                        monkeypatch):
+    import sts_callback.tools.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"))
+                ).save_model(tmp_path / "sae")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for train, words in (([{"prompt": "Q: 1 + 1 ="}] * 4, "has no answers (prompt-only data)"),):
+        config = {"model": str(tmp_path / "model"), "sae": str(tmp_path / "sae"), "train_data": train,
+                  "targets": {d: domain_texts(d, 5) for d in ("law", "food", "chem")}}
+        path = tmp_path / "validate.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert cli.main(["validate", str(path)]) == 2
+        assert words in capsys.readouterr().err

@@ -30,13 +30,39 @@ def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
+def _read_items(path: Path) -> list[Any]:
+    """A JSONL file's items (one JSON object a line), or a .json file's array of them; a line or file that is not
+    JSON is an error naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise STSInputError(f"Multiple-choice file {path} is not UTF-8 text ({err}).") from err
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise STSInputError(f"Multiple-choice file {path} is not valid JSON ({err}); give a JSON array of "
+                                "items, or JSONL (one item a line).") from err
+        return items if isinstance(items, list) else [items]
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise STSInputError(f"Multiple-choice file {path}, line {number}, is not a JSON item ({err}); "
+                                    "give JSONL, one {'question', 'choices', 'answer'} object a line (or a .json "
+                                    "file holding an array of them).") from err
+    return items
+
+
 def check_items(items: Any, where: str) -> list[dict[str, Any]]:
     """Validated items from a list or a JSONL path; the error names the item and the fix."""
     if isinstance(items, (str, Path)):
         path = Path(items)
         if not path.exists():
             raise STSInputError(f"Multiple-choice file {path} does not exist; check the path.")
-        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        items = _read_items(path)
     if not isinstance(items, Sequence) or len(items) == 0:
         raise STSInputError(f"Multiple choice: {where} needs a non-empty list of "
                             "{'question', 'choices', 'answer'} items.")

@@ -23,9 +23,10 @@ RecheckSteps = int | float | Sequence[int | float] | None
 
 def _schedule_error(value: Any) -> STSConfigError:
     return STSConfigError(
-        f"recheck_steps must be None (at every checkpoint save), an integer >= 1 (every that many steps), a fraction "
-        f"of the run's steps between 0 and 1 (0.1: every tenth of the run, as TrainingArguments' eval_steps), or a "
-        f"list of steps or of fractions (e.g. [2, 4, 8, 16, 32, 64] or [0.05, 0.1, 0.25, 0.5]), got {value!r}.")
+        f"recheck_steps must be None (the default: at every checkpoint save; validate: at the end), an integer >= 1 "
+        f"(every that many steps), a fraction of the run's steps between 0 and 1 (0.1: every tenth of the run, as "
+        f"TrainingArguments' eval_steps), or a list of steps or of fractions (e.g. [2, 4, 8, 16, 32, 64] or "
+        f"[0.05, 0.1, 0.25, 0.5]), got {value!r}.")
 
 
 def _step_or_fraction(value: Any) -> int | float | None:

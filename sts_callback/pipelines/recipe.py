@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..core.data import Corpus, Example, chat_template_text, needs_typed_content, special_prefix
-from ..core.errors import STSInputError, first_line
+from ..core.errors import STSConfigError, STSInputError, first_line
 
 
 def training_features(corpus: Corpus, tokenizer, max_length: int, completion_only: bool,
@@ -96,6 +96,20 @@ def records_dataset(records: list[Any]) -> Any:
         raise STSInputError(f"The training records cannot be one dataset ({first_line(err)}): a column holds values "
                             "of different types across records (text in some, chat messages in others?). Give "
                             "every record the same format.") from err
+
+
+def check_target_modules(model: nn.Module, target_modules: Any) -> None:
+    """A list of LoRA target modules names modules of ``model`` (as peft matches them: the name, or its last
+    parts); a name matching none fails now, not in peft after the forecast. A string is peft's regex (or
+    'all-linear') and is left to peft."""
+    if not isinstance(target_modules, (list, tuple)):
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise STSConfigError(f"lora_target_modules {missing} match no module of the model; its linear layers are "
+                             f"named {linear[:12]}{' ...' if len(linear) > 12 else ''} (or use 'all-linear').")
 
 
 def wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):

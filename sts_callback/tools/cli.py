@@ -911,7 +911,7 @@ targets:                       # at least 3 domains: name -> JSONL path or regis
 validation:                    # every key optional; defaults shown
   method: lora                 # lora or full
   steps: 32                    # optimizer steps per seed
-  # learning_rate: 0.0002      # default 2e-4 (lora) / 1e-5 (full); write 2.0e-4, not 2e-4 (YAML)
+  # learning_rate: 2e-4        # default 2e-4 (lora) / 1e-5 (full)
   batch_size: 8
   max_length: 256
   lora_rank: 8
@@ -968,11 +968,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                       "The validation output folder", VALIDATION_FILES)
     reward_funcs = _reward_functions(config_file, args.config)
     from ..core.data import load_corpus
-    from ..validation.validate import check_trainer_fields, training_kind
+    from ..validation.validate import check_trainer_fields, check_training_data
 
     train = load_corpus(_expand(config_file["train_data"]), name="train")  # its kind decides the trainer: now
+    kind = check_training_data(train, reward_funcs, config_file.get("demonstrations") is not None)
     try:
-        check_trainer_fields(training_kind(train, reward_funcs), validation.training_args or {})
+        check_trainer_fields(kind, validation.training_args or {})
     except STSError as err:
         raise type(err)(f"{args.config}: validation.training_args: {err}") from err
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))

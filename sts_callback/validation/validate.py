@@ -35,14 +35,14 @@ from torch import nn
 from ..core.atomic import atomic_write_json, check_format, read_json
 from ..core.config import STSConfig, json_serializable, plain_numbers, settings_from_dict
 from ..core.data import Corpus, load_corpus, load_domains, text_tokenizer
-from ..core.errors import STSConfigError, STSInputError
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.formatting import json_safe
 from ..pipelines.forecast import SCORE_LABELS, display_width, shown_name
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..pipelines.monitor import peft_model_of
 from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
-from ..pipelines.recipe import (PadCollator, has_injected_adapters, records_dataset, remove_injected_adapters,
-                                training_features, wrap_lora)
+from ..pipelines.recipe import (PadCollator, check_target_modules, has_injected_adapters, records_dataset,
+                                remove_injected_adapters, training_features, wrap_lora)
 from ..pipelines.rollouts import check_reward_funcs, prompt_records
 from ..pipelines.shifts import is_preference_data
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
@@ -396,6 +396,9 @@ OWN_TRAINING_ARGS: dict[str, str | None] = {
     "use_cpu": "device", "no_cuda": "device", "disable_tqdm": "progress",
     "remove_unused_columns": None, "label_names": None, "max_length": "max_length",  # DPOConfig's, for pairs
 }
+# Settings that need an eval_dataset, which validate's Trainer has none of (it measures its target domains itself).
+EVALUATION_ARGS = ("eval_strategy", "evaluation_strategy", "do_eval", "load_best_model_at_end", "eval_steps",
+                   "metric_for_best_model")
 # Where `sts validate` takes the settings its validation: section does not hold (the others are its keys).
 CONFIG_FILE_PLACES = {"output_dir": "the top-level output_dir: or -o", "device": "the top-level device:",
                       "progress": "--no-progress"}
@@ -407,6 +410,11 @@ def _check_training_args(training_args: dict[str, Any]) -> None:
         if not isinstance(key, str):
             raise STSConfigError(f"validate(training_args=...) has the key {key!r}; its keys are TrainingArguments "
                                  "field names (strings), e.g. {'bf16': True}.")
+    evaluations = [k for k in training_args if k in EVALUATION_ARGS and training_args[k] not in (None, False, "no")]
+    if evaluations:
+        raise STSConfigError(f"validate(training_args=...) sets {evaluations}, which need an eval_dataset; validate's "
+                             "Trainer has none (it measures the target domains' held-out loss itself, at recheck_steps "
+                             "and the end). Remove them from training_args.")
     needed = [k for k in training_args if k in OWN_TRAINING_ARGS and OWN_TRAINING_ARGS[k] is None]
     if needed:
         raise STSConfigError(f"validate(training_args=...) sets {needed}, which validate sets itself (its data "
@@ -522,6 +530,15 @@ class ValidationConfig:
             raise STSConfigError("validate(copy_model=False, method='full') trains your model in place, so it "
                                  "cannot start several seeds from the same weights; use one seed, copy_model=True, "
                                  "or LoRA.")
+        for name in ("completion_only_loss", "copy_model", "progress", "plot", "report"):
+            value = getattr(self, name)  # "false" from a config would read as True
+            if not isinstance(value, bool):
+                raise STSConfigError(f"validate({name}={value!r}) must be true or false.")
+        modules = self.lora_target_modules
+        if modules is not None and not isinstance(modules, str) and not (
+                isinstance(modules, (list, tuple)) and modules and all(isinstance(m, str) and m for m in modules)):
+            raise STSConfigError(f"validate(lora_target_modules={modules!r}) must be a module name, a list of them "
+                                 "(e.g. ['q_proj', 'v_proj']), 'all-linear', or None (peft's choice).")
         if self.training_args is not None and not isinstance(self.training_args, dict):
             raise STSConfigError(f"validate(training_args=...) must be a dict of TrainingArguments fields, got "
                                  f"{type(self.training_args).__name__}.")
@@ -648,16 +665,10 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         raise STSConfigError(f"validate() correlates scores with measured changes across target domains and needs "
                              f"at least {MIN_DOMAINS}; got {len(domains)} ({sorted(domains)}). Add target domains.")
     train = load_corpus(train_data, name="train")
-    if len(train) == 0:
-        raise STSInputError("The training set is empty; give it examples.")
     demos = load_corpus(demonstrations, name="demonstrations") if demonstrations is not None else None
     # trained as its users train it (the callback then forecasts what that trainer pushes): GRPO with reward
     # functions, DPO on preference pairs, else SFT
-    kind = training_kind(train, reward_funcs)
-    if demos is None and kind == "sft" and not _trainable_answers(train):
-        raise STSInputError("The training set has no answers (prompt-only data): it can neither be fine-tuned on "
-                            "with SFT nor give in-context demonstrations; give texts or prompt/answer records (or "
-                            "reward_funcs=, to validate GRPO on its prompts).")
+    kind = check_training_data(train, reward_funcs, demos is not None)
     check_trainer_fields(kind, training_args or {})
     if kind != "sft":
         try:
@@ -674,11 +685,14 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         features = training_features(train, tokenizer, max_length, completion_only_loss, base_config.chat_fallback)
     if method == "lora":
         import peft  # noqa: F401  - fail now, not after the forecast, when peft is missing
+
+        check_target_modules(model, lora_target_modules)
     lr = float(learning_rate) if learning_rate is not None else DEFAULT_LR[method]
     train_device = torch.device(device) if device is not None else model_device(model)
     out = Path(output_dir)
     sts_dir = out / "sts"
     sts_dir.mkdir(parents=True, exist_ok=True)
+    _clear_earlier_validation(out, sts_dir, seeds)
     training = {"trainer": TRAINERS[kind][0], "method": method, "steps": steps, "learning_rate": lr,
                 "batch_size": batch_size, "max_length": max_length,
                 "lora_rank": lora_rank if method == "lora" else None,
@@ -744,6 +758,42 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"report not written ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
     return result
+
+
+EARLIER_RESULTS = (VALIDATION_FILE, PLOT_FILE, "report.html", "report.md", "forecast.json", "history.jsonl")
+
+
+def check_training_data(train: Corpus, reward_funcs: Any, demonstrations: bool) -> str:
+    """The trainer ``train`` is validated with (``training_kind``), once the data can be trained on: not empty, and
+    with answers for SFT unless ``demonstrations`` are given; needs no model, so ``sts validate`` runs it before the
+    model loads."""
+    if len(train) == 0:
+        raise STSInputError("The training set is empty; give it examples.")
+    kind = training_kind(train, reward_funcs)
+    if not demonstrations and kind == "sft" and not _trainable_answers(train):
+        raise STSInputError("The training set has no answers (prompt-only data): it can neither be fine-tuned on "
+                            "with SFT nor give in-context demonstrations; give texts or prompt/answer records (or "
+                            "reward_funcs=, to validate GRPO on its prompts).")
+    return kind
+
+
+def _clear_earlier_validation(out: Path, sts_dir: Path, seeds: list[int]) -> None:
+    """A validation into a folder an earlier one wrote (its ``validation.json``): that one's summary files go now,
+    so that a run stopped part-way never leaves one run's forecast beside another's results (which ``sts report``
+    would combine); seed folders of seeds not run now are named (they are not this validation's)."""
+    earlier = ([sts_dir / name for name in EARLIER_RESULTS if (sts_dir / name).exists()]
+               if (sts_dir / VALIDATION_FILE).exists() else [])
+    for path in earlier:
+        path.unlink()
+    if earlier:
+        warnings.warn(f"sts validate: {out} held an earlier validation's results "
+                      f"({', '.join(p.name for p in earlier)}); they are replaced by this one's.", STSDataWarning,
+                      stacklevel=3)
+    others = sorted(p.name for p in out.glob("seed-*") if p.is_dir() and p.name not in {f"seed-{s}" for s in seeds})
+    if others:
+        warnings.warn(f"sts validate: {out} holds seed folders of an earlier validation ({others}); this one runs "
+                      f"seeds {seeds} and leaves them as they are (delete them, or use another output folder).",
+                      STSDataWarning, stacklevel=3)
 
 
 def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, demos, config: STSConfig, *, seed: int,
