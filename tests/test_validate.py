@@ -629,6 +629,7 @@ def test_cli_validate_refuses_another_trainers_fields_before_the_model_loads(tmp
     ({"copy_model": 0}, "copy_model=0\\) must be true or false"),
     ({"lora_target_modules": 5}, "lora_target_modules=5\\) must be a module name"),  # TypeError in peft
     ({"lora_target_modules": []}, "lora_target_modules=\\[\\]\\) must be a module name"),
+    ({"seeds": "0 1"}, "seeds='0 1'\\) must be an integer or a list of them"),  # was "needs at least one seed"
 ])
 def test_settings_peft_or_truthiness_would_misread_are_refused_when_built(values, words):
     with pytest.raises(STSConfigError, match=words):

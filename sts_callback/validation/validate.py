@@ -504,7 +504,10 @@ class ValidationConfig:
                                  "cheap) or 'full' (every weight).")
         if self.seeds is not None:
             seeds = [self.seeds] if isinstance(self.seeds, int) and not isinstance(self.seeds, bool) else self.seeds
-            if not isinstance(seeds, (list, tuple, range)) or len(seeds) == 0:
+            if not isinstance(seeds, (list, tuple, range)):
+                raise STSConfigError(f"validate(seeds={self.seeds!r}) must be an integer or a list of them, e.g. "
+                                     "seeds=(0, 1, 2) (in YAML: seeds: [0, 1, 2]).")
+            if len(seeds) == 0:
                 raise STSConfigError(f"validate(seeds={self.seeds!r}) needs at least one seed, e.g. seeds=(0,) or "
                                      "seeds=(0, 1, 2).")
             for seed in seeds:
