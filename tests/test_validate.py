@@ -636,6 +636,12 @@ def test_settings_peft_or_truthiness_would_misread_are_refused_when_built(values
         ValidationConfig.from_dict(values)
 
 
+def test_an_output_dir_that_is_a_file_is_refused_when_built(tmp_path):
+    (tmp_path / "out").write_text("")  # was a bare NotADirectoryError once the model had been copied
+    with pytest.raises(STSConfigError, match="is a file; name a folder"):
+        ValidationConfig(output_dir=tmp_path / "out")
+
+
 def test_lora_target_modules_that_match_no_module_fail_before_the_forecast(tokenizer):
     from sts_callback.pipelines.recipe import check_target_modules
 

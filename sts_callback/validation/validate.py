@@ -537,6 +537,9 @@ class ValidationConfig:
             value = getattr(self, name)  # "false" from a config would read as True
             if not isinstance(value, bool):
                 raise STSConfigError(f"validate({name}={value!r}) must be true or false.")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise STSConfigError(f"validate(output_dir={str(self.output_dir)!r}) is a file; name a folder (new or "
+                                 "an earlier validation's).")
         modules = self.lora_target_modules
         if modules is not None and not isinstance(modules, str) and not (
                 isinstance(modules, (list, tuple)) and modules and all(isinstance(m, str) and m for m in modules)):
