@@ -25,11 +25,9 @@ callback samples held-out texts. One JSON per run in ``benchmarks/transfer/rl_gr
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -203,30 +201,17 @@ def run(name: str, model, tokenizer, weights, domains, factors, texts, sz) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", help="these runs only (rl.py's names)")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    names = rl.only_these(parser, rl_icl.planned(), args.only, "no finished keyword GRPO run named {}")
-    todo = [n for n in names if not (args.out / f"{n}.json").exists()]
-    print(f"{len(todo)} of {len(names)} runs to measure", flush=True)
+    args, todo = rl_icl.runs_to_measure(__doc__, OUT)
     if not todo:
         return
     import torch
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=".*(padding_side|generation flags|use_cache).*")
-    from sts_callback.tools.models import load_gemma3_270m
-
-    model, tokenizer = load_gemma3_270m()
+    model, tokenizer, texts, sz = rl_icl.base_model(args.threads)
     model.requires_grad_(False)
     weights = lora_weights(model)
     for w in weights.values():
         w.requires_grad_(True)
     model.eval()  # no dropout: a gradient of the function the forecast reads
-    texts = units.domain_texts(units.UNITS)
-    sz = rl.sizes(False)
     print(f"{len(weights)} adapted weights; each domain's gradient on {DOMAIN_TOKENS} tokens ...", flush=True)
     cache = args.out / "domains.pt"  # not kept in git: ~60 MB a domain
     if cache.exists() and torch.load(cache)["fingerprint"] == units.fingerprint(texts):

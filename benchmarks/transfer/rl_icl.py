@@ -100,26 +100,37 @@ def run(name: str, model, tokenizer, texts, sz) -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def runs_to_measure(description: str, out: Path) -> tuple[argparse.Namespace, list[str]]:
+    """The command line of a script measuring the finished keyword GRPO runs one JSON each (``--only``, ``--out``,
+    ``--threads``): its arguments and the runs without a JSON yet."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", help="these runs only (rl.py's names)")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     names = rl.only_these(parser, planned(), args.only, "no finished keyword GRPO run named {}")
     todo = [n for n in names if not (args.out / f"{n}.json").exists()]
     print(f"{len(todo)} of {len(names)} runs to measure", flush=True)
-    if not todo:
-        return
+    return args, todo
+
+
+def base_model(threads: int):
+    """The base model and tokenizer the runs started from, the domains' texts and rl.py's sizes."""
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*(padding_side|generation flags|use_cache).*")
     from sts_callback.tools.models import load_gemma3_270m
 
     model, tokenizer = load_gemma3_270m()
-    texts = units.domain_texts(units.UNITS)
-    sz = rl.sizes(False)
+    return model, tokenizer, units.domain_texts(units.UNITS), rl.sizes(False)
+
+
+def main() -> None:
+    args, todo = runs_to_measure(__doc__, OUT)
+    if not todo:
+        return
+    model, tokenizer, texts, sz = base_model(args.threads)
     for name in todo:
         if (args.out / f"{name}.json").exists():  # another process took it
             continue
