@@ -531,6 +531,18 @@ def test_forecast_with_a_builtin_calibration_leads_with_predictions(workspace, t
     assert set(saved["predictions"]) == {"chem"} and saved["predictions"]["chem"]["label"] in ("gain", "loss", "flat")
 
 
+def test_a_list_target_left_unpredicted_by_its_path_is_its_domain(workspace, tmp_path, capsys):
+    """not_predicted named a list target by its path: accepted before the model loaded, then refused after the
+    whole forecast (as exclude=[path]), the work lost."""
+    output = tmp_path / "forecast.json"
+    targets = [str(workspace / "chem.jsonl"), str(workspace / "train.jsonl")]
+    config = write_config(workspace, output=str(output), targets=targets,
+                          not_predicted=[str(workspace / "chem.jsonl")])
+    assert main(["forecast", str(config), "--no-progress", "--calibration", "gemma3-270m-lora"]) == 0
+    assert "not predicted: ['chem']" in capsys.readouterr().out
+    assert set(json.loads(output.read_text())["predictions"]) == {"train"}
+
+
 def test_forecast_refuses_a_bad_calibration_or_excluded_domain_before_the_model_loads(workspace, tmp_path, capsys):
     config = str(write_config(workspace, output=str(tmp_path / "f.json")))
     assert main(["forecast", config, "--calibration", "gemma3-270m-ful"]) == 2

@@ -605,3 +605,22 @@ def test_a_held_out_cut_of_a_long_target_item_keeps_its_answer(tokenizer):
     for ids, flags in sequences:
         counted = [token for token, c in zip(ids[len(ids) - len(flags):], flags) if c]
         assert counted == answer_ids[-6:]
+
+
+def test_a_byte_order_mark_and_json_lines_under_json_are_read_as_written(tmp_path):
+    """Windows tools write a UTF-8 byte-order mark (refused as 'Unexpected UTF-8 BOM', or kept as text in a .txt);
+    Dataset.to_json writes JSON Lines under .json (refused as 'Extra data')."""
+    records = [{"text": "alpha beta"}, {"text": "gamma delta"}]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in records).encode())
+    text = tmp_path / "bom.txt"
+    text.write_bytes(b"\xef\xbb\xbfalpha beta\n\ngamma delta")
+    lines = tmp_path / "lines.json"
+    lines.write_text("\n".join(json.dumps(r) for r in records))
+    for path in (jsonl, text, lines):
+        corpus = load_corpus(str(path))
+        assert [corpus[i].prompt for i in range(len(corpus))] == ["alpha beta", "gamma delta"], path
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"text": "a"}, oops]')
+    with pytest.raises(STSInputError, match="broken.json is not valid JSON"):
+        load_corpus(str(broken))

@@ -104,6 +104,12 @@ def test_one_text_domain_is_flagged_not_ranked_last_silently(model, tokenizer):
     assert result.ranked()[-1] == ("single", None)
     assert "n/a" in result.table()
     assert all(result.domains[d].scores["sts_icl"] is not None for d in ("code", "chem"))
+    # one text beside blank rows (a file whose text cell is mostly empty): no demonstration either; was an
+    # STS_icl of 0 from an empty context, unsaid, ranked above the one-text domain
+    one = " ".join(domain_texts("food", 3))
+    with pytest.warns(STSDataWarning, match="'padded' has one text that can be a demonstration"):
+        result = forecast(model, tokenizer, sae(), domain_texts("law", 30), targets(padded=[one, "", "  "]), config())
+    assert result.domains["padded"].scores["sts_icl"] is None
 
 
 def test_descriptive_hook_name_needs_the_layer_and_is_accepted_with_it(model, tokenizer):
@@ -271,3 +277,13 @@ def test_a_token_beyond_the_embedding_in_held_out_texts_or_choices_is_named_too(
         sequence_nll(model, [(ids, [True] * (len(ids) - 1))], 0, 4)
     with pytest.raises(STSInputError, match=r"input embedding has 128 rows.*resize_token_embeddings"):
         choice_scores(model, grown, {"question": "law court ?", "choices": ["newword39", "judge"], "answer": 1})
+
+
+def test_a_target_domain_named_train_keeps_its_own_contexts(model, tokenizer):
+    """The training set's top contexts were kept under the key "train": a domain of that name (a train.jsonl
+    target) shared its reservoir and the forecast failed with an IndexError."""
+    result = forecast(model, tokenizer, sae(), domain_texts("law", 30), targets(train=domain_texts("food", 10)),
+                      config(top_contexts=3))
+    assert "train" in result.domains
+    sources = {entry["source"] for entries in result.latent_contexts.values() for entry in entries}
+    assert "train" in sources and sources <= {"train", *result.domains}

@@ -344,10 +344,31 @@ class Places(Sequence):
         return f"{self.where} {self.numbers[index]}"
 
 
+def read_json_file(path: Path, label: str = "") -> tuple[list[Any], Places | None]:
+    """The records of a .json file: a list, an object with a 'data' / 'texts' list, or JSON Lines (which
+    ``Dataset.to_json`` writes under .json); anything else is an error naming the file."""
+    text = read_text(path, label)
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and err.lineno > 1:  # one record a line
+            try:
+                return _read_jsonl(path, label)
+            except STSInputError:
+                pass
+        raise STSInputError(f"Data file {path}{label} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                            f"{err.colno}); fix it, or write one JSON record per line as .jsonl.") from err
+    items = loaded if isinstance(loaded, list) else (
+        loaded.get("data", loaded.get("texts")) if isinstance(loaded, dict) else None)
+    if not isinstance(items, list):
+        raise STSInputError(f"{path}{label} must hold a JSON list (or an object with a 'data' list).")
+    return items, None
+
+
 def _read_jsonl(path: Path, label: str = "") -> tuple[list[Any], Places]:
     """The records of a JSONL file and the line each came from."""
     records, lines = [], []
-    for line_number, line in enumerate(_read_text(path, label).split("\n"), 1):  # not splitlines: U+2028 in texts
+    for line_number, line in enumerate(read_text(path, label).split("\n"), 1):  # not splitlines: U+2028 in texts
         if not line.strip():
             continue
         try:
@@ -408,7 +429,7 @@ def check_columns(columns: Sequence[str], described: str, fix: str) -> None:
 
 def _read_plain_text(path: Path, label: str = "") -> list[str]:
     """One text per block of lines between blank lines (a line of spaces, or a Windows line end, is blank too)."""
-    text = _read_text(path, label)
+    text = read_text(path, label)
     items = [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
     lines = sum(1 for line in text.split("\n") if line.strip())
     if len(items) == 1 and lines >= MANY_LINES:  # most likely one text per line, silently joined into one
@@ -418,9 +439,9 @@ def _read_plain_text(path: Path, label: str = "") -> list[str]:
     return items
 
 
-def _read_text(path: Path, label: str = "") -> str:
+def read_text(path: Path, label: str = "") -> str:
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows tools write one) is no text
     except UnicodeDecodeError as err:
         raise STSInputError(f"Data file {path}{label} is not UTF-8 text (byte {err.start}: {err.reason}); convert "
                             f"it, e.g. `iconv -f latin1 -t utf-8 {path} > fixed{path.suffix}`.") from err
@@ -539,16 +560,7 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
             elif suffix in TABLE_SUFFIXES:
                 items, places = _read_table(path, label)
             elif suffix == ".json":
-                try:
-                    loaded = json.loads(_read_text(path, label))
-                except json.JSONDecodeError as err:
-                    raise STSInputError(f"Data file {path}{label} is not valid JSON ({err.msg} at line {err.lineno}, "
-                                        f"column {err.colno}); fix it, or write one JSON record per line as "
-                                        ".jsonl.") from err
-                items = loaded if isinstance(loaded, list) else (
-                    loaded.get("data", loaded.get("texts")) if isinstance(loaded, dict) else None)
-                if not isinstance(items, list):
-                    raise STSInputError(f"{path}{label} must hold a JSON list (or an object with a 'data' list).")
+                items, places = read_json_file(path, label)
             else:  # plain text (check_data_spec refused any other suffix)
                 items = _read_plain_text(path, label)
             return Corpus(name or path.stem, items, places)

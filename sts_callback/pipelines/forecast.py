@@ -538,27 +538,38 @@ def plan_domains(builder: PromptBuilder, config: STSConfig, domains: dict[str, C
     for name, corpus in domains.items():
         domain_rng = random.Random(f"{config.seed}:{name}")
         indices, tokens = domain_sequences(corpus, builder, config.domain_tokens, domain_rng)
-        if icl and len(corpus) < 2:
-            warn_on_main(f"Target domain {name!r} has one text: it has no other text to use as its in-context "
-                         "demonstration, so its STS_icl is not computed (n/a; ranked last by STS_icl). Its "
-                         "STS_act and signed scores stand. Add texts to that domain for STS_icl.", STSDataWarning,
-                         stacklevel=3)
-        if icl and len(corpus) >= 2:
-            pairs, usable = [], None
-            for i in indices:
-                others = AllBut(range(len(corpus)), i)
-                chosen = domain_rng.sample(others, min(config.n_domain_demonstrations, len(others)))
-                if not all(corpus[j].can_demonstrate for j in chosen):  # a blank text drawn: among those with text
-                    usable = usable if usable is not None else [j for j in range(len(corpus))
-                                                                if corpus[j].can_demonstrate]
-                    candidates = AllBut(usable, i)
-                    chosen = domain_rng.sample(candidates, min(config.n_domain_demonstrations, len(candidates)))
-                pairs.append(builder.pair(corpus[i], [corpus[j] for j in chosen]))
+        pairs = _domain_pairs(builder, config, corpus, indices, domain_rng) if icl else None
+        if icl and pairs is None:
+            warn_on_main(f"Target domain {name!r} has one text that can be a demonstration: it has no other text to "
+                         "use as its in-context demonstration, so its STS_icl is not computed (n/a; ranked last by "
+                         "STS_icl). Its STS_act and signed scores stand. Add texts to that domain for STS_icl.",
+                         STSDataWarning, stacklevel=3)
+        if pairs is not None:
             inputs[name] = DomainInput(pairs=pairs, singles=None, texts=len(indices), tokens=tokens)
         else:
             inputs[name] = DomainInput(pairs=None, singles=[builder.single(corpus[i]) for i in indices],
                                        texts=len(indices), tokens=tokens)
     return inputs
+
+
+def _domain_pairs(builder: PromptBuilder, config: STSConfig, corpus: Corpus, indices: list[int],
+                  domain_rng: random.Random) -> list[TokenPair] | None:
+    """Each sampled text of a domain with other texts of it as demonstrations; None when some text has no other
+    text that can demonstrate (one text, or one beside blank rows): an empty context would read as no shift."""
+    if len(corpus) < 2:
+        return None
+    pairs, usable = [], None
+    for i in indices:
+        others = AllBut(range(len(corpus)), i)
+        chosen = domain_rng.sample(others, min(config.n_domain_demonstrations, len(others)))
+        if not all(corpus[j].can_demonstrate for j in chosen):  # a blank text drawn: among those with text
+            usable = usable if usable is not None else [j for j in range(len(corpus)) if corpus[j].can_demonstrate]
+            candidates = AllBut(usable, i)
+            if not len(candidates):
+                return None
+            chosen = domain_rng.sample(candidates, min(config.n_domain_demonstrations, len(candidates)))
+        pairs.append(builder.pair(corpus[i], [corpus[j] for j in chosen]))
+    return pairs
 
 
 def plan_inputs(builder: PromptBuilder, config: STSConfig, train: Corpus, domains: dict[str, Corpus],
@@ -855,13 +866,15 @@ def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, p
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     timings = {"prepare": prepare_seconds}
     keep = config.top_contexts
-    reservoirs = {source: TopActivations(setup.sae.d_sae, keep) for source in ["train", *domain_inputs]} if keep else {}
+    # the training set's contexts under a key no domain can have ("" is refused as a name): a domain may be "train"
+    reservoirs = ({source: TopActivations(setup.sae.d_sae, keep) for source in [TRAIN_KEY, *domain_inputs]}
+                  if keep else {})
     try:
         with inference_mode(model):
             t0 = time.perf_counter()
             if bar is not None:
                 bar.set_description("shift (train data)")
-            shift_stats: PairedStats = shift.run(extractor, reservoirs.get("train"))
+            shift_stats: PairedStats = shift.run(extractor, reservoirs.get(TRAIN_KEY))
             timings["shift"] = time.perf_counter() - t0
             domain_stats = {}
             for name, d in domain_inputs.items():
@@ -876,7 +889,7 @@ def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, p
     timings["forward_tokens"] = float(forward_tokens)
     result = assemble_forecast(setup, shift_stats, plan, domain_stats, timings, extractor.capture.truncate, shift=shift)
     if reservoirs:
-        sources = {"train": shift.sources}
+        sources = {TRAIN_KEY: shift.sources}
         for name, d in domain_inputs.items():
             sources[name] = [p.base for p in d.pairs] if d.pairs is not None else [ids for ids, _ in d.singles]
         result.latent_contexts = latent_contexts(builder.tokenizer, result.shifted_latents, reservoirs, sources)
@@ -960,6 +973,7 @@ def assemble_forecast(setup: ForecastSetup, shift_stats: PairedStats, plan: Plan
 
 
 CONTEXT_TOKENS = 8
+TRAIN_KEY = ""  # the training set's contexts among the domains' (shown as "train")
 
 
 def latent_contexts(tokenizer, latents: list[int], reservoirs: dict[str, TopActivations],
@@ -972,7 +986,7 @@ def latent_contexts(tokenizer, latents: list[int], reservoirs: dict[str, TopActi
             for value, sequence, position in reservoir.top(latent):
                 ids = sources[source][sequence]
                 entries.append({
-                    "source": source, "value": value,
+                    "source": "train" if source == TRAIN_KEY else source, "value": value,
                     "before": tokenizer.decode(ids[max(0, position - CONTEXT_TOKENS): position], skip_special_tokens=True),
                     "token": tokenizer.decode(ids[position: position + 1], skip_special_tokens=False),
                     "after": tokenizer.decode(ids[position + 1: position + 1 + CONTEXT_TOKENS], skip_special_tokens=True),

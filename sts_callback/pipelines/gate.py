@@ -521,7 +521,8 @@ def check_scorable_domains(domains: dict[str, Corpus], protected: list[str], wan
     candidate could serve under the STS weights."""
     if score not in ("sts_icl", "raw_icl"):
         return set()
-    unscored = {name for name, corpus in domains.items() if len(corpus) < 2}
+    unscored = {name for name, corpus in domains.items()  # fewer than two texts that can demonstrate
+                if sum(1 for _ in zip(range(2), (i for i in range(len(corpus)) if corpus[i].can_demonstrate))) < 2}
     fix = "add texts to them, or gate on GateRules(score='sts_act'), which needs no demonstration"
     bad = [p for p in protected if p in unscored]
     if bad:
@@ -530,8 +531,8 @@ def check_scorable_domains(domains: dict[str, Corpus], protected: list[str], wan
     bad = sorted({d for d in wanted.values() if d in unscored})
     if bad:
         raise STSInputError(f"wanted names domain(s) {bad}, which have one text and no {SCORE_LABELS[score]}; {fix}.")
-    servable = [d for d in domains if d not in protected and d not in unscored]
-    if not servable and weights == "sts" and len(wanted) < candidates:
+    unprotected = [d for d in domains if d not in protected]  # none: every candidate serves a protected one
+    if unprotected and all(d in unscored for d in unprotected) and weights == "sts" and len(wanted) < candidates:
         raise STSInputError(f"Every unprotected target domain ({sorted(set(domains) - set(protected))}) has one "
                             f"text and no {SCORE_LABELS[score]}, so no candidate has a domain to serve for the STS "
                             f"weights; {fix}, or name each candidate's domain in wanted.")

@@ -454,23 +454,16 @@ def _existing_file(value: Any) -> Path | None:
 
 def _check_data_files(specs: list[Any]) -> None:
     """Every data file named is UTF-8 (and a .json parses), before the model loads; the error names the file."""
+    from ..core.data import read_json_file, read_text
+
     for spec in specs:
         path = _existing_file(spec)
         if path is None or path.suffix.lower() == ".parquet":  # binary: the table reader checks it
             continue
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise STSInputError(f"Data file {path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, "
-                                f"e.g. `iconv -f latin1 -t utf-8 {path} > fixed{path.suffix}`.") from err
-        except OSError as err:
-            raise STSInputError(f"Data file {path} cannot be read ({err.strerror}); check its permissions.") from err
         if path.suffix == ".json":
-            try:
-                json.loads(text)
-            except json.JSONDecodeError as err:
-                raise STSInputError(f"Data file {path} is not valid JSON ({err.msg} at line {err.lineno}, column "
-                                    f"{err.colno}); fix it, or write one JSON record per line as .jsonl.") from err
+            read_json_file(path)
+        else:
+            read_text(path)
 
 
 # --------------------------------------------------------------------------------------- output checks
@@ -603,11 +596,14 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"), config)
     not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
     targets = config_file["targets"]
-    names = ([str(k) for k in targets] if isinstance(targets, dict) else  # a list: names or paths (named by stem)
-             [n for t in targets for n in (str(t), Path(str(t)).stem)] if isinstance(targets, list) else [])
-    unknown = [n for n in not_predicted if n not in names]
+    names = _target_names(targets)
+    # a list target may be named by its entry as written (a path) as well as by its domain name (its stem)
+    domain_of = {**({str(t): n for t, n in zip(targets, names)} if isinstance(targets, list) else {}),
+                 **{n: n for n in names}}
+    unknown = [n for n in not_predicted if n not in domain_of]
     if unknown:
         raise STSInputError(f"not_predicted {unknown}: not among the targets {names}; name target domains.")
+    not_predicted = [domain_of[n] for n in not_predicted]
     if not_predicted and calibration is None:
         raise STSInputError("not_predicted only applies with a calibration (--calibration FILE|NAME).")
     training = _training_inputs(args, config_file)
