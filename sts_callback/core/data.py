@@ -929,6 +929,13 @@ def token_count(builder: PromptBuilder, example: Example) -> int:
     return sum(counted)
 
 
+def has_two_demonstrations(corpus: Corpus) -> bool:
+    """Whether two of ``corpus``'s texts can be in-context demonstrations (a domain's STS_icl needs another text of
+    it beside each one measured); reads only as far as the second."""
+    usable = (i for i in range(len(corpus)) if corpus[i].can_demonstrate)
+    return len(list(itertools.islice(usable, 2))) == 2
+
+
 class AllBut(Sequence):
     """``items`` (ascending indices, e.g. a ``range``) without ``excluded``, as a view: ``random.sample`` draws
     from it exactly what it draws from the list ``[i for i in items if i != excluded]``, without building that

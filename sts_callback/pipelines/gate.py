@@ -80,7 +80,8 @@ from torch import nn
 
 from ..core.atomic import atomic_write_json, atomic_write_text, check_format, read_json
 from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
-from ..core.data import AllBut, Corpus, example_text, load_corpus, load_domains, named_items, repeated_names
+from ..core.data import (AllBut, Corpus, example_text, has_two_demonstrations, load_corpus, load_domains,
+                         named_items, repeated_names)
 from ..core.distributed import warn_on_main
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
@@ -521,8 +522,7 @@ def check_scorable_domains(domains: dict[str, Corpus], protected: list[str], wan
     candidate could serve under the STS weights."""
     if score not in ("sts_icl", "raw_icl"):
         return set()
-    unscored = {name for name, corpus in domains.items()  # fewer than two texts that can demonstrate
-                if sum(1 for _ in zip(range(2), (i for i in range(len(corpus)) if corpus[i].can_demonstrate))) < 2}
+    unscored = {name for name, corpus in domains.items() if not has_two_demonstrations(corpus)}
     fix = "add texts to them, or gate on GateRules(score='sts_act'), which needs no demonstration"
     bad = [p for p in protected if p in unscored]
     if bad:
