@@ -106,7 +106,7 @@ class RunStore:
         for record in dropped:
             append_json_line(self.path(SUPERSEDED_FILE), {**record, "superseded_at": time.time()})
         # a re-check recorded as the run's end (another callback stopped it there) is not its end once resumed
-        carried_on = [r for r in kept if r.pop("ended_early", None) is not None]
+        carried_on = [r for r in kept if isinstance(r, dict) and r.pop("ended_early", None) is not None]
         if dropped or cut or carried_on or not self.path(HISTORY_FILE).exists():
             self._rewrite_history(kept, cut)
         return kept

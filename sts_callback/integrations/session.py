@@ -553,7 +553,8 @@ class STSSession:
         self.history = from_main_process(self.history)
         self.history = [r for r in self.history if r.get("step", 0) <= step]
         for record in self.history:  # the run goes on past a re-check recorded as its end (keep_history_until)
-            record.pop("ended_early", None)
+            if isinstance(record, dict):
+                record.pop("ended_early", None)
         if from_train_start:  # the early stop's patience counts the kept re-checks, not none
             self.guard.violations_in_a_row = self.guard.violations_at_the_end_of(self.history)
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
