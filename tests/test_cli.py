@@ -619,15 +619,21 @@ def test_a_repeated_key_in_a_yaml_config_is_an_error(workspace, tmp_path, capsys
     assert not (tmp_path / "f.json").exists()
 
 
+def gate_config_is_accepted_up_to_the_model(workspace, tmp_path, body: str) -> None:
+    """A gate YAML (model, SAE, protected law, output, and ``body``) passes every check made before the model loads
+    (``no_model`` fails the load)."""
+    path = tmp_path / "gate.yaml"
+    path.write_text(f"model: {workspace / 'model'}\nsae: {workspace / 'sae'}\nprotected: [law]\n{body}"
+                    f"output: {tmp_path / 'gate.json'}\n")
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["gate", str(path)])
+
+
 def test_yaml_merge_keys_may_still_be_overridden(workspace, tmp_path, no_model):
     """Overriding a key merged in with `<<` is what a merge is for, not a repeated key."""
-    path = tmp_path / "merge.yaml"
-    path.write_text(f"model: {workspace / 'model'}\nsae: {workspace / 'sae'}\nprotected: [law]\n"
-                    f"candidates: &c\n  chem: {workspace / 'chem.jsonl'}\n  law: {workspace / 'train.jsonl'}\n"
-                    f"targets:\n  <<: *c\n  chem: {workspace / 'train.jsonl'}\n"
-                    f"output: {tmp_path / 'gate.json'}\n")
-    with pytest.raises(AssertionError, match="the model was loaded"):  # accepted up to the model
-        main(["gate", str(path)])
+    gate_config_is_accepted_up_to_the_model(workspace, tmp_path, (
+        f"candidates: &c\n  chem: {workspace / 'chem.jsonl'}\n  law: {workspace / 'train.jsonl'}\n"
+        f"targets:\n  <<: *c\n  chem: {workspace / 'train.jsonl'}\n"))
 
 
 def test_numbers_in_exponent_form_are_numbers_in_a_yaml_config(workspace, tmp_path, no_model):
@@ -637,13 +643,9 @@ def test_numbers_in_exponent_form_are_numbers_in_a_yaml_config(workspace, tmp_pa
 
     assert _load_yaml("[2e-3, 5e6, 5.0e6, -1.5E+3, .5e1, 1_000e1, 3, 2.5, 1e, e5, 12:30]") == \
         [2e-3, 5e6, 5e6, -1.5e3, 5.0, 1000e1, 3, 2.5, "1e", "e5", 750]
-    path = tmp_path / "gate.yaml"
-    path.write_text(f"model: {workspace / 'model'}\nsae: {workspace / 'sae'}\nprotected: [law]\n"
-                    f"candidates:\n  chem: {workspace / 'chem.jsonl'}\n"
-                    f"targets:\n  law: {workspace / 'train.jsonl'}\n  chem: {workspace / 'chem.jsonl'}\n"
-                    f"limits: {{law: 5e6}}\noutput: {tmp_path / 'gate.json'}\n")
-    with pytest.raises(AssertionError, match="the model was loaded"):  # accepted up to the model
-        main(["gate", str(path)])
+    gate_config_is_accepted_up_to_the_model(workspace, tmp_path, (
+        f"candidates:\n  chem: {workspace / 'chem.jsonl'}\n"
+        f"targets:\n  law: {workspace / 'train.jsonl'}\n  chem: {workspace / 'chem.jsonl'}\nlimits: {{law: 5e6}}\n"))
 
 
 def test_a_repeated_key_in_a_json_config_or_a_set_value_is_an_error(workspace, tmp_path, capsys, no_model):

@@ -599,22 +599,28 @@ def test_records_of_two_formats_and_injected_adapters_are_named(tmp_path, tokeni
                  **CHEAP)
 
 
-def test_cli_validate_refuses_another_trainers_fields_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    """DPOConfig / GRPOConfig fields on SFT data were refused inside validate(), after the model had loaded."""
+def folders_the_cli_checks_before_the_model(tmp_path, monkeypatch) -> dict[str, str]:
+    """A model folder (never loaded: load_model fails the test) and a real SAE folder, as config entries."""
     import sts_callback.tools.cli as cli
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
-
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
 
     monkeypatch.setattr(cli, "load_model", refuse)
     StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"))
                 ).save_model(tmp_path / "sae")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    config = {"model": str(tmp_path / "model"), "sae": str(tmp_path / "sae"), "train_data": domain_texts("law", 8),
+    return {"model": str(tmp_path / "model"), "sae": str(tmp_path / "sae")}
+
+
+def test_cli_validate_refuses_another_trainers_fields_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """DPOConfig / GRPOConfig fields on SFT data were refused inside validate(), after the model had loaded."""
+    import sts_callback.tools.cli as cli
+
+    config = {**folders_the_cli_checks_before_the_model(tmp_path, monkeypatch), "train_data": domain_texts("law", 8),
               "targets": {d: domain_texts(d, 5) for d in ("law", "food", "chem")},
               "validation": {"training_args": {"beta": 0.5}}}
     path = tmp_path / "validate.yaml"
@@ -663,6 +669,9 @@ def test_a_malformed_multiple_choice_file_is_named_by_line(tmp_path):
     array = tmp_path / "mc.json"  # an indented array: was parsed line by line
     array.write_text(json.dumps([item, item], indent=2))
     assert len(check_items(array, "mc")) == 2
+    separated = tmp_path / "sep.jsonl"  # a line separator inside a JSON string is no line end
+    separated.write_text(json.dumps({**item, "question": "a\u2028b ="}, ensure_ascii=False) + "\n")
+    assert check_items(separated, "mc")[0]["question"] == "a\u2028b ="
 
 
 def test_a_validation_into_an_earlier_ones_folder_replaces_its_results_and_names_stale_seeds(tmp_path):
@@ -691,17 +700,9 @@ def test_cli_validate_refuses_prompt_only_or_empty_training_data_before_the_mode
                                                                                         monkeypatch):
     import sts_callback.tools.cli as cli
 
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"))
-                ).save_model(tmp_path / "sae")
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
+    folders = folders_the_cli_checks_before_the_model(tmp_path, monkeypatch)
     for train, words in (([{"prompt": "Q: 1 + 1 ="}] * 4, "has no answers (prompt-only data)"),):
-        config = {"model": str(tmp_path / "model"), "sae": str(tmp_path / "sae"), "train_data": train,
-                  "targets": {d: domain_texts(d, 5) for d in ("law", "food", "chem")}}
+        config = {**folders, "train_data": train, "targets": {d: domain_texts(d, 5) for d in ("law", "food", "chem")}}
         path = tmp_path / "validate.yaml"
         path.write_text(yaml.safe_dump(config))
         assert cli.main(["validate", str(path)]) == 2

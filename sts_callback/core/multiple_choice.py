@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .capture import clamped_to_vocabulary, input_vocabulary, max_positions
-from .data import special_prefix, special_token_ids
+from .data import read_text, special_prefix, special_token_ids
 from .distributed import LocalFailure, shard
 from .errors import STSInputError
 from .heldout import HEAD_CHUNK, head_nll, split_head
@@ -33,10 +33,7 @@ def argmax(values: list[float]) -> int:
 def _read_items(path: Path) -> list[Any]:
     """A JSONL file's items (one JSON object a line), or a .json file's array of them; a line or file that is not
     JSON is an error naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise STSInputError(f"Multiple-choice file {path} is not UTF-8 text ({err}).") from err
+    text = read_text(path, " (multiple choice)")  # the data files' reader: UTF-8, a byte-order mark as none
     if path.suffix == ".json":
         try:
             items = json.loads(text)
@@ -45,7 +42,7 @@ def _read_items(path: Path) -> list[Any]:
                                 "items, or JSONL (one item a line).") from err
         return items if isinstance(items, list) else [items]
     items = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # as the data files' JSONL: not splitlines (U+2028)
         if line.strip():
             try:
                 items.append(json.loads(line))

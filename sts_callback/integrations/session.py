@@ -166,7 +166,6 @@ class STSSession:
         self.recipe: str | None = None  # "lora" (adapters) or "full", known at start: a calibration's scope
         self.run_id: str | None = None  # drawn at start(): which run a checkpoint's state and a folder's files are
         self._started = False  # start() or resume() since the last prepare(): re-checks have a base to compare with
-        self._prepared_domains: list[str] = []  # the target domains prepare() sampled
         self._resumed_at: int | None = None  # the step resumed from, until the schedule is read as run (see below)
         self._report_written_at: float | None = None  # when a re-check last wrote the report
         self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
@@ -300,7 +299,6 @@ class STSSession:
                           "replaces; call start(...) (a new run) or resume(...) before the next re-check.",
                           RuntimeWarning, stacklevel=2)
         self._started = False
-        self._prepared_domains = list(domains)
         if problem := icl_loss_mismatch(self.config, self.calibration):  # the process group is up by now
             warn_on_main(problem, STSDataWarning, stacklevel=3)
         self.setup = ForecastSetup.create(model, tokenizer, self.sae, self.config)
@@ -460,11 +458,12 @@ class STSSession:
             self.write(f"the callback state to {store.root}", lambda: store.write_state(self.counters()), 0)
 
     def _check_prepared_domains(self, domains: dict[str, Corpus], call: str) -> None:
-        """``start`` / ``resume`` measure the domains ``prepare`` sampled: another set would leave a domain with a
-        forecast and no loss, or a loss and no forecast."""
-        if sorted(domains) != sorted(self._prepared_domains):
+        """``start`` / ``resume`` measure the domains ``prepare`` sampled (the monitor's loss sets): another set
+        would leave a domain with a forecast and no loss, or a loss and no forecast."""
+        prepared = sorted(self.monitor.loss_sets)
+        if sorted(domains) != prepared:
             raise STSUsageError(f"STSSession.{call}() got the target domains {sorted(domains)}, prepare() "
-                                f"{sorted(self._prepared_domains)}: pass the same domains to both.")
+                                f"{prepared}: pass the same domains to both.")
 
     def _write_settings(self, step: int) -> None:
         """The guard's settings, which ``sts report`` reads back (protected domains, tolerances): at train start, and

@@ -928,8 +928,6 @@ VALIDATE_KEYS = ("method", "steps", "learning_rate", "batch_size", "max_length",
 
 
 # What `sts validate` writes into OUTPUT_DIR/sts/ (validate.py, the report); the seed-N/ run folders are its own.
-VALIDATION_FILES = tuple(f"sts/{name}" for name in ("validation.json", "validation.png", "forecast.json",
-                                                     "history.jsonl", "report.html", "report.md"))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -941,7 +939,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for key in ("method", "steps", "seeds", "learning_rate"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    from ..validation.validate import ValidationConfig, multiple_choice_accuracy, validate
+    from ..validation.validate import SUMMARY_FILES, ValidationConfig, multiple_choice_accuracy, validate
 
     validation = ValidationConfig.from_dict(options)  # bad settings fail here, before the model loads
     targets = config_file["targets"]
@@ -961,7 +959,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         metric = multiple_choice_accuracy({k: _expand(v) for k, v in
                                            named_items(choices, f"{args.config}: `multiple_choice`").items()})
     output_dir = _check_output_folder(Path(args.output_dir or config_file.get("output_dir") or "sts-validation"),
-                                      "The validation output folder", VALIDATION_FILES)
+                                      "The validation output folder",
+                                      tuple(f"sts/{name}" for name in SUMMARY_FILES))
     reward_funcs = _reward_functions(config_file, args.config)
     from ..core.data import load_corpus
     from ..validation.validate import check_trainer_fields, check_training_data

@@ -52,6 +52,8 @@ from ..core.torch_utils import model_device, pad_token_id
 FORMAT = "sts-validation/1"
 VALIDATION_FILE = "validation.json"
 PLOT_FILE = "validation.png"
+# What a validation writes in its sts/ folder (the run's summary, beside the seeds' own folders)
+SUMMARY_FILES = (VALIDATION_FILE, PLOT_FILE, "forecast.json", "history.jsonl", "report.html", "report.md")
 METHODS = ("lora", "full")
 VARIANTS = ("sts_icl", "sts_act", "sts_sq", "raw_act") + SIGNED_VARIANTS
 LABELS = {v: SCORE_LABELS[v] for v in VARIANTS}
@@ -766,9 +768,6 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     return result
 
 
-EARLIER_RESULTS = (VALIDATION_FILE, PLOT_FILE, "report.html", "report.md", "forecast.json", "history.jsonl")
-
-
 def check_training_data(train: Corpus, reward_funcs: Any, demonstrations: bool) -> str:
     """The trainer ``train`` is validated with (``training_kind``), once the data can be trained on: not empty, and
     with answers for SFT unless ``demonstrations`` are given; needs no model, so ``sts validate`` runs it before the
@@ -787,7 +786,7 @@ def _clear_earlier_validation(out: Path, sts_dir: Path, seeds: list[int]) -> Non
     """A validation into a folder an earlier one wrote (its ``validation.json``): that one's summary files go now,
     so that a run stopped part-way never leaves one run's forecast beside another's results (which ``sts report``
     would combine); seed folders of seeds not run now are named (they are not this validation's)."""
-    earlier = ([sts_dir / name for name in EARLIER_RESULTS if (sts_dir / name).exists()]
+    earlier = ([sts_dir / name for name in SUMMARY_FILES if (sts_dir / name).exists()]
                if (sts_dir / VALIDATION_FILE).exists() else [])
     for path in earlier:
         path.unlink()
