@@ -154,6 +154,17 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"sts {sts_callback.__version__}"
 
 
+def test_python_dash_m_runs_the_sts_command():
+    # where the venv's scripts folder is not on PATH (a notebook, a job runner), `python -m sts_callback` is `sts`
+    run = subprocess.run([sys.executable, "-m", "sts_callback", "forecast", "--example"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "train_data:" in run.stdout
+    refused = subprocess.run([sys.executable, "-m", "sts_callback", "report", "/nonexistent/run"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "sts: error:" in refused.stderr
+
+
 @pytest.mark.parametrize("changes, named, valid", [
     ({"option": {"n_shifted": 8}}, "'option'", "options"),                 # top-level typo
     ({"options": {"n_shiftd": 8}}, "'n_shiftd'", "n_shifted"),              # STSConfig field typo
