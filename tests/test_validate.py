@@ -255,6 +255,14 @@ def test_bad_inputs_fail_before_training(tmp_path, tokenizer, monkeypatch):
         run(method="full", copy_model=False, seeds=(0, 1))
     with pytest.raises(STSConfigError, match="n_shifted"):
         run(config={"n_shifted": 0})
+    # a device the machine lacks, a per-domain metric missing a target: said before the model's copy and training
+    with pytest.raises(STSConfigError, match="device='cuda:7'.*(without CUDA|no CUDA GPU|GPU\\(s\\) are visible)"):
+        run(device="cuda:7")
+    with pytest.raises(STSConfigError, match="device='gpu'.*not a device name"):
+        run(device="gpu")
+    item = {"question": "q", "choices": ["a", "b"], "answer": 0}
+    with pytest.raises(STSInputError, match=r"no items for target domain\(s\) \['chem', 'food', 'sport'\]"):
+        run(metric=multiple_choice_accuracy({"law": [item]}))
     with pytest.raises(STSInputError, match="no answers"):
         run(train_data=[{"prompt": "what is law ?"}] * 4)
     from peft import LoraConfig, get_peft_model

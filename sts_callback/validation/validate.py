@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.atomic import atomic_write_json, check_format, read_json
-from ..core.config import STSConfig, json_serializable, plain_numbers, settings_from_dict
+from ..core.config import STSConfig, device_problem, json_serializable, plain_numbers, settings_from_dict
 from ..core.data import Corpus, load_corpus, load_domains, text_tokenizer
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.formatting import json_safe
@@ -101,6 +101,8 @@ def multiple_choice_accuracy(items: Sequence[dict[str, Any]] | dict[str, Sequenc
         return right / len(chosen)
 
     metric.__name__ = "multiple_choice_accuracy"
+    if table is not None:  # validate() checks them against its target domains before any work
+        metric.domains = sorted(table)  # type: ignore[attr-defined]
     return metric
 
 
@@ -551,6 +553,9 @@ class ValidationConfig:
             raise STSConfigError(f"validate(training_args=...) must be a dict of TrainingArguments fields, got "
                                  f"{type(self.training_args).__name__}.")
         _check_training_args(self.training_args or {})
+        problem = device_problem(self.device) if self.device is not None else None
+        if problem:
+            raise STSConfigError(f"validate(device={self.device!r}): {problem}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "ValidationConfig":
@@ -669,6 +674,10 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
                             "(model.get_base_model(), or merge_and_unload()): validate adds its own adapters "
                             "(method='lora') or trains every weight (method='full').")
     domains = load_domains(targets)
+    covered = getattr(metric, "domains", None)  # a per-domain metric (multiple_choice_accuracy's) names its own
+    if covered is not None and set(domains) - set(covered):
+        raise STSInputError(f"The metric has no items for target domain(s) {sorted(set(domains) - set(covered))} "
+                            f"(it has {sorted(covered)}); give items for every target domain, or one list for all.")
     if len(domains) < MIN_DOMAINS:
         raise STSConfigError(f"validate() correlates scores with measured changes across target domains and needs "
                              f"at least {MIN_DOMAINS}; got {len(domains)} ({sorted(domains)}). Add target domains.")
@@ -696,6 +705,9 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
 
         check_target_modules(model, lora_target_modules)
     lr = float(learning_rate) if learning_rate is not None else DEFAULT_LR[method]
+    problem = device_problem(device, available=True) if device is not None else None
+    if problem:  # now, not when the model's copy moves there
+        raise STSConfigError(f"validate(device={device!r}): {problem}")
     train_device = torch.device(device) if device is not None else model_device(model)
     out = Path(output_dir)
     sts_dir = out / "sts"
