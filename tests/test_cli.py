@@ -554,6 +554,24 @@ def test_a_list_target_left_unpredicted_by_its_path_is_its_domain(workspace, tmp
     assert set(json.loads(output.read_text())["predictions"]) == {"train"}
 
 
+def test_a_calibration_in_the_config_is_read_from_the_home_folder_and_named_by_its_key(workspace, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """`calibration: ~/cal.json` in a config failed as `--calibration ~/...: no such file`, a flag never given."""
+    from sts_callback.scoring.calibration import load_calibration
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    load_calibration("gemma3-270m-lora").save(tmp_path / "cal.json")
+    output = tmp_path / "forecast.json"
+    assert main(["forecast", str(write_config(workspace, output=str(output), calibration="~/cal.json")),
+                 "--no-progress"]) == 0
+    assert set(json.loads(output.read_text())["predictions"]) == {"chem", "food"}
+    capsys.readouterr()
+    config = write_config(workspace, output=str(tmp_path / "g.json"), calibration="~/missing.json")
+    assert main(["forecast", str(config)]) == 2
+    err = one_line_error(capsys)
+    assert f"{config}: calibration: ~/missing.json: no such file" in err and "--calibration" not in err
+
+
 def test_forecast_refuses_a_bad_calibration_or_excluded_domain_before_the_model_loads(workspace, tmp_path, capsys):
     config = str(write_config(workspace, output=str(tmp_path / "f.json")))
     assert main(["forecast", config, "--calibration", "gemma3-270m-ful"]) == 2
@@ -735,6 +753,10 @@ def cut_weights(folder):
 @pytest.mark.parametrize("damage, named", [
     (cut_weights, "sae_weights.safetensors cannot be read"),
     (lambda folder: (folder / "cfg.json").write_text('{"d_in": 32'), "cfg.json is not valid JSON"),
+    # a weights file missing, or sparsify's layout (read by sae-lens as a damaged folder): before the model too
+    (lambda folder: (folder / "sae_weights.safetensors").unlink(), "has cfg.json but no sae_weights.safetensors"),
+    (lambda folder: (folder / "sae_weights.safetensors").rename(folder / "sae.safetensors"),
+     "an EleutherAI sparsify SAE, which sae-lens cannot load from a folder"),
 ])
 def test_a_damaged_sae_folder_is_a_one_line_error_before_the_model_loads(workspace, tmp_path, capsys, no_model,
                                                                          damage, named):
@@ -743,6 +765,15 @@ def test_a_damaged_sae_folder_is_a_one_line_error_before_the_model_loads(workspa
     assert main(["forecast", str(write_config(workspace, sae=str(folder)))]) == 2
     err = one_line_error(capsys)
     assert str(folder) in err and named in err
+
+
+def test_an_sae_named_by_a_bare_relative_path_that_is_no_folder_is_refused_before_the_model(workspace, tmp_path,
+                                                                                               capsys, no_model,
+                                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["forecast", str(write_config(workspace, sae="my_sae"))]) == 2
+    err = one_line_error(capsys)
+    assert "SAE 'my_sae' is not a folder (a relative path is read from the working folder" in err
 
 
 def test_a_cut_model_file_or_an_unwritable_cache_is_a_one_line_error(workspace, tmp_path, capsys, monkeypatch):

@@ -6,7 +6,8 @@ import json
 import pytest
 from tiny import domain_texts, make_tokenizer
 
-from sts_callback.core.data import Example, PromptBuilder, example_from_record, load_corpus, multiple_choice_items
+from sts_callback.core.data import (Example, PromptBuilder, example_from_record, load_corpus, load_domains,
+                                   multiple_choice_items)
 from sts_callback.core.errors import STSInputError
 
 
@@ -624,3 +625,15 @@ def test_a_byte_order_mark_and_json_lines_under_json_are_read_as_written(tmp_pat
     broken.write_text('[{"text": "a"}, oops]')
     with pytest.raises(STSInputError, match="broken.json is not valid JSON"):
         load_corpus(str(broken))
+
+
+def test_home_folder_paths_and_windows_line_ends_in_plain_text_are_read_as_meant(tmp_path, monkeypatch):
+    """forecast() took `~/data.jsonl` for a relative path in the working folder (the callback and the CLI expanded
+    it); a .txt written on Windows kept '\\r' inside each text, tokens the model then scored."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "law.jsonl").write_text(json.dumps({"text": "alpha beta"}) + "\n")
+    assert load_corpus("~/law.jsonl")[0].prompt == "alpha beta"
+    assert load_domains({"law": "~/law.jsonl"})["law"].name == "law"
+    (tmp_path / "crlf.txt").write_bytes(b"first line\r\nsecond line\r\n\r\nnext text\r\n")
+    corpus = load_corpus("~/crlf.txt")
+    assert [corpus[i].prompt for i in range(len(corpus))] == ["first line\nsecond line", "next text"]

@@ -135,3 +135,25 @@ def test_an_lm_eval_recheck_leaves_the_users_lm_eval_logger_and_the_console_alon
         logger.propagate = saved[1]
     err = capfd.readouterr().err
     assert "not a git repository" not in err and "Running loglikelihood requests" not in err and "%|" not in err, err
+
+
+def test_an_lm_eval_task_is_a_target_of_the_offline_forecast_too(task_folder, tmp_path):
+    """forecast() (and so `sts forecast`, the gate and validate) read an lm-eval task's documents as the callback
+    does; it had told a user passing {'quiz': {'lm_eval': ...}} to pass a dict of name -> data, which they had."""
+    from tiny import TinySAE, make_model
+
+    from sts_callback import STSConfig, forecast
+    from sts_callback.core.data import load_corpus
+    from sts_callback.core.lm_eval_tasks import LmEvalTarget
+
+    tokenizer = make_tokenizer()
+    spec = {"lm_eval": "tiny_quiz", "include_path": str(task_folder), "limit": 12}
+    config = STSConfig(n_shifted=8, shift_tokens=300, domain_tokens=150, batch_size=4, n_domain_demonstrations=3)
+    result = forecast(make_model("llama"), tokenizer, TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), domain_texts("law", 30),
+                      {"quiz": spec, "law": domain_texts("law", 30, seed=5), "chem": domain_texts("chem", 30)}, config)
+    assert set(result.domains) == {"quiz", "law", "chem"}
+    assert result.domains["quiz"].tokens > 0
+    documents = LmEvalTarget.from_spec(spec, "quiz").texts()
+    assert len(documents) == 12 and documents[0]["completion"] in (" cook bake", " cell protein")
+    with pytest.raises(Exception, match=r"lm-eval task \('tiny_quiz'\).*is a target domain, not data to train on"):
+        load_corpus(spec, name="train")

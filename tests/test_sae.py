@@ -264,3 +264,10 @@ def test_a_damaged_sae_folder_is_named(tmp_path):
     (tmp_path / "sae" / "cfg.json").write_text('{"d_in": 32}')  # parses, but sae-lens lacks its settings
     with pytest.raises(STSInputError, match="sae-lens cannot load the SAE folder"):
         load_sae(tmp_path / "sae")
+
+
+def test_an_sae_folder_under_the_home_folder_loads_from_python(tmp_path, monkeypatch):
+    """forecast(sae="~/sae") said "not a folder" (the callback and the CLI expanded `~`, load_sae did not)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_sae_lens_sae().save_model(tmp_path / "sae")
+    assert load_sae("~/sae").d_sae == load_sae(Path("~/sae")).d_sae == load_sae(tmp_path / "sae").d_sae

@@ -21,6 +21,8 @@ from typing import Any
 
 from .distributed import warn_on_main
 from .errors import STSDataWarning, STSInputError
+from .lm_eval_tasks import KEY as LM_EVAL_KEY
+from .lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 
 Messages = list[dict[str, Any]]
 
@@ -429,7 +431,7 @@ def check_columns(columns: Sequence[str], described: str, fix: str) -> None:
 
 def _read_plain_text(path: Path, label: str = "") -> list[str]:
     """One text per block of lines between blank lines (a line of spaces, or a Windows line end, is blank too)."""
-    text = read_text(path, label)
+    text = read_text(path, label).replace("\r\n", "\n")  # a Windows line end inside a text is a line end too
     items = [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
     lines = sum(1 for line in text.split("\n") if line.strip())
     if len(items) == 1 and lines >= MANY_LINES:  # most likely one text per line, silently joined into one
@@ -502,7 +504,7 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
     if isinstance(data, (str, Path)):
         from .corpora import available_domains
 
-        path = Path(data)
+        path = Path(os.path.expanduser(str(data)))
         if not str(data).strip():  # Path("") is the working directory: say what is wrong, not "a folder"
             raise STSInputError(f"An empty path or name{_for(what)} (an unset variable?); give a data file "
                                 "(.jsonl/.json/.csv/.parquet/.txt), a list of texts or a registered domain name.")
@@ -528,6 +530,9 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
         raise STSInputError(
             f"A datasets.DatasetDict (splits {sorted(data)}) is not one dataset{_for(what)}: pick a split, e.g. "
             "data['train'] for training data, data['test'] for a target domain's held-out text.")
+    if is_lm_eval_target(data):
+        raise STSInputError(f"An lm-eval task ({data[LM_EVAL_KEY]!r}){_for(what)} is a target domain, not data to "
+                            "train on: give it under a name in `targets` (e.g. {'arc': {'lm_eval': 'arc_easy'}}).")
     if isinstance(data, dict):
         raise STSInputError(
             f"A dict is not a dataset here{f' (given{_for(what)})' if what else ''}: pass a list of texts / "
@@ -550,7 +555,7 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
     check_data_spec(data, what)
     label = f" ({what})" if what else ""
     if isinstance(data, (str, Path)):
-        path = Path(data)
+        path = Path(os.path.expanduser(str(data)))
         if path.is_file():
             suffix = path.suffix.lower()
             items: Sequence[Any]
@@ -612,8 +617,9 @@ def is_dataset(data: Any) -> bool:
 
 def load_domains(targets: Any) -> dict[str, Corpus]:
     """``targets``: a dict name -> data, or a list of domain names / paths."""
-    if isinstance(targets, dict):
-        domains = {k: load_corpus(v, name=k, what=f"target {k!r}") for k, v in named_items(targets, "targets").items()}
+    if isinstance(targets, dict):  # an lm-eval task: its documents' prompts and right answers
+        domains = {k: load_corpus(LmEvalTarget.from_spec(v, k).texts() if is_lm_eval_target(v) else v, name=k,
+                                  what=f"target {k!r}") for k, v in named_items(targets, "targets").items()}
     elif isinstance(targets, (list, tuple)):
         domains = {}
         for index, item in enumerate(targets):

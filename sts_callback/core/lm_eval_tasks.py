@@ -10,6 +10,7 @@ accuracy at train start and at every re-check. The harness is an optional depend
 from __future__ import annotations
 
 import logging
+import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -89,7 +90,10 @@ class LmEvalTarget:
         if not isinstance(metric, str) or not metric:
             raise STSConfigError(f"Target domain {name!r}: metric must name one of the task's metrics (e.g. 'acc', "
                                  f"'acc_norm'), got {metric!r}.")
-        return cls(task=spec[KEY], include_path=spec.get("include_path"), limit=limit, metric=metric,
+        include_path = spec.get("include_path")
+        if include_path is not None:
+            include_path = os.path.expanduser(str(include_path))
+        return cls(task=spec[KEY], include_path=include_path, limit=limit, metric=metric,
                    batch_size=batch_size)
 
     def _task(self):

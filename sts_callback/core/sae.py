@@ -201,8 +201,11 @@ def missing_sae_folder(spec: Any) -> str | None:
     if isinstance(spec, str) and not spec.strip():  # Path("") is the current folder: said before it is read
         return (f"The SAE path is empty ({spec!r}: an unset variable?); pass a sae-lens folder, "
                 "{'release': ..., 'sae_id': ...}, 'release::sae_id', a sae-lens SAE, or a module with encode().")
-    if isinstance(spec, (str, Path)) and not Path(spec).is_dir() and not (isinstance(spec, str) and "::" in spec):
-        return (f"SAE {str(spec)!r} is not a folder; pass a sae-lens folder, {{'release': ..., 'sae_id': ...}}, "
+    if isinstance(spec, (str, Path)) and not Path(os.path.expanduser(str(spec))).is_dir() and not (
+            isinstance(spec, str) and "::" in spec):
+        where = "" if os.path.isabs(os.path.expanduser(str(spec))) else \
+            f" (a relative path is read from the working folder, {Path.cwd()})"
+        return (f"SAE {str(spec)!r} is not a folder{where}; pass a sae-lens folder, {{'release': ..., 'sae_id': ...}}, "
                 "'release::sae_id', a sae-lens SAE, or a module with encode().")
     return None
 
@@ -253,7 +256,15 @@ def check_sae_folder(folder: str | Path) -> None:
         raise STSInputError(f"The SAE's {cfg} holds a {type(parsed).__name__}, not sae-lens' settings object. "
                             f"{SAE_REBUILD_HINT}")
     weights = folder / "sae_weights.safetensors"
-    if weights.exists():  # sae-lens names a missing one itself
+    if not weights.exists():
+        if (folder / "sae.safetensors").exists():  # EleutherAI sparsify's layout: a format sae-lens does not read
+            raise STSInputError(f"{folder} holds sae.safetensors, not sae_weights.safetensors: an EleutherAI "
+                                "sparsify SAE, which sae-lens cannot load from a folder. Load it with sparsify "
+                                "(Sae.load_from_disk) and pass a module whose encode(x) returns dense latents "
+                                "[n, d_sae], or convert it to a sae-lens SAE and save_model it.")
+        raise STSInputError(f"{folder} has cfg.json but no sae_weights.safetensors (a copy cut short?). "
+                            f"{SAE_REBUILD_HINT}")
+    if weights.exists():
         try:
             with safe_open(str(weights), framework="pt"):  # reads and checks the header only
                 pass
@@ -275,6 +286,8 @@ def check_not_on_meta(sae: Any) -> None:
 def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEHandle:
     """Load an SAE from any accepted form (see module docstring) and return an :class:`SAEHandle`."""
     check_not_on_meta(spec)
+    if isinstance(spec, (str, Path)) and "::" not in str(spec):  # a folder, `~` as the shell reads it
+        spec = Path(os.path.expanduser(str(spec))) if isinstance(spec, Path) else os.path.expanduser(spec)
     if isinstance(spec, SAEHandle):
         handle = spec
     elif isinstance(spec, (str, Path)) and Path(spec).is_dir():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -1028,6 +1029,7 @@ def load_calibration(calibration: Any) -> Calibration:
             loaded = builtin_calibration(str(calibration))
             loaded.source = f"built-in {calibration}"
             return loaded
+        calibration = Path(os.path.expanduser(str(calibration)))  # `~/cal.json` as the shell reads it
         if not Path(calibration).is_file():
             raise STSConfigError(f"calibration={str(calibration)!r} is neither a file nor a built-in calibration "
                                  f"({sorted(BUILTIN)}); fit one on your runs with `sts calibrate` (or "

@@ -275,8 +275,8 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
     _check_model(config_file["model"])
     from ..core.sae import check_sae_folder, missing_sae_folder
 
-    sae = _expand(config_file["sae"])  # a path, as for the model (a bare name is left to the loader)
-    problem = missing_sae_folder(sae) if isinstance(sae, str) and sae.startswith(("/", ".", os.sep)) else None
+    sae = _expand(config_file["sae"])  # a path, as for the model
+    problem = missing_sae_folder(sae) if isinstance(sae, str) else None  # a bare name is a relative path too
     if problem:
         raise STSInputError(f"{args.config}: {problem}")
     folder = sae.get("path") if isinstance(sae, dict) else sae
@@ -412,6 +412,7 @@ def _check_data_values(path: str, config_file: dict[str, Any]) -> None:
     """Each value that names data can be data (a file, a registered domain, a list of texts), and no two
     names of one mapping are equal as text, before the model loads; the error names the entry."""
     from ..core.data import check_data_spec
+    from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 
     for key in ("targets", "candidates", "multiple_choice"):
         if isinstance(config_file.get(key), dict):
@@ -430,6 +431,12 @@ def _check_data_values(path: str, config_file: dict[str, Any]) -> None:
         items = targets.items() if isinstance(targets, dict) else enumerate(targets)
         for name, value in items:
             what = f"target {str(name)!r}" if isinstance(targets, dict) else f"targets[{name}]"
+            if isinstance(targets, dict) and is_lm_eval_target(value):  # its fields now; its task when read
+                try:
+                    LmEvalTarget.from_spec(value, str(name))
+                except STSError as err:
+                    raise STSInputError(f"{path}: {err}") from err
+                continue
             check_data_spec(_expand(value), f"{what} in {path}")
         names = _target_names(targets)
         repeated = repeated_names(names)
@@ -540,25 +547,26 @@ def _named_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict
     return inputs
 
 
-def _calibration_argument(value: str | None):
-    """``--calibration``: a calibration JSON or a built-in name, loaded now (before any model loads)."""
+def _calibration_argument(value: str | None, what: str = "--calibration"):
+    """``--calibration`` (or the config's key, ``what``): a calibration JSON or a built-in name, loaded now (before
+    any model loads)."""
     if value is None:
         return None
     from ..scoring.calibration import BUILTIN, load_calibration
 
-    if value not in BUILTIN and not Path(value).is_file():
-        raise STSInputError(f"--calibration {value}: no such file and not a built-in calibration ({sorted(BUILTIN)}); "
+    if value not in BUILTIN and not Path(os.path.expanduser(value)).is_file():
+        raise STSInputError(f"{what} {value}: no such file and not a built-in calibration ({sorted(BUILTIN)}); "
                             "fit one on your runs with `sts calibrate`.")
     try:
         return load_calibration(value)
     except STSConfigError as err:
-        raise STSInputError(f"--calibration {value}: {err}") from err
+        raise STSInputError(f"{what} {value}: {err}") from err
 
 
-def _offline_calibration_argument(value: str | None, config: Any = None):
+def _offline_calibration_argument(value: str | None, config: Any = None, what: str = "--calibration"):
     """``--calibration`` of a forecast made without training: loaded, and refused now (before any model loads)
     if it needs what only a training run computes (a run-level term), or a score ``config`` does not compute."""
-    calibration = _calibration_argument(value)
+    calibration = _calibration_argument(value, what)
     if calibration is not None:
         from ..pipelines.forecast import check_calibration_config, check_offline_calibration
 
@@ -567,7 +575,7 @@ def _offline_calibration_argument(value: str | None, config: Any = None):
             if config is not None:
                 check_calibration_config(calibration, config)
         except STSConfigError as err:
-            raise STSInputError(f"--calibration {value}: {err}") from err
+            raise STSInputError(f"{what} {value}: {err}") from err
     return calibration
 
 
@@ -593,7 +601,8 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     output = _check_output_file(Path(args.output or config_file.get("output") or "forecast.json"),
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
-    calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"), config)
+    calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"), config,
+                                                "--calibration" if args.calibration else f"{args.config}: calibration:")
     not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
     targets = config_file["targets"]
     names = _target_names(targets)
