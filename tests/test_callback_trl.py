@@ -255,6 +255,43 @@ def test_grpo_rechecks_keep_their_measurement_when_a_group_reading_reward_cannot
     assert all("error" not in r and r["loss_delta"] and r["fresh_probe"]["mean_reward"] is None for r in cb.history)
 
 
+def test_grpo_on_an_adapter_that_starts_non_zero_measures_this_runs_shift_not_the_adapters(tmp_path, tokenizer):
+    """A LoRA trained before (continued under GRPO) or initialised non-zero: the fresh probe took its base residuals
+    from the adapters-disabled model, so a run whose weights did not move reported the whole adapter as its shift
+    (shift_total 22 at a learning rate of 1e-12). The re-checks keep the train-start probe; a resume knows it."""
+    from peft import LoraConfig, get_peft_model
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=32))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+
+    def run(max_steps, resume=False):
+        cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 2, "rollout_max_tokens": 6},
+                      recheck_tokens=24)
+        args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=2, max_completion_length=6,
+                          **{**COMMON, "learning_rate": 1e-12, "per_device_train_batch_size": 2, "max_steps": max_steps,
+                             "save_steps": 2})
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_length, args=args, processing_class=tokenizer,
+                              train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb])
+        if resume:  # said once a run: the resumed one has it in its warnings given
+            trainer.train(resume_from_checkpoint=True)
+        else:
+            with pytest.warns(STSDataWarning, match="adapters do not start at zero"):
+                trainer.train()
+        return cb
+
+    cb = run(2)
+    assert cb.session.adapters_start_at_the_base is False
+    assert [r["step"] for r in cb.history] == [2] and "fresh_probe" not in cb.history[0]
+    assert cb.history[0]["shift_total"] == pytest.approx(0.0, abs=1e-6)
+    resumed = run(4, resume=True)  # the decision is read back, not remade on the trained adapter
+    assert [r["step"] for r in resumed.history] == [2, 4] and "fresh_probe" not in resumed.history[-1]
+    assert resumed.history[-1]["shift_total"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_grpo_with_a_reference_synced_to_the_policy_is_no_base_for_the_probe(tmp_path, tokenizer):
     """sync_ref_model moves GRPO's ref_model toward the policy: the probe measured the shift against it as if it
     were the train-start weights (shift_total fell as training went on)."""

@@ -93,7 +93,7 @@ def _captures_warnings() -> bool:
 # a stop, a projected warning, the run's end): at a re-check every step its cost would grow with the run.
 REPORT_INTERVAL_SECONDS = 60.0
 COUNTERS = ("violations_in_a_row", "warned", "violating", "stop_reason", "base_losses", "predicted", "base_fit",
-            "base_accuracy", "run_id")
+            "base_accuracy", "run_id", "adapters_start_at_the_base")
 
 
 class STSSession:
@@ -159,6 +159,9 @@ class STSSession:
         # (model, step) -> (probe sequences, base model or None, what to record): a new probe before each
         # re-check (an RL run's fresh completions of the current policy); None: the train-start probe throughout
         self.probe_source: Callable[[Any, int], tuple[list, Any, dict[str, Any]]] | None = None
+        # whether the adapters-disabled model is the train-start one (checked at start where a fresh probe reads
+        # it; None: not checked)
+        self.adapters_start_at_the_base: bool | None = None
         self.budget = OverheadBudget(recheck.overhead_budget)  # seconds training vs re-checking
         self._clock: float | None = None  # when the last STS work ended (the time since is training)
         self._step_began: float | None = None  # the Trainer's current step, when it began
@@ -206,11 +209,12 @@ class STSSession:
         resume into another folder copies the forecast and history from there)."""
         return {"base_losses": self.base_losses, "predicted": self.predicted, "base_fit": self.base_fit,
                 "base_accuracy": self.base_accuracy, "run_folder": str(self.store.root.resolve()),
-                "run_id": self.run_id, **self.guard.state()}
+                "run_id": self.run_id, "adapters_start_at_the_base": self.adapters_start_at_the_base,
+                **self.guard.state()}
 
     def load_counters(self, saved: dict[str, Any]) -> None:
         self.guard.load_state(saved)
-        for key in ("base_losses", "predicted", "base_fit", "base_accuracy", "run_id"):
+        for key in ("base_losses", "predicted", "base_fit", "base_accuracy", "run_id", "adapters_start_at_the_base"):
             if key in saved:
                 setattr(self, key, saved[key])
 
@@ -436,6 +440,10 @@ class STSSession:
         self.history, self.guard = [], Guard(self.guard.config)  # a new run: nothing of an earlier start carries over
         began = time.perf_counter()
         monitor.capture_base(model)
+        self.adapters_start_at_the_base = None
+        if getattr(self.probe_source, "from_disabled_adapters", False):
+            self.adapters_start_at_the_base = monitor.adapters_start_at_the_base(model)
+            self._fresh_probe_from_the_start()
         self.base_fit = monitor.sae_fit(model, self.autocast)
         probe_seconds = time.perf_counter() - began
         if self.base_fit is not None:
@@ -523,6 +531,7 @@ class STSSession:
                         RuntimeWarning, stacklevel=2)
             read, from_train_start = from_main_process((read, from_train_start))
             self.load_counters(read or {})
+        self._fresh_probe_from_the_start()
         if not self.base_losses:
             raise STSInputError(f"Resuming: the train-start held-out losses are in neither {checkpoint.root} nor "
                                 f"{store.root} ({STATE_FILE}); loss changes cannot be measured. Start a new run, "
@@ -816,6 +825,15 @@ class STSSession:
                 time.perf_counter() - self._report_written_at >= REPORT_INTERVAL_SECONDS:
             self.write_report(step)
         return record, decision
+
+    def _fresh_probe_from_the_start(self) -> None:
+        """A fresh probe whose base is the adapters-disabled model is dropped where that is not the run's start."""
+        if self.adapters_start_at_the_base is False and getattr(self.probe_source, "from_disabled_adapters", False):
+            self.probe_source = None
+            self.warn("fresh_probe", "STS: this run's PEFT adapters do not start at zero (an adapter trained before, "
+                      "or initialised non-zero), so the adapters-disabled model is not the train-start one and the "
+                      "base residuals of new completions cannot be computed: re-checks use the train-start probe "
+                      "throughout. fresh_rollouts=False silences this.", STSDataWarning)
 
     def _measure(self, model, step: int) -> tuple[Any, dict[str, Any] | None, list[str]]:
         """The monitor's re-check, on a fresh probe first when there is a :attr:`probe_source` (its draw returned

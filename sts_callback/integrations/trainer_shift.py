@@ -14,6 +14,7 @@ import random
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -133,8 +134,21 @@ def rollout_probe(rollouts: Rollouts, setup: ForecastSetup, budget: int) -> list
     return chosen
 
 
-def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: int,
-                        ) -> Callable[[Any, int], tuple[list[TokenSequence], Any, dict[str, Any]]] | None:
+@dataclass
+class FreshProbe:
+    """An RL or distillation run's re-check probe source (:func:`fresh_rollout_probe`): ``(model, step) ->
+    (sequences, base model or None, what to record)``. ``from_disabled_adapters``: the base residuals come from
+    the adapters-disabled model (a PEFT run without a reference model), the run's start only where the adapters
+    start at zero (``Monitor.adapters_start_at_the_base`` decides at train start)."""
+
+    draw: Callable[[Any, int], tuple[list[TokenSequence], Any, dict[str, Any]]]
+    from_disabled_adapters: bool
+
+    def __call__(self, model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:
+        return self.draw(model, step)
+
+
+def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: int) -> FreshProbe | None:
     """An RL trainer's re-check probe source: at the re-check of step s, the current policy's completions (2 per
     prompt, the trainer's generation settings) of a seeded draw of fresh prompts (not the forecast's), about
     ``budget`` completion tokens, with the model that gives their base residuals: the trainer's ``ref_model``,
@@ -183,7 +197,7 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
         return sequences, reference, {
             "prompts": indices, "completions": len(sequences), "tokens": sum(sum(flags) for _, flags in sequences),
             "mean_reward": float(rewards.mean()) if rewards.numel() else None}
-    return probe
+    return FreshProbe(probe, from_disabled_adapters=reference is None)
 
 
 def forecast_runner(shift: str, data: Any, probe: Corpus, demonstrations: Corpus | None,
@@ -239,7 +253,7 @@ def _rollout_settings(trainer: Any) -> RolloutSettings:
     return settings
 
 
-__all__ = ["DISTILLATION_SHIFTS", "ROLLOUT_SHIFTS", "RL_SHIFTS", "SHIFTS", "check_shift", "forecast_runner",
-           "fresh_rollout_probe", "is_online", "is_rl", "likelihood_term", "resolve_shift", "rollout_data",
+__all__ = ["DISTILLATION_SHIFTS", "FreshProbe", "ROLLOUT_SHIFTS", "RL_SHIFTS", "SHIFTS", "check_shift",
+           "forecast_runner", "fresh_rollout_probe", "is_online", "is_rl", "likelihood_term", "resolve_shift", "rollout_data",
            "rollout_probe", "teacher_of", "trainer_distillation_rollouts", "trainer_rollouts",
            "unreproduced_generation"]

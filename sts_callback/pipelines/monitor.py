@@ -160,12 +160,14 @@ class Monitor:
     def _extractor(self, model: nn.Module) -> Extractor:
         return self.setup.extractor(model=model)
 
-    def probe_rows(self, model: nn.Module) -> dict[int, torch.Tensor]:
-        """Residual rows at the counted tokens of this process's probe sequences: global index -> [rows, d]
-        (float32, CPU). Every rank runs the same number of forwards."""
+    def probe_rows(self, model: nn.Module, sequences: Sequence[TokenSequence] | None = None,
+                   ) -> dict[int, torch.Tensor]:
+        """Residual rows at the counted tokens of this process's probe sequences (or of ``sequences``): global
+        index -> [rows, d] (float32, CPU). Every rank runs the same number of forwards."""
+        sequences = self.probe if sequences is None else sequences
         extractor = self._extractor(model)
-        part = extractor.share([len(ids) for ids, _ in self.probe])
-        local = [self.probe[i] for i in part.indices]
+        part = extractor.share([len(ids) for ids, _ in sequences])
+        local = [sequences[i] for i in part.indices]
         out: dict[int, torch.Tensor] = {}
         with inference_mode(model):
             for item in extractor.iter_rows(local, "the training probe"):
@@ -197,6 +199,24 @@ class Monitor:
         starts non-zero (``init_lora_weights=False``, a trained adapter loaded to train on) or base weights train
         beside the adapters, and would read the adapter's whole effect (or none of the base's change)."""
         self.base_residuals = self.probe_residuals(model)
+
+    def adapters_start_at_the_base(self, model: nn.Module, sequences: int = 2) -> bool:
+        """Whether ``model`` with its PEFT adapters disabled gives the train-start residuals (kept by
+        :meth:`capture_base`) on the probe's first ``sequences``: true for adapters that start at zero (PEFT's
+        default LoRA), false for one trained before or initialised non-zero, whose disabled model is not the run's
+        start. Call it at train start; collective (every rank runs the forwards)."""
+        peft = peft_model_of(model)
+        if peft is None or self.base_residuals is None or not self.probe:
+            return True
+        first = self.probe[:sequences]
+        rows: dict[int, torch.Tensor] = {}
+        with peft.disable_adapter():
+            for part in gather_objects(self.probe_rows(model, first)):
+                rows.update(part)
+        disabled = torch.cat([rows[i] for i in range(len(first))])
+        start = self.base_residuals[: len(disabled)]
+        # float noise only (DoRA's magnitude at init rounds the weight): far below any adapter's effect
+        return bool(torch.linalg.norm(disabled - start) <= 1e-3 * torch.linalg.norm(start))
 
     def refresh_probe(self, model: nn.Module, sequences: Sequence[TokenSequence],
                       base_model: nn.Module | None = None) -> None:
