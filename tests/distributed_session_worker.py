@@ -48,14 +48,26 @@ def session_loop() -> dict:
     session.start(ddp, probe, domains)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
     batch = tokenizer([TRAIN_TEXT] * 2, return_tensors="pt")
+    # rank 1 alone fails in its first forward of the step-2 re-check (a CUDA OOM there): through the DDP wrapper
+    # (each forward a buffer broadcast) rank 0 waited in its next forward for the rank that had stopped
+    failing = {"armed": False}
+
+    def fail_once(module, inputs):
+        if failing["armed"] and RANK == 1:
+            failing["armed"] = False
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    model.model.layers[0].register_forward_pre_hook(fail_once)
     for step in range(1, 5):
         ddp(**batch, labels=batch["input_ids"]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 2 == 0:
+            failing["armed"] = step == 2
             session.recheck(ddp, step, max_steps=4)
     history = OUT / "run" / "sts" / "history.jsonl"
     return {"is_main": session.is_main, "history": [r["step"] for r in session.history],
+            "errors": [r.get("error") for r in session.history],
             "file": [json.loads(line)["step"] for line in history.read_text().splitlines()]}
 
 

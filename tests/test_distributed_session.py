@@ -1,6 +1,6 @@
 """The session's own bookkeeping across two real processes (torchrun, gloo, CPU): a hand-written DDP loop
-writes from rank 0 only without being told which rank it is, and a resume into a new folder gives every rank
-the state rank 0 read."""
+writes from rank 0 only without being told which rank it is and records a one-rank failure on both, and a resume
+into a new folder gives every rank the state rank 0 read."""
 
 import json
 import os
@@ -26,6 +26,9 @@ def test_a_session_in_a_hand_written_ddp_loop_writes_from_rank_0_only(tmp_path):
     assert rank0["file"] == [2, 4]  # one line per re-check, not one per rank
     assert rank0["history"] == rank1["history"] == [2, 4]
     assert rank1["written"] == [] and "forecast.json" in rank0["written"]
+    # a failure on one rank inside a re-check given the DDP-wrapped model: recorded alike on both, no hang
+    assert rank0["errors"] == rank1["errors"] and "[rank 1] CUDA out of memory" in rank0["errors"][0]
+    assert rank0["errors"][1] is None
 
 
 def test_resuming_into_a_new_folder_gives_every_rank_what_rank_0_adopted(tmp_path):

@@ -68,6 +68,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+DATA_PARALLEL_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
+
+
+def without_data_parallel(model: Any) -> Any:
+    """The model inside a DDP / DataParallel / DeepSpeed engine wrapper (``accelerator.prepare``'s), as a Trainer
+    hands it to callbacks: each forward of a DDP model with buffers begins with their broadcast, a collective, so a
+    rank that skips its remaining forwards after a local failure would leave the others waiting in theirs. FSDP and
+    PEFT stay (their forwards are the model's)."""
+    while type(model).__name__ in DATA_PARALLEL_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def check_measurable(model: nn.Module) -> None:
     """Refuse, before any work, a model whose held-out language-model loss STS cannot measure: one without an LM
     head (a reward or classification model), an encoder-decoder or masked LM, one whose text attends both ways

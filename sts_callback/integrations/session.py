@@ -34,6 +34,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from ..core.capture import without_data_parallel
 from ..core.data import Corpus, multiple_choice_items
 from ..core.distributed import (check_ranks_agree, fingerprint, from_main_process, gather_objects, is_main_process,
                                 require_at_least_world, warn_on_main, world_size)
@@ -292,6 +293,7 @@ class STSSession:
     def prepare(self, model, tokenizer, probe: Corpus, domains: dict[str, Corpus],
                 lm_eval_targets: dict[str, Any] | None = None) -> None:
         """Sample the held-out, accuracy and probe sets (seeded) and build the monitor; no model call."""
+        model = without_data_parallel(model)  # every forward of the session: the model's own (see there)
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
@@ -345,6 +347,7 @@ class STSSession:
         of ``probe`` with ``demonstrations``, skipped when neither has answers. ``run_level(model, base_losses)
         -> RunLevelEstimate`` (:mod:`.trainer_run_level`): the run-level term, measured after the base losses;
         its change per domain joins the forecast's scores under its method's name, for a calibration to use."""
+        given, model = model, without_data_parallel(model)  # the run-level steps train as the loop does: wrapped
         if self.monitor is None:
             raise STSUsageError("STSSession.start() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first.")
@@ -382,7 +385,7 @@ class STSSession:
                 self.monitor.domains = domain_baselines_from(domain_statistics(self.setup, domains))
         self._measure_base(model)
         if run_level is not None:
-            self._run_level(model, run_level)
+            self._run_level(given, run_level)
         if self.forecast is not None:
             self._publish_forecast()
         self._clock, self._started, self._resumed_at = time.perf_counter(), True, None
@@ -714,6 +717,7 @@ class STSSession:
         if self.monitor is None or not self.base_losses or not self._started:
             raise STSUsageError(f"STSSession.recheck(step={step}) before the run started: call prepare(...) and "
                                 "start(...) (or resume(...)) first.")
+        model = without_data_parallel(model)
         step, max_steps = whole_steps(step, "step"), whole_steps(max_steps, "max_steps")
         if step < 0:
             raise STSUsageError(f"STSSession.recheck(step={step}): a step is the optimizer steps taken so far, >= 0.")
