@@ -7,6 +7,7 @@
                                                        | callback_runlevel_single | callback_runlevel_ddp
                                                        | callback_runlevel_zero3 | onerank_failure
                                                        | onerank_failure_zero3 | runlevel_onerank_failure
+                                                       | grpo_reward_fails_zero3
 
 Each rank writes ``OUT/rank<r>.json``: the files it wrote under the STS folder (seen by an audit hook)
 and, for ``bad_inputs``, the errors it raised.
@@ -249,6 +250,32 @@ def trl_forecast(kind: str) -> tuple[dict | None, list[dict]]:
     return (cb.forecast.to_dict() if cb.forecast else None), cb.history
 
 
+def grpo_reward_fails_zero3() -> dict:
+    """GRPO under ZeRO-3 whose reward function raises on rank 1 alone at STS's train-start rollouts: every generate
+    is a collective there, and rank 0, still generating its next prompt, waited for ever for the rank that had
+    left its loop (under DDP both raised at once). Both ranks must raise the reward's error, naming rank 1."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    def reward_law(completions, **kwargs):
+        if RANK == 1:
+            raise ValueError("reward parser failed on rank 1")
+        return [float(sum(w in c for w in ("court", "judge", "law"))) + len(c) / 100 for c in completions]
+
+    cb = callback(train_probe=None, protected=[], recheck_tokens=24,
+                  config={**CONFIG, "rollout_prompts": 6, "rollout_generations": 2, "rollout_max_tokens": 6})
+    args = GRPOConfig(output_dir=str(OUT / "run"), max_steps=1, save_strategy="no", logging_steps=1, use_cpu=True,
+                      report_to=[], ddp_backend="gloo", seed=0, learning_rate=1e-3, num_generations=2,
+                      max_completion_length=6, per_device_train_batch_size=2, deepspeed=deepspeed_config(3),
+                      optim="sgd")
+    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=reward_law, args=args, processing_class=make_tokenizer(),
+                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 12, seed=5)}), callbacks=[cb])
+    try:
+        trainer.train()
+        return {"error": None}
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
 def callback_runlevel(backend: str) -> dict:
     """STSCallback's run-level term at train start: a lookahead measuring every target domain (no calibration),
     one measuring only the training data's own change (a calibration whose level is ``lookahead_own``), and the
@@ -312,6 +339,8 @@ def runlevel_onerank_failure() -> dict:
 result: dict = {"rank": RANK, "world": WORLD}
 if MODE.startswith("callback_runlevel_"):
     result["callback_runlevel"] = callback_runlevel(MODE.rsplit("_", 1)[1])
+elif MODE == "grpo_reward_fails_zero3":
+    result.update(grpo_reward_fails_zero3())
 elif MODE == "runlevel_onerank_failure":
     result.update(runlevel_onerank_failure())
 elif MODE.startswith("onerank_failure"):  # onerank_failure | onerank_failure_zero3

@@ -150,6 +150,14 @@ def test_an_exception_on_one_rank_fails_the_recheck_on_every_rank_and_training_g
     assert without_timing(rank1["history"]) == without_timing(rank0["history"])  # identical on every rank
 
 
+def test_a_reward_function_failing_on_one_rank_under_zero3_raises_on_both_without_hanging(tmp_path):
+    pytest.importorskip("deepspeed")
+    rank0, rank1 = run("grpo_reward_fails_zero3", tmp_path / "out", 2)
+    for result in (rank0, rank1):
+        assert result["error"].startswith("STSInputError: [rank 1] Reward function 0 ('reward_law') raised "
+                                          "ValueError: reward parser failed on rank 1"), result["error"]
+
+
 def test_an_exception_on_one_rank_in_the_run_level_term_skips_it_on_every_rank(tmp_path):
     """Rank 1 alone failing inside the run-level term (its training gradient, its held-out pass) left rank 0 waiting
     in the term's sum for ever: now both skip the term and train on; strict=True raises it on both."""

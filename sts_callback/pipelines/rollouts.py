@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core.config import STSConfig
 from ..core.data import Corpus, PromptBuilder, is_messages, load_corpus, load_domains, text_tokenizer
-from ..core.distributed import gather_objects, is_main_process, raise_collectively, shard, warn_on_main, world_size
+from ..core.distributed import LocalFailure, gather_objects, is_main_process, shard, warn_on_main
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.torch_utils import model_device
 from .forecast import (Forecast, ForecastRun, ForecastSetup, inference_mode, prepare_forecast, prompt_builder,
@@ -592,46 +592,37 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
 
         bar = tqdm(total=len(part.indices), unit="prompt", desc=desc)
     local: list[RolloutGroup] = []
-    error: Exception | None = None
+    # a failure (a reward function's, a prompt's) is raised on every rank after the loop; under ZeRO-3 every
+    # generate is a collective, so a failed rank keeps generating (scoring nothing) until the others are done
+    failure = LocalFailure.around_forwards(gen_model)
     try:
         with inference_mode(model):
             for position, counted in zip(part.indices, part.counted):
+                if failure.skip:
+                    break
                 # a padded duplicate still generates (ZeRO-3 ranks must run the same forwards) and is dropped
                 index = chosen[position]
                 record = records[index]
                 prompt = record["prompt"]
-                ids = _prompt_ids(builder, prompt, settings, "prompts")
-                ids = ids[max(0, len(ids) - (builder.max_length - max_new)):]
-                completion_ids = _generate_group(gen_model, ids, generations, generation_config, eos,
-                                                 _seed_of(config.seed, index), device)
-                if counted:
-                    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-                    completions = ([[{"role": "assistant", "content": t}] for t in texts] if is_messages(prompt)
-                                   else texts)
-                    columns = {k: v for k, v in record.items() if k not in ("prompt", "completion", "completion_ids")}
-                    try:
-                        rewards = score_completions(funcs, [prompt] * generations, completions, completion_ids,
-                                                    {k: [v] * generations for k, v in columns.items()}, trainer_state,
-                                                    async_loop)
-                    except STSInputError as err:
-                        if generations >= settings.num_generations:
-                            raise
-                        raise STSInputError(
-                            f"{err} Or: STS scored groups of {generations} completions a prompt where the trainer "
-                            f"scores {settings.num_generations} (num_generations); a reward that reads whole groups "
-                            f"needs STSConfig(rollout_generations={settings.num_generations}).") from err.__cause__
-                    local.append(RolloutGroup(position, prompt, columns, ids, completions, completion_ids, rewards,
-                                              [not c or c[-1] not in eos for c in completion_ids]))
+                ids = None
+                with failure:
+                    ids = _prompt_ids(builder, prompt, settings, "prompts")
+                    ids = ids[max(0, len(ids) - (builder.max_length - max_new)):]
+                if ids is None:  # this rank failed on the prompt: a token stands in, to keep the forwards in step
+                    ids = [pad]
+                with failure:
+                    completion_ids = _generate_group(gen_model, ids, generations, generation_config, eos,
+                                                     _seed_of(config.seed, index), device)
+                if counted and failure.error is None:
+                    with failure:
+                        local.append(_scored_group(position, record, ids, completion_ids, funcs, tokenizer, eos,
+                                                   generations, settings, trainer_state, async_loop))
                 if bar is not None:
                     bar.update(1)
-    except Exception as err:  # noqa: BLE001 - re-raised on every rank below, so that no rank waits in the gather
-        if world_size() == 1:
-            raise
-        error = err
     finally:
         if bar is not None:
             bar.close()
-    raise_collectively(error)
+    failure.raise_everywhere()
     groups = sorted((g for rank_groups in gather_objects(local) for g in rank_groups), key=lambda g: g.index)
     for g in groups:
         g.index = chosen[g.index]
@@ -659,6 +650,28 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
                      f"{then}.",
                      STSDataWarning, stacklevel=2)
     return rollouts
+
+
+def _scored_group(position: int, record: dict[str, Any], ids: list[int], completion_ids: list[list[int]], funcs,
+                  tokenizer, eos: list[int], generations: int, settings: RolloutSettings, trainer_state: Any,
+                  async_loop: asyncio.AbstractEventLoop | None) -> RolloutGroup:
+    """One prompt's sampled completions, decoded and scored by the reward functions as GRPOTrainer calls them."""
+    prompt = record["prompt"]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if is_messages(prompt) else texts
+    columns = {k: v for k, v in record.items() if k not in ("prompt", "completion", "completion_ids")}
+    try:
+        rewards = score_completions(funcs, [prompt] * generations, completions, completion_ids,
+                                    {k: [v] * generations for k, v in columns.items()}, trainer_state, async_loop)
+    except STSInputError as err:
+        if generations >= settings.num_generations:
+            raise
+        raise STSInputError(
+            f"{err} Or: STS scored groups of {generations} completions a prompt where the trainer scores "
+            f"{settings.num_generations} (num_generations); a reward that reads whole groups needs "
+            f"STSConfig(rollout_generations={settings.num_generations}).") from err.__cause__
+    return RolloutGroup(position, prompt, columns, ids, completions, completion_ids, rewards,
+                        [not c or c[-1] not in eos for c in completion_ids])
 
 
 NOTHING_MOVED = ("The high- and low-reward rollouts differ in no SAE latent (every reward-weighted difference is 0), "
