@@ -612,6 +612,21 @@ def test_demo_refuses_a_calibration_that_needs_a_training_run_before_its_forecas
         assert f"--calibration {value}:" in err and "lookahead_own" in err and "gemma3-270m-lora" in err
 
 
+def test_demo_refuses_negative_training_steps_before_any_work(tmp_path, capsys, monkeypatch):
+    """`--train-steps -1` was taken (SFTConfig's max_steps=-1: three epochs, hours on the real model after the
+    forecast); 0 skips the training run, as the help says."""
+    import sts_callback.tools.demo as demo
+    from sts_callback import STSConfigError
+
+    run_demo = demo.run_demo
+    monkeypatch.setattr(demo, "_run", lambda *args: pytest.fail("the demo started"))
+    with pytest.raises(STSConfigError, match="train_steps=-1: give a number of training steps >= 1, 0 to skip"):
+        run_demo(output_dir=tmp_path / "python", train_steps=-1)
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: pytest.fail("the demo started"))
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--train-steps", "-1"]) == 2
+    assert "--train-steps -1: give a number of steps >= 1, or 0 to skip" in one_line_error(capsys)
+
+
 def test_forecast_example_config_names_the_demos_sae_and_a_missing_sae_is_named_before_the_model_loads(
         workspace, tmp_path, capsys, no_model):
     """The example's `sae:` named a folder the demo never writes; a missing SAE folder was found only after the

@@ -333,7 +333,7 @@ def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_pa
     for kind, sets in (("candidate", candidates()), ("target", targets())):
         for name, texts in sets.items():
             write_jsonl(texts, tmp_path / f"{kind}_{name}.jsonl")
-    spec = {"model": "tiny", "sae": "tiny", "protected": ["law"], "budget": 100,
+    spec = {"model": "tiny", "sae": "tiny::sae", "protected": ["law"], "budget": 100,
             "candidates": {n: str(tmp_path / f"candidate_{n}.jsonl") for n in candidates()},
             "targets": {n: str(tmp_path / f"target_{n}.jsonl") for n in targets()},
             "options": config().to_dict(), "output": str(tmp_path / "out" / "gate.json"),
@@ -348,6 +348,19 @@ def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_pa
         reread = load_corpus(str(tmp_path / "filtered" / f"{name}.jsonl"))
         assert len(reread) == 15  # ceil(0.75 * 20)
     assert not (tmp_path / "filtered" / "law_copy.jsonl").exists()
+
+    # a rerun with another set of candidates: the first run's files of candidates it does not name go too (a
+    # later reader of filtered/*.jsonl took them for this mixture's), a file of the user's stays
+    dropped = saved.accepted[0]
+    (tmp_path / "filtered" / "notes.jsonl").write_text('{"text": "mine"}\n')
+    fewer = {**spec, "candidates": {n: p for n, p in spec["candidates"].items() if n != dropped}}
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    assert main(["gate", str(tmp_path / "fewer.json"), "--no-progress"]) == 0
+    assert f"removed {tmp_path / 'filtered' / dropped}.jsonl (an earlier run's;" in capsys.readouterr().out
+    written = GateDecision.load(tmp_path / "out" / "gate.json").accepted
+    assert sorted(p.stem for p in (tmp_path / "filtered").glob("*.jsonl")) == sorted([*written, "notes"])
+    (tmp_path / "filtered" / "notes.jsonl").unlink()
+    saved = GateDecision.load(tmp_path / "out" / "gate.json")
 
     (tmp_path / "strict.json").write_text(json.dumps({**spec, "limits": {"law": 0.0}}))
     assert main(["gate", str(tmp_path / "strict.json"), "--no-progress", "--no-example-scores",
@@ -375,7 +388,7 @@ def test_cli_gate_refuses_to_write_over_its_inputs(tmp_path, monkeypatch, capsys
         for name, texts in sets.items():
             write_jsonl(texts, data / (f"{name}.jsonl" if kind == "candidate" else f"target_{name}.jsonl"))
     before = {p: p.read_bytes() for p in data.iterdir()}
-    spec = {"model": "tiny", "sae": "tiny", "protected": ["law"],
+    spec = {"model": "tiny", "sae": "tiny::sae", "protected": ["law"],
             "candidates": {n: str(data / f"{n}.jsonl") for n in candidates()},
             "targets": {n: str(data / f"target_{n}.jsonl") for n in targets()},
             "options": config().to_dict(), "output": str(tmp_path / "out" / "gate.json")}
@@ -469,7 +482,7 @@ def test_cli_gate_settings_fail_before_the_model_loads(tmp_path, monkeypatch, ca
     for kind, sets in (("candidate", candidates()), ("target", targets())):
         for name, texts in sets.items():
             write_jsonl(texts, tmp_path / f"{kind}_{name}.jsonl")
-    spec = {"model": "tiny", "sae": "tiny", "protected": ["law"],
+    spec = {"model": "tiny", "sae": "tiny::sae", "protected": ["law"],
             "candidates": {n: str(tmp_path / f"candidate_{n}.jsonl") for n in candidates()},
             "targets": {n: str(tmp_path / f"target_{n}.jsonl") for n in targets()},
             "options": config().to_dict(), "output": str(tmp_path / "out" / "gate.json")}
@@ -487,7 +500,7 @@ def test_cli_gate_refuses_candidate_names_equal_as_text(tmp_path, monkeypatch, c
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     write_jsonl(domain_texts("code", 5), tmp_path / "a.jsonl")
     write_jsonl(domain_texts("chem", 5), tmp_path / "b.jsonl")
-    (tmp_path / "gate.yaml").write_text(f"model: tiny\nsae: tiny\nprotected: [x]\ntargets: {{x: {tmp_path}/a.jsonl}}\n"
+    (tmp_path / "gate.yaml").write_text(f"model: tiny\nsae: 'tiny::sae'\nprotected: [x]\ntargets: {{x: {tmp_path}/a.jsonl}}\n"
                                         f"candidates:\n  1: {tmp_path}/a.jsonl\n  '1': {tmp_path}/b.jsonl\n")
     assert main(["gate", str(tmp_path / "gate.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -500,7 +513,7 @@ def test_cli_gate_refuses_candidate_names_that_are_no_file_names(tmp_path, monke
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     write_jsonl(domain_texts("code", 5), tmp_path / "a.jsonl")
-    (tmp_path / "gate.yaml").write_text(f"model: tiny\nsae: tiny\nprotected: [x]\ntargets: {{x: {tmp_path}/a.jsonl, "
+    (tmp_path / "gate.yaml").write_text(f"model: tiny\nsae: 'tiny::sae'\nprotected: [x]\ntargets: {{x: {tmp_path}/a.jsonl, "
                                         f"y: {tmp_path}/a.jsonl}}\nfiltered_dir: {tmp_path}/filtered\n"
                                         f"candidates:\n  ../escaped: {tmp_path}/a.jsonl\n")
     assert main(["gate", str(tmp_path / "gate.yaml"), "--no-progress"]) == 2

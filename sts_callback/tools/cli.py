@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..core.atomic import check_writable_folder, output_target
+from ..core.atomic import atomic_write_text, check_writable_folder, output_target
 from ..core.config import DEFAULT_SIGNED, device_problem
 from ..core.data import named_items, repeated_names
 from ..core.errors import STSConfigError, STSError, STSInputError, first_line
@@ -771,6 +771,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ..scoring.calibration import BUILTIN
 
+    if args.train_steps is not None and args.train_steps < 0:
+        raise STSInputError(f"--train-steps {args.train_steps}: give a number of steps >= 1, or 0 to skip the "
+                            "training run.")
     if args.calibration.lower() == "none":
         calibration = None
     else:  # the demo's forecast is made before its training run: checked as a forecast's, before the model loads
@@ -877,12 +880,14 @@ def cmd_gate(args: argparse.Namespace) -> int:
         print(f"\nwrote {output}")
         if filtered_dir:
             _remove_earlier_filtered(filtered_dir, config_file["candidates"], accepted=[])
+            _record_filtered(filtered_dir, [], output)
         raise
     print(decision.table())
     _save_after_the_work(decision.save, output, "gate decision")
     print(f"\nwrote {output} ({decision.timings['total']:.1f} s)")
     if filtered_dir:
         _remove_earlier_filtered(filtered_dir, config_file["candidates"], decision.accepted)
+        _record_filtered(filtered_dir, list(decision.accepted), output)  # first: a stop mid-way leaves it named
         for name in decision.accepted:
             kept = filter_examples(decision, name, keep_fraction=keep_fraction, threshold=threshold)
             path = write_jsonl(kept.examples, Path(filtered_dir) / f"{name}.jsonl")
@@ -890,15 +895,34 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0
 
 
+# filtered_dir's record of the files the last `sts gate` wrote there: a later run removes exactly those
+FILTERED_RECORD = ".sts_gate_filtered.json"
+
+
 def _remove_earlier_filtered(folder: Path, candidates: Any, accepted: list[str]) -> None:
     """An earlier run's ``<candidate>.jsonl`` in filtered_dir goes before this run's are written: a file there must
-    be this decision's (a candidate rejected now would otherwise look accepted, and a stop mid-way would mix runs)."""
-    for name in candidates:
+    be this decision's (a candidate rejected now would otherwise look accepted, a candidate of the earlier run's
+    mixture that this one does not name would look part of it, and a stop mid-way would mix runs). The earlier
+    run's files are those its record names, and any of this run's candidates' names; other files are left."""
+    record = Path(folder) / FILTERED_RECORD
+    names = {str(n) for n in candidates}
+    if record.is_file():
+        try:
+            names |= {str(n) for n in json.loads(record.read_text(encoding="utf-8"))["candidates"]}
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged record: this run's names still go
+            pass
+    for name in sorted(names):
         path = Path(folder) / f"{name}.jsonl"
-        if path.is_file():
+        if Path(name).name == name and path.is_file():
             path.unlink()
-            if str(name) not in accepted:
+            if name not in accepted:
                 print(f"removed {path} (an earlier run's; {name} is not accepted now)")
+    record.unlink(missing_ok=True)
+
+
+def _record_filtered(folder: Path, accepted: list[str], decision: Path) -> None:
+    atomic_write_text(Path(folder) / FILTERED_RECORD,
+                      json.dumps({"decision": str(decision.resolve()), "candidates": list(accepted)}, indent=1))
 
 
 EXAMPLE_VALIDATE_CONFIG = """\
@@ -1110,7 +1134,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "go to OUTPUT/demo.log.")
     p.add_argument("-o", "--output", default="outputs/demo", help="where to write results (default outputs/demo)")
     p.add_argument("--quick", action="store_true", help="smaller budgets (a few minutes on 2 CPU cores)")
-    p.add_argument("--train-steps", type=int, default=None, help="steps of the short training run")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="steps of the short training run (default 4, 2 with --quick; 0 skips it)")
     p.add_argument("--calibration", default="gemma3-270m-lora", metavar="FILE|NAME|none",
                    help="the forecast's calibration: a JSON (`sts calibrate`) or a built-in name (default "
                         "gemma3-270m-lora, fitted on benchmarks/transfer's LoRA runs of this model); 'none': raw "

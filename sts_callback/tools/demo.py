@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .cache import build_once
 from .models import default_cache_dir
+from ..core.errors import STSConfigError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -430,6 +431,10 @@ def run_demo(output_dir: Path = Path("outputs/demo"), quick: bool = False, train
     only) turns the forecast into predicted held-out loss changes in % with intervals. The short training run
     applies a calibration only when one is given: the built-in one predicts the end of a 64-step run, not of
     the demo's few steps."""
+    if train_steps is not None and (isinstance(train_steps, bool) or not isinstance(train_steps, int)
+                                    or train_steps < 0):  # -1 reads as three epochs to SFTConfig: hours here
+        raise STSConfigError(f"train_steps={train_steps!r}: give a number of training steps >= 1, 0 to skip the "
+                             "training run, or None for the default (4; 2 with quick).")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     builtin = isinstance(calibration, str) and calibration == DEMO_CALIBRATION
