@@ -3,8 +3,10 @@
     python examples/grpo_trl.py [--steps 4] [--output outputs/grpo_trl]
 
 Here the forecast uses explicit demonstrations (worked additions); without them the callback samples the
-policy's own rollouts, scores them with the reward function and forecasts from the above-mean ones
-(``shift="auto"``). The re-checks (actual shift, held-out losses) run either way.
+policy's own rollouts, scores them with the reward function and forecasts from the reward-weighted difference
+of their high- and low-reward completions (``shift="auto"``: ``"reward_weighted"``; ``"reward_filtered"``
+forecasts from the above-mean ones as demonstrations). The re-checks (actual shift, held-out losses) run either
+way.
 """
 
 import argparse

@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--lookahead", action="store_true",
                         help="run-level term + the built-in calibration gemma3-270m-lora-lookahead-icl (LoRA)")
     args = parser.parse_args()
+    if args.lookahead and args.full:  # before the model and the SAE (minutes the first time)
+        parser.error("--lookahead: the built-in calibration is fitted on LoRA runs; drop --full")
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch / deepspeed
     model, tokenizer = load_gemma3_270m()
@@ -57,8 +59,6 @@ def main() -> None:
         sae_path = ensure_demo_sae(model, tokenizer)
     train = Dataset.from_dict({"text": load_domain("python_code")[0::2]})
 
-    if args.lookahead and args.full:
-        parser.error("--lookahead: the built-in calibration is fitted on LoRA runs; drop --full")
     # with the calibration, the training data's own domain stays out of the targets (as it was fitted)
     domains = ["math", "legal", "readme_prose", "nlp_tutorials"] if args.lookahead else [
         "python_code", "math", "legal", "readme_prose"]  # built-in offline domains

@@ -265,6 +265,10 @@ def test_unreadable_configs_are_one_line_errors(workspace, tmp_path, capsys, no_
     (tmp_path / "list.json").write_text('["model"]')
     assert main(["gate", str(tmp_path / "list.json")]) == 2
     assert "mapping" in one_line_error(capsys)
+    # a JSON config saved with a byte-order mark is read (it was "Unexpected UTF-8 BOM"): the key typo is what is said
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"option": {}}).encode())
+    assert main(["forecast", str(tmp_path / "bom.json")]) == 2
+    assert "'option'" in one_line_error(capsys)
     assert main(["forecast", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in one_line_error(capsys)
     (tmp_path / "latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
@@ -344,6 +348,25 @@ def test_read_only_output_folder(workspace, tmp_path, capsys, no_model):
         assert str(folder) in one_line_error(capsys)
     finally:
         folder.chmod(0o755)
+
+
+def test_empty_data_files_are_refused_before_the_model_loads(workspace, tmp_path, capsys, no_model):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    for changes, named in (({"train_data": str(tmp_path / "empty.jsonl")}, "empty.jsonl"),
+                           ({"targets": {"law": str(tmp_path / "blank.txt"), "chem": str(workspace / "chem.jsonl")}},
+                            "blank.txt")):
+        assert main(["forecast", str(write_config(workspace, **changes))]) == 2
+        err = one_line_error(capsys)
+        assert f"{named} holds no texts (it is empty, or holds only blank lines)" in err
+
+
+def test_an_output_written_as_a_folder_is_refused_before_the_model_loads(workspace, tmp_path, capsys, no_model):
+    """`-o results/` (a folder not made yet) wrote a file named `results`, where an existing folder is refused."""
+    config = str(write_config(workspace))
+    assert main(["forecast", config, "-o", str(tmp_path / "results") + "/"]) == 2
+    assert "ends with '/', a folder; name the file, e.g." in one_line_error(capsys)
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="FIFOs are POSIX")

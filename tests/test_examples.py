@@ -71,10 +71,11 @@ def test_sft_trl_example_with_the_lookahead_calibration(run_example, capsys, tmp
     assert [part.split()[0] for part in predicted.split(", ")] == ["math", "legal", "readme_prose", "nlp_tutorials"]
 
 
-def test_sft_trl_example_refuses_lookahead_with_a_full_fine_tune(run_example, capsys):
+def test_sft_trl_example_refuses_lookahead_with_a_full_fine_tune(run_example, capsys, tmp_path):
     with pytest.raises(SystemExit):
         run_example("sft_trl", ["--lookahead", "--full"], capsys)
     assert "drop --full" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before the demo SAE was trained (minutes with the real model)
 
 
 def test_trainer_full_ft_example_runs(run_example, capsys, tmp_path):

@@ -234,6 +234,11 @@ def test_inputs_are_checked_from_config_json_and_the_data_before_weights_load(tm
         assert check_training_inputs(tmp_path / "model", 1, [empty, law]) == ["law court judge", "statute appeal"]
     # a model it cannot read here (a hub name not in the cache): the layer is left to the loader, the data not
     assert check_training_inputs("nobody-here/no-such-model", 5, [law]) == ["law court judge", "statute appeal"]
+    # a file given twice (by two spellings) or a domain twice: its texts were read twice, and the held-out FVU was
+    # partly measured on training texts
+    for twice in ([law, tmp_path / "." / "law.jsonl"], ["legal", "legal"]):
+        with pytest.raises(STSInputError, match="more than once; give each file or domain once"):
+            check_training_inputs(tmp_path / "model", 1, twice)
     with pytest.raises(STSInputError, match="layers are numbered from 0"):
         check_training_inputs("nobody-here/no-such-model", -1, [law])
 

@@ -116,7 +116,7 @@ def _read_config(path: str) -> dict[str, Any]:
     if not file.is_file():
         raise STSInputError(f"Config {path} is not a file; pass a YAML or JSON config file.")
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is no text
     except UnicodeDecodeError as err:
         raise STSInputError(f"Config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
                             "UTF-8.") from err
@@ -460,23 +460,25 @@ def _existing_file(value: Any) -> Path | None:
 
 
 def _check_data_files(specs: list[Any]) -> None:
-    """Every data file named is UTF-8 (and a .json parses), before the model loads; the error names the file."""
-    from ..core.data import read_json_file, read_text
+    """Every data file named can be read as data (UTF-8, a .json parses, a table opens) and holds at least one
+    record, before the model loads; the error names the file."""
+    from ..core.data import load_corpus
 
     for spec in specs:
         path = _existing_file(spec)
-        if path is None or path.suffix.lower() == ".parquet":  # binary: the table reader checks it
-            continue
-        if path.suffix == ".json":
-            read_json_file(path)
-        else:
-            read_text(path)
+        if path is not None and len(load_corpus(str(path))) == 0:
+            raise STSInputError(f"Data file {path} holds no texts (it is empty, or holds only blank lines); give "
+                                "it data, or leave it out.")
 
 
 # --------------------------------------------------------------------------------------- output checks
-def _check_output_file(path: Path, what: str) -> Path:
+def _check_output_file(path: str | Path, what: str) -> Path:
     """``path`` can take the file: new or a regular file (a link: the file it points at) that can be written, in
-    a folder that can be written. A folder, device, FIFO or socket there is refused: the write would replace it."""
+    a folder that can be written. A folder, device, FIFO or socket there is refused: the write would replace it,
+    and so is a path written as a folder (``results/``: ``Path`` drops the slash, and a file took the name)."""
+    if str(path).endswith(("/", os.sep)):
+        raise STSInputError(f"{what} {path} ends with '/', a folder; name the file, e.g. "
+                            f"{Path(str(path)) / 'out.json'}.")
     path = Path(os.path.expanduser(str(path)))
     label = what[0].lower() + what[1:]
     real, existing = output_target(path, label)
@@ -598,7 +600,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         print(EXAMPLE_CONFIG, end="")
         return 0
     config_file, config = _command_config(args, "forecast", ("model", "sae", "train_data", "targets"))
-    output = _check_output_file(Path(args.output or config_file.get("output") or "forecast.json"),
+    output = _check_output_file(args.output or config_file.get("output") or "forecast.json",
                                 "The forecast output")
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
     calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"), config,
@@ -849,7 +851,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         if keep_fraction is None and threshold is None:
             keep_fraction = 0.9
         check_filter(keep_fraction, threshold)
-    output = _check_output_file(Path(args.output or config_file.get("output") or "gate.json"), "The decision output")
+    output = _check_output_file(args.output or config_file.get("output") or "gate.json", "The decision output")
     outputs = [(output, f"The decision output {output}")]
     if filtered_dir:
         filtered_dir = _check_output_folder(Path(filtered_dir), "filtered_dir")
@@ -1018,7 +1020,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..scoring.calibration import Calibration
 
-    out = _check_output_file(Path(args.out), "The calibration output")
+    out = _check_output_file(args.out, "The calibration output")
     if args.prior_only and (not args.runs or args.features):
         print("error: --prior-only fits the pattern on the domain prior alone, from training runs: use it with "
               "--runs and without --features.", file=sys.stderr)

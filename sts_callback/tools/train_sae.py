@@ -372,6 +372,11 @@ def check_training_inputs(model: str | Path, layer: int, data: Iterable[Any]) ->
         raise STSInputError(f"Layer {layer!r} does not exist: layers are numbered from 0; pass a layer in "
                             "0..(decoder layers - 1).")
     data = [data] if isinstance(data, (str, Path)) else list(data)
+    named = [str(Path(os.path.expanduser(str(d))).resolve()) if isinstance(d, (str, Path))
+             and Path(os.path.expanduser(str(d))).exists() else d for d in data]
+    repeated = [str(d) for i, d in enumerate(data) if isinstance(named[i], str) and named[i] in named[:i]]
+    if repeated:  # read twice, its texts would be trained on twice and land in the held-out share too
+        raise STSInputError(f"The SAE's data names {repeated} more than once; give each file or domain once.")
     texts: list[str] = []
     empty = []
     for spec in data:
