@@ -43,3 +43,30 @@ def test_precise_final_decides_violations_and_false_alarms(early_compare):
     # C: a violation no re-check measured, counted at the end of the run and missed by the rule
     assert (cell["violations"], cell["missed"], cell["false_alarms"]) == (2, 1, 1)
     assert cell["mean_lead_steps"] == pytest.approx(6.0)
+
+
+def test_the_step0_warning_curve_counts_lead_and_false_alarms_as_the_lead_table_does():
+    """benchmarks/transfer/step0_warnings.py: a warning at step 0 when P(change > tolerance) >= p; a warned
+    violation's lead is the share of the run at which a re-check first measured it (else the end), a missed one 0;
+    a warning for a domain that ended below the tolerance is a false alarm."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("step0_warnings", SCRIPT.parent / "step0_warnings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [{"source": "s", "domain": d, "mean": mean, "sd": 0.01, "final": final, "steps": 8,
+             "trajectory": [(s, a) for s, a in zip((2, 4, 6, 8), values)]}
+            for d, mean, final, values in (("A", 0.02, 0.03, TRAJECTORY_A), ("B", 0.02, 0.005, (0, 0, 0, 0)),
+                                           ("C", 0.002, 0.015, (0, 0, 0, 0)))]
+    by_threshold = {c["threshold"]: c for c in module.curve(rows, [r["sd"] for r in rows], 0.01)}
+    # P(A > 1%) = P(B > 1%) = 0.84 and P(C > 1%) = 0.21: at p 0.5 A and B are warned, C is not
+    half = by_threshold[0.5]
+    assert half["violations"] == 2 and half["warned"] == 1 and half["false_alarms"] == 1
+    assert half["lead_per_violation"] == pytest.approx((6 / 8 + 0.0) / 2)  # A measured at step 6; C missed
+    assert half["false_alarm_rate"] == 1.0  # B, the one domain that did not violate
+    assert by_threshold[0.9]["warned"] == 0 and by_threshold[0.9]["false_alarms"] == 0
+    assert by_threshold[0.2]["lead_per_violation"] == pytest.approx((6 / 8 + 8 / 8) / 2)  # C warned, measured at end
+
+
+TRAJECTORY_A = (0.002, 0.006, 0.012, 0.02)
