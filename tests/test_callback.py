@@ -243,6 +243,26 @@ def test_resume_continues_history_without_recomputing(tmp_path, tokenizer, monke
     assert restored.sae is second.sae  # objects come back from the user's instance
 
 
+def test_a_restoring_resume_guards_with_the_settings_given_now_and_says_they_changed(tmp_path, tokenizer):
+    """restore_callback_states_from_checkpoint=True rebuilt the callback from the checkpoint's arguments: a domain
+    protected only in the resumed run's STSCallback was silently not guarded (its loss rose 30%, no warning, no
+    stop), while the user's instance said it was protected."""
+    first = make_callback()
+    make_trainer(tmp_path, tokenizer, first, max_steps=2, save_steps=2, learning_rate=5e-2).train()
+    second = make_callback(protected=["food"], tolerance=0.0, early_stop=True)  # food rises ~9% by step 6
+    trainer = make_trainer(tmp_path, tokenizer, second, max_steps=8, save_steps=2, learning_rate=5e-2,
+                           restore_callback_states_from_checkpoint=True)
+    with pytest.warns(STSDataWarning, match=r"settings differ from the checkpoint's \(protected: \[\] -> \['food'\]"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    restored = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, STSCallback))
+    assert restored.session is second.session and second.protected == ["food"]
+    # the first violation stopped the run (unguarded, it went on to step 8)
+    assert second.stop_reason and second.history[-1]["violations"]
+    assert trainer.state.global_step == second.history[-1]["step"] < 8
+    settings = json.loads((tmp_path / "run" / "sts" / "settings.json").read_text())
+    assert settings["protected"] == ["food"]
+
+
 class FailingSAE(TinySAE):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -246,8 +246,16 @@ class STSCallback(TrainerCallback, ExportableState):
         self._ready = False
         self._ended = False  # on_train_end has run for the watched run
         self._attempt_batch_size: int | None = None  # the batch size the watched run started with
-        if replaced is not None:  # the instance the user holds shows the resumed run's results too
-            replaced.session = self.session
+        if replaced is not None:
+            changed = _changed_settings(self._export_args, replaced._export_args)
+            if changed:  # the checkpoint restores counters and history; the settings are the ones given now
+                warnings.warn(f"STS: resuming with restore_callback_states_from_checkpoint=True, this callback's "
+                              f"settings differ from the checkpoint's ({'; '.join(changed)}): the run goes on with "
+                              "this callback's, as without restoring.", STSDataWarning, stacklevel=3)
+                self.__dict__.update({name: replaced.__dict__[name] for name in SETTINGS_ATTRIBUTES})
+                self.session = STSSession(*self._session_args, strict=replaced.session.strict,
+                                          not_predicted=self._not_predicted)
+            replaced.session = self.session  # the instance the user holds shows the resumed run's results too
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy for another process (Ray, a spawn launcher, a sweep) or ``copy.deepcopy``: ready for a new run
@@ -819,6 +827,22 @@ def _find_trainer(callback: STSCallback) -> tuple[Any, str | None]:
             if isinstance(checkpoint, (str, Path)):
                 return trainer, str(checkpoint)
     return trainer, None
+
+
+# What STSCallback.__init__ sets from its arguments: taken from the user's instance on a restoring resume
+SETTINGS_ATTRIBUTES = ("target_domains", "train_probe", "demonstrations", "shift", "run_level", "_not_predicted",
+                       "_session_args", "_run_level_needed", "run_level_steps", "_run_level_domains", "_objects",
+                       "_export_args")
+
+
+def _changed_settings(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """``name: saved -> given`` for each exported argument that differs (objects are exported as None)."""
+    def shown(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{name}: {shown(saved.get(name))} -> {shown(given[name])}" for name in given
+            if name != "_objects_from" and saved.get(name) != given[name]]
 
 
 def _instance_being_restored(output_subdir: Any) -> STSCallback | None:
