@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from sts_callback import STSConfigError, STSInputError
 from sts_callback.core.errors import STSDataWarning
@@ -55,6 +56,9 @@ def test_a_calibration_file_that_is_not_an_object_is_refused_by_name(tmp_path, c
     for folder, name in (("model", "config.json"), ("sae", "cfg.json")):
         (tmp_path / folder).mkdir(exist_ok=True)
         (tmp_path / folder / name).write_text("{}")
+    from safetensors.torch import save_file  # a weights file whose header reads (the CLI opens it first)
+
+    save_file({"W_enc": torch.zeros(1)}, str(tmp_path / "sae" / "sae_weights.safetensors"))
     config = tmp_path / "forecast.yaml"
     config.write_text(json.dumps({"model": str(tmp_path / "model"), "sae": str(tmp_path / "sae"),
                                   "train_data": ["a text"], "targets": {"a": ["x y"], "b": ["p q"]}}))

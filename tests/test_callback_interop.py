@@ -210,3 +210,20 @@ def test_a_hyperparameter_search_keeps_each_trials_results_apart_and_its_objecti
     for trial in ("run-0", "run-1"):
         assert len((run / trial / "sts" / "history.jsonl").read_text().splitlines()) == 2
         assert (run / trial / "sts" / "report.md").is_file() and (run / trial / "checkpoint-2" / "sts").is_dir()
+
+
+def test_the_domain_metric_for_best_model_reads_is_measured_at_every_evaluation_whatever_loss_domains(tmp_path,
+                                                                                                     tokenizer):
+    """loss_domains=1 measured law every third re-check, and the evaluations between reported its earlier value as
+    this step's: EarlyStoppingCallback saw no improvement and stopped a run in which law kept improving."""
+    callback = make_callback(loss_domains=1)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=8, eval_strategy="steps", eval_steps=2,
+                           eval_texts=domain_texts("law", 8, seed=4), metric_for_best_model="eval_sts_loss_delta_law",
+                           greater_is_better=False, load_best_model_at_end=True)
+    trainer.train()
+    assert all("law" in record["loss_delta"] for record in callback.history)
+    others = [name for record in callback.history for name in record["loss_delta"] if name != "law"]
+    assert len(others) == len(callback.history)  # the other domains still take turns, one a re-check
+    assert set(others) == {"food", "chem"}
+    logged = [e["eval_sts_loss_delta_law"] for e in trainer.state.log_history if "eval_sts_loss_delta_law" in e]
+    assert len(set(logged)) == len(logged)  # a new measurement at each evaluation

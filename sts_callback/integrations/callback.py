@@ -526,6 +526,9 @@ class STSCallback(TrainerCallback, ExportableState):
         probe = probe_corpus(self.train_probe, self._trainer, train_dataloader, tokenizer)
         demos = load_corpus(self.demonstrations, name="demonstrations") if self.demonstrations is not None else None
         session.prepare(model, tokenizer, probe, domains, self.lm_eval_targets)
+        # the domain metric_for_best_model reads is measured at every evaluation, whatever loss_domains or the
+        # overhead budget leave out (an earlier re-check's value would pass for this step's)
+        session.monitor.always_measured = set(self._metric_domains(args))
         data = self.train_probe if self.train_probe is not None else getattr(trainer, "train_dataset", None)
         unreproduced = unreproduced_generation(trainer) if is_online(trainer) else []
         if not unreproduced:
@@ -622,6 +625,13 @@ class STSCallback(TrainerCallback, ExportableState):
             f"metric_for_best_model={metric!r} names the domain {readings[0][2]!r}, which this STSCallback does "
             f"not monitor (its domains: {domains}); no evaluation will hold it. Name one of them, e.g. "
             f"'eval_{self.namespace}_loss_delta_{domains[0]}'.")
+
+    def _metric_domains(self, args) -> list[str]:
+        """The domains of this callback whose loss change ``metric_for_best_model`` reads."""
+        metric = getattr(args, "metric_for_best_model", None) or ""
+        key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        return [domain for owner, kind, domain in _sts_key_readings(key, self._trainer, self._trainer_callbacks())
+                if owner is self and kind == "loss"]
 
     def _check_own_folder(self, trainer: Any) -> None:
         """Two STSCallbacks writing one folder would interleave their histories and overwrite each other's

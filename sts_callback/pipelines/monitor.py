@@ -123,6 +123,8 @@ class Monitor:
     loss_tolerances: dict[str, float] = field(default_factory=dict)  # protected: stop once surely above
     seed: str = "0"
     loss_domains: int | None = None  # unprotected domains measured per re-check, in turns; None: all
+    # unprotected domains measured at every re-check all the same (one a Trainer's metric_for_best_model reads)
+    always_measured: set[str] = field(default_factory=set)
     turn: int = 0  # unprotected domains measured so far (the rotation's position)
     loss_head_dtype: torch.dtype | None = None  # the LM head's matmul dtype for held-out losses; None: its own
     loss_body_dtype: torch.dtype | None = None  # the body's autocast dtype for held-out losses; None: no autocast
@@ -268,15 +270,18 @@ class Monitor:
         """The unprotected domains (those without a tolerance) from the next in turn onwards, at most
         :attr:`loss_domains` of them: a re-check measuring the first k moves the turn on by k, so each is measured
         every ceil(others / k) re-checks."""
-        others = [name for name in self.loss_sets if name not in self.loss_tolerances]
+        others = [name for name in self.loss_sets if not self._every_time(name)]
         count = len(others) if self.loss_domains is None else min(self.loss_domains, len(others))
         return [others[(self.turn + i) % len(others)] for i in range(count)]
+
+    def _every_time(self, name: str) -> bool:
+        return name in self.loss_tolerances or name in self.always_measured
 
     def domains_in_turn(self, unprotected: int | None = None) -> list[str]:
         """The domains whose held-out loss the next re-check measures: every protected one and the first
         ``unprotected`` of :meth:`in_turn` (default: all of them)."""
         turn = set(self.in_turn()[:unprotected])
-        return [name for name in self.loss_sets if name in self.loss_tolerances or name in turn]
+        return [name for name in self.loss_sets if self._every_time(name) or name in turn]
 
     def measure_changes(self, model: nn.Module, autocast=None, names: Sequence[str] | None = None,
                         ) -> dict[str, LossChange]:
@@ -406,7 +411,7 @@ class Monitor:
         t0 = time.perf_counter()
         names = self.domains_in_turn(unprotected)
         changes = self.measure_changes(model, autocast, names)
-        self.turn += sum(name not in self.loss_tolerances for name in names)
+        self.turn += sum(not self._every_time(name) for name in names)
         timings["losses"] = time.perf_counter() - t0
         loss_delta = {name: change.delta if self.base_losses.get(name) else None for name, change in changes.items()}
         losses = {name: self.base_losses[name] * (1 + change.delta) if name in self.base_losses else math.nan
