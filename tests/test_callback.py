@@ -263,6 +263,21 @@ def test_a_restoring_resume_guards_with_the_settings_given_now_and_says_they_cha
     assert settings["protected"] == ["food"]
 
 
+def test_a_resume_with_other_sampling_settings_says_it_keeps_the_train_start_samples(tmp_path, tokenizer):
+    """loss_tokens / recheck_tokens / loss_head_samples changed for a resume were shown as the callback's settings
+    while every re-check measured the train-start samples (as it must: their base losses were measured there),
+    unsaid."""
+    first = make_callback(loss_tokens=80, recheck_tokens=100)
+    make_trainer(tmp_path, tokenizer, first, max_steps=2, save_steps=2).train()
+    second = make_callback(loss_tokens=400, recheck_tokens=400, loss_head_samples=None)
+    trainer = make_trainer(tmp_path, tokenizer, second, max_steps=4, save_steps=2)
+    with pytest.warns(STSDataWarning, match=r"other sampling settings than the run started with \(recheck_tokens: "
+                                            r"100 -> 400; loss_tokens: 80 -> 400; loss_head_samples: 32 -> None\)"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    measured = [(r["loss_tokens"], r["probe_tokens"]) for r in second.history]
+    assert measured[0] == measured[1]  # the resumed re-check measured what the first run's did
+
+
 class FailingSAE(TinySAE):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

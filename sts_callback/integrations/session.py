@@ -318,12 +318,7 @@ class STSSession:
                          f"{settings.loss_tokens}): its change gets no interval, so the guard can never judge it "
                          "surely past the tolerance. Raise loss_tokens (or give the domain more texts).",
                          STSDataWarning, stacklevel=3)
-        accuracy_sets = {}
-        for name, corpus in domains.items():
-            items = multiple_choice_items(corpus)
-            if items is not None:  # scored on a seeded sample of its items, beside the held-out NLL
-                random.Random(f"{seed}:accuracy:{name}").shuffle(items)
-                accuracy_sets[name] = items[: settings.accuracy_items]
+        accuracy_sets = _accuracy_sample(domains, seed, settings.accuracy_items)
         probe_sequences, _ = Monitor.sample_sequences(probe, self.setup, settings.recheck_tokens, seed=f"{seed}:probe")
         check_inputs_agree(self.setup, domains, loss_sets, probe_sequences)
         require_at_least_world(len(probe_sequences), "The re-check probe of the training data",
@@ -337,7 +332,12 @@ class STSSession:
                                seed=str(seed), loss_domains=settings.loss_domains,
                                loss_head_dtype=resolve_head_dtype(settings.loss_head_dtype, model),
                                loss_body_dtype=resolve_body_dtype(settings.loss_body_dtype, model),
-                               loss_head_samples=settings.loss_head_samples)
+                               loss_head_samples=settings.loss_head_samples,
+                               sampled_with={"seed": seed, "recheck_tokens": settings.recheck_tokens,
+                                             "loss_tokens": settings.loss_tokens,
+                                             "loss_sequence_tokens": settings.loss_sequence_tokens,
+                                             "loss_head_samples": settings.loss_head_samples,
+                                             "accuracy_items": settings.accuracy_items})
 
     def start(self, model, probe: Corpus, domains: dict[str, Corpus], demonstrations: Corpus | None = None,
               progress: bool = False, forecast_run: Callable[..., Any] | None = None,
@@ -543,6 +543,7 @@ class STSSession:
         monitor = self.monitor
         monitor.domains = {name: DomainBaseline(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
         self._load_monitor(monitor, paths)
+        self._keep_the_train_start_samples(monitor, domains)
         monitor.base_losses, monitor.base_accuracy = dict(self.base_losses), dict(self.base_accuracy)
         self._leave_out_domains_added_since_the_start(monitor)
         if self.calibration is not None and not self.predicted:  # the start's forecast was made without it
@@ -628,6 +629,25 @@ class STSSession:
                 errors.append(f"{path}: {type(err).__name__}: {err}")
         raise STSInputError(f"Resuming: the STS monitor state cannot be read ({'; '.join(errors)}); the train-start "
                             "statistics are lost. Resume from an earlier checkpoint, or start a new run.")
+
+    def _keep_the_train_start_samples(self, monitor: Monitor, domains: dict[str, Corpus]) -> None:
+        """A resume with other sampling settings than the run started with measures the train-start samples all the
+        same (the probe and held-out sets come back from the monitor state, the multiple-choice items are drawn as
+        at train start): their base statistics were measured on them. Said, naming each setting."""
+        saved = monitor.saved_sampled_with or {}
+        changed = [f"{name}: {saved[name]!r} -> {value!r}" for name, value in monitor.sampled_with.items()
+                   if name in saved and saved[name] != value]
+        if not changed:
+            return
+        if (saved.get("seed"), saved.get("accuracy_items")) != (monitor.sampled_with["seed"],
+                                                                 monitor.sampled_with["accuracy_items"]):
+            monitor.accuracy_sets = _accuracy_sample(domains, saved.get("seed", monitor.sampled_with["seed"]),
+                                                     saved.get("accuracy_items",
+                                                               monitor.sampled_with["accuracy_items"]))
+        self.warn("resume_sampling", f"STS: resuming with other sampling settings than the run started with "
+                  f"({'; '.join(changed)}): the re-checks keep measuring the train-start samples, on which the base "
+                  "losses, residuals and accuracies were measured; the new values apply from the next run.",
+                  STSDataWarning)
 
     def _check_same_run(self, checkpoint: RunStore, step: int) -> None:
         """A checkpoint an earlier run left in the folder (a later run in the same output_dir rewrote fewer
@@ -1043,6 +1063,17 @@ def check_inputs_agree(setup: ForecastSetup, domains: dict[str, Corpus], loss_se
         {"target domains": f"{sorted(domains)} ({fingerprint(sorted(domains), loss_sets)})",
          "SAE": f"{sae.hook_name} d_sae={sae.d_sae} ({fingerprint(sae_summary)})"},
     )
+
+
+def _accuracy_sample(domains: dict[str, Corpus], seed: Any, items: int) -> dict[str, list[dict[str, Any]]]:
+    """Each multiple-choice domain's seeded sample of ``items`` items, scored beside its held-out NLL."""
+    out = {}
+    for name, corpus in domains.items():
+        chosen = multiple_choice_items(corpus)
+        if chosen is not None:
+            random.Random(f"{seed}:accuracy:{name}").shuffle(chosen)
+            out[name] = chosen[:items]
+    return out
 
 
 def _latest_checkpoint_of(checkpoint: RunStore, run_id: str) -> Path | None:

@@ -8,6 +8,7 @@ is the same model with its adapters disabled.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -125,6 +126,10 @@ class Monitor:
     loss_domains: int | None = None  # unprotected domains measured per re-check, in turns; None: all
     # unprotected domains measured at every re-check all the same (one a Trainer's metric_for_best_model reads)
     always_measured: set[str] = field(default_factory=set)
+    # the settings the probe, held-out and multiple-choice samples were drawn with (saved with them), and those a
+    # loaded state was drawn with (None before a load, or from an older file)
+    sampled_with: dict[str, Any] = field(default_factory=dict)
+    saved_sampled_with: dict[str, Any] | None = None
     turn: int = 0  # unprotected domains measured so far (the rotation's position)
     loss_head_dtype: torch.dtype | None = None  # the LM head's matmul dtype for held-out losses; None: its own
     loss_body_dtype: torch.dtype | None = None  # the body's autocast dtype for held-out losses; None: no autocast
@@ -470,7 +475,7 @@ class Monitor:
         from ..core.atomic import atomic_write
 
         tensors = self.tensors()
-        metadata = {"format": "sts-monitor/1",
+        metadata = {"format": "sts-monitor/1", "sampled_with": json.dumps(self.sampled_with),
                     **{name: str(getattr(self, name)).removeprefix("torch.") for name in LOSS_DTYPE_FIELDS}}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -481,6 +486,7 @@ class Monitor:
             tensors = {key: saved.get_tensor(key) for key in saved.keys()}
             # the base losses were measured in these precisions: keep measuring so (older files: the model's own)
             metadata = saved.metadata() or {}
+        self.saved_sampled_with = json.loads(metadata["sampled_with"]) if "sampled_with" in metadata else None
         for name in LOSS_DTYPE_FIELDS:
             saved_dtype = metadata.get(name, "None")
             setattr(self, name, None if saved_dtype == "None" else getattr(torch, saved_dtype))
