@@ -180,3 +180,15 @@ def test_a_model_whose_text_attends_both_ways_is_refused_naming_the_setting():
     vision_only = SimpleNamespace(config=SimpleNamespace(use_bidirectional_attention="vision"))  # Gemma 4: images only
     assert _bidirectional_setting(vision_only) is None
     check_measurable(make_model("gemma3_multimodal"))
+
+
+@pytest.mark.parametrize("arch, name", [("llama", "model.layers.1"), ("gpt2", "transformer.h.1"),
+                                        ("gemma3_multimodal", "model.language_model.layers.1")])
+def test_a_decoder_blocks_module_path_is_the_models_own(arch, name):
+    """train_sae recorded hf_hook_name 'model.layers.L' for every model (GPT-2's blocks are transformer.h.L): a path
+    other tools reading sae-lens' metadata could not find."""
+    from sts_callback.core.capture import decoder_layer_name
+
+    model = make_model(arch)
+    assert decoder_layer_name(model, 1) == name
+    assert dict(model.named_modules())[name] is decoder_layers(model)[1]

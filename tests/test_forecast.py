@@ -227,6 +227,25 @@ def test_long_contexts_lose_demonstration_tokens_from_the_left(model, tokenizer)
         assert pair.n_query == min(20, len(pair.base) - 1)
 
 
+def test_a_conversation_longer_than_the_sequence_limit_keeps_its_end_within_it(model, tokenizer):
+    """A two-turn chat of ~45 tokens under a 32-token limit went into the model whole (its earlier turn was never
+    cut): past a learned-position model's table, an IndexError at train start; past a RoPE model's, silently."""
+    sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
+    config = small_config(max_length=32, max_query_tokens=16)
+    setup = ForecastSetup.create(model, tokenizer, sae, config)
+    asks, answers = domain_texts("law", 30, length=40), domain_texts("food", 30, length=40)
+    domains = load_domains({"chat": [[{"role": "user", "content": a}, {"role": "assistant", "content": b}]
+                                     for a, b in zip(asks, answers)]})  # a target's conversation is read whole
+    chats = domains["chat"]
+    plan = plan_inputs(setup.builder, config, load_corpus(domain_texts("chem", 20, length=40)), domains)
+    pairs = [*plan.shift_pairs, *(plan.domains["chat"].pairs or [])]
+    assert plan.domains["chat"].pairs and all(len(p.base) <= 32 and len(p.context) <= 32 for p in pairs)
+    for i in range(len(chats)):  # the held-out loss's sequences too
+        ids, counted = setup.builder.single(chats[i])
+        assert len(ids) <= 32 and len(counted) == len(ids) and any(counted)
+        assert ids[0] == tokenizer.bos_token_id  # the special start kept where the earlier turn was cut
+
+
 def test_sampling_respects_token_budgets(model, tokenizer):
     sae = TinySAE(32, 64, hook_name=f"blocks.{LAYER}.hook_resid_post")
     result = forecast(model, tokenizer, sae, domain_texts("law", 200), {"chem": domain_texts("chem", 200)},

@@ -34,7 +34,11 @@ def test_hook_names_map_to_decoder_blocks(hook, layer):
                                   # inputs of a block's parts (Gemma Scope 2 transcoders read hook_mlp_in) and the
                                   # embeddings: a layer= would make them read a block's output silently
                                   "blocks.1.hook_mlp_in", "blocks.1.hook_attn_in", "blocks.1.hook_q_input",
-                                  "model.embed_tokens", "transformer.wte"])
+                                  "model.embed_tokens", "transformer.wte",
+                                  # Falcon's, GPT-NeoX's and Phi's names for the same parts (were read as block 1)
+                                  "transformer.h.1.self_attention", "transformer.word_embeddings",
+                                  "gpt_neox.layers.1.post_attention_dropout", "model.layers.1.resid_mlp_dropout",
+                                  "model.layers.1.resid_dropout"])
 def test_an_sae_on_a_block_part_is_refused_so_that_a_layer_cannot_make_it_read_the_residual(hook):
     with pytest.raises(STSInputError, match="not the residual stream"):
         load_sae(TinySAE(32, 64, hook_name=hook))

@@ -232,6 +232,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def decoder_layer_name(model: nn.Module, layer: int) -> str:
+    """The module path of decoder block ``layer`` in the Hugging Face model (``model.layers.12``,
+    ``transformer.h.12``, ``gpt_neox.layers.12``): what sae-lens records as an SAE's ``hf_hook_name``."""
+    block = decoder_layers(model)[layer]
+    return next(name for name, module in unwrap_model(model).named_modules() if module is block)
+
+
 def parameters_are_sharded(model: nn.Module) -> bool:
     """True under DeepSpeed ZeRO-3 or FSDP, where every rank must run the full forward in lockstep."""
     for module in model.modules():

@@ -873,19 +873,28 @@ class PromptBuilder:
             head_context = list(self.prefix)
             for demo in demonstrations:
                 head_context += self.encode_text(self._demo_text(demo)) + self.separator
+        query_ids = query_ids[max(0, len(query_ids) - self.max_length):]  # a chat turn's template tokens beside it
         room = self.max_length - len(query_ids)
-        if len(head_context) > room:  # drop demonstration tokens from the left, keep the special start both share
-            base_start = head_base + query_ids  # BOS, added by the tokenizer or written by a chat template
-            starts = set(self.prefix) | {self.tokenizer.bos_token_id}
-            lead = 0
-            while (lead < min(len(base_start), len(head_context)) and head_context[lead] == base_start[lead]
-                   and head_context[lead] in starts):
-                lead += 1
-            keep_prefix, body = head_context[:lead], head_context[lead:]
-            head_context = keep_prefix + body[len(body) - max(room - len(keep_prefix), 0):]
+        base_start = head_base + query_ids  # BOS, added by the tokenizer or written by a chat template
+        # demonstrations, and a conversation's earlier turns in both: dropped from the left past max_length
+        head_context = self._cut_from_the_left(head_context, room, base_start)
+        head_base = self._cut_from_the_left(head_base, room, base_start)
+        over = max(len(head_base), len(head_context)) + len(query_ids) - self.max_length
+        query_ids = query_ids[max(over, 0):]  # the special start kept before a query as long as the limit
         counted = [token not in self.special_ids for token in query_ids]
         return TokenPair(base=head_base + query_ids, context=head_context + query_ids,
                          n_query=len(query_ids), counted=counted)
+
+    def _cut_from_the_left(self, head: list[int], room: int, start: list[int]) -> list[int]:
+        """``head`` cut to ``room`` tokens from the left, keeping the special start it shares with ``start``."""
+        if len(head) <= room:
+            return head
+        starts = set(self.prefix) | {self.tokenizer.bos_token_id}
+        lead = 0
+        while lead < min(len(start), len(head)) and head[lead] == start[lead] and head[lead] in starts:
+            lead += 1
+        keep, body = head[:lead], head[lead:]
+        return keep + body[len(body) - max(room - len(keep), 0):]
 
     def _chat_parts(self, query: Example, demonstrations: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:
         query_messages = self._query_messages(query)

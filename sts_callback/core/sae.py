@@ -36,10 +36,12 @@ _LAYER_PATTERNS = (  # a model or release prefix before the name ("model.", "gpt
 # unrecognised name (a descriptive one such as "gemma-l12-res") is accepted once STSConfig(layer=) says the layer.
 _NOT_RESIDUAL = re.compile(r"hook_(?:resid_mid|mlp_out|attn_out|mlp_in|attn_in|[qkv]_input|z|q|k|v|pattern|scores|"
                            r"result|pre|post|normalized|scale|embed|pos_embed)$|\.(?:attn|mlp|ln\d?|ln_final)\."
-                           r"|(?:^|\.)(?:embed_tokens|embed_in|wte|wpe)$"  # the embeddings, before any block
-                           # Hugging Face sub-modules of a block (its attention, MLP, norms), as a name or a prefix
-                           r"|\.(?:self_attn|attn|attention|cross_attn|mlp|feed_forward|ffn|experts|"
-                           r"norm|\w*layernorm|\w*_norm|ln_\d|ln_f)(?:\.|$)")
+                           # the embeddings, before any block
+                           r"|(?:^|\.)(?:embed_tokens|embed_in|wte|wpe|word_embeddings|embed_positions)$"
+                           # Hugging Face sub-modules of a block (its attention, MLP, norms, dropouts), as a name or
+                           # a prefix
+                           r"|\.(?:self_attn|self_attention|attn|attention|cross_attn|mlp|feed_forward|ffn|experts|"
+                           r"norm|\w*layernorm|\w*_norm|ln_\d|ln_f|\w*dropout)(?:\.|$)")
 
 
 def layer_from_hook_name(hook_name: str | None) -> int | None:

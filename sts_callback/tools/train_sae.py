@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.atomic import give_new_file_modes, output_target
-from ..core.capture import ResidualCapture, max_positions, num_layers, unwrap_model
+from ..core.capture import ResidualCapture, decoder_layer_name, max_positions, num_layers, unwrap_model
 from ..core.config import settings_from_dict
 from ..core.data import special_prefix, special_token_ids, text_tokenizer
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
@@ -472,9 +472,10 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
     # learning rate meaningful whatever the residual norm; computed exactly on the buffer.
     scale = math.sqrt(d_in) / mean_norm
 
+    hf_hook_name = decoder_layer_name(model, layer)
     metadata = SAEMetadata(
         model_name=model_name, model_class_name=type(unwrap_model(model)).__name__, hook_name=hook_name,
-        hf_hook_name=f"model.layers.{layer}", hook_head_index=None, context_size=max_length,
+        hf_hook_name=hf_hook_name, hook_head_index=None, context_size=max_length,
         prepend_bos=_prepends_bos(tokenizer),
         exclude_special_tokens=exclude_special_tokens, dataset_path=None, trained_with="sts_callback.tools.train_sae",
         training_tokens=steps * batch_size, unique_training_tokens=int(train_acts.shape[0]),
@@ -545,7 +546,7 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
             dead_fraction=metrics["dead_fraction"], training_tokens=steps * batch_size,
             unique_tokens=int(total_rows - held_out_rows), seconds=seconds, held_out_tokens=held_out_rows,
             details={
-                "hook_name": hook_name, "hf_hook_name": f"model.layers.{layer}", "model_name": model_name,
+                "hook_name": hook_name, "hf_hook_name": hf_hook_name, "model_name": model_name,
                 "architecture": "topk", "evaluated_on": "held_out" if held_out_rows else "train",
                 "lr": lr, "batch_size_tokens": batch_size, "steps": steps, "lr_warm_up_steps": warm_up_steps,
                 "lr_decay_steps": decay_steps, "dead_feature_window": dead_window, "max_length": max_length,
