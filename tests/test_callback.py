@@ -826,3 +826,13 @@ def test_a_held_out_set_of_one_sequence_is_warned_about_and_its_interval_is_null
     lines = (tmp_path / "run" / "sts" / "history.jsonl").read_text().splitlines()
     records = [json.loads(line, parse_constant=strict) for line in lines]
     assert records and all(bounds == [None, None] for r in records for bounds in r["loss_delta_ci"].values())
+
+
+@pytest.mark.parametrize("sae", [{"path": "/missing/sae"}, {"path": ""}, {"release": "gemma-scope"}])
+def test_an_sae_mapping_that_names_nothing_loadable_is_refused_at_construction(sae):
+    """A plain path was checked when the callback was built; the same given as {"path": ...} (or a release without
+    its sae_id) failed only at train start."""
+    from sts_callback import STSInputError
+
+    with pytest.raises(STSInputError, match="not a folder|path is empty|needs 'release' and 'sae_id'"):
+        make_callback(sae=sae)

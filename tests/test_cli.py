@@ -805,6 +805,29 @@ def test_a_damaged_sae_folder_is_a_one_line_error_before_the_model_loads(workspa
     assert str(folder) in err and named in err
 
 
+@pytest.mark.parametrize("sae, named", [
+    ({"path": "/missing/sae"}, "SAE '/missing/sae' is not a folder"),
+    ({"path": ""}, "The SAE path is empty"),
+    ({"release": "gemma-scope"}, "needs 'release' and 'sae_id'"),
+])
+def test_an_sae_given_as_a_mapping_is_checked_before_the_model_loads(workspace, capsys, no_model, sae, named):
+    assert main(["forecast", str(write_config(workspace, sae=sae))]) == 2
+    assert named in one_line_error(capsys)
+
+
+def test_an_sae_folder_whose_cfg_names_a_non_residual_hook_is_refused_before_the_model(workspace, tmp_path, capsys,
+                                                                                       no_model):
+    import shutil
+
+    folder = tmp_path / "sae"
+    shutil.copytree(workspace / "sae", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg.setdefault("metadata", {})["hook_name"] = "blocks.1.hook_mlp_out"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert main(["forecast", str(write_config(workspace, sae=str(folder)))]) == 2
+    assert "reads hook 'blocks.1.hook_mlp_out' (its cfg.json), which is not the residual" in one_line_error(capsys)
+
+
 def test_an_sae_named_by_a_bare_relative_path_that_is_no_folder_is_refused_before_the_model(workspace, tmp_path,
                                                                                                capsys, no_model,
                                                                                                monkeypatch):

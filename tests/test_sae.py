@@ -204,8 +204,65 @@ def test_an_encode_that_returns_no_dense_latents_is_refused_at_load():
             top = torch.relu(self.proj(x)).topk(4)
             return top.values, top.indices
 
-    with pytest.raises(STSInputError, match="returned a tuple.*dense latents of shape \\[n, d_sae\\]"):
+    with pytest.raises(STSInputError, match="returned a tuple.*dense floating-point latents of shape \\[n, d_sae\\]"):
         load_sae(SparseOutput())
+
+
+def test_sae_objects_stsneeds_to_read_otherwise_are_read_as_they_mean_or_refused_at_load():
+    """Each of these was accepted at load and failed after the model's forwards, or scored wrongly: top-k indices
+    (read as 8 latents), a sparse COO result (torch's topk has no sparse kernel), a cfg-carrying object whose
+    encode returns a tuple or whose cfg.hook_name was ignored, a BatchNorm in training mode refused by the load's
+    own test, an SAE under torch.compile (its training SAE's encode used, its fingerprint another), buffers cast in
+    the caller's object."""
+    from types import SimpleNamespace
+
+    class Linear(torch.nn.Module):
+        def __init__(self, out="dense"):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj, self.d_in, self.out = torch.nn.Linear(32, 64), 32, out
+            self.norm = torch.nn.BatchNorm1d(64)
+
+        def encode(self, x):
+            acts = torch.relu(self.norm(self.proj(x)))
+            if self.out == "indices":
+                return acts.topk(8).indices
+            if self.out == "sparse":
+                return acts.to_sparse()
+            if self.out == "tuple":
+                return acts, None
+            return acts
+
+    with pytest.raises(STSInputError, match="returned a torch.int64 tensor of shape \\(1, 8\\).*floating-point"):
+        load_sae(Linear("indices"))
+    dense, sparse = Linear(), Linear("sparse")
+    assert dense.training  # a new module: its BatchNorm cannot normalise one row in training mode
+    x = torch.randn(5, 32)
+    handle = load_sae(sparse)
+    assert handle.d_sae == 64 and torch.equal(handle.encode(x), load_sae(dense).encode(x))
+    with_cfg = Linear("tuple")
+    with_cfg.cfg = SimpleNamespace(d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post")
+    with pytest.raises(STSInputError, match="returned a tuple"):
+        load_sae(with_cfg)
+    with_cfg.out, with_cfg.cfg.hook_name = "dense", "blocks.1.hook_mlp_out"
+    with pytest.raises(STSInputError, match="not the residual stream"):
+        load_sae(with_cfg)
+    with_cfg.cfg.hook_name = "blocks.1.hook_resid_post"
+    assert load_sae(with_cfg).layer == 1
+    plain = make_sae_lens_sae()
+    compiled = torch.compile(plain)
+    assert load_sae(compiled).fingerprint() == load_sae(plain).fingerprint()
+
+    class BufferSAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("W_enc", torch.randn(32, 64))
+
+        def encode(self, x):
+            return torch.relu(x @ self.W_enc)
+
+    held = BufferSAE()
+    assert load_sae(held, dtype=torch.bfloat16).module is not held and held.W_enc.dtype == torch.float32
 
 
 def test_the_sae_fit_counts_negative_latents_as_active():

@@ -88,7 +88,10 @@ class SAEHandle:
         if reference is not None:
             x = x.to(device=reference.device, dtype=reference.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.module.encode(x)
+            latents = self.module.encode(x)
+        # a sparse result (sae-lens' TopK(use_sparse_activations=True), a COO tensor): the dense rows STS reads
+        return latents.to_dense() if isinstance(latents, torch.Tensor) and latents.layout != torch.strided \
+            else latents
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "SAEHandle":
         if isinstance(self.module, nn.Module):
@@ -139,6 +142,7 @@ def _sae_lens_handle(sae: Any, source: dict[str, Any]) -> SAEHandle:
     cfg = sae.cfg
     metadata = getattr(cfg, "metadata", None)
     hook_name = getattr(metadata, "hook_name", None) if metadata is not None else None
+    hook_name = hook_name or getattr(cfg, "hook_name", None)  # older sae-lens, or an SAE of one's own with a cfg
     hf_hook_name = getattr(metadata, "hf_hook_name", None) if metadata is not None else None
     if getattr(cfg, "d_out", None) is not None or getattr(metadata, "hook_name_out", None) is not None:
         raise STSInputError(
@@ -174,32 +178,57 @@ def _generic_handle(module: Any) -> SAEHandle:
             f"Cannot tell the input width of {type(module).__name__}: give it a `d_in` attribute (or `cfg.d_in`, "
             "or a `W_enc` of shape [d_in, d_sae])."
         )
+    hook_name = getattr(module, "hook_name", None)
+    handle = SAEHandle(module=module, d_in=int(d_in), d_sae=int(d_sae or 0), hook_name=hook_name,
+                       layer=layer_from_hook_name(hook_name), source={"kind": type(module).__name__})
+    handle.d_sae = d_sae or int(check_encode(handle, expected_width=d_sae).shape[-1])
+    return handle
+
+
+def check_encode(handle: SAEHandle, expected_width: int | None = None) -> torch.Tensor:
+    """The SAE's latents of one zero row, at load time: an ``encode()`` STS cannot read (another shape, a tuple,
+    integer top-k indices, a sequence-level SAE wanting [batch, seq, d_in]) would fail mid-pass with a bare error,
+    or give meaningless scores, after the model's forwards. Run as STS runs it (in eval mode, without gradients);
+    the module's own training flags are put back."""
+    module, d_in = handle.module, handle.d_in
+    width = expected_width if expected_width is not None else handle.d_sae or None
     reference = weights_of(module)  # a row on the SAE's own device and dtype, as SAEHandle.encode passes rows
-    probe = torch.zeros(1, int(d_in), device=reference.device if reference is not None else None,
+    probe = torch.zeros(1, d_in, device=reference.device if reference is not None else None,
                         dtype=reference.dtype if reference is not None else torch.float32)
+    modes = {m: m.training for m in module.modules()} if isinstance(module, nn.Module) else {}
     try:
-        with torch.no_grad():  # at load time: an encode() of another shape would fail mid-pass with a bare error
-            latents = module.encode(probe)
+        for m in modes:
+            m.training = False
+        with torch.no_grad():
+            latents = handle.encode(probe)
     except Exception as err:
         raise STSInputError(f"{type(module).__name__}.encode(x) failed on one zero row of shape [1, {d_in}] "
-                            f"({type(err).__name__}: {err}); STS calls encode on [n, d_in] residual rows.") from err
+                            f"({type(err).__name__}: {err}); STS calls encode on [n, d_in] residual rows (a "
+                            "sequence-level SAE is not one it can read).") from err
+    finally:
+        for m, training in modes.items():
+            m.training = training
     if not isinstance(latents, torch.Tensor) or latents.dim() != 2 or latents.shape[0] != 1 or \
-            (d_sae is not None and latents.shape[-1] != d_sae):
-        shown = f"a tensor of shape {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) else \
-            f"a {type(latents).__name__}"
+            not latents.is_floating_point() or (width is not None and latents.shape[-1] != width):
+        shown = f"a {latents.dtype} tensor of shape {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) \
+            else f"a {type(latents).__name__}"
         raise STSInputError(
             f"{type(module).__name__}.encode(x) returned {shown} for x of shape [1, {d_in}]; STS needs dense "
-            f"latents of shape [n, d_sae]{f' (d_sae={d_sae})' if d_sae else ''}. Wrap it so that encode returns "
-            "them (e.g. scatter sparse top-k activations and indices into a zero tensor).")
-    d_sae = d_sae or int(latents.shape[-1])
-    hook_name = getattr(module, "hook_name", None)
-    return SAEHandle(module=module, d_in=int(d_in), d_sae=int(d_sae), hook_name=hook_name,
-                     layer=layer_from_hook_name(hook_name), source={"kind": type(module).__name__})
+            f"floating-point latents of shape [n, d_sae]{f' (d_sae={width})' if width else ''}. Wrap it so that "
+            "encode returns them (e.g. scatter sparse top-k activations and indices into a zero tensor).")
+    return latents
 
 
 def missing_sae_folder(spec: Any) -> str | None:
     """The error for an SAE path that names no folder (a string that is neither a folder nor 'release::sae_id'),
-    else None: checkable before any model loads."""
+    else None: checkable before any model loads. A dict names its ``path``, or ``release`` and ``sae_id``."""
+    if isinstance(spec, dict):
+        if "path" in spec:
+            return missing_sae_folder(spec["path"])
+        if "release" not in spec or "sae_id" not in spec:
+            return (f"SAE spec {spec} needs 'release' and 'sae_id' (sae-lens' names for a pretrained SAE) or "
+                    "'path' (a sae-lens folder).")
+        return None
     if isinstance(spec, str) and not spec.strip():  # Path("") is the current folder: said before it is read
         return (f"The SAE path is empty ({spec!r}: an unset variable?); pass a sae-lens folder, "
                 "{'release': ..., 'sae_id': ...}, 'release::sae_id', a sae-lens SAE, or a module with encode().")
@@ -257,6 +286,12 @@ def check_sae_folder(folder: str | Path) -> None:
     if not isinstance(parsed, dict):
         raise STSInputError(f"The SAE's {cfg} holds a {type(parsed).__name__}, not sae-lens' settings object. "
                             f"{SAE_REBUILD_HINT}")
+    metadata = parsed.get("metadata") if isinstance(parsed.get("metadata"), dict) else {}
+    hook = metadata.get("hook_name") or parsed.get("hook_name")
+    if isinstance(hook, str) and _NOT_RESIDUAL.search(hook):  # said now, not once the model has loaded
+        raise STSInputError(f"The SAE in {folder} reads hook {hook!r} (its cfg.json), which is not the residual "
+                            "stream after a decoder block; STS needs a resid_post SAE (e.g. "
+                            "'blocks.12.hook_resid_post' or 'model.layers.12').")
     weights = folder / "sae_weights.safetensors"
     if not weights.exists():
         if (folder / "sae.safetensors").exists():  # EleutherAI sparsify's layout: a format sae-lens does not read
@@ -288,6 +323,10 @@ def check_not_on_meta(sae: Any) -> None:
 def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEHandle:
     """Load an SAE from any accepted form (see module docstring) and return an :class:`SAEHandle`."""
     check_not_on_meta(spec)
+    if isinstance(getattr(spec, "_orig_mod", None), nn.Module):  # torch.compile's wrapper: the SAE it compiled
+        spec = spec._orig_mod
+    if isinstance(spec, str) and not spec.strip():  # Path("") is the working folder: an unset variable, said so
+        raise STSInputError(missing_sae_folder(spec))
     if isinstance(spec, (str, Path)) and "::" not in str(spec):  # a folder, `~` as the shell reads it
         spec = Path(os.path.expanduser(str(spec))) if isinstance(spec, Path) else os.path.expanduser(spec)
     if isinstance(spec, SAEHandle):
@@ -329,6 +368,7 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
     elif hasattr(spec, "cfg") and hasattr(getattr(spec, "cfg"), "d_sae") and hasattr(spec, "encode"):
         handle = _sae_lens_handle(_own_copy_if_moved(spec, device, dtype),
                                   {"kind": "sae_lens_object", "class": type(spec).__name__})
+        check_encode(handle)  # not only sae-lens' own classes carry a cfg with d_sae
     elif hasattr(spec, "encode") and callable(spec.encode):
         handle = _generic_handle(_own_copy_if_moved(spec, device, dtype))
     else:
@@ -369,7 +409,7 @@ def _inference_sae(training_sae: Any, device: torch.device | str | None) -> Any:
 def _own_copy_if_moved(module: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
     """``module``, or a copy of it when STSConfig(sae_dtype=) casts it or it must move to the model's device: the
     caller's SAE object keeps its dtype and device."""
-    param = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
+    param = weights_of(module) if isinstance(module, nn.Module) else None  # a parameter, else a buffer
     if param is None:
         return module
     cast = dtype is not None and param.dtype != dtype

@@ -276,7 +276,7 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
     from ..core.sae import check_sae_folder, missing_sae_folder
 
     sae = _expand(config_file["sae"])  # a path, as for the model
-    problem = missing_sae_folder(sae) if isinstance(sae, str) else None  # a bare name is a relative path too
+    problem = missing_sae_folder(sae) if isinstance(sae, (str, dict)) else None  # a bare name is a path too
     if problem:
         raise STSInputError(f"{args.config}: {problem}")
     folder = sae.get("path") if isinstance(sae, dict) else sae
