@@ -44,6 +44,13 @@ _NOT_RESIDUAL = re.compile(r"hook_(?:resid_mid|mlp_out|attn_out|mlp_in|attn_in|[
                            r"norm|\w*layernorm|\w*_norm|ln_\d|ln_f|\w*dropout)(?:\.|$)")
 
 
+def not_residual_error(reads: str) -> STSInputError:
+    """The error for an SAE whose hook (``reads``: which SAE reads which hook) is not the residual stream."""
+    return STSInputError(f"{reads}, which is not the residual stream after a decoder block (so STSConfig(layer=) "
+                         "cannot make it one); STS needs a resid_post SAE (e.g. 'blocks.12.hook_resid_post' or "
+                         "'model.layers.12').")
+
+
 def layer_from_hook_name(hook_name: str | None) -> int | None:
     """Decoder block whose output a hook name denotes, or ``None`` if it is not a residual-stream hook."""
     if not hook_name:
@@ -181,17 +188,17 @@ def _generic_handle(module: Any) -> SAEHandle:
     hook_name = getattr(module, "hook_name", None)
     handle = SAEHandle(module=module, d_in=int(d_in), d_sae=int(d_sae or 0), hook_name=hook_name,
                        layer=layer_from_hook_name(hook_name), source={"kind": type(module).__name__})
-    handle.d_sae = d_sae or int(check_encode(handle, expected_width=d_sae).shape[-1])
+    handle.d_sae = d_sae or int(check_encode(handle).shape[-1])  # unknown (0): the width encode returns
     return handle
 
 
-def check_encode(handle: SAEHandle, expected_width: int | None = None) -> torch.Tensor:
+def check_encode(handle: SAEHandle) -> torch.Tensor:
     """The SAE's latents of one zero row, at load time: an ``encode()`` STS cannot read (another shape, a tuple,
     integer top-k indices, a sequence-level SAE wanting [batch, seq, d_in]) would fail mid-pass with a bare error,
     or give meaningless scores, after the model's forwards. Run as STS runs it (in eval mode, without gradients);
-    the module's own training flags are put back."""
+    the module's own training flags are put back. The latents' width is checked where ``handle.d_sae`` is known."""
     module, d_in = handle.module, handle.d_in
-    width = expected_width if expected_width is not None else handle.d_sae or None
+    width = handle.d_sae or None
     reference = weights_of(module)  # a row on the SAE's own device and dtype, as SAEHandle.encode passes rows
     probe = torch.zeros(1, d_in, device=reference.device if reference is not None else None,
                         dtype=reference.dtype if reference is not None else torch.float32)
@@ -289,9 +296,7 @@ def check_sae_folder(folder: str | Path) -> None:
     metadata = parsed.get("metadata") if isinstance(parsed.get("metadata"), dict) else {}
     hook = metadata.get("hook_name") or parsed.get("hook_name")
     if isinstance(hook, str) and _NOT_RESIDUAL.search(hook):  # said now, not once the model has loaded
-        raise STSInputError(f"The SAE in {folder} reads hook {hook!r} (its cfg.json), which is not the residual "
-                            "stream after a decoder block; STS needs a resid_post SAE (e.g. "
-                            "'blocks.12.hook_resid_post' or 'model.layers.12').")
+        raise not_residual_error(f"The SAE in {folder} reads hook {hook!r} (its cfg.json)")
     weights = folder / "sae_weights.safetensors"
     if not weights.exists():
         if (folder / "sae.safetensors").exists():  # EleutherAI sparsify's layout: a format sae-lens does not read
@@ -301,13 +306,12 @@ def check_sae_folder(folder: str | Path) -> None:
                                 "[n, d_sae], or convert it to a sae-lens SAE and save_model it.")
         raise STSInputError(f"{folder} has cfg.json but no sae_weights.safetensors (a copy cut short?). "
                             f"{SAE_REBUILD_HINT}")
-    if weights.exists():
-        try:
-            with safe_open(str(weights), framework="pt"):  # reads and checks the header only
-                pass
-        except (SafetensorError, OSError) as err:
-            raise STSInputError(f"The SAE's weights {weights} cannot be read ({err}): the file is damaged (cut "
-                                f"short?). {SAE_REBUILD_HINT}") from err
+    try:
+        with safe_open(str(weights), framework="pt"):  # reads and checks the header only
+            pass
+    except (SafetensorError, OSError) as err:
+        raise STSInputError(f"The SAE's weights {weights} cannot be read ({err}): the file is damaged (cut "
+                            f"short?). {SAE_REBUILD_HINT}") from err
 
 
 def check_not_on_meta(sae: Any) -> None:
@@ -379,11 +383,7 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
     if device is not None or dtype is not None:
         handle.to(device=device, dtype=dtype)
     if handle.hook_name and _NOT_RESIDUAL.search(handle.hook_name):  # whatever another name says (hf_hook_name)
-        raise STSInputError(
-            f"The SAE reads hook {handle.hook_name!r}, which is not the residual stream after a decoder block (so "
-            "STSConfig(layer=) cannot make it one); STS needs a resid_post SAE (e.g. 'blocks.12.hook_resid_post' or "
-            "'model.layers.12')."
-        )
+        raise not_residual_error(f"The SAE reads hook {handle.hook_name!r}")
     if isinstance(handle.module, nn.Module):
         handle.module.eval()
         check_finite_weights(handle)

@@ -634,16 +634,13 @@ class STSSession:
         """A resume with other sampling settings than the run started with measures the train-start samples all the
         same (the probe and held-out sets come back from the monitor state, the multiple-choice items are drawn as
         at train start): their base statistics were measured on them. Said, naming each setting."""
-        saved = monitor.saved_sampled_with or {}
-        changed = [f"{name}: {saved[name]!r} -> {value!r}" for name, value in monitor.sampled_with.items()
-                   if name in saved and saved[name] != value]
+        now = monitor.sampled_with
+        drawn = {**now, **(monitor.saved_sampled_with or {})}  # an older file's missing keys: as now
+        changed = [f"{name}: {drawn[name]!r} -> {value!r}" for name, value in now.items() if drawn[name] != value]
         if not changed:
             return
-        if (saved.get("seed"), saved.get("accuracy_items")) != (monitor.sampled_with["seed"],
-                                                                 monitor.sampled_with["accuracy_items"]):
-            monitor.accuracy_sets = _accuracy_sample(domains, saved.get("seed", monitor.sampled_with["seed"]),
-                                                     saved.get("accuracy_items",
-                                                               monitor.sampled_with["accuracy_items"]))
+        if (drawn["seed"], drawn["accuracy_items"]) != (now["seed"], now["accuracy_items"]):
+            monitor.accuracy_sets = _accuracy_sample(domains, drawn["seed"], drawn["accuracy_items"])
         self.warn("resume_sampling", f"STS: resuming with other sampling settings than the run started with "
                   f"({'; '.join(changed)}): the re-checks keep measuring the train-start samples, on which the base "
                   "losses, residuals and accuracies were measured; the new values apply from the next run.",

@@ -192,12 +192,15 @@ class Monitor:
             offsets.append(offsets[-1] + sum(flags))
         return offsets
 
-    def probe_residuals(self, model: nn.Module) -> torch.Tensor:
-        """Residual rows at all the probe's counted tokens in probe order (gathered from every rank)."""
+    def probe_residuals(self, model: nn.Module, sequences: Sequence[TokenSequence] | None = None) -> torch.Tensor:
+        """Residual rows at all the probe's (or ``sequences``') counted tokens in their order (gathered from every
+        rank)."""
+        sequences = self.probe if sequences is None else sequences
         rows: dict[int, torch.Tensor] = {}
-        for part in gather_objects(self.probe_rows(model)):
+        for part in gather_objects(self.probe_rows(model, sequences)):
             rows.update(part)
-        return torch.cat([rows[i] for i in range(len(self.probe))]) if self.probe else torch.zeros(0, self.setup.sae.d_in)
+        return torch.cat([rows[i] for i in range(len(sequences))]) if sequences else \
+            torch.zeros(0, self.setup.sae.d_in)
 
     def capture_base(self, model: nn.Module) -> None:
         """Keep the probe's residuals under the model as it is at train start (all of them, on every rank, so
@@ -215,12 +218,8 @@ class Monitor:
         peft = peft_model_of(model)
         if peft is None or self.base_residuals is None or not self.probe:
             return True
-        first = self.probe[:sequences]
-        rows: dict[int, torch.Tensor] = {}
         with peft.disable_adapter():
-            for part in gather_objects(self.probe_rows(model, first)):
-                rows.update(part)
-        disabled = torch.cat([rows[i] for i in range(len(first))])
+            disabled = self.probe_residuals(model, self.probe[:sequences])
         start = self.base_residuals[: len(disabled)]
         # float noise only (DoRA's magnitude at init rounds the weight): far below any adapter's effect
         return bool(torch.linalg.norm(disabled - start) <= 1e-3 * torch.linalg.norm(start))
