@@ -1099,3 +1099,39 @@ def test_forecast_refuses_an_in_context_calibration_for_a_preference_forecast_be
     config = write_config(workspace, train_data=str(tmp_path / "pairs.jsonl"), output=str(tmp_path / "f.json"))
     assert main(["forecast", str(config), "--calibration", str(path)]) == 2
     assert "a chosen_vs_rejected forecast does not have" in capsys.readouterr().err
+
+
+def sae_with_cfg(workspace, tmp_path, **changes):
+    import shutil
+
+    folder = tmp_path / "sae"
+    shutil.copytree(workspace / "sae", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key, value in changes.items():
+        if key == "hook_name":
+            cfg.setdefault("metadata", {})["hook_name"] = value
+        else:
+            cfg[key] = value
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["forecast", "gate", "validate"])
+@pytest.mark.parametrize("changes, options, named", [
+    ({"d_in": 48}, {}, "d_in=48 does not match the model's hidden size 32"),
+    ({"hook_name": "blocks.7.hook_resid_post"}, {}, "Layer 7 does not exist: the model has 3 decoder layers"),
+    ({}, {"layer": 2}, "STSConfig.layer=2 but the SAE was trained on layer 1"),
+])
+def test_an_sae_folder_for_another_model_or_layer_is_refused_before_the_model_loads(
+        workspace, tmp_path, capsys, no_model, command, changes, options, named):
+    """Read from the two folders' JSON: an SAE for another model failed only once the model had loaded (minutes
+    for a real one)."""
+    folder = sae_with_cfg(workspace, tmp_path, **changes)
+    settings = {"sae": str(folder), "options": {"n_shifted": 8, **options}}
+    if command == "gate":
+        settings.update(train_data=None, candidates={"law": str(workspace / "train.jsonl")}, protected=["chem"])
+    elif command == "validate":
+        settings.update(output=None, output_dir=str(tmp_path / "validation"))
+    assert main([command, str(write_config(workspace, **settings))]) == 2
+    err = one_line_error(capsys)
+    assert named in err and str(folder) in err

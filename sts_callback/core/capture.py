@@ -170,20 +170,33 @@ def text_config(model: nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def hidden_size(model: nn.Module) -> int:
-    config = text_config(model)
+def config_hidden_size(config: Any) -> int | None:
+    """The residual width a (text) model config names, or None."""
     for name in ("hidden_size", "n_embd", "d_model"):
         if getattr(config, name, None):
             return int(getattr(config, name))
-    raise STSInputError(f"Cannot read the hidden size from {type(config).__name__}.")
+    return None
 
 
-def num_layers(model: nn.Module) -> int:
-    config = text_config(model)
+def config_num_layers(config: Any) -> int | None:
+    """The decoder layer count a (text) model config names, or None."""
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         if getattr(config, name, None):
             return int(getattr(config, name))
-    return len(decoder_layers(model))
+    return None
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = text_config(model)
+    size = config_hidden_size(config)
+    if size is None:
+        raise STSInputError(f"Cannot read the hidden size from {type(config).__name__}.")
+    return size
+
+
+def num_layers(model: nn.Module) -> int:
+    n = config_num_layers(text_config(model))
+    return n if n is not None else len(decoder_layers(model))
 
 
 def check_layer_runs_on_text(model: nn.Module, layer: int) -> None:

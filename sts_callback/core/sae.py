@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import STSInputError, first_line
+from .errors import STSConfigError, STSInputError, first_line
 
 _LAYER_PATTERNS = (  # a model or release prefix before the name ("model.", "gpt2-small/") is allowed
     (re.compile(r"(?:^|[./])blocks\.(\d+)\.hook_resid_post$"), 0),
@@ -430,17 +430,51 @@ def check_finite_weights(handle: SAEHandle) -> None:
                             "every score would be NaN. Reload the SAE, or retrain it (sts train-sae).")
 
 
-def check_sae_for_model(handle: SAEHandle, model_hidden_size: int, model_layers: int, layer: int) -> None:
-    """Fail early when the SAE cannot read this model's residual stream at ``layer``."""
-    if handle.d_in != model_hidden_size:
+def check_sae_for_model(d_in: int, hook_name: str | None, model_hidden_size: int, model_layers: int,
+                        layer: int) -> None:
+    """Fail early when an SAE of width ``d_in`` (reading ``hook_name``) cannot read this model's residual stream
+    at ``layer``."""
+    if d_in != model_hidden_size:
         raise STSInputError(
-            f"SAE d_in={handle.d_in} does not match the model's hidden size {model_hidden_size}: this SAE was "
+            f"SAE d_in={d_in} does not match the model's hidden size {model_hidden_size}: this SAE was "
             "trained for another model. Use an SAE for this model (or train one with sts_callback.tools.train_sae)."
         )
     if not 0 <= layer < model_layers:
-        hook = f" (the SAE reads {handle.hook_name!r})" if handle.hook_name else ""
+        hook = f" (the SAE reads {hook_name!r})" if hook_name else ""
         raise STSInputError(
             f"Layer {layer} does not exist: the model has {model_layers} decoder layers (0..{model_layers - 1})"
             f"{hook}. Use an SAE trained on this model's residual stream (sts train-sae trains one), or set "
             "STSConfig(layer=) to the layer the SAE was trained on."
         )
+
+
+def layer_to_read(config_layer: int | None, sae_layer: int | None, hook_name: str | None) -> int:
+    """The decoder layer STS reads: ``STSConfig.layer`` where set, else the SAE's own; they must agree."""
+    if config_layer is not None and sae_layer is not None and config_layer != sae_layer:
+        raise STSConfigError(
+            f"STSConfig.layer={config_layer} but the SAE was trained on layer {sae_layer} ({hook_name}); "
+            "drop STSConfig.layer or use an SAE for that layer."
+        )
+    layer = config_layer if config_layer is not None else sae_layer
+    if layer is None:
+        named = f"its hook name {hook_name!r} names no decoder layer" if hook_name else "it has no hook name"
+        raise STSConfigError(f"The SAE does not say which layer it reads ({named}); set STSConfig(layer=...) to "
+                             "the decoder layer whose output it was trained on.")
+    return layer
+
+
+def sae_folder_reads(folder: str | Path) -> tuple[int | None, str | None, int | None]:
+    """(d_in, hook name, layer) a sae-lens folder's cfg.json names, read without loading the SAE (as
+    :func:`_sae_lens_handle` reads them from the loaded one); None where it does not say."""
+    try:
+        parsed = json.loads((Path(folder) / "cfg.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, None, None
+    if not isinstance(parsed, dict):
+        return None, None, None
+    metadata = parsed.get("metadata") if isinstance(parsed.get("metadata"), dict) else {}
+    hooks = [h for h in (metadata.get("hook_name") or parsed.get("hook_name"), metadata.get("hf_hook_name"))
+             if isinstance(h, str) and h]
+    layers = [layer for layer in map(layer_from_hook_name, hooks) if layer is not None]
+    d_in = parsed.get("d_in")
+    return (int(d_in) if type(d_in) is int else None, hooks[0] if hooks else None, layers[0] if layers else None)

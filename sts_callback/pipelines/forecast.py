@@ -35,7 +35,7 @@ from ..core.run_store import FORECAST_FORMAT
 from ..core.extract import Extractor, PairedStats
 from ..core.heldout import all_sequence_nll
 from ..core.stats import TopActivations
-from ..core.sae import SAEHandle, check_sae_for_model, load_sae
+from ..core.sae import SAEHandle, check_sae_for_model, layer_to_read, load_sae
 from ..core.torch_utils import model_device, pad_token_id
 
 logger = logging.getLogger(__name__)
@@ -321,17 +321,7 @@ def inference_mode(model: nn.Module):
 
 
 def resolve_layer(config: STSConfig, sae: SAEHandle) -> int:
-    if config.layer is not None and sae.layer is not None and config.layer != sae.layer:
-        raise STSConfigError(
-            f"STSConfig.layer={config.layer} but the SAE was trained on layer {sae.layer} ({sae.hook_name}); "
-            "drop STSConfig.layer or use an SAE for that layer."
-        )
-    layer = config.layer if config.layer is not None else sae.layer
-    if layer is None:
-        named = f"its hook name {sae.hook_name!r} names no decoder layer" if sae.hook_name else "it has no hook name"
-        raise STSConfigError(f"The SAE does not say which layer it reads ({named}); set STSConfig(layer=...) to "
-                             "the decoder layer whose output it was trained on.")
-    return layer
+    return layer_to_read(config.layer, sae.layer, sae.hook_name)
 
 
 @dataclass
@@ -355,7 +345,7 @@ class ForecastSetup:
         dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else None
         handle = load_sae(sae, device=device, dtype=dtype)
         layer = resolve_layer(config, handle)
-        check_sae_for_model(handle, hidden_size(model), num_layers(model), layer)
+        check_sae_for_model(handle.d_in, handle.hook_name, hidden_size(model), num_layers(model), layer)
         check_layer_runs_on_text(model, layer)
         if config.n_shifted > handle.d_sae:
             raise STSConfigError(

@@ -282,6 +282,7 @@ def _command_config(args: argparse.Namespace, command: str, required: tuple[str,
     folder = sae.get("path") if isinstance(sae, dict) else sae
     if isinstance(folder, str) and Path(os.path.expanduser(folder)).is_dir():
         check_sae_folder(os.path.expanduser(folder))  # a damaged folder: named now, not after the model loads
+        _check_sae_fits_model(args.config, config_file["model"], os.path.expanduser(folder), config)
     _check_model_settings(args.config, config_file, config)
     _check_data_values(args.config, config_file)
     _check_data_files(_data_specs(config_file))
@@ -380,6 +381,45 @@ def _check_model(spec: Any) -> None:
     if looks_like_path:
         raise STSInputError(f"Model folder {spec} does not exist; check the path (or give a hub name already in "
                             "the cache, or gemma-3-270m).")
+
+
+def _local_model_config(spec: str) -> Any:
+    """The text config of a model that is on this machine already (a folder, or the demo model once built),
+    read from its config.json alone; None for a hub name or a config transformers cannot read (the loader
+    says why)."""
+    from transformers import AutoConfig
+
+    from .models import GEMMA3_270M, default_cache_dir
+
+    folder = default_cache_dir() / GEMMA3_270M if spec in GEMMA_NAMES else Path(os.path.expanduser(spec))
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception:  # noqa: BLE001 - a config only the model's own code reads: checked once it loads
+        return None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _check_sae_fits_model(path: str, model_spec: str, sae_folder: str, config: Any) -> None:
+    """An SAE folder for another model (its width, or a layer the model lacks, or another layer than
+    ``options.layer``) is refused from the two folders' JSON, before minutes of model loading."""
+    from ..core.capture import config_hidden_size, config_num_layers
+    from ..core.sae import check_sae_for_model, layer_to_read, sae_folder_reads
+
+    d_in, hook_name, sae_layer = sae_folder_reads(sae_folder)
+    if config.layer is None and sae_layer is None:
+        return  # said where it is read (STSConfig.layer is then needed), with the loaded SAE's own words
+    try:
+        layer = layer_to_read(config.layer, sae_layer, hook_name)
+        model_config = _local_model_config(model_spec)
+        if model_config is None or d_in is None:
+            return
+        hidden, layers = config_hidden_size(model_config), config_num_layers(model_config)
+        if hidden is not None and layers is not None:
+            check_sae_for_model(d_in, hook_name, hidden, layers, layer)
+    except STSError as err:
+        raise type(err)(f"{path}: the SAE {sae_folder} and the model {model_spec}: {err}") from err
 
 
 def _data_specs(config_file: dict[str, Any]) -> list[Any]:
