@@ -1,0 +1,189 @@
+"""A compressed proxy run as a step-0 forecast: the whole run's learning-rate area in a few steps.
+
+    python benchmarks/transfer/proxy.py                    # every LoRA source, seed 0 (resumable)
+    python benchmarks/transfer/proxy.py --only legal python_code --proxy-steps 8
+    python benchmarks/transfer/proxy.py --score            # table + JSON from the proxies on disk
+
+Every step-0 forecast of the benchmark so far misses legal and python_code: on legal the other domains first
+improve and turn worse only after a quarter of the run; on python_code the other sources' runs (the prior) point
+the wrong way. A 1-3 step lookahead sees only the start. This script asks whether a *compressed* run sees the
+end: ``--proxy-steps`` K optimizer steps on the run's own first K batches (same recipe, seed and data order), at a
+constant learning rate that gives the full run's learning-rate area (the 64-step cosine schedule with 10% warm-up)
+in K steps, then every domain's held-out NLL change on ``--tokens`` of the precise sample (the same texts as
+``precise.py``, base NLL read from ``units/precise-base.json``). Written to ``units/proxy-<unit>-k<K>.json``.
+
+Registered before the runs (commit of this file): the proxy's changes order the other 10 domains' precise final
+changes (``units/precise-<unit>.json``) at Pearson >= 0.85 and direction >= 80% on at least 10 of the 11 LoRA
+sources, legal and python_code among them, where the shipped step-0 forecast meets it on 9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from precise import CHEAP_FORECAST, TOKENS, base_nll, precise_sample  # noqa: E402
+from units import COMMON, RECIPES, SOURCES, UNITS, fingerprint, load_setup, split, unit_name, write_json  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def schedule_area(steps: int, lr: float) -> float:
+    """The learning-rate area of the benchmark's recipe: ``steps`` steps of cosine with 10% warm-up at peak
+    ``lr``, read from transformers' own scheduler (as the Trainer builds it)."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(np.ceil(0.1 * steps)),
+                              num_training_steps=steps)
+    area = 0.0
+    for _ in range(steps):
+        area += optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    return area
+
+
+def proxy_path(out: Path, source: str, seed: int, proxy_steps: int) -> Path:
+    return out / f"proxy-{unit_name('lora', source, seed)}-k{proxy_steps}.json"
+
+
+def measured_subset(sample: dict[str, list], before: dict[str, list], tokens: int):
+    """Each domain's first texts of the precise sample within ``tokens`` (its order is already seeded)."""
+    sample_out, before_out = {}, {}
+    for name, seqs in sample.items():
+        total, keep = 0, 0
+        for row in before[name]:
+            if keep and total + row[1] > tokens:
+                break
+            total += row[1]
+            keep += 1
+        sample_out[name], before_out[name] = seqs[:keep], before[name][:keep]
+    return sample_out, before_out
+
+
+def run_proxy(model, tokenizer, sae_path, source: str, seed: int, texts, sample, before, proxy_steps: int,
+              out: Path, work: Path) -> dict:
+    import torch
+
+    from sts_callback.core.config import STSConfig
+    from sts_callback.core.heldout import paired_change, sequence_nll
+    from sts_callback.core.torch_utils import pad_token_id
+    from sts_callback.validation.validate import validate
+
+    after: dict[str, list] = {}
+    seconds = {"measure": 0.0}
+
+    def metric(trained, tok, domain):  # once per domain on the base weights (cached), then after the proxy
+        metric.calls = getattr(metric, "calls", 0) + 1
+        if metric.calls <= len(before):
+            values = torch.tensor(before[domain], dtype=torch.float64)
+        else:
+            start = time.perf_counter()
+            values = sequence_nll(trained, sample[domain], pad_token_id(tok), 8)
+            seconds["measure"] += time.perf_counter() - start
+            after[domain] = values.tolist()
+        return float(values[:, 0].sum() / values[:, 1].sum())
+
+    recipe = RECIPES["lora"]
+    area = schedule_area(COMMON["steps"], recipe["learning_rate"])
+    lr = area / proxy_steps
+    train, targets = split(source, texts)
+    start = time.perf_counter()
+    validate(model, tokenizer, sae_path, train, targets, STSConfig(**CHEAP_FORECAST), seeds=[seed],
+             method=recipe["method"], learning_rate=lr, steps=proxy_steps, batch_size=COMMON["batch_size"],
+             max_length=COMMON["max_length"], loss_tokens=COMMON["loss_tokens"], recheck_tokens=256,
+             training_args={"logging_steps": 1, "lr_scheduler_type": "constant", "warmup_steps": 0},
+             output_dir=work / f"proxy-{source}-seed{seed}-k{proxy_steps}", n_resamples=0, plot=False,
+             report=False, metric=metric)
+    changes = {}
+    for name in sorted(before):
+        change = paired_change(torch.tensor(before[name], dtype=torch.float64),
+                               torch.tensor(after[name], dtype=torch.float64))
+        changes[name] = {"delta": change.delta, "low": change.low, "high": change.high, "tokens": change.tokens}
+    data = {"format": "sts-transfer-proxy/1", "unit": unit_name("lora", source, seed), "source": source, "seed": seed,
+            "proxy_steps": proxy_steps, "learning_rate": lr, "full_run_area": area,
+            "nll_delta_rel": {n: c["delta"] for n, c in changes.items()}, "change": changes,
+            "domains_fingerprint": fingerprint(texts),
+            "seconds": {"total": time.perf_counter() - start, **seconds}, "date": time.strftime("%Y-%m-%d")}
+    write_json(proxy_path(out, source, seed, proxy_steps), data)
+    return data
+
+
+def agreement(prediction: dict[str, float], truth: dict[str, float], source: str) -> dict:
+    from scipy.stats import pearsonr
+
+    others = sorted(d for d in truth if d != source and d in prediction)
+    x = np.array([prediction[d] for d in others])
+    y = np.array([truth[d] for d in others])
+    r = float(pearsonr(x, y).statistic) if np.std(x) > 0 and np.std(y) > 0 else None
+    direction = float(np.mean(np.sign(x) == np.sign(y)))
+    return {"pearson": r, "direction": direction, "meets_goal": r is not None and r >= 0.85 and direction >= 0.8}
+
+
+def score(out: Path, proxy_steps: int, json_out: Path) -> None:
+    rows = []
+    for source in SOURCES:
+        path = proxy_path(out, source, 0, proxy_steps)
+        if not path.exists():
+            continue
+        proxy = json.loads(path.read_text())["nll_delta_rel"]
+        row = {"source": source}
+        for seed in (0, 1):
+            precise = out / f"precise-{unit_name('lora', source, seed)}.json"
+            if precise.exists():
+                row[f"seed{seed}"] = agreement(proxy, json.loads(precise.read_text())["nll_delta_rel"], source)
+        rows.append(row)
+    print(f"proxy of {proxy_steps} steps vs the precise final change (r / direction over the other domains)")
+    print(f"{'source':<18} {'seed 0':>16} {'seed 1':>16}")
+    for row in rows:
+        cells = [f"{row[k]['pearson']:+.2f} / {100 * row[k]['direction']:.0f}%{' *' if row[k]['meets_goal'] else ''}"
+                 if k in row and row[k]["pearson"] is not None else "-" for k in ("seed0", "seed1")]
+        print(f"{row['source']:<18} {cells[0]:>16} {cells[1]:>16}")
+    met = sum(1 for r in rows if r.get("seed0", {}).get("meets_goal"))
+    print(f"at the goal (seed 0): {met} of {len(rows)}")
+    write_json(json_out, {"proxy_steps": proxy_steps, "rows": rows, "sources_meeting_goal_seed0": met,
+                          "sources": len(rows)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=SOURCES, help="these sources (default: all 11)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--proxy-steps", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens per domain measured after")
+    parser.add_argument("--out", type=Path, default=UNITS)
+    parser.add_argument("--work", type=Path, default=Path("outputs/transfer-proxy"))
+    parser.add_argument("--score", action="store_true", help="score the proxies on disk and write the JSON")
+    parser.add_argument("--json", type=Path, default=None, help="the --score JSON (default proxy_k<K>.json)")
+    args = parser.parse_args()
+    if args.score:
+        score(args.out, args.proxy_steps, args.json or HERE / f"proxy_k{args.proxy_steps}.json")
+        return
+    todo = [s for s in (args.only or SOURCES) if not proxy_path(args.out, s, args.seed, args.proxy_steps).exists()]
+    print(f"{len(todo)} proxy run(s) to do", flush=True)
+    if not todo:
+        return
+    from sts_callback.core.config import STSConfig
+    from sts_callback.pipelines.forecast import prompt_builder
+
+    model, tokenizer, sae_path, texts = load_setup(args.out)
+    sample = precise_sample(texts, prompt_builder(model, tokenizer, STSConfig(**CHEAP_FORECAST)), TOKENS)
+    before = base_nll(model, tokenizer, sample, f"{fingerprint(texts)}-{TOKENS}", args.out)
+    sample, before = measured_subset(sample, before, args.tokens)
+    for source in todo:
+        print(f"== proxy {source} seed {args.seed} k{args.proxy_steps} ({time.strftime('%H:%M:%S')}) ==", flush=True)
+        data = run_proxy(model, tokenizer, sae_path, source, args.seed, texts, sample, before, args.proxy_steps,
+                         args.out, args.work)
+        print(f"   done in {data['seconds']['total'] / 60:.1f} min (lr {data['learning_rate']:.2e})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
