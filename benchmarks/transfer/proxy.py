@@ -128,29 +128,69 @@ def agreement(prediction: dict[str, float], truth: dict[str, float], source: str
     return {"pearson": r, "direction": direction, "meets_goal": r is not None and r >= 0.85 and direction >= 0.8}
 
 
+def calibrated(proxies: dict[str, dict[str, float]], truths: dict[str, dict[str, float]], source: str,
+               form: str) -> dict[str, float]:
+    """The held-out ``source``'s proxy changes mapped to final changes by a line fitted on the other sources'
+    (proxy, precise final change) pairs over their other domains (leave one source out): ``global`` one intercept
+    and slope; ``domain`` an intercept per target domain and one slope (a domain's usual level beside the proxy's
+    order)."""
+    pairs = [(d, proxies[s][d], truths[s][d]) for s in proxies if s != source and s in truths
+             for d in truths[s] if d != s and d in proxies[s]]
+    x = np.array([p for _, p, _ in pairs])
+    y = np.array([t for _, _, t in pairs])
+    if form == "global":
+        slope, intercept = np.polyfit(x, y, 1)
+        return {d: float(intercept + slope * v) for d, v in proxies[source].items()}
+    names = sorted({d for d, _, _ in pairs})
+    design = np.column_stack([x, *[[1.0 if d == n else 0.0 for d, _, _ in pairs] for n in names]])
+    coef = np.linalg.lstsq(design, y, rcond=None)[0]
+    level = dict(zip(names, coef[1:]))
+    return {d: float(level.get(d, np.mean(coef[1:])) + coef[0] * v) for d, v in proxies[source].items()}
+
+
+FORMS = ("raw", "global", "domain")
+
+
 def score(out: Path, proxy_steps: int, json_out: Path) -> None:
+    """Each form of the proxy forecast (raw changes; a line fitted leave-one-source-out, global or with a level per
+    domain, registered before the last four sources' proxies landed) against both seeds' precise final changes."""
+    proxies = {s: json.loads(proxy_path(out, s, 0, proxy_steps).read_text())["nll_delta_rel"] for s in SOURCES
+               if proxy_path(out, s, 0, proxy_steps).exists()}
+    truths = {seed: {s: json.loads((out / f"precise-{unit_name('lora', s, seed)}.json").read_text())["nll_delta_rel"]
+                     for s in SOURCES if (out / f"precise-{unit_name('lora', s, seed)}.json").exists()}
+              for seed in (0, 1)}
     rows = []
-    for source in SOURCES:
-        path = proxy_path(out, source, 0, proxy_steps)
-        if not path.exists():
-            continue
-        proxy = json.loads(path.read_text())["nll_delta_rel"]
+    for source in proxies:
         row = {"source": source}
-        for seed in (0, 1):
-            precise = out / f"precise-{unit_name('lora', source, seed)}.json"
-            if precise.exists():
-                row[f"seed{seed}"] = agreement(proxy, json.loads(precise.read_text())["nll_delta_rel"], source)
+        for form in FORMS:
+            prediction = proxies[source] if form == "raw" else calibrated(proxies, truths[0], source, form)
+            for seed in (0, 1):
+                if source in truths[seed]:
+                    row[f"{form}_seed{seed}"] = agreement(prediction, truths[seed][source], source)
         rows.append(row)
     print(f"proxy of {proxy_steps} steps vs the precise final change (r / direction over the other domains)")
-    print(f"{'source':<18} {'seed 0':>16} {'seed 1':>16}")
+    print(f"{'source':<18} " + " ".join(f"{f + ' s' + str(k):>16}" for f in FORMS for k in (0, 1)))
+
+    def cell(entry):
+        if entry is None or entry["pearson"] is None:
+            return "-"
+        return f"{entry['pearson']:+.2f} / {100 * entry['direction']:.0f}%{' *' if entry['meets_goal'] else ''}"
+
     for row in rows:
-        cells = [f"{row[k]['pearson']:+.2f} / {100 * row[k]['direction']:.0f}%{' *' if row[k]['meets_goal'] else ''}"
-                 if k in row and row[k]["pearson"] is not None else "-" for k in ("seed0", "seed1")]
-        print(f"{row['source']:<18} {cells[0]:>16} {cells[1]:>16}")
-    met = sum(1 for r in rows if r.get("seed0", {}).get("meets_goal"))
-    print(f"at the goal (seed 0): {met} of {len(rows)}")
-    write_json(json_out, {"proxy_steps": proxy_steps, "rows": rows, "sources_meeting_goal_seed0": met,
-                          "sources": len(rows)})
+        print(f"{row['source']:<18} " + " ".join(f"{cell(row.get(f'{f}_seed{k}')):>16}" for f in FORMS
+                                                   for k in (0, 1)))
+    summary = {}
+    for form in FORMS:
+        for seed in (0, 1):
+            cells = [r[f"{form}_seed{seed}"] for r in rows if f"{form}_seed{seed}" in r]
+            summary[f"{form}_seed{seed}"] = {
+                "sources": len(cells), "meeting_goal": sum(c["meets_goal"] for c in cells),
+                "mean_pearson": float(np.mean([c["pearson"] for c in cells if c["pearson"] is not None])),
+                "mean_direction": float(np.mean([c["direction"] for c in cells]))}
+    for key, value in summary.items():
+        print(f"{key:<16} at the goal {value['meeting_goal']} of {value['sources']}, mean r "
+              f"{value['mean_pearson']:+.2f}, direction {100 * value['mean_direction']:.0f}%")
+    write_json(json_out, {"proxy_steps": proxy_steps, "rows": rows, "summary": summary})
 
 
 def main() -> None:
