@@ -327,6 +327,10 @@ def test_grpo_reward_without_signal_skips_the_forecast_and_trains_on(tmp_path, t
     with pytest.warns(STSDataWarning, match="STS forecast skipped: The rewards carry no signal"):
         trainer.train()  # a sparse reward the base policy never earns must not stop the run
     check_run(trainer, cb, tmp_path, forecast=False)
+    # the report gives that reason, not the in-context one (answers to use as demonstrations)
+    report = (tmp_path / "sts" / "report.md").read_text()
+    assert "No forecast in this run: The rewards carry no signal" in report and "demonstrations" in report
+    assert "in-context demonstrations" not in report
 
 
 def test_shift_that_the_trainer_cannot_serve_is_an_error(tmp_path, tokenizer):

@@ -704,3 +704,65 @@ def test_the_report_says_what_the_shift_was_measured_on_and_what_it_leaves_out(t
     for text in (page, md):  # not "in-context estimate": a preference run's latents come from its pairs
         assert "chosen minus rejected completions" in text and "left out: the log-likelihood" in text
     assert "in-context estimate" not in page
+    # which way each latent moved says so of the pairs, not of a context there was none of
+    assert "↑ more active in chosen than rejected" in page and "↓ less active in chosen than rejected" in page
+    assert "active in context" not in page
+
+
+def test_a_run_that_ended_with_earlier_weights_is_not_projected_to_an_end_it_has_passed(tmp_path):
+    """With load_best_model_at_end loading step 2 of 6, report.md projected step 2's change "at the end of
+    training" (-23% beside a measured -9%) and quoted step 2's cost for all six re-checks."""
+    sts = tmp_path / "sts"
+    synthetic_forecast(["food", "chem"]).save(sts / "forecast.json")
+    (sts / "settings.json").write_text(json.dumps({"protected": ["food"], "tolerance": 0.05}))
+
+    def record(step, share, seconds):
+        return {"step": step, "scores": {"food": {"sts_act": 1.0}}, "shifted_latents": [1],
+                "loss_delta": {"food": -0.09, "chem": -0.02}, "violations": [], "lr_area_fraction": share,
+                "early_forecast": {"food": -0.23, "chem": -0.07},
+                "early_blend": {"early": 0.5},  # a blend without its step-0 weight: no KeyError
+                "overhead": {"share": 0.1, "recheck_seconds": seconds, "train_seconds": 10.0 * step}}
+
+    def report(*records):
+        (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return write_report(sts)[1].read_text()
+
+    history = [record(2, 0.52, 0.84), record(4, 0.8, 1.7), record(6, 0.99, 2.5)]
+    md = report(*history)
+    assert "Projected at the end of training (measured change, 99%" in md
+    md = report(*history[:-1], {**history[-1], "loaded_best_step": 2})
+    assert "ends with step 2's weights" in md and "Projected" not in md
+    assert "2.5 s against 60 s" in md  # the cost of every re-check, not of those up to step 2
+    md = report(history[0], {**history[1], "ended_early": {"max_steps": 8}})
+    assert "Training ended at step 4" in md and "Projected" not in md
+    md = report(history[0], {**history[1], "early_stop": "early stop at step 4: food"})
+    assert "Projected at the end of training, had it gone on" in md
+
+
+GOOD_RECHECK = {"step": 2, "scores": {"food": {"sts_act": 1.0}}, "shifted_latents": [1],
+                "loss_delta": {"food": 0.01}, "lr_area_fraction": 0.5,
+                "overhead": {"share": 0.1, "recheck_seconds": 1.0, "train_seconds": 10.0}}
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda sts: (sts / "settings.json").write_text("[1, 2]"), "settings.json holds a list"),
+    (lambda sts: (sts / "settings.json").write_text('{"protected": ["food"], "tolerance": "0.05"}'),
+     "do not read as STS wrote them"),
+    (lambda sts: (sts / "history.jsonl").write_text(json.dumps({**GOOD_RECHECK, "ended_early": True}) + "\n"),
+     "do not read as STS wrote them"),
+    (lambda sts: (sts / "history.jsonl").write_text(json.dumps({**GOOD_RECHECK, "overhead": {"share": 0.1}}) + "\n"),
+     "do not read as STS wrote them"),
+    (lambda sts: (sts / "history.jsonl").write_bytes(b'{"step": 2, "note": "\xff\xfe"}\n'), "history.jsonl"),
+    (lambda sts: ((sts / "history.jsonl").unlink(), (sts / "history.jsonl").mkdir()), "cannot be read"),
+])
+def test_sts_report_names_a_file_it_cannot_read_instead_of_a_traceback(tmp_path, capsys, damage, named):
+    """Hand-edited or odd files in a run folder failed `sts report` with a bare AttributeError, TypeError,
+    KeyError, UnicodeDecodeError or IsADirectoryError (exit 1)."""
+    sts = tmp_path / "sts"
+    synthetic_forecast(["food", "chem"]).save(sts / "forecast.json")
+    (sts / "settings.json").write_text(json.dumps({"protected": ["food"], "tolerance": 0.05}))
+    (sts / "history.jsonl").write_text(json.dumps(GOOD_RECHECK) + "\n")
+    damage(sts)
+    assert sts_main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sts: error: ") and "Traceback" not in err and named in err, err

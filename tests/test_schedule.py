@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_callback import make_callback, make_trainer
 from tiny import make_tokenizer
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from sts_callback.core.schedule import logged_learning_rates, planned_learning_rates, stepped_ahead
 
@@ -221,3 +221,66 @@ def test_a_deepspeed_config_scheduler_is_read_ahead_and_its_steps_taken_counted(
         optimizer.step()
         scheduler.step()
     assert source == "scheduler" and rates == own and steps_taken(scheduler) == 10
+
+
+class RatesSpy(TrainerCallback):
+    """Each optimizer step's learning rate as it ran (read when the step begins)."""
+
+    def __init__(self):
+        self.ran = []
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.ran.append(optimizer.param_groups[0]["lr"])
+
+
+def test_a_metric_stepped_scheduler_is_read_at_each_steps_own_rate_whatever_the_logging(tmp_path):
+    """reduce_lr_on_plateau was followed through the Trainer's log: a re-check at step s read step s at step s-1's
+    rate (logged after the re-check), and with logging_steps=5 the steps before the first log took its rate."""
+    from tiny import domain_texts
+
+    callback, spy = make_callback(recheck_steps=3), RatesSpy()
+    trainer = make_trainer(tmp_path, make_tokenizer(), callback, max_steps=9, save_steps=9, logging_steps=5,
+                           lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=2,
+                           lr_scheduler_kwargs={"factor": 0.5, "patience": 0, "mode": "max"},  # halves at each eval
+                           eval_texts=domain_texts("law", 8, seed=3), extra_callbacks=[spy])
+    trainer.train()
+    assert callback.schedule_source == "logged" and len(set(spy.ran)) > 2
+    for record in callback.history:
+        ran = spy.ran[:record["step"]]  # the rates so far, the last one held to the end (README)
+        assert record["lr_area_fraction"] == pytest.approx(sum(ran) / (sum(ran) + ran[-1] * (9 - len(ran))))
+
+
+@pytest.mark.parametrize("save_only_model", [False, True])
+def test_a_resume_reads_the_steps_before_it_at_the_rates_they_ran(tmp_path, save_only_model):
+    """Same max_steps, resumed from checkpoint-4: with a LambdaLR of the loop's own (logging_steps=500: nothing
+    logged) the steps before the resume were read on the arguments' linear schedule (step 6 at 96% of the area, 88%
+    as run); under save_only_model (the scheduler starts again) the kept re-checks stayed on the abandoned course,
+    which the early forecast took for one (step 6's projection from a course going backwards)."""
+    from tiny import make_model
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise RuntimeError("a crash after checkpoint-4")
+
+    def parts():
+        model = make_model("llama")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        scheduler = None if save_only_model else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+        return model, (optimizer, scheduler)
+
+    settings = dict(max_steps=8, save_steps=4, logging_steps=500, save_only_model=save_only_model)
+    first, tokenizer = RatesSpy(), make_tokenizer()
+    model, optimizers = parts()
+    with pytest.raises(RuntimeError, match="a crash after checkpoint-4"):
+        make_trainer(tmp_path, tokenizer, make_callback(recheck_steps=2), model=model, optimizers=optimizers,
+                     extra_callbacks=[first, Crash()], **settings).train()
+    model, optimizers = parts()
+    second, callback = RatesSpy(), make_callback(recheck_steps=2)
+    trainer = make_trainer(tmp_path, tokenizer, callback, model=model, optimizers=optimizers, extra_callbacks=[second],
+                           **settings)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    ran = first.ran[:4] + second.ran
+    assert len(ran) == 8 and (save_only_model or ran[0] != ran[4])
+    record = next(r for r in callback.history if r["step"] == 6)
+    assert record["lr_area_fraction"] == pytest.approx(sum(ran[:6]) / sum(ran))

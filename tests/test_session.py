@@ -555,3 +555,88 @@ def test_a_warning_is_not_printed_twice_and_reaches_the_logs_where_they_are_kept
     bare.addHandler(handler)  # the user keeps logs: they get it
     session_module.log_warning("STS: %s", "kept")
     assert [r.getMessage() for r in records] == ["STS: kept"]
+
+
+def test_a_model_cast_to_bf16_mid_run_is_still_measured(tmp_path, tokenizer):
+    """The held-out loss's bf16 head / body settings were resolved on the float32 model at prepare(): after
+    ``model.to(torch.bfloat16)`` every re-check failed (float input to a bf16 head), so the guard never acted."""
+    model = make_model("llama")
+    session = session_for(tmp_path, recheck={"loss_head_dtype": "bfloat16", "loss_body_dtype": "bfloat16"})
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    probe = load_corpus(domain_texts("law", 40, seed=3))
+    session.prepare(model, tokenizer, probe, domains)
+    session.start(model, probe, domains)
+    model.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed re-check warns
+        record, _ = session.recheck(model, 1, max_steps=4)
+    assert "error" not in session.history[-1]
+    # the weights did not move: the change is the precision's alone, small
+    assert set(record["loss_delta"]) == set(DOMAINS) and all(abs(v) < 0.05 for v in record["loss_delta"].values())
+
+
+def test_a_session_takes_texts_and_domain_names_as_the_other_entry_points_do(tmp_path, tokenizer, monkeypatch):
+    """prepare() / start() given a list of texts or a dict of texts raised a bare AttributeError; the session's
+    folder given with ``~`` was written under a folder named ``~``."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    model = make_model("llama")
+    session = STSSession(TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"), FAST, GuardConfig(protected=["food"]),
+                         RecheckConfig(recheck_tokens=150, loss_tokens=120, loss_precision=None), "~/run/sts")
+    texts = {d: domain_texts(d, 30) for d in DOMAINS}
+    probe = [{"prompt": t, "completion": t} for t in domain_texts("law", 40, seed=3)]
+    session.prepare(model, tokenizer, probe, texts)
+    forecast = session.start(model, probe, texts)
+    assert set(forecast.domains) == set(DOMAINS)
+    assert (tmp_path / "home" / "run" / "sts" / "forecast.json").exists()
+    record, _ = session.recheck(model, 1, max_steps=4)
+    assert set(record["loss_delta"]) == set(DOMAINS)
+
+
+def test_a_forecast_ranked_by_a_raw_variant_is_rechecked_charted_and_tracked_by_its_sae_counterpart(tmp_path,
+                                                                                                     tokenizer):
+    """ranking='raw_sq': re-checks score latents only, so the trackers got no sts/recheck key, the guard read
+    STS_act unsaid and the report's table had no column for the ranked variant."""
+    import dataclasses
+
+    from sts_callback.reporting.trackers import recheck_metrics
+
+    model = make_model("llama")
+    session = STSSession(TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"),
+                         dataclasses.replace(FAST, ranking="raw_sq"), GuardConfig(protected=["food"], max_sts=0.0),
+                         RecheckConfig(recheck_tokens=150, loss_tokens=120, loss_precision=None), tmp_path / "sts")
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    probe = load_corpus([{"prompt": t, "completion": t} for t in domain_texts("law", 40, seed=3)])
+    session.prepare(model, tokenizer, probe, domains)
+    session.start(model, probe, domains)
+    train_steps(model, tokenizer, domain_texts("law", 8), 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record, _ = session.recheck(model, 2, max_steps=4)
+    assert session.variant() == "sts_sq"
+    assert {f"sts/recheck/{d}" for d in DOMAINS} <= set(recheck_metrics(record, session.variant()))
+    assert any("max_sts=0.0 (sts_sq)" in str(w.message) for w in caught)
+    page = session.write_report().read_text()
+    assert "raw_sq ★" in page
+
+
+def test_a_loop_that_raises_leaves_a_report_of_every_recheck_it_made(tmp_path, tokenizer):
+    """The report was written at the first re-check and then at most once a minute, and not at train start: a loop
+    that raised after its second re-check left a report of the first (none if it raised before any), which said
+    nothing of the run being unfinished."""
+    model = make_model("llama")
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    probe = load_corpus([{"prompt": t, "completion": t} for t in domain_texts("law", 40, seed=3)])
+    session = session_for(tmp_path)
+    session.prepare(model, tokenizer, probe, domains)
+    session.learning_rates = [LR] * 8
+    session.start(model, probe, domains)
+    assert (tmp_path / "sts" / "report.md").exists()  # before any re-check
+    with pytest.raises(KeyboardInterrupt), session:
+        for step in (2, 4, 6):
+            train_steps(model, tokenizer, domain_texts("law", 8), 2)
+            session.recheck(model, step, max_steps=8)
+            if step == 4:
+                raise KeyboardInterrupt
+    md = (tmp_path / "sts" / "report.md").read_text()
+    assert "**Re-checks:** 2, " in md
+    assert "The last re-check is at step 4 (50% of the learning-rate schedule): the run had not ended" in md

@@ -1,7 +1,9 @@
 """validate() and `sts validate`: forecast, real fine-tuning with the callback, correlations, outputs."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -715,3 +717,79 @@ def test_cli_validate_refuses_prompt_only_or_empty_training_data_before_the_mode
         path.write_text(yaml.safe_dump(config))
         assert cli.main(["validate", str(path)]) == 2
         assert words in capsys.readouterr().err
+
+
+def metaspace_tokenizer():
+    """A Llama 2 / Mistral v0.1 style tokenizer.json: a normaliser that prepends "▁" to every text it encodes."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.train_from_iterator(["The capital of France is Paris .", "What is two plus two ? Answer: four",
+                             "hello world, this is a test."] * 20,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+                                                initial_alphabet=list("abcdefghijklmnopqrstuvwxyzAFTW?.,:\n▁")))
+    tok.pre_tokenizer = None
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def joined_choice_score(model, tokenizer, prompt_text: str, choice: str) -> float:
+    """lm-eval's way: the choice's tokens are those the joined text has beyond the prompt's."""
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(prompt_text + f" {choice}", add_special_tokens=False)["input_ids"]
+    assert whole[:len(prompt)] == prompt
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0, :-1].float(), dim=-1)
+    return float(sum(logprobs[i - 1, whole[i]] for i in range(len(prompt), len(whole))) / (len(whole) - len(prompt)))
+
+
+def test_choices_are_scored_on_the_tokens_the_joined_text_has(tokenizer):
+    """A tokenizer prepending "▁" to each text gave a choice encoded alone an extra space token the real text does
+    not have (every score off, an item's answer flipped); an empty prompt with no BOS scored one choice on nothing
+    (a wrap-around slice: log-likelihood 0, always the winner)."""
+    tok = metaspace_tokenizer()
+    model = make_model("llama", vocab_size=len(tok))
+    item = {"question": "The capital of France is", "choices": ["Paris", "four", "world"], "answer": 0}
+    prompt_text = "The capital of France is\nAnswer:"
+    assert choice_scores(model, tok, item) == pytest.approx(
+        [joined_choice_score(model, tok, prompt_text, c) for c in item["choices"]], abs=1e-5)
+    # no question, no BOS: the choices are read after the end-of-text token, as lm-eval does
+    item = {"question": "", "choices": ["hello world", "Paris"], "answer": 0}
+    scores = choice_scores(model, tok, item, prompt_format="{question}", choice_format="{choice}")
+    with torch.no_grad():
+        for score, choice in zip(scores, item["choices"]):
+            ids = [tok.eos_token_id] + tok(choice, add_special_tokens=False)["input_ids"]
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+            assert score == pytest.approx(float(sum(logprobs[i - 1, ids[i]] for i in range(1, len(ids)))
+                                                / (len(ids) - 1)), abs=1e-5)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"question": None}, "question=None; give the question as a string"),
+    ({"question": [{"role": "user", "content": "2+2?"}]}, "a conversation: multiple-choice items take the question"),
+    ({"choices": ["4", None]}, "the choice(s) [None]; every choice must be a non-empty string"),
+    ({"choices": ["4", ""]}, "the choice(s) ['']"),
+    ({"choices": [{"text": "4"}, {"text": "5"}]}, "every choice must be a non-empty string"),
+])
+def test_multiple_choice_fields_of_the_wrong_kind_are_named_not_scored_as_their_repr(change, named):
+    item = {"question": "2 + 2 =", "choices": ["4", "5"], "answer": 0}
+    with pytest.raises(STSInputError, match=re.escape(named)):
+        multiple_choice_accuracy([{**item, **change}])
+
+
+def test_a_multiple_choice_set_from_pandas_is_read_as_its_rows(tokenizer):
+    """MMLU-like data through pandas holds each item's choices as a numpy array: refused as 'needs at least two
+    choices'; a DataFrame itself as 'a non-empty list'."""
+    import pandas as pd
+
+    model = make_model("llama")
+    rows = [{"question": "what is the law", "choices": ["court judge appeal", "sugar"], "answer": i % 2}
+            for i in range(4)]
+    frame = pd.DataFrame(rows)
+    frame["choices"] = frame["choices"].map(np.array)
+    expected = multiple_choice_accuracy(rows)(model, tokenizer, "x")
+    assert multiple_choice_accuracy(frame)(model, tokenizer, "x") == expected
+    assert multiple_choice_accuracy(frame.to_dict("records"))(model, tokenizer, "x") == expected

@@ -10,6 +10,16 @@ from typing import Any
 from .errors import STSConfigError
 
 SCORE_VARIANTS = ("sts_icl", "sts_act", "sts_sq", "raw_icl", "raw_act", "raw_sq")
+
+
+def recheck_variant(ranking: str | None, compute_icl: bool = True) -> str:
+    """The score re-checks rank by for a forecast ranked by ``ranking``: re-checks score the SAE's latents only, so a
+    raw residual-dimension variant is read as its SAE counterpart (``raw_sq`` -> ``sts_sq``); without the in-context
+    pass, STS_act."""
+    variant = (ranking or "sts_act").replace("raw_", "sts_", 1)
+    return "sts_act" if variant == "sts_icl" and not compute_icl else variant
+
+
 SIGNED_VARIANTS = ("signed_usage", "forgetting_minus_transfer", "decoder_projection")  # signed.py
 # The signed feature calibrations and the callback's online refit use unless told otherwise: chosen on the
 # transfer benchmark (README, "Which way will a domain move?").

@@ -26,6 +26,11 @@ class STSOutOfMemoryError(STSError, MemoryError):
     ``RuntimeError``, so that a batch-size finder (``auto_find_batch_size``) does not retry training on it."""
 
 
+class ForecastSkipped(Exception):
+    """Raised by a forecast that the data cannot give (a reward with no signal yet): not a failure. The run goes
+    on without a forecast, and the reason is kept in its folder for the report."""
+
+
 class STSNegativeTransferWarning(UserWarning):
     """A protected domain is forecast or measured to be harmed (``warnings.filterwarnings("error", category=...)``
     turns it into an error)."""

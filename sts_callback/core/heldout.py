@@ -24,7 +24,7 @@ from .errors import STSDataWarning
 from .data import TokenSequence
 from .extract import batches_by_length
 from .head_sample import HeadSamples
-from .lm_head import HeadInPrecision, exact_nll
+from .lm_head import HeadInPrecision, exact_nll, own_logits
 from .torch_utils import model_device
 
 HEAD_CHUNK = 512  # rows of logits at a time: 512 x 262k floats = 0.5 GB for Gemma 3
@@ -188,7 +188,7 @@ def head_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, targe
              precision: HeadInPrecision | None = None) -> torch.Tensor:
     if precision is not None:
         return precision.nll(head, softcap, hidden, targets)
-    return exact_nll(head(hidden).float(), softcap, targets)
+    return exact_nll(own_logits(head, hidden).float(), softcap, targets)
 
 
 def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, batch_size: int,

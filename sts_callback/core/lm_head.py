@@ -39,7 +39,7 @@ class HeadInPrecision:
     def nll(self, head: nn.Module, softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """[rows] float32 NLL of ``targets`` given ``hidden`` ([rows, hidden])."""
         if not is_plain_linear(head) or head.weight.dtype == self.dtype:
-            return exact_nll(head(hidden).float(), softcap, targets)
+            return exact_nll(own_logits(head, hidden).float(), softcap, targets)
         lse, top_values, top_indices = self.block_pass(head, softcap, hidden)
         indices = torch.cat([top_indices, targets[:, None]], 1)
         exact = exact_logits(head, softcap, hidden, indices)
@@ -97,6 +97,14 @@ class HeadInPrecision:
             self._weight = None  # free the old copy before casting the new one
             self._weight, self._key = weight.detach().to(self.dtype), key
         return self._weight
+
+
+def own_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's logits of ``hidden`` in the head's own dtype: the body's output is float32 where the held-out loss
+    autocasts it, and a model cast to bf16 after the base losses were measured (``model.to(torch.bfloat16)``
+    mid-run) has a bf16 head that refuses a float32 input."""
+    weight = next((p for p in head.parameters() if p.is_floating_point()), None)
+    return head(hidden if weight is None else hidden.to(weight.dtype))
 
 
 def is_plain_linear(head: nn.Module) -> bool:

@@ -60,6 +60,8 @@ def check_items(items: Any, where: str) -> list[dict[str, Any]]:
         if not path.exists():
             raise STSInputError(f"Multiple-choice file {path} does not exist; check the path.")
         items = _read_items(path)
+    if hasattr(items, "columns") and hasattr(items, "to_dict"):  # a pandas DataFrame: its rows
+        items = items.to_dict("records")
     if not isinstance(items, Sequence) or len(items) == 0:
         raise STSInputError(f"Multiple choice: {where} needs a non-empty list of "
                             "{'question', 'choices', 'answer'} items.")
@@ -68,15 +70,29 @@ def check_items(items: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(item, dict) or not set(FIELDS) <= set(item):
             raise STSInputError(f"Multiple choice: item {i} of {where} must be a dict with 'question', "
                                 "'choices' (list of strings) and 'answer' (index of the right choice).")
-        choices, answer = item["choices"], item["answer"]
+        choices, answer, question = item["choices"], item["answer"], item["question"]
+        if hasattr(choices, "tolist") and not isinstance(choices, (str, bytes)):
+            choices = choices.tolist()  # a numpy array: what pandas holds a list column as (df.to_dict("records"))
         if not isinstance(choices, (list, tuple)) or len(choices) < 2:
-            raise STSInputError(f"Multiple choice: item {i} of {where} needs at least two choices.")
+            got = f"a {type(choices).__name__}" if not isinstance(choices, (list, tuple)) else f"{len(choices)}"
+            raise STSInputError(f"Multiple choice: item {i} of {where} needs a list of at least two choices, got "
+                                f"{got}.")
+        if not isinstance(question, str):
+            chat = " (a conversation: multiple-choice items take the question as plain text)" \
+                if isinstance(question, (list, tuple)) else ""
+            raise STSInputError(f"Multiple choice: item {i} of {where} has question={question!r:.80}{chat}; give "
+                                "the question as a string.")
+        bad = [c for c in choices if not isinstance(c, str) or not c.strip()]
+        if bad:
+            raise STSInputError(f"Multiple choice: item {i} of {where} has the choice(s) {bad!r:.80}; every choice "
+                                "must be a non-empty string (a set padded to a fixed number of choices: leave the "
+                                "padding out).")
         if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
             answer = int(answer)  # numpy / pandas integers (df.to_dict("records")) are indices too
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise STSInputError(f"Multiple choice: item {i} of {where} has answer={answer!r}; use the "
                                 f"index (0..{len(choices) - 1}) of the right choice.")
-        checked.append({"question": str(item["question"]), "choices": [str(c) for c in choices], "answer": answer})
+        checked.append({"question": question, "choices": list(choices), "answer": answer})
     return checked
 
 
@@ -85,12 +101,20 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
     """Log-likelihood of each choice's continuation after the question (mean per token when ``normalize``)."""
     device = model_device(model)
     # the tokenizer's start (BOS) and the question, no EOS a tokenizer with add_eos_token would put before the choice
-    prompt = special_prefix(tokenizer) + list(tokenizer(prompt_format.format(question=item["question"]),
-                                                        add_special_tokens=False)["input_ids"])
-    continuations = [list(tokenizer(choice_format.format(choice=c), add_special_tokens=False)["input_ids"])
+    prompt_text = prompt_format.format(question=item["question"])
+    question = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    continuations = [continuation_ids(tokenizer, prompt_text, question, choice_format.format(choice=c))
                      for c in item["choices"]]
     if any(not c for c in continuations):
         raise STSInputError(f"A choice of {item['question'][:60]!r} has no tokens; give non-empty choices.")
+    prompt = special_prefix(tokenizer) + question
+    if not prompt:  # nothing would predict a choice's first token: the end-of-text token as the context, as lm-eval
+        start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+        if start is None:
+            raise STSInputError(f"The multiple-choice prompt {prompt_text!r} has no tokens and the tokenizer no BOS "
+                                "or EOS token to start from: give each item a question, or a prompt_format with "
+                                "text.")
+        prompt = [start]
     prompt = fit_context(prompt, max(len(c) for c in continuations), max_positions(model), tokenizer, item)
     pad = pad_token_id(tokenizer)
     longest = max(len(prompt) + len(c) for c in continuations)
@@ -114,6 +138,17 @@ def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_f
     rows = torch.arange(len(continuations), device=keep.device)[:, None].expand_as(keep)[keep]
     totals = torch.zeros(len(continuations), dtype=torch.float64).index_add_(0, rows, logprobs.double().cpu())
     return [float(total) / len(c) if normalize else float(total) for total, c in zip(totals, continuations)]
+
+
+def continuation_ids(tokenizer, prompt_text: str, prompt: list[int], continuation: str) -> list[int]:
+    """The tokens ``continuation`` adds after ``prompt_text``, as the joined text tokenizes (lm-eval's way): a
+    tokenizer that prepends a space marker to each text it encodes (Llama 2's ``Prepend("▁")`` normaliser) gives
+    the choice alone a token the joined text does not have. Encoded alone where the joined text does not start
+    with the prompt's own tokens."""
+    whole = list(tokenizer(prompt_text + continuation, add_special_tokens=False)["input_ids"])
+    if prompt and whole[:len(prompt)] == prompt and len(whole) > len(prompt):
+        return whole[len(prompt):]
+    return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
 
 
 def fit_context(prompt: list[int], longest_choice: int, limit: int | None, tokenizer,

@@ -150,6 +150,14 @@ class RunStore:
     def write_settings(self, settings: dict[str, Any]) -> Path:
         return atomic_write_json(self.path(SETTINGS_FILE), settings)
 
+    def read_settings(self) -> dict[str, Any]:
+        """What the train start recorded in the settings file; {} where it is missing or unreadable."""
+        try:
+            saved = json.loads(self.path(SETTINGS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
     def write_state(self, state: dict[str, Any]) -> Path:
         return atomic_write_json(self.path(STATE_FILE), {"format": STATE_FORMAT, **state})
 

@@ -241,6 +241,10 @@ class STSCallback(TrainerCallback, ExportableState):
             self._export_args.pop(unused)
         self.lm_eval_targets: dict[str, LmEvalTarget] = {}
         self.schedule_source = "constant"
+        # each step's rate as the optimizer held it when the step began, for a scheduler that steps on metrics:
+        # the Trainer logs a step's rate after the step (a re-check at it would read the one before) and only every
+        # logging_steps (earlier steps read the first logged rate)
+        self._rates_run: dict[int, float] = {}
         self._trainer_ref: Callable[[], Any] | None = None  # a weak reference to the watched trainer
         self._run_state: Callable[[], Any] = _no_run  # the TrainerState of the run being watched (weakly)
         self._ready = False
@@ -498,12 +502,12 @@ class STSCallback(TrainerCallback, ExportableState):
         session.autocast = _weak_autocast(accelerator) if accelerator is not None else session.autocast
         session.learning_rates, self.schedule_source = planned_learning_rates(
             args, state.max_steps, lr_scheduler, state.global_step, state.log_history)
+        self._rates_run = {}
         _warn_about_the_schedule(session, args, state)
         if self.schedule_source == "logged":
-            session.say(f"STS: this run's scheduler steps on metrics (or could not be read ahead): the early "
-                        f"forecast follows the learning rates the Trainer logs (every logging_steps="
-                        f"{args.logging_steps}), each projection holding the last one to the end, and starts once "
-                        "one is logged.")
+            session.say("STS: this run's scheduler steps on metrics (or could not be read ahead): the early "
+                        "forecast follows each step's learning rate as the optimizer holds it when the step begins, "
+                        "each projection holding the last one to the end.")
         _check_best_metric(args)
         tokenizer = text_tokenizer(processing_class)  # a VLM's processor: its tokenizer, with its chat template
         if tokenizer is None:
@@ -682,9 +686,12 @@ class STSCallback(TrainerCallback, ExportableState):
                          "fresh_rollouts=False silences this.", STSDataWarning)
 
     # ------------------------------------------------------------------ during training
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if self._ready:
             self.session.step_began()
+            groups = getattr(optimizer, "param_groups", None)
+            if self.schedule_source == "logged" and groups:
+                self._rates_run[state.global_step + 1] = float(groups[0]["lr"])
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._ready:
@@ -703,7 +710,12 @@ class STSCallback(TrainerCallback, ExportableState):
         ``ended``: at train end (a run stopped before ``max_steps`` ends here, not at ``max_steps``)."""
         if self.session.has_recheck(state.global_step):
             return None
-        log_history = state.log_history if self.schedule_source == "logged" else None
+        log_history = None
+        if self.schedule_source == "logged":  # the log where no step's rate was seen (before a resume), else as run
+            logged = {int(e["step"]): float(e["learning_rate"]) for e in state.log_history
+                      if "learning_rate" in e and "step" in e}
+            log_history = [{"step": step, "learning_rate": rate}
+                           for step, rate in sorted({**logged, **self._rates_run}.items())]
         with _own_memory_errors(args, f"in the re-check at step {state.global_step} (strict=True)",
                                 "RecheckConfig's recheck_tokens or loss_tokens, or STSConfig.batch_size"):
             record, decision = self.session.recheck(model, state.global_step, state.max_steps, log_history,

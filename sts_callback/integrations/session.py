@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+import os
 import random
 import sys
 import time
@@ -35,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from ..core.capture import without_data_parallel
-from ..core.data import Corpus, multiple_choice_items
+from ..core.data import Corpus, load_corpus, load_domains, multiple_choice_items
 from ..core.distributed import (check_ranks_agree, fingerprint, from_main_process, gather_objects, is_main_process,
                                 require_at_least_world, warn_on_main, world_size)
-from ..core.errors import (STSConfigError, STSDataWarning, STSError, STSInputError, STSNegativeTransferWarning,
-                           STSUsageError)
+from ..core.errors import (ForecastSkipped, STSConfigError, STSDataWarning, STSError, STSInputError,
+                           STSNegativeTransferWarning, STSUsageError)
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype
-from ..core.config import STSConfig
+from ..core.config import STSConfig, recheck_variant
 from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
 from ..core.sae import missing_sae_folder
 from ..core.schedule import logged_learning_rates
@@ -91,8 +92,10 @@ def _captures_warnings() -> bool:
 
 
 # A re-check rewrites the report (read from the whole history) at most this often unless it has news (a violation,
-# a stop, a projected warning, the run's end): at a re-check every step its cost would grow with the run.
+# a stop, a projected warning, the run's end) or the time since is ten times what the last one took: at a re-check
+# every step its cost would grow with the run, and at a re-check every few minutes it costs next to nothing.
 REPORT_INTERVAL_SECONDS = 60.0
+REPORT_COST_SHARE = 0.1
 COUNTERS = ("violations_in_a_row", "warned", "violating", "stop_reason", "base_losses", "predicted", "base_fit",
             "base_accuracy", "run_id", "adapters_start_at_the_base")
 
@@ -129,7 +132,8 @@ class STSSession:
         # fitted on the other domains of its runs does not cover it, and a centred one would centre over it)
         self.not_predicted = list(not_predicted)
         self.guard = Guard(guard)
-        self.store = RunStore(out)
+        self.store = RunStore(Path(os.path.expanduser(str(out))).absolute())  # the folder named when it was built
+        self.no_forecast: str | None = None  # why start() made no forecast, for the report
         self.calibration = load_calibration(calibration) if calibration is not None else None
         if self.calibration is not None:
             check_calibration_features(self.calibration)
@@ -172,6 +176,7 @@ class STSSession:
         self._started = False  # start() or resume() since the last prepare(): re-checks have a base to compare with
         self._resumed_at: int | None = None  # the step resumed from, until the schedule is read as run (see below)
         self._report_written_at: float | None = None  # when a re-check last wrote the report
+        self._report_seconds = 0.0  # what writing it took
         self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
         self._held_warnings: list[tuple[str, type[Warning]]] | None = None  # said once a re-check's record is kept
         self._pending_stop: str | None = None  # an early stop's message, said after the re-check's held warnings
@@ -289,11 +294,22 @@ class STSSession:
                 entry[1] += 1
         self._unwritten = [entry for entry in self._unwritten if entry[1] < WRITE_ATTEMPTS]
 
+    def __enter__(self) -> "STSSession":
+        return self
+
+    def __exit__(self, *raised: Any) -> None:
+        """Leaving a ``with session:`` block, also when the loop raised: the report is brought up to date with every
+        re-check the history holds (between re-checks it is rewritten only now and then)."""
+        self.write_report()
+
     # ------------------------------------------------------------------ train start
     def prepare(self, model, tokenizer, probe: Corpus, domains: dict[str, Corpus],
                 lm_eval_targets: dict[str, Any] | None = None) -> None:
-        """Sample the held-out, accuracy and probe sets (seeded) and build the monitor; no model call."""
+        """Sample the held-out, accuracy and probe sets (seeded) and build the monitor; no model call. ``probe``
+        and ``domains`` take what :func:`load_corpus` / :func:`load_domains` take (texts, records, paths, built-in
+        domain names) as well as their results."""
         model = without_data_parallel(model)  # every forward of the session: the model's own (see there)
+        probe, domains = _as_corpus(probe, "probe"), load_domains(domains)
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
@@ -351,6 +367,8 @@ class STSSession:
         if self.monitor is None:
             raise STSUsageError("STSSession.start() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first.")
+        probe, domains = _as_corpus(probe, "probe"), load_domains(domains)
+        demonstrations = None if demonstrations is None else _as_corpus(demonstrations, "demonstrations")
         self._check_prepared_domains(domains, "start")
         self.recipe = "lora" if is_peft(model) else "full"
         # a new run: an earlier start's forecast, predictions and seconds are not this run's
@@ -364,8 +382,12 @@ class STSSession:
             if has_answers:
                 def forecast_run(setup, domains, progress):
                     return run_forecast(setup, probe, domains, demonstrations, progress=progress)
+        self.no_forecast = None
         try:
             run = forecast_run(self.setup, domains, progress and self.is_main) if forecast_run is not None else None
+        except ForecastSkipped as skipped:
+            run, self.no_forecast = None, str(skipped)
+            warn_on_main(f"STS forecast skipped: {skipped}", STSDataWarning, stacklevel=2)
         except Exception as err:
             if not isinstance(err, STSError) and hasattr(err, "add_note"):  # a bare error from deep in a forward
                 err.add_note(f"(Raised in STS's step-0 forecast at train start, before any training step. Out of "
@@ -378,9 +400,9 @@ class STSSession:
             self.monitor.domains = domain_baselines_from(run.domains)
         else:
             if forecast_run is None:
-                self.say("STS forecast skipped: the training data has no answers to use as in-context "
-                         "demonstrations (prompt-only data); pass demonstrations=[...] to forecast. Re-checks still "
-                         "run.")
+                self.no_forecast = ("the training data has no answers to use as in-context demonstrations "
+                                    "(prompt-only data); pass demonstrations=[...] to forecast. Re-checks still run.")
+                self.say(f"STS forecast skipped: {self.no_forecast}")
             with inference_mode(model):
                 self.monitor.domains = domain_baselines_from(domain_statistics(self.setup, domains))
         self._measure_base(model)
@@ -388,6 +410,8 @@ class STSSession:
             self._run_level(given, run_level)
         if self.forecast is not None:
             self._publish_forecast()
+        self.write_report(0)  # a run that fails before its first re-check still leaves one
+        self._report_written_at = None  # and the first re-check's report is written whatever this one took
         self._clock, self._started, self._resumed_at = time.perf_counter(), True, None
         return self.forecast
 
@@ -482,7 +506,8 @@ class STSSession:
         guard, store = self.guard.config, self.store
         self.write(f"the settings to {store.root}", lambda: store.write_settings(
             {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts,
-             "accuracy_tolerance": guard.accuracy_tolerance}), step)
+             "accuracy_tolerance": guard.accuracy_tolerance,
+             **({"no_forecast": self.no_forecast} if self.no_forecast else {})}), step)
 
     def resume(self, step: int, checkpoint: RunStore, domains: dict[str, Corpus],
                saved_elsewhere: Callable[[], dict[str, Any] | None] | None = None) -> None:
@@ -557,6 +582,8 @@ class STSSession:
             self.write(f"the history in {store.root}", lambda: kept.extend(store.keep_history_until(step)), step)
             if not self.history:
                 self.history = kept
+            saved = store.read_settings()
+            self.no_forecast = saved.get("no_forecast") if isinstance(saved.get("no_forecast"), str) else None
             self._write_settings(step)
             self.say(f"STS: resumed at step {step}" + (f"; forecast read back from {store.forecast_path}."
                                                        if self.forecast is not None else "; the run has no forecast."))
@@ -680,7 +707,7 @@ class STSSession:
 
     # ------------------------------------------------------------------ during training
     def variant(self) -> str:
-        return self.config.ranking if self.config.compute_icl else "sts_act"
+        return recheck_variant(self.config.ranking, self.config.compute_icl)
 
     def has_recheck(self, step: int) -> bool:
         return any(r.get("step") == step for r in self.history)
@@ -842,8 +869,8 @@ class STSSession:
         self._append_history(record)
         news = decision.violations or decision.stop or record.get("projected_warnings") or ended or (
             bool(max_steps) and step >= max_steps)
-        if news or self._report_written_at is None or \
-                time.perf_counter() - self._report_written_at >= REPORT_INTERVAL_SECONDS:
+        since = None if self._report_written_at is None else time.perf_counter() - self._report_written_at
+        if news or since is None or since >= min(REPORT_INTERVAL_SECONDS, self._report_seconds / REPORT_COST_SHARE):
             self.write_report(step)
         return record, decision
 
@@ -928,16 +955,17 @@ class STSSession:
         return out
 
     def _rates_as_run(self, resumed_at: int, max_steps: int) -> list[float]:
-        """Each step's learning rate as this run has had them, after a resume from ``resumed_at``: where the run
-        was planned for another ``max_steps`` before (a resume that lengthens or shortens it), the steps before the
-        resume keep the area they ran (the last kept re-check's ``lr_area``, spread evenly over them) and the rest
-        follow the plan now; the kept re-checks' ``lr_area_fraction`` are read again on it, so that the early
-        forecast does not take the two plans' fractions for one course (records of older versions, without
-        ``lr_area``, are read on the plan now)."""
+        """Each step's learning rate as this run has had them, after a resume from ``resumed_at``: the steps before
+        the resume keep the area they ran (the last kept re-check's ``lr_area``, spread evenly over them) and the
+        rest follow the plan now; the kept re-checks' ``lr_area_fraction`` are read again on it, so that the early
+        forecast does not take two plans' fractions for one course. The plan now can differ from the one the
+        earlier re-checks ran on: another ``max_steps``, a scheduler that restarted (``save_only_model``), or the
+        rates before the resume read from the arguments or the log where the loop's own scheduler ran others
+        (records of older versions, without ``lr_area``, are read on the plan now)."""
         rates = [float(r) for r in self.learning_rates[:max_steps]]
         kept = [r for r in self.history if r.get("lr_area_fraction") is not None and 0 < r.get("step", 0)
                 <= resumed_at]
-        if not kept or all(r.get("max_steps") == max_steps for r in kept):
+        if not kept:
             return rates
         last = kept[-1]
         if last.get("lr_area") is not None and 0 < resumed_at <= max_steps:
@@ -951,9 +979,10 @@ class STSSession:
             changed = changed or abs(fraction - record["lr_area_fraction"]) > 1e-6
             record["lr_area_fraction"] = fraction
         if changed:
-            self.say(f"STS: resumed under another plan (max_steps={max_steps}; the earlier re-checks planned "
-                     f"{last.get('max_steps', 'another')}): the early forecast reads the steps before {resumed_at} "
-                     "as they ran.")
+            self.say(f"STS: resumed on another schedule than the earlier re-checks planned (max_steps={max_steps}, "
+                     f"they planned {last.get('max_steps', 'another')}; or the steps before the resume ran at other "
+                     f"rates than the plan now says): the early forecast reads the steps before {resumed_at} as they "
+                     "ran.")
         return rates
 
     def _place_on_the_schedule(self, resumed_at: int, max_steps: int) -> None:
@@ -991,8 +1020,10 @@ class STSSession:
         try:
             from ..reporting.report import write_report
 
+            began = time.perf_counter()
             html_path, _ = write_report(self.store.root, protected=self.guard.config.protected)
             self._report_written_at = time.perf_counter()
+            self._report_seconds = self._report_written_at - began
             return html_path
         except Exception as err:  # noqa: BLE001 - a report must never kill a training run
             if self.strict:
@@ -1085,5 +1116,8 @@ def _latest_checkpoint_of(checkpoint: RunStore, run_id: str) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-__all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree"]
+def _as_corpus(data: Any, name: str) -> Corpus:
+    return data if isinstance(data, Corpus) else load_corpus(data, name, what=f"STSSession's {name}")
 
+
+__all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 
 from ..core.data import Corpus, TokenSequence, load_corpus
 from ..core.distributed import warn_on_main
-from ..core.errors import STSDataWarning, STSInputError
+from ..core.errors import ForecastSkipped, STSDataWarning, STSInputError
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
 from ..pipelines.preference import Truncation, completion_sequence, run_preference_forecast
 from ..pipelines.monitor import peft_model_of
@@ -226,9 +225,8 @@ def forecast_runner(shift: str, data: Any, probe: Corpus, demonstrations: Corpus
             try:
                 rollouts.check_signal(f"the {shift} forecast", one_sided=shift == "reward_filtered")
             except STSInputError as err:  # a sparse reward the base policy never earns: common, not fatal
-                warnings.warn(f"STS forecast skipped: {err} Re-checks still run; demonstrations=[...] would give "
-                              "a forecast.", STSDataWarning, stacklevel=2)
-                return None
+                raise ForecastSkipped(f"{err} Re-checks still run; demonstrations=[...] would give a "
+                                      "forecast.") from err
             if shift == "reward_weighted":
                 return run_rollout_forecast(setup, rollouts, domains, progress=progress)
             demos = load_corpus(rollouts.demonstrations(), name="reward-filtered rollouts")

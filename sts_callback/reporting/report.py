@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import atomic_write_text, check_format, read_json_lines
+from ..core.config import recheck_variant
 from ..core.data import repeated_names
 from ..core.errors import STSDataWarning, STSInputError
 from ..core.formatting import percent, signed_percent
@@ -105,7 +106,11 @@ class ReportData:
         for, when its run is in a subfolder)."""
         self.sts_dir = sts_dir
         self.forecast: dict[str, Any] | None = _read_json(sts_dir / FORECAST_FILE)
-        lines, self.unreadable = read_json_lines(sts_dir / HISTORY_FILE)  # unreadable: cut by a crash
+        try:
+            lines, self.unreadable = read_json_lines(sts_dir / HISTORY_FILE)  # unreadable: cut by a crash
+        except (OSError, UnicodeDecodeError) as err:
+            raise STSInputError(f"{sts_dir / HISTORY_FILE} cannot be read ({type(err).__name__}: {err}); move it out "
+                                f"of {sts_dir}, or give the folder the callback wrote.") from err
         # in step order: a record whose first write failed (a disk full for a while) is written after later ones
         self.history: list[dict[str, Any]] = in_step_order([r for r in lines if is_recheck_record(r)])
         self.skipped = len(lines) - len(self.history)  # lines of another tool's log: not re-checks
@@ -125,7 +130,8 @@ class ReportData:
                                 "nothing to report.")
         if self.forecast is not None:  # a list or another tool's JSON: named, not a bare AttributeError later
             check_format(self.forecast, FORECAST_FORMAT, "an STS forecast file", str(sts_dir / FORECAST_FILE))
-        for data, file in ((self.gate, self.gate_file), (self.validation, sts_dir / VALIDATION_FILE)):
+        for data, file in ((self.gate, self.gate_file), (self.validation, sts_dir / VALIDATION_FILE),
+                           (self.run_settings, sts_dir / SETTINGS_FILE)):
             if data is not None and not isinstance(data, dict):
                 raise STSInputError(f"{file} holds a {type(data).__name__}, not the object STS writes there.")
         if protected is not None:
@@ -193,9 +199,12 @@ class ReportData:
         """What a folder without a forecast holds, as a sentence (plain text); ``None`` when there is a forecast."""
         if self.forecast is not None:
             return None
+        reason = self.run_settings.get("no_forecast")
+        if self.rechecks and isinstance(reason, str) and reason:
+            return f"No forecast in this run: {reason.rstrip('.')}. The re-checks are shown."
         if self.rechecks:
-            return ("No forecast in this folder (forecast.json is written when the training data have answers to use "
-                    "as in-context demonstrations); the re-checks are shown.")
+            return ("No forecast in this folder (forecast.json is written when the forecast could be made: in-context "
+                    "demonstrations, preference pairs, rollouts with a reward signal); the re-checks are shown.")
         if self.history:
             return (f"No forecast in this folder, and {HISTORY_FILE} holds only failed re-checks (listed below).")
         outcome = gate_outcome(self.gate)
@@ -221,12 +230,14 @@ class ReportData:
     def recheck_variant(self) -> str:
         """The score the re-checks are charted by: the forecast's, where any domain has it (a one-text domain has
         no STS_icl: it is left out of the chart, not the variant changed for all)."""
+        wanted = recheck_variant(self.variant)  # a raw variant's SAE counterpart: re-checks score latents only
         for record in self.rechecks:
-            present = {v for scores in record["scores"].values() for v, value in scores.items() if value is not None}
-            if self.variant in present:
-                return self.variant  # type: ignore[return-value]
+            present = {v for scores in record["scores"].values() if isinstance(scores, dict)
+                       for v, value in scores.items() if value is not None}
+            if wanted in present:
+                return wanted
             return "sts_icl" if "sts_icl" in present else "sts_act"
-        return self.variant or "sts_act"
+        return wanted
 
     def ended_note(self) -> str | None:
         """Says so when training ended before its ``max_steps`` (stopped by another callback or the user)."""
@@ -235,6 +246,18 @@ class ReportData:
             return None
         return (f"Training ended at step {last['step']}, before max_steps={last['ended_early']['max_steps']}: the "
                 "last re-check's changes are the run's end result, not a point on the way.")
+
+    def unfinished_note(self) -> str | None:
+        """Says so when the last re-check came before the end of the learning-rate schedule and nothing says the run
+        ended there: a report written during training, or a run that stopped without its final re-check."""
+        last = self.rechecks[-1] if self.rechecks else {}
+        share = last.get("lr_area_fraction")
+        if not isinstance(share, (int, float)) or share >= 1 or last.get("ended_early") or last.get("early_stop") \
+                or self.loaded_best_step is not None:
+            return None
+        return (f"The last re-check is at step {last['step']} ({share:.0%} of the learning-rate schedule): the run had "
+                "not ended when it was made (still training, or stopped without a final re-check; `sts report` "
+                "redraws this report from the folder's files).")
 
     def violations_of(self, record: dict[str, Any]) -> list[str]:
         """A re-check's warnings: those the run recorded, and, for a domain this report protects that the run did
@@ -251,6 +274,12 @@ class ReportData:
     def violations(self) -> list[tuple[int, str]]:
         """(step, warning) of every re-check (:meth:`violations_of`)."""
         return [(record["step"], v) for record in self.history for v in self.violations_of(record)]
+
+    def projects_the_end(self, record: dict[str, Any]) -> bool:
+        """Whether ``record``'s projection to the end of training is still one: not once the run has ended with
+        its weights (a checkpoint loaded at the end, training ended before max_steps)."""
+        return (bool(record.get("early_forecast")) and (record.get("lr_area_fraction") or 1) < 1
+                and self.loaded_best_step is None and not (self.rechecks and self.rechecks[-1].get("ended_early")))
 
     @property
     def loaded_best_step(self) -> int | None:
@@ -450,8 +479,10 @@ def _read_json(path: Path) -> Any:
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise STSInputError(f"{path} is not valid JSON: {err}") from err
+    except OSError as err:
+        raise STSInputError(f"{path} cannot be read ({type(err).__name__}: {err}).") from err
 
 
 # --------------------------------------------------------------------------- plots
@@ -783,6 +814,21 @@ SHIFT_LABELS = {
 }
 
 
+# Which way a shifted latent moved, per shift (the shift's sign: its second side subtracted from its first).
+SHIFT_ARROWS = {
+    "chosen_vs_rejected": ("more active in chosen than rejected", "less active in chosen than rejected"),
+    "reward_weighted": ("more active in high-reward rollouts", "less active in high-reward rollouts"),
+    "teacher_vs_student": ("more active in the teacher's completions", "less active in the teacher's completions"),
+}
+
+
+def shift_arrow(forecast: dict[str, Any], direction: float) -> str:
+    """``↑`` / ``↓`` and what the direction means for the forecast's shift."""
+    kind = (forecast.get("settings") or {}).get("shift", "in_context")
+    up, down = SHIFT_ARROWS.get(kind, ("more active in context", "less active in context"))
+    return f"↑ {up}" if direction > 0 else f"↓ {down}"
+
+
 def shift_label(forecast: dict[str, Any]) -> str:
     """What the forecast's shift was measured on, and any term of the trainer's loss it leaves out."""
     settings = forecast.get("settings") or {}
@@ -836,11 +882,12 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
         lines.append(f"{len(data.rechecks)} re-check(s), {esc(_which(data, last))}; overlap of the actually "
                      f"shifted latents with the forecast: {esc(_fmt(last.get('overlap_with_forecast')))} of "
                      f"{len(last.get('shifted_latents', [])) or '–'}.")
-        for note in (data.ended_note(), data.loaded_note(), data.earlier_changes_note(), data.probe_error_note()):
+        for note in (data.ended_note(), data.loaded_note(), data.unfinished_note(), data.earlier_changes_note(),
+                     data.probe_error_note()):
             if note:
                 lines.append(esc(note))
-        if _overhead(last):
-            lines.append(esc(_overhead(last)))
+        if _overhead(data.rechecks[-1]):
+            lines.append(esc(_overhead(data.rechecks[-1])))
         note = data.precision_note()
         if note:
             lines.append(esc(note))
@@ -900,7 +947,8 @@ def _forecast_section(data: ReportData) -> str:
     if not data.ranking:
         return ""
     domains = data.forecast["domains"]
-    variants = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act")
+    shown = ("sts_icl", "sts_act", "sts_sq", "raw_act")
+    variants = [v for v in (*shown, *([data.variant] if data.variant not in shown else []))  # the ranked one too
                 if all(isinstance(d.get("scores", {}).get(v), (int, float)) for d in domains.values())]
     rows, attrs = [], []
     for rank, (name, _) in enumerate(data.ranking, 1):
@@ -1006,8 +1054,7 @@ def _latents_section(data: ReportData) -> str:
         value = values[rank - 1] if rank - 1 < len(values) else None
         direction = directions[rank - 1] if rank - 1 < len(directions) else None
         share = value / total if value is not None else None
-        arrow = "" if direction is None else (
-            "↑ more active in context" if direction > 0 else "↓ less active in context")
+        arrow = "" if direction is None else shift_arrow(f, direction)
         link = (f' <a href="{esc(NEURONPEDIA.format(id=np_id, latent=latent))}" target="_blank" rel="noopener">'
                 "Neuronpedia ↗</a>") if np_id else ""
         width = int(120 * (value or 0) / top_value) if top_value else 0
@@ -1198,19 +1245,21 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      f"{len(last.get('shifted_latents', [])) or '–'} latents.")
         if accuracy := _accuracy_changes(last):
             lines.append(f"**Accuracy** (share of the items right; change from train start): {md_esc(accuracy)}.")
-        for note in (data.ended_note(), data.loaded_note(), data.earlier_changes_note(), data.probe_error_note()):
+        for note in (data.ended_note(), data.loaded_note(), data.unfinished_note(), data.earlier_changes_note(),
+                     data.probe_error_note()):
             if note:
                 lines.append(md_esc(note))
-        if _overhead(last):
-            lines.append(_overhead(last))
+        if _overhead(data.rechecks[-1]):  # the cost of every re-check, also those after a loaded checkpoint
+            lines.append(_overhead(data.rechecks[-1]))
         note = data.precision_note()
         if note:
             lines.append(note)
-        if last.get("early_forecast") and (last.get("lr_area_fraction") or 1) < 1:
+        if data.projects_the_end(last):
             weights = last.get("early_blend")
             how = (f"{weights['early']:.2f} x the measured trend + {weights['step0']:.2f} x the step-0 prediction"
-                   if weights else "measured change")
-            lines.append(f"Projected at the end of training ({how}, {last['lr_area_fraction']:.0%} of the "
+                   if isinstance(weights, dict) and {"early", "step0"} <= set(weights) else "measured change")
+            had = ", had it gone on" if any(r.get("early_stop") for r in data.rechecks) else ""
+            lines.append(f"Projected at the end of training{had} ({how}, {last['lr_area_fraction']:.0%} of the "
                          "learning-rate schedule spent): " + ", ".join(
                              f"{md_esc(k)} {_pct(v, data.tolerance)}" for k, v in last["early_forecast"].items()
                              if v is not None) + ".")
@@ -1286,7 +1335,14 @@ def write_report(sts_dir: str | Path, protected: list[str] | None = None) -> tup
     given, sts_dir = Path(sts_dir), resolve_sts_dir(sts_dir)
     data = ReportData(sts_dir, protected, gate_dir=given if sts_dir != given else None)
     html_path, md_path = sts_dir / HTML_FILE, sts_dir / MD_FILE
-    for path, text in ((html_path, render_html(data)), (md_path, render_markdown(data))):
+    try:
+        pages = ((html_path, render_html(data)), (md_path, render_markdown(data)))
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as err:
+        # a field of another type or missing: a file edited by hand, or of another tool, named not as a traceback
+        raise STSInputError(f"{sts_dir}'s files do not read as STS wrote them ({type(err).__name__}: {err}): a file "
+                            "edited by hand, cut short or of another tool? Regenerate the run's files, or move the "
+                            "odd one out.") from err
+    for path, text in pages:
         atomic_write_text(path, text)
     return html_path, md_path
 
