@@ -640,3 +640,17 @@ def test_a_loop_that_raises_leaves_a_report_of_every_recheck_it_made(tmp_path, t
     md = (tmp_path / "sts" / "report.md").read_text()
     assert "**Re-checks:** 2, " in md
     assert "The last re-check is at step 4 (50% of the learning-rate schedule): the run had not ended" in md
+
+
+def test_a_loop_without_a_schedule_is_told_once_why_there_is_no_early_forecast(tmp_path, tokenizer, capsys):
+    """Without session.learning_rates the records carried no projection and nothing said so (unless
+    early_stop='projected')."""
+    model = make_model("llama")
+    session = session_for(tmp_path)
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+    session.start(model, load_corpus(HARMFUL), domains)
+    for step in (2, 4):
+        record, _ = session.recheck(model, step, max_steps=8)
+        assert "early_forecast" not in record
+    assert capsys.readouterr().out.count("re-checks make no early forecast (no learning-rate schedule") == 1

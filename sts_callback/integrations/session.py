@@ -917,13 +917,15 @@ class STSSession:
                       "got no max_steps, so the schedule's share spent is unknown; pass recheck(..., max_steps=...).",
                       RuntimeWarning)
         if not self.learning_rates or max_steps <= 0:
+            why = "max_steps was not given" if max_steps <= 0 else "no learning-rate schedule is known"
             if self.guard.config.early_stop == "projected":
-                why = "max_steps was not given" if max_steps <= 0 else "no learning-rate schedule is known"
                 self.warn("projected_without_schedule", f"STS: early_stop='projected' cannot project ({why}): "
-                          "the run stops only on measured violations. With a Trainer whose scheduler steps on "
-                          "metrics, no learning rate was logged before this re-check: lower logging_steps to the "
-                          "re-check interval. In your own loop: pass recheck(..., max_steps=...) and set "
-                          "session.learning_rates (each step's rate) or pass log_history.", RuntimeWarning)
+                          "the run stops only on measured violations. In your own loop: pass recheck(..., "
+                          "max_steps=...) and set session.learning_rates (each step's rate) or pass log_history.",
+                          RuntimeWarning)
+            elif self.guard.first_time("no_schedule"):  # said once: the records carry no projection, and why
+                self.say(f"STS: re-checks make no early forecast ({why}); pass recheck(..., max_steps=...) and set "
+                         "session.learning_rates (each step's rate) for one.")
             return {}
         if len(self.learning_rates) < max_steps:
             self.warn("short_schedule", f"STS early forecast skipped: {len(self.learning_rates)} learning rates for "
