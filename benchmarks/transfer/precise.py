@@ -73,6 +73,32 @@ def base_nll(model, tokenizer, sample: dict[str, list], key: str, out: Path) -> 
     return nll
 
 
+def measuring_metric(sample: dict[str, list], before: dict[str, list]):
+    """(metric, after, seconds) for ``validate(metric=...)``: the metric gives each domain's base NLL from
+    ``before`` (cached) on its first call per domain, then measures ``sample`` on the trained weights, keeping each
+    text's (NLL sum, tokens) in ``after`` and the time in ``seconds["measure"]``."""
+    import torch
+
+    from sts_callback.core.heldout import sequence_nll
+    from sts_callback.core.torch_utils import pad_token_id
+
+    after: dict[str, list[list[float]]] = {}
+    seconds = {"measure": 0.0}
+
+    def metric(trained, tok, domain):
+        metric.calls = getattr(metric, "calls", 0) + 1
+        if metric.calls <= len(before):
+            values = torch.tensor(before[domain], dtype=torch.float64)
+        else:
+            start = time.perf_counter()
+            values = sequence_nll(trained, sample[domain], pad_token_id(tok), 8)
+            seconds["measure"] += time.perf_counter() - start
+            after[domain] = values.tolist()
+        return float(values[:, 0].sum() / values[:, 1].sum())
+
+    return metric, after, seconds
+
+
 TRAJECTORY_STEPS = 16  # the first re-runs' re-check interval: their files carry no suffix
 
 
@@ -88,23 +114,10 @@ def run_unit(model, tokenizer, sae_path, recipe: str, source: str, seed: int, te
     import torch
 
     from sts_callback.core.config import STSConfig
-    from sts_callback.core.heldout import paired_change, sequence_nll
-    from sts_callback.core.torch_utils import pad_token_id
+    from sts_callback.core.heldout import paired_change
     from sts_callback.validation.validate import validate
 
-    after: dict[str, list[list[float]]] = {}
-    seconds = {"measure": 0.0}
-
-    def metric(trained, tok, domain):  # called once per domain on the base weights (cached), then after training
-        metric.calls = getattr(metric, "calls", 0) + 1
-        if metric.calls <= len(before):
-            values = torch.tensor(before[domain], dtype=torch.float64)
-        else:
-            start = time.perf_counter()
-            values = sequence_nll(trained, sample[domain], pad_token_id(tok), 8)
-            seconds["measure"] += time.perf_counter() - start
-            after[domain] = values.tolist()
-        return float(values[:, 0].sum() / values[:, 1].sum())
+    metric, after, seconds = measuring_metric(sample, before)
 
     train, targets = split(source, texts)
     start = time.perf_counter()

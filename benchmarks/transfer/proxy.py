@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from precise import CHEAP_FORECAST, TOKENS, base_nll, precise_sample  # noqa: E402
+from precise import CHEAP_FORECAST, TOKENS, base_nll, measuring_metric, precise_sample  # noqa: E402
 from units import COMMON, RECIPES, SOURCES, UNITS, fingerprint, load_setup, split, unit_name, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -74,23 +74,10 @@ def run_proxy(model, tokenizer, sae_path, source: str, seed: int, texts, sample,
     import torch
 
     from sts_callback.core.config import STSConfig
-    from sts_callback.core.heldout import paired_change, sequence_nll
-    from sts_callback.core.torch_utils import pad_token_id
+    from sts_callback.core.heldout import paired_change
     from sts_callback.validation.validate import validate
 
-    after: dict[str, list] = {}
-    seconds = {"measure": 0.0}
-
-    def metric(trained, tok, domain):  # once per domain on the base weights (cached), then after the proxy
-        metric.calls = getattr(metric, "calls", 0) + 1
-        if metric.calls <= len(before):
-            values = torch.tensor(before[domain], dtype=torch.float64)
-        else:
-            start = time.perf_counter()
-            values = sequence_nll(trained, sample[domain], pad_token_id(tok), 8)
-            seconds["measure"] += time.perf_counter() - start
-            after[domain] = values.tolist()
-        return float(values[:, 0].sum() / values[:, 1].sum())
+    metric, after, seconds = measuring_metric(sample, before)
 
     recipe = RECIPES["lora"]
     area = schedule_area(COMMON["steps"], recipe["learning_rate"])
