@@ -132,3 +132,31 @@ def test_a_domain_without_a_step0_prediction_keeps_its_projection_interval():
     assert blended["early_forecast"]["b"] == alone["early_forecast"]["b"]
     assert blended["early_forecast_ci"]["b"] == alone["early_forecast_ci"]["b"]  # was 10% as wide
     assert blended["early_forecast"]["a"] != alone["early_forecast"]["a"]  # the predicted one is blended
+
+
+def test_a_bad_point_long_ago_does_not_spoil_the_trend_for_the_rest_of_the_run():
+    """The rule reads its last three points, yet one NaN change at step 5 made every later projection NaN, and one
+    point without an interval left every later projection without one (so no projected warning or stop again)."""
+    def record(f, change, ci=True):
+        return {"lr_area_fraction": f, "loss_delta": {"a": change},
+                "loss_delta_ci": {"a": [change - 0.01, change + 0.01]} if ci else {}}
+
+    recent = [record(0.5, 0.02), record(0.6, 0.03)]
+    clean, clean_bounds = trend_projection(recent, {"a": 0.04}, 0.7, {"a": [0.03, 0.05]})
+    for spoiled in ([record(0.1, float("nan"))], [record(0.1, 0.01, ci=False)], [{"lr_area_fraction": 0.1}]):
+        early, bounds = trend_projection(spoiled + recent, {"a": 0.04}, 0.7, {"a": [0.03, 0.05]})
+        assert early == pytest.approx(clean) and bounds["a"] == pytest.approx(clean_bounds["a"])
+    assert clean["a"] == pytest.approx(0.07)  # 0.04 + slope 0.1 x 0.3 left
+
+
+def test_a_projection_never_falls_below_all_of_the_held_out_loss():
+    """Re-checks every step fit the slope on a sliver of the schedule: -272% was projected where +3.5% was measured
+    (a relative NLL change cannot go below -100%)."""
+    from sts_callback.pipelines.prediction import early_projection
+
+    history = [{"lr_area_fraction": 0.100, "loss_delta": {"a": 0.2}, "loss_delta_ci": {"a": [0.19, 0.21]}},
+               {"lr_area_fraction": 0.101, "loss_delta": {"a": 0.1}, "loss_delta_ci": {"a": [0.09, 0.11]}}]
+    out = early_projection(history, {"a": 0.035}, 0.102, None, None, {"a": [0.03, 0.04]})
+    assert out["early_forecast"]["a"] == -1.0
+    low, high = out["early_forecast_ci"]["a"]
+    assert low == -1.0 and -1.0 <= high

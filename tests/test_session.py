@@ -654,3 +654,33 @@ def test_a_loop_without_a_schedule_is_told_once_why_there_is_no_early_forecast(t
         record, _ = session.recheck(model, step, max_steps=8)
         assert "early_forecast" not in record
     assert capsys.readouterr().out.count("re-checks make no early forecast (no learning-rate schedule") == 1
+
+
+def test_a_violation_that_lasts_does_not_rewrite_the_report_at_every_recheck(tmp_path, tokenizer, monkeypatch):
+    """A lasting violation was 'news' at each re-check: on a long run the whole report (read from the whole
+    history) was rewritten every time, 82% of the re-checks' time."""
+    import sts_callback.integrations.session as session_module
+
+    monkeypatch.setattr(session_module, "REPORT_INTERVAL_SECONDS", 1e9)  # only news rewrites it
+    model = make_model("llama")
+    session = session_for(tmp_path, tolerance=0.0)
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+    session.start(model, load_corpus(HARMFUL), domains)
+    written = []
+    write_report = session.write_report
+
+    def counted(step=None):
+        written.append(step)
+        path = write_report(step)
+        session._report_seconds = 1e9  # the cost rule never fires here either
+        return path
+
+    monkeypatch.setattr(session, "write_report", counted)
+    for step in range(1, 7):
+        train_steps(model, tokenizer, HARMFUL, 2)
+        session.recheck(model, step, max_steps=20)
+    lasting = [r["step"] for r in session.history if r.get("violations")]
+    assert len(lasting) >= 3, "the run was built to harm food at every re-check"
+    # the first re-check, and the one where the violation began: not each re-check it lasted
+    assert written[0] == 1 and len(written) <= 2 and len(session.history) == 6

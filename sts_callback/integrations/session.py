@@ -866,9 +866,12 @@ class STSSession:
             record["early_stop"] = decision.reason
             if self.is_main:  # after the warnings that led to it (held until the record is written)
                 self._pending_stop = decision.reason
+        before = self.history[-1] if self.history else {}
         self._append_history(record)
-        news = decision.violations or decision.stop or record.get("projected_warnings") or ended or (
-            bool(max_steps) and step >= max_steps)
+        # news: what the report does not say yet (a violation that lasts was news when it began: rewriting the
+        # whole report at each re-check it lasts cost more than the re-checks themselves on a long run)
+        news = decision.new_violations or decision.stop or ended or (bool(max_steps) and step >= max_steps) or (
+            bool(record.get("projected_warnings")) and not before.get("projected_warnings"))
         since = None if self._report_written_at is None else time.perf_counter() - self._report_written_at
         if news or since is None or since >= min(REPORT_INTERVAL_SECONDS, self._report_seconds / REPORT_COST_SHARE):
             self.write_report(step)

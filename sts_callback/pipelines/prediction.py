@@ -78,6 +78,13 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
                                                             forecast.predictions.get(n), weights)
                                         if step0.get(n) is not None else ci
                                         for n, ci in out["early_forecast_ci"].items()}
+    # a held-out NLL cannot fall by more than all of it: a steep early slope (re-checks every step) had projected
+    # -272% where +3.5% was measured
+    early = {n: max(v, -1.0) if v is not None and math.isfinite(v) else v for n, v in early.items()}
+    out["early_forecast"] = early
+    if "early_forecast_ci" in out:
+        out["early_forecast_ci"] = {n: [None if b is None or not math.isfinite(b) else max(b, -1.0) for b in ci]
+                                    if ci else ci for n, ci in out["early_forecast_ci"].items()}
     features = calibration.score_features if calibration is not None else [DEFAULT_SIGNED]
     domains = forecast.domains if forecast is not None else {}
     # a domain whose change is not finite (a diverged model: the guard says so) teaches the refit nothing

@@ -147,12 +147,20 @@ def trend_projection(history: list[dict], measured: dict[str, float | None], fra
     and the projection's 95% interval (``[None, None]`` where a point has no interval)."""
     early: dict[str, float | None] = {}
     bounds: dict[str, list] = {}
+    course = [r for r in history if r.get("lr_area_fraction") and 0 < r["lr_area_fraction"] < fraction]
     for name, value in measured.items():
         if value is None or fraction <= 0:
             early[name], bounds[name] = None, [None, None]
             continue
-        earlier = [r for r in history if r.get("lr_area_fraction") and 0 < r["lr_area_fraction"] < fraction
-                   and r.get("loss_delta", {}).get(name) is not None]
+        # the rule reads the last TREND_WINDOW points only: the earlier ones cost time at every re-check of a long
+        # run, and one non-finite change or missing interval among them had spoiled the projection for good
+        earlier: list[dict] = []
+        for record in reversed(course):
+            change = (record.get("loss_delta") or {}).get(name)
+            if isinstance(change, (int, float)) and math.isfinite(change):
+                earlier.insert(0, record)
+                if len(earlier) == TREND_WINDOW - 1:
+                    break
         fractions = [r["lr_area_fraction"] for r in earlier] + [fraction]
         changes = [r["loss_delta"][name] for r in earlier] + [value]
         early[name] = float(trend_weights(fractions) @ np.array(changes))
