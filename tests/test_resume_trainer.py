@@ -108,21 +108,24 @@ def test_a_resume_rewrites_the_guard_settings_the_rest_of_the_run_is_judged_by(t
 
 
 def test_a_new_run_in_a_used_folder_moves_the_old_report_aside(tmp_path, tokenizer):
-    """The earlier run's report stood beside the new run's forecast until the new run's first re-check."""
+    """The earlier run's report stood beside the new run's forecast until the new run's first re-check; it is moved
+    aside, and the new run's own report (written at train start) takes its place."""
     trainer(tmp_path, tokenizer, callback(), max_steps=2).train()
-    assert (tmp_path / "sts" / "report.md").exists()
+    assert "**Re-checks:**" in (tmp_path / "sts" / "report.md").read_text()
 
     class Look(TrainerCallback):
         seen = None
+        report = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if Look.seen is None:
                 Look.seen = sorted(p.name for p in (tmp_path / "sts").iterdir())
+                Look.report = (tmp_path / "sts" / "report.md").read_text()
 
     again = trainer(tmp_path, tokenizer, callback(), max_steps=2)
     again.add_callback(Look())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again.train()
-    assert "report.md" not in Look.seen and "report.html" not in Look.seen
+    assert "**Re-checks:**" not in Look.report  # the new run's, before any re-check: not the earlier run's
     assert any(n.startswith("report.") and n.endswith(".md") and n != "report.md" for n in Look.seen)
