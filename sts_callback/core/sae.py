@@ -293,9 +293,8 @@ def check_sae_folder(folder: str | Path) -> None:
     if not isinstance(parsed, dict):
         raise STSInputError(f"The SAE's {cfg} holds a {type(parsed).__name__}, not sae-lens' settings object. "
                             f"{SAE_REBUILD_HINT}")
-    metadata = parsed.get("metadata") if isinstance(parsed.get("metadata"), dict) else {}
-    hook = metadata.get("hook_name") or parsed.get("hook_name")
-    if isinstance(hook, str) and _NOT_RESIDUAL.search(hook):  # said now, not once the model has loaded
+    hook, _ = _cfg_hook_names(parsed)
+    if hook is not None and _NOT_RESIDUAL.search(hook):  # said now, not once the model has loaded
         raise not_residual_error(f"The SAE in {folder} reads hook {hook!r} (its cfg.json)")
     weights = folder / "sae_weights.safetensors"
     if not weights.exists():
@@ -463,6 +462,14 @@ def layer_to_read(config_layer: int | None, sae_layer: int | None, hook_name: st
     return layer
 
 
+def _cfg_hook_names(parsed: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(hook name, Hugging Face hook name) a sae-lens cfg.json names (its metadata's, or an older file's top-level
+    hook name); None where it names none."""
+    metadata = parsed.get("metadata") if isinstance(parsed.get("metadata"), dict) else {}
+    hook, hf_hook = metadata.get("hook_name") or parsed.get("hook_name"), metadata.get("hf_hook_name")
+    return (hook if isinstance(hook, str) and hook else None, hf_hook if isinstance(hf_hook, str) and hf_hook else None)
+
+
 def sae_folder_reads(folder: str | Path) -> tuple[int | None, str | None, int | None]:
     """(d_in, hook name, layer) a sae-lens folder's cfg.json names, read without loading the SAE (as
     :func:`_sae_lens_handle` reads them from the loaded one); None where it does not say."""
@@ -472,9 +479,7 @@ def sae_folder_reads(folder: str | Path) -> tuple[int | None, str | None, int | 
         return None, None, None
     if not isinstance(parsed, dict):
         return None, None, None
-    metadata = parsed.get("metadata") if isinstance(parsed.get("metadata"), dict) else {}
-    hooks = [h for h in (metadata.get("hook_name") or parsed.get("hook_name"), metadata.get("hf_hook_name"))
-             if isinstance(h, str) and h]
+    hooks = [h for h in _cfg_hook_names(parsed) if h is not None]
     layers = [layer for layer in map(layer_from_hook_name, hooks) if layer is not None]
     d_in = parsed.get("d_in")
     return (int(d_in) if type(d_in) is int else None, hooks[0] if hooks else None, layers[0] if layers else None)

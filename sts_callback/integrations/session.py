@@ -309,7 +309,7 @@ class STSSession:
         and ``domains`` take what :func:`load_corpus` / :func:`load_domains` take (texts, records, paths, built-in
         domain names) as well as their results."""
         model = without_data_parallel(model)  # every forward of the session: the model's own (see there)
-        probe, domains = _as_corpus(probe, "probe"), load_domains(domains)
+        probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), load_domains(domains)
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
@@ -367,8 +367,9 @@ class STSSession:
         if self.monitor is None:
             raise STSUsageError("STSSession.start() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first.")
-        probe, domains = _as_corpus(probe, "probe"), load_domains(domains)
-        demonstrations = None if demonstrations is None else _as_corpus(demonstrations, "demonstrations")
+        probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), load_domains(domains)
+        demonstrations = None if demonstrations is None else load_corpus(demonstrations, "demonstrations",
+                                                                         what="STSSession's demonstrations")
         self._check_prepared_domains(domains, "start")
         self.recipe = "lora" if is_peft(model) else "full"
         # a new run: an earlier start's forecast, predictions and seconds are not this run's
@@ -1119,10 +1120,6 @@ def _latest_checkpoint_of(checkpoint: RunStore, run_id: str) -> Path | None:
         if step.isdigit() and (RunStore(folder / subdir).read_state() or {}).get("run_id") == run_id:
             steps.append((int(step), folder))
     return max(steps)[1] if steps else None
-
-
-def _as_corpus(data: Any, name: str) -> Corpus:
-    return data if isinstance(data, Corpus) else load_corpus(data, name, what=f"STSSession's {name}")
 
 
 __all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree"]

@@ -238,9 +238,8 @@ class Guard:
                                                   f"(tolerance {self.config.accuracy_tolerance:.1%})"))
             value = recheck.score(name, variant)
             if self.config.max_sts is not None and value is not None and value > self.config.max_sts:
-                used = variant if (recheck.scores.get(name) or {}).get(variant) is not None else "sts_act"
                 found.append((f"sts:{name}", f"re-checked STS of protected domain {name!r} is {value:.4g} > "
-                                             f"max_sts={self.config.max_sts} ({used})"))
+                                             f"max_sts={self.config.max_sts} ({recheck.scored_as(name, variant)})"))
         return found
 
     def check(self, step: int, recheck: Recheck, variant: str, projected: list[str] | None = None,

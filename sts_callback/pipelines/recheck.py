@@ -238,12 +238,16 @@ class Recheck:
     # batches of a domain's held-out loss the sampled LM head misread (checked against the whole head), measured whole
     loss_head_fallbacks: dict[str, int] = field(default_factory=dict)
 
+    def scored_as(self, domain: str, variant: str) -> str:
+        """The variant :meth:`score` reads for ``domain``: ``variant``, or ``sts_act`` where it was not computed."""
+        return variant if variant in (self.scores.get(domain) or {}) else "sts_act"
+
     def score(self, domain: str, variant: str) -> float | None:
         """The re-checked score of ``domain`` under ``variant`` (``sts_act`` where the variant was not computed)."""
         scores = self.scores.get(domain)
         if scores is None:
             return None
-        return scores.get(variant, scores.get("sts_act"))
+        return scores.get(self.scored_as(domain, variant))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

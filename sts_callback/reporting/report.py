@@ -252,8 +252,7 @@ class ReportData:
         ended there: a report written during training, or a run that stopped without its final re-check."""
         last = self.rechecks[-1] if self.rechecks else {}
         share = last.get("lr_area_fraction")
-        if not isinstance(share, (int, float)) or share >= 1 or last.get("ended_early") or last.get("early_stop") \
-                or self.loaded_best_step is not None:
+        if not isinstance(share, (int, float)) or share >= 1 or last.get("early_stop") or self.ended_before_the_end:
             return None
         return (f"The last re-check is at step {last['step']} ({share:.0%} of the learning-rate schedule): the run had "
                 "not ended when it was made (still training, or stopped without a final re-check; `sts report` "
@@ -279,7 +278,13 @@ class ReportData:
         """Whether ``record``'s projection to the end of training is still one: not once the run has ended with
         its weights (a checkpoint loaded at the end, training ended before max_steps)."""
         return (bool(record.get("early_forecast")) and (record.get("lr_area_fraction") or 1) < 1
-                and self.loaded_best_step is None and not (self.rechecks and self.rechecks[-1].get("ended_early")))
+                and not self.ended_before_the_end)
+
+    @property
+    def ended_before_the_end(self) -> bool:
+        """The run ended with weights of before the end of its schedule: a checkpoint loaded at the end, or
+        training ended before max_steps at the last re-check."""
+        return self.loaded_best_step is not None or bool(self.rechecks and self.rechecks[-1].get("ended_early"))
 
     @property
     def loaded_best_step(self) -> int | None:
@@ -886,8 +891,8 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
                      data.probe_error_note()):
             if note:
                 lines.append(esc(note))
-        if _overhead(data.rechecks[-1]):
-            lines.append(esc(_overhead(data.rechecks[-1])))
+        if spent := _overhead(data.rechecks[-1]):  # every re-check's cost, also those after a loaded checkpoint
+            lines.append(esc(spent))
         note = data.precision_note()
         if note:
             lines.append(esc(note))
@@ -1249,8 +1254,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      data.probe_error_note()):
             if note:
                 lines.append(md_esc(note))
-        if _overhead(data.rechecks[-1]):  # the cost of every re-check, also those after a loaded checkpoint
-            lines.append(_overhead(data.rechecks[-1]))
+        if spent := _overhead(data.rechecks[-1]):  # every re-check's cost, also those after a loaded checkpoint
+            lines.append(spent)
         note = data.precision_note()
         if note:
             lines.append(note)
