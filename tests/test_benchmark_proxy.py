@@ -40,3 +40,31 @@ def test_the_calibration_never_sees_the_held_out_source(proxy):
     assert proxy.calibrated(proxies, spoiled, "b", "global") == pytest.approx(predicted)
     assert proxy.calibrated(proxies, spoiled, "b", "domain") == pytest.approx(
         proxy.calibrated(proxies, truths, "b", "domain"))
+
+
+def test_step0_warnings_read_the_proxy_through_its_held_out_line(proxy, tmp_path):
+    """The proxy as the step-0 forecast of the lead-time curve: each source's prediction is the line fitted on the
+    other sources (exact here, so the held-out truth is recovered), both seeds' units get it, the source's own
+    domain is left out, and the interval's width is the line's residual spread (zero for an exact line, wider
+    when the other sources scatter)."""
+    import json
+
+    sources = ["changelog", "legal", "math", "markup"]
+    proxies = {s: {d: 0.01 * (i + 1) + 0.004 * j for j, d in enumerate(sources)} for i, s in enumerate(sources)}
+    for s in sources:
+        (tmp_path / f"proxy-lora-{s}-seed0-k16.json").write_text(json.dumps({"nll_delta_rel": proxies[s]}))
+        for seed in (0, 1):
+            truth = {d: 2 * v - 0.01 for d, v in proxies[s].items()}
+            (tmp_path / f"precise-lora-{s}-seed{seed}.json").write_text(json.dumps({"nll_delta_rel": truth}))
+    predictions = proxy.step0_predictions(tmp_path, 16)
+    assert set(predictions) == {f"lora-{s}-seed{k}" for s in sources for k in (0, 1)}
+    legal = predictions["lora-legal-seed1"]
+    assert set(legal) == set(sources) - {"legal"}
+    for domain, (mean, low) in legal.items():
+        assert mean == pytest.approx(2 * proxies["legal"][domain] - 0.01)
+        assert low == pytest.approx(mean, abs=1e-9)
+    noisy = {**proxies["math"], "changelog": proxies["math"]["changelog"] + 0.05}
+    (tmp_path / "precise-lora-math-seed0.json").write_text(json.dumps(
+        {"nll_delta_rel": {d: 2 * v - 0.01 for d, v in noisy.items()}}))
+    mean, low = proxy.step0_predictions(tmp_path, 16)["lora-legal-seed0"]["markup"]
+    assert mean - low > 0.01

@@ -138,14 +138,45 @@ def calibrated(proxies: dict[str, dict[str, float]], truths: dict[str, dict[str,
 FORMS = ("raw", "global", "domain")
 
 
-def score(out: Path, proxy_steps: int, json_out: Path) -> None:
-    """Each form of the proxy forecast (raw changes; a line fitted leave-one-source-out, global or with a level per
-    domain, registered before the last four sources' proxies landed) against both seeds' precise final changes."""
+def loaded(out: Path, proxy_steps: int) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, dict[str, float]]]]:
+    """The seed-0 proxies on disk (source -> domain -> change) and both seeds' precise final changes (seed ->
+    source -> domain -> change)."""
     proxies = {s: json.loads(proxy_path(out, s, 0, proxy_steps).read_text())["nll_delta_rel"] for s in SOURCES
                if proxy_path(out, s, 0, proxy_steps).exists()}
     truths = {seed: {s: json.loads((out / f"precise-{unit_name('lora', s, seed)}.json").read_text())["nll_delta_rel"]
                      for s in SOURCES if (out / f"precise-{unit_name('lora', s, seed)}.json").exists()}
               for seed in (0, 1)}
+    return proxies, truths
+
+
+def step0_predictions(out: Path, proxy_steps: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """unit -> domain -> (predicted change, low of its 90% interval) for every LoRA unit whose source has a proxy:
+    the ``global`` leave-one-source-out line (fitted on the other sources' seed-0 precise changes, as ``score``
+    fits it), its interval a normal with the line's residual spread on those pairs. One proxy per source (seed 0's
+    batches) stands for both seeds' runs, as a user would run one proxy before the run."""
+    from scipy.stats import norm
+
+    proxies, truths = loaded(out, proxy_steps)
+    result = {}
+    for source in proxies:
+        pairs = [(proxies[s][d], truths[0][s][d]) for s in proxies if s != source and s in truths[0]
+                 for d in truths[0][s] if d != s and d in proxies[s]]
+        if len({s for s in proxies if s != source and s in truths[0]}) < 2:
+            continue
+        x, y = np.array(pairs).T
+        slope, intercept = np.polyfit(x, y, 1)
+        spread = float(np.std(y - (intercept + slope * x), ddof=2))
+        predicted = {d: float(intercept + slope * v) for d, v in proxies[source].items() if d != source}
+        for seed in (0, 1):
+            result[unit_name("lora", source, seed)] = {d: (m, m - norm.ppf(0.95) * spread)
+                                                       for d, m in predicted.items()}
+    return result
+
+
+def score(out: Path, proxy_steps: int, json_out: Path) -> None:
+    """Each form of the proxy forecast (raw changes; a line fitted leave-one-source-out, global or with a level per
+    domain, registered before the last four sources' proxies landed) against both seeds' precise final changes."""
+    proxies, truths = loaded(out, proxy_steps)
     rows = []
     for source in proxies:
         row = {"source": source}

@@ -3,6 +3,7 @@ warning threshold, beside the two points the lead table of ``early_compare.py`` 
 one-sided bound).
 
     python benchmarks/transfer/step0_warnings.py [--step0 icl|prior|callback] [--out benchmarks/transfer/step0_warnings.json]
+    python benchmarks/transfer/step0_warnings.py --step0 proxy16 --out benchmarks/transfer/step0_warnings_proxy16.json
 
 For each unit with a precise re-run (``precise.py``), the step-0 forecast of ``early_compare.step0_predictions``
 (fitted leave-one-source-out on the precise changes, as ``early_compare.py --precise-truth`` fits it) gives each
@@ -16,6 +17,11 @@ domain that did not violate is a false alarm (rate over the domains that did not
 own interval, and each target domain's own (the root mean square of its step-0 errors on the *other* sources'
 units, shrunk toward all domains' by 10 pseudo-units): a domain whose forecast is steadier could be warned about
 with more confidence.
+
+``--step0 proxy<K>``: the K-step compressed proxy run (``proxy.py``) through its leave-one-source-out line as the
+step-0 forecast (``proxy.step0_predictions``), on the LoRA units whose source has a proxy. Registered before the
+16-step proxy's last 8 sources landed (commit of this option): at ``p`` 0.5 with the calibration's spread, on the 22
+LoRA units, lead over every violation >= 25% with false alarms <= 10% at each of the tolerances 1%, 2% and 5%.
 
 Issue 14's goal for the lead: mean lead >= 25% of the run's steps with false alarms <= 10%, at tolerances 1%, 2%, 5%.
 """
@@ -89,7 +95,7 @@ def curve(rows: list[dict], spreads: list[float], tolerance: float) -> list[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=Path, default=Path(__file__).parent / "units")
-    parser.add_argument("--step0", choices=early_compare.STEP0_PATTERNS, default="icl")
+    parser.add_argument("--step0", choices=[*early_compare.STEP0_PATTERNS, "proxy8", "proxy16"], default="icl")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     learned = early_compare.learned_module()
@@ -97,7 +103,12 @@ def main() -> None:
     precise = {p["unit"]: p["result"]["nll_delta_rel"] for p in learned.precise_units(units, args.units)}
     units = [{**u, "result": {**u["result"], "nll_delta_rel": precise[u["unit"]]}} if u["unit"] in precise else u
              for u in units]
-    step0 = early_compare.step0_predictions(units, early_compare.STEP0_PATTERNS[args.step0])
+    if args.step0.startswith("proxy"):
+        import proxy
+
+        step0 = proxy.step0_predictions(args.units, int(args.step0.removeprefix("proxy")))
+    else:
+        step0 = early_compare.step0_predictions(units, early_compare.STEP0_PATTERNS[args.step0])
     rows = domain_rows(units, precise, step0)
     spreads = {"calibration": [r["sd"] for r in rows], "per_domain": own_spreads(rows)}
     results = {name: {str(t): curve(rows, sd, t) for t in early_compare.TOLERANCES} for name, sd in spreads.items()}
