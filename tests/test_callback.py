@@ -12,7 +12,7 @@ from datasets import Dataset
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-from sts_callback import STSConfig, STSConfigError, STSDataWarning
+from sts_callback import STSConfig, STSConfigError, STSDataWarning, STSInputError
 from sts_callback.integrations.callback import STSCallback, STSNegativeTransferWarning
 from sts_callback.pipelines.forecast import Forecast
 
@@ -527,6 +527,78 @@ def test_run_level_term_at_train_start_joins_the_forecast_and_leaves_the_run_unc
     # in one log call at train start (a tracker that counts its own steps by calls keeps the trainer's)
     step0 = [e for e in trainer.state.log_history if any(k.startswith("sts/") for k in e) and e["step"] == 0]
     assert len(step0) == 1 and {"sts/run_level/law", "sts/forecast/law", "sts/predicted/law"} <= set(step0[0])
+
+
+def test_a_compressed_run_at_train_start_takes_a_quarter_of_the_steps_holding_the_schedules_area(tmp_path,
+                                                                                                   tokenizer):
+    import torch
+    from transformers import get_scheduler
+
+    from sts_callback.scoring.calibration import Calibration
+
+    schedule = dict(max_steps=8, save_steps=100, lr_scheduler_type="cosine", warmup_steps=2)
+    plain = make_trainer(tmp_path / "plain", tokenizer, make_callback(), **schedule)
+    plain.train()
+    callback = make_callback(run_level="compressed")
+    trainer = make_trainer(tmp_path / "compressed", tokenizer, callback, **schedule)
+    trainer.train()
+    losses = lambda t: [e["loss"] for e in t.state.log_history if "loss" in e]  # noqa: E731
+    assert losses(trainer) == losses(plain)  # the compressed steps were put back exactly
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=8)
+    area = 0.0
+    for _ in range(8):
+        area += optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    level = callback.session.run_level
+    assert level["method"] == "compressed" and level["steps"] == 2 and level["run_share"] == 0.25
+    assert level["learning_rates"][0] == pytest.approx(area / 2)  # 2 steps hold the 8-step schedule's area
+    assert all(callback.forecast.domains[d].scores["compressed"] == level["change"][d] for d in DOMAINS)
+    assert "compressed" in callback.forecast.table(view="scores")
+    # `sts calibrate --runs` on runs like it keeps their share of the steps as the feature's scale
+    import shutil
+
+    from sts_callback.core.atomic import read_json_lines
+
+    runs = []
+    for i, own in enumerate((-0.3, -0.1, 0.0, -0.2)):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(tmp_path / "compressed" / "run", run)
+        forecast = json.loads((run / "sts" / "forecast.json").read_text())
+        forecast["settings"]["run_level"]["own_change"] = own
+        forecast["settings"]["run_level"]["run_share"] = 0.25 + 0.01 * i
+        (run / "sts" / "forecast.json").write_text(json.dumps(forecast))
+        history, _ = read_json_lines(run / "sts" / "history.jsonl")
+        history[-1]["loss_delta"] = {"law": 0.03 - 0.5 * own + 0.001 * i, "food": 0.01 - 0.5 * own,
+                                     "chem": -0.01 - 0.5 * own - 0.001 * i}
+        (run / "sts" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        runs.append(run)
+    fitted = Calibration.from_runs(runs, features=["compressed"])
+    assert fitted.source_features == ["compressed_own"] and fitted.fitted_run_level_share == pytest.approx(0.265)
+    assert "run_level_steps" not in fitted.fitted_on["scope"]  # the steps differ with the run's length
+    forecast["settings"]["run_level"]["run_share"] = 0.5
+    (runs[-1] / "sts" / "forecast.json").write_text(json.dumps(forecast))
+    with pytest.raises(STSInputError, match="different shares of their runs' steps"):
+        Calibration.from_runs(runs, features=["compressed"])
+    # a line from the compressed run's changes to the final ones, fitted on runs at a quarter of their steps
+    calibration = Calibration.fit([[-0.2], [0.0], [0.1], [0.3]], [-0.05, 0.0, 0.02, 0.07], ["compressed"],
+                                  fitted_on={"scope": {"run_level_share": 0.25}})
+    assert calibration.fitted_run_level_share == 0.25
+    applied = make_callback(run_level="compressed", calibration=calibration)
+    make_trainer(tmp_path / "applied", tokenizer, applied, **schedule).train()
+    change = applied.session.run_level["change"]
+    for name in DOMAINS:
+        expected = calibration.intercept + calibration.coef[0] * (change[name] - calibration.center[0]) / \
+            calibration.scale[0]
+        assert applied.predicted[name]["mean"] == pytest.approx(expected, rel=1e-9)
+    # half of the run is not what the line was fitted on: refused at train start, with the fix
+    with pytest.raises(STSConfigError, match="took 25% of their runs' steps; this one's 4 of 8 steps is 50%.*"
+                                             "Leave run_level_steps unset"):
+        make_trainer(tmp_path / "half", tokenizer, make_callback(run_level="compressed", run_level_steps=4,
+                                                                 calibration=calibration), **schedule).train()
+    with pytest.raises(STSConfigError, match="pass run_level='compressed'"):
+        make_callback(run_level="lookahead", calibration=calibration)
 
 
 def test_run_level_measures_only_the_own_change_when_the_calibration_needs_nothing_else(tmp_path, tokenizer):

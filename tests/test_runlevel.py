@@ -224,6 +224,32 @@ def test_lookahead_uses_the_schedule_peak_not_the_current_warm_up_rate(batches, 
     assert overridden.learning_rates == [1e-3, 1e-3]
 
 
+def test_a_compressed_run_is_a_lookahead_holding_the_schedules_area(batches, targets):
+    """Its steps at the schedule's peak times the factor that puts the whole schedule's learning-rate area into
+    them: the change an independent copy measures at that rate, the model put back, the method named."""
+    from sts_callback.pipelines.runlevel import compressed_lr_factor, estimate_run_level
+
+    rates = [0.5e-2, 1e-2, 1e-2, 0.75e-2, 0.5e-2, 0.25e-2]  # warm-up and decay: area 4e-2, peak 1e-2
+    assert compressed_lr_factor(rates, 2) == pytest.approx(2.0)
+    assert compressed_lr_factor([3e-4] * 8, 2) == pytest.approx(4.0)  # constant: the steps' share, inverted
+    with pytest.raises(STSConfigError, match="run_level='lookahead' for a run at a rate of 0"):
+        compressed_lr_factor([0.0] * 4, 2)
+    model = make_model("llama")
+    optimizer = adamw(model, lr=1e-2)
+    before = snapshot(model, optimizer)
+    got = estimate_run_level(model, optimizer, batches, targets, RunLevelConfig(steps=2, lr_factor=2.0),
+                             method="compressed")
+    assert_restored(before, model, optimizer)
+    assert got.method == "compressed" and got.learning_rates == pytest.approx([2e-2, 2e-2])
+    expected = independent_lookahead(model, lambda m: adamw(m, lr=2e-2), batches, targets, steps=2)
+    for domain in targets:
+        assert got.change[domain] == pytest.approx(expected[domain], rel=1e-4, abs=1e-7), domain
+    next(iter(model.parameters())).ds_id = 0  # ZeRO-3: no first-order stand-in (not what its calibration reads)
+    with pytest.raises(STSConfigError, match="compressed.*ZeRO-3.*run_level='first_order'"):
+        estimate_run_level(model, optimizer, batches, targets, RunLevelConfig(steps=2, lr_factor=2.0),
+                           method="compressed")
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 def test_first_order_matches_the_finite_difference_change_under_small_lr_sgd(steps, dataset, targets):
     model = make_model("llama")
@@ -387,6 +413,8 @@ def test_bad_inputs_are_named(batches, targets):
     ({"lr": float("inf")}, "RunLevelConfig.lr=inf"),
     ({"max_grad_norm": -1.0}, "RunLevelConfig.max_grad_norm=-1.0 must be a non-negative number"),
     ({"pad": -1}, "RunLevelConfig.pad=-1 must be a token id"),
+    ({"lr_factor": 0}, "RunLevelConfig.lr_factor=0 must be a positive number"),
+    ({"lr_factor": float("nan")}, "RunLevelConfig.lr_factor=nan"),
     ({"stpes": 2}, "Unknown run-level setting(s) ['stpes']"),
 ])
 def test_run_level_settings_are_checked_when_built(values, words):

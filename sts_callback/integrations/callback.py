@@ -41,7 +41,8 @@ from .session import COUNTERS, STSNegativeTransferWarning, STSSession
 from .trainer_shift import (DISTILLATION_SHIFTS, RL_SHIFTS, ROLLOUT_SHIFTS, check_shift, forecast_runner,
                             fresh_rollout_probe, is_online, is_rl, likelihood_term, resolve_shift, rollout_data,
                             rollout_probe, trainer_distillation_rollouts, trainer_rollouts, unreproduced_generation)
-from .trainer_run_level import DEFAULT_RUN_LEVEL_STEPS, RUN_LEVEL_METHODS, check_run_level, run_level_runner
+from .trainer_run_level import (COMPRESSED_SHARE, DEFAULT_RUN_LEVEL_STEPS, RUN_LEVEL_METHODS, check_run_level,
+                                compressed_lr_factor, run_level_runner)
 from .training_data import EVAL_DATASET, probe_corpus, target_corpora
 
 
@@ -138,7 +139,11 @@ class STSCallback(TrainerCallback, ExportableState):
         run_level: the run-level term at train start (:mod:`~sts_callback.pipelines.runlevel`): ``"lookahead"``
             (``run_level_steps`` real steps of the trainer's optimizer at the schedule's peak (unset: the
             calibration's own step count where it was fitted on one, else 3), each domain's
-            held-out NLL change measured, then weights, optimizer state and RNG put back exactly) or
+            held-out NLL change measured, then weights, optimizer state and RNG put back exactly),
+            ``"compressed"`` (the same, a quarter of the run's steps (unset ``run_level_steps``: the calibration's
+            share where it was fitted on one) at a constant rate holding the whole schedule's learning-rate area:
+            a compressed run, the benchmark's forecast of every source's transfer before training, at the cost of
+            those steps; with ``calibration="gemma3-270m-lora-compressed"``) or
             ``"first_order"`` (the same change predicted from gradients, nothing stepped); added to the forecast's
             scores (a calibration may use it) and logged as ``sts/run_level/<domain>``. With a calibration that
             uses only the training data's own change (``lookahead_own``), only that is measured: a few steps'
@@ -226,7 +231,12 @@ class STSCallback(TrainerCallback, ExportableState):
             raise STSConfigError(f"The calibration's run-level feature was measured after {fitted_steps} lookahead "
                                  f"step(s); pass run_level_steps={fitted_steps} or leave it unset "
                                  f"(got {run_level_steps}).")
-        run_level_steps = self.run_level_steps = run_level_steps or fitted_steps or DEFAULT_RUN_LEVEL_STEPS
+        # a compressed run's steps are a share of the run's (known at train start) unless given
+        self.run_level_share = (self.calibration.fitted_run_level_share if self.calibration is not None else None
+                                ) or COMPRESSED_SHARE
+        if run_level != "compressed":
+            run_level_steps = run_level_steps or fitted_steps or DEFAULT_RUN_LEVEL_STEPS
+        self.run_level_steps = run_level_steps
         # a calibration that takes only the training data's own change from the run-level term: measure that alone
         self._run_level_domains = self.calibration is None or any(m in used for m in RUN_LEVEL_METHODS)
         objects = self._objects = {k: v for k, v in values.items() if v is not None and not json_serializable(v)}
@@ -518,6 +528,11 @@ class STSCallback(TrainerCallback, ExportableState):
                 "The calibration's level comes from a lookahead, which cannot run on weights sharded by DeepSpeed "
                 "ZeRO-3 / FSDP (they cannot be put back exactly). Train under DDP or ZeRO-2 with it, or use a "
                 "calibration fitted on run_level='first_order' runs (sts calibrate --runs).")
+        if self.run_level == "compressed" and model is not None and parameters_are_sharded(model):
+            raise STSConfigError(
+                "run_level='compressed' steps the model and puts it back, which cannot be done exactly on weights "
+                "sharded by DeepSpeed ZeRO-3 / FSDP. Train under DDP or ZeRO-2 with it, or pass "
+                "run_level='first_order'.")
         if model is not None:  # a reward model's refusal first: reading its data would fail with a wrong fix
             check_measurable(model)
         domains, self.lm_eval_targets = target_corpora(self.target_domains, self._trainer, tokenizer)
@@ -568,10 +583,11 @@ class STSCallback(TrainerCallback, ExportableState):
                                  "the chosen-minus-rejected forecast covers the preference only (recorded in the "
                                  "forecast's settings, left_out). Re-checks measure the whole effect.", STSDataWarning)
                 run = forecast_runner(shift, data, probe, demos, rollouts, cut, teacher, left_out)
+            steps, factor = self._run_level_steps_and_factor(state.max_steps, session.learning_rates)
             level = None if self.run_level is None else run_level_runner(
-                self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, self.run_level_steps,
+                self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, steps,
                 session.autocast, own=session.monitor.probe, domains=self._run_level_domains,
-                own_tokens=session.settings.loss_tokens)
+                own_tokens=session.settings.loss_tokens, lr_factor=factor, run_steps=state.max_steps)
             forecast = session.start(model, probe, domains, demos, progress=progress, forecast_run=run,
                                      run_level=level)
             # one log call: a tracker that counts its own steps by calls (DVCLive) keeps the trainer's steps
@@ -586,6 +602,21 @@ class STSCallback(TrainerCallback, ExportableState):
                 metrics.update({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()})
             self._log(metrics, control)
         self._ready = True
+
+    def _run_level_steps_and_factor(self, max_steps: int, rates: list[float] | None) -> tuple[int, float]:
+        """The run-level term's steps and learning-rate factor: as set for a lookahead; for a compressed run, its
+        share of the run's steps at the factor that puts the schedule's whole area into them (a share far from the
+        one its calibration was fitted on is refused: the change grows with it)."""
+        if self.run_level != "compressed":
+            return self.run_level_steps, 1.0
+        steps = self.run_level_steps or max(1, round(self.run_level_share * max_steps))
+        fitted = self.calibration.fitted_run_level_share if self.calibration is not None else None
+        if fitted is not None and max_steps > 0 and abs(steps / max_steps - fitted) > 0.25 * fitted:
+            raise STSConfigError(
+                f"The calibration's compressed runs took {fitted:.0%} of their runs' steps; this one's {steps} of "
+                f"{max_steps} steps is {steps / max_steps:.0%}. Leave run_level_steps unset (it takes "
+                f"{max(1, round(fitted * max_steps))}).")
+        return steps, compressed_lr_factor(rates or [], steps)
 
     def _leave_out_of_the_objective(self, trainer: Any) -> None:
         """transformers' default hyperparameter-search objective sums every evaluation metric but the loss when
@@ -853,7 +884,7 @@ def _find_trainer(callback: STSCallback) -> tuple[Any, str | None]:
 
 # What STSCallback.__init__ sets from its arguments: taken from the user's instance on a restoring resume
 SETTINGS_ATTRIBUTES = ("target_domains", "train_probe", "demonstrations", "shift", "run_level", "_not_predicted",
-                       "_session_args", "_run_level_needed", "run_level_steps", "_run_level_domains", "_objects",
+                       "_session_args", "_run_level_needed", "run_level_steps", "run_level_share", "_run_level_domains", "_objects",
                        "_export_args")
 
 

@@ -440,7 +440,11 @@ class STSSession:
                              + ("" if estimate.change else " (the target domains not measured: the calibration "
                                                             "needs only this)"))
             steps = f"{estimate.steps} step{'s' * (estimate.steps != 1)}"
-            self.say(f"STS run-level term ({estimate.method}, {steps} at the peak learning rate, "
+            if estimate.method == "compressed":  # the rate that puts the schedule's area into the steps
+                steps += f" at {estimate.learning_rates[0]:.3g}, holding the whole schedule's learning-rate area"
+            else:
+                steps += " at the peak learning rate"
+            self.say(f"STS run-level term ({estimate.method}, {steps}, "
                      f"{estimate.seconds:.1f} s): held-out NLL change " + "; ".join(parts))
 
     def _publish_forecast(self) -> None:

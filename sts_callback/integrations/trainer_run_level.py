@@ -12,11 +12,12 @@ from ..core.data import take_streamed
 from ..core.distributed import world_size
 from ..core.errors import STSConfigError
 from ..core.torch_utils import pad_token_id
-from ..pipelines.runlevel import (RunLevelConfig, RunLevelEstimate, estimate_run_level, not_trained_on,
-                                  training_batches)
+from ..pipelines.runlevel import (RunLevelConfig, RunLevelEstimate, compressed_lr_factor, estimate_run_level,
+                                  not_trained_on, training_batches)
 from ..scoring.calibration import RUN_LEVEL_METHODS
 
 DEFAULT_RUN_LEVEL_STEPS = RunLevelConfig.steps  # when neither the user nor the calibration says how many
+COMPRESSED_SHARE = 0.25  # a compressed run's steps, as a share of the run's: what the benchmark measured
 
 
 def check_run_level(method: str | None) -> str | None:
@@ -27,7 +28,8 @@ def check_run_level(method: str | None) -> str | None:
 
 def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, list], tokenizer: Any, steps: int,
                      autocast: Callable[[], Any] | None = None, own: list | None = None, domains: bool = True,
-                     own_tokens: int | None = None) -> Callable[[Any, dict[str, float]], RunLevelEstimate]:
+                     own_tokens: int | None = None, lr_factor: float = 1.0, run_steps: int | None = None,
+                     ) -> Callable[[Any, dict[str, float]], RunLevelEstimate]:
     """``(model, base_losses) -> RunLevelEstimate`` for ``trainer``: ``steps`` steps of its optimizer on a seeded
     draw of its training batches (the same examples on any number of processes). The batches must be language-
     model batches (``input_ids``, ``labels``): a preference or RL trainer's are refused now, with the fix. Under
@@ -38,11 +40,13 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
     ``loss_tokens``, a domain's held-out budget). ``domains=False`` (with ``own``):
     measure the training data's own change alone, not each target domain's (a calibration whose level is the own
     change and whose pattern uses no per-domain run-level feature needs nothing else; most of a lookahead's cost is
-    those measurements)."""
+    those measurements). ``lr_factor``: the steps' rates over the schedule's peak (a compressed run's
+    :func:`compressed_lr_factor`); ``run_steps``: the run's steps, whose share the estimate records
+    (``run_share``)."""
     dataset, collate = getattr(trainer, "train_dataset", None), getattr(trainer, "data_collator", None)
     if dataset is None or collate is None:
         raise STSConfigError("run_level needs the trainer's train_dataset and data_collator; pass run_level=None.")
-    config = RunLevelConfig(steps=steps, accumulation=args.gradient_accumulation_steps,
+    config = RunLevelConfig(steps=steps, accumulation=args.gradient_accumulation_steps, lr_factor=lr_factor,
                             max_grad_norm=args.max_grad_norm or None, pad=pad_token_id(tokenizer))
     if not hasattr(dataset, "__len__"):  # a stream: its head, as many examples as the steps take
         dataset = take_streamed(dataset, steps * config.accumulation * args.per_device_train_batch_size
@@ -66,8 +70,10 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
 
     def run(model: Any, base_losses: dict[str, float]) -> RunLevelEstimate:
         measured = loss_sets if domains or not own else {}
-        return estimate_run_level(model, trainer.optimizer, batches, measured, config, method=method, own=own,
-                                  before=base_losses, autocast=autocast)
+        estimate = estimate_run_level(model, trainer.optimizer, batches, measured, config, method=method, own=own,
+                                      before=base_losses, autocast=autocast)
+        estimate.run_share = steps / run_steps if run_steps else None
+        return estimate
     return run
 
 
@@ -95,4 +101,5 @@ def _within_tokens(sequences: list, budget: int) -> list:
     return out
 
 
-__all__ = ["DEFAULT_RUN_LEVEL_STEPS", "RUN_LEVEL_METHODS", "check_run_level", "run_level_runner"]
+__all__ = ["COMPRESSED_SHARE", "DEFAULT_RUN_LEVEL_STEPS", "RUN_LEVEL_METHODS", "check_run_level",
+           "compressed_lr_factor", "run_level_runner"]

@@ -20,7 +20,7 @@ from torch import nn
 from ..scoring import score
 
 from ..scoring import signed
-from ..scoring.calibration import load_calibration, own_feature
+from ..scoring.calibration import RUN_LEVEL_METHODS, load_calibration, own_feature
 from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_size, max_positions, num_layers,
                             unwrap_model)
 from ..core.config import (DEFAULT_ICL_LOSS_TOKENS, ICL_LOSS_FEATURE, ICL_LOSS_SETTINGS, MIN_BUDGET_TOKENS,
@@ -47,7 +47,8 @@ SCORE_LABELS = {
     "sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq",
     "raw_icl": "raw_icl", "raw_act": "raw_act", "raw_sq": "raw_sq",
     "signed_usage": "signed_use", "forgetting_minus_transfer": "forget-xfer", "decoder_projection": "dec_proj",
-    "lookahead": "lookahead", "first_order": "1st-order",  # the run-level term: a relative NLL change
+    "lookahead": "lookahead", "compressed": "compressed", "first_order": "1st-order",  # the run-level term: a
+    # relative NLL change
     ICL_LOSS_FEATURE: "icl_loss",  # a relative NLL change with training demonstrations in context
 }
 
@@ -233,7 +234,7 @@ class Forecast:
             return self._predicted_table()
         variant = self._check_variant(variant)
         shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED, ICL_LOSS_FEATURE,
-                             "lookahead", "first_order") if any(
+                             *RUN_LEVEL_METHODS) if any(
             d.scores.get(v) is not None for d in self.domains.values())]
         width = max([len("domain")] + [display_width(shown_name(n)) for n in self.domains])
         header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"
@@ -604,8 +605,6 @@ def check_calibration_features(calibration: Any, domains: dict[str, dict[str, fl
     """An error naming the calibration's features that are not forecast scores (as :class:`STSSession` checks),
     or, given the ``domains``' scores, that no domain has: it would predict nothing (a single domain lacking one
     only goes unpredicted, which the table says)."""
-    from ..scoring.calibration import RUN_LEVEL_METHODS
-
     known = (*SCORE_VARIANTS, *signed.SIGNED_VARIANTS, ICL_LOSS_FEATURE, *RUN_LEVEL_METHODS)
     if domains is None:  # before the forecast runs: only the names can be judged
         unknown = [f for f in calibration.score_features if f not in known]

@@ -8,6 +8,10 @@ Two features, each with its cost in seconds:
   or every weight), each domain's held-out NLL measured before and after, then parameters, buffers,
   gradients, optimizer state (step counts included) and the torch / CUDA / ``random`` / numpy RNG states
   restored bit-exactly (task-affinity lookahead, Fifty et al. 2021).
+- a *compressed run* (``estimate_run_level(method="compressed")``): the same lookahead with every group's rate
+  raised by ``RunLevelConfig.lr_factor`` so that its few steps hold the whole run's learning-rate area (a quarter
+  of the run's steps at a constant rate: on the 11-source benchmark, the one step-0 forecast that orders the other
+  domains' final changes on every source; ``benchmarks/transfer/proxy.py``). It costs those steps before training.
 - :func:`first_order`: ``dL_d ~ <grad L_d, delta>``, ``delta`` the update the optimizer would make in
   ``steps`` steps from the training batches' mean gradient held fixed (Adam: ``-lr * g / (|g| + eps)`` per
   step, as LESS preconditions gradients; SGD: ``-lr * g``; any ``torch.optim`` optimizer is simulated on a
@@ -72,12 +76,13 @@ from ..core.extract import batches_by_length, local_sequences
 from ..core.data import TokenSequence
 from ..core.heldout import HEAD_CHUNK, head_nll, split_head
 from ..core.torch_utils import rng_state, set_rng_state
+from ..scoring.calibration import RUN_LEVEL_METHODS
 from .monitor import nll_sums
 
 OptimizerLike = Any  # torch.optim.Optimizer, an accelerate / DeepSpeed wrapper, or a factory params -> optimizer
 
 __all__ = ["RunLevelConfig", "RunLevelEstimate", "lookahead", "first_order", "estimate_run_level", "training_batches",
-           "measure_losses", "not_trained_on"]
+           "measure_losses", "not_trained_on", "compressed_lr_factor"]
 OWN = "<the training data>"  # the loss set of the training data's own texts, beside the target domains
 
 
@@ -90,6 +95,8 @@ class RunLevelConfig:
             steps counts as step 0.
         accumulation: micro-batches per optimizer step (the Trainer's gradient accumulation).
         lr: the learning rate of every group; ``None``: each group's scheduler base rate (the schedule's peak).
+        lr_factor: each group's rate (``lr`` or its peak) times this: a compressed run's ``area / (steps * peak)``,
+            its steps holding the whole schedule's learning-rate area.
         max_grad_norm: clip each step's gradient as the run does (the Trainer's ``max_grad_norm``; ``None`` or
             0: no clipping).
         pad: padding id of the held-out batches; ``None``: the model config's ``pad_token_id``, else 0.
@@ -99,6 +106,7 @@ class RunLevelConfig:
     steps: int = 3
     accumulation: int = 1
     lr: float | None = None
+    lr_factor: float = 1.0
     max_grad_norm: float | None = None
     pad: int | None = None
     batch_size: int = 4
@@ -119,6 +127,11 @@ class RunLevelConfig:
                 kind = "positive" if positive else "non-negative"
                 raise STSConfigError(f"RunLevelConfig.{name}={value!r} must be a {kind} number, or None ({default}).")
             setattr(self, name, float(value))
+        if (isinstance(self.lr_factor, bool) or not isinstance(self.lr_factor, numbers.Real)
+                or not math.isfinite(self.lr_factor) or self.lr_factor <= 0):
+            raise STSConfigError(f"RunLevelConfig.lr_factor={self.lr_factor!r} must be a positive number (1: each "
+                                 "group's own rate).")
+        self.lr_factor = float(self.lr_factor)
         if self.pad is not None:
             if isinstance(self.pad, bool) or not isinstance(self.pad, numbers.Integral) or self.pad < 0:
                 raise STSConfigError(f"RunLevelConfig.pad={self.pad!r} must be a token id (an integer >= 0), or None "
@@ -138,12 +151,14 @@ class RunLevelEstimate:
     """One run-level feature: per target domain, the relative change of its held-out mean-token NLL.
 
     Attributes:
-        method: ``"lookahead"`` (measured after real steps) or ``"first_order"`` (predicted, no step taken).
+        method: ``"lookahead"`` (measured after real steps), ``"compressed"`` (a lookahead whose steps hold the
+            whole run's learning-rate area) or ``"first_order"`` (predicted, no step taken).
         change: domain -> ``(after - before) / before`` (lookahead) or ``<grad L_d, delta> / L_d`` (first order).
         loss_before: domain -> held-out mean-token NLL before.
         loss_change: domain -> absolute change (``after - before``, or the predicted ``dL_d``).
         steps: optimizer steps taken (lookahead) or simulated (first order).
-        learning_rates: the learning rate of each parameter group used (the schedule's peak).
+        learning_rates: the learning rate of each parameter group used (the schedule's peak, times
+            ``lr_factor``).
         train_tokens: trained (label) tokens of the batches used, over all processes.
         seconds: wall time of the whole call.
         timings: its parts (``before`` / ``steps`` / ``after``; ``train_gradient`` / ``update`` / ``domains``)
@@ -151,6 +166,7 @@ class RunLevelEstimate:
         own_change: the same relative change on texts of the training data itself (``None`` when not measured):
             how hard the run moves its own domain, which sets the level of a level + pattern calibration.
         own_tokens: the counted tokens ``own_change`` was measured on.
+        run_share: ``steps`` over the run's steps, where the caller knew them (a compressed run's scale).
     """
 
     method: str
@@ -164,6 +180,7 @@ class RunLevelEstimate:
     timings: dict[str, float] = field(default_factory=dict)
     own_change: float | None = None
     own_tokens: int | None = None
+    run_share: float | None = None
 
     @property
     def mean_change(self) -> float:
@@ -293,15 +310,16 @@ def _gathered(p: nn.Parameter):
         yield p
 
 
-def _peak_lrs(resolved: _Optimizer, lr: float | None) -> list[float]:
+def _peak_lrs(resolved: _Optimizer, lr: float | None, factor: float = 1.0) -> list[float]:
     """Each group's learning rate at the schedule's peak: ``lr`` when given, else the scheduler's base rate
-    (``initial_lr``: the peak of warm-up / cosine / linear schedules) or the group's current rate."""
+    (``initial_lr``: the peak of warm-up / cosine / linear schedules) or the group's current rate; times
+    ``factor``."""
     out = []
     for _, hp in resolved.groups:
         value = lr if lr is not None else hp.get("initial_lr", hp.get("lr"))
         if value is None:
             raise STSConfigError("The optimizer's parameter groups hold no learning rate; set RunLevelConfig(lr=...).")
-        out.append(float(value))
+        out.append(float(value) * factor)
     return out
 
 
@@ -579,7 +597,7 @@ def lookahead(model: nn.Module, optimizer: OptimizerLike, batches: Iterable[Mapp
             "sts_callback.pipelines.runlevel.first_order(...) instead (no parameter changes), or run the lookahead under "
             "DDP / ZeRO-2 / one process.")
     micro = _take(batches, steps * accumulation)
-    lrs = _peak_lrs(resolved, lr)
+    lrs = _peak_lrs(resolved, lr, config.lr_factor)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     loss_before = dict(before) if before is not None else measure_losses(inner, targets, pad=pad,
@@ -766,22 +784,27 @@ def estimate_run_level(model: nn.Module, optimizer: OptimizerLike, batches: Iter
                        autocast: Callable[[], Any] | None = None) -> RunLevelEstimate:
     """The run-level term as a training loop wants it (the callback's, or any loop's through
     ``STSSession.start(..., run_level=lambda model, base: estimate_run_level(model, ..., before=base))``):
-    :func:`lookahead` or :func:`first_order` (``method``) on ``targets``, and with ``own`` (sequences of the
+    :func:`lookahead` (``"lookahead"``; ``"compressed"``: the same, its rates raised by ``config.lr_factor``,
+    :func:`compressed_lr_factor`) or :func:`first_order` (``method``) on ``targets``, and with ``own`` (sequences of the
     training data) the training data's own change as ``own_change``, the level a ``lookahead_own`` calibration
     reads; ``targets`` may be empty then (only the own change measured: a few steps' worth). A lookahead on
     sharded weights (ZeRO-3 / FSDP) falls back to first order, with a warning. ``before``: the targets' base
     losses already measured (a lookahead skips that pass; extra domains are ignored)."""
-    if method not in ("lookahead", "first_order"):
-        raise STSConfigError(f"method={method!r}: use 'lookahead' or 'first_order'.")
+    if method not in RUN_LEVEL_METHODS:
+        raise STSConfigError(f"method={method!r}: use one of {RUN_LEVEL_METHODS}.")
     if not targets and not own:
         raise STSInputError("Nothing to measure: give target domains, or own= (the training data's sequences).")
+    if method == "compressed" and parameters_are_sharded(_inner_model(model)):
+        raise STSConfigError(  # a first-order estimate is not what a compressed run's calibration reads
+            "The compressed run (run_level='compressed') cannot run on weights sharded by DeepSpeed ZeRO-3 / FSDP: "
+            "they cannot be put back exactly. Train under DDP or ZeRO-2 with it, or use run_level='first_order'.")
     if method == "lookahead" and parameters_are_sharded(_inner_model(model)):
         warn_on_main("STS run-level term: the weights are sharded (DeepSpeed ZeRO-3 / FSDP) and cannot be stepped "
                      "and put back exactly; using the first-order estimate instead.", STSDataWarning, stacklevel=2)
         method = "first_order"
     config = config if isinstance(config, RunLevelConfig) else RunLevelConfig.from_dict(config)
     measured = {**targets, OWN: list(own)} if own else dict(targets)
-    if method == "lookahead":
+    if method in ("lookahead", "compressed"):
         known = None
         if before is not None:
             known = {name: before[name] for name in targets}
@@ -789,6 +812,7 @@ def estimate_run_level(model: nn.Module, optimizer: OptimizerLike, batches: Iter
                 known.update(measure_losses(model, {OWN: measured[OWN]}, pad=config.pad,
                                             batch_size=config.batch_size, autocast=autocast))
         estimate = lookahead(model, optimizer, batches, measured, config, autocast=autocast, before=known)
+        estimate.method = method
     else:
         estimate = first_order(model, optimizer, batches, measured, config, autocast=autocast)
     if own:
@@ -796,6 +820,18 @@ def estimate_run_level(model: nn.Module, optimizer: OptimizerLike, batches: Iter
         estimate.own_tokens = sum(sum(flags) for _, flags in measured[OWN])
         estimate.loss_before.pop(OWN), estimate.loss_change.pop(OWN)
     return estimate
+
+
+def compressed_lr_factor(learning_rates: Sequence[float], steps: int) -> float:
+    """``RunLevelConfig.lr_factor`` of a compressed run: ``steps`` steps at a constant rate holding the whole
+    schedule's learning-rate area (``learning_rates``: every step's rate, as ``core.schedule`` plans them), relative
+    to the schedule's peak (what the lookahead's groups start from)."""
+    rates = [float(r) for r in learning_rates]
+    if not rates or max(rates) <= 0 or steps < 1:
+        raise STSConfigError("A compressed run needs the run's learning-rate schedule (a positive rate at some step) "
+                             f"and at least one step; got {len(rates)} rate(s), peak {max(rates, default=0.0)}, "
+                             f"{steps} step(s). Use run_level='lookahead' for a run at a rate of 0.")
+    return sum(rates) / (steps * max(rates))
 
 
 def _held_out_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,

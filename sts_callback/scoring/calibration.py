@@ -245,6 +245,14 @@ class Calibration:
             return None
         return ((self.fitted_on or {}).get("scope") or {}).get("run_level_steps")
 
+    @property
+    def fitted_run_level_share(self) -> float | None:
+        """A compressed run's steps as a share of its run's, when its run-level feature is one: the feature's
+        scale (a run compressed into an eighth of its steps forgets more than one into a quarter)."""
+        if not self.run_level_inputs():
+            return None
+        return ((self.fitted_on or {}).get("scope") or {}).get("run_level_share")
+
     def blend_table(self, method: str, recipe: str | None = None) -> list[list[float]]:
         """The early blend for ``method`` on a run of ``recipe`` (empty: none, or fitted on the other recipe)."""
         if self.early_blend_recipe is not None and recipe is not None and recipe != self.early_blend_recipe:
@@ -394,7 +402,14 @@ class Calibration:
         source_features = [own_feature(methods.pop())] if has_level else []
         _warn_mixed_scope(records)
         scope = shared_scope([r["scope"] for r in records])  # warned about when applied to another setup
-        if has_level:  # the own change grows with the lookahead's steps: the level holds for that many only
+        if has_level and records[0]["run_level"]["method"] == "compressed":  # its scale: the share of the run
+            shares = [r["run_level"].get("run_share") for r in records]
+            if None not in shares and max(shares) - min(shares) > 0.25 * min(shares):
+                raise STSInputError(f"The runs' compressed runs took different shares of their runs' steps "
+                                    f"({min(shares):.0%} to {max(shares):.0%}); fit on runs with the same share.")
+            if None not in shares:
+                scope["run_level_share"] = float(np.mean(shares))
+        elif has_level:  # the own change grows with the lookahead's steps: the level holds for that many only
             steps = sorted({r["run_level"].get("steps") for r in records}, key=str)
             if len(steps) > 1:
                 raise STSInputError(f"The runs' run-level terms took different numbers of steps ({steps}); fit on "
@@ -459,7 +474,7 @@ class Calibration:
                        fitted_on={"validations": used, "pairs": len(y), **({"scope": scope} if scope else {})})
 
 
-RUN_LEVEL_METHODS = ("lookahead", "first_order")  # the run-level terms (pipelines.runlevel), a feature each
+RUN_LEVEL_METHODS = ("lookahead", "compressed", "first_order")  # the run-level terms (pipelines.runlevel), a feature each
 
 
 def _run_level_kind(record: dict[str, Any]) -> str:
