@@ -748,6 +748,11 @@ def test_run_level_settings_are_checked_at_construction():
         make_callback(run_level="lookahead", run_level_steps=3, calibration="gemma3-270m-lora-lookahead")
     adopted = make_callback(run_level="lookahead", calibration="gemma3-270m-lora-lookahead")
     assert adopted.run_level_steps == 2 and adopted._export_args["run_level_steps"] == 2
+    # the built-in compressed run's calibration: its run-level term named, its share of the run adopted
+    with pytest.raises(STSConfigError, match="pass run_level='compressed'"):
+        make_callback(run_level="lookahead", calibration="gemma3-270m-lora-compressed")
+    compressed = make_callback(run_level="compressed", calibration="gemma3-270m-lora-compressed")
+    assert compressed.run_level_share == 0.25 and compressed.run_level_steps is None  # a quarter, at train start
     assert make_callback(run_level="lookahead", run_level_steps=2, calibration="gemma3-270m-lora-lookahead")
     assert make_callback(run_level="lookahead").run_level_steps == 3  # no calibration: the default
     # the built-in that reads the in-context NLL change: the forecast computes it with the budget it was fitted on

