@@ -68,3 +68,17 @@ def test_step0_warnings_read_the_proxy_through_its_held_out_line(proxy, tmp_path
         {"nll_delta_rel": {d: 2 * v - 0.01 for d, v in noisy.items()}}))
     mean, low = proxy.step0_predictions(tmp_path, 16)["lora-legal-seed0"]["markup"]
     assert mean - low > 0.01
+
+
+def test_the_other_texts_truth_leaves_out_the_texts_the_proxy_was_measured_on(proxy, tmp_path):
+    """The proxy measures a domain's first 2,048 tokens of the precise sample; the truth on the other texts is the
+    paired change over the rest alone, so a change planted only in the first texts does not reach it."""
+    import json
+
+    base = {"math": [[100.0, 1000], [100.0, 1000], [50.0, 500], [80.0, 800]]}  # 2,000 tokens, then 1,300
+    after = {"math": [[200.0, 1000], [200.0, 1000], [55.0, 500], [88.0, 800]]}  # +100% first, +10% after
+    (tmp_path / "precise-base.json").write_text(json.dumps({"key": "k", "nll": base}))
+    (tmp_path / "precise-lora-legal-seed0.json").write_text(json.dumps({"after": after}))
+    truths = proxy.disjoint_truths(tmp_path)
+    assert truths[0]["legal"]["math"] == pytest.approx(0.10)
+    assert truths[1] == {}

@@ -150,6 +150,45 @@ def loaded(out: Path, proxy_steps: int) -> tuple[dict[str, dict[str, float]], di
     return proxies, truths
 
 
+def disjoint_truths(out: Path, tokens: int = 2048) -> dict[int, dict[str, dict[str, float]]]:
+    """Each precise final change on the precise sample's texts *beyond* the first ``tokens`` (the texts the proxy
+    was measured on; ``measured_subset``'s cut): seed -> source -> domain -> ``sum(after - before) / sum(before)``
+    (``paired_change``'s estimate). The proxy shares its texts with the whole-sample truth, so a text's own quirks
+    agree in both; against these the two measurements share no text."""
+    base = json.loads((out / "precise-base.json").read_text())["nll"]
+    result: dict[int, dict[str, dict[str, float]]] = {0: {}, 1: {}}
+    for seed in (0, 1):
+        for source in SOURCES:
+            path = out / f"precise-{unit_name('lora', source, seed)}.json"
+            if not path.exists():
+                continue
+            after = json.loads(path.read_text())["after"]
+            changes = {}
+            for domain, rows in after.items():
+                _, kept = measured_subset({domain: rows}, {domain: base[domain]}, tokens)
+                cut = len(kept[domain])
+                before_rest = sum(r[0] for r in base[domain][cut:len(rows)])
+                after_rest = sum(r[0] for r in rows[cut:])
+                if before_rest:
+                    changes[domain] = (after_rest - before_rest) / before_rest
+            result[seed][source] = changes
+    return result
+
+
+def shipped_step0(out: Path, seed: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """source -> the shipped step-0 forecast's (``early_compare --step0 icl``: prior, ``signed_usage`` and the
+    in-context NLL change, fitted leave-one-source-out on the precise changes) predictions for the seed's LoRA unit."""
+    import early_compare
+
+    learned = early_compare.learned_module()
+    units_ = learned.load_units(out)
+    precise = {p["unit"]: p["result"]["nll_delta_rel"] for p in learned.precise_units(units_, out)}
+    units_ = [{**u, "result": {**u["result"], "nll_delta_rel": precise[u["unit"]]}} if u["unit"] in precise else u
+              for u in units_]
+    step0 = early_compare.step0_predictions(units_, early_compare.STEP0_PATTERNS["icl"])
+    return {s: step0[unit_name("lora", s, seed)] for s in SOURCES if unit_name("lora", s, seed) in step0}
+
+
 def step0_predictions(out: Path, proxy_steps: int) -> dict[str, dict[str, tuple[float, float]]]:
     """unit -> domain -> (predicted change, low of its 90% interval) for every LoRA unit whose source has a proxy:
     the ``global`` leave-one-source-out line (fitted on the other sources' seed-0 precise changes, as ``score``
@@ -178,6 +217,7 @@ def score(out: Path, proxy_steps: int, json_out: Path) -> None:
     """Each form of the proxy forecast (raw changes; a line fitted leave-one-source-out, global or with a level per
     domain, registered before the last four sources' proxies landed) against both seeds' precise final changes."""
     proxies, truths = loaded(out, proxy_steps)
+    disjoint = disjoint_truths(out)
     rows = []
     for source in proxies:
         row = {"source": source}
@@ -186,6 +226,9 @@ def score(out: Path, proxy_steps: int, json_out: Path) -> None:
             for seed in (0, 1):
                 if source in truths[seed]:
                     row[f"{form}_seed{seed}"] = agreement(prediction, truths[seed][source], source)
+        for seed in (0, 1):  # the truth on texts the proxy was not measured on
+            if source in disjoint[seed]:
+                row[f"raw_other_texts_seed{seed}"] = agreement(proxies[source], disjoint[seed][source], source)
         rows.append(row)
     print(f"proxy of {proxy_steps} steps vs the precise final change (r / direction over the other domains)")
     print(f"{'source':<18} " + " ".join(f"{f + ' s' + str(k):>16}" for f in FORMS for k in (0, 1)))
@@ -199,10 +242,18 @@ def score(out: Path, proxy_steps: int, json_out: Path) -> None:
         print(f"{row['source']:<18} " + " ".join(f"{cell(row.get(f'{f}_seed{k}')):>16}" for f in FORMS
                                                    for k in (0, 1)))
     summary = {}
-    for form in FORMS:
+    for form in (*FORMS, "raw_other_texts"):
         for seed in (0, 1):
             cells = [r[f"{form}_seed{seed}"] for r in rows if f"{form}_seed{seed}" in r]
             summary[f"{form}_seed{seed}"] = {
+                "sources": len(cells), "meeting_goal": sum(c["meets_goal"] for c in cells),
+                "mean_pearson": float(np.mean([c["pearson"] for c in cells if c["pearson"] is not None])),
+                "mean_direction": float(np.mean([c["direction"] for c in cells]))}
+    for seed in (0, 1):  # the shipped step-0 forecast (the goal met from step 0) against the same two truths
+        for name, truth in (("whole_sample", truths[seed]), ("other_texts", disjoint[seed])):
+            cells = [agreement({d: m for d, (m, _) in prediction.items()}, truth[s], s)
+                     for s, prediction in shipped_step0(out, seed).items() if s in truth]
+            summary[f"shipped_step0_{name}_seed{seed}"] = {
                 "sources": len(cells), "meeting_goal": sum(c["meets_goal"] for c in cells),
                 "mean_pearson": float(np.mean([c["pearson"] for c in cells if c["pearson"] is not None])),
                 "mean_direction": float(np.mean([c["direction"] for c in cells]))}
@@ -246,7 +297,11 @@ def export_calibration(out: Path, proxy_steps: int, scored: Path, path: Path = B
                        "intercept), its interval from the root mean square of its errors",
             "domains": "the other domains of the training data (its own domain not scored)",
             "errors": {"mean": float(errors.mean()), "rms": float(np.sqrt(np.mean(errors ** 2))), "pairs": len(pairs)},
-            "against_the_precise_final_change": {"seed 0": summary["raw_seed0"], "seed 1": summary["raw_seed1"]},
+            "against_the_precise_final_change": {"seed 0": summary["raw_seed0"], "seed 1": summary["raw_seed1"],
+                                                 "seed 0, texts the compressed run did not read":
+                                                     summary["raw_other_texts_seed0"],
+                                                 "seed 1, texts the compressed run did not read":
+                                                     summary["raw_other_texts_seed1"]},
             "scope": {"model_class": "Gemma3ForCausalLM", "run_level_share": proxy_steps / steps}})
     calibration.save(path)
     print(f"wrote {path}: the compressed run's change as the prediction, errors mean {errors.mean():+.4f}, rms "

@@ -142,8 +142,8 @@ class STSCallback(TrainerCallback, ExportableState):
             held-out NLL change measured, then weights, optimizer state and RNG put back exactly),
             ``"compressed"`` (the same, a quarter of the run's steps (unset ``run_level_steps``: the calibration's
             share where it was fitted on one) at a constant rate holding the whole schedule's learning-rate area:
-            a compressed run, the benchmark's forecast of every source's transfer before training, at the cost of
-            those steps; with ``calibration="gemma3-270m-lora-compressed"``) or
+            a compressed run, the best-ordering forecast before training on the benchmark, at the cost of those
+            steps; with ``calibration="gemma3-270m-lora-compressed"``) or
             ``"first_order"`` (the same change predicted from gradients, nothing stepped); added to the forecast's
             scores (a calibration may use it) and logged as ``sts/run_level/<domain>``. With a calibration that
             uses only the training data's own change (``lookahead_own``), only that is measured: a few steps'

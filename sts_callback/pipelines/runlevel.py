@@ -10,8 +10,8 @@ Two features, each with its cost in seconds:
   restored bit-exactly (task-affinity lookahead, Fifty et al. 2021).
 - a *compressed run* (``estimate_run_level(method="compressed")``): the same lookahead with every group's rate
   raised by ``RunLevelConfig.lr_factor`` so that its few steps hold the whole run's learning-rate area (a quarter
-  of the run's steps at a constant rate: on the 11-source benchmark, the one step-0 forecast that orders the other
-  domains' final changes on every source; ``benchmarks/transfer/proxy.py``). It costs those steps before training.
+  of the run's steps at a constant rate: on the 11-source benchmark, the step-0 forecast that orders the other
+  domains' final changes best; ``benchmarks/transfer/proxy.py``). It costs those steps before training.
 - :func:`first_order`: ``dL_d ~ <grad L_d, delta>``, ``delta`` the update the optimizer would make in
   ``steps`` steps from the training batches' mean gradient held fixed (Adam: ``-lr * g / (|g| + eps)`` per
   step, as LESS preconditions gradients; SGD: ``-lr * g``; any ``torch.optim`` optimizer is simulated on a

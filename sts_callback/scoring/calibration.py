@@ -43,7 +43,7 @@ BUILTIN = {"gemma3-270m-lora": "gemma3_270m_lora.json",
            # forecast then computes it: STSConfig.icl_loss_tokens), the best step-0 forecast of the benchmark
            "gemma3-270m-lora-lookahead-icl": "gemma3_270m_lora_lookahead_icl.json",
            # for STSCallback(run_level="compressed"): the compressed run's change as the prediction, its interval
-           # from its errors on the benchmark (every source's transfer ordered before training, at a quarter of the
+           # from its errors on the benchmark (the best-ordering forecast before training, at a quarter of the
            # run's steps)
            "gemma3-270m-lora-compressed": "gemma3_270m_lora_compressed.json"}
 
