@@ -94,8 +94,10 @@ class STSCallback(TrainerCallback, ExportableState):
         output_subdir: folder under ``args.output_dir`` for forecast, history and monitor state.
         calibration: a :class:`~sts_callback.scoring.calibration.Calibration`, its JSON path (``sts calibrate``
             on your runs) or a built-in name (``"gemma3-270m-lora"``: Gemma 3 270M with the demo SAE;
-            ``"gemma3-270m-lora-lookahead-icl"`` with ``run_level="lookahead"``: the benchmark's best step-0 forecast,
-            which also computes each domain's in-context NLL change): at train start every domain gets a predicted
+            ``"gemma3-270m-lora-lookahead-icl"`` with ``run_level="lookahead"``: the benchmark's best step-0 forecast
+            at 2.5% of the run, which also computes each domain's in-context NLL change;
+            ``"gemma3-270m-lora-compressed"`` with ``run_level="compressed"``: its best-ordering one, at a quarter
+            of the run): at train start every domain gets a predicted
             end-of-training change of its
             held-out NLL with an interval, and a protected domain predicted to rise above ``tolerance`` is warned
             about. Each re-check records the early forecast (the measured change extrapolated to the end of
