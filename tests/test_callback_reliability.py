@@ -543,6 +543,14 @@ def test_a_schedule_that_rechecks_only_at_the_end_is_warned_at_train_start(tmp_p
     assert [r["step"] for r in callback.history] == [trainer.state.max_steps]
 
 
+def test_a_run_without_any_recheck_is_not_told_it_is_rechecked_at_its_end(tmp_path, tokenizer):
+    callback = make_callback(recheck_at_end=False)
+    trainer = make_trainer(tmp_path, tokenizer, callback, save_strategy="no")
+    with pytest.warns(STSDataWarning, match=r"never re-checked \(recheck_at_end=False\)") as caught:
+        trainer.train()
+    assert not sts_warnings(caught, "re-checked only at its end") and callback.history == []
+
+
 def test_a_schedule_with_rechecks_before_the_end_is_not_warned_about(tmp_path, tokenizer):
     callback = make_callback()
     trainer = make_trainer(tmp_path, tokenizer, callback, save_strategy="epoch", max_steps=-1, num_train_epochs=2,

@@ -72,9 +72,16 @@ def test_builtin_calibration_is_shipped_with_its_scope_and_loads_by_name():
     for name, file in BUILTIN.items():
         assert files("sts_callback").joinpath("calibrations", file).is_file()
         calibration = load_calibration(name)
+        if name == "gemma3-270m-lora-compressed":  # the compressed run's change is its prediction: no SAE, no prior
+            continue
         assert calibration.centered and "domain_prior" in calibration.features
         assert {"model", "sae", "recipe", "units", "leave_one_source_out"} <= set(calibration.fitted_on)
         assert len(calibration.domain_prior) == 11  # the built-in domains it was fitted over
+    compressed = load_calibration("gemma3-270m-lora-compressed")
+    assert compressed.features == ["compressed"] and compressed.run_level_inputs() == ["compressed"]
+    assert compressed.fitted_run_level_share == 0.25 and compressed.fitted_run_level_steps is None
+    assert compressed.predict_all({"a": {"compressed": 0.03}})["a"].mean == pytest.approx(0.03)  # the change itself
+    assert {"model", "recipe", "units", "against_the_precise_final_change"} <= set(compressed.fitted_on)
     plain = load_calibration("gemma3-270m-lora")
     assert plain.source_features == [] and "sts_icl" in plain.features  # no run-level term needed
     lookahead = load_calibration("gemma3-270m-lora-lookahead")  # the level from the callback's own-only lookahead

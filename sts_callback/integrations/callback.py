@@ -987,10 +987,12 @@ def _warn_about_the_schedule(session: STSSession, args, state) -> None:
     if steps is None and _evaluates_before_the_end(args, state):
         return  # every evaluation re-checks (evaluation_metrics): the run is re-checked during training
     saves = str(getattr(args.save_strategy, "value", args.save_strategy))
+    at_end = ("re-checked only at its end" if session.settings.recheck_at_end else
+              "never re-checked (recheck_at_end=False)")
     if steps is None and saves == "no":
-        session.warn("schedule_no_saves", "STS: save_strategy='no' and recheck_steps unset: the run is re-checked "
-                     "only at its end, so no warning or early stop can come during training; set recheck_steps "
-                     "(e.g. 0.1).", STSDataWarning)
+        session.warn("schedule_no_saves", f"STS: save_strategy='no' and recheck_steps unset: the run is {at_end}, "
+                     "so no warning or early stop can come during training; set recheck_steps (e.g. 0.1).",
+                     STSDataWarning)
     # the Trainer has made save_steps absolute (a fraction of the run) and counted the epochs by now
     save_steps, epochs = getattr(state, "save_steps", None), getattr(state, "num_train_epochs", None)
     only_at_end = (f"save_steps={save_steps} is not shorter than this run's {max_steps} steps"
@@ -999,8 +1001,8 @@ def _warn_about_the_schedule(session: STSSession, args, state) -> None:
                    if saves == "epoch" and isinstance(epochs, int) and epochs <= 1 else None)
     if steps is None and only_at_end:
         session.warn("schedule_saves_at_end", f"STS: {only_at_end} and recheck_steps is unset: the re-checks follow "
-                     "the checkpoints, so the run is re-checked only at its end and no warning or early stop can "
-                     "come during training; set recheck_steps (e.g. 0.1) or save more often.", STSDataWarning)
+                     f"the checkpoints, so the run is {at_end} and no warning or early stop can come during "
+                     "training; set recheck_steps (e.g. 0.1) or save more often.", STSDataWarning)
 
 
 def _evaluates_before_the_end(args, state) -> bool:
