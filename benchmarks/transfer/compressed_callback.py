@@ -57,7 +57,8 @@ def run_source(model, tokenizer, sae_path, texts, source: str, out: Path, work: 
     data = Dataset.from_dict({"text": train}).map(
         lambda b: tokenizer(b["text"], truncation=True, max_length=COMMON["max_length"]), batched=True,
         remove_columns=["text"])
-    work_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    work_model = get_peft_model(copy.deepcopy(model),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     callback = STSCallback(sae=str(sae_path), target_domains=others, train_probe=train, config=CHEAP_FORECAST,
                            run_level="compressed", calibration="gemma3-270m-lora-compressed",
                            loss_tokens=LOSS_TOKENS, recheck_tokens=256, recheck_at_end=False, loss_precision=None)

@@ -119,7 +119,8 @@ def main() -> None:
         for tolerance, points in by_tolerance.items():
             print(f"{name:<12} {float(tolerance):>9.0%}  " + "  ".join(
                 f"{c['lead_per_violation'] or 0:>3.0%}/{c['false_alarm_rate']:<3.0%}" for c in points))
-    met = {name: {t: [c["threshold"] for c in points if (c["lead_per_violation"] or 0) >= 0.25 and c["false_alarm_rate"] <= 0.1]
+    met = {name: {t: [c["threshold"] for c in points
+                      if (c["lead_per_violation"] or 0) >= 0.25 and c["false_alarm_rate"] <= 0.1]
                   for t, points in by_tolerance.items()} for name, by_tolerance in results.items()}
     print("thresholds meeting lead >= 25% with false alarms <= 10%:", json.dumps(met))
     args.out.write_text(json.dumps({"args": {"units": str(args.units), "step0": args.step0},

@@ -886,8 +886,8 @@ def _find_trainer(callback: STSCallback) -> tuple[Any, str | None]:
 
 # What STSCallback.__init__ sets from its arguments: taken from the user's instance on a restoring resume
 SETTINGS_ATTRIBUTES = ("target_domains", "train_probe", "demonstrations", "shift", "run_level", "_not_predicted",
-                       "_session_args", "_run_level_needed", "run_level_steps", "run_level_share", "_run_level_domains", "_objects",
-                       "_export_args")
+                       "_session_args", "_run_level_needed", "run_level_steps", "run_level_share", "_run_level_domains",
+                       "_objects", "_export_args")
 
 
 def _changed_settings(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:

@@ -47,8 +47,8 @@ SCORE_LABELS = {
     "sts_icl": "STS_icl", "sts_act": "STS_act", "sts_sq": "STS_sq",
     "raw_icl": "raw_icl", "raw_act": "raw_act", "raw_sq": "raw_sq",
     "signed_usage": "signed_use", "forgetting_minus_transfer": "forget-xfer", "decoder_projection": "dec_proj",
-    "lookahead": "lookahead", "compressed": "compressed", "first_order": "1st-order",  # the run-level term: a
-    # relative NLL change
+    # the run-level terms: a relative NLL change
+    "lookahead": "lookahead", "compressed": "compressed", "first_order": "1st-order",
     ICL_LOSS_FEATURE: "icl_loss",  # a relative NLL change with training demonstrations in context
 }
 
