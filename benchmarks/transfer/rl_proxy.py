@@ -95,7 +95,12 @@ def run_proxy(name: str, model, tokenizer, texts, precise: rl.PreciseSample, tok
     return data
 
 
+PRIOR = ("rl_vs_sft_precise_kl11_icl.json", "grpo domain prior alone (family's other runs)")  # the registered baseline
+
+
 def score(names: list[str], json_out: Path) -> None:
+    file, family = PRIOR
+    prior = json.loads((HERE / file).read_text())["families"][family]
     rows = []
     for name in names:
         proxy_file, run_file = OUT / f"{name}.json", rl.OUT / f"{name}.json"
@@ -105,15 +110,21 @@ def score(names: list[str], json_out: Path) -> None:
         truth = json.loads(run_file.read_text())["measured_precise"]["loss_delta"]
         rows.append({"run": name, "source": proxy["source"], **agreement(proxy["nll_delta_rel"], truth,
                                                                          proxy["source"]),
-                     "reward_first_last": [proxy["reward"][0], proxy["reward"][-1]] if proxy["reward"] else None})
-    print("compressed GRPO run vs the run's precise final change (r / direction over the other domains)")
+                     "reward_first_last": [proxy["reward"][0], proxy["reward"][-1]] if proxy["reward"] else None,
+                     "prior_pearson": (prior.get(name) or {}).get("pearson")})
+    print("compressed GRPO run vs the run's precise final change (r / direction over the other domains), beside "
+          "the family's domain prior alone (rl_vs_sft.py)")
     for row in rows:
         r = "-" if row["pearson"] is None else f"{row['pearson']:+.2f}"
-        print(f"{row['run']:<40} {r:>6} / {100 * row['direction']:.0f}%{' *' if row['meets_goal'] else ''}")
+        base = "-" if row["prior_pearson"] is None else f"{row['prior_pearson']:+.2f}"
+        print(f"{row['run']:<40} {r:>6} / {100 * row['direction']:.0f}%{' *' if row['meets_goal'] else '  '}"
+              f"   the domain prior alone {base}")
     values = [r["pearson"] for r in rows if r["pearson"] is not None]
     summary = {"runs": len(rows), "mean_pearson": float(np.mean(values)) if values else None,
                "mean_direction": float(np.mean([r["direction"] for r in rows])) if rows else None,
-               "meeting_goal": sum(r["meets_goal"] for r in rows)}
+               "meeting_goal": sum(r["meets_goal"] for r in rows),
+               "prior_mean_pearson_same_runs": float(np.mean([r["prior_pearson"] for r in rows
+                                                              if r["prior_pearson"] is not None])) if rows else None}
     print(json.dumps(summary))
     units.write_json(json_out, {"rows": rows, "summary": summary})
 
