@@ -611,13 +611,13 @@ class STSCallback(TrainerCallback, ExportableState):
         one its calibration was fitted on is refused: the change grows with it)."""
         if self.run_level != "compressed":
             return self.run_level_steps, 1.0
-        steps = self.run_level_steps or max(1, round(self.run_level_share * max_steps))
+        unset = max(1, round(self.run_level_share * max_steps))  # the calibration's share where it has one
+        steps = self.run_level_steps or unset
         fitted = self.calibration.fitted_run_level_share if self.calibration is not None else None
         if fitted is not None and max_steps > 0 and abs(steps / max_steps - fitted) > 0.25 * fitted:
             raise STSConfigError(
                 f"The calibration's compressed runs took {fitted:.0%} of their runs' steps; this one's {steps} of "
-                f"{max_steps} steps is {steps / max_steps:.0%}. Leave run_level_steps unset (it takes "
-                f"{max(1, round(fitted * max_steps))}).")
+                f"{max_steps} steps is {steps / max_steps:.0%}. Leave run_level_steps unset (it takes {unset}).")
         return steps, compressed_lr_factor(rates or [], steps)
 
     def _leave_out_of_the_objective(self, trainer: Any) -> None:
