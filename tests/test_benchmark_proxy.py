@@ -1,23 +1,16 @@
 """The compressed-proxy benchmark (benchmarks/transfer/proxy.py): the learning-rate area it compresses and the
 leave-one-source-out line its README numbers read, on hand-made data."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_transfer_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer" / "proxy.py"
 
 
 @pytest.fixture(scope="module")
 def proxy():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("proxy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_transfer_script("proxy")
 
 
 def test_the_area_is_the_runs_own_schedule(proxy):

@@ -1,23 +1,16 @@
 """The compressed GRPO benchmark's scoring (benchmarks/transfer/rl_proxy.py): each run's compressed changes against
 the run's own precise final change, beside the registered baseline, on hand-made files."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_transfer_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer" / "rl_proxy.py"
 
 
 @pytest.fixture(scope="module")
 def rl_proxy():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("rl_proxy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_transfer_script("rl_proxy")
 
 
 def test_the_score_reads_each_runs_precise_change_and_leaves_its_source_out(rl_proxy, tmp_path, monkeypatch):
