@@ -16,6 +16,17 @@ in K steps, then every domain's held-out NLL change on ``--tokens`` of the preci
 Registered before the runs (commit of this file): the proxy's changes order the other 10 domains' precise final
 changes (``units/precise-<unit>.json``) at Pearson >= 0.85 and direction >= 80% on at least 10 of the 11 LoRA
 sources, legal and python_code among them, where the shipped step-0 forecast meets it on 9.
+
+    python benchmarks/transfer/proxy.py --from-step 16 --proxy-steps 12     # a quarter into the run
+    python benchmarks/transfer/proxy.py --from-step 16 --proxy-steps 12 --score
+
+The same question a quarter into the run (issue 14's early forecast, "from 25% of the steps"): the real run's first
+``--from-step`` steps (its own cosine schedule, batches and seed), then ``--proxy-steps`` steps on its next batches
+at the constant rate that holds the *remaining* learning-rate area (16 + 12: 1.68e-3 against the run's 0.94e-3 at
+step 16), measured as above (``units/proxy-<unit>-from16-k12.json``, with the logged losses and rates). Registered
+before any such run (2026-12-06, the commit adding ``--from-step``): against seed 0's precise final change on the
+texts the proxy did not read (``raw_other_texts_seed0``), all 11 sources at r >= 0.85 and direction >= 80% (the
+issue's goal), and mean r above the step-0 16-step proxy's +0.91 on the same truth.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +47,8 @@ from units import COMMON, RECIPES, SOURCES, UNITS, fingerprint, load_setup, spli
 HERE = Path(__file__).resolve().parent
 
 
-def schedule_area(steps: int, lr: float) -> float:
-    """The learning-rate area of the benchmark's recipe: ``steps`` steps of cosine with 10% warm-up at peak
+def schedule_rates(steps: int, lr: float) -> list[float]:
+    """The learning rate at each step of the benchmark's recipe: ``steps`` steps of cosine with 10% warm-up at peak
     ``lr``, read from transformers' own scheduler (as the Trainer builds it)."""
     import torch
     from transformers import get_scheduler
@@ -44,16 +56,45 @@ def schedule_area(steps: int, lr: float) -> float:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(np.ceil(0.1 * steps)),
                               num_training_steps=steps)
-    area = 0.0
+    rates = []
     for _ in range(steps):
-        area += optimizer.param_groups[0]["lr"]
+        rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    return area
+    return rates
 
 
-def proxy_path(out: Path, source: str, seed: int, proxy_steps: int) -> Path:
-    return out / f"proxy-{unit_name('lora', source, seed)}-k{proxy_steps}.json"
+def schedule_area(steps: int, lr: float, from_step: int = 0) -> float:
+    """The learning-rate area of the benchmark's recipe from ``from_step`` to its end."""
+    return float(sum(schedule_rates(steps, lr)[from_step:]))
+
+
+@contextmanager
+def continued_schedule(rates: list[float], from_step: int, constant: float):
+    """Every Trainer built inside follows the run's own ``rates`` for its first ``from_step`` steps, then holds
+    ``constant``: the real run up to ``from_step``, then its remaining learning-rate area compressed."""
+    import torch
+    from transformers import Trainer
+
+    original = Trainer.create_scheduler
+    peak = max(rates)
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lambda s: (rates[s] if s < from_step else constant) / peak)
+        return self.lr_scheduler
+
+    Trainer.create_scheduler = create_scheduler
+    try:
+        yield
+    finally:
+        Trainer.create_scheduler = original
+
+
+def proxy_path(out: Path, source: str, seed: int, proxy_steps: int, from_step: int = 0) -> Path:
+    start = f"-from{from_step}" if from_step else ""
+    return out / f"proxy-{unit_name('lora', source, seed)}{start}-k{proxy_steps}.json"
 
 
 def measured_subset(sample: dict[str, list], before: dict[str, list], tokens: int):
@@ -71,7 +112,9 @@ def measured_subset(sample: dict[str, list], before: dict[str, list], tokens: in
 
 
 def run_proxy(model, tokenizer, sae_path, source: str, seed: int, texts, sample, before, proxy_steps: int,
-              out: Path, work: Path) -> dict:
+              out: Path, work: Path, from_step: int = 0) -> dict:
+    """``proxy_steps`` steps at the constant rate holding the run's learning-rate area from ``from_step`` on, after
+    ``from_step`` steps of the real run (its own schedule, batches and seed; 0: from the base model)."""
     import torch
 
     from sts_callback.core.config import STSConfig
@@ -81,27 +124,33 @@ def run_proxy(model, tokenizer, sae_path, source: str, seed: int, texts, sample,
     metric, after, seconds = measuring_metric(sample, before)
 
     recipe = RECIPES["lora"]
-    area = schedule_area(COMMON["steps"], recipe["learning_rate"])
+    rates = schedule_rates(COMMON["steps"], recipe["learning_rate"])
+    area = float(sum(rates[from_step:]))
     lr = area / proxy_steps
     train, targets = split(source, texts)
     start = time.perf_counter()
-    validate(model, tokenizer, sae_path, train, targets, STSConfig(**CHEAP_FORECAST), seeds=[seed],
-             method=recipe["method"], learning_rate=lr, steps=proxy_steps, batch_size=COMMON["batch_size"],
+    schedule = continued_schedule(rates, from_step, lr) if from_step else nullcontext()
+    with schedule:
+        result = validate(model, tokenizer, sae_path, train, targets, STSConfig(**CHEAP_FORECAST), seeds=[seed],
+             method=recipe["method"], learning_rate=recipe["learning_rate"] if from_step else lr,
+             steps=from_step + proxy_steps, batch_size=COMMON["batch_size"],
              max_length=COMMON["max_length"], loss_tokens=COMMON["loss_tokens"], recheck_tokens=256,
              training_args={"logging_steps": 1, "lr_scheduler_type": "constant", "warmup_steps": 0},
-             output_dir=work / f"proxy-{source}-seed{seed}-k{proxy_steps}", n_resamples=0, plot=False,
-             report=False, metric=metric)
+             output_dir=work / proxy_path(Path(), source, seed, proxy_steps, from_step).stem, n_resamples=0,
+             plot=False, report=False, metric=metric)
     changes = {}
     for name in sorted(before):
         change = paired_change(torch.tensor(before[name], dtype=torch.float64),
                                torch.tensor(after[name], dtype=torch.float64))
         changes[name] = {"delta": change.delta, "low": change.low, "high": change.high, "tokens": change.tokens}
     data = {"format": "sts-transfer-proxy/1", "unit": unit_name("lora", source, seed), "source": source, "seed": seed,
-            "proxy_steps": proxy_steps, "learning_rate": lr, "full_run_area": area,
+            "proxy_steps": proxy_steps, "from_step": from_step, "learning_rate": lr, "full_run_area": area,
+            "log_history": [{k: v for k, v in row.items() if k in ("step", "loss", "learning_rate")}
+                            for row in result.per_seed[0].log_history if "loss" in row],
             "nll_delta_rel": {n: c["delta"] for n, c in changes.items()}, "change": changes,
             "domains_fingerprint": fingerprint(texts),
             "seconds": {"total": time.perf_counter() - start, **seconds}, "date": time.strftime("%Y-%m-%d")}
-    write_json(proxy_path(out, source, seed, proxy_steps), data)
+    write_json(proxy_path(out, source, seed, proxy_steps, from_step), data)
     return data
 
 
@@ -139,11 +188,11 @@ def calibrated(proxies: dict[str, dict[str, float]], truths: dict[str, dict[str,
 FORMS = ("raw", "global", "domain")
 
 
-def loaded(out: Path, proxy_steps: int) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, dict[str, float]]]]:
+def loaded(out: Path, proxy_steps: int, from_step: int = 0) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, dict[str, float]]]]:
     """The seed-0 proxies on disk (source -> domain -> change) and both seeds' precise final changes (seed ->
     source -> domain -> change)."""
-    proxies = {s: json.loads(proxy_path(out, s, 0, proxy_steps).read_text())["nll_delta_rel"] for s in SOURCES
-               if proxy_path(out, s, 0, proxy_steps).exists()}
+    proxies = {s: json.loads(proxy_path(out, s, 0, proxy_steps, from_step).read_text())["nll_delta_rel"]
+               for s in SOURCES if proxy_path(out, s, 0, proxy_steps, from_step).exists()}
     truths = {seed: {s: json.loads((out / f"precise-{unit_name('lora', s, seed)}.json").read_text())["nll_delta_rel"]
                      for s in SOURCES if (out / f"precise-{unit_name('lora', s, seed)}.json").exists()}
               for seed in (0, 1)}
@@ -213,10 +262,10 @@ def step0_predictions(out: Path, proxy_steps: int) -> dict[str, dict[str, tuple[
     return result
 
 
-def score(out: Path, proxy_steps: int, json_out: Path) -> None:
+def score(out: Path, proxy_steps: int, json_out: Path, from_step: int = 0) -> None:
     """Each form of the proxy forecast (raw changes; a line fitted leave-one-source-out, global or with a level per
     domain, registered before the last four sources' proxies landed) against both seeds' precise final changes."""
-    proxies, truths = loaded(out, proxy_steps)
+    proxies, truths = loaded(out, proxy_steps, from_step)
     disjoint = disjoint_truths(out)
     rows = []
     for source in proxies:
@@ -230,7 +279,7 @@ def score(out: Path, proxy_steps: int, json_out: Path) -> None:
             if source in disjoint[seed]:
                 row[f"raw_other_texts_seed{seed}"] = agreement(proxies[source], disjoint[seed][source], source)
         rows.append(row)
-    print(f"proxy of {proxy_steps} steps vs the precise final change (r / direction over the other domains)")
+    print(f"proxy of {proxy_steps} steps from step {from_step} vs the precise final change (r / direction over the other domains)")
     print(f"{'source':<18} " + " ".join(f"{f + ' s' + str(k):>16}" for f in FORMS for k in (0, 1)))
 
     def cell(entry):
@@ -260,7 +309,7 @@ def score(out: Path, proxy_steps: int, json_out: Path) -> None:
     for key, value in summary.items():
         print(f"{key:<16} at the goal {value['meeting_goal']} of {value['sources']}, mean r "
               f"{value['mean_pearson']:+.2f}, direction {100 * value['mean_direction']:.0f}%")
-    write_json(json_out, {"proxy_steps": proxy_steps, "rows": rows, "summary": summary})
+    write_json(json_out, {"proxy_steps": proxy_steps, "from_step": from_step, "rows": rows, "summary": summary})
 
 
 BUILTIN = HERE.parents[1] / "sts_callback" / "calibrations" / "gemma3_270m_lora_compressed.json"
@@ -313,6 +362,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SOURCES, help="these sources (default: all 11)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--proxy-steps", type=int, default=8)
+    parser.add_argument("--from-step", type=int, default=0,
+                        help="first run this many steps of the real run (its schedule), then compress the rest")
     parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens per domain measured after")
     parser.add_argument("--out", type=Path, default=UNITS)
     parser.add_argument("--work", type=Path, default=Path("outputs/transfer-proxy"))
@@ -322,13 +373,15 @@ def main() -> None:
                         help="write the built-in gemma3-270m-lora-compressed calibration (after --score)")
     args = parser.parse_args()
     if args.score:
-        score(args.out, args.proxy_steps, args.json or HERE / f"proxy_k{args.proxy_steps}.json")
+        start = f"_from{args.from_step}" if args.from_step else ""
+        score(args.out, args.proxy_steps, args.json or HERE / f"proxy{start}_k{args.proxy_steps}.json", args.from_step)
         return
     if args.export_calibration:
         export_calibration(args.out, args.proxy_steps, args.json or HERE / f"proxy_k{args.proxy_steps}.json",
                            args.export_calibration)
         return
-    todo = [s for s in (args.only or SOURCES) if not proxy_path(args.out, s, args.seed, args.proxy_steps).exists()]
+    todo = [s for s in (args.only or SOURCES)
+            if not proxy_path(args.out, s, args.seed, args.proxy_steps, args.from_step).exists()]
     print(f"{len(todo)} proxy run(s) to do", flush=True)
     if not todo:
         return
@@ -340,9 +393,10 @@ def main() -> None:
     before = base_nll(model, tokenizer, sample, f"{fingerprint(texts)}-{TOKENS}", args.out)
     sample, before = measured_subset(sample, before, args.tokens)
     for source in todo:
-        print(f"== proxy {source} seed {args.seed} k{args.proxy_steps} ({time.strftime('%H:%M:%S')}) ==", flush=True)
+        print(f"== proxy {source} seed {args.seed} from {args.from_step} k{args.proxy_steps} "
+              f"({time.strftime('%H:%M:%S')}) ==", flush=True)
         data = run_proxy(model, tokenizer, sae_path, source, args.seed, texts, sample, before, args.proxy_steps,
-                         args.out, args.work)
+                         args.out, args.work, args.from_step)
         print(f"   done in {data['seconds']['total'] / 60:.1f} min (lr {data['learning_rate']:.2e})", flush=True)
 
 
