@@ -1,20 +1,14 @@
 """The early-warning benchmark's lead-time count (benchmarks/transfer/early_compare.py): what the README's lead and
 false-alarm numbers mean, on a hand-made trajectory."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer" / "early_compare.py"
+from benchmark_scripts import load_transfer_script
 
 
 @pytest.fixture(scope="module")
 def early_compare():
-    spec = importlib.util.spec_from_file_location("early_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_transfer_script("early_compare")
 
 
 # Three domains re-checked at steps 2, 4, 6, 8 of 8: A crosses 1% at step 6 and ends at +3% (precise); B's re-check
@@ -49,12 +43,7 @@ def test_the_step0_warning_curve_counts_lead_and_false_alarms_as_the_lead_table_
     """benchmarks/transfer/step0_warnings.py: a warning at step 0 when P(change > tolerance) >= p; a warned
     violation's lead is the share of the run at which a re-check first measured it (else the end), a missed one 0;
     a warning for a domain that ended below the tolerance is a false alarm."""
-    import sys
-
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("step0_warnings", SCRIPT.parent / "step0_warnings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_transfer_script("step0_warnings")
     rows = [{"source": "s", "domain": d, "mean": mean, "sd": 0.01, "final": final, "steps": 8,
              "trajectory": [(s, a) for s, a in zip((2, 4, 6, 8), values)]}
             for d, mean, final, values in (("A", 0.02, 0.03, TRAJECTORY_A), ("B", 0.02, 0.005, (0, 0, 0, 0)),

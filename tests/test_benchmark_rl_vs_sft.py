@@ -1,26 +1,15 @@
 """The RL-vs-SFT comparison (benchmarks/transfer/rl_vs_sft.py): a run is never calibrated on a run of its own
 source, and a measurement that keeps its sequence counts has one noise ceiling, not a range."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer" / "rl_vs_sft.py"
+from benchmark_scripts import load_transfer_script
 
 
 @pytest.fixture(scope="module")
 def rl_vs_sft():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its neighbour learned.py
-    try:
-        spec = importlib.util.spec_from_file_location("rl_vs_sft", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_transfer_script("rl_vs_sft")
 
 
 def test_a_run_is_calibrated_without_the_runs_of_its_own_source(rl_vs_sft):
