@@ -601,6 +601,44 @@ def test_a_compressed_run_at_train_start_takes_a_quarter_of_the_steps_holding_th
         make_callback(run_level="lookahead", calibration=calibration)
 
 
+def test_a_compressed_run_holds_the_area_the_run_will_train_at_whatever_its_peak(tmp_path, tokenizer):
+    """A schedule that never reaches the optimizer's base rate (a LambdaLR below 1, a warm-up longer than the run):
+    the compressed steps hold the run's own area, not the base rate's."""
+    def area_held(name, **overrides):
+        callback = make_callback(run_level="compressed")
+        trainer = make_trainer(tmp_path / name, tokenizer, callback, max_steps=8, save_steps=100, **overrides)
+        trainer.train()
+        rates = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+        level = callback.session.run_level
+        return level["learning_rates"][0] * level["steps"], sum(rates)
+
+    model = make_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    held, trained = area_held("lambda", model=model, optimizers=(
+        optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1)))
+    assert trained == pytest.approx(8e-3) and held == pytest.approx(trained)
+    held, trained = area_held("warmup", lr_scheduler_type="linear", warmup_steps=24)
+    assert held == pytest.approx(trained)
+
+
+def test_a_compressed_run_is_refused_with_the_reason_when_the_rates_are_set_by_metrics(tmp_path, tokenizer):
+    callback = make_callback(run_level="compressed")
+    trainer = make_trainer(tmp_path / "plateau", tokenizer, callback, max_steps=4, save_steps=100,
+                           lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=2,
+                           eval_texts=domain_texts("law", 8))
+    with pytest.raises(STSConfigError, match="sets them from metrics.*run_level='lookahead'"):
+        trainer.train()
+
+
+def test_a_run_too_short_for_the_calibrations_share_trains_with_a_warning(tmp_path, tokenizer):
+    callback = make_callback(run_level="compressed", calibration="gemma3-270m-lora-compressed")
+    trainer = make_trainer(tmp_path / "short", tokenizer, callback, max_steps=6, save_steps=100)
+    with pytest.warns(STSDataWarning, match="cannot hold the calibration's share of compressed steps \\(25%\\).*"
+                                         "takes 2 \\(33%\\)"):
+        trainer.train()
+    assert callback.session.run_level["steps"] == 2 and trainer.state.global_step == 6
+
+
 def test_run_level_measures_only_the_own_change_when_the_calibration_needs_nothing_else(tmp_path, tokenizer):
     from sts_callback.scoring.calibration import Calibration
 

@@ -535,6 +535,9 @@ class STSCallback(TrainerCallback, ExportableState):
                 "run_level='compressed' steps the model and puts it back, which cannot be done exactly on weights "
                 "sharded by DeepSpeed ZeRO-3 / FSDP. Train under DDP or ZeRO-2 with it, or pass "
                 "run_level='first_order'.")
+        if self.run_level is not None and state.global_step == 0:  # before any work: steps, rate, refusals
+            run_level_steps, run_level_factor = self._run_level_steps_and_factor(
+                state.max_steps, session.learning_rates, _base_learning_rate(trainer), session)
         if model is not None:  # a reward model's refusal first: reading its data would fail with a wrong fix
             check_measurable(model)
         domains, self.lm_eval_targets = target_corpora(self.target_domains, self._trainer, tokenizer)
@@ -585,11 +588,10 @@ class STSCallback(TrainerCallback, ExportableState):
                                  "the chosen-minus-rejected forecast covers the preference only (recorded in the "
                                  "forecast's settings, left_out). Re-checks measure the whole effect.", STSDataWarning)
                 run = forecast_runner(shift, data, probe, demos, rollouts, cut, teacher, left_out)
-            steps, factor = self._run_level_steps_and_factor(state.max_steps, session.learning_rates)
             level = None if self.run_level is None else run_level_runner(
-                self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, steps,
+                self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, run_level_steps,
                 session.autocast, own=session.monitor.probe, domains=self._run_level_domains,
-                own_tokens=session.settings.loss_tokens, lr_factor=factor, run_steps=state.max_steps)
+                own_tokens=session.settings.loss_tokens, lr_factor=run_level_factor, run_steps=state.max_steps)
             forecast = session.start(model, probe, domains, demos, progress=progress, forecast_run=run,
                                      run_level=level)
             # one log call: a tracker that counts its own steps by calls (DVCLive) keeps the trainer's steps
@@ -605,20 +607,34 @@ class STSCallback(TrainerCallback, ExportableState):
             self._log(metrics, control)
         self._ready = True
 
-    def _run_level_steps_and_factor(self, max_steps: int, rates: list[float] | None) -> tuple[int, float]:
+    def _run_level_steps_and_factor(self, max_steps: int, rates: list[float] | None, base_rate: float | None,
+                                    session: STSSession) -> tuple[int, float]:
         """The run-level term's steps and learning-rate factor: as set for a lookahead; for a compressed run, its
-        share of the run's steps at the factor that puts the schedule's whole area into them (a share far from the
-        one its calibration was fitted on is refused: the change grows with it)."""
+        share of the run's steps at the factor (of the optimizer's ``base_rate``) that puts the schedule's whole
+        area into them. A step count the user set far from the share its calibration was fitted on is refused (the
+        change grows with it); a run too short to take that share in whole steps is warned about."""
         if self.run_level != "compressed":
             return self.run_level_steps, 1.0
+        if self.schedule_source == "logged":
+            raise STSConfigError(
+                "run_level='compressed' puts the run's whole learning-rate area into its steps, so it needs the "
+                "rates before the run takes them; this run's scheduler sets them from metrics as it goes "
+                "(reduce_lr_on_plateau, greedy) or could not be read ahead. Use run_level='lookahead' (steps at "
+                "the run's current rate) or a scheduler that plans its rates.")
         unset = max(1, round(self.run_level_share * max_steps))  # the calibration's share where it has one
         steps = self.run_level_steps or unset
         fitted = self.calibration.fitted_run_level_share if self.calibration is not None else None
         if fitted is not None and max_steps > 0 and abs(steps / max_steps - fitted) > 0.25 * fitted:
-            raise STSConfigError(
-                f"The calibration's compressed runs took {fitted:.0%} of their runs' steps; this one's {steps} of "
-                f"{max_steps} steps is {steps / max_steps:.0%}. Leave run_level_steps unset (it takes {unset}).")
-        return steps, compressed_lr_factor(rates or [], steps)
+            if self.run_level_steps is not None:
+                raise STSConfigError(
+                    f"The calibration's compressed runs took {fitted:.0%} of their runs' steps; this one's {steps} "
+                    f"of {max_steps} steps is {steps / max_steps:.0%}. Leave run_level_steps unset (it takes "
+                    f"{unset}).")
+            session.warn("compressed_share", f"STS: this run's {max_steps} steps cannot hold the calibration's "
+                         f"share of compressed steps ({fitted:.0%}) in whole steps: its compressed run takes {steps} "
+                         f"({steps / max_steps:.0%}), and the calibration's interval, measured at {fitted:.0%}, may "
+                         "not hold.", STSDataWarning)
+        return steps, compressed_lr_factor(rates or [], steps, base_rate)
 
     def _leave_out_of_the_objective(self, trainer: Any) -> None:
         """transformers' default hyperparameter-search objective sums every evaluation metric but the loss when
@@ -968,6 +984,16 @@ def _check_inputs(sae: Any, target: Any, protected: list[str], data: dict[str, A
     if unknown:
         raise STSConfigError(f"protected={unknown} are not among the target domains {names}; "
                              "protect only domains listed in target_domains.")
+
+
+def _base_learning_rate(trainer: Any) -> float | None:
+    """The rate a compressed run's factor multiplies: the optimizer's first group's base rate (``initial_lr``, set
+    by its scheduler; else its ``lr``), as the run-level steps read it (``None``: no optimizer to read)."""
+    groups = getattr(getattr(trainer, "optimizer", None), "param_groups", None)
+    if not groups:
+        return None
+    value = groups[0].get("initial_lr", groups[0].get("lr"))
+    return None if value is None else float(value)
 
 
 def _warn_about_the_schedule(session: STSSession, args, state) -> None:

@@ -822,16 +822,22 @@ def estimate_run_level(model: nn.Module, optimizer: OptimizerLike, batches: Iter
     return estimate
 
 
-def compressed_lr_factor(learning_rates: Sequence[float], steps: int) -> float:
+def compressed_lr_factor(learning_rates: Sequence[float], steps: int, base_rate: float | None = None) -> float:
     """``RunLevelConfig.lr_factor`` of a compressed run: ``steps`` steps at a constant rate holding the whole
     schedule's learning-rate area (``learning_rates``: every step's rate, as ``core.schedule`` plans them), relative
-    to the schedule's peak (what the lookahead's groups start from)."""
+    to ``base_rate``, the rate the factor multiplies: the optimizer's base rate (its first group's ``initial_lr``,
+    what the lookahead's groups start from; default: the schedule's peak, the same for a schedule that reaches its
+    base rate, not for a warm-up longer than the run or a LambdaLR whose multiplier stays below 1)."""
     rates = [float(r) for r in learning_rates]
     if not rates or max(rates) <= 0 or steps < 1:
         raise STSConfigError("A compressed run needs the run's learning-rate schedule (a positive rate at some step) "
                              f"and at least one step; got {len(rates)} rate(s), peak {max(rates, default=0.0)}, "
                              f"{steps} step(s). Use run_level='lookahead' for a run at a rate of 0.")
-    return sum(rates) / (steps * max(rates))
+    base = max(rates) if base_rate is None else float(base_rate)
+    if not math.isfinite(base) or base <= 0:
+        raise STSConfigError(f"A compressed run's rates are a factor of the optimizer's base learning rate; got "
+                             f"{base_rate!r}. Give the optimizer a positive learning rate.")
+    return sum(rates) / (steps * base)
 
 
 def _held_out_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
