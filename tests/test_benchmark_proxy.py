@@ -75,3 +75,5 @@ def test_the_other_texts_truth_leaves_out_the_texts_the_proxy_was_measured_on(pr
     truths = proxy.disjoint_truths(tmp_path)
     assert truths[0]["legal"]["math"] == pytest.approx(0.10)
     assert truths[1] == {}
+    # the ceiling's forecast: the same run's change on the proxy's own texts (the first 2,048 tokens)
+    assert proxy.disjoint_truths(tmp_path, part="first")[0]["legal"]["math"] == pytest.approx(1.0)

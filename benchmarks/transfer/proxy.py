@@ -199,11 +199,13 @@ def loaded(out: Path, proxy_steps: int, from_step: int = 0) -> tuple[dict[str, d
     return proxies, truths
 
 
-def disjoint_truths(out: Path, tokens: int = 2048) -> dict[int, dict[str, dict[str, float]]]:
+def disjoint_truths(out: Path, tokens: int = 2048, part: str = "rest") -> dict[int, dict[str, dict[str, float]]]:
     """Each precise final change on the precise sample's texts *beyond* the first ``tokens`` (the texts the proxy
     was measured on; ``measured_subset``'s cut): seed -> source -> domain -> ``sum(after - before) / sum(before)``
     (``paired_change``'s estimate). The proxy shares its texts with the whole-sample truth, so a text's own quirks
-    agree in both; against these the two measurements share no text."""
+    agree in both; against these the two measurements share no text. ``part="first"``: the change on the first
+    ``tokens`` instead (the proxy's texts): the run's own final change measured as the proxy is, whose agreement
+    with the rest is the most any forecast measured on those texts can show against that truth."""
     base = json.loads((out / "precise-base.json").read_text())["nll"]
     result: dict[int, dict[str, dict[str, float]]] = {0: {}, 1: {}}
     for seed in (0, 1):
@@ -216,8 +218,9 @@ def disjoint_truths(out: Path, tokens: int = 2048) -> dict[int, dict[str, dict[s
             for domain, rows in after.items():
                 _, kept = measured_subset({domain: rows}, {domain: base[domain]}, tokens)
                 cut = len(kept[domain])
-                before_rest = sum(r[0] for r in base[domain][cut:len(rows)])
-                after_rest = sum(r[0] for r in rows[cut:])
+                kept_rows = slice(cut, len(rows)) if part == "rest" else slice(0, cut)
+                before_rest = sum(r[0] for r in base[domain][kept_rows])
+                after_rest = sum(r[0] for r in rows[kept_rows])
                 if before_rest:
                     changes[domain] = (after_rest - before_rest) / before_rest
             result[seed][source] = changes
@@ -267,6 +270,7 @@ def score(out: Path, proxy_steps: int, json_out: Path, from_step: int = 0) -> No
     domain, registered before the last four sources' proxies landed) against both seeds' precise final changes."""
     proxies, truths = loaded(out, proxy_steps, from_step)
     disjoint = disjoint_truths(out)
+    own_texts = disjoint_truths(out, part="first")
     rows = []
     for source in proxies:
         row = {"source": source}
@@ -278,6 +282,9 @@ def score(out: Path, proxy_steps: int, json_out: Path, from_step: int = 0) -> No
         for seed in (0, 1):  # the truth on texts the proxy was not measured on
             if source in disjoint[seed]:
                 row[f"raw_other_texts_seed{seed}"] = agreement(proxies[source], disjoint[seed][source], source)
+                # the ceiling of that comparison: the run's own final change on the proxy's texts as the forecast
+                row[f"final_on_its_texts_other_texts_seed{seed}"] = agreement(own_texts[seed][source],
+                                                                             disjoint[seed][source], source)
         rows.append(row)
     print(f"proxy of {proxy_steps} steps from step {from_step} vs the precise final change (r / direction over the other domains)")
     print(f"{'source':<18} " + " ".join(f"{f + ' s' + str(k):>16}" for f in FORMS for k in (0, 1)))
@@ -291,7 +298,7 @@ def score(out: Path, proxy_steps: int, json_out: Path, from_step: int = 0) -> No
         print(f"{row['source']:<18} " + " ".join(f"{cell(row.get(f'{f}_seed{k}')):>16}" for f in FORMS
                                                    for k in (0, 1)))
     summary = {}
-    for form in (*FORMS, "raw_other_texts"):
+    for form in (*FORMS, "raw_other_texts", "final_on_its_texts_other_texts"):
         for seed in (0, 1):
             cells = [r[f"{form}_seed{seed}"] for r in rows if f"{form}_seed{seed}" in r]
             summary[f"{form}_seed{seed}"] = {
