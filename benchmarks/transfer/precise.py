@@ -44,24 +44,28 @@ TOKENS = 4096
 CHEAP_FORECAST = {**FORECAST, "shift_tokens": 512, "domain_tokens": 256, "compute_icl": False, "ranking": "sts_act"}
 
 
-def precise_sample(texts: dict[str, list[str]], builder, tokens: int) -> dict[str, list]:
-    """Per domain, a seeded sample of its odd-indexed (held-out for every source) texts within ``tokens``."""
+def precise_sample(texts: dict[str, list[str]], builder, tokens: int, parity: int = 1) -> dict[str, list]:
+    """Per domain, a seeded sample of its odd-indexed (held-out for every source) texts within ``tokens``;
+    ``parity=0``: of its even-indexed ones instead (a source's training texts, held out for every *other* source:
+    a second sample sharing no text with the first, its own seed)."""
     from sts_callback.core.data import Corpus, sample_within_budget
 
     sample = {}
     for name in sorted(texts):
-        corpus = Corpus(name, texts[name][1::2])
-        indices, _ = sample_within_budget(corpus, builder, tokens, random.Random(f"precise-{name}"))
+        corpus = Corpus(name, texts[name][parity::2])
+        seed = f"precise-{name}" if parity == 1 else f"even-{name}"
+        indices, _ = sample_within_budget(corpus, builder, tokens, random.Random(seed))
         sample[name] = [builder.single(corpus[i]) for i in indices]
     return sample
 
 
-def base_nll(model, tokenizer, sample: dict[str, list], key: str, out: Path) -> dict[str, list[list[float]]]:
+def base_nll(model, tokenizer, sample: dict[str, list], key: str, out: Path,
+             file: str = "precise-base.json") -> dict[str, list[list[float]]]:
     from sts_callback.core.heldout import sequence_nll
     from sts_callback.core.torch_utils import pad_token_id
     from sts_callback.pipelines.forecast import inference_mode
 
-    path = out / "precise-base.json"
+    path = out / file
     if path.exists():
         cached = json.loads(path.read_text())
         if cached["key"] == key:
