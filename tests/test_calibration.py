@@ -156,6 +156,24 @@ def test_bad_input_names_the_problem(tmp_path):
     (tmp_path / "x.json").write_text('{"format": "other"}')
     with pytest.raises(STSInputError, match="Not an STS calibration"):
         Calibration.load(tmp_path / "x.json")
+    # rows that do not pair with the changes: named, never reshaped into some other fit
+    with pytest.raises(STSInputError, match=r"x of shape \(5, 1\) for 4 changes"):
+        Calibration.fit([1, 2, 3, 4, 5], [1, 2, 3, 4], ["a"])
+    with pytest.raises(STSInputError, match=r"x of shape \(3, 2\) for 6 changes"):
+        Calibration.fit([[1, 2], [3, 4], [5, 6]], [1, 2, 3, 4, 5, 6], ["a"])
+    with pytest.raises(STSInputError, match=r"\['a'\] more than once"):
+        Calibration.fit([[1, 2], [3, 1], [5, 6], [7, 8], [2, 2]], [1, 2, 3, 4, 5], ["a", "a"])
+    with pytest.raises(STSInputError, match=r"\['a'\] take one value over all 4 pairs"):
+        Calibration.fit([1, 1, 1, 1], [1, 2, 3, 4], ["a"])
+    column = Calibration.fit([1, 2, 3, 4, 5], [[1], [2], [2.5], [4], [5]], ["a"])  # y as a column: its values
+    assert column.coef == pytest.approx(Calibration.fit([1, 2, 3, 4, 5], [1, 2, 2.5, 4, 5], ["a"]).coef)
+    assert Calibration.load(column.save(tmp_path / "column.json")).predict(2.0).mean == pytest.approx(
+        column.predict(2.0).mean)
+    twice = column.to_dict() | {"features": ["a", "a"], "coef": [1.0, 1.0], "center": [0.0, 0.0],
+                                "scale": [1.0, 1.0]}
+    (tmp_path / "twice.json").write_text(json.dumps(twice))
+    with pytest.raises(STSInputError, match="'features' is .*distinct feature names"):
+        Calibration.load(tmp_path / "twice.json")
 
 
 def test_from_validation_uses_every_domain_and_seed():
@@ -230,6 +248,13 @@ def test_cli_calibrate_writes_a_calibration_the_callback_reads(tmp_path, capsys)
     (tmp_path / "run" / "sts" / "forecast.json").write_text("{}")
     assert main(["calibrate", str(tmp_path / "run")]) == 2
     assert "to fit on training runs, pass them with `sts calibrate --runs" in capsys.readouterr().err
+    # a feature that never varies: an error with the fix, not a traceback; the library's warnings as the command's
+    for i, d in enumerate("abcde"):
+        record["per_seed"][0]["scores"][d]["sts_icl"] = 1.0
+    (tmp_path / "validation.json").write_text(json.dumps(record))
+    assert main(["calibrate", str(tmp_path / "validation.json"), "--features", "sts_icl", "--out",
+                 str(tmp_path / "flat.json")]) == 2
+    assert "sts: error: The feature(s) ['sts_icl'] take one value" in capsys.readouterr().err
 
 
 def test_fitted_exponent_recovers_a_saturating_power_law():

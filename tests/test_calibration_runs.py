@@ -17,13 +17,14 @@ DOMAINS = ("law", "food", "chem", "code")
 
 
 def write_run(folder, i: int = 0, *, scope: dict | None = None, fraction: float | None = 1.0, n_features: int = 1,
-              domains=DOMAINS):
+              domains=DOMAINS, recipe: str | None = None):
     """What a run with the callback leaves in OUTPUT_DIR/sts: a forecast and two re-checks, the last at
     ``fraction`` of the lr schedule (None: not recorded, as in old histories)."""
     sts = folder / "sts"
     sts.mkdir(parents=True)
     scope = dict(LLAMA if scope is None else scope)
-    settings = {"model_class": scope.pop("model_class", None), "sae": scope}
+    settings = {"model_class": scope.pop("model_class", None), "sae": scope,
+                **({"recipe": recipe} if recipe else {})}
     rng = np.random.default_rng(i)
     scores = {d: {"scores": {f"f{k}": float(rng.normal()) for k in range(n_features)}} for d in domains}
     (sts / "forecast.json").write_text(json.dumps({"format": FORECAST_FORMAT, "domains": scores,
@@ -219,3 +220,90 @@ def test_one_path_or_one_feature_name_is_taken_whole_and_a_validation_given_twic
     (tmp_path / "forecast.json").write_text(json.dumps({"format": FORECAST_FORMAT, "domains": {}}))
     with pytest.raises(STSInputError, match="forecast.json is a forecast .*not the output of `sts validate`"):
         Calibration.from_validation(tmp_path / "forecast.json")
+
+
+def test_a_copy_of_a_run_folder_is_refused_as_the_same_run(tmp_path):
+    import shutil
+
+    runs = runs_in(tmp_path)
+    shutil.copytree(runs[0], tmp_path / "copy")
+    with pytest.raises(STSInputError, match=f"same forecast and history, copies of one run: {runs[0]}, "
+                                            f"{tmp_path / 'copy'}"):
+        Calibration.from_runs([*runs, str(tmp_path / "copy")], ["f0"])
+
+
+def test_runs_a_fit_reproduces_exactly_are_fitted_with_a_warning_that_the_intervals_are_too_narrow(tmp_path):
+    runs = runs_in(tmp_path)
+    for run in runs:  # every run's changes exactly a line of its feature, at one level: nothing left over
+        forecast = json.loads((tmp_path / run / "sts" / "forecast.json").read_text())
+        history = (tmp_path / run / "sts" / "history.jsonl").read_text().splitlines()
+        last = json.loads(history[-1])
+        x = {d: forecast["domains"][d]["scores"]["f0"] for d in DOMAINS}
+        last["loss_delta"] = {d: 0.02 + 0.01 * (v - np.mean(list(x.values()))) for d, v in x.items()}
+        (tmp_path / run / "sts" / "history.jsonl").write_text(history[0] + "\n" + json.dumps(last) + "\n")
+    with pytest.warns(STSDataWarning, match="reproduces its 4 runs almost exactly.*far too narrow.*copies"):
+        Calibration.from_runs(runs, ["f0"], domain_prior=False)
+    with warnings.catch_warnings():  # runs with the usual noise: no warning
+        warnings.simplefilter("error", STSDataWarning)
+        Calibration.from_runs(runs_in(tmp_path / "noisy"), ["f0"])
+
+
+def test_a_change_that_is_not_a_number_is_left_out_like_an_unmeasured_one_naming_the_run(tmp_path):
+    runs = runs_in(tmp_path)
+    history = tmp_path / "run2" / "sts" / "history.jsonl"
+    history.write_text(history.read_text().replace('"chem": ', '"chem": NaN, "was": '))
+    with pytest.warns(STSDataWarning, match=r"run2: the change of \['chem'\] is not a finite number.*step\(s\) "
+                                            r"\[2, 4\]\); left out of the fit"):
+        calibration = Calibration.from_runs(runs, ["f0"])
+    assert calibration.n == 15  # 4 runs x 4 domains, less chem of run2
+
+
+def test_a_feature_no_run_has_is_named_with_the_features_they_have(tmp_path):
+    runs = runs_in(tmp_path, n_features=2)
+    with pytest.raises(STSInputError, match=r"No run has the feature\(s\) \['f2'\]; the runs' forecasts have "
+                                            r"\['f0', 'f1'\]"):
+        Calibration.from_runs(runs, ["f0", "f2"])
+    with pytest.raises(STSInputError, match="not a forecast score.*--prior-only"):
+        Calibration.from_runs(runs, ["domain_prior"])
+
+
+def test_a_missing_folder_and_a_checkpoint_folder_are_named_for_what_they_are(tmp_path):
+    runs = runs_in(tmp_path)
+    with pytest.raises(STSInputError, match="no-such-run: no such folder"):
+        Calibration.from_runs([*runs, str(tmp_path / "no-such-run")], ["f0"])
+    checkpoint = tmp_path / "run0" / "checkpoint-4"
+    (checkpoint / "sts").mkdir(parents=True)
+    with pytest.raises(STSInputError, match=f"It is inside the run {tmp_path / 'run0'}: pass that folder"):
+        Calibration.from_runs([*runs[1:], str(checkpoint)], ["f0"])
+
+
+def test_the_training_recipe_is_part_of_the_scope(tmp_path):
+    """LoRA and full fine-tunes move the domains differently: pooling them is said, and a calibration of one
+    applied to the other warns."""
+    lora = runs_in(tmp_path / "lora", recipe="lora")
+    full = write_run(tmp_path / "full", 7, recipe="full")
+    with pytest.warns(STSDataWarning, match=f"recipe: 'lora' .*; 'full' \\({full}\\)"):
+        Calibration.from_runs([*lora, full], ["f0"])
+    calibration = Calibration.from_runs(lora, ["f0"])
+    assert calibration.fitted_on["scope"]["recipe"] == "lora"
+    from sts_callback.pipelines.forecast import Forecast
+
+    forecast = json.loads((tmp_path / "full" / "sts" / "forecast.json").read_text())
+    forecast.update(shifted_latents=[], shift_values=[], shift_direction=[], raw_shifted_dims=[],
+                    raw_shift_values=[], shift_tokens=10, shift_queries=1, ranking="f0",
+                    domains={d: {"name": d, "texts": 2, "tokens": 10, **v} for d, v in forecast["domains"].items()})
+    with pytest.warns(STSDataWarning, match="recipe 'full' \\(calibrated on 'lora'\\)"):
+        applied = Forecast.from_dict(forecast).apply_calibration(calibration)
+    assert applied.settings["calibration"]["scope_problems"] == ["recipe 'full' (calibrated on 'lora')"]
+
+
+def test_the_command_shows_the_librarys_warnings_as_its_own(tmp_path, capsys):
+    from sts_callback.tools.cli import main
+
+    runs = runs_in(tmp_path)
+    gpt2 = write_run(tmp_path / "gpt2", 6, scope={**LLAMA, "model_class": "GPT2LMHeadModel"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["calibrate", "--runs", *runs, gpt2, "--features", "f0", "--out", str(tmp_path / "c.json")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("sts: warning: The runs were trained on different setups") and ".py:" not in err

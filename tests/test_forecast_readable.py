@@ -117,6 +117,8 @@ def test_excluded_domain_is_not_predicted_and_the_others_centre_without_it(calib
         both = Forecast.from_dict(gemma).apply_calibration(calibration)
         result = Forecast.from_dict(gemma).apply_calibration(calibration, exclude=["code"])
     assert set(both.predictions) == {"code", "chem", "food"}
+    # the built-in's runs never measured these toy domains: they take the average domain's level, said in the table
+    assert "not in the calibration's runs: ['chem', 'code', 'food'] (the average domain's level" in both.table()
     assert set(result.predictions) == {"chem", "food"}
     expected = calibration.predict_all({n: plain.domains[n].scores for n in ("chem", "food")})
     for name in ("chem", "food"):  # centred over chem and food only: code's scores do not move them

@@ -398,6 +398,7 @@ class STSSession:
             raise
         if run is not None:
             self.forecast = run.forecast
+            self.forecast.settings["recipe"] = self.recipe  # a calibration's scope: LoRA and full runs differ
             self.monitor.domains = domain_baselines_from(run.domains)
         else:
             if forecast_run is None:

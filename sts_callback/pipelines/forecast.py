@@ -20,7 +20,7 @@ from torch import nn
 from ..scoring import score
 
 from ..scoring import signed
-from ..scoring.calibration import RUN_LEVEL_METHODS, load_calibration, own_feature
+from ..scoring.calibration import RUN_LEVEL_METHODS, forecast_scope, load_calibration, own_feature
 from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_size, max_positions, num_layers,
                             unwrap_model)
 from ..core.config import (DEFAULT_ICL_LOSS_TOKENS, ICL_LOSS_FEATURE, ICL_LOSS_SETTINGS, MIN_BUDGET_TOKENS,
@@ -116,21 +116,22 @@ class Forecast:
         # a domain without a feature (STS_icl of a one-text domain) gets no prediction
         predicted = calibration.predict_all(domains, run_level_values(self.settings.get("run_level")))
         scope_problems = self._check_scope(calibration)
+        # said in the table (a built-in applied to a user's own domains would warn on every run)
+        unseen = sorted(name for name in predicted if calibration.domain_prior and name not in calibration.domain_prior)
         self.predictions = {name: {"mean": p.mean, "low": p.low, "high": p.high, "level": p.level, "label": p.label}
                             for name, p in predicted.items()}
         self.settings["calibration"] = {"source": getattr(calibration, "source", None),
                                         "features": list(calibration.features), "n": calibration.n,
                                         "fitted_on": calibration.fitted_on, "excluded": sorted(excluded),
-                                        "scope_problems": scope_problems}
+                                        "scope_problems": scope_problems, "unseen_domains": unseen}
         return self
 
     def _check_scope(self, calibration: Any) -> list[str]:
         """Warn when the calibration states a scope (``fitted_on["scope"]``: model class, SAE width and hook, the
-        shift) that this forecast's model, SAE or shift is outside: its predictions then mean little. Returns the
+        shift, the training recipe) that this forecast's model, SAE, shift or recipe is outside: its predictions then mean little. Returns the
         differences (recorded with the predictions, so the table and report say so too)."""
         scope = (calibration.fitted_on or {}).get("scope") or {}
-        here = {"model_class": self.settings.get("model_class"), **(self.settings.get("sae") or {}),
-                "shift": self.settings.get("shift", "in_context")}
+        here = forecast_scope(self.settings)
         differ = [f"{key} {here.get(key)!r} (calibrated on {value!r})" for key, value in scope.items()
                   if here.get(key) is not None and here.get(key) != value]
         if differ:
@@ -273,6 +274,10 @@ class Forecast:
         missing = [n for n in self.domains if n not in self.predictions and n not in excluded]
         if missing:
             lines.append(f"no prediction for {missing} (a feature of the calibration was not computed for them)")
+        if calibration.get("unseen_domains"):
+            lines.append(f"not in the calibration's runs: {calibration['unseen_domains']} (the average domain's level, "
+                         "no prior of their own; the interval does not allow for that: fit on runs that measured "
+                         "them, sts calibrate --runs)")
         lines.append("raw scores: forecast.table(view='scores') in Python; the scores in forecast.json")
         return "\n".join(lines)
 

@@ -14,8 +14,10 @@ weights move in proportion to the learning rate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -124,9 +126,25 @@ class Calibration:
     def fit(cls, x: Sequence[Sequence[float]] | Sequence[float], y: Sequence[float], features: Sequence[str], *,
             level: float = 0.9, ridge: float | None = None, fitted_on: dict[str, Any] | None = None) -> "Calibration":
         """Fit on rows ``x`` (one value per feature, or a plain list for one feature) and changes ``y``."""
-        features = list(features)
-        X = np.asarray(x, dtype=np.float64).reshape(len(y), -1) if len(y) else np.zeros((0, len(features)))
-        Y = np.asarray(y, dtype=np.float64)
+        features = [features] if isinstance(features, str) else list(features)
+        twice = sorted({f for f in features if features.count(f) > 1})
+        if twice:  # one value would feed both columns, fitted on different data
+            raise STSInputError(f"Calibration.fit got the feature(s) {twice} more than once; name each column once.")
+        try:
+            Y = np.asarray(y, dtype=np.float64)
+            X = np.asarray(x, dtype=np.float64) if len(Y) else np.zeros((0, len(features)))
+        except (TypeError, ValueError) as err:
+            raise STSInputError(f"Calibration.fit needs x as rows of numbers (one per feature) and y as numbers: "
+                                f"{err}") from err
+        if Y.ndim == 2 and Y.shape[1] == 1:  # a column of changes
+            Y = Y[:, 0]
+        if Y.ndim != 1:
+            raise STSInputError(f"Calibration.fit needs y as one change per row; got an array of shape {Y.shape}.")
+        if X.ndim == 1 and len(features) == 1:  # a plain list for one feature
+            X = X[:, None]
+        if X.ndim != 2 or X.shape[0] != len(Y):
+            raise STSInputError(f"Calibration.fit got x of shape {X.shape} for {len(Y)} changes y: give one row per "
+                                "change, one value per feature (a plain list for one feature).")
         if X.shape[1] != len(features):
             raise STSInputError(f"Calibration.fit got {X.shape[1]} values per row for {len(features)} features.")
         if not 0 < level < 1:
@@ -140,9 +158,14 @@ class Calibration:
             raise STSInputError("Calibration data contains NaN or inf; drop the domains whose score was not computed.")
         center = X.mean(axis=0)
         scale = X.std(axis=0)
+        alpha = (1e-3 if len(features) > 1 else 0.0) if ridge is None else float(ridge)
+        constant = [f for f, spread in zip(features, scale) if spread == 0]
+        if constant and alpha == 0:  # no penalty: the normal equations are singular
+            raise STSInputError(f"The feature(s) {constant} take one value over all {len(Y)} pairs, so they cannot "
+                                "predict a change; fit on a feature that varies across the domains (features=, "
+                                "`sts calibrate --features`), or on more runs.")
         scale[scale == 0] = 1.0
         Z = (X - center) / scale
-        alpha = (1e-3 if len(features) > 1 else 0.0) if ridge is None else float(ridge)
         coef = np.linalg.solve(Z.T @ Z + alpha * len(Y) * np.eye(len(features)), Z.T @ (Y - Y.mean()))
         residuals = Y - Y.mean() - Z @ coef
         dof = max(len(Y) - len(features) - 1, 1)
@@ -428,10 +451,18 @@ class Calibration:
                     common = present if common is None else common & present
             features = sorted(common or ())
         features = _feature_names(features)
+        available = sorted({k for r in records for scores in r["scores"].values() for k, v in scores.items()
+                            if _finite(v)})
+        unknown = [f for f in features if f not in available]
+        if unknown:
+            hint = (f" The domain prior ({PRIOR}) is not a forecast score: it is added by default, and `sts calibrate "
+                    "--runs --prior-only` fits on it alone." if PRIOR in unknown else "")
+            raise STSInputError(f"No run has the feature(s) {unknown}; the runs' forecasts have {available}. Pass "
+                                f"features from those.{hint}")
         rows = []
         for r in records:
             names = [n for n, change in r["changes"].items() if change is not None
-                     and all(r["scores"].get(n, {}).get(f) is not None for f in features)]
+                     and all(_finite(r["scores"].get(n, {}).get(f)) for f in features)]
             if len(names) < 2:
                 raise STSInputError(f"{r['run']}: {len(names)} domain(s) have both a measured change and the "
                                     f"features {features}; a run needs at least 2.")
@@ -445,8 +476,16 @@ class Calibration:
             fitted_on["icl_loss"] = {("tokens" if key == "icl_loss_tokens" else key): values.pop()
                                      for key, values in measured.items() if len(values) == 1
                                      and isinstance(next(iter(values)), int)}
-        return cls.fit_level_pattern(rows, features, source_features, domain_prior=domain_prior, level=level,
-                                     pattern_scale=pattern_scale, fitted_on=fitted_on)
+        calibration = cls.fit_level_pattern(rows, features, source_features, domain_prior=domain_prior, level=level,
+                                            pattern_scale=pattern_scale, fitted_on=fitted_on)
+        changes = np.concatenate([y for _, y, _, _ in rows])
+        if calibration.sigma <= 0.01 * float(changes.std()):  # intervals of a fit that reproduces its runs exactly
+            warnings.warn(f"The calibration reproduces its {len(rows)} runs almost exactly (residual std "
+                          f"{calibration.sigma:.2g} against changes spread {float(changes.std()):.2g}): its intervals "
+                          "will be far too narrow for a new run. Are some runs copies of one another, or too few "
+                          "runs for the features? Fit on distinct runs, or on fewer features.", STSDataWarning,
+                          stacklevel=2)
+        return calibration
 
     @classmethod
     def from_validation(cls, results: Sequence[str | Path | dict[str, Any]] | str | Path | dict[str, Any],
@@ -504,9 +543,15 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     _refuse_duplicates(runs, stores)
     records = []
     for item, store in zip(runs, stores):
+        if not Path(item).exists():
+            raise STSInputError(f"{item}: no such folder; pass the output_dir of a run trained with STSCallback.")
         if not store.forecast_path.is_file():
+            inside = next((parent for parent in Path(item).resolve().parents
+                           if (run_sts_folder(parent) / "forecast.json").is_file()), None)
+            hint = (f" It is inside the run {inside}: pass that folder (a checkpoint's STS folder holds the "
+                    "re-checks up to it, not the run's forecast)." if inside is not None else "")
             raise STSInputError(f"{item}: no forecast.json (looked in {store.root}); pass the output_dir of a run "
-                                "trained with STSCallback, or its STS folder.")
+                                f"trained with STSCallback, or its STS folder.{hint}")
         forecast = _run_forecast(store.forecast_path)
         history = _run_history(store)
         measured = [r for r in history if r.get("loss_delta")]
@@ -527,8 +572,18 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         # each domain's latest measured change: re-checks that rotate the domains (loss_domains=) measure only
         # some of them each time, so the last re-check alone would leave the others out of the fit
         changes: dict[str, float] = {}
+        not_finite: dict[str, list[int]] = {}
         for record in sorted(measured, key=lambda r: r["step"]):
-            changes.update({name: value for name, value in record["loss_delta"].items() if value is not None})
+            for name, value in record["loss_delta"].items():
+                if _finite(value):
+                    changes[name] = value
+                elif value is not None:
+                    not_finite.setdefault(name, []).append(record["step"])
+        left_out = sorted(n for n in not_finite if n not in changes)
+        if left_out:  # a re-check that failed for a domain records no number; one that wrote NaN is the same
+            steps = sorted({step for n in left_out for step in not_finite[n]})
+            warnings.warn(f"{item}: the change of {left_out} is not a finite number (history.jsonl, step(s) "
+                          f"{steps}); left out of the fit, as an unmeasured domain is.", STSDataWarning, stacklevel=3)
         last = max(measured, key=lambda r: r["step"])
         records.append({"run": str(item), "step": last["step"], "changes": changes,
                         "scores": {name: d.get("scores") or {} for name, d in forecast.get("domains", {}).items()},
@@ -548,14 +603,25 @@ _RUN_FIX = "Rerun that run to the end, or leave it out of the runs to calibrate 
 
 
 def _refuse_duplicates(runs: Sequence[str | Path], stores: Sequence[Any]) -> None:
-    """One run passed twice (its folder, its sts/ folder, a trailing slash) would count as two agreeing runs."""
-    seen: dict[Path, list[str]] = {}
+    """One run passed twice (its folder, its sts/ folder, a trailing slash, a copy of its folder) would count as
+    two agreeing runs."""
+    seen: dict[Any, list[str]] = {}
     for item, store in zip(runs, stores):
         seen.setdefault(Path(store.root).resolve(), []).append(str(item))
     twice = [f"{', '.join(items)} (all {root})" for root, items in seen.items() if len(items) > 1]
     if twice:
         raise STSInputError(f"The same run was passed more than once: {'; '.join(twice)}. Pass each run once: a "
                             "repeated run would count as several agreeing runs and narrow the intervals.")
+    contents: dict[bytes, list[str]] = {}
+    for item, store in zip(runs, stores):
+        files = [store.forecast_path, Path(store.root) / "history.jsonl"]
+        if all(f.is_file() for f in files):
+            contents.setdefault(hashlib.sha256(b"".join(f.read_bytes() for f in files)).digest(), []).append(str(item))
+    copies = [", ".join(items) for items in contents.values() if len(items) > 1]
+    if copies:
+        raise STSInputError(f"These runs hold the same forecast and history, copies of one run: {'; '.join(copies)}. "
+                            "Pass each run once: a copy would count as another agreeing run and narrow the "
+                            "intervals.")
 
 
 def _run_forecast(path: Path) -> dict[str, Any]:
@@ -612,14 +678,16 @@ def _refuse_unfinished(item: str | Path, last: dict[str, Any]) -> None:
 
 # what Forecast._check_scope compares; the SAE's weights by their hash (a same-shaped SAE of another seed differs);
 # the shift: a calibration fitted on SFT forecasts does not carry over to a DPO, RL or distillation one
-SCOPE_KEYS = ("model_class", "d_in", "d_sae", "hook_name", "sae_fingerprint", "shift")
+SCOPE_KEYS = ("model_class", "d_in", "d_sae", "hook_name", "sae_fingerprint", "shift", "recipe")
 
 
 def forecast_scope(settings: dict[str, Any] | None) -> dict[str, Any]:
-    """The model class, SAE (width, hook) and shift a forecast's ``settings`` record: a calibration's scope."""
+    """The model class, SAE (width, hook), shift and training recipe (``"lora"``: adapters, ``"full"``; recorded by
+    a training run) a forecast's ``settings`` record: a calibration's scope."""
     settings = settings if isinstance(settings, dict) else {}
     sae = settings.get("sae") if isinstance(settings.get("sae"), dict) else {}
-    here = {"model_class": settings.get("model_class"), **sae, "shift": settings.get("shift", "in_context")}
+    here = {"model_class": settings.get("model_class"), **sae, "shift": settings.get("shift", "in_context"),
+            "recipe": settings.get("recipe")}
     return {k: here[k] for k in SCOPE_KEYS if here.get(k) is not None}
 
 
@@ -749,6 +817,11 @@ def _check_per_seed(data: dict[str, Any], where: str) -> None:
                                     not all(number_or_null(v) for v in changes.values())):
             raise STSInputError(f"{at}.nll_delta_rel must map domains to numbers (or null), got {changes!r}; re-run "
                                 "`sts validate` or restore the file.")
+
+
+def _finite(value: Any) -> bool:
+    """A number a fit can use (not None, NaN or inf, nor a bool or a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _feature_names(features: Any) -> list[str]:
@@ -945,6 +1018,8 @@ def _checked_fields(data: dict[str, Any]) -> dict[str, Any]:
                             "(Calibration.save writes every field).")
     out = dict(data)
     features = out["features"] = _names("features", data["features"])
+    if len(set(features)) != len(features):
+        raise _bad("features", features, "a list of distinct feature names")
     out["coef"] = _numbers("coef", data["coef"], len(features), "features")
     out["center"] = _numbers("center", data["center"], len(features), "features")
     out["scale"] = _numbers("scale", data["scale"], len(features), "features", lambda v: v > 0, "positive")

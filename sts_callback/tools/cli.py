@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from .. import __version__
 from ..core.atomic import atomic_write_text, check_writable_folder, output_target
 from ..core.config import DEFAULT_SIGNED, device_problem
 from ..core.data import named_items, repeated_names
-from ..core.errors import STSConfigError, STSError, STSInputError, first_line
+from ..core.errors import (STSConfigError, STSDataWarning, STSError, STSInputError,
+                           STSNegativeTransferWarning, first_line)
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE
 
 EXAMPLE_CONFIG = """\
@@ -1260,15 +1262,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_warnings(shown: Any) -> Any:
+    """``warnings.showwarning`` for a command: the library's own warnings as the command's (``sts: warning:
+    ...``), not as Python source locations; other libraries' as ``shown`` (Python's) shows them."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, (STSDataWarning, STSNegativeTransferWarning)):
+            print(f"sts: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except STSError as err:
-        print(f"sts: error: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _command_warnings(warnings.showwarning)
+        try:
+            return args.func(args)
+        except STSError as err:
+            print(f"sts: error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
