@@ -210,6 +210,7 @@ class Forecast:
         if unknown:
             raise STSInputError(f"The forecast has fields this version does not know ({unknown}): written by a newer "
                                 "sts-callback? Upgrade it to read the file.")
+        data = copy.deepcopy(data)  # two forecasts read from one dict must not share (and write) its settings
         domains = {name: DomainForecast(**d) for name, d in data["domains"].items()}
         fields_ = {k: v for k, v in data.items() if k not in ("format", "domains")}
         return cls(domains=domains, **fields_)
