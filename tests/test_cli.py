@@ -1135,3 +1135,63 @@ def test_an_sae_folder_for_another_model_or_layer_is_refused_before_the_model_lo
     assert main([command, str(write_config(workspace, **settings))]) == 2
     err = one_line_error(capsys)
     assert named in err and str(folder) in err
+
+
+def test_no_output_is_written_into_what_the_run_reads_or_to_an_empty_path(workspace, tmp_path, capsys, no_model):
+    """The model and SAE folders, a calibration file, a reward-function file: an output there would destroy them
+    (the next run fails to load them). An empty path (`-o "$OUT"` with OUT unset) is never the current folder."""
+    from sts_callback.scoring.calibration import Calibration
+
+    calibration = Calibration.fit([1.0, 2.0, 3.0, 4.0], [0.1, 0.2, 0.2, 0.4], ["sts_act"]).save(tmp_path / "cal.json")
+    before = calibration.read_text()
+    config = write_config(workspace, output=None)
+    for output, what in ((workspace / "model" / "config.json", "the model folder"),
+                         (workspace / "sae" / "cfg.json", "the SAE folder"),
+                         (calibration, "the calibration file")):
+        assert main(["forecast", str(config), "-o", str(output), "--calibration", str(calibration)]) == 2, output
+        assert what in one_line_error(capsys)
+    assert calibration.read_text() == before
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def length_reward(completions, **kwargs):\n    return [0.0 for _ in completions]\n")
+    grpo = write_config(workspace, output=None, train_data=[{"prompt": t} for t in domain_texts("law", 8)],
+                        reward_funcs=[f"{rewards}:length_reward"])
+    assert main(["forecast", str(grpo), "-o", str(rewards)]) == 2
+    assert "a reward-function file" in one_line_error(capsys)
+    for command in (["forecast", str(config), "-o", ""], ["train-sae", "--model", "m", "--layer", "1", "--data", "law", "-o", " "]):
+        with pytest.raises(SystemExit):
+            main(command)
+        assert "is empty; give a path" in capsys.readouterr().err
+
+
+def test_validate_refuses_bad_training_values_and_a_lora_target_string_matching_nothing_before_training(
+        workspace, tmp_path, capsys, no_model):
+    base = yaml.safe_load(write_config(workspace).read_text())
+    base["targets"] = {"chem": base["targets"]["chem"], "a": ["x y"], "b": ["y z"]}
+    base.pop("output")
+    path = tmp_path / "validate.yaml"
+    path.write_text(yaml.safe_dump({**base, "validation": {"training_args": {"lr_scheduler_type": "bogus"}}}))
+    assert main(["validate", str(path), "--no-progress"]) == 2
+    assert "refused by transformers.TrainingArguments: bogus is not a valid SchedulerType" in one_line_error(capsys)
+    path.write_text(yaml.safe_dump({**base, "output_dir": str(workspace / "model")}))
+    assert main(["validate", str(path), "--no-progress"]) == 2
+    assert "inside" in one_line_error(capsys)
+
+
+def test_a_lora_target_string_is_peft_regex_and_one_that_matches_no_module_is_refused():
+    from sts_callback import STSConfigError
+    from sts_callback.pipelines.recipe import check_target_modules
+
+    model = make_model("llama")
+    with pytest.raises(STSConfigError, match=r"'q_proj' is one string.*regex.*\['q_proj'\], or a regex such as "
+                                             r"'\.\*q_proj'"):
+        check_target_modules(model, "q_proj")
+    check_target_modules(model, ".*q_proj")  # peft's regex over the full names: matches
+    check_target_modules(model, "all-linear")
+    with pytest.raises(STSConfigError, match="not a valid regex"):
+        check_target_modules(model, "q_proj(")
+
+
+def test_not_predicted_given_as_one_name_is_that_domain_not_its_letters(workspace, capsys, no_model):
+    config = write_config(workspace, not_predicted="chem")
+    assert main(["forecast", str(config), "--no-progress"]) == 2
+    assert "not_predicted only applies with a calibration" in one_line_error(capsys)  # chem was found: no letters

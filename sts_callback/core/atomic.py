@@ -170,9 +170,14 @@ def read_json(path: str | Path, what: str) -> Any:
 def check_format(data: Any, expected: str, what: str, file: str) -> dict[str, Any]:
     """``data`` (a JSON file's contents) when it is an object whose ``format`` is ``expected``; otherwise an
     :class:`STSInputError` naming what was found (a list, another format) instead of a bare AttributeError."""
-    if not isinstance(data, dict) or data.get("format") != expected:
-        found = data.get("format") if isinstance(data, dict) else f"a {type(data).__name__}"
-        raise STSInputError(f"Not {what} (format={found!r}; {file} is an object with format {expected!r}).")
+    if not isinstance(data, dict):
+        raise STSInputError(f"Not {what}: the file holds a JSON {type(data).__name__}, where {file} holds an object "
+                            f"with \"format\": {expected!r}. Pass the file sts-callback wrote.")
+    if data.get("format") != expected:
+        found = (f"its \"format\" is {data['format']!r}" if "format" in data
+                 else "it has no \"format\" field (written by hand or by another tool?)")
+        raise STSInputError(f"Not {what}: {found}, where {file} has \"format\": {expected!r}. Pass the file "
+                            "sts-callback wrote.")
     return data
 
 

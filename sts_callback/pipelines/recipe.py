@@ -3,6 +3,8 @@ training examples (completion-only loss like TRL's default), a padding collator,
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 import torch
@@ -102,9 +104,21 @@ def check_target_modules(model: nn.Module, target_modules: Any) -> None:
     """A list of LoRA target modules names modules of ``model`` (as peft matches them: the name, or its last
     parts); a name matching none fails now, not in peft after the forecast. A string is peft's regex (or
     'all-linear') and is left to peft."""
+    names = [name for name, _ in model.named_modules()]
+    if isinstance(target_modules, str) and target_modules != "all-linear":  # peft's regex over the full names
+        try:
+            matched = any(re.fullmatch(target_modules, n) for n in names)
+        except re.error as err:
+            raise STSConfigError(f"lora_target_modules {target_modules!r} is not a valid regex ({err}); give a list "
+                                 "of module names, e.g. ['q_proj', 'v_proj'].") from err
+        if not matched:
+            raise STSConfigError(f"lora_target_modules {target_modules!r} is one string, which peft reads as a regex "
+                                 f"over full module names (e.g. 'model.layers.0.self_attn.q_proj'), and it matches "
+                                 f"none; give a list of names instead, e.g. [{target_modules!r}], or a regex such as "
+                                 f"'.*{target_modules}'.")
+        return
     if not isinstance(target_modules, (list, tuple)):
         return
-    names = [name for name, _ in model.named_modules()]
     missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})

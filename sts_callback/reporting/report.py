@@ -129,7 +129,8 @@ class ReportData:
             raise STSInputError(f"{sts_dir} holds no {FORECAST_FILE}, {HISTORY_FILE} or {GATE_FILE}: "
                                 "nothing to report.")
         if self.forecast is not None:  # a list or another tool's JSON: named, not a bare AttributeError later
-            check_format(self.forecast, FORECAST_FORMAT, "an STS forecast file", str(sts_dir / FORECAST_FILE))
+            check_format(self.forecast, FORECAST_FORMAT, f"an STS forecast file ({sts_dir / FORECAST_FILE})",
+                         "a forecast.json")
         for data, file in ((self.gate, self.gate_file), (self.validation, sts_dir / VALIDATION_FILE),
                            (self.run_settings, sts_dir / SETTINGS_FILE)):
             if data is not None and not isinstance(data, dict):

@@ -553,10 +553,15 @@ def _check_no_overwrite(outputs: list[tuple[Path, str]], inputs: dict[Path, str]
     seen: dict[Path, str] = {}
     for path, what in inputs.items():
         seen.setdefault(path.resolve(), what)
+    folders = {path: what for path, what in seen.items() if path.is_dir()}  # a model or SAE: nothing written in it
     for path, what in outputs:
         key = path.resolve()
         if key in seen:
             raise STSInputError(f"{what} would overwrite {path}, which is {seen[key]}. {fix}")
+        inside = next((folder for folder in folders if folder in key.parents), None)
+        if inside is not None:
+            raise STSInputError(f"{what} {path} is inside {inside}, {folders[inside]}, which the run reads; write "
+                                "it outside that folder.")
         seen[key] = f"where {what} writes too"
 
 
@@ -588,6 +593,17 @@ def _named_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict
             if path is not None:
                 inputs.setdefault(path, f"the input of {label} {str(name)!r}" if name is not None
                                   else f"the {label} input")
+    sae = config_file.get("sae")
+    for key, spec in (("model", config_file.get("model")), ("SAE", sae.get("path") if isinstance(sae, dict) else sae),
+                      ("teacher", config_file.get("teacher")),
+                      ("calibration", getattr(args, "calibration", None) or config_file.get("calibration"))):
+        if isinstance(spec, str) and Path(os.path.expanduser(spec)).exists():
+            where = Path(os.path.expanduser(spec))
+            inputs.setdefault(where, f"the {key} {'folder' if where.is_dir() else 'file'}")
+    rewards = config_file.get("reward_funcs")
+    for spec in rewards if isinstance(rewards, list) else [rewards]:
+        if isinstance(spec, str) and ":" in spec and Path(os.path.expanduser(spec.rsplit(":", 1)[0])).is_file():
+            inputs.setdefault(Path(os.path.expanduser(spec.rsplit(":", 1)[0])), "a reward-function file")
     return inputs
 
 
@@ -647,7 +663,8 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     _check_no_overwrite([(output, f"The forecast output {output}")], _named_inputs(args, config_file))
     calibration = _offline_calibration_argument(args.calibration or config_file.get("calibration"), config,
                                                 "--calibration" if args.calibration else f"{args.config}: calibration:")
-    not_predicted = list(args.not_predicted or config_file.get("not_predicted") or ())
+    not_predicted = args.not_predicted or config_file.get("not_predicted") or []
+    not_predicted = [not_predicted] if isinstance(not_predicted, str) else list(not_predicted)  # one name, not letters
     targets = config_file["targets"]
     names = _target_names(targets)
     # a list target may be named by its entry as written (a path) as well as by its domain name (its stem)
@@ -1038,6 +1055,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     output_dir = _check_output_folder(Path(args.output_dir or config_file.get("output_dir") or "sts-validation"),
                                       "The validation output folder",
                                       tuple(f"sts/{name}" for name in SUMMARY_FILES))
+    _check_no_overwrite([(output_dir / "sts" / name, "The validation output folder") for name in SUMMARY_FILES],
+                        _named_inputs(args, config_file))
     reward_funcs = _reward_functions(config_file, args.config)
     from ..core.data import load_corpus
     from ..validation.validate import check_trainer_fields, check_training_data
@@ -1277,6 +1296,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    for option in ("output", "output_dir", "filtered_dir", "out"):
+        value = getattr(args, option, None)
+        if isinstance(value, str) and not value.strip():  # `-o "$OUT"` with OUT unset: never the current folder
+            parser.error(f"--{option.replace('_', '-')} is empty; give a path (an unset shell variable?).")
     with warnings.catch_warnings():
         warnings.showwarning = _command_warnings(warnings.showwarning)
         try:

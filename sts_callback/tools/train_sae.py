@@ -515,7 +515,7 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
         if bar is not None:
             bar.update(1)
             if trainer.n_training_steps % 20 == 0:
-                bar.set_postfix(mse=f"{float(output.losses['mse_loss']):.4g}")
+                bar.set_postfix(mse=f"{torch.as_tensor(output.losses['mse_loss']).detach().item():.4g}")
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - train_started

@@ -35,7 +35,7 @@ from torch import nn
 from ..core.atomic import atomic_write_json, check_format, read_json
 from ..core.config import STSConfig, device_problem, json_serializable, plain_numbers, settings_from_dict
 from ..core.data import Corpus, load_corpus, load_domains, text_tokenizer
-from ..core.errors import STSConfigError, STSDataWarning, STSInputError
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError, first_line
 from ..core.formatting import json_safe
 from ..pipelines.forecast import SCORE_LABELS, display_width, shown_name
 from ..core.multiple_choice import argmax, check_items, choice_scores
@@ -446,6 +446,22 @@ def _check_training_args(training_args: dict[str, Any]) -> None:
             raise STSConfigError(f"validate(training_args=...) has {unknown}, not field(s) of "
                                  "transformers.TrainingArguments; fix the name(s) or remove them"
                                  + (f" ({hint})" if hint else "") + ".")
+        _check_training_arg_values({k: v for k, v in training_args.items() if k in training_argument_fields()})
+
+
+def _check_training_arg_values(values: dict[str, Any]) -> None:
+    """TrainingArguments built from ``values`` alone, now: a bad value (``lr_scheduler_type: bogus``) fails here,
+    named, not after the forecast."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            TrainingArguments(**{"output_dir": folder, "use_cpu": True, "report_to": [], **values})
+        except (TypeError, ValueError) as err:
+            raise STSConfigError(f"validate(training_args={values!r}) is refused by transformers.TrainingArguments: "
+                                 f"{first_line(str(err))}") from err
 
 
 @functools.cache
