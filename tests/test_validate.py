@@ -69,8 +69,14 @@ def test_lora_two_seeds_end_to_end(tmp_path, tokenizer):
     model = make_model("llama")
     before = weights(model)
     spy = MetricSpy(tokenizer)
-    result = validate(model, tokenizer, sae(), domain_texts("law", 64, seed=3), targets(), FAST, method="lora",
-                      seeds=(0, 1), metric=spy, output_dir=tmp_path / "val", **CHEAP)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = validate(model, tokenizer, sae(), domain_texts("law", 64, seed=3), targets(), FAST, method="lora",
+                          seeds=(0, 1), metric=spy, output_dir=tmp_path / "val", **CHEAP)
+    # validate chose to re-check at the end only: no warning tells the user to change a setting they never made
+    assert not [w for w in caught if "save_strategy='no'" in str(w.message)]
     assert isinstance(result, ValidationResult)
     assert_same_weights(model, before)  # the user's model is untouched
 

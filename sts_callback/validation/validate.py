@@ -899,7 +899,10 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the result table follows
-        trainer.train()
+        with warnings.catch_warnings():  # validate chose save_strategy='no' and the end-only re-check itself
+            warnings.filterwarnings("ignore", message="STS: save_strategy='no' and recheck_steps unset",
+                                    category=STSDataWarning)
+            trainer.train()
         if not callback.history or "error" in callback.history[-1]:
             raise STSInputError(f"The final re-check of seed {seed} did not run; see the warnings above.")
         result["callback"] = callback
