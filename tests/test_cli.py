@@ -1195,3 +1195,8 @@ def test_not_predicted_given_as_one_name_is_that_domain_not_its_letters(workspac
     config = write_config(workspace, not_predicted="chem")
     assert main(["forecast", str(config), "--no-progress"]) == 2
     assert "not_predicted only applies with a calibration" in one_line_error(capsys)  # chem was found: no letters
+
+
+def test_n_shifted_beyond_the_sae_width_is_refused_before_the_model_loads(workspace, capsys, no_model):
+    assert main(["forecast", str(write_config(workspace)), "--set", "n_shifted=65"]) == 2
+    assert "n_shifted=65 is larger than the SAE width 64" in one_line_error(capsys)

@@ -4,6 +4,7 @@ training examples (completion-only loss like TRL's default), a padding collator,
 from __future__ import annotations
 
 import re
+import warnings
 
 from typing import Any
 
@@ -130,8 +131,10 @@ def wrap_lora(model: nn.Module, rank: int, alpha: int, target_modules: Any):
     from peft import LoraConfig, get_peft_model
 
     def build(targets):
-        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                                target_modules=targets, task_type="CAUSAL_LM"))
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: not ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                    target_modules=targets, task_type="CAUSAL_LM"))
 
     if target_modules is not None:
         return build(target_modules)

@@ -410,6 +410,13 @@ def _check_sae_fits_model(path: str, model_spec: str, sae_folder: str, config: A
     from ..core.sae import check_sae_for_model, layer_to_read, sae_folder_reads
 
     d_in, hook_name, sae_layer = sae_folder_reads(sae_folder)
+    try:  # n_shifted beyond the SAE's width: said now, from its cfg.json, not after the model loads
+        d_sae = json.loads((Path(sae_folder) / "cfg.json").read_text(encoding="utf-8")).get("d_sae")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        d_sae = None
+    if type(d_sae) is int and config.n_shifted > d_sae:
+        raise STSConfigError(f"{path}: n_shifted={config.n_shifted} is larger than the SAE width {d_sae} "
+                             f"({sae_folder}); set n_shifted to at most {d_sae} (options: or --set n_shifted=...).")
     if config.layer is None and sae_layer is None:
         return  # said where it is read (STSConfig.layer is then needed), with the loaded SAE's own words
     try:
