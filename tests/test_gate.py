@@ -364,9 +364,9 @@ def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_pa
 
     (tmp_path / "strict.json").write_text(json.dumps({**spec, "limits": {"law": 0.0}}))
     assert main(["gate", str(tmp_path / "strict.json"), "--no-progress", "--no-example-scores",
-                 "-o", str(tmp_path / "strict_out.json")]) == 2
+                 "-o", str(tmp_path / "strict_out.json")]) == 3  # a decision: not an input error's 2
     captured = capsys.readouterr()
-    assert "Every candidate was rejected" in captured.err and "REJECT" in captured.out
+    assert captured.err.startswith("sts: rejected: Every candidate was rejected") and "REJECT" in captured.out
     assert GateDecision.load(tmp_path / "strict_out.json").weights == {}
     # the first run's filtered sets are gone: a file in filtered_dir is always the latest decision's
     assert not list((tmp_path / "filtered").glob("*.jsonl"))

@@ -886,6 +886,9 @@ keep_fraction: 0.9             # ... keeping this fraction (or `threshold: <scor
 """
 
 
+REJECTED_EXIT = 3  # `sts gate`: every candidate rejected
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from ..pipelines.gate import (GateRules, MixtureRejected, check_budget, check_filter, check_gate_names,
                                   filter_examples, gate_mixture, gated_score, write_jsonl)
@@ -949,7 +952,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
         if filtered_dir:
             _remove_earlier_filtered(filtered_dir, config_file["candidates"], accepted=[])
             _record_filtered(filtered_dir, [], output)
-        raise
+        print(f"sts: rejected: {err}", file=sys.stderr)
+        return REJECTED_EXIT  # a decision, not a mistake in the input (2): a script can tell them apart
     print(decision.table())
     _save_after_the_work(decision.save, output, "gate decision")
     print(f"\nwrote {output} ({decision.timings['total']:.1f} s)")
@@ -1219,7 +1223,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of the other candidates), weight the accepted ones (the paper's STS-proportional "
                                    "rule or min_impact), print the decision table, write the decision JSON and, "
                                    "with a filtered_dir, each accepted candidate minus its worst examples as JSONL.",
-                       epilog="Start from `sts gate --example`. Exit status 2 when every candidate is rejected.")
+                       epilog=f"Start from `sts gate --example`. Exit status {REJECTED_EXIT} when every candidate is "
+                              "rejected (2: an error in the input).")
     p.add_argument("config", nargs="?", help="YAML/JSON file with model, sae, candidates, targets, protected, rules")
     p.add_argument("-o", "--output", help="decision JSON path (default: the config's `output` or gate.json)")
     p.add_argument("--filtered-dir", help="write the filtered accepted candidates as JSONL here")
