@@ -1200,3 +1200,13 @@ def test_not_predicted_given_as_one_name_is_that_domain_not_its_letters(workspac
 def test_n_shifted_beyond_the_sae_width_is_refused_before_the_model_loads(workspace, capsys, no_model):
     assert main(["forecast", str(write_config(workspace)), "--set", "n_shifted=65"]) == 2
     assert "n_shifted=65 is larger than the SAE width 64" in one_line_error(capsys)
+
+
+def test_a_data_file_warning_is_shown_once_naming_its_role(workspace, tmp_path, capsys):
+    food = tmp_path / "food.txt"
+    food.write_text("\n".join(domain_texts("food", 10)))  # no blank line: one text, said once
+    config = write_config(workspace, targets={"chem": str(workspace / "chem.jsonl"), "food": str(food),
+                                              "law": domain_texts("law", 10)}, output=str(tmp_path / "f.json"))
+    assert main(["forecast", str(config), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("read as one text") == 1 and "(target 'food')" in err, err

@@ -515,7 +515,12 @@ def _check_data_files(specs: list[Any]) -> None:
 
     for spec in specs:
         path = _existing_file(spec)
-        if path is not None and len(load_corpus(str(path))) == 0:
+        if path is None:
+            continue
+        with warnings.catch_warnings():  # said once, when the command reads it for use (naming its role)
+            warnings.simplefilter("ignore", STSDataWarning)
+            texts = len(load_corpus(str(path)))
+        if texts == 0:
             raise STSInputError(f"Data file {path} holds no texts (it is empty, or holds only blank lines); give "
                                 "it data, or leave it out.")
 
