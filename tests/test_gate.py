@@ -149,6 +149,10 @@ def test_deterministic_and_json_round_trip(model, tokenizer, decision, tmp_path)
     table = loaded.table()
     assert "REJECT" in table and "law_copy: rejected" in table and "STS_icl(law)" in table
     assert [line.split()[0] for line in table.splitlines()[3:7]] == list(candidates())
+    assert table.startswith(f"STS mixture gate: {len(candidates())} candidates, ")
+    first = dict(list(loaded.to_dict()["candidates"].items())[:1])
+    one = GateDecision.from_dict({**loaded.to_dict(), "candidates": first})
+    assert one.table().startswith("STS mixture gate: 1 candidate, ")
 
 
 def test_filter_examples_keeps_the_lowest_scores_and_round_trips(decision, tmp_path):

@@ -312,7 +312,9 @@ class GateDecision:
         header = (f"{'candidate':<{width}}  {'decision':<8}  {'weight':>6}  {'serves':<{serves_w}}  "
                   + "  ".join(" " * (cell_w - display_width(c)) + c for c in cells)
                   + ("  worst ex." if self.example_scores else ""))
-        lines = [f"STS mixture gate: {len(self.candidates)} candidates, {n_targets} target domains, protected "
+        count = len(self.candidates)
+        lines = [f"STS mixture gate: {count} candidate{'s' * (count != 1)}, {n_targets} target "
+                 f"domain{'s' * (n_targets != 1)}, protected "
                  f"{', '.join(map(shown_name, self.protected))}; gated on {label}, weights by {self.weight_rule!r}",
                  header, "-" * display_width(header)]
         for name, d in self.candidates.items():

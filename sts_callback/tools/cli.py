@@ -1192,11 +1192,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "TopK SAE with sae-lens; prints variance unexplained and dead latents.")
     p.add_argument("--model", required=True, help="Hugging Face folder or gemma-3-270m")
     p.add_argument("--layer", type=int, required=True, help="decoder block whose output the SAE reads")
-    p.add_argument("--data", nargs="+", required=True, help="JSONL paths or registered domain names")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="data files (.jsonl, .json, .csv, .parquet, .txt) or built-in domain names (sts domains)")
     p.add_argument("--d-sae", type=int, default=4096, help="number of latents (default 4096)")
     p.add_argument("-k", type=int, default=32, help="active latents per token (default 32)")
     p.add_argument("--tokens", type=int, default=200_000, help="training tokens (default 200000)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="where the model and SAE run, e.g. cuda, cuda:1, cpu "
+                                                  "(default: cpu)")
     p.add_argument("-o", "--output", required=True, help="folder to write the SAE to")
     p.set_defaults(func=cmd_train_sae)
 
