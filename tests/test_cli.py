@@ -1157,7 +1157,8 @@ def test_no_output_is_written_into_what_the_run_reads_or_to_an_empty_path(worksp
                         reward_funcs=[f"{rewards}:length_reward"])
     assert main(["forecast", str(grpo), "-o", str(rewards)]) == 2
     assert "a reward-function file" in one_line_error(capsys)
-    for command in (["forecast", str(config), "-o", ""], ["train-sae", "--model", "m", "--layer", "1", "--data", "law", "-o", " "]):
+    for command in (["forecast", str(config), "-o", ""],
+                    ["train-sae", "--model", "m", "--layer", "1", "--data", "law", "-o", " "]):
         with pytest.raises(SystemExit):
             main(command)
         assert "is empty; give a path" in capsys.readouterr().err
@@ -1210,3 +1211,11 @@ def test_a_data_file_warning_is_shown_once_naming_its_role(workspace, tmp_path, 
     assert main(["forecast", str(config), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.count("read as one text") == 1 and "(target 'food')" in err, err
+
+
+def test_example_refuses_a_path_it_would_ignore(capsys):
+    assert main(["forecast", "--example"]) == 0 and "model:" in capsys.readouterr().out
+    assert main(["gate", "--example", "mine.yaml"]) == 2
+    assert "redirect it to a file instead: sts gate --example > my_config.yaml" in one_line_error(capsys)
+    assert main(["validate", "--example", "-o", "out"]) == 2
+    assert "ignores -o out" in one_line_error(capsys)

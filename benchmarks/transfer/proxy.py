@@ -209,7 +209,8 @@ def calibrated(proxies: dict[str, dict[str, float]], truths: dict[str, dict[str,
 FORMS = ("raw", "global", "domain")
 
 
-def loaded(out: Path, proxy_steps: int, from_step: int = 0) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, dict[str, float]]]]:
+def loaded(out: Path, proxy_steps: int, from_step: int = 0,
+           ) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, dict[str, float]]]]:
     """The seed-0 proxies on disk (source -> domain -> change) and both seeds' precise final changes (seed ->
     source -> domain -> change)."""
     proxies = {s: json.loads(proxy_path(out, s, 0, proxy_steps, from_step).read_text())["nll_delta_rel"]
@@ -311,7 +312,8 @@ def score(out: Path, proxy_steps: int, json_out: Path, from_step: int = 0) -> No
             if source in even and source in truths[seed]:  # measured on texts the truth never read, truth whole
                 row[f"raw_even_sample_seed{seed}"] = agreement(even[source], truths[seed][source], source)
         rows.append(row)
-    print(f"proxy of {proxy_steps} steps from step {from_step} vs the precise final change (r / direction over the other domains)")
+    print(f"proxy of {proxy_steps} steps from step {from_step} vs the precise final change (r / direction over the "
+          "other domains)")
     print(f"{'source':<18} " + " ".join(f"{f + ' s' + str(k):>16}" for f in FORMS for k in (0, 1)))
 
     def cell(entry):

@@ -128,8 +128,9 @@ class Forecast:
 
     def _check_scope(self, calibration: Any) -> list[str]:
         """Warn when the calibration states a scope (``fitted_on["scope"]``: model class, SAE width and hook, the
-        shift, the training recipe) that this forecast's model, SAE, shift or recipe is outside: its predictions then mean little. Returns the
-        differences (recorded with the predictions, so the table and report say so too)."""
+        shift, the training recipe) that this forecast's model, SAE, shift or recipe is outside: its predictions
+        then mean little. Returns the differences (recorded with the predictions, so the table and report say so
+        too)."""
         scope = (calibration.fitted_on or {}).get("scope") or {}
         here = forecast_scope(self.settings)
         differ = [f"{key} {here.get(key)!r} (calibrated on {value!r})" for key, value in scope.items()

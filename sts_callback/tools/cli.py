@@ -667,8 +667,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     from ..reporting.report import shift_label
 
     if args.example:
-        print(EXAMPLE_CONFIG, end="")
-        return 0
+        return _print_example(args, EXAMPLE_CONFIG)
     config_file, config = _command_config(args, "forecast", ("model", "sae", "train_data", "targets"))
     output = _check_output_file(args.output or config_file.get("output") or "forecast.json",
                                 "The forecast output")
@@ -809,6 +808,18 @@ def _load_teacher(spec: Any, config_file: dict[str, Any], tokenizer: Any) -> Any
 SAE_FILES = ("cfg.json", "sae_weights.safetensors", "training_report.json")
 
 
+def _print_example(args: argparse.Namespace, text: str) -> int:
+    """``--example``: the example config on stdout; a config path or output beside it is refused (it would be
+    ignored: the example is not written there)."""
+    output = getattr(args, "output", None) or getattr(args, "output_dir", None)
+    given = [f"{name} {value}" for name, value in (("the config", args.config), ("-o", output)) if value]
+    if given:
+        raise STSInputError(f"--example prints the example config and ignores {' and '.join(given)}; redirect it to a "
+                            f"file instead: sts {args.command} --example > my_config.yaml")
+    print(text, end="")
+    return 0
+
+
 def cmd_train_sae(args: argparse.Namespace) -> int:
     from .train_sae import SAETrainingConfig, check_training_inputs, train_sae
 
@@ -899,8 +910,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
                                   filter_examples, gate_mixture, gated_score, write_jsonl)
 
     if args.example:
-        print(EXAMPLE_GATE_CONFIG, end="")
-        return 0
+        return _print_example(args, EXAMPLE_GATE_CONFIG)
     config_file, config = _command_config(args, "gate", ("model", "sae", "candidates", "targets", "protected"))
     if not isinstance(config_file["candidates"], dict):
         raise STSInputError(f"{args.config}: `candidates` must be a mapping name -> JSONL path or registered domain "
@@ -1042,8 +1052,7 @@ VALIDATE_KEYS = ("method", "steps", "learning_rate", "batch_size", "max_length",
 
 def cmd_validate(args: argparse.Namespace) -> int:
     if args.example:
-        print(EXAMPLE_VALIDATE_CONFIG, end="")
-        return 0
+        return _print_example(args, EXAMPLE_VALIDATE_CONFIG)
     config_file, config = _command_config(args, "validate", ("model", "sae", "train_data", "targets"))
     options = dict(config_file.get("validation") or {})  # its keys were checked with the config's
     for key in ("method", "steps", "seeds", "learning_rate"):
