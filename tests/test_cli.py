@@ -193,6 +193,7 @@ def test_unknown_keys_of_validate_and_gate_configs(workspace, tmp_path, capsys, 
         err = one_line_error(capsys)
         assert named in err and valid in err, err
     gate = {"model": base["model"], "sae": base["sae"], "candidates": {"law": base["train_data"]},
+            "options": base["options"],
             "targets": base["targets"], "protected": ["chem"]}
     for section, named, valid in (({"tolerence": 2.0}, "'tolerence'", "tolerance"),
                                   ({"limits": {"chemm": 0.5}}, "'chemm'", "chem"),
@@ -398,7 +399,7 @@ def test_an_output_that_is_a_device_or_fifo_is_refused_before_the_model_loads(wo
     gate.write_text(yaml.safe_dump({"model": str(workspace / "model"), "sae": str(workspace / "sae"),
                                     "candidates": {"law": str(workspace / "train.jsonl")},
                                     "targets": {"chem": str(workspace / "chem.jsonl"), "food": ["a b"]},
-                                    "protected": ["chem"], "output": str(fifo)}))
+                                    "protected": ["chem"], "output": str(fifo), "options": {"n_shifted": 8}}))
     assert main(["gate", str(gate)]) == 2
     assert "FIFO" in one_line_error(capsys)
     # files written into an output folder: the gate's filtered JSONL, validate's sts/ files, the SAE, the report
@@ -691,7 +692,7 @@ def gate_config_is_accepted_up_to_the_model(workspace, tmp_path, body: str) -> N
     (``no_model`` fails the load)."""
     path = tmp_path / "gate.yaml"
     path.write_text(f"model: {workspace / 'model'}\nsae: {workspace / 'sae'}\nprotected: [law]\n{body}"
-                    f"output: {tmp_path / 'gate.json'}\n")
+                    f"output: {tmp_path / 'gate.json'}\noptions: {{n_shifted: 8}}\n")  # within the SAE's 64
     with pytest.raises(AssertionError, match="the model was loaded"):
         main(["gate", str(path)])
 

@@ -629,7 +629,7 @@ def folders_the_cli_checks_before_the_model(tmp_path, monkeypatch) -> dict[str, 
                 ).save_model(tmp_path / "sae")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    return {"model": str(tmp_path / "model"), "sae": str(tmp_path / "sae")}
+    return {"model": str(tmp_path / "model"), "sae": str(tmp_path / "sae"), "options": {"n_shifted": 8}}  # <= 64
 
 
 def test_cli_validate_refuses_another_trainers_fields_before_the_model_loads(tmp_path, capsys, monkeypatch):
