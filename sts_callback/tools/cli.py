@@ -559,13 +559,15 @@ def _check_output_folder(path: Path, what: str, files: tuple[str, ...] = ()) -> 
 
 
 def _check_no_overwrite(outputs: list[tuple[Path, str]], inputs: dict[Path, str],
-                        fix: str = "Choose an output path that is none of the inputs, e.g. in a new folder.") -> None:
+                        fix: str = "Choose an output path that is none of the inputs, e.g. in a new folder.",
+                        folders_whole: bool = True) -> None:
     """No output path is one of the inputs (or another output); ``outputs``: (path, what writes it),
-    ``inputs``: path -> what it is."""
+    ``inputs``: path -> what it is. ``folders_whole``: nothing is written inside an input folder either (a model's
+    or an SAE's: a file there is part of it)."""
     seen: dict[Path, str] = {}
     for path, what in inputs.items():
         seen.setdefault(path.resolve(), what)
-    folders = {path: what for path, what in seen.items() if path.is_dir()}  # a model or SAE: nothing written in it
+    folders = {path: what for path, what in seen.items() if folders_whole and path.is_dir()}
     for path, what in outputs:
         key = path.resolve()
         if key in seen:
@@ -1117,7 +1119,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 2
     if args.runs:  # training runs with the callback: a level + pattern calibration with the domain prior
         inputs = {Path(p): "a training run" for p in args.validations}
-        _check_no_overwrite([(out, f"The calibration output {out}")], inputs)
+        # a run's folder may take the calibration (its STS folder may not: _check_not_in_a_run)
+        _check_no_overwrite([(out, f"The calibration output {out}")], inputs, folders_whole=False)
         _check_not_in_a_run(out, [Path(p) for p in args.validations])
         calibration = Calibration.from_runs(args.validations, [] if args.prior_only else args.features,
                                             level=args.level, pattern_scale=args.pattern_scale)
