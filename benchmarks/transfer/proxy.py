@@ -75,9 +75,9 @@ def schedule_rates(steps: int, lr: float) -> list[float]:
     return rates
 
 
-def schedule_area(steps: int, lr: float, from_step: int = 0) -> float:
-    """The learning-rate area of the benchmark's recipe from ``from_step`` to its end."""
-    return float(sum(schedule_rates(steps, lr)[from_step:]))
+def schedule_area(steps: int, lr: float) -> float:
+    """The learning-rate area of the benchmark's recipe."""
+    return float(sum(schedule_rates(steps, lr)))
 
 
 @contextmanager
@@ -241,10 +241,10 @@ def disjoint_truths(out: Path, tokens: int = 2048, part: str = "rest") -> dict[i
                 _, kept = measured_subset({domain: rows}, {domain: base[domain]}, tokens)
                 cut = len(kept[domain])
                 kept_rows = slice(cut, len(rows)) if part == "rest" else slice(0, cut)
-                before_rest = sum(r[0] for r in base[domain][kept_rows])
-                after_rest = sum(r[0] for r in rows[kept_rows])
-                if before_rest:
-                    changes[domain] = (after_rest - before_rest) / before_rest
+                before_sum = sum(r[0] for r in base[domain][kept_rows])
+                after_sum = sum(r[0] for r in rows[kept_rows])
+                if before_sum:
+                    changes[domain] = (after_sum - before_sum) / before_sum
             result[seed][source] = changes
     return result
 

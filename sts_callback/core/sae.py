@@ -470,16 +470,17 @@ def _cfg_hook_names(parsed: dict[str, Any]) -> tuple[str | None, str | None]:
     return (hook if isinstance(hook, str) and hook else None, hf_hook if isinstance(hf_hook, str) and hf_hook else None)
 
 
-def sae_folder_reads(folder: str | Path) -> tuple[int | None, str | None, int | None]:
-    """(d_in, hook name, layer) a sae-lens folder's cfg.json names, read without loading the SAE (as
+def sae_folder_reads(folder: str | Path) -> tuple[int | None, str | None, int | None, int | None]:
+    """(d_in, hook name, layer, d_sae) a sae-lens folder's cfg.json names, read without loading the SAE (as
     :func:`_sae_lens_handle` reads them from the loaded one); None where it does not say."""
     try:
         parsed = json.loads((Path(folder) / "cfg.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None, None, None
+        return None, None, None, None
     if not isinstance(parsed, dict):
-        return None, None, None
+        return None, None, None, None
     hooks = [h for h in _cfg_hook_names(parsed) if h is not None]
     layers = [layer for layer in map(layer_from_hook_name, hooks) if layer is not None]
-    d_in = parsed.get("d_in")
-    return (int(d_in) if type(d_in) is int else None, hooks[0] if hooks else None, layers[0] if layers else None)
+    d_in, d_sae = parsed.get("d_in"), parsed.get("d_sae")
+    return (int(d_in) if type(d_in) is int else None, hooks[0] if hooks else None, layers[0] if layers else None,
+            int(d_sae) if type(d_sae) is int else None)

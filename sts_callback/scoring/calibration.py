@@ -29,7 +29,7 @@ import numpy as np
 
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.config import ICL_LOSS_FEATURE, ICL_LOSS_SETTINGS
-from ..core.run_store import FORECAST_FORMAT
+from ..core.run_store import FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE
 from .signed import DEFAULT_SIGNED
 
 FORMAT = "sts-calibration/1"
@@ -547,7 +547,7 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
             raise STSInputError(f"{item}: no such folder; pass the output_dir of a run trained with STSCallback.")
         if not store.forecast_path.is_file():
             inside = next((parent for parent in Path(item).resolve().parents
-                           if (run_sts_folder(parent) / "forecast.json").is_file()), None)
+                           if (run_sts_folder(parent) / FORECAST_FILE).is_file()), None)
             hint = (f" It is inside the run {inside}: pass that folder (a checkpoint's STS folder holds the "
                     "re-checks up to it, not the run's forecast)." if inside is not None else "")
             raise STSInputError(f"{item}: no forecast.json (looked in {store.root}); pass the output_dir of a run "
@@ -605,7 +605,7 @@ _RUN_FIX = "Rerun that run to the end, or leave it out of the runs to calibrate 
 def _refuse_duplicates(runs: Sequence[str | Path], stores: Sequence[Any]) -> None:
     """One run passed twice (its folder, its sts/ folder, a trailing slash, a copy of its folder) would count as
     two agreeing runs."""
-    seen: dict[Any, list[str]] = {}
+    seen: dict[Path, list[str]] = {}
     for item, store in zip(runs, stores):
         seen.setdefault(Path(store.root).resolve(), []).append(str(item))
     twice = [f"{', '.join(items)} (all {root})" for root, items in seen.items() if len(items) > 1]
@@ -614,7 +614,7 @@ def _refuse_duplicates(runs: Sequence[str | Path], stores: Sequence[Any]) -> Non
                             "repeated run would count as several agreeing runs and narrow the intervals.")
     contents: dict[bytes, list[str]] = {}
     for item, store in zip(runs, stores):
-        files = [store.forecast_path, Path(store.root) / "history.jsonl"]
+        files = [store.forecast_path, store.path(HISTORY_FILE)]
         if all(f.is_file() for f in files):
             contents.setdefault(hashlib.sha256(b"".join(f.read_bytes() for f in files)).digest(), []).append(str(item))
     copies = [", ".join(items) for items in contents.values() if len(items) > 1]

@@ -409,12 +409,8 @@ def _check_sae_fits_model(path: str, model_spec: str, sae_folder: str, config: A
     from ..core.capture import config_hidden_size, config_num_layers
     from ..core.sae import check_sae_for_model, layer_to_read, sae_folder_reads
 
-    d_in, hook_name, sae_layer = sae_folder_reads(sae_folder)
-    try:  # n_shifted beyond the SAE's width: said now, from its cfg.json, not after the model loads
-        d_sae = json.loads((Path(sae_folder) / "cfg.json").read_text(encoding="utf-8")).get("d_sae")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        d_sae = None
-    if type(d_sae) is int and config.n_shifted > d_sae:
+    d_in, hook_name, sae_layer, d_sae = sae_folder_reads(sae_folder)
+    if d_sae is not None and config.n_shifted > d_sae:  # said now, not after the model loads
         raise STSConfigError(f"{path}: n_shifted={config.n_shifted} is larger than the SAE width {d_sae} "
                              f"({sae_folder}); set n_shifted to at most {d_sae} (options: or --set n_shifted=...).")
     if config.layer is None and sae_layer is None:
@@ -611,13 +607,14 @@ def _named_inputs(args: argparse.Namespace, config_file: dict[str, Any]) -> dict
     for key, spec in (("model", config_file.get("model")), ("SAE", sae.get("path") if isinstance(sae, dict) else sae),
                       ("teacher", config_file.get("teacher")),
                       ("calibration", getattr(args, "calibration", None) or config_file.get("calibration"))):
-        if isinstance(spec, str) and Path(os.path.expanduser(spec)).exists():
-            where = Path(os.path.expanduser(spec))
+        where = Path(os.path.expanduser(spec)) if isinstance(spec, str) else None
+        if where is not None and where.exists():
             inputs.setdefault(where, f"the {key} {'folder' if where.is_dir() else 'file'}")
     rewards = config_file.get("reward_funcs")
     for spec in rewards if isinstance(rewards, list) else [rewards]:
-        if isinstance(spec, str) and ":" in spec and Path(os.path.expanduser(spec.rsplit(":", 1)[0])).is_file():
-            inputs.setdefault(Path(os.path.expanduser(spec.rsplit(":", 1)[0])), "a reward-function file")
+        where = Path(os.path.expanduser(spec.rsplit(":", 1)[0])) if isinstance(spec, str) and ":" in spec else None
+        if where is not None and where.is_file():
+            inputs.setdefault(where, "a reward-function file")
     return inputs
 
 
