@@ -263,14 +263,17 @@ def shipped_step0(out: Path, seed: int) -> dict[str, dict[str, tuple[float, floa
     return {s: step0[unit_name("lora", s, seed)] for s in SOURCES if unit_name("lora", s, seed) in step0}
 
 
-def step0_predictions(out: Path, proxy_steps: int) -> dict[str, dict[str, tuple[float, float]]]:
+def step0_predictions(out: Path, proxy_steps: int, exclude: frozenset[str] = frozenset(),
+                      ) -> dict[str, dict[str, tuple[float, float]]]:
     """unit -> domain -> (predicted change, low of its 90% interval) for every LoRA unit whose source has a proxy:
     the ``global`` leave-one-source-out line (fitted on the other sources' seed-0 precise changes, as ``score``
     fits it), its interval a normal with the line's residual spread on those pairs. One proxy per source (seed 0's
-    batches) stands for both seeds' runs, as a user would run one proxy before the run."""
+    batches) stands for both seeds' runs, as a user would run one proxy before the run. ``exclude``: sources left
+    out of every fit and prediction (a nested leave-one-out)."""
     from scipy.stats import norm
 
     proxies, truths = loaded(out, proxy_steps)
+    proxies = {s: changes for s, changes in proxies.items() if s not in exclude}
     result = {}
     for source in proxies:
         pairs = [(proxies[s][d], truths[0][s][d]) for s in proxies if s != source and s in truths[0]
