@@ -63,6 +63,35 @@ def test_step0_warnings_read_the_proxy_through_its_held_out_line(proxy, tmp_path
     assert mean - low > 0.01
 
 
+def test_an_excluded_source_is_neither_fitted_nor_predicted(proxy, tmp_path):
+    """The nested leave-one-out of the blended step-0 forecast: with a source excluded, its truth (however wrong)
+    changes no other source's prediction, and it gets none itself."""
+    import json
+
+    sources = ["changelog", "legal", "math", "markup"]
+    proxies = {s: {d: 0.01 * (i + 1) + 0.004 * j for j, d in enumerate(sources)} for i, s in enumerate(sources)}
+    for s in sources:
+        (tmp_path / f"proxy-lora-{s}-seed0-k16.json").write_text(json.dumps({"nll_delta_rel": proxies[s]}))
+        truth = {d: (99.0 if s == "math" else 2 * v - 0.01) for d, v in proxies[s].items()}
+        (tmp_path / f"precise-lora-{s}-seed0.json").write_text(json.dumps({"nll_delta_rel": truth}))
+    predictions = proxy.step0_predictions(tmp_path, 16, exclude=frozenset({"math"}))
+    assert not any("math" in unit for unit in predictions)
+    mean, low = predictions["lora-legal-seed0"]["markup"]
+    assert mean == pytest.approx(2 * proxies["legal"]["markup"] - 0.01)
+    assert low == pytest.approx(mean, abs=1e-9)
+
+
+def test_the_blend_weight_is_the_least_squares_one_within_zero_and_one():
+    import numpy as np
+
+    step0_warnings = load_transfer_script("step0_warnings")
+    first, second = np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 0.0, 4.0, 2.0])
+    weight, spread = step0_warnings.blend_fit(first, second, 0.3 * first + 0.7 * second)
+    assert weight == pytest.approx(0.7) and spread == pytest.approx(0.0, abs=1e-12)
+    assert step0_warnings.blend_fit(first, second, 2 * second - first)[0] == 1.0  # beyond the second: clipped
+    assert step0_warnings.blend_fit(first, second, first)[0] == 0.0
+
+
 def test_the_other_texts_truth_leaves_out_the_texts_the_proxy_was_measured_on(proxy, tmp_path):
     """The proxy measures a domain's first 2,048 tokens of the precise sample; the truth on the other texts is the
     paired change over the rest alone, so a change planted only in the first texts does not reach it."""

@@ -52,6 +52,14 @@ SHRINK_UNITS = 10  # pseudo-units pulling a domain's own spread toward all domai
 DEFAULT_OUT = Path(__file__).parent / "step0_warnings.json"
 
 
+def blend_fit(first: np.ndarray, second: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """The weight ``w`` in [0, 1] of ``(1 - w) * first + w * second`` closest to ``truth`` (least squares) and the
+    blend's residual spread."""
+    gap = second - first
+    weight = float(np.clip(np.dot(gap, truth - first) / max(float(np.dot(gap, gap)), 1e-12), 0.0, 1.0))
+    return weight, float(np.std(truth - (first + weight * gap), ddof=1))
+
+
 def blended_predictions(units: list[dict], precise: dict[str, dict[str, float]], out: Path, proxy_steps: int,
                         ) -> dict[str, dict[str, tuple[float, float]]]:
     """unit -> domain -> (mean, low of its 90% interval) of the proxy / in-context blend (``--step0 proxy16+icl``),
@@ -68,9 +76,7 @@ def blended_predictions(units: list[dict], precise: dict[str, dict[str, float]],
                                                     early_compare.STEP0_PATTERNS["icl"])
         triples = np.array([(inner_proxy[u][d][0], inner_icl[u][d][0], precise[u][d])
                             for u in inner_proxy if u in inner_icl and u in precise for d in inner_proxy[u]])
-        a, b, y = triples.T
-        weight = float(np.clip(np.dot(b - a, y - a) / max(np.dot(b - a, b - a), 1e-12), 0.0, 1.0))
-        spread = float(np.std(y - ((1 - weight) * a + weight * b), ddof=1))
+        weight, spread = blend_fit(*triples.T)
         for unit in (u for u in lora if u["source"] == source and u["unit"] in proxy_step0 and u["unit"] in icl):
             means = {d: (1 - weight) * m + weight * icl[unit["unit"]][d][0] for d, (m, _) in proxy_step0[unit["unit"]].items()}
             result[unit["unit"]] = {d: (m, m - norm.ppf(0.95) * spread) for d, m in means.items()}
