@@ -264,15 +264,18 @@ def shipped_step0(out: Path, seed: int) -> dict[str, dict[str, tuple[float, floa
 
 
 def step0_predictions(out: Path, proxy_steps: int, exclude: frozenset[str] = frozenset(),
+                      forecast: dict[str, dict[str, float]] | None = None,
                       ) -> dict[str, dict[str, tuple[float, float]]]:
     """unit -> domain -> (predicted change, low of its 90% interval) for every LoRA unit whose source has a proxy:
     the ``global`` leave-one-source-out line (fitted on the other sources' seed-0 precise changes, as ``score``
     fits it), its interval a normal with the line's residual spread on those pairs. One proxy per source (seed 0's
     batches) stands for both seeds' runs, as a user would run one proxy before the run. ``exclude``: sources left
-    out of every fit and prediction (a nested leave-one-out)."""
+    out of every fit and prediction (a nested leave-one-out). ``forecast``: these changes (source -> domain) in the
+    proxies' place."""
     from scipy.stats import norm
 
     proxies, truths = loaded(out, proxy_steps)
+    proxies = proxies if forecast is None else forecast
     proxies = {s: changes for s, changes in proxies.items() if s not in exclude}
     result = {}
     for source in proxies:

@@ -31,6 +31,10 @@ there. Registered before its lead was computed (commit of this option; seen befo
 falls from 2.0% to about 1.7% at ``w`` 0.4, fitted on all units): at ``p`` 0.5 with the calibration's spread, lead
 over every violation >= 25% with false alarms <= 10% at each of the tolerances 1%, 2% and 5%.
 
+``--step0 final-other-texts``: a ceiling, not a forecast: seed 0's own final change on the precise sample's texts
+beyond the proxy's 2,048 tokens (``proxy.disjoint_truths``) through the same leave-one-source-out line, standing for
+both seeds' runs: what a forecast as faithful as the run itself, measured on texts the truth does not share, gives.
+
 Issue 14's goal for the lead: mean lead >= 25% of the run's steps with false alarms <= 10%, at tolerances 1%, 2%, 5%.
 """
 
@@ -134,7 +138,7 @@ def curve(rows: list[dict], spreads: list[float], tolerance: float) -> list[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=Path, default=Path(__file__).parent / "units")
-    parser.add_argument("--step0", choices=[*early_compare.STEP0_PATTERNS, "proxy8", "proxy16", "proxy16+icl"], default="icl")
+    parser.add_argument("--step0", choices=[*early_compare.STEP0_PATTERNS, "proxy8", "proxy16", "proxy16+icl", "final-other-texts"], default="icl")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     learned = early_compare.learned_module()
@@ -144,6 +148,10 @@ def main() -> None:
              for u in units]
     if args.step0 == "proxy16+icl":
         step0 = blended_predictions(units, precise, args.units, 16)
+    elif args.step0 == "final-other-texts":
+        import proxy
+
+        step0 = proxy.step0_predictions(args.units, 16, forecast=proxy.disjoint_truths(args.units)[0])
     elif args.step0.startswith("proxy"):
         import proxy
 
