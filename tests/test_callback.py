@@ -601,6 +601,74 @@ def test_a_compressed_run_at_train_start_takes_a_quarter_of_the_steps_holding_th
         make_callback(run_level="lookahead", calibration=calibration)
 
 
+class RecordingTrainer(Trainer):
+    """Records the input ids of every micro-batch the run trains on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained_on = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.trained_on.append(inputs["input_ids"].clone())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("arguments", [{}, {"gradient_accumulation_steps": 2},
+                                       {"train_sampling_strategy": "sequential", "data_seed": 3}])
+def test_a_compressed_run_trains_on_the_runs_own_first_batches(tmp_path, tokenizer, monkeypatch, arguments):
+    """The compressed run stands for the run's first quarter: its micro-batches are the ones the run then trains
+    on, in the same order (a 20-text set: 5 batches an epoch, so the quarter runs into the second epoch), and
+    reading them changed nothing of the run."""
+    import torch
+
+    from sts_callback.integrations import trainer_run_level
+
+    given = []
+    real = trainer_run_level.estimate_run_level
+
+    def spying(model, optimizer, batches, *args, **kwargs):
+        given.extend(b["input_ids"].clone() for b in batches)
+        return real(model, optimizer, batches, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_run_level, "estimate_run_level", spying)
+    schedule = dict(max_steps=24 // arguments.get("gradient_accumulation_steps", 1), save_steps=100,
+                    lr_scheduler_type="cosine", **arguments)
+    texts = domain_texts("law", 20)
+
+    def trainer(folder, callback):
+        made = make_trainer(tmp_path / folder, tokenizer, callback, texts=texts, **schedule)
+        return RecordingTrainer(model=made.model, args=made.args, train_dataset=made.train_dataset,
+                                data_collator=made.data_collator, processing_class=tokenizer,
+                                callbacks=[callback])
+
+    plain = trainer("plain", make_callback())
+    plain.train()
+    callback = make_callback(run_level="compressed")
+    run = trainer("compressed", callback)
+    run.train()
+    assert callback.session.run_level["batches"] == "run"
+    assert len(given) == 6 and len(run.trained_on) >= 6
+    for compressed, trained in zip(given, run.trained_on):
+        assert torch.equal(compressed, trained)
+    assert len(run.trained_on) == len(plain.trained_on)
+    assert all(torch.equal(a, b) for a, b in zip(run.trained_on, plain.trained_on))
+
+
+def test_a_run_whose_order_comes_from_the_process_rng_gets_a_seeded_draw_and_is_left_as_it_was(tmp_path, tokenizer):
+    """``group_by_length``'s sampler draws from torch's global generator after the data loader has drawn its own
+    seed: its order cannot be known beforehand, so the compressed run trains on a seeded draw, says so, and the
+    run trains as it would have."""
+    schedule = dict(max_steps=8, save_steps=100, train_sampling_strategy="group_by_length")
+    plain = make_trainer(tmp_path / "plain", tokenizer, make_callback(), **schedule)
+    plain.train()
+    callback = make_callback(run_level="compressed")
+    trainer = make_trainer(tmp_path / "compressed", tokenizer, callback, **schedule)
+    trainer.train()
+    assert callback.session.run_level["batches"] == "draw"
+    losses = lambda t: [e["loss"] for e in t.state.log_history if "loss" in e]  # noqa: E731
+    assert losses(trainer) == losses(plain)
+
+
 def test_a_compressed_run_holds_the_area_the_run_will_train_at_whatever_its_peak(tmp_path, tokenizer):
     """A schedule that never reaches the optimizer's base rate (a LambdaLR below 1, a warm-up longer than the run):
     the compressed steps hold the run's own area, not the base rate's."""

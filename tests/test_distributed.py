@@ -257,6 +257,7 @@ def test_callback_run_level_two_processes_match_one(tmp_path, callback_runlevel_
     for theirs in ranks:
         for name in ("every", "own_only", "first_order"):
             mine = theirs[name]["run_level"]
+            assert mine["batches"] == reference[name]["run_level"]["batches"] == "run"  # each rank's own shard
             assert mine["own_tokens"] == reference[name]["run_level"]["own_tokens"]
             assert abs(mine["own_change"] - reference[name]["run_level"]["own_change"]) <= REL
             assert set(mine["change"]) == set(reference[name]["run_level"]["change"])

@@ -523,3 +523,33 @@ def test_a_streamed_train_set_and_a_raw_text_column_are_read_as_the_trainer_load
         changes[kind] = run(trainer.model, measure_losses(trainer.model, targets)).change
         assert all(np.isfinite(v) and v < 0 for v in changes[kind].values())  # trained on law at lr 1e-2
     assert changes["map"]["law"] < changes["map"]["sport"]
+
+
+def test_the_runs_first_batches_are_read_only_where_the_order_is_known_beforehand():
+    """Accelerate's seedable sampler (the Trainer's): its first batches, into the next epoch, and the loader then
+    gives those same batches (nothing of its state moved). An order drawn from torch's global generator, or from
+    a generator the loader draws its workers' seed from first, or a stream: unknown (``None``), and the caller
+    draws its own."""
+    import torch
+    from accelerate.data_loader import SeedableRandomSampler
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from sts_callback.integrations.first_batches import run_first_batches
+
+    data = [{"input_ids": torch.tensor([i, i + 1])} for i in range(10)]
+    stack = lambda rows: {"input_ids": torch.stack([r["input_ids"] for r in rows])}  # noqa: E731
+    seedable = DataLoader(data, batch_size=3, collate_fn=stack, sampler=SeedableRandomSampler(data, data_seed=7))
+    mine, every = run_first_batches(seedable, 5)  # 4 batches an epoch: the fifth is the next epoch's first
+    assert len(mine) == 5 and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(mine, every))
+    loaded = [b["input_ids"] for b in seedable] + [b["input_ids"] for b in seedable]
+    assert all(torch.equal(a["input_ids"], b) for a, b in zip(mine, loaded))
+    assert not all(torch.equal(a, b) for a, b in zip(loaded[:3], loaded[4:7]))  # the next epoch: another order
+    assert run_first_batches(DataLoader(data, batch_size=3, shuffle=True, collate_fn=stack), 2) is None
+    assert run_first_batches(DataLoader(data, batch_size=3, shuffle=True, collate_fn=stack,
+                                        generator=torch.Generator().manual_seed(7)), 2) is None
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    assert run_first_batches(DataLoader(Stream(), batch_size=3, collate_fn=stack), 2) is None

@@ -2,7 +2,7 @@
 calibration="gemma3-270m-lora-compressed")`` at the start of the benchmark's 64-step LoRA run on a source.
 
     python benchmarks/transfer/compressed_callback.py [--only legal python_code cpp_code]   # resumable
-    python benchmarks/transfer/compressed_callback.py --score
+    python benchmarks/transfer/compressed_callback.py --score [--batches draw]
 
 ``proxy.py`` measured the compressed run with its own loop (the Trainer on the run's first batches, every domain on
 2,048 tokens of the precise sample); the callback runs it with its own machinery (``pipelines.runlevel``: a seeded
@@ -13,7 +13,9 @@ forecast is what is measured). Written to ``units/compressed-callback-<unit>.jso
 changes and predicted changes. ``--score``: per source, Pearson of the callback's changes with ``proxy.py``'s, and
 Pearson / direction of its predictions against both seeds' precise final changes (``compressed_callback.json``).
 The built-in calibration was fitted on every source's proxy, this one's included: the check is that the shipped
-path measures what the benchmark measured, not a held-out test of the line.
+path measures what the benchmark measured, not a held-out test of the line. Until 2026-12-07 the callback trained
+its compressed run on a seeded draw of the training set (units ``compressed-callback-draw-*``, ``--score --batches
+draw``); it now trains on the run's own first batches, as ``proxy.py`` does.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ from units import COMMON, RECIPES, SOURCES, UNITS, load_setup, split, unit_name,
 
 HERE = Path(__file__).resolve().parent
 LOSS_TOKENS = 2048  # the tokens per domain proxy.py measured on
+BATCHES = {"run": "the run's own first batches", "draw": "a seeded draw of the training set"}
 
 
-def path_for(out: Path, source: str) -> Path:
-    return out / f"compressed-callback-{unit_name('lora', source, 0)}.json"
+def path_for(out: Path, source: str, batches: str = "run") -> Path:
+    """A source's unit: ``batches="run"``, the callback training on the run's own first batches (since
+    2026-12-07); ``"draw"``, the units of the callback that trained on a seeded draw of the training set."""
+    return out / f"compressed-callback-{'draw-' if batches == 'draw' else ''}{unit_name('lora', source, 0)}.json"
 
 
 def run_source(model, tokenizer, sae_path, texts, source: str, out: Path, work: Path) -> dict:
@@ -82,15 +87,15 @@ def run_source(model, tokenizer, sae_path, texts, source: str, out: Path, work: 
     return result
 
 
-def score(out: Path, json_out: Path) -> None:
+def score(out: Path, json_out: Path, batches: str = "run") -> None:
     from scipy.stats import pearsonr
 
     proxies, truths = loaded(out, 16)
     rows = []
     for source in SOURCES:
-        if not path_for(out, source).exists():
+        if not path_for(out, source, batches).exists():
             continue
-        data = json.loads(path_for(out, source).read_text())
+        data = json.loads(path_for(out, source, batches).read_text())
         change = data["run_level"]["change"]
         shared = sorted(d for d in change if d in proxies.get(source, {}))
         row = {"source": source, "run_level_seconds": data["seconds"]["run_level"],
@@ -100,13 +105,14 @@ def score(out: Path, json_out: Path) -> None:
             if source in truths[seed]:
                 row[f"predicted_seed{seed}"] = agreement(data["predicted"], truths[seed][source], source)
         rows.append(row)
-    print("the callback's compressed run vs proxy.py's, and its predictions vs the precise final changes")
+    print(f"the callback's compressed run ({batches}: {BATCHES[batches]}) vs proxy.py's, and its predictions vs the "
+          "precise final changes")
     for row in rows:
         cells = [f"{row[f'predicted_seed{k}']['pearson']:+.2f} / {100 * row[f'predicted_seed{k}']['direction']:.0f}%"
                  for k in (0, 1) if f"predicted_seed{k}" in row]
         print(f"{row['source']:<18} r with proxy {row['pearson_with_proxy']:+.2f}   predicted vs seed 0 / 1: "
               + "   ".join(cells) + f"   ({row['run_level_seconds']:.0f} s)")
-    write_json(json_out, {"rows": rows, "mean_pearson_with_proxy": float(np.mean([r["pearson_with_proxy"]
+    write_json(json_out, {"batches": batches, "rows": rows, "mean_pearson_with_proxy": float(np.mean([r["pearson_with_proxy"]
                                                                                     for r in rows])) if rows else None})
 
 
@@ -116,9 +122,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=UNITS)
     parser.add_argument("--work", type=Path, default=Path("outputs/transfer-compressed-callback"))
     parser.add_argument("--score", action="store_true")
+    parser.add_argument("--batches", choices=sorted(BATCHES), default="run",
+                        help="--score: the units of the callback on the run's own batches, or the older ones on a draw")
     args = parser.parse_args()
     if args.score:
-        score(args.out, HERE / "compressed_callback.json")
+        score(args.out, HERE / f"compressed_callback{'_draw' if args.batches == 'draw' else ''}.json", args.batches)
         return
     todo = [s for s in args.only if not path_for(args.out, s).exists()]
     print(f"{len(todo)} source(s) to do", flush=True)

@@ -591,7 +591,8 @@ class STSCallback(TrainerCallback, ExportableState):
             level = None if self.run_level is None else run_level_runner(
                 self.run_level, trainer, args, session.monitor.loss_sets, tokenizer, run_level_steps,
                 session.autocast, own=session.monitor.probe, domains=self._run_level_domains,
-                own_tokens=session.settings.loss_tokens, lr_factor=run_level_factor, run_steps=state.max_steps)
+                own_tokens=session.settings.loss_tokens, lr_factor=run_level_factor, run_steps=state.max_steps,
+                train_dataloader=train_dataloader)
             forecast = session.start(model, probe, domains, demos, progress=progress, forecast_run=run,
                                      run_level=level)
             # one log call: a tracker that counts its own steps by calls (DVCLive) keeps the trainer's steps

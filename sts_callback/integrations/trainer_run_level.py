@@ -12,6 +12,7 @@ from ..core.data import take_streamed
 from ..core.distributed import world_size
 from ..core.errors import STSConfigError
 from ..core.torch_utils import pad_token_id
+from .first_batches import run_first_batches
 from ..pipelines.runlevel import (RunLevelConfig, RunLevelEstimate, compressed_lr_factor, estimate_run_level,
                                   not_trained_on, training_batches)
 from ..scoring.calibration import RUN_LEVEL_METHODS
@@ -29,9 +30,13 @@ def check_run_level(method: str | None) -> str | None:
 def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, list], tokenizer: Any, steps: int,
                      autocast: Callable[[], Any] | None = None, own: list | None = None, domains: bool = True,
                      own_tokens: int | None = None, lr_factor: float = 1.0, run_steps: int | None = None,
-                     ) -> Callable[[Any, dict[str, float]], RunLevelEstimate]:
-    """``(model, base_losses) -> RunLevelEstimate`` for ``trainer``: ``steps`` steps of its optimizer on a seeded
-    draw of its training batches (the same examples on any number of processes). The batches must be language-
+                     train_dataloader: Any = None) -> Callable[[Any, dict[str, float]], RunLevelEstimate]:
+    """``(model, base_losses) -> RunLevelEstimate`` for ``trainer``: ``steps`` steps of its optimizer on the run's
+    own first micro-batches, read from ``train_dataloader`` (the Trainer's, as ``on_train_begin`` gets it) without
+    touching the run (:func:`~sts_callback.integrations.first_batches.run_first_batches`), or, where they cannot
+    be known (a streamed dataset, an order drawn from the process's random generators), a seeded draw of its
+    training set (the same examples on any number of processes); the estimate's ``batches`` says which. The
+    batches must be language-
     model batches (``input_ids``, ``labels``): a preference or RL trainer's are refused now, with the fix. Under
     DeepSpeed ZeRO-3 / FSDP, where sharded weights cannot be put back exactly, a lookahead falls back to the
     first-order estimate, with a warning. ``own``: sequences of the training data (the re-check probe), whose
@@ -52,8 +57,16 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
         dataset = take_streamed(dataset, steps * config.accumulation * args.per_device_train_batch_size
                                 * world_size())
     dataset, collate = _as_the_trainer_loads(trainer, dataset, collate)
-    batches = training_batches(dataset, collate, args.per_device_train_batch_size, steps * config.accumulation,
-                               seed=args.seed)
+    world = world_size()
+    the_runs = None if train_dataloader is None else run_first_batches(train_dataloader, steps * config.accumulation,
+                                                                       world)
+    if the_runs is not None:
+        batches, every = the_runs
+    else:
+        batches = training_batches(dataset, collate, args.per_device_train_batch_size, steps * config.accumulation,
+                                   seed=args.seed)
+        every = batches if world == 1 else training_batches(
+            dataset, collate, args.per_device_train_batch_size * world, len(batches), seed=args.seed, rank_=0, world=1)
     missing = {"input_ids", "labels"} - set(batches[0])
     if missing:
         raise STSConfigError(f"run_level={method!r} steps the model on language-model batches, but "
@@ -61,9 +74,6 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
                              "): preference and RL losses are not supported yet. Pass run_level=None.")
 
     if own:  # the own change on texts the steps do not train on (every process's batches: the same on all)
-        world = world_size()
-        every = batches if world == 1 else training_batches(
-            dataset, collate, args.per_device_train_batch_size * world, len(batches), seed=args.seed, rank_=0, world=1)
         held_out = not_trained_on(own, every)
         own = held_out or own  # a training set the steps cover whole (tiny data): its texts as they are
     own = _within_tokens(own, own_tokens) if own and own_tokens is not None else own
@@ -73,6 +83,7 @@ def run_level_runner(method: str, trainer: Any, args: Any, loss_sets: dict[str, 
         estimate = estimate_run_level(model, trainer.optimizer, batches, measured, config, method=method, own=own,
                                       before=base_losses, autocast=autocast)
         estimate.run_share = steps / run_steps if run_steps else None
+        estimate.batches = "draw" if the_runs is None else "run"
         return estimate
     return run
 

@@ -167,6 +167,8 @@ class RunLevelEstimate:
             how hard the run moves its own domain, which sets the level of a level + pattern calibration.
         own_tokens: the counted tokens ``own_change`` was measured on.
         run_share: ``steps`` over the run's steps, where the caller knew them (a compressed run's scale).
+        batches: where the training batches came from, where a Trainer's run gave them: ``"run"`` (the run's own
+            first micro-batches) or ``"draw"`` (a seeded draw of its training set); ``None``: the caller's.
     """
 
     method: str
@@ -181,6 +183,7 @@ class RunLevelEstimate:
     own_change: float | None = None
     own_tokens: int | None = None
     run_share: float | None = None
+    batches: str | None = None
 
     @property
     def mean_change(self) -> float:
