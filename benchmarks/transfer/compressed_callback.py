@@ -15,7 +15,10 @@ Pearson / direction of its predictions against both seeds' precise final changes
 The built-in calibration was fitted on every source's proxy, this one's included: the check is that the shipped
 path measures what the benchmark measured, not a held-out test of the line. Until 2026-12-07 the callback trained
 its compressed run on a seeded draw of the training set (units ``compressed-callback-draw-*``, ``--score --batches
-draw``); it now trains on the run's own first batches, as ``proxy.py`` does.
+draw``); it now trains on the run's own first batches, as ``proxy.py`` does. Registered before the re-run on the
+run's batches (the commit adding this sentence): on the four sources, the mean r with ``proxy.py``'s changes at
+least +0.90 (the draw's +0.83; the two still measure different held-out texts), and the predictions at the goal
+against seed 0 on at least 2 of the 4 (the draw's 1).
 """
 
 from __future__ import annotations
