@@ -698,6 +698,23 @@ def test_a_compressed_run_is_refused_with_the_reason_when_the_rates_are_set_by_m
         trainer.train()
 
 
+def test_run_level_steps_beyond_the_run_are_refused_for_a_compressed_run_and_warned_for_a_lookahead(tmp_path,
+                                                                                                   tokenizer):
+    """A compressed run as long as the run compresses nothing (and costs a second run): refused at train start,
+    before any step, with the fix; a lookahead longer than the run trains with a warning."""
+    callback = make_callback(run_level="compressed", run_level_steps=8)
+    trainer = make_trainer(tmp_path / "compressed", tokenizer, callback, max_steps=8, save_steps=100)
+    with pytest.raises(STSConfigError, match="run_level_steps=8 is not fewer than this run's 8 steps.*"
+                                             "Leave run_level_steps unset \(a quarter of the run: 2\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    lookahead = make_callback(run_level="lookahead", run_level_steps=5)
+    trainer = make_trainer(tmp_path / "lookahead", tokenizer, lookahead, max_steps=4, save_steps=100)
+    with pytest.warns(STSDataWarning, match="run_level_steps=5 is more than this run's 4 steps"):
+        trainer.train()
+    assert lookahead.session.run_level["steps"] == 5 and trainer.state.global_step == 4
+
+
 def test_a_run_too_short_for_the_calibrations_share_trains_with_a_warning(tmp_path, tokenizer):
     callback = make_callback(run_level="compressed", calibration="gemma3-270m-lora-compressed")
     trainer = make_trainer(tmp_path / "short", tokenizer, callback, max_steps=6, save_steps=100)

@@ -615,7 +615,17 @@ class STSCallback(TrainerCallback, ExportableState):
         area into them. A step count the user set far from the share its calibration was fitted on is refused (the
         change grows with it); a run too short to take that share in whole steps is warned about."""
         if self.run_level != "compressed":
+            if self.run_level_steps > max_steps > 0:
+                session.warn("run_level_steps", f"STS: run_level_steps={self.run_level_steps} is more than this run's "
+                             f"{max_steps} steps: the {self.run_level} term steps further, at the schedule's peak, "
+                             "than the run will. Set run_level_steps below the run's steps.", STSDataWarning)
             return self.run_level_steps, 1.0
+        if self.run_level_steps is not None and self.run_level_steps >= max_steps > 0:
+            raise STSConfigError(
+                f"run_level_steps={self.run_level_steps} is not fewer than this run's {max_steps} steps: a compressed "
+                "run puts the run's whole learning-rate area into fewer steps (a second run as long costs as much "
+                f"as the run). Leave run_level_steps unset (a quarter of the run: "
+                f"{max(1, round(self.run_level_share * max_steps))}) or set it below {max_steps}.")
         if self.schedule_source == "logged":
             raise STSConfigError(
                 "run_level='compressed' puts the run's whole learning-rate area into its steps, so it needs the "
