@@ -1220,3 +1220,55 @@ def test_example_refuses_a_path_it_would_ignore(capsys):
     assert "redirect it to a file instead: sts gate --example > my_config.yaml" in one_line_error(capsys)
     assert main(["validate", "--example", "-o", "out"]) == 2
     assert "ignores -o out" in one_line_error(capsys)
+
+
+def test_an_output_path_that_yaml_reads_as_a_number_or_a_flag_is_refused_naming_the_fix(workspace, tmp_path, capsys,
+                                                                                        no_model):
+    """`output: 5` wrote a file named 5 and `output: yes` one named True; a path is a string."""
+    for value in (5, True, ""):
+        assert main(["forecast", str(write_config(workspace, output=value))]) == 2
+        err = one_line_error(capsys)
+        assert f"output must be a path, got {value!r}" in err and "Quote it" in err
+    assert not (workspace / "5").exists() and not Path("5").exists() and not Path("True").exists()
+    gate = tmp_path / "gate.yaml"
+    gate.write_text(yaml.safe_dump({"model": "gemma-3-270m", "sae": str(workspace / "sae"), "filtered_dir": 7,
+                                    "candidates": {"a": ["x"]}, "targets": {"b": ["y"]}, "protected": ["b"]}))
+    assert main(["gate", str(gate)]) == 2
+    assert "filtered_dir must be a path, got 7" in one_line_error(capsys)
+
+
+def test_inline_data_given_as_an_empty_list_is_refused_before_the_model_loads(workspace, tmp_path, capsys, no_model):
+    for changes, named in (({"train_data": []}, "`train_data`"),
+                           ({"targets": {"chem": [], "food": domain_texts("food", 5)}}, "target 'chem'")):
+        assert main(["forecast", str(write_config(workspace, **changes))]) == 2
+        assert f"{named} in " in (err := one_line_error(capsys)) and "is an empty list; give it texts" in err
+    gate = tmp_path / "gate.yaml"
+    gate.write_text(yaml.safe_dump({"model": str(workspace / "model"), "sae": str(workspace / "sae"),
+                                    "candidates": {"a": [], "b": ["x y"]}, "targets": {"c": ["y"]},
+                                    "protected": ["c"], "options": {"n_shifted": 8}}))
+    assert main(["gate", str(gate)]) == 2
+    assert "candidate 'a' in" in (err := one_line_error(capsys)) and "is an empty list" in err
+
+
+def test_no_progress_quiets_the_libraries_bars_too_and_puts_them_back(workspace, capfd):
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    assert main(["forecast", str(write_config(workspace)), "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Map:" not in err and "it/s]" not in err
+    assert transformers_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+
+
+def test_deepspeed_logs_no_accelerator_notice_into_a_commands_output_on_a_machine_without_one():
+    import torch
+
+    if torch.accelerator.current_accelerator() is not None:
+        pytest.skip("an accelerator is present: DeepSpeed detects it and says nothing")
+    code = ("import contextlib, io, os; from sts_callback.tools.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['forecast', '--example'])\n"
+            "from deepspeed.accelerator import get_accelerator; print(get_accelerator().device_name())")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cpu" and "Setting accelerator to CPU" not in done.stdout + done.stderr

@@ -4,11 +4,13 @@ built-in domains, the demo."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +305,7 @@ CONFIG_KEYS = {
                  "options", "output_dir", "device", "dtype", "reward_funcs"),
 }
 SAE_SPEC_KEYS = ("release", "sae_id", "path")
+OUTPUT_KEYS = ("output", "output_dir", "filtered_dir")
 GEMMA_NAMES = ("gemma-3-270m", "gemma3-270m")
 
 
@@ -332,6 +335,12 @@ def _check_config_keys(path: str, command: str, config_file: dict[str, Any]) -> 
     from ..core.config import STSConfig
 
     _unknown_keys(f"{path}", config_file, CONFIG_KEYS[command], f"`sts {command}` takes {list(CONFIG_KEYS[command])}")
+    for key in OUTPUT_KEYS:  # YAML reads `output: 5` as a number and `output: yes` as true
+        value = config_file.get(key)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise STSInputError(f"{path}: {key} must be a path, got {value!r} ({type(value).__name__}). Quote it "
+                                f"if it is meant as a name ({key}: \"{value}\"), or leave the key out for the "
+                                "default.")
     if isinstance(config_file.get("sae"), dict):
         _unknown_keys(f"{path}: sae", config_file["sae"], SAE_SPEC_KEYS,
                       "an SAE is a folder, 'release::sae_id', {release: ..., sae_id: ...} or {path: ...}")
@@ -465,6 +474,7 @@ def _check_data_values(path: str, config_file: dict[str, Any]) -> None:
     for key in ("train_data", "demonstrations"):
         if config_file.get(key) is not None:
             check_data_spec(_expand(config_file[key]), f"`{key}` in {path}")
+            _no_empty_list(config_file[key], f"`{key}` in {path}")
     targets = config_file.get("targets")
     if targets is not None:
         if not isinstance(targets, (dict, list)):
@@ -483,6 +493,7 @@ def _check_data_values(path: str, config_file: dict[str, Any]) -> None:
                     raise STSInputError(f"{path}: {err}") from err
                 continue
             check_data_spec(_expand(value), f"{what} in {path}")
+            _no_empty_list(value, f"{what} in {path}")
         names = _target_names(targets)
         repeated = repeated_names(names)
         if repeated:
@@ -491,6 +502,13 @@ def _check_data_values(path: str, config_file: dict[str, Any]) -> None:
     if isinstance(config_file.get("candidates"), dict):
         for name, value in config_file["candidates"].items():
             check_data_spec(_expand(value), f"candidate {str(name)!r} in {path}")
+            _no_empty_list(value, f"candidate {str(name)!r} in {path}")
+
+
+def _no_empty_list(value: Any, what: str) -> None:
+    """Inline data given as an empty list (a filter that kept nothing) is said now, not after the model loads."""
+    if isinstance(value, (list, tuple)) and not value:
+        raise STSInputError(f"{what} is an empty list; give it texts (or a data file, or a domain name).")
 
 
 def _existing_file(value: Any) -> Path | None:
@@ -1322,19 +1340,56 @@ def _command_warnings(shown: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _no_accelerator_no_deepspeed_notice()
     parser = build_parser()
     args = parser.parse_args(argv)
     for option in ("output", "output_dir", "filtered_dir", "out"):
         value = getattr(args, option, None)
         if isinstance(value, str) and not value.strip():  # `-o "$OUT"` with OUT unset: never the current folder
             parser.error(f"--{option.replace('_', '-')} is empty; give a path (an unset shell variable?).")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_libraries(getattr(args, "no_progress", False)):
         warnings.showwarning = _command_warnings(warnings.showwarning)
         try:
             return args.func(args)
         except STSError as err:
             print(f"sts: error: {err}", file=sys.stderr)
             return 2
+
+
+def _no_accelerator_no_deepspeed_notice() -> None:
+    """DeepSpeed, imported by transformers, logs "Setting accelerator to CPU" on stdout when it finds no
+    accelerator, into a command's output: on such a machine it is told CPU up front (what it would choose)."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    try:
+        import torch
+
+        if torch.accelerator.current_accelerator() is None:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    except (ImportError, AttributeError, RuntimeError):  # an older torch: DeepSpeed detects as before
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """``--no-progress``: transformers' weight-loading bar and datasets' map bars too, not only STS's own (put
+    back after: ``main`` may be called from a Python session)."""
+    if not quiet:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    shown = (transformers_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            transformers_logging.enable_progress_bar()
+        if shown[1]:
+            datasets.enable_progress_bars()
 
 
 if __name__ == "__main__":
