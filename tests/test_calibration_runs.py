@@ -307,3 +307,19 @@ def test_the_command_shows_the_librarys_warnings_as_its_own(tmp_path, capsys):
         assert main(["calibrate", "--runs", *runs, gpt2, "--features", "f0", "--out", str(tmp_path / "c.json")]) == 0
     err = capsys.readouterr().err
     assert err.startswith("sts: warning: The runs were trained on different setups") and ".py:" not in err
+
+
+def test_runs_in_groups_with_no_domain_in_common_are_fitted_with_a_warning_naming_the_groups(tmp_path):
+    """Two runs on law/food, two on chem/code: each group's domain prior is read against its own domains only,
+    so their levels are not tied. Linked through one shared domain (a chain of runs), they are."""
+    runs = [write_run(tmp_path / f"a{i}", i, domains=("law", "food")) for i in range(2)] + \
+        [write_run(tmp_path / f"b{i}", i + 2, domains=("chem", "code")) for i in range(2)]
+    with pytest.warns(STSDataWarning, match=r"2 groups with no target domain in common .*domain_prior=False") as got:
+        Calibration.from_runs(runs)
+    message = str(got[0].message)
+    assert "a1'] on ['food', 'law']" in message and "b1'] on ['chem', 'code']" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        Calibration.from_runs(runs, domain_prior=False)  # no prior: nothing to tie
+        chained = runs + [write_run(tmp_path / "link", 5, domains=("food", "chem"))]
+        Calibration.from_runs(chained)

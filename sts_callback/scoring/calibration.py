@@ -476,6 +476,8 @@ class Calibration:
             fitted_on["icl_loss"] = {("tokens" if key == "icl_loss_tokens" else key): values.pop()
                                      for key, values in measured.items() if len(values) == 1
                                      and isinstance(next(iter(values)), int)}
+        if domain_prior:
+            _warn_unlinked_domains([(str(r["run"]), set(names)) for r, (_, _, _, names) in zip(records, rows)])
         calibration = cls.fit_level_pattern(rows, features, source_features, domain_prior=domain_prior, level=level,
                                             pattern_scale=pattern_scale, fitted_on=fitted_on)
         changes = np.concatenate([y for _, y, _, _ in rows])
@@ -689,6 +691,23 @@ def forecast_scope(settings: dict[str, Any] | None) -> dict[str, Any]:
     here = {"model_class": settings.get("model_class"), **sae, "shift": settings.get("shift", "in_context"),
             "recipe": settings.get("recipe")}
     return {k: here[k] for k in SCOPE_KEYS if here.get(k) is not None}
+
+
+def _warn_unlinked_domains(runs: list[tuple[str, set[str]]]) -> None:
+    """Each run's domain prior is read against the run's other domains: runs whose domains share none with the
+    rest (directly or through other runs) leave the priors of the two groups with no common level."""
+    groups: list[tuple[list[str], set[str]]] = []
+    for run, domains in runs:
+        linked = [g for g in groups if g[1] & domains]
+        merged = ([run] + [r for g in linked for r in g[0]], set(domains).union(*(g[1] for g in linked)))
+        groups = [g for g in groups if g not in linked] + [merged]
+    if len(groups) > 1:
+        described = "; ".join(f"{sorted(runs_)} on {sorted(domains)}" for runs_, domains in groups)
+        warnings.warn(f"The runs fall into {len(groups)} groups with no target domain in common ({described}): the "
+                      "domain prior of one group's domains has no common level with the other's, so a forecast "
+                      "over domains of both orders them by chance. Give the runs some target domains in common, "
+                      "or (from Python) fit without the prior: Calibration.from_runs(..., domain_prior=False).",
+                      STSDataWarning, stacklevel=3)
 
 
 def _warn_mixed_scope(records: Sequence[dict[str, Any]]) -> None:
