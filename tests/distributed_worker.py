@@ -7,7 +7,8 @@
                                                        | callback_runlevel_single | callback_runlevel_ddp
                                                        | callback_runlevel_zero3 | onerank_failure
                                                        | onerank_failure_zero3 | runlevel_onerank_failure
-                                                       | grpo_reward_fails_zero3
+                                                       | grpo_reward_fails_zero3 | first_batches_single
+                                                       | first_batches_ddp
 
 Each rank writes ``OUT/rank<r>.json``: the files it wrote under the STS folder (seen by an audit hook)
 and, for ``bad_inputs``, the errors it raised.
@@ -337,7 +338,42 @@ def runlevel_onerank_failure() -> dict:
 
 
 result: dict = {"rank": RANK, "world": WORLD}
-if MODE.startswith("callback_runlevel_"):
+def first_batches() -> dict:
+    """The run's first micro-batches as the run-level term reads them at train start (this rank's, every rank's)
+    and the micro-batches this rank then trains on, on 12 distinct texts (3 batches of 4 an epoch: the 4 read run
+    into the second epoch)."""
+    from transformers import TrainerCallback
+
+    from sts_callback.integrations.first_batches import run_first_batches
+
+    read, trained = {}, []
+
+    class Read(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            found = run_first_batches(train_dataloader, 4, WORLD)
+            read.update(mine=[texts_of(b) for b in found[0]], every=[texts_of(b) for b in found[1]])
+
+    class Recording(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            trained.append(texts_of(inputs))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    tokenizer = make_tokenizer()
+    texts_of = lambda batch: tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)  # noqa: E731
+    texts = domain_texts("law", 12, seed=11)
+    data = Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+    args = TrainingArguments(output_dir=str(OUT / "run"), max_steps=4, per_device_train_batch_size=4 // WORLD,
+                             use_cpu=True, report_to=[], save_strategy="no", seed=0,
+                             ddp_backend="gloo" if WORLD > 1 else None)
+    Recording(model=make_model("llama"), args=args, train_dataset=data,
+              data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+              callbacks=[Read()]).train()
+    return {**read, "trained": trained}
+
+
+if MODE.startswith("first_batches"):  # first_batches_single | first_batches_ddp
+    result = {"first_batches": first_batches()}
+elif MODE.startswith("callback_runlevel_"):
     result["callback_runlevel"] = callback_runlevel(MODE.rsplit("_", 1)[1])
 elif MODE == "grpo_reward_fails_zero3":
     result.update(grpo_reward_fails_zero3())

@@ -294,3 +294,17 @@ def test_runlevel_term_two_processes_match_one(tmp_path, runlevel_single, mode):
                 assert abs(theirs[method]["change"][name] - value) <= REL, f"{method} {name}"
                 close(reference["loss_before"][name], theirs[method]["loss_before"][name], f"{method} loss {name}")
     assert all(r["restored"] for r in [runlevel_single, *ranks])
+
+
+def test_the_runs_first_batches_read_on_two_processes_are_each_ranks_own_and_one_processes_global_ones(tmp_path):
+    """Each rank reads the micro-batches it then trains on; every rank's, read on either, are the global batches in
+    order: the texts one process with the whole batch trains on (into the second epoch)."""
+    one = run("first_batches_single", tmp_path / "one", 1)[0]["first_batches"]
+    ranks = [r["first_batches"] for r in run("first_batches_ddp", tmp_path / "two", 2)]
+    assert one["mine"] == one["every"] == one["trained"][:4]
+    assert len({text for batch in one["mine"][:3] for text in batch}) == 12  # the first epoch: 12 distinct texts
+    for rank in ranks:
+        assert rank["mine"] == rank["trained"][:4]
+        assert [t for batch in rank["every"] for t in batch] == [t for batch in one["mine"] for t in batch]
+    for step in range(4):  # each global batch split between the ranks
+        assert ranks[0]["mine"][step] + ranks[1]["mine"][step] == one["mine"][step]

@@ -93,7 +93,7 @@ def _replayed(batch_sampler: Any, count: int, perturbed: bool = False) -> list[l
 
 
 def run_first_batches(dataloader: Any, count: int, world: int = 1) -> tuple[list[Any], list[Any]] | None:
-    """``(this process's first count micro-batches, every process's first count * world)`` that ``dataloader``
+    """``(this process's first count micro-batches, every process's first ones)`` that ``dataloader``
     (the Trainer's prepared train dataloader, as ``on_train_begin`` gets it) will feed the run, in its order (into
     the next epochs when the first is shorter), or ``None`` where they cannot be known without touching the run:
     no batch sampler (an iterable or streamed dataset), a dispatching loader, a sampler that fails, or one whose
@@ -107,8 +107,10 @@ def run_first_batches(dataloader: Any, count: int, world: int = 1) -> tuple[list
             or isinstance(dataset, torch.utils.data.IterableDataset) or not _is_the_ranks_own(batch_sampler, world)):
         return None
     every_sampler = batch_sampler if world == 1 else batch_sampler.batch_sampler
+    # split_batches: the wrapped sampler's batches are already global (each process takes a slice of one)
+    every_count = count if world == 1 or getattr(batch_sampler, "split_batches", False) else count * world
     try:
-        mine, every = _replayed(batch_sampler, count), _replayed(every_sampler, count * world)
+        mine, every = _replayed(batch_sampler, count), _replayed(every_sampler, every_count)
         if not mine or not every or _replayed(batch_sampler, count, perturbed=True) != mine:
             return None
     except Exception:  # noqa: BLE001 - a sampler that cannot be replayed: the caller draws its own batches
