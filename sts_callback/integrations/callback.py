@@ -140,7 +140,8 @@ class STSCallback(TrainerCallback, ExportableState):
             every re-check; see ``RecheckConfig``.
         run_level: the run-level term at train start (:mod:`~sts_callback.pipelines.runlevel`): ``"lookahead"``
             (``run_level_steps`` real steps of the trainer's optimizer at the schedule's peak (unset: the
-            calibration's own step count where it was fitted on one, else 3), each domain's
+            calibration's own step count where it was fitted on one, else 3) on the run's own first batches (a
+            seeded draw of the training set where their order cannot be known beforehand), each domain's
             held-out NLL change measured, then weights, optimizer state and RNG put back exactly),
             ``"compressed"`` (the same, a quarter of the run's steps (unset ``run_level_steps``: the calibration's
             share where it was fitted on one) at a constant rate holding the whole schedule's learning-rate area:
