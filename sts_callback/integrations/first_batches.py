@@ -1,10 +1,10 @@
 """The run's own first training micro-batches, read at train start without touching the run.
 
-A compressed run stands for the whole run: trained on the batches the run will start with, it moves the domains
-as the run's first quarter does (the benchmark's ``proxy.py``); on a seeded draw of other batches its changes
-moved by up to 1.8 points on a source (README, "A compressed run in the callback"). The Trainer's prepared
-dataloader is never iterated here (accelerate tracks its iterations and its gradient-accumulation state): its batch
-sampler is, with every random state it may draw from saved and put back, so the run then draws the same order.
+A compressed run stands for the run: trained on the batches the run will start with (as the benchmark's
+``proxy.py`` trains), it sees the data the run's first quarter sees, not another sample of it. The Trainer's
+prepared dataloader is never iterated here (accelerate tracks its iterations and its gradient-accumulation state):
+its batch sampler is, with every random state it may draw from saved and put back, so the run then draws the same
+order.
 """
 
 from __future__ import annotations
