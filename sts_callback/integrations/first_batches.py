@@ -106,14 +106,19 @@ def run_first_batches(dataloader: Any, count: int, world: int = 1) -> tuple[list
     if (batch_sampler is None or dataset is None or collate is None
             or isinstance(dataset, torch.utils.data.IterableDataset) or not _is_the_ranks_own(batch_sampler, world)):
         return None
-    every_sampler = batch_sampler if world == 1 else batch_sampler.batch_sampler
-    # split_batches: the wrapped sampler's batches are already global (each process takes a slice of one)
-    every_count = count if world == 1 or getattr(batch_sampler, "split_batches", False) else count * world
     try:
-        mine, every = _replayed(batch_sampler, count), _replayed(every_sampler, every_count)
-        if not mine or not every or _replayed(batch_sampler, count, perturbed=True) != mine:
+        mine = _replayed(batch_sampler, count)
+        if not mine or _replayed(batch_sampler, count, perturbed=True) != mine:
             return None
+        if world > 1:  # every process's: the global batches the shard takes its part of
+            # split_batches: the wrapped sampler's batches are already global (each process takes a slice of one)
+            every = _replayed(batch_sampler.batch_sampler,
+                              count if getattr(batch_sampler, "split_batches", False) else count * world)
+            if not every:
+                return None
     except Exception:  # noqa: BLE001 - a sampler that cannot be replayed: the caller draws its own batches
         return None
-    return ([collate([dataset[i] for i in batch]) for batch in mine],
-            [collate([dataset[i] for i in batch]) for batch in every])
+    mine_collated = [collate([dataset[i] for i in batch]) for batch in mine]
+    if world == 1:  # one process: its batches are every process's
+        return mine_collated, mine_collated
+    return mine_collated, [collate([dataset[i] for i in batch]) for batch in every]

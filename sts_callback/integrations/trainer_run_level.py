@@ -12,10 +12,10 @@ from ..core.data import take_streamed
 from ..core.distributed import world_size
 from ..core.errors import STSConfigError
 from ..core.torch_utils import pad_token_id
-from .first_batches import run_first_batches
 from ..pipelines.runlevel import (RunLevelConfig, RunLevelEstimate, compressed_lr_factor, estimate_run_level,
                                   not_trained_on, training_batches)
 from ..scoring.calibration import RUN_LEVEL_METHODS
+from .first_batches import run_first_batches
 
 DEFAULT_RUN_LEVEL_STEPS = RunLevelConfig.steps  # when neither the user nor the calibration says how many
 COMPRESSED_SHARE = 0.25  # a compressed run's steps, as a share of the run's: what the benchmark measured

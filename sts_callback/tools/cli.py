@@ -1340,9 +1340,9 @@ def _command_warnings(shown: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _no_accelerator_no_deepspeed_notice()
     parser = build_parser()
     args = parser.parse_args(argv)
+    _no_accelerator_no_deepspeed_notice()  # after parsing: --help and --version need no torch import
     for option in ("output", "output_dir", "filtered_dir", "out"):
         value = getattr(args, option, None)
         if isinstance(value, str) and not value.strip():  # `-o "$OUT"` with OUT unset: never the current folder
