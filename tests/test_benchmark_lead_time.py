@@ -59,3 +59,46 @@ def test_the_step0_warning_curve_counts_lead_and_false_alarms_as_the_lead_table_
 
 
 TRAJECTORY_A = (0.002, 0.006, 0.012, 0.02)
+
+
+# The shipped callback's whole run (compressed_callback.py --whole-run): its own warnings on its own texts.
+def whole_unit():
+    """Re-checks at steps 2 (lr 0: no point of the course), 4, 6, 8 of 8; A predicted above 1% at train start;
+    B's projection's interval above 1% at step 4 (its second measured re-check, not the first after learning: the
+    callback does not warn there) and at step 6; C warned by a projection though it ends within the tolerance."""
+    def recheck(step, fraction, measured, projected, low):
+        return {"step": step, "lr_area_fraction": fraction, "loss_delta": measured,
+                "early_forecast": projected, "early_forecast_ci": {d: [low[d], projected[d] + 0.01] for d in low}}
+    trajectory = [
+        recheck(2, 0.0, {"A": 0.0, "B": 0.0, "C": 0.0}, {"A": 0.0, "B": 0.0, "C": 0.0}, {"A": 0, "B": 0, "C": 0}),
+        recheck(4, 0.3, {"A": 0.004, "B": 0.005, "C": 0.0}, {"A": 0.01, "B": 0.03, "C": 0.0},
+                {"A": 0.0, "B": 0.02, "C": -0.01}),
+        recheck(6, 0.7, {"A": 0.012, "B": 0.008, "C": 0.004}, {"A": 0.02, "B": 0.03, "C": 0.03},
+                {"A": 0.01, "B": 0.02, "C": 0.015}),
+        recheck(8, 1.0, {"A": 0.02, "B": 0.015, "C": 0.006}, {"A": 0.02, "B": 0.015, "C": 0.006},
+                {"A": 0.02, "B": 0.015, "C": 0.006}),
+    ]
+    return {"final_step": 8, "predicted": {"A": 0.02, "B": 0.0, "C": 0.0}, "trajectory": trajectory,
+            "final_on_its_texts": {"A": 0.02, "B": 0.015, "C": 0.006}}
+
+
+@pytest.fixture(scope="module")
+def compressed_callback():
+    return load_transfer_script("compressed_callback")
+
+
+def test_the_callbacks_own_warnings_follow_its_rules(compressed_callback):
+    found = compressed_callback.callback_leads(whole_unit(), 0.01)["domains"]
+    assert found["A"] == {"warned": 0, "violated": 6}  # the train-start prediction; first measured above at 6
+    # the first re-check after learning (step 4) is a point, not a course: B's projection warns at step 6
+    assert found["B"] == {"warned": 6, "violated": 8}
+    assert found["C"] == {"warned": 6, "violated": None}
+
+
+def test_lead_over_every_violation_and_false_alarms_over_the_quiet_domains(compressed_callback):
+    cell = compressed_callback.lead_summary([whole_unit()])["0.01"]
+    assert (cell["violations"], cell["missed"], cell["false_alarms"]) == (2, 0, 1)
+    assert cell["mean_lead_share"] == pytest.approx((6 / 8 + 2 / 8) / 2)
+    assert cell["false_alarm_rate"] == 1.0 and not cell["meets_goal"]
+    # at 5% nothing violates and nothing is warned: no lead to speak of, no goal met
+    assert compressed_callback.lead_summary([whole_unit()])["0.05"]["violations"] == 0

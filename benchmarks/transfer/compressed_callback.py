@@ -31,6 +31,19 @@ this option): the callback's predictions meet the goal against its own final re-
 Extended, registered before any of their runs (the commit adding this sentence, 2026-12-07): the other seven
 sources in the order chat_templates, math, changelog, ml_docs, nlp_tutorials, python_reference, readme_prose, each
 at the goal against its own final re-check; the claim is "every source", so a single miss among those run refutes it.
+
+Since the commit adding this paragraph the whole run also re-checks every ``WHOLE_RECHECK_STEPS`` steps (the
+callback's own re-checks, on the same loss sets; training is the same with or without them) and the unit keeps the
+trajectory: each re-check's measured changes with their 95% intervals and the callback's projection to the end with
+its interval. ``--score --batches whole`` then scores the **lead time a user of the callback gets**, on its own
+texts: a domain warned about at train start when its predicted change is above the tolerance (the callback's
+``predicted`` warning), else at the first re-check whose whole projected interval is above it (the callback's
+projected warning); a domain violates when its final re-check is above the tolerance, measured at the first
+re-check above it; lead over every violation (a miss counts 0) as a share of the run, false alarms over the domains
+that did not violate, at tolerances 1%, 2%, 5%. A unit written before that (no trajectory) is run again, its
+earlier predictions and final changes kept beside (``earlier``) to show the re-checks change neither. Registered
+before any unit with a trajectory ran (the same commit): over the units with one, lead >= 25% with false alarms <=
+10% at each of the three tolerances.
 """
 
 from __future__ import annotations
@@ -50,6 +63,10 @@ from units import COMMON, RECIPES, SOURCES, UNITS, load_setup, split, unit_name,
 
 HERE = Path(__file__).resolve().parent
 LOSS_TOKENS = 2048  # the tokens per domain proxy.py measured on
+WHOLE_RECHECK_STEPS = 8  # the whole run's re-checks: 8 in 64 steps, for when a violation is first measured
+TOLERANCES = (0.01, 0.02, 0.05)
+TRAJECTORY_KEYS = ("step", "loss_delta", "loss_delta_ci", "lr_area_fraction", "early_forecast", "early_forecast_ci",
+                   "early_method")
 BATCHES = {"run": "the run's own first batches", "draw": "a seeded draw of the training set",
            "whole": "the run's own first batches, the whole run trained after"}
 
@@ -85,7 +102,7 @@ def run_source(model, tokenizer, sae_path, texts, source: str, out: Path, work: 
     callback = STSCallback(sae=str(sae_path), target_domains=others, train_probe=train, config=CHEAP_FORECAST,
                            run_level="compressed", calibration="gemma3-270m-lora-compressed",
                            loss_tokens=LOSS_TOKENS, recheck_tokens=256, recheck_at_end=whole_run,
-                           loss_precision=None)
+                           recheck_steps=WHOLE_RECHECK_STEPS if whole_run else None, loss_precision=None)
     args = TrainingArguments(
         output_dir=str(work / source), max_steps=COMMON["steps"], per_device_train_batch_size=COMMON["batch_size"],
         learning_rate=RECIPES["lora"]["learning_rate"], weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
@@ -105,10 +122,64 @@ def run_source(model, tokenizer, sae_path, texts, source: str, out: Path, work: 
     if whole_run:  # the callback's own final re-check: the run's change on the very texts it forecast on
         final = callback.history[-1]
         result.update({"final_step": final["step"], "final_on_its_texts": final["loss_delta"],
-                       "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]})
+                       "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+                       "trajectory": [{key: entry.get(key) for key in TRAJECTORY_KEYS} for entry in callback.history]})
+        earlier = path_for(out, source, "whole")
+        if earlier.exists():  # a unit from before the re-checks: what they changed, if anything
+            before = json.loads(earlier.read_text())
+            result["earlier"] = {key: before[key] for key in ("predicted", "final_on_its_texts", "date")}
         result["seconds"]["whole"] = result["seconds"].pop("train_start")
     write_json(path_for(out, source, "whole" if whole_run else "run"), result)
     return result
+
+
+def callback_leads(unit: dict, tolerance: float) -> dict:
+    """The callback's own warnings on its own texts at ``tolerance`` (see the module's docstring): per domain, the
+    step it warned at (0: the train-start prediction; None: never) and the step its re-checks first measured the
+    violation (None: its final change is within the tolerance)."""
+    steps = unit["final_step"]
+    rechecks = [r for r in unit["trajectory"] if r["loss_delta"]]
+    # as the callback: a projection warns from the second measured re-check on (one after any learning), and only
+    # when its whole interval is above the tolerance
+    learning = [i for i, r in enumerate(rechecks) if r.get("lr_area_fraction") != 0]
+    projecting = rechecks[learning[0] + 1:] if learning else []
+    domains = {}
+    for domain, final in unit["final_on_its_texts"].items():
+        def projected_above(r: dict) -> bool:
+            value, interval = (r.get("early_forecast") or {}).get(domain), (r.get("early_forecast_ci") or {}).get(domain)
+            return (r["step"] < steps and value is not None and value > tolerance and interval is not None
+                    and interval[0] is not None and interval[0] > tolerance)
+
+        warned = 0 if unit["predicted"][domain] > tolerance else next(
+            (r["step"] for r in projecting if projected_above(r)), None)
+        measured = None if final <= tolerance else next(
+            (r["step"] for r in rechecks if r["loss_delta"].get(domain, -np.inf) > tolerance), steps)
+        domains[domain] = {"warned": warned, "violated": measured}
+    return {"steps": steps, "domains": domains}
+
+
+def lead_summary(units: list[dict]) -> dict:
+    """Per tolerance over ``units``: lead over every violation (a miss counts 0; a warning after the violation is
+    a miss), as a share of each run, and false alarms over the domains that did not violate."""
+    out = {}
+    for tolerance in TOLERANCES:
+        leads, missed, false_alarms, quiet = [], 0, 0, 0
+        for unit in units:
+            found = callback_leads(unit, tolerance)
+            for d in found["domains"].values():
+                if d["violated"] is None:
+                    quiet += 1
+                    false_alarms += d["warned"] is not None
+                elif d["warned"] is not None and d["warned"] <= d["violated"]:
+                    leads.append((d["violated"] - d["warned"]) / found["steps"])
+                else:
+                    leads.append(0.0)
+                    missed += 1
+        out[f"{tolerance:g}"] = {
+            "violations": len(leads), "missed": missed, "mean_lead_share": float(np.mean(leads)) if leads else None,
+            "false_alarms": false_alarms, "false_alarm_rate": false_alarms / quiet if quiet else None,
+            "meets_goal": bool(leads) and float(np.mean(leads)) >= 0.25 and (not quiet or false_alarms / quiet <= 0.10)}
+    return out
 
 
 def score(out: Path, json_out: Path, batches: str = "run") -> None:
@@ -144,8 +215,19 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
             print(f"{'':<18} vs its own final re-check: predicted " + "   change ".join(
                 f"{row[k]['pearson']:+.2f} / {100 * row[k]['direction']:.0f}%{' *' if row[k]['meets_goal'] else ''}"
                 for k in ("predicted_vs_its_final", "change_vs_its_final")))
-    write_json(json_out, {"batches": batches, "rows": rows, "mean_pearson_with_proxy": float(np.mean([r["pearson_with_proxy"]
-                                                                                    for r in rows])) if rows else None})
+    with_trajectory = [json.loads(path_for(out, r["source"], batches).read_text()) for r in rows]
+    with_trajectory = [unit for unit in with_trajectory if "trajectory" in unit]
+    leads = lead_summary(with_trajectory) if with_trajectory else None
+    if leads:
+        print(f"the callback's own warnings on its own texts ({len(with_trajectory)} runs: "
+              f"{', '.join(u['source'] for u in with_trajectory)}): lead over every violation / false alarms")
+        for tolerance, cell in leads.items():
+            print(f"  tolerance {float(tolerance):.0%}: {cell['mean_lead_share']:.0%} / {cell['false_alarm_rate']:.0%} "
+                  f"({cell['violations']} violations, {cell['missed']} missed, {cell['false_alarms']} false alarms)"
+                  + ("  *" if cell["meets_goal"] else ""))
+    mean_with_proxy = float(np.mean([r["pearson_with_proxy"] for r in rows])) if rows else None
+    write_json(json_out, {"batches": batches, "rows": rows, "mean_pearson_with_proxy": mean_with_proxy,
+                          "leads_on_its_texts": leads, "lead_units": [u["source"] for u in with_trajectory]})
 
 
 def main() -> None:
@@ -164,7 +246,8 @@ def main() -> None:
         score(args.out, HERE / f"compressed_callback{suffix}.json", args.batches)
         return
     kind = "whole" if args.whole_run else "run"
-    todo = [s for s in args.only if not path_for(args.out, s, kind).exists()]
+    todo = [s for s in args.only if not path_for(args.out, s, kind).exists()
+            or (kind == "whole" and "trajectory" not in json.loads(path_for(args.out, s, kind).read_text()))]
     print(f"{len(todo)} source(s) to do", flush=True)
     if not todo:
         return
