@@ -1,7 +1,9 @@
-"""Forecast, re-checks and the report reach W&B and TensorBoard (``report_to``) on real Trainer runs."""
+"""Forecast, re-checks and the report reach W&B, TensorBoard and MLflow (``report_to``) on real Trainer runs."""
 
+import gc
 import json
 import sys
+from pathlib import Path
 import warnings
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ from sts_callback.core.config import SCORE_VARIANTS
 from sts_callback.pipelines.forecast import DomainForecast, Forecast
 from sts_callback.scoring.signed import SIGNED_VARIANTS
 
-BLOCKED = ("wandb", "tensorboard", "tensorboardX", "torch.utils.tensorboard")
+BLOCKED = ("wandb", "tensorboard", "tensorboardX", "torch.utils.tensorboard", "mlflow")
 
 
 @pytest.fixture
@@ -179,7 +181,7 @@ def test_no_tracker_in_report_to_imports_and_creates_nothing(tmp_path, tokenizer
     assert callback.write_errors == [] and callback.history
     assert not (tmp_path / "run" / "runs").exists()  # no TensorBoard writer was made
     # asked for, but the tracker's callback is gone: still nothing
-    trainer.args.report_to = ["wandb", "tensorboard"]
+    trainer.args.report_to = ["wandb", "tensorboard", "mlflow"]
     trainer.remove_callback(WandbCallback)
     trainer.remove_callback(TensorBoardCallback)
     trackers.export_forecast(trainer, callback.forecast)
@@ -351,3 +353,84 @@ def test_domain_names_dvclive_would_fail_on_are_refused_at_train_start(tmp_path,
     trainer.args.report_to = ["dvclive"]  # after the Trainer built its callbacks: DVCLive is not installed here
     with pytest.raises(STSConfigError, match="dvclive logs the domains.*stop the run; rename them"):
         trainer.train()
+
+
+@pytest.fixture
+def offline_mlflow(tmp_path, monkeypatch):
+    """MLflow tracking into a folder of tmp_path (its file store, which MLflow 3 keeps behind an opt-in)."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sts-test")
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())  # the fluent API keeps the last test's store otherwise
+    mlflow.set_experiment("sts-test")
+    yield mlflow
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    # an MLflowCallback that started its run ends whatever run is active when it is collected (its __del__):
+    # collected now, not in the middle of the next test's run
+    gc.collect()
+
+
+def mlflow_runs(mlflow):
+    client = mlflow.tracking.MlflowClient()
+    experiment = client.get_experiment_by_name("sts-test")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def artifact_paths(client, run_id, folder=""):
+    out = []
+    for entry in client.list_artifacts(run_id, folder or None):
+        out += artifact_paths(client, run_id, entry.path) if entry.is_dir else [entry.path]
+    return sorted(out)
+
+
+def test_mlflow_gets_the_train_end_recheck_in_its_run_and_the_tables_and_report(tmp_path, tokenizer,  # noqa: F811
+                                                                               offline_mlflow):
+    """The re-check at the end comes after MLflowCallback ended its run: it lands in that run, not in a new one
+    MLflow's fluent logging would start (and leave running)."""
+    callback = make_callback(recheck_steps=4)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_strategy="no", report_to=["mlflow"])
+    trainer.train()
+    assert offline_mlflow.active_run() is None
+    client, runs = mlflow_runs(offline_mlflow)
+    assert [run.info.status for run in runs] == ["FINISHED"]
+    run_id = runs[0].info.run_id
+    for domain in DOMAINS:
+        assert [m.step for m in client.get_metric_history(run_id, f"sts/loss_delta/{domain}")] == [4, 6]
+    assert artifact_paths(client, run_id) == ["sts/forecast.md", "sts/rechecks/step-00000004.md",
+                                              "sts/rechecks/step-00000006.md", "sts/report.html", "sts/report.md"]
+    folder = tmp_path / "downloaded"
+    forecast = Path(client.download_artifacts(run_id, "sts/forecast.md", str(folder))).read_text()
+    assert all(f"| {domain} |" in forecast for domain in DOMAINS)
+    end = Path(client.download_artifacts(run_id, "sts/rechecks/step-00000006.md", str(folder))).read_text()
+    assert end.startswith("STS re-check at step 6") and "loss_delta" in end
+    assert callback.write_errors == []
+
+
+def test_mlflow_run_of_the_users_own_stays_theirs(tmp_path, tokenizer, offline_mlflow):  # noqa: F811
+    callback = make_callback(recheck_steps=4)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_strategy="no", report_to=["mlflow"])
+    with offline_mlflow.start_run() as own:
+        trainer.train()
+        assert offline_mlflow.active_run().info.run_id == own.info.run_id  # still the user's to end
+    client, runs = mlflow_runs(offline_mlflow)
+    assert [run.info.run_id for run in runs] == [own.info.run_id]
+    assert [m.step for m in client.get_metric_history(own.info.run_id, f"sts/loss_delta/{DOMAINS[0]}")] == [4, 6]
+    assert "sts/report.html" in artifact_paths(client, own.info.run_id)
+
+
+def test_an_mlflow_failure_at_train_end_warns_and_the_run_ends(tmp_path, tokenizer, offline_mlflow,  # noqa: F811
+                                                               monkeypatch):
+    callback = make_callback(recheck_steps=4)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_strategy="no", report_to=["mlflow"])
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("tracking server unreachable")
+
+    original = offline_mlflow.start_run
+    monkeypatch.setattr(offline_mlflow, "start_run", lambda *a, **k: unreachable() if "run_id" in k
+                        else original(*a, **k))
+    with pytest.warns(RuntimeWarning, match="could not resume the MLflow run.*tracking server unreachable"):
+        trainer.train()
+    assert trainer.state.global_step == 6 and callback.history[-1]["step"] == 6

@@ -376,7 +376,7 @@ class STSCallback(TrainerCallback, ExportableState):
             control.should_log = should_log
 
     def _export(self, what: str, export, payload) -> None:
-        """Tables for W&B / TensorBoard (main process); a tracker's failure warns and is recorded, never raises."""
+        """Tables for W&B / TensorBoard / MLflow (main process); a tracker's failure warns and is recorded, never raises."""
         if self._trainer is None or not self.session.is_main:
             return
         try:
@@ -811,8 +811,8 @@ class STSCallback(TrainerCallback, ExportableState):
         self._ended = True
         if not self._ready:
             return
-        # TensorBoardCallback has closed its writer (it runs first); our last logs must not leave it reopened
-        with trackers.tensorboard_kept_closed(self._trainer):
+        # the trackers' callbacks have ended their runs (they run first): our last logs land in those runs
+        with trackers.after_their_train_end(self._trainer):
             best = _loaded_best_step(args, state)
             if best is not None and best != state.global_step:  # the weights now are an earlier checkpoint's
                 self.session.note_loaded_best(best)

@@ -1,17 +1,20 @@
 """Forecast, re-checks and the report as tables in the experiment trackers the Trainer already reports to
-(W&B, TensorBoard); a re-check also as the scalar ``sts/...`` metrics the callback logs through
+(W&B, TensorBoard, MLflow); a re-check also as the scalar ``sts/...`` metrics the callback logs through
 ``trainer.log`` (:func:`recheck_metrics`).
 
 Each function is a no-op for a tracker the run does not use (``args.report_to``) or whose callback is absent.
 W&B rows are logged with ``train/global_step``, as the Trainer's ``WandbCallback`` logs (its step metric), and
 never with ``step=``: W&B's own step counts log calls and refuses a smaller one. TensorBoard gets Markdown text
-through the ``TensorBoardCallback``'s own writer, so it lands in the run's event file.
+through the ``TensorBoardCallback``'s own writer, so it lands in the run's event file. MLflow gets them as text
+artifacts of the ``MLflowCallback``'s run (``<namespace>/forecast.md``, ``<namespace>/rechecks/step-*.md``) and the
+report as its files (``<namespace>/report.html``, ``report.md``).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,9 +62,9 @@ def clashing_names(report_to: Any, names: list[str]) -> list[tuple[str, str]]:
 
 def export_forecast(trainer: Any, forecast: Any, namespace: str = "sts") -> None:
     """The step-0 forecast as a table (one row per domain), under ``<namespace>/`` (the callback's)."""
-    wandb_run = _wandb_run(trainer)
+    wandb_run, mlflow = _wandb_run(trainer), _mlflow(trainer)
     with _tensorboard(trainer) as writer:
-        if wandb_run is None and writer is None:
+        if wandb_run is None and writer is None and mlflow is None:
             return
         variants = _variants(d.scores for d in forecast.domains.values())
         columns = ["rank", "domain", *variants, "texts", "tokens"]
@@ -70,18 +73,20 @@ def export_forecast(trainer: Any, forecast: Any, namespace: str = "sts") -> None
         step = _global_step(trainer)
         if wandb_run is not None:
             _log_wandb(wandb_run, f"{namespace}/forecast_table", _wandb_table(columns, rows), step)
+        caption = (f"STS forecast: {len(rows)} target domains, ranked by "
+                   f"{SCORE_LABELS.get(forecast.ranking, forecast.ranking)} (N={len(forecast.shifted_latents)} "
+                   f"shifted latents from {forecast.shift_source})")
         if writer is not None:
-            caption = (f"STS forecast: {len(rows)} target domains, ranked by "
-                       f"{SCORE_LABELS.get(forecast.ranking, forecast.ranking)} (N={len(forecast.shifted_latents)} "
-                       f"shifted latents from {forecast.shift_source})")
             writer.add_text(f"{namespace}/forecast", caption + "\n\n" + _markdown(columns, rows), step)
+        if mlflow is not None:
+            mlflow.log_text(caption + "\n\n" + _markdown(columns, rows) + "\n", f"{namespace}/forecast.md")
 
 
 def export_recheck(trainer: Any, record: dict[str, Any], namespace: str = "sts") -> None:
     """One re-check as a table (one row per domain: loss change, scores)."""
-    wandb_run = _wandb_run(trainer)
+    wandb_run, mlflow = _wandb_run(trainer), _mlflow(trainer)
     with _tensorboard(trainer) as writer:
-        if wandb_run is None and writer is None:
+        if wandb_run is None and writer is None and mlflow is None:
             return
         scores = record.get("scores", {})
         domains = list(dict.fromkeys([*scores, *record.get("loss", {}), *record.get("loss_delta", {})]))
@@ -94,22 +99,31 @@ def export_recheck(trainer: Any, record: dict[str, Any], namespace: str = "sts")
                  *(scores.get(name, {}).get(v) for v in variants)] for name in domains]
         if wandb_run is not None:
             _log_wandb(wandb_run, f"{namespace}/recheck_table", _wandb_table(columns, rows), step)
+        if writer is None and mlflow is None:
+            return
+        lines = [f"STS re-check at step {step}"]
+        if record.get("overlap_with_forecast") is not None:
+            shifted = len(record.get("shifted_latents", ()))
+            lines[0] += f": {record['overlap_with_forecast']} of the {shifted} most shifted latents were forecast"
+        lines += [f"- violation: {v}" for v in record.get("violations") or ()]
+        lines += [f"- projected warning: {v}" for v in record.get("projected_warnings") or ()]
+        if record.get("early_stop"):
+            lines.append(f"- {record['early_stop']}")
+        text = "\n".join(lines) + "\n\n" + _markdown(columns, rows)
         if writer is not None:
-            lines = [f"STS re-check at step {step}"]
-            if record.get("overlap_with_forecast") is not None:
-                shifted = len(record.get("shifted_latents", ()))
-                lines[0] += f": {record['overlap_with_forecast']} of the {shifted} most shifted latents were forecast"
-            lines += [f"- violation: {v}" for v in record.get("violations") or ()]
-            lines += [f"- projected warning: {v}" for v in record.get("projected_warnings") or ()]
-            if record.get("early_stop"):
-                lines.append(f"- {record['early_stop']}")
-            writer.add_text(f"{namespace}/recheck", "\n".join(lines) + "\n\n" + _markdown(columns, rows), step)
+            writer.add_text(f"{namespace}/recheck", text, step)
+        if mlflow is not None:  # one file a re-check, in step order
+            mlflow.log_text(text + "\n", f"{namespace}/rechecks/step-{int(step):08d}.md")
 
 
 def export_report(trainer: Any, html_path: Path, namespace: str = "sts") -> None:
     """``report.html``: a W&B artifact (and ``wandb.Html``), TensorBoard text."""
     html_path = Path(html_path)
-    wandb_run = _wandb_run(trainer)
+    wandb_run, mlflow = _wandb_run(trainer), _mlflow(trainer)
+    if mlflow is not None:  # the run's artifacts: MLflow's UI shows both files
+        for path in (html_path, html_path.with_suffix(".md")):
+            if path.is_file():
+                mlflow.log_artifact(str(path), artifact_path=namespace)
     with _tensorboard(trainer) as writer:
         step = _global_step(trainer)
         if wandb_run is not None:
@@ -205,18 +219,58 @@ def _tensorboard(trainer: Any) -> Iterator[Any]:
 
 
 @contextmanager
-def tensorboard_kept_closed(trainer: Any) -> Iterator[None]:
-    """Closes the ``TensorBoardCallback``'s writer again after the block if it was closed before: its ``on_log``
-    reopens it for a log that comes after its ``on_train_end`` (the train-end re-check's), which would leave a
-    writer (a file handle and a thread) open after ``train()``."""
+def after_their_train_end(trainer: Any) -> Iterator[None]:
+    """For the callback's logs after the trackers' own ``on_train_end`` (theirs run first: the train-end re-check,
+    the report). TensorBoard: its callback's ``on_log`` reopens the writer it closed, which would stay open after
+    ``train()`` (a file handle and a thread): closed again after the block. MLflow: its callback ended the run it
+    started, and its ``on_log`` would start a new run of its own for those logs (MLflow's fluent logging does): the
+    ended run is resumed for the block and ended again, so they land in the run they belong to."""
     callback = _integration(trainer, "TensorBoardCallback") if trainer is not None else None
     closed = callback is not None and getattr(callback, "tb_writer", None) is None
+    resumed = _guarded(_mlflow_resumed, trainer, "resume the MLflow run for the train-end logs")
     try:
         yield
     finally:
         if closed and getattr(callback, "tb_writer", None) is not None:
             callback.tb_writer.close()
             callback.tb_writer = None
+        if resumed is not None:
+            _guarded(lambda mlflow: mlflow.active_run() is not None and mlflow.end_run(), resumed,
+                     "end the resumed MLflow run")
+
+
+def _guarded(function: Any, argument: Any, what: str) -> Any:
+    """``function(argument)``, or None with a warning: a tracker's failure must never end a training run."""
+    try:
+        return function(argument)
+    except Exception as err:  # noqa: BLE001 - the tracker's own errors, whatever they are
+        warnings.warn(f"STS could not {what} ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _mlflow_resumed(trainer: Any) -> Any:
+    """The ``mlflow`` module, with the run the trainer's ``MLflowCallback`` ended at train end active again; None
+    where no such run was ended (no MLflow, the run is the user's own and still active, another process)."""
+    callback = _integration(trainer, "MLflowCallback") if trainer is not None and _reports_to(trainer, "mlflow") \
+        else None
+    mlflow = getattr(callback, "_ml_flow", None)
+    state = getattr(trainer, "state", None)
+    if (mlflow is None or not getattr(callback, "_initialized", False) or not getattr(callback, "_auto_end_run", False)
+            or not getattr(state, "is_world_process_zero", True) or mlflow.active_run() is not None):
+        return None
+    ended = mlflow.last_active_run()
+    if ended is None:
+        return None
+    mlflow.start_run(run_id=ended.info.run_id)
+    return mlflow
+
+
+def _mlflow(trainer: Any) -> Any:
+    """The ``mlflow`` module while the trainer's ``MLflowCallback`` has its run active (our exports land there);
+    else None."""
+    callback = _integration(trainer, "MLflowCallback") if _reports_to(trainer, "mlflow") else None
+    mlflow = getattr(callback, "_ml_flow", None)
+    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
 
 
 def _log_wandb(run: Any, key: str, value: Any, step: int) -> None:
