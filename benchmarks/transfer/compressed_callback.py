@@ -44,6 +44,9 @@ that did not violate, at tolerances 1%, 2%, 5%. A unit written before that (no t
 earlier predictions and final changes kept beside (``earlier``) to show the re-checks change neither. Registered
 before any unit with a trajectory ran (the same commit): over the units with one, lead >= 25% with false alarms <=
 10% at each of the three tolerances.
+Also scored (``early_at_a_quarter_vs_its_final``): the callback's own early forecast at a quarter of the run (its
+re-check at step 16 projected to the end, ``early_method`` as the calibration makes it) against its final re-check.
+Registered before any unit with a trajectory ran (the commit adding this sentence): at the goal on every source.
 """
 
 from __future__ import annotations
@@ -182,6 +185,11 @@ def lead_summary(units: list[dict]) -> dict:
     return out
 
 
+def _cell(found: dict) -> str:
+    pearson = "n/a" if found["pearson"] is None else f"{found['pearson']:+.2f}"
+    return f"{pearson} / {100 * found['direction']:.0f}%{' *' if found['meets_goal'] else ''}"
+
+
 def score(out: Path, json_out: Path, batches: str = "run") -> None:
     from scipy.stats import pearsonr
 
@@ -203,6 +211,12 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
             row["predicted_vs_its_final"] = agreement(data["predicted"], data["final_on_its_texts"], source)
             row["change_vs_its_final"] = agreement(change, data["final_on_its_texts"], source)
             row["its_final_vs_seed0"] = agreement(data["final_on_its_texts"], truths[0][source], source)
+        quarter = next((r for r in data.get("trajectory", ()) if r["step"] == data.get("final_step", 0) // 4
+                        and r.get("early_forecast")), None)
+        if quarter is not None:  # the callback's own early forecast at a quarter of the run, against its end
+            row["early_at_a_quarter_vs_its_final"] = agreement(quarter["early_forecast"], data["final_on_its_texts"],
+                                                                source)
+            row["early_method"] = quarter.get("early_method")
         rows.append(row)
     print(f"the callback's compressed run ({batches}: {BATCHES[batches]}) vs proxy.py's, and its predictions vs the "
           "precise final changes")
@@ -212,9 +226,10 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
         print(f"{row['source']:<18} r with proxy {row['pearson_with_proxy']:+.2f}   predicted vs seed 0 / 1: "
               + "   ".join(cells) + f"   ({row['run_level_seconds']:.0f} s)")
         if "predicted_vs_its_final" in row:
-            print(f"{'':<18} vs its own final re-check: predicted " + "   change ".join(
-                f"{row[k]['pearson']:+.2f} / {100 * row[k]['direction']:.0f}%{' *' if row[k]['meets_goal'] else ''}"
-                for k in ("predicted_vs_its_final", "change_vs_its_final")))
+            keys = [k for k in ("predicted_vs_its_final", "change_vs_its_final", "early_at_a_quarter_vs_its_final")
+                    if k in row]
+            print(f"{'':<18} vs its own final re-check: " + "   ".join(
+                f"{k.split('_vs_')[0].replace('_', ' ')} {_cell(row[k])}" for k in keys))
     with_trajectory = [json.loads(path_for(out, r["source"], batches).read_text()) for r in rows]
     with_trajectory = [unit for unit in with_trajectory if "trajectory" in unit]
     leads = lead_summary(with_trajectory) if with_trajectory else None
