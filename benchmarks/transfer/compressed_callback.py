@@ -166,10 +166,12 @@ def lead_summary(units: list[dict]) -> dict:
     a miss), as a share of each run, and false alarms over the domains that did not violate."""
     out = {}
     for tolerance in TOLERANCES:
-        leads, missed, false_alarms, quiet = [], 0, 0, 0
+        leads, possible, missed, false_alarms, quiet = [], [], 0, 0, 0
         for unit in units:
             found = callback_leads(unit, tolerance)
             for d in found["domains"].values():
+                if d["violated"] is not None:  # the most any warning could give: one at train start
+                    possible.append(d["violated"] / found["steps"])
                 if d["violated"] is None:
                     quiet += 1
                     false_alarms += d["warned"] is not None
@@ -180,6 +182,7 @@ def lead_summary(units: list[dict]) -> dict:
                     missed += 1
         out[f"{tolerance:g}"] = {
             "violations": len(leads), "missed": missed, "mean_lead_share": float(np.mean(leads)) if leads else None,
+            "mean_possible_lead_share": float(np.mean(possible)) if possible else None,
             "false_alarms": false_alarms, "false_alarm_rate": false_alarms / quiet if quiet else None,
             "meets_goal": bool(leads) and float(np.mean(leads)) >= 0.25 and (not quiet or false_alarms / quiet <= 0.10)}
     return out
@@ -237,8 +240,11 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
         print(f"the callback's own warnings on its own texts ({len(with_trajectory)} runs: "
               f"{', '.join(u['source'] for u in with_trajectory)}): lead over every violation / false alarms")
         for tolerance, cell in leads.items():
-            print(f"  tolerance {float(tolerance):.0%}: {cell['mean_lead_share']:.0%} / {cell['false_alarm_rate']:.0%} "
-                  f"({cell['violations']} violations, {cell['missed']} missed, {cell['false_alarms']} false alarms)"
+            lead, alarms = (f"{value:.0%}" if value is not None else "n/a"
+                            for value in (cell["mean_lead_share"], cell["false_alarm_rate"]))
+            print(f"  tolerance {float(tolerance):.0%}: {lead} / {alarms} "
+                  f"({cell['violations']} violations, {cell['missed']} missed, {cell['false_alarms']} false alarms; "
+                  f"a warning at train start for every violation: {cell['mean_possible_lead_share']:.0%})"
                   + ("  *" if cell["meets_goal"] else ""))
     mean_with_proxy = float(np.mean([r["pearson_with_proxy"] for r in rows])) if rows else None
     write_json(json_out, {"batches": batches, "rows": rows, "mean_pearson_with_proxy": mean_with_proxy,
