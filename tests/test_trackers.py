@@ -420,6 +420,25 @@ def test_mlflow_run_of_the_users_own_stays_theirs(tmp_path, tokenizer, offline_m
     assert "sts/report.html" in artifact_paths(client, own.info.run_id)
 
 
+def test_mlflow_nested_run_gets_the_train_end_recheck_and_the_parent_stays_active(tmp_path, tokenizer,  # noqa: F811
+                                                                                    offline_mlflow, monkeypatch):
+    """MLFLOW_NESTED_RUN: MLflowCallback logs to a run nested under the user's and ends it at train end, which makes
+    the parent the active run: the train-end logs would land in the parent."""
+    monkeypatch.setenv("MLFLOW_NESTED_RUN", "true")
+    callback = make_callback(recheck_steps=4)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_strategy="no", report_to=["mlflow"])
+    with offline_mlflow.start_run() as parent:
+        trainer.train()
+        assert offline_mlflow.active_run().info.run_id == parent.info.run_id
+    client, runs = mlflow_runs(offline_mlflow)
+    child = next(run for run in runs if run.info.run_id != parent.info.run_id)
+    assert len(runs) == 2 and child.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    assert [m.step for m in client.get_metric_history(child.info.run_id, f"sts/loss_delta/{DOMAINS[0]}")] == [4, 6]
+    assert client.get_metric_history(parent.info.run_id, f"sts/loss_delta/{DOMAINS[0]}") == []
+    assert "sts/report.html" in artifact_paths(client, child.info.run_id)
+    assert client.get_run(child.info.run_id).info.status == "FINISHED"
+
+
 def test_an_mlflow_failure_at_train_end_warns_and_the_run_ends(tmp_path, tokenizer, offline_mlflow,  # noqa: F811
                                                                monkeypatch):
     callback = make_callback(recheck_steps=4)

@@ -508,6 +508,7 @@ class STSCallback(TrainerCallback, ExportableState):
             self._check_own_folder(trainer)
             self.attach(trainer)
         session = self._bind(args, state)
+        trackers.remember_runs(trainer)  # the run an MLflowCallback ends before our train-end logs
         self._check_writable(session)
         if getattr(trainer, "hp_search_backend", None) is not None:
             self._leave_out_of_the_objective(trainer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -223,8 +224,8 @@ def after_their_train_end(trainer: Any) -> Iterator[None]:
     """For the callback's logs after the trackers' own ``on_train_end`` (theirs run first: the train-end re-check,
     the report). TensorBoard: its callback's ``on_log`` reopens the writer it closed, which would stay open after
     ``train()`` (a file handle and a thread): closed again after the block. MLflow: its callback ended the run it
-    started, and its ``on_log`` would start a new run of its own for those logs (MLflow's fluent logging does): the
-    ended run is resumed for the block and ended again, so they land in the run they belong to."""
+    started, and its ``on_log`` would log those to a new run MLflow starts for them (or to the parent of a nested
+    run): the run it logged to is resumed for the block and ended again, so they land in the run they belong to."""
     callback = _integration(trainer, "TensorBoardCallback") if trainer is not None else None
     closed = callback is not None and getattr(callback, "tb_writer", None) is None
     resumed = _guarded(_mlflow_resumed, trainer, "resume the MLflow run for the train-end logs")
@@ -234,7 +235,7 @@ def after_their_train_end(trainer: Any) -> Iterator[None]:
         if closed and getattr(callback, "tb_writer", None) is not None:
             callback.tb_writer.close()
             callback.tb_writer = None
-        if resumed is not None:
+        if resumed is not None:  # back to the run active before (a parent run stays the user's)
             _guarded(lambda mlflow: mlflow.active_run() is not None and mlflow.end_run(), resumed,
                      "end the resumed MLflow run")
 
@@ -248,28 +249,43 @@ def _guarded(function: Any, argument: Any, what: str) -> Any:
         return None
 
 
-def _mlflow_resumed(trainer: Any) -> Any:
-    """The ``mlflow`` module, with the run the trainer's ``MLflowCallback`` ended at train end active again; None
-    where no such run was ended (no MLflow, the run is the user's own and still active, another process)."""
-    callback = _integration(trainer, "MLflowCallback") if trainer is not None and _reports_to(trainer, "mlflow") \
-        else None
+# MLflowCallback -> the id of the run it logs this training to, read at train start (it keeps no such id itself)
+_MLFLOW_RUN_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def remember_runs(trainer: Any) -> None:
+    """At train start, after the trackers' callbacks have set up: the MLflow run the trainer logs to, which its
+    callback ends before the callback's train-end logs (see :func:`after_their_train_end`)."""
+    callback = _mlflow_callback(trainer)
     mlflow = getattr(callback, "_ml_flow", None)
-    state = getattr(trainer, "state", None)
-    if (mlflow is None or not getattr(callback, "_initialized", False) or not getattr(callback, "_auto_end_run", False)
-            or not getattr(state, "is_world_process_zero", True) or mlflow.active_run() is not None):
+    active = _guarded(lambda m: m.active_run(), mlflow, "read the active MLflow run") if mlflow is not None else None
+    if active is not None:
+        _MLFLOW_RUN_IDS[callback] = active.info.run_id
+
+
+def _mlflow_callback(trainer: Any) -> Any:
+    return _integration(trainer, "MLflowCallback") if trainer is not None and _reports_to(trainer, "mlflow") else None
+
+
+def _mlflow_resumed(trainer: Any) -> Any:
+    """The ``mlflow`` module, with the run the trainer logged to active again (nested under the run active now, if
+    any: a parent run of ``MLFLOW_NESTED_RUN``); None where that run is still the active one (a run of the user's
+    own) or none was seen at train start (no MLflow, another process)."""
+    callback = _mlflow_callback(trainer)
+    mlflow, run_id = getattr(callback, "_ml_flow", None), _MLFLOW_RUN_IDS.get(callback) if callback else None
+    if mlflow is None or run_id is None or not getattr(getattr(trainer, "state", None), "is_world_process_zero", True):
         return None
-    ended = mlflow.last_active_run()
-    if ended is None:
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
         return None
-    mlflow.start_run(run_id=ended.info.run_id)
+    mlflow.start_run(run_id=run_id, nested=active is not None)
     return mlflow
 
 
 def _mlflow(trainer: Any) -> Any:
     """The ``mlflow`` module while the trainer's ``MLflowCallback`` has its run active (our exports land there);
     else None."""
-    callback = _integration(trainer, "MLflowCallback") if _reports_to(trainer, "mlflow") else None
-    mlflow = getattr(callback, "_ml_flow", None)
+    mlflow = getattr(_mlflow_callback(trainer), "_ml_flow", None)
     return mlflow if mlflow is not None and mlflow.active_run() is not None else None
 
 
