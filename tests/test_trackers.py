@@ -3,12 +3,13 @@
 import gc
 import json
 import sys
-from pathlib import Path
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from test_callback import DOMAINS, make_callback, make_trainer, tokenizer  # noqa: F401 - tokenizer is a fixture
+from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback, WandbCallback
 
 from sts_callback.reporting import trackers
@@ -437,6 +438,37 @@ def test_mlflow_nested_run_gets_the_train_end_recheck_and_the_parent_stays_activ
     assert client.get_metric_history(parent.info.run_id, f"sts/loss_delta/{DOMAINS[0]}") == []
     assert "sts/report.html" in artifact_paths(client, child.info.run_id)
     assert client.get_run(child.info.run_id).info.status == "FINISHED"
+
+
+class EndsItsRunAtTrainEnd(TrainerCallback):
+    """A tracker as Trackio's and Neptune's callbacks are in transformers: its on_train_end ends the run, and a
+    later log starts a new one."""
+
+    def __init__(self):
+        self.runs, self.ended = [[]], False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.ended:
+            self.runs.append([])
+            self.ended = False
+        self.runs[-1].append((state.global_step, dict(logs or {})))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.ended = True
+
+
+@pytest.mark.parametrize("arguments", [{"recheck_steps": 4}, {}], ids=["recheck_steps", "save_strategy_no"])
+def test_the_last_steps_recheck_reaches_a_tracker_that_ends_its_run_at_train_end(tmp_path, tokenizer,  # noqa: F811
+                                                                                  arguments):
+    tracker = EndsItsRunAtTrainEnd()
+    callback = make_callback(**arguments)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_strategy="no")
+    trainer.callback_handler.callbacks.insert(0, tracker)  # where the Trainer puts report_to's callbacks
+    trainer.train()
+    assert callback.history[-1]["step"] == 6
+    assert len(tracker.runs) == 1
+    logged = [step for step, logs in tracker.runs[0] if f"sts/loss_delta/{DOMAINS[0]}" in logs]
+    assert logged == ([4, 6] if arguments else [6])
 
 
 def test_an_mlflow_failure_at_train_end_warns_and_the_run_ends(tmp_path, tokenizer, offline_mlflow,  # noqa: F811

@@ -759,7 +759,12 @@ class STSCallback(TrainerCallback, ExportableState):
         if self._ready:
             self.session.step_ended()
         due = self.session.settings.recheck_due(state.global_step, state.max_steps)
-        if self._ready and (control.should_save if due is None else due):
+        # the last step's re-check here rather than at train end: the trackers' callbacks end their runs in their
+        # on_train_end, before ours (Trackio and Neptune then start new runs for later logs); where the Trainer
+        # loads its best checkpoint at the end, the end is decided there
+        last = (state.global_step >= state.max_steps > 0 and self.session.settings.recheck_at_end
+                and not getattr(args, "load_best_model_at_end", False))
+        if self._ready and (last or (control.should_save if due is None else due)):
             self.run_recheck(args, state, control, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
