@@ -376,7 +376,8 @@ class STSCallback(TrainerCallback, ExportableState):
             control.should_log = should_log
 
     def _export(self, what: str, export, payload) -> None:
-        """Tables for W&B / TensorBoard / MLflow (main process); a tracker's failure warns and is recorded, never raises."""
+        """Tables for W&B / TensorBoard / MLflow (main process); a tracker's failure warns and is recorded, never
+        raises."""
         if self._trainer is None or not self.session.is_main:
             return
         try:

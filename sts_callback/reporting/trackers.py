@@ -118,7 +118,7 @@ def export_recheck(trainer: Any, record: dict[str, Any], namespace: str = "sts")
 
 
 def export_report(trainer: Any, html_path: Path, namespace: str = "sts") -> None:
-    """``report.html``: a W&B artifact (and ``wandb.Html``), TensorBoard text."""
+    """``report.html``: a W&B artifact (and ``wandb.Html``), TensorBoard text, MLflow artifacts (with ``report.md``)."""
     html_path = Path(html_path)
     wandb_run, mlflow = _wandb_run(trainer), _mlflow(trainer)
     if mlflow is not None:  # the run's artifacts: MLflow's UI shows both files
