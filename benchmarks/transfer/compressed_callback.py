@@ -149,7 +149,8 @@ def callback_leads(unit: dict, tolerance: float) -> dict:
     domains = {}
     for domain, final in unit["final_on_its_texts"].items():
         def projected_above(r: dict) -> bool:
-            value, interval = (r.get("early_forecast") or {}).get(domain), (r.get("early_forecast_ci") or {}).get(domain)
+            value = (r.get("early_forecast") or {}).get(domain)
+            interval = (r.get("early_forecast_ci") or {}).get(domain)
             return (r["step"] < steps and value is not None and value > tolerance and interval is not None
                     and interval[0] is not None and interval[0] > tolerance)
 
