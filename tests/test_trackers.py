@@ -409,6 +409,25 @@ def test_mlflow_gets_the_train_end_recheck_in_its_run_and_the_tables_and_report(
     assert callback.write_errors == []
 
 
+class StopAtStep(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = control.should_training_stop or state.global_step == self.step
+
+
+def test_mlflow_gets_the_recheck_of_a_run_stopped_early_in_its_run(tmp_path, tokenizer, offline_mlflow):  # noqa: F811
+    """Stopped by another callback after ours at step 5: its re-check comes at train end, after MLflow's."""
+    callback = make_callback(recheck_steps=4)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_strategy="no", report_to=["mlflow"],
+                           extra_callbacks=[StopAtStep(5)])
+    trainer.train()
+    client, runs = mlflow_runs(offline_mlflow)
+    assert [run.info.status for run in runs] == ["FINISHED"] and callback.history[-1]["step"] == 5
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, f"sts/loss_delta/{DOMAINS[0]}")] == [4, 5]
+
+
 def test_mlflow_run_of_the_users_own_stays_theirs(tmp_path, tokenizer, offline_mlflow):  # noqa: F811
     callback = make_callback(recheck_steps=4)
     trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_strategy="no", report_to=["mlflow"])
