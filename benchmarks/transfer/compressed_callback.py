@@ -62,12 +62,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from precise import CHEAP_FORECAST  # noqa: E402
 from proxy import agreement, loaded  # noqa: E402
+from early_compare import TOLERANCES  # noqa: E402
 from units import COMMON, RECIPES, SOURCES, UNITS, load_setup, split, unit_name, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LOSS_TOKENS = 2048  # the tokens per domain proxy.py measured on
 WHOLE_RECHECK_STEPS = 8  # the whole run's re-checks: 8 in 64 steps, for when a violation is first measured
-TOLERANCES = (0.01, 0.02, 0.05)
 TRAJECTORY_KEYS = ("step", "loss_delta", "loss_delta_ci", "lr_area_fraction", "early_forecast", "early_forecast_ci",
                    "early_method")
 BATCHES = {"run": "the run's own first batches", "draw": "a seeded draw of the training set",
@@ -198,11 +198,12 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
     from scipy.stats import pearsonr
 
     proxies, truths = loaded(out, 16)
-    rows = []
+    rows, scored = [], []  # scored: the units read, for the lead count below
     for source in SOURCES:
         if not path_for(out, source, batches).exists():
             continue
         data = json.loads(path_for(out, source, batches).read_text())
+        scored.append(data)
         change = data["run_level"]["change"]
         shared = sorted(d for d in change if d in proxies.get(source, {}))
         row = {"source": source, "run_level_seconds": data["seconds"]["run_level"],
@@ -234,8 +235,7 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
                     if k in row]
             print(f"{'':<18} vs its own final re-check: " + "   ".join(
                 f"{k.split('_vs_')[0].replace('_', ' ')} {_cell(row[k])}" for k in keys))
-    with_trajectory = [json.loads(path_for(out, r["source"], batches).read_text()) for r in rows]
-    with_trajectory = [unit for unit in with_trajectory if "trajectory" in unit]
+    with_trajectory = [unit for unit in scored if "trajectory" in unit]
     leads = lead_summary(with_trajectory) if with_trajectory else None
     if leads:
         print(f"the callback's own warnings on its own texts ({len(with_trajectory)} runs: "
