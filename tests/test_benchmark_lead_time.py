@@ -1,6 +1,8 @@
 """The early-warning benchmark's lead-time count (benchmarks/transfer/early_compare.py): what the README's lead and
 false-alarm numbers mean, on a hand-made trajectory."""
 
+import json
+
 import pytest
 
 from benchmark_scripts import load_transfer_script
@@ -102,3 +104,55 @@ def test_lead_over_every_violation_and_false_alarms_over_the_quiet_domains(compr
     assert cell["false_alarm_rate"] == 1.0 and not cell["meets_goal"]
     # at 5% nothing violates and nothing is warned: no lead to speak of, no goal met
     assert compressed_callback.lead_summary([whole_unit()])["0.05"]["violations"] == 0
+
+
+def blendable_unit(source: str, predicted: dict, final: dict) -> dict:
+    """A whole run whose every re-check projects 2 * final - predicted: the final change is half the projection and
+    half the train-start prediction at each step, the line ``--fit-blend`` should find."""
+    projected = {d: 2 * final[d] - predicted[d] for d in final}
+    trajectory = [{"step": step, "lr_area_fraction": fraction, "loss_delta": dict(final),
+                   "early_forecast": dict(projected), "early_forecast_ci": {d: [v - 0.01, v + 0.01]
+                                                                           for d, v in projected.items()}}
+                  for step, fraction in ((2, 0.3), (4, 0.6), (6, 0.9))]
+    return {"source": source, "final_step": 8, "predicted": predicted, "trajectory": trajectory,
+            "interval": {d: [v - 0.03, v + 0.03] for d, v in predicted.items()}, "final_on_its_texts": final}
+
+
+BLENDABLE = [blendable_unit("s1", {"A": 0.01, "B": -0.02}, {"A": 0.03, "B": 0.0}),
+             blendable_unit("s2", {"A": 0.04, "B": 0.0}, {"A": 0.01, "B": -0.01}),
+             blendable_unit("s3", {"A": -0.01, "B": 0.02}, {"A": 0.02, "B": 0.05})]
+
+
+def test_the_fitted_blend_is_the_line_from_projection_and_train_start_to_the_end(compressed_callback):
+    table = compressed_callback.fit_blend_table(BLENDABLE)
+    assert [row[0] for row in table] == pytest.approx([0.3, 0.6, 0.9])  # one row per re-check step
+    for row in table:
+        assert row[1:] == pytest.approx([0.0, 0.5, 0.5], abs=1e-9)
+    mixed = compressed_callback.blended(BLENDABLE[0], table)
+    for record in mixed["trajectory"]:
+        assert record["early_forecast"] == pytest.approx(BLENDABLE[0]["final_on_its_texts"])
+        for d, (low, high) in record["early_forecast_ci"].items():  # wider than the projection's own half of it
+            assert low < record["early_forecast"][d] - 0.005 and high > record["early_forecast"][d] + 0.005
+    assert BLENDABLE[0]["trajectory"][0]["early_forecast"]["A"] == pytest.approx(0.05)  # the unit itself unchanged
+
+
+def test_a_unit_the_shipped_blend_was_fitted_on_is_scored_with_one_fitted_on_the_others(compressed_callback,
+                                                                                       monkeypatch, tmp_path):
+    odd = blendable_unit("s4", {"A": 0.0, "B": 0.01}, {"A": 0.06, "B": 0.02})
+    odd["trajectory"] = [dict(r, early_forecast={"A": 0.0, "B": 0.0}) for r in odd["trajectory"]]
+    shipped = compressed_callback.fit_blend_table(BLENDABLE + [odd])
+    (tmp_path / "blend.json").write_text(json.dumps({"table": shipped, "fitted_on": ["s1", "s2", "s3", "s4"]}))
+    monkeypatch.setattr(compressed_callback, "BLEND", tmp_path / "blend.json")
+    held_out = blendable_unit("s5", {"A": 0.02, "B": 0.0}, {"A": 0.0, "B": 0.01})
+    scored = compressed_callback.blended_units(BLENDABLE + [odd, held_out])
+
+    def at(unit, table):
+        return compressed_callback.blended(unit, table)["trajectory"][1]["early_forecast"]
+    # s1 with the line of s2, s3, s4 (s1 left out of it), the held-out s5 with the shipped table
+    assert scored["s1"]["trajectory"][1]["early_forecast"] == pytest.approx(
+        at(BLENDABLE[0], compressed_callback.fit_blend_table(BLENDABLE[1:] + [odd])))
+    assert scored["s1"]["trajectory"][1]["early_forecast"] != pytest.approx(at(BLENDABLE[0], shipped))
+    assert scored["s5"]["trajectory"][1]["early_forecast"] == pytest.approx(at(held_out, shipped))
+    # a line needs 3 runs: with two others, s1 keeps its projection
+    few = compressed_callback.blended_units(BLENDABLE)
+    assert few["s1"]["trajectory"][1]["early_forecast"] == pytest.approx({"A": 0.05, "B": 0.02})

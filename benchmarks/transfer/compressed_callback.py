@@ -5,6 +5,7 @@ calibration="gemma3-270m-lora-compressed")`` at the start of the benchmark's 64-
     python benchmarks/transfer/compressed_callback.py --score [--batches draw]
     python benchmarks/transfer/compressed_callback.py --whole-run --only legal python_code cpp_code markup
     python benchmarks/transfer/compressed_callback.py --score --batches whole
+    python benchmarks/transfer/compressed_callback.py --fit-blend --only <sources>   # the shipped early blend
 
 ``proxy.py`` measured the compressed run with its own loop (the Trainer on the run's first batches, every domain on
 2,048 tokens of the precise sample); the callback runs it with its own machinery (``pipelines.runlevel``: the
@@ -86,7 +87,8 @@ HERE = Path(__file__).resolve().parent
 LOSS_TOKENS = 2048  # the tokens per domain proxy.py measured on
 WHOLE_RECHECK_STEPS = 8  # the whole run's re-checks: 8 in 64 steps, for when a violation is first measured
 TRAJECTORY_KEYS = ("step", "loss_delta", "loss_delta_ci", "lr_area_fraction", "early_forecast", "early_forecast_ci",
-                   "early_method")
+                   "early_method", "early_projection", "early_blend")
+BLEND = HERE / "compressed_callback_blend.json"  # the shipped blend table and the units it was fitted on
 BATCHES = {"run": "the run's own first batches", "draw": "a seeded draw of the training set",
            "whole": "the run's own first batches, the whole run trained after"}
 
@@ -179,6 +181,75 @@ def callback_leads(unit: dict, tolerance: float) -> dict:
     return {"steps": steps, "domains": domains}
 
 
+def projection(record: dict) -> dict:
+    """The trend projection a re-check made (``early_projection`` once the calibration blends, else its forecast)."""
+    return record.get("early_projection") or record["early_forecast"]
+
+
+def fit_blend_table(units: list[dict]) -> list[list[float]]:
+    """``Calibration.early_blend["trend"]`` from whole runs with a trajectory: per re-check step before the end,
+    [mean lr-area fraction, intercept, weight of the trend projection, weight of the train-start prediction], a
+    least squares of each other domain's final change on the two (``fit_blend``)."""
+    from sts_callback.scoring.early import fit_blend
+
+    by_step: dict[int, list] = {}
+    for unit in units:
+        for record in unit["trajectory"]:
+            if record["step"] >= unit["final_step"] or not record.get("early_forecast"):
+                continue
+            rows = [(projection(record)[d], unit["predicted"][d], final)
+                    for d, final in unit["final_on_its_texts"].items() if projection(record).get(d) is not None]
+            by_step.setdefault(record["step"], []).append((record["lr_area_fraction"], rows))
+    return [[float(np.mean([f for f, _ in runs])), *fit_blend([row for _, rows in runs for row in rows])]
+            for _, runs in sorted(by_step.items()) if len(runs) >= 3]  # a line across at least 3 runs' domains
+
+
+def blended(unit: dict, table: list[list[float]]) -> dict:
+    """``unit`` as the callback with ``table`` in its calibration would have made it: each re-check's forecast the
+    trend projection blended with the train-start prediction (``pipelines.prediction``), with its interval."""
+    import copy
+
+    from sts_callback.pipelines.prediction import blended_interval
+    from sts_callback.scoring.early import blend, blend_coefficients
+
+    out = copy.deepcopy(unit)
+    step0 = {d: {"mean": m, "low": low, "high": high, "level": 0.9}
+             for (d, m), (low, high) in zip(unit["predicted"].items(), unit["interval"].values())}
+    for record in out["trajectory"]:
+        if not record.get("early_forecast"):
+            continue
+        trend = projection(record)
+        weights = dict(zip(("intercept", "early", "step0"), blend_coefficients(table, record["lr_area_fraction"])))
+        mixed = blend(trend, {d: p["mean"] for d, p in step0.items()}, record["lr_area_fraction"], table)
+        record["early_forecast"] = mixed
+        record["early_forecast_ci"] = {d: blended_interval(mixed[d], trend[d], ci, step0.get(d), weights)
+                                       for d, ci in (record.get("early_forecast_ci") or {}).items()}
+    return out
+
+
+def fit_and_ship_blend(out: Path, sources: list[str], path: Path | None = None) -> None:
+    """``--fit-blend``: the table on ``sources``' whole runs, written into the built-in compressed calibration and
+    beside it (``compressed_callback_blend.json``: the table and the units it was fitted on, for ``--score``)."""
+    from proxy import BUILTIN
+
+    from sts_callback.scoring.calibration import Calibration
+
+    units = [json.loads(path_for(out, s, "whole").read_text()) for s in sources]
+    missing = [u["source"] for u in units if "trajectory" not in u]
+    if missing:
+        raise SystemExit(f"no trajectory in the whole run of {missing}: run --whole-run --only {' '.join(missing)}")
+    table = fit_blend_table(units)
+    calibration = Calibration.load(path or BUILTIN)
+    calibration.early_blend, calibration.early_blend_recipe = {"trend": table}, "lora"
+    calibration.save(path or BUILTIN)
+    write_json(BLEND, {"table": table, "fitted_on": sources,
+                       "command": "python benchmarks/transfer/compressed_callback.py --fit-blend --only "
+                                  + " ".join(sources)})
+    print(f"wrote the trend blend ({len(table)} rows, fitted on {', '.join(sources)}) into {path or BUILTIN}")
+    for row in table:
+        print(f"  at {row[0]:.0%} of the lr area: {row[1]:+.4f} + {row[2]:.2f} x trend + {row[3]:.2f} x train-start")
+
+
 def lead_summary(units: list[dict]) -> dict:
     """Per tolerance over ``units``: lead over every violation (a miss counts 0; a warning after the violation is
     a miss), as a share of each run, and false alarms over the domains that did not violate."""
@@ -233,13 +304,19 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
             row["predicted_vs_its_final"] = agreement(data["predicted"], data["final_on_its_texts"], source)
             row["change_vs_its_final"] = agreement(change, data["final_on_its_texts"], source)
             row["its_final_vs_seed0"] = agreement(data["final_on_its_texts"], truths[0][source], source)
-        quarter = next((r for r in data.get("trajectory", ()) if r["step"] == data.get("final_step", 0) // 4
-                        and r.get("early_forecast")), None)
+        quarter = at_a_quarter(data)
         if quarter is not None:  # the callback's own early forecast at a quarter of the run, against its end
             row["early_at_a_quarter_vs_its_final"] = agreement(quarter["early_forecast"], data["final_on_its_texts"],
                                                                 source)
             row["early_method"] = quarter.get("early_method")
         rows.append(row)
+    with_trajectory = [unit for unit in scored if "trajectory" in unit]
+    blends = blended_units(with_trajectory)
+    for row in rows:
+        quarter = at_a_quarter(blends.get(row["source"], {}))
+        if quarter is not None:
+            row["early_at_a_quarter_blended_vs_its_final"] = agreement(
+                quarter["early_forecast"], blends[row["source"]]["final_on_its_texts"], row["source"])
     print(f"the callback's compressed run ({batches}: {BATCHES[batches]}) vs proxy.py's, and its predictions vs the "
           "precise final changes")
     for row in rows:
@@ -248,25 +325,59 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
         print(f"{row['source']:<18} r with proxy {row['pearson_with_proxy']:+.2f}   predicted vs seed 0 / 1: "
               + "   ".join(cells) + f"   ({row['run_level_seconds']:.0f} s)")
         if "predicted_vs_its_final" in row:
-            keys = [k for k in ("predicted_vs_its_final", "change_vs_its_final", "early_at_a_quarter_vs_its_final")
-                    if k in row]
+            keys = [k for k in ("predicted_vs_its_final", "change_vs_its_final", "early_at_a_quarter_vs_its_final",
+                                "early_at_a_quarter_blended_vs_its_final") if k in row]
             print(f"{'':<18} vs its own final re-check: " + "   ".join(
                 f"{k.split('_vs_')[0].replace('_', ' ')} {_cell(row[k])}" for k in keys))
-    with_trajectory = [unit for unit in scored if "trajectory" in unit]
     leads = lead_summary(with_trajectory) if with_trajectory else None
-    if leads:
-        print(f"the callback's own warnings on its own texts ({len(with_trajectory)} runs: "
-              f"{', '.join(u['source'] for u in with_trajectory)}): lead over every violation / false alarms")
-        for tolerance, cell in leads.items():
-            lead, alarms = (f"{value:.0%}" if value is not None else "n/a"
-                            for value in (cell["mean_lead_share"], cell["false_alarm_rate"]))
-            print(f"  tolerance {float(tolerance):.0%}: {lead} / {alarms} "
-                  f"({cell['violations']} violations, {cell['missed']} missed, {cell['false_alarms']} false alarms; "
-                  f"a warning at train start for every violation: {cell['mean_possible_lead_share']:.0%})"
-                  + ("  *" if cell["meets_goal"] else ""))
+    print_leads("the trend projection, as the units ran", with_trajectory, leads)
+    fitted_on = json.loads(BLEND.read_text())["fitted_on"] if BLEND.exists() else []
+    held_out = [u["source"] for u in with_trajectory if u["source"] not in fitted_on]
+    blended_leads = {}
+    if blends:
+        blended_leads["all"] = lead_summary(list(blends.values()))
+        print_leads("blended with the train-start prediction (leave-one-source-out where fitted)",
+                    list(blends.values()), blended_leads["all"])
+        if held_out:
+            blended_leads["held_out"] = lead_summary([blends[s] for s in held_out])
+            print_leads("blended, the sources held out of the shipped table", [blends[s] for s in held_out],
+                        blended_leads["held_out"])
     mean_with_proxy = float(np.mean([r["pearson_with_proxy"] for r in rows])) if rows else None
     write_json(json_out, {"batches": batches, "rows": rows, "mean_pearson_with_proxy": mean_with_proxy,
-                          "leads_on_its_texts": leads, "lead_units": [u["source"] for u in with_trajectory]})
+                          "leads_on_its_texts": leads, "lead_units": [u["source"] for u in with_trajectory],
+                          "blend_fitted_on": fitted_on, "blend_held_out": held_out,
+                          "leads_on_its_texts_blended": blended_leads or None})
+
+
+def at_a_quarter(unit: dict) -> dict | None:
+    """The re-check at a quarter of the run (step 16 of 64) that made an early forecast, if any."""
+    return next((r for r in unit.get("trajectory", ()) if r["step"] == unit.get("final_step", 0) // 4
+                 and r.get("early_forecast")), None)
+
+
+def blended_units(units: list[dict]) -> dict[str, dict]:
+    """Each unit blended as the callback would with the shipped table (``BLEND``), a unit the table was fitted on
+    with one fitted on the other fitted units instead (leave-one-source-out); none without a shipped table."""
+    if not BLEND.exists():
+        return {}
+    shipped = json.loads(BLEND.read_text())
+    fitted = [u for u in units if u["source"] in shipped["fitted_on"]]
+    return {u["source"]: blended(u, fit_blend_table([v for v in fitted if v is not u])
+                                 if u in fitted else shipped["table"]) for u in units}
+
+
+def print_leads(label: str, units: list[dict], leads: dict | None) -> None:
+    if not leads:
+        return
+    print(f"the callback's own warnings on its own texts, {label} ({len(units)} runs: "
+          f"{', '.join(u['source'] for u in units)}): lead over every violation / false alarms")
+    for tolerance, cell in leads.items():
+        lead, alarms = (f"{value:.0%}" if value is not None else "n/a"
+                        for value in (cell["mean_lead_share"], cell["false_alarm_rate"]))
+        print(f"  tolerance {float(tolerance):.0%}: {lead} / {alarms} "
+              f"({cell['violations']} violations, {cell['missed']} missed, {cell['false_alarms']} false alarms; "
+              f"a warning at train start for every violation: {cell['mean_possible_lead_share']:.0%})"
+              + ("  *" if cell["meets_goal"] else ""))
 
 
 def main() -> None:
@@ -279,7 +390,12 @@ def main() -> None:
                         help="--score: which units (the run's own batches, the older draw, the whole runs)")
     parser.add_argument("--whole-run", action="store_true",
                         help="train the whole run after the compressed one and re-check it at its end")
+    parser.add_argument("--fit-blend", action="store_true",
+                        help="fit the early blend on the --only sources' whole runs and ship it in the calibration")
     args = parser.parse_args()
+    if args.fit_blend:
+        fit_and_ship_blend(args.out, args.only)
+        return
     if args.score:
         suffix = "" if args.batches == "run" else f"_{args.batches}"
         score(args.out, HERE / f"compressed_callback{suffix}.json", args.batches)

@@ -394,6 +394,9 @@ def export_calibration(out: Path, proxy_steps: int, scored: Path, path: Path = B
                                                  "seed 1, texts the compressed run did not read":
                                                      summary["raw_other_texts_seed1"]},
             "scope": {"model_class": "Gemma3ForCausalLM", "run_level_share": proxy_steps / steps}})
+    if path.exists():  # the early blend is fitted on the whole runs' trajectories (compressed_callback.py --fit-blend)
+        shipped = Calibration.load(path)
+        calibration.early_blend, calibration.early_blend_recipe = shipped.early_blend, shipped.early_blend_recipe
     calibration.save(path)
     print(f"wrote {path}: the compressed run's change as the prediction, errors mean {errors.mean():+.4f}, rms "
           f"{calibration.sigma:.4f} over {len(pairs)} pairs")
