@@ -265,6 +265,32 @@ def test_sae_objects_stsneeds_to_read_otherwise_are_read_as_they_mean_or_refused
     assert load_sae(held, dtype=torch.bfloat16).module is not held and held.W_enc.dtype == torch.float32
 
 
+def test_a_callers_sae_in_training_mode_is_read_in_eval_mode_and_left_in_its_own():
+    """An SAE the caller is still training (dropout on, one submodule frozen in eval): STS reads it without dropout,
+    every call alike, and hands it back with each submodule's flag as it was."""
+    class DropoutSAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d_in, self.enc, self.drop = 32, torch.nn.Linear(32, 64), torch.nn.Dropout(0.5)
+            self.dec = torch.nn.Linear(64, 32)
+
+        def encode(self, x):
+            return torch.relu(self.drop(self.enc(x)))
+
+        def decode(self, z):
+            return self.dec(self.drop(z))
+
+    sae = DropoutSAE()
+    sae.dec.eval()
+    handle = load_sae(sae)
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        latents = handle.encode(x)
+        assert torch.equal(latents, handle.encode(x)) and torch.equal(latents, torch.relu(sae.enc(x)))
+        assert torch.equal(handle.decode(latents), sae.dec(latents))
+    assert sae.training and sae.enc.training and sae.drop.training and not sae.dec.training
+
+
 def test_the_sae_fit_counts_negative_latents_as_active():
     from sts_callback.pipelines.monitor import fit_from_sums, fit_sums
 

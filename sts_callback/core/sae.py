@@ -15,6 +15,7 @@ import re
 import stat
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,20 @@ def weights_of(module: Any) -> torch.Tensor | None:
                  if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
+@contextmanager
+def eval_mode(module: Any):
+    """``module`` in eval mode (no dropout, BatchNorm's running statistics) for the block, each submodule's own
+    training flag put back after: the caller's SAE, mid-training perhaps, is read, not changed."""
+    modes = {m: m.training for m in module.modules()} if isinstance(module, nn.Module) else {}
+    try:
+        for m in modes:
+            m.training = False
+        yield module
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 @dataclass
 class SAEHandle:
     """A loaded SAE with what the library needs to know about it."""
@@ -94,7 +109,7 @@ class SAEHandle:
         reference = weights_of(self.module)
         if reference is not None:
             x = x.to(device=reference.device, dtype=reference.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type=x.device.type, enabled=False), eval_mode(self.module):
             latents = self.module.encode(x)
         # a sparse result (sae-lens' TopK(use_sparse_activations=True), a COO tensor): the dense rows STS reads
         return latents.to_dense() if isinstance(latents, torch.Tensor) and latents.layout != torch.strided \
@@ -126,7 +141,7 @@ class SAEHandle:
         return callable(getattr(self.module, "decode", None))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=latents.device.type, enabled=False):
+        with torch.autocast(device_type=latents.device.type, enabled=False), eval_mode(self.module):
             return self.module.decode(latents)
 
     def checksum_parts(self) -> list[Any]:
@@ -202,19 +217,13 @@ def check_encode(handle: SAEHandle) -> torch.Tensor:
     reference = weights_of(module)  # a row on the SAE's own device and dtype, as SAEHandle.encode passes rows
     probe = torch.zeros(1, d_in, device=reference.device if reference is not None else None,
                         dtype=reference.dtype if reference is not None else torch.float32)
-    modes = {m: m.training for m in module.modules()} if isinstance(module, nn.Module) else {}
     try:
-        for m in modes:
-            m.training = False
         with torch.no_grad():
-            latents = handle.encode(probe)
+            latents = handle.encode(probe)  # in eval mode, the module's own flags put back (SAEHandle.encode)
     except Exception as err:
         raise STSInputError(f"{type(module).__name__}.encode(x) failed on one zero row of shape [1, {d_in}] "
                             f"({type(err).__name__}: {err}); STS calls encode on [n, d_in] residual rows (a "
                             "sequence-level SAE is not one it can read).") from err
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if not isinstance(latents, torch.Tensor) or latents.dim() != 2 or latents.shape[0] != 1 or \
             not latents.is_floating_point() or (width is not None and latents.shape[-1] != width):
         shown = f"a {latents.dtype} tensor of shape {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) \
@@ -383,8 +392,7 @@ def load_sae(spec: Any, *, device: torch.device | str | None = None, dtype: torc
         handle.to(device=device, dtype=dtype)
     if handle.hook_name and _NOT_RESIDUAL.search(handle.hook_name):  # whatever another name says (hf_hook_name)
         raise not_residual_error(f"The SAE reads hook {handle.hook_name!r}")
-    if isinstance(handle.module, nn.Module):
-        handle.module.eval()
+    if isinstance(handle.module, nn.Module):  # its training flags are the caller's: encode reads in eval mode
         check_finite_weights(handle)
     return handle
 
