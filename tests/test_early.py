@@ -58,6 +58,32 @@ def test_trend_uses_the_last_three_rechecks_only():
     assert weights @ np.array([9.0, 0.2, 0.4, 0.6]) == pytest.approx(1.0)  # the first point cannot move it
 
 
+def test_dense_rechecks_read_a_slope_across_a_share_of_the_schedule_not_the_last_three():
+    """Re-checks every 10 steps of a long run: the last three span 1% of the lr area, and their noise times the 40%
+    left was projected as the slope (the interval so wide that no projection ever warned). The slope now reads as
+    many re-checks as span TREND_SPAN of the area; the callback's path and the benchmark's agree."""
+    from sts_callback.scoring.early import TREND_SPAN
+
+    rng = np.random.default_rng(0)
+    fractions = np.linspace(0.01, 0.6, 60)
+    weights = trend_weights(list(fractions))
+    used = np.flatnonzero(weights)
+    assert fractions[-1] - fractions[used[0]] >= TREND_SPAN > fractions[-1] - fractions[used[1]]
+    last_three = np.zeros(60)
+    last_three[-3:] = trend_weights(list(fractions[-3:]))
+    runs = 0.1 * fractions + rng.normal(0, 0.01, (200, 60))  # each ends at +10%, measured +-1%
+    errors = np.array([forecast("trend", {"a": list(zip(fractions, run))})["a"] for run in runs]) - 0.1
+    assert np.sqrt(np.mean(errors ** 2)) < 0.035 < 0.1 < np.sqrt(np.mean((runs @ last_three - 0.1) ** 2))
+    changes = runs[0]
+    history = [{"lr_area_fraction": float(f), "loss_delta": {"a": float(c)},
+                "loss_delta_ci": {"a": [float(c) - 0.02, float(c) + 0.02]}} for f, c in zip(fractions[:-1], changes)]
+    early, bounds = trend_projection(history, {"a": float(changes[-1])}, float(fractions[-1]),
+                                     {"a": [float(changes[-1]) - 0.02, float(changes[-1]) + 0.02]})
+    assert early["a"] == pytest.approx(float(weights @ changes))
+    three = trend_interval(list(fractions[-3:]), [(c - 0.02, c + 0.02) for c in changes[-3:]])
+    assert (bounds["a"][1] - bounds["a"][0]) / 2 < 0.06 < 0.5 < three  # narrow enough to warn on: 3 points' +-0.8
+
+
 def test_trend_interval_carries_the_measurement_error_to_the_end():
     # Two re-checks at 0.2 and 0.4 with +-0.01 each: the end value is -3 y1 + 4 y2, so its half-width is 5 x 0.01.
     assert trend_interval([0.2, 0.4], [(0.0, 0.02), (0.02, 0.04)]) == pytest.approx(0.05)

@@ -23,6 +23,10 @@ import numpy as np
 
 METHODS = ("power", "lr_law", "loss_to_loss", "trend")
 TREND_WINDOW = 3
+# ...and as many more as the slope needs to span this share of the lr area: three re-checks 10 steps apart in a
+# 2,000-step run span 1% of it, and their noise times (1 - f) / 0.01 is no slope (the benchmark's re-checks, every
+# 8 of 64 steps, span more with three up to 97% of the area: the rule is the same there)
+TREND_SPAN = 0.15
 ALPHAS = np.linspace(0.05, 2.0, 40)
 OFFSETS = np.geomspace(1e-3, 1.0, 25)  # S0 as a share of the whole schedule's area
 
@@ -103,15 +107,25 @@ def loss_to_loss(points: dict[str, list[tuple[float, float]]], train_loss: list[
     return out
 
 
+def trend_start(fractions: Sequence[float], window: int = TREND_WINDOW, span: float = TREND_SPAN) -> int:
+    """Index of the first re-check the slope reads: the last ``window`` of ``fractions`` (ascending), and earlier
+    ones until they span ``span`` of the lr area."""
+    start = max(len(fractions) - window, 0)
+    while start > 0 and fractions[-1] - fractions[start] < span:
+        start -= 1
+    return start
+
+
 def trend_weights(fractions: Sequence[float], window: int = TREND_WINDOW) -> np.ndarray:
     """Weights w over the re-checks at ``fractions`` (ascending shares of the lr area) with the end-of-training
-    change = w @ changes: the last change plus the least-squares slope of the last ``window`` re-checks times
-    (1 - last fraction); one re-check: change / fraction."""
+    change = w @ changes: the last change plus the least-squares slope of the last ``window`` re-checks (more when
+    they span less than ``TREND_SPAN`` of the area, :func:`trend_start`) times (1 - last fraction); one re-check:
+    change / fraction."""
     x = np.asarray(fractions, dtype=np.float64)
     weights = np.zeros(len(x))
     if len(x) == 0 or x[-1] <= 0:
         return weights * math.nan
-    recent = x[-window:]
+    recent = x[trend_start(list(x), window):]
     if len(recent) == 1 or np.ptp(recent) == 0:
         weights[-1] = 1.0 / x[-1]
         return weights
@@ -152,14 +166,14 @@ def trend_projection(history: list[dict], measured: dict[str, float | None], fra
         if value is None or fraction <= 0:
             early[name], bounds[name] = None, [None, None]
             continue
-        # the rule reads the last TREND_WINDOW points only: the earlier ones cost time at every re-check of a long
-        # run, and one non-finite change or missing interval among them had spoiled the projection for good
+        # the rule reads the points it weighs only (trend_start): the earlier ones cost time at every re-check of
+        # a long run, and one non-finite change or missing interval among them had spoiled the projection for good
         earlier: list[dict] = []
         for record in reversed(course):
             change = (record.get("loss_delta") or {}).get(name)
             if isinstance(change, (int, float)) and math.isfinite(change):
                 earlier.insert(0, record)
-                if len(earlier) == TREND_WINDOW - 1:
+                if len(earlier) >= TREND_WINDOW - 1 and fraction - earlier[0]["lr_area_fraction"] >= TREND_SPAN:
                     break
         fractions = [r["lr_area_fraction"] for r in earlier] + [fraction]
         changes = [r["loss_delta"][name] for r in earlier] + [value]
@@ -228,4 +242,4 @@ def forecast(method: str, points: dict[str, list[tuple[float, float]]],
 
 
 __all__ = ["METHODS", "areas", "blend", "blend_coefficients", "fit_blend", "fit_shared_law", "forecast", "loss_to_loss", "lr_law", "power", "trend",
-           "trend_interval", "trend_projection", "trend_weights"]
+           "trend_interval", "trend_projection", "trend_start", "trend_weights"]
