@@ -371,13 +371,12 @@ def print_leads(label: str, units: list[dict], leads: dict | None) -> None:
         return
     print(f"the callback's own warnings on its own texts, {label} ({len(units)} runs: "
           f"{', '.join(u['source'] for u in units)}): lead over every violation / false alarms")
-    for tolerance, cell in leads.items():
-        lead, alarms = (f"{value:.0%}" if value is not None else "n/a"
-                        for value in (cell["mean_lead_share"], cell["false_alarm_rate"]))
+    for tolerance, cell in leads.items():  # n/a: no violation (no lead to speak of) or no quiet domain
+        lead, alarms, possible = (f"{value:.0%}" if value is not None else "n/a" for value in (
+            cell["mean_lead_share"], cell["false_alarm_rate"], cell["mean_possible_lead_share"]))
         print(f"  tolerance {float(tolerance):.0%}: {lead} / {alarms} "
               f"({cell['violations']} violations, {cell['missed']} missed, {cell['false_alarms']} false alarms; "
-              f"a warning at train start for every violation: {cell['mean_possible_lead_share']:.0%})"
-              + ("  *" if cell["meets_goal"] else ""))
+              f"a warning at train start for every violation: {possible})" + ("  *" if cell["meets_goal"] else ""))
 
 
 def main() -> None:
