@@ -106,7 +106,7 @@ def run_source(model, tokenizer, sae_path, texts, source: str, out: Path, work: 
 
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from sts_callback.integrations.callback import STSCallback
 
@@ -119,6 +119,9 @@ def run_source(model, tokenizer, sae_path, texts, source: str, out: Path, work: 
     data = Dataset.from_dict({"text": train}).map(
         lambda b: tokenizer(b["text"], truncation=True, max_length=COMMON["max_length"]), batched=True,
         remove_columns=["text"])
+    # the LoRA's initialisation is drawn before the Trainer seeds: seeded here, a unit no longer depends on the
+    # units run before it in the process (units written before 2026-12-07's last commits did)
+    set_seed(0)
     work_model = get_peft_model(copy.deepcopy(model),
                                 LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     callback = STSCallback(sae=str(sae_path), target_domains=others, train_probe=train, config=CHEAP_FORECAST,
