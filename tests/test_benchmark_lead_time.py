@@ -156,3 +156,20 @@ def test_a_unit_the_shipped_blend_was_fitted_on_is_scored_with_one_fitted_on_the
     # a line needs 3 runs: with two others, s1 keeps its projection
     few = compressed_callback.blended_units(BLENDABLE)
     assert few["s1"]["trajectory"][1]["early_forecast"] == pytest.approx({"A": 0.05, "B": 0.02})
+
+
+def test_the_built_in_compressed_calibration_ships_the_blend_the_benchmark_fitted(compressed_callback):
+    """What --fit-blend wrote into the calibration is what --score scored as shipped, and only LoRA runs get it."""
+    from sts_callback.pipelines.prediction import best_early_method
+    from sts_callback.scoring.calibration import load_calibration
+
+    calibration = load_calibration("gemma3-270m-lora-compressed")
+    shipped = json.loads(compressed_callback.BLEND.read_text())
+    table = calibration.blend_table("trend", "lora")
+    assert len(table) == len(shipped["table"])
+    for row, fitted in zip(table, shipped["table"]):
+        assert row == pytest.approx(fitted)
+    assert [row[0] for row in shipped["table"]] == sorted(row[0] for row in shipped["table"])
+    assert calibration.blend_table("trend", "full") == []  # a full fine-tune keeps the projection alone
+    assert best_early_method(calibration, "lora") == "trend"
+    assert len(shipped["fitted_on"]) >= 3
