@@ -136,15 +136,13 @@ def test_the_fitted_blend_is_the_line_from_projection_and_train_start_to_the_end
     assert BLENDABLE[0]["trajectory"][0]["early_forecast"]["A"] == pytest.approx(0.05)  # the unit itself unchanged
 
 
-def test_a_unit_the_shipped_blend_was_fitted_on_is_scored_with_one_fitted_on_the_others(compressed_callback,
-                                                                                       monkeypatch, tmp_path):
+def test_a_unit_the_shipped_blend_was_fitted_on_is_scored_with_one_fitted_on_the_others(compressed_callback):
     odd = blendable_unit("s4", {"A": 0.0, "B": 0.01}, {"A": 0.06, "B": 0.02})
     odd["trajectory"] = [dict(r, early_forecast={"A": 0.0, "B": 0.0}) for r in odd["trajectory"]]
     shipped = compressed_callback.fit_blend_table(BLENDABLE + [odd])
-    (tmp_path / "blend.json").write_text(json.dumps({"table": shipped, "fitted_on": ["s1", "s2", "s3", "s4"]}))
-    monkeypatch.setattr(compressed_callback, "BLEND", tmp_path / "blend.json")
+    blend_json = {"table": shipped, "fitted_on": ["s1", "s2", "s3", "s4"]}  # what BLEND holds
     held_out = blendable_unit("s5", {"A": 0.02, "B": 0.0}, {"A": 0.0, "B": 0.01})
-    scored = compressed_callback.blended_units(BLENDABLE + [odd, held_out])
+    scored = compressed_callback.blended_units(BLENDABLE + [odd, held_out], blend_json)
 
     def at(unit, table):
         return compressed_callback.blended(unit, table)["trajectory"][1]["early_forecast"]
@@ -154,7 +152,7 @@ def test_a_unit_the_shipped_blend_was_fitted_on_is_scored_with_one_fitted_on_the
     assert scored["s1"]["trajectory"][1]["early_forecast"] != pytest.approx(at(BLENDABLE[0], shipped))
     assert scored["s5"]["trajectory"][1]["early_forecast"] == pytest.approx(at(held_out, shipped))
     # a line needs 3 runs: with two others, s1 keeps its projection
-    few = compressed_callback.blended_units(BLENDABLE)
+    few = compressed_callback.blended_units(BLENDABLE, blend_json)
     assert few["s1"]["trajectory"][1]["early_forecast"] == pytest.approx({"A": 0.05, "B": 0.02})
 
 

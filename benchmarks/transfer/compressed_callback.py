@@ -203,8 +203,9 @@ def fit_blend_table(units: list[dict]) -> list[list[float]]:
         for record in unit["trajectory"]:
             if record["step"] >= unit["final_step"] or not record.get("early_forecast"):
                 continue
-            rows = [(projection(record)[d], unit["predicted"][d], final)
-                    for d, final in unit["final_on_its_texts"].items() if projection(record).get(d) is not None]
+            trend = projection(record)
+            rows = [(trend[d], unit["predicted"][d], final)
+                    for d, final in unit["final_on_its_texts"].items() if trend.get(d) is not None]
             by_step.setdefault(record["step"], []).append((record["lr_area_fraction"], rows))
     return [[float(np.mean([f for f, _ in runs])), *fit_blend([row for _, rows in runs for row in rows])]
             for _, runs in sorted(by_step.items()) if len(runs) >= 3]  # a line across at least 3 runs' domains
@@ -215,21 +216,18 @@ def blended(unit: dict, table: list[list[float]]) -> dict:
     trend projection blended with the train-start prediction (``pipelines.prediction``), with its interval."""
     import copy
 
-    from sts_callback.pipelines.prediction import blended_interval
-    from sts_callback.scoring.early import blend, blend_coefficients
+    from sts_callback.pipelines.prediction import blend_with_step0
 
     out = copy.deepcopy(unit)
-    step0 = {d: {"mean": m, "low": low, "high": high, "level": 0.9}
-             for (d, m), (low, high) in zip(unit["predicted"].items(), unit["interval"].values())}
+    predictions = {d: {"mean": mean, "low": unit["interval"][d][0], "high": unit["interval"][d][1]}
+                   for d, mean in unit["predicted"].items()}
     for record in out["trajectory"]:
         if not record.get("early_forecast"):
             continue
-        trend = projection(record)
-        weights = dict(zip(("intercept", "early", "step0"), blend_coefficients(table, record["lr_area_fraction"])))
-        mixed = blend(trend, {d: p["mean"] for d, p in step0.items()}, record["lr_area_fraction"], table)
-        record["early_forecast"] = mixed
-        record["early_forecast_ci"] = {d: blended_interval(mixed[d], trend[d], ci, step0.get(d), weights)
-                                       for d, ci in (record.get("early_forecast_ci") or {}).items()}
+        record["early_forecast"], blended_ci, _ = blend_with_step0(
+            projection(record), record.get("early_forecast_ci"), predictions, record["lr_area_fraction"], table)
+        if blended_ci is not None:
+            record["early_forecast_ci"] = blended_ci
     return out
 
 
@@ -317,7 +315,8 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
             row["early_method"] = quarter.get("early_method")
         rows.append(row)
     with_trajectory = [unit for unit in scored if "trajectory" in unit]
-    blends = blended_units(with_trajectory)
+    shipped = json.loads(BLEND.read_text()) if BLEND.exists() else None
+    blends = blended_units(with_trajectory, shipped)
     for row in rows:
         quarter = at_a_quarter(blends.get(row["source"], {}))
         if quarter is not None:
@@ -337,7 +336,7 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
                 f"{k.split('_vs_')[0].replace('_', ' ')} {_cell(row[k])}" for k in keys))
     leads = lead_summary(with_trajectory) if with_trajectory else None
     print_leads("the trend projection, as the units ran", with_trajectory, leads)
-    fitted_on = json.loads(BLEND.read_text())["fitted_on"] if BLEND.exists() else []
+    fitted_on = shipped["fitted_on"] if shipped else []
     held_out = [u["source"] for u in with_trajectory if u["source"] not in fitted_on]
     blended_leads = {}
     if blends:
@@ -361,15 +360,14 @@ def at_a_quarter(unit: dict) -> dict | None:
                  and r.get("early_forecast")), None)
 
 
-def blended_units(units: list[dict]) -> dict[str, dict]:
-    """Each unit blended as the callback would with the shipped table (``BLEND``), a unit the table was fitted on
-    with one fitted on the other fitted units instead (leave-one-source-out); none without a shipped table."""
-    if not BLEND.exists():
+def blended_units(units: list[dict], shipped: dict | None) -> dict[str, dict]:
+    """Each unit blended as the callback would with the ``shipped`` table (``BLEND``'s contents), a unit the table
+    was fitted on with one fitted on the other fitted units instead (leave-one-source-out); none without one."""
+    if shipped is None:
         return {}
-    shipped = json.loads(BLEND.read_text())
     fitted = [u for u in units if u["source"] in shipped["fitted_on"]]
-    return {u["source"]: blended(u, fit_blend_table([v for v in fitted if v is not u])
-                                 if u in fitted else shipped["table"]) for u in units}
+    return {u["source"]: blended(u, fit_blend_table([v for v in fitted if v["source"] != u["source"]])
+                                 if u["source"] in shipped["fitted_on"] else shipped["table"]) for u in units}
 
 
 def print_leads(label: str, units: list[dict], leads: dict | None) -> None:

@@ -81,14 +81,14 @@ def weights_of(module: Any) -> torch.Tensor | None:
 def eval_mode(module: Any):
     """``module`` in eval mode (no dropout, BatchNorm's running statistics) for the block, each submodule's own
     training flag put back after: the caller's SAE, mid-training perhaps, is read, not changed."""
-    modes = {m: m.training for m in module.modules()} if isinstance(module, nn.Module) else {}
+    training = [m for m in module.modules() if m.training] if isinstance(module, nn.Module) else []
     try:
-        for m in modes:
+        for m in training:  # none for an SAE in eval mode already
             m.training = False
         yield module
     finally:
-        for m, training in modes.items():
-            m.training = training
+        for m in training:
+            m.training = True
 
 
 @dataclass

@@ -68,16 +68,11 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
     if table and step0:
         # the measurement so far and the step-0 prediction, weighted by how far training is
         out["early_projection"] = early
-        early = blend(early, step0, fraction, table)
+        early, blended_ci, out["early_blend"] = blend_with_step0(early, out.get("early_forecast_ci"),
+                                                                 forecast.predictions, fraction, table)
         out["early_forecast"] = early
-        out["early_blend"] = dict(zip(("intercept", "early", "step0"), blend_coefficients(table, fraction)))
-        if "early_forecast_ci" in out:
-            weights = out["early_blend"]
-            # a domain without a step-0 prediction keeps its projection (blend), so its interval too
-            out["early_forecast_ci"] = {n: blended_interval(early.get(n), out["early_projection"].get(n), ci,
-                                                            forecast.predictions.get(n), weights)
-                                        if step0.get(n) is not None else ci
-                                        for n, ci in out["early_forecast_ci"].items()}
+        if blended_ci is not None:
+            out["early_forecast_ci"] = blended_ci
     # a held-out NLL cannot fall by more than all of it: a steep early slope (re-checks every step) had projected
     # -272% where +3.5% was measured
     early = {n: max(v, -1.0) if v is not None and math.isfinite(v) else v for n, v in early.items()}
@@ -98,6 +93,22 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
     return out
 
 
+def blend_with_step0(early: dict[str, float | None], intervals: dict[str, list] | None,
+                     predictions: dict[str, dict[str, float]], fraction: float, table: list[list[float]]
+                     ) -> tuple[dict[str, float | None], dict[str, list] | None, dict[str, float]]:
+    """The projection ``early`` (its 95% ``intervals``, or None) blended with the step-0 ``predictions`` (name ->
+    ``mean``, ``low``, ``high``) at ``fraction`` of the lr area by the calibration's ``table``: (the blend, its
+    intervals or None, the weights)."""
+    step0 = {n: p["mean"] for n, p in predictions.items()}
+    blended = blend(early, step0, fraction, table)
+    weights = dict(zip(("intercept", "early", "step0"), blend_coefficients(table, fraction)))
+    if intervals is None:
+        return blended, None, weights
+    # a domain without a step-0 prediction keeps its projection (blend), so its interval too
+    return blended, {n: blended_interval(blended.get(n), early.get(n), ci, predictions.get(n), weights)
+                     if step0.get(n) is not None else ci for n, ci in intervals.items()}, weights
+
+
 def blended_interval(blended: float | None, projection: float | None, interval: list[float | None],
                      step0: dict[str, float] | None, weights: dict[str, float]) -> list[float | None]:
     """The 95% interval of ``blended`` = intercept + w_early * projection + w_step0 * step-0 prediction: each
@@ -115,4 +126,4 @@ def blended_interval(blended: float | None, projection: float | None, interval: 
     return [blended - below, blended + above]
 
 
-__all__ = ["best_early_method", "blended_interval", "calibrated_predictions", "early_projection"]
+__all__ = ["best_early_method", "blend_with_step0", "blended_interval", "calibrated_predictions", "early_projection"]

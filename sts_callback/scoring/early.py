@@ -107,11 +107,17 @@ def loss_to_loss(points: dict[str, list[tuple[float, float]]], train_loss: list[
     return out
 
 
-def trend_start(fractions: Sequence[float], window: int = TREND_WINDOW, span: float = TREND_SPAN) -> int:
+def trend_covered(count: int, spanned: float, window: int = TREND_WINDOW) -> bool:
+    """Whether ``count`` re-checks spanning ``spanned`` of the lr area are all the slope needs: ``window`` of them
+    spanning ``TREND_SPAN``."""
+    return count >= window and spanned >= TREND_SPAN
+
+
+def trend_start(fractions: Sequence[float], window: int = TREND_WINDOW) -> int:
     """Index of the first re-check the slope reads: the last ``window`` of ``fractions`` (ascending), and earlier
-    ones until they span ``span`` of the lr area."""
+    ones until they are covered (:func:`trend_covered`)."""
     start = max(len(fractions) - window, 0)
-    while start > 0 and fractions[-1] - fractions[start] < span:
+    while start > 0 and not trend_covered(len(fractions) - start, fractions[-1] - fractions[start], window):
         start -= 1
     return start
 
@@ -173,7 +179,7 @@ def trend_projection(history: list[dict], measured: dict[str, float | None], fra
             change = (record.get("loss_delta") or {}).get(name)
             if isinstance(change, (int, float)) and math.isfinite(change):
                 earlier.insert(0, record)
-                if len(earlier) >= TREND_WINDOW - 1 and fraction - earlier[0]["lr_area_fraction"] >= TREND_SPAN:
+                if trend_covered(len(earlier) + 1, fraction - earlier[0]["lr_area_fraction"]):
                     break
         fractions = [r["lr_area_fraction"] for r in earlier] + [fraction]
         changes = [r["loss_delta"][name] for r in earlier] + [value]
@@ -242,4 +248,4 @@ def forecast(method: str, points: dict[str, list[tuple[float, float]]],
 
 
 __all__ = ["METHODS", "areas", "blend", "blend_coefficients", "fit_blend", "fit_shared_law", "forecast", "loss_to_loss", "lr_law", "power", "trend",
-           "trend_interval", "trend_projection", "trend_start", "trend_weights"]
+           "trend_covered", "trend_interval", "trend_projection", "trend_start", "trend_weights"]
