@@ -81,6 +81,7 @@ def whole_unit():
                 {"A": 0.02, "B": 0.015, "C": 0.006}),
     ]
     return {"final_step": 8, "predicted": {"A": 0.02, "B": 0.0, "C": 0.0}, "trajectory": trajectory,
+            "interval": {"A": [-0.01, 0.05], "B": [-0.03, 0.03], "C": [-0.03, 0.03]},  # 90%: A 71% likely above 1%
             "final_on_its_texts": {"A": 0.02, "B": 0.015, "C": 0.006}}
 
 
@@ -95,6 +96,9 @@ def test_the_callbacks_own_warnings_follow_its_rules(compressed_callback):
     # the first re-check after learning (step 4) is a point, not a course: B's projection warns at step 6
     assert found["B"] == {"warned": 6, "violated": 8}
     assert found["C"] == {"warned": 6, "violated": None}
+    # the callback's warn_confidence: at 0.8 A's 71% chance warns at no train start, and no projection of it either
+    assert compressed_callback.callback_leads(whole_unit(), 0.01, 0.8)["domains"]["A"] == {"warned": None,
+                                                                                           "violated": 6}
 
 
 def test_lead_over_every_violation_and_false_alarms_over_the_quiet_domains(compressed_callback):

@@ -347,6 +347,8 @@ def test_construction_errors():
         STSCallback(sae=sae, target_domains={"law": ["x"]}, tolerance=-1)
     with pytest.raises(STSConfigError, match="recheck_steps"):
         STSCallback(sae=sae, target_domains={"law": ["x"]}, recheck_steps=0)
+    with pytest.raises(STSConfigError, match="warn_confidence must be a probability"):
+        STSCallback(sae=sae, target_domains={"law": ["x"]}, warn_confidence=90)
 
 
 @pytest.mark.parametrize("schedule, expected", [

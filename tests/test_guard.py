@@ -65,6 +65,8 @@ def test_warnings_are_given_once_and_forecast_rank_rule():
     ({"protected": {"food": 0.1}}, r"got a mapping .* pass protected=\['food'\] with tolerance="),  # was dropped
     ({"early_stop": "yes"}, "early_stop must be True, False or 'projected'"),
     ({"tolerence": 0.1}, r"Unknown guard setting\(s\) \['tolerence'\]"),
+    ({"warn_confidence": 1.0}, "warn_confidence must be a probability strictly between 0 and 1"),
+    ({"warn_confidence": 80}, "warn_confidence must be a probability strictly between 0 and 1"),
 ])
 def test_bad_settings_are_named(values, match):
     with pytest.raises(STSConfigError, match=match):
@@ -136,6 +138,27 @@ def test_percentages_show_the_sign_and_the_difference_that_matter():
     assert signed_percent(0.0004) == "+0.04%" and signed_percent(-0.0004) == "-0.04%"  # never +0.0% for a nonzero
     assert signed_percent(0.0502, apart_from=0.05) == "+5.02%" and signed_percent(0.05, apart_from=0.05) == "+5.0%"
     assert signed_percent(0.123) == "+12.3%" and signed_percent(0.0) == "+0.0%" and signed_percent(None) == "–"
+
+
+def test_the_train_start_warning_needs_the_chance_of_a_violation_the_user_asked_for():
+    # a 90% interval of +-3.3 points: a normal spread of 2 points
+    near = {"mean": 0.06, "low": 0.06 - 0.0329, "high": 0.06 + 0.0329}  # 1 point above: 69% likely above 5%
+    far = {"mean": 0.12, "low": 0.12 - 0.0329, "high": 0.12 + 0.0329}  # 3.5 spreads above: sure
+    below = {"mean": 0.04, "low": 0.04 - 0.0329, "high": 0.04 + 0.0329}  # 1 point below: 31% likely above
+    predicted = {"near": near, "far": far, "below": below}
+
+    def warned(confidence):
+        guard = Guard(GuardConfig(protected=["near", "far", "below"], warn_confidence=confidence))
+        return sorted(key.split(":")[1] for key in guard.predicted_warnings(predicted, 0.9))
+
+    assert warned(0.5) == ["far", "near"]  # the default: the predicted mean above the tolerance
+    assert warned(0.8) == ["far"]  # a 69% chance is not enough
+    assert warned(0.25) == ["below", "far", "near"]  # a 31% chance is
+    message = Guard(GuardConfig(protected=["below"], warn_confidence=0.25)).predicted_warnings(predicted, 0.9)
+    assert "a 31% chance of ending above the tolerance 5.0% (warn_confidence 0.25)" in message["predicted:below"]
+    # no interval: the mean decides
+    assert Guard(GuardConfig(protected=["x"], warn_confidence=0.9)).predicted_warnings(
+        {"x": {"mean": 0.06, "low": 0.06, "high": 0.06}}, 0.9)
 
 
 def test_with_a_calibration_the_rank_warning_follows_the_predicted_change():

@@ -91,6 +91,8 @@ LOSS_TOKENS = 2048  # the tokens per domain proxy.py measured on
 WHOLE_RECHECK_STEPS = 8  # the whole run's re-checks: 8 in 64 steps, for when a violation is first measured
 TRAJECTORY_KEYS = ("step", "loss_delta", "loss_delta_ci", "lr_area_fraction", "early_forecast", "early_forecast_ci",
                    "early_method", "early_projection", "early_blend")
+LEVEL = 0.9  # the coverage of the built-in compressed calibration's intervals (the units' ``interval``)
+CONFIDENCES = (0.5, 0.6, 0.7, 0.8, 0.9)  # the train-start warning's warn_confidence: the curve --score prints
 BLEND = HERE / "compressed_callback_blend.json"  # the shipped blend table and the units it was fitted on
 BATCHES = {"run": "the run's own first batches", "draw": "a seeded draw of the training set",
            "whole": "the run's own first batches, the whole run trained after"}
@@ -161,11 +163,19 @@ def run_source(model, tokenizer, sae_path, texts, source: str, out: Path, work: 
     return result
 
 
-def callback_leads(unit: dict, tolerance: float) -> dict:
+def callback_leads(unit: dict, tolerance: float, confidence: float = 0.5) -> dict:
     """The callback's own warnings on its own texts at ``tolerance`` (see the module's docstring): per domain, the
-    step it warned at (0: the train-start prediction; None: never) and the step its re-checks first measured the
-    violation (None: its final change is within the tolerance)."""
+    step it warned at (0: the train-start prediction, by the callback's own rule with ``warn_confidence``
+    ``confidence``; None: never) and the step its re-checks first measured the violation (None: its final change is
+    within the tolerance)."""
+    from sts_callback.pipelines.guard import Guard, GuardConfig
+
     steps = unit["final_step"]
+    guard = Guard(GuardConfig(protected=list(unit["final_on_its_texts"]), tolerance=tolerance,
+                              warn_confidence=confidence))
+    at_start = {key.split(":", 1)[1] for key in guard.predicted_warnings(
+        {d: {"mean": mean, "low": unit["interval"][d][0], "high": unit["interval"][d][1]}
+         for d, mean in unit["predicted"].items()}, LEVEL)}
     rechecks = [r for r in unit["trajectory"] if r["loss_delta"]]
     # as the callback: a projection warns from the second measured re-check on (one after any learning), and only
     # when its whole interval is above the tolerance
@@ -179,7 +189,7 @@ def callback_leads(unit: dict, tolerance: float) -> dict:
             return (r["step"] < steps and value is not None and value > tolerance and interval is not None
                     and interval[0] is not None and interval[0] > tolerance)
 
-        warned = 0 if unit["predicted"][domain] > tolerance else next(
+        warned = 0 if domain in at_start else next(
             (r["step"] for r in projecting if projected_above(r)), None)
         measured = None if final <= tolerance else next(
             (r["step"] for r in rechecks if r["loss_delta"].get(domain, -np.inf) > tolerance), steps)
@@ -254,14 +264,15 @@ def fit_and_ship_blend(out: Path, sources: list[str], path: Path | None = None) 
         print(f"  at {row[0]:.0%} of the lr area: {row[1]:+.4f} + {row[2]:.2f} x trend + {row[3]:.2f} x train-start")
 
 
-def lead_summary(units: list[dict]) -> dict:
+def lead_summary(units: list[dict], confidence: float = 0.5) -> dict:
     """Per tolerance over ``units``: lead over every violation (a miss counts 0; a warning after the violation is
-    a miss), as a share of each run, and false alarms over the domains that did not violate."""
+    a miss), as a share of each run, and false alarms over the domains that did not violate; the train-start
+    warning at ``warn_confidence`` ``confidence``."""
     out = {}
     for tolerance in TOLERANCES:
         leads, possible, missed, false_alarms, quiet = [], [], 0, 0, 0
         for unit in units:
-            found = callback_leads(unit, tolerance)
+            found = callback_leads(unit, tolerance, confidence)
             for d in found["domains"].values():
                 if d["violated"] is not None:  # the most any warning could give: one at train start
                     possible.append(d["violated"] / found["steps"])
@@ -347,11 +358,19 @@ def score(out: Path, json_out: Path, batches: str = "run") -> None:
             blended_leads["held_out"] = lead_summary([blends[s] for s in held_out])
             print_leads("blended, the sources held out of the shipped table", [blends[s] for s in held_out],
                         blended_leads["held_out"])
+    by_confidence = {f"{c:g}": lead_summary(list(blends.values()), c) for c in CONFIDENCES} if blends else None
+    if by_confidence:
+        print("the blend's lead / false alarms by the train-start warning's warn_confidence (all runs):")
+        for confidence, cells in by_confidence.items():
+            print(f"  {confidence:<4} " + "   ".join(
+                f"{float(t):.0%}: {c['mean_lead_share']:.0%} / {c['false_alarm_rate']:.0%}"
+                + ("  *" if c["meets_goal"] else "") for t, c in cells.items()))
     mean_with_proxy = float(np.mean([r["pearson_with_proxy"] for r in rows])) if rows else None
     write_json(json_out, {"batches": batches, "rows": rows, "mean_pearson_with_proxy": mean_with_proxy,
                           "leads_on_its_texts": leads, "lead_units": [u["source"] for u in with_trajectory],
                           "blend_fitted_on": fitted_on, "blend_held_out": held_out,
-                          "leads_on_its_texts_blended": blended_leads or None})
+                          "leads_on_its_texts_blended": blended_leads or None,
+                          "leads_blended_by_warn_confidence": by_confidence})
 
 
 def at_a_quarter(unit: dict) -> dict | None:

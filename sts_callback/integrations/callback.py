@@ -89,6 +89,9 @@ class STSCallback(TrainerCallback, ExportableState):
             when the early forecast projects a protected domain above ``tolerance`` by the end of training with its
             whole interval (the measured change's 95% interval, extrapolated), which stops before the violation.
         patience: see ``early_stop``.
+        warn_confidence: how likely a protected domain's train-start predicted change must be to end above
+            ``tolerance`` for a warning (0.5: its mean above it; 0.8: fewer warnings on domains that end just
+            inside, later ones on those that do not; see :class:`~sts_callback.pipelines.guard.GuardConfig`).
         strict: re-raise exceptions inside re-checks instead of warning and going on.
         recheck_at_end: re-check at the end of training when the last step was not re-checked.
         output_subdir: folder under ``args.output_dir`` for forecast, history and monitor state.
@@ -171,7 +174,7 @@ class STSCallback(TrainerCallback, ExportableState):
                  overhead_budget: float | None = None, run_level: str | None = None, run_level_steps: int | None = None,
                  loss_head_dtype: str | None = "auto", loss_body_dtype: str | None = "auto",
                  loss_head_samples: int | None = TAIL_DEFAULT, not_predicted: list[str] | tuple[str, ...] = (),
-                 _objects_from: list[str] | None = None):
+                 warn_confidence: float = 0.5, _objects_from: list[str] | None = None):
         # One config per concern, each validated now (not at train start); the flat arguments are the Trainer-
         # callback convention (exported to trainer_state.json and passed back on resume).
         config = STSConfig.from_dict(config.to_dict() if isinstance(config, STSConfig) else config)
@@ -183,6 +186,7 @@ class STSCallback(TrainerCallback, ExportableState):
                                  f"got {output_subdir!r}.")
         guard = GuardConfig(protected=protected, tolerance=tolerance, max_sts=max_sts,
                             forecast_top_k=forecast_top_k, early_stop=early_stop, patience=patience,
+                            warn_confidence=warn_confidence,
                             accuracy_tolerance=accuracy_tolerance)
         recheck = RecheckConfig(recheck_steps=recheck_steps, recheck_tokens=recheck_tokens, loss_tokens=loss_tokens,
                                 loss_precision=loss_precision, accuracy_items=accuracy_items,

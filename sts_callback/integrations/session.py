@@ -512,7 +512,7 @@ class STSSession:
         guard, store = self.guard.config, self.store
         self.write(f"the settings to {store.root}", lambda: store.write_settings(
             {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts,
-             "accuracy_tolerance": guard.accuracy_tolerance,
+             "accuracy_tolerance": guard.accuracy_tolerance, "warn_confidence": guard.warn_confidence,
              **({"no_forecast": self.no_forecast} if self.no_forecast else {})}), step)
 
     def resume(self, step: int, checkpoint: RunStore, domains: dict[str, Corpus],

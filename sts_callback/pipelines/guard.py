@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -38,6 +39,12 @@ class GuardConfig:
             measured violations, ``"projected"`` also protected domains projected (the whole interval of the projection) to end above
             ``tolerance`` (an earlier stop, on the early forecast), ``False`` never stops.
         patience: see ``early_stop``.
+        warn_confidence: how sure the train-start calibrated prediction must be that a protected domain ends above
+            ``tolerance`` before it warns: the probability its interval (read as normal) puts above the tolerance.
+            0.5 (the default): the predicted mean above it; higher trades warnings on domains that end just inside
+            the tolerance (false alarms) for later warnings (the benchmark's curve: ``compressed_callback.py
+            --score --batches whole``). A projection during training warns only when its whole 95% interval is
+            above the tolerance, whatever this is.
         max_fvu: warn when the SAE's fraction of variance unexplained on the training probe is above this at
             train start (an SAE for another model or layer: the forecast then means little).
         fvu_rise: warn when a re-check's FVU exceeds the train-start FVU by more than this (the SAE stops
@@ -51,6 +58,7 @@ class GuardConfig:
     forecast_top_k: int = 1
     early_stop: bool | str = False
     patience: int = 1
+    warn_confidence: float = 0.5
     max_fvu: float = 0.6
     fvu_rise: float = 0.15
 
@@ -84,6 +92,11 @@ class GuardConfig:
             setattr(self, name, float(value))
         if self.max_sts is not None and (isinstance(self.max_sts, bool) or not isinstance(self.max_sts, (int, float))):
             raise STSConfigError(f"max_sts must be a number or None, got {self.max_sts!r}.")
+        if isinstance(self.warn_confidence, bool) or not isinstance(self.warn_confidence, (int, float)) \
+                or not 0 < self.warn_confidence < 1:
+            raise STSConfigError(f"warn_confidence must be a probability strictly between 0 and 1 (0.5: warn when "
+                                 f"the predicted mean is above the tolerance), got {self.warn_confidence!r}.")
+        self.warn_confidence = float(self.warn_confidence)
         for name, low in (("forecast_top_k", 0), ("patience", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -110,6 +123,17 @@ class Decision:
     stop: bool = False
     reason: str | None = None
     new_violations: list[str] = field(default_factory=list)  # rules not broken at the re-check before: warn these
+
+
+def chance_above(prediction: Mapping[str, float], tolerance: float, level: float) -> float:
+    """The probability that a prediction (``mean``, ``low``, ``high`` of its ``level`` interval, read as a normal
+    with the interval's half-width) ends above ``tolerance``; 1 or 0 by the mean where the interval has no width."""
+    mean, low, high = prediction["mean"], prediction.get("low"), prediction.get("high")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    spread = (high - low) / (2 * z) if low is not None and high is not None and high > low else 0.0
+    if not spread > 0:
+        return float(mean > tolerance)
+    return 1.0 - NormalDist(mean, spread).cdf(tolerance)
 
 
 class Guard:
@@ -157,15 +181,20 @@ class Guard:
         return out
 
     def predicted_warnings(self, predicted: dict[str, dict[str, float]], level: float) -> dict[str, str]:
-        """Protected domains whose calibrated end-of-training change is above the tolerance."""
-        out, tol = {}, self.config.tolerance
+        """Protected domains whose calibrated end-of-training change ends above the tolerance with probability at
+        least ``warn_confidence`` (:func:`chance_above`; ``level``: the intervals' coverage)."""
+        out, tol, confidence = {}, self.config.tolerance, self.config.warn_confidence
         for name in self.config.protected:
             p = predicted.get(name)
-            if p is not None and p["mean"] > self.config.tolerance:
-                out[f"predicted:{name}"] = (
-                    f"STS calibrated forecast: protected domain {name!r} is predicted to get worse by "
-                    f"{percent(p['mean'], apart_from=tol)} ({level:.0%} interval {pct(p['low'])} to "
-                    f"{pct(p['high'])}), above the tolerance {tol:.1%}.")
+            if p is None or (chance := chance_above(p, tol, level)) < confidence:
+                continue
+            change = f"get worse by {percent(p['mean'], apart_from=tol)}" if p["mean"] > 0 else \
+                f"change by {pct(p['mean'])}"
+            where = f"above the tolerance {tol:.1%}" if confidence == 0.5 else \
+                f"a {chance:.0%} chance of ending above the tolerance {tol:.1%} (warn_confidence {confidence:g})"
+            out[f"predicted:{name}"] = (
+                f"STS calibrated forecast: protected domain {name!r} is predicted to {change} ({level:.0%} interval "
+                f"{pct(p['low'])} to {pct(p['high'])}), {where}.")
         return out
 
     def fit_warnings(self, start: dict[str, float] | None, now: dict[str, float] | None) -> dict[str, str]:
