@@ -351,6 +351,28 @@ def test_construction_errors():
         STSCallback(sae=sae, target_domains={"law": ["x"]}, warn_confidence=90)
 
 
+def test_target_domains_of_the_wrong_shape_are_refused_at_construction():
+    """Before the trainer and model are set up, with the fix: a new user's shapes that had failed only at train
+    start, or named the wrong argument."""
+    from datasets import Dataset
+
+    sae = TinySAE(32, 64, hook_name="blocks.1.hook_resid_post")
+    texts = ["the court held that the statute applies", "the judge ruled on appeal"]
+    cases = [
+        (Dataset.from_dict({"text": texts}), STSConfigError, r"target_domains is a Dataset: .*\{'law': data\}"),
+        ((t for t in texts), STSConfigError, "target_domains is a generator"),
+        ([texts, texts], STSInputError, r"target_domains\[0\] is a list of 2 texts without a name"),
+        (texts, STSInputError, r"target_domains\[0\] \('the court held that the statute applies'\) looks like a "
+                               r"text, not a domain name.*target_domains=\{'law': \[...\]\}"),
+        ({"law": []}, STSInputError, "An empty list for target 'law'"),
+        ({"law": Dataset.from_dict({"content": texts})}, STSInputError,
+         r"Cannot read the dataset of target 'law': its columns are \['content'\].*rename_column"),
+    ]
+    for target, error, words in cases:
+        with pytest.raises(error, match=words):
+            STSCallback(sae=sae, target_domains=target)
+
+
 @pytest.mark.parametrize("schedule, expected", [
     ([1, 2, 5], [1, 2, 5, 6]),  # listed steps (dense early), then the end of training
     (0.5, [3, 6]),  # every half of the run, as TrainingArguments' fractional eval_steps

@@ -94,9 +94,28 @@ def test_a_value_that_cannot_be_data_names_its_target(value, words):
         load_domains({"chem": value, "food": ["a b"]})
     assert words in str(err.value)
     with pytest.raises(STSInputError, match=r"for targets\[1\]"):
-        load_domains([["a b"], value])
+        load_domains(["legal", value])
     with pytest.raises(STSInputError, match="for 'train'"):
         load_corpus(value, name="train")
+
+
+@pytest.mark.parametrize("entry, words", [
+    (["a b", "c d"], r"targets\[1\] is a list of 2 texts without a name: .* give data under a name: "
+                     r"targets=\{'law': \[...\]\}"),
+    ("the court held that the statute applies", r"targets\[1\] \('the court held that the statute applies'\) "
+                                                r"looks like a text, not a domain name or a data file"),
+])
+def test_a_list_of_targets_names_each_domain(entry, words):
+    """In a list every entry names its domain (a registered name or a file): texts there had been named 'data' and
+    the second such entry was refused as a duplicate name; a text, as an unknown domain."""
+    from sts_callback.core.data import load_domains
+
+    with pytest.raises(STSInputError, match=words):
+        load_domains(["legal", entry])
+    with pytest.raises(STSInputError, match="An empty list for target 'chem': give it at least one text"):
+        load_domains({"chem": []})
+    with pytest.raises(STSInputError, match="got a generator; name the domain"):
+        load_domains(text for text in ["a b"])
 
 
 def test_unreadable_data_files_are_input_errors_naming_file_and_target(tmp_path):

@@ -538,6 +538,8 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
             f"A dict is not a dataset here{f' (given{_for(what)})' if what else ''}: pass a list of texts / "
             "records, a datasets.Dataset, or a path (for several target domains, pass a dict of name -> data to "
             "`targets`).")
+    if isinstance(data, (list, tuple)) and not data:
+        raise STSInputError(f"An empty list{_for(what)}: give it at least one text.")
     if not isinstance(data, Sequence) and not is_map_style_torch_dataset(data):
         raise STSInputError(
             f"Cannot use {type(data).__name__} {data!r:.60} as data{_for(what)}; pass a list of texts, chat "
@@ -615,6 +617,29 @@ def is_dataset(data: Any) -> bool:
     return type(data).__name__ in ("Dataset", "IterableDataset") and hasattr(data, "column_names")
 
 
+def check_named_target(item: Any, what: str, argument: str = "targets") -> None:
+    """One entry of a *list* of target domains: a registered domain name, a data file (named by its stem) or a
+    named :class:`Corpus`. Data without a name (texts, a Dataset) or a text given where a name goes is refused,
+    with the dict form that names it."""
+    example = f"{argument}={{'law': [...]}}"
+    if isinstance(item, Corpus):
+        return
+    if isinstance(item, (str, Path)):
+        from .corpora import available_domains
+
+        text = str(item)
+        if (text in available_domains() or Path(os.path.expanduser(text)).exists()
+                or not (len(text.split()) > 1 or "\n" in text)):
+            return  # a name or a path: check_data_spec says what is wrong with it, if anything
+        shown = repr(text if len(text) <= 40 else text[:40] + "...")
+        raise STSInputError(f"{what} ({shown}) looks like a text, not a domain name or a data file: a list of "
+                            f"target domains names them; to give a domain's texts, name the domain: {example}.")
+    check_data_spec(item, what)  # no data at all: said as for any input
+    kind = f"a list of {len(item)} texts" if isinstance(item, (list, tuple)) else f"a {type(item).__name__}"
+    raise STSInputError(f"{what} is {kind} without a name: a list of target domains holds domain names or data files "
+                        f"(each named by its stem); give data under a name: {example}.")
+
+
 def load_domains(targets: Any) -> dict[str, Corpus]:
     """``targets``: a dict name -> data, or a list of domain names / paths."""
     if isinstance(targets, dict):  # an lm-eval task: its documents' prompts and right answers
@@ -623,6 +648,7 @@ def load_domains(targets: Any) -> dict[str, Corpus]:
     elif isinstance(targets, (list, tuple)):
         domains = {}
         for index, item in enumerate(targets):
+            check_named_target(item, f"targets[{index}]")
             corpus = load_corpus(item, what=f"targets[{index}]")
             if not corpus.name.strip():
                 raise STSInputError(f"targets[{index}] has the empty name {corpus.name!r}; pass a dict of name -> "
@@ -631,7 +657,8 @@ def load_domains(targets: Any) -> dict[str, Corpus]:
                 raise STSInputError(f"Two target domains are named {corpus.name!r}; pass a dict of name -> data.")
             domains[corpus.name] = corpus
     else:
-        raise STSInputError("targets must be a dict of name -> data or a list of domain names / paths.")
+        raise STSInputError(f"targets must be a dict of name -> data or a list of domain names / paths, got a "
+                            f"{type(targets).__name__}; name the domain: {{'law': data}}.")
     if not domains:
         raise STSInputError("No target domains given; pass at least one in `targets`.")
     return {name: corpus if isinstance(corpus, DomainCorpus) else DomainCorpus(corpus)

@@ -23,7 +23,7 @@ from transformers.trainer_callback import ExportableState
 from ..core.atomic import check_writable_folder
 from ..core.capture import check_measurable, parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
-from ..core.data import anchored, check_data_spec, load_corpus, named_items, text_tokenizer
+from ..core.data import anchored, check_data_spec, check_named_target, load_corpus, named_items, text_tokenizer
 from ..core.distributed import raise_collectively
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.sae import check_not_on_meta, missing_sae_folder
@@ -43,7 +43,7 @@ from .trainer_shift import (DISTILLATION_SHIFTS, RL_SHIFTS, ROLLOUT_SHIFTS, chec
                             rollout_probe, trainer_distillation_rollouts, trainer_rollouts, unreproduced_generation)
 from .trainer_run_level import (COMPRESSED_SHARE, DEFAULT_RUN_LEVEL_STEPS, RUN_LEVEL_METHODS, check_run_level,
                                 compressed_lr_factor, run_level_runner)
-from .training_data import EVAL_DATASET, probe_corpus, target_corpora
+from .training_data import EVAL_DATASET, check_readable_columns, probe_corpus, target_corpora
 
 
 def saved_in_trainer_state(checkpoint: Path, output_subdir: str) -> dict[str, Any] | None:
@@ -991,14 +991,20 @@ def _check_inputs(sae: Any, target: Any, protected: list[str], data: dict[str, A
     if isinstance(target, (str, Path)) and str(target) != EVAL_DATASET:
         raise STSConfigError(f"target_domains={str(target)!r}: give a dict name -> data, a list of domain names "
                              f"or paths (e.g. [{str(target)!r}]), or {EVAL_DATASET!r} for the trainer's eval set(s).")
+    if not isinstance(target, (str, Path, dict, list, tuple)):  # a Dataset, a generator, a DataFrame
+        raise STSConfigError(f"target_domains is a {type(target).__name__}: give a dict name -> data, naming the "
+                             "domain (target_domains={'law': data}), a list of domain names or data files, or "
+                             f"{EVAL_DATASET!r} for the trainer's eval set(s).")
     if isinstance(target, dict):  # an lm-eval target's settings are checked now, the harness loads later
         for name, value in named_items(target, "target_domains").items():
             if is_lm_eval_target(value):
                 LmEvalTarget.from_spec(value, name)
             else:
                 check_data_spec(value, f"target {name!r}")
+                check_readable_columns(value, f"target {name!r}")
     elif isinstance(target, (list, tuple)):
         for index, value in enumerate(target):
+            check_named_target(value, f"target_domains[{index}]", "target_domains")
             check_data_spec(value, f"target_domains[{index}]")
     names = list(target) if isinstance(target, dict) else None
     if isinstance(target, (list, tuple)):

@@ -278,10 +278,25 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train", m
         # `completion_mask` it ignores when completion_only_loss=False); the masks alone only without labels.
         mask_key = next((k for k in ("labels", "completion_mask", "assistant_masks") if k in columns), None)
         return DecodedCorpus(name, dataset, tokenizer, None, None, mask_key)
-    what = "train dataset (pass train_probe= to STSCallback" if name == "train" else \
-        f"dataset {name!r} (pass that domain's texts or records"
-    raise STSInputError(f"Cannot read the trainer's {what} with texts or records instead); its columns are "
-                        f"{sorted(columns)}, none of {sorted(RAW_COLUMNS)}, 'input_ids' or 'prompt_ids'.")
+    raise STSInputError(unreadable_columns(columns, name))
+
+
+def unreadable_columns(columns: set[str], name: str) -> str:
+    """Why a dataset with ``columns`` cannot be read (none of the raw or tokenized columns), and the fix."""
+    found = f"its columns are {sorted(columns)}, none of {sorted(RAW_COLUMNS)}, 'input_ids' or 'prompt_ids'"
+    if name == "train":
+        return (f"Cannot read the trainer's train dataset: {found}. Pass train_probe= to STSCallback with texts or "
+                "records of the training data.")
+    return (f"Cannot read the dataset of {name}: {found}. Rename its text column (e.g. "
+            "dataset.rename_column('content', 'text')) or give that domain's texts as a list.")
+
+
+def check_readable_columns(data: Any, what: str) -> None:
+    """A target given as a datasets.Dataset whose columns hold nothing this package reads: refused before training
+    (a tokenized set is read from ``input_ids`` / ``prompt_ids``)."""
+    columns = set(getattr(data, "column_names", None) or ()) if is_dataset(data) else set()
+    if columns and not columns & (RAW_COLUMNS | {"input_ids", "prompt_ids"}):
+        raise STSInputError(unreadable_columns(columns, what))
 
 
 def _trained_as_tokenized(dataset: Any, columns: set[str], first: Any, max_length: int | None) -> bool:
