@@ -218,6 +218,19 @@ def test_data_far_below_the_budget_warns_and_a_nan_metric_is_written_as_null(tin
                       dead_fraction=0.0, training_tokens=1, unique_tokens=1, seconds=0.0).to_dict()["fvu"] is None
 
 
+def test_an_sae_that_explains_little_is_said_so_in_the_warning_and_the_report(tiny, tmp_path):
+    """Two training steps leave an SAE the callback would warn about at train start (FVU above 0.6): said now,
+    where the fix (more tokens) is in reach, not first in a training run."""
+    model, tokenizer = tiny
+    config = SAETrainingConfig(d_sae=64, k=4, training_tokens=256, batch_size_tokens=128)
+    with pytest.warns(STSDataWarning, match=r"explains little of the residual stream: fraction of variance "
+                                            r"unexplained \d\.\d\d on held-out tokens \(above 0\.6.*after 2 "
+                                            r"training step\(s\)\. Train on more tokens"):
+        result = train_sae(model, tokenizer, _texts(10), LAYER, config, output_dir=tmp_path)
+    assert result.fvu > 0.6
+    assert any("explains little" in note for note in json.loads((tmp_path / REPORT_FILENAME).read_text())["notes"])
+
+
 def test_inputs_are_checked_from_config_json_and_the_data_before_weights_load(tmp_path):
     """`sts train-sae` can check the layer and the data with no weights loaded: the folder here has none."""
     make_model("llama").config.save_pretrained(tmp_path / "model")  # config.json only, 3 layers

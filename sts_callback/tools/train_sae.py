@@ -539,6 +539,7 @@ def train_sae(model: nn.Module, tokenizer: Any, texts: Iterable[str], layer: int
         sae = SAE.load_from_disk(str(folder), device=device)
         sae.eval()
         metrics = evaluate_sae(sae, eval_acts.to(device))
+        data_warnings += _fit_note(metrics, steps, held_out_rows > 0)
         seconds = time.perf_counter() - started
         result = TrainedSAE(
             sae=sae, path=str(Path(output_dir).resolve()) if output_dir is not None else None, layer=layer,
@@ -583,6 +584,25 @@ def _remove_stale_staging(folder: Path) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
         except OSError:
             pass
+
+
+def _fit_note(metrics: dict[str, float], steps: int, held_out: bool) -> list[str]:
+    """A warning (returned too, for the report) when the trained SAE explains too little of the residual stream
+    for a forecast: above the FVU at which the callback warns at train start."""
+    from ..pipelines.guard import GuardConfig
+
+    limit = GuardConfig.max_fvu
+    if not metrics["fvu"] > limit:
+        return []
+    import warnings
+
+    message = (f"The SAE explains little of the residual stream: fraction of variance unexplained "
+               f"{metrics['fvu']:.2f} on {'held-out' if held_out else 'its training'} tokens (above {limit:g}, where "
+               f"STSCallback warns that its forecast means little; {metrics['dead_fraction']:.0%} of latents dead) "
+               f"after {steps} training step(s). Train on more tokens (--tokens / training_tokens) and texts, or a "
+               "larger k.")
+    warnings.warn(message, STSDataWarning, stacklevel=3)
+    return [message]
 
 
 def _check_data_amount(total_rows: int, held_out_rows: int, held_out_fraction: float,
