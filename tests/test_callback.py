@@ -939,7 +939,11 @@ def test_overhead_budget_keeps_the_protected_domain_and_defers_the_others(tmp_pa
         assert sorted(record["overhead"]["skipped"]) == ["chem", "law"] and record["overhead"]["budget"] == 0.01
     over = [w for w in caught if "above overhead_budget=0.01" in str(w.message)]
     assert len(over) == 1 and "raise recheck_steps" in str(over[0].message)
-    assert "Re-checks so far took" in (tmp_path / "run" / "sts" / "report.md").read_text()
+    report = (tmp_path / "run" / "sts" / "report.md").read_text()
+    assert "Re-checks took" in report and "so far" not in report  # the run has ended
+    # the warnings say what the budget left out of every re-check, not "No warnings."
+    assert "law, chem: no re-check measured their held-out loss (the overhead budget kept them waiting" in report
+    assert "No warnings." not in report
 
 
 def test_a_run_stopped_before_max_steps_ends_there_without_a_projection(tmp_path, tokenizer):

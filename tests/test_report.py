@@ -535,6 +535,7 @@ def test_numbers_never_contradict_themselves(tmp_path):
     (sts / "settings.json").write_text(json.dumps({"protected": ["a"], "tolerance": 0.05}))
     record = {"step": 2, "scores": {"a": {"sts_act": 1.0}, "b": {"sts_act": 2.0}}, "shifted_latents": [1],
               "loss_delta": {"a": 0.0502, "b": 0.01}, "loss_delta_ci": {"a": [0.0004, 0.1], "b": [-0.0004, 0.02]},
+              "lr_area_fraction": 0.5,
               "overhead": {"share": 4.2316, "budget": None, "train_seconds": 0.0359, "recheck_seconds": 0.1519,
                            "skipped": []}}
     (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
@@ -549,6 +550,11 @@ def test_numbers_never_contradict_themselves(tmp_path):
     (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
     assert ("Re-checks so far took 5.02% of training time (budget 5.0%): 6 s against 120 s; waiting their turn: b."
             in write_report(sts)[1].read_text())
+    # b was measured here, so nothing went unmeasured; at the run's end the cost is the run's, not "so far"
+    assert "no re-check measured" not in write_report(sts)[1].read_text()
+    record["lr_area_fraction"] = 1.0
+    (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
+    assert "Re-checks took 5.02% of training time" in write_report(sts)[1].read_text()
 
 
 def calibrated_forecast(names: list[str], means: dict[str, float], calibration: dict) -> Forecast:

@@ -248,12 +248,35 @@ class ReportData:
         return (f"Training ended at step {last['step']}, before max_steps={last['ended_early']['max_steps']}: the "
                 "last re-check's changes are the run's end result, not a point on the way.")
 
+    @property
+    def has_ended(self) -> bool:
+        """The last re-check is at the run's end: the end of its learning-rate schedule, an early stop, a run
+        stopped before max_steps or a checkpoint loaded at the end."""
+        last = self.rechecks[-1] if self.rechecks else {}
+        share = last.get("lr_area_fraction")
+        return (not isinstance(share, (int, float)) or share >= 1 or bool(last.get("early_stop"))
+                or self.ended_before_the_end)
+
+    def never_measured(self) -> list[str]:
+        """Target domains the overhead budget kept waiting their turn at every re-check: no change measured."""
+        waiting = (self.rechecks[-1].get("overhead") or {}).get("skipped") or [] if self.rechecks else []
+        measured = {name for r in self.rechecks for name, v in (r.get("loss_delta") or {}).items() if v is not None}
+        return [name for name in waiting if name not in measured]
+
+    def never_measured_note(self) -> str | None:
+        names = self.never_measured()
+        if not names:
+            return None
+        return (f"{', '.join(names)}: no re-check measured {'its' if len(names) == 1 else 'their'} held-out loss (the "
+                "overhead budget kept them waiting their turn); raise overhead_budget, or protect what must be "
+                "measured at every re-check.")
+
     def unfinished_note(self) -> str | None:
         """Says so when the last re-check came before the end of the learning-rate schedule and nothing says the run
         ended there: a report written during training, or a run that stopped without its final re-check."""
         last = self.rechecks[-1] if self.rechecks else {}
         share = last.get("lr_area_fraction")
-        if not isinstance(share, (int, float)) or share >= 1 or last.get("early_stop") or self.ended_before_the_end:
+        if self.has_ended:
             return None
         return (f"The last re-check is at step {last['step']} ({share:.0%} of the learning-rate schedule): the run had "
                 "not ended when it was made (still training, or stopped without a final re-check; `sts report` "
@@ -892,7 +915,7 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
                      data.probe_error_note()):
             if note:
                 lines.append(esc(note))
-        if spent := _overhead(data.rechecks[-1]):  # every re-check's cost, also those after a loaded checkpoint
+        if spent := _overhead(data.rechecks[-1], data.has_ended):  # every re-check's, also after a loaded checkpoint
             lines.append(esc(spent))
         note = data.precision_note()
         if note:
@@ -912,10 +935,13 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
                      for step, v in projected)
     items += "".join(f"<li><b>{esc(r['early_stop'])}</b></li>" for r in stops)
     items += "".join(f"<li>step {esc(r.get('step'))}: re-check failed ({esc(r['error'])})</li>" for r in errors)
+    unmeasured = data.never_measured_note()
+    items += f"<li>{esc(unmeasured)}</li>" if unmeasured else ""
     tags = [tag for listed, tag in ((warnings, '<span class="tag warn">warnings</span>'),
                                     (projected, '<span class="tag warn">projected warnings</span>'),
                                     (stops, '<span class="tag protected">early stop</span>'),
-                                    (errors, '<span class="tag err">failed re-checks</span>')) if listed]
+                                    (errors, '<span class="tag err">failed re-checks</span>'),
+                                    (unmeasured, '<span class="tag warn">domains not measured</span>')) if listed]
     status = " ".join(tags) or ('<span class="tag ok">no warnings</span>' if data.rechecks else "")
     body = "".join(f"<div>{line}</div>" for line in lines)
     warn = f'<ul class="warnings">{items}</ul>' if items else ""
@@ -1255,7 +1281,7 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                      data.probe_error_note()):
             if note:
                 lines.append(md_esc(note))
-        if spent := _overhead(data.rechecks[-1]):  # every re-check's cost, also those after a loaded checkpoint
+        if spent := _overhead(data.rechecks[-1], data.has_ended):  # every re-check's, also after a loaded checkpoint
             lines.append(spent)
         note = data.precision_note()
         if note:
@@ -1278,6 +1304,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                  for v in r.get("projected_warnings") or []]
     warnings += [f"**{md_esc(r['early_stop'])}**" for r in data.history if r.get("early_stop")]
     warnings += [f"step {r.get('step')}: re-check failed ({md_esc(r['error'])})" for r in data.history if "error" in r]
+    if unmeasured := data.never_measured_note():
+        warnings.append(md_esc(unmeasured))
     if warnings:
         lines += ["**Warnings**", "", *[f"- {w}" for w in warnings], ""]
     elif data.rechecks:
@@ -1354,15 +1382,16 @@ def write_report(sts_dir: str | Path, protected: list[str] | None = None) -> tup
 
 
 
-def _overhead(record: dict[str, Any]) -> str | None:
-    """What the re-checks have cost, as a sentence (records before the overhead was kept: ``None``)."""
+def _overhead(record: dict[str, Any], ended: bool) -> str | None:
+    """What the re-checks have cost, as a sentence (records before the overhead was kept: ``None``); ``ended``:
+    the run has ended, so the cost is the run's, not "so far"."""
     spent = record.get("overhead") or {}
     if spent.get("share") is None:
         return None
     budget = f" (budget {percent(spent['budget'])})" if spent.get("budget") is not None else ""
     waited = f"; waiting their turn: {', '.join(spent['skipped'])}" if spent.get("skipped") else ""
     share = percent(spent["share"], apart_from=spent.get("budget"))
-    return (f"Re-checks so far took {share} of training time{budget}: "
+    return (f"Re-checks {'' if ended else 'so far '}took {share} of training time{budget}: "
             f"{_seconds(spent['recheck_seconds'])} s against {_seconds(spent['train_seconds'])} s{waited}.")
 
 __all__ = ["write_report", "render_html", "render_markdown", "ReportData", "optional_pyplot"]
