@@ -585,6 +585,32 @@ def test_a_new_run_in_an_earlier_runs_folder_does_not_take_its_forecast(tmp_path
     assert len(list(out.glob("history.2*.jsonl"))) == 1 and history_steps(out / "history.jsonl") == [2]
 
 
+def test_an_interrupted_runs_report_is_archived_with_every_re_check_its_history_holds(tmp_path, tokenizer):
+    """A run stopped (Ctrl-C) after a re-check whose report the throttle had not yet written, then re-checked by
+    an evaluation: the next run archived the earlier history (2 re-checks) beside a report of 1."""
+    from transformers import TrainerCallback
+
+    class CtrlC(TrainerCallback):
+        armed = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.armed and state.global_step == 3:
+                raise KeyboardInterrupt
+
+    callback, stop = make_callback(recheck_steps=2, protected=["food"]), CtrlC()
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=6, extra_callbacks=[stop])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.evaluate(trainer.train_dataset)  # re-checks step 3 after the report was written
+    out = tmp_path / "run" / "sts"
+    assert history_steps(out / "history.jsonl") == [2, 3]
+    stop.armed = False
+    trainer.train()
+    (report,) = out.glob("report.2*.md")
+    (history,) = out.glob("history.2*.jsonl")
+    assert history_steps(history) == [2, 3] and "step 3" in report.read_text()
+
+
 def test_two_callbacks_in_one_folder_are_refused_and_in_their_own_folders_both_run(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, make_callback(), extra_callbacks=[make_callback()], max_steps=2)
     with pytest.raises(STSConfigError, match="2 STSCallbacks on this trainer write to the same folder.*output_subdir"):

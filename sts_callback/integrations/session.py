@@ -43,7 +43,7 @@ from ..core.errors import (ForecastSkipped, STSConfigError, STSDataWarning, STSE
                            STSNegativeTransferWarning, STSUsageError)
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype
 from ..core.config import STSConfig, recheck_variant
-from ..core.run_store import HISTORY_FILE, STATE_FILE, RunStore
+from ..core.run_store import HISTORY_FILE, REPORT_MD_FILE, STATE_FILE, RunStore
 from ..core.sae import missing_sae_folder
 from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
@@ -98,6 +98,18 @@ REPORT_INTERVAL_SECONDS = 60.0
 REPORT_COST_SHARE = 0.1
 COUNTERS = ("violations_in_a_row", "warned", "violating", "stop_reason", "base_losses", "predicted", "base_fit",
             "base_accuracy", "run_id", "adapters_start_at_the_base")
+
+
+def _report_up_to_date(store: RunStore) -> None:
+    """An earlier run's report redrawn from its files where its history is newer (the run was stopped between a
+    re-check and the next report, or an evaluation re-checked after it): archived beside its history, it says what
+    that history holds."""
+    history, report = store.path(HISTORY_FILE), store.path(REPORT_MD_FILE)
+    if history.exists() and history.stat().st_size and (
+            not report.exists() or report.stat().st_mtime_ns < history.stat().st_mtime_ns):
+        from ..reporting.report import write_report
+
+        write_report(store.root)
 
 
 class STSSession:
@@ -494,6 +506,7 @@ class STSSession:
             monitor.base_loss_seconds[name] for name in self.guard.config.protected)
         if self.is_main:
             self.write(f"the monitor state to {store.monitor_path}", lambda: monitor.save(store.monitor_path), 0)
+            self.write(f"the earlier run's report in {store.root}", lambda: _report_up_to_date(store), 0)
             self.write(f"the earlier run's results in {store.root}", store.archive_previous_run, 0)
             self._write_settings(0)
             self.write(f"the callback state to {store.root}", lambda: store.write_state(self.counters()), 0)
