@@ -258,6 +258,27 @@ def test_a_change_that_is_not_a_number_is_left_out_like_an_unmeasured_one_naming
     assert calibration.n == 15  # 4 runs x 4 domains, less chem of run2
 
 
+def test_a_domain_the_last_recheck_failed_is_left_out_not_taken_from_an_earlier_step(tmp_path):
+    """A new user's run whose last re-check failed for law (null) was fitted with law's mid-training change as if
+    it were the end of training, silently; a domain the last re-check left to a later turn (absent) still takes
+    its latest change, as rotation (loss_domains=) needs."""
+    runs = runs_in(tmp_path)
+    history = tmp_path / "run2" / "sts" / "history.jsonl"
+    lines = history.read_text().splitlines()
+    last = json.loads(lines[-1])
+    last["loss_delta"]["chem"] = None
+    history.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    with pytest.warns(STSDataWarning, match=r"run2: the last re-check \(step 4\) has no finite change for "
+                                            r"\['chem'\].*left out of the fit rather than taken from an earlier step"):
+        calibration = Calibration.from_runs(runs, ["f0"])
+    assert calibration.n == 15
+    del last["loss_delta"]["chem"]  # not measured at the end (its turn): the step-2 change stands
+    history.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        assert Calibration.from_runs(runs, ["f0"]).n == 16
+
+
 def test_a_feature_no_run_has_is_named_with_the_features_they_have(tmp_path):
     runs = runs_in(tmp_path, n_features=2)
     with pytest.raises(STSInputError, match=r"No run has the feature\(s\) \['f2'\]; the runs' forecasts have "

@@ -10,8 +10,8 @@ from tiny import DOMAIN_WORDS, TinySAE, domain_texts, make_model, make_tokenizer
 from sts_callback import STSConfig, STSConfigError, STSDataWarning, STSInputError, forecast
 from sts_callback.tools.cli import main
 from sts_callback.core.data import load_corpus
-from sts_callback.pipelines.gate import (GateDecision, GateRules, MixtureRejected, filter_examples, gate_mixture,
-                                         write_jsonl)
+from sts_callback.pipelines.gate import (GateDecision, GateRules, MixtureRejected, check_budget, filter_examples,
+                                         gate_mixture, write_jsonl)
 
 LAYER = 1
 
@@ -185,6 +185,8 @@ def test_weight_rules_and_budget(model, tokenizer):
                        targets(), "law", {"wanted": wanted}, budget=220, config=config(), score_examples=False)
     assert sum(sts.weights.values()) == pytest.approx(1.0)
     assert sum(sts.allocation.values()) == 220
+    # a budget written 2.2e2 (YAML reads it as a float) is the same whole number; it had been refused
+    assert check_budget(2.2e2) == 220 and isinstance(check_budget(2.2e2), int)
     # the paper's rule: a served domain's share is proportional to the other candidates' pressure on it
     pressure = {n: statistics.fmean(sts.forecasts[o].score(wanted[n]) for o in wanted if o != n) for n in wanted}
     total = sum(pressure.values())
@@ -465,7 +467,8 @@ def test_filter_settings_are_checked_whatever_their_type(decision):
                                      "not list"),
     ({"protected": ["law", "law"]}, "['law'] are named more than once in `protected`"),
     ({"protected": ["sport"]}, "['sport'] are not among the target domains"),
-    ({"budget": 0}, "budget=0 must be a positive number"),
+    ({"budget": 0}, "budget=0 must be a positive whole number"),
+    ({"budget": 100.5}, "budget=100.5 must be a positive whole number"),
     ({"max_rank": 4}, "max_rank=4 with 4 target domains rejects every candidate"),
     ({"wanted": {"code": "sport"}}, "wanted['code'] = 'sport' is not a target domain"),
     ({"options": {**config().to_dict(), "compute_icl": False, "ranking": "sts_act"}, "score": "sts_icl"},

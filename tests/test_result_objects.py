@@ -101,6 +101,10 @@ def test_round_trips_copies_and_strict_json(result, tmp_path):
     newer = {**result.to_dict(), "made_up_field": 1}
     with pytest.raises(STSInputError, match="made_up_field"):
         Forecast.from_dict(newer)
+    per_domain = result.to_dict()
+    per_domain["domains"]["code"]["extra"] = 1  # had raised a bare TypeError
+    with pytest.raises(STSInputError, match=r"domain 'code' has fields this version does not know \(\['extra'\]\)"):
+        Forecast.from_dict(per_domain)
 
 
 @pytest.fixture(scope="module")

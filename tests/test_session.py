@@ -95,6 +95,49 @@ def test_session_resumes_from_its_checkpoint_folder(tmp_path, tokenizer):
         assert record["loss_delta"][name] == pytest.approx(first.history[0]["loss_delta"][name], abs=1e-6)
 
 
+def test_a_resume_with_another_sae_is_refused_and_checkpoint_folders_may_be_paths(tmp_path, tokenizer):
+    """A new user's loop resumed with an SAE of another layer, or other weights: its latents were compared with the
+    train-start statistics of the first SAE, silently. Paths given for the checkpoint folder had raised
+    AttributeError."""
+    from sts_callback.core.errors import STSInputError
+
+    model = make_model("llama")
+    train = load_corpus(domain_texts("law", 40, seed=3))
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    first = session_for(tmp_path)
+    first.prepare(model, tokenizer, train, domains)
+    first.start(model, train, domains)
+    first.recheck(model, 2, max_steps=4)
+    first.save_checkpoint(str(tmp_path / "checkpoint-2" / "sts"), 2)  # a path, as the session's own folder
+    for sae, what in ((TinySAE(32, 64, hook_name="blocks.0.hook_resid_post"), "blocks.0.hook_resid_post"),
+                      (TinySAE(32, 64, hook_name="blocks.1.hook_resid_post", seed=1), "weights")):
+        other = STSSession(sae, FAST, GuardConfig(protected=["food"]),
+                           RecheckConfig(recheck_tokens=150, loss_tokens=120, loss_precision=None), tmp_path / "sts")
+        other.prepare(model, tokenizer, train, domains)
+        with pytest.raises(STSInputError, match=f"measured with another SAE .*{what}.*Resume with the SAE the run "
+                                                "started with"):
+            other.resume(2, tmp_path / "checkpoint-2" / "sts", domains)
+    again = session_for(tmp_path)
+    again.prepare(model, tokenizer, train, domains)
+    again.resume(2, tmp_path / "checkpoint-2" / "sts", domains)  # the same SAE: resumes
+    assert again.base_losses == first.base_losses
+
+
+def test_start_with_other_texts_under_the_prepared_names_is_refused(tmp_path, tokenizer):
+    """The forecast read start()'s texts and the re-checks prepare()'s: chem's texts under the name food were
+    forecast as food, silently."""
+    from sts_callback import STSUsageError
+
+    model = make_model("llama")
+    probe = load_corpus(domain_texts("law", 30))
+    session = session_for(tmp_path)
+    session.prepare(model, tokenizer, probe, {d: domain_texts(d, 30) for d in DOMAINS})
+    swapped = {d: domain_texts("chem" if d == "food" else d, 30) for d in DOMAINS}
+    with pytest.raises(STSUsageError, match=r"other texts for \['food'\] than prepare\(\) sampled"):
+        session.start(model, probe, swapped)
+    session.start(model, probe, {d: domain_texts(d, 30) for d in DOMAINS})  # the same texts, loaded again: fine
+
+
 def test_a_resume_from_the_run_folder_counts_the_violations_it_kept(tmp_path, tokenizer):
     """A loop that never saved a checkpoint resumes from its run folder, whose counters were written at train
     start: two violating re-checks in a row read as none, so a patience-3 stop came two re-checks late."""

@@ -100,6 +100,16 @@ COUNTERS = ("violations_in_a_row", "warned", "violating", "stop_reason", "base_l
             "base_accuracy", "run_id", "adapters_start_at_the_base")
 
 
+def _run_store(folder: RunStore | str | Path, call: str) -> RunStore:
+    """A checkpoint's STS folder as given: its path or its :class:`RunStore`."""
+    if isinstance(folder, RunStore):
+        return folder
+    if isinstance(folder, (str, Path)) and str(folder).strip():
+        return RunStore(Path(folder).expanduser())
+    raise STSUsageError(f"STSSession.{call}() takes the checkpoint's STS folder as a path or RunStore, got "
+                        f"{folder!r}.")
+
+
 def _report_up_to_date(store: RunStore) -> None:
     """An earlier run's report redrawn from its files where its history is newer (the run was stopped between a
     re-check and the next report, or an evaluation re-checked after it): archived beside its history, it says what
@@ -337,9 +347,7 @@ class STSSession:
             warn_on_main(problem, STSDataWarning, stacklevel=3)
         self.setup = ForecastSetup.create(model, tokenizer, self.sae, self.config)
         seed, settings = self.config.seed, self.settings
-        loss_sets = {name: Monitor.sample_sequences(corpus, self.setup, settings.loss_tokens, f"{seed}:heldout:{name}",
-                                                    settings.loss_sequence_tokens)[0]
-                     for name, corpus in domains.items()}
+        loss_sets = {name: self._loss_set(name, corpus) for name, corpus in domains.items()}
         single = sorted(name for name, sequences in loss_sets.items() if len(sequences) == 1)
         if single:  # a change of one sequence has no spread: no interval, so no violation can ever be sure
             warn_on_main(f"The held-out loss of {single} is measured on one sequence (loss_tokens="
@@ -511,6 +519,11 @@ class STSSession:
             self._write_settings(0)
             self.write(f"the callback state to {store.root}", lambda: store.write_state(self.counters()), 0)
 
+    def _loss_set(self, name: str, corpus: Corpus) -> list:
+        """The held-out sequences of a domain its loss is measured on (seeded by the domain's name)."""
+        return Monitor.sample_sequences(corpus, self.setup, self.settings.loss_tokens,
+                                        f"{self.config.seed}:heldout:{name}", self.settings.loss_sequence_tokens)[0]
+
     def _check_prepared_domains(self, domains: dict[str, Corpus], call: str) -> None:
         """``start`` / ``resume`` measure the domains ``prepare`` sampled (the monitor's loss sets): another set
         would leave a domain with a forecast and no loss, or a loss and no forecast."""
@@ -518,6 +531,12 @@ class STSSession:
         if sorted(domains) != prepared:
             raise STSUsageError(f"STSSession.{call}() got the target domains {sorted(domains)}, prepare() "
                                 f"{prepared}: pass the same domains to both.")
+        if call != "start":  # a resume measures the held-out texts its checkpoint kept, whatever is given now
+            return
+        other = [name for name, corpus in domains.items() if self._loss_set(name, corpus) != self.monitor.loss_sets[name]]
+        if other:  # the forecast would read these texts, the re-checks prepare()'s
+            raise STSUsageError(f"STSSession.start() got other texts for {other} than prepare() sampled: the forecast "
+                                "would read these and the re-checks those. Pass the same domains to both.")
 
     def _write_settings(self, step: int) -> None:
         """The guard's settings, which ``sts report`` reads back (protected domains, tolerances): at train start, and
@@ -528,12 +547,14 @@ class STSSession:
              "accuracy_tolerance": guard.accuracy_tolerance, "warn_confidence": guard.warn_confidence,
              **({"no_forecast": self.no_forecast} if self.no_forecast else {})}), step)
 
-    def resume(self, step: int, checkpoint: RunStore, domains: dict[str, Corpus],
+    def resume(self, step: int, checkpoint: RunStore | str | Path, domains: dict[str, Corpus],
                saved_elsewhere: Callable[[], dict[str, Any] | None] | None = None) -> None:
-        """Pick up at ``step`` from ``checkpoint`` (the checkpoint's STS folder) and the run folder: what the
+        """Pick up at ``step`` from ``checkpoint`` (the checkpoint's STS folder, a path or its
+        :class:`RunStore`) and the run folder: what the
         caller did not restore (history, counters) is read back from them. ``saved_elsewhere``: the counters as
         the caller's framework saved them with that checkpoint (the Trainer's ``trainer_state.json``), read when
         the checkpoint's STS folder has none, before the run folder's train-start ones."""
+        checkpoint = _run_store(checkpoint, "resume")
         if self.monitor is None:
             raise STSUsageError("STSSession.resume() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first, then resume(step, checkpoint, domains).")
@@ -1023,8 +1044,10 @@ class STSSession:
                     self.write(f"the history in {self.store.path(HISTORY_FILE)}",
                                lambda record=record: self.store.replace_history_record(record), step)
 
-    def save_checkpoint(self, checkpoint: RunStore, step: int) -> None:
-        """The monitor state and counters into a checkpoint's STS folder (main process)."""
+    def save_checkpoint(self, checkpoint: RunStore | str | Path, step: int) -> None:
+        """The monitor state and counters into a checkpoint's STS folder (a path or its :class:`RunStore`; main
+        process)."""
+        checkpoint = _run_store(checkpoint, "save_checkpoint")
         if not self._started:
             raise STSUsageError("STSSession.save_checkpoint() before start(): there is no run state to save yet; "
                                 "call prepare(...) and start(...) (or resume(...)) first.")

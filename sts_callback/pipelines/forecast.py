@@ -212,6 +212,13 @@ class Forecast:
             raise STSInputError(f"The forecast has fields this version does not know ({unknown}): written by a newer "
                                 "sts-callback? Upgrade it to read the file.")
         data = copy.deepcopy(data)  # two forecasts read from one dict must not share (and write) its settings
+        domain_fields = {f.name for f in fields(DomainForecast)}
+        for name, d in data["domains"].items():
+            unknown = sorted(set(d) - domain_fields) if isinstance(d, dict) else None
+            if unknown:
+                raise STSInputError(f"The forecast's domain {name!r} has fields this version does not know "
+                                    f"({unknown}): written by a newer sts-callback, or edited? Upgrade it to read "
+                                    "the file.")
         domains = {name: DomainForecast(**d) for name, d in data["domains"].items()}
         fields_ = {k: v for k, v in data.items() if k not in ("format", "domains")}
         return cls(domains=domains, **fields_)

@@ -67,6 +67,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import random
 import statistics
 import time
@@ -389,7 +390,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                              "is a keyword: gate_mixture(..., budget=220).")
     rules = rules if isinstance(rules, GateRules) else GateRules.from_dict(rules)
     score = gated_score(rules, config)
-    check_budget(budget)
+    budget = check_budget(budget)
     if not isinstance(candidates, dict) or not candidates:
         raise STSInputError("candidates must be a non-empty dict of name -> training set; give at least one.")
     corpora = {name: load_corpus(data, name=name, what=f"candidate {name!r}")
@@ -541,9 +542,16 @@ def check_scorable_domains(domains: dict[str, Corpus], protected: list[str], wan
     return unscored
 
 
-def check_budget(budget: Any) -> None:
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise STSConfigError(f"budget={budget!r} must be a positive number of examples, or None.")
+def check_budget(budget: Any) -> int | None:
+    """The number of examples to draw (``None``: no budget): a whole number, ``1e3`` and ``100.0`` included (YAML
+    reads ``1e3`` as a float)."""
+    if budget is None:
+        return None
+    if isinstance(budget, numbers.Real) and not isinstance(budget, bool) and float(budget).is_integer():
+        budget = int(budget)  # also numpy's numbers
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise STSConfigError(f"budget={budget!r} must be a positive whole number of examples, or None.")
+    return budget
 
 
 def check_gate_names(candidates: list[str], targets: list[str], protected: Any,

@@ -468,6 +468,11 @@ class Monitor:
             out.update({f"domain/{name}/{key}": value for key, value in base.state_dict().items()})
         return out
 
+    def sae_identity(self) -> dict[str, Any]:
+        """The SAE the statistics are measured with: hook, width and a hash of its weights."""
+        sae = self.setup.sae
+        return {"hook_name": sae.hook_name, "d_sae": sae.d_sae, "fingerprint": sae.fingerprint()}
+
     def save(self, path: Path) -> Path:
         from safetensors.torch import save_file
 
@@ -475,6 +480,7 @@ class Monitor:
 
         tensors = self.tensors()
         metadata = {"format": "sts-monitor/1", "sampled_with": json.dumps(self.sampled_with),
+                    "sae": json.dumps(self.sae_identity()),
                     **{name: str(getattr(self, name)).removeprefix("torch.") for name in LOSS_DTYPE_FIELDS}}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -486,6 +492,15 @@ class Monitor:
             # the base losses were measured in these precisions: keep measuring so (older files: the model's own)
             metadata = saved.metadata() or {}
         self.saved_sampled_with = json.loads(metadata["sampled_with"]) if "sampled_with" in metadata else None
+        if "sae" in metadata:  # older files: not recorded
+            saved, now = json.loads(metadata["sae"]), self.sae_identity()
+            if saved != now:
+                def shown(sae: dict[str, Any]) -> str:
+                    return f"{sae['hook_name']}, width {sae['d_sae']}, weights {sae['fingerprint']}"
+                raise STSInputError(
+                    f"Resuming: {path}'s train-start statistics were measured with another SAE ({shown(saved)}) "
+                    f"than the one given now ({shown(now)}); re-checks would compare one SAE's latents with the "
+                    "other's. Resume with the SAE the run started with, or start a new run.")
         for name in LOSS_DTYPE_FIELDS:
             saved_dtype = metadata.get(name, "None")
             setattr(self, name, None if saved_dtype == "None" else getattr(torch, saved_dtype))
