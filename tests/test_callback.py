@@ -364,7 +364,7 @@ def test_target_domains_of_the_wrong_shape_are_refused_at_construction():
         ([texts, texts], STSInputError, r"target_domains\[0\] is a list of 2 texts without a name"),
         (texts, STSInputError, r"target_domains\[0\] \('the court held that the statute applies'\) looks like a "
                                r"text, not a domain name.*target_domains=\{'law': \[...\]\}"),
-        ({"law": []}, STSInputError, "Target 'law' is empty; give it at least one text"),
+        ({"law": []}, STSInputError, "target 'law' is empty; give it at least one text"),
         ({"law": Dataset.from_dict({"content": texts})}, STSInputError,
          r"Cannot read the dataset of target 'law': its columns are \['content'\].*rename_column"),
     ]

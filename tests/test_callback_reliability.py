@@ -695,7 +695,7 @@ def test_numpy_numbers_are_numbers_to_the_callback():
 @pytest.mark.parametrize("settings, message", [
     ({"target_domains": {"law": "", "food": domain_texts("food", 30)}}, "An empty path or name for target 'law'"),
     ({"target_domains": {1: domain_texts("law", 30), "1": domain_texts("food", 30)}}, "two entries named '1'"),
-    ({"train_probe": []}, "train_probe has no texts"),
+    ({"train_probe": []}, "train_probe is empty; give it at least one text"),
 ])
 def test_unusable_data_is_named_before_any_step(tmp_path, tokenizer, settings, message):
     with pytest.raises(STSInputError, match=message):  # at construction where no file must be read to tell

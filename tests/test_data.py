@@ -112,7 +112,7 @@ def test_a_list_of_targets_names_each_domain(entry, words):
 
     with pytest.raises(STSInputError, match=words):
         load_domains(["legal", entry])
-    with pytest.raises(STSInputError, match="Target 'chem' is empty; give it at least one text"):
+    with pytest.raises(STSInputError, match="target 'chem' is empty; give it at least one text"):
         load_domains({"chem": []})
     with pytest.raises(STSInputError, match="got a generator; name the domain"):
         load_domains(text for text in ["a b"])

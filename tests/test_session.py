@@ -117,10 +117,19 @@ def test_a_resume_with_another_sae_is_refused_and_checkpoint_folders_may_be_path
         with pytest.raises(STSInputError, match=f"measured with another SAE .*{what}.*Resume with the SAE the run "
                                                 "started with"):
             other.resume(2, tmp_path / "checkpoint-2" / "sts", domains)
+    from sts_callback import STSUsageError
+
+    wrong_step = session_for(tmp_path)
+    wrong_step.prepare(model, tokenizer, train, domains)
+    with pytest.raises(STSUsageError, match=r"resume\(5, \.\.\.\) from .*checkpoint-2.*saved at step 2"):
+        wrong_step.resume(5, tmp_path / "checkpoint-2" / "sts", domains)
+    fewer = {name: corpus for name, corpus in domains.items() if name != "chem"}
     again = session_for(tmp_path)
-    again.prepare(model, tokenizer, train, domains)
-    again.resume(2, tmp_path / "checkpoint-2" / "sts", domains)  # the same SAE: resumes
+    again.prepare(model, tokenizer, train, fewer)
+    with pytest.warns(STSDataWarning, match=r"resuming without target domain\(s\) \['chem'\].*not re-checked"):
+        again.resume(2, tmp_path / "checkpoint-2" / "sts", fewer)  # the same SAE: resumes
     assert again.base_losses == first.base_losses
+    assert "chem" not in again.recheck(model, 3, max_steps=4)[0]["loss_delta"]
 
 
 def test_start_with_other_texts_under_the_prepared_names_is_refused(tmp_path, tokenizer):

@@ -539,8 +539,8 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
             "records, a datasets.Dataset, or a path (for several target domains, pass a dict of name -> data to "
             "`targets`).")
     if isinstance(data, (list, tuple)) and not data:
-        subject = f"{what[:1].upper()}{what[1:]}" if what else "An empty list"
-        raise STSInputError(f"{subject} is empty; give it at least one text.")
+        raise STSInputError(f"{what} is empty; give it at least one text." if what else
+                            "An empty list is no data; give at least one text.")
     if not isinstance(data, Sequence) and not is_map_style_torch_dataset(data):
         raise STSInputError(
             f"Cannot use {type(data).__name__} {data!r:.60} as data{_for(what)}; pass a list of texts, chat "

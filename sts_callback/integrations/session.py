@@ -358,7 +358,8 @@ class STSSession:
         probe_sequences, _ = Monitor.sample_sequences(probe, self.setup, settings.recheck_tokens, seed=f"{seed}:probe")
         check_inputs_agree(self.setup, domains, loss_sets, probe_sequences)
         require_at_least_world(len(probe_sequences), "The re-check probe of the training data",
-                               "Give more training texts, raise recheck_tokens, or run on fewer processes.")
+                               "Give more distinct training texts (repeated ones are sampled once), raise "
+                               "recheck_tokens, or run on fewer processes.")
         tolerance = self.guard.config.tolerance
         half_width = settings.loss_precision * tolerance if settings.loss_precision is not None else None
         self.monitor = Monitor(setup=self.setup, probe=probe_sequences, domains={}, loss_sets=loss_sets,
@@ -605,12 +606,18 @@ class STSSession:
                                 f"{store.root} ({STATE_FILE}); loss changes cannot be measured. Start a new run, "
                                 "or resume with TrainingArguments(restore_callback_states_from_checkpoint=True).")
         self._check_same_run(checkpoint, step)
+        saved_step = from_main_process((checkpoint.read_state() or {}).get("step") if is_main_process() else None)
+        if isinstance(saved_step, int) and saved_step != step:
+            raise STSUsageError(f"STSSession.resume({step}, ...) from {checkpoint.root}, which was saved at step "
+                                f"{saved_step}: resume at the step the checkpoint holds (the weights and re-checks "
+                                "are that step's).")
         monitor = self.monitor
         monitor.domains = {name: DomainBaseline(latents=ActivationStats(self.setup.sae.d_sae)) for name in domains}
         self._load_monitor(monitor, paths)
         self._keep_the_train_start_samples(monitor, domains)
         monitor.base_losses, monitor.base_accuracy = dict(self.base_losses), dict(self.base_accuracy)
         self._leave_out_domains_added_since_the_start(monitor)
+        self._say_domains_dropped_since_the_start(monitor, domains)
         if self.calibration is not None and not self.predicted:  # the start's forecast was made without it
             self.warn("resume_calibration", "STS: resuming with a calibration but no train-start prediction (the "
                       "run started without this calibration, or its forecast was skipped): that prediction is made "
@@ -680,6 +687,20 @@ class STSSession:
         self.warn("resume_added_domains", f"STS: resuming, target domain(s) {added} were not measured at train "
                   "start and have no base to compare with: they are left out of this run (add them in a new run).",
                   STSDataWarning)
+
+    def _say_domains_dropped_since_the_start(self, monitor: Monitor, domains: dict[str, Corpus]) -> None:
+        """Target domains the run measured at train start and not given now: no longer re-checked, said once (the
+        history keeps their earlier changes)."""
+        dropped = sorted(name for name in monitor.base_sequence_nll if name not in domains)
+        if not dropped:
+            return
+        for name in dropped:
+            monitor.base_sequence_nll.pop(name, None)
+            monitor.loss_sets.pop(name, None)
+            monitor.head_samples.pop(name, None)
+        self.warn("resume_dropped_domains", f"STS: resuming without target domain(s) {dropped}, which the run "
+                  "measured at train start: they are not re-checked from here (the history keeps their earlier "
+                  "changes); give them again to keep measuring them.", STSDataWarning)
 
     @staticmethod
     def _load_monitor(monitor: Monitor, paths: list[Path]) -> None:
@@ -1055,7 +1076,8 @@ class STSSession:
             return
         self.flush_history(counted=False)  # a resume from this checkpoint reads the history file up to its step
         self.write(f"the monitor state to {checkpoint.root}", lambda: self.monitor.save(checkpoint.monitor_path), step)
-        self.write(f"the callback state to {checkpoint.root}", lambda: checkpoint.write_state(self.counters()), step)
+        self.write(f"the callback state to {checkpoint.root}",
+                   lambda: checkpoint.write_state({**self.counters(), "step": step}), step)
 
     def write_report(self, step: int | None = None) -> Path | None:
         """``report.html`` / ``report.md`` in the STS folder (main process); a failure only warns unless strict."""
