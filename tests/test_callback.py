@@ -349,6 +349,8 @@ def test_construction_errors():
         STSCallback(sae=sae, target_domains={"law": ["x"]}, recheck_steps=0)
     with pytest.raises(STSConfigError, match="warn_confidence must be a probability"):
         STSCallback(sae=sae, target_domains={"law": ["x"]}, warn_confidence=90)
+    with pytest.warns(STSDataWarning, match=r"warn_confidence=0.8 has no effect with no calibration"):
+        STSCallback(sae=sae, target_domains={"law": ["x"]}, protected=["law"], warn_confidence=0.8)
 
 
 def test_target_domains_of_the_wrong_shape_are_refused_at_construction():
@@ -439,6 +441,9 @@ def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenize
         make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_steps=100, lr_scheduler_type="linear").train()
     messages = [str(w.message) for w in caught if issubclass(w.category, STSNegativeTransferWarning)]
     assert any("calibrated forecast: protected domain 'food' is predicted to get worse by" in m for m in messages)
+    # and in the report a person reads (it had said "No warnings." beside them)
+    report = (tmp_path / "run" / "sts" / "report.md").read_text()
+    assert "- train start: STS calibrated forecast: protected domain 'food' is predicted to get worse" in report
     assert set(callback.predicted) == set(DOMAINS)
     assert all(p["low"] < p["mean"] < p["high"] for p in callback.predicted.values())
     history = callback.history

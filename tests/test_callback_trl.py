@@ -222,6 +222,7 @@ def test_grpo_rechecks_probe_the_current_policys_completions_of_fresh_prompts(tm
     probes = [r["fresh_probe"] for r in cb.history]
     forecast_prompts = set(draw_prompts(16, cb.session.config))
     assert all(p["completions"] > 0 and p["tokens"] > 0 and p["mean_reward"] is not None for p in probes)
+    assert all(p["sampled"] >= p["completions"] for p in probes)  # the reward is over every sampled completion
     assert all(not set(p["prompts"]) & forecast_prompts for p in probes)  # fresh: not the forecast's prompts
     assert probes[0]["prompts"] != probes[1]["prompts"]  # a new draw at each re-check
     assert all(r["timings"]["fresh_probe"] > 0 and r["shift_total"] > 0 for r in cb.history)

@@ -163,6 +163,8 @@ def test_the_train_start_warning_needs_the_chance_of_a_violation_the_user_asked_
 
 def test_with_a_calibration_the_rank_warning_follows_the_predicted_change():
     guard = Guard(GuardConfig(protected=["food"], forecast_top_k=1))
+    # a domain predicted to improve is not "most affected", first or not (it had been warned about)
+    assert guard.forecast_warnings([("food", -0.012), ("law", -0.02)], "predicted change", predicted=True) == {}
     message = guard.forecast_warnings([("food", 0.031), ("law", 0.012)], "predicted change", predicted=True)
     assert message["forecast:food"].endswith("most affected by this training (predicted change +3.1%).")
 

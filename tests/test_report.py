@@ -527,6 +527,23 @@ def test_a_domain_the_report_protects_and_the_run_did_not_is_judged_against_the_
     assert "No warnings." in md_path.read_text()
 
 
+def test_the_train_start_warnings_are_in_the_report_with_the_rechecks(tmp_path):
+    """A run warned at train start (a protected domain ranked most affected, or predicted above the tolerance)
+    had a report saying "No warnings.": the warnings went to the console only."""
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    warned = "STS calibrated forecast: protected domain 'a' is predicted to get worse by 3.1% (90% interval ...)"
+    (sts / "settings.json").write_text(json.dumps({"protected": ["a"], "tolerance": 0.02,
+                                                   "train_start_warnings": [warned]}))
+    record = {"step": 2, "scores": {"a": {"sts_act": 1.0}}, "shifted_latents": [1], "loss_delta": {"a": 0.001},
+              "violations": [], "lr_area_fraction": 1.0}
+    (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
+    html_path, md_path = write_report(sts)
+    md, page = md_path.read_text(), html_path.read_text()
+    assert f"- train start: {warned}" in md and "No warnings." not in md
+    assert warned in page_text(page) and summary_status(page) == "train-start warnings"
+
+
 def test_numbers_never_contradict_themselves(tmp_path):
     """Seconds of a short run's overhead were rounded to 0 beside a share of 423%; a nonzero interval bound printed
     +0.0 and a change past the tolerance printed as the tolerance."""
@@ -735,7 +752,7 @@ def test_a_run_that_ended_with_earlier_weights_is_not_projected_to_an_end_it_has
 
     history = [record(2, 0.52, 0.84), record(4, 0.8, 1.7), record(6, 0.99, 2.5)]
     md = report(*history)
-    assert "Projected at the end of training (measured change, 99%" in md
+    assert "Projected at the end of training (the measured changes extrapolated by the early rule, 99%" in md
     md = report(*history[:-1], {**history[-1], "loaded_best_step": 2})
     assert "ends with step 2's weights" in md and "Projected" not in md
     assert "2.5 s against 60 s" in md  # the cost of every re-check, not of those up to step 2

@@ -238,6 +238,12 @@ class STSCallback(TrainerCallback, ExportableState):
             raise STSConfigError(f"The calibration's run-level feature was measured after {fitted_steps} lookahead "
                                  f"step(s); pass run_level_steps={fitted_steps} or leave it unset "
                                  f"(got {run_level_steps}).")
+        if guard.warn_confidence != 0.5 and (self.calibration is None or not guard.protected):
+            missing = "no calibration (the train-start warning it sets reads calibrated predictions)" \
+                if self.calibration is None else "no protected domain"
+            warnings.warn(f"warn_confidence={guard.warn_confidence:g} has no effect with {missing}; give "
+                          "calibration= and protected= for a train-start warning at that confidence.",
+                          STSDataWarning, stacklevel=2)
         # a compressed run's steps are a share of the run's (known at train start) unless given
         self.run_level_share = (self.calibration.fitted_run_level_share if self.calibration is not None else None
                                 ) or COMPRESSED_SHARE

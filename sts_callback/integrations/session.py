@@ -156,6 +156,7 @@ class STSSession:
         self.guard = Guard(guard)
         self.store = RunStore(Path(os.path.expanduser(str(out))).absolute())  # the folder named when it was built
         self.no_forecast: str | None = None  # why start() made no forecast, for the report
+        self.start_warnings: list[str] = []  # the forecast's warnings at train start, for the report
         self.calibration = load_calibration(calibration) if calibration is not None else None
         if self.calibration is not None:
             check_calibration_features(self.calibration)
@@ -404,7 +405,7 @@ class STSSession:
             if has_answers:
                 def forecast_run(setup, domains, progress):
                     return run_forecast(setup, probe, domains, demonstrations, progress=progress)
-        self.no_forecast = None
+        self.no_forecast, self.start_warnings = None, []
         try:
             run = forecast_run(self.setup, domains, progress and self.is_main) if forecast_run is not None else None
         except ForecastSkipped as skipped:
@@ -481,13 +482,15 @@ class STSSession:
             warned = self.guard.forecast_warnings(ranked, "predicted change", predicted=True)
         else:
             warned = self.guard.forecast_warnings(self.forecast.ranked(), self.forecast.ranking)
+        if self.calibration is not None:
+            warned.update(self.guard.predicted_warnings(self.predicted, self.calibration.level))
         for key, message in warned.items():
             self.warn(key, message)
-        if self.calibration is not None:
-            for key, message in self.guard.predicted_warnings(self.predicted, self.calibration.level).items():
-                self.warn(key, message)
+        self.start_warnings = list(warned.values())
         if self.is_main:  # the predictions are counters: saved again now that they exist
             self.write(f"the callback state to {self.store.root}", lambda: self.store.write_state(self.counters()), 0)
+            if self.start_warnings:  # for the report, which reads the run's files
+                self._write_settings(0)
 
     def _measure_base(self, model) -> None:
         monitor, store = self.monitor, self.store
@@ -546,7 +549,8 @@ class STSSession:
         self.write(f"the settings to {store.root}", lambda: store.write_settings(
             {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts,
              "accuracy_tolerance": guard.accuracy_tolerance, "warn_confidence": guard.warn_confidence,
-             **({"no_forecast": self.no_forecast} if self.no_forecast else {})}), step)
+             **({"no_forecast": self.no_forecast} if self.no_forecast else {}),
+             **({"train_start_warnings": self.start_warnings} if self.start_warnings else {})}), step)
 
     def resume(self, step: int, checkpoint: RunStore | str | Path, domains: dict[str, Corpus],
                saved_elsewhere: Callable[[], dict[str, Any] | None] | None = None) -> None:
@@ -631,6 +635,9 @@ class STSSession:
                 self.history = kept
             saved = store.read_settings()
             self.no_forecast = saved.get("no_forecast") if isinstance(saved.get("no_forecast"), str) else None
+            kept_warnings = saved.get("train_start_warnings")
+            self.start_warnings = [w for w in kept_warnings if isinstance(w, str)] \
+                if isinstance(kept_warnings, list) else []
             self._write_settings(step)
             self.say(f"STS: resumed at step {step}" + (f"; forecast read back from {store.forecast_path}."
                                                        if self.forecast is not None else "; the run has no forecast."))

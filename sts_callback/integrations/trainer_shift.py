@@ -193,8 +193,10 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
             rollouts = sample(model, indices)
         sequences = rollout_probe(rollouts, setup, budget)
         rewards = rollouts.rewards[~torch.isnan(rollouts.rewards)]
+        # the reward is the policy's on every completion sampled; the probe keeps those within its token budget
         return sequences, reference, {
-            "prompts": indices, "completions": len(sequences), "tokens": sum(sum(flags) for _, flags in sequences),
+            "prompts": indices, "sampled": int(rollouts.rewards.numel()), "completions": len(sequences),
+            "tokens": sum(sum(flags) for _, flags in sequences),
             "mean_reward": float(rewards.mean()) if rewards.numel() else None}
     return FreshProbe(probe, from_disabled_adapters=reference is None)
 

@@ -168,12 +168,15 @@ class Guard:
     def forecast_warnings(self, ranked: list[tuple[str, float | None]], label: str,
                           predicted: bool = False) -> dict[str, str]:
         """Protected domains the forecast ranks among the ``forecast_top_k`` most affected: key -> message.
-        ``predicted``: ``ranked`` holds calibrated predicted changes (most harmed first), shown as percentages."""
+        ``predicted``: ``ranked`` holds calibrated predicted changes (most harmed first), shown as percentages; a
+        domain predicted to improve is not among the most affected, whatever its rank."""
         order = [name for name, _ in ranked]
         out = {}
         for name in self.config.protected:
             value = dict(ranked).get(name)
             rank = order.index(name) + 1 if name in order else None
+            if predicted and value is not None and not value > 0:  # predicted to improve: not harmed, first or not
+                continue
             if value is not None and rank is not None and rank <= self.config.forecast_top_k:
                 shown = f"{label} {pct(value)}" if predicted else f"{label}={value:.4g}"
                 out[f"forecast:{name}"] = (f"STS forecast: protected domain {name!r} ranks {rank} of {len(order)} "

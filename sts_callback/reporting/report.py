@@ -257,6 +257,13 @@ class ReportData:
         return (not isinstance(share, (int, float)) or share >= 1 or bool(last.get("early_stop"))
                 or self.ended_before_the_end)
 
+    @property
+    def start_warnings(self) -> list[str]:
+        """The forecast's warnings at train start (a protected domain ranked most affected, or predicted above the
+        tolerance), as the run recorded them in its settings."""
+        found = self.run_settings.get("train_start_warnings")
+        return [w for w in found if isinstance(w, str)] if isinstance(found, list) else []
+
     def never_measured(self) -> list[str]:
         """Target domains the overhead budget kept waiting their turn at every re-check: no change measured."""
         waiting = (self.rechecks[-1].get("overhead") or {}).get("skipped") or [] if self.rechecks else []
@@ -937,11 +944,14 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
     items += "".join(f"<li>step {esc(r.get('step'))}: re-check failed ({esc(r['error'])})</li>" for r in errors)
     unmeasured = data.never_measured_note()
     items += f"<li>{esc(unmeasured)}</li>" if unmeasured else ""
+    started = data.start_warnings
+    items = "".join(f'<li><span class="tag warn">train start</span> {esc(w)}</li>' for w in started) + items
     tags = [tag for listed, tag in ((warnings, '<span class="tag warn">warnings</span>'),
                                     (projected, '<span class="tag warn">projected warnings</span>'),
                                     (stops, '<span class="tag protected">early stop</span>'),
                                     (errors, '<span class="tag err">failed re-checks</span>'),
-                                    (unmeasured, '<span class="tag warn">domains not measured</span>')) if listed]
+                                    (unmeasured, '<span class="tag warn">domains not measured</span>'),
+                                    (started, '<span class="tag warn">train-start warnings</span>')) if listed]
     status = " ".join(tags) or ('<span class="tag ok">no warnings</span>' if data.rechecks else "")
     body = "".join(f"<div>{line}</div>" for line in lines)
     warn = f'<ul class="warnings">{items}</ul>' if items else ""
@@ -1289,7 +1299,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
         if data.projects_the_end(last):
             weights = last.get("early_blend")
             how = (f"{weights['early']:.2f} x the measured trend + {weights['step0']:.2f} x the step-0 prediction"
-                   if isinstance(weights, dict) and {"early", "step0"} <= set(weights) else "measured change")
+                   if isinstance(weights, dict) and {"early", "step0"} <= set(weights)
+                   else f"the measured changes extrapolated by the {last.get('early_method') or 'early'} rule")
             had = ", had it gone on" if any(r.get("early_stop") for r in data.rechecks) else ""
             lines.append(f"Projected at the end of training{had} ({how}, {last['lr_area_fraction']:.0%} of the "
                          "learning-rate schedule spent): " + ", ".join(
@@ -1306,6 +1317,7 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
     warnings += [f"step {r.get('step')}: re-check failed ({md_esc(r['error'])})" for r in data.history if "error" in r]
     if unmeasured := data.never_measured_note():
         warnings.append(md_esc(unmeasured))
+    warnings = [f"train start: {md_esc(w)}" for w in data.start_warnings] + warnings
     if warnings:
         lines += ["**Warnings**", "", *[f"- {w}" for w in warnings], ""]
     elif data.rechecks:
