@@ -538,9 +538,6 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
             f"A dict is not a dataset here{f' (given{_for(what)})' if what else ''}: pass a list of texts / "
             "records, a datasets.Dataset, or a path (for several target domains, pass a dict of name -> data to "
             "`targets`).")
-    if isinstance(data, (list, tuple)) and not data:
-        raise STSInputError(f"{what} is empty; give it at least one text." if what else
-                            "An empty list is no data; give at least one text.")
     if not isinstance(data, Sequence) and not is_map_style_torch_dataset(data):
         raise STSInputError(
             f"Cannot use {type(data).__name__} {data!r:.60} as data{_for(what)}; pass a list of texts, chat "
@@ -618,6 +615,12 @@ def is_dataset(data: Any) -> bool:
     return type(data).__name__ in ("Dataset", "IterableDataset") and hasattr(data, "column_names")
 
 
+def check_not_empty(data: Any, what: str) -> None:
+    """An empty list given as a domain's or the probe's data: refused before any work, naming it."""
+    if isinstance(data, (list, tuple)) and not data:
+        raise STSInputError(f"{what} is empty; give it at least one text.")
+
+
 def check_named_target(item: Any, what: str, argument: str = "targets") -> None:
     """One entry of a *list* of target domains: a registered domain name, a data file (named by its stem) or a
     named :class:`Corpus`. Data without a name (texts, a Dataset) or a text given where a name goes is refused,
@@ -644,8 +647,11 @@ def check_named_target(item: Any, what: str, argument: str = "targets") -> None:
 def load_domains(targets: Any) -> dict[str, Corpus]:
     """``targets``: a dict name -> data, or a list of domain names / paths."""
     if isinstance(targets, dict):  # an lm-eval task: its documents' prompts and right answers
+        named = named_items(targets, "targets")
+        for k, v in named.items():
+            check_not_empty(v, f"target {k!r}")
         domains = {k: load_corpus(LmEvalTarget.from_spec(v, k).texts() if is_lm_eval_target(v) else v, name=k,
-                                  what=f"target {k!r}") for k, v in named_items(targets, "targets").items()}
+                                  what=f"target {k!r}") for k, v in named.items()}
     elif isinstance(targets, (list, tuple)):
         domains = {}
         for index, item in enumerate(targets):

@@ -23,7 +23,8 @@ from transformers.trainer_callback import ExportableState
 from ..core.atomic import check_writable_folder
 from ..core.capture import check_measurable, parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
-from ..core.data import anchored, check_data_spec, check_named_target, load_corpus, named_items, text_tokenizer
+from ..core.data import (anchored, check_data_spec, check_named_target, check_not_empty, load_corpus, named_items,
+                         text_tokenizer)
 from ..core.distributed import raise_collectively
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.sae import check_not_on_meta, missing_sae_folder
@@ -991,6 +992,7 @@ def _check_inputs(sae: Any, target: Any, protected: list[str], data: dict[str, A
         raise STSInputError(missing)
     for argument, value in data.items():
         if value is not None:
+            check_not_empty(value, argument)
             check_data_spec(value, argument)
     if target is None or (hasattr(target, "__len__") and len(target) == 0):
         raise STSConfigError("STSCallback needs target_domains=: a dict name -> data, or a list of names.")
@@ -1006,6 +1008,7 @@ def _check_inputs(sae: Any, target: Any, protected: list[str], data: dict[str, A
             if is_lm_eval_target(value):
                 LmEvalTarget.from_spec(value, name)
             else:
+                check_not_empty(value, f"target {name!r}")
                 check_data_spec(value, f"target {name!r}")
                 check_readable_columns(value, f"target {name!r}")
     elif isinstance(target, (list, tuple)):
