@@ -537,7 +537,8 @@ class STSSession:
                                 f"{prepared}: pass the same domains to both.")
         if call != "start":  # a resume measures the held-out texts its checkpoint kept, whatever is given now
             return
-        other = [name for name, corpus in domains.items() if self._loss_set(name, corpus) != self.monitor.loss_sets[name]]
+        other = [name for name, corpus in domains.items()
+                 if self._loss_set(name, corpus) != self.monitor.loss_sets[name]]
         if other:  # the forecast would read these texts, the re-checks prepare()'s
             raise STSUsageError(f"STSSession.start() got other texts for {other} than prepare() sampled: the forecast "
                                 "would read these and the re-checks those. Pass the same domains to both.")
