@@ -259,14 +259,14 @@ def test_a_change_that_is_not_a_number_is_left_out_like_an_unmeasured_one_naming
 
 
 def test_a_domain_the_last_recheck_failed_is_left_out_not_taken_from_an_earlier_step(tmp_path):
-    """A new user's run whose last re-check failed for law (null) was fitted with law's mid-training change as if
-    it were the end of training, silently; a domain the last re-check left to a later turn (absent) still takes
-    its latest change, as rotation (loss_domains=) needs."""
+    """A new user's run whose last re-check measured chem as NaN (its loss diverged) was fitted with chem's
+    mid-training change as if it were the end of training, silently; a domain the last re-check left to a later
+    turn (absent or null) still takes its latest change, as rotation (loss_domains=) needs."""
     runs = runs_in(tmp_path)
     history = tmp_path / "run2" / "sts" / "history.jsonl"
     lines = history.read_text().splitlines()
     last = json.loads(lines[-1])
-    last["loss_delta"]["chem"] = None
+    last["loss_delta"]["chem"] = float("nan")
     history.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
     with pytest.warns(STSDataWarning, match=r"run2: the last re-check \(step 4\) has no finite change for "
                                             r"\['chem'\].*left out of the fit rather than taken from an earlier step"):

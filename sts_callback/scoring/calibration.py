@@ -587,9 +587,9 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
             warnings.warn(f"{item}: the change of {left_out} is not a finite number (history.jsonl, step(s) "
                           f"{steps}); left out of the fit, as an unmeasured domain is.", STSDataWarning, stacklevel=3)
         last = max(measured, key=lambda r: r["step"])
-        # a domain the last re-check tried and failed (null / NaN), as against one it left to a later turn: an
-        # earlier change is not the end of training
-        failed = sorted(n for n, v in last["loss_delta"].items() if not _finite(v) and n in changes)
+        # a domain the last re-check measured as no finite number (NaN / inf: the loss diverged), as against one it
+        # left to a later turn (absent, or null): an earlier change is not the end of training
+        failed = sorted(n for n, v in last["loss_delta"].items() if v is not None and not _finite(v) and n in changes)
         if failed:
             warnings.warn(f"{item}: the last re-check (step {last['step']}) has no finite change for {failed} "
                           "(history.jsonl): left out of the fit rather than taken from an earlier step, which is not "
