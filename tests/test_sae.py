@@ -358,3 +358,20 @@ def test_an_sae_folder_under_the_home_folder_loads_from_python(tmp_path, monkeyp
     monkeypatch.setenv("HOME", str(tmp_path))
     make_sae_lens_sae().save_model(tmp_path / "sae")
     assert load_sae("~/sae").d_sae == load_sae(Path("~/sae")).d_sae == load_sae(tmp_path / "sae").d_sae
+
+
+def test_the_fingerprint_is_computed_once_yet_follows_the_weights():
+    """Read at every checkpoint save: kept while the weights are the same storage unchanged in place, computed
+    again after an in-place change or a copy."""
+    import copy
+
+    handle = load_sae(TinySAE(32, 64, hook_name="blocks.1.hook_resid_post"))
+    first = handle.fingerprint()
+    assert handle.fingerprint() == first == copy.deepcopy(handle).fingerprint()
+    kept = handle.module.W_enc.detach().clone()
+    with torch.no_grad():
+        handle.module.W_enc.add_(1.0)
+    assert handle.fingerprint() != first
+    with torch.no_grad():
+        handle.module.W_enc.copy_(kept)
+    assert handle.fingerprint() == first

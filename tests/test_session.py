@@ -74,13 +74,19 @@ def test_session_forecasts_rechecks_and_stops_a_plain_loop(tmp_path, tokenizer):
     assert session.write_report() is not None and (tmp_path / "sts" / "report.html").exists()
 
 
-def test_session_resumes_from_its_checkpoint_folder(tmp_path, tokenizer):
+def started_loop(tmp_path, tokenizer):
+    """A hand-written loop's session started on a tiny llama: (model, its training texts, domains, session)."""
     model = make_model("llama")
     train = load_corpus(domain_texts("law", 40, seed=3))
     domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
-    first = session_for(tmp_path)
-    first.prepare(model, tokenizer, train, domains)
-    first.start(model, train, domains)
+    session = session_for(tmp_path)
+    session.prepare(model, tokenizer, train, domains)
+    session.start(model, train, domains)
+    return model, train, domains, session
+
+
+def test_session_resumes_from_its_checkpoint_folder(tmp_path, tokenizer):
+    model, train, domains, first = started_loop(tmp_path, tokenizer)
     train_steps(model, tokenizer, domain_texts("law", 40, seed=3), 2)
     first.recheck(model, 2, max_steps=4)
     checkpoint = RunStore(tmp_path / "checkpoint-2" / "sts")
@@ -101,12 +107,7 @@ def test_a_resume_with_another_sae_is_refused_and_checkpoint_folders_may_be_path
     AttributeError."""
     from sts_callback.core.errors import STSInputError
 
-    model = make_model("llama")
-    train = load_corpus(domain_texts("law", 40, seed=3))
-    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
-    first = session_for(tmp_path)
-    first.prepare(model, tokenizer, train, domains)
-    first.start(model, train, domains)
+    model, train, domains, first = started_loop(tmp_path, tokenizer)
     first.recheck(model, 2, max_steps=4)
     first.save_checkpoint(str(tmp_path / "checkpoint-2" / "sts"), 2)  # a path, as the session's own folder
     for sae, what in ((TinySAE(32, 64, hook_name="blocks.0.hook_resid_post"), "blocks.0.hook_resid_post"),

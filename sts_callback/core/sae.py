@@ -102,6 +102,8 @@ class SAEHandle:
     layer: int | None
     source: dict[str, Any] = field(default_factory=dict)
     neuronpedia_id: str | None = None
+    # (the weights' identity and in-place version, their hash): the hash is read at every checkpoint save
+    _fingerprint: tuple[Any, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents at the SAE's own dtype, also inside a trainer's autocast (TRL's bf16 default would otherwise
@@ -129,12 +131,18 @@ class SAEHandle:
         other seeds, differ here, so a calibration fitted with one can tell it is applied with another."""
         if not isinstance(self.module, nn.Module):
             return None
+        weights = [(name, tensor) for name, tensor in sorted(self.module.state_dict().items())
+                   if torch.is_tensor(tensor) and tensor.is_floating_point()]
+        # the same storage, unchanged in place (the version counter), hashes the same: computed once a run
+        key = tuple((name, t.data_ptr(), t._version, t.dtype, str(t.device), tuple(t.shape)) for name, t in weights)
+        if self._fingerprint is not None and self._fingerprint[0] == key:
+            return self._fingerprint[1]
         digest = hashlib.sha256()
-        for name, tensor in sorted(self.module.state_dict().items()):
-            if torch.is_tensor(tensor) and tensor.is_floating_point():
-                digest.update(name.encode())
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        for name, tensor in weights:
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        self._fingerprint = (key, digest.hexdigest()[:16])
+        return self._fingerprint[1]
 
     @property
     def can_decode(self) -> bool:
