@@ -875,6 +875,8 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                     disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"])
         if kind != "sft":
             del args["remove_unused_columns"], args["label_names"]  # the TRL trainers' own collators and columns
+            if not {"gradient_checkpointing", "activation_checkpointing"} & set(training_args or {}):
+                args["activation_checkpointing"] = True  # TRL's default, by its new name (the old one warns)
         if kind == "grpo":
             from trl import GRPOConfig, GRPOTrainer
 
