@@ -305,6 +305,18 @@ class ReportData:
         """(step, warning) of every re-check (:meth:`violations_of`)."""
         return [(record["step"], v) for record in self.history for v in self.violations_of(record)]
 
+    def warning_items(self) -> list[tuple[str, Any, str]]:
+        """Everything the summary lists as a warning, in its order: (kind, step or None, text), kind one of "train
+        start", "warning", "projected", "early stop", "failed", "not measured"; the one list both renderers draw."""
+        items = [("train start", None, w) for w in self.start_warnings]
+        items += [("warning", step, v) for step, v in self.violations()]
+        items += [("projected", r["step"], v) for r in self.history for v in r.get("projected_warnings") or []]
+        items += [("early stop", r.get("step"), r["early_stop"]) for r in self.history if r.get("early_stop")]
+        items += [("failed", r.get("step"), r["error"]) for r in self.history if "error" in r]
+        if unmeasured := self.never_measured_note():
+            items.append(("not measured", None, unmeasured))
+        return items
+
     def projects_the_end(self, record: dict[str, Any]) -> bool:
         """Whether ``record``'s projection to the end of training is still one: not once the run has ended with
         its weights (a checkpoint loaded at the end, training ended before max_steps)."""
@@ -933,29 +945,50 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
         if ceiling is not None:
             lines.append(f"The measured changes are noisy: against them even a perfect forecast could expect a "
                          f"Pearson r of about {ceiling:.2f} with the signed change.")
-    warnings = data.violations()
-    projected = [(r["step"], v) for r in data.history for v in r.get("projected_warnings") or []]
-    stops = [r for r in data.history if r.get("early_stop")]
-    errors = [r for r in data.history if "error" in r]
-    items = "".join(f"<li>step {esc(step)}: {esc(v)}</li>" for step, v in warnings)
-    items += "".join(f'<li>step {esc(step)} <span class="tag warn">projected</span>: {esc(v)}</li>'
-                     for step, v in projected)
-    items += "".join(f"<li><b>{esc(r['early_stop'])}</b></li>" for r in stops)
-    items += "".join(f"<li>step {esc(r.get('step'))}: re-check failed ({esc(r['error'])})</li>" for r in errors)
-    unmeasured = data.never_measured_note()
-    items += f"<li>{esc(unmeasured)}</li>" if unmeasured else ""
-    started = data.start_warnings
-    items = "".join(f'<li><span class="tag warn">train start</span> {esc(w)}</li>' for w in started) + items
-    tags = [tag for listed, tag in ((warnings, '<span class="tag warn">warnings</span>'),
-                                    (projected, '<span class="tag warn">projected warnings</span>'),
-                                    (stops, '<span class="tag protected">early stop</span>'),
-                                    (errors, '<span class="tag err">failed re-checks</span>'),
-                                    (unmeasured, '<span class="tag warn">domains not measured</span>'),
-                                    (started, '<span class="tag warn">train-start warnings</span>')) if listed]
+    found = data.warning_items()
+    items = "".join(_html_warning(kind, step, text) for kind, step, text in found)
+    kinds = {kind for kind, _, _ in found}
+    tags = [tag for kind, tag in SUMMARY_TAGS if kind in kinds]
     status = " ".join(tags) or ('<span class="tag ok">no warnings</span>' if data.rechecks else "")
     body = "".join(f"<div>{line}</div>" for line in lines)
     warn = f'<ul class="warnings">{items}</ul>' if items else ""
     return f'<section class="summary"><h2>Summary {status}</h2>{body}{warn}</section>'
+
+
+SUMMARY_TAGS = (("warning", '<span class="tag warn">warnings</span>'),
+                ("projected", '<span class="tag warn">projected warnings</span>'),
+                ("early stop", '<span class="tag protected">early stop</span>'),
+                ("failed", '<span class="tag err">failed re-checks</span>'),
+                ("not measured", '<span class="tag warn">domains not measured</span>'),
+                ("train start", '<span class="tag warn">train-start warnings</span>'))
+
+
+def _html_warning(kind: str, step: Any, text: str) -> str:
+    if kind == "train start":
+        return f'<li><span class="tag warn">train start</span> {esc(text)}</li>'
+    if kind == "warning":
+        return f"<li>step {esc(step)}: {esc(text)}</li>"
+    if kind == "projected":
+        return f'<li>step {esc(step)} <span class="tag warn">projected</span>: {esc(text)}</li>'
+    if kind == "early stop":
+        return f"<li><b>{esc(text)}</b></li>"
+    if kind == "failed":
+        return f"<li>step {esc(step)}: re-check failed ({esc(text)})</li>"
+    return f"<li>{esc(text)}</li>"
+
+
+def _markdown_warning(kind: str, step: Any, text: str) -> str:
+    if kind == "train start":
+        return f"train start: {md_esc(text)}"
+    if kind == "warning":
+        return f"step {step}: {md_esc(text)}"
+    if kind == "projected":
+        return f"step {step} (projected): {md_esc(text)}"
+    if kind == "early stop":
+        return f"**{md_esc(text)}**"
+    if kind == "failed":
+        return f"step {step}: re-check failed ({md_esc(text)})"
+    return md_esc(text)
 
 
 def _prediction_section(data: ReportData) -> str:
@@ -1310,14 +1343,7 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
     scatter = scatter_points(data)
     if scatter is not None and scatter.pearson is not None:
         lines += [md_esc(_agreement_text(scatter)), ""]
-    warnings = [f"step {step}: {md_esc(v)}" for step, v in data.violations()]
-    warnings += [f"step {r['step']} (projected): {md_esc(v)}" for r in data.history
-                 for v in r.get("projected_warnings") or []]
-    warnings += [f"**{md_esc(r['early_stop'])}**" for r in data.history if r.get("early_stop")]
-    warnings += [f"step {r.get('step')}: re-check failed ({md_esc(r['error'])})" for r in data.history if "error" in r]
-    if unmeasured := data.never_measured_note():
-        warnings.append(md_esc(unmeasured))
-    warnings = [f"train start: {md_esc(w)}" for w in data.start_warnings] + warnings
+    warnings = [_markdown_warning(kind, step, text) for kind, step, text in data.warning_items()]
     if warnings:
         lines += ["**Warnings**", "", *[f"- {w}" for w in warnings], ""]
     elif data.rechecks:
