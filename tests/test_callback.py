@@ -263,6 +263,42 @@ def test_a_restoring_resume_guards_with_the_settings_given_now_and_says_they_cha
     assert settings["protected"] == ["food"]
 
 
+def test_a_restoring_resume_of_a_callback_given_only_paths_and_texts_keeps_the_users_instance(tmp_path, tokenizer):
+    """With every argument JSON-able (an SAE folder, texts, a Path output_subdir), the Trainer rebuilt the callback
+    from the checkpoint's arguments and the user's instance was not found: changed settings dropped unsaid, the
+    instance the user holds left with no history. And a Path output_subdir made the first checkpoint save fail
+    (trainer_state.json could not hold it)."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    sae.save_model(tmp_path / "sae")
+    first = make_callback(sae=str(tmp_path / "sae"), output_subdir=Path("sts_law"))
+    assert first.state()["args"]["_objects_from"] is None
+    make_trainer(tmp_path, tokenizer, first, max_steps=2, save_steps=2).train()
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["STSCallback"]["args"]["output_subdir"] == "sts_law"
+    second = make_callback(sae=str(tmp_path / "sae"), output_subdir=Path("sts_law"), protected=["food"])
+    trainer = make_trainer(tmp_path, tokenizer, second, max_steps=4, save_steps=2,
+                           restore_callback_states_from_checkpoint=True)
+    with pytest.warns(STSDataWarning, match=r"settings differ from the checkpoint's \(protected: \[\] -> \['food'\]"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    restored = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, STSCallback))
+    assert restored.session is second.session and restored.protected == ["food"]
+    assert [r["step"] for r in second.history] == [2, 4]
+
+
+def test_an_earlier_instance_named_callback_in_the_users_code_is_no_restore(tmp_path):
+    """Only the Trainer's restore takes over another instance's settings and session."""
+    callback = make_callback()
+    again = make_callback(protected=["food"])
+    assert again.session is not callback.session and callback.protected == [] and again.protected == ["food"]
+
+
 def test_a_resume_with_other_sampling_settings_says_it_keeps_the_train_start_samples(tmp_path, tokenizer):
     """loss_tokens / recheck_tokens / loss_head_samples changed for a resume were shown as the callback's settings
     while every re-check measured the train-start samples (as it must: their base losses were measured there),

@@ -185,6 +185,7 @@ class STSCallback(TrainerCallback, ExportableState):
                 Path(output_subdir).is_absolute() or ".." in Path(output_subdir).parts:
             raise STSConfigError(f"output_subdir must name a folder inside the run's output_dir (default 'sts'), "
                                  f"got {output_subdir!r}.")
+        output_subdir = str(output_subdir)  # a Path too: exported to trainer_state.json, compared on resume
         guard = GuardConfig(protected=protected, tolerance=tolerance, max_sts=max_sts,
                             forecast_top_k=forecast_top_k, early_stop=early_stop, patience=patience,
                             warn_confidence=warn_confidence,
@@ -197,7 +198,7 @@ class STSCallback(TrainerCallback, ExportableState):
                                 loss_head_dtype=loss_head_dtype, loss_body_dtype=loss_body_dtype,
                                 loss_head_samples=loss_head_samples)
         values = dict(sae=sae, target_domains=target_domains, train_probe=train_probe, demonstrations=demonstrations)
-        replaced = _instance_being_restored(output_subdir) if _objects_from else None
+        replaced = _instance_being_restored(output_subdir)
         if _objects_from:  # rebuilt by the Trainer on resume: take back the objects of the user's instance
             live = replaced._objects if replaced is not None else {}
             missing = [name for name in _objects_from if name not in live]
@@ -958,7 +959,8 @@ def _instance_being_restored(output_subdir: Any) -> STSCallback | None:
         if frame is None:
             return None
         candidate = frame.f_locals.get("callback")
-        if isinstance(candidate, STSCallback):
+        # only there: a user's own function holding an earlier instance as `callback` is not a restore
+        if isinstance(candidate, STSCallback) and frame.f_code.co_name == "_load_callback_state":
             same = [cb for cb in frame.f_locals.get("duplicates") or () if isinstance(cb, STSCallback)
                     and Path(cb.output_subdir) == Path(output_subdir)]
             return same[0] if same else candidate
