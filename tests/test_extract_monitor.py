@@ -70,6 +70,20 @@ def test_recheck_of_unchanged_weights_measures_no_change(setup):
     assert Recheck.from_dict({"step": 3, **record.to_dict()}) == record  # a history line reads back
 
 
+def test_unchanged_weights_under_the_trainers_autocast_show_no_shift(setup):
+    """A bf16 / fp16 run re-checks its residuals under the trainer's autocast: the train-start residuals are
+    captured under it too, or the float32 / bf16 difference read as a shift before any step."""
+    import functools
+
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    monitor = monitor_for(setup)
+    monitor.capture_base(setup.model, bf16)
+    record = monitor.recheck(setup.model, forecast_latents=[0, 1], autocast=bf16)
+    assert record.shift_total == 0.0
+    monitor.capture_base(setup.model)  # as before: captured without it
+    assert monitor.recheck(setup.model, forecast_latents=[0, 1], autocast=bf16).shift_total > 0
+
+
 def test_monitor_state_round_trips(setup, tmp_path):
     monitor = monitor_for(setup)
     path = monitor.save(tmp_path / "monitor.safetensors")

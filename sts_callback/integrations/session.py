@@ -496,10 +496,10 @@ class STSSession:
         monitor, store = self.monitor, self.store
         self.history, self.guard = [], Guard(self.guard.config)  # a new run: nothing of an earlier start carries over
         began = time.perf_counter()
-        monitor.capture_base(model)
+        monitor.capture_base(model, self.autocast)
         self.adapters_start_at_the_base = None
         if getattr(self.probe_source, "from_disabled_adapters", False):
-            self.adapters_start_at_the_base = monitor.adapters_start_at_the_base(model)
+            self.adapters_start_at_the_base = monitor.adapters_start_at_the_base(model, autocast=self.autocast)
             self._fresh_probe_from_the_start()
         self.base_fit = monitor.sae_fit(model, self.autocast)
         probe_seconds = time.perf_counter() - began

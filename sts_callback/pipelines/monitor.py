@@ -202,15 +202,18 @@ class Monitor:
         return torch.cat([rows[i] for i in range(len(sequences))]) if sequences else \
             torch.zeros(0, self.setup.sae.d_in)
 
-    def capture_base(self, model: nn.Module) -> None:
+    def capture_base(self, model: nn.Module, autocast=None) -> None:
         """Keep the probe's residuals under the model as it is at train start (all of them, on every rank, so
         that any rank layout can resume from the saved file): each re-check then needs one forward, and the shift
         is this run's. With PEFT too: the adapters-disabled model is not the train-start model when an adapter
         starts non-zero (``init_lora_weights=False``, a trained adapter loaded to train on) or base weights train
-        beside the adapters, and would read the adapter's whole effect (or none of the base's change)."""
-        self.base_residuals = self.probe_residuals(model)
+        beside the adapters, and would read the adapter's whole effect (or none of the base's change).
+        ``autocast``: the trainer's, as every re-check reads the current residuals under it (without it a bf16 run's
+        shift would include the float32 / bf16 difference before any step)."""
+        with autocast() if autocast else nullcontext():
+            self.base_residuals = self.probe_residuals(model)
 
-    def adapters_start_at_the_base(self, model: nn.Module, sequences: int = 2) -> bool:
+    def adapters_start_at_the_base(self, model: nn.Module, sequences: int = 2, autocast=None) -> bool:
         """Whether ``model`` with its PEFT adapters disabled gives the train-start residuals (kept by
         :meth:`capture_base`) on the probe's first ``sequences``: true for adapters that start at zero (PEFT's
         default LoRA), false for one trained before or initialised non-zero, whose disabled model is not the run's
@@ -218,7 +221,7 @@ class Monitor:
         peft = peft_model_of(model)
         if peft is None or self.base_residuals is None or not self.probe:
             return True
-        with peft.disable_adapter():
+        with peft.disable_adapter(), (autocast() if autocast else nullcontext()):
             disabled = self.probe_residuals(model, self.probe[:sequences])
         start = self.base_residuals[: len(disabled)]
         # float noise only (DoRA's magnitude at init rounds the weight): far below any adapter's effect
