@@ -96,6 +96,28 @@ def test_monitor_state_round_trips(setup, tmp_path):
         assert torch.equal(again.base_sequence_nll[name], sums)
 
 
+def test_domain_names_with_a_slash_round_trip(setup, tmp_path):
+    """Keys are "heldout/<name>/...": a name such as "law/contracts" came back as "law" (and its head samples
+    under another domain's), so a resume dropped the domain or could not read the state."""
+    def renamed(monitor):
+        names = {"law": "law/contracts", "chem": "law"}  # one name the other's prefix
+        for field in ("loss_sets", "base_sequence_nll", "head_samples", "domains", "base_losses"):
+            setattr(monitor, field, {names[k]: v for k, v in getattr(monitor, field).items()})
+        return monitor
+
+    monitor = renamed(monitor_for(setup, loss_head_samples=4))
+    path = monitor.save(tmp_path / "monitor.safetensors")
+    again = renamed(monitor_for(setup))
+    again.base_sequence_nll, again.head_samples = {}, {}
+    again.load(path)
+    assert set(again.base_sequence_nll) == set(again.head_samples) == {"law/contracts", "law"}
+    for name, sums in monitor.base_sequence_nll.items():
+        assert torch.equal(again.base_sequence_nll[name], sums)
+        assert again.loss_sets[name] == monitor.loss_sets[name]
+    record = again.recheck(setup.model, forecast_latents=[0, 1])
+    assert set(record.loss_delta) == {"law/contracts", "law"} and all(abs(d) < 1e-4 for d in record.loss_delta.values())
+
+
 def test_a_resumed_monitor_measures_with_the_precision_of_its_saved_base_losses(setup, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -461,14 +461,14 @@ class Monitor:
         # run's probe is the policy's train-start rollouts, which cannot be sampled again).
         out.update(_sequence_tensors("probe/", self.probe))
         for name, sums in self.base_sequence_nll.items():
-            out[f"heldout/{name}/base_sequence_nll"] = sums.contiguous()
+            out[f"heldout/{_key(name)}/base_sequence_nll"] = sums.contiguous()
             # the held-out texts themselves: a resume measures the very sequences whose base NLL is kept, however
             # a later version samples them
-            out.update(_sequence_tensors(f"heldout_set/{name}/", self.loss_sets[name]))
+            out.update(_sequence_tensors(f"heldout_set/{_key(name)}/", self.loss_sets[name]))
         for name, samples in self.head_samples.items():
-            out.update({f"head_sample/{name}/{key}": value for key, value in samples.state_dict().items()})
+            out.update({f"head_sample/{_key(name)}/{key}": value for key, value in samples.state_dict().items()})
         for name, base in self.domains.items():
-            out.update({f"domain/{name}/{key}": value for key, value in base.state_dict().items()})
+            out.update({f"domain/{_key(name)}/{key}": value for key, value in base.state_dict().items()})
         return out
 
     def sae_identity(self) -> dict[str, Any]:
@@ -510,10 +510,10 @@ class Monitor:
         self.base_residuals = tensors.get("probe/base_residuals")
         if "probe/ids" in tensors:  # written since the probe is saved; older files: the probe sampled again
             self.probe = _sequences_from(tensors, "probe/")
-        self.base_sequence_nll = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("heldout/")}
+        self.base_sequence_nll = {_name(k.split("/")[1]): v for k, v in tensors.items() if k.startswith("heldout/")}
         for name, sums in self.base_sequence_nll.items():
-            if f"heldout_set/{name}/ids" in tensors:  # written since the held-out texts are saved
-                self.loss_sets[name] = _sequences_from(tensors, f"heldout_set/{name}/")
+            if f"heldout_set/{_key(name)}/ids" in tensors:  # written since the held-out texts are saved
+                self.loss_sets[name] = _sequences_from(tensors, f"heldout_set/{_key(name)}/")
             elif name in self.loss_sets and [int(n) for n in sums[:, 1]] != [sum(f) for _, f in self.loss_sets[name]]:
                 raise STSInputError(
                     f"Resuming: the held-out texts of {name!r} sampled now ({len(self.loss_sets[name])} sequences) "
@@ -526,12 +526,21 @@ class Monitor:
         # older files, or a run without them: re-checks measure through the whole head
         self.head_samples = {}
         for name in self.base_sequence_nll:
-            if state := under(f"head_sample/{name}/"):
+            if state := under(f"head_sample/{_key(name)}/"):
                 self.head_samples[name] = HeadSamples.from_state_dict(state, seed=f"{self.seed}:{name}")
         self.loss_head_samples = next(iter(self.head_samples.values())).tail if self.head_samples else None
         for name in self.domains:
-            if saved := under(f"domain/{name}/"):
+            if saved := under(f"domain/{_key(name)}/"):
                 self.domains[name] = DomainBaseline.from_state_dict(saved)
+
+
+def _key(name: str) -> str:
+    """A domain name as one part of a tensor key: a name may hold "/" (``math/algebra``), the keys' separator."""
+    return name.replace("%", "%25").replace("/", "%2F")
+
+
+def _name(key: str) -> str:
+    return key.replace("%2F", "/").replace("%25", "%")
 
 
 def _sequence_tensors(prefix: str, sequences: list[TokenSequence]) -> dict[str, torch.Tensor]:
