@@ -101,6 +101,25 @@ def test_session_resumes_from_its_checkpoint_folder(tmp_path, tokenizer):
         assert record["loss_delta"][name] == pytest.approx(first.history[0]["loss_delta"][name], abs=1e-6)
 
 
+def test_a_resume_with_a_cut_forecast_goes_on_without_it_unless_strict(tmp_path, tokenizer):
+    model, train, domains, first = started_loop(tmp_path, tokenizer)
+    first.recheck(model, 2, max_steps=4)
+    checkpoint = RunStore(tmp_path / "checkpoint-2" / "sts")
+    first.save_checkpoint(checkpoint, 2)
+    forecast = tmp_path / "sts" / "forecast.json"
+    forecast.write_text(forecast.read_text()[:100])  # cut
+    again = session_for(tmp_path)
+    again.prepare(model, tokenizer, train, domains)
+    with pytest.warns(RuntimeWarning, match="forecast .* is unreadable"):
+        again.resume(2, checkpoint, domains)
+    assert again.forecast is None and again.recheck(model, 3, max_steps=4)[0] is not None
+    strict = session_for(tmp_path)
+    strict.strict = True
+    strict.prepare(model, tokenizer, train, domains)
+    with pytest.raises(ValueError):
+        strict.resume(2, checkpoint, domains)
+
+
 def test_a_resume_with_another_sae_is_refused_and_checkpoint_folders_may_be_paths(tmp_path, tokenizer):
     """A new user's loop resumed with an SAE of another layer, or other weights: its latents were compared with the
     train-start statistics of the first SAE, silently. Paths given for the checkpoint folder had raised
@@ -521,6 +540,78 @@ def test_a_resume_keeps_the_rotation_and_finds_the_run_folder_of_a_loops_own_lay
     record, _ = again.recheck(model, 4, max_steps=8)
     assert sorted(first.history[0]["loss_delta"]) == ["food", "law"]
     assert sorted(record["loss_delta"]) == ["chem", "food"]  # the turn goes on, not back to law
+
+
+def test_a_resume_counts_the_rotation_as_the_run_did_when_a_domain_is_measured_every_time(tmp_path, tokenizer):
+    """The domain metric_for_best_model reads is measured at every re-check, outside the rotation; a resume counted
+    it in, and the rotation came back to a domain out of turn."""
+    model = make_model("llama")
+    names = ("law", "food", "chem", "code")  # food protected, chem always measured: law and code take turns
+    domains = load_domains({d: domain_texts(d, 30) for d in names})
+
+    def session():
+        made = session_for(tmp_path, tolerance=10.0, recheck={"loss_domains": 1})
+        made.learning_rates = [LR] * 8
+        made.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+        made.monitor.always_measured = {"chem"}  # as the callback sets it, before starting or resuming
+        return made
+
+    first = session()
+    first.start(model, load_corpus(HARMFUL), domains)
+    train_steps(model, tokenizer, HARMFUL, 2)
+    first.recheck(model, 2, max_steps=8)
+    assert sorted(first.history[-1]["loss_delta"]) == ["chem", "food", "law"]
+    checkpoint = RunStore(tmp_path / "checkpoint-2" / "sts")
+    first.save_checkpoint(checkpoint, 2)
+    again = session()
+    again.resume(2, checkpoint, domains)
+    record, _ = again.recheck(model, 4, max_steps=8)
+    assert sorted(record["loss_delta"]) == ["chem", "code", "food"]  # code's turn, not law's again
+
+
+def test_a_restart_drops_the_abandoned_attempts_records_a_failed_write_left_out(tmp_path, tokenizer):
+    """restart() (auto_find_batch_size's new attempt) moved the abandoned re-checks out of the history file, but a
+    record whose write had failed was written later anyway: the file held step 2 twice, one of them the abandoned
+    attempt's."""
+    model, train, domains, session = started_loop(tmp_path, tokenizer)
+    append = session.store.append_history
+
+    def disk_full(record):
+        raise OSError(28, "No space left on device")
+
+    session.store.append_history = disk_full
+    train_steps(model, tokenizer, domain_texts("law", 40, seed=3), 2)
+    with pytest.warns(RuntimeWarning, match="No space left"):
+        session.recheck(model, 2, max_steps=4)
+    session.store.append_history = append
+    session.restart()
+    retried, _ = session.recheck(model, 2, max_steps=4)
+    written = [json.loads(line) for line in (tmp_path / "sts" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in written] == [2] and written[0]["loss_delta"] == retried["loss_delta"]
+
+
+def test_a_violation_that_lasts_across_a_resume_from_the_train_start_state_is_not_new(tmp_path, tokenizer):
+    """Resumed from a checkpoint whose STS state was cut (the counters read from the train-start state), the run
+    of violations was rebuilt from the history but the rules broken at the last re-check were not: a violation
+    going on across the resume was warned about again as new."""
+    model = make_model("llama")
+    first = session_for(tmp_path, tolerance=0.0)
+    first.learning_rates = [LR] * 8
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    first.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+    first.start(model, load_corpus(HARMFUL), domains)
+    train_steps(model, tokenizer, HARMFUL, 2)
+    first.recheck(model, 2, max_steps=8)
+    assert first.history[-1]["violations"] and first.guard.violating == ["loss:food"]
+    checkpoint = RunStore(tmp_path / "checkpoint-2" / "sts")
+    first.save_checkpoint(checkpoint, 2)
+    (checkpoint.root / "callback_state.json").unlink()  # the STS save was cut after the Trainer's
+    again = session_for(tmp_path, tolerance=0.0)
+    again.learning_rates = [LR] * 8
+    again.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+    with pytest.warns(RuntimeWarning, match="holds no readable STS state"):
+        again.resume(2, checkpoint, domains)
+    assert again.guard.violating == ["loss:food"] and again.guard.violations_in_a_row == 1
 
 
 def test_a_session_of_another_rank_writes_no_checkpoint_and_a_failed_recheck_keeps_the_models_mode(tmp_path,

@@ -506,6 +506,7 @@ class STSCallback(TrainerCallback, ExportableState):
     def _retry(self, args, state, lr_scheduler) -> None:
         session = self.session
         self._attempt_batch_size = state.train_batch_size
+        self._rates_run = {}  # the abandoned attempt's rates are not this one's
         session.learning_rates, self.schedule_source = planned_learning_rates(args, state.max_steps, lr_scheduler)
         moved = session.restart()
         session.say(f"STS: the Trainer starts the run again at step 0 with batch size {state.train_batch_size} "

@@ -580,6 +580,8 @@ class STSSession:
             try:
                 self.forecast = Forecast.load(store.forecast_path)
             except Exception as err:  # noqa: BLE001 - a cut file: the run goes on without its forecast, said
+                if self.strict:
+                    raise
                 warnings.warn(f"Resuming: the forecast {store.forecast_path} is unreadable ({type(err).__name__}: "
                               f"{err}); the run goes on without it (re-checks and the guard need none).",
                               RuntimeWarning, stacklevel=2)
@@ -649,14 +651,17 @@ class STSSession:
         for record in self.history:  # the run goes on past a re-check recorded as its end (keep_history_until)
             if isinstance(record, dict):
                 record.pop("ended_early", None)
-        if from_train_start:  # the early stop's patience counts the kept re-checks, not none
+        if from_train_start:  # the early stop's patience counts the kept re-checks, not none; a violation that
+            # lasts across the resume is not warned about as new
             self.guard.violations_in_a_row = self.guard.violations_at_the_end_of(self.history)
+            self.guard.violating = self.guard.violating_at_the_end_of(self.history, self.variant())
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
         if spent is not None:  # the share is the run's, across resumes
             self.budget.train_seconds, self.budget.recheck_seconds = spent["train_seconds"], spent["recheck_seconds"]
-        # the rotation of unprotected domains (loss_domains) goes on where the kept re-checks left it
-        protected = set(self.guard.config.protected)
-        monitor.turn = sum(name not in protected for r in self.history for name in r.get("loss_delta") or {})
+        # the rotation of unprotected domains (loss_domains) goes on where the kept re-checks left it, counted as
+        # the run counted it (a domain measured every time is outside it)
+        monitor.turn = sum(not monitor.measured_every_time(name) for r in self.history if "error" not in r
+                           for name in r.get("loss_delta") or {})
         self._clock, self._started, self._resumed_at = time.perf_counter(), True, step
 
     def restart(self) -> int:
@@ -670,6 +675,8 @@ class STSSession:
         if self.is_main and abandoned:
             self.write(f"the history in {self.store.root}", lambda: self.store.keep_history_until(0), 0)
         self.history = [r for r in self.history if r.get("step", 0) <= 0]
+        # the abandoned attempt's records a failed write left out stay out (written now, they would follow it)
+        self._unwritten = [entry for entry in self._unwritten if entry[0].get("step", 0) <= 0]
         self.guard.load_state({"warned": self.guard.warned})
         self.monitor.turn = 0
         self._clock, self._resumed_at = time.perf_counter(), None

@@ -307,6 +307,11 @@ class Guard:
             run = run + 1 if counted and "error" not in record else 0
         return run
 
+    def violating_at_the_end_of(self, history: list[dict[str, Any]], variant: str) -> list[str]:
+        """The rules broken at the last re-check of ``history`` that measured (:meth:`check`'s ``violating``)."""
+        last = next((r for r in reversed(history) if r.get("step", 0) > 0 and "error" not in r), None)
+        return [key for key, _ in self._violations(Recheck.from_dict(last), variant)] if last is not None else []
+
     def recheck_failed(self) -> None:
         """A re-check that measured nothing breaks a run of consecutive violations: a stop's "N consecutive
         re-checks" are re-checks that each found one."""

@@ -277,18 +277,19 @@ class Monitor:
         """The unprotected domains (those without a tolerance) from the next in turn onwards, at most
         :attr:`loss_domains` of them: a re-check measuring the first k moves the turn on by k, so each is measured
         every ceil(others / k) re-checks."""
-        others = [name for name in self.loss_sets if not self._every_time(name)]
+        others = [name for name in self.loss_sets if not self.measured_every_time(name)]
         count = len(others) if self.loss_domains is None else min(self.loss_domains, len(others))
         return [others[(self.turn + i) % len(others)] for i in range(count)]
 
-    def _every_time(self, name: str) -> bool:
+    def measured_every_time(self, name: str) -> bool:
+        """Measured at every re-check (protected, or read by metric_for_best_model): outside the rotation."""
         return name in self.loss_tolerances or name in self.always_measured
 
     def domains_in_turn(self, unprotected: int | None = None) -> list[str]:
         """The domains whose held-out loss the next re-check measures: every protected one and the first
         ``unprotected`` of :meth:`in_turn` (default: all of them)."""
         turn = set(self.in_turn()[:unprotected])
-        return [name for name in self.loss_sets if self._every_time(name) or name in turn]
+        return [name for name in self.loss_sets if self.measured_every_time(name) or name in turn]
 
     def measure_changes(self, model: nn.Module, autocast=None, names: Sequence[str] | None = None,
                         ) -> dict[str, LossChange]:
@@ -418,7 +419,6 @@ class Monitor:
         t0 = time.perf_counter()
         names = self.domains_in_turn(unprotected)
         changes = self.measure_changes(model, autocast, names)
-        self.turn += sum(not self._every_time(name) for name in names)
         timings["losses"] = time.perf_counter() - t0
         loss_delta = {name: change.delta if self.base_losses.get(name) else None for name, change in changes.items()}
         losses = {name: self.base_losses[name] * (1 + change.delta) if name in self.base_losses else math.nan
@@ -426,6 +426,8 @@ class Monitor:
         t0 = time.perf_counter()
         accuracy = self.measure_accuracy(model, autocast) if self.accuracy_sets or self.lm_eval_targets else {}
         timings["accuracy"] = time.perf_counter() - t0
+        # the turn moves on once the re-check has measured: a failed one leaves these domains theirs
+        self.turn += sum(not self.measured_every_time(name) for name in names)
         return Recheck(
             shift_total=float(shift.mean_shift().sum()) if shift is not None else None,
             shifted_latents=latents.tolist(),

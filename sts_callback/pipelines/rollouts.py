@@ -507,7 +507,8 @@ def _generate_group(model: nn.Module, prompt_ids: list[int], generations: int, g
     """``generations`` completions of one prompt, sampled under a private RNG seeded for this prompt (the global
     RNG state is restored), each cut after its first EOS (kept, as TRL keeps it)."""
     ids = torch.tensor([prompt_ids] * generations, dtype=torch.long, device=device)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    # every GPU's state: manual_seed reseeds them all (a model spread over several by device_map included)
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation_config)
