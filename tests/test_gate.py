@@ -167,6 +167,8 @@ def test_filter_examples_keeps_the_lowest_scores_and_round_trips(decision, tmp_p
     # by threshold, by one domain, and from a loaded decision (which needs the data again)
     threshold = statistics.median(scores.total)
     assert all(s <= threshold for s in filter_examples(decision, "code", threshold=threshold).scores)
+    with pytest.warns(STSDataWarning, match=r"threshold=.* keeps none of 'code''s 20 examples"):
+        assert filter_examples(decision, "code", threshold=min(scores.total) - 1).examples == []
     assert filter_examples(decision, "code", keep_fraction=0.5, domain="law").indices == kept.indices
     loaded = GateDecision.load(decision.save(tmp_path / "gate.json"))
     with pytest.raises(STSInputError, match="data="):
@@ -369,7 +371,11 @@ def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_pa
     saved = GateDecision.load(tmp_path / "out" / "gate.json")
 
     (tmp_path / "strict.json").write_text(json.dumps({**spec, "limits": {"law": 0.0}}))
+    # the flag contradicts filtered_dir (its filtering ranks by those scores): said, not ignored
     assert main(["gate", str(tmp_path / "strict.json"), "--no-progress", "--no-example-scores",
+                 "-o", str(tmp_path / "strict_out.json")]) == 2
+    assert "drop --no-example-scores, or drop filtered_dir" in capsys.readouterr().err
+    assert main(["gate", str(tmp_path / "strict.json"), "--no-progress",
                  "-o", str(tmp_path / "strict_out.json")]) == 3  # a decision: not an input error's 2
     captured = capsys.readouterr()
     assert captured.err.startswith("sts: rejected: Every candidate was rejected") and "REJECT" in captured.out

@@ -856,6 +856,10 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
     values = scores.total if domain is None else scores.scores[domain]
     if threshold is not None:
         keep = [i for i, v in enumerate(values) if v <= threshold]
+        if not keep and values:  # an accepted candidate written as an empty training set
+            warn_on_main(f"threshold={threshold:g} keeps none of {candidate!r}'s {len(values)} examples (their scores "
+                         f"run from {min(values):.4g} to {max(values):.4g}); raise the threshold, or filter by "
+                         "keep_fraction.", STSDataWarning, stacklevel=2)
     else:
         n_keep = math.ceil(keep_fraction * len(values))
         keep = sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[:n_keep])

@@ -949,6 +949,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
                             f"but no filtered_dir is given; add `filtered_dir: filtered/` (or --filtered-dir DIR), "
                             f"or drop `{given}`.")
     if filtered_dir:
+        if args.no_example_scores:
+            raise STSInputError("--no-example-scores skips the per-example scores that filtered_dir's filtering "
+                                "ranks examples by; drop --no-example-scores, or drop filtered_dir "
+                                f"({'--filtered-dir' if args.filtered_dir else f'{args.config}: filtered_dir:'}).")
         if keep_fraction is None and threshold is None:
             keep_fraction = 0.9
         check_filter(keep_fraction, threshold)
@@ -975,7 +979,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         decision = gate_mixture(model, tokenizer, _expand(config_file["sae"]), candidates,
                                 _expand(config_file["targets"]), config_file["protected"], rules,
                                 budget=config_file.get("budget"), config=config,
-                                score_examples=not args.no_example_scores or bool(filtered_dir),
+                                score_examples=not args.no_example_scores,
                                 progress=not args.no_progress)
     except MixtureRejected as err:
         print(err.decision.table())
