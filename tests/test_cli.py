@@ -122,9 +122,15 @@ def test_train_sae_command(workspace, capsys):
 def test_train_sae_bad_settings_fail_before_the_model_loads(workspace, tmp_path, capsys, no_model):
     assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data",
                  str(workspace / "train.jsonl"), "--d-sae", "64", "-k", "64", "-o", str(tmp_path / "sae")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "SAETrainingConfig.k=64" in err and "k < d_sae=64" in err and "\n" not in err
+    err = one_line_error(capsys)  # said by the flags typed, not the Python fields
+    assert "-k 64 must satisfy" in err and "k < d_sae=64" in err and "use e.g. -k 32" in err
+    assert main(["train-sae", "--model", str(workspace / "model"), "--layer", "1", "--data",
+                 str(workspace / "train.jsonl"), "--tokens", "0", "-o", str(tmp_path / "sae")]) == 2
+    assert "--tokens 0 must be a positive integer; use e.g. --tokens 200_000" in one_line_error(capsys)
     assert not (tmp_path / "sae").exists()
+    with pytest.raises(SystemExit):
+        main(["train-sae", "--help"])
+    assert ".tsv" in (shown := capsys.readouterr().out) and ".md" in shown
 
 
 # --------------------------------------------------------------------------- bad input: one line, exit code 2
@@ -214,7 +220,7 @@ def test_validate_config_own_training_args_error_names_a_place_the_config_takes(
     """`sts validate` refuses a training_args key validate sets itself; its message once sent output_dir, device
     and progress to the validation: section, which refuses them. Each place it names must be one the command takes."""
     from sts_callback.tools.cli import CONFIG_KEYS, VALIDATE_KEYS
-    from sts_callback.validation.validate import CONFIG_FILE_PLACES, OWN_TRAINING_ARGS
+    from sts_callback.validation.validate import CONFIG_FILE_PLACES, OWN_TRAINING_ARGS, config_file_place
 
     base = yaml.safe_load(write_config(workspace).read_text())
     base["targets"] = {"chem": base["targets"]["chem"], "a": ["x y"], "b": ["y z"]}
@@ -224,8 +230,9 @@ def test_validate_config_own_training_args_error_names_a_place_the_config_takes(
     assert main(["validate", str(path), "--no-progress"]) == 2
     err = one_line_error(capsys)
     setting = OWN_TRAINING_ARGS[key]
-    place = CONFIG_FILE_PLACES.get(setting, f"validation: {setting}:")
-    assert f"{setting}: {place}" in err, err
+    assert f"{setting} as {config_file_place(setting)}" in err, err
+    if key == "learning_rate":  # the flag too
+        assert "set learning_rate as validation: learning_rate: or --lr)" in err, err
     for setting in filter(None, OWN_TRAINING_ARGS.values()):  # every such setting has somewhere to go
         if setting in CONFIG_FILE_PLACES:
             assert setting in CONFIG_KEYS["validate"] or setting == "progress", setting
@@ -546,6 +553,10 @@ def test_calibrate_refuses_a_forecast(workspace, tmp_path, capsys):
     (tmp_path / "garbage.json").write_text("{not json")
     assert main(["calibrate", str(tmp_path / "garbage.json")]) == 2
     assert "garbage.json" in one_line_error(capsys)
+    # flags that need --runs: the same one-line error as every other (they lacked its "sts: error:")
+    for flags in (["--prior-only"], ["--pattern-scale", "run"]):
+        assert main(["calibrate", str(tmp_path / "garbage.json"), *flags]) == 2
+        assert "use it with --runs" in one_line_error(capsys)
 
 
 def test_calibrate_never_writes_over_a_validation(tmp_path, capsys):

@@ -841,7 +841,14 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     from .train_sae import SAETrainingConfig, check_training_inputs, train_sae
 
     # bad settings fail here, before the model loads
-    config = SAETrainingConfig.from_dict({"d_sae": args.d_sae, "k": args.k, "training_tokens": args.tokens})
+    try:
+        config = SAETrainingConfig.from_dict({"d_sae": args.d_sae, "k": args.k, "training_tokens": args.tokens})
+    except STSConfigError as err:  # said by the flags the user typed, not the Python fields
+        message = str(err)
+        for field, flag in (("training_tokens", "--tokens"), ("d_sae", "--d-sae"), ("k", "-k")):
+            message = re.sub(rf"(SAETrainingConfig\.|e\.g\. ){field}=", lambda m: f"{m.group(1)}{flag} "
+                             if m.group(1) == "e.g. " else f"{flag} ", message)
+        raise STSInputError(message) from err
     _check_model(args.model)
     _check_data_files(args.data)
     texts = check_training_inputs(args.model, args.layer, args.data)
@@ -1129,13 +1136,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     out = _check_output_file(args.out, "The calibration output")
     if args.prior_only and (not args.runs or args.features):
-        print("error: --prior-only fits the pattern on the domain prior alone, from training runs: use it with "
-              "--runs and without --features.", file=sys.stderr)
-        return 2
+        raise STSInputError("--prior-only fits the pattern on the domain prior alone, from training runs: use it "
+                            "with --runs and without --features.")
     if args.pattern_scale != "absolute" and not args.runs:
-        print("error: --pattern-scale applies to the level + pattern calibration of training runs: use it with "
-              "--runs.", file=sys.stderr)
-        return 2
+        raise STSInputError("--pattern-scale applies to the level + pattern calibration of training runs: use it "
+                            "with --runs.")
     if args.runs:  # training runs with the callback: a level + pattern calibration with the domain prior
         inputs = {Path(p): "a training run" for p in args.validations}
         # a run's folder may take the calibration (its STS folder may not: _check_not_in_a_run)
@@ -1224,7 +1229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face folder or gemma-3-270m")
     p.add_argument("--layer", type=int, required=True, help="decoder block whose output the SAE reads")
     p.add_argument("--data", nargs="+", required=True,
-                   help="data files (.jsonl, .json, .csv, .parquet, .txt) or built-in domain names (sts domains)")
+                   help="data files (.jsonl, .json, .csv, .tsv, .parquet, .txt, .md) or built-in domain names "
+                        "(sts domains)")
     p.add_argument("--d-sae", type=int, default=4096, help="number of latents (default 4096)")
     p.add_argument("-k", type=int, default=32, help="active latents per token (default 32)")
     p.add_argument("--tokens", type=int, default=200_000, help="training tokens (default 200000)")

@@ -406,6 +406,14 @@ EVALUATION_ARGS = ("eval_strategy", "evaluation_strategy", "do_eval", "load_best
 # Where `sts validate` takes the settings its validation: section does not hold (the others are its keys).
 CONFIG_FILE_PLACES = {"output_dir": "the top-level output_dir: or -o", "device": "the top-level device:",
                       "progress": "--no-progress"}
+VALIDATE_FLAGS = {"steps": "--steps", "learning_rate": "--lr", "seeds": "--seeds", "method": "--method"}
+
+
+def config_file_place(setting: str) -> str:
+    """Where `sts validate` takes one of validate()'s settings: a config key, and its flag where it has one."""
+    if setting in CONFIG_FILE_PLACES:
+        return CONFIG_FILE_PLACES[setting]
+    return f"validation: {setting}:" + (f" or {VALIDATE_FLAGS[setting]}" if setting in VALIDATE_FLAGS else "")
 
 
 def _check_training_args(training_args: dict[str, Any]) -> None:
@@ -429,12 +437,11 @@ def _check_training_args(training_args: dict[str, Any]) -> None:
         settings = ", ".join(f"{setting}=..." for setting in dict.fromkeys(own.values()))
         epochs = ("; num_train_epochs would be ignored: validate trains `steps` optimizer steps"
                   if "num_train_epochs" in own else "")
-        places = ", ".join(f"{setting}: {CONFIG_FILE_PLACES.get(setting, f'validation: {setting}:')}"
-                           for setting in dict.fromkeys(own.values()))
+        places = "; ".join(f"{setting} as {config_file_place(setting)}" for setting in dict.fromkeys(own.values()))
         raise STSConfigError(f"validate(training_args=...) sets {list(own)}, which validate sets from its own "
                              f"settings ({pairs}{epochs}): they would override the values validation.json records. "
                              f"Remove them from training_args and pass validate({settings}) instead (with sts "
-                             f"validate: {places}).")
+                             f"validate, set {places}).")
     if training_args:  # TRL's configs' own fields are for DPO / GRPO data: which, validate checks on the data
         known = training_argument_fields() | trl_argument_fields()
         unknown = [k for k in training_args if k not in known]
