@@ -1000,6 +1000,8 @@ def plot_validation(result: ValidationResult, path: str | Path) -> Path:
     summary = result.summary()["nll"]
     columns = min(max(len(variants), 1), 4)
     rows = max(math.ceil(len(variants) / columns), 1)
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.4 * rows), squeeze=False)
     for ax in axes.flat[len(variants):]:
         ax.set_visible(False)
@@ -1021,6 +1023,7 @@ def plot_validation(result: ValidationResult, path: str | Path) -> Path:
         ax.set_xlabel(f"forecast {LABELS[v]}", fontsize=8)
         ax.set_ylabel("held-out NLL change (%)", fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long labels (0.0014, 0.0016, ...) ran together
         ax.grid(alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(f"STS validation ({result.method}, seeds {result.seeds}): forecast vs measured change", fontsize=10)
