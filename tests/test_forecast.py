@@ -92,6 +92,29 @@ def test_scores_equal_dense_computation(model, tokenizer):
         assert result.domains[name].tokens == dhb.shape[0]
 
 
+def test_an_offline_forecast_records_the_saes_fit_and_warns_when_it_reads_nothing(model, tokenizer, tmp_path):
+    """forecast() / sts forecast / sts gate with an SAE for another model printed a confident table: only the
+    callback checked the SAE's fit. The forecast now measures it on the training rows it encodes anyway."""
+    import warnings
+
+    from tiny import ExactSAE
+
+    from sts_callback import STSDataWarning
+
+    train = domain_texts("law", n=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)  # a lossless SAE fits: nothing to say
+        exact = forecast(model, tokenizer, ExactSAE(32, hook_name=f"blocks.{LAYER}.hook_resid_post").double(), train,
+                         targets(), small_config())
+    fit = exact.settings["sae_fit"]
+    assert fit["fvu"] < 1e-10 and fit["tokens"] == exact.shift_tokens and fit["l0"] > 0
+    with pytest.warns(STSDataWarning, match=r"poorly: fraction of variance unexplained .* on the training data"):
+        poor = forecast(model, tokenizer, ExactSAE(32, hook_name=f"blocks.{LAYER}.hook_resid_post",
+                                                   noise=1.0).double(), train, targets(), small_config())
+    assert poor.settings["sae_fit"]["fvu"] > 0.6
+    assert Forecast.load(poor.save(tmp_path / "f.json")).settings["sae_fit"] == poor.settings["sae_fit"]
+
+
 def test_position_matching_compares_only_query_tokens(tokenizer):
     """A model whose residual at a position depends only on that position's token: any shift is zero.
 

@@ -18,6 +18,7 @@ from .data import TokenPair
 from .distributed import LocalFailure, Shard, shard, world_size
 from .errors import STSNumericalError
 from .sae import SAEHandle
+from .sae_fit import add_fit_sums, new_fit_sums
 from .stats import ActivationStats, ShiftStats, StatsGroup, TopActivations
 
 StatsGroupT = TypeVar("StatsGroupT", bound=StatsGroup)
@@ -107,6 +108,12 @@ class Extractor:
         self.failed = LocalFailure.around_forwards(model, split and world_size() > 1)
         self.batches_run = 0
         self.vocabulary = input_vocabulary(model)  # rows of the input embedding (None: no check)
+        self.fit: torch.Tensor | None = None  # the SAE's fit sums on what is encoded, while :meth:`track_fit` is on
+
+    def track_fit(self, on: bool) -> None:
+        """Add up the SAE's reconstruction of every row encoded from now on (``sae_fit``'s sums, this rank's), or
+        stop; an SAE that cannot decode has no fit to track."""
+        self.fit = new_fit_sums(self.sae.d_in) if on and self.sae.can_decode else None
 
     def share(self, lengths: Sequence[int]) -> Shard:
         """The sequences this process runs (all of them when not split or not distributed)."""
@@ -238,6 +245,8 @@ class Extractor:
             chunk = slice(start, start + step)
             encoded = self.encode(rows[chunk])
             latents.update(encoded)
+            if self.fit is not None:
+                add_fit_sums(self.fit, rows[chunk], encoded, self.sae.decode(encoded).float())
             if reservoir is not None:
                 reservoir.update(encoded, sequence[chunk], where[1][chunk])
             yield chunk, encoded

@@ -149,6 +149,9 @@ class SAEHandle:
         return callable(getattr(self.module, "decode", None))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        reference = weights_of(self.module)
+        if reference is not None:  # latents read as float32 (Extractor.encode) go back at the SAE's own dtype
+            latents = latents.to(device=reference.device, dtype=reference.dtype)
         with torch.autocast(device_type=latents.device.type, enabled=False), eval_mode(self.module):
             return self.module.decode(latents)
 

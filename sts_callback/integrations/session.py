@@ -347,6 +347,7 @@ class STSSession:
         if problem := icl_loss_mismatch(self.config, self.calibration):  # the process group is up by now
             warn_on_main(problem, STSDataWarning, stacklevel=3)
         self.setup = ForecastSetup.create(model, tokenizer, self.sae, self.config)
+        self.setup.check_fit = False  # the session checks the SAE's fit on its own probe (and warns once)
         seed, settings = self.config.seed, self.settings
         loss_sets = {name: self._loss_set(name, corpus) for name, corpus in domains.items()}
         single = sorted(name for name, sequences in loss_sets.items() if len(sequences) == 1)

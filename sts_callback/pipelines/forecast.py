@@ -27,7 +27,7 @@ from ..core.config import (DEFAULT_ICL_LOSS_TOKENS, ICL_LOSS_FEATURE, ICL_LOSS_S
                            SCORE_VARIANTS, STSConfig, device_problem)
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
-                                warn_on_main, world_size)
+                                sum_across_ranks, warn_on_main, world_size)
 from ..core.atomic import check_format, read_json
 from ..core.formatting import json_safe, signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
@@ -36,6 +36,7 @@ from ..core.extract import Extractor, PairedStats
 from ..core.heldout import all_sequence_nll
 from ..core.stats import TopActivations
 from ..core.sae import SAEHandle, check_sae_for_model, layer_to_read, load_sae
+from ..core.sae_fit import fit_from_sums, poor_fit_message
 from ..core.torch_utils import model_device, pad_token_id
 
 logger = logging.getLogger(__name__)
@@ -348,6 +349,9 @@ class ForecastSetup:
     layer: int
     builder: PromptBuilder
     config: STSConfig
+    # warn when the SAE reconstructs the training data poorly (off where the caller checks the fit itself: the
+    # callback, on its training probe)
+    check_fit: bool = True
 
     @classmethod
     def create(cls, model: nn.Module, tokenizer, sae: Any, config: STSConfig) -> "ForecastSetup":
@@ -877,7 +881,9 @@ def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, p
             t0 = time.perf_counter()
             if bar is not None:
                 bar.set_description("shift (train data)")
+            extractor.track_fit(True)  # how well the SAE reads the training data, on the rows it encodes anyway
             shift_stats: PairedStats = shift.run(extractor, reservoirs.get(TRAIN_KEY))
+            fit_sums, _ = extractor.fit, extractor.track_fit(False)
             timings["shift"] = time.perf_counter() - t0
             domain_stats = {}
             for name, d in domain_inputs.items():
@@ -890,7 +896,12 @@ def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, p
         if bar is not None:
             bar.close()
     timings["forward_tokens"] = float(forward_tokens)
+    fit = fit_from_sums(sum_across_ranks(fit_sums)) if fit_sums is not None else None
+    if setup.check_fit and (message := poor_fit_message(fit, "the training data")):
+        warn_on_main(message, STSDataWarning, stacklevel=3)
     result = assemble_forecast(setup, shift_stats, plan, domain_stats, timings, extractor.capture.truncate, shift=shift)
+    if fit is not None:
+        result.settings["sae_fit"] = fit
     if reservoirs:
         sources = {TRAIN_KEY: shift.sources}
         for name, d in domain_inputs.items():

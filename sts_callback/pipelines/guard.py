@@ -18,6 +18,7 @@ from ..core.config import plain_numbers, settings_from_dict
 from ..core.data import repeated_names
 from ..core.formatting import percent, signed_percent as pct
 from ..core.errors import STSConfigError, STSDataWarning
+from ..core.sae_fit import MAX_FVU, poor_fit_message
 from .recheck import Recheck
 
 
@@ -59,7 +60,7 @@ class GuardConfig:
     early_stop: bool | str = False
     patience: int = 1
     warn_confidence: float = 0.5
-    max_fvu: float = 0.6
+    max_fvu: float = MAX_FVU
     fvu_rise: float = 0.15
 
     def __post_init__(self) -> None:
@@ -205,13 +206,8 @@ class Guard:
         if now is None or not math.isfinite(now.get("fvu", math.nan)):
             return {}
         if start is None:
-            if now["fvu"] > self.config.max_fvu:
-                return {"fit:start": (
-                    f"The SAE reconstructs this model's residual stream poorly: fraction of variance unexplained "
-                    f"{now['fvu']:.2f} on the training probe (above {self.config.max_fvu:.2f}; mean L0 "
-                    f"{now['l0']:.0f}). An SAE trained for another model or layer makes the forecast meaningless: "
-                    "use an SAE for this model and layer (or train one: sts train-sae).")}
-            return {}
+            message = poor_fit_message(now, "the training probe", self.config.max_fvu)
+            return {"fit:start": message} if message else {}
         if now["fvu"] > start["fvu"] + self.config.fvu_rise:
             return {"fit:drift": (
                 f"The SAE fits the trained weights less and less: fraction of variance unexplained {now['fvu']:.2f} "

@@ -27,6 +27,7 @@ from ..core.errors import STSDataWarning, STSInputError, STSNumericalError
 from ..core.data import Corpus, TokenSequence, first_counted, last_counted, sample_within_budget
 from ..core.distributed import LocalFailure, gather_objects, warn_on_main
 from ..core.extract import ConditionStats, Extractor, PairedStats, encode_chunk_rows
+from ..core.sae_fit import add_fit_sums, fit_from_sums, new_fit_sums
 from .forecast import ForecastSetup, inference_mode
 from .recheck import Recheck
 from ..core.head_sample import HeadSamples
@@ -64,34 +65,17 @@ def nll_sums(model: nn.Module, sequences: Sequence[TokenSequence], pad: int, bat
 
 
 def fit_sums(sae, rows: torch.Tensor) -> torch.Tensor:
-    """Sums behind the SAE's fit on residual rows [n, d]: (squared reconstruction error, sum of squares,
-    active-latent count, rows, then the d-vector sum of rows), float64, to add across batches and ranks."""
-    d = rows.shape[-1]
-    out = torch.zeros(4 + d, dtype=torch.float64)
+    """Sums behind the SAE's fit on residual rows [n, d] (:mod:`~sts_callback.core.sae_fit`), to add across
+    batches and ranks."""
+    out = new_fit_sums(rows.shape[-1])
     if rows.shape[0] == 0:  # a rank without probe rows: no encode of an empty batch (a custom SAE may refuse it)
         return out
     for chunk in rows.split(encode_chunk_rows(getattr(sae, "d_sae", 0))):  # [rows x d_sae] latents of a chunk
         with torch.no_grad():
             latents = sae.encode(chunk)
-            recon = sae.decode(latents).float().cpu()
-            active = (latents != 0).sum().cpu()  # active latents: some SAEs (AbsTopK) have negative ones
+            add_fit_sums(out, chunk, latents, sae.decode(latents).float())
         del latents
-        x = chunk.double().cpu()
-        out[0] += (x - recon.double()).square().sum()
-        out[1] += x.square().sum()
-        out[2] += active
-        out[3] += chunk.shape[0]
-        out[4:] += x.sum(0)
     return out
-
-
-def fit_from_sums(sums: torch.Tensor) -> dict[str, float] | None:
-    """Fraction of variance unexplained and mean L0 from :func:`fit_sums` totals (``None`` without rows)."""
-    n = float(sums[3])
-    if n == 0:
-        return None
-    total = float(sums[1]) - float(sums[4:].square().sum()) / n  # sum of squares about the mean
-    return {"fvu": float(sums[0]) / total if total > 0 else float("nan"), "l0": float(sums[2]) / n, "tokens": int(n)}
 
 
 LOSS_DTYPE_FIELDS = ("loss_head_dtype", "loss_body_dtype")  # saved with the base losses they measured
