@@ -1,6 +1,7 @@
 """The `sts` command."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,31 @@ def write_config(root, **changes):
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_forecast_under_torchrun_splits_its_passes_and_rank_zero_writes(workspace, tmp_path):
+    """`torchrun -m sts_callback forecast` ran the whole forecast in every process, each printing the table and
+    writing the same file. Now the passes split across the processes (the numbers of one process), rank 0 prints
+    and writes; a command that does not split says so."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    outputs = {}
+    for processes, launcher in ((1, [sys.executable]), (2, torchrun)):
+        outputs[processes] = tmp_path / f"forecast{processes}.json"
+        config = write_config(workspace, output=str(outputs[processes]))
+        done = subprocess.run([*launcher, "-m", "sts_callback", "forecast", str(config), "--no-progress"], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert done.stdout.count("wrote ") == 1, done.stdout  # one table, one file: rank 0's
+    one, two = (json.loads(outputs[n].read_text()) for n in (1, 2))
+    assert one["shifted_latents"] == two["shifted_latents"] and one["shift_tokens"] == two["shift_tokens"]
+    for name, domain in one["domains"].items():
+        for variant, value in domain["scores"].items():
+            if isinstance(value, float):
+                assert two["domains"][name]["scores"][variant] == pytest.approx(value, rel=1e-4, abs=1e-9), variant
+    done = subprocess.run([*torchrun, "-m", "sts_callback", "report", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "sts report runs in one process" in done.stderr
 
 
 def test_forecast_reads_a_parquet_training_set(workspace, tmp_path, capsys):

@@ -18,6 +18,7 @@ from .. import __version__
 from ..core.atomic import atomic_write_text, check_writable_folder, output_target
 from ..core.config import DEFAULT_SIGNED, device_problem
 from ..core.data import named_items, repeated_names
+from ..core.distributed import is_main_process
 from ..core.errors import (STSConfigError, STSDataWarning, STSError, STSInputError,
                            STSNegativeTransferWarning, first_line)
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE
@@ -670,7 +671,10 @@ def _offline_calibration_argument(value: str | None, config: Any = None, what: s
 
 def _save_after_the_work(save: Any, path: Path, what: str) -> None:
     """``save(path)``, where an OSError (a disk that filled during the work: the output check passed before it) is
-    the CLI's one-line error naming the path, not a traceback that hides that the table above was printed."""
+    the CLI's one-line error naming the path, not a traceback that hides that the table above was printed. Under a
+    launcher, rank 0 writes."""
+    if not is_main_process():
+        return
     try:
         save(path)
     except OSError as err:
@@ -719,7 +723,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
                                _expand(config_file["targets"]), config, shift=training["shift"],
                                demonstrations=_expand(config_file.get("demonstrations")), teacher=teacher,
                                reward_funcs=training["reward_funcs"], settings=training["settings"],
-                               progress=not args.no_progress)
+                               progress=not args.no_progress and is_main_process())
     if calibration is not None:
         result.apply_calibration(calibration, exclude=not_predicted)
     print(result.table())
@@ -987,12 +991,12 @@ def cmd_gate(args: argparse.Namespace) -> int:
                                 _expand(config_file["targets"]), config_file["protected"], rules,
                                 budget=config_file.get("budget"), config=config,
                                 score_examples=not args.no_example_scores,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress and is_main_process())
     except MixtureRejected as err:
         print(err.decision.table())
         _save_after_the_work(err.decision.save, output, "gate decision")
         print(f"\nwrote {output}")
-        if filtered_dir:
+        if filtered_dir and is_main_process():
             _remove_earlier_filtered(filtered_dir, config_file["candidates"], accepted=[])
             _record_filtered(filtered_dir, [], output)
         print(f"sts: rejected: {err}", file=sys.stderr)
@@ -1000,7 +1004,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     print(decision.table())
     _save_after_the_work(decision.save, output, "gate decision")
     print(f"\nwrote {output} ({decision.timings['total']:.1f} s)")
-    if filtered_dir:
+    if filtered_dir and is_main_process():
         _remove_earlier_filtered(filtered_dir, config_file["candidates"], decision.accepted)
         _record_filtered(filtered_dir, list(decision.accepted), output)  # first: a stop mid-way leaves it named
         for name in decision.accepted:
@@ -1360,10 +1364,48 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(), _quiet_libraries(getattr(args, "no_progress", False)):
         warnings.showwarning = _command_warnings(warnings.showwarning)
         try:
-            return args.func(args)
+            with _launched_process_group(args.command):
+                return args.func(args)
         except STSError as err:
             print(f"sts: error: {err}", file=sys.stderr)
             return 2
+
+
+# commands whose passes split across the processes of a launcher (torchrun, accelerate launch): each process runs
+# its share, rank 0 prints and writes
+SPLIT_COMMANDS = ("forecast", "gate")
+
+
+@contextlib.contextmanager
+def _launched_process_group(command: str | None):
+    """Under a launcher (``WORLD_SIZE`` > 1) the process group the launcher set up for, so that a forecast's
+    passes split across the processes (each GPU its own: ``LOCAL_RANK``) instead of every process running all of
+    them and writing the same files; the other ranks print nothing. A command that does not split is refused."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched <= 1:
+        yield
+        return
+    if command not in SPLIT_COMMANDS:
+        raise STSInputError(f"sts {command} runs in one process, but it was launched as {launched} (torchrun / "
+                            "accelerate launch): run it without the launcher (sts forecast and sts gate split "
+                            "their passes across processes).")
+    import torch
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:
+        if torch.cuda.is_available():  # "cuda" in a config is then this process's own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        if dist.get_rank() == 0:
+            yield
+        else:
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                yield
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 def _no_accelerator_no_deepspeed_notice() -> None:
