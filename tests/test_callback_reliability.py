@@ -472,6 +472,9 @@ def test_an_sae_that_does_not_fit_the_model_is_warned_about_at_train_start(tmp_p
         m for m in [str(w.message) for w in caught] if "on the training probe" in m]
     assert sum("poorly" in str(w.message) for w in caught) == 1
     assert callback.base_fit["fvu"] > 0.6
+    # and the report says so (it said "No warnings." beside scores read through an SAE that reconstructs nothing)
+    report = (tmp_path / "run" / "sts" / "report.md").read_text()
+    assert "train start: The SAE reconstructs this model's residual stream poorly" in report
     assert "fit:start" in callback.warned
 
 

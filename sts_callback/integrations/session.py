@@ -487,7 +487,7 @@ class STSSession:
             warned.update(self.guard.predicted_warnings(self.predicted, self.calibration.level))
         for key, message in warned.items():
             self.warn(key, message)
-        self.start_warnings = list(warned.values())
+        self.start_warnings += list(warned.values())
         if self.is_main:  # the predictions are counters: saved again now that they exist
             self.write(f"the callback state to {self.store.root}", lambda: self.store.write_state(self.counters()), 0)
             if self.start_warnings:  # for the report, which reads the run's files
@@ -509,6 +509,7 @@ class STSSession:
                      f"{self.base_fit['fvu']:.3f}, mean L0 {self.base_fit['l0']:.1f}")
         for key, message in self.guard.fit_warnings(None, self.base_fit).items():
             self.warn(key, message, STSDataWarning)
+            self.start_warnings.append(message)  # the report says it too: every score rests on the SAE
         self.base_losses = monitor.base_losses = monitor.measure_losses(model, self.autocast)
         began = time.perf_counter()
         self.base_accuracy = monitor.base_accuracy = monitor.measure_accuracy(model, self.autocast)
