@@ -544,6 +544,22 @@ def test_the_train_start_warnings_are_in_the_report_with_the_rechecks(tmp_path):
     assert warned in page_text(page) and summary_status(page) == "train-start warnings"
 
 
+def test_the_sae_fit_drifting_during_the_run_is_in_the_report(tmp_path):
+    """A re-check finding the SAE fits the trained weights less and less warned on the console only."""
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    (sts / "settings.json").write_text(json.dumps({"protected": [], "tolerance": 0.05}))
+    drift = "The SAE fits the trained weights less and less: fraction of variance unexplained 0.52 now vs 0.30 ..."
+    records = [{"step": s, "scores": {"a": {"sts_act": 1.0}}, "shifted_latents": [1], "loss_delta": {"a": 0.001},
+                "violations": [], "lr_area_fraction": s / 4, **({"sae_fit_warning": drift} if s == 2 else {})}
+               for s in (2, 4)]
+    (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    html_path, md_path = write_report(sts)
+    md, page = md_path.read_text(), html_path.read_text()
+    assert f"- step 2: {drift}" in md and "No warnings." not in md
+    assert drift in page_text(page) and summary_status(page) == "warnings"
+
+
 def test_numbers_never_contradict_themselves(tmp_path):
     """Seconds of a short run's overhead were rounded to 0 beside a share of 423%; a nonzero interval bound printed
     +0.0 and a change past the tolerance printed as the tolerance."""

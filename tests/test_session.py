@@ -590,6 +590,15 @@ def test_a_restart_drops_the_abandoned_attempts_records_a_failed_write_left_out(
     assert [r["step"] for r in written] == [2] and written[0]["loss_delta"] == retried["loss_delta"]
 
 
+def test_the_sae_fit_drift_is_recorded_where_it_began(tmp_path, tokenizer):
+    model, train, domains, session = started_loop(tmp_path, tokenizer)
+    session.guard.fit_warnings = lambda start, now: {"fit:drift": "The SAE fits the trained weights less and less"}
+    with pytest.warns(STSDataWarning, match="less and less"):
+        first, _ = session.recheck(model, 2, max_steps=4)
+    second, _ = session.recheck(model, 4, max_steps=4)  # still drifting: warned once, recorded once
+    assert first["sae_fit_warning"].startswith("The SAE fits") and "sae_fit_warning" not in second
+
+
 def test_a_violation_that_lasts_across_a_resume_from_the_train_start_state_is_not_new(tmp_path, tokenizer):
     """Resumed from a checkpoint whose STS state was cut (the counters read from the train-start state), the run
     of violations was rebuilt from the history but the rules broken at the last re-check were not: a violation

@@ -932,6 +932,8 @@ class STSSession:
             self.warn("early_forecast_error", f"STS early forecast at step {step} failed and was skipped "
                       f"({record['early_forecast_error']}); the measured changes stand.", RuntimeWarning)
         for key, message in self.guard.fit_warnings(self.base_fit, result.sae_fit).items():
+            if key not in self.guard.warned:  # the report lists it where it began, as the console does
+                record["sae_fit_warning"] = message
             self.warn(key, f"STS re-check at step {step}: {message}", STSDataWarning)
         decision = self.guard.check(step, result, self.variant(), record.get("projected_warnings"),
                                     finished=ended or (bool(max_steps) and step >= max_steps))  # nothing to stop
