@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from tiny import TinySAE, domain_texts, make_model, make_tokenizer
+from tiny import TinySAE, domain_texts, make_model, make_tokenizer, save_sae_lens_sae
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from sts_callback import STSConfig, STSConfigError, STSDataWarning, STSInputError
@@ -268,15 +268,7 @@ def test_a_restoring_resume_of_a_callback_given_only_paths_and_texts_keeps_the_u
     from the checkpoint's arguments and the user's instance was not found: changed settings dropped unsaid, the
     instance the user holds left with no history. And a Path output_subdir made the first checkpoint save fail
     (trainer_state.json could not hold it)."""
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
-    sae.save_model(tmp_path / "sae")
+    save_sae_lens_sae(tmp_path / "sae")
     first = make_callback(sae=str(tmp_path / "sae"), output_subdir=Path("sts_law"))
     assert first.state()["args"]["_objects_from"] is None
     make_trainer(tmp_path, tokenizer, first, max_steps=2, save_steps=2).train()

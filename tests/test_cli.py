@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import domain_texts, make_model, make_tokenizer
+from tiny import domain_texts, make_model, make_tokenizer, save_sae_lens_sae
 
 from sts_callback.tools.cli import main
 
@@ -18,18 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
     root = tmp_path_factory.mktemp("cli")
     make_model("llama").save_pretrained(root / "model")
     make_tokenizer().save_pretrained(root / "model")
-    torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
-    sae.save_model(root / "sae")
+    save_sae_lens_sae(root / "sae")
     (root / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in domain_texts("law", 30)))
     (root / "chem.jsonl").write_text("\n".join(json.dumps({"prompt": t, "completion": t})
                                                 for t in domain_texts("chem", 20)))

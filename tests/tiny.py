@@ -101,6 +101,21 @@ class TinySAE(nn.Module):
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
 
 
+def save_sae_lens_sae(path, d_in: int = 32, d_sae: int = 64, hook_name: str = "blocks.1.hook_resid_post"):
+    """A sae-lens StandardSAE with seeded random weights, saved to ``path`` as sae-lens saves one (what a path
+    given as ``sae=`` / ``sae:`` loads)."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name)))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    sae.save_model(path)
+    return path
+
+
 def domain_texts(domain: str, n: int = 20, length: int = 12, seed: int = 0) -> list[str]:
     import random
 

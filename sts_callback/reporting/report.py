@@ -964,32 +964,23 @@ SUMMARY_TAGS = (("warning", '<span class="tag warn">warnings</span>'),
                 ("train start", '<span class="tag warn">train-start warnings</span>'))
 
 
+# each kind of warning_items() entry as each renderer writes it ({step} and {text} escaped for it)
+WARNING_FORMATS = {
+    "train start": ('<span class="tag warn">train start</span> {text}', "train start: {text}"),
+    "warning": ("step {step}: {text}", "step {step}: {text}"),
+    "projected": ('step {step} <span class="tag warn">projected</span>: {text}', "step {step} (projected): {text}"),
+    "early stop": ("<b>{text}</b>", "**{text}**"),
+    "failed": ("step {step}: re-check failed ({text})", "step {step}: re-check failed ({text})"),
+    "not measured": ("{text}", "{text}"),
+}
+
+
 def _html_warning(kind: str, step: Any, text: str) -> str:
-    if kind == "train start":
-        return f'<li><span class="tag warn">train start</span> {esc(text)}</li>'
-    if kind == "warning":
-        return f"<li>step {esc(step)}: {esc(text)}</li>"
-    if kind == "projected":
-        return f'<li>step {esc(step)} <span class="tag warn">projected</span>: {esc(text)}</li>'
-    if kind == "early stop":
-        return f"<li><b>{esc(text)}</b></li>"
-    if kind == "failed":
-        return f"<li>step {esc(step)}: re-check failed ({esc(text)})</li>"
-    return f"<li>{esc(text)}</li>"
+    return "<li>" + WARNING_FORMATS[kind][0].format(step=esc(step), text=esc(text)) + "</li>"
 
 
 def _markdown_warning(kind: str, step: Any, text: str) -> str:
-    if kind == "train start":
-        return f"train start: {md_esc(text)}"
-    if kind == "warning":
-        return f"step {step}: {md_esc(text)}"
-    if kind == "projected":
-        return f"step {step} (projected): {md_esc(text)}"
-    if kind == "early stop":
-        return f"**{md_esc(text)}**"
-    if kind == "failed":
-        return f"step {step}: re-check failed ({md_esc(text)})"
-    return md_esc(text)
+    return WARNING_FORMATS[kind][1].format(step=step, text=md_esc(text))
 
 
 def _prediction_section(data: ReportData) -> str:
