@@ -17,7 +17,7 @@ from datasets import Dataset
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from sts_callback.core.errors import STSInputError
+from sts_callback.core.errors import STSDataWarning, STSInputError
 from sts_callback.integrations.callback import STSCallback
 from sts_callback.tools.cli import main as sts_main
 from sts_callback.pipelines.forecast import DomainForecast, Forecast
@@ -558,6 +558,24 @@ def test_the_sae_fit_drifting_during_the_run_is_in_the_report(tmp_path):
     md, page = md_path.read_text(), html_path.read_text()
     assert f"- step 2: {drift}" in md and "No warnings." not in md
     assert drift in page_text(page) and summary_status(page) == "warnings"
+
+
+def test_a_run_whose_forecast_file_was_cut_still_gets_its_report(tmp_path):
+    """A resumed run goes on without a cut forecast.json (warned), but every report it wrote after failed on the
+    file and the folder kept the earlier run's report; `sts report` failed too."""
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    (sts / "forecast.json").write_text('{"format": "sts-forecast/1", "domains": {"a"')
+    record = {"step": 2, "scores": {"a": {"sts_act": 1.0}}, "shifted_latents": [1], "loss_delta": {"a": 0.01},
+              "violations": [], "lr_area_fraction": 0.5}
+    (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.warns(STSDataWarning, match="not valid JSON.*the report shows the run's re-checks"):
+        _, md_path = write_report(sts)
+    md = md_path.read_text()
+    assert "The forecast cannot be read" in md and "+1.0%" in md
+    (sts / "history.jsonl").unlink()  # a forecast's own folder: nothing else to show, so an error
+    with pytest.raises(STSInputError, match="not valid JSON"):
+        write_report(sts)
 
 
 def test_numbers_never_contradict_themselves(tmp_path):

@@ -105,7 +105,13 @@ class ReportData:
         """``gate_dir``: where to read the gate decision when ``sts_dir`` has none (the folder a report was asked
         for, when its run is in a subfolder)."""
         self.sts_dir = sts_dir
-        self.forecast: dict[str, Any] | None = _read_json(sts_dir / FORECAST_FILE)
+        self.forecast_unreadable: str | None = None  # a cut forecast.json beside the run's re-checks: why
+        try:
+            self.forecast: dict[str, Any] | None = _read_json(sts_dir / FORECAST_FILE)
+        except STSInputError as err:
+            self.forecast, forecast_error = None, err
+        else:
+            forecast_error = None
         try:
             lines, self.unreadable = read_json_lines(sts_dir / HISTORY_FILE)  # unreadable: cut by a crash
         except (OSError, UnicodeDecodeError) as err:
@@ -123,6 +129,13 @@ class ReportData:
                                if folder is not None and (folder / GATE_FILE).exists()), sts_dir / GATE_FILE)
         self.gate: Any = _read_json(self.gate_file)
         self.validation: Any = _read_json(sts_dir / VALIDATION_FILE)
+        if forecast_error is not None:
+            if not self.history:  # a forecast's folder: nothing else to show
+                raise forecast_error
+            # a run that goes on without its forecast (a crash cut the file) still has its re-checks to show
+            self.forecast_unreadable = str(forecast_error)
+            warnings.warn(f"{forecast_error}; the report shows the run's re-checks without the forecast.",
+                          STSDataWarning, stacklevel=3)
         if self.skipped or self.unreadable:
             warnings.warn(self.skipped_note(), STSDataWarning, stacklevel=3)
         if self.forecast is None and not self.history and self.gate is None:
@@ -200,6 +213,8 @@ class ReportData:
         """What a folder without a forecast holds, as a sentence (plain text); ``None`` when there is a forecast."""
         if self.forecast is not None:
             return None
+        if self.forecast_unreadable and self.rechecks:
+            return f"The forecast cannot be read ({self.forecast_unreadable}); the re-checks are shown."
         reason = self.run_settings.get("no_forecast")
         if self.rechecks and isinstance(reason, str) and reason:
             return f"No forecast in this run: {reason.rstrip('.')}. The re-checks are shown."
