@@ -569,6 +569,26 @@ def test_a_resume_counts_the_rotation_as_the_run_did_when_a_domain_is_measured_e
     assert sorted(record["loss_delta"]) == ["chem", "code", "food"]  # code's turn, not law's again
 
 
+def test_records_a_long_full_disk_kept_out_reach_the_file_at_the_next_report(tmp_path, tokenizer):
+    """A folder full for longer than three re-checks: its records were given up for good (the file kept a gap
+    the report did not show). They stay in memory and reach the file at the next checkpoint save or report."""
+    model, train, domains, session = started_loop(tmp_path, tokenizer)
+    append = session.store.append_history
+
+    def disk_full(record):
+        raise OSError(28, "No space left on device")
+
+    session.store.append_history = disk_full
+    with pytest.warns(RuntimeWarning, match=r"could not be written .* in 3 tries; it is kept in memory"):
+        for step in (1, 2, 3, 4):
+            session.recheck(model, step, max_steps=8)
+    session.store.append_history = append
+    session.recheck(model, 5, max_steps=8)  # the records with tries left go with it
+    session.write_report(5)  # the others with the report
+    written = sorted(json.loads(line)["step"] for line in (tmp_path / "sts" / "history.jsonl").read_text().splitlines())
+    assert written == [1, 2, 3, 4, 5]
+
+
 def test_a_restart_drops_the_abandoned_attempts_records_a_failed_write_left_out(tmp_path, tokenizer):
     """restart() (auto_find_batch_size's new attempt) moved the abandoned re-checks out of the history file, but a
     record whose write had failed was written later anyway: the file held step 2 twice, one of them the abandoned

@@ -62,7 +62,7 @@ logger = logging.getLogger("sts_callback")
 
 # what a re-check projects to the end of training: dropped from its record when training ends at it
 PROJECTION_KEYS = ("early_forecast", "early_forecast_ci", "early_projection", "early_blend", "projected_warnings")
-WRITE_ATTEMPTS = 3  # a history record's writes (at its re-check and the next two) before it stays in memory only
+WRITE_ATTEMPTS = 3  # a history record's writes at re-checks (its own and the next two); then at saves and reports
 
 
 def log_warning(message: str, *args: Any) -> None:
@@ -303,19 +303,25 @@ class STSSession:
         self.flush_history()
 
     def flush_history(self, counted: bool = True) -> None:
-        """Write the history records earlier writes failed for (main process). ``counted``: a failure counts toward
-        :data:`WRITE_ATTEMPTS`, after which a record stays in memory only (at re-checks); at checkpoint saves and
-        reports it does not, so that the last re-check's record and one a checkpoint holds reach the file once the
-        folder takes writes again."""
+        """Write the history records earlier writes failed for (main process). ``counted``: a re-check's flush,
+        which tries a record :data:`WRITE_ATTEMPTS` times at most (each try costs a write that may wait on a
+        failing disk); checkpoint saves and reports try every record left, so that each reaches the file once the
+        folder takes writes again, in whatever order (read back in step order)."""
         for entry in list(self._unwritten):
             pending, tries = entry
+            if counted and tries >= WRITE_ATTEMPTS:
+                continue
             # warned about and recorded (write_errors) once, at its first failure
             if self.write(f"the re-check of step {pending.get('step')} to {self.store.path(HISTORY_FILE)}",
                           lambda: self.store.append_history(pending), pending.get("step"), retry=tries > 0):
                 self._unwritten.remove(entry)
             elif counted:
                 entry[1] += 1
-        self._unwritten = [entry for entry in self._unwritten if entry[1] < WRITE_ATTEMPTS]
+                if entry[1] == WRITE_ATTEMPTS and self.guard.first_time("history_retries_spent"):
+                    self._say(f"STS: the re-check of step {pending.get('step')} could not be written to "
+                              f"{self.store.path(HISTORY_FILE)} in {WRITE_ATTEMPTS} tries; it is kept in memory "
+                              "(history) and written at the next checkpoint save or report once the folder takes "
+                              "writes again (said once for all such records).", RuntimeWarning)
 
     def __enter__(self) -> "STSSession":
         return self
