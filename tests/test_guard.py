@@ -67,10 +67,19 @@ def test_warnings_are_given_once_and_forecast_rank_rule():
     ({"tolerence": 0.1}, r"Unknown guard setting\(s\) \['tolerence'\]"),
     ({"warn_confidence": 1.0}, "warn_confidence must be a probability strictly between 0 and 1"),
     ({"warn_confidence": 80}, "warn_confidence must be a probability strictly between 0 and 1"),
+    ({"max_sts": -1}, r"max_sts must be a non-negative number .* got -1"),  # every score is above it
 ])
 def test_bad_settings_are_named(values, match):
     with pytest.raises(STSConfigError, match=match):
         GuardConfig.from_dict(values)
+
+
+def test_patience_without_early_stop_is_said_to_do_nothing():
+    with pytest.warns(STSDataWarning, match="patience=3 has no effect without early_stop"):
+        GuardConfig(protected=["food"], patience=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        GuardConfig(protected=["food"], patience=3, early_stop=True)
 
 
 def test_sae_fit_rules():

@@ -433,7 +433,11 @@ def test_a_history_jsonl_of_another_tool_is_refused_and_stray_lines_are_counted(
     page, md = html.unescape(html_path.read_text()), md_path.read_text()
     for text in (page, md):
         assert "3 line(s) of" in text and "not re-check records of STSCallback" in text
-    assert "**Re-checks:** 1, last at step 2" in md and "step 4: re-check failed (OutOfMemoryError: boom)" in md
+    assert "**Re-checks:** 1 (and 1 failed), last at step 2" in md  # the failed one counted apart, not lost
+    assert "step 4: re-check failed (OutOfMemoryError: boom)" in md
+    assert "Re-checks: 1 (and 1 failed)" in page
+    # its record has no overlap (written before the field existed, or its probe failed): not "– of – latents"
+    assert "overlap" not in next(line for line in md.splitlines() if line.startswith("**Re-checks:**"))
 
 
 def test_an_output_dir_whose_results_are_in_an_output_subdir(tmp_path, capsys):

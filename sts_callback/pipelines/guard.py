@@ -91,8 +91,10 @@ class GuardConfig:
                               f"{value:g}%, pass {name}={value / 100:g}; to turn the rule off, math.inf.",
                               STSDataWarning, stacklevel=4)
             setattr(self, name, float(value))
-        if self.max_sts is not None and (isinstance(self.max_sts, bool) or not isinstance(self.max_sts, (int, float))):
-            raise STSConfigError(f"max_sts must be a number or None, got {self.max_sts!r}.")
+        if self.max_sts is not None and (isinstance(self.max_sts, bool) or not isinstance(self.max_sts, (int, float))
+                                         or not self.max_sts >= 0):  # an STS score is never negative
+            raise STSConfigError(f"max_sts must be a non-negative number (an STS score's limit) or None, got "
+                                 f"{self.max_sts!r}.")
         if isinstance(self.warn_confidence, bool) or not isinstance(self.warn_confidence, (int, float)) \
                 or not 0 < self.warn_confidence < 1:
             raise STSConfigError(f"warn_confidence must be a probability strictly between 0 and 1 (0.5: warn when "
@@ -104,6 +106,10 @@ class GuardConfig:
                 raise STSConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
         if not isinstance(self.early_stop, bool) and self.early_stop != "projected":
             raise STSConfigError(f"early_stop must be True, False or 'projected', got {self.early_stop!r}.")
+        if self.patience != 1 and not self.early_stop:
+            warnings.warn(f"patience={self.patience} has no effect without early_stop (it counts the consecutive "
+                          "violating re-checks before a stop); pass early_stop=True, or leave patience out.",
+                          STSDataWarning, stacklevel=4)
         if self.early_stop and not self.protected:  # only a protected domain's violation stops a run
             raise STSConfigError(f"early_stop={self.early_stop!r} with no protected domain would never stop the run; "
                                  "name the domains that must not be harmed, e.g. protected=['law'].")

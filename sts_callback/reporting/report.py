@@ -279,6 +279,11 @@ class ReportData:
         found = self.run_settings.get("train_start_warnings")
         return [w for w in found if isinstance(w, str)] if isinstance(found, list) else []
 
+    def recheck_count(self) -> str:
+        """How many re-checks measured, and how many failed beside them."""
+        failed = sum("error" in r for r in self.history)
+        return f"{len(self.rechecks)}" + (f" (and {failed} failed)" if failed else "")
+
     def never_measured(self) -> list[str]:
         """Target domains the overhead budget kept waiting their turn at every re-check: no change measured."""
         waiting = (self.rechecks[-1].get("overhead") or {}).get("skipped") or [] if self.rechecks else []
@@ -943,9 +948,10 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
                      + (f" (held-out loss tolerance {data.tolerance:.1%})" if data.tolerance is not None else "") + ".")
     if data.rechecks:
         last = data.end_record
-        lines.append(f"{len(data.rechecks)} re-check(s), {esc(_which(data, last))}; overlap of the actually "
-                     f"shifted latents with the forecast: {esc(_fmt(last.get('overlap_with_forecast')))} of "
-                     f"{len(last.get('shifted_latents', [])) or '–'}.")
+        overlap = _overlap(last)
+        lines.append(f"Re-checks: {esc(data.recheck_count())}, {esc(_which(data, last))}"
+                     + (f"; overlap of the actually shifted latents with the forecast: {esc(overlap)}" if overlap
+                        else "") + ".")
         for note in (data.ended_note(), data.loaded_note(), data.unfinished_note(), data.earlier_changes_note(),
                      data.probe_error_note()):
             if note:
@@ -1268,6 +1274,12 @@ def _no_figures_note() -> str:
 
 
 # --------------------------------------------------------------------------- Markdown
+def _overlap(record: dict[str, Any]) -> str | None:
+    """"k of n" shifted latents as forecast at a re-check; None where its probe measured no shift."""
+    overlap, shifted = record.get("overlap_with_forecast"), len(record.get("shifted_latents") or [])
+    return f"{_fmt(overlap)} of {shifted}" if overlap is not None and shifted else None
+
+
 def _which(data: ReportData, record: dict[str, Any]) -> str:
     """Which re-check a summary line describes: the last, or that of the checkpoint loaded at the end."""
     if data.loaded_best_step is not None and record["step"] == data.loaded_best_step:
@@ -1321,10 +1333,10 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
     if data.rechecks:
         last = data.end_record
         deltas = ", ".join(md_esc(change) for change in _changes(last, data.protected, data.tolerance))
-        lines.append(f"**Re-checks:** {len(data.rechecks)}, {_which(data, last)}: "
-                     f"held-out loss change [95% interval] {deltas}; "
-                     f"overlap with the forecast {_fmt(last.get('overlap_with_forecast'))} of "
-                     f"{len(last.get('shifted_latents', [])) or '–'} latents.")
+        overlap = _overlap(last)
+        lines.append(f"**Re-checks:** {data.recheck_count()}, {_which(data, last)}: "
+                     f"held-out loss change [95% interval] {deltas}"
+                     + (f"; overlap with the forecast {overlap} latents" if overlap else "") + ".")
         if accuracy := _accuracy_changes(last):
             lines.append(f"**Accuracy** (share of the items right; change from train start): {md_esc(accuracy)}.")
         for note in (data.ended_note(), data.loaded_note(), data.unfinished_note(), data.earlier_changes_note(),
