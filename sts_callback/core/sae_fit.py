@@ -18,13 +18,14 @@ def new_fit_sums(d_in: int) -> torch.Tensor:
 
 
 def add_fit_sums(sums: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor, reconstruction: torch.Tensor) -> None:
-    """Add one chunk of residual ``rows`` [n, d], their SAE ``latents`` and ``reconstruction`` to ``sums``."""
-    x = rows.double().cpu()
-    sums[0] += (x - reconstruction.double().cpu()).square().sum()
-    sums[1] += x.square().sum()
-    sums[2] += (latents != 0).sum().cpu()  # active latents: some SAEs (AbsTopK) have negative ones
-    sums[3] += rows.shape[0]
-    sums[4:] += x.sum(0)
+    """Add one chunk of residual ``rows`` [n, d], their SAE ``latents`` and ``reconstruction`` to ``sums``
+    (computed where the rows are, in float64: a residual stream's large mean would cancel float32's variance; one
+    small vector comes back)."""
+    x = rows.double()
+    totals = torch.stack([(x - reconstruction.to(x.device).double()).square().sum(), x.square().sum(),
+                          (latents != 0).sum().to(x.device).double(),  # AbsTopK SAEs have negative active latents
+                          torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=x.device)])
+    sums += torch.cat([totals, x.sum(0)]).cpu()
 
 
 def fit_from_sums(sums: torch.Tensor) -> dict[str, float] | None:

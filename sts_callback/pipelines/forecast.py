@@ -883,7 +883,8 @@ def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, p
                 bar.set_description("shift (train data)")
             extractor.track_fit(True)  # how well the SAE reads the training data, on the rows it encodes anyway
             shift_stats: PairedStats = shift.run(extractor, reservoirs.get(TRAIN_KEY))
-            fit_sums, _ = extractor.fit, extractor.track_fit(False)
+            fit_sums = extractor.fit
+            extractor.track_fit(False)
             timings["shift"] = time.perf_counter() - t0
             domain_stats = {}
             for name, d in domain_inputs.items():
