@@ -32,12 +32,14 @@ def addition_prompts(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def correct_sum(completions, answer, **kwargs) -> list[float]:
-    """1 when the first number in the completion is the right sum (a verifiable reward)."""
+def sum_reward(completions, answer, **kwargs) -> list[float]:
+    """A verifiable reward with partial credit: 1 when the first number in the completion is the right sum, less
+    the further it is off, 0 without a number. All-or-nothing credit gives a base model that never adds right 0 for
+    every completion of a prompt: no advantage, no gradient, nothing trained (the callback says so)."""
     rewards = []
     for completion, expected in zip(completions, answer):
         found = re.search(r"-?\d+", completion)
-        rewards.append(1.0 if found and found.group() == expected else 0.0)
+        rewards.append(max(0.0, 1.0 - abs(int(found.group()) - int(expected)) / int(expected)) if found else 0.0)
     return rewards
 
 
@@ -63,7 +65,7 @@ def main() -> None:
     )
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=correct_sum,
+        reward_funcs=sum_reward,
         args=GRPOConfig(output_dir=args.output, max_steps=args.steps, save_steps=args.save_steps, logging_steps=1,
                         per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
                         learning_rate=1e-4, use_cpu=True, report_to=[], save_strategy="steps",

@@ -89,7 +89,12 @@ def test_trainer_full_ft_example_runs(run_example, capsys, tmp_path):
 def test_grpo_trl_example_runs(run_example, capsys, tmp_path):
     out = run_example("grpo_trl", ["--steps", "2", "--save-steps", "1", "--output", "run"], capsys)
     assert "GRPO with STS" in out
-    assert [r["step"] for r in _history(tmp_path / "run" / "sts")] == [1, 2]
+    history = _history(tmp_path / "run" / "sts")
+    assert [r["step"] for r in history] == [1, 2]
+    # its reward varies within a prompt's completions, so GRPO has an advantage and the weights move (an
+    # all-or-nothing sum reward gave a base model 0 everywhere: nothing trained, every re-check exactly 0)
+    assert not any(r.get("model_unchanged") for r in history)
+    assert any(r["shift_total"] > 0 for r in history)
 
 
 def test_gate_mixture_example_writes_its_decision(run_example, capsys, tmp_path):

@@ -619,6 +619,25 @@ def test_the_sae_fit_drift_is_recorded_where_it_began(tmp_path, tokenizer):
     assert first["sae_fit_warning"].startswith("The SAE fits") and "sae_fit_warning" not in second
 
 
+def test_a_run_that_trains_nothing_is_said_to(tmp_path, tokenizer):
+    """A GRPO run whose reward never varied within a prompt's completions (zero advantage) re-checked exactly zero
+    everywhere: zeros that read as results, with nothing saying the weights never moved."""
+    model, train, domains, session = started_loop(tmp_path, tokenizer)
+    session.learning_rates = [LR] * 4
+    with pytest.warns(STSDataWarning, match="exactly as it was at train start .* nothing has trained"):
+        still, _ = session.recheck(model, 2, max_steps=4)
+    assert still["model_unchanged"].startswith("the model is exactly as it was")
+    assert "model_unchanged" not in session.recheck(model, 3, max_steps=4)[0]  # said once
+    md = (tmp_path / "sts" / "report.md").read_text()
+    assert "step 2: the model is exactly as it was at train start" in md
+    moved, _, _, trained = started_loop(tmp_path / "trained", tokenizer)
+    trained.learning_rates = [LR] * 4
+    train_steps(moved, tokenizer, HARMFUL, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        assert "model_unchanged" not in trained.recheck(moved, 2, max_steps=4)[0]
+
+
 def test_a_violation_that_lasts_across_a_resume_from_the_train_start_state_is_not_new(tmp_path, tokenizer):
     """Resumed from a checkpoint whose STS state was cut (the counters read from the train-start state), the run
     of violations was rebuilt from the history but the rules broken at the last re-check were not: a violation

@@ -15,7 +15,7 @@ from torch import nn
 
 from .capture import ResidualCapture, clamped_to_vocabulary, input_vocabulary
 from .data import TokenPair
-from .distributed import LocalFailure, Shard, shard, world_size
+from .distributed import LocalFailure, Shard, shard, shard_batches, world_size
 from .errors import STSNumericalError
 from .sae import SAEHandle
 from .sae_fit import add_fit_sums, new_fit_sums
@@ -121,6 +121,18 @@ class Extractor:
             return shard(len(lengths), lengths)
         return Shard(tuple(range(len(lengths))), (True,) * len(lengths))
 
+    def share_batches(self, lengths: Sequence[int]) -> tuple[Shard, list[int] | None]:
+        """The sequences this process runs as whole batches of one process's batching, dealt out in turn
+        (:func:`shard_batches`), and those batches' sizes: each sequence runs with the neighbours and padding it has
+        in one process, so its residuals are one process's to the bit (batched otherwise, the last float bits
+        differ, and a latent at the edge of the top shifted ones can change places). Not split: all, in one
+        process's batches (sizes None)."""
+        if not self.split or world_size() == 1:
+            return self.share(lengths), None
+        mine, counted = shard_batches(batches_by_length(lengths, self.batch_size), lengths)
+        return (Shard(tuple(i for batch in mine for i in batch),
+                      tuple(keep for batch, keep in zip(mine, counted) for _ in batch)), [len(b) for b in mine])
+
     def _new_condition(self) -> tuple[ActivationStats, ActivationStats]:
         return ActivationStats(self.sae.d_sae, self.device), ActivationStats(self.sae.d_in, self.device)
 
@@ -188,12 +200,13 @@ class Extractor:
         return latents.float() if latents.dtype in (torch.float16, torch.bfloat16) else latents
 
     def iter_rows(self, sequences: Sequence[tuple[list[int], list[bool]]], what: str = "texts",
-                  ) -> Iterator[RowBatch]:
+                  batch_sizes: Sequence[int] | None = None) -> Iterator[RowBatch]:
         """Residual rows at the counted tokens of ``sequences`` ((ids, counted flags for the last len(flags)
-        ids)), one length-sorted batch at a time; non-finite values raise (collectively, see :meth:`finish`).
+        ids)), one length-sorted batch at a time (``batch_sizes``: consecutive batches of these sizes instead, as
+        :meth:`share_batches` gives them); non-finite values raise (collectively, see :meth:`finish`).
         A consumer that computes on the rows runs that inside ``with self.failed`` too."""
         lengths = [len(ids) for ids, _ in sequences]
-        for batch in batches_by_length(lengths, self.batch_size):
+        for batch in _batch_plan(lengths, self.batch_size, batch_sizes):
             item = None
             if not self.failed.skip:
                 with self.failed:
@@ -209,11 +222,12 @@ class Extractor:
             self._after_batch(len(batch))
 
     def iter_paired_rows(self, pairs: Sequence[TokenPair], what: str = "queries", *,
-                         skip_uncounted: bool = False) -> Iterator[RowBatch]:
+                         skip_uncounted: bool = False, batch_sizes: Sequence[int] | None = None,
+                         ) -> Iterator[RowBatch]:
         """Rows of the query tokens without (``rows``) and with (``context_rows``) the demonstrations, at the
         same positions, one batch at a time. ``skip_uncounted``: no forward for a batch that counts no token
         (never under torch.distributed, where every rank must run the same forwards)."""
-        for batch in batches_by_length([len(p.context) for p in pairs], self.batch_size):
+        for batch in _batch_plan([len(p.context) for p in pairs], self.batch_size, batch_sizes):
             chosen = [pairs[i] for i in batch]
             if self.failed.skip or (skip_uncounted and not any(any(p.counted) for p in chosen)):
                 self._after_batch(len(batch))
@@ -259,8 +273,8 @@ class Extractor:
         ``reservoir`` keeps each latent's top activations as (index into ``sequences``, position).
         """
         latents, residual = self._new_condition()
-        part = self.share([len(ids) for ids, _ in sequences])
-        for item in self.iter_rows(local_sequences(sequences, part), what):
+        part, sizes = self.share_batches([len(ids) for ids, _ in sequences])
+        for item in self.iter_rows(local_sequences(sequences, part), what, sizes):
             with self.failed:
                 residual.update(item.rows)
                 for _ in self.encoded_chunks(item.rows, latents, reservoir, [part.indices[i] for i in item.batch],
@@ -279,10 +293,10 @@ class Extractor:
         latents, residual = self._new_condition()
         latent_shift = ShiftStats(self.sae.d_sae, self.device)
         residual_shift = ShiftStats(self.sae.d_in, self.device)
-        part = self.share([len(p.context) for p in pairs])
+        part, sizes = self.share_batches([len(p.context) for p in pairs])
         local = [pairs[i] if keep else replace(pairs[i], counted=[False] * len(pairs[i].counted))
                  for i, keep in zip(part.indices, part.counted)]
-        for item in self.iter_paired_rows(local, what):
+        for item in self.iter_paired_rows(local, what, batch_sizes=sizes):
             with self.failed:
                 residual.update(item.rows)
                 residual_shift.update(item.rows, item.context_rows)
@@ -297,10 +311,17 @@ class Extractor:
             self.on_batch(n)
 
 
+def _batch_plan(lengths: Sequence[int], batch_size: int, sizes: Sequence[int] | None) -> list[list[int]]:
+    """Length-sorted batches, or consecutive ones of the given ``sizes``."""
+    if sizes is None:
+        return batches_by_length(lengths, batch_size)
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    return [list(range(a, b)) for a, b in zip(starts, starts[1:])]
+
+
 def _input_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
-
-
-_batches = batches_by_length  # the name older callers import

@@ -62,6 +62,20 @@ logger = logging.getLogger("sts_callback")
 
 # what a re-check projects to the end of training: dropped from its record when training ends at it
 PROJECTION_KEYS = ("early_forecast", "early_forecast_ci", "early_projection", "early_blend", "projected_warnings")
+NOTHING_TRAINED = ("the model is exactly as it was at train start (no SAE latent moved on the probe, no held-out loss "
+                   "changed), after learning steps: nothing has trained. Check that parameters are trainable and "
+                   "the learning rate is not 0; under GRPO, a reward that gives every completion of a prompt the "
+                   "same value gives no advantage, hence no gradient (see the trainer's frac_reward_zero_std).")
+
+
+def _nothing_trained(record: dict[str, Any]) -> bool:
+    """A re-check after learning steps (some of the schedule's area spent) that measured no change at all: the
+    probe's residuals identical and every measured held-out loss identical to train start's."""
+    changes = [v for v in (record.get("loss_delta") or {}).values() if v is not None]
+    return (record.get("step", 0) > 0 and record.get("lr_area_fraction") != 0 and record.get("shift_total") == 0.0
+            and bool(changes) and all(v == 0.0 for v in changes))
+
+
 WRITE_ATTEMPTS = 3  # a history record's writes at re-checks (its own and the next two); then at saves and reports
 
 
@@ -941,6 +955,9 @@ class STSSession:
             if key not in self.guard.warned:  # the report lists it where it began, as the console does
                 record["sae_fit_warning"] = message
             self.warn(key, f"STS re-check at step {step}: {message}", STSDataWarning)
+        if _nothing_trained(record) and "model_unchanged" not in self.guard.warned:
+            record["model_unchanged"] = NOTHING_TRAINED  # zeros that look like results: said, and in the report
+            self.warn("model_unchanged", f"STS re-check at step {step}: {NOTHING_TRAINED}", STSDataWarning)
         decision = self.guard.check(step, result, self.variant(), record.get("projected_warnings"),
                                     finished=ended or (bool(max_steps) and step >= max_steps))  # nothing to stop
         record["violations"] = decision.violations

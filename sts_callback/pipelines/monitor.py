@@ -157,11 +157,11 @@ class Monitor:
         index -> [rows, d] (float32, CPU). Every rank runs the same number of forwards."""
         sequences = self.probe if sequences is None else sequences
         extractor = self._extractor(model)
-        part = extractor.share([len(ids) for ids, _ in sequences])
+        part, sizes = extractor.share_batches([len(ids) for ids, _ in sequences])
         local = [sequences[i] for i in part.indices]
         out: dict[int, torch.Tensor] = {}
         with inference_mode(model):
-            for item in extractor.iter_rows(local, "the training probe"):
+            for item in extractor.iter_rows(local, "the training probe", sizes):
                 with extractor.failed:
                     rows = item.rows.float().cpu()
                     for row_in_batch, i in enumerate(item.batch):

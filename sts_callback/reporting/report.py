@@ -330,7 +330,8 @@ class ReportData:
         start", "warning", "projected", "early stop", "failed", "not measured"; the one list both renderers draw."""
         items = [("train start", None, w) for w in self.start_warnings]
         items += [("warning", step, v) for step, v in self.violations()]
-        items += [("warning", r["step"], r["sae_fit_warning"]) for r in self.history if r.get("sae_fit_warning")]
+        items += [("warning", r["step"], r[key]) for r in self.history for key in ("sae_fit_warning", "model_unchanged")
+                  if r.get(key)]
         items += [("projected", r["step"], v) for r in self.history for v in r.get("projected_warnings") or []]
         items += [("early stop", r.get("step"), r["early_stop"]) for r in self.history if r.get("early_stop")]
         items += [("failed", r.get("step"), r["error"]) for r in self.history if "error" in r]
