@@ -54,7 +54,7 @@ def main() -> None:
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if launched and not torch.cuda.is_available() else None,
         deepspeed=args.deepspeed, report_to=[], save_strategy="steps",
-        activation_checkpointing=True,  # TRL's default, by its new name (the old one warns)
+        activation_checkpointing=False,  # 270M: no memory to save (TRL's default calls deprecated APIs)
     )
     with training_args.main_process_first(desc="demo SAE"):  # rank 0 trains and caches it, the others read it
         sae_path = ensure_demo_sae(model, tokenizer)

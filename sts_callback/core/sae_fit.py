@@ -44,8 +44,10 @@ def poor_fit_message(fit: dict[str, Any], on: str, max_fvu: float = MAX_FVU) -> 
     if not isinstance(fvu, float) or not fvu > max_fvu:  # NaN too: no variance to explain, nothing to say
         return None
     return (f"The SAE reconstructs this model's residual stream poorly: fraction of variance unexplained {fvu:.2f} "
-            f"on {on} (above {max_fvu:.2f}; mean L0 {fit['l0']:.0f}). An SAE trained for another model or layer "
-            "makes the forecast meaningless: use an SAE for this model and layer (or train one: sts train-sae).")
+            f"on {on} (above {max_fvu:.2f}; mean L0 {fit['l0']:.0f}). Either it is an SAE for another model or "
+            "layer, which makes the forecast meaningless, or this data is far from what it was trained on, and its "
+            "latents miss part of what training moves: use an SAE for this model and layer trained on data like "
+            "this (sts train-sae).")
 
 
 __all__ = ["MAX_FVU", "add_fit_sums", "fit_from_sums", "new_fit_sums", "poor_fit_message"]
