@@ -26,13 +26,13 @@ from ..core.capture import (check_layer_runs_on_text, check_measurable, hidden_s
 from ..core.config import (DEFAULT_ICL_LOSS_TOKENS, ICL_LOSS_FEATURE, ICL_LOSS_SETTINGS, MIN_BUDGET_TOKENS,
                            SCORE_VARIANTS, STSConfig, device_problem)
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
-from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world, shard,
-                                sum_across_ranks, warn_on_main, world_size)
+from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world,
+                                shard_batches, sum_across_ranks, warn_on_main, world_size)
 from ..core.atomic import check_format, read_json
 from ..core.formatting import json_safe, signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from ..core.run_store import FORECAST_FORMAT
-from ..core.extract import Extractor, PairedStats
+from ..core.extract import Extractor, PairedStats, batches_by_length
 from ..core.heldout import all_sequence_nll
 from ..core.stats import TopActivations
 from ..core.sae import SAEHandle, check_sae_for_model, layer_to_read, load_sae
@@ -802,7 +802,8 @@ def run_forecast(setup: ForecastSetup, train: Corpus, domains: dict[str, Corpus]
     shift = ShiftPass(
         kind="in_context",
         run=lambda extractor, reservoir: extractor.paired(shift_pairs, what=f"{train.name!r}", reservoir=reservoir),
-        sequences=shard_size(len(shift_pairs)), forward_tokens=sum(len(p.base) + len(p.context) for p in shift_pairs),
+        sequences=batched_shard_size(pass_lengths(shift_pairs), setup.config.batch_size),
+        forward_tokens=sum(len(p.base) + len(p.context) for p in shift_pairs),
         tokens=plan.shift_tokens, units=len(shift_pairs), sources=[p.base for p in shift_pairs])
     run = forecast_with_shift(setup, shift, plan, progress=progress, start=start)
     if setup.config.icl_loss_tokens:
@@ -868,7 +869,8 @@ def forecast_with_shift(setup: ForecastSetup, shift: ShiftPass, plan: Plan, *, p
     for d in domain_inputs.values():
         forward_tokens += (sum(len(p.base) + len(p.context) for p in d.pairs) if d.pairs is not None
                            else sum(len(ids) for ids, _ in d.singles))
-    total_sequences = shift.sequences + sum(shard_size(len(d.pairs or d.singles)) for d in domain_inputs.values())
+    total_sequences = shift.sequences + sum(batched_shard_size(pass_lengths(d.pairs or d.singles), config.batch_size)
+                                            for d in domain_inputs.values())
     bar = progress_bar(total_sequences, progress)
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     timings = {"prepare": prepare_seconds}
@@ -1018,10 +1020,18 @@ def domain_statistics(setup: ForecastSetup, domains: dict[str, Corpus]) -> dict[
         return {name: d.statistics(extractor, name) for name, d in inputs.items()}
 
 
-def shard_size(n: int) -> int:
-    """How many of a pass's ``n`` sequences this process forwards: its shard, padding included (each pass is
-    sharded on its own, so a run's share is the sum of these, not its total over the world size)."""
-    return len(shard(n).indices)
+def batched_shard_size(lengths: Sequence[int], batch_size: int) -> int:
+    """How many sequences of a pass (of these lengths) this process forwards when the pass is split by whole
+    batches (:meth:`~sts_callback.core.extract.Extractor.share_batches`), padding included."""
+    if world_size() == 1:
+        return len(lengths)
+    mine, _ = shard_batches(batches_by_length(lengths, batch_size), lengths)
+    return sum(len(batch) for batch in mine)
+
+
+def pass_lengths(items: Sequence[Any]) -> list[int]:
+    """The lengths a pass batches its items by: a pair's sequence with context, a single sequence's ids."""
+    return [len(item.context) if isinstance(item, TokenPair) else len(item[0]) for item in items]
 
 
 def progress_bar(total: int | None, enabled: bool, desc: str = "STS forecast"):

@@ -88,7 +88,8 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from ..core.formatting import json_safe
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, ShiftPass, assemble_forecast, build_shift_pairs,
-                       display_width, inference_mode, padded, plan_domains, progress_bar, shard_size, shown_name)
+                       batched_shard_size, display_width, inference_mode, padded, pass_lengths, plan_domains,
+                       progress_bar, shown_name)
 from .preference import Truncation, preference_pass, tokenize_preference
 from .shifts import is_preference_data, preference_truncation
 
@@ -428,8 +429,10 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     timings: dict[str, float] = {"prepare": time.perf_counter() - start}
 
     # the main process's own count: each pass forwards its shard, but every rank scores all the examples
-    total = (sum(shard_size(len(d.pairs or d.singles)) for d in domain_plan.values())
-             + sum(passes[n].sequences if n in passes else shard_size(len(p.shift_pairs)) for n, p in plans.items())
+    size = config.batch_size
+    total = (sum(batched_shard_size(pass_lengths(d.pairs or d.singles), size) for d in domain_plan.values())
+             + sum(passes[n].sequences if n in passes else batched_shard_size(pass_lengths(p.shift_pairs), size)
+                   for n, p in plans.items())
              + (sum(len(c) * (2 if n in passes else 1) for n, c in corpora.items()) if score_examples else 0))
     bar = progress_bar(total, progress, desc="STS gate")
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
