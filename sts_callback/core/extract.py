@@ -129,9 +129,7 @@ class Extractor:
         process's batches (sizes None)."""
         if not self.split or world_size() == 1:
             return self.share(lengths), None
-        mine, counted = shard_batches(batches_by_length(lengths, self.batch_size), lengths)
-        return (Shard(tuple(i for batch in mine for i in batch),
-                      tuple(keep for batch, keep in zip(mine, counted) for _ in batch)), [len(b) for b in mine])
+        return whole_batch_share(lengths, self.batch_size)
 
     def _new_condition(self) -> tuple[ActivationStats, ActivationStats]:
         return ActivationStats(self.sae.d_sae, self.device), ActivationStats(self.sae.d_in, self.device)
@@ -311,14 +309,26 @@ class Extractor:
             self.on_batch(n)
 
 
-def _batch_plan(lengths: Sequence[int], batch_size: int, sizes: Sequence[int] | None) -> list[list[int]]:
-    """Length-sorted batches, or consecutive ones of the given ``sizes``."""
-    if sizes is None:
-        return batches_by_length(lengths, batch_size)
+def whole_batch_share(lengths: Sequence[int], batch_size: int) -> tuple[Shard, list[int]]:
+    """This process's whole batches of one process's batching (:func:`~.distributed.shard_batches`), flattened: the
+    sequences it runs (a padding batch's uncounted) and each batch's size. Every sequence runs with the neighbours
+    and padding it has in one process, so its numbers are one process's to the bit."""
+    mine, counted = shard_batches(batches_by_length(lengths, batch_size), lengths)
+    return (Shard(tuple(i for batch in mine for i in batch),
+                  tuple(keep for batch, keep in zip(mine, counted) for _ in batch)), [len(batch) for batch in mine])
+
+
+def consecutive_batches(sizes: Sequence[int]) -> list[list[int]]:
+    """Batches of these sizes over consecutive indices: a flattened :func:`whole_batch_share`, batched again."""
     starts = [0]
     for size in sizes:
         starts.append(starts[-1] + size)
     return [list(range(a, b)) for a, b in zip(starts, starts[1:])]
+
+
+def _batch_plan(lengths: Sequence[int], batch_size: int, sizes: Sequence[int] | None) -> list[list[int]]:
+    """Length-sorted batches, or consecutive ones of the given ``sizes``."""
+    return batches_by_length(lengths, batch_size) if sizes is None else consecutive_batches(sizes)
 
 
 def _input_device(model: nn.Module) -> torch.device:

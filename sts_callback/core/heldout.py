@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from .capture import clamped_to_vocabulary, input_vocabulary, parameters_are_sharded, text_config, unwrap_model
-from .distributed import LocalFailure, gather_objects, shard_batches, warn_on_main
+from .distributed import LocalFailure, gather_objects, warn_on_main
 from .errors import STSDataWarning
 from .data import TokenSequence
-from .extract import batches_by_length
+from .extract import batches_by_length, consecutive_batches, whole_batch_share
 from .head_sample import HeadSamples
 from .lm_head import HeadInPrecision, exact_nll, own_logits
 from .torch_utils import model_device
@@ -203,12 +203,8 @@ def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: 
     indices = list(range(len(sequences))) if indices is None else list(indices)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(sequences[i][0]) for i in indices]
-    mine, counted = shard_batches(batches_by_length(lengths, batch_size), lengths)
-    positions = [j for batch in mine for j in batch]  # into indices
-    layout, start = [], 0
-    for batch in mine:
-        layout.append(list(range(start, start + len(batch))))
-        start += len(batch)
+    part, sizes = whole_batch_share(lengths, batch_size)
+    positions, layout = part.indices, consecutive_batches(sizes)  # positions: into indices
     local = [sequences[indices[j]] for j in positions]
     keys = [indices[j] for j in positions]
     failed = LocalFailure.around_forwards(model)
@@ -220,8 +216,7 @@ def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: 
         recorded = {key: head_samples.by_sequence[key] for key in keys if key in head_samples.by_sequence}
         for theirs in gather_objects(recorded):
             head_samples.by_sequence.update(theirs)
-    keep = [flag for batch, flag in zip(mine, counted) for _ in batch]
-    for row, (j, flag) in enumerate(zip(positions, keep)):
+    for row, (j, flag) in enumerate(zip(positions, part.counted)):
         if flag:
             out[indices[j]] = measured[row]
     return failed.sum_across_ranks(out)

@@ -27,12 +27,12 @@ from ..core.config import (DEFAULT_ICL_LOSS_TOKENS, ICL_LOSS_FEATURE, ICL_LOSS_S
                            SCORE_VARIANTS, STSConfig, device_problem)
 from ..core.data import AllBut, Corpus, PromptBuilder, TokenPair, load_corpus, load_domains, sample_within_budget
 from ..core.distributed import (check_ranks_agree, fingerprint, is_main_process, require_at_least_world,
-                                shard_batches, sum_across_ranks, warn_on_main, world_size)
+                                sum_across_ranks, warn_on_main, world_size)
 from ..core.atomic import check_format, read_json
 from ..core.formatting import json_safe, signed_percent
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSNumericalError
 from ..core.run_store import FORECAST_FORMAT
-from ..core.extract import Extractor, PairedStats, batches_by_length
+from ..core.extract import Extractor, PairedStats, whole_batch_share
 from ..core.heldout import all_sequence_nll
 from ..core.stats import TopActivations
 from ..core.sae import SAEHandle, check_sae_for_model, layer_to_read, load_sae
@@ -1023,10 +1023,7 @@ def domain_statistics(setup: ForecastSetup, domains: dict[str, Corpus]) -> dict[
 def batched_shard_size(lengths: Sequence[int], batch_size: int) -> int:
     """How many sequences of a pass (of these lengths) this process forwards when the pass is split by whole
     batches (:meth:`~sts_callback.core.extract.Extractor.share_batches`), padding included."""
-    if world_size() == 1:
-        return len(lengths)
-    mine, _ = shard_batches(batches_by_length(lengths, batch_size), lengths)
-    return sum(len(batch) for batch in mine)
+    return len(lengths) if world_size() == 1 else len(whole_batch_share(lengths, batch_size)[0].indices)
 
 
 def pass_lengths(items: Sequence[Any]) -> list[int]:

@@ -513,7 +513,8 @@ class Calibration:
             available = sorted({k for data, _ in records for seed in data["per_seed"]
                                 for scores in seed["scores"].values() for k, v in scores.items() if v is not None})
             raise STSInputError(f"No domain of these validation runs has the feature(s) {list(features)}; "
-                                f"they have {available}. Pass features= (`sts calibrate --features`) from those, or re-run `sts validate`.")
+                                f"they have {available}. Pass features= (`sts calibrate --features`) from those, "
+                                "or re-run `sts validate`.")
         scope = shared_scope(scopes)
         return cls.fit(x, y, features, level=level,
                        fitted_on={"validations": used, "pairs": len(y), **({"scope": scope} if scope else {})})

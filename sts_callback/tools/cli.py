@@ -850,8 +850,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     except STSConfigError as err:  # said by the flags the user typed, not the Python fields
         message = str(err)
         for field, flag in (("training_tokens", "--tokens"), ("d_sae", "--d-sae"), ("k", "-k")):
-            message = re.sub(rf"(SAETrainingConfig\.|e\.g\. ){field}=", lambda m: f"{m.group(1)}{flag} "
-                             if m.group(1) == "e.g. " else f"{flag} ", message)
+            message = message.replace(f"SAETrainingConfig.{field}=", f"{flag} ").replace(f"e.g. {field}=",
+                                                                                         f"e.g. {flag} ")
         raise STSInputError(message) from err
     _check_model(args.model)
     _check_data_files(args.data)
