@@ -186,3 +186,26 @@ def test_a_projection_never_falls_below_all_of_the_held_out_loss():
     assert out["early_forecast"]["a"] == -1.0
     low, high = out["early_forecast_ci"]["a"]
     assert low == -1.0 and -1.0 <= high
+
+
+def test_a_forecast_without_shifted_latents_keeps_the_projection():
+    """A forecast that found no shifted latents gives every domain the same signed score (all forgetting). The
+    refit of the projection on it raised, and the callback then dropped the whole early forecast, its intervals,
+    the projected warnings and early_stop="projected" at every re-check."""
+    from types import SimpleNamespace
+
+    from sts_callback.pipelines.forecast import DomainForecast
+    from sts_callback.pipelines.prediction import early_projection
+    from sts_callback.scoring.signed import DEFAULT_SIGNED
+
+    domains = {n: DomainForecast(name=n, texts=5, tokens=100, scores={DEFAULT_SIGNED: 0.0}) for n in "abcd"}
+    history = [{"lr_area_fraction": 0.2, "loss_delta": {n: 0.01 for n in "abcd"},
+                "loss_delta_ci": {n: [0.0, 0.02] for n in "abcd"}}]
+    out = early_projection(history, {n: 0.03 for n in "abcd"}, 0.4, SimpleNamespace(domains=domains, predictions={}),
+                           None, {n: [0.02, 0.04] for n in "abcd"})
+    assert out["early_forecast"]["a"] > 0.03 and out["early_forecast_ci"]["a"][0] is not None
+    assert "calibration" not in out  # nothing to refit on
+    domains["a"].scores[DEFAULT_SIGNED] = 1.0  # once the score varies, the refit is made
+    assert "calibration" in early_projection(history, {n: 0.03 for n in "abcd"}, 0.4,
+                                             SimpleNamespace(domains=domains, predictions={}), None,
+                                             {n: [0.02, 0.04] for n in "abcd"})

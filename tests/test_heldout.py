@@ -124,6 +124,17 @@ def test_a_handful_of_sequences_still_gets_a_95_percent_interval():
     assert 0.92 <= covered / 400 <= 0.98
 
 
+def test_a_text_with_no_measured_token_does_not_narrow_the_interval():
+    """A one-token text (a tokenizer without BOS: its only token is never predicted) is sampled, measures nothing
+    and read as a zero residual: ten of them made the interval of three real texts 2.3 times narrower."""
+    before = torch.tensor([[100.0, 40], [120.0, 40], [90.0, 40]], dtype=torch.float64)
+    after = before.clone()
+    after[:, 0] = torch.tensor([105.0, 118.0, 99.0], dtype=torch.float64)
+    empty = torch.zeros(10, 2, dtype=torch.float64)
+    alone, padded = paired_change(before, after), paired_change(torch.cat([before, empty]), torch.cat([after, empty]))
+    assert (padded.low, padded.high, padded.sequences) == pytest.approx((alone.low, alone.high, 3))
+
+
 def test_standard_error_is_the_spread_of_the_change_over_samples_of_texts():
     # what the noise ceiling of validate() reads: the standard error of a change measured on a few texts is how
     # far such measurements scatter around the whole domain's change

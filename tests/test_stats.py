@@ -109,3 +109,15 @@ def test_peak_memory_does_not_grow_with_tokens():
     assert large["tokens"] > 10 * small["tokens"] / 2
     dense_kb = (large["tokens"] - small["tokens"]) * 16384 * 4 / 1024
     assert large["growth_kb"] - small["growth_kb"] < dense_kb / 10, (results, dense_kb)
+
+
+def test_half_precision_rows_are_summed_without_overflow_or_rounding():
+    """fp16 rows above 256 squared to inf before the float64 sum; bf16 ones rounded 1.001 to 1."""
+    rows = torch.tensor([[300.0, 1.0], [300.0, 1.0]])
+    for dtype in (torch.float16, torch.bfloat16):
+        stats, shift = ActivationStats(2), ShiftStats(2)
+        stats.update(rows.to(dtype))
+        shift.update(torch.zeros(2, 2, dtype=dtype), rows.to(dtype))
+        expected = 2 * rows[0].double().to(dtype).double().square()
+        assert torch.isfinite(stats.sum_sq).all() and torch.allclose(stats.sum_sq, expected, rtol=1e-6)
+        assert torch.allclose(shift.sum_sq_diff, expected, rtol=1e-6)

@@ -85,6 +85,7 @@ class ActivationStats(_SummedState):
         if rows.shape[0] == 0:
             return
         device = self.sum.device
+        rows = _at_least_float32(rows)  # an fp16 square overflows above 256, a bf16 one rounds
         self.count += rows.shape[0]
         self.sum += rows.sum(dim=0, dtype=torch.float64).to(device)
         self.sum_sq += rows.square().sum(dim=0, dtype=torch.float64).to(device)
@@ -114,7 +115,7 @@ class ShiftStats(_SummedState):
         if base_rows.shape[0] == 0:
             return
         device = self.sum_diff.device
-        diff = context_rows - base_rows
+        diff = _at_least_float32(context_rows) - _at_least_float32(base_rows)
         self.count += diff.shape[0]
         self.sum_diff += diff.sum(dim=0, dtype=torch.float64).to(device)
         self.sum_sq_diff += diff.square().sum(dim=0, dtype=torch.float64).to(device)
@@ -125,6 +126,10 @@ class ShiftStats(_SummedState):
 
     def mean_diff(self) -> torch.Tensor:
         return self.sum_diff / self.count.clamp(min=1)
+
+
+def _at_least_float32(rows: torch.Tensor) -> torch.Tensor:
+    return rows.float() if rows.is_floating_point() and torch.finfo(rows.dtype).bits < 32 else rows
 
 
 _KINDS: dict[str, type[_SummedState]] = {}  # filled below: the summed states a group may hold, by class name

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import functools
 import gc
-import json
 import math
 import shutil
 import time
