@@ -265,3 +265,25 @@ def test_fitted_exponent_recovers_a_saturating_power_law():
     assert fitted_exponent(flipped) is None  # a change that flips sign says nothing about the exponent
     early = early_forecast({"a": points[0][1]["a"]}, 0.25, 0.6)
     assert early["a"] == pytest.approx(-0.1)  # extrapolated to the end with the fitted exponent
+
+
+def test_a_domain_off_the_features_correlation_gets_the_wide_interval_least_squares_gives(tmp_path):
+    """With correlated features (STS_icl beside signed_usage, any feature beside domain_prior) the interval read a
+    domain's distance from the fitted centre as z.z / n: a domain whose features break their correlation got an
+    interval a quarter as wide as ordinary least squares gives it."""
+    from scipy.stats import t
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=30)
+    x = np.column_stack([a, a + 0.1 * rng.normal(size=30)])  # correlation about 0.99
+    y = x @ [0.02, 0.01] + 0.01 * rng.normal(size=30)
+    calibration = Calibration.fit(x, y, ["f1", "f2"], ridge=0.0, level=0.9)
+    query = np.array([1.0, -1.0])  # off the correlation
+    design = np.column_stack([np.ones(30), x])
+    residuals = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    sigma = np.sqrt(residuals @ residuals / (30 - 3))
+    row = np.concatenate([[1.0], query])
+    ols = t.ppf(0.95, 27) * sigma * np.sqrt(1 + row @ np.linalg.inv(design.T @ design) @ row)
+    for fitted in (calibration, Calibration.load(calibration.save(tmp_path / "c.json"))):
+        prediction = fitted.predict(list(query))
+        assert (prediction.high - prediction.low) / 2 == pytest.approx(ols, rel=1e-6)

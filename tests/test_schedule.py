@@ -96,6 +96,40 @@ def test_stepping_a_scheduler_ahead_puts_it_and_its_optimizer_back_exactly():
     assert rates == own
 
 
+def test_a_scheduler_that_cannot_be_read_ahead_says_why_and_does_not_stop_the_run_at_train_start():
+    """A OneCycleLR of fewer total_steps than the run raised its ValueError from the callback's train start, with
+    nothing saying it was the scheduler; a scheduler class keeping its optimizer under another name was said to
+    step on metrics."""
+    import types
+
+    from sts_callback.core.schedule import why_not_stepped_ahead
+
+    args = types.SimpleNamespace(learning_rate=1e-2, lr_scheduler_type="linear", lr_scheduler_kwargs={},
+                                 get_warmup_steps=lambda steps: 0)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-2)
+    short = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=6)
+    before = (short.state_dict(), [dict(g) for g in optimizer.param_groups])
+    assert planned_learning_rates(args, 8, short) == ([], "logged")
+    assert "ValueError" in why_not_stepped_ahead(short, 8) and "OneCycleLR" in why_not_stepped_ahead(short, 8)
+    assert (short.state_dict(), [dict(g) for g in optimizer.param_groups]) == before
+
+    class Halving:  # steps, but keeps its optimizer as .opt
+        def __init__(self, opt):
+            self.opt = opt
+
+        def step(self):
+            pass
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    assert "`optimizer` attribute" in why_not_stepped_ahead(Halving(optimizer), 8)
+    assert why_not_stepped_ahead(torch.optim.lr_scheduler.StepLR(optimizer, 2), 8) is None
+
+
 def test_logged_rates_hold_until_the_next_logged_step():
     history = [{"step": 1, "learning_rate": 1.0}, {"step": 3, "learning_rate": 0.5}, {"step": 2, "loss": 3.0}]
     assert logged_learning_rates(history, 5) == [1.0, 1.0, 0.5, 0.5, 0.5]

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import first_line
+
 
 def planned_learning_rates(args: Any, max_steps: int, lr_scheduler: Any = None, global_step: int = 0,
                            log_history: list[dict[str, Any]] | None = None) -> tuple[list[float], str]:
@@ -65,10 +67,25 @@ def planned_learning_rates(args: Any, max_steps: int, lr_scheduler: Any = None, 
 def stepped_ahead(scheduler: Any, steps: int) -> list[float] | None:
     """The learning rate of each of the scheduler's next ``steps`` optimizer steps (its first parameter group's),
     read by stepping it and then putting it and its optimizer's parameter groups back as they were; ``None`` for
-    a scheduler that steps on metrics (ReduceLROnPlateau, transformers' GreedyLR) or cannot be stepped so."""
+    a scheduler that steps on metrics (ReduceLROnPlateau, transformers' GreedyLR) or cannot be stepped so
+    (:func:`why_not_stepped_ahead` says why)."""
+    return _step_ahead(scheduler, steps)[0]
+
+
+def why_not_stepped_ahead(scheduler: Any, steps: int) -> str | None:
+    """Why :func:`stepped_ahead` cannot read ``scheduler`` (None when it can), for the user to read."""
+    return _step_ahead(scheduler, steps)[1]
+
+
+def _step_ahead(scheduler: Any, steps: int) -> tuple[list[float] | None, str | None]:
+    kind = type(scheduler).__name__
     optimizer = getattr(scheduler, "optimizer", None)
-    if optimizer is None or not hasattr(scheduler, "state_dict") or steps < 0:
-        return None
+    if optimizer is None or not hasattr(scheduler, "state_dict") or not hasattr(scheduler, "load_state_dict"):
+        return None, (f"{kind} has no `optimizer` attribute" if optimizer is None else
+                      f"{kind} has no state_dict() / load_state_dict()") + \
+            " (as torch's LRScheduler has), so it cannot be stepped ahead and put back"
+    if steps < 0:
+        return None, f"{kind} has taken {-steps} step(s) more than the run has"
     state = copy.deepcopy(scheduler.state_dict())
     groups = [copy.deepcopy({k: v for k, v in group.items() if k != "params"}) for group in optimizer.param_groups]
     rates = []
@@ -79,12 +96,14 @@ def stepped_ahead(scheduler: Any, steps: int) -> list[float] | None:
                 rates.append(float(optimizer.param_groups[0]["lr"]))
                 scheduler.step()
     except TypeError:  # step(metrics) required
-        return None
+        return None, f"{kind} steps on metrics"
+    except Exception as err:  # e.g. a OneCycleLR of fewer total_steps than the run: the run meets it there too
+        return None, f"stepping {kind} through the run's {steps} steps raised {type(err).__name__}: {first_line(err)}"
     finally:
         scheduler.load_state_dict(state)
         for group, saved in zip(optimizer.param_groups, groups):
             group.update(saved)
-    return rates
+    return rates, None
 
 
 def steps_taken(scheduler: Any) -> int:
@@ -114,4 +133,4 @@ def logged_learning_rates(log_history: list[dict[str, Any]], max_steps: int) -> 
     return rates
 
 
-__all__ = ["logged_learning_rates", "planned_learning_rates", "stepped_ahead"]
+__all__ = ["logged_learning_rates", "planned_learning_rates", "stepped_ahead", "why_not_stepped_ahead"]

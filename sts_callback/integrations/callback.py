@@ -31,7 +31,7 @@ from ..core.sae import check_not_on_meta, missing_sae_folder
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSOutOfMemoryError, first_line
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
-from ..core.schedule import planned_learning_rates
+from ..core.schedule import planned_learning_rates, why_not_stepped_ahead
 from ..pipelines.forecast import check_icl_loss_shift
 from ..pipelines.guard import GuardConfig
 from ..pipelines.preference import Truncation
@@ -533,9 +533,12 @@ class STSCallback(TrainerCallback, ExportableState):
         self._rates_run = {}
         _warn_about_the_schedule(session, args, state)
         if self.schedule_source == "logged":
-            session.say("STS: this run's scheduler steps on metrics (or could not be read ahead): the early "
-                        "forecast follows each step's learning rate as the optimizer holds it when the step begins, "
-                        "each projection holding the last one to the end.")
+            running = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps it
+            why = (why_not_stepped_ahead(running, state.max_steps - state.global_step) if running is not None
+                   else None) or "it steps on metrics"
+            session.say(f"STS: this run's learning rates cannot be read ahead ({why}): the early forecast follows "
+                        "each step's learning rate as the optimizer holds it when the step begins, each projection "
+                        "holding the last one to the end.")
         _check_best_metric(args)
         tokenizer = text_tokenizer(processing_class)  # a VLM's processor: its tokenizer, with its chat template
         if tokenizer is None:

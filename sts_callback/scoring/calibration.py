@@ -119,6 +119,9 @@ class Calibration:
     level_var: float = 0.0
     source_center: list[float] = field(default_factory=list)
     source_precision: list[list[float]] = field(default_factory=list)
+    # the pattern coefficients' covariance over sigma^2 (ridge: A^-1 Z'Z A^-1, A = Z'Z + penalty), for a domain's
+    # distance from the fitted centre; empty in older files: z.z / n, exact only for uncorrelated features
+    pattern_precision: list[list[float]] = field(default_factory=list)
     # where it was loaded from ("built-in <name>" or the file's path), for the forecast to say; not saved
     source: str | None = field(default=None, repr=False, compare=False)
 
@@ -166,12 +169,13 @@ class Calibration:
                                 "`sts calibrate --features`), or on more runs.")
         scale[scale == 0] = 1.0
         Z = (X - center) / scale
-        coef = np.linalg.solve(Z.T @ Z + alpha * len(Y) * np.eye(len(features)), Z.T @ (Y - Y.mean()))
+        penalised = Z.T @ Z + alpha * len(Y) * np.eye(len(features))
+        coef = np.linalg.solve(penalised, Z.T @ (Y - Y.mean()))
         residuals = Y - Y.mean() - Z @ coef
         dof = max(len(Y) - len(features) - 1, 1)
         return cls(features=features, coef=coef.tolist(), intercept=float(Y.mean()), center=center.tolist(),
                    scale=scale.tolist(), sigma=float(math.sqrt((residuals ** 2).sum() / dof)), n=len(Y), level=level,
-                   ridge=alpha, fitted_on=dict(fitted_on or {}))
+                   ridge=alpha, fitted_on=dict(fitted_on or {}), pattern_precision=_coef_covariance(Z, penalised))
 
     @classmethod
     def fit_level_pattern(cls, runs: Sequence[tuple[Any, ...]], features: Sequence[str],
@@ -243,7 +247,8 @@ class Calibration:
         Z = X / scale
         groups = np.concatenate([[i] * len(y) for i, y in enumerate(ys)])
         alpha = _ridge_by_leaving_out(Z, Y, groups)
-        coef = np.linalg.solve(Z.T @ Z + alpha * np.eye(len(features)), Z.T @ Y)
+        penalised = Z.T @ Z + alpha * np.eye(len(features))
+        coef = np.linalg.solve(penalised, Z.T @ Y)
         pattern_residuals = Y - Z @ coef
         level_var = float((level_residuals ** 2).sum()) / max(len(means) - len(source_features) - 1, 1)
         sources = np.asarray(levels, dtype=float).reshape(len(levels), -1)  # one row of source values per run
@@ -256,7 +261,7 @@ class Calibration:
                    source_features=source_features, source_coef=[float(c) for c in line[1:]], domain_prior=prior,
                    pattern_scale=pattern_scale, pattern_spread=spread, level_runs=len(runs), level_var=level_var,
                    source_center=sources.mean(0).tolist() if source_features else [],
-                   source_precision=precision.tolist())
+                   source_precision=precision.tolist(), pattern_precision=_coef_covariance(Z, penalised))
 
     def run_level_inputs(self) -> list[str]:
         """The features and level values this calibration needs from a training run's run-level term
@@ -357,7 +362,9 @@ class Calibration:
         from scipy.stats import t
 
         # Interval: residual spread, widened for the mean's uncertainty and the distance from the fitted centre.
-        widen = 1 + 1 / self.n + float(z @ z) / self.n
+        distance = (float(z @ np.asarray(self.pattern_precision) @ z) if self.pattern_precision
+                    else float(z @ z) / self.n)
+        widen = 1 + 1 / self.n + distance
         if leverage is None:
             width = float(t.ppf(0.5 + self.level / 2, max(self.n - len(self.features) - 1, 1))) * self.sigma * \
                 math.sqrt(widen)
@@ -1119,6 +1126,12 @@ def _checked_fields(data: dict[str, Any]) -> dict[str, Any]:
             raise _bad("source_precision", matrix, f"a {size} x {size} list of lists (one row per source feature)")
         out["source_precision"] = [_numbers(f"source_precision[{i}]", row, size, "source_features")
                                    for i, row in enumerate(matrix)]
+    if data.get("pattern_precision"):
+        matrix, size = data["pattern_precision"], len(features)
+        if not isinstance(matrix, list) or len(matrix) != size:
+            raise _bad("pattern_precision", matrix, f"a {size} x {size} list of lists (one row per feature)")
+        out["pattern_precision"] = [_numbers(f"pattern_precision[{i}]", row, size, "features")
+                                    for i, row in enumerate(matrix)]
     if data.get("pattern_scale") == "run" and "pattern_spread" not in data:  # the default 1.0 is no run's spread
         raise STSInputError("Calibration has pattern_scale 'run' but lacks the field 'pattern_spread' (the fitted "
                             f"runs' median spread, the unit of its predicted departures). {_FIX}")
@@ -1126,6 +1139,14 @@ def _checked_fields(data: dict[str, Any]) -> dict[str, Any]:
         out["pattern_spread"] = _number("pattern_spread", data["pattern_spread"],
                                         "a positive number (the fitted runs' median spread)", lambda v: v > 0)
     return out
+
+
+def _coef_covariance(Z: np.ndarray, penalised: np.ndarray) -> list[list[float]]:
+    """The ridge coefficients' covariance over sigma^2, ``A^-1 Z'Z A^-1`` (``A``: the penalised ``Z'Z``): the
+    leverage ``z' C z`` of a new domain's standardised features ``z`` (with correlated features, ``z.z / n`` read
+    a domain off their correlation as close to the centre, and its interval four times too narrow)."""
+    inverse = np.linalg.pinv(penalised)
+    return (inverse @ (Z.T @ Z) @ inverse).tolist()
 
 
 def builtin_calibration(name: str) -> Calibration:
