@@ -198,3 +198,16 @@ def test_a_violation_is_new_when_it_starts_and_again_when_it_returns_and_survive
     assert resumed.check(5, record(0.3, food_score=3.0), "sts_icl").new_violations == []
     diverged = resumed.check(6, record(math.nan, food_score=3.0), "sts_icl").new_violations  # worse: news again
     assert len(diverged) == 1 and "not finite" in diverged[0]
+
+
+def test_a_violation_gives_its_interval_and_says_when_it_is_not_sure():
+    """A measured violation counts on the change itself; when the held-out texts ran out before it was sure, the
+    message (and with it the stop's reason and the report) showed +9.5% with no sign that -5% was as likely."""
+    guard = Guard(GuardConfig(protected=["food"], tolerance=0.05))
+    unsure, sure = record(0.095), record(0.095)
+    unsure.loss_delta_ci["food"] = [-0.0525, 0.2429]
+    sure.loss_delta_ci["food"] = [0.07, 0.12]
+    message = guard.violations(unsure, "sts_icl")[0]
+    assert "95% interval -5.2% to +24.3%" in message and "reaches below the tolerance" in message
+    message = guard.violations(sure, "sts_icl")[0]
+    assert "95% interval +7.0% to +12.0%" in message and "reaches below" not in message

@@ -132,6 +132,17 @@ class Decision:
     new_violations: list[str] = field(default_factory=list)  # rules not broken at the re-check before: warn these
 
 
+def _interval(bounds: list[float] | None, tolerance: float) -> str:
+    """A measured change's 95% interval for a violation message; where it reaches below the tolerance, said: the
+    held-out texts (or ``loss_tokens``) ran out before the measurement was sure."""
+    if not bounds or None in bounds or not all(math.isfinite(b) for b in bounds):
+        return ""
+    low, high = bounds
+    unsure = "; it reaches below the tolerance: more held-out texts or loss_tokens measure it surely" \
+        if low <= tolerance else ""
+    return f" (95% interval {pct(low, apart_from=tolerance)} to {pct(high)}{unsure})"
+
+
 def chance_above(prediction: Mapping[str, float], tolerance: float, level: float) -> float:
     """The probability that a prediction (``mean``, ``low``, ``high`` of its ``level`` interval, read as a normal
     with the interval's half-width) ends above ``tolerance``; 1 or 0 by the mean where the interval has no width."""
@@ -261,7 +272,8 @@ class Guard:
                               f"({loss}): the model diverged on it (lower the learning rate, check for fp16 overflow)"))
             elif delta is not None and delta > self.config.tolerance:
                 rose = percent(delta, apart_from=self.config.tolerance)
-                found.append((f"loss:{name}", f"held-out loss of protected domain {name!r} rose by {rose} "
+                found.append((f"loss:{name}", f"held-out loss of protected domain {name!r} rose by {rose}"
+                                              f"{_interval(recheck.loss_delta_ci.get(name), self.config.tolerance)} "
                                               f"(tolerance {self.config.tolerance:.1%})"))
             drop = recheck.accuracy_delta.get(name)
             # a share of items: 5/100 - 3/100 is 0.020000000000000004 in floats, and losing exactly the tolerance
