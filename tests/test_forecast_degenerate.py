@@ -112,6 +112,23 @@ def test_one_text_domain_is_flagged_not_ranked_last_silently(model, tokenizer):
     assert result.domains["padded"].scores["sts_icl"] is None
 
 
+def test_targets_without_answers_rank_by_sts_act_and_say_why(model, tokenizer):
+    """GRPO eval sets hold prompts only: with every target so, STS_icl was computed for none, and the forecast's
+    table (printed at train start) raised "Variant 'sts_icl' was not computed (compute_icl=False?)", which stopped
+    the run; the warning said each domain had "one text" and to add texts, not answers."""
+    def prompts(domain):
+        return [[{"role": "user", "content": t}] for t in domain_texts(domain, n=8)]
+
+    with pytest.warns(STSDataWarning) as caught:
+        result = forecast(model, tokenizer, sae(), domain_texts("law", 30), {"code": prompts("code"),
+                                                                             "chem": prompts("chem")}, config())
+    messages = [str(w.message) for w in caught]
+    assert any("'code' has no text with an answer" in m and "its 8 rows" in m for m in messages)
+    assert any("ranked by STS_act" in m for m in messages)
+    assert result.ranking == "sts_act" and "ranked by STS_act" in result.table()
+    assert [name for name, _ in result.ranked()] == sorted(result.domains, key=lambda d: -result.score(d, "sts_act"))
+
+
 def test_descriptive_hook_name_needs_the_layer_and_is_accepted_with_it(model, tokenizer):
     descriptive = sae(hook_name="resid-after-block-one")
     with pytest.raises(STSConfigError, match=r"'resid-after-block-one' names no decoder layer.*STSConfig\(layer="):

@@ -805,7 +805,9 @@ class STSSession:
 
     # ------------------------------------------------------------------ during training
     def variant(self) -> str:
-        return recheck_variant(self.config.ranking, self.config.compute_icl)
+        # the forecast's own ranking: it falls back to STS_act when no target could be scored in context
+        ranking = self.forecast.ranking if self.forecast is not None else self.config.ranking
+        return recheck_variant(ranking, self.config.compute_icl)
 
     def has_recheck(self, step: int) -> bool:
         return any(r.get("step") == step for r in self.history)

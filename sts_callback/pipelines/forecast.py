@@ -549,9 +549,13 @@ def plan_domains(builder: PromptBuilder, config: STSConfig, domains: dict[str, C
         indices, tokens = domain_sequences(corpus, builder, config.domain_tokens, domain_rng)
         pairs = _domain_pairs(builder, config, corpus, indices, domain_rng) if icl else None
         if icl and pairs is None:
-            warn_on_main(f"Target domain {name!r} has one text that can be a demonstration: it has no other text to "
-                         "use as its in-context demonstration, so its STS_icl is not computed (n/a; ranked last by "
-                         "STS_icl). Its STS_act and signed scores stand. Add texts to that domain for STS_icl.",
+            answering = sum(corpus[i].can_demonstrate for i in range(len(corpus)))
+            why, fix = ((f"has one text that can be a demonstration: it has no other text to use as its in-context "
+                         "demonstration", "Add texts to that domain") if answering else
+                        (f"has no text with an answer to serve as an in-context demonstration (its {len(corpus)} "
+                         "rows are prompts or user turns only)", "Give that domain texts with answers"))
+            warn_on_main(f"Target domain {name!r} {why}, so its STS_icl is not computed (n/a; ranked last by "
+                         f"STS_icl). Its STS_act and signed scores stand. {fix} for STS_icl.",
                          STSDataWarning, stacklevel=3)
         if pairs is not None:
             inputs[name] = DomainInput(pairs=pairs, singles=None, texts=len(indices), tokens=tokens)
@@ -964,6 +968,14 @@ def assemble_forecast(setup: ForecastSetup, shift_stats: PairedStats, plan: Plan
     if not_finite:
         raise STSNumericalError(f"Scores of {not_finite} are not finite (NaN/inf): their activations overflowed or "
                                 "the SAE holds non-finite weights; check the SAE and run the model in float32.")
+    ranking = config.ranking
+    if ranking in ("sts_icl", "raw_icl") and results and all(d.scores.get(ranking) is None for d in results.values()):
+        # no target has a text that answers (prompt-only eval sets, user-only chats): no in-context domain score
+        ranking = ranking.replace("_icl", "_act")
+        warn_on_main(f"No target domain has texts with answers to demonstrate (prompt-only or user-only chats), so "
+                     f"{SCORE_LABELS[config.ranking]} is computed for none: ranked by {SCORE_LABELS[ranking]}. Give "
+                     "targets with answers (completions, assistant turns or plain text) for the in-context score.",
+                     STSDataWarning, stacklevel=3)
     base_model = unwrap_model(setup.model)
     return Forecast(
         domains=results,
@@ -974,7 +986,7 @@ def assemble_forecast(setup: ForecastSetup, shift_stats: PairedStats, plan: Plan
         raw_shift_values=raw_values.tolist(),
         shift_tokens=shift.tokens if shift is not None else plan.shift_tokens,
         shift_queries=shift.units if shift is not None else len(plan.shift_pairs),
-        ranking=config.ranking,
+        ranking=ranking,
         timings=dict(timings),
         settings={
             "config": config.to_dict(),
