@@ -152,7 +152,8 @@ def test_a_calibration_file_without_the_level_fields_predicts_as_before():
     rows = [(np.arange(4.0).reshape(4, 1) * (1 + i), np.array([0.0, 0.02, -0.01, 0.01]) + 0.02 * i + e, [0.1 * i],
              list(DOMAINS)) for i, e in enumerate([0.003, -0.004, 0.001, 0.0])]
     data = Calibration.fit_level_pattern(rows, ["f0"], ["lookahead_own"], domain_prior=True).to_dict()
-    old = {k: v for k, v in data.items() if k not in ("level_runs", "level_var", "source_center", "source_precision")}
+    old = {k: v for k, v in data.items() if k not in ("level_runs", "level_var", "source_center", "source_precision",
+                                                             "pattern_precision")}
     domains, source = {n: {"f0": float(i)} for i, n in enumerate(DOMAINS)}, {"lookahead_own": 0.9}
     new, before = (Calibration.from_dict(d).predict_all(domains, source) for d in (data, old))
     calibration = Calibration.from_dict(old)
