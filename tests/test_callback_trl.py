@@ -371,12 +371,16 @@ def test_grpo_with_explicit_demonstrations_forecasts(tmp_path, tokenizer):
     check_run(trainer, cb, tmp_path)
 
 
-def test_grpo_with_a_reward_model_and_demonstrations_rechecks_on_fresh_completions(tmp_path, tokenizer):
-    # a reward model cannot score STS's rollouts, so the forecast takes demonstrations=; the re-checks' fresh
-    # completions need no rewards and must not call it
+@pytest.mark.parametrize("conversational", [False, True])
+def test_grpo_with_a_reward_model_forecasts_from_rollouts_it_scores_as_the_trainer_does(tmp_path, tokenizer,
+                                                                                        conversational):
+    # TRL loads a model id in reward_funcs into a sequence-classification model: the callback refused the run at
+    # train start unless given demonstrations=, and its re-checks had no mean reward
     import transformers
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
+
+    from sts_callback.integrations.trainer_shift import trainer_reward_funcs
 
     reward_model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -384,17 +388,25 @@ def test_grpo_with_a_reward_model_and_demonstrations_rechecks_on_fresh_completio
     reward_model.save_pretrained(tmp_path / "reward")
     tokenizer.save_pretrained(tmp_path / "reward")
     texts = domain_texts("law", 16)
-    cb = callback(demonstrations=[{"prompt": a, "completion": b} for a, b in zip(texts, texts[1:])],
-                  config={**FAST, "rollout_max_tokens": 8}, recheck_tokens=24)
+    prompts = [[{"role": "user", "content": t}] for t in texts] if conversational else texts
+    cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_max_tokens": 8}, recheck_tokens=24)
     args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=4, max_completion_length=8, temperature=1.5,
-                      **COMMON)
-    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=str(tmp_path / "reward"), args=args,
-                          processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": texts}),
+                      reward_weights=[1.0, 0.3], **COMMON)
+    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=[reward_length, str(tmp_path / "reward")],
+                          args=args, processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": prompts}),
                           peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), callbacks=[cb])
     trainer.train()
     check_run(trainer, cb, tmp_path / "run")
+    rollouts = cb.forecast.settings["rollouts"]
+    assert rollouts["reward_funcs"] == ["reward_length", "reward"] and rollouts["reward_weights"] == [1.0, 0.3]
     probes = [r["fresh_probe"] for r in cb.history]
-    assert all(p["completions"] > 0 and p["mean_reward"] is None for p in probes)
+    assert all(p["completions"] > 0 and p["mean_reward"] is not None for p in probes)
+    # the reward model's scores are the trainer's own for the same prompts and completions
+    completions = ([[{"role": "assistant", "content": c}] for c in ("court order", "a recipe")] if conversational
+                   else ["court order", "a recipe"])
+    ours = trainer_reward_funcs(trainer)[1](prompts=prompts[:2], completions=completions)
+    theirs = trainer._calculate_rewards([{"prompt": p} for p in prompts[:2]], prompts[:2], completions, [[1], [1]])
+    assert ours == pytest.approx(theirs[:, 1].tolist(), rel=1e-5)
 
 
 def test_grpo_rollouts_come_from_the_trainers_prompts_when_train_probe_is_plain_text(tmp_path, tokenizer):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..core.data import Corpus, TokenSequence, load_corpus
 from ..core.distributed import warn_on_main
@@ -26,8 +27,9 @@ from ..pipelines.preference import Truncation, completion_sequence, run_preferen
 from ..pipelines.monitor import peft_model_of
 from ..pipelines.distillation import (DISTILLATION_SHIFTS, distillation_settings, run_distillation_forecast,
                                      sample_teacher_and_student)
-from ..pipelines.rollouts import (RolloutSettings, Rollouts, completion_budget, draw_prompts, is_reward_model,
-                                  prompt_records, reward_func_list, run_rollout_forecast, sample_rollouts)
+from ..pipelines.rollouts import (RewardModelFunction, RolloutSettings, Rollouts, completion_budget, draw_prompts,
+                                  is_reward_model, prompt_records, reward_func_list, run_rollout_forecast,
+                                  sample_rollouts)
 from ..pipelines.shifts import RL_SHIFTS, SHIFTS, check_shift, choose_shift, data_columns
 
 
@@ -100,11 +102,21 @@ def rollout_data(train_probe: Any, trainer: Any) -> Any:
     return getattr(trainer, "train_dataset", None)
 
 
+def trainer_reward_funcs(trainer: Any) -> list[Any]:
+    """The trainer's reward functions, each reward model (GRPOTrainer loads a model id into one, beside its
+    tokenizer in ``reward_processing_classes``) as a function scoring as the trainer does."""
+    funcs = reward_func_list(trainer.reward_funcs)
+    tokenizers = list(getattr(trainer, "reward_processing_classes", None) or [None] * len(funcs))
+    kwargs = getattr(trainer, "chat_template_kwargs", None) or getattr(trainer.args, "chat_template_kwargs", None)
+    return [RewardModelFunction(f, t, kwargs if isinstance(kwargs, dict) else None)
+            if isinstance(f, nn.Module) and t is not None else f for f, t in zip(funcs, tokenizers)]
+
+
 def trainer_rollouts(trainer: Any, data: Any, setup: ForecastSetup, state: Any = None,
                      progress: bool = False) -> Rollouts:
     """The policy's rollouts on a seeded sample of the training prompts, with the trainer's generation settings,
-    reward functions and weights (the same on every rank)."""
-    return sample_rollouts(setup.model, setup.builder.tokenizer, data, trainer.reward_funcs, setup.config,
+    reward functions (reward models scoring as the trainer does) and weights (the same on every rank)."""
+    return sample_rollouts(setup.model, setup.builder.tokenizer, data, trainer_reward_funcs(trainer), setup.config,
                            _rollout_settings(trainer), trainer_state=state, progress=progress, builder=setup.builder,
                            async_loop=getattr(trainer, "async_loop", None))
 
@@ -169,7 +181,7 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     two_each = dataclasses.replace(config, rollout_generations=2)
     records = prompt_records(data)  # each row read when a re-check first draws it, then kept
     # the probe needs the completions; their rewards are only a summary, which reward models cannot give here
-    funcs = reward_func_list(trainer.reward_funcs) if rl else []
+    funcs = trainer_reward_funcs(trainer) if rl else []
     score = rl and not any(is_reward_model(f) for f in funcs)
     watched = weakref.ref(trainer)  # the probe outlives the run in the session: it must not keep the trainer alive
 
@@ -249,11 +261,15 @@ def _rollout_settings(trainer: Any) -> RolloutSettings:
         settings.num_generations = 2
     weights = getattr(trainer, "reward_weights", None)
     if weights is not None:
-        settings.reward_weights = [float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights)]
+        weights = [float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights)]
+        given = getattr(trainer.args, "reward_weights", None)  # as typed: the tensor's float32 reads 0.30000001
+        if isinstance(given, (list, tuple)) and len(given) == len(weights):
+            weights = [float(w) for w in given]
+        settings.reward_weights = weights
     return settings
 
 
 __all__ = ["DISTILLATION_SHIFTS", "FreshProbe", "ROLLOUT_SHIFTS", "RL_SHIFTS", "SHIFTS", "check_shift",
            "forecast_runner", "fresh_rollout_probe", "is_online", "is_rl", "likelihood_term", "resolve_shift", "rollout_data",
-           "rollout_probe", "teacher_of", "trainer_distillation_rollouts", "trainer_rollouts",
+           "rollout_probe", "teacher_of", "trainer_distillation_rollouts", "trainer_reward_funcs", "trainer_rollouts",
            "unreproduced_generation"]

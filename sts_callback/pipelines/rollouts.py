@@ -123,6 +123,32 @@ def is_reward_model(func: Any) -> bool:
     return isinstance(func, (nn.Module, str))
 
 
+class RewardModelFunction:
+    """A reward model (a sequence-classification model and its tokenizer, as GRPOTrainer holds them in
+    ``reward_funcs`` and ``reward_processing_classes``) called as a reward function, scoring as GRPOTrainer does:
+    prompt and completion joined (a conversation through the reward tokenizer's chat template), tokenized with
+    right padding and no special tokens added, the first logit of each row."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        self.__name__ = str(name).rstrip("/").split("/")[-1]  # TRL's name for it in its logs
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        if prompts and is_messages(prompts[0]):
+            from trl.data_utils import apply_chat_template
+
+            texts = [apply_chat_template({"messages": p + c}, self.tokenizer, **self.chat_template_kwargs)["text"]
+                     for p, c in zip(prompts, completions)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        inputs = self.tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="right",
+                                add_special_tokens=False).to(model_device(self.model))
+        with torch.inference_mode():
+            return self.model(**inputs).logits[:, 0].float().tolist()
+
+
 def check_reward_funcs(reward_funcs: Any) -> list[Callable]:
     """The trainer's reward functions as a list of plain callables; reward models are refused with what to do."""
     funcs = reward_func_list(reward_funcs)
