@@ -6,7 +6,7 @@ import pytest
 from datasets import Dataset
 from tiny import make_tokenizer
 
-from sts_callback import STSInputError
+from sts_callback import STSDataWarning, STSInputError
 from sts_callback.core.data import example_from_record
 from sts_callback.integrations.training_data import corpus_from_training_dataset, probe_corpus
 
@@ -123,10 +123,15 @@ def test_rows_that_cannot_be_read_point_to_train_probe(tokenizer):
 def test_kto_data_is_read_as_its_desirable_examples_only(tokenizer):
     data = Dataset.from_dict({"prompt": ["law court", "law court", "egg cook"],
                               "completion": [" judge .", " bake pan", " egg salt"], "label": [True, False, True]})
-    corpus = corpus_from_training_dataset(data, tokenizer)
+    with pytest.warns(STSDataWarning, match="1 undesirable example.* of 3 are left out of the forecast"):
+        corpus = corpus_from_training_dataset(data, tokenizer)  # was silent
     assert [corpus[i].answer for i in range(len(corpus))] == [" judge .", " egg salt"]
-    as_records = corpus_from_training_dataset(list(data), tokenizer)
+    with pytest.warns(STSDataWarning, match="left out"):
+        as_records = corpus_from_training_dataset(list(data), tokenizer)
     assert len(as_records) == 2
+    # a KTO eval set as a target domain: every completion is the domain's text, undesirable ones too
+    target = corpus_from_training_dataset(data, tokenizer, name="eval", target=True)
+    assert [target[i].answer for i in range(len(target))] == [" judge .", " bake pan", " egg salt"]
     with pytest.raises(STSInputError, match="no example labelled desirable"):
         corpus_from_training_dataset(data.map(lambda r: {"label": False}), tokenizer)
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..core.data import (MC_FIELDS, Corpus, Example, is_dataset, load_corpus, load_domains, named_items,
                          special_prefix, take_streamed)
-from ..core.errors import STSConfigError, STSInputError
+from ..core.distributed import warn_on_main
+from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..pipelines.preference import Truncation
 
@@ -242,16 +243,17 @@ def _truth_mask(dataset: Any, column: str) -> np.ndarray | None:
 
 
 def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train", max_length: int | None = None,
-                                 ) -> Corpus:
+                                 target: bool = False) -> Corpus:
     """A trainer's dataset (raw or tokenized, map-style or streaming) as a corpus named ``name``; ``max_length``:
-    the trainer's (``SFTConfig.max_length``), at which it cut the rows it tokenized."""
+    the trainer's (``SFTConfig.max_length``), at which it cut the rows it tokenized. ``target``: a target domain's
+    texts (a KTO set's undesirable completions are its text too), not what training pulls toward."""
     if not hasattr(dataset, "__len__"):  # a streaming IterableDataset: its first examples stand for it
         dataset = take_streamed(dataset)
     first = dataset[0] if len(dataset) else {}
     columns = set(getattr(dataset, "column_names", None) or (first.keys() if isinstance(first, Mapping) else []))
     if set(MC_FIELDS) <= columns and "input_ids" not in columns:  # a multiple-choice set (MMLU-like): scored
         return load_corpus(dataset, name=name)
-    if "label" in columns and columns & {"completion", "completion_ids"}:
+    if "label" in columns and columns & {"completion", "completion_ids"} and not target:
         dataset = _desirable_only(dataset, name)
         if {"prompt_ids", "completion_ids"} <= columns and max_length is not None and \
                 _some_row_reaches(dataset, ("prompt_ids", "completion_ids"), max_length):
@@ -343,6 +345,11 @@ def _desirable_only(dataset: Any, name: str) -> Any:
         raise STSInputError(f"The trainer's {name} dataset has a `label` column (KTO) but no example labelled "
                             "desirable (True): nothing shows what training pushes toward; pass train_probe= with "
                             "desirable texts.")
+    if len(keep) < len(dataset):
+        warn_on_main(f"STS: the {name} dataset is KTO's (a `label` column): its {len(dataset) - len(keep)} undesirable "
+                     f"example(s) of {len(dataset)} are left out of the forecast, which reads the desirable completions "
+                     "training pulls toward; the push away from the undesirable ones is not forecast (the re-checks "
+                     "measure the whole effect).", STSDataWarning, stacklevel=4)
     if hasattr(dataset, "select"):  # a view by indices; every row desirable: the set itself
         return dataset if len(keep) == len(dataset) else dataset.select(keep)
     return [dataset[i] for i in keep]
@@ -364,7 +371,7 @@ def target_corpora(target: Any, trainer: Any, tokenizer) -> tuple[dict[str, Corp
         lm_eval_targets = {name: LmEvalTarget.from_spec(value, name)
                            for name, value in target.items() if is_lm_eval_target(value)}
         target = {name: lm_eval_targets[name].texts() if name in lm_eval_targets
-                  else corpus_from_training_dataset(value, tokenizer, name=name) if is_dataset(value)
+                  else corpus_from_training_dataset(value, tokenizer, name=name, target=True) if is_dataset(value)
                   else value for name, value in target.items()}
     return load_domains(target), lm_eval_targets
 
