@@ -798,6 +798,18 @@ def test_a_run_that_ended_with_earlier_weights_is_not_projected_to_an_end_it_has
     assert "Training ended at step 4" in md and "Projected" not in md
     md = report(history[0], {**history[1], "early_stop": "early stop at step 4: food"})
     assert "Projected at the end of training, had it gone on" in md
+    # a run that does not re-check its end is not "unfinished"
+    (sts / "settings.json").write_text(json.dumps({"protected": ["food"], "tolerance": 0.05, "recheck_at_end": False}))
+    md = report(history[0], history[1])
+    assert "does not re-check its end (recheck_at_end=False)" in md and "had not ended" not in md
+    (sts / "settings.json").write_text(json.dumps({"protected": ["food"], "tolerance": 0.05}))
+    assert "had not ended" in report(history[0], history[1])
+    # the projection's interval, which the console's warnings gave, in the summary and in the HTML table
+    with_ci = {**history[1], "early_forecast_ci": {"food": [-0.3, -0.16], "chem": [None, None]}}
+    md = report(history[0], with_ci)
+    assert "food -23.0% [-30.0%, -16.0%], chem -7.0%." in md
+    html = (sts / "report.html").read_text()
+    assert "food -23.0% [-30.0%, -16.0%]" in html and "projected at the end of training [95% interval]" in html
 
 
 GOOD_RECHECK = {"step": 2, "scores": {"food": {"sts_act": 1.0}}, "shifted_latents": [1],

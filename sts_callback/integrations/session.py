@@ -573,6 +573,7 @@ class STSSession:
             {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts,
              "accuracy_tolerance": guard.accuracy_tolerance, "warn_confidence": guard.warn_confidence,
              **({"no_forecast": self.no_forecast} if self.no_forecast else {}),
+             **({"recheck_at_end": False} if not self.settings.recheck_at_end else {}),  # the report says so
              **({"train_start_warnings": self.start_warnings} if self.start_warnings else {})}), step)
 
     def resume(self, step: int, checkpoint: RunStore | str | Path, domains: dict[str, Corpus],

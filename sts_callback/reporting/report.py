@@ -72,6 +72,20 @@ def _pct(value: float | None, apart_from: float | None = None) -> str:
     return signed_percent(value, apart_from=apart_from)
 
 
+def _projections(record: dict[str, Any], tolerance: float | None) -> list[tuple[str, str]]:
+    """(domain, projected end-of-training change with its 95% interval where the record has one) of a re-check."""
+    intervals = record.get("early_forecast_ci") or {}
+    out = []
+    for name, value in (record.get("early_forecast") or {}).items():
+        if value is None:
+            continue
+        bounds = intervals.get(name) or []
+        span = (f" [{_pct(bounds[0], tolerance)}, {_pct(bounds[1])}]" if len(bounds) == 2 and None not in bounds
+                else "")
+        out.append((name, f"{_pct(value, tolerance)}{span}"))
+    return out
+
+
 def _seconds(value: float) -> str:
     """Seconds with two significant digits below 10 s: a re-check of 0.15 s against 0.036 s of training must not
     read "0 s against 0 s" beside the share those numbers give."""
@@ -305,6 +319,10 @@ class ReportData:
         share = last.get("lr_area_fraction")
         if self.has_ended:
             return None
+        if self.run_settings.get("recheck_at_end") is False:
+            return (f"The last re-check is at step {last['step']} ({share:.0%} of the learning-rate schedule): the run "
+                    "does not re-check its end (recheck_at_end=False), so what the remaining steps did is not "
+                    "measured here.")
         return (f"The last re-check is at step {last['step']} ({share:.0%} of the learning-rate schedule): the run had "
                 "not ended when it was made (still training, or stopped without a final re-check; `sts report` "
                 "redraws this report from the folder's files).")
@@ -1088,8 +1106,7 @@ def _timeline_section(data: ReportData) -> str:
         status = " ".join(tags) or '<span class="tag ok">ok</span>'
         notes = "; ".join([esc(v) for v in violations]
                           + [f"projected: {esc(v)}" for v in record.get("projected_warnings") or []])
-        projected = ", ".join(f"{esc(k)} {esc(_pct(v, data.tolerance))}"
-                              for k, v in (record.get("early_forecast") or {}).items() if v is not None)
+        projected = ", ".join(f"{esc(k)} {esc(v)}" for k, v in _projections(record, data.tolerance))
         if record.get("lr_area_fraction") is not None and projected:
             projected = f"after {record['lr_area_fraction']:.0%} of the lr schedule: {projected}"
         if record.get("predicted"):
@@ -1097,7 +1114,8 @@ def _timeline_section(data: ReportData) -> str:
                 f"{esc(k)} {esc(_pct(v))}" for k, v in record["predicted"].items())
         rows.append([_num(record.get("step")), status, deltas, projected, _num(record.get("overlap_with_forecast")),
                      notes])
-    table = _table(["step", "status", "held-out loss change [95% interval]", "projected at the end of training",
+    table = _table(["step", "status", "held-out loss change [95% interval]",
+                    "projected at the end of training [95% interval]",
                     "overlap with forecast", "warnings"], rows)
     return (f'<section id="timeline"><h2>Over training</h2>{_img(plot_timeline(data), "timeline")}'
             f'<p class="muted">Top: each domain re-scored ({esc(LABELS.get(variant, variant))}) on the latents the '
@@ -1356,9 +1374,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                    else f"the measured changes extrapolated by the {last.get('early_method') or 'early'} rule")
             had = ", had it gone on" if any(r.get("early_stop") for r in data.rechecks) else ""
             lines.append(f"Projected at the end of training{had} ({how}, {last['lr_area_fraction']:.0%} of the "
-                         "learning-rate schedule spent): " + ", ".join(
-                             f"{md_esc(k)} {_pct(v, data.tolerance)}" for k, v in last["early_forecast"].items()
-                             if v is not None) + ".")
+                         "learning-rate schedule spent; 95% intervals): " + ", ".join(
+                             f"{md_esc(k)} {md_esc(v)}" for k, v in _projections(last, data.tolerance)) + ".")
         lines.append("")
     scatter = scatter_points(data)
     if scatter is not None and scatter.pearson is not None:
