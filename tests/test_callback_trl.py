@@ -618,6 +618,10 @@ def test_a_preference_loss_with_a_likelihood_term_says_what_the_forecast_leaves_
     assert likelihood_term(SimpleNamespace(args=DPOConfig(output_dir="unused", use_cpu=True))) is None
     unweighted = DPOConfig(output_dir="unused", use_cpu=True, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0])
     assert likelihood_term(SimpleNamespace(args=unweighted)) is None  # the sft term weighs nothing
+    apo = SimpleNamespace(args=DPOConfig(output_dir="unused", use_cpu=True, loss_type="apo_zero"))
+    assert "own likelihood" in likelihood_term(apo) and "'apo_zero'" in likelihood_term(apo)
+    ipo = SimpleNamespace(args=DPOConfig(output_dir="unused", use_cpu=True, loss_type=["ipo", "sigmoid"]))
+    assert likelihood_term(ipo) is None  # margins only
 
     from trl.experimental.orpo import ORPOTrainer
 

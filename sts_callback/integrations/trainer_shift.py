@@ -91,7 +91,15 @@ def likelihood_term(trainer: Any) -> str | None:
     weights = list(getattr(args, "loss_weights", None) or [1.0] * len(types))
     if any(kind == "sft" and weight for kind, weight in zip(types, weights)):
         return "the log-likelihood of the chosen answers (loss_type 'sft')"
+    # losses on each answer's own log-ratio to the reference, not only their margin: they move the likelihood of
+    # the chosen (up) and rejected (down) answers themselves
+    anchored = [kind for kind, weight in zip(types, weights) if kind in ANCHORED_LOSS_TYPES and weight]
+    if anchored:
+        return f"each answer's own likelihood against the reference (loss_type {', '.join(map(repr, anchored))})"
     return None
+
+
+ANCHORED_LOSS_TYPES = ("apo_zero", "apo_down", "nca_pair", "bco_pair", "sppo_hard")
 
 
 def rollout_data(train_probe: Any, trainer: Any) -> Any:
