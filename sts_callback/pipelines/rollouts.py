@@ -670,11 +670,13 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: Any, reward_funcs: Any
     if forecast_draw and score and not bool(signal.all()):
         then = ("the rollout forecasts use the other prompts only" if bool(signal.any()) else
                 "no rollout forecast can be made from them (check the reward functions on Rollouts.groups)")
-        masked = " (or kept no trained completion on one side: mask_truncated_completions)" \
-            if recorded.get("mask_truncated_completions") else ""
-        warn_on_main(f"{int((~signal).sum())} of {len(groups)} prompts got the same reward for all their scored "
-                     f"completions{masked} ({generations} sampled each; no signal to separate high from low reward): "
-                     f"{then}.",
+        separated = _both_sides(rollouts.advantages)  # before the trainer's mask of cut completions
+        same, masked = int((~signal & ~separated).sum()), int((~signal & separated).sum())
+        why = [f"{same} got the same reward for all their scored completions" if same else "",
+               f"{masked} keep no trained completion on one side of their group's mean reward (the trainer leaves "
+               "out completions cut at max_completion_length: mask_truncated_completions)" if masked else ""]
+        warn_on_main(f"Of {len(groups)} prompts ({generations} completions sampled each), "
+                     f"{'; '.join(w for w in why if w)}: no signal to separate high from low reward there; {then}.",
                      STSDataWarning, stacklevel=2)
     return rollouts
 
