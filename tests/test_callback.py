@@ -243,6 +243,27 @@ def test_resume_continues_history_without_recomputing(tmp_path, tokenizer, monke
     assert restored.sae is second.sae  # objects come back from the user's instance
 
 
+def test_a_restoring_resume_keeps_the_recheck_made_while_its_checkpoint_was_saved(tmp_path, tokenizer):
+    """A save another callback asks for after STS's step end is re-checked in on_save, after the Trainer wrote
+    trainer_state.json: a restoring resume took the callback's history and counters from there, one re-check
+    short (the early stop's count one short, the rotation one behind), though the checkpoint's own STS state
+    and history.jsonl held it."""
+    class SaveAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_save = True
+
+    first = make_callback(protected=["food"], max_sts=0.0)  # every re-check a violation: counted
+    make_trainer(tmp_path, tokenizer, first, max_steps=4, save_steps=100, extra_callbacks=[SaveAtStep3()]).train()
+    assert [r["step"] for r in first.history] == [3, 4]
+    second = make_callback(protected=["food"], max_sts=0.0)
+    trainer = make_trainer(tmp_path, tokenizer, second, max_steps=5, save_steps=100,
+                           restore_callback_states_from_checkpoint=True)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    assert [r["step"] for r in second.history] == [3, 5]
+    assert second.session.guard.violations_in_a_row == 2  # step 3's and step 5's
+
+
 def test_a_restoring_resume_guards_with_the_settings_given_now_and_says_they_changed(tmp_path, tokenizer):
     """restore_callback_states_from_checkpoint=True rebuilt the callback from the checkpoint's arguments: a domain
     protected only in the resumed run's STSCallback was silently not guarded (its loss rose 30%, no warning, no

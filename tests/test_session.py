@@ -304,6 +304,31 @@ def test_overhead_budget_prices_a_domain_not_yet_measured_by_what_a_recheck_read
     assert budget.domain_seconds["b"] == pytest.approx(500 * 0.35 * 5.0 / 700)
 
 
+def test_a_resumed_budget_prices_the_domains_as_the_run_did(tmp_path, tokenizer):
+    """A resume restored the seconds only: every domain was priced at 0 s and the fixed part at 0, so the first
+    re-check after it measured every domain and overspent, and a domain not measured yet was never priced again."""
+    live = OverheadBudget(0.03, fixed_seconds=0.5, domain_seconds={"a": 5.0, "b": 5.0, "c": 5.0},
+                          set_tokens={"a": 1000, "b": 1000, "c": 1000}, bookkeeping_seconds=0.1)
+    live.train_seconds, live.recheck_seconds = 1000.0, 29.0  # 1 s of credit
+    resumed = OverheadBudget(0.03)
+    resumed.restore(json.loads(json.dumps(live.to_dict())))  # as the history record holds it
+    assert resumed.affordable(["a", "b", "c"]) == live.affordable(["a", "b", "c"]) == []
+    # through a real resume: the record's accounting and the sets' tokens come back
+    model = make_model("llama")
+    session = started(tmp_path, tokenizer, model, {"overhead_budget": 0.5})
+    train_steps(model, tokenizer, HARMFUL, 2)
+    session.recheck(model, 2, max_steps=8)
+    checkpoint = RunStore(tmp_path / "checkpoint-2" / "sts")
+    session.save_checkpoint(checkpoint, 2)
+    before = session.budget
+    again = session_for(tmp_path, tolerance=10.0, recheck={"overhead_budget": 0.5})
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    again.prepare(model, tokenizer, load_corpus(HARMFUL), domains)
+    again.resume(2, checkpoint, domains)
+    assert again.budget.domain_seconds == before.domain_seconds and again.budget.fixed_seconds == before.fixed_seconds
+    assert again.budget.set_tokens == before.set_tokens and again.budget.measured == before.measured
+
+
 def test_recheck_config_errors_name_the_setting():
     with pytest.raises(STSConfigError, match="loss_tokens must be an integer >= 1"):
         RecheckConfig(loss_tokens=0)

@@ -630,6 +630,11 @@ class STSSession:
                         RuntimeWarning, stacklevel=2)
             read, from_train_start = from_main_process((read, from_train_start))
             self.load_counters(read or {})
+        else:  # restored from trainer_state.json, which the Trainer writes before on_save: a re-check made in
+            # on_save (a save another callback asked for) is in the checkpoint's own STS state, written after it
+            read = from_main_process(checkpoint.read_state() if is_main_process() else None)
+            if isinstance(read, dict) and read.get("step") == step:
+                self.guard.load_state(read)
         self._fresh_probe_from_the_start()
         if not self.base_losses:
             raise STSInputError(f"Resuming: the train-start held-out losses are in neither {checkpoint.root} nor "
@@ -657,8 +662,10 @@ class STSSession:
         if self.is_main:
             kept: list[dict[str, Any]] = []
             self.write(f"the history in {store.root}", lambda: kept.extend(store.keep_history_until(step)), step)
-            if not self.history:
-                self.history = kept
+            # the file's records win: a restored history (trainer_state.json) lacks a re-check made in on_save
+            if kept:
+                merged = {r.get("step"): r for r in [*self.history, *kept]}
+                self.history = [merged[k] for k in sorted(merged, key=lambda k: k if isinstance(k, int) else 0)]
             saved = store.read_settings()
             self.no_forecast = saved.get("no_forecast") if isinstance(saved.get("no_forecast"), str) else None
             kept_warnings = saved.get("train_start_warnings")
@@ -679,8 +686,9 @@ class STSSession:
             self.guard.violations_in_a_row = self.guard.violations_at_the_end_of(self.history)
             self.guard.violating = self.guard.violating_at_the_end_of(self.history, self.variant())
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
-        if spent is not None:  # the share is the run's, across resumes
-            self.budget.train_seconds, self.budget.recheck_seconds = spent["train_seconds"], spent["recheck_seconds"]
+        if spent is not None:  # the share is the run's, across resumes, and so is what each part costs
+            self.budget.restore(spent)
+        self.budget.set_tokens = {name: int(sums[:, 1].sum()) for name, sums in monitor.base_sequence_nll.items()}
         # the rotation of unprotected domains (loss_domains) goes on where the kept re-checks left it, counted as
         # the run counted it (a domain measured every time is outside it)
         monitor.turn = sum(not monitor.measured_every_time(name) for r in self.history if "error" not in r
@@ -1011,8 +1019,10 @@ class STSSession:
         if probe_info is not None:
             result.timings["fresh_probe"] = probe_seconds
             result.seconds += probe_seconds
+        # what the next re-check pays whatever the budget: the probe, the protected domains and a domain measured
+        # every time (metric_for_best_model's)
         optional = {name: seconds for name, seconds in result.loss_seconds.items()
-                    if name not in self.guard.config.protected}
+                    if name not in self.guard.config.protected and not self.monitor.measured_every_time(name)}
         self.budget.add_recheck(result.seconds, result.seconds - sum(optional.values()), result.loss_seconds,
                                 result.loss_tokens)
         return result, probe_info, in_turn[unprotected:] if unprotected is not None else []

@@ -90,7 +90,22 @@ class OverheadBudget:
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.share, "train_seconds": self.train_seconds, "recheck_seconds": self.recheck_seconds,
-                "share": self.spent_share}
+                "share": self.spent_share, "fixed_seconds": self.fixed_seconds,
+                "domain_seconds": dict(self.domain_seconds), "measured": sorted(self.measured),
+                "bookkeeping_seconds": self.bookkeeping_seconds}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """The accounting a re-check recorded (:meth:`to_dict`), for a resumed run: its seconds so far and what
+        each part cost (older records hold the seconds only: the parts are priced again as they are measured)."""
+        self.train_seconds, self.recheck_seconds = float(saved["train_seconds"]), float(saved["recheck_seconds"])
+        if isinstance(saved.get("fixed_seconds"), (int, float)):
+            self.fixed_seconds = float(saved["fixed_seconds"])
+        if isinstance(saved.get("domain_seconds"), dict):
+            self.domain_seconds = {str(k): float(v) for k, v in saved["domain_seconds"].items()
+                                   if isinstance(v, (int, float))}
+        self.measured = {str(name) for name in saved.get("measured") or []}
+        if isinstance(saved.get("bookkeeping_seconds"), (int, float)):
+            self.bookkeeping_seconds = float(saved["bookkeeping_seconds"])
 
 
 __all__ = ["OverheadBudget"]
