@@ -191,6 +191,28 @@ def test_a_run_resumed_past_where_another_callback_stopped_it_reads_that_recheck
         assert fractions == sorted(fractions) and 0 < fractions[0] < fractions[1] < fractions[2]
 
 
+def test_a_run_resumed_for_more_steps_places_its_earlier_rechecks_on_the_new_schedule_in_the_file_too(tmp_path):
+    """Resumed with a larger max_steps, the earlier re-checks' shares of the schedule were read again in memory
+    only: history.jsonl, which the report reads, kept the old plan's, so step 4 read later in the schedule than
+    step 6."""
+    import json
+
+    def run(max_steps, resume=None):
+        callback = make_callback(recheck_steps=2)
+        trainer = make_trainer(tmp_path, make_tokenizer(), callback, max_steps=max_steps, save_steps=4,
+                               lr_scheduler_type="cosine")
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    run(4)
+    callback = run(8, resume=str(tmp_path / "run" / "checkpoint-4"))
+    written = [json.loads(line) for line in (tmp_path / "run" / "sts" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in written] == [2, 4, 6, 8]
+    fractions = [r["lr_area_fraction"] for r in written]
+    assert fractions == pytest.approx([r["lr_area_fraction"] for r in callback.history])
+    assert fractions == sorted(fractions) and fractions[1] < 0.9  # step 4 is no longer the end of the schedule
+
+
 def test_a_recheck_before_any_learning_is_no_point_of_the_course(tmp_path):
     """A re-check at lr-area fraction 0 (step 1 of a warm-up from 0) let the next re-check warn and stop from a
     single-point extrapolation, which the rule "from the second measured re-check on" forbids."""

@@ -1104,6 +1104,10 @@ class STSSession:
                      f"they planned {last.get('max_steps', 'another')}; or the steps before the resume ran at other "
                      f"rates than the plan now says): the early forecast reads the steps before {resumed_at} as they "
                      "ran.")
+            if self.is_main:  # the history file (which the report reads) places them so too
+                for record in kept:
+                    self.write(f"the history in {self.store.path(HISTORY_FILE)}",
+                               lambda record=record: self.store.replace_history_record(record), record["step"])
         return rates
 
     def _place_on_the_schedule(self, resumed_at: int, max_steps: int) -> None:
