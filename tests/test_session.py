@@ -1,5 +1,6 @@
 """STSSession in a plain PyTorch loop (no Trainer): forecast, re-checks, the guard's stop, files, resume."""
 
+import math
 import json
 import time
 import warnings
@@ -479,6 +480,14 @@ def test_learning_rates_as_arrays_tensors_or_a_scheduler(tmp_path, tokenizer):
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     with pytest.raises(STSUsageError, match="got LambdaLR; give each optimizer step's learning rate"):
         session.learning_rates = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    # a NaN made every share of the schedule NaN (in history.jsonl too); all zeros read step 2 as its end
+    for rates, said in (([LR, math.nan] * 4, r"learning_rates\[1\] is nan"), ([LR, -LR] * 4, r"\[1\] is -")):
+        with pytest.raises(STSUsageError, match=said):
+            session.learning_rates = rates
+    session.learning_rates = [0.0] * 8
+    with pytest.warns(RuntimeWarning, match="every learning rate of the schedule is 0"):
+        record, _ = session.recheck(model, 3, max_steps=8)
+    assert "early_forecast" not in record and "lr_area_fraction" not in record
     session.learning_rates = [LR] * 7
     with pytest.warns(RuntimeWarning, match="7 learning rates for max_steps=8"):
         record, _ = session.recheck(model, 4, max_steps=8)

@@ -24,6 +24,7 @@ import copy
 import logging
 import operator
 import os
+import math
 import random
 import sys
 import time
@@ -1046,6 +1047,11 @@ class STSSession:
                 self.say(f"STS: re-checks make no early forecast ({why}); pass recheck(..., max_steps=...) and set "
                          "session.learning_rates (each step's rate) for one.")
             return {}
+        if not any(self.learning_rates[:max_steps]):  # read step 1 as the whole schedule spent
+            self.warn("zero_schedule", "STS early forecast skipped: every learning rate of the schedule is 0, so no "
+                      "share of it is ever spent; set session.learning_rates to the rates the optimizer steps with.",
+                      RuntimeWarning)
+            return {}
         if len(self.learning_rates) < max_steps:
             self.warn("short_schedule", f"STS early forecast skipped: {len(self.learning_rates)} learning rates for "
                       f"max_steps={max_steps}; set session.learning_rates to one rate per optimizer step.",
@@ -1200,10 +1206,15 @@ def schedule_rates(rates: Any) -> list[float]:
                             "object, list its rates ahead, or pass recheck(..., log_history=[{'step': s, "
                             "'learning_rate': lr}, ...]).")
     try:
-        return [float(rate) for rate in rates]
+        values = [float(rate) for rate in rates]
     except (TypeError, ValueError) as err:
         raise STSUsageError(f"STSSession.learning_rates: not numbers ({err}); give each optimizer step's learning "
                             "rate.") from err
+    bad = next((i for i, rate in enumerate(values) if not math.isfinite(rate) or rate < 0), None)
+    if bad is not None:  # a NaN spoils every share of the schedule; a negative rate has no area to share
+        raise STSUsageError(f"STSSession.learning_rates[{bad}] is {values[bad]}: each step's learning rate must be a "
+                            "finite number >= 0.")
+    return values
 
 
 def check_inputs_agree(setup: ForecastSetup, domains: dict[str, Corpus], loss_sets, probe_sequences) -> None:
