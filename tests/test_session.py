@@ -330,6 +330,24 @@ def test_a_resumed_budget_prices_the_domains_as_the_run_did(tmp_path, tokenizer)
     assert again.budget.set_tokens == before.set_tokens and again.budget.measured == before.measured
 
 
+def test_a_loop_logs_a_recheck_to_its_tracker_as_the_callback_does(tmp_path, tokenizer):
+    """A hand-written loop had no documented way to its tracker: accelerate's log() refuses the nested record, and
+    the callback's flattening raised KeyError on a failed re-check's record."""
+    model = make_model("llama")
+    session = started(tmp_path, tokenizer, model)
+    assert session.metrics() == {}  # nothing re-checked yet
+    train_steps(model, tokenizer, HARMFUL, 2)
+    record, _ = session.recheck(model, 2, max_steps=8)
+    metrics = session.metrics(record)
+    assert metrics == session.metrics() and all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["sts/loss_delta/food"] == record["loss_delta"]["food"]
+    layer = model.model.layers[1]
+    layer.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.warns(RuntimeWarning):
+        session.recheck(model, 4, max_steps=8)
+    assert "error" in session.history[-1] and session.metrics() == {}
+
+
 def test_recheck_config_errors_name_the_setting():
     with pytest.raises(STSConfigError, match="loss_tokens must be an integer >= 1"):
         RecheckConfig(loss_tokens=0)

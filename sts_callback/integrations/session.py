@@ -814,6 +814,17 @@ class STSSession:
         return Path(found) if found else guess
 
     # ------------------------------------------------------------------ during training
+    def metrics(self, record: dict[str, Any] | None = None) -> dict[str, float]:
+        """A re-check's record (default: the last) as flat ``sts/...`` scalars for a tracker, as the callback logs
+        them (``wandb.log(session.metrics(record), step=step)``, TensorBoard's ``add_scalar`` per key); empty for a
+        failed re-check or none yet."""
+        from ..reporting.trackers import recheck_metrics
+
+        record = record if record is not None else (self.history[-1] if self.history else None)
+        if not record or "error" in record or record.get("step", 0) <= 0:
+            return {}
+        return recheck_metrics(record, self.variant())
+
     def variant(self) -> str:
         # the forecast's own ranking: it falls back to STS_act when no target could be scored in context
         ranking = self.forecast.ranking if self.forecast is not None else self.config.ranking
