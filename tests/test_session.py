@@ -348,6 +348,26 @@ def test_a_loop_logs_a_recheck_to_its_tracker_as_the_callback_does(tmp_path, tok
     assert "error" in session.history[-1] and session.metrics() == {}
 
 
+def test_a_recheck_inside_disable_adapter_says_it_measures_the_base_model(tmp_path, tokenizer):
+    """Inside `with model.disable_adapter():` a re-check measured the base model and recorded 0% as a point of the
+    run, the warning blaming a learning rate of 0; on a fresh adapter set active, 0% with no word at all."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    session = started(tmp_path, tokenizer, model)
+    with model.disable_adapter(), pytest.warns(STSDataWarning, match="adapters disabled"):
+        session.recheck(model, 2, max_steps=8)
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.set_adapter("second")
+    with pytest.warns(STSDataWarning, match=r"the adapter\(s\) \['second'\], not \['default'\]"):
+        session.recheck(model, 4, max_steps=8)
+    model.set_adapter("default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", STSDataWarning)
+        warnings.filterwarnings("ignore", message=".*exactly as it was at train start")  # LoRA B starts at 0
+        session.recheck(model, 6, max_steps=8)
+
+
 def test_recheck_config_errors_name_the_setting():
     with pytest.raises(STSConfigError, match="loss_tokens must be an integer >= 1"):
         RecheckConfig(loss_tokens=0)

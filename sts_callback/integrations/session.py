@@ -52,7 +52,7 @@ from ..pipelines.budget import OverheadBudget
 from ..pipelines.forecast import (Forecast, ForecastSetup, check_calibration_config, check_calibration_features,
                                   domain_statistics, icl_loss_mismatch, inference_mode, run_forecast, with_icl_loss)
 from ..pipelines.guard import Decision, Guard, GuardConfig
-from ..pipelines.monitor import DomainBaseline, Monitor, domain_baselines_from, is_peft
+from ..pipelines.monitor import DomainBaseline, Monitor, active_adapters, domain_baselines_from, is_peft
 from ..pipelines.recheck import RecheckConfig
 from ..pipelines.prediction import best_early_method, calibrated_predictions, early_projection
 from ..scoring.calibration import load_calibration, lr_area_fraction, own_feature
@@ -193,6 +193,7 @@ class STSSession:
         self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
         self.run_level: dict[str, Any] | None = None  # the run-level term at train start (RunLevelEstimate.to_dict)
         self.learning_rates = None  # the planned schedule, for the early forecast
+        self._start_adapters: tuple[str, ...] | None = None  # a PEFT model's active adapters at train start
         self.setup: ForecastSetup | None = None
         self.forecast: Forecast | None = None
         self.monitor: Monitor | None = None
@@ -353,6 +354,7 @@ class STSSession:
         and ``domains`` take what :func:`load_corpus` / :func:`load_domains` take (texts, records, paths, built-in
         domain names) as well as their results."""
         model = without_data_parallel(model)  # every forward of the session: the model's own (see there)
+        self._start_adapters = active_adapters(model)  # a resume's (start() measures its own)
         probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), load_domains(domains)
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
@@ -517,6 +519,7 @@ class STSSession:
     def _measure_base(self, model) -> None:
         monitor, store = self.monitor, self.store
         self.history, self.guard = [], Guard(self.guard.config)  # a new run: nothing of an earlier start carries over
+        self._start_adapters = active_adapters(model)
         began = time.perf_counter()
         monitor.capture_base(model, self.autocast)
         self.adapters_start_at_the_base = None
@@ -893,6 +896,13 @@ class STSSession:
         if last is not None and step <= last:
             raise STSUsageError(f"STSSession.recheck(step={step}) after a re-check at step {last}: steps must "
                                 "increase (pass the training step, e.g. the optimizer steps taken so far).")
+        now = active_adapters(model)
+        start = self._start_adapters
+        if now is not None and start is not None and now != start:  # the re-check measures other weights than trained
+            self.warn(f"adapters:{step}", f"STS re-check at step {step}: the model runs "
+                      + ("with its adapters disabled (inside disable_adapter()): the base model's weights"
+                         if now == () else f"the adapter(s) {list(now)}, not {list(start)}")
+                      + " are measured, not the run's; re-check outside that context.", STSDataWarning)
         if max_steps and step > max_steps:
             self.warn("beyond_max_steps", f"STS re-check at step {step} of a run of max_steps={max_steps}: the "
                       "learning-rate schedule ends at max_steps, so the early forecast reads the step as its end; "

@@ -49,6 +49,20 @@ def peft_model_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def active_adapters(model: nn.Module) -> tuple[str, ...] | None:
+    """The adapters a PEFT model runs with now: ``()`` inside ``disable_adapter()`` (the base model alone), else
+    its active adapters' names; ``None`` for a model without adapters."""
+    peft = peft_model_of(model)
+    if peft is None:
+        return None
+    layers = [m for m in peft.modules() if hasattr(m, "disable_adapters") and hasattr(m, "active_adapters")]
+    if layers and all(bool(m.disable_adapters) for m in layers):
+        return ()
+    names = getattr(peft, "active_adapters", None)
+    names = [names] if isinstance(names, str) else list(names or [])
+    return tuple(str(n) for n in names)
+
+
 @dataclass
 class DomainBaseline(StatsGroup):
     """A target domain's statistics under the base model (from the forecast or the train-start pass)."""
