@@ -798,6 +798,9 @@ def test_a_run_that_ended_with_earlier_weights_is_not_projected_to_an_end_it_has
     assert "Training ended at step 4" in md and "Projected" not in md
     md = report(history[0], {**history[1], "early_stop": "early stop at step 4: food"})
     assert "Projected at the end of training, had it gone on" in md
+    # a failed last re-check was made: it is no missing one
+    md = report(history[0], history[1], {"step": 6, "error": "RuntimeError: boom"})
+    assert "the re-check at step 6 failed" in md and "had not ended" not in md
     # a run that does not re-check its end is not "unfinished"
     (sts / "settings.json").write_text(json.dumps({"protected": ["food"], "tolerance": 0.05, "recheck_at_end": False}))
     md = report(history[0], history[1])

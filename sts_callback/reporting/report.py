@@ -319,6 +319,12 @@ class ReportData:
         share = last.get("lr_area_fraction")
         if self.has_ended:
             return None
+        failed_after = [r.get("step") for r in self.history if "error" in r and isinstance(r.get("step"), int)
+                        and r["step"] > last.get("step", 0)]
+        if failed_after:  # made and failed (listed under the warnings), not missing
+            return (f"The last re-check that measured is at step {last['step']} ({share:.0%} of the learning-rate "
+                    f"schedule): the re-check at step {max(failed_after)} failed (see the warnings), so the end of "
+                    "training is not measured here.")
         if self.run_settings.get("recheck_at_end") is False:
             return (f"The last re-check is at step {last['step']} ({share:.0%} of the learning-rate schedule): the run "
                     "does not re-check its end (recheck_at_end=False), so what the remaining steps did is not "
