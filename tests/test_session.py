@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import DOMAIN_WORDS, TinySAE, domain_texts, make_model, make_tokenizer
 
-from sts_callback import GuardConfig, RecheckConfig, STSConfig, STSConfigError, STSDataWarning
+from sts_callback import GuardConfig, RecheckConfig, STSConfig, STSConfigError, STSDataWarning, STSInputError
 from sts_callback.core.data import load_corpus, load_domains
 from sts_callback.core.run_store import RunStore
 from sts_callback.integrations.session import STSNegativeTransferWarning, STSSession
@@ -366,6 +366,24 @@ def test_a_recheck_inside_disable_adapter_says_it_measures_the_base_model(tmp_pa
         warnings.simplefilter("error", STSDataWarning)
         warnings.filterwarnings("ignore", message=".*exactly as it was at train start")  # LoRA B starts at 0
         session.recheck(model, 6, max_steps=8)
+
+
+def test_a_tokenized_dataset_is_a_target_domain_as_the_callback_reads_it(tmp_path, tokenizer):
+    """A tokenized datasets.Dataset (input_ids, as a Trainer's eval set) was refused as an STSSession target, the
+    hint telling the user to rename a 'body' column it did not have."""
+    from datasets import Dataset
+
+    texts = domain_texts("food", 30)
+    tokenized = Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in texts]})
+    model = make_model("llama")
+    plain, given = session_for(tmp_path / "plain"), session_for(tmp_path / "tokenized")
+    for session, food in ((plain, texts), (given, tokenized)):
+        domains = {"food": food, "law": domain_texts("law", 30)}
+        session.prepare(model, tokenizer, HARMFUL, domains)
+        session.start(model, HARMFUL, domains)
+    assert given.base_losses["food"] == pytest.approx(plain.base_losses["food"], rel=1e-5)
+    with pytest.raises(STSInputError, match="it is tokenized: give it with its tokenizer"):
+        load_domains({"food": tokenized})
 
 
 def test_recheck_config_errors_name_the_setting():

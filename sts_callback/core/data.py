@@ -577,7 +577,10 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
     if is_dataset(data) and not hasattr(data, "__len__"):
         data = take_streamed(data)
     if is_dataset(data):
+        tokenized = "input_ids" in data.column_names
         check_columns(data.column_names, f"Dataset{_for(what)}",
+                      "it is tokenized: give it with its tokenizer (STSSession.prepare / start read it so, as the "
+                      "callback reads a trainer's sets), or decode it to a 'text' column" if tokenized else
                       "rename the text column, e.g. dataset.rename_column('body', 'text')")
         return Corpus(name or "dataset", data)
     if is_map_style_torch_dataset(data):  # read by index where sampled: listing it would read (load) every row

@@ -31,13 +31,13 @@ import time
 import traceback
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from ..core.capture import without_data_parallel
-from ..core.data import Corpus, load_corpus, load_domains, multiple_choice_items
+from ..core.data import Corpus, is_dataset, load_corpus, load_domains, multiple_choice_items
 from ..core.distributed import (check_ranks_agree, fingerprint, from_main_process, gather_objects, is_main_process,
                                 require_at_least_world, warn_on_main, world_size)
 from ..core.errors import (ForecastSkipped, STSConfigError, STSDataWarning, STSError, STSInputError,
@@ -355,7 +355,8 @@ class STSSession:
         domain names) as well as their results."""
         model = without_data_parallel(model)  # every forward of the session: the model's own (see there)
         self._start_adapters = active_adapters(model)  # a resume's (start() measures its own)
-        probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), load_domains(domains)
+        probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), \
+            load_domains(_decoded_datasets(domains, tokenizer))
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
@@ -413,7 +414,8 @@ class STSSession:
         if self.monitor is None:
             raise STSUsageError("STSSession.start() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first.")
-        probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), load_domains(domains)
+        probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), \
+            load_domains(_decoded_datasets(domains, self.setup.builder.tokenizer))
         demonstrations = None if demonstrations is None else load_corpus(demonstrations, "demonstrations",
                                                                          what="STSSession's demonstrations")
         self._check_prepared_domains(domains, "start")
@@ -1217,6 +1219,18 @@ def whole_steps(value: Any, name: str) -> int:
         return int(value)
     raise STSUsageError(f"STSSession.recheck({name}={value!r}): pass a whole number of optimizer steps (e.g. the "
                         "optimizer steps taken so far: micro-batches // gradient_accumulation_steps).")
+
+
+def _decoded_datasets(domains: Any, tokenizer) -> Any:
+    """Target domains given as tokenized datasets (``input_ids``, as a Trainer's eval sets are) read through the
+    tokenizer, as the callback reads them; everything else as given (:func:`load_domains` reads it)."""
+    if not isinstance(domains, Mapping):
+        return domains
+    from .training_data import corpus_from_training_dataset
+
+    return {name: corpus_from_training_dataset(value, tokenizer, name=str(name), target=True)
+            if is_dataset(value) and "input_ids" in (getattr(value, "column_names", None) or []) else value
+            for name, value in domains.items()}
 
 
 def schedule_rates(rates: Any) -> list[float]:
