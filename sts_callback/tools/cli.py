@@ -1157,7 +1157,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                  else "level: the runs' mean (no run-level term in every run)")
         print(f"level + pattern calibration on {calibration.fitted_on['runs']} runs ({calibration.n} domain "
               f"changes), features {calibration.features}, {level}: residual std {calibration.sigma:.2%} of the "
-              f"NLL; {calibration.level:.0%} intervals")
+              f"NLL; its predictions come with {calibration.level:.0%} intervals")
         print(f"wrote {path}; use it with STSCallback(..., calibration={str(path)!r})")
         return 0
     inputs = _validation_inputs(args.validations)
@@ -1165,7 +1165,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     calibration = Calibration.from_validation(args.validations, args.features or [DEFAULT_SIGNED], level=args.level)
     path = calibration.save(out)
     print(f"calibration on {calibration.n} measured (domain, seed) pairs, features {calibration.features}: "
-          f"residual std {calibration.sigma:.2%} of the NLL; {calibration.level:.0%} intervals")
+          f"residual std {calibration.sigma:.2%} of the NLL; its predictions come with {calibration.level:.0%} "
+          "intervals")
     print(f"wrote {path}; use it with STSCallback(..., calibration={str(path)!r})")
     return 0
 
