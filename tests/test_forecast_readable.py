@@ -49,6 +49,12 @@ def test_table_leads_with_the_prediction_and_keeps_the_scores_apart(calibrated):
     assert "90% interval" in text and "raw scores: forecast.table(view='scores')" in text
     assert "STS_act" in result.table(view="scores") and "STS_act" not in text
     assert plain.table().startswith("STS forecast: 3 target domains, ranked by")  # uncalibrated: scores
+    # the protected domains marked, as the re-check lines mark them (the train-start table did not)
+    for table in (result.table(protected=["chem", "other"]), plain.table(protected=["chem"])):
+        rows = [line.split()[0] if not line[0].isspace() else line.split()[1] for line in table.splitlines()
+                if "chem" in line or "food" in line]
+        assert "chem*" in rows and "food" in rows and table.endswith("(*: protected domain)")
+    assert "*" not in plain.table()
 
 
 def test_predictions_round_trip_and_lead_the_report(calibrated, tmp_path):

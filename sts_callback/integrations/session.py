@@ -502,7 +502,8 @@ class STSSession:
         if self.is_main:
             forecast, store = self.forecast, self.store
             self.write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), 0)
-            self.say(self.forecast.table())  # the calibrated prediction first when there is one, else the scores
+            # the calibrated prediction first when there is one, else the scores; protected domains marked
+            self.say(self.forecast.table(protected=self.guard.config.protected))
         if self.predicted:  # the calibrated prediction leads, as in the table and the report
             ranked = sorted(((n, p["mean"]) for n, p in self.predicted.items()), key=lambda item: -item[1])
             warned = self.guard.forecast_warnings(ranked, "predicted change", predicted=True)

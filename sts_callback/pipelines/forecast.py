@@ -234,20 +234,23 @@ class Forecast:
     def load(cls, path: str | Path) -> "Forecast":
         return cls.from_dict(read_json(path, "the forecast"))
 
-    def table(self, variant: str | None = None, view: str | None = None) -> str:
+    def table(self, variant: str | None = None, view: str | None = None, protected: Sequence[str] = ()) -> str:
         """The forecast for a person: the predicted change of each domain's held-out NLL with its interval and
         a gain / loss / flat label when calibrated (``view="predicted"``, the default then), else (or with
-        ``view="scores"``, or a ``variant`` named) the raw scores ranked by ``variant``."""
+        ``view="scores"``, or a ``variant`` named) the raw scores ranked by ``variant``; ``protected`` domains
+        are marked ``*``."""
         if view not in (None, "predicted", "scores"):
             raise STSConfigError(f"view={view!r}: use 'predicted' (the calibrated changes) or 'scores'.")
         view = view or ("predicted" if self.predictions and variant is None else "scores")
+        marked = {name for name in protected if name in self.domains}
+        note = "\n(*: protected domain)" if marked else ""
         if view == "predicted":
-            return self._predicted_table()
+            return self._predicted_table(marked) + note
         variant = self._check_variant(variant)
         shown = [v for v in ("sts_icl", "sts_act", "sts_sq", "raw_act", signed.DEFAULT_SIGNED, ICL_LOSS_FEATURE,
                              *RUN_LEVEL_METHODS) if any(
             d.scores.get(v) is not None for d in self.domains.values())]
-        width = max([len("domain")] + [display_width(shown_name(n)) for n in self.domains])
+        width = max([len("domain")] + [display_width(shown_name(n)) + (n in marked) for n in self.domains])
         header = f"{'rank':>4}  {'domain':<{width}}  " + "  ".join(f"{SCORE_LABELS[v]:>10}" for v in shown) + f"  {'tokens':>7}"
         lines = [f"STS forecast: {len(self.domains)} target domains, ranked by {SCORE_LABELS[variant]} "
                  f"(N={len(self.shifted_latents)} shifted latents from {self.shift_source})",
@@ -256,14 +259,14 @@ class Forecast:
             d = self.domains[name]
             cells = "  ".join(f"{d.scores.get(v):>10.4g}" if d.scores.get(v) is not None else f"{'n/a':>10}"
                               for v in shown)
-            lines.append(f"{rank:>4}  {padded(name, width)}  {cells}  {d.tokens:>7}")
-        return "\n".join(lines)
+            lines.append(f"{rank:>4}  {padded(name, width, name in marked)}  {cells}  {d.tokens:>7}")
+        return "\n".join(lines) + note
 
-    def _predicted_table(self) -> str:
+    def _predicted_table(self, marked: set[str] = frozenset()) -> str:
         if not self.predictions:
             return "No calibrated prediction (fit a calibration on measured runs: sts calibrate)."
         level = next(iter(self.predictions.values()))["level"]
-        width = max([len("domain")] + [display_width(shown_name(n)) for n in self.predictions])
+        width = max([len("domain")] + [display_width(shown_name(n)) + (n in marked) for n in self.predictions])
         header = f"{'domain':<{width}}  {'predicted':>10}  {f'{level:.0%} interval':>20}  {'':<5}"
         calibration = self.settings.get("calibration", {})
         source = f"{calibration['source']}, " if calibration.get("source") else ""
@@ -277,7 +280,8 @@ class Forecast:
         for name, p in sorted(self.predictions.items(), key=lambda item: -item[1]["mean"]):
             # bounds printed so that their sign, which decides the label, shows (never +0.0% for 0.0004)
             interval = f"[{signed_percent(p['low'])}, {signed_percent(p['high'])}]"
-            lines.append(f"{padded(name, width)}  {signed_percent(p['mean']):>10}  {interval:>20}  {p['label']:<5}")
+            lines.append(f"{padded(name, width, name in marked)}  {signed_percent(p['mean']):>10}  {interval:>20}  "
+                         f"{p['label']:<5}")
         excluded = calibration.get("excluded", [])
         if excluded:
             lines.append(f"not predicted: {excluded} (excluded when the calibration was applied)")
@@ -318,9 +322,9 @@ def display_width(text: str) -> int:
     return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-def padded(name: str, width: int) -> str:
-    """:func:`shown_name` left-aligned to ``width`` terminal columns."""
-    shown = shown_name(name)
+def padded(name: str, width: int, marked: bool = False) -> str:
+    """:func:`shown_name` (``*`` after it when ``marked``) left-aligned to ``width`` terminal columns."""
+    shown = shown_name(name) + ("*" if marked else "")
     return shown + " " * max(width - display_width(shown), 0)
 
 
