@@ -1082,3 +1082,26 @@ def test_an_sae_on_the_meta_device_is_refused_at_construction():
     """It failed at train start with torch's advice to call to_empty(), which gives uninitialised weights."""
     with pytest.raises(STSInputError, match="meta device"):
         make_callback(sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post").to("meta"))
+
+
+def test_two_callbacks_resume_from_trainer_state_when_the_checkpoints_sts_state_was_not_written(tmp_path):
+    """Stopped between the Trainer's save and STS's: each callback's state is read back from trainer_state.json.
+    With two STSCallbacks the Trainer keeps a list of their states that each save extends, the first ones from
+    before the train-start measurement: that empty state was taken, and the resume failed, saying the train-start
+    losses were nowhere although the run folder held them."""
+    from sts_callback.core.run_store import STATE_FILE
+
+    tokenizer = make_tokenizer()
+
+    def callbacks():
+        return [make_callback(), make_callback(output_subdir="sts_b")]
+
+    first = callbacks()
+    make_trainer(tmp_path, tokenizer, first[0], extra_callbacks=first[1:], max_steps=4, save_steps=2).train()
+    for subdir in ("sts", "sts_b"):
+        (tmp_path / "run" / "checkpoint-4" / subdir / STATE_FILE).unlink()
+    second = callbacks()
+    make_trainer(tmp_path, tokenizer, second[0], extra_callbacks=second[1:], max_steps=6,
+                 save_steps=2).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    for before, after in zip(first, second):
+        assert [r["step"] for r in after.history] == [2, 4, 6] and after.base_losses == before.base_losses

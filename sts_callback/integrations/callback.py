@@ -55,11 +55,13 @@ def saved_in_trainer_state(checkpoint: Path, output_subdir: str) -> dict[str, An
         saved = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["stateful_callbacks"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    # several callbacks of one class are kept as a list that each save extends (transformers), the earliest
+    # entries from before the train-start measurement: the latest entry that holds it is this run's
     for entries in saved.values():
-        for entry in entries if isinstance(entries, list) else [entries]:
+        for entry in reversed(entries if isinstance(entries, list) else [entries]):
             args, attributes = (entry.get("args") or {}, entry.get("attributes") or {}) \
                 if isinstance(entry, dict) else ({}, {})
-            if args.get("output_subdir") == output_subdir and "base_losses" in attributes:
+            if args.get("output_subdir") == output_subdir and attributes.get("base_losses"):
                 return {key: value for key, value in attributes.items() if key != "history"}
     return None
 

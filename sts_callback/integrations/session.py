@@ -628,6 +628,8 @@ class STSSession:
             read = None
             if is_main_process():
                 read = checkpoint.read_state() or (saved_elsewhere() if saved_elsewhere is not None else None)
+                if read is not None and not read.get("base_losses"):  # saved before the train-start measurement
+                    read = None
                 if read is None and (read := store.read_state()) is not None:
                     from_train_start = True
                     warnings.warn(
