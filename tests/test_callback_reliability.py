@@ -1105,3 +1105,25 @@ def test_two_callbacks_resume_from_trainer_state_when_the_checkpoints_sts_state_
                  save_steps=2).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
     for before, after in zip(first, second):
         assert [r["step"] for r in after.history] == [2, 4, 6] and after.base_losses == before.base_losses
+
+
+def test_an_evaluation_after_a_run_without_its_end_recheck_measures_nothing_new(tmp_path):
+    """With recheck_at_end=False, trainer.evaluate() after train() ran a re-check of the ended run: a record
+    appended after the report, with no sign the run had ended there (projected on as if training went on)."""
+    from transformers import TrainerCallback
+
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    tokenizer = make_tokenizer()
+    callback = make_callback(recheck_at_end=False)
+    trainer = make_trainer(tmp_path, tokenizer, callback, eval_texts=domain_texts("food", 8),
+                           extra_callbacks=[StopAt3()])
+    trainer.train()
+    steps = [r["step"] for r in callback.history]
+    with pytest.warns(RuntimeWarning, match="no re-check measured"):
+        metrics = trainer.evaluate()
+    assert [r["step"] for r in callback.history] == steps == [2]
+    assert all(math.isnan(v) for k, v in metrics.items() if "_sts_" in k)

@@ -453,6 +453,10 @@ class STSCallback(TrainerCallback, ExportableState):
         loaded = self.session.loaded_best_step  # after the run: the best checkpoint's weights, not the last step's
         if loaded is not None:
             step = loaded
+        elif not self._measured_at(step) and self._ended:  # recheck_at_end=False: the run is over, unmeasured
+            self.session.warn(f"after_the_end:{step}", f"STS: an evaluation after training at step {step}, which "
+                              "no re-check measured (recheck_at_end=False): its sts keys are NaN; keep "
+                              "recheck_at_end=True to have the end measured.", RuntimeWarning)
         elif not self._measured_at(step):
             self.run_recheck(trainer.args, trainer.state, trainer.control, trainer.model)
         now = next((r for r in reversed(self.history) if r.get("step") == step), None)
