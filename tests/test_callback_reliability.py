@@ -521,6 +521,19 @@ def test_multiple_choice_domain_is_scored_and_its_drop_is_a_violation(tmp_path, 
     assert json.loads((sts / "settings.json").read_text())["accuracy_tolerance"] == 0.0
 
 
+def test_a_multiple_choice_dataset_in_arcs_layout_is_a_scored_target(tmp_path, tokenizer):
+    """An MMLU-like datasets.Dataset target (which the README lists) was refused when the callback was built: its
+    columns had no 'text'; ARC's and HellaSwag's layouts too."""
+    from datasets import Dataset
+
+    words = domain_texts("food", 20, seed=11)
+    quiz = Dataset.from_list([{"question": w, "choices": {"text": ["cook bake", "cell protein"], "label": ["A", "B"]},
+                               "answerKey": "A"} for w in words])
+    callback = make_callback(target_domains={"law": domain_texts("law", 30), "quiz": quiz})
+    make_trainer(tmp_path, tokenizer, callback, max_steps=2, save_steps=2).train()
+    assert set(callback.base_accuracy) == {"quiz"} and set(callback.history[-1]["accuracy"]) == {"quiz"}
+
+
 # ------------------------------------------------------------------------------------------- 7. run shapes
 def test_epoch_checkpoints_are_rechecked_and_carry_the_history(tmp_path, tokenizer):
     callback = make_callback()

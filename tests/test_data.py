@@ -8,7 +8,7 @@ from tiny import domain_texts, make_tokenizer
 
 from sts_callback.core.data import (Example, PromptBuilder, example_from_record, load_corpus, load_domains,
                                    multiple_choice_items)
-from sts_callback.core.errors import STSInputError
+from sts_callback.core.errors import STSDataWarning, STSInputError
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,29 @@ def test_multiple_choice_records_become_question_and_right_answer():
     assert multiple_choice_items(load_corpus(["plain text"])) is None
     with pytest.raises(STSInputError, match="answer=5"):
         example_from_record({"question": "q", "choices": ["a", "b"], "answer": 5})
+
+
+def test_multiple_choice_items_in_the_common_layouts_and_answer_forms():
+    """MMLU's answer as a letter or the choice's text, ARC's choices {text, label} with answerKey, HellaSwag's
+    ctx / endings / label: each was refused (a letter only at train start, "item 0 of example 23"); a Dataset of
+    them too, and a domain mixing items with plain texts lost its accuracy without a word."""
+    from datasets import Dataset
+
+    expected = {"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1}
+    for record in ({"question": "2+2?", "choices": ["3", "4", "5"], "answer": "B"},
+                   {"question": "2+2?", "choices": ["3", "4", "5"], "answer": "4"},  # its text, not an index
+                   {"question": "2+2?", "choices": ["3", "4", "5"], "answer": "1"},
+                   {"question": "2+2?", "choices": {"text": ["3", "4", "5"], "label": ["A", "B", "C"]},
+                    "answerKey": "B"},
+                   {"ctx": "2+2?", "endings": ["3", "4", "5"], "label": "1"}):
+        corpus = load_corpus([record] * 3, name="quiz")
+        assert multiple_choice_items(corpus) == [expected] * 3
+        assert example_from_record(record).answer == " 4"
+    assert multiple_choice_items(load_corpus(Dataset.from_list([expected] * 3), name="quiz")) == [expected] * 3
+    with pytest.raises(STSInputError, match=r"example 1 of 'quiz' has answer='E'; give the index \(0..2\)"):
+        load_corpus([expected, {**expected, "answer": "E"}], name="quiz")[1]
+    with pytest.warns(STSDataWarning, match="mixes 2 multiple-choice item"):
+        assert multiple_choice_items(load_corpus([expected, "plain text", expected], name="mixed")) is None
 
 
 def test_a_streaming_dataset_is_read_from_its_head():

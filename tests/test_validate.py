@@ -441,6 +441,10 @@ def test_multiple_choice_accuracy(tokenizer):
         metric(model, tokenizer, "sport")
     shared = multiple_choice_accuracy([right, right, wrong])
     assert shared(model, tokenizer, "anything") == pytest.approx(2 / 3)
+    from datasets import Dataset  # as the README says; was "needs a non-empty list" for a 3-row Dataset
+
+    assert multiple_choice_accuracy(Dataset.from_list([right, right, wrong]))(model, tokenizer, "x") == \
+        pytest.approx(2 / 3)
     with pytest.raises(STSInputError, match="answer=3"):
         multiple_choice_accuracy([{"question": "q", "choices": ["a", "b"], "answer": 3}])
     import numpy as np  # pandas rows (df.to_dict("records")) hold numpy integers: indices all the same

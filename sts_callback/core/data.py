@@ -14,7 +14,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -208,7 +208,7 @@ def _example_from_record(record: Any, where: str = "") -> Example:
             return _split_conversation(record["messages"])
         if "text" in record and isinstance(record["text"], str):
             return Example(prompt=record["text"], plain_text=True)
-        if set(MC_FIELDS) <= set(record):  # a multiple-choice item: its text is the question and right answer
+        if as_mc_record(record) is not None:  # a multiple-choice item: its text is the question and right answer
             from .multiple_choice import CHOICE_FORMAT, PROMPT_FORMAT
 
             item = check_multiple_choice(record, where)
@@ -253,22 +253,62 @@ def _check_field_types(record: dict[str, Any], where: str) -> None:
 
 
 MC_FIELDS = ("question", "choices", "answer")
+# the multiple-choice layouts read as (question, choices, answer): MMLU's, ARC's (choices {"text", "label"},
+# answerKey a label), HellaSwag's (ctx, endings, label)
+MC_LAYOUTS = (MC_FIELDS, ("question", "choices", "answerKey"), ("ctx", "endings", "label"))
+
+
+def is_mc_layout(columns: Iterable[str]) -> bool:
+    """Whether a table's columns hold multiple-choice items in one of :data:`MC_LAYOUTS`."""
+    present = set(columns)
+    return any(set(layout) <= present for layout in MC_LAYOUTS)
+
+
+def as_mc_record(record: Any) -> dict[str, Any] | None:
+    """A multiple-choice record of any of :data:`MC_LAYOUTS` as ``{"question", "choices", "answer"}`` (the answer
+    as given: an index, a letter, a label or the choice's text; :func:`~.multiple_choice.check_items` reads it);
+    ``None`` for any other record."""
+    if not isinstance(record, Mapping):
+        return None
+    for question, choices, answer in MC_LAYOUTS:
+        if question in record and choices in record and answer in record:
+            options, right = record[choices], record[answer]
+            if isinstance(options, Mapping) and "text" in options:  # ARC: {"text": [...], "label": ["A", ...]}
+                labels = [str(label) for label in (options.get("label") or [])]
+                options = list(options["text"])
+                right = labels.index(str(right)) if str(right) in labels else right
+            return {"question": record[question], "choices": options, "answer": right}
+    return None
 
 
 def check_multiple_choice(record: dict[str, Any], where: str = "") -> dict[str, Any]:
-    from .multiple_choice import check_items
+    from .multiple_choice import check_item
 
-    return check_items([record], f"example{where}")[0]
+    return check_item(as_mc_record(record) or record, f"example{where}")
 
 
 def multiple_choice_items(corpus: "Corpus") -> list[dict[str, Any]] | None:
-    """The items of a multiple-choice domain (every record has question / choices / answer), else ``None``."""
+    """The items of a multiple-choice domain (every record a multiple-choice item), else ``None``; a domain that
+    mixes them with other texts is said to be measured by its loss only."""
     items = getattr(corpus, "_items", None)
-    if not items or not all(isinstance(r, dict) and set(MC_FIELDS) <= set(r) for r in items):
+    if items is None or not len(items):
+        return None
+    if as_mc_record(items[0]) is None:  # a text domain: its first rows say whether items are mixed in
+        head = [items[i] for i in range(min(len(items), 1000))]
+        records = [as_mc_record(r) for r in head]
+    else:
+        records = [as_mc_record(r) for r in items]
+    found = sum(r is not None for r in records)
+    if found < len(records):
+        if found:
+            warn_on_main(f"Target domain {corpus.name!r} mixes {found} multiple-choice item(s) with "
+                         f"{len(records) - found} other text(s): its accuracy is not measured (only a domain of "
+                         "multiple-choice items alone is); give the items a domain of their own.", STSDataWarning,
+                         stacklevel=3)
         return None
     from .multiple_choice import check_items
 
-    return check_items(list(items), repr(corpus.name))
+    return check_items(records, repr(corpus.name))
 
 
 def example_text(example: Example) -> str:
@@ -424,7 +464,7 @@ def _read_table(path: Path, label: str = "") -> tuple[list[dict[str, Any]], Plac
 
 def check_columns(columns: Sequence[str], described: str, fix: str) -> None:
     """An error when no column of a table holds text in a form :func:`example_from_record` reads."""
-    if not set(columns) & {"text", "messages", "prompt"} and not set(MC_FIELDS) <= set(columns):
+    if not set(columns) & {"text", "messages", "prompt"} and not is_mc_layout(columns):
         raise STSInputError(f"{described} has columns {sorted(columns)} but none of 'text', 'messages' or 'prompt' "
                             f"(or 'question'/'choices'/'answer'); {fix}.")
 

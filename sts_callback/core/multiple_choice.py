@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .capture import clamped_to_vocabulary, input_vocabulary, max_positions
-from .data import read_text, special_prefix, special_token_ids
+from .data import as_mc_record, read_text, special_prefix, special_token_ids
 from .distributed import LocalFailure, shard
 from .errors import STSInputError
 from .heldout import HEAD_CHUNK, head_nll, split_head
@@ -54,7 +54,8 @@ def _read_items(path: Path) -> list[Any]:
 
 
 def check_items(items: Any, where: str) -> list[dict[str, Any]]:
-    """Validated items from a list or a JSONL path; the error names the item and the fix."""
+    """Validated items from a list, a ``datasets.Dataset``, a pandas DataFrame or a JSONL path, each in one of
+    :data:`~.data.MC_LAYOUTS`; the error names the item and the fix."""
     if isinstance(items, (str, Path)):
         path = Path(items)
         if not path.exists():
@@ -62,38 +63,62 @@ def check_items(items: Any, where: str) -> list[dict[str, Any]]:
         items = _read_items(path)
     if hasattr(items, "columns") and hasattr(items, "to_dict"):  # a pandas DataFrame: its rows
         items = items.to_dict("records")
-    if not isinstance(items, Sequence) or len(items) == 0:
-        raise STSInputError(f"Multiple choice: {where} needs a non-empty list of "
-                            "{'question', 'choices', 'answer'} items.")
-    checked = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not set(FIELDS) <= set(item):
-            raise STSInputError(f"Multiple choice: item {i} of {where} must be a dict with 'question', "
-                                "'choices' (list of strings) and 'answer' (index of the right choice).")
-        choices, answer, question = item["choices"], item["answer"], item["question"]
-        if hasattr(choices, "tolist") and not isinstance(choices, (str, bytes)):
-            choices = choices.tolist()  # a numpy array: what pandas holds a list column as (df.to_dict("records"))
-        if not isinstance(choices, (list, tuple)) or len(choices) < 2:
-            got = f"a {type(choices).__name__}" if not isinstance(choices, (list, tuple)) else f"{len(choices)}"
-            raise STSInputError(f"Multiple choice: item {i} of {where} needs a list of at least two choices, got "
-                                f"{got}.")
-        if not isinstance(question, str):
-            chat = " (a conversation: multiple-choice items take the question as plain text)" \
-                if isinstance(question, (list, tuple)) else ""
-            raise STSInputError(f"Multiple choice: item {i} of {where} has question={question!r:.80}{chat}; give "
-                                "the question as a string.")
-        bad = [c for c in choices if not isinstance(c, str) or not c.strip()]
-        if bad:
-            raise STSInputError(f"Multiple choice: item {i} of {where} has the choice(s) {bad!r:.80}; every choice "
-                                "must be a non-empty string (a set padded to a fixed number of choices: leave the "
-                                "padding out).")
-        if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
-            answer = int(answer)  # numpy / pandas integers (df.to_dict("records")) are indices too
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise STSInputError(f"Multiple choice: item {i} of {where} has answer={answer!r}; use the "
-                                f"index (0..{len(choices) - 1}) of the right choice.")
-        checked.append({"question": question, "choices": list(choices), "answer": answer})
-    return checked
+    if hasattr(items, "column_names") and hasattr(items, "__len__"):  # a datasets.Dataset: its rows
+        items = [items[i] for i in range(len(items))]
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or len(items) == 0:
+        raise STSInputError(f"Multiple choice: {where} needs a non-empty list (or Dataset, DataFrame, JSONL file) "
+                            "of {'question', 'choices', 'answer'} items.")
+    return [check_item(item, f"item {i} of {where}") for i, item in enumerate(items)]
+
+
+def check_item(item: Any, where: str) -> dict[str, Any]:
+    """One multiple-choice item as ``{"question", "choices", "answer": index}``: MMLU's fields, ARC's or
+    HellaSwag's (:func:`~.data.as_mc_record`); the answer an index, a letter (``"B"``), a digit string or the
+    right choice's text."""
+    record = as_mc_record(item)
+    if record is None:
+        raise STSInputError(f"Multiple choice: {where} must be a dict with 'question', 'choices' (list of strings) "
+                            "and 'answer' (index of the right choice), or ARC's 'question' / 'choices' {'text', "
+                            "'label'} / 'answerKey', or HellaSwag's 'ctx' / 'endings' / 'label'.")
+    choices, answer, question = record["choices"], record["answer"], record["question"]
+    if hasattr(choices, "tolist") and not isinstance(choices, (str, bytes)):
+        choices = choices.tolist()  # a numpy array: what pandas holds a list column as (df.to_dict("records"))
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+        got = f"a {type(choices).__name__}" if not isinstance(choices, (list, tuple)) else f"{len(choices)}"
+        raise STSInputError(f"Multiple choice: {where} needs a list of at least two choices, got {got}.")
+    if not isinstance(question, str):
+        chat = " (a conversation: multiple-choice items take the question as plain text)" \
+            if isinstance(question, (list, tuple)) else ""
+        raise STSInputError(f"Multiple choice: {where} has question={question!r:.80}{chat}; give the question as a "
+                            "string.")
+    bad = [c for c in choices if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise STSInputError(f"Multiple choice: {where} has the choice(s) {bad!r:.80}; every choice must be a "
+                            "non-empty string (a set padded to a fixed number of choices: leave the padding out).")
+    index = _answer_index(answer, list(choices))
+    if index is None:
+        raise STSInputError(f"Multiple choice: {where} has answer={answer!r}; give the index (0..{len(choices) - 1}) "
+                            f"of the right choice, its letter (A..{chr(ord('A') + min(len(choices), 26) - 1)}) or "
+                            "its text.")
+    return {"question": question, "choices": list(choices), "answer": index}
+
+
+def _answer_index(answer: Any, choices: list[str]) -> int | None:
+    """The right choice's index from an index, a digit string, a letter or the choice's own text."""
+    if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
+        answer = int(answer)  # numpy / pandas integers (df.to_dict("records")) are indices too
+        return answer if 0 <= answer < len(choices) else None
+    if not isinstance(answer, str):
+        return None
+    text = answer.strip()
+    matches = [i for i, choice in enumerate(choices) if choice.strip() == text]
+    if len(matches) == 1:  # the choice itself (numeric choices too: "4" among "3", "4", "5")
+        return matches[0]
+    if text.isdigit():  # HellaSwag's label "2"
+        return int(text) if int(text) < len(choices) else None
+    if len(text) == 1 and text.isalpha() and ord(text.upper()) - ord("A") < len(choices):
+        return ord(text.upper()) - ord("A")
+    return None
 
 
 def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_format: str = PROMPT_FORMAT,
@@ -205,5 +230,5 @@ def accuracy(model: nn.Module, tokenizer, items: Sequence[dict[str, Any]]) -> tu
     return float(counts[0]), int(counts[1])
 
 
-__all__ = ["CHOICE_FORMAT", "FIELDS", "PROMPT_FORMAT", "accuracy", "answer_logprobs", "argmax", "check_items",
+__all__ = ["CHOICE_FORMAT", "FIELDS", "PROMPT_FORMAT", "accuracy", "answer_logprobs", "argmax", "check_item", "check_items",
            "choice_scores"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.data import (MC_FIELDS, Corpus, Example, is_dataset, load_corpus, load_domains, named_items,
+from ..core.data import (Corpus, Example, is_dataset, is_mc_layout, load_corpus, load_domains, named_items,
                          special_prefix, take_streamed)
 from ..core.distributed import warn_on_main
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
@@ -251,7 +251,7 @@ def corpus_from_training_dataset(dataset: Any, tokenizer, name: str = "train", m
         dataset = take_streamed(dataset)
     first = dataset[0] if len(dataset) else {}
     columns = set(getattr(dataset, "column_names", None) or (first.keys() if isinstance(first, Mapping) else []))
-    if set(MC_FIELDS) <= columns and "input_ids" not in columns:  # a multiple-choice set (MMLU-like): scored
+    if is_mc_layout(columns) and "input_ids" not in columns:  # a multiple-choice set (MMLU-, ARC-like): scored
         return load_corpus(dataset, name=name)
     if "label" in columns and columns & {"completion", "completion_ids"} and not target:
         dataset = _desirable_only(dataset, name)
@@ -297,7 +297,7 @@ def check_readable_columns(data: Any, what: str) -> None:
     """A target given as a datasets.Dataset whose columns hold nothing this package reads: refused before training
     (a tokenized set is read from ``input_ids`` / ``prompt_ids``)."""
     columns = set(getattr(data, "column_names", None) or ()) if is_dataset(data) else set()
-    if columns and not columns & (RAW_COLUMNS | {"input_ids", "prompt_ids"}):
+    if columns and not columns & (RAW_COLUMNS | {"input_ids", "prompt_ids"}) and not is_mc_layout(columns):
         raise STSInputError(unreadable_columns(columns, what))
 
 
