@@ -25,8 +25,9 @@ def test_rules_apply_to_protected_domains_only():
     assert "rose by 6.0%" in guard.violations(record(0.06), "sts_icl")[0]
     assert "not finite" in guard.violations(record(math.nan), "sts_icl")[0]
     assert "not finite" in guard.violations(record(0.0, food_loss=math.inf), "sts_icl")[0]
-    assert "accuracy of protected domain 'food' fell by 3.0%" in guard.violations(record(0.0, accuracy=-0.03),
-                                                                                   "sts_icl")[0]
+    # a share of items, in points (a "%" read as a relative change)
+    assert "accuracy of protected domain 'food' fell by 3.0 points (53.0% -> 50.0%) (tolerance 2.0 points)" in \
+        guard.violations(record(0.0, accuracy=-0.03), "sts_icl")[0]
     assert guard.violations(record(0.0, accuracy=-0.01), "sts_icl") == []
     assert "max_sts=2.0" in guard.violations(record(0.0, food_score=3.0), "sts_icl")[0]
 

@@ -279,9 +279,12 @@ class Guard:
             # a share of items: 5/100 - 3/100 is 0.020000000000000004 in floats, and losing exactly the tolerance
             # is no violation ("more than"), so the comparison allows float rounding
             if drop is not None and -drop > self.config.accuracy_tolerance + ACCURACY_ROUNDING:
-                fell = percent(-drop, apart_from=self.config.accuracy_tolerance)
-                found.append((f"accuracy:{name}", f"accuracy of protected domain {name!r} fell by {fell} "
-                                                  f"(tolerance {self.config.accuracy_tolerance:.1%})"))
+                # a share of items: points, not a relative change (51.7% of a base of 0.75 is not 0.75 -> 0.23)
+                fell = percent(-drop, apart_from=self.config.accuracy_tolerance).removesuffix("%")
+                now = recheck.accuracy.get(name)
+                was = f" ({now - drop:.1%} -> {now:.1%})" if isinstance(now, (int, float)) else ""
+                found.append((f"accuracy:{name}", f"accuracy of protected domain {name!r} fell by {fell} points{was} "
+                                                  f"(tolerance {self.config.accuracy_tolerance * 100:.1f} points)"))
             value = recheck.score(name, variant)
             if self.config.max_sts is not None and value is not None and value > self.config.max_sts:
                 found.append((f"sts:{name}", f"re-checked STS of protected domain {name!r} is {value:.4g} > "
