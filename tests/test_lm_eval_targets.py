@@ -157,3 +157,23 @@ def test_an_lm_eval_task_is_a_target_of_the_offline_forecast_too(task_folder, tm
     assert len(documents) == 12 and documents[0]["completion"] in (" cook bake", " cell protein")
     with pytest.raises(Exception, match=r"lm-eval task \('tiny_quiz'\).*is a target domain, not data to train on"):
         load_corpus(spec, name="train")
+
+
+def test_a_group_a_metric_the_task_lacks_and_an_uncached_dataset_are_named_before_any_work(task_folder):
+    """A group (as mmlu is) raised a bare KeyError; a metric the task does not compute was named only after the
+    first re-check's evaluation, among non-metrics ('alias', 'sample_len'); an uncached hub dataset offline raised
+    datasets' ConnectionError, naming neither the task nor a fix."""
+    from sts_callback import STSInputError
+    from sts_callback.core.lm_eval_tasks import LmEvalTarget
+
+    (task_folder / "quizzes.yaml").write_text("group: quizzes\ntask:\n  - tiny_quiz\n")
+    with pytest.raises(STSInputError, match="'quizzes' is a group of tasks"):
+        LmEvalTarget.from_spec({"lm_eval": "quizzes", "include_path": str(task_folder)}, "q").texts()
+    with pytest.raises(STSConfigError, match=r"reports the metric\(s\) \['acc'\], not 'exact_match'"):
+        LmEvalTarget.from_spec({"lm_eval": "tiny_quiz", "include_path": str(task_folder), "metric": "exact_match"},
+                               "q").texts()
+    hub = TASK.replace("dataset_path: json", "dataset_path: someone/not_cached").replace("task: tiny_quiz",
+                                                                                       "task: hub_quiz")
+    (task_folder / "hub.yaml").write_text(hub.format(data="unused"))
+    with pytest.raises(STSInputError, match="'hub_quiz': its documents could not be loaded"):
+        LmEvalTarget.from_spec({"lm_eval": "hub_quiz", "include_path": str(task_folder)}, "q").texts()

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import STSConfigError, STSInputError
+from .errors import STSConfigError, STSInputError, first_line
 from .torch_utils import rng_kept
 
 KEY = "lm_eval"
@@ -112,8 +112,24 @@ class LmEvalTarget:
         if self.task not in manager.all_tasks:
             raise STSInputError(f"lm-eval task {self.task!r} is not known (include_path={self.include_path!r}); "
                                 "give the folder of its YAML as include_path, or a task lm-eval ships.")
-        with lm_eval_logging_kept():
-            return manager, manager.load_task_or_group([self.task])[self.task]
+        if self.task in set(manager.all_groups) | set(getattr(manager, "all_tags", [])):
+            raise STSInputError(f"lm-eval name {self.task!r} is a group of tasks (as mmlu is): a target domain is one "
+                                "task; give each of its tasks a domain of its own, e.g. {'anatomy': {'lm_eval': "
+                                "'mmlu_anatomy'}}.")
+        try:
+            with lm_eval_logging_kept():
+                task = manager.load_task_or_group([self.task])[self.task]
+        except (OSError, ConnectionError) as err:  # its dataset not cached, and no network (HF_HUB_OFFLINE)
+            raise STSInputError(f"lm-eval task {self.task!r}: its documents could not be loaded ({type(err).__name__}: "
+                                f"{first_line(err)}). Load the task once with network access (its dataset is then "
+                                "cached), or give a task whose YAML reads local files (include_path).") from err
+        # the metric named now, at train start, not when the first re-check has evaluated the task
+        named = [m.get("metric") for m in (getattr(getattr(task, "config", None), "metric_list", None) or [])
+                 if isinstance(m, dict) and isinstance(m.get("metric"), str)]
+        if named and self.metric not in named:
+            raise STSConfigError(f"lm-eval task {self.task!r} reports the metric(s) {named}, not {self.metric!r}; set "
+                                 f"metric to one of them (e.g. {{'lm_eval': {self.task!r}, 'metric': {named[0]!r}}}).")
+        return manager, task
 
     def texts(self) -> list[dict[str, str]]:
         """Each document as ``{"prompt", "completion"}``: the task's prompt and its right answer."""
@@ -171,9 +187,13 @@ class LmEvalTarget:
                 lm_eval.api.task.tqdm = real_tqdm
         metrics = result["results"][self.task]
         key = next((k for k in metrics if k.split(",")[0] == self.metric), None)
-        if key is None:
-            raise STSConfigError(f"lm-eval task {self.task!r} reports {sorted(metrics)}, not {self.metric!r}; "
-                                 "set metric to one of them.")
+        if key is None or not isinstance(metrics[key], (int, float)):
+            reported = sorted({k.split(",")[0] for k, v in metrics.items() if isinstance(v, (int, float))
+                               and not isinstance(v, bool) and not k.split(",")[0].endswith("_stderr")
+                               and k.split(",")[0] != "sample_len"})
+            raise STSConfigError(f"lm-eval task {self.task!r} reports the metric(s) {reported}, not {self.metric!r}; "
+                                 "set metric to one of them (e.g. {'lm_eval': ..., 'metric': "
+                                 f"{reported[0] if reported else 'exact_match'!r}}}).")
         return float(metrics[key])
 
 
