@@ -73,6 +73,12 @@ def test_session_forecasts_rechecks_and_stops_a_plain_loop(tmp_path, tokenizer):
     lines = RunStore(tmp_path / "sts").read_history()
     assert [r["step"] for r in lines] == [r["step"] for r in session.history]
     assert session.write_report() is not None and (tmp_path / "sts" / "report.html").exists()
+    # a loop that goes on anyway: every later re-check had said "early stop at step N" again
+    train_steps(model, tokenizer, train, 2)
+    with pytest.warns(RuntimeWarning, match=f"went on after the early stop at step {stopped_at}"):
+        record, decision = session.recheck(model, stopped_at + 2, max_steps=20)
+    assert not decision.stop and "early_stop" not in record and record["violations"]
+    assert session.guard.stop_reason.startswith(f"early stop at step {stopped_at}")
 
 
 def started_loop(tmp_path, tokenizer):

@@ -219,6 +219,7 @@ class STSSession:
         self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
         self._held_warnings: list[tuple[str, type[Warning]]] | None = None  # said once a re-check's record is kept
         self._pending_stop: str | None = None  # an early stop's message, said after the re-check's held warnings
+        self._stopped_at: int | None = None  # the step this process's run decided its early stop at
 
     def __getstate__(self) -> dict[str, Any]:
         """For another process or ``copy.deepcopy``: the autocast of this process's accelerator and the run's
@@ -463,6 +464,7 @@ class STSSession:
         self.write_report(0)  # a run that fails before its first re-check still leaves one
         self._report_written_at = None  # and the first re-check's report is written whatever this one took
         self._clock, self._started, self._resumed_at = time.perf_counter(), True, None
+        self._stopped_at = None
         return self.forecast
 
     def _run_level(self, model, run_level: Callable[[Any, dict[str, float]], Any]) -> None:
@@ -703,6 +705,7 @@ class STSSession:
         monitor.turn = sum(not monitor.measured_every_time(name) for r in self.history if "error" not in r
                            for name in r.get("loss_delta") or {})
         self._clock, self._started, self._resumed_at = time.perf_counter(), True, step
+        self._stopped_at = None  # a resumed run may stop again
 
     def restart(self) -> int:
         """The loop runs this run again from step 0 (transformers' ``auto_find_batch_size`` after running out of
@@ -719,7 +722,7 @@ class STSSession:
         self._unwritten = [entry for entry in self._unwritten if entry[0].get("step", 0) <= 0]
         self.guard.load_state({"warned": self.guard.warned})
         self.monitor.turn = 0
-        self._clock, self._resumed_at = time.perf_counter(), None
+        self._clock, self._resumed_at, self._stopped_at = time.perf_counter(), None, None
         return len(abandoned)
 
     def _leave_out_domains_added_since_the_start(self, monitor: Monitor) -> None:
@@ -996,6 +999,7 @@ class STSSession:
         if _nothing_trained(record) and "model_unchanged" not in self.guard.warned:
             record["model_unchanged"] = NOTHING_TRAINED  # zeros that look like results: said, and in the report
             self.warn("model_unchanged", f"STS re-check at step {step}: {NOTHING_TRAINED}", STSDataWarning)
+        earlier_reason = self.guard.stop_reason
         decision = self.guard.check(step, result, self.variant(), record.get("projected_warnings"),
                                     finished=ended or (bool(max_steps) and step >= max_steps))  # nothing to stop
         record["violations"] = decision.violations
@@ -1003,7 +1007,12 @@ class STSSession:
             for violation in decision.new_violations:
                 self._say(f"STS re-check at step {step}: {violation} (while it lasts, later re-checks record it in "
                           "the history without a warning)", STSNegativeTransferWarning)
+        if decision.stop and self._stopped_at is not None:  # the loop went on after this run's stop: no second one
+            decision.stop, decision.reason, self.guard.stop_reason = False, None, earlier_reason
+            self.warn("stop_ignored", f"STS: the loop went on after the early stop at step {self._stopped_at} "
+                      "(decision.stop was not acted on); re-checks go on and decide no further stop.", RuntimeWarning)
         if decision.stop:
+            self._stopped_at = step
             record["early_stop"] = decision.reason
             if self.is_main:  # after the warnings that led to it (held until the record is written)
                 self._pending_stop = decision.reason
