@@ -478,6 +478,27 @@ def test_forecast_rank_and_max_sts_rules_warn(tmp_path, tokenizer):
     assert callback.history[-1]["violations"] and "early_stop" not in callback.history[-1]
 
 
+def test_a_calibration_fitted_on_runs_of_another_length_says_so(tmp_path, tokenizer):
+    """A calibration's level is how far runs of its length moved the domains: applied to a run far longer or
+    shorter, every prediction missed, with nothing said (its runs' lengths were recorded and never read)."""
+    from sts_callback.scoring.calibration import Calibration
+
+    calibration = Calibration.fit([[0.0], [1.0], [2.0], [3.0]], [0.09, 0.11, 0.09, 0.11], ["sts_act"],
+                                  fitted_on={"steps": [40, 48, 40]})
+    assert calibration.fitted_run_steps == [40, 48, 40]
+    callback = make_callback(calibration=calibration)
+    with pytest.warns(STSDataWarning, match="fitted on runs of 40-48 steps and this run takes 6"):
+        make_trainer(tmp_path, tokenizer, callback, max_steps=6, save_steps=6).train()
+    near = Calibration.fit([[0.0], [1.0], [2.0], [3.0]], [0.09, 0.11, 0.09, 0.11], ["sts_act"],
+                           fitted_on={"steps": [6, 8]})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fitted on runs of")
+        make_trainer(tmp_path / "near", tokenizer, make_callback(calibration=near), max_steps=6, save_steps=6).train()
+    from sts_callback.scoring.calibration import builtin_calibration
+
+    assert builtin_calibration("gemma3-270m-lora").fitted_run_steps == [64]
+
+
 def test_calibrated_and_early_forecasts_warn_and_are_recorded(tmp_path, tokenizer):
     from sts_callback.scoring.calibration import Calibration
 

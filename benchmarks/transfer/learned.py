@@ -503,7 +503,7 @@ def write_builtin(results: dict, lora_units: list[dict], fitted_on: dict, out: P
         "leave_one_source_out": results["forecasts"]["level+pattern: SAE + domain prior, mean level"]["summary"],
         # checked against a forecast's settings when applied (Forecast.apply_calibration warns on a mismatch)
         "scope": {"model_class": "Gemma3ForCausalLM", "d_in": 640, "d_sae": 4096,
-                  "hook_name": "blocks.12.hook_resid_post", "shift": "in_context"}})
+                  "hook_name": "blocks.12.hook_resid_post", "shift": "in_context", "run_steps": 64}})
     builtin.save(out)
     results["builtin_calibration"] = str(out)
     print(f"wrote {out} (the built-in calibration: level + pattern on the SAE features and the domain "
@@ -546,7 +546,7 @@ def write_builtin_lookahead(results: dict, units: list[dict], lora_units: list[d
         "own_lookahead_cost": results.get("own_lookahead_costs", {}).get(f"k{steps}"),
         "scope": {"model_class": "Gemma3ForCausalLM", "d_in": 640, "d_sae": 4096,
                   "hook_name": "blocks.12.hook_resid_post", "run_level_steps": steps,
-                  "shift": "in_context"}})
+                  "shift": "in_context", "run_steps": 64}})
     calibration.source_features = ["lookahead_own"]  # what the callback's run-level term provides
     step0 = early_compare.step0_predictions(units, pattern=pattern or "prior", level_feature=feature)
     calibration.early_blend = {m: early_compare.blend_table(lora_units, step0, m) for m in ("power", "trend")}

@@ -393,7 +393,7 @@ def export_calibration(out: Path, proxy_steps: int, scored: Path, path: Path = B
                                                      summary["raw_other_texts_seed0"],
                                                  "seed 1, texts the compressed run did not read":
                                                      summary["raw_other_texts_seed1"]},
-            "scope": {"model_class": "Gemma3ForCausalLM", "run_level_share": proxy_steps / steps}})
+            "scope": {"model_class": "Gemma3ForCausalLM", "run_level_share": proxy_steps / steps, "run_steps": steps}})
     if path.exists():  # the early blend is fitted on the whole runs' trajectories (compressed_callback.py --fit-blend)
         shipped = Calibration.load(path)
         calibration.early_blend, calibration.early_blend_recipe = shipped.early_blend, shipped.early_blend_recipe

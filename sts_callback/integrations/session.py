@@ -501,6 +501,14 @@ class STSSession:
     def _publish_forecast(self) -> None:
         """Calibrate, save, print and warn about the forecast (main process writes and prints)."""
         self.predicted = calibrated_predictions(self.forecast, self.calibration, self.not_predicted)
+        fitted, steps = (self.calibration.fitted_run_steps if self.calibration is not None else []), \
+            len(self.learning_rates or [])
+        if self.predicted and fitted and steps and not min(fitted) / 2 <= steps <= max(fitted) * 2:
+            span = f"{min(fitted)}" if min(fitted) == max(fitted) else f"{min(fitted)}-{max(fitted)}"
+            self.warn("calibration_run_steps", f"STS: the calibration was fitted on runs of {span} steps and this "
+                      f"run takes {steps}: how far training moves a domain grows with the run's length, so its "
+                      "predicted changes (their level above all) do not carry over to this run; fit one on runs "
+                      "of about this length (`sts calibrate --runs`).", STSDataWarning)
         if self.is_main:
             forecast, store = self.forecast, self.store
             self.write(f"the forecast to {store.forecast_path}", lambda: forecast.save(store.forecast_path), 0)

@@ -278,6 +278,16 @@ class Calibration:
         return ((self.fitted_on or {}).get("scope") or {}).get("run_level_steps")
 
     @property
+    def fitted_run_steps(self) -> list[int]:
+        """The lengths (optimizer steps) of the runs it was fitted on, where it records them (``sts calibrate
+        --runs``: each run's; a built-in: its scope's ``run_steps``): how far training moved the domains scales
+        with the run's length, so its level belongs to runs of about that length."""
+        fitted = self.fitted_on or {}
+        steps = (fitted.get("scope") or {}).get("run_steps", fitted.get("steps"))
+        steps = [steps] if isinstance(steps, int) else steps if isinstance(steps, list) else []
+        return [int(s) for s in steps if isinstance(s, int) and not isinstance(s, bool) and s > 0]
+
+    @property
     def fitted_run_level_share(self) -> float | None:
         """A compressed run's steps as a share of its run's, when its run-level feature is one: the feature's
         scale (a run compressed into an eighth of its steps forgets more than one into a quarter)."""
