@@ -167,7 +167,7 @@ def test_filter_examples_keeps_the_lowest_scores_and_round_trips(decision, tmp_p
     # by threshold, by one domain, and from a loaded decision (which needs the data again)
     threshold = statistics.median(scores.total)
     assert all(s <= threshold for s in filter_examples(decision, "code", threshold=threshold).scores)
-    with pytest.warns(STSDataWarning, match=r"threshold=.* keeps none of 'code''s 20 examples"):
+    with pytest.warns(STSDataWarning, match=r"threshold=.* keeps none of the 20 examples of 'code'"):
         assert filter_examples(decision, "code", threshold=min(scores.total) - 1).examples == []
     assert filter_examples(decision, "code", keep_fraction=0.5, domain="law").indices == kept.indices
     loaded = GateDecision.load(decision.save(tmp_path / "gate.json"))
@@ -587,9 +587,10 @@ def test_preference_candidates_are_gated_on_chosen_minus_rejected(model, tokeniz
     chosen = pool["prefer_law"][worst["index"]]
     assert worst["text"].split() == (chosen["prompt"] + chosen["chosen"]).split()  # the pair's text, as trained
     # the worst pairs are dropped, the records kept whole
-    kept = filter_examples(result, "prefer_law", keep_fraction=0.5)
+    with pytest.warns(STSDataWarning, match="1 of the examples of 'prefer_law' have no scored token"):
+        kept = filter_examples(result, "prefer_law", keep_fraction=0.5)
     assert len(kept.examples) == 6 and all(set(r) == {"prompt", "chosen", "rejected"} for r in kept.examples)
-    assert pool["prefer_law"][3] in kept.examples
+    assert pool["prefer_law"][3] not in kept.examples  # identical completions train nothing: not the best pair
 
 
 def test_a_tokenized_preference_candidate_is_gated_and_previewed(model, tokenizer):
@@ -621,3 +622,38 @@ def test_preference_pairs_are_scored_on_the_tokens_the_forecast_reads(model, tok
     scores = result.example_scores["pairs"]
     assert scores.total[2] == 0.0 and scores.tokens[2] == 0
     assert sum(t > 0 for t in scores.total) >= len(pairs) // 2  # the others still push
+
+
+def test_examples_with_no_scored_token_are_not_kept_as_the_least_harmful():
+    """An empty example scored 0, so filtering kept it first (and a threshold of 0 kept only the blanks)."""
+    from sts_callback.pipelines.gate import ExampleScores
+
+    texts = ["law court judge", "", "cook bake", "   "]
+    scores = ExampleScores(candidate="c", tokens=[5, 0, 4, 0], scores={"p": [0.3, 0.0, 0.1, 0.0]},
+                           total=[0.3, 0.0, 0.1, 0.0])
+    with pytest.warns(STSDataWarning, match="2 of the examples of 'c' have no scored token"):
+        assert filter_examples(scores, "c", keep_fraction=0.5, data=texts).examples == ["law court judge", "cook bake"]
+    with pytest.warns(STSDataWarning, match="no scored token"):
+        assert filter_examples(scores, "c", threshold=0.1, data=texts).examples == ["cook bake"]
+
+
+def test_accepted_candidates_the_weights_leave_out_are_said_and_no_training_file(model, tokenizer):
+    """weights='min_impact' with floor 0 gave accepted candidates a share of 0 with no note, and `sts gate` wrote
+    their filtered file as if they were part of the mixture; a budget too small for every candidate, likewise."""
+    result = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law",
+                          {"weights": "min_impact", "floor": 0.0}, budget=10, config=config(), score_examples=False)
+    left_out = [n for n in result.accepted if result.weights.get(n, 0.0) <= 1e-9]
+    assert left_out and result.in_mixture == [n for n in result.accepted if n not in left_out]
+    assert any(f"{', '.join(left_out)} passed the rules but get(s) no share" in note for note in result.notes)
+    small = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", budget=1, config=config(),
+                         score_examples=False)
+    assert any("no example of a budget of 1" in note for note in small.notes)
+
+
+def test_a_prompt_only_candidate_is_refused_with_the_gates_own_fix(model, tokenizer):
+    """The forecast's advice, "pass demonstrations=[...]", is no argument of gate_mixture (a TypeError)."""
+    prompts = [{"prompt": t} for t in domain_texts("code", 10)]
+    with pytest.raises(STSInputError, match="Candidate 'prompts' has no examples with answers") as caught:
+        gate_mixture(model, tokenizer, make_sae(), {"prompts": prompts, "chem": domain_texts("chem", 10)}, targets(),
+                     "law", config=config())
+    assert "demonstrations=" not in str(caught.value)

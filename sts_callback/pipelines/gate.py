@@ -265,6 +265,11 @@ class GateDecision:
         return [n for n, d in self.candidates.items() if d.accepted]
 
     @property
+    def in_mixture(self) -> list[str]:
+        """The accepted candidates the weights give a share (``weights="min_impact"`` can give one none)."""
+        return [n for n in self.accepted if self.weights.get(n, 0.0) > 1e-9]
+
+    @property
     def rejected(self) -> list[str]:
         return [n for n, d in self.candidates.items() if not d.accepted]
 
@@ -416,8 +421,15 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
             plans[name] = Plan(shift_pairs=[], shift_tokens=passes[name].tokens, domains=domain_plan)
             continue
         rng = random.Random(config.seed)  # exactly as plan_inputs samples the shift pairs
-        pairs, tokens = build_shift_pairs(corpus, setup.builder, config, rng, config.shift_tokens,
-                                          config.n_demonstrations)
+        try:
+            pairs, tokens = build_shift_pairs(corpus, setup.builder, config, rng, config.shift_tokens,
+                                              config.n_demonstrations)
+        except STSInputError as err:  # the forecast's advice (demonstrations=) is no argument of the gate
+            if "demonstrations=" not in str(err):
+                raise
+            raise STSInputError(f"Candidate {name!r} has no examples with answers (prompt-only rows or user-only "
+                                "chats): the gate reads a candidate's own examples as in-context demonstrations. "
+                                "Give it completions or assistant turns, or leave it out of the candidates.") from err
         plans[name] = Plan(shift_pairs=pairs, shift_tokens=tokens, domains=domain_plan)
     mixed = None
     if passes and len(passes) < len(corpora):  # two shifts on their own scales: compared as one, they mislead
@@ -500,12 +512,21 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
             f"or `tolerance`, lower `max_rank`), protect fewer domains, or add other candidates.", decision)
     decision.weights = (_sts_weights(decision, accepted) if rules.weights == "sts"
                         else _min_impact_weights(decision, accepted, rules.floor))
+    unused = [name for name in accepted if decision.weights.get(name, 0.0) <= 1e-9]
+    if unused:  # passed the rules, but the weights leave it out: no part of the mixture
+        decision.notes.append(f"{', '.join(unused)} passed the rules but get(s) no share of the mixture (weights="
+                              f"{rules.weights!r}{f', floor={rules.floor:g}' if rules.weights != 'sts' else ''}): "
+                              "left out of it (`sts gate` writes no filtered file for it).")
     if budget is not None:
         decision.allocation = _allocate(decision.weights, budget)
         for name, count in decision.allocation.items():
             if count > len(corpora[name]):
                 decision.notes.append(f"{name} is allocated {count} examples but has {len(corpora[name])}: "
                                       "some would be repeated.")
+        starved = [n for n in accepted if n not in unused and not decision.allocation.get(n)]
+        if starved:
+            decision.notes.append(f"{', '.join(starved)} get(s) a share but no example of a budget of {budget}: "
+                                  "raise the budget for every candidate to be trained on.")
     decision.timings["total"] = time.perf_counter() - start
     return decision
 
@@ -857,15 +878,24 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
     if domain is not None and domain not in scores.scores:
         raise STSInputError(f"{domain!r} is not a protected domain of this decision ({sorted(scores.scores)}).")
     values = scores.total if domain is None else scores.scores[domain]
+    # an example with no counted token (empty, or only special tokens) has no score, not the best one: never kept
+    # first (it read 0, the least harmful, ahead of every real example)
+    unscored = {i for i, tokens in enumerate(scores.tokens) if not tokens}
+    if unscored:
+        warn_on_main(f"{len(unscored)} of the examples of {candidate!r} have no scored token (empty, only special "
+                     "tokens, or a preference pair whose two completions are the same: it trains nothing): they are "
+                     "not kept.", STSDataWarning, stacklevel=2)
+    scored = [i for i in range(len(values)) if i not in unscored]
     if threshold is not None:
-        keep = [i for i, v in enumerate(values) if v <= threshold]
-        if not keep and values:  # an accepted candidate written as an empty training set
-            warn_on_main(f"threshold={threshold:g} keeps none of {candidate!r}'s {len(values)} examples (their scores "
-                         f"run from {min(values):.4g} to {max(values):.4g}); raise the threshold, or filter by "
+        keep = [i for i in scored if values[i] <= threshold]
+        if not keep and scored:  # an accepted candidate written as an empty training set
+            shown = [values[i] for i in scored]
+            warn_on_main(f"threshold={threshold:g} keeps none of the {len(values)} examples of {candidate!r} (their "
+                         f"scores run from {min(shown):.4g} to {max(shown):.4g}); raise the threshold, or filter by "
                          "keep_fraction.", STSDataWarning, stacklevel=2)
     else:
-        n_keep = math.ceil(keep_fraction * len(values))
-        keep = sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[:n_keep])
+        n_keep = min(math.ceil(keep_fraction * len(values)), len(scored))
+        keep = sorted(sorted(scored, key=lambda i: (values[i], i))[:n_keep])
     items = getattr(corpus, "_items", None)
     records = [items[i] if items is not None else corpus[i] for i in keep]
     return Filtered(examples=records, scores=[values[i] for i in keep], indices=keep)

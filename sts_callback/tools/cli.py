@@ -1005,9 +1005,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     _save_after_the_work(decision.save, output, "gate decision")
     print(f"\nwrote {output} ({decision.timings['total']:.1f} s)")
     if filtered_dir and is_main_process():
-        _remove_earlier_filtered(filtered_dir, config_file["candidates"], decision.accepted)
-        _record_filtered(filtered_dir, list(decision.accepted), output)  # first: a stop mid-way leaves it named
-        for name in decision.accepted:
+        _remove_earlier_filtered(filtered_dir, config_file["candidates"], decision.in_mixture)
+        _record_filtered(filtered_dir, list(decision.in_mixture), output)  # first: a stop mid-way leaves it named
+        for name in decision.in_mixture:  # an accepted candidate the weights leave out is no training file
             kept = filter_examples(decision, name, keep_fraction=keep_fraction, threshold=threshold)
             path = write_jsonl(kept.examples, Path(filtered_dir) / f"{name}.jsonl")
             print(f"wrote {path} ({len(kept.examples)} of {decision.candidates[name].examples} examples kept)")
