@@ -642,7 +642,12 @@ def test_the_summary_leads_with_the_calibrated_prediction_in_its_order(tmp_path)
     calibrated_forecast(names, means, {**BUILTIN_CALIBRATION, "scope_problems": []}).save(sts / "forecast.json")
     page = write_report(sts)[0].read_text()
     assert ("Most affected by this training (calibrated prediction of the held-out loss change, most harmed first): "
-            "a +5.0%, b +3.0%, c -1.0%.") in page_text(page)
+            "a +5.0%, b +3.0%.") in page_text(page)  # c gains: no harm to list
+    # every domain gaining: the largest changes, not the least improved as "most harmed"
+    calibrated_forecast(names, {"a": -0.06, "b": -0.03, "c": -0.15}, {**BUILTIN_CALIBRATION, "scope_problems": []}
+                        ).save(sts / "forecast.json")
+    assert ("No domain is predicted to get worse (calibrated prediction of the held-out loss change); the largest "
+            "changes: c -15.0%, a -6.0%, b -3.0%.") in page_text(write_report(sts)[0].read_text())
     table = re.findall(r'<tr class="prediction [^"]*" data-domain="([^"]*)"', page)
     assert table == ["a", "b", "c", "d"]  # the table's order; d (not predicted) last
 
@@ -670,6 +675,14 @@ def test_the_prediction_names_its_calibration_its_scope_and_the_domains_it_left_
     html_path, md_path = write_report(sts)
     for text in (page_text(html_path.read_text()), md_path.read_text()):
         assert "built-in gemma3-270m-lora" in text and "Caution" not in text and "another setup" not in text
+        assert "Not in the calibration's runs" not in text
+    # a domain the calibration never saw: said as the console says it (the report had left it out)
+    calibrated_forecast(names, {"a": 0.05, "b": 0.03, "c": -0.01},
+                        {**BUILTIN_CALIBRATION, "scope_problems": [], "unseen_domains": ["c"]}).save(sts / "forecast.json")
+    html_path, md_path = write_report(sts)
+    for text in (page_text(html_path.read_text()), md_path.read_text()):
+        assert "Not in the calibration's runs: c (the average domain's level" in text
+    assert Forecast.load(sts).predictions == Forecast.load(sts / "forecast.json").predictions  # its folder too
     # a forecast written before calibrations were named (no source, no scope_problems): what it records is said
     old = {**{k: v for k, v in BUILTIN_CALIBRATION.items() if k not in ("source", "scope_problems")}, "excluded": []}
     old["fitted_on"] = {"training_runs": ["run1", "run2"], "steps": [8, 8],

@@ -232,6 +232,10 @@ class Forecast:
 
     @classmethod
     def load(cls, path: str | Path) -> "Forecast":
+        """A saved forecast: its ``forecast.json``, or the folder holding one (a run's STS folder)."""
+        path = Path(path)
+        if path.is_dir() and (path / "forecast.json").is_file():
+            path = path / "forecast.json"
         return cls.from_dict(read_json(path, "the forecast"))
 
     def table(self, variant: str | None = None, view: str | None = None, protected: Sequence[str] = ()) -> str:

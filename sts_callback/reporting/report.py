@@ -524,7 +524,11 @@ class ReportData:
         if not details and scope:  # a calibration fitted here: its stated scope is what says what it was fitted on
             details = [f"{key} {value}" for key, value in scope.items() if _scalar(value)]
         detail = f" ({'; '.join(details)})" if details else ""
-        return f"Calibration: {source}fitted on {calibration.get('n', '?')} measured changes{of}{detail}."
+        unseen = [str(n) for n in calibration.get("unseen_domains") or []]
+        # as the console says it: such a domain gets the average domain's level and no prior of its own
+        unseen_note = (f" Not in the calibration's runs: {', '.join(unseen)} (the average domain's level, no prior "
+                       "of their own; the interval does not allow for that).") if unseen else ""
+        return f"Calibration: {source}fitted on {calibration.get('n', '?')} measured changes{of}{detail}.{unseen_note}"
 
     def scope_caution(self) -> str | None:
         """A sentence when the forecast's model or SAE is outside the calibration's stated scope (plain text)."""
@@ -951,11 +955,18 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
     lines = []
     predicted = data.predicted()
     if predicted:  # the calibrated prediction leads, as in its table below: the raw scores may order otherwise
-        top = ", ".join(f"<b>{esc(n)}</b> {esc(_pct(p['mean']))}" + (' <span class="tag protected">protected</span>'
-                                                                      if n in data.protected else "")
-                        for n, p in predicted[:3])
-        lines.append(f"Most affected by this training (calibrated prediction of the held-out loss change, most harmed "
-                     f"first): {top}.")
+        def shown(items):
+            return ", ".join(f"<b>{esc(n)}</b> {esc(_pct(p['mean']))}" + (
+                ' <span class="tag protected">protected</span>' if n in data.protected else "") for n, p in items)
+
+        harmed = [(n, p) for n, p in predicted if p["mean"] > 0]
+        if harmed:
+            lines.append(f"Most affected by this training (calibrated prediction of the held-out loss change, most "
+                         f"harmed first): {shown(harmed[:3])}.")
+        else:  # every domain predicted to gain: the largest changes, not the least improved as "most harmed"
+            largest = sorted(predicted, key=lambda item: -abs(item[1]["mean"]))[:3]
+            lines.append(f"No domain is predicted to get worse (calibrated prediction of the held-out loss change); "
+                         f"the largest changes: {shown(largest)}.")
         if data.scope_caution():  # said in full where the predictions are shown
             lines.append('<span class="caution">Caution: the calibration was fitted on another setup (see Predicted '
                          "change per target domain below): these predictions do not carry over.</span>")
