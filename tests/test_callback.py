@@ -1066,9 +1066,10 @@ def test_not_predicted_leaves_a_domain_out_of_the_calibrated_prediction(tmp_path
     assert {n: p["mean"] for n, p in expected.predictions.items()} == {
         n: p["mean"] for n, p in callback.predicted.items()}
     assert callback.state()["args"]["not_predicted"] == ["law"]  # restored with the callback on resume
-    wrong = make_callback(not_predicted=["lawn"], calibration="gemma3-270m-lora")
     with pytest.raises(STSConfigError, match=r"not_predicted=\['lawn'\] are not among the target domains"):
-        make_trainer(tmp_path / "wrong", tokenizer, wrong, max_steps=1).train()
+        make_callback(not_predicted=["lawn"], calibration="gemma3-270m-lora")  # known when built: said then
+    with pytest.warns(STSDataWarning, match=r"protected domain\(s\) \['food'\] are in not_predicted"):
+        make_callback(not_predicted=["food"], protected=["food"], calibration="gemma3-270m-lora")
 
 
 def test_the_negative_transfer_warning_is_importable_from_the_package_root():

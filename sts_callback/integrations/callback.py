@@ -226,6 +226,11 @@ class STSCallback(TrainerCallback, ExportableState):
             raise STSConfigError("not_predicted only applies with a calibration: pass calibration=... (a JSON of "
                                  "`sts calibrate` or a built-in name), or leave not_predicted out.")
         self._not_predicted = list(not_predicted)
+        if isinstance(target_domains, dict):
+            unknown = [n for n in self._not_predicted if n not in target_domains]
+            if unknown:  # known now: not after the train-start set-up
+                raise STSConfigError(f"not_predicted={unknown} are not among the target domains "
+                                     f"{sorted(target_domains)}.")
         self._session_args = (values["sae"], config, guard, recheck, output_subdir, calibration)
         self.session = STSSession(*self._session_args, strict=strict, not_predicted=self._not_predicted)
         used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []

@@ -169,6 +169,11 @@ class STSSession:
         # fitted on the other domains of its runs does not cover it, and a centred one would centre over it)
         self.not_predicted = list(not_predicted)
         self.guard = Guard(guard)
+        unguarded = [name for name in self.not_predicted if name in self.guard.config.protected]
+        if unguarded:  # its re-checks guard it; the train-start prediction cannot
+            warn_on_main(f"protected domain(s) {unguarded} are in not_predicted: the calibrated forecast makes no "
+                         "prediction for them, so no warning at train start can name them (the re-checks still "
+                         "guard them); leave them out of not_predicted to have one.", STSDataWarning, stacklevel=3)
         self.store = RunStore(Path(os.path.expanduser(str(out))).absolute())  # the folder named when it was built
         self.no_forecast: str | None = None  # why start() made no forecast, for the report
         self.start_warnings: list[str] = []  # the forecast's warnings at train start, for the report
