@@ -345,3 +345,13 @@ def test_runs_in_groups_with_no_domain_in_common_are_fitted_with_a_warning_namin
         Calibration.from_runs(runs, domain_prior=False)  # no prior: nothing to tie
         chained = runs + [write_run(tmp_path / "link", 5, domains=("food", "chem"))]
         Calibration.from_runs(chained)
+
+
+def test_a_validate_output_is_named_by_its_seed_runs(tmp_path):
+    """`sts calibrate --runs <validate output_dir>` calibrated on whatever its top folder held, one seed of
+    several, without a word."""
+    for seed in (0, 1):
+        (tmp_path / "val" / f"seed-{seed}" / "sts").mkdir(parents=True)
+        (tmp_path / "val" / f"seed-{seed}" / "sts" / "history.jsonl").write_text("")
+    with pytest.raises(STSInputError, match=r"validate\(\) output of 2 seed run\(s\) \(seed-0, seed-1\)"):
+        Calibration.from_runs([tmp_path / "val"])

@@ -565,6 +565,11 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     for item, store in zip(runs, stores):
         if not Path(item).exists():
             raise STSInputError(f"{item}: no such folder; pass the output_dir of a run trained with STSCallback.")
+        seeds = sorted(p.name for p in Path(item).glob("seed-*") if (p / "sts" / HISTORY_FILE).is_file())
+        if seeds:  # validate()'s output: one training run per seed, each in its own folder
+            raise STSInputError(f"{item} is a validate() output of {len(seeds)} seed run(s) ({', '.join(seeds)}): "
+                                f"pass each seed's run folder ({', '.join(str(Path(item) / s) for s in seeds)}) to "
+                                "calibrate on every one.")
         if not store.forecast_path.is_file():
             inside = next((parent for parent in Path(item).resolve().parents
                            if (run_sts_folder(parent) / FORECAST_FILE).is_file()), None)
