@@ -557,8 +557,8 @@ def plan_domains(builder: PromptBuilder, config: STSConfig, domains: dict[str, C
         indices, tokens = domain_sequences(corpus, builder, config.domain_tokens, domain_rng)
         pairs = _domain_pairs(builder, config, corpus, indices, domain_rng) if icl else None
         if icl and pairs is None:
-            answering = sum(corpus[i].can_demonstrate for i in range(len(corpus)))
-            why, fix = ((f"has one text that can be a demonstration: it has no other text to use as its in-context "
+            answering = any(corpus[i].can_demonstrate for i in range(len(corpus)))  # stops at the first
+            why, fix = (("has one text that can be a demonstration: it has no other text to use as its in-context "
                          "demonstration", "Add texts to that domain") if answering else
                         (f"has no text with an answer to serve as an in-context demonstration (its {len(corpus)} "
                          "rows are prompts or user turns only)", "Give that domain texts with answers"))
