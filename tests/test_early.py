@@ -209,3 +209,18 @@ def test_a_forecast_without_shifted_latents_keeps_the_projection():
     assert "calibration" in early_projection(history, {n: 0.03 for n in "abcd"}, 0.4,
                                              SimpleNamespace(domains=domains, predictions={}), None,
                                              {n: [0.02, 0.04] for n in "abcd"})
+
+
+def test_a_calibration_of_the_domain_prior_alone_keeps_the_projection():
+    """A prior-only calibration has no score feature: the refit's one-feature check read row[0] of empty rows and
+    the early forecast failed at every re-check (IndexError, warned and skipped)."""
+    from types import SimpleNamespace
+
+    from sts_callback.pipelines.forecast import DomainForecast
+    from sts_callback.pipelines.prediction import early_projection
+
+    calibration = SimpleNamespace(blend_table=lambda method, recipe=None: [], score_features=[], level=0.9)
+    domains = {n: DomainForecast(name=n, texts=5, tokens=100, scores={}) for n in "abcd"}
+    out = early_projection([], {n: 0.03 for n in "abcd"}, 0.4, SimpleNamespace(domains=domains, predictions={}),
+                           calibration, {n: [0.02, 0.04] for n in "abcd"})
+    assert out["early_forecast"]["a"] == pytest.approx(0.03 / 0.4)

@@ -88,7 +88,7 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
     rows = [[domains[n].scores[f] for f in features] for n in names]
     # one feature with one value over the domains (no shifted latents: every domain reads as pure forgetting)
     # cannot be fitted on (several are ridge-penalised): no refit, the projection stands without it
-    varies = len(features) > 1 or len({row[0] for row in rows}) > 1
+    varies = len(features) != 1 or len({row[0] for row in rows}) > 1
     if len(names) >= len(features) + 2 and varies:
         refit = Calibration.fit(rows, [early[n] for n in names],
                                 features, level=calibration.level if calibration is not None else 0.9)
