@@ -284,7 +284,7 @@ def as_mc_record(record: Any) -> dict[str, Any] | None:
 def check_multiple_choice(record: dict[str, Any], where: str = "") -> dict[str, Any]:
     from .multiple_choice import check_item
 
-    return check_item(as_mc_record(record) or record, f"example{where}")
+    return check_item(record, f"example{where}")
 
 
 def multiple_choice_items(corpus: "Corpus") -> list[dict[str, Any]] | None:

@@ -79,14 +79,19 @@ class RunStore:
     def replace_history_record(self, record: dict[str, Any]) -> None:
         """The history with its record of ``record["step"]`` replaced (the whole file rewritten atomically; cut
         lines move to ``history.cut.txt``)."""
+        self.replace_history_records([record])
+
+    def replace_history_records(self, replacements: list[dict[str, Any]]) -> None:
+        """The history with its record of each replacement's step replaced, in one rewrite."""
         records, cut = self._history()
-        for index in reversed(range(len(records))):
-            if step_of(records[index]) == record.get("step"):
-                records[index] = record
-                break
-        else:
-            return
-        self._rewrite_history(records, cut)
+        replaced = False
+        for record in replacements:
+            for index in reversed(range(len(records))):
+                if step_of(records[index]) == record.get("step"):
+                    records[index], replaced = record, True
+                    break
+        if replaced:
+            self._rewrite_history(records, cut)
 
     def _rewrite_history(self, records: list[Any], cut: list[str]) -> None:
         """The history file as ``records``, whole lines only (atomically); lines a crash cut move to

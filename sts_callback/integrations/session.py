@@ -23,8 +23,8 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-import os
 import math
+import os
 import random
 import sys
 import time
@@ -360,7 +360,7 @@ class STSSession:
         and ``domains`` take what :func:`load_corpus` / :func:`load_domains` take (texts, records, paths, built-in
         domain names) as well as their results."""
         model = without_data_parallel(model)  # every forward of the session: the model's own (see there)
-        self._start_adapters = active_adapters(model)  # a resume's (start() measures its own)
+        self._start_adapters = active_adapters(model)  # what start() and resume() measure with
         probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), \
             load_domains(_decoded_datasets(domains, tokenizer))
         unknown = [p for p in self.guard.config.protected if p not in domains]
@@ -537,7 +537,6 @@ class STSSession:
     def _measure_base(self, model) -> None:
         monitor, store = self.monitor, self.store
         self.history, self.guard = [], Guard(self.guard.config)  # a new run: nothing of an earlier start carries over
-        self._start_adapters = active_adapters(model)
         began = time.perf_counter()
         monitor.capture_base(model, self.autocast)
         self.adapters_start_at_the_base = None
@@ -557,7 +556,7 @@ class STSSession:
         self.base_accuracy = monitor.base_accuracy = monitor.measure_accuracy(model, self.autocast)
         # the first re-check's costs, until it measures its own: the train-start passes (whole loss sets: high)
         self.budget.domain_seconds = dict(monitor.base_loss_seconds)
-        self.budget.set_tokens = {name: int(sums[:, 1].sum()) for name, sums in monitor.base_sequence_nll.items()}
+        self.budget.set_tokens = monitor.loss_set_tokens
         self.budget.fixed_seconds = probe_seconds + time.perf_counter() - began + sum(
             monitor.base_loss_seconds[name] for name in self.guard.config.protected)
         if self.is_main:
@@ -712,7 +711,7 @@ class STSSession:
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
         if spent is not None:  # the share is the run's, across resumes, and so is what each part costs
             self.budget.restore(spent)
-        self.budget.set_tokens = {name: int(sums[:, 1].sum()) for name, sums in monitor.base_sequence_nll.items()}
+        self.budget.set_tokens = monitor.loss_set_tokens
         # the rotation of unprotected domains (loss_domains) goes on where the kept re-checks left it, counted as
         # the run counted it (a domain measured every time is outside it)
         monitor.turn = sum(not monitor.measured_every_time(name) for r in self.history if "error" not in r
@@ -1159,9 +1158,8 @@ class STSSession:
                      f"rates than the plan now says): the early forecast reads the steps before {resumed_at} as they "
                      "ran.")
             if self.is_main:  # the history file (which the report reads) places them so too
-                for record in kept:
-                    self.write(f"the history in {self.store.path(HISTORY_FILE)}",
-                               lambda record=record: self.store.replace_history_record(record), record["step"])
+                self.write(f"the history in {self.store.path(HISTORY_FILE)}",
+                           lambda: self.store.replace_history_records(kept), resumed_at)
         return rates
 
     def _place_on_the_schedule(self, resumed_at: int, max_steps: int) -> None:

@@ -320,6 +320,11 @@ class Monitor:
                     out[name].head_fallbacks += count
         return out
 
+    @property
+    def loss_set_tokens(self) -> dict[str, int]:
+        """Each domain's held-out loss set's counted tokens (from the train-start measurement)."""
+        return {name: int(sums[:, 1].sum()) for name, sums in self.base_sequence_nll.items()}
+
     def measure_accuracy(self, model: nn.Module, autocast=None) -> dict[str, float]:
         """Accuracy of each multiple-choice domain's sampled items (every rank its share, counts summed)."""
         from ..core.multiple_choice import accuracy

@@ -10,6 +10,7 @@ from typing import Any
 
 from scipy.stats import norm
 
+from ..core.errors import STSInputError
 from ..scoring.calibration import Calibration, early_forecast, fitted_exponent
 from ..scoring.early import blend, blend_coefficients, trend_projection
 from ..scoring.signed import DEFAULT_SIGNED
@@ -85,15 +86,16 @@ def early_projection(history: list[dict[str, Any]], measured: dict[str, float | 
     # a domain whose change is not finite (a diverged model: the guard says so) teaches the refit nothing
     names = [n for n, v in early.items() if v is not None and math.isfinite(v) and n in domains
              and all(domains[n].scores.get(f) is not None and math.isfinite(domains[n].scores[f]) for f in features)]
-    rows = [[domains[n].scores[f] for f in features] for n in names]
-    # one feature with one value over the domains (no shifted latents: every domain reads as pure forgetting)
-    # cannot be fitted on (several are ridge-penalised): no refit, the projection stands without it
-    varies = len(features) != 1 or len({row[0] for row in rows}) > 1
-    if len(names) >= len(features) + 2 and varies:
-        refit = Calibration.fit(rows, [early[n] for n in names],
-                                features, level=calibration.level if calibration is not None else 0.9)
-        out["calibration"] = {"features": features, "coef": refit.coef, "intercept": refit.intercept,
-                              "center": refit.center, "scale": refit.scale, "sigma": refit.sigma, "n": refit.n}
+    if len(names) >= len(features) + 2:
+        try:
+            refit = Calibration.fit([[domains[n].scores[f] for f in features] for n in names],
+                                    [early[n] for n in names], features,
+                                    level=calibration.level if calibration is not None else 0.9)
+        except STSInputError:  # features it cannot fit on (one with one value over the domains: a forecast
+            pass               # without shifted latents reads every domain as pure forgetting): the projection stands
+        else:
+            out["calibration"] = {"features": features, "coef": refit.coef, "intercept": refit.intercept,
+                                  "center": refit.center, "scale": refit.scale, "sigma": refit.sigma, "n": refit.n}
     return out
 
 

@@ -1136,17 +1136,11 @@ def _checked_fields(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("level_runs"):  # the leverage needs one centre and a square matrix per source feature
         size = len(source)
         out["source_center"] = _numbers("source_center", data.get("source_center"), size, "source_features")
-        matrix = data.get("source_precision")
-        if not isinstance(matrix, list) or len(matrix) != size:
-            raise _bad("source_precision", matrix, f"a {size} x {size} list of lists (one row per source feature)")
-        out["source_precision"] = [_numbers(f"source_precision[{i}]", row, size, "source_features")
-                                   for i, row in enumerate(matrix)]
+        out["source_precision"] = _square_matrix("source_precision", data.get("source_precision"), size,
+                                                 "source_features")
     if data.get("pattern_precision"):
-        matrix, size = data["pattern_precision"], len(features)
-        if not isinstance(matrix, list) or len(matrix) != size:
-            raise _bad("pattern_precision", matrix, f"a {size} x {size} list of lists (one row per feature)")
-        out["pattern_precision"] = [_numbers(f"pattern_precision[{i}]", row, size, "features")
-                                    for i, row in enumerate(matrix)]
+        out["pattern_precision"] = _square_matrix("pattern_precision", data["pattern_precision"], len(features),
+                                                  "features")
     if data.get("pattern_scale") == "run" and "pattern_spread" not in data:  # the default 1.0 is no run's spread
         raise STSInputError("Calibration has pattern_scale 'run' but lacks the field 'pattern_spread' (the fitted "
                             f"runs' median spread, the unit of its predicted departures). {_FIX}")
@@ -1154,6 +1148,14 @@ def _checked_fields(data: dict[str, Any]) -> dict[str, Any]:
         out["pattern_spread"] = _number("pattern_spread", data["pattern_spread"],
                                         "a positive number (the fitted runs' median spread)", lambda v: v > 0)
     return out
+
+
+def _square_matrix(name: str, matrix: Any, size: int, per: str) -> list[list[float]]:
+    """A saved ``size`` x ``size`` matrix, one row and column per entry of ``per``, checked number by number."""
+    if not isinstance(matrix, list) or len(matrix) != size:
+        row = per.replace("_", " ").removesuffix("s")
+        raise _bad(name, matrix, f"a {size} x {size} list of lists (one row per {row})")
+    return [_numbers(f"{name}[{i}]", row, size, per) for i, row in enumerate(matrix)]
 
 
 def _coef_covariance(Z: np.ndarray, penalised: np.ndarray) -> list[list[float]]:
