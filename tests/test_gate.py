@@ -657,3 +657,15 @@ def test_a_prompt_only_candidate_is_refused_with_the_gates_own_fix(model, tokeni
         gate_mixture(model, tokenizer, make_sae(), {"prompts": prompts, "chem": domain_texts("chem", 10)}, targets(),
                      "law", config=config())
     assert "demonstrations=" not in str(caught.value)
+
+
+def test_a_candidate_of_one_text_or_of_copies_is_warned_with_the_gates_own_fix(model, tokenizer):
+    """The forecast's warnings advised "pass demonstrations=[...]", which gate_mixture does not take."""
+    text = " ".join(domain_texts("law", 4))
+    for name, data, words in (("one", [text], "Candidate 'one' has one text"),
+                              ("copies", [text] * 30, "Candidate 'copies': .* copies of themselves")):
+        with pytest.warns(STSDataWarning, match=words) as caught:
+            gate_mixture(model, tokenizer, make_sae(), {name: data, "chem": domain_texts("chem", 10)},
+                         targets(), "law", config=config(), score_examples=False)
+        advice = [str(w.message) for w in caught if "demonstration" in str(w.message)]
+        assert advice and not any("demonstrations=" in message for message in advice), advice

@@ -430,12 +430,14 @@ def check_demonstrations_fit(pairs: list[TokenPair], builder: PromptBuilder, con
 
 def build_shift_pairs(corpus: Corpus, builder: PromptBuilder, config: STSConfig, rng: random.Random,
                       budget: int, n_demonstrations: int, demonstrations: Corpus | None = None,
-                      *, what: str | None = None) -> tuple[list[TokenPair], int]:
+                      *, what: str | None = None, takes_demonstrations: bool = True,
+                      ) -> tuple[list[TokenPair], int]:
     """Queries sampled within ``budget`` tokens, each paired with demonstrations sampled from the data.
 
     Demonstrations come from ``demonstrations`` when given, else from ``corpus``: never the query itself, unless
     it is the only example that can demonstrate (a one-text training set), which a warning then says. ``what``
-    names ``corpus`` in errors (default: its name).
+    names ``corpus`` in errors (default: its name). ``takes_demonstrations=False`` for a caller with no
+    ``demonstrations=`` argument (the gate): its errors and warnings then do not advise one.
     """
     what = what or repr(corpus.name)
     subject = what[:1].upper() + what[1:]
@@ -454,29 +456,44 @@ def build_shift_pairs(corpus: Corpus, builder: PromptBuilder, config: STSConfig,
     else:  # every row of the training set, until a drawn one cannot demonstrate: only the drawn rows are read
         pool = range(len(corpus))
     start = rng.getstate()
-    pairs = _paired_queries(corpus, demonstrations, queries, pool, builder, rng, n_demonstrations, subject)
+    advice = DemonstrationAdvice(subject, takes_demonstrations)
+    pairs = _paired_queries(corpus, demonstrations, queries, pool, builder, rng, n_demonstrations, advice)
     if pairs is None:  # some rows cannot demonstrate: draw again, as from the start, among those that can
         rng.setstate(start)
-        pool = demonstrable_rows(corpus)
-        pairs = _paired_queries(corpus, None, queries, pool, builder, rng, n_demonstrations, subject)
+        pool = demonstrable_rows(corpus, subject, takes_demonstrations)
+        pairs = _paired_queries(corpus, None, queries, pool, builder, rng, n_demonstrations, advice)
     check_demonstrations_fit(pairs, builder, config, what)
     return pairs, tokens
 
 
-def demonstrable_rows(corpus: Corpus) -> list[int]:
+@dataclass(frozen=True)
+class DemonstrationAdvice:
+    """How the data's demonstration problems are named and what fix they advise: other examples through
+    ``demonstrations=`` where the caller takes them, else only the data's own fix."""
+
+    subject: str
+    takes_demonstrations: bool = True
+
+    def fix(self, own: str, other: str = "pass demonstrations=[...] with other examples") -> str:
+        return f"{own}, or {other}." if self.takes_demonstrations else f"{own}."
+
+
+def demonstrable_rows(corpus: Corpus, subject: str | None = None, takes_demonstrations: bool = True) -> list[int]:
     """The indices of the examples of ``corpus`` that can serve as in-context demonstrations (they have answers)."""
     pool = [i for i in range(len(corpus)) if corpus[i].can_demonstrate]
     if not pool:
+        advice = DemonstrationAdvice(subject or repr(corpus.name), takes_demonstrations)
         raise STSInputError(
-            f"{corpus.name!r} has no examples with answers to use as demonstrations (prompt-only data such "
-            "as GRPO prompts); pass demonstrations=[...] with prompt/answer examples."
-        )
+            f"{advice.subject} has no examples with answers to use as in-context demonstrations (prompt-only rows "
+            "such as GRPO prompts, or user-only chats): "
+            + advice.fix("give it completions or assistant turns",
+                         "pass demonstrations=[...] with prompt/answer examples"))
     return pool
 
 
 def _paired_queries(corpus: Corpus, demonstrations: Corpus | None, queries: list[int], pool: Sequence[int],
-                    builder: PromptBuilder, rng: random.Random, n_demonstrations: int, subject: str,
-                    ) -> list[TokenPair] | None:
+                    builder: PromptBuilder, rng: random.Random, n_demonstrations: int,
+                    advice: DemonstrationAdvice) -> list[TokenPair] | None:
     """Each query paired with demonstrations drawn from ``pool`` (from ``demonstrations``, else from ``corpus``
     without the query itself); ``None`` when ``pool`` is the whole ``range`` of rows and a drawn row cannot
     demonstrate (the caller then draws again among the rows that can: the draws are those of that pool)."""
@@ -487,10 +504,9 @@ def _paired_queries(corpus: Corpus, demonstrations: Corpus | None, queries: list
         if not len(candidates):
             # Kept (with a warning) rather than refused: without it a one-text set has no shift at all. The query
             # then follows its own copy, so the shift partly measures repetition, not the data's content.
-            warn_on_main(f"{subject} has one text that can serve as an in-context demonstration, so it is its "
-                         "own demonstration: the shift then partly measures seeing a text twice, not learning "
-                         "from the data. Add texts to it, or pass demonstrations=[...] with other examples.",
-                         STSDataWarning, stacklevel=4)
+            warn_on_main(f"{advice.subject} has one text that can serve as an in-context demonstration, so it is "
+                         "its own demonstration: the shift then partly measures seeing a text twice, not learning "
+                         f"from the data. {advice.fix('Add texts to it')}", STSDataWarning, stacklevel=4)
             candidates = pool
         chosen = [pool_corpus[i] for i in rng.sample(candidates, min(n_demonstrations, len(candidates)))]
         if isinstance(pool, range) and not all(example.can_demonstrate for example in chosen):
@@ -499,9 +515,9 @@ def _paired_queries(corpus: Corpus, demonstrations: Corpus | None, queries: list
         copies += bool(chosen) and all(example == query for example in chosen)
         pairs.append(builder.pair(query, chosen))
     if copies > len(pairs) // 2 and len(candidates) > 1:  # many texts, but copies of one another
-        warn_on_main(f"{subject}: {copies} of its {len(pairs)} sampled queries follow only copies of themselves "
-                     "as in-context demonstrations (the data repeats texts), so the shift partly measures seeing "
-                     "a text twice, not learning from the data. De-duplicate it, or pass demonstrations=[...].",
+        warn_on_main(f"{advice.subject}: {copies} of its {len(pairs)} sampled queries follow only copies of "
+                     "themselves as in-context demonstrations (the data repeats texts), so the shift partly measures "
+                     f"seeing a text twice, not learning from the data. {advice.fix('De-duplicate it')}",
                      STSDataWarning, stacklevel=4)
     return pairs
 

@@ -421,15 +421,9 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
             plans[name] = Plan(shift_pairs=[], shift_tokens=passes[name].tokens, domains=domain_plan)
             continue
         rng = random.Random(config.seed)  # exactly as plan_inputs samples the shift pairs
-        try:
-            pairs, tokens = build_shift_pairs(corpus, setup.builder, config, rng, config.shift_tokens,
-                                              config.n_demonstrations)
-        except STSInputError as err:  # the forecast's advice (demonstrations=) is no argument of the gate
-            if "demonstrations=" not in str(err):
-                raise
-            raise STSInputError(f"Candidate {name!r} has no examples with answers (prompt-only rows or user-only "
-                                "chats): the gate reads a candidate's own examples as in-context demonstrations. "
-                                "Give it completions or assistant turns, or leave it out of the candidates.") from err
+        pairs, tokens = build_shift_pairs(corpus, setup.builder, config, rng, config.shift_tokens,
+                                          config.n_demonstrations, what=f"candidate {name!r}",
+                                          takes_demonstrations=False)
         plans[name] = Plan(shift_pairs=pairs, shift_tokens=tokens, domains=domain_plan)
     mixed = None
     if passes and len(passes) < len(corpora):  # two shifts on their own scales: compared as one, they mislead
