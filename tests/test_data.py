@@ -679,3 +679,19 @@ def test_home_folder_paths_and_windows_line_ends_in_plain_text_are_read_as_meant
     (tmp_path / "crlf.txt").write_bytes(b"first line\r\nsecond line\r\n\r\nnext text\r\n")
     corpus = load_corpus("~/crlf.txt")
     assert [corpus[i].prompt for i in range(len(corpus))] == ["first line\nsecond line", "next text"]
+
+
+def test_a_prompt_completion_demonstration_is_the_text_sft_trains_on():
+    """TRL's SFT trains on prompt + completion, nothing between; the demonstrations put a newline there, so the
+    in-context shift was read after text the training never holds (and, under a SentencePiece tokenizer, other
+    tokens: "?\\n▁Answer" against "?▁Answer")."""
+    from tiny import make_sentencepiece_tokenizer
+
+    tokenizer = make_sentencepiece_tokenizer()
+    builder = PromptBuilder(tokenizer, max_query_tokens=64, max_demonstration_tokens=64, max_length=256)
+    demonstration = load_corpus([{"prompt": "Question: what is two plus two?", "completion": " Answer: four."}])[0]
+    query = load_corpus(["what is the law"])[0]
+    pair = builder.pair(query, [demonstration])
+    trained = tokenizer("Question: what is two plus two? Answer: four.", add_special_tokens=False)["input_ids"]
+    head = pair.context[len(builder.prefix):len(pair.context) - pair.n_query - len(builder.separator)]
+    assert head == trained

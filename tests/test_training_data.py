@@ -33,7 +33,7 @@ def test_tokenized_dpo_columns_use_chosen(tokenizer):
     data = Dataset.from_dict({"prompt_ids": [ids("law court")], "chosen_ids": [ids("judge .")[1:]],
                               "rejected_ids": [ids("cook")[1:]]})
     example = corpus_from_training_dataset(data, tokenizer)[0]
-    assert example.prompt == "law court" and example.answer == "judge ."
+    assert example.prompt == "law court" and example.answer == " judge ."
 
 
 def test_tokenized_sft_with_completion_mask(tokenizer):
@@ -41,7 +41,7 @@ def test_tokenized_sft_with_completion_mask(tokenizer):
     data = Dataset.from_dict({"input_ids": [prompt + completion],
                               "completion_mask": [[0] * len(prompt) + [1] * len(completion)]})
     example = corpus_from_training_dataset(data, tokenizer)[0]
-    assert (example.prompt, example.answer) == ("law court", "judge .")
+    assert (example.prompt, example.answer) == ("law court", " judge .")
     plain = corpus_from_training_dataset(Dataset.from_dict({"input_ids": [prompt]}), tokenizer)[0]
     assert plain.plain_text and plain.prompt == "law court"
 
@@ -50,7 +50,7 @@ def test_labels_masking_the_prompt_split_it_as_trl_and_hand_tokenized_sets_leave
     prompt, completion = tokenizer("law court")["input_ids"], tokenizer("judge .")["input_ids"][1:]
     data = Dataset.from_dict({"input_ids": [prompt + completion], "labels": [[-100] * len(prompt) + completion]})
     example = corpus_from_training_dataset(data, tokenizer)[0]
-    assert (example.prompt, example.answer) == ("law court", "judge .")
+    assert (example.prompt, example.answer) == ("law court", " judge .")
     every_token = Dataset.from_dict({"input_ids": [prompt + completion], "labels": [prompt + completion]})
     plain = corpus_from_training_dataset(every_token, tokenizer)[0]  # causal LM labels: a plain text
     assert plain.plain_text and plain.prompt == "law court judge ."
@@ -67,7 +67,7 @@ def test_a_packed_row_is_read_as_every_example_packed_in_it(tokenizer, tmp_path)
     assert len(trainer.train_dataset) == 1  # all three examples in one row
     corpus = corpus_from_training_dataset(trainer.train_dataset, tokenizer)
     pairs = {(corpus[i].prompt, corpus[i].answer.split(" <eos>")[0]) for i in range(len(corpus))}
-    assert pairs == {("law court", "judge ."), ("egg cook", "bake ."), ("gene cell", "protein .")}
+    assert pairs == {("law court", " judge ."), ("egg cook", " bake ."), ("gene cell", " protein .")}
     # plain texts packed: each text its own example, not one text joining unrelated ones
     texts = Dataset.from_dict({"text": ["law court judge", "egg cook bake", "gene cell protein"]})
     trainer = SFTTrainer(model=make_model("llama"), train_dataset=texts, processing_class=tokenizer, args=args)
@@ -240,7 +240,7 @@ def test_left_padding_masked_in_the_labels_is_no_prompt(tokenizer):
     assert corpus_from_training_dataset(only_bos_masked, tokenizer)[0].plain_text
     prompt_masked = dict(rows, labels=[[-100] * 6 + ids[3:]])
     example = corpus_from_training_dataset(Dataset.from_dict(prompt_masked), tokenizer)[0]
-    assert (example.prompt, example.answer) == ("law court", "judge .")
+    assert (example.prompt, example.answer) == ("law court", " judge .")
 
 
 def test_labels_decide_over_a_mask_trl_kept_but_did_not_apply(tokenizer):
@@ -264,7 +264,7 @@ def test_a_wrapped_packed_row_gives_its_first_whole_prompt_and_answer(tokenizer)
     ids = [i for p, _ in parts for i in p]
     labels = [label for _, ls in parts for label in ls]
     example = corpus_from_training_dataset(Dataset.from_dict({"input_ids": [ids], "labels": [labels]}), tokenizer)[0]
-    assert (example.prompt, example.answer) == ("egg cook", "bake .")
+    assert (example.prompt, example.answer) == ("egg cook", " bake .")
 
 
 def test_a_tokenized_dataset_is_a_train_probe_like_the_trainers_own(tokenizer):
@@ -274,7 +274,7 @@ def test_a_tokenized_dataset_is_a_train_probe_like_the_trainers_own(tokenizer):
     data = Dataset.from_dict({"input_ids": [prompt + completion],
                               "labels": [[-100] * len(prompt) + completion]})
     example = probe_corpus(data, None, None, tokenizer)[0]
-    assert (example.prompt, example.answer) == ("law court", "judge .")
+    assert (example.prompt, example.answer) == ("law court", " judge .")
 
 
 def test_a_multiple_choice_dataset_is_a_scored_target_domain(tokenizer):
@@ -300,7 +300,7 @@ def test_a_tokenized_conversation_keeps_its_later_turns(tokenizer):
     ids = [tokenizer.bos_token_id] + [i for p, _ in parts for i in p]
     labels = [-100] + [label for _, ls in parts for label in ls]
     example = corpus_from_training_dataset(Dataset.from_dict({"input_ids": [ids], "labels": [labels]}), tokenizer)[0]
-    assert (example.prompt, example.answer) == ("law court", "judge . cook bake oven .")
+    assert (example.prompt, example.answer) == ("law court", " judge . cook bake oven .")
     packed_texts = ids + [tokenizer.bos_token_id] + ids[1:]  # plain texts packed whole: every token trained
     assert corpus_from_training_dataset(Dataset.from_dict({"input_ids": [packed_texts], "labels": [packed_texts]}),
                                         tokenizer)[0].plain_text
@@ -339,7 +339,7 @@ def test_a_packed_piece_training_trains_nothing_of_is_no_training_text(tokenizer
     data = Dataset.from_dict({"input_ids": [prompt, prompt + answer],
                               "labels": [[-100] * len(prompt), [-100] * len(prompt) + answer]})
     corpus = corpus_from_training_dataset(data, tokenizer)
-    assert not corpus[0].can_demonstrate and (corpus[1].prompt, corpus[1].answer) == ("law court judge", "cook bake")
+    assert not corpus[0].can_demonstrate and (corpus[1].prompt, corpus[1].answer) == ("law court judge", " cook bake")
     assert len(training_features(corpus, tokenizer, 64, completion_only=True, chat_fallback=False)) == 1
 
 
@@ -358,7 +358,7 @@ def test_kto_rows_the_collator_cuts_at_max_length_are_read_as_cut(tokenizer):
     row = {"prompt": prompt, "completion": completion, "label": True, "prompt_ids": tokenizer(prompt)["input_ids"],
            "completion_ids": tokenizer(completion, add_special_tokens=False)["input_ids"]}
     data = Dataset.from_list([row, {**row, "label": False}])
-    assert corpus_from_training_dataset(data, tokenizer, max_length=6)[0].answer == "cook bake"  # 4 prompt ids
+    assert corpus_from_training_dataset(data, tokenizer, max_length=6)[0].answer == " cook bake"  # 4 prompt ids
     whole = corpus_from_training_dataset(data, tokenizer, max_length=64)
     assert len(whole) == 1 and whole[0].answer == completion
 
@@ -470,3 +470,26 @@ def test_a_tokenizer_that_appends_eos_puts_none_between_prompt_and_answer():
     assert choice_scores(model, appending, item) == choice_scores(model, plain, item)
     corpus = load_corpus([{"prompt": "law court ?", "completion": " judge ."}])
     assert training_features(corpus, appending, 64, True, False) == training_features(corpus, plain, 64, True, False)
+
+
+def test_a_prompt_and_answer_decoded_from_ids_join_as_the_trained_text_under_a_sentencepiece_decoder():
+    """Llama 2's / Mistral's decoder strips the first space of what it decodes: decoded apart, the answer lost
+    the space at its join, and the target domain measured "two?Answer:" (other tokens) where training saw
+    "two? Answer:"."""
+    from tiny import make_sentencepiece_tokenizer
+
+    from sts_callback.core.data import PromptBuilder, domain_example
+
+    tokenizer = make_sentencepiece_tokenizer()
+    prompt = tokenizer("Question: what is two plus two?")["input_ids"]
+    answer = tokenizer(" Answer: four.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(answer) == "Answer: four."  # the decoder's own strip: the defect's cause
+    rows = {"input_ids": [prompt + answer], "completion_mask": [[0] * len(prompt) + [1] * len(answer)],
+            "labels": [[-100] * len(prompt) + answer]}
+    for mask in ("completion_mask", "labels"):
+        example = corpus_from_training_dataset(Dataset.from_dict({"input_ids": rows["input_ids"], mask: rows[mask]}),
+                                               tokenizer)[0]
+        assert example.prompt + example.answer == "Question: what is two plus two? Answer: four."
+        builder = PromptBuilder(tokenizer, max_query_tokens=64, max_demonstration_tokens=64, max_length=256)
+        ids, counted = builder.single(domain_example(example))
+        assert [i for i, c in zip(ids, counted) if c] == prompt + answer  # measured on the trained tokens

@@ -48,6 +48,28 @@ def make_tokenizer(chat_template: bool = True):
     return tokenizer
 
 
+def make_sentencepiece_tokenizer(vocab_size: int = 300):
+    """Llama 2's tokenizer class on a BPE vocabulary trained here: its decoder strips the first space of what it
+    decodes (so text decoded in pieces loses the spaces at their joins), unlike the word-level one above."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    texts = [" ".join(WORDS)] * 20 + ["Question: what is two plus two? Answer: four.\n\n"] * 5
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                           special_tokens=["<unk>", "<s>", "</s>"]))
+    state = json.loads(backend.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = LlamaTokenizer(vocab=state["vocab"], merges=merges, bos_token="<s>", eos_token="</s>",
+                               unk_token="<unk>")
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def make_model(arch: str = "llama", vocab_size: int = 128, hidden: int = 32, layers: int = 3, seed: int = 0):
     import transformers as tf
 

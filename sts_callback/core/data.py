@@ -925,7 +925,8 @@ class PromptBuilder:
             return self._cut_text(example.prompt, self.max_demonstration_tokens, example.keep_end)
         prompt = example.prompt if isinstance(example.prompt, str) else self.render_chat(example.prompt,
                                                                                           example.template_kwargs)
-        return self._cut_text(prompt, self.max_demonstration_tokens) + "\n" + self._cut_text(
+        # joined as TRL's SFT joins a prompt and its completion (nothing between): the text trained on
+        return self._cut_text(prompt, self.max_demonstration_tokens) + self._cut_text(
             example.answer or "", self.max_demonstration_tokens
         )
 

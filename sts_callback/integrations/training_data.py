@@ -64,11 +64,20 @@ class DecodedCorpus(Corpus):
                 ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def _example(self, prompt_ids: list[int], answer_ids: list[int]) -> Example:
+        """The prompt and its answer decoded together, the answer as what the whole adds to the prompt: decoded
+        alone, an answer loses its leading space under a SentencePiece decoder that strips the first one
+        (Llama 2's, Mistral's), and the re-joined text would not be what was trained."""
+        prompt = self._decode(prompt_ids)
+        whole = self._decode(list(prompt_ids) + list(answer_ids))
+        answer = whole[len(prompt):] if whole.startswith(prompt) else self._decode(answer_ids)
+        return Example(prompt=prompt, answer=answer)
+
     def __getitem__(self, index: int) -> Example:  # type: ignore[override]
         if self.answer_key is not None:
             row = self._items[index]
             prompt, answer = self.cut.apply(token_list(row[self.prompt_key]), token_list(row[self.answer_key]))
-            return Example(prompt=self._decode(prompt), answer=self._decode(answer))
+            return self._example(prompt, answer)
         if self._spans is not None:
             row_index, place = self._spans.locate(index)
             row = self._items[row_index]
@@ -90,8 +99,7 @@ class DecodedCorpus(Corpus):
             split = prompt_answer_split(ids, trained, attention, self._strip, self.tokenizer.bos_token_id)
             if split is not None:
                 prompt_start, answer_start, answer_stop = split
-                return Example(prompt=self._decode(ids[self._with_bos(ids, prompt_start):answer_start]),
-                               answer=self._decode(ids[answer_start:answer_stop]))
+                return self._example(ids[self._with_bos(ids, prompt_start):answer_start], ids[answer_start:answer_stop])
             # plain text: its first trained run only (a wrapped piece: an answer's tail, then a prompt the loss masks)
             first = next(i for i, flag in enumerate(trained) if flag)
             end = next((i for i in range(first, len(trained)) if not trained[i]), len(trained))
