@@ -695,3 +695,20 @@ def test_a_prompt_completion_demonstration_is_the_text_sft_trains_on():
     trained = tokenizer("Question: what is two plus two? Answer: four.", add_special_tokens=False)["input_ids"]
     head = pair.context[len(builder.prefix):len(pair.context) - pair.n_query - len(builder.separator)]
     assert head == trained
+
+
+def test_a_dataframe_of_chats_or_with_missing_values_is_read_as_its_dataset_is():
+    """Dataset.to_pandas() and read_parquet hold a list column as NumPy arrays and a missing value as NaN: the
+    chats were refused ("'messages' must be a list") and a missing completion failed without naming its row."""
+    import pandas as pd
+    from datasets import Dataset
+
+    chats = [[{"role": "user", "content": "law court"}, {"role": "assistant", "content": "judge"}],
+             [{"role": "user", "content": "cook"}, {"role": "assistant", "content": "bake oven"}]]
+    dataset = Dataset.from_list([{"messages": chat} for chat in chats])
+    frame = dataset.to_pandas()
+    assert type(frame["messages"][0]).__module__ == "numpy"  # what pandas holds
+    assert [load_corpus(frame)[i] for i in range(2)] == [load_corpus(dataset)[i] for i in range(2)]
+    records = [{"prompt": "law court", "completion": " judge"}, {"prompt": "cook", "completion": None}]
+    frame = pd.DataFrame({"prompt": ["law court", "cook"], "completion": [" judge", float("nan")]})
+    assert [load_corpus(frame)[i] for i in range(2)] == [load_corpus(records)[i] for i in range(2)]

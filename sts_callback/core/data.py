@@ -11,6 +11,7 @@ import bisect
 import copy
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -18,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .distributed import warn_on_main
 from .errors import STSDataWarning, STSInputError
@@ -613,7 +616,7 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
 
         return Corpus(name or str(data), load_domain(str(data)))
     if is_pandas(data):  # a DataFrame's rows as records (its columns as a Dataset's); a Series' values
-        data = data.to_dict("records") if hasattr(data, "columns") else data.tolist()
+        data = [_plain_cell(v) for v in (data.to_dict("records") if hasattr(data, "columns") else data.tolist())]
     if is_dataset(data) and not hasattr(data, "__len__"):
         data = take_streamed(data)
     if is_dataset(data):
@@ -647,6 +650,20 @@ def take_streamed(dataset: Any, limit: int = MAX_STREAMED_EXAMPLES) -> list[Any]
 def is_pandas(data: Any) -> bool:
     """A pandas DataFrame or Series."""
     return type(data).__module__.startswith("pandas") and hasattr(data, "to_dict")
+
+
+def _plain_cell(value: Any) -> Any:
+    """A pandas cell as the Python value a Dataset row holds: a list column (``Dataset.to_pandas()``,
+    ``read_parquet``) holds NumPy arrays, a missing value is NaN (a Dataset's None), numbers NumPy scalars."""
+    if isinstance(value, dict):
+        return {key: _plain_cell(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain_cell(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def is_dataset_dict(data: Any) -> bool:
