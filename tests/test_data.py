@@ -712,3 +712,27 @@ def test_a_dataframe_of_chats_or_with_missing_values_is_read_as_its_dataset_is()
     records = [{"prompt": "law court", "completion": " judge"}, {"prompt": "cook", "completion": None}]
     frame = pd.DataFrame({"prompt": ["law court", "cook"], "completion": [" judge", float("nan")]})
     assert [load_corpus(frame)[i] for i in range(2)] == [load_corpus(records)[i] for i in range(2)]
+
+
+def test_a_conversation_target_is_measured_as_given_tool_calls_and_later_turns_included():
+    """A domain's conversation was rebuilt as its prompt + the last assistant turn's text: a tool call came as
+    this package's JSON, not as the template renders it, and a tool result or a user turn after it was dropped."""
+    from sts_callback.core.data import domain_example
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m.get('tool_calls') %}"
+                               "{{ m['tool_calls'][0]['function']['name'] }}{% else %}{{ m['content'] }}{% endif %}"
+                               "<|end|>{% endfor %}")
+    conversation = [{"role": "user", "content": "add two two"},
+                    {"role": "assistant", "content": None,
+                     "tool_calls": [{"type": "function", "function": {"name": "sum", "arguments": {"a": 2}}}]},
+                    {"role": "tool", "content": "four"}, {"role": "user", "content": "why"}]
+    example = domain_example(load_corpus([{"messages": conversation}])[0])
+    builder = PromptBuilder(tokenizer, max_query_tokens=64, max_demonstration_tokens=64, max_length=256)
+    ids, counted = builder.single(example)
+    assert ids == tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False),
+                            add_special_tokens=False)["input_ids"]
+    # a prompt / completion record whose completion calls a tool: its turn as the template renders it
+    record = {"prompt": conversation[:1], "completion": conversation[1:2]}
+    assert builder.single(domain_example(load_corpus([record])[0]))[0] == tokenizer(
+        tokenizer.apply_chat_template(conversation[:2], tokenize=False), add_special_tokens=False)["input_ids"]

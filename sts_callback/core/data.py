@@ -49,6 +49,8 @@ class Example:
     # A plain text that ends in what it is about (a target domain's prompt + answer): a cut to max_query_tokens keeps
     # its end, as a chat's keeps its last turns (its start would keep the prompt and lose the answer)
     keep_end: bool = field(default=False, compare=False, repr=False)
+    # The whole conversation it was split from (turns after the answer included): what a target domain measures.
+    conversation: Messages | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_chat(self) -> bool:
@@ -108,7 +110,8 @@ def _split_conversation(messages: Messages) -> Example:
         return Example(prompt=list(messages), answer=None)
     prompt = list(messages[:last_assistant]) or [{"role": "user", "content": ""}]
     turn = messages[last_assistant]
-    return Example(prompt=prompt, answer=message_text(turn), answer_turn=turn if turn.get("tool_calls") else None)
+    return Example(prompt=prompt, answer=message_text(turn), answer_turn=turn if turn.get("tool_calls") else None,
+                   conversation=list(messages))
 
 
 def _tool_call_turn(value: Any) -> dict[str, Any] | None:
@@ -352,9 +355,10 @@ def domain_example(example: Example) -> Example:
     multiple-choice question with its right answer). The prompt alone would leave out the text the domain is about."""
     if example.answer is None:
         return example
-    if example.is_chat:
-        return Example(prompt=[*example.prompt, {"role": "assistant", "content": example.answer}], plain_text=True,
-                       template_kwargs=example.template_kwargs)
+    if example.is_chat:  # the conversation as given (its tool calls, its turns after the answer), else rebuilt
+        turns = example.conversation or [*example.prompt,
+                                         example.answer_turn or {"role": "assistant", "content": example.answer}]
+        return Example(prompt=list(turns), plain_text=True, template_kwargs=example.template_kwargs)
     return Example(prompt=example.prompt + example.answer, plain_text=True, keep_end=True)
 
 
