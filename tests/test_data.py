@@ -736,3 +736,25 @@ def test_a_conversation_target_is_measured_as_given_tool_calls_and_later_turns_i
     record = {"prompt": conversation[:1], "completion": conversation[1:2]}
     assert builder.single(domain_example(load_corpus([record])[0]))[0] == tokenizer(
         tokenizer.apply_chat_template(conversation[:2], tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("keep_end", [False, True])
+def test_a_text_cut_inside_a_character_loses_the_character_not_its_bytes(keep_end):
+    """A byte-level BPE (Llama 3's, Qwen's, GPT-2's) spells a CJK character in several tokens: cut between them,
+    the decoded text held U+FFFD, which re-encodes as three junk tokens that were measured."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["law court judge"] * 5, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    text = "law 鬱屈齟齬 court"
+    builder = PromptBuilder(tokenizer, max_query_tokens=64, max_demonstration_tokens=64, max_length=256)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cuts = [builder._cut_text(text, n, keep_end) for n in range(1, len(ids))]
+    assert not any("\ufffd" in cut for cut in cuts)
+    assert all((text.endswith(cut) if keep_end else text.startswith(cut)) for cut in cuts)
+    assert all(len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= n for n, cut in enumerate(cuts, 1))

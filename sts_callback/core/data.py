@@ -656,6 +656,9 @@ def is_pandas(data: Any) -> bool:
     return type(data).__module__.startswith("pandas") and hasattr(data, "to_dict")
 
 
+REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of a character cut apart
+
+
 def _plain_cell(value: Any) -> Any:
     """A pandas cell as the Python value a Dataset row holds: a list column (``Dataset.to_pandas()``,
     ``read_parquet``) holds NumPy arrays, a missing value is NaN (a Dataset's None), numbers NumPy scalars."""
@@ -879,7 +882,14 @@ class PromptBuilder:
         ids = (self.encode_tail if keep_end else self.encode_head)(text, max_tokens + 1)
         if len(ids) <= max_tokens:
             return text
-        return self.tokenizer.decode(ids[1:] if keep_end else ids[:max_tokens])
+        kept = ids[1:] if keep_end else ids[:max_tokens]
+        cut = self.tokenizer.decode(kept)
+        # A byte-level tokenizer splits a character (CJK, an emoji) over tokens: cut there, its bytes decode as
+        # U+FFFD, which re-encodes as other tokens. The cut goes before the whole character instead.
+        while REPLACEMENT in cut and REPLACEMENT not in text and len(kept) > 1:
+            kept = kept[1:] if keep_end else kept[:-1]
+            cut = self.tokenizer.decode(kept)
+        return cut
 
     # -- chat rendering
     def check_chat(self, corpus_name: str) -> None:
