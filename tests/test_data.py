@@ -758,3 +758,50 @@ def test_a_text_cut_inside_a_character_loses_the_character_not_its_bytes(keep_en
     assert not any("\ufffd" in cut for cut in cuts)
     assert all((text.endswith(cut) if keep_end else text.startswith(cut)) for cut in cuts)
     assert all(len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= n for n, cut in enumerate(cuts, 1))
+
+
+def test_a_large_jsonl_file_is_not_held_in_memory_as_records(tmp_path):
+    """Every record was parsed into Python objects (a few times the file's size) to sample a few thousand tokens."""
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    text = " ".join(domain_texts("law", 8))
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("\ufeff")  # a byte-order mark, as Windows tools write one
+        for i in range(20_000):
+            file.write(json.dumps({"prompt": f"{i} {text}", "completion": " judge ."}) + ("\n\n" if i == 5 else "\n"))
+    (tmp_path / "small.jsonl").write_text('{"text": "law"}\n')
+    load_corpus(tmp_path / "small.jsonl")[0]  # the modules it imports on first use are no data
+    tracemalloc.start()
+    corpus = load_corpus(path)
+    examples = [corpus[i] for i in (0, 6, 19_999)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(corpus) == 20_000 and peak < path.stat().st_size / 10, (peak, path.stat().st_size)
+    assert [e.prompt.split()[0] for e in examples] == ["0", "6", "19999"] and examples[0].answer == " judge ."
+    assert corpus._places[6] == f"{path} line 8"  # the blank line counted, as an editor shows it
+    path.write_text('{"text": "law"}\n{"text": oops}\n')
+    with pytest.raises(STSInputError, match=r"big.jsonl:2 is not valid JSON"):
+        load_corpus(path)
+    path.write_bytes(b'{"text": "law"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(STSInputError, match=r"is not UTF-8 text \(byte 29"):
+        load_corpus(path)
+
+
+def test_a_large_table_file_is_not_held_in_memory_as_records(tmp_path):
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = " ".join(domain_texts("law", 8))
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": [f"{i} {text}" for i in range(20_000)]}), path)
+    load_corpus(path)[0]  # the modules it imports on first use are no data
+    tracemalloc.start()
+    corpus = load_corpus(path)
+    examples = [corpus[i] for i in (0, 19_999, -1)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(corpus) == 20_000 and [e.prompt.split()[0] for e in examples] == ["0", "19999", "19999"]
+    assert peak < 20_000 * len(text) / 10, peak

@@ -7,6 +7,7 @@ demonstrations: the two conditions are compared position by position at those to
 
 from __future__ import annotations
 
+import array
 import bisect
 import copy
 import itertools
@@ -414,19 +415,60 @@ def read_json_file(path: Path, label: str = "") -> tuple[list[Any], Places | Non
     return items, None
 
 
-def _read_jsonl(path: Path, label: str = "") -> tuple[list[Any], Places]:
-    """The records of a JSONL file and the line each came from."""
-    records, lines = [], []
-    for line_number, line in enumerate(read_text(path, label).split("\n"), 1):  # not splitlines: U+2028 in texts
-        if not line.strip():
-            continue
+class JsonlRecords(Sequence):
+    """A JSONL file's records, each parsed where it is used: the file is checked line by line once (each record
+    parsed, then dropped) and only its records' byte offsets kept, so a file of millions of records costs memory
+    for the few the forecast samples, not for every record as Python objects (a few times the file's size)."""
+
+    def __init__(self, path: Path, label: str = ""):
+        self.path, self.label = path, label
+        self.offsets, self.lines = array.array("q"), array.array("q")
         try:
-            records.append(json.loads(line))
+            with open(path, "rb") as file:
+                offset = 0
+                for line_number, raw in enumerate(file, 1):  # binary lines end at b"\n" only: U+2028 stays inside
+                    if offset == 0 and raw.startswith(UTF8_BOM):  # a byte-order mark (Windows tools write one)
+                        raw = raw[len(UTF8_BOM):]
+                        offset = len(UTF8_BOM)
+                    if raw.strip():
+                        self._parse(raw, offset, line_number)
+                        self.offsets.append(offset)
+                        self.lines.append(line_number)
+                    offset += len(raw)
+        except OSError as err:
+            raise STSInputError(f"Data file {path}{label} cannot be read ({err.strerror}); check its "
+                                "permissions.") from err
+
+    def _parse(self, raw: bytes, offset: int, line_number: int) -> Any:
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise STSInputError(f"Data file {self.path}{self.label} is not UTF-8 text (byte {offset + err.start}: "
+                                f"{err.reason}); convert it, e.g. `iconv -f latin1 -t utf-8 {self.path} > "
+                                f"fixed{self.path.suffix}`.") from err
         except json.JSONDecodeError as err:
-            raise STSInputError(f"{path}:{line_number}{label} is not valid JSON ({err.msg}); fix or remove that "
-                                "line.") from err
-        lines.append(line_number)
-    return records, Places(f"{path} line", lines)
+            raise STSInputError(f"{self.path}:{line_number}{self.label} is not valid JSON ({err.msg}); fix or "
+                                "remove that line.") from err
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        offset = self.offsets[index]
+        with open(self.path, "rb") as file:
+            file.seek(offset)
+            return self._parse(file.readline(), offset, self.lines[index])
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _read_jsonl(path: Path, label: str = "") -> tuple[JsonlRecords, Places]:
+    """The records of a JSONL file (read where used) and the line each came from."""
+    records = JsonlRecords(path, label)
+    return records, Places(f"{path} line", records.lines)
 
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -438,7 +480,7 @@ DATA_FILE_KINDS = (".jsonl or .json (records), .csv, .tsv or .parquet (a table w
 MANY_LINES = 10  # a plain-text file of this many lines and no blank line is likely one text per line
 
 
-def _read_table(path: Path, label: str = "") -> tuple[list[dict[str, Any]], Places]:
+def _read_table(path: Path, label: str = "") -> tuple["TableRows", Places]:
     """The rows of a CSV / TSV / Parquet file as records (with pyarrow, which ``datasets`` depends on), and the
     row each came from; an error naming the columns when none holds text."""
     import pyarrow as pa
@@ -466,7 +508,25 @@ def _read_table(path: Path, label: str = "") -> tuple[list[dict[str, Any]], Plac
     check_columns(table.column_names, f"Data file {path}{label}",
                   "rename its text column to 'text'" + (" in the header row" if suffix != ".parquet" else ""))
     # row 1 is a CSV's first line after its header
-    return table.to_pylist(), Places(f"{path} row", range(1, table.num_rows + 1))
+    return TableRows(table), Places(f"{path} row", range(1, table.num_rows + 1))
+
+
+class TableRows(Sequence):
+    """An Arrow table's rows as records, each converted where it is used: the table's columns hold the data
+    compactly, where every row as Python objects would take a few times its size."""
+
+    def __init__(self, table: Any):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.table.slice(index % len(self), 1).to_pylist()[0]
 
 
 def check_columns(columns: Sequence[str], described: str, fix: str) -> None:
