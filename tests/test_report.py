@@ -855,3 +855,23 @@ def test_sts_report_names_a_file_it_cannot_read_instead_of_a_traceback(tmp_path,
     assert sts_main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sts: error: ") and "Traceback" not in err and named in err, err
+
+
+def test_the_validation_noise_ceiling_is_called_noisy_only_below_the_goal(tmp_path):
+    """The report called the changes "noisy" at any noise ceiling (0.98 too), in the HTML only."""
+    from fake_validation import fake_validation
+
+    names = ["law", "code", "food", "chem"]
+    scores = {d: {"sts_icl": s, "sts_act": 1.0 + s} for d, s in zip(names, (3.0, 2.9, 2.1, 1.6))}
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    fake_validation([scores], [{"law": -0.005, "code": -0.004, "food": -0.003, "chem": -0.008}]).save(
+        sts / "validation.json")
+    synthetic_forecast(names).save(sts / "forecast.json")
+    saved = json.loads((sts / "validation.json").read_text())
+    for ceiling, noisy in ((0.98, False), (0.6, True)):
+        (sts / "validation.json").write_text(json.dumps({**saved, "noise_ceiling": ceiling}))
+        html_path, md_path = write_report(sts)
+        for text in (html.unescape(html_path.read_text()), md_path.read_text()):
+            assert f"about {ceiling:.2f}" in text
+            assert ("The measured changes are noisy" in text) is noisy

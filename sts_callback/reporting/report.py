@@ -848,6 +848,19 @@ def _agreement_text(scatter: Agreement) -> str:
             f"{scatter.n_domains} domains{how}.")
 
 
+def _validation_ceiling_note(data: "ReportData") -> str | None:
+    """What the validation's noise ceiling says of the measured changes: noisy only below the forecast's goal."""
+    ceiling = data.validation.get("noise_ceiling") if isinstance(data.validation, dict) else None
+    if ceiling is None:
+        return None
+    if ceiling < CEILING_WARNING:
+        return (f"The measured changes are noisy: against them even a perfect forecast could expect a Pearson r of "
+                f"only about {ceiling:.2f} with the signed change (noise ceiling); raise loss_tokens to measure "
+                "them more precisely.")
+    return (f"The measured changes are precise enough to judge the forecast: a perfect forecast could expect a "
+            f"Pearson r of about {ceiling:.2f} with the signed change (noise ceiling).")
+
+
 # --------------------------------------------------------------------------- HTML
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
@@ -999,10 +1012,8 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
             lines.append(esc(note))
     if scatter is not None and scatter.pearson is not None:
         lines.append(esc(_agreement_text(scatter)))
-        ceiling = data.validation.get("noise_ceiling") if isinstance(data.validation, dict) else None
-        if ceiling is not None:
-            lines.append(f"The measured changes are noisy: against them even a perfect forecast could expect a "
-                         f"Pearson r of about {ceiling:.2f} with the signed change.")
+        if note := _validation_ceiling_note(data):
+            lines.append(esc(note))
     found = data.warning_items()
     items = "".join(_html_warning(kind, step, text) for kind, step, text in found)
     kinds = {kind for kind, _, _ in found}
@@ -1397,6 +1408,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
     scatter = scatter_points(data)
     if scatter is not None and scatter.pearson is not None:
         lines += [md_esc(_agreement_text(scatter)), ""]
+        if note := _validation_ceiling_note(data):
+            lines += [md_esc(note), ""]
     warnings = [_markdown_warning(kind, step, text) for kind, step, text in data.warning_items()]
     if warnings:
         lines += ["**Warnings**", "", *[f"- {w}" for w in warnings], ""]
