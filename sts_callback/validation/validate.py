@@ -38,6 +38,7 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError, first_l
 from ..core.formatting import json_safe
 from ..pipelines.forecast import SCORE_LABELS, display_width, shown_name
 from ..core.multiple_choice import argmax, check_items, choice_scores
+from ..core.run_store import FORECAST_FILE, HISTORY_FILE, SETTINGS_FILE
 from ..pipelines.monitor import peft_model_of
 from ..pipelines.recheck import RecheckSteps, checked_recheck_steps
 from ..pipelines.recipe import (PadCollator, check_target_modules, has_injected_adapters, records_dataset,
@@ -768,10 +769,10 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         per_seed.append(_seed_result(seed, run, variants, metric_before, n_resamples, time.perf_counter() - seed_start,
                                      out / f"seed-{seed}"))
         if seed == seeds[0]:  # the report of the validation folder shows the first seed's run
-            forecast.save(sts_dir / "forecast.json")
-            history = out / f"seed-{seed}" / "sts" / "history.jsonl"
-            if history.exists():
-                shutil.copyfile(history, sts_dir / "history.jsonl")
+            forecast.save(sts_dir / FORECAST_FILE)
+            for name in (HISTORY_FILE, SETTINGS_FILE):  # its re-checks, and its train-start warnings
+                if (out / f"seed-{seed}" / "sts" / name).exists():
+                    shutil.copyfile(out / f"seed-{seed}" / "sts" / name, sts_dir / name)
         del run
         gc.collect()
         if torch.cuda.is_available():
