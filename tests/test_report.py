@@ -875,3 +875,19 @@ def test_the_validation_noise_ceiling_is_called_noisy_only_below_the_goal(tmp_pa
         for text in (html.unescape(html_path.read_text()), md_path.read_text()):
             assert f"about {ceiling:.2f}" in text
             assert ("The measured changes are noisy" in text) is noisy
+
+
+def test_a_forecast_alone_reports_the_saes_poor_fit_it_warned_of(tmp_path):
+    """`sts forecast` warned "FVU 3782 ... makes the forecast meaningless" and kept the fit in forecast.json;
+    its report showed the table with no word of it (a training run's report lists it among its warnings)."""
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    forecast = synthetic_forecast(["law", "code", "food"])
+    forecast.settings["sae_fit"] = {"fvu": 3782.0, "l0": 30.0, "tokens": 200}
+    forecast.save(sts / "forecast.json")
+    html_path, md_path = write_report(sts)
+    for text in (html.unescape(html_path.read_text()), md_path.read_text()):
+        assert "reconstructs this model's residual stream poorly" in text and "3782" in text
+    forecast.settings["sae_fit"] = {"fvu": 0.3, "l0": 30.0, "tokens": 200}
+    forecast.save(sts / "forecast.json")
+    assert "poorly" not in write_report(sts)[1].read_text()

@@ -30,6 +30,7 @@ from ..core.errors import STSDataWarning, STSInputError
 from ..core.formatting import percent, signed_percent
 from ..core.run_store import (FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, REPORT_HTML_FILE, REPORT_MD_FILE,
                               SETTINGS_FILE, in_step_order)
+from ..core.sae_fit import poor_fit_message
 from ..scoring.agreement import correlation, noise_ceiling_by_domain
 
 GATE_FILE = "gate.json"
@@ -290,6 +291,10 @@ class ReportData:
     def start_warnings(self) -> list[str]:
         """The forecast's warnings at train start (a protected domain ranked most affected, or predicted above the
         tolerance), as the run recorded them in its settings."""
+        if not self.run_settings and isinstance(self.forecast, dict):  # a forecast alone: what it warned of itself
+            fit = (self.forecast.get("settings") or {}).get("sae_fit")
+            message = poor_fit_message(fit, "the training data") if isinstance(fit, dict) else None
+            return [message] if message else []
         found = self.run_settings.get("train_start_warnings")
         return [w for w in found if isinstance(w, str)] if isinstance(found, list) else []
 
