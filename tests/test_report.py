@@ -598,8 +598,8 @@ def test_numbers_never_contradict_themselves(tmp_path):
     page, md = page_text(html_path.read_text()), md_path.read_text()
     for text in (page, md):
         assert "Re-checks so far took 423.2% of training time: 0.15 s against 0.036 s." in text
-    assert "a +5.02% [+0.04, +10.0] (protected), b +1.0% [-0.04, +2.0]" in md
-    assert "a +5.02% [+0.04, +10.0], b +1.0% [-0.04, +2.0]" in page
+    assert "a +5.02% [+0.04, +10.00] (protected), b +1.00% [-0.04, +2.00]" in md  # one precision a row
+    assert "a +5.02% [+0.04, +10.00], b +1.00% [-0.04, +2.00]" in page
     record["overhead"] = {"share": 0.0502, "budget": 0.05, "train_seconds": 120.4, "recheck_seconds": 6.04,
                           "skipped": ["b"]}
     (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
@@ -891,3 +891,19 @@ def test_a_forecast_alone_reports_the_saes_poor_fit_it_warned_of(tmp_path):
     forecast.settings["sae_fit"] = {"fvu": 0.3, "l0": 30.0, "tokens": 200}
     forecast.save(sts / "forecast.json")
     assert "poorly" not in write_report(sts)[1].read_text()
+
+
+def test_a_change_and_its_interval_are_shown_with_one_precision():
+    """Each number got its own decimals: -0.043% [-0.051, -0.034] read "-0.04% [-0.1, -0.03]" (a bound twice its
+    size) and -0.073% [-0.086, -0.060] read "-0.1% [-0.1, -0.1]", an interval of no width."""
+    from sts_callback.core.formatting import signed_percents
+    from sts_callback.reporting.report import _changes, _projections
+
+    record = {"loss_delta": {"chem": -0.00043, "law": -0.00073, "food": 0.0512},
+              "loss_delta_ci": {"chem": [-0.00051, -0.00034], "law": [-0.00086, -0.00060], "food": [0.031, 0.071]},
+              "early_forecast": {"law": -0.00073}, "early_forecast_ci": {"law": [-0.00086, -0.00060]}}
+    assert _changes(record, tolerance=0.05) == ["chem -0.04% [-0.05, -0.03]", "law -0.07% [-0.09, -0.06]",
+                                                "food +5.1% [+3.1, +7.1]"]
+    assert _projections(record, 0.05) == [("law", "-0.07% [-0.09%, -0.06%]")]
+    assert signed_percents([0.05, 0.0499, 0.0501], apart_from=0.05) == ["+5.00%", "+4.99%", "+5.01%"]
+    assert signed_percents([0.0, None, float("nan")]) == ["+0.0%", "–", "nan"]

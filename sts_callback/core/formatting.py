@@ -27,12 +27,32 @@ def signed_percent(value: float | None, digits: int = 1, apart_from: float | Non
     return f"{value:+.{places}%}"
 
 
+def signed_percents(values: list[float | None], digits: int = 1, apart_from: float | None = None) -> list[str]:
+    """``values`` (a change and its interval's bounds) as signed percentages with one number of decimals: the
+    fewest from ``digits`` on at which each reads as :func:`signed_percent` has it and different values read
+    differently. Each with its own decimals, an interval of -0.051% .. -0.034% read [-0.1, -0.03], and
+    -0.073% [-0.086, -0.060] read -0.1% [-0.1, -0.1]."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    places = digits
+    for places in range(digits, MAX_DIGITS + 1):
+        shown = [round(v * 100, places) for v in finite]
+        if any((s == 0) != (v == 0) for s, v in zip(shown, finite)):
+            continue
+        if apart_from is not None and any(v != apart_from and s == round(apart_from * 100, places)
+                                          for s, v in zip(shown, finite)):
+            continue
+        if len(set(shown)) < len(set(finite)):
+            continue
+        break
+    return [signed_percent(v) if v is None or not math.isfinite(v) else f"{v:+.{places}%}" for v in values]
+
+
 def percent(value: float | None, digits: int = 1, apart_from: float | None = None) -> str:
     """:func:`signed_percent` without the plus sign, for a magnitude ("rose by 5.02%") or a share of time."""
     return signed_percent(value, digits, apart_from).lstrip("+")
 
 
-__all__ = ["json_safe", "percent", "signed_percent"]
+__all__ = ["json_safe", "percent", "signed_percent", "signed_percents"]
 
 
 def json_safe(value: Any) -> Any:

@@ -27,7 +27,7 @@ from ..core.atomic import atomic_write_text, check_format, read_json_lines
 from ..core.config import recheck_variant
 from ..core.data import repeated_names
 from ..core.errors import STSDataWarning, STSInputError
-from ..core.formatting import percent, signed_percent
+from ..core.formatting import percent, signed_percent, signed_percents
 from ..core.run_store import (FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, REPORT_HTML_FILE, REPORT_MD_FILE,
                               SETTINGS_FILE, in_step_order)
 from ..core.sae_fit import poor_fit_message
@@ -81,9 +81,11 @@ def _projections(record: dict[str, Any], tolerance: float | None) -> list[tuple[
         if value is None:
             continue
         bounds = intervals.get(name) or []
-        span = (f" [{_pct(bounds[0], tolerance)}, {_pct(bounds[1])}]" if len(bounds) == 2 and None not in bounds
-                else "")
-        out.append((name, f"{_pct(value, tolerance)}{span}"))
+        if len(bounds) == 2 and None not in bounds:
+            shown, low, high = signed_percents([value, *bounds], apart_from=tolerance)
+            out.append((name, f"{shown} [{low}, {high}]"))
+        else:
+            out.append((name, _pct(value, tolerance)))
     return out
 
 
@@ -102,8 +104,8 @@ def _changes(record: dict[str, Any], protected: list[str] | None = None, toleran
         text = f"{name} {_pct(value, tolerance)}"
         ci = intervals.get(name)
         if value is not None and ci and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci):
-            low, high = (_pct(v, tolerance).removesuffix("%") for v in ci)  # the sign of a bound shows
-            text += f" [{low}, {high}]"
+            shown, low, high = signed_percents([value, *ci], apart_from=tolerance)  # the sign of a bound shows
+            text = f"{name} {shown} [{low.removesuffix('%')}, {high.removesuffix('%')}]"
         out.append(text + (" (protected)" if protected and name in protected else ""))
     return out
 
@@ -1068,8 +1070,8 @@ def _prediction_section(data: ReportData) -> str:
         return esc(name) + (' <span class="tag protected">protected</span>' if name in data.protected else "")
 
     for name, p in predicted:
-        rows.append([domain(name), f"\x00{_pct(p['mean'])}", f"\x00[{_pct(p['low'])}, {_pct(p['high'])}]",
-                     esc(p["label"])])
+        mean, low, high = signed_percents([p["mean"], p["low"], p["high"]])
+        rows.append([domain(name), f"\x00{mean}", f"\x00[{low}, {high}]", esc(p["label"])])
         attrs.append(f' class="prediction {esc(p["label"])}" data-domain="{esc(name)}"')
     for name, why in data.unpredicted():  # named, not dropped: a missing row would read as "nothing to fear"
         rows.append([domain(name), "\x00–", "\x00–", esc(why)])
@@ -1358,8 +1360,8 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
         lines += [f"| domain | predicted | {level:.0%} interval | label |", "|---|---:|---:|---|"]
         for name, p in predicted:
             mark = " ⚠️ protected" if name in data.protected else ""
-            lines.append(f"| {md_esc(name)}{mark} | {_pct(p['mean'])} | [{_pct(p['low'])}, {_pct(p['high'])}] | "
-                         f"{p['label']} |")
+            mean, low, high = signed_percents([p["mean"], p["low"], p["high"]])
+            lines.append(f"| {md_esc(name)}{mark} | {mean} | [{low}, {high}] | {p['label']} |")
         for name, why in data.unpredicted():
             mark = " ⚠️ protected" if name in data.protected else ""
             lines.append(f"| {md_esc(name)}{mark} | – | – | {md_esc(why)} |")
