@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
     parser.add_argument("--lookahead", action="store_true",
                         help="run-level term + the built-in calibration gemma3-270m-lora-lookahead-icl (LoRA)")
+    # the `deepspeed` launcher passes each process its --local_rank (torchrun and accelerate set LOCAL_RANK instead)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.lookahead and args.full:  # before the model and the SAE (minutes the first time)
         parser.error("--lookahead: the built-in calibration is fitted on LoRA runs; drop --full")

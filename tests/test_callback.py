@@ -147,6 +147,7 @@ def test_peft_base_is_the_model_with_adapters_disabled(tmp_path, tokenizer):
     # the train-start residuals are kept once, so a re-check runs one forward; a zero-initialised LoRA at train
     # start is the adapters-disabled model
     assert callback.monitor.base_residuals is not None
+    assert callback.monitor.loss_head_samples is None and not callback.monitor.head_samples  # a small head: whole
     from peft import PeftModel
 
     with model.disable_adapter():

@@ -216,3 +216,16 @@ def test_a_bad_number_of_tail_draws_is_refused_at_construction(value):
 
     with pytest.raises(STSConfigError, match="loss_head_samples must be None"):
         STSCallback(sae=None, target_domains={}, loss_head_samples=value)
+
+
+def test_a_small_vocabulary_or_a_head_inside_the_forward_is_read_whole():
+    """A 128-token head sampled 65 tokens a row read a large step's change a point off (DDP), while ZeRO-3, whose
+    sharded head runs inside the full forward, read it whole: one run, two answers by backend. Sampling saves nothing
+    on a small head; a head that cannot run apart is read whole and recorded so."""
+    from sts_callback.core.heldout import SAMPLED_HEAD_MIN_VOCAB, resolve_head_samples
+
+    assert resolve_head_samples(32, make_model("llama", vocab_size=128)) is None
+    large = make_model("llama", vocab_size=SAMPLED_HEAD_MIN_VOCAB, hidden=16, layers=1)
+    assert resolve_head_samples(32, large) == 32 and resolve_head_samples(None, large) is None
+    large.config.logit_scale = 2.0  # its logits are more than head(body): the full forward runs
+    assert resolve_head_samples(32, large) is None

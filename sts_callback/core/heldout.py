@@ -67,6 +67,26 @@ def _resolve_loss_dtype(name: str, setting: str | None, model: nn.Module, weight
     return torch.bfloat16 if native_bf16(weight.device) else None
 
 
+# Below this many output tokens the whole LM head costs little beside the body, and a sample of 65 of them reads a
+# large step's change poorly (a 128-token head: a point off where the mass moved): the head is read whole.
+SAMPLED_HEAD_MIN_VOCAB = 4096
+
+
+def resolve_head_samples(setting: int | None, model: nn.Module) -> int | None:
+    """The tail draws the re-checks' LM head samples per token (``loss_head_samples``), or ``None`` where the whole
+    head is read: a head that cannot run apart from its body (a sharded model: ZeRO-3 / FSDP; logits scaled beyond
+    head(body)), which always runs the full forward, or a vocabulary under :data:`SAMPLED_HEAD_MIN_VOCAB`."""
+    if not setting:
+        return None
+    split = split_head(model)
+    if split is None:
+        return None
+    weight = getattr(split[1], "weight", None)
+    if weight is None or weight.shape[0] < SAMPLED_HEAD_MIN_VOCAB:
+        return None
+    return setting
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices natively (a recent CUDA GPU, a CPU with AVX512-BF16 or AMX)."""
     if device.type == "cuda":

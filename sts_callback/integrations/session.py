@@ -42,7 +42,7 @@ from ..core.distributed import (check_ranks_agree, fingerprint, from_main_proces
                                 require_at_least_world, warn_on_main, world_size)
 from ..core.errors import (ForecastSkipped, STSConfigError, STSDataWarning, STSError, STSInputError,
                            STSNegativeTransferWarning, STSUsageError)
-from ..core.heldout import resolve_body_dtype, resolve_head_dtype
+from ..core.heldout import resolve_body_dtype, resolve_head_dtype, resolve_head_samples
 from ..core.config import STSConfig, recheck_variant
 from ..core.run_store import HISTORY_FILE, REPORT_MD_FILE, STATE_FILE, RunStore
 from ..core.sae import missing_sae_folder
@@ -401,7 +401,7 @@ class STSSession:
                                seed=str(seed), loss_domains=settings.loss_domains,
                                loss_head_dtype=resolve_head_dtype(settings.loss_head_dtype, model),
                                loss_body_dtype=resolve_body_dtype(settings.loss_body_dtype, model),
-                               loss_head_samples=settings.loss_head_samples,
+                               loss_head_samples=resolve_head_samples(settings.loss_head_samples, model),
                                sampled_with={"seed": seed, "recheck_tokens": settings.recheck_tokens,
                                              "loss_tokens": settings.loss_tokens,
                                              "loss_sequence_tokens": settings.loss_sequence_tokens,
