@@ -100,6 +100,11 @@ def test_mass_moved_onto_tokens_the_sample_never_saw_is_measured_with_the_whole_
     assert whole.delta > 0.1  # the loss rose a lot
     assert sampled.delta == pytest.approx(whole.delta, abs=1e-4)
     assert samples.fallbacks > 0
+    # a rank's padded copies (run for lockstep, uncounted) add nothing to the count: one process counted 1, two 2
+    counted = samples.fallbacks
+    with torch.no_grad():
+        sequence_nll(model.eval(), seqs, pad, 4, head_samples=samples, duplicates=[True] * len(seqs))
+    assert samples.fallbacks == counted
 
 
 def test_more_tail_draws_bring_each_tokens_nll_closer_to_the_whole_heads(tokenizer):

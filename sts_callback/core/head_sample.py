@@ -94,11 +94,13 @@ class HeadSamples:
                                                                             dtype=torch.float64)) / self.tail
 
     def nll(self, keys: list[int], counts: list[int], precision: HeadInPrecision | None, head: nn.Module,
-            softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor | None:
+            softcap: float | None, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
+            tally: bool = True) -> torch.Tensor | None:
         """[rows] float32 NLL of a batch's counted rows (``counts`` of them for each of the sequences ``keys``, in
         order): recording, the base pass's NLL and each sequence's sample kept; else through the kept samples.
         ``None`` where the samples cannot serve (a head that is not a plain linear layer, a sequence not
-        recorded): measure with the whole head."""
+        recorded): measure with the whole head. ``tally=False``: a batch of padded copies, whose fallback is
+        not counted (another rank's count has the batch)."""
         if not is_plain_linear(head):
             return None
         if self.recording:
@@ -115,7 +117,7 @@ class HeadSamples:
         nll = torch.cat([sampled_nll(head, softcap, h, t, s) for h, t, s in
                          zip(chunks, targets.split(chunk), whole.split([len(h) for h in chunks]))])
         if not self.agrees_with_whole_head(nll, precision, head, softcap, hidden, targets):
-            self.fallbacks += 1
+            self.fallbacks += tally
             return None
         return nll
 

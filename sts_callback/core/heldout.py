@@ -139,14 +139,17 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
                  chunk: int = HEAD_CHUNK, head_precision: HeadInPrecision | None = None,
                  body_dtype: torch.dtype | None = None, head_samples: HeadSamples | None = None,
                  keys: Sequence[int] | None = None, batches: Sequence[Sequence[int]] | None = None,
-                 failed: LocalFailure | None = None, on_batch: Callable[[int], Any] | None = None) -> torch.Tensor:
+                 failed: LocalFailure | None = None, on_batch: Callable[[int], Any] | None = None,
+                 duplicates: Sequence[bool] | None = None) -> torch.Tensor:
     """[n, 2] float64: (NLL sum, token count) of each sequence's counted tokens. Call under no_grad / eval.
     ``batches``: the sequences run together (default: grouped by length). ``failed``: keeps an exception of a
     batch (under distribution; see :class:`~.distributed.LocalFailure`), the rows left unmeasured at zero.
     ``head_precision``: run the LM head so, and ``body_dtype``: the body under autocast to it (both where the head
     runs apart from the body). ``head_samples``: record each sequence's head sample (keyed by ``keys``, default
     the positions in ``sequences``), or measure through the recorded ones (:mod:`.head_sample`). ``on_batch``:
-    called with each batch's number of sequences once it is measured (a progress bar's ``update``)."""
+    called with each batch's number of sequences once it is measured (a progress bar's ``update``).
+    ``duplicates``: which sequences are a rank's padded copies (run for lockstep, not counted): a batch of them
+    alone adds nothing to the head samples' fallback count."""
     device = model_device(model)
     out = torch.zeros(len(sequences), 2, dtype=torch.float64)
     lengths = [len(ids) for ids, _ in sequences]
@@ -176,7 +179,8 @@ def sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: int,
             nll = None
             if head_samples is not None and len(targets):
                 nll = head_samples.nll([keys[i] if keys is not None else i for i in batch], keep.sum(1).tolist(),
-                                       head_precision, head, softcap, hidden, targets, chunk)
+                                       head_precision, head, softcap, hidden, targets, chunk,
+                                       tally=duplicates is None or not all(duplicates[i] for i in batch))
             if nll is None:
                 nll = torch.cat([head_nll(head, softcap, h, t, head_precision)
                                  for h, t in zip(hidden.split(chunk), targets.split(chunk))]) \
@@ -230,7 +234,7 @@ def all_sequence_nll(model: nn.Module, sequences: Sequence[TokenSequence], pad: 
     failed = LocalFailure.around_forwards(model)
     measured = sequence_nll(model, local, pad, batch_size, head_precision=head_precision, body_dtype=body_dtype,
                             head_samples=head_samples, keys=keys, batches=layout, failed=failed,
-                            on_batch=on_batch) if local \
+                            on_batch=on_batch, duplicates=[not flag for flag in part.counted]) if local \
         else torch.zeros(0, 2, dtype=torch.float64)
     if head_samples is not None and head_samples.recording:
         recorded = {key: head_samples.by_sequence[key] for key in keys if key in head_samples.by_sequence}
