@@ -410,7 +410,9 @@ elif MODE == "budget":  # the ranks' budgets disagree (as their clocks may): ran
 elif MODE == "bad_inputs":
     errors = {}
     domains = dict(DOMAINS) if RANK == 0 else {k: v for k, v in DOMAINS.items() if k != "chem"}
+    food = DOMAINS["food"] if RANK == 0 else domain_texts("food", 5, seed=7)  # one domain's texts differ
     for case, cb in (("domains_disagree", callback(target_domains=domains, protected=[])),
+                     ("one_domain_differs", callback(target_domains={**DOMAINS, "food": food}, protected=[])),
                      ("sae_disagree", callback(sae=TinySAE(32, 64, hook_name="blocks.1.hook_resid_post", seed=RANK))),
                      ("probe_smaller_than_world",
                       callback(train_probe=PROBE[:1], config={**CONFIG, "shift_tokens": 16}))):

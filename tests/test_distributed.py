@@ -177,7 +177,11 @@ def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
         assert "disagree" in errors["domains_disagree"] and "target domains" in errors["domains_disagree"]
         assert "['chem', 'food', 'law', 'quiz', 'sport']" in errors["domains_disagree"]
         assert "disagree" in errors["sae_disagree"] and "SAE" in errors["sae_disagree"]
+        # the same names on both ranks: the error names the domain whose texts differ, and only that one
+        assert "target domain 'food'" in errors["one_domain_differs"]
+        assert "target domain 'law'" not in errors["one_domain_differs"]
         assert "has 1 texts but this run has 2 processes" in errors["probe_smaller_than_world"]
+        assert "train_probe=" in errors["probe_smaller_than_world"]  # the fix that helps with one text
 
 
 def test_forecast_refuses_ranks_with_different_data(tmp_path):

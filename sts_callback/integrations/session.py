@@ -390,8 +390,9 @@ class STSSession:
         probe_sequences, _ = Monitor.sample_sequences(probe, self.setup, settings.recheck_tokens, seed=f"{seed}:probe")
         check_inputs_agree(self.setup, domains, loss_sets, probe_sequences)
         require_at_least_world(len(probe_sequences), "The re-check probe of the training data",
-                               "Give more distinct training texts (repeated ones are sampled once), raise "
-                               "recheck_tokens, or run on fewer processes.")
+                               "Give train_probe= (or training data) with at least one distinct text per process "
+                               "(repeated texts are sampled once, so raising recheck_tokens helps only where the data "
+                               "has more distinct texts than were sampled), or run on fewer processes.")
         tolerance = self.guard.config.tolerance
         half_width = settings.loss_precision * tolerance if settings.loss_precision is not None else None
         self.monitor = Monitor(setup=self.setup, probe=probe_sequences, domains={}, loss_sets=loss_sets,
@@ -1284,7 +1285,8 @@ def check_inputs_agree(setup: ForecastSetup, domains: dict[str, Corpus], loss_se
     config = {k: v for k, v in setup.config.to_dict().items() if k != "device"}
     check_ranks_agree(
         {"target domains": fingerprint(sorted(domains), loss_sets), "SAE": fingerprint(sae_summary),
-         "training probe": fingerprint(probe_sequences), "STS config": fingerprint(config)},
+         "training probe": fingerprint(probe_sequences), "STS config": fingerprint(config),
+         **{f"target domain {name!r}'s held-out texts": fingerprint(texts) for name, texts in loss_sets.items()}},
         {"target domains": f"{sorted(domains)} ({fingerprint(sorted(domains), loss_sets)})",
          "SAE": f"{sae.hook_name} d_sae={sae.d_sae} ({fingerprint(sae_summary)})"},
     )

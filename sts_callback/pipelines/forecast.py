@@ -640,7 +640,8 @@ def check_inputs_agree(setup: ForecastSetup, shift_checksum: str, shift_what: st
     settings = {k: v for k, v in setup.config.to_dict().items() if k != "device"}
     check_ranks_agree(
         {"training data": shift_checksum, "target domains": fingerprint(sorted(domain_ids), domain_ids),
-         "SAE": fingerprint(sae_summary), "STS config": fingerprint(settings)},
+         "SAE": fingerprint(sae_summary), "STS config": fingerprint(settings),
+         **{f"target domain {name!r}'s texts": fingerprint(ids) for name, ids in domain_ids.items()}},
         {"training data": shift_what,
          "target domains": f"{sorted(domain_ids)} ({fingerprint(sorted(domain_ids), domain_ids)})",
          "SAE": f"{sae.hook_name} d_sae={sae.d_sae} ({fingerprint(sae_summary)})"},
@@ -825,7 +826,9 @@ def run_forecast(setup: ForecastSetup, train: Corpus, domains: dict[str, Corpus]
     plan = plan_inputs(setup.builder, setup.config, train, domains, demo_corpus)
     shift_pairs = plan.shift_pairs
     require_at_least_world(len(shift_pairs), f"The training data's forecast sample ({train.name!r})",
-                           "Give more training texts, raise STSConfig.shift_tokens, or run on fewer processes.")
+                           "Give training data (or train_probe=) with at least one distinct text per process "
+                           "(repeated texts are sampled once, so raising STSConfig.shift_tokens helps only where the "
+                           "data has more distinct texts than were sampled), or run on fewer processes.")
     check_plan_agrees(setup, plan)
     shift = ShiftPass(
         kind="in_context",
