@@ -412,3 +412,20 @@ def test_the_cli_loads_a_vlm_folder_with_its_processor(tmp_path):
     make_processor(make_tokenizer(chat_template=False), CHAT_TEMPLATE).save_pretrained(tmp_path / "vlm")
     model, processor = load_model(str(tmp_path / "vlm"))
     assert type(model).__name__ == "LlavaForConditionalGeneration" and processor.chat_template == CHAT_TEMPLATE
+
+
+def test_equal_top_activations_are_listed_in_text_order_however_merged():
+    """Two processes merged the reservoirs in another order than one: equal activations swapped places in
+    forecast.json's latent contexts, the only difference between the two files."""
+    import torch
+
+    from sts_callback.core.stats import TopActivations
+
+    def reservoir(sequences):
+        found = TopActivations(width=1, k=4)
+        found.update(torch.tensor([[2.0]] * len(sequences)), torch.tensor(sequences), torch.tensor([0] * len(sequences)))
+        return found
+
+    one = reservoir([0, 1, 2, 3]).top(0)
+    merged = reservoir([2, 3]).merge(reservoir([0, 1])).top(0)
+    assert one == merged == [(2.0, 0, 0), (2.0, 1, 0), (2.0, 2, 0), (2.0, 3, 0)]

@@ -219,9 +219,11 @@ class TopActivations:
         return self
 
     def top(self, latent: int) -> list[tuple[float, int, int]]:
-        """(value, sequence, position) of a latent's largest positive activations, largest first."""
-        return [(float(v), int(s), int(p)) for v, s, p in zip(self.values[:, latent], self.sequence[:, latent],
-                                                             self.position[:, latent]) if s >= 0 and v > 0]
+        """(value, sequence, position) of a latent's largest positive activations, largest first (equal ones in
+        text order: the order topk leaves them in depends on how the ranks' reservoirs were merged)."""
+        found = [(float(v), int(s), int(p)) for v, s, p in zip(self.values[:, latent], self.sequence[:, latent],
+                                                              self.position[:, latent]) if s >= 0 and v > 0]
+        return sorted(found, key=lambda entry: (-entry[0], entry[1], entry[2]))
 
 
 _KINDS.update({kind.__name__: kind for kind in (ActivationStats, ShiftStats)})
