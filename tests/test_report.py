@@ -905,5 +905,8 @@ def test_a_change_and_its_interval_are_shown_with_one_precision():
     assert _changes(record, tolerance=0.05) == ["chem -0.04% [-0.05, -0.03]", "law -0.07% [-0.09, -0.06]",
                                                 "food +5.1% [+3.1, +7.1]"]
     assert _projections(record, 0.05) == [("law", "-0.07% [-0.09%, -0.06%]")]
+    # a projection held at -100% (its interval too) is no certain fall to a loss of zero: said to be held there
+    held = {"early_forecast": {"law": -1.0}, "early_forecast_ci": {"law": [-1.0, -1.0]}}
+    assert "[" not in _projections(held, 0.05)[0][1] and "held there" in _projections(held, 0.05)[0][1]
     assert signed_percents([0.05, 0.0499, 0.0501], apart_from=0.05) == ["+5.00%", "+4.99%", "+5.01%"]
     assert signed_percents([0.0, None, float("nan")]) == ["+0.0%", "–", "nan"]

@@ -81,7 +81,10 @@ def _projections(record: dict[str, Any], tolerance: float | None) -> list[tuple[
         if value is None:
             continue
         bounds = intervals.get(name) or []
-        if len(bounds) == 2 and None not in bounds:
+        if value <= -1.0:  # held at -100%: the extrapolated fall passes a loss of zero, which says no end value
+            out.append((name, "-100% (held there: the recent fall, extrapolated, passes a loss of zero; no end "
+                              "value projected)"))
+        elif len(bounds) == 2 and None not in bounds:
             shown, low, high = signed_percents([value, *bounds], apart_from=tolerance)
             out.append((name, f"{shown} [{low}, {high}]"))
         else:
