@@ -1328,7 +1328,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "that runs with large changes do not set the pattern for all (RL runs whose changes differ "
                         "in scale; on the RL benchmark it lifted the GRPO and DPO forecasts)")
     p.add_argument("--level", type=float, default=0.9, help="prediction interval level (default 0.9)")
-    p.add_argument("--out", default="calibration.json")
+    p.add_argument("--out", default="calibration.json",
+                   help="the calibration file to write (default calibration.json); give it to `sts forecast "
+                        "--calibration` or STSCallback(calibration=...)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("report", help="write report.html (plots, shifted latents) and report.md for a run",
@@ -1337,7 +1339,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report.html plus a report.md summary for a pull-request comment next to them.")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="trainer output_dir or its sts/ folder")
     p.add_argument("--protected", nargs="+", default=None,
-                   help="protected domains (default: those the callback stored in sts/settings.json)")
+                   help="mark these domains protected in the report's tables, in place of those the callback "
+                        "stored in sts/settings.json (the default); the warnings the run recorded are shown as "
+                        "recorded")
     p.set_defaults(func=cmd_report)
     return parser
 
