@@ -910,3 +910,17 @@ def test_a_change_and_its_interval_are_shown_with_one_precision():
     assert "[" not in _projections(held, 0.05)[0][1] and "held there" in _projections(held, 0.05)[0][1]
     assert signed_percents([0.05, 0.0499, 0.0501], apart_from=0.05) == ["+5.00%", "+4.99%", "+5.01%"]
     assert signed_percents([0.0, None, float("nan")]) == ["+0.0%", "–", "nan"]
+
+
+def test_names_that_markdown_or_the_plot_font_would_misread_are_shown_as_given(tmp_path):
+    """'*food*' rendered in italics in report.md; a CJK name printed matplotlib's "Glyph ... missing" warning for
+    every glyph of every figure, 12 times over a short run."""
+    import warnings as warnings_module
+
+    sts = tmp_path / "sts"
+    synthetic_forecast(["*food*", "law_court", "_x_", "日本語 chem"]).save(sts / "forecast.json")
+    with warnings_module.catch_warnings(record=True) as caught:
+        warnings_module.simplefilter("always")
+        md = write_report(sts)[1].read_text()
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    assert "\\*food\\*" in md and "law_court" in md and "\\_x\\_" in md and "日本語 chem" in md

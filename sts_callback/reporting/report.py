@@ -17,6 +17,7 @@ import html
 import io
 import json
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -56,7 +57,13 @@ def esc(value: Any) -> str:
 def md_esc(value: Any) -> str:
     """Text safe in a GitHub Markdown table cell: no raw HTML, no column breaks, no line breaks."""
     text = html.escape("" if value is None else str(value), quote=False)
+    text = MARKDOWN_EMPHASIS.sub(lambda found: "\\" + found.group(0), text)  # a name like *food* stays a name
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+# Characters that would start emphasis: every asterisk, and an underscore at a word's edge (inside a word, as in
+# loss_tokens, GitHub reads it as itself)
+MARKDOWN_EMPHASIS = re.compile(r"\*|(?<!\w)_|_(?!\w)")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -618,7 +625,9 @@ def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    with warnings.catch_warnings():  # a domain named in a script the font lacks (CJK) draws boxes; said once a figure
+        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+        fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
     try:  # a 128-colour palette: a few KB per plot instead of tens
         from PIL import Image
