@@ -924,3 +924,23 @@ def test_names_that_markdown_or_the_plot_font_would_misread_are_shown_as_given(t
         md = write_report(sts)[1].read_text()
     assert not [w for w in caught if "Glyph" in str(w.message)]
     assert "\\*food\\*" in md and "law_court" in md and "\\_x\\_" in md and "日本語 chem" in md
+
+
+def test_a_gate_decision_reads_as_a_decision_not_a_dump(tmp_path):
+    """A gate-only folder's report showed raw JSON with full float precision, the candidate's name twice, the
+    passes' counts and seconds, notes joined by commas, "probe tokens – (– queries)"; report.md left out the
+    weights and the allocation."""
+    gate = {"format": "sts-gate/1", "score": "sts_icl", "protected": ["food"], "targets": ["law", "food"],
+            "candidates": {"lawset": {"name": "lawset", "accepted": True, "reason": "accepted: below the limit",
+                                      "protected_scores": {"food": 0.0037415086597928373},
+                                      "protected_ranks": {"food": 1}, "examples": 30}},
+            "weights": {"lawset": 1.0}, "allocation": {"lawset": 33},
+            "forward_calls": {"domains": 14}, "timings": {"total": 1.96},
+            "notes": ["lawset is allocated 33 examples but has 30.", "a second note."]}
+    (tmp_path / "gate.json").write_text(json.dumps(gate))
+    html_path, md_path = write_report(tmp_path)
+    page, md = page_text(html_path.read_text()), md_path.read_text()
+    assert "0.0037415086597928373" not in page and "food 0.003742" in page
+    assert "forward_calls" not in page and "timings" not in page and "probe tokens" not in page
+    assert "name accepted reason" in " ".join(page.split()) and "candidate accepted" not in page  # one name column
+    assert "| lawset | 1 | 33 |" in md and "- a second note." in md

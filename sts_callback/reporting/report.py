@@ -971,13 +971,15 @@ def _header(data: ReportData) -> str:
     s = data.settings
     config = s.get("config") or {}
     f = data.forecast or {}
-    items = [("model", s.get("model") or "–"), ("SAE", data.describe_sae()), ("layer", s.get("layer", "–")),
-             ("probe tokens", f"{f.get('shift_tokens', '–')} ({f.get('shift_queries', '–')} queries)"),
-             ("domain tokens", config.get("domain_tokens", "–")),
-             ("shifted latents N", len(f.get("shifted_latents", [])) or "–"),
-             ("shift", shift_label(f) if f else "–"),
-             ("variant", LABELS.get(data.variant or "", data.variant or "–"))]
-    meta = "".join(f"<span><b>{esc(k)}</b> {esc(v)}</span>" for k, v in items)
+    items = [("model", s.get("model")), ("SAE", data.describe_sae()), ("layer", s.get("layer")),
+             ("probe tokens", f"{f['shift_tokens']} ({f.get('shift_queries', '–')} queries)"
+              if f.get("shift_tokens") is not None else None),
+             ("domain tokens", config.get("domain_tokens")),
+             ("shifted latents N", len(f.get("shifted_latents", [])) or None),
+             ("shift", shift_label(f) if f else None),
+             ("variant", LABELS.get(data.variant or "", data.variant))]
+    # what the folder does not hold (a gate decision has no probe of its own) is left out, not shown as "–"
+    meta = "".join(f"<span><b>{esc(k)}</b> {esc(v)}</span>" for k, v in items if v not in (None, ""))
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     return (f"<header><h1>STS report: forecast side effects of post-training</h1><div class=\"meta\">{meta}"
             f"<span><b>written</b> {esc(when)}</span></div></header>")
@@ -1234,6 +1236,10 @@ def _latents_section(data: ReportData) -> str:
             f"{esc(note)}{esc(np_note)}</p>{''.join(blocks)}</section>")
 
 
+# gate.json's bookkeeping (its format tag, the passes' counts and seconds): for tools, not for the person reading
+GATE_INTERNALS = ("format", "forward_calls", "timings")
+
+
 def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
@@ -1245,6 +1251,8 @@ def _cell(value: Any) -> str:
         return _num(value)
     if _scalar(value):
         return esc(value)
+    if isinstance(value, dict) and all(_scalar(v) for v in value.values()):  # e.g. a score per protected domain
+        return ", ".join(f"{esc(k)} {esc(_fmt(v))}" for k, v in value.items())
     return esc(json.dumps(value)[:300])
 
 
@@ -1266,12 +1274,13 @@ def _gate_section(gate: Any) -> str:
         rows = _records_table(gate if isinstance(gate, list) else [gate])
         return f'<section id="gate"><h2>Gate decision</h2>{rows}</section>'
     parts = []
-    scalars = {k: v for k, v in gate.items() if _scalar(v)}
+    scalars = {k: v for k, v in gate.items() if _scalar(v) and k not in GATE_INTERNALS}
     if scalars:
         parts.append(_table(["", ""], [[esc(k), _cell(v)] for k, v in scalars.items()]))
     candidates = gate.get("candidates")
     if isinstance(candidates, dict):
-        candidates = [{"candidate": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in candidates.items()]
+        candidates = [{**({} if isinstance(v, dict) and "name" in v else {"name": k}),
+                       **(v if isinstance(v, dict) else {"value": v})} for k, v in candidates.items()]
     if isinstance(candidates, list):
         parts.append("<h3>Candidates</h3>" + _records_table(
             candidates, ("name", "candidate", "accepted", "reason", "weight")))
@@ -1306,12 +1315,20 @@ def _gate_section(gate: Any) -> str:
                  for w in scores.get("worst") or []]
     if worst:
         parts.append(f"<h3>Worst-scoring examples</h3>{_records_table(worst, ('candidate', 'text', 'score'))}")
-    skip = {"candidates", "weights", "worst_examples", "worst", "examples", "allocation", "forecasts", "example_scores"}
+    if isinstance(gate.get("notes"), list) and gate["notes"]:
+        parts.append("<h3>Notes</h3><ul>" + "".join(f"<li>{esc(note)}</li>" for note in gate["notes"]) + "</ul>")
+    skip = {"candidates", "weights", "worst_examples", "worst", "examples", "allocation", "forecasts", "example_scores",
+            "notes", *GATE_INTERNALS}
     for key in [k for k, v in gate.items() if not _scalar(v) and k not in skip]:
         value = gate[key]
         if isinstance(value, list) and all(_scalar(v) for v in value):
             if value:
                 parts.append(f"<div><b>{esc(key)}</b>: {', '.join(esc(v) for v in value)}</div>")
+            continue
+        if isinstance(value, dict) and all(_scalar(v) or isinstance(v, dict) for v in value.values()):
+            rows = [[esc(k), _cell(v)] for k, v in value.items() if v not in (None, {}, [])]
+            if rows:
+                parts.append(f"<h3>{esc(key)}</h3>" + _table(["", ""], rows))
             continue
         rows = value if isinstance(value, list) else [value]
         parts.append(f"<h3>{esc(key)}</h3>{_records_table(rows)}")
@@ -1449,6 +1466,14 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
                       + (f" ({md_esc(c['reason'])})" if c.get("reason") else "")
                       for n, c in candidates.items() if isinstance(c, dict)]
         lines += ["**Gate decision:** " + "; ".join(items), ""]
+        weights, allocation = data.gate.get("weights"), data.gate.get("allocation")
+        if isinstance(weights, dict) and weights:  # the mixture: what a reader of the decision acts on
+            lines += ["| dataset | weight | examples |", "|---|---:|---:|"]
+            lines += [f"| {md_esc(n)} | {_fmt(w)} | "
+                      f"{md_esc((allocation or {}).get(n, '–')) if isinstance(allocation, dict) else '–'} |"
+                      for n, w in weights.items()] + [""]
+        if isinstance(data.gate.get("notes"), list) and data.gate["notes"]:
+            lines += [f"- {md_esc(note)}" for note in data.gate["notes"]] + [""]
     has_latents = bool((data.forecast or {}).get("shifted_latents"))
     lines.append("Full report" + (" with plots and the shifted latents' contexts" if has_latents else "")
                  + f": `report.html`. Written from {md_esc(data.sts_dir.name)}/ ({md_esc(', '.join(data.files))}).")
