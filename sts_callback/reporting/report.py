@@ -833,6 +833,9 @@ def plot_scatter(data: ReportData, scatter: Agreement) -> str | None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     markers = "osD^v<>"
     several = len(scatter.series) > 1
+    every = [(x, 100 * y) for _, points in scatter.series for _, x, y in points]
+    spans = [max(max(v) - min(v), 1e-12) for v in zip(*every)] if every else [1.0, 1.0]
+    labelled: list[tuple[float, float]] = []
     for i, (series, points) in enumerate(scatter.series):
         for name, x, y in points:
             color = PROTECTED_COLOR if name in data.protected else OTHER_COLOR
@@ -840,7 +843,11 @@ def plot_scatter(data: ReportData, scatter: Agreement) -> str | None:
                 color = plt.get_cmap("tab10")(i % 10)
             ax.scatter([x], [100 * y], color=color, s=36, zorder=3, marker=markers[i % len(markers)],
                        label=series or None)
-            ax.annotate(short_label(name), (x, 100 * y), xytext=(4, 3), textcoords="offset points", fontsize=8)
+            # a label beside another point's (within 4% of the axes) moves down a line, so both can be read
+            near = sum(abs(x - u) < 0.04 * spans[0] and abs(100 * y - v) < 0.04 * spans[1] for u, v in labelled)
+            labelled.append((x, 100 * y))
+            ax.annotate(short_label(name), (x, 100 * y), xytext=(4, 3 - 10 * near), textcoords="offset points",
+                        fontsize=8)
     if several:
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
@@ -848,6 +855,10 @@ def plot_scatter(data: ReportData, scatter: Agreement) -> str | None:
     variant = scatter.variant or data.variant or ""
     ax.set_xlabel(f"forecast {LABELS.get(variant, variant)}")
     ax.set_ylabel(f"measured: {scatter.axis or scatter.label} (%)", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long labels (0.0016, 0.0018, ...) ran together
+    ax.tick_params(labelsize=8)
     r = "n/a" if scatter.pearson is None else f"{scatter.pearson:.2f}"
     rho = "n/a" if scatter.spearman is None else f"{scatter.spearman:.2f}"
     mean = " (mean of the seeds' r)" if several else ""
