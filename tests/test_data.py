@@ -805,3 +805,11 @@ def test_a_large_table_file_is_not_held_in_memory_as_records(tmp_path):
     tracemalloc.stop()
     assert len(corpus) == 20_000 and [e.prompt.split()[0] for e in examples] == ["0", "19999", "19999"]
     assert peak < 20_000 * len(text) / 10, peak
+
+
+def test_a_file_of_records_in_another_layout_is_refused_at_its_first_line(tmp_path):
+    """Every record used 'body': the error named whichever line sampling drew first (line 20 or line 10)."""
+    path = tmp_path / "body.jsonl"
+    path.write_text("".join(json.dumps({"body": f"law court {i}"}) + "\n" for i in range(30)))
+    with pytest.raises(STSInputError, match=r"body.jsonl line 1\b"):
+        load_corpus(path)

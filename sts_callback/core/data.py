@@ -675,7 +675,10 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
                 items, places = read_json_file(path, label)
             else:  # plain text (check_data_spec refused any other suffix)
                 items = _read_plain_text(path, label)
-            return Corpus(name or path.stem, items, places)
+            corpus = Corpus(name or path.stem, items, places)
+            if len(corpus):  # a file of records in another layout fails on its first line, not a sampled one
+                corpus[0]
+            return corpus
         from .corpora import load_domain
 
         return Corpus(name or str(data), load_domain(str(data)))
