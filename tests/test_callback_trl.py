@@ -293,6 +293,31 @@ def test_grpo_on_an_adapter_that_starts_non_zero_measures_this_runs_shift_not_th
     assert resumed.history[-1]["shift_total"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_grpo_with_base_weights_trained_beside_the_adapters_keeps_the_train_start_probe(tmp_path, tokenizer):
+    """Norms unfrozen beside LoRA (or bias="all"): disable_adapter() keeps them as trained, so the fresh probe's
+    base already held their training and the run's shift read 0 (shift_total 0.0 where the residuals moved 9.8%)."""
+    from peft import LoraConfig, get_peft_model
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sts_callback.pipelines.monitor import base_parameters_trained
+
+    model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, weight in model.named_parameters():
+        if "layernorm" in name:
+            weight.requires_grad_(True)
+    assert base_parameters_trained(model) and all("lora_" not in n for n in base_parameters_trained(model))
+    cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 2, "rollout_max_tokens": 6},
+                  recheck_tokens=24)
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=2, max_completion_length=6,
+                      **{**COMMON, "per_device_train_batch_size": 2, "max_steps": 2, "save_steps": 2})
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_length, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb])
+    with pytest.warns(STSDataWarning, match="trains base weights beside its PEFT adapters .*layernorm"):
+        trainer.train()
+    assert cb.session.adapters_start_at_the_base is False
+    assert [r["step"] for r in cb.history] == [2] and "fresh_probe" not in cb.history[0]
+
+
 def test_grpo_with_a_reference_synced_to_the_policy_is_no_base_for_the_probe(tmp_path, tokenizer):
     """sync_ref_model moves GRPO's ref_model toward the policy: the probe measured the shift against it as if it
     were the train-start weights (shift_total fell as training went on)."""

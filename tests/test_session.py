@@ -365,7 +365,9 @@ def test_a_recheck_inside_disable_adapter_says_it_measures_the_base_model(tmp_pa
         session.recheck(model, 2, max_steps=8)
     model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.set_adapter("second")
-    with pytest.warns(STSDataWarning, match=r"the adapter\(s\) \['second'\], not \['default'\]"):
+    # one sentence with the fix that applies (no "context" to leave after set_adapter)
+    with pytest.warns(STSDataWarning, match=r"runs the adapter\(s\) \['second'\], not the run's \['default'\], so "
+                                            r"other weights are measured; set_adapter\('default'\) before"):
         session.recheck(model, 4, max_steps=8)
     model.set_adapter("default")
     with warnings.catch_warnings():

@@ -52,7 +52,8 @@ from ..pipelines.budget import OverheadBudget
 from ..pipelines.forecast import (Forecast, ForecastSetup, check_calibration_config, check_calibration_features,
                                   domain_statistics, icl_loss_mismatch, inference_mode, run_forecast, with_icl_loss)
 from ..pipelines.guard import Decision, Guard, GuardConfig
-from ..pipelines.monitor import DomainBaseline, Monitor, active_adapters, domain_baselines_from, is_peft
+from ..pipelines.monitor import (DomainBaseline, Monitor, active_adapters, base_parameters_trained,
+                                 domain_baselines_from, is_peft)
 from ..pipelines.recheck import RecheckConfig
 from ..pipelines.prediction import best_early_method, calibrated_predictions, early_projection
 from ..scoring.calibration import load_calibration, lr_area_fraction, own_feature
@@ -542,8 +543,10 @@ class STSSession:
         monitor.capture_base(model, self.autocast)
         self.adapters_start_at_the_base = None
         if getattr(self.probe_source, "from_disabled_adapters", False):
-            self.adapters_start_at_the_base = monitor.adapters_start_at_the_base(model, autocast=self.autocast)
-            self._fresh_probe_from_the_start()
+            trained = base_parameters_trained(model)  # trained beside the adapters: disabling them keeps those
+            self.adapters_start_at_the_base = (not trained and
+                                               monitor.adapters_start_at_the_base(model, autocast=self.autocast))
+            self._fresh_probe_from_the_start(trained)
         self.base_fit = monitor.sae_fit(model, self.autocast)
         probe_seconds = time.perf_counter() - began
         if self.base_fit is not None:
@@ -920,10 +923,16 @@ class STSSession:
         now = active_adapters(model)
         start = self._start_adapters
         if now is not None and start is not None and now != start:  # the re-check measures other weights than trained
-            self.warn(f"adapters:{step}", f"STS re-check at step {step}: the model runs "
-                      + ("with its adapters disabled (inside disable_adapter()): the base model's weights"
-                         if now == () else f"the adapter(s) {list(now)}, not {list(start)}")
-                      + " are measured, not the run's; re-check outside that context.", STSDataWarning)
+            self.warn(f"adapters:{step}", f"STS re-check at step {step}: "
+                      + ("the model runs with its adapters disabled (inside disable_adapter()), so the base model's "
+                         "weights are measured, not the run's; re-check outside that context."
+                         if now == () else
+                         f"the model runs the adapter(s) {list(now)}, not the run's {list(start)}, so other weights "
+                         f"are measured; set_adapter({start[0]!r}) before re-checking."
+                         if start else
+                         f"the model runs the adapter(s) {list(now)}, which the run did not start with, so other "
+                         "weights are measured; switch back to the run's adapters before re-checking."),
+                      STSDataWarning)
         if max_steps and step > max_steps:
             self.warn("beyond_max_steps", f"STS re-check at step {step} of a run of max_steps={max_steps}: the "
                       "learning-rate schedule ends at max_steps, so the early forecast reads the step as its end; "
@@ -1040,12 +1049,17 @@ class STSSession:
             self.write_report(step)
         return record, decision
 
-    def _fresh_probe_from_the_start(self) -> None:
-        """A fresh probe whose base is the adapters-disabled model is dropped where that is not the run's start."""
+    def _fresh_probe_from_the_start(self, base_trained: Sequence[str] = ()) -> None:
+        """A fresh probe whose base is the adapters-disabled model is dropped where that is not the run's start
+        (``base_trained``: the base model's parameters that train beside the adapters, when that is why)."""
         if self.adapters_start_at_the_base is False and getattr(self.probe_source, "from_disabled_adapters", False):
             self.probe_source = None
-            self.warn("fresh_probe", "STS: this run's PEFT adapters do not start at zero (an adapter trained before, "
-                      "or initialised non-zero), so the adapters-disabled model is not the train-start one and the "
+            why = (f"this run trains base weights beside its PEFT adapters ({', '.join(base_trained[:3])}"
+                   f"{', ...' if len(base_trained) > 3 else ''}: bias='all' or 'lora_only', unfrozen norms), which "
+                   "disabling the adapters keeps as trained" if base_trained else
+                   "this run's PEFT adapters do not start at zero (an adapter trained before, or initialised "
+                   "non-zero)")
+            self.warn("fresh_probe", f"STS: {why}, so the adapters-disabled model is not the train-start one and the "
                       "base residuals of new completions cannot be computed: re-checks use the train-start probe "
                       "throughout. fresh_rollouts=False silences this.", STSDataWarning)
 
@@ -1097,8 +1111,8 @@ class STSSession:
             return {}
         if not any(self.learning_rates[:max_steps]):  # read step 1 as the whole schedule spent
             self.warn("zero_schedule", "STS early forecast skipped: every learning rate of the schedule is 0, so no "
-                      "share of it is ever spent; set session.learning_rates to the rates the optimizer steps with.",
-                      RuntimeWarning)
+                      "share of it is ever spent (a run at learning_rate=0 trains nothing; in your own loop, set "
+                      "session.learning_rates to the rates the optimizer steps with).", RuntimeWarning)
             return {}
         if len(self.learning_rates) < max_steps:
             self.warn("short_schedule", f"STS early forecast skipped: {len(self.learning_rates)} learning rates for "

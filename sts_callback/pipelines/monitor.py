@@ -49,6 +49,23 @@ def peft_model_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
+# Parameters of a PEFT model that disable_adapter() switches off beside its tuner's own (named by its prefix):
+# modules_to_save copies and trainable-token deltas
+ADAPTER_PARTS = ("modules_to_save", "trainable_tokens_")
+
+
+def base_parameters_trained(model: nn.Module) -> list[str]:
+    """The trainable parameters of a PEFT model that are no adapter's (``bias="all"``, norms unfrozen beside
+    LoRA): ``disable_adapter()`` leaves them as trained, so the adapters-disabled model is then not the train start."""
+    peft = peft_model_of(model)
+    if peft is None:
+        return []
+    prefix = getattr(getattr(peft, "base_model", None), "prefix", None)
+    parts = (*ADAPTER_PARTS, *((prefix,) if isinstance(prefix, str) and prefix else ()))
+    return [name for name, parameter in peft.named_parameters()
+            if parameter.requires_grad and not any(part in name for part in parts)]
+
+
 def active_adapters(model: nn.Module) -> tuple[str, ...] | None:
     """The adapters a PEFT model runs with now: ``()`` inside ``disable_adapter()`` (the base model alone), else
     its active adapters' names; ``None`` for a model without adapters."""
