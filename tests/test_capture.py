@@ -192,3 +192,22 @@ def test_a_decoder_blocks_module_path_is_the_models_own(arch, name):
     model = make_model(arch)
     assert decoder_layer_name(model, 1) == name
     assert dict(model.named_modules())[name] is decoder_layers(model)[1]
+
+
+def test_a_looped_decoder_is_read_at_its_last_pass_whether_truncated_or_not():
+    """Dory runs its blocks twice a forward: the truncated read (the default on one process) stopped at the first
+    pass, the untruncated one (ZeRO-3, truncate_forward=False) kept the last, so the forecast's residuals
+    depended on the setting, silently."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.DoryForCausalLM(tf.DoryConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                             pad_token_id=0)).eval()
+    assert model.config.n_recurrent_loops > 1
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        for layer in range(3):
+            truncated = ResidualCapture(model, layer, truncate=True)(ids, mask)
+            torch.testing.assert_close(truncated, ResidualCapture(model, layer, truncate=False)(ids, mask))

@@ -38,7 +38,9 @@ def test_hook_names_map_to_decoder_blocks(hook, layer):
                                   # Falcon's, GPT-NeoX's and Phi's names for the same parts (were read as block 1)
                                   "transformer.h.1.self_attention", "transformer.word_embeddings",
                                   "gpt_neox.layers.1.post_attention_dropout", "model.layers.1.resid_mlp_dropout",
-                                  "model.layers.1.resid_dropout"])
+                                  "model.layers.1.resid_dropout",
+                                  # a multimodal model's vision tower (was read as text layer 0, silently)
+                                  "model.vision_tower.encoder.layers.0", "model.visual.blocks.1"])
 def test_an_sae_on_a_block_part_is_refused_so_that_a_layer_cannot_make_it_read_the_residual(hook):
     with pytest.raises(STSInputError, match="not the residual stream"):
         load_sae(TinySAE(32, 64, hook_name=hook))

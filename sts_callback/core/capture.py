@@ -271,6 +271,17 @@ def _accepts(module: nn.Module, name: str) -> bool:
     return name in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
 
 
+# Config fields counting how many times a looped decoder runs its (looped) blocks a forward (Dory's
+# n_recurrent_loops, Inkling2-Loop's loop_num_passes)
+LOOP_FIELDS = ("n_recurrent_loops", "loop_num_passes")
+
+
+def runs_its_layers_again(model: nn.Module) -> bool:
+    """Whether ``model`` is a looped decoder, running some blocks more than once a forward."""
+    config = text_config(model)
+    return any(isinstance(value := getattr(config, name, None), int) and value > 1 for name in LOOP_FIELDS)
+
+
 class ResidualCapture:
     """Run forwards and return the residual stream after block ``layer``.
 
@@ -291,7 +302,10 @@ class ResidualCapture:
         check_layer_runs_on_text(model, layer)
         self.layer = layer
         self.block = decoder_layers(model)[layer]
-        self.truncate = truncate and not parameters_are_sharded(model)
+        # A looped decoder runs its blocks several times a forward: truncated, the read would be the first pass,
+        # untruncated (ZeRO-3, truncate_forward=False) the last. The last pass is read everywhere, as the model's
+        # own hidden_states give it.
+        self.truncate = truncate and not parameters_are_sharded(model) and not runs_its_layers_again(model)
         self._logits_to_keep = _accepts(model, "logits_to_keep")
         self._captured: torch.Tensor | None = None
         self.forward_calls = 0

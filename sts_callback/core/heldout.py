@@ -117,21 +117,33 @@ def split_head(model: nn.Module):
 SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap")
 
 
-# Config fields by which a causal-LM class scales its logits beyond head(body) and a softcap (Granite divides by
-# logits_scaling, Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier, ...). Read from the config,
-# not by a probe forward: a pass must not run forwards its ranks do not all run.
-LOGIT_SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier")
+# Config fields by which a causal-LM class scales its logits (or the hidden state its head reads) beyond
+# head(body) and a softcap (Granite divides by logits_scaling, Cohere multiplies by logit_scale, Falcon-H1 by
+# lm_head_multiplier, Inkling divides by logits_mup_width_multiplier, ...). Read from the config, not by a probe
+# forward: a pass must not run forwards its ranks do not all run.
+LOGIT_SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier",
+                      "logits_mup_width_multiplier")
+# Model types that mask some of their logits before the loss (Chameleon: its image tokens)
+LOGIT_MASKING_MODEL_TYPES = ("chameleon",)
 
 
 def scales_its_logits(model: nn.Module) -> bool:
-    """Whether ``model`` multiplies or divides its logits by a config factor other than 1 (then the head cannot
-    run apart from the body: its loss would be off by that factor, and the full forward measures it)."""
+    """Whether ``model``'s logits are more than head(body) and a softcap: multiplied or divided by a config factor
+    other than 1, cut to an ``unpadded_vocab_size`` below the head's rows, or masked (then the head cannot run
+    apart from the body: its loss would be off, and the full forward measures it)."""
     configs = [getattr(unwrap_model(model), "config", None), text_config(model)]
     for config in configs:
+        if config is None:
+            continue
         for name in LOGIT_SCALE_FIELDS:
-            value = getattr(config, name, None) if config is not None else None
+            value = getattr(config, name, None)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
                 return True
+        unpadded, rows = getattr(config, "unpadded_vocab_size", None), getattr(config, "vocab_size", None)
+        if isinstance(unpadded, int) and isinstance(rows, int) and unpadded < rows:
+            return True
+        if getattr(config, "model_type", None) in LOGIT_MASKING_MODEL_TYPES:
+            return True
     return False
 
 

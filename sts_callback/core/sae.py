@@ -42,7 +42,10 @@ _NOT_RESIDUAL = re.compile(r"hook_(?:resid_mid|mlp_out|attn_out|mlp_in|attn_in|[
                            # Hugging Face sub-modules of a block (its attention, MLP, norms, dropouts), as a name or
                            # a prefix
                            r"|\.(?:self_attn|self_attention|attn|attention|cross_attn|mlp|feed_forward|ffn|experts|"
-                           r"norm|\w*layernorm|\w*_norm|ln_\d|ln_f|\w*dropout)(?:\.|$)")
+                           r"norm|\w*layernorm|\w*_norm|ln_\d|ln_f|\w*dropout)(?:\.|$)"
+                           # another modality's tower of a multimodal model, whose layers are no text decoder's
+                           r"|(?:^|\.)(?:vision_tower|vision_model|visual|vision_encoder|image_encoder|audio_tower|"
+                           r"audio_model|audio_encoder|multi_modal_projector)\.")
 
 
 def not_residual_error(reads: str) -> STSInputError:
