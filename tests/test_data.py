@@ -761,7 +761,8 @@ def test_a_text_cut_inside_a_character_loses_the_character_not_its_bytes(keep_en
 
 
 def test_a_large_jsonl_file_is_not_held_in_memory_as_records(tmp_path):
-    """Every record was parsed into Python objects (a few times the file's size) to sample a few thousand tokens."""
+    """Every record was parsed into Python objects (a few times the file's size) to sample a few thousand tokens;
+    the lazily read records must not depend on the file after loading (a temporary file removed, rewritten)."""
     import tracemalloc
 
     path = tmp_path / "big.jsonl"
@@ -777,9 +778,12 @@ def test_a_large_jsonl_file_is_not_held_in_memory_as_records(tmp_path):
     examples = [corpus[i] for i in (0, 6, 19_999)]
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert len(corpus) == 20_000 and peak < path.stat().st_size / 10, (peak, path.stat().st_size)
+    # the file's bytes (every record as Python objects took 3.2 times them)
+    assert len(corpus) == 20_000 and peak < 1.3 * path.stat().st_size, (peak, path.stat().st_size)
     assert [e.prompt.split()[0] for e in examples] == ["0", "6", "19999"] and examples[0].answer == " judge ."
     assert corpus._places[6] == f"{path} line 8"  # the blank line counted, as an editor shows it
+    path.unlink()  # a file removed (or rewritten) once loaded: the records are those loaded
+    assert corpus[6].prompt.split()[0] == "6"
     path.write_text('{"text": "law"}\n{"text": oops}\n')
     with pytest.raises(STSInputError, match=r"big.jsonl:2 is not valid JSON"):
         load_corpus(path)
@@ -808,8 +812,16 @@ def test_a_large_table_file_is_not_held_in_memory_as_records(tmp_path):
 
 
 def test_a_file_of_records_in_another_layout_is_refused_at_its_first_line(tmp_path):
-    """Every record used 'body': the error named whichever line sampling drew first (line 20 or line 10)."""
+    """Every record used 'body': the error named whichever line sampling drew first (line 20 or line 10). Loading
+    alone reads no record: a GRPO prompt file keeps a reward column 'answer' of numbers or lists."""
+    from sts_callback.pipelines.rollouts import prompt_records
+
     path = tmp_path / "body.jsonl"
     path.write_text("".join(json.dumps({"body": f"law court {i}"}) + "\n" for i in range(30)))
+    corpus = load_corpus(path)
     with pytest.raises(STSInputError, match=r"body.jsonl line 1\b"):
-        load_corpus(path)
+        corpus[19]
+    prompts = tmp_path / "grpo.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i} + {i} =", "answer": [2 * i, f"{2 * i}.0"]}) + "\n"
+                               for i in range(4)))
+    assert list(prompt_records(str(prompts)))[1] == {"prompt": "1 + 1 =", "answer": [2, "2.0"]}

@@ -339,8 +339,16 @@ class Corpus(Sequence):
         return len(self._items)
 
     def __getitem__(self, index: int) -> Example:  # type: ignore[override]
+        try:
+            return example_from_record(self._items[index], where=self._where(index))
+        except STSInputError:
+            if index != 0 and len(self._items):  # records all in another layout: named at the first, not a drawn one
+                example_from_record(self._items[0], where=self._where(0))
+            raise
+
+    def _where(self, index: int) -> str:
         place = f" ({self._places[index]})" if self._places is not None else ""
-        return example_from_record(self._items[index], where=f" {index} of {self.name!r}{place}")
+        return f" {index} of {self.name!r}{place}"
 
     def records(self) -> list[Any]:
         """The items as given (records keep columns an :class:`Example` drops, e.g. ``rejected``)."""
@@ -416,34 +424,37 @@ def read_json_file(path: Path, label: str = "") -> tuple[list[Any], Places | Non
 
 
 class JsonlRecords(Sequence):
-    """A JSONL file's records, each parsed where it is used: the file is checked line by line once (each record
-    parsed, then dropped) and only its records' byte offsets kept, so a file of millions of records costs memory
-    for the few the forecast samples, not for every record as Python objects (a few times the file's size)."""
+    """A JSONL file's records, each parsed where it is used: the file is read once and checked line by line (each
+    record parsed, then dropped); its bytes and each record's place in them are kept, so that a file of millions of
+    records costs its size in memory, not every record as Python objects (a few times the size), and a file
+    changed or deleted after loading changes nothing."""
 
     def __init__(self, path: Path, label: str = ""):
         self.path, self.label = path, label
-        self.offsets, self.lines = array.array("q"), array.array("q")
         try:
-            with open(path, "rb") as file:
-                offset = 0
-                for line_number, raw in enumerate(file, 1):  # binary lines end at b"\n" only: U+2028 stays inside
-                    if offset == 0 and raw.startswith(UTF8_BOM):  # a byte-order mark (Windows tools write one)
-                        raw = raw[len(UTF8_BOM):]
-                        offset = len(UTF8_BOM)
-                    if raw.strip():
-                        self._parse(raw, offset, line_number)
-                        self.offsets.append(offset)
-                        self.lines.append(line_number)
-                    offset += len(raw)
+            self.data = path.read_bytes()
         except OSError as err:
             raise STSInputError(f"Data file {path}{label} cannot be read ({err.strerror}); check its "
                                 "permissions.") from err
+        self.starts, self.ends, self.lines = array.array("q"), array.array("q"), array.array("q")
+        offset = len(UTF8_BOM) if self.data.startswith(UTF8_BOM) else 0  # a byte-order mark (Windows tools)
+        line_number = 0
+        while offset < len(self.data):
+            line_number += 1
+            end = self.data.find(b"\n", offset)  # only b"\n" ends a line: U+2028 inside a text stays inside
+            end = len(self.data) if end < 0 else end
+            if self.data[offset:end].strip():
+                self._parse(offset, end, line_number)
+                self.starts.append(offset)
+                self.ends.append(end)
+                self.lines.append(line_number)
+            offset = end + 1
 
-    def _parse(self, raw: bytes, offset: int, line_number: int) -> Any:
+    def _parse(self, start: int, end: int, line_number: int) -> Any:
         try:
-            return json.loads(raw.decode("utf-8"))
+            return json.loads(self.data[start:end].decode("utf-8"))
         except UnicodeDecodeError as err:
-            raise STSInputError(f"Data file {self.path}{self.label} is not UTF-8 text (byte {offset + err.start}: "
+            raise STSInputError(f"Data file {self.path}{self.label} is not UTF-8 text (byte {start + err.start}: "
                                 f"{err.reason}); convert it, e.g. `iconv -f latin1 -t utf-8 {self.path} > "
                                 f"fixed{self.path.suffix}`.") from err
         except json.JSONDecodeError as err:
@@ -451,15 +462,12 @@ class JsonlRecords(Sequence):
                                 "remove that line.") from err
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return len(self.starts)
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        offset = self.offsets[index]
-        with open(self.path, "rb") as file:
-            file.seek(offset)
-            return self._parse(file.readline(), offset, self.lines[index])
+        return self._parse(self.starts[index], self.ends[index], self.lines[index])
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -527,6 +535,10 @@ class TableRows(Sequence):
         if not -len(self) <= index < len(self):
             raise IndexError(index)
         return self.table.slice(index % len(self), 1).to_pylist()[0]
+
+    def __iter__(self):  # every row (Corpus.records()): a batch at a time, not a slice a row
+        for batch in self.table.to_batches():
+            yield from batch.to_pylist()
 
 
 def check_columns(columns: Sequence[str], described: str, fix: str) -> None:
@@ -675,10 +687,7 @@ def load_corpus(data: Any, name: str | None = None, *, what: str | None = None) 
                 items, places = read_json_file(path, label)
             else:  # plain text (check_data_spec refused any other suffix)
                 items = _read_plain_text(path, label)
-            corpus = Corpus(name or path.stem, items, places)
-            if len(corpus):  # a file of records in another layout fails on its first line, not a sampled one
-                corpus[0]
-            return corpus
+            return Corpus(name or path.stem, items, places)
         from .corpora import load_domain
 
         return Corpus(name or str(data), load_domain(str(data)))
