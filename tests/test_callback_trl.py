@@ -306,16 +306,30 @@ def test_grpo_with_base_weights_trained_beside_the_adapters_keeps_the_train_star
         if "layernorm" in name:
             weight.requires_grad_(True)
     assert base_parameters_trained(model) and all("lora_" not in n for n in base_parameters_trained(model))
-    cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 2, "rollout_max_tokens": 6},
-                  recheck_tokens=24)
-    args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=2, max_completion_length=6,
-                      **{**COMMON, "per_device_train_batch_size": 2, "max_steps": 2, "save_steps": 2})
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_length, args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb])
-    with pytest.warns(STSDataWarning, match="trains base weights beside its PEFT adapters .*layernorm"):
-        trainer.train()
+
+    def run(max_steps, resume=False):
+        cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 2, "rollout_max_tokens": 6},
+                      recheck_tokens=24)
+        args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=2, max_completion_length=6,
+                          **{**COMMON, "per_device_train_batch_size": 2, "max_steps": max_steps, "save_steps": 2})
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_length, args=args, processing_class=tokenizer,
+                              train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb])
+        if resume:  # said once a run: the resumed one has it among its warnings given
+            trainer.train(resume_from_checkpoint=True)
+        else:
+            with pytest.warns(STSDataWarning, match="trains base weights beside its PEFT adapters .*layernorm"):
+                trainer.train()
+        return cb
+
+    cb = run(2)
     assert cb.session.adapters_start_at_the_base is False
     assert [r["step"] for r in cb.history] == [2] and "fresh_probe" not in cb.history[0]
+    # a checkpoint written before the check (it said the adapters start at the base): the resume checks again
+    for state in (tmp_path / "run").rglob("*.json"):
+        state.write_text(state.read_text().replace('"adapters_start_at_the_base": false',
+                                                   '"adapters_start_at_the_base": true'))
+    resumed = run(4, resume=True)
+    assert resumed.session.adapters_start_at_the_base is False and "fresh_probe" not in resumed.history[-1]
 
 
 def test_grpo_with_a_reference_synced_to_the_policy_is_no_base_for_the_probe(tmp_path, tokenizer):

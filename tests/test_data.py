@@ -751,13 +751,12 @@ def test_a_text_cut_inside_a_character_loses_the_character_not_its_bytes(keep_en
     backend.train_from_iterator(["law court judge"] * 5, trainers.BpeTrainer(
         vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
-    text = "law 鬱屈齟齬 court"
     builder = PromptBuilder(tokenizer, max_query_tokens=64, max_demonstration_tokens=64, max_length=256)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cuts = [builder._cut_text(text, n, keep_end) for n in range(1, len(ids))]
-    assert not any("\ufffd" in cut for cut in cuts)
-    assert all((text.endswith(cut) if keep_end else text.startswith(cut)) for cut in cuts)
-    assert all(len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= n for n, cut in enumerate(cuts, 1))
+    for text in ("law 鬱屈齟齬 court", "law \ufffd 鬱屈齟齬 \ufffd court"):  # scraped text holds U+FFFD of its own
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cuts = [builder._cut_text(text, n, keep_end) for n in range(1, len(ids))]
+        assert all((text.endswith(cut) if keep_end else text.startswith(cut)) for cut in cuts), cuts
+        assert all(len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= n for n, cut in enumerate(cuts, 1))
 
 
 def test_a_large_jsonl_file_is_not_held_in_memory_as_records(tmp_path):

@@ -924,6 +924,10 @@ def test_names_that_markdown_or_the_plot_font_would_misread_are_shown_as_given(t
         md = write_report(sts)[1].read_text()
     assert not [w for w in caught if "Glyph" in str(w.message)]
     assert "\\*food\\*" in md and "law_court" in md and "\\_x\\_" in md and "日本語 chem" in md
+    forecast = synthetic_forecast(["law", "food"])
+    forecast.settings["model"] = "/runs/_sft/checkpoint-500"  # in a code span, shown as typed: no escapes
+    forecast.save(sts / "forecast.json")
+    assert "Model `/runs/_sft/checkpoint-500`" in write_report(sts)[1].read_text()
 
 
 def test_a_gate_decision_reads_as_a_decision_not_a_dump(tmp_path):

@@ -958,7 +958,9 @@ class PromptBuilder:
         cut = self.tokenizer.decode(kept)
         # A byte-level tokenizer splits a character (CJK, an emoji) over tokens: cut there, its bytes decode as
         # U+FFFD, which re-encodes as other tokens. The cut goes before the whole character instead.
-        while REPLACEMENT in cut and REPLACEMENT not in text and len(kept) > 1:
+        # (A text's own U+FFFD at the edge, whole, re-encodes as the tokens kept: it stays.)
+        while (len(kept) > 1 and (cut.startswith(REPLACEMENT) if keep_end else cut.endswith(REPLACEMENT))
+               and len(self.encode_text(cut)) > len(kept)):
             kept = kept[1:] if keep_end else kept[:-1]
             cut = self.tokenizer.decode(kept)
         return cut

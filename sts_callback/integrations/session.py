@@ -200,6 +200,7 @@ class STSSession:
         self.run_level: dict[str, Any] | None = None  # the run-level term at train start (RunLevelEstimate.to_dict)
         self.learning_rates = None  # the planned schedule, for the early forecast
         self._start_adapters: tuple[str, ...] | None = None  # a PEFT model's active adapters at train start
+        self._base_trained: list[str] = []  # base parameters a PEFT run trains beside its adapters (prepare)
         self.setup: ForecastSetup | None = None
         self.forecast: Forecast | None = None
         self.monitor: Monitor | None = None
@@ -362,6 +363,8 @@ class STSSession:
         domain names) as well as their results."""
         model = without_data_parallel(model)  # every forward of the session: the model's own (see there)
         self._start_adapters = active_adapters(model)  # what start() and resume() measure with
+        # base weights the run trains beside its adapters, which disabling them keeps (no forward: named only)
+        self._base_trained = base_parameters_trained(model)
         probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), \
             load_domains(_decoded_datasets(domains, tokenizer))
         unknown = [p for p in self.guard.config.protected if p not in domains]
@@ -543,10 +546,9 @@ class STSSession:
         monitor.capture_base(model, self.autocast)
         self.adapters_start_at_the_base = None
         if getattr(self.probe_source, "from_disabled_adapters", False):
-            trained = base_parameters_trained(model)  # trained beside the adapters: disabling them keeps those
-            self.adapters_start_at_the_base = (not trained and
+            self.adapters_start_at_the_base = (not self._base_trained and
                                                monitor.adapters_start_at_the_base(model, autocast=self.autocast))
-            self._fresh_probe_from_the_start(trained)
+            self._fresh_probe_from_the_start()
         self.base_fit = monitor.sae_fit(model, self.autocast)
         probe_seconds = time.perf_counter() - began
         if self.base_fit is not None:
@@ -662,6 +664,8 @@ class STSSession:
             read = from_main_process(checkpoint.read_state() if is_main_process() else None)
             if isinstance(read, dict) and read.get("step") == step:
                 self.guard.load_state(read)
+        if self._base_trained:  # a checkpoint of before this was checked may say the adapters start at the base
+            self.adapters_start_at_the_base = False
         self._fresh_probe_from_the_start()
         if not self.base_losses:
             raise STSInputError(f"Resuming: the train-start held-out losses are in neither {checkpoint.root} nor "
@@ -1049,14 +1053,14 @@ class STSSession:
             self.write_report(step)
         return record, decision
 
-    def _fresh_probe_from_the_start(self, base_trained: Sequence[str] = ()) -> None:
-        """A fresh probe whose base is the adapters-disabled model is dropped where that is not the run's start
-        (``base_trained``: the base model's parameters that train beside the adapters, when that is why)."""
+    def _fresh_probe_from_the_start(self) -> None:
+        """A fresh probe whose base is the adapters-disabled model is dropped where that is not the run's start."""
         if self.adapters_start_at_the_base is False and getattr(self.probe_source, "from_disabled_adapters", False):
             self.probe_source = None
-            why = (f"this run trains base weights beside its PEFT adapters ({', '.join(base_trained[:3])}"
-                   f"{', ...' if len(base_trained) > 3 else ''}: bias='all' or 'lora_only', unfrozen norms), which "
-                   "disabling the adapters keeps as trained" if base_trained else
+            trained = self._base_trained
+            why = (f"this run trains base weights beside its PEFT adapters ({', '.join(trained[:3])}"
+                   f"{', ...' if len(trained) > 3 else ''}: bias='all' or 'lora_only', unfrozen norms), which "
+                   "disabling the adapters keeps as trained" if trained else
                    "this run's PEFT adapters do not start at zero (an adapter trained before, or initialised "
                    "non-zero)")
             self.warn("fresh_probe", f"STS: {why}, so the adapters-disabled model is not the train-start one and the "

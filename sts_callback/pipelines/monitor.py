@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -49,21 +50,19 @@ def peft_model_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
-# Parameters of a PEFT model that disable_adapter() switches off beside its tuner's own (named by its prefix):
-# modules_to_save copies and trainable-token deltas
-ADAPTER_PARTS = ("modules_to_save", "trainable_tokens_")
-
-
 def base_parameters_trained(model: nn.Module) -> list[str]:
     """The trainable parameters of a PEFT model that are no adapter's (``bias="all"``, norms unfrozen beside
-    LoRA): ``disable_adapter()`` leaves them as trained, so the adapters-disabled model is then not the train start."""
+    LoRA): ``disable_adapter()`` leaves them as trained, so the adapters-disabled model is then not the train start.
+    An adapter's parameters (every tuner's, modules_to_save copies, trainable tokens, a prompt encoder) sit under
+    its name (``lora_A.default.weight``, ``modules_to_save.default.weight``, ``prompt_encoder.default.embedding``)."""
     peft = peft_model_of(model)
     if peft is None:
         return []
-    prefix = getattr(getattr(peft, "base_model", None), "prefix", None)
-    parts = (*ADAPTER_PARTS, *((prefix,) if isinstance(prefix, str) and prefix else ()))
-    return [name for name, parameter in peft.named_parameters()
-            if parameter.requires_grad and not any(part in name for part in parts)]
+    names = [re.escape(str(name)) for name in getattr(peft, "peft_config", None) or {}]
+    if not names:
+        return []
+    adapter = re.compile(rf"(?:^|\.)(?:{'|'.join(names)})(?:\.|$)")
+    return [name for name, parameter in peft.named_parameters() if parameter.requires_grad and not adapter.search(name)]
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...] | None:

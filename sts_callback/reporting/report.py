@@ -61,6 +61,11 @@ def md_esc(value: Any) -> str:
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
+def md_code(value: Any) -> str:
+    """Text for inside a Markdown code span, where a backslash escape or an HTML entity shows as typed."""
+    return " ".join(str(value).replace("`", "'").split())
+
+
 # Characters that would start emphasis: every asterisk, and an underscore at a word's edge (inside a word, as in
 # loss_tokens, GitHub reads it as itself)
 MARKDOWN_EMPHASIS = re.compile(r"\*|(?<!\w)_|_(?!\w)")
@@ -1385,7 +1390,7 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
     s = data.settings
     lines = ["### STS report", ""]
     if data.forecast is not None:
-        lines.append(f"Model `{md_esc(s.get('model', '?'))}`, SAE {md_esc(data.describe_sae())}, layer "
+        lines.append(f"Model `{md_code(s.get('model', '?'))}`, SAE {md_esc(data.describe_sae())}, layer "
                      f"{md_esc(s.get('layer', '?'))}, {md_esc(data.forecast.get('shift_tokens'))} probe tokens, "
                      f"N = {len(data.forecast.get('shifted_latents', []))} shifted latents; shift: "
                      f"{md_esc(shift_label(data.forecast))}.")
