@@ -1023,7 +1023,7 @@ def test_forecast_with_a_teacher_samples_its_completions(training_kinds, tmp_pat
     ({"reward_funcs": ["{root}/rewards.py:length_reward"], "demonstrations": "{root}/chem.jsonl",
       "train_data": "{root}/prompts.jsonl"}, "Reward functions given, but the forecast is the in_context one"),
     ({"reward_funcs": ["{root}/rewards.py:length_reward"]}, "Prompt 0 of train_data is ['text']"),
-    ({"train_data": "{root}/pairs_ids.jsonl", "shift": "in_context"}, "Cannot read example 0 of 'pairs_ids'"),
+    ({"train_data": "{root}/pairs_ids.jsonl", "shift": "in_context"}, "Cannot read example 0 of 'train'"),
 ])
 def test_training_kind_mistakes_are_one_line_errors_before_the_model_loads(training_kinds, capsys, no_model,
                                                                             changes, named):

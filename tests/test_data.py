@@ -824,3 +824,24 @@ def test_a_file_of_records_in_another_layout_is_refused_at_its_first_line(tmp_pa
     prompts.write_text("".join(json.dumps({"prompt": f"{i} + {i} =", "answer": [2 * i, f"{2 * i}.0"]}) + "\n"
                                for i in range(4)))
     assert list(prompt_records(str(prompts)))[1] == {"prompt": "1 + 1 =", "answer": [2, "2.0"]}
+
+
+def test_real_world_data_files_are_read_or_refused_by_name(tmp_path):
+    """A CSV with two 'text' columns lost one silently; a UTF-16 (Excel's "Unicode Text") or latin-1 CSV raised a
+    bare UnicodeDecodeError; a .json of one JSON Lines record was refused, and one of many with a broken line was
+    blamed on its line 2; a numeric completion was refused without saying where."""
+    cases = {"two.csv": ("text,text\nlaw court,judge appeal\n".encode(), r"column\(s\) \['text'\] more than once"),
+             "utf16.csv": ("text\nlaw court\nrésumé".encode("utf-16"), r"not UTF-8 text .*iconv -f utf-16"),
+             "latin.csv": ("text,résumé\nlaw,x\n".encode("latin-1"), r"not UTF-8 text .*iconv -f latin1"),
+             "latin_body.tsv": ("text\nrésumé law\n".encode("latin-1"), r"not UTF-8 text .*iconv -f latin1"),
+             "lines.json": ("".join(json.dumps({"text": f"law {i}"}) + "\n" for i in range(9)).encode()
+                            + b'{"text": "cut\n', r"lines.json:10 is not valid JSON")}
+    for name, (data, error) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(STSInputError, match=error):
+            load_corpus(tmp_path / name)[0]
+    (tmp_path / "one.json").write_text(json.dumps({"text": "law court"}) + "\n")
+    assert [e.prompt for e in load_corpus(tmp_path / "one.json")] == ["law court"]
+    (tmp_path / "math.jsonl").write_text(json.dumps({"prompt": "2 + 2 =", "completion": 4}) + "\n")
+    with pytest.raises(STSInputError, match=r"math.jsonl line 1\): its 'completion' is int 4.* as text"):
+        load_corpus(tmp_path / "math.jsonl")[0]

@@ -122,13 +122,14 @@ def _tool_call_turn(value: Any) -> dict[str, Any] | None:
     return turns[0] if len(turns) == 1 and turns[0].get("tool_calls") else None
 
 
-def _answer_text(value: Any) -> str:
+def _answer_text(value: Any, field: str = "answer", where: str = "") -> str:
     if isinstance(value, str):
         return value
     if is_messages(value):
         return "".join(message_text(m) for m in value if m["role"] == "assistant") or "".join(
             message_text(m) for m in value)
-    raise STSInputError(f"Cannot read an answer from {type(value).__name__}; expected a string or chat messages.")
+    raise STSInputError(f"Cannot read example{where}: its {field!r} is {type(value).__name__} {value!r:.40}, but "
+                        "an answer must be a string or chat messages (write a numeric answer as text, e.g. \"34\").")
 
 
 RECORD_FIELDS = ("'text', 'messages', 'prompt'/'completion', 'prompt'/'chosen'/'rejected', or "
@@ -231,7 +232,7 @@ def _example_from_record(record: Any, where: str = "") -> Example:
             prompt = record["prompt"]
             answer_field = next((k for k in ("completion", "chosen", "response", "answer") if k in record), None)
             value = record[answer_field] if answer_field else None
-            answer = _answer_text(value) if value is not None else None
+            answer = _answer_text(value, answer_field, where) if value is not None else None
             if isinstance(prompt, str):
                 return Example(prompt=prompt, answer=answer)
             if is_messages(prompt):
@@ -409,13 +410,12 @@ def read_json_file(path: Path, label: str = "") -> tuple[list[Any], Places | Non
     try:
         loaded = json.loads(text)
     except json.JSONDecodeError as err:
-        if err.msg == "Extra data" and err.lineno > 1:  # one record a line
-            try:
-                return _read_jsonl(path, label)
-            except STSInputError:
-                pass
+        if err.msg == "Extra data" and err.lineno > 1:  # a whole value, then more lines: JSON Lines, read as such
+            return _read_jsonl(path, label)  # (a broken line among them is named by its number)
         raise STSInputError(f"Data file {path}{label} is not valid JSON ({err.msg} at line {err.lineno}, column "
                             f"{err.colno}); fix it, or write one JSON record per line as .jsonl.") from err
+    if isinstance(loaded, dict) and "data" not in loaded and "texts" not in loaded:
+        loaded = [loaded]  # one record (Dataset.select([0]).to_json() writes one line)
     items = loaded if isinstance(loaded, list) else (
         loaded.get("data", loaded.get("texts")) if isinstance(loaded, dict) else None)
     if not isinstance(items, list):
@@ -454,9 +454,7 @@ class JsonlRecords(Sequence):
         try:
             return json.loads(self.data[start:end].decode("utf-8"))
         except UnicodeDecodeError as err:
-            raise STSInputError(f"Data file {self.path}{self.label} is not UTF-8 text (byte {start + err.start}: "
-                                f"{err.reason}); convert it, e.g. `iconv -f latin1 -t utf-8 {self.path} > "
-                                f"fixed{self.path.suffix}`.") from err
+            raise not_utf8_error(self.path, self.label, f"byte {start + err.start}: {err.reason}") from err
         except json.JSONDecodeError as err:
             raise STSInputError(f"{self.path}:{line_number}{self.label} is not valid JSON ({err.msg}); fix or "
                                 "remove that line.") from err
@@ -508,11 +506,20 @@ def _read_table(path: Path, label: str = "") -> tuple["TableRows", Places]:
             # every cell as text: a CSV has no types, and inferring them would turn a text such as "7" into a number
             convert = csv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
             table = csv.read_csv(path, parse_options=parse, convert_options=convert)
+    except UnicodeDecodeError as err:  # its header, read by open_csv
+        raise not_utf8_error(path, label, f"byte {err.start} of its header: {err.reason}") from err
     except pa.ArrowInvalid as err:
+        if "utf8" in str(err).lower().replace("-", ""):
+            raise not_utf8_error(path, label, str(err).strip()) from err
         raise STSInputError(f"Data file {path}{label} cannot be read as {kind} ({str(err).strip()}); fix it, or "
                             "write one JSON record per line as .jsonl.") from err
     except OSError as err:
         raise STSInputError(f"Data file {path}{label} cannot be read ({err}); check its permissions.") from err
+    repeated = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
+    if repeated:  # a record holds one value a name: the last column would silently win
+        raise STSInputError(f"Data file {path}{label} has the column(s) {repeated} more than once; rename them so "
+                            "that each column has its own name" + (" in the header row." if suffix != ".parquet"
+                                                                   else "."))
     check_columns(table.column_names, f"Data file {path}{label}",
                   "rename its text column to 'text'" + (" in the header row" if suffix != ".parquet" else ""))
     # row 1 is a CSV's first line after its header
@@ -560,12 +567,24 @@ def _read_plain_text(path: Path, label: str = "") -> list[str]:
     return items
 
 
+def not_utf8_error(path: Path, label: str, where: str) -> STSInputError:
+    """The error for a data file that is not UTF-8, with the conversion its start suggests (a UTF-16 byte-order
+    mark, as Excel's "Unicode Text" writes, else latin-1)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(2)
+    except OSError:
+        head = b""
+    encoding = "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "latin1"
+    return STSInputError(f"Data file {path}{label} is not UTF-8 text ({where}); convert it, e.g. `iconv -f {encoding} "
+                         f"-t utf-8 {path} > fixed{path.suffix}`.")
+
+
 def read_text(path: Path, label: str = "") -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows tools write one) is no text
     except UnicodeDecodeError as err:
-        raise STSInputError(f"Data file {path}{label} is not UTF-8 text (byte {err.start}: {err.reason}); convert "
-                            f"it, e.g. `iconv -f latin1 -t utf-8 {path} > fixed{path.suffix}`.") from err
+        raise not_utf8_error(path, label, f"byte {err.start}: {err.reason}") from err
     except OSError as err:
         raise STSInputError(f"Data file {path}{label} cannot be read ({err.strerror}); check its permissions.") from err
 
