@@ -842,6 +842,9 @@ def test_real_world_data_files_are_read_or_refused_by_name(tmp_path):
             load_corpus(tmp_path / name)[0]
     (tmp_path / "one.json").write_text(json.dumps({"text": "law court"}) + "\n")
     assert [e.prompt for e in load_corpus(tmp_path / "one.json")] == ["law court"]
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["law court"], "test": ["judge"]}))
+    with pytest.raises(STSInputError, match="must hold a JSON list"):  # an object of splits is no record
+        load_corpus(tmp_path / "splits.json")
     (tmp_path / "math.jsonl").write_text(json.dumps({"prompt": "2 + 2 =", "completion": 4}) + "\n")
     with pytest.raises(STSInputError, match=r"math.jsonl line 1\): its 'completion' is int 4.* as text"):
         load_corpus(tmp_path / "math.jsonl")[0]

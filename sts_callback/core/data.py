@@ -414,7 +414,8 @@ def read_json_file(path: Path, label: str = "") -> tuple[list[Any], Places | Non
             return _read_jsonl(path, label)  # (a broken line among them is named by its number)
         raise STSInputError(f"Data file {path}{label} is not valid JSON ({err.msg} at line {err.lineno}, column "
                             f"{err.colno}); fix it, or write one JSON record per line as .jsonl.") from err
-    if isinstance(loaded, dict) and "data" not in loaded and "texts" not in loaded:
+    if isinstance(loaded, dict) and "data" not in loaded and "texts" not in loaded and (
+            set(loaded) & {"text", "messages", "prompt"} or is_mc_layout(list(loaded))):
         loaded = [loaded]  # one record (Dataset.select([0]).to_json() writes one line)
     items = loaded if isinstance(loaded, list) else (
         loaded.get("data", loaded.get("texts")) if isinstance(loaded, dict) else None)
