@@ -256,12 +256,31 @@ def test_grpo_rechecks_keep_their_measurement_when_a_group_reading_reward_cannot
     assert all("error" not in r and r["loss_delta"] and r["fresh_probe"]["mean_reward"] is None for r in cb.history)
 
 
+def grpo_peft_run(model, tokenizer, tmp_path, max_steps, resume, warning, **training):
+    """A short GRPO run of a PEFT ``model`` with the callback (re-checks and checkpoints every 2 steps); a new run
+    must warn ``warning`` (a resumed one has it among its warnings given)."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 2, "rollout_max_tokens": 6},
+                  recheck_tokens=24)
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=2, max_completion_length=6,
+                      **{**COMMON, "per_device_train_batch_size": 2, "max_steps": max_steps, "save_steps": 2,
+                         **training})
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_length, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb])
+    if resume:
+        trainer.train(resume_from_checkpoint=True)
+    else:
+        with pytest.warns(STSDataWarning, match=warning):
+            trainer.train()
+    return cb
+
+
 def test_grpo_on_an_adapter_that_starts_non_zero_measures_this_runs_shift_not_the_adapters(tmp_path, tokenizer):
     """A LoRA trained before (continued under GRPO) or initialised non-zero: the fresh probe took its base residuals
     from the adapters-disabled model, so a run whose weights did not move reported the whole adapter as its shift
     (shift_total 22 at a learning rate of 1e-12). The re-checks keep the train-start probe; a resume knows it."""
     from peft import LoraConfig, get_peft_model
-    from trl import GRPOConfig, GRPOTrainer
 
     model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=32))
     with torch.no_grad():
@@ -270,19 +289,8 @@ def test_grpo_on_an_adapter_that_starts_non_zero_measures_this_runs_shift_not_th
                 weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
 
     def run(max_steps, resume=False):
-        cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 2, "rollout_max_tokens": 6},
-                      recheck_tokens=24)
-        args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=2, max_completion_length=6,
-                          **{**COMMON, "learning_rate": 1e-12, "per_device_train_batch_size": 2, "max_steps": max_steps,
-                             "save_steps": 2})
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_length, args=args, processing_class=tokenizer,
-                              train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb])
-        if resume:  # said once a run: the resumed one has it in its warnings given
-            trainer.train(resume_from_checkpoint=True)
-        else:
-            with pytest.warns(STSDataWarning, match="adapters do not start at zero"):
-                trainer.train()
-        return cb
+        return grpo_peft_run(model, tokenizer, tmp_path, max_steps, resume, "adapters do not start at zero",
+                             learning_rate=1e-12)
 
     cb = run(2)
     assert cb.session.adapters_start_at_the_base is False
@@ -297,7 +305,6 @@ def test_grpo_with_base_weights_trained_beside_the_adapters_keeps_the_train_star
     """Norms unfrozen beside LoRA (or bias="all"): disable_adapter() keeps them as trained, so the fresh probe's
     base already held their training and the run's shift read 0 (shift_total 0.0 where the residuals moved 9.8%)."""
     from peft import LoraConfig, get_peft_model
-    from trl import GRPOConfig, GRPOTrainer
 
     from sts_callback.pipelines.monitor import base_parameters_trained
 
@@ -308,18 +315,8 @@ def test_grpo_with_base_weights_trained_beside_the_adapters_keeps_the_train_star
     assert base_parameters_trained(model) and all("lora_" not in n for n in base_parameters_trained(model))
 
     def run(max_steps, resume=False):
-        cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 2, "rollout_max_tokens": 6},
-                      recheck_tokens=24)
-        args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=2, max_completion_length=6,
-                          **{**COMMON, "per_device_train_batch_size": 2, "max_steps": max_steps, "save_steps": 2})
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_length, args=args, processing_class=tokenizer,
-                              train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb])
-        if resume:  # said once a run: the resumed one has it among its warnings given
-            trainer.train(resume_from_checkpoint=True)
-        else:
-            with pytest.warns(STSDataWarning, match="trains base weights beside its PEFT adapters .*layernorm"):
-                trainer.train()
-        return cb
+        return grpo_peft_run(model, tokenizer, tmp_path, max_steps, resume,
+                             "trains base weights beside its PEFT adapters .*layernorm")
 
     cb = run(2)
     assert cb.session.adapters_start_at_the_base is False
