@@ -948,3 +948,30 @@ def test_a_gate_decision_reads_as_a_decision_not_a_dump(tmp_path):
     assert "forward_calls" not in page and "timings" not in page and "probe tokens" not in page
     assert "name accepted reason" in " ".join(page.split()) and "candidate accepted" not in page  # one name column
     assert "| lawset | 1 | 33 |" in md and "- a second note." in md
+
+
+def test_the_validation_table_and_its_report_say_one_thing_of_the_noise(tmp_path):
+    """At a noise ceiling of 0.868 the console table said "about 0.86 ... raise loss_tokens" (below 0.9) while the
+    report said "about 0.87 ... precise enough" (above 0.85); the validation's report also advised loss_precision,
+    which validate does not take."""
+    from fake_validation import fake_validation
+
+    names = ["law", "code", "food", "chem"]
+    changes = {"law": -0.005, "code": -0.004, "food": -0.003, "chem": -0.008}
+    scores = {d: {"sts_icl": s, "sts_act": 1.0 + s} for d, s in zip(names, (3.0, 2.9, 2.1, 1.6))}
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    synthetic_forecast(names).save(sts / "forecast.json")
+    for target in (0.868, 0.853, 0.6):
+        result = fake_validation([scores], [changes])
+        low, high = 0.0, 0.01  # the standard error that gives this ceiling
+        for _ in range(60):
+            result.per_seed[0].nll_delta_se = {d: (low + high) / 2 for d in names}
+            low, high = ((low + high) / 2, high) if result.noise_ceiling > target else (low, (low + high) / 2)
+        result.save(sts / "validation.json")
+        md = write_report(sts)[1].read_text()
+        table = result.table()
+        shown = f"about {int(result.noise_ceiling * 100) / 100:.2f}"
+        assert shown in table and shown in md
+        assert ("raise loss_tokens" in table) is ("The measured changes are noisy" in md) is (target < 0.85)
+        assert "loss_precision" not in md

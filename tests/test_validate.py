@@ -413,10 +413,10 @@ def test_a_noise_ceiling_below_the_bar_never_prints_as_the_bar():
 
     from sts_callback.validation.validate import ValidationResult
 
-    result = SimpleNamespace(noise_ceiling=0.8955, per_seed=[SimpleNamespace(nll_delta_se={"law": 0.01})],
+    result = SimpleNamespace(noise_ceiling=0.8455, per_seed=[SimpleNamespace(nll_delta_se={"law": 0.01})],
                              training={"loss_tokens": 120})
     line = ValidationResult._noise_lines(result)[1]
-    assert "Pearson r of about 0.89 with" in line and "raise loss_tokens, now 120" in line  # was "about 0.90"
+    assert "Pearson r of about 0.84 with" in line and "raise loss_tokens, now 120" in line  # was "about 0.85"
 
 
 def independent_choice_score(model, tokenizer, question, choice):

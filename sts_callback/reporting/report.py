@@ -32,7 +32,7 @@ from ..core.formatting import percent, signed_percent, signed_percents
 from ..core.run_store import (FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, REPORT_HTML_FILE, REPORT_MD_FILE,
                               SETTINGS_FILE, in_step_order)
 from ..core.sae_fit import poor_fit_message
-from ..scoring.agreement import correlation, noise_ceiling_by_domain
+from ..scoring.agreement import NOISE_CEILING_GOAL, ceiling_text, correlation, noise_ceiling_by_domain
 
 GATE_FILE = "gate.json"
 VALIDATION_FILE = "validation.json"
@@ -125,8 +125,6 @@ def _changes(record: dict[str, Any], protected: list[str] | None = None, toleran
     return out
 
 
-# Below this, differences between domains at a re-check are mostly measurement noise (the forecast's goal r 0.85).
-CEILING_WARNING = 0.85
 
 
 # --------------------------------------------------------------------------- data
@@ -487,12 +485,13 @@ class ReportData:
     def precision_note(self) -> str | None:
         """A sentence when the last re-check's changes are too noisy to order the domains (plain text)."""
         at = self.recheck_noise_ceiling()
-        if at is None or at[1] >= CEILING_WARNING:
+        if at is None or at[1] >= NOISE_CEILING_GOAL:
             return None
         return (f"At step {at[0]} the held-out changes are measured with intervals as wide as their spread across "
                 f"domains: even the true changes would order the domains as these measurements do at only about "
-                f"r {at[1]:.2f} (noise ceiling), so differences between domains inside their intervals are noise. "
-                "Raise loss_tokens (or tighten loss_precision) to measure them more precisely.")
+                f"r {ceiling_text(at[1])} (noise ceiling), so differences between domains inside their intervals are "
+                "noise. Raise loss_tokens" + ("" if self.validation else " (or tighten loss_precision)")
+                + " to measure them more precisely.")
 
     def describe_sae(self) -> str:
         sae = self.settings.get("sae") or {}
@@ -888,12 +887,12 @@ def _validation_ceiling_note(data: "ReportData") -> str | None:
     ceiling = data.validation.get("noise_ceiling") if isinstance(data.validation, dict) else None
     if ceiling is None:
         return None
-    if ceiling < CEILING_WARNING:
+    if ceiling < NOISE_CEILING_GOAL:
         return (f"The measured changes are noisy: against them even a perfect forecast could expect a Pearson r of "
-                f"only about {ceiling:.2f} with the signed change (noise ceiling); raise loss_tokens to measure "
+                f"only about {ceiling_text(ceiling)} with the signed change (noise ceiling); raise loss_tokens to measure "
                 "them more precisely.")
     return (f"The measured changes are precise enough to judge the forecast: a perfect forecast could expect a "
-            f"Pearson r of about {ceiling:.2f} with the signed change (noise ceiling).")
+            f"Pearson r of about {ceiling_text(ceiling)} with the signed change (noise ceiling).")
 
 
 # --------------------------------------------------------------------------- HTML

@@ -101,6 +101,16 @@ def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearso
     return out
 
 
+# Below this noise ceiling the measurement alone keeps a perfect forecast from the forecast's goal (r 0.85): the
+# changes are called noisy, and more held-out tokens advised, wherever the ceiling is shown.
+NOISE_CEILING_GOAL = 0.85
+
+
+def ceiling_text(ceiling: float) -> str:
+    """A noise ceiling as shown: two decimals rounded down, so that one below the goal never reads as the goal."""
+    return f"{math.floor(ceiling * 100) / 100:.2f}"
+
+
 def noise_ceiling(measured: Sequence[float], standard_errors: Sequence[float | None]) -> float | None:
     """The Pearson r that even a perfect forecast of the true changes can expect against ``measured`` changes
     carrying these standard errors: the square root of the measurements' reliability, 1 - mean(se^2) /
@@ -129,4 +139,5 @@ def noise_ceiling_by_domain(changes: Mapping[str, float | None],
     return noise_ceiling([changes[name] for name in measured], [standard_errors.get(name) for name in measured])
 
 
-__all__ = ["EXACT_P_MAX_N", "correlation", "noise_ceiling", "noise_ceiling_by_domain"]
+__all__ = ["EXACT_P_MAX_N", "NOISE_CEILING_GOAL", "ceiling_text", "correlation", "noise_ceiling",
+           "noise_ceiling_by_domain"]

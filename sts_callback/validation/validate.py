@@ -45,7 +45,7 @@ from ..pipelines.recipe import (PadCollator, check_target_modules, has_injected_
                                 remove_injected_adapters, training_features, wrap_lora)
 from ..pipelines.rollouts import check_reward_funcs, prompt_records
 from ..pipelines.shifts import is_preference_data
-from ..scoring.agreement import correlation, noise_ceiling_by_domain
+from ..scoring.agreement import NOISE_CEILING_GOAL, ceiling_text, correlation, noise_ceiling_by_domain
 from ..scoring.signed import SIGNED_VARIANTS
 from ..core.torch_utils import model_device, pad_token_id
 
@@ -357,8 +357,8 @@ class ValidationResult:
             return []
         line = (f"measurement noise: each domain's measured change has a standard error of {sum(errors) / len(errors):.2%} "
                 f"on average; against changes measured this precisely even a perfect forecast could expect a "
-                f"Pearson r of about {math.floor(ceiling * 100) / 100:.2f} with the signed change")  # 0.8955: 0.89
-        if ceiling < 0.9:
+                f"Pearson r of about {ceiling_text(ceiling)} with the signed change")
+        if ceiling < NOISE_CEILING_GOAL:  # as the report says it
             line += f" (raise loss_tokens, now {self.training.get('loss_tokens')}, to measure more precisely)"
         return ["", line]
 
