@@ -13,25 +13,14 @@ def signed_percent(value: float | None, digits: int = 1, apart_from: float | Non
     """``value`` (a fraction) as a signed percentage with ``digits`` decimals, more where fewer would print a
     nonzero value as zero (``+0.04%``, not ``+0.0%``: an interval bound whose sign decides a label) or, given
     ``apart_from`` (e.g. a tolerance), print ``value`` equal to it (``5.02%`` against a tolerance of ``5.0%``)."""
-    if value is None:
-        return "–"
-    if not math.isfinite(value):
-        return f"{value}"
-    for places in range(digits, MAX_DIGITS + 1):
-        shown = round(value * 100, places)
-        if (shown == 0) != (value == 0):
-            continue
-        if apart_from is not None and value != apart_from and shown == round(apart_from * 100, places):
-            continue
-        break
-    return f"{value:+.{places}%}"
+    return signed_percents([value], digits, apart_from)[0]
 
 
 def signed_percents(values: list[float | None], digits: int = 1, apart_from: float | None = None) -> list[str]:
     """``values`` (a change and its interval's bounds) as signed percentages with one number of decimals: the
     fewest from ``digits`` on at which each reads as :func:`signed_percent` has it and different values read
     differently. Each with its own decimals, an interval of -0.051% .. -0.034% read [-0.1, -0.03], and
-    -0.073% [-0.086, -0.060] read -0.1% [-0.1, -0.1]."""
+    -0.073% [-0.086, -0.060] read -0.1% [-0.1, -0.1]. ``None`` reads "–", a non-finite value as itself."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     places = digits
     for places in range(digits, MAX_DIGITS + 1):
@@ -44,7 +33,7 @@ def signed_percents(values: list[float | None], digits: int = 1, apart_from: flo
         if len(set(shown)) < len(set(finite)):
             continue
         break
-    return [signed_percent(v) if v is None or not math.isfinite(v) else f"{v:+.{places}%}" for v in values]
+    return ["–" if v is None else f"{v}" if not math.isfinite(v) else f"{v:+.{places}%}" for v in values]
 
 
 def percent(value: float | None, digits: int = 1, apart_from: float | None = None) -> str:

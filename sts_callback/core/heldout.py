@@ -99,13 +99,13 @@ def native_bf16(device: torch.device) -> bool:
 def split_head(model: nn.Module):
     """(body, head, softcap) when the model can run its LM head apart from its body; ``None`` otherwise (a
     sharded model, where every rank must call the root module, or an architecture whose logits are more than
-    head(body) and a softcap, see :func:`scales_its_logits`)."""
+    head(body) and a softcap, see :func:`transforms_its_logits`)."""
     inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     body = getattr(inner, "base_model", None)
     if head is None or body is None or body is inner or parameters_are_sharded(model):
         return None
-    if scales_its_logits(model):
+    if transforms_its_logits(model):
         return None
     config = text_config(model)
     softcap = next((value for name in SOFTCAP_FIELDS if (value := getattr(config, name, None)) is not None), None)
@@ -127,7 +127,7 @@ LOGIT_SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "ou
 LOGIT_MASKING_MODEL_TYPES = ("chameleon",)
 
 
-def scales_its_logits(model: nn.Module) -> bool:
+def transforms_its_logits(model: nn.Module) -> bool:
     """Whether ``model``'s logits are more than head(body) and a softcap: multiplied or divided by a config factor
     other than 1, cut to an ``unpadded_vocab_size`` below the head's rows, or masked (then the head cannot run
     apart from the body: its loss would be off, and the full forward measures it)."""

@@ -125,8 +125,6 @@ def _changes(record: dict[str, Any], protected: list[str] | None = None, toleran
     return out
 
 
-
-
 # --------------------------------------------------------------------------- data
 class ReportData:
     """Everything the report shows, read from an ``sts/`` folder."""
