@@ -4,6 +4,8 @@
     python benchmarks/transfer/rl.py --list           # the plan and which runs are done
     python benchmarks/transfer/rl.py --only grpo-arithmetic
     python benchmarks/transfer/rl.py --smoke --out /tmp/rl-smoke   # every size shrunk: checks the script works
+    python benchmarks/transfer/rl.py --reforecast benchmarks/transfer/rl_reforecast --only 'grpo-*-kl-long'
+        # the runs' before-training forecasts made again by the package as it is now, scored on their measured changes
 
 Model: Gemma 3 270M (offline GGUF package), the demo SAE (layer 12, TopK width 4096, k=32), as the SFT benchmark
 (units.py). Targets: the 11 frozen built-in domains (``units/domains.json.gz``, read through ``units.domain_texts``);
@@ -604,7 +606,7 @@ def train(kind: str, model, tokenizer, sae_path, data, targets, config, callback
 
 
 def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache: DomainCache, work: Path,
-             precise: PreciseSample | None = None) -> dict:
+             precise: PreciseSample | None = None, forecast_only: bool = False) -> dict:
     from sts_callback import forecast as sft_forecast
     from sts_callback.core.config import STSConfig
     from sts_callback.pipelines.rollouts import rollout_forecast
@@ -635,6 +637,8 @@ def run_grpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache
                                                      shift="demonstrations")),
         ("plain_demonstrations", lambda: sft_forecast(model, tokenizer, sae_path, built["references"], targets,
                                                       config))), seconds)
+    if forecast_only:
+        return {"forecasts": forecasts, "seconds": seconds}
     print(f"   training {trainer_args['max_steps']} GRPO steps ...", flush=True)
     cb, log, seconds["train_with_callback"], measured_precise = train(
         "grpo", model, tokenizer, sae_path, rows, targets, config, sz["callback"], trainer_args, funcs, cache,
@@ -750,7 +754,7 @@ def trainer_args_settings(trainer_args: dict) -> dict:
 
 
 def run_dpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache: DomainCache, work: Path,
-            precise: PreciseSample | None = None) -> dict:
+            precise: PreciseSample | None = None, forecast_only: bool = False) -> dict:
     from sts_callback.core.config import STSConfig
     from sts_callback.pipelines.preference import preference_forecast
 
@@ -767,6 +771,8 @@ def run_dpo(name: str, spec: dict, model, tokenizer, sae_path, texts, sz, cache:
         (shift, lambda shift=shift: preference_forecast(model, tokenizer, sae_path, pairs, targets, config,
                                                         shift=shift))
         for shift in ("chosen_vs_rejected", "in_context")), seconds)
+    if forecast_only:
+        return {"forecasts": forecasts, "seconds": seconds}
     print(f"   training {trainer_args['max_steps']} DPO steps ...", flush=True)
     cb, log, seconds["train_with_callback"], measured_precise = train(
         "dpo", model, tokenizer, sae_path, pairs, targets, config, sz["callback"], trainer_args, None, cache,
@@ -817,6 +823,38 @@ def finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, traject
             "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU"}
 
 
+def reforecast(run: dict, fresh: dict, commit: str) -> dict:
+    """``run`` (a finished run's record) with its before-training forecasts made again by the package at ``commit``
+    and scored on the same measured changes: what a change in how the forecast reads the data does to the run's
+    numbers, with no training again. The run's own forecasts and agreements are kept under ``forecasts_before`` /
+    ``agreement_before`` / ``agreement_precise_before``; the callback's train-start forecast is the run's."""
+    others = run["others"]
+    forecasts = {**fresh["forecasts"], **({"callback": run["forecasts"]["callback"]}
+                                          if "callback" in run["forecasts"] else {})}
+    out = {**run, "forecasts": forecasts,
+           "forecasts_before": {v: f for v, f in run["forecasts"].items() if v != "callback"},
+           "agreement_before": run["agreement"],
+           "agreement": {v: agreement(f["scores"], run["measured"]["loss_delta"], others)
+                         for v, f in forecasts.items() if "scores" in f},
+           "reforecast": {"commit": commit, "date": time.strftime("%Y-%m-%d"), "seconds": fresh["seconds"],
+                          "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU"}}
+    if "measured_precise" in run:
+        out["agreement_precise_before"] = run["agreement_precise"]
+        out["agreement_precise"] = {v: agreement(f["scores"], run["measured_precise"]["loss_delta"], others)
+                                    for v, f in forecasts.items() if "scores" in f}
+    return out
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 # ----------------------------------------------------------------------------------------------- table
 
 def fmt(value, spec="+.2f") -> str:
@@ -858,14 +896,16 @@ def print_table(results: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------- main
 
 def only_these(parser: argparse.ArgumentParser, names: list[str], only: list[str] | None, unknown: str) -> list[str]:
-    """``names`` kept to those ``--only`` lists (all without it); a name not among them is a usage error,
-    ``unknown`` formatted with them."""
+    """``names`` kept to those ``--only`` lists, by name or shell pattern (all without it); one that matches none
+    is a usage error, ``unknown`` formatted with them."""
+    from fnmatch import fnmatch
+
     if not only:
         return names
-    missing = sorted(set(only) - set(names))
+    missing = sorted(p for p in only if not any(fnmatch(n, p) for n in names))
     if missing:
         parser.error(unknown.format(missing))
-    return [n for n in names if n in only]
+    return [n for n in names if any(fnmatch(n, p) for p in only)]
 
 
 def main() -> None:
@@ -877,6 +917,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="shrink every size (checks the script, ~4 min)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see the docstring)")
     parser.add_argument("--no-domain-cache", action="store_true", help="recompute every domain pass")
+    parser.add_argument("--reforecast", type=Path, metavar="DIR",
+                        help="make the before-training forecasts of the runs in --out again (GRPO and DPO; no "
+                             "training) and write each run, scored on its measured changes, to DIR (resumable)")
     args = parser.parse_args()
 
     names = list(RUNS)
@@ -885,9 +928,15 @@ def main() -> None:
             print(f"{name:<36} {'done' if (args.out / f'{name}.json').exists() else 'todo'}")
         return
     names = only_these(parser, names, args.only, "unknown run(s) {}; --list prints the plan")
-    todo = [n for n in names if not (args.out / f"{n}.json").exists()]
-    print(f"{len(todo)} of {len(names)} runs to run", flush=True)
-    results = [json.loads((args.out / f"{n}.json").read_text()) for n in names if n not in todo]
+    if args.reforecast:
+        names = [n for n in names if RUNS[n]["kind"] in ("grpo", "dpo") and (args.out / f"{n}.json").exists()]
+        todo = [n for n in names if not (args.reforecast / f"{n}.json").exists()]
+        print(f"{len(todo)} of {len(names)} runs to forecast again", flush=True)
+        results = [json.loads((args.reforecast / f"{n}.json").read_text()) for n in names if n not in todo]
+    else:
+        todo = [n for n in names if not (args.out / f"{n}.json").exists()]
+        print(f"{len(todo)} of {len(names)} runs to run", flush=True)
+        results = [json.loads((args.out / f"{n}.json").read_text()) for n in names if n not in todo]
 
     if todo:
         import torch
@@ -906,7 +955,7 @@ def main() -> None:
         sz = sizes(args.smoke)
         cache = DomainCache(enabled=not args.no_domain_cache)
         precise = None
-        wanted = [RUNS[n]["precise_tokens"] for n in todo if RUNS[n].get("precise_tokens")]
+        wanted = [] if args.reforecast else [RUNS[n]["precise_tokens"] for n in todo if RUNS[n].get("precise_tokens")]
         if wanted:  # the smoke measures a small sample, cached in its own --out (never the units' cache)
             precise = PreciseSample(model, tokenizer, texts, sz["precise_tokens"] or max(wanted),
                                     args.out if args.smoke else units.UNITS)
@@ -915,6 +964,13 @@ def main() -> None:
             spec = RUNS[name]
             print(f"== {name} ({time.strftime('%H:%M:%S')}) ==", flush=True)
             runner = {"grpo": run_grpo, "distill": run_distill}.get(spec["kind"], run_dpo)
+            if args.reforecast:
+                fresh = runner(name, spec, model, tokenizer, sae_path, texts, sz, cache, args.work, forecast_only=True)
+                data = reforecast(json.loads((args.out / f"{name}.json").read_text()), fresh, git_commit())
+                units.write_json(args.reforecast / f"{name}.json", data)
+                results.append(data)
+                print(f"   forecast again in {sum(fresh['seconds'].values()) / 60:.1f} min", flush=True)
+                continue
             data = runner(name, spec, model, tokenizer, sae_path, texts, sz, cache, args.work,
                           precise if spec.get("precise_tokens") else None)
             data.update({"smoke": args.smoke, "threads": torch.get_num_threads(),

@@ -55,6 +55,7 @@ ICL = "icl_loss_change"
 ICL_OF_VARIANT = {"reward_filtered": lambda c: c["high"], "plain_demonstrations": lambda c: c["plain"],
                   "reward_weighted": lambda c: {d: c["high"][d] - c["low"][d] for d in c["high"]}}
 # Calibration.fit_level_pattern's pattern_scale -> the suffix of its rows
+RL_RUNS = HERE / "rl"  # the RL / DPO runs (--runs-dir: e.g. rl.py --reforecast's folder)
 PATTERN_SCALE_ROWS = {"absolute": "", "run": ", pattern over each run's spread"}
 
 
@@ -98,9 +99,9 @@ def run_measurement(run: dict, precise: bool) -> dict:
 
 
 def rl_runs(exclude: Sequence[str], only: Sequence[str] = ()) -> list[Path]:
-    """The RL / DPO runs on disk (``rl/*.json``) but those whose names match a pattern of ``exclude``, and with
+    """The RL / DPO runs on disk (``rl/*.json``, or ``--runs-dir``) but those whose names match a pattern of ``exclude``, and with
     ``only`` just those whose names match one of its patterns."""
-    return [p for p in sorted((HERE / "rl").glob("*.json")) if not any(fnmatch(p.stem, x) for x in exclude)
+    return [p for p in sorted(RL_RUNS.glob("*.json")) if not any(fnmatch(p.stem, x) for x in exclude)
             and (not only or any(fnmatch(p.stem, x) for x in only))]
 
 
@@ -315,7 +316,7 @@ def noise_ceiling_range(measured: dict, others: list[str]) -> tuple[float | None
 
 
 def main() -> None:
-    global FEATURE, FEATURES  # the rows' functions read them
+    global FEATURE, FEATURES, RL_RUNS  # the rows' functions read them
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="default: rl_vs_sft.json, with --precise-truth rl_vs_sft_precise.json")
@@ -337,8 +338,10 @@ def main() -> None:
     parser.add_argument("--features", nargs="+", default=list(SAE_FEATURES),
                         help="the level + pattern rows' features (default: the SAE features)")
     parser.add_argument("--line-feature", default=FEATURE, help=f"the line rows' score (default {FEATURE})")
+    parser.add_argument("--runs-dir", type=Path, default=RL_RUNS,
+                        help="the RL / DPO runs' folder (default rl/; rl.py --reforecast writes another)")
     args = parser.parse_args()
-    FEATURE, FEATURES = args.line_feature, list(args.features)
+    FEATURE, FEATURES, RL_RUNS = args.line_feature, list(args.features), args.runs_dir
     if ICL in {FEATURE, *FEATURES} and not args.icl:
         parser.error(f"{ICL} is a score only with --icl")
     if AFFINITY in {FEATURE, *FEATURES} and not args.affinity:
