@@ -127,8 +127,8 @@ def test_config_validation_names_the_field(field, value, message):
 def test_icl_ranking_needs_icl():
     with pytest.raises(STSConfigError, match="needs compute_icl=True"):
         STSConfig(compute_icl=False)
-    with pytest.raises(STSConfigError, match="Unknown STSConfig field"):
-        STSConfig.from_dict({"n_shfted": 3})
+    with pytest.raises(STSConfigError, match="Unknown STSConfig field.*Did you mean 'n_shifted' .not 'n_shfted'.?"):
+        STSConfig.from_dict({"n_shfted": 3})  # a typo (as in `sts ... --set n_shfted=3`) gets its likely fix
 
 
 def test_targets_shape_errors(model, tokenizer):

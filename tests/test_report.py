@@ -896,7 +896,7 @@ def test_a_forecast_alone_reports_the_saes_poor_fit_it_warned_of(tmp_path):
 def test_a_change_and_its_interval_are_shown_with_one_precision():
     """Each number got its own decimals: -0.043% [-0.051, -0.034] read "-0.04% [-0.1, -0.03]" (a bound twice its
     size) and -0.073% [-0.086, -0.060] read "-0.1% [-0.1, -0.1]", an interval of no width."""
-    from sts_callback.core.formatting import signed_percents
+    from sts_callback.core.formatting import percent, signed_percents
     from sts_callback.reporting.report import _changes, _projections
 
     record = {"loss_delta": {"chem": -0.00043, "law": -0.00073, "food": 0.0512},
@@ -910,6 +910,8 @@ def test_a_change_and_its_interval_are_shown_with_one_precision():
     assert "[" not in _projections(held, 0.05)[0][1] and "held there" in _projections(held, 0.05)[0][1]
     assert signed_percents([0.05, 0.0499, 0.0501], apart_from=0.05) == ["+5.00%", "+4.99%", "+5.01%"]
     assert signed_percents([0.0, None, float("nan")]) == ["+0.0%", "–", "nan"]
+    # below the last place a nonzero value keeps its sign without reading as a signed zero
+    assert signed_percents([-3e-6, 2e-5]) == ["-<0.001%", "+0.002%"] and percent(3e-6) == "<0.001%"
 
 
 def test_names_that_markdown_or_the_plot_font_would_misread_are_shown_as_given(tmp_path):

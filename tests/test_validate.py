@@ -111,8 +111,7 @@ def test_lora_two_seeds_end_to_end(tmp_path, tokenizer):
                         if entry["r"] is not None:
                             assert -1 <= entry["r"] <= 1 and 0 <= entry["p"] <= 1
                             assert entry["p_method"] == "exact permutation"  # 4 domains: every pairing
-                            low, high = entry["ci"]
-                            assert -1 <= low <= high <= 1
+                            assert entry["ci"] is None  # too few domains for a bootstrap
     # the two seeds sampled differently (forecast and held-out texts)
     assert saved["per_seed"][0]["nll_before"] != saved["per_seed"][1]["nll_before"]
     for measure in ("nll", "metric"):
@@ -183,7 +182,7 @@ def test_full_fine_tune_single_seed_skips_uncomputed_variants(tmp_path, tokenize
     agg = saved["correlations"]["nll"]["sts_act"]["abs"]["pearson"]
     assert agg["std"] is None and agg["n"] in (0, 1)  # one seed: no spread
     assert "metric_before" not in saved["mean"] and record["metric_before"] is None
-    assert "[" in result.table()  # a single seed shows the bootstrap interval
+    assert "no interval: a bootstrap needs 7 domains or more" in result.table()  # a single seed of 4 domains
     # recheck_steps=1: the NLL change at every step, the last one equal to the final measurement
     trajectory = record["trajectory"]
     assert [t["step"] for t in trajectory] == [1, 2, 3]
@@ -288,21 +287,23 @@ def test_bad_inputs_fail_before_training(tmp_path, tokenizer, monkeypatch):
 def test_correlation_statistics_and_degenerate_inputs():
     from scipy import stats
 
-    x, y = [0.1, 0.4, 0.2, 0.9, 0.5], [1.0, 2.5, 1.1, 4.0, 3.0]
+    x, y = [0.1, 0.4, 0.2, 0.9, 0.5, 0.3, 0.7], [1.0, 2.5, 1.1, 4.0, 3.0, 1.2, 2.0]
     entry = correlation(x, y, "pearson", n_resamples=500, seed=1)
     assert entry["r"] == pytest.approx(stats.pearsonr(x, y)[0])
-    assert entry["p_method"] == "exact permutation"  # 5 points: every pairing, not the t-distribution
+    assert entry["p_method"] == "exact permutation"  # 7 points: every pairing, not the t-distribution
     low, high = entry["ci"]
-    assert low <= high <= 1.0
+    assert low < entry["r"] < high <= 1.0
     assert correlation(x, y, "pearson", n_resamples=500, seed=1) == entry  # seeded
     rho = correlation(x, y, "spearman", n_resamples=100)
     assert rho["r"] == pytest.approx(stats.spearmanr(x, y)[0])
     # constant vectors: no correlation, no crash, null in JSON
     for degenerate in (correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), correlation([1.0, 2.0, 3.0], [5.0] * 3)):
         assert degenerate == {"r": None, "p": None, "p_method": None, "ci": None, "n": 3}
-    # three points, most resamples degenerate: the interval comes from the defined ones
-    small = correlation([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], n_resamples=300)
-    assert small["r"] == pytest.approx(0.5) and small["ci"] is not None
+    # fewer than 7 points: a bootstrap's resamples are often two distinct points (r = +-1 by construction), so no
+    # interval; a perfect r of 4 points read [1.00, 1.00] beside its exact p of 0.083
+    perfect = correlation([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.5], n_resamples=300)
+    assert perfect["r"] > 0.99 and perfect["p"] == pytest.approx(2 / 24)
+    assert perfect["ci"] is None and correlation(x[:6], y[:6], n_resamples=300)["ci"] is None
     assert _mean_std([None, None]) == {"mean": None, "std": None, "n": 0, "values": [None, None]}
     assert _mean_std([0.5, None])["mean"] == 0.5 and _mean_std([0.5, None])["std"] is None
     assert json_safe({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
@@ -361,6 +362,26 @@ def test_console_table_columns_line_up_and_few_domains_never_print_p_below_0001(
     _columns_end_at_the_same_place(rows)
     assert "p<0.001" not in "\n".join(table) and "p=0.333" in "\n".join(table)  # perfect ranks of 3: p = 1/3
     assert "p: exact permutation test" in table[start - 1]
+
+
+def test_console_table_gives_intervals_only_where_a_bootstrap_can_say_something():
+    """A single seed's correlations show their bootstrap interval from 7 domains on; with fewer the table says why
+    none is shown. The heading names a DPO run as such, and a change too small for two decimals keeps its digits."""
+    from fake_validation import fake_validation
+
+    def table(n: int, trainer: str = "Trainer") -> str:
+        names = [f"d{i}" for i in range(n)]
+        scores = {d: {v: 0.01 * (i + 1) + 0.001 * j for j, v in enumerate(ALL_VARIANTS)} for i, d in enumerate(names)}
+        changes = {d: 0.01 * (i + 1) * (-1) ** (i // 2) for i, d in enumerate(names)}
+        changes[names[0]] = -3e-6
+        return fake_validation([scores], [changes], n_resamples=200, trainer=trainer).table()
+
+    seven, four = table(7), table(4, "DPOTrainer")
+    assert "(r [95% bootstrap CI] p" in seven and "no interval" not in seven
+    assert "[" in seven.split("correlation across")[1]
+    assert "no interval: a bootstrap needs 7 domains or more" in four and "[" not in four.split("correlation across")[1]
+    assert four.startswith("STS validation: LoRA (r=8) DPO, ") and seven.startswith("STS validation: LoRA (r=8) fine-tune")
+    assert "-<0.001%" in seven and "-0.00" not in seven  # a tiny fall: no zero with a sign
 
 
 @pytest.mark.parametrize("training_args, words", [
@@ -543,6 +564,7 @@ def test_preference_pairs_are_validated_with_dpo(tmp_path, tokenizer):
     assert_same_weights(model, before)
     saved = json.loads((tmp_path / "val" / "sts" / "validation.json").read_text())
     assert saved["training"]["trainer"] == "DPOTrainer" and saved["training"]["training_args"] == {"beta": 0.5}
+    assert saved["training"]["completion_only_loss"] is None  # SFT's setting: DPO trains completions by its rules
     forecast = json.loads((tmp_path / "val" / "sts" / "forecast.json").read_text())
     assert forecast["settings"]["shift"] == "chosen_vs_rejected" and forecast["settings"]["preference_pairs"] > 0
     record = saved["per_seed"][0]

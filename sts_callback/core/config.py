@@ -216,11 +216,16 @@ def device_problem(value: Any, available: bool = False) -> str | None:
 def settings_from_dict(cls: Any, values: dict[str, Any] | None, what: str, valid: str = "valid:") -> Any:
     """``cls(**values)`` for a settings dataclass, an unknown key named with the valid ones (a config file's typo
     must not run with defaults)."""
+    import difflib
+
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)
     if unknown:
-        raise STSConfigError(f"Unknown {what} {unknown}; {valid} {sorted(known)}.")
+        hints = [f"Did you mean {close[0]!r} (not {key!r})?" for key in unknown
+                 for close in [difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)] if close]
+        listed = f"{valid[0].upper() + valid[1:] if hints else valid} {sorted(known)}"
+        raise STSConfigError(f"Unknown {what} {unknown}; {' '.join(hints) + ' ' if hints else ''}{listed}.")
     return cls(**values)
 
 

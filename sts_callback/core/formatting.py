@@ -20,7 +20,8 @@ def signed_percents(values: list[float | None], digits: int = 1, apart_from: flo
     """``values`` (a change and its interval's bounds) as signed percentages with one number of decimals: the
     fewest from ``digits`` on at which each reads as :func:`signed_percent` has it and different values read
     differently. Each with its own decimals, an interval of -0.051% .. -0.034% read [-0.1, -0.03], and
-    -0.073% [-0.086, -0.060] read -0.1% [-0.1, -0.1]. ``None`` reads "–", a non-finite value as itself."""
+    -0.073% [-0.086, -0.060] read -0.1% [-0.1, -0.1]. A nonzero value below the last place :data:`MAX_DIGITS`
+    reads "-<0.001%" (not "-0.000%", a zero with a sign). ``None`` reads "–", a non-finite value as itself."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     places = digits
     for places in range(digits, MAX_DIGITS + 1):
@@ -33,7 +34,13 @@ def signed_percents(values: list[float | None], digits: int = 1, apart_from: flo
         if len(set(shown)) < len(set(finite)):
             continue
         break
-    return ["–" if v is None else f"{v}" if not math.isfinite(v) else f"{v:+.{places}%}" for v in values]
+    tiny = f"<{10.0 ** -places:.{places}f}%"
+
+    def shown(v: float) -> str:
+        text = f"{v:+.{places}%}"
+        return text[0] + tiny if v != 0 and round(v * 100, places) == 0 else text
+
+    return ["–" if v is None else f"{v}" if not math.isfinite(v) else shown(v) for v in values]
 
 
 def percent(value: float | None, digits: int = 1, apart_from: float | None = None) -> str:

@@ -57,6 +57,12 @@ def _exact_permutation_p(x, y, statistic: str) -> float:
     return float(result.pvalue)
 
 
+# A paired bootstrap of fewer points draws many resamples of only two distinct points, whose correlation is +-1 by
+# construction (a third of them with 4 points, a tenth with 5, 2% with 6): its interval says that, not the data's
+# uncertainty (r = 1 over 4 domains read [1.00, 1.00] beside an exact p of 0.083). Below it, no interval is given.
+BOOTSTRAP_MIN_POINTS = 7
+
+
 def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearson", *, n_resamples: int = 2000,
                 seed: int = 0, confidence_level: float = 0.95) -> dict[str, Any]:
     """``{"r", "p", "p_method", "ci": [low, high], "n"}`` of Pearson or Spearman between ``x`` and ``y``.
@@ -64,8 +70,8 @@ def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearso
     ``p`` (two-sided): up to :data:`EXACT_P_MAX_N` points an exact permutation test over every pairing
     (``scipy.stats.permutation_test``; with 3 points even a perfect correlation has p = 1/3), beyond that
     ``scipy.stats.pearsonr`` / ``spearmanr``; ``p_method`` says which. ``ci`` a paired percentile bootstrap
-    (``scipy.stats.bootstrap``, seeded). Resamples that are constant on one side have no correlation and are
-    left out of the interval. A constant ``x`` or ``y`` gives ``r = p = ci = None`` (JSON null), never an error.
+    (``scipy.stats.bootstrap``, seeded), from :data:`BOOTSTRAP_MIN_POINTS` points on (``None`` below). Resamples
+    that are constant on one side have no correlation and are left out of the interval. A constant ``x`` or ``y`` gives ``r = p = ci = None`` (JSON null), never an error.
     """
     import numpy as np
     from scipy import stats
@@ -85,7 +91,7 @@ def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearso
         out["r"] = r if math.isfinite(r) else None
         out["p"] = p if math.isfinite(p) else None
         out["p_method"] = method if out["p"] is not None else None
-        if n_resamples > 0:
+        if n_resamples > 0 and len(x) >= BOOTSTRAP_MIN_POINTS:
             function = _pearson_along if statistic == "pearson" else _spearman_along
             rng = np.random.default_rng(seed)
             key = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"

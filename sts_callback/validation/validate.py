@@ -35,7 +35,7 @@ from ..core.atomic import atomic_write_json, check_format, read_json
 from ..core.config import STSConfig, device_problem, json_serializable, plain_numbers, settings_from_dict
 from ..core.data import Corpus, load_corpus, load_domains, text_tokenizer
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, first_line
-from ..core.formatting import json_safe
+from ..core.formatting import json_safe, signed_percent
 from ..pipelines.forecast import SCORE_LABELS, display_width, shown_name
 from ..core.multiple_choice import argmax, check_items, choice_scores
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, SETTINGS_FILE
@@ -45,7 +45,8 @@ from ..pipelines.recipe import (PadCollator, check_target_modules, has_injected_
                                 remove_injected_adapters, training_features, wrap_lora)
 from ..pipelines.rollouts import check_reward_funcs, prompt_records
 from ..pipelines.shifts import is_preference_data
-from ..scoring.agreement import NOISE_CEILING_GOAL, ceiling_text, correlation, noise_ceiling_by_domain
+from ..scoring.agreement import (BOOTSTRAP_MIN_POINTS, NOISE_CEILING_GOAL, ceiling_text, correlation,
+                                 noise_ceiling_by_domain)
 from ..scoring.signed import SIGNED_VARIANTS
 from ..core.torch_utils import model_device, pad_token_id
 
@@ -281,7 +282,8 @@ class ValidationResult:
         several = len(seeds) > 1
         mean = self.to_dict()["mean"]
         training = self.training
-        what = (f"LoRA (r={training.get('lora_rank')})" if self.method == "lora" else "full") + " fine-tune"
+        what = (f"LoRA (r={training.get('lora_rank')})" if self.method == "lora" else "full") + " " + TRAINED_AS.get(
+            training.get("trainer"), "fine-tune")
         lines = [f"STS validation: {what}, {training.get('steps')} steps, lr {training.get('learning_rate'):g}, "
                  f"batch {training.get('batch_size')}; seeds {self.seeds}; {len(self.domains)} target domains"]
         extra = training.get("training_args") or {}
@@ -296,7 +298,8 @@ class ValidationResult:
         rows = []
         for d in sorted(self.domains, key=lambda d: -self.measured[d]):
             cells = [shown_name(d)] + [f"{mean['scores'][d][v]:.4g}" for v in self.variants]
-            cells += [f"{mean['nll_before'][d]:.4f}", f"{mean['nll_after'][d]:.4f}", f"{mean['nll_delta_rel'][d]:+.2%}"]
+            cells += [f"{mean['nll_before'][d]:.4f}", f"{mean['nll_after'][d]:.4f}",
+                      signed_percent(mean['nll_delta_rel'][d], 2)]
             if "metric" in self.measures:
                 cells += [f"{mean['metric_before'][d]:.4g}", f"{mean['metric_after'][d]:.4g}",
                           f"{mean['metric_delta'][d]:+.4g}"]
@@ -323,7 +326,11 @@ class ValidationResult:
             how = "(mean ± std over seeds)"
             if not several:
                 methods.discard(None)
-                how = "(r [95% bootstrap CI] p" + (f"; p: {methods.pop()} test" if len(methods) == 1 else "") + ")"
+                bootstrap = len(self.domains) >= BOOTSTRAP_MIN_POINTS
+                how = ("(r [95% bootstrap CI] p" if bootstrap else "(r p") + (
+                    f"; p: {methods.pop()} test" if len(methods) == 1 else "") + (
+                    "" if bootstrap or not self.n_resamples
+                    else f"; no interval: a bootstrap needs {BOOTSTRAP_MIN_POINTS} domains or more") + ")"
             lines += ["", f"correlation across {len(self.domains)} domains with the {name} {how}"]
             lines += _aligned(["variant", "|Δ| Pearson", "|Δ| Spearman", "Δ Pearson", "Δ Spearman"], rows)
         lines += self._noise_lines()
@@ -480,6 +487,8 @@ def training_argument_fields() -> frozenset[str]:
 
 # The trainer validate trains each kind of data with, and its TRL config.
 TRAINERS = {"sft": ("Trainer", None), "dpo": ("DPOTrainer", "DPOConfig"), "grpo": ("GRPOTrainer", "GRPOConfig")}
+# The table's heading names the training by its trainer ("LoRA (r=8) DPO"); SFT is the fine-tune.
+TRAINED_AS = {"DPOTrainer": "DPO", "GRPOTrainer": "GRPO"}
 
 
 @functools.cache
@@ -740,7 +749,9 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
                 "batch_size": batch_size, "max_length": max_length,
                 "lora_rank": lora_rank if method == "lora" else None,
                 "lora_alpha": (lora_alpha or 2 * lora_rank) if method == "lora" else None,
-                "lora_target_modules": None, "completion_only_loss": completion_only_loss,
+                "lora_target_modules": None,
+                # DPO and GRPO train on completions by their own rules: the setting is SFT's
+                "completion_only_loss": completion_only_loss if kind == "sft" else None,
                 "loss_tokens": loss_tokens, "recheck_tokens": recheck_tokens, "recheck_steps": recheck_steps,
                 "train_examples": len(features),
                 "device": str(train_device), "copied_model": copy_model,
