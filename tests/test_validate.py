@@ -384,6 +384,22 @@ def test_console_table_gives_intervals_only_where_a_bootstrap_can_say_something(
     assert "-<0.001%" in seven and "-0.00" not in seven  # a tiny fall: no zero with a sign
 
 
+def test_console_table_says_why_a_measure_has_no_correlation():
+    """A metric that moved alike on every domain (e.g. accuracy on a few items, unchanged) gave a table of n/a with no
+    reason: the table now says which side has no spread."""
+    from fake_validation import fake_validation
+
+    names = ["law", "food", "chem", "code"]
+    scores = {d: {v: 0.01 * (i + 1) for v in ALL_VARIANTS} for i, d in enumerate(names)}
+    result = fake_validation([scores], [{d: 0.02 for d in names}])
+    assert "n/a: the held-out NLL changed alike on every domain" in result.table()
+    flat = {d: {v: 0.5 for v in ALL_VARIANTS} for d in names}
+    result = fake_validation([flat], [{d: 0.01 * i for i, d in enumerate(names)}])
+    assert "n/a: every variant's score is the same on every domain" in result.table()
+    moved = fake_validation([scores], [{d: 0.01 * i for i, d in enumerate(names)}])
+    assert "n/a:" not in moved.table()
+
+
 @pytest.mark.parametrize("training_args, words", [
     ({"max_steps": 5, "learning_rate": 0.05}, "pass validate(steps=..., learning_rate=...)"),
     ({"num_train_epochs": 3}, "num_train_epochs would be ignored"),

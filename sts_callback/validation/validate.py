@@ -333,6 +333,8 @@ class ValidationResult:
                     else f"; no interval: a bootstrap needs {BOOTSTRAP_MIN_POINTS} domains or more") + ")"
             lines += ["", f"correlation across {len(self.domains)} domains with the {name} {how}"]
             lines += _aligned(["variant", "|Δ| Pearson", "|Δ| Spearman", "Δ Pearson", "Δ Spearman"], rows)
+            if all(cell == "n/a" for row in rows for cell in row[1:]):
+                lines.append(self._why_no_correlation(measure))
         lines += self._noise_lines()
         overlap = self.overlap_summary()
         if overlap["mean"] is not None:
@@ -340,6 +342,24 @@ class ValidationResult:
             lines += ["", f"overlap of forecast and actually-shifted latents: {overlap['mean']:.1f}{spread} of "
                           f"{overlap['n_shifted']}"]
         return "\n".join(lines)
+
+    def _why_no_correlation(self, measure: str) -> str:
+        """Why a measure's correlations are all n/a: its change, or every variant's score, is the same on every
+        domain in every seed (a correlation needs a spread on both sides)."""
+        def constant(values: list[float]) -> bool:
+            return len(values) < 3 or max(values) == min(values)
+
+        names = list(self.domains)
+        if len(names) < 3:
+            return f"n/a: a correlation needs 3 domains or more, there are {len(names)}"
+        deltas = [s.nll_delta_rel if measure == "nll" else s.metric_delta for s in self.per_seed]
+        if all(d is None or constant([d[n] for n in names]) for d in deltas):
+            what = "held-out NLL" if measure == "nll" else "user metric"
+            return (f"n/a: the {what} changed alike on every domain (no spread to correlate with)"
+                    + ("; a metric of few items moves in steps: give it more items" if measure == "metric" else ""))
+        if all(constant([s.scores[n][v] for n in names]) for s in self.per_seed for v in self.variants):
+            return "n/a: every variant's score is the same on every domain (no spread to correlate with)"
+        return "n/a: no correlation could be computed (a score or a change that is not a finite number)"
 
     def __str__(self) -> str:
         return self.table()
