@@ -269,13 +269,13 @@ def test_progress_bars_and_info_lines_follow_the_trainers_settings(tmp_path, tok
     out, err = capsys.readouterr()
     assert "STS forecast" not in err and "STS forecast" not in out  # no bar, no table
     verbosity = transformers.logging.get_verbosity()
-    try:  # an early stop is said at any log level
-        make_trainer(tmp_path / "stops", tokenizer, make_callback(protected=["food"], max_sts=1e-12, early_stop=True,
-                                                                  patience=2, recheck_steps=1),
-                     save_strategy="no", disable_tqdm=True, log_level="error").train()
+    try:  # an early stop is a warning (as its violations are), whatever the log level
+        with pytest.warns(STSNegativeTransferWarning, match="STS: early stop at step 2"):
+            make_trainer(tmp_path / "stops", tokenizer, make_callback(protected=["food"], max_sts=1e-12,
+                                                                      early_stop=True, patience=2, recheck_steps=1),
+                         save_strategy="no", disable_tqdm=True, log_level="error").train()
     finally:
         transformers.logging.set_verbosity(verbosity)
-    assert "STS: early stop at step 2" in capsys.readouterr().out
 
 
 def test_warnings_reach_a_log_file_once_in_order_and_not_twice_on_the_console(tmp_path, tokenizer):
@@ -302,7 +302,7 @@ def test_warnings_reach_a_log_file_once_in_order_and_not_twice_on_the_console(tm
         log_file.close()
     lines = (tmp_path / "run.log").read_text().splitlines()
     violation = next(i for i, line in enumerate(lines) if "re-checked STS of protected domain" in line)
-    stop = next(i for i, line in enumerate(lines) if line.startswith("early stop at step"))
+    stop = next(i for i, line in enumerate(lines) if line.startswith("STS: early stop at step"))
     assert violation < stop  # the stop after the warning that caused it
 
 
@@ -811,6 +811,19 @@ def test_a_resume_whose_checkpoint_lacks_the_sts_state_keeps_its_early_stop_coun
         warnings.simplefilter("ignore")
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
     assert trainer.state.global_step == 6 and "early stop at step 6" in callback.stop_reason
+
+
+def test_a_resume_under_other_rules_counts_the_kept_violations_by_them_and_says_so(tmp_path, tokenizer):
+    """Resumed with a rule the run did not have (max_sts), the kept re-checks at steps 2 and 4 break it too: with
+    patience 3 the run stops at step 6. The checkpoint's count (0, under the old rules) stopped it two re-checks
+    late, and nothing said the rules changed."""
+    first = dict(protected=["law"], tolerance=math.inf, early_stop=True, patience=3)
+    make_trainer(tmp_path, tokenizer, make_callback(**first), max_steps=8).train()
+    callback = make_callback(**{**first, "max_sts": 1e-9})
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=8)
+    with pytest.warns(STSDataWarning, match=r"resuming under other rules than the run's \(max_sts None -> 1e-09\)"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert trainer.state.global_step == 6 and "early stop at step 6 after 3 consecutive" in callback.stop_reason
 
 
 def disk_full_once_at(monkeypatch, step: int) -> list[int]:

@@ -117,6 +117,11 @@ def test_a_tolerance_given_as_a_percent_is_warned_about():
         GuardConfig(protected=["food"], tolerance=2)
     with pytest.warns(STSDataWarning, match=r"accuracy_tolerance=2 can never be exceeded.*accuracy_tolerance=0.02"):
         GuardConfig(protected=["food"], accuracy_tolerance=2)
+    for one in (1, 1.0):  # a rise of 100% (1% meant?) and an accuracy that can never fall by more than 1
+        with pytest.warns(STSDataWarning, match=r"tolerance=1(\.0)? allows a loss rise of 100%.*pass tolerance=0.01"):
+            GuardConfig(protected=["food"], tolerance=one)
+        with pytest.warns(STSDataWarning, match=r"accuracy_tolerance=1(\.0)? can never be exceeded"):
+            GuardConfig(protected=["food"], accuracy_tolerance=one)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GuardConfig(protected=["food"], tolerance=0.02)
@@ -129,12 +134,28 @@ def test_the_last_steps_violation_is_reported_but_is_no_early_stop():
     assert decision.violations and not decision.stop and guard.stop_reason is None
 
 
-def test_a_failed_recheck_breaks_a_run_of_consecutive_violations():
+def test_a_failed_recheck_neither_counts_nor_breaks_a_run_of_violations():
+    """Reset by each failed re-check, a re-check failing every other time kept a lasting violation (+81%, +108%,
+    +112%) from ever stopping the run; read back from a history, a failed record holds the count too."""
     guard = Guard(GuardConfig(protected=["food"], early_stop=True, patience=2))
     assert not guard.check(1, record(0.5), "sts_icl").stop
-    guard.recheck_failed()  # step 2 measured nothing: steps 1 and 3 are not consecutive
-    assert not guard.check(3, record(0.5), "sts_icl").stop
-    assert guard.check(4, record(0.5), "sts_icl").stop and "after 2 consecutive" in guard.stop_reason
+    # step 2 failed (nothing measured, nothing said to the guard): step 3's violation is the second
+    assert guard.check(3, record(0.5), "sts_icl").stop and "after 2 consecutive" in guard.stop_reason
+    history = [{"step": 0}, {"step": 1, **record(0.5).to_dict()}, {"step": 2, "error": "OutOfMemoryError: ..."}]
+    assert guard.violations_at_the_end_of(history, "sts_icl") == 1
+    assert guard.violations_at_the_end_of([*history, {"step": 3, **record(0.01).to_dict()}], "sts_icl") == 0
+
+
+def test_a_resume_under_other_rules_counts_the_kept_rechecks_by_them():
+    """A run stopped under tolerance 2% and resumed with 90%: its re-checks of +81% are no violations now (counted
+    by their stored violations, the resumed run stopped one re-check early); tightened, they are."""
+    history = [{"step": 0}, *({"step": s, **record(d).to_dict(), "violations": ["kept from the old rules"]}
+                              for s, d in ((2, 0.811), (4, 1.08)))]
+    assert Guard(GuardConfig(protected=["food"], tolerance=0.9, early_stop=True)).violations_at_the_end_of(
+        history, "sts_icl") == 1
+    tight = [{"step": 0}, *({"step": s, **record(d).to_dict(), "violations": []} for s, d in ((2, 0.03), (4, 0.04)))]
+    assert Guard(GuardConfig(protected=["food"], tolerance=0.02, early_stop=True)).violations_at_the_end_of(
+        tight, "sts_icl") == 2
 
 
 def test_messages_never_round_a_change_onto_the_tolerance():

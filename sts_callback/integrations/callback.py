@@ -291,6 +291,7 @@ class STSCallback(TrainerCallback, ExportableState):
                 self.__dict__.update({name: replaced.__dict__[name] for name in SETTINGS_ATTRIBUTES})
                 self.session = STSSession(*self._session_args, strict=replaced.session.strict,
                                           not_predicted=self._not_predicted)
+                self.session.rules_change_said = True  # said here: the session's resume need not say it again
             replaced.session = self.session  # the instance the user holds shows the resumed run's results too
 
     def __getstate__(self) -> dict[str, Any]:

@@ -112,6 +112,10 @@ def _captures_warnings() -> bool:
 # every step its cost would grow with the run, and at a re-check every few minutes it costs next to nothing.
 REPORT_INTERVAL_SECONDS = 60.0
 REPORT_COST_SHARE = 0.1
+# The guard settings a resume compares with the run's (settings.json): changed, the kept re-checks are judged again.
+RULE_SETTINGS = ("protected", "tolerance", "accuracy_tolerance", "max_sts", "early_stop", "patience")
+# Re-checks failing this many times in a row leave the protected domains unwatched: said once, whatever the errors.
+BLIND_AFTER_FAILED_RECHECKS = 3
 COUNTERS = ("violations_in_a_row", "warned", "violating", "stop_reason", "base_losses", "predicted", "base_fit",
             "base_accuracy", "run_id", "adapters_start_at_the_base")
 
@@ -226,6 +230,7 @@ class STSSession:
         self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
         self._held_warnings: list[tuple[str, type[Warning]]] | None = None  # said once a re-check's record is kept
         self._pending_stop: str | None = None  # an early stop's message, said after the re-check's held warnings
+        self.rules_change_said = False  # a resume under other guard rules was already said by the caller
         self._stopped_at: int | None = None  # the step this process's run decided its early stop at
 
     def __getstate__(self) -> dict[str, Any]:
@@ -599,6 +604,7 @@ class STSSession:
         self.write(f"the settings to {store.root}", lambda: store.write_settings(
             {"protected": guard.protected, "tolerance": guard.tolerance, "max_sts": guard.max_sts,
              "accuracy_tolerance": guard.accuracy_tolerance, "warn_confidence": guard.warn_confidence,
+             "early_stop": guard.early_stop, "patience": guard.patience,
              **({"no_forecast": self.no_forecast} if self.no_forecast else {}),
              **({"recheck_at_end": False} if not self.settings.recheck_at_end else {}),  # the report says so
              **({"train_start_warnings": self.start_warnings} if self.start_warnings else {})}), step)
@@ -698,6 +704,8 @@ class STSSession:
                 merged = {r.get("step"): r for r in [*self.history, *kept]}
                 self.history = [merged[k] for k in sorted(merged, key=lambda k: k if isinstance(k, int) else 0)]
             saved = store.read_settings()
+            rules_changed = {key: (saved[key], getattr(self.guard.config, key)) for key in RULE_SETTINGS
+                             if key in saved and saved[key] != getattr(self.guard.config, key)}
             self.no_forecast = saved.get("no_forecast") if isinstance(saved.get("no_forecast"), str) else None
             kept_warnings = saved.get("train_start_warnings")
             self.start_warnings = [w for w in kept_warnings if isinstance(w, str)] \
@@ -708,13 +716,19 @@ class STSSession:
             if not self.history:  # the folder could not be rewritten: read as it is
                 self.history = store.read_history()
         self.history = from_main_process(self.history)
+        rules_changed = from_main_process(rules_changed if self.is_main else None) or {}
         self.history = [r for r in self.history if r.get("step", 0) <= step]
         for record in self.history:  # the run goes on past a re-check recorded as its end (keep_history_until)
             if isinstance(record, dict):
                 record.pop("ended_early", None)
-        if from_train_start:  # the early stop's patience counts the kept re-checks, not none; a violation that
-            # lasts across the resume is not warned about as new
-            self.guard.violations_in_a_row = self.guard.violations_at_the_end_of(self.history)
+        if rules_changed and self.is_main and not self.rules_change_said:
+            changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in rules_changed.items())
+            self.warn("resume_rules", f"STS: resuming under other rules than the run's ({changes}): the kept "
+                      "re-checks are judged again by them for the early stop's count of consecutive violations; "
+                      "their records keep the violations found then.", STSDataWarning)
+        if from_train_start or rules_changed:  # the early stop's patience counts the kept re-checks (under the
+            # rules now), not none or the old rules' count; a violation lasting across the resume is not new
+            self.guard.violations_in_a_row = self.guard.violations_at_the_end_of(self.history, self.variant())
             self.guard.violating = self.guard.violating_at_the_end_of(self.history, self.variant())
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
         if spent is not None:  # the share is the run's, across resumes, and so is what each part costs
@@ -967,9 +981,9 @@ class STSSession:
 
     def _say_stop(self) -> None:
         reason, self._pending_stop = self._pending_stop, None
-        if reason is not None:
-            log_warning(reason)
-            self.say(f"STS: {reason}", always=True)
+        if reason is not None:  # a warning (and the logs'), as the violations that led to it: an alert on STS
+            # warnings sees the stop too, at any log level, a resumed process's included
+            self._say(f"STS: {reason}", STSNegativeTransferWarning, stacklevel=4)
 
     def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None, ended: bool = False,
                  ) -> tuple[dict[str, Any] | None, Decision | None]:
@@ -981,15 +995,27 @@ class STSSession:
             if self.strict:
                 raise
             trace = traceback.format_exc()
-            self.guard.recheck_failed()
+            # the guard's run of violations holds: a failed re-check neither counts nor ends it
             self._append_history({"step": step, "error": f"{type(err).__name__}: {err}", "traceback": trace})
+            guarded = self.guard.config.protected
             if self.is_main and self.guard.first_time(f"recheck_failed:{type(err).__name__}"):
                 # once per kind of error: a re-check that keeps failing would repeat its traceback at every one
                 if logger.hasHandlers():  # the traceback is in no warning: every log that has handlers gets it
                     logger.warning("STS re-check at step %s failed:\n%s", step, trace)
+                held = (f" The early stop's count of consecutive violating re-checks holds across failed ones "
+                        f"({self.guard.violations_in_a_row} now)." if self.guard.config.early_stop else "")
                 self._say(f"STS re-check at step {step} failed and was skipped ({type(err).__name__}: {err}); "
                           f"later re-checks failing with a {type(err).__name__} are recorded in the history "
-                          "(error, traceback) without a warning.", RuntimeWarning)
+                          f"(error, traceback) without a warning.{held}", RuntimeWarning)
+            failed = 0
+            for record in reversed(self.history):
+                if record.get("step", 0) <= 0 or "error" not in record:
+                    break
+                failed += 1
+            if failed >= BLIND_AFTER_FAILED_RECHECKS and guarded:
+                self.warn("recheck_blind", f"STS: the last {failed} re-checks (to step {step}) all failed: the "
+                          f"protected domains {guarded} are not being checked, and no early stop can come while "
+                          "this lasts (the errors are in the history).", RuntimeWarning)
             return None, None
         record = {"step": step, **result.to_dict(), "overhead": {**self.budget.to_dict(), "skipped": skipped}}
         if result.probe_error is not None:

@@ -39,7 +39,8 @@ class GuardConfig:
         early_stop: stop training after ``patience`` consecutive re-checks with a violation: ``True`` counts
             measured violations, ``"projected"`` also protected domains projected (the whole interval of the projection) to end above
             ``tolerance`` (an earlier stop, on the early forecast), ``False`` never stops.
-        patience: see ``early_stop``.
+        patience: see ``early_stop``; a failed re-check (nothing measured) neither counts nor ends the run of
+            consecutive violations.
         warn_confidence: how sure the train-start calibrated prediction must be that a protected domain ends above
             ``tolerance`` before it warns: the probability its interval (read as normal) puts above the tolerance.
             0.5 (the default): the predicted mean above it; higher trades warnings on domains that end just inside
@@ -84,8 +85,8 @@ class GuardConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise STSConfigError(f"{name} must be a non-negative number (0.05 = 5%), got {value!r}.")
-            if name in ("tolerance", "accuracy_tolerance") and 1 < value < math.inf:
-                # likely a percent: a loss rise of 2 is +200%, and an accuracy never falls by more than 1
+            if name in ("tolerance", "accuracy_tolerance") and 1 <= value < math.inf:
+                # likely a percent: a loss rise of 1 is +100%, and an accuracy never falls by more than 1
                 allows = f"allows a loss rise of {value:.0%}" if name == "tolerance" else "can never be exceeded"
                 warnings.warn(f"{name}={value!r} {allows}: it is a fraction (0.02 = 2%), not a percent. If you meant "
                               f"{value:g}%, pass {name}={value / 100:g}; to turn the rule off, math.inf.",
@@ -311,28 +312,26 @@ class Guard:
             decision.stop, decision.reason = True, self.stop_reason
         return decision
 
-    def violations_at_the_end_of(self, history: list[dict[str, Any]]) -> int:
-        """The run of consecutive re-checks that counted toward an early stop at the end of ``history`` (the
-        callback's records), as :meth:`check` counted them: a record with violations (or, with
-        ``early_stop="projected"``, projected ones) extends it; any other re-check, a failed one too, ends it."""
+    def violations_at_the_end_of(self, history: list[dict[str, Any]], variant: str) -> int:
+        """The run of consecutive re-checks that count toward an early stop at the end of ``history`` (the
+        callback's records), judged by this guard's rules (a resume may have changed them): a re-check that breaks
+        a rule (or, with ``early_stop="projected"``, one whose projection still lies above the tolerance) extends
+        it, one that measured and broke none ends it; a failed re-check measured nothing and leaves it as it was."""
         run = 0
         for record in history:
-            if record.get("step", 0) <= 0:
-                continue  # the train-start record is no re-check
-            counted = record.get("violations") or (self.config.early_stop == "projected" and
-                                                    record.get("projected_warnings"))
-            run = run + 1 if counted and "error" not in record else 0
+            if record.get("step", 0) <= 0 or "error" in record:
+                continue  # the train-start record is no re-check; a failed one says nothing either way
+            counted = bool(self._violations(Recheck.from_dict(record), variant)) or (
+                self.config.early_stop == "projected" and bool(record.get("projected_warnings")) and bool(
+                    self.projected(record.get("early_forecast") or {}, record.get("loss_delta") or {},
+                                   record.get("lr_area_fraction") or 0.0, record.get("early_forecast_ci"))))
+            run = run + 1 if counted else 0
         return run
 
     def violating_at_the_end_of(self, history: list[dict[str, Any]], variant: str) -> list[str]:
         """The rules broken at the last re-check of ``history`` that measured (:meth:`check`'s ``violating``)."""
         last = next((r for r in reversed(history) if r.get("step", 0) > 0 and "error" not in r), None)
         return [key for key, _ in self._violations(Recheck.from_dict(last), variant)] if last is not None else []
-
-    def recheck_failed(self) -> None:
-        """A re-check that measured nothing breaks a run of consecutive violations: a stop's "N consecutive
-        re-checks" are re-checks that each found one."""
-        self.violations_in_a_row = 0
 
 
 __all__ = ["Decision", "Guard", "GuardConfig"]
