@@ -251,6 +251,15 @@ def test_a_lasting_violation_and_a_failing_recheck_are_warned_about_once(tmp_pat
     assert all("Traceback" in r["traceback"] for r in callback.history[1:])  # each kept in the history
     said = sts_warnings(caught, "failed and was skipped")
     assert len(said) == 1 and "recorded in the history" in said[0]
+    assert not sts_warnings(caught, "not being checked")  # nothing protected: nothing left unwatched
+    # with a protected domain, three failures in a row leave it unwatched: said once (a stop cannot come)
+    calls.clear()
+    callback = make_callback(recheck_steps=1, protected=["food"], early_stop=True, tolerance=math.inf)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "unwatched", tokenizer, callback, save_strategy="no").train()
+    said = sts_warnings(caught, "not being checked")
+    assert len(said) == 1 and "the last 3 re-checks (to step 4) all failed" in said[0] and "'food'" in said[0]
 
 
 def test_progress_bars_and_info_lines_follow_the_trainers_settings(tmp_path, tokenizer, capsys):
