@@ -2,6 +2,7 @@
 load_best_model_at_end on an STS key, a callback that asks for a checkpoint, the same instance listed twice."""
 
 import json
+import math
 import warnings
 
 import pytest
@@ -227,3 +228,10 @@ def test_the_domain_metric_for_best_model_reads_is_measured_at_every_evaluation_
     assert set(others) == {"food", "chem"}
     logged = [e["eval_sts_loss_delta_law"] for e in trainer.state.log_history if "eval_sts_loss_delta_law" in e]
     assert len(set(logged)) == len(logged)  # a new measurement at each evaluation
+    # a domain a re-check left out (its turn not come) is NaN at that evaluation, not its earlier step's value
+    evaluations = [e for e in trainer.state.log_history if "eval_sts_loss_delta_law" in e]
+    for entry in evaluations:
+        record = next(r for r in callback.history if r["step"] == entry["step"])
+        for name in ("food", "chem"):
+            value = entry[f"eval_sts_loss_delta_{name}"]
+            assert value == record["loss_delta"][name] if name in record["loss_delta"] else math.isnan(value)

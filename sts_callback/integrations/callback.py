@@ -466,9 +466,9 @@ class STSCallback(TrainerCallback, ExportableState):
         elif not self._measured_at(step):
             self.run_recheck(trainer.args, trainer.state, trainer.control, trainer.model)
         now = next((r for r in reversed(self.history) if r.get("step") == step), None)
-        # a failed re-check measured nothing: an earlier step's values would pass for this step's
-        deltas = _last_deltas([r for r in self.history if r.get("step", 0) <= step]) \
-            if now is not None and "error" not in now else {}
+        # this step's measurements only: a failed re-check measured nothing, and a domain a rotating re-check
+        # (loss_domains=) left out was not measured now; an earlier step's values would pass for this step's
+        deltas = dict(now.get("loss_delta") or {}) if now is not None and "error" not in now else {}
         if not deltas and _is_loss_change(getattr(trainer.args, "metric_for_best_model", None)):
             self.session.warn(f"nan_metric:{step}", f"STS: no held-out loss change at step {step} (its re-check "
                               f"failed), so {trainer.args.metric_for_best_model} is NaN there, which "
@@ -839,7 +839,8 @@ class STSCallback(TrainerCallback, ExportableState):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """Fallback when no trainer could be attached (see :meth:`attach`): add the ``eval_sts_*`` keys here."""
         if metrics is not None and self._trainer is None:
-            for name, delta in _last_deltas(self.history).items():
+            now = next((r for r in reversed(self.history) if r.get("step") == state.global_step), None)
+            for name, delta in ((now or {}).get("loss_delta") or {}).items():  # this step's measurements only
                 metrics.setdefault(f"eval_{self.namespace}_loss_delta_{name}", _finite_or_nan(delta))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -1152,15 +1153,6 @@ def _check_best_metric(args) -> None:
             f"metric_for_best_model={metric!r} is a held-out loss change (lower is better), but greater_is_better is "
             f"{getattr(args, 'greater_is_better', None)!r}, so the best checkpoint would be the most harmed and "
             "EarlyStoppingCallback would stop as the domain improves: set TrainingArguments(greater_is_better=False).")
-
-
-def _last_deltas(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each domain's latest measured change (with ``loss_domains``, a re-check measures only some)."""
-    out: dict[str, Any] = {}
-    for record in history:
-        if "error" not in record:
-            out.update(record["loss_delta"])
-    return out
 
 
 def _finite_or_nan(value: Any) -> float:
