@@ -260,6 +260,31 @@ def test_recheck_text_names_projected_warnings():
     assert text.splitlines()[1:3] == [f"- projected warning: {warning}", f"- early stop at step 4: {warning}"]
 
 
+def test_a_violation_and_a_stop_reach_wandb_as_numbers_and_words(monkeypatch):
+    """W&B got only the re-check's numeric table: no count to set an alert on and no words for a violation, a
+    projected one or the stop (TensorBoard and MLflow had the words). A projection held at -100% is not charted."""
+    wandb = pytest.importorskip("wandb")
+    warning = "protected domain 'food' is on course to get worse by 12.0% by the end of training"
+    record = {"step": 4, "shifted_latents": [1], "overlap_with_forecast": 1, "seconds": 1.0,
+              "violations": ["held-out loss of protected domain 'law' rose by 9.0%"],
+              "scores": {"food": {"sts_act": 0.5}, "law": {"sts_act": 0.2}}, "loss_delta": {"food": 0.04, "law": 0.09},
+              "early_forecast": {"food": 0.12, "law": -1.0}, "projected_warnings": [warning],
+              "early_stop": "early stop at step 4 after 1 consecutive re-check(s) with negative transfer: ..."}
+    metrics = trackers.recheck_metrics(record, "sts_act")
+    assert metrics["sts/recheck_stats/violations"] == 1 and metrics["sts/recheck_stats/projected_violations"] == 1
+    assert metrics["sts/recheck_stats/early_stop"] == 1 and "sts/early_forecast/law" not in metrics
+    quiet = trackers.recheck_metrics({**record, "violations": [], "projected_warnings": [], "early_stop": None},
+                                     "sts_act")
+    assert quiet["sts/recheck_stats/violations"] == quiet["sts/recheck_stats/early_stop"] == 0
+    logged = []
+    monkeypatch.setattr(wandb, "run", SimpleNamespace(log=logged.append))
+    trackers.export_recheck(trainer_with(["wandb"], WandbCallback()), record)
+    [events] = [entry["sts/events"] for entry in logged if "sts/events" in entry]
+    assert [(row["kind"], row["step"]) for row in table_rows(events)] == [
+        ("violation", 4), ("projected warning", 4), ("early stop", 4)]
+    assert table_rows(events)[1]["message"] == warning
+
+
 def test_forecast_caption_names_the_shift_as_the_forecast_does():
     """The caption said "query tokens" whatever the shift; a preference run's forecast shifts on completions."""
     pytest.importorskip("tensorboard", reason="pip install -e '.[dev]'")

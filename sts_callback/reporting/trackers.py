@@ -98,18 +98,21 @@ def export_recheck(trainer: Any, record: dict[str, Any], namespace: str = "sts")
         step = record.get("step", _global_step(trainer))
         rows = [[step, name, *(record[key].get(name) for key in per_domain),
                  *(scores.get(name, {}).get(v) for v in variants)] for name in domains]
+        events = [*(("violation", v) for v in record.get("violations") or ()),
+                  *(("projected warning", v) for v in record.get("projected_warnings") or ()),
+                  *((("early stop", record["early_stop"]),) if record.get("early_stop") else ())]
         if wandb_run is not None:
             _log_wandb(wandb_run, f"{namespace}/recheck_table", _wandb_table(columns, rows), step)
+            if events:  # what the re-check found, in words, beside its numbers (sts/recheck_stats/violations, ...)
+                _log_wandb(wandb_run, f"{namespace}/events",
+                           _wandb_table(["step", "kind", "message"], [[step, *e] for e in events]), step)
         if writer is None and mlflow is None:
             return
         lines = [f"STS re-check at step {step}"]
         if record.get("overlap_with_forecast") is not None:
             shifted = len(record.get("shifted_latents", ()))
             lines[0] += f": {record['overlap_with_forecast']} of the {shifted} most shifted latents were forecast"
-        lines += [f"- violation: {v}" for v in record.get("violations") or ()]
-        lines += [f"- projected warning: {v}" for v in record.get("projected_warnings") or ()]
-        if record.get("early_stop"):
-            lines.append(f"- {record['early_stop']}")
+        lines += [f"- {kind}: {message}" if kind != "early stop" else f"- {message}" for kind, message in events]
         text = "\n".join(lines) + "\n\n" + _markdown(columns, rows)
         if writer is not None:
             writer.add_text(f"{namespace}/recheck", text, step)
@@ -147,10 +150,12 @@ def export_report(trainer: Any, html_path: Path, namespace: str = "sts") -> None
 
 def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
     """A re-check's history record as tracker metrics (``sts/...`` keys): per domain ``sts/<quantity>/<domain>``,
-    the re-check's own numbers under ``sts/recheck_stats/`` (a prefix no domain's key can take). A domain without
+    the re-check's own numbers under ``sts/recheck_stats/`` (a prefix no domain's key can take), among them the
+    count of rules broken (``violations``), of projected violations, and ``early_stop`` (1 at the stop). A domain without
     ``variant`` (STS_icl of a one-text domain) is left out, not charted with another score's scale."""
+    # a projection held at -100% (its fall, extrapolated, passes a loss of zero) projects no end value: not charted
     metrics = {f"sts/early_forecast/{name}": value for name, value in record.get("early_forecast", {}).items()
-               if value is not None}
+               if value is not None and value > -1.0}
     metrics.update({f"sts/recheck/{name}": scores[variant] for name, scores in record["scores"].items()
                     if scores.get(variant) is not None})
     metrics.update({f"sts/loss_delta/{name}": delta for name, delta in record["loss_delta"].items() if delta is not None})
@@ -165,6 +170,10 @@ def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
     if record["overlap_with_forecast"] is not None:
         metrics["sts/recheck_stats/overlap_with_forecast"] = record["overlap_with_forecast"]
     metrics["sts/recheck_stats/seconds"] = record["seconds"]
+    # numbers an alert can watch (a W&B / MLflow alert on a metric): rules broken, projected to be, a stop
+    metrics["sts/recheck_stats/violations"] = float(len(record.get("violations") or []))
+    metrics["sts/recheck_stats/projected_violations"] = float(len(record.get("projected_warnings") or []))
+    metrics["sts/recheck_stats/early_stop"] = float(bool(record.get("early_stop")))
     if (record.get("overhead") or {}).get("share") is not None:
         metrics["sts/recheck_stats/overhead"] = record["overhead"]["share"]
     if record.get("fresh_probe", {}).get("mean_reward") is not None:
