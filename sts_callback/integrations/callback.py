@@ -594,6 +594,9 @@ class STSCallback(TrainerCallback, ExportableState):
             # the STS save may have been cut after the Trainer's own, which holds the counters too
             session.resume(state.global_step, checkpoint, domains,
                            lambda: saved_in_trainer_state(checkpoint.root.parent, self.output_subdir))
+            if session.forecast is not None:  # a resumed process often logs to a new tracker run (TensorBoard's new
+                # folder, MLflow's new run): it gets the forecast its re-checks are read against
+                self._export("forecast", trackers.export_forecast, session.forecast)
         else:
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
             check_icl_loss_shift(self.calibration, shift)  # before the rollouts and the forecast
