@@ -235,3 +235,16 @@ def test_the_domain_metric_for_best_model_reads_is_measured_at_every_evaluation_
         for name in ("food", "chem"):
             value = entry[f"eval_sts_loss_delta_{name}"]
             assert value == record["loss_delta"][name] if name in record["loss_delta"] else math.isnan(value)
+
+
+def test_an_evaluation_on_start_reads_the_train_start_weights_as_no_change_without_a_recheck(tmp_path, tokenizer):
+    """eval_on_start=True ran a step-0 "re-check" (a whole held-out pass, counted in the report, charted as 0 scores):
+    the weights are the train start's, whose changes are zero by definition."""
+    callback = make_callback(protected=["law"], recheck_steps=2)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, eval_strategy="steps", eval_steps=2,
+                           eval_on_start=True, eval_texts=domain_texts("law", 8, seed=4))
+    trainer.train()
+    assert [r["step"] for r in callback.history if r.get("step", 0) > 0] == [2, 4]
+    assert not [r for r in callback.history if r.get("step") == 0 and "loss_delta" in r]
+    [start] = [e for e in trainer.state.log_history if e["step"] == 0 and "eval_loss" in e]
+    assert start["eval_sts_loss_delta_law"] == 0.0 and start["eval_sts_protected_loss_delta"] == 0.0

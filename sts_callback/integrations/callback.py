@@ -459,6 +459,8 @@ class STSCallback(TrainerCallback, ExportableState):
         loaded = self.session.loaded_best_step  # after the run: the best checkpoint's weights, not the last step's
         if loaded is not None:
             step = loaded
+        elif step == 0:  # eval_on_start: the train-start weights, measured as the base: no change, no re-check
+            return self._eval_keys(prefix, {name: 0.0 for name in self.monitor.loss_sets} if self.monitor else {})
         elif not self._measured_at(step) and self._ended:  # recheck_at_end=False: the run is over, unmeasured
             self.session.warn(f"after_the_end:{step}", f"STS: an evaluation after training at step {step}, which "
                               "no re-check measured (recheck_at_end=False): its sts keys are NaN; keep "
@@ -473,6 +475,10 @@ class STSCallback(TrainerCallback, ExportableState):
             self.session.warn(f"nan_metric:{step}", f"STS: no held-out loss change at step {step} (its re-check "
                               f"failed), so {trainer.args.metric_for_best_model} is NaN there, which "
                               "EarlyStoppingCallback counts as an evaluation without improvement.", RuntimeWarning)
+        return self._eval_keys(prefix, deltas)
+
+    def _eval_keys(self, prefix: str, deltas: dict[str, Any]) -> dict[str, float]:
+        """The evaluation keys of these measured changes (NaN for a domain without one)."""
         names = list(self.monitor.loss_sets) if self.monitor is not None else list(deltas)
         values = {name: _finite_or_nan(deltas.get(name)) for name in names}
         namespace = self.namespace
