@@ -233,3 +233,14 @@ def test_a_violation_gives_its_interval_and_says_when_it_is_not_sure():
     assert "95% interval -5.2% to +24.3%" in message and "reaches below the tolerance" in message
     message = guard.violations(sure, "sts_icl")[0]
     assert "95% interval +7.0% to +12.0%" in message and "reaches below" not in message
+
+
+def test_a_rank_among_as_many_domains_as_the_top_k_warns_of_nothing():
+    """One target domain, protected: "ranks 1 of 1 among the domains most affected" warned of every run, harmed
+    or not."""
+    guard = Guard(GuardConfig(protected=["food"], forecast_top_k=1))
+    assert guard.forecast_warnings([("food", 0.3)], "sts_icl") == {}
+    assert "ranks 1 of 2" in guard.forecast_warnings([("food", 0.3), ("law", 0.1)], "sts_icl")["forecast:food"]
+    assert Guard(GuardConfig(protected=["food"], forecast_top_k=2)).forecast_warnings(
+        [("food", 0.3), ("law", 0.1)], "sts_icl") == {}
+

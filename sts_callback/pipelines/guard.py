@@ -191,6 +191,8 @@ class Guard:
         domain predicted to improve is not among the most affected, whatever its rank."""
         order = [name for name, _ in ranked]
         out = {}
+        if len(order) <= self.config.forecast_top_k:  # every domain is among the top k: a rank says nothing
+            return out
         for name in self.config.protected:
             value = dict(ranked).get(name)
             rank = order.index(name) + 1 if name in order else None
