@@ -359,13 +359,22 @@ def test_domain_names_a_tracker_would_merge_or_nest_are_named_for_that_tracker_o
     from sts_callback.reporting.trackers import clashing_names
 
     names = ["法律", "化学", "c++", "c__", "law", "retrieval", "retrieval_qa"]
-    mlflow = [text for _, text in clashing_names(["mlflow"], names)]  # transformers writes '_' for the others
+    mlflow = [text for _, text, _ in clashing_names(["mlflow"], names)]  # transformers writes '_' for the others
     assert len(mlflow) == 2 and any("'法律'" in m and "'化学'" in m for m in mlflow) and "['c++', 'c__']" in mlflow[1]
     dvclive = clashing_names("dvclive", names)  # DVCLive splits 'eval_' into a folder: retri/eval/qa
     assert len(dvclive) == 1 and dvclive[0][0] == "dvclive" and "['retrieval', 'retrieval_qa']" in dvclive[0][1]
     monkeypatch.setattr("transformers.integrations.get_available_reporting_integrations", lambda: ["mlflow"])
     assert len(clashing_names(["all"], names)) == 2  # "all": the installed trackers only (no DVCLive here)
     assert clashing_names(["wandb", "tensorboard"], names) == [] and clashing_names(["mlflow"], ["law", "math"]) == []
+    # MLflow's file store keeps a metric as a file: 'law/contracts' inside 'law' fails there (every metric of that
+    # log call lost, unsaid), a database store takes it; merged names fail nowhere
+    nested = ["law", "law/contracts"]
+    monkeypatch.setattr("mlflow.get_tracking_uri", lambda: "file:///tmp/mlruns")
+    assert [c.fails for c in clashing_names(["mlflow"], nested)] == [True] and "file store" in clashing_names(
+        ["mlflow"], nested)[0].sentence
+    assert not any(c.fails for c in clashing_names(["mlflow"], names))
+    monkeypatch.setattr("mlflow.get_tracking_uri", lambda: "sqlite:///mlflow.db")
+    assert [c.fails for c in clashing_names(["mlflow"], nested)] == [False]
 
 
 def test_domain_names_dvclive_would_fail_on_are_refused_at_train_start(tmp_path, tokenizer):

@@ -579,10 +579,14 @@ class STSCallback(TrainerCallback, ExportableState):
             check_measurable(model)
         domains, self.lm_eval_targets = target_corpora(self.target_domains, self._trainer, tokenizer)
         self._check_best_metric_is_logged(args, list(domains))
-        for tracker, clash in trackers.clashing_names(getattr(args, "report_to", None), list(domains)):
+        for tracker, clash, fails in trackers.clashing_names(getattr(args, "report_to", None), list(domains)):
             fix = "rename them to letters, digits and _ - . (the names are the target_domains keys)"
-            if tracker in trackers.TRACKERS_THAT_FAIL:  # the Trainer's own log of the eval_sts_* keys would fail
-                raise STSConfigError(f"{clash}: its log would fail and stop the run; {fix}.")
+            if fails:  # DVCLive: the Trainer's own log of the eval_sts_* keys would stop the run; MLflow's file
+                # store: each log holding them would be lost, other metrics with it
+                what = ("each log holding them would be lost with every metric in it; " + fix
+                        + ", or log MLflow to a database (MLFLOW_TRACKING_URI=sqlite:///mlflow.db)"
+                        if tracker == "mlflow" else f"its log would fail and stop the run; {fix}")
+                raise STSConfigError(f"{clash}: {what}.")
             session.warn(f"tracker_names:{clash}", f"STS: {clash}; {fix}.", STSDataWarning)
         probe = probe_corpus(self.train_probe, self._trainer, train_dataloader, tokenizer)
         demos = load_corpus(self.demonstrations, name="demonstrations") if self.demonstrations is not None else None

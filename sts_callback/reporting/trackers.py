@@ -18,7 +18,7 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from ..core.config import SCORE_VARIANTS
 from ..pipelines.forecast import SCORE_LABELS
@@ -38,9 +38,19 @@ _TRACKER_NAMES = {
 TRACKERS_THAT_FAIL = ("dvclive",)
 
 
-def clashing_names(report_to: Any, names: list[str]) -> list[tuple[str, str]]:
-    """``(tracker, sentence)`` for each tracker in ``report_to`` that rewrites metric names and each group of domain
-    ``names`` it would log as one series, or one inside another's path."""
+class NameClash(NamedTuple):
+    """Domain names a tracker would log as one series, or one inside another's path."""
+
+    tracker: str
+    sentence: str
+    fails: bool  # the tracker's log would fail (not merge): refused at train start
+
+
+def clashing_names(report_to: Any, names: list[str]) -> list[NameClash]:
+    """One :class:`NameClash` for each tracker in ``report_to`` that rewrites metric names and each group of domain
+    ``names`` it would log as one series, or one inside another's path. MLflow's file store keeps a metric as a
+    file: one inside another's path fails there (every metric of that log call lost), where a database store
+    takes it."""
     trackers = [report_to] if isinstance(report_to, str) else list(report_to or [])
     if "all" in trackers:  # the Trainer reports to the installed ones only
         from transformers.integrations import get_available_reporting_integrations
@@ -56,9 +66,23 @@ def clashing_names(report_to: Any, names: list[str]) -> list[tuple[str, str]]:
                      written[other].startswith(written[name] + "/"))]
             if clash and name < min(clash):  # each group said once
                 shown = sorted({written[n] for n in [name, *clash]})
-                out.append((tracker, f"{tracker} logs the domains {[name, *clash]} as {shown} "
-                                     "(sts/<quantity>/<domain>), so their series merge or fail there"))
+                nested = any(written[other] != written[name] for other in clash)
+                fails = tracker in TRACKERS_THAT_FAIL or (tracker == "mlflow" and nested and _mlflow_file_store())
+                store = " (MLflow's file store keeps each metric as a file)" if tracker == "mlflow" and fails else ""
+                out.append(NameClash(tracker, f"{tracker} logs the domains {[name, *clash]} as {shown} "
+                                              f"(sts/<quantity>/<domain>){store}, so their series merge or fail "
+                                              "there", fails))
     return out
+
+
+def _mlflow_file_store() -> bool:
+    """MLflow logs to a folder (a ``file:`` URI or a plain path), not a database or server."""
+    try:
+        import mlflow
+    except ImportError:
+        return False
+    uri = str(mlflow.get_tracking_uri() or "")
+    return uri.startswith("file:") or "://" not in uri and ":" not in uri.split("/")[0]
 
 
 def export_forecast(trainer: Any, forecast: Any, namespace: str = "sts") -> None:
