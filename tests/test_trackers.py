@@ -285,6 +285,21 @@ def test_a_violation_and_a_stop_reach_wandb_as_numbers_and_words(monkeypatch):
     assert table_rows(events)[1]["message"] == warning
 
 
+def test_a_tracker_callback_added_by_hand_gets_the_tables_too():
+    """report_to="none" and a customised TensorBoardCallback / WandbCallback added by hand (the usual way to
+    customise them): the scalars arrived through Trainer.log, the tables, texts and report did not, unsaid."""
+    pytest.importorskip("tensorboard", reason="pip install -e '.[dev]'")
+    record = {"step": 4, "shifted_latents": [1], "overlap_with_forecast": 1, "violations": [],
+              "scores": {"food": {"sts_act": 0.5}}, "loss_delta": {"food": 0.04}}
+
+    class MyTensorBoard(TensorBoardCallback):
+        pass
+
+    tb_callback = MyTensorBoard(tb_writer=Writer())
+    trackers.export_recheck(trainer_with([], tb_callback), record)
+    assert [tag for tag, _, _ in tb_callback.tb_writer.texts] == ["sts/recheck"]
+
+
 def test_forecast_caption_names_the_shift_as_the_forecast_does():
     """The caption said "query tokens" whatever the shift; a preference run's forecast shifts on completions."""
     pytest.importorskip("tensorboard", reason="pip install -e '.[dev]'")

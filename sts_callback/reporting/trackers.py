@@ -2,7 +2,8 @@
 (W&B, TensorBoard, MLflow); a re-check also as the scalar ``sts/...`` metrics the callback logs through
 ``trainer.log`` (:func:`recheck_metrics`).
 
-Each function is a no-op for a tracker the run does not use (``args.report_to``) or whose callback is absent.
+Each function is a no-op for a tracker whose callback is not among the trainer's (added by ``args.report_to``
+or by hand).
 W&B rows are logged with ``train/global_step``, as the Trainer's ``WandbCallback`` logs (its step metric), and
 never with ``step=``: W&B's own step counts log calls and refuses a smaller one. TensorBoard gets Markdown text
 through the ``TensorBoardCallback``'s own writer, so it lands in the run's event file. MLflow gets them as text
@@ -207,13 +208,10 @@ def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
     return metrics
 
 
-def _reports_to(trainer: Any, tracker: str) -> bool:
-    report_to = getattr(getattr(trainer, "args", None), "report_to", None) or []
-    return tracker in ([report_to] if isinstance(report_to, str) else report_to)
-
-
 def _integration(trainer: Any, class_name: str) -> Any:
-    """The trainer's integration callback of that class (or a subclass), found by name: no import of the tracker."""
+    """The trainer's integration callback of that class (or a subclass), found by name: no import of the tracker.
+    Whether ``report_to`` added it or the user did (``report_to="none"`` and a customised ``WandbCallback`` of their
+    own), it is the one logging the run."""
     for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", ()):
         if any(cls.__name__ == class_name for cls in type(callback).__mro__):
             return callback
@@ -221,8 +219,8 @@ def _integration(trainer: Any, class_name: str) -> Any:
 
 
 def _wandb_run(trainer: Any) -> Any:
-    """The active W&B run when the trainer reports to W&B through its ``WandbCallback``; else None."""
-    if not _reports_to(trainer, "wandb") or _integration(trainer, "WandbCallback") is None:
+    """The active W&B run when the trainer reports to W&B through a ``WandbCallback``; else None."""
+    if _integration(trainer, "WandbCallback") is None:
         return None
     import wandb
 
@@ -233,7 +231,7 @@ def _wandb_run(trainer: Any) -> Any:
 def _tensorboard(trainer: Any) -> Iterator[Any]:
     """The ``TensorBoardCallback``'s own writer, or None. At train end that callback has already closed it (its
     ``on_train_end`` runs before ours): reopened on the same log directory, as its ``on_log`` does, then closed."""
-    callback = _integration(trainer, "TensorBoardCallback") if _reports_to(trainer, "tensorboard") else None
+    callback = _integration(trainer, "TensorBoardCallback")
     reopen = callback is not None and getattr(callback, "tb_writer", None) is None
     if reopen and (getattr(callback, "logging_dir", None) is None or getattr(callback, "_SummaryWriter", None) is None):
         callback = None  # training never started: no log directory to write into
@@ -297,7 +295,7 @@ def remember_runs(trainer: Any) -> None:
 
 
 def _mlflow_callback(trainer: Any) -> Any:
-    return _integration(trainer, "MLflowCallback") if trainer is not None and _reports_to(trainer, "mlflow") else None
+    return _integration(trainer, "MLflowCallback") if trainer is not None else None
 
 
 def _mlflow_resumed(trainer: Any) -> Any:
