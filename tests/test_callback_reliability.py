@@ -835,6 +835,26 @@ def test_a_resume_under_other_rules_counts_the_kept_violations_by_them_and_says_
     assert trainer.state.global_step == 6 and "early stop at step 6 after 3 consecutive" in callback.stop_reason
 
 
+def test_an_early_stop_names_the_checkpoint_saved_before_the_harm(tmp_path, tokenizer):
+    """Stopped at step 6 (not a save step: checkpoints every 4), the harmed weights were only in memory and nothing
+    said which checkpoint predates the harm; a save_model() then saved the harmed model as the result."""
+    callback = make_callback(protected=["food"], tolerance=math.inf, early_stop=True, recheck_steps=2)
+    first = make_trainer(tmp_path / "a", tokenizer, callback, max_steps=8, save_steps=4)
+    callback.session.guard.config.max_sts = None
+
+    class BreaksAtSix(TrainerCallback):  # the rule is broken from step 6 on: steps 2 and 4 were within it
+        def on_step_begin(self, args, state, control, **kwargs):
+            callback.session.guard.config.max_sts = 1e-12 if state.global_step >= 5 else None
+
+    first.add_callback(BreaksAtSix())
+    with pytest.warns(STSNegativeTransferWarning) as caught:
+        first.train()
+    assert first.state.global_step == 6
+    [said] = [str(w.message) for w in caught if "holds the harmed weights" in str(w.message)]
+    assert "the last re-check that broke no rule was at step 4" in said
+    assert str(tmp_path / "a" / "run" / "checkpoint-4") in said
+
+
 def disk_full_once_at(monkeypatch, step: int) -> list[int]:
     """The history write of ``step``'s re-check fails once (a disk full for a moment); returns the failures seen."""
     real, failed = RunStore.append_history, []

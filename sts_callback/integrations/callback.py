@@ -833,9 +833,31 @@ class STSCallback(TrainerCallback, ExportableState):
             return None
         if decision.stop:
             control.should_training_stop = True
+            if self.session.is_main:
+                self.session.warn("stop_checkpoint", self._checkpoint_before_the_harm(args, state.global_step),
+                                  STSNegativeTransferWarning)
         self._log(trackers.recheck_metrics(record, self.session.variant()), control)
         self._export("re-check", trackers.export_recheck, record)
         return record
+
+    def _checkpoint_before_the_harm(self, args, step: int) -> str:
+        """Where to go back to after an early stop at ``step``: the model in memory is the harmed one, and a stop on
+        a step that is no save step leaves no checkpoint of it. The last re-check that broke no rule, and the
+        latest checkpoint saved at or before it."""
+        safe = 0  # the train start, if every re-check since broke a rule
+        for record in reversed(self.history):
+            step_of = record.get("step", 0)
+            if 0 < step_of < step and "error" not in record and not record.get("violations") and not (
+                    self.session.guard.config.early_stop == "projected" and record.get("projected_warnings")):
+                safe = step_of
+                break
+        saved = sorted((int(p.name.split("-")[1]), p) for p in self._run_dir(args).glob("checkpoint-*")
+                       if p.name.split("-")[1].isdigit() and int(p.name.split("-")[1]) <= safe)
+        where = (f"the latest checkpoint saved at or before it is {saved[-1][1]}" if saved else
+                 "no checkpoint was saved at or before it")
+        start = "the train start" if safe == 0 else f"step {safe}"
+        return (f"STS: after the early stop at step {step} the model in memory (and a save_model() now) holds the "
+                f"harmed weights; the last re-check that broke no rule was at {start}, and {where}.")
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self._ready:
