@@ -95,12 +95,16 @@ def test_wandb_gets_forecast_and_recheck_tables_and_the_report(tmp_path, tokeniz
         per_domain = ["loss", "loss_delta", "loss_tokens", "loss_seconds", "loss_delta_se"] + (
             ["early_forecast"] if record.get("early_forecast") else [])
         variants = [v for v in computed if any(v in scores for scores in record["scores"].values())]
-        assert table.columns == ["step", "domain", *per_domain, *variants] and "sts_act" in variants
+        # each interval as two columns beside the values (the report shows them; the table had none)
+        bounds = ["loss_delta_ci"] + (["early_forecast_ci"] if record.get("early_forecast_ci") else [])
+        ends = [f"{key}_{end}" for key in bounds for end in ("low", "high")]
+        assert table.columns == ["step", "domain", *per_domain, *ends, *variants] and "sts_act" in variants
         rows = table_rows(table)
         assert sorted(r["domain"] for r in rows) == sorted(DOMAINS)
         for row in rows:
             name = row["domain"]
             assert row["step"] == step and all(row[key] == record[key][name] for key in per_domain)
+            assert [row["loss_delta_ci_low"], row["loss_delta_ci_high"]] == list(record["loss_delta_ci"][name])
             assert all(row[v] == record["scores"][name][v] for v in variants)
 
     html_path = tmp_path / "run" / "sts" / "report.html"

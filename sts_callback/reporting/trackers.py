@@ -119,9 +119,13 @@ def export_recheck(trainer: Any, record: dict[str, Any], namespace: str = "sts")
         variants = _variants(scores.values())
         # Every {domain: number} entry (loss, loss_delta, early_forecast, and those later features add) is a column.
         per_domain = [key for key, value in record.items() if key != "scores" and _is_per_domain(value, domains)]
-        columns = ["step", "domain", *per_domain, *variants]
+        # each {domain: [low, high]} interval (loss_delta_ci, early_forecast_ci) as two columns beside its value
+        bounds = [key for key, value in record.items() if _is_per_domain_interval(value, domains)]
+        columns = ["step", "domain", *per_domain, *(f"{key}_{end}" for key in bounds for end in ("low", "high")),
+                   *variants]
         step = record.get("step", _global_step(trainer))
         rows = [[step, name, *(record[key].get(name) for key in per_domain),
+                 *((record[key].get(name) or [None, None])[i] for key in bounds for i in (0, 1)),
                  *(scores.get(name, {}).get(v) for v in variants)] for name in domains]
         events = [*(("violation", v) for v in record.get("violations") or ()),
                   *(("projected warning", v) for v in record.get("projected_warnings") or ()),
@@ -348,6 +352,11 @@ def _variants(score_dicts) -> list[str]:
 def _is_per_domain(value: Any, domains: list[str]) -> bool:
     return (isinstance(value, dict) and bool(value) and set(value) <= set(domains)
             and all(v is None or isinstance(v, (int, float)) for v in value.values()))
+
+
+def _is_per_domain_interval(value: Any, domains: list[str]) -> bool:
+    return (isinstance(value, dict) and bool(value) and set(value) <= set(domains)
+            and all(v is None or isinstance(v, (list, tuple)) and len(v) == 2 for v in value.values()))
 
 
 def _markdown(columns: list[str], rows: list[list[Any]]) -> str:
