@@ -85,6 +85,25 @@ def test_multiple_choice_items_in_the_common_layouts_and_answer_forms():
         assert multiple_choice_items(load_corpus([expected, "plain text", expected], name="mixed")) is None
 
 
+def test_a_multiple_choice_answer_read_two_ways_or_a_repeated_choice_is_refused_naming_the_item():
+    """answer "1" among choices "1".."4" was the text "1" (index 0), among "2", "5", "7", "9" the index 1: one set,
+    two readings item by item; "A" among "B", "C", "A", "D" was the text (2), not the letter (0). A choice given
+    twice scored alike and the first copy won every tie: an answer on the second could never count as right."""
+    from sts_callback.core.multiple_choice import check_item
+
+    with pytest.raises(STSInputError, match=r"item 3 has answer='1', which is the text of choice 0 and as an "
+                                            r"index, choice 1; give the index as a number"):
+        check_item({"question": "q", "choices": ["1", "2", "3", "4"], "answer": "1"}, "item 3")
+    with pytest.raises(STSInputError, match=r"answer='A', which is the text of choice 2 and as a letter, choice 0"):
+        check_item({"question": "q", "choices": ["B", "C", "A", "D"], "answer": "A"}, "item 0")
+    with pytest.raises(STSInputError, match=r"item 0 has the choice\(s\) \['four'\] more than once"):
+        check_item({"question": "q", "choices": ["four", "four ", "five"], "answer": 0}, "item 0")
+    # one reading, or readings that agree: taken
+    assert check_item({"question": "q", "choices": ["2", "5", "7", "9"], "answer": "1"}, "i")["answer"] == 1
+    assert check_item({"question": "q", "choices": ["0", "1", "2"], "answer": "1"}, "i")["answer"] == 1
+    assert check_item({"question": "q", "choices": ["1", "2", "3", "4"], "answer": 0}, "i")["answer"] == 0
+
+
 def test_a_streaming_dataset_is_read_from_its_head():
     from datasets import IterableDataset
 

@@ -177,3 +177,44 @@ def test_a_group_a_metric_the_task_lacks_and_an_uncached_dataset_are_named_befor
     (task_folder / "hub.yaml").write_text(hub.format(data="unused"))
     with pytest.raises(STSInputError, match="'hub_quiz': its documents could not be loaded"):
         LmEvalTarget.from_spec({"lm_eval": "hub_quiz", "include_path": str(task_folder)}, "q").texts()
+
+
+def test_a_better_lower_metric_is_refused_and_a_winogrande_task_reads_its_right_context(task_folder):
+    """word_perplexity was taken as an accuracy: it rose 6x unwarned, and the report called it a share in points.
+    A Winogrande-style task (several contexts, one continuation) gave the forecast '0' + the sentence's tail."""
+    from sts_callback.core.lm_eval_tasks import LmEvalTarget
+
+    (task_folder / "ppl.yaml").write_text(TASK.replace("task: tiny_quiz", "task: tiny_ppl").replace(
+        "output_type: multiple_choice", "output_type: loglikelihood_rolling").replace(
+        'doc_to_text: "{{{{question}}}}\\nAnswer:"', 'doc_to_text: ""').replace(
+        'doc_to_choice: "{{{{choices}}}}"\n', "").replace("doc_to_target: answer", 'doc_to_target: "{{{{question}}}}"')
+        .replace("metric: acc", "metric: word_perplexity").format(data=task_folder / "quiz.jsonl"))
+    with pytest.raises(STSConfigError, match="its metric 'word_perplexity' is better lower"):
+        LmEvalTarget.from_spec({"lm_eval": "tiny_ppl", "include_path": str(task_folder),
+                                "metric": "word_perplexity"}, "q").texts()
+    (task_folder / "wg_functions.py").write_text(
+        "def doc_to_text(doc):\n    return {'1': 0, '2': 1}[doc['answer']]\n\n\n"
+        "def doc_to_target(doc):\n    return doc['sentence'][doc['sentence'].index('_') + 1:].strip()\n\n\n"
+        "def doc_to_choice(doc):\n    i = doc['sentence'].index('_')\n"
+        "    return [doc['sentence'][:i] + o for o in (doc['option1'], doc['option2'])]\n")
+    (task_folder / "wg.jsonl").write_text(json.dumps({"sentence": "the cook bakes the _ in the oven .",
+                                                      "option1": "law", "option2": "bread", "answer": "2"}) + "\n")
+    (task_folder / "wg.yaml").write_text(
+        f"task: tiny_wg\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task_folder / 'wg.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: !function wg_functions.doc_to_text\n"
+        "doc_to_target: !function wg_functions.doc_to_target\ndoc_to_choice: !function wg_functions.doc_to_choice\n"
+        "metric_list:\n  - metric: acc\n")
+    texts = LmEvalTarget.from_spec({"lm_eval": "tiny_wg", "include_path": str(task_folder)}, "wg").texts()
+    assert texts == [{"prompt": "the cook bakes the bread", "completion": " in the oven ."}]
+
+
+def test_an_lm_eval_recheck_leaves_the_runs_tokenizer_as_it_was(task_folder):
+    """The harness sets a pad token on the tokenizer it is given: the run's own (saved with the model) changed."""
+    from sts_callback.core.lm_eval_tasks import LmEvalTarget
+
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = None
+    target = LmEvalTarget.from_spec({"lm_eval": "tiny_quiz", "include_path": str(task_folder), "limit": 4}, "quiz")
+    value = target.evaluate(pretrained_tiny_model(make_tokenizer()), tokenizer)
+    assert 0.0 <= value <= 1.0 and tokenizer.pad_token is None
+

@@ -9,6 +9,7 @@ accuracy at train start and at every re-check. The harness is an optional depend
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -71,6 +72,7 @@ class LmEvalTarget:
     batch_size: int | str = 4  # or "auto", as lm-eval takes it
     # the harness's task index (indexing its ~15k task files took 6 s), built once and kept for every re-check
     _loaded: Any = field(default=None, init=False, repr=False, compare=False)
+    _tokenizer_copy: Any = field(default=None, init=False, repr=False, compare=False)  # (the run's, its copy)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], name: str) -> "LmEvalTarget":
@@ -129,6 +131,14 @@ class LmEvalTarget:
         if named and self.metric not in named:
             raise STSConfigError(f"lm-eval task {self.task!r} reports the metric(s) {named}, not {self.metric!r}; set "
                                  f"metric to one of them (e.g. {{'lm_eval': {self.task!r}, 'metric': {named[0]!r}}}).")
+        try:
+            higher = (task.higher_is_better() or {}).get(self.metric)
+        except Exception:  # noqa: BLE001 - a task without the method says nothing either way
+            higher = None
+        if higher is False:  # the guard reads a fall as harm: perplexity's rise would read as a gain
+            raise STSConfigError(f"lm-eval task {self.task!r}: its metric {self.metric!r} is better lower; the "
+                                 "accuracy rule needs a share of items right, higher better (acc, acc_norm, "
+                                 "exact_match). Pick one, or leave this domain's rise to its held-out loss.")
         return manager, task
 
     def texts(self) -> list[dict[str, str]]:
@@ -142,11 +152,22 @@ class LmEvalTarget:
         for doc in docs:
             target = task.doc_to_target(doc)
             choices = task.doc_to_choice(doc) if task.OUTPUT_TYPE == "multiple_choice" else None
+            text = task.doc_to_text(doc)
+            if choices is not None and isinstance(text, int) and not isinstance(text, bool):
+                # several contexts, one continuation (Winogrande): the text is the right context's index
+                out.append({"prompt": str(choices[text]), "completion": " " + str(target).strip()})
+                continue
             answer = choices[target] if choices is not None and isinstance(target, int) else str(target)
-            out.append({"prompt": str(task.doc_to_text(doc)), "completion": " " + str(answer).strip()})
+            out.append({"prompt": str(text), "completion": " " + str(answer).strip()})
         if not out:
             raise STSInputError(f"lm-eval task {self.task!r} has no documents to use as a target domain.")
         return out
+
+    def _own_copy(self, tokenizer):
+        """The tokenizer copied once per run's tokenizer (the harness may change the one it is given)."""
+        if self._tokenizer_copy is None or self._tokenizer_copy[0] is not tokenizer:
+            self._tokenizer_copy = (tokenizer, copy.deepcopy(tokenizer))
+        return self._tokenizer_copy[1]
 
     def evaluate(self, model: nn.Module, tokenizer) -> float:
         """The task's metric on ``model`` (the first ``limit`` documents), as the harness computes it. The harness
@@ -170,7 +191,9 @@ class LmEvalTarget:
         inner = unwrap_model(model)  # the transformers model (with a PEFT model's adapters active in it)
         device = str(next(iter(inner.parameters())).device)
         with lm_eval_logging_kept():
-            lm = _quiet(HFLM)(pretrained=inner, tokenizer=tokenizer, batch_size=self.batch_size, device=device)
+            # a copy: the harness sets a pad token on the tokenizer it is given, the run's own would change
+            lm = _quiet(HFLM)(pretrained=inner, tokenizer=self._own_copy(tokenizer), batch_size=self.batch_size,
+                              device=device)
             task = manager.load_task_or_group([self.task])[self.task]  # afresh: a run keeps its requests in it
             # what simple_evaluate does with its defaults: no few-shot unless the task asks, its seeds
             if task.get_config("num_fewshot") is None:
@@ -194,7 +217,12 @@ class LmEvalTarget:
             raise STSConfigError(f"lm-eval task {self.task!r} reports the metric(s) {reported}, not {self.metric!r}; "
                                  "set metric to one of them (e.g. {'lm_eval': ..., 'metric': "
                                  f"{reported[0] if reported else 'exact_match'!r}}}).")
-        return float(metrics[key])
+        value = float(metrics[key])
+        if not 0.0 <= value <= 1.0:  # the guard and the report read it as a share of items, in points
+            raise STSConfigError(f"lm-eval task {self.task!r}: its metric {self.metric!r} is {value:g}, not a share "
+                                 "of items between 0 and 1; the accuracy rule needs one (acc, acc_norm, "
+                                 "exact_match).")
+        return value
 
 
 __all__ = ["LmEvalTarget", "is_lm_eval_target"]

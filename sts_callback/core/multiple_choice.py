@@ -95,7 +95,18 @@ def check_item(item: Any, where: str) -> dict[str, Any]:
     if bad:
         raise STSInputError(f"Multiple choice: {where} has the choice(s) {bad!r:.80}; every choice must be a "
                             "non-empty string (a set padded to a fixed number of choices: leave the padding out).")
-    index = _answer_index(answer, list(choices))
+    texts = [c.strip() for c in choices]
+    repeated = sorted({c for c in texts if texts.count(c) > 1})
+    if repeated:  # scored alike, the first copy wins every tie: an answer on another copy could never count
+        raise STSInputError(f"Multiple choice: {where} has the choice(s) {repeated!r:.80} more than once; give each "
+                            "choice once.")
+    readings = _answer_readings(answer, list(choices))
+    if len(set(readings.values())) > 1:  # "1" among "1".."4", "A" among "B", "C", "A": item by item it varied
+        said = " and ".join(READING_WORDS[kind].format(i) for kind, i in readings.items())
+        raise STSInputError(f"Multiple choice: {where} has answer={answer!r}, which is {said}; give the index as a "
+                            "number (answer=0 for the first choice) or the choice's text where it is not also an "
+                            "index or a letter.")
+    index = next(iter(readings.values()), None)
     if index is None:
         raise STSInputError(f"Multiple choice: {where} has answer={answer!r}; give the index (0..{len(choices) - 1}) "
                             f"of the right choice, its letter (A..{chr(ord('A') + min(len(choices), 26) - 1)}) or "
@@ -103,22 +114,25 @@ def check_item(item: Any, where: str) -> dict[str, Any]:
     return {"question": question, "choices": list(choices), "answer": index}
 
 
-def _answer_index(answer: Any, choices: list[str]) -> int | None:
-    """The right choice's index from an index, a digit string, a letter or the choice's own text."""
+def _answer_readings(answer: Any, choices: list[str]) -> dict[str, int]:
+    """Every reading of ``answer`` that names a choice: ``{"index" | "text" | "digit" | "letter": index}``."""
     if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
         answer = int(answer)  # numpy / pandas integers (df.to_dict("records")) are indices too
-        return answer if 0 <= answer < len(choices) else None
+        return {"index": answer} if 0 <= answer < len(choices) else {}
     if not isinstance(answer, str):
-        return None
-    text = answer.strip()
+        return {}
+    text, out = answer.strip(), {}
     matches = [i for i, choice in enumerate(choices) if choice.strip() == text]
     if len(matches) == 1:  # the choice itself (numeric choices too: "4" among "3", "4", "5")
-        return matches[0]
-    if text.isdigit():  # HellaSwag's label "2"
-        return int(text) if int(text) < len(choices) else None
+        out["text"] = matches[0]
+    if text.isdigit() and int(text) < len(choices):  # HellaSwag's label "2"
+        out["digit"] = int(text)
     if len(text) == 1 and text.isalpha() and ord(text.upper()) - ord("A") < len(choices):
-        return ord(text.upper()) - ord("A")
-    return None
+        out["letter"] = ord(text.upper()) - ord("A")
+    return out
+
+
+READING_WORDS = {"text": "the text of choice {}", "digit": "as an index, choice {}", "letter": "as a letter, choice {}"}
 
 
 def choice_scores(model: nn.Module, tokenizer, item: dict[str, Any], *, prompt_format: str = PROMPT_FORMAT,
