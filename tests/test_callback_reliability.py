@@ -285,6 +285,13 @@ def test_progress_bars_and_info_lines_follow_the_trainers_settings(tmp_path, tok
                          save_strategy="no", disable_tqdm=True, log_level="error").train()
     finally:
         transformers.logging.set_verbosity(verbosity)
+    capsys.readouterr()
+    with warnings.catch_warnings():  # warnings filtered away (a notebook's, a cluster's): the stop is still said
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path / "ignored", tokenizer, make_callback(protected=["food"], max_sts=1e-12,
+                                                                    early_stop=True, patience=2, recheck_steps=1),
+                     save_strategy="no", disable_tqdm=True).train()
+    assert "STS: early stop at step 2" in capsys.readouterr().out
 
 
 def test_warnings_reach_a_log_file_once_in_order_and_not_twice_on_the_console(tmp_path, tokenizer):
@@ -835,21 +842,25 @@ def test_a_resume_under_other_rules_counts_the_kept_violations_by_them_and_says_
     assert trainer.state.global_step == 6 and "early stop at step 6 after 3 consecutive" in callback.stop_reason
 
 
-def test_an_early_stop_names_the_checkpoint_saved_before_the_harm(tmp_path, tokenizer):
+def test_an_early_stop_names_the_checkpoint_saved_before_the_harm(tmp_path, tokenizer, monkeypatch):
     """Stopped at step 6 (not a save step: checkpoints every 4), the harmed weights were only in memory and nothing
     said which checkpoint predates the harm; a save_model() then saved the harmed model as the result."""
-    callback = make_callback(protected=["food"], tolerance=math.inf, early_stop=True, recheck_steps=2)
-    first = make_trainer(tmp_path / "a", tokenizer, callback, max_steps=8, save_steps=4)
-    callback.session.guard.config.max_sts = None
+    from sts_callback.pipelines.monitor import Monitor
 
-    class BreaksAtSix(TrainerCallback):  # the rule is broken from step 6 on: steps 2 and 4 were within it
-        def on_step_begin(self, args, state, control, **kwargs):
-            callback.session.guard.config.max_sts = 1e-12 if state.global_step >= 5 else None
+    callback = make_callback(protected=["food"], tolerance=0.3, early_stop=True, recheck_steps=2)
+    trainer = make_trainer(tmp_path / "a", tokenizer, callback, max_steps=8, save_steps=4)
+    real = Monitor.recheck
 
-    first.add_callback(BreaksAtSix())
+    def harmed_from_step_5(self, *args, **kwargs):  # food's loss rises by half from step 5 on
+        result = real(self, *args, **kwargs)
+        if trainer.state.global_step >= 5:
+            result.loss_delta["food"] = 0.5
+        return result
+
+    monkeypatch.setattr(Monitor, "recheck", harmed_from_step_5)
     with pytest.warns(STSNegativeTransferWarning) as caught:
-        first.train()
-    assert first.state.global_step == 6
+        trainer.train()
+    assert trainer.state.global_step == 6
     [said] = [str(w.message) for w in caught if "holds the harmed weights" in str(w.message)]
     assert "the last re-check that broke no rule was at step 4" in said
     assert str(tmp_path / "a" / "run" / "checkpoint-4") in said

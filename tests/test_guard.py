@@ -244,3 +244,18 @@ def test_a_rank_among_as_many_domains_as_the_top_k_warns_of_nothing():
     assert Guard(GuardConfig(protected=["food"], forecast_top_k=2)).forecast_warnings(
         [("food", 0.3), ("law", 0.1)], "sts_icl") == {}
 
+
+def test_a_resume_under_a_tighter_tolerance_counts_the_kept_projections_by_it():
+    """With early_stop="projected", a kept re-check counted only if it had projected warnings under the old
+    tolerance: tightened from 50% to 5%, projections of +20% (interval +15% .. +25%) never counted."""
+    def kept(step):
+        return {"step": step, **record(0.01).to_dict(), "early_forecast": {"food": 0.2, "law": 0.0},
+                "early_forecast_ci": {"food": [0.15, 0.25]}, "lr_area_fraction": 0.1 * step,
+                "projected_warnings": []}
+
+    history = [{"step": 0}, kept(1), kept(2), kept(3)]
+    guard = Guard(GuardConfig(protected=["food"], tolerance=0.05, early_stop="projected"))
+    assert guard.violations_at_the_end_of(history, "sts_icl") == 2  # the first measured re-check projects nothing
+    loose = Guard(GuardConfig(protected=["food"], tolerance=0.5, early_stop="projected"))
+    assert loose.violations_at_the_end_of(history, "sts_icl") == 0
+

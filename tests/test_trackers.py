@@ -277,6 +277,9 @@ def test_a_violation_and_a_stop_reach_wandb_as_numbers_and_words(monkeypatch):
     metrics = trackers.recheck_metrics(record, "sts_act")
     assert metrics["sts/recheck_stats/violations"] == 1 and metrics["sts/recheck_stats/projected_violations"] == 1
     assert metrics["sts/recheck_stats/early_stop"] == 1 and "sts/early_forecast/law" not in metrics
+    # a per-domain entry of Nones alone is no interval: no low / high columns for it
+    assert not trackers._is_per_domain_interval({"food": None, "law": None}, ["food", "law"])
+    assert trackers._is_per_domain_interval({"food": None, "law": [0.1, 0.2]}, ["food", "law"])
     quiet = trackers.recheck_metrics({**record, "violations": [], "projected_warnings": [], "early_stop": None},
                                      "sts_act")
     assert quiet["sts/recheck_stats/violations"] == quiet["sts/recheck_stats/early_stop"] == 0
@@ -392,8 +395,10 @@ def test_domain_names_a_tracker_would_merge_or_nest_are_named_for_that_tracker_o
     assert [c.fails for c in clashing_names(["mlflow"], nested)] == [True] and "file store" in clashing_names(
         ["mlflow"], nested)[0].sentence
     assert not any(c.fails for c in clashing_names(["mlflow"], names))
-    monkeypatch.setattr("mlflow.get_tracking_uri", lambda: "sqlite:///mlflow.db")
-    assert [c.fails for c in clashing_names(["mlflow"], nested)] == [False]
+    for uri, file_store in (("sqlite:///mlflow.db", False), ("databricks", False), ("http://host:5000", False),
+                            ("C:\\mlruns", True), ("C:/mlruns", True), ("./mlruns", True)):
+        monkeypatch.setattr("mlflow.get_tracking_uri", lambda uri=uri: uri)
+        assert [c.fails for c in clashing_names(["mlflow"], nested)] == [file_store], uri
 
 
 def test_domain_names_dvclive_would_fail_on_are_refused_at_train_start(tmp_path, tokenizer):

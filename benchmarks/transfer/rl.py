@@ -965,8 +965,12 @@ def main() -> None:
             print(f"== {name} ({time.strftime('%H:%M:%S')}) ==", flush=True)
             runner = {"grpo": run_grpo, "distill": run_distill}.get(spec["kind"], run_dpo)
             if args.reforecast:
+                run = json.loads((args.out / f"{name}.json").read_text())
+                if bool(run.get("smoke")) != args.smoke:  # its measured changes are of other sizes
+                    parser.error(f"{name} was run {'with' if run.get('smoke') else 'without'} --smoke; forecast it "
+                                 "again the same way")
                 fresh = runner(name, spec, model, tokenizer, sae_path, texts, sz, cache, args.work, forecast_only=True)
-                data = reforecast(json.loads((args.out / f"{name}.json").read_text()), fresh, git_commit())
+                data = reforecast(run, fresh, git_commit())
                 units.write_json(args.reforecast / f"{name}.json", data)
                 results.append(data)
                 print(f"   forecast again in {sum(fresh['seconds'].values()) / 60:.1f} min", flush=True)

@@ -348,7 +348,8 @@ def main() -> None:
         parser.error(f"{AFFINITY} is a score only with --affinity")
     if GRADIENT in {FEATURE, *FEATURES} and not args.gradient:
         parser.error(f"{GRADIENT} is a score only with --gradient")
-    out = args.out or HERE / ("rl_vs_sft_precise.json" if args.precise_truth else "rl_vs_sft.json")
+    suffix = "" if RL_RUNS.resolve() == (HERE / "rl").resolve() else f"_{RL_RUNS.name}"  # never the rl/ runs' file
+    out = args.out or HERE / (f"rl_vs_sft_precise{suffix}.json" if args.precise_truth else f"rl_vs_sft{suffix}.json")
     sft, sft_learned, sources = {}, {}, {}
     for path in sorted((HERE / "units").glob("lora-*-seed0.json")):
         unit = json.loads(path.read_text())
@@ -423,7 +424,9 @@ def main() -> None:
           "the measurement keeps no sequence counts): " + "; ".join(
               f"{name} {low:.2f}" + (f"-{high:.2f}" if high != low else "") for name, (low, high) in ceilings.items()
               if low is not None and high is not None))
-    out.write_text(json.dumps({"feature": FEATURE, "features": FEATURES, "icl": args.icl, "affinity": args.affinity,
+    runs_dir = RL_RUNS.resolve()
+    runs_dir = runs_dir.relative_to(HERE) if runs_dir.is_relative_to(HERE) else runs_dir
+    out.write_text(json.dumps({"runs_dir": str(runs_dir), "feature": FEATURE, "features": FEATURES, "icl": args.icl, "affinity": args.affinity,
                                "gradient": args.gradient, "gradient_budget": args.gradient_budget,
                                "precise_truth": args.precise_truth, "excluded": args.exclude,
                                "only": args.only,

@@ -225,7 +225,7 @@ def settings_from_dict(cls: Any, values: dict[str, Any] | None, what: str, valid
         hints = [f"Did you mean {close[0]!r} (not {key!r})?" for key in unknown
                  for close in [difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)] if close]
         listed = f"{valid[0].upper() + valid[1:] if hints else valid} {sorted(known)}"
-        raise STSConfigError(f"Unknown {what} {unknown}; {' '.join(hints) + ' ' if hints else ''}{listed}.")
+        raise STSConfigError(f"Unknown {what} {unknown}{'. ' + ' '.join(hints) + ' ' if hints else '; '}{listed}.")
     return cls(**values)
 
 

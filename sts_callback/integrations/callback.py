@@ -459,7 +459,8 @@ class STSCallback(TrainerCallback, ExportableState):
         loaded = self.session.loaded_best_step  # after the run: the best checkpoint's weights, not the last step's
         if loaded is not None:
             step = loaded
-        elif step == 0:  # eval_on_start: the train-start weights, measured as the base: no change, no re-check
+        elif step == 0 and not self.session.restarts:  # eval_on_start: the train-start weights, measured as the
+            # base: no change, no re-check (after a restart, auto_find_batch_size's, step 0 holds trained weights)
             return self._eval_keys(prefix, {name: 0.0 for name in self.monitor.loss_sets} if self.monitor else {})
         elif not self._measured_at(step) and self._ended:  # recheck_at_end=False: the run is over, unmeasured
             self.session.warn(f"after_the_end:{step}", f"STS: an evaluation after training at step {step}, which "
@@ -579,7 +580,8 @@ class STSCallback(TrainerCallback, ExportableState):
             check_measurable(model)
         domains, self.lm_eval_targets = target_corpora(self.target_domains, self._trainer, tokenizer)
         self._check_best_metric_is_logged(args, list(domains))
-        for tracker, clash, fails in trackers.clashing_names(getattr(args, "report_to", None), list(domains)):
+        in_use = trackers.trackers_in_use(trainer, getattr(args, "report_to", None))
+        for tracker, clash, fails in trackers.clashing_names(in_use, list(domains)):
             fix = "rename them to letters, digits and _ - . (the names are the target_domains keys)"
             if fails:  # DVCLive: the Trainer's own log of the eval_sts_* keys would stop the run; MLflow's file
                 # store: each log holding them would be lost, other metrics with it
@@ -844,11 +846,10 @@ class STSCallback(TrainerCallback, ExportableState):
         """Where to go back to after an early stop at ``step``: the model in memory is the harmed one, and a stop on
         a step that is no save step leaves no checkpoint of it. The last re-check that broke no rule, and the
         latest checkpoint saved at or before it."""
-        safe = 0  # the train start, if every re-check since broke a rule
-        for record in reversed(self.history):
+        safe, guard, variant = 0, self.session.guard, self.session.variant()  # 0: the train start
+        for record in reversed(self.history):  # judged as the stop counted them (a resume may change the rules)
             step_of = record.get("step", 0)
-            if 0 < step_of < step and "error" not in record and not record.get("violations") and not (
-                    self.session.guard.config.early_stop == "projected" and record.get("projected_warnings")):
+            if 0 < step_of < step and "error" not in record and not guard.breaks_a_rule(record, variant):
                 safe = step_of
                 break
         saved = sorted((int(p.name.split("-")[1]), p) for p in self._run_dir(args).glob("checkpoint-*")
@@ -873,10 +874,11 @@ class STSCallback(TrainerCallback, ExportableState):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """Fallback when no trainer could be attached (see :meth:`attach`): add the ``eval_sts_*`` keys here."""
-        if metrics is not None and self._trainer is None:
+        if metrics is not None and self._trainer is None and self._ready:
             now = next((r for r in reversed(self.history) if r.get("step") == state.global_step), None)
-            for name, delta in ((now or {}).get("loss_delta") or {}).items():  # this step's measurements only
-                metrics.setdefault(f"eval_{self.namespace}_loss_delta_{name}", _finite_or_nan(delta))
+            measured = (now or {}).get("loss_delta") or {} if "error" not in (now or {}) else {}
+            for key, value in self._eval_keys("eval", measured).items():  # this step's measurements only, NaN
+                metrics.setdefault(key, value)  # where none (a key metric_for_best_model reads must be there)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._ended = True

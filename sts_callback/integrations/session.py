@@ -113,11 +113,16 @@ def _captures_warnings() -> bool:
 REPORT_INTERVAL_SECONDS = 60.0
 REPORT_COST_SHARE = 0.1
 # The guard settings a resume compares with the run's (settings.json): changed, the kept re-checks are judged again.
-RULE_SETTINGS = ("protected", "tolerance", "accuracy_tolerance", "max_sts", "early_stop", "patience")
+RULE_SETTINGS = ("protected", "tolerance", "accuracy_tolerance", "max_sts", "early_stop")
 # Re-checks failing this many times in a row leave the protected domains unwatched: said once, whatever the errors.
 BLIND_AFTER_FAILED_RECHECKS = 3
 COUNTERS = ("violations_in_a_row", "warned", "violating", "stop_reason", "base_losses", "predicted", "base_fit",
             "base_accuracy", "run_id", "adapters_start_at_the_base")
+
+
+def _rule_value(value: Any) -> Any:
+    """A guard setting as compared across a resume: the protected domains as a set (their order is no rule)."""
+    return frozenset(value) if isinstance(value, list) else value
 
 
 def _run_store(folder: RunStore | str | Path, call: str) -> RunStore:
@@ -231,6 +236,7 @@ class STSSession:
         self._held_warnings: list[tuple[str, type[Warning]]] | None = None  # said once a re-check's record is kept
         self._pending_stop: str | None = None  # an early stop's message, said after the re-check's held warnings
         self.rules_change_said = False  # a resume under other guard rules was already said by the caller
+        self.restarts = 0  # runs of this run again from step 0 (restart()): step 0 is then not the train start's weights
         self._stopped_at: int | None = None  # the step this process's run decided its early stop at
 
     def __getstate__(self) -> dict[str, Any]:
@@ -705,7 +711,8 @@ class STSSession:
                 self.history = [merged[k] for k in sorted(merged, key=lambda k: k if isinstance(k, int) else 0)]
             saved = store.read_settings()
             rules_changed = {key: (saved[key], getattr(self.guard.config, key)) for key in RULE_SETTINGS
-                             if key in saved and saved[key] != getattr(self.guard.config, key)}
+                             if key in saved and _rule_value(saved[key]) != _rule_value(getattr(self.guard.config,
+                                                                                                  key))}
             self.no_forecast = saved.get("no_forecast") if isinstance(saved.get("no_forecast"), str) else None
             kept_warnings = saved.get("train_start_warnings")
             self.start_warnings = [w for w in kept_warnings if isinstance(w, str)] \
@@ -721,11 +728,13 @@ class STSSession:
         for record in self.history:  # the run goes on past a re-check recorded as its end (keep_history_until)
             if isinstance(record, dict):
                 record.pop("ended_early", None)
-        if rules_changed and self.is_main and not self.rules_change_said:
+        said, self.rules_change_said = self.rules_change_said, False
+        if rules_changed and self.is_main and not said:  # each resume's own (a once-per-run key would be restored
+            # from the checkpoint and silence a later resume under yet other rules)
             changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in rules_changed.items())
-            self.warn("resume_rules", f"STS: resuming under other rules than the run's ({changes}): the kept "
+            self._say(f"STS: resuming under other rules than the run's ({changes}): the kept "
                       "re-checks are judged again by them for the early stop's count of consecutive violations; "
-                      "their records keep the violations found then.", STSDataWarning)
+                      "their records keep the violations found then.", STSDataWarning, stacklevel=3)
         if from_train_start or rules_changed:  # the early stop's patience counts the kept re-checks (under the
             # rules now), not none or the old rules' count; a violation lasting across the resume is not new
             self.guard.violations_in_a_row = self.guard.violations_at_the_end_of(self.history, self.variant())
@@ -756,6 +765,7 @@ class STSSession:
         self._unwritten = [entry for entry in self._unwritten if entry[0].get("step", 0) <= 0]
         self.guard.load_state({"warned": self.guard.warned})
         self.monitor.turn = 0
+        self.restarts += 1
         self._clock, self._resumed_at, self._stopped_at = time.perf_counter(), None, None
         return len(abandoned)
 
@@ -981,9 +991,18 @@ class STSSession:
 
     def _say_stop(self) -> None:
         reason, self._pending_stop = self._pending_stop, None
-        if reason is not None:  # a warning (and the logs'), as the violations that led to it: an alert on STS
-            # warnings sees the stop too, at any log level, a resumed process's included
-            self._say(f"STS: {reason}", STSNegativeTransferWarning, stacklevel=4)
+        if reason is None:
+            return
+        # a warning (and the logs'), as the violations that led to it: an alert on STS warnings sees the stop too,
+        # at any log level, a resumed process's included; filtered away ("ignore"), it is said on the console
+        message = f"STS: {reason}"
+        with warnings.catch_warnings(record=True) as shown:  # the filters stay the user's; only the display waits
+            warnings.warn(message, STSNegativeTransferWarning, stacklevel=3)
+        if shown:
+            warnings.warn_explicit(message, STSNegativeTransferWarning, shown[0].filename, shown[0].lineno)
+        else:
+            self.say(message, always=True)
+        log_warning(message)
 
     def _recheck(self, model, step: int, max_steps: int, log_history: list[dict] | None, ended: bool = False,
                  ) -> tuple[dict[str, Any] | None, Decision | None]:
@@ -1013,9 +1032,10 @@ class STSSession:
                     break
                 failed += 1
             if failed >= BLIND_AFTER_FAILED_RECHECKS and guarded:
+                stop = ", and no early stop can come while this lasts" if self.guard.config.early_stop else ""
                 self.warn("recheck_blind", f"STS: the last {failed} re-checks (to step {step}) all failed: the "
-                          f"protected domains {guarded} are not being checked, and no early stop can come while "
-                          "this lasts (the errors are in the history).", RuntimeWarning)
+                          f"protected domains {guarded} are not being checked{stop} (the errors are in the "
+                          "history).", RuntimeWarning)
             return None, None
         record = {"step": step, **result.to_dict(), "overhead": {**self.budget.to_dict(), "skipped": skipped}}
         if result.probe_error is not None:

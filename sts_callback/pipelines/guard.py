@@ -316,19 +316,26 @@ class Guard:
 
     def violations_at_the_end_of(self, history: list[dict[str, Any]], variant: str) -> int:
         """The run of consecutive re-checks that count toward an early stop at the end of ``history`` (the
-        callback's records), judged by this guard's rules (a resume may have changed them): a re-check that breaks
-        a rule (or, with ``early_stop="projected"``, one whose projection still lies above the tolerance) extends
-        it, one that measured and broke none ends it; a failed re-check measured nothing and leaves it as it was."""
-        run = 0
+        callback's records), judged by this guard's rules (a resume may have changed them): a re-check that
+        :meth:`breaks_a_rule` extends it, one that measured and broke none ends it; a failed re-check measured
+        nothing and leaves it as it was."""
+        run, measured_before = 0, False
         for record in history:
             if record.get("step", 0) <= 0 or "error" in record:
                 continue  # the train-start record is no re-check; a failed one says nothing either way
-            counted = bool(self._violations(Recheck.from_dict(record), variant)) or (
-                self.config.early_stop == "projected" and bool(record.get("projected_warnings")) and bool(
-                    self.projected(record.get("early_forecast") or {}, record.get("loss_delta") or {},
-                                   record.get("lr_area_fraction") or 0.0, record.get("early_forecast_ci"))))
-            run = run + 1 if counted else 0
+            run = run + 1 if self.breaks_a_rule(record, variant, measured_before) else 0
+            measured_before = measured_before or bool(record.get("loss_delta"))
         return run
+
+    def breaks_a_rule(self, record: dict[str, Any], variant: str, measured_before: bool = True) -> bool:
+        """Whether a history record of a re-check counts toward an early stop under this guard's rules: a rule
+        broken, or with ``early_stop="projected"`` a projection whose whole interval lies above the tolerance
+        (from the second measured re-check on, as :meth:`check` is given them)."""
+        if self._violations(Recheck.from_dict(record), variant):
+            return True
+        return (self.config.early_stop == "projected" and measured_before and record.get("early_forecast") is not None
+                and bool(self.projected(record["early_forecast"] or {}, record.get("loss_delta") or {},
+                                        record.get("lr_area_fraction") or 0.0, record.get("early_forecast_ci"))))
 
     def violating_at_the_end_of(self, history: list[dict[str, Any]], variant: str) -> list[str]:
         """The rules broken at the last re-check of ``history`` that measured (:meth:`check`'s ``violating``)."""

@@ -47,6 +47,16 @@ class NameClash(NamedTuple):
     fails: bool  # the tracker's log would fail (not merge): refused at train start
 
 
+# The integration callback class of each tracker whose names clashing_names checks.
+TRACKER_CALLBACKS = {"mlflow": "MLflowCallback", "dvclive": "DVCLiveCallback"}
+
+
+def trackers_in_use(trainer: Any, report_to: Any) -> list[str]:
+    """``report_to`` and the trackers whose callbacks were added to the trainer by hand."""
+    named = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return [*named, *(t for t, cls in TRACKER_CALLBACKS.items() if t not in named and _integration(trainer, cls))]
+
+
 def clashing_names(report_to: Any, names: list[str]) -> list[NameClash]:
     """One :class:`NameClash` for each tracker in ``report_to`` that rewrites metric names and each group of domain
     ``names`` it would log as one series, or one inside another's path. MLflow's file store keeps a metric as a
@@ -77,13 +87,18 @@ def clashing_names(report_to: Any, names: list[str]) -> list[NameClash]:
 
 
 def _mlflow_file_store() -> bool:
-    """MLflow logs to a folder (a ``file:`` URI or a plain path), not a database or server."""
+    """MLflow logs to a folder (a ``file:`` URI, a plain path, a Windows drive path), not a database or server
+    (``sqlite:``, ``http(s):``, ``databricks``)."""
     try:
         import mlflow
     except ImportError:
         return False
+    from urllib.parse import urlparse
+
     uri = str(mlflow.get_tracking_uri() or "")
-    return uri.startswith("file:") or "://" not in uri and ":" not in uri.split("/")[0]
+    if re.match(r"^[A-Za-z]:[\\/]", uri):  # C:\mlruns: urlparse reads the drive as a scheme
+        return True
+    return uri != "databricks" and urlparse(uri).scheme in ("", "file")
 
 
 def export_forecast(trainer: Any, forecast: Any, namespace: str = "sts") -> None:
@@ -355,7 +370,9 @@ def _is_per_domain(value: Any, domains: list[str]) -> bool:
 
 
 def _is_per_domain_interval(value: Any, domains: list[str]) -> bool:
-    return (isinstance(value, dict) and bool(value) and set(value) <= set(domains)
+    """A {domain: [low, high]} entry (a dict of Nones alone is no interval: it reads as a per-domain value too)."""
+    return (isinstance(value, dict) and set(value) <= set(domains)
+            and any(isinstance(v, (list, tuple)) for v in value.values())
             and all(v is None or isinstance(v, (list, tuple)) and len(v) == 2 for v in value.values()))
 
 
