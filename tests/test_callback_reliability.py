@@ -535,6 +535,12 @@ def test_multiple_choice_domain_is_scored_and_its_drop_is_a_violation(tmp_path, 
     shown = f"quiz {last['accuracy']['quiz']:.1%} ({last['accuracy_delta']['quiz'] * 100:+.1f} points)"
     assert shown in (sts / "report.md").read_text() and shown in (sts / "report.html").read_text()
     assert json.loads((sts / "settings.json").read_text())["accuracy_tolerance"] == 0.0
+    # 24 items against a 2-point tolerance: one item is 4.2 points, so a single flip breaks the rule: said at start
+    coarse = make_callback(target_domains={"law": domain_texts("law", 30), "quiz": str(path)}, protected=["quiz"],
+                           accuracy_tolerance=0.02, accuracy_items=24)
+    with pytest.warns(STSDataWarning, match=r"'quiz' is scored on 24 multiple-choice item\(s\), so one item flipping "
+                                            r"moves its accuracy by 4.2 points, more than accuracy_tolerance \(2.0"):
+        make_trainer(tmp_path / "coarse", tokenizer, coarse, model=model, max_steps=1, save_strategy="no").train()
 
 
 def test_a_multiple_choice_dataset_in_arcs_layout_is_a_scored_target(tmp_path, tokenizer):

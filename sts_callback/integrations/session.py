@@ -571,6 +571,7 @@ class STSSession:
         self.base_losses = monitor.base_losses = monitor.measure_losses(model, self.autocast)
         began = time.perf_counter()
         self.base_accuracy = monitor.base_accuracy = monitor.measure_accuracy(model, self.autocast)
+        self._warn_about_items_coarser_than_the_tolerance(monitor)
         # the first re-check's costs, until it measures its own: the train-start passes (whole loss sets: high)
         self.budget.domain_seconds = dict(monitor.base_loss_seconds)
         self.budget.set_tokens = monitor.loss_set_tokens
@@ -602,6 +603,20 @@ class STSSession:
         if other:  # the forecast would read these texts, the re-checks prepare()'s
             raise STSUsageError(f"STSSession.start() got other texts for {other} than prepare() sampled: the forecast "
                                 "would read these and the re-checks those. Pass the same domains to both.")
+
+    def _warn_about_items_coarser_than_the_tolerance(self, monitor: Monitor) -> None:
+        """A protected multiple-choice domain of so few items that one item flipping moves its accuracy by more than
+        accuracy_tolerance: any re-check's noise breaks the rule (5 items: 20 points a flip, 2 points allowed)."""
+        tolerance = self.guard.config.accuracy_tolerance
+        counts = {**{n: t.limit for n, t in monitor.lm_eval_targets.items() if t.limit}, **monitor.accuracy_items}
+        for name in self.guard.config.protected:
+            items = counts.get(name)
+            if items and tolerance > 0 and 1 / items > tolerance + 1e-12:  # 0: any fall, by the user's choice
+                self.warn(f"accuracy_items:{name}", f"STS: protected domain {name!r} is scored on {items} "
+                          f"multiple-choice item(s), so one item flipping moves its accuracy by {100 / items:.1f} "
+                          f"points, more than accuracy_tolerance ({100 * tolerance:.1f} points): a single item's "
+                          "change breaks the rule. Give it more items, or a larger accuracy_tolerance.",
+                          STSDataWarning)
 
     def _write_settings(self, step: int) -> None:
         """The guard's settings, which ``sts report`` reads back (protected domains, tolerances): at train start, and

@@ -132,6 +132,7 @@ class Monitor:
     accuracy_sets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # multiple-choice domains
     lm_eval_targets: dict[str, Any] = field(default_factory=dict)  # lm-evaluation-harness tasks
     base_accuracy: dict[str, float] = field(default_factory=dict)
+    accuracy_items: dict[str, int] = field(default_factory=dict)  # items each accuracy is read from (all ranks)
     base_sequence_nll: dict[str, torch.Tensor] = field(default_factory=dict)  # [n, 2] per held-out sequence
     base_loss_seconds: dict[str, float] = field(default_factory=dict)  # each domain's whole loss set at train start
     loss_half_width: float | None = None  # stop measuring a domain once its change's 95% CI is this narrow
@@ -350,6 +351,7 @@ class Monitor:
             for name, items in self.accuracy_sets.items():
                 right, total = accuracy(model, self.setup.builder.tokenizer, items)
                 out[name] = right / total if total else float("nan")
+                self.accuracy_items[name] = int(total)
             if self.lm_eval_targets:
                 # each rank evaluates the tasks whole, alone; a failure on one rank still fails the re-check on
                 # every rank, so that their records (and the guard's decisions) stay the same
