@@ -26,6 +26,6 @@ def fake_validation(scores: list[dict[str, dict[str, float]]], changes: list[dic
     first = per_seed[0]
     return ValidationResult(domains=list(first.nll_delta_rel), variants=list(next(iter(first.scores.values()))),
                             seeds=[s.seed for s in per_seed], method="lora",
-                            training={"trainer": trainer, "steps": 2, "learning_rate": 0.01, "batch_size": 4, "lora_rank": 8,
-                                      "loss_tokens": 120, "training_args": training_args or {}},
+                            training={"trainer": trainer, "steps": 2, "learning_rate": 0.01, "batch_size": 4,
+                                      "lora_rank": 8, "loss_tokens": 120, "training_args": training_args or {}},
                             config={}, per_seed=per_seed, n_resamples=n_resamples)

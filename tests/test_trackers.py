@@ -467,8 +467,8 @@ def test_mlflow_gets_the_train_end_recheck_in_its_run_and_the_tables_and_report(
     assert callback.write_errors == []
 
 
-def test_a_resumed_runs_new_mlflow_run_gets_the_forecast_its_rechecks_are_read_against(tmp_path, tokenizer,  # noqa: F811
-                                                                                       offline_mlflow):
+def test_a_resumed_runs_new_mlflow_run_gets_the_forecast_its_rechecks_are_read_against(  # noqa: F811
+        tmp_path, tokenizer, offline_mlflow):
     """Resumed in a new process, MLflowCallback starts a new run: it had the re-checks but not the forecast."""
     make_trainer(tmp_path, tokenizer, make_callback(recheck_steps=2), max_steps=4, save_steps=2,
                  report_to=["mlflow"]).train()

@@ -380,7 +380,8 @@ def test_console_table_gives_intervals_only_where_a_bootstrap_can_say_something(
     assert "(r [95% bootstrap CI] p" in seven and "no interval" not in seven
     assert "[" in seven.split("correlation across")[1]
     assert "no interval: a bootstrap needs 7 domains or more" in four and "[" not in four.split("correlation across")[1]
-    assert four.startswith("STS validation: LoRA (r=8) DPO, ") and seven.startswith("STS validation: LoRA (r=8) fine-tune")
+    assert four.startswith("STS validation: LoRA (r=8) DPO, ")
+    assert seven.startswith("STS validation: LoRA (r=8) fine-tune")
     assert "-<0.001%" in seven and "-0.00" not in seven  # a tiny fall: no zero with a sign
 
 

@@ -99,8 +99,8 @@ def run_measurement(run: dict, precise: bool) -> dict:
 
 
 def rl_runs(exclude: Sequence[str], only: Sequence[str] = ()) -> list[Path]:
-    """The RL / DPO runs on disk (``rl/*.json``, or ``--runs-dir``) but those whose names match a pattern of ``exclude``, and with
-    ``only`` just those whose names match one of its patterns."""
+    """The RL / DPO runs on disk (``rl/*.json``, or ``--runs-dir``) but those whose names match a pattern of
+    ``exclude``, and with ``only`` just those whose names match one of its patterns."""
     return [p for p in sorted(RL_RUNS.glob("*.json")) if not any(fnmatch(p.stem, x) for x in exclude)
             and (not only or any(fnmatch(p.stem, x) for x in only))]
 
@@ -426,7 +426,8 @@ def main() -> None:
               if low is not None and high is not None))
     runs_dir = RL_RUNS.resolve()
     runs_dir = runs_dir.relative_to(HERE) if runs_dir.is_relative_to(HERE) else runs_dir
-    out.write_text(json.dumps({"runs_dir": str(runs_dir), "feature": FEATURE, "features": FEATURES, "icl": args.icl, "affinity": args.affinity,
+    out.write_text(json.dumps({"runs_dir": str(runs_dir), "feature": FEATURE, "features": FEATURES, "icl": args.icl,
+                               "affinity": args.affinity,
                                "gradient": args.gradient, "gradient_budget": args.gradient_budget,
                                "precise_truth": args.precise_truth, "excluded": args.exclude,
                                "only": args.only,

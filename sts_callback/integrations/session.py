@@ -236,7 +236,7 @@ class STSSession:
         self._held_warnings: list[tuple[str, type[Warning]]] | None = None  # said once a re-check's record is kept
         self._pending_stop: str | None = None  # an early stop's message, said after the re-check's held warnings
         self.rules_change_said = False  # a resume under other guard rules was already said by the caller
-        self.restarts = 0  # runs of this run again from step 0 (restart()): step 0 is then not the train start's weights
+        self.restarts = 0  # restart()s: step 0 then holds trained weights, not the train start's
         self._stopped_at: int | None = None  # the step this process's run decided its early stop at
 
     def __getstate__(self) -> dict[str, Any]:

@@ -195,8 +195,8 @@ def export_report(trainer: Any, html_path: Path, namespace: str = "sts") -> None
 def recheck_metrics(record: dict[str, Any], variant: str) -> dict[str, float]:
     """A re-check's history record as tracker metrics (``sts/...`` keys): per domain ``sts/<quantity>/<domain>``,
     the re-check's own numbers under ``sts/recheck_stats/`` (a prefix no domain's key can take), among them the
-    count of rules broken (``violations``), of projected violations, and ``early_stop`` (1 at the stop). A domain without
-    ``variant`` (STS_icl of a one-text domain) is left out, not charted with another score's scale."""
+    count of rules broken (``violations``), of projected violations, and ``early_stop`` (1 at the stop). A domain
+    without ``variant`` (STS_icl of a one-text domain) is left out, not charted with another score's scale."""
     # a projection held at -100% (its fall, extrapolated, passes a loss of zero) projects no end value: not charted
     metrics = {f"sts/early_forecast/{name}": value for name, value in record.get("early_forecast", {}).items()
                if value is not None and value > -1.0}

@@ -71,7 +71,8 @@ def correlation(x: Sequence[float], y: Sequence[float], statistic: str = "pearso
     (``scipy.stats.permutation_test``; with 3 points even a perfect correlation has p = 1/3), beyond that
     ``scipy.stats.pearsonr`` / ``spearmanr``; ``p_method`` says which. ``ci`` a paired percentile bootstrap
     (``scipy.stats.bootstrap``, seeded), from :data:`BOOTSTRAP_MIN_POINTS` points on (``None`` below). Resamples
-    that are constant on one side have no correlation and are left out of the interval. A constant ``x`` or ``y`` gives ``r = p = ci = None`` (JSON null), never an error.
+    that are constant on one side have no correlation and are left out of the interval. A constant ``x`` or ``y``
+    gives ``r = p = ci = None`` (JSON null), never an error.
     """
     import numpy as np
     from scipy import stats
