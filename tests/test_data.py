@@ -83,6 +83,12 @@ def test_multiple_choice_items_in_the_common_layouts_and_answer_forms():
         load_corpus([expected, {**expected, "answer": "E"}], name="quiz")[1]
     with pytest.warns(STSDataWarning, match="mixes 2 multiple-choice item"):
         assert multiple_choice_items(load_corpus([expected, "plain text", expected], name="mixed")) is None
+    # an item with a question and choices lacks only its answer (a typo'd key): named, not taken for a text that
+    # turns the domain's accuracy off with a warning
+    typo = {"question": "2+2?", "choices": ["3", "4"], "answers": 1}
+    with pytest.raises(STSInputError, match=r"example 1 of 'quiz' has 'question' and 'choices' but no 'answer' "
+                                            r"\(its keys: \['answers', 'choices', 'question'\]\)"):
+        multiple_choice_items(load_corpus([expected, typo, expected], name="quiz"))
 
 
 def test_a_multiple_choice_answer_read_two_ways_or_a_repeated_choice_is_refused_naming_the_item():

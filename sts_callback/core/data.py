@@ -289,6 +289,15 @@ def as_mc_record(record: Any) -> dict[str, Any] | None:
     return None
 
 
+def _mc_layout_without_answer(record: Any) -> tuple[str, str, str] | None:
+    """The multiple-choice layout whose question and choices ``record`` has, its answer key missing."""
+    if isinstance(record, Mapping):
+        for layout in MC_LAYOUTS:
+            if layout[0] in record and layout[1] in record and layout[2] not in record:
+                return layout
+    return None
+
+
 def check_multiple_choice(record: dict[str, Any], where: str = "") -> dict[str, Any]:
     from .multiple_choice import check_item
 
@@ -308,6 +317,15 @@ def multiple_choice_items(corpus: "Corpus") -> list[dict[str, Any]] | None:
         records = [as_mc_record(r) for r in items]
     found = sum(r is not None for r in records)
     if found < len(records):
+        raw = head if as_mc_record(items[0]) is None else items
+        for i, record in enumerate(records):  # an item with a question and choices lacks only its answer: a typo
+            layout = _mc_layout_without_answer(raw[i]) if record is None and found else None
+            if layout is not None:
+                question, choices, answer = layout
+                keys = sorted(str(k) for k in raw[i])
+                raise STSInputError(f"Multiple choice: example{corpus._where(i)} has {question!r} and {choices!r} "
+                                    f"but no {answer!r} (its keys: {keys}); give each multiple-choice item its "
+                                    "answer.")
         if found:
             warn_on_main(f"Target domain {corpus.name!r} mixes {found} multiple-choice item(s) with "
                          f"{len(records) - found} other text(s): its accuracy is not measured (only a domain of "
