@@ -108,6 +108,29 @@ def test_session_resumes_from_its_checkpoint_folder(tmp_path, tokenizer):
         assert record["loss_delta"][name] == pytest.approx(first.history[0]["loss_delta"][name], abs=1e-6)
 
 
+def test_a_checkpoint_saved_before_its_steps_recheck_resumes_with_that_recheck_counted(tmp_path, tokenizer):
+    """A loop that saves (accelerator.save_state, save_checkpoint) before the same step's re-check: resumed there,
+    the checkpoint's count missed that re-check's violation, and with patience 2 the stop came a re-check late (or,
+    at the run's last step, never)."""
+    model = make_model("llama")
+    train, domains = load_corpus(domain_texts("law", 40, seed=3)), load_domains({d: domain_texts(d, 30)
+                                                                                for d in DOMAINS})
+    first = session_for(tmp_path, max_sts=1e-12, early_stop=True, patience=2)  # every re-check breaks a rule
+    first.prepare(model, tokenizer, train, domains)
+    first.start(model, train, domains)
+    checkpoint = RunStore(tmp_path / "checkpoint-2" / "sts")
+    train_steps(model, tokenizer, domain_texts("law", 40, seed=3), 2)
+    first.save_checkpoint(checkpoint, 2)  # saved first
+    assert first.recheck(model, 2, max_steps=8)[0]["violations"]  # then the step's re-check: a violation
+    again = session_for(tmp_path, max_sts=1e-12, early_stop=True, patience=2)  # the loop crashed; resumed
+    again.prepare(model, tokenizer, train, domains)
+    again.resume(2, checkpoint, domains)
+    assert again.guard.violations_in_a_row == 1
+    train_steps(model, tokenizer, domain_texts("law", 40, seed=3), 2)
+    with pytest.warns(STSNegativeTransferWarning, match="early stop at step 4 after 2 consecutive"):
+        assert again.recheck(model, 4, max_steps=8)[1].stop
+
+
 def test_a_resume_with_a_cut_forecast_goes_on_without_it_unless_strict(tmp_path, tokenizer):
     model, train, domains, first = started_loop(tmp_path, tokenizer)
     first.recheck(model, 2, max_steps=4)

@@ -750,8 +750,11 @@ class STSSession:
             self._say(f"STS: resuming under other rules than the run's ({changes}): the kept "
                       "re-checks are judged again by them for the early stop's count of consecutive violations; "
                       "their records keep the violations found then.", STSDataWarning, stacklevel=3)
-        if from_train_start or rules_changed:  # the early stop's patience counts the kept re-checks (under the
-            # rules now), not none or the old rules' count; a violation lasting across the resume is not new
+        kept_rechecks = any(r.get("step", 0) > 0 for r in self.history)
+        if from_train_start or rules_changed or kept_rechecks:  # the early stop's patience counts the kept
+            # re-checks as judged now: not none, nor the old rules' count, nor that of a checkpoint saved before its
+            # own step's re-check (a loop that saves first: the stop came a re-check late, or never); a violation
+            # lasting across the resume is not new
             self.guard.violations_in_a_row = self.guard.violations_at_the_end_of(self.history, self.variant())
             self.guard.violating = self.guard.violating_at_the_end_of(self.history, self.variant())
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
