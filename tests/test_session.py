@@ -131,6 +131,34 @@ def test_a_checkpoint_saved_before_its_steps_recheck_resumes_with_that_recheck_c
         assert again.recheck(model, 4, max_steps=8)[1].stop
 
 
+def test_a_loops_tokenized_probe_a_long_schedule_and_a_recheck_at_the_resumed_step(tmp_path, tokenizer):
+    """A run_clm_no_trainer-style loop: its tokenized training set was refused as the probe by the very call that
+    said to give it with its tokenizer; 40 rates (one a micro-batch) for 10 steps were cut to the first 10 unsaid;
+    a loop resumed at step 2 that re-checks step 2 again was killed ("steps must increase")."""
+    from datasets import Dataset
+
+    model = make_model("llama")
+    texts = domain_texts("law", 40, seed=3)
+    tokenized = Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True,
+                                                        remove_columns=["text"])
+    domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
+    session = session_for(tmp_path)
+    session.prepare(model, tokenizer, tokenized, domains)
+    session.start(model, tokenized, domains)
+    session.learning_rates = [1e-3] * 40
+    train_steps(model, tokenizer, texts, 2)
+    with pytest.warns(RuntimeWarning, match="40 learning rates for max_steps=10: the early forecast reads the first"):
+        session.recheck(model, 2, max_steps=10)
+    checkpoint = RunStore(tmp_path / "checkpoint-2" / "sts")
+    session.save_checkpoint(checkpoint, 2)
+    again = session_for(tmp_path)
+    again.prepare(model, tokenizer, tokenized, domains)
+    again.resume(2, checkpoint, domains)
+    with pytest.warns(RuntimeWarning, match="the re-check of step 2, the step resumed at, is already in the history"):
+        record, decision = again.recheck(model, 2, max_steps=10)
+    assert record["step"] == 2 and decision is None and [r["step"] for r in again.history] == [2]
+
+
 def test_a_resume_with_a_cut_forecast_goes_on_without_it_unless_strict(tmp_path, tokenizer):
     model, train, domains, first = started_loop(tmp_path, tokenizer)
     first.recheck(model, 2, max_steps=4)
@@ -492,6 +520,11 @@ def test_session_methods_out_of_order_are_named_errors(tmp_path, tokenizer):
     probe = load_corpus(domain_texts("law", 30))
     domains = load_domains({d: domain_texts(d, 30) for d in DOMAINS})
     session = session_for(tmp_path)
+    # arguments out of order or left out: named (were a TypeError / AttributeError deep inside)
+    with pytest.raises(STSUsageError, match="tokenizer is NoneType; pass the model's tokenizer"):
+        session.prepare(model, None, probe, domains)
+    with pytest.raises(STSUsageError, match="model is a .*, not a torch model; pass the model first"):
+        session.prepare(tokenizer, model, probe, domains)
     with pytest.raises(STSUsageError, match=r"start\(\) before prepare\(\)"):
         session.start(model, probe, domains)
     with pytest.raises(STSUsageError, match="before the run started"):
@@ -500,6 +533,8 @@ def test_session_methods_out_of_order_are_named_errors(tmp_path, tokenizer):
     with pytest.raises(STSUsageError, match="before the run started"):
         session.recheck(model, 1, max_steps=4)
     session.start(model, probe, domains)
+    with pytest.raises(STSUsageError, match="recheck.*model is a .*, not a torch model"):
+        session.recheck(tokenizer, 2, max_steps=4)
     session.recheck(model, 2, max_steps=4)
     for step in (2, 1):
         with pytest.raises(STSUsageError, match="steps must increase"):

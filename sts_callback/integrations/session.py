@@ -230,6 +230,7 @@ class STSSession:
         self.run_id: str | None = None  # drawn at start(): which run a checkpoint's state and a folder's files are
         self._started = False  # start() or resume() since the last prepare(): re-checks have a base to compare with
         self._resumed_at: int | None = None  # the step resumed from, until the schedule is read as run (see below)
+        self._resume_step: int | None = None  # the step this process resumed at (its re-check is kept from before)
         self._report_written_at: float | None = None  # when a re-check last wrote the report
         self._report_seconds = 0.0  # what writing it took
         self._unwritten: list[list[Any]] = []  # [record, failed writes]: history a failed write left out, retried
@@ -372,11 +373,18 @@ class STSSession:
         """Sample the held-out, accuracy and probe sets (seeded) and build the monitor; no model call. ``probe``
         and ``domains`` take what :func:`load_corpus` / :func:`load_domains` take (texts, records, paths, built-in
         domain names) as well as their results."""
+        if not callable(getattr(model, "parameters", None)):  # prepare(tokenizer, ...): named, not a TypeError
+            raise STSUsageError(f"STSSession.prepare(model, tokenizer, probe, domains): model is a "
+                                f"{type(model).__name__}, not a torch model; pass the model first, then its tokenizer.")
+        if tokenizer is None or not callable(tokenizer):
+            raise STSUsageError(f"STSSession.prepare(model, tokenizer, probe, domains): tokenizer is "
+                                f"{type(tokenizer).__name__}; pass the model's tokenizer (AutoTokenizer.from_pretrained"
+                                "(...)) second.")
         model = without_data_parallel(model)  # every forward of the session: the model's own (see there)
         self._start_adapters = active_adapters(model)  # what start() and resume() measure with
         # base weights the run trains beside its adapters, which disabling them keeps (no forward: named only)
         self._base_trained = base_parameters_trained(model)
-        probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), \
+        probe, domains = load_corpus(_decoded_probe(probe, tokenizer), "probe", what="STSSession's probe"), \
             load_domains(_decoded_datasets(domains, tokenizer))
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
@@ -436,8 +444,9 @@ class STSSession:
         if self.monitor is None:
             raise STSUsageError("STSSession.start() before prepare(): call prepare(model, tokenizer, probe, domains) "
                                 "first.")
-        probe, domains = load_corpus(probe, "probe", what="STSSession's probe"), \
-            load_domains(_decoded_datasets(domains, self.setup.builder.tokenizer))
+        tokenizer = self.setup.builder.tokenizer
+        probe, domains = load_corpus(_decoded_probe(probe, tokenizer), "probe", what="STSSession's probe"), \
+            load_domains(_decoded_datasets(domains, tokenizer))
         demonstrations = None if demonstrations is None else load_corpus(demonstrations, "demonstrations",
                                                                          what="STSSession's demonstrations")
         self._check_prepared_domains(domains, "start")
@@ -485,6 +494,7 @@ class STSSession:
         self.write_report(0)  # a run that fails before its first re-check still leaves one
         self._report_written_at = None  # and the first re-check's report is written whatever this one took
         self._clock, self._started, self._resumed_at = time.perf_counter(), True, None
+        self._resume_step = None
         self._stopped_at = None
         return self.forecast
 
@@ -766,6 +776,7 @@ class STSSession:
         monitor.turn = sum(not monitor.measured_every_time(name) for r in self.history if "error" not in r
                            for name in r.get("loss_delta") or {})
         self._clock, self._started, self._resumed_at = time.perf_counter(), True, step
+        self._resume_step = step
         self._stopped_at = None  # a resumed run may stop again
 
     def restart(self) -> int:
@@ -955,6 +966,9 @@ class STSSession:
         if self.monitor is None or not self.base_losses or not self._started:
             raise STSUsageError(f"STSSession.recheck(step={step}) before the run started: call prepare(...) and "
                                 "start(...) (or resume(...)) first.")
+        if not callable(getattr(model, "parameters", None)):
+            raise STSUsageError(f"STSSession.recheck(model, step, ...): model is a {type(model).__name__}, not a "
+                                "torch model; pass the model being trained.")
         model = without_data_parallel(model)
         step, max_steps = whole_steps(step, "step"), whole_steps(max_steps, "max_steps")
         if step < 0:
@@ -962,6 +976,11 @@ class STSSession:
         last = max((r.get("step", 0) for r in self.history), default=None)
         if ended and step == last:  # the loop's last periodic re-check was at its end: that record is the end
             self.ended_at(step, max_steps)
+            return self.history[-1], None
+        if step == last == self._resume_step:  # a loop resumed at step N that re-checks N again: the kept record
+            self.warn(f"recheck_at_resume:{step}", f"STS: the re-check of step {step}, the step resumed at, is "
+                      "already in the history (kept from before the resume); this call measures nothing again.",
+                      RuntimeWarning)
             return self.history[-1], None
         if last is not None and step <= last:
             raise STSUsageError(f"STSSession.recheck(step={step}) after a re-check at step {last}: steps must "
@@ -1182,6 +1201,10 @@ class STSSession:
                       "share of it is ever spent (a run at learning_rate=0 trains nothing; in your own loop, set "
                       "session.learning_rates to the rates the optimizer steps with).", RuntimeWarning)
             return {}
+        if len(self.learning_rates) > max_steps:  # one a micro-batch under gradient accumulation, or another plan
+            self.warn("long_schedule", f"STS: {len(self.learning_rates)} learning rates for max_steps={max_steps}: "
+                      f"the early forecast reads the first {max_steps} as the run's schedule. Give one rate per "
+                      "optimizer step (with gradient accumulation, not one per micro-batch).", RuntimeWarning)
         if len(self.learning_rates) < max_steps:
             self.warn("short_schedule", f"STS early forecast skipped: {len(self.learning_rates)} learning rates for "
                       f"max_steps={max_steps}; set session.learning_rates to one rate per optimizer step.",
@@ -1325,6 +1348,16 @@ def whole_steps(value: Any, name: str) -> int:
         return int(value)
     raise STSUsageError(f"STSSession.recheck({name}={value!r}): pass a whole number of optimizer steps (e.g. the "
                         "optimizer steps taken so far: micro-batches // gradient_accumulation_steps).")
+
+
+def _decoded_probe(probe: Any, tokenizer) -> Any:
+    """A tokenized training set (``input_ids``, as a loop of run_clm_no_trainer's kind holds it) read through the
+    tokenizer, as the callback reads the Trainer's; anything else as given."""
+    if is_dataset(probe) and "input_ids" in (getattr(probe, "column_names", None) or []):
+        from .training_data import corpus_from_training_dataset
+
+        return corpus_from_training_dataset(probe, tokenizer, name="probe")
+    return probe
 
 
 def _decoded_datasets(domains: Any, tokenizer) -> Any:
