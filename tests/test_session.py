@@ -159,6 +159,19 @@ def test_a_loops_tokenized_probe_a_long_schedule_and_a_recheck_at_the_resumed_st
     assert record["step"] == 2 and decision is None and [r["step"] for r in again.history] == [2]
 
 
+def test_a_loop_that_raises_inside_the_session_block_gets_a_report_that_says_so(tmp_path, tokenizer):
+    """The report of a loop that raised said "the run had not ended when it was made (still training, ...)"."""
+    model, train, domains, session = started_loop(tmp_path, tokenizer)
+    session.learning_rates = [1e-3] * 8  # a schedule: the report knows the re-check came before its end
+    with pytest.raises(RuntimeError, match="CUDA error"), session:
+        train_steps(model, tokenizer, domain_texts("law", 40, seed=3), 2)
+        session.recheck(model, 2, max_steps=8)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+    report = (tmp_path / "sts" / "report.md").read_text()
+    assert "the training loop then raised RuntimeError: CUDA error: an illegal memory access" in report
+    assert "still training" not in report
+
+
 def test_a_resume_with_a_cut_forecast_goes_on_without_it_unless_strict(tmp_path, tokenizer):
     model, train, domains, first = started_loop(tmp_path, tokenizer)
     first.recheck(model, 2, max_steps=4)
@@ -987,7 +1000,8 @@ def test_a_loop_that_raises_leaves_a_report_of_every_recheck_it_made(tmp_path, t
                 raise KeyboardInterrupt
     md = (tmp_path / "sts" / "report.md").read_text()
     assert "**Re-checks:** 2, " in md
-    assert "The last re-check is at step 4 (50% of the learning-rate schedule): the run had not ended" in md
+    assert ("The last re-check is at step 4 (50% of the learning-rate schedule): the training loop then raised "
+            "KeyboardInterrupt, so the end of training is not measured here.") in md
 
 
 def test_a_loop_without_a_schedule_is_told_once_why_there_is_no_early_forecast(tmp_path, tokenizer, capsys):

@@ -41,7 +41,7 @@ from ..core.data import Corpus, is_dataset, load_corpus, load_domains, multiple_
 from ..core.distributed import (check_ranks_agree, fingerprint, from_main_process, gather_objects, is_main_process,
                                 require_at_least_world, warn_on_main, world_size)
 from ..core.errors import (ForecastSkipped, STSConfigError, STSDataWarning, STSError, STSInputError,
-                           STSNegativeTransferWarning, STSUsageError)
+                           STSNegativeTransferWarning, STSUsageError, first_line)
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype, resolve_head_samples
 from ..core.config import STSConfig, recheck_variant
 from ..core.run_store import HISTORY_FILE, REPORT_MD_FILE, STATE_FILE, RunStore
@@ -238,6 +238,7 @@ class STSSession:
         self._pending_stop: str | None = None  # an early stop's message, said after the re-check's held warnings
         self.rules_change_said = False  # a resume under other guard rules was already said by the caller
         self.restarts = 0  # restart()s: step 0 then holds trained weights, not the train start's
+        self.loop_raised: str | None = None  # the exception that left a `with session:` block, for the report
         self._stopped_at: int | None = None  # the step this process's run decided its early stop at
 
     def __getstate__(self) -> dict[str, Any]:
@@ -362,9 +363,14 @@ class STSSession:
     def __enter__(self) -> "STSSession":
         return self
 
-    def __exit__(self, *raised: Any) -> None:
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
         """Leaving a ``with session:`` block, also when the loop raised: the report is brought up to date with every
-        re-check the history holds (between re-checks it is rewritten only now and then)."""
+        re-check the history holds (between re-checks it is rewritten only now and then), and says that the loop
+        raised (the settings file keeps it: ``loop_raised``)."""
+        if kind is not None and self._started and self.is_main:
+            self.loop_raised = f"{kind.__name__}: {first_line(error)}" if str(error) else kind.__name__
+            last = max((r.get("step", 0) for r in self.history), default=0)
+            self._write_settings(last)
         self.write_report()
 
     # ------------------------------------------------------------------ train start
@@ -638,7 +644,8 @@ class STSSession:
              "early_stop": guard.early_stop, "patience": guard.patience,
              **({"no_forecast": self.no_forecast} if self.no_forecast else {}),
              **({"recheck_at_end": False} if not self.settings.recheck_at_end else {}),  # the report says so
-             **({"train_start_warnings": self.start_warnings} if self.start_warnings else {})}), step)
+             **({"train_start_warnings": self.start_warnings} if self.start_warnings else {}),
+             **({"loop_raised": self.loop_raised} if self.loop_raised else {})}), step)
 
     def resume(self, step: int, checkpoint: RunStore | str | Path, domains: dict[str, Corpus],
                saved_elsewhere: Callable[[], dict[str, Any] | None] | None = None) -> None:

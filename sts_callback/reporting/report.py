@@ -343,6 +343,10 @@ class ReportData:
             return (f"The last re-check that measured is at step {last['step']} ({share:.0%} of the learning-rate "
                     f"schedule): the re-check at step {max(failed_after)} failed (see the warnings), so the end of "
                     "training is not measured here.")
+        raised = self.run_settings.get("loop_raised")
+        if isinstance(raised, str):  # the loop left its `with session:` block by an exception
+            return (f"The last re-check is at step {last['step']} ({share:.0%} of the learning-rate schedule): the "
+                    f"training loop then raised {raised}, so the end of training is not measured here.")
         if self.run_settings.get("recheck_at_end") is False:
             return (f"The last re-check is at step {last['step']} ({share:.0%} of the learning-rate schedule): the run "
                     "does not re-check its end (recheck_at_end=False), so what the remaining steps did is not "
