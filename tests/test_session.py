@@ -427,6 +427,17 @@ def test_a_recheck_inside_disable_adapter_says_it_measures_the_base_model(tmp_pa
     session = started(tmp_path, tokenizer, model)
     with model.disable_adapter(), pytest.warns(STSDataWarning, match="adapters disabled"):
         session.recheck(model, 2, max_steps=8)
+    # prepared before the PEFT wrap, started after it (a loop that wraps late): the same warning, not "nothing
+    # trained ... the learning rate"
+    base = make_model("llama")
+    late = session_for(tmp_path / "late")
+    probe, domains = load_corpus(domain_texts("law", 40, seed=3)), load_domains({d: domain_texts(d, 30)
+                                                                                for d in DOMAINS})
+    late.prepare(base, tokenizer, probe, domains)
+    wrapped = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    late.start(wrapped, probe, domains)
+    with wrapped.disable_adapter(), pytest.warns(STSDataWarning, match="adapters disabled"):
+        late.recheck(wrapped, 2, max_steps=8)
     model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.set_adapter("second")
     # one sentence with the fix that applies (no "context" to leave after set_adapter)

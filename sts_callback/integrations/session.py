@@ -456,6 +456,9 @@ class STSSession:
         demonstrations = None if demonstrations is None else load_corpus(demonstrations, "demonstrations",
                                                                          what="STSSession's demonstrations")
         self._check_prepared_domains(domains, "start")
+        if self._start_adapters is None and (adapters := active_adapters(model)) is not None:
+            # wrapped in its adapters after prepare(): the re-checks compare with these, not with none
+            self._start_adapters, self._base_trained = adapters, base_parameters_trained(model)
         self.recipe = "lora" if is_peft(model) else "full"
         # a new run: an earlier start's forecast, predictions and seconds are not this run's
         self.forecast, self.predicted, self.run_level = None, {}, None
