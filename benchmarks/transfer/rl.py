@@ -504,6 +504,11 @@ def agreement(scores: dict[str, dict[str, Any]], measured: dict[str, float], oth
     return out
 
 
+def agreements(forecasts: dict[str, dict[str, Any]], measured: dict[str, float], others: list[str]) -> dict[str, Any]:
+    """:func:`agreement` of each forecast variant that has scores (a refused one has none) with ``measured``."""
+    return {v: agreement(f["scores"], measured, others) for v, f in forecasts.items() if "scores" in f}
+
+
 def best_feature(agree: dict[str, Any]) -> tuple[str | None, float | None]:
     rs = [(f, a["r"]) for f, a in agree.items() if a.get("r") is not None]
     return max(rs, key=lambda item: abs(item[1])) if rs else (None, None)
@@ -791,13 +796,12 @@ def finish(name, spec, source, targets, trainer_args, sz, forecasts, cb, traject
            extra, measured_precise=None) -> dict:
     measured = measured_effect(cb)
     others = [d for d in sorted(targets) if d != source]
-    agree = {v: agreement(f["scores"], measured["loss_delta"], others) for v, f in forecasts.items() if "scores" in f}
+    agree = agreements(forecasts, measured["loss_delta"], others)
     precise = {}
     if measured_precise is not None:
         seconds["precise_measure"] = measured_precise["seconds"]
-        precise = {"measured_precise": measured_precise, "agreement_precise": {
-            v: agreement(f["scores"], measured_precise["loss_delta"], others) for v, f in forecasts.items()
-            if "scores" in f}}
+        precise = {"measured_precise": measured_precise,
+                   "agreement_precise": agreements(forecasts, measured_precise["loss_delta"], others)}
     checks = {}
     twin = {"grpo": "reward_filtered", "distill": "teacher_completions"}.get(spec["kind"], "chosen_vs_rejected")
     # the callback's own (shift "auto") forecast vs the same variant made before training: equal in fp32
@@ -834,14 +838,12 @@ def reforecast(run: dict, fresh: dict, commit: str) -> dict:
     out = {**run, "forecasts": forecasts,
            "forecasts_before": {v: f for v, f in run["forecasts"].items() if v != "callback"},
            "agreement_before": run["agreement"],
-           "agreement": {v: agreement(f["scores"], run["measured"]["loss_delta"], others)
-                         for v, f in forecasts.items() if "scores" in f},
+           "agreement": agreements(forecasts, run["measured"]["loss_delta"], others),
            "reforecast": {"commit": commit, "date": time.strftime("%Y-%m-%d"), "seconds": fresh["seconds"],
                           "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU"}}
     if "measured_precise" in run:
         out["agreement_precise_before"] = run["agreement_precise"]
-        out["agreement_precise"] = {v: agreement(f["scores"], run["measured_precise"]["loss_delta"], others)
-                                    for v, f in forecasts.items() if "scores" in f}
+        out["agreement_precise"] = agreements(forecasts, run["measured_precise"]["loss_delta"], others)
     return out
 
 

@@ -310,19 +310,16 @@ def multiple_choice_items(corpus: "Corpus") -> list[dict[str, Any]] | None:
     items = getattr(corpus, "_items", None)
     if items is None or not len(items):
         return None
-    if as_mc_record(items[0]) is None:  # a text domain: its first rows say whether items are mixed in
-        head = [items[i] for i in range(min(len(items), 1000))]
-        records = [as_mc_record(r) for r in head]
-    else:
-        records = [as_mc_record(r) for r in items]
+    # a text domain: its first rows say whether items are mixed in
+    read = [items[i] for i in range(min(len(items), 1000))] if as_mc_record(items[0]) is None else items
+    records = [as_mc_record(r) for r in read]
     found = sum(r is not None for r in records)
     if found < len(records):
-        raw = head if as_mc_record(items[0]) is None else items
         for i, record in enumerate(records):  # an item with a question and choices lacks only its answer: a typo
-            layout = _mc_layout_without_answer(raw[i]) if record is None and found else None
+            layout = _mc_layout_without_answer(read[i]) if record is None and found else None
             if layout is not None:
                 question, choices, answer = layout
-                keys = sorted(str(k) for k in raw[i])
+                keys = sorted(str(k) for k in read[i])
                 raise STSInputError(f"Multiple choice: example{corpus._where(i)} has {question!r} and {choices!r} "
                                     f"but no {answer!r} (its keys: {keys}); give each multiple-choice item its "
                                     "answer.")

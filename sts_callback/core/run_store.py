@@ -40,6 +40,16 @@ def step_of(record: Any) -> int:
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
 
 
+def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """The Trainer's ``checkpoint-<step>`` folders in ``output_dir``, as ``(step, folder)`` in step order."""
+    found = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        step = folder.name.removeprefix("checkpoint-")
+        if step.isdigit():
+            found.append((int(step), folder))
+    return sorted(found)
+
+
 def in_step_order(records: list[Any]) -> list[Any]:
     """``records`` in step order (a record whose first write failed is written after later ones); as they are when
     a line is not a record, so that whoever refuses it names its line."""
@@ -195,5 +205,5 @@ class RunStore:
         return self.forecast_path.exists() or self.path(HISTORY_FILE).exists()
 
 
-__all__ = ["CUT_FILE", "FORECAST_FILE", "FORECAST_FORMAT", "HISTORY_FILE", "MONITOR_FILE", "RunStore", "SETTINGS_FILE",
+__all__ = ["CUT_FILE", "checkpoint_folders", "FORECAST_FILE", "FORECAST_FORMAT", "HISTORY_FILE", "MONITOR_FILE", "RunStore", "SETTINGS_FILE",
            "STATE_FILE", "SUPERSEDED_FILE"]

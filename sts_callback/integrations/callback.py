@@ -31,6 +31,7 @@ from ..core.sae import check_not_on_meta, missing_sae_folder
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError, STSOutOfMemoryError, first_line
 from ..core.lm_eval_tasks import LmEvalTarget, is_lm_eval_target
 from ..core.run_store import FORECAST_FILE, HISTORY_FILE, MONITOR_FILE, SETTINGS_FILE, RunStore  # noqa: F401 - re-exported
+from ..core.run_store import checkpoint_folders
 from ..core.schedule import planned_learning_rates, why_not_stepped_ahead
 from ..pipelines.forecast import check_icl_loss_shift
 from ..pipelines.guard import GuardConfig
@@ -852,9 +853,8 @@ class STSCallback(TrainerCallback, ExportableState):
             if 0 < step_of < step and "error" not in record and not guard.breaks_a_rule(record, variant):
                 safe = step_of
                 break
-        saved = sorted((int(p.name.split("-")[1]), p) for p in self._run_dir(args).glob("checkpoint-*")
-                       if p.name.split("-")[1].isdigit() and int(p.name.split("-")[1]) <= safe)
-        where = (f"the latest checkpoint saved at or before it is {saved[-1][1]}" if saved else
+        saved = [folder for step_of, folder in checkpoint_folders(self._run_dir(args)) if step_of <= safe]
+        where = (f"the latest checkpoint saved at or before it is {saved[-1]}" if saved else
                  "no checkpoint was saved at or before it")
         start = "the train start" if safe == 0 else f"step {safe}"
         return (f"STS: after the early stop at step {step} the model in memory (and a save_model() now) holds the "

@@ -44,7 +44,7 @@ from ..core.errors import (ForecastSkipped, STSConfigError, STSDataWarning, STSE
                            STSNegativeTransferWarning, STSUsageError, first_line)
 from ..core.heldout import resolve_body_dtype, resolve_head_dtype, resolve_head_samples
 from ..core.config import STSConfig, recheck_variant
-from ..core.run_store import HISTORY_FILE, REPORT_MD_FILE, STATE_FILE, RunStore
+from ..core.run_store import HISTORY_FILE, REPORT_MD_FILE, STATE_FILE, RunStore, checkpoint_folders
 from ..core.sae import missing_sae_folder
 from ..core.schedule import logged_learning_rates
 from ..core.stats import ActivationStats
@@ -688,23 +688,19 @@ class STSSession:
             raise STSInputError(f"Resuming: no STS monitor state at {checkpoint.monitor_path} or "
                                 f"{store.monitor_path}; the base statistics are lost (start a new run, or delete "
                                 "the checkpoint's STS state).")
-        # the counters are the run folder's, written at train start (resumed from the run folder itself, or the
-        # checkpoint's are unreadable)
-        from_train_start = checkpoint.root.resolve() == store.root.resolve()
         if not self.base_losses:  # restore_callback_states_from_checkpoint=False (the default)
             read = None
             if is_main_process():
                 read = checkpoint.read_state() or (saved_elsewhere() if saved_elsewhere is not None else None)
                 if read is not None and not read.get("base_losses"):  # saved before the train-start measurement
                     read = None
-                if read is None and (read := store.read_state()) is not None:
-                    from_train_start = True
+                if read is None and (read := store.read_state()) is not None:  # the train start's counters
                     warnings.warn(
                         f"Resuming: {checkpoint.root} holds no readable STS state ({STATE_FILE}; the save was cut, "
                         f"or it is another kind of checkpoint): the warnings given restart from {store.root}'s, "
                         "written at train start, and the run of consecutive violations is read from the history.",
                         RuntimeWarning, stacklevel=2)
-            read, from_train_start = from_main_process((read, from_train_start))
+            read = from_main_process(read)
             self.load_counters(read or {})
         else:  # restored from trainer_state.json, which the Trainer writes before on_save: a re-check made in
             # on_save (a save another callback asked for) is in the checkpoint's own STS state, written after it
@@ -770,11 +766,10 @@ class STSSession:
             self._say(f"STS: resuming under other rules than the run's ({changes}): the kept "
                       "re-checks are judged again by them for the early stop's count of consecutive violations; "
                       "their records keep the violations found then.", STSDataWarning, stacklevel=3)
-        kept_rechecks = any(r.get("step", 0) > 0 for r in self.history)
-        if from_train_start or rules_changed or kept_rechecks:  # the early stop's patience counts the kept
-            # re-checks as judged now: not none, nor the old rules' count, nor that of a checkpoint saved before its
-            # own step's re-check (a loop that saves first: the stop came a re-check late, or never); a violation
-            # lasting across the resume is not new
+        if any(r.get("step", 0) > 0 for r in self.history):  # the early stop's patience counts the kept
+            # re-checks as judged now: not none (counters read from the train start), nor the old rules' count, nor
+            # that of a checkpoint saved before its own step's re-check (a loop that saves first: the stop came a
+            # re-check late, or never); a violation lasting across the resume is not new
             self.guard.violations_in_a_row = self.guard.violations_at_the_end_of(self.history, self.variant())
             self.guard.violating = self.guard.violating_at_the_end_of(self.history, self.variant())
         spent = next((r["overhead"] for r in reversed(self.history) if r.get("overhead")), None)
@@ -1360,10 +1355,15 @@ def whole_steps(value: Any, name: str) -> int:
                         "optimizer steps taken so far: micro-batches // gradient_accumulation_steps).")
 
 
+def _is_tokenized(value: Any) -> bool:
+    """A ``datasets.Dataset`` of token ids (``input_ids``), as a trainer or a loop holds its data."""
+    return is_dataset(value) and "input_ids" in (getattr(value, "column_names", None) or [])
+
+
 def _decoded_probe(probe: Any, tokenizer) -> Any:
     """A tokenized training set (``input_ids``, as a loop of run_clm_no_trainer's kind holds it) read through the
     tokenizer, as the callback reads the Trainer's; anything else as given."""
-    if is_dataset(probe) and "input_ids" in (getattr(probe, "column_names", None) or []):
+    if _is_tokenized(probe):
         from .training_data import corpus_from_training_dataset
 
         return corpus_from_training_dataset(probe, tokenizer, name="probe")
@@ -1378,7 +1378,7 @@ def _decoded_datasets(domains: Any, tokenizer) -> Any:
     from .training_data import corpus_from_training_dataset
 
     return {name: corpus_from_training_dataset(value, tokenizer, name=str(name), target=True)
-            if is_dataset(value) and "input_ids" in (getattr(value, "column_names", None) or []) else value
+            if _is_tokenized(value) else value
             for name, value in domains.items()}
 
 
@@ -1432,12 +1432,9 @@ def _latest_checkpoint_of(checkpoint: RunStore, run_id: str) -> Path | None:
     """The highest-numbered ``checkpoint-<step>`` beside ``checkpoint``'s (the Trainer's layout,
     ``<output_dir>/checkpoint-<step>/<subdir>``) whose STS state is run ``run_id``'s, else ``None``."""
     output_dir, subdir = checkpoint.root.parent.parent, checkpoint.root.name
-    steps = []
-    for folder in output_dir.glob("checkpoint-*"):
-        step = folder.name.removeprefix("checkpoint-")
-        if step.isdigit() and (RunStore(folder / subdir).read_state() or {}).get("run_id") == run_id:
-            steps.append((int(step), folder))
-    return max(steps)[1] if steps else None
+    ours = [folder for _, folder in checkpoint_folders(output_dir)
+            if (RunStore(folder / subdir).read_state() or {}).get("run_id") == run_id]
+    return ours[-1] if ours else None
 
 
 __all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree"]
