@@ -478,8 +478,10 @@ def test_a_resumed_runs_new_mlflow_run_gets_the_forecast_its_rechecks_are_read_a
         resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     client, runs = mlflow_runs(offline_mlflow)
     assert len(runs) == 2
-    for run in runs:
+    for run in runs:  # the table and the scalars a chart of sts/forecast/<domain> reads
         assert "sts/forecast.md" in artifact_paths(client, run.info.run_id)
+        assert {f"sts/forecast/{name}" for name in DOMAINS} <= set(client.get_run(run.info.run_id).data.metrics)
+    assert not any(key.startswith("sts/accuracy/") for key in client.get_run(runs[-1].info.run_id).data.metrics)
     assert callback.write_errors == []
 
 

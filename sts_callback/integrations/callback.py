@@ -608,8 +608,10 @@ class STSCallback(TrainerCallback, ExportableState):
             session.resume(state.global_step, checkpoint, domains,
                            lambda: saved_in_trainer_state(checkpoint.root.parent, self.output_subdir))
             if session.forecast is not None:  # a resumed process often logs to a new tracker run (TensorBoard's new
-                # folder, MLflow's new run): it gets the forecast its re-checks are read against
+                # folder, MLflow's new run): it gets the forecast its re-checks are read against, table and scalars
+                # (at the step it resumes from; train start's accuracy is left out, it would read as a fall back)
                 self._export("forecast", trackers.export_forecast, session.forecast)
+                self._log(self._forecast_metrics(session.forecast), control)
         else:
             shift = resolve_shift(self.shift, trainer, data, demos is not None)
             check_icl_loss_shift(self.calibration, shift)  # before the rollouts and the forecast
@@ -650,10 +652,15 @@ class STSCallback(TrainerCallback, ExportableState):
                 metrics.update({f"sts/accuracy/{name}": value for name, value in session.base_accuracy.items()})
             if forecast is not None:
                 self._export("forecast", trackers.export_forecast, forecast)
-                metrics.update({f"sts/forecast/{name}": value for name, value in forecast.ranked() if value is not None})
-                metrics.update({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()})
+                metrics.update(self._forecast_metrics(forecast))
             self._log(metrics, control)
         self._ready = True
+
+    def _forecast_metrics(self, forecast: Any) -> dict[str, float]:
+        """The forecast's scalars: each domain's score and, calibrated, its predicted change."""
+        metrics = {f"sts/forecast/{name}": value for name, value in forecast.ranked() if value is not None}
+        metrics.update({f"sts/predicted/{name}": p["mean"] for name, p in self.predicted.items()})
+        return metrics
 
     def _run_level_steps_and_factor(self, max_steps: int, rates: list[float] | None, base_rate: float | None,
                                     session: STSSession) -> tuple[int, float]:
