@@ -864,8 +864,17 @@ class STSCallback(TrainerCallback, ExportableState):
         where = (f"the latest checkpoint saved at or before it is {saved[-1]}" if saved else
                  "no checkpoint was saved at or before it")
         start = "the train start" if safe == 0 else f"step {safe}"
-        return (f"STS: after the early stop at step {step} the model in memory (and a save_model() now) holds the "
-                f"harmed weights; the last re-check that broke no rule was at {start}, and {where}.")
+        if getattr(args, "load_best_model_at_end", False):  # the Trainer swaps the weights at train end
+            metric = getattr(args, "metric_for_best_model", None) or "loss"
+            held = (f"the Trainer loads its best checkpoint by metric_for_best_model={metric!r} at train end (this "
+                    "step's evaluation and save may still make it this one), chosen "
+                    + ("on this domain's change" if metric.removeprefix("eval_").startswith("sts_") else
+                       "without the protected domains (set metric_for_best_model to an eval_sts_loss_delta_<domain> "
+                       "key to have them decide)"))
+        else:
+            held = "the model in memory (and a save_model() now) holds the harmed weights"
+        return (f"STS: after the early stop at step {step} {held}; the last re-check that broke no rule was at "
+                f"{start}, and {where}.")
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self._ready:
