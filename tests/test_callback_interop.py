@@ -248,3 +248,43 @@ def test_an_evaluation_on_start_reads_the_train_start_weights_as_no_change_witho
     assert not [r for r in callback.history if r.get("step") == 0 and "loss_delta" in r]
     [start] = [e for e in trainer.state.log_history if e["step"] == 0 and "eval_loss" in e]
     assert start["eval_sts_loss_delta_law"] == 0.0 and start["eval_sts_protected_loss_delta"] == 0.0
+
+
+def quiz(n: int = 12) -> list[dict]:
+    """Multiple-choice items (question / choices / answer): a domain whose accuracy every re-check measures."""
+    return [{"question": domain_texts("food", n, seed=3)[i], "choices": ["cook bake", "cell protein"], "answer": 0}
+            for i in range(n)]
+
+
+def test_a_multiple_choice_domains_accuracy_change_is_an_evaluation_key_best_checkpoints_can_be_chosen_by(
+        tmp_path, tokenizer):
+    """A protected multiple-choice domain had its accuracy in the history and trackers but no eval_sts_* key, so
+    load_best_model_at_end / EarlyStoppingCallback could not choose by it."""
+    callback = make_callback(target_domains={"law": domain_texts("law", 30), "quiz": quiz()}, protected=["quiz"])
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, eval_strategy="steps", eval_steps=2,
+                           eval_texts=domain_texts("law", 8, seed=4), load_best_model_at_end=True,
+                           metric_for_best_model="eval_sts_accuracy_delta_quiz")
+    assert trainer.args.greater_is_better is True  # transformers' guess for a name not ending in "loss": right here
+    trainer.train()
+    evaluations = [e for e in trainer.state.log_history if "eval_sts_accuracy_delta_quiz" in e]
+    assert [e["step"] for e in evaluations] == [2, 4]
+    history = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "sts" / "history.jsonl").open())}
+    for entry in evaluations:  # the key is the re-check's measured change at that step
+        assert entry["eval_sts_accuracy_delta_quiz"] == pytest.approx(history[entry["step"]]["accuracy_delta"]["quiz"])
+    assert "eval_sts_accuracy_delta_law" not in evaluations[0]  # law has no items: no accuracy key
+    assert trainer.state.best_metric == max(e["eval_sts_accuracy_delta_quiz"] for e in evaluations)
+
+
+@pytest.mark.parametrize("metric, greater, error", [
+    ("eval_sts_accuracy_delta_law", None, "'law', which has no multiple-choice items"),
+    ("eval_sts_accuracy_delta_quiz", False, "accuracy change \\(higher is better\\), but greater_is_better is False"),
+])
+def test_an_accuracy_metric_for_the_best_model_no_evaluation_holds_or_read_upside_down_is_refused_at_train_start(
+        tmp_path, tokenizer, metric, greater, error):
+    callback = make_callback(target_domains={"law": domain_texts("law", 30), "quiz": quiz()})
+    trainer = make_trainer(tmp_path, tokenizer, callback, eval_strategy="steps", eval_steps=2,
+                           eval_texts=domain_texts("law", 8, seed=4), metric_for_best_model=metric,
+                           greater_is_better=greater, load_best_model_at_end=True)
+    with pytest.raises(STSConfigError, match=error):
+        trainer.train()
+    assert trainer.state.global_step == 0

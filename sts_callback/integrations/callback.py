@@ -24,7 +24,7 @@ from ..core.atomic import check_writable_folder
 from ..core.capture import check_measurable, parameters_are_sharded
 from ..core.config import STSConfig, json_serializable
 from ..core.data import (anchored, check_data_spec, check_named_target, check_not_empty, load_corpus, named_items,
-                         text_tokenizer)
+                         multiple_choice_items, text_tokenizer)
 from ..core.distributed import raise_collectively
 from ..core.head_sample import TAIL_DEFAULT
 from ..core.sae import check_not_on_meta, missing_sae_folder
@@ -448,8 +448,9 @@ class STSCallback(TrainerCallback, ExportableState):
         return handler is None or any(callback is self for callback in handler.callbacks)
 
     def evaluation_metrics(self, prefix: str = "eval", trainer: Any = None) -> dict[str, float]:
-        """``<prefix>_sts_loss_delta_<domain>`` and ``<prefix>_sts_protected_loss_delta`` from a re-check at the
-        current step (run now when none was); NaN where no measurement could be made. Under another
+        """``<prefix>_sts_loss_delta_<domain>``, ``<prefix>_sts_protected_loss_delta`` and, for a multiple-choice or
+        lm-eval domain, ``<prefix>_sts_accuracy_delta_<domain>`` (a fraction; higher is better) from a re-check at
+        the current step (run now when none was); NaN where no measurement could be made. Under another
         :attr:`namespace` than ``sts`` the keys take it (``eval_<namespace>_loss_delta_<domain>``), and
         ``<prefix>_sts_protected_loss_delta`` is the worst over the trainer's STSCallbacks. ``trainer``: the one
         evaluating; none of the keys when this callback has since watched another trainer's run."""
@@ -462,7 +463,8 @@ class STSCallback(TrainerCallback, ExportableState):
             step = loaded
         elif step == 0 and not self.session.restarts:  # eval_on_start: the train-start weights, measured as the
             # base: no change, no re-check (after a restart, auto_find_batch_size's, step 0 holds trained weights)
-            return self._eval_keys(prefix, {name: 0.0 for name in self.monitor.loss_sets} if self.monitor else {})
+            return self._eval_keys(prefix, {name: 0.0 for name in self.monitor.loss_sets} if self.monitor else {},
+                                   {name: 0.0 for name in self._accuracy_domains()})
         elif not self._measured_at(step) and self._ended:  # recheck_at_end=False: the run is over, unmeasured
             self.session.warn(f"after_the_end:{step}", f"STS: an evaluation after training at step {step}, which "
                               "no re-check measured (recheck_at_end=False): its sts keys are NaN; keep "
@@ -472,19 +474,22 @@ class STSCallback(TrainerCallback, ExportableState):
         now = next((r for r in reversed(self.history) if r.get("step") == step), None)
         # this step's measurements only: a failed re-check measured nothing, and a domain a rotating re-check
         # (loss_domains=) left out was not measured now; an earlier step's values would pass for this step's
-        deltas = dict(now.get("loss_delta") or {}) if now is not None and "error" not in now else {}
-        if not deltas and _is_loss_change(getattr(trainer.args, "metric_for_best_model", None)):
+        measured = now if now is not None and "error" not in now else {}
+        deltas = dict(measured.get("loss_delta") or {})
+        if not deltas and _is_sts_change(getattr(trainer.args, "metric_for_best_model", None)):
             self.session.warn(f"nan_metric:{step}", f"STS: no held-out loss change at step {step} (its re-check "
                               f"failed), so {trainer.args.metric_for_best_model} is NaN there, which "
                               "EarlyStoppingCallback counts as an evaluation without improvement.", RuntimeWarning)
-        return self._eval_keys(prefix, deltas)
+        return self._eval_keys(prefix, deltas, measured.get("accuracy_delta") or {})
 
-    def _eval_keys(self, prefix: str, deltas: dict[str, Any]) -> dict[str, float]:
+    def _eval_keys(self, prefix: str, deltas: dict[str, Any], accuracy_deltas: dict[str, Any]) -> dict[str, float]:
         """The evaluation keys of these measured changes (NaN for a domain without one)."""
         names = list(self.monitor.loss_sets) if self.monitor is not None else list(deltas)
         values = {name: _finite_or_nan(deltas.get(name)) for name in names}
         namespace = self.namespace
         keys = {f"{namespace}_loss_delta_{name}": value for name, value in values.items()}
+        keys.update({f"{namespace}_accuracy_delta_{name}": _finite_or_nan(accuracy_deltas.get(name))
+                     for name in self._accuracy_domains()})
         if self.protected:
             protected = [values.get(name, math.nan) for name in self.protected]
             keys[f"{namespace}{PROTECTED_KEY}"] = keys[f"sts{PROTECTED_KEY}"] = _worst(*protected)
@@ -492,6 +497,11 @@ class STSCallback(TrainerCallback, ExportableState):
         if prefix != "eval" and prefix.startswith("eval_"):  # one of several eval sets: the plain keys too
             out.update({f"eval_{k}": v for k, v in keys.items()})
         return out
+
+    def _accuracy_domains(self) -> list[str]:
+        """The domains whose accuracy the re-checks measure (multiple-choice items, lm-eval tasks)."""
+        monitor = self.monitor
+        return [*monitor.accuracy_sets, *monitor.lm_eval_targets] if monitor is not None else []
 
     def _measured_at(self, step: int) -> bool:
         return any(r.get("step") == step and "error" not in r for r in self.history)
@@ -580,7 +590,7 @@ class STSCallback(TrainerCallback, ExportableState):
         if model is not None:  # a reward model's refusal first: reading its data would fail with a wrong fix
             check_measurable(model)
         domains, self.lm_eval_targets = target_corpora(self.target_domains, self._trainer, tokenizer)
-        self._check_best_metric_is_logged(args, list(domains))
+        self._check_best_metric_is_logged(args, domains)
         in_use = trackers.trackers_in_use(trainer, getattr(args, "report_to", None))
         for tracker, clash, fails in trackers.clashing_names(in_use, list(domains)):
             fix = "rename them to letters, digits and _ - . (the names are the target_domains keys)"
@@ -724,21 +734,32 @@ class STSCallback(TrainerCallback, ExportableState):
         handler = getattr(self._trainer, "callback_handler", None)
         return [cb for cb in getattr(handler, "callbacks", []) if isinstance(cb, STSCallback)] or [self]
 
-    def _check_best_metric_is_logged(self, args, domains: list[str]) -> None:
+    def _check_best_metric_is_logged(self, args, corpora: dict[str, Any]) -> None:
         """``metric_for_best_model`` naming one of this callback's keys that no evaluation will hold (a domain it
-        does not monitor, or the protected change with no protected domain) fails with transformers' KeyError at
-        the first evaluation, hours in: refused at train start."""
+        does not monitor, the accuracy of a domain with no multiple-choice items, or the protected change with no
+        protected domain) fails with transformers' KeyError at the first evaluation, hours in: refused at train
+        start."""
         metric = getattr(args, "metric_for_best_model", None) or ""
         key = metric if metric.startswith("eval_") else f"eval_{metric}"
         callbacks = self._trainer_callbacks()
         readings = _sts_key_readings(key, self._trainer, callbacks)
-        if not readings or any(_may_hold(reading, self, domains, callbacks) for reading in readings):
+        domains = list(corpora)
+        scored = [name for name, corpus in corpora.items() if multiple_choice_items(corpus) is not None] + list(
+            self.lm_eval_targets or {}) if any(kind == "accuracy" for _, kind, _ in readings) else []
+        if not readings or any(_may_hold(reading, self, domains, scored, callbacks) for reading in readings):
             return  # not an STS key, or one some evaluation holds (another callback's: its domains load later)
         if readings[0][1] == "protected":
             raise STSConfigError(
                 f"metric_for_best_model={metric!r} is the worst protected domain's change, but no domain is "
                 "protected there, so no evaluation will hold it: give STSCallback(protected=[...]), or name one "
                 f"domain's change, e.g. 'eval_{self.namespace}_loss_delta_<domain>'.")
+        if readings[0][1] == "accuracy" and readings[0][2] in domains:
+            raise STSConfigError(
+                f"metric_for_best_model={metric!r} is the accuracy of {readings[0][2]!r}, which has no "
+                "multiple-choice items (question, choices, answer) and is no lm-eval task, so no re-check measures "
+                f"its accuracy: name its held-out loss change, 'eval_{self.namespace}_loss_delta_{readings[0][2]}' "
+                "(with greater_is_better=False)" + (f", or a scored domain's accuracy ({scored})" if scored else "")
+                + ".")
         raise STSConfigError(
             f"metric_for_best_model={metric!r} names the domain {readings[0][2]!r}, which this STSCallback does "
             f"not monitor (its domains: {domains}); no evaluation will hold it. Name one of them, e.g. "
@@ -892,8 +913,9 @@ class STSCallback(TrainerCallback, ExportableState):
         """Fallback when no trainer could be attached (see :meth:`attach`): add the ``eval_sts_*`` keys here."""
         if metrics is not None and self._trainer is None and self._ready:
             now = next((r for r in reversed(self.history) if r.get("step") == state.global_step), None)
-            measured = (now or {}).get("loss_delta") or {} if "error" not in (now or {}) else {}
-            for key, value in self._eval_keys("eval", measured).items():  # this step's measurements only, NaN
+            measured = now if now is not None and "error" not in now else {}
+            keys = self._eval_keys("eval", measured.get("loss_delta") or {}, measured.get("accuracy_delta") or {})
+            for key, value in keys.items():  # this step's measurements only, NaN
                 metrics.setdefault(key, value)  # where none (a key metric_for_best_model reads must be there)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -1161,9 +1183,10 @@ def _loaded_best_step(args, state) -> int | None:
 
 def _sts_key_readings(key: str, trainer: Any, callbacks: list[STSCallback]) -> list[tuple[Any, str, str]]:
     """What an evaluation metric can be among the keys ``callbacks`` add: ``(callback, "loss", domain)``,
-    ``(callback, "protected", "")``, or ``(None, "protected", "")`` for the shared worst protected change; none for
-    a key of another kind. Read exactly: ``eval`` or ``eval_<eval set>`` (the trainer's eval sets by name), then
-    ``<namespace>_loss_delta_<domain>`` or ``<namespace>_protected_loss_delta``."""
+    ``(callback, "accuracy", domain)``, ``(callback, "protected", "")``, or ``(None, "protected", "")`` for the shared
+    worst protected change; none for a key of another kind. Read exactly: ``eval`` or ``eval_<eval set>`` (the
+    trainer's eval sets by name), then ``<namespace>_loss_delta_<domain>``, ``<namespace>_accuracy_delta_<domain>``
+    or ``<namespace>_protected_loss_delta``."""
     eval_sets = getattr(trainer, "eval_dataset", None)
     prefixes = ["eval", *(f"eval_{name}" for name in (eval_sets if isinstance(eval_sets, dict) else {}))]
     readings: list[tuple[Any, str, str]] = []
@@ -1176,19 +1199,21 @@ def _sts_key_readings(key: str, trainer: Any, callbacks: list[STSCallback]) -> l
         for callback in callbacks:
             if rest == f"{callback.namespace}{PROTECTED_KEY}" and callback.namespace != "sts":
                 readings.append((callback, "protected", ""))
-            elif rest.startswith(f"{callback.namespace}_loss_delta_"):
-                readings.append((callback, "loss", rest[len(f"{callback.namespace}_loss_delta_"):]))
+            for kind in ("loss", "accuracy"):
+                if rest.startswith(f"{callback.namespace}_{kind}_delta_"):
+                    readings.append((callback, kind, rest[len(f"{callback.namespace}_{kind}_delta_"):]))
     return readings
 
 
-def _may_hold(reading: tuple[Any, str, str], callback: STSCallback, domains: list[str],
+def _may_hold(reading: tuple[Any, str, str], callback: STSCallback, domains: list[str], scored: list[str],
               callbacks: list[STSCallback]) -> bool:
-    """Whether an evaluation may hold the key ``reading`` reads, as ``callback`` (whose ``domains`` are loaded)
-    knows at its train start."""
+    """Whether an evaluation may hold the key ``reading`` reads, as ``callback`` (whose ``domains`` are loaded, and
+    of them ``scored`` have their accuracy measured) knows at its train start."""
     owner, kind, domain = reading
     if kind == "protected":
         return any(cb.protected for cb in callbacks) if owner is None else bool(owner.protected)
-    return owner is not callback or domain in domains  # another callback's domains are loaded at its own start
+    # another callback's domains are loaded at its own start
+    return owner is not callback or domain in (scored if kind == "accuracy" else domains)
 
 
 def _is_loss_change(metric: str | None) -> bool:
@@ -1196,11 +1221,20 @@ def _is_loss_change(metric: str | None) -> bool:
     return "_loss_delta" in (metric or "")
 
 
+def _is_sts_change(metric: str | None) -> bool:
+    """Whether a metric name is one of the ``eval_sts_*`` changes (held-out loss or accuracy)."""
+    return _is_loss_change(metric) or "_accuracy_delta_" in (metric or "")
+
+
 def _check_best_metric(args) -> None:
     """``metric_for_best_model`` an STS change (a loss change: lower is better) with ``greater_is_better`` unset or
     True: transformers guesses "greater" for a name not ending in "loss", and would keep the most harmed checkpoint
     and stop when the domain improves. Refused at train start, naming the fix."""
     metric = getattr(args, "metric_for_best_model", None)
+    if "_accuracy_delta_" in (metric or "") and getattr(args, "greater_is_better", None) is False:
+        raise STSConfigError(
+            f"metric_for_best_model={metric!r} is an accuracy change (higher is better), but greater_is_better is "
+            "False, so the best checkpoint would be the most harmed: leave greater_is_better unset or set it True.")
     if _is_loss_change(metric) and getattr(args, "greater_is_better", None) is not False:
         raise STSConfigError(
             f"metric_for_best_model={metric!r} is a held-out loss change (lower is better), but greater_is_better is "
