@@ -250,10 +250,50 @@ def test_grpo_rechecks_keep_their_measurement_when_a_group_reading_reward_cannot
     trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=rank_in_group, args=args, processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb],
                           peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with pytest.warns(STSDataWarning, match="probe's rewards are left out from now on.*rollout_generations=4"):
+    with pytest.warns(STSDataWarning, match="probe's rewards at step 2 are left out.*rollout_generations=4"):
         trainer.train()
     assert [r["step"] for r in cb.history] == [2, 4]
     assert all("error" not in r and r["loss_delta"] and r["fresh_probe"]["mean_reward"] is None for r in cb.history)
+    assert all("rollout_generations=4" in r["fresh_probe"]["reward_error"] for r in cb.history)
+
+
+@pytest.mark.parametrize("fails_at", [{2}, {2, 4, 6}])
+def test_a_reward_failing_at_a_recheck_is_left_out_of_that_recheck_and_tried_again_until_it_fails_three_in_a_row(
+        tmp_path, tokenizer, fails_at):
+    """A reward API timing out once at a re-check turned the probe's mean_reward off for the rest of the run."""
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    failed, calls = set(), []
+
+    def reward_api(completions, trainer_state=None, **kwargs):  # STS's re-check calls it first at its step
+        calls.append(trainer_state.global_step)
+        if trainer_state.global_step in fails_at - failed:
+            failed.add(trainer_state.global_step)
+            raise ConnectionError("reward API timed out")
+        return [float(len(c)) for c in completions]
+
+    cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8},
+                  recheck_tokens=24)
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=4, max_completion_length=8, temperature=1.5,
+                      **{**COMMON, "max_steps": 8})
+    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=reward_api, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 32)}), callbacks=[cb],
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.warns(STSDataWarning) as caught:
+        trainer.train()
+    said = [str(w.message) for w in caught if "probe's rewards" in str(w.message)]
+    probes = {r["step"]: r["fresh_probe"] for r in cb.history}
+    assert list(probes) == [2, 4, 6, 8] and all("error" not in r and r["loss_delta"] for r in cb.history)
+    assert [step for step, p in probes.items() if p["mean_reward"] is None] == sorted(fails_at | ({8} if len(fails_at)
+                                                                                                    == 3 else set()))
+    assert all("ConnectionError: reward API timed out" in probes[step]["reward_error"] for step in fails_at)
+    assert "step 2 are left out (mean_reward None); the next re-check scores them again" in said[0]
+    if len(fails_at) == 3:  # a reward failing every time: given up, said once more, not called at step 8's re-check
+        assert len(said) == 2 and "failed 3 re-checks in a row and are left out for the rest of the run" in said[1]
+        assert "reward_error" not in probes[8]
+    else:
+        assert len(said) == 1
 
 
 def grpo_peft_run(model, tokenizer, tmp_path, max_steps, resume, warning, **training):

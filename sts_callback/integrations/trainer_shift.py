@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.data import Corpus, TokenSequence, load_corpus
 from ..core.distributed import warn_on_main
-from ..core.errors import ForecastSkipped, STSDataWarning, STSInputError
+from ..core.errors import ForecastSkipped, STSDataWarning, STSInputError, first_line
 from ..pipelines.forecast import ForecastRun, ForecastSetup, run_forecast
 from ..pipelines.preference import Truncation, completion_sequence, run_preference_forecast
 from ..pipelines.monitor import peft_model_of
@@ -40,6 +40,8 @@ def resolve_shift(shift: str, trainer: Any, data: Any, has_demonstrations: bool)
 
 
 ROLLOUT_SHIFTS = (*RL_SHIFTS, *DISTILLATION_SHIFTS)  # sampled at train start; the policy's rollouts are the probe
+# The re-check probe's rewards failing this many re-checks in a row are left out for the rest of the run.
+REWARD_FAILURES_TO_GIVE_UP = 3
 
 
 def teacher_of(trainer: Any) -> Any:
@@ -193,31 +195,42 @@ def fresh_rollout_probe(trainer: Any, data: Any, setup: ForecastSetup, budget: i
     score = rl and not any(is_reward_model(f) for f in funcs)
     watched = weakref.ref(trainer)  # the probe outlives the run in the session: it must not keep the trainer alive
 
-    def sample(model: Any, indices: list[int]) -> Rollouts:
+    def sample(model: Any, indices: list[int], scored: bool | None = None) -> Rollouts:
         trainer_now = watched()
         return sample_rollouts(model, setup.builder.tokenizer, records, funcs, two_each, settings,
                                trainer_state=getattr(trainer_now, "state", None), builder=setup.builder,
-                               prompt_indices=indices, score=score, async_loop=getattr(trainer_now, "async_loop", None))
+                               prompt_indices=indices, score=score if scored is None else scored,
+                               async_loop=getattr(trainer_now, "async_loop", None))
+    failed_in_a_row = 0
 
     def probe(model: Any, step: int) -> tuple[list[TokenSequence], Any, dict[str, Any]]:
-        nonlocal score
+        nonlocal score, failed_in_a_row
         indices = draw_prompts(len(records), config, f"recheck:{step}", prompts)
+        reward_error = None
         try:
             rollouts = sample(model, indices)
-        except STSInputError as err:  # a reward reading whole groups of num_generations, not the probe's 2: the
-            if not score:            # rewards are only the probe's summary, not worth its measurement
-                raise
-            score = False
-            warn_on_main(f"STS: the re-check probe's rewards are left out from now on (mean_reward None): {err}",
-                         STSDataWarning, stacklevel=2)
-            rollouts = sample(model, indices)
+            failed_in_a_row = 0
+        except STSInputError as err:  # the rewards are only the probe's summary, not worth its measurement: a
+            if not score:             # reward failing once (a reward API's timeout) leaves out this re-check's,
+                raise                 # one failing every time (it reads whole groups of num_generations) the run's
+            failed_in_a_row += 1
+            reward_error = first_line(err)
+            score = failed_in_a_row < REWARD_FAILURES_TO_GIVE_UP
+            then = (f"the next re-check scores them again (after {REWARD_FAILURES_TO_GIVE_UP} failures in a row they "
+                    "are left out for the rest of the run)" if score else
+                    f"they failed {failed_in_a_row} re-checks in a row and are left out for the rest of the run")
+            if failed_in_a_row == 1 or not score:
+                warn_on_main(f"STS: the re-check probe's rewards at step {step} are left out (mean_reward None); "
+                             f"{then}: {err}", STSDataWarning, stacklevel=2)
+            rollouts = sample(model, indices, scored=False)
         sequences = rollout_probe(rollouts, setup, budget)
         rewards = rollouts.rewards[~torch.isnan(rollouts.rewards)]
         # the reward is the policy's on every completion sampled; the probe keeps those within its token budget
         return sequences, reference, {
             "prompts": indices, "sampled": int(rollouts.rewards.numel()), "completions": len(sequences),
             "tokens": sum(sum(flags) for _, flags in sequences),
-            "mean_reward": float(rewards.mean()) if rewards.numel() else None}
+            "mean_reward": float(rewards.mean()) if rewards.numel() else None,
+            **({"reward_error": reward_error} if reward_error is not None else {})}
     return FreshProbe(probe, from_disabled_adapters=reference is None)
 
 
