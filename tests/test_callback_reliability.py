@@ -518,11 +518,17 @@ def test_multiple_choice_domain_is_scored_and_its_drop_is_a_violation(tmp_path, 
         trainer.train()
     base = callback.base_accuracy["quiz"]
     assert 0.0 <= base <= 1.0 and set(callback.base_accuracy) == {"quiz"}
+    assert sum(callback.base_answers["quiz"]) / 24 == base  # the items the start answered right, kept for resumes
     for record in callback.history:
-        assert set(record["accuracy"]) == {"quiz"}
+        assert set(record["accuracy"]) == {"quiz"} and record["accuracy_items"] == {"quiz": 24}
         assert record["accuracy_delta"]["quiz"] == pytest.approx(record["accuracy"]["quiz"] - base)
+        low, high = record["accuracy_delta_ci"]["quiz"]  # over the same 24 items: paired, never wider than +-1
+        assert -1 <= low < record["accuracy_delta"]["quiz"] < high <= 1 and high - low > 2 / 24
         dropped = record["accuracy_delta"]["quiz"] < 0
         assert any("accuracy of protected domain 'quiz' fell" in v for v in record["violations"]) == dropped
+        if dropped:
+            [said] = [v for v in record["violations"] if "accuracy" in v]
+            assert f"(95% interval {low * 100:+.1f} to {high * 100:+.1f} points over 24 items" in said
     assert "quiz" in callback.forecast.domains and "quiz" in callback.history[-1]["loss"]
     logged = [e for e in trainer.state.log_history if "sts/accuracy/quiz" in e]
     assert [e["step"] for e in logged] == [0, 2, 4]  # the chart starts from train start
@@ -532,7 +538,9 @@ def test_multiple_choice_domain_is_scored_and_its_drop_is_a_violation(tmp_path, 
     assert base > 0.7 and callback.history[-1]["accuracy_delta"]["quiz"] < 0
     sts = tmp_path / "run" / "sts"
     last = callback.history[-1]
-    shown = f"quiz {last['accuracy']['quiz']:.1%} ({last['accuracy_delta']['quiz'] * 100:+.1f} points)"
+    low, high = last["accuracy_delta_ci"]["quiz"]
+    shown = (f"quiz {last['accuracy']['quiz']:.1%} ({last['accuracy_delta']['quiz'] * 100:+.1f} points "
+             f"[{low * 100:+.1f}, {high * 100:+.1f}] of 24 items)")
     assert shown in (sts / "report.md").read_text() and shown in (sts / "report.html").read_text()
     assert json.loads((sts / "settings.json").read_text())["accuracy_tolerance"] == 0.0
     # 24 items against a 2-point tolerance: one item is 4.2 points, so a single flip breaks the rule: said at start
@@ -541,6 +549,26 @@ def test_multiple_choice_domain_is_scored_and_its_drop_is_a_violation(tmp_path, 
     with pytest.warns(STSDataWarning, match=r"'quiz' is scored on 24 multiple-choice item\(s\), so one item flipping "
                                             r"moves its accuracy by 4.2 points, more than accuracy_tolerance \(2.0"):
         make_trainer(tmp_path / "coarse", tokenizer, coarse, model=model, max_steps=1, save_strategy="no").train()
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_a_resumed_run_keeps_the_accuracy_changes_interval(tmp_path, tokenizer, restore):
+    """The interval pairs each item's answer now with the train start's: a resume reads those answers back (with
+    or without restore_callback_states_from_checkpoint), or its re-checks would have no interval."""
+    quiz = [{"question": w, "choices": ["cook bake", "cell protein"], "answer": 0}
+            for w in domain_texts("food", 16, seed=11)]
+    settings = dict(target_domains={"law": domain_texts("law", 30), "quiz": quiz}, protected=["quiz"],
+                    accuracy_tolerance=math.inf)
+    make_trainer(tmp_path, tokenizer, make_callback(**settings), max_steps=4, save_steps=2).train()
+    callback = make_callback(**settings)
+    trainer = make_trainer(tmp_path, tokenizer, callback, max_steps=4, save_steps=2,
+                           restore_callback_states_from_checkpoint=restore)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, STSCallback))
+    last = callback.history[-1]
+    assert last["step"] == 4 and len(callback.base_answers["quiz"]) == 16
+    low, high = last["accuracy_delta_ci"]["quiz"]
+    assert low <= last["accuracy_delta"]["quiz"] <= high and last["accuracy_items"] == {"quiz": 16}
 
 
 def test_a_multiple_choice_dataset_in_arcs_layout_is_a_scored_target(tmp_path, tokenizer):

@@ -226,23 +226,43 @@ def answer_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, kee
     return -torch.cat([head_nll(head, softcap, h, t) for h, t in chunks])
 
 
-def accuracy(model: nn.Module, tokenizer, items: Sequence[dict[str, Any]]) -> tuple[float, int]:
-    """(right answers, items) over every rank: each rank scores a padded 1/world share, the counts are summed; an
-    exception on one rank is raised on every rank at that sum (see :class:`~.distributed.LocalFailure`)."""
+def answered_right(model: nn.Module, tokenizer, items: Sequence[dict[str, Any]]) -> list[bool]:
+    """Whether the model picks each item's answer, over every rank: each rank scores a padded 1/world share and the
+    per-item flags are summed; an exception on one rank is raised on every rank at that sum (see
+    :class:`~.distributed.LocalFailure`)."""
     part = shard(len(items), [len(item["question"]) for item in items])
-    counts = torch.zeros(2, dtype=torch.float64)
+    right = torch.zeros(len(items), dtype=torch.float64)
     failed = LocalFailure.around_forwards(model)
     for index, counted in zip(part.indices, part.counted):
         if failed.skip:
             break
         with failed:
             item = items[index]
-            right = argmax(choice_scores(model, tokenizer, item)) == item["answer"]
-            if counted:
-                counts += torch.tensor([float(right), 1.0], dtype=torch.float64)
-    failed.sum_across_ranks(counts)
-    return float(counts[0]), int(counts[1])
+            if argmax(choice_scores(model, tokenizer, item)) == item["answer"] and counted:
+                right[index] = 1.0
+    failed.sum_across_ranks(right)
+    return [bool(flag) for flag in right.tolist()]
 
 
-__all__ = ["CHOICE_FORMAT", "FIELDS", "PROMPT_FORMAT", "accuracy", "answer_logprobs", "argmax", "check_item", "check_items",
-           "choice_scores"]
+def accuracy_change_interval(before: Sequence[bool], after: Sequence[bool], level: float = 0.95,
+                             ) -> tuple[float, float] | None:
+    """The ``level`` interval of the accuracy change on the same items answered ``before`` and ``after``: the
+    paired difference's Wald interval with half an item added to each of the four before/after cells (Agresti and
+    Min 2005), which holds for few items and for no flip at all, where the plain paired spread is zero. ``None``
+    without items, or with another number of items than before (items drawn again)."""
+    from scipy.stats import norm
+
+    n = len(before)
+    if n == 0 or len(after) != n:
+        return None
+    lost = sum(b and not a for b, a in zip(before, after)) + 0.5
+    gained = sum(a and not b for b, a in zip(before, after)) + 0.5
+    cells = n + 2.0
+    change = (gained - lost) / cells
+    spread = ((lost + gained) - (gained - lost) ** 2 / cells) ** 0.5 / cells
+    half = float(norm.ppf(0.5 + level / 2)) * spread
+    return max(-1.0, change - half), min(1.0, change + half)
+
+
+__all__ = ["CHOICE_FORMAT", "FIELDS", "PROMPT_FORMAT", "accuracy_change_interval", "answer_logprobs", "answered_right",
+           "argmax", "check_item", "check_items", "choice_scores"]

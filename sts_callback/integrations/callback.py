@@ -993,8 +993,8 @@ def _delegate(name: str) -> property:
 
 
 # The run's measurements live in the session; the Trainer sets the counters back by these names on resume.
-for _name in ("history", "base_losses", "base_fit", "base_accuracy", "predicted", "forecast", "monitor", "setup",
-              "learning_rates", "write_errors", "run_id", "adapters_start_at_the_base"):
+for _name in ("history", "base_losses", "base_fit", "base_accuracy", "base_answers", "predicted", "forecast", "monitor",
+              "setup", "learning_rates", "write_errors", "run_id", "adapters_start_at_the_base"):
     setattr(STSCallback, _name, _delegate(_name))
 for _name in ("violations_in_a_row", "warned", "violating", "stop_reason"):
     setattr(STSCallback, _name, property(lambda self, n=_name: getattr(self.session.guard, n),

@@ -117,7 +117,7 @@ RULE_SETTINGS = ("protected", "tolerance", "accuracy_tolerance", "max_sts", "ear
 # Re-checks failing this many times in a row leave the protected domains unwatched: said once, whatever the errors.
 BLIND_AFTER_FAILED_RECHECKS = 3
 COUNTERS = ("violations_in_a_row", "warned", "violating", "stop_reason", "base_losses", "predicted", "base_fit",
-            "base_accuracy", "run_id", "adapters_start_at_the_base")
+            "base_accuracy", "base_answers", "run_id", "adapters_start_at_the_base")
 
 
 def _rule_value(value: Any) -> Any:
@@ -205,6 +205,7 @@ class STSSession:
         self.base_losses: dict[str, float] = {}
         self.base_fit: dict[str, float] | None = None  # the SAE's FVU and L0 on the probe at train start
         self.base_accuracy: dict[str, float] = {}  # multiple-choice domains at train start
+        self.base_answers: dict[str, list[bool]] = {}  # and which of their items were answered right then
         self.predicted: dict[str, dict[str, float]] = {}  # calibrated end-of-training change per domain
         self.run_level: dict[str, Any] | None = None  # the run-level term at train start (RunLevelEstimate.to_dict)
         self.learning_rates = None  # the planned schedule, for the early forecast
@@ -274,13 +275,15 @@ class STSSession:
         """What a resume needs besides the history (``callback_state.json``), and the run folder that wrote it (a
         resume into another folder copies the forecast and history from there)."""
         return {"base_losses": self.base_losses, "predicted": self.predicted, "base_fit": self.base_fit,
-                "base_accuracy": self.base_accuracy, "run_folder": str(self.store.root.resolve()),
+                "base_accuracy": self.base_accuracy, "base_answers": self.base_answers,
+                "run_folder": str(self.store.root.resolve()),
                 "run_id": self.run_id, "adapters_start_at_the_base": self.adapters_start_at_the_base,
                 **self.guard.state()}
 
     def load_counters(self, saved: dict[str, Any]) -> None:
         self.guard.load_state(saved)
-        for key in ("base_losses", "predicted", "base_fit", "base_accuracy", "run_id", "adapters_start_at_the_base"):
+        for key in ("base_losses", "predicted", "base_fit", "base_accuracy", "base_answers", "run_id",
+                    "adapters_start_at_the_base"):
             if key in saved:
                 setattr(self, key, saved[key])
 
@@ -590,6 +593,7 @@ class STSSession:
         self.base_losses = monitor.base_losses = monitor.measure_losses(model, self.autocast)
         began = time.perf_counter()
         self.base_accuracy = monitor.base_accuracy = monitor.measure_accuracy(model, self.autocast)
+        self.base_answers = monitor.base_answers = {name: list(a) for name, a in monitor.answers.items()}
         self._warn_about_items_coarser_than_the_tolerance(monitor)
         # the first re-check's costs, until it measures its own: the train-start passes (whole loss sets: high)
         self.budget.domain_seconds = dict(monitor.base_loss_seconds)
@@ -725,6 +729,7 @@ class STSSession:
         self._load_monitor(monitor, paths)
         self._keep_the_train_start_samples(monitor, domains)
         monitor.base_losses, monitor.base_accuracy = dict(self.base_losses), dict(self.base_accuracy)
+        monitor.base_answers = dict(self.base_answers)
         self._leave_out_domains_added_since_the_start(monitor)
         self._say_domains_dropped_since_the_start(monitor, domains)
         if self.calibration is not None and not self.predicted:  # the start's forecast was made without it

@@ -144,6 +144,18 @@ def _interval(bounds: list[float] | None, tolerance: float) -> str:
     return f" (95% interval {pct(low, apart_from=tolerance)} to {pct(high)}{unsure})"
 
 
+def _points_interval(bounds: list[float] | None, items: int | None, tolerance: float) -> str:
+    """An accuracy change's 95% interval (in points) for a violation message; where it reaches a fall within the
+    tolerance, said: the items are too few to be sure."""
+    if not bounds:
+        return ""
+    low, high = bounds
+    unsure = (f"; it reaches a fall within the tolerance: more items (accuracy_items) measure it surely"
+              if -high <= tolerance else "")
+    over = f" over {items} items" if items else ""
+    return f" (95% interval {low * 100:+.1f} to {high * 100:+.1f} points{over}{unsure})"
+
+
 def chance_above(prediction: Mapping[str, float], tolerance: float, level: float) -> float:
     """The probability that a prediction (``mean``, ``low``, ``high`` of its ``level`` interval, read as a normal
     with the interval's half-width) ends above ``tolerance``; 1 or 0 by the mean where the interval has no width."""
@@ -286,8 +298,11 @@ class Guard:
                 fell = percent(-drop, apart_from=self.config.accuracy_tolerance).removesuffix("%")
                 now = recheck.accuracy.get(name)
                 was = f" ({now - drop:.1%} -> {now:.1%})" if isinstance(now, (int, float)) else ""
-                found.append((f"accuracy:{name}", f"accuracy of protected domain {name!r} fell by {fell} points{was} "
-                                                  f"(tolerance {self.config.accuracy_tolerance * 100:.1f} points)"))
+                span = _points_interval(recheck.accuracy_delta_ci.get(name), recheck.accuracy_items.get(name),
+                                        self.config.accuracy_tolerance)
+                found.append((f"accuracy:{name}", f"accuracy of protected domain {name!r} fell by {fell} points{was}"
+                                                  f"{span} (tolerance {self.config.accuracy_tolerance * 100:.1f} "
+                                                  "points)"))
             value = recheck.score(name, variant)
             if self.config.max_sts is not None and value is not None and value > self.config.max_sts:
                 found.append((f"sts:{name}", f"re-checked STS of protected domain {name!r} is {value:.4g} > "

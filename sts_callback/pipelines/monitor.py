@@ -133,6 +133,8 @@ class Monitor:
     lm_eval_targets: dict[str, Any] = field(default_factory=dict)  # lm-evaluation-harness tasks
     base_accuracy: dict[str, float] = field(default_factory=dict)
     accuracy_items: dict[str, int] = field(default_factory=dict)  # items each accuracy is read from (all ranks)
+    answers: dict[str, list[bool]] = field(default_factory=dict)  # the last measurement's right answers, per item
+    base_answers: dict[str, list[bool]] = field(default_factory=dict)  # the train start's
     base_sequence_nll: dict[str, torch.Tensor] = field(default_factory=dict)  # [n, 2] per held-out sequence
     base_loss_seconds: dict[str, float] = field(default_factory=dict)  # each domain's whole loss set at train start
     loss_half_width: float | None = None  # stop measuring a domain once its change's 95% CI is this narrow
@@ -342,16 +344,28 @@ class Monitor:
         """Each domain's held-out loss set's counted tokens (from the train-start measurement)."""
         return {name: int(sums[:, 1].sum()) for name, sums in self.base_sequence_nll.items()}
 
+    def _accuracy_intervals(self) -> dict[str, list[float]]:
+        """The 95% interval of each multiple-choice domain's accuracy change, from its items answered now and at
+        train start (none for lm-eval tasks, or for a start kept by an older version without its answers)."""
+        from ..core.multiple_choice import accuracy_change_interval
+
+        out = {}
+        for name, answers in self.answers.items():
+            interval = accuracy_change_interval(self.base_answers.get(name, []), answers)
+            if interval is not None:
+                out[name] = list(interval)
+        return out
+
     def measure_accuracy(self, model: nn.Module, autocast=None) -> dict[str, float]:
         """Accuracy of each multiple-choice domain's sampled items (every rank its share, counts summed)."""
-        from ..core.multiple_choice import accuracy
+        from ..core.multiple_choice import answered_right
 
         out = {}
         with inference_mode(model), (autocast() if autocast else nullcontext()):
             for name, items in self.accuracy_sets.items():
-                right, total = accuracy(model, self.setup.builder.tokenizer, items)
-                out[name] = right / total if total else float("nan")
-                self.accuracy_items[name] = int(total)
+                self.answers[name] = answered_right(model, self.setup.builder.tokenizer, items)
+                out[name] = sum(self.answers[name]) / len(items) if items else float("nan")
+                self.accuracy_items[name] = len(items)
             if self.lm_eval_targets:
                 # each rank evaluates the tasks whole, alone; a failure on one rank still fails the re-check on
                 # every rank, so that their records (and the guard's decisions) stay the same
@@ -468,6 +482,8 @@ class Monitor:
             accuracy=accuracy,
             accuracy_delta={name: value - self.base_accuracy[name] if name in self.base_accuracy else None
                             for name, value in accuracy.items()},
+            accuracy_delta_ci=self._accuracy_intervals(),
+            accuracy_items={name: self.accuracy_items[name] for name in accuracy if name in self.accuracy_items},
             probe_tokens=shift.tokens if shift is not None else 0,
             sae_fit=fit,
             probe_error=probe_error,

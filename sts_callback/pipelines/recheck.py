@@ -211,7 +211,8 @@ class Recheck:
     ``loss_delta`` is the relative change of a domain's held-out NLL (``None`` without a base loss), with its
     95% interval in ``loss_delta_ci`` and standard error in ``loss_delta_se`` (``None`` from one sequence) measured
     on ``loss_tokens`` tokens; ``accuracy`` / ``accuracy_delta`` only
-    for multiple-choice or lm-eval domains; ``sae_fit`` is the SAE's fraction of variance unexplained and L0 on
+    for multiple-choice or lm-eval domains, with ``accuracy_items`` (the items read) and, for multiple-choice items
+    answered at train start, the change's 95% interval ``accuracy_delta_ci``; ``sae_fit`` is the SAE's fraction of variance unexplained and L0 on
     the probe (``None`` without a decoder). ``probe_error``: why the probe could not be read (NaN / inf residuals:
     the model diverged); the shift, scores and fit are then empty and the held-out losses still measured, so that
     the guard sees the divergence.
@@ -231,6 +232,8 @@ class Recheck:
     seconds: float
     accuracy: dict[str, float] = field(default_factory=dict)
     accuracy_delta: dict[str, float | None] = field(default_factory=dict)
+    accuracy_delta_ci: dict[str, list[float]] = field(default_factory=dict)
+    accuracy_items: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: probe (shift and SAE fit), losses, accuracy
     loss_seconds: dict[str, float] = field(default_factory=dict)  # seconds of each measured domain's loss
     loss_delta_se: dict[str, float | None] = field(default_factory=dict)
@@ -252,7 +255,8 @@ class Recheck:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if not self.accuracy:  # the history's lines carry accuracy keys only for domains that have them
-            out.pop("accuracy"), out.pop("accuracy_delta")
+            for key in ("accuracy", "accuracy_delta", "accuracy_delta_ci", "accuracy_items"):
+                out.pop(key)
         if self.probe_error is None:
             out.pop("probe_error")
         if not self.loss_head_fallbacks:

@@ -1141,12 +1141,20 @@ def _forecast_section(data: ReportData) -> str:
 
 
 def _accuracy_changes(record: dict[str, Any]) -> str:
-    """A re-check's multiple-choice domains: accuracy and its change from train start in points, e.g.
-    "quiz 47.5% (-27.5 points)"; empty without any."""
-    deltas = record.get("accuracy_delta") or {}
-    return ", ".join(f"{name} {value:.1%}" + (f" ({deltas[name] * 100:+.1f} points)" if deltas.get(name) is not None
-                                               else "")
-                     for name, value in (record.get("accuracy") or {}).items()
+    """A re-check's multiple-choice domains: accuracy and its change from train start in points, with the change's
+    95% interval over the items where measured, e.g. "quiz 47.5% (-27.5 points [-41.0, -14.0] of 40 items)"; empty
+    without any."""
+    deltas, intervals = record.get("accuracy_delta") or {}, record.get("accuracy_delta_ci") or {}
+    items = record.get("accuracy_items") or {}
+
+    def change(name: str) -> str:
+        if deltas.get(name) is None:
+            return ""
+        low_high = f" [{intervals[name][0] * 100:+.1f}, {intervals[name][1] * 100:+.1f}]" if name in intervals else ""
+        over = f" of {items[name]} items" if name in intervals and items.get(name) else ""
+        return f" ({deltas[name] * 100:+.1f} points{low_high}{over})"
+
+    return ", ".join(f"{name} {value:.1%}{change(name)}" for name, value in (record.get("accuracy") or {}).items()
                      if isinstance(value, (int, float)) and math.isfinite(value))
 
 
