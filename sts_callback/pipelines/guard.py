@@ -150,7 +150,7 @@ def _points_interval(bounds: list[float] | None, items: int | None, tolerance: f
     if not bounds:
         return ""
     low, high = bounds
-    unsure = (f"; it reaches a fall within the tolerance: more items (accuracy_items) measure it surely"
+    unsure = ("; it reaches a fall within the tolerance: more items (accuracy_items) measure it surely"
               if -high <= tolerance else "")
     over = f" over {items} items" if items else ""
     return f" (95% interval {low * 100:+.1f} to {high * 100:+.1f} points{over}{unsure})"
