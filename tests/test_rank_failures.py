@@ -14,7 +14,7 @@ from sts_callback.core.data import Example
 from sts_callback.core.distributed import LocalFailure, _failure_summary, raise_collectively
 from sts_callback.core.errors import STSNumericalError
 from sts_callback.core.heldout import all_sequence_nll
-from sts_callback.core.multiple_choice import accuracy
+from sts_callback.core.multiple_choice import answered_right
 from sts_callback.pipelines.forecast import ForecastSetup
 
 LAYER = 1
@@ -50,7 +50,7 @@ def run_pass(kind: str, model, tokenizer):
         with torch.no_grad():
             all_sequence_nll(model, sequences, 0, 2)
     else:
-        accuracy(model, tokenizer, [{"question": t, "choices": ["a b", "c d"], "answer": 0} for t in texts])
+        answered_right(model, tokenizer, [{"question": t, "choices": ["a b", "c d"], "answer": 0} for t in texts])
 
 
 PASSES = ["extract", "heldout", "multiple_choice"]
