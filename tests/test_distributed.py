@@ -56,6 +56,7 @@ def assert_same_numbers(reference: dict, other: dict) -> None:
             for variant, value in mine["scores"][name].items():
                 close(value, theirs["scores"][name][variant], f"re-check {name} {variant}")
         assert theirs["accuracy"] == mine["accuracy"] and set(mine["accuracy"]) == {"quiz"}  # counts, not estimates
+        assert theirs["accuracy_delta_ci"] == mine["accuracy_delta_ci"] and set(mine["accuracy_delta_ci"]) == {"quiz"}
 
 
 def without_timing(history: list[dict]) -> list[dict]:

@@ -181,6 +181,28 @@ def test_filter_examples_keeps_the_lowest_scores_and_round_trips(decision, tmp_p
     assert load_corpus(str(write_jsonl(chats, tmp_path / "chat.jsonl")))[0].answer == "a"
 
 
+def test_a_filtered_candidate_with_values_json_has_no_type_for_is_written_and_read_back(tmp_path):
+    """A parquet candidate with a date, Decimal or bytes column crashed `sts gate` after every forward pass, with
+    its filtered files half written."""
+    import datetime
+    import decimal
+
+    import numpy as np
+    import pandas as pd
+
+    rows = pd.DataFrame({"text": ["a b", "c d"], "when": pd.date_range("2024-01-01", periods=2),
+                         "price": [decimal.Decimal("1.10"), decimal.Decimal("2")], "blob": [b"x", b"yz"],
+                         "score": np.array([0.5, np.nan], dtype=np.float32), "day": [datetime.date(2024, 5, 1)] * 2})
+    rows.to_parquet(tmp_path / "c.parquet")
+    records = list(load_corpus(str(tmp_path / "c.parquet"))._items)  # as filter_examples returns them
+    path = write_jsonl(records, tmp_path / "out.jsonl")
+    back = [json.loads(line) for line in path.read_text().splitlines()]  # strict JSON: no NaN
+    assert [r["text"] for r in back] == ["a b", "c d"] and back[0]["when"] == "2024-01-01T00:00:00"
+    assert [r["price"] for r in back] == ["1.10", "2.00"] and back[1]["score"] is None and back[0]["score"] == 0.5
+    assert back[0]["blob"] == "eA==" and back[0]["day"] == "2024-05-01"
+    assert [e.prompt for e in load_corpus(str(path))] == ["a b", "c d"]
+
+
 def test_weight_rules_and_budget(model, tokenizer):
     wanted = {"code": "code", "chem": "chem", "sport": "food"}
     sts = gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},

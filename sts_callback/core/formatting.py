@@ -48,7 +48,28 @@ def percent(value: float | None, digits: int = 1, apart_from: float | None = Non
     return signed_percent(value, digits, apart_from).lstrip("+")
 
 
-__all__ = ["json_safe", "percent", "signed_percent", "signed_percents"]
+def data_value(value: Any) -> Any:
+    """A data set's value ``json.dumps`` cannot write (``default=`` hook), as JSON readers and ``datasets`` take it
+    back: a date or time as ISO 8601 text, a ``Decimal`` as its exact text, bytes as base64, a numpy or torch
+    scalar or array as its number or list (a non-finite number as null), anything else as its ``str()``."""
+    import base64
+    import datetime
+    import decimal
+
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if hasattr(value, "tolist"):  # numpy / torch: a scalar's tolist() is its Python number
+        return json_safe(value.tolist())
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
+
+__all__ = ["data_value", "json_safe", "percent", "signed_percent", "signed_percents"]
 
 
 def json_safe(value: Any) -> Any:

@@ -86,7 +86,7 @@ from ..core.data import (AllBut, Corpus, example_text, has_two_demonstrations, l
 from ..core.distributed import warn_on_main
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
-from ..core.formatting import json_safe
+from ..core.formatting import data_value, json_safe
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, ShiftPass, assemble_forecast, build_shift_pairs,
                        batched_shard_size, display_width, inference_mode, padded, pass_lengths, plan_domains,
                        progress_bar, shown_name)
@@ -910,7 +910,8 @@ def _check_same_examples(corpus: Corpus, scores: ExampleScores, candidate: str) 
 
 def write_jsonl(records: list[Any], path: str | Path) -> Path:
     """Write records so that :func:`~sts_callback.core.data.load_corpus` reads them back (texts as ``{"text"}``,
-    conversations as ``{"messages"}``, records as they are)."""
+    conversations as ``{"messages"}``, records as they are; values JSON has no type for, such as a parquet file's
+    dates, as :func:`~sts_callback.core.formatting.data_value` writes them, and NaN as null)."""
     lines = []
     for record in records:
         if isinstance(record, str):
@@ -919,5 +920,5 @@ def write_jsonl(records: list[Any], path: str | Path) -> Path:
             record = {"messages": record}
         elif not isinstance(record, dict):
             record = dict(record)
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        lines.append(json.dumps(json_safe(record), ensure_ascii=False, default=data_value, allow_nan=False) + "\n")
     return atomic_write_text(path, "".join(lines))
