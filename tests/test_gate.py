@@ -203,7 +203,7 @@ def test_a_filtered_candidate_with_values_json_has_no_type_for_is_written_and_re
     assert [e.prompt for e in load_corpus(str(path))] == ["a b", "c d"]
 
 
-def test_weight_rules_and_budget(model, tokenizer):
+def test_weight_rules_and_budget(model, tokenizer, tmp_path):
     wanted = {"code": "code", "chem": "chem", "sport": "food"}
     sts = gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
                        targets(), "law", {"wanted": wanted}, budget=220, config=config(), score_examples=False)
@@ -223,6 +223,10 @@ def test_weight_rules_and_budget(model, tokenizer):
     assert all(w >= 0.2 - 1e-9 for w in low.weights.values())
     least = min(low.accepted, key=lambda n: low.candidates[n].protected_scores["law"])
     assert low.weights[least] == pytest.approx(0.6)
+    # gate.json holds what decided the weights (it held the rejection rules only): wanted, floor, budget
+    saved = GateDecision.load(low.save(tmp_path / "low.json")).rules
+    assert (saved["wanted"], saved["floor"], saved["budget"]) == (wanted, 0.2, None)
+    assert GateDecision.load(sts.save(tmp_path / "sts.json")).rules["budget"] == 220
     # a floor the served domains cannot all get is known only once they are: the decision is kept (it was lost
     # after every forward pass), with the most the weights can give and a note saying so
     with pytest.warns(STSDataWarning, match=r"floor=0.5 for 3 served domains.*use floor=0.333.*lower floor"):

@@ -492,7 +492,9 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                             rules={"limits": limit_map, "max_rank": rules.max_rank, "tolerance": tolerance,
                                    # the relative rule's factor each protected domain was judged with (None: none)
                                    "tolerance_by_domain": {p: _domain_tolerance(p, tolerance, limit_map, rules.max_rank)
-                                                           for p in protected}},
+                                                           for p in protected},
+                                   # the rest of what decided the weights: the decision can be audited and redone
+                                   "wanted": dict(wanted), "floor": rules.floor, "budget": budget},
                             weight_rule=rules.weights,
                             example_scores=example_scores, forward_calls=calls, timings=timings, _data=corpora)
     if mixed:
