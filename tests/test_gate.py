@@ -203,6 +203,30 @@ def test_a_filtered_candidate_with_values_json_has_no_type_for_is_written_and_re
     assert [e.prompt for e in load_corpus(str(path))] == ["a b", "c d"]
 
 
+@pytest.mark.parametrize("weights", ["sts", "min_impact"])
+def test_with_every_target_protected_no_candidate_serves_a_protected_domain(model, tokenizer, weights):
+    """Each candidate 'served' the protected domain it moves most, and the STS weights gave the most data to the
+    one that moved it most: now none serves, the weights say why, and a wanted protected domain is refused."""
+    both = {k: v for k, v in targets().items() if k in ("law", "food")}
+    chosen = {k: v for k, v in candidates().items() if k != "law_copy"}
+    with pytest.warns(STSDataWarning, match=r"Every target domain is protected \(\['law', 'food'\]\): no candidate "
+                                            "serves one"):
+        result = gate_mixture(model, tokenizer, make_sae(), chosen, both, ["law", "food"], {"weights": weights},
+                              config=config(), score_examples=False)
+    assert all(d.serves is None for d in result.candidates.values())
+    assert any("Every target domain" in note for note in result.notes)
+    if weights == "sts":
+        assert result.weights == pytest.approx({n: 1 / len(result.accepted) for n in result.accepted})
+    else:  # no floor to keep: the least impact takes the mixture
+        least = min(result.accepted, key=lambda n: sum(result.candidates[n].protected_scores[p] /
+                                                       max(result.candidates[o].protected_scores[p]
+                                                           for o in result.accepted) for p in both))
+        assert result.weights[least] == pytest.approx(1.0)
+    with pytest.raises(STSInputError, match="'law' is a protected domain"):
+        gate_mixture(model, tokenizer, make_sae(), chosen, targets(), "law", {"wanted": {"code": "law"}},
+                     config=config(), score_examples=False)
+
+
 def test_weight_rules_and_budget(model, tokenizer, tmp_path):
     wanted = {"code": "code", "chem": "chem", "sport": "food"}
     sts = gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
@@ -503,6 +527,7 @@ def test_filter_settings_are_checked_whatever_their_type(decision):
     ({"budget": 100.5}, "budget=100.5 must be a positive whole number"),
     ({"max_rank": 4}, "max_rank=4 with 4 target domains rejects every candidate"),
     ({"wanted": {"code": "sport"}}, "wanted['code'] = 'sport' is not a target domain"),
+    ({"wanted": {"code": "law"}}, "wanted['code'] = 'law' is a protected domain, which the mixture must not move"),
     ({"options": {**config().to_dict(), "compute_icl": False, "ranking": "sts_act"}, "score": "sts_icl"},
      "needs compute_icl=True"),
     ({"candidates": {"code": 5}}, "Cannot use int 5 as data for candidate 'code'"),

@@ -499,6 +499,13 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                             example_scores=example_scores, forward_calls=calls, timings=timings, _data=corpora)
     if mixed:
         decision.notes.append(mixed)
+    if all(p in protected for p in domains):  # (wanted can name none: it may not name a protected one)
+        nothing = (f"Every target domain is protected ({protected}): no candidate serves one, so the weights "
+                   + ("are equal shares" if rules.weights == "sts" else "put the mixture on the least impact, "
+                      "with no floor") + "; add the domains the mixture is meant to improve to the targets, "
+                   "unprotected, for the weights to balance them.")
+        warn_on_main(nothing, STSDataWarning, stacklevel=2)
+        decision.notes.append(nothing)
     accepted = decision.accepted
     if not accepted:
         decision.timings["total"] = time.perf_counter() - start
@@ -604,6 +611,11 @@ def check_gate_names(candidates: list[str], targets: list[str], protected: Any,
             raise STSInputError(f"wanted names {name!r}, which is not a candidate ({sorted(candidates)}).")
         if domain not in targets:
             raise STSInputError(f"wanted[{name!r}] = {domain!r} is not a target domain ({sorted(targets)}).")
+        if domain in protected:  # the weights would give the most data to the domain the mixture must not move
+            raise STSInputError(f"wanted[{name!r}] = {domain!r} is a protected domain, which the mixture must not "
+                                f"move; a candidate serves a domain it is meant to improve: name an unprotected "
+                                f"target ({sorted(set(targets) - set(protected))}), or take {domain!r} out of "
+                                "`protected`.")
     return protected, limit_map, wanted
 
 
@@ -670,8 +682,8 @@ def _decide(forecasts: dict[str, Forecast], corpora: dict[str, Corpus], protecte
                     violations.append(f"{label}({p}) = {values[p]:.4g} > {bar:.4g} = {p_tolerance:g} x median of "
                                       f"the other candidates ({statistics.median(others):.4g})")
         reason = ("rejected: " + "; ".join(violations)) if violations else ("accepted: " + "; ".join(checks))
-        serves = wanted.get(name) or next((d for d in ranked if d not in protected and d not in unscored),
-                                          ranked[0])
+        # none where every target domain is protected: nothing for the weights to serve (said by gate_mixture)
+        serves = wanted.get(name) or next((d for d in ranked if d not in protected and d not in unscored), None)
         decisions[name] = CandidateDecision(name=name, accepted=not violations, reason=reason, serves=serves,
                                             protected_scores=values, protected_ranks=ranks,
                                             examples=len(corpora[name]))
@@ -694,6 +706,8 @@ def _sts_weights(decision: GateDecision, accepted: list[str]) -> dict[str, float
     served: dict[str, list[str]] = {}
     for name in accepted:
         served.setdefault(decision.candidates[name].serves, []).append(name)
+    if None in served:  # every target protected: no domain to serve, no pressure to balance
+        return {name: 1.0 / len(accepted) for name in accepted}
     pressure = {}
     for domain, members in served.items():
         others = [o for o in accepted if o not in members] or accepted
@@ -718,7 +732,7 @@ def _min_impact_weights(decision: GateDecision, accepted: list[str], floor: floa
             top = max(decision.candidates[o].protected_scores[p] for o in accepted)
             total += decision.candidates[name].protected_scores[p] / top if top > 0 else 0.0
         impact.append(total)
-    served = sorted({decision.candidates[n].serves for n in accepted})
+    served = sorted({decision.candidates[n].serves for n in accepted} - {None})  # none: no floor to keep
     if floor * len(served) > 1 + 1e-12:  # known only now (which domain each serves): the decision is not lost
         message = (f"floor={floor} for {len(served)} served domains ({served}) adds up to more than 1: the weights "
                    f"use floor={1 / len(served):.3f}, the most they can; lower floor to at most that.")
