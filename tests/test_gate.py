@@ -227,6 +227,23 @@ def test_with_every_target_protected_no_candidate_serves_a_protected_domain(mode
                      config=config(), score_examples=False)
 
 
+def test_copies_of_an_offender_do_not_raise_each_others_bar(model, tokenizer):
+    """Three copies of the protected domain's texts were all accepted by the relative rule (each one's median of
+    the other candidates held the other two copies), while one or two were rejected."""
+    law = targets()["law"]
+    pool = {"crawl_a": law, "crawl_b": list(law), "crawl_c": list(reversed(law)),
+            **{k: v for k, v in candidates().items() if k != "law_copy"}}
+    with pytest.warns(STSDataWarning, match=r"Candidates \['crawl_a', 'crawl_b', 'crawl_c'\] hold the same examples"):
+        result = gate_mixture(model, tokenizer, make_sae(), pool, targets(), "law", config=config(),
+                              score_examples=False)
+    assert {"crawl_a", "crawl_b", "crawl_c"} <= set(result.rejected)
+    distinct = statistics.median(result.forecasts[o].score("law", "sts_icl") for o in ("code", "chem", "sport"))
+    assert f"median of the other candidates ({distinct:.4g})" in result.candidates["crawl_b"].reason
+    # a distinct candidate is judged against each set of copies once
+    sport = [result.forecasts[o].score("law", "sts_icl") for o in ("crawl_a", "code", "chem")]
+    assert f"{1.5 * statistics.median(sport):.4g} (1.5 x median" in result.candidates["sport"].reason
+
+
 def test_weight_rules_and_budget(model, tokenizer, tmp_path):
     wanted = {"code": "code", "chem": "chem", "sport": "food"}
     sts = gate_mixture(model, tokenizer, make_sae(), {k: v for k, v in candidates().items() if k != "law_copy"},
@@ -594,7 +611,7 @@ def preference_pairs(chosen_domain, rejected_domain, n=12, seed=1):
             for i, (a, b) in enumerate(zip(chosen, rejected))]
 
 
-def test_preference_candidates_are_gated_on_chosen_minus_rejected(model, tokenizer, monkeypatch):
+def test_preference_candidates_are_gated_on_chosen_minus_rejected(model, tokenizer, monkeypatch, tmp_path):
     """A DPO candidate is forecast as preference_forecast forecasts it (and the DPO callback), not as SFT on its
     chosen answers; each pair's score is its own term of that shift on D_N."""
     import sts_callback.pipelines.gate as gate
@@ -642,6 +659,15 @@ def test_preference_candidates_are_gated_on_chosen_minus_rejected(model, tokeniz
         kept = filter_examples(result, "prefer_law", keep_fraction=0.5)
     assert len(kept.examples) == 6 and all(set(r) == {"prompt", "chosen", "rejected"} for r in kept.examples)
     assert pool["prefer_law"][3] not in kept.examples  # identical completions train nothing: not the best pair
+    # filtered again from gate.json: the pairs given must be the pairs scored (they were never checked)
+    loaded = GateDecision.load(result.save(tmp_path / "gate.json"))
+    with pytest.warns(STSDataWarning, match="no scored token"):
+        assert filter_examples(loaded, "prefer_law", keep_fraction=0.5, data=pool["prefer_law"]).indices == kept.indices
+    shuffled = pool["prefer_law"][1:] + pool["prefer_law"][:1]
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in pool["prefer_law"]]
+    for other in (shuffled, swapped):
+        with pytest.raises(STSInputError, match="Example 0 of the data given for 'prefer_law' is not the one"):
+            filter_examples(loaded, "prefer_law", keep_fraction=0.5, data=other)
 
 
 def test_a_tokenized_preference_candidate_is_gated_and_previewed(model, tokenizer):

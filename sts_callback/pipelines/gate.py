@@ -65,6 +65,7 @@ Decisions made here (see the README, "What is computed", for the method); every 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import numbers
@@ -212,7 +213,8 @@ class ExampleScores:
 
     ``scores[p][i]`` is example i's score on protected domain p; ``total[i]`` their sum; ``tokens[i]`` its
     counted query tokens (a preference pair's: its chosen and rejected completion tokens; 0: nothing counted,
-    score 0). ``worst`` lists the highest-scoring examples.
+    score 0). ``worst`` lists the highest-scoring examples; ``digests[i]`` is example i's content digest
+    (:func:`example_digests`), so that data given again is checked to be the data scored.
     """
 
     candidate: str
@@ -220,6 +222,7 @@ class ExampleScores:
     scores: dict[str, list[float]]
     total: list[float]
     worst: list[dict[str, Any]] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)  # empty in a gate.json of an older version
 
     def __len__(self) -> int:
         return len(self.total)
@@ -406,6 +409,8 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
             raise STSInputError(f"Candidate {name!r} is empty; give it at least one example or drop it.")
     domains = load_domains(targets)
     protected, limit_map, wanted = check_gate_names(list(corpora), list(domains), protected, rules)
+    digests = {name: example_digests(corpus) for name, corpus in corpora.items()}
+    copies = _same_examples(digests)
     unscored = check_scorable_domains(domains, protected, wanted, score, rules.weights, len(corpora))
     tolerance = rules.relative_tolerance
 
@@ -479,6 +484,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                     else:
                         example_scores[name] = _score_examples(extractor, setup, corpus, name,
                                                                result.shifted_latents, weights_matrix, protected)
+                    example_scores[name].digests = digests[name]
                     calls[f"examples/{name}"] = extractor.capture.forward_calls - before
                     timings[f"examples/{name}"] = time.perf_counter() - t0
     finally:
@@ -486,7 +492,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
             bar.close()
 
     decisions = _decide(forecasts, corpora, protected, score, limit_map, rules.max_rank, tolerance, wanted,
-                        unscored)
+                        unscored, copies)
     decision = GateDecision(candidates=decisions, forecasts=forecasts, weights={}, protected=protected,
                             targets=list(domains), score=score,
                             rules={"limits": limit_map, "max_rank": rules.max_rank, "tolerance": tolerance,
@@ -499,6 +505,13 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                             example_scores=example_scores, forward_calls=calls, timings=timings, _data=corpora)
     if mixed:
         decision.notes.append(mixed)
+    for group in {tuple(sorted([name, *same])) for name, same in copies.items() if same}:
+        alike = (f"Candidates {list(group)} hold the same examples: the relative rule compares each candidate with "
+                 "the other, distinct ones (copies would raise each other's bar), and the weights count each. Drop "
+                 "the copies; for overlapping sets that are not copies, bound the protected domains with limits or "
+                 "max_rank, which do not depend on the other candidates.")
+        warn_on_main(alike, STSDataWarning, stacklevel=2)
+        decision.notes.append(alike)
     if all(p in protected for p in domains):  # (wanted can name none: it may not name a protected one)
         nothing = (f"Every target domain is protected ({protected}): no candidate serves one, so the weights "
                    + ("are equal shares" if rules.weights == "sts" else "put the mixture on the least impact, "
@@ -650,7 +663,14 @@ def _limit_map(limits: dict[str, float] | float | None, protected: list[str]) ->
 
 def _decide(forecasts: dict[str, Forecast], corpora: dict[str, Corpus], protected: list[str], score: str,
             limits: dict[str, float], max_rank: int | None, tolerance: float | None,
-            wanted: dict[str, str], unscored: set[str] = frozenset()) -> dict[str, CandidateDecision]:
+            wanted: dict[str, str], unscored: set[str] = frozenset(),
+            copies: dict[str, set[str]] | None = None) -> dict[str, CandidateDecision]:
+    """Each candidate accepted or rejected by the rules, with the reason and the domain it serves. ``copies``:
+    the candidates holding the same examples as each (:func:`_same_examples`): the relative rule compares a
+    candidate with the other, distinct ones, each set of copies counted once."""
+    copies = copies or {}
+    order = list(forecasts)
+    distinct = [o for i, o in enumerate(order) if not copies.get(o, set()) & set(order[:i])]  # a copy's first
     label = SCORE_LABELS[score]
     decisions = {}
     for name, result in forecasts.items():
@@ -670,7 +690,8 @@ def _decide(forecasts: dict[str, Forecast], corpora: dict[str, Corpus], protecte
                                       f"(max_rank={max_rank} rejects ranks 1..{max_rank})")
             p_tolerance = _domain_tolerance(p, tolerance, limits, max_rank)
             if p_tolerance is not None:
-                others = [forecasts[o].score(p, score) for o in forecasts if o != name]
+                others = [forecasts[o].score(p, score) for o in distinct
+                          if o != name and o not in copies.get(name, ())]
                 if not others:
                     checks.append(f"no other candidate to compare {p} with (relative rule not applied; "
                                   "set limits or max_rank)")
@@ -911,10 +932,40 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
     return Filtered(examples=records, scores=[values[i] for i in keep], indices=keep)
 
 
+def example_digests(corpus: Corpus) -> list[str]:
+    """Each example's content digest: its text as the gate reads it (prompt and answer; a preference pair's
+    prompt, chosen and rejected), so the same examples given as a JSONL file or as records digest alike."""
+    preference = is_preference_data(corpus)
+    records = corpus.records() if preference else None
+    out = []
+    for i in range(len(corpus)):
+        record = records[i] if records is not None else None
+        content: Any = ({k: record.get(k) for k in ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids",
+                                                     "rejected_ids")
+                         if k in record} if hasattr(record, "get") else example_text(corpus[i]))
+        text = json.dumps(content, sort_keys=True, ensure_ascii=False, default=data_value)
+        out.append(hashlib.sha1(text.encode("utf-8")).hexdigest()[:16])
+    return out
+
+
+def _same_examples(digests: dict[str, list[str]]) -> dict[str, set[str]]:
+    """For each candidate, the other candidates holding the same examples (in any order)."""
+    content = {name: sorted(d) for name, d in digests.items()}
+    return {name: {o for o in digests if o != name and content[o] == content[name]} for name in digests}
+
+
 def _check_same_examples(corpus: Corpus, scores: ExampleScores, candidate: str) -> None:
-    """The previews of the worst examples, kept with the scores, against the data given now: the same number of
-    other or reordered examples would be filtered by another set's scores. (A preference pair's preview is its
-    decoded tokens, which need the tokenizer: not checked.)"""
+    """The data given now against the data scored (each example's digest; a decision of an older version: the
+    previews of the worst examples): the same number of other or reordered examples would be filtered by another
+    set's scores. (An older decision's preference pairs, whose preview needs the tokenizer: not checked.)"""
+    if scores.digests:
+        given = example_digests(corpus)
+        changed = next((i for i, (a, b) in enumerate(zip(given, scores.digests)) if a != b), None)
+        if changed is not None:
+            raise STSInputError(f"Example {changed} of the data given for {candidate!r} is not the one that was gated "
+                                f"({example_text(corpus[changed])[:60]!r}...); pass the same data, in the same "
+                                "order.")
+        return
     if is_preference_data(corpus):
         return
     for worst in scores.worst:
