@@ -169,6 +169,9 @@ def test_filter_examples_keeps_the_lowest_scores_and_round_trips(decision, tmp_p
     assert all(s <= threshold for s in filter_examples(decision, "code", threshold=threshold).scores)
     with pytest.warns(STSDataWarning, match=r"threshold=.* keeps none of the 20 examples of 'code'"):
         assert filter_examples(decision, "code", threshold=min(scores.total) - 1).examples == []
+    # a rejected candidate's examples are filtered as asked, but said to be no part of the mixture
+    with pytest.warns(STSDataWarning, match=r"'law_copy' is not in this decision's mixture \(rejected: "):
+        filter_examples(decision, "law_copy", keep_fraction=0.5)
     assert filter_examples(decision, "code", keep_fraction=0.5, domain="law").indices == kept.indices
     loaded = GateDecision.load(decision.save(tmp_path / "gate.json"))
     with pytest.raises(STSInputError, match="data="):
@@ -451,6 +454,13 @@ def test_cli_gate_writes_decision_and_filtered_datasets(model, tokenizer, tmp_pa
     assert not list((tmp_path / "filtered").glob("*.jsonl"))
     assert captured.out.count("an earlier run's;") == len(saved.accepted)
     assert main(["gate", "--example"]) == 0 and "candidates:" in capsys.readouterr().out
+    # a threshold that keeps nothing: no empty training files and exit 0 (a pipeline trained on nothing)
+    (tmp_path / "none.json").write_text(json.dumps({**{k: v for k, v in spec.items() if k != "keep_fraction"},
+                                                   "threshold": -1.0}))
+    assert main(["gate", str(tmp_path / "none.json"), "--no-progress", "-o", str(tmp_path / "none_out.json")]) == 3
+    captured = capsys.readouterr()
+    assert "sts: rejected: the filter (threshold=-1.0) keeps no example" in captured.err
+    assert "no file written" in captured.out and not list((tmp_path / "filtered").glob("*.jsonl"))
 
 
 def test_cli_gate_refuses_to_write_over_its_inputs(tmp_path, monkeypatch, capsys):

@@ -896,6 +896,11 @@ def filter_examples(decision_or_scores: GateDecision | ExampleScores, candidate:
                                 f"{sorted(decision_or_scores.example_scores)} (run with score_examples=True).")
         scores = decision_or_scores.example_scores[candidate]
         corpus = decision_or_scores._data.get(candidate)
+        if candidate not in decision_or_scores.in_mixture:  # a loop over every candidate would ship rejected data
+            state = decision_or_scores.candidates[candidate]
+            why = state.reason if not state.accepted else "accepted, but the weights give it no share"
+            warn_on_main(f"{candidate!r} is not in this decision's mixture ({why}); its filtered examples are "
+                         "no part of it.", STSDataWarning, stacklevel=2)
     else:
         scores, corpus = decision_or_scores, None
     if data is not None:

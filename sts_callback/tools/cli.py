@@ -930,7 +930,7 @@ keep_fraction: 0.9             # ... keeping this fraction (or `threshold: <scor
 """
 
 
-REJECTED_EXIT = 3  # `sts gate`: every candidate rejected
+REJECTED_EXIT = 3  # `sts gate`: every candidate rejected, or filtered to nothing
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -1006,11 +1006,23 @@ def cmd_gate(args: argparse.Namespace) -> int:
     print(f"\nwrote {output} ({decision.timings['total']:.1f} s)")
     if filtered_dir and is_main_process():
         _remove_earlier_filtered(filtered_dir, config_file["candidates"], decision.in_mixture)
-        _record_filtered(filtered_dir, list(decision.in_mixture), output)  # first: a stop mid-way leaves it named
-        for name in decision.in_mixture:  # an accepted candidate the weights leave out is no training file
-            kept = filter_examples(decision, name, keep_fraction=keep_fraction, threshold=threshold)
-            path = write_jsonl(kept.examples, Path(filtered_dir) / f"{name}.jsonl")
-            print(f"wrote {path} ({len(kept.examples)} of {decision.candidates[name].examples} examples kept)")
+        # an accepted candidate the weights leave out is no training file; nor is one the filter keeps nothing of
+        kept = {name: filter_examples(decision, name, keep_fraction=keep_fraction, threshold=threshold)
+                for name in decision.in_mixture}
+        written = [name for name in decision.in_mixture if kept[name].examples]
+        _record_filtered(filtered_dir, written, output)  # first: a stop mid-way leaves them named
+        for name in decision.in_mixture:
+            if not kept[name].examples:
+                print(f"kept none of the {decision.candidates[name].examples} examples of {name}: no file written")
+                continue
+            path = write_jsonl(kept[name].examples, Path(filtered_dir) / f"{name}.jsonl")
+            print(f"wrote {path} ({len(kept[name].examples)} of {decision.candidates[name].examples} examples kept)")
+        if not written:  # a pipeline would go on to train on nothing
+            rule = f"threshold={threshold}" if threshold is not None else f"keep_fraction={keep_fraction}"
+            print(f"sts: rejected: the filter ({rule}) keeps no example of any candidate in the mixture, so "
+                  "filtered_dir holds no training file; raise the threshold or filter by keep_fraction.",
+                  file=sys.stderr)
+            return REJECTED_EXIT
     return 0
 
 
@@ -1273,7 +1285,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rule or min_impact), print the decision table, write the decision JSON and, "
                                    "with a filtered_dir, each accepted candidate minus its worst examples as JSONL.",
                        epilog=f"Start from `sts gate --example`. Exit status {REJECTED_EXIT} when every candidate is "
-                              "rejected (2: an error in the input).")
+                              "rejected, or filtered_dir's filter keeps no example (2: an error in the input).")
     p.add_argument("config", nargs="?", help="YAML/JSON file with model, sae, candidates, targets, protected, rules")
     p.add_argument("-o", "--output", help="decision JSON path (default: the config's `output` or gate.json)")
     p.add_argument("--filtered-dir", help="write the filtered accepted candidates as JSONL here")
