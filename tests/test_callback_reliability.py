@@ -921,7 +921,8 @@ def test_an_early_stop_under_load_best_model_at_end_says_which_weights_the_train
     monkeypatch.setattr(Monitor, "recheck", harmed_from_step_3)
     with pytest.warns(STSNegativeTransferWarning) as caught:
         trainer.train()
-    [said] = [str(w.message) for w in caught if "early stop at step" in str(w.message) and "checkpoint" in str(w.message)]
+    [said] = [str(w.message) for w in caught
+              if "early stop at step" in str(w.message) and "checkpoint" in str(w.message)]
     assert "holds the harmed weights" not in said
     assert "loads its best checkpoint by metric_for_best_model='loss' at train end" in said
     assert "eval_sts_loss_delta_<domain>" in said and "the last re-check that broke no rule was at step 2" in said

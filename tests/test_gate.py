@@ -289,6 +289,13 @@ def test_absolute_limits_and_rank_rule(model, tokenizer, decision):
     assert f"> limit {bar:.4g}" in result.candidates["law_copy"].reason
     assert result.rules["tolerance"] is None  # an explicit rule replaces the default relative rule
     assert result.rules["tolerance_by_domain"] == {"law": None}
+    # a limit on another scale than the score's (the example config's 0.5 against Gemma's 1e6): said
+    tiny = min(law.values()) / 1000
+    with pytest.warns(STSDataWarning, match=r"limits\['law'\]=.* is below every candidate's STS_icl\(law\) .* by "
+                                            "more than 100x: limits are on the gated score's own scale"):
+        with pytest.raises(MixtureRejected):
+            gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", GateRules(limits={"law": tiny}),
+                         config=config(), score_examples=False)
     ranked = gate_mixture(model, tokenizer, make_sae(), candidates(), targets(), "law", GateRules(max_rank=1),
                           config=config(), score_examples=False)
     for name, d in ranked.candidates.items():

@@ -21,8 +21,11 @@ Decisions made here (see the README, "What is computed", for the method); every 
   under that candidate is (up to sampling) the largest any D_N can give. On random tiny models STS_act does
   not separate such a copy from other candidates (checked empirically; it depends on which latents fire
   anywhere); on real models either can be chosen with ``GateRules.score``.
-- **Limits.** ``limits={"legal": 0.5}`` rejects a candidate whose score of that protected domain exceeds
-  the absolute value (a single float applies to every protected domain). ``max_rank=k`` rejects a
+- **Limits.** ``limits={"legal": 1.5e7}`` rejects a candidate whose score of that protected domain exceeds
+  the absolute value (a single float applies to every protected domain). The value is on the gated score's own
+  scale, which the model, SAE and data set (STS_icl of Gemma 3 270M's built-in domains with the demo SAE is
+  1e6 to 1e7; a tiny test model's ~1e-3): read the candidates' scores first; a limit more than 100x below all of them
+  is warned about. ``max_rank=k`` rejects a
   candidate when a protected domain ranks among the top ``k`` of the candidate's own forecast. With neither
   (nor ``tolerance``) the default relative rule applies: reject when a protected domain's score exceeds
   ``tolerance`` (default :data:`DEFAULT_TOLERANCE` = 1.5; also for a protected domain that ``limits`` leaves
@@ -111,7 +114,8 @@ class GateRules:
 
     Args:
         score: the score variant gated on (an STS score; default ``None``: the forecast config's ``ranking``).
-        limits: absolute score limits per protected domain (a dict), or one number for every protected domain.
+        limits: absolute score limits per protected domain (a dict), or one number for every protected domain,
+            on the gated score's scale (the model's and SAE's: read the candidates' scores first).
         max_rank: reject when a protected domain ranks within the top ``max_rank`` domains of a candidate.
         tolerance: reject when a protected domain's score exceeds ``tolerance`` x the median of the other
             candidates' scores of it.
@@ -157,7 +161,7 @@ class GateRules:
                                named_items(self.limits, "GateRules.limits", STSConfigError).items()}
             else:
                 raise STSConfigError(f"GateRules.limits={self.limits!r} must be a number or a dict protected domain "
-                                     "-> limit (e.g. {'legal': 0.5}), or None.")
+                                     "-> limit on the gated score's scale (e.g. {'legal': 1.5e7}), or None.")
         if self.wanted is not None:
             if not isinstance(self.wanted, dict) or not all(isinstance(v, str) for v in self.wanted.values()):
                 raise STSConfigError(f"GateRules.wanted={self.wanted!r} must be a dict candidate -> target domain "
@@ -512,6 +516,15 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                  "max_rank, which do not depend on the other candidates.")
         warn_on_main(alike, STSDataWarning, stacklevel=2)
         decision.notes.append(alike)
+    for p, limit in limit_map.items():  # the gated score's scale is the model's and SAE's: an example's 0.5 rejects all
+        lowest = min(f.score(p, score) for f in forecasts.values())
+        if limit > 0 and lowest > 100 * limit:
+            scale = (f"limits[{p!r}]={limit:g} is below every candidate's {SCORE_LABELS[score]}({p}) (lowest "
+                     f"{lowest:.4g}) by more than 100x: limits are on the gated score's own scale, which depends on "
+                     "the model, the SAE and the data; read the candidates' scores in the table or gate.json and set "
+                     "the limit among them, or use the relative rule (tolerance) or max_rank.")
+            warn_on_main(scale, STSDataWarning, stacklevel=2)
+            decision.notes.append(scale)
     if all(p in protected for p in domains):  # (wanted can name none: it may not name a protected one)
         nothing = (f"Every target domain is protected ({protected}): no candidate serves one, so the weights "
                    + ("are equal shares" if rules.weights == "sts" else "put the mixture on the least impact, "

@@ -913,7 +913,8 @@ targets:                       # every domain scored; must include the protected
 protected: [legal]             # domains the mixture must not move too much
 # rules: the fields of sts_callback.pipelines.gate.GateRules (all given apply; none of limits / max_rank /
 # tolerance given: reject when a protected score > 1.5 x the median of the other candidates)
-# limits: {legal: 0.5}         # absolute limits on the gated score
+# limits: {legal: 1.5e+7}      # absolute limits on the gated score, on its own scale (the model's and SAE's:
+#                              #   Gemma 3 270M + the demo SAE give STS_icl 1e6-1e7): read a first run's scores
 # max_rank: 1                  # reject when a protected domain ranks in a candidate's top-k
 tolerance: 1.5
 score: sts_icl                 # gated score variant (default: options.ranking)
