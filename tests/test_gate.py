@@ -618,6 +618,25 @@ def test_cli_gate_refuses_candidate_names_that_are_no_file_names(tmp_path, monke
     assert "['../escaped'] cannot be file names in filtered_dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rows, words", [
+    ([{"text": "  "}, {"text": ""}], "Candidate 'c' ({path}) has no text: each of its 2 examples is empty or blank"),
+    ([{"prompt": "what is law ?"}, {"prompt": "who judges ?"}],
+     "Candidate 'c' ({path}) has no examples with answers to use as in-context demonstrations"),
+])
+def test_cli_gate_refuses_a_candidate_with_nothing_to_forecast_from_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                          capsys, rows, words):
+    """A blank or prompt-only candidate was refused only after the model loaded (minutes for a large one)."""
+    import sts_callback.tools.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    write_jsonl(domain_texts("code", 5), tmp_path / "a.jsonl")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "gate.yaml").write_text(f"model: tiny\nsae: 'tiny::sae'\nprotected: [x]\ntargets: {{x: {tmp_path}/a.jsonl, "
+                                        f"y: {tmp_path}/a.jsonl}}\ncandidates:\n  c: {tmp_path}/c.jsonl\n")
+    assert main(["gate", str(tmp_path / "gate.yaml"), "--no-progress"]) == 2
+    assert words.format(path=tmp_path / "c.jsonl") in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ preference candidates
 PROMPTS = ["what is the answer ?", "who is the judge ?", "how do you solve it ?"]
 

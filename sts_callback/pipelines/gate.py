@@ -92,8 +92,8 @@ from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from ..core.formatting import data_value, json_safe
 from .forecast import (SCORE_LABELS, Forecast, Plan, ForecastSetup, ShiftPass, assemble_forecast, build_shift_pairs,
-                       batched_shard_size, display_width, inference_mode, padded, pass_lengths, plan_domains,
-                       progress_bar, shown_name)
+                       batched_shard_size, demonstrable_rows, display_width, inference_mode, padded, pass_lengths,
+                       plan_domains, progress_bar, shown_name)
 from .preference import Truncation, preference_pass, tokenize_preference
 from .shifts import is_preference_data, preference_truncation
 
@@ -406,11 +406,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
     budget = check_budget(budget)
     if not isinstance(candidates, dict) or not candidates:
         raise STSInputError("candidates must be a non-empty dict of name -> training set; give at least one.")
-    corpora = {name: load_corpus(data, name=name, what=f"candidate {name!r}")
-               for name, data in named_items(candidates, "candidates").items()}
-    for name, corpus in corpora.items():
-        if len(corpus) == 0:
-            raise STSInputError(f"Candidate {name!r} is empty; give it at least one example or drop it.")
+    corpora = load_candidates(candidates)
     domains = load_domains(targets)
     protected, limit_map, wanted = check_gate_names(list(corpora), list(domains), protected, rules)
     digests = {name: example_digests(corpus) for name, corpus in corpora.items()}
@@ -558,6 +554,26 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                                   "raise the budget for every candidate to be trained on.")
     decision.timings["total"] = time.perf_counter() - start
     return decision
+
+
+def load_candidates(candidates: dict[str, Any]) -> dict[str, Corpus]:
+    """The candidates read, and refused when one has nothing to forecast from (no example, every text blank, or
+    prompts only: no answer to demonstrate in context); needs no model, so ``sts gate`` reads them before it
+    loads one."""
+    corpora = {name: load_corpus(data, name=name, what=f"candidate {name!r}")
+               for name, data in named_items(candidates, "candidates").items()}
+    for name, corpus in corpora.items():
+        places = getattr(corpus, "_places", None)
+        subject = f"Candidate {name!r}" + (f" ({places[0].rsplit(' line ', 1)[0]})" if places else "")
+        if len(corpus) == 0:
+            raise STSInputError(f"{subject} is empty; give it at least one example or drop it.")
+        if is_preference_data(corpus) or any(corpus[i].can_demonstrate for i in range(len(corpus))):
+            continue
+        if all(corpus[i].plain_text for i in range(len(corpus))):
+            raise STSInputError(f"{subject} has no text: each of its {len(corpus)} examples is empty or blank; "
+                                "give it texts, or drop it.")
+        demonstrable_rows(corpus, subject, takes_demonstrations=False)  # raises, naming prompt-only data's fix
+    return corpora
 
 
 def gated_score(rules: GateRules, config: STSConfig) -> str:

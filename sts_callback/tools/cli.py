@@ -936,7 +936,7 @@ REJECTED_EXIT = 3  # `sts gate`: every candidate rejected, or filtered to nothin
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from ..pipelines.gate import (GateRules, MixtureRejected, check_budget, check_filter, check_gate_names,
-                                  filter_examples, gate_mixture, gated_score, write_jsonl)
+                                  filter_examples, gate_mixture, gated_score, load_candidates, write_jsonl)
 
     if args.example:
         return _print_example(args, EXAMPLE_GATE_CONFIG)
@@ -985,8 +985,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
                         "Choose output paths that are none of the inputs" + (
                             " (filtered_dir gets <candidate>.jsonl for each accepted candidate: give it a new "
                             "folder, e.g. filtered/)." if filtered_dir else ", e.g. in a new folder."))
+    # the candidates read before the model loads: a blank or prompt-only set is refused in seconds, not minutes
+    candidates = load_candidates({k: _expand(v) for k, v in named_items(config_file["candidates"],
+                                                                         "candidates").items()})
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
-    candidates = {k: _expand(v) for k, v in named_items(config_file["candidates"], "candidates").items()}
     try:
         decision = gate_mixture(model, tokenizer, _expand(config_file["sae"]), candidates,
                                 _expand(config_file["targets"]), config_file["protected"], rules,
