@@ -49,6 +49,9 @@ def test_the_forecast_bar_ends_at_its_total(monkeypatch, world):
                        n_domain_demonstrations=1), progress=True)
     [bar] = bars
     assert bar.n == bar.total, (bar.n, bar.total)
+    # the per-example scores, often most of the work, are said before it starts: 7 + 5 examples, 5 pairs of two
+    assert f"STS gate: {bar.total} steps of work, {7 + 5 + 2 * 5} of them the per-example scores" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -84,7 +87,7 @@ def test_the_preference_forecast_bar_ends_at_its_total(monkeypatch, world):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_the_gate_bar_ends_at_its_total(monkeypatch, world):
+def test_the_gate_bar_ends_at_its_total(monkeypatch, world, capsys):
     """The gate's passes are sharded, but every rank scores all the candidates' examples."""
     from sts_callback.pipelines import gate
     from sts_callback.pipelines.gate import MixtureRejected, gate_mixture

@@ -74,6 +74,7 @@ import math
 import numbers
 import random
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
@@ -441,10 +442,15 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
 
     # the main process's own count: each pass forwards its shard, but every rank scores all the examples
     size = config.batch_size
+    scored = sum(len(c) * (2 if n in passes else 1) for n, c in corpora.items()) if score_examples else 0
     total = (sum(batched_shard_size(pass_lengths(d.pairs or d.singles), size) for d in domain_plan.values())
              + sum(passes[n].sequences if n in passes else batched_shard_size(pass_lengths(p.shift_pairs), size)
                    for n, p in plans.items())
-             + (sum(len(c) * (2 if n in passes else 1) for n, c in corpora.items()) if score_examples else 0))
+             + scored)
+    if progress and scored:  # every example of every candidate: often most of the work, and optional
+        print(f"STS gate: {total} steps of work, {scored} of them the per-example scores (every example of every "
+              "candidate: what filter_examples ranks by; score_examples=False / --no-example-scores skips them)",
+              file=sys.stderr)
     bar = progress_bar(total, progress, desc="STS gate")
     extractor = setup.extractor(on_batch=bar.update if bar is not None else None)
     calls: dict[str, int] = {}

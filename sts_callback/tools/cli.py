@@ -926,7 +926,9 @@ options:                       # any STSConfig field
   shift_tokens: 20000
   domain_tokens: 10000
 output: gate.json
-filtered_dir: filtered/        # optional: write each accepted candidate minus its worst examples as JSONL
+filtered_dir: filtered/        # optional: write each accepted candidate minus its worst examples as JSONL (every
+                               #   example of every candidate is scored for it, a built-in domain whole: often
+                               #   most of the run; leave filtered_dir out, with --no-example-scores, to skip)
 keep_fraction: 0.9             # ... keeping this fraction (or `threshold: <score>`)
 """
 
