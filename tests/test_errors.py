@@ -134,5 +134,7 @@ def test_icl_ranking_needs_icl():
 def test_targets_shape_errors(model, tokenizer):
     with pytest.raises(STSInputError, match="No target domains"):
         forecast(model, tokenizer, sae(), TRAIN, {}, CONFIG)
-    with pytest.raises(STSInputError, match="neither an existing file nor a registered domain"):
+    with pytest.raises(STSInputError, match=r"neither an existing file nor a registered domain\. Pass"):
         forecast(model, tokenizer, sae(), TRAIN, ["no_such_domain_xyz"], CONFIG)
+    with pytest.raises(STSInputError, match=r"'pyhton_code' .*registered domain \(did you mean 'python_code'\?\)"):
+        forecast(model, tokenizer, sae(), TRAIN, ["pyhton_code"], CONFIG)  # a typo gets its likely fix

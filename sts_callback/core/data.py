@@ -676,8 +676,12 @@ def check_data_spec(data: Any, what: str | None = None) -> None:
         if suffix in (*JSON_SUFFIXES, *TABLE_SUFFIXES, *TEXT_SUFFIXES[1:]):
             where = "" if path.is_absolute() else f" (a relative path is read from the working folder, {Path.cwd()})"
             raise STSInputError(f"Data file {path}{_for(what)} does not exist{where}; check the path.")
+        import difflib
+
+        close = difflib.get_close_matches(str(data), sorted(available_domains()), n=1)
         raise STSInputError(
-            f"{str(data)!r}{_for(what)} is neither an existing file nor a registered domain. Pass a data file "
+            f"{str(data)!r}{_for(what)} is neither an existing file nor a registered domain"
+            + (f" (did you mean {close[0]!r}?)" if close else "") + ". Pass a data file "
             "(.jsonl/.json/.csv/.parquet/.txt), a list of texts, a datasets.Dataset, or one of the registered "
             f"domains: {sorted(available_domains())}.")
     if is_dataset_dict(data):
