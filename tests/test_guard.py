@@ -241,6 +241,9 @@ def test_a_rank_among_as_many_domains_as_the_top_k_warns_of_nothing():
     guard = Guard(GuardConfig(protected=["food"], forecast_top_k=1))
     assert guard.forecast_warnings([("food", 0.3)], "sts_icl") == {}
     assert "ranks 1 of 2" in guard.forecast_warnings([("food", 0.3), ("law", 0.1)], "sts_icl")["forecast:food"]
+    # how far ahead of the next domain it ranks is said: 1% ahead ranks first as 10x ahead does
+    close = guard.forecast_warnings([("food", 0.0027), ("law", 0.002673), ("code", 0.001)], "sts_icl")
+    assert "the first domain below the top 1, 'law', scores 0.002673, 1% lower" in close["forecast:food"]
     assert Guard(GuardConfig(protected=["food"], forecast_top_k=2)).forecast_warnings(
         [("food", 0.3), ("law", 0.1)], "sts_icl") == {}
 

@@ -212,6 +212,11 @@ class Guard:
                 continue
             if value is not None and rank is not None and rank <= self.config.forecast_top_k:
                 shown = f"{label} {pct(value)}" if predicted else f"{label}={value:.4g}"
+                below, next_value = ranked[self.config.forecast_top_k]
+                if not predicted and next_value is not None and value > 0:  # how far ahead a rank may be is the
+                    # user's to judge: a score 1% above the next domain's ranks first as one 10x above does
+                    shown += (f"; the first domain below the top {self.config.forecast_top_k}, {below!r}, scores "
+                              f"{next_value:.4g}, {1 - next_value / value:.0%} lower")
                 out[f"forecast:{name}"] = (f"STS forecast: protected domain {name!r} ranks {rank} of {len(order)} "
                                            f"among the domains most affected by this training ({shown}).")
         return out
