@@ -900,32 +900,42 @@ def test_an_early_stop_names_the_checkpoint_saved_before_the_harm(tmp_path, toke
     assert str(tmp_path / "a" / "run" / "checkpoint-4") in said
 
 
-def test_an_early_stop_under_load_best_model_at_end_says_which_weights_the_trainer_keeps(tmp_path, tokenizer,
-                                                                                        monkeypatch):
-    """With load_best_model_at_end the Trainer swaps in its best checkpoint (by eval_loss) at train end: the stop
-    said the model in memory holds the harmed weights, which was no longer so, and not that eval_loss chose
-    without the protected domain."""
+@pytest.mark.parametrize("every, metric, harmed_from, said_here", [
+    (2, None, 3, "loads its best checkpoint by metric_for_best_model='loss' at train end"),
+    (2, "eval_sts_protected_loss_delta", 3, "chosen by a protected domain's change"),
+    (4, None, 1, "holds the harmed weights"),  # stopped before any evaluation: no best checkpoint to load
+])
+def test_an_early_stop_under_load_best_model_at_end_says_which_weights_the_trainer_keeps(
+        tmp_path, tokenizer, monkeypatch, every, metric, harmed_from, said_here):
+    """With load_best_model_at_end the Trainer swaps in its best checkpoint at train end, if it has one: the stop
+    said the model in memory holds the harmed weights, which was no longer so, and not whether the metric that
+    chose the checkpoint saw the protected domain."""
     from sts_callback.pipelines.monitor import Monitor
 
-    callback = make_callback(protected=["food"], tolerance=0.3, early_stop=True, recheck_steps=2)
-    trainer = make_trainer(tmp_path / "a", tokenizer, callback, max_steps=8, save_steps=2, eval_steps=2,
-                           eval_strategy="steps", load_best_model_at_end=True, eval_texts=domain_texts("law", 8))
+    callback = make_callback(protected=["food"], tolerance=0.3, early_stop=True, recheck_steps=1 if every == 4 else 2)
+    extra = {"metric_for_best_model": metric, "greater_is_better": False} if metric else {}
+    trainer = make_trainer(tmp_path / "a", tokenizer, callback, max_steps=8, save_steps=every, eval_steps=every,
+                           eval_strategy="steps", load_best_model_at_end=True, eval_texts=domain_texts("law", 8),
+                           **extra)
     real = Monitor.recheck
 
-    def harmed_from_step_3(self, *args, **kwargs):
+    def harmed(self, *args, **kwargs):
         result = real(self, *args, **kwargs)
-        if trainer.state.global_step >= 3:
+        if trainer.state.global_step >= harmed_from:
             result.loss_delta["food"] = 0.5
         return result
 
-    monkeypatch.setattr(Monitor, "recheck", harmed_from_step_3)
+    monkeypatch.setattr(Monitor, "recheck", harmed)
     with pytest.warns(STSNegativeTransferWarning) as caught:
         trainer.train()
     [said] = [str(w.message) for w in caught
               if "early stop at step" in str(w.message) and "checkpoint" in str(w.message)]
-    assert "holds the harmed weights" not in said
-    assert "loads its best checkpoint by metric_for_best_model='loss' at train end" in said
-    assert "eval_sts_loss_delta_<domain>" in said and "the last re-check that broke no rule was at step 2" in said
+    assert said_here in said
+    if every == 2:
+        assert "holds the harmed weights" not in said and trainer.state.best_model_checkpoint is not None
+        assert ("eval_sts_protected_loss_delta', with greater_is_better=False" in said) == (metric is None)
+    else:
+        assert trainer.state.global_step == 1 and trainer.state.best_model_checkpoint is None
 
 
 def disk_full_once_at(monkeypatch, step: int) -> list[int]:

@@ -193,14 +193,18 @@ def test_a_filtered_candidate_with_values_json_has_no_type_for_is_written_and_re
     import numpy as np
     import pandas as pd
 
-    rows = pd.DataFrame({"text": ["a b", "c d"], "when": pd.date_range("2024-01-01", periods=2),
+    rows = pd.DataFrame({"text": ["a b", "c d"], "when": [pd.Timestamp("2024-01-01"), pd.NaT],
+                         "took": [pd.Timedelta("5s"), pd.Timedelta("1min")],
                          "price": [decimal.Decimal("1.10"), decimal.Decimal("2")], "blob": [b"x", b"yz"],
                          "score": np.array([0.5, np.nan], dtype=np.float32), "day": [datetime.date(2024, 5, 1)] * 2})
     rows.to_parquet(tmp_path / "c.parquet")
     records = list(load_corpus(str(tmp_path / "c.parquet"))._items)  # as filter_examples returns them
     path = write_jsonl(records, tmp_path / "out.jsonl")
     back = [json.loads(line) for line in path.read_text().splitlines()]  # strict JSON: no NaN
-    assert [r["text"] for r in back] == ["a b", "c d"] and back[0]["when"] == "2024-01-01T00:00:00"
+    assert [r["text"] for r in back] == ["a b", "c d"] and [r["when"] for r in back] == ["2024-01-01T00:00:00", None]
+    assert [r["took"] for r in back] == [5.0, 60.0]  # a duration as its seconds
+    stamp = write_jsonl([{"text": "a", "at": np.datetime64("2024-01-01T10:00:00.000000000")}], tmp_path / "np.jsonl")
+    assert json.loads(stamp.read_text())["at"].startswith("2024-01-01T10:00:00")  # not an integer of nanoseconds
     assert [r["price"] for r in back] == ["1.10", "2.00"] and back[1]["score"] is None and back[0]["score"] == 0.5
     assert back[0]["blob"] == "eA==" and back[0]["day"] == "2024-05-01"
     assert [e.prompt for e in load_corpus(str(path))] == ["a b", "c d"]
@@ -212,8 +216,8 @@ def test_with_every_target_protected_no_candidate_serves_a_protected_domain(mode
     one that moved it most: now none serves, the weights say why, and a wanted protected domain is refused."""
     both = {k: v for k, v in targets().items() if k in ("law", "food")}
     chosen = {k: v for k, v in candidates().items() if k != "law_copy"}
-    with pytest.warns(STSDataWarning, match=r"Every target domain is protected \(\['law', 'food'\]\): no candidate "
-                                            "serves one"):
+    with pytest.warns(STSDataWarning, match=r"Every target domain is protected \(\['law', 'food'\]\): candidate"
+                                            r"\(s\) \['code', 'chem', 'sport'\] serve no domain"):
         result = gate_mixture(model, tokenizer, make_sae(), chosen, both, ["law", "food"], {"weights": weights},
                               config=config(), score_examples=False)
     assert all(d.serves is None for d in result.candidates.values())
@@ -228,6 +232,13 @@ def test_with_every_target_protected_no_candidate_serves_a_protected_domain(mode
     with pytest.raises(STSInputError, match="'law' is a protected domain"):
         gate_mixture(model, tokenizer, make_sae(), chosen, targets(), "law", {"wanted": {"code": "law"}},
                      config=config(), score_examples=False)
+    if weights == "min_impact":  # the unprotected targets there, but one text each: nothing scored to serve either
+        one_text = {"law": targets()["law"], "food": [" ".join(targets()["food"][:6])],
+                    "chem": [" ".join(targets()["chem"][:6])]}
+        with pytest.warns(STSDataWarning, match=r"Every unprotected target domain \(\['chem', 'food'\]\) has one "
+                                                r"text .*serve no domain, so the weights hold no floor"):
+            gate_mixture(model, tokenizer, make_sae(), chosen, one_text, "law", {"weights": weights},
+                         config=config(), score_examples=False)
 
 
 def test_copies_of_an_offender_do_not_raise_each_others_bar(model, tokenizer):
@@ -704,6 +715,14 @@ def test_preference_candidates_are_gated_on_chosen_minus_rejected(model, tokeniz
     for other in (shuffled, swapped):
         with pytest.raises(STSInputError, match="Example 0 of the data given for 'prefer_law' is not the one"):
             filter_examples(loaded, "prefer_law", keep_fraction=0.5, data=other)
+    # the same pairs in another container digest alike (a datasets.Dataset fills missing keys with None)
+    from datasets import Dataset
+
+    chats = [{"prompt": [{"role": "user", "content": p["prompt"]}] if i % 2 else
+              [{"role": "user", "content": p["prompt"], "name": "u"}],
+              "chosen": [{"role": "assistant", "content": p["chosen"]}],
+              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for i, p in enumerate(pool["prefer_law"])]
+    assert gate.example_digests(load_corpus(Dataset.from_list(chats))) == gate.example_digests(load_corpus(chats))
 
 
 def test_a_tokenized_preference_candidate_is_gated_and_previewed(model, tokenizer):

@@ -50,12 +50,26 @@ def percent(value: float | None, digits: int = 1, apart_from: float | None = Non
 
 def data_value(value: Any) -> Any:
     """A data set's value ``json.dumps`` cannot write (``default=`` hook), as JSON readers and ``datasets`` take it
-    back: a date or time as ISO 8601 text, a ``Decimal`` as its exact text, bytes as base64, a numpy or torch
-    scalar or array as its number or list (a non-finite number as null), anything else as its ``str()``."""
+    back: a date or time as ISO 8601 text (numpy's and pandas' too; a missing one, ``NaT``, as null), a duration
+    as its seconds, a ``Decimal`` as its exact text, bytes as base64, a numpy or torch scalar or array as its
+    number or list (a non-finite number as null), anything else as its ``str()``."""
     import base64
     import datetime
     import decimal
 
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if kind in ("M", "m"):  # numpy datetime64 / timedelta64 (their tolist() of nanoseconds is an integer)
+        import numpy as np
+
+        if getattr(value, "ndim", 0):
+            return [data_value(v) for v in value]
+        if np.isnat(value):
+            return None
+        return str(np.datetime_as_string(value)) if kind == "M" else float(value / np.timedelta64(1, "s"))
+    if isinstance(value, (datetime.date, datetime.time, datetime.timedelta)) and value != value:
+        return None  # pandas' NaT, a datetime not equal to itself: missing
+    if isinstance(value, datetime.timedelta):  # pandas' Timedelta too
+        return value.total_seconds()
     if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
         return value.isoformat()
     if isinstance(value, decimal.Decimal):

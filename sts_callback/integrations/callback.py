@@ -477,7 +477,7 @@ class STSCallback(TrainerCallback, ExportableState):
         measured = now if now is not None and "error" not in now else {}
         deltas = dict(measured.get("loss_delta") or {})
         if not deltas and _is_sts_change(getattr(trainer.args, "metric_for_best_model", None)):
-            self.session.warn(f"nan_metric:{step}", f"STS: no held-out loss change at step {step} (its re-check "
+            self.session.warn(f"nan_metric:{step}", f"STS: no measured change at step {step} (its re-check "
                               f"failed), so {trainer.args.metric_for_best_model} is NaN there, which "
                               "EarlyStoppingCallback counts as an evaluation without improvement.", RuntimeWarning)
         return self._eval_keys(prefix, deltas, measured.get("accuracy_delta") or {})
@@ -865,16 +865,17 @@ class STSCallback(TrainerCallback, ExportableState):
         if decision.stop:
             control.should_training_stop = True
             if self.session.is_main:
-                self.session.warn("stop_checkpoint", self._checkpoint_before_the_harm(args, state.global_step),
+                self.session.warn("stop_checkpoint", self._checkpoint_before_the_harm(args, state, control),
                                   STSNegativeTransferWarning)
         self._log(trackers.recheck_metrics(record, self.session.variant()), control)
         self._export("re-check", trackers.export_recheck, record)
         return record
 
-    def _checkpoint_before_the_harm(self, args, step: int) -> str:
-        """Where to go back to after an early stop at ``step``: the model in memory is the harmed one, and a stop on
-        a step that is no save step leaves no checkpoint of it. The last re-check that broke no rule, and the
-        latest checkpoint saved at or before it."""
+    def _checkpoint_before_the_harm(self, args, state, control) -> str:
+        """Where to go back to after an early stop at this step: the model in memory is the harmed one (unless the
+        Trainer loads its best checkpoint at the end), and a stop on a step that is no save step leaves no checkpoint
+        of it. The last re-check that broke no rule, and the latest checkpoint saved at or before it."""
+        step = state.global_step
         safe, guard, variant = 0, self.session.guard, self.session.variant()  # 0: the train start
         for record in reversed(self.history):  # judged as the stop counted them (a resume may change the rules)
             step_of = record.get("step", 0)
@@ -885,13 +886,20 @@ class STSCallback(TrainerCallback, ExportableState):
         where = (f"the latest checkpoint saved at or before it is {saved[-1]}" if saved else
                  "no checkpoint was saved at or before it")
         start = "the train start" if safe == 0 else f"step {safe}"
-        if getattr(args, "load_best_model_at_end", False):  # the Trainer swaps the weights at train end
+        # the Trainer swaps the weights at train end when it has a best checkpoint (this step's may be the first)
+        best_ahead = getattr(state, "best_model_checkpoint", None) is not None or (
+            control.should_evaluate and control.should_save)
+        if getattr(args, "load_best_model_at_end", False) and best_ahead:
             metric = getattr(args, "metric_for_best_model", None) or "loss"
+            key = metric if metric.startswith("eval_") else f"eval_{metric}"
+            readings = _sts_key_readings(key, self._trainer, self._trainer_callbacks())
+            on_protected = any(kind == "protected" or (owner is not None and domain in owner.protected)
+                               for owner, kind, domain in readings)
             held = (f"the Trainer loads its best checkpoint by metric_for_best_model={metric!r} at train end (this "
                     "step's evaluation and save may still make it this one), chosen "
-                    + ("on this domain's change" if metric.removeprefix("eval_").startswith("sts_") else
-                       "without the protected domains (set metric_for_best_model to an eval_sts_loss_delta_<domain> "
-                       "key to have them decide)"))
+                    + ("by a protected domain's change" if on_protected else
+                       f"without the protected domains (set metric_for_best_model='eval_{self.namespace}"
+                       f"{PROTECTED_KEY}', with greater_is_better=False, to have them decide)"))
         else:
             held = "the model in memory (and a save_model() now) holds the harmed weights"
         return (f"STS: after the early stop at step {step} {held}; the last re-check that broke no rule was at "
@@ -1234,7 +1242,8 @@ def _check_best_metric(args) -> None:
     if "_accuracy_delta_" in (metric or "") and getattr(args, "greater_is_better", None) is False:
         raise STSConfigError(
             f"metric_for_best_model={metric!r} is an accuracy change (higher is better), but greater_is_better is "
-            "False, so the best checkpoint would be the most harmed: leave greater_is_better unset or set it True.")
+            "False (transformers' guess for a name ending in 'loss'), so the best checkpoint would be the most "
+            "harmed: set TrainingArguments(greater_is_better=True).")
     if _is_loss_change(metric) and getattr(args, "greater_is_better", None) is not False:
         raise STSConfigError(
             f"metric_for_best_model={metric!r} is a held-out loss change (lower is better), but greater_is_better is "

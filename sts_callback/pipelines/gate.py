@@ -23,7 +23,7 @@ Decisions made here (see the README, "What is computed", for the method); every 
   anywhere); on real models either can be chosen with ``GateRules.score``.
 - **Limits.** ``limits={"legal": 1.5e7}`` rejects a candidate whose score of that protected domain exceeds
   the absolute value (a single float applies to every protected domain). The value is on the gated score's own
-  scale, which the model, SAE and data set (STS_icl of Gemma 3 270M's built-in domains with the demo SAE is
+  scale, which depends on the model, SAE and data (STS_icl of Gemma 3 270M's built-in domains with the demo SAE is
   1e6 to 1e7; a tiny test model's ~1e-3): read the candidates' scores first; a limit more than 100x below all of them
   is warned about. ``max_rank=k`` rejects a
   candidate when a protected domain ranks among the top ``k`` of the candidate's own forecast. With neither
@@ -88,7 +88,7 @@ from ..core.atomic import atomic_write_json, atomic_write_text, check_format, re
 from ..core.config import SCORE_VARIANTS, STSConfig, settings_from_dict
 from ..core.data import (AllBut, Corpus, example_text, has_two_demonstrations, load_corpus, load_domains,
                          named_items, repeated_names)
-from ..core.distributed import warn_on_main
+from ..core.distributed import is_main_process, warn_on_main
 from ..core.errors import STSConfigError, STSDataWarning, STSInputError
 from ..core.extract import Extractor, PairedStats
 from ..core.formatting import data_value, json_safe
@@ -447,7 +447,7 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
              + sum(passes[n].sequences if n in passes else batched_shard_size(pass_lengths(p.shift_pairs), size)
                    for n, p in plans.items())
              + scored)
-    if progress and scored:  # every example of every candidate: often most of the work, and optional
+    if progress and scored and is_main_process():  # every example of every candidate: most of the work, optional
         print(f"STS gate: {total} steps of work, {scored} of them the per-example scores (every example of every "
               "candidate: what filter_examples ranks by; score_examples=False / --no-example-scores skips them)",
               file=sys.stderr)
@@ -527,11 +527,15 @@ def gate_mixture(model: nn.Module, tokenizer, sae: Any, candidates: dict[str, An
                      "the limit among them, or use the relative rule (tolerance) or max_rank.")
             warn_on_main(scale, STSDataWarning, stacklevel=2)
             decision.notes.append(scale)
-    if all(p in protected for p in domains):  # (wanted can name none: it may not name a protected one)
-        nothing = (f"Every target domain is protected ({protected}): no candidate serves one, so the weights "
-                   + ("are equal shares" if rules.weights == "sts" else "put the mixture on the least impact, "
-                      "with no floor") + "; add the domains the mixture is meant to improve to the targets, "
-                   "unprotected, for the weights to balance them.")
+    unserved = [name for name, d in decisions.items() if d.serves is None]
+    if unserved:  # every target protected, or (min_impact) every unprotected one unscored: nothing to serve
+        why = (f"Every target domain is protected ({protected})" if all(p in protected for p in domains) else
+               f"Every unprotected target domain ({sorted(set(domains) - set(protected))}) has one text and no "
+               f"{SCORE_LABELS[score]}")
+        nothing = (f"{why}: candidate(s) {unserved} serve no domain, so the weights "
+                   + ("are equal shares" if rules.weights == "sts" else "hold no floor for them") + "; add the "
+                   "domains the mixture is meant to improve to the targets, unprotected and with texts, or name "
+                   "each candidate's domain in wanted.")
         warn_on_main(nothing, STSDataWarning, stacklevel=2)
         decision.notes.append(nothing)
     accepted = decision.accepted
@@ -983,9 +987,19 @@ def example_digests(corpus: Corpus) -> list[str]:
         content: Any = ({k: record.get(k) for k in ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids",
                                                      "rejected_ids")
                          if k in record} if hasattr(record, "get") else example_text(corpus[i]))
-        text = json.dumps(content, sort_keys=True, ensure_ascii=False, default=data_value)
+        text = json.dumps(_without_nulls(content), sort_keys=True, ensure_ascii=False, default=data_value)
         out.append(hashlib.sha1(text.encode("utf-8")).hexdigest()[:16])
     return out
+
+
+def _without_nulls(value: Any) -> Any:
+    """``value`` without its null-valued keys, at every depth: a ``datasets.Dataset`` fills a message's missing keys
+    (``"name": None``) that the same records as JSONL lack."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _same_examples(digests: dict[str, list[str]]) -> dict[str, set[str]]:

@@ -1009,24 +1009,27 @@ def cmd_gate(args: argparse.Namespace) -> int:
     print(decision.table())
     _save_after_the_work(decision.save, output, "gate decision")
     print(f"\nwrote {output} ({decision.timings['total']:.1f} s)")
-    if filtered_dir and is_main_process():
-        _remove_earlier_filtered(filtered_dir, config_file["candidates"], decision.in_mixture)
+    if filtered_dir:  # the filter on every rank (no forward: cheap), so that every rank exits alike
         # an accepted candidate the weights leave out is no training file; nor is one the filter keeps nothing of
         kept = {name: filter_examples(decision, name, keep_fraction=keep_fraction, threshold=threshold)
                 for name in decision.in_mixture}
         written = [name for name in decision.in_mixture if kept[name].examples]
-        _record_filtered(filtered_dir, written, output)  # first: a stop mid-way leaves them named
-        for name in decision.in_mixture:
-            if not kept[name].examples:
-                print(f"kept none of the {decision.candidates[name].examples} examples of {name}: no file written")
-                continue
-            path = write_jsonl(kept[name].examples, Path(filtered_dir) / f"{name}.jsonl")
-            print(f"wrote {path} ({len(kept[name].examples)} of {decision.candidates[name].examples} examples kept)")
+        if is_main_process():
+            _remove_earlier_filtered(filtered_dir, config_file["candidates"], decision.in_mixture)
+            _record_filtered(filtered_dir, written, output)  # first: a stop mid-way leaves them named
+            for name in decision.in_mixture:
+                count = decision.candidates[name].examples
+                if not kept[name].examples:
+                    print(f"kept none of the {count} examples of {name}: no file written")
+                    continue
+                path = write_jsonl(kept[name].examples, Path(filtered_dir) / f"{name}.jsonl")
+                print(f"wrote {path} ({len(kept[name].examples)} of {count} examples kept)")
         if not written:  # a pipeline would go on to train on nothing
             rule = f"threshold={threshold}" if threshold is not None else f"keep_fraction={keep_fraction}"
-            print(f"sts: rejected: the filter ({rule}) keeps no example of any candidate in the mixture, so "
-                  "filtered_dir holds no training file; raise the threshold or filter by keep_fraction.",
-                  file=sys.stderr)
+            if is_main_process():
+                print(f"sts: rejected: the filter ({rule}) keeps no example of any candidate in the mixture, so "
+                      "filtered_dir holds no training file; raise the threshold or filter by keep_fraction.",
+                      file=sys.stderr)
             return REJECTED_EXIT
     return 0
 
