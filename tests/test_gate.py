@@ -211,9 +211,9 @@ def test_a_filtered_candidate_with_values_json_has_no_type_for_is_written_and_re
 
 
 @pytest.mark.parametrize("weights", ["sts", "min_impact"])
-def test_with_every_target_protected_no_candidate_serves_a_protected_domain(model, tokenizer, weights):
+def test_with_every_target_protected_no_candidate_is_inferred_to_serve_a_protected_domain(model, tokenizer, weights):
     """Each candidate 'served' the protected domain it moves most, and the STS weights gave the most data to the
-    one that moved it most: now none serves, the weights say why, and a wanted protected domain is refused."""
+    one that moved it most: now none is inferred to serve one and the weights say why; wanted may still name one."""
     both = {k: v for k, v in targets().items() if k in ("law", "food")}
     chosen = {k: v for k, v in candidates().items() if k != "law_copy"}
     with pytest.warns(STSDataWarning, match=r"Every target domain is protected \(\['law', 'food'\]\): candidate"
@@ -229,9 +229,12 @@ def test_with_every_target_protected_no_candidate_serves_a_protected_domain(mode
                                                        max(result.candidates[o].protected_scores[p]
                                                            for o in result.accepted) for p in both))
         assert result.weights[least] == pytest.approx(1.0)
-    with pytest.raises(STSInputError, match="'law' is a protected domain"):
-        gate_mixture(model, tokenizer, make_sae(), chosen, targets(), "law", {"wanted": {"code": "law"}},
-                     config=config(), score_examples=False)
+    # named in wanted, a protected domain is served (a replay set kept to preserve it): the user's choice
+    replay = gate_mixture(model, tokenizer, make_sae(), chosen, both, ["law", "food"],
+                          {"weights": weights, "wanted": {n: "law" for n in chosen}}, config=config(),
+                          score_examples=False)
+    assert all(d.serves == "law" for d in replay.candidates.values())
+    assert not any("serve no domain" in note for note in replay.notes)
     if weights == "min_impact":  # the unprotected targets there, but one text each: nothing scored to serve either
         one_text = {"law": targets()["law"], "food": [" ".join(targets()["food"][:6])],
                     "chem": [" ".join(targets()["chem"][:6])]}
@@ -572,7 +575,6 @@ def test_filter_settings_are_checked_whatever_their_type(decision):
     ({"budget": 100.5}, "budget=100.5 must be a positive whole number"),
     ({"max_rank": 4}, "max_rank=4 with 4 target domains rejects every candidate"),
     ({"wanted": {"code": "sport"}}, "wanted['code'] = 'sport' is not a target domain"),
-    ({"wanted": {"code": "law"}}, "wanted['code'] = 'law' is a protected domain, which the mixture must not move"),
     ({"options": {**config().to_dict(), "compute_icl": False, "ranking": "sts_act"}, "score": "sts_icl"},
      "needs compute_icl=True"),
     ({"candidates": {"code": 5}}, "Cannot use int 5 as data for candidate 'code'"),

@@ -1,6 +1,7 @@
 """validate() and `sts validate`: forecast, real fine-tuning with the callback, correlations, outputs."""
 
 import json
+import math
 import re
 import warnings
 
@@ -10,7 +11,7 @@ import torch
 import yaml
 from tiny import TinySAE, domain_texts, make_model, make_tokenizer
 
-from sts_callback import STSConfigError, STSInputError
+from sts_callback import STSConfigError, STSDataWarning, STSInputError
 from sts_callback.scoring.agreement import noise_ceiling
 from sts_callback.core.formatting import json_safe
 from sts_callback.validation.validate import (ValidationConfig, ValidationResult, _mean_std, choice_scores,
@@ -752,7 +753,8 @@ def test_a_validation_into_an_earlier_ones_folder_replaces_its_results_and_names
 
     sts = tmp_path / "sts"
     sts.mkdir()
-    for name in ("validation.json", "validation.png", "report.html", "forecast.json", "history.jsonl"):
+    for name in ("validation.json", "validation.png", "report.html", "forecast.json", "history.jsonl",
+                 "settings.json"):  # the train-start guard settings too: a stopped rerun left the old ones
         (sts / name).write_text("{}")
     (tmp_path / "seed-0").mkdir()
     (tmp_path / "seed-7").mkdir()
@@ -771,7 +773,8 @@ def test_cli_validate_refuses_prompt_only_or_empty_training_data_before_the_mode
     import sts_callback.tools.cli as cli
 
     folders = folders_the_cli_checks_before_the_model(tmp_path, monkeypatch)
-    for train, words in (([{"prompt": "Q: 1 + 1 ="}] * 4, "has no answers (prompt-only data)"),):
+    for train, words in (([{"prompt": "Q: 1 + 1 ="}] * 4, "has no answers (prompt-only data)"),
+                         (["  ", ""] * 2, "Every training text is empty or blank")):
         config = {**folders, "train_data": train, "targets": {d: domain_texts(d, 5) for d in ("law", "food", "chem")}}
         path = tmp_path / "validate.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -853,3 +856,71 @@ def test_a_multiple_choice_set_from_pandas_is_read_as_its_rows(tokenizer):
     expected = multiple_choice_accuracy(rows)(model, tokenizer, "x")
     assert multiple_choice_accuracy(frame)(model, tokenizer, "x") == expected
     assert multiple_choice_accuracy(frame.to_dict("records"))(model, tokenizer, "x") == expected
+
+
+def test_one_step_trains_and_a_metric_of_no_number_is_named(tmp_path, tokenizer):
+    """steps=1 ran its only step at learning rate 0 (a warm-up step rounded up from 10%): every change +0.00%; a
+    metric returning None failed in float() naming neither the metric nor the domain."""
+    result = validate(make_model("llama"), tokenizer, sae(), domain_texts("law", 32, seed=3), targets(), FAST,
+                      seeds=0, output_dir=tmp_path / "one", **{**CHEAP, "steps": 1})
+    rates = [e["learning_rate"] for e in result.per_seed[0].log_history if "learning_rate" in e]
+    assert rates and all(rate > 0 for rate in rates)
+    assert any(abs(v) > 1e-4 for v in result.per_seed[0].nll_delta_rel.values())
+    with pytest.raises(STSInputError, match=r"metric\(model, tokenizer, 'law'\) returned None; it must return one "
+                                            "number"):
+        validate(make_model("llama"), tokenizer, sae(), domain_texts("law", 32, seed=3), targets(), FAST,
+                 seeds=0, output_dir=tmp_path / "metric", metric=lambda model, tokenizer, domain: None, **CHEAP)
+
+
+def test_a_diverged_run_is_said_and_its_saved_result_reads_back(tmp_path, tokenizer, monkeypatch):
+    """A diverged run "succeeded" with NaN after, unsaid; its validation.json (NaN written null) failed to load
+    back for its table, and sts calibrate said the runs lacked a feature they had."""
+    import importlib
+
+    from sts_callback.scoring.calibration import Calibration
+
+    module = importlib.import_module("sts_callback.validation.validate")
+    real = module._seed_result
+
+    def diverged(seed, run, *args, **kwargs):
+        out = real(seed, run, *args, **kwargs)
+        out.nll_after["food"], out.nll_delta_rel["food"], out.nll_delta_abs["food"] = math.nan, math.nan, math.nan
+        return out
+
+    monkeypatch.setattr(module, "_seed_result", diverged)
+    with pytest.warns(STSDataWarning, match=r"seed 0's held-out NLL after training is not finite on \['food'\]: the "
+                                            "model diverged"):
+        validate(make_model("llama"), tokenizer, sae(), domain_texts("law", 32, seed=3), targets(), FAST, seeds=0,
+                 output_dir=tmp_path / "div", **CHEAP)
+    loaded = ValidationResult.load(tmp_path / "div" / "sts")
+    assert math.isnan(loaded.per_seed[0].nll_after["food"]) and "food" in loaded.table()
+    for domain in DOMAINS:  # every change null: calibrate names the divergence, not a missing feature
+        loaded.per_seed[0].nll_delta_rel[domain] = math.nan
+    saved = json.loads(json.dumps(json_safe(loaded.to_dict())))
+    with pytest.raises(STSInputError, match="No domain of these validation runs has a finite measured change"):
+        Calibration.from_validation(saved)
+
+
+def test_a_score_some_domains_lack_is_left_out_and_said(tmp_path, tokenizer):
+    """One one-text target domain has no STS_icl: the whole validation dropped STS_icl, saying nothing."""
+    thin = {**targets(), "tiny": [" ".join(domain_texts("code", 6))]}
+    with pytest.warns(STSDataWarning, match=r"STS_icl is left out: domain\(s\) \['tiny'\] have no score of it"):
+        result = validate(make_model("llama"), tokenizer, sae(), domain_texts("law", 32, seed=3), thin, FAST,
+                          seeds=0, output_dir=tmp_path / "thin", **CHEAP)
+    assert "sts_icl" not in result.variants and result.left_out == {"sts_icl": ["tiny"]}
+    assert "note: STS_icl is left out" in ValidationResult.load(tmp_path / "thin" / "sts").table()
+
+
+def test_a_grpo_batch_its_groups_do_not_fill_is_refused_before_any_model_work(tmp_path, tokenizer, monkeypatch):
+    """TRL's own error came after the model loaded, as a traceback naming generation_batch_size, which validate
+    sets from batch_size."""
+    import importlib
+
+    module = importlib.import_module("sts_callback.validation.validate")
+    monkeypatch.setattr(module, "_train_one_seed", lambda *a, **k: pytest.fail("training started"))
+    prompts = [{"prompt": text} for text in domain_texts("law", 8)]
+    with pytest.raises(STSConfigError, match=r"GRPO samples 2 completions a prompt \(num_generations\) in batches of "
+                                             r"3 .*set batch_size to a multiple of 2"):
+        validate(make_model("llama"), tokenizer, sae(), prompts, targets(), FAST, output_dir=tmp_path / "g",
+                 reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                 **{**CHEAP, "batch_size": 3}, training_args={"num_generations": 2})

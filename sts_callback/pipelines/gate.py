@@ -663,11 +663,6 @@ def check_gate_names(candidates: list[str], targets: list[str], protected: Any,
             raise STSInputError(f"wanted names {name!r}, which is not a candidate ({sorted(candidates)}).")
         if domain not in targets:
             raise STSInputError(f"wanted[{name!r}] = {domain!r} is not a target domain ({sorted(targets)}).")
-        if domain in protected:  # the weights would give the most data to the domain the mixture must not move
-            raise STSInputError(f"wanted[{name!r}] = {domain!r} is a protected domain, which the mixture must not "
-                                f"move; a candidate serves a domain it is meant to improve: name an unprotected "
-                                f"target ({sorted(set(targets) - set(protected))}), or take {domain!r} out of "
-                                "`protected`.")
     return protected, limit_map, wanted
 
 

@@ -529,6 +529,12 @@ class Calibration:
         if not y:
             available = sorted({k for data, _ in records for seed in data["per_seed"]
                                 for scores in seed["scores"].values() for k, v in scores.items() if v is not None})
+            measured = any(value is not None for data, _ in records for seed in data["per_seed"]
+                           for value in (seed.get("nll_delta_rel") or {}).values())
+            if not measured:  # a diverged run: every change NaN, written null
+                raise STSInputError("No domain of these validation runs has a finite measured change (every held-out "
+                                    "NLL change is null: the training diverged); validate again with a lower "
+                                    "learning rate.")
             raise STSInputError(f"No domain of these validation runs has the feature(s) {list(features)}; "
                                 f"they have {available}. Pass features= (`sts calibrate --features`) from those, "
                                 "or re-run `sts validate`.")

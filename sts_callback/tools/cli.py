@@ -1141,7 +1141,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     train = load_corpus(_expand(config_file["train_data"]), name="train")  # its kind decides the trainer: now
     kind = check_training_data(train, reward_funcs, config_file.get("demonstrations") is not None)
     try:
-        check_trainer_fields(kind, validation.training_args or {})
+        check_trainer_fields(kind, validation.training_args or {}, validation.batch_size)
     except STSError as err:
         raise type(err)(f"{args.config}: validation.training_args: {err}") from err
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))

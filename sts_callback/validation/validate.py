@@ -54,7 +54,7 @@ FORMAT = "sts-validation/1"
 VALIDATION_FILE = "validation.json"
 PLOT_FILE = "validation.png"
 # What a validation writes in its sts/ folder (the run's summary, beside the seeds' own folders)
-SUMMARY_FILES = (VALIDATION_FILE, PLOT_FILE, "forecast.json", "history.jsonl", "report.html", "report.md")
+SUMMARY_FILES = (VALIDATION_FILE, PLOT_FILE, FORECAST_FILE, HISTORY_FILE, SETTINGS_FILE, "report.html", "report.md")
 METHODS = ("lora", "full")
 VARIANTS = ("sts_icl", "sts_act", "sts_sq", "raw_act") + SIGNED_VARIANTS
 LABELS = {v: SCORE_LABELS[v] for v in VARIANTS}
@@ -155,12 +155,30 @@ class SeedResult:
             "log_history": self.log_history, "forecast_timings": self.forecast_timings,
         }
 
+    def diverged(self) -> list[str]:
+        """The domains whose held-out NLL after training is not a finite number (the model diverged on them)."""
+        return [d for d, value in self.nll_after.items() if not math.isfinite(value)]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SeedResult":
         """The inverse of :meth:`to_dict` (its derived ``noise_ceiling`` and overlap fraction dropped)."""
-        values = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)} and k != "overlap"}
+        values = {k: _null_as_nan(v) if k in PER_DOMAIN_NUMBERS and isinstance(v, dict) else v
+                  for k, v in data.items() if k in {f.name for f in fields(cls)} and k != "overlap"}
         overlap = data.get("overlap") or {}
         return cls(**values, overlap=overlap.get("count"), n_shifted=overlap.get("n_shifted") or 0)
+
+
+# SeedResult's per-domain numbers: NaN is written as null (strict JSON), read back as NaN
+PER_DOMAIN_NUMBERS = ("scores", "nll_before", "nll_after", "nll_delta_rel", "nll_delta_abs", "metric_before",
+                      "metric_after", "metric_delta")
+
+
+def _null_as_nan(value: Any) -> Any:
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {k: _null_as_nan(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -178,6 +196,7 @@ class ValidationResult:
     output_dir: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # variant -> the domains without its score
 
     # ---------------------------------------------------------------- aggregates
     @property
@@ -251,6 +270,7 @@ class ValidationResult:
                           "paired": True},
             "files": self.files,
             "timings": self.timings,
+            "left_out": self.left_out,
         }
         if "metric" in self.measures:
             out["measured_metric"] = {d: sum(abs(s.metric_delta[d]) for s in seeds) / len(seeds)
@@ -268,7 +288,8 @@ class ValidationResult:
                    training=data["training"], config=data["config"],
                    per_seed=[SeedResult.from_dict(s) for s in data["per_seed"]],
                    n_resamples=(data.get("bootstrap") or {}).get("n_resamples", 2000),
-                   files=data.get("files") or {}, timings=data.get("timings") or {})
+                   files=data.get("files") or {}, timings=data.get("timings") or {},
+                   left_out=data.get("left_out") or {})
 
     @classmethod
     def load(cls, path: str | Path) -> "ValidationResult":
@@ -335,6 +356,7 @@ class ValidationResult:
             lines += _aligned(["variant", "|Δ| Pearson", "|Δ| Spearman", "Δ Pearson", "Δ Spearman"], rows)
             if all(cell == "n/a" for row in rows for cell in row[1:]):
                 lines.append(self._why_no_correlation(measure))
+        lines += [f"note: {line}" for line in _left_out_lines(self.left_out)]
         lines += self._noise_lines()
         overlap = self.overlap_summary()
         if overlap["mean"] is not None:
@@ -352,6 +374,10 @@ class ValidationResult:
         names = list(self.domains)
         if len(names) < 3:
             return f"n/a: a correlation needs 3 domains or more, there are {len(names)}"
+        diverged = sorted({d for s in self.per_seed for d in s.diverged()})
+        if diverged:
+            return (f"n/a: the held-out NLL after training is not finite on {diverged}: the model diverged (lower the "
+                    f"learning rate, {self.training.get('learning_rate'):g})")
         deltas = [s.nll_delta_rel if measure == "nll" else s.metric_delta for s in self.per_seed]
         if all(d is None or constant([d[n] for n in names]) for d in deltas):
             what = "held-out NLL" if measure == "nll" else "user metric"
@@ -619,14 +645,27 @@ def training_kind(train: Any, reward_funcs: Any) -> str:
     return "grpo" if reward_funcs is not None else "dpo" if is_preference_data(train) else "sft"
 
 
-def check_trainer_fields(kind: str, training_args: dict[str, Any]) -> None:
-    """``training_args`` holds no field of a TRL config other than the one ``kind`` trains with."""
+def check_trainer_fields(kind: str, training_args: dict[str, Any], batch_size: int | None = None) -> None:
+    """``training_args`` holds no field of a TRL config other than the one ``kind`` trains with; under GRPO, a
+    batch its groups of ``num_generations`` completions fill (TRL's own error came after the model loaded, naming
+    ``generation_batch_size``, which validate sets from ``batch_size``)."""
     own = training_argument_fields() | (trl_argument_fields(kind) if kind != "sft" else frozenset())
     foreign = sorted(set(training_args) - own)
     if foreign:
         raise STSConfigError(f"validate(training_args=...) sets {foreign}, fields of another TRL trainer's config: "
                              f"this training is validated with {TRAINERS[kind][0]} (GRPOConfig's fields with "
                              "reward_funcs=, DPOConfig's for prompt / chosen / rejected pairs). Remove them.")
+    if kind == "grpo" and batch_size is not None:
+        from trl import GRPOConfig
+
+        generations = training_args.get("num_generations", GRPOConfig.__dataclass_fields__["num_generations"].default)
+        steps = training_args.get("steps_per_generation") or training_args.get("gradient_accumulation_steps", 1)
+        generated = training_args.get("generation_batch_size") or batch_size * steps
+        if generations and generated % generations:
+            raise STSConfigError(f"GRPO samples {generations} completions a prompt (num_generations) in batches of "
+                                 f"{generated} (batch_size {batch_size} x {steps} step(s) a generation), which "
+                                 f"{generations} does not divide: set batch_size to a multiple of {generations}, or "
+                                 "training_args num_generations to a divisor of it.")
 
 
 def _check_grpo_reference(model: nn.Module, method: str, training_args: dict[str, Any]) -> None:
@@ -738,12 +777,12 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     # trained as its users train it (the callback then forecasts what that trainer pushes): GRPO with reward
     # functions, DPO on preference pairs, else SFT
     kind = check_training_data(train, reward_funcs, demos is not None)
-    check_trainer_fields(kind, training_args or {})
     if kind != "sft":
         try:
             import trl  # noqa: F401  - fail now, not after the forecast
         except ImportError as err:
             raise STSInputError(f"validate trains this data with TRL's {TRAINERS[kind][0]}: pip install trl.") from err
+    check_trainer_fields(kind, training_args or {}, batch_size)
     if kind == "grpo":
         reward_funcs = check_reward_funcs(reward_funcs)
         features = records_dataset(list(prompt_records(train, "the training set")))
@@ -780,6 +819,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
     metric_before: dict[str, float] | None = None
     per_seed: list[SeedResult] = []
     variants: list[str] | None = None
+    left_out: dict[str, list[str]] = {}
     for seed in seeds:
         seed_start = time.perf_counter()
         config = base_config.replace(seed=seed)
@@ -797,8 +837,18 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
         forecast = run["callback"].forecast
         if variants is None:
             variants = [v for v in VARIANTS if all(d.scores.get(v) is not None for d in forecast.domains.values())]
+            # a variant some domains lack (STS_icl of a one-text domain) leaves the comparison: said, by name
+            left_out = {v: sorted(n for n, d in forecast.domains.items() if d.scores.get(v) is None) for v in VARIANTS
+                        if v not in variants and any(d.scores.get(v) is not None for d in forecast.domains.values())}
+            for line in _left_out_lines(left_out):
+                warnings.warn(f"sts validate: {line}", STSDataWarning, stacklevel=2)
         per_seed.append(_seed_result(seed, run, variants, metric_before, n_resamples, time.perf_counter() - seed_start,
                                      out / f"seed-{seed}"))
+        diverged = per_seed[-1].diverged()
+        if diverged:
+            warnings.warn(f"sts validate: seed {seed}'s held-out NLL after training is not finite on {diverged}: the "
+                          f"model diverged (learning rate {lr:g}); its correlations are n/a. Lower the learning rate "
+                          "(validation: learning_rate), or train fewer steps.", STSDataWarning, stacklevel=2)
         if seed == seeds[0]:  # the report of the validation folder shows the first seed's run
             forecast.save(sts_dir / FORECAST_FILE)
             for name in (HISTORY_FILE, SETTINGS_FILE):  # its re-checks, and its train-start warnings
@@ -811,7 +861,7 @@ def validate(model: nn.Module, tokenizer, sae: Any, train_data: Any, targets: An
 
     result = ValidationResult(domains=list(domains), variants=variants or [], seeds=seeds, method=method,
                               training=training, config=base_config.replace(seed=seeds[0]).to_dict(), per_seed=per_seed,
-                              n_resamples=n_resamples, output_dir=str(out))
+                              n_resamples=n_resamples, output_dir=str(out), left_out=left_out)
     result.files = {"json": str(sts_dir / VALIDATION_FILE), "forecast": str(sts_dir / "forecast.json"),
                     "history": str(sts_dir / "history.jsonl"),
                     "seed_runs": [str(out / f"seed-{s}") for s in seeds]}  # type: ignore[dict-item]
@@ -842,6 +892,9 @@ def check_training_data(train: Corpus, reward_funcs: Any, demonstrations: bool) 
         raise STSInputError("The training set is empty; give it examples.")
     kind = training_kind(train, reward_funcs)
     if not demonstrations and kind == "sft" and not _trainable_answers(train):
+        if all(train[i].plain_text for i in range(min(len(train), 64))):
+            raise STSInputError("Every training text is empty or blank: there is nothing to fine-tune on; give it "
+                                "texts.")
         raise STSInputError("The training set has no answers (prompt-only data): it can neither be fine-tuned on "
                             "with SFT nor give in-context demonstrations; give texts or prompt/answer records (or "
                             "reward_funcs=, to validate GRPO on its prompts).")
@@ -892,7 +945,7 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
     try:
         if metric is not None and metric_before is None:
             with inference_mode(work):
-                result["metric_before"] = {d: float(metric(work, tokenizer, d)) for d in domains}
+                result["metric_before"] = {d: _metric_value(metric, work, tokenizer, d) for d in domains}
         if method == "lora":
             work = wrap_lora(work, lora_rank, lora_alpha, lora_target_modules)
             targets = work.peft_config["default"].target_modules
@@ -908,7 +961,7 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
             shutil.rmtree(run_dir / "sts", ignore_errors=True)
         args = dict(output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=batch_size,
                     learning_rate=lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
-                    lr_scheduler_type="cosine", warmup_steps=0.1, seed=seed, data_seed=seed, save_strategy="no",
+                    lr_scheduler_type="cosine", warmup_steps=0.1 if steps >= 10 else 0, seed=seed, data_seed=seed, save_strategy="no",
                     logging_steps=max(1, steps // 4), report_to="none", use_cpu=device.type == "cpu",
                     disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"])
         if kind != "sft":
@@ -953,7 +1006,7 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
                                  for e in trainer.state.log_history]
         if metric is not None:
             with inference_mode(work):
-                result["metric_after"] = {d: float(metric(work, tokenizer, d)) for d in domains}
+                result["metric_after"] = {d: _metric_value(metric, work, tokenizer, d) for d in domains}
         del trainer
     finally:
         if not copy_model:
@@ -971,6 +1024,26 @@ def _train_one_seed(model, tokenizer, sae, train: Corpus, features, domains, dem
             model.to(original_device)
         del work
     return result
+
+
+def _left_out_lines(left_out: dict[str, list[str]]) -> list[str]:
+    """Why each score variant some target domains lack is not in the validation."""
+    icl = ("sts_icl", "raw_icl", "icl_loss_change")
+    return [f"{LABELS.get(v, v)} is left out: domain(s) {names} have no score of it"
+            + (" (one text: no other to demonstrate it in context; give them more texts)" if v in icl else "")
+            for v, names in left_out.items()]
+
+
+def _metric_value(metric: Metric, model: nn.Module, tokenizer, domain: str) -> float:
+    """The user metric of one domain, as a number (anything else is named, with the domain)."""
+    value = metric(model, tokenizer, domain)
+    try:
+        if value is None or isinstance(value, (bool, str, bytes)):
+            raise TypeError
+        return float(value)  # a number, a numpy scalar, a one-element tensor
+    except (TypeError, ValueError, RuntimeError):
+        raise STSInputError(f"metric(model, tokenizer, {domain!r}) returned {value!r}; it must return one number "
+                            "(e.g. the domain's accuracy as a float).") from None
 
 
 def _seed_result(seed: int, run: dict[str, Any], variants: list[str], metric_before, n_resamples: int,
