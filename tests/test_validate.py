@@ -698,7 +698,16 @@ def test_cli_validate_refuses_another_trainers_fields_before_the_model_loads(tmp
     path.write_text(yaml.safe_dump(config))
     assert cli.main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "validation.training_args" in err and "sets ['beta'], fields of another TRL trainer's config" in err
+    assert f"`validation: training_args` in {path} sets ['beta'], fields of another TRL trainer's config" in err
+    # the config's keys and the flags given, not the Python API's validate(steps=...), in the CLI's errors
+    config["validation"] = {"seeds": [1, 1]}
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["validate", str(path), "--steps", "3"]) == 2
+    assert f"`validation: seeds` in {path} repeats a seed" in capsys.readouterr().err
+    config["validation"] = {}
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["validate", str(path), "--steps", "0"]) == 2
+    assert "--steps must be an integer >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("values, words", [

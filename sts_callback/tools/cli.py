@@ -1112,7 +1112,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             options[key] = getattr(args, key)
     from ..validation.validate import SUMMARY_FILES, ValidationConfig, multiple_choice_accuracy, validate
 
-    validation = ValidationConfig.from_dict(options)  # bad settings fail here, before the model loads
+    given = {key for key in ("method", "steps", "seeds", "learning_rate") if getattr(args, key) is not None}
+    with _speaking_config_keys(args.config, given):
+        validation = ValidationConfig.from_dict(options)  # bad settings fail here, before the model loads
     targets = config_file["targets"]
     if isinstance(targets, (dict, list)) and len(targets) < 3:
         raise STSInputError(f"{args.config}: `targets` has {len(targets)} domain(s); validation correlates across "
@@ -1140,10 +1142,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     train = load_corpus(_expand(config_file["train_data"]), name="train")  # its kind decides the trainer: now
     kind = check_training_data(train, reward_funcs, config_file.get("demonstrations") is not None)
-    try:
+    with _speaking_config_keys(args.config, given):
         check_trainer_fields(kind, validation.training_args or {}, validation.batch_size)
-    except STSError as err:
-        raise type(err)(f"{args.config}: validation.training_args: {err}") from err
     model, tokenizer = load_model(config_file["model"], config_file.get("device"), config_file.get("dtype"))
     result = validate(model, tokenizer, _expand(config_file["sae"]), train,
                       _expand(config_file["targets"]), config, metric=metric, reward_funcs=reward_funcs,
@@ -1153,6 +1153,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"\nwrote {result.files['json']}" + (f" and {result.files['plot']}" if "plot" in result.files else "")
           + f" ({result.timings['total']:.1f} s)")
     return 0
+
+
+@contextlib.contextmanager
+def _speaking_config_keys(config: str, flags: set[str]):
+    """The validation's errors as a config file's reader wants them: ``validate(steps=...)`` (the Python API's
+    words) as the key of the config's `validation:` section, or the flag given on the command line."""
+    try:
+        yield
+    except STSError as err:
+        def key(match: re.Match) -> str:
+            name = match.group(1)
+            return f"--{name.replace('_', '-')}" if name in flags else f"`validation: {name}` in {config}"
+
+        raise type(err)(re.sub(r"validate\((\w+)=(?:[^()]|\([^()]*\))*\)", key, str(err))) from err
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
