@@ -161,6 +161,11 @@ def test_lora_two_seeds_end_to_end(tmp_path, tokenizer):
     assert all(line in (sts_dir / "report.md").read_text() for line in said)
     table = result.table()
     assert "STS_icl" in table and "raw_act" in table and "±" in table and "overlap" in table
+    # a verdict a person can act on: the ranking score's |change| Pearson r, as correlation() gives it, vs the goal
+    r = result.correlation("sts_icl", "abs", "pearson")
+    held = "meets it" if r >= 0.85 else "short of it"
+    assert (f"verdict: STS_icl, the forecast's ranking score, orders these 4 domains by the size of their change at "
+            f"Pearson r {r:+.2f}, mean over 2 seeds (the method's goal 0.85): {held} on this setup") in table
     mean_r = saved["correlations"]["nll"]["sts_icl"]["abs"]["pearson"]["mean"]
     assert result.correlation("sts_icl", "abs", "pearson") == mean_r
     loaded = ValidationResult.load(sts_dir)  # a notebook gets the result back from its file

@@ -357,6 +357,7 @@ class ValidationResult:
             if all(cell == "n/a" for row in rows for cell in row[1:]):
                 lines.append(self._why_no_correlation(measure))
         lines += [f"note: {line}" for line in _left_out_lines(self.left_out)]
+        lines += self._verdict_lines(summary)
         lines += self._noise_lines()
         overlap = self.overlap_summary()
         if overlap["mean"] is not None:
@@ -402,6 +403,20 @@ class ValidationResult:
         """The seeds' mean :attr:`SeedResult.noise_ceiling` (``None`` if a seed's is unknown)."""
         ceilings = [s.noise_ceiling for s in self.per_seed]
         return None if not ceilings or None in ceilings else sum(ceilings) / len(ceilings)
+
+    def _verdict_lines(self, summary: dict[str, Any]) -> list[str]:
+        """Whether the forecast's ranking score held here: its |change| Pearson r against the method's goal."""
+        ranking = self.config.get("ranking")
+        if ranking not in self.variants:
+            return []
+        r = summary["nll"][ranking]["abs"]["pearson"]["mean"]
+        if r is None:
+            return []
+        held = "meets it" if r >= NOISE_CEILING_GOAL else "short of it"
+        seeds = f", mean over {len(self.per_seed)} seeds" if len(self.per_seed) > 1 else ""
+        return ["", f"verdict: {LABELS.get(ranking, ranking)}, the forecast's ranking score, orders these "
+                    f"{len(self.domains)} domains by the size of their change at Pearson r {r:+.2f}{seeds} (the "
+                    f"method's goal {NOISE_CEILING_GOAL:.2f}): {held} on this setup"]
 
     def _noise_lines(self) -> list[str]:
         ceiling = self.noise_ceiling
