@@ -926,6 +926,15 @@ def test_names_that_markdown_or_the_plot_font_would_misread_are_shown_as_given(t
         md = write_report(sts)[1].read_text()
     assert not [w for w in caught if "Glyph" in str(w.message)]
     assert "\\*food\\*" in md and "law_court" in md and "\\_x\\_" in md and "日本語 chem" in md
+    # a link, an image, a code span or a strike-through in a name (a dataset's) renders as the name, in GitHub's
+    # Markdown; an interval's brackets keep no backslash
+    from sts_callback.reporting.report import md_esc
+
+    markdown_it = pytest.importorskip("markdown_it")  # (rich's dependency)
+    render = markdown_it.MarkdownIt("commonmark").enable(["strikethrough", "table"]).render
+    for name in ("[link](http://x)", "![img](x)", "`tick`", "~~strike~~", "a\\b", "*food*", "_x_"):
+        assert html.unescape(re.sub(r"<[^>]+>", "", render(md_esc(name)))).strip() == name, name
+    assert md_esc("food +5.0% [-1.0, +2.0]") == "food +5.0% [-1.0, +2.0]"
     forecast = synthetic_forecast(["law", "food"])
     forecast.settings["model"] = "/runs/_sft/checkpoint-500"  # in a code span, shown as typed: no escapes
     forecast.save(sts / "forecast.json")
@@ -977,3 +986,34 @@ def test_the_validation_table_and_its_report_say_one_thing_of_the_noise(tmp_path
         assert shown in table and shown in md
         assert ("raise loss_tokens" in table) is ("The measured changes are noisy" in md) is (target < 0.85)
         assert "loss_precision" not in md
+
+
+def test_the_timeline_marks_each_warning_on_the_domain_it_names(tmp_path, monkeypatch):
+    """The warning's X sat at the largest change of any domain (an unprotected +135%), not on the protected domain
+    that broke the rule."""
+    import matplotlib.axes
+
+    from sts_callback.reporting.report import ReportData, plot_timeline
+
+    sts = tmp_path / "sts"
+    synthetic_forecast(["food", "chem", "quiz"]).save(sts / "forecast.json")
+    (sts / "settings.json").write_text(json.dumps({"protected": ["food", "quiz"], "tolerance": 0.3}))
+    history = [{"step": 1, "shifted_latents": [1], "loss_delta": {"food": 0.1, "chem": 0.2, "quiz": 0.1},
+                "scores": {}},
+               {"step": 2, "shifted_latents": [1], "loss_delta": {"food": 0.79, "chem": 1.35, "quiz": 0.64},
+                "scores": {}, "violations": ["held-out loss of protected domain 'food' rose by 79.0%",
+                                             "held-out loss of protected domain 'quiz' rose by 64.0%"]},
+               {"step": 3, "shifted_latents": [1], "loss_delta": {"food": 0.2, "chem": 1.5, "quiz": 0.1},
+                "scores": {}, "projected_warnings": ["protected domain 'food' is on course to get worse by 40%"]}]
+    (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    marked = {}
+    real = matplotlib.axes.Axes.scatter
+
+    def spy(self, x, y, *args, **kwargs):
+        marked[kwargs.get("label")] = sorted(zip(x, y))
+        return real(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy)
+    assert plot_timeline(ReportData(sts)) is not None
+    assert marked["warning"] == [(2, pytest.approx(64.0)), (2, pytest.approx(79.0))]
+    assert marked["projected warning"] == [(3, pytest.approx(20.0))]

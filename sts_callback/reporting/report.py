@@ -55,9 +55,11 @@ def esc(value: Any) -> str:
 
 
 def md_esc(value: Any) -> str:
-    """Text safe in a GitHub Markdown table cell: no raw HTML, no column breaks, no line breaks."""
-    text = html.escape("" if value is None else str(value), quote=False)
-    text = MARKDOWN_EMPHASIS.sub(lambda found: "\\" + found.group(0), text)  # a name like *food* stays a name
+    """Text safe in a GitHub Markdown table cell: no raw HTML, no column breaks, no line breaks, and no
+    formatting of its own (a name like *food*, [link](x) or `tick` stays a name)."""
+    text = ("" if value is None else str(value)).replace("\\", "\\\\")  # first: a backslash typed shows as typed
+    text = html.escape(text, quote=False)
+    text = MARKDOWN_SYNTAX.sub(lambda found: "\\" + found.group(0), text)
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
@@ -66,9 +68,10 @@ def md_code(value: Any) -> str:
     return " ".join(str(value).replace("`", "'").split())
 
 
-# Characters that would start emphasis: every asterisk, and an underscore at a word's edge (inside a word, as in
-# loss_tokens, GitHub reads it as itself)
-MARKDOWN_EMPHASIS = re.compile(r"\*|(?<!\w)_|_(?!\w)")
+# Characters that would start formatting: emphasis (every asterisk and tilde, an underscore at a word's edge:
+# inside a word, as in loss_tokens, GitHub reads it as itself), code spans, and the bracket of a link or image
+# ("[x](" or "[x][": an interval's "[-1.0, +2.0]" reads as itself and keeps no backslash)
+MARKDOWN_SYNTAX = re.compile(r"[*~`]|(?<!\w)_|_(?!\w)|\[(?=[^\]]*\][(\[])")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -718,17 +721,26 @@ def plot_timeline(data: ReportData) -> str | None:
         bottom.axhline(100 * data.tolerance, color=PROTECTED_COLOR, linestyle=":", linewidth=1,
                        label=f"tolerance {data.tolerance:.0%}")
 
-    def worst(record: dict[str, Any]) -> float:
-        return max((100 * v for v in (record.get("loss_delta") or {}).values() if v is not None), default=0.0)
+    def marks(records_warned: list[dict[str, Any]], texts) -> tuple[list[int], list[float]]:
+        """A mark on each domain a warning names, at its change (the largest change where it names none)."""
+        steps, values = [], []
+        for record in records_warned:
+            changes = {n: 100 * v for n, v in (record.get("loss_delta") or {}).items() if v is not None}
+            said = texts(record)  # the guard's own messages quote a name; this report's start with it
+            named = [n for n in changes if any(repr(n) in text or text.startswith(f"{n}: ") for text in said)]
+            for value in [changes[n] for n in named] or [max(changes.values(), default=0.0)]:
+                steps.append(record["step"])
+                values.append(value)
+        return steps, values
 
     warned = [r for r in records if data.violations_of(r)]
     if warned:
-        bottom.scatter([r["step"] for r in warned], [worst(r) for r in warned], marker="X", s=70,
-                       color=PROTECTED_COLOR, zorder=5, label="warning")
+        bottom.scatter(*marks(warned, data.violations_of), marker="X", s=70, color=PROTECTED_COLOR, zorder=5,
+                       label="warning")
     foreseen = [r for r in records if r.get("projected_warnings") and not data.violations_of(r)]
     if foreseen:
-        bottom.scatter([r["step"] for r in foreseen], [worst(r) for r in foreseen], marker="X", s=70,
-                       facecolors="none", edgecolors=PROTECTED_COLOR, zorder=5, label="projected warning")
+        bottom.scatter(*marks(foreseen, lambda r: r["projected_warnings"]), marker="X", s=70, facecolors="none",
+                       edgecolors=PROTECTED_COLOR, zorder=5, label="projected warning")
     for record in data.history:
         if record.get("early_stop"):
             for ax in (top, bottom):
