@@ -30,6 +30,14 @@ def test_no_flip_gives_an_interval_of_width_not_zero_and_one_flip_is_not_sure_ov
     assert low < -1 / 24 < high and low > -0.25
 
 
+def test_the_interval_holds_only_changes_the_starting_accuracy_allows():
+    """From 16 of 20 right, all 20 right is +20 points: the bound said +36.6."""
+    low, high = accuracy_change_interval([True] * 16 + [False] * 4, [True] * 20)
+    assert high == pytest.approx(0.2) and -0.05 < low < 0.2
+    low, high = accuracy_change_interval([False] * 20, [False] * 20)
+    assert low == 0 and high > 0
+
+
 def test_no_interval_without_items_or_with_other_items_than_the_start():
     assert accuracy_change_interval([], []) is None
     assert accuracy_change_interval([True] * 4, [True] * 5) is None

@@ -888,6 +888,8 @@ def test_a_forecast_alone_reports_the_saes_poor_fit_it_warned_of(tmp_path):
     html_path, md_path = write_report(sts)
     for text in (html.unescape(html_path.read_text()), md_path.read_text()):
         assert "reconstructs this model's residual stream poorly" in text and "3782" in text
+        assert "train start" not in text  # no training: the forecast's own warning
+    assert "- forecast: The SAE reconstructs" in md_path.read_text()
     forecast.settings["sae_fit"] = {"fvu": 0.3, "l0": 30.0, "tokens": 200}
     forecast.save(sts / "forecast.json")
     assert "poorly" not in write_report(sts)[1].read_text()
@@ -1017,3 +1019,53 @@ def test_the_timeline_marks_each_warning_on_the_domain_it_names(tmp_path, monkey
     assert plot_timeline(ReportData(sts)) is not None
     assert marked["warning"] == [(2, pytest.approx(64.0)), (2, pytest.approx(79.0))]
     assert marked["projected warning"] == [(3, pytest.approx(20.0))]
+
+
+def test_an_early_stopped_runs_report_names_the_checkpoint_to_go_back_to_and_lists_warnings_in_step_order(tmp_path):
+    """The report said "early stop at step 6" only: not that checkpoint-6 (or the model in memory) holds the
+    harmed weights nor which checkpoint predates the harm; and its warnings came grouped by kind (a failure at step
+    3 listed after step 6's)."""
+    sts = tmp_path / "run" / "sts"
+    synthetic_forecast(["food", "chem"]).save(sts / "forecast.json")
+    (sts / "settings.json").write_text(json.dumps({"protected": ["food"], "tolerance": 0.3}))
+    for step in (2, 4, 6):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir()
+
+    def record(step, food, **extra):
+        return {"step": step, "shifted_latents": [1], "loss_delta": {"food": food, "chem": 0.1}, "scores": {}, **extra}
+
+    history = [record(2, 0.1), {"step": 3, "error": "RuntimeError: out of memory"},
+               record(4, 0.5, violations=["held-out loss of protected domain 'food' rose by 50.0%"]),
+               record(5, 0.2, projected_warnings=["protected domain 'food' is on course to get worse by 40%"]),
+               record(6, 0.6, violations=["held-out loss of protected domain 'food' rose by 60.0%"],
+                      early_stop="early stop at step 6 after 2 consecutive re-check(s) with negative transfer")]
+    (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    md = write_report(sts)[1].read_text()
+    assert ("The weights at the stop are the harmed ones; the last re-check that broke no rule was at step 5, and the "
+            "latest checkpoint saved at or before it is checkpoint-4") in md
+    from sts_callback.reporting.report import ReportData
+
+    listed = [(kind, step) for kind, step, _ in ReportData(sts).warning_items()]
+    assert listed == [("failed", 3), ("warning", 4), ("projected", 5), ("warning", 6), ("early stop", 6)]
+
+
+def test_sts_report_of_a_path_that_does_not_exist_says_so(tmp_path):
+    from sts_callback.reporting.report import resolve_sts_dir
+
+    with pytest.raises(STSInputError, match="does not exist"):
+        resolve_sts_dir(tmp_path / "nonexistent")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(STSInputError, match="is not a folder"):
+        resolve_sts_dir(tmp_path / "file")
+
+
+def test_a_folder_without_a_forecast_reports_no_overlap_with_it(tmp_path):
+    """"No forecast in this folder" and "overlap with the forecast 3 of 8 latents" on one page."""
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    record = {"step": 2, "scores": {}, "shifted_latents": list(range(8)), "loss_delta": {"a": 0.01, "b": 0.02},
+              "overlap_with_forecast": 3}
+    (sts / "history.jsonl").write_text(json.dumps(record) + "\n")
+    html_path, md_path = write_report(sts)
+    for text in (md_path.read_text(), html.unescape(html_path.read_text())):
+        assert "overlap" not in text.lower() or "forecast" not in text[text.lower().index("overlap"):][:60]

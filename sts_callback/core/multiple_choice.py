@@ -248,20 +248,22 @@ def accuracy_change_interval(before: Sequence[bool], after: Sequence[bool], leve
                              ) -> tuple[float, float] | None:
     """The ``level`` interval of the accuracy change on the same items answered ``before`` and ``after``: the
     paired difference's Wald interval with half an item added to each of the four before/after cells (Agresti and
-    Min 2005), which holds for few items and for no flip at all, where the plain paired spread is zero. ``None``
+    Min 2005), which holds for few items and for no flip at all, where the plain paired spread is zero; cut to the
+    changes the start's accuracy allows (from 80%, no more than +20 points). ``None``
     without items, or with another number of items than before (items drawn again)."""
     from scipy.stats import norm
 
     n = len(before)
     if n == 0 or len(after) != n:
         return None
+    start = sum(bool(b) for b in before) / n
     lost = sum(b and not a for b, a in zip(before, after)) + 0.5
     gained = sum(a and not b for b, a in zip(before, after)) + 0.5
     cells = n + 2.0
     change = (gained - lost) / cells
     spread = ((lost + gained) - (gained - lost) ** 2 / cells) ** 0.5 / cells
     half = float(norm.ppf(0.5 + level / 2)) * spread
-    return max(-1.0, change - half), min(1.0, change + half)
+    return max(-start, change - half), min(1.0 - start, change + half)  # no accuracy below 0 or above 1
 
 
 __all__ = ["CHOICE_FORMAT", "FIELDS", "PROMPT_FORMAT", "accuracy_change_interval", "answer_logprobs", "answered_right",

@@ -292,9 +292,11 @@ class Guard:
                               f"({loss}): the model diverged on it (lower the learning rate, check for fp16 overflow)"))
             elif delta is not None and delta > self.config.tolerance:
                 rose = percent(delta, apart_from=self.config.tolerance)
+                moved = recheck.accuracy_delta.get(name)  # a quiz whose answers held while its loss rose: said
+                also = f"; its accuracy changed by {moved * 100:+.1f} points" if moved is not None else ""
                 found.append((f"loss:{name}", f"held-out loss of protected domain {name!r} rose by {rose}"
                                               f"{_interval(recheck.loss_delta_ci.get(name), self.config.tolerance)} "
-                                              f"(tolerance {self.config.tolerance:.1%})"))
+                                              f"(tolerance {self.config.tolerance:.1%}){also}"))
             drop = recheck.accuracy_delta.get(name)
             # a share of items: 5/100 - 3/100 is 0.020000000000000004 in floats, and losing exactly the tolerance
             # is no violation ("more than"), so the comparison allows float rounding

@@ -29,6 +29,7 @@ from ..core.config import recheck_variant
 from ..core.data import repeated_names
 from ..core.errors import STSDataWarning, STSInputError
 from ..core.formatting import percent, signed_percent, signed_percents
+from ..core.run_store import checkpoint_folders
 from ..core.run_store import (FORECAST_FILE, FORECAST_FORMAT, HISTORY_FILE, REPORT_HTML_FILE, REPORT_MD_FILE,
                               SETTINGS_FILE, in_step_order)
 from ..core.sae_fit import poor_fit_message
@@ -377,16 +378,40 @@ class ReportData:
     def warning_items(self) -> list[tuple[str, Any, str]]:
         """Everything the summary lists as a warning, in its order: (kind, step or None, text), kind one of "train
         start", "warning", "projected", "early stop", "failed", "not measured"; the one list both renderers draw."""
-        items = [("train start", None, w) for w in self.start_warnings]
+        # an offline forecast's folder (`sts forecast`: no training) has no train start: its warnings are the forecast's
+        start = "train start" if self.history or self.run_settings else "forecast"
+        items = [(start, None, w) for w in self.start_warnings]
         items += [("warning", step, v) for step, v in self.violations()]
         items += [("warning", r["step"], r[key]) for r in self.history for key in ("sae_fit_warning", "model_unchanged")
                   if r.get(key)]
         items += [("projected", r["step"], v) for r in self.history for v in r.get("projected_warnings") or []]
-        items += [("early stop", r.get("step"), r["early_stop"]) for r in self.history if r.get("early_stop")]
+        items += [("early stop", r.get("step"), f"{r['early_stop']}. {self.after_the_stop(r)}") for r in self.history
+                  if r.get("early_stop")]
         items += [("failed", r.get("step"), r["error"]) for r in self.history if "error" in r]
+        # in the run's order: train start, then each step's (its warnings, projections, failure, and a stop last)
+        order = {"train start": 0, "forecast": 0, "warning": 1, "projected": 2, "failed": 3, "early stop": 4}
+        items.sort(key=lambda item: (item[0] not in ("train start", "forecast"), item[1] or 0, order[item[0]]))
         if unmeasured := self.never_measured_note():
             items.append(("not measured", None, unmeasured))
         return items
+
+    def after_the_stop(self, stop: dict[str, Any]) -> str:
+        """Where to go back to after an early stop: the last re-check before it that broke no rule, and the latest
+        checkpoint beside the run folder saved at or before it (a stop on a step that is no save step leaves none
+        of the harmed weights; one that is holds them)."""
+        safe = 0  # the train start
+        for record in reversed(self.history):
+            step = record.get("step") or 0
+            projected = record.get("projected_warnings") and self.run_settings.get("early_stop") == "projected"
+            if 0 < step < (stop.get("step") or 0) and "error" not in record and not self.violations_of(record) \
+                    and not projected:  # as the guard counted toward the stop
+                safe = step
+                break
+        saved = [folder for step, folder in checkpoint_folders(self.sts_dir.parent) if step <= safe]
+        where = (f"the latest checkpoint saved at or before it is {saved[-1].name}" if saved else
+                 "no checkpoint was saved at or before it")
+        return (f"The weights at the stop are the harmed ones; the last re-check that broke no rule was at "
+                f"{'the train start' if safe == 0 else f'step {safe}'}, and {where}")
 
     def projects_the_end(self, record: dict[str, Any]) -> bool:
         """Whether ``record``'s projection to the end of training is still one: not once the run has ended with
@@ -1047,7 +1072,7 @@ def _summary(data: ReportData, scatter: Agreement | None) -> str:
                      + (f" (held-out loss tolerance {data.tolerance:.1%})" if data.tolerance is not None else "") + ".")
     if data.rechecks:
         last = data.end_record
-        overlap = _overlap(last)
+        overlap = _overlap(last) if data.forecast is not None else None  # no forecast here to overlap with
         lines.append(f"Re-checks: {esc(data.recheck_count())}, {esc(_which(data, last))}"
                      + (f"; overlap of the actually shifted latents with the forecast: {esc(overlap)}" if overlap
                         else "") + ".")
@@ -1079,12 +1104,14 @@ SUMMARY_TAGS = (("warning", '<span class="tag warn">warnings</span>'),
                 ("early stop", '<span class="tag protected">early stop</span>'),
                 ("failed", '<span class="tag err">failed re-checks</span>'),
                 ("not measured", '<span class="tag warn">domains not measured</span>'),
-                ("train start", '<span class="tag warn">train-start warnings</span>'))
+                ("train start", '<span class="tag warn">train-start warnings</span>'),
+                ("forecast", '<span class="tag warn">forecast warnings</span>'))
 
 
 # each kind of warning_items() entry as each renderer writes it ({step} and {text} escaped for it)
 WARNING_FORMATS = {
     "train start": ('<span class="tag warn">train start</span> {text}', "train start: {text}"),
+    "forecast": ('<span class="tag warn">forecast</span> {text}', "forecast: {text}"),
     "warning": ("step {step}: {text}", "step {step}: {text}"),
     "projected": ('step {step} <span class="tag warn">projected</span>: {text}', "step {step} (projected): {text}"),
     "early stop": ("<b>{text}</b>", "**{text}**"),
@@ -1200,9 +1227,12 @@ def _timeline_section(data: ReportData) -> str:
                 f"{esc(k)} {esc(_pct(v))}" for k, v in record["predicted"].items())
         rows.append([_num(record.get("step")), status, deltas, projected, _num(record.get("overlap_with_forecast")),
                      notes])
-    table = _table(["step", "status", "held-out loss change [95% interval]",
-                    "projected at the end of training [95% interval]",
-                    "overlap with forecast", "warnings"], rows)
+    header = ["step", "status", "held-out loss change [95% interval]",
+              "projected at the end of training [95% interval]", "overlap with forecast", "warnings"]
+    if data.forecast is None:  # no forecast here to overlap with: the column goes
+        header.pop(4)
+        rows = [row[:4] + row[5:] for row in rows]
+    table = _table(header, rows)
     return (f'<section id="timeline"><h2>Over training</h2>{_img(plot_timeline(data), "timeline")}'
             f'<p class="muted">Top: each domain re-scored ({esc(LABELS.get(variant, variant))}) on the latents the '
             "training actually shifted (step 0: the forecast). Bottom: relative change of the held-out language-model "
@@ -1453,7 +1483,7 @@ def render_markdown(data: ReportData, top: int = 5) -> str:
     if data.rechecks:
         last = data.end_record
         deltas = ", ".join(md_esc(change) for change in _changes(last, data.protected, data.tolerance))
-        overlap = _overlap(last)
+        overlap = _overlap(last) if data.forecast is not None else None  # no forecast here to overlap with
         lines.append(f"**Re-checks:** {data.recheck_count()}, {_which(data, last)}: "
                      f"held-out loss change [95% interval] {deltas}"
                      + (f"; overlap with the forecast {overlap} latents" if overlap else "") + ".")
@@ -1532,6 +1562,8 @@ def resolve_sts_dir(path: str | Path) -> Path:
     only a gate decision (``sts gate``'s ``output``) beside such a subfolder with a run: the subfolder (the report
     shows the folder's gate decision with the run, :func:`write_report`)."""
     path = Path(path)
+    if not path.exists():
+        raise STSInputError(f"{path} does not exist; give the trainer's output_dir or its sts/ folder.")
     if not path.is_dir():
         raise STSInputError(f"{path} is not a folder; give the trainer's output_dir or its sts/ folder.")
     if _holds_run(path):
