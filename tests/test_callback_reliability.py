@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -269,6 +270,8 @@ def test_progress_bars_and_info_lines_follow_the_trainers_settings(tmp_path, tok
                  log_level="passive").train()  # explicit: disable_tqdm's default follows transformers' verbosity
     out, err = capsys.readouterr()
     assert "STS forecast:" in err and "STS forecast:" in out  # the bar, the table
+    # each re-check in a line a person reads (the trainer's log holds only its sts/... numbers)
+    assert re.search(r"STS re-check at step 6/6: held-out loss \w+ [+-]\d+\.\d+±\d+\.\d+%", out)
     verbosity = transformers.logging.get_verbosity()  # log_level sets transformers' own, for the process
     try:
         make_trainer(tmp_path / "quiet", tokenizer, make_callback(), save_strategy="no", disable_tqdm=True,
@@ -277,6 +280,7 @@ def test_progress_bars_and_info_lines_follow_the_trainers_settings(tmp_path, tok
         transformers.logging.set_verbosity(verbosity)
     out, err = capsys.readouterr()
     assert "STS forecast" not in err and "STS forecast" not in out  # no bar, no table
+    assert "STS re-check at step" not in out
     verbosity = transformers.logging.get_verbosity()
     try:  # an early stop is a warning (as its violations are), whatever the log level
         with pytest.warns(STSNegativeTransferWarning, match="STS: early stop at step 2"):

@@ -56,6 +56,7 @@ from ..pipelines.monitor import (DomainBaseline, Monitor, active_adapters, base_
                                  domain_baselines_from, is_peft)
 from ..pipelines.recheck import RecheckConfig
 from ..pipelines.prediction import best_early_method, calibrated_predictions, early_projection
+from ..reporting.console import recheck_status
 from ..scoring.calibration import load_calibration, lr_area_fraction, own_feature
 from .trainer_run_level import RUN_LEVEL_METHODS
 
@@ -1137,6 +1138,7 @@ class STSSession:
                 self._pending_stop = decision.reason
         before = self.history[-1] if self.history else {}
         self._append_history(record)
+        self.say(recheck_status(record, max_steps, self.guard.config.protected))  # the trainer logs only numbers
         # news: what the report does not say yet (a violation that lasts was news when it began: rewriting the
         # whole report at each re-check it lasts cost more than the re-checks themselves on a long run)
         news = decision.new_violations or decision.stop or ended or (bool(max_steps) and step >= max_steps) or (

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .cache import build_once
 from .models import default_cache_dir
 from ..core.errors import STSConfigError
+from ..reporting.console import with_interval
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -283,17 +284,6 @@ def forecast_story(forecast, predicted: dict[str, dict[str, float]] | None = Non
     return lines
 
 
-def _with_interval(value: Any, interval: Any) -> str:
-    """``-1.26±0.31%`` for a change with its (symmetric) 95% interval, ``-1.26%`` without one."""
-    try:
-        half = (float(interval[1]) - float(interval[0])) / 2
-    except (TypeError, ValueError, IndexError):
-        half = math.nan
-    if percent(value) in ("n/a", "nan", "inf", "-inf") or not math.isfinite(half):
-        return percent(value)
-    return f"{value * 100:+.2f}±{half * 100:.2f}%"
-
-
 def recheck_line(record: dict[str, Any], steps: int | None = None, protected: Iterable[str] = (),
                  n_shifted: int | None = None) -> str:
     """One re-check from the callback's history: held-out loss change per domain in % (with its 95% interval
@@ -303,7 +293,7 @@ def recheck_line(record: dict[str, Any], steps: int | None = None, protected: It
     if "error" in record:
         return f"  {at}: the re-check failed: {record['error']}"
     intervals = record.get("loss_delta_ci") or {}
-    deltas = ", ".join(f"{name}{'*' if name in protected else ''} {_with_interval(value, intervals.get(name))}"
+    deltas = ", ".join(f"{name}{'*' if name in protected else ''} {with_interval(value, intervals.get(name))}"
                        for name, value in (record.get("loss_delta") or {}).items())
     line = f"  {at}: " + (f"held-out loss {deltas}" if deltas else "no held-out loss")
     parts = []  # on a second line, under the first
