@@ -16,3 +16,10 @@ def test_a_recheck_line_shows_the_protected_domains_then_the_largest_changes_and
         "STS re-check at step 3: failed (RuntimeError: out of memory)")
     many = recheck_status(record, protected=[f"d{i}" for i in range(5)], shown=3)  # every protected one is shown
     assert all(f"d{i}* " in many for i in range(5))
+
+
+def test_a_protected_domain_not_measured_is_shown_and_numpy_numbers_are_numbers():
+    import numpy as np
+
+    line = recheck_status({"step": 1, "loss_delta": {"food": None, "law": np.float32(0.01)}}, protected=["food"])
+    assert line == "STS re-check at step 1: held-out loss food* n/a, law +1.00%"

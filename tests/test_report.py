@@ -934,7 +934,8 @@ def test_names_that_markdown_or_the_plot_font_would_misread_are_shown_as_given(t
 
     markdown_it = pytest.importorskip("markdown_it")  # (rich's dependency)
     render = markdown_it.MarkdownIt("commonmark").enable(["strikethrough", "table"]).render
-    for name in ("[link](http://x)", "![img](x)", "`tick`", "~~strike~~", "a\\b", "*food*", "_x_"):
+    for name in ("[link](http://x)", "![img](x)", "[[a]](b)", "`tick`", "~~strike~~", "a\\b", "*food*", "_x_",
+                 "__init__", "law_court"):
         assert html.unescape(re.sub(r"<[^>]+>", "", render(md_esc(name)))).strip() == name, name
     assert md_esc("food +5.0% [-1.0, +2.0]") == "food +5.0% [-1.0, +2.0]"
     forecast = synthetic_forecast(["law", "food"])
@@ -1041,8 +1042,9 @@ def test_an_early_stopped_runs_report_names_the_checkpoint_to_go_back_to_and_lis
                       early_stop="early stop at step 6 after 2 consecutive re-check(s) with negative transfer")]
     (sts / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     md = write_report(sts)[1].read_text()
-    assert ("The weights at the stop are the harmed ones; the last re-check that broke no rule was at step 5, and the "
-            "latest checkpoint saved at or before it is checkpoint-4") in md
+    assert ("The weights at the stop are the harmed ones (unless the trainer then loaded an earlier best checkpoint); "
+            "the last re-check that broke no rule was at step 5, and the latest checkpoint saved at or before it is "
+            "checkpoint-4") in md
     from sts_callback.reporting.report import ReportData
 
     listed = [(kind, step) for kind, step, _ in ReportData(sts).warning_items()]

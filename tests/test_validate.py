@@ -566,7 +566,7 @@ def test_cli_validate_run(tmp_path, tokenizer, capsys):
     assert main(["validate", str(path)]) == 2
     assert "needs at least 3" in capsys.readouterr().err
     assert main(["validate", str(path), "--steps", "0"]) == 2
-    assert "steps=...) must be an integer >= 1" in capsys.readouterr().err
+    assert "--steps must be an integer >= 1" in capsys.readouterr().err  # the flag given, not validate(steps=...)
 
 
 def test_preference_pairs_are_validated_with_dpo(tmp_path, tokenizer):
@@ -713,6 +713,10 @@ def test_cli_validate_refuses_another_trainers_fields_before_the_model_loads(tmp
     path.write_text(yaml.safe_dump(config))
     assert cli.main(["validate", str(path), "--steps", "0"]) == 2
     assert "--steps must be an integer >= 1" in capsys.readouterr().err
+    config["validation"] = {"training_args": {"max_steps": 5, "learning_rate": 1e-3}}  # two settings: both named
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["validate", str(path)]) == 2
+    assert f"pass `validation: learning_rate` and `validation: steps` in {path}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("values, words", [
@@ -908,11 +912,14 @@ def test_a_diverged_run_is_said_and_its_saved_result_reads_back(tmp_path, tokeni
                  output_dir=tmp_path / "div", **CHEAP)
     loaded = ValidationResult.load(tmp_path / "div" / "sts")
     assert math.isnan(loaded.per_seed[0].nll_after["food"]) and "food" in loaded.table()
+    # one domain diverged, the others measured: said in the table beside the verdict of the rest
+    assert "diverged: seed 0's held-out NLL after training is not finite on ['food']" in loaded.table()
+    Calibration.from_validation(loaded.to_dict())  # in memory (NaN, not null): the diverged domain left out
     for domain in DOMAINS:  # every change null: calibrate names the divergence, not a missing feature
         loaded.per_seed[0].nll_delta_rel[domain] = math.nan
-    saved = json.loads(json.dumps(json_safe(loaded.to_dict())))
-    with pytest.raises(STSInputError, match="No domain of these validation runs has a finite measured change"):
-        Calibration.from_validation(saved)
+    for saved in (json.loads(json.dumps(json_safe(loaded.to_dict()))), loaded.to_dict()):
+        with pytest.raises(STSInputError, match="No domain of these validation runs has a finite measured change"):
+            Calibration.from_validation(saved)
 
 
 def test_a_score_some_domains_lack_is_left_out_and_said(tmp_path, tokenizer):

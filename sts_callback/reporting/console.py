@@ -6,6 +6,7 @@ so that it stays one line however many domains are measured."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,7 +16,7 @@ SHOWN_DOMAINS = 6  # protected domains first, then the largest changes; the rest
 
 def with_interval(value: Any, interval: Any) -> str:
     """``-1.26±0.31%`` for a change with its (symmetric) 95% interval, ``-1.26%`` without one; ``n/a`` for none."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):  # numpy's floats too
         return "n/a"
     if not math.isfinite(value):
         return str(value)
@@ -34,10 +35,11 @@ def recheck_status(record: dict[str, Any], steps: int | None = None, protected: 
     at = f"STS re-check at step {record.get('step')}" + (f"/{steps}" if steps else "")
     if "error" in record:
         return f"{at}: failed ({record['error']})"
-    changes = {name: value for name, value in (record.get("loss_delta") or {}).items() if value is not None}
-    intervals = record.get("loss_delta_ci") or {}
+    measured = record.get("loss_delta") or {}
+    changes = {name: value for name, value in measured.items() if value is not None or name in protected}
+    intervals = record.get("loss_delta_ci") or {}  # a protected domain not measured shows as n/a, not dropped
     others = sorted((n for n in changes if n not in protected),
-                    key=lambda n: -abs(changes[n]) if math.isfinite(changes[n]) else -math.inf)
+                    key=lambda n: -abs(float(changes[n])) if math.isfinite(changes[n]) else -math.inf)
     order = [n for n in protected if n in changes] + others
     parts = [f"{name}{'*' if name in protected else ''} {with_interval(changes[name], intervals.get(name))}"
              for name in order[:max(shown, sum(n in changes for n in protected))]]

@@ -69,10 +69,10 @@ def md_code(value: Any) -> str:
     return " ".join(str(value).replace("`", "'").split())
 
 
-# Characters that would start formatting: emphasis (every asterisk and tilde, an underscore at a word's edge:
-# inside a word, as in loss_tokens, GitHub reads it as itself), code spans, and the bracket of a link or image
-# ("[x](" or "[x][": an interval's "[-1.0, +2.0]" reads as itself and keeps no backslash)
-MARKDOWN_SYNTAX = re.compile(r"[*~`]|(?<!\w)_|_(?!\w)|\[(?=[^\]]*\][(\[])")
+# Characters that would start formatting: emphasis (every asterisk and tilde, an underscore not between two letters
+# or digits: inside a word, as in loss_tokens, GitHub reads it as itself), code spans, and the closing bracket of a
+# link or image ("](" or "][": an interval's "[-1.0, +2.0]" reads as itself and keeps no backslash)
+MARKDOWN_SYNTAX = re.compile(r"[*~`]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -410,7 +410,8 @@ class ReportData:
         saved = [folder for step, folder in checkpoint_folders(self.sts_dir.parent) if step <= safe]
         where = (f"the latest checkpoint saved at or before it is {saved[-1].name}" if saved else
                  "no checkpoint was saved at or before it")
-        return (f"The weights at the stop are the harmed ones; the last re-check that broke no rule was at "
+        return (f"The weights at the stop are the harmed ones (unless the trainer then loaded an earlier best "
+                f"checkpoint); the last re-check that broke no rule was at "
                 f"{'the train start' if safe == 0 else f'step {safe}'}, and {where}")
 
     def projects_the_end(self, record: dict[str, Any]) -> bool:
@@ -752,8 +753,11 @@ def plot_timeline(data: ReportData) -> str | None:
         for record in records_warned:
             changes = {n: 100 * v for n, v in (record.get("loss_delta") or {}).items() if v is not None}
             said = texts(record)  # the guard's own messages quote a name; this report's start with it
-            named = [n for n in changes if any(repr(n) in text or text.startswith(f"{n}: ") for text in said)]
-            for value in [changes[n] for n in named] or [max(changes.values(), default=0.0)]:
+            domains = {*(record.get("loss_delta") or {}), *(record.get("accuracy_delta") or {})}
+            named = [n for n in domains if any(repr(n) in text or text.startswith(f"{n}: ") for text in said)]
+            # a named domain with no loss change (an lm-eval task's accuracy) has no point on this chart
+            for value in [changes[n] for n in named if n in changes] if named else [max(changes.values(),
+                                                                                         default=0.0)]:
                 steps.append(record["step"])
                 values.append(value)
         return steps, values

@@ -519,7 +519,8 @@ class Calibration:
             for seed in data["per_seed"]:
                 for domain, scores in seed["scores"].items():
                     change = (seed.get("nll_delta_rel") or {}).get(domain)
-                    if change is None or any(scores.get(f) is None for f in features):  # unmeasured: no pair
+                    unmeasured = change is None or not math.isfinite(change)  # a diverged run's: null, or NaN
+                    if unmeasured or any(scores.get(f) is None for f in features):  # no pair
                         continue
                     x.append([float(scores[f]) for f in features])
                     y.append(float(change))
@@ -529,8 +530,8 @@ class Calibration:
         if not y:
             available = sorted({k for data, _ in records for seed in data["per_seed"]
                                 for scores in seed["scores"].values() for k, v in scores.items() if v is not None})
-            measured = any(value is not None for data, _ in records for seed in data["per_seed"]
-                           for value in (seed.get("nll_delta_rel") or {}).values())
+            measured = any(value is not None and math.isfinite(value) for data, _ in records
+                           for seed in data["per_seed"] for value in (seed.get("nll_delta_rel") or {}).values())
             if not measured:  # a diverged run: every change NaN, written null
                 raise STSInputError("No domain of these validation runs has a finite measured change (every held-out "
                                     "NLL change is null: the training diverged); validate again with a lower "

@@ -1162,11 +1162,15 @@ def _speaking_config_keys(config: str, flags: set[str]):
     try:
         yield
     except STSError as err:
-        def key(match: re.Match) -> str:
-            name = match.group(1)
-            return f"--{name.replace('_', '-')}" if name in flags else f"`validation: {name}` in {config}"
+        def key(name: str) -> str:
+            return f"--{name.replace('_', '-')}" if name in flags else f"`validation: {name}`"
 
-        raise type(err)(re.sub(r"validate\((\w+)=(?:[^()]|\([^()]*\))*\)", key, str(err))) from err
+        def keys(match: re.Match) -> str:  # every setting named inside validate(...), each as its key or flag
+            names = re.findall(r"(?:^|,\s*)(\w+)=", match.group(1))
+            said = " and ".join(key(name) for name in names)
+            return said + (f" in {config}" if any(name not in flags for name in names) else "")
+
+        raise type(err)(re.sub(r"validate\(((?:[^()]|\([^()]*\))*)\)", keys, str(err))) from err
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

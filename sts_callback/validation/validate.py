@@ -409,14 +409,22 @@ class ValidationResult:
         ranking = self.config.get("ranking")
         if ranking not in self.variants:
             return []
-        r = summary["nll"][ranking]["abs"]["pearson"]["mean"]
-        if r is None:
+        lines = []
+        diverged = {s.seed: s.diverged() for s in self.per_seed if s.diverged()}
+        if diverged:  # said whenever a seed diverged, not only when every correlation is n/a
+            lines += ["", "diverged: " + "; ".join(f"seed {seed}'s held-out NLL after training is not finite on "
+                                                   f"{names}" for seed, names in diverged.items())
+                      + f" (lower the learning rate, {self.training.get('learning_rate'):g}); its correlations are n/a"]
+        aggregate = summary["nll"][ranking]["abs"]["pearson"]
+        r, counted = aggregate["mean"], aggregate.get("n") or 0
+        if r is None:  # no correlation at all: the table's n/a line says why (a divergence among them)
             return []
         held = "meets it" if r >= NOISE_CEILING_GOAL else "short of it"
-        seeds = f", mean over {len(self.per_seed)} seeds" if len(self.per_seed) > 1 else ""
-        return ["", f"verdict: {LABELS.get(ranking, ranking)}, the forecast's ranking score, orders these "
-                    f"{len(self.domains)} domains by the size of their change at Pearson r {r:+.2f}{seeds} (the "
-                    f"method's goal {NOISE_CEILING_GOAL:.2f}): {held} on this setup"]
+        seeds = (f", mean over {counted} seeds" if counted > 1 else "") + (
+            f" (of {len(self.per_seed)}; the others have no correlation)" if counted < len(self.per_seed) else "")
+        return lines + ["", f"verdict: {LABELS.get(ranking, ranking)}, the forecast's ranking score, orders these "
+                            f"{len(self.domains)} domains by the size of their change at Pearson r {r:+.2f}{seeds} "
+                            f"(the method's goal {NOISE_CEILING_GOAL:.2f}): {held} on this setup"]
 
     def _noise_lines(self) -> list[str]:
         ceiling = self.noise_ceiling
@@ -671,7 +679,10 @@ def check_trainer_fields(kind: str, training_args: dict[str, Any], batch_size: i
                              f"this training is validated with {TRAINERS[kind][0]} (GRPOConfig's fields with "
                              "reward_funcs=, DPOConfig's for prompt / chosen / rejected pairs). Remove them.")
     if kind == "grpo" and batch_size is not None:
-        from trl import GRPOConfig
+        try:
+            from trl import GRPOConfig
+        except ImportError as err:
+            raise STSInputError(f"validate trains this data with TRL's {TRAINERS[kind][0]}: pip install trl.") from err
 
         generations = training_args.get("num_generations", GRPOConfig.__dataclass_fields__["num_generations"].default)
         steps = training_args.get("steps_per_generation") or training_args.get("gradient_accumulation_steps", 1)
