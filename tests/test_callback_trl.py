@@ -233,23 +233,29 @@ def test_grpo_rechecks_probe_the_current_policys_completions_of_fresh_prompts(tm
     assert all(any(ids[:len(p)] == p or ids[1:len(p) + 1] == p[1:] for p in prompts) for ids, _ in cb.monitor.probe)
 
 
-def test_grpo_rechecks_keep_their_measurement_when_a_group_reading_reward_cannot_score_the_probe(tmp_path,
-                                                                                                  tokenizer):
-    """The probe samples 2 completions a prompt; a reward that reads whole groups of num_generations raised there,
-    and every re-check lost its loss changes for a reward that only feeds the probe's mean_reward."""
+def grpo_lora_run(tmp_path, tokenizer, reward, prompts: int, max_steps: int):
+    """A GRPO LoRA run (groups of 4 completions, the probe's of 2) with the callback re-checking every 2 steps."""
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
-
-    def rank_in_group(completions, **kwargs):
-        return torch.tensor([float(len(c)) for c in completions]).view(-1, 4).argsort(dim=1).flatten().tolist()
 
     cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8},
                   recheck_tokens=24)
     args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=4, max_completion_length=8, temperature=1.5,
-                      **COMMON)
-    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=rank_in_group, args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 16)}), callbacks=[cb],
+                      **{**COMMON, "max_steps": max_steps})
+    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=reward, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", prompts)}), callbacks=[cb],
                           peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    return cb, trainer
+
+
+def test_grpo_rechecks_keep_their_measurement_when_a_group_reading_reward_cannot_score_the_probe(tmp_path,
+                                                                                                  tokenizer):
+    """The probe samples 2 completions a prompt; a reward that reads whole groups of num_generations raised there,
+    and every re-check lost its loss changes for a reward that only feeds the probe's mean_reward."""
+    def rank_in_group(completions, **kwargs):
+        return torch.tensor([float(len(c)) for c in completions]).view(-1, 4).argsort(dim=1).flatten().tolist()
+
+    cb, trainer = grpo_lora_run(tmp_path, tokenizer, rank_in_group, prompts=16, max_steps=4)
     with pytest.warns(STSDataWarning, match="probe's rewards at step 2 are left out.*rollout_generations=4"):
         trainer.train()
     assert [r["step"] for r in cb.history] == [2, 4]
@@ -261,9 +267,6 @@ def test_grpo_rechecks_keep_their_measurement_when_a_group_reading_reward_cannot
 def test_a_reward_failing_at_a_recheck_is_left_out_of_that_recheck_and_tried_again_until_it_fails_three_in_a_row(
         tmp_path, tokenizer, fails_at):
     """A reward API timing out once at a re-check turned the probe's mean_reward off for the rest of the run."""
-    from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
-
     failed, calls = set(), []
 
     def reward_api(completions, trainer_state=None, **kwargs):  # STS's re-check calls it first at its step
@@ -273,13 +276,7 @@ def test_a_reward_failing_at_a_recheck_is_left_out_of_that_recheck_and_tried_aga
             raise ConnectionError("reward API timed out")
         return [float(len(c)) for c in completions]
 
-    cb = callback(config={**FAST, "rollout_prompts": 4, "rollout_generations": 4, "rollout_max_tokens": 8},
-                  recheck_tokens=24)
-    args = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=4, max_completion_length=8, temperature=1.5,
-                      **{**COMMON, "max_steps": 8})
-    trainer = GRPOTrainer(model=make_model("llama"), reward_funcs=reward_api, args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": domain_texts("law", 32)}), callbacks=[cb],
-                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    cb, trainer = grpo_lora_run(tmp_path, tokenizer, reward_api, prompts=32, max_steps=8)
     with pytest.warns(STSDataWarning) as caught:
         trainer.train()
     said = [str(w.message) for w in caught if "probe's rewards" in str(w.message)]
