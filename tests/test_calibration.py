@@ -1,11 +1,12 @@
 """Calibration: forecast score -> predicted change with an interval; cross-validation; early forecast."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from sts_callback import STSInputError
+from sts_callback import STSDataWarning, STSInputError
 from sts_callback.scoring.calibration import (
     Calibration,
     fitted_exponent,
@@ -240,8 +241,12 @@ def test_cli_calibrate_writes_a_calibration_the_callback_reads(tmp_path, capsys)
     out = tmp_path / "cal.json"
     assert main(["calibrate", str(tmp_path / "validation.json"), "--features", "sts_icl", "signed_usage",
                  "--out", str(out)]) == 0
-    assert "5 measured (domain, seed) pairs" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "5 measured (domain, seed) pairs" in said
+    # the residual std read against how far the changes spread (alone it cannot say whether the features help)
+    assert re.search(r"against the changes' spread 1\.41% \(the features account for \d+% of it\)", said)
     assert Calibration.load(out).features == ["sts_icl", "signed_usage"]
+    assert Calibration.load(out).fitted_on["changes_spread"] == pytest.approx(np.std([0, 0.01, 0.02, 0.03, 0.04]))
     assert main(["calibrate", str(tmp_path / "missing")]) == 2
     assert "No validation.json" in capsys.readouterr().err
     (tmp_path / "run" / "sts").mkdir(parents=True)  # a training run's folder given without --runs
@@ -287,3 +292,42 @@ def test_a_domain_off_the_features_correlation_gets_the_wide_interval_least_squa
     for fitted in (calibration, Calibration.load(calibration.save(tmp_path / "c.json"))):
         prediction = fitted.predict(list(query))
         assert (prediction.high - prediction.low) / 2 == pytest.approx(ols, rel=1e-6)
+
+
+def test_predict_takes_one_value_per_feature_and_names_what_is_not_a_number():
+    """A 2-feature calibration took predict(0.5) (numpy spread it over both features) and even predict("0.5"); a
+    NaN feature was blamed on the calibration ("refit it")."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(40, 2))
+    calibration = Calibration.fit(X, 0.3 * X[:, 0] + rng.normal(0, 0.01, 40), ["a", "b"])
+    for values in (0.5, [0.5], "0.5", [0.5, 0.5, 0.5]):
+        with pytest.raises(STSInputError, match=r"feature|numbers"):
+            calibration.predict(values)
+    with pytest.raises(STSInputError, match=r"\{'a': nan\} are not finite numbers"):
+        calibration.predict({"a": float("nan"), "b": 0.1})
+    assert calibration.predict([np.float32(0.5), 0.1]).mean == pytest.approx(calibration.predict([0.5, 0.1]).mean,
+                                                                               rel=1e-6)
+    # among a forecast's domains, one whose score could not be computed is left out, the others predicted
+    with pytest.warns(STSDataWarning, match=r"\['x'\] have a feature that is not a finite number"):
+        predicted = calibration.predict_all({"x": {"a": float("nan"), "b": 0.0}, "y": {"a": 0.2, "b": 0.0}})
+    assert list(predicted) == ["y"]
+
+
+def test_from_validation_refuses_copies_and_nothing_and_warns_of_a_fit_with_no_freedom(tmp_path):
+    """A copied validation folder counted its pairs twice (intervals 20% narrower); an empty list was called a
+    diverged training; six features on eight pairs passed without a word; the runs' length went unrecorded, so
+    the callback never compared it with its own run's."""
+    def record(out, shift=0.0, steps=16, domains="abcdef"):
+        return {"output_dir": out, "training": {"steps": steps, "learning_rate": 1e-3}, "per_seed": [
+            {"scores": {d: {"sts_icl": float(i) + shift, "sts_act": float(i * i)} for i, d in enumerate(domains)},
+             "nll_delta_rel": {d: 0.01 * i + shift / 100 + 0.001 * (i % 2) for i, d in enumerate(domains)}}]}
+
+    with pytest.raises(STSInputError, match=r"hold the same measured changes \(copies of one validation\)"):
+        Calibration.from_validation([record("v1"), record("v2")], ["sts_icl"])
+    with pytest.raises(STSInputError, match="No validation given"):
+        Calibration.from_validation([], ["sts_icl"])
+    with pytest.warns(STSDataWarning, match=r"2 feature\(s\) and a level on 5 \(domain, seed\) pairs: 2 degree"):
+        few = Calibration.from_validation([record("v1", domains="abcde")], ["sts_icl", "sts_act"])
+    assert few.fitted_run_steps == [16]
+    with pytest.warns(STSDataWarning, match=r"different lengths or rates \(steps \[16, 64\]"):
+        Calibration.from_validation([record("v1"), record("v2", 0.5, steps=64)], ["sts_icl"])

@@ -355,3 +355,16 @@ def test_a_validate_output_is_named_by_its_seed_runs(tmp_path):
         (tmp_path / "val" / f"seed-{seed}" / "sts" / "history.jsonl").write_text("")
     with pytest.raises(STSInputError, match=r"validate\(\) output of 2 seed run\(s\) \(seed-0, seed-1\)"):
         Calibration.from_runs([tmp_path / "val"])
+
+
+def test_seed_folders_of_one_validation_given_as_runs_are_said_to_be_one_source(tmp_path):
+    """The error for a validate() folder told the user to pass its seed folders, which were then fitted as
+    separate sources: the level's spread was seed noise and the intervals too narrow, unsaid."""
+    validation = tmp_path / "val"
+    (validation / "sts").mkdir(parents=True)
+    (validation / "sts" / "validation.json").write_text("{}")
+    seeds = [write_run(validation / f"seed-{i}", 10 + i) for i in range(3)]
+    with pytest.raises(STSInputError, match="reads without --runs .* pass one seed folder of it"):
+        Calibration.from_runs([str(validation)], ["f0"])
+    with pytest.warns(STSDataWarning, match=r"are seeds of one validation .*one training source"):
+        Calibration.from_runs(seeds + runs_in(tmp_path, 2), ["f0"])

@@ -1071,6 +1071,8 @@ def test_not_predicted_leaves_a_domain_out_of_the_calibrated_prediction(tmp_path
         make_callback(not_predicted=["lawn"], calibration="gemma3-270m-lora")  # known when built: said then
     with pytest.warns(STSDataWarning, match=r"protected domain\(s\) \['food'\] are in not_predicted"):
         make_callback(not_predicted=["food"], protected=["food"], calibration="gemma3-270m-lora")
+    with pytest.raises(STSConfigError, match="holds every target domain, so the calibration predicts none"):
+        make_callback(not_predicted=list(DOMAINS), calibration="gemma3-270m-lora")  # the table fell back unsaid
 
 
 def test_the_negative_transfer_warning_is_importable_from_the_package_root():

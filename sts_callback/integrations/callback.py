@@ -232,6 +232,10 @@ class STSCallback(TrainerCallback, ExportableState):
             if unknown:  # known now: not after the train-start set-up
                 raise STSConfigError(f"not_predicted={unknown} are not among the target domains "
                                      f"{sorted(target_domains)}.")
+            if target_domains and set(target_domains) <= set(self._not_predicted):
+                raise STSConfigError(f"not_predicted={self._not_predicted} holds every target domain, so the "
+                                     "calibration predicts none of them: leave out only the domains it does not "
+                                     "cover (e.g. the training data's own), or pass no calibration.")
         self._session_args = (values["sae"], config, guard, recheck, output_subdir, calibration)
         self.session = STSSession(*self._session_args, strict=strict, not_predicted=self._not_predicted)
         used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []

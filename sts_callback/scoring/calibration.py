@@ -318,6 +318,13 @@ class Calibration:
             domains = {name: {**values, PRIOR: p} for (name, values), p in zip(domains.items(), priors)}
         usable = {name: [float(values[f]) for f in self.features] for name, values in domains.items()
                   if all(values.get(f) is not None for f in self.features)}
+        unfinite = [name for name, values in usable.items() if not all(math.isfinite(v) for v in values)]
+        if unfinite:  # one domain's score the forecast could not compute: that domain, not every prediction, goes
+            warnings.warn(f"Domain(s) {unfinite} have a feature that is not a finite number (a score the forecast "
+                          "could not compute there): not predicted.", STSDataWarning, stacklevel=2)
+            usable = {name: values for name, values in usable.items() if name not in unfinite}
+            if not usable:
+                return {}
         if not usable:
             if domains:  # an empty result would read as "nothing to predict": say which features are missing
                 absent = [f for f in self.features if all(v.get(f) is None for v in domains.values())]
@@ -361,10 +368,26 @@ class Calibration:
             missing = [f for f in self.features if values.get(f) is None]
             if missing:
                 raise STSInputError(f"This calibration needs the feature(s) {missing}; the forecast lacks them.")
-            values = [float(values[f]) for f in self.features]
-        elif isinstance(values, (int, float)):
-            values = [float(values)]
+            values = [values[f] for f in self.features]
+        elif isinstance(values, numbers.Real):
+            values = [values]
+        if isinstance(values, (str, bytes)) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                       for v in values):
+            raise STSInputError(f"predict() takes this calibration's feature values as numbers: a dict by name or a "
+                                f"list in the order {self.features}, got {values!r}.")
+        if len(values) != len(self.features):  # numpy would spread one number over every feature
+            raise STSInputError(f"This calibration uses {len(self.features)} feature(s), {self.features}; got "
+                                f"{len(values)} value(s). Give a dict by feature name.")
+        self._check_finite(dict(zip(self.features, values)))
         return self._predict(np.asarray(values, dtype=np.float64), self.intercept)
+
+    def _check_finite(self, values: dict[str, float], domain: str | None = None) -> None:
+        """A feature that is not a finite number (a score the forecast could not compute) is the input's, named."""
+        bad = {f: v for f, v in values.items() if not math.isfinite(float(v))}
+        if bad:
+            raise STSInputError(f"The feature value(s) {bad}" + (f" of domain {domain!r}" if domain else "")
+                                + " are not finite numbers: the forecast could not compute them there (a diverged "
+                                "model, or too few tokens); the calibration cannot predict from them.")
 
     def _predict(self, values: np.ndarray, base: float, leverage: float | None = None) -> Prediction:
         z = self._z(values)
@@ -540,8 +563,33 @@ class Calibration:
                                 f"they have {available}. Pass features= (`sts calibrate --features`) from those, "
                                 "or re-run `sts validate`.")
         scope = shared_scope(scopes)
-        return cls.fit(x, y, features, level=level,
-                       fitted_on={"validations": used, "pairs": len(y), **({"scope": scope} if scope else {})})
+        # the runs' length and rate: how far training moved the domains, which the level (intercept) is
+        steps = sorted({int(data["training"]["steps"]) for data, _ in records
+                        if isinstance((data.get("training") or {}).get("steps"), int)})
+        rates = sorted({float(data["training"]["learning_rate"]) for data, _ in records
+                        if isinstance((data.get("training") or {}).get("learning_rate"), (int, float))})
+        if len(steps) > 1 or len(rates) > 1:
+            warnings.warn(f"The validations were trained for different lengths or rates (steps {steps}, learning "
+                          f"rates {rates}): one level fits them all, and the changes it predicts belong to none of "
+                          "them. Fit one calibration per recipe.", STSDataWarning, stacklevel=2)
+        spare = len(y) - len(features) - 1
+        if spare <= 2:
+            warnings.warn(f"The calibration fits {len(features)} feature(s) and a level on {len(y)} (domain, seed) "
+                          f"pairs: {max(spare, 0)} degree(s) of freedom left, so it can follow these runs' noise and "
+                          "its intervals cannot be trusted on a new run. Validate more sources (or seeds), or fit "
+                          "fewer features.", STSDataWarning, stacklevel=2)
+        calibration = cls.fit(x, y, features, level=level,
+                              fitted_on={"validations": used, "pairs": len(y), **({"steps": steps} if steps else {}),
+                                         # how far the changes spread: what the residual std is read against
+                                         "changes_spread": float(np.std(y)),
+                                         **({"scope": scope} if scope else {})})
+        changes = np.asarray(y, dtype=np.float64)
+        if spare > 2 and calibration.sigma <= 0.01 * float(changes.std()):
+            warnings.warn(f"The calibration reproduces its {len(y)} pairs almost exactly (residual std "
+                          f"{calibration.sigma:.2g} against changes spread {float(changes.std()):.2g}): its intervals "
+                          "will be far too narrow for a new run. Fit on more validations, or on fewer features.",
+                          STSDataWarning, stacklevel=2)
+        return calibration
 
 
 RUN_LEVEL_METHODS = ("lookahead", "compressed", "first_order")  # the run-level terms (pipelines.runlevel), a feature each
@@ -568,15 +616,27 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
 
     stores = [RunStore(run_sts_folder(item)) for item in runs]
     _refuse_duplicates(runs, stores)
+    parents: dict[Path, list[str]] = {}
+    for item in runs:  # a validate() output's seed folders: one training source, trained again with another seed
+        folder = Path(item).resolve()
+        if folder.name.startswith("seed-") and (folder.parent / "sts" / "validation.json").is_file():
+            parents.setdefault(folder.parent, []).append(str(item))
+    for parent, seeds in parents.items():
+        if len(seeds) > 1:
+            warnings.warn(f"Runs {seeds} are seeds of one validation ({parent}): one training source, so the level's "
+                          "spread across them is seed noise, not how far runs of other sources move the domains "
+                          "(its intervals come out too narrow). Give runs of several sources.", STSDataWarning,
+                          stacklevel=3)
     records = []
     for item, store in zip(runs, stores):
         if not Path(item).exists():
             raise STSInputError(f"{item}: no such folder; pass the output_dir of a run trained with STSCallback.")
         seeds = sorted(p.name for p in Path(item).glob("seed-*") if (p / "sts" / HISTORY_FILE).is_file())
         if seeds:  # validate()'s output: one training run per seed, each in its own folder
-            raise STSInputError(f"{item} is a validate() output of {len(seeds)} seed run(s) ({', '.join(seeds)}): "
-                                f"pass each seed's run folder ({', '.join(str(Path(item) / s) for s in seeds)}) to "
-                                "calibrate on every one.")
+            raise STSInputError(f"{item} is a validate() output of {len(seeds)} seed run(s) ({', '.join(seeds)}), "
+                                "which `sts calibrate` reads without --runs (its validation.json). --runs wants runs "
+                                "of several training sources (their level is fitted across sources); pass one seed "
+                                f"folder of it (e.g. {Path(item) / seeds[0]}) among other sources' runs.")
         if not store.forecast_path.is_file():
             inside = next((parent for parent in Path(item).resolve().parents
                            if (run_sts_folder(parent) / FORECAST_FILE).is_file()), None)
@@ -797,6 +857,9 @@ def _validation_records(results) -> list[tuple[dict[str, Any], str | None]]:
     records (``files["json"]``, or ``output_dir``), else None."""
     if isinstance(results, (str, Path, dict)):
         results = [results]
+    results = list(results)
+    if not results:
+        raise STSInputError("No validation given: give at least one validation.json or the folder holding it.")
     records = []
     for item in results:
         if isinstance(item, dict):
@@ -818,6 +881,12 @@ def _validation_records(results) -> list[tuple[dict[str, Any], str | None]]:
     repeated = sorted({s for s in sources if sources.count(s) > 1})
     if repeated:  # each copy would count its pairs again and narrow the intervals
         raise STSInputError(f"The same validation was given more than once ({repeated}); give each once.")
+    measured = [json.dumps([seed.get("nll_delta_rel") for seed in data["per_seed"]], sort_keys=True)
+                for data, _ in records]
+    copies = sorted({str(source) for (_, source), m in zip(records, measured) if measured.count(m) > 1})
+    if copies:  # a copied folder: the same measured changes under another path
+        raise STSInputError(f"Validations {copies} hold the same measured changes (copies of one validation); "
+                            "give each once: a copy counts its pairs again and narrows the intervals.")
     return records
 
 

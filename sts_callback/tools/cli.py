@@ -1202,9 +1202,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _check_no_overwrite([(out, f"The calibration output {out}")], inputs)
     calibration = Calibration.from_validation(args.validations, args.features or [DEFAULT_SIGNED], level=args.level)
     path = calibration.save(out)
+    spread = calibration.fitted_on["changes_spread"]
+    explained = 1 - (calibration.sigma / spread) ** 2 if spread > 0 else None
     print(f"calibration on {calibration.n} measured (domain, seed) pairs, features {calibration.features}: "
-          f"residual std {calibration.sigma:.2%} of the NLL; its predictions come with {calibration.level:.0%} "
-          "intervals")
+          f"residual std {calibration.sigma:.2%} of the NLL against the changes' spread {spread:.2%}"
+          + (f" (the features account for {max(explained, 0):.0%} of it)" if explained is not None else "")
+          + f"; its predictions come with {calibration.level:.0%} intervals")
     print(f"wrote {path}; use it with STSCallback(..., calibration={str(path)!r})")
     return 0
 
