@@ -307,6 +307,11 @@ def test_predict_takes_one_value_per_feature_and_names_what_is_not_a_number():
         calibration.predict({"a": float("nan"), "b": 0.1})
     assert calibration.predict([np.float32(0.5), 0.1]).mean == pytest.approx(calibration.predict([0.5, 0.1]).mean,
                                                                                rel=1e-6)
+    import torch
+
+    one = Calibration.fit(X[:, :1], 0.3 * X[:, 0] + rng.normal(0, 0.01, 40), ["a"])
+    for number in (np.array(0.5), torch.tensor(0.5), torch.tensor([0.5]), {"a": torch.tensor(0.5)}, (0.5,)):
+        assert one.predict(number).mean == pytest.approx(one.predict(0.5).mean)  # numbers however held
     # among a forecast's domains, one whose score could not be computed is left out, the others predicted
     with pytest.warns(STSDataWarning, match=r"\['x'\] have a feature that is not a finite number"):
         predicted = calibration.predict_all({"x": {"a": float("nan"), "b": 0.0}, "y": {"a": 0.2, "b": 0.0}})
@@ -324,6 +329,13 @@ def test_from_validation_refuses_copies_and_nothing_and_warns_of_a_fit_with_no_f
 
     with pytest.raises(STSInputError, match=r"hold the same measured changes \(copies of one validation\)"):
         Calibration.from_validation([record("v1"), record("v2")], ["sts_icl"])
+    # two diverged validations (every change null) are no copies: they add no pair, the good one is fitted
+    diverged = [{**record(f"div{i}", i + 1.0), "per_seed": [{**record("x", i + 1.0)["per_seed"][0],
+                                                            "nll_delta_rel": {d: None for d in "abcdef"}}]}
+                for i in range(2)]
+    assert Calibration.from_validation([record("v1"), *diverged], ["sts_icl"]).n == 6
+    with pytest.raises(STSInputError, match=r"validation #1 \(in memory\)', 'validation #2"):
+        Calibration.from_validation([{k: v for k, v in record("x").items() if k != "output_dir"}] * 2, ["sts_icl"])
     with pytest.raises(STSInputError, match="No validation given"):
         Calibration.from_validation([], ["sts_icl"])
     with pytest.warns(STSDataWarning, match=r"2 feature\(s\) and a level on 5 \(domain, seed\) pairs: 2 degree"):

@@ -366,5 +366,7 @@ def test_seed_folders_of_one_validation_given_as_runs_are_said_to_be_one_source(
     seeds = [write_run(validation / f"seed-{i}", 10 + i) for i in range(3)]
     with pytest.raises(STSInputError, match="reads without --runs .* pass one seed folder of it"):
         Calibration.from_runs([str(validation)], ["f0"])
-    with pytest.warns(STSDataWarning, match=r"are seeds of one validation .*one training source"):
-        Calibration.from_runs(seeds + runs_in(tmp_path, 2), ["f0"])
+    others = runs_in(tmp_path, 2)
+    for given in (seeds, [f"{seed}/sts" for seed in seeds]):  # a seed's folder, or its sts/ folder
+        with pytest.warns(STSDataWarning, match=r"are seeds of one validation .*one training source"):
+            Calibration.from_runs(given + others, ["f0"])

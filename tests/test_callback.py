@@ -1073,6 +1073,15 @@ def test_not_predicted_leaves_a_domain_out_of_the_calibrated_prediction(tmp_path
         make_callback(not_predicted=["food"], protected=["food"], calibration="gemma3-270m-lora")
     with pytest.raises(STSConfigError, match="holds every target domain, so the calibration predicts none"):
         make_callback(not_predicted=list(DOMAINS), calibration="gemma3-270m-lora")  # the table fell back unsaid
+    files = []  # targets as paths: the domains' names are known at train start, and refused there
+    for name in DOMAINS:
+        (tmp_path / f"{name}.txt").write_text("\n".join(domain_texts(name, 30)))
+        files.append(str(tmp_path / f"{name}.txt"))
+    callback = make_callback(target_domains=files, not_predicted=list(DOMAINS), calibration="gemma3-270m-lora")
+    trainer = make_trainer(tmp_path / "paths", tokenizer, callback)
+    with pytest.raises(STSConfigError, match="holds every target domain"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_the_negative_transfer_warning_is_importable_from_the_package_root():

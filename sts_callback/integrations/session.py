@@ -402,6 +402,10 @@ class STSSession:
         unknown = [p for p in self.not_predicted if p not in domains]
         if unknown:
             raise STSConfigError(f"not_predicted={unknown} are not among the target domains {sorted(domains)}.")
+        if domains and self.calibration is not None and set(domains) <= set(self.not_predicted):
+            raise STSConfigError(f"not_predicted={self.not_predicted} holds every target domain, so the calibration "
+                                 "predicts none of them: leave out only the domains it does not cover (e.g. the "
+                                 "training data's own), or pass no calibration.")
         if self._started and self.is_main:
             warnings.warn("STSSession.prepare() after start(): the run's base measurements belong to the monitor it "
                           "replaces; call start(...) (a new run) or resume(...) before the next re-check.",

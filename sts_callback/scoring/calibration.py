@@ -369,12 +369,15 @@ class Calibration:
             if missing:
                 raise STSInputError(f"This calibration needs the feature(s) {missing}; the forecast lacks them.")
             values = [values[f] for f in self.features]
-        elif isinstance(values, numbers.Real):
+        elif not isinstance(values, (str, bytes)) and np.ndim(values) == 0:  # a number, a 0-d array or tensor
             values = [values]
-        if isinstance(values, (str, bytes)) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
-                                                       for v in values):
+        try:
+            if isinstance(values, (str, bytes)) or any(isinstance(v, (str, bytes, bool)) for v in values):
+                raise TypeError
+            values = [float(v) for v in values]  # numpy and torch numbers too
+        except (TypeError, ValueError):
             raise STSInputError(f"predict() takes this calibration's feature values as numbers: a dict by name or a "
-                                f"list in the order {self.features}, got {values!r}.")
+                                f"list in the order {self.features}, got {values!r}.") from None
         if len(values) != len(self.features):  # numpy would spread one number over every feature
             raise STSInputError(f"This calibration uses {len(self.features)} feature(s), {self.features}; got "
                                 f"{len(values)} value(s). Give a dict by feature name.")
@@ -618,7 +621,7 @@ def run_records(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     _refuse_duplicates(runs, stores)
     parents: dict[Path, list[str]] = {}
     for item in runs:  # a validate() output's seed folders: one training source, trained again with another seed
-        folder = Path(item).resolve()
+        folder = run_sts_folder(item).resolve().parent  # a seed folder, or its sts/ folder
         if folder.name.startswith("seed-") and (folder.parent / "sts" / "validation.json").is_file():
             parents.setdefault(folder.parent, []).append(str(item))
     for parent, seeds in parents.items():
@@ -852,6 +855,12 @@ def _validation_scope(data: dict[str, Any], source: str | None) -> dict[str, Any
     return {}
 
 
+def _named(records: list[tuple[dict[str, Any], str | None]], index: int) -> str:
+    """A validation as an error names it: its path, or its place in the list for one held in memory."""
+    source = records[index][1]
+    return str(source) if source is not None else f"validation #{index + 1} (in memory)"
+
+
 def _validation_records(results) -> list[tuple[dict[str, Any], str | None]]:
     """Each validation result with where it came from: its file's absolute path; for a dict, the path it
     records (``files["json"]``, or ``output_dir``), else None."""
@@ -881,9 +890,19 @@ def _validation_records(results) -> list[tuple[dict[str, Any], str | None]]:
     repeated = sorted({s for s in sources if sources.count(s) > 1})
     if repeated:  # each copy would count its pairs again and narrow the intervals
         raise STSInputError(f"The same validation was given more than once ({repeated}); give each once.")
-    measured = [json.dumps([seed.get("nll_delta_rel") for seed in data["per_seed"]], sort_keys=True)
+    # each seed's finite changes and scores: a validation with none (every change null: diverged) adds no pair
+    measured = [[json.dumps([{d: v for d, v in (seed.get("nll_delta_rel") or {}).items() if _finite(v)},
+                             seed.get("scores")], sort_keys=True)
+                 for seed in data["per_seed"] if any(_finite(v) for v in (seed.get("nll_delta_rel") or {}).values())]
                 for data, _ in records]
-    copies = sorted({str(source) for (_, source), m in zip(records, measured) if measured.count(m) > 1})
+    seen: dict[str, int] = {}
+    copies = []
+    for index, ((_, source), seeds) in enumerate(zip(records, measured)):
+        for seed in seeds:  # a seed another validation holds too (a copy, or a rerun of its seeds into a folder)
+            if seed in seen and seen[seed] != index:
+                copies += [_named(records, seen[seed]), _named(records, index)]
+            seen.setdefault(seed, index)
+    copies = sorted(set(copies))
     if copies:  # a copied folder: the same measured changes under another path
         raise STSInputError(f"Validations {copies} hold the same measured changes (copies of one validation); "
                             "give each once: a copy counts its pairs again and narrows the intervals.")
