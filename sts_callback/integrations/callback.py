@@ -39,7 +39,7 @@ from ..pipelines.preference import Truncation
 from ..scoring.calibration import own_feature
 from ..pipelines.recheck import RecheckConfig, RecheckSteps
 from ..reporting import trackers
-from .session import COUNTERS, STSNegativeTransferWarning, STSSession
+from .session import COUNTERS, STSNegativeTransferWarning, STSSession, check_not_predicted
 from .trainer_shift import (DISTILLATION_SHIFTS, RL_SHIFTS, ROLLOUT_SHIFTS, check_shift, forecast_runner,
                             fresh_rollout_probe, is_online, is_rl, likelihood_term, resolve_shift, rollout_data,
                             rollout_probe, trainer_distillation_rollouts, trainer_rollouts, unreproduced_generation)
@@ -227,15 +227,8 @@ class STSCallback(TrainerCallback, ExportableState):
             raise STSConfigError("not_predicted only applies with a calibration: pass calibration=... (a JSON of "
                                  "`sts calibrate` or a built-in name), or leave not_predicted out.")
         self._not_predicted = list(not_predicted)
-        if isinstance(target_domains, dict):
-            unknown = [n for n in self._not_predicted if n not in target_domains]
-            if unknown:  # known now: not after the train-start set-up
-                raise STSConfigError(f"not_predicted={unknown} are not among the target domains "
-                                     f"{sorted(target_domains)}.")
-            if target_domains and set(target_domains) <= set(self._not_predicted):
-                raise STSConfigError(f"not_predicted={self._not_predicted} holds every target domain, so the "
-                                     "calibration predicts none of them: leave out only the domains it does not "
-                                     "cover (e.g. the training data's own), or pass no calibration.")
+        if isinstance(target_domains, dict):  # known now: not after the train-start set-up
+            check_not_predicted(self._not_predicted, list(target_domains))
         self._session_args = (values["sae"], config, guard, recheck, output_subdir, calibration)
         self.session = STSSession(*self._session_args, strict=strict, not_predicted=self._not_predicted)
         used = [*self.calibration.score_features, *self.calibration.source_features] if self.calibration is not None else []

@@ -121,6 +121,18 @@ COUNTERS = ("violations_in_a_row", "warned", "violating", "stop_reason", "base_l
             "base_accuracy", "base_answers", "run_id", "adapters_start_at_the_base")
 
 
+def check_not_predicted(not_predicted: list[str], domains: list[str], calibrated: bool = True) -> None:
+    """``not_predicted`` names target domains, and (with a calibration) not all of them: the calibration would
+    predict none, and the table fall back to raw scores unsaid."""
+    unknown = [p for p in not_predicted if p not in domains]
+    if unknown:
+        raise STSConfigError(f"not_predicted={unknown} are not among the target domains {sorted(domains)}.")
+    if calibrated and domains and set(domains) <= set(not_predicted):
+        raise STSConfigError(f"not_predicted={not_predicted} holds every target domain, so the calibration predicts "
+                             "none of them: leave out only the domains it does not cover (e.g. the training data's "
+                             "own), or pass no calibration.")
+
+
 def _rule_value(value: Any) -> Any:
     """A guard setting as compared across a resume: the protected domains as a set (their order is no rule)."""
     return frozenset(value) if isinstance(value, list) else value
@@ -399,13 +411,7 @@ class STSSession:
         unknown = [p for p in self.guard.config.protected if p not in domains]
         if unknown:
             raise STSConfigError(f"protected={unknown} are not among the target domains {sorted(domains)}.")
-        unknown = [p for p in self.not_predicted if p not in domains]
-        if unknown:
-            raise STSConfigError(f"not_predicted={unknown} are not among the target domains {sorted(domains)}.")
-        if domains and self.calibration is not None and set(domains) <= set(self.not_predicted):
-            raise STSConfigError(f"not_predicted={self.not_predicted} holds every target domain, so the calibration "
-                                 "predicts none of them: leave out only the domains it does not cover (e.g. the "
-                                 "training data's own), or pass no calibration.")
+        check_not_predicted(self.not_predicted, list(domains), calibrated=self.calibration is not None)
         if self._started and self.is_main:
             warnings.warn("STSSession.prepare() after start(): the run's base measurements belong to the monitor it "
                           "replaces; call start(...) (a new run) or resume(...) before the next re-check.",
@@ -1448,4 +1454,4 @@ def _latest_checkpoint_of(checkpoint: RunStore, run_id: str) -> Path | None:
     return ours[-1] if ours else None
 
 
-__all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree"]
+__all__ = ["COUNTERS", "STSNegativeTransferWarning", "STSSession", "check_inputs_agree", "check_not_predicted"]

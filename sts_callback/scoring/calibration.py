@@ -384,12 +384,12 @@ class Calibration:
         self._check_finite(dict(zip(self.features, values)))
         return self._predict(np.asarray(values, dtype=np.float64), self.intercept)
 
-    def _check_finite(self, values: dict[str, float], domain: str | None = None) -> None:
+    @staticmethod
+    def _check_finite(values: dict[str, float]) -> None:
         """A feature that is not a finite number (a score the forecast could not compute) is the input's, named."""
         bad = {f: v for f, v in values.items() if not math.isfinite(float(v))}
         if bad:
-            raise STSInputError(f"The feature value(s) {bad}" + (f" of domain {domain!r}" if domain else "")
-                                + " are not finite numbers: the forecast could not compute them there (a diverged "
+            raise STSInputError(f"The feature value(s) {bad} are not finite numbers: the forecast could not compute them there (a diverged "
                                 "model, or too few tokens); the calibration cannot predict from them.")
 
     def _predict(self, values: np.ndarray, base: float, leverage: float | None = None) -> Prediction:
